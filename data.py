@@ -1,0 +1,168 @@
+"""
+Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distributed) loaders.
+
+    --data cifar10 | cifar100     torchvision's CIFAR, downloaded into --data-dir when missing
+    --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
+                                  (/usr/share/datasets/fashion-mnist), else downloaded
+    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...
+    --data fake                   torchvision FakeData: random images, for smoke runs and benchmarks
+
+Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
+"""
+import gzip
+import os
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INFO = {   # name -> (native image size, classes, (mean, std))
+    'cifar10': (32, 10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    'cifar100': (32, 100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    'fashion-mnist': (28, 10, ((0.2860,) * 3, (0.3530,) * 3)),
+    'imagenet': (224, 1000, IMAGENET_STATS),
+    'folder': (224, None, IMAGENET_STATS),
+    'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
+}
+FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+class DataError(RuntimeError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
+
+def read_idx(path):
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def find_idx(dirs, stem):
+    for d in dirs:
+        for name in (stem, stem + '.gz'):
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])
+
+
+def fashion_mnist(data_dir, train, transform):
+    stem = 'train' if train else 't10k'
+    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
+    images, labels = find_idx(dirs, f'{stem}-images-idx3-ubyte'), find_idx(dirs, f'{stem}-labels-idx1-ubyte')
+    if images is None or labels is None:
+        try:   # last resort: torchvision's download (needs the internet)
+            torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+        except Exception:
+            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; "
+                            f"put {stem}-images-idx3-ubyte[.gz] and {stem}-labels-idx1-ubyte[.gz] in "
+                            f"--data-dir, or `apt-get install dataset-fashion-mnist`") from None
+        return fashion_mnist(data_dir, train, transform)
+    return TensorImages(read_idx(images)[:, None], read_idx(labels), transform)
+
+
+# -----------------------------------------------------------------------------
+# Transforms (torchvision.transforms.v2 on uint8 tensors)
+
+def build_transform(cfg, train):
+    native, _, (mean, std) = INFO[cfg.data]
+    size = cfg.img_size
+    t = [v2.ToImage()]
+    if cfg.data in ('imagenet', 'folder'):
+        if train:
+            t += [v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True,
+                                       interpolation=v2.InterpolationMode.BICUBIC)]
+        else:   # the standard 0.875 centre crop
+            t += [v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                  v2.CenterCrop(size)]
+    else:
+        if size != native:
+            t += [v2.Resize(size, antialias=True)]
+        if train and cfg.crop_pad > 0:
+            t += [v2.RandomCrop(size, padding=cfg.crop_pad, padding_mode='reflect')]
+    if train:
+        t += [v2.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
+        t += [v2.RandAugment(num_ops=2, magnitude=cfg.randaug)] if cfg.randaug > 0 else []
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and cfg.reprob > 0:
+        t += [v2.RandomErasing(p=cfg.reprob, value=0)]
+    return v2.Compose(t)
+
+
+def batch_mixer(cfg, num_classes):
+    """MixUp / CutMix on a whole batch (one is picked per batch), or None when both are off.
+    Returns soft targets (B, num_classes); label smoothing is applied in the loss."""
+    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
+              if a > 0]
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+# -----------------------------------------------------------------------------
+# Datasets and loaders
+
+def build_dataset(cfg, train):
+    """Returns (dataset, num_classes). Raises DataError with the fix when data is missing."""
+    if cfg.data not in INFO:
+        raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
+    tf, root = build_transform(cfg, train), os.path.expanduser(cfg.data_dir)
+    if cfg.data == 'fashion-mnist':
+        return fashion_mnist(root, train, tf), 10
+    if cfg.data == 'fake':
+        n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
+        return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
+                                             random_offset=0 if train else 10 ** 6), 10
+    if cfg.data.startswith('cifar'):
+        cls = torchvision.datasets.CIFAR10 if cfg.data == 'cifar10' else torchvision.datasets.CIFAR100
+        try:
+            return cls(root, train=train, transform=tf, download=True), INFO[cfg.data][1]
+        except Exception as e:
+            raise DataError(f"{cfg.data} not in {root} and not downloadable ({type(e).__name__}); put the "
+                            f"extracted cifar-*-batches-py folder under --data-dir") from None
+    split = os.path.join(root, 'train' if train else 'val')
+    if not os.path.isdir(split):
+        raise DataError(f"no folder {split}: --data {cfg.data} expects --data-dir with train/<class>/*.jpg "
+                        f"and val/<class>/*.jpg")
+    ds = torchvision.datasets.ImageFolder(split, transform=tf)
+    return ds, len(ds.classes)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (same permutation on every rank for a given seed + epoch, each rank takes
+    its slice) that can start part-way through an epoch, for exact resume. Also used unsharded."""
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+def build_loader(cfg, dataset, train, rank=0, world_size=1):
+    if train:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    else:   # every rank evaluates a disjoint slice; results are summed across ranks
+        sampler = list(range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=cfg.num_workers > 0)

@@ -1,0 +1,415 @@
+"""
+What every training script shares: config -> command line, distributed set-up, AMP, AdamW with
+layer-wise lr decay, warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and
+resume, logging. A script defines its config dataclass, a model and (optionally) a loss, then
+calls `fit`. The same script runs under `python` and under `torchrun` (RANK / WORLD_SIZE set).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from data import batch_mixer, build_loader
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass per script; the command line is derived from it
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
+    data: str = 'fashion-mnist'     # cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
+    data_dir: str = './data'
+    out_dir: str = 'runs/default'   # run directory: config, log, metrics, checkpoint
+    resume: bool = False            # continue from <out_dir>/checkpoint.pt
+    # model (vit.py's sizes; None keeps the size's own value)
+    model: str = 'vit_tiny'
+    img_size: int = 28
+    patch_size: int = 4
+    embed_dim: typing.Optional[int] = None
+    depth: typing.Optional[int] = None
+    num_heads: typing.Optional[int] = None
+    global_pool: bool = False
+    drop_path: float = 0.0
+    # augmentation
+    hflip: float = 0.5
+    crop_pad: int = 2               # small images: random crop after reflect-padding this much
+    min_scale: float = 0.08         # large images: RandomResizedCrop's smallest area
+    randaug: int = 0                # RandAugment magnitude (2 ops); 0 = off
+    reprob: float = 0.0             # RandomErasing probability
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.1
+    # optimisation: lr = blr * batch_size * accum_steps * world_size / 256
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    batch_size: int = 128           # per process
+    accum_steps: int = 1
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0        # lr of block i scales by layer_decay ** (depth + 1 - (i + 1))
+    beta2: float = 0.999
+    clip_grad: float = 0.0          # max grad norm; 0 = off
+    ema: float = 0.0                # EMA decay per step; 0 = no EMA
+    # system
+    amp: str = 'auto'               # auto | bf16 | fp16 | off
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 2
+    fake_size: int = 2048           # images in --data fake's train split
+    log_every: int = 50             # steps between progress lines
+    save_every: int = 0             # steps between checkpoints (besides each epoch); 0 = epochs only
+    max_steps: int = 0              # stop after this many steps (smoke runs); 0 = no limit
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):     # one line, non-zero exit, no usage dump
+        sys.exit(f'{self.prog}: error: {message} (see --help)')
+
+
+def _converter(tp):
+    if typing.get_origin(tp) is typing.Union:   # Optional[X]
+        inner = _converter(typing.get_args(tp)[0])
+        return lambda s: None if s.lower() == 'none' else inner(s)
+    if tp is bool:
+        def to_bool(s):
+            if s.lower() in ('1', 'true', 'yes', 'on'):
+                return True
+            if s.lower() in ('0', 'false', 'no', 'off'):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
+        return to_bool
+    return tp
+
+
+def parse_config(cls, presets=None, argv=None):
+    """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors."""
+    presets, hints = presets or {}, typing.get_type_hints(cls)
+    defaults = asdict(cls())
+    p = _Parser(description=(sys.modules['__main__'].__doc__ or '').strip().split('\n')[0],
+                epilog='presets (applied by --data, before your flags): ' +
+                '; '.join(f'{k}: ' + ' '.join(f'{a}={b}' for a, b in v.items()) for k, v in presets.items()))
+    for f in dataclasses.fields(cls):
+        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=_converter(hints[f.name]),
+                       default=argparse.SUPPRESS, metavar=getattr(hints[f.name], '__name__', 'X').upper(),
+                       help=f'(default: {defaults[f.name]})')
+    given = vars(p.parse_args(argv))
+    preset = presets.get(given.get('data', defaults['data']), {})
+    for k in preset:
+        assert k in defaults, f'preset key {k} is not a config field'
+    return cls(**{**defaults, **preset, **given})
+
+
+# -----------------------------------------------------------------------------
+# Distributed, device, precision
+
+
+def setup(cfg):
+    """Start the process group under torchrun; pick the device and autocast dtype; seed."""
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
+    if world > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=device
+                                if device.type == 'cuda' else None)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
+                             dtype=amp_dtype(cfg.amp, device))
+    seed_all(cfg.seed, rank, 0)
+    return env
+
+
+def amp_dtype(amp, device):
+    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
+    if amp not in ('auto', 'bf16', 'fp16', 'off'):
+        raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
+    if amp == 'auto':
+        if device.type == 'cuda':
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+        return torch.bfloat16 if cpu_bf16 else None
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
+
+
+def autocast(env):
+    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
+
+
+def seed_all(seed, rank, epoch):
+    """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
+    s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def all_mean(t, env):
+    if env.world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= env.world
+    return t
+
+
+def log(env, cfg, msg):
+    if env.main:
+        print(msg, flush=True)
+        with open(os.path.join(cfg.out_dir, 'log.txt'), 'a') as f:
+            f.write(msg + '\n')
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def build_optimizer(cfg, model, lr):
+    """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay."""
+    groups, layers = {}, getattr(model, 'depth', 0) + 1
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name in ('cls_token', 'pos_embed')
+        lid = model.layer_id(name) if hasattr(model, 'layer_id') else layers
+        scale = cfg.layer_decay ** (layers - lid)
+        g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
+                                               'weight_decay': 0.0 if no_wd else cfg.weight_decay})
+        g['params'].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), fused=True)
+
+
+def lr_at(cfg, lr, epoch_float):
+    """Linear warm-up to lr, then half-cosine down to min_lr, in (fractional) epochs."""
+    if epoch_float < cfg.warmup_epochs:
+        return lr * epoch_float / cfg.warmup_epochs
+    t = (epoch_float - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    return cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def soft_cross_entropy(logits, target, smoothing=0.0):
+    """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    target = target * (1 - smoothing) + smoothing / logits.shape[-1]
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(predict, loader, env):
+    """Top-1 / top-5 (%) and loss over a loader, summed across ranks."""
+    total = torch.zeros(4, device=env.device)     # correct@1, correct@5, loss sum, count
+    for x, y in loader:
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        with autocast(env):
+            logits = predict(x).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        total += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum(),
+                              F.cross_entropy(logits, y, reduction='sum'), torch.tensor(len(y), device=env.device)])
+    if env.world > 1:
+        dist.all_reduce(total)
+    c1, c5, loss, n = total.tolist()
+    return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'loss': loss / n}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary file, then renamed (a crash never leaves half a file)
+
+
+def save_checkpoint(path, obj):
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg, env):
+    """Create the run directory; refuse to overwrite an earlier run unless resuming it."""
+    ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
+    if os.path.exists(ckpt) and not cfg.resume:
+        raise ConfigError(f'{cfg.out_dir} already holds a run; pass --resume true to continue it '
+                          f'or choose another --out-dir')
+    if cfg.resume and not os.path.exists(ckpt):
+        raise ConfigError(f'--resume: no checkpoint at {ckpt}')
+    if env.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+            json.dump({**asdict(cfg), 'git_commit': commit, 'world_size': env.world,
+                       'torch': torch.__version__, 'argv': sys.argv}, f, indent=2)
+    return ckpt
+
+
+def rng_states(env):
+    """Every rank's RNG state, gathered on all ranks (for exact mid-epoch resume)."""
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
+    if env.world == 1:
+        return [state]
+    states = [None] * env.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict=None, extra=None):
+    """Train `model` (the raw module; it is what gets saved) and return the final metrics.
+    loss_fn(net, images, targets) -> (loss, {name: detached scalar}) with net the DDP-wrapped model;
+    predict(model, images) -> logits for evaluation (default: model(images));
+    extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
+    loss_fn = loss_fn or (lambda net, x, y: (lambda l: (l, {'ce': l.detach()}))(
+        soft_cross_entropy(net(x), y, cfg.smoothing)))
+    predict = predict or (lambda m, x: m(x))
+    ckpt_path = prepare_run_dir(cfg, env)
+    model = model.to(env.device)
+    eff_batch = cfg.batch_size * cfg.accum_steps * env.world
+    lr = cfg.blr * eff_batch / 256
+    log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
+                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
+                  f'{env.world} process(es) on {env.device} | autocast {env.dtype}')
+    opt = build_optimizer(cfg, model, lr)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    train_loader = build_loader(cfg, train_set, True, env.rank, env.world)
+    eval_loader = build_loader(cfg, eval_set, False, env.rank, env.world)
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f'{len(train_set)} training images give no full batch of {eff_batch}')
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    step, metrics, history = 0, {}, []
+    if cfg.resume:
+        ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)   # our own file: rng states
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        scaler.load_state_dict(ck['scaler'])
+        if ema is not None:
+            ema.load_state_dict(ck['ema'])
+        step, metrics = ck['step'], ck['metrics']
+        if step % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
+            torch.set_rng_state(ck['rng'][env.rank]['torch'])
+            np.random.set_state(ck['rng'][env.rank]['numpy'])
+        log(env, cfg, f'resumed from {ckpt_path} at step {step}')
+    net = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
+        if env.world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    mixer = batch_mixer(cfg, num_classes)
+
+    def checkpoint():
+        states = rng_states(env)
+        if env.main:
+            save_checkpoint(ckpt_path, {
+                'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
+                'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
+                'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None,
+                'metrics': metrics, 'rng': states, **(extra or {})})
+
+    def check_finite(value, what):
+        if not math.isfinite(value):
+            raise FloatingPointError(f'{what} is {value} at step {step}; stopped, the last good checkpoint '
+                                     f'({ckpt_path}) is kept: lower --blr, set --clip-grad, or try --amp bf16')
+
+    model.train()
+    t_start, steps_done, running, since_log = time.time(), 0, {}, 0
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        if skip == 0:
+            seed_all(cfg.seed, env.rank, epoch)
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size
+        for i, (x, y) in enumerate(train_loader):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if mixer is not None:
+                x, y = mixer(x, y)
+            last_micro = (i + 1) % cfg.accum_steps == 0
+            sync = last_micro or env.world == 1
+            with (net.no_sync() if not sync and hasattr(net, 'no_sync') else contextlib.nullcontext()), autocast(env):
+                loss, parts = loss_fn(net, x, y)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            for k, v in parts.items():   # stays on the device: no host sync per step
+                running[k] = running.get(k, 0.0) + v.float() / cfg.accum_steps
+            if not last_micro:
+                continue
+            for g in opt.param_groups:
+                g['lr'] = lr_at(cfg, lr, step / steps_per_epoch) * g['lr_scale']
+            if cfg.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            step, steps_done, since_log = step + 1, steps_done + 1, since_log + 1
+            if step % cfg.log_every == 0 or step == total_steps:
+                vals = {k: all_mean(v, env).item() / since_log for k, v in running.items()}
+                running, since_log = {}, 0
+                for k, v in vals.items():
+                    check_finite(v, f'training loss {k}')
+                elapsed = time.time() - t_start
+                log(env, cfg, f'epoch {step / steps_per_epoch:6.2f} step {step}/{total_steps} | ' +
+                    ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
+                    f' | lr {opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"]:.2e} | '
+                    f'{steps_done * eff_batch / elapsed:.0f} img/s | ETA {(total_steps - step) * elapsed / steps_done / 60:.1f} min')
+                metrics['train'] = vals
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if epoch_end:
+                model.eval()
+                metrics.update(evaluate(lambda x: predict(model, x), eval_loader, env))
+                if ema is not None:
+                    ema.eval()
+                    metrics.update({f'ema_{k}': v for k, v in
+                                    evaluate(lambda x: predict(ema.module, x), eval_loader, env).items()})
+                model.train()
+                record = {'epoch': step / steps_per_epoch, 'step': step, 'time': time.time() - t_start,
+                          **metrics}
+                history.append(record)
+                log(env, cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items()
+                                                   if isinstance(v, float)))
+                if env.main:
+                    with open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') as f:
+                        f.write(json.dumps(record) + '\n')
+            if epoch_end or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint()
+            if epoch_end:
+                break
+    return metrics
+
+
+def run_main(main):
+    """Run a script's main(); expected failures print one line and exit non-zero."""
+    from checkpoints import CheckpointError
+    from data import DataError
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+        sys.exit(f'error: {e}')
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,273 @@
+"""
+A Vision Transformer written out by hand, with the hooks attention transfer needs.
+
+Parameter names follow timm's VisionTransformer and MAE's models_vit (patch_embed.proj, cls_token,
+pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head), so official MAE checkpoints load
+without renaming. Transfer works by passing tensors (never mode strings):
+
+    maps = teacher.attention(x, layers=[0, 1, 2])        # {i: (B, H, N, N) pre-softmax logits}
+    y = student(x, inject={i: {'attn': m.softmax(-1)} for i, m in maps.items()})   # attention copy
+    y, kept = student(x, keep={0: ('logits',), 1: ('logits',)})   # distillation: own logits out
+
+A layer that is given nothing and asked for nothing runs F.scaled_dot_product_attention.
+Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) image -> (B, N, D) tokens with one strided convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                                   # (B, D, H/p, W/p)
+        return rearrange(x, 'b d h w -> b (h w) d')        # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that can be given, and can hand out, its internals.
+
+    own_qk=False builds a layer with no query/key projection (an attention-copy student's layer:
+    it always receives its map), so its only input projection is `v`.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, own_qk=True):
+        super().__init__()
+        assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.own_qk = own_qk
+        # F.scaled_dot_product_attention when no map is needed: True, False, or None = on CUDA only
+        # (on CPUs the explicit path measured faster in bf16 at small sizes; see benchmark.py)
+        self.fused = None
+        if own_qk:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        else:
+            self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
+        """x: (B, N, D).
+        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)).
+        q, k, v: (B, h, N, d) tensors to use instead of this layer's own.
+        heads: which of the H heads the given tensors cover (h of them); default all (h = H).
+        keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)).
+        Returns (out (B, N, D), kept dict).
+        """
+        B, N, D = x.shape
+        if self.own_qk:
+            qkv = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
+            own_q, own_k, own_v = qkv.unbind(0)            # each (B, H, N, d)
+        else:
+            own_q = own_k = None
+            own_v = rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        if not self.own_qk and (attn is None or heads is not None):
+            raise ValueError('a layer without q/k projections needs the full attention map')
+        q, k, v = (_put(own, new, heads) for own, new in ((own_q, q), (own_k, k), (own_v, v)))
+        kept = {}
+        if attn is not None and heads is None:
+            out = attn.to(v.dtype) @ v                       # the teacher routes our values
+        elif attn is None and not keep and (x.is_cuda if self.fused is None else self.fused):
+            out = F.scaled_dot_product_attention(q, k, v)    # (B, H, N, d)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if 'logits' in keep:
+                kept['logits'] = logits
+            p = _put(logits.softmax(-1), attn, heads)       # copy a subset of heads, if given
+            out = p.to(v.dtype) @ v                          # (B, H, N, d)
+        kept.update({n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep})
+        out = rearrange(out, 'b h n d -> b n (h d)')
+        return self.proj(out), kept
+
+
+def _put(own, given, heads):
+    """Replace all heads (heads=None) or the listed heads of `own` (B, H, ...) by `given`."""
+    if given is None:
+        return own
+    if heads is None:
+        return given
+    own = own.clone()
+    own[:, heads] = given.to(own.dtype)
+    return own
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, own_qk=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, own_qk)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, keep=(), **given):
+        a, kept = self.attn(self.norm1(x), keep=keep, **given)
+        x = x + drop_path(a, self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x, kept
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool=False,
+                 drop_path_rate=0.0, no_qk_layers=()):
+        super().__init__()
+        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,   # to rebuild
+                         num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, global_pool=global_pool,
+                         drop_path_rate=drop_path_rate, no_qk_layers=sorted(no_qk_layers))
+        self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
+        self.global_pool = global_pool
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()   # deeper blocks drop more
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], own_qk=i not in no_qk_layers)
+            for i in range(depth))
+        # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm);
+        # class-token models normalise all tokens (norm). Only the one in use exists.
+        if global_pool:
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward_tokens(self, x, inject=None, keep=None, depth=None):
+        """Patchify and run the first `depth` blocks (default all).
+        inject: {layer: {'attn' | 'q' | 'k' | 'v' | 'heads': tensor}} given to that layer.
+        keep: {layer: names} of tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
+        """
+        inject, keep = inject or {}, keep or {}
+        x = self.patch_embed(x)                                       # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed               # (B, 1 + N, D)
+        kept = {}
+        for i, block in enumerate(self.blocks[:depth]):
+            x, kept_i = block(x, keep=keep.get(i, ()), **inject.get(i, {}))
+            if kept_i:
+                kept[i] = kept_i
+        return x, kept
+
+    def forward_head(self, x):
+        if self.global_pool:
+            x = self.fc_norm(x[:, 1:].mean(dim=1))                    # (B, D) mean of patch tokens
+        else:
+            x = self.norm(x)[:, 0]                                    # (B, D) class token
+        return self.head(x)
+
+    def forward(self, x, inject=None, keep=None):
+        """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
+        tokens, kept = self.forward_tokens(x, inject, keep)
+        logits = self.forward_head(tokens)
+        return (logits, kept) if keep else logits
+
+    def attention(self, x, layers, what='logits'):
+        """{layer: tensor} for the given layers, running no block after the last of them.
+        what: 'logits' (B, H, N, N) pre-softmax attention, or 'q', 'k', 'v' (B, H, N, d)."""
+        layers = sorted(layers)
+        _, kept = self.forward_tokens(x, keep={i: (what,) for i in layers}, depth=layers[-1] + 1)
+        return {i: kept[i][what] for i in layers}
+
+    def set_fused_attention(self, fused):
+        for block in self.blocks:
+            block.attn.fused = fused
+        return self
+
+    def layer_id(self, name):
+        """0 for the embedding, i + 1 for block i, depth + 1 for the head (layer-wise lr decay)."""
+        if name.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+            return 0
+        if name.startswith('blocks.'):
+            return int(name.split('.')[1]) + 1
+        return self.depth + 1
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):   # as a linear layer on the flattened patch (MAE)
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        nn.init.zeros_(m.bias)
+
+
+def resize_pos_embed(pos_embed, grid):
+    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): bicubic interpolation of the patch positions."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.isqrt(patches.shape[1]))
+    if old == grid:
+        return pos_embed
+    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
+    return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)
+
+# -----------------------------------------------------------------------------
+# Sizes (timm's names; patch 16 unless said otherwise)
+
+
+SIZES = {
+    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+    'vit_large': dict(embed_dim=1024, depth=24, num_heads=16),
+    'vit_huge': dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+}
+
+
+def create_model(name, **overrides):
+    """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
+    if name not in SIZES:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(SIZES)}")
+    kwargs = dict(patch_size=16, **SIZES[name])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return VisionTransformer(**kwargs)
+
+
+vit_tiny, vit_small, vit_base, vit_large, vit_huge = (partial(create_model, n) for n in SIZES)
