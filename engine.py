@@ -124,7 +124,8 @@ def parse_config(cls, presets=None, argv=None):
 
 
 def setup(cfg):
-    """Start the process group under torchrun; pick the device and autocast dtype; seed."""
+    """Start the process group under torchrun; pick the device and autocast dtype; make the run
+    directory (refusing to overwrite another run); seed."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
@@ -137,6 +138,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
+    env.ckpt_path = prepare_run_dir(cfg, env)
     seed_all(cfg.seed, rank, 0)
     return env
 
@@ -265,7 +267,7 @@ def prepare_run_dir(cfg, env):
 
 def rng_states(env):
     """Every rank's RNG state, gathered on all ranks (for exact mid-epoch resume)."""
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}
+    state = {'torch': torch.get_rng_state()}   # all randomness here (augmentation, drop-path) is torch's
     if env.world == 1:
         return [state]
     states = [None] * env.world
@@ -285,7 +287,7 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
     loss_fn = loss_fn or (lambda net, x, y: (lambda l: (l, {'ce': l.detach()}))(
         soft_cross_entropy(net(x), y, cfg.smoothing)))
     predict = predict or (lambda m, x: m(x))
-    ckpt_path = prepare_run_dir(cfg, env)
+    ckpt_path = env.ckpt_path
     model = model.to(env.device)
     eff_batch = cfg.batch_size * cfg.accum_steps * env.world
     lr = cfg.blr * eff_batch / 256
@@ -305,7 +307,7 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
         total_steps = min(total_steps, cfg.max_steps)
     step, metrics, history = 0, {}, []
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)   # our own file: rng states
+        ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer'])
         scaler.load_state_dict(ck['scaler'])
@@ -314,7 +316,6 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
         step, metrics = ck['step'], ck['metrics']
         if step % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
             torch.set_rng_state(ck['rng'][env.rank]['torch'])
-            np.random.set_state(ck['rng'][env.rank]['numpy'])
         log(env, cfg, f'resumed from {ckpt_path} at step {step}')
     net = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
         if env.world > 1 else model

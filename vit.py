@@ -265,7 +265,7 @@ def create_model(name, **overrides):
     """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
     if name not in SIZES:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(SIZES)}")
-    kwargs = dict(patch_size=16, **SIZES[name])
+    kwargs = {'patch_size': 16, **SIZES[name]}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return VisionTransformer(**kwargs)
 

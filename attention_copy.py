@@ -1,0 +1,102 @@
+"""
+Attention copy (Li et al. 2024, sec. 3.1): the student never computes its own attention.
+
+In every transferred layer the frozen teacher's softmax attention map routes the student's values,
+    out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d)
+and the student learns everything else: patch embedding, values, projections, MLPs, norms, head.
+Its copied layers have no query/key projections at all. The teacher is needed at inference too.
+
+    python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
+    python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
+    python attention_copy.py --data fashion-mnist --teacher ... --transfer q   # copy only Q
+    torchrun --nproc_per_node 8 attention_copy.py --data imagenet --data-dir /datasets/imagenet
+    # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
+
+`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers.
+Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from checkpoints import load_weights, read_checkpoint
+from data import build_dataset
+from engine import fit, log, parse_config, run_main, setup, soft_cross_entropy
+from finetune import PRESETS as SMALL_PRESETS
+from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
+
+
+@dataclass
+class CopyConfig(TransferConfig):
+    out_dir: str = 'runs/copy'
+
+
+PRESETS = {**{k: {**v, 'model': 'teacher', 'patch_size': 0} for k, v in SMALL_PRESETS.items()},
+           # the authors' copy recipe (global batch 2048 = 64 GPUs x 32)
+           'imagenet': dict(teacher='mae_vit_large', img_size=224, global_pool=True, epochs=100, warmup_epochs=20,
+                            batch_size=32, blr=1e-3, layer_decay=0.75, beta2=0.999, weight_decay=0.05,
+                            drop_path=0.0, ema=0.9999, randaug=9, reprob=0.25, mixup=0.8, cutmix=1.0,
+                            smoothing=0.1, num_workers=10, log_every=100)}
+
+
+def copied(teacher, x, layers, heads, transfer):
+    """What the student is given: {layer: {'attn': softmax(teacher logits)}} (or q / k / v)."""
+    out = teacher_outputs(teacher, x, layers, transfer)
+    if transfer == 'attn':
+        out = {i: t.softmax(-1) for i, t in out.items()}
+    if heads is not None:
+        return {i: {transfer: t[:, heads], 'heads': heads} for i, t in out.items()}
+    return {i: {transfer: t} for i, t in out.items()}
+
+
+class CopyModel(nn.Module):
+    """Teacher + copy student as one classifier, for evaluation and inference."""
+
+    def __init__(self, teacher, student, layers, heads=None, transfer='attn'):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+        self.layers, self.heads, self.transfer = layers, heads, transfer
+
+    def forward(self, x):
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
+
+
+def load_copy_model(path, teacher_source=None):
+    """Rebuild a trained copy student and the teacher it needs from its checkpoint."""
+    ckpt = read_checkpoint(path)
+    rec = ckpt['teacher']
+    cfg = TransferConfig(teacher=teacher_source or rec['source'], img_size=rec['img_size'], transfer=rec['transfer'])
+    teacher, _, _ = load_teacher(cfg, 'cpu')
+    student = load_weights(type(teacher)(**ckpt['arch']), path, ckpt)
+    return CopyModel(teacher, student, rec['layers'], rec['heads'], rec['transfer']).eval()
+
+
+def copy_loss(cfg, teacher, layers, heads):
+    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, teacher maps given."""
+    def loss_fn(net, x, y):
+        loss = soft_cross_entropy(net(x, inject=copied(teacher, x, layers, heads, cfg.transfer)), y, cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+    return loss_fn
+
+
+def main():
+    cfg = parse_config(CopyConfig, PRESETS)
+    env = setup(cfg)
+    train_set, num_classes = build_dataset(cfg, train=True)
+    eval_set, _ = build_dataset(cfg, train=False)
+    teacher, layers, heads = load_teacher(cfg, env.device)
+    torch.manual_seed(cfg.seed)
+    # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
+    student = build_student(cfg, teacher, num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
+    log(env, cfg, f'attention copy: {cfg.transfer} of layers {layers} (heads {heads or "all"}) from {cfg.teacher}')
+
+    metrics = fit(cfg, env, student, train_set, eval_set, num_classes, copy_loss(cfg, teacher, layers, heads),
+                  predict=lambda m, x: CopyModel(teacher, m, layers, heads, cfg.transfer)(x),
+                  extra={'teacher': teacher_record(cfg, layers, heads)})
+    log(env, cfg, f"final | copy student + teacher top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "
+                  f'{cfg.out_dir}')
+
+
+if __name__ == '__main__':
+    run_main(main)

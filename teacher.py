@@ -1,0 +1,93 @@
+"""
+The frozen teacher of attention transfer, and the student built to fit it.
+
+Shared by attention_copy.py and attention_distill.py. The teacher lives outside the student: it is
+frozen (requires_grad False), kept in eval mode (no stochastic depth: the student's drop-path masks
+never reach it), run under no_grad only as deep as the last transferred layer, and never wrapped in
+DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from checkpoints import build_from_checkpoint
+from engine import ConfigError, TrainConfig
+from vit import create_model
+
+WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
+
+
+@dataclass
+class TransferConfig(TrainConfig):
+    teacher: str = ''               # a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)
+    model: str = 'teacher'          # the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...
+    patch_size: int = 0             # 0 = the teacher's
+    layers: str = 'all'             # transferred layers: all | 0-17 | 0,2,5 | 0-3,8
+    heads: str = 'all'              # transferred heads, same syntax
+    transfer: str = 'attn'          # attn (the map) | q | k | v
+
+
+def parse_index(spec, n, what):
+    """'all' | '3' | '0-17' | '0,2,5' | '0-3,8' -> sorted list of indices in [0, n)."""
+    if spec == 'all':
+        return list(range(n))
+    try:
+        out = set()
+        for part in spec.split(','):
+            a, dash, b = part.partition('-')
+            out.update(range(int(a), int(b if dash else a) + 1))
+    except ValueError:
+        raise ConfigError(f"--{what} '{spec}': use all, 3, 0-17, 0,2,5 or 0-3,8") from None
+    if not out or min(out) < 0 or max(out) >= n:
+        raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
+    return sorted(out)
+
+
+def load_teacher(cfg, device):
+    """The frozen teacher, resized to cfg.img_size, and the transferred layers and heads."""
+    if not cfg.teacher:
+        raise ConfigError('--teacher is required: a checkpoint (e.g. runs/finetune/checkpoint.pt from '
+                          'finetune.py or mae_pretrain.py) or a name such as mae_vit_large')
+    if cfg.transfer not in WHAT:
+        raise ConfigError(f"--transfer must be one of {', '.join(WHAT)}, not '{cfg.transfer}'")
+    teacher = build_from_checkpoint(cfg.teacher, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
+    teacher.requires_grad_(False).eval().to(device)
+    layers = parse_index(cfg.layers, teacher.depth, 'layers')
+    heads = parse_index(cfg.heads, teacher.num_heads, 'heads')
+    return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
+
+
+def build_student(cfg, teacher, num_classes, layers, no_qk=False):
+    """A randomly initialised ViT with the teacher's depth, heads and token grid (checked).
+    no_qk: the transferred layers get no query/key projections (a copy student never uses them)."""
+    t = teacher.arch
+    arch = dict(t) if cfg.model == 'teacher' else create_model(cfg.model).arch
+    arch.update(img_size=cfg.img_size, patch_size=cfg.patch_size or t['patch_size'], num_classes=num_classes,
+                global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, no_qk_layers=layers if no_qk else ())
+    arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),
+                                   ('num_heads', cfg.num_heads)) if v is not None})
+    if arch['num_heads'] != t['num_heads'] or arch['patch_size'] != t['patch_size'] or \
+            (cfg.transfer != 'attn' and arch['embed_dim'] != t['embed_dim']) or arch['depth'] <= max(layers):
+        raise ConfigError(f"student (depth {arch['depth']}, {arch['num_heads']} heads, patch {arch['patch_size']}, "
+                          f"dim {arch['embed_dim']}) does not fit the teacher (depth {t['depth']}, "
+                          f"{t['num_heads']} heads, patch {t['patch_size']}, dim {t['embed_dim']}): "
+                          f"heads and patch must match, and dim too for --transfer q/k/v")
+    return type(teacher)(**arch)
+
+
+def teacher_record(cfg, layers, heads):
+    """What a student checkpoint stores about its teacher (never the teacher's weights)."""
+    digest = None
+    if os.path.isfile(cfg.teacher):
+        with open(cfg.teacher, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    return {'source': cfg.teacher, 'sha256': digest, 'img_size': cfg.img_size, 'layers': layers,
+            'heads': heads, 'transfer': cfg.transfer}
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, x, layers, transfer):
+    """{layer: tensor}: the teacher's attention logits (B, H, N, N) for 'attn', else its q, k or v."""
+    return teacher.attention(x, layers, 'logits' if transfer == 'attn' else transfer)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the repository root on sys.path, and a helper that runs a script of the repo
+in a subprocess (tiny, single-threaded: the machine is small and shared)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# a tiny run: the `fake` preset (depth 2, patch 8, 32x32) on 256 images, no worker processes
+TINY = ['--data', 'fake', '--fake-size', '256', '--num-workers', '0']
+
+
+@pytest.fixture
+def repo_root():
+    return ROOT
+
+
+def sub_env():
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.pop('RANK', None), env.pop('WORLD_SIZE', None), env.pop('LOCAL_RANK', None)
+    return env
+
+
+def run_script(*args, timeout=240):
+    """Run `python <args...>` from the repository root; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=sub_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def finetune(out_dir, *args, check=True):
+    """python finetune.py with the tiny preset into out_dir; check=True asserts success."""
+    p = run_script('finetune.py', *TINY, '--out-dir', out_dir, *args)
+    if check:
+        assert p.returncode == 0, f'finetune.py failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}'
+    return p
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(str(out_dir), 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,235 @@
+"""In-process unit tests of engine.py (config parsing, schedule, optimiser groups, loss, AMP), and
+the exactness of resume (finetune.py runs in subprocesses, compared tensor by tensor)."""
+import dataclasses
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+from conftest import finetune, read_metrics
+from engine import ConfigError, amp_dtype, build_optimizer, lr_at, parse_config, soft_cross_entropy
+from finetune import PRESETS, FinetuneConfig
+from vit import create_model
+
+torch.set_num_threads(1)   # a small, shared machine
+DEFAULTS = dataclasses.asdict(FinetuneConfig())
+
+
+# -----------------------------------------------------------------------------
+# 1. parse_config
+
+
+def test_preset_applies_by_data():
+    cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake'])
+    for k, v in PRESETS['fake'].items():
+        assert getattr(cfg, k) == v, k
+    # fields the preset does not name keep the dataclass defaults
+    for k in ('blr', 'seed', 'data_dir', 'smoothing', 'weight_decay', 'init'):
+        assert k not in PRESETS['fake']
+        assert getattr(cfg, k) == DEFAULTS[k], k
+    assert cfg.data == 'fake'
+
+
+def test_command_line_overrides_preset_in_any_order():
+    # flags placed before and after --data both win over the preset
+    cfg = parse_config(FinetuneConfig, PRESETS,
+                       argv=['--depth', '3', '--data', 'fake', '--batch-size', '8', '--blr', '0.5'])
+    assert (cfg.depth, cfg.batch_size, cfg.blr) == (3, 8, 0.5)
+    assert isinstance(cfg.depth, int) and isinstance(cfg.batch_size, int) and isinstance(cfg.blr, float)
+    assert cfg.patch_size == PRESETS['fake']['patch_size'] and cfg.img_size == PRESETS['fake']['img_size']
+
+
+def test_defaults_without_data_flag():
+    # no presets: exactly the dataclass's defaults
+    assert dataclasses.asdict(parse_config(FinetuneConfig, {}, argv=[])) == DEFAULTS
+    # with presets, the default --data's preset is applied
+    cfg = parse_config(FinetuneConfig, PRESETS, argv=[])
+    assert cfg.data == DEFAULTS['data']
+    for k, v in PRESETS[DEFAULTS['data']].items():
+        assert getattr(cfg, k) == v, k
+
+
+def test_bool_and_optional_values():
+    cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--resume', 'true', '--global-pool',
+                                                       'TRUE', '--compile', 'false', '--embed-dim', '64'])
+    assert cfg.resume is True and cfg.global_pool is True and cfg.compile is False
+    assert cfg.embed_dim == 64 and isinstance(cfg.embed_dim, int)
+    # Optional[int] takes `none`, and that overrides the preset's value too
+    cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--depth', 'none', '--embed-dim', 'None'])
+    assert cfg.depth is None and cfg.embed_dim is None
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--no-such-key', '1'], ['--no-such-key']),
+    (['--epochs', 'abc'], ['--epochs', 'abc']),
+    (['--resume', 'maybe'], ['--resume', 'maybe']),
+    (['--depth', '2.5'], ['--depth', '2.5']),
+])
+def test_bad_flags_exit_with_a_message(argv, words):
+    with pytest.raises(SystemExit) as e:
+        parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', *argv])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg, f'exit code {msg!r}: expected a message (non-zero exit)'
+    assert 'error' in msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert '\n' not in msg.strip()
+
+
+# -----------------------------------------------------------------------------
+# 2. lr_at
+
+
+def test_lr_schedule():
+    cfg = FinetuneConfig(epochs=10, warmup_epochs=2.0, min_lr=1e-6)
+    peak = 1e-3
+    assert lr_at(cfg, peak, 0.0) == 0.0
+    for e in (0.25, 0.5, 1.0, 1.5, 1.99):   # linear in the warm-up
+        assert lr_at(cfg, peak, e) == pytest.approx(peak * e / 2.0, rel=1e-12)
+    assert lr_at(cfg, peak, 2.0) == pytest.approx(peak, rel=1e-12)
+    after = [lr_at(cfg, peak, 2.0 + 8.0 * i / 200) for i in range(201)]
+    assert all(a > b for a, b in zip(after, after[1:])), 'not strictly decreasing after warm-up'
+    assert after[-1] == pytest.approx(cfg.min_lr, rel=1e-9)
+    assert lr_at(cfg, peak, 6.0) == pytest.approx((peak + cfg.min_lr) / 2, rel=1e-9)   # half-way
+    assert lr_at(cfg, peak, 12.0) == pytest.approx(cfg.min_lr, rel=1e-9)               # stays there
+    # no warm-up: the peak at once
+    assert lr_at(dataclasses.replace(cfg, warmup_epochs=0.0), peak, 0.0) == pytest.approx(peak, rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# 3. build_optimizer
+
+
+def test_optimizer_groups_weight_decay_and_layer_decay():
+    model = create_model('vit_tiny', img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48,
+                         num_heads=3)
+    model.blocks[0].norm2.bias.requires_grad_(False)      # a frozen parameter is left out
+    cfg = FinetuneConfig(layer_decay=0.5, weight_decay=0.05)
+    opt = build_optimizer(cfg, model, lr=1e-3)
+    seen = {}
+    for g in opt.param_groups:
+        for p in g['params']:
+            assert id(p) not in seen, 'a parameter appears in two groups'
+            seen[id(p)] = g
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(seen) == {id(p) for p in trainable.values()}
+    for name, p in trainable.items():
+        g = seen[id(p)]
+        no_wd = p.ndim <= 1 or name in ('cls_token', 'pos_embed')
+        assert g['weight_decay'] == (0.0 if no_wd else cfg.weight_decay), name
+        if name.startswith(('patch_embed', 'cls_token', 'pos_embed')):
+            want = 0.5 ** 3
+        elif name.startswith('blocks.0.'):
+            want = 0.5 ** 2
+        elif name.startswith('blocks.1.'):
+            want = 0.5 ** 1
+        else:   # norm, head
+            want = 1.0
+        assert g['lr_scale'] == pytest.approx(want), name
+    # the 3-D tokens are exempt by name, the 2-D / 4-D weights are not
+    assert seen[id(model.cls_token)]['weight_decay'] == 0.0 and seen[id(model.pos_embed)]['weight_decay'] == 0.0
+    assert seen[id(model.patch_embed.proj.weight)]['weight_decay'] == cfg.weight_decay
+    assert seen[id(model.head.weight)]['weight_decay'] == cfg.weight_decay
+
+
+# -----------------------------------------------------------------------------
+# 4. soft_cross_entropy
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3])
+def test_soft_cross_entropy_matches_cross_entropy(smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 10, generator=g) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    ref = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    soft = soft_cross_entropy(logits, F.one_hot(y, 10).float(), smoothing)
+    hard = soft_cross_entropy(logits, y, smoothing)
+    torch.testing.assert_close(soft, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hard, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_cross_entropy_is_linear_in_mixed_targets():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 5, generator=g)
+    y1, y2 = torch.randint(0, 5, (8,), generator=g), torch.randint(0, 5, (8,), generator=g)
+    mixed = 0.7 * F.one_hot(y1, 5).float() + 0.3 * F.one_hot(y2, 5).float()
+    ref = 0.7 * F.cross_entropy(logits, y1) + 0.3 * F.cross_entropy(logits, y2)
+    torch.testing.assert_close(soft_cross_entropy(logits, mixed), ref, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 5. AMP
+
+
+def test_amp_dtype():
+    cpu = torch.device('cpu')
+    assert amp_dtype('off', cpu) is None
+    assert amp_dtype('bf16', cpu) is torch.bfloat16
+    assert amp_dtype('fp16', cpu) is torch.float16
+    assert amp_dtype('auto', cpu) in (None, torch.bfloat16)
+    for bad in ('fp32', 'BF16', ''):
+        with pytest.raises(ConfigError):
+            amp_dtype(bad, cpu)
+    assert issubclass(engine.ConfigError, ValueError)
+
+
+def _run_finetune_main(monkeypatch, out_dir, *args):
+    import finetune as ft
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', '--data', 'fake', '--fake-size', '128', '--max-steps', '2',
+                                      '--num-workers', '0', '--out-dir', str(out_dir), *args])
+    ft.main()
+    return torch.load(os.path.join(str(out_dir), 'checkpoint.pt'), map_location='cpu', weights_only=False)
+
+
+@pytest.mark.parametrize('amp, scaled', [('fp16', True), ('bf16', False), ('off', False)])
+def test_grad_scaler_only_with_fp16(monkeypatch, tmp_path, amp, scaled):
+    ck = _run_finetune_main(monkeypatch, tmp_path / amp, '--amp', amp)
+    assert ck['step'] == 2
+    if scaled:
+        assert 'scale' in ck['scaler'], ck['scaler']
+        assert math.isfinite(ck['scaler']['scale']) and ck['scaler']['scale'] > 0
+    else:
+        assert ck['scaler'] == {}, f'--amp {amp} should have a disabled GradScaler: {ck["scaler"]}'
+    assert math.isfinite(read_metrics(tmp_path / amp)[-1]['loss'])
+    with open(tmp_path / amp / 'log.txt') as f:
+        head = f.readline()
+    want = {'fp16': 'torch.float16', 'bf16': 'torch.bfloat16', 'off': 'None'}[amp]
+    assert head.rstrip().endswith(f'autocast {want}'), head
+
+
+# -----------------------------------------------------------------------------
+# 6. Resume is exact
+
+RESUME_ARGS = ['--batch-size', '32', '--epochs', '2', '--amp', 'off']   # 256 images: 8 steps per epoch
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp('resume') / 'A'
+    finetune(out, *RESUME_ARGS)
+    return out
+
+
+def _load_model(out_dir):
+    return torch.load(os.path.join(str(out_dir), 'checkpoint.pt'), map_location='cpu', weights_only=False)
+
+
+@pytest.mark.parametrize('stop_at', [5, 8], ids=['mid-epoch', 'epoch-boundary'])
+def test_resume_is_exact(uninterrupted, tmp_path, stop_at):
+    out = tmp_path / 'B'
+    finetune(out, *RESUME_ARGS, '--max-steps', stop_at)
+    assert _load_model(out)['step'] == stop_at
+    finetune(out, *RESUME_ARGS, '--resume', 'true')
+    a, b = _load_model(uninterrupted), _load_model(out)
+    assert a['step'] == b['step'] == 16
+    assert a['model'].keys() == b['model'].keys()
+    differ = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
+    assert not differ, (f'resumed at step {stop_at}: {len(differ)} tensors differ from the uninterrupted run, '
+                        f'e.g. {differ[:3]} (max abs diff '
+                        f'{max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
+    ma, mb = read_metrics(uninterrupted)[-1], read_metrics(out)[-1]
+    assert (ma['step'], ma['top1'], ma['loss']) == (mb['step'], mb['top1'], mb['loss'])
