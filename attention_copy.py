@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_weights, read_checkpoint
+from config import parse_config
 from data import build_dataset
-from engine import fit, log, parse_config, run_main, setup, soft_cross_entropy
+from engine import fit, log, run_main, setup, soft_cross_entropy
 from finetune import PRESETS as SMALL_PRESETS
 from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
 

@@ -1,20 +1,17 @@
 """
-What every training script shares: config -> command line, distributed set-up, AMP, AdamW with
-layer-wise lr decay, warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and
-resume, logging. A script defines its config dataclass, a model and (optionally) a loss, then
-calls `fit`. The same script runs under `python` and under `torchrun` (RANK / WORLD_SIZE set).
+What every training script shares: distributed set-up, AMP, AdamW with layer-wise lr decay,
+warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and resume, logging.
+A script defines its config dataclass (config.py), a model and (optionally) a loss, then calls `fit`. The same script runs under `python` and under `torchrun` (RANK / WORLD_SIZE set).
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -23,101 +20,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from config import ConfigError, TrainConfig, parse_config  # noqa: F401  (re-exported for scripts)
 from data import batch_mixer, build_loader
-
-# -----------------------------------------------------------------------------
-# Config: one dataclass per script; the command line is derived from it
-
-
-@dataclass
-class TrainConfig:
-    """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
-    data: str = 'fashion-mnist'     # cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
-    data_dir: str = './data'
-    out_dir: str = 'runs/default'   # run directory: config, log, metrics, checkpoint
-    resume: bool = False            # continue from <out_dir>/checkpoint.pt
-    # model (vit.py's sizes; None keeps the size's own value)
-    model: str = 'vit_tiny'
-    img_size: int = 28
-    patch_size: int = 4
-    embed_dim: typing.Optional[int] = None
-    depth: typing.Optional[int] = None
-    num_heads: typing.Optional[int] = None
-    global_pool: bool = False
-    drop_path: float = 0.0
-    # augmentation
-    hflip: float = 0.5
-    crop_pad: int = 2               # small images: random crop after reflect-padding this much
-    min_scale: float = 0.08         # large images: RandomResizedCrop's smallest area
-    randaug: int = 0                # RandAugment magnitude (2 ops); 0 = off
-    reprob: float = 0.0             # RandomErasing probability
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    smoothing: float = 0.1
-    # optimisation: lr = blr * batch_size * accum_steps * world_size / 256
-    epochs: int = 10
-    warmup_epochs: float = 1.0
-    batch_size: int = 128           # per process
-    accum_steps: int = 1
-    blr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0        # lr of block i scales by layer_decay ** (depth + 1 - (i + 1))
-    beta2: float = 0.999
-    clip_grad: float = 0.0          # max grad norm; 0 = off
-    ema: float = 0.0                # EMA decay per step; 0 = no EMA
-    # system
-    amp: str = 'auto'               # auto | bf16 | fp16 | off
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    fake_size: int = 2048           # images in --data fake's train split
-    log_every: int = 50             # steps between progress lines
-    save_every: int = 0             # steps between checkpoints (besides each epoch); 0 = epochs only
-    max_steps: int = 0              # stop after this many steps (smoke runs); 0 = no limit
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):     # one line, non-zero exit, no usage dump
-        sys.exit(f'{self.prog}: error: {message} (see --help)')
-
-
-def _converter(tp):
-    if typing.get_origin(tp) is typing.Union:   # Optional[X]
-        inner = _converter(typing.get_args(tp)[0])
-        return lambda s: None if s.lower() == 'none' else inner(s)
-    if tp is bool:
-        def to_bool(s):
-            if s.lower() in ('1', 'true', 'yes', 'on'):
-                return True
-            if s.lower() in ('0', 'false', 'no', 'off'):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
-        return to_bool
-    return tp
-
-
-def parse_config(cls, presets=None, argv=None):
-    """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors."""
-    presets, hints = presets or {}, typing.get_type_hints(cls)
-    defaults = asdict(cls())
-    p = _Parser(description=(sys.modules['__main__'].__doc__ or '').strip().split('\n')[0],
-                epilog='presets (applied by --data, before your flags): ' +
-                '; '.join(f'{k}: ' + ' '.join(f'{a}={b}' for a, b in v.items()) for k, v in presets.items()))
-    for f in dataclasses.fields(cls):
-        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=_converter(hints[f.name]),
-                       default=argparse.SUPPRESS, metavar=getattr(hints[f.name], '__name__', 'X').upper(),
-                       help=f'(default: {defaults[f.name]})')
-    given = vars(p.parse_args(argv))
-    preset = presets.get(given.get('data', defaults['data']), {})
-    for k in preset:
-        assert k in defaults, f'preset key {k} is not a config field'
-    return cls(**{**defaults, **preset, **given})
-
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -177,6 +81,7 @@ def all_mean(t, env):
 def log(env, cfg, msg):
     if env.main:
         print(msg, flush=True)
+        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, 'log.txt'), 'a') as f:
             f.write(msg + '\n')
 
@@ -248,21 +153,25 @@ def save_checkpoint(path, obj):
 
 
 def prepare_run_dir(cfg, env):
-    """Create the run directory; refuse to overwrite an earlier run unless resuming it."""
+    """Refuse to overwrite an earlier run unless resuming it. Returns the checkpoint path."""
     ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
     if os.path.exists(ckpt) and not cfg.resume:
         raise ConfigError(f'{cfg.out_dir} already holds a run; pass --resume true to continue it '
                           f'or choose another --out-dir')
     if cfg.resume and not os.path.exists(ckpt):
         raise ConfigError(f'--resume: no checkpoint at {ckpt}')
-    if env.main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    return ckpt
+
+
+def write_provenance(cfg, env):
+    """config.json of a new run: every field, the git commit, world size, torch version, command."""
+    if env.main and not cfg.resume:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump({**asdict(cfg), 'git_commit': commit, 'world_size': env.world,
                        'torch': torch.__version__, 'argv': sys.argv}, f, indent=2)
-    return ckpt
 
 
 def rng_states(env):
@@ -288,6 +197,7 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
         soft_cross_entropy(net(x), y, cfg.smoothing)))
     predict = predict or (lambda m, x: m(x))
     ckpt_path = env.ckpt_path
+    write_provenance(cfg, env)
     model = model.to(env.device)
     eff_batch = cfg.batch_size * cfg.accum_steps * env.world
     lr = cfg.blr * eff_batch / 256
@@ -305,7 +215,7 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    step, metrics, history = 0, {}, []
+    step, metrics = 0, {}
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model.load_state_dict(ck['model'])
@@ -323,6 +233,8 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
     mixer = batch_mixer(cfg, num_classes)
 
     def checkpoint():
+        if not all(p.isfinite().all() for p in model.parameters()):   # never save a broken model
+            check_finite(float('nan'), 'a model weight')
         states = rng_states(env)
         if env.main:
             save_checkpoint(ckpt_path, {
@@ -390,7 +302,6 @@ def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict
                 model.train()
                 record = {'epoch': step / steps_per_epoch, 'step': step, 'time': time.time() - t_start,
                           **metrics}
-                history.append(record)
                 log(env, cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items()
                                                    if isinstance(v, float)))
                 if env.main:

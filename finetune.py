@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import load_weights
+from config import TrainConfig, parse_config
 from data import build_dataset
-from engine import TrainConfig, fit, log, parse_config, run_main, setup
+from engine import fit, log, run_main, setup
 from vit import create_model
 
 

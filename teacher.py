@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import build_from_checkpoint
-from engine import ConfigError, TrainConfig
+from config import ConfigError, TrainConfig
 from vit import create_model
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v

@@ -209,27 +209,35 @@ RESUME_ARGS = ['--batch-size', '32', '--epochs', '2', '--amp', 'off']   # 256 im
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp('resume') / 'A'
-    finetune(out, *RESUME_ARGS)
-    return out
+    """The uninterrupted 2-epoch run for a number of loader workers (made once per module)."""
+    runs = {}
+
+    def get(workers):
+        if workers not in runs:
+            out = tmp_path_factory.mktemp('resume') / f'A{workers}'
+            finetune(out, *RESUME_ARGS, '--num-workers', workers)
+            runs[workers] = out
+        return runs[workers]
+    return get
 
 
-def _load_model(out_dir):
+def _load(out_dir):
     return torch.load(os.path.join(str(out_dir), 'checkpoint.pt'), map_location='cpu', weights_only=False)
 
 
-@pytest.mark.parametrize('stop_at', [5, 8], ids=['mid-epoch', 'epoch-boundary'])
-def test_resume_is_exact(uninterrupted, tmp_path, stop_at):
-    out = tmp_path / 'B'
-    finetune(out, *RESUME_ARGS, '--max-steps', stop_at)
-    assert _load_model(out)['step'] == stop_at
-    finetune(out, *RESUME_ARGS, '--resume', 'true')
-    a, b = _load_model(uninterrupted), _load_model(out)
+@pytest.mark.parametrize('stop_at, workers', [(5, 0), (8, 0), (8, 1)],
+                         ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker'])
+def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers):
+    a_dir, out = uninterrupted(workers), tmp_path / 'B'
+    finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at)
+    assert _load(out)['step'] == stop_at
+    finetune(out, *RESUME_ARGS, '--num-workers', workers, '--resume', 'true')
+    a, b = _load(a_dir), _load(out)
     assert a['step'] == b['step'] == 16
     assert a['model'].keys() == b['model'].keys()
     differ = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
     assert not differ, (f'resumed at step {stop_at}: {len(differ)} tensors differ from the uninterrupted run, '
                         f'e.g. {differ[:3]} (max abs diff '
                         f'{max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
-    ma, mb = read_metrics(uninterrupted)[-1], read_metrics(out)[-1]
+    ma, mb = read_metrics(a_dir)[-1], read_metrics(out)[-1]
     assert (ma['step'], ma['top1'], ma['loss']) == (mb['step'], mb['top1'], mb['loss'])
