@@ -21,9 +21,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_weights, read_checkpoint
-from config import parse_config
-from data import build_dataset
-from engine import fit, log, run_main, setup, soft_cross_entropy
+from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
 from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
 
@@ -82,17 +80,14 @@ def copy_loss(cfg, teacher, layers, heads):
 
 
 def main():
-    cfg = parse_config(CopyConfig, PRESETS)
-    env = setup(cfg)
-    train_set, num_classes = build_dataset(cfg, train=True)
-    eval_set, _ = build_dataset(cfg, train=False)
+    cfg, env, data = start(CopyConfig, PRESETS)
     teacher, layers, heads = load_teacher(cfg, env.device)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
-    student = build_student(cfg, teacher, num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
+    student = build_student(cfg, teacher, data[2], layers, no_qk=cfg.transfer == 'attn' and heads is None)
     log(env, cfg, f'attention copy: {cfg.transfer} of layers {layers} (heads {heads or "all"}) from {cfg.teacher}')
 
-    metrics = fit(cfg, env, student, train_set, eval_set, num_classes, copy_loss(cfg, teacher, layers, heads),
+    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads),
                   predict=lambda m, x: CopyModel(teacher, m, layers, heads, cfg.transfer)(x),
                   extra={'teacher': teacher_record(cfg, layers, heads)})
     log(env, cfg, f"final | copy student + teacher top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from config import parse_config
-from data import build_dataset
-from engine import fit, log, run_main, setup, soft_cross_entropy
+from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
 from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
 
@@ -72,18 +70,15 @@ def distill_loss_fn(cfg, teacher, layers, heads):
 
 
 def main():
-    cfg = parse_config(DistillConfig, PRESETS)
-    env = setup(cfg)
-    train_set, num_classes = build_dataset(cfg, train=True)
-    eval_set, _ = build_dataset(cfg, train=False)
+    cfg, env, data = start(DistillConfig, PRESETS)
     teacher, layers, heads = load_teacher(cfg, env.device)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, teacher, num_classes, layers)
+    student = build_student(cfg, teacher, data[2], layers)
     log(env, cfg, f'attention distillation: {cfg.transfer} of layers {layers} (heads {heads or "all"}) '
                   f'from {cfg.teacher}, weight {cfg.weight}')
 
     # evaluation runs the student alone, as a plain ViT
-    metrics = fit(cfg, env, student, train_set, eval_set, num_classes, distill_loss_fn(cfg, teacher, layers, heads),
+    metrics = fit(cfg, env, student, data, distill_loss_fn(cfg, teacher, layers, heads),
                   extra={'distilled_from': teacher_record(cfg, layers, heads)})
     log(env, cfg, f"final | distilled student (no teacher) top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
         + (f" | EMA top-1 {metrics['ema_top1']:.2f}" if 'ema_top1' in metrics else '') + f' | {cfg.out_dir}')

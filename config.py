@@ -85,6 +85,10 @@ def _converter(tp):
     return tp
 
 
+def _metavar(tp):
+    return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) is typing.Union else tp.__name__.upper()
+
+
 def parse_config(cls, presets=None, argv=None):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors."""
     presets, hints = presets or {}, typing.get_type_hints(cls)
@@ -94,7 +98,7 @@ def parse_config(cls, presets=None, argv=None):
                 '; '.join(f'{k}: ' + ' '.join(f'{a}={b}' for a, b in v.items()) for k, v in presets.items()))
     for f in dataclasses.fields(cls):
         p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=_converter(hints[f.name]),
-                       default=argparse.SUPPRESS, metavar=getattr(hints[f.name], '__name__', 'X').upper(),
+                       default=argparse.SUPPRESS, metavar=_metavar(hints[f.name]),
                        help=f'(default: {defaults[f.name]})')
     given = vars(p.parse_args(argv))
     preset = presets.get(given.get('data', defaults['data']), {})

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from config import ConfigError, TrainConfig, parse_config  # noqa: F401  (re-exported for scripts)
-from data import batch_mixer, build_loader
+from config import ConfigError, TrainConfig, parse_config  # noqa: F401  (TrainConfig re-exported)
+from data import batch_mixer, build_dataset, build_loader
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -45,6 +45,15 @@ def setup(cfg):
     env.ckpt_path = prepare_run_dir(cfg, env)
     seed_all(cfg.seed, rank, 0)
     return env
+
+
+def start(cls, presets):
+    """What every script does first: parse its config, set up, load the train and eval splits."""
+    cfg = parse_config(cls, presets)
+    env = setup(cfg)
+    train_set, num_classes = build_dataset(cfg, train=True)
+    eval_set, _ = build_dataset(cfg, train=False)
+    return cfg, env, (train_set, eval_set, num_classes)
 
 
 def amp_dtype(amp, device):
@@ -188,11 +197,13 @@ def rng_states(env):
 # The training loop
 
 
-def fit(cfg, env, model, train_set, eval_set, num_classes, loss_fn=None, predict=None, extra=None):
+def fit(cfg, env, model, data, loss_fn=None, predict=None, extra=None):
     """Train `model` (the raw module; it is what gets saved) and return the final metrics.
     loss_fn(net, images, targets) -> (loss, {name: detached scalar}) with net the DDP-wrapped model;
     predict(model, images) -> logits for evaluation (default: model(images));
+    data: (train_set, eval_set, num_classes) from start();
     extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
+    train_set, eval_set, num_classes = data
     loss_fn = loss_fn or (lambda net, x, y: (lambda l: (l, {'ce': l.detach()}))(
         soft_cross_entropy(net(x), y, cfg.smoothing)))
     predict = predict or (lambda m, x: m(x))

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import load_weights
-from config import TrainConfig, parse_config
-from data import build_dataset
-from engine import fit, log, run_main, setup
+from config import TrainConfig
+from engine import fit, log, run_main, start
 from vit import create_model
 
 
@@ -61,13 +60,10 @@ def build_model(cfg, num_classes):
 
 
 def main():
-    cfg = parse_config(FinetuneConfig, PRESETS)
-    env = setup(cfg)
-    train_set, num_classes = build_dataset(cfg, train=True)
-    eval_set, _ = build_dataset(cfg, train=False)
+    cfg, env, data = start(FinetuneConfig, PRESETS)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-    model = build_model(cfg, num_classes)
-    metrics = fit(cfg, env, model, train_set, eval_set, num_classes)
+    model = build_model(cfg, data[2])
+    metrics = fit(cfg, env, model, data)
     log(env, cfg, f"final | top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" +
         (f" | EMA top-1 {metrics['ema_top1']:.2f} top-5 {metrics['ema_top5']:.2f}" if 'ema_top1' in metrics else '')
         + f' | {cfg.out_dir}')

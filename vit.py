@@ -84,7 +84,7 @@ class Attention(nn.Module):
         kept = {}
         if attn is not None and heads is None:
             out = attn.to(v.dtype) @ v                       # the teacher routes our values
-        elif attn is None and not keep and (x.is_cuda if self.fused is None else self.fused):
+        elif attn is None and 'logits' not in keep and (x.is_cuda if self.fused is None else self.fused):
             out = F.scaled_dot_product_attention(q, k, v)    # (B, H, N, d)
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)

@@ -43,3 +43,11 @@ def finetune(out_dir, *args, check=True):
 def read_metrics(out_dir):
     with open(os.path.join(str(out_dir), 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def blocks_run(model):
+    """A list that records the index of every block of `model` as it runs."""
+    ran = []
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(lambda mod, inp, out, i=i: ran.append(i))
+    return ran

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from attention_copy import CopyModel, copied, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss, distill_loss_fn
+from conftest import blocks_run
 from engine import build_optimizer
 from teacher import build_student, parse_index, teacher_outputs
 from vit import VisionTransformer
@@ -21,13 +22,6 @@ def make_teacher(seed=0):
 
 def cfg_for(**kw):
     return DistillConfig(img_size=32, **kw)
-
-
-def blocks_run(model):
-    ran = []
-    for i, b in enumerate(model.blocks):
-        b.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
-    return ran
 
 
 def test_copy_identity_reproduces_teacher():
@@ -157,3 +151,18 @@ def test_student_must_fit_teacher():
     for bad in ('9', 'x', '2-'):
         with pytest.raises(ConfigError):
             parse_index(bad, 8, 'layers')
+
+
+def test_imagenet_presets_are_the_papers_recipes():
+    from attention_copy import PRESETS as COPY, CopyConfig
+    from attention_distill import PRESETS as DISTILL
+    from config import parse_config
+    d = parse_config(DistillConfig, DISTILL, ['--data', 'imagenet'])
+    assert (d.teacher, d.weight, d.epochs, d.blr, d.beta2, d.weight_decay, d.drop_path, d.ema, d.layer_decay) == \
+        ('mae_vit_large', 3.0, 200, 1e-4, 0.95, 0.3, 0.2, 0.9999, 1.0)
+    assert parse_index(d.layers, 24, 'layers') == list(range(18))       # the first 18 of ViT-L's 24
+    c = parse_config(CopyConfig, COPY, ['--data', 'imagenet'])
+    assert (c.layers, c.epochs, c.blr, c.layer_decay, c.weight_decay, c.drop_path) == ('all', 100, 1e-3, 0.75, 0.05, 0.0)
+    for cfg in (c, d):
+        assert (cfg.img_size, cfg.mixup, cfg.cutmix, cfg.reprob, cfg.smoothing, cfg.randaug) == (224, 0.8, 1.0, 0.25, 0.1, 9)
+        assert cfg.batch_size * 64 == 2048 and cfg.warmup_epochs == 20

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import blocks_run
 from checkpoints import CheckpointError, build_from_checkpoint, load_weights
 from vit import VisionTransformer, create_model, resize_pos_embed
 
@@ -112,17 +113,10 @@ def test_sdpa_and_explicit_attention_agree_with_gradients():
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
 
 
-def count_blocks_run(model):
-    ran = []
-    for i, b in enumerate(model.blocks):
-        b.register_forward_hook(lambda mod, inp, out, i=i: ran.append(i))
-    return ran
-
-
 def test_attention_logits_and_early_stop():
     torch.manual_seed(0)
     m = VisionTransformer(**SMALL).eval()
-    ran = count_blocks_run(m)
+    ran = blocks_run(m)
     x = torch.randn(2, 3, 32, 32)
     maps = m.attention(x, layers=[1, 0])
     assert sorted(maps) == [0, 1] and ran == [0, 1]                        # block 2 never ran
