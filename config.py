@@ -86,7 +86,7 @@ def _converter(tp):
 
 
 def _metavar(tp):
-    return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) is typing.Union else tp.__name__.upper()
+    return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) in (typing.Union, list) else tp.__name__.upper()
 
 
 def parse_config(cls, presets=None, argv=None):
@@ -97,9 +97,11 @@ def parse_config(cls, presets=None, argv=None):
                 epilog='presets (applied by --data, before your flags): ' +
                 '; '.join(f'{k}: ' + ' '.join(f'{a}={b}' for a, b in v.items()) for k, v in presets.items()))
     for f in dataclasses.fields(cls):
-        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=_converter(hints[f.name]),
-                       default=argparse.SUPPRESS, metavar=_metavar(hints[f.name]),
-                       help=f'(default: {defaults[f.name]})')
+        tp = hints[f.name]
+        many = typing.get_origin(tp) is list    # list[X]: --key a b c
+        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, nargs='+' if many else None,
+                       type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
+                       metavar=_metavar(tp), help=f'(default: {defaults[f.name]})')
     given = vars(p.parse_args(argv))
     preset = presets.get(given.get('data', defaults['data']), {})
     for k in preset:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from config import ConfigError, TrainConfig, parse_config  # noqa: F401  (TrainConfig re-exported)
+from config import ConfigError, parse_config
 from data import batch_mixer, build_dataset, build_loader
 
 # -----------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def build_optimizer(cfg, model, lr):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim <= 1 or name in ('cls_token', 'pos_embed')
+        no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token'))
         lid = model.layer_id(name) if hasattr(model, 'layer_id') else layers
         scale = cfg.layer_decay ** (layers - lid)
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
@@ -197,16 +197,18 @@ def rng_states(env):
 # The training loop
 
 
-def fit(cfg, env, model, data, loss_fn=None, predict=None, extra=None):
+def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, extra=None):
     """Train `model` (the raw module; it is what gets saved) and return the final metrics.
     loss_fn(net, images, targets) -> (loss, {name: detached scalar}) with net the DDP-wrapped model;
     predict(model, images) -> logits for evaluation (default: model(images));
+    evaluate_fn(model, loader, env) -> {name: value} replaces the top-1 / top-5 evaluation;
     data: (train_set, eval_set, num_classes) from start();
     extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
     train_set, eval_set, num_classes = data
     loss_fn = loss_fn or (lambda net, x, y: (lambda l: (l, {'ce': l.detach()}))(
         soft_cross_entropy(net(x), y, cfg.smoothing)))
     predict = predict or (lambda m, x: m(x))
+    evaluate_fn = evaluate_fn or (lambda m, loader, env: evaluate(lambda x: predict(m, x), loader, env))
     ckpt_path = env.ckpt_path
     write_provenance(cfg, env)
     model = model.to(env.device)
@@ -305,11 +307,10 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, extra=None):
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end:
                 model.eval()
-                metrics.update(evaluate(lambda x: predict(model, x), eval_loader, env))
+                metrics.update(evaluate_fn(model, eval_loader, env))
                 if ema is not None:
                     ema.eval()
-                    metrics.update({f'ema_{k}': v for k, v in
-                                    evaluate(lambda x: predict(ema.module, x), eval_loader, env).items()})
+                    metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module, eval_loader, env).items()})
                 model.train()
                 record = {'epoch': step / steps_per_epoch, 'step': step, 'time': time.time() - t_start,
                           **metrics}

@@ -14,7 +14,7 @@ import torch
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, TrainConfig
-from vit import create_model
+from vit import model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
 
@@ -63,7 +63,7 @@ def build_student(cfg, teacher, num_classes, layers, no_qk=False):
     """A randomly initialised ViT with the teacher's depth, heads and token grid (checked).
     no_qk: the transferred layers get no query/key projections (a copy student never uses them)."""
     t = teacher.arch
-    arch = dict(t) if cfg.model == 'teacher' else create_model(cfg.model).arch
+    arch = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
     arch.update(img_size=cfg.img_size, patch_size=cfg.patch_size or t['patch_size'], num_classes=num_classes,
                 global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, no_qk_layers=layers if no_qk else ())
     arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),

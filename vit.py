@@ -12,6 +12,7 @@ without renaming. Transfer works by passing tensors (never mode strings):
 A layer that is given nothing and asked for nothing runs F.scaled_dot_product_attention.
 Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
 """
+import inspect
 import math
 from functools import partial
 
@@ -261,13 +262,17 @@ SIZES = {
 }
 
 
-def create_model(name, **overrides):
-    """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
+def model_arch(name, **overrides):
+    """All VisionTransformer keywords of a named size, with overrides (None values ignored)."""
     if name not in SIZES:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(SIZES)}")
-    kwargs = {'patch_size': 16, **SIZES[name]}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return VisionTransformer(**kwargs)
+    defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
+    return {**defaults, 'patch_size': 16, **SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def create_model(name, **overrides):
+    """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
+    return VisionTransformer(**model_arch(name, **overrides))
 
 
 vit_tiny, vit_small, vit_base, vit_large, vit_huge = (partial(create_model, n) for n in SIZES)

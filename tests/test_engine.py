@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import engine
 from conftest import finetune, read_metrics
-from engine import ConfigError, amp_dtype, build_optimizer, lr_at, parse_config, soft_cross_entropy
+from config import ConfigError, parse_config
+from engine import amp_dtype, build_optimizer, lr_at, soft_cross_entropy
 from finetune import PRESETS, FinetuneConfig
 from vit import create_model
 

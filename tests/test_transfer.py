@@ -140,7 +140,7 @@ def test_distilling_a_head_subset_trains_only_those_heads_attention():
 
 
 def test_student_must_fit_teacher():
-    from engine import ConfigError
+    from config import ConfigError
     teacher = make_teacher()
     with pytest.raises(ConfigError, match='does not fit'):
         build_student(cfg_for(num_heads=6, embed_dim=48), teacher, 5, [0])

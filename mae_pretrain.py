@@ -1,0 +1,268 @@
+"""
+Masked autoencoder pre-training of vit.py's ViT: a teacher made from unlabelled images.
+
+Where no pre-trained checkpoint can be downloaded, MAE (He et al., CVPR 2022) makes one: each image
+keeps a random 25% of its patches, the encoder (the ViT, class token included) sees only those, a
+light decoder gets the encoded tokens back in their places and a learned mask token in every other
+place, and predicts the pixels of every patch. The loss is the mean squared error on the hidden
+patches only, each target patch normalised by its own mean and variance.
+
+    python mae_pretrain.py --data fashion-mnist                      # ~30 s an epoch on 2 CPU cores
+    python attention_distill.py --data fashion-mnist --teacher runs/mae/checkpoint.pt
+    python finetune.py --data fashion-mnist --init runs/mae/checkpoint.pt --out-dir runs/mae_ft
+
+    # the MAE paper's ViT-L/16 recipe: 800 epochs at a global batch of 4096 (64 images a GPU), on
+    # 8 nodes of 8 GPUs, or on one node accumulating 8 steps
+    torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
+        --rdzv_id mae mae_pretrain.py --data imagenet --data-dir /datasets/imagenet
+    torchrun --nproc_per_node 8 mae_pretrain.py --data imagenet --data-dir /datasets/imagenet --accum-steps 8
+
+The checkpoint holds the encoder under timm/MAE names next to the decoder's `decoder_*` and
+`mask_token`, and its 'arch' is the encoder's: `checkpoints.build_from_checkpoint(path)` returns
+the encoder alone (the decoder is dropped), ready to be a teacher or to be fine-tuned.
+<out_dir>/reconstruction.png shows what the model makes of images it never trained on.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from config import ConfigError, TrainConfig
+from data import INFO
+from engine import all_mean, autocast, fit, log, run_main, start
+from finetune import PRESETS as SMALL_PRESETS
+from vit import Block, VisionTransformer, model_arch
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MAEConfig(TrainConfig):
+    mask_ratio: float = 0.75        # fraction of each image's patches hidden from the encoder
+    decoder_dim: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True      # targets: each patch normalised by its own mean and variance
+    smoothing: float = 0.0          # the loss has no labels
+    out_dir: str = 'runs/mae'
+
+
+# The small recipes of finetune.py with MAE's optimiser (AdamW beta2 0.95, weight decay 0.05) and no
+# augmentation beyond crop and flip (MAE's ablations, Table 1: masking does the work of augmentation).
+# blr is 10x MAE's 1.5e-4: that is tuned for batch 4096 over 800 epochs; a small model on a short
+# schedule at batch 256 gets the order of finetune.py's small-preset lr.
+MAE_SMALL = dict(blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0,
+                 reprob=0.0, drop_path=0.0)
+PRESETS = {
+    'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 20,
+                      'warmup_epochs': 2},
+    'cifar10': {**SMALL_PRESETS['cifar10'], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128},
+    'cifar100': {**SMALL_PRESETS['cifar100'], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128},
+    'fake': {**SMALL_PRESETS['fake'], **MAE_SMALL},
+    # the MAE paper's ViT-L/16 recipe (global batch 4096 = 64 GPUs x 64): random resized crop + flip only
+    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, epochs=800, warmup_epochs=40, batch_size=64,
+                     blr=1.5e-4, min_lr=0.0, weight_decay=0.05, beta2=0.95, mask_ratio=0.75, decoder_dim=512,
+                     decoder_depth=8, decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, randaug=0,
+                     reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, num_workers=10,
+                     log_every=100),
+}
+
+# -----------------------------------------------------------------------------
+# Masking and patches
+
+
+def random_keep(batch, num_patches, num_keep, device=None, generator=None):
+    """(B, K) indices of the patches each image keeps: the first K of a random permutation of its
+    own (argsort of uniform noise), so every image gets a different mask of exactly K patches."""
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)   # (B, N)
+    return noise.argsort(dim=1)[:, :num_keep]                                     # (B, K)
+
+
+def gather_tokens(x, ids):
+    """The tokens at `ids`, per image: x (B, N, D), ids (B, K) -> (B, K, D)."""
+    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def patchify(imgs, p):
+    """(B, C, H, W) -> (B, N, p*p*C): one row of pixels per patch, in the order of the tokens."""
+    return rearrange(imgs, 'b c (h p) (w q) -> b (h w) (p q c)', p=p, q=p)
+
+
+def unpatchify(patches, p):
+    """(B, N, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
+    grid = math.isqrt(patches.shape[1])
+    return rearrange(patches, 'b (h w) (p q c) -> b c (h p) (w q)', h=grid, p=p, q=p)
+
+# -----------------------------------------------------------------------------
+# The model: vit.py's ViT as the encoder, plus a light decoder
+
+
+class MaskedAutoencoder(VisionTransformer):
+    """The encoder is this ViT itself (no classifier, `norm` on all tokens): its parameters keep
+    their names and self.arch stays the encoder's. The decoder's parameters are named decoder_* and
+    mask_token, as in MAE's checkpoints; loading the checkpoint as a classifier drops them."""
+
+    def __init__(self, arch, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75):
+        super().__init__(**{**arch, 'num_classes': 0, 'global_pool': False})
+        num_patches, p = self.patch_embed.num_patches, self.patch_embed.patch_size
+        self.num_keep = int(num_patches * (1 - mask_ratio))
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        # learned, like the encoder's (MAE fixes both to sin-cos tables)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch['in_chans'])
+        for name, m in self.named_modules():
+            if name.startswith('decoder_') and isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)      # MAE's initialisation of its linear layers
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, imgs, ids_keep):
+        """The ViT on the class token and the kept patches only: (B, 1 + K, D), normalised."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]                       # (B, N, D) positions first
+        x = gather_tokens(x, ids_keep)                                           # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)    # (B, 1, D) always kept
+        x = torch.cat([cls, x], dim=1)                                           # (B, 1 + K, D)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent, ids_keep):
+        """Encoded tokens back in their places, the mask token everywhere else -> pixels of every patch."""
+        x = self.decoder_embed(latent)                                           # (B, 1 + K, Dd)
+        B, N, Dd = len(x), self.patch_embed.num_patches, x.shape[-1]
+        tokens = self.mask_token.to(x.dtype).expand(B, N, Dd)                   # (B, N, Dd)
+        tokens = tokens.scatter(1, ids_keep[..., None].expand(-1, -1, Dd), x[:, 1:])   # kept ones put back
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed       # (B, 1 + N, Dd)
+        for block in self.decoder_blocks:
+            x, _ = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]                   # (B, N, p*p*3)
+
+    def forward(self, imgs, ids_keep=None):
+        """Predicted pixels of every patch (B, N, p*p*3) and the mask (B, N), 1 = hidden.
+        ids_keep (B, K): the patches the encoder sees; default a fresh random choice per image."""
+        B, N = len(imgs), self.patch_embed.num_patches
+        if ids_keep is None:
+            ids_keep = random_keep(B, N, self.num_keep, imgs.device)
+        pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_keep)
+        mask = torch.ones(B, N, device=imgs.device).scatter(1, ids_keep, 0.0)   # (B, N)
+        return pred, mask
+
+
+def build_mae(cfg):
+    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
+    if cfg.global_pool:
+        raise ConfigError('MAE pre-training normalises every token (norm); pass --global-pool to finetune.py')
+    if cfg.mixup or cfg.cutmix:
+        raise ConfigError('MAE reconstructs single images: --mixup and --cutmix must be 0')
+    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
+    num_patches = (arch['img_size'] // arch['patch_size']) ** 2
+    if not 0 < cfg.mask_ratio < 1 or int(num_patches * (1 - cfg.mask_ratio)) < 1:
+        raise ConfigError(f'--mask-ratio {cfg.mask_ratio} must hide some of the {num_patches} patches '
+                          f'and keep at least one')
+    return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio)
+
+# -----------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def mae_loss(pred, target, mask, norm_pix=True):
+    """Mean squared error over the hidden patches only. pred, target (B, N, P); mask (B, N), 1 = hidden.
+    norm_pix: each target patch normalised by its own mean and variance (MAE Table 1: better features)."""
+    target = target.float()
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(-1)                         # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def mae_loss_fn(cfg):
+    """loss_fn(net, images, targets) for engine.fit; the labels are never used."""
+    def loss_fn(net, x, y):
+        pred, mask = net(x)
+        loss = mae_loss(pred, patchify(x, cfg.patch_size), mask, cfg.norm_pix_loss)
+        return loss, {'mse': loss.detach()}
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_mse(model, loader, env, norm_pix=True, seed=0):
+    """The masked-patch loss on held-out images (the same masks every time), averaged over ranks."""
+    model.eval()
+    g = torch.Generator(env.device).manual_seed(seed + env.rank)
+    total, n = torch.zeros((), device=env.device), 0
+    for x, _ in loader:
+        x = x.to(env.device, non_blocking=True)
+        ids = random_keep(len(x), model.patch_embed.num_patches, model.num_keep, env.device, g)
+        with autocast(env):
+            pred, mask = model(x, ids)
+        total, n = total + mae_loss(pred, patchify(x, model.patch_embed.patch_size), mask, norm_pix), n + 1
+    return {'mse': all_mean(total / max(n, 1), env).item()}
+
+# -----------------------------------------------------------------------------
+# What the model sees and makes: a figure
+
+
+@torch.no_grad()
+def reconstruct(model, imgs, norm_pix=True, seed=0):
+    """(masked, reconstruction) images (B, C, H, W): hidden patches set to 0 (the dataset's mean
+    colour), and the prediction with the visible patches pasted back."""
+    model.eval()
+    p = model.patch_embed.patch_size
+    g = torch.Generator(imgs.device).manual_seed(seed)
+    ids = random_keep(len(imgs), model.patch_embed.num_patches, model.num_keep, imgs.device, g)
+    pred, mask = model(imgs, ids)
+    target, m = patchify(imgs, p), mask[..., None]                               # (B, N, P), (B, N, 1)
+    if norm_pix:   # the model predicts normalised patches; shown with each true patch's mean and std
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    return unpatchify(target * (1 - m), p), unpatchify(pred * m + target * (1 - m), p)
+
+
+def save_reconstructions(model, imgs, mean, std, path, norm_pix=True):
+    """Rows: original / masked / reconstruction of each image in imgs (B, 3, H, W), normalised."""
+    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
+    masked, recon = reconstruct(model, imgs, norm_pix)
+    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    rows = [('original', imgs), (f'masked {1 - model.num_keep / model.patch_embed.num_patches:.0%}', masked),
+            ('reconstruction', recon)]
+    fig = Figure(figsize=(1.6 * len(imgs), 5.2), layout='constrained')
+    axes = fig.subplots(len(rows), len(imgs), squeeze=False)
+    for r, (title, batch) in enumerate(rows):
+        for i, img in enumerate(batch.float().cpu()):
+            axes[r, i].imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())   # (H, W, 3)
+            axes[r, i].set_title(title, fontsize=8)
+            axes[r, i].axis('off')
+    fig.savefig(path, dpi=100)
+
+# -----------------------------------------------------------------------------
+# Train
+
+
+def main():
+    cfg, env, data = start(MAEConfig, PRESETS)
+    torch.manual_seed(cfg.seed)   # the same initial weights on every rank
+    model = build_mae(cfg)
+    log(env, cfg, f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
+                  f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
+
+    # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
+    metrics = fit(cfg, env, model, data, mae_loss_fn(cfg),
+                  evaluate_fn=lambda m, loader, env: evaluate_mse(m, loader, env, cfg.norm_pix_loss))
+    if env.main:
+        imgs = torch.stack([data[1][i][0] for i in range(min(6, len(data[1])))]).to(env.device)
+        save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),
+                             cfg.norm_pix_loss)
+    log(env, cfg, f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
+                  f"masked mse {metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,128 @@
+"""ensemble.py: the maths of averaging probabilities and of disagreement, loading and checking models,
+and a run over two tiny fine-tuned models and a copy student whose numbers match their own runs'."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, finetune, read_metrics, run_script
+from config import ConfigError
+from config import parse_config
+from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_probs, load_models,
+                      normalise_weights, summarise)
+from vit import VisionTransformer
+
+torch.set_num_threads(1)   # a small, shared machine
+
+# -----------------------------------------------------------------------------
+# The maths
+
+
+def test_ensemble_of_identical_models_is_the_model():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(50, 7), torch.randint(0, 7, (50,))
+    probs = ensemble_probs([logits, logits.clone()])
+    assert torch.allclose(probs, logits.softmax(-1), atol=1e-7)
+    for k in (1, 5):
+        assert accuracy(probs, labels, k) == accuracy(logits, labels, k)
+    r = summarise(['a', 'b'], None, [logits, logits.clone()], labels)
+    assert r['ensemble'] == {'top1': r['models'][0]['top1'], 'top5': r['models'][0]['top5']}
+    assert r['disagreement'] == [{'a': 'a', 'b': 'b', 'rate': 0.0}]
+
+
+def test_probabilities_sum_to_one_and_weights_are_normalised():
+    torch.manual_seed(0)
+    a, b, c = torch.randn(3, 20, 10) * 4
+    for w in (None, [1, 1, 1], [0.2, 3, 1], [0, 0, 5]):
+        assert torch.allclose(ensemble_probs([a, b, c], w).sum(-1), torch.ones(20), atol=1e-6)
+    assert torch.allclose(ensemble_probs([a, b], [2, 2]), ensemble_probs([a, b]), atol=1e-7)
+    assert torch.allclose(ensemble_probs([a, b], [3, 1]), 0.75 * a.softmax(-1) + 0.25 * b.softmax(-1), atol=1e-6)
+    assert torch.allclose(ensemble_probs([a, b], [1, 0]), a.softmax(-1), atol=1e-7)
+    assert normalise_weights([1, 3], 2) == [0.25, 0.75] and normalise_weights(None, 4) == [0.25] * 4
+    for bad in ([1], [1, -1], [0, 0]):
+        with pytest.raises(ConfigError):
+            normalise_weights(bad, 2)
+
+
+def test_ensemble_averages_probabilities_not_logits():
+    # logits (3, 0) and (0, 4): the mean of their probabilities is (0.485, 0.515); the softmax of
+    # their mean logits (1.5, 2) would be (0.378, 0.622)
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    probs = ensemble_probs([a, b])
+    assert torch.allclose(probs, (a.softmax(-1) + b.softmax(-1)) / 2)
+    assert not torch.allclose(probs, ((a + b) / 2).softmax(-1), atol=1e-2)
+
+
+def test_disagreement():
+    p = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    assert disagreement(p, p) == 0.0
+    assert disagreement(p, torch.tensor([0, 1, 2, 3, 0, 0, 0, 0])) == 0.5
+    assert disagreement(p, p + 1) == 1.0
+    torch.manual_seed(0)
+    a, b = torch.randn(100, 10), torch.randn(100, 10)
+    assert disagreement(a.argmax(-1), b.argmax(-1)) > 0
+
+
+def test_list_flags():
+    cfg = parse_config(EnsembleConfig, PRESETS, ['--models', 'a.pt', 'b.pt', '--weights', '1', '2', '--data', 'fake'])
+    assert (cfg.models, cfg.weights, cfg.data) == (['a.pt', 'b.pt'], [1.0, 2.0], 'fake')
+    assert parse_config(EnsembleConfig, PRESETS, []).models == []
+    with pytest.raises(SystemExit):
+        parse_config(EnsembleConfig, PRESETS, ['--weights', 'one'])
+
+# -----------------------------------------------------------------------------
+# Loading models
+
+
+def save_vit(path, **arch):
+    model = VisionTransformer(**{**dict(patch_size=8, embed_dim=32, depth=1, num_heads=2), **arch})
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, path)
+    return str(path)
+
+
+def test_models_must_share_an_image_size_and_have_a_classifier(tmp_path):
+    a, b = save_vit(tmp_path / 'a.pt', img_size=32, num_classes=10), save_vit(tmp_path / 'b.pt', img_size=32)
+    models, classes, size = load_models([a, b])
+    assert size == 32 and classes == [10, 1000] and not models[0].training
+    with pytest.raises(ConfigError, match='different image sizes'):
+        load_models([a, save_vit(tmp_path / 'c.pt', img_size=16, num_classes=10)])
+    with pytest.raises(ConfigError, match='no classifier'):
+        load_models([a, save_vit(tmp_path / 'd.pt', img_size=32, num_classes=0)])
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ensemble')
+    for seed in (0, 1):
+        finetune(d / f'ft{seed}', '--max-steps', '3', '--seed', str(seed))
+    p = run_script('attention_copy.py', *TINY, '--out-dir', d / 'copy', '--teacher', d / 'ft0' / 'checkpoint.pt',
+                   '--max-steps', '3')
+    assert p.returncode == 0, f'attention_copy.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    return d
+
+
+def test_ensemble_script_prints_the_table_and_matches_each_run(runs, tmp_path):
+    paths = [str(runs / r / 'checkpoint.pt') for r in ('ft0', 'ft1', 'copy')]
+    p = run_script('ensemble.py', *TINY, '--models', *paths, '--weights', '1', '1', '2',
+                   '--out', tmp_path / 'r.json')
+    assert p.returncode == 0, f'ensemble.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    for path in paths:
+        assert f'| {path} |' in p.stdout
+    assert '| ensemble' in p.stdout and 'disagreement' in p.stdout
+    with open(tmp_path / 'r.json') as f:
+        r = json.load(f)
+    assert [m['weight'] for m in r['models']] == [0.25, 0.25, 0.5] and len(r['disagreement']) == 3
+    # each model's top-1 is what its own run measured on the same test split (one image of slack: batching)
+    for m, run in zip(r['models'], ('ft0', 'ft1', 'copy')):
+        assert abs(m['top1'] - read_metrics(runs / run)[-1]['top1']) <= 100 / r['images'] + 1e-9
+    assert all(0 <= d['rate'] <= 1 for d in r['disagreement'])
+    assert r['disagreement'][0]['rate'] > 0        # two models trained from different seeds
+
+
+def test_ensemble_script_errors_are_one_line(runs):
+    p = run_script('ensemble.py', *TINY, '--models', runs / 'ft0' / 'checkpoint.pt', '--weights', '1', '2')
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert 'error: --weights: 2 weights for 1 models' in p.stderr
