@@ -226,8 +226,8 @@ def _load(out_dir):
     return torch.load(os.path.join(str(out_dir), 'checkpoint.pt'), map_location='cpu', weights_only=False)
 
 
-@pytest.mark.parametrize('stop_at, workers', [(5, 0), (8, 0), (8, 1)],
-                         ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker'])
+@pytest.mark.parametrize('stop_at, workers', [(5, 0), (8, 0), (8, 1), (5, 1)],
+                         ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker'])
 def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers):
     a_dir, out = uninterrupted(workers), tmp_path / 'B'
     finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at)
