@@ -55,7 +55,7 @@ class MAEConfig(TrainConfig):
 # augmentation beyond crop and flip (MAE's ablations, Table 1: masking does the work of augmentation).
 # blr is 10x MAE's 1.5e-4: that is tuned for batch 4096 over 800 epochs; a small model on a short
 # schedule at batch 256 gets the order of finetune.py's small-preset lr.
-MAE_SMALL = dict(blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0,
+MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0,
                  reprob=0.0, drop_path=0.0)
 PRESETS = {
     'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 20,

@@ -1,0 +1,299 @@
+"""
+The paper's Table 1 in miniature: every method, several seeds, one command.
+
+    python reproduce.py --data fashion-mnist --quick true  # 1 seed, 100 steps a stage: ~4 min on 2 CPU cores
+    python reproduce.py --data fashion-mnist               # 3 seeds: ~55 min on 2 CPU cores
+    python reproduce.py --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
+    python reproduce.py --data fashion-mnist --teacher runs/mae/checkpoint.pt --seeds 0 1 2 3 4
+
+Each stage runs a script in a subprocess, its `--data` preset plus a budget: `mae` (the teacher, once for
+all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
+(--teacher <teacher>), `ensemble` (fine-tuned + distilled), into runs/reproduce/<data>/<stage>/seed<k>. A
+stage whose directory holds done.json (written when its script exits cleanly) is skipped, one with only a
+checkpoint resumed (--resume true): interrupted, the same command continues. Report: results/<data>/
+RESULTS.md, results.json, results.png. A run's number is its final epoch's test top-1, never its best.
+"""
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from config import ConfigError, parse_config
+from engine import run_main
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ReproduceConfig:
+    data: str = 'fashion-mnist'     # fashion-mnist | cifar10 | cifar100 | fake: every script's --data
+    data_dir: str = './data'
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae)
+    quick: bool = False             # 1 seed, 100 steps a stage: checks the pipeline, is not a result
+    out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick]
+    results_dir: str = ''           # RESULTS.md, results.json, results.png; empty = results/<data>[-quick]
+    mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
+    epochs: int = 2                 # each of scratch, finetune, copy, distill
+    max_steps: int = 0              # stop every stage after this many steps; 0 = the whole schedule
+    num_workers: typing.Optional[int] = None   # None = each script's preset
+    fake_size: int = 2048           # --data fake only
+
+
+# Budgets (none tuned on test accuracy). fashion-mnist, 2 CPU cores, ~680 img/s: an epoch (60k images)
+#   from scratch or fine-tuning ~89 s, copy or distill 1.3-1.5x (~134 s), a test evaluation ~6 s, a start
+#   ~5 s. A seed, 2 epochs a stage: 2 x (89 + 89 + 134 + 134) = 892 s + 8 evaluations 48 s + 5 starts and
+#   the ensemble 35 s = ~16 min; 3 seeds ~49 min, + MAE 10 x 30 s ~5.5 min: ~54 min (~51 at 1.3x).
+#   --quick, 100 steps a stage: MAE (batch 256) ~15 s, then 19 + 19 + 28 + 28 s, + evaluations, starts and
+#   the ensemble ~80 s: ~3.2 min (estimated, not measured).
+# cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
+#   (24 D^2 + 4 N D) x 9 x 65 = 0.55 GFLOP an image forward, x 3 to train: 82 TFLOP an epoch of 50k; the
+#   teacher adds ~35% to copy / distill. 3 seeds x 20 epochs x (1 + 1 + 1.35 + 1.35) = 23 PFLOP, MAE 50
+#   epochs 1.5, evaluations 1.3: ~26 PFLOP = 22 min at an effective 20 TFLOP/s (a model this small uses a
+#   few % of a GPU's peak), 44 min at 10; the loaders must deliver ~5k images/s (8 workers).
+PRESETS = {
+    'fashion-mnist': dict(mae_epochs=10, epochs=2),
+    'cifar10': dict(mae_epochs=50, epochs=20, num_workers=8),
+    'cifar100': dict(mae_epochs=50, epochs=20, num_workers=8),
+    'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
+}
+QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=100)
+
+
+def parse(argv=None):
+    """Defaults < --data's preset < --quick's < your flags."""
+    cfg = parse_config(ReproduceConfig, PRESETS, argv)
+    if cfg.data not in PRESETS:
+        raise ConfigError(f"--data {cfg.data}: reproduce.py runs {', '.join(PRESETS)} (ImageNet: the scripts' recipes)")
+    cfg = parse_config(ReproduceConfig, {cfg.data: {**PRESETS[cfg.data], **QUICK}}, argv) if cfg.quick else cfg
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f'--seeds {cfg.seeds}: each seed once')
+    return cfg
+
+# -----------------------------------------------------------------------------
+# Stages: one subprocess each, skipped when done, resumed when interrupted
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = {'mae': 'mae_pretrain.py', 'scratch': 'finetune.py', 'finetune': 'finetune.py',
+           'copy': 'attention_copy.py', 'distill': 'attention_distill.py', 'ensemble': 'ensemble.py'}
+STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
+
+
+def run_dir(root, stage, seed):
+    return os.path.join(root, 'mae') if stage == 'mae' else os.path.join(root, stage, f'seed{seed}')
+
+
+def stage_command(cfg, stage, seed, root, teacher, resume=False):
+    """[python, script, flags]: the script's own --data preset, then this reproduction's budget."""
+    d = run_dir(root, stage, seed)
+    args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
+    args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
+    args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
+    epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
+    train = ['--out-dir', d, '--epochs', epochs, '--warmup-epochs', epochs / 10, '--max-steps', cfg.max_steps]
+    models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt') for s in ('finetune', 'distill')]
+    extra = {   # the MAE encoder normalises every token: no global pooling, whatever the preset says
+        'mae': train + ['--global-pool', 'false'], 'scratch': train, 'finetune': train + ['--init', teacher],
+        'copy': train + ['--teacher', teacher], 'distill': train + ['--teacher', teacher],
+        'ensemble': ['--models', *models, '--out', os.path.join(d, 'ensemble.json')]}[stage]
+    return [sys.executable, os.path.join(HERE, SCRIPTS[stage]), *map(str, args + extra + ['--resume', 'true'] * resume)]
+
+
+def plan_stage(cfg, stage, seed, root, teacher):
+    """('done' | 'partial' | 'new', command). Never mixes in a run that was made with other flags."""
+    def flags(cmd):   # {'--flag value'} after the interpreter and the script; --resume is not a difference
+        return {f'{a} {b}' for a, b in zip(cmd[2:], cmd[3:]) if a.startswith('--') and a != '--resume'}
+    d = run_dir(root, stage, seed)
+    done, config, ckpt = (os.path.join(d, f) for f in ('done.json', 'config.json', 'checkpoint.pt'))
+    state = 'done' if os.path.exists(done) else 'partial' if os.path.exists(ckpt) else 'new'
+    cmd = stage_command(cfg, stage, seed, root, teacher, resume=state == 'partial')
+    old = flags(json.loads(Path(done).read_text())['command']) if state == 'done' else \
+        flags([None, *json.loads(Path(config).read_text())['argv']]) if os.path.exists(config) else None
+    if old is not None and old != flags(cmd):
+        raise ConfigError(f"{d} holds a run made with {', '.join(sorted(old - flags(cmd)))}, not with "
+                          f"{', '.join(sorted(flags(cmd) - old))}: repeat its command, or choose another --out-dir")
+    return state, cmd
+
+
+def records(d):
+    """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last counts)."""
+    by_step = {r['step']: r for r in map(json.loads, Path(d, 'metrics.jsonl').read_text().splitlines())}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_stage(cfg, stage, seed, root, teacher, machine):
+    """Skip a finished stage, else run (or resume) its script, streaming its output; write done.json
+    with the final metrics (the last evaluation, or the ensemble's numbers) and the wall time."""
+    d, tag = run_dir(root, stage, seed), stage if stage == 'mae' else f'{stage} seed {seed}'
+    state, cmd = plan_stage(cfg, stage, seed, root, teacher)
+    if state == 'done':
+        print(f'== {tag}: done, skipped ({d})', flush=True)
+        return {**json.loads(Path(d, 'done.json').read_text()), 'run_dir': d}
+    print(f"== {tag}: {'resuming' if state == 'partial' else 'running'} {shlex.join(cmd[1:])}", flush=True)
+    t0, last = time.time(), ''
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in proc.stdout:
+        print(f'   {tag} | {line.rstrip()}', flush=True)
+        last = line.strip().removeprefix('error: ') or last
+    if proc.wait() != 0:
+        sys.exit(f'error: {tag} failed (exit {proc.returncode}): {last} | run directory {d}; fix the cause and '
+                 f'run the same command again to continue')
+    r = json.loads(Path(d, 'ensemble.json').read_text()) if stage == 'ensemble' else None
+    metrics = {**r['ensemble'], 'disagreement': r['disagreement'][0]['rate'], 'models': r['models']} if r \
+        else records(d)[-1]
+    done = {'stage': stage, 'seed': seed, 'command': cmd, 'resumed': state == 'partial',
+            'wall_s': time.time() - t0, 'machine': machine, 'metrics': metrics}
+    Path(d, 'done.json').write_text(json.dumps(done, indent=2))
+    return {**done, 'run_dir': d}
+
+# -----------------------------------------------------------------------------
+# Results: numbers, table, figure, report
+
+
+PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L
+LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher', 'copy': 'attention copy',
+          'distill': 'attention distillation', 'ensemble': 'ensemble (fine-tuned + distilled)'}
+
+
+def mean_std(values):
+    """'85.10 ± 0.23': mean and standard deviation over seeds (n - 1 in the denominator); one value: '85.10'."""
+    m = statistics.mean(values)
+    return f'{m:.2f} ± {statistics.stdev(values):.2f}' if len(values) > 1 else f'{m:.2f}'
+
+
+def gap_closed(method, scratch, finetune):
+    """The fraction of the scratch-to-fine-tune gap a method closes, (method - scratch) / (finetune -
+    scratch), on means. None when fine-tuning does not beat scratch: then the ratio means nothing."""
+    return (method - scratch) / (finetune - scratch) if finetune > scratch else None
+
+
+def format_gap(g):
+    return 'not meaningful (fine-tune ≤ scratch)' if g is None else f'{100 * g:.1f}%'
+
+
+def summarise(runs):
+    """Per method: final top-1 per seed, mean, std, wall times, curve (test top-1 per epoch, mean over seeds)."""
+    out = {}
+    for m in STAGES:
+        rs = [r for r in runs if r['stage'] == m]
+        v = [r['metrics']['top1'] for r in rs]
+        out[m] = {'seeds': [r['seed'] for r in rs], 'top1': v, 'mean': statistics.mean(v),
+                  'std': statistics.stdev(v) if len(v) > 1 else None, 'wall_s': [r['wall_s'] for r in rs]}
+        if m != 'ensemble':
+            per = [{round(x['epoch'], 4): x['top1'] for x in records(r['run_dir'])} for r in rs]
+            epochs = sorted(set.intersection(*map(set, per)))
+            out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(p[e] for p in per) for e in epochs]}
+    gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean']) for m in ('copy', 'distill')}
+    dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
+    return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}
+
+
+def table(s):
+    rows = ['| method | top-1 (%), mean ± std | per seed | gap closed | disagreement | wall time / seed | '
+            'paper (ImageNet) |', '|---|---:|---|---:|---:|---:|---:|']
+    for m in STAGES:
+        r, gap = s['methods'][m], m in s['gap_closed']
+        paper = f"{PAPER[m]} ({format_gap(gap_closed(PAPER[m], PAPER['scratch'], PAPER['finetune']))})" if gap \
+            else PAPER[m]
+        rows.append(f"| {LABELS[m]} | {mean_std(r['top1'])} | {' / '.join(f'{v:.2f}' for v in r['top1'])} | "
+                    f"{format_gap(s['gap_closed'][m]) if gap else ''} | "
+                    f"{mean_std(s['disagreement_pct']) + '%' if m == 'ensemble' else ''} | "
+                    f"{statistics.mean(r['wall_s']) / 60:.1f} min | {paper} |")
+    return '\n'.join(rows)
+
+
+def plot(s, path):
+    """Left: final top-1 per method, mean ± std over seeds. Right: test top-1 per epoch, mean over seeds."""
+    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
+    fig = Figure(figsize=(11, 4), layout='constrained')
+    left, right = fig.subplots(1, 2)
+    ms = [s['methods'][m] for m in STAGES]
+    means, stds = [r['mean'] for r in ms], [r['std'] or 0.0 for r in ms]
+    left.bar_label(left.bar(STAGES, means, yerr=stds, capsize=4, color=[f'C{i}' for i in range(5)]), fmt='%.2f')
+    lo, hi = min(a - b for a, b in zip(means, stds)), max(a + b for a, b in zip(means, stds))
+    left.set_ylim(max(0.0, lo - (hi - lo) - 1), min(100.0, hi + 0.3 * (hi - lo) + 1))   # show the differences
+    left.set(ylabel='test top-1 (%), final epoch', title=f"mean ± std over {len(ms[0]['top1'])} seed(s)")
+    for i, (m, r) in enumerate(zip(STAGES[:4], ms)):
+        right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
+    right.set(xlabel='epoch', ylabel='test top-1 (%)', title='during training (mean over seeds)')
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def report(cfg, s, runs, root, prov):
+    """RESULTS.md: the table, what its columns mean, how it was made."""
+    mae = [r for r in runs if r['stage'] == 'mae']
+    teacher = (f"MAE, pre-trained here on the training split ({cfg.mae_epochs} epoch(s), held-out masked MSE "
+               f"{mae[0]['metrics']['mse']:.4f}, {mae[0]['wall_s'] / 60:.1f} min)" if mae else f'`{cfg.teacher}`')
+    quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
+    steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
+    return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
+{quick}
+Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split for
+{cfg.epochs} epoch(s){steps}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
+Each number is the test top-1 after the final epoch of its run (the ensemble: of the two final models),
+never the best epoch's; nothing was chosen by looking at the test split.
+
+{table(s)}
+
+- *gap closed*: (method − scratch) / (fine-tune − scratch), on the means; not meaningful when fine-tuning
+  does not beat scratch.
+- *disagreement*: how often the fine-tuned and the distilled model's top-1 predictions differ on the test
+  split (per seed: {', '.join(f'{d:.2f}%' for d in s['disagreement_pct'])}).
+- *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
+- *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
+  stages {sum(r['wall_s'] for r in runs) / 60:.1f} min.
+
+![results](results.png)
+
+## Provenance
+
+- command: `{prov['command']}`
+- git commit: {prov['git_commit']}
+- machine: {'; '.join(sorted({r['machine'] for r in runs}))}
+- run directories (config, log, metrics, checkpoint, done.json): `{root}/<stage>/seed<k>`
+- written {time.strftime('%Y-%m-%d %H:%M %Z')}
+"""
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main():
+    cfg = parse()
+    root = cfg.out_dir or os.path.join('runs', 'reproduce', cfg.data + '-quick' * cfg.quick)
+    results_dir = cfg.results_dir or os.path.join('results', cfg.data + '-quick' * cfg.quick)
+    git = [subprocess.run(['git', *a], capture_output=True, text=True, cwd=HERE).stdout.strip()
+           for a in (['rev-parse', 'HEAD'], ['status', '--porcelain', '--', '*.py'])]
+    device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
+    prov = {'command': shlex.join(['python', 'reproduce.py', *sys.argv[1:]]),
+            'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),
+            'machine': f'{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}'}
+    runs = [] if cfg.teacher else [run_stage(cfg, 'mae', 0, root, '', prov['machine'])]
+    teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
+    runs += [run_stage(cfg, stage, seed, root, teacher, prov['machine']) for seed in cfg.seeds for stage in STAGES]
+
+    s = summarise(runs)
+    os.makedirs(results_dir, exist_ok=True)
+    Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov))
+    Path(results_dir, 'results.json').write_text(json.dumps({**prov, 'config': asdict(cfg), 'teacher': teacher,
+                                                             'summary': s, 'stages': runs, 'paper': PAPER}, indent=2))
+    plot(s, os.path.join(results_dir, 'results.png'))
+    print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png')
+
+
+if __name__ == '__main__':
+    run_main(main)

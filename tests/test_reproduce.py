@@ -1,0 +1,160 @@
+"""reproduce.py: the whole pipeline on fake data, run again (nothing is trained twice) and after an
+interruption (the stage resumes); the commands each stage gets; the report's arithmetic."""
+import json
+import os
+
+import pytest
+
+from config import ConfigError
+from conftest import TINY, read_metrics, run_script
+from reproduce import LABELS, STAGES, format_gap, gap_closed, mean_std, parse, plan_stage, run_dir, stage_command
+
+# -----------------------------------------------------------------------------
+# The report's arithmetic
+
+
+def test_gap_closed_on_the_papers_numbers():
+    assert gap_closed(85.1, 83.0, 85.7) == pytest.approx(2.1 / 2.7)      # attention copy on ImageNet
+    assert format_gap(gap_closed(85.1, 83.0, 85.7)) == '77.8%'
+    assert gap_closed(85.7, 83.0, 85.7) == 1.0 and gap_closed(83.0, 83.0, 85.7) == 0.0
+    assert gap_closed(81.0, 83.0, 85.7) < 0                              # worse than scratch: shown, not hidden
+    for finetune in (83.0, 82.0):                                        # fine-tuning does not beat scratch
+        assert gap_closed(84.0, 83.0, finetune) is None
+    assert format_gap(None) == 'not meaningful (fine-tune ≤ scratch)'
+
+
+def test_mean_std_formatting():
+    assert mean_std([1.0, 2.0, 3.0]) == '2.00 ± 1.00'                    # sample std: n - 1
+    assert mean_std([85.1, 85.3]) == '85.20 ± 0.14'
+    assert mean_std([70.0, 70.0, 70.0]) == '70.00 ± 0.00'
+    assert mean_std([80.0]) == '80.00'                                   # one seed: no spread to show
+
+# -----------------------------------------------------------------------------
+# Presets and the commands of the stages
+
+
+def test_presets_quick_and_your_flags():
+    full = parse(['--data', 'fashion-mnist'])
+    assert (full.seeds, full.mae_epochs, full.epochs, full.max_steps) == ([0, 1, 2], 10, 2, 0)
+    quick = parse(['--data', 'fashion-mnist', '--quick', 'true'])
+    assert (quick.seeds, quick.mae_epochs, quick.epochs, quick.max_steps) == ([0], 1, 1, 100)
+    assert parse(['--quick', 'true', '--seeds', '3', '4', '--max-steps', '7']).seeds == [3, 4]   # flags win
+    assert parse(['--data', 'cifar10']).epochs == 20 and parse(TINY).max_steps == 2
+    for bad in (['--data', 'imagenet'], ['--seeds', '1', '1']):
+        with pytest.raises(ConfigError):
+            parse(bad)
+
+
+def test_stage_commands(tmp_path):
+    cfg, root = parse(TINY), str(tmp_path)
+    cmd = stage_command(cfg, 'copy', 1, root, 'teacher.pt')
+    assert cmd[1].endswith('attention_copy.py')
+    assert dict(zip(cmd[2::2], cmd[3::2])) == {
+        '--data': 'fake', '--data-dir': './data', '--seed': '1', '--fake-size': '256', '--num-workers': '0',
+        '--out-dir': os.path.join(root, 'copy', 'seed1'), '--epochs': '1', '--warmup-epochs': '0.1',
+        '--max-steps': '2', '--teacher': 'teacher.pt'}
+    assert stage_command(cfg, 'distill', 0, root, 't.pt')[1].endswith('attention_distill.py')
+    assert stage_command(cfg, 'finetune', 0, root, 't.pt')[-2:] == ['--init', 't.pt']
+    scratch = stage_command(cfg, 'scratch', 0, root, 't.pt')
+    assert scratch[1].endswith('finetune.py') and '--init' not in scratch and 't.pt' not in scratch
+    mae = stage_command(cfg, 'mae', 0, root, '')
+    assert mae[1].endswith('mae_pretrain.py') and mae[-2:] == ['--global-pool', 'false']
+    assert mae[mae.index('--out-dir') + 1] == os.path.join(root, 'mae')
+    ens = stage_command(cfg, 'ensemble', 2, root, 't.pt')
+    assert ens[1].endswith('ensemble.py') and '--out-dir' not in ens
+    i = ens.index('--models')
+    assert ens[i + 1:i + 3] == [os.path.join(root, s, 'seed2', 'checkpoint.pt') for s in ('finetune', 'distill')]
+    assert ens[ens.index('--out') + 1] == os.path.join(root, 'ensemble', 'seed2', 'ensemble.json')
+
+
+def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused(tmp_path):
+    cfg, root = parse(TINY), str(tmp_path)
+    d = run_dir(root, 'distill', 0)
+    assert plan_stage(cfg, 'distill', 0, root, 't.pt') == ('new', stage_command(cfg, 'distill', 0, root, 't.pt'))
+    os.makedirs(d)
+    open(os.path.join(d, 'checkpoint.pt'), 'wb').close()
+    state, cmd = plan_stage(cfg, 'distill', 0, root, 't.pt')
+    assert state == 'partial' and cmd == stage_command(cfg, 'distill', 0, root, 't.pt') + ['--resume', 'true']
+    # the script's config.json records its first launch: other flags there are refused
+    other = stage_command(parse([*TINY, '--epochs', '3']), 'distill', 0, root, 't.pt')
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+        json.dump({'argv': other[1:]}, f)
+    with pytest.raises(ConfigError, match='holds a run made with'):
+        plan_stage(cfg, 'distill', 0, root, 't.pt')
+    with open(os.path.join(d, 'config.json'), 'w') as f:
+        json.dump({'argv': cmd[1:-2]}, f)
+    assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'partial'
+    # a finished run is skipped only if it was made with the same flags
+    for command, ok in ((other, False), (cmd, True)):
+        with open(os.path.join(d, 'done.json'), 'w') as f:
+            json.dump({'command': command}, f)
+        if ok:
+            assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'done'
+        else:
+            with pytest.raises(ConfigError, match='holds a run made with'):
+                plan_stage(cfg, 'distill', 0, root, 't.pt')
+
+# -----------------------------------------------------------------------------
+# The whole pipeline, tiny
+
+
+def reproduce(d):
+    p = run_script('reproduce.py', *TINY, '--out-dir', d / 'runs', '--results-dir', d / 'results', timeout=300)
+    assert p.returncode == 0, f'reproduce.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    return p
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp('reproduce')
+    return d, reproduce(d)
+
+
+def test_first_run_makes_every_stage_and_the_report(first_run):
+    d, p = first_run
+    root = str(d / 'runs')
+    assert p.stdout.count(': running ') == 6 and 'scratch seed 0 | ' in p.stdout    # scripts' output shown
+    for stage in ['mae', *STAGES]:
+        with open(os.path.join(run_dir(root, stage, 0), 'done.json')) as f:
+            done = json.load(f)
+        assert done['stage'] == stage and not done['resumed'] and done['wall_s'] > 0
+        if stage != 'ensemble':
+            assert os.path.exists(os.path.join(run_dir(root, stage, 0), 'checkpoint.pt'))
+            assert done['metrics'] == read_metrics(run_dir(root, stage, 0))[-1] and done['metrics']['step'] == 2
+    results = json.loads((d / 'results' / 'results.json').read_text())
+    methods = results['summary']['methods']
+    assert set(methods) == set(STAGES) and results['config']['seeds'] == [0]
+    assert methods['scratch']['top1'] == [read_metrics(run_dir(root, 'scratch', 0))[-1]['top1']]   # the final epoch
+    with open(os.path.join(run_dir(root, 'ensemble', 0), 'ensemble.json')) as f:
+        assert methods['ensemble']['top1'] == [json.load(f)['ensemble']['top1']]
+    assert set(results['summary']['gap_closed']) == {'copy', 'distill'}
+    md = (d / 'results' / 'RESULTS.md').read_text()
+    for label in LABELS.values():
+        assert f'| {label} |' in md and f'| {label} |' in p.stdout    # the table, also printed at the end
+    assert 'git commit: ' in md and 'machine: ' in md and '--data fake' in md
+    png = (d / 'results' / 'results.png').read_bytes()
+    assert png.startswith(b'\x89PNG') and len(png) > 10_000
+
+
+def test_second_run_trains_nothing(first_run):
+    d, _ = first_run
+    ckpts = sorted((d / 'runs').rglob('checkpoint.pt'))
+    assert len(ckpts) == 5                                       # mae, scratch, finetune, copy, distill
+    before = [c.stat().st_mtime_ns for c in ckpts]
+    p = reproduce(d)
+    assert p.stdout.count('done, skipped') == 6
+    assert ': running ' not in p.stdout and ': resuming ' not in p.stdout and ' | epoch ' not in p.stdout
+    assert [c.stat().st_mtime_ns for c in ckpts] == before
+    assert '| attention distillation |' in p.stdout
+
+
+def test_interrupted_stage_is_resumed(first_run):
+    d, _ = first_run
+    scratch = run_dir(str(d / 'runs'), 'scratch', 0)
+    os.remove(os.path.join(scratch, 'done.json'))               # as if stopped after its last checkpoint
+    p = reproduce(d)
+    assert 'scratch seed 0: resuming' in p.stdout and '--resume true' in p.stdout
+    assert p.stdout.count('done, skipped') == 5
+    with open(os.path.join(scratch, 'done.json')) as f:
+        done = json.load(f)
+    assert done['resumed'] and done['metrics']['step'] == 2 and done['command'][-2:] == ['--resume', 'true']
