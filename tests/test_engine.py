@@ -242,3 +242,31 @@ def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers):
                         f'{max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
     ma, mb = read_metrics(a_dir)[-1], read_metrics(out)[-1]
     assert (ma['step'], ma['top1'], ma['loss']) == (mb['step'], mb['top1'], mb['loss'])
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+    """SIGKILL a run at some point after its second checkpoint (--save-every 3), resume it: the
+    result equals the uninterrupted run's, wherever the kill landed."""
+    import signal
+    import subprocess
+    import time
+    from conftest import ROOT, TINY, sub_env
+    out = tmp_path / 'killed'
+    args = [*TINY, '--out-dir', str(out), *RESUME_ARGS, '--num-workers', '0', '--save-every', '3', '--log-every', '1']
+    p = subprocess.Popen([sys.executable, 'finetune.py', *args], cwd=ROOT, env=sub_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        ck = out / 'checkpoint.pt'
+        if ck.exists() and torch.load(ck, weights_only=True)['step'] >= 6:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    killed_at = _load(out)['step']
+    assert 6 <= killed_at < 16
+    finetune(out, *RESUME_ARGS, '--num-workers', '0', '--save-every', '3', '--resume', 'true')
+    a, b = _load(uninterrupted(0)), _load(out)
+    assert b['step'] == 16 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert read_metrics(uninterrupted(0))[-1]['top1'] == read_metrics(out)[-1]['top1']
