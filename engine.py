@@ -42,7 +42,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
-    env.ckpt_path = prepare_run_dir(cfg, env)
+    env.ckpt_path = prepare_run_dir(cfg)
     seed_all(cfg.seed, rank, 0)
     return env
 
@@ -152,16 +152,10 @@ def evaluate(predict, loader, env):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to a temporary file, then renamed (a crash never leaves half a file)
+# The run directory
 
 
-def save_checkpoint(path, obj):
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def prepare_run_dir(cfg, env):
+def prepare_run_dir(cfg):
     """Refuse to overwrite an earlier run unless resuming it. Returns the checkpoint path."""
     ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
     if os.path.exists(ckpt) and not cfg.resume:
@@ -184,12 +178,10 @@ def write_provenance(cfg, env):
 
 
 def rng_states(env):
-    """Every rank's RNG state, gathered on all ranks (for exact mid-epoch resume)."""
-    state = {'torch': torch.get_rng_state()}   # all randomness here (augmentation, drop-path) is torch's
-    if env.world == 1:
-        return [state]
-    states = [None] * env.world
-    dist.all_gather_object(states, state)
+    """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
+    states = [torch.get_rng_state()] * env.world
+    if env.world > 1:
+        dist.all_gather_object(states, states[0])
     return states
 
 
@@ -205,8 +197,10 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     data: (train_set, eval_set, num_classes) from start();
     extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
     train_set, eval_set, num_classes = data
-    loss_fn = loss_fn or (lambda net, x, y: (lambda l: (l, {'ce': l.detach()}))(
-        soft_cross_entropy(net(x), y, cfg.smoothing)))
+    def classification_loss(net, x, y):
+        loss = soft_cross_entropy(net(x), y, cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+    loss_fn = loss_fn or classification_loss
     predict = predict or (lambda m, x: m(x))
     evaluate_fn = evaluate_fn or (lambda m, loader, env: evaluate(lambda x: predict(m, x), loader, env))
     ckpt_path = env.ckpt_path
@@ -231,30 +225,28 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     step, metrics = 0, {}
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
-        scaler.load_state_dict(ck['scaler'])
-        if ema is not None:
-            ema.load_state_dict(ck['ema'])
+        for obj, key in ((model, 'model'), (opt, 'optimizer'), (scaler, 'scaler'), (ema, 'ema')):
+            if obj is not None:
+                obj.load_state_dict(ck[key])
         step, metrics = ck['step'], ck['metrics']
         if step % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
-            torch.set_rng_state(ck['rng'][env.rank]['torch'])
+            torch.set_rng_state(ck['rng'][env.rank])
         log(env, cfg, f'resumed from {ckpt_path} at step {step}')
-    net = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
-        if env.world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) if env.world > 1 else None
+    net = torch.compile(ddp or model) if cfg.compile else ddp or model
     mixer = batch_mixer(cfg, num_classes)
 
     def checkpoint():
-        if not all(p.isfinite().all() for p in model.parameters()):   # never save a broken model
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():   # never save a broken model
             check_finite(float('nan'), 'a model weight')
         states = rng_states(env)
-        if env.main:
-            save_checkpoint(ckpt_path, {
+        if env.main:   # to a temporary file, then renamed: a crash never leaves half a checkpoint
+            torch.save({
                 'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
                 'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
                 'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None,
-                'metrics': metrics, 'rng': states, **(extra or {})})
+                'metrics': metrics, 'rng': states, **(extra or {})}, ckpt_path + '.tmp')
+            os.replace(ckpt_path + '.tmp', ckpt_path)
 
     def check_finite(value, what):
         if not math.isfinite(value):
@@ -273,9 +265,8 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if mixer is not None:
                 x, y = mixer(x, y)
-            last_micro = (i + 1) % cfg.accum_steps == 0
-            sync = last_micro or env.world == 1
-            with (net.no_sync() if not sync and hasattr(net, 'no_sync') else contextlib.nullcontext()), autocast(env):
+            last_micro = (i + 1) % cfg.accum_steps == 0   # gradients are all-reduced on the last one only
+            with (ddp.no_sync() if ddp and not last_micro else contextlib.nullcontext()), autocast(env):
                 loss, parts = loss_fn(net, x, y)
                 scaler.scale(loss / cfg.accum_steps).backward()
             for k, v in parts.items():   # stays on the device: no host sync per step

@@ -72,7 +72,6 @@ class Attention(nn.Module):
         keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)).
         Returns (out (B, N, D), kept dict).
         """
-        B, N, D = x.shape
         if self.own_qk:
             qkv = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
             own_q, own_k, own_v = qkv.unbind(0)            # each (B, H, N, d)
