@@ -81,7 +81,7 @@ def copy_loss(cfg, teacher, layers, heads):
 
 def main():
     cfg, env, data = start(CopyConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
     student = build_student(cfg, teacher, data[2], layers, no_qk=cfg.transfer == 'attn' and heads is None)

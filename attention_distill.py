@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
-from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
+from teacher import TransferConfig, build_student, load_teacher, teacher_record
 
 
 @dataclass
@@ -47,31 +47,64 @@ def attention_cross_entropy(teacher_logits, student_logits):
     return -(p * student_logits.float().log_softmax(-1)).sum(-1).mean()
 
 
+class FusedAttentionCrossEntropy(torch.autograd.Function):
+    """attention_cross_entropy(t, s) with its gradient made in the forward pass.
+
+    d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the forward keeps just
+    softmax(s) - softmax(t), one (B, H, N, N) tensor in the student's dtype, where autograd would keep two
+    fp32 ones (softmax(t) and log_softmax(s)) and redo the arithmetic in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_logits, student_logits):
+        p = teacher_logits.float().softmax(-1)
+        log_q = student_logits.float().log_softmax(-1)
+        ctx.save_for_backward((log_q.exp() - p).to(student_logits.dtype))
+        ctx.count = p.numel() // p.shape[-1]         # B * H * N rows averaged over
+        return -(p * log_q).sum(-1).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        diff, = ctx.saved_tensors   # scaled in fp32: fp16 could not hold diff / count, nor a GradScaler's scale
+        return None, (diff.float() * (grad_loss / ctx.count)).to(diff.dtype)
+
+
 def distill_loss(own, target, transfer, heads=None):
     """Attention loss of one layer: cross-entropy of maps, or MSE of q / k / v (B, H, N, *)."""
     if heads is not None:
         own, target = own[:, heads], target[:, heads]
     if transfer == 'attn':
-        return attention_cross_entropy(target, own)
+        return FusedAttentionCrossEntropy.apply(target, own)
     return F.mse_loss(own.float(), target.float())
 
 
 def distill_loss_fn(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.fit: CE + weight x attention loss, logged apart."""
+    """loss_fn(net, images, targets) for engine.fit: CE + weight x attention loss, logged apart.
+
+    Teacher and student run interleaved: the student's layer i hands its logits to layer_loss, which
+    runs the teacher up to its layer i, so one layer's pair of maps is alive at a time, never all of them.
+    """
     name = 'logits' if cfg.transfer == 'attn' else cfg.transfer
 
     def loss_fn(net, x, y):
-        target = teacher_outputs(teacher, x, layers, cfg.transfer)        # the teacher stops at max(layers)
-        logits, kept = net(x, keep={i: (name,) for i in layers})
+        targets = teacher.iter_attention(x, layers, name)       # the teacher stops at max(layers)
+
+        def layer_loss(i, kept):
+            with torch.no_grad():
+                j, target = next(targets)
+            assert i == j, (i, j)
+            return distill_loss(kept[name], target, cfg.transfer, heads)
+
+        logits, losses = net(x, keep={i: (name,) for i in layers}, consume=layer_loss)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
-        attn = sum(distill_loss(kept[i][name], target[i], cfg.transfer, heads) for i in layers)
+        attn = sum(losses.values())
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
 
 
 def main():
     cfg, env, data = start(DistillConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher, data[2], layers)
     log(env, cfg, f'attention distillation: {cfg.transfer} of layers {layers} (heads {heads or "all"}) '

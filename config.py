@@ -18,6 +18,7 @@ class TrainConfig:
     """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
     data: str = 'fashion-mnist'     # cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
     data_dir: str = './data'
+    val_size: int = 0               # hold out this many training images and evaluate on them, not on test
     out_dir: str = 'runs/default'   # run directory: config, log, metrics, checkpoint
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     # model (vit.py's sizes; None keeps the size's own value)

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -120,11 +120,39 @@ def batch_mixer(cfg, num_classes):
 # -----------------------------------------------------------------------------
 # Datasets and loaders
 
-def build_dataset(cfg, train):
-    """Returns (dataset, num_classes). Raises DataError with the fix when data is missing."""
+def build_splits(cfg):
+    """(train_set, eval_set, num_classes): the eval set is the test split, or with --val-size n, n
+    training images held out from training (see build_eval_set)."""
+    train_set, num_classes = build_dataset(cfg, train=True)
+    if cfg.val_size:
+        train_set = Subset(train_set, held_out_order(cfg, len(train_set))[cfg.val_size:])
+    return train_set, build_eval_set(cfg)[0], num_classes
+
+
+def build_eval_set(cfg):
+    """(dataset, num_classes): the test split; with --val-size n, n training images (the same ones for
+    every seed and script) seen with the evaluation transform: the split to make choices on, so that
+    the test split is looked at once, at the end."""
+    if not cfg.val_size:
+        return build_dataset(cfg, train=False)
+    images, num_classes = build_dataset(cfg, train=True, transform=build_transform(cfg, train=False))
+    return Subset(images, held_out_order(cfg, len(images))[:cfg.val_size]), num_classes
+
+
+def held_out_order(cfg, n):
+    """A fixed permutation of the n training images; its first cfg.val_size are held out."""
+    if not 0 < cfg.val_size < n:
+        raise DataError(f'--val-size {cfg.val_size}: the training split has {n} images; hold out fewer '
+                        f'(e.g. {n // 12})')
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def build_dataset(cfg, train, transform=None):
+    """Returns (dataset, num_classes). Raises DataError with the fix when data is missing.
+    train: which split; its transform too unless `transform` is given."""
     if cfg.data not in INFO:
         raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
-    tf, root = build_transform(cfg, train), os.path.expanduser(cfg.data_dir)
+    tf, root = transform or build_transform(cfg, train), os.path.expanduser(cfg.data_dir)
     if cfg.data == 'fashion-mnist':
         return fashion_mnist(root, train, tf), 10
     if cfg.data == 'fake':

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from config import ConfigError, parse_config
-from data import batch_mixer, build_dataset, build_loader
+from data import batch_mixer, build_loader, build_splits
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -51,9 +51,10 @@ def start(cls, presets):
     """What every script does first: parse its config, set up, load the train and eval splits."""
     cfg = parse_config(cls, presets)
     env = setup(cfg)
-    train_set, num_classes = build_dataset(cfg, train=True)
-    eval_set, _ = build_dataset(cfg, train=False)
-    return cfg, env, (train_set, eval_set, num_classes)
+    data = build_splits(cfg)
+    if cfg.val_size:
+        log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
+    return cfg, env, data
 
 
 def amp_dtype(amp, device):

@@ -26,7 +26,7 @@ import torch
 from attention_copy import load_copy_model
 from checkpoints import arch_of, load_weights, read_checkpoint
 from config import ConfigError, parse_config
-from data import build_dataset, build_loader
+from data import build_eval_set, build_loader
 from engine import amp_dtype, autocast, run_main
 from vit import VisionTransformer
 
@@ -38,6 +38,7 @@ from vit import VisionTransformer
 class EnsembleConfig:
     data: str = 'fashion-mnist'     # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
     data_dir: str = './data'
+    val_size: int = 0               # evaluate on this many held-out training images instead (as the scripts' flag)
     models: list[str] = field(default_factory=list)     # checkpoint files or names: --models a.pt b.pt
     weights: list[float] = field(default_factory=list)  # one weight per model; none = equal weights
     out: str = ''                   # also write the results here as JSON
@@ -166,7 +167,7 @@ def main():
     if cfg.img_size and cfg.img_size != img_size:
         raise ConfigError(f'--img-size {cfg.img_size}: the models take {img_size}')
     cfg.img_size = img_size
-    test_set, num_classes = build_dataset(cfg, train=False)
+    test_set, num_classes = build_eval_set(cfg)
     for s, c in zip(sources, classes):
         if c != num_classes:
             raise ConfigError(f'{s} predicts {c} classes; --data {cfg.data} has {num_classes}')
@@ -174,7 +175,8 @@ def main():
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), env)
 
     results = summarise(sources, weights, logits, labels)
-    print(f'{cfg.data} test split, {len(labels)} images at {img_size}x{img_size}, on {device}\n')
+    split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
+    print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size}, on {device}\n')
     print(format_table(results))
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)

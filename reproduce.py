@@ -41,6 +41,8 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae)
     quick: bool = False             # 1 seed, 100 steps a stage: checks the pipeline, is not a result
+    val_size: int = 0               # every stage evaluates on this many held-out training images, not on
+                                    # test: the split to choose a budget on; dirs get a -val suffix
     out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick]
     results_dir: str = ''           # RESULTS.md, results.json, results.png; empty = results/<data>[-quick]
     mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
@@ -100,6 +102,7 @@ def stage_command(cfg, stage, seed, root, teacher, resume=False):
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
     args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
     args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
+    args += ['--val-size', cfg.val_size] if cfg.val_size else []
     epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
     train = ['--out-dir', d, '--epochs', epochs, '--warmup-epochs', epochs / 10, '--max-steps', cfg.max_steps]
     models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt') for s in ('finetune', 'distill')]
@@ -214,7 +217,7 @@ def table(s):
     return '\n'.join(rows)
 
 
-def plot(s, path):
+def plot(s, path, split='test'):
     """Left: final top-1 per method, mean ± std over seeds. Right: test top-1 per epoch, mean over seeds."""
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     fig = Figure(figsize=(11, 4), layout='constrained')
@@ -224,10 +227,10 @@ def plot(s, path):
     left.bar_label(left.bar(STAGES, means, yerr=stds, capsize=4, color=[f'C{i}' for i in range(5)]), fmt='%.2f')
     lo, hi = min(a - b for a, b in zip(means, stds)), max(a + b for a, b in zip(means, stds))
     left.set_ylim(max(0.0, lo - (hi - lo) - 1), min(100.0, hi + 0.3 * (hi - lo) + 1))   # show the differences
-    left.set(ylabel='test top-1 (%), final epoch', title=f"mean ± std over {len(ms[0]['top1'])} seed(s)")
+    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f"mean ± std over {len(ms[0]['top1'])} seed(s)")
     for i, (m, r) in enumerate(zip(STAGES[:4], ms)):
         right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
-    right.set(xlabel='epoch', ylabel='test top-1 (%)', title='during training (mean over seeds)')
+    right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -240,19 +243,21 @@ def report(cfg, s, runs, root, prov):
                f"{mae[0]['metrics']['mse']:.4f}, {mae[0]['wall_s'] / 60:.1f} min)" if mae else f'`{cfg.teacher}`')
     quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
     steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
+    split = (f'top-1 on {cfg.val_size} training images held out from every stage (--val-size), never the test\n'
+             f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
 {quick}
 Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split for
 {cfg.epochs} epoch(s){steps}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
-Each number is the test top-1 after the final epoch of its run (the ensemble: of the two final models),
+Each number is the {split} after the final epoch of its run (the ensemble: of the two final models),
 never the best epoch's; nothing was chosen by looking at the test split.
 
 {table(s)}
 
 - *gap closed*: (method − scratch) / (fine-tune − scratch), on the means; not meaningful when fine-tuning
   does not beat scratch.
-- *disagreement*: how often the fine-tuned and the distilled model's top-1 predictions differ on the test
-  split (per seed: {', '.join(f'{d:.2f}%' for d in s['disagreement_pct'])}).
+- *disagreement*: how often the fine-tuned and the distilled model's top-1 predictions differ on the
+  evaluated images (per seed: {', '.join(f'{d:.2f}%' for d in s['disagreement_pct'])}).
 - *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
 - *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
   stages {sum(r['wall_s'] for r in runs) / 60:.1f} min.
@@ -274,8 +279,9 @@ never the best epoch's; nothing was chosen by looking at the test split.
 
 def main():
     cfg = parse()
-    root = cfg.out_dir or os.path.join('runs', 'reproduce', cfg.data + '-quick' * cfg.quick)
-    results_dir = cfg.results_dir or os.path.join('results', cfg.data + '-quick' * cfg.quick)
+    name = cfg.data + '-quick' * cfg.quick + '-val' * bool(cfg.val_size)
+    root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
+    results_dir = cfg.results_dir or os.path.join('results', name)
     git = [subprocess.run(['git', *a], capture_output=True, text=True, cwd=HERE).stdout.strip()
            for a in (['rev-parse', 'HEAD'], ['status', '--porcelain', '--', '*.py'])]
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
@@ -291,7 +297,7 @@ def main():
     Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov))
     Path(results_dir, 'results.json').write_text(json.dumps({**prov, 'config': asdict(cfg), 'teacher': teacher,
                                                              'summary': s, 'stages': runs, 'paper': PAPER}, indent=2))
-    plot(s, os.path.join(results_dir, 'results.png'))
+    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
     print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png')
 
 

@@ -45,8 +45,9 @@ def parse_index(spec, n, what):
     return sorted(out)
 
 
-def load_teacher(cfg, device):
-    """The frozen teacher, resized to cfg.img_size, and the transferred layers and heads."""
+def load_teacher(cfg, device, dtype=None):
+    """The frozen teacher, resized to cfg.img_size, and the transferred layers and heads.
+    dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
     if not cfg.teacher:
         raise ConfigError('--teacher is required: a checkpoint (e.g. runs/finetune/checkpoint.pt from '
                           'finetune.py or mae_pretrain.py) or a name such as mae_vit_large')
@@ -54,9 +55,25 @@ def load_teacher(cfg, device):
         raise ConfigError(f"--transfer must be one of {', '.join(WHAT)}, not '{cfg.transfer}'")
     teacher = build_from_checkpoint(cfg.teacher, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
     teacher.requires_grad_(False).eval().to(device)
+    if dtype is not None:
+        cast_matmul_weights(teacher, dtype)
     layers = parse_index(cfg.layers, teacher.depth, 'layers')
     heads = parse_index(cfg.heads, teacher.num_heads, 'heads')
     return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
+
+
+def cast_matmul_weights(model, dtype):
+    """Store a frozen model's linear and convolution weights in the autocast dtype, once.
+
+    Autocast casts every such weight to `dtype` on every forward pass, unless it is a parameter that
+    requires grad (those casts are cached). A frozen teacher would be re-cast on each step (ViT-L:
+    300M numbers); stored cast, it computes exactly the same numbers under autocast. Norms, tokens and
+    position embeddings stay fp32, as autocast keeps them. Run it under autocast only.
+    """
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(dtype)
+    return model
 
 
 def build_student(cfg, teacher, num_classes, layers, no_qk=False):

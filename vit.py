@@ -8,8 +8,10 @@ without renaming. Transfer works by passing tensors (never mode strings):
     maps = teacher.attention(x, layers=[0, 1, 2])        # {i: (B, H, N, N) pre-softmax logits}
     y = student(x, inject={i: {'attn': m.softmax(-1)} for i, m in maps.items()})   # attention copy
     y, kept = student(x, keep={0: ('logits',), 1: ('logits',)})   # distillation: own logits out
+    y, losses = student(x, keep=..., consume=lambda i, k: loss(k['logits'], ...))  # used, then freed
 
-A layer that is given nothing and asked for nothing runs F.scaled_dot_product_attention.
+A layer that is given nothing and asked for nothing runs F.scaled_dot_product_attention on CUDA,
+explicit attention on CPUs, where that measured faster (Attention.fused; benchmark.py).
 Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
 """
 import inspect
@@ -72,12 +74,7 @@ class Attention(nn.Module):
         keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)).
         Returns (out (B, N, D), kept dict).
         """
-        if self.own_qk:
-            qkv = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
-            own_q, own_k, own_v = qkv.unbind(0)            # each (B, H, N, d)
-        else:
-            own_q = own_k = None
-            own_v = rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        own_q, own_k, own_v = self.project(x)
         if not self.own_qk and (attn is None or heads is not None):
             raise ValueError('a layer without q/k projections needs the full attention map')
         q, k, v = (_put(own, new, heads) for own, new in ((own_q, q), (own_k, k), (own_v, v)))
@@ -95,6 +92,18 @@ class Attention(nn.Module):
         kept.update({n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep})
         out = rearrange(out, 'b h n d -> b n (h d)')
         return self.proj(out), kept
+
+
+    def project(self, x):
+        """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
+        if self.own_qk:
+            return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads).unbind(0)
+        return None, None, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+
+    def internal(self, x, what):
+        """Only what it takes to make 'logits' (B, H, N, N) or 'q', 'k', 'v' (B, H, N, d) from x."""
+        q, k, v = self.project(x)
+        return (q * self.scale) @ k.transpose(-2, -1) if what == 'logits' else {'q': q, 'k': k, 'v': v}[what]
 
 
 def _put(own, given, heads):
@@ -175,20 +184,25 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward_tokens(self, x, inject=None, keep=None, depth=None):
-        """Patchify and run the first `depth` blocks (default all).
-        inject: {layer: {'attn' | 'q' | 'k' | 'v' | 'heads': tensor}} given to that layer.
-        keep: {layer: names} of tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
-        """
-        inject, keep = inject or {}, keep or {}
+    def embed(self, x):
+        """(B, C, H, W) images -> (B, 1 + N, D) tokens: patches, class token, position embeddings."""
         x = self.patch_embed(x)                                       # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed               # (B, 1 + N, D)
-        kept = {}
+        return torch.cat([cls, x], dim=1) + self.pos_embed            # (B, 1 + N, D)
+
+    def forward_tokens(self, x, inject=None, keep=None, depth=None, consume=None):
+        """Embed and run the first `depth` blocks (default all).
+        inject: {layer: {'attn' | 'q' | 'k' | 'v' | 'heads': tensor}} given to that layer.
+        keep: {layer: names} of tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
+        consume(layer, dict) -> value: called as soon as a layer with `keep` has run; its value is
+        handed back instead, so the layer's tensors can be freed then (a distillation loss term).
+        """
+        inject, keep = inject or {}, keep or {}
+        x, kept = self.embed(x), {}
         for i, block in enumerate(self.blocks[:depth]):
             x, kept_i = block(x, keep=keep.get(i, ()), **inject.get(i, {}))
             if kept_i:
-                kept[i] = kept_i
+                kept[i] = consume(i, kept_i) if consume else kept_i
         return x, kept
 
     def forward_head(self, x):
@@ -198,18 +212,29 @@ class VisionTransformer(nn.Module):
             x = self.norm(x)[:, 0]                                    # (B, D) class token
         return self.head(x)
 
-    def forward(self, x, inject=None, keep=None):
-        """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
-        tokens, kept = self.forward_tokens(x, inject, keep)
+    def forward(self, x, inject=None, keep=None, consume=None):
+        """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}} (or
+        {layer: consume's value})."""
+        tokens, kept = self.forward_tokens(x, inject, keep, consume=consume)
         logits = self.forward_head(tokens)
         return (logits, kept) if keep else logits
 
     def attention(self, x, layers, what='logits'):
         """{layer: tensor} for the given layers, running no block after the last of them.
         what: 'logits' (B, H, N, N) pre-softmax attention, or 'q', 'k', 'v' (B, H, N, d)."""
-        layers = sorted(layers)
-        _, kept = self.forward_tokens(x, keep={i: (what,) for i in layers}, depth=layers[-1] + 1)
-        return {i: kept[i][what] for i in layers}
+        return dict(self.iter_attention(x, layers, what))
+
+    def iter_attention(self, x, layers, what='logits'):
+        """attention(), lazily: yields (layer, tensor) in order, running each block only when the next
+        tensor is asked for, so a student can use layer i's before the teacher runs layer i + 1."""
+        *before, last = sorted(layers)
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks[:last]):
+            x, kept = block(x, keep=(what,) if i in before else ())
+            if kept:
+                yield i, kept[what]
+        block = self.blocks[last]     # of the last block, only its norm and projections run
+        yield last, block.attn.internal(block.norm1(x), what)
 
     def set_fused_attention(self, fused):
         for block in self.blocks:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import FASHION_MNIST_SYSTEM_DIR, DataError, ResumableSampler, batch_mixer, build_dataset, read_idx
+from data import (FASHION_MNIST_SYSTEM_DIR, DataError, ResumableSampler, batch_mixer, build_dataset, build_eval_set,
+                  build_splits, read_idx)
 from finetune import PRESETS, FinetuneConfig
 
 
@@ -65,6 +66,22 @@ def test_image_folder_and_missing_split(tmp_path):
         build_dataset(config(data='imagenet', data_dir=str(tmp_path / 'nowhere')), train=True)
     with pytest.raises(DataError, match='unknown --data'):
         build_dataset(config(data='mnist'), train=True)
+
+
+def test_val_size_holds_out_training_images_with_the_eval_transform():
+    cfg = config(data='fake', fake_size=100, val_size=10, hflip=1.0)
+    train, val, n = build_splits(cfg)
+    assert (len(train), len(val), n) == (90, 10, 10)
+    assert not set(train.indices) & set(val.indices)
+    assert build_splits(config(data='fake', fake_size=100, val_size=10, seed=5))[1].indices == val.indices   # one split for all
+    assert build_eval_set(cfg)[0].indices == val.indices
+    full_eval, _ = build_dataset(cfg, train=True, transform=build_dataset(cfg, train=False)[0].transform)
+    i = val.indices[0]
+    assert torch.equal(val[0][0], full_eval[i][0])          # no flip: the evaluation transform
+    assert not torch.equal(train.dataset[i][0], val[0][0])  # the training transform flips every image
+    assert len(build_splits(config(data='fake', fake_size=100))[1]) == 64   # no --val-size: the test split
+    with pytest.raises(DataError, match='hold out fewer'):
+        build_splits(config(data='fake', fake_size=100, val_size=100))
 
 
 def test_train_transform_is_random_eval_is_not():

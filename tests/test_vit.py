@@ -119,11 +119,26 @@ def test_attention_logits_and_early_stop():
     ran = blocks_run(m)
     x = torch.randn(2, 3, 32, 32)
     maps = m.attention(x, layers=[1, 0])
-    assert sorted(maps) == [0, 1] and ran == [0, 1]                        # block 2 never ran
+    assert sorted(maps) == [0, 1] and ran == [0]      # block 1 ran only its norm and q/k, block 2 nothing
     assert maps[0].shape == (2, 4, 17, 17)
     # logits are q k^T / sqrt(d) of the layer's own q and k
     q, k = m.attention(x, [0], 'q')[0], m.attention(x, [0], 'k')[0]
     assert torch.allclose(maps[0], q @ k.transpose(-2, -1) / 4.0, atol=1e-5)
+
+
+def test_attention_of_the_last_layer_skips_the_rest_of_its_block():
+    torch.manual_seed(0)
+    m = VisionTransformer(**SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ran = []
+    hook = m.blocks[1].mlp.register_forward_hook(lambda *a: ran.append('mlp'))
+    maps = {what: m.attention(x, [0, 1], what) for what in ('logits', 'q', 'k', 'v')}
+    assert ran == []
+    hook.remove()
+    _, kept = m(x, keep={0: ('logits', 'q', 'k', 'v'), 1: ('logits', 'q', 'k', 'v')})
+    for what, by_layer in maps.items():
+        for i in (0, 1):
+            assert torch.equal(by_layer[i], kept[i][what]), (what, i)
 
 
 def test_injected_own_maps_reproduce_the_model():
