@@ -5,8 +5,11 @@ import os
 
 import pytest
 
-from config import ConfigError
+from config import ConfigError, parse_config
 from conftest import TINY, read_metrics, run_script
+from ensemble import EnsembleConfig
+from finetune import FinetuneConfig
+from mae_pretrain import MAEConfig
 from reproduce import LABELS, STAGES, format_gap, gap_closed, mean_std, parse, plan_stage, run_dir, stage_command
 
 # -----------------------------------------------------------------------------
@@ -65,6 +68,13 @@ def test_stage_commands(tmp_path):
     i = ens.index('--models')
     assert ens[i + 1:i + 3] == [os.path.join(root, s, 'seed2', 'checkpoint.pt') for s in ('finetune', 'distill')]
     assert ens[ens.index('--out') + 1] == os.path.join(root, 'ensemble', 'seed2', 'ensemble.json')
+    # --val-size: every stage, the ensemble included, evaluates on the same held-out training images
+    val = parse([*TINY, '--val-size', '64'])
+    for stage in ['mae', *STAGES]:
+        c = stage_command(val, stage, 0, root, 't.pt')
+        assert c[c.index('--val-size') + 1] == '64', stage
+    for cls in (EnsembleConfig, MAEConfig, FinetuneConfig):
+        assert parse_config(cls, {}, ['--val-size', '64']).val_size == 64
 
 
 def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused(tmp_path):
