@@ -36,10 +36,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
-from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn
+from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from config import TrainConfig, parse_config
 from engine import amp_dtype, autocast, build_optimizer, run_main, soft_cross_entropy
-from teacher import cast_matmul_weights
+from teacher import cast_matmul_weights, teacher_outputs
 from vit import VisionTransformer, model_arch
 
 
@@ -56,6 +56,7 @@ class BenchConfig:
     warmup: int = 1                 # untimed rounds before them
     distill_frac: float = 0.75      # distil the first 3/4 of the layers (the paper: 18 of 24); copy copies all
     compile: bool = False           # also time the default training steps under torch.compile
+    profile: list[str] = field(default_factory=list)   # methods whose default step torch.profiler breaks down
     threads: int = 0                # torch threads; 0 = torch's default
     gemm_size: int = 4096           # square matmul that measures the GEMM peak
     quick: bool = False             # tiny model, 2 steps, no warm-up: checks that everything runs
@@ -64,51 +65,80 @@ class BenchConfig:
 
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='results/benchmark-quick')
-METHODS = {'train': ('default', 'naive'),                 # a plain ViT step: scratch or fine-tuning
-           'copy': ('default', 'naive', 'naive-bf16'),
-           'distill': ('default', 'naive', 'naive-bf16'),
-           'eval-distill': ('default', 'naive'),           # the distilled student alone
-           'eval-copy': ('default', 'naive')}              # the copy student with its teacher
+METHODS = {   # paths between default and naive drop one optimisation each, to show what it is worth
+    'train': ('default', 'naive', 'naive-bf16'),           # a plain ViT step: scratch or fine-tuning
+    'copy': ('default', 'qk-computed', 'uncast-teacher', 'naive', 'naive-bf16'),
+    'distill': ('default', 'all-maps-first', 'autograd-loss', 'uncast-teacher', 'naive', 'naive-bf16'),
+    'eval-distill': ('default', 'naive'),                  # the distilled student alone
+    'eval-copy': ('default', 'naive')}                     # the copy student with its teacher
+PATHS = {'default': 'what the scripts run',
+         'naive': "the authors' release: fp32, full-depth teacher with drop-path, all maps kept, autograd "
+                  "loss, q/k computed in copy students, for-loop AdamW",
+         'naive-bf16': 'naive under bf16 autocast',
+         'qk-computed': 'default, but the copy student computes q, k and its own softmax, then overwrites them',
+         'uncast-teacher': "default, but the teacher's weights stay fp32 (autocast re-casts them every step)",
+         'all-maps-first': "default, but all the teacher's maps first, then the student's (not layer by layer)",
+         'autograd-loss': 'all-maps-first, and the attention loss differentiated by autograd (not fused)',
+         'compile': 'default under torch.compile'}
 TRAINED = ('train', 'copy', 'distill')
 # the recipes' stochastic depth (fine-tuning, copy, distillation) and label smoothing
 DROP_PATH = {'train': 0.1, 'copy': 0.0, 'distill': 0.2}
 SMOOTHING = 0.1
 
 # -----------------------------------------------------------------------------
-# The naive path: the same models, run the way the authors' release runs them
+# The naive path: the same models, run the way the authors' release runs them, and steps between
 
 
-def naive_teacher(teacher, x, layers, drop_path):
-    """All blocks and the head, in train mode with drop-path masks, every requested map kept."""
-    set_drop_path(teacher.train(), drop_path)
-    with torch.no_grad():
-        tokens, kept = teacher.forward_tokens(x, keep={i: ('logits',) for i in layers})
-        teacher.forward_head(tokens)
-    return {i: kept[i]['logits'] for i in layers}
+def naive_teacher(teacher, layers, drop_path):
+    """maps(x): all blocks and the head, in train mode with drop-path masks, every requested map kept."""
+    def maps(x):
+        set_drop_path(teacher.train(), drop_path)
+        with torch.no_grad():
+            tokens, kept = teacher.forward_tokens(x, keep={i: ('logits',) for i in layers})
+            teacher.forward_head(tokens)
+        return {i: kept[i]['logits'] for i in layers}
+    return maps
+
+
+def fast_teacher(teacher, layers):
+    """maps(x) as the scripts get them: the teacher stops inside its last transferred layer."""
+    return lambda x: teacher_outputs(teacher, x, layers, 'attn')
+
+
+def maps_first_distill_loss(maps, ce, weight=3.0):
+    """All the teacher's maps, then all the student's (kept), then compared by ce(teacher, student)."""
+    def loss_fn(net, x, y):
+        target = maps(x)
+        logits, kept = net(x, keep={i: ('logits',) for i in target})
+        attn = sum(ce(target[i], kept[i]['logits']) for i in target)
+        ce_cls = soft_cross_entropy(logits, y, SMOOTHING)
+        return ce_cls + weight * attn, {'ce': ce_cls.detach(), 'attn': attn.detach()}
+    return loss_fn
 
 
 def naive_distill_loss(teacher, layers, weight=3.0, drop_path=DROP_PATH['distill']):
-    def loss_fn(net, x, y):
-        target = naive_teacher(teacher, x, layers, drop_path)
-        logits, kept = net(x, keep={i: ('logits',) for i in layers})
-        attn = sum(attention_cross_entropy(target[i], kept[i]['logits']) for i in layers)
-        ce = soft_cross_entropy(logits, y, SMOOTHING)
-        return ce + weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
-    return loss_fn
+    return maps_first_distill_loss(naive_teacher(teacher, layers, drop_path), attention_cross_entropy, weight)
+
+
+def qk_copy_forward(maps, student, x):
+    """Listing every head makes the student compute its own q, k and softmax, then overwrite them."""
+    heads = list(range(student.num_heads))
+    return student(x, inject={i: {'attn': m.softmax(-1), 'heads': heads} for i, m in maps(x).items()})
 
 
 def naive_copy_forward(teacher, student, x, layers, drop_path=0.0):
-    """Listing every head makes the student compute its own q, k and softmax, then overwrite them."""
-    maps = naive_teacher(teacher, x, layers, drop_path)
-    heads = list(range(student.num_heads))
-    return student(x, inject={i: {'attn': m.softmax(-1), 'heads': heads} for i, m in maps.items()})
+    return qk_copy_forward(naive_teacher(teacher, layers, drop_path), student, x)
+
+
+def qk_copy_loss(maps):
+    def loss_fn(net, x, y):
+        loss = soft_cross_entropy(qk_copy_forward(maps, net, x), y, SMOOTHING)
+        return loss, {'ce': loss.detach()}
+    return loss_fn
 
 
 def naive_copy_loss(teacher, layers):
-    def loss_fn(net, x, y):
-        loss = soft_cross_entropy(naive_copy_forward(teacher, net, x, layers), y, SMOOTHING)
-        return loss, {'ce': loss.detach()}
-    return loss_fn
+    return qk_copy_loss(naive_teacher(teacher, layers, 0.0))
 
 
 def set_drop_path(model, rate):
@@ -145,6 +175,10 @@ class Parts:
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
         t = self.frozen(self.model(num_classes=0))
         return cast_matmul_weights(t, self.dtype) if self.dtype else t
+
+    @cached_property
+    def uncast_teacher(self):     # fp32 weights, eval mode
+        return self.frozen(self.model(num_classes=0))
 
     @cached_property
     def student(self):
@@ -196,18 +230,24 @@ class Parts:
                 with grad_mode(), autocast(env):
                     forward(x)
             return run
-        student = self.copy_student if method == 'copy' and not naive else self.student
+        student = self.copy_student if method == 'copy' and path != 'qk-computed' and not naive else self.student
         opt = self.opt_copy if student is self.copy_student else self.opt_naive if naive else self.opt_fused
-        teacher = self.teacher if naive else self.fast_teacher
+        teacher = self.teacher if naive else self.uncast_teacher if path == 'uncast-teacher' else self.fast_teacher
+        layers = self.copied if method == 'copy' else self.distilled
         if method == 'train':
             def loss_fn(net, x, y):
                 return soft_cross_entropy(net(x), y, SMOOTHING), {}
         elif method == 'copy':
-            loss_fn = naive_copy_loss(teacher, self.copied) if naive else \
-                copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, self.copied, None)
+            loss_fn = naive_copy_loss(teacher, layers) if naive else \
+                qk_copy_loss(fast_teacher(teacher, layers)) if path == 'qk-computed' else \
+                copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
+        elif naive:
+            loss_fn = naive_distill_loss(teacher, layers)
+        elif path in ('all-maps-first', 'autograd-loss'):
+            ce = FusedAttentionCrossEntropy.apply if path == 'all-maps-first' else attention_cross_entropy
+            loss_fn = maps_first_distill_loss(fast_teacher(teacher, layers), ce)
         else:
-            loss_fn = naive_distill_loss(teacher, self.distilled) if naive else \
-                distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, self.distilled, None)
+            loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None)
         net = torch.compile(student) if path == 'compile' else student
 
         def run():
@@ -245,6 +285,17 @@ def count_flops(run):
     with FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops()
+
+
+def profile(run, path, device):
+    """Where one step's time goes: torch.profiler's table of operators by their own time."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        sync(device)
+    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    with open(path, 'w') as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
 def rss_mb():
@@ -334,6 +385,8 @@ def markdown(result):
         lines.append(f"| {r['model']} | {r['method']} | {r['path']} | {r['img_s']:.2f} | {f(ratio, '.2f')}"
                      f"{'x' if ratio else ''} | {r['flops'] / 1e9:.1f} | {f(r['peak_fraction'] and 100 * r['peak_fraction'], '.0f')} | "
                      f"{f(r.get('peak_mb'), '.0f')} | {f(r.get('step_mb'), '.0f')} |")
+    lines += ['', 'Paths:', ''] + [f'- `{p}`: {what}' for p, what in PATHS.items()
+                                   if any(r['path'] == p for r in rows)]
     lines += ['', '## Targets', '', '| model | target | got | met |', '|---|---|---:|---|']
     lines += [f"| {t['model']} | {t['target']} | {t['got']} | {'yes' if t['met'] else '**no**'} |" for t in result['targets']]
     return '\n'.join(lines) + '\n'
@@ -358,7 +411,11 @@ def main():
         cases = [(m, p) for m, paths in METHODS.items() for p in paths]
         cases += [(m, 'compile') for m in TRAINED] if cfg.compile else []
         steps = {c: parts.step(*c) for c in cases}
-        flops = {c: count_flops(run) for c, run in steps.items()}   # also a first, untimed step
+        flops = {c: count_flops(run) for c, run in steps.items() if c[1] != 'compile'}   # also a first step
+        flops.update({(m, 'compile'): flops[m, 'default'] for m, p in cases if p == 'compile'})
+        for m in cfg.profile:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            profile(steps[m, 'default'], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
         times = {c: [] for c in cases}
         for r in range(cfg.warmup + cfg.rounds):
             for c, run in steps.items():       # interleaved: A B C, A B C, ...
@@ -375,7 +432,8 @@ def main():
             row = {'model': size, 'method': method, 'path': path, 'img_s': cfg.batch_size / step_s, 'step_s': step_s,
                    'step_times': ts, 'flops': flops[method, path], 'precision': prec,
                    'peak_fraction': flops[method, path] / step_s / peak[prec] if prec in peak else None}
-            if cfg.memory_batch_size and method in TRAINED and path != 'compile':
+            if cfg.memory_batch_size and method in TRAINED and path != 'compile' and \
+                    (not cfg.quick or (method, path) in (('distill', 'default'), ('distill', 'naive'))):
                 row['peak_mb'], before = in_fresh_process(peak_memory, cfg, size, method, path)
                 row['step_mb'] = row['peak_mb'] - before
             rows.append(row)

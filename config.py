@@ -104,7 +104,7 @@ def parse_config(cls, presets=None, argv=None):
                        type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
                        metavar=_metavar(tp), help=f'(default: {defaults[f.name]})')
     given = vars(p.parse_args(argv))
-    preset = presets.get(given.get('data', defaults['data']), {})
+    preset = presets.get(given.get('data', defaults.get('data')), {})
     for k in preset:
         assert k in defaults, f'preset key {k} is not a config field'
     return cls(**{**defaults, **preset, **given})

@@ -134,7 +134,7 @@ def test_benchmark_quick_writes_its_files(tmp_path):
     assert all(r['img_s'] > 0 and r['flops'] > 0 for r in result['rows'])
     naive, fast = (next(r for r in result['rows'] if r['method'] == 'copy' and r['path'] == p) for p in ('naive', 'default'))
     assert naive['flops'] > fast['flops']        # the naive copy student computes q, k and its own maps
-    assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] in ('train', 'copy', 'distill'))
+    assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] == 'distill' and r['path'] in ('default', 'naive'))
     assert result['machine']['torch'] == torch.__version__ and result['targets']
     md = open(os.path.join(tmp_path, 'BENCHMARK.md')).read()
     assert '| vit_tiny | distill | default |' in md and '## Targets' in md
