@@ -22,7 +22,6 @@ Writes <out-dir>/benchmark.json and BENCHMARK.md (machine, torch, commit).
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -316,7 +315,13 @@ def peak_memory(cfg, size, method, path):
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, before
     before = rss_mb()
     run(), run()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, before
+    return peak_rss_mb(), before
+
+
+def peak_rss_mb():
+    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would count the parent's, kept across exec)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2 ** 10
 
 
 def in_fresh_process(fn, *args):
