@@ -2,7 +2,7 @@
 The paper's Table 1 in miniature: every method, several seeds, one command.
 
     python reproduce.py --data fashion-mnist --quick true  # 1 seed, 100 steps a stage: ~3 min on 2 CPU cores
-    python reproduce.py --data fashion-mnist               # 3 seeds: ~55 min on 2 CPU cores
+    python reproduce.py --data fashion-mnist               # 3 seeds: ~48 min on 2 CPU cores (measured)
     python reproduce.py --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
     python reproduce.py --data fashion-mnist --teacher runs/mae/checkpoint.pt --seeds 0 1 2 3 4
 
@@ -56,6 +56,7 @@ class ReproduceConfig:
 #   from scratch or fine-tuning ~89 s, copy or distill 1.3-1.5x (~134 s), a test evaluation ~6 s, a start
 #   ~5 s. A seed, 2 epochs a stage: 2 x (89 + 89 + 134 + 134) = 892 s + 8 evaluations 48 s + 5 starts and
 #   the ensemble 35 s = ~16 min; 3 seeds ~49 min, + MAE 10 x 30 s ~5.5 min: ~54 min (~51 at 1.3x).
+#   Measured (results/fashion-mnist/RESULTS.md): MAE 8.2 min, a seed ~13 min, all 47.6-49 min.
 #   --quick, 100 steps a stage: MAE (batch 256) ~15 s, then 19 + 19 + 28 + 28 s, + evaluations, starts and
 #   the ensemble ~80 s: ~3.2 min estimated; measured on an idle 2-core machine: 2 min 38 s.
 # cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
