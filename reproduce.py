@@ -58,7 +58,7 @@ class ReproduceConfig:
 #   the ensemble 35 s = ~16 min; 3 seeds ~49 min, + MAE 10 x 30 s ~5.5 min: ~54 min (~51 at 1.3x).
 #   Measured (results/fashion-mnist/RESULTS.md): MAE 8.2 min, a seed ~13 min, all 47.6-49 min.
 #   --quick, 100 steps a stage: MAE (batch 256) ~15 s, then 19 + 19 + 28 + 28 s, + evaluations, starts and
-#   the ensemble ~80 s: ~3.2 min estimated; measured on an idle 2-core machine: 2 min 38 s, and 2 min 52 s.
+#   the ensemble ~80 s: ~3.2 min estimated; measured on an idle 2-core machine: 2 min 38 s, 2 min 52 s.
 # cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
 #   (24 D^2 + 4 N D) x 9 x 65 = 0.55 GFLOP an image forward, x 3 to train: 82 TFLOP an epoch of 50k; the
 #   teacher adds ~35% to copy / distill. 3 seeds x 20 epochs x (1 + 1 + 1.35 + 1.35) = 23 PFLOP, MAE 50
