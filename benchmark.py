@@ -6,7 +6,7 @@ Speed and memory of every method's step on this device: our default path against
     python benchmark.py --compile true         # also the default training steps under torch.compile
     python benchmark.py --quick true           # a tiny model, 2 steps: checks that it all runs
 
-The naive path is this repository's code run the way the authors' release runs: fp32 (its autocast is
+The naive path (naive.py) is this repository's code run the way the authors' release runs: fp32 (its autocast is
 commented out), the teacher run through all its blocks and its head with drop-path masks, every
 layer's maps kept for a loss that autograd differentiates, copy students that compute their own q, k
 and softmax before the teacher's map replaces it, AdamW without fused or foreach kernels. `naive-bf16`
@@ -20,16 +20,15 @@ teacher included, against a GEMM peak measured here in the step's precision.
 Writes <out-dir>/benchmark.json and BENCHMARK.md (machine, torch, commit).
 """
 import json
+import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-import multiprocessing
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,8 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from config import ConfigError, TrainConfig, parse_config
-from engine import amp_dtype, autocast, build_optimizer, run_main, soft_cross_entropy
-from teacher import cast_matmul_weights, teacher_outputs
+from engine import amp_dtype, autocast, build_optimizer, git_commit, run_main, soft_cross_entropy
+from naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
+                   naive_copy_loss, naive_distill_loss, qk_copy_loss, set_drop_path)
+from teacher import cast_matmul_weights
 from vit import VisionTransformer, model_arch
 
 
@@ -83,70 +84,6 @@ class BenchConfig:
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='results/benchmark-quick')
 TRAINED = ('train', 'copy', 'distill')
-# the recipes' stochastic depth (fine-tuning, copy, distillation) and label smoothing
-DROP_PATH = {'train': 0.1, 'copy': 0.0, 'distill': 0.2}
-SMOOTHING = 0.1
-
-# -----------------------------------------------------------------------------
-# The naive path: the same models, run the way the authors' release runs them, and steps between
-
-
-def naive_teacher(teacher, layers, drop_path):
-    """maps(x): all blocks and the head, in train mode with drop-path masks, every requested map kept."""
-    def maps(x):
-        set_drop_path(teacher.train(), drop_path)
-        with torch.no_grad():
-            tokens, kept = teacher.forward_tokens(x, keep={i: ('logits',) for i in layers})
-            teacher.forward_head(tokens)
-        return {i: kept[i]['logits'] for i in layers}
-    return maps
-
-
-def fast_teacher(teacher, layers):
-    """maps(x) as the scripts get them: the teacher stops inside its last transferred layer."""
-    return lambda x: teacher_outputs(teacher, x, layers, 'attn')
-
-
-def maps_first_distill_loss(maps, ce, weight=3.0):
-    """All the teacher's maps, then all the student's (kept), then compared by ce(teacher, student)."""
-    def loss_fn(net, x, y):
-        target = maps(x)
-        logits, kept = net(x, keep={i: ('logits',) for i in target})
-        attn = sum(ce(target[i], kept[i]['logits']) for i in target)
-        ce_cls = soft_cross_entropy(logits, y, SMOOTHING)
-        return ce_cls + weight * attn, {'ce': ce_cls.detach(), 'attn': attn.detach()}
-    return loss_fn
-
-
-def naive_distill_loss(teacher, layers, weight=3.0, drop_path=DROP_PATH['distill']):
-    return maps_first_distill_loss(naive_teacher(teacher, layers, drop_path), attention_cross_entropy, weight)
-
-
-def qk_copy_forward(maps, student, x):
-    """Listing every head makes the student compute its own q, k and softmax, then overwrite them."""
-    heads = list(range(student.num_heads))
-    return student(x, inject={i: {'attn': m.softmax(-1), 'heads': heads} for i, m in maps(x).items()})
-
-
-def naive_copy_forward(teacher, student, x, layers, drop_path=0.0):
-    return qk_copy_forward(naive_teacher(teacher, layers, drop_path), student, x)
-
-
-def qk_copy_loss(maps):
-    def loss_fn(net, x, y):
-        loss = soft_cross_entropy(qk_copy_forward(maps, net, x), y, SMOOTHING)
-        return loss, {'ce': loss.detach()}
-    return loss_fn
-
-
-def naive_copy_loss(teacher, layers):
-    return qk_copy_loss(naive_teacher(teacher, layers, 0.0))
-
-
-def set_drop_path(model, rate):
-    for i, block in enumerate(model.blocks):   # linear in depth, as VisionTransformer sets it
-        block.drop_path = rate * i / max(model.depth - 1, 1)
-    return model
 
 # -----------------------------------------------------------------------------
 # One model size: its models and optimisers, built once and shared by its cases
@@ -300,9 +237,10 @@ def profile(run, path, device):
         f.write(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
-def rss_mb():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+def proc_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
 
 
 def peak_memory(cfg, size, method, path):
@@ -318,15 +256,10 @@ def peak_memory(cfg, size, method, path):
         torch.cuda.reset_peak_memory_stats(device)
         run(), run()
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, before
-    before = rss_mb()
+    before = proc_mb('VmRSS')
     run(), run()
-    return peak_rss_mb(), before
+    return proc_mb('VmHWM'), before
 
-
-def peak_rss_mb():
-    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would count the parent's, kept across exec)."""
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2 ** 10
 
 
 def in_fresh_process(fn, *args):
@@ -337,11 +270,9 @@ def in_fresh_process(fn, *args):
 def machine(device):
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
                platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
             'cpus': os.cpu_count(), 'threads': torch.get_num_threads(), 'platform': platform.platform(),
-            'torch': torch.__version__, 'commit': commit, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+            'torch': torch.__version__, 'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
 # -----------------------------------------------------------------------------
 # Report

@@ -170,12 +170,17 @@ def prepare_run_dir(cfg):
 def write_provenance(cfg, env):
     """config.json of a new run: every field, the git commit, world size, torch version, command."""
     if env.main and not cfg.resume:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = git_commit()
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump({**asdict(cfg), 'git_commit': commit, 'world_size': env.world,
                        'torch': torch.__version__, 'argv': sys.argv}, f, indent=2)
+
+
+def git_commit(*args):
+    """`git rev-parse HEAD` of this repository ('' outside a git checkout); args: another git command."""
+    return subprocess.run(['git', *(args or ('rev-parse', 'HEAD'))], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
 
 
 def rng_states(env):

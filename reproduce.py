@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from config import ConfigError, parse_config
-from engine import run_main
+from engine import git_commit, run_main
 
 # -----------------------------------------------------------------------------
 # Config
@@ -283,8 +283,7 @@ def main():
     name = cfg.data + '-quick' * cfg.quick + '-val' * bool(cfg.val_size)
     root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
     results_dir = cfg.results_dir or os.path.join('results', name)
-    git = [subprocess.run(['git', *a], capture_output=True, text=True, cwd=HERE).stdout.strip()
-           for a in (['rev-parse', 'HEAD'], ['status', '--porcelain', '--', '*.py'])]
+    git = [git_commit(), git_commit('status', '--porcelain', '--', '*.py')]
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     prov = {'command': shlex.join(['python', 'reproduce.py', *sys.argv[1:]]),
             'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),

@@ -8,9 +8,8 @@ import torch
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy,
                                distill_loss_fn)
-from benchmark import naive_copy_forward, naive_copy_loss, naive_distill_loss
+from naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from conftest import run_script
-from engine import soft_cross_entropy
 from teacher import cast_matmul_weights
 from vit import VisionTransformer
 
