@@ -12,7 +12,7 @@ Its copied layers have no query/key projections at all. The teacher is needed at
     torchrun --nproc_per_node 8 attention_copy.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
-`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers.
+`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers (RECIPES.md).
 Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
 """
 from dataclasses import dataclass
@@ -32,11 +32,14 @@ class CopyConfig(TransferConfig):
 
 
 PRESETS = {**{k: {**v, 'model': 'teacher', 'patch_size': 0} for k, v in SMALL_PRESETS.items()},
-           # the authors' copy recipe (global batch 2048 = 64 GPUs x 32)
-           'imagenet': dict(teacher='mae_vit_large', img_size=224, global_pool=True, epochs=100, warmup_epochs=20,
-                            batch_size=32, blr=1e-3, layer_decay=0.75, beta2=0.999, weight_decay=0.05,
-                            drop_path=0.0, ema=0.9999, randaug=9, reprob=0.25, mixup=0.8, cutmix=1.0,
-                            smoothing=0.1, num_workers=10, log_every=100)}
+           # the release's copy command (global batch 2048 = 64 GPUs x 32): min_lr is absolute (the peak is
+           # 8e-3), warm-up its default 5 epochs, layer decay counted as its dual model does (offset 0).
+           # All 24 layers, as the paper copies; the release's runs copied 0-20: --layers 0-20 (RECIPES.md)
+           'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='all', global_pool=True, epochs=100,
+                            warmup_epochs=5, batch_size=32, blr=1e-3, min_lr=2e-3, layer_decay=0.75,
+                            layer_decay_offset=0, beta2=0.999, weight_decay=0.05, drop_path=0.0, ema=0.9999,
+                            randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
+                            num_workers=10, log_every=100)}
 
 
 def copied(teacher, x, layers, heads, transfer):

@@ -34,8 +34,8 @@ class TrainConfig:
     hflip: float = 0.5
     crop_pad: int = 2               # small images: random crop after reflect-padding this much
     min_scale: float = 0.08         # large images: RandomResizedCrop's smallest area
-    randaug: int = 0                # RandAugment magnitude (2 ops); 0 = off
-    reprob: float = 0.0             # RandomErasing probability
+    randaug: str = ''               # RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 | '' = off
+    reprob: float = 0.0             # random erasing probability (one box of noise, timm's mode 'pixel')
     mixup: float = 0.0
     cutmix: float = 0.0
     smoothing: float = 0.1
@@ -47,7 +47,8 @@ class TrainConfig:
     blr: float = 1e-3
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    layer_decay: float = 1.0        # lr of block i scales by layer_decay ** (depth + 1 - (i + 1))
+    layer_decay: float = 1.0        # lr of layer l (0 embedding, i + 1 block i) scales by layer_decay ** (L - l)
+    layer_decay_offset: int = 1     # L = depth + this (the head at L): 1 as MAE counts, 0 as the release's copy
     beta2: float = 0.999
     clip_grad: float = 0.0          # max grad norm; 0 = off
     ema: float = 0.0                # EMA decay per step; 0 = no EMA

@@ -1,7 +1,7 @@
 """
 Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distributed) loaders.
 
-    --data cifar10 | cifar100     torchvision's CIFAR, downloaded into --data-dir when missing
+    --data cifar10 | cifar100     CIFAR's binary files from --data-dir, downloaded (and checksummed) when missing
     --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
                                   (/usr/share/datasets/fashion-mnist), else downloaded
     --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...
@@ -11,12 +11,16 @@ Every image comes out as 3 channels (grey images are repeated), so one model sha
 """
 import gzip
 import os
+import shutil
 
 import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 from torchvision.transforms import v2
+
+from augment import randaugment, random_erasing
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -54,7 +58,7 @@ def find_idx(dirs, stem):
 
 
 class TensorImages(Dataset):
-    """uint8 images (N, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors."""
+    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -82,12 +86,72 @@ def fashion_mnist(data_dir, train, transform):
 
 
 # -----------------------------------------------------------------------------
-# Transforms (torchvision.transforms.v2 on uint8 tensors)
+# CIFAR from its binary distribution: fixed-size records, a label byte (CIFAR-100: coarse, then fine)
+# and 3072 pixel bytes, the red, green and blue 32x32 planes row by row (www.cs.toronto.edu/~kriz/cifar.html)
+
+CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/'
+CIFAR = {   # name -> archive, its md5 (the CIFAR page), folder inside, train files, test files, label bytes
+    'cifar10': ('cifar-10-binary.tar.gz', 'c32a1d4ab5d03f1284b67883e8d87530', 'cifar-10-batches-bin',
+                [f'data_batch_{i}.bin' for i in range(1, 6)], ['test_batch.bin'], 1),
+    'cifar100': ('cifar-100-binary.tar.gz', '03b5dce01913d631647c71ecec9e9cb8', 'cifar-100-binary',
+                 ['train.bin'], ['test.bin'], 2),
+}
+
+
+def read_cifar_binary(paths, label_bytes):
+    """images (N, 3, 32, 32) uint8 and labels (N, label_bytes) uint8 from CIFAR .bin files."""
+    data = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
+    record = label_bytes + 3 * 32 * 32
+    if data.size % record:
+        raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut download?): delete "
+                        f"the folder and run again to extract or download it anew")
+    data = data.reshape(-1, record)
+    return (torch.from_numpy(data[:, label_bytes:].reshape(-1, 3, 32, 32).copy()),
+            torch.from_numpy(data[:, :label_bytes].copy()))
+
+
+def cifar(root, name, train, transform):
+    """CIFAR-10 / -100 from <root>/<folder>/*.bin; when those are missing, the archive in <root> is
+    checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never
+    overwritten; a failed download leaves nothing behind, not even a --data-dir it had to create."""
+    archive, md5, folder, train_files, test_files, label_bytes = CIFAR[name]
+    paths = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
+    if not all(map(os.path.isfile, paths)):
+        path = os.path.join(root, archive)
+        if not os.path.isfile(path):
+            download(CIFAR_URL + archive, root, md5, f'put {archive} or its extracted {folder}/ in --data-dir')
+        if not check_integrity(path, md5):
+            raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to download it')
+        extract_archive(path, root)
+    images, labels = read_cifar_binary(paths, label_bytes)
+    fine = labels[:, -1].long()                        # CIFAR-100: the 100-class label, after the coarse one
+    if len(fine) and fine.max() >= INFO[name][1]:
+        raise DataError(f'{os.path.join(root, folder)}: label {fine.max()} is not a {name} class: delete the '
+                        f'folder and run again')
+    return TensorImages(images, fine, transform)
+
+
+def download(url, root, md5, fix):
+    """Download url into root (checksummed); on failure remove what was written, root too if it is new."""
+    created, path = not os.path.isdir(root), os.path.join(root, os.path.basename(url))
+    try:
+        download_url(url, root, md5=md5)
+    except Exception as e:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        elif os.path.isfile(path):      # a partial or corrupt download: ours, since none was there before
+            os.remove(path)
+        raise DataError(f'{url} could not be downloaded ({type(e).__name__}): {fix}') from None
+
+
+# -----------------------------------------------------------------------------
+# Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage, as in
+# timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
 
 def build_transform(cfg, train):
     native, _, (mean, std) = INFO[cfg.data]
     size = cfg.img_size
-    t = [v2.ToImage()]
+    t = []
     if cfg.data in ('imagenet', 'folder'):
         if train:
             t += [v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True,
@@ -102,10 +166,11 @@ def build_transform(cfg, train):
             t += [v2.RandomCrop(size, padding=cfg.crop_pad, padding_mode='reflect')]
     if train:
         t += [v2.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
-        t += [v2.RandAugment(num_ops=2, magnitude=cfg.randaug)] if cfg.randaug > 0 else []
-    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        policy = randaugment(cfg.randaug, fill=tuple(min(255, round(255 * m)) for m in mean))   # timm's fill
+        t += [policy] if policy else []
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train and cfg.reprob > 0:
-        t += [v2.RandomErasing(p=cfg.reprob, value=0)]
+        t += [random_erasing(cfg.reprob)]
     return v2.Compose(t)
 
 
@@ -159,13 +224,8 @@ def build_dataset(cfg, train, transform=None):
         n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
         return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
                                              random_offset=0 if train else 10 ** 6), 10
-    if cfg.data.startswith('cifar'):
-        cls = torchvision.datasets.CIFAR10 if cfg.data == 'cifar10' else torchvision.datasets.CIFAR100
-        try:
-            return cls(root, train=train, transform=tf, download=True), INFO[cfg.data][1]
-        except Exception as e:
-            raise DataError(f"{cfg.data} not in {root} and not downloadable ({type(e).__name__}); put the "
-                            f"extracted cifar-*-batches-py folder under --data-dir") from None
+    if cfg.data in CIFAR:
+        return cifar(root, cfg.data, train, tf), INFO[cfg.data][1]
     split = os.path.join(root, 'train' if train else 'val')
     if not os.path.isdir(split):
         raise DataError(f"no folder {split}: --data {cfg.data} expects --data-dir with train/<class>/*.jpg "

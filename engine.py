@@ -101,13 +101,16 @@ def log(env, cfg, msg):
 
 
 def build_optimizer(cfg, model, lr):
-    """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay."""
-    groups, layers = {}, getattr(model, 'depth', 0) + 1
+    """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay: layer l
+    (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
+    L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
+    the last block then share the full lr): cfg.layer_decay_offset picks."""
+    groups, layers = {}, getattr(model, 'depth', 0) + cfg.layer_decay_offset
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token'))
-        lid = model.layer_id(name) if hasattr(model, 'layer_id') else layers
+        lid = min(model.layer_id(name), layers) if hasattr(model, 'layer_id') else layers
         scale = cfg.layer_decay ** (layers - lid)
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})

@@ -55,7 +55,7 @@ class MAEConfig(TrainConfig):
 # augmentation beyond crop and flip (MAE's ablations, Table 1: masking does the work of augmentation).
 # blr is 10x MAE's 1.5e-4: that is tuned for batch 4096 over 800 epochs; a small model on a short
 # schedule at batch 256 gets the order of finetune.py's small-preset lr.
-MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0,
+MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug='',
                  reprob=0.0, drop_path=0.0)
 PRESETS = {
     'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 20,
@@ -66,7 +66,7 @@ PRESETS = {
     # the MAE paper's ViT-L/16 recipe (global batch 4096 = 64 GPUs x 64): random resized crop + flip only
     'imagenet': dict(model='vit_large', img_size=224, patch_size=16, epochs=800, warmup_epochs=40, batch_size=64,
                      blr=1.5e-4, min_lr=0.0, weight_decay=0.05, beta2=0.95, mask_ratio=0.75, decoder_dim=512,
-                     decoder_depth=8, decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, randaug=0,
+                     decoder_depth=8, decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, randaug='',
                      reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, num_workers=10,
                      log_every=100),
 }

@@ -1,15 +1,19 @@
-"""data.py: the real Fashion-MNIST files, ImageFolder, FakeData, transforms, MixUp / CutMix, samplers."""
+"""data.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
+samplers."""
 import gzip
 import os
+import pathlib
+import shutil
 import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
-from data import (FASHION_MNIST_SYSTEM_DIR, DataError, ResumableSampler, batch_mixer, build_dataset, build_eval_set,
-                  build_splits, read_idx)
+from data import (FASHION_MNIST_SYSTEM_DIR, INFO, DataError, ResumableSampler, batch_mixer, build_dataset,
+                  build_eval_set, build_splits, read_cifar_binary, read_idx)
 from finetune import PRESETS, FinetuneConfig
 
 
@@ -108,3 +112,129 @@ def test_sampler_shards_and_resumes():
     assert {e for e, _ in a + b} == {3} and sorted(i for _, i in a + b) == ds    # disjoint, complete
     ranks[0].start = 4
     assert list(ranks[0]) == a[4:] and len(ranks[0]) == len(a) - 4
+
+
+# -----------------------------------------------------------------------------
+# CIFAR's binary distribution, written by the test in its exact format
+
+
+def cifar_records(rng, n, label_bytes):
+    """n random images (n, 32, 32, 3) as one sees them, labels (n, label_bytes), and the file's bytes:
+    per record the label byte(s), then the red, green and blue planes, each row by row."""
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = np.stack([rng.integers(0, 20, n), rng.integers(0, 100, n)], 1)[:, -label_bytes:] if label_bytes == 2 \
+        else rng.integers(0, 10, (n, 1))
+    data = b''.join(bytes(lab.astype(np.uint8).tolist()) + b''.join(img[:, :, c].tobytes() for c in range(3))
+                    for img, lab in zip(images, labels))
+    return images, labels, data
+
+
+def write_cifar(root, name, rng, per_file=2):
+    """The extracted folder of cifar-10-binary.tar.gz / cifar-100-binary.tar.gz with a few records a file.
+    Returns {file: (images, labels)}."""
+    from data import CIFAR
+    _, _, folder, train_files, test_files, label_bytes = CIFAR[name]
+    os.makedirs(root / folder)
+    out = {}
+    for f in train_files + test_files:
+        images, labels, data = cifar_records(rng, per_file, label_bytes)
+        (root / folder / f).write_bytes(data)
+        out[f] = images, labels
+    return out
+
+
+def test_cifar10_binary_records(tmp_path):
+    written = write_cifar(tmp_path, 'cifar10', np.random.default_rng(0))
+    cfg = config(data='cifar10', data_dir=str(tmp_path), img_size=32)
+    train, n = build_dataset(cfg, train=True)
+    test, _ = build_dataset(cfg, train=False)
+    assert (len(train), len(test), n) == (10, 2, 10)
+    images, labels = written['test_batch.bin']
+    mean, std = (torch.tensor(v)[:, None, None] for v in INFO['cifar10'][2])
+    for i in range(2):
+        x, y = test[i]
+        want = (torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255 - mean) / std    # (3, 32, 32)
+        assert torch.allclose(x, want, atol=1e-6) and y == labels[i, 0]
+    first = torch.from_numpy(np.concatenate([written[f'data_batch_{k}.bin'][0] for k in range(1, 6)]))
+    assert torch.equal(train.images, first.permute(0, 3, 1, 2))          # the five files, in order
+
+
+def test_cifar100_coarse_and_fine_labels(tmp_path):
+    written = write_cifar(tmp_path, 'cifar100', np.random.default_rng(1), per_file=5)
+    images, labels = read_cifar_binary([str(tmp_path / 'cifar-100-binary' / 'train.bin')], 2)
+    assert torch.equal(images, torch.from_numpy(written['train.bin'][0]).permute(0, 3, 1, 2))
+    assert torch.equal(labels.long(), torch.from_numpy(written['train.bin'][1]))   # coarse, fine
+    ds, n = build_dataset(config(data='cifar100', data_dir=str(tmp_path), img_size=32), train=False)
+    assert n == 100 and ds.labels.tolist() == written['test.bin'][1][:, 1].tolist()   # the fine label
+
+
+def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+    import data
+    src = tmp_path / 'src'
+    written = write_cifar(src, 'cifar10', np.random.default_rng(2))
+    root = tmp_path / 'root'
+    root.mkdir()
+    archive = root / 'cifar-10-binary.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(src / 'cifar-10-batches-bin', arcname='cifar-10-batches-bin')
+    name, _, *rest = data.CIFAR['cifar10']
+    monkeypatch.setitem(data.CIFAR, 'cifar10', (name, hashlib.md5(archive.read_bytes()).hexdigest(), *rest))
+    monkeypatch.setattr(data, 'download_url', lambda *a, **k: pytest.fail('nothing to download'))
+    ds, _ = build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
+    assert ds.labels.tolist() == written['test_batch.bin'][1][:, 0].tolist()
+
+    archive.write_bytes(archive.read_bytes()[:-100])                  # present but cut short
+    shutil.rmtree(root / 'cifar-10-batches-bin')
+    with pytest.raises(DataError, match=f'{archive} is corrupt .*delete it'):
+        build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
+    assert archive.exists()                                           # never overwritten
+
+
+def test_cifar_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    import data
+
+    def unreachable(url, root, md5=None):                             # torchvision creates root, then fails mid-file
+        os.makedirs(root, exist_ok=True)
+        (pathlib.Path(root) / os.path.basename(url)).write_bytes(b'partial')
+        raise OSError('network unreachable')
+    monkeypatch.setattr(data, 'download_url', unreachable)
+    missing = tmp_path / 'not-yet'
+    with pytest.raises(DataError, match='could not be downloaded.*cifar-100-binary.tar.gz'):
+        build_dataset(config(data='cifar100', data_dir=str(missing), img_size=32), train=True)
+    assert not missing.exists()                                       # the failed lookup created no --data-dir
+    with pytest.raises(DataError, match='could not be downloaded'):
+        build_dataset(config(data='cifar10', data_dir=str(tmp_path), img_size=32), train=True)
+    assert os.listdir(tmp_path) == []                                 # the partial file is gone, the dir stays
+
+
+def test_corrupt_cifar_records(tmp_path):
+    write_cifar(tmp_path, 'cifar10', np.random.default_rng(3))
+    with open(tmp_path / 'cifar-10-batches-bin' / 'test_batch.bin', 'ab') as f:
+        f.write(b'\0' * 10)                                           # not whole 3073-byte records
+    with pytest.raises(DataError, match='not whole 3073-byte CIFAR records.*delete'):
+        build_dataset(config(data='cifar10', data_dir=str(tmp_path), img_size=32), train=False)
+
+
+# -----------------------------------------------------------------------------
+# The augmentation a config asks for
+
+
+def test_train_transform_carries_the_policy_and_erasing():
+    from augment import RandAugment
+    from data import build_transform
+    authors = dict(data='fake', randaug='rand-m9-mstd0.5-inc1', reprob=0.25)
+    tf = build_transform(config(**authors), train=True).transforms
+    ra = next(t for t in tf if isinstance(t, RandAugment))
+    assert ra.fill == [128, 128, 128] and (ra.num_ops, ra.magnitude, ra.std, ra.prob) == (2, 9, 0.5, 0.5)
+    assert next(t for t in build_transform(config(**{**authors, 'data': 'imagenet'}), train=True).transforms
+                if isinstance(t, RandAugment)).fill == [124, 116, 104]    # timm's: round(255 x ImageNet mean)
+    erase = tf[-1]
+    assert isinstance(erase, v2.RandomErasing) and erase.value is None and erase.p == 0.25   # noise, not zeros
+    assert erase.scale == (0.02, 1 / 3) and erase.ratio == (0.3, 1 / 0.3)
+    assert tf.index(ra) < [type(t) for t in tf].index(v2.ToImage)       # on the PIL image, as timm
+    evaluation = build_transform(config(**authors), train=False).transforms
+    assert not any(isinstance(t, (RandAugment, v2.RandomErasing)) for t in evaluation)
+    x, _ = build_dataset(config(**authors), train=True)[0][0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32

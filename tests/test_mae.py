@@ -151,7 +151,7 @@ def test_presets_and_config_errors():
     assert (big.model, big.epochs, big.blr, big.batch_size, big.warmup_epochs, big.beta2, big.weight_decay) == \
         ('vit_large', 800, 1.5e-4, 64, 40, 0.95, 0.05)
     assert (big.mask_ratio, big.decoder_dim, big.decoder_depth, big.min_scale, big.randaug, big.mixup) == \
-        (0.75, 512, 8, 0.2, 0, 0.0)
+        (0.75, 512, 8, 0.2, '', 0.0)
     for bad in (['--mask-ratio', '1'], ['--mask-ratio', '0.99'], ['--global-pool', 'true'], ['--mixup', '0.8']):
         with pytest.raises(ConfigError):
             build_mae(parse_config(MAEConfig, PRESETS, ['--data', 'fake', *bad]))   # 16 patches: 0.99 keeps none

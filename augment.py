@@ -1,0 +1,190 @@
+"""
+Augmentation policies by name: the authors' RandAugment, torchvision's, and random erasing with noise.
+
+    --randaug rand-m9-mstd0.5-inc1   timm's RandAugment as the authors' release and MAE fine-tuning use it
+    --randaug torchvision-m9         torchvision's RandAugment(num_ops=2, magnitude=9)
+    --randaug ''                     off
+    --reprob 0.25                    one box of per-pixel noise, after normalisation (timm's mode 'pixel')
+
+The two RandAugments differ in strength. timm's magnitude runs 0-10: m9 rotates by up to 27 degrees;
+each of its 2 ops is applied with probability 0.5, at a magnitude drawn anew from N(9, 0.5). torchvision's
+runs over 31 bins: 9 rotates by 9 degrees, and both ops are always applied. The timm policy is written out
+here from timm's auto_augment.py (op list, level-to-argument formulas, fill), on
+torchvision.transforms.v2.functional ops. On PIL images every op gives timm's pixels exactly (bicubic
+resampling, fill = the dataset mean); on tensors the geometric ops resample bilinearly, the only kind
+torchvision's tensor kernels have.
+"""
+import math
+import re
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from config import ConfigError
+
+# -----------------------------------------------------------------------------
+# The ops: what a magnitude (0-10) means for each, and how it is applied
+
+
+def point(img, table):
+    """Map every 8-bit value v of img (a PIL image or a uint8 tensor) to table[v].
+    Posterize, Solarize and SolarizeAdd are such tables: one path for both image types, and the
+    extremes timm reaches (0 bits kept, threshold 256) that Pillow and torchvision refuse."""
+    if isinstance(img, Image.Image):
+        return img.point(table * len(img.getbands()))
+    return torch.tensor(table, dtype=torch.uint8)[img.long()]
+
+
+def posterize(img, bits):
+    mask = (0xFF << (8 - bits)) & 0xFF                 # keep the top `bits` bits
+    return point(img, [v & mask for v in range(256)])
+
+
+def solarize(img, threshold):
+    return point(img, [255 - v if v >= threshold else v for v in range(256)])
+
+
+def solarize_add(img, add, threshold=128):
+    return point(img, [min(255, v + add) if v < threshold else v for v in range(256)])
+
+
+def affine(img, fill, interpolation, shear=(0.0, 0.0), translate=(0.0, 0.0)):
+    """PIL's affine transform about the top-left corner, as timm calls it: a shear factor s moves
+    row y by s * y pixels; translate in pixels, positive moving the content left / up."""
+    return F.affine(img, angle=0.0, translate=[-translate[0], -translate[1]], scale=1.0,
+                    shear=[math.degrees(math.atan(s)) for s in shear], interpolation=interpolation,
+                    fill=fill, center=[0, 0])
+
+
+def width_height(img):
+    h, w = F.get_size(img)
+    return w, h
+
+
+# name: (level, sign) -> argument. The level is the magnitude on timm's 0-10 scale; sign is +-1, drawn
+# per application: the signed ops turn either way (timm's _randomly_negate).
+LEVELS = {
+    'Rotate': lambda m, s: s * (m / 10 * 30.0),                                   # degrees
+    'ShearX': lambda m, s: s * (m / 10 * 0.3),                                    # shear factor
+    'ShearY': lambda m, s: s * (m / 10 * 0.3),
+    'TranslateXRel': lambda m, s: s * (m / 10 * 0.45),                            # fraction of the width
+    'TranslateYRel': lambda m, s: s * (m / 10 * 0.45),
+    'Posterize': lambda m, s: int(m / 10 * 4),                                    # bits kept: 0..4
+    'PosterizeIncreasing': lambda m, s: 4 - int(m / 10 * 4),                      # 4..0
+    'Solarize': lambda m, s: min(256, int(m / 10 * 256)),                         # threshold 0..256
+    'SolarizeIncreasing': lambda m, s: 256 - min(256, int(m / 10 * 256)),         # 256..0
+    'SolarizeAdd': lambda m, s: min(128, int(m / 10 * 110)),                      # added below 128
+    **{op: lambda m, s: m / 10 * 1.8 + 0.1 for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+    **{op + 'Increasing': lambda m, s: max(0.1, 1.0 + s * m / 10 * 0.9)        # 1 = unchanged
+       for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+}
+
+# name: (img, argument, fill, interpolation) -> img
+APPLY = {
+    'AutoContrast': lambda img, a, fill, i: F.autocontrast(img),
+    'Equalize': lambda img, a, fill, i: F.equalize(img),
+    'Invert': lambda img, a, fill, i: F.invert(img),
+    'Rotate': lambda img, a, fill, i: F.rotate(img, a, interpolation=i, fill=fill),
+    'ShearX': lambda img, a, fill, i: affine(img, fill, i, shear=(a, 0.0)),
+    'ShearY': lambda img, a, fill, i: affine(img, fill, i, shear=(0.0, a)),
+    'TranslateXRel': lambda img, a, fill, i: affine(img, fill, i, translate=(a * width_height(img)[0], 0.0)),
+    'TranslateYRel': lambda img, a, fill, i: affine(img, fill, i, translate=(0.0, a * width_height(img)[1])),
+    'Posterize': lambda img, a, fill, i: posterize(img, a),
+    'Solarize': lambda img, a, fill, i: solarize(img, a),
+    'SolarizeAdd': lambda img, a, fill, i: solarize_add(img, a),
+    'Color': lambda img, a, fill, i: F.adjust_saturation(img, a),
+    'Contrast': lambda img, a, fill, i: F.adjust_contrast(img, a),
+    'Brightness': lambda img, a, fill, i: F.adjust_brightness(img, a),
+    'Sharpness': lambda img, a, fill, i: F.adjust_sharpness(img, a),
+}
+APPLY.update({op + 'Increasing': APPLY[op] for op in ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness',
+                                                       'Sharpness')})
+
+# timm's _RAND_TRANSFORMS; 'inc1' swaps in the variants whose strength increases with the magnitude
+OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd', 'Color', 'Contrast',
+       'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
+INCREASING = {'Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness'}
+
+# -----------------------------------------------------------------------------
+# The policy
+
+
+class RandAugment:
+    """timm's RandAugment: per image, num_ops ops drawn uniformly with replacement; each is applied
+    with probability prob, at a magnitude drawn from N(magnitude, std) (std inf: uniform on
+    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (data.SeededDataset seeds it)."""
+
+    def __init__(self, num_ops=2, magnitude=9.0, std=0.5, prob=0.5, mmax=10.0, increasing=True, fill=(128, 128, 128)):
+        self.ops = [op + 'Increasing' if increasing and op in INCREASING else op for op in OPS]
+        self.num_ops, self.magnitude, self.std, self.prob, self.mmax = num_ops, magnitude, std, prob, mmax
+        self.fill = list(fill)
+
+    def sample(self):
+        """[(op, magnitude, sign)] for one image, one entry per op drawn; magnitude None: not applied."""
+        n = self.num_ops
+        ops, applied = torch.randint(len(self.ops), (n,)).tolist(), (torch.rand(n) < self.prob).tolist()
+        if self.std == math.inf:
+            m = self.magnitude * torch.rand(n, dtype=torch.float64)
+        else:
+            m = self.magnitude + self.std * torch.randn(n, dtype=torch.float64)
+        m = m.clamp(0.0, self.mmax).tolist()
+        signs = (torch.randint(2, (n,)) * 2 - 1).tolist()
+        return [(self.ops[o], m_i if a else None, s) for o, a, m_i, s in zip(ops, applied, m, signs)]
+
+    def argument(self, op, magnitude, sign):
+        return LEVELS[op](magnitude, sign) if op in LEVELS else None
+
+    def __call__(self, img):
+        interpolation = v2.InterpolationMode.BICUBIC if isinstance(img, Image.Image) else v2.InterpolationMode.BILINEAR
+        for op, m, sign in self.sample():
+            if m is not None:
+                img = APPLY[op](img, self.argument(op, m, sign), self.fill, interpolation)
+        return img
+
+    def __repr__(self):
+        return (f'RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.std}, p={self.prob}, '
+                f'mmax={self.mmax}, ops={self.ops})')
+
+# -----------------------------------------------------------------------------
+# Policies by name
+
+
+def parse_policy(spec):
+    """'rand-m9-mstd0.5-inc1' -> RandAugment keywords, as timm reads its strings: m (magnitude, default
+    10), n (ops, 2), p (probability per op, 0.5), mstd (magnitude std, 0; above 100: uniform), mmax (upper
+    clip, 10), inc (0/1: the increasing op variants)."""
+    kw = dict(num_ops=2, magnitude=10.0, std=0.0, prob=0.5, mmax=10.0, increasing=False)
+    keys = {'m': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float), 'mstd': ('std', float),
+            'mmax': ('mmax', float), 'inc': ('increasing', lambda v: bool(int(v)))}
+    for part in spec.split('-')[1:]:
+        found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
+        if not found or found[1] not in keys:
+            raise ConfigError(f"--randaug {spec}: cannot read '{part}' (use m, n, p, mstd, mmax, inc, e.g. "
+                              f"rand-m9-mstd0.5-inc1)")
+        name, convert = keys[found[1]]
+        kw[name] = convert(found[2])
+    if kw['std'] > 100:
+        kw['std'] = math.inf
+    return kw
+
+
+def randaugment(spec, fill=(128, 128, 128)):
+    """The transform a --randaug string names, or None for ''. fill: the dataset's mean colour (0-255)."""
+    if not spec:
+        return None
+    if spec.startswith('rand-'):
+        return RandAugment(**parse_policy(spec), fill=fill)
+    found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
+    if found:
+        return v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
+    raise ConfigError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
+                      f"(torchvision's RandAugment, magnitude 9 of 31), or '' for none")
+
+
+def random_erasing(prob):
+    """timm's RandomErasing(mode='pixel', max_count=1), which torchvision's is step for step once given
+    timm's ranges: with probability prob one box of 2%-1/3 of the image, aspect ratio log-uniform in
+    [0.3, 1/0.3], filled with standard normal noise (the image is normalised by then)."""
+    return v2.RandomErasing(p=prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random')

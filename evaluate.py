@@ -1,0 +1,202 @@
+"""
+Top-1 of trained models, and of their ensembles, on ImageNet and its distribution-shift test sets.
+
+The paper reports that attention transfer stays close to fine-tuning on ImageNet-V2 and falls behind it
+on ImageNet-A, -R and -Sketch. This script makes that table for any models: fine-tuned, from scratch,
+distilled students, copy students (loaded with their teachers), and ensembles of them.
+
+    python evaluate.py --models mae_vit_large_ft runs/distill/checkpoint.pt runs/copy/checkpoint.pt \
+        --ensembles 0,1 --imagenet /datasets/imagenet/val \
+        --imagenet-v2 /datasets/imagenetv2-matched-frequency-format-val --imagenet-sketch /datasets/sketch \
+        --imagenet-r /datasets/imagenet-r --imagenet-a /datasets/imagenet-a --out results/robustness
+
+Each test set is a folder of class folders, as its authors distribute it:
+    --imagenet         <dir>/<wnid>/*       ImageNet's validation split, 1000 folders
+    --imagenet-v2      <dir>/<0..999>/*     the class is the folder's number, not its sorted position
+    --imagenet-sketch  <dir>/<wnid>/*       1000 folders
+    --imagenet-r       <dir>/<wnid>/*       200 folders; predictions restricted to those 200 classes
+    --imagenet-a       <dir>/<wnid>/*       200 folders; likewise
+Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists are classes/imagenet-r.txt
+and classes/imagenet-a.txt. Writes <out>/robustness.md and <out>/robustness.json. One process, on a GPU
+if there is one.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torchvision
+
+from config import ConfigError, parse_config
+from data import DataError, build_loader, build_transform
+from engine import amp_dtype, run_main
+from ensemble import accuracy, ensemble_probs, load_models, predict_all
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class EvaluateConfig:
+    models: list[str] = field(default_factory=list)      # checkpoint files or names: --models a.pt b.pt
+    ensembles: list[str] = field(default_factory=list)   # groups of --models positions: --ensembles 0,1 0,1,2
+    imagenet: str = ''              # the test sets' folders (empty: skipped), layouts above
+    imagenet_v2: str = ''
+    imagenet_sketch: str = ''
+    imagenet_r: str = ''
+    imagenet_a: str = ''
+    out: str = 'runs/robustness'    # robustness.md and robustness.json go here
+    img_size: int = 0               # 0 = the models' own (they must share one)
+    batch_size: int = 128
+    num_workers: int = 8
+    amp: str = 'auto'               # auto | bf16 | fp16 | off
+    seed: int = 0                   # seeds the loader's generator (nothing is shuffled)
+
+# -----------------------------------------------------------------------------
+# The test sets: which folder is which ImageNet class, and which classes a prediction may take
+
+
+def read_classes(name):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classes', name + '.txt')) as f:
+        return f.read().split()
+
+
+WNIDS = read_classes('imagenet')                         # class index -> wnid
+INDEX = {w: i for i, w in enumerate(WNIDS)}
+
+
+def subset_set(name):
+    wnids = read_classes(name)
+    index = {w: INDEX[w] for w in wnids}
+    return f'wnids, the {len(wnids)} of classes/{name}.txt', index, sorted(index.values())
+
+
+SETS = {   # name -> (how its folders are named, folder name -> class index, classes a prediction may take)
+    'imagenet': ('wnids (n01440764 ...), the 1000 ImageNet classes', INDEX, None),
+    'imagenet-v2': ('0 .. 999, the class index', {str(i): i for i in range(1000)}, None),
+    'imagenet-sketch': ('wnids (n01440764 ...), the 1000 ImageNet classes', INDEX, None),
+    'imagenet-r': subset_set('imagenet-r'),
+    'imagenet-a': subset_set('imagenet-a'),
+}
+
+
+class ClassFolders(torchvision.datasets.ImageFolder):
+    """ImageFolder whose folders map to fixed class indices (`index`: name -> class), where ImageFolder
+    would number them by sorted position (for ImageNet-V2's 0..999 that would put '10' before '9')."""
+
+    def __init__(self, root, index, transform):
+        self.index = index
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        return names, {n: self.index[n] for n in names}
+
+
+def load_set(name, root, transform):
+    """(dataset, allowed classes or None) of one test set; DataError naming the layout if it is not one."""
+    layout, index, allowed = SETS[name]
+    expected = f"--{name} expects <dir>/<class folder>/<image>, the folders named {layout}"
+    if not os.path.isdir(root):
+        raise DataError(f'no folder {root}: {expected}')
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    unknown = [f for f in folders if f not in index]
+    if not folders or unknown:
+        found = f"folders {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}" if unknown else 'no folders'
+        raise DataError(f'{root} has {found}: {expected}')
+    try:
+        return ClassFolders(root, index, transform), allowed
+    except FileNotFoundError as e:          # a class folder without a single image
+        raise DataError(f'{root}: {e}; {expected}') from None
+
+# -----------------------------------------------------------------------------
+# Scores
+
+
+def restrict(logits, classes):
+    """Logits (N, C) with every class outside `classes` at -inf: argmax, top-k and softmax stay among them
+    (the datasets' own evaluation keeps just those columns, which ranks them the same)."""
+    outside = torch.full_like(logits, float('-inf'))
+    outside[:, classes] = 0.0
+    return logits + outside                                                   # (N, C)
+
+
+def top1_row(logits, labels, allowed, groups):
+    """Top-1 (%) of each model, then of each ensemble group (mean of probabilities), on one test set.
+    logits: [(N, 1000)] per model; labels (N,); allowed: the classes predictions may take, or None."""
+    if allowed is not None:
+        logits = [restrict(l, allowed) for l in logits]
+    return [accuracy(l, labels) for l in logits] + \
+        [accuracy(ensemble_probs([logits[i] for i in g]), labels) for g in groups]
+
+
+def parse_groups(specs, n):
+    """['0,1', '0,2'] -> [[0, 1], [0, 2]]: positions in --models, at least two each."""
+    groups = []
+    for spec in specs:
+        try:
+            g = [int(i) for i in spec.split(',')]
+        except ValueError:
+            g = []
+        if len(g) < 2 or len(set(g)) < len(g) or not all(0 <= i < n for i in g):
+            raise ConfigError(f"--ensembles {spec}: two or more distinct positions in --models (0..{n - 1}), "
+                              f"comma-separated, e.g. 0,1")
+        groups.append(g)
+    return groups
+
+
+def markdown(names, sets, table):
+    lines = ['| model | ' + ' | '.join(sets) + ' |', '|---|' + '---:|' * len(sets)]
+    lines += [f'| {name} | ' + ' | '.join(f'{row[s]:.2f}' for s in sets) + ' |' for name, row in zip(names, table)]
+    return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main():
+    cfg = parse_config(EvaluateConfig)
+    paths = {name: getattr(cfg, name.replace('-', '_')) for name in SETS}
+    paths = {name: p for name, p in paths.items() if p}
+    if not cfg.models or not paths:
+        raise ConfigError('give --models (checkpoints or names) and at least one test set folder: --imagenet, '
+                          '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a')
+    groups = parse_groups(cfg.ensembles, len(cfg.models))
+    files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
+    if any(map(os.path.exists, files)):
+        raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
+    models, classes, img_size = load_models(cfg.models)
+    if any(c != len(WNIDS) for c in classes):
+        raise ConfigError('every model must predict the 1000 ImageNet classes: ' +
+                          ', '.join(f'{s} has {c}' for s, c in zip(cfg.models, classes)))
+    transform = build_transform(SimpleNamespace(data='imagenet', img_size=cfg.img_size or img_size), train=False)
+    sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    models = [m.to(device) for m in models]
+    members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
+    names = [' + '.join(m) for m in members]
+    table = [{} for _ in names]                         # per row: {test set: top-1}
+    for set_name, (dataset, allowed) in sets.items():
+        logits, labels = predict_all(models, build_loader(cfg, dataset, False), env)
+        for row, value in zip(table, top1_row(logits, labels, allowed, groups)):
+            row[set_name] = value
+        print(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{row[set_name]:.2f}' for row in table), flush=True)
+
+    md = markdown(names, list(sets), table)
+    print('\n' + md)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(files[0], 'w') as f:
+        f.write(f'# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models\' probabilities; '
+                f'on ImageNet-R and -A every prediction is among their 200 classes.\n')
+    with open(files[1], 'w') as f:
+        json.dump({'config': asdict(cfg),
+                   'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else len(WNIDS)}
+                            for n, (d, a) in sets.items()},
+                   'rows': [{'model': n, 'members': m, 'top1': row} for n, m, row in zip(names, members, table)]},
+                  f, indent=2)
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,231 @@
+"""augment.py against timm, the library the authors' release augments with: each op's argument at a
+magnitude, each op's pixels, the policy strings, the sampling of ops and magnitudes, random erasing."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import auto_augment as timm_aa
+from timm.data.random_erasing import RandomErasing as TimmRandomErasing
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from augment import APPLY, LEVELS, OPS, RandAugment, parse_policy, randaugment, random_erasing
+from config import ConfigError
+
+FILL = (124, 116, 104)          # ImageNet's mean colour, as timm's create_transform passes it
+HPARAMS = dict(translate_const=100, img_mean=FILL)
+AUTHORS = 'rand-m9-mstd0.5-inc1'
+
+
+def picture(h=40, w=48):
+    """A smooth image with texture, so that every op changes it visibly."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) % 256 + np.random.default_rng(0).integers(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def timm_argument(op, level, sign, monkeypatch):
+    """timm's own level-to-argument function, its random sign fixed to `sign`."""
+    monkeypatch.setattr(timm_aa, '_randomly_negate', lambda v: sign * v)
+    fn = timm_aa.LEVEL_TO_ARG[op]
+    return None if fn is None else fn(level, HPARAMS)[0]
+
+
+ALL_OPS = sorted(APPLY)
+
+# -----------------------------------------------------------------------------
+# 1. The ops: arguments and pixels
+
+
+@pytest.mark.parametrize('op', ALL_OPS)
+def test_argument_at_each_magnitude_is_timms(op, monkeypatch):
+    for level in [i / 4 for i in range(41)] + [8.73, 9.51, 12.0]:    # 12: above 10, reachable with mmax
+        for sign in (1, -1):
+            ours = LEVELS[op](level, sign) if op in LEVELS else None
+            assert ours == timm_argument(op, level, sign, monkeypatch), (op, level, sign)
+    assert (op in LEVELS) == (timm_aa.LEVEL_TO_ARG[op] is not None)
+
+
+def test_arguments_at_magnitude_9():
+    """What m9 means, written out: the strength the issue measured (timm's scale: 9 of 10)."""
+    assert LEVELS['Rotate'](9, 1) == pytest.approx(27.0) and LEVELS['ShearX'](9, -1) == pytest.approx(-0.27)
+    assert LEVELS['TranslateXRel'](9, 1) == pytest.approx(0.405) and LEVELS['PosterizeIncreasing'](9, 1) == 1
+    assert LEVELS['SolarizeIncreasing'](9, 1) == 26 and LEVELS['SolarizeAdd'](9, 1) == 99
+    assert LEVELS['ColorIncreasing'](9, 1) == pytest.approx(1.81)
+    assert LEVELS['ContrastIncreasing'](9, -1) == pytest.approx(0.19)
+
+
+@pytest.mark.parametrize('op', ALL_OPS)
+@pytest.mark.parametrize('sign', [1, -1])
+def test_pixels_on_a_pil_image_are_timms(op, sign, monkeypatch):
+    img = picture()
+    arg = timm_argument(op, 9.0, sign, monkeypatch)
+    theirs = timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL, resample=Image.BICUBIC)
+    ours = APPLY[op](img, arg, list(FILL), v2.InterpolationMode.BICUBIC)
+    assert isinstance(ours, Image.Image)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs)), op
+    assert not np.array_equal(np.asarray(ours), np.asarray(img)) or op in ('AutoContrast',)   # it did something
+
+
+@pytest.mark.parametrize('op', ALL_OPS)
+def test_pixels_on_a_tensor_are_timms_up_to_resampling(op, monkeypatch):
+    """uint8 tensors (Fashion-MNIST, CIFAR): the pixel ops agree to within 1 level (torchvision's grey
+    weights round differently); the geometric ones resample bilinearly, not bicubically, so they agree
+    on average, far closer than the op moves the image (a wrong sign or axis would not)."""
+    img = picture()
+    arg = timm_argument(op, 9.0, -1, monkeypatch)
+    theirs = np.asarray(timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL,
+                                               resample=Image.BICUBIC), dtype=np.int64)
+    ours = APPLY[op](F.pil_to_tensor(img), arg, list(FILL), v2.InterpolationMode.BILINEAR)
+    assert ours.dtype == torch.uint8
+    diff = np.abs(ours.permute(1, 2, 0).numpy().astype(np.int64) - theirs)
+    if op in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'):
+        moved = np.abs(theirs - np.asarray(img, dtype=np.int64)).mean()
+        assert diff.mean() < 0.15 * moved, (op, diff.mean(), moved)
+    else:
+        assert diff.max() <= 1, op
+
+
+def test_extremes_timm_reaches():
+    """Magnitude 10 (clipped noise reaches it ~2% of the time): posterize keeps 0 bits, a black image
+    (Pillow >= 11 refuses 0 bits, so timm itself fails there); magnitude 0: solarize at 256, no change."""
+    img = picture()
+    black = APPLY['PosterizeIncreasing'](img, LEVELS['PosterizeIncreasing'](10.0, 1), list(FILL), None)
+    assert LEVELS['PosterizeIncreasing'](10.0, 1) == 0 and not np.asarray(black).any()
+    same = APPLY['SolarizeIncreasing'](F.pil_to_tensor(img), LEVELS['SolarizeIncreasing'](0.0, 1), list(FILL), None)
+    assert LEVELS['SolarizeIncreasing'](0.0, 1) == 256 and torch.equal(same, F.pil_to_tensor(img))
+
+# -----------------------------------------------------------------------------
+# 2. Policy strings
+
+
+def timm_policy(spec):
+    """timm's RandAugment, its posterize to 0 bits a black image as under the Pillow of the release's day
+    (Pillow >= 11 raises instead, see test_extremes_timm_reaches)."""
+    policy = timm_aa.rand_augment_transform(spec, dict(HPARAMS))
+    for op in policy.ops:
+        if op.name.startswith('Posterize'):
+            op.aug_fn = lambda img, bits, **kw: Image.new(img.mode, img.size) if bits == 0 else \
+                timm_aa.posterize(img, bits)
+    return policy
+
+
+@pytest.mark.parametrize('spec', [AUTHORS, 'rand-m9-mstd0.5', 'rand-m7-n3-p0.3-mstd1.0-mmax15-inc1', 'rand-m9',
+                                  'rand-m5-mstd101'])
+def test_policy_string_reads_as_timm_reads_it(spec):
+    ours, theirs = RandAugment(**parse_policy(spec)), timm_policy(spec)
+    op = theirs.ops[0]
+    assert ours.ops == [o.name for o in theirs.ops]
+    assert (ours.num_ops, ours.magnitude, ours.prob) == (theirs.num_layers, op.magnitude, op.prob)
+    assert ours.std == op.magnitude_std and ours.mmax == (op.magnitude_max or 10)
+
+
+def test_policy_names_and_errors():
+    authors = randaugment(AUTHORS)
+    assert isinstance(authors, RandAugment)
+    assert authors.ops[4:7] == ['PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd']
+    assert len(authors.ops) == len(OPS) == 15 and 'Invert' in authors.ops
+    tv = randaugment('torchvision-m9')
+    assert isinstance(tv, v2.RandAugment) and (tv.num_ops, tv.magnitude, tv.num_magnitude_bins) == (2, 9, 31)
+    assert randaugment('torchvision-m5-n3').num_ops == 3 and randaugment('') is None
+    for bad in ('9', 'rand-x9', 'rand-m9-tweights', 'augmix-m5', 'torchvision-9'):
+        with pytest.raises(ConfigError, match='randaug'):
+            randaugment(bad)
+
+# -----------------------------------------------------------------------------
+# 3. Sampling: 2 ops with replacement, each applied with p 0.5, magnitude N(9, 0.5) clipped to [0, 10]
+
+
+def test_sampling_statistics():
+    torch.manual_seed(0)
+    ra, n = randaugment(AUTHORS), 20000
+    draws = [ra.sample() for _ in range(n)]
+    assert all(len(d) == 2 for d in draws)
+    flat = [x for d in draws for x in d]
+    applied = [m for _, m, _ in flat if m is not None]
+    assert abs(len(applied) / len(flat) - 0.5) < 0.01                       # 4 sigma = 0.01
+    m = torch.tensor(applied, dtype=torch.float64)
+    assert m.min() >= 0 and m.max() == 10.0                                  # clipped, and the clip is reached
+    assert abs((m == 10).double().mean() - 0.0228) < 0.004                   # P(N(9, 0.5) > 10) = P(z > 2)
+    assert abs(m.mean() - 9.0) < 0.01 and abs(m.std() - 0.49) < 0.01        # the clip trims the std a little
+    counts = torch.bincount(torch.tensor([ra.ops.index(op) for op, _, _ in flat]), minlength=15)
+    assert ((counts - 2 * n / 15).abs() < 5 * math.sqrt(2 * n / 15)).all()  # uniform over the 15 ops
+    same = sum(d[0][0] == d[1][0] for d in draws) / n
+    assert abs(same - 1 / 15) < 0.01                                         # drawn with replacement
+    assert abs(sum(s for _, _, s in flat) / len(flat)) < 0.02                # signs balanced
+
+
+def test_sampling_matches_timms():
+    """The two implementations side by side: how often an op is applied, and the distribution of the
+    rotation angle it gets (magnitude noise, clipping and sign together)."""
+    img, n = Image.new('RGB', (8, 8)), 6000
+
+    def record(name, log):
+        return lambda img, *args, **kw: log.append((name, args[0] if args else None)) or img
+    theirs, log = timm_policy(AUTHORS), []
+    for op in theirs.ops:
+        op.aug_fn = record(op.name, log)
+    random.seed(0), np.random.seed(0)
+    for _ in range(n):
+        theirs(img)
+    torch.manual_seed(0)
+    ours = randaugment(AUTHORS)
+    mine = [(op, ours.argument(op, m, s)) for _ in range(n) for op, m, s in ours.sample() if m is not None]
+    assert abs(len(log) - len(mine)) / (2 * n) < 0.02
+    for name in ('Rotate', 'ShearX', 'TranslateYRel'):
+        a = torch.tensor([v for o, v in log if o == name], dtype=torch.float64)
+        b = torch.tensor([v for o, v in mine if o == name], dtype=torch.float64)
+        assert abs(a.abs().mean() - b.abs().mean()) < 0.02 * b.abs().mean(), name
+        assert abs(a.abs().std() - b.abs().std()) < 0.15 * b.abs().std(), name
+        assert abs((a > 0).double().mean() - (b > 0).double().mean()) < 0.1, name
+
+
+def test_policy_changes_images_as_timms_does_on_average():
+    """Whole policy on one image, many times: the mean absolute change per pixel is timm's, and the
+    plain torchvision RandAugment(2, 9) is the weaker one the issue measured."""
+    img = picture()
+    base = np.asarray(img, dtype=np.float64)
+
+    def mean_change(policy, n=300):
+        return np.mean([np.abs(np.asarray(policy(img), dtype=np.float64) - base).mean() for _ in range(n)])
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    theirs, ours = mean_change(timm_policy(AUTHORS)), mean_change(randaugment(AUTHORS))
+    weaker = mean_change(randaugment('torchvision-m9'))
+    assert abs(ours - theirs) < 0.15 * theirs, (ours, theirs)
+    assert weaker < ours
+
+# -----------------------------------------------------------------------------
+# 4. Random erasing: timm's mode 'pixel', one box
+
+
+def boxes(erase, n, shape=(3, 64, 48)):
+    """(fraction of images erased, their box areas / image area, box h / w, the noise values)."""
+    areas, aspects, values = [], [], []
+    for _ in range(n):
+        out = erase(torch.zeros(shape))
+        hit = out.ne(0).any(0)                                                 # (H, W)
+        if hit.any():
+            rows, cols = hit.any(1).nonzero(), hit.any(0).nonzero()
+            h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+            assert hit.sum() == h * w                                          # one solid rectangle
+            areas.append(h * w / (shape[1] * shape[2]))
+            aspects.append(h / w)
+            values.append(out[:, hit])
+    return len(areas) / n, torch.tensor(areas), torch.tensor(aspects), torch.cat(values, 1)
+
+
+def test_random_erasing_is_timms_pixel_mode():
+    torch.manual_seed(0), random.seed(0)
+    ours = boxes(random_erasing(0.25), 4000)
+    theirs = boxes(TimmRandomErasing(0.25, mode='pixel', max_count=1, device='cpu'), 4000)
+    for (p, areas, aspects, values) in (ours, theirs):
+        assert abs(p - 0.25) < 0.03
+        assert areas.min() >= 0.015 and areas.max() <= 0.35                   # 2% .. 1/3, rounded to pixels
+        assert aspects.min() >= 0.25 and aspects.max() <= 4.0                  # 0.3 .. 1/0.3, likewise
+        assert abs(values.mean()) < 0.02 and abs(values.std() - 1) < 0.02      # N(0, 1) per pixel, not zeros
+    assert abs(ours[1].mean() - theirs[1].mean()) < 0.012                      # mean area ~0.17
+    assert abs(ours[2].log().mean() - theirs[2].log().mean()) < 0.1            # log aspect, symmetric
+    assert abs(ours[2].log().std() - theirs[2].log().std()) < 0.05

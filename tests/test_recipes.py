@@ -1,0 +1,161 @@
+"""Every --data imagenet preset, field for field, against the commands it comes from (written out here,
+with their sources; RECIPES.md says the same in prose), and the two places where a recipe is more than
+its numbers: the release's layer-wise lr decay and its copy schedule. Also: the fine-tuning head's
+initialisation, and that the ImageNet fine-tuning recipe cannot run without weights by accident."""
+import math
+from dataclasses import asdict, fields
+
+import pytest
+import torch
+
+from attention_copy import PRESETS as COPY, CopyConfig
+from attention_distill import PRESETS as DISTILL, DistillConfig
+from config import ConfigError, parse_config
+from conftest import run_script
+from engine import build_optimizer, lr_at
+from finetune import FinetuneConfig, build_model, presets
+from mae_pretrain import PRESETS as MAE, MAEConfig
+from vit import create_model
+
+# -----------------------------------------------------------------------------
+# The table. Sources: the release's README commands and main_finetune.py defaults (alexlioralexli/
+# attention-transfer), MAE's FINETUNE.md / PRETRAIN.md and main_*.py defaults, the MAE paper's Table 11.
+
+# settings of a run, not of a recipe: everything else must be in the table below
+RUN_FIELDS = {'data', 'data_dir', 'val_size', 'out_dir', 'resume', 'amp', 'compile', 'seed', 'fake_size', 'log_every',
+              'save_every', 'max_steps'}
+# timm's augmentation as main_finetune.py sets it up: --aa default, --reprob 0.25 (mode 'pixel', count 1),
+# RandomResizedCrop (0.08, 1) and flip 0.5 (create_transform defaults), label smoothing default 0.1
+AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
+               cutmix=1.0, smoothing=0.1)      # crop_pad: unused at ImageNet scale (the small presets' crop)
+VIT_L = dict(model='vit_large', img_size=224, patch_size=16, embed_dim=None, depth=None, num_heads=None)
+STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_size=0, embed_dim=None, depth=None,
+               num_heads=None, heads='all', transfer='attn')       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
+RECIPES = {
+    'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
+        **VIT_L, **AUGMENT, init='mae_vit_large', scratch=False, global_pool=True, drop_path=0.2, epochs=50,
+        warmup_epochs=5, batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.75,
+        layer_decay_offset=1, beta2=0.999, clip_grad=0.0, ema=0.0, num_workers=10),
+    'scratch': dict(    # MAE paper Table 11 (ViT-L): 4096 = 64 GPUs x 64; no random erasing in the table
+        **VIT_L, **{**AUGMENT, 'reprob': 0.0}, init='', scratch=True, global_pool=True, drop_path=0.2, epochs=200,
+        warmup_epochs=20, batch_size=64, accum_steps=1, blr=1e-4, min_lr=1e-6, weight_decay=0.3, layer_decay=1.0,
+        layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10),
+    'copy': dict(       # release README, Attention Copy: 8 nodes x 8 GPUs x 32 = 2048; --warmup_epochs default 5
+        **STUDENT, **AUGMENT, layers='all', global_pool=True, drop_path=0.0, epochs=100, warmup_epochs=5,
+        batch_size=32, accum_steps=1, blr=1e-3, min_lr=2e-3, weight_decay=0.05, layer_decay=0.75,
+        layer_decay_offset=0, beta2=0.999, clip_grad=0.0, ema=0.9999, num_workers=10),
+    'distill': dict(    # release README, Attention Distillation: --end_layer -6, --atd_weight 3.0
+        **STUDENT, **AUGMENT, layers='0-17', weight=3.0, global_pool=True, drop_path=0.2, epochs=200,
+        warmup_epochs=20, batch_size=32, accum_steps=1, blr=1e-4, min_lr=1e-6, weight_decay=0.3, layer_decay=1.0,
+        layer_decay_offset=0, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10),
+    'mae_pretrain': dict(   # MAE PRETRAIN.md: 8 nodes x 8 GPUs x 64 = 4096; main_pretrain.py: crop (0.2, 1), flip
+        **VIT_L, global_pool=False, drop_path=0.0, hflip=0.5, min_scale=0.2, crop_pad=2, randaug='', reprob=0.0,
+        mixup=0.0, cutmix=0.0, smoothing=0.0, epochs=800, warmup_epochs=40, batch_size=64, accum_steps=1, blr=1.5e-4,
+        min_lr=0.0, weight_decay=0.05, layer_decay=1.0, layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.0,
+        num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True),
+}
+GLOBAL_BATCH = {'finetune': (32, 1024), 'scratch': (64, 4096), 'copy': (64, 2048), 'distill': (64, 2048),
+                'mae_pretrain': (64, 4096)}     # GPUs, the batch the recipe's blr is scaled by
+
+
+def imagenet_config(script, *flags):
+    argv = ['--data', 'imagenet', *flags]
+    cls, chosen = {'finetune': (FinetuneConfig, presets(argv)), 'copy': (CopyConfig, COPY),
+                   'distill': (DistillConfig, DISTILL), 'mae_pretrain': (MAEConfig, MAE)}[script]
+    return cls, parse_config(cls, chosen, argv)
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_every_field_of_every_imagenet_preset(name):
+    script, flags = ('finetune', ['--scratch', 'true']) if name == 'scratch' else (name, [])
+    cls, cfg = imagenet_config(script, *flags)
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in RUN_FIELDS}
+    assert set(recipe) == {f.name for f in fields(cls)} - RUN_FIELDS
+    assert recipe == RECIPES[name]
+    gpus, batch = GLOBAL_BATCH[name]
+    assert cfg.batch_size * cfg.accum_steps * gpus == batch
+
+# -----------------------------------------------------------------------------
+# Layer-wise lr decay: util/lr_decay.py of the release (num_layers = depth for its dual model) and of MAE
+# (num_layers = depth + 1), written out
+
+
+def release_lr_scales(names, decay, num_layers):
+    """{parameter name: lr scale} by param_groups_lrd / get_layer_id_for_vit."""
+    scales = [decay ** (num_layers - i) for i in range(num_layers + 1)]
+
+    def layer_id(n):
+        if n.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+            return 0
+        if n.startswith('blocks'):
+            return int(n.split('.')[1]) + 1
+        return num_layers
+    return {n: scales[layer_id(n)] for n in names}
+
+
+def lr_scales(cfg, model):
+    opt = build_optimizer(cfg, model, lr=1.0)
+    by_id = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
+    return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('depth', [2, 24])
+def test_layer_decay_counts_as_the_release_and_as_mae(depth):
+    _, copy = imagenet_config('copy')
+    _, ft = imagenet_config('finetune')
+    for no_qk in ((), range(depth)):      # a plain ViT and a copy student (no q/k in its copied blocks)
+        model = create_model('vit_tiny', depth=depth, embed_dim=48, num_heads=3, img_size=32, patch_size=8,
+                             num_classes=10, global_pool=True, no_qk_layers=no_qk)
+        names = [n for n, _ in model.named_parameters()]
+        assert lr_scales(copy, model) == pytest.approx(release_lr_scales(names, 0.75, depth))
+        assert lr_scales(ft, model) == pytest.approx(release_lr_scales(names, 0.75, depth + 1))
+    ours = lr_scales(copy, model)
+    if depth == 24:    # ViT-L under the copy recipe: the last block trains at the full lr, not 0.75x
+        assert ours['blocks.23.mlp.fc2.weight'] == ours['head.weight'] == 1.0
+        assert ours['blocks.0.attn.v.weight'] == pytest.approx(0.75 ** 23)
+        assert ours['pos_embed'] == pytest.approx(0.75 ** 24)
+
+# -----------------------------------------------------------------------------
+# The copy schedule: peak 1e-3 x 2048 / 256 = 8e-3, 5 warm-up epochs, cosine down to an absolute 2e-3
+
+
+def test_copy_schedule_is_the_releases():
+    _, cfg = imagenet_config('copy')
+    peak = cfg.blr * 2048 / 256
+
+    def release(epoch):    # util/lr_sched.adjust_learning_rate
+        if epoch < cfg.warmup_epochs:
+            return peak * epoch / cfg.warmup_epochs
+        return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - 5) / (100 - 5)))
+    for epoch in [0.0, 0.3, 2.5, 4.99, 5.0, 17.2, 50.0, 99.9, 100.0]:
+        assert lr_at(cfg, peak, epoch) == pytest.approx(release(epoch), rel=1e-12), epoch
+    assert peak == 8e-3 and lr_at(cfg, peak, 5.0) == pytest.approx(8e-3)
+    assert lr_at(cfg, peak, 100.0) == pytest.approx(2e-3)
+
+# -----------------------------------------------------------------------------
+# Fine-tuning: a new head starts at std 2e-5 (MAE main_finetune); no weights only with --scratch true
+
+
+def test_new_head_starts_near_zero(tmp_path):
+    small = dict(depth=2, embed_dim=48, num_heads=3, img_size=32, patch_size=8, global_pool=True)
+    src = create_model('vit_tiny', **small, num_classes=0)       # an encoder, as MAE's pre-trained checkpoints
+    torch.save({'model': src.state_dict()}, tmp_path / 'encoder.pt')
+    torch.manual_seed(0)
+    head = build_model(FinetuneConfig(**small, init=str(tmp_path / 'encoder.pt')), 100).head.weight   # (100, 48)
+    assert 1.5e-5 < head.std() < 2.5e-5 and head.abs().max() < 1e-4
+    scratch = build_model(FinetuneConfig(**small), 100).head.weight
+    assert 0.015 < scratch.std() < 0.025                           # vit.py's 0.02 from scratch
+    full = create_model('vit_tiny', **small, num_classes=100)      # a classifier for this very task keeps its head
+    torch.save({'model': full.state_dict()}, tmp_path / 'classifier.pt')
+    assert torch.equal(build_model(FinetuneConfig(**small, init=str(tmp_path / 'classifier.pt')), 100).head.weight,
+                       full.head.weight)
+
+
+def test_imagenet_fine_tuning_without_weights_is_refused():
+    with pytest.raises(ConfigError, match='--scratch true'):
+        presets(['--data', 'imagenet', '--init', ''])
+    with pytest.raises(ConfigError, match='drop --init'):
+        presets(['--data', 'imagenet', '--scratch', 'true', '--init', 'mae_vit_large'])
+    assert parse_config(FinetuneConfig, presets(['--data', 'fake']), ['--data', 'fake']).init == ''   # small: scratch
+    p = run_script('finetune.py', '--data', 'imagenet', '--init', '', '--out-dir', 'runs/never-made')
+    assert p.returncode != 0 and p.stderr.strip().count('\n') == 0 and '--scratch true' in p.stderr
