@@ -23,7 +23,7 @@ import torch.nn as nn
 from checkpoints import load_weights, read_checkpoint
 from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
-from teacher import TransferConfig, build_student, load_teacher, teacher_outputs, teacher_record
+from teacher import TransferConfig, build_student, student_presets, load_teacher, teacher_outputs, teacher_record
 
 
 @dataclass
@@ -31,7 +31,7 @@ class CopyConfig(TransferConfig):
     out_dir: str = 'runs/copy'
 
 
-PRESETS = {**{k: {**v, 'model': 'teacher', 'patch_size': 0} for k, v in SMALL_PRESETS.items()},
+PRESETS = {**student_presets(SMALL_PRESETS),
            # the release's copy command (global batch 2048 = 64 GPUs x 32): min_lr is absolute (the peak is
            # 8e-3), warm-up its default 5 epochs, layer decay counted as its dual model does (offset 0).
            # All 24 layers, as the paper copies; the release's runs copied 0-20: --layers 0-20 (RECIPES.md)

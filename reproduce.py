@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from config import ConfigError, parse_config
-from engine import git_commit, run_main
+from engine import cpu_name, git_commit, run_main
 
 # -----------------------------------------------------------------------------
 # Config
@@ -39,12 +40,14 @@ class ReproduceConfig:
     data: str = 'fashion-mnist'     # fashion-mnist | cifar10 | cifar100 | fake: every script's --data
     data_dir: str = './data'
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae)
+    teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae); the
+                                    # fashion-mnist preset: the shipped teacher (teachers/README.md)
     quick: bool = False             # 1 seed, 100 steps a stage: checks the pipeline, is not a result
     val_size: int = 0               # every stage evaluates on this many held-out training images, not on
                                     # test: the split to choose a budget on; dirs get a -val suffix
-    out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick]
-    results_dir: str = ''           # RESULTS.md, results.json, results.png; empty = results/<data>[-quick]
+    out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick][-val]
+    results_dir: str = ''           # RESULTS.md, results.json, results.png, logs/; empty = <out_dir>/results.
+                                    # The committed ones are refreshed only when named: results/<data>[-quick]
     mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
     epochs: int = 2                 # each of scratch, finetune, copy, distill
     max_steps: int = 0              # stop every stage after this many steps; 0 = the whole schedule
@@ -219,29 +222,45 @@ def table(s):
 
 
 def plot(s, path, split='test'):
-    """Left: final top-1 per method, mean ± std over seeds. Right: test top-1 per epoch, mean over seeds."""
+    """Left: final top-1 per method: each seed a dot, the mean ± std a bar of error (points, not filled bars:
+    the axis starts near the lowest number, and a bar's length would exaggerate the differences).
+    Right: top-1 per epoch, mean over seeds."""
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     fig = Figure(figsize=(11, 4), layout='constrained')
     left, right = fig.subplots(1, 2)
-    ms = [s['methods'][m] for m in STAGES]
-    means, stds = [r['mean'] for r in ms], [r['std'] or 0.0 for r in ms]
-    left.bar_label(left.bar(STAGES, means, yerr=stds, capsize=4, color=[f'C{i}' for i in range(5)]), fmt='%.2f')
-    lo, hi = min(a - b for a, b in zip(means, stds)), max(a + b for a, b in zip(means, stds))
-    left.set_ylim(max(0.0, lo - (hi - lo) - 1), min(100.0, hi + 0.3 * (hi - lo) + 1))   # show the differences
-    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f"mean ± std over {len(ms[0]['top1'])} seed(s)")
-    for i, (m, r) in enumerate(zip(STAGES[:4], ms)):
+    for i, m in enumerate(STAGES):
+        r = s['methods'][m]
+        left.scatter([i] * len(r['top1']), r['top1'], s=14, color=f'C{i}', alpha=0.5)
+        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=f'C{i}', capsize=4)
+        left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
+    left.set_xticks(range(len(STAGES)), STAGES)
+    left.set_xlim(-0.5, len(STAGES) - 0.2)
+    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f"each seed (dots), mean ± std over "
+             f"{len(s['methods']['scratch']['top1'])} seed(s); the axis does not start at 0")
+    left.grid(axis='y', alpha=0.3)
+    for i, m in enumerate(STAGES[:4]):
+        r = s['methods'][m]
         right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
     right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
+
+
+def teacher_made(path):
+    """How a shipped teacher was made (mae_pretrain.py --export records it), or None."""
+    return torch.load(path, map_location='cpu', weights_only=True).get('made') if os.path.isfile(path) else None
 
 
 def report(cfg, s, runs, root, prov):
     """RESULTS.md: the table, what its columns mean, how it was made."""
     mae = [r for r in runs if r['stage'] == 'mae']
+    made = teacher_made(cfg.teacher)
     teacher = (f"MAE, pre-trained here on the training split ({cfg.mae_epochs} epoch(s), held-out masked MSE "
-               f"{mae[0]['metrics']['mse']:.4f}, {mae[0]['wall_s'] / 60:.1f} min)" if mae else f'`{cfg.teacher}`')
+               f"{mae[0]['metrics']['mse']:.4f}, {mae[0]['wall_s'] / 60:.1f} min)" if mae else
+               f"`{cfg.teacher}` (MAE, {made['epoch']:.0f} epochs on the training split, held-out masked MSE "
+               f"{made['held_out_mse']:.4f}; made by `{made['command']}`, not counted in the wall times)" if made
+               else f'`{cfg.teacher}`')
     quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
     steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
     split = (f'top-1 on {cfg.val_size} training images held out from every stage (--val-size), never the test\n'
@@ -270,9 +289,20 @@ never the best epoch's; nothing was chosen by looking at the test split.
 - command: `{prov['command']}`
 - git commit: {prov['git_commit']}
 - machine: {'; '.join(sorted({r['machine'] for r in runs}))}
-- run directories (config, log, metrics, checkpoint, done.json): `{root}/<stage>/seed<k>`
+- every stage's log, per-epoch metrics, config and done.json: [`logs/<stage>/seed<k>/`](logs/) (the run
+  directories, checkpoints included, were `{root}/<stage>/seed<k>`)
 - written {time.strftime('%Y-%m-%d %H:%M %Z')}
 """
+
+def keep_logs(runs, root, dest):
+    """Each stage's small files (log, per-epoch metrics, config, done.json; not its checkpoint) beside the
+    report, so a committed result carries its logs even though run directories are not committed."""
+    for r in runs:
+        out = os.path.join(dest, os.path.relpath(r['run_dir'], root))
+        os.makedirs(out, exist_ok=True)
+        for f in ('log.txt', 'metrics.jsonl', 'config.json', 'done.json', 'ensemble.json'):
+            if os.path.exists(os.path.join(r['run_dir'], f)):
+                shutil.copyfile(os.path.join(r['run_dir'], f), os.path.join(out, f))
 
 # -----------------------------------------------------------------------------
 # Main
@@ -282,12 +312,13 @@ def main():
     cfg = parse()
     name = cfg.data + '-quick' * cfg.quick + '-val' * bool(cfg.val_size)
     root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
-    results_dir = cfg.results_dir or os.path.join('results', name)
+    results_dir = cfg.results_dir or os.path.join(root, 'results')
     git = [git_commit(), git_commit('status', '--porcelain', '--', '*.py')]
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     prov = {'command': shlex.join(['python', 'reproduce.py', *sys.argv[1:]]),
             'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),
-            'machine': f'{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}'}
+            'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
+                       f'device {device}'}
     runs = [] if cfg.teacher else [run_stage(cfg, 'mae', 0, root, '', prov['machine'])]
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
     runs += [run_stage(cfg, stage, seed, root, teacher, prov['machine']) for seed in cfg.seeds for stage in STAGES]
@@ -298,7 +329,8 @@ def main():
     Path(results_dir, 'results.json').write_text(json.dumps({**prov, 'config': asdict(cfg), 'teacher': teacher,
                                                              'summary': s, 'stages': runs, 'paper': PAPER}, indent=2))
     plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
-    print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png')
+    keep_logs(runs, root, os.path.join(results_dir, 'logs'))
+    print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png, logs/')
 
 
 if __name__ == '__main__':

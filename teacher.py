@@ -76,6 +76,13 @@ def cast_matmul_weights(model, dtype):
     return model
 
 
+def student_presets(presets):
+    """finetune.py's recipes for a student shaped like its teacher: model 'teacher', the teacher's patch, and
+    none of the recipe's size fields (its width would otherwise silently replace the teacher's)."""
+    return {k: {**{f: x for f, x in v.items() if f not in ('embed_dim', 'depth', 'num_heads')},
+                'model': 'teacher', 'patch_size': 0} for k, v in presets.items()}
+
+
 def build_student(cfg, teacher, num_classes, layers, no_qk=False):
     """A randomly initialised ViT with the teacher's depth, heads and token grid (checked).
     no_qk: the transferred layers get no query/key projections (a copy student never uses them)."""

@@ -163,7 +163,8 @@ def test_presets_and_config_errors():
 @pytest.fixture(scope='module')
 def mae_run(tmp_path_factory):
     d = tmp_path_factory.mktemp('mae')
-    p = run_script('mae_pretrain.py', *TINY, '--out-dir', d, '--max-steps', '3', '--log-every', '1')
+    p = run_script('mae_pretrain.py', *TINY, '--out-dir', d, '--max-steps', '3', '--log-every', '1',
+                   '--export', d / 'shipped' / 'teacher.pt')
     assert p.returncode == 0, f'mae_pretrain.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     return d, p
 
@@ -201,3 +202,28 @@ def test_checkpoint_initialises_finetune_and_teaches_distillation(mae_run, tmp_p
                    '--teacher', d / 'checkpoint.pt', '--max-steps', '2')
     assert p.returncode == 0, f'attention_distill.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     assert read_metrics(tmp_path / 'distill')[-1]['step'] == 2
+
+
+def test_export_is_the_encoder_alone_and_says_how_it_was_made(mae_run):
+    d, _ = mae_run
+    ck, out = (torch.load(f, weights_only=True) for f in (d / 'checkpoint.pt', d / 'shipped' / 'teacher.pt'))
+    assert set(out) == {'model', 'arch', 'config', 'made'}   # no optimiser, EMA, RNG or decoder
+    assert set(out['model']) == set(VisionTransformer(**ck['arch']).state_dict())
+    assert all(torch.equal(v, ck['model'][k]) for k, v in out['model'].items())
+    assert out['made']['epoch'] == ck['epoch'] and out['made']['held_out_mse'] == ck['metrics']['mse']
+    assert out['made']['command'].startswith('python mae_pretrain.py') and '--export' in out['made']['command']
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():   # the same teacher as the full checkpoint, at a fraction of its size
+        assert torch.equal(build_from_checkpoint(str(d / 'shipped' / 'teacher.pt')).eval()(x),
+                           build_from_checkpoint(str(d / 'checkpoint.pt')).eval()(x))
+    assert os.path.getsize(d / 'shipped' / 'teacher.pt') < 0.6 * os.path.getsize(d / 'checkpoint.pt')
+
+
+def test_export_never_writes_over_a_file(mae_run, tmp_path):
+    d, _ = mae_run
+    target = d / 'shipped' / 'teacher.pt'
+    before = target.read_bytes()
+    p = run_script('mae_pretrain.py', *TINY, '--out-dir', tmp_path / 'again', '--max-steps', '1', '--export', target)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert '--export' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert target.read_bytes() == before and not (tmp_path / 'again').exists()

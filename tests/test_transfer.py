@@ -152,3 +152,18 @@ def test_student_must_fit_teacher():
     for bad in ('9', 'x', '2-'):
         with pytest.raises(ConfigError):
             parse_index(bad, 8, 'layers')
+
+
+@pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])
+def test_small_presets_build_the_teacher_shaped_student(script):
+    """A small preset names model 'teacher': its student takes the teacher's width, depth and heads, never
+    finetune.py's sizes (which once silently made a 128-wide student of a 64-wide teacher)."""
+    import importlib
+    from config import parse_config
+    mod = importlib.import_module(script)
+    teacher = make_teacher()   # 48 wide, unlike any preset
+    for data in ('fashion-mnist', 'cifar10', 'fake'):
+        config_class = mod.CopyConfig if script == 'attention_copy' else mod.DistillConfig
+        cfg = parse_config(config_class, mod.PRESETS, ['--data', data, '--img-size', str(teacher.arch['img_size'])])
+        student = build_student(cfg, teacher, 5, [0])
+        assert all(student.arch[k] == teacher.arch[k] for k in ('embed_dim', 'depth', 'num_heads')), data
