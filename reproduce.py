@@ -68,7 +68,7 @@ class ReproduceConfig:
 #   epochs 1.5, evaluations 1.3: ~26 PFLOP = 22 min at an effective 20 TFLOP/s (a model this small uses a
 #   few % of a GPU's peak), 44 min at 10; the loaders must deliver ~5k images/s (8 workers).
 PRESETS = {
-    'fashion-mnist': dict(mae_epochs=10, epochs=2),
+    'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=1),
     'cifar10': dict(mae_epochs=50, epochs=20, num_workers=8),
     'cifar100': dict(mae_epochs=50, epochs=20, num_workers=8),
     'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),

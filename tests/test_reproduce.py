@@ -6,11 +6,11 @@ import os
 import pytest
 
 from config import ConfigError, parse_config
-from conftest import TINY, read_metrics, run_script
+from conftest import ROOT, TINY, read_metrics, run_script
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from reproduce import LABELS, STAGES, format_gap, gap_closed, mean_std, parse, plan_stage, run_dir, stage_command
+from reproduce import LABELS, PRESETS, QUICK, STAGES, format_gap, gap_closed, mean_std, parse, plan_stage, run_dir, stage_command
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -38,9 +38,11 @@ def test_mean_std_formatting():
 
 def test_presets_quick_and_your_flags():
     full = parse(['--data', 'fashion-mnist'])
-    assert (full.seeds, full.mae_epochs, full.epochs, full.max_steps) == ([0, 1, 2], 10, 2, 0)
+    assert all(getattr(full, k) == v for k, v in PRESETS['fashion-mnist'].items()) and full.seeds == [0, 1, 2]
     quick = parse(['--data', 'fashion-mnist', '--quick', 'true'])
-    assert (quick.seeds, quick.mae_epochs, quick.epochs, quick.max_steps) == ([0], 1, 1, 100)
+    assert all(getattr(quick, k) == v for k, v in QUICK.items())
+    assert quick.teacher == full.teacher and os.path.isfile(os.path.join(ROOT, full.teacher))   # shipped
+    assert parse(['--teacher', '']).teacher == ''                          # or pre-train their own
     assert parse(['--quick', 'true', '--seeds', '3', '4', '--max-steps', '7']).seeds == [3, 4]   # flags win
     assert parse(['--data', 'cifar10']).epochs == 20 and parse(TINY).max_steps == 2
     for bad in (['--data', 'imagenet'], ['--seeds', '1', '1']):
