@@ -170,3 +170,14 @@ def test_interrupted_stage_is_resumed(first_run):
     with open(os.path.join(scratch, 'done.json')) as f:
         done = json.load(f)
     assert done['resumed'] and done['metrics']['step'] == 2 and done['command'][-2:] == ['--resume', 'true']
+
+
+def test_one_learning_rate_for_every_training_stage(tmp_path):
+    cfg = parse([*TINY, '--blr', '3e-3'])
+    for stage in STAGES[:4]:
+        cmd = stage_command(cfg, stage, 0, str(tmp_path), 't.pt')
+        assert cmd[cmd.index('--blr') + 1] == '0.003', stage
+    assert '--blr' not in stage_command(cfg, 'mae', 0, str(tmp_path), '') + \
+        stage_command(cfg, 'ensemble', 0, str(tmp_path), 't.pt') + stage_command(parse(TINY), 'copy', 0, str(tmp_path), 't.pt')
+    with pytest.raises(ConfigError):
+        parse([*TINY, '--blr', '-1'])
