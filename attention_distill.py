@@ -51,6 +51,9 @@ def attention_cross_entropy(teacher_logits, student_logits):
     return -(p * student_logits.float().log_softmax(-1)).sum(-1).mean()
 
 
+CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on a CPU (256 KB in fp32)
+
+
 class FusedAttentionCrossEntropy(torch.autograd.Function):
     """attention_cross_entropy(t, s) with its gradient made in the forward pass.
 
@@ -60,13 +63,12 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     On a CPU the rows go a few hundred at a time, so that their fp32 softmaxes stay in cache: the
     loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a map entry.
     """
-    CPU_CHUNK = 2 ** 16     # floats per row chunk (256 KB in fp32)
 
     @staticmethod
     def forward(ctx, teacher_logits, student_logits):
         n = student_logits.shape[-1]
         t, s = teacher_logits.reshape(-1, n), student_logits.reshape(-1, n)      # (rows, N)
-        rows = len(s) if s.is_cuda else max(1, FusedAttentionCrossEntropy.CPU_CHUNK // n)
+        rows = len(s) if s.is_cuda else max(1, CPU_CHUNK // n)
         diff, total = torch.empty_like(s), s.new_zeros((), dtype=torch.float32)
         for a in range(0, len(s), rows):
             p = torch.softmax(t[a:a + rows], -1, dtype=torch.float32)
@@ -80,10 +82,12 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         diff, = ctx.saved_tensors
-        scale = grad_loss / ctx.count   # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale
-        if diff.is_cuda:                # (no .item(): it would wait for the GPU)
+        # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale. No .item(): on CUDA it
+        # would wait for the GPU, and torch.compile could not trace it.
+        scale = grad_loss / ctx.count
+        if diff.is_cuda:     # a CUDA kernel would round the fp32 scale to diff's dtype first
             return None, (diff.float() * scale).to(diff.dtype)
-        return None, diff * scale.item()              # a CPU scalar multiplies in fp32, one pass
+        return None, diff * scale     # a 0-dim CPU tensor multiplies as an fp32 scalar, in one pass
 
 
 def distill_loss(own, target, transfer, heads=None):
@@ -95,24 +99,56 @@ def distill_loss(own, target, transfer, heads=None):
     return F.mse_loss(own.float(), target.float())
 
 
+class LayerLosses:
+    """consume(i, kept) for the student's forward: runs the teacher on to its layer i and returns the
+    attention loss of the student's layer i against it.
+
+    Teacher and student run interleaved, so one layer's pair of maps is alive at a time, never all of them;
+    the teacher stops inside its last transferred layer (q and k only). One object serves every step, and
+    start(images) sets its per-step state as data (the teacher's tokens and how far it has run): torch.compile
+    then traces the teacher into the student's graph once. A fresh closure over a generator each step could
+    not be traced, and a graph break inside the student's loop over blocks sent the whole forward back to
+    eager, compiled block by block until dynamo's recompile limit.
+    """
+
+    def __init__(self, teacher, layers, name, transfer, heads=None):
+        self.teacher, self.last, self.name, self.transfer, self.heads = teacher, max(layers), name, transfer, heads
+
+    def start(self, images):
+        self.tokens, self.ran = images, -1           # (B, C, H, W) until the teacher's embedding has run
+        return self
+
+    def __call__(self, i, kept):
+        with torch.no_grad():
+            target = self.teacher_at(i)
+        return distill_loss(kept[self.name], target, self.transfer, self.heads)
+
+    def teacher_at(self, i):
+        """The teacher's logits (B, H, N, N) or q / k / v (B, H, N, d) of layer i, running only the blocks
+        between the previous call's layer and i."""
+        assert i > self.ran, f'layers must be asked for in order ({i} after {self.ran})'
+        t = self.teacher
+        x = t.embed(self.tokens) if self.ran < 0 else self.tokens              # (B, 1 + N, D)
+        for block in t.blocks[self.ran + 1:i]:
+            x, _ = block(x)
+        block = t.blocks[i]
+        if i == self.last:    # of the last block, only its norm and projections run
+            target, x = block.attn.internal(block.norm1(x), self.name), None
+        else:
+            x, kept = block(x, keep=(self.name,))
+            target = kept[self.name]
+        self.tokens, self.ran = x, i
+        return target
+
+
 def distill_loss_fn(cfg, teacher, layers, heads):
     """loss_fn(net, images, targets) for engine.fit: CE + weight x attention loss, logged apart.
-
-    Teacher and student run interleaved: the student's layer i hands its logits to layer_loss, which
-    runs the teacher up to its layer i, so one layer's pair of maps is alive at a time, never all of them.
-    """
+    The student's layer i hands its logits to LayerLosses, which runs the teacher up to its layer i."""
     name = 'logits' if cfg.transfer == 'attn' else cfg.transfer
+    layer_losses, keep = LayerLosses(teacher, layers, name, cfg.transfer, heads), {i: (name,) for i in layers}
 
     def loss_fn(net, x, y):
-        targets = teacher.iter_attention(x, layers, name)       # the teacher stops at max(layers)
-
-        def layer_loss(i, kept):
-            with torch.no_grad():
-                j, target = next(targets)
-            assert i == j, (i, j)
-            return distill_loss(kept[name], target, cfg.transfer, heads)
-
-        logits, losses = net(x, keep={i: (name,) for i in layers}, consume=layer_loss)
+        logits, losses = net(x, keep=keep, consume=layer_losses.start(x))
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         attn = sum(losses.values())
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}

@@ -1,15 +1,29 @@
-"""Shared fixtures: the repository root on sys.path, and a helper that runs a script of the repo
-in a subprocess (tiny, single-threaded: the machine is small and shared)."""
+"""Shared fixtures: the repository root on sys.path, the `gpu` marker (such tests skip without CUDA), and a
+helper that runs a script of the repo in a subprocess (tiny, single-threaded: the machine is small and shared)."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA device; `python -m pytest -m gpu tests` runs only these')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA every `gpu` test is reported as skipped (never deselected: the run still counts them)."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if 'gpu' in item.keywords:
+                item.add_marker(pytest.mark.skip(reason='needs a CUDA device'))
+
 
 # a tiny run: the `fake` preset (depth 2, patch 8, 32x32) on 256 images, no worker processes
 TINY = ['--data', 'fake', '--fake-size', '256', '--num-workers', '0']
@@ -51,3 +65,17 @@ def blocks_run(model):
     for i, b in enumerate(model.blocks):
         b.register_forward_hook(lambda mod, inp, out, i=i: ran.append(i))
     return ran
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 on CUDA in true fp32: TF32 off (engine.setup turns it on for training), restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def relative_distance(a, b):
+    """|a - b| / |b| over whole tensors (L2): how far a result is from its reference."""
+    return ((a - b).norm() / b.norm()).item()

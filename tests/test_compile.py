@@ -1,0 +1,83 @@
+"""`--compile true`: each script's student forward (for distillation, with the teacher run inside it, layer
+by layer) is one graph, compiled once and never again over the following steps.
+
+On the CPU with dynamo's aot_eager backend (traces forward and backward like inductor, generates no code:
+seconds); on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
+What this guards against: a per-step closure over the teacher's generator, called inside the student's
+loop over blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on
+its own, recompiling for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs).
+"""
+import functools
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import attention_copy
+import attention_distill
+import finetune
+import mae_pretrain
+from conftest import TINY, finetune as run_finetune, read_metrics
+
+SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
+# (script, backend): on the CPU the two transfer methods; on CUDA every script
+CASES = [('distill', 'aot_eager'), ('copy', 'aot_eager')] + \
+    [pytest.param(script, 'inductor', marks=pytest.mark.gpu) for script in SCRIPTS]
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp('teacher')
+    run_finetune(d, '--max-steps', '2')
+    return str(d / 'checkpoint.pt')
+
+
+def compiled_run(monkeypatch, script, out_dir, backend, *args):
+    """Run a script's main() in this process with --compile true; what dynamo compiled, from its counters.
+    Any recompilation raises (error_on_recompile)."""
+    if backend != 'inductor':
+        monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    monkeypatch.setattr(sys, 'argv', [f'{script}.py', *TINY, '--out-dir', str(out_dir), '--compile', 'true',
+                                      '--max-steps', '4', '--log-every', '1', *args])
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        SCRIPTS[script].main()
+    return dict(counters['frames']), counters['stats']['unique_graphs'], dict(counters['graph_break'])
+
+
+@pytest.mark.parametrize('script, backend', CASES)
+def test_compiled_student_is_one_graph_compiled_once(monkeypatch, tmp_path, teacher_ckpt, exact_fp32, script,
+                                                     backend):
+    teacher = ['--teacher', teacher_ckpt] if script in ('copy', 'distill') else []
+    drop_path = [] if script == 'mae' else ['--drop-path', '0.1']    # a rate per block: constants dynamo guards on
+    frames, graphs, breaks = compiled_run(monkeypatch, script, tmp_path, backend, *teacher, *drop_path)
+    assert frames == {'total': 1, 'ok': 1} and graphs == 1 and not breaks, (frames, graphs, breaks)
+    assert read_metrics(tmp_path)[-1]['step'] == 4
+
+
+def test_compiled_distillation_computes_the_eager_step(tmp_path):
+    """The compiled graph (teacher inside) gives the eager loss and gradients, step after step."""
+    from attention_distill import DistillConfig, distill_loss_fn
+    from vit import VisionTransformer
+    arch = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    teacher = VisionTransformer(**{**arch, 'num_classes': 0}).requires_grad_(False).eval()
+    students = [VisionTransformer(**arch) for _ in range(2)]
+    students[1].load_state_dict(students[0].state_dict())
+    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1], None)
+    torch._dynamo.reset()
+    nets = [students[0], torch.compile(students[1], backend='aot_eager')]
+    for step in range(2):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+        losses = []
+        for student, net in zip(students, nets):
+            student.zero_grad()
+            loss, parts = loss_fn(net, x, y)
+            loss.backward()
+            losses.append((loss.detach(), parts['attn']))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (n, p0), p1 in zip(students[0].named_parameters(), students[1].parameters()):
+            torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-6, msg=n)
