@@ -46,7 +46,7 @@ def copied(teacher, x, layers, heads, transfer):
     """What the student is given: {layer: {'attn': softmax(teacher logits)}} (or q / k / v)."""
     out = teacher_outputs(teacher, x, layers, transfer)
     if transfer == 'attn':
-        out = {i: t.softmax(-1) for i, t in out.items()}
+        out = {i: t.softmax(-1, dtype=t.dtype) for i, t in out.items()}   # CUDA's autocast would make fp32 maps
     if heads is not None:
         return {i: {transfer: t[:, heads], 'heads': heads} for i, t in out.items()}
     return {i: {transfer: t} for i, t in out.items()}

@@ -34,9 +34,10 @@ def setup(cfg):
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
-    if world > 1 and not dist.is_initialized():
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
+    if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
+        torch.cuda.set_device(device)
+    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU
+    if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=device
                                 if device.type == 'cuda' else None)
     if device.type == 'cuda':
@@ -64,7 +65,8 @@ def amp_dtype(amp, device):
         raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
     if amp == 'auto':
         if device.type == 'cuda':
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # native only: before Ampere (a T4) bf16 is emulated, slower than fp16 with a GradScaler
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
         return torch.bfloat16 if cpu_bf16 else None
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
@@ -229,7 +231,8 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     lr = cfg.blr * eff_batch / 256
     log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
                   f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
-                  f'{env.world} process(es) on {env.device} | autocast {env.dtype}')
+                  f'{env.world} process(es) on {env.device}'
+                  + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
     opt = build_optimizer(cfg, model, lr)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
@@ -251,7 +254,8 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
         if step % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
             torch.set_rng_state(ck['rng'][env.rank])
         log(env, cfg, f'resumed from {ckpt_path} at step {step}')
-    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) if env.world > 1 else None
+    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
+        if dist.is_initialized() else None
     net = torch.compile(ddp or model) if cfg.compile else ddp or model
     mixer = batch_mixer(cfg, num_classes)
 

@@ -87,7 +87,8 @@ class Attention(nn.Module):
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             if 'logits' in keep:
                 kept['logits'] = logits
-            p = _put(logits.softmax(-1), attn, heads)       # copy a subset of heads, if given
+            # in v's dtype: CUDA's autocast would make an fp32 softmax, kept for backward next to its cast
+            p = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)   # copy a subset of heads, if given
             out = p.to(v.dtype) @ v                          # (B, H, N, d)
         kept.update({n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep})
         out = rearrange(out, 'b h n d -> b n (h d)')

@@ -1,0 +1,97 @@
+"""Every script as a user launches it on a GPU (`python -m pytest -m gpu tests`): under torchrun, whose one
+process still starts NCCL and wraps the student in DDP (the multi-GPU path, on one GPU), and a checkpoint
+written on CUDA resumed on CUDA and loaded on the CPU. The one-process torchrun on a CPU (gloo) too."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attention_copy import load_copy_model
+from checkpoints import build_from_checkpoint
+from conftest import ROOT, TINY, read_metrics, relative_distance, sub_env
+from test_cli import free_port
+
+gpu = pytest.mark.gpu
+
+
+def launch(script, out_dir, *args, torchrun=True, steps=3):
+    """Run a script on fake data (python or 1-process torchrun); asserts success, returns stdout + stderr."""
+    launcher = ['-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '1', '--master_addr',
+                '127.0.0.1', '--master_port', str(free_port())] if torchrun else []
+    env = {**sub_env(), 'TORCH_LOGS': 'recompiles'}      # dynamo says so on stderr if it ever recompiles
+    p = subprocess.run([sys.executable, *launcher, script, *TINY, '--out-dir', str(out_dir), '--max-steps',
+                        str(steps), '--log-every', '1', *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, f'{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}'
+    return p.stdout + p.stderr
+
+
+def test_one_process_torchrun_starts_the_process_group_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('on a GPU machine torchrun runs on NCCL (the tests below)')
+    log = launch('finetune.py', tmp_path, steps=2)
+    assert '1 process(es) on cpu (gloo)' in log and read_metrics(tmp_path)[-1]['step'] == 2
+
+
+def auto_dtype():
+    return 'torch.bfloat16' if torch.cuda.get_device_capability()[0] >= 8 else 'torch.float16'
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp('finetune')
+    log = launch('finetune.py', out)
+    assert '1 process(es) on cuda:0 (nccl)' in log and f'autocast {auto_dtype()}' in log
+    return out / 'checkpoint.pt'
+
+
+@gpu
+@pytest.mark.parametrize('script, args', [
+    ('mae_pretrain.py', []),
+    ('attention_copy.py', ['--teacher']),
+    ('attention_distill.py', ['--teacher', '--layers', '0']),
+    ('attention_distill.py', ['--teacher', '--amp', 'fp16', '--accum-steps', '2']),   # GradScaler, DDP no_sync
+    ('attention_distill.py', ['--teacher', '--compile', 'true', '--accum-steps', '2', '--drop-path', '0.1']),
+    ('attention_copy.py', ['--teacher', '--compile', 'true', '--amp', 'fp16'])],
+    ids=['mae', 'copy', 'distill', 'distill-fp16-accum', 'distill-compile-ddp', 'copy-compile-fp16'])
+def test_script_under_torchrun_on_nccl(teacher, tmp_path, script, args):
+    args = list(args)
+    if '--teacher' in args:
+        args.insert(args.index('--teacher') + 1, str(teacher))
+    log = launch(script, tmp_path, *args)
+    assert '1 process(es) on cuda:0 (nccl)' in log
+    assert f"autocast {'torch.float16' if 'fp16' in args else auto_dtype()}" in log
+    assert 'Recompiling function' not in log
+    assert read_metrics(tmp_path)[-1]['step'] == 3
+    ck = torch.load(tmp_path / 'checkpoint.pt', map_location='cpu', weights_only=True)
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ck['model'])    # the raw student is saved
+    assert all(v.isfinite().all() for v in ck['model'].values())
+    if 'fp16' in args:
+        assert 0 < ck['scaler']['scale'] < float('inf')
+
+
+@gpu
+def test_checkpoint_written_on_cuda_resumes_on_cuda_and_loads_on_cpu(tmp_path, exact_fp32):
+    out = tmp_path / 'run'
+    launch('finetune.py', out, '--amp', 'fp16', '--ema', '0.9', torchrun=False)
+    log = launch('finetune.py', out, '--amp', 'fp16', '--ema', '0.9', '--resume', 'true', torchrun=False, steps=6)
+    assert 'resumed from' in log and 'at step 3' in log
+    ck = torch.load(out / 'checkpoint.pt', map_location='cpu', weights_only=True)
+    assert ck['step'] == 6 and [m['step'] for m in read_metrics(out)] == [3, 6]
+    assert all(t.device.type == 'cpu' for t in ck['model'].values())
+    on_cpu = build_from_checkpoint(str(out / 'checkpoint.pt')).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = on_cpu(x)
+        assert relative_distance(on_cpu.cuda()(x.cuda()).cpu(), ref) < 1e-5
+
+
+@gpu
+def test_transfer_checkpoints_from_cuda_load_on_cpu(teacher, tmp_path):
+    launch('attention_copy.py', tmp_path / 'copy', '--teacher', teacher)
+    launch('attention_distill.py', tmp_path / 'distill', '--teacher', teacher)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert load_copy_model(str(tmp_path / 'copy' / 'checkpoint.pt'))(x).shape == (2, 10)
+        assert build_from_checkpoint(str(tmp_path / 'distill' / 'checkpoint.pt')).eval()(x).isfinite().all()
