@@ -1,0 +1,137 @@
+"""
+benchmark.py's results as BENCHMARK.md: the table of every case and the targets, met or not; the machine
+they were measured on; where a step's time goes (torch.profiler).
+On a GPU the table adds each model's batch and the MFU: FLOPs per step (teacher included) per second
+against the dense bf16 peak of a large matmul measured in the same run.
+"""
+import os
+import platform
+import time
+
+import torch
+
+from benchmark_cases import PATHS
+from engine import git_commit
+
+# (name, method, path, over method, over path, target): ratio = img/s of the first / img/s of the second
+SPEED_TARGETS = {
+    'cpu': [('distill vs naive fp32', 'distill', 'default', 'distill', 'naive', 4.0),
+            ('distill vs naive bf16', 'distill', 'default', 'distill', 'naive-bf16', 1.2),
+            ('distill vs a plain ViT step', 'distill', 'default', 'train', 'default', 0.78),
+            ('copy vs naive fp32', 'copy', 'default', 'copy', 'naive', 4.2),
+            ('copy vs naive bf16', 'copy', 'default', 'copy', 'naive-bf16', 1.3)],
+    'cuda': [('distill vs a plain ViT step', 'distill', 'default', 'train', 'default', 0.8),
+             ('copy vs naive bf16', 'copy', 'default', 'copy', 'naive-bf16', 1.3)]}
+# the distillation step's share of the GEMM peak (CPU: of its precision's; GPU: MFU), and its peak memory
+# against the naive paths' at the same batch
+PEAK_TARGET = {'cpu': ('distill step >= 65% of GEMM peak', 'peak_fraction', 0.65),
+               'cuda': ('distill step MFU >= 40% of the bf16 peak', 'mfu', 0.40)}
+MEMORY_TARGET = {'cpu': 0.85, 'cuda': 0.8}
+SET_FOR = {'cpu': 'Set for ViT-B/16 at batch 8 on a CPU; the other sizes are shown for reference.',
+           'cuda': 'Set for ViT-L/16 on one H100 in bf16; ViT-B/16 is shown for reference.'}
+
+
+def machine(device):
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+               platform.processor()) if os.path.exists('/proc/cpuinfo') else platform.processor()
+    return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
+            'cpus': os.cpu_count(), 'threads': torch.get_num_threads(), 'platform': platform.platform(),
+            'torch': torch.__version__, 'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+
+
+# where a step's time goes: operators by name, their own time (a kernel's, on a GPU) summed
+GROUPS = {'matmuls': ('mm', 'addmm', 'bmm', 'baddbmm', 'matmul', 'linear', 'convolution', 'convolution_backward',
+                      '_convolution', 'cudnn_convolution'),
+          'fused attention': ('_scaled_dot_product', '_flash_attention', '_efficient_attention', '_cudnn_attention'),
+          'softmax': ('_softmax', '_log_softmax', '_softmax_backward_data', '_log_softmax_backward_data'),
+          'casts and copies': ('copy_', '_to_copy'), 'optimizer': ('_fused_adamw', '_foreach_', 'adamw')}
+
+
+def profile(run, path, device):
+    """One step under torch.profiler: time by group of operators, then the 25 operators taking most."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    ops = [(e.key[len('aten::'):], getattr(e, key)) for e in prof.key_averages() if e.key.startswith('aten::')]
+    total = sum(t for _, t in ops) or 1
+    share = {g: sum(t for op, t in ops if op.startswith(prefixes)) / total for g, prefixes in GROUPS.items()}
+    share['everything else'] = 1 - sum(share.values())
+    with open(path, 'w') as f:
+        f.write('operators\' own time: ' + ', '.join(f'{g} {100 * s:.0f}%' for g, s in share.items()) + '\n\n')
+        f.write(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def targets(rows, size, kind):
+    get = {(r['method'], r['path']): r for r in rows if r['model'] == size and 'img_s' in r}
+    out = []
+    for name, m, p, m2, p2, want in SPEED_TARGETS[kind]:
+        if (m, p) in get and (m2, p2) in get:
+            got = get[m, p]['img_s'] / get[m2, p2]['img_s']
+            out.append({'model': size, 'target': f'{name} >= {want}x', 'got': f'{got:.2f}x', 'met': got >= want})
+    d = get.get(('distill', 'default'), {})
+    name, key, want = PEAK_TARGET[kind]
+    if d.get(key) is not None:
+        out.append({'model': size, 'target': name, 'met': d[key] >= want, 'got': f'{100 * d[key]:.0f}%'})
+    for p2 in ('naive', 'naive-bf16'):
+        n = get.get(('distill', p2), {})
+        if d.get('peak_mb') and n.get('peak_mb'):
+            got, want = d['peak_mb'] / n['peak_mb'], MEMORY_TARGET[kind]
+            out.append({'model': size, 'target': f'distill peak memory vs {p2} <= {want}x', 'got': f'{got:.2f}x',
+                        'met': got <= want})
+    return out
+
+
+def table(rows, gpu):
+    """The markdown table of every case; on a GPU with its batch and MFU."""
+    def f(v, fmt):
+        return '' if v is None else format(v, fmt)
+    base = {(r['model'], r['method']): r['img_s'] for r in rows if r['path'] == 'naive' and 'img_s' in r}
+    columns = [('model', lambda r, _: r['model']), ('method', lambda r, _: r['method']),
+               ('path', lambda r, _: r['path'])]
+    columns += [('batch', lambda r, _: str(r['batch']))] if gpu else []
+    columns += [('img/s', lambda r, _: f(r.get('img_s'), '.2f') or r.get('error', '')),
+                ('vs naive', lambda r, ratio: f(ratio, '.2f') + ('x' if ratio else '')),
+                ('GFLOP / step', lambda r, _: f(r.get('flops') and r['flops'] / 1e9, '.1f'))]
+    columns += [('MFU', lambda r, _: f(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''))] \
+        if gpu else []
+    columns += [('% of GEMM peak', lambda r, _: f(r.get('peak_fraction') and 100 * r['peak_fraction'], '.0f')),
+                ('peak memory (MB)', lambda r, _: f(r.get('peak_mb'), '.0f')),
+                ('step needs (MB)', lambda r, _: f(r.get('step_mb'), '.0f'))]
+    lines = ['| ' + ' | '.join(name for name, _ in columns) + ' |',
+             '|' + '|'.join('---' if i < 3 else '---:' for i in range(len(columns))) + '|']
+    for r in rows:
+        ratio = r['img_s'] / base[r['model'], r['method']] if (r['model'], r['method']) in base and 'img_s' in r \
+            else None
+        lines.append('| ' + ' | '.join(cell(r, ratio) for _, cell in columns) + ' |')
+    return lines
+
+
+def markdown(result):
+    cfg, m, gpu = result['config'], result['machine'], result['device'].startswith('cuda')
+    kind = 'cuda' if gpu else 'cpu'
+    if gpu:
+        rule = 'given' if cfg['batch_size'] else \
+            f"the largest multiple of 8 at which every case fits in {cfg['fill']:.0%} of the GPU's memory"
+        batch = f"Batch per model ({rule}): " + ', '.join(f'{k} {v}' for k, v in result['batches'].items())
+    else:
+        batch = f"Batch {cfg['batch_size']}"
+    at = 'the timed batch' if cfg['memory_batch_size'] < 0 else f"batch {cfg['memory_batch_size']}"
+    memory = (f'Memory: peak `max_memory_allocated` of each case built alone (models, optimiser, two steps) at {at}'
+              if gpu else f'Memory: peak at {at} (RSS of a fresh process)')
+    lines = [f"# Benchmark: {m['device']}", '',
+             f"`python {' '.join(result['argv'])}` | {m['cpus']} CPUs, {m['threads']} torch threads | torch "
+             f"{m['torch']} | commit {m['commit'][:10]} | {m['date']}", '',
+             f"{batch}, {cfg['img_size']}x{cfg['img_size']} images, patch {cfg['patch_size']}; "
+             f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps after {cfg['warmup']} warm-up "
+             f"round(s). Distillation: the first {cfg['distill_frac']:.0%} of the layers; copy: all layers. "
+             f"GEMM peak measured here: " + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in result['gemm_peak'].items())
+             + f'. {memory}.', '']
+    lines += table(result['rows'], gpu)
+    lines += ['', 'Paths:', ''] + [f'- `{p}`: {what}' for p, what in PATHS.items()
+                                   if any(r['path'] == p for r in result['rows'])]
+    lines += ['', '## Targets', '', SET_FOR[kind], '', '| model | target | got | met |', '|---|---|---:|---|']
+    lines += [f"| {t['model']} | {t['target']} | {t['got']} | {'yes' if t['met'] else '**no**'} |" for t in result['targets']]
+    return '\n'.join(lines) + '\n'

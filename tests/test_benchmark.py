@@ -1,0 +1,69 @@
+"""benchmark.py's flags and its GPU side: refusals in one line on any machine; on CUDA
+(`python -m pytest -m gpu tests`) a quick run with MFU and max_memory_allocated, and the batch that fills
+a given share of the memory."""
+import json
+import os
+
+import pytest
+import torch
+
+from benchmark import BenchConfig, configure, device_slug
+from config import ConfigError
+from conftest import run_script
+
+
+@pytest.mark.parametrize('flags, words', [
+    (dict(batch_size=-8), '--batch-size -8'),
+    (dict(methods=['train', 'nope']), '--methods train nope: choose from'),
+    (dict(models=['vit_nope']), '--models vit_nope: choose from'),
+    (dict(profile=['eval-copy']), '--profile eval-copy: choose from'),
+    (dict(device='gpu'), '--device must be auto, cpu or cuda')])
+def test_bad_flags_are_config_errors(flags, words):
+    with pytest.raises(ConfigError, match=words):
+        configure(BenchConfig(**flags))
+
+
+def test_gpu_mode_without_cuda_refuses_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    with pytest.raises(ConfigError, match='fills a GPU'):
+        configure(BenchConfig(batch_size=0))
+    p = run_script('benchmark.py', '--device', 'cuda', '--out-dir', tmp_path)
+    assert p.returncode != 0 and p.stderr.strip().count('\n') == 0 and 'no CUDA device' in p.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_gpu_results_are_named_by_device():
+    assert [device_slug(n) for n in ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB', 'Tesla T4', 'NVIDIA H200',
+                                     'NVIDIA GeForce RTX 4090')] == ['h100', 'a100', 't4', 'h200', 'geforce-rtx-4090']
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, 'benchmark.json')) as f:
+        return json.load(f)
+
+
+@pytest.mark.gpu
+def test_quick_benchmark_on_cuda(tmp_path):
+    p = run_script('benchmark.py', '--quick', 'true', '--out-dir', tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = results(tmp_path)
+    assert r['device'] == 'cuda' and set(r['gemm_peak']) == {'fp32', 'bf16'} and r['batches'] == {'vit_tiny': 4}
+    assert all(0 < row['mfu'] < 1 and row['batch'] == 4 and row['flops'] > 0 for row in r['rows'])
+    distill = {row['path']: row for row in r['rows'] if row['method'] == 'distill'}
+    assert distill['default']['peak_mb'] > 0 and distill['naive']['peak_mb'] > distill['default']['peak_mb']
+    md = open(tmp_path / 'BENCHMARK.md').read()
+    assert torch.cuda.get_device_name() in md and '| MFU |' in md and 'max_memory_allocated' in md
+
+
+@pytest.mark.gpu
+def test_batch_fills_the_given_share_of_gpu_memory(tmp_path):
+    """--fill 0.05: the chosen batch is a multiple of 8 and each case, measured alone at it, stays near 5%."""
+    p = run_script('benchmark.py', '--models', 'vit_tiny', '--depth', '4', '--fill', '0.05', '--methods', 'train',
+                   'distill', '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = results(tmp_path)
+    batch, total_mb = r['batches']['vit_tiny'], torch.cuda.get_device_properties(0).total_memory / 2 ** 20
+    assert batch % 8 == 0 and 8 < batch < 1024
+    peaks = [row['peak_mb'] for row in r['rows'] if 'peak_mb' in row]
+    assert peaks and max(peaks) < 0.05 * total_mb and max(peaks) > 0.02 * total_mb   # the fullest case fills it
