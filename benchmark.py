@@ -155,6 +155,7 @@ def peak_memory(cfg, size, method, path, batch, device='cpu'):
         run(), run()
         peak = torch.cuda.max_memory_allocated(device)
         del run
+        gc.collect()         # the case's models and optimiser go before the next case is built
         torch.cuda.empty_cache()
         return (peak - start) / 2 ** 20, (before - start) / 2 ** 20
     run = Parts(cfg, size, device).step(method, path, batch)
@@ -225,9 +226,10 @@ def measure(cfg, size, device, peak):
             failed[c] = 'out of memory'
             torch.cuda.empty_cache()
     flops.update({(m, 'compile'): flops.get((m, 'default')) for m, p in todo if p == 'compile'})
+    time_by_op = {}     # method: where its default step's time goes
     for m in [m for m in cfg.profile if (m, 'default') in steps]:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        profile(steps[m, 'default'], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
+        time_by_op[m] = profile(steps[m, 'default'], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
     times = time_cases(steps, cfg, device)
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
@@ -246,6 +248,8 @@ def measure(cfg, size, device, peak):
                'peak_fraction': flops[method, path] / step_s / peak[prec] if prec in peak else None}
         if device.type == 'cuda':
             row.update(batch=batch, mfu=flops[method, path] / step_s / peak[half])
+        if path == 'default' and method in time_by_op:
+            row['time_by_op'] = time_by_op[method]
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or (method, path) in (('distill', 'default'), ('distill', 'naive'))):
             args = (cfg, size, method, path, mem_batch)

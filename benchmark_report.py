@@ -48,7 +48,8 @@ GROUPS = {'matmuls': ('mm', 'addmm', 'bmm', 'baddbmm', 'matmul', 'linear', 'conv
 
 
 def profile(run, path, device):
-    """One step under torch.profiler: time by group of operators, then the 25 operators taking most."""
+    """One step under torch.profiler, written to `path`: time by group of operators, then the 25 operators
+    taking most. Returns {group: share of the operators' own time}."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with torch.profiler.profile(activities=acts) as prof:
         run()
@@ -62,6 +63,7 @@ def profile(run, path, device):
     with open(path, 'w') as f:
         f.write('operators\' own time: ' + ', '.join(f'{g} {100 * s:.0f}%' for g, s in share.items()) + '\n\n')
         f.write(prof.key_averages().table(sort_by=key, row_limit=25))
+    return share
 
 
 def targets(rows, size, kind):
@@ -132,6 +134,12 @@ def markdown(result):
     lines += table(result['rows'], gpu)
     lines += ['', 'Paths:', ''] + [f'- `{p}`: {what}' for p, what in PATHS.items()
                                    if any(r['path'] == p for r in result['rows'])]
+    profiled = [r for r in result['rows'] if 'time_by_op' in r]
+    if profiled:
+        lines += ['', '## Where the time goes', '', "One default step under torch.profiler: the operators' own "
+                  f"{'kernel' if gpu else 'CPU'} time by group (the top operators: profile-<model>-<method>.txt).", '']
+        lines += [f"- {r['model']} {r['method']}: " + ', '.join(f'{g} {100 * s:.0f}%' for g, s in r['time_by_op'].items())
+                  for r in profiled]
     lines += ['', '## Targets', '', SET_FOR[kind], '', '| model | target | got | met |', '|---|---|---:|---|']
     lines += [f"| {t['model']} | {t['target']} | {t['got']} | {'yes' if t['met'] else '**no**'} |" for t in result['targets']]
     return '\n'.join(lines) + '\n'
