@@ -1,8 +1,9 @@
-"""benchmark.py's flags and its GPU side: refusals in one line on any machine; on CUDA
+"""benchmark.py's flags and its GPU side: refusals in one line and the GPU report on any machine; on CUDA
 (`python -m pytest -m gpu tests`) a quick run with MFU and max_memory_allocated, and the batch that fills
 a given share of the memory."""
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -67,3 +68,30 @@ def test_batch_fills_the_given_share_of_gpu_memory(tmp_path):
     assert batch % 8 == 0 and 8 < batch < 1024
     peaks = [row['peak_mb'] for row in r['rows'] if 'peak_mb' in row]
     assert peaks and max(peaks) < 0.05 * total_mb and max(peaks) > 0.02 * total_mb   # the fullest case fills it
+
+
+def test_gpu_report_renders_on_any_machine():
+    """The end of a GPU run, checked here: rows as measure() makes them on CUDA give the batch and MFU columns,
+    the targets set for an H100 (one met, one not), an out-of-memory case, and where the time goes."""
+    from benchmark_report import markdown, targets
+
+    def row(method, path, img_s, mfu, peak_mb):
+        return {'model': 'vit_large', 'method': method, 'path': path, 'batch': 64, 'img_s': img_s, 'flops': 1e13,
+                'mfu': mfu, 'peak_fraction': mfu, 'peak_mb': peak_mb, 'step_mb': peak_mb / 2}
+    rows = [row('train', 'default', 500, 0.5, 30e3), row('distill', 'default', 350, 0.45, 40e3),
+            row('distill', 'naive', 70, 0.1, 80e3), {'model': 'vit_large', 'method': 'copy', 'path': 'naive',
+                                                     'batch': 64, 'error': 'out of memory'}]
+    rows[1]['time_by_op'] = {'matmuls': 0.7, 'everything else': 0.3}
+    result = {'config': asdict(configure(BenchConfig(device='cpu'))[0]) | {'batch_size': 0},
+              'machine': {'device': 'NVIDIA H100 80GB HBM3', 'cpus': 16, 'threads': 16, 'torch': torch.__version__,
+                          'commit': 'unknown', 'date': ''},
+              'device': 'cuda', 'argv': ['benchmark.py', '--device', 'cuda'], 'gemm_peak': {'bf16': 8e14},
+              'rows': rows, 'targets': targets(rows, 'vit_large', 'cuda'), 'batches': {'vit_large': 64}}
+    md = markdown(result)
+    assert '# Benchmark: NVIDIA H100' in md and 'vit_large 64' in md and '| batch | img/s |' in md
+    assert '| vit_large | distill | naive | 64 | 70.00 | 1.00x | 10000.0 | 10.0% |' in md
+    assert '| vit_large | copy | naive | 64 | out of memory |' in md
+    assert '- vit_large distill: matmuls 70%, everything else 30%' in md
+    assert '| distill vs a plain ViT step >= 0.8x | 0.70x | **no** |' in md
+    assert '| distill step MFU >= 40% of the bf16 peak | 45% | yes |' in md
+    assert '| distill peak memory vs naive <= 0.8x | 0.50x | yes |' in md

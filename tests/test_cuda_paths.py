@@ -93,28 +93,32 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
     assert relative_distance(outs[0], outs[1]) < tol and relative_distance(grads[0], grads[1]) < tol
 
 
-@pytest.mark.parametrize('device', DEVICES)
-def test_layers_needing_no_map_take_sdpa(device, monkeypatch):
+@pytest.mark.parametrize('device, fused', [('cpu', None), ('cpu', True), pytest.param('cuda', None, marks=gpu)],
+                         ids=['cpu', 'cpu-fused', 'cuda'])
+def test_layers_needing_no_map_take_sdpa(device, fused, monkeypatch):
     """By default (Attention.fused = None) SDPA runs on CUDA only, and there only in layers that are
-    given no map and asked for none."""
+    given no map and asked for none; fused = True picks those same layers on a CPU."""
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    teacher = model(0, device, num_classes=0).requires_grad_(False).eval()
+
+    def vit(seed, **kw):
+        return model(seed, device, **kw).set_fused_attention(fused)
+    teacher = vit(0, num_classes=0).requires_grad_(False).eval()
     x, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([0, 1], device=device)
     counted = {}
     distill = distill_loss_fn(DistillConfig(), teacher, [0, 1], None)
     copy = copy_loss(CopyConfig(), teacher, [0, 1, 2], None)
     for name, run in {
-            'plain': lambda: model(1, device)(x),
-            'distill layers 0, 1': lambda: distill(model(1, device), x, y),
-            'copy all layers': lambda: copy(model(1, device, no_qk_layers=[0, 1, 2]), x, y),
+            'plain': lambda: vit(1)(x),
+            'distill layers 0, 1': lambda: distill(vit(1), x, y),
+            'copy all layers': lambda: copy(vit(1, no_qk_layers=[0, 1, 2]), x, y),
             'teacher maps 0, 2': lambda: teacher.attention(x, [0, 2])}.items():
         calls.clear()
         run()
         counted[name] = len(calls)
-    on_cuda = {'plain': 3, 'distill layers 0, 1': 1, 'copy all layers': 0, 'teacher maps 0, 2': 1}
-    assert counted == (on_cuda if device == 'cuda' else dict.fromkeys(on_cuda, 0))
+    where_no_map = {'plain': 3, 'distill layers 0, 1': 1, 'copy all layers': 0, 'teacher maps 0, 2': 1}
+    assert counted == (where_no_map if device == 'cuda' or fused else dict.fromkeys(where_no_map, 0))
 
 # -----------------------------------------------------------------------------
 # Attention maps kept in the autocast dtype (CUDA's autocast makes every softmax fp32 unless told)
