@@ -84,7 +84,8 @@ def test_checkpoint_written_on_cuda_resumes_on_cuda_and_loads_on_cpu(tmp_path, e
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = on_cpu(x)
-        assert relative_distance(on_cpu.cuda()(x.cuda()).cpu(), ref) < 1e-5
+        # fp32 both, but SDPA on CUDA against explicit attention on the CPU: test_cuda_paths' SDPA tolerance
+        assert relative_distance(on_cpu.cuda()(x.cuda()).cpu(), ref) < 1e-4
 
 
 @gpu
