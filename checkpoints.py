@@ -4,7 +4,8 @@ Load ViT weights from anywhere into vit.py's VisionTransformer.
 Sources: a name from PRETRAINED (downloaded once into the torch hub cache), or a file holding
   - one of this project's checkpoints  {'model': state_dict, 'arch': VisionTransformer kwargs, ...}
   - an MAE checkpoint                  {'model': state_dict}  (pre-trained or fine-tuned)
-  - a plain state dict with timm/MAE names, or torchvision's VisionTransformer names.
+  - a plain state dict with timm/MAE names, or torchvision's VisionTransformer names
+  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in pretrained.py).
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
@@ -19,6 +20,7 @@ import os
 import torch
 import torchvision.models as tvm
 
+from pretrained import TEACHERS, convert, download
 from vit import VisionTransformer, resize_pos_embed
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
@@ -31,6 +33,7 @@ PRETRAINED = {   # name -> (url, num_heads)
         ('vit_b_16', tvm.ViT_B_16_Weights, 12), ('vit_b_32', tvm.ViT_B_32_Weights, 12),
         ('vit_l_16', tvm.ViT_L_16_Weights, 16), ('vit_l_32', tvm.ViT_L_32_Weights, 16),
         ('vit_h_14', tvm.ViT_H_14_Weights, 16))},
+    **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: pretrained.py
 }
 
 
@@ -40,6 +43,8 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(source):
     """Return the raw checkpoint dict of a file path or a PRETRAINED name."""
+    if source in TEACHERS:
+        return download(source)
     if source in PRETRAINED:
         return torch.hub.load_state_dict_from_url(PRETRAINED[source][0], map_location='cpu',
                                                   weights_only=True, check_hash=False)
@@ -55,15 +60,21 @@ def read_checkpoint(source):
 
 def state_dict_of(ckpt):
     """The ViT state dict inside a checkpoint, converted to timm/MAE names."""
-    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else None
+    return _converted(ckpt)[0]
+
+
+def _converted(ckpt):
+    """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
+    sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None   # MoCo: state_dict
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
     if 'conv_proj.weight' in sd:
         sd = from_torchvision(sd)
+    sd, components = convert(sd)
     if 'patch_embed.proj.weight' not in sd:
         raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / conv_proj.weight')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
-    return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}
+    return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
 
 def from_torchvision(sd):
@@ -87,9 +98,9 @@ def from_torchvision(sd):
 
 def arch_of(ckpt, source=''):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors."""
-    if isinstance(ckpt, dict) and 'arch' in ckpt:
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):   # MoCo v3 stores a name there
         return dict(ckpt['arch'])
-    sd = state_dict_of(ckpt)
+    sd, components = _converted(ckpt)
     dim = sd['pos_embed'].shape[-1]
     patch = sd['patch_embed.proj.weight'].shape[-1]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
@@ -98,7 +109,7 @@ def arch_of(ckpt, source=''):
     return dict(img_size=grid * patch, patch_size=patch, in_chans=sd['patch_embed.proj.weight'].shape[1],
                 num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, embed_dim=dim,
                 depth=depth, num_heads=heads, mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-                qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd)
+                qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd, **components)
 
 
 def load_weights(model, source, ckpt=None):

@@ -112,7 +112,7 @@ def build_optimizer(cfg, model, lr):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token'))
+        no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
         lid = min(model.layer_id(name), layers) if hasattr(model, 'layer_id') else layers
         scale = cfg.layer_decay ** (layers - lid)
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,

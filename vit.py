@@ -118,10 +118,20 @@ def _put(own, given, heads):
     return own
 
 
+class QuickGELU(nn.Module):
+    """CLIP's activation: x * sigmoid(1.702 x), a cheap fit of GELU that CLIP's weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': nn.GELU, 'quick_gelu': QuickGELU}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act='gelu'):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), ACTIVATIONS[act](), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -135,61 +145,98 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT, DeiT III, DINOv2: `ls1`, `ls2`)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, own_qk=True):
+    def __init__(self, dim, init_values):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+    init_values=None: no layer scale (ls1, ls2 are identities with no parameters)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, own_qk=True,
+                 init_values=None, act='gelu', norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, own_qk)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x, keep=(), **given):
         a, kept = self.attn(self.norm1(x), keep=keep, **given)
-        x = x + drop_path(a, self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.ls1(a), self.drop_path, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
         return x, kept
 
 # -----------------------------------------------------------------------------
 # The model
 
 
+# The components some families add to the plain ViT (all off by default): layer scale (DINOv2),
+# a norm before the blocks (CLIP's ln_pre), the activation (CLIP: quick_gelu), register tokens
+# (DINOv2 with registers), the LayerNorm epsilon (CLIP: 1e-5). A `teacher`-arch student copies them.
+COMPONENTS = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool=False,
-                 drop_path_rate=0.0, no_qk_layers=()):
+                 drop_path_rate=0.0, no_qk_layers=(), init_values=None, norm_pre=False, act='gelu',
+                 reg_tokens=0, norm_eps=1e-6):
         super().__init__()
         self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,   # to rebuild
                          num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, global_pool=global_pool,
-                         drop_path_rate=drop_path_rate, no_qk_layers=sorted(no_qk_layers))
+                         drop_path_rate=drop_path_rate, no_qk_layers=sorted(no_qk_layers),
+                         init_values=init_values, norm_pre=norm_pre, act=act, reg_tokens=reg_tokens,
+                         norm_eps=norm_eps)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown act '{act}'; choose one of {', '.join(ACTIVATIONS)}")
         self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        # registers: extra learned tokens with no position, after the class token (DINOv2's order)
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else nn.Identity()
         rates = torch.linspace(0, drop_path_rate, depth).tolist()   # deeper blocks drop more
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], own_qk=i not in no_qk_layers)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], own_qk=i not in no_qk_layers,
+                  init_values=init_values, act=act, norm_eps=norm_eps)
             for i in range(depth))
         # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm);
         # class-token models normalise all tokens (norm). Only the one in use exists.
         if global_pool:
-            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         else:
-            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)                 # as timm and DINOv2
 
     def embed(self, x):
-        """(B, C, H, W) images -> (B, 1 + N, D) tokens: patches, class token, position embeddings."""
+        """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers (default none),
+        patches, with position embeddings (not on registers) and norm_pre (default none)."""
         x = self.patch_embed(x)                                       # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
-        return torch.cat([cls, x], dim=1) + self.pos_embed            # (B, 1 + N, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed               # (B, 1 + N, D)
+        if self.reg_token is not None:
+            reg = self.reg_token.expand(x.shape[0], -1, -1)           # (B, R, D)
+            x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)           # (B, 1 + R + N, D)
+        return self.norm_pre(x)
 
     def forward_tokens(self, x, inject=None, keep=None, depth=None, consume=None):
         """Embed and run the first `depth` blocks (default all).
@@ -208,7 +255,7 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x):
         if self.global_pool:
-            x = self.fc_norm(x[:, 1:].mean(dim=1))                    # (B, D) mean of patch tokens
+            x = self.fc_norm(x[:, 1 + self.arch['reg_tokens']:].mean(dim=1))   # (B, D) mean of patch tokens
         else:
             x = self.norm(x)[:, 0]                                    # (B, D) class token
         return self.head(x)
@@ -244,7 +291,7 @@ class VisionTransformer(nn.Module):
 
     def layer_id(self, name):
         """0 for the embedding, i + 1 for block i, depth + 1 for the head (layer-wise lr decay)."""
-        if name.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+        if name.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'norm_pre')):
             return 0
         if name.startswith('blocks.'):
             return int(name.split('.')[1]) + 1

@@ -1,0 +1,94 @@
+"""
+Pre-trained ViTs of other families, by name, converted to vit.py's names.
+
+Each family's official file is read as published and renamed here; checkpoints.py then loads it
+with its exact missing / unexpected key check. The families and what their architecture adds:
+
+    name                     family               file format                 components (vit.py)
+    deit_{small,base}        supervised (DeiT)    {'model': timm names}       none
+    dino_vit{s,b}16          self-sup. (DINO)     timm names                  none
+    mocov3_vitb16            self-sup. (MoCo v3)  {'state_dict': module.base_encoder.*}   none
+    dinov2_vit{s,b,l}14      self-sup. (DINOv2)   timm names + ls1/ls2.gamma  layer scale, patch 14
+    dinov2_vit{s,b,l}14_reg  (with registers)     + register_tokens           + 4 registers
+    clip_vitb16              language (CLIP)      TorchScript, visual.*       ln_pre, quick_gelu, eps 1e-5
+
+A student built with `--student-arch teacher` gets these components (randomly initialised).
+"""
+import os
+
+import torch
+
+DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
+TEACHERS = {   # name -> (url, num_heads); heads are 64-dimensional in all of these
+    'deit_small': ('https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', 6),
+    'deit_base': ('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 12),
+    'dino_vits16': ('https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 6),
+    'dino_vitb16': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 12),
+    'mocov3_vitb16': ('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12),
+    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h) for s, h in (('s', 6), ('b', 12), ('l', 16))
+       for tag, reg in (('', ''), ('_reg', '_reg4'))},
+    'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
+                    '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12),
+}
+# CLIP's architecture differs from a plain ViT in more than names; nothing in its tensors says so
+CLIP_COMPONENTS = dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
+
+
+def download(name):
+    """The raw checkpoint of a TEACHERS name, fetched once into the torch hub cache."""
+    url = TEACHERS[name][0]
+    if name.startswith('clip_'):   # OpenAI publishes TorchScript archives, not state dicts
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', url.rsplit('/', 1)[1])
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)
+        return torch.jit.load(path, map_location='cpu').state_dict()
+    return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True, check_hash=False)
+
+
+def convert(sd):
+    """A state dict of any family above -> (timm/vit.py names, extra VisionTransformer kwargs)."""
+    if 'visual.conv1.weight' in sd:
+        return from_clip(sd), dict(CLIP_COMPONENTS)
+    if any(k.startswith('module.base_encoder.') for k in sd):
+        sd = from_moco_v3(sd)
+    if 'register_tokens' in sd:   # DINOv2 with registers (its mask_token is dropped with MAE's)
+        sd = {('reg_token' if k == 'register_tokens' else k): v for k, v in sd.items()}
+    extra = {}
+    if 'blocks.0.ls1.gamma' in sd:
+        extra['init_values'] = 1e-5      # DINOv2's initial layer scale (for a student built like it)
+    if 'reg_token' in sd:
+        extra['reg_tokens'] = sd['reg_token'].shape[1]
+    return sd, extra
+
+
+def from_moco_v3(sd):
+    """MoCo v3's training checkpoint -> its base encoder, without the projection MLP in `head`
+    (as MoCo v3's main_lincls.py keeps it); the momentum encoder and predictor are dropped."""
+    prefix = 'module.base_encoder.'
+    return {k[len(prefix):]: v for k, v in sd.items()
+            if k.startswith(prefix) and not k.startswith(prefix + 'head.')}
+
+
+def from_clip(sd):
+    """OpenAI CLIP's image tower (visual.*) -> timm names. The text tower and the image projection
+    into the joint embedding (visual.proj) are not part of the ViT and are dropped."""
+    p = 'visual.'
+    conv = sd[p + 'conv1.weight']
+    out = {'cls_token': sd[p + 'class_embedding'].reshape(1, 1, -1),
+           'pos_embed': sd[p + 'positional_embedding'].unsqueeze(0),
+           'patch_embed.proj.weight': conv,
+           'patch_embed.proj.bias': conv.new_zeros(conv.shape[0]),   # CLIP's patch conv has no bias
+           'norm_pre.weight': sd[p + 'ln_pre.weight'], 'norm_pre.bias': sd[p + 'ln_pre.bias'],
+           'norm.weight': sd[p + 'ln_post.weight'], 'norm.bias': sd[p + 'ln_post.bias']}
+    rename = {'ln_1': 'norm1', 'ln_2': 'norm2', 'attn.in_proj_weight': 'attn.qkv.weight',
+              'attn.in_proj_bias': 'attn.qkv.bias', 'attn.out_proj': 'attn.proj',
+              'mlp.c_fc': 'mlp.fc1', 'mlp.c_proj': 'mlp.fc2'}
+    blocks = p + 'transformer.resblocks.'
+    for k, v in sd.items():
+        if k.startswith(blocks):
+            i, rest = k[len(blocks):].split('.', 1)
+            for old, new in rename.items():
+                rest = new + rest[len(old):] if rest.startswith(old) else rest
+            out[f'blocks.{i}.{rest}'] = v
+    return out
