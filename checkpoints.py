@@ -18,10 +18,12 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
+from einops import rearrange
 
 from pretrained import TEACHERS, convert, download
-from vit import VisionTransformer, resize_pos_embed
+from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
 PRETRAINED = {   # name -> (url, num_heads)
@@ -144,3 +146,14 @@ def build_from_checkpoint(source, **overrides):
     arch = arch_of(ckpt, source)
     arch.update({k: v for k, v in overrides.items() if v is not None})
     return load_weights(VisionTransformer(**arch), source, ckpt)
+
+
+def resize_pos_embed(pos_embed, grid):
+    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): bicubic interpolation of the patch positions."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.isqrt(patches.shape[1]))
+    if old == grid:
+        return pos_embed
+    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
+    return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)

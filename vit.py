@@ -15,7 +15,6 @@ explicit attention on CPUs, where that measured faster (Attention.fused; benchma
 Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
 """
 import inspect
-import math
 from functools import partial
 
 import torch
@@ -94,7 +93,6 @@ class Attention(nn.Module):
         out = rearrange(out, 'b h n d -> b n (h d)')
         return self.proj(out), kept
 
-
     def project(self, x):
         """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
         if self.own_qk:
@@ -118,20 +116,16 @@ def _put(own, given, heads):
     return own
 
 
-class QuickGELU(nn.Module):
-    """CLIP's activation: x * sigmoid(1.702 x), a cheap fit of GELU that CLIP's weights were trained with."""
-
+class QuickGELU(nn.Module):   # CLIP's activation: a cheap fit of GELU its weights were trained with
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {'gelu': nn.GELU, 'quick_gelu': QuickGELU}
 
 
 class Mlp(nn.Module):
     def __init__(self, dim, hidden, act='gelu'):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), ACTIVATIONS[act](), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = QuickGELU() if act == 'quick_gelu' else nn.GELU()
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -145,9 +139,7 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-class LayerScale(nn.Module):
-    """A learned per-channel scale of a residual branch (CaiT, DeiT III, DINOv2: `ls1`, `ls2`)."""
-
+class LayerScale(nn.Module):   # a learned per-channel scale of a residual branch (CaiT, DINOv2)
     def __init__(self, dim, init_values):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
@@ -157,8 +149,7 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
-    init_values=None: no layer scale (ls1, ls2 are identities with no parameters)."""
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); no layer scale if init_values is None."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, own_qk=True,
                  init_values=None, act='gelu', norm_eps=1e-6):
@@ -181,33 +172,23 @@ class Block(nn.Module):
 # The model
 
 
-# The components some families add to the plain ViT (all off by default): layer scale (DINOv2),
-# a norm before the blocks (CLIP's ln_pre), the activation (CLIP: quick_gelu), register tokens
-# (DINOv2 with registers), the LayerNorm epsilon (CLIP: 1e-5). A `teacher`-arch student copies them.
-COMPONENTS = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
-
-
 class VisionTransformer(nn.Module):
+    """Components some families add (all off by default, see pretrained.py): layer scale (init_values),
+    a norm before the blocks (norm_pre), the activation, register tokens, the LayerNorm epsilon."""
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool=False,
                  drop_path_rate=0.0, no_qk_layers=(), init_values=None, norm_pre=False, act='gelu',
                  reg_tokens=0, norm_eps=1e-6):
         super().__init__()
-        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,   # to rebuild
-                         num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, global_pool=global_pool,
-                         drop_path_rate=drop_path_rate, no_qk_layers=sorted(no_qk_layers),
-                         init_values=init_values, norm_pre=norm_pre, act=act, reg_tokens=reg_tokens,
-                         norm_eps=norm_eps)
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unknown act '{act}'; choose one of {', '.join(ACTIVATIONS)}")
+        self.arch = {k: v for k, v in locals().items() if k not in ('self', '__class__')}   # to rebuild
+        self.arch['no_qk_layers'] = sorted(no_qk_layers)
         self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        # registers: extra learned tokens with no position, after the class token (DINOv2's order)
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None   # no position
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else nn.Identity()
         rates = torch.linspace(0, drop_path_rate, depth).tolist()   # deeper blocks drop more
         self.blocks = nn.ModuleList(
@@ -224,12 +205,11 @@ class VisionTransformer(nn.Module):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)                 # as timm and DINOv2
+        if reg_tokens:
+            nn.init.normal_(self.reg_token, std=1e-6)                 # as DINOv2
 
     def embed(self, x):
-        """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers (default none),
-        patches, with position embeddings (not on registers) and norm_pre (default none)."""
+        """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers, patches; norm_pre."""
         x = self.patch_embed(x)                                       # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.pos_embed               # (B, 1 + N, D)
@@ -310,16 +290,6 @@ def _init_weights(m):
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
         nn.init.zeros_(m.bias)
 
-
-def resize_pos_embed(pos_embed, grid):
-    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): bicubic interpolation of the patch positions."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.isqrt(patches.shape[1]))
-    if old == grid:
-        return pos_embed
-    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old)
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
-    return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)
 
 # -----------------------------------------------------------------------------
 # Sizes (timm's names; patch 16 unless said otherwise)

@@ -5,7 +5,8 @@ import torchvision
 
 from conftest import blocks_run
 from checkpoints import CheckpointError, build_from_checkpoint, load_weights
-from vit import VisionTransformer, create_model, resize_pos_embed
+from checkpoints import resize_pos_embed
+from vit import VisionTransformer, create_model
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=64, depth=3, num_heads=4)
 
