@@ -17,6 +17,8 @@ from config import ConfigError, TrainConfig
 from vit import model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
+# vit.py's components that some families add to the plain ViT (pretrained.py), with their plain values
+PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
 
 @dataclass
@@ -27,6 +29,7 @@ class TransferConfig(TrainConfig):
     layers: str = 'all'             # transferred layers: all | 0-17 | 0,2,5 | 0-3,8
     heads: str = 'all'              # transferred heads, same syntax
     transfer: str = 'attn'          # attn (the map) | q | k | v
+    student_arch: str = 'plain'     # plain ViT | teacher: the teacher's components (layer scale, ...), random init
 
 
 def parse_index(spec, n, what):
@@ -85,13 +88,20 @@ def student_presets(presets):
 
 def build_student(cfg, teacher, num_classes, layers, no_qk=False):
     """A randomly initialised ViT with the teacher's depth, heads and token grid (checked).
-    no_qk: the transferred layers get no query/key projections (a copy student never uses them)."""
+    no_qk: the transferred layers get no query/key projections (a copy student never uses them).
+    cfg.student_arch: 'plain' (a plain ViT) or 'teacher' (the teacher's components, e.g. DINOv2's layer scale)."""
+    if cfg.student_arch not in ('plain', 'teacher'):
+        raise ConfigError(f"--student-arch must be plain or teacher, not '{cfg.student_arch}'")
     t = teacher.arch
     arch = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
+    arch.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
     arch.update(img_size=cfg.img_size, patch_size=cfg.patch_size or t['patch_size'], num_classes=num_classes,
                 global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, no_qk_layers=layers if no_qk else ())
     arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),
                                    ('num_heads', cfg.num_heads)) if v is not None})
+    if arch['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
+        raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a student "
+                          f"with them, --student-arch teacher")
     if arch['num_heads'] != t['num_heads'] or arch['patch_size'] != t['patch_size'] or \
             (cfg.transfer != 'attn' and arch['embed_dim'] != t['embed_dim']) or arch['depth'] <= max(layers):
         raise ConfigError(f"student (depth {arch['depth']}, {arch['num_heads']} heads, patch {arch['patch_size']}, "
@@ -108,7 +118,7 @@ def teacher_record(cfg, layers, heads):
         with open(cfg.teacher, 'rb') as f:
             digest = hashlib.sha256(f.read()).hexdigest()
     return {'source': cfg.teacher, 'sha256': digest, 'img_size': cfg.img_size, 'layers': layers,
-            'heads': heads, 'transfer': cfg.transfer}
+            'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
 
 
 @torch.no_grad()
