@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from checkpoints import load_weights, read_checkpoint
+from checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
-from teacher import TransferConfig, build_student, student_presets, load_teacher, teacher_outputs, teacher_record
+from teacher import (TransferConfig, build_student, load_teacher, student_presets, teacher_mismatch,
+                     teacher_outputs, teacher_record)
 
 
 @dataclass
@@ -64,13 +65,20 @@ class CopyModel(nn.Module):
         return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
 
 
-def load_copy_model(path, teacher_source=None):
-    """Rebuild a trained copy student and the teacher it needs from its checkpoint."""
+def load_copy_model(path, teacher_source=None, new_teacher=False):
+    """Rebuild a trained copy student and the teacher it needs from its checkpoint. The teacher is the
+    recorded file, or teacher_source (e.g. moved) with the same SHA-256: another teacher would silently
+    give other predictions, so it is refused unless new_teacher=True says it is meant."""
     ckpt = read_checkpoint(path)
     rec = ckpt['teacher']
-    cfg = TransferConfig(teacher=teacher_source or rec['source'], img_size=rec['img_size'], transfer=rec['transfer'])
+    source = teacher_source or rec['source']
+    other = None if new_teacher else teacher_mismatch(source, rec)
+    if other:
+        raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own teacher '
+                              f'(--new-teacher true if another one is meant)')
+    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'])
     teacher, _, _ = load_teacher(cfg, 'cpu')
-    student = load_weights(type(teacher)(**ckpt['arch']), path, ckpt)
+    student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     return CopyModel(teacher, student, rec['layers'], rec['heads'], rec['transfer']).eval()
 
 

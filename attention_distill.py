@@ -31,6 +31,9 @@ class DistillConfig(TransferConfig):
     weight: float = 3.0             # w: weight of the attention loss
     out_dir: str = 'runs/distill'
 
+    def checks(self):
+        return super().checks() + [('weight', self.weight >= 0, 'must be 0 or more')]
+
 
 PRESETS = {**student_presets(SMALL_PRESETS),
            # all but the last of the 6 layers, as the paper leaves ViT-L's last 6 of 24: chosen on 5000

@@ -62,6 +62,19 @@ class BenchConfig:
     quick: bool = False             # tiny model, 2 steps, no warm-up: checks that everything runs
     out_dir: str = 'results/benchmark'   # GPU: results/benchmark-<device>, e.g. results/benchmark-h100
 
+    def checks(self):   # what depends on the device (--device, --batch-size 0, the lists): configure
+        return [('batch_size', self.batch_size >= 0, 'must be 0 (fill a GPU) or more'),
+                ('memory_batch_size', self.memory_batch_size >= -1, 'must be -1 (the timed batch), 0 or more'),
+                ('fill', 0 < self.fill <= 1, "is a share of the GPU's memory: (0, 1]"),
+                ('patch_size', self.patch_size >= 1, 'must be at least 1'),
+                ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
+                 f'must be a multiple of --patch-size {self.patch_size}'),
+                ('depth', self.depth >= 0, "must be 0 (the size's own) or more"),
+                *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('rounds', 'steps', 'gemm_size')],
+                ('warmup', self.warmup >= 0, 'must be 0 or more'),
+                ('distill_frac', 0 < self.distill_frac <= 1, 'is a fraction of the layers: (0, 1]'),
+                ('threads', self.threads >= 0, "must be 0 (torch's default) or more")]
+
 
 # each replaces what you left at its default: --quick first, then on a GPU
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,

@@ -16,6 +16,7 @@ unexpected; anything else is an architecture mismatch and an error.
 """
 import math
 import os
+import urllib.parse
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,13 @@ def read_checkpoint(source):
     if source in TEACHERS:
         return download(source)
     if source in PRETRAINED:
-        return torch.hub.load_state_dict_from_url(PRETRAINED[source][0], map_location='cpu',
-                                                  weights_only=True, check_hash=False)
+        url = PRETRAINED[source][0]
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True, check_hash=False)
+        except Exception as e:   # offline, or a damaged download in the cache
+            raise CheckpointError(f"'{source}' could not be downloaded or read ({type(e).__name__}): put the file "
+                                  f"{url} at {path} by hand") from None
     if not os.path.isfile(source):
         raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
                               f"{', '.join(PRETRAINED)}")
@@ -114,10 +120,41 @@ def arch_of(ckpt, source=''):
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd, **components)
 
 
+FREE_ARCH = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')   # what loading adapts or ignores
+
+
+def arch_mismatch(arch, saved, free=FREE_ARCH):
+    """['num_heads 4 (here 3)', ...]: the fields of a recorded architecture that differ from a model's,
+    outside `free`. Heads matter though no tensor shape shows them."""
+    return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items() if k not in free and arch.get(k) != v]
+
+
+def check_arch(model, ckpt, source):
+    """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's."""
+    saved = ckpt.get('arch') if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
+    if saved and saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in layers "
+                              f"{saved['no_qk_layers']} and runs only with its teacher "
+                              f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
+    diff = arch_mismatch(model.arch, saved or {})
+    if diff:
+        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has {', '.join(diff)}")
+
+
+def vit_of(arch, source):
+    """VisionTransformer(**arch), or CheckpointError when a checkpoint records an arch it cannot build."""
+    try:
+        return VisionTransformer(**arch)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
+
+
 def load_weights(model, source, ckpt=None):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size,
-    and raise CheckpointError on any missing/unexpected key or shape beyond the allowed ones."""
+    and raise CheckpointError on any other difference of recorded architecture, or missing/unexpected
+    key or shape beyond the allowed ones."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
+    check_arch(model, ckpt, source)
     sd = dict(state_dict_of(ckpt))
     own = model.state_dict()
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
@@ -140,12 +177,14 @@ def load_weights(model, source, ckpt=None):
     return model
 
 
-def build_from_checkpoint(source, **overrides):
-    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights."""
-    ckpt = read_checkpoint(source)
+def build_from_checkpoint(source, ckpt=None, **overrides):
+    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights.
+    ckpt: the checkpoint already read from source."""
+    ckpt = read_checkpoint(source) if ckpt is None else ckpt
     arch = arch_of(ckpt, source)
-    arch.update({k: v for k, v in overrides.items() if v is not None})
-    return load_weights(VisionTransformer(**arch), source, ckpt)
+    # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
+    arch.update(no_qk_layers=(), **{k: v for k, v in overrides.items() if v is not None})
+    return load_weights(vit_of(arch, source), source, ckpt)
 
 
 def resize_pos_embed(pos_embed, grid):

@@ -1,13 +1,20 @@
 """
 One typed config per script: a dataclass holds every hyper-parameter with its default, the command
 line is derived from it (`--key-name value`), and `--data` picks a preset applied before your flags.
-Unknown keys and wrong types are errors; the config is saved in every run directory and checkpoint.
+Unknown keys and wrong types are errors, and so are values out of range: each config lists its rules in
+`checks()`, run by parse_config before anything is made or loaded. The config is saved in every run
+directory and checkpoint; `RESUMABLE` names the fields a resumed run may change.
 """
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import asdict, dataclass
+
+from vit import SIZES
+
+AMP = ('auto', 'bf16', 'fp16', 'off')
 
 # -----------------------------------------------------------------------------
 # The fields every training script shares
@@ -62,9 +69,97 @@ class TrainConfig:
     save_every: int = 0             # steps between checkpoints (besides each epoch); 0 = epochs only
     max_steps: int = 0              # stop after this many steps (smoke runs); 0 = no limit
 
+    # what --resume true may change: where and how the run goes, never what it computes (README, "resume")
+    RESUMABLE: typing.ClassVar[tuple] = ('resume', 'out_dir', 'data_dir', 'num_workers', 'log_every',
+                                         'save_every', 'max_steps', 'compile')
+
+    def checks(self):
+        """(field, holds, what is allowed): parse_config refuses the first row that does not hold.
+        A subclass adds its own rows: `return super().checks() + [...]`."""
+        from data import INFO   # here, not at the top: data.py may use this module
+        size = SIZES.get(self.model, {})
+        dim, heads = self.embed_dim or size.get('embed_dim'), self.num_heads or size.get('num_heads')
+        return [
+            ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
+            ('out_dir', self.out_dir != '', 'must name a directory'),
+            ('val_size', self.val_size >= 0, 'must be 0 (off) or more'),
+            ('model', self.model in SIZES, f"choose one of {', '.join(SIZES)}"),
+            ('img_size', self.img_size >= 1, 'must be at least 1'),
+            ('patch_size', self.patch_size >= 1, 'must be at least 1'),
+            ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
+             f'must be a multiple of --patch-size {self.patch_size}'),
+            ('embed_dim', self.embed_dim is None or self.embed_dim >= 1, 'must be at least 1 (or none)'),
+            ('depth', self.depth is None or self.depth >= 1, 'must be at least 1 (or none)'),
+            ('num_heads', self.num_heads is None or self.num_heads >= 1, 'must be at least 1 (or none)'),
+            ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or heads < 1 or dim % heads == 0,
+             f'the width {dim} must be a multiple of the number of heads {heads} (--embed-dim, --num-heads)'),
+            ('drop_path', 0 <= self.drop_path < 1, 'must be in [0, 1)'),
+            ('hflip', 0 <= self.hflip <= 1, 'is a probability: [0, 1]'),
+            ('crop_pad', self.crop_pad >= 0, 'must be 0 (off) or more'),
+            ('min_scale', 0 < self.min_scale <= 1, 'is a fraction of the area: (0, 1]'),
+            ('randaug', 0 <= self.randaug <= 30, 'is a magnitude in [0, 30]; 0 = off'),
+            ('reprob', 0 <= self.reprob <= 1, 'is a probability: [0, 1]'),
+            ('mixup', self.mixup >= 0, 'must be 0 (off) or more'),
+            ('cutmix', self.cutmix >= 0, 'must be 0 (off) or more'),
+            ('smoothing', 0 <= self.smoothing < 1, 'must be in [0, 1)'),
+            ('epochs', self.epochs >= 1, 'must be at least 1'),
+            ('warmup_epochs', self.warmup_epochs >= 0, 'must be 0 or more'),
+            ('batch_size', self.batch_size >= 1, 'must be at least 1'),
+            ('accum_steps', self.accum_steps >= 1, 'must be at least 1'),
+            ('blr', self.blr >= 0, 'must be 0 or more'),
+            ('min_lr', self.min_lr >= 0, 'must be 0 or more'),
+            ('weight_decay', self.weight_decay >= 0, 'must be 0 or more'),
+            ('layer_decay', 0 < self.layer_decay <= 1, 'must be in (0, 1]'),
+            ('beta2', 0 <= self.beta2 < 1, 'must be in [0, 1)'),
+            ('clip_grad', self.clip_grad >= 0, 'must be 0 (off) or more'),
+            ('ema', 0 <= self.ema < 1, 'is a decay per step: [0, 1), 0 = off'),
+            ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
+            ('seed', self.seed >= 0, 'must be 0 or more'),
+            ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
+            ('fake_size', self.fake_size >= 1, 'must be at least 1'),
+            ('log_every', self.log_every >= 1, 'must be at least 1'),
+            ('save_every', self.save_every >= 0, 'must be 0 (each epoch only) or more'),
+            ('max_steps', self.max_steps >= 0, 'must be 0 (no limit) or more'),
+        ]
+
+    def resume_conflicts(self, ckpt, world):
+        """Why this config cannot continue the run saved in checkpoint `ckpt` on `world` processes:
+        ['--flag old -> new', ...], empty if it can. Fields missing from the saved config count as their
+        default; batch size and accumulation steps may change if the global batch stays the same."""
+        saved, default = ckpt['config'], asdict(type(self)())
+        out = [f'{flag(k)} {show(saved.get(k, default[k]))} -> {show(v)}' for k, v in asdict(self).items()
+               if k not in (*self.RESUMABLE, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]
+        old_world = ckpt.get('world_size', len(ckpt['rng']))
+        old = (saved['batch_size'], saved['accum_steps'], old_world)
+        if math.prod(old) != self.batch_size * self.accum_steps * world:
+            out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps {old[1]} x {old[2]} '
+                       f'process(es)) -> {self.batch_size * self.accum_steps * world} ({self.batch_size} x '
+                       f'{self.accum_steps} x {world}): keep it, e.g. with --accum-steps')
+        return out
+
 
 class ConfigError(ValueError):
     pass
+
+
+def flag(name):
+    return '--' + name.replace('_', '-')
+
+
+def show(value):
+    return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check(cfg):
+    """Every number finite, then cfg.checks(): raise ConfigError naming the first flag that fails."""
+    for name, value in asdict(cfg).items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
+    for name, holds, allowed in (cfg.checks() if hasattr(cfg, 'checks') else []):
+        if not holds:
+            value = show(getattr(cfg, name))
+            raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else f'{flag(name)} {allowed}')
+    return cfg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +187,8 @@ def _metavar(tp):
 
 
 def parse_config(cls, presets=None, argv=None):
-    """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors."""
+    """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
+    wrong types exit at once, values out of range raise ConfigError (check), before anything is made."""
     presets, hints = presets or {}, typing.get_type_hints(cls)
     defaults = asdict(cls())
     p = _Parser(allow_abbrev=False, description=(sys.modules['__main__'].__doc__ or '').strip().split('\n')[0],
@@ -101,13 +197,13 @@ def parse_config(cls, presets=None, argv=None):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
-        p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, nargs='+' if many else None,
+        p.add_argument(flag(f.name), dest=f.name, nargs='+' if many else None,
                        type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
                        metavar=_metavar(tp), help=f'(default: {defaults[f.name]})')
     given = vars(p.parse_args(argv))
     preset = presets.get(given.get('data', defaults.get('data')), {})
     for k in preset:
         assert k in defaults, f'preset key {k} is not a config field'
-    return cls(**{**defaults, **preset, **given})
+    return check(cls(**{**defaults, **preset, **given}))
 
 

@@ -230,8 +230,16 @@ def build_dataset(cfg, train, transform=None):
     if not os.path.isdir(split):
         raise DataError(f"no folder {split}: --data {cfg.data} expects --data-dir with train/<class>/*.jpg "
                         f"and val/<class>/*.jpg")
-    ds = torchvision.datasets.ImageFolder(split, transform=tf)
+    ds = torchvision.datasets.ImageFolder(split, transform=tf, loader=read_image)
     return ds, len(ds.classes)
+
+
+def read_image(path):
+    """An RGB PIL image; a file that does not decode is a DataError naming it (not a traceback)."""
+    try:
+        return torchvision.datasets.folder.default_loader(path)
+    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
+        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file') from None
 
 
 class ResumableSampler(DistributedSampler):

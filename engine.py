@@ -1,6 +1,7 @@
 """
 What every training script shares: distributed set-up, AMP, AdamW with layer-wise lr decay,
-warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and resume, logging.
+warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and resume (the run directory
+and its rules: rundir.py), logging.
 A script defines its config dataclass (config.py), a model and (optionally) a loss, then calls `fit`. The same script runs under `python` and under `torchrun` (RANK / WORLD_SIZE set).
 """
 import argparse
@@ -9,7 +10,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from config import ConfigError, parse_config
+from config import AMP, ConfigError, parse_config
 from data import batch_mixer, build_loader, build_splits
+from rundir import open_resumed, prepare_run_dir, restore, rng_states, save_checkpoint, write_provenance
+from rundir import git_commit  # noqa: F401  (benchmark.py imports it from here)
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -30,7 +32,7 @@ from data import batch_mixer, build_loader, build_splits
 
 def setup(cfg):
     """Start the process group under torchrun; pick the device and autocast dtype; make the run
-    directory (refusing to overwrite another run); seed."""
+    directory (refusing to overwrite another run) or read the checkpoint to resume (checked); seed."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
@@ -44,7 +46,8 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
-    env.ckpt_path = prepare_run_dir(cfg)
+    env.ckpt_path, env.logged = prepare_run_dir(cfg), False
+    env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
     return env
 
@@ -61,7 +64,7 @@ def start(cls, presets):
 
 def amp_dtype(amp, device):
     """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
-    if amp not in ('auto', 'bf16', 'fp16', 'off'):
+    if amp not in AMP:
         raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
     if amp == 'auto':
         if device.type == 'cuda':
@@ -92,11 +95,12 @@ def all_mean(t, env):
 
 
 def log(env, cfg, msg):
+    """Print, and add to log.txt; a new run starts it afresh (an attempt that saved no checkpoint is over)."""
     if env.main:
         print(msg, flush=True)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, 'log.txt'), 'a') as f:
+        with open(os.path.join(cfg.out_dir, 'log.txt'), 'a' if cfg.resume or env.logged else 'w') as f:
             f.write(msg + '\n')
+        env.logged = True
 
 
 # -----------------------------------------------------------------------------
@@ -159,34 +163,7 @@ def evaluate(predict, loader, env):
 
 
 # -----------------------------------------------------------------------------
-# The run directory
-
-
-def prepare_run_dir(cfg):
-    """Refuse to overwrite an earlier run unless resuming it. Returns the checkpoint path."""
-    ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
-    if os.path.exists(ckpt) and not cfg.resume:
-        raise ConfigError(f'{cfg.out_dir} already holds a run; pass --resume true to continue it '
-                          f'or choose another --out-dir')
-    if cfg.resume and not os.path.exists(ckpt):
-        raise ConfigError(f'--resume: no checkpoint at {ckpt}')
-    return ckpt
-
-
-def write_provenance(cfg, env):
-    """config.json of a new run: every field, the git commit, world size, torch version, command."""
-    if env.main and not cfg.resume:
-        commit = git_commit()
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
-            json.dump({**asdict(cfg), 'git_commit': commit, 'world_size': env.world,
-                       'torch': torch.__version__, 'argv': sys.argv}, f, indent=2)
-
-
-def git_commit(*args):
-    """`git rev-parse HEAD` of this repository ('' outside a git checkout); args: another git command."""
-    return subprocess.run(['git', *(args or ('rev-parse', 'HEAD'))], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+# Where it runs
 
 
 def cpu_name():
@@ -196,14 +173,6 @@ def cpu_name():
             if line.startswith('model name'):
                 return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def rng_states(env):
-    """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
-    states = [torch.get_rng_state()] * env.world
-    if env.world > 1:
-        dist.all_gather_object(states, states[0])
-    return states
 
 
 # -----------------------------------------------------------------------------
@@ -225,14 +194,9 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     predict = predict or (lambda m, x: m(x))
     evaluate_fn = evaluate_fn or (lambda m, loader, env: evaluate(lambda x: predict(m, x), loader, env))
     ckpt_path = env.ckpt_path
-    write_provenance(cfg, env)
     model = model.to(env.device)
     eff_batch = cfg.batch_size * cfg.accum_steps * env.world
     lr = cfg.blr * eff_batch / 256
-    log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
-                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
-                  f'{env.world} process(es) on {env.device}'
-                  + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
     opt = build_optimizer(cfg, model, lr)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
@@ -244,15 +208,15 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    step, metrics = 0, {}
-    if cfg.resume:
-        ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        for obj, key in ((model, 'model'), (opt, 'optimizer'), (scaler, 'scaler'), (ema, 'ema')):
-            if obj is not None:
-                obj.load_state_dict(ck[key])
-        step, metrics = ck['step'], ck['metrics']
-        if step % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
-            torch.set_rng_state(ck['rng'][env.rank])
+    resumed = env.resumed
+    step, metrics, trained_s = restore(resumed, env, model, opt, scaler, ema, steps_per_epoch) if resumed else (0, {}, 0.0)
+    write_provenance(cfg, env)   # only now: a resume refused above has written nothing
+    env.resumed = None
+    log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
+                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
+                  f'{env.world} process(es) on {env.device}'
+                  + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
+    if resumed:
         log(env, cfg, f'resumed from {ckpt_path} at step {step}')
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
         if dist.is_initialized() else None
@@ -263,18 +227,20 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():   # never save a broken model
             check_finite(float('nan'), 'a model weight')
         states = rng_states(env)
-        if env.main:   # to a temporary file, then renamed: a crash never leaves half a checkpoint
-            torch.save({
+        if env.main:
+            save_checkpoint(ckpt_path, {
                 'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
                 'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
-                'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None,
-                'metrics': metrics, 'rng': states, **(extra or {})}, ckpt_path + '.tmp')
-            os.replace(ckpt_path + '.tmp', ckpt_path)
+                'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None, 'metrics': metrics,
+                'rng': states, 'world_size': env.world, 'steps_per_epoch': steps_per_epoch,
+                'time': trained_s + time.time() - t_start, **(extra or {})})
 
     def check_finite(value, what):
         if not math.isfinite(value):
-            raise FloatingPointError(f'{what} is {value} at step {step}; stopped, the last good checkpoint '
-                                     f'({ckpt_path}) is kept: lower --blr, set --clip-grad, or try --amp bf16')
+            kept = f'the last good checkpoint ({ckpt_path}) is kept' if os.path.exists(ckpt_path) else \
+                'no checkpoint was written yet'
+            raise FloatingPointError(f'{what} is {value} at step {step}; stopped, {kept}: lower --blr, set '
+                                     f'--clip-grad' + (', or try --amp bf16' if env.dtype == torch.float16 else ''))
 
     model.train()
     t_start, steps_done, running, since_log = time.time(), 0, {}, 0
@@ -326,8 +292,10 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
                     ema.eval()
                     metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module, eval_loader, env).items()})
                 model.train()
-                record = {'epoch': step / steps_per_epoch, 'step': step, 'time': time.time() - t_start,
+                record = {'epoch': step / steps_per_epoch, 'step': step, 'time': trained_s + time.time() - t_start,
                           **metrics}
+                for k in [k for k, v in record.items() if isinstance(v, float)]:   # kept only if finite
+                    check_finite(record[k], f'evaluation {k}')
                 log(env, cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items()
                                                    if isinstance(v, float)))
                 if env.main:
@@ -347,7 +315,8 @@ def run_main(main):
     try:
         main()
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f'error: {e}')
+        lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
+        sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

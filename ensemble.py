@@ -14,9 +14,13 @@ models' top-1 predictions differ) measures that directly.
         --models mae_vit_large_ft runs/distill/checkpoint.pt
 
 A model is a file or a name checkpoints.py knows: a ViT checkpoint of any kind, or a copy student
-(its checkpoint records its teacher, which is loaded with it). One process, on a GPU if there is one.
+(its checkpoint records its teacher and the file's SHA-256; the teacher is loaded with it, and another
+file is refused: `--teacher moved.pt` if it moved, `--new-teacher true` if it is meant to be another).
+`--out` writes over nothing but an earlier result of this script (or with `--overwrite true`).
+One process, on a GPU if there is one.
 """
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -24,11 +28,10 @@ from types import SimpleNamespace
 import torch
 
 from attention_copy import load_copy_model
-from checkpoints import arch_of, load_weights, read_checkpoint
-from config import ConfigError, parse_config
-from data import build_eval_set, build_loader
+from checkpoints import build_from_checkpoint, read_checkpoint
+from config import AMP, ConfigError, parse_config
+from data import INFO, build_eval_set, build_loader
 from engine import amp_dtype, autocast, run_main
-from vit import VisionTransformer
 
 # -----------------------------------------------------------------------------
 # Config
@@ -41,13 +44,29 @@ class EnsembleConfig:
     val_size: int = 0               # evaluate on this many held-out training images instead (as the scripts' flag)
     models: list[str] = field(default_factory=list)     # checkpoint files or names: --models a.pt b.pt
     weights: list[float] = field(default_factory=list)  # one weight per model; none = equal weights
-    out: str = ''                   # also write the results here as JSON
+    out: str = ''                   # also write the results here as JSON (not over another file: --overwrite)
+    overwrite: bool = False         # --out may replace a file that is not an earlier result of this script
+    teacher: str = ''               # copy students: their teacher's file moved here (the same SHA-256) ...
+    new_teacher: bool = False       # ... or, with this, another teacher on purpose
     img_size: int = 0               # 0 = the models' own (they must share one)
     batch_size: int = 256
     num_workers: int = 2
     amp: str = 'auto'               # auto | bf16 | fp16 | off
     fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
     seed: int = 0                   # seeds the loader's generator (the test split is not shuffled)
+
+    def checks(self):
+        return [
+            ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
+            ('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
+                                             'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
+            ('val_size', self.val_size >= 0, 'must be 0 (the test split) or more'),
+            ('img_size', self.img_size >= 0, "must be 0 (the models' own) or more"),
+            ('batch_size', self.batch_size >= 1, 'must be at least 1'),
+            ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
+            ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
+            ('fake_size', self.fake_size >= 1, 'must be at least 1'),
+            ('seed', self.seed >= 0, 'must be 0 or more')]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}
@@ -63,7 +82,7 @@ def normalise_weights(weights, n):
         return [1.0 / n] * n
     if len(weights) != n:
         raise ConfigError(f'--weights: {len(weights)} weights for {n} models')
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f'--weights {weights}: must be non-negative and not all zero')
     return [w / sum(weights) for w in weights]
 
@@ -113,23 +132,24 @@ def format_table(r):
 # Models and predictions
 
 
-def load_model(source):
-    """(classifier in eval mode, its arch). A copy student comes back wrapped with its teacher."""
+def load_model(source, teacher=None, new_teacher=False):
+    """(classifier in eval mode, its arch). A copy student comes back wrapped with its teacher
+    (the recorded one, or `teacher` with the same SHA-256 unless new_teacher)."""
     ckpt = read_checkpoint(source)
     if isinstance(ckpt, dict) and 'teacher' in ckpt:
-        model = load_copy_model(source)
+        model = load_copy_model(source, teacher, new_teacher)
         arch = model.student.arch
     else:
-        model = load_weights(VisionTransformer(**arch_of(ckpt, source)), source, ckpt)
+        model = build_from_checkpoint(source, ckpt)
         arch = model.arch
     if not arch['num_classes']:
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
     return model.eval(), arch
 
 
-def load_models(sources):
+def load_models(sources, teacher=None, new_teacher=False):
     """The classifiers and the one image size they share (an ensemble needs one test set)."""
-    models, archs = zip(*(load_model(s) for s in sources))
+    models, archs = zip(*(load_model(s, teacher, new_teacher) for s in sources))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
         raise ConfigError('the models take different image sizes: ' +
@@ -153,17 +173,41 @@ def predict_all(models, loader, env):
 # Main
 
 
+def is_result(path):
+    """Whether a file is an earlier result of this script (a JSON object with its keys)."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(1) == b'{' and {'config', 'models', 'ensemble'} <= set(json.loads(b'{' + f.read()))
+    except (OSError, ValueError):   # unreadable, or not JSON (a checkpoint is a zip file)
+        return False
+
+
+def check_out(cfg):
+    """Refuse an --out that is a directory, another file (a checkpoint!) unless --overwrite, or unwritable."""
+    if os.path.isdir(cfg.out):
+        raise ConfigError(f'--out {cfg.out} is a directory: name a file')
+    if os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)):
+        raise ConfigError(f'--out {cfg.out} exists and is not an earlier result of ensemble.py: choose another '
+                          f'file, or pass --overwrite true')
+    if not os.path.exists(cfg.out):
+        try:   # made and removed: a path that cannot be written fails now, not after the evaluation
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+            open(cfg.out, 'x').close()
+            os.remove(cfg.out)
+        except OSError as e:
+            raise ConfigError(f'--out {cfg.out}: cannot write there ({e.strerror})') from None
+
+
 def main():
     cfg = parse_config(EnsembleConfig, PRESETS)
+    if cfg.out:
+        check_out(cfg)
     sources = cfg.models
-    if not sources:
-        raise ConfigError('--models: give one or more checkpoints, e.g. --models runs/a/checkpoint.pt '
-                          'runs/b/checkpoint.pt')
     weights = normalise_weights(cfg.weights, len(sources))
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
 
-    models, classes, img_size = load_models(sources)
+    models, classes, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher)
     if cfg.img_size and cfg.img_size != img_size:
         raise ConfigError(f'--img-size {cfg.img_size}: the models take {img_size}')
     cfg.img_size = img_size
@@ -178,8 +222,7 @@ def main():
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size}, on {device}\n')
     print(format_table(results))
-    if cfg.out:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    if cfg.out:   # checked by check_out
         with open(cfg.out, 'w') as f:
             json.dump({'config': asdict(cfg), **results}, f, indent=2)
 

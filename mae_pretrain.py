@@ -57,6 +57,20 @@ class MAEConfig(TrainConfig):
     out_dir: str = 'runs/mae'
     export: str = ''                # also write the encoder alone here: a small teacher file to ship
 
+    def checks(self):
+        patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
+        return super().checks() + [
+            ('global_pool', not self.global_pool, 'MAE pre-training normalises every token (norm); pass '
+                                                  '--global-pool to finetune.py'),
+            ('mixup', self.mixup == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0'),
+            ('cutmix', self.cutmix == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0'),
+            ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
+             f'must hide some of the {patches} patches and keep at least one'),
+            ('decoder_dim', self.decoder_dim >= 1, 'must be at least 1'),
+            ('decoder_depth', self.decoder_depth >= 1, 'must be at least 1'),
+            ('decoder_heads', self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0,
+             f'must divide --decoder-dim {self.decoder_dim}')]
+
 
 # The small recipes of finetune.py with MAE's optimiser (AdamW beta2 0.95, weight decay 0.05) and no
 # augmentation beyond crop and flip (MAE's ablations, Table 1: masking does the work of augmentation).
@@ -164,17 +178,10 @@ class MaskedAutoencoder(VisionTransformer):
 
 
 def build_mae(cfg):
-    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
-    if cfg.global_pool:
-        raise ConfigError('MAE pre-training normalises every token (norm); pass --global-pool to finetune.py')
-    if cfg.mixup or cfg.cutmix:
-        raise ConfigError('MAE reconstructs single images: --mixup and --cutmix must be 0')
+    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder
+    (the config checked by MAEConfig.checks)."""
     arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
                       embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
-    num_patches = (arch['img_size'] // arch['patch_size']) ** 2
-    if not 0 < cfg.mask_ratio < 1 or int(num_patches * (1 - cfg.mask_ratio)) < 1:
-        raise ConfigError(f'--mask-ratio {cfg.mask_ratio} must hide some of the {num_patches} patches '
-                          f'and keep at least one')
     return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio)
 
 # -----------------------------------------------------------------------------

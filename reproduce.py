@@ -10,7 +10,8 @@ Each stage runs a script in a subprocess, its `--data` preset plus a budget: `ma
 all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
 (--teacher <teacher>), `ensemble` (fine-tuned + distilled), into runs/reproduce/<data>/<stage>/seed<k>. A
 stage whose directory holds done.json (written when its script exits cleanly) is skipped, one with only a
-checkpoint resumed (--resume true): interrupted, the same command continues. Report: results/<data>/
+checkpoint resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked
+before the first one runs; killing reproduce.py stops its running stage. Report: results/<data>/
 RESULTS.md, results.json, results.png. A run's number is its final epoch's test top-1, never its best.
 """
 import json
@@ -18,6 +19,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
 from engine import cpu_name, git_commit, run_main
 
@@ -55,6 +58,15 @@ class ReproduceConfig:
     num_workers: typing.Optional[int] = None   # None = each script's preset
     fake_size: int = 2048           # --data fake only
 
+    def checks(self):
+        return [('data', self.data in PRESETS, f"reproduce.py runs {', '.join(PRESETS)} (ImageNet: the scripts' recipes)"),
+                ('seeds', len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0, 'each seed once, 0 or more'),
+                ('val_size', self.val_size >= 0, 'must be 0 (the test split) or more'),
+                ('blr', self.blr >= 0, "a positive base lr, or 0 for each script's own"),
+                *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('mae_epochs', 'epochs', 'fake_size')],
+                ('max_steps', self.max_steps >= 0, 'must be 0 (the whole schedule) or more'),
+                ('num_workers', self.num_workers is None or self.num_workers >= 0, 'must be 0 or more (or none)')]
+
 
 # Budgets, chosen on the validation split (results/fashion-mnist/VALIDATION.md), never on test. fashion-mnist:
 #   the shipped teacher, 1 epoch a stage at blr 4e-3 (every method did better at 4e-3 than at its preset's
@@ -77,14 +89,7 @@ QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=200, blr=0.0)   # blr:
 def parse(argv=None):
     """Defaults < --data's preset < --quick's < your flags."""
     cfg = parse_config(ReproduceConfig, PRESETS, argv)
-    if cfg.data not in PRESETS:
-        raise ConfigError(f"--data {cfg.data}: reproduce.py runs {', '.join(PRESETS)} (ImageNet: the scripts' recipes)")
-    cfg = parse_config(ReproduceConfig, {cfg.data: {**PRESETS[cfg.data], **QUICK}}, argv) if cfg.quick else cfg
-    if cfg.blr < 0:
-        raise ConfigError(f'--blr {cfg.blr}: a positive base lr, or 0 for each script\'s own')
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ConfigError(f'--seeds {cfg.seeds}: each seed once')
-    return cfg
+    return parse_config(ReproduceConfig, {cfg.data: {**PRESETS[cfg.data], **QUICK}}, argv) if cfg.quick else cfg
 
 # -----------------------------------------------------------------------------
 # Stages: one subprocess each, skipped when done, resumed when interrupted
@@ -152,6 +157,11 @@ def run_stage(cfg, stage, seed, root, teacher, machine):
     t0, last = time.time(), ''
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    def stop(signum, _):   # a kill of reproduce.py (SIGTERM, Ctrl-C) is passed on: the stage never trains on alone
+        proc.send_signal(signum)
+        proc.wait()
+        sys.exit(f'error: {tag} stopped by {signal.Signals(signum).name}; run the same command again to continue')
+    signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, stop)
     for line in proc.stdout:
         print(f'   {tag} | {line.rstrip()}', flush=True)
         last = line.strip().removeprefix('error: ') or last
@@ -320,9 +330,13 @@ def main():
             'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),
             'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
                        f'device {device}'}
-    runs = [] if cfg.teacher else [run_stage(cfg, 'mae', 0, root, '', prov['machine'])]
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
-    runs += [run_stage(cfg, stage, seed, root, teacher, prov['machine']) for seed in cfg.seeds for stage in STAGES]
+    stages = [('mae', 0)] * (not cfg.teacher) + [(stage, seed) for seed in cfg.seeds for stage in STAGES]
+    for stage, seed in stages:   # every stage's inputs checked before any runs: its directory, the teacher
+        plan_stage(cfg, stage, seed, root, teacher)
+    if cfg.teacher:
+        build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
+    runs = [run_stage(cfg, stage, seed, root, teacher, prov['machine']) for stage, seed in stages]
 
     s = summarise(runs)
     os.makedirs(results_dir, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, TrainConfig
-from vit import model_arch
+from vit import SIZES, model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
 # vit.py's components that some families add to the plain ViT (pretrained.py), with their plain values
@@ -30,6 +30,26 @@ class TransferConfig(TrainConfig):
     heads: str = 'all'              # transferred heads, same syntax
     transfer: str = 'attn'          # attn (the map) | q | k | v
     student_arch: str = 'plain'     # plain ViT | teacher: the teacher's components (layer scale, ...), random init
+    new_teacher: bool = False       # --resume with a teacher file other than the saved run's (sha256), on purpose
+
+    # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
+    RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
+
+    def checks(self):
+        return [r for r in super().checks() if r[0] not in ('model', 'patch_size')] + [
+            ('model', self.model == 'teacher' or self.model in SIZES, f"choose teacher or one of {', '.join(SIZES)}"),
+            ('patch_size', self.patch_size >= 0, "must be 0 (the teacher's) or more"),
+            ('teacher', self.teacher != '', 'is required: a checkpoint (e.g. runs/finetune/checkpoint.pt from '
+                                            'finetune.py or mae_pretrain.py) or a name such as mae_vit_large'),
+            ('transfer', self.transfer in WHAT, f"choose one of {', '.join(WHAT)}"),
+            ('student_arch', self.student_arch in ('plain', 'teacher'), 'choose plain or teacher'),
+            *[(k, index_syntax_ok(getattr(self, k)), 'use all, 3, 0-17, 0,2,5 or 0-3,8') for k in ('layers', 'heads')]]
+
+    def resume_conflicts(self, ckpt, world):
+        """config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
+        record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
+        other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
+        return super().resume_conflicts(ckpt, world) + ([other + ' (--new-teacher true if meant)'] if other else [])
 
 
 def parse_index(spec, n, what):
@@ -48,14 +68,17 @@ def parse_index(spec, n, what):
     return sorted(out)
 
 
+def index_syntax_ok(spec):
+    """Whether parse_index can read spec (whatever the teacher's size)."""
+    try:
+        return spec == 'all' or parse_index(spec, 10 ** 6, '') is not None
+    except ConfigError:
+        return False
+
+
 def load_teacher(cfg, device, dtype=None):
     """The frozen teacher, resized to cfg.img_size, and the transferred layers and heads.
     dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
-    if not cfg.teacher:
-        raise ConfigError('--teacher is required: a checkpoint (e.g. runs/finetune/checkpoint.pt from '
-                          'finetune.py or mae_pretrain.py) or a name such as mae_vit_large')
-    if cfg.transfer not in WHAT:
-        raise ConfigError(f"--transfer must be one of {', '.join(WHAT)}, not '{cfg.transfer}'")
     teacher = build_from_checkpoint(cfg.teacher, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
     teacher.requires_grad_(False).eval().to(device)
     if dtype is not None:
@@ -113,12 +136,34 @@ def build_student(cfg, teacher, num_classes, layers, no_qk=False):
 
 def teacher_record(cfg, layers, heads):
     """What a student checkpoint stores about its teacher (never the teacher's weights)."""
-    digest = None
-    if os.path.isfile(cfg.teacher):
-        with open(cfg.teacher, 'rb') as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-    return {'source': cfg.teacher, 'sha256': digest, 'img_size': cfg.img_size, 'layers': layers,
-            'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
+    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size, 'layers': layers,
+            'heads': heads, 'transfer': cfg.transfer,
+            'student_arch': cfg.student_arch}
+
+
+def sha256_of(path):
+    """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2 ** 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_mismatch(source, record):
+    """Why `source` is not the teacher a student checkpoint recorded (None if it is): another file's
+    contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
+    if not record:
+        return None
+    if record.get('sha256') is None:
+        return None if source == record['source'] else f"the teacher {record['source']} -> {source}"
+    digest = sha256_of(source)
+    if digest == record['sha256'] or (digest is None and source == record['source']):   # missing: loading says so
+        return None
+    return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
+            f"had {record['sha256']}")
 
 
 @torch.no_grad()

@@ -79,3 +79,16 @@ def exact_fp32():
 def relative_distance(a, b):
     """|a - b| / |b| over whole tensors (L2): how far a result is from its reference."""
     return ((a - b).norm() / b.norm()).item()
+
+
+def run_in_process(monkeypatch, module, *args):
+    """Run a script's main() in this process, as `python <module>.py args` would (no interpreter start-up,
+    no torch import): returns None if it succeeds, else the one-line message it exits with."""
+    from engine import run_main
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, args)])
+    try:
+        run_main(module.main)
+    except SystemExit as e:
+        assert isinstance(e.code, str) and '\n' not in e.code.strip(), f'exit {e.code!r}: expected one line'
+        return e.code
+    return None

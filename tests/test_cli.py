@@ -8,10 +8,16 @@ import socket
 import subprocess
 import sys
 
+import urllib.error
+
 import pytest
 import torch
 
-from conftest import ROOT, TINY, finetune, read_metrics, sub_env
+import attention_distill
+import finetune as finetune_script
+from checkpoints import CheckpointError, build_from_checkpoint, load_weights
+from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, sub_env
+from vit import VisionTransformer
 
 # -----------------------------------------------------------------------------
 # 7. Two processes under torchrun == one process with the same global batch
@@ -168,3 +174,69 @@ def test_failed_resume_start_leaves_run_untouched(depth2_run, tmp_path):
     assert_one_line_error(finetune(out, '--init', bad, '--resume', 'true', check=False), str(bad))
     changed = sorted(k for k in set(before) | set(digest(out)) if before.get(k) != digest(out).get(k))
     assert not changed, f'a failed --resume start changed {changed} in the run dir'
+
+
+# -----------------------------------------------------------------------------
+# 10. Checkpoints that do not fit, names that cannot be fetched, directories that cannot be written
+
+
+def save_vit(path, extra=None, **arch):
+    model = VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4,
+                                        num_classes=10), **arch})
+    torch.save({'model': model.state_dict(), 'arch': model.arch, **(extra or {})}, path)
+    return path
+
+
+def test_init_compares_heads_and_every_recorded_field(tmp_path, monkeypatch):
+    """4 heads and 3 heads of a 48-wide model have tensors of the same shapes: only 'arch' tells them apart."""
+    four = save_vit(tmp_path / 'four.pt')
+    with pytest.raises(CheckpointError, match=r'num_heads 4 \(here 3\)'):
+        load_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3), str(four))
+    # what loading adapts may differ: image size (position embeddings resized), classes (new head), pooling
+    load_weights(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=1, num_heads=4, num_classes=5,
+                                   global_pool=True), str(four))
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', tmp_path / 'r', '--init', four,
+                         '--embed-dim', '48', '--depth', '1', '--num-heads', '3')
+    assert msg and 'architecture mismatch' in msg and 'num_heads 4 (here 3)' in msg, msg
+
+
+def test_copy_student_is_neither_a_teacher_nor_an_init(tmp_path, monkeypatch):
+    copy = save_vit(tmp_path / 'copy.pt', extra={'teacher': {'source': 't.pt', 'sha256': None}}, no_qk_layers=[0])
+    for load in (lambda: build_from_checkpoint(str(copy)),
+                 lambda: load_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1,
+                                                        num_heads=4), str(copy))):
+        with pytest.raises(CheckpointError, match='is an attention-copy student'):
+            load()
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'r', '--teacher', copy)
+    assert msg and 'is an attention-copy student' in msg, msg
+
+
+@pytest.mark.parametrize('arch', [{'embed_dim': 50, 'num_heads': 3}, {'no_such_field': 1}])
+def test_checkpoint_with_a_bad_arch(tmp_path, arch):
+    path = tmp_path / 'bad.pt'
+    torch.save({'model': VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1).state_dict(),
+                'arch': {**VisionTransformer(depth=1).arch, **arch}}, path)
+    with pytest.raises(CheckpointError, match='records an architecture'):
+        build_from_checkpoint(str(path))
+
+
+def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(CheckpointError) as e:
+        build_from_checkpoint('mae_vit_base')
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path / 'hub'), 'checkpoints', 'mae_pretrain_vit_base.pth') in msg and 'by hand' in msg
+    assert '\n' not in msg
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
+def test_unusable_out_dir(tmp_path, monkeypatch):
+    (tmp_path / 'a_file').write_text('mine\n')
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', tmp_path / 'a_file', '--max-steps', '1')
+    assert msg and 'is a file, not a directory' in msg, msg
+    assert (tmp_path / 'a_file').read_text() == 'mine\n'
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', '/proc/no/such/run', '--max-steps', '1')
+    assert msg and '/proc/no/such/run: cannot make it' in msg, msg

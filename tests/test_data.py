@@ -238,3 +238,21 @@ def test_train_transform_carries_the_policy_and_erasing():
     assert not any(isinstance(t, (RandAugment, v2.RandomErasing)) for t in evaluation)
     x, _ = build_dataset(config(**authors), train=True)[0][0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch, workers):
+    """A file that does not decode stops training with its name, also when a loader worker read it."""
+    import finetune
+    from conftest import run_in_process
+    for split in ('train', 'val'):
+        for c in ('cat', 'dog'):
+            os.makedirs(tmp_path / split / c)
+            for i in range(4):
+                Image.new('RGB', (32, 32), color=(60 * i, 0, 0)).save(tmp_path / split / c / f'{i}.jpg')
+    broken = tmp_path / 'train' / 'dog' / '3.jpg'
+    broken.write_bytes(broken.read_bytes()[:200])            # a truncated JPEG: its header reads, its data not
+    msg = run_in_process(monkeypatch, finetune, '--data', 'folder', '--data-dir', tmp_path, '--img-size', '32',
+                         '--patch-size', '8', '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
+                         '--batch-size', '4', '--num-workers', workers, '--out-dir', tmp_path / 'run')
+    assert msg and msg.startswith('error: cannot read image') and str(broken) in msg, msg

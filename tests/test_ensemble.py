@@ -1,11 +1,17 @@
 """ensemble.py: the maths of averaging probabilities and of disagreement, loading and checking models,
 and a run over two tiny fine-tuned models and a copy student whose numbers match their own runs'."""
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, finetune, read_metrics, run_script
+import attention_copy
+import ensemble
+from attention_copy import load_copy_model
+from checkpoints import CheckpointError
+from conftest import TINY, finetune, read_metrics, run_in_process, run_script
 from config import ConfigError
 from config import parse_config
 from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_probs, load_models,
@@ -126,3 +132,56 @@ def test_ensemble_script_errors_are_one_line(runs):
     p = run_script('ensemble.py', *TINY, '--models', runs / 'ft0' / 'checkpoint.pt', '--weights', '1', '2')
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert 'error: --weights: 2 weights for 1 models' in p.stderr
+
+# -----------------------------------------------------------------------------
+# Nothing written over, no other teacher
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_out_is_never_written_over_another_file(runs, tmp_path, monkeypatch):
+    ckpt = runs / 'ft0' / 'checkpoint.pt'
+    models = ['--models', ckpt]
+    before = digest(ckpt)
+    msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', ckpt)        # the model it evaluates!
+    assert msg and 'is not an earlier result of ensemble.py' in msg and '--overwrite true' in msg, msg
+    assert digest(ckpt) == before
+    notes = tmp_path / 'notes.json'
+    notes.write_text('{"mine": 1}\n')
+    assert 'is not an earlier result' in run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', notes)
+    assert notes.read_text() == '{"mine": 1}\n'
+    assert run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', notes, '--overwrite', 'true') is None
+    assert json.loads(notes.read_text())['models'][0]['model'] == str(ckpt)
+    # its own earlier result is replaced without asking
+    assert run_in_process(monkeypatch, ensemble, *TINY, *models, '--weights', '2', '--out', notes) is None
+    for bad, says in ((tmp_path, 'is a directory'), ('/proc/no/such/result.json', 'cannot write there')):
+        msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', bad)
+        assert msg and says in msg, msg
+
+
+def test_copy_student_refuses_another_teacher(runs, tmp_path, monkeypatch):
+    """The copy student's checkpoint records its teacher's SHA-256: the teacher file replaced by another
+    model of the same shape is refused (both hashes shown), unless --new-teacher true says it is meant."""
+    teacher = tmp_path / 'teacher.pt'
+    shutil.copy(runs / 'ft0' / 'checkpoint.pt', teacher)
+    msg = run_in_process(monkeypatch, attention_copy, *TINY, '--out-dir', tmp_path / 'copy', '--teacher', teacher,
+                         '--max-steps', '1')
+    assert msg is None, msg
+    student = str(tmp_path / 'copy' / 'checkpoint.pt')
+    moved = tmp_path / 'moved.pt'
+    shutil.move(teacher, moved)
+    shutil.copy(runs / 'ft1' / 'checkpoint.pt', teacher)   # another teacher where the recorded one was
+    old, new = digest(moved), digest(teacher)
+    with pytest.raises(CheckpointError) as e:
+        load_copy_model(student)
+    assert old in str(e.value) and new in str(e.value)
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', student)
+    assert msg and old in msg and new in msg and '--new-teacher true' in msg, msg
+    # the same teacher moved: accepted; another one on purpose: accepted
+    x = torch.randn(2, 3, 32, 32)
+    same, other = load_copy_model(student, str(moved)), load_copy_model(student, new_teacher=True)
+    assert not torch.allclose(same(x), other(x))
+    assert run_in_process(monkeypatch, ensemble, *TINY, '--models', student, '--teacher', moved) is None
+    assert run_in_process(monkeypatch, ensemble, *TINY, '--models', student, '--new-teacher', 'true') is None

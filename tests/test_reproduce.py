@@ -2,11 +2,15 @@
 interruption (the stage resumes); the commands each stage gets; the report's arithmetic."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from config import ConfigError, parse_config
-from conftest import ROOT, TINY, read_metrics, run_script
+from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
@@ -181,3 +185,63 @@ def test_one_learning_rate_for_every_training_stage(tmp_path):
         stage_command(cfg, 'ensemble', 0, str(tmp_path), 't.pt') + stage_command(parse(TINY), 'copy', 0, str(tmp_path), 't.pt')
     with pytest.raises(ConfigError):
         parse([*TINY, '--blr', '-1'])
+
+
+# -----------------------------------------------------------------------------
+# Inputs checked before the first stage; a kill stops the running stage too
+
+
+def test_every_input_is_checked_before_the_first_stage(tmp_path, monkeypatch):
+    import reproduce
+    base = [*TINY, '--out-dir', tmp_path / 'runs', '--results-dir', tmp_path / 'results']
+    msg = run_in_process(monkeypatch, reproduce, *base, '--teacher', tmp_path / 'missing.pt')
+    assert msg and str(tmp_path / 'missing.pt') in msg, msg
+    # a later stage's directory holding another run: found before any stage trains
+    other = stage_command(parse([*TINY, '--epochs', '3']), 'distill', 0, str(tmp_path / 'runs'), 't.pt')
+    os.makedirs(run_dir(str(tmp_path / 'runs'), 'distill', 0))
+    with open(os.path.join(run_dir(str(tmp_path / 'runs'), 'distill', 0), 'config.json'), 'w') as f:
+        json.dump({'argv': other[1:]}, f)
+    msg = run_in_process(monkeypatch, reproduce, *base)
+    assert msg and 'holds a run made with' in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ['runs'] and os.listdir(tmp_path / 'runs') == ['distill']
+
+
+def stage_pids(marker):
+    """Processes whose command line holds `marker` (this test's own directory): the stage it started."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                cmd = f.read().decode(errors='replace')
+        except OSError:
+            continue
+        if marker in cmd and 'mae_pretrain.py' in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
+def test_a_killed_reproduction_stops_its_stage(tmp_path):
+    runs = str(tmp_path / 'runs')
+    p = subprocess.Popen([sys.executable, 'reproduce.py', *TINY, '--max-steps', '0', '--mae-epochs', '100',
+                          '--out-dir', runs, '--results-dir', str(tmp_path / 'results')],
+                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = []
+    try:
+        deadline = time.time() + 240
+        while not stage and time.time() < deadline and p.poll() is None:
+            stage = stage_pids(runs)
+            time.sleep(0.5)
+        assert stage, f'the mae stage never started:\n{p.communicate(timeout=60)}'
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode != 0 and 'mae stopped by SIGTERM' in err, (out[-2000:], err[-2000:])
+        deadline = time.time() + 30
+        while stage_pids(runs) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not stage_pids(runs), 'the stage trains on after reproduce.py was killed'
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in stage_pids(runs):   # only the stage this test started
+            os.kill(pid, signal.SIGKILL)

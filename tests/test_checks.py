@@ -1,0 +1,170 @@
+"""Every field of every script's config against bad values: the script stops in parse_config, before it
+makes or loads anything, with one line naming the flag and what is allowed (no traceback, exit non-zero).
+A new field needs a row in BAD (or a place in FREE, if every value parses and is checked where it is used)."""
+import dataclasses
+import os
+import re
+import sys
+
+import pytest
+
+import attention_copy
+import attention_distill
+import benchmark
+import ensemble
+import finetune
+import mae_pretrain
+import reproduce
+from conftest import TINY, run_script
+from engine import run_main
+
+# script -> (module, config class, the flags of a run that would otherwise go ahead)
+SCRIPTS = {
+    'finetune.py': (finetune, finetune.FinetuneConfig, [*TINY, '--out-dir', 'run', '--max-steps', '1']),
+    'attention_copy.py': (attention_copy, attention_copy.CopyConfig,
+                          [*TINY, '--out-dir', 'run', '--max-steps', '1', '--teacher', 'missing.pt']),
+    'attention_distill.py': (attention_distill, attention_distill.DistillConfig,
+                             [*TINY, '--out-dir', 'run', '--max-steps', '1', '--teacher', 'missing.pt']),
+    'mae_pretrain.py': (mae_pretrain, mae_pretrain.MAEConfig, [*TINY, '--out-dir', 'run', '--max-steps', '1']),
+    'ensemble.py': (ensemble, ensemble.EnsembleConfig, [*TINY, '--models', 'missing.pt']),
+    'reproduce.py': (reproduce, reproduce.ReproduceConfig, [*TINY, '--out-dir', 'runs', '--results-dir', 'res',
+                                                           '--teacher', 'missing.pt']),
+    'benchmark.py': (benchmark, benchmark.BenchConfig, ['--quick', 'true', '--out-dir', 'bench']),
+}
+TRAIN = ['finetune.py', 'attention_copy.py', 'attention_distill.py', 'mae_pretrain.py']
+OWN_SIZE = ['finetune.py', 'mae_pretrain.py']    # the transfer scripts take the teacher's size, patch and heads
+
+# (scripts, field, bad values) -> each value, given as --field value, must be refused naming --field
+BAD = [
+    (TRAIN, 'data', [['nosuchdata']]),
+    (TRAIN, 'val_size', [['-1']]),
+    (TRAIN, 'out_dir', [['']]),
+    (TRAIN, 'model', [['vit_nope']]),
+    (TRAIN, 'img_size', [['0']]),
+    (OWN_SIZE, 'img_size', [['30']]),          # not a multiple of the preset's patch 8
+    (OWN_SIZE, 'patch_size', [['0'], ['-4']]),
+    (['attention_copy.py', 'attention_distill.py'], 'patch_size', [['-1']]),   # 0 is allowed: the teacher's
+    (TRAIN, 'embed_dim', [['0']]),
+    (OWN_SIZE, 'embed_dim', [['100']]),        # 3 heads do not divide it
+    (TRAIN, 'depth', [['0']]),
+    (TRAIN, 'num_heads', [['0']]),
+    (OWN_SIZE, 'num_heads', [['5']]),
+    (TRAIN, 'drop_path', [['-0.1'], ['1'], ['2'], ['nan']]),
+    (TRAIN, 'hflip', [['-0.5'], ['1.5']]),
+    (TRAIN, 'crop_pad', [['-1']]),
+    (TRAIN, 'min_scale', [['0'], ['1.5']]),
+    (TRAIN, 'randaug', [['-1'], ['31']]),
+    (TRAIN, 'reprob', [['-0.1'], ['1.1']]),
+    (TRAIN, 'mixup', [['-1'], ['inf']]),
+    (TRAIN, 'cutmix', [['-1']]),
+    (TRAIN, 'smoothing', [['-0.1'], ['1'], ['2']]),
+    (TRAIN, 'epochs', [['0'], ['-1']]),
+    (TRAIN, 'warmup_epochs', [['-1']]),
+    (TRAIN, 'batch_size', [['0']]),
+    (TRAIN, 'accum_steps', [['0']]),
+    (TRAIN, 'blr', [['-1'], ['nan']]),
+    (TRAIN, 'min_lr', [['-0.000001']]),
+    (TRAIN, 'weight_decay', [['-0.05']]),
+    (TRAIN, 'layer_decay', [['0'], ['1.5']]),
+    (TRAIN, 'beta2', [['1'], ['-0.1']]),
+    (TRAIN, 'clip_grad', [['-1']]),
+    (TRAIN, 'ema', [['1'], ['-0.5']]),
+    (TRAIN, 'amp', [['fp32']]),
+    (TRAIN, 'seed', [['-1']]),
+    (TRAIN, 'num_workers', [['-1']]),
+    (TRAIN, 'fake_size', [['0']]),
+    (TRAIN, 'log_every', [['0']]),
+    (TRAIN, 'save_every', [['-1']]),
+    (TRAIN, 'max_steps', [['-1']]),
+    (['attention_copy.py', 'attention_distill.py'], 'teacher', [['']]),
+    (['attention_copy.py', 'attention_distill.py'], 'layers', [['x'], ['3-1']]),
+    (['attention_copy.py', 'attention_distill.py'], 'heads', [['0,,1']]),
+    (['attention_copy.py', 'attention_distill.py'], 'transfer', [['qk']]),
+    (['attention_copy.py', 'attention_distill.py'], 'student_arch', [['vit']]),
+    (['attention_distill.py'], 'weight', [['-1'], ['nan']]),
+    (['mae_pretrain.py'], 'global_pool', [['true']]),
+    (['mae_pretrain.py'], 'mixup', [['0.8']]),
+    (['mae_pretrain.py'], 'cutmix', [['1']]),
+    (['mae_pretrain.py'], 'mask_ratio', [['0'], ['1'], ['0.99']]),   # 16 patches: 0.99 keeps none
+    (['mae_pretrain.py'], 'decoder_dim', [['0']]),
+    (['mae_pretrain.py'], 'decoder_depth', [['0']]),
+    (['mae_pretrain.py'], 'decoder_heads', [['0'], ['5']]),
+    (['ensemble.py'], 'data', [['nosuchdata']]),
+    (['ensemble.py'], 'models', [[]]),
+    (['ensemble.py'], 'weights', [['nan'], ['-1'], ['0'], ['1', '2']]),
+    (['ensemble.py'], 'val_size', [['-1']]),
+    (['ensemble.py'], 'img_size', [['-1']]),
+    (['ensemble.py'], 'batch_size', [['0']]),
+    (['ensemble.py'], 'num_workers', [['-1']]),
+    (['ensemble.py'], 'amp', [['fp32']]),
+    (['ensemble.py'], 'fake_size', [['0']]),
+    (['ensemble.py'], 'seed', [['-1']]),
+    (['reproduce.py'], 'data', [['imagenet']]),
+    (['reproduce.py'], 'seeds', [['1', '1'], ['-1']]),
+    (['reproduce.py'], 'val_size', [['-1']]),
+    (['reproduce.py'], 'mae_epochs', [['0']]),
+    (['reproduce.py'], 'epochs', [['0']]),
+    (['reproduce.py'], 'max_steps', [['-1']]),
+    (['reproduce.py'], 'num_workers', [['-1']]),
+    (['reproduce.py'], 'fake_size', [['0']]),
+    (['benchmark.py'], 'models', [['vit_nope']]),
+    (['benchmark.py'], 'methods', [['nope'], ['train', 'nope']]),
+    (['benchmark.py'], 'profile', [['nope']]),
+    (['benchmark.py'], 'device', [['gpu']]),
+    (['benchmark.py'], 'batch_size', [['-1']]),
+    (['benchmark.py'], 'memory_batch_size', [['-2']]),
+    (['benchmark.py'], 'fill', [['0'], ['1.5']]),
+    (['benchmark.py'], 'img_size', [['30']]),
+    (['benchmark.py'], 'patch_size', [['0'], ['-16']]),
+    (['benchmark.py'], 'depth', [['-1']]),
+    (['benchmark.py'], 'rounds', [['0']]),
+    (['benchmark.py'], 'steps', [['0']]),
+    (['benchmark.py'], 'warmup', [['-1']]),
+    (['benchmark.py'], 'distill_frac', [['0'], ['1.5']]),
+    (['benchmark.py'], 'threads', [['-1']]),
+    (['benchmark.py'], 'gemm_size', [['0']]),
+]
+# fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
+# names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
+FREE = {'data_dir', 'resume', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
+        'teacher', 'quick', 'out_dir', 'results_dir'}
+CASES = [(script, field, value) for scripts, field, values in BAD for script in scripts for value in values]
+
+
+@pytest.mark.parametrize('script, field, value', CASES, ids=[f'{s}:{f}={" ".join(v)}' for s, f, v in CASES])
+def test_bad_value_is_one_line_naming_the_flag(monkeypatch, tmp_path, capsys, script, field, value):
+    module, _, base = SCRIPTS[script]
+    monkeypatch.chdir(tmp_path)
+    flag = '--' + field.replace('_', '-')
+    argv = [*base, flag, *value] if value else [a for a in base if a not in ('--models', 'missing.pt')]
+    monkeypatch.setattr(sys, 'argv', [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        run_main(module.main)
+    msg = e.value.code
+    assert isinstance(msg, str), f'{script} {flag} {value}: exit code {msg!r}, expected a message'
+    assert msg.startswith('error: ') and '\n' not in msg, msg
+    assert re.match(f'error: {flag}\\b', msg), f'{script} {flag} {value}: the message names another cause: {msg}'
+    assert capsys.readouterr().err == ''
+    assert os.listdir(tmp_path) == [], f'{script} {flag} {value} made {os.listdir(tmp_path)}'
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_every_field_is_checked(script):
+    """A field with neither a row in BAD nor a place in FREE fails here: add its bad values."""
+    fields = {f.name for f in dataclasses.fields(SCRIPTS[script][1])}
+    tested = {field for scripts, field, _ in BAD if script in scripts}
+    assert not fields - tested - FREE, f'{script}: no bad values for {sorted(fields - tested - FREE)}'
+
+
+@pytest.mark.parametrize('script, args, flag', [
+    ('finetune.py', ['--batch-size', '0'], '--batch-size'),
+    ('benchmark.py', ['--models', 'vit_nope'], '--models'),
+])
+def test_bad_value_from_the_shell(tmp_path, script, args, flag):
+    """The same, as a user sees it: exit status 1, one line on stderr, nothing made."""
+    base = SCRIPTS[script][2]
+    p = run_script(script,
+                   *[str(tmp_path / a) if a in ('run', 'bench') else a for a in base], *args)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(f'error: {flag} '), p.stderr
+    assert os.listdir(tmp_path) == []

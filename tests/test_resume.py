@@ -1,0 +1,218 @@
+"""--resume true continues only the run that was saved (rundir.py): another setting, another global batch,
+another teacher file, a damaged or foreign checkpoint are refused in one line before anything is written;
+what may change is recorded in config.json; the time and the log go on; a non-finite loss stops with a true
+message. The scripts run in this process (run_in_process), except the two processes under torchrun."""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attention_distill
+import finetune
+from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
+from test_cli import SAME_MATHS, ce_by_step, free_port
+
+torch.set_num_threads(1)   # a small, shared machine
+
+
+def train(monkeypatch, module, out, *args):
+    msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', out, *args)
+    assert msg is None, msg
+
+
+def digest(d):
+    return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in sorted(os.listdir(d))}
+
+
+def edit_checkpoint(d, **changes):
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    ck.update(changes)
+    torch.save(ck, d / 'checkpoint.pt')
+    return ck
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    """A tiny run stopped after 2 of its 8 steps (ViT-Tiny's 3 heads), and a copy to change per test."""
+    d = tmp_path_factory.mktemp('resume') / 'run'
+    with pytest.MonkeyPatch.context() as mp:
+        train(mp, finetune, d, '--max-steps', '2', '--amp', 'off')
+
+    def copy(tmp_path):
+        shutil.copytree(d, tmp_path / 'run')
+        return tmp_path / 'run'
+    return d, copy
+
+# -----------------------------------------------------------------------------
+# What may not change
+
+
+@pytest.mark.parametrize('change, says', [
+    (['--num-heads', '4'], '--num-heads None -> 4'),       # same tensor shapes, another model
+    (['--epochs', '3'], '--epochs 1 -> 3'),                # another schedule
+    (['--blr', '0.01', '--smoothing', '0'], '--smoothing 0.1 -> 0.0; --blr 0.001 -> 0.01'),
+    (['--batch-size', '16'], 'global batch 32 (--batch-size 32 x --accum-steps 1 x 1 process(es)) -> 16'),
+    (['--amp', 'bf16'], '--amp off -> bf16'),
+])
+def test_resume_refuses_another_run(monkeypatch, saved, change, says):
+    d, _ = saved
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true', *change)
+    assert msg and msg.startswith('error: --resume: ') and says in msg, msg
+    assert digest(d) == before                              # config.json, log, metrics, checkpoint untouched
+
+
+@pytest.mark.parametrize('damage, says', [
+    ('garbage', 'is not a readable PyTorch checkpoint'),
+    ('pickled code', 'is not a readable PyTorch checkpoint'),
+    ('state dict only', 'is not a training checkpoint'),
+    ('other shapes', 'does not fit the model'),
+    ('other heads in arch', 'num_heads 4 (here 3)'),
+])
+def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
+    d = saved[1](tmp_path)
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    if damage == 'garbage':
+        (d / 'checkpoint.pt').write_bytes(b'\x00not a checkpoint' * 100)
+    elif damage == 'pickled code':    # weights_only refuses to unpickle arbitrary objects (no code is run)
+        torch.save({**ck, 'config': argparse.Namespace(**ck['config'])}, d / 'checkpoint.pt')
+    elif damage == 'state dict only':
+        torch.save(ck['model'], d / 'checkpoint.pt')
+    elif damage == 'other shapes':
+        edit_checkpoint(d, model={**ck['model'], 'pos_embed': torch.zeros(1, 5, 192)})
+    else:
+        edit_checkpoint(d, arch={**ck['arch'], 'num_heads': 4})
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
+    assert msg and says in msg and str(d) in msg, msg
+    assert digest(d) == before
+
+# -----------------------------------------------------------------------------
+# What may change, and what the run directory then says
+
+
+def test_resume_records_what_changed_and_keeps_the_time(monkeypatch, saved, tmp_path):
+    d = saved[1](tmp_path)
+    edit_checkpoint(d, time=1000.0)   # as if the first 2 steps had taken 1000 s
+    train(monkeypatch, finetune, d, '--amp', 'off', '--resume', 'true', '--max-steps', '4', '--log-every', '1',
+          '--save-every', '3')
+    config = json.loads((d / 'config.json').read_text())
+    assert (config['max_steps'], config['log_every'], config['save_every'], config['resume']) == (4, 1, 3, True)
+    assert config['argv'][-2:] == ['--amp', 'off']          # the first launch's command stays
+    last = config['resumes'][-1]
+    assert last['step'] == 2 and last['changed']['max_steps'] == [2, 4] and '--resume' in last['argv']
+    records = read_metrics(d)
+    assert [r['step'] for r in records] == [2, 4] and records[1]['time'] > 1000 > records[0]['time']
+    assert torch.load(d / 'checkpoint.pt', weights_only=True)['time'] > 1000
+
+
+def test_a_new_run_starts_its_log_afresh(monkeypatch, tmp_path):
+    """An earlier attempt that was killed before its first checkpoint leaves nothing to continue."""
+    d = tmp_path / 'run'
+    d.mkdir()
+    (d / 'log.txt').write_text('an earlier attempt\n')
+    (d / 'metrics.jsonl').write_text('{"step": 99, "top1": 1.0}\n')
+    train(monkeypatch, finetune, d, '--max-steps', '1')
+    assert 'an earlier attempt' not in (d / 'log.txt').read_text()
+    assert [r['step'] for r in read_metrics(d)] == [1]
+
+
+@pytest.mark.parametrize('amp', ['off', 'bf16'])
+def test_non_finite_loss_stops_with_a_true_message(monkeypatch, tmp_path, amp):
+    """An lr of 1e30 breaks the model in the first epoch; its end (step 4 of 8, not a logging step) is
+    evaluated: nothing non-finite is recorded, no checkpoint exists to be 'kept', bf16 is not suggested on bf16."""
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path, '--fake-size', '64', '--batch-size', '16',
+                         '--epochs', '2', '--log-every', '100', '--blr', '1e30', '--warmup-epochs', '0', '--amp', amp)
+    assert msg and re.search(r'is -?(nan|inf) at step', msg) and 'no checkpoint was written yet' in msg, msg
+    assert 'is kept' not in msg
+    assert '--amp bf16' not in msg
+    assert not (tmp_path / 'checkpoint.pt').exists()
+    assert not (tmp_path / 'metrics.jsonl').exists() or 'NaN' not in (tmp_path / 'metrics.jsonl').read_text()
+
+# -----------------------------------------------------------------------------
+# Another number of processes: the same global batch continues the same run; another is refused
+
+
+def test_two_processes_resume_in_one_with_the_same_global_batch(monkeypatch, tmp_path):
+    two, one = tmp_path / 'two', tmp_path / 'one'
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
+                        '--master_addr', '127.0.0.1', '--master_port', str(free_port()), 'finetune.py', *TINY,
+                        '--out-dir', str(two), '--batch-size', '16', *SAME_MATHS], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f'torchrun failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    assert torch.load(two / 'checkpoint.pt', weights_only=True)['step'] == 4
+    before = digest(two)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', two, '--batch-size', '16', *SAME_MATHS,
+                         '--resume', 'true', '--max-steps', '8')
+    assert msg and 'global batch 32 (--batch-size 16 x --accum-steps 1 x 2 process(es)) -> 16' in msg, msg
+    assert digest(two) == before
+    train(monkeypatch, finetune, two, '--batch-size', '32', *SAME_MATHS, '--resume', 'true', '--max-steps', '8')
+    train(monkeypatch, finetune, one, '--batch-size', '32', *SAME_MATHS, '--max-steps', '8')
+    ce_two, ce_one = ce_by_step(two), ce_by_step(one)
+    assert sorted(ce_two) == sorted(ce_one) == list(range(1, 9))
+    for s in ce_one:   # the same images in every step, the same lr: the same run, to float rounding
+        assert ce_two[s] == pytest.approx(ce_one[s], rel=1e-4), (s, ce_two[s], ce_one[s])
+    a, b = read_metrics(one)[-1], read_metrics(two)[-1]
+    assert a['step'] == b['step'] == 8 and b['loss'] == pytest.approx(a['loss'], rel=1e-4)
+    assert abs(a['top1'] - b['top1']) <= 100 / 64 + 1e-9     # 64 test images: one may flip on a rounding
+    assert json.loads((two / 'config.json').read_text())['world_size'] == 1
+
+# -----------------------------------------------------------------------------
+# A transfer run continues with its own teacher: the file is compared by SHA-256
+
+
+@pytest.fixture(scope='module')
+def distilled(tmp_path_factory):
+    """Two teachers of the same shape (seeds 0 and 1) and a distillation run from the first, 2 steps."""
+    root = tmp_path_factory.mktemp('teachers')
+    with pytest.MonkeyPatch.context() as mp:
+        for seed in (0, 1):
+            train(mp, finetune, root / f't{seed}', '--max-steps', '1', '--seed', seed)
+        train(mp, attention_distill, root / 'distill', '--teacher', root / 't0' / 'checkpoint.pt', '--max-steps', '2')
+    return root
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize('change, says', [
+    (['--layers', '0'], '--layers all -> 0'),
+    (['--weight', '1'], '--weight 3.0 -> 1.0'),
+    (['--transfer', 'q'], '--transfer attn -> q'),
+])
+def test_distillation_resume_refuses_other_transfer_settings(monkeypatch, distilled, change, says):
+    d = distilled / 'distill'
+    before = digest(d)
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', d, '--resume', 'true',
+                         '--teacher', distilled / 't0' / 'checkpoint.pt', *change)
+    assert msg and says in msg, msg
+    assert digest(d) == before
+
+
+def test_distillation_resume_checks_the_teacher_file(monkeypatch, distilled, tmp_path):
+    shutil.copytree(distilled / 'distill', tmp_path / 'distill')
+    d, t0, t1 = tmp_path / 'distill', distilled / 't0' / 'checkpoint.pt', distilled / 't1' / 'checkpoint.pt'
+    swapped = tmp_path / 'teacher.pt'                        # the recorded file replaced by another teacher
+    shutil.copy(t1, swapped)
+    before = digest(d)
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', d, '--resume', 'true',
+                         '--teacher', swapped, '--max-steps', '3')
+    assert msg and sha(t0) in msg and sha(t1) in msg and '--new-teacher true' in msg, msg
+    assert digest(d) == before
+    moved = tmp_path / 'moved.pt'                            # the same teacher elsewhere: accepted
+    shutil.copy(t0, moved)
+    train(monkeypatch, attention_distill, d, '--resume', 'true', '--teacher', moved, '--max-steps', '3')
+    # another teacher on purpose: accepted, and recorded as the teacher from now on
+    train(monkeypatch, attention_distill, d, '--resume', 'true', '--teacher', swapped, '--new-teacher', 'true',
+          '--max-steps', '4')
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    assert ck['step'] == 4 and ck['distilled_from']['sha256'] == sha(t1)
+    assert re.search(r'"new_teacher": \[\s*false,\s*true\s*\]', (d / 'config.json').read_text())
