@@ -76,7 +76,8 @@ class TrainConfig:
     def checks(self):
         """(field, holds, what is allowed): parse_config refuses the first row that does not hold.
         A subclass adds its own rows: `return super().checks() + [...]`."""
-        from data import INFO   # here, not at the top: data.py may use this module
+        from augment import randaugment   # here, not at the top: both modules use this one
+        from data import INFO
         size = SIZES.get(self.model, {})
         dim, heads = self.embed_dim or size.get('embed_dim'), self.num_heads or size.get('num_heads')
         return [
@@ -97,7 +98,8 @@ class TrainConfig:
             ('hflip', 0 <= self.hflip <= 1, 'is a probability: [0, 1]'),
             ('crop_pad', self.crop_pad >= 0, 'must be 0 (off) or more'),
             ('min_scale', 0 < self.min_scale <= 1, 'is a fraction of the area: (0, 1]'),
-            ('randaug', 0 <= self.randaug <= 30, 'is a magnitude in [0, 30]; 0 = off'),
+            ('randaug', readable(randaugment, self.randaug),
+             "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9, or '' for none"),
             ('reprob', 0 <= self.reprob <= 1, 'is a probability: [0, 1]'),
             ('mixup', self.mixup >= 0, 'must be 0 (off) or more'),
             ('cutmix', self.cutmix >= 0, 'must be 0 (off) or more'),
@@ -110,6 +112,7 @@ class TrainConfig:
             ('min_lr', self.min_lr >= 0, 'must be 0 or more'),
             ('weight_decay', self.weight_decay >= 0, 'must be 0 or more'),
             ('layer_decay', 0 < self.layer_decay <= 1, 'must be in (0, 1]'),
+            ('layer_decay_offset', self.layer_decay_offset >= 0, 'must be 0 (the release) or 1 (MAE), or more'),
             ('beta2', 0 <= self.beta2 < 1, 'must be in [0, 1)'),
             ('clip_grad', self.clip_grad >= 0, 'must be 0 (off) or more'),
             ('ema', 0 <= self.ema < 1, 'is a decay per step: [0, 1), 0 = off'),
@@ -148,6 +151,15 @@ def flag(name):
 
 def show(value):
     return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def readable(parse, value):
+    """Whether parse(value) reads it (a ConfigError says not)."""
+    try:
+        parse(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def check(cfg):

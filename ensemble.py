@@ -61,12 +61,16 @@ class EnsembleConfig:
             ('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
                                              'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
             ('val_size', self.val_size >= 0, 'must be 0 (the test split) or more'),
-            ('img_size', self.img_size >= 0, "must be 0 (the models' own) or more"),
-            ('batch_size', self.batch_size >= 1, 'must be at least 1'),
-            ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
-            ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
-            ('fake_size', self.fake_size >= 1, 'must be at least 1'),
-            ('seed', self.seed >= 0, 'must be 0 or more')]
+            ('fake_size', self.fake_size >= 1, 'must be at least 1'), *evaluation_checks(self)]
+
+
+def evaluation_checks(cfg):
+    """The rows of checks() an evaluation of models shares (ensemble.py, evaluate.py)."""
+    return [('img_size', cfg.img_size >= 0, "must be 0 (the models' own) or more"),
+            ('batch_size', cfg.batch_size >= 1, 'must be at least 1'),
+            ('num_workers', cfg.num_workers >= 0, 'must be 0 (load in the main process) or more'),
+            ('amp', cfg.amp in AMP, f"choose one of {', '.join(AMP)}"),
+            ('seed', cfg.seed >= 0, 'must be 0 or more')]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}

@@ -31,7 +31,7 @@ import torchvision
 from config import ConfigError, parse_config
 from data import DataError, build_loader, build_transform
 from engine import amp_dtype, run_main
-from ensemble import accuracy, ensemble_probs, load_models, predict_all
+from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
 
 # -----------------------------------------------------------------------------
 # Config
@@ -52,6 +52,9 @@ class EvaluateConfig:
     num_workers: int = 8
     amp: str = 'auto'               # auto | bf16 | fp16 | off
     seed: int = 0                   # seeds the loader's generator (nothing is shuffled)
+
+    def checks(self):
+        return evaluation_checks(self)
 
 # -----------------------------------------------------------------------------
 # The test sets: which folder is which ImageNet class, and which classes a prediction may take

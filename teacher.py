@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import build_from_checkpoint
-from config import ConfigError, TrainConfig
+from config import ConfigError, TrainConfig, readable
 from vit import SIZES, model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
@@ -70,10 +70,7 @@ def parse_index(spec, n, what):
 
 def index_syntax_ok(spec):
     """Whether parse_index can read spec (whatever the teacher's size)."""
-    try:
-        return spec == 'all' or parse_index(spec, 10 ** 6, '') is not None
-    except ConfigError:
-        return False
+    return readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec)
 
 
 def load_teacher(cfg, device, dtype=None):

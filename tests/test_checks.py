@@ -12,6 +12,7 @@ import attention_copy
 import attention_distill
 import benchmark
 import ensemble
+import evaluate
 import finetune
 import mae_pretrain
 import reproduce
@@ -29,6 +30,7 @@ SCRIPTS = {
     'ensemble.py': (ensemble, ensemble.EnsembleConfig, [*TINY, '--models', 'missing.pt']),
     'reproduce.py': (reproduce, reproduce.ReproduceConfig, [*TINY, '--out-dir', 'runs', '--results-dir', 'res',
                                                            '--teacher', 'missing.pt']),
+    'evaluate.py': (evaluate, evaluate.EvaluateConfig, ['--models', 'missing.pt', '--imagenet', 'val', '--out', 'res']),
     'benchmark.py': (benchmark, benchmark.BenchConfig, ['--quick', 'true', '--out-dir', 'bench']),
 }
 TRAIN = ['finetune.py', 'attention_copy.py', 'attention_distill.py', 'mae_pretrain.py']
@@ -53,7 +55,7 @@ BAD = [
     (TRAIN, 'hflip', [['-0.5'], ['1.5']]),
     (TRAIN, 'crop_pad', [['-1']]),
     (TRAIN, 'min_scale', [['0'], ['1.5']]),
-    (TRAIN, 'randaug', [['-1'], ['31']]),
+    (TRAIN, 'randaug', [['9'], ['rand-x9'], ['torchvision']]),
     (TRAIN, 'reprob', [['-0.1'], ['1.1']]),
     (TRAIN, 'mixup', [['-1'], ['inf']]),
     (TRAIN, 'cutmix', [['-1']]),
@@ -66,6 +68,7 @@ BAD = [
     (TRAIN, 'min_lr', [['-0.000001']]),
     (TRAIN, 'weight_decay', [['-0.05']]),
     (TRAIN, 'layer_decay', [['0'], ['1.5']]),
+    (TRAIN, 'layer_decay_offset', [['-1']]),
     (TRAIN, 'beta2', [['1'], ['-0.1']]),
     (TRAIN, 'clip_grad', [['-1']]),
     (TRAIN, 'ema', [['1'], ['-0.5']]),
@@ -93,15 +96,16 @@ BAD = [
     (['ensemble.py'], 'models', [[]]),
     (['ensemble.py'], 'weights', [['nan'], ['-1'], ['0'], ['1', '2']]),
     (['ensemble.py'], 'val_size', [['-1']]),
-    (['ensemble.py'], 'img_size', [['-1']]),
-    (['ensemble.py'], 'batch_size', [['0']]),
-    (['ensemble.py'], 'num_workers', [['-1']]),
-    (['ensemble.py'], 'amp', [['fp32']]),
+    (['ensemble.py', 'evaluate.py'], 'img_size', [['-1']]),
+    (['ensemble.py', 'evaluate.py'], 'batch_size', [['0']]),
+    (['ensemble.py', 'evaluate.py'], 'num_workers', [['-1']]),
+    (['ensemble.py', 'evaluate.py'], 'amp', [['fp32']]),
     (['ensemble.py'], 'fake_size', [['0']]),
-    (['ensemble.py'], 'seed', [['-1']]),
+    (['ensemble.py', 'evaluate.py'], 'seed', [['-1']]),
     (['reproduce.py'], 'data', [['imagenet']]),
     (['reproduce.py'], 'seeds', [['1', '1'], ['-1']]),
     (['reproduce.py'], 'val_size', [['-1']]),
+    (['reproduce.py'], 'blr', [['-1']]),
     (['reproduce.py'], 'mae_epochs', [['0']]),
     (['reproduce.py'], 'epochs', [['0']]),
     (['reproduce.py'], 'max_steps', [['-1']]),
@@ -127,7 +131,8 @@ BAD = [
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
 FREE = {'data_dir', 'resume', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
-        'teacher', 'quick', 'out_dir', 'results_dir'}
+        'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
+        'imagenet_sketch', 'imagenet_r', 'imagenet_a'}
 CASES = [(script, field, value) for scripts, field, values in BAD for script in scripts for value in values]
 
 
