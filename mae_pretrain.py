@@ -57,6 +57,8 @@ class MAEConfig(TrainConfig):
     out_dir: str = 'runs/mae'
     export: str = ''                # also write the encoder alone here: a small teacher file to ship
 
+    RESUMABLE = (*TrainConfig.RESUMABLE, 'export')   # written once the run ends: may be named when resuming
+
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
         return super().checks() + [

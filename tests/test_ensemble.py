@@ -72,7 +72,8 @@ def test_disagreement():
 def test_list_flags():
     cfg = parse_config(EnsembleConfig, PRESETS, ['--models', 'a.pt', 'b.pt', '--weights', '1', '2', '--data', 'fake'])
     assert (cfg.models, cfg.weights, cfg.data) == (['a.pt', 'b.pt'], [1.0, 2.0], 'fake')
-    assert parse_config(EnsembleConfig, PRESETS, []).models == []
+    with pytest.raises(ConfigError, match='--models is required'):
+        parse_config(EnsembleConfig, PRESETS, [])
     with pytest.raises(SystemExit):
         parse_config(EnsembleConfig, PRESETS, ['--weights', 'one'])
 

@@ -79,8 +79,8 @@ def test_stage_commands(tmp_path):
     for stage in ['mae', *STAGES]:
         c = stage_command(val, stage, 0, root, 't.pt')
         assert c[c.index('--val-size') + 1] == '64', stage
-    for cls in (EnsembleConfig, MAEConfig, FinetuneConfig):
-        assert parse_config(cls, {}, ['--val-size', '64']).val_size == 64
+    for cls, args in ((EnsembleConfig, ['--models', 'a.pt']), (MAEConfig, []), (FinetuneConfig, [])):
+        assert parse_config(cls, {}, ['--val-size', '64', *args]).val_size == 64
 
 
 def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused(tmp_path):

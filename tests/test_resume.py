@@ -69,6 +69,19 @@ def test_resume_refuses_another_run(monkeypatch, saved, change, says):
     assert digest(d) == before                              # config.json, log, metrics, checkpoint untouched
 
 
+def test_each_config_names_what_may_change():
+    """The rule itself, per config: RESUMABLE fields pass, any other is named old -> new, and so is a
+    global batch changed by the number of processes."""
+    from dataclasses import asdict
+    from mae_pretrain import MAEConfig
+    saved = {'config': asdict(MAEConfig()), 'rng': [None], 'world_size': 1}
+    assert MAEConfig(export='teacher.pt', max_steps=5, out_dir='moved', num_workers=0).resume_conflicts(saved, 1) == []
+    assert MAEConfig(mask_ratio=0.5, resume=True).resume_conflicts(saved, 1) == ['--mask-ratio 0.75 -> 0.5']
+    assert MAEConfig(batch_size=16, accum_steps=4).resume_conflicts(saved, 2) == []    # 16 x 4 x 2 = 128
+    assert MAEConfig().resume_conflicts(saved, 2)[0].startswith('global batch 128 (--batch-size 128 x '
+                                                                 '--accum-steps 1 x 1 process(es)) -> 256')
+
+
 @pytest.mark.parametrize('damage, says', [
     ('garbage', 'is not a readable PyTorch checkpoint'),
     ('pickled code', 'is not a readable PyTorch checkpoint'),
