@@ -164,6 +164,7 @@ def test_small_presets_build_the_teacher_shaped_student(script):
     teacher = make_teacher()   # 48 wide, unlike any preset
     for data in ('fashion-mnist', 'cifar10', 'fake'):
         config_class = mod.CopyConfig if script == 'attention_copy' else mod.DistillConfig
-        cfg = parse_config(config_class, mod.PRESETS, ['--data', data, '--img-size', str(teacher.arch['img_size'])])
+        cfg = parse_config(config_class, mod.PRESETS, ['--data', data, '--img-size', str(teacher.arch['img_size']),
+                                                            '--teacher', 'unread.pt'])
         student = build_student(cfg, teacher, 5, [0])
         assert all(student.arch[k] == teacher.arch[k] for k in ('embed_dim', 'depth', 'num_heads')), data
