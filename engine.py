@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from config import AMP, ConfigError, parse_config
 from data import batch_mixer, build_loader, build_splits
 from rundir import open_resumed, prepare_run_dir, restore, rng_states, save_checkpoint, write_provenance
-from rundir import git_commit  # noqa: F401  (benchmark.py imports it from here)
+from rundir import git_commit  # noqa: F401  (reproduce.py and benchmark_report.py import it from here)
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
