@@ -1,16 +1,15 @@
-"""The front page and the results pages: every relative Markdown link points at a file or folder of
-the repository, and the README's "Open in Colab" badge opens what the notebook's set-up cell clones."""
+"""The front page, RECIPES.md and the pages under results/ and teachers/: every relative Markdown link
+points at a file or folder of the repository."""
 import glob
 import os
 import re
 
-import nbformat
 import pytest
 
 from conftest import ROOT
 
-PAGES = ['README.md', *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'results', '**', '*.md'),
-                                                                         recursive=True))]
+PAGES = ['README.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
+                                             for p in glob.glob(os.path.join(ROOT, folder, '**', '*.md'), recursive=True))]
 # the target of [text](target), ![alt](target "title"), [![badge](image)](target), <angle brackets> allowed;
 # code spans and blocks are skipped
 LINK = re.compile(r'\]\(\s*(?:<([^>]*)>|([^)\s]+))')
