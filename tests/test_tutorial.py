@@ -86,7 +86,7 @@ def inputs():
                 todo |= {a.name.split('.')[0] for a in node.names} & local - seen
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 todo |= {node.module.split('.')[0]} & local - seen
-    files = sorted(name + '.py' for name in seen) + sorted(set(re.findall(r"'(teachers/[\w./-]+\.pt)'", source)))
+    files = sorted(name + '.py' for name in seen) + sorted(set(re.findall(r"'(teachers/[\w./-]+\.(?:pt|png))'", source)))
     digests = {}
     for path in files:
         with open(os.path.join(ROOT, path), 'rb') as f:
