@@ -30,7 +30,8 @@ AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-i
                cutmix=1.0, smoothing=0.1)      # crop_pad: unused at ImageNet scale (the small presets' crop)
 VIT_L = dict(model='vit_large', img_size=224, patch_size=16, embed_dim=None, depth=None, num_heads=None)
 STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_size=0, embed_dim=None, depth=None,
-               num_heads=None, heads='all', transfer='attn')       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
+               num_heads=None, heads='all', transfer='attn',       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
+               student_arch='plain')
 RECIPES = {
     'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
         **VIT_L, **AUGMENT, init='mae_vit_large', scratch=False, global_pool=True, drop_path=0.2, epochs=50,
