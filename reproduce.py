@@ -1,26 +1,25 @@
 """
 The paper's Table 1 in miniature: every method, several seeds, one command.
 
-    python reproduce.py --data fashion-mnist --quick true  # 1 seed, 100 steps a stage: ~3 min on 2 CPU cores
-    python reproduce.py --data fashion-mnist               # 3 seeds: ~48 min on 2 CPU cores (measured)
+    python reproduce.py --data fashion-mnist --quick true  # 1 seed, 200 steps a stage, from the shipped teacher
+    python reproduce.py --data fashion-mnist               # 3 seeds, 1 epoch a stage, from the shipped teacher
+    python reproduce.py --data fashion-mnist --teacher ''  # the same, pre-training its own teacher first
     python reproduce.py --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
-    python reproduce.py --data fashion-mnist --teacher runs/mae/checkpoint.pt --seeds 0 1 2 3 4
 
 Each stage runs a script in a subprocess, its `--data` preset plus a budget: `mae` (the teacher, once for
 all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
 (--teacher <teacher>), `ensemble` (fine-tuned + distilled), into runs/reproduce/<data>/<stage>/seed<k>. A
 stage whose directory holds done.json (written when its script exits cleanly) is skipped, one with only a
 checkpoint resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked
-before the first one runs; killing reproduce.py stops its running stage. Report: results/<data>/
-RESULTS.md, results.json, results.png. A run's number is its final epoch's test top-1, never its best.
+before the first one runs; killing reproduce.py stops its running stage. Report (reproduce_report.py):
+RESULTS.md, results.json, results.png and the stages' logs in <out_dir>/results, or in --results-dir
+(results/<data> refreshes the committed ones). A run's number is its final epoch's test top-1, never its best.
 """
 import json
 import os
 import platform
 import shlex
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
 from engine import cpu_name, git_commit, run_main
+from reproduce_report import PAPER, STAGES, keep_logs, plot, records, report, summarise, table
 
 # -----------------------------------------------------------------------------
 # Config
@@ -98,7 +98,6 @@ def parse(argv=None):
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {'mae': 'mae_pretrain.py', 'scratch': 'finetune.py', 'finetune': 'finetune.py',
            'copy': 'attention_copy.py', 'distill': 'attention_distill.py', 'ensemble': 'ensemble.py'}
-STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 
 
 def run_dir(root, stage, seed):
@@ -139,12 +138,6 @@ def plan_stage(cfg, stage, seed, root, teacher):
     return state, cmd
 
 
-def records(d):
-    """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last counts)."""
-    by_step = {r['step']: r for r in map(json.loads, Path(d, 'metrics.jsonl').read_text().splitlines())}
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def run_stage(cfg, stage, seed, root, teacher, machine):
     """Skip a finished stage, else run (or resume) its script, streaming its output; write done.json
     with the final metrics (the last evaluation, or the ensemble's numbers) and the wall time."""
@@ -175,145 +168,6 @@ def run_stage(cfg, stage, seed, root, teacher, machine):
             'wall_s': time.time() - t0, 'machine': machine, 'metrics': metrics}
     Path(d, 'done.json').write_text(json.dumps(done, indent=2))
     return {**done, 'run_dir': d}
-
-# -----------------------------------------------------------------------------
-# Results: numbers, table, figure, report
-
-
-PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L
-LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher', 'copy': 'attention copy',
-          'distill': 'attention distillation', 'ensemble': 'ensemble (fine-tuned + distilled)'}
-
-
-def mean_std(values):
-    """'85.10 ± 0.23': mean and standard deviation over seeds (n - 1 in the denominator); one value: '85.10'."""
-    m = statistics.mean(values)
-    return f'{m:.2f} ± {statistics.stdev(values):.2f}' if len(values) > 1 else f'{m:.2f}'
-
-
-def gap_closed(method, scratch, finetune):
-    """The fraction of the scratch-to-fine-tune gap a method closes, (method - scratch) / (finetune -
-    scratch), on means. None when fine-tuning does not beat scratch: then the ratio means nothing."""
-    return (method - scratch) / (finetune - scratch) if finetune > scratch else None
-
-
-def format_gap(g):
-    return 'not meaningful (fine-tune ≤ scratch)' if g is None else f'{100 * g:.1f}%'
-
-
-def summarise(runs):
-    """Per method: final top-1 per seed, mean, std, wall times, curve (test top-1 per epoch, mean over seeds)."""
-    out = {}
-    for m in STAGES:
-        rs = [r for r in runs if r['stage'] == m]
-        v = [r['metrics']['top1'] for r in rs]
-        out[m] = {'seeds': [r['seed'] for r in rs], 'top1': v, 'mean': statistics.mean(v),
-                  'std': statistics.stdev(v) if len(v) > 1 else None, 'wall_s': [r['wall_s'] for r in rs]}
-        if m != 'ensemble':
-            per = [{round(x['epoch'], 4): x['top1'] for x in records(r['run_dir'])} for r in rs]
-            epochs = sorted(set.intersection(*map(set, per)))
-            out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(p[e] for p in per) for e in epochs]}
-    gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean']) for m in ('copy', 'distill')}
-    dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
-    return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}
-
-
-def table(s):
-    rows = ['| method | top-1 (%), mean ± std | per seed | gap closed | disagreement | wall time / seed | '
-            'paper (ImageNet) |', '|---|---:|---|---:|---:|---:|---:|']
-    for m in STAGES:
-        r, gap = s['methods'][m], m in s['gap_closed']
-        paper = f"{PAPER[m]} ({format_gap(gap_closed(PAPER[m], PAPER['scratch'], PAPER['finetune']))})" if gap \
-            else PAPER[m]
-        rows.append(f"| {LABELS[m]} | {mean_std(r['top1'])} | {' / '.join(f'{v:.2f}' for v in r['top1'])} | "
-                    f"{format_gap(s['gap_closed'][m]) if gap else ''} | "
-                    f"{mean_std(s['disagreement_pct']) + '%' if m == 'ensemble' else ''} | "
-                    f"{statistics.mean(r['wall_s']) / 60:.1f} min | {paper} |")
-    return '\n'.join(rows)
-
-
-def plot(s, path, split='test'):
-    """Left: final top-1 per method: each seed a dot, the mean ± std a bar of error (points, not filled bars:
-    the axis starts near the lowest number, and a bar's length would exaggerate the differences).
-    Right: top-1 per epoch, mean over seeds."""
-    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
-    fig = Figure(figsize=(11, 4), layout='constrained')
-    left, right = fig.subplots(1, 2)
-    for i, m in enumerate(STAGES):
-        r = s['methods'][m]
-        left.scatter([i] * len(r['top1']), r['top1'], s=14, color=f'C{i}', alpha=0.5)
-        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=f'C{i}', capsize=4)
-        left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
-    left.set_xticks(range(len(STAGES)), STAGES)
-    left.set_xlim(-0.5, len(STAGES) - 0.2)
-    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f"each seed (dots), mean ± std over "
-             f"{len(s['methods']['scratch']['top1'])} seed(s); the axis does not start at 0")
-    left.grid(axis='y', alpha=0.3)
-    for i, m in enumerate(STAGES[:4]):
-        r = s['methods'][m]
-        right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
-    right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-
-
-def teacher_made(path):
-    """How a shipped teacher was made (mae_pretrain.py --export records it), or None."""
-    return torch.load(path, map_location='cpu', weights_only=True).get('made') if os.path.isfile(path) else None
-
-
-def report(cfg, s, runs, root, prov):
-    """RESULTS.md: the table, what its columns mean, how it was made."""
-    mae = [r for r in runs if r['stage'] == 'mae']
-    made = teacher_made(cfg.teacher)
-    teacher = (f"MAE, pre-trained here on the training split ({cfg.mae_epochs} epoch(s), held-out masked MSE "
-               f"{mae[0]['metrics']['mse']:.4f}, {mae[0]['wall_s'] / 60:.1f} min)" if mae else
-               f"`{cfg.teacher}` (MAE, {made['epoch']:.0f} epochs on the training split, held-out masked MSE "
-               f"{made['held_out_mse']:.4f}; made by `{made['command']}`, not counted in the wall times)" if made
-               else f'`{cfg.teacher}`')
-    quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
-    steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
-    split = (f'top-1 on {cfg.val_size} training images held out from every stage (--val-size), never the test\n'
-             f'split\'s,') if cfg.val_size else 'test top-1'
-    return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
-{quick}
-Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split for
-{cfg.epochs} epoch(s){steps}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
-Each number is the {split} after the final epoch of its run (the ensemble: of the two final models),
-never the best epoch's; nothing was chosen by looking at the test split.
-
-{table(s)}
-
-- *gap closed*: (method − scratch) / (fine-tune − scratch), on the means; not meaningful when fine-tuning
-  does not beat scratch.
-- *disagreement*: how often the fine-tuned and the distilled model's top-1 predictions differ on the
-  evaluated images (per seed: {', '.join(f'{d:.2f}%' for d in s['disagreement_pct'])}).
-- *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
-- *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
-  stages {sum(r['wall_s'] for r in runs) / 60:.1f} min.
-
-![results](results.png)
-
-## Provenance
-
-- command: `{prov['command']}`
-- git commit: {prov['git_commit']}
-- machine: {'; '.join(sorted({r['machine'] for r in runs}))}
-- every stage's log, per-epoch metrics, config and done.json: [`logs/<stage>/seed<k>/`](logs/) (the run
-  directories, checkpoints included, were `{root}/<stage>/seed<k>`)
-- written {time.strftime('%Y-%m-%d %H:%M %Z')}
-"""
-
-def keep_logs(runs, root, dest):
-    """Each stage's small files (log, per-epoch metrics, config, done.json; not its checkpoint) beside the
-    report, so a committed result carries its logs even though run directories are not committed."""
-    for r in runs:
-        out = os.path.join(dest, os.path.relpath(r['run_dir'], root))
-        os.makedirs(out, exist_ok=True)
-        for f in ('log.txt', 'metrics.jsonl', 'config.json', 'done.json', 'ensemble.json'):
-            if os.path.exists(os.path.join(r['run_dir'], f)):
-                shutil.copyfile(os.path.join(r['run_dir'], f), os.path.join(out, f))
 
 # -----------------------------------------------------------------------------
 # Main

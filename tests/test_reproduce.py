@@ -14,7 +14,8 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_e
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from reproduce import LABELS, PRESETS, QUICK, STAGES, format_gap, gap_closed, mean_std, parse, plan_stage, run_dir, stage_command
+from reproduce import PRESETS, QUICK, STAGES, parse, plan_stage, run_dir, stage_command
+from reproduce_report import LABELS, format_gap, gap_closed, mean_std
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
