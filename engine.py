@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +23,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from config import AMP, ConfigError, parse_config
 from data import batch_mixer, build_loader, build_splits
 from rundir import open_resumed, prepare_run_dir, restore, rng_states, save_checkpoint, write_provenance
-from rundir import git_commit  # noqa: F401  (reproduce.py and benchmark_report.py import it from here)
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -164,15 +162,6 @@ def evaluate(predict, loader, env):
 
 # -----------------------------------------------------------------------------
 # Where it runs
-
-
-def cpu_name():
-    """The processor's model name (speeds differ several-fold between CPUs: every result states it)."""
-    if os.path.exists('/proc/cpuinfo'):
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 # -----------------------------------------------------------------------------

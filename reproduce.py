@@ -31,8 +31,9 @@ import torch
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
-from engine import cpu_name, git_commit, run_main
+from engine import run_main
 from reproduce_report import PAPER, STAGES, keep_logs, plot, records, report, summarise, table
+from rundir import cpu_name, git_commit
 
 # -----------------------------------------------------------------------------
 # Config

@@ -16,6 +16,7 @@ steps x processes), and for a transfer run the same teacher file (teacher.Transf
 """
 import json
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import asdict
@@ -111,6 +112,15 @@ def git_commit(*args):
     """`git rev-parse HEAD` of this repository ('' outside a git checkout); args: another git command."""
     return subprocess.run(['git', *(args or ('rev-parse', 'HEAD'))], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+
+
+def cpu_name():
+    """The processor's model name (speeds differ several-fold between CPUs: every result states it)."""
+    if os.path.exists('/proc/cpuinfo'):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def rng_states(env):
