@@ -56,9 +56,9 @@ def test_defaults_without_data_flag():
 
 def test_bool_and_optional_values():
     cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--resume', 'true', '--global-pool',
-                                                       'TRUE', '--compile', 'false', '--embed-dim', '64'])
+                                                       'TRUE', '--compile', 'false', '--embed-dim', '96'])
     assert cfg.resume is True and cfg.global_pool is True and cfg.compile is False
-    assert cfg.embed_dim == 64 and isinstance(cfg.embed_dim, int)
+    assert cfg.embed_dim == 96 and isinstance(cfg.embed_dim, int)
     # Optional[int] takes `none`, and that overrides the preset's value too
     cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--depth', 'none', '--embed-dim', 'None'])
     assert cfg.depth is None and cfg.embed_dim is None
