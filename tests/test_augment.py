@@ -58,6 +58,43 @@ def test_arguments_at_magnitude_9():
     assert LEVELS['ContrastIncreasing'](9, -1) == pytest.approx(0.19)
 
 
+# timm's level-to-argument formulas (auto_augment.py, _LEVEL_DENOM = 10) evaluated by hand at magnitudes 0, 5,
+# 9 and 10, for a positive sign; the signed ops (rotate, shear, translate, the increasing enhancements) turn
+# the other way with sign -1. Written out, so that a change of timm's formulas or of ours cannot pass unseen.
+SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing', 'ContrastIncreasing',
+          'BrightnessIncreasing', 'SharpnessIncreasing'}
+FORMULA = {                     # op: (formula, {magnitude: argument})
+    'Rotate': ('m / 10 x 30 degrees', {0: 0.0, 5: 15.0, 9: 27.0, 10: 30.0}),
+    'ShearX': ('m / 10 x 0.3', {0: 0.0, 5: 0.15, 9: 0.27, 10: 0.3}),
+    'ShearY': ('m / 10 x 0.3', {0: 0.0, 5: 0.15, 9: 0.27, 10: 0.3}),
+    'TranslateXRel': ('m / 10 x 0.45 of the width', {0: 0.0, 5: 0.225, 9: 0.405, 10: 0.45}),
+    'TranslateYRel': ('m / 10 x 0.45 of the height', {0: 0.0, 5: 0.225, 9: 0.405, 10: 0.45}),
+    'Posterize': ('int(m / 10 x 4) bits', {0: 0, 5: 2, 9: 3, 10: 4}),
+    'PosterizeIncreasing': ('4 - int(m / 10 x 4) bits', {0: 4, 5: 2, 9: 1, 10: 0}),
+    'Solarize': ('min(256, int(m / 10 x 256))', {0: 0, 5: 128, 9: 230, 10: 256}),
+    'SolarizeIncreasing': ('256 - min(256, int(m / 10 x 256))', {0: 256, 5: 128, 9: 26, 10: 0}),
+    'SolarizeAdd': ('min(128, int(m / 10 x 110))', {0: 0, 5: 55, 9: 99, 10: 110}),
+    **{op: ('m / 10 x 1.8 + 0.1', {0: 0.1, 5: 1.0, 9: 1.72, 10: 1.9})
+       for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+    **{op + 'Increasing': ('max(0.1, 1 + sign x m / 10 x 0.9)', {0: 1.0, 5: 1.45, 9: 1.81, 10: 1.9})
+       for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+    **{op: ('no argument', {0: None, 5: None, 9: None, 10: None}) for op in ('AutoContrast', 'Equalize', 'Invert')},
+}
+
+
+@pytest.mark.parametrize('op', ALL_OPS)
+def test_argument_is_timms_formula_written_out(op):
+    _, table = FORMULA[op]
+    for m, want in table.items():
+        assert (LEVELS[op](float(m), 1) if op in LEVELS else None) == pytest.approx(want), (op, m)
+        if op in SIGNED:
+            negative = max(0.1, 1.0 - (want - 1.0)) if op.endswith('Increasing') else -want
+            assert LEVELS[op](float(m), -1) == pytest.approx(negative), (op, m)
+        elif op in LEVELS:
+            assert LEVELS[op](float(m), -1) == LEVELS[op](float(m), 1)      # no sign: the same either way
+    assert set(FORMULA) == set(APPLY)                                  # every op of the policy has its row
+
+
 @pytest.mark.parametrize('op', ALL_OPS)
 @pytest.mark.parametrize('sign', [1, -1])
 def test_pixels_on_a_pil_image_are_timms(op, sign, monkeypatch):
