@@ -1,6 +1,7 @@
 """evaluate.py: each test set's folder layout and class mapping, the 200-class restriction of ImageNet-R
 and -A, the errors a wrong folder gets, and one run over tiny fake test sets (a plain ViT, a copy
 student with its teacher, their ensemble) whose table matches a second computation."""
+import hashlib
 import json
 import sys
 from types import SimpleNamespace
@@ -50,6 +51,15 @@ def test_class_lists_are_the_published_ones():
     assert [WNIDS.index(w) for w in R][:6] == [1, 2, 4, 6, 8, 9] and [WNIDS.index(w) for w in R][-3:] == [981, 983, 988]
     # ImageNet-A's: the keys of thousand_k_to_200 that map to a class (first and last few)
     assert [WNIDS.index(w) for w in A][:5] == [6, 11, 13, 15, 17] and [WNIDS.index(w) for w in A][-2:] == [987, 988]
+    # the whole lists, pinned: digests of the lists as read when they were checked, wnid for wnid, against
+    # all_wnids and imagenet_r_wnids of hendrycks/imagenet-r's eval.py and the classes thousand_k_to_200 of
+    # hendrycks/natural-adv-examples' eval.py maps (both 200 lists in ImageNet-1k index order)
+    digests = {'imagenet': '791ce0333040dd249d13133f90d28ef0263ffc01e5de0afd85b3e32048d7d456',
+               'imagenet-r': '354baa0a46566aa68cee6a8093d8de471b7d45a1004b81a95c6210f757ad3740',
+               'imagenet-a': 'ff8c384504d3ec59dd70537e83c7ed3dfa0debb07210febc47b58c136a443706'}
+    for name, digest in digests.items():
+        assert hashlib.sha256(' '.join(read_classes(name)).encode()).hexdigest() == digest, name
+    assert R == sorted(R) and A == sorted(A)
 
 
 def test_imagenet_v2_class_is_the_folder_number(tmp_path):
@@ -149,16 +159,20 @@ def test_a_run_over_fake_sets(tmp_path, monkeypatch):
         'transfer': 'attn'}}, tmp_path / 'copy.pt')
     v2 = make_folders(tmp_path / 'v2', ['0', '9', '10', '999'], ext='jpeg')
     r = make_folders(tmp_path / 'r', R[:3] + R[-2:], seed=1)
+    sketch = make_folders(tmp_path / 'sketch', [WNIDS[0], WNIDS[10], WNIDS[999]], per_class=1, ext='JPEG', seed=2)
+    a = make_folders(tmp_path / 'a', [A[0], A[-1]], per_class=1, seed=3)
+    roots = {'imagenet-v2': v2, 'imagenet-sketch': sketch, 'imagenet-r': r, 'imagenet-a': a}
     models = [str(tmp_path / 'vit.pt'), str(tmp_path / 'copy.pt')]
-    args = ['evaluate.py', '--models', *models, '--ensembles', '0,1', '--imagenet-v2', v2, '--imagenet-r', r,
+    args = ['evaluate.py', '--models', *models, '--ensembles', '0,1', *[x for n, d in roots.items() for x in (f'--{n}', d)],
             '--out', tmp_path / 'out', '--num-workers', '0', '--batch-size', '3', '--amp', 'off']
     p = run_script(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / 'out' / 'robustness.json').read_text())
     assert [row['model'] for row in result['rows']] == [*models, ' + '.join(models)]
     assert result['sets']['imagenet-v2']['images'] == 8 and result['sets']['imagenet-r']['classes'] == 200
+    assert [(v['images'], v['classes']) for v in result['sets'].values()] == [(8, 1000), (3, 1000), (10, 200), (2, 200)]
     transform = build_transform(SimpleNamespace(data='imagenet', img_size=32), train=False)
-    for name, root in (('imagenet-v2', v2), ('imagenet-r', r)):
+    for name, root in roots.items():
         dataset, allowed = load_set(name, str(root), transform)
         for row, sources in zip(result['rows'], [[models[0]], [models[1]], models]):
             assert row['top1'][name] == pytest.approx(second_path(sources, dataset, allowed), abs=1e-4), (name, row)
@@ -166,7 +180,7 @@ def test_a_run_over_fake_sets(tmp_path, monkeypatch):
     assert top1['imagenet-v2'] == pytest.approx([25.0, 25.0, 25.0])      # always class 0, 10, either
     assert top1['imagenet-r'] == pytest.approx([20.0, 20.0, 20.0])       # always R[0], R[-1], R[-1]
     table = (tmp_path / 'out' / 'robustness.md').read_text()
-    assert '| model | imagenet-v2 | imagenet-r |' in table and table.count('\n| ') == 4
+    assert '| model | imagenet-v2 | imagenet-sketch | imagenet-r | imagenet-a |' in table and table.count('\n| ') == 4
     assert 'already holds' in error_line(monkeypatch, *args[1:])            # never overwrites a table
     message = error_line(monkeypatch, '--models', *models, '--imagenet-a', tmp_path / 'nowhere',
                          '--out', tmp_path / 'o2')
