@@ -1,6 +1,6 @@
 """tutorial.ipynb: the stored copy carries the figures of a quick-mode run made from the current code and
-teacher; a fresh copy runs top to bottom (and a training cell runs again); its set-up cell fetches the
-code on a simulated Colab; the README's Colab badge opens what that cell clones.
+teacher; a fresh copy runs top to bottom (and its training cells run again); its set-up cell fetches the
+code and installs what is missing on a simulated Colab; the README's Colab badge opens what that cell clones.
 
     python tests/test_tutorial.py    # re-execute the notebook in quick mode and store it with its outputs
 """
@@ -44,16 +44,16 @@ def kernel_env(tmp_dir, threads=None):
     return env
 
 
-def execute(nb, env, rerun=None):
-    """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then cell `rerun` once
-    more; a failing cell raises CellExecutionError with its traceback."""
+def execute(nb, env, rerun=()):
+    """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then each cell of `rerun`
+    once more, as a reader re-runs a cell; a failing cell raises CellExecutionError with its traceback."""
     client = NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
                             resources={'metadata': {'path': ROOT}})
     with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
-        if rerun is not None:
-            client.execute_cell(nb.cells[rerun], rerun)
+        for i in rerun:
+            client.execute_cell(nb.cells[i], i)
     return nb
 
 
@@ -151,18 +151,22 @@ def test_differences_within_tolerance():
          'top1.distill: None vs stored 81.0']
 
 
-def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
+def test_runs_in_quick_mode_and_training_cells_run_again(tmp_path):
+    """The whole notebook, then the copy cell and the distillation cell once more each: the one that trains
+    from a script alone, and the one that also uses the student and teacher built in the cells before it."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     stored = key_numbers(nb)
-    copy_cell = next(i for i, c in enumerate(nb.cells) if c.source.startswith("COPY = run("))
+    again = {name: next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and
+                        re.search(rf"^{name.upper()} = run\('", c.source, re.M)) for name in ('copy', 'distill')}
     for cell in nb.cells:
         if cell.cell_type == 'code':
             cell.outputs = []
-    execute(nb, kernel_env(tmp_path, threads=os.environ.get('OMP_NUM_THREADS', '1')), rerun=copy_cell)
+    execute(nb, kernel_env(tmp_path, threads=os.environ.get('OMP_NUM_THREADS', '1')), rerun=again.values())
     assert not outputs(nb, 'error')
-    assert len(outputs(nb, 'image/png')) >= FIGURES + 1, 'a figure is missing'   # + the re-run's curves
-    text = ''.join(o.text for o in nb.cells[copy_cell].outputs if o.output_type == 'stream')
-    assert re.search(r'--out-dir \S+/copy-2 ', text), 'the re-run did not get a directory of its own'
+    assert len(outputs(nb, 'image/png')) >= FIGURES, 'a figure is missing'
+    for name, i in again.items():   # a re-run cell's outputs are those of its second run
+        text = ''.join(o.text for o in nb.cells[i].outputs if o.output_type == 'stream')
+        assert re.search(rf'--out-dir \S+/{name}-2 ', text), f'the re-run {name} cell did not get a directory of its own'
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
 
@@ -181,7 +185,7 @@ def setup_source(repo_url=None):
     return source
 
 
-def run_setup(cwd, source, fake_colab=None, upload=None):
+def run_setup(cwd, source, fake_colab=None, upload=None, env_extra=None):
     """Execute the cell twice in one fresh Python process (a notebook re-running it) in cwd; returns where
     it left the process: cwd, sys.path[0] and the file `import vit` would load."""
     program = (f'import json, os, sys\nsource = {source!r}\nexec(source)\nexec(source)\n'
@@ -192,6 +196,7 @@ def run_setup(cwd, source, fake_colab=None, upload=None):
         env['PYTHONPATH'] = str(fake_colab)
     if upload:
         env['FAKE_UPLOAD'] = str(upload)
+    env.update(env_extra or {})
     p = subprocess.run([sys.executable, '-c', program], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1]), p
@@ -234,6 +239,37 @@ def test_setup_on_colab_takes_an_uploaded_zip(colab, tmp_path):
     assert p.stdout.count('Upload a zip') == 1     # asked once: the second run finds the code
 
 
+def wheel(folder, name):
+    """A one-module wheel `name` 0.1 (pure Python) written into folder: a package pip can install offline."""
+    dist = f'{name}-0.1.dist-info'
+    files = {f'{name}/__init__.py': '',
+             f'{dist}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n',
+             f'{dist}/WHEEL': 'Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+    files[f'{dist}/RECORD'] = ''.join(f'{f},,\n' for f in [*files, f'{dist}/RECORD'])
+    with zipfile.ZipFile(folder / f'{name}-0.1-py3-none-any.whl', 'w') as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+
+
+def test_setup_on_colab_installs_what_is_missing(colab, tmp_path):
+    """A requirement the runtime lacks is pip-installed (offline here: from a local wheel, into a folder on
+    the path), once: the second run finds it."""
+    fake, content = colab
+    (tmp_path / 'wheels').mkdir()
+    wheel(tmp_path / 'wheels', 'tutorial_probe')
+    site = tmp_path / 'site'
+    site.mkdir()
+    archive = tmp_path / 'attention-transfer-main.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        z.write(os.path.join(ROOT, 'vit.py'), 'attention-transfer-main/vit.py')
+        z.writestr('attention-transfer-main/requirements.txt', 'tutorial_probe>=0.1\n')
+    pip = {'PIP_NO_INDEX': '1', 'PIP_FIND_LINKS': str(tmp_path / 'wheels'), 'PIP_TARGET': str(site),
+           'PIP_DISABLE_PIP_VERSION_CHECK': '1', 'PYTHONPATH': f'{fake}{os.pathsep}{site}'}
+    _, p = run_setup(content, setup_source(''), fake_colab=fake, upload=archive, env_extra=pip)
+    assert re.findall(r'installed now: ([^|]*?) \|', p.stdout) == ['tutorial_probe', 'nothing'], p.stdout
+    assert (site / 'tutorial_probe' / '__init__.py').is_file()
+
+
 def test_setup_beside_the_notebook_uses_those_files():
     state, p = run_setup(ROOT, setup_source())
     assert state == {'cwd': ROOT, 'path0': ROOT, 'vit': os.path.join(ROOT, 'vit.py')}
@@ -257,7 +293,8 @@ def test_readme_badge_opens_what_the_setup_cell_clones():
     with open(os.path.join(ROOT, 'README.md')) as f:
         badge = re.search(r'\[!\[Open In Colab\]\([^)]*\)\]\(([^)]*)\)', f.read())
     assert badge, 'README.md has no "Open In Colab" badge'
-    assert badge[1] == colab_link(repo_url)
+    assert badge[1] == colab_link(repo_url), (f"REPO_URL is {repo_url!r} in tutorial.ipynb's set-up cell: "
+                                              f"README.md's Colab badge must open {colab_link(repo_url)}")
     assert colab_link('https://github.com/a-b/c.d.git') == 'https://colab.research.google.com/github/a-b/c.d/blob/main/tutorial.ipynb'
 
 
