@@ -163,7 +163,8 @@ def test_a_run_over_fake_sets(tmp_path, monkeypatch):
     a = make_folders(tmp_path / 'a', [A[0], A[-1]], per_class=1, seed=3)
     roots = {'imagenet-v2': v2, 'imagenet-sketch': sketch, 'imagenet-r': r, 'imagenet-a': a}
     models = [str(tmp_path / 'vit.pt'), str(tmp_path / 'copy.pt')]
-    args = ['evaluate.py', '--models', *models, '--ensembles', '0,1', *[x for n, d in roots.items() for x in (f'--{n}', d)],
+    sets = [x for name, root in roots.items() for x in (f'--{name}', root)]
+    args = ['evaluate.py', '--models', *models, '--ensembles', '0,1', *sets,
             '--out', tmp_path / 'out', '--num-workers', '0', '--batch-size', '3', '--amp', 'off']
     p = run_script(*args)
     assert p.returncode == 0, p.stderr[-3000:]
