@@ -15,6 +15,7 @@ from conftest import run_script
 from engine import build_optimizer, lr_at
 from finetune import FinetuneConfig, build_model, presets
 from mae_pretrain import PRESETS as MAE, MAEConfig
+from teacher import parse_index
 from vit import create_model
 
 # -----------------------------------------------------------------------------
@@ -31,6 +32,7 @@ AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-i
 VIT_L = dict(model='vit_large', img_size=224, patch_size=16, embed_dim=None, depth=None, num_heads=None)
 STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_size=0, embed_dim=None, depth=None,
                num_heads=None, heads='all', transfer='attn',       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
+               layer_map='auto',                                   # the teacher's depth: the identity
                student_arch='plain')
 RECIPES = {
     'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
@@ -160,3 +162,17 @@ def test_imagenet_fine_tuning_without_weights_is_refused():
     assert parse_config(FinetuneConfig, presets(['--data', 'fake']), ['--data', 'fake']).init == ''   # small: scratch
     p = run_script('finetune.py', '--data', 'imagenet', '--init', '', '--out-dir', 'runs/never-made')
     assert p.returncode != 0 and p.stderr.strip().count('\n') == 0 and '--scratch true' in p.stderr
+
+# -----------------------------------------------------------------------------
+# Which layers: the paper's choice in each preset, the release's runs (layers 0-20 of ViT-L, its builder's
+# end_layer -3, since --end_layer never reached the model) one flag away
+
+
+@pytest.mark.parametrize('script, paper', [('copy', list(range(24))), ('distill', list(range(18)))])
+def test_layers_the_paper_and_the_releases_runs(script, paper):
+    _, cfg = imagenet_config(script)
+    assert parse_index(cfg.layers, 24, 'layers') == paper
+    cls, chosen = {'copy': (CopyConfig, COPY), 'distill': (DistillConfig, DISTILL)}[script]
+    release = parse_config(cls, chosen, ['--data', 'imagenet', '--layers', '0-20'])
+    assert parse_index(release.layers, 24, 'layers') == list(range(24 - 3))
+    assert asdict(release) == {**asdict(cfg), 'layers': '0-20'}          # nothing else changes
