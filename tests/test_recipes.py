@@ -3,6 +3,8 @@ with their sources; RECIPES.md says the same in prose), and the two places where
 its numbers: the release's layer-wise lr decay and its copy schedule. Also: the fine-tuning head's
 initialisation, and that the ImageNet fine-tuning recipe cannot run without weights by accident."""
 import math
+import os
+import re
 from dataclasses import asdict, fields
 
 import pytest
@@ -13,8 +15,9 @@ from attention_distill import PRESETS as DISTILL, DistillConfig
 from config import ConfigError, parse_config
 from conftest import run_script
 from engine import build_optimizer, lr_at
-from finetune import FinetuneConfig, build_model, presets
+from finetune import PRESETS as FINETUNE, FinetuneConfig, build_model, presets
 from mae_pretrain import PRESETS as MAE, MAEConfig
+from reproduce import PRESETS as REPRODUCE, ReproduceConfig
 from teacher import parse_index
 from vit import create_model
 
@@ -176,3 +179,49 @@ def test_layers_the_paper_and_the_releases_runs(script, paper):
     release = parse_config(cls, chosen, ['--data', 'imagenet', '--layers', '0-20'])
     assert parse_index(release.layers, 24, 'layers') == list(range(24 - 3))
     assert asdict(release) == {**asdict(cfg), 'layers': '0-20'}          # nothing else changes
+
+# -----------------------------------------------------------------------------
+# RECIPES.md's tables of the small presets: every cell is the preset's value, every preset field has its row
+
+SCRIPTS = {'finetune.py': (FinetuneConfig, FINETUNE, []),
+           'attention_copy.py': (CopyConfig, COPY, ['--teacher', 't']),
+           'attention_distill.py': (DistillConfig, DISTILL, ['--teacher', 't']),
+           'mae_pretrain.py': (MAEConfig, MAE, []), 'reproduce.py': (ReproduceConfig, REPRODUCE, [])}
+
+
+def small_preset_tables():
+    """{(script, data): {field: cell}} from the '#### `--data ...`' and '#### `reproduce.py`' tables of
+    RECIPES.md; a cell is the value as typed on the command line, a dash where the script has no such field."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'RECIPES.md')).read()
+    out = {}
+    for heading, body in re.findall(r'\n#### (.+)\n((?:.*\n)*?)(?=\n#|\Z)', text[text.index('## The small presets'):]):
+        rows = [[c.strip().strip('`') for c in line.strip().strip('|').split('|')]
+                for line in body.splitlines() if line.startswith('|') and not line.startswith('|---')]
+        header, rows = rows[0], rows[1:]
+        if heading == '`reproduce.py`':                      # columns: data sets
+            keys = [('reproduce.py', h.removeprefix('--data ')) for h in header[1:-1]]
+        else:                                                # columns: scripts; the heading names the data sets
+            keys = [(h, d) for d in re.findall(r'`--data ([\w-]+)`', heading) for h in header[1:-1]]
+        for key in keys:
+            col = header.index(key[0] if key[0] != 'reproduce.py' else f'--data {key[1]}')
+            out[key] = {row[0]: row[col] for row in rows}
+    return out
+
+
+def test_recipes_md_holds_every_small_preset_field_for_field():
+    tables = small_preset_tables()
+    for script, (cls, chosen, extra) in SCRIPTS.items():
+        for data in chosen:
+            if data == 'imagenet':
+                continue
+            table = tables[(script, data)]
+            assert set(chosen[data]) - {'data'} <= {f for f, cell in table.items() if cell != '—'}, (script, data)
+            base = parse_config(cls, chosen, ['--data', data, *extra])
+            for name, cell in table.items():
+                if cell == '—':
+                    assert name not in asdict(base), (script, name)
+                    continue
+                value = [''] if cell == "''" else cell.split()
+                typed = parse_config(cls, chosen, ['--data', data, *extra, '--' + name.replace('_', '-'), *value])
+                assert typed == base, f'RECIPES.md: {script} --data {data} --{name} {cell}: the preset has ' \
+                                      f'{getattr(base, name)!r}'
