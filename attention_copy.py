@@ -9,6 +9,7 @@ Its copied layers have no query/key projections at all. The teacher is needed at
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
     python attention_copy.py --data fashion-mnist --teacher ... --transfer q   # copy only Q
+    python attention_copy.py --data fashion-mnist --teacher ... --depth 3 --layer-map 0:0,1:2,2:5   # a smaller student
     torchrun --nproc_per_node 8 attention_copy.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
@@ -23,8 +24,8 @@ import torch.nn as nn
 from checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
-from teacher import (TransferConfig, build_student, load_teacher, student_presets, teacher_mismatch,
-                     teacher_outputs, teacher_record)
+from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, load_teacher, student_presets,
+                     teacher_mismatch, teacher_outputs, teacher_record)
 
 
 @dataclass
@@ -43,9 +44,11 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             num_workers=10, log_every=100)}
 
 
-def copied(teacher, x, layers, heads, transfer):
-    """What the student is given: {layer: {'attn': softmax(teacher logits)}} (or q / k / v)."""
-    out = teacher_outputs(teacher, x, layers, transfer)
+def copied(teacher, x, layers, heads, transfer, num_heads=None):
+    """What the student is given: {layer: {'attn': softmax(teacher logits)}} (or q / k / v).
+    layers: {student layer: teacher layer} (or a list: the same layers); num_heads: the student's, when it has
+    fewer heads than the teacher (each then gets the mean map of its group of teacher heads, teacher.py)."""
+    out = teacher_outputs(teacher, x, layers, transfer, num_heads)
     if transfer == 'attn':
         out = {i: t.softmax(-1, dtype=t.dtype) for i, t in out.items()}   # CUDA's autocast would make fp32 maps
     if heads is not None:
@@ -62,7 +65,8 @@ class CopyModel(nn.Module):
         self.layers, self.heads, self.transfer = layers, heads, transfer
 
     def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer,
+                                             self.student.num_heads))
 
 
 def load_copy_model(path, teacher_source=None, new_teacher=False):
@@ -71,6 +75,8 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     give other predictions, so it is refused unless new_teacher=True says it is meant."""
     ckpt = read_checkpoint(path)
     rec = ckpt['teacher']
+    if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
+        raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', unknown here")
     source = teacher_source or rec['source']
     other = None if new_teacher else teacher_mismatch(source, rec)
     if other:
@@ -79,13 +85,16 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'])
     teacher, _, _ = load_teacher(cfg, 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
-    return CopyModel(teacher, student, rec['layers'], rec['heads'], rec['transfer']).eval()
+    layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
+    return CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
 
 
-def copy_loss(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, teacher maps given."""
+def copy_loss(cfg, teacher, layers, heads, num_heads=None):
+    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, teacher maps given
+    (at the student's num_heads, if given)."""
     def loss_fn(net, x, y):
-        loss = soft_cross_entropy(net(x, inject=copied(teacher, x, layers, heads, cfg.transfer)), y, cfg.smoothing)
+        given = copied(teacher, x, layers, heads, cfg.transfer, num_heads)
+        loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
         return loss, {'ce': loss.detach()}
     return loss_fn
 
@@ -96,9 +105,11 @@ def main():
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
     student = build_student(cfg, teacher, data[2], layers, no_qk=cfg.transfer == 'attn' and heads is None)
-    log(env, cfg, f'attention copy: {cfg.transfer} of layers {layers} (heads {heads or "all"}) from {cfg.teacher}')
+    log(env, cfg, f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
+                  f'from {cfg.teacher}')
+    log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads),
+    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads, student.num_heads),
                   predict=lambda m, x: CopyModel(teacher, m, layers, heads, cfg.transfer)(x),
                   extra={'teacher': teacher_record(cfg, layers, heads)})
     log(env, cfg, f"final | copy student + teacher top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "

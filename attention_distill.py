@@ -9,6 +9,7 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
+    python attention_distill.py --data imagenet --model vit_small --num-heads 8   # ViT-L's maps into a ViT-S
     torchrun --nproc_per_node 8 attention_distill.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 from engine import fit, log, run_main, soft_cross_entropy, start
 from finetune import PRESETS as SMALL_PRESETS
-from teacher import TransferConfig, build_student, student_presets, load_teacher, teacher_record
+from teacher import (TransferConfig, build_student, describe_map, layer_pairs, load_teacher, student_presets,
+                     teacher_record, to_student_heads)
 
 
 @dataclass
@@ -94,7 +96,10 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
 
 
 def distill_loss(own, target, transfer, heads=None):
-    """Attention loss of one layer: cross-entropy of maps, or MSE of q / k / v (B, H, N, *)."""
+    """Attention loss of one layer: cross-entropy of maps, or MSE of q / k / v (B, H, N, *).
+    A student with fewer heads than the teacher learns each group's mean map (teacher.to_student_heads)."""
+    if transfer == 'attn':
+        target = to_student_heads(target, own.shape[1])     # (B, H_student, N, N); the same tensor if H matches
     if heads is not None:
         own, target = own[:, heads], target[:, heads]
     if transfer == 'attn':
@@ -103,8 +108,9 @@ def distill_loss(own, target, transfer, heads=None):
 
 
 class LayerLosses:
-    """consume(i, kept) for the student's forward: runs the teacher on to its layer i and returns the
-    attention loss of the student's layer i against it.
+    """consume(i, kept) for the student's forward: runs the teacher on to the layer mapped to the student's
+    layer i (layers: {student layer: teacher layer}, or a list: the same) and returns the attention loss of
+    the student's layer i against it.
 
     Teacher and student run interleaved, so one layer's pair of maps is alive at a time, never all of them;
     the teacher stops inside its last transferred layer (q and k only). One object serves every step, and
@@ -115,7 +121,9 @@ class LayerLosses:
     """
 
     def __init__(self, teacher, layers, name, transfer, heads=None):
-        self.teacher, self.last, self.name, self.transfer, self.heads = teacher, max(layers), name, transfer, heads
+        self.pairs = layer_pairs(layers)                    # {student layer: teacher layer}, both increasing
+        self.teacher, self.last, self.name = teacher, max(self.pairs.values()), name
+        self.transfer, self.heads = transfer, heads
 
     def start(self, images):
         self.tokens, self.ran = images, -1           # (B, C, H, W) until the teacher's embedding has run
@@ -123,7 +131,7 @@ class LayerLosses:
 
     def __call__(self, i, kept):
         with torch.no_grad():
-            target = self.teacher_at(i)
+            target = self.teacher_at(self.pairs[i])
         return distill_loss(kept[self.name], target, self.transfer, self.heads)
 
     def teacher_at(self, i):
@@ -163,8 +171,9 @@ def main():
     teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher, data[2], layers)
-    log(env, cfg, f'attention distillation: {cfg.transfer} of layers {layers} (heads {heads or "all"}) '
-                  f'from {cfg.teacher}, weight {cfg.weight}')
+    log(env, cfg, f'attention distillation: {cfg.transfer} of layers {sorted(layers.values())} '
+                  f'(heads {heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
+    log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
     # evaluation runs the student alone, as a plain ViT
     metrics = fit(cfg, env, student, data, distill_loss_fn(cfg, teacher, layers, heads),

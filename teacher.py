@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, TrainConfig, readable
@@ -26,7 +27,8 @@ class TransferConfig(TrainConfig):
     teacher: str = ''               # a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)
     model: str = 'teacher'          # the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...
     patch_size: int = 0             # 0 = the teacher's
-    layers: str = 'all'             # transferred layers: all | 0-17 | 0,2,5 | 0-3,8
+    layers: str = 'all'             # the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8
+    layer_map: str = 'auto'         # student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)
     heads: str = 'all'              # transferred heads, same syntax
     transfer: str = 'attn'          # attn (the map) | q | k | v
     student_arch: str = 'plain'     # plain ViT | teacher: the teacher's components (layer scale, ...), random init
@@ -43,7 +45,8 @@ class TransferConfig(TrainConfig):
                                             'finetune.py or mae_pretrain.py) or a name such as mae_vit_large'),
             ('transfer', self.transfer in WHAT, f"choose one of {', '.join(WHAT)}"),
             ('student_arch', self.student_arch in ('plain', 'teacher'), 'choose plain or teacher'),
-            *[(k, index_syntax_ok(getattr(self, k)), 'use all, 3, 0-17, 0,2,5 or 0-3,8') for k in ('layers', 'heads')]]
+            *[(k, index_syntax_ok(getattr(self, k)), 'use all, 3, 0-17, 0,2,5 or 0-3,8') for k in ('layers', 'heads')],
+            ('layer_map', readable(parse_pairs, self.layer_map), PAIRS_SYNTAX)]
 
     def resume_conflicts(self, ckpt, world):
         """config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
@@ -74,7 +77,8 @@ def index_syntax_ok(spec):
 
 
 def load_teacher(cfg, device, dtype=None):
-    """The frozen teacher, resized to cfg.img_size, and the transferred layers and heads.
+    """The frozen teacher, resized to cfg.img_size; the transferred layers as {student layer: teacher layer}
+    (map_layers: the identity when the student is as deep as the teacher); the transferred heads (None: all).
     dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
     teacher = build_from_checkpoint(cfg.teacher, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
     teacher.requires_grad_(False).eval().to(device)
@@ -82,6 +86,7 @@ def load_teacher(cfg, device, dtype=None):
         cast_matmul_weights(teacher, dtype)
     layers = parse_index(cfg.layers, teacher.depth, 'layers')
     heads = parse_index(cfg.heads, teacher.num_heads, 'heads')
+    layers = map_layers(cfg.layer_map, layers, teacher.depth, student_shape(cfg, teacher.arch)['depth'], cfg.layers)
     return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
 
 
@@ -106,36 +111,153 @@ def student_presets(presets):
                 'model': 'teacher', 'patch_size': 0} for k, v in presets.items()}
 
 
+def student_shape(cfg, t):
+    """The student's VisionTransformer keywords before its components: the teacher's (--model teacher) or a
+    named size, the teacher's patch unless --patch-size, then --embed-dim / --depth / --num-heads."""
+    arch = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
+    arch['patch_size'] = cfg.patch_size or t['patch_size']
+    arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),
+                                   ('num_heads', cfg.num_heads)) if v is not None})
+    return arch
+
+
 def build_student(cfg, teacher, num_classes, layers, no_qk=False):
-    """A randomly initialised ViT with the teacher's depth, heads and token grid (checked).
+    """A randomly initialised ViT with the teacher's token grid (checked), of the teacher's size or another
+    (misfit says what may differ). layers: {student layer: teacher layer}, or a list (the same layers in both).
     no_qk: the transferred layers get no query/key projections (a copy student never uses them).
     cfg.student_arch: 'plain' (a plain ViT) or 'teacher' (the teacher's components, e.g. DINOv2's layer scale)."""
     if cfg.student_arch not in ('plain', 'teacher'):
         raise ConfigError(f"--student-arch must be plain or teacher, not '{cfg.student_arch}'")
-    t = teacher.arch
-    arch = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
+    t, arch = teacher.arch, student_shape(cfg, teacher.arch)
     arch.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
-    arch.update(img_size=cfg.img_size, patch_size=cfg.patch_size or t['patch_size'], num_classes=num_classes,
-                global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, no_qk_layers=layers if no_qk else ())
-    arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),
-                                   ('num_heads', cfg.num_heads)) if v is not None})
+    arch.update(img_size=cfg.img_size, num_classes=num_classes, global_pool=cfg.global_pool,
+                drop_path_rate=cfg.drop_path, no_qk_layers=list(layer_pairs(layers)) if no_qk else ())
     if arch['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a student "
                           f"with them, --student-arch teacher")
-    if arch['num_heads'] != t['num_heads'] or arch['patch_size'] != t['patch_size'] or \
-            (cfg.transfer != 'attn' and arch['embed_dim'] != t['embed_dim']) or arch['depth'] <= max(layers):
-        raise ConfigError(f"student (depth {arch['depth']}, {arch['num_heads']} heads, patch {arch['patch_size']}, "
-                          f"dim {arch['embed_dim']}) does not fit the teacher (depth {t['depth']}, "
-                          f"{t['num_heads']} heads, patch {t['patch_size']}, dim {t['embed_dim']}): "
-                          f"heads and patch must match, and dim too for --transfer q/k/v")
+    why = misfit(cfg, arch, t, layers)
+    if why:
+        shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
+        raise ConfigError(f'student ({shape(**arch)}) does not fit the teacher ({shape(**t)}): {why}')
     return type(teacher)(**arch)
 
 
+def misfit(cfg, s, t, layers):
+    """Why a student of keywords s cannot take teacher t's transfer (None if it can). Maps are N x N, so only
+    the tokens must match: the width may differ, the depth goes through the layer map and the heads through
+    to_student_heads. q / k / v are the teacher's own projections: width and heads as the teacher's."""
+    if s['patch_size'] != t['patch_size']:
+        return f"the maps cover the teacher's tokens: --patch-size must be its {t['patch_size']} (or 0)"
+    if cfg.transfer != 'attn' and (s['embed_dim'], s['num_heads']) != (t['embed_dim'], t['num_heads']):
+        return (f"--transfer {cfg.transfer} hands over the teacher's own {cfg.transfer}: dim and heads must be "
+                f"its (--model, --embed-dim, --num-heads), or --transfer attn")
+    if t['num_heads'] % s['num_heads']:
+        fits = ', '.join(str(h) for h in range(1, t['num_heads'] + 1) if t['num_heads'] % h == 0)
+        return (f"each student head takes a group of the teacher's {t['num_heads']} heads, so its head count must "
+                f"divide {t['num_heads']} (--model, --num-heads: {fits})")
+    if s['num_heads'] != t['num_heads'] and cfg.heads != 'all':
+        return f"--heads {cfg.heads} picks heads only when the student has the teacher's head count: --heads all"
+    if max(layer_pairs(layers)) >= s['depth']:
+        return f"it has no layer {max(layer_pairs(layers))} (--depth, --layer-map)"
+    return None
+
+# -----------------------------------------------------------------------------
+# A student of another size: which teacher layer and heads reach which student layer and head
+
+
+PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
+# the head rule, recorded in a student's checkpoint (load_copy_model refuses a rule it does not know)
+HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
+
+
+def parse_pairs(spec):
+    """'auto' -> None; '0:0,1:4,2:8' -> {0: 0, 1: 4, 2: 8} ({student layer: teacher layer})."""
+    if spec == 'auto':
+        return None
+    try:
+        pairs = [tuple(int(n) for n in p.split(':')) for p in spec.split(',')]
+        pairs = dict(pairs) if all(len(p) == 2 and min(p) >= 0 for p in pairs) else None
+    except ValueError:
+        pairs = None
+    if not pairs or len(pairs) != spec.count(',') + 1:      # malformed, negative, or a student layer twice
+        raise ConfigError(f"--layer-map '{spec}': {PAIRS_SYNTAX}, each student layer once")
+    return pairs
+
+
+def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
+    """{student layer: teacher layer} for the teacher's transferred `layers` (sorted).
+
+    auto: the student transfers the same stretch of its depth as the teacher (teacher layer l at relative depth
+    l / (D_t - 1) marks student layer round(l (D_s - 1) / (D_t - 1))), and its k transferred layers take k of the
+    teacher's, evenly spaced, the first on the first and the last on the last. Equal depths: the identity, so a
+    student of the teacher's size transfers exactly as before. Otherwise spec names the pairs (parse_pairs), each
+    teacher layer among --layers, in increasing order: distillation runs the teacher beside the student.
+    """
+    pairs = parse_pairs(spec)
+    if pairs is None:
+        student = sorted({nearest(l * (student_depth - 1), teacher_depth - 1) for l in layers})
+        k, n = len(student), len(layers)
+        return {s: layers[nearest(i * (n - 1), k - 1) if k > 1 else -1] for i, s in enumerate(student)}
+    pairs = dict(sorted(pairs.items()))
+    if max(pairs) >= student_depth:
+        raise ConfigError(f'--layer-map {spec}: the student has layers 0..{student_depth - 1}')
+    if not set(pairs.values()) <= set(layers):
+        raise ConfigError(f'--layer-map {spec}: teacher layers must be among --layers {layers_spec} '
+                          f'(the teacher has layers 0..{teacher_depth - 1})')
+    teacher = list(pairs.values())
+    if teacher != sorted(set(teacher)):
+        raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student layers')
+    return pairs
+
+
+def nearest(a, b):
+    """a / b rounded half up (0 if b is 0: a one-layer model's only layer is its first and last)."""
+    return (2 * a + b) // (2 * b) if b else 0
+
+
+def layer_pairs(layers):
+    """{student layer: teacher layer}: the map itself, or for a list of layers the identity on them."""
+    return dict(layers) if isinstance(layers, dict) else {i: i for i in layers}
+
+
+def to_student_heads(logits, num_heads):
+    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits.
+
+    Student head j stands for the g = H / h contiguous teacher heads j*g .. j*g+g-1, whose attention
+    *probabilities* are averaged; the result is returned as their log (softmax gives the mean back).
+    Why probabilities, not logits: the mean of g maps is itself a map (rows sum to 1), and it routes the
+    values as the g heads do on average ((mean_h A_h) V = mean_h (A_h V)); the distillation cross-entropy is
+    linear in its target, so a student head distilled toward the mean is distilled toward each of its g
+    teacher heads, averaged. A mean of logits would be a sharper map (a normalised geometric mean) that no
+    teacher head computes. Equal head counts: the logits, untouched.
+    """
+    heads = logits.shape[1]
+    if heads == num_heads:
+        return logits
+    p = logits.float().softmax(-1)                                            # (B, H, N, N)
+    p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
+    return p.log().to(logits.dtype)
+
+
+def describe_map(layers, teacher_heads, student_heads):
+    """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
+    pairs, g = ' '.join(f'{s}:{t}' for s, t in layer_pairs(layers).items()), teacher_heads // student_heads
+    heads = 'heads one to one' if g == 1 else \
+        f"the teacher's {teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- " \
+        f"teacher heads {g}j..{g}j+{g - 1})"
+    return f'layer map (student:teacher) {pairs}; {heads}'
+
+# -----------------------------------------------------------------------------
+# What a student checkpoint records about its teacher
+
+
 def teacher_record(cfg, layers, heads):
-    """What a student checkpoint stores about its teacher (never the teacher's weights)."""
-    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size, 'layers': layers,
-            'heads': heads, 'transfer': cfg.transfer,
-            'student_arch': cfg.student_arch}
+    """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
+    the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
+    pairs = layer_pairs(layers)
+    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
+            'layers': sorted(pairs.values()), 'layer_map': pairs, 'head_rule': HEAD_RULE,
+            'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
 
 
 def sha256_of(path):
@@ -164,6 +286,11 @@ def teacher_mismatch(source, record):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, x, layers, transfer):
-    """{layer: tensor}: the teacher's attention logits (B, H, N, N) for 'attn', else its q, k or v."""
-    return teacher.attention(x, layers, 'logits' if transfer == 'attn' else transfer)
+def teacher_outputs(teacher, x, layers, transfer, num_heads=None):
+    """{student layer: tensor}: the teacher's attention logits (B, H, N, N) for 'attn' (at the student's
+    num_heads if given: to_student_heads), else its q, k or v. layers: {student layer: teacher layer} or a list."""
+    pairs = layer_pairs(layers)
+    out = teacher.attention(x, list(pairs.values()), 'logits' if transfer == 'attn' else transfer)
+    if transfer == 'attn' and num_heads:
+        out = {i: to_student_heads(t, num_heads) for i, t in out.items()}
+    return {s: out[t] for s, t in pairs.items()}

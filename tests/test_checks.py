@@ -82,6 +82,7 @@ BAD = [
     (['attention_copy.py', 'attention_distill.py'], 'teacher', [['']]),
     (['attention_copy.py', 'attention_distill.py'], 'layers', [['x'], ['3-1']]),
     (['attention_copy.py', 'attention_distill.py'], 'heads', [['0,,1']]),
+    (['attention_copy.py', 'attention_distill.py'], 'layer_map', [['0-2'], ['0:1,0:2']]),
     (['attention_copy.py', 'attention_distill.py'], 'transfer', [['qk']]),
     (['attention_copy.py', 'attention_distill.py'], 'student_arch', [['vit']]),
     (['attention_distill.py'], 'weight', [['-1'], ['nan']]),
