@@ -46,12 +46,12 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(source):
     """Return the raw checkpoint dict of a file path or a PRETRAINED name."""
-    if source in TEACHERS:
-        return download(source)
-    if source in PRETRAINED:
+    if source in PRETRAINED:   # TEACHERS included
         url = PRETRAINED[source][0]
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
         try:
+            if source in TEACHERS:   # other families' formats (CLIP: TorchScript)
+                return download(source)
             return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True, check_hash=False)
         except Exception as e:   # offline, or a damaged download in the cache
             raise CheckpointError(f"'{source}' could not be downloaded or read ({type(e).__name__}): put the file "
@@ -141,11 +141,16 @@ def check_arch(model, ckpt, source):
         raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has {', '.join(diff)}")
 
 
-def vit_of(arch, source):
-    """VisionTransformer(**arch), or CheckpointError when a checkpoint records an arch it cannot build."""
+def vit_of(arch, source, given=None):
+    """VisionTransformer(**arch, **given), or CheckpointError saying which cannot be built: the architecture
+    a checkpoint records, or it with the fields `given` by the caller (another image size, say)."""
     try:
-        return VisionTransformer(**arch)
+        return VisionTransformer(**{**arch, **(given or {})})
     except (TypeError, ValueError, AssertionError) as e:
+        if given:
+            vit_of(arch, source)   # the recorded one builds (else that is the error): what was given does not fit
+            raise CheckpointError(f"'{source}' cannot be built with "
+                                  f"{', '.join(f'{k} {v}' for k, v in given.items())} ({e})") from None
         raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
 
 
@@ -181,10 +186,9 @@ def build_from_checkpoint(source, ckpt=None, **overrides):
     """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights.
     ckpt: the checkpoint already read from source."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
-    arch = arch_of(ckpt, source)
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch.update(no_qk_layers=(), **{k: v for k, v in overrides.items() if v is not None})
-    return load_weights(vit_of(arch, source), source, ckpt)
+    arch = {**arch_of(ckpt, source), 'no_qk_layers': ()}
+    return load_weights(vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None}), source, ckpt)
 
 
 def resize_pos_embed(pos_embed, grid):

@@ -133,7 +133,7 @@ class TrainConfig:
         out = [f'{flag(k)} {show(saved.get(k, default[k]))} -> {show(v)}' for k, v in asdict(self).items()
                if k not in (*self.RESUMABLE, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]
         old_world = ckpt.get('world_size', len(ckpt['rng']))
-        old = (saved['batch_size'], saved['accum_steps'], old_world)
+        old = (*(saved.get(k, default[k]) for k in ('batch_size', 'accum_steps')), old_world)
         if math.prod(old) != self.batch_size * self.accum_steps * world:
             out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps {old[1]} x {old[2]} '
                        f'process(es)) -> {self.batch_size * self.accum_steps * world} ({self.batch_size} x '

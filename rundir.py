@@ -49,12 +49,21 @@ def prepare_run_dir(cfg):
     return ckpt
 
 
+# what engine.fit saves, and of which type: a file without these (or with others in their place) is no run of ours
+SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list, 'metrics': dict}
+
+
 def open_resumed(cfg, path, world):
     """The checkpoint to continue, read safely (no pickled code) and checked against the command line:
     ConfigError names every field that differs (old -> new) and may not."""
     ck = read_checkpoint(path)
-    if not isinstance(ck, dict) or not {'model', 'config', 'step', 'optimizer', 'rng'} <= set(ck):
-        raise CheckpointError(f'{path} is not a training checkpoint of these scripts: nothing to resume')
+    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] if isinstance(ck, dict) else []
+    if isinstance(ck, dict) and not bad:   # the parts a resume reads before it loads any tensor
+        bad = [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),
+                               ('rng', all(torch.is_tensor(s) for s in ck['rng']))) if not ok]
+    if not isinstance(ck, dict) or bad:
+        why = f" ({', '.join(bad)}: missing or of another kind)" if bad else ''
+        raise CheckpointError(f'{path} is not a training checkpoint of these scripts{why}: nothing to resume')
     conflicts = cfg.resume_conflicts(ck, world)
     if conflicts:
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "

@@ -216,8 +216,19 @@ def test_checkpoint_with_a_bad_arch(tmp_path, arch):
     path = tmp_path / 'bad.pt'
     torch.save({'model': VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1).state_dict(),
                 'arch': {**VisionTransformer(depth=1).arch, **arch}}, path)
-    with pytest.raises(CheckpointError, match='records an architecture'):
-        build_from_checkpoint(str(path))
+    for size in (None, 64):   # the checkpoint's fault, whatever the caller asks for
+        with pytest.raises(CheckpointError, match='records an architecture'):
+            build_from_checkpoint(str(path), img_size=size)
+
+
+def test_teacher_at_an_image_size_its_patches_do_not_divide(tmp_path, monkeypatch):
+    """--img-size 30 with a patch-8 teacher: the size asked for is named, not the checkpoint blamed."""
+    path = save_vit(tmp_path / 'teacher.pt')
+    with pytest.raises(CheckpointError, match=r"cannot be built with img_size 30 \(img_size 30 is not a multiple"):
+        build_from_checkpoint(str(path), img_size=30)
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'r', '--teacher', path,
+                         '--img-size', '30')
+    assert msg and 'cannot be built with img_size 30' in msg and 'records' not in msg, msg
 
 
 def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
@@ -230,6 +241,22 @@ def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path, monkeypatc
     msg = str(e.value)
     assert os.path.join(str(tmp_path / 'hub'), 'checkpoints', 'mae_pretrain_vit_base.pth') in msg and 'by hand' in msg
     assert '\n' not in msg
+
+
+@pytest.mark.parametrize('name, file', [('deit_small', 'deit_small_patch16_224-cd65a155.pth'),
+                                        ('clip_vitb16', 'ViT-B-16.pt')])
+def test_teacher_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch, name, file):
+    """The other families by name (pretrained.py; CLIP's TorchScript its own way) fail offline as MAE's do."""
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(CheckpointError) as e:
+        build_from_checkpoint(name)
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path / 'hub'), 'checkpoints', file) in msg and 'by hand' in msg and '\n' not in msg
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'r', '--teacher', name)
+    assert msg and msg.startswith(f"error: '{name}' could not be downloaded"), msg
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')

@@ -88,11 +88,23 @@ def test_each_config_names_what_may_change():
     ('state dict only', 'is not a training checkpoint'),
     ('other shapes', 'does not fit the model'),
     ('other heads in arch', 'num_heads 4 (here 3)'),
+    ('arch not a dict', '(arch: missing or of another kind)'),        # each was a traceback before it is read
+    ('config not a dict', '(config: missing or of another kind)'),
+    ('rng not tensors', '(rng: missing or of another kind)'),
+    ('step not a number', '(step: missing or of another kind)'),
+    ('no metrics', '(metrics: missing or of another kind)'),
+    ('optimizer of another model', 'does not fit the model'),
 ])
 def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
     d = saved[1](tmp_path)
     ck = torch.load(d / 'checkpoint.pt', weights_only=True)
-    if damage == 'garbage':
+    broken = {'arch not a dict': {'arch': 'vit_tiny'}, 'config not a dict': {'config': 'finetune'},
+              'rng not tensors': {'rng': ['seed 0']}, 'step not a number': {'step': '2'},
+              'no metrics': {'metrics': None},
+              'optimizer of another model': {'optimizer': {}}}
+    if damage in broken:
+        edit_checkpoint(d, **broken[damage])
+    elif damage == 'garbage':
         (d / 'checkpoint.pt').write_bytes(b'\x00not a checkpoint' * 100)
     elif damage == 'pickled code':    # weights_only refuses to unpickle arbitrary objects (no code is run)
         torch.save({**ck, 'config': argparse.Namespace(**ck['config'])}, d / 'checkpoint.pt')
@@ -107,8 +119,31 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
     assert msg and says in msg and str(d) in msg, msg
     assert digest(d) == before
 
+def test_a_saved_config_without_a_field_counts_it_as_its_default(monkeypatch, saved, tmp_path):
+    """A checkpoint from before a field existed: the field is its default, no KeyError (batch size included)."""
+    d = saved[1](tmp_path)
+    config = torch.load(d / 'checkpoint.pt', weights_only=True)['config']
+    edit_checkpoint(d, config={k: v for k, v in config.items() if k not in ('randaug', 'ema')})   # both default
+    train(monkeypatch, finetune, d, '--amp', 'off', '--resume', 'true', '--max-steps', '3')
+    edit_checkpoint(d, config={k: v for k, v in config.items() if k != 'batch_size'})   # 32, not the default 128
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
+    assert msg and 'global batch 128 (--batch-size 128 x --accum-steps 1 x 1 process(es)) -> 32' in msg, msg
+
 # -----------------------------------------------------------------------------
 # What may change, and what the run directory then says
+
+
+def test_readme_names_every_field_a_resume_may_change():
+    """README's resume rules list each config's RESUMABLE fields (the teacher's path is said in words)."""
+    import attention_copy
+    import mae_pretrain
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        rules = f.read().split('**The resume rules.**')[1].split('\n\n')[0]
+    for cls in (finetune.FinetuneConfig, attention_copy.CopyConfig, attention_distill.DistillConfig,
+                mae_pretrain.MAEConfig):
+        for name in set(cls.RESUMABLE) - {'resume', 'teacher'}:
+            assert f"`--{name.replace('_', '-')}" in rules, f'README does not say --{name} may change on resume'
+    assert "the teacher's path" in rules and 'old → new' in rules and 'global batch' in rules
 
 
 def test_resume_records_what_changed_and_keeps_the_time(monkeypatch, saved, tmp_path):
