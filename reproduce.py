@@ -15,6 +15,7 @@ before the first one runs; killing reproduce.py stops its running stage. Report 
 RESULTS.md, results.json, results.png and the stages' logs in <out_dir>/results, or in --results-dir
 (results/<data> refreshes the committed ones). A run's number is its final epoch's test top-1, never its best.
 """
+import ctypes
 import json
 import os
 import platform
@@ -139,6 +140,20 @@ def plan_stage(cfg, stage, seed, root, teacher):
     return state, cmd
 
 
+def die_with(parent):
+    """What the stage's process does before it starts (Linux): ask for SIGTERM when reproduce.py dies, also by
+    SIGKILL, which no handler sees (prctl PR_SET_PDEATHSIG); prctl is looked up here, not in the new process."""
+    if not sys.platform.startswith('linux'):
+        return None
+    prctl = ctypes.CDLL(None).prctl
+
+    def ask():
+        prctl(1, int(signal.SIGTERM))    # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:       # reproduce.py died before that: stop now
+            os._exit(1)
+    return ask
+
+
 def run_stage(cfg, stage, seed, root, teacher, machine):
     """Skip a finished stage, else run (or resume) its script, streaming its output; write done.json
     with the final metrics (the last evaluation, or the ensemble's numbers) and the wall time."""
@@ -150,7 +165,7 @@ def run_stage(cfg, stage, seed, root, teacher, machine):
     print(f"== {tag}: {'resuming' if state == 'partial' else 'running'} {shlex.join(cmd[1:])}", flush=True)
     t0, last = time.time(), ''
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'}, preexec_fn=die_with(os.getpid()))
     def stop(signum, _):   # a kill of reproduce.py (SIGTERM, Ctrl-C) is passed on: the stage never trains on alone
         proc.send_signal(signum)
         proc.wait()

@@ -246,3 +246,40 @@ def test_a_killed_reproduction_stops_its_stage(tmp_path):
             p.kill()
         for pid in stage_pids(runs):   # only the stage this test started
             os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl(PR_SET_PDEATHSIG) is Linux only')
+def test_a_stage_dies_with_reproduce_py_even_killed_by_sigkill():
+    """SIGKILL reaches no handler: the stage is started asking the kernel for SIGTERM when its parent dies
+    (before, it trained on as an orphan until its next line of output hit the closed pipe)."""
+    parent = subprocess.Popen([sys.executable, '-c', (
+        'import os, subprocess, sys, time\n'
+        'from reproduce import die_with\n'
+        'stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], '
+        'preexec_fn=die_with(os.getpid()))\n'
+        'print(stage.pid, flush=True)\n'
+        'time.sleep(300)')], cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, text=True)
+    stage = None
+    try:
+        stage = int(parent.stdout.readline())
+        assert alive(stage)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.time() + 20
+        while alive(stage) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive(stage), 'the stage lives on after reproduce.py was killed with SIGKILL'
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if stage and alive(stage):   # only the process this test started
+            os.kill(stage, signal.SIGKILL)
