@@ -33,6 +33,15 @@ class FinetuneConfig(TrainConfig):
                         # empty = train from scratch
     scratch: bool = False   # the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init
     out_dir: str = 'runs/finetune'
+    # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
+    layer_scale: float = 0.0    # > 0: layer scale starting at this value (CaiT, DINOv2); 0 = none
+    norm_pre: bool = False      # a LayerNorm before the blocks (CLIP)
+    act: str = 'gelu'           # gelu | quick_gelu (CLIP)
+
+    def checks(self):
+        return super().checks() + [
+            ('layer_scale', self.layer_scale >= 0, 'must be 0 (no layer scale) or a positive initial value'),
+            ('act', self.act in ('gelu', 'quick_gelu'), 'choose gelu or quick_gelu')]
 
 
 PRESETS = {
@@ -86,7 +95,8 @@ def build_model(cfg, num_classes):
     """The ViT the config names; --init loads pre-trained weights into it (a new head if needed)."""
     model = create_model(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
                          embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                         global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path)
+                         global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path,
+                         init_values=cfg.layer_scale or None, norm_pre=cfg.norm_pre, act=cfg.act)
     if cfg.init:
         ckpt = read_checkpoint(cfg.init)
         head = state_dict_of(ckpt).get('head.weight')

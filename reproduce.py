@@ -47,7 +47,7 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae); the
                                     # fashion-mnist preset: the shipped teacher (teachers/README.md)
-    quick: bool = False             # 1 seed, 100 steps a stage: checks the pipeline, is not a result
+    quick: bool = False             # 1 seed, 200 steps a stage: checks the pipeline, is not a result
     val_size: int = 0               # every stage evaluates on this many held-out training images, not on
                                     # test: the split to choose a budget on; dirs get a -val suffix
     out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick][-val]

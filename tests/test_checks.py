@@ -86,6 +86,8 @@ BAD = [
     (['attention_copy.py', 'attention_distill.py'], 'transfer', [['qk']]),
     (['attention_copy.py', 'attention_distill.py'], 'student_arch', [['vit']]),
     (['attention_distill.py'], 'weight', [['-1'], ['nan']]),
+    (['finetune.py'], 'layer_scale', [['-1'], ['nan']]),
+    (['finetune.py'], 'act', [['relu']]),
     (['mae_pretrain.py'], 'global_pool', [['true']]),
     (['mae_pretrain.py'], 'mixup', [['0.8']]),
     (['mae_pretrain.py'], 'cutmix', [['1']]),
@@ -131,7 +133,7 @@ BAD = [
 ]
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
-FREE = {'data_dir', 'resume', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
+FREE = {'data_dir', 'resume', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
         'imagenet_sketch', 'imagenet_r', 'imagenet_a'}
 CASES = [(script, field, value) for scripts, field, values in BAD for script in scripts for value in values]

@@ -37,15 +37,16 @@ STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_siz
                num_heads=None, heads='all', transfer='attn',       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
                layer_map='auto',                                   # the teacher's depth: the identity
                student_arch='plain')
+PLAIN_VIT = dict(layer_scale=0.0, norm_pre=False, act='gelu')   # MAE's ViT-L: none of other families' parts
 RECIPES = {
     'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
         **VIT_L, **AUGMENT, init='mae_vit_large', scratch=False, global_pool=True, drop_path=0.2, epochs=50,
         warmup_epochs=5, batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.75,
-        layer_decay_offset=1, beta2=0.999, clip_grad=0.0, ema=0.0, num_workers=10),
+        layer_decay_offset=1, beta2=0.999, clip_grad=0.0, ema=0.0, num_workers=10, **PLAIN_VIT),
     'scratch': dict(    # MAE paper Table 11 (ViT-L): 4096 = 64 GPUs x 64; no random erasing in the table
         **VIT_L, **{**AUGMENT, 'reprob': 0.0}, init='', scratch=True, global_pool=True, drop_path=0.2, epochs=200,
         warmup_epochs=20, batch_size=64, accum_steps=1, blr=1e-4, min_lr=1e-6, weight_decay=0.3, layer_decay=1.0,
-        layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10),
+        layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10, **PLAIN_VIT),
     'copy': dict(       # release README, Attention Copy: 8 nodes x 8 GPUs x 32 = 2048; --warmup_epochs default 5
         **STUDENT, **AUGMENT, layers='all', global_pool=True, drop_path=0.0, epochs=100, warmup_epochs=5,
         batch_size=32, accum_steps=1, blr=1e-3, min_lr=2e-3, weight_decay=0.05, layer_decay=0.75,

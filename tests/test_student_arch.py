@@ -71,3 +71,24 @@ def test_scripts_build_and_record_the_teacher_arch_student(tmp_path):
         assert {k: ck['arch'][k] for k in PLAIN} == COMPONENTS
     p = run_script('attention_distill.py', *TINY, '--out-dir', tmp_path / 'plain', '--teacher', tmp_path / 'teacher.pt')
     assert p.returncode != 0 and 'register tokens' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_finetune_builds_a_teacher_of_another_family_and_the_student_takes_its_components():
+    """finetune.py --layer-scale / --norm-pre / --act: a supervised teacher built like DINOv2 or CLIP, whose
+    components --student-arch teacher gives the student (and --student-arch plain drops); --init checks them."""
+    from checkpoints import CheckpointError, load_weights
+    from finetune import FinetuneConfig, build_model
+    cfg = FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                         layer_scale=0.1, norm_pre=True, act='quick_gelu')
+    teacher = build_model(cfg, 10)
+    assert {k: teacher.arch[k] for k in ('init_values', 'norm_pre', 'act')} == \
+        {'init_values': 0.1, 'norm_pre': True, 'act': 'quick_gelu'}
+    assert torch.equal(teacher.blocks[0].ls1.gamma, torch.full((32,), 0.1))
+    like = build_student(DistillConfig(img_size=32, student_arch='teacher'), teacher, 10, [0, 1])
+    plain = build_student(DistillConfig(img_size=32), teacher, 10, [0, 1])
+    assert {k: like.arch[k] for k in PLAIN} == {k: teacher.arch[k] for k in PLAIN}
+    assert {k: plain.arch[k] for k in PLAIN} == PLAIN
+    plain_model = build_model(FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                             num_heads=2), 10)
+    with pytest.raises(CheckpointError, match='init_values 0.1'):   # an --init of another family is refused
+        load_weights(plain_model, 'teacher.pt', {'model': teacher.state_dict(), 'arch': teacher.arch})
