@@ -34,6 +34,10 @@ class CopyConfig(TransferConfig):
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
+           # all but the last of the 6 layers, as the release's runs left ViT-L's last 3 of 24: on 5000 held-out
+           # training images 86.3% against 85.8% for all 6 after 3 epochs (+0.4 after 1 epoch with a weaker
+           # teacher; results/fashion-mnist/VALIDATION.md)
+           'fashion-mnist': {**student_presets(SMALL_PRESETS)['fashion-mnist'], 'layers': '0-4'},
            # the release's copy command (global batch 2048 = 64 GPUs x 32): min_lr is absolute (the peak is
            # 8e-3), warm-up its default 5 epochs, layer decay counted as its dual model does (offset 0).
            # All 24 layers, as the paper copies; the release's runs copied 0-20: --layers 0-20 (RECIPES.md)
