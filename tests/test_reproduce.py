@@ -237,15 +237,20 @@ def test_a_killed_reproduction_stops_its_stage(tmp_path):
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=120)
         assert p.returncode != 0 and 'mae stopped by SIGTERM' in err, (out[-2000:], err[-2000:])
-        deadline = time.time() + 30
-        while stage_pids(runs) and time.time() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: not stage_pids(runs), 30)
         assert not stage_pids(runs), 'the stage trains on after reproduce.py was killed'
     finally:
         if p.poll() is None:
             p.kill()
         for pid in stage_pids(runs):   # only the stage this test started
             os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(done, seconds):
+    """Poll done() twice a second until it holds or `seconds` have passed."""
+    deadline = time.time() + seconds
+    while not done() and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def alive(pid):
@@ -274,9 +279,7 @@ def test_a_stage_dies_with_reproduce_py_even_killed_by_sigkill():
         assert alive(stage)
         parent.kill()
         parent.wait(timeout=30)
-        deadline = time.time() + 20
-        while alive(stage) and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: not alive(stage), 20)
         assert not alive(stage), 'the stage lives on after reproduce.py was killed with SIGKILL'
     finally:
         if parent.poll() is None:
