@@ -102,6 +102,17 @@ def teacher_made(path):
     return torch.load(path, map_location='cpu', weights_only=True).get('made') if os.path.isfile(path) else None
 
 
+def against_paper(s):
+    """The paper's pattern, point by point: what share of the gap each transfer method closes, and whether the
+    ensemble beats fine-tuning alone, here and in the paper."""
+    m, paper = s['methods'], {k: gap_closed(PAPER[k], PAPER['scratch'], PAPER['finetune']) for k in ('copy', 'distill')}
+    lines = [f"- {LABELS[k]} closes {format_gap(s['gap_closed'][k])} of the gap; the paper's, "
+             f"{format_gap(paper[k])}" for k in ('copy', 'distill')]
+    diff, paper_diff = m['ensemble']['mean'] - m['finetune']['mean'], PAPER['ensemble'] - PAPER['finetune']
+    lines.append(f"- the ensemble is {diff:+.2f} points against fine-tuning alone; the paper's, {paper_diff:+.1f}")
+    return "The paper's pattern, here (means over seeds):\n\n" + '\n'.join(lines)
+
+
 def report(cfg, s, runs, root, prov):
     """RESULTS.md: the table, what its columns mean, how it was made."""
     mae = [r for r in runs if r['stage'] == 'mae']
@@ -131,6 +142,8 @@ never the best epoch's; nothing was chosen by looking at the test split.
 - *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
 - *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
   stages {sum(r['wall_s'] for r in runs) / 60:.1f} min.
+
+{against_paper(s)}
 
 ![results](results.png)
 

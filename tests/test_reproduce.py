@@ -15,7 +15,7 @@ from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from reproduce import PRESETS, QUICK, STAGES, parse, plan_stage, run_dir, stage_command
-from reproduce_report import LABELS, format_gap, gap_closed, mean_std
+from reproduce_report import LABELS, against_paper, format_gap, gap_closed, mean_std
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -29,6 +29,17 @@ def test_gap_closed_on_the_papers_numbers():
     for finetune in (83.0, 82.0):                                        # fine-tuning does not beat scratch
         assert gap_closed(84.0, 83.0, finetune) is None
     assert format_gap(None) == 'not meaningful (fine-tune ≤ scratch)'
+
+
+def test_against_the_papers_pattern():
+    """The report's comparison with the paper: gap shares and the ensemble's margin, from the means."""
+    means = {'scratch': 80.0, 'finetune': 90.0, 'copy': 82.0, 'distill': 89.0, 'ensemble': 90.5}
+    s = {'methods': {k: {'mean': v} for k, v in means.items()},
+         'gap_closed': {k: gap_closed(means[k], 80.0, 90.0) for k in ('copy', 'distill')}}
+    assert against_paper(s).splitlines()[2:] == [
+        '- attention copy closes 20.0% of the gap; the paper\'s, 77.8%',
+        '- attention distillation closes 90.0% of the gap; the paper\'s, 100.0%',
+        '- the ensemble is +0.50 points against fine-tuning alone; the paper\'s, +0.6']
 
 
 def test_mean_std_formatting():
