@@ -73,8 +73,9 @@ class ReproduceConfig:
 # Budgets, chosen on the validation split (results/fashion-mnist/VALIDATION.md), never on test. fashion-mnist:
 #   the shipped teacher, 3 epochs a stage at blr 4e-3 (every method did better at 4e-3 than at its preset's
 #   2e-3 over one epoch; at 3 epochs distillation closed 80% of the gap to fine-tuning, at 1 epoch 44%; three
-#   seeds of 3 epochs fit the hour on 2 CPU cores). Timings: results/fashion-mnist/RESULTS.md. --quick: 200 steps a stage at the
-#   scripts' 2e-3 (at 100 steps distillation had not yet passed scratch; at 200 it had, by 5 points).
+#   seeds of 3 epochs fit the hour on 2 CPU cores). Timings: results/fashion-mnist/RESULTS.md. --quick: 200
+#   steps a stage at the scripts' 2e-3 (at 100 steps distillation had not yet passed scratch; at 200 it had,
+#   by 5 points).
 # cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
 #   (24 D^2 + 4 N D) x 9 x 65 = 0.55 GFLOP an image forward, x 3 to train: 82 TFLOP an epoch of 50k; the
 #   teacher adds ~35% to copy / distill. 3 seeds x 20 epochs x (1 + 1 + 1.35 + 1.35) = 23 PFLOP, MAE 50

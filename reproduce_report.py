@@ -105,7 +105,8 @@ def teacher_made(path):
 def against_paper(s):
     """The paper's pattern, point by point: what share of the gap each transfer method closes, and whether the
     ensemble beats fine-tuning alone, here and in the paper."""
-    m, paper = s['methods'], {k: gap_closed(PAPER[k], PAPER['scratch'], PAPER['finetune']) for k in ('copy', 'distill')}
+    m = s['methods']
+    paper = {k: gap_closed(PAPER[k], PAPER['scratch'], PAPER['finetune']) for k in ('copy', 'distill')}
     lines = [f"- {LABELS[k]} closes {format_gap(s['gap_closed'][k])} of the gap; the paper's, "
              f"{format_gap(paper[k])}" for k in ('copy', 'distill')]
     diff, paper_diff = m['ensemble']['mean'] - m['finetune']['mean'], PAPER['ensemble'] - PAPER['finetune']
