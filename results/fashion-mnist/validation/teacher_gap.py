@@ -4,10 +4,13 @@ metrics.jsonl beside this file:
     python results/fashion-mnist/validation/teacher_gap.py   # writes teacher_gap.png beside itself"""
 import json
 import os
+import sys
 
 from matplotlib.figure import Figure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..', '..', '..'))   # the repository root: the report's own gap_closed
+from reproduce_report import gap_closed  # noqa: E402
 METHODS = ('finetune', 'copy', 'distill')
 # (MAE epochs, epochs in its schedule) -> the runs' folders; every run: seed 0, 3 epochs, blr 4e-3, layers 0-4
 TEACHERS = {(12, 48): 'bf16-{}12of48', (24, 48): 'bf16-{}24of48', (48, 48): 'bf16-{}48', (24, 24): 'bf16-{}24'}
@@ -19,7 +22,7 @@ def final_top1(run):
 
 
 def closed(method_top1, finetune_top1, scratch):
-    return 100 * (method_top1 - scratch) / (finetune_top1 - scratch)
+    return 100 * gap_closed(method_top1, scratch, finetune_top1)
 
 
 def main():
