@@ -10,6 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..'))
+from attention_distill import attention_cross_entropy  # noqa: E402
 from checkpoints import build_from_checkpoint  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from data import build_eval_set  # noqa: E402
@@ -17,9 +18,9 @@ from mae_pretrain import gather_tokens, random_keep  # noqa: E402
 
 
 def entropy(logits):
-    """(H,) mean entropy in nats of each head's attention rows; logits (B, H, N, N)."""
-    p = logits.float().softmax(-1)
-    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean(dim=(0, 2))
+    """(H,) mean entropy in nats of each head's attention rows; logits (B, H, N, N): the distillation loss of a
+    map against itself is its entropy."""
+    return torch.stack([attention_cross_entropy(h, h) for h in logits.split(1, dim=1)])
 
 
 @torch.no_grad()
@@ -27,8 +28,7 @@ def entropies(teacher, images, keep=None):
     """{layer: (H,) entropies}: on every patch, or on `keep` random patches of each image (and the class
     token), embedded as MAE's encoder embeds them."""
     if keep is None:
-        logits = teacher.attention(images, list(range(len(teacher.blocks))))
-        return {i: entropy(t) for i, t in logits.items()}
+        return {i: entropy(t) for i, t in teacher.iter_attention(images, range(len(teacher.blocks)))}
     x = teacher.patch_embed(images) + teacher.pos_embed[:, 1:]                        # (B, N, D)
     ids = random_keep(len(x), x.shape[1], keep, generator=torch.Generator().manual_seed(0))
     cls = (teacher.cls_token + teacher.pos_embed[:, :1]).expand(len(x), -1, -1)
