@@ -125,6 +125,9 @@ def report(cfg, s, runs, root, prov):
                else f'`{cfg.teacher}`')
     quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
     steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
+    threads = f" ({prov['stage_threads']} thread(s) each)" if prov.get('stage_threads') else ''
+    skipped = sum(bool(r.get('skipped')) for r in runs)
+    skipped = f', skipping {skipped} stage(s) done before' if skipped else ''
     split = (f'top-1 on {cfg.val_size} training images held out from every stage (--val-size), never the test\n'
              f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
@@ -142,7 +145,7 @@ never the best epoch's; nothing was chosen by looking at the test split.
   evaluated images (per seed: {', '.join(f'{d:.2f}%' for d in s['disagreement_pct'])}).
 - *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
 - *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
-  stages {sum(r['wall_s'] for r in runs) / 60:.1f} min.
+  stages {sum(r['wall_s'] for r in runs) / 60:.1f} min, {cfg.jobs} at a time{threads}: reproduce.py ran {prov['wall_s'] / 60:.1f} min{skipped}.
 
 {against_paper(s)}
 
