@@ -14,7 +14,7 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_e
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from reproduce import PRESETS, QUICK, STAGES, parse, plan_stage, run_dir, stage_command
+from reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
 from reproduce_report import LABELS, against_paper, format_gap, gap_closed, mean_std
 
 # -----------------------------------------------------------------------------
@@ -126,8 +126,9 @@ def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused
 # The whole pipeline, tiny
 
 
-def reproduce(d):
-    p = run_script('reproduce.py', *TINY, '--out-dir', d / 'runs', '--results-dir', d / 'results', timeout=300)
+def reproduce(d):   # two stages at a time
+    p = run_script('reproduce.py', *TINY, '--jobs', '2', '--out-dir', d / 'runs', '--results-dir', d / 'results',
+                   timeout=300)
     assert p.returncode == 0, f'reproduce.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
     return p
 
@@ -162,6 +163,50 @@ def test_first_run_makes_every_stage_and_the_report(first_run):
     assert 'git commit: ' in md and 'machine: ' in md and '--data fake' in md
     png = (d / 'results' / 'results.png').read_bytes()
     assert png.startswith(b'\x89PNG') and len(png) > 10_000
+
+
+def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
+    d, p = first_run
+    done = {}
+    for stage in ['mae', *STAGES]:
+        with open(os.path.join(run_dir(str(d / 'runs'), stage, 0), 'done.json')) as f:
+            r = json.load(f)
+        done[stage] = (r['started'], r['started'] + r['wall_s'])
+    assert all(done[s][0] >= done['mae'][1] for s in STAGES)              # every stage waits for the teacher
+    assert done['ensemble'][0] >= max(done['finetune'][1], done['distill'][1])
+    (a0, a1), (b0, b1) = done['distill'], done['copy']
+    assert a0 < b1 and b0 < a1, 'with --jobs 2 distill and copy start together'
+    started = [line[3:].split(':')[0] for line in p.stdout.splitlines() if line.startswith('== ') and ': running ' in line]
+    assert started == ['mae', *[f'{s} seed 0' for s in ORDER]]            # the longest first
+
+
+def test_needs_and_threads(monkeypatch):
+    stages = [('mae', 0)] + [(s, k) for s in ORDER for k in (0, 1)]
+    assert needs('scratch', 1, stages) == [('mae', 0)] and needs('mae', 0, stages) == []
+    assert needs('ensemble', 1, stages) == [('mae', 0), ('finetune', 1), ('distill', 1)]
+    assert needs('copy', 0, stages[1:]) == [] and sorted(ORDER) == sorted(STAGES)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    assert stage_env(parse([*TINY, '--jobs', '2']))['OMP_NUM_THREADS'] == '4'
+    assert stage_env(parse([*TINY, '--jobs', '16']))['OMP_NUM_THREADS'] == '1'
+    assert 'OMP_NUM_THREADS' not in stage_env(parse(TINY))                # one at a time: torch's default
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert stage_env(parse([*TINY, '--jobs', '2']))['OMP_NUM_THREADS'] == '3'   # yours, when set
+    with pytest.raises(ConfigError):
+        parse([*TINY, '--jobs', '0'])
+
+
+def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path):
+    fail = tmp_path / 'fail.py'
+    fail.write_text("import sys\nprint('error: no such thing')\nsys.exit(1)\n")
+    code = ('import reproduce\nfrom engine import run_main\n'
+            f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\nrun_main(reproduce.main)\n')
+    runs = tmp_path / 'runs'
+    p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')
+    assert p.returncode != 0 and 'copy seed 0 failed (exit 1): no such thing' in p.stderr, p.stderr[-2000:]
+    assert 'waiting for 1 running stage(s)' in p.stdout
+    assert os.path.exists(os.path.join(run_dir(str(runs), 'distill', 0), 'done.json'))   # it ran on to the end
+    assert not os.path.exists(run_dir(str(runs), 'scratch', 0)) and not (tmp_path / 'results').exists()
 
 
 def test_second_run_trains_nothing(first_run):
