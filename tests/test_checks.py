@@ -114,6 +114,7 @@ BAD = [
     (['reproduce.py'], 'max_steps', [['-1']]),
     (['reproduce.py'], 'num_workers', [['-1']]),
     (['reproduce.py'], 'fake_size', [['0']]),
+    (['reproduce.py'], 'jobs', [['0']]),
     (['benchmark.py'], 'models', [['vit_nope']]),
     (['benchmark.py'], 'methods', [['nope'], ['train', 'nope']]),
     (['benchmark.py'], 'profile', [['nope']]),
