@@ -10,9 +10,9 @@ Each stage runs a script in a subprocess, its `--data` preset plus a budget: `ma
 all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
 (--teacher <teacher>), `ensemble` (fine-tuned + distilled), into runs/reproduce/<data>/<stage>/seed<k>.
 `--jobs N` runs N stages side by side, each on 1/N of the CPU threads (the fashion-mnist preset: 2; on 2
-cores, two one-thread stages got through 1.36x the work of one stage on both: VALIDATION.md). A stage whose directory holds done.json (written when its script exits
-cleanly) is skipped, one with only a checkpoint resumed (--resume true): interrupted, the same command
-continues. Every stage's inputs are checked before the first one runs; killing reproduce.py stops its
+cores, two one-thread stages got through 1.36x the work of one stage on both: VALIDATION.md). A stage whose
+directory holds done.json (written when its script exits cleanly) is skipped, one with only a checkpoint
+resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked before the first one runs; killing reproduce.py stops its
 running stages. Report (reproduce_report.py): RESULTS.md, results.json, results.png and the stages' logs in
 <out_dir>/results, or in --results-dir (results/<data> refreshes the committed ones). A run's number is its
 final epoch's test top-1, never its best.
@@ -186,11 +186,10 @@ def stage_env(cfg):
     return env
 
 
-def start_stage(cfg, stage, seed, root, teacher, finished):
-    """Start (or resume) a stage's script; a thread prints its output, tagged, and puts (stage, seed, exit code,
-    last line) on `finished` when it exits."""
+def start_stage(cfg, stage, seed, root, state, cmd, finished):
+    """Start (or resume: state 'partial') a stage's script; a thread prints its output, tagged, and puts (stage,
+    seed, exit code, last line) on `finished` when it exits."""
     d, name = run_dir(root, stage, seed), tag(stage, seed)
-    state, cmd = plan_stage(cfg, stage, seed, root, teacher)
     print(f"== {name}: {'resuming' if state == 'partial' else 'running'} {shlex.join(cmd[1:])}", flush=True)
     # started from this (the main) thread: PR_SET_PDEATHSIG fires when the thread that started it ends
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(cfg),
@@ -239,12 +238,13 @@ def run_stages(cfg, stages, root, teacher, machine):
             if key is None:
                 break
             pending.remove(key)
-            d = run_dir(root, *key)
-            if os.path.exists(os.path.join(d, 'done.json')):
+            state, cmd = plan_stage(cfg, *key, root, teacher)
+            if state == 'done':
+                d = run_dir(root, *key)
                 print(f'== {tag(*key)}: done, skipped ({d})', flush=True)
                 runs[key] = {**json.loads(Path(d, 'done.json').read_text()), 'run_dir': d, 'skipped': True}
             else:
-                running[key] = start_stage(cfg, *key, root, teacher, finished)
+                running[key] = start_stage(cfg, *key, root, state, cmd, finished)
         if not running:
             break
         stage, seed, code, last = finished.get()

@@ -126,8 +126,8 @@ def report(cfg, s, runs, root, prov):
     quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
     steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
     threads = f" ({prov['stage_threads']} thread(s) each)" if prov.get('stage_threads') else ''
-    skipped = sum(bool(r.get('skipped')) for r in runs)
-    skipped = f', skipping {skipped} stage(s) done before' if skipped else ''
+    n_skipped = sum(bool(r.get('skipped')) for r in runs)
+    skipped = f', skipping {n_skipped} stage(s) done before' if n_skipped else ''
     split = (f'top-1 on {cfg.val_size} training images held out from every stage (--val-size), never the test\n'
              f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
