@@ -74,10 +74,13 @@ def table(s):
 def plot(s, path, split='test'):
     """Left: final top-1 per method: each seed a dot, the mean ± std a bar of error (points, not filled bars:
     the axis starts near the lowest number, and a bar's length would exaggerate the differences).
-    Right: top-1 per epoch, mean over seeds."""
+    Right: top-1 per epoch, mean over seeds; left out when each run was evaluated once (quick mode), since a
+    curve of one point shows nothing. Returns the figure."""
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
-    fig = Figure(figsize=(11, 4), layout='constrained')
-    left, right = fig.subplots(1, 2)
+    curves = len(s['methods']['scratch']['curve']['epoch']) > 1
+    fig = Figure(figsize=(11 if curves else 5.5, 4), layout='constrained')
+    left, right = fig.subplots(1, 2) if curves else (fig.subplots(), None)
+    n = len(s['methods']['scratch']['top1'])
     for i, m in enumerate(STAGES):
         r = s['methods'][m]
         left.scatter([i] * len(r['top1']), r['top1'], s=14, color=f'C{i}', alpha=0.5)
@@ -85,16 +88,18 @@ def plot(s, path, split='test'):
         left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
     left.set_xticks(range(len(STAGES)), STAGES)
     left.set_xlim(-0.5, len(STAGES) - 0.2)
-    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f"each seed (dots), mean ± std over "
-             f"{len(s['methods']['scratch']['top1'])} seed(s); the axis does not start at 0")
+    seeds = f'each seed a dot, mean ± std over {n} seeds' if n > 1 else 'one seed'
+    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f'final top-1: {seeds}\n(the axis does not start at 0)')
     left.grid(axis='y', alpha=0.3)
-    for i, m in enumerate(STAGES[:4]):
-        r = s['methods'][m]
-        right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
-    right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    if curves:
+        for i, m in enumerate(STAGES[:4]):
+            r = s['methods'][m]
+            right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
+        right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def teacher_made(path):

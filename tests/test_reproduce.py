@@ -15,7 +15,7 @@ from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from reproduce_report import LABELS, against_paper, format_gap, gap_closed, mean_std
+from reproduce_report import LABELS, STAGES as REPORT_STAGES, against_paper, format_gap, gap_closed, mean_std, plot
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -50,6 +50,22 @@ def test_mean_std_formatting():
 
 # -----------------------------------------------------------------------------
 # Presets and the commands of the stages
+
+
+def test_the_figure_shows_curves_only_when_there_are_epochs_to_draw(tmp_path):
+    """The per-epoch panel needs two evaluations per run; quick mode's runs are evaluated once."""
+    def summary(epochs, seeds):
+        top1 = [80.0 + k for k in range(seeds)]
+        return {'methods': {m: {'top1': top1, 'mean': sum(top1) / seeds, 'std': 0.5 if seeds > 1 else None,
+                                'curve': {'epoch': epochs, 'top1': [70.0 + e for e in epochs]}}
+                            for m in REPORT_STAGES}}
+    for epochs, seeds, panels, title in (([1.0, 2.0, 3.0], 3, 2, 'mean ± std over 3 seeds'),
+                                         ([0.43], 1, 1, 'one seed')):
+        fig = plot(summary(epochs, seeds), tmp_path / 'results.png')
+        assert len(fig.axes) == panels and title in fig.axes[0].get_title()
+        assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
+        if panels == 2:
+            assert list(fig.axes[1].lines[0].get_xdata()) == epochs
 
 
 def test_presets_quick_and_your_flags():
