@@ -48,9 +48,6 @@ def test_mean_std_formatting():
     assert mean_std([70.0, 70.0, 70.0]) == '70.00 ± 0.00'
     assert mean_std([80.0]) == '80.00'                                   # one seed: no spread to show
 
-# -----------------------------------------------------------------------------
-# Presets and the commands of the stages
-
 
 def test_the_figure_shows_curves_only_when_there_are_epochs_to_draw(tmp_path):
     """The per-epoch panel needs two evaluations per run; quick mode's runs are evaluated once."""
@@ -66,6 +63,10 @@ def test_the_figure_shows_curves_only_when_there_are_epochs_to_draw(tmp_path):
         assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
         if panels == 2:
             assert list(fig.axes[1].lines[0].get_xdata()) == epochs
+
+
+# -----------------------------------------------------------------------------
+# Presets and the commands of the stages
 
 
 def test_presets_quick_and_your_flags():
