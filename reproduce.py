@@ -12,10 +12,10 @@ all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <t
 `--jobs N` runs N stages side by side, each on 1/N of the CPU threads (the fashion-mnist preset: 2; on 2
 cores, two one-thread stages got through 1.36x the work of one stage on both: VALIDATION.md). A stage whose
 directory holds done.json (written when its script exits cleanly) is skipped, one with only a checkpoint
-resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked before the first one runs; killing reproduce.py stops its
-running stages. Report (reproduce_report.py): RESULTS.md, results.json, results.png and the stages' logs in
-<out_dir>/results, or in --results-dir (results/<data> refreshes the committed ones). A run's number is its
-final epoch's test top-1, never its best.
+resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked before
+the first one runs; killing reproduce.py stops its running stages. Report (reproduce_report.py): RESULTS.md,
+results.json, results.png and the stages' logs in <out_dir>/results, or in --results-dir (results/<data>
+refreshes the committed ones). A run's number is its final epoch's test top-1, never its best.
 """
 import ctypes
 import json

@@ -15,7 +15,7 @@ from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from reproduce_report import LABELS, STAGES as REPORT_STAGES, against_paper, format_gap, gap_closed, mean_std, plot
+from reproduce_report import LABELS, against_paper, format_gap, gap_closed, mean_std, plot
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -55,7 +55,7 @@ def test_the_figure_shows_curves_only_when_there_are_epochs_to_draw(tmp_path):
         top1 = [80.0 + k for k in range(seeds)]
         return {'methods': {m: {'top1': top1, 'mean': sum(top1) / seeds, 'std': 0.5 if seeds > 1 else None,
                                 'curve': {'epoch': epochs, 'top1': [70.0 + e for e in epochs]}}
-                            for m in REPORT_STAGES}}
+                            for m in STAGES}}
     for epochs, seeds, panels, title in (([1.0, 2.0, 3.0], 3, 2, 'mean ± std over 3 seeds'),
                                          ([0.43], 1, 1, 'one seed')):
         fig = plot(summary(epochs, seeds), tmp_path / 'results.png')
@@ -193,7 +193,8 @@ def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
     assert done['ensemble'][0] >= max(done['finetune'][1], done['distill'][1])
     (a0, a1), (b0, b1) = done['distill'], done['copy']
     assert a0 < b1 and b0 < a1, 'with --jobs 2 distill and copy start together'
-    started = [line[3:].split(':')[0] for line in p.stdout.splitlines() if line.startswith('== ') and ': running ' in line]
+    started = [line[3:].split(':')[0] for line in p.stdout.splitlines()
+               if line.startswith('== ') and ': running ' in line]
     assert started == ['mae', *[f'{s} seed 0' for s in ORDER]]            # the longest first
 
 
