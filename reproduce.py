@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ import torch
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
 from engine import run_main
-from reproduce_report import PAPER, STAGES, keep_logs, plot, records, report, summarise, table
+from reproduce_report import STAGES, records, summarise, table, write
 from rundir import cpu_name, git_commit
 
 # -----------------------------------------------------------------------------
@@ -281,15 +281,10 @@ def main():
         build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
     t0 = time.time()
     runs = run_stages(cfg, stages, root, teacher, prov['machine'])
-    prov['wall_s'] = time.time() - t0
+    prov.update(wall_s=time.time() - t0, teacher=teacher)
 
     s = summarise(runs)
-    os.makedirs(results_dir, exist_ok=True)
-    Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov))
-    Path(results_dir, 'results.json').write_text(json.dumps({**prov, 'config': asdict(cfg), 'teacher': teacher,
-                                                             'summary': s, 'stages': runs, 'paper': PAPER}, indent=2))
-    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
-    keep_logs(runs, root, os.path.join(results_dir, 'logs'))
+    write(results_dir, cfg, s, runs, root, prov)
     print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png, logs/')
 
 

@@ -15,7 +15,7 @@ from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from reproduce_report import LABELS, against_paper, format_gap, gap_closed, mean_std, plot
+from reproduce_report import AIMS, LABELS, against_paper, aim, format_gap, gap_closed, mean_std, plot
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -37,9 +37,23 @@ def test_against_the_papers_pattern():
     s = {'methods': {k: {'mean': v} for k, v in means.items()},
          'gap_closed': {k: gap_closed(means[k], 80.0, 90.0) for k in ('copy', 'distill')}}
     assert against_paper(s).splitlines()[2:] == [
-        '- attention copy closes 20.0% of the gap; the paper\'s, 77.8%',
-        '- attention distillation closes 90.0% of the gap; the paper\'s, 100.0%',
-        '- the ensemble is +0.50 points against fine-tuning alone; the paper\'s, +0.6']
+        '- attention copy closes 20.0% of the gap (the aim: ≥ 50%, missed by 30.0 points of gap); '
+        'the paper\'s, 77.8%',
+        '- attention distillation closes 90.0% of the gap (the aim: ≥ 78%, met); the paper\'s, 100.0%',
+        '- the ensemble is +0.50 points against fine-tuning alone (the aim: above it, met); the paper\'s, +0.6']
+
+
+def test_each_result_against_its_aim():
+    """Met or missed, and by how much: a share of the gap at the aim meets it; the ensemble must beat fine-tuning."""
+    assert AIMS == {'copy': 0.50, 'distill': 0.78, 'ensemble': 0.0}
+    assert aim('copy', 0.5) == 'the aim: ≥ 50%, met'
+    assert aim('copy', 0.199) == 'the aim: ≥ 50%, missed by 30.1 points of gap'
+    assert aim('distill', 0.682) == 'the aim: ≥ 78%, missed by 9.8 points of gap'
+    assert aim('distill', -0.1) == 'the aim: ≥ 78%, missed by 88.0 points of gap'   # below scratch
+    assert aim('copy', None) == 'the aim: ≥ 50%, not measurable'                      # fine-tune ≤ scratch
+    assert aim('ensemble', -0.02) == 'the aim: above it, missed by 0.02 points'
+    assert aim('ensemble', 0.0) == 'the aim: above it, missed by 0.00 points'          # a tie is not above
+    assert aim('ensemble', 0.21) == 'the aim: above it, met'
 
 
 def test_mean_std_formatting():
@@ -180,6 +194,24 @@ def test_first_run_makes_every_stage_and_the_report(first_run):
     assert 'git commit: ' in md and 'machine: ' in md and '--data fake' in md
     png = (d / 'results' / 'results.png').read_bytes()
     assert png.startswith(b'\x89PNG') and len(png) > 10_000
+
+
+def test_the_report_is_rewritten_from_results_json_alone(first_run, tmp_path):
+    """`python reproduce_report.py DIR`: the same report from results.json, with no run directory left; it
+    links VALIDATION.md when one is beside it and says when and how it was re-written."""
+    d, _ = first_run
+    (tmp_path / 'results.json').write_bytes((d / 'results' / 'results.json').read_bytes())
+    (tmp_path / 'VALIDATION.md').write_text('choices\n')
+    p = run_script('reproduce_report.py', tmp_path)
+    assert p.returncode == 0, p.stderr
+    old, new = (d / 'results' / 'RESULTS.md').read_text(), (tmp_path / 'RESULTS.md').read_text()
+    assert 'VALIDATION.md' not in old and new.count('[VALIDATION.md](VALIDATION.md)') == 1
+    strip = lambda md: [line for line in md.splitlines() if 'VALIDATION.md' not in line and line]
+    assert strip(old)[:-1] == strip(new)[:-1]                        # all but the line that says when
+    assert strip(old)[-1].startswith('- written ') and 're-written from its results.json' in strip(new)[-1]
+    assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
+    p = run_script('reproduce_report.py', tmp_path / 'nowhere')
+    assert p.returncode != 0 and 'results.json not found' in p.stderr and not (tmp_path / 'nowhere').exists()
 
 
 def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
