@@ -210,15 +210,20 @@ def keep_logs(runs, root, dest):
                 shutil.copyfile(os.path.join(r['run_dir'], f), os.path.join(out, f))
 
 
+def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
+    """RESULTS.md (linking VALIDATION.md if one is beside it) and results.png in results_dir."""
+    validation = Path(results_dir, 'VALIDATION.md').exists()
+    Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov, validation, rewritten))
+    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
+
+
 def write(results_dir, cfg, s, runs, root, prov):
     """RESULTS.md, results.json, results.png and the stages' logs in results_dir. prov: the command, commit,
     machine, threads a stage, wall time and teacher (a path) of the run."""
     os.makedirs(results_dir, exist_ok=True)
-    validation = Path(results_dir, 'VALIDATION.md').exists()
-    Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov, validation))
+    write_report(results_dir, cfg, s, runs, root, prov)
     record = {**prov, 'config': asdict(cfg), 'summary': s, 'stages': runs, 'paper': PAPER}
     Path(results_dir, 'results.json').write_text(json.dumps(record, indent=2))
-    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
     keep_logs(runs, root, os.path.join(results_dir, 'logs'))
 
 
@@ -229,13 +234,11 @@ def rewrite(results_dir):
     if not path.is_file():
         raise SystemExit(f'error: {path} not found: name a directory that reproduce.py wrote (--results-dir)')
     d = json.loads(path.read_text())
-    cfg, runs = SimpleNamespace(**d['config']), d['stages']
+    runs = d['stages']
     root = next(os.path.dirname(os.path.dirname(r['run_dir'])) for r in runs if r['stage'] != 'mae')
     prov = {k: d[k] for k in ('command', 'git_commit', 'machine', 'stage_threads', 'wall_s') if k in d}
-    validation = Path(results_dir, 'VALIDATION.md').exists()
-    Path(results_dir, 'RESULTS.md').write_text(report(cfg, d['summary'], runs, root, prov, validation,
-                                                      rewritten=git_commit() or 'unknown'))
-    plot(d['summary'], os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
+    write_report(results_dir, SimpleNamespace(**d['config']), d['summary'], runs, root, prov,
+                 rewritten=git_commit() or 'unknown')
     print(f'written: {results_dir}/RESULTS.md, results.png (from results.json)')
 
 

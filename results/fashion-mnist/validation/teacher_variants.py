@@ -24,7 +24,7 @@ def main():
     for name, suffix in TEACHERS.items():
         runs = [f'bf16-{m}{suffix}' for m in ('ft', 'copy', 'distill')] + [SCRATCH.get(suffix, 'bf16-scratch')]
         ft, copy, distill, own = map(final_top1, runs)
-        base = f'scratch {own:.2f}, ' if own != scratch else ''
+        base = f'scratch {own:.2f}, ' if suffix in SCRATCH else ''
         rows.append((f'{name}\n({base}fine-tune {ft:.2f})', closed(copy, ft, own), closed(distill, ft, own)))
         print(f'{name}: fine-tune {ft:.2f}, copy {copy:.2f} ({rows[-1][1]:.1f}%), '
               f'distill {distill:.2f} ({rows[-1][2]:.1f}%)')
