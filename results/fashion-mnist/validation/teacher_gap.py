@@ -32,7 +32,7 @@ def main():
     left, right = fig.subplots(1, 2)
     for schedule, style in ((48, dict(marker='o')), (24, dict(marker='s', linestyle='none', markersize=8))):
         epochs = sorted(e for e, s in TEACHERS if s == schedule)
-        note = 'a 48-epoch MAE run' if schedule == 48 else 'the shipped teacher (24 of 24)'
+        note = 'a 48-epoch MAE run' if schedule == 48 else 'the 4-head teacher shipped before (24 of 24)'
         for i, m in enumerate(METHODS):
             left.plot(epochs, [top1[m, (e, schedule)] for e in epochs], color=f'C{i + 1}', label=f'{m}: {note}',
                       **style)

@@ -9,12 +9,12 @@ from matplotlib.figure import Figure
 
 from teacher_gap import HERE, closed, final_top1
 
-# what differs from the shipped teacher (24 epochs, 75% masked, decoder 2 blocks x 64, norm_pix_loss) -> the
-# suffix of its runs' folders, bf16-{ft,copy,distill}<suffix>
-TEACHERS = {'the shipped teacher': '24', '48 epochs': '48', '50% masked': '-m50', '90% masked': '-m90',
+# what differs from the first shipped teacher (24 epochs, 75% masked, decoder 2 blocks x 64, norm_pix_loss, 4
+# heads) -> the suffix of its runs' folders, bf16-{ft,copy,distill}<suffix>
+TEACHERS = {'4 heads (shipped before)': '24', '48 epochs': '48', '50% masked': '-m50', '90% masked': '-m90',
             'decoder 4 x 64': '-d4', 'decoder 1 x 64': '-d1', 'decoder 2 x 32': '-w32', 'no norm_pix_loss': '-nonorm',
-            'blr 3e-3': '-blr3', 'blr 6e-3': '-blr6', '8 heads, students too': '-h8'}
-# a teacher whose students differ from the shipped one's (8 heads) is measured against their own scratch
+            'blr 3e-3': '-blr3', 'blr 6e-3': '-blr6', '8 heads, students too (shipped)': '-h8'}
+# a teacher whose students differ from the 4-head one's (8 heads) is measured against their own scratch
 SCRATCH = {'-h8': 'bf16-scratch-h8'}
 
 
