@@ -78,12 +78,12 @@ class ReproduceConfig:
 
 # Budgets, chosen on the validation split (results/fashion-mnist/VALIDATION.md), never on test. fashion-mnist:
 #   the shipped 8-head teacher, 3 epochs a stage at blr 4e-3, two stages at a time: what fits the hour on 2
-#   CPU cores (two one-thread stages side by side got through 1.36x the work of one on both cores; 8 heads
-#   cost 20-27% more time a stage than 4, which put 4 epochs past the hour). On validation (3 seeds) these
-#   exact stages closed 40% of the gap by copy and 86% by distillation, and the ensemble beat fine-tuning
-#   on every seed (+0.33); every method did better at blr 4e-3 than at its preset's 2e-3. Timings:
-#   results/fashion-mnist/RESULTS.md. --quick: 200 steps a stage at the scripts' 2e-3 (at 100 steps
-#   distillation had not yet passed scratch; at 200 it had, by 5 points).
+#   CPU cores (two one-thread stages side by side got through 1.36x the work of one on both cores; the 8-head
+#   runs' logs read 20-27% fewer img/s than the 4-head runs', which put 4 epochs past the hour). On
+#   validation (3 seeds) these exact stages closed 40% of the gap by copy and 86% by distillation, and the
+#   ensemble beat fine-tuning on every seed (+0.33); every method did better at blr 4e-3 than at its
+#   preset's 2e-3. Timings: results/fashion-mnist/RESULTS.md. --quick: 200 steps a stage at the scripts'
+#   2e-3 (at 100 steps distillation had not yet passed scratch; at 200 it had, by 5 points).
 # cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
 #   (24 D^2 + 4 N D) x 9 x 65 = 0.55 GFLOP an image forward, x 3 to train: 82 TFLOP an epoch of 50k; the
 #   teacher adds ~35% to copy / distill. 3 seeds x 20 epochs x (1 + 1 + 1.35 + 1.35) = 23 PFLOP, MAE 50
