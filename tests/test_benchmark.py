@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from benchmark import BenchConfig, configure, device_slug
+from tools.benchmark import BenchConfig, configure, device_slug
 from config import ConfigError
 from conftest import run_script
 
@@ -29,7 +29,7 @@ def test_gpu_mode_without_cuda_refuses_in_one_line(tmp_path):
         pytest.skip('this machine has CUDA')
     with pytest.raises(ConfigError, match='fills a GPU'):
         configure(BenchConfig(batch_size=0))
-    p = run_script('benchmark.py', '--device', 'cuda', '--out-dir', tmp_path)
+    p = run_script('-m', 'tools.benchmark', '--device', 'cuda', '--out-dir', tmp_path)
     assert p.returncode != 0 and p.stderr.strip().count('\n') == 0 and 'no CUDA device' in p.stderr
     assert not os.listdir(tmp_path)
 
@@ -46,7 +46,7 @@ def results(out_dir):
 
 @pytest.mark.gpu
 def test_quick_benchmark_on_cuda(tmp_path):
-    p = run_script('benchmark.py', '--quick', 'true', '--out-dir', tmp_path, timeout=600)
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = results(tmp_path)
     assert r['device'] == 'cuda' and set(r['gemm_peak']) == {'fp32', 'bf16'} and r['batches'] == {'vit_tiny': 4}
@@ -60,7 +60,7 @@ def test_quick_benchmark_on_cuda(tmp_path):
 @pytest.mark.gpu
 def test_batch_fills_the_given_share_of_gpu_memory(tmp_path):
     """--fill 0.05: the chosen batch is a multiple of 8 and each case, measured alone at it, stays near 5%."""
-    p = run_script('benchmark.py', '--models', 'vit_tiny', '--depth', '4', '--fill', '0.05', '--methods', 'train',
+    p = run_script('-m', 'tools.benchmark', '--models', 'vit_tiny', '--depth', '4', '--fill', '0.05', '--methods', 'train',
                    'distill', '--rounds', '1', '--steps', '1', '--warmup', '0', '--out-dir', tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = results(tmp_path)

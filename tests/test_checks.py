@@ -10,12 +10,12 @@ import pytest
 
 import attention_copy
 import attention_distill
-import benchmark
+import tools.benchmark as benchmark
 import ensemble
 import evaluate
 import finetune
 import mae_pretrain
-import reproduce
+import tools.reproduce as reproduce
 from conftest import TINY, run_script
 from engine import run_main
 
@@ -172,7 +172,7 @@ def test_every_field_is_checked(script):
 def test_bad_value_from_the_shell(tmp_path, script, args, flag):
     """The same, as a user sees it: exit status 1, one line on stderr, nothing made."""
     base = SCRIPTS[script][2]
-    p = run_script(script,
+    p = run_script(*(['-m', 'tools.benchmark'] if script == 'benchmark.py' else [script]),
                    *[str(tmp_path / a) if a in ('run', 'bench') else a for a in base], *args)
     assert p.returncode == 1, p.stderr[-2000:]
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(f'error: {flag} '), p.stderr

@@ -1,8 +1,10 @@
 """The front page, RECIPES.md, the pages under results/ and teachers/ and the notebook's text: every relative
-Markdown link points at a file or folder of the repository; the README reads as a front page (what it is,
-the figure, Start here, then the results, the reference, the citation and the licence); and its first command
+Markdown link points at a file or folder of the repository; the README's first screen holds the figure, the
+reading order and the commands; every command it names exists and its flags parse; and its first command
 leaves a fresh clone's `git status` clean."""
+import dataclasses
 import glob
+import importlib
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import sys
 
 import pytest
 
+from config import parse_config
 from conftest import ROOT, sub_env
 
 PAGES = ['README.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
@@ -53,50 +56,70 @@ def test_relative_links_exist(page):
     assert not dead, f'{page} links to missing files: {dead}'
 
 # -----------------------------------------------------------------------------
-# The README as a front page
+# The README: its first screen, and every command it names
 
 
-def sections():
-    """[(heading, text up to the next heading of level 1 or 2)] of README.md, code blocks included."""
-    found, fenced = [], False
-    for line in read_page('README.md').splitlines(keepends=True):
-        fenced ^= line.startswith('```')
-        if not fenced and re.match(r'#{1,2} ', line):
-            found.append((line.strip(), ''))
-        elif found:
-            found[-1] = (found[-1][0], found[-1][1] + line)
-    return found
+def code_lines(text):
+    """The command lines of the ```bash blocks of a Markdown text, continuation lines joined, comments cut."""
+    lines = []
+    for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+        for line in block.replace('\\\n', ' ').splitlines():
+            line = line.split(' #')[0].strip()
+            if line and not line.startswith('#'):
+                lines.append(line)
+    return lines
 
 
-def test_readme_is_a_front_page():
-    heads = [h for h, _ in sections()]
-    title, intro = sections()[0]
-    assert title.startswith('# ') and heads[1] == '## Start here' and heads[2].startswith('## Results'), heads
-    # one paragraph: the paper, the authors' code, the figure
-    assert 'arxiv.org/abs/2411.09702' in intro and 'github.com/alexlioralexli/attention-transfer' in intro
-    assert re.search(r'^!\[[^\]]*\]\([^)]+\.png\)', intro, re.M), 'no figure before "Start here"'
-    start = dict(sections())['## Start here']
-    assert '[![Open In Colab]' in start
-    blocks = re.findall(r'```bash\n(.*?)```', start, re.S)
-    assert len(blocks) >= 2 and 'reproduce.py' in blocks[0] and 'pytest' in blocks[0], blocks
-    assert any('--data imagenet' in b for b in blocks[1:]), 'no ImageNet command in "Start here"'
-    # the reference after the results; the speed internals after the usage, their details in their own page
-    assert heads.index('## Every script, every scale') < heads.index('## Speed and memory')
-    assert 'results/benchmark/README.md' in dict(sections())['## Speed and memory']
-    # the supervised teacher's table has a heading of its own, apart from the MAE results
-    supervised = [h for h in heads if 'supervised' in h.lower()]
-    assert supervised and supervised[0] != heads[2]
-    assert '@inproceedings{' in dict(sections())['## Citation']
-    assert '(LICENSE)' in dict(sections())['## License'] and os.path.isfile(os.path.join(ROOT, 'LICENSE'))
+def test_readme_first_screen():
+    """Within its first 40 lines: the figure with a caption, a reading order of files that exist, the commands."""
+    first = '\n'.join(read_page('README.md').splitlines()[:40])
+    figure = re.search(r'^!\[[^\]]+\]\(([^)]+\.png)\)\n\*[^*]+\*', first, re.M)
+    assert figure and os.path.isfile(os.path.join(ROOT, figure[1])), 'no figure with its caption on the first screen'
+    order = re.findall(r'^\d+\. \[`([^`]+)`\]', first, re.M)
+    assert len(order) >= 5, f'no reading order of files on the first screen: {order}'
+    assert all(os.path.isfile(os.path.join(ROOT, f)) for f in order), order
+    assert code_lines(first), 'no commands on the first screen'
+
+
+def script_of(command):
+    """(script path or tools.NAME module, its arguments) of a `python ...` / `torchrun ...` line; None if neither."""
+    for part in command.split('&&'):
+        args = shlex.split(part)
+        if args and args[0] in ('python', 'torchrun'):
+            rest = [a for a in args[1:] if a.endswith('.py')][:1] if args[0] == 'torchrun' else args[1:]
+            if args[:3] == ['python', '-m', 'pytest'] or not rest:
+                continue
+            if rest[0] == '-m':
+                return rest[1], rest[2:]
+            i = args.index(rest[0])
+            return rest[0], args[i + 1:]
+    return None
+
+
+README_COMMANDS = [c for c in map(script_of, code_lines(read_page('README.md'))) if c]
+
+
+def test_readme_names_commands():
+    assert len(README_COMMANDS) >= 10, README_COMMANDS
+
+
+@pytest.mark.parametrize('script, args', README_COMMANDS, ids=[' '.join([s, *a])[:60] for s, a in README_COMMANDS])
+def test_readme_command_exists_and_parses(script, args):
+    """Every script the README runs exists, and its flags parse with that script's config and presets: an
+    unknown flag or a bad value would stop it here, before anything is made or loaded."""
+    module = script[:-3].replace('/', '.') if script.endswith('.py') else script
+    assert os.path.isfile(os.path.join(ROOT, module.replace('.', '/') + '.py')), f'{script}: no such file'
+    mod = importlib.import_module(module)
+    cls = next(v for v in vars(mod).values() if dataclasses.is_dataclass(v) and v.__module__ == mod.__name__
+               and 'Config' in v.__name__ and v.__name__ != 'TransferConfig')
+    parse_config(cls, getattr(mod, 'PRESETS', None), args)
 
 
 def first_command():
-    """The arguments of the README's first reproduce.py command, as a newcomer types it."""
-    block = re.search(r'```bash\n(.*?)```', dict(sections())['## Start here'], re.S)[1]
-    line = block.splitlines()[0].split('#')[0]
-    command = next(c for c in line.split('&&') if 'reproduce.py' in c)
-    args = shlex.split(command)
-    return args[args.index('reproduce.py') + 1:]
+    """The arguments of the README's first command (the quick reproduction), as a newcomer types it."""
+    script, args = README_COMMANDS[0]
+    assert script == 'tools.reproduce', README_COMMANDS[0]
+    return args
 
 
 def test_readme_first_command_leaves_git_status_clean(tmp_path):
@@ -109,9 +132,9 @@ def test_readme_first_command_leaves_git_status_clean(tmp_path):
     clone = tmp_path / 'clone'
     subprocess.run(['git', 'clone', '-q', '--depth', '1', f'file://{ROOT}', str(clone)], check=True)
     tiny = ['--data', 'fake', *args[2:], '--fake-size', '256', '--num-workers', '0', '--max-steps', '2']
-    p = subprocess.run([sys.executable, 'reproduce.py', *tiny], cwd=clone, env=sub_env(), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, f'reproduce.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    p = subprocess.run([sys.executable, '-m', 'tools.reproduce', *tiny], cwd=clone, env=sub_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f'tools.reproduce failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
     assert glob.glob(str(clone / 'runs' / '**' / 'RESULTS.md'), recursive=True), 'no report under runs/'
     status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
     assert status.stdout == '', f'the README\'s first command changed the checkout:\n{status.stdout}'

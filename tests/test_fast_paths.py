@@ -1,4 +1,4 @@
-"""Every fast path computes what the naive path (benchmark.py: the authors' way) computes."""
+"""Every fast path computes what the naive path (tools/naive.py: the authors' way) computes."""
 import json
 import os
 
@@ -8,7 +8,7 @@ import torch
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy,
                                distill_loss_fn)
-from naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
+from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from conftest import run_script
 from teacher import cast_matmul_weights
 from vit import VisionTransformer
@@ -125,7 +125,7 @@ def test_teacher_with_cast_weights_gives_the_same_maps_under_autocast():
 
 
 def test_benchmark_quick_writes_its_files(tmp_path):
-    p = run_script('benchmark.py', '--quick', 'true', '--out-dir', tmp_path, timeout=120)
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.load(open(os.path.join(tmp_path, 'benchmark.json')))
     cases = {(r['method'], r['path']) for r in result['rows']}

@@ -17,7 +17,7 @@ from conftest import run_script
 from engine import build_optimizer, lr_at
 from finetune import PRESETS as FINETUNE, FinetuneConfig, build_model, presets
 from mae_pretrain import PRESETS as MAE, MAEConfig
-from reproduce import PRESETS as REPRODUCE, ReproduceConfig
+from tools.reproduce import PRESETS as REPRODUCE, ReproduceConfig
 from teacher import parse_index
 from vit import create_model
 
@@ -191,7 +191,7 @@ SCRIPTS = {'finetune.py': (FinetuneConfig, FINETUNE, []),
 
 
 def small_preset_tables():
-    """{(script, data): {field: cell}} from the '#### `--data ...`' and '#### `reproduce.py`' tables of
+    """{(script, data): {field: cell}} from the '#### `--data ...`' and '#### `tools/reproduce.py`' tables of
     RECIPES.md; a cell is the value as typed on the command line, a dash where the script has no such field."""
     text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'RECIPES.md')).read()
     out = {}
@@ -199,7 +199,7 @@ def small_preset_tables():
         rows = [[c.strip().strip('`') for c in line.strip().strip('|').split('|')]
                 for line in body.splitlines() if line.startswith('|') and not line.startswith('|---')]
         header, rows = rows[0], rows[1:]
-        if heading == '`reproduce.py`':                      # columns: data sets
+        if heading == '`tools/reproduce.py`':                      # columns: data sets
             keys = [('reproduce.py', h.removeprefix('--data ')) for h in header[1:-1]]
         else:                                                # columns: scripts; the heading names the data sets
             keys = [(h, d) for d in re.findall(r'`--data ([\w-]+)`', heading) for h in header[1:-1]]

@@ -14,8 +14,8 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_e
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from reproduce_report import AIMS, LABELS, against_paper, aim, format_gap, gap_closed, mean_std, plot
+from tools.reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
+from tools.reproduce_report import AIMS, LABELS, against_paper, aim, format_gap, gap_closed, mean_std, plot
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -158,7 +158,7 @@ def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused
 
 
 def reproduce(d):   # two stages at a time
-    p = run_script('reproduce.py', *TINY, '--jobs', '2', '--out-dir', d / 'runs', '--results-dir', d / 'results',
+    p = run_script('-m', 'tools.reproduce', *TINY, '--jobs', '2', '--out-dir', d / 'runs', '--results-dir', d / 'results',
                    timeout=300)
     assert p.returncode == 0, f'reproduce.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
     return p
@@ -202,7 +202,7 @@ def test_the_report_is_rewritten_from_results_json_alone(first_run, tmp_path):
     d, _ = first_run
     (tmp_path / 'results.json').write_bytes((d / 'results' / 'results.json').read_bytes())
     (tmp_path / 'VALIDATION.md').write_text('choices\n')
-    p = run_script('reproduce_report.py', tmp_path)
+    p = run_script('-m', 'tools.reproduce_report', tmp_path)
     assert p.returncode == 0, p.stderr
     old, new = (d / 'results' / 'RESULTS.md').read_text(), (tmp_path / 'RESULTS.md').read_text()
     assert 'VALIDATION.md' not in old and new.count('[VALIDATION.md](VALIDATION.md)') == 1
@@ -210,7 +210,7 @@ def test_the_report_is_rewritten_from_results_json_alone(first_run, tmp_path):
     assert strip(old)[:-1] == strip(new)[:-1]                        # all but the line that says when
     assert strip(old)[-1].startswith('- written ') and 're-written from its results.json' in strip(new)[-1]
     assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
-    p = run_script('reproduce_report.py', tmp_path / 'nowhere')
+    p = run_script('-m', 'tools.reproduce_report', tmp_path / 'nowhere')
     assert p.returncode != 0 and 'results.json not found' in p.stderr and not (tmp_path / 'nowhere').exists()
 
 
@@ -247,7 +247,7 @@ def test_needs_and_threads(monkeypatch):
 def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path):
     fail = tmp_path / 'fail.py'
     fail.write_text("import sys\nprint('error: no such thing')\nsys.exit(1)\n")
-    code = ('import reproduce\nfrom engine import run_main\n'
+    code = ('import tools.reproduce as reproduce\nfrom engine import run_main\n'
             f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\nrun_main(reproduce.main)\n')
     runs = tmp_path / 'runs'
     p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')
@@ -297,7 +297,7 @@ def test_one_learning_rate_for_every_training_stage(tmp_path):
 
 
 def test_every_input_is_checked_before_the_first_stage(tmp_path, monkeypatch):
-    import reproduce
+    import tools.reproduce as reproduce
     base = [*TINY, '--out-dir', tmp_path / 'runs', '--results-dir', tmp_path / 'results']
     msg = run_in_process(monkeypatch, reproduce, *base, '--teacher', tmp_path / 'missing.pt')
     assert msg and str(tmp_path / 'missing.pt') in msg, msg
@@ -328,7 +328,7 @@ def stage_pids(marker):
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
 def test_a_killed_reproduction_stops_its_stage(tmp_path):
     runs = str(tmp_path / 'runs')
-    p = subprocess.Popen([sys.executable, 'reproduce.py', *TINY, '--max-steps', '0', '--mae-epochs', '100',
+    p = subprocess.Popen([sys.executable, '-m', 'tools.reproduce', *TINY, '--max-steps', '0', '--mae-epochs', '100',
                           '--out-dir', runs, '--results-dir', str(tmp_path / 'results')],
                          cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stage = []
@@ -372,7 +372,7 @@ def test_a_stage_dies_with_reproduce_py_even_killed_by_sigkill():
     (before, it trained on as an orphan until its next line of output hit the closed pipe)."""
     parent = subprocess.Popen([sys.executable, '-c', (
         'import os, subprocess, sys, time\n'
-        'from reproduce import die_with\n'
+        'from tools.reproduce import die_with\n'
         'stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], '
         'preexec_fn=die_with(os.getpid()))\n'
         'print(stage.pid, flush=True)\n'

@@ -1,13 +1,13 @@
 """The share of the scratch-to-fine-tune gap that copy and distillation close with each MAE teacher tried:
 pre-training length, mask ratio, the decoder's depth and width, norm_pix_loss, the pre-training lr, the number
 of heads (VALIDATION.md). Every run: seed 0, 3 epochs a stage, blr 4e-3, layers 0-4, 5000 held-out training
-images; read from the runs' own metrics.jsonl beside this file:
-    python results/fashion-mnist/validation/teacher_variants.py   # writes teacher_variants.png beside itself"""
+images; read from the runs' own metrics.jsonl in results/fashion-mnist/validation:
+    python -m tools.teacher_variants   # writes results/fashion-mnist/validation/teacher_variants.png"""
 import os
 
 from matplotlib.figure import Figure
 
-from teacher_gap import HERE, closed, final_top1
+from tools.teacher_gap import RUNS, closed, final_top1
 
 # what differs from the first shipped teacher (24 epochs, 75% masked, decoder 2 blocks x 64, norm_pix_loss, 4
 # heads) -> the suffix of its runs' folders, bf16-{ft,copy,distill}<suffix>
@@ -43,7 +43,7 @@ def main():
            title='Fashion-MNIST, 6 x 64 ViT, 3 epochs a stage, seed 0, validation split')
     ax.grid(axis='x', alpha=0.3)
     ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.06), ncol=4)
-    fig.savefig(os.path.join(HERE, 'teacher_variants.png'), dpi=100)
+    fig.savefig(os.path.join(RUNS, 'teacher_variants.png'), dpi=100)
 
 
 if __name__ == '__main__':

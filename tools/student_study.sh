@@ -2,7 +2,7 @@
 # The study of results/student-study/STUDY.md: which students take which teachers' attention, on Fashion-MNIST's
 # validation split (5000 training images held out from every run, the teachers' training included).
 # Every student: one epoch at blr 4e-3 (reproduce.py's fashion-mnist budget), seed 0. Run from the repository
-# root: bash results/student-study/study.sh  (about 15 min on 2 CPU cores; run directories under runs/study/)
+# root: bash tools/student_study.sh  (about 15 min on 2 CPU cores; run directories under runs/study/)
 set -euo pipefail
 R=runs/study
 MAE=teachers/fashion-mnist-mae.pt

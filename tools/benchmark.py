@@ -1,11 +1,11 @@
 """
 Speed and memory of every method's step on this device: our default path against a naive one.
 
-    python benchmark.py                        # CPU: vit_tiny, vit_small, vit_base at batch 8
-    python benchmark.py --models vit_base --rounds 9
-    python benchmark.py --compile true         # also the default training steps under torch.compile
-    python benchmark.py --quick true           # a tiny model, 2 steps: checks that it all runs
-    python benchmark.py --device cuda --profile train copy distill --out-dir results/benchmark-h100
+    python -m tools.benchmark                        # CPU: vit_tiny, vit_small, vit_base at batch 8
+    python -m tools.benchmark --models vit_base --rounds 9
+    python -m tools.benchmark --compile true         # also the default training steps under torch.compile
+    python -m tools.benchmark --quick true           # a tiny model, 2 steps: checks that it all runs
+    python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
                                                # GPU: vit_base and vit_large, batches that fill it
 
 The cases and paths are benchmark_cases.py's; the report is benchmark_report.py's.
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark_cases import METHODS, TRAINED, Parts, cases
-from benchmark_report import machine, markdown, profile, targets
+from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
+from tools.benchmark_report import machine, markdown, profile, targets
 from config import ConfigError, parse_config
 from engine import amp_dtype, run_main
 from vit import SIZES

@@ -2,19 +2,17 @@
 first 1000 of the 5000 held-out training images (`--val-size 5000`, the evaluation transform), as a fraction
 of the entropy of a map spread evenly over its tokens (VALIDATION.md). Twice: on all the patches, as attention
 transfer shows them, and on 12 of the 49 (and the class token), as MAE pre-training with 75% masked did:
-    python results/fashion-mnist/validation/teacher_entropy.py teachers/fashion-mnist-mae.pt [more teachers]"""
+    python -m tools.teacher_entropy teachers/fashion-mnist-mae.pt [more teachers]"""
 import math
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..'))
-from attention_distill import attention_cross_entropy  # noqa: E402
-from checkpoints import build_from_checkpoint  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from data import build_eval_set  # noqa: E402
-from mae_pretrain import gather_tokens, random_keep  # noqa: E402
+from attention_distill import attention_cross_entropy
+from checkpoints import build_from_checkpoint
+from config import TrainConfig
+from data import build_eval_set
+from mae_pretrain import gather_tokens, random_keep
 
 
 def entropy(logits):

@@ -1,23 +1,23 @@
 """Validation top-1 after three epochs a stage, and the share of the scratch-to-fine-tune gap that copy and
 distillation close, against the teacher's MAE pre-training length (VALIDATION.md), read from the runs' own
-metrics.jsonl beside this file:
-    python results/fashion-mnist/validation/teacher_gap.py   # writes teacher_gap.png beside itself"""
+metrics.jsonl under results/fashion-mnist/validation:
+    python -m tools.teacher_gap   # writes results/fashion-mnist/validation/teacher_gap.png"""
 import json
 import os
-import sys
 
 from matplotlib.figure import Figure
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', '..', '..'))   # the repository root: the report's own gap_closed
-from reproduce_report import gap_closed  # noqa: E402
+from tools.reproduce_report import gap_closed
+
+# the validation runs these figures read, and where the figures go
+RUNS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/fashion-mnist/validation')
 METHODS = ('finetune', 'copy', 'distill')
 # (MAE epochs, epochs in its schedule) -> the runs' folders; every run: seed 0, 3 epochs, blr 4e-3, layers 0-4
 TEACHERS = {(12, 48): 'bf16-{}12of48', (24, 48): 'bf16-{}24of48', (48, 48): 'bf16-{}48', (24, 24): 'bf16-{}24'}
 
 
 def final_top1(run):
-    with open(os.path.join(HERE, run, 'metrics.jsonl')) as f:
+    with open(os.path.join(RUNS, run, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f][-1]['top1']
 
 
@@ -53,7 +53,7 @@ def main():
         legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels())})
     fig.legend(legend.values(), legend.keys(), loc='outside lower center', ncol=3, fontsize=8)
     fig.suptitle('Fashion-MNIST, 6 x 64 ViT, 3 epochs a stage, seed 0, 5000 held-out training images')
-    fig.savefig(os.path.join(HERE, 'teacher_gap.png'), dpi=100)
+    fig.savefig(os.path.join(RUNS, 'teacher_gap.png'), dpi=100)
     for t in TEACHERS:
         print(t, {m: top1[m, t] for m in METHODS},
               {m: round(closed(top1[m, t], top1['finetune', t], scratch), 1) for m in METHODS[1:]})

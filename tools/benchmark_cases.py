@@ -17,7 +17,7 @@ from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from config import TrainConfig
 from engine import amp_dtype, autocast, build_optimizer, soft_cross_entropy
-from naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
+from tools.naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
                    naive_copy_loss, naive_distill_loss, qk_copy_loss, set_drop_path)
 from teacher import cast_matmul_weights
 from vit import VisionTransformer, model_arch

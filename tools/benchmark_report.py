@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from benchmark_cases import PATHS
+from tools.benchmark_cases import PATHS
 from rundir import git_commit
 
 # (name, method, path, over method, over path, target): ratio = img/s of the first / img/s of the second

@@ -1,7 +1,7 @@
 """A control for attention copy: the shipped teacher with every query projection set to zero, so that each of its
 attention maps spreads evenly over all tokens (every logit q . k is 0) whatever the image. Copying these maps
 gives the student fixed, even mixing in the copied layers and nothing of the teacher (VALIDATION.md):
-    python results/fashion-mnist/validation/uniform_teacher.py runs/uniform-teacher.pt
+    python -m tools.uniform_teacher runs/uniform-teacher.pt
     python attention_copy.py --data fashion-mnist --teacher runs/uniform-teacher.pt ..."""
 import sys
 

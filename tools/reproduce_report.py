@@ -2,7 +2,7 @@
 reproduce.py's report: the numbers of its stages over seeds, the table, the figure and RESULTS.md, each
 result against the paper's and against the aims of a miniature (AIMS).
 
-    python reproduce_report.py results/fashion-mnist   # RESULTS.md and results.png again, from results.json
+    python -m tools.reproduce_report results/fashion-mnist   # RESULTS.md and results.png again, from results.json
 """
 import json
 import os
@@ -243,7 +243,7 @@ def rewrite(results_dir):
 
 
 if __name__ == '__main__':
-    # python reproduce_report.py results/fashion-mnist: the report again, from the run's results.json
+    # python -m tools.reproduce_report results/fashion-mnist: the report again, from the run's results.json
     if len(sys.argv) != 2:
-        sys.exit('usage: python reproduce_report.py RESULTS_DIR (a directory reproduce.py wrote, with results.json)')
+        sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR (a directory reproduce.py wrote, with results.json)')
     rewrite(sys.argv[1])

@@ -1,12 +1,12 @@
 """Validation top-1 after one epoch against the teacher's MAE pre-training length (VALIDATION.md):
-    python results/fashion-mnist/validation/teacher_epochs.py   # writes teacher_epochs.png beside itself"""
+    python -m tools.teacher_epochs   # writes results/fashion-mnist/validation/teacher_epochs.png"""
 import json
 import os
 
 from matplotlib.figure import Figure
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-runs = json.load(open(os.path.join(HERE, 'teacher_epochs.json')))
+RUNS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/fashion-mnist/validation')
+runs = json.load(open(os.path.join(RUNS, 'teacher_epochs.json')))
 fig = Figure(figsize=(6, 4), layout='constrained')
 ax = fig.subplots()
 for i, method in enumerate(('finetune', 'copy', 'distill')):
@@ -17,4 +17,4 @@ ax.set(xlabel='teacher: MAE pre-training epochs', ylabel='validation top-1 (%) a
        title='Fashion-MNIST, 6 x 64 ViT, seed 0 (scratch: its best lr, 4e-3)')
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
-fig.savefig(os.path.join(HERE, 'teacher_epochs.png'), dpi=100)
+fig.savefig(os.path.join(RUNS, 'teacher_epochs.png'), dpi=100)

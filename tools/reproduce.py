@@ -1,10 +1,10 @@
 """
 The paper's Table 1 in miniature: every method, several seeds, one command.
 
-    python reproduce.py --data fashion-mnist --quick true  # 1 seed, 200 steps a stage, from the shipped teacher
-    python reproduce.py --data fashion-mnist               # 3 seeds, 3 epochs a stage, from the shipped teacher
-    python reproduce.py --data fashion-mnist --teacher ''  # the same, pre-training its own teacher first
-    python reproduce.py --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
+    python -m tools.reproduce --data fashion-mnist --quick true  # 1 seed, 200 steps a stage, from the shipped teacher
+    python -m tools.reproduce --data fashion-mnist               # 3 seeds, 3 epochs a stage, from the shipped teacher
+    python -m tools.reproduce --data fashion-mnist --teacher ''  # the same, pre-training its own teacher first
+    python -m tools.reproduce --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
 
 Each stage runs a script in a subprocess, its `--data` preset plus a budget: `mae` (the teacher, once for
 all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
@@ -37,7 +37,7 @@ import torch
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
 from engine import run_main
-from reproduce_report import STAGES, records, summarise, table, write
+from tools.reproduce_report import STAGES, records, summarise, table, write
 from rundir import cpu_name, git_commit
 
 # -----------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def parse(argv=None):
 # Stages: one subprocess each, skipped when done, resumed when interrupted
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the scripts
 SCRIPTS = {'mae': 'mae_pretrain.py', 'scratch': 'finetune.py', 'finetune': 'finetune.py',
            'copy': 'attention_copy.py', 'distill': 'attention_distill.py', 'ensemble': 'ensemble.py'}
 
@@ -131,7 +131,7 @@ def stage_command(cfg, stage, seed, root, teacher, resume=False):
         'mae': train + ['--global-pool', 'false'], 'scratch': train, 'finetune': train + ['--init', teacher],
         'copy': train + ['--teacher', teacher], 'distill': train + ['--teacher', teacher],
         'ensemble': ['--models', *models, '--out', os.path.join(d, 'ensemble.json')]}[stage]
-    return [sys.executable, os.path.join(HERE, SCRIPTS[stage]), *map(str, args + extra + ['--resume', 'true'] * resume)]
+    return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args + extra + ['--resume', 'true'] * resume)]
 
 
 def plan_stage(cfg, stage, seed, root, teacher):
