@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
+from config import SMALL_PRESETS
 from engine import fit, log, run_main, soft_cross_entropy, start
-from finetune import PRESETS as SMALL_PRESETS
 from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, load_teacher, student_presets,
                      teacher_mismatch, teacher_outputs, teacher_record)
 
@@ -108,7 +108,7 @@ def main():
     teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
-    student = build_student(cfg, teacher, data[2], layers, no_qk=cfg.transfer == 'attn' and heads is None)
+    student = build_student(cfg, teacher, data.num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
     log(env, cfg, f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
                   f'from {cfg.teacher}')
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))

@@ -22,7 +22,6 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from config import ConfigError
 
 # -----------------------------------------------------------------------------
 # The ops: what a magnitude (0-10) means for each, and how it is applied
@@ -161,7 +160,7 @@ def parse_policy(spec):
     for part in spec.split('-')[1:]:
         found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
         if not found or found[1] not in keys:
-            raise ConfigError(f"--randaug {spec}: cannot read '{part}' (use m, n, p, mstd, mmax, inc, e.g. "
+            raise ValueError(f"--randaug {spec}: cannot read '{part}' (use m, n, p, mstd, mmax, inc, e.g. "
                               f"rand-m9-mstd0.5-inc1)")
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
@@ -179,7 +178,7 @@ def randaugment(spec, fill=(128, 128, 128)):
     found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
     if found:
         return v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
-    raise ConfigError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
+    raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
                       f"(torchvision's RandAugment, magnitude 9 of 31), or '' for none")
 
 

@@ -12,6 +12,7 @@ Every image comes out as 3 channels (grey images are repeated), so one model sha
 import gzip
 import os
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -185,13 +186,19 @@ def batch_mixer(cfg, num_classes):
 # -----------------------------------------------------------------------------
 # Datasets and loaders
 
+class Splits(NamedTuple):
+    train: Dataset
+    eval: Dataset        # the test split, or with --val-size n, n training images held out from training
+    num_classes: int
+
+
 def build_splits(cfg):
-    """(train_set, eval_set, num_classes): the eval set is the test split, or with --val-size n, n
-    training images held out from training (see build_eval_set)."""
+    """Splits(train, eval, num_classes): the eval set is the test split, or with --val-size n, n training
+    images held out from training (see build_eval_set)."""
     train_set, num_classes = build_dataset(cfg, train=True)
     if cfg.val_size:
         train_set = Subset(train_set, held_out_order(cfg, len(train_set))[cfg.val_size:])
-    return train_set, build_eval_set(cfg)[0], num_classes
+    return Splits(train_set, build_eval_set(cfg)[0], num_classes)
 
 
 def build_eval_set(cfg):

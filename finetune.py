@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import load_weights, read_checkpoint, state_dict_of
-from config import ConfigError, TrainConfig, parse_config
+from config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
 from engine import fit, log, run_main, start
 from vit import create_model
 
@@ -45,24 +45,12 @@ class FinetuneConfig(TrainConfig):
 
 
 PRESETS = {
-    # a recipe that trains in minutes on a CPU: 6 blocks of 64 wide (2.7x faster than 128 wide, which
-    # transfer did not need), 8 heads of 8 (every transfer method closed more of the gap than with 4 heads
-    # of 16: results/fashion-mnist/VALIDATION.md), 28x28 with 4x4 patches, average-pooled patch tokens,
-    # flips only (random crops slowed learning too much for 9 epochs)
-    'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4,
-                          global_pool=True, epochs=9, batch_size=128, blr=2e-3, warmup_epochs=1, weight_decay=0.05,
-                          crop_pad=0, num_workers=1, log_every=100),
-    'cifar10': dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256,
-                    warmup_epochs=5, crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1),
-    'cifar100': dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256,
-                     warmup_epochs=5, crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1),
+    **SMALL_PRESETS,
     # the MAE fine-tuning recipe for ViT-L/16 (FINETUNE.md; global batch 1024 = 32 GPUs x 32)
     'imagenet': dict(model='vit_large', img_size=224, patch_size=16, init='mae_vit_large', global_pool=True,
                      epochs=50, warmup_epochs=5, batch_size=32, blr=1e-3, layer_decay=0.75, weight_decay=0.05,
                      drop_path=0.2, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0,
                      smoothing=0.1, num_workers=10, log_every=100),
-    'fake': dict(model='vit_tiny', depth=2, img_size=32, patch_size=8, epochs=1, batch_size=32, num_workers=0,
-                 log_every=5),
 }
 # --scratch true: supervised ViT-L/16 from scratch, the MAE paper's Table 11 (appendix A.2; global batch 4096
 # = 64 GPUs x 64): the paper's 83.0 baseline. Random erasing is not among the regularisers the table
@@ -110,7 +98,7 @@ def build_model(cfg, num_classes):
 def main():
     cfg, env, data = start(FinetuneConfig, presets())
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-    model = build_model(cfg, data[2])
+    model = build_model(cfg, data.num_classes)
     metrics = fit(cfg, env, model, data)
     log(env, cfg, f"final | top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" +
         (f" | EMA top-1 {metrics['ema_top1']:.2f} top-5 {metrics['ema_top5']:.2f}" if 'ema_top1' in metrics else '')

@@ -36,10 +36,9 @@ import torch.nn as nn
 from einops import rearrange
 
 from checkpoints import read_checkpoint, state_dict_of
-from config import ConfigError, TrainConfig, parse_config
+from config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
 from data import INFO
 from engine import all_mean, autocast, fit, log, run_main, start
-from finetune import PRESETS as SMALL_PRESETS
 from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def main():
     metrics = fit(cfg, env, model, data, mae_loss_fn(cfg),
                   evaluate_fn=lambda m, loader, env: evaluate_mse(m, loader, env, cfg.norm_pix_loss))
     if env.main:
-        imgs = torch.stack([data[1][i][0] for i in range(min(6, len(data[1])))]).to(env.device)
+        imgs = torch.stack([data.eval[i][0] for i in range(min(6, len(data.eval)))]).to(env.device)
         save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),
                              cfg.norm_pix_loss)
         if cfg.export:

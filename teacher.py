@@ -126,8 +126,6 @@ def build_student(cfg, teacher, num_classes, layers, no_qk=False):
     (misfit says what may differ). layers: {student layer: teacher layer}, or a list (the same layers in both).
     no_qk: the transferred layers get no query/key projections (a copy student never uses them).
     cfg.student_arch: 'plain' (a plain ViT) or 'teacher' (the teacher's components, e.g. DINOv2's layer scale)."""
-    if cfg.student_arch not in ('plain', 'teacher'):
-        raise ConfigError(f"--student-arch must be plain or teacher, not '{cfg.student_arch}'")
     t, arch = teacher.arch, student_shape(cfg, teacher.arch)
     arch.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
     arch.update(img_size=cfg.img_size, num_classes=num_classes, global_pool=cfg.global_pool,

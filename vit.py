@@ -10,8 +10,10 @@ without renaming. Transfer works by passing tensors (never mode strings):
     y, kept = student(x, keep={0: ('logits',), 1: ('logits',)})   # distillation: own logits out
     y, losses = student(x, keep=..., consume=lambda i, k: loss(k['logits'], ...))  # used, then freed
 
-A layer that is given nothing and asked for nothing runs F.scaled_dot_product_attention on CUDA,
-explicit attention on CPUs, where that measured faster (Attention.fused; benchmark.py).
+Both methods meet the student in `Attention.forward`: its last lines are `out = attn @ v`, where `attn` is
+the layer's own softmax(q k^T / sqrt(d)) or, for attention copy, the teacher's map handed in through
+`inject`; `keep` hands the layer's own logits out, for the distillation loss. A layer that is given nothing
+and asked for nothing computes the same with F.scaled_dot_product_attention on CUDA (SDPA_DEVICES).
 Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
 """
 import inspect
@@ -43,6 +45,12 @@ class PatchEmbed(nn.Module):
         return rearrange(x, 'b d h w -> b (h w) d')        # (B, N, D)
 
 
+# A layer that needs no map (none given, none asked for) runs F.scaled_dot_product_attention on these
+# devices: the same numbers, without storing the (N, N) map. On CPUs the explicit path measured faster at
+# small sizes (results/benchmark); tools/naive.py empties it to time the authors' all-explicit way.
+SDPA_DEVICES = ('cuda',)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that can be given, and can hand out, its internals.
 
@@ -56,9 +64,6 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.own_qk = own_qk
-        # F.scaled_dot_product_attention when no map is needed: True, False, or None = on CUDA only
-        # (on CPUs the explicit path measured faster in bf16 at small sizes; see benchmark.py)
-        self.fused = None
         if own_qk:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         else:
@@ -67,31 +72,31 @@ class Attention(nn.Module):
 
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
         """x: (B, N, D).
-        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)).
+        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)): attention copy.
         q, k, v: (B, h, N, d) tensors to use instead of this layer's own.
         heads: which of the H heads the given tensors cover (h of them); default all (h = H).
-        keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)).
+        keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)): distillation.
         Returns (out (B, N, D), kept dict).
         """
-        own_q, own_k, own_v = self.project(x)
         if not self.own_qk and (attn is None or heads is not None):
             raise ValueError('a layer without q/k projections needs the full attention map')
-        q, k, v = (_put(own, new, heads) for own, new in ((own_q, q), (own_k, k), (own_v, v)))
-        kept = {}
-        if attn is not None and heads is None:
-            out = attn.to(v.dtype) @ v                       # the teacher routes our values
-        elif attn is None and 'logits' not in keep and (x.is_cuda if self.fused is None else self.fused):
-            out = F.scaled_dot_product_attention(q, k, v)    # (B, H, N, d)
-        else:
-            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        q, k, v = self.inputs(x, q, k, v, heads)                       # (B, H, N, d) each
+        kept = {n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep}
+        if attn is None and 'logits' not in keep and x.device.type in SDPA_DEVICES:   # fast path, same result
+            return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), 'b h n d -> b n (h d)')), kept
+        if attn is None or heads is not None:          # the layer's own map (of every head not given one)
+            logits = (q * self.scale) @ k.transpose(-2, -1)              # (B, H, N, N)
             if 'logits' in keep:
                 kept['logits'] = logits
             # in v's dtype: CUDA's autocast would make an fp32 softmax, kept for backward next to its cast
-            p = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)   # copy a subset of heads, if given
-            out = p.to(v.dtype) @ v                          # (B, H, N, d)
-        kept.update({n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep})
-        out = rearrange(out, 'b h n d -> b n (h d)')
-        return self.proj(out), kept
+            attn = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)
+        out = attn.to(v.dtype) @ v          # (B, H, N, d): given the teacher's attn, its map routes our values
+        return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept
+
+    def inputs(self, x, q, k, v, heads):
+        """This layer's (q, k, v), each (B, H, N, d), with the given ones in place of its own."""
+        own_q, own_k, own_v = self.project(x)
+        return (_put(own, new, heads) for own, new in ((own_q, q), (own_k, k), (own_v, v)))
 
     def project(self, x):
         """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
@@ -162,8 +167,10 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = drop_path
 
-    def forward(self, x, keep=(), **given):
-        a, kept = self.attn(self.norm1(x), keep=keep, **given)
+    def forward(self, x, given=None, keep=()):
+        """given: what this layer's attention is handed instead of its own ({'attn': map} for copy); keep: what
+        it hands back ({'logits'} for distillation). Returns (x, kept)."""
+        a, kept = self.attn(self.norm1(x), **(given or {}), keep=keep)
         x = x + drop_path(self.ls1(a), self.drop_path, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
         return x, kept
@@ -228,7 +235,7 @@ class VisionTransformer(nn.Module):
         inject, keep = inject or {}, keep or {}
         x, kept = self.embed(x), {}
         for i, block in enumerate(self.blocks[:depth]):
-            x, kept_i = block(x, keep=keep.get(i, ()), **inject.get(i, {}))
+            x, kept_i = block(x, inject.get(i), keep.get(i, ()))
             if kept_i:
                 kept[i] = consume(i, kept_i) if consume else kept_i
         return x, kept
@@ -263,11 +270,6 @@ class VisionTransformer(nn.Module):
                 yield i, kept[what]
         block = self.blocks[last]     # of the last block, only its norm and projections run
         yield last, block.attn.internal(block.norm1(x), what)
-
-    def set_fused_attention(self, fused):
-        for block in self.blocks:
-            block.attn.fused = fused
-        return self
 
     def layer_id(self, name):
         """0 for the embedding, i + 1 for block i, depth + 1 for the head (layer-wise lr decay)."""

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import engine
+import vit as vit_module
 from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from config import TrainConfig
 from conftest import relative_distance
 from data import build_dataset, build_loader
 from teacher import cast_matmul_weights
+from tools.naive import sdpa_devices
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4, global_pool=True)
@@ -84,8 +86,8 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
         # the fused run may use flash, memory-efficient or cuDNN attention, never the unfused math fallback
         only_fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.CUDNN_ATTENTION]) if fused else contextlib.nullcontext()
-        with only_fused, engine.autocast(env):
-            y = m.set_fused_attention(fused)(x).float()
+        with only_fused, engine.autocast(env), sdpa_devices(('cuda',) if fused else ()):
+            y = m(x).float()
         y.square().sum().backward()
         outs.append(y.detach())
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
@@ -96,14 +98,17 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
 @pytest.mark.parametrize('device, fused', [('cpu', None), ('cpu', True), pytest.param('cuda', None, marks=gpu)],
                          ids=['cpu', 'cpu-fused', 'cuda'])
 def test_layers_needing_no_map_take_sdpa(device, fused, monkeypatch):
-    """By default (Attention.fused = None) SDPA runs on CUDA only, and there only in layers that are
-    given no map and asked for none; fused = True picks those same layers on a CPU."""
+    """By default (vit.SDPA_DEVICES) SDPA runs on CUDA only, and there only in layers that are given no map
+    and asked for none; with the CPU among SDPA_DEVICES, those same layers take it on a CPU."""
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
 
+    if fused:
+        monkeypatch.setattr(vit_module, 'SDPA_DEVICES', ('cpu', 'cuda'))
+
     def vit(seed, **kw):
-        return model(seed, device, **kw).set_fused_attention(fused)
+        return model(seed, device, **kw)
     teacher = vit(0, num_classes=0).requires_grad_(False).eval()
     x, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([0, 1], device=device)
     counted = {}

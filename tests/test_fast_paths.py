@@ -1,4 +1,5 @@
-"""Every fast path computes what the naive path (tools/naive.py: the authors' way) computes."""
+"""Every fast path computes what the plain definition (attention_distill.plain_loss_fn) and the naive path
+(tools/naive.py: the authors' way) compute."""
 import json
 import os
 
@@ -7,7 +8,7 @@ import torch
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy,
-                               distill_loss_fn)
+                               distill_loss_fn, plain_loss_fn)
 from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from conftest import run_script
 from teacher import cast_matmul_weights
@@ -70,6 +71,29 @@ def test_distill_step_equals_the_naive_step():
     assert torch.allclose(losses[0][0], losses[1][0], rtol=1e-6) and losses[0][1] > 0
     g0, g1 = grads(students[0]), grads(students[1])
     assert g0.keys() == g1.keys() and 'blocks.1.attn.qkv.weight' in g0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize('case', [
+    dict(layers=[0, 1]),
+    dict(layers=[0, 2], heads=[1, 3]),                      # some heads of some layers
+    dict(layers={0: 0, 1: 2}, student=dict(depth=2, num_heads=2)),    # a smaller student: mapped layers, heads
+    dict(layers=[1], transfer='q')], ids=['maps', 'heads', 'smaller', 'q'])
+def test_fast_step_equals_the_plain_definition(case):
+    """What the script runs (distill_loss_fn) and the step as the method defines it (plain_loss_fn): the same
+    loss and gradients, fp32."""
+    teacher = model(0, num_classes=0).requires_grad_(False).eval()
+    cfg = DistillConfig(smoothing=0.1, transfer=case.get('transfer', 'attn'))
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
+    students, results = [model(1, **case.get('student', {})) for _ in range(2)], []
+    for student, make in zip(students, (distill_loss_fn, plain_loss_fn)):
+        loss, parts = make(cfg, teacher, case['layers'], case.get('heads'))(student, x, y)
+        loss.backward()
+        results.append((loss, parts['attn'], grads(student)))
+    (l0, a0, g0), (l1, a1, g1) = results
+    assert a0 > 0 and torch.allclose(l0, l1, rtol=1e-6) and torch.allclose(a0, a1, rtol=1e-6)
+    assert g0.keys() == g1.keys()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-7), n
 

@@ -17,10 +17,10 @@ from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from config import TrainConfig
 from engine import amp_dtype, autocast, build_optimizer, soft_cross_entropy
-from tools.naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
-                   naive_copy_loss, naive_distill_loss, qk_copy_loss, set_drop_path)
 from teacher import cast_matmul_weights
-from vit import VisionTransformer, model_arch
+from tools.naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
+                         naive_copy_loss, naive_distill_loss, qk_copy_loss, sdpa_devices, set_drop_path)
+from vit import SDPA_DEVICES, VisionTransformer, model_arch
 
 METHODS = {   # paths between default and naive drop one optimisation each, to show what it is worth
     'train': ('default', 'naive', 'naive-bf16'),           # a plain ViT step: scratch or fine-tuning
@@ -70,7 +70,7 @@ class Parts:
 
     @cached_property
     def teacher(self):            # fp32, explicit attention, as the naive path has it
-        return self.frozen(self.model(num_classes=0)).set_fused_attention(False)
+        return self.frozen(self.model(num_classes=0))
 
     @cached_property
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
@@ -132,8 +132,8 @@ class Parts:
             grad_mode = torch.no_grad if naive else torch.inference_mode
 
             def run():
-                student.eval().set_fused_attention(False if naive else None)
-                with grad_mode(), autocast(env):
+                student.eval()
+                with grad_mode(), autocast(env), sdpa_devices(() if naive else SDPA_DEVICES):
                     forward(x)
             return run
         student = self.copy_student if method == 'copy' and path != 'qk-computed' and not naive else self.student
@@ -157,8 +157,8 @@ class Parts:
         net = torch.compile(student) if path == 'compile' else student
 
         def run():
-            set_drop_path(student.train(), DROP_PATH[method]).set_fused_attention(False if naive else None)
-            with autocast(env):
+            set_drop_path(student.train(), DROP_PATH[method])
+            with autocast(env), sdpa_devices(() if naive else SDPA_DEVICES):
                 loss, _ = loss_fn(net, x, y)
             loss.backward()
             opt.step()

@@ -7,8 +7,11 @@ masks, every layer's maps kept for a loss autograd differentiates, and copy stud
 their own q, k and softmax before the teacher's map replaces it. Also the steps in between, each
 with one optimisation left out.
 """
+import contextlib
+
 import torch
 
+import vit
 from attention_distill import attention_cross_entropy
 from engine import soft_cross_entropy
 from teacher import teacher_outputs
@@ -74,3 +77,14 @@ def set_drop_path(model, rate):
     for i, block in enumerate(model.blocks):   # linear in depth, as VisionTransformer sets it
         block.drop_path = rate * i / max(model.depth - 1, 1)
     return model
+
+
+@contextlib.contextmanager
+def sdpa_devices(devices):
+    """Inside: layers that need no map run F.scaled_dot_product_attention on these device types only (() =
+    explicit attention everywhere, the authors' way; ('cpu', 'cuda') = the fused kernel on a CPU too)."""
+    old, vit.SDPA_DEVICES = vit.SDPA_DEVICES, tuple(devices)
+    try:
+        yield
+    finally:
+        vit.SDPA_DEVICES = old
