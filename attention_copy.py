@@ -111,6 +111,7 @@ def main():
     student = build_student(cfg, teacher, data.num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
     log(env, cfg, f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
                   f'from {cfg.teacher}')
+    log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
     metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads, student.num_heads),

@@ -199,6 +199,7 @@ def main():
     student = build_student(cfg, teacher, data.num_classes, layers)
     log(env, cfg, f'attention distillation: {cfg.transfer} of layers {sorted(layers.values())} '
                   f'(heads {heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
+    log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
     # evaluation runs the student alone, as a plain ViT

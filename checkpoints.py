@@ -5,34 +5,41 @@ Sources: a name from PRETRAINED (downloaded once into the torch hub cache), or a
   - one of this project's checkpoints  {'model': state_dict, 'arch': VisionTransformer kwargs, ...}
   - an MAE checkpoint                  {'model': state_dict}  (pre-trained or fine-tuned)
   - a plain state dict with timm/MAE names, or torchvision's VisionTransformer names
-  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in pretrained.py).
+  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in pretrained.py), CLIP's
+    TorchScript archive included (its tensors only).
+Any other file (empty, truncated, another format, or a pickle carrying Python objects: refused
+without running them) is one CheckpointError line naming it and the fix.
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
 
-After loading, the exact sets of missing and unexpected keys are checked (as MAE does): only the
-classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
-unexpected; anything else is an architecture mismatch and an error.
+At another image size, position embeddings are resized as the family's official code does
+(pretrained.FAMILIES). After loading, the exact sets of missing and unexpected keys are checked (as
+MAE does): only the classifier (head, fc_norm) may be missing, only MAE's decoder and the unused
+final norm may be unexpected; anything else is an architecture mismatch and an error.
 """
 import math
 import os
+import re
 import urllib.parse
+import warnings
+import zipfile
 
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from einops import rearrange
 
-from pretrained import TEACHERS, convert, download
+from pretrained import AS_DEIT, FAMILIES, TEACHERS, convert, family_of
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
-PRETRAINED = {   # name -> (url, num_heads)
-    **{f'mae_vit_{s}': (MAE_URL.format('pretrain', 'pretrain', s), h)
+PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
+    **{f'mae_vit_{s}': (MAE_URL.format('pretrain', 'pretrain', s), h, 'mae')
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'mae_vit_{s}_ft': (MAE_URL.format('finetune', 'finetuned', s), h)    # fine-tuned on IN-1k
+    **{f'mae_vit_{s}_ft': (MAE_URL.format('finetune', 'finetuned', s), h, 'mae')    # fine-tuned on IN-1k
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'torchvision_{n}': (w.DEFAULT.url, h) for n, w, h in (
+    **{f'torchvision_{n}': (w.DEFAULT.url, h, 'torchvision') for n, w, h in (
         ('vit_b_16', tvm.ViT_B_16_Weights, 12), ('vit_b_32', tvm.ViT_B_32_Weights, 12),
         ('vit_l_16', tvm.ViT_L_16_Weights, 16), ('vit_l_32', tvm.ViT_L_32_Weights, 16),
         ('vit_h_14', tvm.ViT_H_14_Weights, 16))},
@@ -45,25 +52,93 @@ class CheckpointError(RuntimeError):
 
 
 def read_checkpoint(source):
-    """Return the raw checkpoint dict of a file path or a PRETRAINED name."""
+    """Return the raw checkpoint dict of a file path or a PRETRAINED name (downloaded once into the torch
+    hub cache, then read as any file is). Every checkpoint the scripts read comes through here."""
     if source in PRETRAINED:   # TEACHERS included
         url = PRETRAINED[source][0]
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
         try:
-            if source in TEACHERS:   # other families' formats (CLIP: TorchScript)
-                return download(source)
-            return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True, check_hash=False)
-        except Exception as e:   # offline, or a damaged download in the cache
-            raise CheckpointError(f"'{source}' could not be downloaded or read ({type(e).__name__}): put the file "
+            if not os.path.isfile(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(url, path)   # through a temporary file: never half a file here
+        except Exception as e:   # offline
+            raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the file "
                                   f"{url} at {path} by hand") from None
+        try:
+            return read_file(path)
+        except CheckpointError as e:   # damaged in the cache, or another file put there
+            raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the file {url} "
+                                  f"there by hand") from None
     if not os.path.isfile(source):
         raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
                               f"{', '.join(PRETRAINED)}")
+    return read_file(source)
+
+
+class UnreadableFile(CheckpointError):
+    """A file that is no checkpoint; `what` says why, the message adds the fix."""
+    def __init__(self, what, fix):
+        super().__init__(f'{what}: {fix}')
+        self.what = what
+
+
+def read_file(path):
+    """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
+    containers only: a pickled object that could run code is refused, not run), or the state dict of a
+    TorchScript archive (OpenAI ships CLIP so). Anything else is one UnreadableFile line naming the file."""
     try:
-        return torch.load(source, map_location='cpu', weights_only=True)
-    except Exception as e:   # not a torch file, truncated, or pickled objects we refuse to run
-        raise CheckpointError(f"'{source}' is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
+            warnings.simplefilter('ignore')
+            if is_torchscript(path):
+                # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
+                # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
+                # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
+                # module only the state dict (its tensors) is kept, none of its methods is run
+                return dict(torch.jit.load(path, map_location='cpu').state_dict())
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        what, fix = unreadable(path, e)
+        raise UnreadableFile(f"'{path}' is not a readable PyTorch checkpoint: {what}", fix) from None
+
+
+def records(path, name='data.pkl'):
+    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rpartition('/')[2] == name for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def is_torchscript(path):
+    """Whether a file is a TorchScript archive: a zip with a constants.pkl record (torch.load's own test)."""
+    return bool(records(path, 'constants.pkl'))
+
+
+LEGACY = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'   # torch.save's format before zip files (torch < 1.6)
+
+
+def unreadable(path, error):
+    """(what is wrong with a file torch refused to read, the fix), never torch's advice to load it with
+    weights_only=False: that would run whatever code a pickle carries."""
+    if isinstance(error, PermissionError):
+        return 'it cannot be opened (permission denied)', 'check its permissions'
+    with open(path, 'rb') as f:
+        head = f.read(len(LEGACY))
+    # the object refused, as the weights-only unpickler (or TorchScript's, which knows no Python object) names it
+    refused = re.search(r"GLOBAL (\S+)|Unknown type name '([^']+)'", str(error))
+    if not head:
+        return 'it is empty (0 bytes; an interrupted copy or download?)', 'copy or download it again'
+    if refused:
+        return (f'it holds a pickled Python object ({refused[1] or refused[2]}), not only tensors, refused without '
+                f'running it (a pickle can run code)', 'save the tensors alone: torch.save(model.state_dict(), path)')
+    if head.startswith(LEGACY) or head.startswith(b'PK') and records(path) in (None, True):   # no zip, or torch's
+        return 'it is truncated or damaged (it does not read to its end)', 'copy or download it again'
+    if head.startswith(b'\x80'):
+        return ('it is a pickle, not a file torch.save wrote; refused unread (a pickle can run code)',
+                'save the tensors with torch.save(model.state_dict(), path)')
+    return ('it is neither a file torch.save wrote nor a TorchScript archive',
+            'give the checkpoint file (.pt, .pth) or a name such as mae_vit_base')
 
 
 def state_dict_of(ckpt):
@@ -162,8 +237,8 @@ def load_weights(model, source, ckpt=None):
     check_arch(model, ckpt, source)
     sd = dict(state_dict_of(ckpt))
     own = model.state_dict()
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid)
+    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
@@ -191,12 +266,31 @@ def build_from_checkpoint(source, ckpt=None, **overrides):
     return load_weights(vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None}), source, ckpt)
 
 
-def resize_pos_embed(pos_embed, grid):
-    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): bicubic interpolation of the patch positions."""
+def family(source, ckpt):
+    """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES).
+    A name says its family; a file, the keys only its family's format has, else its official file name (DeiT's
+    and DINO's files hold timm names only). This project's own files are resized as DeiT's, and so is any other
+    file (its family: None)."""
+    if source in PRETRAINED:
+        name = PRETRAINED[source][2]
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):   # ours: its layer scale is not DINOv2's
+        return "this project's", AS_DEIT
+    else:
+        sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else {}
+        official = {os.path.basename(urllib.parse.urlparse(url).path): f for url, _, f in PRETRAINED.values()}
+        name = family_of(sd) or official.get(os.path.basename(source))
+    return FAMILIES[name] if name else (None, AS_DEIT)
+
+
+def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
+    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token kept, the g x g patch positions interpolated
+    bicubic as `how` says (a family's official code: pretrained.PosEmbedResize), in float32."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.isqrt(patches.shape[1]))
+    old = math.isqrt(patches.shape[1])
     if old == grid:
         return pos_embed
-    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old)
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode='bicubic', align_corners=False)
+    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()                  # (1, D, g, g)
+    to = dict(scale_factor=(grid + how.offset) / old) if how.offset else dict(size=(grid, grid))
+    patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias, **to)
+    assert patches.shape[-2:] == (grid, grid), patches.shape                              # (1, D, grid, grid)
     return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)

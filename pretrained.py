@@ -13,44 +13,83 @@ with its exact missing / unexpected key check. The families and what their archi
     clip_vitb16              language (CLIP)      TorchScript, visual.*       ln_pre, quick_gelu, eps 1e-5
 
 A student built with `--student-arch teacher` gets these components (randomly initialised).
-"""
-import os
 
-import torch
+Off its native image size (DINOv2: 518 px, the others 224 px) a family's official code interpolates its
+position embeddings its own way; FAMILIES records how, and checkpoints.resize_pos_embed does the same once.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PosEmbedResize:
+    """How a family's official code resizes its (1, 1 + g*g, D) position embeddings to another grid of patches:
+    the class token kept, the g x g grid bicubic (align_corners False), either to the new size or, with an
+    offset, by the scale factor (new + offset) / g (DINO's guard against rounding, facebookresearch/dino#8,
+    which the output size rounds down back to new), with or without antialiasing."""
+    offset: float = 0.0
+    antialias: bool = False
+    like: str = "DeiT's and MAE's fine-tuning"    # whose official code this is
+
+    def __str__(self):
+        how = f'by the scale factor (new + {self.offset:g}) / old' if self.offset else 'to the new size'
+        return f"bicubic {how}{', antialiased' if self.antialias else ''}, as {self.like} does"
+
+
+AS_DEIT = PosEmbedResize()   # DeiT main.py and MAE util/pos_embed.py: F.interpolate(size=new, bicubic)
+# family -> (its name, how its official code resizes position embeddings off its native size). DINO and
+# DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
+# the grid of the image size asked for, the same call gives the same numbers.
+FAMILIES = {
+    'mae': ('MAE', AS_DEIT),
+    'deit': ('DeiT', AS_DEIT),
+    'dino': ('DINO', PosEmbedResize(offset=0.1, like='DINO')),             # dino vision_transformer.py
+    # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
+    'dinov2': ('DINOv2', PosEmbedResize(offset=0.1, like='DINOv2')),
+    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(antialias=True, like='DINOv2 with registers')),
+    # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
+    'mocov3': ('MoCo v3', AS_DEIT),
+    'clip': ('CLIP', AS_DEIT),
+    'torchvision': ('torchvision', AS_DEIT),
+}
 
 DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
-TEACHERS = {   # name -> (url, num_heads); heads are 64-dimensional in all of these
-    'deit_small': ('https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', 6),
-    'deit_base': ('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 12),
-    'dino_vits16': ('https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 6),
-    'dino_vitb16': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 12),
-    'mocov3_vitb16': ('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12),
-    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h) for s, h in (('s', 6), ('b', 12), ('l', 16))
-       for tag, reg in (('', ''), ('_reg', '_reg4'))},
+TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in all of these
+    'deit_small': ('https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', 6, 'deit'),
+    'deit_base': ('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 12, 'deit'),
+    'dino_vits16': ('https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
+                    6, 'dino'),
+    'dino_vitb16': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+                    12, 'dino'),
+    'mocov3_vitb16': ('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
+    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, 'dinov2' + tag)
+       for s, h in (('s', 6), ('b', 12), ('l', 16)) for tag, reg in (('', ''), ('_reg', '_reg4'))},
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
-                    '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12),
+                    '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12, 'clip'),
 }
 # CLIP's architecture differs from a plain ViT in more than names; nothing in its tensors says so
 CLIP_COMPONENTS = dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
 
 
-def download(name):
-    """The raw checkpoint of a TEACHERS name, fetched once into the torch hub cache."""
-    url = TEACHERS[name][0]
-    if name.startswith('clip_'):   # OpenAI publishes TorchScript archives, not state dicts
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', url.rsplit('/', 1)[1])
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path)
-        return torch.jit.load(path, map_location='cpu').state_dict()
-    return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True, check_hash=False)
+def family_of(sd):
+    """The family whose official key format a state dict is in, where the keys tell (None: timm names and
+    nothing more, which DeiT, DINO, MAE and this project's files all have)."""
+    if 'visual.conv1.weight' in sd:
+        return 'clip'
+    if any(k.startswith('module.base_encoder.') for k in sd):
+        return 'mocov3'
+    if 'register_tokens' in sd:
+        return 'dinov2_reg'
+    if 'blocks.0.ls1.gamma' in sd:
+        return 'dinov2'
+    return 'torchvision' if 'conv_proj.weight' in sd else None
 
 
 def convert(sd):
     """A state dict of any family above -> (timm/vit.py names, extra VisionTransformer kwargs)."""
-    if 'visual.conv1.weight' in sd:
+    family = family_of(sd)
+    if family == 'clip':
         return from_clip(sd), dict(CLIP_COMPONENTS)
-    if any(k.startswith('module.base_encoder.') for k in sd):
+    if family == 'mocov3':
         sd = from_moco_v3(sd)
     if 'register_tokens' in sd:   # DINOv2 with registers (its mask_token is dropped with MAE's)
         sd = {('reg_token' if k == 'register_tokens' else k): v for k, v in sd.items()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from checkpoints import build_from_checkpoint
+from checkpoints import arch_of, build_from_checkpoint, family, read_checkpoint
 from config import ConfigError, TrainConfig, readable
 from vit import SIZES, model_arch
 
@@ -80,7 +80,9 @@ def load_teacher(cfg, device, dtype=None):
     """The frozen teacher, resized to cfg.img_size; the transferred layers as {student layer: teacher layer}
     (map_layers: the identity when the student is as deep as the teacher); the transferred heads (None: all).
     dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
-    teacher = build_from_checkpoint(cfg.teacher, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
+    ckpt = read_checkpoint(cfg.teacher)
+    teacher = build_from_checkpoint(cfg.teacher, ckpt, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
+    teacher.description = describe_teacher(cfg.teacher, ckpt, teacher)   # the run's log states it
     teacher.requires_grad_(False).eval().to(device)
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
@@ -88,6 +90,19 @@ def load_teacher(cfg, device, dtype=None):
     heads = parse_index(cfg.heads, teacher.num_heads, 'heads')
     layers = map_layers(cfg.layer_map, layers, teacher.depth, student_shape(cfg, teacher.arch)['depth'], cfg.layers)
     return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
+
+
+def describe_teacher(source, ckpt, teacher):
+    """The teacher in one line for the log: its family, its native size, and at another size how its position
+    embeddings were resized (its family's official way: pretrained.FAMILIES)."""
+    name, how = family(source, ckpt)
+    patch, native, size = teacher.arch['patch_size'], arch_of(ckpt, source)['img_size'], teacher.arch['img_size']
+    grids = f'{native // patch}x{native // patch} patches of {patch} px'
+    said = f"teacher {source}{f' ({name})' if name else ''}: native size {native} px ({grids})"
+    if size == native:
+        return f'{said}, run at that size'
+    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized {how}'
+            f"{'' if name else ' (its family is not known from the file)'}")
 
 
 def cast_matmul_weights(model, dtype):

@@ -14,8 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
+from checkpoints import read_checkpoint
 from rundir import git_commit
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
@@ -112,7 +111,7 @@ def plot(s, path, split='test'):
 
 def teacher_made(path):
     """How a shipped teacher was made (mae_pretrain.py --export records it), or None."""
-    return torch.load(path, map_location='cpu', weights_only=True).get('made') if os.path.isfile(path) else None
+    return read_checkpoint(path).get('made') if os.path.isfile(path) else None
 
 
 # What a miniature should show for the paper's effect to count at strength (the fashion-mnist reproduction's
