@@ -4,7 +4,9 @@ Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distribut
     --data cifar10 | cifar100     CIFAR's binary files from --data-dir, downloaded (and checksummed) when missing
     --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
                                   (/usr/share/datasets/fashion-mnist), else downloaded
-    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...
+    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...; classes are
+                                  numbered by ImageNet-1k's list (imagenet) or the train/ folders (folder), in
+                                  every split (image_folder)
     --data fake                   torchvision FakeData: random images, for smoke runs and benchmarks
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.

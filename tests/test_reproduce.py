@@ -296,15 +296,27 @@ def snapshot(*roots):
     return {str(p): p.read_bytes() for r in roots for p in sorted(r.rglob('*')) if p.is_file()}
 
 
-@pytest.fixture
-def moved(first_run, tmp_path):
-    """A copy of the first run's runs and results, at another path: (runs, results)."""
+def copy_of(first_run, tmp_path, moved):
+    """A copy of the first run's runs and results at another path: (runs, results). moved=False: its files
+    name the copy's paths, as if it had been made there."""
     import shutil
     d, _ = first_run
-    runs, results = tmp_path / 'moved' / 'runs', tmp_path / 'moved' / 'results'
+    runs, results = tmp_path / 'copy' / 'runs', tmp_path / 'copy' / 'results'
     shutil.copytree(d / 'runs', runs)
     shutil.copytree(d / 'results', results)
+    for f in [] if moved else [*runs.rglob('*.json'), *results.rglob('*.json')]:
+        f.write_text(f.read_text().replace(str(d / 'runs'), str(runs)).replace(str(d / 'results'), str(results)))
     return runs, results
+
+
+@pytest.fixture
+def moved(first_run, tmp_path):
+    return copy_of(first_run, tmp_path, moved=True)
+
+
+@pytest.fixture
+def made_here(first_run, tmp_path):
+    return copy_of(first_run, tmp_path, moved=False)
 
 
 def reproduce_in_process(monkeypatch, runs, results, *args):
@@ -331,11 +343,11 @@ def test_a_moved_reproduction_carries_on_and_replaces_only_its_own_results(moved
     assert record['teacher_sha256'] == json.loads((runs / 'teacher.json').read_text())['sha256']
 
 
-def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(moved, monkeypatch):
+def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(made_here, monkeypatch):
     """The teacher's file (here the mae stage's checkpoint) replaced after its students were made: the finished
     stages used to be skipped and the table paired them with the new teacher; now refused, nothing changed."""
     import torch
-    runs, results = moved
+    runs, results = made_here
     teacher = runs / 'mae' / 'checkpoint.pt'
     ckpt = torch.load(teacher, weights_only=True)
     ckpt['model']['cls_token'] += 1.0                                   # another teacher, under the same path
@@ -415,10 +427,10 @@ def cut_json(path):   # the file cut short, as by a kill or a full disk
     (lambda r: (os.remove(r / 'distill' / 'seed0' / 'done.json'), cut_json(r / 'distill' / 'seed0' / 'config.json')),
      'distill/seed0/config.json', f"{os.path.join('distill', 'seed0')} to run that stage afresh"),
 ], ids=['done.json', 'metrics.jsonl', 'teacher.json', 'ensemble.json', 'config.json'])
-def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(moved, monkeypatch, damage, named, fix):
+def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(made_here, monkeypatch, damage, named, fix):
     """Before any stage runs, nothing changed. A damaged ensemble.json used to end the ensemble stage with
     ensemble.py's advice to pass --overwrite true, which reproduce.py does not take."""
-    runs, results = moved
+    runs, results = made_here
     damage(runs)
     before = snapshot(runs, results)
     msg = reproduce_in_process(monkeypatch, runs, results)
