@@ -66,8 +66,9 @@ def read_idx(path):
 def damaged_idx(paths, problem):
     """DataError: the files, what is wrong with them, and how to get intact ones."""
     it = 'it' if len(paths) == 1 else 'them'
-    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' \
-        if all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths) else f'delete {it} and run again to download {it} anew'
+    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
+    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
+        f'delete {it} and run again to download {it} anew'
     return DataError(f"{' and '.join(paths)} {problem}: {fix}")
 
 

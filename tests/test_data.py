@@ -81,7 +81,8 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
                                                                            ', labels .10,.'),
     (lambda images, labels: cut(images, 20), True, 'images', 'cannot be read .EOFError'),   # a cut download
     (lambda images, labels: cut(labels, 3), False, 'labels', 'has 9 bytes of data where its header says 12'),
-    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), True, 'labels', 'cannot be read .BadGzipFile'),
+    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), True, 'labels',
+     'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels', 'is not an IDX file'),
     (lambda images, labels: relabel(labels, 200), False, 'labels', 'holds label 200, not a Fashion-MNIST class'),
 ])
@@ -99,8 +100,8 @@ def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit,
     msg = str(e.value)
     named = {'images': [images], 'labels': [labels], 'both': [images, labels]}[culprit]
     assert re.search(match, msg) and '\n' not in msg, msg
-    assert msg.startswith(' and '.join(map(str, named)) + ' ') and f"delete {'it' if len(named) == 1 else 'them'} and run " \
-        f"again to download {'it' if len(named) == 1 else 'them'} anew" in msg, msg
+    it = 'it' if len(named) == 1 else 'them'
+    assert msg.startswith(' and '.join(map(str, named)) + ' ') and f'delete {it} and run again to download {it} anew' in msg
 
 
 def test_image_folder_and_missing_split(tmp_path):
@@ -191,7 +192,8 @@ def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
         os.makedirs(tmp_path / 'val' / w)
         Image.new('RGB', (40, 40), color=(k, 0, 0)).save(tmp_path / 'val' / w / 'x.JPEG')
     val, n = build_dataset(config(data='imagenet', data_dir=str(tmp_path), img_size=32), train=False)
-    assert n == 1000 and {p.split('/')[-2]: y for p, y in val.samples} == {wnids[0]: 0, wnids[500]: 500, wnids[999]: 999}
+    assert n == 1000
+    assert {p.split('/')[-2]: y for p, y in val.samples} == {wnids[0]: 0, wnids[500]: 500, wnids[999]: 999}
     os.makedirs(tmp_path / 'val' / 'cats')
     with pytest.raises(DataError, match='val has folders cats: not ImageNet-1k classes.*use --data folder'):
         build_dataset(config(data='imagenet', data_dir=str(tmp_path), img_size=32), train=False)

@@ -149,11 +149,15 @@ def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused
     with open(os.path.join(d, 'config.json'), 'w') as f:
         json.dump({'argv': cmd[1:-2]}, f)
     assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'partial'
-    # a finished run is skipped only if it was made with the same flags
+    # a finished run is skipped only if it was made with the same flags, and its metrics are there to report
     for command, ok in ((other, False), (cmd, True)):
         with open(os.path.join(d, 'done.json'), 'w') as f:
             json.dump(done_record('distill', command), f)
         if ok:
+            with pytest.raises(ConfigError, match='metrics.jsonl is missing or holds no evaluation'):
+                plan_stage(cfg, 'distill', 0, root, 't.pt')
+            with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+                f.write(json.dumps({'step': 2, 'top1': 50.0}) + '\n')
             assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'done'
         else:
             with pytest.raises(ConfigError, match='holds a run made with'):
@@ -419,10 +423,12 @@ def cut_json(path):   # the file cut short, as by a kill or a full disk
 @pytest.mark.parametrize('damage, named, fix', [
     (lambda r: cut_json(r / 'copy' / 'seed0' / 'done.json'), 'copy/seed0/done.json',
      'delete it and run the same command again: the stage is finished from its checkpoint'),
-    (lambda r: (r / 'scratch' / 'seed0' / 'metrics.jsonl').open('a').write('{"step": 3, "top'), 'scratch/seed0/metrics.jsonl',
+    (lambda r: (r / 'scratch' / 'seed0' / 'metrics.jsonl').open('a').write('{"step": 3, "top'),
+     'scratch/seed0/metrics.jsonl',
      'line 2 is not a JSON record (cut short?): delete that line and run the same command again'),
     (lambda r: cut_json(r / 'teacher.json'), 'teacher.json', 'choose another --out-dir'),
-    (lambda r: (os.remove(r / 'ensemble' / 'seed0' / 'done.json'), cut_json(r / 'ensemble' / 'seed0' / 'ensemble.json')),
+    (lambda r: (os.remove(r / 'ensemble' / 'seed0' / 'done.json'),
+                cut_json(r / 'ensemble' / 'seed0' / 'ensemble.json')),
      'ensemble/seed0/ensemble.json', 'delete it and run the same command again (the ensemble stage makes it anew)'),
     (lambda r: (os.remove(r / 'distill' / 'seed0' / 'done.json'), cut_json(r / 'distill' / 'seed0' / 'config.json')),
      'distill/seed0/config.json', f"{os.path.join('distill', 'seed0')} to run that stage afresh"),

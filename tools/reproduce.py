@@ -147,14 +147,15 @@ def plan_stage(cfg, stage, seed, root, teacher):
     done, config, ckpt = (os.path.join(d, f) for f in ('done.json', 'config.json', 'checkpoint.pt'))
     state = 'done' if os.path.exists(done) else 'partial' if os.path.exists(ckpt) else 'new'
     cmd = stage_command(cfg, stage, seed, root, teacher, resume=state == 'partial')
-    if state == 'done' and stage in STAGES[:4]:   # the metrics the report reads, checked before anything runs
-        records(d)
     old = read_done(d, stage)['command'] if state == 'done' else [None, *read_json(
         config, f'delete {d} to run that stage afresh', {'argv': list})['argv']] if os.path.exists(config) else None
     old, new = (flags(c, stage, seed) if c else None for c in (old, cmd))
     if old is not None and old != new:
         raise ConfigError(f"{d} holds a run made with {', '.join(sorted(old - new))}, not with "
-                          f"{', '.join(sorted(new - old))}: run with the flags that made it, or choose another --out-dir")
+                          f"{', '.join(sorted(new - old))}: run with the flags that made it, or choose another "
+                          f"--out-dir")
+    if state == 'done' and stage in STAGES[:4]:   # the metrics the report reads, checked before anything runs
+        records(d)
     out = os.path.join(d, 'ensemble.json')
     if stage == 'ensemble' and state == 'new' and os.path.exists(out) and not is_result(out):
         raise DamagedFile(f'{out} is not a result of ensemble.py (cut short?): delete it and run the same command '

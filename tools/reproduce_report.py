@@ -25,10 +25,10 @@ STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, 
 def records(d):
     """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last counts)."""
     path = os.path.join(d, 'metrics.jsonl')
-    rs = read_jsonl(path, 'delete that line and run the same command again')
+    rs = read_jsonl(path, 'delete that line and run the same command again') if os.path.isfile(path) else []
     if not rs or not all(isinstance(r.get('step'), int) for r in rs):
-        raise DamagedFile(f'{path} holds no evaluation with its step: delete {d} and run the same command again '
-                          f'to run that stage afresh')
+        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and run the same '
+                          f'command again to run that stage afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
@@ -246,7 +246,8 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
         return
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
     now = asdict(cfg)
-    diff = [f'{flag(k)} {show(old["config"].get(k))} (here {show(now[k])})' for k in SAME if old['config'].get(k) != now[k]]
+    diff = [f"{flag(k)} {show(old['config'].get(k))} (here {show(now[k])})" for k in SAME
+            if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
         diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
     if diff:
