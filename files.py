@@ -56,12 +56,17 @@ def read_jsonl(path, fix):
 
 
 def write_json(path, record):
-    """`record` as indented JSON, to path + '.tmp' and then renamed over path: a reader never sees half a file."""
-    with open(path + '.tmp', 'w') as f:
-        json.dump(record, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
+    """`record` as indented JSON, to path + '.tmp' and then renamed over path: a reader never sees half a file,
+    and a failed write (a full disk) leaves the file as it was, and no .tmp beside it."""
+    try:
+        with open(path + '.tmp', 'w') as f:
+            json.dump(record, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)
+    finally:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
 
 
 def check_out_dir(path, flag):

@@ -246,7 +246,8 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
         return
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
     now = asdict(cfg)
-    diff = [f"{flag(k)} {show(old['config'].get(k))} (here {show(now[k])})" for k in SAME
+    word = lambda v: str(v).lower() if isinstance(v, bool) else show(v)   # as the flag is written
+    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME
             if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
         diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
