@@ -4,14 +4,18 @@ Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distribut
     --data cifar10 | cifar100     CIFAR's binary files from --data-dir, downloaded (and checksummed) when missing
     --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
                                   (/usr/share/datasets/fashion-mnist), else downloaded
-    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...
+    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...; classes are
+                                  numbered by ImageNet-1k's list (imagenet) or the train/ folders (folder), in
+                                  every split (image_folder)
     --data fake                   torchvision FakeData: random images, for smoke runs and benchmarks
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 """
 import gzip
+import math
 import os
 import shutil
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -43,11 +47,30 @@ class DataError(RuntimeError):
 # Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
 
 def read_idx(path):
-    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-        data = f.read()
-    ndim = data[3]
+    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
+    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
+    try:
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
+        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
+    ndim = data[3] if len(data) >= 4 and data[:3] == bytes([0, 0, 8]) else 0
+    if not ndim or len(data) < 4 + 4 * ndim:
+        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
+    if len(data) - 4 - 4 * ndim != math.prod(shape):
+        raise damaged_idx([path], f'has {len(data) - 4 - 4 * ndim} bytes of data where its header says '
+                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def damaged_idx(paths, problem):
+    """DataError: the files, what is wrong with them, and how to get intact ones."""
+    it = 'it' if len(paths) == 1 else 'them'
+    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
+    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
+        f'delete {it} and run again to download {it} anew'
+    return DataError(f"{' and '.join(paths)} {problem}: {fix}")
 
 
 def find_idx(dirs, stem):
@@ -83,7 +106,13 @@ def fashion_mnist(data_dir, train, transform):
                             f"put {stem}-images-idx3-ubyte[.gz] and {stem}-labels-idx1-ubyte[.gz] in "
                             f"--data-dir, or `apt-get install dataset-fashion-mnist`") from None
         return fashion_mnist(data_dir, train, transform)
-    return TensorImages(read_idx(images)[:, None], read_idx(labels), transform)
+    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
+    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
+                                            f'(expected (N, 28, 28) and (N,))')
+    if len(y) and y.max() >= 10:
+        raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
+    return TensorImages(x[:, None], y, transform)
 
 
 # -----------------------------------------------------------------------------
@@ -233,12 +262,68 @@ def build_dataset(cfg, train, transform=None):
                                              random_offset=0 if train else 10 ** 6), 10
     if cfg.data in CIFAR:
         return cifar(root, cfg.data, train, tf), INFO[cfg.data][1]
-    split = os.path.join(root, 'train' if train else 'val')
-    if not os.path.isdir(split):
-        raise DataError(f"no folder {split}: --data {cfg.data} expects --data-dir with train/<class>/*.jpg "
-                        f"and val/<class>/*.jpg")
-    ds = torchvision.datasets.ImageFolder(split, transform=tf, loader=read_image)
-    return ds, len(ds.classes)
+    return image_folder(cfg.data, root, train, tf)
+
+# -----------------------------------------------------------------------------
+# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
+# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
+# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
+
+
+def image_folder(data, root, train, transform):
+    """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
+    (classes/imagenet.txt, the sorted folders of its training split), so that its val/ is read without
+    train/; --data folder: the sorted class folders of <root>/train. A split may lack classes; a folder
+    that is not a class, or that holds no image, is a DataError before any training."""
+    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
+    split, train_dir = os.path.join(root, 'train' if train else 'val'), os.path.join(root, 'train')
+    for d in [split, train_dir] if data == 'folder' else [split]:
+        if not os.path.isdir(d):
+            raise DataError(f'no folder {d}: {expects}')
+    if data == 'imagenet':
+        index = {w: i for i, w in enumerate(read_classes('imagenet'))}
+        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data folder'
+    else:
+        index = {c: i for i, c in enumerate(class_folders(train_dir, expects))}
+        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them there'
+    return ClassFolder(split, index, transform, unknown), len(index)
+
+
+def read_classes(name):
+    """A class list of classes/<name>.txt: position = class index."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classes', name + '.txt')) as f:
+        return f.read().split()
+
+
+def class_folders(directory, expects):
+    """The sorted names of the folders in `directory`; a DataError naming `expects` if it has none."""
+    names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not names:
+        raise DataError(f'{directory} has no folders (one per class): {expects}')
+    return names
+
+
+class ClassFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose class folders take the indices `index` gives (name -> class), where ImageFolder
+    numbers the folders it finds by their sorted position. A folder not in `index` is a DataError saying
+    `unknown` (what they are not, and the fix); so is a class folder without a single image."""
+
+    def __init__(self, root, index, transform, unknown):
+        self.index, self.unknown = index, unknown
+        try:
+            super().__init__(root, transform=transform, loader=read_image)
+        except FileNotFoundError as e:   # make_dataset: 'Found no valid file for the classes b, c. Supported ...'
+            names = str(e).split('for the classes ', 1)[-1].split('. Supported')[0]
+            raise DataError(f'{root}: no image file (.jpg, .png, ...) in the class folder(s) {names}: add their '
+                            f'images, or remove those folders') from None
+
+    def find_classes(self, directory):
+        names = class_folders(directory, self.unknown)
+        strangers = [n for n in names if n not in self.index]
+        if strangers:
+            raise DataError(f"{directory} has folders {', '.join(strangers[:3])}{' ...' * (len(strangers) > 3)}: "
+                            f'{self.unknown}')
+        return names, {n: self.index[n] for n in names}
 
 
 def read_image(path):

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from attention_copy import load_copy_model
-from checkpoints import build_from_checkpoint, read_checkpoint
+from checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from config import AMP, ConfigError, parse_config
 from data import INFO, build_eval_set, build_loader
 from engine import amp_dtype, autocast, run_main
@@ -140,15 +140,45 @@ def load_model(source, teacher=None, new_teacher=False):
     """(classifier in eval mode, its arch). A copy student comes back wrapped with its teacher
     (the recorded one, or `teacher` with the same SHA-256 unless new_teacher)."""
     ckpt = read_checkpoint(source)
-    if isinstance(ckpt, dict) and 'teacher' in ckpt:
-        model = load_copy_model(source, teacher, new_teacher)
-        arch = model.student.arch
-    else:
-        model = build_from_checkpoint(source, ckpt)
-        arch = model.arch
+    try:
+        if isinstance(ckpt, dict) and 'teacher' in ckpt:
+            model = load_copy_student(source, ckpt, teacher, new_teacher)
+            arch = model.student.arch
+        else:
+            model = build_from_checkpoint(source, ckpt)
+            arch = model.arch
+    except CheckpointError as e:   # some say what is wrong but not with which file: with several, say it
+        raise e if source in str(e) else CheckpointError(f'{source}: {e}') from None
     if not arch['num_classes']:
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
     return model.eval(), arch
+
+
+COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
+
+
+def load_copy_student(source, ckpt, teacher, new_teacher):
+    """A copy student with its teacher, its record checked, and run on one blank image: a record that is
+    malformed, or that does not fit the two models, is a CheckpointError now, not part-way through a test set."""
+    rec, fix = ckpt['teacher'], 'the file is damaged: train the copy student again (attention_copy.py)'
+    bad = ['teacher (a dict)'] if not isinstance(rec, dict) else [
+        f'teacher.{k}' for k, kind in COPY_RECORD.items() if k not in rec or not isinstance(rec[k], kind)] + \
+        ['teacher.layers'] * (not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)))
+    bad += ['arch'] * (not isinstance(ckpt.get('arch'), dict))
+    if bad:
+        raise CheckpointError(f"{source} is a copy student whose checkpoint lacks {', '.join(bad)} (missing or of "
+                              f"another kind): {fix}")
+    try:
+        model = load_copy_model(source, teacher, new_teacher).eval()
+        size = model.student.arch['img_size']
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))        # the recorded layers, heads and transfer fit both models
+    except (CheckpointError, ConfigError):
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f'{source} is a copy student whose teacher record does not fit it or its teacher '
+                              f'({type(e).__name__}: {e}): {fix}') from None
+    return model
 
 
 def load_models(sources, teacher=None, new_teacher=False):

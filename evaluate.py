@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import torch
-import torchvision
 
 from config import ConfigError, parse_config
-from data import DataError, build_loader, build_transform
+from data import ClassFolder, DataError, build_loader, build_transform, read_classes
 from engine import amp_dtype, run_main
 from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
 
@@ -60,11 +59,6 @@ class EvaluateConfig:
 # The test sets: which folder is which ImageNet class, and which classes a prediction may take
 
 
-def read_classes(name):
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classes', name + '.txt')) as f:
-        return f.read().split()
-
-
 WNIDS = read_classes('imagenet')                         # class index -> wnid
 INDEX = {w: i for i, w in enumerate(WNIDS)}
 
@@ -84,34 +78,13 @@ SETS = {   # name -> (how its folders are named, folder name -> class index, cla
 }
 
 
-class ClassFolders(torchvision.datasets.ImageFolder):
-    """ImageFolder whose folders map to fixed class indices (`index`: name -> class), where ImageFolder
-    would number them by sorted position (for ImageNet-V2's 0..999 that would put '10' before '9')."""
-
-    def __init__(self, root, index, transform):
-        self.index = index
-        super().__init__(root, transform=transform)
-
-    def find_classes(self, directory):
-        names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-        return names, {n: self.index[n] for n in names}
-
-
 def load_set(name, root, transform):
     """(dataset, allowed classes or None) of one test set; DataError naming the layout if it is not one."""
     layout, index, allowed = SETS[name]
     expected = f"--{name} expects <dir>/<class folder>/<image>, the folders named {layout}"
     if not os.path.isdir(root):
         raise DataError(f'no folder {root}: {expected}')
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    unknown = [f for f in folders if f not in index]
-    if not folders or unknown:
-        found = f"folders {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}" if unknown else 'no folders'
-        raise DataError(f'{root} has {found}: {expected}')
-    try:
-        return ClassFolders(root, index, transform), allowed
-    except FileNotFoundError as e:          # a class folder without a single image
-        raise DataError(f'{root}: {e}; {expected}') from None
+    return ClassFolder(root, index, transform, expected), allowed
 
 # -----------------------------------------------------------------------------
 # Scores

@@ -34,6 +34,29 @@ def test_gpu_mode_without_cuda_refuses_in_one_line(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_default_out_dir_is_ignored_by_git_and_never_the_committed_results(repo_root):
+    """Without --out-dir the benchmark wrote over the committed results/benchmark/; now a git-ignored folder."""
+    import subprocess
+    for flags in (dict(device='cpu'), dict(device='cpu', quick=True)):
+        out = configure(BenchConfig(**flags))[0].out_dir
+        assert out.startswith('runs/'), out
+        ignored = subprocess.run(['git', 'check-ignore', '-q', out], cwd=repo_root)
+        assert ignored.returncode == 0, f'{out} is not ignored by git'
+    assert configure(BenchConfig(device='cpu', out_dir='results/benchmark'))[0].out_dir == 'results/benchmark'
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_timing(tmp_path):
+    (tmp_path / 'file').write_text('mine')
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path / 'file')
+    assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr[-2000:]
+    assert f'--out-dir {tmp_path / "file"} is a file, not a folder: choose another --out-dir' in p.stderr
+    assert 'GEMM peak' not in p.stdout and (tmp_path / 'file').read_text() == 'mine'
+    if os.geteuid() != 0:   # root writes into a read-only folder
+        (tmp_path / 'ro').mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match='cannot be written'):
+            configure(BenchConfig(device='cpu', out_dir=str(tmp_path / 'ro' / 'bench')))
+
+
 def test_gpu_results_are_named_by_device():
     assert [device_slug(n) for n in ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB', 'Tesla T4', 'NVIDIA H200',
                                      'NVIDIA GeForce RTX 4090')] == ['h100', 'a100', 't4', 'h200', 'geforce-rtx-4090']
@@ -73,7 +96,7 @@ def test_batch_fills_the_given_share_of_gpu_memory(tmp_path):
 def test_gpu_report_renders_on_any_machine():
     """The end of a GPU run, checked here: rows as measure() makes them on CUDA give the batch and MFU columns,
     the targets set for an H100 (one met, one not), an out-of-memory case, and where the time goes."""
-    from benchmark_report import markdown, targets
+    from tools.benchmark_report import markdown, targets
 
     def row(method, path, img_s, mfu, peak_mb):
         return {'model': 'vit_large', 'method': method, 'path': path, 'batch': 64, 'img_s': img_s, 'flops': 1e13,

@@ -136,7 +136,7 @@ BAD = [
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
 FREE = {'data_dir', 'resume', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
-        'imagenet_sketch', 'imagenet_r', 'imagenet_a'}
+        'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results'}
 CASES = [(script, field, value) for scripts, field, values in BAD for script in scripts for value in values]
 
 

@@ -3,6 +3,7 @@ samplers."""
 import gzip
 import os
 import pathlib
+import re
 import shutil
 import types
 
@@ -54,6 +55,55 @@ def test_fashion_mnist_from_data_dir(tmp_path):
     assert len(ds) == 7
 
 
+def idx_pair(root, n_images=12, n_labels=12, gz=True):
+    """t10k images (n_images, 28, 28) and labels (n_labels,) in root, in the IDX format; returns their paths."""
+    rng, ext = np.random.default_rng(0), '.gz' if gz else ''
+    paths = [root / f't10k-images-idx3-ubyte{ext}', root / f't10k-labels-idx1-ubyte{ext}']
+    for path, a in zip(paths, (rng.integers(0, 256, (n_images, 28, 28)), rng.integers(0, 10, (n_labels,)))):
+        header = bytes([0, 0, 8, a.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in a.shape)
+        (gzip.open if gz else open)(path, 'wb').write(header + a.astype(np.uint8).tobytes())
+    return paths
+
+
+def cut(path, n):           # the file less its last n bytes
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def relabel(path, label):   # a plain IDX labels file whose first label is `label`
+    data = bytearray(path.read_bytes())
+    data[8] = label
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage, gz, culprit, match', [
+    (lambda images, labels: None, True, None, None),                                   # intact: read
+    (lambda images, labels: idx_pair(images.parent, 12, 10), True, 'both', 'do not pair up: images .12, 28, 28.'
+                                                                           ', labels .10,.'),
+    (lambda images, labels: cut(images, 20), True, 'images', 'cannot be read .EOFError'),   # a cut download
+    (lambda images, labels: cut(labels, 3), False, 'labels', 'has 9 bytes of data where its header says 12'),
+    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), True, 'labels',
+     'cannot be read .BadGzipFile'),
+    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels', 'is not an IDX file'),
+    (lambda images, labels: relabel(labels, 200), False, 'labels', 'holds label 200, not a Fashion-MNIST class'),
+])
+def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit, match):
+    """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file, a label out
+    of range: one line naming the file(s) and the fix; a labels file saying 10 no longer trains on 10 images."""
+    images, labels = idx_pair(tmp_path, gz=gz)
+    damage(images, labels)
+    cfg = config(data='fashion-mnist', img_size=28, data_dir=str(tmp_path))
+    if culprit is None:
+        assert len(build_dataset(cfg, train=False)[0]) == 12
+        return
+    with pytest.raises(DataError) as e:
+        build_dataset(cfg, train=False)
+    msg = str(e.value)
+    named = {'images': [images], 'labels': [labels], 'both': [images, labels]}[culprit]
+    assert re.search(match, msg) and '\n' not in msg, msg
+    it = 'it' if len(named) == 1 else 'them'
+    assert msg.startswith(' and '.join(map(str, named)) + ' ') and f'delete {it} and run again to download {it} anew' in msg
+
+
 def test_image_folder_and_missing_split(tmp_path):
     for split in ('train', 'val'):
         for c in ('cat', 'dog', 'grey'):
@@ -70,6 +120,83 @@ def test_image_folder_and_missing_split(tmp_path):
         build_dataset(config(data='imagenet', data_dir=str(tmp_path / 'nowhere')), train=True)
     with pytest.raises(DataError, match='unknown --data'):
         build_dataset(config(data='mnist'), train=True)
+
+
+COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'd': (255, 255, 0)}
+
+
+def colour_folders(root, splits):
+    """root/<split>/<class>/<k>.png: 3 images a class, each of the class's colour (separable by their mean)."""
+    for split, classes in splits.items():
+        for c in classes:
+            os.makedirs(root / split / c)
+            for k in range(3):
+                Image.new('RGB', (36 + k, 36), color=COLOURS[c]).save(root / split / c / f'{k}.png')
+
+
+def nearest_mean_top1(train, val):
+    """Top-1 (%) on val of the classifier that picks the training class whose mean image is nearest: every
+    image is its class's colour, so it is 100 when val's labels are the training split's numbers."""
+    xs, ys = zip(*(train[i] for i in range(len(train))))
+    x, y = torch.stack(xs).mean((2, 3)), torch.tensor(ys)                        # (N, 3), (N,)
+    means = torch.stack([x[y == k].mean(0) for k in range(int(y.max()) + 1)])    # (C, 3)
+    vx, vy = zip(*(val[i] for i in range(len(val))))
+    pred = torch.cdist(torch.stack(vx).mean((2, 3)), means).argmin(1)            # (M,)
+    return 100 * (pred == torch.tensor(vy)).float().mean().item()
+
+
+def test_val_classes_take_the_training_splits_numbers(tmp_path):
+    """val/ without class b: c is still class 2, not 1 (read on its own, val/ numbered c as b: 50%)."""
+    colour_folders(tmp_path, {'train': 'abc', 'val': 'ac'})
+    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
+    (train, n), (val, n_val) = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    assert nearest_mean_top1(train, val) == 100.0                                 # not 50: c scored as b
+    assert n == n_val == 3 and sorted(set(val.targets)) == [0, 2]
+    complete = tmp_path / 'complete'
+    colour_folders(complete, {'train': 'abc', 'val': 'abc'})
+    cfg = config(data='folder', data_dir=str(complete), img_size=32)
+    assert nearest_mean_top1(build_dataset(cfg, train=True)[0], build_dataset(cfg, train=False)[0]) == 100.0
+
+
+@pytest.mark.parametrize('splits, empty, match', [
+    ({'train': 'abc', 'val': 'abcd'}, None, r'val has folders d: not classes of .*train.*add them there'),
+    ({'train': 'ab', 'val': 'ab'}, 'train/c', r'train: no image file .* class folder\(s\) c: add their images'),
+    ({'train': 'abc', 'val': 'ab'}, 'val/c', r'val: no image file .* folder\(s\) c'),
+    ({'train': '', 'val': 'ab'}, None, r'train has no folders \(one per class\)'),
+])
+def test_folder_that_is_no_class_is_refused_before_training(tmp_path, monkeypatch, splits, empty, match):
+    """An extra val class, an empty class folder, no classes: one line, before the first step (an extra val
+    class used to fail after a whole epoch, at the first evaluation)."""
+    import finetune
+    from conftest import run_in_process
+    colour_folders(tmp_path, splits)
+    os.makedirs(tmp_path / 'train', exist_ok=True)
+    if empty:
+        os.makedirs(tmp_path / empty)
+        (tmp_path / empty / 'notes.txt').write_text('no image')
+    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
+    with pytest.raises(DataError, match=match):
+        build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    msg = run_in_process(monkeypatch, finetune, '--data', 'folder', '--data-dir', tmp_path, '--img-size', '32',
+                         '--patch-size', '8', '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
+                         '--batch-size', '2', '--num-workers', '0', '--out-dir', tmp_path / 'run')
+    assert msg and re.search(match, msg), msg
+    assert not (tmp_path / 'run' / 'metrics.jsonl').exists() and not (tmp_path / 'run' / 'checkpoint.pt').exists()
+
+
+def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
+    """--data imagenet: ImageNet-1k's indices, whatever the split holds, so that val/ is read without train/."""
+    from data import read_classes
+    wnids = read_classes('imagenet')
+    for k, w in ((0, wnids[0]), (1, wnids[500]), (2, wnids[999])):
+        os.makedirs(tmp_path / 'val' / w)
+        Image.new('RGB', (40, 40), color=(k, 0, 0)).save(tmp_path / 'val' / w / 'x.JPEG')
+    val, n = build_dataset(config(data='imagenet', data_dir=str(tmp_path), img_size=32), train=False)
+    assert n == 1000
+    assert {p.split('/')[-2]: y for p, y in val.samples} == {wnids[0]: 0, wnids[500]: 500, wnids[999]: 999}
+    os.makedirs(tmp_path / 'val' / 'cats')
+    with pytest.raises(DataError, match='val has folders cats: not ImageNet-1k classes.*use --data folder'):
+        build_dataset(config(data='imagenet', data_dir=str(tmp_path), img_size=32), train=False)
 
 
 def test_val_size_holds_out_training_images_with_the_eval_transform():

@@ -2,6 +2,7 @@
 and a run over two tiny fine-tuned models and a copy student whose numbers match their own runs'."""
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -186,3 +187,32 @@ def test_copy_student_refuses_another_teacher(runs, tmp_path, monkeypatch):
     assert not torch.allclose(same(x), other(x))
     assert run_in_process(monkeypatch, ensemble, *TINY, '--models', student, '--teacher', moved) is None
     assert run_in_process(monkeypatch, ensemble, *TINY, '--models', student, '--new-teacher', 'true') is None
+
+
+def without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize('damage, says', [
+    (lambda c: {**c, 'teacher': 'teacher.pt'}, 'lacks teacher .a dict.'),
+    (lambda c: {**c, 'teacher': without(c['teacher'], 'source')}, 'lacks teacher.source'),
+    (lambda c: {**c, 'teacher': {**c['teacher'], 'img_size': '32'}}, 'lacks teacher.img_size'),
+    (lambda c: {**c, 'teacher': without(without(c['teacher'], 'layers'), 'layer_map')}, 'lacks teacher.layers'),
+    (lambda c: without(c, 'arch'), 'lacks arch'),
+    (lambda c: {**c, 'teacher': {**c['teacher'], 'transfer': 'qq'}}, "does not fit it or its teacher .KeyError: 'qq'"),
+    (lambda c: {**c, 'teacher': {**c['teacher'], 'layer_map': {0: 7}}}, 'does not fit it or its teacher .IndexError'),
+    (lambda c: {**c, 'model': 3}, 'checkpoint holds no state dict'),
+    (lambda c: without(c, 'teacher'), 'is an attention-copy student: .* runs only with its teacher'),
+], ids=['record-not-dict', 'no-source', 'img-size-str', 'no-layers', 'no-arch', 'transfer', 'layer-out-of-range',
+        'model-not-dict', 'no-record'])
+def test_a_malformed_record_is_one_line_naming_the_file(runs, tmp_path, monkeypatch, damage, says):
+    """A checkpoint that loads (weights only) but holds a malformed record: refused when the models are loaded,
+    naming the file (it used to end in a traceback, some only part-way through the test set)."""
+    ckpt = torch.load(runs / 'copy' / 'checkpoint.pt', weights_only=True)
+    bad = tmp_path / 'bad.pt'
+    torch.save(damage(ckpt), bad)
+    with pytest.raises(CheckpointError, match=says) as e:
+        load_models([str(runs / 'ft0' / 'checkpoint.pt'), str(bad)])
+    assert str(bad) in str(e.value).split(' ')[0], e.value
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', runs / 'ft0' / 'checkpoint.pt', bad)
+    assert msg and str(bad) in msg.split(' ')[1] and re.search(says, msg), msg

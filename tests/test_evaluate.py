@@ -102,7 +102,8 @@ def test_malformed_folders_name_the_layout(tmp_path, name, folders, match):
 
 def test_class_folder_without_images(tmp_path):
     (tmp_path / '3').mkdir()
-    with pytest.raises(DataError, match='expects <dir>/<class folder>/<image>'):
+    make_folders(tmp_path, ['4'])
+    with pytest.raises(DataError, match=r'no image file \(.jpg, .png, ...\) in the class folder\(s\) 3: add their'):
         load_set('imagenet-v2', str(tmp_path), None)
 
 # -----------------------------------------------------------------------------

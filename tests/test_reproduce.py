@@ -126,6 +126,12 @@ def test_stage_commands(tmp_path):
         assert parse_config(cls, {}, ['--val-size', '64', *args]).val_size == 64
 
 
+def done_record(stage, command, seed=0):
+    """A done.json as finish_stage writes it, with what the report reads."""
+    return {'stage': stage, 'seed': seed, 'command': command, 'wall_s': 1.0,
+            'metrics': {'mse' if stage == 'mae' else 'top1': 50.0}}
+
+
 def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused(tmp_path):
     cfg, root = parse(TINY), str(tmp_path)
     d = run_dir(root, 'distill', 0)
@@ -143,11 +149,15 @@ def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused
     with open(os.path.join(d, 'config.json'), 'w') as f:
         json.dump({'argv': cmd[1:-2]}, f)
     assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'partial'
-    # a finished run is skipped only if it was made with the same flags
+    # a finished run is skipped only if it was made with the same flags, and its metrics are there to report
     for command, ok in ((other, False), (cmd, True)):
         with open(os.path.join(d, 'done.json'), 'w') as f:
-            json.dump({'command': command}, f)
+            json.dump(done_record('distill', command), f)
         if ok:
+            with pytest.raises(ConfigError, match='metrics.jsonl is missing or holds no evaluation'):
+                plan_stage(cfg, 'distill', 0, root, 't.pt')
+            with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+                f.write(json.dumps({'step': 2, 'top1': 50.0}) + '\n')
             assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'done'
         else:
             with pytest.raises(ConfigError, match='holds a run made with'):
@@ -279,6 +289,169 @@ def test_interrupted_stage_is_resumed(first_run):
     with open(os.path.join(scratch, 'done.json')) as f:
         done = json.load(f)
     assert done['resumed'] and done['metrics']['step'] == 2 and done['command'][-2:] == ['--resume', 'true']
+
+
+# -----------------------------------------------------------------------------
+# What a reproduction finds on disk: a moved reproduction, a replaced teacher, another one's results, damaged files
+
+
+def snapshot(*roots):
+    """{path: bytes} of every file under roots: what a refused command must leave as it was."""
+    return {str(p): p.read_bytes() for r in roots for p in sorted(r.rglob('*')) if p.is_file()}
+
+
+def copy_of(first_run, tmp_path, moved):
+    """A copy of the first run's runs and results at another path: (runs, results). moved=False: its files
+    name the copy's paths, as if it had been made there."""
+    import shutil
+    d, _ = first_run
+    runs, results = tmp_path / 'copy' / 'runs', tmp_path / 'copy' / 'results'
+    shutil.copytree(d / 'runs', runs)
+    shutil.copytree(d / 'results', results)
+    for f in [] if moved else [*runs.rglob('*.json'), *results.rglob('*.json')]:
+        f.write_text(f.read_text().replace(str(d / 'runs'), str(runs)).replace(str(d / 'results'), str(results)))
+    return runs, results
+
+
+@pytest.fixture
+def moved(first_run, tmp_path):
+    return copy_of(first_run, tmp_path, moved=True)
+
+
+@pytest.fixture
+def made_here(first_run, tmp_path):
+    return copy_of(first_run, tmp_path, moved=False)
+
+
+def reproduce_in_process(monkeypatch, runs, results, *args):
+    """reproduce.py's main() in this process on tiny data (its signal handlers left out): None, or its one line."""
+    import signal
+    import tools.reproduce as reproduce
+    monkeypatch.setattr(signal, 'signal', lambda *a: None)
+    return run_in_process(monkeypatch, reproduce, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', results,
+                          *args)
+
+
+def test_a_moved_reproduction_carries_on_and_replaces_only_its_own_results(moved, monkeypatch, capsys):
+    """Its stages' commands name the old --out-dir: compared relative to their root, they are the same ones
+    (the run used to be refused, naming the old path). The results, the same reproduction's, are replaced
+    whole: a stale log of another seed is not left beside the new ones."""
+    runs, results = moved
+    stale = results / 'logs' / 'scratch' / 'seed7'
+    stale.mkdir()
+    (stale / 'log.txt').write_text('another run')
+    assert reproduce_in_process(monkeypatch, runs, results) is None
+    assert capsys.readouterr().out.count('done, skipped') == 6
+    record = json.loads((results / 'results.json').read_text())
+    assert all(r['run_dir'].startswith(str(runs)) for r in record['stages']) and not stale.exists()
+    assert record['teacher_sha256'] == json.loads((runs / 'teacher.json').read_text())['sha256']
+
+
+def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(made_here, monkeypatch):
+    """The teacher's file (here the mae stage's checkpoint) replaced after its students were made: the finished
+    stages used to be skipped and the table paired them with the new teacher; now refused, nothing changed."""
+    import torch
+    runs, results = made_here
+    teacher = runs / 'mae' / 'checkpoint.pt'
+    ckpt = torch.load(teacher, weights_only=True)
+    ckpt['model']['cls_token'] += 1.0                                   # another teacher, under the same path
+    torch.save(ckpt, teacher)
+    before = snapshot(runs, results)
+    msg = reproduce_in_process(monkeypatch, runs, results)
+    assert msg and f'{teacher} is not the teacher the stages in {runs} were made from' in msg, msg
+    assert 'put that file back, or choose another --out-dir' in msg and snapshot(runs, results) == before
+    os.remove(runs / 'teacher.json')                                    # stages with no record of their teacher
+    msg = reproduce_in_process(monkeypatch, runs, results)
+    assert msg and 'holds stages made from a teacher it has no record of' in msg, msg
+
+
+def test_another_reproductions_results_are_refused_before_any_stage(tmp_path):
+    """--results-dir holding the committed Fashion-MNIST results, --data fake: refused in one line (they used
+    to be replaced by fake-data numbers); with --replace-results true they would be replaced."""
+    res = tmp_path / 'results'
+    res.mkdir()
+    for f in ('results.json', 'RESULTS.md'):
+        (res / f).write_bytes(open(os.path.join(ROOT, 'results', 'fashion-mnist', f), 'rb').read())
+    before = snapshot(res)
+    p = run_script('-m', 'tools.reproduce', *TINY, '--out-dir', tmp_path / 'runs', '--results-dir', res)
+    assert p.returncode == 1 and p.stderr.count('\n') == 1, p.stderr[-2000:]
+    assert "holds another reproduction's results, made with --data fashion-mnist (here fake)" in p.stderr
+    assert 'pass --replace-results true to replace them' in p.stderr
+    assert snapshot(res) == before and sorted(os.listdir(tmp_path)) == ['results']
+
+
+def test_what_the_results_dir_holds(tmp_path):
+    from tools.reproduce_report import check_results_dir
+    cfg, res = parse([*TINY, '--results-dir', str(tmp_path / 'res')]), tmp_path / 'res'
+    check_results_dir(str(res), cfg)                                    # not there yet: made at the end
+    res.mkdir()
+    (res / 'RESULTS.md').write_text('# whose?')
+    with pytest.raises(ConfigError, match='holds RESULTS.md but no results.json saying what made them'):
+        check_results_dir(str(res), cfg)
+    (res / 'results.json').write_text(json.dumps({'config': vars(cfg), 'teacher_sha256': 'a' * 64}))
+    check_results_dir(str(res), cfg, 'a' * 64)                          # the same reproduction
+    with pytest.raises(ConfigError, match=r'made with a teacher with sha256 a{16}\.\.\. \(here b{16}'):
+        check_results_dir(str(res), cfg, 'b' * 64)
+    with pytest.raises(ConfigError, match=r'made with --epochs 1 \(here 2\)'):
+        check_results_dir(str(res), parse([*TINY, '--epochs', '2']))
+    check_results_dir(str(res), parse([*TINY, '--epochs', '2', '--replace-results', 'true']))
+    (res / 'results.json').write_text('{"config": {"da')                # cut short
+    with pytest.raises(ConfigError, match=r'results.json is not JSON, cut short .*git checkout -- .*replace-results'):
+        check_results_dir(str(res), cfg)
+    with pytest.raises(ConfigError, match='is a file, not a folder: choose another --results-dir'):
+        check_results_dir(str(res / 'RESULTS.md'), cfg)
+    with pytest.raises(ConfigError, match='is a file, so no folder can be made there'):
+        check_results_dir(str(res / 'RESULTS.md' / 'sub'), cfg)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into a read-only folder')
+def test_a_read_only_results_dir_is_refused_before_any_stage(tmp_path):
+    from tools.reproduce_report import check_results_dir
+    (tmp_path / 'ro').mkdir()
+    os.chmod(tmp_path / 'ro', 0o555)
+    try:
+        with pytest.raises(ConfigError, match='cannot be written'):
+            check_results_dir(str(tmp_path / 'ro' / 'results'), parse(TINY))
+    finally:
+        os.chmod(tmp_path / 'ro', 0o755)
+
+
+def cut_json(path):   # the file cut short, as by a kill or a full disk
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize('damage, named, fix', [
+    (lambda r: cut_json(r / 'copy' / 'seed0' / 'done.json'), 'copy/seed0/done.json',
+     'delete it and run the same command again: the stage is finished from its checkpoint'),
+    (lambda r: (r / 'scratch' / 'seed0' / 'metrics.jsonl').open('a').write('{"step": 3, "top'),
+     'scratch/seed0/metrics.jsonl',
+     'line 2 is not a JSON record (cut short?): delete that line and run the same command again'),
+    (lambda r: cut_json(r / 'teacher.json'), 'teacher.json', 'choose another --out-dir'),
+    (lambda r: (os.remove(r / 'ensemble' / 'seed0' / 'done.json'),
+                cut_json(r / 'ensemble' / 'seed0' / 'ensemble.json')),
+     'ensemble/seed0/ensemble.json', 'delete it and run the same command again (the ensemble stage makes it anew)'),
+    (lambda r: (os.remove(r / 'distill' / 'seed0' / 'done.json'), cut_json(r / 'distill' / 'seed0' / 'config.json')),
+     'distill/seed0/config.json', f"{os.path.join('distill', 'seed0')} to run that stage afresh"),
+], ids=['done.json', 'metrics.jsonl', 'teacher.json', 'ensemble.json', 'config.json'])
+def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(made_here, monkeypatch, damage, named, fix):
+    """Before any stage runs, nothing changed. A damaged ensemble.json used to end the ensemble stage with
+    ensemble.py's advice to pass --overwrite true, which reproduce.py does not take."""
+    runs, results = made_here
+    damage(runs)
+    before = snapshot(runs, results)
+    msg = reproduce_in_process(monkeypatch, runs, results)
+    assert msg and str(runs / named) in msg and fix in msg and '--overwrite' not in msg, msg
+    assert snapshot(runs, results) == before
+
+
+def test_the_report_from_a_damaged_results_json_is_one_line(first_run, tmp_path):
+    d, _ = first_run
+    good = json.loads((d / 'results' / 'results.json').read_text())
+    for text in ('{"config": {"data": "fa', json.dumps({**good, 'stages': [{'stage': 'copy'}]})):
+        (tmp_path / 'results.json').write_text(text)
+        p = run_script('-m', 'tools.reproduce_report', tmp_path)
+        assert p.returncode == 1 and p.stderr.count('\n') == 1 and str(tmp_path / 'results.json') in p.stderr, p.stderr
+        assert 'git checkout -- ' in p.stderr and sorted(os.listdir(tmp_path)) == ['results.json'], p.stderr
 
 
 def test_one_learning_rate_for_every_training_stage(tmp_path):

@@ -17,7 +17,9 @@ Memory: peak RSS of a fresh process that builds one case and runs two steps (CPU
 --memory-batch-size), or the max_memory_allocated of that case built alone in this process (GPU).
 On a GPU, --batch-size 0 (its default) picks per model the largest multiple of 8 at which every case
 fits in --fill of the memory, all the model's cases resident. Writes <out-dir>/benchmark.json and
-BENCHMARK.md (machine, torch, commit), and with --profile a torch.profiler table per method.
+BENCHMARK.md (machine, torch, commit), and with --profile a torch.profiler table per method: by default in
+runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed results/ folders
+are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
 import json
@@ -37,6 +39,7 @@ from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
 from tools.benchmark_report import machine, markdown, profile, targets
 from config import ConfigError, parse_config
 from engine import amp_dtype, run_main
+from files import check_out_dir
 from vit import SIZES
 
 
@@ -60,7 +63,7 @@ class BenchConfig:
     threads: int = 0                # torch threads; 0 = torch's default
     gemm_size: int = 4096           # square matmul that measures the GEMM peak
     quick: bool = False             # tiny model, 2 steps, no warm-up: checks that everything runs
-    out_dir: str = 'results/benchmark'   # GPU: results/benchmark-<device>, e.g. results/benchmark-h100
+    out_dir: str = 'runs/benchmark'      # GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name it)
 
     def checks(self):   # what depends on the device (--device, --batch-size 0, the lists): configure
         return [('batch_size', self.batch_size >= 0, 'must be 0 (fill a GPU) or more'),
@@ -78,7 +81,7 @@ class BenchConfig:
 
 # each replaces what you left at its default: --quick first, then on a GPU
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
-             rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='results/benchmark-quick')
+             rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
 HALF = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # names of the autocast dtypes
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
 
@@ -97,7 +100,7 @@ def configure(cfg):
             cfg = BenchConfig(**{k: changes[k] if k in changes and v == default[k] else v
                                  for k, v in asdict(cfg).items()})
     if device.type == 'cuda' and cfg.out_dir == default['out_dir']:
-        cfg.out_dir = f'results/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
+        cfg.out_dir = f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
     if not set(cfg.methods) <= set(METHODS):
         raise ConfigError(f"--methods {' '.join(cfg.methods)}: choose from {' '.join(METHODS)}")
     if not set(cfg.profile) <= set(TRAINED):
@@ -106,6 +109,7 @@ def configure(cfg):
         raise ConfigError(f"--models {' '.join(cfg.models)}: choose from {' '.join(SIZES)}")
     if cfg.batch_size < 0 or cfg.batch_size == 0 and device.type != 'cuda':
         raise ConfigError(f'--batch-size {cfg.batch_size}: give a positive batch (0 fills a GPU, on a GPU only)')
+    check_out_dir(cfg.out_dir, '--out-dir')   # a file or a read-only folder: refused now, not after the timings
     return cfg, device
 
 

@@ -12,13 +12,15 @@ all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <t
 `--jobs N` runs N stages side by side, each on 1/N of the CPU threads (the fashion-mnist preset: 2; on 2
 cores, two one-thread stages got through 1.36x the work of one stage on both: VALIDATION.md). A stage whose
 directory holds done.json (written when its script exits cleanly) is skipped, one with only a checkpoint
-resumed (--resume true): interrupted, the same command continues. Every stage's inputs are checked before
-the first one runs; killing reproduce.py stops its running stages. Report (reproduce_report.py): RESULTS.md,
-results.json, results.png and the stages' logs in <out_dir>/results, or in --results-dir (results/<data>
-refreshes the committed ones). A run's number is its final epoch's test top-1, never its best.
+resumed (--resume true): interrupted, the same command continues. <out_dir>/teacher.json records the
+teacher's SHA-256 before the first stage that uses it: a teacher file replaced since is refused, never paired
+with stages of the old one. Every stage's inputs are checked before the first one runs; killing reproduce.py
+stops its running stages. Report (reproduce_report.py): RESULTS.md, results.json, results.png and the stages'
+logs in <out_dir>/results, or in --results-dir (results/<data> refreshes the committed ones; results of another
+reproduction there are refused unless --replace-results true). A run's number is its final epoch's test
+top-1, never its best.
 """
 import ctypes
-import json
 import os
 import platform
 import queue
@@ -30,15 +32,17 @@ import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
 from engine import run_main
-from tools.reproduce_report import STAGES, records, summarise, table, write
+from ensemble import is_result
+from files import DamagedFile, read_json, write_json
 from rundir import cpu_name, git_commit
+from teacher import sha256_of
+from tools.reproduce_report import STAGES, check_results_dir, records, summarise, table, write
 
 # -----------------------------------------------------------------------------
 # Config
@@ -57,6 +61,8 @@ class ReproduceConfig:
     out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick][-val]
     results_dir: str = ''           # RESULTS.md, results.json, results.png, logs/; empty = <out_dir>/results.
                                     # The committed ones are refreshed only when named: results/<data>[-quick]
+    replace_results: bool = False   # --results-dir may hold another reproduction's results (other data, preset
+                                    # or teacher): replace them; without it they are refused, never mixed
     mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
     epochs: int = 2                 # each of scratch, finetune, copy, distill
     blr: float = 0.0                # base lr of scratch, finetune, copy and distill; 0 = each script's preset
@@ -135,19 +141,86 @@ def stage_command(cfg, stage, seed, root, teacher, resume=False):
 
 
 def plan_stage(cfg, stage, seed, root, teacher):
-    """('done' | 'partial' | 'new', command). Never mixes in a run that was made with other flags."""
-    def flags(cmd):   # {'--flag value'} after the interpreter and the script; --resume is not a difference
-        return {f'{a} {b}' for a, b in zip(cmd[2:], cmd[3:]) if a.startswith('--') and a != '--resume'}
+    """('done' | 'partial' | 'new', command). Never mixes in a run that was made with other flags (paths
+    under the reproduction's root compare relative to it: a reproduction moved elsewhere carries on)."""
     d = run_dir(root, stage, seed)
     done, config, ckpt = (os.path.join(d, f) for f in ('done.json', 'config.json', 'checkpoint.pt'))
     state = 'done' if os.path.exists(done) else 'partial' if os.path.exists(ckpt) else 'new'
     cmd = stage_command(cfg, stage, seed, root, teacher, resume=state == 'partial')
-    old = flags(json.loads(Path(done).read_text())['command']) if state == 'done' else \
-        flags([None, *json.loads(Path(config).read_text())['argv']]) if os.path.exists(config) else None
-    if old is not None and old != flags(cmd):
-        raise ConfigError(f"{d} holds a run made with {', '.join(sorted(old - flags(cmd)))}, not with "
-                          f"{', '.join(sorted(flags(cmd) - old))}: repeat its command, or choose another --out-dir")
+    old = read_done(d, stage)['command'] if state == 'done' else [None, *read_json(
+        config, f'delete {d} to run that stage afresh', {'argv': list})['argv']] if os.path.exists(config) else None
+    old, new = (flags(c, stage, seed) if c else None for c in (old, cmd))
+    if old is not None and old != new:
+        raise ConfigError(f"{d} holds a run made with {', '.join(sorted(old - new))}, not with "
+                          f"{', '.join(sorted(new - old))}: run with the flags that made it, or choose another "
+                          f"--out-dir")
+    if state == 'done' and stage in STAGES[:4]:   # the metrics the report reads, checked before anything runs
+        records(d)
+    out = os.path.join(d, 'ensemble.json')
+    if stage == 'ensemble' and state == 'new' and os.path.exists(out) and not is_result(out):
+        raise DamagedFile(f'{out} is not a result of ensemble.py (cut short?): delete it and run the same command '
+                          f'again (the ensemble stage makes it anew)')
     return state, cmd
+
+
+def flags(cmd, stage, seed):
+    """{'--flag value'} of a stage's command after the interpreter and the script, --resume left out (it is no
+    difference), and the root the command was made under, wherever that was, written as <root>/."""
+    args = [str(a) for a in cmd[2:]]
+    given = dict(zip(args, args[1:]))
+    d = os.path.dirname(given.get('--out', '')) if stage == 'ensemble' else given.get('--out-dir', '')
+    tail = run_dir('', stage, seed)                                   # e.g. copy/seed0
+    root = d[:-len(tail)] if d.endswith(os.sep + tail) else None     # with its separator: runs/reproduce/fake/
+    return {f"{a} {'<root>/' + b[len(root):] if root and b.startswith(root) else b}"
+            for a, b in zip(args, args[1:]) if a.startswith('--') and a != '--resume'}
+
+
+def read_done(d, stage):
+    """A finished stage's done.json, with what the report reads from it."""
+    fix = 'delete it and run the same command again: ' + ('the stage runs again' if stage == 'ensemble' else
+                                                          'the stage is finished from its checkpoint')
+    path = os.path.join(d, 'done.json')
+    done = read_json(path, fix, {'stage': str, 'seed': int, 'command': list, 'wall_s': (int, float), 'metrics': dict})
+    if not isinstance(done['metrics'].get('mse' if stage == 'mae' else 'top1'), (int, float)):
+        raise DamagedFile(f"{path} has no final {'mse' if stage == 'mae' else 'top1'} in its metrics: {fix}")
+    return done
+
+# -----------------------------------------------------------------------------
+# The teacher, by content: every stage under a root comes from the one file <root>/teacher.json records (its
+# SHA-256), written before the first stage that uses it starts. Its path alone is no proof: the file under it
+# may have been replaced, and the table would pair a student of the old teacher with a fine-tune of the new.
+
+USES_TEACHER = ('finetune', 'copy', 'distill', 'ensemble')
+
+
+def check_teacher(root, teacher, digest, stages):
+    """Refuse, before any stage runs, a teacher whose contents (digest: its SHA-256; None while stage mae is
+    still to make it, or for a name such as mae_vit_base) are not those the stages under root were made from,
+    or stages made from a teacher of which root has no record."""
+    path = os.path.join(root, 'teacher.json')
+    if os.path.exists(path):
+        recorded = read_json(path, 'choose another --out-dir (its stages cannot be matched to a teacher without it)',
+                             {'sha256': str})['sha256']
+        if digest is not None and digest != recorded:
+            raise ConfigError(f'{teacher} is not the teacher the stages in {root} were made from: its sha256 is '
+                              f'{digest[:16]}..., theirs {recorded[:16]}...; put that file back, or choose another '
+                              f'--out-dir to run every stage from this one')
+    elif any(os.path.exists(os.path.join(run_dir(root, s, k), f)) for s, k in stages if s in USES_TEACHER
+             for f in ('done.json', 'checkpoint.pt')):
+        raise ConfigError(f'{root} holds stages made from a teacher it has no record of ({path} is missing), '
+                          f'which {teacher} may not be: choose another --out-dir')
+
+
+def record_teacher(root, teacher):
+    """The teacher's SHA-256, recorded in <root>/teacher.json the first time (None for a name)."""
+    path = os.path.join(root, 'teacher.json')
+    if os.path.exists(path):
+        return read_json(path, 'choose another --out-dir', {'sha256': str})['sha256']
+    digest = sha256_of(teacher)
+    if digest is not None:
+        os.makedirs(root, exist_ok=True)
+        write_json(path, {'teacher': teacher, 'sha256': digest})
+    return digest
 
 
 def die_with(parent):
@@ -210,12 +283,14 @@ def finish_stage(stage, seed, running, machine):
     """done.json for a stage whose script exited cleanly: the final metrics (the last evaluation, or the
     ensemble's numbers), when it started and its wall time."""
     d, cmd = running['dir'], running['cmd']
-    r = json.loads(Path(d, 'ensemble.json').read_text()) if stage == 'ensemble' else None
+    r = read_json(os.path.join(d, 'ensemble.json'), 'run the same command again (the ensemble stage makes it anew)',
+                  {'ensemble': dict, 'disagreement': list, 'models': list}) if stage == 'ensemble' else None
     metrics = {**r['ensemble'], 'disagreement': r['disagreement'][0]['rate'], 'models': r['models']} if r \
         else records(d)[-1]
     done = {'stage': stage, 'seed': seed, 'command': cmd, 'resumed': running['resumed'], 'started': running['t0'],
-            'wall_s': time.time() - running['t0'], 'machine': machine, 'metrics': metrics}
-    Path(d, 'done.json').write_text(json.dumps(done, indent=2))
+            'wall_s': time.time() - running['t0'], 'machine': machine, 'metrics': metrics,
+            'teacher_sha256': running.get('teacher_sha256')}
+    write_json(os.path.join(d, 'done.json'), done)
     return {**done, 'run_dir': d}
 
 
@@ -243,9 +318,10 @@ def run_stages(cfg, stages, root, teacher, machine):
             if state == 'done':
                 d = run_dir(root, *key)
                 print(f'== {tag(*key)}: done, skipped ({d})', flush=True)
-                runs[key] = {**json.loads(Path(d, 'done.json').read_text()), 'run_dir': d, 'skipped': True}
-            else:
-                running[key] = start_stage(cfg, *key, root, state, cmd, finished)
+                runs[key] = {**read_done(d, key[0]), 'run_dir': d, 'skipped': True}
+            else:   # the teacher is recorded by content before the first stage that uses it starts
+                digest = record_teacher(root, teacher) if key[0] in USES_TEACHER else None
+                running[key] = {**start_stage(cfg, *key, root, state, cmd, finished), 'teacher_sha256': digest}
         if not running:
             break
         stage, seed, code, last = finished.get()
@@ -270,19 +346,23 @@ def main():
     results_dir = cfg.results_dir or os.path.join(root, 'results')
     git = [git_commit(), git_commit('status', '--porcelain', '--', '*.py')]
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
-    prov = {'command': shlex.join(['python', 'reproduce.py', *sys.argv[1:]]),
+    prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
             'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),
             'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
                        f'device {device}', 'stage_threads': stage_env(cfg).get('OMP_NUM_THREADS')}
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
     stages = [('mae', 0)] * (not cfg.teacher) + [(stage, seed) for stage in ORDER for seed in cfg.seeds]
-    for stage, seed in stages:   # every stage's inputs checked before any runs: its directory, the teacher
+    # every input checked before any stage runs: where the results go, each stage's directory, the teacher
+    digest = sha256_of(teacher)
+    for stage, seed in stages:
         plan_stage(cfg, stage, seed, root, teacher)
+    check_teacher(root, teacher, digest, stages)
+    check_results_dir(results_dir, cfg, digest)
     if cfg.teacher:
         build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
     t0 = time.time()
     runs = run_stages(cfg, stages, root, teacher, prov['machine'])
-    prov.update(wall_s=time.time() - t0, teacher=teacher)
+    prov.update(wall_s=time.time() - t0, teacher=teacher, teacher_sha256=record_teacher(root, teacher))
 
     s = summarise(runs)
     write(results_dir, cfg, s, runs, root, prov)

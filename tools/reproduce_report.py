@@ -4,7 +4,6 @@ result against the paper's and against the aims of a miniature (AIMS).
 
     python -m tools.reproduce_report results/fashion-mnist   # RESULTS.md and results.png again, from results.json
 """
-import json
 import os
 import shutil
 import statistics
@@ -15,6 +14,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from checkpoints import read_checkpoint
+from config import ConfigError, flag, show
+from engine import run_main
+from files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
 from rundir import git_commit
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
@@ -22,7 +24,12 @@ STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, 
 
 def records(d):
     """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last counts)."""
-    by_step = {r['step']: r for r in map(json.loads, Path(d, 'metrics.jsonl').read_text().splitlines())}
+    path = os.path.join(d, 'metrics.jsonl')
+    rs = read_jsonl(path, 'delete that line and run the same command again') if os.path.isfile(path) else []
+    if not rs or not all(isinstance(r.get('step'), int) for r in rs):
+        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and run the same '
+                          f'command again to run that stage afresh')
+    by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -111,7 +118,9 @@ def plot(s, path, split='test'):
 
 def teacher_made(path):
     """How a shipped teacher was made (mae_pretrain.py --export records it), or None."""
-    return read_checkpoint(path).get('made') if os.path.isfile(path) else None
+    ckpt = read_checkpoint(path) if os.path.isfile(path) else None
+    made = ckpt.get('made') if isinstance(ckpt, dict) else None
+    return made if isinstance(made, dict) and {'epoch', 'held_out_mse', 'command'} <= set(made) else None
 
 
 # What a miniature should show for the paper's effect to count at strength (the fashion-mnist reproduction's
@@ -212,32 +221,69 @@ def keep_logs(runs, root, dest):
 def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
     """RESULTS.md (linking VALIDATION.md if one is beside it) and results.png in results_dir."""
     validation = Path(results_dir, 'VALIDATION.md').exists()
-    Path(results_dir, 'RESULTS.md').write_text(report(cfg, s, runs, root, prov, validation, rewritten))
+    md = report(cfg, s, runs, root, prov, validation, rewritten)     # made before either file is written
     plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
+    Path(results_dir, 'RESULTS.md').write_text(md)
+
+
+# What a reproduction's numbers depend on: results made with other values are another reproduction's
+SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'max_steps', 'fake_size')
+
+
+def check_results_dir(results_dir, cfg, teacher_sha256=None):
+    """Refuse, before any stage runs, a --results-dir that cannot be written, or that holds results of another
+    reproduction (another data set, preset, budget or teacher, by results.json) or files of unknown origin,
+    unless --replace-results true: a reproduction replaces only its own results."""
+    check_out_dir(results_dir, '--results-dir')
+    path, replace = os.path.join(results_dir, 'results.json'), 'pass --replace-results true to replace them'
+    if cfg.replace_results:
+        return
+    if not os.path.exists(path):
+        found = [f for f in ('RESULTS.md', 'results.png', 'logs') if os.path.exists(os.path.join(results_dir, f))]
+        if found:
+            raise ConfigError(f"--results-dir {results_dir} holds {', '.join(found)} but no results.json saying what "
+                              f"made them: choose another --results-dir, or {replace}")
+        return
+    old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
+    now = asdict(cfg)
+    word = lambda v: str(v).lower() if isinstance(v, bool) else show(v)   # as the flag is written
+    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME
+            if old['config'].get(k) != now[k]]
+    if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
+        diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
+    if diff:
+        raise ConfigError(f"--results-dir {results_dir} holds another reproduction's results, made with "
+                          f"{'; '.join(diff)}: choose another --results-dir, or {replace}")
 
 
 def write(results_dir, cfg, s, runs, root, prov):
-    """RESULTS.md, results.json, results.png and the stages' logs in results_dir. prov: the command, commit,
-    machine, threads a stage, wall time and teacher (a path) of the run."""
+    """RESULTS.md, results.json, results.png and the stages' logs in results_dir (logs/ replaced whole: never a
+    mix of two runs' logs). prov: the command, commit, machine, threads a stage, wall time and teacher (a path
+    and its sha256) of the run."""
     os.makedirs(results_dir, exist_ok=True)
     write_report(results_dir, cfg, s, runs, root, prov)
     record = {**prov, 'config': asdict(cfg), 'summary': s, 'stages': runs, 'paper': PAPER}
-    Path(results_dir, 'results.json').write_text(json.dumps(record, indent=2))
+    write_json(os.path.join(results_dir, 'results.json'), record)
+    shutil.rmtree(os.path.join(results_dir, 'logs'), ignore_errors=True)
     keep_logs(runs, root, os.path.join(results_dir, 'logs'))
 
 
 def rewrite(results_dir):
     """RESULTS.md and results.png again from results.json, after a change to how the report reads: the
     numbers, stages and provenance are the run's own (its run directories need not exist any more)."""
-    path = Path(results_dir, 'results.json')
-    if not path.is_file():
-        raise SystemExit(f'error: {path} not found: name a directory that reproduce.py wrote (--results-dir)')
-    d = json.loads(path.read_text())
-    runs = d['stages']
-    root = next(os.path.dirname(os.path.dirname(r['run_dir'])) for r in runs if r['stage'] != 'mae')
+    path = os.path.join(results_dir, 'results.json')
+    if not os.path.isfile(path):
+        raise ConfigError(f'{path} not found: name a directory that reproduce.py wrote (--results-dir)')
+    fix = f'restore it (committed results: git checkout -- {path}), or make it again with python -m tools.reproduce'
+    d = read_json(path, fix, {'config': dict, 'summary': dict, 'stages': list})
     prov = {k: d[k] for k in ('command', 'git_commit', 'machine', 'stage_threads', 'wall_s') if k in d}
-    write_report(results_dir, SimpleNamespace(**d['config']), d['summary'], runs, root, prov,
-                 rewritten=git_commit() or 'unknown')
+    try:   # everything below reads the file's contents: a missing or mistyped entry is the file's fault
+        runs = d['stages']
+        root = next(os.path.dirname(os.path.dirname(r['run_dir'])) for r in runs if r['stage'] != 'mae')
+        write_report(results_dir, SimpleNamespace(**d['config']), d['summary'], runs, root, prov,
+                     rewritten=git_commit() or 'unknown')
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, StopIteration) as e:
+        raise DamagedFile(f'{path} does not hold what reproduce.py writes ({type(e).__name__}: {e}): {fix}') from None
     print(f'written: {results_dir}/RESULTS.md, results.png (from results.json)')
 
 
@@ -245,4 +291,4 @@ if __name__ == '__main__':
     # python -m tools.reproduce_report results/fashion-mnist: the report again, from the run's results.json
     if len(sys.argv) != 2:
         sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR (a directory reproduce.py wrote, with results.json)')
-    rewrite(sys.argv[1])
+    run_main(lambda: rewrite(sys.argv[1]))

@@ -1,0 +1,63 @@
+"""files.py: the reader of the JSON files runs leave (a damaged one is one error naming the file, the line and
+the fix), the atomic writer, and the check of an output folder that makes nothing."""
+import json
+import os
+
+import pytest
+
+from config import ConfigError
+from files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
+
+
+@pytest.mark.parametrize('text, says', [
+    ('{"command": ["a"], "wall', 'is not JSON, cut short or damaged'),          # cut by a kill or a full disk
+    (b'\xff\xfe{}', 'is not JSON'),                                          # not UTF-8
+    ('[1, 2]', 'holds a JSON list, not the object expected'),
+    ('{"command": "a b", "wall_s": 1}', 'lacks command (missing or of another kind)'),
+    ('{"wall_s": 1}', 'lacks command'),
+])
+def test_a_damaged_json_file_is_one_error_naming_it_and_the_fix(tmp_path, text, says):
+    path = tmp_path / 'done.json'
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DamagedFile) as e:
+        read_json(str(path), 'delete it', {'command': list, 'wall_s': (int, float)})
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and says in msg and msg.endswith(': delete it') and '\n' not in msg, msg
+    assert isinstance(e.value, ConfigError)                 # run_main's one line, no traceback
+    with pytest.raises(DamagedFile, match='cannot read it .No such file'):
+        read_json(str(tmp_path / 'missing.json'), 'delete it')
+
+
+def test_json_lines_name_the_damaged_line(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert read_jsonl(str(path), 'fix') == [{'step': 1}, {'step': 2}]          # a blank line is no record
+    path.write_text('{"step": 1}\n{"step": 2, "to{"step": 3}\n')             # a cut record, then a resumed one
+    with pytest.raises(DamagedFile, match=r'metrics.jsonl: line 2 is not a JSON record \(cut short\?\): fix$'):
+        read_jsonl(str(path), 'fix')
+    path.write_text('{"step": 1}\n7\n')
+    with pytest.raises(DamagedFile, match='line 2 is not a JSON record'):
+        read_jsonl(str(path), 'fix')
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = str(tmp_path / 'results.json')
+    write_json(path, {'a': 1})
+    assert json.loads(open(path).read()) == {'a': 1} and os.listdir(tmp_path) == ['results.json']
+    with pytest.raises(TypeError):                           # fails part-way through writing
+        write_json(path, {'b': 2, 'c': object()})
+    assert json.loads(open(path).read()) == {'a': 1} and os.listdir(tmp_path) == ['results.json']   # as it was
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_path):
+    check_out_dir(str(tmp_path / 'new' / 'deeper'), '--out-dir')                 # made later, by the writer
+    (tmp_path / 'file').write_text('mine')
+    with pytest.raises(ConfigError, match=r'--out-dir .*file is a file, not a folder: choose another --out-dir'):
+        check_out_dir(str(tmp_path / 'file'), '--out-dir')
+    with pytest.raises(ConfigError, match='is a file, so no folder can be made there'):
+        check_out_dir(str(tmp_path / 'file' / 'sub'), '--out-dir')
+    if os.geteuid() != 0:                                     # root writes into a read-only folder
+        (tmp_path / 'ro').mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match='cannot be written'):
+            check_out_dir(str(tmp_path / 'ro' / 'x'), '--out-dir')
+    assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]
