@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from config import AMP, ConfigError, parse_config
 from data import batch_mixer, build_loader, build_splits
-from rundir import (append_record, batches, cannot_write, interrupted, open_resumed, prepare_run_dir, restore,
+from rundir import (append_record, batches, cannot_write, how_to_continue, open_resumed, prepare_run_dir, restore,
                     rng_states, save_checkpoint, unlock, write_provenance)
 
 # -----------------------------------------------------------------------------
@@ -319,14 +319,13 @@ def run_main(main):
         sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
-        print(f'error: {interrupted()}', file=sys.stderr, flush=True)
+        print(f'error: stopped (Ctrl-C): {how_to_continue()}', file=sys.stderr, flush=True)
         sys.exit(130)
     except RuntimeError as e:
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
             raise
         sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
-                 f'process stopped, hung or died, and every process stops after --dist-timeout seconds; fix the '
-                 f'cause and continue with --resume true')
+                 f'process stopped, hung or died (each stops after --dist-timeout seconds); {how_to_continue()}')
     finally:
         unlock()
         if dist.is_initialized():

@@ -350,13 +350,12 @@ def save_checkpoint(path, state):
 # Stopping: Ctrl-C, and the resume command
 
 
-def interrupted():
-    """The one line a run stopped by Ctrl-C ends with: where its last checkpoint is and how to continue."""
+def how_to_continue():
+    """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
     out_dir = _RUN.get('out_dir')
     ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
     if not ckpt or not os.path.exists(ckpt):
-        return 'stopped (Ctrl-C) before the first checkpoint: there is nothing to continue; run the command again'
+        return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
     argv = [a for i, a in enumerate(sys.argv) if a != '--resume' and (i == 0 or sys.argv[i - 1] != '--resume')]
-    command = ('your torchrun command' if 'TORCHELASTIC_RUN_ID' in os.environ else
-               shlex.join(['python', *argv]))
-    return f'stopped (Ctrl-C): {ckpt} holds the last checkpoint; continue with: {command} --resume true'
+    command = 'your torchrun command' if 'TORCHELASTIC_RUN_ID' in os.environ else shlex.join(['python', *argv])
+    return f'{ckpt} holds the last checkpoint; continue with: {command} --resume true'

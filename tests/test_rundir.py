@@ -244,7 +244,8 @@ def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and f'{out / "checkpoint.pt"} holds the last checkpoint' in lines[0], err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: stopped (Ctrl-C): ') and \
+        f'{out / "checkpoint.pt"} holds the last checkpoint' in lines[0], err[-3000:]
     command = shlex.split(lines[0].split('continue with: ', 1)[1])
     assert command[:2] == ['python', 'finetune.py'] and command[-2:] == ['--resume', 'true']
     at = step_of(out)
