@@ -42,8 +42,9 @@ def setup(cfg):
     # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU. A process
     # that stops (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default
     if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=device
-                                if device.type == 'cuda' else None, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
@@ -229,8 +230,8 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
         states = rng_states(env)
         if env.main:
             save_checkpoint(ckpt_path, {
-                'script': cfg.SCRIPT, 'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
-                'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
+                'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
+                'script': cfg.SCRIPT, 'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
                 'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None, 'metrics': metrics,
                 'rng': states, 'world_size': env.world, 'steps_per_epoch': steps_per_epoch,
                 'time': trained_s + time.time() - t_start, **(extra or {})})

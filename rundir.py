@@ -95,7 +95,10 @@ def lock(out_dir):
     unlock()   # a run that ended in this process without run_main (tests call main() directly)
     path = os.path.join(out_dir, '.lock')
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise cannot_write(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -286,6 +289,10 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+# -----------------------------------------------------------------------------
+# The RNG a resume continues
+
+
 def batches(loader):
     """The loader's batches, with torch's global RNG left as it was around each fetch. Without worker processes
     the dataset runs here, and data.SeededDataset seeds that RNG per image: drop-path, MixUp and MAE's masks,
@@ -322,9 +329,9 @@ def replacing(path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        while e is not None and not isinstance(e, OSError):   # torch.save's own error follows the OSError
+        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
             e = e.__cause__ or e.__context__
-        if e is not None:
+        if isinstance(e, OSError):
             raise cannot_write(path, e) from None
         raise
 
@@ -332,8 +339,8 @@ def replacing(path):
 def cannot_write(path, e):
     """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    return RunDirError(f'cannot write {path} ({why}): it is left as it was; free some space and run the command '
-                       f'again (with --resume true to continue from the last checkpoint)')
+    return RunDirError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
+                       f'true to continue from the last checkpoint)')
 
 
 def write_text(path, text):
@@ -356,6 +363,7 @@ def how_to_continue():
     ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
     if not ckpt or not os.path.exists(ckpt):
         return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+    if 'TORCHELASTIC_RUN_ID' in os.environ:
+        return f'{ckpt} holds the last checkpoint; continue with your torchrun command and --resume true'
     argv = [a for i, a in enumerate(sys.argv) if a != '--resume' and (i == 0 or sys.argv[i - 1] != '--resume')]
-    command = 'your torchrun command' if 'TORCHELASTIC_RUN_ID' in os.environ else shlex.join(['python', *argv])
-    return f'{ckpt} holds the last checkpoint; continue with: {command} --resume true'
+    return f"{ckpt} holds the last checkpoint; continue with: {shlex.join(['python', *argv])} --resume true"
