@@ -16,6 +16,7 @@ Its copied layers have no query/key projections at all. The teacher is needed at
 `--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers (RECIPES.md).
 Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, loa
 @dataclass
 class CopyConfig(TransferConfig):
     out_dir: str = 'runs/copy'
+
+    SCRIPT = 'attention_copy.py'
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
@@ -82,6 +85,12 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
         raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', unknown here")
     source = teacher_source or rec['source']
+    if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
+        given = f'the teacher given for it, {source}, is not a file' if teacher_source else \
+            f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
+        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: {given}; point at the '
+                              f'teacher file where it is now (ensemble.py --teacher NEW.pt, or '
+                              f'load_copy_model(path, teacher_source=NEW.pt)): its sha256 is checked')
     other = None if new_teacher else teacher_mismatch(source, rec)
     if other:
         raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own teacher '

@@ -175,6 +175,8 @@ class DistillConfig(TransferConfig):
     weight: float = 3.0             # w: weight of the attention loss
     out_dir: str = 'runs/distill'
 
+    SCRIPT = 'attention_distill.py'
+
     def checks(self):
         return super().checks() + [('weight', self.weight >= 0, 'must be 0 or more')]
 

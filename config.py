@@ -30,6 +30,7 @@ class TrainConfig:
     val_size: int = 0               # hold out this many training images and evaluate on them, not on test
     out_dir: str = 'runs/default'   # run directory: config, log, metrics, checkpoint
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
+    overwrite: bool = False         # start afresh in an --out-dir that holds a run (finished or not): deletes it
     # model (vit.py's sizes; None keeps the size's own value)
     model: str = 'vit_tiny'
     img_size: int = 28
@@ -70,16 +71,20 @@ class TrainConfig:
     log_every: int = 50             # steps between progress lines
     save_every: int = 0             # steps between checkpoints (besides each epoch); 0 = epochs only
     max_steps: int = 0              # stop after this many steps (smoke runs); 0 = no limit
+    dist_timeout: int = 1800        # seconds a process waits for the others (torchrun) before every one stops
 
     # what --resume true may change: where and how the run goes, never what it computes (README, "resume")
-    RESUMABLE: typing.ClassVar[tuple] = ('resume', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                                         'save_every', 'max_steps', 'compile')
+    RESUMABLE: typing.ClassVar[tuple] = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
+                                         'save_every', 'max_steps', 'compile', 'dist_timeout')
+    # the script whose runs this config makes: a run directory is continued only by the script that made it
+    SCRIPT: typing.ClassVar[str] = ''
 
     def checks(self):
         """(field, holds, what is allowed): parse_config refuses the first row that does not hold.
         A subclass adds its own rows: `return super().checks() + [...]`."""
         size = SIZES.get(self.model, {})
         dim, heads = self.embed_dim or size.get('embed_dim'), self.num_heads or size.get('num_heads')
+        depth = self.depth or size.get('depth') or 0    # a transfer student's may be the teacher's, known later
         return [
             ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
             ('out_dir', self.out_dir != '', 'must name a directory'),
@@ -113,16 +118,20 @@ class TrainConfig:
             ('weight_decay', self.weight_decay >= 0, 'must be 0 or more'),
             ('layer_decay', 0 < self.layer_decay <= 1, 'must be in (0, 1]'),
             ('layer_decay_offset', self.layer_decay_offset >= 0, 'must be 0 (the release) or 1 (MAE), or more'),
+            ('layer_decay_offset', self.layer_decay ** (depth + min(max(self.layer_decay_offset, 0), 2 ** 20)) > 0,
+             f'gives the embedding an lr scale of --layer-decay {self.layer_decay} ** ({depth} blocks + '
+             f'{self.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)'),
             ('beta2', 0 <= self.beta2 < 1, 'must be in [0, 1)'),
             ('clip_grad', self.clip_grad >= 0, 'must be 0 (off) or more'),
             ('ema', 0 <= self.ema < 1, 'is a decay per step: [0, 1), 0 = off'),
             ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
-            ('seed', self.seed >= 0, 'must be 0 or more'),
+            ('seed', 0 <= self.seed < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'),
             ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
             ('fake_size', self.fake_size >= 1, 'must be at least 1'),
             ('log_every', self.log_every >= 1, 'must be at least 1'),
             ('save_every', self.save_every >= 0, 'must be 0 (each epoch only) or more'),
             ('max_steps', self.max_steps >= 0, 'must be 0 (no limit) or more'),
+            ('dist_timeout', self.dist_timeout >= 1, 'must be at least 1 (seconds)'),
         ]
 
     def resume_conflicts(self, ckpt, world):

@@ -6,9 +6,11 @@ A script defines its config dataclass (config.py), a model and (optionally) a lo
 """
 import argparse
 import contextlib
-import json
+import datetime
 import math
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -22,7 +24,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from config import AMP, ConfigError, parse_config
 from data import batch_mixer, build_loader, build_splits
-from rundir import open_resumed, prepare_run_dir, restore, rng_states, save_checkpoint, write_provenance
+from rundir import (append_record, batches, cannot_write, how_to_continue, open_resumed, prepare_run_dir, restore,
+                    rng_states, save_checkpoint, unlock, write_provenance)
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -36,15 +39,17 @@ def setup(cfg):
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
         torch.cuda.set_device(device)
-    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU
+    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU. A process
+    # that stops (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default
     if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=device
-                                if device.type == 'cuda' else None)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
-    env.ckpt_path, env.logged = prepare_run_dir(cfg), False
+    env.ckpt_path, env.logged = prepare_run_dir(cfg, main=rank == 0), False
     env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
     return env
@@ -96,8 +101,12 @@ def log(env, cfg, msg):
     """Print, and add to log.txt; a new run starts it afresh (an attempt that saved no checkpoint is over)."""
     if env.main:
         print(msg, flush=True)
-        with open(os.path.join(cfg.out_dir, 'log.txt'), 'a' if cfg.resume or env.logged else 'w') as f:
-            f.write(msg + '\n')
+        path = os.path.join(cfg.out_dir, 'log.txt')
+        try:
+            with open(path, 'a' if cfg.resume or env.logged else 'w') as f:
+                f.write(msg + '\n')
+        except OSError as e:   # a full disk: one line, wherever the run is
+            raise cannot_write(path, e) from None
         env.logged = True
 
 
@@ -117,6 +126,9 @@ def build_optimizer(cfg, model, lr):
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
         lid = min(model.layer_id(name), layers) if hasattr(model, 'layer_id') else layers
         scale = cfg.layer_decay ** (layers - lid)
+        if scale == 0:   # a teacher-sized student's depth is known only now (config.py checks the rest)
+            raise ConfigError(f'--layer-decay-offset {cfg.layer_decay_offset}: layer {lid} gets an lr scale of '
+                              f'{cfg.layer_decay} ** {layers - lid}, which is 0 in floating point: use 0 or 1')
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})
         g['params'].append(p)
@@ -199,7 +211,7 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
         total_steps = min(total_steps, cfg.max_steps)
     resumed = env.resumed
     step, metrics, trained_s = restore(resumed, env, model, opt, scaler, ema, steps_per_epoch) if resumed else (0, {}, 0.0)
-    write_provenance(cfg, env)   # only now: a resume refused above has written nothing
+    write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
     env.resumed = None
     log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
                   f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
@@ -219,7 +231,7 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
         if env.main:
             save_checkpoint(ckpt_path, {
                 'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
-                'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
+                'script': cfg.SCRIPT, 'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
                 'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None, 'metrics': metrics,
                 'rng': states, 'world_size': env.world, 'steps_per_epoch': steps_per_epoch,
                 'time': trained_s + time.time() - t_start, **(extra or {})})
@@ -239,7 +251,7 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
             seed_all(cfg.seed, env.rank, epoch)
         train_loader.sampler.set_epoch(epoch)
         train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size
-        for i, (x, y) in enumerate(train_loader):
+        for i, (x, y) in enumerate(batches(train_loader)):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if mixer is not None:
                 x, y = mixer(x, y)
@@ -270,7 +282,7 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
                 elapsed = time.time() - t_start
                 log(env, cfg, f'epoch {step / steps_per_epoch:6.2f} step {step}/{total_steps} | ' +
                     ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
-                    f' | lr {opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"]:.2e} | '
+                    f' | lr {lr_at(cfg, lr, (step - 1) / steps_per_epoch):.2e} | '
                     f'{steps_done * eff_batch / elapsed:.0f} img/s | ETA {(total_steps - step) * elapsed / steps_done / 60:.1f} min')
                 metrics['train'] = vals
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
@@ -288,8 +300,7 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
                 log(env, cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items()
                                                    if isinstance(v, float)))
                 if env.main:
-                    with open(os.path.join(cfg.out_dir, 'metrics.jsonl'), 'a') as f:
-                        f.write(json.dumps(record) + '\n')
+                    append_record(os.path.join(cfg.out_dir, 'metrics.jsonl'), record)
             if epoch_end or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint()
             if epoch_end:
@@ -298,7 +309,8 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
 
 
 def run_main(main):
-    """Run a script's main(); expected failures print one line and exit non-zero."""
+    """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
+    to continue (exit 130, as a shell reports SIGINT)."""
     from checkpoints import CheckpointError
     from data import DataError
     try:
@@ -306,6 +318,22 @@ def run_main(main):
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
         sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
+        print(f'error: stopped (Ctrl-C): {how_to_continue()}', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
+            raise
+        sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
+                 f'process stopped, hung or died (each stops after --dist-timeout seconds); {how_to_continue()}')
     finally:
+        unlock()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_peer(e):
+    """The words of a gloo / NCCL error that says another process never answered or went away ('' if not one)."""
+    found = re.search(r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*|NCCL[^\n]*(timeout|Watchdog)[^\n]*)', str(e))
+    return found.group(0).strip() if found else ''

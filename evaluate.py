@@ -31,6 +31,7 @@ from config import ConfigError, parse_config
 from data import ClassFolder, DataError, build_loader, build_transform, read_classes
 from engine import amp_dtype, run_main
 from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
+from rundir import check_output
 
 # -----------------------------------------------------------------------------
 # Config
@@ -142,6 +143,7 @@ def main():
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
     if any(map(os.path.exists, files)):
         raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
+    check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
     models, classes, img_size = load_models(cfg.models)
     if any(c != len(WNIDS) for c in classes):
         raise ConfigError('every model must predict the 1000 ImageNet classes: ' +

@@ -38,6 +38,8 @@ class FinetuneConfig(TrainConfig):
     norm_pre: bool = False      # a LayerNorm before the blocks (CLIP)
     act: str = 'gelu'           # gelu | quick_gelu (CLIP)
 
+    SCRIPT = 'finetune.py'
+
     def checks(self):
         return super().checks() + [
             ('layer_scale', self.layer_scale >= 0, 'must be 0 (no layer scale) or a positive initial value'),

@@ -36,9 +36,10 @@ import torch.nn as nn
 from einops import rearrange
 
 from checkpoints import read_checkpoint, state_dict_of
-from config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
+from config import SMALL_PRESETS, TrainConfig, parse_config
 from data import INFO
 from engine import all_mean, autocast, fit, log, run_main, start
+from rundir import check_output, replacing, save_checkpoint
 from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class MAEConfig(TrainConfig):
     export: str = ''                # also write the encoder alone here: a small teacher file to ship
 
     RESUMABLE = (*TrainConfig.RESUMABLE, 'export')   # written once the run ends: may be named when resuming
+    SCRIPT = 'mae_pretrain.py'
 
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
@@ -255,7 +257,8 @@ def save_reconstructions(model, imgs, mean, std, path, norm_pix=True):
             axes[r, i].imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())   # (H, W, 3)
             axes[r, i].set_title(title, fontsize=8)
             axes[r, i].axis('off')
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:   # whole or not at all
+        fig.savefig(tmp, dpi=100, format='png')
 
 # -----------------------------------------------------------------------------
 # Train
@@ -271,14 +274,13 @@ def export_encoder(run_dir, path):
             'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
     out = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'], 'made': made}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(out, path + '.tmp')
-    os.replace(path + '.tmp', path)   # never a half-written teacher
+    save_checkpoint(path, out)   # never a half-written teacher
 
 
 def main():
-    wanted = parse_config(MAEConfig, PRESETS)   # checked before anything is written
-    if wanted.export and os.path.exists(wanted.export):
-        raise ConfigError(f'--export {wanted.export} exists: move it away or choose another path')
+    wanted = parse_config(MAEConfig, PRESETS)   # checked before anything is written or trained
+    if wanted.export:
+        check_output('--export', wanted.export, wanted.out_dir)
     cfg, env, data = start(MAEConfig, PRESETS)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     model = build_mae(cfg)

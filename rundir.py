@@ -1,22 +1,33 @@
 """
 A run directory, and how `--resume true` continues the run it holds.
 
-    <out_dir>/config.json     every field, git commit, world size, torch version, command; a resume updates the
-                              fields and appends what it changed under 'resumes'
+    <out_dir>/config.json     every field, the script that made the run (and a transfer run's teacher by SHA-256),
+                              git commit, world size, torch version, command; a resume updates the fields and
+                              appends what it changed under 'resumes'
     <out_dir>/log.txt         what the run printed
     <out_dir>/metrics.jsonl   one record per evaluation ('time': seconds of training, summed over resumes)
-    <out_dir>/checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time; written to a temporary
-                              file, then renamed, so that a crash never leaves half a checkpoint
+    <out_dir>/checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, the script that saved it
+    <out_dir>/.lock           while a process writes the directory: it holds the lock, its pid and command inside
 
-A new run never writes over a directory that holds a checkpoint (that needs --resume true); the log and
-metrics of an earlier attempt that never saved one are started afresh. A resume continues only the run
-that was saved: its config must be the saved one except for the fields in the config's RESUMABLE (where
-and how the run goes, never what it computes), with the same global batch (batch size x accumulation
-steps x processes), and for a transfer run the same teacher file (teacher.TransferConfig).
+One process writes a run directory at a time: it holds an flock on .lock, which the kernel lets go when the
+process dies (kill -9 included), so a second process is refused at once, naming the first, and a stale file
+never blocks. Every file is written whole to a temporary file, then renamed over the old one: a full disk,
+a kill -9 or a Ctrl-C never leaves half a file, nor the temporary one.
+
+A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a finished run
+(reproduce.py's done.json, or evaluations kept without their checkpoint), unless --overwrite true deletes it;
+the log of an earlier attempt that saved nothing is started afresh. A resume continues only the run that was
+saved, with the script that saved it: its config must be the saved one except for the fields in the config's
+RESUMABLE (where and how the run goes, never what it computes), with the same global batch (batch size x
+accumulation steps x processes), and for a transfer run the same teacher file (teacher.TransferConfig).
 """
+import contextlib
+import fcntl
 import json
 import os
 import platform
+import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -27,26 +38,110 @@ import torch.distributed as dist
 from checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from config import ConfigError, flag
 
+# what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
+_RUN = {}    # the run directory this process works in, and the lock it holds on it (main process)
+
+
+class RunDirError(ConfigError):
+    """A run directory that cannot be used or written: one line naming the file and what to do."""
+
 # -----------------------------------------------------------------------------
 # Starting: a new run, or the saved one checked against the command line
 
 
-def prepare_run_dir(cfg):
-    """Refuse to overwrite an earlier run unless resuming it, or a directory that cannot be written.
-    Returns the checkpoint path."""
+def prepare_run_dir(cfg, main=True):
+    """Refuse a directory that cannot be written, one that another process is writing (main: take the lock, held
+    until the process ends), and a run this one may not write over. Returns the checkpoint path."""
     ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
-    if os.path.exists(ckpt) and not cfg.resume:
-        raise ConfigError(f'{cfg.out_dir} already holds a run; pass --resume true to continue it '
-                          f'or choose another --out-dir')
-    if cfg.resume and not os.path.exists(ckpt):
-        raise ConfigError(f'--resume: no checkpoint at {ckpt}')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ConfigError(f'--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir')
+        raise RunDirError(f'--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir')
+    if cfg.resume and not os.path.exists(ckpt):
+        raise RunDirError(f'--resume: no checkpoint at {ckpt}')
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f'--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another') from None
+        raise RunDirError(f'--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another') from None
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise RunDirError(f'--out-dir {cfg.out_dir} cannot be written (read-only): choose another --out-dir')
+    _RUN['out_dir'] = cfg.out_dir
+    if main:
+        lock(cfg.out_dir)
+    try:
+        refuse_overwrite(cfg, ckpt)
+    except ConfigError:
+        unlock()
+        raise
     return ckpt
+
+
+def refuse_overwrite(cfg, ckpt):
+    """A new run (no --resume, no --overwrite) starts only where no run was saved, finished or not."""
+    if cfg.resume or cfg.overwrite:
+        return
+    if os.path.exists(ckpt):
+        raise RunDirError(f'{cfg.out_dir} already holds a run; pass --resume true to continue it or choose another '
+                          f'--out-dir (--overwrite true deletes it)')
+    done = os.path.join(cfg.out_dir, 'done.json')
+    evaluated = len(read_lines(os.path.join(cfg.out_dir, 'metrics.jsonl')))
+    if os.path.exists(done) or evaluated:   # results kept without their checkpoint (results/, reproduce.py)
+        what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
+        raise RunDirError(f'{cfg.out_dir} holds a finished run ({what}): choose another --out-dir, or pass '
+                          f'--overwrite true to delete it and start afresh')
+
+
+def lock(out_dir):
+    """flock <out_dir>/.lock for as long as this process runs, or refuse naming the process that holds it."""
+    unlock()   # a run that ended in this process without run_main (tests call main() directly)
+    path = os.path.join(out_dir, '.lock')
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise cannot_write(path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 2000, 0).decode(errors='replace').strip() or 'another process'
+            os.close(fd)
+            raise RunDirError(f'--out-dir {out_dir} is being written by {holder}: wait for it to end, or choose '
+                              f'another --out-dir') from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)   # the file was removed by the process that let go of it: lock the new one
+    with contextlib.suppress(OSError):   # who holds it, for the next one (a full disk: the lock holds anyway)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({shlex.join(sys.argv)})".encode(), 0)
+    _RUN['lock'] = (fd, path)
+
+
+def unlock():
+    """Let go of the run directory: remove .lock while holding it, then close it (a process that opened the old
+    file meanwhile finds it gone and locks a new one)."""
+    fd, path = _RUN.pop('lock', (None, None))
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        os.close(fd)
+
+
+def check_output(flag, path, out_dir=None, folder=False):
+    """Refuse, before any work, an output written only once the work is done: a file of the run directory
+    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
+    folder: path is a directory to write files into (it may exist)."""
+    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
+            os.path.realpath(parent) == os.path.realpath(out_dir):
+        raise RunDirError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
+                          f'outside it, or another name')
+    if os.path.exists(path) and (not folder or not os.path.isdir(path)):
+        raise RunDirError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
+                          f': move it away or choose another {flag}')
+    while not os.path.exists(parent):   # the nearest folder that exists is where the new ones will be made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise RunDirError(f"{flag} {path}: {parent} {'is a file' if not os.path.isdir(parent) else 'cannot be written'}"
+                          f': choose another {flag}')
 
 
 # what engine.fit saves, and of which type: a file without these (or with others in their place) is no run of ours
@@ -64,12 +159,24 @@ def open_resumed(cfg, path, world):
     if not isinstance(ck, dict) or bad:
         why = f" ({', '.join(bad)}: missing or of another kind)" if bad else ''
         raise CheckpointError(f'{path} is not a training checkpoint of these scripts{why}: nothing to resume')
+    if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
+        raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
+                          f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
     conflicts = cfg.resume_conflicts(ck, world)
     if conflicts:
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
                           f"the saved ones (only {', '.join(map(flag, cfg.RESUMABLE))} may change) or start a new "
                           f"run in another --out-dir")
     return ck
+
+
+def made_by(ck):
+    """The script that saved a checkpoint: recorded, or for one saved before it was, told by what it holds."""
+    if isinstance(ck.get('script'), str) and ck['script']:
+        return ck['script']
+    if 'teacher' in ck or 'distilled_from' in ck:
+        return 'attention_copy.py' if 'teacher' in ck else 'attention_distill.py'
+    return 'mae_pretrain.py' if any(k.startswith('decoder_') for k in ck['model']) else 'finetune.py'
 
 
 def restore(ck, env, model, opt, scaler, ema, steps_per_epoch):
@@ -96,25 +203,75 @@ def restore(ck, env, model, opt, scaler, ema, steps_per_epoch):
 # Writing: provenance, checkpoints
 
 
-def write_provenance(cfg, env):
-    """config.json: every field, the git commit, world size, torch version, command. A new run starts
-    metrics.jsonl afresh; a resume updates the fields and appends what it changed, never leaving stale values."""
+def write_provenance(cfg, env, extra=None):
+    """config.json: every field, the script (and teacher file) that made the run, the git commit, world size, torch
+    version, command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the
+    fields and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint, and keeps
+    the metrics up to the checkpoint's step (an evaluation written after it is made again)."""
     if not env.main:
         return
-    path, now = os.path.join(cfg.out_dir, 'config.json'), asdict(cfg)
+    path, now = os.path.join(cfg.out_dir, 'config.json'), {**asdict(cfg), **made_with(cfg, extra)}
     launch = {'git_commit': git_commit(), 'world_size': env.world, 'torch': torch.__version__, 'argv': sys.argv}
-    if cfg.resume and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if cfg.resume:
+        step = env.resumed['step']
+        old = read_json(path) or {**env.resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
+                                                                      f'step {step}: rebuilt from the checkpoint'}
         changed = {k: [old.get(k), v] for k, v in now.items() if old.get(k) != v}
         record = {**old, **now, 'world_size': env.world,
-                  'resumes': old.get('resumes', []) + [{'step': env.resumed['step'], **launch, 'changed': changed}]}
+                  'resumes': old.get('resumes', []) + [{'step': step, **launch, 'changed': changed}]}
+        keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
     else:
         record = {**now, **launch}
-        if os.path.exists(os.path.join(cfg.out_dir, 'metrics.jsonl')):   # an attempt that never saved a checkpoint
-            os.remove(os.path.join(cfg.out_dir, 'metrics.jsonl'))
-    with open(path, 'w') as f:
-        json.dump(record, f, indent=2)
+        for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
+            with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
+                os.remove(os.path.join(cfg.out_dir, name))
+    write_text(path, json.dumps(record, indent=2))
+
+
+def made_with(cfg, extra):
+    """What made the run: the script, and for a transfer run its teacher file's SHA-256 (from the record
+    its checkpoints keep, teacher.teacher_record)."""
+    record = next((v for v in (extra or {}).values() if isinstance(v, dict) and 'sha256' in v), None)
+    return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {})}
+
+
+def read_json(path):
+    """The JSON object in path; None if it is missing or damaged (a damaged one is kept beside it, .damaged)."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else None
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        os.replace(path, path + '.damaged')
+        return None
+
+
+def read_lines(path):
+    """The non-blank lines of a text file ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, errors='replace') as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+def keep_metrics(path, step):
+    """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
+    it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped."""
+    def kept(line):
+        try:
+            return json.loads(line).get('step', 0) <= step
+        except (ValueError, AttributeError):
+            return False
+    lines = read_lines(path)
+    if lines and not all(map(kept, lines)):
+        write_text(path, ''.join(line + '\n' for line in lines if kept(line)))
+
+
+def append_record(path, record):
+    """Add one line to a JSON-lines file, the whole file written anew (it has one line per evaluation)."""
+    write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
 
 
 def git_commit(*args):
@@ -132,6 +289,26 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+# -----------------------------------------------------------------------------
+# The RNG a resume continues
+
+
+def batches(loader):
+    """The loader's batches, with torch's global RNG left as it was around each fetch. Without worker processes
+    the dataset runs here, and data.SeededDataset seeds that RNG per image: drop-path, MixUp and MAE's masks,
+    which draw from it, would then depend on --num-workers, which a resume may change."""
+    it = iter(loader)
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield batch
+
+
 def rng_states(env):
     """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
     states = [torch.get_rng_state()] * env.world
@@ -140,7 +317,53 @@ def rng_states(env):
     return states
 
 
+@contextlib.contextmanager
+def replacing(path):
+    """Write `path` whole or not at all: yields a temporary name beside it, renamed over it once written. On any
+    failure (a full disk, Ctrl-C) the temporary file is removed and `path` is left as it was; a failed write
+    ends in one line (RunDirError)."""
+    tmp = path + '.tmp'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
+            e = e.__cause__ or e.__context__
+        if isinstance(e, OSError):
+            raise cannot_write(path, e) from None
+        raise
+
+
+def cannot_write(path, e):
+    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk)."""
+    why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
+    return RunDirError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
+                       f'true to continue from the last checkpoint)')
+
+
+def write_text(path, text):
+    with replacing(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+
+
 def save_checkpoint(path, state):
     """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    torch.save(state, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
+        torch.save(state, f)
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C, and the resume command
+
+
+def how_to_continue():
+    """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
+    out_dir = _RUN.get('out_dir')
+    ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
+    if not ckpt or not os.path.exists(ckpt):
+        return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+    if 'TORCHELASTIC_RUN_ID' in os.environ:
+        return f'{ckpt} holds the last checkpoint; continue with your torchrun command and --resume true'
+    argv = [a for i, a in enumerate(sys.argv) if a != '--resume' and (i == 0 or sys.argv[i - 1] != '--resume')]
+    return f"{ckpt} holds the last checkpoint; continue with: {shlex.join(['python', *argv])} --resume true"

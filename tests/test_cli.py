@@ -13,6 +13,7 @@ import urllib.error
 import pytest
 import torch
 
+import attention_copy
 import attention_distill
 import finetune as finetune_script
 from checkpoints import CheckpointError, build_from_checkpoint, load_weights
@@ -267,3 +268,52 @@ def test_unusable_out_dir(tmp_path, monkeypatch):
     assert (tmp_path / 'a_file').read_text() == 'mine\n'
     msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', '/proc/no/such/run', '--max-steps', '1')
     assert msg and '/proc/no/such/run: cannot make it' in msg, msg
+
+
+# -----------------------------------------------------------------------------
+# 11. Values that break only once used, outputs written only at the end: refused before any work
+
+
+def test_a_layer_decay_offset_that_underflows_the_lr_scale(tmp_path, monkeypatch, depth2_run):
+    """0.5 ** 2000 is 0.0: refused with the flag named (it ended in a ZeroDivisionError at the first log line).
+    A teacher-sized student's depth is known only from its teacher: 0.5 ** (2 + 1074) is refused there."""
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', tmp_path / 'r', '--layer-decay', '0.5',
+                         '--layer-decay-offset', '2000')
+    assert msg and msg.startswith('error: --layer-decay-offset 2000') and 'is 0 in floating point' in msg, msg
+    assert not (tmp_path / 'r').exists()
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'd', '--layer-decay', '0.5',
+                         '--layer-decay-offset', '1074', '--teacher', depth2_run[0] / 'checkpoint.pt')
+    assert msg and msg.startswith('error: --layer-decay-offset 1074') and 'is 0 in floating point' in msg, msg
+    assert not {'config.json', 'checkpoint.pt', 'metrics.jsonl'} & set(os.listdir(tmp_path / 'd'))   # its log only
+
+
+def test_evaluate_out_is_checked_before_any_model_is_loaded(tmp_path, monkeypatch):
+    """evaluate.py writes --out after every model has run on every set: a file, or a folder under a file, is
+    refused first (the models named here do not even exist)."""
+    import evaluate
+    (tmp_path / 'a_file').write_text('mine\n')
+    for out, says in ((tmp_path / 'a_file', 'exists, and is not a folder'),
+                      (tmp_path / 'a_file' / 'res', f"{tmp_path / 'a_file'} is a file")):
+        msg = run_in_process(monkeypatch, evaluate, '--models', tmp_path / 'missing.pt', '--imagenet', tmp_path,
+                             '--out', out)
+        assert msg and msg.startswith(f'error: --out {out}') and says in msg, msg
+    assert (tmp_path / 'a_file').read_text() == 'mine\n' and sorted(os.listdir(tmp_path)) == ['a_file']
+
+
+def test_a_copy_student_whose_teacher_is_gone_says_how_to_point_at_it(tmp_path, monkeypatch, depth2_run):
+    from attention_copy import load_copy_model
+    teacher = tmp_path / 'teacher.pt'
+    teacher.write_bytes((depth2_run[0] / 'checkpoint.pt').read_bytes())
+    msg = run_in_process(monkeypatch, attention_copy, *TINY, '--out-dir', tmp_path / 'copy', '--teacher', teacher,
+                         '--max-steps', '1')
+    assert msg is None, msg
+    student, moved = str(tmp_path / 'copy' / 'checkpoint.pt'), tmp_path / 'moved.pt'
+    teacher.rename(moved)
+    digest = hashlib.sha256(moved.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError) as e:
+        load_copy_model(student)
+    assert f'its recorded teacher {teacher} (sha256 {digest}) is gone' in str(e.value)
+    assert 'teacher_source=' in str(e.value) and '--teacher' in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(CheckpointError, match=f'the teacher given for it, {tmp_path / "nope.pt"}, is not a file'):
+        load_copy_model(student, str(tmp_path / 'nope.pt'))
+    assert load_copy_model(student, str(moved))(torch.randn(2, 3, 32, 32)).shape == (2, 10)

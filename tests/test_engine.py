@@ -210,15 +210,15 @@ RESUME_ARGS = ['--batch-size', '32', '--epochs', '2', '--amp', 'off']   # 256 im
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted 2-epoch run for a number of loader workers (made once per module)."""
+    """The uninterrupted 2-epoch run for a number of loader workers and extra flags (made once per module)."""
     runs = {}
 
-    def get(workers):
-        if workers not in runs:
+    def get(workers, *extra):
+        if (workers, extra) not in runs:
             out = tmp_path_factory.mktemp('resume') / f'A{workers}'
-            finetune(out, *RESUME_ARGS, '--num-workers', workers)
-            runs[workers] = out
-        return runs[workers]
+            finetune(out, *RESUME_ARGS, '--num-workers', workers, *extra)
+            runs[workers, extra] = out
+        return runs[workers, extra]
     return get
 
 
@@ -226,35 +226,46 @@ def _load(out_dir):
     return torch.load(os.path.join(str(out_dir), 'checkpoint.pt'), map_location='cpu', weights_only=False)
 
 
-@pytest.mark.parametrize('stop_at, workers', [(5, 0), (8, 0), (8, 1), (5, 1)],
-                         ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker'])
-def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers):
-    a_dir, out = uninterrupted(workers), tmp_path / 'B'
-    finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at)
-    assert _load(out)['step'] == stop_at
-    finetune(out, *RESUME_ARGS, '--num-workers', workers, '--resume', 'true')
-    a, b = _load(a_dir), _load(out)
-    assert a['step'] == b['step'] == 16
+def assert_same_weights(a, b, what):
     assert a['model'].keys() == b['model'].keys()
     differ = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
-    assert not differ, (f'resumed at step {stop_at}: {len(differ)} tensors differ from the uninterrupted run, '
-                        f'e.g. {differ[:3]} (max abs diff '
-                        f'{max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
+    assert not differ, (f'{what}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]} (max '
+                        f'abs diff {max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
+
+
+# drop-path and MixUp draw from the training process's RNG, which a loader with no workers must leave alone
+RANDOM = ('--drop-path', '0.1', '--mixup', '0.8')
+
+
+@pytest.mark.parametrize('stop_at, workers, resume_workers, extra', [
+    (5, 0, 0, ()), (8, 0, 0, ()), (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM)],
+    ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker',
+         'mid-epoch-2-workers-then-none-drop-path-mixup', 'epoch-boundary-none-then-1-worker-drop-path-mixup'])
+def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers, resume_workers, extra):
+    a_dir, out = uninterrupted(workers, *extra), tmp_path / 'B'
+    finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at, *extra)
+    assert _load(out)['step'] == stop_at
+    finetune(out, *RESUME_ARGS, '--num-workers', resume_workers, '--resume', 'true', *extra)
+    a, b = _load(a_dir), _load(out)
+    assert a['step'] == b['step'] == 16
+    assert_same_weights(a, b, f'resumed at step {stop_at} with {resume_workers} workers after {workers}')
     ma, mb = read_metrics(a_dir)[-1], read_metrics(out)[-1]
     assert (ma['step'], ma['top1'], ma['loss']) == (mb['step'], mb['top1'], mb['loss'])
 
 
-def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
-    """SIGKILL a run at some point after its second checkpoint (--save-every 3), resume it: the
-    result equals the uninterrupted run's, wherever the kill landed."""
+@pytest.mark.parametrize('workers, resume_workers, extra', [(0, 0, ()), (1, 0, RANDOM)],
+                         ids=['no-workers', '1-worker-then-none-drop-path-mixup'])
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, workers, resume_workers, extra):
+    """SIGKILL a run at some point after its second checkpoint (--save-every 3), resume it (with another number
+    of loader workers, drop-path and MixUp on): the result equals the uninterrupted run's, wherever the kill landed."""
     import signal
     import subprocess
     import time
     from conftest import ROOT, TINY, sub_env
     out = tmp_path / 'killed'
-    args = [*TINY, '--out-dir', str(out), *RESUME_ARGS, '--num-workers', '0', '--save-every', '3', '--log-every', '1']
-    p = subprocess.Popen([sys.executable, 'finetune.py', *args], cwd=ROOT, env=sub_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*TINY, '--out-dir', str(out), *RESUME_ARGS, '--save-every', '3', '--log-every', '1', *extra]
+    p = subprocess.Popen([sys.executable, 'finetune.py', *args, '--num-workers', str(workers)], cwd=ROOT,
+                         env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
         ck = out / 'checkpoint.pt'
@@ -266,7 +277,8 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     assert p.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
     killed_at = _load(out)['step']
     assert 6 <= killed_at < 16
-    finetune(out, *RESUME_ARGS, '--num-workers', '0', '--save-every', '3', '--resume', 'true')
-    a, b = _load(uninterrupted(0)), _load(out)
-    assert b['step'] == 16 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert read_metrics(uninterrupted(0))[-1]['top1'] == read_metrics(out)[-1]['top1']
+    finetune(out, *RESUME_ARGS, '--num-workers', resume_workers, '--save-every', '3', '--resume', 'true', *extra)
+    a, b = _load(uninterrupted(workers, *extra)), _load(out)
+    assert b['step'] == 16
+    assert_same_weights(a, b, f'killed at step {killed_at}, resumed with {resume_workers} workers after {workers}')
+    assert read_metrics(uninterrupted(workers, *extra))[-1]['top1'] == read_metrics(out)[-1]['top1']

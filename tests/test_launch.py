@@ -1,8 +1,11 @@
 """Every script as a user launches it on a GPU (`python -m pytest -m gpu tests`): under torchrun, whose one
 process still starts NCCL and wraps the student in DDP (the multi-GPU path, on one GPU), and a checkpoint
 written on CUDA resumed on CUDA and loaded on the CPU. The one-process torchrun on a CPU (gloo) too."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,6 +35,41 @@ def test_one_process_torchrun_starts_the_process_group_on_cpu(tmp_path):
         pytest.skip('on a GPU machine torchrun runs on NCCL (the tests below)')
     log = launch('finetune.py', tmp_path, steps=2)
     assert '1 process(es) on cpu (gloo)' in log and read_metrics(tmp_path)[-1]['step'] == 2
+
+
+# process 1 stops before it trains (as under SIGSTOP, or a loader stuck on a dead mount); process 0 goes on alone
+STOPPED_RANK = """
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import engine, finetune
+if os.environ['RANK'] == '1':
+    engine.build_loader = lambda *args, **kwargs: time.sleep(3600)
+engine.run_main(finetune.main)
+"""
+
+
+def test_a_stopped_process_stops_every_process_after_the_timeout(tmp_path):
+    """Two processes (gloo), one stuck: the other fails after --dist-timeout with one line, and torchrun ends
+    them both, where torch's default would wait 30 minutes without a word."""
+    script = tmp_path / 'stopped_rank.py'
+    script.write_text(STOPPED_RANK)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2', '--master_addr',
+           '127.0.0.1', '--master_port', str(free_port()), str(script), *TINY, '--out-dir', str(tmp_path / 'run'),
+           '--max-steps', '2', '--dist-timeout', '5']
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)     # torchrun and both processes
+        out, err = p.communicate()
+        pytest.fail(f'still waiting after 150 s:\n{out[-2000:]}\n{err[-3000:]}')
+    assert p.returncode != 0 and time.time() - t0 < 150
+    said = [line for line in (out + err).splitlines() if line.startswith('error: process 0 of 2: ')]
+    assert len(said) == 1 and 'Timed out' in said[0] and '--dist-timeout' in said[0], err[-4000:]
+    assert 'no checkpoint was saved yet' in said[0], said[0]
+    assert 'engine.py", line' not in err and 'finetune.py", line' not in err, err[-4000:]   # no traceback of ours
 
 
 def auto_dtype():

@@ -227,3 +227,25 @@ def test_export_never_writes_over_a_file(mae_run, tmp_path):
     assert p.returncode != 0 and 'Traceback' not in p.stderr
     assert '--export' in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert target.read_bytes() == before and not (tmp_path / 'again').exists()
+
+
+def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, tmp_path):
+    """--export onto the run's checkpoint would replace it (a resume would then find no run), onto its figure
+    would replace that: refused before anything is made, for a new run and for a resume; likewise an --export
+    whose folder is a file, which could be written only after all the training."""
+    d, _ = mae_run
+    before = {n: (d / n).read_bytes() for n in ('checkpoint.pt', 'reconstruction.png', 'config.json')}
+    new = tmp_path / 'new'
+    (tmp_path / 'a_file').write_text('mine\n')
+    for out, export, extra, says in [(new, new / 'checkpoint.pt', [], 'is a file of the run directory'),
+                                     (new, new / 'reconstruction.png', [], 'is a file of the run directory'),
+                                     (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of the run directory'),
+                                     (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of the run'),
+                                     (new, tmp_path / 'a_file' / 'teacher.pt', [], 'is a file: choose another')]:
+        p = run_script('mae_pretrain.py', *TINY, '--out-dir', out, '--max-steps', '3', '--log-every', '1',
+                       '--export', export, *extra)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+        assert len(p.stderr.strip().splitlines()) == 1 and f'--export {export}' in p.stderr and says in p.stderr, \
+            p.stderr
+        assert not new.exists() and {n: (d / n).read_bytes() for n in before} == before
+    assert (tmp_path / 'a_file').read_text() == 'mine\n'

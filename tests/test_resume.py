@@ -162,14 +162,17 @@ def test_resume_records_what_changed_and_keeps_the_time(monkeypatch, saved, tmp_
 
 
 def test_a_new_run_starts_its_log_afresh(monkeypatch, tmp_path):
-    """An earlier attempt that was killed before its first checkpoint leaves nothing to continue."""
+    """An earlier attempt that was killed before its first evaluation and checkpoint leaves nothing to continue
+    (one that evaluated is a finished run kept without its checkpoint: test_rundir.py)."""
     d = tmp_path / 'run'
     d.mkdir()
     (d / 'log.txt').write_text('an earlier attempt\n')
-    (d / 'metrics.jsonl').write_text('{"step": 99, "top1": 1.0}\n')
+    (d / 'config.json').write_text('{"epochs": 99}')
+    (d / 'metrics.jsonl').write_text('')
     train(monkeypatch, finetune, d, '--max-steps', '1')
     assert 'an earlier attempt' not in (d / 'log.txt').read_text()
     assert [r['step'] for r in read_metrics(d)] == [1]
+    assert json.loads((d / 'config.json').read_text())['epochs'] == 1
 
 
 @pytest.mark.parametrize('amp', ['off', 'bf16'])

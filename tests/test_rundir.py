@@ -1,0 +1,260 @@
+"""The run directory under faults (rundir.py): which script made it, one process writing it at a time, files
+written whole (a full disk leaves the old ones as they were), a finished run never written over unless asked,
+a resume that keeps the metrics it continues, and Ctrl-C ending in one line that says how to continue.
+Most scripts run in this process (run_in_process); a fault that needs a process of its own gets one."""
+import hashlib
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import attention_copy
+import attention_distill
+import finetune
+from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
+
+torch.set_num_threads(1)   # a small, shared machine
+
+
+def train(monkeypatch, module, out, *args):
+    msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', out, *args)
+    assert msg is None, msg
+
+
+def digest(d):
+    return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in sorted(os.listdir(d))}
+
+
+def step_of(d):
+    return torch.load(d / 'checkpoint.pt', weights_only=True)['step']
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    """A tiny run stopped after 2 of its 8 steps (one evaluation), and a fresh copy of it per test."""
+    d = tmp_path_factory.mktemp('rundir') / 'run'
+    with pytest.MonkeyPatch.context() as mp:
+        train(mp, finetune, d, '--max-steps', '2')
+
+    def copy(tmp_path):
+        shutil.copytree(d, tmp_path / 'run')
+        return tmp_path / 'run'
+    return copy
+
+
+def start(out, *args, **popen):
+    """finetune.py in a process of its own, tiny and long (20 epochs of 32 steps), a checkpoint every step."""
+    return subprocess.Popen([sys.executable, 'finetune.py', *TINY, '--out-dir', str(out), '--fake-size', '1024',
+                             '--epochs', '20', '--save-every', '1', '--log-every', '1', *map(str, args)],
+                            cwd=ROOT, env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def wait_for_checkpoint(p, out, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if (out / 'checkpoint.pt').exists():
+            return
+        time.sleep(0.05)
+    p.kill()
+    pytest.fail(f'no checkpoint appeared: {p.communicate()[1][-3000:]}')
+
+# -----------------------------------------------------------------------------
+# Which script made the run
+
+
+def test_a_run_is_resumed_only_by_the_script_that_made_it(monkeypatch, tmp_path):
+    """distill on a fine-tuning run would add an attention loss; fine-tuning a distillation run would drop its
+    teacher record: both refused in one line, nothing written. A checkpoint saved before the script was
+    recorded is told by what it holds."""
+    ft, distill = tmp_path / 'ft', tmp_path / 'distill'
+    train(monkeypatch, finetune, ft, '--max-steps', '1')
+    teacher = shutil.copy(ft / 'checkpoint.pt', tmp_path / 'teacher.pt')   # a file of its own: ft's changes below
+    train(monkeypatch, attention_distill, distill, '--teacher', teacher, '--max-steps', '1')
+    made = json.loads((distill / 'config.json').read_text())
+    assert made['script'] == 'attention_distill.py'
+    assert made['teacher_sha256'] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert json.loads((ft / 'config.json').read_text())['script'] == 'finetune.py'
+    tries = [(attention_distill, ft, ['--teacher', teacher], 'finetune.py'),
+             (attention_copy, distill, ['--teacher', teacher], 'attention_distill.py'),
+             (finetune, distill, [], 'attention_distill.py')]
+    for old_format in (False, True):
+        for module, d, args, maker in tries:
+            if old_format:   # as saved before checkpoints named their script
+                ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+                ck.pop('script', None)
+                torch.save(ck, d / 'checkpoint.pt')
+            before = digest(d)
+            msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '2',
+                                 *args)
+            assert msg and f'was saved by {maker}, not {module.__name__}.py' in msg, msg
+            assert digest(d) == before
+    train(monkeypatch, attention_distill, distill, '--teacher', teacher, '--resume', 'true', '--max-steps', '2')
+
+# -----------------------------------------------------------------------------
+# One process at a time
+
+
+def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, tmp_path):
+    out = tmp_path / 'run'
+    p = start(out)
+    try:
+        wait_for_checkpoint(p, out)
+        before = (out / 'config.json').read_bytes()
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1', '--overwrite', 'true')
+        assert msg and f'--out-dir {out} is being written by process {p.pid}' in msg and 'finetune.py' in msg, msg
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--fake-size', '1024', '--epochs', '20',
+                             '--resume', 'true')
+        assert msg and f'being written by process {p.pid}' in msg, msg
+        assert p.poll() is None and (out / 'config.json').read_bytes() == before
+    finally:
+        p.kill()
+        p.wait()
+    assert (out / '.lock').exists()       # left by the killed process, its lock gone with it
+    at = step_of(out)
+    train(monkeypatch, finetune, out, '--fake-size', '1024', '--epochs', '20', '--resume', 'true',
+          '--max-steps', at + 1)
+    assert step_of(out) == at + 1 and not (out / '.lock').exists()   # removed by the process that held it
+
+
+# -----------------------------------------------------------------------------
+# Files written whole: a full disk (here a file size limit, which fails a write the same way)
+
+
+def run_limited(limit, *args):
+    """finetune.py with writes beyond `limit` bytes a file failing (EFBIG; SIGXFSZ is ignored by Python)."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, 'finetune.py', *TINY, *map(str, args)], cwd=ROOT, env=sub_env(),
+                          capture_output=True, text=True, timeout=240, preexec_fn=cap)
+
+
+def one_error_line(p):
+    assert p.returncode not in (0, None) and 'Traceback' not in p.stderr, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), p.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize('limit, fails', [(600, 'config.json'), (2 ** 20, 'checkpoint.pt')])
+def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
+    """config.json (1.3 kB) cannot be written within 600 bytes: the old one stays whole, no JSON cut in two.
+    The checkpoint (11 MB) cannot be within 1 MB: the old one stays, no .tmp beside it; one line each."""
+    d = saved(tmp_path)
+    before = digest(d)
+    line = one_error_line(run_limited(limit, '--out-dir', d, '--resume', 'true', '--max-steps', '3'))
+    assert f'cannot write {d / fails}' in line and 'File too large' in line and '--resume true' in line, line
+    assert not [n for n in os.listdir(d) if n.endswith('.tmp')]
+    assert (d / fails).read_bytes() == (saved(tmp_path / 'again') / fails).read_bytes()
+    assert json.loads((d / 'config.json').read_text())['max_steps'] == (2 if fails == 'config.json' else 3)
+    assert step_of(d) == 2
+    if fails == 'config.json':
+        assert digest(d) == before
+    msg = subprocess.run([sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), '--resume', 'true',
+                          '--max-steps', '3'], cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=240)
+    assert msg.returncode == 0, msg.stderr[-3000:]
+    assert [r['step'] for r in read_metrics(d)] == [2, 3]   # step 3's record of the failed save is made once
+
+
+# -----------------------------------------------------------------------------
+# What a resume keeps, and what a new run may not write over
+
+
+@pytest.mark.parametrize('damage', ['missing', 'cut in two'])
+def test_resume_without_a_readable_config_json_keeps_the_metrics(monkeypatch, saved, tmp_path, damage):
+    d = saved(tmp_path)
+    text = (d / 'config.json').read_text()
+    if damage == 'missing':
+        (d / 'config.json').unlink()
+    else:
+        (d / 'config.json').write_text(text[:len(text) // 2])
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+    assert [r['step'] for r in read_metrics(d)] == [2, 4]         # the earlier evaluation kept
+    config = json.loads((d / 'config.json').read_text())
+    assert 'rebuilt from the checkpoint' in config['rebuilt'] and config['max_steps'] == 4
+    assert config['resumes'][-1]['step'] == 2 and config['script'] == 'finetune.py'
+    if damage == 'cut in two':
+        assert (d / 'config.json.damaged').read_text() == text[:len(text) // 2]
+
+
+@pytest.mark.parametrize('kept', ['done.json', 'metrics only'])
+def test_a_finished_run_is_not_written_over_unless_asked(monkeypatch, saved, tmp_path, kept):
+    """Results kept without their checkpoint (reproduce.py's done.json, results/): refused in one line naming
+    --overwrite; with --overwrite true the new run starts afresh (the old metrics and done.json deleted)."""
+    d = saved(tmp_path)
+    (d / 'checkpoint.pt').unlink()
+    if kept == 'done.json':
+        (d / 'done.json').write_text('{"stage": "finetune", "metrics": {"top1": 10.0}}')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--max-steps', '1')
+    assert msg and f'{d} holds a finished run' in msg and '--overwrite true' in msg, msg
+    assert digest(d) == before
+    train(monkeypatch, finetune, d, '--max-steps', '1', '--overwrite', 'true')
+    assert [r['step'] for r in read_metrics(d)] == [1] and not (d / 'done.json').exists() and step_of(d) == 1
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--max-steps', '1')   # a run again now
+    assert msg and 'already holds a run' in msg and '--overwrite true' in msg, msg
+
+
+def test_resume_drops_an_evaluation_made_after_its_checkpoint(monkeypatch, saved, tmp_path):
+    """Stopped between an evaluation and its checkpoint: the resumed run makes that evaluation again, once."""
+    d = saved(tmp_path)
+    with open(d / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps({'epoch': 0.5, 'step': 4, 'top1': 99.0}) + '\n')
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+    assert [(r['step'], r['top1'] == 99.0) for r in read_metrics(d)] == [(2, False), (4, False)]
+
+
+# root writes into read-only folders: as root, the scripts run without that capability (util-linux's setpriv)
+AS_USER = ['setpriv', '--bounding-set', '-dac_override,-dac_read_search'] if os.geteuid() == 0 else []
+
+
+@pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
+def test_a_read_only_out_dir_is_one_line(saved, tmp_path):
+    d = saved(tmp_path)
+    before = digest(d)
+    os.chmod(d, 0o555)
+    try:
+        for args in (['--resume', 'true', '--max-steps', '3'], ['--max-steps', '1', '--overwrite', 'true']):
+            p = subprocess.run([*AS_USER, sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), *args], cwd=ROOT,
+                               env=sub_env(), capture_output=True, text=True, timeout=240)
+            assert f'--out-dir {d} cannot be written (read-only)' in one_error_line(p)
+    finally:
+        os.chmod(d, 0o755)
+    assert digest(d) == before
+
+# -----------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it (the loader's worker too): exit 130, one line
+    with the command that continues the run, a checkpoint that loads; that command then resumes it."""
+    out = tmp_path / 'run'
+    p = start(out, '--num-workers', '1', start_new_session=True)
+    try:
+        wait_for_checkpoint(p, out)
+        time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: stopped (Ctrl-C): ') and \
+        f'{out / "checkpoint.pt"} holds the last checkpoint' in lines[0], err[-3000:]
+    command = shlex.split(lines[0].split('continue with: ', 1)[1])
+    assert command[:2] == ['python', 'finetune.py'] and command[-2:] == ['--resume', 'true']
+    at = step_of(out)
+    p = subprocess.run([sys.executable, *command[1:], '--max-steps', str(at + 1)], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0 and f'resumed from {out / "checkpoint.pt"} at step {at}' in p.stdout, p.stderr[-3000:]
+    assert step_of(out) == at + 1
