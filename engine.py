@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from checkpoints import CheckpointError
 from config import AMP, ConfigError, parse_config
-from data import batch_mixer, build_loader, build_splits
+from data import DataError, batch_mixer, build_loader, build_splits
 from rundir import (append_record, batches, cannot_write, how_to_continue, open_resumed, prepare_run_dir, restore,
                     rng_states, save_checkpoint, unlock, write_provenance)
 
@@ -173,11 +174,7 @@ def evaluate(predict, loader, env):
 
 
 # -----------------------------------------------------------------------------
-# Where it runs
-
-
-# -----------------------------------------------------------------------------
-# The training loop
+# The training loop: fit() reads as its phases, each a method of Run below
 
 
 def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, extra=None):
@@ -185,134 +182,166 @@ def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, ext
     loss_fn(net, images, targets) -> (loss, {name: detached scalar}) with net the DDP-wrapped model;
     predict(model, images) -> logits for evaluation (default: model(images));
     evaluate_fn(model, loader, env) -> {name: value} replaces the top-1 / top-5 evaluation;
-    data: (train_set, eval_set, num_classes) from start();
+    data: data.Splits (train, eval, num_classes) from start();
     extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
-    train_set, eval_set, num_classes = data
-    def classification_loss(net, x, y):
-        loss = soft_cross_entropy(net(x), y, cfg.smoothing)
-        return loss, {'ce': loss.detach()}
-    loss_fn = loss_fn or classification_loss
+    run = Run(cfg, env, model, data, extra)        # optimiser, loaders, resume, provenance
+    loss_fn = loss_fn or run.classification_loss
     predict = predict or (lambda m, x: m(x))
     evaluate_fn = evaluate_fn or (lambda m, loader, env: evaluate(lambda x: predict(m, x), loader, env))
-    ckpt_path = env.ckpt_path
-    model = model.to(env.device)
-    eff_batch = cfg.batch_size * cfg.accum_steps * env.world
-    lr = cfg.blr * eff_batch / 256
-    opt = build_optimizer(cfg, model, lr)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    train_loader = build_loader(cfg, train_set, True, env.rank, env.world)
-    eval_loader = build_loader(cfg, eval_set, False, env.rank, env.world)
-    steps_per_epoch = len(train_loader) // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f'{len(train_set)} training images give no full batch of {eff_batch}')
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    resumed = env.resumed
-    step, metrics, trained_s = restore(resumed, env, model, opt, scaler, ema, steps_per_epoch) if resumed else (0, {}, 0.0)
-    write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
-    env.resumed = None
-    log(env, cfg, f'lr {lr:.3g} = blr {cfg.blr:g} x effective batch {eff_batch} / 256 | '
-                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params | '
-                  f'{env.world} process(es) on {env.device}'
-                  + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
-    if resumed:
-        log(env, cfg, f'resumed from {ckpt_path} at step {step}')
-    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
-        if dist.is_initialized() else None
-    net = torch.compile(ddp or model) if cfg.compile else ddp or model
-    mixer = batch_mixer(cfg, num_classes)
-
-    def checkpoint():
-        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():   # never save a broken model
-            check_finite(float('nan'), 'a model weight')
-        states = rng_states(env)
-        if env.main:
-            save_checkpoint(ckpt_path, {
-                'model': model.state_dict(), 'arch': getattr(model, 'arch', None), 'config': asdict(cfg),
-                'script': cfg.SCRIPT, 'epoch': step / steps_per_epoch, 'step': step, 'optimizer': opt.state_dict(),
-                'scaler': scaler.state_dict(), 'ema': ema.state_dict() if ema else None, 'metrics': metrics,
-                'rng': states, 'world_size': env.world, 'steps_per_epoch': steps_per_epoch,
-                'time': trained_s + time.time() - t_start, **(extra or {})})
-
-    def check_finite(value, what):
-        if not math.isfinite(value):
-            kept = f'the last good checkpoint ({ckpt_path}) is kept' if os.path.exists(ckpt_path) else \
-                'no checkpoint was written yet'
-            raise FloatingPointError(f'{what} is {value} at step {step}; stopped, {kept}: lower --blr, set '
-                                     f'--clip-grad' + (', or try --amp bf16' if env.dtype == torch.float16 else ''))
-
     model.train()
-    t_start, steps_done, running, since_log = time.time(), 0, {}, 0
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
+    while run.step < run.total_steps:
+        if run.train_epoch(loss_fn):               # to the epoch's end (or --max-steps), saving every --save-every
+            run.evaluate(evaluate_fn)              # the eval split; a line of metrics.jsonl
+            run.checkpoint()
+    return run.metrics
+
+
+class Run:
+    """One fit(): what it trains with, and how far it has got (step, metrics, seconds trained)."""
+
+    def __init__(self, cfg, env, model, data, extra):
+        self.cfg, self.env, self.extra = cfg, env, extra
+        self.model = model = model.to(env.device)
+        self.eff_batch = cfg.batch_size * cfg.accum_steps * env.world
+        self.lr = cfg.blr * self.eff_batch / 256
+        self.opt = build_optimizer(cfg, model, self.lr)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
+            if cfg.ema else None
+        self.train_loader = build_loader(cfg, data.train, True, env.rank, env.world)
+        self.eval_loader = build_loader(cfg, data.eval, False, env.rank, env.world)
+        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f'{len(data.train)} training images give no full batch of {self.eff_batch}')
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        resumed = env.resumed
+        self.step, self.metrics, self.trained_s = restore(resumed, env, model, self.opt, self.scaler, self.ema,
+                                                          self.steps_per_epoch) if resumed else (0, {}, 0.0)
+        write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
+        env.resumed = None
+        log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 | '
+                      f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
+                      f' | {env.world} process(es) on {env.device}'
+                      + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
+        if resumed:
+            log(env, cfg, f'resumed from {env.ckpt_path} at step {self.step}')
+        self.ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
+            if dist.is_initialized() else None
+        self.net = torch.compile(self.ddp or model) if cfg.compile else self.ddp or model
+        self.mixer = batch_mixer(cfg, data.num_classes)
+        self.t_start, self.steps_done, self.running, self.since_log = time.time(), 0, {}, 0
+
+    def classification_loss(self, net, x, y):
+        loss = soft_cross_entropy(net(x), y, self.cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+
+    def train_epoch(self, loss_fn):
+        """Optimiser steps from self.step to the end of its epoch (or the last step); True once there."""
+        cfg, env = self.cfg, self.env
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
         if skip == 0:
             seed_all(cfg.seed, env.rank, epoch)
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size
-        for i, (x, y) in enumerate(batches(train_loader)):
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size   # a resume mid-epoch
+        for i, (x, y) in enumerate(batches(self.train_loader)):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if mixer is not None:
-                x, y = mixer(x, y)
+            if self.mixer is not None:
+                x, y = self.mixer(x, y)
             last_micro = (i + 1) % cfg.accum_steps == 0   # gradients are all-reduced on the last one only
-            with (ddp.no_sync() if ddp and not last_micro else contextlib.nullcontext()), autocast(env):
-                loss, parts = loss_fn(net, x, y)
-                scaler.scale(loss / cfg.accum_steps).backward()
+            with (self.ddp.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()), autocast(env):
+                loss, parts = loss_fn(self.net, x, y)
+                self.scaler.scale(loss / cfg.accum_steps).backward()
             for k, v in parts.items():   # stays on the device: no host sync per step
-                running[k] = running.get(k, 0.0) + v.float() / cfg.accum_steps
+                self.running[k] = self.running.get(k, 0.0) + v.float() / cfg.accum_steps
             if not last_micro:
                 continue
-            for g in opt.param_groups:
-                g['lr'] = lr_at(cfg, lr, step / steps_per_epoch) * g['lr_scale']
-            if cfg.clip_grad:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
-            step, steps_done, since_log = step + 1, steps_done + 1, since_log + 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                vals = {k: all_mean(v, env).item() / since_log for k, v in running.items()}
-                running, since_log = {}, 0
-                for k, v in vals.items():
-                    check_finite(v, f'training loss {k}')
-                elapsed = time.time() - t_start
-                log(env, cfg, f'epoch {step / steps_per_epoch:6.2f} step {step}/{total_steps} | ' +
-                    ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
-                    f' | lr {lr_at(cfg, lr, (step - 1) / steps_per_epoch):.2e} | '
-                    f'{steps_done * eff_batch / elapsed:.0f} img/s | ETA {(total_steps - step) * elapsed / steps_done / 60:.1f} min')
-                metrics['train'] = vals
-            epoch_end = step % steps_per_epoch == 0 or step == total_steps
-            if epoch_end:
-                model.eval()
-                metrics.update(evaluate_fn(model, eval_loader, env))
-                if ema is not None:
-                    ema.eval()
-                    metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module, eval_loader, env).items()})
-                model.train()
-                record = {'epoch': step / steps_per_epoch, 'step': step, 'time': trained_s + time.time() - t_start,
-                          **metrics}
-                for k in [k for k, v in record.items() if isinstance(v, float)]:   # kept only if finite
-                    check_finite(record[k], f'evaluation {k}')
-                log(env, cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items()
-                                                   if isinstance(v, float)))
-                if env.main:
-                    append_record(os.path.join(cfg.out_dir, 'metrics.jsonl'), record)
-            if epoch_end or (cfg.save_every and step % cfg.save_every == 0):
-                checkpoint()
-            if epoch_end:
-                break
-    return metrics
+            self.optimizer_step()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self.log_progress()
+            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                return True
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.checkpoint()
+        return False
+
+    def optimizer_step(self):
+        """The lr of this step, clipping, the (scaled) update, the EMA."""
+        for g in self.opt.param_groups:
+            g['lr'] = lr_at(self.cfg, self.lr, self.step / self.steps_per_epoch) * g['lr_scale']
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step, self.steps_done, self.since_log = self.step + 1, self.steps_done + 1, self.since_log + 1
+
+    def log_progress(self):
+        """The training losses since the last line (averaged over ranks), lr, speed, time left."""
+        vals = {k: all_mean(v, self.env).item() / self.since_log for k, v in self.running.items()}
+        self.running, self.since_log = {}, 0
+        for k, v in vals.items():
+            self.check_finite(v, f'training loss {k}')
+        elapsed, step = time.time() - self.t_start, self.step
+        log(self.env, self.cfg, f'epoch {step / self.steps_per_epoch:6.2f} step {step}/{self.total_steps} | ' +
+            ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
+            f' | lr {lr_at(self.cfg, self.lr, (step - 1) / self.steps_per_epoch):.2e} | '
+            f'{self.steps_done * self.eff_batch / elapsed:.0f} img/s | '
+            f'ETA {(self.total_steps - step) * elapsed / self.steps_done / 60:.1f} min')
+        self.metrics['train'] = vals
+
+    def evaluate(self, evaluate_fn):
+        """The model (and its EMA) on the eval split; the record appended to metrics.jsonl."""
+        model, ema, env = self.model, self.ema, self.env
+        model.eval()
+        self.metrics.update(evaluate_fn(model, self.eval_loader, env))
+        if ema is not None:
+            ema.eval()
+            self.metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module, self.eval_loader, env).items()})
+        model.train()
+        record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.seconds(),
+                  **self.metrics}
+        for k in [k for k, v in record.items() if isinstance(v, float)]:   # kept only if finite
+            self.check_finite(record[k], f'evaluation {k}')
+        log(env, self.cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
+        if env.main:
+            append_record(os.path.join(self.cfg.out_dir, 'metrics.jsonl'), record)
+
+    def checkpoint(self):
+        """Everything a resume needs, written whole (rundir.save_checkpoint); never a model with NaN weights."""
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            self.check_finite(float('nan'), 'a model weight')
+        states = rng_states(self.env)
+        if self.env.main:
+            save_checkpoint(self.env.ckpt_path, {
+                'model': self.model.state_dict(), 'arch': getattr(self.model, 'arch', None),
+                'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
+                'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
+                'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
+                'world_size': self.env.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
+                **(self.extra or {})})
+
+    def seconds(self):
+        """Seconds of training, over every resume."""
+        return self.trained_s + time.time() - self.t_start
+
+    def check_finite(self, value, what):
+        if not math.isfinite(value):
+            path = self.env.ckpt_path
+            kept = f'the last good checkpoint ({path}) is kept' if os.path.exists(path) else \
+                'no checkpoint was written yet'
+            raise FloatingPointError(f'{what} is {value} at step {self.step}; stopped, {kept}: lower --blr, set '
+                                     f'--clip-grad' + (', or try --amp bf16' if self.env.dtype == torch.float16
+                                                       else ''))
 
 
 def run_main(main):
     """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
     to continue (exit 130, as a shell reports SIGINT)."""
-    from checkpoints import CheckpointError
-    from data import DataError
     try:
         main()
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
