@@ -25,8 +25,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from checkpoints import CheckpointError
 from config import AMP, ConfigError, parse_config
 from data import DataError, batch_mixer, build_loader, build_splits
-from rundir import (append_record, batches, cannot_write, how_to_continue, open_resumed, prepare_run_dir, restore,
-                    rng_states, save_checkpoint, unlock, write_provenance)
+from files import cannot_write
+from rundir import (append_record, batches, how_to_continue, open_resumed, prepare_run_dir, restore, rng_states,
+                    save_checkpoint, unlock, write_provenance)
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision

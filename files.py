@@ -6,6 +6,7 @@ A file cut short by a kill or a full disk, edited by hand, or written by another
 naming the file and the fix, never a traceback; a JSON file is written to a temporary file and renamed, so
 that it is never left half written; an output folder that cannot be written is refused before any work.
 """
+import contextlib
 import json
 import os
 
@@ -14,6 +15,10 @@ from config import ConfigError
 
 class DamagedFile(ConfigError):
     """A file that does not hold what the program that wrote it writes."""
+
+
+class WriteError(ConfigError):
+    """A file that could not be written whole (a full disk, a file size limit, a read-only disk)."""
 
 
 def read_json(path, fix, keys=None):
@@ -55,18 +60,40 @@ def read_jsonl(path, fix):
     return records
 
 
-def write_json(path, record):
-    """`record` as indented JSON, to path + '.tmp' and then renamed over path: a reader never sees half a file,
-    and a failed write (a full disk) leaves the file as it was, and no .tmp beside it."""
+@contextlib.contextmanager
+def replacing(path):
+    """Write `path` whole or not at all: yields a temporary name beside it, renamed over it once written. On any
+    failure (a full disk, Ctrl-C) the temporary file is removed and `path` is left as it was; a failed write
+    ends in one line (WriteError)."""
+    tmp = path + '.tmp'
     try:
-        with open(path + '.tmp', 'w') as f:
-            json.dump(record, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + '.tmp', path)
-    finally:
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
+            e = e.__cause__ or e.__context__
+        if isinstance(e, OSError):
+            raise cannot_write(path, e) from None
+        raise
+
+
+def cannot_write(path, e):
+    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk)."""
+    why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
+    return WriteError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
+                      f'true to continue from the last checkpoint)')
+
+
+def write_text(path, text):
+    with replacing(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+
+
+def write_json(path, record):
+    """`record` as indented JSON, whole or not at all (replacing)."""
+    write_text(path, json.dumps(record, indent=2))
 
 
 def check_out_dir(path, flag):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from config import ConfigError, flag
+from files import cannot_write, replacing, write_text
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
@@ -315,37 +316,6 @@ def rng_states(env):
     if env.world > 1:
         dist.all_gather_object(states, states[0])
     return states
-
-
-@contextlib.contextmanager
-def replacing(path):
-    """Write `path` whole or not at all: yields a temporary name beside it, renamed over it once written. On any
-    failure (a full disk, Ctrl-C) the temporary file is removed and `path` is left as it was; a failed write
-    ends in one line (RunDirError)."""
-    tmp = path + '.tmp'
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
-            e = e.__cause__ or e.__context__
-        if isinstance(e, OSError):
-            raise cannot_write(path, e) from None
-        raise
-
-
-def cannot_write(path, e):
-    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk)."""
-    why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    return RunDirError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
-                       f'true to continue from the last checkpoint)')
-
-
-def write_text(path, text):
-    with replacing(path) as tmp, open(tmp, 'w') as f:
-        f.write(text)
 
 
 def save_checkpoint(path, state):
