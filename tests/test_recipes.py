@@ -27,7 +27,7 @@ from vit import create_model
 
 # settings of a run, not of a recipe: everything else must be in the table below
 RUN_FIELDS = {'data', 'data_dir', 'val_size', 'out_dir', 'resume', 'amp', 'compile', 'seed', 'fake_size', 'log_every',
-              'save_every', 'max_steps', 'new_teacher', 'export'}
+              'save_every', 'max_steps', 'new_teacher', 'export', 'overwrite', 'dist_timeout'}
 # timm's augmentation as main_finetune.py sets it up: --aa default, --reprob 0.25 (mode 'pixel', count 1),
 # RandomResizedCrop (0.08, 1) and flip 0.5 (create_transform defaults), label smoothing default 0.1
 AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
