@@ -1,10 +1,13 @@
 """tutorial.ipynb: the stored copy carries the figures of a quick-mode run made from the current code and
-teacher; a fresh copy runs top to bottom (and its training cells run again); its set-up cell fetches the
-code and installs what is missing on a simulated Colab; the README's Colab badge opens what that cell clones.
+teacher, and reads at a glance (few text lines, sharp figures, nothing but results in its outputs, its
+numbers agreeing with its text); a fresh copy runs top to bottom (and a training cell runs again); its
+set-up cell fetches the code and installs what is missing on a simulated Colab; the README's Colab badge
+opens what that cell clones.
 
     python tests/test_tutorial.py    # re-execute the notebook in quick mode and store it with its outputs
 """
 import ast
+import base64
 import hashlib
 import json
 import os
@@ -23,8 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, 'tutorial.ipynb')
-FIGURES = 8                 # the notebook draws 11; a page with fewer has lost some
+FIGURES = 8                 # the notebook draws 8; a page with fewer has lost some
 MAX_BYTES = 2_000_000
+MAX_TEXT_LINES = 60         # every stored text output together, a table counting its rows
+MIN_DPI = 100               # a figure's PNG width in pixels over the inches it is shown at (96 CSS pixels an inch)
 # a fresh quick-mode run against the stored one: the teacher's entropies are computed in fp32 and agree
 # across machines; trained numbers differ with the CPU (bf16 autocast on some, fp32 on others) and threads
 TOLERANCE = {'teacher_entropy': 0.02, 'top1': 8.0, 'ensemble_top1': 8.0, 'attention_loss_after': 0.3}
@@ -68,27 +73,52 @@ def key_numbers(nb):
     return json.loads(re.search(r'^KEY_NUMBERS (.*)$', text, re.M)[1])
 
 
+def module_path(name):
+    """The repository file that `import name` runs ('vit' -> 'vit.py', 'tools' -> 'tools/__init__.py'), or
+    None for a module from elsewhere."""
+    base = os.path.join(ROOT, *name.split('.'))
+    for path in (base + '.py', os.path.join(base, '__init__.py')):
+        if os.path.isfile(path):
+            return os.path.relpath(path, ROOT)
+    return None
+
+
+def imported(names):
+    """The repository files that importing each dotted name runs: 'tools.course' runs tools/__init__.py too."""
+    parts = {'.'.join(n.split('.')[:k]) for n in names for k in range(1, n.count('.') + 2)}
+    return {p for p in map(module_path, parts) if p}
+
+
 def inputs():
-    """{path: sha256} of what the stored run depends on: the modules the notebook imports and the scripts
-    it launches, everything they import from the repository, and the teacher checkpoint it loads."""
+    """{path: sha256} of what the stored run depends on: the modules the notebook imports (tools/ included)
+    and the scripts it launches, everything they import from the repository, and the files it reads (the
+    teacher checkpoint, the committed results)."""
     with open(NOTEBOOK) as f:
         source = '\n'.join(c.source for c in nbformat.read(f, as_version=4).cells if c.cell_type == 'code')
-    local = {name[:-3] for name in os.listdir(ROOT) if name.endswith('.py')}
-    todo = (set(re.findall(r'^\s*(?:import|from)\s+(\w+)', source, re.M)) | set(re.findall(r"'(\w+)\.py'", source)))
-    todo, seen = todo & local, set()
+    todo = imported(set(re.findall(r'^\s*(?:import|from)\s+([\w.]+)', source, re.M)) |
+                    set(re.findall(r"'(\w+)\.py'", source)))
+    seen = set()
     while todo:
-        name = todo.pop()
-        seen.add(name)
-        with open(os.path.join(ROOT, name + '.py')) as f:
+        path = todo.pop()
+        seen.add(path)
+        with open(os.path.join(ROOT, path)) as f:
             tree = ast.parse(f.read())
+        package = os.path.dirname(path).replace(os.sep, '.')
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                todo |= {a.name.split('.')[0] for a in node.names} & local - seen
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                todo |= {node.module.split('.')[0]} & local - seen
-    files = sorted(name + '.py' for name in seen) + sorted(set(re.findall(r"'(teachers/[\w./-]+\.(?:pt|png))'", source)))
+                names = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):     # `from a.b import c`: c may be a module of a.b
+                base = node.module or ''
+                if node.level:                           # relative: from the file's own package
+                    up = package.split('.')[:len(package.split('.')) - node.level + 1] if package else []
+                    base = '.'.join(up + ([base] if base else []))
+                names = {base} | {f'{base}.{a.name}' for a in node.names} if base else {a.name for a in node.names}
+            else:
+                continue
+            todo |= imported(names) - seen
+    data = set(re.findall(r"'((?:teachers|results)/[\w./-]+\.(?:pt|png|json))'", source))
     digests = {}
-    for path in files:
+    for path in sorted(seen) + sorted(data):
         with open(os.path.join(ROOT, path), 'rb') as f:
             digests[path] = hashlib.sha256(f.read()).hexdigest()
     return digests
@@ -151,24 +181,84 @@ def test_differences_within_tolerance():
          'top1.distill: None vs stored 81.0']
 
 
-def test_runs_in_quick_mode_and_training_cells_run_again(tmp_path):
-    """The whole notebook, then the copy cell and the distillation cell once more each: the one that trains
-    from a script alone, and the one that also uses the student and teacher built in the cells before it."""
+def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
+    """The whole notebook, then the scratch cell once more, as a reader re-runs a cell: the run gets a folder of
+    its own (every training cell launches through the same runner)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     stored = key_numbers(nb)
-    again = {name: next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and
-                        re.search(rf"^{name.upper()} = run\('", c.source, re.M)) for name in ('copy', 'distill')}
+    again = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and re.search(r"^SCRATCH = run\('", c.source, re.M))
     for cell in nb.cells:
         if cell.cell_type == 'code':
             cell.outputs = []
-    execute(nb, kernel_env(tmp_path, threads=os.environ.get('OMP_NUM_THREADS', '1')), rerun=again.values())
+    execute(nb, kernel_env(tmp_path, threads=os.environ.get('OMP_NUM_THREADS', '1')), rerun=[again])
     assert not outputs(nb, 'error')
     assert len(outputs(nb, 'image/png')) >= FIGURES, 'a figure is missing'
-    for name, i in again.items():   # a re-run cell's outputs are those of its second run
-        text = ''.join(o.text for o in nb.cells[i].outputs if o.output_type == 'stream')
-        assert re.search(rf'--out-dir \S+/{name}-2 ', text), f'the re-run {name} cell did not get a directory of its own'
+    assert re.match(r'scratch-2: test top-1 [\d.]+%', '\n'.join(text_outputs(nb.cells[again]))), \
+        'the re-run scratch cell did not get a folder of its own'
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
+
+# -----------------------------------------------------------------------------
+# The stored copy reads at a glance
+
+
+def text_outputs(cell):
+    """The text a cell shows: its printed streams and its displayed text (a figure's text stand-in excluded)."""
+    texts = []
+    for o in cell.get('outputs', []):
+        if o.output_type == 'stream':
+            texts.append(o.text)
+        elif o.output_type in ('display_data', 'execute_result') and 'image/png' not in o.data:
+            texts.append(o.data.get('text/plain', ''))
+        elif o.output_type == 'error':
+            texts.append('\n'.join(o.traceback))
+    return texts
+
+
+def png_dpi(png, meta):
+    """Pixels per inch the PNG is shown at: its width over the width it is displayed at (`meta`'s, in CSS
+    pixels, 96 an inch), or, with no display width, its own pHYs chunk's resolution."""
+    width = int.from_bytes(png[16:20], 'big')                     # IHDR, the first chunk
+    if meta.get('width'):
+        return width / (meta['width'] / 96)
+    at = png.find(b'pHYs')
+    if at < 0:
+        return 96.0                                                # shown one pixel to a CSS pixel
+    per_metre = int.from_bytes(png[at + 4:at + 8], 'big')
+    return per_metre * 0.0254
+
+
+# what no stored output may contain: a traceback or warning, a module's or an object's repr, a temporary path
+UNWANTED = re.compile(r'Traceback|Error\b|Warning|<module |object at 0x|/tmp/|attention-transfer-|' +
+                      re.escape(tempfile.gettempdir()))
+
+
+def test_stored_copy_reads_at_a_glance():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    texts = [t for c in nb.cells if c.cell_type == 'code' for t in text_outputs(c)]
+    lines = sum(len(t.rstrip('\n').splitlines()) for t in texts)
+    assert lines <= MAX_TEXT_LINES, f'{lines} lines of text output: at most {MAX_TEXT_LINES}'
+    assert not [o for o in outputs(nb, 'stream') if o.name == 'stderr'], 'something was written to stderr'
+    bad = [m[0] for t in texts for m in [UNWANTED.search(t)] if m]
+    assert not bad, f'outputs contain {bad}'
+    for c in nb.cells:
+        for o in c.get('outputs', []):
+            if 'image/png' in o.get('data', {}):
+                dpi = png_dpi(base64.b64decode(o.data['image/png']), o.get('metadata', {}).get('image/png', {}))
+                assert dpi >= MIN_DPI, f'a figure is shown at {dpi:.0f} pixels an inch: at least {MIN_DPI}'
+    top1 = key_numbers(nb)['top1']
+    assert top1['copy'] > top1['scratch'] and top1['distill'] > top1['scratch'], \
+        f'the stored run contradicts the text: {top1}'
+
+
+def test_the_checks_of_the_glance_test_can_fail():
+    png = bytes(16) + (800).to_bytes(4, 'big') + bytes(20)
+    assert png_dpi(png, {'width': 400}) == 192 and png_dpi(png, {'width': 800}) == 96
+    assert round(png_dpi(png[:30] + b'pHYs' + (3937).to_bytes(4, 'big') + bytes(9), {})) == 100
+    for text in ('Traceback (most recent call last)', 'UserWarning: x', f'{tempfile.gettempdir()}/x',
+                 "<module 'vit' from 'vit.py'>", '<vit.Block object at 0x7f>'):
+        assert UNWANTED.search(text), text
+    assert not UNWANTED.search('copy ends +10.2 points from scratch; max |difference| = 1.2e-07')
 
 # -----------------------------------------------------------------------------
 # The set-up cell, on a simulated Colab

@@ -1,0 +1,210 @@
+"""What tutorial.ipynb uses around the lesson: the images it shows, a runner for the scripts, a few figures.
+
+Kept out of the notebook so that its cells show the ideas. Nothing here is attention transfer: the runner
+launches the same command lines you would type in a terminal, and the figures only draw what the notebook
+computed.
+"""
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.ticker import MaxNLocator
+
+# -----------------------------------------------------------------------------
+# Fashion-MNIST from its IDX files (MNIST's format: two zero bytes, a type code, the number of dimensions,
+# each size in 4 bytes, then the raw bytes)
+
+CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
+MEAN, STD = 0.2860, 0.3530      # of the training images: the scripts normalise with these (data.py)
+FOLDERS = ['data', 'data/FashionMNIST/raw', '/usr/share/datasets/fashion-mnist']   # where data.py looks too
+
+
+def find_idx(split, kind):
+    """The path of e.g. ('t10k', 'images') in one of FOLDERS (plain or .gz), downloading it when missing."""
+    name = f"{split}-{kind}-{'idx3' if kind == 'images' else 'idx1'}-ubyte"
+    for folder in FOLDERS:
+        for path in (os.path.join(folder, name), os.path.join(folder, name + '.gz')):
+            if os.path.isfile(path):
+                return path
+    import torchvision   # only now: a download needs the internet
+    torchvision.datasets.FashionMNIST('data', train=split == 'train', download=True)
+    return find_idx(split, kind)
+
+
+def read_idx(path):
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+        raw = f.read()
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
+
+
+def write_idx(path, array):
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, 'wb') as f:
+        f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
+
+
+def fashion_mnist(n, split='t10k'):
+    """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
+    images = torch.from_numpy(read_idx(find_idx(split, 'images'))[:n].copy())       # (n, 28, 28) uint8
+    labels = torch.from_numpy(read_idx(find_idx(split, 'labels'))[:n].astype(np.int64))
+    x = (images.float() / 255 - MEAN) / STD
+    return x[:, None].expand(-1, 3, -1, -1).contiguous(), labels                     # grey repeated, as data.py
+
+
+def write_slice(folder, n_train, n_test):
+    """The first n_train training and n_test test images as IDX files in folder: a --data-dir for the scripts."""
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        for kind in ('images', 'labels'):
+            stem = os.path.basename(find_idx(split, kind)).removesuffix('.gz')
+            write_idx(os.path.join(folder, stem), read_idx(find_idx(split, kind))[:n])
+    return folder
+
+# -----------------------------------------------------------------------------
+# Running the scripts: one line that updates while a run trains, then its summary
+
+
+class Line:
+    """One line of output that can be rewritten: a display that updates in a notebook, '\\r' elsewhere."""
+
+    def __init__(self):
+        try:
+            from IPython import get_ipython
+            from IPython.display import Pretty, display
+            self.handle = display(Pretty(''), display_id=True) if get_ipython() else None
+            self.pretty = Pretty
+        except ImportError:
+            self.handle = None
+
+    def show(self, text, end=False):
+        if self.handle:
+            self.handle.update(self.pretty(text))
+        else:
+            print('\r' + text, end='\n' if end else '', flush=True)
+
+
+class Runner:
+    """run(script, name, *flags) launches `python script --data fashion-mnist --data-dir DATA_DIR --out-dir
+    <work>/name <flags given here> <flags>` and returns the run directory (config.json, log.txt, metrics.jsonl,
+    checkpoint.pt). A name used before gets a new directory (name-2, ...): a cell can run again."""
+
+    def __init__(self, data_dir, flags=(), work=None):
+        self.data_dir, self.flags = data_dir, [str(f) for f in flags]
+        self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
+
+    def __call__(self, script, name, *flags):
+        out, n = os.path.join(self.work, name), 1
+        while os.path.exists(out):
+            n += 1
+            out = os.path.join(self.work, f'{name}-{n}')
+        label = os.path.basename(out)
+        cmd = [sys.executable, script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
+               *self.flags, *map(str, flags)]
+        line, tail, start, last = Line(), deque(maxlen=20), time.time(), 0.0
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
+            for text in p.stdout:
+                tail.append(text)
+                step = re.search(r'\bstep (\d+)/(\d+)', text)
+                if step and time.time() - last > 0.5:
+                    last = time.time()
+                    line.show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s')
+        if p.returncode:
+            raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' + ''.join(tail))
+        m = metrics(out)
+        line.show(f"{label}: test top-1 {m[-1]['top1']:.1f}% after {m[-1]['epoch']:g} epochs "
+                  f"({m[-1]['step']} steps, {time.time() - start:.0f} s)", end=True)
+        return out
+
+
+def metrics(run_dir):
+    """The evaluations of a run, one dict per epoch: {'epoch', 'step', 'top1', ...}."""
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_top1(run_dir):
+    return metrics(run_dir)[-1]['top1']
+
+
+def full_reproduction(path='results/fashion-mnist/results.json'):
+    """The committed reproduction (3 seeds, the whole training set): {method: (mean, std)}, and its
+    ensemble's disagreement (% of test images), read from its results.json."""
+    with open(path) as f:
+        summary = json.load(f)['summary']
+    table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
+    return table, float(np.mean(summary['disagreement_pct']))
+
+# -----------------------------------------------------------------------------
+# Figures
+
+
+def plot_curves(runs, title):
+    """Test top-1 after every epoch, {label: run directory}; the legend, right of the axes, gives each end."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout='constrained')
+    for label, d in runs.items():
+        m = metrics(d)
+        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', label=f"{label}: {m[-1]['top1']:.1f}%")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel='epoch', ylabel='test top-1 (%)', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
+    plt.show()
+
+
+def show_map(ax, probs, title, vmax=None, tick=7):
+    """One (N, N) attention map, rows = queries; token 0 is the class token. Returns the image for a colour bar."""
+    im = ax.imshow(probs, cmap='magma', vmin=0, vmax=vmax if vmax is not None else np.quantile(probs, 0.99),
+                   interpolation='nearest')
+    ax.set_xticks(range(0, len(probs), tick))
+    ax.set_yticks(range(0, len(probs), tick))
+    ax.set(xlabel='key: the token read from', ylabel='query: the token reading', title=title)
+    return im
+
+
+def _map(rng, noise):
+    """A made-up 6x6 attention map: each token reads mostly from itself and its neighbours."""
+    i = np.arange(6)
+    m = np.exp(-((i[:, None] - i[None, :]) ** 2) / 2.0 + noise * rng.normal(size=(6, 6)))
+    return m / m.sum(1, keepdims=True)
+
+
+def draw_methods():
+    """The paper's Figure 1, redrawn: a frozen teacher's maps reach a fresh student, copied or distilled."""
+    rng = np.random.default_rng(3)
+    teacher_maps = [_map(rng, 0.4) for _ in range(3)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout='constrained')
+    for ax, copy in zip(axes, (True, False)):
+        ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
+        ax.axis('off')
+        ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12, weight='bold')
+        for x0, who, colour in ((0.2, 'teacher (frozen)', '#e0e0e0'), (6.3, 'student (trained)', '#d4e6f7')):
+            ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
+        for layer, a_t in enumerate(teacher_maps):
+            y = 0.6 + 3.0 * layer
+            a_s = a_t if copy else _map(rng, 0.9)      # copy: the student's map IS the teacher's
+            for x0, colour, amap, text in ((0.2, '#e0e0e0', a_t, 'q, k → A_T'),
+                                           (6.3, '#d4e6f7', a_s, 'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=colour, edgecolor='k', lw=0.8))
+                ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
+                ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
+                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3, aspect='auto')
+            style = dict(arrowstyle='->', lw=2, color='tab:blue') if copy else \
+                dict(arrowstyle='<->', lw=1.5, ls='--', color='tab:red')
+            # below the blocks' text, from the teacher's map to the student's map
+            ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style, zorder=4)
+            ax.text(5.0, y + 0.6, 'A_T' if copy else 'H(A_T, A_S)', ha='center', va='bottom', fontsize=9,
+                    color=style['color'])
+        ax.text(5, -0.6, 'at test time: teacher + student' if copy else 'at test time: the student alone',
+                ha='center', fontsize=9, style='italic')
+    plt.show()
