@@ -61,8 +61,10 @@ def fashion_mnist(n, split='t10k'):
     return x[:, None].expand(-1, 3, -1, -1).contiguous(), labels                     # grey repeated, as data.py
 
 
-def write_slice(folder, n_train, n_test):
-    """The first n_train training and n_test test images as IDX files in folder: a --data-dir for the scripts."""
+def write_slice(n_train, n_test, folder=None):
+    """The first n_train training and n_test test images as IDX files in folder (default: a new temporary
+    one), which it returns: a --data-dir for the scripts."""
+    folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
         for kind in ('images', 'labels'):
@@ -110,15 +112,17 @@ class Runner:
         label = os.path.basename(out)
         cmd = [sys.executable, script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
                *self.flags, *map(str, flags)]
-        line, tail, start, last = Line(), deque(maxlen=20), time.time(), 0.0
+        line, tail, start, last, scored = Line(), deque(maxlen=20), time.time(), 0.0, ''
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
-            for text in p.stdout:
+            for text in p.stdout:       # the scripts' log lines: '... step 8/192 | ...', 'eval | ... top1 61.2 ...'
                 tail.append(text)
+                top1 = re.search(r'\btop1 ([\d.]+)', text)
+                scored = f' | test top-1 so far {float(top1[1]):.1f}%' if top1 else scored
                 step = re.search(r'\bstep (\d+)/(\d+)', text)
                 if step and time.time() - last > 0.5:
                     last = time.time()
-                    line.show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s')
+                    line.show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
             raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' + ''.join(tail))
         m = metrics(out)
@@ -162,10 +166,11 @@ def plot_curves(runs, title):
     plt.show()
 
 
-def show_map(ax, probs, title, vmax=None, tick=7):
-    """One (N, N) attention map, rows = queries; token 0 is the class token. Returns the image for a colour bar."""
-    im = ax.imshow(probs, cmap='magma', vmin=0, vmax=vmax if vmax is not None else np.quantile(probs, 0.99),
-                   interpolation='nearest')
+def show_map(ax, probs, title, tick=7):
+    """One (N, N) attention map, rows = queries, token 0 the class token; its own colour scale, clipped at its
+    1st and 99th percentiles so that one bright entry does not hide the rest. Returns it, for a colour bar."""
+    low, high = np.quantile(np.asarray(probs), [0.01, 0.99])
+    im = ax.imshow(probs, cmap='magma', vmin=low, vmax=high, interpolation='nearest')
     ax.set_xticks(range(0, len(probs), tick))
     ax.set_yticks(range(0, len(probs), tick))
     ax.set(xlabel='key: the token read from', ylabel='query: the token reading', title=title)
