@@ -20,17 +20,9 @@ import attention_copy
 import attention_distill
 import finetune
 from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
+from test_resume import digest, train
 
 torch.set_num_threads(1)   # a small, shared machine
-
-
-def train(monkeypatch, module, out, *args):
-    msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', out, *args)
-    assert msg is None, msg
-
-
-def digest(d):
-    return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in sorted(os.listdir(d))}
 
 
 def step_of(d):
