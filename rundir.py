@@ -9,9 +9,10 @@ A run directory, and how `--resume true` continues the run it holds.
     <out_dir>/checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, the script that saved it
     <out_dir>/.lock           while a process writes the directory: it holds the lock, its pid and command inside
 
-One process writes a run directory at a time: it holds an flock on .lock, which the kernel lets go when the
-process dies (kill -9 included), so a second process is refused at once, naming the first, and a stale file
-never blocks. Every file is written whole to a temporary file, then renamed over the old one: a full disk,
+One process writes a run directory at a time: it holds a POSIX lock (lockf) on .lock, which the kernel lets go
+when the process dies (kill -9 included) and which its data-loading workers do not inherit (an flock would
+live on in them for seconds after a kill -9), so a second process is refused at once, naming the first, and
+a stale file never blocks. Every file is written whole to a temporary file, then renamed over the old one: a full disk,
 a kill -9 or a Ctrl-C never leaves half a file, nor the temporary one.
 
 A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a finished run
@@ -22,6 +23,7 @@ RESUMABLE (where and how the run goes, never what it computes), with the same gl
 accumulation steps x processes), and for a transfer run the same teacher file (teacher.TransferConfig).
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -92,7 +94,10 @@ def refuse_overwrite(cfg, ckpt):
 
 
 def lock(out_dir):
-    """flock <out_dir>/.lock for as long as this process runs, or refuse naming the process that holds it."""
+    """Lock <out_dir>/.lock for as long as this process runs, or refuse naming the process that holds it.
+    A POSIX lock belongs to this process alone: it goes when the process dies, even while forked loader
+    workers still hold the file open; so this process never opens .lock a second time (closing any copy
+    would let go of the lock)."""
     unlock()   # a run that ended in this process without run_main (tests call main() directly)
     path = os.path.join(out_dir, '.lock')
     while True:
@@ -101,8 +106,11 @@ def lock(out_dir):
         except OSError as e:
             raise cannot_write(path, e) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise cannot_write(path, e) from None
             holder = os.pread(fd, 2000, 0).decode(errors='replace').strip() or 'another process'
             os.close(fd)
             raise RunDirError(f'--out-dir {out_dir} is being written by {holder}: wait for it to end, or choose '

@@ -2,6 +2,7 @@
 written whole (a full disk leaves the old ones as they were), a finished run never written over unless asked,
 a resume that keeps the metrics it continues, and Ctrl-C ending in one line that says how to continue.
 Most scripts run in this process (run_in_process); a fault that needs a process of its own gets one."""
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +99,8 @@ def test_a_run_is_resumed_only_by_the_script_that_made_it(monkeypatch, tmp_path)
 
 def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, tmp_path):
     out = tmp_path / 'run'
-    p = start(out)
+    p = start(out, '--num-workers', '2')
+    workers = []
     try:
         wait_for_checkpoint(p, out)
         before = (out / 'config.json').read_bytes()
@@ -107,14 +110,25 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
                              '--resume', 'true')
         assert msg and f'being written by process {p.pid}' in msg, msg
         assert p.poll() is None and (out / 'config.json').read_bytes() == before
+        # its data-loading workers outlive a kill -9 by seconds: stopped, they outlive it for as long as we like
+        workers = [int(c) for c in Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()]
+        assert workers, 'no loader worker to keep alive'
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
     finally:
         p.kill()
         p.wait()
-    assert (out / '.lock').exists()       # left by the killed process, its lock gone with it
-    at = step_of(out)
-    train(monkeypatch, finetune, out, '--fake-size', '1024', '--epochs', '20', '--resume', 'true',
-          '--max-steps', at + 1)
-    assert step_of(out) == at + 1 and not (out / '.lock').exists()   # removed by the process that held it
+    try:
+        assert all(Path(f'/proc/{w}').exists() for w in workers)
+        assert (out / '.lock').exists()       # left by the killed process, its lock gone with it (not its workers')
+        at = step_of(out)
+        train(monkeypatch, finetune, out, '--fake-size', '1024', '--epochs', '20', '--resume', 'true',
+              '--max-steps', at + 1)
+        assert step_of(out) == at + 1 and not (out / '.lock').exists()   # removed by the process that held it
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
 
 
 # -----------------------------------------------------------------------------
