@@ -38,27 +38,26 @@ TOLERANCE = {'teacher_entropy': 0.02, 'top1': 8.0, 'ensemble_top1': 8.0, 'attent
 # Executing the notebook: used by the tests and by `python tests/test_tutorial.py`
 
 
-def kernel_env(tmp_dir, threads=None):
+def kernel_env(tmp_dir):
     """The kernel's environment: quick mode, its runs under tmp_dir, single-process scripts."""
     env = {k: v for k, v in os.environ.items() if k not in ('TUTORIAL_DATA', 'MPLBACKEND', 'RANK', 'WORLD_SIZE',
                                                              'LOCAL_RANK')}
     env.update(TUTORIAL_MODE='quick', TMPDIR=str(tmp_dir))     # tempfile.mkdtemp: the runs land in tmp_dir
-    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
-        if threads:
-            env[var] = str(threads)
     return env
 
 
 def execute(nb, env, rerun=()):
-    """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then each cell of `rerun`
-    once more, as a reader re-runs a cell; a failing cell raises CellExecutionError with its traceback."""
+    """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then each of `rerun` once
+    more, as a reader re-runs a cell (a cell's index, or code run as a cell of its own); a failing cell raises
+    CellExecutionError with its traceback."""
     client = NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
                             resources={'metadata': {'path': ROOT}})
     with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
         for i in rerun:
-            client.execute_cell(nb.cells[i], i)
+            cell = nb.cells[i] if isinstance(i, int) else nbformat.v4.new_code_cell(i)
+            client.execute_cell(cell, i if isinstance(i, int) else len(nb.cells))
     return nb
 
 
@@ -182,15 +181,15 @@ def test_differences_within_tolerance():
 
 
 def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
-    """The whole notebook, then the scratch cell once more, as a reader re-runs a cell: the run gets a folder of
-    its own (every training cell launches through the same runner)."""
+    """The whole notebook, then the scratch cell once more (for 2 steps), as a reader re-runs a cell: the run
+    gets a folder of its own (every training cell launches through the same runner)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     stored = key_numbers(nb)
     again = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and re.search(r"^SCRATCH = run\('", c.source, re.M))
     for cell in nb.cells:
         if cell.cell_type == 'code':
             cell.outputs = []
-    execute(nb, kernel_env(tmp_path, threads=os.environ.get('OMP_NUM_THREADS', '1')), rerun=[again])
+    execute(nb, kernel_env(tmp_path), rerun=["run.flags += ['--max-steps', '2']", again])
     assert not outputs(nb, 'error')
     assert len(outputs(nb, 'image/png')) >= FIGURES, 'a figure is missing'
     assert re.match(r'scratch-2: test top-1 [\d.]+%', '\n'.join(text_outputs(nb.cells[again]))), \
