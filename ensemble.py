@@ -70,7 +70,7 @@ def evaluation_checks(cfg):
             ('batch_size', cfg.batch_size >= 1, 'must be at least 1'),
             ('num_workers', cfg.num_workers >= 0, 'must be 0 (load in the main process) or more'),
             ('amp', cfg.amp in AMP, f"choose one of {', '.join(AMP)}"),
-            ('seed', cfg.seed >= 0, 'must be 0 or more')]
+            ('seed', 0 <= cfg.seed < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits')]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}

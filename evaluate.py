@@ -20,7 +20,6 @@ Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists ar
 and classes/imagenet-a.txt. Writes <out>/robustness.md and <out>/robustness.json. One process, on a GPU
 if there is one.
 """
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -31,6 +30,7 @@ from config import ConfigError, parse_config
 from data import ClassFolder, DataError, build_loader, build_transform, read_classes
 from engine import amp_dtype, run_main
 from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
+from files import write_json, write_text
 from rundir import check_output
 
 # -----------------------------------------------------------------------------
@@ -166,15 +166,14 @@ def main():
     md = markdown(names, list(sets), table)
     print('\n' + md)
     os.makedirs(cfg.out, exist_ok=True)
-    with open(files[0], 'w') as f:
-        f.write(f'# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models\' probabilities; '
-                f'on ImageNet-R and -A every prediction is among their 200 classes.\n')
-    with open(files[1], 'w') as f:
-        json.dump({'config': asdict(cfg),
-                   'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else len(WNIDS)}
-                            for n, (d, a) in sets.items()},
-                   'rows': [{'model': n, 'members': m, 'top1': row} for n, m, row in zip(names, members, table)]},
-                  f, indent=2)
+    write_text(files[0], f'# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models\' '
+                         f'probabilities; on ImageNet-R and -A every prediction is among their 200 classes.\n')
+    write_json(files[1], {'config': asdict(cfg),
+                          'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else len(WNIDS)}
+                                   for n, (d, a) in sets.items()},
+                          'rows': [{'model': n, 'members': m, 'top1': row}
+                                   for n, m, row in zip(names, members, table)]})
+
 
 if __name__ == '__main__':
     run_main(main)

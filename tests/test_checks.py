@@ -105,7 +105,7 @@ BAD = [
     (['ensemble.py', 'evaluate.py'], 'num_workers', [['-1']]),
     (['ensemble.py', 'evaluate.py'], 'amp', [['fp32']]),
     (['ensemble.py'], 'fake_size', [['0']]),
-    (['ensemble.py', 'evaluate.py'], 'seed', [['-1']]),
+    (['ensemble.py', 'evaluate.py'], 'seed', [['-1'], [str(2 ** 70)]]),
     (['reproduce.py'], 'data', [['imagenet']]),
     (['reproduce.py'], 'seeds', [['1', '1'], ['-1']]),
     (['reproduce.py'], 'val_size', [['-1']]),

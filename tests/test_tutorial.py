@@ -56,8 +56,10 @@ def execute(nb, env, rerun=()):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
         for i in rerun:
-            cell = nb.cells[i] if isinstance(i, int) else nbformat.v4.new_code_cell(i)
-            client.execute_cell(cell, i if isinstance(i, int) else len(nb.cells))
+            if not isinstance(i, int):
+                nb.cells.append(nbformat.v4.new_code_cell(i))
+                i = len(nb.cells) - 1
+            client.execute_cell(nb.cells[i], i)
     return nb
 
 
