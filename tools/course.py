@@ -4,7 +4,6 @@ Kept out of the notebook so that its cells show the ideas. Nothing here is atten
 launches the same command lines you would type in a terminal, and the figures only draw what the notebook
 computed.
 """
-import gzip
 import json
 import os
 import re
@@ -16,49 +15,31 @@ from collections import deque
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.ticker import MaxNLocator
 
+import data
+from files import read_jsonl
+
 # -----------------------------------------------------------------------------
-# Fashion-MNIST from its IDX files (MNIST's format: two zero bytes, a type code, the number of dimensions,
-# each size in 4 bytes, then the raw bytes)
+# Fashion-MNIST, read (found, downloaded if missing, checked) by data.py as the scripts read it
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
-MEAN, STD = 0.2860, 0.3530      # of the training images: the scripts normalise with these (data.py)
-FOLDERS = ['data', 'data/FashionMNIST/raw', '/usr/share/datasets/fashion-mnist']   # where data.py looks too
-
-
-def find_idx(split, kind):
-    """The path of e.g. ('t10k', 'images') in one of FOLDERS (plain or .gz), downloading it when missing."""
-    name = f"{split}-{kind}-{'idx3' if kind == 'images' else 'idx1'}-ubyte"
-    for folder in FOLDERS:
-        for path in (os.path.join(folder, name), os.path.join(folder, name + '.gz')):
-            if os.path.isfile(path):
-                return path
-    import torchvision   # only now: a download needs the internet
-    torchvision.datasets.FashionMNIST('data', train=split == 'train', download=True)
-    return find_idx(split, kind)
-
-
-def read_idx(path):
-    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-        raw = f.read()
-    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(shape)).reshape(shape)
-
-
-def write_idx(path, array):
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, 'wb') as f:
-        f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
+MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
 
 
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
-    images = torch.from_numpy(read_idx(find_idx(split, 'images'))[:n].copy())       # (n, 28, 28) uint8
-    labels = torch.from_numpy(read_idx(find_idx(split, 'labels'))[:n].astype(np.int64))
-    x = (images.float() / 255 - MEAN) / STD
-    return x[:, None].expand(-1, 3, -1, -1).contiguous(), labels                     # grey repeated, as data.py
+    ds = data.fashion_mnist('data', split == 'train', transform=None)
+    x = (ds.images[:n].float() / 255 - MEAN) / STD                                  # (n, 1, 28, 28)
+    return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
+
+
+def write_idx(path, array):
+    """An IDX file of unsigned bytes (MNIST's format: 0, 0, 8, the number of dimensions, each size as a
+    big-endian int32, then the raw bytes): the format data.read_idx reads."""
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, 'wb') as f:
+        f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
 
 
 def write_slice(n_train, n_test, folder=None):
@@ -67,9 +48,9 @@ def write_slice(n_train, n_test, folder=None):
     folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        for kind in ('images', 'labels'):
-            stem = os.path.basename(find_idx(split, kind)).removesuffix('.gz')
-            write_idx(os.path.join(folder, stem), read_idx(find_idx(split, kind))[:n])
+        ds = data.fashion_mnist('data', split == 'train', transform=None)
+        write_idx(os.path.join(folder, f'{split}-images-idx3-ubyte'), ds.images[:n, 0].numpy())
+        write_idx(os.path.join(folder, f'{split}-labels-idx1-ubyte'), ds.labels[:n].numpy())
     return folder
 
 # -----------------------------------------------------------------------------
@@ -133,8 +114,7 @@ class Runner:
 
 def metrics(run_dir):
     """The evaluations of a run, one dict per epoch: {'epoch', 'step', 'top1', ...}."""
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(run_dir, 'metrics.jsonl'), 'run it again')
 
 
 def final_top1(run_dir):
