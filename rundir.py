@@ -12,8 +12,8 @@ A run directory, and how `--resume true` continues the run it holds.
 One process writes a run directory at a time: it holds a POSIX lock (lockf) on .lock, which the kernel lets go
 when the process dies (kill -9 included) and which its data-loading workers do not inherit (an flock would
 live on in them for seconds after a kill -9), so a second process is refused at once, naming the first, and
-a stale file never blocks. Every file is written whole to a temporary file, then renamed over the old one: a full disk,
-a kill -9 or a Ctrl-C never leaves half a file, nor the temporary one.
+a stale file never blocks. Every file is written whole to a temporary file, then renamed over the old one:
+a full disk, a kill -9 or a Ctrl-C never leaves half a file, nor the temporary one.
 
 A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a finished run
 (reproduce.py's done.json, or evaluations kept without their checkpoint), unless --overwrite true deletes it;

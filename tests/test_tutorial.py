@@ -187,7 +187,8 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
     gets a folder of its own (every training cell launches through the same runner)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     stored = key_numbers(nb)
-    again = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and re.search(r"^SCRATCH = run\('", c.source, re.M))
+    again = next(i for i, c in enumerate(nb.cells)
+                 if c.cell_type == 'code' and re.search(r"^SCRATCH = run\('", c.source, re.M))
     for cell in nb.cells:
         if cell.cell_type == 'code':
             cell.outputs = []
