@@ -73,9 +73,11 @@ def replacing(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
-            e = e.__cause__ or e.__context__
+            e = e.__cause__ or e.__context__                              # or the Ctrl-C that cut its write
         if isinstance(e, OSError):
             raise cannot_write(path, e) from None
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
         raise
 
 

@@ -1,12 +1,14 @@
 """files.py: the reader of the JSON files runs leave (a damaged one is one error naming the file, the line and
-the fix), the atomic writer, and the check of an output folder that makes nothing."""
+the fix), the atomic writer (a Ctrl-C in it stays a Ctrl-C), and the check of an output folder that makes nothing."""
+import io
 import json
 import os
 
 import pytest
+import torch
 
 from config import ConfigError
-from files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
+from files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
 
 
 @pytest.mark.parametrize('text, says', [
@@ -47,6 +49,25 @@ def test_write_json_is_atomic(tmp_path):
     with pytest.raises(TypeError):                           # fails part-way through writing
         write_json(path, {'b': 2, 'c': object()})
     assert json.loads(open(path).read()) == {'a': 1} and os.listdir(tmp_path) == ['results.json']   # as it was
+
+
+def test_ctrl_c_during_a_checkpoint_save_is_a_ctrl_c(tmp_path):
+    """torch.save cut by Ctrl-C part-way raises its writer's RuntimeError: the run must still see the Ctrl-C
+    (and end in its one line), with the old checkpoint as it was and no temporary file."""
+    class CutAtThirdWrite(io.FileIO):
+        writes = 0
+
+        def write(self, b):
+            CutAtThirdWrite.writes += 1
+            if CutAtThirdWrite.writes == 3:
+                raise KeyboardInterrupt
+            return super().write(b)
+    path = str(tmp_path / 'checkpoint.pt')
+    torch.save({'step': 1}, path)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(path) as tmp, CutAtThirdWrite(tmp, 'wb') as f:
+            torch.save({'step': 2, 'w': torch.randn(1000, 100)}, f)
+    assert torch.load(path)['step'] == 1 and os.listdir(tmp_path) == ['checkpoint.pt']
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_path):
