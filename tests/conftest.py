@@ -1,5 +1,6 @@
 """Shared fixtures: the repository root on sys.path, the `gpu` marker (such tests skip without CUDA), and a
-helper that runs a script of the repo in a subprocess (tiny, single-threaded: the machine is small and shared)."""
+helper that runs a script of the repo in a process of its own (tiny, single-threaded: the machine is small and
+shared), forked from one that has imported torch already (tests/forkserver.py)."""
 import json
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -34,16 +37,33 @@ def repo_root():
     return ROOT
 
 
+# the environment the tests were started in: what a script sets in os.environ when a test runs its main() in
+# this process (PYTORCH_ALLOC_CONF), and the name of the test pytest puts there, never reach another process
+SHELL_ENV = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+
+
 def sub_env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    env.pop('RANK', None), env.pop('WORLD_SIZE', None), env.pop('LOCAL_RANK', None)
-    return env
+    return dict(SHELL_ENV, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+_server = None
 
 
 def run_script(*args, timeout=240):
-    """Run `python <args...>` from the repository root; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=sub_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    """Run `python <args...>` from the repository root; returns the CompletedProcess (text). The process is
+    forked from one that has imported torch already (tests/forkserver.py); TESTS_FORK=0 starts each afresh."""
+    global _server
+    argv, env = [sys.executable, *map(str, args)], sub_env()
+    if os.environ.get('TESTS_FORK') == '0':
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if _server is None:
+        _server = forkserver.Server(env, cwd=ROOT)
+    return _server.run(argv, cwd=ROOT, env=env, timeout=timeout)
+
+
+def pytest_unconfigure(config):
+    if _server is not None:
+        _server.close()
 
 
 def finetune(out_dir, *args, check=True):

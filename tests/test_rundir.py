@@ -21,7 +21,7 @@ import torch
 import attention_copy
 import attention_distill
 import finetune
-from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
+from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 from test_resume import digest, train
 
 torch.set_num_threads(1)   # a small, shared machine
@@ -164,8 +164,7 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
     assert step_of(d) == 2
     if fails == 'config.json':
         assert digest(d) == before
-    msg = subprocess.run([sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), '--resume', 'true',
-                          '--max-steps', '3'], cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=240)
+    msg = run_script('finetune.py', *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
     assert msg.returncode == 0, msg.stderr[-3000:]
     assert [r['step'] for r in read_metrics(d)] == [2, 3]   # step 3's record of the failed save is made once
 
@@ -260,7 +259,6 @@ def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
     command = shlex.split(lines[0].split('continue with: ', 1)[1])
     assert command[:2] == ['python', 'finetune.py'] and command[-2:] == ['--resume', 'true']
     at = step_of(out)
-    p = subprocess.run([sys.executable, *command[1:], '--max-steps', str(at + 1)], cwd=ROOT, env=sub_env(),
-                       capture_output=True, text=True, timeout=240)
+    p = run_script(*command[1:], '--max-steps', at + 1)
     assert p.returncode == 0 and f'resumed from {out / "checkpoint.pt"} at step {at}' in p.stdout, p.stderr[-3000:]
     assert step_of(out) == at + 1

@@ -1,13 +1,10 @@
 """attention_copy.py and attention_distill.py end to end on fake data: 1 process and 2-process torchrun,
 bf16 autocast; what their checkpoints hold."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from checkpoints import build_from_checkpoint
-from conftest import ROOT, TINY, finetune, read_metrics, run_script, sub_env
+from conftest import TINY, finetune, read_metrics, run_script
 from test_cli import free_port
 
 
@@ -21,9 +18,8 @@ def teacher_ckpt(tmp_path_factory):
 def transfer(script, out_dir, teacher, *args, procs=1):
     launch = [] if procs == 1 else ['-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', str(procs),
                                     '--master_addr', '127.0.0.1', '--master_port', str(free_port())]
-    p = subprocess.run([sys.executable, *launch, script, *TINY, '--out-dir', str(out_dir), '--teacher', str(teacher),
-                        '--amp', 'bf16', '--max-steps', '3', '--log-every', '1', *map(str, args)],
-                       cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=300)
+    p = run_script(*launch, script, *TINY, '--out-dir', out_dir, '--teacher', teacher, '--amp', 'bf16', '--max-steps',
+                   '3', '--log-every', '1', *args, timeout=300)
     assert p.returncode == 0, f'{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     return p
 
