@@ -243,7 +243,9 @@ def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
     """SIGINT to the whole process group, as a terminal sends it (the loader's worker too): exit 130, one line
     with the command that continues the run, a checkpoint that loads; that command then resumes it."""
     out = tmp_path / 'run'
-    p = start(out, '--num-workers', '1', start_new_session=True)
+    # SIGINT as a terminal's shell leaves it: a shell's background job (`pytest &`) would pass it on ignored
+    p = start(out, '--num-workers', '1', start_new_session=True,
+              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_checkpoint(p, out)
         time.sleep(0.5)
