@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from config import SMALL_PRESETS
-from engine import fit, log, run_main, soft_cross_entropy, start
+from engine import fit, soft_cross_entropy
+from launch import log, run_main, start
 from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, load_teacher, student_presets,
                      teacher_mismatch, teacher_outputs, teacher_record)
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from config import SMALL_PRESETS
-from engine import fit, log, run_main, soft_cross_entropy, start
+from engine import fit, soft_cross_entropy
+from launch import log, run_main, start
 from teacher import (TransferConfig, build_student, describe_map, layer_pairs, load_teacher, student_presets,
                      teacher_outputs, teacher_record, to_student_heads)
 

@@ -1,5 +1,6 @@
 """
-Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distributed) loaders.
+What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix), the train / eval
+splits, and (distributed, resumable) loaders. How each data set's files are found and read: datafiles.py.
 
     --data cifar10 | cifar100     CIFAR's binary files from --data-dir, downloaded (and checksummed) when missing
     --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
@@ -11,21 +12,16 @@ Datasets by name, their transforms, batch mixing (MixUp / CutMix) and (distribut
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 """
-import gzip
-import math
 import os
-import shutil
-import zlib
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 from torchvision.transforms import v2
 
 from augment import randaugment, random_erasing
+from datafiles import CIFAR, DataError, cifar, fashion_mnist, image_folder
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -36,143 +32,6 @@ INFO = {   # name -> (native image size, classes, (mean, std))
     'folder': (224, None, IMAGENET_STATS),
     'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
 }
-FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
-
-
-class DataError(RuntimeError):
-    pass
-
-
-# -----------------------------------------------------------------------------
-# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
-
-def read_idx(path):
-    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
-    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
-    try:
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
-        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == bytes([0, 0, 8]) else 0
-    if not ndim or len(data) < 4 + 4 * ndim:
-        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-    if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise damaged_idx([path], f'has {len(data) - 4 - 4 * ndim} bytes of data where its header says '
-                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-
-
-def damaged_idx(paths, problem):
-    """DataError: the files, what is wrong with them, and how to get intact ones."""
-    it = 'it' if len(paths) == 1 else 'them'
-    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
-    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
-        f'delete {it} and run again to download {it} anew'
-    return DataError(f"{' and '.join(paths)} {problem}: {fix}")
-
-
-def find_idx(dirs, stem):
-    for d in dirs:
-        for name in (stem, stem + '.gz'):
-            if os.path.isfile(os.path.join(d, name)):
-                return os.path.join(d, name)
-    return None
-
-
-class TensorImages(Dataset):
-    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])
-
-
-def fashion_mnist(data_dir, train, transform):
-    stem = 'train' if train else 't10k'
-    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
-    images, labels = find_idx(dirs, f'{stem}-images-idx3-ubyte'), find_idx(dirs, f'{stem}-labels-idx1-ubyte')
-    if images is None or labels is None:
-        try:   # last resort: torchvision's download (needs the internet)
-            torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
-        except Exception:
-            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; "
-                            f"put {stem}-images-idx3-ubyte[.gz] and {stem}-labels-idx1-ubyte[.gz] in "
-                            f"--data-dir, or `apt-get install dataset-fashion-mnist`") from None
-        return fashion_mnist(data_dir, train, transform)
-    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
-    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
-        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
-                                            f'(expected (N, 28, 28) and (N,))')
-    if len(y) and y.max() >= 10:
-        raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
-    return TensorImages(x[:, None], y, transform)
-
-
-# -----------------------------------------------------------------------------
-# CIFAR from its binary distribution: fixed-size records, a label byte (CIFAR-100: coarse, then fine)
-# and 3072 pixel bytes, the red, green and blue 32x32 planes row by row (www.cs.toronto.edu/~kriz/cifar.html)
-
-CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/'
-CIFAR = {   # name -> archive, its md5 (the CIFAR page), folder inside, train files, test files, label bytes
-    'cifar10': ('cifar-10-binary.tar.gz', 'c32a1d4ab5d03f1284b67883e8d87530', 'cifar-10-batches-bin',
-                [f'data_batch_{i}.bin' for i in range(1, 6)], ['test_batch.bin'], 1),
-    'cifar100': ('cifar-100-binary.tar.gz', '03b5dce01913d631647c71ecec9e9cb8', 'cifar-100-binary',
-                 ['train.bin'], ['test.bin'], 2),
-}
-
-
-def read_cifar_binary(paths, label_bytes):
-    """images (N, 3, 32, 32) uint8 and labels (N, label_bytes) uint8 from CIFAR .bin files."""
-    data = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
-    record = label_bytes + 3 * 32 * 32
-    if data.size % record:
-        raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut download?): delete "
-                        f"the folder and run again to extract or download it anew")
-    data = data.reshape(-1, record)
-    return (torch.from_numpy(data[:, label_bytes:].reshape(-1, 3, 32, 32).copy()),
-            torch.from_numpy(data[:, :label_bytes].copy()))
-
-
-def cifar(root, name, train, transform):
-    """CIFAR-10 / -100 from <root>/<folder>/*.bin; when those are missing, the archive in <root> is
-    checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never
-    overwritten; a failed download leaves nothing behind, not even a --data-dir it had to create."""
-    archive, md5, folder, train_files, test_files, label_bytes = CIFAR[name]
-    paths = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
-    if not all(map(os.path.isfile, paths)):
-        path = os.path.join(root, archive)
-        if not os.path.isfile(path):
-            download(CIFAR_URL + archive, root, md5, f'put {archive} or its extracted {folder}/ in --data-dir')
-        if not check_integrity(path, md5):
-            raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to download it')
-        extract_archive(path, root)
-    images, labels = read_cifar_binary(paths, label_bytes)
-    fine = labels[:, -1].long()                        # CIFAR-100: the 100-class label, after the coarse one
-    if len(fine) and fine.max() >= INFO[name][1]:
-        raise DataError(f'{os.path.join(root, folder)}: label {fine.max()} is not a {name} class: delete the '
-                        f'folder and run again')
-    return TensorImages(images, fine, transform)
-
-
-def download(url, root, md5, fix):
-    """Download url into root (checksummed); on failure remove what was written, root too if it is new."""
-    created, path = not os.path.isdir(root), os.path.join(root, os.path.basename(url))
-    try:
-        download_url(url, root, md5=md5)
-    except Exception as e:
-        if created:
-            shutil.rmtree(root, ignore_errors=True)
-        elif os.path.isfile(path):      # a partial or corrupt download: ours, since none was there before
-            os.remove(path)
-        raise DataError(f'{url} could not be downloaded ({type(e).__name__}): {fix}') from None
-
 
 # -----------------------------------------------------------------------------
 # Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage, as in
@@ -213,7 +72,7 @@ def batch_mixer(cfg, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# Datasets and loaders
+# Datasets by name, and the train / eval splits
 
 class Splits(NamedTuple):
     train: Dataset
@@ -261,77 +120,11 @@ def build_dataset(cfg, train, transform=None):
         return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
                                              random_offset=0 if train else 10 ** 6), 10
     if cfg.data in CIFAR:
-        return cifar(root, cfg.data, train, tf), INFO[cfg.data][1]
+        return cifar(root, cfg.data, train, tf, INFO[cfg.data][1]), INFO[cfg.data][1]
     return image_folder(cfg.data, root, train, tf)
 
 # -----------------------------------------------------------------------------
-# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
-# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
-# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
-
-
-def image_folder(data, root, train, transform):
-    """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
-    (classes/imagenet.txt, the sorted folders of its training split), so that its val/ is read without
-    train/; --data folder: the sorted class folders of <root>/train. A split may lack classes; a folder
-    that is not a class, or that holds no image, is a DataError before any training."""
-    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
-    split, train_dir = os.path.join(root, 'train' if train else 'val'), os.path.join(root, 'train')
-    for d in [split, train_dir] if data == 'folder' else [split]:
-        if not os.path.isdir(d):
-            raise DataError(f'no folder {d}: {expects}')
-    if data == 'imagenet':
-        index = {w: i for i, w in enumerate(read_classes('imagenet'))}
-        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data folder'
-    else:
-        index = {c: i for i, c in enumerate(class_folders(train_dir, expects))}
-        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them there'
-    return ClassFolder(split, index, transform, unknown), len(index)
-
-
-def read_classes(name):
-    """A class list of classes/<name>.txt: position = class index."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classes', name + '.txt')) as f:
-        return f.read().split()
-
-
-def class_folders(directory, expects):
-    """The sorted names of the folders in `directory`; a DataError naming `expects` if it has none."""
-    names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-    if not names:
-        raise DataError(f'{directory} has no folders (one per class): {expects}')
-    return names
-
-
-class ClassFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose class folders take the indices `index` gives (name -> class), where ImageFolder
-    numbers the folders it finds by their sorted position. A folder not in `index` is a DataError saying
-    `unknown` (what they are not, and the fix); so is a class folder without a single image."""
-
-    def __init__(self, root, index, transform, unknown):
-        self.index, self.unknown = index, unknown
-        try:
-            super().__init__(root, transform=transform, loader=read_image)
-        except FileNotFoundError as e:   # make_dataset: 'Found no valid file for the classes b, c. Supported ...'
-            names = str(e).split('for the classes ', 1)[-1].split('. Supported')[0]
-            raise DataError(f'{root}: no image file (.jpg, .png, ...) in the class folder(s) {names}: add their '
-                            f'images, or remove those folders') from None
-
-    def find_classes(self, directory):
-        names = class_folders(directory, self.unknown)
-        strangers = [n for n in names if n not in self.index]
-        if strangers:
-            raise DataError(f"{directory} has folders {', '.join(strangers[:3])}{' ...' * (len(strangers) > 3)}: "
-                            f'{self.unknown}')
-        return names, {n: self.index[n] for n in names}
-
-
-def read_image(path):
-    """An RGB PIL image; a file that does not decode is a DataError naming it (not a traceback)."""
-    try:
-        return torchvision.datasets.folder.default_loader(path)
-    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
-        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file') from None
+# Samplers and loaders: each image's augmentation seeded by (seed, epoch, index), for exact resume
 
 
 class ResumableSampler(DistributedSampler):
@@ -349,7 +142,9 @@ class ResumableSampler(DistributedSampler):
 
 class SeededDataset(Dataset):
     """Sample i of epoch e is augmented with its own random seed f(seed, e, i): the data a run sees
-    does not depend on worker processes, their number, or where a resumed run picked up."""
+    does not depend on worker processes, their number, or where a resumed run picked up. torch's global
+    RNG is left as it was (fork_rng): without workers the dataset runs in the training process, whose
+    drop-path, MixUp and MAE masks draw from that RNG, and a resume may change --num-workers."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -359,8 +154,9 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
-        return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
+            return self.dataset[i]
 
 
 def build_loader(cfg, dataset, train, rank=0, world_size=1):

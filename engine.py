@@ -1,116 +1,25 @@
 """
-What every training script shares: distributed set-up, AMP, AdamW with layer-wise lr decay,
-warm-up + cosine schedule, EMA, the epoch loop, evaluation, checkpoint and resume (the run directory
-and its rules: rundir.py), logging.
-A script defines its config dataclass (config.py), a model and (optionally) a loss, then calls `fit`. The same script runs under `python` and under `torchrun` (RANK / WORLD_SIZE set).
+The training loop every script shares: AdamW with layer-wise lr decay, warm-up + cosine schedule, EMA,
+the epoch loop with gradient accumulation and AMP, evaluation, checkpoints (the run directory and its resume
+rules: rundir.py). A script starts with launch.start (config, processes, device, data), builds its model and
+(optionally) its loss, then calls `fit`.
 """
-import argparse
 import contextlib
-import datetime
 import math
 import os
-import re
-import signal
-import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from checkpoints import CheckpointError
-from config import AMP, ConfigError, parse_config
-from data import DataError, batch_mixer, build_loader, build_splits
-from files import cannot_write
-from rundir import (append_record, batches, how_to_continue, open_resumed, prepare_run_dir, restore, rng_states,
-                    save_checkpoint, unlock, write_provenance)
-
-# -----------------------------------------------------------------------------
-# Distributed, device, precision
-
-
-def setup(cfg):
-    """Start the process group under torchrun; pick the device and autocast dtype; make the run
-    directory (refusing to overwrite another run) or read the checkpoint to resume (checked); seed."""
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    local = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
-        torch.cuda.set_device(device)
-    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU. A process
-    # that stops (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default
-    if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None,
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
-                             dtype=amp_dtype(cfg.amp, device))
-    env.ckpt_path, env.logged = prepare_run_dir(cfg, main=rank == 0), False
-    env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
-    seed_all(cfg.seed, rank, 0)
-    return env
-
-
-def start(cls, presets):
-    """What every script does first: parse its config, set up, load the train and eval splits."""
-    cfg = parse_config(cls, presets)
-    env = setup(cfg)
-    data = build_splits(cfg)
-    if cfg.val_size:
-        log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
-    return cfg, env, data
-
-
-def amp_dtype(amp, device):
-    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
-    if amp not in AMP:
-        raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
-    if amp == 'auto':
-        if device.type == 'cuda':
-            # native only: before Ampere (a T4) bf16 is emulated, slower than fp16 with a GradScaler
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-        return torch.bfloat16 if cpu_bf16 else None
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
-
-
-def autocast(env):
-    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
-
-
-def seed_all(seed, rank, epoch):
-    """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
-    s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-
-
-def all_mean(t, env):
-    if env.world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= env.world
-    return t
-
-
-def log(env, cfg, msg):
-    """Print, and add to log.txt; a new run starts it afresh (an attempt that saved no checkpoint is over)."""
-    if env.main:
-        print(msg, flush=True)
-        path = os.path.join(cfg.out_dir, 'log.txt')
-        try:
-            with open(path, 'a' if cfg.resume or env.logged else 'w') as f:
-                f.write(msg + '\n')
-        except OSError as e:   # a full disk: one line, wherever the run is
-            raise cannot_write(path, e) from None
-        env.logged = True
-
+from config import ConfigError
+from data import batch_mixer, build_loader
+from launch import all_mean, autocast, log, seed_all
+from rundir import append_record, restore, rng_states, save_checkpoint, write_provenance
 
 # -----------------------------------------------------------------------------
 # Optimiser and schedule
@@ -246,7 +155,7 @@ class Run:
             seed_all(cfg.seed, env.rank, epoch)
         self.train_loader.sampler.set_epoch(epoch)
         self.train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size   # a resume mid-epoch
-        for i, (x, y) in enumerate(batches(self.train_loader)):
+        for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             if self.mixer is not None:
                 x, y = self.mixer(x, y)
@@ -338,32 +247,3 @@ class Run:
             raise FloatingPointError(f'{what} is {value} at step {self.step}; stopped, {kept}: lower --blr, set '
                                      f'--clip-grad' + (', or try --amp bf16' if self.env.dtype == torch.float16
                                                        else ''))
-
-
-def run_main(main):
-    """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
-    to continue (exit 130, as a shell reports SIGINT)."""
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
-        sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
-        print(f'error: stopped (Ctrl-C): {how_to_continue()}', file=sys.stderr, flush=True)
-        sys.exit(130)
-    except RuntimeError as e:
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
-            raise
-        sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
-                 f'process stopped, hung or died (each stops after --dist-timeout seconds); {how_to_continue()}')
-    finally:
-        unlock()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def lost_peer(e):
-    """The words of a gloo / NCCL error that says another process never answered or went away ('' if not one)."""
-    found = re.search(r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*|NCCL[^\n]*(timeout|Watchdog)[^\n]*)', str(e))
-    return found.group(0).strip() if found else ''

@@ -31,7 +31,7 @@ from attention_copy import load_copy_model
 from checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from config import AMP, ConfigError, parse_config
 from data import INFO, build_eval_set, build_loader
-from engine import amp_dtype, autocast, run_main
+from launch import amp_dtype, autocast, run_main
 
 # -----------------------------------------------------------------------------
 # Config

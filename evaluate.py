@@ -27,8 +27,9 @@ from types import SimpleNamespace
 import torch
 
 from config import ConfigError, parse_config
-from data import ClassFolder, DataError, build_loader, build_transform, read_classes
-from engine import amp_dtype, run_main
+from data import build_loader, build_transform
+from datafiles import ClassFolder, DataError, read_classes
+from launch import amp_dtype, run_main
 from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
 from files import write_json, write_text
 from rundir import check_output

@@ -23,7 +23,8 @@ import torch
 
 from checkpoints import load_weights, read_checkpoint, state_dict_of
 from config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
-from engine import fit, log, run_main, start
+from engine import fit
+from launch import log, run_main, start
 from vit import create_model
 
 

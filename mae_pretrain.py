@@ -38,7 +38,8 @@ from einops import rearrange
 from checkpoints import read_checkpoint, state_dict_of
 from config import SMALL_PRESETS, TrainConfig, parse_config
 from data import INFO
-from engine import all_mean, autocast, fit, log, run_main, start
+from engine import fit
+from launch import all_mean, autocast, log, run_main, start
 from files import replacing
 from rundir import check_output, save_checkpoint
 from vit import Block, VisionTransformer, model_arch

@@ -302,22 +302,6 @@ def cpu_name():
 # The RNG a resume continues
 
 
-def batches(loader):
-    """The loader's batches, with torch's global RNG left as it was around each fetch. Without worker processes
-    the dataset runs here, and data.SeededDataset seeds that RNG per image: drop-path, MixUp and MAE's masks,
-    which draw from it, would then depend on --num-workers, which a resume may change."""
-    it = iter(loader)
-    while True:
-        state = torch.get_rng_state()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        finally:
-            torch.set_rng_state(state)
-        yield batch
-
-
 def rng_states(env):
     """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
     states = [torch.get_rng_state()] * env.world

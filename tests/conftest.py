@@ -89,7 +89,7 @@ def blocks_run(model):
 
 @pytest.fixture
 def exact_fp32():
-    """fp32 on CUDA in true fp32: TF32 off (engine.setup turns it on for training), restored after."""
+    """fp32 on CUDA in true fp32: TF32 off (launch.setup turns it on for training), restored after."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -104,7 +104,7 @@ def relative_distance(a, b):
 def run_in_process(monkeypatch, module, *args):
     """Run a script's main() in this process, as `python <module>.py args` would (no interpreter start-up,
     no torch import): returns None if it succeeds, else the one-line message it exits with."""
-    from engine import run_main
+    from launch import run_main
     monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, args)])
     try:
         run_main(module.main)

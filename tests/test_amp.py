@@ -16,7 +16,8 @@ from attention_copy import CopyConfig, copy_loss
 from attention_distill import DistillConfig, distill_loss_fn
 from config import TrainConfig
 from conftest import relative_distance
-from engine import autocast, build_optimizer, soft_cross_entropy
+from engine import build_optimizer, soft_cross_entropy
+from launch import autocast
 from mae_pretrain import MAEConfig, MaskedAutoencoder, mae_loss_fn
 from teacher import cast_matmul_weights
 from vit import VisionTransformer

@@ -17,7 +17,7 @@ import finetune
 import mae_pretrain
 import tools.reproduce as reproduce
 from conftest import TINY, run_script
-from engine import run_main
+from launch import run_main
 
 # script -> (module, config class, the flags of a run that would otherwise go ahead)
 SCRIPTS = {

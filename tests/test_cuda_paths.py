@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import engine
+import launch
 import vit as vit_module
 from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
@@ -86,7 +86,7 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
         # the fused run may use flash, memory-efficient or cuDNN attention, never the unfused math fallback
         only_fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.CUDNN_ATTENTION]) if fused else contextlib.nullcontext()
-        with only_fused, engine.autocast(env), sdpa_devices(('cuda',) if fused else ()):
+        with only_fused, launch.autocast(env), sdpa_devices(('cuda',) if fused else ()):
             y = m(x).float()
         y.square().sum().backward()
         outs.append(y.detach())
@@ -186,18 +186,18 @@ def test_teacher_with_cast_weights_gives_the_same_maps_on_cuda(dtype):
 def test_auto_precision_is_fp16_where_bf16_would_be_emulated(monkeypatch):
     """A T4 can make bf16 tensors (is_bf16_supported() is True by emulation) but has no bf16 units."""
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
-    assert engine.amp_dtype('auto', torch.device('cuda')) is torch.float16
+    assert launch.amp_dtype('auto', torch.device('cuda')) is torch.float16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
-    assert engine.amp_dtype('auto', torch.device('cuda')) is torch.bfloat16
+    assert launch.amp_dtype('auto', torch.device('cuda')) is torch.bfloat16
 
 
 @gpu
 def test_auto_precision_and_tf32_on_this_gpu(tmp_path, exact_fp32):
     native = torch.cuda.get_device_capability()[0] >= 8
-    assert engine.amp_dtype('auto', torch.device('cuda')) is (torch.bfloat16 if native else torch.float16)
+    assert launch.amp_dtype('auto', torch.device('cuda')) is (torch.bfloat16 if native else torch.float16)
     a, b = torch.randn(2, 1024, 1024, device='cuda', dtype=torch.float64).unbind(0)
     exact = relative_distance(a.float() @ b.float(), a @ b)
-    env = engine.setup(TrainConfig(out_dir=str(tmp_path / 'run')))
+    env = launch.setup(TrainConfig(out_dir=str(tmp_path / 'run')))
     assert env.device == torch.device('cuda', 0) and torch.cuda.current_device() == 0
     tf32 = relative_distance(a.float() @ b.float(), a @ b)
     assert exact < 1e-5 and (tf32 > 1e-4 if native else tf32 < 1e-5)    # TF32: 10 mantissa bits, Ampere on

@@ -1,4 +1,4 @@
-"""data.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
+"""data.py and datafiles.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
 samplers."""
 import gzip
 import os
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from data import (FASHION_MNIST_SYSTEM_DIR, INFO, DataError, ResumableSampler, batch_mixer, build_dataset,
-                  build_eval_set, build_splits, read_cifar_binary, read_idx)
+from data import INFO, ResumableSampler, batch_mixer, build_dataset, build_eval_set, build_splits
+from datafiles import FASHION_MNIST_SYSTEM_DIR, DataError, read_cifar_binary, read_idx
 from finetune import PRESETS, FinetuneConfig
 
 
@@ -186,7 +186,7 @@ def test_folder_that_is_no_class_is_refused_before_training(tmp_path, monkeypatc
 
 def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
     """--data imagenet: ImageNet-1k's indices, whatever the split holds, so that val/ is read without train/."""
-    from data import read_classes
+    from datafiles import read_classes
     wnids = read_classes('imagenet')
     for k, w in ((0, wnids[0]), (1, wnids[500]), (2, wnids[999])):
         os.makedirs(tmp_path / 'val' / w)
@@ -259,7 +259,7 @@ def cifar_records(rng, n, label_bytes):
 def write_cifar(root, name, rng, per_file=2):
     """The extracted folder of cifar-10-binary.tar.gz / cifar-100-binary.tar.gz with a few records a file.
     Returns {file: (images, labels)}."""
-    from data import CIFAR
+    from datafiles import CIFAR
     _, _, folder, train_files, test_files, label_bytes = CIFAR[name]
     os.makedirs(root / folder)
     out = {}
@@ -298,7 +298,7 @@ def test_cifar100_coarse_and_fine_labels(tmp_path):
 def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
     import hashlib
     import tarfile
-    import data
+    import datafiles
     src = tmp_path / 'src'
     written = write_cifar(src, 'cifar10', np.random.default_rng(2))
     root = tmp_path / 'root'
@@ -306,9 +306,9 @@ def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
     archive = root / 'cifar-10-binary.tar.gz'
     with tarfile.open(archive, 'w:gz') as tar:
         tar.add(src / 'cifar-10-batches-bin', arcname='cifar-10-batches-bin')
-    name, _, *rest = data.CIFAR['cifar10']
-    monkeypatch.setitem(data.CIFAR, 'cifar10', (name, hashlib.md5(archive.read_bytes()).hexdigest(), *rest))
-    monkeypatch.setattr(data, 'download_url', lambda *a, **k: pytest.fail('nothing to download'))
+    name, _, *rest = datafiles.CIFAR['cifar10']
+    monkeypatch.setitem(datafiles.CIFAR, 'cifar10', (name, hashlib.md5(archive.read_bytes()).hexdigest(), *rest))
+    monkeypatch.setattr(datafiles, 'download_url', lambda *a, **k: pytest.fail('nothing to download'))
     ds, _ = build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
     assert ds.labels.tolist() == written['test_batch.bin'][1][:, 0].tolist()
 
@@ -320,13 +320,13 @@ def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
 
 
 def test_cifar_failed_download_leaves_nothing(tmp_path, monkeypatch):
-    import data
+    import datafiles
 
     def unreachable(url, root, md5=None):                             # torchvision creates root, then fails mid-file
         os.makedirs(root, exist_ok=True)
         (pathlib.Path(root) / os.path.basename(url)).write_bytes(b'partial')
         raise OSError('network unreachable')
-    monkeypatch.setattr(data, 'download_url', unreachable)
+    monkeypatch.setattr(datafiles, 'download_url', unreachable)
     missing = tmp_path / 'not-yet'
     with pytest.raises(DataError, match='could not be downloaded.*cifar-100-binary.tar.gz'):
         build_dataset(config(data='cifar100', data_dir=str(missing), img_size=32), train=True)

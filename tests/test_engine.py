@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import engine
 from conftest import finetune, read_metrics
 from config import ConfigError, parse_config
-from engine import amp_dtype, build_optimizer, lr_at, soft_cross_entropy
+from engine import build_optimizer, lr_at, soft_cross_entropy
+from launch import amp_dtype
 from finetune import PRESETS, FinetuneConfig
 from vit import create_model
 

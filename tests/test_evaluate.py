@@ -13,8 +13,9 @@ from PIL import Image
 
 import evaluate
 from conftest import run_script
-from data import DataError, build_transform
-from engine import run_main
+from data import build_transform
+from datafiles import DataError
+from launch import run_main
 from ensemble import load_model
 from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
 from vit import VisionTransformer, model_arch

@@ -257,7 +257,7 @@ def test_needs_and_threads(monkeypatch):
 def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path):
     fail = tmp_path / 'fail.py'
     fail.write_text("import sys\nprint('error: no such thing')\nsys.exit(1)\n")
-    code = ('import tools.reproduce as reproduce\nfrom engine import run_main\n'
+    code = ('import tools.reproduce as reproduce\nfrom launch import run_main\n'
             f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\nrun_main(reproduce.main)\n')
     runs = tmp_path / 'runs'
     p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')

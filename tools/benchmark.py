@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
 from tools.benchmark_report import machine, markdown, profile, targets
 from config import ConfigError, parse_config
-from engine import amp_dtype, run_main
+from launch import amp_dtype, run_main
 from files import check_out_dir
 from vit import SIZES
 

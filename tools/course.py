@@ -15,13 +15,17 @@ from collections import deque
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
+import datafiles
 from files import read_jsonl
+from launch import amp_dtype
+from rundir import cpu_name
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST, read (found, downloaded if missing, checked) by data.py as the scripts read it
+# Fashion-MNIST, read (found, downloaded if missing, checked) by datafiles.py as the scripts read it
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
 MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
@@ -29,14 +33,14 @@ MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the script
 
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
-    ds = data.fashion_mnist('data', split == 'train', transform=None)
+    ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
     x = (ds.images[:n].float() / 255 - MEAN) / STD                                  # (n, 1, 28, 28)
     return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
 
 
 def write_idx(path, array):
     """An IDX file of unsigned bytes (MNIST's format: 0, 0, 8, the number of dimensions, each size as a
-    big-endian int32, then the raw bytes): the format data.read_idx reads."""
+    big-endian int32, then the raw bytes): the format datafiles.read_idx reads."""
     a = np.ascontiguousarray(array, dtype=np.uint8)
     with open(path, 'wb') as f:
         f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
@@ -48,7 +52,7 @@ def write_slice(n_train, n_test, folder=None):
     folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        ds = data.fashion_mnist('data', split == 'train', transform=None)
+        ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
         write_idx(os.path.join(folder, f'{split}-images-idx3-ubyte'), ds.images[:n, 0].numpy())
         write_idx(os.path.join(folder, f'{split}-labels-idx1-ubyte'), ds.labels[:n].numpy())
     return folder
@@ -84,6 +88,7 @@ class Runner:
     def __init__(self, data_dir, flags=(), work=None):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
         self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
+        print(f'the runs train on {machine()}: trained numbers differ a little from one processor to another')
 
     def __call__(self, script, name, *flags):
         out, n = os.path.join(self.work, name), 1
@@ -110,6 +115,16 @@ class Runner:
         line.show(f"{label}: test top-1 {m[-1]['top1']:.1f}% after {m[-1]['epoch']:g} epochs "
                   f"({m[-1]['step']} steps, {time.time() - start:.0f} s)", end=True)
         return out
+
+
+def machine():
+    """The device the scripts will pick and their autocast dtype there (--amp auto), in words."""
+    if torch.cuda.is_available():
+        device, name = torch.device('cuda'), torch.cuda.get_device_name()
+    else:
+        device, name = torch.device('cpu'), f'{cpu_name()} ({torch.get_num_threads()} threads)'
+    dtype = amp_dtype('auto', device)
+    return f"{name}, {'autocast ' + str(dtype).split('.')[-1] if dtype else 'fp32'}"
 
 
 def metrics(run_dir):

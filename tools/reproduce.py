@@ -37,7 +37,7 @@ import torch
 
 from checkpoints import build_from_checkpoint
 from config import ConfigError, parse_config
-from engine import run_main
+from launch import run_main
 from ensemble import is_result
 from files import DamagedFile, read_json, write_json
 from rundir import cpu_name, git_commit

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from checkpoints import read_checkpoint
 from config import ConfigError, flag, show
-from engine import run_main
+from launch import run_main
 from files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
 from rundir import git_commit
 

@@ -1,0 +1,144 @@
+"""
+How every script starts and how it ends: its config from the command line, one process or many, the device
+and precision, seeds, the log, and every expected failure as one line.
+
+    cfg, env, data = start(MyConfig, PRESETS)     # parse, set up, load the splits
+    ...                                           # build the model, then engine.fit(cfg, env, model, data)
+    run_main(main)                                # at the bottom of the script: errors and Ctrl-C in one line
+
+The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set:
+one process per GPU, a process group over NCCL, or gloo on CPUs). `env` says which process this is, its device
+and its autocast dtype; the run directory and its resume rules are rundir.py's.
+"""
+import argparse
+import datetime
+import os
+import re
+import signal
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoints import CheckpointError
+from config import AMP, ConfigError, parse_config
+from data import build_splits
+from datafiles import DataError
+from files import cannot_write
+from rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
+
+# -----------------------------------------------------------------------------
+# Distributed, device, precision
+
+
+def setup(cfg):
+    """Start the process group under torchrun; pick the device and autocast dtype; make the run
+    directory (refusing to overwrite another run) or read the checkpoint to resume (checked); seed."""
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
+        torch.cuda.set_device(device)
+    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU. A process
+    # that stops (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default
+    if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
+                             dtype=amp_dtype(cfg.amp, device))
+    env.ckpt_path, env.logged = prepare_run_dir(cfg, main=rank == 0), False
+    env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
+    seed_all(cfg.seed, rank, 0)
+    return env
+
+
+def start(cls, presets):
+    """What every script does first: parse its config, set up, load the train and eval splits."""
+    cfg = parse_config(cls, presets)
+    env = setup(cfg)
+    data = build_splits(cfg)
+    if cfg.val_size:
+        log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
+    return cfg, env, data
+
+
+def amp_dtype(amp, device):
+    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
+    if amp not in AMP:
+        raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
+    if amp == 'auto':
+        if device.type == 'cuda':
+            # native only: before Ampere (a T4) bf16 is emulated, slower than fp16 with a GradScaler
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+        return torch.bfloat16 if cpu_bf16 else None
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
+
+
+def autocast(env):
+    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
+
+
+def seed_all(seed, rank, epoch):
+    """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
+    s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def all_mean(t, env):
+    if env.world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= env.world
+    return t
+
+
+def log(env, cfg, msg):
+    """Print, and add to log.txt; a new run starts it afresh (an attempt that saved no checkpoint is over)."""
+    if env.main:
+        print(msg, flush=True)
+        path = os.path.join(cfg.out_dir, 'log.txt')
+        try:
+            with open(path, 'a' if cfg.resume or env.logged else 'w') as f:
+                f.write(msg + '\n')
+        except OSError as e:   # a full disk: one line, wherever the run is
+            raise cannot_write(path, e) from None
+        env.logged = True
+
+
+# -----------------------------------------------------------------------------
+# Ending: expected failures and Ctrl-C as one line
+
+
+def run_main(main):
+    """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
+    to continue (exit 130, as a shell reports SIGINT)."""
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+        lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
+        sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
+        print(f'error: stopped (Ctrl-C): {how_to_continue()}', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except RuntimeError as e:
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
+            raise
+        sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
+                 f'process stopped, hung or died (each stops after --dist-timeout seconds); {how_to_continue()}')
+    finally:
+        unlock()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def lost_peer(e):
+    """The words of a gloo / NCCL error that says another process never answered or went away ('' if not one)."""
+    found = re.search(r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*|NCCL[^\n]*(timeout|Watchdog)[^\n]*)', str(e))
+    return found.group(0).strip() if found else ''
