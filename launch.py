@@ -83,6 +83,10 @@ def autocast(env):
     return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
 
 
+# -----------------------------------------------------------------------------
+# Seeds, a mean over processes, the log
+
+
 def seed_all(seed, rank, epoch):
     """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
     s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
