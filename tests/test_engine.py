@@ -1,4 +1,4 @@
-"""In-process unit tests of engine.py (config parsing, schedule, optimiser groups, loss, AMP), and
+"""In-process unit tests of engine.py and launch.py (config parsing, schedule, optimiser groups, loss, AMP), and
 the exactness of resume (finetune.py runs in subprocesses, compared tensor by tensor)."""
 import dataclasses
 import math
