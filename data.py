@@ -2,13 +2,9 @@
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix), the train / eval
 splits, and (distributed, resumable) loaders. How each data set's files are found and read: datafiles.py.
 
-    --data cifar10 | cifar100     CIFAR's binary files from --data-dir, downloaded (and checksummed) when missing
-    --data fashion-mnist          IDX files from --data-dir, else Debian's dataset-fashion-mnist
-                                  (/usr/share/datasets/fashion-mnist), else downloaded
-    --data imagenet | folder      ImageFolder: <data-dir>/train/<class>/*.JPEG and <data-dir>/val/...; classes are
-                                  numbered by ImageNet-1k's list (imagenet) or the train/ folders (folder), in
-                                  every split (image_folder)
-    --data fake                   torchvision FakeData: random images, for smoke runs and benchmarks
+    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (datafiles.py says where else, and how)
+    --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG and val/...
+    --data fake                                  torchvision FakeData: random images, for smoke runs
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 """
@@ -120,7 +116,8 @@ def build_dataset(cfg, train, transform=None):
         return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
                                              random_offset=0 if train else 10 ** 6), 10
     if cfg.data in CIFAR:
-        return cifar(root, cfg.data, train, tf, INFO[cfg.data][1]), INFO[cfg.data][1]
+        classes = INFO[cfg.data][1]
+        return cifar(root, cfg.data, train, tf, classes), classes
     return image_folder(cfg.data, root, train, tf)
 
 # -----------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def cpu_name():
 
 
 # -----------------------------------------------------------------------------
-# The RNG a resume continues
+# The checkpoint: every rank's RNG state, the file written whole
 
 
 def rng_states(env):
