@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
-from config import SMALL_PRESETS
-from engine import fit, soft_cross_entropy
-from launch import log, run_main, start
 from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, load_teacher, student_presets,
                      teacher_mismatch, teacher_outputs, teacher_record)
+from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
+from util.config import SMALL_PRESETS
+from util.engine import fit, soft_cross_entropy
+from util.launch import log, run_main, start
 
 
 @dataclass

@@ -15,18 +15,18 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 
 `--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled
 (the setting the authors intended; their release never passed it on and used 21), 200 epochs.
-The saved checkpoint is a plain ViT: `checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
+The saved checkpoint is a plain ViT: `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from config import SMALL_PRESETS
-from engine import fit, soft_cross_entropy
-from launch import log, run_main, start
 from teacher import (TransferConfig, build_student, describe_map, layer_pairs, load_teacher, student_presets,
                      teacher_outputs, teacher_record, to_student_heads)
+from util.config import SMALL_PRESETS
+from util.engine import fit, soft_cross_entropy
+from util.launch import log, run_main, start
 
 # -----------------------------------------------------------------------------
 # The method: the loss, and one training step

@@ -1,8 +1,8 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix), the train / eval
-splits, and (distributed, resumable) loaders. How each data set's files are found and read: datafiles.py.
+splits, and (distributed, resumable) loaders. How each data set's files are found and read: util/datafiles.py.
 
-    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (datafiles.py says where else, and how)
+    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says where else, and how)
     --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG and val/...
     --data fake                                  torchvision FakeData: random images, for smoke runs
 
@@ -16,8 +16,8 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from augment import randaugment, random_erasing
-from datafiles import CIFAR, DataError, cifar, fashion_mnist, image_folder
+from util.augment import randaugment, random_erasing
+from util.datafiles import CIFAR, DataError, cifar, fashion_mnist, image_folder
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))

@@ -13,7 +13,7 @@ models' top-1 predictions differ) measures that directly.
     python ensemble.py --data imagenet --data-dir /datasets/imagenet \
         --models mae_vit_large_ft runs/distill/checkpoint.pt
 
-A model is a file or a name checkpoints.py knows: a ViT checkpoint of any kind, or a copy student
+A model is a file or a name util/checkpoints.py knows: a ViT checkpoint of any kind, or a copy student
 (its checkpoint records its teacher and the file's SHA-256; the teacher is loaded with it, and another
 file is refused: `--teacher moved.pt` if it moved, `--new-teacher true` if it is meant to be another).
 `--out` writes over nothing but an earlier result of this script (or with `--overwrite true`).
@@ -28,10 +28,10 @@ from types import SimpleNamespace
 import torch
 
 from attention_copy import load_copy_model
-from checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from config import AMP, ConfigError, parse_config
 from data import INFO, build_eval_set, build_loader
-from launch import amp_dtype, autocast, run_main
+from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
+from util.config import AMP, ConfigError, parse_config
+from util.launch import amp_dtype, autocast, run_main
 
 # -----------------------------------------------------------------------------
 # Config

@@ -26,13 +26,13 @@ from types import SimpleNamespace
 
 import torch
 
-from config import ConfigError, parse_config
 from data import build_loader, build_transform
-from datafiles import ClassFolder, DataError, read_classes
-from launch import amp_dtype, run_main
 from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
-from files import write_json, write_text
-from rundir import check_output
+from util.config import ConfigError, parse_config
+from util.datafiles import ClassFolder, DataError, read_classes
+from util.files import write_json, write_text
+from util.launch import amp_dtype, run_main
+from util.rundir import check_output
 
 # -----------------------------------------------------------------------------
 # Config

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import load_weights, read_checkpoint, state_dict_of
-from config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
-from engine import fit
-from launch import log, run_main, start
+from util.checkpoints import load_weights, read_checkpoint, state_dict_of
+from util.config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
+from util.engine import fit
+from util.launch import log, run_main, start
 from vit import create_model
 
 

@@ -19,7 +19,7 @@ patches only, each target patch normalised by its own mean and variance.
     torchrun --nproc_per_node 8 mae_pretrain.py --data imagenet --data-dir /datasets/imagenet --accum-steps 8
 
 The checkpoint holds the encoder under timm/MAE names next to the decoder's `decoder_*` and
-`mask_token`, and its 'arch' is the encoder's: `checkpoints.build_from_checkpoint(path)` returns
+`mask_token`, and its 'arch' is the encoder's: `util.checkpoints.build_from_checkpoint(path)` returns
 the encoder alone (the decoder is dropped), ready to be a teacher or to be fine-tuned.
 <out_dir>/reconstruction.png shows what the model makes of images it never trained on. `--export PATH`
 also writes the encoder alone (1.2 MB for Fashion-MNIST's preset): teachers/README.md.
@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from checkpoints import read_checkpoint, state_dict_of
-from config import SMALL_PRESETS, TrainConfig, parse_config
 from data import INFO
-from engine import fit
-from launch import all_mean, autocast, log, run_main, start
-from files import replacing
-from rundir import check_output, save_checkpoint
+from util.checkpoints import read_checkpoint, state_dict_of
+from util.config import SMALL_PRESETS, TrainConfig, parse_config
+from util.engine import fit
+from util.files import replacing
+from util.launch import all_mean, autocast, log, run_main, start
+from util.rundir import check_output, save_checkpoint
 from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def save_reconstructions(model, imgs, mean, std, path, norm_pix=True):
 def export_encoder(run_dir, path):
     """The encoder of a pre-training run alone, as a teacher small enough to ship: its weights (no decoder,
     mask token or optimiser state), its arch and config, and how it was made (the run's command line and
-    commit from its config.json, its held-out MSE). checkpoints.build_from_checkpoint(path) loads it."""
+    commit from its config.json, its held-out MSE). util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],

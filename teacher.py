@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from checkpoints import arch_of, build_from_checkpoint, family, read_checkpoint
-from config import ConfigError, TrainConfig, readable
+from util.checkpoints import arch_of, build_from_checkpoint, family, read_checkpoint
+from util.config import ConfigError, TrainConfig, readable
 from vit import SIZES, model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
-# vit.py's components that some families add to the plain ViT (pretrained.py), with their plain values
+# vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
 
@@ -49,7 +49,7 @@ class TransferConfig(TrainConfig):
             ('layer_map', readable(parse_pairs, self.layer_map), PAIRS_SYNTAX)]
 
     def resume_conflicts(self, ckpt, world):
-        """config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
+        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
         record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
         other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
         return super().resume_conflicts(ckpt, world) + ([other + ' (--new-teacher true if meant)'] if other else [])

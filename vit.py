@@ -14,7 +14,7 @@ Both methods meet the student in `Attention.forward`: its last lines are `out = 
 the layer's own softmax(q k^T / sqrt(d)) or, for attention copy, the teacher's map handed in through
 `inject`; `keep` hands the layer's own logits out, for the distillation loss. A layer that is given nothing
 and asked for nothing computes the same with F.scaled_dot_product_attention on CUDA (SDPA_DEVICES).
-Loading checkpoints (own, MAE, torchvision, by name) lives in checkpoints.py.
+Loading checkpoints (own, MAE, torchvision, by name) lives in util/checkpoints.py.
 """
 import inspect
 from functools import partial
@@ -180,7 +180,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Components some families add (all off by default, see pretrained.py): layer scale (init_values),
+    """Components some families add (all off by default, see util/pretrained.py): layer scale (init_values),
     a norm before the blocks (norm_pre), the activation, register tokens, the LayerNorm epsilon."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,

@@ -104,7 +104,7 @@ def relative_distance(a, b):
 def run_in_process(monkeypatch, module, *args):
     """Run a script's main() in this process, as `python <module>.py args` would (no interpreter start-up,
     no torch import): returns None if it succeeds, else the one-line message it exits with."""
-    from launch import run_main
+    from util.launch import run_main
     monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, args)])
     try:
         run_main(module.main)

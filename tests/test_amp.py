@@ -14,12 +14,12 @@ import torch
 
 from attention_copy import CopyConfig, copy_loss
 from attention_distill import DistillConfig, distill_loss_fn
-from config import TrainConfig
 from conftest import relative_distance
-from engine import build_optimizer, soft_cross_entropy
-from launch import autocast
 from mae_pretrain import MAEConfig, MaskedAutoencoder, mae_loss_fn
 from teacher import cast_matmul_weights
+from util.config import TrainConfig
+from util.engine import build_optimizer, soft_cross_entropy
+from util.launch import autocast
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4, global_pool=True)

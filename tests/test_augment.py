@@ -1,4 +1,4 @@
-"""augment.py against timm, the library the authors' release augments with: each op's argument at a
+"""util/augment.py against timm, the library the authors' release augments with: each op's argument at a
 magnitude, each op's pixels, the policy strings, the sampling of ops and magnitudes, random erasing."""
 import math
 import random
@@ -12,7 +12,7 @@ from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from augment import APPLY, LEVELS, OPS, RandAugment, parse_policy, randaugment, random_erasing
+from util.augment import APPLY, LEVELS, OPS, RandAugment, parse_policy, randaugment, random_erasing
 
 FILL = (124, 116, 104)          # ImageNet's mean colour, as timm's create_transform passes it
 HPARAMS = dict(translate_const=100, img_mean=FILL)

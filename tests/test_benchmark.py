@@ -8,9 +8,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from tools.benchmark import BenchConfig, configure, device_slug
-from config import ConfigError
 from conftest import run_script
+from tools.benchmark import BenchConfig, configure, device_slug
+from util.config import ConfigError
 
 
 @pytest.mark.parametrize('flags, words', [

@@ -10,14 +10,14 @@ import pytest
 
 import attention_copy
 import attention_distill
-import tools.benchmark as benchmark
+from conftest import TINY, run_script
 import ensemble
 import evaluate
 import finetune
 import mae_pretrain
+import tools.benchmark as benchmark
 import tools.reproduce as reproduce
-from conftest import TINY, run_script
-from launch import run_main
+from util.launch import run_main
 
 # script -> (module, config class, the flags of a run that would otherwise go ahead)
 SCRIPTS = {

@@ -15,9 +15,9 @@ import torch
 
 import attention_copy
 import attention_distill
-import finetune as finetune_script
-from checkpoints import CheckpointError, build_from_checkpoint, load_weights
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, sub_env
+import finetune as finetune_script
+from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
 from vit import VisionTransformer
 
 # -----------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path, monkeypatc
 @pytest.mark.parametrize('name, file', [('deit_small', 'deit_small_patch16_224-cd65a155.pth'),
                                         ('clip_vitb16', 'ViT-B-16.pt')])
 def test_teacher_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch, name, file):
-    """The other families by name (pretrained.py; CLIP's TorchScript its own way) fail offline as MAE's do."""
+    """The other families by name (util/pretrained.py; CLIP's TorchScript its own way) fail offline as MAE's do."""
     def offline(url, dst, *args, **kwargs):
         raise urllib.error.URLError('no network')
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))

@@ -17,9 +17,9 @@ from torch._dynamo.utils import counters
 
 import attention_copy
 import attention_distill
+from conftest import TINY, finetune as run_finetune, read_metrics
 import finetune
 import mae_pretrain
-from conftest import TINY, finetune as run_finetune, read_metrics
 
 SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
 # (script, backend): on the CPU the two transfer methods; on CUDA every script

@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-import attention_copy
-import attention_distill
 from attention_copy import CopyModel, copied, copy_loss, load_copy_model
+import attention_copy
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss, distill_loss_fn
-from config import ConfigError, parse_config
+import attention_distill
 from conftest import TINY, run_in_process
 from teacher import HEAD_RULE, build_student, map_layers, misfit, student_shape, to_student_heads
+from util.config import ConfigError, parse_config
 from vit import VisionTransformer, model_arch
 
 torch.set_num_threads(1)   # a small, shared machine

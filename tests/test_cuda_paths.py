@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import launch
-import vit as vit_module
 from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
-from config import TrainConfig
 from conftest import relative_distance
 from data import build_dataset, build_loader
 from teacher import cast_matmul_weights
 from tools.naive import sdpa_devices
+from util import launch
+from util.config import TrainConfig
 from vit import VisionTransformer
+import vit as vit_module
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4, global_pool=True)
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)]

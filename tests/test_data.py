@@ -1,4 +1,4 @@
-"""data.py and datafiles.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
+"""data.py and util/datafiles.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
 samplers."""
 import gzip
 import os
@@ -14,8 +14,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data import INFO, ResumableSampler, batch_mixer, build_dataset, build_eval_set, build_splits
-from datafiles import FASHION_MNIST_SYSTEM_DIR, DataError, read_cifar_binary, read_idx
 from finetune import PRESETS, FinetuneConfig
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR, DataError, read_cifar_binary, read_idx
 
 
 def config(**kw):
@@ -186,7 +186,7 @@ def test_folder_that_is_no_class_is_refused_before_training(tmp_path, monkeypatc
 
 def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
     """--data imagenet: ImageNet-1k's indices, whatever the split holds, so that val/ is read without train/."""
-    from datafiles import read_classes
+    from util.datafiles import read_classes
     wnids = read_classes('imagenet')
     for k, w in ((0, wnids[0]), (1, wnids[500]), (2, wnids[999])):
         os.makedirs(tmp_path / 'val' / w)
@@ -259,7 +259,7 @@ def cifar_records(rng, n, label_bytes):
 def write_cifar(root, name, rng, per_file=2):
     """The extracted folder of cifar-10-binary.tar.gz / cifar-100-binary.tar.gz with a few records a file.
     Returns {file: (images, labels)}."""
-    from datafiles import CIFAR
+    from util.datafiles import CIFAR
     _, _, folder, train_files, test_files, label_bytes = CIFAR[name]
     os.makedirs(root / folder)
     out = {}
@@ -298,7 +298,7 @@ def test_cifar100_coarse_and_fine_labels(tmp_path):
 def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
     import hashlib
     import tarfile
-    import datafiles
+    from util import datafiles
     src = tmp_path / 'src'
     written = write_cifar(src, 'cifar10', np.random.default_rng(2))
     root = tmp_path / 'root'
@@ -320,8 +320,7 @@ def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
 
 
 def test_cifar_failed_download_leaves_nothing(tmp_path, monkeypatch):
-    import datafiles
-
+    from util import datafiles
     def unreachable(url, root, md5=None):                             # torchvision creates root, then fails mid-file
         os.makedirs(root, exist_ok=True)
         (pathlib.Path(root) / os.path.basename(url)).write_bytes(b'partial')
@@ -349,7 +348,7 @@ def test_corrupt_cifar_records(tmp_path):
 
 
 def test_train_transform_carries_the_policy_and_erasing():
-    from augment import RandAugment
+    from util.augment import RandAugment
     from data import build_transform
     authors = dict(data='fake', randaug='rand-m9-mstd0.5-inc1', reprob=0.25)
     tf = build_transform(config(**authors), train=True).transforms

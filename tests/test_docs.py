@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from config import parse_config
 from conftest import ROOT, sub_env
+from util.config import parse_config
 
 PAGES = ['README.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
                                              for p in glob.glob(os.path.join(ROOT, folder, '**', '*.md'), recursive=True)),

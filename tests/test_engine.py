@@ -1,4 +1,4 @@
-"""In-process unit tests of engine.py and launch.py (config parsing, schedule, optimiser groups, loss, AMP), and
+"""In-process unit tests of util/engine.py and util/launch.py (config parsing, schedule, optimiser groups, loss, AMP), and
 the exactness of resume (finetune.py runs in subprocesses, compared tensor by tensor)."""
 import dataclasses
 import math
@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
 from conftest import finetune, read_metrics
-from config import ConfigError, parse_config
-from engine import build_optimizer, lr_at, soft_cross_entropy
-from launch import amp_dtype
 from finetune import PRESETS, FinetuneConfig
+from util import engine
+from util.config import ConfigError, parse_config
+from util.engine import build_optimizer, lr_at, soft_cross_entropy
+from util.launch import amp_dtype
 from vit import create_model
 
 torch.set_num_threads(1)   # a small, shared machine

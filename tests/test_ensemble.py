@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 
-import attention_copy
-import ensemble
 from attention_copy import load_copy_model
-from checkpoints import CheckpointError
+import attention_copy
 from conftest import TINY, finetune, read_metrics, run_in_process, run_script
-from config import ConfigError
-from config import parse_config
 from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_probs, load_models,
                       normalise_weights, summarise)
+import ensemble
+from util.checkpoints import CheckpointError
+from util.config import ConfigError
+from util.config import parse_config
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
 from conftest import run_script
 from data import build_transform
-from datafiles import DataError
-from launch import run_main
 from ensemble import load_model
 from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
+import evaluate
+from util.datafiles import DataError
+from util.launch import run_main
 from vit import VisionTransformer, model_arch
 
 torch.set_num_threads(1)

@@ -9,9 +9,9 @@ import torch
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy,
                                distill_loss_fn, plain_loss_fn)
-from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from conftest import run_script
 from teacher import cast_matmul_weights
+from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4, global_pool=True)

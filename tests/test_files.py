@@ -1,4 +1,4 @@
-"""files.py: the reader of the JSON files runs leave (a damaged one is one error naming the file, the line and
+"""util/files.py: the reader of the JSON files runs leave (a damaged one is one error naming the file, the line and
 the fix), the atomic writer (a Ctrl-C in it stays a Ctrl-C), and the check of an output folder that makes nothing."""
 import io
 import json
@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from config import ConfigError
-from files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
+from util.config import ConfigError
+from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
 
 
 @pytest.mark.parametrize('text, says', [

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import forkserver
 from conftest import sub_env
+import forkserver
 
 SCRIPTS = {
     'says': """

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from attention_copy import load_copy_model
-from checkpoints import build_from_checkpoint
 from conftest import ROOT, TINY, read_metrics, relative_distance, sub_env
 from test_cli import free_port
+from util.checkpoints import build_from_checkpoint
 
 gpu = pytest.mark.gpu
 
@@ -41,7 +41,8 @@ def test_one_process_torchrun_starts_the_process_group_on_cpu(tmp_path):
 STOPPED_RANK = """
 import os, sys, time
 sys.path.insert(0, os.getcwd())
-import engine, finetune, launch
+import finetune
+from util import engine, launch
 if os.environ['RANK'] == '1':
     engine.build_loader = lambda *args, **kwargs: time.sleep(3600)
 launch.run_main(finetune.main)
@@ -69,7 +70,7 @@ def test_a_stopped_process_stops_every_process_after_the_timeout(tmp_path):
     said = [line for line in (out + err).splitlines() if line.startswith('error: process 0 of 2: ')]
     assert len(said) == 1 and 'Timed out' in said[0] and '--dist-timeout' in said[0], err[-4000:]
     assert 'no checkpoint was saved yet' in said[0], said[0]
-    assert not any(f'{f}", line' in err for f in ('launch.py', 'engine.py', 'finetune.py')), err[-4000:]   # ours
+    assert not any(f'{f}", line' in err for f in ('util/launch.py', 'util/engine.py', 'finetune.py')), err[-4000:]   # ours
 
 
 def auto_dtype():

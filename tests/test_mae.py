@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from checkpoints import build_from_checkpoint
 from conftest import TINY, finetune, read_metrics, run_script
-from config import ConfigError, parse_config
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
                           unpatchify)
+from util.checkpoints import build_from_checkpoint
+from util.config import ConfigError, parse_config
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

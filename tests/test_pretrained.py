@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
 
-from checkpoints import PRETRAINED, CheckpointError, build_from_checkpoint
-from pretrained import TEACHERS
+from util.checkpoints import PRETRAINED, CheckpointError, build_from_checkpoint
+from util.pretrained import TEACHERS
 from vit import VisionTransformer
 
 D, DEPTH, HEADS = 128, 2, 2          # 64-dimensional heads, as in every named teacher

@@ -12,13 +12,13 @@ import torch
 
 from attention_copy import PRESETS as COPY, CopyConfig
 from attention_distill import PRESETS as DISTILL, DistillConfig
-from config import ConfigError, parse_config
 from conftest import run_script
-from engine import build_optimizer, lr_at
 from finetune import PRESETS as FINETUNE, FinetuneConfig, build_model, presets
 from mae_pretrain import PRESETS as MAE, MAEConfig
-from tools.reproduce import PRESETS as REPRODUCE, ReproduceConfig
 from teacher import parse_index
+from tools.reproduce import PRESETS as REPRODUCE, ReproduceConfig
+from util.config import ConfigError, parse_config
+from util.engine import build_optimizer, lr_at
 from vit import create_model
 
 # -----------------------------------------------------------------------------

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from config import ConfigError, parse_config
 from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from tools.reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
 from tools.reproduce_report import AIMS, LABELS, against_paper, aim, format_gap, gap_closed, mean_std, plot
+from util.config import ConfigError, parse_config
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -257,7 +257,7 @@ def test_needs_and_threads(monkeypatch):
 def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path):
     fail = tmp_path / 'fail.py'
     fail.write_text("import sys\nprint('error: no such thing')\nsys.exit(1)\n")
-    code = ('import tools.reproduce as reproduce\nfrom launch import run_main\n'
+    code = ('import tools.reproduce as reproduce\nfrom util.launch import run_main\n'
             f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\nrun_main(reproduce.main)\n')
     runs = tmp_path / 'runs'
     p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')

@@ -1,4 +1,4 @@
-"""The run directory under faults (rundir.py): which script made it, one process writing it at a time, files
+"""The run directory under faults (util/rundir.py): which script made it, one process writing it at a time, files
 written whole (a full disk leaves the old ones as they were), a finished run never written over unless asked,
 a resume that keeps the metrics it continues, and Ctrl-C ending in one line that says how to continue.
 Most scripts run in this process (run_in_process); a fault that needs a process of its own gets one."""
@@ -20,8 +20,8 @@ import torch
 
 import attention_copy
 import attention_distill
-import finetune
 from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
+import finetune
 from test_resume import digest, train
 
 torch.set_num_threads(1)   # a small, shared machine

@@ -5,10 +5,10 @@ import torch
 
 from attention_copy import copy_loss
 from attention_distill import DistillConfig, distill_loss_fn
-from config import ConfigError
 from conftest import TINY, run_script
 from teacher import PLAIN, build_student
 from test_transfer_scripts import transfer
+from util.config import ConfigError
 from vit import VisionTransformer
 
 COMPONENTS = dict(init_values=0.1, reg_tokens=2, norm_pre=True, act='quick_gelu', norm_eps=1e-5)
@@ -74,7 +74,7 @@ def test_scripts_build_and_record_the_teacher_arch_student(tmp_path):
 def test_finetune_builds_a_teacher_of_another_family_and_the_student_takes_its_components():
     """finetune.py --layer-scale / --norm-pre / --act: a supervised teacher built like DINOv2 or CLIP, whose
     components --student-arch teacher gives the student (and --student-arch plain drops); --init checks them."""
-    from checkpoints import CheckpointError, load_weights
+    from util.checkpoints import CheckpointError, load_weights
     from finetune import FinetuneConfig, build_model
     cfg = FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                          layer_scale=0.1, norm_pre=True, act='quick_gelu')

@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
 
-import attention_distill
 from attention_distill import DistillConfig
-from checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint, resize_pos_embed
+import attention_distill
 from conftest import TINY, run_in_process
-from pretrained import AS_DEIT, FAMILIES
 from teacher import load_teacher
 from test_pretrained import D, DEPTH, HEADS, official_dinov2, randomise, timm_features
+from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint, resize_pos_embed
+from util.pretrained import AS_DEIT, FAMILIES
 
 torch.set_num_threads(1)   # a small, shared machine
 

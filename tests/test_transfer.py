@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from attention_copy import CopyModel, copied, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss, distill_loss_fn
 from conftest import blocks_run
-from engine import build_optimizer
 from teacher import build_student, parse_index, teacher_outputs
+from util.engine import build_optimizer
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=4, num_heads=4)
@@ -141,7 +141,7 @@ def test_distilling_a_head_subset_trains_only_those_heads_attention():
 
 
 def test_student_must_fit_teacher():
-    from config import ConfigError
+    from util.config import ConfigError
     teacher = make_teacher()
     with pytest.raises(ConfigError, match='does not fit'):
         build_student(cfg_for(num_heads=6, embed_dim=48), teacher, 5, [0])
@@ -159,7 +159,7 @@ def test_small_presets_build_the_teacher_shaped_student(script):
     """A small preset names model 'teacher': its student takes the teacher's width, depth and heads, never
     finetune.py's sizes (which once silently made a 128-wide student of a 64-wide teacher)."""
     import importlib
-    from config import parse_config
+    from util.config import parse_config
     mod = importlib.import_module(script)
     teacher = make_teacher()   # 48 wide, unlike any preset
     for data in ('fashion-mnist', 'cifar10', 'fake'):

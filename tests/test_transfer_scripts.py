@@ -3,9 +3,9 @@ bf16 autocast; what their checkpoints hold."""
 import pytest
 import torch
 
-from checkpoints import build_from_checkpoint
 from conftest import TINY, finetune, read_metrics, run_script
 from test_cli import free_port
+from util.checkpoints import build_from_checkpoint
 
 
 @pytest.fixture(scope='module')

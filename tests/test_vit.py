@@ -1,12 +1,12 @@
-"""vit.py and checkpoints.py against independent implementations (torchvision, timm) and identities."""
+"""vit.py and util/checkpoints.py against independent implementations (torchvision, timm) and identities."""
 import pytest
 import torch
 import torchvision
 
 from conftest import blocks_run
-from checkpoints import CheckpointError, build_from_checkpoint, load_weights
-from checkpoints import resize_pos_embed
 from tools.naive import sdpa_devices
+from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
+from util.checkpoints import resize_pos_embed
 from vit import VisionTransformer, create_model
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=64, depth=3, num_heads=4)

@@ -37,9 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
 from tools.benchmark_report import machine, markdown, profile, targets
-from config import ConfigError, parse_config
-from launch import amp_dtype, run_main
-from files import check_out_dir
+from util.config import ConfigError, parse_config
+from util.files import check_out_dir
+from util.launch import amp_dtype, run_main
 from vit import SIZES
 
 

@@ -15,12 +15,12 @@ import torch
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
-from config import TrainConfig
-from engine import build_optimizer, soft_cross_entropy
-from launch import amp_dtype, autocast
 from teacher import cast_matmul_weights
 from tools.naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
                          naive_copy_loss, naive_distill_loss, qk_copy_loss, sdpa_devices, set_drop_path)
+from util.config import TrainConfig
+from util.engine import build_optimizer, soft_cross_entropy
+from util.launch import amp_dtype, autocast
 from vit import SDPA_DEVICES, VisionTransformer, model_arch
 
 METHODS = {   # paths between default and naive drop one optimisation each, to show what it is worth

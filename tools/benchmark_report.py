@@ -11,7 +11,7 @@ import time
 import torch
 
 from tools.benchmark_cases import PATHS
-from rundir import git_commit
+from util.rundir import git_commit
 
 # (name, method, path, over method, over path, target): ratio = img/s of the first / img/s of the second
 SPEED_TARGETS = {

@@ -19,13 +19,13 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
-import datafiles
-from files import read_jsonl
-from launch import amp_dtype
-from rundir import cpu_name
+from util import datafiles
+from util.files import read_jsonl
+from util.launch import amp_dtype
+from util.rundir import cpu_name
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST, read (found, downloaded if missing, checked) by datafiles.py as the scripts read it
+# Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
 MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these

@@ -11,10 +11,10 @@ import contextlib
 
 import torch
 
-import vit
 from attention_distill import attention_cross_entropy
-from engine import soft_cross_entropy
 from teacher import teacher_outputs
+from util.engine import soft_cross_entropy
+import vit
 
 # the recipes' stochastic depth (fine-tuning, copy, distillation) and label smoothing
 DROP_PATH = {'train': 0.1, 'copy': 0.0, 'distill': 0.2}

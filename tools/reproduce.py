@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from checkpoints import build_from_checkpoint
-from config import ConfigError, parse_config
-from launch import run_main
 from ensemble import is_result
-from files import DamagedFile, read_json, write_json
-from rundir import cpu_name, git_commit
 from teacher import sha256_of
 from tools.reproduce_report import STAGES, check_results_dir, records, summarise, table, write
+from util.checkpoints import build_from_checkpoint
+from util.config import ConfigError, parse_config
+from util.files import DamagedFile, read_json, write_json
+from util.launch import run_main
+from util.rundir import cpu_name, git_commit
 
 # -----------------------------------------------------------------------------
 # Config

@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from checkpoints import read_checkpoint
-from config import ConfigError, flag, show
-from launch import run_main
-from files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
-from rundir import git_commit
+from util.checkpoints import read_checkpoint
+from util.config import ConfigError, flag, show
+from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
+from util.launch import run_main
+from util.rundir import git_commit
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 

@@ -9,10 +9,10 @@ import sys
 import torch
 
 from attention_distill import attention_cross_entropy
-from checkpoints import build_from_checkpoint
-from config import TrainConfig
 from data import build_eval_set
 from mae_pretrain import gather_tokens, random_keep
+from util.checkpoints import build_from_checkpoint
+from util.config import TrainConfig
 
 
 def entropy(logits):

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 
-from config import ConfigError
+from util.config import ConfigError
 
 
 class DamagedFile(ConfigError):

@@ -5,7 +5,7 @@ Sources: a name from PRETRAINED (downloaded once into the torch hub cache), or a
   - one of this project's checkpoints  {'model': state_dict, 'arch': VisionTransformer kwargs, ...}
   - an MAE checkpoint                  {'model': state_dict}  (pre-trained or fine-tuned)
   - a plain state dict with timm/MAE names, or torchvision's VisionTransformer names
-  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in pretrained.py), CLIP's
+  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in util/pretrained.py), CLIP's
     TorchScript archive included (its tensors only).
 Any other file (empty, truncated, another format, or a pickle carrying Python objects: refused
 without running them) is one CheckpointError line naming it and the fix.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from einops import rearrange
 
-from pretrained import AS_DEIT, FAMILIES, TEACHERS, convert, family_of
+from util.pretrained import AS_DEIT, FAMILIES, TEACHERS, convert, family_of
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
@@ -43,7 +43,7 @@ PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
         ('vit_b_16', tvm.ViT_B_16_Weights, 12), ('vit_b_32', tvm.ViT_B_32_Weights, 12),
         ('vit_l_16', tvm.ViT_L_16_Weights, 16), ('vit_l_32', tvm.ViT_L_32_Weights, 16),
         ('vit_h_14', tvm.ViT_H_14_Weights, 16))},
-    **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: pretrained.py
+    **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
 
 

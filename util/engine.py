@@ -1,7 +1,7 @@
 """
 The training loop every script shares: AdamW with layer-wise lr decay, warm-up + cosine schedule, EMA,
 the epoch loop with gradient accumulation and AMP, evaluation, checkpoints (the run directory and its resume
-rules: rundir.py). A script starts with launch.start (config, processes, device, data), builds its model and
+rules: util/rundir.py). A script starts with launch.start (config, processes, device, data), builds its model and
 (optionally) its loss, then calls `fit`.
 """
 import contextlib
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from config import ConfigError
 from data import batch_mixer, build_loader
-from launch import all_mean, autocast, log, seed_all
-from rundir import append_record, restore, rng_states, save_checkpoint, write_provenance
+from util.config import ConfigError
+from util.launch import all_mean, autocast, log, seed_all
+from util.rundir import append_record, restore, rng_states, save_checkpoint, write_provenance
 
 # -----------------------------------------------------------------------------
 # Optimiser and schedule
@@ -37,7 +37,7 @@ def build_optimizer(cfg, model, lr):
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
         lid = min(model.layer_id(name), layers) if hasattr(model, 'layer_id') else layers
         scale = cfg.layer_decay ** (layers - lid)
-        if scale == 0:   # a teacher-sized student's depth is known only now (config.py checks the rest)
+        if scale == 0:   # a teacher-sized student's depth is known only now (util/config.py checks the rest)
             raise ConfigError(f'--layer-decay-offset {cfg.layer_decay_offset}: layer {lid} gets an lr scale of '
                               f'{cfg.layer_decay} ** {layers - lid}, which is 0 in floating point: use 0 or 1')
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,

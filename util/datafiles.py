@@ -188,7 +188,7 @@ def image_folder(data, root, train, transform):
 
 def read_classes(name):
     """A class list of classes/<name>.txt: position = class index."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classes', name + '.txt')) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'classes', name + '.txt')) as f:
         return f.read().split()
 
 

@@ -1,7 +1,7 @@
 """
 Pre-trained ViTs of other families, by name, converted to vit.py's names.
 
-Each family's official file is read as published and renamed here; checkpoints.py then loads it
+Each family's official file is read as published and renamed here; util/checkpoints.py then loads it
 with its exact missing / unexpected key check. The families and what their architecture adds:
 
     name                     family               file format                 components (vit.py)

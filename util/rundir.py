@@ -37,9 +37,9 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from checkpoints import CheckpointError, arch_mismatch, read_checkpoint
-from config import ConfigError, flag
-from files import cannot_write, replacing, write_text
+from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
+from util.config import ConfigError, flag
+from util.files import cannot_write, replacing, write_text
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')

@@ -8,7 +8,7 @@ and precision, seeds, the log, and every expected failure as one line.
 
 The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set:
 one process per GPU, a process group over NCCL, or gloo on CPUs). `env` says which process this is, its device
-and its autocast dtype; the run directory and its resume rules are rundir.py's.
+and its autocast dtype; the run directory and its resume rules are util/rundir.py's.
 """
 import argparse
 import datetime
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import CheckpointError
-from config import AMP, ConfigError, parse_config
 from data import build_splits
-from datafiles import DataError
-from files import cannot_write
-from rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
+from util.checkpoints import CheckpointError
+from util.config import AMP, ConfigError, parse_config
+from util.datafiles import DataError
+from util.files import cannot_write
+from util.rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision

@@ -12,8 +12,8 @@ import sys
 import typing
 from dataclasses import asdict, dataclass
 
-from augment import randaugment
 from data import INFO
+from util.augment import randaugment
 from vit import SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
