@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from teacher import (HEAD_RULE, TransferConfig, build_student, describe_map, load_teacher, student_presets,
-                     teacher_mismatch, teacher_outputs, teacher_record)
+from teacher import (HEAD_RULE, TransferConfig, build_student, check_teacher, describe_map, load_teacher,
+                     student_presets, teacher_mismatch, teacher_outputs, teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
 from util.engine import fit, soft_cross_entropy
@@ -96,7 +96,8 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     if other:
         raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own teacher '
                               f'(--new-teacher true if another one is meant)')
-    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'])
+    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'],
+                         teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher, _, _ = load_teacher(cfg, 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
@@ -116,6 +117,7 @@ def copy_loss(cfg, teacher, layers, heads, num_heads=None):
 def main():
     cfg, env, data = start(CopyConfig, PRESETS)
     teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
+    check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
     student = build_student(cfg, teacher, data.num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from teacher import (TransferConfig, build_student, describe_map, layer_pairs, load_teacher, student_presets,
-                     teacher_outputs, teacher_record, to_student_heads)
+from teacher import (TransferConfig, build_student, check_teacher, describe_map, layer_pairs, load_teacher,
+                     student_presets, teacher_outputs, teacher_record, to_student_heads)
 from util.config import SMALL_PRESETS
 from util.engine import fit, soft_cross_entropy
 from util.launch import log, run_main, start
@@ -198,6 +198,7 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 def main():
     cfg, env, data = start(DistillConfig, PRESETS)
     teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
+    check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher, data.num_classes, layers)
     log(env, cfg, f'attention distillation: {cfg.transfer} of layers {sorted(layers.values())} '

@@ -74,15 +74,42 @@ class Splits(NamedTuple):
     train: Dataset
     eval: Dataset        # the test split, or with --val-size n, n training images held out from training
     num_classes: int
+    classes: list        # the class names, index = label: what a run records it was trained to tell apart
 
 
 def build_splits(cfg):
-    """Splits(train, eval, num_classes): the eval set is the test split, or with --val-size n, n training
+    """Splits(train, eval, num_classes, classes): the eval set is the test split, or with --val-size n, n training
     images held out from training (see build_eval_set)."""
     train_set, num_classes = build_dataset(cfg, train=True)
     if cfg.val_size:
         train_set = Subset(train_set, held_out_order(cfg, len(train_set))[cfg.val_size:])
-    return Splits(train_set, build_eval_set(cfg)[0], num_classes)
+    return Splits(train_set, build_eval_set(cfg)[0], num_classes, class_names(train_set, num_classes))
+
+
+def class_names(dataset, num_classes):
+    """A dataset's class names (its `classes`, as torchvision's datasets have them; FakeData's: the labels)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return list(getattr(dataset, 'classes', None) or map(str, range(num_classes)))
+
+
+def class_mismatch(saved, here):
+    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
+    classes whose names differ (index: saved -> here)."""
+    if saved is None or list(saved) == list(here):
+        return ''
+    if len(saved) != len(here):
+        return f'{len(saved)} classes where the data has {len(here)}'
+    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
+    return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
+
+
+def data_source(dataset):
+    """Where a dataset's images come from, in a few words: 'read from <folder>', or for FakeData 'made at random'."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    source = getattr(dataset, 'source', None)
+    return f'read from {source}' if source else 'made at random (torchvision FakeData)'
 
 
 def build_eval_set(cfg):

@@ -22,15 +22,17 @@ One process, on a GPU if there is one.
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import torch
 
 from attention_copy import load_copy_model
-from data import INFO, build_eval_set, build_loader
+from data import INFO, build_eval_set, build_loader, class_mismatch, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, ConfigError, parse_config
+from util.files import write_json
 from util.launch import amp_dtype, autocast, run_main
 
 # -----------------------------------------------------------------------------
@@ -39,10 +41,13 @@ from util.launch import amp_dtype, autocast, run_main
 
 @dataclass
 class EnsembleConfig:
-    data: str = 'fashion-mnist'     # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
-    data_dir: str = './data'
+    data: str = ''                  # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake;
+                                    # '' = the data set the models' checkpoints record
+    data_dir: str = ''              # '' = the models' record when --data is theirs, else ./data
     val_size: int = 0               # evaluate on this many held-out training images instead (as the scripts' flag)
     models: list[str] = field(default_factory=list)     # checkpoint files or names: --models a.pt b.pt
+    num_heads: list[int] = field(default_factory=list)  # head counts of files of weights alone: one for every
+                                                        # model, or one each (0: the file's record or family)
     weights: list[float] = field(default_factory=list)  # one weight per model; none = equal weights
     out: str = ''                   # also write the results here as JSON (not over another file: --overwrite)
     overwrite: bool = False         # --out may replace a file that is not an earlier result of this script
@@ -57,11 +62,19 @@ class EnsembleConfig:
 
     def checks(self):
         return [
-            ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
+            ('data', self.data in INFO or self.data == '', f"choose one of {', '.join(INFO)}, or '' (the models')"),
             ('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
                                              'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
+            *heads_checks(self),
             ('val_size', self.val_size >= 0, 'must be 0 (the test split) or more'),
             ('fake_size', self.fake_size >= 1, 'must be at least 1'), *evaluation_checks(self)]
+
+
+def heads_checks(cfg):
+    """The rows of checks() for --num-heads beside --models (ensemble.py, evaluate.py)."""
+    return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
+             f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
+            ('num_heads', min(cfg.num_heads, default=0) >= 0, "must be 0 (the file's record or family) or more")]
 
 
 def evaluation_checks(cfg):
@@ -136,22 +149,25 @@ def format_table(r):
 # Models and predictions
 
 
-def load_model(source, teacher=None, new_teacher=False):
-    """(classifier in eval mode, its arch). A copy student comes back wrapped with its teacher
-    (the recorded one, or `teacher` with the same SHA-256 unless new_teacher)."""
+def load_model(source, teacher=None, new_teacher=False, num_heads=0):
+    """(classifier in eval mode, its arch, what its checkpoint records it was trained on: {'data', 'data_dir',
+    'classes'}, None where it records nothing). A copy student comes back wrapped with its teacher (the recorded
+    one, or `teacher` with the same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
-        if isinstance(ckpt, dict) and 'teacher' in ckpt:
+        if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:
             model = load_copy_student(source, ckpt, teacher, new_teacher)
             arch = model.student.arch
         else:
-            model = build_from_checkpoint(source, ckpt)
+            model = build_from_checkpoint(source, ckpt, num_heads, '--num-heads')
             arch = model.arch
     except CheckpointError as e:   # some say what is wrong but not with which file: with several, say it
         raise e if source in str(e) else CheckpointError(f'{source}: {e}') from None
     if not arch['num_classes']:
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
-    return model.eval(), arch
+    config = ckpt.get('config') if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) else {}
+    classes = ckpt.get('classes') if isinstance(ckpt, dict) and isinstance(ckpt.get('classes'), list) else None
+    return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes}
 
 
 COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
@@ -181,14 +197,38 @@ def load_copy_student(source, ckpt, teacher, new_teacher):
     return model
 
 
-def load_models(sources, teacher=None, new_teacher=False):
-    """The classifiers and the one image size they share (an ensemble needs one test set)."""
-    models, archs = zip(*(load_model(s, teacher, new_teacher) for s in sources))
+def load_models(sources, teacher=None, new_teacher=False, num_heads=()):
+    """The classifiers, what each records it was trained on (load_model; with 'num_classes'), and the one image
+    size they share (an ensemble needs one test set). num_heads: one head count for all, or one per source."""
+    heads = list(num_heads) * len(sources) if len(num_heads) == 1 else list(num_heads) or [0] * len(sources)
+    models, archs, records = zip(*(load_model(s, teacher, new_teacher, h) for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
         raise ConfigError('the models take different image sizes: ' +
                           ', '.join(f'{s} {v}' for s, v in sizes.items()))
-    return list(models), [a['num_classes'] for a in archs], archs[0]['img_size']
+    return list(models), [{**r, 'num_classes': a['num_classes']} for r, a in zip(records, archs)], \
+        archs[0]['img_size']
+
+
+def trained_on(records, sources):
+    """(data set, its folder) the models' checkpoints record, one for all of them; ConfigError if they record none
+    or differ (then --data says which to score them on)."""
+    found = {(r['data'], r['data_dir']) for r in records if r['data']}
+    if len({d for d, _ in found}) != 1:
+        said = ', '.join(f"{s}: {r['data'] or 'no record'}" for s, r in zip(sources, records))
+        raise ConfigError(f'--data: the models do not record one data set ({said}): name the one to score them on')
+    dirs = {d for _, d in found}
+    return next(iter(found))[0], dirs.pop() if len(dirs) == 1 else None
+
+
+def check_classes(sources, records, classes, data):
+    """Refuse models trained on other classes than the evaluated data has: by name where they record them, else
+    by their number."""
+    for s, r in zip(sources, records):
+        other = class_mismatch(r['classes'], classes) if r['classes'] is not None else \
+            f"{r['num_classes']} classes where the data has {len(classes)}" * (r['num_classes'] != len(classes))
+        if other:
+            raise ConfigError(f'{s} predicts {other} (--data {data}): score it on the data set it was trained on')
 
 
 @torch.no_grad()
@@ -217,9 +257,12 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, another file (a checkpoint!) unless --overwrite, or unwritable."""
+    """Refuse an --out that is a directory, one of the models, another file (a checkpoint!) unless --overwrite,
+    or unwritable."""
     if os.path.isdir(cfg.out):
         raise ConfigError(f'--out {cfg.out} is a directory: name a file')
+    if any(os.path.realpath(cfg.out) == os.path.realpath(m) for m in cfg.models + [cfg.teacher] if m):
+        raise ConfigError(f'--out {cfg.out} is a file this command reads (--models, --teacher): name another file')
     if os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)):
         raise ConfigError(f'--out {cfg.out} exists and is not an earlier result of ensemble.py: choose another '
                           f'file, or pass --overwrite true')
@@ -241,24 +284,39 @@ def main():
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
 
-    models, classes, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher)
+    models, records, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher, cfg.num_heads)
+    cfg = with_data(cfg, records)
     if cfg.img_size and cfg.img_size != img_size:
         raise ConfigError(f'--img-size {cfg.img_size}: the models take {img_size}')
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
-    for s, c in zip(sources, classes):
-        if c != num_classes:
-            raise ConfigError(f'{s} predicts {c} classes; --data {cfg.data} has {num_classes}')
+    check_classes(sources, records, class_names(test_set, num_classes), cfg.data)
     models = [m.to(device) for m in models]
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), env)
 
     results = summarise(sources, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
-    print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size}, on {device}\n')
+    print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
+          f'{device}\n')
     print(format_table(results))
     if cfg.out:   # checked by check_out
-        with open(cfg.out, 'w') as f:
-            json.dump({'config': asdict(cfg), **results}, f, indent=2)
+        write_json(cfg.out, {'config': asdict(cfg), **results})
+
+
+def with_data(cfg, records):
+    """cfg with the data set (and its folder) the models record when --data is not given (its preset applied, as
+    if given), saying so; a --data other than the record is said too, then its classes are checked by name."""
+    if not cfg.data:
+        recorded = trained_on(records, cfg.models)
+        argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and
+                                                                                            not cfg.data_dir)
+        cfg = parse_config(EnsembleConfig, PRESETS, argv)
+        print(f'--data {cfg.data} --data-dir {cfg.data_dir}: as the models\' checkpoints record', flush=True)
+    elif {r['data'] for r in records} - {cfg.data, None}:
+        print(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
+              f' (their classes are compared by name)', flush=True)
+    cfg.data_dir = cfg.data_dir or './data'
+    return cfg
 
 
 if __name__ == '__main__':

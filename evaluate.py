@@ -27,7 +27,8 @@ from types import SimpleNamespace
 import torch
 
 from data import build_loader, build_transform
-from ensemble import accuracy, ensemble_probs, evaluation_checks, load_models, predict_all
+from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks, heads_checks, load_models,
+                      predict_all)
 from util.config import ConfigError, parse_config
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.files import write_json, write_text
@@ -41,6 +42,7 @@ from util.rundir import check_output
 @dataclass
 class EvaluateConfig:
     models: list[str] = field(default_factory=list)      # checkpoint files or names: --models a.pt b.pt
+    num_heads: list[int] = field(default_factory=list)   # head counts of files of weights alone (ensemble.py's flag)
     ensembles: list[str] = field(default_factory=list)   # groups of --models positions: --ensembles 0,1 0,1,2
     imagenet: str = ''              # the test sets' folders (empty: skipped), layouts above
     imagenet_v2: str = ''
@@ -55,7 +57,7 @@ class EvaluateConfig:
     seed: int = 0                   # seeds the loader's generator (nothing is shuffled)
 
     def checks(self):
-        return evaluation_checks(self)
+        return heads_checks(self) + evaluation_checks(self)
 
 # -----------------------------------------------------------------------------
 # The test sets: which folder is which ImageNet class, and which classes a prediction may take
@@ -145,10 +147,8 @@ def main():
     if any(map(os.path.exists, files)):
         raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
     check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
-    models, classes, img_size = load_models(cfg.models)
-    if any(c != len(WNIDS) for c in classes):
-        raise ConfigError('every model must predict the 1000 ImageNet classes: ' +
-                          ', '.join(f'{s} has {c}' for s, c in zip(cfg.models, classes)))
+    models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads)
+    check_classes(cfg.models, records, WNIDS, 'imagenet')   # the 1000 ImageNet classes, by name where recorded
     transform = build_transform(SimpleNamespace(data='imagenet', img_size=cfg.img_size or img_size), train=False)
     sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
 

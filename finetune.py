@@ -33,6 +33,7 @@ class FinetuneConfig(TrainConfig):
     init: str = ''      # pre-trained weights: a file or a name (mae_vit_base, torchvision_vit_b_16, ...);
                         # empty = train from scratch
     scratch: bool = False   # the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init
+    init_num_heads: int = 0     # the head count of an --init file of weights alone (no record, no family)
     out_dir: str = 'runs/finetune'
     # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
     layer_scale: float = 0.0    # > 0: layer scale starting at this value (CaiT, DINOv2); 0 = none
@@ -40,10 +41,12 @@ class FinetuneConfig(TrainConfig):
     act: str = 'gelu'           # gelu | quick_gelu (CLIP)
 
     SCRIPT = 'finetune.py'
+    INPUTS = ('init',)
 
     def checks(self):
         return super().checks() + [
             ('layer_scale', self.layer_scale >= 0, 'must be 0 (no layer scale) or a positive initial value'),
+            ('init_num_heads', self.init_num_heads >= 0, "must be 0 (the file's record or family) or more"),
             ('act', self.act in ('gelu', 'quick_gelu'), 'choose gelu or quick_gelu')]
 
 
@@ -92,7 +95,7 @@ def build_model(cfg, num_classes):
     if cfg.init:
         ckpt = read_checkpoint(cfg.init)
         head = state_dict_of(ckpt).get('head.weight')
-        load_weights(model, cfg.init, ckpt)
+        load_weights(model, cfg.init, ckpt, cfg.init_num_heads, '--init-num-heads')
         if head is None or head.shape != model.head.weight.shape:   # a new classifier: MAE's main_finetune
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # starts it near zero
     return model

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from util.checkpoints import arch_of, build_from_checkpoint, family, read_checkpoint
-from util.config import ConfigError, TrainConfig, readable
+from util.checkpoints import arch_of, build_from_checkpoint, family, heads_of, read_checkpoint
+from util.config import ConfigError, TrainConfig, readable, refuse, too_big
 from vit import SIZES, model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
@@ -32,10 +32,12 @@ class TransferConfig(TrainConfig):
     heads: str = 'all'              # transferred heads, same syntax
     transfer: str = 'attn'          # attn (the map) | q | k | v
     student_arch: str = 'plain'     # plain ViT | teacher: the teacher's components (layer scale, ...), random init
+    teacher_num_heads: int = 0      # the teacher's head count, for a file of weights alone (no record, no family)
     new_teacher: bool = False       # --resume with a teacher file other than the saved run's (sha256), on purpose
 
     # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
     RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
+    INPUTS = ('teacher',)
 
     def checks(self):
         return [r for r in super().checks() if r[0] not in ('model', 'patch_size')] + [
@@ -45,14 +47,15 @@ class TransferConfig(TrainConfig):
                                             'finetune.py or mae_pretrain.py) or a name such as mae_vit_large'),
             ('transfer', self.transfer in WHAT, f"choose one of {', '.join(WHAT)}"),
             ('student_arch', self.student_arch in ('plain', 'teacher'), 'choose plain or teacher'),
+            ('teacher_num_heads', self.teacher_num_heads >= 0, "must be 0 (the file's record or family) or more"),
             *[(k, index_syntax_ok(getattr(self, k)), 'use all, 3, 0-17, 0,2,5 or 0-3,8') for k in ('layers', 'heads')],
             ('layer_map', readable(parse_pairs, self.layer_map), PAIRS_SYNTAX)]
 
-    def resume_conflicts(self, ckpt, world):
+    def resume_conflicts(self, ckpt, world, free=()):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
         record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
         other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
-        return super().resume_conflicts(ckpt, world) + ([other + ' (--new-teacher true if meant)'] if other else [])
+        return super().resume_conflicts(ckpt, world, free) + ([other + ' (--new-teacher true if meant)'] if other else [])
 
 
 def parse_index(spec, n, what):
@@ -80,9 +83,12 @@ def load_teacher(cfg, device, dtype=None):
     """The frozen teacher, resized to cfg.img_size; the transferred layers as {student layer: teacher layer}
     (map_layers: the identity when the student is as deep as the teacher); the transferred heads (None: all).
     dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
-    ckpt = read_checkpoint(cfg.teacher)
-    teacher = build_from_checkpoint(cfg.teacher, ckpt, img_size=cfg.img_size, num_classes=0, drop_path_rate=0.0)
-    teacher.description = describe_teacher(cfg.teacher, ckpt, teacher)   # the run's log states it
+    ckpt, heads = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
+    t = arch_of(ckpt, cfg.teacher, *heads)
+    refuse(cfg, too_big(cfg, t['embed_dim'], t['depth'], t['patch_size'], t['mlp_ratio'], False, 'the teacher'))
+    teacher = build_from_checkpoint(cfg.teacher, ckpt, *heads, img_size=cfg.img_size, num_classes=0,
+                                    drop_path_rate=0.0)
+    teacher.description = describe_teacher(cfg.teacher, ckpt, teacher, heads)   # the run's log states it
     teacher.requires_grad_(False).eval().to(device)
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
@@ -92,13 +98,31 @@ def load_teacher(cfg, device, dtype=None):
     return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
 
 
-def describe_teacher(source, ckpt, teacher):
-    """The teacher in one line for the log: its family, its native size, and at another size how its position
-    embeddings were resized (its family's official way: pretrained.FAMILIES)."""
+def check_teacher(cfg, teacher, layers, data, env):
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
+    under the run's autocast: every step would hand them over, and the run would seem to diverge."""
+    x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
+    with torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None):
+        out = teacher_outputs(teacher, x, layers, cfg.transfer)
+    bad = [layer_pairs(layers)[s] for s, v in out.items() if not v.isfinite().all()]
+    if bad:
+        what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
+        hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
+        raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
+                          f'first evaluation images{hint}; it cannot be a teacher')
+
+
+def describe_teacher(source, ckpt, teacher, heads=(0, '--teacher-num-heads')):
+    """The teacher in one line for the log: its family, its heads and where their count is known from, its
+    native size, and at another size how its position embeddings were resized (its family's official way:
+    pretrained.FAMILIES). heads: (the count stated, the flag that states it)."""
     name, how = family(source, ckpt)
-    patch, native, size = teacher.arch['patch_size'], arch_of(ckpt, source)['img_size'], teacher.arch['img_size']
+    patch, size = teacher.arch['patch_size'], teacher.arch['img_size']
+    native = arch_of(ckpt, source, *heads)['img_size']
     grids = f'{native // patch}x{native // patch} patches of {patch} px'
-    said = f"teacher {source}{f' ({name})' if name else ''}: native size {native} px ({grids})"
+    count = heads_of(ckpt, source, teacher.embed_dim, *heads)
+    said = (f"teacher {source}{f' ({name})' if name else ''}: {teacher.depth} block{'s' * (teacher.depth != 1)}, "
+            f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
     if size == native:
         return f'{said}, run at that size'
     return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized {how}'
@@ -148,6 +172,7 @@ def build_student(cfg, teacher, num_classes, layers, no_qk=False):
     if arch['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a student "
                           f"with them, --student-arch teacher")
+    refuse(cfg, too_big(cfg, arch['embed_dim'], arch['depth'], arch['patch_size'], arch['mlp_ratio']))
     why = misfit(cfg, arch, t, layers)
     if why:
         shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
@@ -269,6 +294,7 @@ def teacher_record(cfg, layers, heads):
     the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
     pairs = layer_pairs(layers)
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
+            'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
             'layers': sorted(pairs.values()), 'layer_map': pairs, 'head_rule': HEAD_RULE,
             'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
 

@@ -43,12 +43,14 @@ BAD = [
     (TRAIN, 'out_dir', [['']]),
     (TRAIN, 'model', [['vit_nope']]),
     (TRAIN, 'img_size', [['0']]),
+    (OWN_SIZE, 'img_size', [['1000000']]),     # 62 billion patches: refused before a tensor is made
     (OWN_SIZE, 'img_size', [['30']]),          # not a multiple of the preset's patch 8
     (OWN_SIZE, 'patch_size', [['0'], ['-4']]),
     (['attention_copy.py', 'attention_distill.py'], 'patch_size', [['-1']]),   # 0 is allowed: the teacher's
     (TRAIN, 'embed_dim', [['0']]),
     (OWN_SIZE, 'embed_dim', [['100']]),        # 3 heads do not divide it
     (TRAIN, 'depth', [['0']]),
+    (OWN_SIZE, 'depth', [['1000000']]),        # a million blocks: refused before the first is built
     (TRAIN, 'num_heads', [['0']]),
     (OWN_SIZE, 'num_heads', [['5']]),
     (TRAIN, 'drop_path', [['-0.1'], ['1'], ['2'], ['nan']]),
@@ -75,7 +77,7 @@ BAD = [
     (TRAIN, 'amp', [['fp32']]),
     (TRAIN, 'seed', [['-1'], [str(2 ** 70)]]),     # 2**70: torch's generators take 64 bits
     (TRAIN, 'num_workers', [['-1']]),
-    (TRAIN, 'fake_size', [['0']]),
+    (TRAIN, 'fake_size', [['0'], [str(10 ** 12)]]),   # 10**12 images: 100 TB of indices to shuffle
     (TRAIN, 'log_every', [['0']]),
     (TRAIN, 'save_every', [['-1']]),
     (TRAIN, 'max_steps', [['-1']]),
@@ -86,6 +88,8 @@ BAD = [
     (['attention_copy.py', 'attention_distill.py'], 'layer_map', [['0-2'], ['0:1,0:2']]),
     (['attention_copy.py', 'attention_distill.py'], 'transfer', [['qk']]),
     (['attention_copy.py', 'attention_distill.py'], 'student_arch', [['vit']]),
+    (['attention_copy.py', 'attention_distill.py'], 'teacher_num_heads', [['-1']]),
+    (['finetune.py'], 'init_num_heads', [['-1']]),
     (['attention_distill.py'], 'weight', [['-1'], ['nan']]),
     (['finetune.py'], 'layer_scale', [['-1'], ['nan']]),
     (['finetune.py'], 'act', [['relu']]),
@@ -98,6 +102,7 @@ BAD = [
     (['mae_pretrain.py'], 'decoder_heads', [['0'], ['5']]),
     (['ensemble.py'], 'data', [['nosuchdata']]),
     (['ensemble.py'], 'models', [[]]),
+    (['ensemble.py', 'evaluate.py'], 'num_heads', [['-1'], ['8', '8']]),   # for one model: one count, or one each
     (['ensemble.py'], 'weights', [['nan'], ['-1'], ['0'], ['1', '2']]),
     (['ensemble.py'], 'val_size', [['-1']]),
     (['ensemble.py', 'evaluate.py'], 'img_size', [['-1']]),

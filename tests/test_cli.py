@@ -111,16 +111,19 @@ def test_init_not_a_checkpoint(tmp_path):
     assert_one_line_error(finetune(tmp_path / 'r', '--init', missing, check=False), str(missing))
 
 
-@pytest.mark.parametrize('source, change', [
-    ('state_dict', ['--depth', '3']),
-    ('state_dict', ['--embed-dim', '96']),
-    ('checkpoint', ['--depth', '3']),
+@pytest.mark.parametrize('source, change, says', [
+    ('state_dict', ['--init-num-heads', '3', '--depth', '3'], 'architecture mismatch'),
+    ('state_dict', ['--init-num-heads', '3', '--embed-dim', '96'], 'architecture mismatch'),
+    ('state_dict', ['--init-num-heads', '6'], 'the checkpoint has 6 attention heads (stated by --init-num-heads; '
+                                              'here 3)'),
+    ('state_dict', [], 'do not say how many attention heads'),   # weights alone: never guessed
+    ('checkpoint', ['--depth', '3'], 'architecture mismatch'),
 ])
-def test_init_architecture_mismatch(depth2_run, tmp_path, source, change):
+def test_init_architecture_mismatch(depth2_run, tmp_path, source, change, says):
     out, plain = depth2_run
     src = plain if source == 'state_dict' else out / 'checkpoint.pt'
     p = finetune(tmp_path / 'r', '--init', src, *change, check=False)
-    assert_one_line_error(p, 'architecture mismatch')
+    assert_one_line_error(p, says)
 
 
 def test_init_from_own_checkpoint(depth2_run, tmp_path):

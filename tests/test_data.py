@@ -49,16 +49,21 @@ def test_real_fashion_mnist(tmp_path):
 
 def test_fashion_mnist_from_data_dir(tmp_path):
     rng = np.random.default_rng(0)
-    write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (7, 28, 28)))
-    write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', rng.integers(0, 10, (7,)))
+    for split, n in (('train', 9), ('t10k', 7)):
+        write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f'{split}-labels-idx1-ubyte.gz', rng.integers(0, 10, (n,)))
     ds, _ = build_dataset(config(data='fashion-mnist', img_size=28, data_dir=str(tmp_path)), train=False)
-    assert len(ds) == 7
+    assert len(ds) == 7 and ds.source == str(tmp_path) and ds.classes[0] == 'T-shirt/top'
 
 
-def idx_pair(root, n_images=12, n_labels=12, gz=True):
-    """t10k images (n_images, 28, 28) and labels (n_labels,) in root, in the IDX format; returns their paths."""
+def idx_pair(root, n_images=12, n_labels=12, gz=True, split='t10k'):
+    """images (n_images, 28, 28) and labels (n_labels,) of a split in root, in the IDX format (with the training
+    split's files beside them, which the test split is read with: one place holds the data set); returns the
+    split's two paths."""
+    if split == 't10k' and not any(root.glob('train-*')):
+        idx_pair(root, 5, 5, gz, 'train')
     rng, ext = np.random.default_rng(0), '.gz' if gz else ''
-    paths = [root / f't10k-images-idx3-ubyte{ext}', root / f't10k-labels-idx1-ubyte{ext}']
+    paths = [root / f'{split}-images-idx3-ubyte{ext}', root / f'{split}-labels-idx1-ubyte{ext}']
     for path, a in zip(paths, (rng.integers(0, 256, (n_images, 28, 28)), rng.integers(0, 10, (n_labels,)))):
         header = bytes([0, 0, 8, a.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in a.shape)
         (gzip.open if gz else open)(path, 'wb').write(header + a.astype(np.uint8).tobytes())
@@ -201,7 +206,7 @@ def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
 
 def test_val_size_holds_out_training_images_with_the_eval_transform():
     cfg = config(data='fake', fake_size=100, val_size=10, hflip=1.0)
-    train, val, n = build_splits(cfg)
+    train, val, n, _ = build_splits(cfg)
     assert (len(train), len(val), n) == (90, 10, 10)
     assert not set(train.indices) & set(val.indices)
     assert build_splits(config(data='fake', fake_size=100, val_size=10, seed=5))[1].indices == val.indices   # one split for all

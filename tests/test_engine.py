@@ -198,7 +198,7 @@ def test_grad_scaler_only_with_fp16(monkeypatch, tmp_path, amp, scaled):
         assert ck['scaler'] == {}, f'--amp {amp} should have a disabled GradScaler: {ck["scaler"]}'
     assert math.isfinite(read_metrics(tmp_path / amp)[-1]['loss'])
     with open(tmp_path / amp / 'log.txt') as f:
-        head = f.readline()
+        head = next(line for line in f if line.startswith('lr '))
     want = {'fp16': 'torch.float16', 'bf16': 'torch.bfloat16', 'off': 'None'}[amp]
     assert head.rstrip().endswith(f'autocast {want}'), head
 

@@ -90,8 +90,8 @@ def save_vit(path, **arch):
 
 def test_models_must_share_an_image_size_and_have_a_classifier(tmp_path):
     a, b = save_vit(tmp_path / 'a.pt', img_size=32, num_classes=10), save_vit(tmp_path / 'b.pt', img_size=32)
-    models, classes, size = load_models([a, b])
-    assert size == 32 and classes == [10, 1000] and not models[0].training
+    models, records, size = load_models([a, b])
+    assert size == 32 and [r['num_classes'] for r in records] == [10, 1000] and not models[0].training
     with pytest.raises(ConfigError, match='different image sizes'):
         load_models([a, save_vit(tmp_path / 'c.pt', img_size=16, num_classes=10)])
     with pytest.raises(ConfigError, match='no classifier'):
@@ -147,9 +147,14 @@ def test_out_is_never_written_over_another_file(runs, tmp_path, monkeypatch):
     ckpt = runs / 'ft0' / 'checkpoint.pt'
     models = ['--models', ckpt]
     before = digest(ckpt)
-    msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', ckpt)        # the model it evaluates!
-    assert msg and 'is not an earlier result of ensemble.py' in msg and '--overwrite true' in msg, msg
+    for more in ([], ['--overwrite', 'true']):     # the model it evaluates! Not even when told to overwrite
+        msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', ckpt, *more)
+        assert msg and 'is a file this command reads' in msg, msg
     assert digest(ckpt) == before
+    other = tmp_path / 'other.pt'
+    other.write_bytes(ckpt.read_bytes())
+    msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', other)       # a checkpoint it does not read
+    assert msg and 'is not an earlier result of ensemble.py' in msg and '--overwrite true' in msg, msg
     notes = tmp_path / 'notes.json'
     notes.write_text('{"mine": 1}\n')
     assert 'is not an earlier result' in run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', notes)

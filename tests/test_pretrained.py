@@ -62,7 +62,8 @@ def timm_features(model, x):
 
 
 def ours(path, x, **overrides):
-    model = build_from_checkpoint(str(path), **overrides).eval()
+    """Our model of a file, its heads stated as its user states them (timm's names alone do not say them)."""
+    model = build_from_checkpoint(str(path), num_heads=HEADS, **overrides).eval()
     with torch.no_grad():
         return model, model(x)
 

@@ -27,7 +27,8 @@ from vit import create_model
 
 # settings of a run, not of a recipe: everything else must be in the table below
 RUN_FIELDS = {'data', 'data_dir', 'val_size', 'out_dir', 'resume', 'amp', 'compile', 'seed', 'fake_size', 'log_every',
-              'save_every', 'max_steps', 'new_teacher', 'export', 'overwrite', 'dist_timeout'}
+              'save_every', 'max_steps', 'new_teacher', 'export', 'overwrite', 'dist_timeout',
+              'teacher_num_heads', 'init_num_heads'}   # what the user's files are, not what a recipe trains
 # timm's augmentation as main_finetune.py sets it up: --aa default, --reprob 0.25 (mode 'pixel', count 1),
 # RandomResizedCrop (0.08, 1) and flip 0.5 (create_transform defaults), label smoothing default 0.1
 AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
@@ -148,14 +149,15 @@ def test_new_head_starts_near_zero(tmp_path):
     src = create_model('vit_tiny', **small, num_classes=0)       # an encoder, as MAE's pre-trained checkpoints
     torch.save({'model': src.state_dict()}, tmp_path / 'encoder.pt')
     torch.manual_seed(0)
-    head = build_model(FinetuneConfig(**small, init=str(tmp_path / 'encoder.pt')), 100).head.weight   # (100, 48)
+    encoder = FinetuneConfig(**small, init=str(tmp_path / 'encoder.pt'), init_num_heads=3)   # weights alone
+    head = build_model(encoder, 100).head.weight                                                  # (100, 48)
     assert 1.5e-5 < head.std() < 2.5e-5 and head.abs().max() < 1e-4
     scratch = build_model(FinetuneConfig(**small), 100).head.weight
     assert 0.015 < scratch.std() < 0.025                           # vit.py's 0.02 from scratch
     full = create_model('vit_tiny', **small, num_classes=100)      # a classifier for this very task keeps its head
     torch.save({'model': full.state_dict()}, tmp_path / 'classifier.pt')
-    assert torch.equal(build_model(FinetuneConfig(**small, init=str(tmp_path / 'classifier.pt')), 100).head.weight,
-                       full.head.weight)
+    classifier = FinetuneConfig(**small, init=str(tmp_path / 'classifier.pt'), init_num_heads=3)
+    assert torch.equal(build_model(classifier, 100).head.weight, full.head.weight)
 
 
 def test_imagenet_fine_tuning_without_weights_is_refused():

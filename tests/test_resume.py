@@ -167,7 +167,7 @@ def test_a_new_run_starts_its_log_afresh(monkeypatch, tmp_path):
     d = tmp_path / 'run'
     d.mkdir()
     (d / 'log.txt').write_text('an earlier attempt\n')
-    (d / 'config.json').write_text('{"epochs": 99}')
+    (d / 'config.json').write_text(json.dumps({'epochs': 99, 'out_dir': str(d), 'argv': ['finetune.py']}))   # ours
     (d / 'metrics.jsonl').write_text('')
     train(monkeypatch, finetune, d, '--max-steps', '1')
     assert 'an earlier attempt' not in (d / 'log.txt').read_text()

@@ -210,7 +210,7 @@ def test_deit_and_mae_files_resize_as_before(tmp_path, file, classes):
     sd = randomise(TimmViT(img_size=224, patch_size=16, embed_dim=D, depth=1, num_heads=HEADS,
                            num_classes=classes).state_dict())
     torch.save({'model': sd}, tmp_path / file)
-    model = build_from_checkpoint(str(tmp_path / file), img_size=384)
+    model = build_from_checkpoint(str(tmp_path / file), img_size=384, num_heads=HEADS)   # MAE's: 12 at 768 wide
     assert torch.equal(model.pos_embed.data, deit_mae_official(sd['pos_embed'], 384, 384, 16))
 
 
@@ -223,7 +223,8 @@ def test_the_log_line_says_how_the_teacher_was_resized(tmp_path):
     assert 'bicubic to the new size, antialiased' in line and '\n' not in line
     torch.save(official_dinov2(grid=37, patch=14, reg=0), tmp_path / 'dinov2.pth')
     teacher, _, _ = load_teacher(DistillConfig(img_size=518, teacher=str(tmp_path / 'dinov2.pth')), 'cpu')
-    assert teacher.description.endswith('(DINOv2): native size 518 px (37x37 patches of 14 px), run at that size')
+    assert teacher.description.endswith("(DINOv2): 2 blocks, 2 heads (DINOv2's at width 128), native size 518 px "
+                                        "(37x37 patches of 14 px), run at that size")
     teacher, _, _ = load_teacher(DistillConfig(img_size=224, teacher=str(tmp_path / 'dinov2.pth')), 'cpu')
     assert 'by the scale factor (new + 0.1) / old, as DINOv2 does' in teacher.description
 
@@ -329,7 +330,8 @@ def test_distillation_takes_a_clip_archive_by_path(tmp_path, monkeypatch, capsys
                          '--max-steps', '1', '--amp', 'off', '--model', 'vit_tiny', '--embed-dim', '32',
                          '--num-heads', '2')
     assert msg is None, msg
-    assert f'teacher {path} (CLIP): native size 32 px (2x2 patches of 16 px)' in capsys.readouterr().out
+    assert f"teacher {path} (CLIP): 1 block, 12 heads (CLIP's at width 768), native size 32 px (2x2 patches of 16 " \
+           f"px)" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # Damaged files and pickles that carry code: one line naming the file, nothing run

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
 from tools.benchmark_report import machine, markdown, profile, targets
 from util.config import ConfigError, parse_config
-from util.files import check_out_dir
+from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
 from vit import SIZES
 
@@ -300,10 +300,8 @@ def main():
     if device.type == 'cuda':
         result['batches'] = batches
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, 'benchmark.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(cfg.out_dir, 'BENCHMARK.md'), 'w') as f:
-        f.write(markdown(result))
+    write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
+    write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))
     print(markdown(result).split('## Targets')[1])
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from tools.benchmark_cases import PATHS
+from util.files import write_text
 from util.rundir import git_commit
 
 # (name, method, path, over method, over path, target): ratio = img/s of the first / img/s of the second
@@ -60,9 +61,8 @@ def profile(run, path, device):
     total = sum(t for _, t in ops) or 1
     share = {g: sum(t for op, t in ops if op.startswith(prefixes)) / total for g, prefixes in GROUPS.items()}
     share['everything else'] = 1 - sum(share.values())
-    with open(path, 'w') as f:
-        f.write('operators\' own time: ' + ', '.join(f'{g} {100 * s:.0f}%' for g, s in share.items()) + '\n\n')
-        f.write(prof.key_averages().table(sort_by=key, row_limit=25))
+    write_text(path, 'operators\' own time: ' + ', '.join(f'{g} {100 * s:.0f}%' for g, s in share.items()) + '\n\n' +
+               prof.key_averages().table(sort_by=key, row_limit=25))
     return share
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from util.checkpoints import read_checkpoint
 from util.config import ConfigError, flag, show
-from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, write_json
+from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
 from util.launch import run_main
 from util.rundir import git_commit
 
@@ -112,7 +112,7 @@ def plot(s, path, split='test'):
         right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     return fig
 
 
@@ -223,7 +223,7 @@ def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
     validation = Path(results_dir, 'VALIDATION.md').exists()
     md = report(cfg, s, runs, root, prov, validation, rewritten)     # made before either file is written
     plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
-    Path(results_dir, 'RESULTS.md').write_text(md)
+    write_text(os.path.join(results_dir, 'RESULTS.md'), md)
 
 
 # What a reproduction's numbers depend on: results made with other values are another reproduction's

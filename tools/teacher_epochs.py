@@ -5,6 +5,8 @@ import os
 
 from matplotlib.figure import Figure
 
+from util.files import save_figure
+
 RUNS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/fashion-mnist/validation')
 runs = json.load(open(os.path.join(RUNS, 'teacher_epochs.json')))
 fig = Figure(figsize=(6, 4), layout='constrained')
@@ -17,4 +19,4 @@ ax.set(xlabel='teacher: MAE pre-training epochs', ylabel='validation top-1 (%) a
        title='Fashion-MNIST, 6 x 64 ViT, seed 0 (scratch: its best lr, 4e-3)')
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
-fig.savefig(os.path.join(RUNS, 'teacher_epochs.png'), dpi=100)
+save_figure(fig, os.path.join(RUNS, 'teacher_epochs.png'), dpi=100)

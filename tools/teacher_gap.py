@@ -8,6 +8,7 @@ import os
 from matplotlib.figure import Figure
 
 from tools.reproduce_report import gap_closed
+from util.files import save_figure
 
 # the validation runs these figures read, and where the figures go
 RUNS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/fashion-mnist/validation')
@@ -53,7 +54,7 @@ def main():
         legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels())})
     fig.legend(legend.values(), legend.keys(), loc='outside lower center', ncol=3, fontsize=8)
     fig.suptitle('Fashion-MNIST, 6 x 64 ViT, 3 epochs a stage, seed 0, 5000 held-out training images')
-    fig.savefig(os.path.join(RUNS, 'teacher_gap.png'), dpi=100)
+    save_figure(fig, os.path.join(RUNS, 'teacher_gap.png'), dpi=100)
     for t in TEACHERS:
         print(t, {m: top1[m, t] for m in METHODS},
               {m: round(closed(top1[m, t], top1['finetune', t], scratch), 1) for m in METHODS[1:]})

@@ -8,6 +8,7 @@ import os
 from matplotlib.figure import Figure
 
 from tools.teacher_gap import RUNS, closed, final_top1
+from util.files import save_figure
 
 # what differs from the first shipped teacher (24 epochs, 75% masked, decoder 2 blocks x 64, norm_pix_loss, 4
 # heads) -> the suffix of its runs' folders, bf16-{ft,copy,distill}<suffix>
@@ -43,7 +44,7 @@ def main():
            title='Fashion-MNIST, 6 x 64 ViT, 3 epochs a stage, seed 0, validation split')
     ax.grid(axis='x', alpha=0.3)
     ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.06), ncol=4)
-    fig.savefig(os.path.join(RUNS, 'teacher_variants.png'), dpi=100)
+    save_figure(fig, os.path.join(RUNS, 'teacher_variants.png'), dpi=100)
 
 
 if __name__ == '__main__':

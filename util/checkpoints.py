@@ -26,11 +26,9 @@ import warnings
 import zipfile
 
 import torch
-import torch.nn.functional as F
 import torchvision.models as tvm
-from einops import rearrange
 
-from util.pretrained import AS_DEIT, FAMILIES, TEACHERS, convert, family_of
+from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
@@ -148,11 +146,9 @@ def state_dict_of(ckpt):
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
-    sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None   # MoCo: state_dict
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+    sd, _ = unwrap(ckpt)
+    if sd is None:
         raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
-    if 'conv_proj.weight' in sd:
-        sd = from_torchvision(sd)
     sd, components = convert(sd)
     if 'patch_embed.proj.weight' not in sd:
         raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / conv_proj.weight')
@@ -160,39 +156,61 @@ def _converted(ckpt):
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
 
-def from_torchvision(sd):
-    """torchvision.models.VisionTransformer names -> timm/MAE names (same maths, eps 1e-6 LayerNorm)."""
-    out = {'cls_token': sd['class_token'], 'pos_embed': sd['encoder.pos_embedding'],
-           'patch_embed.proj.weight': sd['conv_proj.weight'], 'patch_embed.proj.bias': sd['conv_proj.bias'],
-           'norm.weight': sd['encoder.ln.weight'], 'norm.bias': sd['encoder.ln.bias']}
-    if 'heads.head.weight' in sd:
-        out['head.weight'], out['head.bias'] = sd['heads.head.weight'], sd['heads.head.bias']
-    rename = {'ln_1': 'norm1', 'ln_2': 'norm2', 'self_attention.in_proj_weight': 'attn.qkv.weight',
-              'self_attention.in_proj_bias': 'attn.qkv.bias', 'self_attention.out_proj': 'attn.proj',
-              'mlp.0': 'mlp.fc1', 'mlp.3': 'mlp.fc2'}
-    for k, v in sd.items():
-        if k.startswith('encoder.layers.encoder_layer_'):
-            i, rest = k[len('encoder.layers.encoder_layer_'):].split('.', 1)
-            for old, new in rename.items():
-                rest = rest.replace(old, new) if rest.startswith(old) else rest
-            out[f'blocks.{i}.{rest}'] = v
-    return out
-
-
-def arch_of(ckpt, source=''):
-    """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors."""
+def arch_of(ckpt, source='', num_heads=0, flag='--num-heads'):
+    """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
+    no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):   # MoCo v3 stores a name there
+        heads_of(ckpt, source, ckpt['arch'].get('embed_dim'), num_heads, flag)   # a stated count must agree
         return dict(ckpt['arch'])
     sd, components = _converted(ckpt)
     dim = sd['pos_embed'].shape[-1]
     patch = sd['patch_embed.proj.weight'].shape[-1]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    heads = PRETRAINED[source][1] if source in PRETRAINED else dim // 64   # ViTs use 64-dim heads
     return dict(img_size=grid * patch, patch_size=patch, in_chans=sd['patch_embed.proj.weight'].shape[1],
                 num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, embed_dim=dim,
-                depth=depth, num_heads=heads, mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
-                qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd, **components)
+                depth=depth, num_heads=heads_of(ckpt, source, dim, num_heads, flag)[0],
+                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim, qkv_bias='blocks.0.attn.qkv.bias' in sd,
+                global_pool='fc_norm.weight' in sd, **components)
+
+
+def heads_of(ckpt, source, dim, num_heads=0, flag='--num-heads'):
+    """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
+    so it is never guessed: it is the file's record (this project's checkpoints), its name's, its family's at its
+    width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
+    user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
+    and so is a file that says nothing, with the flag that states it."""
+    known, fam = None, family_key(source, ckpt)
+    rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
+    count = (dim // rule if dim % rule == 0 else None) if isinstance(rule, int) else rule.get(dim)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) and 'num_heads' in ckpt['arch']:
+        known = ckpt['arch']['num_heads'], 'recorded in the file'
+    elif source in PRETRAINED:
+        known = PRETRAINED[source][1], f'those of {source}'
+    elif count:
+        known = count, f"{FAMILIES[fam][0]}'s at width {dim}"
+    if known and num_heads and num_heads != known[0]:
+        raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads ({known[1]})")
+    if known:
+        return known
+    if num_heads:
+        if dim % num_heads:
+            raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} heads do not "
+                                  f"divide")
+        return num_heads, f'stated by {flag}'
+    hint = f' ({dim // 64} if its heads are 64 wide, as in ViT-Ti/S/B/L)' if dim % 64 == 0 else ''
+    raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads its ViT has "
+                          f"(its record, a name or its family would): state them with {flag} N{hint}")
+
+
+def family_key(source, ckpt):
+    """The family (a key of pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has,
+    else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); None if none says."""
+    if source in PRETRAINED:
+        return PRETRAINED[source][2]
+    official = next((f for url, _, f in PRETRAINED.values()
+                     if os.path.basename(urllib.parse.urlparse(url).path) == os.path.basename(str(source))), None)
+    return family_of(unwrap(ckpt)[0] or {}) or official
 
 
 FREE_ARCH = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')   # what loading adapts or ignores
@@ -204,14 +222,18 @@ def arch_mismatch(arch, saved, free=FREE_ARCH):
     return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items() if k not in free and arch.get(k) != v]
 
 
-def check_arch(model, ckpt, source):
-    """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's."""
+def check_arch(model, ckpt, source, num_heads=0, flag='--num-heads'):
+    """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
+    without a record, whose heads (heads_of: num_heads as stated with `flag`) are not the model's."""
     saved = ckpt.get('arch') if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
     if saved and saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
         raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in layers "
                               f"{saved['no_qk_layers']} and runs only with its teacher "
                               f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
     diff = arch_mismatch(model.arch, saved or {})
+    if not saved:   # its other fields show in its tensors' names and shapes (load_weights checks them), not heads
+        heads, how = heads_of(ckpt, source, state_dict_of(ckpt)['pos_embed'].shape[-1], num_heads, flag)
+        diff = [f'{heads} attention heads ({how}; here {model.num_heads})'] * (heads != model.num_heads)
     if diff:
         raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has {', '.join(diff)}")
 
@@ -229,13 +251,17 @@ def vit_of(arch, source, given=None):
         raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
 
 
-def load_weights(model, source, ckpt=None):
-    """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size,
-    and raise CheckpointError on any other difference of recorded architecture, or missing/unexpected
-    key or shape beyond the allowed ones."""
+def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
+    """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
+    CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
+    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
-    check_arch(model, ckpt, source)
+    check_arch(model, ckpt, source, num_heads, flag)
     sd = dict(state_dict_of(ckpt))
+    broken = next((k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken:
+        raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or inf): it is no "
+                              f"usable model (a run that diverged?): take an earlier checkpoint of it")
     own = model.state_dict()
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
@@ -257,40 +283,21 @@ def load_weights(model, source, ckpt=None):
     return model
 
 
-def build_from_checkpoint(source, ckpt=None, **overrides):
-    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights.
-    ckpt: the checkpoint already read from source."""
+def build_from_checkpoint(source, ckpt=None, num_heads=0, flag='--num-heads', **overrides):
+    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights. ckpt: the checkpoint
+    already read from source; num_heads: the head count its user states with `flag` (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source), 'no_qk_layers': ()}
-    return load_weights(vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None}), source, ckpt)
+    arch = {**arch_of(ckpt, source, num_heads, flag), 'no_qk_layers': ()}
+    model = vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None})
+    return load_weights(model, source, ckpt, num_heads, flag)
 
 
 def family(source, ckpt):
-    """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES).
-    A name says its family; a file, the keys only its family's format has, else its official file name (DeiT's
-    and DINO's files hold timm names only). This project's own files are resized as DeiT's, and so is any other
-    file (its family: None)."""
-    if source in PRETRAINED:
-        name = PRETRAINED[source][2]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):   # ours: its layer scale is not DINOv2's
-        return "this project's", AS_DEIT
-    else:
-        sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else {}
-        official = {os.path.basename(urllib.parse.urlparse(url).path): f for url, _, f in PRETRAINED.values()}
-        name = family_of(sd) or official.get(os.path.basename(source))
+    """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES), of a
+    name or a file (family_key). This project's own files are resized as DeiT's, and so is any other file (its
+    family: None)."""
+    if source not in PRETRAINED and isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):
+        return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
+    name = family_key(source, ckpt)
     return FAMILIES[name] if name else (None, AS_DEIT)
-
-
-def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
-    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token kept, the g x g patch positions interpolated
-    bicubic as `how` says (a family's official code: pretrained.PosEmbedResize), in float32."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = math.isqrt(patches.shape[1])
-    if old == grid:
-        return pos_embed
-    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()                  # (1, D, g, g)
-    to = dict(scale_factor=(grid + how.offset) / old) if how.offset else dict(size=(grid, grid))
-    patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias, **to)
-    assert patches.shape[-2:] == (grid, grid), patches.shape                              # (1, D, grid, grid)
-    return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)

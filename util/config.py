@@ -8,6 +8,7 @@ directory and checkpoint; `RESUMABLE` names the fields a resumed run may change.
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import asdict, dataclass
@@ -78,6 +79,8 @@ class TrainConfig:
                                          'save_every', 'max_steps', 'compile', 'dist_timeout')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT: typing.ClassVar[str] = ''
+    # the fields naming files a run reads (a teacher, --init weights): never one its run directory replaces
+    INPUTS: typing.ClassVar[tuple] = ()
 
     def checks(self):
         """(field, holds, what is allowed): parse_config refuses the first row that does not hold.
@@ -132,15 +135,20 @@ class TrainConfig:
             ('save_every', self.save_every >= 0, 'must be 0 (each epoch only) or more'),
             ('max_steps', self.max_steps >= 0, 'must be 0 (no limit) or more'),
             ('dist_timeout', self.dist_timeout >= 1, 'must be at least 1 (seconds)'),
+            ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
+             f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
+             f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
+            *too_big(self, dim, depth, self.patch_size, (size.get('mlp_ratio', 4.0))),
         ]
 
-    def resume_conflicts(self, ckpt, world):
+    def resume_conflicts(self, ckpt, world, free=()):
         """Why this config cannot continue the run saved in checkpoint `ckpt` on `world` processes:
         ['--flag old -> new', ...], empty if it can. Fields missing from the saved config count as their
-        default; batch size and accumulation steps may change if the global batch stays the same."""
+        default; batch size and accumulation steps may change if the global batch stays the same; so may the
+        fields `free` (the lr after the run diverged: rundir.AFTER_DIVERGENCE)."""
         saved, default = ckpt['config'], asdict(type(self)())
         out = [f'{flag(k)} {show(saved.get(k, default[k]))} -> {show(v)}' for k, v in asdict(self).items()
-               if k not in (*self.RESUMABLE, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]
+               if k not in (*self.RESUMABLE, *free, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]
         old_world = ckpt.get('world_size', len(ckpt['rng']))
         old = (*(saved.get(k, default[k]) for k in ('batch_size', 'accum_steps')), old_world)
         if math.prod(old) != self.batch_size * self.accum_steps * world:
@@ -152,6 +160,48 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+# -----------------------------------------------------------------------------
+# Sizes that cannot fit: refused before anything is built (a ViT of a million blocks took minutes to build, then
+# failed; a million-pixel image, an allocator's traceback)
+
+
+SAMPLER_BYTES = 100    # an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
+
+
+def machine_memory():
+    """Bytes of memory a process trains in: the GPU's when there is one, else the machine's RAM."""
+    import torch   # only here: the command line is parsed without it
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def memory_needed(dim, depth, img_size, patch_size, batch_size, mlp_ratio=4.0, training=True):
+    """A lower bound of the bytes a ViT needs for one step, in fp32: its parameters (the blocks' attention and MLP
+    weights, the position embeddings), 4 bytes each, 16 when training (gradients and AdamW's two moments too), and
+    one batch of tokens (B x N x D numbers) per block when training, once without (the blocks' inputs kept for the
+    backward pass). Attention maps, which some paths never build, are not counted."""
+    tokens = (img_size // max(patch_size, 1)) ** 2 + 1
+    params = depth * (4 + 2 * mlp_ratio) * dim ** 2 + tokens * dim + 3 * patch_size ** 2 * dim
+    return (16 if training else 4) * params + 4 * batch_size * tokens * dim * (depth if training else 1)
+
+
+def too_big(cfg, dim, depth, patch_size, mlp_ratio=4.0, training=True, what='a ViT'):
+    """[] if a ViT of these sizes fits this machine's memory (memory_needed), else one checks() row naming the flag
+    furthest above a usual value (ViT-L/16 at 224 px, batch 256) and every size that went into the estimate."""
+    if not (dim and depth and patch_size and cfg.img_size > 0):
+        return []       # a size not known yet (a transfer student's is its teacher's): checked once it is
+    need, have = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training), \
+        machine_memory()
+    if need <= have:
+        return []
+    usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24, 'embed_dim': dim / 1024,
+             'batch_size': cfg.batch_size / 256}
+    return [(max(usual, key=usual.get), False,
+             f"makes {what} of {depth} blocks {dim} wide on {cfg.img_size} px images in {patch_size} px patches, "
+             f"batch {cfg.batch_size}: at least {need / 1e9:,.0f} GB {'to train' if training else 'to run'}, more "
+             f"than the {have / 1e9:,.0f} GB here (--img-size, --depth, --embed-dim, --batch-size)")]
 
 
 def flag(name):
@@ -176,7 +226,12 @@ def check(cfg):
     for name, value in asdict(cfg).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
-    for name, holds, allowed in (cfg.checks() if hasattr(cfg, 'checks') else []):
+    return refuse(cfg, cfg.checks() if hasattr(cfg, 'checks') else [])
+
+
+def refuse(cfg, rows):
+    """Raise ConfigError naming the flag of the first (field, holds, what is allowed) row that does not hold."""
+    for name, holds, allowed in rows:
         if not holds:
             value = show(getattr(cfg, name))
             raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else f'{flag(name)} {allowed}')

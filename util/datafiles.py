@@ -5,8 +5,13 @@ damaged or misplaced file is one DataError naming it and the fix, never a traceb
     Fashion-MNIST   IDX files (MNIST's format), from --data-dir, else Debian's dataset-fashion-mnist
                     (/usr/share/datasets/fashion-mnist), else downloaded
     CIFAR-10 / 100  the binary distribution's fixed-size records, extracted from its archive (downloaded if absent)
-    ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split
-    class folders
+    ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
+    class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
+                    image is read as what it is (read_image says how) or refused naming it
+
+Every dataset made here has `classes` (the class names, index = label, as torchvision's datasets have) and
+`source` (the folder its files were read from), so that a run can record what it was trained on and say where
+its data came from.
 
 data.py turns these datasets into what a model is fed: transforms, splits, loaders.
 """
@@ -14,11 +19,13 @@ import gzip
 import math
 import os
 import shutil
+import warnings
 import zlib
 
 import numpy as np
 import torch
 import torchvision
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
@@ -59,19 +66,38 @@ def damaged_idx(paths, problem):
     return DataError(f"{' and '.join(paths)} {problem}: {fix}")
 
 
-def find_idx(dirs, stem):
+def find_idx(directory, stem):
+    """directory/stem or directory/stem.gz, whichever exists (None: neither)."""
+    return next((p for p in (os.path.join(directory, stem), os.path.join(directory, stem + '.gz'))
+                 if os.path.isfile(p)), None)
+
+
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                       't10k-labels-idx1-ubyte')
+
+
+def fashion_mnist_files(dirs):
+    """{stem: path} of the first of dirs that holds all four Fashion-MNIST files (None: none does). A data set's
+    files come from one place: a folder holding only some of them is a DataError naming what it lacks, never
+    paired with files found in the next folder (images from one place, labels from another)."""
     for d in dirs:
-        for name in (stem, stem + '.gz'):
-            if os.path.isfile(os.path.join(d, name)):
-                return os.path.join(d, name)
+        found = {stem: find_idx(d, stem) for stem in FASHION_MNIST_FILES}
+        if all(found.values()):
+            return found
+        if any(found.values()):
+            missing = [s for s, p in found.items() if p is None]
+            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}[.gz]): put all "
+                            f"four there, or remove them to read the data set from elsewhere")
     return None
 
 
 class TensorImages(Dataset):
-    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors."""
+    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors.
+    classes: the class names (index = label); source: the folder the files were read from."""
 
-    def __init__(self, images, labels, transform):
+    def __init__(self, images, labels, transform, classes, source):
         self.images, self.labels, self.transform = images, labels, transform
+        self.classes, self.source = classes, source
 
     def __len__(self):
         return len(self.labels)
@@ -81,24 +107,28 @@ class TensorImages(Dataset):
 
 
 def fashion_mnist(data_dir, train, transform):
+    """One split of Fashion-MNIST, from the first folder holding all its four files: --data-dir, torchvision's
+    download folder in it (FashionMNIST/raw), Debian's dataset-fashion-mnist; else downloaded there by torchvision."""
     stem = 'train' if train else 't10k'
     dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
-    images, labels = find_idx(dirs, f'{stem}-images-idx3-ubyte'), find_idx(dirs, f'{stem}-labels-idx1-ubyte')
-    if images is None or labels is None:
+    files = fashion_mnist_files(dirs)
+    if files is None:
         try:   # last resort: torchvision's download (needs the internet)
             torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
         except Exception:
-            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; "
-                            f"put {stem}-images-idx3-ubyte[.gz] and {stem}-labels-idx1-ubyte[.gz] in "
-                            f"--data-dir, or `apt-get install dataset-fashion-mnist`") from None
+            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; put its "
+                            f"four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in --data-dir, or "
+                            f"`apt-get install dataset-fashion-mnist`") from None
         return fashion_mnist(data_dir, train, transform)
+    images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
     x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
     if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
         raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
                                             f'(expected (N, 28, 28) and (N,))')
     if len(y) and y.max() >= 10:
         raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
-    return TensorImages(x[:, None], y, transform)
+    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
+                        os.path.dirname(os.path.abspath(images)))
 
 
 # -----------------------------------------------------------------------------
@@ -145,7 +175,7 @@ def cifar(root, name, train, transform, num_classes):
     if len(fine) and fine.max() >= num_classes:
         raise DataError(f'{os.path.join(root, folder)}: label {fine.max()} is not a {name} class: delete the '
                         f'folder and run again')
-    return TensorImages(images, fine, transform)
+    return TensorImages(images, fine, transform, read_classes(name), os.path.abspath(os.path.join(root, folder)))
 
 
 def download(url, root, md5, fix):
@@ -187,14 +217,15 @@ def image_folder(data, root, train, transform):
 
 
 def read_classes(name):
-    """A class list of classes/<name>.txt: position = class index."""
+    """A class list of classes/<name>.txt, one name a line: position = class index."""
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'classes', name + '.txt')) as f:
-        return f.read().split()
+        return [line.strip() for line in f if line.strip()]
 
 
 def class_folders(directory, expects):
-    """The sorted names of the folders in `directory`; a DataError naming `expects` if it has none."""
-    names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    """The sorted names of the folders in `directory`, hidden ones (.ipynb_checkpoints, .git) left out, as they are
+    no class; a DataError naming `expects` if it has none."""
+    names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
     if not names:
         raise DataError(f'{directory} has no folders (one per class): {expects}')
     return names
@@ -208,11 +239,19 @@ class ClassFolder(torchvision.datasets.ImageFolder):
     def __init__(self, root, index, transform, unknown):
         self.index, self.unknown = index, unknown
         try:
-            super().__init__(root, transform=transform, loader=read_image)
+            super().__init__(root, transform=transform, loader=read_image, is_valid_file=self.is_image)
         except FileNotFoundError as e:   # make_dataset: 'Found no valid file for the classes b, c. Supported ...'
-            names = str(e).split('for the classes ', 1)[-1].split('. Supported')[0]
+            names = str(e).split('for the classes ', 1)[-1].split('. ')[0]
             raise DataError(f'{root}: no image file (.jpg, .png, ...) in the class folder(s) {names}: add their '
                             f'images, or remove those folders') from None
+        self.classes = sorted(index, key=index.get)   # every class of the numbering, index = label
+        self.source = os.path.abspath(root)
+
+    def is_image(self, path):
+        """An image file by its extension (ImageFolder's list), outside hidden files and folders (macOS's
+        ._photo.jpg, a .ipynb_checkpoints copy)."""
+        hidden = any(part.startswith('.') for part in os.path.relpath(path, self.root).split(os.sep))
+        return not hidden and path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
 
     def find_classes(self, directory):
         names = class_folders(directory, self.unknown)
@@ -224,8 +263,25 @@ class ClassFolder(torchvision.datasets.ImageFolder):
 
 
 def read_image(path):
-    """An RGB PIL image; a file that does not decode is a DataError naming it (not a traceback)."""
+    """An RGB PIL image read as what it is, following PIL's and torchvision's conventions where they are the image's
+    own: the orientation of its EXIF tag applied (PIL's ImageOps.exif_transpose: a phone's photo stands upright);
+    palette, CMYK, greyscale and bilevel images through PIL's conversion to RGB; transparency dropped, the colour
+    kept (PIL's convert('RGB'), and torchvision's decode_image in RGB mode); 16-bit greyscale scaled to 8 bits by
+    its high byte (torchvision's ToDtype(torch.uint8, scale=True)), where PIL's conversion would clip it to white.
+    Pixels of 32-bit integers or floats have no agreed range: refused, as is a file that does not decode (a
+    DataError naming the file)."""
     try:
-        return torchvision.datasets.folder.default_loader(path)
+        with open(path, 'rb') as f, warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # PIL's notes on palettes with transparency and on EXIF data
+            image = ImageOps.exif_transpose(Image.open(f))
+            image.load()
     except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
         raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file') from None
+    if image.mode.startswith('I;16'):
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), 'L')
+    elif image.mode in ('I', 'F'):
+        raise DataError(f'image {path} has pixels of 32-bit {"integers" if image.mode == "I" else "floats"} '
+                        f'(mode {image.mode}), whose range no convention fixes: save it with 8 or 16 bits a channel')
+    elif image.mode == 'P':
+        image = image.convert('RGBA')   # a palette's transparency goes with its colours, then is dropped below
+    return image.convert('RGB')

@@ -19,7 +19,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data import batch_mixer, build_loader
 from util.config import ConfigError
 from util.launch import all_mean, autocast, log, seed_all
-from util.rundir import append_record, restore, rng_states, save_checkpoint, write_provenance
+from util.rundir import (append_record, record_divergence, restore, resume_command, rng_states, save_checkpoint,
+                         write_provenance)
 
 # -----------------------------------------------------------------------------
 # Optimiser and schedule
@@ -126,9 +127,10 @@ class Run:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        resumed = env.resumed
-        self.step, self.metrics, self.trained_s = restore(resumed, env, model, self.opt, self.scaler, self.ema,
-                                                          self.steps_per_epoch) if resumed else (0, {}, 0.0)
+        resumed, self.classes = env.resumed, data.classes
+        self.step, self.metrics, self.trained_s = (0, {}, 0.0) if not resumed else \
+            restore(resumed, env, model, self.opt, self.scaler, self.ema, self.steps_per_epoch, self.classes)
+        self.saved_step = self.step if resumed else None   # the step of the checkpoint on disk, if any
         write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
         env.resumed = None
         log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 | '
@@ -222,9 +224,15 @@ class Run:
             append_record(os.path.join(self.cfg.out_dir, 'metrics.jsonl'), record)
 
     def checkpoint(self):
-        """Everything a resume needs, written whole (rundir.save_checkpoint); never a model with NaN weights."""
-        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
-            self.check_finite(float('nan'), 'a model weight')
+        """Everything a resume needs, written whole (rundir.save_checkpoint); never a value that is not finite
+        (in the model, its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
+        state = {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else {},
+                 'optimizer': self.opt.state_dict()['state']}
+        tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d) if v.is_floating_point()]
+        finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
+        if not all(finite):
+            name, v = next(t for t, ok in zip(tensors, finite) if not ok)
+            self.check_finite(v[~v.isfinite()].flatten()[0].item(), name)
         states = rng_states(self.env)
         if self.env.main:
             save_checkpoint(self.env.ckpt_path, {
@@ -233,17 +241,35 @@ class Run:
                 'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
                 'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
                 'world_size': self.env.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
-                **(self.extra or {})})
+                'classes': self.classes, **(self.extra or {})})
+        self.saved_step = self.step
 
     def seconds(self):
         """Seconds of training, over every resume."""
         return self.trained_s + time.time() - self.t_start
 
     def check_finite(self, value, what):
-        if not math.isfinite(value):
-            path = self.env.ckpt_path
-            kept = f'the last good checkpoint ({path}) is kept' if os.path.exists(path) else \
-                'no checkpoint was written yet'
-            raise FloatingPointError(f'{what} is {value} at step {self.step}; stopped, {kept}: lower --blr, set '
-                                     f'--clip-grad' + (', or try --amp bf16' if self.env.dtype == torch.float16
-                                                       else ''))
+        """Stop a run whose `what` is not finite: it diverged. Its config.json records where (rundir), so that a
+        resume from the checkpoint kept, every value of which is finite (checkpoint), may lower the lr."""
+        if math.isfinite(value):
+            return
+        cfg, kept = self.cfg, self.saved_step
+        record_divergence(cfg, self.env, {'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
+        lower = f'--blr {cfg.blr / 2:g}'
+        other = ' (or with --clip-grad 1' + (', or --amp bf16)' if self.env.dtype == torch.float16 else ')')
+        how = (f'the last finite checkpoint (step {kept}) is kept in {self.env.ckpt_path}: continue from it with a '
+               f'lower learning rate: {resume_command("--blr")} {lower}{other}') if kept is not None else \
+            f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
+        epoch = self.step / self.steps_per_epoch
+        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {epoch:.2f}): the run diverged and '
+                                 f'stopped; {how}')
+
+
+def flat(d, prefix=''):
+    """(key, tensor) of every tensor in nested dicts and lists (an optimizer's state), keys joined by dots."""
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else ()
+    for k, v in items:
+        if torch.is_tensor(v):
+            yield f'{prefix}{k}', v
+        else:
+            yield from flat(v, f'{prefix}{k}.')

@@ -7,6 +7,7 @@ naming the file and the fix, never a traceback; a JSON file is written to a temp
 that it is never left half written; an output folder that cannot be written is refused before any work.
 """
 import contextlib
+import errno
 import json
 import os
 
@@ -65,6 +66,7 @@ def replacing(path):
     """Write `path` whole or not at all: yields a temporary name beside it, renamed over it once written. On any
     failure (a full disk, Ctrl-C) the temporary file is removed and `path` is left as it was; a failed write
     ends in one line (WriteError)."""
+    path = os.fspath(path)
     tmp = path + '.tmp'
     try:
         yield tmp
@@ -82,8 +84,12 @@ def replacing(path):
 
 
 def cannot_write(path, e):
-    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk)."""
+    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk, or a
+    path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
+    if getattr(e, 'errno', None) in (errno.EISDIR, errno.ENOTDIR):
+        kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
+        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path')
     return WriteError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
                       f'true to continue from the last checkpoint)')
 
@@ -91,6 +97,21 @@ def cannot_write(path, e):
 def write_text(path, text):
     with replacing(path) as tmp, open(tmp, 'w') as f:
         f.write(text)
+
+
+def append_text(path, text):
+    """Add text at the end of a file (a log): what it held stays whole if this fails, which is one WriteError line."""
+    try:
+        with open(path, 'a') as f:
+            f.write(text)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+
+
+def save_figure(fig, path, **kwargs):
+    """A matplotlib figure saved whole or not at all (replacing), in the format its file name says."""
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or 'png', **kwargs)
 
 
 def write_json(path, record):

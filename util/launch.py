@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import build_splits
+from data import build_splits, data_source
 from util.checkpoints import CheckpointError
 from util.config import AMP, ConfigError, parse_config
 from util.datafiles import DataError
-from util.files import cannot_write
+from util.files import append_text
 from util.rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
 
 # -----------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
-    env.ckpt_path, env.logged = prepare_run_dir(cfg, main=rank == 0), False
+    env.ckpt_path, env.pending, env.claimed = prepare_run_dir(cfg, main=rank == 0), [], False
     env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
     return env
@@ -61,6 +61,9 @@ def start(cls, presets):
     cfg = parse_config(cls, presets)
     env = setup(cfg)
     data = build_splits(cfg)
+    log(env, cfg, f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
+                  f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
+                  f'{data_source(data.train)}')
     if cfg.val_size:
         log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
     return cfg, env, data
@@ -103,16 +106,15 @@ def all_mean(t, env):
 
 
 def log(env, cfg, msg):
-    """Print, and add to log.txt; a new run starts it afresh (an attempt that saved no checkpoint is over)."""
+    """Print, and add to log.txt; until the run has written its config.json (rundir.write_provenance, which starts
+    a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
+    file of its --out-dir."""
     if env.main:
         print(msg, flush=True)
-        path = os.path.join(cfg.out_dir, 'log.txt')
-        try:
-            with open(path, 'a' if cfg.resume or env.logged else 'w') as f:
-                f.write(msg + '\n')
-        except OSError as e:   # a full disk: one line, wherever the run is
-            raise cannot_write(path, e) from None
-        env.logged = True
+        if env.claimed:
+            append_text(os.path.join(cfg.out_dir, 'log.txt'), msg + '\n')
+        else:
+            env.pending.append(msg)
 
 
 # -----------------------------------------------------------------------------

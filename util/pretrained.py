@@ -1,23 +1,30 @@
 """
 Pre-trained ViTs of other families, by name, converted to vit.py's names.
 
-Each family's official file is read as published and renamed here; util/checkpoints.py then loads it
-with its exact missing / unexpected key check. The families and what their architecture adds:
+Each family's official file (torchvision's ViTs too) is read as published and renamed here; util/checkpoints.py
+then loads it with its exact missing / unexpected key check. The families and what their architecture adds:
 
     name                     family               file format                 components (vit.py)
     deit_{small,base}        supervised (DeiT)    {'model': timm names}       none
     dino_vit{s,b}16          self-sup. (DINO)     timm names                  none
-    mocov3_vitb16            self-sup. (MoCo v3)  {'state_dict': module.base_encoder.*}   none
+    mocov3_vitb16            self-sup. (MoCo v3)  {'state_dict': module.base_encoder.*}   none (module.: DDP's)
     dinov2_vit{s,b,l}14      self-sup. (DINOv2)   timm names + ls1/ls2.gamma  layer scale, patch 14
     dinov2_vit{s,b,l}14_reg  (with registers)     + register_tokens           + 4 registers
     clip_vitb16              language (CLIP)      TorchScript, visual.*       ln_pre, quick_gelu, eps 1e-5
 
-A student built with `--student-arch teacher` gets these components (randomly initialised).
+A student built with `--student-arch teacher` gets these components (randomly initialised). No tensor shape says
+how many attention heads a ViT has: a family's files are read with its models' head counts (HEADS), a file of no
+known family only with the count its record holds or its user states (util/checkpoints.heads_of).
 
 Off its native image size (DINOv2: 518 px, the others 224 px) a family's official code interpolates its
-position embeddings its own way; FAMILIES records how, and checkpoints.resize_pos_embed does the same once.
+position embeddings its own way; FAMILIES records how, and resize_pos_embed (at the end) does the same once.
 """
+import math
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,51 @@ TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in a
 CLIP_COMPONENTS = dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
 
 
+# family -> its models' heads, from each family's model code: a number is the width of every head (OpenAI CLIP's
+# build_model: vision_heads = vision_width // 64; DeiT's, DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict
+# the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's ViT-H:
+# 16 heads of 80)
+HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64, 'mocov3': {384: 12, 768: 12},
+         'mae': {768: 12, 1024: 16, 1280: 16}, 'torchvision': {768: 12, 1024: 16, 1280: 16}}
+
+
+def unwrap(ckpt):
+    """(the state dict a checkpoint holds, how it was found there, '' when plainly), or (None, '') if it holds none:
+    its 'model' (this project, MAE, DeiT) or 'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights
+    (DINO's and iBOT's: the ones their evaluation loads), else the dict itself; then the wrappers' key prefixes
+    removed: `module.` (DistributedDataParallel), `teacher.` beside `student.` (both models in one dict: the
+    teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys kept)."""
+    how = []
+    sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None
+    if sd is ckpt and isinstance(ckpt, dict) and is_state_dict(ckpt.get('teacher')):
+        sd, how = ckpt['teacher'], ["its 'teacher' weights"]
+    if not is_state_dict(sd):
+        return None, ''
+    if all(k.startswith('module.') for k in sd):
+        sd = under(sd, 'module.')
+    if all(k.startswith(('teacher.', 'student.')) for k in sd):
+        which = 'teacher.' if any(k.startswith('teacher.') for k in sd) else 'student.'
+        sd, how = under(sd, which), how + [f"the keys under '{which}'"]
+    if any(k.startswith('backbone.') for k in sd):
+        sd, how = under(sd, 'backbone.'), how + ["the keys under 'backbone.'"]
+    return sd, ', '.join(how)
+
+
+def under(sd, prefix):
+    """The entries of sd whose keys start with prefix, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def is_state_dict(sd):
+    return isinstance(sd, dict) and len(sd) > 0 and all(torch.is_tensor(v) for v in sd.values())
+
+
 def family_of(sd):
     """The family whose official key format a state dict is in, where the keys tell (None: timm names and
     nothing more, which DeiT, DINO, MAE and this project's files all have)."""
     if 'visual.conv1.weight' in sd:
         return 'clip'
-    if any(k.startswith('module.base_encoder.') for k in sd):
+    if any(k.startswith('base_encoder.') for k in sd):
         return 'mocov3'
     if 'register_tokens' in sd:
         return 'dinov2_reg'
@@ -85,8 +131,10 @@ def family_of(sd):
 
 
 def convert(sd):
-    """A state dict of any family above -> (timm/vit.py names, extra VisionTransformer kwargs)."""
+    """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra VisionTransformer kwargs)."""
     family = family_of(sd)
+    if family == 'torchvision':
+        return from_torchvision(sd), {}
     if family == 'clip':
         return from_clip(sd), dict(CLIP_COMPONENTS)
     if family == 'mocov3':
@@ -104,7 +152,7 @@ def convert(sd):
 def from_moco_v3(sd):
     """MoCo v3's training checkpoint -> its base encoder, without the projection MLP in `head`
     (as MoCo v3's main_lincls.py keeps it); the momentum encoder and predictor are dropped."""
-    prefix = 'module.base_encoder.'
+    prefix = 'base_encoder.'
     return {k[len(prefix):]: v for k, v in sd.items()
             if k.startswith(prefix) and not k.startswith(prefix + 'head.')}
 
@@ -131,3 +179,36 @@ def from_clip(sd):
                 rest = new + rest[len(old):] if rest.startswith(old) else rest
             out[f'blocks.{i}.{rest}'] = v
     return out
+
+
+def from_torchvision(sd):
+    """torchvision.models.VisionTransformer names -> timm/MAE names (same maths, eps 1e-6 LayerNorm)."""
+    out = {'cls_token': sd['class_token'], 'pos_embed': sd['encoder.pos_embedding'],
+           'patch_embed.proj.weight': sd['conv_proj.weight'], 'patch_embed.proj.bias': sd['conv_proj.bias'],
+           'norm.weight': sd['encoder.ln.weight'], 'norm.bias': sd['encoder.ln.bias']}
+    if 'heads.head.weight' in sd:
+        out['head.weight'], out['head.bias'] = sd['heads.head.weight'], sd['heads.head.bias']
+    rename = {'ln_1': 'norm1', 'ln_2': 'norm2', 'self_attention.in_proj_weight': 'attn.qkv.weight',
+              'self_attention.in_proj_bias': 'attn.qkv.bias', 'self_attention.out_proj': 'attn.proj',
+              'mlp.0': 'mlp.fc1', 'mlp.3': 'mlp.fc2'}
+    for k, v in sd.items():
+        if k.startswith('encoder.layers.encoder_layer_'):
+            i, rest = k[len('encoder.layers.encoder_layer_'):].split('.', 1)
+            for old, new in rename.items():
+                rest = rest.replace(old, new) if rest.startswith(old) else rest
+            out[f'blocks.{i}.{rest}'] = v
+    return out
+
+
+def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
+    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token kept, the g x g patch positions interpolated
+    bicubic as `how` says (a family's official code: pretrained.PosEmbedResize), in float32."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = math.isqrt(patches.shape[1])
+    if old == grid:
+        return pos_embed
+    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()                  # (1, D, g, g)
+    to = dict(scale_factor=(grid + how.offset) / old) if how.offset else dict(size=(grid, grid))
+    patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias, **to)
+    assert patches.shape[-2:] == (grid, grid), patches.shape                              # (1, D, grid, grid)
+    return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)

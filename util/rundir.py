@@ -37,9 +37,10 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from data import class_mismatch
 from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from util.config import ConfigError, flag
-from util.files import cannot_write, replacing, write_text
+from util.files import append_text, cannot_write, replacing, write_text
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
@@ -54,8 +55,9 @@ class RunDirError(ConfigError):
 
 
 def prepare_run_dir(cfg, main=True):
-    """Refuse a directory that cannot be written, one that another process is writing (main: take the lock, held
-    until the process ends), and a run this one may not write over. Returns the checkpoint path."""
+    """Refuse a directory that cannot be written, one that holds another program's files, one that another process
+    is writing (main: take the lock, held until the process ends), a run this one may not write over, and a run that
+    would replace its own inputs. Returns the checkpoint path."""
     ckpt = os.path.join(cfg.out_dir, 'checkpoint.pt')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise RunDirError(f'--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir')
@@ -67,6 +69,11 @@ def prepare_run_dir(cfg, main=True):
         raise RunDirError(f'--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another') from None
     if not os.access(cfg.out_dir, os.W_OK):
         raise RunDirError(f'--out-dir {cfg.out_dir} cannot be written (read-only): choose another --out-dir')
+    refuse_foreign(cfg)
+    for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: lock() says so)
+        path = os.path.join(cfg.out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise RunDirError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
     _RUN['out_dir'] = cfg.out_dir
     if main:
         lock(cfg.out_dir)
@@ -79,7 +86,10 @@ def prepare_run_dir(cfg, main=True):
 
 
 def refuse_overwrite(cfg, ckpt):
-    """A new run (no --resume, no --overwrite) starts only where no run was saved, finished or not."""
+    """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
+    finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
+    scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
+    refuse_inputs_inside(cfg)
     if cfg.resume or cfg.overwrite:
         return
     if os.path.exists(ckpt):
@@ -91,6 +101,58 @@ def refuse_overwrite(cfg, ckpt):
         what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
         raise RunDirError(f'{cfg.out_dir} holds a finished run ({what}): choose another --out-dir, or pass '
                           f'--overwrite true to delete it and start afresh')
+
+
+def refuse_foreign(cfg):
+    """Refuse to start a run in a folder that holds files no run of these scripts wrote (another program's model,
+    a user's notes), --overwrite true or not: it would write over them. Checked before the lock is taken."""
+    theirs = [] if cfg.resume else foreign(cfg.out_dir)
+    if theirs:
+        hit = [n for n in RUN_FILES if n in theirs]
+        what = f'would write over {hit[0]}' if hit else f"holds {', '.join(theirs[:3])}{' ...' * (len(theirs) > 3)}"
+        raise RunDirError(f'--out-dir {cfg.out_dir} holds files that no run of these scripts wrote: a run {what}; '
+                          f'choose an empty or new --out-dir' + (' (--overwrite true deletes only a run of these '
+                                                                 'scripts)' if cfg.overwrite else ''))
+
+
+def foreign(out_dir):
+    """The sorted names in out_dir that no run of these scripts wrote ([] where it holds such a run: its
+    config.json, or failing that its checkpoint, is one of ours). A run's own .lock and temporary files aside."""
+    names = sorted(set(os.listdir(out_dir)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
+    config, ckpt = os.path.join(out_dir, 'config.json'), os.path.join(out_dir, 'checkpoint.pt')
+    if not names or is_our_config(config) or 'config.json' not in names and is_training_checkpoint(ckpt):
+        return []
+    return names
+
+
+def is_our_config(path):
+    """Whether path is a config.json that write_provenance wrote (a JSON object with its fields)."""
+    try:
+        with open(path, 'rb') as f:
+            record = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {'out_dir', 'argv'} <= record.keys()
+
+
+def is_training_checkpoint(path):
+    """Whether path is a checkpoint engine.fit saved (read safely: no pickled code runs)."""
+    try:
+        ck = read_checkpoint(path)
+    except CheckpointError:
+        return False
+    return isinstance(ck, dict) and all(isinstance(ck.get(k), kind) for k, kind in SAVED.items())
+
+
+def refuse_inputs_inside(cfg):
+    """Refuse a run whose inputs (cfg.INPUTS: its teacher, its --init weights) include a file it would delete or
+    replace in its run directory: trained, it would record a teacher that no longer exists as it was."""
+    ours = {os.path.realpath(os.path.join(cfg.out_dir, n)) for n in RUN_FILES}
+    for field in getattr(cfg, 'INPUTS', ()):
+        path = getattr(cfg, field)
+        if path and os.path.realpath(path) in ours:
+            raise RunDirError(f'{flag(field)} {path} is a file of --out-dir {cfg.out_dir}, which this run deletes or '
+                              f'replaces: copy it elsewhere and name the copy, or choose another --out-dir')
 
 
 def lock(out_dir):
@@ -171,12 +233,33 @@ def open_resumed(cfg, path, world):
     if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
                           f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
-    conflicts = cfg.resume_conflicts(ck, world)
+    after = diverged_from(cfg.out_dir, ck)   # a run that diverged: its kept checkpoint may go on with a lower lr
+    conflicts = cfg.resume_conflicts(ck, world, free=AFTER_DIVERGENCE if after else ())
     if conflicts:
+        may = ', '.join(map(flag, cfg.RESUMABLE + (AFTER_DIVERGENCE if after else ())))
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
-                          f"the saved ones (only {', '.join(map(flag, cfg.RESUMABLE))} may change) or start a new "
-                          f"run in another --out-dir")
+                          f"the saved ones (only {may} may change) or start a new run in another --out-dir")
     return ck
+
+
+# what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the learning rate
+AFTER_DIVERGENCE = ('blr', 'min_lr', 'clip_grad', 'amp')
+
+
+def diverged_from(out_dir, ck):
+    """The divergence config.json records for the run in out_dir, if it stopped after checkpoint `ck` was written
+    (engine's check_finite), else None."""
+    record = read_json(os.path.join(out_dir, 'config.json')) or {}
+    diverged = record.get('diverged')
+    return diverged if isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step'] else None
+
+
+def record_divergence(cfg, env, what):
+    """Add to config.json where the run diverged (its step, what was not finite, the step of the checkpoint kept)."""
+    path = os.path.join(cfg.out_dir, 'config.json')
+    record = read_json(path) if env.main else None
+    if record is not None:
+        write_text(path, json.dumps({**record, 'diverged': what}, indent=2))
 
 
 def made_by(ck):
@@ -188,8 +271,13 @@ def made_by(ck):
     return 'mae_pretrain.py' if any(k.startswith('decoder_') for k in ck['model']) else 'finetune.py'
 
 
-def restore(ck, env, model, opt, scaler, ema, steps_per_epoch):
-    """Load a checked checkpoint into the run's objects; returns (step, metrics, seconds trained so far)."""
+def restore(ck, env, model, opt, scaler, ema, steps_per_epoch, classes):
+    """Load a checked checkpoint into the run's objects; returns (step, metrics, seconds trained so far).
+    classes: the class names of the data here, which must be the ones the run was trained on."""
+    other = class_mismatch(ck.get('classes'), classes)
+    if other:
+        raise ConfigError(f'--resume: {env.ckpt_path} was trained on other classes than the data here has ({other}):'
+                          f' resume it on its own data (--data-dir)')
     if ck.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
         raise ConfigError(f"--resume: an epoch has {steps_per_epoch} steps here and had {ck['steps_per_epoch']}: "
                           f'the data or the global batch differ from the saved run')
@@ -216,7 +304,9 @@ def write_provenance(cfg, env, extra=None):
     """config.json: every field, the script (and teacher file) that made the run, the git commit, world size, torch
     version, command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the
     fields and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint, and keeps
-    the metrics up to the checkpoint's step (an evaluation written after it is made again)."""
+    the metrics up to the checkpoint's step (an evaluation written after it is made again). Then log.txt gets the
+    lines printed so far (launch.log holds them until the run has written its config.json: a command refused
+    before it trains leaves the folder as it was)."""
     if not env.main:
         return
     path, now = os.path.join(cfg.out_dir, 'config.json'), {**asdict(cfg), **made_with(cfg, extra)}
@@ -225,9 +315,10 @@ def write_provenance(cfg, env, extra=None):
         step = env.resumed['step']
         old = read_json(path) or {**env.resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
                                                                       f'step {step}: rebuilt from the checkpoint'}
+        diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
         changed = {k: [old.get(k), v] for k, v in now.items() if old.get(k) != v}
-        record = {**old, **now, 'world_size': env.world,
-                  'resumes': old.get('resumes', []) + [{'step': step, **launch, 'changed': changed}]}
+        resume = {'step': step, **launch, 'changed': changed, **({'after_divergence': diverged} if diverged else {})}
+        record = {**old, **now, 'world_size': env.world, 'resumes': old.get('resumes', []) + [resume]}
         keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
     else:
         record = {**now, **launch}
@@ -235,6 +326,9 @@ def write_provenance(cfg, env, extra=None):
             with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
                 os.remove(os.path.join(cfg.out_dir, name))
     write_text(path, json.dumps(record, indent=2))
+    log = os.path.join(cfg.out_dir, 'log.txt')   # what the run printed before it claimed the directory
+    (append_text if cfg.resume else write_text)(log, ''.join(line + '\n' for line in env.pending))
+    env.pending, env.claimed = [], True
 
 
 def made_with(cfg, extra):
@@ -255,14 +349,19 @@ def read_json(path):
     except (ValueError, UnicodeDecodeError):
         os.replace(path, path + '.damaged')
         return None
+    except OSError as e:   # a directory, no permission
+        raise RunDirError(f'{path}: cannot read it ({e.strerror}): move it away') from None
 
 
 def read_lines(path):
     """The non-blank lines of a text file ([] if there is none)."""
     if not os.path.exists(path):
         return []
-    with open(path, errors='replace') as f:
-        return [line for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(path, errors='replace') as f:
+            return [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:   # a directory, no permission
+        raise RunDirError(f'{path}: cannot read it ({e.strerror}): move it away') from None
 
 
 def keep_metrics(path, step):
@@ -325,7 +424,18 @@ def how_to_continue():
     ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
     if not ckpt or not os.path.exists(ckpt):
         return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
-    if 'TORCHELASTIC_RUN_ID' in os.environ:
-        return f'{ckpt} holds the last checkpoint; continue with your torchrun command and --resume true'
-    argv = [a for i, a in enumerate(sys.argv) if a != '--resume' and (i == 0 or sys.argv[i - 1] != '--resume')]
-    return f"{ckpt} holds the last checkpoint; continue with: {shlex.join(['python', *argv])} --resume true"
+    return f"{ckpt} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} {resume_command()}"
+
+
+def resume_command(*replaced):
+    """The command that continues this run: its own with --resume true, without the flags `replaced` (which the
+    caller gives anew), or under torchrun the words to say so."""
+    if under_torchrun():
+        return 'your torchrun command and --resume true'
+    drop = ('--resume', *replaced)
+    argv = [a for i, a in enumerate(sys.argv) if a not in drop and (i == 0 or sys.argv[i - 1] not in drop)]
+    return f"{shlex.join(['python', *argv])} --resume true"
+
+
+def under_torchrun():
+    return 'TORCHELASTIC_RUN_ID' in os.environ

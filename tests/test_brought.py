@@ -1,0 +1,336 @@
+"""What users bring is read right or refused: teacher files that hold weights alone (their heads are stated, never
+guessed), the wrappers other programs save weights in, image folders with hidden entries and images of less common
+kinds, class names that differ from the run's, runs that diverge, teachers that are not finite, and sizes that
+cannot fit. Each case: one line and a non-zero exit where refused, nothing written; read right otherwise."""
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attention_copy
+import attention_distill
+import ensemble
+import evaluate
+import finetune
+from conftest import TINY, run_in_process
+from data import build_dataset, build_splits
+from util import engine
+from util.checkpoints import CheckpointError, build_from_checkpoint
+from util.config import ConfigError
+from util.datafiles import DataError, read_image
+from vit import VisionTransformer
+
+# the fake preset's images (32 px, patches of 8); a teacher as people save one: 8 heads of 8, the weights alone
+SHAPE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=8)
+
+
+def random_vit(**arch):
+    torch.manual_seed(0)
+    return VisionTransformer(**{**SHAPE, 'num_classes': 10, **arch})
+
+
+@pytest.fixture(scope='module')
+def plain8(tmp_path_factory):
+    """An 8-head, 64-wide classifier saved as torch.save(model.state_dict()): timm's names, no record."""
+    path = tmp_path_factory.mktemp('brought') / 'plain8.pt'
+    torch.save(random_vit().state_dict(), path)
+    return path
+
+
+def digest(d):
+    return {p: hashlib.sha256(open(os.path.join(d, p), 'rb').read()).hexdigest()
+            for p in sorted(os.listdir(d))} if os.path.isdir(d) else None
+
+# -----------------------------------------------------------------------------
+# 1. Teachers: the head count of a file of weights alone is stated, never guessed
+
+
+@pytest.mark.parametrize('script', [attention_distill, attention_copy])
+def test_a_teacher_of_weights_alone_is_refused_until_its_heads_are_stated(plain8, tmp_path, monkeypatch, script):
+    """It trained to the end as a 1-head teacher (64 // 64), maps and student alike; now the heads are stated."""
+    out = tmp_path / 'run'
+    msg = run_in_process(monkeypatch, script, *TINY, '--teacher', plain8, '--out-dir', out, '--max-steps', '1')
+    assert msg and 'do not say how many attention heads' in msg and '--teacher-num-heads N' in msg, msg
+    assert not os.listdir(out)                                  # refused before its run directory was written
+    assert run_in_process(monkeypatch, script, *TINY, '--teacher', plain8, '--teacher-num-heads', '8',
+                          '--out-dir', out, '--max-steps', '1') is None
+    log = (out / 'log.txt').read_text()
+    assert '2 blocks, 8 heads (stated by --teacher-num-heads)' in log, log
+    ck = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert ck['arch']['num_heads'] == 8                         # the student built to fit it: 8 heads too
+    record = ck.get('teacher') or ck['distilled_from']
+    assert record['teacher_num_heads'] == 8
+
+
+def test_a_copy_student_reloads_its_teacher_with_the_stated_heads(plain8, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'copy'
+    assert run_in_process(monkeypatch, attention_copy, *TINY, '--teacher', plain8, '--teacher-num-heads', '8',
+                          '--out-dir', out, '--max-steps', '1') is None
+    model = attention_copy.load_copy_model(str(out / 'checkpoint.pt'))
+    assert model.teacher.num_heads == 8 and model.student.num_heads == 8
+    capsys.readouterr()
+    assert run_in_process(monkeypatch, ensemble, *TINY, '--models', out / 'checkpoint.pt') is None
+    assert 'copy/checkpoint.pt' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('heads, says', [
+    ('', 'do not say how many attention heads'),   # 32 wide: it ended in a ZeroDivisionError (32 // 64 heads)
+    ('5', 'is 32 wide, which 5 heads do not divide'),
+])
+def test_a_narrow_teacher_of_weights_alone_is_one_line(tmp_path, monkeypatch, heads, says):
+    path = tmp_path / 'narrow.pt'
+    torch.save(random_vit(embed_dim=32, num_heads=4).state_dict(), path)
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', path, '--out-dir', tmp_path / 'r',
+                         *(['--teacher-num-heads', heads] if heads else []))
+    assert msg and says in msg, msg
+
+
+def test_ensemble_and_evaluate_state_the_heads_of_weights_alone(plain8, tmp_path, monkeypatch, capsys):
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', plain8)
+    assert msg and '--num-heads N' in msg, msg                  # it was scored as a 1-head model
+    capsys.readouterr()
+    assert run_in_process(monkeypatch, ensemble, '--data', 'fake', '--fake-size', '256', '--num-workers', '0',
+                          '--models', plain8, '--num-heads', '8') is None
+    assert ensemble.load_models([str(plain8)], num_heads=[8])[0][0].num_heads == 8
+    wide = tmp_path / 'imagenet_head.pt'   # evaluate.py's models predict ImageNet's classes
+    torch.save(random_vit(num_classes=1000).state_dict(), wide)
+    msg = run_in_process(monkeypatch, evaluate, '--models', wide, '--imagenet', tmp_path, '--out', tmp_path / 'res')
+    assert msg and '--num-heads N' in msg and not (tmp_path / 'res').exists(), msg
+
+
+def test_finetune_init_of_weights_alone_states_its_heads(plain8, tmp_path, monkeypatch):
+    args = [*TINY, '--init', plain8, '--embed-dim', '64', '--depth', '2', '--max-steps', '1']
+    msg = run_in_process(monkeypatch, finetune, *args, '--num-heads', '8', '--out-dir', tmp_path / 'a')
+    assert msg and '--init-num-heads N' in msg, msg
+    msg = run_in_process(monkeypatch, finetune, *args, '--num-heads', '4', '--init-num-heads', '8',
+                         '--out-dir', tmp_path / 'b')
+    assert msg and '8 attention heads (stated by --init-num-heads; here 4)' in msg, msg   # loaded into 4 heads
+    assert run_in_process(monkeypatch, finetune, *args, '--num-heads', '8', '--init-num-heads', '8',
+                          '--out-dir', tmp_path / 'c') is None
+
+
+def test_a_stated_count_the_record_contradicts_is_refused(tmp_path):
+    model = random_vit()
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 'recorded.pt')
+    assert build_from_checkpoint(str(tmp_path / 'recorded.pt'), num_heads=8).num_heads == 8
+    with pytest.raises(CheckpointError, match=r'--num-heads 4: .* has 8 attention heads \(recorded in the file\)'):
+        build_from_checkpoint(str(tmp_path / 'recorded.pt'), num_heads=4)
+
+
+def test_a_family_known_by_its_keys_has_its_own_heads(tmp_path):
+    """torchvision's ViT-B is 12 heads of 64; its ViT-H/14 16 of 80, which no rule of 64-wide heads gives."""
+    import torchvision
+    for hidden, heads in ((768, 12), (1280, 16)):
+        tv = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=heads,
+                                                  hidden_dim=hidden, mlp_dim=hidden)
+        torch.save(tv.state_dict(), tmp_path / 'tv.pth')
+        assert build_from_checkpoint(str(tmp_path / 'tv.pth')).num_heads == heads
+
+
+def wrapped(sd):
+    """The ways other programs save a ViT's weights: (name, object saved)."""
+    head = {'head.mlp.0.weight': torch.randn(8, 64), 'head.last_layer.weight': torch.randn(16, 8)}   # DINO's head
+    noise = {k: v + 1 for k, v in sd.items()}
+    return [
+        ('DistributedDataParallel', {'model': {f'module.{k}': v for k, v in sd.items()}}),
+        ('DINO-style training checkpoint', {'teacher': {**{f'backbone.{k}': v for k, v in sd.items()}, **head},
+                                            'student': {f'module.backbone.{k}': v for k, v in noise.items()},
+                                            'epoch': 100}),
+        ('teacher. beside student.', {**{f'teacher.{k}': v for k, v in sd.items()},
+                                      **{f'student.{k}': v for k, v in noise.items()}}),
+        ('fp16', {k: v.half() for k, v in sd.items()}),
+        ('bf16', {k: v.bfloat16() for k, v in sd.items()}),
+    ]
+
+
+@pytest.mark.parametrize('case', range(5), ids=[w[0] for w in wrapped({})])
+def test_wrapped_weights_are_read_right(tmp_path, case):
+    sd = random_vit(num_classes=0).state_dict()
+    name, saved = wrapped(sd)[case]
+    torch.save(saved, tmp_path / 'w.pt')
+    model = build_from_checkpoint(str(tmp_path / 'w.pt'), num_heads=8)
+    for k, v in model.state_dict().items():
+        want = sd[k].to(saved[next(iter(saved))].dtype).float() if name.startswith(('fp', 'bf')) else sd[k]
+        assert torch.equal(v, want), (name, k)
+
+
+@pytest.mark.parametrize('change, named', [
+    (lambda sd: sd.update({'blocks.0.attn.extra': torch.ones(3)}), 'blocks.0.attn.extra'),
+    (lambda sd: sd.pop('blocks.1.mlp.fc2.weight'), 'blocks.1.mlp.fc2.weight'),
+])
+def test_extra_and_missing_keys_are_named(tmp_path, monkeypatch, change, named):
+    sd = random_vit().state_dict()
+    change(sd)
+    torch.save(sd, tmp_path / 'odd.pt')
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', tmp_path / 'odd.pt',
+                         '--teacher-num-heads', '8', '--out-dir', tmp_path / 'r')
+    assert msg and named in msg and 'architecture mismatch' in msg, msg
+
+# -----------------------------------------------------------------------------
+# 2. Folders: hidden entries are no class and no image; images read as what they are; class names recorded
+
+
+def save_png(path, array, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def image_folder(root, classes=('cat', 'dog', 'fox'), per_class=4, splits=('train', 'val')):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            for i in range(per_class):
+                save_png(root / split / c / f'{i}.png', rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return root
+
+
+def folder_cfg(root, **kw):
+    from util.config import TrainConfig
+    return TrainConfig(**{'data': 'folder', 'data_dir': str(root), 'img_size': 32, **kw})
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    root = image_folder(tmp_path)
+    save_png(root / 'train' / '.ipynb_checkpoints' / 'x.png', np.zeros((32, 32, 3), np.uint8))   # Jupyter's
+    save_png(root / 'train' / 'cat' / '.ipynb_checkpoints' / '0-checkpoint.png', np.zeros((32, 32, 3), np.uint8))
+    (root / 'train' / 'dog' / '._0.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')             # macOS's
+    (root / 'train' / 'notes.txt').write_text('not a class')
+    train, n = build_dataset(folder_cfg(root), train=True)
+    assert n == 3 and train.classes == ['cat', 'dog', 'fox'] and len(train) == 12   # it was 4 classes
+    assert all(os.sep + '.' not in path for path, _ in train.samples)
+
+
+def encoded(image, fmt, **save):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def test_images_are_read_as_what_they_are(tmp_path):
+    rng = np.random.default_rng(0)
+    # 16-bit greyscale: PIL's conversion clipped every value above 255 to white; its high byte is the image
+    grey16 = (rng.integers(0, 65536, (8, 8))).astype(np.uint16)
+    (tmp_path / 'g16.png').write_bytes(encoded(Image.fromarray(grey16), 'PNG'))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / 'g16.png')))[..., 0], grey16 >> 8)
+    # EXIF orientation 6 (the camera turned a quarter clockwise): shown upright, as PIL's exif_transpose shows it
+    rgb = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / 'turned.png').write_bytes(encoded(Image.fromarray(rgb), 'PNG', exif=exif))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / 'turned.png'))), np.rot90(rgb, -1))
+    # RGBA: the colour kept, the transparency dropped (PIL's convert('RGB') and torchvision's decode_image)
+    rgba = rng.integers(0, 256, (4, 4, 4), dtype=np.uint8)
+    (tmp_path / 'a.png').write_bytes(encoded(Image.fromarray(rgba, 'RGBA'), 'PNG'))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / 'a.png'))), rgba[..., :3])
+    # a palette: its colours; CMYK: PIL's conversion
+    palette = Image.fromarray(rgb).convert('P', palette=Image.Palette.ADAPTIVE, colors=8)
+    (tmp_path / 'p.png').write_bytes(encoded(palette, 'PNG'))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / 'p.png'))), np.asarray(palette.convert('RGB')))
+    cmyk = Image.fromarray(rgb).convert('CMYK')
+    (tmp_path / 'c.tif').write_bytes(encoded(cmyk, 'TIFF'))
+    assert np.array_equal(np.asarray(read_image(str(tmp_path / 'c.tif'))), np.asarray(cmyk.convert('RGB')))
+    # float pixels have no agreed range: refused, naming the file
+    (tmp_path / 'f.tif').write_bytes(encoded(Image.fromarray(rng.random((4, 4)).astype(np.float32), 'F'), 'TIFF'))
+    with pytest.raises(DataError, match='f.tif.*32-bit floats'):
+        read_image(str(tmp_path / 'f.tif'))
+
+
+FOLDER_RUN = ['--data', 'folder', '--img-size', '32', '--patch-size', '8', '--depth', '1', '--batch-size', '4',
+              '--num-workers', '0', '--amp', 'off']
+
+
+def test_a_resume_on_other_class_names_is_refused(tmp_path, monkeypatch):
+    a, b = image_folder(tmp_path / 'a'), image_folder(tmp_path / 'b', classes=('cat', 'dog', 'owl'))
+    out = tmp_path / 'run'
+    assert run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', a, '--out-dir', out,
+                          '--max-steps', '1') is None
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['classes'] == ['cat', 'dog', 'fox']
+    before = digest(out)
+    msg = run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', b, '--out-dir', out, '--resume', 'true')
+    assert msg and "other classes than the data here has (other class names (2: 'fox' -> 'owl'" in msg, msg
+    assert digest(out) == before
+    msg = run_in_process(monkeypatch, ensemble, *FOLDER_RUN[:4], '--data-dir', b, '--models', out / 'checkpoint.pt',
+                         '--num-workers', '0')
+    assert msg and "predicts other class names (2: 'fox' -> 'owl'" in msg, msg
+    assert run_in_process(monkeypatch, ensemble, '--models', out / 'checkpoint.pt', '--num-workers', '0') is None
+
+
+def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):
+    model = random_vit(num_classes=1000)
+    torch.save({'model': model.state_dict(), 'arch': model.arch, 'classes': [f'c{i}' for i in range(1000)]},
+               tmp_path / 'other.pt')
+    msg = run_in_process(monkeypatch, evaluate, '--models', tmp_path / 'other.pt', '--imagenet', tmp_path,
+                         '--out', tmp_path / 'res')
+    assert msg and "predicts other class names (0: 'c0' -> 'n01440764'" in msg, msg
+
+# -----------------------------------------------------------------------------
+# 3. Numeric health: no checkpoint keeps a value that is not finite; a teacher that is not finite is refused
+
+
+def test_a_run_that_diverges_keeps_a_finite_checkpoint_and_goes_on_with_a_lower_lr(tmp_path, monkeypatch):
+    """From step 3 the loss is scaled by 1e30: the weights stay finite (AdamW's step is exp_avg / sqrt(inf) = 0)
+    but the optimizer's second moment is inf. The checkpoint of step 2 was kept, that of step 4 was written with
+    inf in it and called 'the last good checkpoint' once the loss went NaN, and the advised lower --blr refused."""
+    calls, plain = [0], engine.soft_cross_entropy
+
+    def blowing_up(*args, **kw):
+        calls[0] += 1
+        return plain(*args, **kw) * (1e30 if calls[0] >= 3 else 1)
+    monkeypatch.setattr(engine, 'soft_cross_entropy', blowing_up)
+    out, args = tmp_path / 'run', [*TINY, '--amp', 'off', '--save-every', '2', '--log-every', '100']
+    msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out)
+    assert msg and 'optimizer' in msg and 'is inf at step 4' in msg and 'the last finite checkpoint (step 2)' in msg
+    assert '--resume true --blr 0.0005' in msg, msg
+    ck = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert ck['step'] == 2 and all(v.isfinite().all() for s in ck['optimizer']['state'].values()
+                                   for v in s.values() if torch.is_tensor(v))
+    monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    assert run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '5e-4') is None
+    config = json.loads((out / 'config.json').read_text())
+    resume = config['resumes'][-1]
+    assert resume['changed']['blr'] == [1e-3, 5e-4] and resume['after_divergence']['step'] == 4
+    assert 'diverged' not in config                             # allowed once, from the checkpoint kept
+    msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '1e-4')
+    assert msg and '--blr 0.0005 -> 0.0001' in msg, msg         # without a divergence, the lr is the run's
+
+
+@pytest.mark.parametrize('broken, says', [
+    (lambda m: m.blocks[1].mlp.fc1.weight.data.__setitem__((0, 0), float('nan')),
+     "holds weights that are not finite (blocks.1.mlp.fc1.weight has nan or inf)"),
+    (lambda m: m.blocks[0].attn.qkv.weight.data.mul_(1e30), 'hands over attention maps that are not finite'),
+])
+def test_a_teacher_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch, broken, says):
+    """It was reported as a training loss of NaN with advice to lower the learning rate, the teacher unnamed."""
+    model = random_vit()
+    broken(model)
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 't.pt')
+    out = tmp_path / 'run'
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', tmp_path / 't.pt', '--out-dir', out,
+                         '--amp', 'off')
+    assert msg and says in msg and 't.pt' in msg, msg
+    assert os.listdir(out) == []
+
+# -----------------------------------------------------------------------------
+# 4. Sizes that cannot fit: one line before anything is allocated (finetune.py's: tests/test_checks.py)
+
+
+@pytest.mark.parametrize('args, flag', [(['--img-size', '1000000'], '--img-size 1000000'),
+                                        (['--depth', '1000000'], '--depth 1000000')])
+def test_a_transfer_run_too_big_for_memory_is_one_line(plain8, tmp_path, monkeypatch, args, flag):
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', plain8, '--teacher-num-heads', '8',
+                         '--out-dir', tmp_path / 'r', *args)
+    assert msg and msg.startswith(f'error: {flag}: makes') and 'GB' in msg, msg
+
+
+def test_splits_name_their_classes(tmp_path):
+    from util.config import TrainConfig
+    splits = build_splits(TrainConfig(data='fake', fake_size=64, img_size=32))
+    assert splits.classes == [str(i) for i in range(10)] and splits.num_classes == 10
+    with pytest.raises(ConfigError):
+        from util.config import check
+        check(TrainConfig(data='fake', fake_size=10 ** 12))

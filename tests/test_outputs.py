@@ -1,0 +1,156 @@
+"""Nothing lost: a run writes only into an empty folder or one of its own runs, never over another program's files;
+never deletes or replaces a file it reads; takes what it evaluates on from what the checkpoints record; and a path
+of the wrong kind (a directory where a file goes) is one line. Each refused command leaves every file as it was."""
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import attention_distill
+import ensemble
+import finetune
+from conftest import TINY, run_in_process, run_script
+from data import build_dataset
+from util.config import TrainConfig
+from util.datafiles import DataError, read_classes
+
+
+def digest(d):
+    """{relative path: sha256 or 'dir'} of everything under d."""
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(root, n), d)] = 'dir'
+        for n in files:
+            out[os.path.relpath(os.path.join(root, n), d)] = hashlib.sha256(open(os.path.join(root, n), 'rb')
+                                                                            .read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A finished tiny run of finetune.py: its checkpoint is a teacher, an --init, a model to score."""
+    out = tmp_path_factory.mktemp('outputs') / 'ft'
+    p = run_script('finetune.py', *TINY, '--out-dir', out, '--max-steps', '2')
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+# -----------------------------------------------------------------------------
+# 1. An output folder that holds someone else's files
+
+
+def make(folder, files):
+    for name, content in files.items():
+        path = folder / name
+        if content is None:
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+
+
+@pytest.mark.parametrize('files, named', [
+    ({'config.json': '{"model_type": "vit", "hidden_size": 768}', 'log.txt': 'my notes\n'}, 'write over config.json'),
+    ({'notes.md': 'mine\n'}, 'holds notes.md'),
+    ({'config.json': None}, 'write over config.json'),                 # a directory where the file goes
+    ({'log.txt': 'a log of another program\n', 'model.safetensors': 'x'}, 'write over log.txt'),
+], ids=['another library\'s model folder', 'a user\'s notes', 'config.json a directory', 'another log'])
+@pytest.mark.parametrize('overwrite', [[], ['--overwrite', 'true']], ids=['new', 'overwrite'])
+def test_a_folder_of_other_files_is_refused(tmp_path, monkeypatch, files, named, overwrite):
+    """It wrote over config.json and log.txt, exit 0; --overwrite true deletes only a run of these scripts."""
+    out = tmp_path / 'out'
+    make(out, files)
+    before = digest(out)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1', *overwrite)
+    assert msg and 'holds files that no run of these scripts wrote' in msg and named in msg, msg
+    assert digest(out) == before
+
+
+def test_a_run_of_these_scripts_is_still_overwritten_on_request(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / 'copy'
+    shutil.copytree(run_dir, out)
+    (out / 'notes.md').write_text('mine\n')                    # a user's file in a run folder stays untouched
+    assert run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1',
+                          '--overwrite', 'true') is None
+    assert (out / 'notes.md').read_text() == 'mine\n'
+
+# -----------------------------------------------------------------------------
+# 2. Inputs inside the output
+
+
+@pytest.mark.parametrize('script, flag', [(attention_distill, '--teacher'), (finetune, '--init')])
+@pytest.mark.parametrize('how', [['--overwrite', 'true'], ['--resume', 'true']])
+def test_a_run_never_replaces_a_file_it_reads(run_dir, tmp_path, monkeypatch, script, flag, how):
+    """--overwrite true deleted the teacher (or the --init weights) it had just read; the student recorded a
+    teacher that no longer existed as it was."""
+    out = tmp_path / 'run'
+    shutil.copytree(run_dir, out)
+    before = digest(out)
+    msg = run_in_process(monkeypatch, script, *TINY, flag, out / 'checkpoint.pt', '--out-dir', out, *how)
+    assert msg and f'{flag} {out / "checkpoint.pt"} is a file of --out-dir' in msg, msg
+    assert digest(out) == before
+
+# -----------------------------------------------------------------------------
+# 3. Defaults that differ from the record
+
+
+def test_ensemble_scores_models_on_the_data_they_record(run_dir, tmp_path, monkeypatch, capsys):
+    """Without --data it scored them on its default data set (Fashion-MNIST) without a word."""
+    assert run_in_process(monkeypatch, ensemble, '--models', run_dir / 'checkpoint.pt', '--fake-size', '256',
+                          '--num-workers', '0') is None
+    out = capsys.readouterr().out
+    assert "--data fake --data-dir ./data: as the models' checkpoints record" in out and 'fake test split' in out
+
+
+def test_ensemble_of_models_of_different_data_asks_which(run_dir, tmp_path, monkeypatch, capsys):
+    other = tmp_path / 'other.pt'
+    ck = torch.load(run_dir / 'checkpoint.pt', weights_only=True)
+    ck['config']['data'], ck['classes'] = 'cifar10', read_classes('cifar10')   # as a CIFAR-10 run records them
+    torch.save(ck, other)
+    msg = run_in_process(monkeypatch, ensemble, '--models', run_dir / 'checkpoint.pt', other)
+    assert msg and 'the models do not record one data set' in msg and 'cifar10' in msg, msg
+    capsys.readouterr()
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', run_dir / 'checkpoint.pt', other)
+    assert msg and "predicts other class names (0: 'airplane' -> '0'" in msg, msg   # named, then compared
+
+
+def write_idx(path, array):
+    a = np.asarray(array, dtype=np.uint8)
+    path.write_bytes(bytes([0, 0, 8, a.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in a.shape) + a.tobytes())
+
+
+def test_a_data_set_s_files_come_from_one_place(tmp_path):
+    """A --data-dir with only the test files was paired with the training files of Debian's copy (or the labels
+    of one folder with the images of another)."""
+    write_idx(tmp_path / 't10k-images-idx3-ubyte', np.zeros((3, 28, 28)))
+    write_idx(tmp_path / 't10k-labels-idx1-ubyte', np.zeros(3))
+    cfg = TrainConfig(data='fashion-mnist', data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"holds only some of Fashion-MNIST's files \(not train-images-idx3-ubyte, "
+                                        r"train-labels-idx1-ubyte\[.gz\]\)"):
+        build_dataset(cfg, train=False)
+
+# -----------------------------------------------------------------------------
+# 4. Paths of the wrong kind
+
+
+@pytest.mark.parametrize('name', ['metrics.jsonl', 'log.txt'])
+def test_a_directory_where_a_run_file_goes_is_one_line(run_dir, tmp_path, monkeypatch, name):
+    """It ended in an IsADirectoryError traceback."""
+    out = tmp_path / 'run'
+    shutil.copytree(run_dir, out)
+    os.remove(out / 'checkpoint.pt')
+    os.remove(out / name)
+    (out / name).mkdir()
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1', '--overwrite', 'true')
+    assert msg and f'{out / name}' in msg and ('is a directory' in msg or 'Is a directory' in msg), msg
+
+
+def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
+    (tmp_path / 'benchmark.json').mkdir()
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path, timeout=300)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: cannot write'), p.stderr[-2000:]
+    assert 'is a directory' in p.stderr and 'Traceback' not in p.stderr
+    assert sorted(os.listdir(tmp_path)) == ['benchmark.json']      # no temporary file left, nor BENCHMARK.md
