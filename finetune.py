@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from util.checkpoints import load_weights, read_checkpoint, state_dict_of
-from util.config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config
+from util.config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config, without_help
 from util.engine import fit
 from util.launch import log, run_main, start
 from vit import create_model
@@ -72,7 +72,7 @@ SCRATCH = {
 def presets(argv=None):
     """PRESETS, or with --scratch true the SCRATCH recipes over them. A fine-tuning preset (one that names
     --init) run without weights would be neither recipe: refused, pointing to --scratch true."""
-    cfg = parse_config(FinetuneConfig, PRESETS, argv)
+    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv))   # --help: start() prints it with the choice
     if not cfg.scratch:
         if not cfg.init and PRESETS.get(cfg.data, {}).get('init'):
             raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights (its preset: --init "
@@ -80,7 +80,7 @@ def presets(argv=None):
                               f"selects the from-scratch recipe")
         return PRESETS
     chosen = {**PRESETS, **SCRATCH}
-    cfg = parse_config(FinetuneConfig, chosen, argv)
+    cfg = parse_config(FinetuneConfig, chosen, without_help(argv))
     if cfg.init:
         raise ConfigError(f'--scratch true trains from random weights: drop --init {cfg.init}')
     return chosen

@@ -18,6 +18,9 @@ from util.config import ConfigError, TrainConfig, readable, refuse, too_big
 from vit import SIZES, model_arch
 
 WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
+# the teachers this repository ships, by --data (teachers/README.md: made by mae_pretrain.py)
+SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'teachers',
+                                         'fashion-mnist-mae.pt')}
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
@@ -43,8 +46,11 @@ class TransferConfig(TrainConfig):
         return [r for r in super().checks() if r[0] not in ('model', 'patch_size')] + [
             ('model', self.model == 'teacher' or self.model in SIZES, f"choose teacher or one of {', '.join(SIZES)}"),
             ('patch_size', self.patch_size >= 0, "must be 0 (the teacher's) or more"),
-            ('teacher', self.teacher != '', 'is required: a checkpoint (e.g. runs/finetune/checkpoint.pt from '
-                                            'finetune.py or mae_pretrain.py) or a name such as mae_vit_large'),
+            ('teacher', self.teacher != '', 'is required: ' + (
+                f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: '
+                f'teachers/README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large'
+                if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of '
+                                             'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)')),
             ('transfer', self.transfer in WHAT, f"choose one of {', '.join(WHAT)}"),
             ('student_arch', self.student_arch in ('plain', 'teacher'), 'choose plain or teacher'),
             ('teacher_num_heads', self.teacher_num_heads >= 0, "must be 0 (the file's record or family) or more"),

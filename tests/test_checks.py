@@ -10,7 +10,7 @@ import pytest
 
 import attention_copy
 import attention_distill
-from conftest import TINY, run_script
+from conftest import TINY, run_in_process, run_script
 import ensemble
 import evaluate
 import finetune
@@ -194,4 +194,17 @@ def test_bad_value_from_the_shell(tmp_path, script, args, flag):
                    *[str(tmp_path / a) if a in ('run', 'bench') else a for a in base], *args)
     assert p.returncode == 1, p.stderr[-2000:]
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(f'error: {flag} '), p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('module', [attention_copy, attention_distill])
+def test_a_missing_teacher_names_the_shipped_one(monkeypatch, tmp_path, module):
+    """Without --teacher, --data fashion-mnist names the teacher the repository ships, as a path that reaches it
+    from where the command runs; a data set with none shipped names one that downloads."""
+    monkeypatch.chdir(tmp_path)
+    msg = run_in_process(monkeypatch, module, '--data', 'fashion-mnist', '--out-dir', 'run')
+    named = re.search(r'--teacher is required: --teacher (\S+) \(the MAE teacher this repository ships', msg or '')
+    assert named and named[1].endswith('teachers/fashion-mnist-mae.pt') and os.path.isfile(named[1]), msg
+    msg = run_in_process(monkeypatch, module, '--data', 'cifar10', '--out-dir', 'run')
+    assert msg.startswith('error: --teacher is required: a name such as mae_vit_large') and 'teachers/' not in msg, msg
     assert os.listdir(tmp_path) == []

@@ -3,6 +3,7 @@ the exactness of resume (finetune.py runs in subprocesses, compared tensor by te
 import dataclasses
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -198,9 +199,25 @@ def test_grad_scaler_only_with_fp16(monkeypatch, tmp_path, amp, scaled):
         assert ck['scaler'] == {}, f'--amp {amp} should have a disabled GradScaler: {ck["scaler"]}'
     assert math.isfinite(read_metrics(tmp_path / amp)[-1]['loss'])
     with open(tmp_path / amp / 'log.txt') as f:
-        head = next(line for line in f if line.startswith('lr '))
+        head = next(line for line in f if ' | autocast ' in line)     # the set-up line, before any step
     want = {'fp16': 'torch.float16', 'bf16': 'torch.bfloat16', 'off': 'None'}[amp]
     assert head.rstrip().endswith(f'autocast {want}'), head
+
+
+def test_the_output_starts_at_once_and_shows_the_first_steps(monkeypatch, capsys, tmp_path):
+    """The first line says what runs, before the data is loaded; the log gives the schedule and where --max-steps
+    cuts it, and the 1st and 10th steps of a launch whatever --log-every says."""
+    _run_finetune_main(monkeypatch, tmp_path, '--batch-size', '8', '--max-steps', '12', '--log-every', '100')
+    first = capsys.readouterr().out.splitlines()[0]
+    lines = (tmp_path / 'log.txt').read_text().splitlines()
+    assert first == (f'finetune.py | --data fake | model vit_tiny (2 blocks, 192 wide, 3 heads), 32 px images in '
+                        f'8 px patches | 1 epoch(s) at batch 8, cut after 12 steps (--max-steps) | {tmp_path} | '
+                        f'loading the data'), first
+    assert 'schedule: 16 steps an epoch x 1 epoch(s) = 16 steps, warm-up 1 epoch(s); this run stops at step 12 ' \
+           '(--max-steps: the lr follows the 16-step schedule)' in lines
+    steps = [int(m[1]) for m in map(re.compile(r'step (\d+)/12 ').search, lines) if m]
+    assert steps == [1, 10, 12], lines
+    assert 'first step' in next(line for line in lines if 'step 1/12' in line)
 
 
 # -----------------------------------------------------------------------------

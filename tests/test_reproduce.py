@@ -1,6 +1,7 @@
 """reproduce.py: the whole pipeline on fake data, run again (nothing is trained twice) and after an
 interruption (the stage resumes); the commands each stage gets; the report's arithmetic."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
 from tools.reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from tools.reproduce_report import AIMS, LABELS, against_paper, aim, format_gap, gap_closed, mean_std, plot
+from tools.reproduce_report import (AIMS, LABELS, PAPER, against_paper, aim, budget, format_gap, gap_closed, mean_std,
+                                     ordering, plot)
 from util.config import ConfigError, parse_config
 
 # -----------------------------------------------------------------------------
@@ -54,6 +56,30 @@ def test_each_result_against_its_aim():
     assert aim('ensemble', -0.02) == 'the aim: above it, missed by 0.02 points'
     assert aim('ensemble', 0.0) == 'the aim: above it, missed by 0.00 points'          # a tie is not above
     assert aim('ensemble', 0.21) == 'the aim: above it, met'
+
+
+def test_the_order_of_the_means():
+    means = {'scratch': 80.0, 'finetune': 90.0, 'copy': 82.0, 'distill': 89.996, 'ensemble': 90.5}
+    assert ordering(means) == 'ensemble 90.50 > fine-tune 90.00 = distillation 90.00 > copy 82.00 > scratch 80.00'
+    assert ordering(PAPER, 1) == 'ensemble 86.3 > fine-tune 85.7 = distillation 85.7 > copy 85.1 > scratch 83.0'
+
+
+def test_the_budget_in_words_from_the_stages_commands():
+    """What a stage ran, from the command it was started with: its schedule, and where --max-steps cut it (the lr
+    there from the warm-up + cosine maths, as a share of the peak)."""
+    def runs(epochs, max_steps, step, steps_per_epoch, blr=()):
+        cmd = ['python', 'attention_distill.py', '--epochs', str(epochs), '--warmup-epochs', str(epochs / 10),
+               '--max-steps', str(max_steps), *blr]
+        return [{'stage': 'mae', 'command': []},
+                {'stage': 'distill', 'command': cmd, 'metrics': {'step': step, 'epoch': step / steps_per_epoch}}]
+    lr = 0.5 * (1 + math.cos(math.pi * (200 / 468 - 0.1) / 0.9))       # 0.708: warm-up over, 36% of the cosine
+    assert budget(runs(1, 200, 200, 468)) == (
+        "a 1-epoch schedule (warm-up 0.1 epoch, each script's preset blr), cut after 200 steps by --max-steps: 43% "
+        f"of the way through it, its lr still {lr:.0%} of the peak (--max-steps only stops a run; its schedule "
+        "stays the whole one)")
+    assert budget(runs(3, 0, 1404, 468, ['--blr', '0.004'])) == \
+        'a 3-epoch schedule (warm-up 0.3 epoch, blr 0.004), run to its end'
+    assert budget(runs(1, 9999, 468, 468)).endswith('run to its end')      # a limit past the schedule cuts nothing
 
 
 def test_mean_std_formatting():
@@ -184,6 +210,8 @@ def test_first_run_makes_every_stage_and_the_report(first_run):
     d, p = first_run
     root = str(d / 'runs')
     assert p.stdout.count(': running ') == 6 and 'scratch seed 0 | ' in p.stdout    # scripts' output shown
+    assert '\nevery stage: a 1-epoch schedule (warm-up 0.1 epoch, each script\'s preset blr), cut after 2 steps' \
+        in p.stdout and '\norder of the means: ' in p.stdout     # the budget, where the table is printed
     for stage in ['mae', *STAGES]:
         with open(os.path.join(run_dir(root, stage, 0), 'done.json')) as f:
             done = json.load(f)

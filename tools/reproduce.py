@@ -37,9 +37,9 @@ import torch
 
 from ensemble import is_result
 from teacher import sha256_of
-from tools.reproduce_report import STAGES, check_results_dir, records, summarise, table, write
+from tools.reproduce_report import STAGES, budget, check_results_dir, ordering, records, summarise, table, write
 from util.checkpoints import build_from_checkpoint
-from util.config import ConfigError, parse_config
+from util.config import ConfigError, parse_config, without_help
 from util.files import DamagedFile, read_json, write_json
 from util.launch import run_main
 from util.rundir import cpu_name, git_commit
@@ -55,7 +55,8 @@ class ReproduceConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae); the
                                     # fashion-mnist preset: the shipped teacher (teachers/README.md)
-    quick: bool = False             # 1 seed, 200 steps a stage: checks the pipeline, is not a result
+    quick: bool = False             # 1 seed, a 1-epoch schedule cut after 200 steps a stage: checks the pipeline,
+                                    # is not a result
     val_size: int = 0               # every stage evaluates on this many held-out training images, not on
                                     # test: the split to choose a budget on; dirs get a -val suffix
     out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick][-val]
@@ -66,7 +67,8 @@ class ReproduceConfig:
     mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
     epochs: int = 2                 # each of scratch, finetune, copy, distill
     blr: float = 0.0                # base lr of scratch, finetune, copy and distill; 0 = each script's preset
-    max_steps: int = 0              # stop every stage after this many steps; 0 = the whole schedule
+    max_steps: int = 0              # cut every stage short after this many steps, its schedule still the whole
+                                    # --epochs one (the scripts' --max-steps); 0 = the whole schedule
     num_workers: typing.Optional[int] = None   # None = each script's preset
     jobs: int = 1                   # stages run side by side, each as soon as those it needs are done, on
                                     # 1/jobs of the CPU threads each (OMP_NUM_THREADS, unless you set it)
@@ -105,9 +107,12 @@ QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=200, blr=0.0)   # blr:
 
 
 def parse(argv=None):
-    """Defaults < --data's preset < --quick's < your flags."""
-    cfg = parse_config(ReproduceConfig, PRESETS, argv)
-    return parse_config(ReproduceConfig, {cfg.data: {**PRESETS[cfg.data], **QUICK}}, argv) if cfg.quick else cfg
+    """Defaults < --data's preset < --quick's < your flags (--help shows them for that choice)."""
+    cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv))
+    if not cfg.quick:
+        return parse_config(ReproduceConfig, PRESETS, argv)
+    return parse_config(ReproduceConfig, {k: {**v, **QUICK} for k, v in PRESETS.items()}, argv,
+                        'preset of --data {} with --quick true')
 
 # -----------------------------------------------------------------------------
 # Stages: one subprocess each, skipped when done, resumed when interrupted
@@ -366,7 +371,10 @@ def main():
 
     s = summarise(runs)
     write(results_dir, cfg, s, runs, root, prov)
-    print(f'\n{table(s)}\n\nwritten: {results_dir}/RESULTS.md, results.json, results.png, logs/')
+    means = {m: r['mean'] for m, r in s['methods'].items()}
+    print(f"\nevery stage: {budget(runs)}\n\n{table(s)}\n\norder of the means: {ordering(means)}"
+          f"{' (--quick: runs cut short, not a result)' if cfg.quick else ''}\n\n"
+          f"written: {results_dir}/RESULTS.md, results.json, results.png, logs/")
 
 
 if __name__ == '__main__':

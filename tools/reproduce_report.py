@@ -14,7 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from util.checkpoints import read_checkpoint
-from util.config import ConfigError, flag, show
+from util.config import ConfigError, flag, word
+from util.engine import lr_at
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
 from util.launch import run_main
 from util.rundir import git_commit
@@ -36,6 +37,8 @@ def records(d):
 PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L
 LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher', 'copy': 'attention copy',
           'distill': 'attention distillation', 'ensemble': 'ensemble (fine-tuned + distilled)'}
+SHORT = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'copy', 'distill': 'distillation',
+         'ensemble': 'ensemble'}
 
 
 def mean_std(values):
@@ -83,6 +86,41 @@ def table(s):
                     f"{mean_std(s['disagreement_pct']) + '%' if m == 'ensemble' else ''} | "
                     f"{statistics.mean(r['wall_s']) / 60:.1f} min | {paper} |")
     return '\n'.join(rows)
+
+
+def ordering(means, digits=2):
+    """'fine-tune 82.24 > ensemble 81.56 > ...': the methods by mean top-1, highest first, '=' between equal ones
+    (at the digits shown)."""
+    ranked = sorted(means.items(), key=lambda kv: -kv[1])
+    words = [f'{SHORT[ranked[0][0]]} {ranked[0][1]:.{digits}f}']
+    for (_, above), (m, v) in zip(ranked, ranked[1:]):
+        words.append(f"{'=' if round(above, digits) == round(v, digits) else '>'} {SHORT[m]} {v:.{digits}f}")
+    return ' '.join(words)
+
+
+def budget(runs):
+    """What every training stage ran, read from the command it was started with (reproduce.py gives all four the
+    same budget): its schedule, and where --max-steps cut it, how far into it and at what lr (share of the peak)."""
+    first = next(r for r in runs if r['stage'] in STAGES[:4])
+    args = [str(a) for a in first['command']]
+    given = dict(zip(args, args[1:]))
+    epochs, warmup, steps = float(given['--epochs']), float(given['--warmup-epochs']), int(given['--max-steps'])
+    blr = f"blr {given['--blr']}" if '--blr' in given else "each script's preset blr"
+    text = f'a {epochs:g}-epoch schedule (warm-up {warmup:g} epoch, {blr})'
+    if not steps or steps >= first['metrics']['step'] / first['metrics']['epoch'] * epochs:
+        return text + ', run to its end'
+    reached = first['metrics']['epoch']
+    lr = lr_at(SimpleNamespace(warmup_epochs=warmup, epochs=epochs, min_lr=0.0), 1.0, reached)
+    return (text + f', cut after {steps} steps by --max-steps: {reached / epochs:.0%} of the way through it, its lr '
+            f'still {lr:.0%} of the peak (--max-steps only stops a run; its schedule stays the whole one)')
+
+
+def versus_scratch(s):
+    """How each transfer method's mean compares with training from scratch, in points."""
+    m = s['methods']
+    diff = {k: m[k]['mean'] - m['scratch']['mean'] for k in ('copy', 'distill')}
+    points = ', '.join(f'{SHORT[k]} {v:+.2f}' for k, v in diff.items())
+    return f"{'both' if min(diff.values()) > 0 else 'not both'} transfer methods beat scratch ({points} points)"
 
 
 def plot(s, path, split='test'):
@@ -163,8 +201,10 @@ def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
                f"`{cfg.teacher}` (MAE, {made['epoch']:.0f} epochs on the training split, held-out masked MSE "
                f"{made['held_out_mse']:.4f}; made by `{made['command']}`, not counted in the wall times)" if made
                else f'`{cfg.teacher}`')
-    quick = '\n**--quick: a smoke run of the pipeline; these numbers are not a result.**\n' if cfg.quick else ''
-    steps = f', stopped after {cfg.max_steps} steps' if cfg.max_steps else ''
+    quick = (f"\n**--quick: a smoke run of the pipeline, not a result.** It shows that every stage runs end to end;\n"
+             f"here {versus_scratch(s)} within the same steps. It does not measure the paper's\n"
+             f"comparison of the methods: every stage stops early in its schedule (below), so their order here is that\n"
+             f"of runs cut short. A run without --quick is the result.\n" if cfg.quick else '')
     threads = f" ({prov['stage_threads']} thread(s) each)" if prov.get('stage_threads') else ''
     n_skipped = sum(bool(r.get('skipped')) for r in runs)
     skipped = f', skipping {n_skipped} stage(s) done before' if n_skipped else ''
@@ -178,10 +218,10 @@ def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
              f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
 {quick}
-Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split for
-{cfg.epochs} epoch(s){steps}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
-Each number is the {split} after the final epoch of its run (the ensemble: of the two final models),
-never the best epoch's; nothing was chosen by looking at the test split.
+Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split:
+{budget(runs)}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
+Each number is the {split} at the end of its run (the ensemble: of the two final models),
+never the best evaluation's; nothing was chosen by looking at the test split.
 
 {table(s)}
 
@@ -192,6 +232,9 @@ never the best epoch's; nothing was chosen by looking at the test split.
 - *paper*: ImageNet-1K, ViT-L/16, MAE teacher, 50-200 epochs on 64 GPUs: a pattern to compare, not values.
 - *wall time*: each stage's last launch (a resumed stage counts from its restart), mean over seeds; all
   stages {sum(r['wall_s'] for r in runs) / 60:.1f} min, {cfg.jobs} at a time{threads}: reproduce.py ran {prov['wall_s'] / 60:.1f} min{skipped}.
+
+Order of the means here: {ordering({m: r['mean'] for m, r in s['methods'].items()})};
+the paper's: {ordering(PAPER, 1)}.
 
 {against_paper(s)}
 {choices}
@@ -246,7 +289,6 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
         return
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
     now = asdict(cfg)
-    word = lambda v: str(v).lower() if isinstance(v, bool) else show(v)   # as the flag is written
     diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME
             if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:

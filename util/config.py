@@ -3,13 +3,18 @@ One typed config per script: a dataclass holds every hyper-parameter with its de
 line is derived from it (`--key-name value`), and `--data` picks a preset applied before your flags.
 Unknown keys and wrong types are errors, and so are values out of range: each config lists its rules in
 `checks()`, run by parse_config before anything is made or loaded. The config is saved in every run
-directory and checkpoint; `RESUMABLE` names the fields a resumed run may change.
+directory and checkpoint; `RESUMABLE` names the fields a resumed run may change. `--help` lists every flag with
+the value that command line runs with (`--data X --help`: under X's preset), where it comes from, and the
+comment the dataclass gives the field.
 """
 import argparse
 import dataclasses
+import inspect
 import math
 import os
+import re
 import sys
+import textwrap
 import typing
 from dataclasses import asdict, dataclass
 
@@ -71,7 +76,9 @@ class TrainConfig:
     fake_size: int = 2048           # images in --data fake's train split
     log_every: int = 50             # steps between progress lines
     save_every: int = 0             # steps between checkpoints (besides each epoch); 0 = epochs only
-    max_steps: int = 0              # stop after this many steps (smoke runs); 0 = no limit
+    max_steps: int = 0              # only cuts the run short after this many steps (0 = no limit): the lr schedule
+                                    # stays the whole --epochs one, so a run cut by it and resumed without it ends
+                                    # exactly as the uncut run. A short complete run: fewer --epochs, --warmup-epochs
     dist_timeout: int = 1800        # seconds a process waits for the others (torchrun) before every one stops
 
     # what --resume true may change: where and how the run goes, never what it computes (README, "resume")
@@ -243,6 +250,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(f'{self.prog}: error: {message} (see --help)')
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's layout, with room for the longest flags and no line broken inside a --flag-name."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(' '.join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 def _converter(tp):
     if typing.get_origin(tp) is typing.Union:   # Optional[X]
         inner = _converter(typing.get_args(tp)[0])
@@ -262,25 +283,83 @@ def _metavar(tp):
     return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) in (typing.Union, list) else tp.__name__.upper()
 
 
-def parse_config(cls, presets=None, argv=None):
+def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}'):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
-    wrong types exit at once, values out of range raise ConfigError (check), before anything is made."""
-    presets, hints = presets or {}, typing.get_type_hints(cls)
-    defaults = asdict(cls())
-    p = _Parser(allow_abbrev=False, description=(sys.modules['__main__'].__doc__ or '').strip().split('\n')[0],
-                epilog='presets (applied by --data, before your flags): ' +
-                '; '.join(f'{k}: ' + ' '.join(f'{a}={b}' for a, b in v.items()) for k, v in presets.items()))
+    wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
+    --help prints every flag's value for this command line (preset_label names where a preset's come from)."""
+    presets, defaults = presets or {}, asdict(cls())
+    given = vars(parser(cls, presets).parse_args(argv))
+    data = given.get('data', defaults.get('data'))
+    preset = presets.get(data, {})
+    for k in preset:
+        assert k in defaults, f'preset key {k} is not a config field'
+    if given.pop('help', False):   # before check(): the help of a line that would be refused is still shown
+        notes, label = field_notes(cls), preset_label.format(data)
+        source = {k: 'your flag' if k in given else label if k in preset else 'default' for k in defaults}
+        values = {**defaults, **preset, **given}
+        helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k] if k in notes else ''}" for k, v in values.items()}
+        print(parser(cls, presets, helps).format_help())
+        sys.exit(0)
+    return check(cls(**{**defaults, **preset, **given}))
+
+
+def parser(cls, presets, helps=None):
+    """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
+    line in --help} ('%' escaped: argparse formats help strings)."""
+    hints, helps = typing.get_type_hints(cls), helps or {}
+    doc = ' '.join((sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0].split())
+    epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: `--data X --help` shows the " \
+             f"values under X's." if presets else None
+    p = _Parser(allow_abbrev=False, add_help=False, description=doc, usage='%(prog)s [--flag value ...]',
+                formatter_class=_Help, epilog=epilog)
+    p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
+                   help="show each flag's value for this command line, where it comes from, and what it means")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
         p.add_argument(flag(f.name), dest=f.name, nargs='+' if many else None,
                        type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
-                       metavar=_metavar(tp), help=f'(default: {defaults[f.name]})')
-    given = vars(p.parse_args(argv))
-    preset = presets.get(given.get('data', defaults.get('data')), {})
-    for k in preset:
-        assert k in defaults, f'preset key {k} is not a config field'
-    return check(cls(**{**defaults, **preset, **given}))
+                       metavar=_metavar(tp), help=helps.get(f.name, '').replace('%', '%%'))
+    return p
+
+
+def without_help(argv=None):
+    """argv (None: sys.argv[1:]) without -h / --help: for a parse that only picks the presets, before the one that
+    prints the help with them (finetune.py's --scratch, reproduce.py's --quick)."""
+    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('-h', '--help')]
+
+# -----------------------------------------------------------------------------
+# --help: each flag's value written as on the command line, and the field's comment
+
+
+def word(value):
+    """A value as it is written on the command line: true / false, none, '' for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return 'none' if value is None else "''" if value == '' else show(value)
+
+
+def field_notes(cls):
+    """{field: the comment beside it in the dataclass source, with its continuation lines}: the fields are
+    documented once, where they are declared. A subclass's comment replaces its base's; none keeps it."""
+    names, notes = {f.name for f in dataclasses.fields(cls)}, {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):    # no source (an interactive session): no comments
+            continue
+        last = None
+        for line in lines:
+            field = re.match(r' {4}(\w+)\s*:[^#]*(?:#\s?(.*))?$', line)
+            more = re.match(r' {5,}#\s?(.*)$', line)      # a comment indented past the fields continues the last's
+            if field and field[1] in names:
+                last = field[1]
+                notes[last] = field[2].strip() if field[2] else notes.get(last, '')
+            elif more and last:
+                notes[last] = f'{notes[last]} {more[1].strip()}'.strip()
+            else:
+                last = None
+    return {k: v for k, v in notes.items() if v}
 
 # -----------------------------------------------------------------------------
 # The small data sets' recipe, which every script starts from (each adds its own fields; the sources of

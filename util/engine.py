@@ -137,6 +137,11 @@ class Run:
                       f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
                       f' | {env.world} process(es) on {env.device}'
                       + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
+        full = cfg.epochs * self.steps_per_epoch
+        cut = f'; this run stops at step {self.total_steps} (--max-steps: the lr follows the {full}-step schedule)' \
+            if self.total_steps < full else ''
+        log(env, cfg, f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = {full} steps, '
+                      f'warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
         if resumed:
             log(env, cfg, f'resumed from {env.ckpt_path} at step {self.step}')
         self.ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
@@ -170,7 +175,9 @@ class Run:
             if not last_micro:
                 continue
             self.optimizer_step()
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed, within
+            # seconds, not only after --log-every steps
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.steps_done in (1, 10):
                 self.log_progress()
             if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                 return True
@@ -199,11 +206,14 @@ class Run:
         for k, v in vals.items():
             self.check_finite(v, f'training loss {k}')
         elapsed, step = time.time() - self.t_start, self.step
+        if self.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
+            speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
+        else:
+            speed = f'{self.steps_done * self.eff_batch / elapsed:.0f} img/s | ' \
+                    f'ETA {(self.total_steps - step) * elapsed / self.steps_done / 60:.1f} min'
         log(self.env, self.cfg, f'epoch {step / self.steps_per_epoch:6.2f} step {step}/{self.total_steps} | ' +
             ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
-            f' | lr {lr_at(self.cfg, self.lr, (step - 1) / self.steps_per_epoch):.2e} | '
-            f'{self.steps_done * self.eff_batch / elapsed:.0f} img/s | '
-            f'ETA {(self.total_steps - step) * elapsed / self.steps_done / 60:.1f} min')
+            f' | lr {lr_at(self.cfg, self.lr, (step - 1) / self.steps_per_epoch):.2e} | {speed}')
         self.metrics['train'] = vals
 
     def evaluate(self, evaluate_fn):

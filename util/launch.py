@@ -27,6 +27,7 @@ from util.config import AMP, ConfigError, parse_config
 from util.datafiles import DataError
 from util.files import append_text
 from util.rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
+from vit import SIZES
 
 # -----------------------------------------------------------------------------
 # Distributed, device, precision
@@ -60,6 +61,7 @@ def start(cls, presets):
     """What every script does first: parse its config, set up, load the train and eval splits."""
     cfg = parse_config(cls, presets)
     env = setup(cfg)
+    log(env, cfg, f'{what_runs(cfg, env)} | loading the data')   # a first line seconds after the start
     data = build_splits(cfg)
     log(env, cfg, f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
                   f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
@@ -67,6 +69,20 @@ def start(cls, presets):
     if cfg.val_size:
         log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
     return cfg, env, data
+
+
+def what_runs(cfg, env):
+    """The run in one line: the script, data set, model size, budget and run directory."""
+    size = {**SIZES.get(cfg.model, {}), **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads')
+                                           if getattr(cfg, k) is not None}}
+    shape = ', '.join(f'{size[k]} {w}' for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
+                      if k in size)
+    model = (f"a student of the teacher's shape{', ' + shape if shape else ''}" if cfg.model == 'teacher' else
+             f'model {cfg.model} ({shape})') + f', {cfg.img_size} px images' + \
+        (f' in {cfg.patch_size} px patches' if cfg.patch_size else '')
+    cut = f', cut after {cfg.max_steps} steps (--max-steps)' if cfg.max_steps else ''
+    return (f'{cfg.SCRIPT or os.path.basename(sys.argv[0])} | --data {cfg.data} | {model} | {cfg.epochs} epoch(s) '
+            f'at batch {cfg.batch_size * cfg.accum_steps * env.world}{cut} | {cfg.out_dir}')
 
 
 def amp_dtype(amp, device):
