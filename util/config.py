@@ -152,7 +152,7 @@ class TrainConfig:
         """Why this config cannot continue the run saved in checkpoint `ckpt` on `world` processes:
         ['--flag old -> new', ...], empty if it can. Fields missing from the saved config count as their
         default; batch size and accumulation steps may change if the global batch stays the same; so may the
-        fields `free` (the lr after the run diverged: rundir.AFTER_DIVERGENCE)."""
+        fields `free` (the lr after the run diverged: resume.AFTER_DIVERGENCE)."""
         saved, default = ckpt['config'], asdict(type(self)())
         out = [f'{flag(k)} {show(saved.get(k, default[k]))} -> {show(v)}' for k, v in asdict(self).items()
                if k not in (*self.RESUMABLE, *free, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]

@@ -1,8 +1,8 @@
 """
 The training loop every script shares: AdamW with layer-wise lr decay, warm-up + cosine schedule, EMA,
-the epoch loop with gradient accumulation and AMP, evaluation, checkpoints (the run directory and its resume
-rules: util/rundir.py). A script starts with launch.start (config, processes, device, data), builds its model and
-(optionally) its loss, then calls `fit`.
+the epoch loop with gradient accumulation and AMP, evaluation, checkpoints (the run directory: util/rundir.py; its
+resume rules: util/resume.py). A script starts with launch.start (config, processes, device, data), builds its
+model and (optionally) its loss, then calls `fit`.
 """
 import contextlib
 import math
@@ -19,8 +19,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data import batch_mixer, build_loader
 from util.config import ConfigError
 from util.launch import all_mean, autocast, log, seed_all
-from util.rundir import (append_record, record_divergence, restore, resume_command, rng_states, save_checkpoint,
-                         write_provenance)
+from util.resume import record_divergence, restore, resume_command
+from util.rundir import append_record, rng_states, save_checkpoint, write_provenance
 
 # -----------------------------------------------------------------------------
 # Optimiser and schedule

@@ -8,7 +8,7 @@ and precision, seeds, the log, and every expected failure as one line.
 
 The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set:
 one process per GPU, a process group over NCCL, or gloo on CPUs). `env` says which process this is, its device
-and its autocast dtype; the run directory and its resume rules are util/rundir.py's.
+and its autocast dtype; the run directory is util/rundir.py's, its resume rules util/resume.py's.
 """
 import argparse
 import datetime
@@ -26,7 +26,8 @@ from util.checkpoints import CheckpointError
 from util.config import AMP, ConfigError, parse_config
 from util.datafiles import DataError
 from util.files import append_text
-from util.rundir import how_to_continue, open_resumed, prepare_run_dir, unlock
+from util.resume import how_to_continue, open_resumed
+from util.rundir import prepare_run_dir, unlock
 from vit import SIZES
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """
-A run directory, and how `--resume true` continues the run it holds.
+A run directory: what it holds, who may write it, and how it is written.
 
     <out_dir>/config.json     every field, the script that made the run (and a transfer run's teacher by SHA-256),
                               git commit, world size, torch version, command; a resume updates the fields and
                               appends what it changed under 'resumes'
     <out_dir>/log.txt         what the run printed
     <out_dir>/metrics.jsonl   one record per evaluation ('time': seconds of training, summed over resumes)
-    <out_dir>/checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, the script that saved it
+    <out_dir>/checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, classes, the script that saved it
     <out_dir>/.lock           while a process writes the directory: it holds the lock, its pid and command inside
 
 One process writes a run directory at a time: it holds a POSIX lock (lockf) on .lock, which the kernel lets go
@@ -15,12 +15,11 @@ live on in them for seconds after a kill -9), so a second process is refused at 
 a stale file never blocks. Every file is written whole to a temporary file, then renamed over the old one:
 a full disk, a kill -9 or a Ctrl-C never leaves half a file, nor the temporary one.
 
-A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a finished run
-(reproduce.py's done.json, or evaluations kept without their checkpoint), unless --overwrite true deletes it;
-the log of an earlier attempt that saved nothing is started afresh. A resume continues only the run that was
-saved, with the script that saved it: its config must be the saved one except for the fields in the config's
-RESUMABLE (where and how the run goes, never what it computes), with the same global batch (batch size x
-accumulation steps x processes), and for a transfer run the same teacher file (teacher.TransferConfig).
+A run starts only in an empty folder or one that holds a run of these scripts, never writing over another
+program's files. A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a
+finished run (reproduce.py's done.json, or evaluations kept without their checkpoint), unless --overwrite true
+deletes it; the log of an earlier attempt that saved nothing is started afresh. No run deletes or replaces a file
+it reads. How a resume continues the run saved here: util/resume.py.
 """
 import contextlib
 import errno
@@ -37,8 +36,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from data import class_mismatch
-from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
+from util.checkpoints import CheckpointError, read_checkpoint
 from util.config import ConfigError, flag
 from util.files import append_text, cannot_write, replacing, write_text
 
@@ -155,6 +153,11 @@ def refuse_inputs_inside(cfg):
                               f'replaces: copy it elsewhere and name the copy, or choose another --out-dir')
 
 
+def current_run_dir():
+    """The run directory this process works in (None before prepare_run_dir)."""
+    return _RUN.get('out_dir')
+
+
 def lock(out_dir):
     """Lock <out_dir>/.lock for as long as this process runs, or refuse naming the process that holds it.
     A POSIX lock belongs to this process alone: it goes when the process dies, even while forked loader
@@ -218,83 +221,6 @@ def check_output(flag, path, out_dir=None, folder=False):
 # what engine.fit saves, and of which type: a file without these (or with others in their place) is no run of ours
 SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list, 'metrics': dict}
 
-
-def open_resumed(cfg, path, world):
-    """The checkpoint to continue, read safely (no pickled code) and checked against the command line:
-    ConfigError names every field that differs (old -> new) and may not."""
-    ck = read_checkpoint(path)
-    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] if isinstance(ck, dict) else []
-    if isinstance(ck, dict) and not bad:   # the parts a resume reads before it loads any tensor
-        bad = [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),
-                               ('rng', all(torch.is_tensor(s) for s in ck['rng']))) if not ok]
-    if not isinstance(ck, dict) or bad:
-        why = f" ({', '.join(bad)}: missing or of another kind)" if bad else ''
-        raise CheckpointError(f'{path} is not a training checkpoint of these scripts{why}: nothing to resume')
-    if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
-        raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
-                          f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
-    after = diverged_from(cfg.out_dir, ck)   # a run that diverged: its kept checkpoint may go on with a lower lr
-    conflicts = cfg.resume_conflicts(ck, world, free=AFTER_DIVERGENCE if after else ())
-    if conflicts:
-        may = ', '.join(map(flag, cfg.RESUMABLE + (AFTER_DIVERGENCE if after else ())))
-        raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
-                          f"the saved ones (only {may} may change) or start a new run in another --out-dir")
-    return ck
-
-
-# what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the learning rate
-AFTER_DIVERGENCE = ('blr', 'min_lr', 'clip_grad', 'amp')
-
-
-def diverged_from(out_dir, ck):
-    """The divergence config.json records for the run in out_dir, if it stopped after checkpoint `ck` was written
-    (engine's check_finite), else None."""
-    record = read_json(os.path.join(out_dir, 'config.json')) or {}
-    diverged = record.get('diverged')
-    return diverged if isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step'] else None
-
-
-def record_divergence(cfg, env, what):
-    """Add to config.json where the run diverged (its step, what was not finite, the step of the checkpoint kept)."""
-    path = os.path.join(cfg.out_dir, 'config.json')
-    record = read_json(path) if env.main else None
-    if record is not None:
-        write_text(path, json.dumps({**record, 'diverged': what}, indent=2))
-
-
-def made_by(ck):
-    """The script that saved a checkpoint: recorded, or for one saved before it was, told by what it holds."""
-    if isinstance(ck.get('script'), str) and ck['script']:
-        return ck['script']
-    if 'teacher' in ck or 'distilled_from' in ck:
-        return 'attention_copy.py' if 'teacher' in ck else 'attention_distill.py'
-    return 'mae_pretrain.py' if any(k.startswith('decoder_') for k in ck['model']) else 'finetune.py'
-
-
-def restore(ck, env, model, opt, scaler, ema, steps_per_epoch, classes):
-    """Load a checked checkpoint into the run's objects; returns (step, metrics, seconds trained so far).
-    classes: the class names of the data here, which must be the ones the run was trained on."""
-    other = class_mismatch(ck.get('classes'), classes)
-    if other:
-        raise ConfigError(f'--resume: {env.ckpt_path} was trained on other classes than the data here has ({other}):'
-                          f' resume it on its own data (--data-dir)')
-    if ck.get('steps_per_epoch', steps_per_epoch) != steps_per_epoch:
-        raise ConfigError(f"--resume: an epoch has {steps_per_epoch} steps here and had {ck['steps_per_epoch']}: "
-                          f'the data or the global batch differ from the saved run')
-    problem = ', '.join(arch_mismatch(model.arch, ck.get('arch') or model.arch, free=()))
-    if not problem:
-        try:
-            for obj, key in ((model, 'model'), (opt, 'optimizer'), (scaler, 'scaler'), (ema, 'ema')):
-                if obj is not None:
-                    obj.load_state_dict(ck[key])
-        except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
-            problem = ' '.join(str(e).split())[:300]
-    if problem:
-        raise CheckpointError(f'--resume: {env.ckpt_path} does not fit the model built from these settings '
-                              f'({problem})')
-    if ck['step'] % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
-        torch.set_rng_state(ck['rng'][env.rank])
-    return ck['step'], ck['metrics'], ck.get('time', 0.0)
 
 # -----------------------------------------------------------------------------
 # Writing: provenance, checkpoints
@@ -413,29 +339,3 @@ def save_checkpoint(path, state):
     """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
     with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
         torch.save(state, f)
-
-# -----------------------------------------------------------------------------
-# Stopping: Ctrl-C, and the resume command
-
-
-def how_to_continue():
-    """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
-    out_dir = _RUN.get('out_dir')
-    ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
-    if not ckpt or not os.path.exists(ckpt):
-        return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
-    return f"{ckpt} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} {resume_command()}"
-
-
-def resume_command(*replaced):
-    """The command that continues this run: its own with --resume true, without the flags `replaced` (which the
-    caller gives anew), or under torchrun the words to say so."""
-    if under_torchrun():
-        return 'your torchrun command and --resume true'
-    drop = ('--resume', *replaced)
-    argv = [a for i, a in enumerate(sys.argv) if a not in drop and (i == 0 or sys.argv[i - 1] not in drop)]
-    return f"{shlex.join(['python', *argv])} --resume true"
-
-
-def under_torchrun():
-    return 'TORCHELASTIC_RUN_ID' in os.environ
