@@ -6,4 +6,6 @@
     teacher_gap.py, teacher_variants.py,   the figures and numbers of results/fashion-mnist/VALIDATION.md
     teacher_epochs.py, teacher_entropy.py, uniform_teacher.py
     student_study.sh                    the runs of results/student-study/STUDY.md
+    features.py, features_report.py     does a student learn features of its own: CKA to the teacher, attention maps
+                                        and distances, prediction agreement (results/fashion-mnist/features/)
 """

@@ -1,0 +1,295 @@
+"""tools/features.py against mathematics: linear CKA's invariances, its value for independent features and its
+fall with the sample count, a direct HSIC formula, the batched statistics against the whole computation; the
+attention distance of maps worked out by hand; prediction agreement on hand-made predictions; the block-by-block
+run against the models' own forward; and the command end to end on tiny trained models."""
+import copy
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+
+import pytest
+import torch
+
+from attention_copy import CopyModel
+from conftest import ROOT, TINY, finetune, run_script
+from ensemble import load_model
+from tools.features import (PRESETS, CKAStats, FeaturesConfig, agreement, analyse, attention_distance, blocks,
+                            class_token_share, linear_cka, load, map_agreement, runner)
+from util.config import parse_config
+from vit import VisionTransformer
+
+torch.set_num_threads(1)   # a small, shared machine
+
+# -----------------------------------------------------------------------------
+# Linear CKA
+
+
+def gaussian(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_cka_is_one_under_rotation_scale_and_shift():
+    x = gaussian(300, 12)
+    q, _ = torch.linalg.qr(gaussian(12, 12, seed=1))                       # a random orthogonal matrix
+    for y in (x @ q, -3.7 * x, x + 50 * gaussian(1, 12, seed=2), x):
+        assert linear_cka(x, y) == pytest.approx(1, abs=1e-10)
+    assert linear_cka(x, gaussian(300, 12, seed=3)) < 0.2
+
+
+def expected_independent_cka(n, d1, d2):
+    """Independent standard Gaussian X (n, d1), Y (n, d2), centred: with m = n - 1 degrees of freedom,
+    E||Xc^T Yc||_F^2 = d1 d2 m, and Xc^T Xc is Wishart(m, I_d1) with E W_aa^2 = m^2 + 2m, E W_ab^2 = m, so
+    E||Xc^T Xc||_F^2 = d1 m^2 + d1 (d1 + 1) m. The ratio of the expectations (the denominators concentrate as
+    n grows): CKA ~ sqrt(d1 d2) / m / sqrt((1 + (d1 + 1) / m) (1 + (d2 + 1) / m)), falling as 1 / n."""
+    m = n - 1
+    return math.sqrt(d1 * d2) / m / math.sqrt((1 + (d1 + 1) / m) * (1 + (d2 + 1) / m))
+
+
+def test_cka_of_independent_features_is_near_zero_and_falls_as_one_over_n():
+    d1, d2, repeats, means = 6, 10, 300, {}
+    g = torch.Generator().manual_seed(0)
+    for n in (200, 400, 800, 1600):
+        values = [linear_cka(torch.randn(n, d1, generator=g, dtype=torch.float64),
+                             torch.randn(n, d2, generator=g, dtype=torch.float64)) for _ in range(repeats)]
+        means[n] = statistics.fmean(values)
+        # the mean of 300 has a standard error of about 1% of it (measured): 5% is five of them
+        assert means[n] == pytest.approx(expected_independent_cka(n, d1, d2), rel=0.05), n
+    slope = math.log(means[1600] / means[200]) / math.log(1600 / 200)
+    assert slope == pytest.approx(-1, abs=0.05)
+
+
+def test_cka_equals_the_hsic_formula():
+    """HSIC(K, L) = tr(K H L H) / (n - 1)^2 with K = X X^T, L = Y Y^T, H = I - 11^T / n; CKA = HSIC(K, L) /
+    sqrt(HSIC(K, K) HSIC(L, L)) (Kornblith et al. 2019, eq. 2-4), computed with the n x n matrices."""
+    n = 60
+    x = gaussian(n, 5)
+    y = torch.tanh(x @ gaussian(5, 8, seed=1)) + 0.5 * gaussian(n, 8, seed=2)
+    h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    hsic = lambda k, l: torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+    k, l = x @ x.T, y @ y.T
+    want = (hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l))).item()
+    assert 0.2 < want < 0.95
+    assert linear_cka(x, y) == pytest.approx(want, rel=1e-10)
+    assert linear_cka(x.float(), y.float()) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize('batch', [1000, 333, 64, 7])
+def test_batched_statistics_equal_the_whole_computation(batch):
+    """Three streams of 1000 samples with far-off means (a residual stream's can be large), in batches with a
+    ragged last one: every pair's CKA is linear_cka's on all the samples at once, in either order."""
+    x = gaussian(1000, 8) + 1e4
+    streams = {'x': x.float(), 'y': (x @ gaussian(8, 5, seed=1) + gaussian(1000, 5, seed=2) - 3e3).float(),
+               'z': (gaussian(1000, 3, seed=3) + 0.3 * x[:, :3]).float()}
+    stats = CKAStats()
+    for i in range(0, 1000, batch):
+        stats.update({k: v[i:i + batch] for k, v in streams.items()})
+    assert stats.n == 1000
+    for a, b in (('x', 'y'), ('y', 'x'), ('x', 'z'), ('z', 'y'), ('x', 'x')):
+        assert stats.cka(a, b) == pytest.approx(linear_cka(streams[a], streams[b]), rel=1e-9, abs=1e-12), (a, b)
+
+# -----------------------------------------------------------------------------
+# Attention maps
+
+
+def patch_centres(grid, p):
+    return [((r + 0.5) * p, (c + 0.5) * p) for r in range(grid) for c in range(grid)]
+
+
+def test_attention_distance_of_maps_worked_out_by_hand():
+    grid, p, heads = 4, 7, 3
+    n = 1 + grid * grid
+    centres = patch_centres(grid, p)
+    identity = torch.eye(n).expand(2, heads, n, n)
+    assert torch.allclose(attention_distance(identity, p), torch.zeros(heads), atol=1e-6)
+    # uniform: every patch reads every patch alike, itself included: the mean distance between two centres
+    pairs = [math.dist(a, b) for a in centres for b in centres]
+    uniform = torch.full((2, heads, n, n), 1 / n)
+    assert torch.allclose(attention_distance(uniform, p), torch.full((heads,), sum(pairs) / len(pairs)), atol=1e-5)
+    # half of each row on the class token: renormalised over the patches, the same distance; the share is 1/2
+    half = uniform.clone()
+    half[..., 0], half[..., 1:] = 0.5, 0.5 / (n - 1)
+    assert torch.allclose(attention_distance(half, p), attention_distance(uniform, p), atol=1e-5)
+    assert torch.allclose(class_token_share(half), torch.full((heads,), 0.5))
+    # every query reads patch 5 only, behind 2 register tokens: its mean distance to patch 5
+    first = 3
+    to_five = torch.zeros(1, heads, first + grid * grid, first + grid * grid)
+    to_five[..., first + 5] = 1
+    want = statistics.fmean(math.dist(c, centres[5]) for c in centres)
+    assert torch.allclose(attention_distance(to_five, p, first), torch.full((heads,), want), atol=1e-5)
+
+
+def test_map_agreement_is_the_kl_to_the_teachers_maps():
+    t, s = gaussian(2, 4, 9, 9).float() * 3, gaussian(2, 4, 9, 9, seed=1).float()
+    ce, kl = map_agreement(t, t)
+    assert torch.allclose(kl, torch.zeros(4), atol=1e-5) and (ce > 0).all()
+    ce, kl = map_agreement(t, s)
+    p, logq = t.softmax(-1), s.log_softmax(-1)
+    assert torch.allclose(kl, (p * (p.log() - logq)).sum(-1).mean((0, 2)), atol=1e-5)
+    assert torch.allclose(ce, -(p * logq).sum(-1).mean((0, 2)), atol=1e-5) and (kl > 0).all()
+    # 4 teacher heads against 2: each student head against the mean map of its pair of teacher heads
+    mean_map = p.reshape(2, 2, 2, 9, 9).mean(2)                             # (B, 2, N, N)
+    _, kl = map_agreement(t, mean_map.log())
+    assert torch.allclose(kl, torch.zeros(2), atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# Predictions
+
+
+def test_prediction_agreement_on_hand_made_predictions():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    pred_a = torch.tensor([0, 0, 1, 2, 1, 1, 1, 0, 2, 2])   # wrong on 2, 3, 7
+    pred_b = torch.tensor([0, 1, 1, 2, 1, 1, 0, 1, 2, 2])   # wrong on 1, 2, 3, 6
+    onehot = lambda pred, c: c * torch.nn.functional.one_hot(pred, 3).float()
+    (r,) = agreement({'a': onehot(pred_a, 5), 'b': onehot(pred_b, 3)}, labels)
+    assert (r['a'], r['b'], r['top1_a'], r['top1_b']) == ('a', 'b', pytest.approx(70), pytest.approx(60))
+    assert r['disagreement'] == pytest.approx(0.3)         # images 1, 6, 7 (on 2 and 3 both say the same)
+    assert r['both_wrong'] == pytest.approx(0.2)           # images 2 and 3
+    assert r['b_wrong_given_a_wrong'] == pytest.approx(2 / 3) and r['err_b'] == pytest.approx(0.4)
+    assert r['a_wrong_given_b_wrong'] == pytest.approx(2 / 4) and r['err_a'] == pytest.approx(0.3)
+    # a is the surer (logit 5 against 3): where they differ the mean of probabilities follows a
+    assert r['top1_ensemble'] == pytest.approx(70)
+
+# -----------------------------------------------------------------------------
+# Models block by block
+
+
+def tiny_vit(seed, **arch):
+    torch.manual_seed(seed)
+    return VisionTransformer(**{**dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4,
+                                       num_classes=5), **arch}).eval()
+
+
+@torch.no_grad()
+def test_blocks_are_the_models_own_computation():
+    x = torch.randn(3, 3, 16, 16)
+    for model in (tiny_vit(0), tiny_vit(0, global_pool=True),
+                  CopyModel(tiny_vit(1, num_classes=0), tiny_vit(2, no_qk_layers=(0, 1)), [0, 1])):
+        vit, given = runner(model)
+        out = list(blocks(vit, x, given(x)))
+        assert [i for i, _, _ in out] == [0, 1, 2]
+        assert torch.allclose(vit.forward_head(out[-1][1]), model(x), atol=1e-5)
+        for i, tokens, logits in out:
+            assert torch.allclose(tokens, vit.forward_tokens(x, given(x), depth=i + 1)[0], atol=1e-5)
+            assert torch.allclose(logits.softmax(-1).sum(-1), torch.ones(3, 4, 17), atol=1e-5)
+        if isinstance(model, CopyModel):   # its copied layers' maps are the teacher's; its last, its own
+            maps = model.teacher.attention(x, [0, 1])
+            for i in (0, 1):
+                assert torch.allclose(out[i][2].softmax(-1), maps[i].softmax(-1), atol=1e-6)
+            own = vit.forward_tokens(x, given(x), keep={2: ('logits',)})[1][2]['logits']
+            assert torch.allclose(out[2][2], own, atol=1e-5)
+
+
+def test_a_twin_of_the_teacher_matches_it_everywhere():
+    """The teacher against an exact copy of itself: CKA 1 in every block, KL 0, the same distances, never a
+    different prediction; against another model, less."""
+    teacher = tiny_vit(0)
+    models = {'teacher': teacher, 'twin': copy.deepcopy(teacher), 'other': tiny_vit(3)}
+    loader = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(3)]
+    r = analyse(models, loader, torch.device('cpu'))
+    assert r['images'] == 24 and r['depth'] == 3
+    twin = next(p for p in r['cka'] if {p['a'], p['b']} == {'teacher', 'twin'})
+    other = next(p for p in r['cka'] if {p['a'], p['b']} == {'teacher', 'other'})
+    assert twin['tokens'] == pytest.approx([1] * 3, abs=1e-9) and twin['class_token'] == pytest.approx([1] * 3)
+    assert max(other['tokens']) < 0.99
+    assert all(h == pytest.approx(0, abs=1e-5) for layer in r['kl']['twin'] for h in layer)
+    assert min(h for layer in r['kl']['other'] for h in layer) > 0
+    assert torch.allclose(*(torch.tensor(r['attention_distance'][k]) for k in ('twin', 'teacher')), atol=1e-5)
+    pair = next(p for p in r['agreement'] if {p['a'], p['b']} == {'teacher', 'twin'})
+    assert pair['disagreement'] == 0 and pair['b_wrong_given_a_wrong'] == pytest.approx(1)
+
+# -----------------------------------------------------------------------------
+# The command, end to end
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """A tiny teacher, a scratch model, a copy and a distilled student of it (the fake preset, 3 steps)."""
+    d = tmp_path_factory.mktemp('features')
+    finetune(d / 'teacher', '--max-steps', '3')
+    finetune(d / 'scratch', '--max-steps', '3', '--seed', '1')
+    for script, name in (('attention_copy.py', 'copy'), ('attention_distill.py', 'distill')):
+        p = run_script(script, *TINY, '--out-dir', d / name, '--teacher', d / 'teacher' / 'checkpoint.pt',
+                       '--max-steps', '3', '--layers', '0')
+        assert p.returncode == 0, f'{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    return d
+
+
+def test_the_command_end_to_end(runs, tmp_path):
+    teacher = str(runs / 'teacher' / 'checkpoint.pt')
+    models = [str(runs / n / 'checkpoint.pt') for n in ('scratch', 'copy', 'distill', 'teacher')]
+    names = ['scratch', 'copy', 'distill', 'finetune']   # the teacher's classifier stands in for a fine-tuned model
+    p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', *models, '--names', *names,
+                   '--batch-size', '24', '--out-dir', tmp_path / 'out')
+    assert p.returncode == 0, f'tools.features failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    assert 'teacher vs copy' in p.stdout
+    assert sorted(os.listdir(tmp_path / 'out')) == ['README.md', 'features.json', 'features.png']
+    with open(tmp_path / 'out' / 'features.json') as f:
+        r = json.load(f)['result']
+    assert r['images'] == 64 and list(r['models']) == ['teacher', *names]
+    assert r['models']['copy']['maps_given'] == [0] and r['models']['distill']['maps_given'] == []
+    assert r['models']['distill']['maps_distilled'] == [0] and r['models']['copy']['maps_distilled'] == []
+    # the page's paragraph says what these numbers say: its comparison and its disagreement
+    page = (tmp_path / 'out' / 'README.md').read_text()
+    cka = {p['b']: p['tokens'][0] for p in r['cka'] if p['a'] == 'teacher'}
+    closer = 'are closer to' if cka['distill'] > cka['finetune'] else 'are no closer to'
+    assert f'its features {closer} the teacher' in page
+    fd = next(p for p in r['agreement'] if {p['a'], p['b']} == {'distill', 'finetune'})
+    assert f"disagree on {100 * fd['disagreement']:.1f}% of the images" in page
+    # in its copied layer the copy student used the teacher's maps: KL 0, the teacher's distances
+    assert r['kl']['copy'][0] == pytest.approx([0] * r['models']['copy']['heads'], abs=1e-5)
+    assert r['attention_distance']['copy'][0] == pytest.approx(r['attention_distance']['teacher'][0], abs=1e-5)
+    assert all(0 <= v <= 1 + 1e-9 for pair in r['cka'] for v in pair['tokens'] + pair['class_token'])
+    # each top-1 is what the model's own forward pass gives on the same images, in fp32
+    cfg = parse_config(FeaturesConfig, PRESETS, [*TINY, '--teacher', teacher, '--models', *models, '--names', *names])
+    _, loader = load(cfg, torch.device('cpu'))
+    with torch.no_grad():
+        for name, path in zip(names, models):
+            model, _ = load_model(path, teacher)
+            correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in loader)
+            assert r['models'][name]['top1'] == pytest.approx(100 * correct / 64)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
+    teacher = str(runs / 'teacher' / 'checkpoint.pt')
+    out = tmp_path / 'out'
+    for args, says in ((['--models', tmp_path / 'missing.pt'], "no checkpoint '.*missing.pt'"),
+                       (['--models', runs / 'scratch' / 'checkpoint.pt', '--names', 'teacher'], '--names'),
+                       (['--models', runs / 'copy' / 'checkpoint.pt', '--teacher',
+                         runs / 'scratch' / 'checkpoint.pt'], 'copy student: the teacher .* has sha256')):
+        p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, *args, '--out-dir', out)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), p.stderr
+        assert re.search(says, lines[0]), lines[0]
+        assert not out.exists()
+    out.mkdir()
+    (out / 'README.md').write_text('mine\n')
+    p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', runs / 'scratch' / 'checkpoint.pt',
+                   '--out-dir', out)
+    assert p.returncode != 0 and 'no features.json' in p.stderr and (out / 'README.md').read_text() == 'mine\n'
+
+# -----------------------------------------------------------------------------
+# The committed results
+
+
+PAGE = os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'README.md')
+
+
+@pytest.mark.skipif(not os.path.isfile(PAGE), reason='no committed results')
+def test_the_committed_command_parses_and_its_models_load():
+    command = re.search(r'`(python -m tools\.features [^`]+)`', open(PAGE).read())[1]
+    cfg = parse_config(FeaturesConfig, PRESETS, shlex.split(command)[3:])
+    assert cfg.out_dir == 'results/fashion-mnist/features'
+    for path in cfg.models:
+        ckpt = torch.load(os.path.join(ROOT, path), weights_only=True)
+        assert set(ckpt) <= {'model', 'arch', 'config', 'script', 'epoch', 'step', 'metrics', 'teacher',
+                             'distilled_from'}, path
+        cwd = os.getcwd()
+        try:
+            os.chdir(ROOT)   # the copy student records its teacher relative to the repository's root
+            model, arch = load_model(path, cfg.teacher)
+        finally:
+            os.chdir(cwd)
+        assert arch['num_classes'] == 10

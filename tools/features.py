@@ -1,0 +1,365 @@
+"""
+Does a student learn features of its own? Trained models compared block by block with their teacher and
+with each other, in one pass over a fixed set of test images (the paper's second claim, Li et al. 2024:
+the student learns features of its own, not the teacher's, which is why its ensemble with the fine-tuned
+model helps; the ensemble's gain only suggests it, these numbers measure it).
+
+    python -m tools.features --teacher teachers/fashion-mnist-mae.pt \
+        --models runs/scratch/checkpoint.pt runs/finetune/checkpoint.pt runs/copy/checkpoint.pt \
+        runs/distill/checkpoint.pt --names scratch finetune copy distill --out-dir runs/features
+    python -m tools.features --data imagenet --data-dir /datasets/imagenet --device cuda --images 10000 \
+        --teacher mae_vit_large --models ... --out-dir runs/features-imagenet
+
+What it measures, each a function usable on its own (the notebook imports them):
+- feature similarity: linear CKA (Kornblith et al., ICML 2019) of the token features at the output of every
+  block (the residual stream before the final norm), every token of every image a sample, and again the
+  class token alone; each model against the teacher and against each other, block i against block i
+  (`linear_cka`, `CKAStats`);
+- map agreement: each head's attention cross-entropy to the teacher's map (the distillation loss,
+  attention_distill.attention_cross_entropy) and the KL, CE minus the teacher's entropy (`map_agreement`);
+- attention distance: each head's mean distance in pixels from a query patch to the patches it attends to
+  (Dosovitskiy et al. 2021, Fig. 7; `attention_distance`);
+- prediction agreement: for every pair of classifiers, how often their top-1 differs, and whether their
+  errors overlap (`agreement`).
+A copy student has no queries or keys in its copied layers: there its maps ARE the teacher's (given, not
+computed), recorded as such (`maps_given`) and shown hollow in the figure; its KL there is 0 by construction.
+No gradients, no autocast: every statistic is computed in fp32 and accumulated in fp64.
+Report (features.json, features.png, README.md): tools/features_report.py.
+"""
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from itertools import combinations, combinations_with_replacement
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from attention_copy import CopyModel, copied
+from attention_distill import attention_cross_entropy
+from data import INFO, build_eval_set
+from ensemble import accuracy, disagreement, ensemble_probs, load_models
+from teacher import layer_pairs, to_student_heads
+from tools.features_report import check_out, summary, write
+from tools.teacher_entropy import entropy
+from util.checkpoints import build_from_checkpoint, read_checkpoint
+from util.config import ConfigError, parse_config
+from util.launch import run_main
+from util.rundir import cpu_name, git_commit
+
+# -----------------------------------------------------------------------------
+# Linear CKA: the definition, then the same number from statistics accumulated batch by batch
+
+
+def linear_cka(x, y):
+    """Linear CKA of two feature matrices over the same n samples, x (n, d1), y (n, d2) -> float in [0, 1]:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), Xc, Yc centred over the samples (Kornblith et al. 2019,
+    eq. for linear HSIC). 1 for features that differ by a rotation, a scale or a shift; near 0 for unrelated."""
+    x, y = (t.double() - t.double().mean(0) for t in (x, y))                  # (n, d1), (n, d2)
+    return ((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm())).item()
+
+
+class CKAStats:
+    """Exact linear CKA between named feature streams seen in batches, in O(d^2) memory whatever n.
+
+    The numerator and denominators above need only each stream's feature sum and the cross sums
+    sum_i x_i y_i^T over samples: centring at the end, Xc^T Yc = X^T Y - (sum x)(sum y)^T / n. So each
+    update adds X_a^T X_b (d_a, d_b) for every pair of streams, in float64, and `cka` gives exactly what
+    linear_cka gives on all the samples at once (tested). Chosen over minibatch CKA (Nguyen et al. 2021:
+    unbiased HSIC averaged over batches) because that is another estimator whose value moves with the batch
+    size; this one is the definition, and a ViT-L's 1024 x 1024 sums in float64 are 8 MB a pair and block.
+    Each stream is shifted by its first batch's mean before summing (CKA is blind to shifts): residual
+    streams can carry large means, and X^T Y - n m_x m_y^T of unshifted sums would cancel away digits."""
+
+    def __init__(self):
+        self.n, self.shift, self.sum, self.cross = 0, {}, {}, {}
+
+    def update(self, feats):
+        """feats: {name: (n, d) features}, the same n samples in every stream, in the same order."""
+        feats = {k: v.detach().double() for k, v in feats.items()}           # (n, d) each
+        if not self.shift:
+            self.shift = {k: v.mean(0) for k, v in feats.items()}
+            self.sum = {k: torch.zeros_like(s) for k, s in self.shift.items()}
+        assert feats.keys() == self.shift.keys() and len({len(v) for v in feats.values()}) == 1
+        feats = {k: v - self.shift[k] for k, v in feats.items()}
+        for k, v in feats.items():
+            self.sum[k] += v.sum(0)                                            # (d,)
+        for a, b in combinations_with_replacement(feats, 2):
+            self.cross[a, b] = self.cross.get((a, b), 0) + feats[a].T @ feats[b]   # (d_a, d_b)
+        self.n += len(next(iter(feats.values())))
+
+    def centred(self, a, b):
+        """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
+        s = self.cross[a, b] if (a, b) in self.cross else self.cross[b, a].T
+        return s - torch.outer(self.sum[a], self.sum[b]) / self.n
+
+    def cka(self, a, b):
+        ab, aa, bb = self.centred(a, b), self.centred(a, a), self.centred(b, b)
+        return (ab.square().sum() / (aa.norm() * bb.norm())).item()
+
+# -----------------------------------------------------------------------------
+# Attention maps: how far each head looks, how close its maps are to the teacher's
+
+
+def patch_distances(grid, patch_size):
+    """(P, P) distances in pixels between the centres of a grid x grid of patches (P = grid^2, row by row)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5) * patch_size      # (P, 2)
+    return torch.cdist(centres.double(), centres.double()).float()                       # (P, P)
+
+
+def attention_distance(attn, patch_size, first=1):
+    """(H,) mean attention distance in pixels of each head: for query patch i, sum_j A_ij ||pos_i - pos_j||
+    over patch keys j, pos the patch centres; averaged over query patches and images. attn: (B, H, N, N)
+    probabilities whose last P = grid^2 tokens are the patches (first: 1 + register tokens before them).
+    The class token is left out as query and as key, and each row renormalised over the patches: the
+    distance says where a head looks when it looks at the image, however much it looks at the class
+    token (that share is `class_token_share`). A head reading only itself: 0; a uniform map: the mean
+    distance between two patch centres."""
+    a = attn[..., first:, first:].float()                                   # (B, H, P, P) patches to patches
+    d = patch_distances(math.isqrt(a.shape[-1]), patch_size).to(a.device)   # (P, P)
+    return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))                       # (H,)
+
+
+def class_token_share(attn, first=1):
+    """(H,) the mean probability a query patch gives the class token, attn (B, H, N, N)."""
+    return attn[:, :, first:, 0].float().mean((0, 2))
+
+
+def map_agreement(teacher_logits, logits):
+    """((H,) cross-entropy, (H,) KL) of each head's map to the teacher's, in nats, mean over images and
+    query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy:
+    0 for the teacher's own maps. A teacher with more heads is grouped to the model's (teacher.to_student_heads,
+    as distillation does). logits (B, H, N, N): log-probabilities do as well."""
+    teacher_logits = to_student_heads(teacher_logits, logits.shape[1])                # (B, H, N, N)
+    ce = torch.stack([attention_cross_entropy(t, s) for t, s in zip(teacher_logits.split(1, 1), logits.split(1, 1))])
+    return ce, ce - entropy(teacher_logits)
+
+# -----------------------------------------------------------------------------
+# Predictions: how often two classifiers differ, and whether they fail on the same images
+
+
+def agreement(logits, labels):
+    """For every pair (a, b) of {name: (n, C) logits}: top-1 of each and of their ensemble (mean of
+    probabilities, ensemble.py), how often their top-1 differs, how often both are wrong, and P(b wrong |
+    a wrong) beside b's error rate (equal if their errors were independent; 1 if b fails wherever a does)."""
+    wrong = {k: l.argmax(-1) != labels for k, l in logits.items()}          # (n,) each
+    out = []
+    for a, b in combinations(logits, 2):
+        both = (wrong[a] & wrong[b]).float().mean().item()
+        err_a, err_b = (wrong[k].float().mean().item() for k in (a, b))
+        out.append({'a': a, 'b': b, 'top1_a': 100 * (1 - err_a), 'top1_b': 100 * (1 - err_b),
+                    'top1_ensemble': accuracy(ensemble_probs([logits[a], logits[b]]), labels),
+                    'disagreement': disagreement(logits[a].argmax(-1), logits[b].argmax(-1)),
+                    'both_wrong': both, 'err_a': err_a, 'err_b': err_b,
+                    'b_wrong_given_a_wrong': both / err_a if err_a else None,
+                    'a_wrong_given_b_wrong': both / err_b if err_b else None})
+    return out
+
+# -----------------------------------------------------------------------------
+# One model, block by block
+
+
+def runner(model):
+    """(the ViT whose blocks run, x -> what its layers are given). A copy student runs with its teacher's maps
+    in its copied layers, exactly as attention_copy.CopyModel runs it."""
+    if isinstance(model, CopyModel):
+        s = model.student
+        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer, s.num_heads)
+    return model, lambda x: {}
+
+
+def blocks(vit, x, inject):
+    """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
+    block by block, so that several models can be run side by side holding one block's tensors each.
+    Where a layer is given the teacher's map, the map it used is that one (as log-probabilities)."""
+    x = vit.embed(x)                                                        # (B, N, D)
+    for i, block in enumerate(vit.blocks):
+        given = inject.get(i, {})
+        x, kept = block(x, given, keep=('logits',))
+        logits = kept.get('logits')                                         # its own, when it computes one
+        if 'attn' in given:
+            maps = given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()    # (B, h, N, N)
+            if 'heads' in given:
+                logits = logits.clone()
+                logits[:, given['heads']] = maps
+            else:
+                logits = maps
+        yield i, x, logits.float()
+
+
+@torch.no_grad()
+def analyse(models, loader, device, teacher='teacher'):
+    """Everything above in one pass over `loader`. models: {name: VisionTransformer or CopyModel in eval mode,
+    on `device`}, all of one depth and token grid, `teacher` among them (a model without a classifier gives
+    features and maps only). Returns a dict of plain numbers (features.json's 'result')."""
+    runs = {k: runner(m) for k, m in models.items()}
+    vits = {k: v for k, (v, _) in runs.items()}
+    depth = vits[teacher].depth
+    tokens, class_token = [CKAStats() for _ in range(depth)], [CKAStats() for _ in range(depth)]
+    sums, n, logits, labels = defaultdict(float), 0, defaultdict(list), []   # sums: per-head values x images
+    for x, y in loader:
+        x, b = x.to(device), len(y)
+        streams = [blocks(v, x, given(x)) for v, given in runs.values()]
+        for outs in zip(*streams):                                          # block i of every model
+            i, outs = outs[0][0], {k: o[1:] for k, o in zip(runs, outs)}    # {name: (tokens, logits)}
+            tokens[i].update({k: t.flatten(0, 1) for k, (t, _) in outs.items()})     # (B * N, D) each
+            class_token[i].update({k: t[:, 0] for k, (t, _) in outs.items()})        # (B, D) each
+            for k, (_, l) in outs.items():
+                first, p = 1 + vits[k].arch['reg_tokens'], l.softmax(-1)              # (B, H, N, N)
+                ce, kl = map_agreement(outs[teacher][1], l)
+                for what, v in (('attention_distance', attention_distance(p, vits[k].patch_embed.patch_size, first)),
+                                ('class_token_share', class_token_share(p, first)),
+                                ('cross_entropy', ce), ('kl', kl)):
+                    sums[what, k, i] = sums[what, k, i] + b * v.double().cpu()
+        for k, v in vits.items():   # the last block's tokens are still held: the head reads them
+            if v.num_classes:
+                logits[k].append(v.forward_head(outs[k][0]).float().cpu())  # (B, C)
+        labels.append(y)
+        n += b
+    names, labels, logits = list(models), torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
+    per_layer = lambda what, k: [(sums[what, k, i] / n).tolist() for i in range(depth)]    # [layer][head]
+    return {
+        'images': n, 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
+        'uniform_distance': uniform_distance(vits[teacher]),
+        'models': {k: {'heads': vits[k].num_heads, 'global_pool': vits[k].global_pool, **given_maps(models[k]),
+                       'top1': accuracy(logits[k], labels) if k in logits else None} for k in names},
+        'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
+                 'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(names, 2)],
+        **{what: {k: per_layer(what, k) for k in names}
+           for what in ('attention_distance', 'class_token_share', 'cross_entropy', 'kl')},
+        'agreement': agreement(logits, labels)}
+
+
+def uniform_distance(vit):
+    """The attention distance of a map spread evenly over the patches: the reference for a head that looks
+    everywhere alike."""
+    grid, first = vit.patch_embed.grid, 1 + vit.arch['reg_tokens']
+    n = first + grid * grid
+    return attention_distance(torch.full((1, 1, n, n), 1 / n), vit.patch_embed.patch_size, first).item()
+
+
+def given_maps(model):
+    """Which of a model's layers run on its teacher's maps rather than their own (a copy student's copied ones),
+    and which were distilled toward them (`maps_distilled`, set by load from the checkpoint's record)."""
+    distilled = getattr(model, 'maps_distilled', [])
+    if not isinstance(model, CopyModel):
+        return {'transfer': None, 'maps_given': [], 'heads_given': None, 'maps_distilled': distilled}
+    layers = sorted(layer_pairs(model.layers)) if model.transfer == 'attn' else []
+    return {'transfer': model.transfer, 'maps_given': layers, 'heads_given': model.heads, 'maps_distilled': distilled}
+
+
+def distilled_layers(source):
+    """The layers a distilled student's checkpoint records as distilled toward its teacher's maps; [] for others."""
+    ckpt = read_checkpoint(source)
+    rec = ckpt.get('distilled_from') if isinstance(ckpt, dict) else None
+    if not isinstance(rec, dict) or rec.get('transfer') != 'attn':
+        return []
+    return sorted(layer_pairs(rec.get('layer_map', rec.get('layers', []))))
+
+# -----------------------------------------------------------------------------
+# Config and main
+
+
+@dataclass
+class FeaturesConfig:
+    teacher: str = ''               # the teacher: a checkpoint file or name (an MAE encoder: features and maps only)
+    models: list[str] = field(default_factory=list)   # classifiers: checkpoint files or names (a copy student runs
+                                                      # with --teacher, which must be its own: SHA-256 checked)
+    names: list[str] = field(default_factory=list)    # one label per model; none = each file's name (or its folder's)
+    data: str = 'fashion-mnist'     # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
+    data_dir: str = './data'
+    images: int = 0                 # the first this many test images; 0 = all
+    batch_size: int = 250
+    num_workers: int = 0
+    device: str = 'auto'            # auto (cuda if there is one) | cpu | cuda | cuda:1 ...
+    fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
+    out_dir: str = ''               # features.json, features.png, README.md here; empty = print the tables only
+
+    def checks(self):
+        return [('teacher', self.teacher != '', 'is required: the teacher the students were given maps of, e.g. '
+                                                'teachers/fashion-mnist-mae.pt'),
+                ('models', len(self.models) > 0, 'is required: one or more classifiers, e.g. --models '
+                                                 'runs/scratch/checkpoint.pt runs/distill/checkpoint.pt'),
+                ('names', len(self.names) in (0, len(self.models)), f'needs one name per model ({len(self.models)})'),
+                ('names', len(set(self.labels())) == len(self.models) and 'teacher' not in self.labels(),
+                 "must be distinct and not 'teacher' (give --names when files share a name)"),
+                ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
+                ('images', self.images >= 0, 'must be 0 (all) or more'),
+                ('batch_size', self.batch_size >= 1, 'must be at least 1'),
+                ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
+                ('device', self.device == 'auto' or known_device(self.device), 'use auto, cpu, cuda or cuda:N'),
+                ('fake_size', self.fake_size >= 1, 'must be at least 1')]
+
+    def labels(self):
+        """The models' names: --names, else each file's name without .pt (its folder's for checkpoint.pt)."""
+        def label(path):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == 'checkpoint' else stem
+        return self.names or [label(p) for p in self.models]
+
+
+def known_device(name):
+    try:
+        return torch.device(name).type in ('cpu', 'cuda')
+    except RuntimeError:
+        return False
+
+
+PRESETS = {'imagenet': dict(batch_size=64, num_workers=10), 'folder': dict(batch_size=64, num_workers=10)}
+
+
+def load(cfg, device):
+    """{name: model} (the teacher first, named 'teacher'), on `device`, in eval mode; all checked to share the
+    depth and token grid that block-by-block comparison needs. The test images' loader."""
+    models, classes, size = load_models(cfg.models, cfg.teacher)
+    for model, source in zip(models, cfg.models):
+        model.maps_distilled = distilled_layers(source)
+    teacher = build_from_checkpoint(cfg.teacher, img_size=size, num_classes=0, drop_path_rate=0.0).eval()
+    models = {'teacher': teacher, **dict(zip(cfg.labels(), models))}
+    shapes = {k: (v.depth, v.arch['patch_size'], v.arch['reg_tokens']) for k, v in
+              ((k, runner(m)[0]) for k, m in models.items())}
+    if len(set(shapes.values())) > 1:
+        raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
+                          'size and register count (depth, patch, registers): ' +
+                          ', '.join(f'{k} {v}' for k, v in shapes.items()))
+    test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir, val_size=0,
+                                                           img_size=size, fake_size=cfg.fake_size))
+    for name, c in zip(cfg.labels(), classes):
+        if c != num_classes:
+            raise ConfigError(f'{name} predicts {c} classes; --data {cfg.data} has {num_classes}')
+    if cfg.images > len(test_set):
+        raise ConfigError(f'--images {cfg.images}: the test split has {len(test_set)}')
+    images = Subset(test_set, range(cfg.images or len(test_set)))   # the first ones: the same set every run
+    loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    return {k: m.to(device) for k, m in models.items()}, loader
+
+
+def main():
+    cfg = parse_config(FeaturesConfig, PRESETS)
+    if cfg.out_dir:
+        check_out(cfg.out_dir)
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {cfg.device}: no CUDA device here; use --device cpu')
+    models, loader = load(cfg, device)
+    start = time.time()
+    result = analyse(models, loader, device)
+    machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{cpu_name()}, {torch.get_num_threads()} thread(s)'
+    prov = {'command': ' '.join(['python -m tools.features', *map(shlex.quote, sys.argv[1:])]),
+            'git_commit': git_commit(), 'machine': machine, 'device': str(device), 'torch': torch.__version__,
+            'python': platform.python_version(), 'wall_s': time.time() - start}
+    print(summary(result))
+    if cfg.out_dir:
+        write(cfg.out_dir, asdict(cfg), result, prov)
+        print(f'written: {cfg.out_dir}/features.json, features.png, README.md')
+
+
+if __name__ == '__main__':
+    run_main(main)
