@@ -247,7 +247,7 @@ def test_the_command_end_to_end(runs, tmp_path):
     _, loader = load(cfg, torch.device('cpu'))
     with torch.no_grad():
         for name, path in zip(names, models):
-            model, _ = load_model(path, teacher)
+            model, _, _ = load_model(path, teacher)
             correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in loader)
             assert r['models'][name]['top1'] == pytest.approx(100 * correct / 64)
 
@@ -289,7 +289,7 @@ def test_the_committed_command_parses_and_its_models_load():
         cwd = os.getcwd()
         try:
             os.chdir(ROOT)   # the copy student records its teacher relative to the repository's root
-            model, arch = load_model(path, cfg.teacher)
+            model, arch, _ = load_model(path, cfg.teacher)
         finally:
             os.chdir(cwd)
         assert arch['num_classes'] == 10

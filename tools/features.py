@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader, Subset
 
 from attention_copy import CopyModel, copied
 from attention_distill import attention_cross_entropy
-from data import INFO, build_eval_set
-from ensemble import accuracy, disagreement, ensemble_probs, load_models
+from data import INFO, build_eval_set, class_names
+from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, heads_checks, load_models,
+                      trained_on)
 from teacher import layer_pairs, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
@@ -272,8 +273,11 @@ class FeaturesConfig:
     models: list[str] = field(default_factory=list)   # classifiers: checkpoint files or names (a copy student runs
                                                       # with --teacher, which must be its own: SHA-256 checked)
     names: list[str] = field(default_factory=list)    # one label per model; none = each file's name (or its folder's)
-    data: str = 'fashion-mnist'     # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake
-    data_dir: str = './data'
+    num_heads: list[int] = field(default_factory=list)   # of files of weights alone, as ensemble.py's flag
+    teacher_num_heads: int = 0      # the teacher's, if its file holds weights alone
+    data: str = ''                  # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake;
+                                    # '' = the data set the models' checkpoints record
+    data_dir: str = ''              # '' = the models' record when --data is theirs, else ./data
     images: int = 0                 # the first this many test images; 0 = all
     batch_size: int = 250
     num_workers: int = 0
@@ -289,7 +293,9 @@ class FeaturesConfig:
                 ('names', len(self.names) in (0, len(self.models)), f'needs one name per model ({len(self.models)})'),
                 ('names', len(set(self.labels())) == len(self.models) and 'teacher' not in self.labels(),
                  "must be distinct and not 'teacher' (give --names when files share a name)"),
-                ('data', self.data in INFO, f"choose one of {', '.join(INFO)}"),
+                ('data', self.data in INFO or self.data == '', f"choose one of {', '.join(INFO)}, or '' (the models')"),
+                ('teacher_num_heads', self.teacher_num_heads >= 0, "must be 0 (the file's record or family) or more"),
+                *heads_checks(self),
                 ('images', self.images >= 0, 'must be 0 (all) or more'),
                 ('batch_size', self.batch_size >= 1, 'must be at least 1'),
                 ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
@@ -317,10 +323,11 @@ PRESETS = {'imagenet': dict(batch_size=64, num_workers=10), 'folder': dict(batch
 def load(cfg, device):
     """{name: model} (the teacher first, named 'teacher'), on `device`, in eval mode; all checked to share the
     depth and token grid that block-by-block comparison needs. The test images' loader."""
-    models, classes, size = load_models(cfg.models, cfg.teacher)
+    models, records, size = load_models(cfg.models, cfg.teacher, num_heads=cfg.num_heads)
     for model, source in zip(models, cfg.models):
         model.maps_distilled = distilled_layers(source)
-    teacher = build_from_checkpoint(cfg.teacher, img_size=size, num_classes=0, drop_path_rate=0.0).eval()
+    teacher = build_from_checkpoint(cfg.teacher, None, cfg.teacher_num_heads, '--teacher-num-heads', img_size=size,
+                                    num_classes=0, drop_path_rate=0.0).eval()
     models = {'teacher': teacher, **dict(zip(cfg.labels(), models))}
     shapes = {k: (v.depth, v.arch['patch_size'], v.arch['reg_tokens']) for k, v in
               ((k, runner(m)[0]) for k, m in models.items())}
@@ -328,11 +335,13 @@ def load(cfg, device):
         raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
                           'size and register count (depth, patch, registers): ' +
                           ', '.join(f'{k} {v}' for k, v in shapes.items()))
-    test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir, val_size=0,
-                                                           img_size=size, fake_size=cfg.fake_size))
-    for name, c in zip(cfg.labels(), classes):
-        if c != num_classes:
-            raise ConfigError(f'{name} predicts {c} classes; --data {cfg.data} has {num_classes}')
+    if not cfg.data:   # the data set the models were trained on, as their checkpoints record it
+        cfg.data, recorded_dir = trained_on(records, cfg.models)
+        cfg.data_dir = cfg.data_dir or recorded_dir or './data'
+        print(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record", flush=True)
+    test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir or './data',
+                                                           val_size=0, img_size=size, fake_size=cfg.fake_size))
+    check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
     if cfg.images > len(test_set):
         raise ConfigError(f'--images {cfg.images}: the test split has {len(test_set)}')
     images = Subset(test_set, range(cfg.images or len(test_set)))   # the first ones: the same set every run
