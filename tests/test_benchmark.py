@@ -118,3 +118,23 @@ def test_gpu_report_renders_on_any_machine():
     assert '| distill vs a plain ViT step >= 0.8x | 0.70x | **no** |' in md
     assert '| distill step MFU >= 40% of the bf16 peak | 45% | yes |' in md
     assert '| distill peak memory vs naive <= 0.8x | 0.50x | yes |' in md
+
+
+@pytest.mark.parametrize('growth', ['linear', 'faster-than-linear', 'out-of-memory-above-300'])
+def test_the_filled_batch_is_measured_to_fit_and_the_next_is_not(growth):
+    """--batch-size 0's search on a memory curve of each shape: the batch it returns was measured within the
+    budget, and the next multiple of 8 was measured over it (a line through two small batches overshoots when
+    memory grows faster than linearly: the GPU run found 4064 MB at a 4054 MB budget)."""
+    from tools.benchmark import MAX_BATCH, largest_batch
+    curve = {'linear': lambda b: 100 + 10 * b, 'faster-than-linear': lambda b: 100 + 10 * b + 0.02 * b * b,
+             'out-of-memory-above-300': lambda b: float('inf') if b > 300 else 100 + 30 * b}[growth]
+    measured = {}
+
+    def peak_at(batch):
+        measured[batch] = curve(batch)
+        return measured[batch]
+    budget = 5000
+    batch = largest_batch(peak_at, budget)
+    assert batch % 8 == 0 and measured[batch] <= budget
+    assert measured.get(batch + 8, curve(batch + 8)) > budget and batch + 8 in measured
+    assert largest_batch(lambda b: b, 1e9) == MAX_BATCH and largest_batch(lambda b: 1e9, budget) == 8

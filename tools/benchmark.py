@@ -189,26 +189,53 @@ def in_fresh_process(fn, *args):
 MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
 
 
+def largest_batch(peak_at, budget, step=8, tries=8):
+    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
+    `tries` measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
+    meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
+    grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
+    overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
+    low = peak_at(step)
+    fits, over, batch = step, MAX_BATCH + step, 2 * step
+    for _ in range(tries):
+        if low > budget or fits + step >= over:
+            break
+        peak = peak_at(batch)
+        if peak <= budget:
+            fits = batch
+        else:
+            over = batch
+        line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
+            (fits + over) / 2
+        batch = min(max(int(line) // step * step, fits + step), over - step)
+    return fits
+
+
 def fill_batch(parts, todo, fill, device):
     """The largest multiple of 8 (up to MAX_BATCH) at which every case fits in `fill` of the GPU's memory, all
-    of the model's parts resident: each case's peak measured at batches 8 and 16 (after a first step has made
-    its optimiser state) and extended linearly, as activations grow with the batch."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    runs = {(c, b): parts.step(*c, batch=b) for c in todo for b in (8, 16)}
-    for run in runs.values():
-        run()
-    peak = {}
-    for key, run in runs.items():
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        sync(device)
-        peak[key] = torch.cuda.max_memory_allocated(device)
-    del runs
-    parts.batches.clear()
-    torch.cuda.empty_cache()
-    fits = [8 + (fill * total - peak[c, 8]) / max((peak[c, 16] - peak[c, 8]) / 8, 1) for c in todo]
-    return min(MAX_BATCH, max(8, int(min(fits)) // 8 * 8))
+    of the model's cases resident with their batches, as they are timed: largest_batch() over the fullest
+    case's max_memory_allocated (after a first step has made its optimiser state)."""
+    def peak_at(batch):
+        runs = [parts.step(*c, batch=batch) for c in todo]
+        try:
+            for run in runs:
+                run()
+            peak = 0
+            for run in runs:
+                sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                run()
+                sync(device)
+                peak = max(peak, torch.cuda.max_memory_allocated(device))
+            return peak
+        except torch.OutOfMemoryError:
+            return float('inf')
+        finally:
+            del runs
+            parts.batches.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+    return largest_batch(peak_at, fill * torch.cuda.get_device_properties(device).total_memory)
 
 
 def time_cases(steps, cfg, device):
