@@ -3,6 +3,7 @@ never deletes or replaces a file it reads; takes what it evaluates on from what 
 of the wrong kind (a directory where a file goes) is one line. Each refused command leaves every file as it was."""
 import hashlib
 import os
+import subprocess
 import shutil
 
 import numpy as np
@@ -154,3 +155,22 @@ def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: cannot write'), p.stderr[-2000:]
     assert 'is a directory' in p.stderr and 'Traceback' not in p.stderr
     assert sorted(os.listdir(tmp_path)) == ['benchmark.json']      # no temporary file left, nor BENCHMARK.md
+
+
+def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path):
+    """A copy of the tree whose .git lags behind its files (as a GPU machine's copy had) is not that commit."""
+    from util.rundir import git_commit
+
+    def git(*args):
+        subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / 'vit.py').write_text('x = 1\n')
+    git('init', '-q')
+    git('add', 'vit.py')
+    git('commit', '-qm', 'one')
+    head = git_commit('rev-parse', 'HEAD', cwd=tmp_path)
+    assert len(head) == 40 and git_commit(cwd=tmp_path) == head
+    (tmp_path / 'notes.txt').write_text('not code\n')
+    assert git_commit(cwd=tmp_path) == head
+    (tmp_path / 'vit.py').write_text('x = 2\n')
+    assert git_commit(cwd=tmp_path) == head + ' (with uncommitted changes to *.py)'

@@ -125,7 +125,7 @@ def markdown(result):
               if gpu else f'Memory: peak at {at} (RSS of a fresh process)')
     lines = [f"# Benchmark: {m['device']}", '',
              f"`python {' '.join(result['argv'])}` | {m['cpus']} CPUs, {m['threads']} torch threads | torch "
-             f"{m['torch']} | commit {m['commit'][:10]} | {m['date']}", '',
+             f"{m['torch']} | commit {m['commit'][:10] + m['commit'][40:]} | {m['date']}", '',
              f"{batch}, {cfg['img_size']}x{cfg['img_size']} images, patch {cfg['patch_size']}; "
              f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps after {cfg['warmup']} warm-up "
              f"round(s). Distillation: the first {cfg['distill_frac']:.0%} of the layers; copy: all layers. "

@@ -349,10 +349,9 @@ def main():
     name = cfg.data + '-quick' * cfg.quick + '-val' * bool(cfg.val_size)
     root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
     results_dir = cfg.results_dir or os.path.join(root, 'results')
-    git = [git_commit(), git_commit('status', '--porcelain', '--', '*.py')]
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
-            'git_commit': (git[0] or 'unknown') + (' (with uncommitted changes to *.py)' if git[1] else ''),
+            'git_commit': git_commit() or 'unknown',
             'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
                        f'device {device}', 'stage_threads': stage_env(cfg).get('OMP_NUM_THREADS')}
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')

@@ -308,10 +308,16 @@ def append_record(path, record):
     write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
 
 
-def git_commit(*args):
-    """`git rev-parse HEAD` of this repository ('' outside a git checkout); args: another git command."""
-    return subprocess.run(['git', *(args or ('rev-parse', 'HEAD'))], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+def git_commit(*args, cwd=None):
+    """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
+    *.py)' where the code that ran is not that commit's; args: another git command, whose output it returns."""
+    def git(*a):
+        return subprocess.run(['git', *a], capture_output=True, text=True,
+                              cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    if args:
+        return git(*args)
+    head = git('rev-parse', 'HEAD')
+    return head + (' (with uncommitted changes to *.py)' if head and git('status', '--porcelain', '--', '*.py') else '')
 
 
 def cpu_name():
