@@ -1,8 +1,9 @@
 """tutorial.ipynb: the stored copy carries the figures of a quick-mode run made from the current code and
 teacher, and reads at a glance (few text lines, sharp figures, nothing but results in its outputs, its
-numbers agreeing with its text); a fresh copy runs top to bottom (and a training cell runs again); its
-set-up cell fetches the code and installs what is missing on a simulated Colab; the README's Colab badge
-opens what that cell clones.
+numbers agreeing with its text); a fresh copy runs top to bottom (and a training cell runs again); a check of
+a hand-written piece stops the notebook when the project's code computes something else; the committed
+reproduction's curves it draws are the reproduction's, as its text says; its set-up cell fetches the code and
+installs what is missing on a simulated Colab; the README's Colab badge opens what that cell clones.
 
     python tests/test_tutorial.py    # re-execute the notebook in quick mode and store it with its outputs
 """
@@ -19,8 +20,10 @@ import time
 import zipfile
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT  # noqa: E402
@@ -199,6 +202,91 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
         'the re-run scratch cell did not get a folder of its own'
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
+
+# -----------------------------------------------------------------------------
+# A check can fail, and the committed reproduction's curves are the reproduction's
+
+# a project function whose output is moved by 1e-3 (code run in the kernel right after the imports), and the
+# check that must stop the notebook: the first that compares a hand-written piece against that function
+OFF_BY_A_LITTLE = {
+    'vit.Attention.forward': (
+        '_forward = vit.Attention.forward\n'
+        'def forward(self, *args, **kwargs):\n'
+        '    out, kept = _forward(self, *args, **kwargs)\n'
+        '    return out + 1e-3, kept\n'
+        'vit.Attention.forward = forward', 'attention output, by hand vs vit.py'),
+    'attention_distill.attention_cross_entropy': (
+        '_loss = attention_distill.attention_cross_entropy\n'
+        'attention_distill.attention_cross_entropy = lambda t, s: _loss(t, s) + 1e-3',
+        'distillation loss of layer 0, by hand vs attention_distill.py'),
+}
+
+
+@pytest.mark.parametrize('function', sorted(OFF_BY_A_LITTLE))
+def test_a_check_stops_the_notebook_where_the_project_computes_otherwise(tmp_path, function):
+    """With one project function's output off by 1e-3, the notebook stops at the check comparing a hand-written
+    piece against it, with an AssertionError naming the check and the difference. Only the cells up to that
+    check run (no training)."""
+    patch, check = OFF_BY_A_LITTLE[function]
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code']
+    imports = next(i for i in code if re.search(r'^import vit$', nb.cells[i].source, re.M))
+    at = next(i for i in code if f"same('{check}'" in nb.cells[i].source)
+    nb.cells = nb.cells[:imports + 1] + [nbformat.v4.new_code_cell(patch)] + nb.cells[imports + 1:at + 1]
+    for cell in nb.cells:
+        if cell.cell_type == 'code':
+            cell.outputs = []
+    with pytest.raises(CellExecutionError) as failure:
+        execute(nb, kernel_env(tmp_path))
+    failed = [i for i, c in enumerate(nb.cells) if any(o.output_type == 'error' for o in c.get('outputs', []))]
+    assert failed == [len(nb.cells) - 1], f'the notebook stopped in cell {failed}, not at the check {check!r}'
+    assert failure.value.ename == 'AssertionError', failure.value.evalue
+    assert failure.value.evalue.startswith(f'{check}: max |difference| = 1.0e-03'), failure.value.evalue
+
+
+def test_the_committed_curves_are_the_reproductions_and_its_text_states_them():
+    """reproduction_curves reads the committed logs; its means per epoch and final spread must be what the
+    reproduction summarised from its run directories into results.json, and the notebook's sentence about the
+    reproduction must state the shares of the gap and the first epoch's means those curves give."""
+    from tools.course import NAMES, reproduction_curves
+    folder = os.path.join(ROOT, 'results', 'fashion-mnist')
+    curves = reproduction_curves(folder)
+    with open(os.path.join(folder, 'results.json')) as f:
+        summary = json.load(f)['summary']['methods']
+    for stage, name in NAMES.items():
+        c, s = curves[name], summary[stage]
+        assert c['epoch'] == s['curve']['epoch'] and np.allclose(c['mean'], s['curve']['top1']), name
+        assert c['seeds'] == len(s['seeds']) and np.isclose(c['std'][-1], s['std']), name
+    end = {name: c['mean'][-1] for name, c in curves.items()}
+    way = {name: (end[name] - end['scratch']) / (end['fine-tune'] - end['scratch'])
+           for name in ('attention copy', 'attention distillation')}
+    first = {name: curves[name]['mean'][0] for name in way}
+    with open(NOTEBOOK) as f:
+        texts = [' '.join(c.source.split()) for c in nbformat.read(f, as_version=4).cells if c.cell_type == 'markdown']
+    text = next(t for t in texts if "the committed reproduction shows the paper's ordering" in t)
+    assert way['attention distillation'] > way['attention copy'], "the text calls distillation's lead the paper's"
+    assert all(d > c for d, c in zip(curves['attention distillation']['mean'], curves['attention copy']['mean'])), \
+        "the text says distillation's mean is ahead of copy's from the first epoch on"
+    stated = (f"distillation ends {way['attention distillation']:.1%} of the way from scratch to fine-tuning and "
+              f"copy {way['attention copy']:.1%}",
+              f"({first['attention distillation']:.1f}% against {first['attention copy']:.1f}%")
+    assert all(t in text for t in stated), f'the text should say {stated}'
+
+def test_the_features_paragraph_agrees_with_the_committed_analysis():
+    """The notebook says the distilled student's features are as near the teacher's as fine-tuning leaves them,
+    or nearer, in the blocks whose maps it learned, and part from them toward the output: the committed
+    results/fashion-mnist/features/features.json must say so too."""
+    with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.json')) as f:
+        r = json.load(f)['result']
+    cka = {p['b']: p['tokens'] for p in r['cka'] if p['a'] == 'teacher'}
+    taught = [i for i, kl in enumerate(r['kl']['distill']) if isinstance(kl, list) and max(kl) < 0.1]
+    assert taught and all(cka['distill'][i] >= cka['finetune'][i] for i in taught)
+    assert cka['distill'][-1] < min(cka['distill'][i] for i in taught)     # parts from them toward the output
+    with open(NOTEBOOK) as f:
+        text = ' '.join(' '.join(c.source.split()) for c in nbformat.read(f, as_version=4).cells
+                        if c.cell_type == 'markdown')
+    assert "the distilled student's features are not its own where it learned the teacher's maps" in text
+
 
 # -----------------------------------------------------------------------------
 # The stored copy reads at a glance

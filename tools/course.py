@@ -19,6 +19,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
+from tools.reproduce_report import records
 from util import datafiles
 from util.files import read_jsonl
 from util.launch import amp_dtype
@@ -144,20 +145,58 @@ def full_reproduction(path='results/fashion-mnist/results.json'):
     table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
     return table, float(np.mean(summary['disagreement_pct']))
 
+
+# the reproduction's stages, named as the notebook names its runs
+NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy', 'distill': 'attention distillation'}
+
+
+def reproduction_curves(results_dir='results/fashion-mnist'):
+    """The committed reproduction's test top-1 after every epoch, per method, over its seeds: {name: {'epoch',
+    'mean', 'std', 'seeds'}} (std with n - 1, as its report). Read from each stage's metrics.jsonl, which the
+    reproduction keeps beside its results.json under logs/<stage>/seed<k>/."""
+    with open(os.path.join(results_dir, 'results.json')) as f:
+        stages = json.load(f)['stages']
+    curves = {}
+    for stage, name in NAMES.items():
+        logs = [os.path.join(results_dir, 'logs', stage, f"seed{s['seed']}") for s in stages if s['stage'] == stage]
+        per = [{round(r['epoch'], 4): r['top1'] for r in records(d)} for d in logs]     # {epoch: top1}, a seed each
+        epochs = sorted(set.intersection(*map(set, per)))
+        top1 = np.array([[p[e] for e in epochs] for p in per])              # (seeds, epochs)
+        curves[name] = {'epoch': epochs, 'mean': top1.mean(0), 'std': top1.std(0, ddof=1), 'seeds': len(per)}
+    return curves
+
 # -----------------------------------------------------------------------------
 # Figures
 
 
-def plot_curves(runs, title):
-    """Test top-1 after every epoch, {label: run directory}; the legend, right of the axes, gives each end."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout='constrained')
+def plot_curves(runs, title, committed=None):
+    """Test top-1 after every epoch, {label: run directory}; the legend gives each run's end. With committed
+    (reproduction_curves: {label: mean and std per epoch}), that reproduction's curves on the right, each
+    method in its run's colour: the mean over its seeds, shaded one standard deviation either side."""
+    fig, axes = plt.subplots(1, 2 if committed else 1, figsize=(11, 3.8) if committed else (7.5, 3.6),
+                             layout='constrained', squeeze=False)
+    ax, colour = axes[0, 0], {label: f'C{i}' for i, label in enumerate(runs)}
     for label, d in runs.items():
         m = metrics(d)
-        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', label=f"{label}: {m[-1]['top1']:.1f}%")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel='epoch', ylabel='test top-1 (%)', title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
+        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colour[label],
+                label=f"{label}: {m[-1]['top1']:.1f}%")
+    ax.set(title=title)
+    if committed:
+        right = axes[0, 1]
+        for label, c in committed.items():
+            right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour[label], alpha=0.25)
+            right.plot(c['epoch'], c['mean'], marker='o', color=colour[label],
+                       label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
+        n = min(c['seeds'] for c in committed.values())
+        right.set(title=f'the committed reproduction: mean ± std over {n} seeds')
+    for a in axes.flat:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set(xlabel='epoch', ylabel='test top-1 (%)')
+        a.grid(alpha=0.3)
+        if committed:       # two panels: each legend inside, where the curves leave the most room
+            a.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
+        else:
+            a.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
     plt.show()
 
 
