@@ -303,14 +303,15 @@ def main():
         write_json(cfg.out, {'config': asdict(cfg), **results})
 
 
-def with_data(cfg, records):
+def with_data(cfg, records, presets=PRESETS):
     """cfg with the data set (and its folder) the models record when --data is not given (its preset applied, as
-    if given), saying so; a --data other than the record is said too, then its classes are checked by name."""
+    if given), saying so; a --data other than the record is said too, then its classes are checked by name.
+    tools/features.py shares it, with its own config and presets."""
     if not cfg.data:
         recorded = trained_on(records, cfg.models)
         argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and
                                                                                             not cfg.data_dir)
-        cfg = parse_config(EnsembleConfig, PRESETS, argv)
+        cfg = parse_config(type(cfg), presets, argv)
         print(f'--data {cfg.data} --data-dir {cfg.data_dir}: as the models\' checkpoints record', flush=True)
     elif {r['data'] for r in records} - {cfg.data, None}:
         print(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"

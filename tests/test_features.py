@@ -244,7 +244,7 @@ def test_the_command_end_to_end(runs, tmp_path):
     assert all(0 <= v <= 1 + 1e-9 for pair in r['cka'] for v in pair['tokens'] + pair['class_token'])
     # each top-1 is what the model's own forward pass gives on the same images, in fp32
     cfg = parse_config(FeaturesConfig, PRESETS, [*TINY, '--teacher', teacher, '--models', *models, '--names', *names])
-    _, loader = load(cfg, torch.device('cpu'))
+    _, _, loader = load(cfg, torch.device('cpu'))
     with torch.no_grad():
         for name, path in zip(names, models):
             model, _, _ = load_model(path, teacher)

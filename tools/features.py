@@ -44,7 +44,7 @@ from attention_copy import CopyModel, copied
 from attention_distill import attention_cross_entropy
 from data import INFO, build_eval_set, class_names
 from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, heads_checks, load_models,
-                      trained_on)
+                      with_data)
 from teacher import layer_pairs, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
@@ -321,8 +321,9 @@ PRESETS = {'imagenet': dict(batch_size=64, num_workers=10), 'folder': dict(batch
 
 
 def load(cfg, device):
-    """{name: model} (the teacher first, named 'teacher'), on `device`, in eval mode; all checked to share the
-    depth and token grid that block-by-block comparison needs. The test images' loader."""
+    """cfg with its data set (ensemble.with_data); {name: model} (the teacher first, named 'teacher'), on
+    `device`, in eval mode, all checked to share the depth and token grid that block-by-block comparison needs;
+    the test images' loader."""
     models, records, size = load_models(cfg.models, cfg.teacher, num_heads=cfg.num_heads)
     for model, source in zip(models, cfg.models):
         model.maps_distilled = distilled_layers(source)
@@ -335,18 +336,15 @@ def load(cfg, device):
         raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
                           'size and register count (depth, patch, registers): ' +
                           ', '.join(f'{k} {v}' for k, v in shapes.items()))
-    if not cfg.data:   # the data set the models were trained on, as their checkpoints record it
-        cfg.data, recorded_dir = trained_on(records, cfg.models)
-        cfg.data_dir = cfg.data_dir or recorded_dir or './data'
-        print(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record", flush=True)
-    test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir or './data',
+    cfg = with_data(cfg, records, PRESETS)   # the data set the models were trained on, unless --data is given
+    test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir,
                                                            val_size=0, img_size=size, fake_size=cfg.fake_size))
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
     if cfg.images > len(test_set):
         raise ConfigError(f'--images {cfg.images}: the test split has {len(test_set)}')
     images = Subset(test_set, range(cfg.images or len(test_set)))   # the first ones: the same set every run
     loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    return {k: m.to(device) for k, m in models.items()}, loader
+    return cfg, {k: m.to(device) for k, m in models.items()}, loader
 
 
 def main():
@@ -356,7 +354,7 @@ def main():
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f'--device {cfg.device}: no CUDA device here; use --device cpu')
-    models, loader = load(cfg, device)
+    cfg, models, loader = load(cfg, device)
     start = time.time()
     result = analyse(models, loader, device)
     machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
