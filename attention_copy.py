@@ -11,6 +11,7 @@ the map is written out (vit.attend).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
+    python attention_copy.py ... --attn-implementation sdpa   # one fused call per layer (the default on CUDA)
     python attention_copy.py --data fashion-mnist --teacher ... --transfer q   # copy only Q
     python attention_copy.py --data fashion-mnist --teacher ... --depth 3 --layer-map 0:0,1:2,2:5   # a smaller student
     torchrun --nproc_per_node 8 attention_copy.py --data imagenet --data-dir /datasets/imagenet

@@ -9,6 +9,7 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
+    python attention_distill.py ... --attn-implementation sdpa   # the loss without maps (the default on CUDA)
     python attention_distill.py --data imagenet --model vit_small --num-heads 8   # ViT-L's maps into a ViT-S
     torchrun --nproc_per_node 8 attention_distill.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...

@@ -173,3 +173,34 @@ def test_small_presets_build_the_teacher_shaped_student(script):
                                                             '--teacher', 'unread.pt'])
         student = build_student(cfg, teacher, 5, [0])
         assert all(student.arch[k] == teacher.arch[k] for k in ('embed_dim', 'depth', 'num_heads')), data
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+    from conftest import finetune
+    out = tmp_path_factory.mktemp('teacher')
+    finetune(out, '--epochs', '1', '--amp', 'off')
+    return out / 'checkpoint.pt'
+
+
+@pytest.mark.parametrize('script', ['attention_copy.py', 'attention_distill.py'])
+def test_a_run_on_sdpa_ends_as_the_same_run_on_eager(script, tiny_teacher, tmp_path):
+    """The same seed on both implementations (fp32): the same computation, so the same top-1 (within a point,
+    far inside the seed-to-seed spread); the log names the implementation and why; a run started on eager
+    resumes on sdpa."""
+    from conftest import TINY, read_metrics, run_script
+    top1 = {}
+    for implementation in ('eager', 'sdpa'):
+        out = tmp_path / implementation
+        p = run_script(script, *TINY, '--teacher', tiny_teacher, '--epochs', '2', '--amp', 'off',
+                       '--attn-implementation', implementation, '--out-dir', out)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f'attention: {implementation} (--attn-implementation {implementation})' in p.stdout
+        top1[implementation] = read_metrics(out)[-1]['top1']
+    assert abs(top1['eager'] - top1['sdpa']) <= 1.0, top1
+    out = tmp_path / 'switched'
+    args = [script, *TINY, '--teacher', tiny_teacher, '--epochs', '2', '--amp', 'off', '--out-dir', out]
+    assert run_script(*args, '--attn-implementation', 'eager', '--max-steps', '3').returncode == 0
+    p = run_script(*args, '--attn-implementation', 'sdpa', '--resume', 'true')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert abs(read_metrics(out)[-1]['top1'] - top1['eager']) <= 1.0
