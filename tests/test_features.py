@@ -258,7 +258,9 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
     for args, says in ((['--models', tmp_path / 'missing.pt'], "no checkpoint '.*missing.pt'"),
                        (['--models', runs / 'scratch' / 'checkpoint.pt', '--names', 'teacher'], '--names'),
                        (['--models', runs / 'copy' / 'checkpoint.pt', '--teacher',
-                         runs / 'scratch' / 'checkpoint.pt'], 'copy student: the teacher .* has sha256')):
+                         runs / 'scratch' / 'checkpoint.pt'], 'copy student: the teacher .* has sha256'),
+                       (['--models', runs / 'distill' / 'checkpoint.pt', '--teacher',   # measured against maps
+                         runs / 'scratch' / 'checkpoint.pt'], 'distilled student: the teacher .* has sha256')):
         p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, *args, '--out-dir', out)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), p.stderr

@@ -45,7 +45,7 @@ from attention_distill import attention_cross_entropy
 from data import INFO, build_eval_set, class_names
 from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, heads_checks, load_models,
                       with_data)
-from teacher import layer_pairs, to_student_heads
+from teacher import layer_pairs, teacher_mismatch, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
@@ -255,10 +255,15 @@ def given_maps(model):
     return {'transfer': model.transfer, 'maps_given': layers, 'heads_given': model.heads, 'maps_distilled': distilled}
 
 
-def distilled_layers(source):
-    """The layers a distilled student's checkpoint records as distilled toward its teacher's maps; [] for others."""
+def distilled_layers(source, teacher):
+    """The layers a distilled student's checkpoint records as distilled toward its teacher's maps; [] for others.
+    Its teacher must be `teacher` (SHA-256, as for a copy student): else the report would measure it against maps
+    it never saw, and say that it did not take them."""
     ckpt = read_checkpoint(source)
     rec = ckpt.get('distilled_from') if isinstance(ckpt, dict) else None
+    other = teacher_mismatch(teacher, rec) if isinstance(rec, dict) else None
+    if other:
+        raise ConfigError(f'{source} is a distilled student: {other}; give its own teacher with --teacher')
     if not isinstance(rec, dict) or rec.get('transfer') != 'attn':
         return []
     return sorted(layer_pairs(rec.get('layer_map', rec.get('layers', []))))
@@ -326,7 +331,7 @@ def load(cfg, device):
     the test images' loader."""
     models, records, size = load_models(cfg.models, cfg.teacher, num_heads=cfg.num_heads)
     for model, source in zip(models, cfg.models):
-        model.maps_distilled = distilled_layers(source)
+        model.maps_distilled = distilled_layers(source, cfg.teacher)
     teacher = build_from_checkpoint(cfg.teacher, None, cfg.teacher_num_heads, '--teacher-num-heads', img_size=size,
                                     num_classes=0, drop_path_rate=0.0).eval()
     models = {'teacher': teacher, **dict(zip(cfg.labels(), models))}
