@@ -217,6 +217,18 @@ def test_resume_drops_an_evaluation_made_after_its_checkpoint(monkeypatch, saved
     assert [(r['step'], r['top1'] == 99.0) for r in read_metrics(d)] == [(2, False), (4, False)]
 
 
+def test_a_run_file_linked_outside_the_run_is_refused(monkeypatch, saved, tmp_path):
+    """log.txt a link to a user's file elsewhere: a resume appended its log to that file."""
+    d = saved(tmp_path)
+    (tmp_path / 'notes.txt').write_text('mine\n')
+    (d / 'log.txt').unlink()
+    os.symlink(tmp_path / 'notes.txt', d / 'log.txt')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
+    assert msg and f'{d}/log.txt is a link to {tmp_path}/notes.txt, outside the run directory' in msg, msg
+    assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
+
+
 # root writes into read-only folders: as root, the scripts run without that capability (util-linux's setpriv)
 AS_USER = ['setpriv', '--bounding-set', '-dac_override,-dac_read_search'] if os.geteuid() == 0 else []
 
