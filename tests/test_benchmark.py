@@ -57,6 +57,15 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_timing(tmp_path
             configure(BenchConfig(device='cpu', out_dir=str(tmp_path / 'ro' / 'bench')))
 
 
+def test_a_users_own_benchmark_md_is_not_written_over(tmp_path):
+    """--out-dir D holding a BENCHMARK.md the benchmark did not write (no benchmark.json): it was replaced."""
+    (tmp_path / 'BENCHMARK.md').write_text('mine\n')
+    with pytest.raises(ConfigError, match=r'holds BENCHMARK.md but no benchmark.json .*choose another --out-dir$'):
+        configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))
+    (tmp_path / 'benchmark.json').write_text('{}')   # an earlier result of its own: replaced
+    assert configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))[0].out_dir == str(tmp_path)
+
+
 def test_gpu_results_are_named_by_device():
     assert [device_slug(n) for n in ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB', 'Tesla T4', 'NVIDIA H200',
                                      'NVIDIA GeForce RTX 4090')] == ['h100', 'a100', 't4', 'h200', 'geforce-rtx-4090']

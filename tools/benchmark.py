@@ -109,7 +109,8 @@ def configure(cfg):
         raise ConfigError(f"--models {' '.join(cfg.models)}: choose from {' '.join(SIZES)}")
     if cfg.batch_size < 0 or cfg.batch_size == 0 and device.type != 'cuda':
         raise ConfigError(f'--batch-size {cfg.batch_size}: give a positive batch (0 fills a GPU, on a GPU only)')
-    check_out_dir(cfg.out_dir, '--out-dir')   # a file or a read-only folder: refused now, not after the timings
+    # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not after the timings
+    check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
     return cfg, device
 
 

@@ -119,9 +119,15 @@ def write_json(path, record):
     write_text(path, json.dumps(record, indent=2))
 
 
-def check_out_dir(path, flag):
+def check_out_dir(path, flag, record=None, files=()):
     """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made
-    or written there (no permission, a read-only file system). Makes nothing."""
+    or written there (no permission, a read-only file system). Makes nothing. record, files: what a command
+    writes there, `record` (its JSON) beside the others; any of them in a folder without `record` is someone
+    else's (a user's own README.md), which the command would replace: refused, as it replaces only its own."""
+    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
+    if record and found and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: choose "
+                          f"another {flag}")
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')
@@ -133,3 +139,4 @@ def check_out_dir(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):   # also false on a read-only file system, for root too
         raise ConfigError(f'{flag} {path}: {parent} cannot be written (read-only, or no permission): choose '
                           f'another {flag}')
+
