@@ -90,6 +90,8 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
      'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels', 'is not an IDX file'),
     (lambda images, labels: relabel(labels, 200), False, 'labels', 'holds label 200, not a Fashion-MNIST class'),
+    (lambda images, labels: write_idx(images, np.zeros((12, 32, 32))), True, 'images',   # failed in the model
+     "holds images of 32 x 32 pixels, not Fashion-MNIST's 28 x 28"),
 ])
 def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit, match):
     """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file, a label out

@@ -122,6 +122,8 @@ def fashion_mnist(data_dir, train, transform):
         return fashion_mnist(data_dir, train, transform)
     images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
     x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
+    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
+        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
     if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
         raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
                                             f'(expected (N, 28, 28) and (N,))')
