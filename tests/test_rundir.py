@@ -169,6 +169,38 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
     assert [r['step'] for r in read_metrics(d)] == [2, 3]   # step 3's record of the failed save is made once
 
 
+def test_a_full_disk_at_the_first_checkpoint_says_the_command_that_works(tmp_path):
+    """The advised 'run the command again' was refused as 'a finished run' (its evaluation kept, no checkpoint)."""
+    d = tmp_path / 'run'
+    line = one_error_line(run_limited(2 ** 20, '--out-dir', d, '--max-steps', '2'))
+    assert f'cannot write {d}/checkpoint.pt (File too large): free some space; no checkpoint was saved yet' in line
+    assert line.endswith('run the command again with --overwrite true (it deletes the 1 evaluation(s) made)'), line
+    assert run_script('finetune.py', *TINY, '--out-dir', d, '--max-steps', '2', '--overwrite', 'true').returncode == 0
+
+
+def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_path):
+    """Every write error said 'free some space ... --resume true': for a permission error too, and in evaluate.py,
+    which has no --resume."""
+    import errno
+    from util import rundir
+    from util.files import cannot_write
+    from util.launch import run_main
+    monkeypatch.setattr(rundir, '_RUN', {})   # no run directory: evaluate.py, a tool
+
+    def fails(e):
+        def main():
+            raise cannot_write(str(tmp_path / 'out.md'), e)
+        with pytest.raises(SystemExit) as exit_:
+            run_main(main)
+        return exit_.value.code
+    full = fails(OSError(errno.ENOSPC, 'No space left on device'))
+    assert full == f'error: cannot write {tmp_path}/out.md (No space left on device): free some space and run the ' \
+                   f'command again', full
+    denied = fails(PermissionError(errno.EACCES, 'Permission denied'))
+    assert denied == f'error: cannot write {tmp_path}/out.md (Permission denied): make {tmp_path} writable (or ' \
+                     f'choose another path) and run the command again', denied
+
+
 # -----------------------------------------------------------------------------
 # What a resume keeps, and what a new run may not write over
 

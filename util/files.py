@@ -19,7 +19,11 @@ class DamagedFile(ConfigError):
 
 
 class WriteError(ConfigError):
-    """A file that could not be written whole (a full disk, a file size limit, a read-only disk)."""
+    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
+    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
+    def __init__(self, what, again=' and run the command again'):
+        super().__init__(what + again)
+        self.what = what
 
 
 def read_json(path, fix, keys=None):
@@ -89,9 +93,11 @@ def cannot_write(path, e):
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
     if getattr(e, 'errno', None) in (errno.EISDIR, errno.ENOTDIR):
         kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
-        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path')
-    return WriteError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
-                      f'true to continue from the last checkpoint)')
+        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
+    if getattr(e, 'errno', None) in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
+        return WriteError(f'cannot write {path} ({why}): make {os.path.dirname(os.path.abspath(path))} writable '
+                          f'(or choose another path)')
+    return WriteError(f'cannot write {path} ({why}): free some space')
 
 
 def write_text(path, text):

@@ -20,7 +20,7 @@ from data import class_mismatch
 from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from util.config import ConfigError, flag
 from util.files import write_text
-from util.rundir import SAVED, current_run_dir, read_json
+from util.rundir import SAVED, current_run_dir, read_json, read_lines
 
 # -----------------------------------------------------------------------------
 # The checkpoint to continue, checked and loaded
@@ -111,8 +111,10 @@ def how_to_continue():
     """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
     out_dir = current_run_dir()
     ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
-    if not ckpt or not os.path.exists(ckpt):
-        return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+    if not ckpt or not os.path.exists(ckpt):   # evaluations kept without one would refuse the same command again
+        evaluated = out_dir and read_lines(os.path.join(out_dir, 'metrics.jsonl'))
+        return 'no checkpoint was saved yet: there is nothing to continue; run the command again' + (
+            f' with --overwrite true (it deletes the {len(evaluated)} evaluation(s) made)' if evaluated else '')
     return f"{ckpt} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} {resume_command()}"
 
 
