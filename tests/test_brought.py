@@ -291,6 +291,9 @@ def test_a_run_that_diverges_keeps_a_finite_checkpoint_and_goes_on_with_a_lower_
     assert ck['step'] == 2 and all(v.isfinite().all() for s in ck['optimizer']['state'].values()
                                    for v in s.values() if torch.is_tensor(v))
     monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    before = digest(out)   # a higher lr was accepted, where the README says it may be lowered
+    msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '2e-3')
+    assert msg and '--blr 0.001 -> 0.002 is higher; go on with a lower learning rate' in msg and digest(out) == before
     assert run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '5e-4') is None
     config = json.loads((out / 'config.json').read_text())
     resume = config['resumes'][-1]
