@@ -341,6 +341,12 @@ def load(cfg, device):
         raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
                           'size and register count (depth, patch, registers): ' +
                           ', '.join(f'{k} {v}' for k, v in shapes.items()))
+    heads = {k: runner(m)[0].num_heads for k, m in models.items()}   # maps are compared at each model's heads
+    odd = [f'{k} {h}' for k, h in heads.items() if heads['teacher'] % h]
+    if odd:
+        raise ConfigError(f"the teacher's maps are compared with each model's grouped to its heads (teacher."
+                          f"to_student_heads): the teacher's {heads['teacher']} heads are no multiple of "
+                          f"{', '.join(odd)} heads; compare models with {heads['teacher']} heads or a divisor of it")
     cfg = with_data(cfg, records, PRESETS)   # the data set the models were trained on, unless --data is given
     test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir,
                                                            val_size=0, img_size=size, fake_size=cfg.fake_size))
