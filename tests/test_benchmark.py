@@ -18,7 +18,11 @@ from util.config import ConfigError
     (dict(methods=['train', 'nope']), '--methods train nope: choose from'),
     (dict(models=['vit_nope']), '--models vit_nope: choose from'),
     (dict(profile=['eval-copy']), '--profile eval-copy: choose from'),
-    (dict(device='gpu'), '--device must be auto, cpu or cuda')])
+    (dict(device='gpu'), '--device must be auto, cpu or cuda'),
+    # checked once --quick has set its sizes (img 32), and bounded: each was a traceback
+    (dict(device='cpu', quick=True, patch_size=7), '--img-size 32: must be a multiple of --patch-size 7'),
+    (dict(device='cpu', img_size=0), '--img-size 0: must be a multiple of --patch-size 16'),
+    (dict(device='cpu', gemm_size=10 ** 6), '--gemm-size 1000000: makes 3 square fp32 matrices larger')])
 def test_bad_flags_are_config_errors(flags, words):
     with pytest.raises(ConfigError, match=words):
         configure(BenchConfig(**flags))
