@@ -308,3 +308,22 @@ def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
     p = run_script(*command[1:], '--max-steps', at + 1)
     assert p.returncode == 0 and f'resumed from {out / "checkpoint.pt"} at step {at}' in p.stdout, p.stderr[-3000:]
     assert step_of(out) == at + 1
+
+
+@pytest.mark.parametrize('stdout', ['closed pipe', '/dev/full'])
+def test_a_stdout_that_cannot_be_written_ends_in_no_traceback(tmp_path, stdout):
+    """`python finetune.py ... | head`, and stdout on a full device, ended the run with a traceback: it goes on,
+    its log.txt whole."""
+    args = [sys.executable, 'finetune.py', *TINY, '--out-dir', str(tmp_path / 'run'), '--max-steps', '2']
+    if stdout == 'closed pipe':
+        p = subprocess.Popen(args, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.close()   # as `| head` does once it has its lines
+        err = p.communicate(timeout=240)[1]
+    else:
+        with open('/dev/full', 'w') as full:
+            p = subprocess.run(args, cwd=ROOT, env=sub_env(), stdout=full, stderr=subprocess.PIPE, text=True,
+                               timeout=240)
+        err = p.stderr
+    assert p.returncode == 0 and not err.strip(), err[-3000:]
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'the rest is in log.txt only' in log and 'final | top-1' in log

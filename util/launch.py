@@ -127,7 +127,11 @@ def log(env, cfg, msg):
     a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
     file of its --out-dir."""
     if env.main:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except OSError as e:   # `| head` has gone (a broken pipe), a full device: the run goes on, its log.txt whole
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
+            msg += f'\n(stdout cannot be written ({e.strerror or type(e).__name__}): the rest is in log.txt only)'
         if env.claimed:
             append_text(os.path.join(cfg.out_dir, 'log.txt'), msg + '\n')
         else:
