@@ -2,9 +2,12 @@
 Attention copy (Li et al. 2024, sec. 3.1): the student never computes its own attention.
 
 In every transferred layer the frozen teacher's softmax attention map routes the student's values,
-    out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d)
+    out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d),   A_teacher = softmax(q_t k_t^T / sqrt(d))
 and the student learns everything else: patch embedding, values, projections, MLPs, norms, head.
 Its copied layers have no query/key projections at all. The teacher is needed at inference too.
+The teacher hands over its q_t and k_t, not the map: with --attn-implementation sdpa the copied layer is one
+fused call, F.scaled_dot_product_attention(q_t, k_t, V_student), and no (N, N) map is ever stored; with eager
+the map is written out (vit.attend).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from teacher import (HEAD_RULE, TransferConfig, build_student, check_teacher, describe_map, load_teacher,
+from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, check_teacher, describe_map, load_teacher,
                      student_presets, teacher_mismatch, teacher_outputs, teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
@@ -52,16 +55,15 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             num_workers=10, log_every=100)}
 
 
-def copied(teacher, x, layers, heads, transfer, num_heads=None):
-    """What the student is given: {layer: {'attn': softmax(teacher logits)}} (or q / k / v).
-    layers: {student layer: teacher layer} (or a list: the same layers); num_heads: the student's, when it has
-    fewer heads than the teacher (each then gets the mean map of its group of teacher heads, teacher.py)."""
-    out = teacher_outputs(teacher, x, layers, transfer, num_heads)
-    if transfer == 'attn':
-        out = {i: t.softmax(-1, dtype=t.dtype) for i, t in out.items()}   # CUDA's autocast would make fp32 maps
+def copied(teacher, x, layers, heads, transfer):
+    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (the teacher's map, made in the student's layer),
+    or its q, k or v; with the listed heads only. layers: {student layer: teacher layer} (or a list: the same
+    layers). A student with fewer heads than the teacher is given all of them: each of its heads is routed by the
+    mean map of its group of teacher heads (vit.attend, teacher.to_student_heads)."""
+    out = teacher_outputs(teacher, x, layers, NAMES[transfer])
     if heads is not None:
-        return {i: {transfer: t[:, heads], 'heads': heads} for i, t in out.items()}
-    return {i: {transfer: t} for i, t in out.items()}
+        return {i: {**{n: t[:, heads] for n, t in given.items()}, 'heads': heads} for i, given in out.items()}
+    return out
 
 
 class CopyModel(nn.Module):
@@ -73,8 +75,7 @@ class CopyModel(nn.Module):
         self.layers, self.heads, self.transfer = layers, heads, transfer
 
     def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer,
-                                             self.student.num_heads))
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
 
 
 def load_copy_model(path, teacher_source=None, new_teacher=False):
@@ -104,11 +105,10 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     return CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
 
 
-def copy_loss(cfg, teacher, layers, heads, num_heads=None):
-    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, teacher maps given
-    (at the student's num_heads, if given)."""
+def copy_loss(cfg, teacher, layers, heads):
+    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, the teacher's q and k given."""
     def loss_fn(net, x, y):
-        given = copied(teacher, x, layers, heads, cfg.transfer, num_heads)
+        given = copied(teacher, x, layers, heads, cfg.transfer)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
         return loss, {'ce': loss.detach()}
     return loss_fn
@@ -116,7 +116,7 @@ def copy_loss(cfg, teacher, layers, heads, num_heads=None):
 
 def main():
     cfg, env, data = start(CopyConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)
     check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
@@ -126,7 +126,7 @@ def main():
     log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads, student.num_heads),
+    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads),
                   predict=lambda m, x: CopyModel(teacher, m, layers, heads, cfg.transfer)(x),
                   extra={'teacher': teacher_record(cfg, layers, heads)})
     log(env, cfg, f"final | copy student + teacher top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "

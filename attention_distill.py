@@ -22,63 +22,56 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from teacher import (TransferConfig, build_student, check_teacher, describe_map, layer_pairs, load_teacher,
+from teacher import (NAMES, TransferConfig, build_student, check_teacher, describe_map, layer_pairs, load_teacher,
                      student_presets, teacher_outputs, teacher_record, to_student_heads)
 from util.config import SMALL_PRESETS
 from util.engine import fit, soft_cross_entropy
 from util.launch import log, run_main, start
+from vit import attend, scores
 
 # -----------------------------------------------------------------------------
-# The method: the loss, and one training step
+# The method: the loss as defined, on explicit maps ('eager')
 
 
 def attention_cross_entropy(teacher_logits, student_logits):
     """-(softmax(t) * log_softmax(s)).sum(-1), mean over batch, heads, queries. (B, H, N, N) each.
     Equals the teacher's entropy when s == t (KL = 0); only the student gets a gradient."""
-    p = teacher_logits.float().softmax(-1)
-    return -(p * student_logits.float().log_softmax(-1)).sum(-1).mean()
+    wide = torch.promote_types(student_logits.dtype, torch.float32)          # fp32 at least
+    p = teacher_logits.to(wide).softmax(-1)
+    return -(p * student_logits.to(wide).log_softmax(-1)).sum(-1).mean()
 
 
-def distill_loss(own, target, transfer, heads=None, ce=attention_cross_entropy):
-    """Attention loss of one layer: cross-entropy of maps, or MSE of q / k / v (B, H, N, *).
+def layer_loss(own, target, transfer, heads=None, implementation='eager'):
+    """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their
+    logits; sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v.
     A student with fewer heads than the teacher learns each group's mean map (teacher.to_student_heads)."""
-    if transfer == 'attn':
-        target = to_student_heads(target, own.shape[1])     # (B, H_student, N, N); the same tensor if H matches
+    if transfer != 'attn':
+        own, target = own[transfer], target[transfer]
+    elif implementation == 'sdpa':
+        own, target = (own['q'], own['k']), (target['q'], target['k'])       # (B, H, N, d) each
+    else:
+        own, target = own['logits'], to_student_heads(target['logits'], own['logits'].shape[1])   # (B, H, N, N)
     if heads is not None:
-        own, target = own[:, heads], target[:, heads]
-    return ce(target, own) if transfer == 'attn' else F.mse_loss(own.float(), target.float())
+        own, target = (tuple(t[:, heads] for t in own), tuple(t[:, heads] for t in target)) \
+            if isinstance(own, tuple) else (own[:, heads], target[:, heads])
+    if transfer != 'attn':
+        return F.mse_loss(own.float(), target.float())
+    if implementation == 'sdpa':
+        return map_free_cross_entropy(*target, *own)
+    return FusedAttentionCrossEntropy.apply(target, own)
 
 
-def plain_loss_fn(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.fit, as the method defines it: the teacher's maps of every
-    distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses.
-    The script runs distill_loss_fn below: the same numbers and gradients with less memory (tested)."""
-    name, pairs = ('logits' if cfg.transfer == 'attn' else cfg.transfer), layer_pairs(layers)
-
-    def loss_fn(net, x, y):
-        with torch.no_grad():
-            targets = teacher_outputs(teacher, x, pairs, cfg.transfer)        # {student layer: (B, H, N, N)}
-        logits, kept = net(x, keep={i: (name,) for i in pairs})               # the student's own, kept
-        attn = sum(distill_loss(kept[i][name], targets[i], cfg.transfer, heads) for i in pairs)
-        ce = soft_cross_entropy(logits, y, cfg.smoothing)
-        return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
-    return loss_fn
-
-# -----------------------------------------------------------------------------
-# The same computation, made cheaper: what the script runs
-
-
-def distill_loss_fn(cfg, teacher, layers, heads):
-    """plain_loss_fn's loss, with teacher and student interleaved layer by layer (one layer's pair of maps
-    alive at a time, not all of them), the teacher stopped inside its last distilled layer, and the
-    cross-entropy's gradient made in its forward pass (FusedAttentionCrossEntropy)."""
-    name = 'logits' if cfg.transfer == 'attn' else cfg.transfer
-    layer_losses, keep = LayerLosses(teacher, layers, name, cfg.transfer, heads), {i: (name,) for i in layers}
+def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
+    """loss_fn(net, images, targets) for engine.fit: the teacher's logits (eager) or q and k (sdpa) of every
+    distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
+    pairs = layer_pairs(layers)
+    names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
 
     def loss_fn(net, x, y):
-        logits, losses = net(x, keep=keep, consume=layer_losses.start(x))
+        targets = teacher_outputs(teacher, x, pairs, names)                   # {student layer: {name: tensor}}
+        logits, kept = net(x, keep={i: names for i in pairs})                 # the student's own, kept
+        attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation) for i in pairs)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
-        attn = sum(losses.values())
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
 
@@ -87,13 +80,14 @@ CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on 
 
 
 class FusedAttentionCrossEntropy(torch.autograd.Function):
-    """attention_cross_entropy(t, s) with its gradient made in the forward pass.
+    """attention_cross_entropy(t, s) with its gradient made in the forward pass: what eager runs.
 
     d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the forward keeps just
     softmax(s) - softmax(t), one (B, H, N, N) tensor in the student's dtype, where autograd would keep two
     fp32 ones (softmax(t) and log_softmax(s)) and redo the arithmetic in the backward pass.
     On a CPU the rows go a few hundred at a time, so that their fp32 softmaxes stay in cache: the
-    loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a map entry.
+    loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a map entry. On CPUs with bf16,
+    eager with this loss measured faster than sdpa at every size benchmarked (results/benchmark).
     """
 
     @staticmethod
@@ -101,10 +95,11 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
         n = student_logits.shape[-1]
         t, s = teacher_logits.reshape(-1, n), student_logits.reshape(-1, n)      # (rows, N)
         rows = len(s) if s.is_cuda else max(1, CPU_CHUNK // n)
-        diff, total = torch.empty_like(s), s.new_zeros((), dtype=torch.float32)
+        wide = torch.promote_types(s.dtype, torch.float32)                       # fp32 at least
+        diff, total = torch.empty_like(s), s.new_zeros((), dtype=wide)
         for a in range(0, len(s), rows):
-            p = torch.softmax(t[a:a + rows], -1, dtype=torch.float32)
-            log_q = torch.log_softmax(s[a:a + rows], -1, dtype=torch.float32)
+            p = torch.softmax(t[a:a + rows], -1, dtype=wide)
+            log_q = torch.log_softmax(s[a:a + rows], -1, dtype=wide)
             torch.sub(log_q.exp(), p, out=diff[a:a + rows])
             total += torch.dot(p.flatten(), log_q.flatten())
         ctx.save_for_backward(diff.view_as(student_logits))
@@ -121,50 +116,59 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
             return None, (diff.float() * scale).to(diff.dtype)
         return None, diff * scale     # a 0-dim CPU tensor multiplies as an fp32 scalar, in one pass
 
+# -----------------------------------------------------------------------------
+# The same computation without a map ('sdpa')
 
-class LayerLosses:
-    """consume(i, kept) for the student's forward: runs the teacher on to the layer mapped to the student's
-    layer i (layers: {student layer: teacher layer}, or a list: the same) and returns the attention loss of
-    the student's layer i against it.
 
-    Teacher and student run interleaved, so one layer's pair of maps is alive at a time, never all of them;
-    the teacher stops inside its last transferred layer (q and k only). One object serves every step, and
-    start(images) sets its per-step state as data (the teacher's tokens and how far it has run): torch.compile
-    then traces the teacher into the student's graph once. A fresh closure over a generator each step could
-    not be traced, and a graph break inside the student's loop over blocks sent the whole forward back to
-    eager, compiled block by block until dynamo's recompile limit.
+def map_free_cross_entropy(q_t, k_t, q, k):
+    """attention_cross_entropy(scores(q_t, k_t), scores(q, k)), without writing either map.
+
+    For one row i of one head, with the student's logits s_ij = c q_i . k_j (c = 1 / sqrt(d)) and the teacher's
+    map P (rows summing to 1):
+        CE_i = -sum_j P_ij log softmax(s)_ij = -sum_j P_ij (s_ij - lse_i)      lse_i = log sum_j exp s_ij
+             = lse_i - c q_i . sum_j P_ij k_j = lse_i - c q_i . (P K)_i
+    and P K is attention with the student's keys as values: attend(q_t, k_t, K). Its gradient,
+        d CE_i / d s_ij = softmax(s)_ij - P_ij,   so  d/dq_i = c ((S - P) K)_i,  d/dk_j = c ((S - P)^T q)_j
+    (S the student's map), is attention again: (S - P) K = attend(q, k, K) - attend(q_t, k_t, K), and the
+    k-gradient is the value-gradient of those two calls. A teacher with g times the student's heads gives each
+    student head the mean map of its group: attend averages P_g K over the group, and the loss is linear in P.
     """
+    return MapFreeCrossEntropy.apply(q_t, k_t, q, k)
 
-    def __init__(self, teacher, layers, name, transfer, heads=None):
-        self.pairs = layer_pairs(layers)                    # {student layer: teacher layer}, both increasing
-        self.teacher, self.last, self.name = teacher, max(self.pairs.values()), name
-        self.transfer, self.heads = transfer, heads
 
-    def start(self, images):
-        self.tokens, self.ran = images, -1           # (B, C, H, W) until the teacher's embedding has run
-        return self
+class MapFreeCrossEntropy(torch.autograd.Function):
+    """The mean over rows of lse_i - c q_i . (P K)_i; backward from attention calls (above). It keeps for backward
+    the tensors the layer had anyway (q, k) and the teacher's q_t, k_t: (B, H, N, d) each, never (N, N)."""
 
-    def __call__(self, i, kept):
-        with torch.no_grad():
-            target = self.teacher_at(self.pairs[i])
-        return distill_loss(kept[self.name], target, self.transfer, self.heads, FusedAttentionCrossEntropy.apply)
+    @staticmethod
+    def forward(ctx, q_t, k_t, q, k):
+        c, wide = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)   # sums in fp32 at least
+        target = attend(q_t, k_t.to(q_t.dtype), k.to(q_t.dtype))              # (B, H, N, d): P K
+        ce = row_logsumexp(q, k).to(wide) - c * (q.to(wide) * target.to(wide)).sum(-1)   # (B, H, N)
+        ctx.save_for_backward(q_t, k_t, q, k)
+        return ce.mean()
 
-    def teacher_at(self, i):
-        """The teacher's logits (B, H, N, N) or q / k / v (B, H, N, d) of layer i, running only the blocks
-        between the previous call's layer and i."""
-        assert i > self.ran, f'layers must be asked for in order ({i} after {self.ran})'
-        t = self.teacher
-        x = t.embed(self.tokens) if self.ran < 0 else self.tokens              # (B, 1 + N, D)
-        for block in t.blocks[self.ran + 1:i]:
-            x, _ = block(x)
-        block = t.blocks[i]
-        if i == self.last:    # of the last block, only its norm and projections run
-            target, x = block.attn.internal(block.norm1(x), self.name), None
-        else:
-            x, kept = block(x, keep=(self.name,))
-            target = kept[self.name]
-        self.tokens, self.ran = x, i
-        return target
+    @staticmethod
+    def backward(ctx, grad):
+        q_t, k_t, q, k = (t.detach() for t in ctx.saved_tensors)
+        c = grad * q.shape[-1] ** -0.5 / (q.numel() // q.shape[-1])            # d loss / d s, per B * H * N rows
+        wide = torch.promote_types(q.dtype, torch.float32)
+        with torch.enable_grad():
+            v = k.clone().requires_grad_()                                     # the keys, as values
+            diff = attend(q, k, v) - attend(q_t.to(q.dtype), k_t.to(q.dtype), v)   # (S - P) K, (B, H, N, d)
+            dk, = torch.autograd.grad(diff, v, (c * q.to(wide)).to(q.dtype))   # (S - P)^T (c q)
+        return None, None, (c * diff.detach().to(wide)).to(q.dtype), dk
+
+
+def row_logsumexp(q, k):
+    """lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N), fp32 at least: the normaliser every fused attention kernel
+    keeps for its own backward, asked of torch's kernel for the device (aten ops; F.scaled_dot_product_attention
+    does not return it). Elsewhere, written out."""
+    if q.device.type == 'cpu':
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)[1]
+    if q.device.type == 'cuda':
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True)[1][..., :q.shape[-2]]
+    return torch.logsumexp(scores(q, k).float(), -1)
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +201,7 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 
 def main():
     cfg, env, data = start(DistillConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)
     check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher, data.num_classes, layers)
@@ -207,7 +211,7 @@ def main():
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
     # evaluation runs the student alone, as a plain ViT
-    metrics = fit(cfg, env, student, data, distill_loss_fn(cfg, teacher, layers, heads),
+    metrics = fit(cfg, env, student, data, distill_loss_fn(cfg, teacher, layers, heads, env.attn),
                   extra={'distilled_from': teacher_record(cfg, layers, heads)})
     log(env, cfg, f"final | distilled student (no teacher) top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
         + (f" | EMA top-1 {metrics['ema_top1']:.2f}" if 'ema_top1' in metrics else '') + f' | {cfg.out_dir}')

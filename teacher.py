@@ -15,9 +15,10 @@ from einops import rearrange
 
 from util.checkpoints import arch_of, build_from_checkpoint, family, heads_of, read_checkpoint
 from util.config import ConfigError, TrainConfig, readable, refuse, too_big
-from vit import SIZES, model_arch
+from vit import SIZES, model_arch, set_attn_implementation
 
-WHAT = ('attn', 'q', 'k', 'v')   # what the teacher hands over: its attention map, or its q, k or v
+WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
+NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}   # what the teacher hands over for each
 # the teachers this repository ships, by --data (teachers/README.md: made by mae_pretrain.py)
 SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'teachers',
                                          'fashion-mnist-mae.pt')}
@@ -86,17 +87,18 @@ def index_syntax_ok(spec):
     return readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec)
 
 
-def load_teacher(cfg, device, dtype=None):
+def load_teacher(cfg, device, dtype=None, attn='sdpa'):
     """The frozen teacher, resized to cfg.img_size; the transferred layers as {student layer: teacher layer}
     (map_layers: the identity when the student is as deep as the teacher); the transferred heads (None: all).
-    dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights."""
+    dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights; attn: its attention
+    implementation (vit.set_attn_implementation)."""
     ckpt, heads = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
     t = arch_of(ckpt, cfg.teacher, *heads)
     refuse(cfg, too_big(cfg, t['embed_dim'], t['depth'], t['patch_size'], t['mlp_ratio'], False, 'the teacher'))
     teacher = build_from_checkpoint(cfg.teacher, ckpt, *heads, img_size=cfg.img_size, num_classes=0,
                                     drop_path_rate=0.0)
     teacher.description = describe_teacher(cfg.teacher, ckpt, teacher, heads)   # the run's log states it
-    teacher.requires_grad_(False).eval().to(device)
+    set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
     layers = parse_index(cfg.layers, teacher.depth, 'layers')
@@ -110,8 +112,8 @@ def check_teacher(cfg, teacher, layers, data, env):
     under the run's autocast: every step would hand them over, and the run would seem to diverge."""
     x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
     with torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None):
-        out = teacher_outputs(teacher, x, layers, cfg.transfer)
-    bad = [layer_pairs(layers)[s] for s, v in out.items() if not v.isfinite().all()]
+        out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
+    bad = [layer_pairs(layers)[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:
         what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
         hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
@@ -279,7 +281,7 @@ def to_student_heads(logits, num_heads):
     heads = logits.shape[1]
     if heads == num_heads:
         return logits
-    p = logits.float().softmax(-1)                                            # (B, H, N, N)
+    p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
     p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
     return p.log().to(logits.dtype)
 
@@ -332,11 +334,10 @@ def teacher_mismatch(source, record):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, x, layers, transfer, num_heads=None):
-    """{student layer: tensor}: the teacher's attention logits (B, H, N, N) for 'attn' (at the student's
-    num_heads if given: to_student_heads), else its q, k or v. layers: {student layer: teacher layer} or a list."""
+def teacher_outputs(teacher, x, layers, names):
+    """{student layer: {name: tensor}}: what the teacher hands over. For attention copy and for map-free
+    distillation its q and k (B, H, N, d), never a map (softmax(q k^T / sqrt(d)) is made where it is used);
+    for eager distillation its 'logits' (B, H, N, N); or its q, k or v (NAMES). layers: {student: teacher} or a list."""
     pairs = layer_pairs(layers)
-    out = teacher.attention(x, list(pairs.values()), 'logits' if transfer == 'attn' else transfer)
-    if transfer == 'attn' and num_heads:
-        out = {i: to_student_heads(t, num_heads) for i, t in out.items()}
+    out = teacher.internals(x, list(pairs.values()), names)
     return {s: out[t] for s, t in pairs.items()}

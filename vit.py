@@ -5,16 +5,15 @@ Parameter names follow timm's VisionTransformer and MAE's models_vit (patch_embe
 pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head), so official MAE checkpoints load
 without renaming. Transfer works by passing tensors (never mode strings):
 
-    maps = teacher.attention(x, layers=[0, 1, 2])        # {i: (B, H, N, N) pre-softmax logits}
-    y = student(x, inject={i: {'attn': m.softmax(-1)} for i, m in maps.items()})   # attention copy
-    y, kept = student(x, keep={0: ('logits',), 1: ('logits',)})   # distillation: own logits out
-    y, losses = student(x, keep=..., consume=lambda i, k: loss(k['logits'], ...))  # used, then freed
+    qk = teacher.internals(x, layers=[0, 1, 2], names=('q', 'k'))        # {i: {'q': (B, H, N, d), 'k': ...}}
+    y = student(x, inject=qk)                             # attention copy: the teacher's map routes our values
+    y, kept = student(x, keep={0: ('q', 'k'), 1: ('q', 'k')})   # distillation: own q, k out, for the loss
 
-Both methods meet the student in `Attention.forward`: its last lines are `out = attn @ v`, where `attn` is
-the layer's own softmax(q k^T / sqrt(d)) or, for attention copy, the teacher's map handed in through
-`inject`; `keep` hands the layer's own logits out, for the distillation loss. A layer that is given nothing
-and asked for nothing computes the same with F.scaled_dot_product_attention on CUDA (SDPA_DEVICES).
-Loading checkpoints (own, MAE, torchvision, by name) lives in util/checkpoints.py.
+Both methods meet the student in `attend`: softmax(q k^T / sqrt(d)) v, where q and k are the layer's own or,
+for attention copy, the teacher's handed in through `inject`. It runs one of two ways, as Hugging Face's
+`attn_implementation` names them: 'eager' writes the (B, H, N, N) map out (the definition, what the course
+builds), 'sdpa' calls F.scaled_dot_product_attention, whose fused kernels never store it: the same numbers.
+`inject` also takes an explicit map ('attn'). Loading checkpoints lives in util/checkpoints.py.
 """
 import inspect
 from functools import partial
@@ -45,25 +44,55 @@ class PatchEmbed(nn.Module):
         return rearrange(x, 'b d h w -> b (h w) d')        # (B, N, D)
 
 
-# A layer that needs no map (none given, none asked for) runs F.scaled_dot_product_attention on these
-# devices: the same numbers, without storing the (N, N) map. On CPUs the explicit path measured faster at
-# small sizes (results/benchmark); tools/naive.py empties it to time the authors' all-explicit way.
-SDPA_DEVICES = ('cuda',)
+IMPLEMENTATIONS = ('eager', 'sdpa')
+
+
+def scores(q, k):
+    """The pre-softmax attention map q k^T / sqrt(d), (B, H, N, N), of (B, H, N, d) queries and keys."""
+    return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+
+
+def attend(q, k, v, implementation='sdpa'):
+    """softmax(q k^T / sqrt(d)) v: q, k (B, H, N, d), v (B, h, N, e) -> (B, h, N, e).
+
+    H may be g times h (a student with fewer heads than its teacher, given the teacher's q and k): value head j is
+    then routed by the mean of the g maps of heads j*g .. j*g+g-1, as (mean_g A_g) v = mean_g (A_g v).
+    """
+    g = q.shape[1] // v.shape[1]
+    v = v.repeat_interleave(g, 1) if g > 1 else v                          # (B, H, N, e)
+    if implementation == 'eager':
+        attn = scores(q, k).softmax(-1, dtype=v.dtype)                    # (B, H, N, N)
+        out = attn @ v
+    else:
+        out = _sdpa(q, k, v)
+    return out.unflatten(1, (-1, g)).mean(2) if g > 1 else out             # (B, h, N, e)
+
+
+def _sdpa(q, k, v):
+    """F.scaled_dot_product_attention, also where v's head size differs from q's (a student of another width
+    given the teacher's q and k): fused kernels take one head size, so the smaller side is padded with zeros,
+    which change neither q k^T (the scale stays q's) nor the columns kept."""
+    d, e = q.shape[-1], v.shape[-1]
+    if d == e:
+        return F.scaled_dot_product_attention(q, k, v)
+    if e < d:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - e)))[..., :e]
+    return F.scaled_dot_product_attention(F.pad(q, (0, e - d)), F.pad(k, (0, e - d)), v, scale=d ** -0.5)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention that can be given, and can hand out, its internals.
 
     own_qk=False builds a layer with no query/key projection (an attention-copy student's layer:
-    it always receives its map), so its only input projection is `v`.
+    it is always given the teacher's q and k, or its map), so its only input projection is `v`.
+    implementation: 'eager' or 'sdpa' (attend), set for a whole model by set_attn_implementation.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, own_qk=True):
         super().__init__()
         assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.own_qk = own_qk
+        self.own_qk, self.implementation = own_qk, 'sdpa'
         if own_qk:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         else:
@@ -72,42 +101,38 @@ class Attention(nn.Module):
 
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
         """x: (B, N, D).
-        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)): attention copy.
-        q, k, v: (B, h, N, d) tensors to use instead of this layer's own.
-        heads: which of the H heads the given tensors cover (h of them); default all (h = H).
-        keep: names among 'logits', 'q', 'k', 'v' to return in a dict (logits: (B, H, N, N)): distillation.
+        q, k, v: (B, h, N, *) tensors to use instead of this layer's own (attention copy: the teacher's q and k).
+        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)), always eager.
+        heads: which of the H heads the given tensors cover (h of them); default all.
+        keep: names among 'q', 'k', 'v' of this layer's own projections to hand back (distillation), or 'logits':
+        its own pre-softmax map (B, H, N, N), which the layer then writes out and uses (eager distillation).
         Returns (out (B, N, D), kept dict).
         """
-        if not self.own_qk and (attn is None or heads is not None):
-            raise ValueError('a layer without q/k projections needs the full attention map')
-        q, k, v = self.inputs(x, q, k, v, heads)                       # (B, H, N, d) each
-        kept = {n: t for n, t in (('q', q), ('k', k), ('v', v)) if n in keep}
-        if attn is None and 'logits' not in keep and x.device.type in SDPA_DEVICES:   # fast path, same result
-            return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), 'b h n d -> b n (h d)')), kept
-        if attn is None or heads is not None:          # the layer's own map (of every head not given one)
-            logits = (q * self.scale) @ k.transpose(-2, -1)              # (B, H, N, N)
-            if 'logits' in keep:
-                kept['logits'] = logits
-            # in v's dtype: CUDA's autocast would make an fp32 softmax, kept for backward next to its cast
-            attn = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)
-        out = attn.to(v.dtype) @ v          # (B, H, N, d): given the teacher's attn, its map routes our values
-        return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept
-
-    def inputs(self, x, q, k, v, heads):
-        """This layer's (q, k, v), each (B, H, N, d), with the given ones in place of its own."""
-        own_q, own_k, own_v = self.project(x)
-        return (_put(own, new, heads) for own, new in ((own_q, q), (own_k, k), (own_v, v)))
+        if not self.own_qk and ((attn is None and (q is None or k is None)) or heads is not None):
+            raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) for every head")
+        own_q, own_k, own_v = self.project(x)                              # (B, H, N, d) each
+        kept = {n: t for n, t in (('q', own_q), ('k', own_k), ('v', own_v)) if n in keep}
+        v = _put(own_v, v, heads)
+        if 'logits' in keep or (attn is not None and heads is not None):   # its own map, written out
+            logits = scores(own_q, own_k)                                  # (B, H, N, N)
+            kept.update({'logits': logits} if 'logits' in keep else {})
+            if attn is not None or (q is None and k is None):              # the map it wrote is used
+                attn = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)
+        if attn is not None:                           # an explicit map, for all heads or the listed ones
+            out = attn.to(v.dtype) @ v
+        elif heads is None:
+            out = attend(own_q if q is None else q, own_k if k is None else k, v, self.implementation)
+        else:                                          # the listed heads attend with what they are given
+            given = attend(own_q[:, heads] if q is None else q, own_k[:, heads] if k is None else k, v[:, heads],
+                           self.implementation)
+            out = _put(attend(own_q, own_k, v, self.implementation), given, heads)
+        return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept     # (B, N, D)
 
     def project(self, x):
         """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
         if self.own_qk:
             return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads).unbind(0)
         return None, None, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
-
-    def internal(self, x, what):
-        """Only what it takes to make 'logits' (B, H, N, N) or 'q', 'k', 'v' (B, H, N, d) from x."""
-        q, k, v = self.project(x)
-        return (q * self.scale) @ k.transpose(-2, -1) if what == 'logits' else {'q': q, 'k': k, 'v': v}[what]
 
 
 def _put(own, given, heads):
@@ -168,8 +193,8 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, given=None, keep=()):
-        """given: what this layer's attention is handed instead of its own ({'attn': map} for copy); keep: what
-        it hands back ({'logits'} for distillation). Returns (x, kept)."""
+        """given: what this layer's attention is handed instead of its own ({'q': q, 'k': k} of the teacher for
+        copy); keep: what it hands back (its own ('q', 'k') for distillation). Returns (x, kept)."""
         a, kept = self.attn(self.norm1(x), **(given or {}), keep=keep)
         x = x + drop_path(self.ls1(a), self.drop_path, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
@@ -225,19 +250,17 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)           # (B, 1 + R + N, D)
         return self.norm_pre(x)
 
-    def forward_tokens(self, x, inject=None, keep=None, depth=None, consume=None):
+    def forward_tokens(self, x, inject=None, keep=None, depth=None):
         """Embed and run the first `depth` blocks (default all).
-        inject: {layer: {'attn' | 'q' | 'k' | 'v' | 'heads': tensor}} given to that layer.
-        keep: {layer: names} of tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
-        consume(layer, dict) -> value: called as soon as a layer with `keep` has run; its value is
-        handed back instead, so the layer's tensors can be freed then (a distillation loss term).
+        inject: {layer: {'q' | 'k' | 'v' | 'attn' | 'heads': tensor}} given to that layer.
+        keep: {layer: names} of its own tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
         """
         inject, keep = inject or {}, keep or {}
         x, kept = self.embed(x), {}
         for i, block in enumerate(self.blocks[:depth]):
             x, kept_i = block(x, inject.get(i), keep.get(i, ()))
             if kept_i:
-                kept[i] = consume(i, kept_i) if consume else kept_i
+                kept[i] = kept_i
         return x, kept
 
     def forward_head(self, x):
@@ -247,29 +270,30 @@ class VisionTransformer(nn.Module):
             x = self.norm(x)[:, 0]                                    # (B, D) class token
         return self.head(x)
 
-    def forward(self, x, inject=None, keep=None, consume=None):
-        """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}} (or
-        {layer: consume's value})."""
-        tokens, kept = self.forward_tokens(x, inject, keep, consume=consume)
+    def forward(self, x, inject=None, keep=None):
+        """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
+        tokens, kept = self.forward_tokens(x, inject, keep)
         logits = self.forward_head(tokens)
         return (logits, kept) if keep else logits
 
-    def attention(self, x, layers, what='logits'):
-        """{layer: tensor} for the given layers, running no block after the last of them.
-        what: 'logits' (B, H, N, N) pre-softmax attention, or 'q', 'k', 'v' (B, H, N, d)."""
-        return dict(self.iter_attention(x, layers, what))
-
-    def iter_attention(self, x, layers, what='logits'):
-        """attention(), lazily: yields (layer, tensor) in order, running each block only when the next
-        tensor is asked for, so a student can use layer i's before the teacher runs layer i + 1."""
+    def internals(self, x, layers, names=('q', 'k')):
+        """{layer: {name: tensor}} of the given layers, running no block after the last of them (of the last,
+        only its norm and projections). names: among 'q', 'k', 'v' (B, H, N, d) and 'logits' (B, H, N, N)."""
         *before, last = sorted(layers)
-        x = self.embed(x)
+        x, out = self.embed(x), {}
         for i, block in enumerate(self.blocks[:last]):
-            x, kept = block(x, keep=(what,) if i in before else ())
+            x, kept = block(x, keep=names if i in before else ())
             if kept:
-                yield i, kept[what]
-        block = self.blocks[last]     # of the last block, only its norm and projections run
-        yield last, block.attn.internal(block.norm1(x), what)
+                out[i] = kept
+        q, k, v = self.blocks[last].attn.project(self.blocks[last].norm1(x))
+        own = {'q': q, 'k': k, 'v': v, 'logits': scores(q, k) if 'logits' in names else None}
+        out[last] = {n: own[n] for n in names}
+        return out
+
+    def attention(self, x, layers, what='logits'):
+        """{layer: tensor} for the given layers: 'logits', the pre-softmax map (B, H, N, N) written out, or 'q',
+        'k', 'v' (B, H, N, d)."""
+        return {i: t[what] for i, t in self.internals(x, layers, (what,)).items()}
 
     def layer_id(self, name):
         """0 for the embedding, i + 1 for block i, depth + 1 for the head (layer-wise lr decay)."""
@@ -278,6 +302,16 @@ class VisionTransformer(nn.Module):
         if name.startswith('blocks.'):
             return int(name.split('.')[1]) + 1
         return self.depth + 1
+
+
+def set_attn_implementation(model, implementation):
+    """'eager' (explicit maps) or 'sdpa' (fused kernels) in every attention layer of model; returns model."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation '{implementation}': choose one of {', '.join(IMPLEMENTATIONS)}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.implementation = implementation
+    return model
 
 
 def _init_weights(m):

@@ -1,5 +1,5 @@
 """The branches the code takes on CUDA only, run on CUDA (`python -m pytest -m gpu tests`) and, where the
-logic allows, on the CPU too: the fused attention loss, SDPA and which layers take it, attention maps
+logic allows, on the CPU too: the fused attention loss, the map-free loss, eager and sdpa, attention maps
 kept in the autocast dtype, the teacher's cast weights, the autocast dtype, TF32, pinned-memory loading."""
 import argparse
 import contextlib
@@ -14,11 +14,9 @@ from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attenti
 from conftest import relative_distance
 from data import build_dataset, build_loader
 from teacher import cast_matmul_weights
-from tools.naive import sdpa_devices
 from util import launch
 from util.config import TrainConfig
-from vit import VisionTransformer
-import vit as vit_module
+from vit import VisionTransformer, set_attn_implementation
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4, global_pool=True)
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)]
@@ -81,13 +79,13 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
     m, x = model(0, 'cuda'), torch.randn(4, 3, 32, 32, device='cuda')
     env = argparse.Namespace(device=torch.device('cuda'), dtype=dtype)
     outs, grads = [], []
-    for fused in (True, False):
+    for implementation in ('sdpa', 'eager'):
         m.zero_grad()
         # the fused run may use flash, memory-efficient or cuDNN attention, never the unfused math fallback
         only_fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                  SDPBackend.CUDNN_ATTENTION]) if fused else contextlib.nullcontext()
-        with only_fused, launch.autocast(env), sdpa_devices(('cuda',) if fused else ()):
-            y = m(x).float()
+                                  SDPBackend.CUDNN_ATTENTION]) if implementation == 'sdpa' else contextlib.nullcontext()
+        with only_fused, launch.autocast(env):
+            y = set_attn_implementation(m, implementation)(x).float()
         y.square().sum().backward()
         outs.append(y.detach())
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
@@ -95,35 +93,73 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
     assert relative_distance(outs[0], outs[1]) < tol and relative_distance(grads[0], grads[1]) < tol
 
 
-@pytest.mark.parametrize('device, fused', [('cpu', None), ('cpu', True), pytest.param('cuda', None, marks=gpu)],
-                         ids=['cpu', 'cpu-fused', 'cuda'])
-def test_layers_needing_no_map_take_sdpa(device, fused, monkeypatch):
-    """By default (vit.SDPA_DEVICES) SDPA runs on CUDA only, and there only in layers that are given no map
-    and asked for none; with the CPU among SDPA_DEVICES, those same layers take it on a CPU."""
+@pytest.mark.parametrize('device', DEVICES)
+def test_each_implementation_takes_its_kernel(device, monkeypatch):
+    """sdpa: every layer of a plain model, a copy student and a map-free distillation step call
+    F.scaled_dot_product_attention; eager: none does."""
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-
-    if fused:
-        monkeypatch.setattr(vit_module, 'SDPA_DEVICES', ('cpu', 'cuda'))
-
-    def vit(seed, **kw):
-        return model(seed, device, **kw)
-    teacher = vit(0, num_classes=0).requires_grad_(False).eval()
     x, y = torch.randn(2, 3, 32, 32, device=device), torch.tensor([0, 1], device=device)
-    counted = {}
-    distill = distill_loss_fn(DistillConfig(), teacher, [0, 1], None)
-    copy = copy_loss(CopyConfig(), teacher, [0, 1, 2], None)
-    for name, run in {
-            'plain': lambda: vit(1)(x),
-            'distill layers 0, 1': lambda: distill(vit(1), x, y),
-            'copy all layers': lambda: copy(vit(1, no_qk_layers=[0, 1, 2]), x, y),
-            'teacher maps 0, 2': lambda: teacher.attention(x, [0, 2])}.items():
-        calls.clear()
-        run()
-        counted[name] = len(calls)
-    where_no_map = {'plain': 3, 'distill layers 0, 1': 1, 'copy all layers': 0, 'teacher maps 0, 2': 1}
-    assert counted == (where_no_map if device == 'cuda' or fused else dict.fromkeys(where_no_map, 0))
+    for implementation in ('eager', 'sdpa'):
+        def vit(seed, **kw):
+            return set_attn_implementation(model(seed, device, **kw), implementation)
+        teacher = vit(0, num_classes=0).requires_grad_(False).eval()
+        distill = distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
+        copy = copy_loss(CopyConfig(), teacher, [0, 1, 2], None)
+        counted = {}
+        for name, run in {'plain': lambda: vit(1)(x), 'copy': lambda: copy(vit(1, no_qk_layers=[0, 1, 2]), x, y),
+                          'distill': lambda: distill(vit(1), x, y)[0].backward()}.items():
+            calls.clear()
+            run()
+            counted[name] = len(calls)
+        if implementation == 'eager':
+            assert counted == {'plain': 0, 'copy': 0, 'distill': 0}
+        else:   # the teacher's blocks before its last transferred one, the student's 3; distillation: 2 layers x P K,
+            # and in backward 2 layers x (S K, P K)
+            assert counted == {'plain': 3, 'copy': 2 + 3, 'distill': 1 + 3 + 2 + 4}, counted
+
+
+@gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_map_free_cross_entropy_on_cuda(dtype):
+    """The row log-sum-exp from CUDA's memory-efficient kernel and the backward's attention calls: the loss and
+    gradients of the float64 definition (on the CPU) within each dtype's rounding."""
+    from attention_distill import map_free_cross_entropy
+    from teacher import to_student_heads
+    from vit import scores
+    torch.manual_seed(0)
+    q_t, k_t = (2 * torch.randn(2, 4, 17, 64) for _ in range(2))
+    q, k = (2 * torch.randn(2, 2, 17, 64) for _ in range(2))                    # groups of 2 teacher heads
+    ref_q, ref_k = (t.to(dtype).double().requires_grad_() for t in (q, k))
+    p = to_student_heads(scores(q_t.to(dtype).double(), k_t.to(dtype).double()), 2).softmax(-1)
+    ref = -(p * scores(ref_q, ref_k).log_softmax(-1)).sum(-1).mean()
+    ref.backward()
+    qs, ks = (t.to(dtype).cuda().requires_grad_() for t in (q, k))
+    ours = map_free_cross_entropy(q_t.to(dtype).cuda(), k_t.to(dtype).cuda(), qs, ks)
+    ours.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(ours.item() - ref.item()) <= tol * abs(ref.item())
+    for g, r in ((qs.grad, ref_q.grad), (ks.grad, ref_k.grad)):
+        assert (g.double().cpu() - r).abs().max() <= tol * r.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize('method', ['copy', 'distill'])
+def test_eager_and_sdpa_steps_agree_on_cuda(method, exact_fp32):
+    x, y = torch.randn(3, 3, 32, 32, device='cuda'), torch.tensor([0, 3, 4], device='cuda')
+    results = []
+    for implementation in ('eager', 'sdpa'):
+        teacher = set_attn_implementation(model(0, 'cuda', num_classes=0), implementation).requires_grad_(False).eval()
+        student = set_attn_implementation(model(1, 'cuda', no_qk_layers=[0, 1] if method == 'copy' else ()),
+                                          implementation)
+        loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None) if method == 'copy' else \
+            distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
+        loss, _ = loss_fn(student, x, y)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])))
+    assert relative_distance(results[0][0], results[1][0]) < 1e-4
+    assert relative_distance(results[0][1], results[1][1]) < 1e-3
 
 # -----------------------------------------------------------------------------
 # Attention maps kept in the autocast dtype (CUDA's autocast makes every softmax fp32 unless told)
@@ -155,15 +191,15 @@ def maps_kept(device):
         teacher, student = teacher.to('cuda'), student.to('cuda')
         x, y = torch.randn(2, 3, 32, 32, device='cuda'), torch.tensor([0, 1], device='cuda')
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            distill_loss_fn(DistillConfig(), teacher, [0, 1, 2], None)(student, x, y)   # no layer on SDPA
+            distill_loss_fn(DistillConfig(), teacher, [0, 1, 2], None, 'eager')(student, x, y)   # explicit maps
         given = copied(teacher, x, [0, 1, 2], None, 'attn')
-    return {t.dtype for t in saved if t.numel() == 2 * 4 * 17 * 17}, {m['attn'].dtype for m in given.values()}
+    return {t.dtype for t in saved if t.numel() == 2 * 4 * 17 * 17}, {m['q'].dtype for m in given.values()}
 
 
 @pytest.mark.parametrize('device', ['fake-cuda', pytest.param('cuda', marks=gpu)])
 def test_attention_maps_are_kept_in_the_autocast_dtype(device):
     """CUDA's autocast makes every softmax fp32 unless told: kept beside its bf16 cast, that doubled the
-    memory of each distilled layer's map, and of every map a copy student is given."""
+    memory of each distilled layer's map (eager); a copy student is given the teacher's q and k in bf16."""
     saved, given = maps_kept(device)
     assert saved == {torch.bfloat16} and given == {torch.bfloat16}
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_copy import CopyModel, copied, copy_loss
-from attention_distill import DistillConfig, attention_cross_entropy, distill_loss, distill_loss_fn
+from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
 from conftest import blocks_run
 from teacher import build_student, index_syntax_ok, parse_index, teacher_outputs
 from util.engine import build_optimizer
@@ -56,19 +56,22 @@ def test_attention_cross_entropy_identities():
     assert torch.allclose(attention_cross_entropy(t, s), direct, atol=1e-5)
     assert attention_cross_entropy(t, s) > attention_cross_entropy(t, t)
     # heads subset and the MSE variants
-    assert torch.allclose(distill_loss(s, t, 'attn', heads=[1]), attention_cross_entropy(t[:, [1]], s[:, [1]]))
-    assert torch.allclose(distill_loss(s, t, 'q'), ((s - t) ** 2).mean())
+    assert torch.allclose(layer_loss({'logits': s}, {'logits': t}, 'attn', heads=[1]),
+                          attention_cross_entropy(t[:, [1]], s[:, [1]]))
+    assert torch.allclose(layer_loss({'q': s}, {'q': t}, 'q'), ((s - t) ** 2).mean())
 
 
-def test_distillation_gradient_reaches_student_qk_never_teacher():
+@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
+def test_distillation_gradient_reaches_student_qk_never_teacher(implementation):
     teacher = make_teacher()
     layers = [0, 1]
     student = build_student(cfg_for(), teacher, 5, layers)
     x = torch.randn(2, 3, 32, 32)
-    target = teacher_outputs(teacher, x, layers, 'attn')
-    assert not any(t.requires_grad for t in target.values())
-    _, kept = student(x, keep={i: ('logits',) for i in layers})
-    sum(distill_loss(kept[i]['logits'], target[i], 'attn') for i in layers).backward()
+    names = ('logits',) if implementation == 'eager' else ('q', 'k')
+    target = teacher_outputs(teacher, x, layers, names)
+    assert not any(t.requires_grad for out in target.values() for t in out.values())
+    _, kept = student(x, keep={i: names for i in layers})
+    sum(layer_loss(kept[i], target[i], 'attn', None, implementation) for i in layers).backward()
     g = student.blocks[1].attn.qkv.weight.grad                  # the last distilled layer:
     assert g[:96].abs().sum() > 0                               # its q and k rows learn,
     assert g[96:].abs().sum() == 0                              # its v shapes no distilled logits
@@ -104,7 +107,7 @@ def test_layer_selection_touches_only_those_layers():
     given = []
     student = build_student(cfg_for(), teacher, 5, [0, 2])
     for i, b in enumerate(student.blocks):
-        b.attn.register_forward_pre_hook(lambda m, a, kw, i=i: given.append(i) if kw.get('attn') is not None
+        b.attn.register_forward_pre_hook(lambda m, a, kw, i=i: given.append(i) if kw.get('q') is not None
                                          else None, with_kwargs=True)
     x = torch.randn(2, 3, 32, 32)
     student(x, inject=copied(teacher, x, [0, 2], None, 'attn'))
@@ -112,7 +115,7 @@ def test_layer_selection_touches_only_those_layers():
     assert ran == [0, 1]                      # the teacher stopped inside layer 2 of 4 (its q and k only)
     ran.clear()
     _, kept = student(x, keep={0: ('logits',), 2: ('logits',)})
-    teacher_outputs(teacher, x, [0], 'attn')
+    teacher_outputs(teacher, x, [0], ('q', 'k'))
     assert sorted(kept) == [0, 2] and ran == []
 
 
@@ -130,12 +133,14 @@ def test_qkv_copy_of_one_head_leaves_that_projection_untrained(transfer):
     assert g[0].abs().sum() == 0 and (g[1:].abs().sum((1, 2)) > 0).all()
 
 
-def test_distilling_a_head_subset_trains_only_those_heads_attention():
+@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
+def test_distilling_a_head_subset_trains_only_those_heads_attention(implementation):
     teacher = make_teacher()
     student = build_student(cfg_for(), teacher, 5, [0])
     x = torch.randn(2, 3, 32, 32)
-    _, kept = student(x, keep={0: ('logits',)})
-    distill_loss(kept[0]['logits'], teacher_outputs(teacher, x, [0], 'attn')[0], 'attn', heads=[1, 3]).backward()
+    names = ('logits',) if implementation == 'eager' else ('q', 'k')
+    _, kept = student(x, keep={0: names})
+    layer_loss(kept[0], teacher_outputs(teacher, x, [0], names)[0], 'attn', [1, 3], implementation).backward()
     g = student.blocks[0].attn.qkv.weight.grad[:48].view(4, 12, 48)               # q rows per head
     assert g[[0, 2]].abs().sum() == 0 and (g[[1, 3]].abs().sum((1, 2)) > 0).all()
 

@@ -52,6 +52,7 @@ from util.checkpoints import build_from_checkpoint, read_checkpoint
 from util.config import ConfigError, parse_config
 from util.launch import run_main
 from util.rundir import cpu_name, git_commit
+from vit import scores
 
 # -----------------------------------------------------------------------------
 # Linear CKA: the definition, then the same number from statistics accumulated batch by batch
@@ -171,24 +172,26 @@ def runner(model):
     in its copied layers, exactly as attention_copy.CopyModel runs it."""
     if isinstance(model, CopyModel):
         s = model.student
-        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer, s.num_heads)
+        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer)
     return model, lambda x: {}
+
 
 
 def blocks(vit, x, inject):
     """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
     block by block, so that several models can be run side by side holding one block's tensors each.
-    Where a layer is given the teacher's map, the map it used is that one (as log-probabilities)."""
+    Where a layer is given the teacher's q and k, the map it used is the teacher's (as log-probabilities)."""
     x = vit.embed(x)                                                        # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
-        x, kept = block(x, given, keep=('logits',))
+        x, kept = block(x, given, keep=('logits',) if block.attn.own_qk else ())
         logits = kept.get('logits')                                         # its own, when it computes one
-        if 'attn' in given:
-            maps = given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()    # (B, h, N, N)
+        if 'q' in given and 'k' in given:       # the teacher's map, of its group of heads (as log-probabilities)
+            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
+            maps = to_student_heads(scores(given['q'], given['k']).float(), heads)   # (B, h, N, N)
             if 'heads' in given:
                 logits = logits.clone()
-                logits[:, given['heads']] = maps
+                logits[:, given['heads']] = maps.to(logits.dtype)
             else:
                 logits = maps
         yield i, x, logits.float()

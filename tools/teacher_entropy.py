@@ -26,7 +26,7 @@ def entropies(teacher, images, keep=None):
     """{layer: (H,) entropies}: on every patch, or on `keep` random patches of each image (and the class
     token), embedded as MAE's encoder embeds them."""
     if keep is None:
-        return {i: entropy(t) for i, t in teacher.iter_attention(images, range(len(teacher.blocks)))}
+        return {i: entropy(t) for i, t in teacher.attention(images, range(len(teacher.blocks))).items()}
     x = teacher.patch_embed(images) + teacher.pos_embed[:, 1:]                        # (B, N, D)
     ids = random_keep(len(x), x.shape[1], keep, generator=torch.Generator().manual_seed(0))
     cls = (teacher.cls_token + teacher.pos_embed[:, :1]).expand(len(x), -1, -1)

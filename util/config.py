@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from data import INFO
 from util.augment import randaugment
-from vit import SIZES
+from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 
@@ -70,6 +70,7 @@ class TrainConfig:
     ema: float = 0.0                # EMA decay per step; 0 = no EMA
     # system
     amp: str = 'auto'               # auto | bf16 | fp16 | off
+    attn_implementation: str = 'auto'   # eager (explicit maps) | sdpa (fused, no map stored) | auto: per device
     compile: bool = False
     seed: int = 0
     num_workers: int = 2
@@ -83,7 +84,7 @@ class TrainConfig:
 
     # what --resume true may change: where and how the run goes, never what it computes (README, "resume")
     RESUMABLE: typing.ClassVar[tuple] = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                                         'save_every', 'max_steps', 'compile', 'dist_timeout')
+                                         'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT: typing.ClassVar[str] = ''
     # the fields naming files a run reads (a teacher, --init weights): never one its run directory replaces
@@ -135,6 +136,8 @@ class TrainConfig:
             ('clip_grad', self.clip_grad >= 0, 'must be 0 (off) or more'),
             ('ema', 0 <= self.ema < 1, 'is a decay per step: [0, 1), 0 = off'),
             ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
+            ('attn_implementation', self.attn_implementation in ('auto', *IMPLEMENTATIONS),
+             f"choose auto or one of {', '.join(IMPLEMENTATIONS)}"),
             ('seed', 0 <= self.seed < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'),
             ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
             ('fake_size', self.fake_size >= 1, 'must be at least 1'),

@@ -21,6 +21,7 @@ from util.config import ConfigError
 from util.launch import all_mean, autocast, log, seed_all
 from util.resume import record_divergence, restore, resume_command
 from util.rundir import append_record, rng_states, save_checkpoint, write_provenance
+from vit import set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Optimiser and schedule
@@ -112,7 +113,7 @@ class Run:
 
     def __init__(self, cfg, env, model, data, extra):
         self.cfg, self.env, self.extra = cfg, env, extra
-        self.model = model = model.to(env.device)
+        self.model = model = set_attn_implementation(model.to(env.device), env.attn)   # the EMA copy takes it too
         self.eff_batch = cfg.batch_size * cfg.accum_steps * env.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)

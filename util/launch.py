@@ -52,6 +52,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
                              dtype=amp_dtype(cfg.amp, device))
+    env.attn, env.attn_why = attn_implementation(cfg.attn_implementation, device)
     env.ckpt_path, env.pending, env.claimed = prepare_run_dir(cfg, main=rank == 0), [], False
     env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
@@ -63,6 +64,7 @@ def start(cls, presets):
     cfg = parse_config(cls, presets)
     env = setup(cfg)
     log(env, cfg, f'{what_runs(cfg, env)} | loading the data')   # a first line seconds after the start
+    log(env, cfg, f'attention: {env.attn} ({env.attn_why})')
     data = build_splits(cfg)
     log(env, cfg, f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
                   f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
@@ -97,6 +99,22 @@ def amp_dtype(amp, device):
         cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
         return torch.bfloat16 if cpu_bf16 else None
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
+
+
+# --attn-implementation auto: per device, the one tools/benchmark.py measured faster. CPU (bf16, 1 thread): eager at
+# the Fashion-MNIST preset (distillation 1.00x today's step, sdpa 0.15x) and at ViT-B/16 batch 8 (sdpa 0.76x):
+# torch's CPU flash kernel is slow in bf16 backward (results/benchmark/ATTENTION.md). CUDA: sdpa, not yet measured
+# there against eager: the H100 profile found explicit maps the cost of distillation (results/benchmark-h100).
+AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; not yet timed against eager on a GPU'),
+             'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
+
+
+def attn_implementation(choice, device):
+    """(implementation, why) for --attn-implementation: eager writes attention maps out, sdpa never stores one."""
+    if choice != 'auto':
+        return choice, f'--attn-implementation {choice}'
+    implementation, why = AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
+    return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
 def autocast(env):
