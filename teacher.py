@@ -70,12 +70,13 @@ def parse_index(spec, n, what):
     if spec == 'all':
         return list(range(n))
     try:
-        out = set()
-        for part in spec.split(','):
-            a, dash, b = part.partition('-')
-            out.update(range(int(a), int(b if dash else a) + 1))
+        ranges = [(int(a), int(b if dash else a)) for a, dash, b in (part.partition('-') for part in spec.split(','))]
     except ValueError:
         raise ConfigError(f"--{what} '{spec}': use all, 3, 0-17, 0,2,5 or 0-3,8") from None
+    for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
+        if hi < lo:
+            raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
+    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}
     if not out or min(out) < 0 or max(out) >= n:
         raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
     return sorted(out)

@@ -18,7 +18,11 @@ from util.config import ConfigError
     (dict(methods=['train', 'nope']), '--methods train nope: choose from'),
     (dict(models=['vit_nope']), '--models vit_nope: choose from'),
     (dict(profile=['eval-copy']), '--profile eval-copy: choose from'),
-    (dict(device='gpu'), '--device must be auto, cpu or cuda')])
+    (dict(device='gpu'), '--device must be auto, cpu or cuda'),
+    # checked once --quick has set its sizes (img 32), and bounded: each was a traceback
+    (dict(device='cpu', quick=True, patch_size=7), '--img-size 32: must be a multiple of --patch-size 7'),
+    (dict(device='cpu', img_size=0), '--img-size 0: must be a multiple of --patch-size 16'),
+    (dict(device='cpu', gemm_size=10 ** 6), '--gemm-size 1000000: makes 3 square fp32 matrices larger')])
 def test_bad_flags_are_config_errors(flags, words):
     with pytest.raises(ConfigError, match=words):
         configure(BenchConfig(**flags))
@@ -55,6 +59,15 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_timing(tmp_path
         (tmp_path / 'ro').mkdir(mode=0o555)
         with pytest.raises(ConfigError, match='cannot be written'):
             configure(BenchConfig(device='cpu', out_dir=str(tmp_path / 'ro' / 'bench')))
+
+
+def test_a_users_own_benchmark_md_is_not_written_over(tmp_path):
+    """--out-dir D holding a BENCHMARK.md the benchmark did not write (no benchmark.json): it was replaced."""
+    (tmp_path / 'BENCHMARK.md').write_text('mine\n')
+    with pytest.raises(ConfigError, match=r'holds BENCHMARK.md but no benchmark.json .*choose another --out-dir$'):
+        configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))
+    (tmp_path / 'benchmark.json').write_text('{}')   # an earlier result of its own: replaced
+    assert configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))[0].out_dir == str(tmp_path)
 
 
 def test_gpu_results_are_named_by_device():

@@ -27,6 +27,7 @@ from vit import VisionTransformer
 
 # the fake preset's images (32 px, patches of 8); a teacher as people save one: 8 heads of 8, the weights alone
 SHAPE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=8)
+SHAPE_ARGS = [a for k, v in SHAPE.items() for a in (f"--{k.replace('_', '-')}", v)]
 
 
 def random_vit(**arch):
@@ -290,6 +291,9 @@ def test_a_run_that_diverges_keeps_a_finite_checkpoint_and_goes_on_with_a_lower_
     assert ck['step'] == 2 and all(v.isfinite().all() for s in ck['optimizer']['state'].values()
                                    for v in s.values() if torch.is_tensor(v))
     monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    before = digest(out)   # a higher lr was accepted, where the README says it may be lowered
+    msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '2e-3')
+    assert msg and '--blr 0.001 -> 0.002 is higher; go on with a lower learning rate' in msg and digest(out) == before
     assert run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '5e-4') is None
     config = json.loads((out / 'config.json').read_text())
     resume = config['resumes'][-1]
@@ -314,6 +318,23 @@ def test_a_teacher_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch, 
                          '--amp', 'off')
     assert msg and says in msg and 't.pt' in msg, msg
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize('dtype', [torch.int8, torch.int64, torch.complex64])
+def test_weights_that_are_not_real_floats_are_refused_wherever_read(tmp_path, monkeypatch, dtype):
+    """Loading cast int8 / int64 / complex weights to float32 without a word (a quantised file without its scales
+    made garbage maps) as a teacher, an --init and an ensemble member: one loader, one line, nothing written."""
+    model = random_vit()
+    sd = {k: v.to(dtype) if k == 'blocks.0.attn.qkv.weight' else v for k, v in model.state_dict().items()}
+    torch.save({'model': sd, 'arch': model.arch}, tmp_path / 'q.pt')
+    says = f"holds weights that are not real floating-point numbers (blocks.0.attn.qkv.weight is {dtype})"
+    for script, args in [(attention_distill, ['--teacher', tmp_path / 'q.pt']),
+                         (finetune, ['--init', tmp_path / 'q.pt', *SHAPE_ARGS]),
+                         (ensemble, ['--models', tmp_path / 'q.pt'])]:
+        out = tmp_path / script.__name__
+        msg = run_in_process(monkeypatch, script, *TINY, *args, *['--out-dir', out] * (script is not ensemble))
+        assert msg and says in msg and 'q.pt' in msg, (script.__name__, msg)
+        assert not os.path.exists(out) or os.listdir(out) == []
 
 # -----------------------------------------------------------------------------
 # 4. Sizes that cannot fit: one line before anything is allocated (finetune.py's: tests/test_checks.py)

@@ -90,6 +90,8 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
      'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels', 'is not an IDX file'),
     (lambda images, labels: relabel(labels, 200), False, 'labels', 'holds label 200, not a Fashion-MNIST class'),
+    (lambda images, labels: write_idx(images, np.zeros((12, 32, 32))), True, 'images',   # failed in the model
+     "holds images of 32 x 32 pixels, not Fashion-MNIST's 28 x 28"),
 ])
 def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit, match):
     """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file, a label out
@@ -387,3 +389,32 @@ def test_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch, workers):
                          '--patch-size', '8', '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
                          '--batch-size', '4', '--num-workers', workers, '--out-dir', tmp_path / 'run')
     assert msg and msg.startswith('error: cannot read image') and str(broken) in msg, msg
+
+
+def test_linked_folders_read_as_copies_and_loops_are_refused(tmp_path):
+    """A data root, class folders and images that are links read exactly as copies; a link loop (a/loop -> .)
+    read class a's images 41 times, a link to the split (zloop -> ../train) made a class of every image, a
+    file linked twice was read twice: each refused in one line naming the link."""
+    colour_folders(tmp_path / 'store', {'train': 'abc', 'val': 'abc'})
+    copy, linked = tmp_path / 'copy', tmp_path / 'linked'
+    shutil.copytree(tmp_path / 'store', copy)
+    os.makedirs(linked / 'real' / 'train' / 'c')
+    os.symlink(tmp_path / 'store' / 'train' / 'a', linked / 'real' / 'train' / 'a')   # a class folder
+    shutil.copytree(tmp_path / 'store' / 'train' / 'b', linked / 'real' / 'train' / 'b')
+    for k in range(3):                                                                  # image files
+        os.symlink(tmp_path / 'store' / 'train' / 'c' / f'{k}.png', linked / 'real' / 'train' / 'c' / f'{k}.png')
+    os.symlink(tmp_path / 'store' / 'val', linked / 'real' / 'val')
+    os.symlink(linked / 'real', linked / 'root')                                        # the data root
+
+    def samples(root, train=True):
+        ds, _ = build_dataset(config(data='folder', data_dir=str(root), img_size=32), train=train)
+        return [(os.path.relpath(p, ds.root), y) for p, y in ds.samples]
+    assert samples(linked / 'root') == samples(copy) and len(samples(copy)) == 9
+    assert samples(linked / 'root', False) == samples(copy, False)
+    for link, target, match in [('train/a/loop', '.', r'train/a/loop is .*train/a again \(folder'),
+                                ('train/zloop', '../train', r'train/zloop is .*train again \(folder'),
+                                ('train/b/3.png', '0.png', r'train/b/3.png is .*train/b/0.png again \(file')]:
+        os.symlink(target, copy / link)
+        with pytest.raises(DataError, match=match + r'.*remove the link$'):
+            samples(copy)
+        os.remove(copy / link)

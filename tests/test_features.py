@@ -258,12 +258,19 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
     for args, says in ((['--models', tmp_path / 'missing.pt'], "no checkpoint '.*missing.pt'"),
                        (['--models', runs / 'scratch' / 'checkpoint.pt', '--names', 'teacher'], '--names'),
                        (['--models', runs / 'copy' / 'checkpoint.pt', '--teacher',
-                         runs / 'scratch' / 'checkpoint.pt'], 'copy student: the teacher .* has sha256')):
+                         runs / 'scratch' / 'checkpoint.pt'], 'copy student: the teacher .* has sha256'),
+                       (['--models', runs / 'distill' / 'checkpoint.pt', '--teacher',   # measured against maps
+                         runs / 'scratch' / 'checkpoint.pt'], 'distilled student: the teacher .* has sha256')):
         p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, *args, '--out-dir', out)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), p.stderr
         assert re.search(says, lines[0]), lines[0]
         assert not out.exists()
+    finetune(tmp_path / 'six', '--max-steps', '1', '--num-heads', '6')   # more heads than the teacher's 3: einops
+    p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', tmp_path / 'six' / 'checkpoint.pt',
+                   '--out-dir', out)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr[-2000:]
+    assert "the teacher's 3 heads are no multiple of six 6 heads" in p.stderr and not out.exists()
     out.mkdir()
     (out / 'README.md').write_text('mine\n')
     p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', runs / 'scratch' / 'checkpoint.pt',

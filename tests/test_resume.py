@@ -267,3 +267,32 @@ def test_distillation_resume_checks_the_teacher_file(monkeypatch, distilled, tmp
     ck = torch.load(d / 'checkpoint.pt', weights_only=True)
     assert ck['step'] == 4 and ck['distilled_from']['sha256'] == sha(t1)
     assert re.search(r'"new_teacher": \[\s*false,\s*true\s*\]', (d / 'config.json').read_text())
+
+
+@pytest.mark.parametrize('max_steps, says', [(3, 'at'), (2, 'past')])
+def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, tmp_path, max_steps, says):
+    """Stopped after the checkpoint of step 3 (--save-every, mid-epoch, never evaluated): --max-steps 3 ended in a
+    KeyError ('top1'), --max-steps 2 reported step 3 as its end."""
+    from util import engine
+    from util.rundir import unlock
+    calls, plain = [0], engine.soft_cross_entropy
+
+    def stopped(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return plain(*args, **kw)
+    monkeypatch.setattr(engine, 'soft_cross_entropy', stopped)
+    d = tmp_path / 'run'
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', *TINY, '--out-dir', str(d), '--save-every', '3'])
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C after step 3's checkpoint
+        finetune.main()
+    unlock()   # as run_main does
+    monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    assert torch.load(d / 'checkpoint.pt', weights_only=True)['step'] == 3
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', max_steps)
+    assert msg and f'is at step 3, {says} --max-steps {max_steps}, and was not evaluated there: give --max-steps ' \
+                   f'above 3' in msg, msg
+    assert digest(d) == before
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')

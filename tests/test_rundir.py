@@ -169,6 +169,38 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
     assert [r['step'] for r in read_metrics(d)] == [2, 3]   # step 3's record of the failed save is made once
 
 
+def test_a_full_disk_at_the_first_checkpoint_says_the_command_that_works(tmp_path):
+    """The advised 'run the command again' was refused as 'a finished run' (its evaluation kept, no checkpoint)."""
+    d = tmp_path / 'run'
+    line = one_error_line(run_limited(2 ** 20, '--out-dir', d, '--max-steps', '2'))
+    assert f'cannot write {d}/checkpoint.pt (File too large): free some space; no checkpoint was saved yet' in line
+    assert line.endswith('run the command again with --overwrite true (it deletes the 1 evaluation(s) made)'), line
+    assert run_script('finetune.py', *TINY, '--out-dir', d, '--max-steps', '2', '--overwrite', 'true').returncode == 0
+
+
+def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_path):
+    """Every write error said 'free some space ... --resume true': for a permission error too, and in evaluate.py,
+    which has no --resume."""
+    import errno
+    from util import rundir
+    from util.files import cannot_write
+    from util.launch import run_main
+    monkeypatch.setattr(rundir, '_RUN', {})   # no run directory: evaluate.py, a tool
+
+    def fails(e):
+        def main():
+            raise cannot_write(str(tmp_path / 'out.md'), e)
+        with pytest.raises(SystemExit) as exit_:
+            run_main(main)
+        return exit_.value.code
+    full = fails(OSError(errno.ENOSPC, 'No space left on device'))
+    assert full == f'error: cannot write {tmp_path}/out.md (No space left on device): free some space and run the ' \
+                   f'command again', full
+    denied = fails(PermissionError(errno.EACCES, 'Permission denied'))
+    assert denied == f'error: cannot write {tmp_path}/out.md (Permission denied): make {tmp_path} writable (or ' \
+                     f'choose another path) and run the command again', denied
+
+
 # -----------------------------------------------------------------------------
 # What a resume keeps, and what a new run may not write over
 
@@ -215,6 +247,18 @@ def test_resume_drops_an_evaluation_made_after_its_checkpoint(monkeypatch, saved
         f.write(json.dumps({'epoch': 0.5, 'step': 4, 'top1': 99.0}) + '\n')
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
     assert [(r['step'], r['top1'] == 99.0) for r in read_metrics(d)] == [(2, False), (4, False)]
+
+
+def test_a_run_file_linked_outside_the_run_is_refused(monkeypatch, saved, tmp_path):
+    """log.txt a link to a user's file elsewhere: a resume appended its log to that file."""
+    d = saved(tmp_path)
+    (tmp_path / 'notes.txt').write_text('mine\n')
+    (d / 'log.txt').unlink()
+    os.symlink(tmp_path / 'notes.txt', d / 'log.txt')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
+    assert msg and f'{d}/log.txt is a link to {tmp_path}/notes.txt, outside the run directory' in msg, msg
+    assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
 
 
 # root writes into read-only folders: as root, the scripts run without that capability (util-linux's setpriv)
@@ -264,3 +308,22 @@ def test_ctrl_c_ends_in_one_line_that_continues_the_run(tmp_path):
     p = run_script(*command[1:], '--max-steps', at + 1)
     assert p.returncode == 0 and f'resumed from {out / "checkpoint.pt"} at step {at}' in p.stdout, p.stderr[-3000:]
     assert step_of(out) == at + 1
+
+
+@pytest.mark.parametrize('stdout', ['closed pipe', '/dev/full'])
+def test_a_stdout_that_cannot_be_written_ends_in_no_traceback(tmp_path, stdout):
+    """`python finetune.py ... | head`, and stdout on a full device, ended the run with a traceback: it goes on,
+    its log.txt whole."""
+    args = [sys.executable, 'finetune.py', *TINY, '--out-dir', str(tmp_path / 'run'), '--max-steps', '2']
+    if stdout == 'closed pipe':
+        p = subprocess.Popen(args, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.close()   # as `| head` does once it has its lines
+        err = p.communicate(timeout=240)[1]
+    else:
+        with open('/dev/full', 'w') as full:
+            p = subprocess.run(args, cwd=ROOT, env=sub_env(), stdout=full, stderr=subprocess.PIPE, text=True,
+                               timeout=240)
+        err = p.stderr
+    assert p.returncode == 0 and not err.strip(), err[-3000:]
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'the rest is in log.txt only' in log and 'final | top-1' in log

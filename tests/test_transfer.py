@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from attention_copy import CopyModel, copied, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
 from conftest import blocks_run
-from teacher import build_student, parse_index, teacher_outputs
+from teacher import build_student, index_syntax_ok, parse_index, teacher_outputs
 from util.engine import build_optimizer
 from vit import VisionTransformer
 
@@ -157,6 +157,10 @@ def test_student_must_fit_teacher():
     for bad in ('9', 'x', '2-'):
         with pytest.raises(ConfigError):
             parse_index(bad, 8, 'layers')
+    for bad in ('1-0', '0,1-0', '0,3-1', '2,5-3,6'):   # a reversed range inside a list once dropped silently
+        with pytest.raises(ConfigError, match=r'-\d is an empty range \(low-high, as \d-\d\)$'):
+            parse_index(bad, 8, 'layers')
+        assert not index_syntax_ok(bad)   # refused when the config is checked, before any file is read
 
 
 @pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
 from tools.benchmark_report import machine, markdown, profile, targets
-from util.config import ConfigError, parse_config
+from util.config import ConfigError, check, machine_memory, parse_config
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
 from vit import SIZES
@@ -70,10 +70,12 @@ class BenchConfig:
                 ('memory_batch_size', self.memory_batch_size >= -1, 'must be -1 (the timed batch), 0 or more'),
                 ('fill', 0 < self.fill <= 1, "is a share of the GPU's memory: (0, 1]"),
                 ('patch_size', self.patch_size >= 1, 'must be at least 1'),
-                ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
-                 f'must be a multiple of --patch-size {self.patch_size}'),
+                ('img_size', self.patch_size < 1 or self.img_size >= self.patch_size and
+                 self.img_size % self.patch_size == 0, f'must be a multiple of --patch-size {self.patch_size}'),
                 ('depth', self.depth >= 0, "must be 0 (the size's own) or more"),
                 *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('rounds', 'steps', 'gemm_size')],
+                ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,   # its 3 fp32 matrices
+                 'makes 3 square fp32 matrices larger than half the memory: choose a smaller one'),
                 ('warmup', self.warmup >= 0, 'must be 0 or more'),
                 ('distill_frac', 0 < self.distill_frac <= 1, 'is a fraction of the layers: (0, 1]'),
                 ('threads', self.threads >= 0, "must be 0 (torch's default) or more")]
@@ -99,6 +101,7 @@ def configure(cfg):
         if applies:
             cfg = BenchConfig(**{k: changes[k] if k in changes and v == default[k] else v
                                  for k, v in asdict(cfg).items()})
+    check(cfg)   # again, with --quick's and the GPU's sizes: they may not fit the flags given beside them
     if device.type == 'cuda' and cfg.out_dir == default['out_dir']:
         cfg.out_dir = f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
     if not set(cfg.methods) <= set(METHODS):
@@ -109,7 +112,8 @@ def configure(cfg):
         raise ConfigError(f"--models {' '.join(cfg.models)}: choose from {' '.join(SIZES)}")
     if cfg.batch_size < 0 or cfg.batch_size == 0 and device.type != 'cuda':
         raise ConfigError(f'--batch-size {cfg.batch_size}: give a positive batch (0 fills a GPU, on a GPU only)')
-    check_out_dir(cfg.out_dir, '--out-dir')   # a file or a read-only folder: refused now, not after the timings
+    # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not after the timings
+    check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
     return cfg, device
 
 

@@ -45,7 +45,7 @@ from attention_distill import attention_cross_entropy
 from data import INFO, build_eval_set, class_names
 from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, heads_checks, load_models,
                       with_data)
-from teacher import layer_pairs, to_student_heads
+from teacher import layer_pairs, teacher_mismatch, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
@@ -258,10 +258,15 @@ def given_maps(model):
     return {'transfer': model.transfer, 'maps_given': layers, 'heads_given': model.heads, 'maps_distilled': distilled}
 
 
-def distilled_layers(source):
-    """The layers a distilled student's checkpoint records as distilled toward its teacher's maps; [] for others."""
+def distilled_layers(source, teacher):
+    """The layers a distilled student's checkpoint records as distilled toward its teacher's maps; [] for others.
+    Its teacher must be `teacher` (SHA-256, as for a copy student): else the report would measure it against maps
+    it never saw, and say that it did not take them."""
     ckpt = read_checkpoint(source)
     rec = ckpt.get('distilled_from') if isinstance(ckpt, dict) else None
+    other = teacher_mismatch(teacher, rec) if isinstance(rec, dict) else None
+    if other:
+        raise ConfigError(f'{source} is a distilled student: {other}; give its own teacher with --teacher')
     if not isinstance(rec, dict) or rec.get('transfer') != 'attn':
         return []
     return sorted(layer_pairs(rec.get('layer_map', rec.get('layers', []))))
@@ -329,7 +334,7 @@ def load(cfg, device):
     the test images' loader."""
     models, records, size = load_models(cfg.models, cfg.teacher, num_heads=cfg.num_heads)
     for model, source in zip(models, cfg.models):
-        model.maps_distilled = distilled_layers(source)
+        model.maps_distilled = distilled_layers(source, cfg.teacher)
     teacher = build_from_checkpoint(cfg.teacher, None, cfg.teacher_num_heads, '--teacher-num-heads', img_size=size,
                                     num_classes=0, drop_path_rate=0.0).eval()
     models = {'teacher': teacher, **dict(zip(cfg.labels(), models))}
@@ -339,6 +344,12 @@ def load(cfg, device):
         raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
                           'size and register count (depth, patch, registers): ' +
                           ', '.join(f'{k} {v}' for k, v in shapes.items()))
+    heads = {k: runner(m)[0].num_heads for k, m in models.items()}   # maps are compared at each model's heads
+    odd = [f'{k} {h}' for k, h in heads.items() if heads['teacher'] % h]
+    if odd:
+        raise ConfigError(f"the teacher's maps are compared with each model's grouped to its heads (teacher."
+                          f"to_student_heads): the teacher's {heads['teacher']} heads are no multiple of "
+                          f"{', '.join(odd)} heads; compare models with {heads['teacher']} heads or a divisor of it")
     cfg = with_data(cfg, records, PRESETS)   # the data set the models were trained on, unless --data is given
     test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir,
                                                            val_size=0, img_size=size, fake_size=cfg.fake_size))

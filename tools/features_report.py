@@ -7,7 +7,6 @@ import statistics
 
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
 
-from util.config import ConfigError
 from util.files import check_out_dir, read_json, write_json, write_text
 
 FILES = ('features.json', 'features.png', 'README.md')
@@ -16,15 +15,10 @@ FILES = ('features.json', 'features.png', 'README.md')
 def check_out(out_dir):
     """Refuse, before any work, an --out-dir that cannot be written, or that holds a README.md or features.png
     that features.py did not write (no features.json beside them): only its own results are replaced."""
-    check_out_dir(out_dir, '--out-dir')
+    check_out_dir(out_dir, '--out-dir', 'features.json', FILES)
     path = os.path.join(out_dir, 'features.json')
     if os.path.exists(path):
         read_json(path, 'choose another --out-dir, or remove it if it is yours', {'result': dict})
-        return
-    found = [f for f in FILES if os.path.exists(os.path.join(out_dir, f))]
-    if found:
-        raise ConfigError(f"--out-dir {out_dir} holds {', '.join(found)} but no features.json saying features.py "
-                          f'made them: choose another --out-dir')
 
 # -----------------------------------------------------------------------------
 # Tables

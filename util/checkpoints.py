@@ -258,11 +258,18 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     check_arch(model, ckpt, source, num_heads, flag)
     sd = dict(state_dict_of(ckpt))
+    own = model.state_dict()
+    # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
+    # values without their imaginary part) would become a model of garbage maps, without a word
+    typed = next((f'{k} is {v.dtype}' for k, v in sd.items() if k in own and own[k].is_floating_point()
+                  and not v.is_floating_point()), None)
+    if typed:
+        raise CheckpointError(f"'{source}' holds weights that are not real floating-point numbers ({typed}): "
+                              f"dequantise it (or take its float original) and save that")
     broken = next((k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()), None)
     if broken:
         raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or inf): it is no "
                               f"usable model (a run that diverged?): take an earlier checkpoint of it")
-    own = model.state_dict()
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier

@@ -122,6 +122,8 @@ def fashion_mnist(data_dir, train, transform):
         return fashion_mnist(data_dir, train, transform)
     images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
     x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
+    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
+        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
     if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
         raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
                                             f'(expected (N, 28, 28) and (N,))')
@@ -247,6 +249,29 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         self.classes = sorted(index, key=index.get)   # every class of the numbering, index = label
         self.source = os.path.abspath(root)
 
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's samples, in its order (its walk, sorted, links followed: a data root, class folders and
+        images that are links to shared storage read as copies would), each folder and file taken once by where
+        it really is. A link loop (a/loop -> .) or a file reached by two paths would read the same images again
+        (41 times, or as a class of its own) without a word: a DataError naming the link."""
+        seen = {os.path.realpath(directory): directory}   # real path -> the path it was first reached by
+        samples = []
+        for name in sorted(class_to_idx):
+            walked = []
+            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+                once(root, seen, 'folder')   # top-down: checked before the walk goes into it, so a loop ends here
+                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))   # hidden: no images (is_image)
+                walked.append((root, files))
+            for root, files in sorted(walked):
+                real = os.path.realpath(root)   # one lstat a file below, not one a part of its path
+                samples += [(p, class_to_idx[name]) for p in (os.path.join(root, f) for f in sorted(files))
+                            if is_valid_file(p) and once(p, seen, 'file', None if os.path.islink(p) else
+                                                         os.path.join(real, os.path.basename(p)))]
+        empty = sorted(set(class_to_idx) - {os.path.relpath(p, directory).split(os.sep)[0] for p, _ in samples})
+        if empty and not allow_empty:   # torchvision's error, which __init__ turns into a DataError
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. ")
+        return samples
+
     def is_image(self, path):
         """An image file by its extension (ImageFolder's list), outside hidden files and folders (macOS's
         ._photo.jpg, a .ipynb_checkpoints copy)."""
@@ -260,6 +285,16 @@ class ClassFolder(torchvision.datasets.ImageFolder):
             raise DataError(f"{directory} has folders {', '.join(strangers[:3])}{' ...' * (len(strangers) > 3)}: "
                             f'{self.unknown}')
         return names, {n: self.index[n] for n in names}
+
+
+def once(path, seen, kind, real=None):
+    """True, path's real location (`real`, if known) noted in `seen`; a DataError if another path led there."""
+    real = real or os.path.realpath(path)
+    if real in seen:
+        raise DataError(f'{path} is {seen[real]} again ({kind} {real}, reached through a symbolic link): its images '
+                        f'would be read twice, or without end in a loop: remove the link')
+    seen[real] = path
+    return True
 
 
 def read_image(path):

@@ -132,6 +132,11 @@ class Run:
         self.step, self.metrics, self.trained_s = (0, {}, 0.0) if not resumed else \
             restore(resumed, env, model, self.opt, self.scaler, self.ema, self.steps_per_epoch, self.classes)
         self.saved_step = self.step if resumed else None   # the step of the checkpoint on disk, if any
+        if resumed and (self.step > self.total_steps or self.step == self.total_steps and 'top1' not in self.metrics):
+            # nothing left to train, and no evaluation of this step to report (a mid-epoch checkpoint): a KeyError
+            where = 'past' if self.step > self.total_steps else 'at'
+            raise ConfigError(f'--resume: {env.ckpt_path} is at step {self.step}, {where} --max-steps {cfg.max_steps}, '
+                              f'and was not evaluated there: give --max-steps above {self.step} (0: the whole schedule)')
         write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
         env.resumed = None
         log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 | '

@@ -19,7 +19,11 @@ class DamagedFile(ConfigError):
 
 
 class WriteError(ConfigError):
-    """A file that could not be written whole (a full disk, a file size limit, a read-only disk)."""
+    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
+    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
+    def __init__(self, what, again=' and run the command again'):
+        super().__init__(what + again)
+        self.what = what
 
 
 def read_json(path, fix, keys=None):
@@ -89,9 +93,11 @@ def cannot_write(path, e):
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
     if getattr(e, 'errno', None) in (errno.EISDIR, errno.ENOTDIR):
         kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
-        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path')
-    return WriteError(f'cannot write {path} ({why}): free some space and run the command again (with --resume '
-                      f'true to continue from the last checkpoint)')
+        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
+    if getattr(e, 'errno', None) in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
+        return WriteError(f'cannot write {path} ({why}): make {os.path.dirname(os.path.abspath(path))} writable '
+                          f'(or choose another path)')
+    return WriteError(f'cannot write {path} ({why}): free some space')
 
 
 def write_text(path, text):
@@ -119,9 +125,15 @@ def write_json(path, record):
     write_text(path, json.dumps(record, indent=2))
 
 
-def check_out_dir(path, flag):
+def check_out_dir(path, flag, record=None, files=()):
     """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made
-    or written there (no permission, a read-only file system). Makes nothing."""
+    or written there (no permission, a read-only file system). Makes nothing. record, files: what a command
+    writes there, `record` (its JSON) beside the others; any of them in a folder without `record` is someone
+    else's (a user's own README.md), which the command would replace: refused, as it replaces only its own."""
+    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
+    if record and found and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: choose "
+                          f"another {flag}")
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')
@@ -133,3 +145,4 @@ def check_out_dir(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):   # also false on a read-only file system, for root too
         raise ConfigError(f'{flag} {path}: {parent} cannot be written (read-only, or no permission): choose '
                           f'another {flag}')
+

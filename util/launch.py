@@ -25,9 +25,9 @@ from data import build_splits, data_source
 from util.checkpoints import CheckpointError
 from util.config import AMP, ConfigError, parse_config
 from util.datafiles import DataError
-from util.files import append_text
+from util.files import WriteError, append_text
 from util.resume import how_to_continue, open_resumed
-from util.rundir import prepare_run_dir, unlock
+from util.rundir import current_run_dir, prepare_run_dir, unlock
 from vit import SIZES
 
 # -----------------------------------------------------------------------------
@@ -145,7 +145,11 @@ def log(env, cfg, msg):
     a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
     file of its --out-dir."""
     if env.main:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except OSError as e:   # `| head` has gone (a broken pipe), a full device: the run goes on, its log.txt whole
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
+            msg += f'\n(stdout cannot be written ({e.strerror or type(e).__name__}): the rest is in log.txt only)'
         if env.claimed:
             append_text(os.path.join(cfg.out_dir, 'log.txt'), msg + '\n')
         else:
@@ -161,6 +165,8 @@ def run_main(main):
     to continue (exit 130, as a shell reports SIGINT)."""
     try:
         main()
+    except WriteError as e:   # only a training run has a --resume: say so there, never in evaluate.py or a tool
+        sys.exit(f'error: {e.what}; {how_to_continue()}' if current_run_dir() else f'error: {e}')
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
         sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")

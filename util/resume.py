@@ -18,9 +18,9 @@ import torch
 
 from data import class_mismatch
 from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
-from util.config import ConfigError, flag
+from util.config import ConfigError, flag, show
 from util.files import write_text
-from util.rundir import SAVED, current_run_dir, read_json
+from util.rundir import SAVED, current_run_dir, read_json, read_lines
 
 # -----------------------------------------------------------------------------
 # The checkpoint to continue, checked and loaded
@@ -46,6 +46,11 @@ def open_resumed(cfg, path, world):
         may = ', '.join(map(flag, cfg.RESUMABLE + (AFTER_DIVERGENCE if after else ())))
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
                           f"the saved ones (only {may} may change) or start a new run in another --out-dir")
+    higher = [f'{flag(k)} {show(ck["config"][k])} -> {show(getattr(cfg, k))}' for k in ('blr', 'min_lr')
+              if after and getattr(cfg, k, None) is not None and getattr(cfg, k) > ck['config'].get(k, getattr(cfg, k))]
+    if higher:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
+        raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is higher; go on with a "
+                          f"lower learning rate, or start a new run in another --out-dir")
     return ck
 
 
@@ -111,8 +116,10 @@ def how_to_continue():
     """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
     out_dir = current_run_dir()
     ckpt = out_dir and os.path.join(out_dir, 'checkpoint.pt')
-    if not ckpt or not os.path.exists(ckpt):
-        return 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+    if not ckpt or not os.path.exists(ckpt):   # evaluations kept without one would refuse the same command again
+        evaluated = out_dir and read_lines(os.path.join(out_dir, 'metrics.jsonl'))
+        return 'no checkpoint was saved yet: there is nothing to continue; run the command again' + (
+            f' with --overwrite true (it deletes the {len(evaluated)} evaluation(s) made)' if evaluated else '')
     return f"{ckpt} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} {resume_command()}"
 
 

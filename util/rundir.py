@@ -72,6 +72,10 @@ def prepare_run_dir(cfg, main=True):
         path = os.path.join(cfg.out_dir, name)
         if os.path.lexists(path) and not os.path.isfile(path):
             raise RunDirError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
+        # a link to a file elsewhere: the log is appended through it, so the run would write a file not its own
+        if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(cfg.out_dir):
+            raise RunDirError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a run '
+                              f'writes only inside: put a copy of that file in its place, or remove the link')
     _RUN['out_dir'] = cfg.out_dir
     if main:
         lock(cfg.out_dir)
