@@ -46,20 +46,13 @@ def layer_loss(own, target, transfer, heads=None, implementation='eager'):
     """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their
     logits; sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v.
     A student with fewer heads than the teacher learns each group's mean map (teacher.to_student_heads)."""
+    pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])       # the transferred heads
     if transfer != 'attn':
-        own, target = own[transfer], target[transfer]
-    elif implementation == 'sdpa':
-        own, target = (own['q'], own['k']), (target['q'], target['k'])       # (B, H, N, d) each
-    else:
-        own, target = own['logits'], to_student_heads(target['logits'], own['logits'].shape[1])   # (B, H, N, N)
-    if heads is not None:
-        own, target = (tuple(t[:, heads] for t in own), tuple(t[:, heads] for t in target)) \
-            if isinstance(own, tuple) else (own[:, heads], target[:, heads])
-    if transfer != 'attn':
-        return F.mse_loss(own.float(), target.float())
-    if implementation == 'sdpa':
-        return map_free_cross_entropy(*target, *own)
-    return FusedAttentionCrossEntropy.apply(target, own)
+        return F.mse_loss(pick(own[transfer]).float(), pick(target[transfer]).float())
+    if implementation == 'sdpa':                                             # (B, H, N, d) each
+        return map_free_cross_entropy(pick(target['q']), pick(target['k']), pick(own['q']), pick(own['k']))
+    teacher = to_student_heads(target['logits'], own['logits'].shape[1])    # (B, H, N, N)
+    return FusedAttentionCrossEntropy.apply(pick(teacher), pick(own['logits']))
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
@@ -162,9 +155,11 @@ class MapFreeCrossEntropy(torch.autograd.Function):
 
 
 def row_logsumexp(q, k):
-    """lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N), fp32 at least: the normaliser every fused attention kernel
-    keeps for its own backward, asked of torch's kernel for the device (aten ops; F.scaled_dot_product_attention
-    does not return it). Elsewhere, written out."""
+    """lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N), fp32 at least: the normaliser every fused attention
+    kernel keeps for its own backward, asked of torch's kernel for the device through its aten entry point
+    (F.scaled_dot_product_attention does not return it); elsewhere, written out. Chosen over flex_attention's
+    lse, which needs torch.compile to be fast and has no backward on CPUs: this runs eagerly, on both, and
+    needs no gradient of its own (MapFreeCrossEntropy's backward is made of attention calls)."""
     if q.device.type == 'cpu':
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)[1]
     if q.device.type == 'cuda':

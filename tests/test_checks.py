@@ -75,6 +75,7 @@ BAD = [
     (TRAIN, 'clip_grad', [['-1']]),
     (TRAIN, 'ema', [['1'], ['-0.5']]),
     (TRAIN, 'amp', [['fp32']]),
+    (TRAIN, 'attn_implementation', [['flash']]),
     (TRAIN, 'seed', [['-1'], [str(2 ** 70)]]),     # 2**70: torch's generators take 64 bits
     (TRAIN, 'num_workers', [['-1']]),
     (TRAIN, 'fake_size', [['0'], [str(10 ** 12)]]),   # 10**12 images: 100 TB of indices to shuffle

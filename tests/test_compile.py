@@ -1,5 +1,5 @@
-"""`--compile true`: each script's student forward (for distillation, with the teacher run inside it, layer
-by layer) is one graph, compiled once and never again over the following steps.
+"""`--compile true`: each script's student forward is one graph, compiled once and never again over the following
+steps, on either attention implementation. The frozen teacher runs before it, uncompiled (its q and k handed in).
 
 On the CPU with dynamo's aot_eager backend (traces forward and backward like inductor, generates no code:
 seconds); on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
@@ -23,7 +23,7 @@ import mae_pretrain
 
 SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
 # (script, backend): on the CPU the two transfer methods; on CUDA every script
-CASES = [('distill', 'aot_eager'), ('copy', 'aot_eager')] + \
+CASES = [('distill', 'aot_eager'), ('copy', 'aot_eager'), ('distill-sdpa', 'aot_eager'), ('copy-sdpa', 'aot_eager')] + \
     [pytest.param(script, 'inductor', marks=pytest.mark.gpu) for script in SCRIPTS]
 
 
@@ -39,8 +39,10 @@ def compiled_run(monkeypatch, script, out_dir, backend, *args):
     Any recompilation raises (error_on_recompile)."""
     if backend != 'inductor':
         monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    script, _, implementation = script.partition('-')
     monkeypatch.setattr(sys, 'argv', [f'{script}.py', *TINY, '--out-dir', str(out_dir), '--compile', 'true',
-                                      '--max-steps', '4', '--log-every', '1', *args])
+                                      '--max-steps', '4', '--log-every', '1', *args,
+                                      *(['--attn-implementation', implementation] if implementation else [])])
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -51,23 +53,26 @@ def compiled_run(monkeypatch, script, out_dir, backend, *args):
 @pytest.mark.parametrize('script, backend', CASES)
 def test_compiled_student_is_one_graph_compiled_once(monkeypatch, tmp_path, teacher_ckpt, exact_fp32, script,
                                                      backend):
-    teacher = ['--teacher', teacher_ckpt] if script in ('copy', 'distill') else []
+    teacher = ['--teacher', teacher_ckpt] if script.startswith(('copy', 'distill')) else []
     drop_path = [] if script == 'mae' else ['--drop-path', '0.1']    # a rate per block: constants dynamo guards on
     frames, graphs, breaks = compiled_run(monkeypatch, script, tmp_path, backend, *teacher, *drop_path)
     assert frames == {'total': 1, 'ok': 1} and graphs == 1 and not breaks, (frames, graphs, breaks)
     assert read_metrics(tmp_path)[-1]['step'] == 4
 
 
-def test_compiled_distillation_computes_the_eager_step(tmp_path):
-    """The compiled graph (teacher inside) gives the eager loss and gradients, step after step."""
+@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
+def test_compiled_distillation_computes_the_eager_step(tmp_path, implementation):
+    """The compiled student gives the uncompiled one's loss and gradients, step after step."""
     from attention_distill import DistillConfig, distill_loss_fn
-    from vit import VisionTransformer
+    from vit import VisionTransformer, set_attn_implementation
     arch = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.0)
     torch.manual_seed(0)
     teacher = VisionTransformer(**{**arch, 'num_classes': 0}).requires_grad_(False).eval()
     students = [VisionTransformer(**arch) for _ in range(2)]
     students[1].load_state_dict(students[0].state_dict())
-    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1], None)
+    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
+    for m in (teacher, *students):
+        set_attn_implementation(m, implementation)
     torch._dynamo.reset()
     nets = [students[0], torch.compile(students[1], backend='aot_eager')]
     for step in range(2):
