@@ -33,7 +33,8 @@ from data import INFO, build_eval_set, build_loader, class_mismatch, class_names
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, ConfigError, parse_config
 from util.files import write_json
-from util.launch import amp_dtype, autocast, run_main
+from util.launch import amp_dtype, attn_implementation, autocast, run_main
+from vit import IMPLEMENTATIONS, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Config
@@ -57,6 +58,7 @@ class EnsembleConfig:
     batch_size: int = 256
     num_workers: int = 2
     amp: str = 'auto'               # auto | bf16 | fp16 | off
+    attn_implementation: str = 'auto'   # eager (explicit maps) | sdpa (fused, no map stored) | auto: per device
     fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
     seed: int = 0                   # seeds the loader's generator (the test split is not shuffled)
 
@@ -83,6 +85,8 @@ def evaluation_checks(cfg):
             ('batch_size', cfg.batch_size >= 1, 'must be at least 1'),
             ('num_workers', cfg.num_workers >= 0, 'must be 0 (load in the main process) or more'),
             ('amp', cfg.amp in AMP, f"choose one of {', '.join(AMP)}"),
+            ('attn_implementation', cfg.attn_implementation in ('auto', *IMPLEMENTATIONS),
+             f"choose auto or one of {', '.join(IMPLEMENTATIONS)}"),
             ('seed', 0 <= cfg.seed < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits')]
 
 
@@ -291,13 +295,14 @@ def main():
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
     check_classes(sources, records, class_names(test_set, num_classes), cfg.data)
-    models = [m.to(device) for m in models]
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    models = [set_attn_implementation(m, attn).to(device) for m in models]
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), env)
 
     results = summarise(sources, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
-          f'{device}\n')
+          f'{device}, attention {attn} ({why})\n')
     print(format_table(results))
     if cfg.out:   # checked by check_out
         write_json(cfg.out, {'config': asdict(cfg), **results})

@@ -32,8 +32,9 @@ from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks
 from util.config import ConfigError, parse_config
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.files import write_json, write_text
-from util.launch import amp_dtype, run_main
+from util.launch import amp_dtype, attn_implementation, run_main
 from util.rundir import check_output
+from vit import set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Config
@@ -54,6 +55,7 @@ class EvaluateConfig:
     batch_size: int = 128
     num_workers: int = 8
     amp: str = 'auto'               # auto | bf16 | fp16 | off
+    attn_implementation: str = 'auto'   # eager (explicit maps) | sdpa (fused, no map stored) | auto: per device
     seed: int = 0                   # seeds the loader's generator (nothing is shuffled)
 
     def checks(self):
@@ -154,7 +156,9 @@ def main():
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
-    models = [m.to(device) for m in models]
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    print(f'attention: {attn} ({why})')
+    models = [set_attn_implementation(m, attn).to(device) for m in models]
     members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
     names = [' + '.join(m) for m in members]
     table = [{} for _ in names]                         # per row: {test set: top-1}

@@ -110,6 +110,7 @@ BAD = [
     (['ensemble.py', 'evaluate.py'], 'batch_size', [['0']]),
     (['ensemble.py', 'evaluate.py'], 'num_workers', [['-1']]),
     (['ensemble.py', 'evaluate.py'], 'amp', [['fp32']]),
+    (['ensemble.py', 'evaluate.py'], 'attn_implementation', [['flash']]),
     (['ensemble.py'], 'fake_size', [['0']]),
     (['ensemble.py', 'evaluate.py'], 'seed', [['-1'], [str(2 ** 70)]]),
     (['reproduce.py'], 'data', [['imagenet']]),
