@@ -1,6 +1,6 @@
-"""benchmark.py's flags and its GPU side: refusals in one line and the GPU report on any machine; on CUDA
-(`python -m pytest -m gpu tests`) a quick run with MFU and max_memory_allocated, and the batch that fills
-a given share of the memory."""
+"""benchmark.py's flags and its GPU side: refusals in one line and the GPU report on any machine; the bytes saved
+for backward (sdpa keeps no (N, N) map, eager does); on CUDA (`python -m pytest -m gpu tests`) a quick run with MFU
+and max_memory_allocated, and the batch that fills a given share of the memory."""
 import json
 import os
 from dataclasses import asdict
@@ -10,6 +10,7 @@ import torch
 
 from conftest import run_script
 from tools.benchmark import BenchConfig, configure, device_slug
+from tools.benchmark_cases import Parts
 from util.config import ConfigError
 
 
@@ -18,6 +19,7 @@ from util.config import ConfigError
     (dict(methods=['train', 'nope']), '--methods train nope: choose from'),
     (dict(models=['vit_nope']), '--models vit_nope: choose from'),
     (dict(profile=['eval-copy']), '--profile eval-copy: choose from'),
+    (dict(paths=['eager', 'default']), '--paths eager default: choose from'),
     (dict(device='gpu'), '--device must be auto, cpu or cuda'),
     # checked once --quick has set its sizes (img 32), and bounded: each was a traceback
     (dict(device='cpu', quick=True, patch_size=7), '--img-size 32: must be a multiple of --patch-size 7'),
@@ -88,9 +90,9 @@ def test_quick_benchmark_on_cuda(tmp_path):
     assert r['device'] == 'cuda' and set(r['gemm_peak']) == {'fp32', 'bf16'} and r['batches'] == {'vit_tiny': 4}
     assert all(0 < row['mfu'] < 1 and row['batch'] == 4 and row['flops'] > 0 for row in r['rows'])
     distill = {row['path']: row for row in r['rows'] if row['method'] == 'distill'}
-    assert distill['default']['peak_mb'] > 0 and distill['naive']['peak_mb'] > distill['default']['peak_mb']
+    assert distill['sdpa']['auto'] and 0 < distill['sdpa']['peak_mb'] < distill['naive']['peak_mb']
     md = open(tmp_path / 'BENCHMARK.md').read()
-    assert torch.cuda.get_device_name() in md and '| MFU |' in md and 'max_memory_allocated' in md
+    assert torch.cuda.get_device_name() in md and '| MFU (measured GEMM peak) |' in md and 'max_memory_allocated' in md
 
 
 @pytest.mark.gpu
@@ -112,25 +114,66 @@ def test_gpu_report_renders_on_any_machine():
     from tools.benchmark_report import markdown, targets
 
     def row(method, path, img_s, mfu, peak_mb):
-        return {'model': 'vit_large', 'method': method, 'path': path, 'batch': 64, 'img_s': img_s, 'flops': 1e13,
-                'mfu': mfu, 'peak_fraction': mfu, 'peak_mb': peak_mb, 'step_mb': peak_mb / 2}
-    rows = [row('train', 'default', 500, 0.5, 30e3), row('distill', 'default', 350, 0.45, 40e3),
-            row('distill', 'naive', 70, 0.1, 80e3), {'model': 'vit_large', 'method': 'copy', 'path': 'naive',
-                                                     'batch': 64, 'error': 'out of memory'}]
+        return {'model': 'vit_large', 'method': method, 'path': path, 'auto': path == 'sdpa', 'batch': 64,
+                'img_s': img_s, 'flops': 1e13, 'mfu': mfu, 'mfu_datasheet': mfu * 0.8, 'peak_fraction': mfu,
+                'peak_mb': peak_mb, 'step_mb': peak_mb / 2}
+    rows = [row('train', 'sdpa', 500, 0.5, 30e3), row('distill', 'sdpa', 350, 0.45, 40e3),
+            row('distill', 'eager', 300, 0.4, 50e3), row('distill', 'naive', 70, 0.1, 80e3),
+            {'model': 'vit_large', 'method': 'copy', 'path': 'naive', 'batch': 64, 'error': 'out of memory'}]
+    rows[0].update(saved_mb=1000.0, saved_vs_train=1.0)
+    rows[1].update(saved_mb=1100.0, saved_vs_train=1.1)
     rows[1]['time_by_op'] = {'matmuls': 0.7, 'everything else': 0.3}
     result = {'config': asdict(configure(BenchConfig(device='cpu'))[0]) | {'batch_size': 0},
               'machine': {'device': 'NVIDIA H100 80GB HBM3', 'cpus': 16, 'threads': 16, 'torch': torch.__version__,
                           'commit': 'unknown', 'date': ''},
               'device': 'cuda', 'argv': ['benchmark.py', '--device', 'cuda'], 'gemm_peak': {'bf16': 8e14},
-              'rows': rows, 'targets': targets(rows, 'vit_large', 'cuda'), 'batches': {'vit_large': 64}}
+              'rows': rows, 'targets': targets(rows, 'vit_large', 'cuda'), 'batches': {'vit_large': 64},
+              'datasheet_peak': 989e12}
     md = markdown(result)
     assert '# Benchmark: NVIDIA H100' in md and 'vit_large 64' in md and '| batch | img/s |' in md
-    assert '| vit_large | distill | naive | 64 | 70.00 | 1.00x | 10000.0 | 10.0% |' in md
+    assert '| vit_large | distill | naive | 64 | 70.00 | 1.00x | 10000.0 | 10.0% | 8.0% |' in md
+    assert '| MFU (measured GEMM peak) | MFU (datasheet peak) |' in md and 'datasheet dense bf16 peak 989 TFLOP/s' in md
+    assert '| vit_large | distill | sdpa (auto) | 64 | 350.00 |' in md and '| 1100.0 | 1.100x |' in md
     assert '| vit_large | copy | naive | 64 | out of memory |' in md
     assert '- vit_large distill: matmuls 70%, everything else 30%' in md
     assert '| distill vs a plain ViT step >= 0.8x | 0.70x | **no** |' in md
     assert '| distill step MFU >= 40% of the bf16 peak | 45% | yes |' in md
     assert '| distill peak memory vs naive <= 0.8x | 0.50x | yes |' in md
+    assert '| distill: auto (sdpa) vs eager >= 1.0x | 1.17x | yes |' in md
+    assert '| distill saved for backward vs a plain step (sdpa) <= 1.2x | 1.10x | yes |' in md
+
+
+def test_datasheet_peaks_by_device_name():
+    from tools.benchmark_report import datasheet_peak
+    assert [datasheet_peak(n) for n in ('NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H200', 'Tesla T4')] == \
+        [989e12, 756e12, 989e12, None]
+
+
+def test_saved_for_backward_holds_no_map_on_sdpa_and_does_on_eager():
+    """The device-independent memory figure: sdpa distillation keeps no tensor whose last two dims are (N, N), the
+    teacher's q and k are all it adds to a plain sdpa step; eager keeps the maps. Copy adds nothing."""
+    cfg, _ = configure(BenchConfig(device='cpu', quick=True))
+    parts = Parts(cfg, 'vit_tiny', torch.device('cpu'))
+    n = (cfg.img_size // cfg.patch_size) ** 2 + 1
+    saved = {(m, p): parts.saved_for_backward(m, p, batch=2) for m in ('train', 'copy', 'distill')
+             for p in ('eager', 'sdpa')}
+    maps = {c: [s for s in shapes if s[-2:] == (n, n)] for c, (_, shapes) in saved.items()}
+    assert not maps['distill', 'sdpa'] and not maps['copy', 'sdpa'] and not maps['train', 'sdpa']
+    assert maps['distill', 'eager'] and maps['train', 'eager']
+    assert saved['train', 'sdpa'][0] < saved['distill', 'sdpa'][0] <= 1.2 * saved['train', 'sdpa'][0]
+    assert saved['copy', 'sdpa'][0] <= 1.05 * saved['train', 'sdpa'][0]
+
+
+def test_quick_benchmark_on_cpu_times_both_implementations(tmp_path):
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--methods', 'train', 'distill',
+                   '--paths', 'eager', 'sdpa', '--memory-batch-size', '0', '--out-dir', tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = results(tmp_path)
+    assert {(row['method'], row['path']) for row in r['rows']} == {(m, p) for m in ('train', 'distill')
+                                                                    for p in ('eager', 'sdpa')}
+    assert all(row['img_s'] > 0 and row['flops'] > 0 and row['saved_mb'] > 0 for row in r['rows'])
+    assert [row['path'] for row in r['rows'] if row['auto']] == ['eager', 'eager']      # auto's pick on a CPU
+    assert '| vit_tiny | distill | eager (auto) |' in open(tmp_path / 'BENCHMARK.md').read()
 
 
 @pytest.mark.parametrize('growth', ['linear', 'faster-than-linear', 'out-of-memory-above-300'])

@@ -137,12 +137,17 @@ BAD = [
     (['benchmark.py'], 'steps', [['0']]),
     (['benchmark.py'], 'warmup', [['-1']]),
     (['benchmark.py'], 'distill_frac', [['0'], ['1.5']]),
+    (['benchmark.py'], 'copy_frac', [['0'], ['1.5']]),
+    (['benchmark.py'], 'embed_dim', [['-1']]),
+    (['benchmark.py'], 'num_heads', [['-1']]),
+    (['benchmark.py'], 'num_classes', [['0']]),
+    (['benchmark.py'], 'paths', [['nope']]),
     (['benchmark.py'], 'threads', [['-1']]),
     (['benchmark.py'], 'gemm_size', [['0']]),
 ]
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
-FREE = {'data_dir', 'resume', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
+FREE = {'data_dir', 'resume', 'saved_bytes', 'timing', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
         'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results'}
 # one case per rule: a row of BAD runs on one of its scripts, taken in turn so that every script is exercised;

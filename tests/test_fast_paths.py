@@ -264,11 +264,11 @@ def test_benchmark_quick_writes_its_files(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.load(open(os.path.join(tmp_path, 'benchmark.json')))
     cases = {(r['method'], r['path']) for r in result['rows']}
-    assert {('distill', 'default'), ('distill', 'naive'), ('copy', 'naive-bf16'), ('eval-copy', 'default')} <= cases
+    assert {('distill', 'eager'), ('distill', 'naive'), ('copy', 'naive-bf16'), ('eval-copy', 'sdpa')} <= cases
     assert all(r['img_s'] > 0 and r['flops'] > 0 for r in result['rows'])
-    naive, fast = (next(r for r in result['rows'] if r['method'] == 'copy' and r['path'] == p) for p in ('naive', 'default'))
+    naive, fast = (next(r for r in result['rows'] if r['method'] == 'copy' and r['path'] == p) for p in ('naive', 'eager'))
     assert naive['flops'] > fast['flops']        # the naive copy student computes q, k and its own maps
-    assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] == 'distill' and r['path'] in ('default', 'naive'))
+    assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] == 'distill' and r['path'] in ('eager', 'naive'))
     assert result['machine']['torch'] == torch.__version__ and result['targets']
     md = open(os.path.join(tmp_path, 'BENCHMARK.md')).read()
-    assert '| vit_tiny | distill | default |' in md and '## Targets' in md
+    assert '| vit_tiny | distill | eager (auto) |' in md and '## Targets' in md

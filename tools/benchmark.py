@@ -5,14 +5,19 @@ Speed and memory of every method's step on this device: our default path against
     python -m tools.benchmark --models vit_base --rounds 9
     python -m tools.benchmark --compile true         # also the default training steps under torch.compile
     python -m tools.benchmark --quick true           # a tiny model, 2 steps: checks that it all runs
+    python -m tools.benchmark --models vit_base --img-size 448 --batch-size 2 --timing false   # saved bytes only
     python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
                                                # GPU: vit_base and vit_large, batches that fill it
 
-The cases and paths are benchmark_cases.py's; the report is benchmark_report.py's.
+The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's; the report is benchmark_report.py's.
 Timing: each case runs `--steps` steps per round for `--rounds` rounds after `--warmup` rounds, the cases
 interleaved (A B C A B C ...) so that a machine's drift hits all of them, the device synchronised around
 each; medians are reported. FLOPs: torch.utils.flop_counter over one step, teacher included, against a
-GEMM peak measured here (a large matmul in each precision); on a GPU also as MFU, against the bf16 one.
+GEMM peak measured here (a large matmul in each precision); on a GPU also as MFU, against that measured bf16
+peak and against the datasheet's dense bf16 peak (benchmark_report.DATASHEET_BF16; none for an unknown device).
+Saved for backward (--saved-bytes): the bytes autograd keeps from one step's forward pass for its backward
+(saved_tensors_hooks, each storage once), the same on every device, and their ratio to the plain train step on
+the same path: what attention transfer adds to a step's activation memory. --timing false measures only that.
 Memory: peak RSS of a fresh process that builds one case and runs two steps (CPU, at
 --memory-batch-size), or the max_memory_allocated of that case built alone in this process (GPU).
 On a GPU, --batch-size 0 (its default) picks per model the largest multiple of 8 at which every case
@@ -33,10 +38,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from tools.benchmark_cases import METHODS, TRAINED, Parts, cases
-from tools.benchmark_report import machine, markdown, profile, targets
+from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
+from tools.benchmark_report import datasheet_peak, machine, markdown, profile, targets
 from util.config import ConfigError, check, machine_memory, parse_config
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
@@ -47,20 +52,27 @@ from vit import SIZES
 class BenchConfig:
     device: str = 'auto'            # auto | cpu | cuda
     models: list[str] = field(default_factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'])   # GPU: base, large
+    paths: list[str] = field(default_factory=lambda: list(TIMED))   # a subset of eager sdpa naive naive-bf16
     batch_size: int = 8             # per step; 0 = fill the GPU (see fill), its default there
     memory_batch_size: int = 32     # peak memory is measured at this batch; 0 = not measured; -1 = the timed one
     fill: float = 0.85              # --batch-size 0: share of the GPU's memory the fullest case may use
     img_size: int = 224
     patch_size: int = 16
     depth: int = 0                  # 0 = the size's own
+    embed_dim: int = 0              # 0 = the size's own
+    num_heads: int = 0              # 0 = the size's own
+    num_classes: int = 1000
     rounds: int = 5                 # timed rounds
     steps: int = 2                  # steps of each case in a round
     warmup: int = 1                 # untimed rounds before them
-    distill_frac: float = 0.75      # distil the first 3/4 of the layers (the paper: 18 of 24); copy copies all
+    distill_frac: float = 0.75      # distil the first 3/4 of the layers (the paper: 18 of 24)
+    copy_frac: float = 1.0          # copy all layers (the paper)
     methods: list[str] = field(default_factory=lambda: list(METHODS))   # a subset of train copy distill eval-*
     compile: bool = False           # also time the default training steps under torch.compile
     profile: list[str] = field(default_factory=list)   # methods whose default step torch.profiler breaks down
     threads: int = 0                # torch threads; 0 = torch's default
+    saved_bytes: bool = True        # bytes saved for backward by one step of each trained case (one forward pass)
+    timing: bool = True             # false: only the saved bytes (no FLOPs, timings, peak memory, profiles)
     gemm_size: int = 4096           # square matmul that measures the GEMM peak
     quick: bool = False             # tiny model, 2 steps, no warm-up: checks that everything runs
     out_dir: str = 'runs/benchmark'      # GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name it)
@@ -72,18 +84,22 @@ class BenchConfig:
                 ('patch_size', self.patch_size >= 1, 'must be at least 1'),
                 ('img_size', self.patch_size < 1 or self.img_size >= self.patch_size and
                  self.img_size % self.patch_size == 0, f'must be a multiple of --patch-size {self.patch_size}'),
-                ('depth', self.depth >= 0, "must be 0 (the size's own) or more"),
+                *[(k, getattr(self, k) >= 0, "must be 0 (the size's own) or more")
+                  for k in ('depth', 'embed_dim', 'num_heads')],
+                ('num_classes', self.num_classes >= 1, 'must be at least 1'),
                 *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('rounds', 'steps', 'gemm_size')],
                 ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,   # its 3 fp32 matrices
                  'makes 3 square fp32 matrices larger than half the memory: choose a smaller one'),
                 ('warmup', self.warmup >= 0, 'must be 0 or more'),
-                ('distill_frac', 0 < self.distill_frac <= 1, 'is a fraction of the layers: (0, 1]'),
+                *[(k, 0 < getattr(self, k) <= 1, 'is a fraction of the layers: (0, 1]')
+                  for k in ('distill_frac', 'copy_frac')],
                 ('threads', self.threads >= 0, "must be 0 (torch's default) or more")]
 
 
 # each replaces what you left at its default: --quick first, then on a GPU
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
+TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
 HALF = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # names of the autocast dtypes
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
 
@@ -106,6 +122,8 @@ def configure(cfg):
         cfg.out_dir = f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
     if not set(cfg.methods) <= set(METHODS):
         raise ConfigError(f"--methods {' '.join(cfg.methods)}: choose from {' '.join(METHODS)}")
+    if not set(cfg.paths) <= set(TIMED):
+        raise ConfigError(f"--paths {' '.join(cfg.paths)}: choose from {' '.join(TIMED)} (--compile true adds compile)")
     if not set(cfg.profile) <= set(TRAINED):
         raise ConfigError(f"--profile {' '.join(cfg.profile)}: choose from {' '.join(TRAINED)}")
     if not set(cfg.models) <= set(SIZES):
@@ -149,8 +167,15 @@ def gemm_peak(dtype, n, device, repeats=5):
     return 2 * n ** 3 / min(times[1:])
 
 
+# torch's counter has no formula for the CPU's fused attention kernel: the same as its other SDPA kernels'
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)}
+
+
 def count_flops(run):
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
         run()
     return counter.get_total_flops()
 
@@ -261,55 +286,77 @@ def time_cases(steps, cfg, device):
 # One model size, then the report
 
 
+def saved_bytes(parts, todo, batch):
+    """{case: MB saved for backward by one step} of the trained cases, and each one's ratio to the plain train
+    step on the same path (benchmark_cases.Parts.saved_for_backward)."""
+    mb = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in todo
+          if c[0] in TRAINED and c[1] != 'compile'}
+    return {c: {'saved_mb': v, 'saved_vs_train': v / mb['train', c[1]] if ('train', c[1]) in mb else None}
+            for c, v in mb.items()}
+
+
+SHOWN = [(('img_s', 'flops'), ' {:8.2f} img/s {:9.3e} FLOP/step'), (('peak_fraction',), '  {:4.0%} of GEMM peak'),
+         (('mfu',), '  MFU {:.1%}'), (('peak_mb',), '  peak {:.0f} MB'),
+         (('saved_mb', 'saved_vs_train'), '  saved for backward {:.1f} MB ({:.2f}x train)')]
+
+
 def measure(cfg, size, device, peak):
-    """(rows, batch) of one model size: its cases timed together, then each one's peak memory alone."""
-    parts, todo, auto = Parts(cfg, size, device), cases(cfg.methods, cfg.compile), amp_dtype('auto', device)
+    """(rows, batch) of one model size: the bytes each case saves for backward, its cases timed together, then
+    each one's peak memory alone."""
+    parts, todo = Parts(cfg, size, device), cases(cfg.methods, cfg.compile, cfg.paths)
     batch = cfg.batch_size or fill_batch(parts, [c for c in todo if c[1] != 'compile'], cfg.fill, device)
-    steps, flops, failed = {c: parts.step(*c, batch=batch) for c in todo}, {}, {}
+    rows = {c: {'model': size, 'method': c[0], 'path': c[1], 'auto': c[1] in (parts.auto, 'compile'), 'batch': batch}
+            for c in todo}
+    for c, saved in (saved_bytes(parts, todo, batch) if cfg.saved_bytes else {}).items():
+        rows[c].update(saved)
+    if not cfg.timing:
+        return report(size, rows), batch
+    steps, flops = {c: parts.step(*c, batch=batch) for c in todo}, {}
     for c in [c for c in todo if c[1] != 'compile']:   # FLOPs of one step, also its first
         try:
             flops[c] = count_flops(steps[c])
         except torch.OutOfMemoryError:
             del steps[c]
-            failed[c] = 'out of memory'
+            rows[c]['error'] = 'out of memory'
             torch.cuda.empty_cache()
-    flops.update({(m, 'compile'): flops.get((m, 'default')) for m, p in todo if p == 'compile'})
-    time_by_op = {}     # method: where its default step's time goes
-    for m in [m for m in cfg.profile if (m, 'default') in steps]:
+    flops.update({(m, 'compile'): flops.get((m, parts.auto)) for m, p in todo if p == 'compile'})
+    for m in [m for m in cfg.profile if (m, parts.auto) in steps]:   # where the time of auto's step goes
         os.makedirs(cfg.out_dir, exist_ok=True)
-        time_by_op[m] = profile(steps[m, 'default'], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
-    times = time_cases(steps, cfg, device)
+        rows[m, parts.auto]['time_by_op'] = profile(steps[m, parts.auto],
+                                                    os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
+    times, auto = time_cases(steps, cfg, device), parts.auto
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
-    half = HALF.get(auto, 'fp32')
-    rows = []
-    for method, path in todo:
-        if (method, path) in failed:
-            rows.append({'model': size, 'method': method, 'path': path, 'batch': batch, 'error': failed[method, path]})
+    half = HALF.get(amp_dtype('auto', device), 'fp32')
+    sheet = datasheet_peak(machine(device)['device']) if device.type == 'cuda' else None
+    for (method, path), row in rows.items():
+        if 'error' in row:
             continue
         step_s = statistics.median(times[method, path])
         prec = 'fp32' if path == 'naive' else 'bf16' if path == 'naive-bf16' else half
-        row = {'model': size, 'method': method, 'path': path, 'img_s': batch / step_s, 'step_s': step_s,
-               'step_times': times[method, path], 'flops': flops[method, path], 'precision': prec,
-               'peak_fraction': flops[method, path] / step_s / peak[prec] if prec in peak else None}
-        if device.type == 'cuda':
-            row.update(batch=batch, mfu=flops[method, path] / step_s / peak[half])
-        if path == 'default' and method in time_by_op:
-            row['time_by_op'] = time_by_op[method]
+        row.update(img_s=batch / step_s, step_s=step_s, step_times=times[method, path], flops=flops[method, path],
+                   precision=prec, peak_fraction=flops[method, path] / step_s / peak[prec] if prec in peak else None)
+        if device.type == 'cuda':    # against the bf16 GEMM measured here, and the datasheet's dense bf16 peak
+            row.update(mfu=flops[method, path] / step_s / peak[half],
+                       mfu_datasheet=flops[method, path] / step_s / sheet if sheet else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
-                (not cfg.quick or (method, path) in (('distill', 'default'), ('distill', 'naive'))):
+                (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
             args = (cfg, size, method, path, mem_batch)
             row['peak_mb'], before = peak_memory(*args, device) if device.type == 'cuda' else \
                 in_fresh_process(peak_memory, *args)
             row['step_mb'] = row['peak_mb'] - before
-        rows.append(row)
-        print(f"{size:10s} {method:13s} {path:14s} {row['img_s']:8.2f} img/s  {row['flops'] / 1e9:8.1f} GFLOP/step"
-              + (f"  {100 * row['peak_fraction']:4.0f}% of {prec} peak" if row['peak_fraction'] else '')
-              + (f"  MFU {100 * row['mfu']:.1f}%" if 'mfu' in row else '')
-              + (f"  peak {row['peak_mb']:.0f} MB" if 'peak_mb' in row else ''), flush=True)
-    return rows, batch
+    return report(size, rows), batch
+
+
+def report(size, rows):
+    """The rows as a list, each printed on one line."""
+    for r in rows.values():
+        print(f"{size:10s} {r['method']:13s} {r['path']:11s}" + ''.join(
+            form.format(*(r[k] for k in keys)) for keys, form in SHOWN if all(r.get(k) is not None for k in keys)),
+              flush=True)
+    return list(rows.values())
 
 
 def main():
@@ -320,8 +367,9 @@ def main():
         torch.set_num_threads(cfg.threads)
     auto = amp_dtype('auto', device)
     dtypes = {'fp32': torch.float32, **({HALF[auto]: auto} if auto else {})}
-    peak = {k: gemm_peak(dt, cfg.gemm_size, device) for k, dt in dtypes.items()}
-    print(f"{machine(device)['device']}: GEMM peak " + ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peak.items()))
+    peak = {k: gemm_peak(dt, cfg.gemm_size, device) for k, dt in dtypes.items()} if cfg.timing else {}
+    print(f"{machine(device)['device']}: GEMM peak " + (', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peak.items())
+                                                        or 'not measured (--timing false)'))
     rows, batches = [], {}
     for size in cfg.models:
         size_rows, batches[size] = measure(cfg, size, device, peak)
@@ -329,7 +377,7 @@ def main():
     result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
               'gemm_peak': peak, 'rows': rows, 'targets': [t for s in cfg.models for t in targets(rows, s, device.type)]}
     if device.type == 'cuda':
-        result['batches'] = batches
+        result.update(batches=batches, datasheet_peak=datasheet_peak(result['machine']['device']))
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
     write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))

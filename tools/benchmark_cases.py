@@ -1,49 +1,52 @@
 """
 What benchmark.py times: one step of each method on each path, built from shared models.
 
-The default path is what the scripts run. The naive path (naive.py) is this repository's code run the
-way the authors' release runs: fp32 (its autocast is commented out), every attention explicit (no fused
-kernel), the teacher run through all its blocks and its head with drop-path masks, every layer's maps
-kept for a loss that autograd differentiates, copy students that compute their own q, k and softmax
-before the teacher's map replaces it, AdamW with torch's defaults (a for-loop on CPUs, foreach kernels
-on GPUs). `naive-bf16` is that path under bf16 autocast. The paths in between leave out one
-optimisation each, to show what it is worth.
+`eager` and `sdpa` are the scripts' two attention implementations (--attn-implementation, vit.attend), run as the
+scripts run them: the autocast dtype --amp auto picks, the teacher's matmul weights stored in it, the teacher
+stopped inside its last transferred layer. eager writes every (B, H, N, N) map out (distillation: the fused
+cross-entropy of the two maps' logits); sdpa never stores one (copy: one fused call on the teacher's q and k;
+distillation: MapFreeCrossEntropy on both models' q and k). `auto` is whichever of the two
+--attn-implementation auto picks on the device (util/launch.AUTO_ATTN), and `compile` that one under
+torch.compile. The naive path (naive.py) is this repository's code run the way the authors' release runs: fp32
+(its autocast is commented out), every attention explicit, the teacher run through all its blocks and its head
+with drop-path masks, every layer's maps kept for a loss that autograd differentiates, copy students that
+compute their own q, k and softmax before the teacher's map replaces it, AdamW with torch's defaults (a for-loop
+on CPUs, foreach kernels on GPUs). `naive-bf16` is that path under bf16 autocast.
 """
+from argparse import Namespace
 from functools import cached_property
 
 import torch
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
-from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
+from attention_distill import DistillConfig, distill_loss_fn
 from teacher import cast_matmul_weights
-from tools.naive import (DROP_PATH, SMOOTHING, fast_teacher, maps_first_distill_loss, naive_copy_forward,
-                         naive_copy_loss, naive_distill_loss, qk_copy_loss, sdpa_devices, set_drop_path)
+from tools.naive import DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_loss, naive_distill_loss, set_drop_path
 from util.config import TrainConfig
 from util.engine import build_optimizer, soft_cross_entropy
-from util.launch import amp_dtype, autocast
-from vit import SDPA_DEVICES, VisionTransformer, model_arch
+from util.launch import amp_dtype, attn_implementation, autocast
+from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
 
-METHODS = {   # paths between default and naive drop one optimisation each, to show what it is worth
-    'train': ('default', 'naive', 'naive-bf16'),           # a plain ViT step: scratch or fine-tuning
-    'copy': ('default', 'qk-computed', 'uncast-teacher', 'naive', 'naive-bf16'),
-    'distill': ('default', 'all-maps-first', 'autograd-loss', 'uncast-teacher', 'naive', 'naive-bf16'),
-    'eval-distill': ('default', 'naive'),                  # the distilled student alone
-    'eval-copy': ('default', 'naive')}                     # the copy student with its teacher
-PATHS = {'default': 'what the scripts run',
+TRAINED = ('train', 'copy', 'distill')
+METHODS = {**{m: (*IMPLEMENTATIONS, 'naive', 'naive-bf16') for m in TRAINED},   # train: scratch or fine-tuning
+           'eval-distill': (*IMPLEMENTATIONS, 'naive'),                         # the distilled student alone
+           'eval-copy': (*IMPLEMENTATIONS, 'naive')}                            # the copy student with its teacher
+PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
+         'sdpa': 'fused attention, no (N, N) map stored (--attn-implementation sdpa)',
          'naive': "the authors' release: fp32, explicit attention, full-depth teacher with drop-path, all maps "
                   "kept, autograd loss, q/k computed in copy students, AdamW with torch's defaults",
          'naive-bf16': 'naive under bf16 autocast',
-         'qk-computed': 'default, but the copy student computes q, k and its own softmax, then overwrites them',
-         'uncast-teacher': "default, but the teacher's weights stay fp32 (autocast re-casts them every step)",
-         'all-maps-first': "default, but all the teacher's maps first, then the student's (not layer by layer)",
-         'autograd-loss': 'all-maps-first, and the attention loss differentiated by autograd (not fused)',
-         'compile': 'default under torch.compile'}
-TRAINED = ('train', 'copy', 'distill')
+         'compile': "--attn-implementation auto's pick under torch.compile"}
 
 
-def cases(methods, compile=False):
+def auto_path(device):
+    """The implementation --attn-implementation auto picks on this device."""
+    return attn_implementation('auto', device)[0]
+
+
+def cases(methods, compile=False, paths=tuple(PATHS)):
     """[(method, path)] in the order they are timed."""
-    out = [(m, p) for m, paths in METHODS.items() for p in paths if m in methods]
+    out = [(m, p) for m, ps in METHODS.items() for p in ps if m in methods and p in paths]
     return out + ([(m, 'compile') for m in TRAINED if m in methods] if compile else [])
 
 # -----------------------------------------------------------------------------
@@ -52,11 +55,12 @@ def cases(methods, compile=False):
 
 class Parts:
     def __init__(self, cfg, size, device):
-        self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
-        self.arch = model_arch(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=1000,
-                               global_pool=True, depth=cfg.depth or None)
+        self.cfg, self.device, self.dtype, self.auto = cfg, device, amp_dtype('auto', device), auto_path(device)
+        self.arch = model_arch(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
+                               global_pool=True, depth=cfg.depth or None, embed_dim=cfg.embed_dim or None,
+                               num_heads=cfg.num_heads or None)
         self.depth = self.arch['depth']
-        self.copied = list(range(self.depth))
+        self.copied = list(range(max(1, round(cfg.copy_frac * self.depth))))
         self.distilled = list(range(max(1, round(cfg.distill_frac * self.depth))))
         self.recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
         self.batches = {}
@@ -66,21 +70,14 @@ class Parts:
         with self.device:     # initialised where it runs (a ViT-L takes seconds on a CPU)
             return VisionTransformer(**{**self.arch, **kw})
 
-    def frozen(self, model):
-        return model.requires_grad_(False).eval()
-
     @cached_property
-    def teacher(self):            # fp32, explicit attention, as the naive path has it
-        return self.frozen(self.model(num_classes=0))
+    def teacher(self):            # fp32, as the naive path has it
+        return self.model(num_classes=0).requires_grad_(False).eval()
 
     @cached_property
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
-        t = self.frozen(self.model(num_classes=0))
+        t = self.model(num_classes=0).requires_grad_(False).eval()
         return cast_matmul_weights(t, self.dtype) if self.dtype else t
-
-    @cached_property
-    def uncast_teacher(self):     # fp32 weights, eval mode
-        return self.frozen(self.model(num_classes=0))
 
     @cached_property
     def student(self):
@@ -92,9 +89,7 @@ class Parts:
 
     def optimizer(self, model, naive):
         opt = build_optimizer(self.recipe, model, lr=1e-4)
-        if naive:   # the same groups, AdamW as torch makes it by default
-            opt = torch.optim.AdamW(opt.param_groups)
-        return opt
+        return torch.optim.AdamW(opt.param_groups) if naive else opt   # naive: the same groups, torch's AdamW
 
     @cached_property
     def opt_fused(self):
@@ -112,56 +107,89 @@ class Parts:
         """Images (B, 3, H, W) and labels (B,), one pair per batch size, shared by the cases."""
         if batch not in self.batches:
             self.batches[batch] = (torch.randn(batch, 3, self.cfg.img_size, self.cfg.img_size, device=self.device),
-                                   torch.randint(0, 1000, (batch,), device=self.device))
+                                   torch.randint(0, self.cfg.num_classes, (batch,), device=self.device))
         return self.batches[batch]
 
-    def step(self, method, path, batch=None):
-        """() -> None running one step of `method` on `path`, with its own fixed batch (default cfg's)."""
-        dtype = None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else self.dtype
-        env = type('Env', (), {'device': self.device, 'dtype': dtype})
+    def setting(self, method, path):
+        """(student, teacher, env with the autocast dtype, attention implementation) of a case."""
         naive = path.startswith('naive')
-        x, y = self.inputs(batch or self.cfg.batch_size)
-        if method.startswith('eval'):
-            student = self.student if naive or method == 'eval-distill' else self.copy_student
-            teacher = self.teacher if naive else self.fast_teacher
-            if method == 'eval-distill':
-                forward = student
-            elif naive:
-                forward = lambda x: naive_copy_forward(teacher, student, x, self.copied)   # noqa: E731
-            else:
-                forward = CopyModel(teacher, student, self.copied)
-            grad_mode = torch.no_grad if naive else torch.inference_mode
+        dtype = None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else self.dtype
+        copy = method in ('copy', 'eval-copy') and not naive
+        implementation = 'eager' if naive else self.auto if path == 'compile' else path
+        return (self.copy_student if copy else self.student, self.teacher if naive else self.fast_teacher,
+                Namespace(device=self.device, dtype=dtype), implementation)
 
-            def run():
-                student.eval()
-                with grad_mode(), autocast(env), sdpa_devices(() if naive else SDPA_DEVICES):
-                    forward(x)
-            return run
-        student = self.copy_student if method == 'copy' and path != 'qk-computed' and not naive else self.student
-        opt = self.opt_copy if student is self.copy_student else self.opt_naive if naive else self.opt_fused
-        teacher = self.teacher if naive else self.uncast_teacher if path == 'uncast-teacher' else self.fast_teacher
+    def forward(self, method, path, batch=None):
+        """(() -> loss, student): the forward pass of one training step of `method` on `path`, with its own fixed
+        batch (default cfg's), the models set to the path's attention implementation first (they are shared)."""
+        student, teacher, env, impl = self.setting(method, path)
+        x, y = self.inputs(batch or self.cfg.batch_size)
         layers = self.copied if method == 'copy' else self.distilled
         if method == 'train':
             def loss_fn(net, x, y):
                 return soft_cross_entropy(net(x), y, SMOOTHING), {}
+        elif path.startswith('naive'):
+            loss_fn = (naive_copy_loss if method == 'copy' else naive_distill_loss)(teacher, layers)
         elif method == 'copy':
-            loss_fn = naive_copy_loss(teacher, layers) if naive else \
-                qk_copy_loss(fast_teacher(teacher, layers)) if path == 'qk-computed' else \
-                copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
-        elif naive:
-            loss_fn = naive_distill_loss(teacher, layers)
-        elif path in ('all-maps-first', 'autograd-loss'):
-            ce = FusedAttentionCrossEntropy.apply if path == 'all-maps-first' else attention_cross_entropy
-            loss_fn = maps_first_distill_loss(fast_teacher(teacher, layers), ce)
+            loss_fn = copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
         else:
-            loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None)
+            loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
         net = torch.compile(student) if path == 'compile' else student
 
         def run():
-            set_drop_path(student.train(), DROP_PATH[method])
-            with autocast(env), sdpa_devices(() if naive else SDPA_DEVICES):
-                loss, _ = loss_fn(net, x, y)
-            loss.backward()
+            set_attn_implementation(teacher, impl)
+            set_drop_path(set_attn_implementation(student, impl).train(), DROP_PATH[method])
+            with autocast(env):
+                return loss_fn(net, x, y)[0]
+        return run, student
+
+    def step(self, method, path, batch=None):
+        """() -> None running one step of `method` on `path` (evaluation: one forward pass)."""
+        if method.startswith('eval'):
+            return self.evaluate(method, path, batch)
+        forward, student = self.forward(method, path, batch)
+        opt = self.opt_copy if student is self.copy_student else self.opt_naive if path.startswith('naive') \
+            else self.opt_fused
+
+        def run():
+            forward().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
+
+    def evaluate(self, method, path, batch=None):
+        student, teacher, env, impl = self.setting(method, path)
+        x, _ = self.inputs(batch or self.cfg.batch_size)
+        if method == 'eval-distill':
+            forward = student
+        elif path == 'naive':
+            forward = lambda x: naive_copy_forward(teacher, student, x, self.copied)   # noqa: E731
+        else:
+            forward = CopyModel(teacher, student, self.copied)
+        grad_mode = torch.no_grad if path == 'naive' else torch.inference_mode
+
+        def run():
+            set_attn_implementation(teacher, impl)
+            set_attn_implementation(student, impl).eval()
+            with grad_mode(), autocast(env):
+                forward(x)
+        return run
+
+    def saved_for_backward(self, method, path, batch=None):
+        """(bytes, shapes) autograd keeps for the backward pass of one training step: its forward pass under
+        saved_tensors_hooks, each storage counted once (q, k and v are views of one qkv output, and a saved view
+        keeps all of it), the student's parameters left out (they exist without the step; their autocast copies
+        count). Device-independent: the tensors, not an allocator's view of them."""
+        forward, student = self.forward(method, path, batch)
+        params = {p.untyped_storage().data_ptr() for p in student.parameters()}
+        storages, shapes = {}, []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t     # kept by the graph until `loss` goes: no storage is freed and its address reused meanwhile
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+        del loss
+        return sum(storages.values()), shapes
