@@ -327,3 +327,17 @@ def test_a_stdout_that_cannot_be_written_ends_in_no_traceback(tmp_path, stdout):
     assert p.returncode == 0 and not err.strip(), err[-3000:]
     log = (tmp_path / 'run' / 'log.txt').read_text()
     assert 'the rest is in log.txt only' in log and 'final | top-1' in log
+
+
+@pytest.mark.parametrize('command', [['attention_distill.py', '--teacher', 'no-such-teacher.pt'],
+                                     ['finetune.py', '--init', 'no-such-weights.pt']], ids=['teacher', 'init'])
+def test_a_refused_command_leaves_no_folder_it_made(tmp_path, command):
+    """Refused after the run directory was made (the teacher or weights are read later): the folders it made,
+    nested ones included, are gone again, and a folder that was there stays."""
+    out = tmp_path / 'new' / 'run'
+    p = run_script(*command, *TINY, '--out-dir', out)
+    assert p.returncode != 0 and p.stderr.strip().startswith('error:'), p.stderr[-2000:]
+    assert not (tmp_path / 'new').exists()
+    (tmp_path / 'kept').mkdir()
+    assert run_script(*command, *TINY, '--out-dir', tmp_path / 'kept').returncode != 0
+    assert (tmp_path / 'kept').is_dir() and not any((tmp_path / 'kept').iterdir())

@@ -61,8 +61,12 @@ def prepare_run_dir(cfg, main=True):
         raise RunDirError(f'--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir')
     if cfg.resume and not os.path.exists(ckpt):
         raise RunDirError(f'--resume: no checkpoint at {ckpt}')
+    made, d = [], os.path.abspath(cfg.out_dir)     # the folders this command makes, innermost first
+    while not os.path.exists(d) and d != os.path.dirname(d):
+        made, d = made + [d], os.path.dirname(d)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        _RUN['made'] = made                      # unlock removes them again if the command wrote nothing there
     except OSError as e:
         raise RunDirError(f'--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another') from None
     if not os.access(cfg.out_dir, os.W_OK):
@@ -167,7 +171,7 @@ def lock(out_dir):
     A POSIX lock belongs to this process alone: it goes when the process dies, even while forked loader
     workers still hold the file open; so this process never opens .lock a second time (closing any copy
     would let go of the lock)."""
-    unlock()   # a run that ended in this process without run_main (tests call main() directly)
+    unlock(folders=False)   # a run that ended in this process without run_main (tests call main() directly)
     path = os.path.join(out_dir, '.lock')
     while True:
         try:
@@ -193,14 +197,18 @@ def lock(out_dir):
     _RUN['lock'] = (fd, path)
 
 
-def unlock():
+def unlock(folders=True):
     """Let go of the run directory: remove .lock while holding it, then close it (a process that opened the old
-    file meanwhile finds it gone and locks a new one)."""
+    file meanwhile finds it gone and locks a new one). A folder this command made and left empty (it was refused
+    before writing anything) is removed: a refused command leaves --out-dir as it was."""
     fd, path = _RUN.pop('lock', (None, None))
     if fd is not None:
         with contextlib.suppress(OSError):
             os.remove(path)
         os.close(fd)
+    for folder in _RUN.pop('made', []) if folders else ():
+        with contextlib.suppress(OSError):       # not empty: the run wrote there, and keeps it
+            os.rmdir(folder)
 
 
 def check_output(flag, path, out_dir=None, folder=False):
