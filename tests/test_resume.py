@@ -149,6 +149,8 @@ def test_readme_names_every_field_a_resume_may_change():
 def test_resume_records_what_changed_and_keeps_the_time(monkeypatch, saved, tmp_path):
     d = saved[1](tmp_path)
     edit_checkpoint(d, time=1000.0)   # as if the first 2 steps had taken 1000 s
+    config = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps({**config, 'blr': 0.5}))   # a hand edit: the run never had it
     train(monkeypatch, finetune, d, '--amp', 'off', '--resume', 'true', '--max-steps', '4', '--log-every', '1',
           '--save-every', '3')
     config = json.loads((d / 'config.json').read_text())
@@ -157,6 +159,7 @@ def test_resume_records_what_changed_and_keeps_the_time(monkeypatch, saved, tmp_
     last = config['resumes'][-1]
     assert last['step'] == 2 and last['changed']['max_steps'] == [2, 4] and '--resume' in last['argv']
     records = read_metrics(d)
+    assert 'blr' not in last['changed']          # config.json's hand edit below came after: never a change of the run
     assert [r['step'] for r in records] == [2, 4] and records[1]['time'] > 1000 > records[0]['time']
     assert torch.load(d / 'checkpoint.pt', weights_only=True)['time'] > 1000
 

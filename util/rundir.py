@@ -254,7 +254,8 @@ def write_provenance(cfg, env, extra=None):
         old = read_json(path) or {**env.resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
                                                                       f'step {step}: rebuilt from the checkpoint'}
         diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
-        changed = {k: [old.get(k), v] for k, v in now.items() if old.get(k) != v}
+        saved = {**old, **env.resumed['config']}   # the checkpoint's config is what ran: config.json may be edited
+        changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
         resume = {'step': step, **launch, 'changed': changed, **({'after_divergence': diverged} if diverged else {})}
         record = {**old, **now, 'world_size': env.world, 'resumes': old.get('resumes', []) + [resume]}
         keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
