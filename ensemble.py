@@ -33,7 +33,7 @@ from data import INFO, build_eval_set, build_loader, class_mismatch, class_names
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, ConfigError, parse_config
 from util.files import write_json
-from util.launch import amp_dtype, attn_implementation, autocast, run_main
+from util.launch import amp_dtype, attn_implementation, autocast, run_main, say
 from vit import IMPLEMENTATIONS, set_attn_implementation
 
 # -----------------------------------------------------------------------------
@@ -301,9 +301,9 @@ def main():
 
     results = summarise(sources, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
-    print(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
-          f'{device}, attention {attn} ({why})\n')
-    print(format_table(results))
+    say(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
+        f'{device}, attention {attn} ({why})\n')
+    say(format_table(results))
     if cfg.out:   # checked by check_out
         write_json(cfg.out, {'config': asdict(cfg), **results})
 
@@ -317,10 +317,10 @@ def with_data(cfg, records, presets=PRESETS):
         argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and
                                                                                             not cfg.data_dir)
         cfg = parse_config(type(cfg), presets, argv)
-        print(f'--data {cfg.data} --data-dir {cfg.data_dir}: as the models\' checkpoints record', flush=True)
+        say(f'--data {cfg.data} --data-dir {cfg.data_dir}: as the models\' checkpoints record')
     elif {r['data'] for r in records} - {cfg.data, None}:
-        print(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
-              f' (their classes are compared by name)', flush=True)
+        say(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
+            f' (their classes are compared by name)')
     cfg.data_dir = cfg.data_dir or './data'
     return cfg
 

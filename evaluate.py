@@ -32,7 +32,7 @@ from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks
 from util.config import ConfigError, parse_config
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.files import write_json, write_text
-from util.launch import amp_dtype, attn_implementation, run_main
+from util.launch import amp_dtype, attn_implementation, run_main, say
 from util.rundir import check_output
 from vit import set_attn_implementation
 
@@ -157,7 +157,7 @@ def main():
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
     attn, why = attn_implementation(cfg.attn_implementation, device)
-    print(f'attention: {attn} ({why})')
+    say(f'attention: {attn} ({why})')
     models = [set_attn_implementation(m, attn).to(device) for m in models]
     members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
     names = [' + '.join(m) for m in members]
@@ -166,10 +166,10 @@ def main():
         logits, labels = predict_all(models, build_loader(cfg, dataset, False), env)
         for row, value in zip(table, top1_row(logits, labels, allowed, groups)):
             row[set_name] = value
-        print(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{row[set_name]:.2f}' for row in table), flush=True)
+        say(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{row[set_name]:.2f}' for row in table))
 
     md = markdown(names, list(sets), table)
-    print('\n' + md)
+    say('\n' + md)
     os.makedirs(cfg.out, exist_ok=True)
     write_text(files[0], f'# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models\' '
                          f'probabilities; on ImageNet-R and -A every prediction is among their 200 classes.\n')

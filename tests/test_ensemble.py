@@ -4,13 +4,15 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from attention_copy import load_copy_model
 import attention_copy
-from conftest import TINY, finetune, read_metrics, run_in_process, run_script
+from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, run_script, sub_env
 from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_probs, load_models,
                       normalise_weights, summarise)
 import ensemble
@@ -221,3 +223,15 @@ def test_a_malformed_record_is_one_line_naming_the_file(runs, tmp_path, monkeypa
     assert str(bad) in str(e.value).split(' ')[0], e.value
     msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', runs / 'ft0' / 'checkpoint.pt', bad)
     assert msg and str(bad) in msg.split(' ')[1] and re.search(says, msg), msg
+
+
+def test_ensemble_piped_to_head_writes_its_results_and_no_traceback(runs, tmp_path):
+    """`python ensemble.py ... | head`: the pipe closes before the table is printed; the --out file is written all
+    the same, and nothing but that is lost (no traceback)."""
+    paths = [str(runs / r / 'checkpoint.pt') for r in ('ft0', 'ft1')]
+    p = subprocess.Popen([sys.executable, 'ensemble.py', *TINY, '--models', *paths, '--out', str(tmp_path / 'r.json')],
+                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()   # as `| head` does once it has its lines
+    err = p.communicate(timeout=240)[1]
+    assert p.returncode == 0 and 'Traceback' not in err, err[-3000:]
+    assert len(json.loads((tmp_path / 'r.json').read_text())['models']) == 2

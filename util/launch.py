@@ -140,16 +140,25 @@ def all_mean(t, env):
     return t
 
 
+def say(msg):
+    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
+    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    try:
+        print(msg, flush=True)
+        return ''
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
+        return e.strerror or type(e).__name__
+
+
 def log(env, cfg, msg):
     """Print, and add to log.txt; until the run has written its config.json (rundir.write_provenance, which starts
     a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
     file of its --out-dir."""
     if env.main:
-        try:
-            print(msg, flush=True)
-        except OSError as e:   # `| head` has gone (a broken pipe), a full device: the run goes on, its log.txt whole
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
-            msg += f'\n(stdout cannot be written ({e.strerror or type(e).__name__}): the rest is in log.txt only)'
+        lost = say(msg)
+        if lost:
+            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
         if env.claimed:
             append_text(os.path.join(cfg.out_dir, 'log.txt'), msg + '\n')
         else:
