@@ -215,9 +215,9 @@ OFF_BY_A_LITTLE = {
         '    out, kept = _forward(self, *args, **kwargs)\n'
         '    return out + 1e-3, kept\n'
         'vit.Attention.forward = forward', 'attention output, by hand vs vit.py'),
-    'attention_distill.attention_cross_entropy': (
-        '_loss = attention_distill.attention_cross_entropy\n'
-        'attention_distill.attention_cross_entropy = lambda t, s: _loss(t, s) + 1e-3',
+    'attention_distill.layer_loss': (
+        '_loss = attention_distill.layer_loss\n'
+        'attention_distill.layer_loss = lambda *a, **k: _loss(*a, **k) + 1e-3',
         'distillation loss of layer 0, by hand vs attention_distill.py'),
     'attention_distill.map_free_cross_entropy': (
         '_free = attention_distill.map_free_cross_entropy\n'
