@@ -92,8 +92,11 @@ def teacher(tmp_path_factory):
     ('attention_distill.py', ['--teacher', '--layers', '0']),
     ('attention_distill.py', ['--teacher', '--amp', 'fp16', '--accum-steps', '2']),   # GradScaler, DDP no_sync
     ('attention_distill.py', ['--teacher', '--compile', 'true', '--accum-steps', '2', '--drop-path', '0.1']),
-    ('attention_copy.py', ['--teacher', '--compile', 'true', '--amp', 'fp16'])],
-    ids=['mae', 'copy', 'distill', 'distill-fp16-accum', 'distill-compile-ddp', 'copy-compile-fp16'])
+    ('attention_copy.py', ['--teacher', '--compile', 'true', '--amp', 'fp16']),
+    ('attention_distill.py', ['--teacher', '--attn-implementation', 'eager', '--amp', 'fp16']),   # explicit maps
+    ('attention_copy.py', ['--teacher', '--attn-implementation', 'eager'])],
+    ids=['mae', 'copy', 'distill', 'distill-fp16-accum', 'distill-compile-ddp', 'copy-compile-fp16', 'distill-eager',
+         'copy-eager'])
 def test_script_under_torchrun_on_nccl(teacher, tmp_path, script, args):
     args = list(args)
     if '--teacher' in args:
@@ -101,6 +104,7 @@ def test_script_under_torchrun_on_nccl(teacher, tmp_path, script, args):
     log = launch(script, tmp_path, *args)
     assert '1 process(es) on cuda:0 (nccl)' in log
     assert f"autocast {'torch.float16' if 'fp16' in args else auto_dtype()}" in log
+    assert f"attention: {'eager' if 'eager' in args else 'sdpa'} (" in log        # auto: sdpa on CUDA
     assert 'Recompiling function' not in log
     assert read_metrics(tmp_path)[-1]['step'] == 3
     ck = torch.load(tmp_path / 'checkpoint.pt', map_location='cpu', weights_only=True)
