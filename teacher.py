@@ -15,7 +15,7 @@ from einops import rearrange
 
 from util.checkpoints import arch_of, build_from_checkpoint, family, heads_of, read_checkpoint
 from util.config import ConfigError, TrainConfig, readable, refuse, too_big
-from vit import SIZES, model_arch, set_attn_implementation
+from vit import SIZES, attend, model_arch, set_attn_implementation
 
 WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}   # what the teacher hands over for each
@@ -111,8 +111,11 @@ def check_teacher(cfg, teacher, layers, data, env):
     """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
     under the run's autocast: every step would hand them over, and the run would seem to diverge."""
     x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
-    with torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None):
+    with torch.no_grad(), torch.autocast(env.device.type, dtype=env.dtype or torch.float32,
+                                         enabled=env.dtype is not None):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
+        if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], env.attn)} for s, t in out.items()}
     bad = [layer_pairs(layers)[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:
         what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer

@@ -320,6 +320,20 @@ def test_a_teacher_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch, 
     assert not out.exists()                                     # refused: the folder it made is gone again
 
 
+def test_finite_queries_and_keys_whose_fp16_maps_overflow_are_refused(tmp_path, monkeypatch):
+    """The teacher hands over q and k, finite here, but their products pass fp16's range: explicit maps under fp16
+    autocast are not finite, so eager refuses the teacher; sdpa's kernels keep their sums in fp32 and take it."""
+    model = random_vit()
+    model.blocks[0].attn.qkv.weight.data.mul_(300 / model.blocks[0].attn.qkv.weight.data.abs().max())
+    model.blocks[0].attn.qkv.bias.data.fill_(30.0)
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 't.pt')
+    args = [*TINY, '--teacher', tmp_path / 't.pt', '--amp', 'fp16', '--max-steps', '1', '--layers', '0']
+    msg = run_in_process(monkeypatch, attention_copy, *args, '--out-dir', tmp_path / 'e', '--attn-implementation', 'eager')
+    assert msg and 'hands over attention maps that are not finite (its layer 0)' in msg and '--amp off' in msg, msg
+    assert run_in_process(monkeypatch, attention_copy, *args, '--out-dir', tmp_path / 's', '--attn-implementation',
+                          'sdpa') is None
+
+
 @pytest.mark.parametrize('dtype', [torch.int8, torch.int64, torch.complex64])
 def test_weights_that_are_not_real_floats_are_refused_wherever_read(tmp_path, monkeypatch, dtype):
     """Loading cast int8 / int64 / complex weights to float32 without a word (a quantised file without its scales
