@@ -57,11 +57,16 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 
 
 def copied(teacher, x, layers, heads, transfer):
-    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (the teacher's map, made in the student's layer),
-    or its q, k or v; with the listed heads only. layers: {student layer: teacher layer} (or a list: the same
-    layers). A student with fewer heads than the teacher is given all of them: each of its heads is routed by the
-    mean map of its group of teacher heads (vit.attend, teacher.to_student_heads)."""
-    out = teacher_outputs(teacher, x, layers, NAMES[transfer])
+    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map is made in the student's
+    layer, by one fused call), or {layer: {'attn': the map}} when the teacher runs eager (its layers write their maps
+    out anyway: handed over as they were made, not made twice), or its q, k or v; with the listed heads only.
+    layers: {student layer: teacher layer} (or a list: the same layers). A student with fewer heads than the teacher
+    is given all of them: each of its heads is routed by the mean map of its group of teacher heads (vit.attend)."""
+    if transfer == 'attn' and teacher.blocks[0].attn.implementation == 'eager':
+        out = {i: {'attn': t['logits'].softmax(-1, dtype=t['logits'].dtype)}                # (B, H, N, N)
+               for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items()}
+    else:
+        out = teacher_outputs(teacher, x, layers, NAMES[transfer])
     if heads is not None:
         return {i: {**{n: t[:, heads] for n, t in given.items()}, 'heads': heads} for i, given in out.items()}
     return out

@@ -102,7 +102,8 @@ class Attention(nn.Module):
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
         """x: (B, N, D).
         q, k, v: (B, h, N, *) tensors to use instead of this layer's own (attention copy: the teacher's q and k).
-        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)), always eager.
+        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)), always eager; for all
+        heads it may hold g maps a head (a teacher with g times the heads): each head takes their mean.
         heads: which of the H heads the given tensors cover (h of them); default all.
         keep: names among 'q', 'k', 'v' of this layer's own projections to hand back (distillation), or 'logits':
         its own pre-softmax map (B, H, N, N), which the layer then writes out and uses (eager distillation).
@@ -119,7 +120,8 @@ class Attention(nn.Module):
             if attn is not None or (q is None and k is None):              # the map it wrote is used
                 attn = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)
         if attn is not None:                           # an explicit map, for all heads or the listed ones
-            out = attn.to(v.dtype) @ v
+            g = attn.shape[1] // v.shape[1]            # a map of each of g heads per value head: their mean (attend)
+            out = (attn.unflatten(1, (-1, g)).mean(2) if g > 1 else attn).to(v.dtype) @ v
         elif heads is None:
             out = attend(own_q if q is None else q, own_k if k is None else k, v, self.implementation)
         else:                                          # the listed heads attend with what they are given

@@ -180,15 +180,17 @@ def runner(model):
 def blocks(vit, x, inject):
     """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
     block by block, so that several models can be run side by side holding one block's tensors each.
-    Where a layer is given the teacher's q and k, the map it used is the teacher's (as log-probabilities)."""
+    Where a layer is given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
     x = vit.embed(x)                                                        # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
         x, kept = block(x, given, keep=('logits',) if block.attn.own_qk else ())
         logits = kept.get('logits')                                         # its own, when it computes one
-        if 'q' in given and 'k' in given:       # the teacher's map, of its group of heads (as log-probabilities)
+        if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
             heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
-            maps = to_student_heads(scores(given['q'], given['k']).float(), heads)   # (B, h, N, N)
+            teacher = scores(given['q'], given['k']).float() if 'q' in given else \
+                given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+            maps = to_student_heads(teacher, heads)                                     # (B, h, N, N)
             if 'heads' in given:
                 logits = logits.clone()
                 logits[:, given['heads']] = maps.to(logits.dtype)
