@@ -1,7 +1,7 @@
 """Does cuBLAS pick slow kernels because 197 tokens leave rows unaligned? The attention of one ViT-L layer at
 batch 104 (1664 heads), bf16, forward + backward: N = 197 as is, N = 200, and 197 padded to 200 with masking.
 
-    python results/benchmark-h100/attention_alignment.py    # on a CUDA GPU; prints attention-alignment.txt
+    python -m tools.attention_alignment    # on a CUDA GPU; printed results/benchmark-h100/attention-alignment.txt
 """
 import torch, torch.nn.functional as F
 dev = 'cuda'
