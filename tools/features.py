@@ -302,7 +302,7 @@ def draws(k, resamples, seed):
     return torch.zeros(resamples, k).scatter_add_(1, idx, torch.ones(resamples, k))
 
 
-PREDICTION = ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'top1_a', 'top1_b', 'top1_ensemble', 'gain')
+PREDICTION = ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'a_wrong_given_b_wrong', 'top1_a', 'top1_b', 'top1_ensemble', 'gain')
 
 
 def prediction_values(logits, labels, a, b, w):
@@ -313,7 +313,7 @@ def prediction_values(logits, labels, a, b, w):
     wa, wb = pa != labels, pb != labels
     v = {'disagreement': mean(pa != pb), 'both_wrong': mean(wa & wb), 'top1_a': 100 * mean(~wa),
          'top1_b': 100 * mean(~wb), 'top1_ensemble': 100 * mean(pe == labels)}
-    v['b_wrong_given_a_wrong'] = v['both_wrong'] / mean(wa)
+    v['b_wrong_given_a_wrong'], v['a_wrong_given_b_wrong'] = v['both_wrong'] / mean(wa), v['both_wrong'] / mean(wb)
     v['gain'] = v['top1_ensemble'] - torch.maximum(v['top1_a'], v['top1_b'])
     return v
 

@@ -217,7 +217,7 @@ def reading(r, data):
     ms, t, depth = methods(r), r['teacher'], r['depth']
     group = {(g['a'], g['b']): g for g in r['groups']}
     g = lambda a, b: group.get((a, b)) or group.get((b, a))
-    if not all(k in ms for k in ('scratch', 'finetune', 'distill')) or not all(g(k, k) for k in ('finetune', 'distill')):
+    if not all(k in ms for k in ('scratch', 'finetune', 'distill')) or not all(g(k, k) for k in ('scratch', 'finetune', 'distill')):
         return ''
     taught = r['models'][ms['distill'][0]]['maps_distilled'] or list(range(depth))
     free = [i for i in range(depth) if i not in taught]
@@ -250,6 +250,7 @@ def reading(r, data):
                f"block {at('distill', 'finetune', [depth - 1])[0]:.2f}, against {at('finetune', 'finetune', [depth - 1])[0]:.2f} "
                f"and {at('distill', 'distill', [depth - 1])[0]:.2f}")
     fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
+    d_given_f = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
     iv = lambda s, k=100, f='.1f': f"{k * s['mean']:{f}}" + (f" [{k * s['interval'][0]:{f}}, {k * s['interval'][1]:{f}}]"
                                                             if 'interval' in s else '')
     apart = lambda a, b: 'interval' in a and (a['interval'][0] > b['interval'][1] or b['interval'][0] > a['interval'][1])
@@ -257,7 +258,7 @@ def reading(r, data):
         'no more than' if a['mean'] <= b['mean'] else 'about as much as'
     preds = (f"The predictions, against the same control: a fine-tuned and a distilled model disagree on "
              f"{iv(fd['disagreement'])}% of the images, {word(fd['disagreement'], ff['disagreement'])} two fine-tuned "
-             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(fd['b_wrong_given_a_wrong'], f='.0f')}% "
+             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(d_given_f, f='.0f')}% "
              f"of the images the fine-tuned one gets wrong (another fine-tuned seed: {iv(ff['b_wrong_given_a_wrong'], f='.0f')}%); "
              f"and the ensemble fine-tuned + distilled gains {iv(fd['gain'], 1, '+.2f')} points over the better of "
              f"its two, {word(fd['gain'], ff['gain'])} the ensemble of two fine-tuned seeds ({iv(ff['gain'], 1, '+.2f')}; "
