@@ -210,59 +210,89 @@ def blocks_named(layers):
         if layers == list(range(layers[0], layers[-1] + 1)) else 'blocks ' + ', '.join(map(str, layers))
 
 
-def reading(r, data):
-    """The page's conclusion: the two questions "its own features" asks, each answered from the numbers for the
-    methods reproduce.py names (scratch, finetune, distill, each with a seed-to-seed control), then the
-    predictions against the same control, then what they do not show. '' without those."""
+def claims(r):
+    """The numbers the conclusion rests on, as the page, the README and the notebook print them (their tests compare
+    these with their text); None without scratch, finetune and distill, each with a seed-to-seed control."""
     ms, t, depth = methods(r), r['teacher'], r['depth']
     group = {(g['a'], g['b']): g for g in r['groups']}
     g = lambda a, b: group.get((a, b)) or group.get((b, a))
     if not all(k in ms for k in ('scratch', 'finetune', 'distill')) or not all(g(k, k) for k in ('scratch', 'finetune', 'distill')):
-        return ''
+        return None
     taught = r['models'][ms['distill'][0]]['maps_distilled'] or list(range(depth))
-    free = [i for i in range(depth) if i not in taught]
     at = lambda a, b, layers=taught: [g(a, b)['tokens'][i]['mean'] for i in layers]
+    # as alike to the teacher as to another distilled seed: at least the lowest of the seed-to-seed pairs' CKA
+    close = [i for i in range(depth) if at(t, 'distill', [i])[0] >= g('distill', 'distill')['tokens'][i]['min']]
+    apart = [i for i in range(depth) if i not in close]
+    fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
+    return {'g': g, 'at': at, 'taught': taught, 'close': close, 'apart': apart, 'seeds': len(ms['distill']),
+            'fd': fd, 'ff': ff, 'taught_blocks': blocks_named(taught),
+            'close_blocks': blocks_named(close) if close else None, 'apart_blocks': blocks_named(apart) if apart else None,
+            'teacher_close': span(at(t, 'distill', close)) if close else None,
+            'seeds_close': span(at('distill', 'distill', close)) if close else None,
+            'teacher_apart': span(at(t, 'distill', apart)) if apart else None,
+            'scratch_seeds': span(at('scratch', 'scratch')), 'teacher_scratch': span(at(t, 'scratch')),
+            'gain_fd': f"{fd['gain']['mean']:+.2f}", 'gain_ff': f"{ff['gain']['mean']:+.2f}",
+            'differs_fd': f"{100 * fd['disagreement']['mean']:.1f}%", 'differs_ff': f"{100 * ff['disagreement']['mean']:.1f}%"}
+
+
+def reading(r, data):
+    """The page's conclusion: the two questions "its own features" asks, each answered from the numbers for the
+    methods reproduce.py names (scratch, finetune, distill, each with a seed-to-seed control), then the
+    predictions against the same control, then what they do not show. '' without those."""
+    c = claims(r)
+    if c is None:
+        return ''
+    ms, t, depth = methods(r), r['teacher'], r['depth']
+    g, at, taught, close, apart, fd, ff = (c[k] for k in ('g', 'at', 'taught', 'close', 'apart', 'fd', 'ff'))
     kl = lambda k, layers: [mean(per_method(r, 'kl', k, i)) for i in layers]
-    n = len(ms['distill'])
-    above = lambda a, b, layers=taught: sum(x > y for x, y in zip(at(*a, layers), at(*b, layers)))
+    n = c['seeds']
+    labels = [i for i in close if at(t, 'distill', [i])[0] > at('scratch', 'scratch', [i])[0]]
     maps = (f"the distilled students took the maps they were taught (KL to the teacher's {span(kl('distill', taught))} "
             f"nats in {blocks_named(taught)}, mean over {n} seeds; the scratch models' {span(kl('scratch', taught))})")
-    own = above(('distill', 'distill'), (t, 'distill'))
-    copied = (f"Learned, not copied: no weight of the teacher's reaches a distilled student (it starts from random "
-              f"weights, as a scratch model does, and only its maps are pulled toward the teacher's), where a "
-              f"fine-tuned model starts from all of them; and the maps do not fix its features: two distilled seeds "
-              f"are {'more' if own * 2 > len(taught) else 'less'} alike to each other ({span(at('distill', 'distill'))}) "
-              f"than each is to the teacher ({span(at(t, 'distill'))}) in {max(own, len(taught) - own)} of the "
-              f"{len(taught)} blocks")
-    near = above((t, 'distill'), (t, 'finetune'))
-    over = above((t, 'distill'), ('scratch', 'scratch'))
-    alike = (f"How alike to the teacher's: in those blocks the distilled students' CKA to the teacher, "
-             f"{span(at(t, 'distill'))}, is above the fine-tuned models' ({span(at(t, 'finetune'))}) in {near} of "
-             f"{len(taught)} blocks and above the scratch models' ({span(at(t, 'scratch'))}) in "
-             f"{above((t, 'distill'), (t, 'scratch'))}; the yardstick of what training on the labels alone makes alike, "
-             f"two scratch seeds, is {span(at('scratch', 'scratch'))}, which the distilled students' CKA to the teacher "
-             f"exceeds in {over} of {len(taught)} blocks"
-             + (f"; in {blocks_named(free)}, where its maps were free, {span(at(t, 'distill', free))} (scratch "
-                f"{span(at(t, 'scratch', free))})" if free else ''))
-    between = (f"Between the methods: the distilled and the fine-tuned models (pairs of different seeds) have CKA "
-               f"{span(at('distill', 'finetune'))} in {blocks_named(taught)}, against {span(at('finetune', 'finetune'))} "
-               f"for two fine-tuned seeds and {span(at('distill', 'distill'))} for two distilled ones; at the last "
-               f"block {at('distill', 'finetune', [depth - 1])[0]:.2f}, against {at('finetune', 'finetune', [depth - 1])[0]:.2f} "
-               f"and {at('distill', 'distill', [depth - 1])[0]:.2f}")
-    fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
+    learned = (f"Learned rather than copied? Yes: no weight of the teacher's reaches a distilled student (it starts from "
+               f"random weights, as a scratch model does, and only its maps are pulled toward the teacher's), where a "
+               f"fine-tuned model starts from all of them; and the maps do not fix the features: two distilled seeds "
+               f"have a CKA of {span(at('distill', 'distill'))} to each other in {blocks_named(taught)}, not 1")
+    alike = ("How alike to the teacher's? The yardstick is how alike two seeds of one recipe are: in "
+             f"{blocks_named(taught)} two scratch seeds reach {span(at('scratch', 'scratch'))}, two fine-tuned "
+             f"{span(at('finetune', 'finetune'))}, two distilled {span(at('distill', 'distill'))}, while the teacher and "
+             f"a scratch model reach only {span(at(t, 'scratch'))}. "
+             + (f"In {blocks_named(close)} the distilled students are at least as alike to the teacher "
+                f"({span(at(t, 'distill', close))}) as to each other ({span(at('distill', 'distill', close))}, the "
+                f"mean over their pairs)"
+                + (f", and more than two scratch seeds are to each other in {len(labels)} of them" if labels else '')
+                + ': there, to linear CKA, the teacher is one more seed of distillation' if close else
+                'In no block are the distilled students as alike to the teacher as to each other')
+             + (f"; in {blocks_named(apart)} they are less alike to it ({span(at(t, 'distill', apart))}) than to each "
+                f"other ({span(at('distill', 'distill', apart))})" if apart else ''))
+    cross = [i for i in range(depth) if at('finetune', 'distill', [i])[0] < min(at('finetune', 'finetune', [i])[0],
+                                                                                 at('distill', 'distill', [i])[0])]
+    between = (f"A fine-tuned and a distilled model (pairs of different seeds) are less alike than two seeds of either "
+               f"in {len(cross)} of {depth} blocks (CKA {span(at('finetune', 'distill', range(depth)))}, against "
+               f"{span(at('finetune', 'finetune', range(depth)))} and {span(at('distill', 'distill', range(depth)))})")
     d_given_f = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
     iv = lambda s, k=100, f='.1f': f"{k * s['mean']:{f}}" + (f" [{k * s['interval'][0]:{f}}, {k * s['interval'][1]:{f}}]"
                                                             if 'interval' in s else '')
-    apart = lambda a, b: 'interval' in a and (a['interval'][0] > b['interval'][1] or b['interval'][0] > a['interval'][1])
-    word = lambda a, b: ('more than' if a['mean'] > b['mean'] else 'less than') if apart(a, b) else \
+    sep = lambda a, b: 'interval' in a and (a['interval'][0] > b['interval'][1] or b['interval'][0] > a['interval'][1])
+    word = lambda a, b: ('more than' if a['mean'] > b['mean'] else 'less than') if sep(a, b) else \
         'no more than' if a['mean'] <= b['mean'] else 'about as much as'
     preds = (f"The predictions, against the same control: a fine-tuned and a distilled model disagree on "
              f"{iv(fd['disagreement'])}% of the images, {word(fd['disagreement'], ff['disagreement'])} two fine-tuned "
-             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(d_given_f, f='.0f')}% "
-             f"of the images the fine-tuned one gets wrong (another fine-tuned seed: {iv(ff['b_wrong_given_a_wrong'], f='.0f')}%); "
+             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(d_given_f, f='.0f')}% of the "
+             f"images the fine-tuned one gets wrong (another fine-tuned seed: {iv(ff['b_wrong_given_a_wrong'], f='.0f')}%); "
              f"and the ensemble fine-tuned + distilled gains {iv(fd['gain'], 1, '+.2f')} points over the better of "
              f"its two, {word(fd['gain'], ff['gain'])} the ensemble of two fine-tuned seeds ({iv(ff['gain'], 1, '+.2f')}; "
              f"top-1 {fd['top1_ensemble']['mean']:.2f} against {ff['top1_ensemble']['mean']:.2f})")
+    weaker = fd['gain']['mean'] <= ff['gain']['mean']
+    so = ("So the controls change the one-seed reading. " + (
+          f"Its \"not its own\" holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
+          f"distilled features there are as near the teacher's as a second distilled seed's are to the first's"
+          + (f"; from block {apart[0]} on they are their own by both questions" if apart and apart == list(
+              range(apart[0], depth)) else f"; in {blocks_named(apart)} they are their own by both questions" if apart
+              else '') if close else "The distilled features are their own by both questions in every block")
+          + ('. And the ensemble\'s gain is no sign of features of its own: a second fine-tuned seed adds as much to '
+             'the first as the distilled student does' if weaker else
+             '. The ensemble with the distilled student gains more than a second fine-tuned seed adds'))
     b = r.get('bootstrap')
     limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
               + (f"; the intervals resample the {r['images']} test images (for CKA in the {b['cka_units']} batches "
@@ -271,7 +301,7 @@ def reading(r, data):
                 f"them the same way; and this is a {depth}-block ViT on {data}, 3 epochs a method")
     return (f"What this shows, for {n} seeds of each method of a {depth}-block ViT on {data}. Whether a student's "
             f"features are \"its own\" asks two questions: were they learned rather than copied, and how alike "
-            f"are they to the teacher's? First, " + '. '.join([maps, copied, alike, between, preds, limits]) + '.')
+            f"are they to the teacher's? First, " + '. '.join([maps, learned, alike, between, preds, so, limits]) + '.')
 
 # -----------------------------------------------------------------------------
 # The page and features.json
