@@ -4,9 +4,8 @@ with each other, in one pass over a fixed set of test images (the paper's second
 the student learns features of its own, not the teacher's, which is why its ensemble with the fine-tuned
 model helps; the ensemble's gain only suggests it, these numbers measure it).
 
-    python -m tools.features --teacher teachers/fashion-mnist-mae.pt \
-        --models runs/scratch/checkpoint.pt runs/finetune/checkpoint.pt runs/copy/checkpoint.pt \
-        runs/distill/checkpoint.pt --names scratch finetune copy distill --out-dir runs/features
+    python -m tools.features --teacher teachers/fashion-mnist-mae.pt --batch-size 200 --out-dir runs/features \
+        --models results/fashion-mnist/features/models/{scratch,finetune,copy,distill}-{0,1,2}.pt
     python -m tools.features --data imagenet --data-dir /datasets/imagenet --device cuda --images 10000 \
         --teacher mae_vit_large --models ... --out-dir runs/features-imagenet
 
@@ -20,7 +19,10 @@ What it measures, each a function usable on its own (the notebook imports them):
 - attention distance: each head's mean distance in pixels from a query patch to the patches it attends to
   (Dosovitskiy et al. 2021, Fig. 7; `attention_distance`);
 - prediction agreement: for every pair of classifiers, how often their top-1 differs, and whether their
-  errors overlap (`agreement`).
+  errors overlap (`agreement`);
+- controls: models named <method>-<seed> are grouped; every two methods are compared over their pairs of models of
+  different seeds, beside each method's seed-to-seed pairs (how alike one recipe's runs are anyway), each number as
+  mean, spread over the pairs and a bootstrap interval over the test images (`controls`).
 A copy student has no queries or keys in its copied layers: there its maps ARE the teacher's (given, not
 computed), recorded as such (`maps_given`) and shown hollow in the figure; its KL there is 0 by construction.
 No gradients, no autocast: every statistic is computed in fp32 and accumulated in fp64.

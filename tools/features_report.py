@@ -171,7 +171,7 @@ def plot(r, path):
     for k in names:
         if (k, k) in group:
             c = group[k, k]['tokens']
-            axes[1].fill_between(x, [s['min'] for s in c], [s['max'] for s in c], color=colour[k], alpha=0.15)
+            axes[1].fill_between(x, [s['min'] for s in c], [s['max'] for s in c], color=colour[k], alpha=0.2)
         pair = group.get((k, focus)) or group.get((focus, k))
         if k != focus and pair:
             line(axes[1], pair, colour[k], fmt='o-', label=f'{focus} vs {k}')
