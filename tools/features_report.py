@@ -287,11 +287,12 @@ def reading(r, data):
     so = ("So the controls change the one-seed reading. " + (
           f"Its \"not its own\" holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
           f"distilled features there are as near the teacher's as a second distilled seed's are to the first's"
-          + (f"; from block {apart[0]} on they are their own by both questions" if apart and apart == list(
-              range(apart[0], depth)) else f"; in {blocks_named(apart)} they are their own by both questions" if apart
-              else '') if close else "The distilled features are their own by both questions in every block")
+          + (f"; in {blocks_named(apart)} they are nearer each other's than the teacher's" if apart else '')
+          if close else "In no block are the distilled features as near the teacher's as to another distilled seed's")
           + ('. And the ensemble\'s gain is no sign of features of its own: a second fine-tuned seed adds as much to '
-             'the first as the distilled student does' if weaker else
+             'the first as the distilled student does' + (', though it disagrees with the fine-tuned model more often '
+             'than a second fine-tuned seed does' if sep(fd['disagreement'], ff[
+                 'disagreement']) and fd['disagreement']['mean'] > ff['disagreement']['mean'] else '') if weaker else
              '. The ensemble with the distilled student gains more than a second fine-tuned seed adds'))
     b = r.get('bootstrap')
     limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
