@@ -146,3 +146,41 @@ def test_the_readme_says_what_the_quick_run_shows():
 def test_the_reader_finds_what_disagrees(claim, wrong):
     """The checker itself, on sentences whose truth is known: it is no check if it passes everything."""
     assert problems(claim, quick_run(), stage_logs()) == wrong
+
+# -----------------------------------------------------------------------------
+# The README's sentences about features, against the committed feature analysis
+
+
+FEATURES = os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.json')
+
+
+def feature_claims():
+    from tools.features_report import claims
+    with open(FEATURES) as f:
+        return claims(json.load(f)['result'])
+
+
+def stated_features(c, text):
+    """What in the README's (or the notebook's) paragraph about features the analysis does not say (empty:
+    nothing): each number it quotes, and the two words that rest on a comparison."""
+    text = ' '.join(text.split())
+    wrong = [f'{k}: {c[k]}' for k in ('close_blocks', 'teacher_close', 'seeds_close', 'scratch_seeds', 'apart_blocks',
+                                      'teacher_apart', 'gain_ff', 'gain_fd')
+             if not re.search(rf'(?<![\d.]){re.escape(c[k])}(?!\d)', text)]
+    if 'no sign of features of its own' in text and c['fd']['gain']['mean'] > c['ff']['gain']['mean']:
+        wrong.append('the distilled student adds more than a second fine-tuned seed')
+    if f"{c['seeds']} seeds" not in text:
+        wrong.append(f"{c['seeds']} seeds")
+    return wrong
+
+
+@pytest.mark.skipif(not os.path.isfile(FEATURES), reason='no committed feature analysis')
+def test_the_readme_says_what_the_feature_analysis_shows():
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        text = next(p for p in f.read().split('\n\n') if 'results/fashion-mnist/features/README.md)),' in p)
+    c = feature_claims()
+    assert c is not None and stated_features(c, text) == []
+    # the reader catches a number or a word changed
+    assert stated_features(c, text.replace(c['teacher_close'], '0.12-0.34')) == ['teacher_close: ' + c['teacher_close']]
+    swapped = {**c, 'fd': c['ff'], 'ff': {'gain': {'mean': c['ff']['gain']['mean'] - 1}}}
+    assert 'the distilled student adds more than a second fine-tuned seed' in stated_features(swapped, text)

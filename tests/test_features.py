@@ -17,7 +17,8 @@ from attention_copy import CopyModel
 from conftest import ROOT, TINY, finetune, run_script
 from ensemble import load_model
 from tools.features import (PRESETS, CKAStats, FeaturesConfig, agreement, analyse, attention_distance, blocks,
-                            class_token_share, linear_cka, load, map_agreement, runner)
+                            class_token_share, draws, group_pairs, linear_cka, load, map_agreement, method_seed,
+                            prediction_values, runner)
 from util.config import parse_config
 from vit import VisionTransformer
 
@@ -90,6 +91,34 @@ def test_batched_statistics_equal_the_whole_computation(batch):
     for a, b in (('x', 'y'), ('y', 'x'), ('x', 'z'), ('z', 'y'), ('x', 'x')):
         assert stats.cka(a, b) == pytest.approx(linear_cka(streams[a], streams[b]), rel=1e-9, abs=1e-12), (a, b)
 
+def test_a_resample_of_the_batches_is_the_cka_of_those_batches():
+    """The bootstrap's CKA of a resample (batch 0 twice, batch 1 never, batch 2 once) is linear_cka on exactly those
+    samples stacked; all ones give the whole computation's."""
+    x = gaussian(300, 6) + 100
+    streams = {'x': x.float(), 'y': (torch.tanh(x - 100) @ gaussian(6, 4, seed=1) + gaussian(300, 4, seed=2)).float()}
+    stats = CKAStats(keep=True)
+    for i in range(0, 300, 100):
+        stats.update({k: v[i:i + 100] for k, v in streams.items()})
+    got = stats.resampled([('x', 'y'), ('y', 'x')], torch.tensor([[2., 0., 1.], [1., 1., 1.]]))
+    pick = lambda v: torch.cat([v[:100], v[:100], v[200:]])
+    assert got['x', 'y'][0].item() == pytest.approx(linear_cka(pick(streams['x']), pick(streams['y'])), rel=1e-5)
+    assert got['y', 'x'][1].item() == pytest.approx(stats.cka('x', 'y'), rel=1e-5)
+    counts = draws(3, 50, seed=0)
+    assert counts.shape == (50, 3) and (counts.sum(1) == 3).all() and torch.equal(counts, draws(3, 50, seed=0))
+
+
+def test_pairs_of_methods_take_seeds_apart():
+    names = ['teacher', 'scratch-0', 'scratch-1', 'distill-0', 'distill-1', 'distill-2']
+    assert method_seed('distill-2') == ('distill', 2) and method_seed('teacher') == ('teacher', None)
+    assert method_seed('my-model') == ('my-model', None)
+    assert group_pairs(names, 'distill', 'distill') == [('distill-0', 'distill-1'), ('distill-0', 'distill-2'),
+                                                         ('distill-1', 'distill-2')]
+    assert group_pairs(names, 'scratch', 'distill') == [('scratch-0', 'distill-1'), ('scratch-0', 'distill-2'),
+                                                        ('scratch-1', 'distill-0'), ('scratch-1', 'distill-2')]
+    assert group_pairs(names, 'teacher', 'scratch') == [('teacher', 'scratch-0'), ('teacher', 'scratch-1')]
+    assert group_pairs(['a-0', 'b-0'], 'a', 'b') == [('a-0', 'b-0')]   # one seed each: the only pair there is
+    assert group_pairs(['teacher'], 'teacher', 'teacher') == []
+
 # -----------------------------------------------------------------------------
 # Attention maps
 
@@ -151,6 +180,17 @@ def test_prediction_agreement_on_hand_made_predictions():
     assert r['a_wrong_given_b_wrong'] == pytest.approx(2 / 4) and r['err_a'] == pytest.approx(0.3)
     # a is the surer (logit 5 against 3): where they differ the mean of probabilities follows a
     assert r['top1_ensemble'] == pytest.approx(70)
+    # the same numbers as the bootstrap computes them: all ones; then image 7 counted twice, image 0 never
+    logits = {'a': onehot(pred_a, 5), 'b': onehot(pred_b, 3)}
+    w = torch.ones(2, 10, dtype=torch.float64)
+    w[1, 7], w[1, 0] = 2, 0
+    v = prediction_values(logits, labels, 'a', 'b', w)
+    for k in ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'top1_a', 'top1_b', 'top1_ensemble'):
+        assert v[k][0].item() == pytest.approx(r[k]), k
+    assert v['gain'][0].item() == pytest.approx(0)                         # 70 against the better's 70
+    (d,) = agreement({k: torch.cat([l[1:], l[7:8]]) for k, l in logits.items()}, torch.cat([labels[1:], labels[7:8]]))
+    assert v['disagreement'][1].item() == pytest.approx(d['disagreement'])
+    assert v['b_wrong_given_a_wrong'][1].item() == pytest.approx(d['b_wrong_given_a_wrong'])
 
 # -----------------------------------------------------------------------------
 # Models block by block
@@ -200,47 +240,82 @@ def test_a_twin_of_the_teacher_matches_it_everywhere():
     pair = next(p for p in r['agreement'] if {p['a'], p['b']} == {'teacher', 'twin'})
     assert pair['disagreement'] == 0 and pair['b_wrong_given_a_wrong'] == pytest.approx(1)
 
+
+def test_a_method_whose_seeds_are_twins_has_a_control_of_one():
+    """Seeds 0 and 1 of method a are one model: their seed-to-seed control is CKA 1 in every block and under every
+    resample, and they never disagree; method b's seeds differ, and are less alike."""
+    models = {'teacher': tiny_vit(0), 'a-0': tiny_vit(1), 'b-0': tiny_vit(2), 'b-1': tiny_vit(3)}
+    models['a-1'] = copy.deepcopy(models['a-0'])
+    loader = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(4)]
+    r = analyse(models, loader, torch.device('cpu'), resamples=30)
+    g = {(x['a'], x['b']): x for x in r['groups']}
+    assert list(g) == [('teacher', 'a'), ('teacher', 'b'), ('a', 'a'), ('a', 'b'), ('b', 'b')]
+    assert g['a', 'b']['pairs'] == [['a-0', 'b-1'], ['a-1', 'b-0']]
+    for s in g['a', 'a']['tokens']:
+        assert s['mean'] == pytest.approx(1) and s['interval'] == pytest.approx([1, 1]) and s['std'] == 0
+    assert all(s['mean'] < 0.99 and s['interval'][0] <= s['interval'][1] for s in g['b', 'b']['tokens'])
+    p = g['a', 'a']['predictions']
+    assert p['disagreement']['mean'] == 0 and p['disagreement']['interval'] == [0, 0] and p['gain']['mean'] == 0
+    assert 'predictions' not in g['teacher', 'a'] or r['models']['teacher']['top1'] is not None
+    assert r['bootstrap']['cka_units'] == 4 and r['models']['b-1']['method'] == 'b' and r['models']['b-1']['seed'] == 1
+
 # -----------------------------------------------------------------------------
 # The command, end to end
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """A tiny teacher, a scratch model, a copy and a distilled student of it (the fake preset, 3 steps)."""
+    """A tiny teacher, three scratch models, a copy and two distilled students of it (the fake preset, 3 steps)."""
     d = tmp_path_factory.mktemp('features')
     finetune(d / 'teacher', '--max-steps', '3')
     finetune(d / 'scratch', '--max-steps', '3', '--seed', '1')
-    for script, name in (('attention_copy.py', 'copy'), ('attention_distill.py', 'distill')):
+    finetune(d / 'scratch2', '--max-steps', '3', '--seed', '2')
+    finetune(d / 'scratch3', '--max-steps', '3', '--seed', '3')
+    for script, name, seed in (('attention_copy.py', 'copy', 0), ('attention_distill.py', 'distill', 0),
+                               ('attention_distill.py', 'distill2', 1)):
         p = run_script(script, *TINY, '--out-dir', d / name, '--teacher', d / 'teacher' / 'checkpoint.pt',
-                       '--max-steps', '3', '--layers', '0')
+                       '--max-steps', '3', '--layers', '0', '--seed', seed)
         assert p.returncode == 0, f'{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     return d
 
 
 def test_the_command_end_to_end(runs, tmp_path):
     teacher = str(runs / 'teacher' / 'checkpoint.pt')
-    models = [str(runs / n / 'checkpoint.pt') for n in ('scratch', 'copy', 'distill', 'teacher')]
-    names = ['scratch', 'copy', 'distill', 'finetune']   # the teacher's classifier stands in for a fine-tuned model
+    models = [str(runs / n / 'checkpoint.pt') for n in ('scratch', 'copy', 'distill', 'teacher', 'distill2', 'scratch2',
+                                                         'scratch3')]
+    # the teacher's classifier and a third scratch model stand in for two fine-tuned seeds
+    names = ['scratch-0', 'copy-0', 'distill-0', 'finetune-0', 'distill-1', 'finetune-1', 'scratch-1']
     p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', *models, '--names', *names,
-                   '--batch-size', '24', '--out-dir', tmp_path / 'out')
+                   '--batch-size', '24', '--resamples', '20', '--out-dir', tmp_path / 'out')
     assert p.returncode == 0, f'tools.features failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     assert 'teacher vs copy' in p.stdout
     assert sorted(os.listdir(tmp_path / 'out')) == ['README.md', 'features.json', 'features.png']
     with open(tmp_path / 'out' / 'features.json') as f:
         r = json.load(f)['result']
     assert r['images'] == 64 and list(r['models']) == ['teacher', *names]
-    assert r['models']['copy']['maps_given'] == [0] and r['models']['distill']['maps_given'] == []
-    assert r['models']['distill']['maps_distilled'] == [0] and r['models']['copy']['maps_distilled'] == []
-    # the page's paragraph says what these numbers say: its comparison and its disagreement
-    page = (tmp_path / 'out' / 'README.md').read_text()
-    cka = {p['b']: p['tokens'][0] for p in r['cka'] if p['a'] == 'teacher'}
-    closer = 'are closer to' if cka['distill'] > cka['finetune'] else 'are no closer to'
-    assert f'its features {closer} the teacher' in page
-    fd = next(p for p in r['agreement'] if {p['a'], p['b']} == {'distill', 'finetune'})
-    assert f"disagree on {100 * fd['disagreement']:.1f}% of the images" in page
+    assert r['models']['copy-0']['maps_given'] == [0] and r['models']['distill-0']['maps_given'] == []
+    assert r['models']['distill-1']['maps_distilled'] == [0] and r['models']['copy-0']['maps_distilled'] == []
+    assert r['bootstrap']['resamples'] == 20 and r['bootstrap']['cka_units'] == 3   # batches of 24, 24, 16
+    # the page's conclusion says what these numbers say: each comparison it makes, and the predictions' control
+    page = ' '.join((tmp_path / 'out' / 'README.md').read_text().split())
+    g = {(x['a'], x['b']): x for x in r['groups']}
+    to_t, own = g['teacher', 'distill']['tokens'][0]['mean'], g['distill', 'distill']['tokens'][0]['mean']
+    assert f"two distilled seeds have a CKA of {own:.2f} to each other in block 0, not 1" in page
+    # one pair of distilled seeds: a block counts as alike to the teacher as they are to each other when at least theirs
+    close = [i for i in range(r['depth'])
+             if g['teacher', 'distill']['tokens'][i]['mean'] >= g['distill', 'distill']['tokens'][i]['mean']]
+    named = {(0,): 'block 0', (1,): 'block 1', (0, 1): 'blocks 0-1'}
+    assert (f"In {named[tuple(close)]} the distilled students are at least as alike to the teacher" if close else
+            "In no block are the distilled students as alike to the teacher as to each other") in page
+    assert f"two scratch seeds reach {g['scratch', 'scratch']['tokens'][0]['mean']:.2f}, two fine-tuned " in page
+    fd, ff = g['distill', 'finetune']['predictions'], g['finetune', 'finetune']['predictions']
+    assert f"wrong on {100 * fd['a_wrong_given_b_wrong']['mean']:.0f} [" in page   # distilled where fine-tuned is wrong
+    assert f"disagree on {100 * fd['disagreement']['mean']:.1f} [{100 * fd['disagreement']['interval'][0]:.1f}," in page
+    assert f"two fine-tuned seeds ({100 * ff['disagreement']['mean']:.1f} [" in page
+    assert f"gains {fd['gain']['mean']:+.2f} [" in page and f"two fine-tuned seeds ({ff['gain']['mean']:+.2f} [" in page
     # in its copied layer the copy student used the teacher's maps: KL 0, the teacher's distances
-    assert r['kl']['copy'][0] == pytest.approx([0] * r['models']['copy']['heads'], abs=1e-5)
-    assert r['attention_distance']['copy'][0] == pytest.approx(r['attention_distance']['teacher'][0], abs=1e-5)
+    assert r['kl']['copy-0'][0] == pytest.approx([0] * r['models']['copy-0']['heads'], abs=1e-5)
+    assert r['attention_distance']['copy-0'][0] == pytest.approx(r['attention_distance']['teacher'][0], abs=1e-5)
     assert all(0 <= v <= 1 + 1e-9 for pair in r['cka'] for v in pair['tokens'] + pair['class_token'])
     # each top-1 is what the model's own forward pass gives on the same images, in fp32
     cfg = parse_config(FeaturesConfig, PRESETS, [*TINY, '--teacher', teacher, '--models', *models, '--names', *names])

@@ -4,9 +4,8 @@ with each other, in one pass over a fixed set of test images (the paper's second
 the student learns features of its own, not the teacher's, which is why its ensemble with the fine-tuned
 model helps; the ensemble's gain only suggests it, these numbers measure it).
 
-    python -m tools.features --teacher teachers/fashion-mnist-mae.pt \
-        --models runs/scratch/checkpoint.pt runs/finetune/checkpoint.pt runs/copy/checkpoint.pt \
-        runs/distill/checkpoint.pt --names scratch finetune copy distill --out-dir runs/features
+    python -m tools.features --teacher teachers/fashion-mnist-mae.pt --batch-size 200 --out-dir runs/features \
+        --models results/fashion-mnist/features/models/{scratch,finetune,copy,distill}-{0,1,2}.pt
     python -m tools.features --data imagenet --data-dir /datasets/imagenet --device cuda --images 10000 \
         --teacher mae_vit_large --models ... --out-dir runs/features-imagenet
 
@@ -20,7 +19,10 @@ What it measures, each a function usable on its own (the notebook imports them):
 - attention distance: each head's mean distance in pixels from a query patch to the patches it attends to
   (Dosovitskiy et al. 2021, Fig. 7; `attention_distance`);
 - prediction agreement: for every pair of classifiers, how often their top-1 differs, and whether their
-  errors overlap (`agreement`).
+  errors overlap (`agreement`);
+- controls: models named <method>-<seed> are grouped; every two methods are compared over their pairs of models of
+  different seeds, beside each method's seed-to-seed pairs (how alike one recipe's runs are anyway), each number as
+  mean, spread over the pairs and a bootstrap interval over the test images (`controls`).
 A copy student has no queries or keys in its copied layers: there its maps ARE the teacher's (given, not
 computed), recorded as such (`maps_given`) and shown hollow in the figure; its KL there is 0 by construction.
 No gradients, no autocast: every statistic is computed in fp32 and accumulated in fp64.
@@ -29,7 +31,9 @@ Report (features.json, features.png, README.md): tools/features_report.py.
 import math
 import os
 import platform
+import re
 import shlex
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -78,8 +82,9 @@ class CKAStats:
     Each stream is shifted by its first batch's mean before summing (CKA is blind to shifts): residual
     streams can carry large means, and X^T Y - n m_x m_y^T of unshifted sums would cancel away digits."""
 
-    def __init__(self):
+    def __init__(self, keep=False):
         self.n, self.shift, self.sum, self.cross = 0, {}, {}, {}
+        self.batches = [] if keep else None   # keep: each batch's own sums too (fp32), for `resampled`
 
     def update(self, feats):
         """feats: {name: (n, d) features}, the same n samples in every stream, in the same order."""
@@ -91,9 +96,13 @@ class CKAStats:
         feats = {k: v - self.shift[k] for k, v in feats.items()}
         for k, v in feats.items():
             self.sum[k] += v.sum(0)                                            # (d,)
-        for a, b in combinations_with_replacement(feats, 2):
-            self.cross[a, b] = self.cross.get((a, b), 0) + feats[a].T @ feats[b]   # (d_a, d_b)
+        cross = {(a, b): feats[a].T @ feats[b] for a, b in combinations_with_replacement(feats, 2)}   # (d_a, d_b)
+        for k, v in cross.items():
+            self.cross[k] = self.cross.get(k, 0) + v
         self.n += len(next(iter(feats.values())))
+        if self.batches is not None:
+            self.batches.append((len(next(iter(feats.values()))), {k: v.sum(0).float() for k, v in feats.items()},
+                                 {k: v.float() for k, v in cross.items()}))
 
     def centred(self, a, b):
         """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
@@ -103,6 +112,21 @@ class CKAStats:
     def cka(self, a, b):
         ab, aa, bb = self.centred(a, b), self.centred(a, a), self.centred(b, b)
         return (ab.square().sum() / (aa.norm() * bb.norm())).item()
+
+    def resampled(self, pairs, counts):
+        """{(a, b): (R,) CKA} of each pair on R resamples of the kept batches, counts (R, K): how many times
+        each of the K batches is drawn. Counts of all ones give `cka` (to fp32's digits)."""
+        w = counts.double()                                                    # (R, K)
+        n = w @ torch.tensor([float(b[0]) for b in self.batches], dtype=torch.float64)      # (R,)
+        s = {k: w @ torch.stack([b[1][k] for b in self.batches]).double() for k in self.shift}   # (R, d) each
+
+        def centred(a, b):                                                     # (R, d_a, d_b)
+            key, t = ((a, b), False) if (a, b) in self.cross else ((b, a), True)
+            c = (w @ torch.stack([b_[2][key] for b_ in self.batches]).flatten(1).double()).unflatten(1, self.cross[key].shape)
+            c = c.transpose(1, 2) if t else c
+            return c - s[a][:, :, None] * s[b][:, None, :] / n[:, None, None]
+        norm = {k: centred(k, k).flatten(1).norm(dim=1) for k in {x for p in pairs for x in p}}   # (R,) each
+        return {(a, b): centred(a, b).square().sum((1, 2)) / (norm[a] * norm[b]) for a, b in pairs}
 
 # -----------------------------------------------------------------------------
 # Attention maps: how far each head looks, how close its maps are to the teacher's
@@ -200,14 +224,15 @@ def blocks(vit, x, inject):
 
 
 @torch.no_grad()
-def analyse(models, loader, device, teacher='teacher'):
+def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     """Everything above in one pass over `loader`. models: {name: VisionTransformer or CopyModel in eval mode,
     on `device`}, all of one depth and token grid, `teacher` among them (a model without a classifier gives
-    features and maps only). Returns a dict of plain numbers (features.json's 'result')."""
+    features and maps only); names like distill-1 are seed 1 of method distill (`method_seed`). resamples: of
+    the bootstrap over images (`controls`), 0 for none. Returns a dict of plain numbers (features.json's 'result')."""
     runs = {k: runner(m) for k, m in models.items()}
     vits = {k: v for k, (v, _) in runs.items()}
     depth = vits[teacher].depth
-    tokens, class_token = [CKAStats() for _ in range(depth)], [CKAStats() for _ in range(depth)]
+    tokens, class_token = [CKAStats(keep=resamples > 0) for _ in range(depth)], [CKAStats() for _ in range(depth)]
     sums, n, logits, labels = defaultdict(float), 0, defaultdict(list), []   # sums: per-head values x images
     for x, y in loader:
         x, b = x.to(device), len(y)
@@ -230,16 +255,112 @@ def analyse(models, loader, device, teacher='teacher'):
         n += b
     names, labels, logits = list(models), torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
     per_layer = lambda what, k: [(sums[what, k, i] / n).tolist() for i in range(depth)]    # [layer][head]
-    return {
+    r = {
         'images': n, 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
         'uniform_distance': uniform_distance(vits[teacher]),
-        'models': {k: {'heads': vits[k].num_heads, 'global_pool': vits[k].global_pool, **given_maps(models[k]),
+        'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'heads': vits[k].num_heads,
+                       'global_pool': vits[k].global_pool, **given_maps(models[k]),
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in names},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
                  'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(names, 2)],
         **{what: {k: per_layer(what, k) for k in names}
            for what in ('attention_distance', 'class_token_share', 'cross_entropy', 'kl')},
         'agreement': agreement(logits, labels)}
+    return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
+
+# -----------------------------------------------------------------------------
+# Seeds: every pair of methods against the seed-to-seed pairs of one method, each with an interval
+
+
+def method_seed(name):
+    """'distill-2' -> ('distill', 2); a name without a seed is a method of its own: 'teacher' -> ('teacher', None)."""
+    m = re.fullmatch(r'(.+)-(\d+)', name)
+    return (m[1], int(m[2])) if m else (name, None)
+
+
+def group_pairs(names, a, b):
+    """The pairs of models that compare method a with method b: two seeds of one method (its seed-to-seed control),
+    or one model of each method from different seeds, so that no pair shares an initialisation or an order of
+    batches, as no seed-to-seed pair does (the same seed of two methods can start from the same weights)."""
+    of = lambda m: [k for k in names if method_seed(k)[0] == m]
+    if a == b:
+        return list(combinations(of(a), 2))
+    pairs = [(x, y) for x in of(a) for y in of(b)]
+    apart = [(x, y) for x, y in pairs if method_seed(x)[1] is None or method_seed(x)[1] != method_seed(y)[1]]
+    return apart or pairs
+
+
+def spread(values, replicates=None, level=0.95):
+    """mean, std over the pairs (0 for one), min, max, and the bootstrap's interval of the mean ((R, pairs) values)."""
+    out = {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+           'min': min(values), 'max': max(values)}
+    if replicates is not None:
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        out['interval'] = torch.quantile(replicates.double().mean(1), q).tolist()
+    return out
+
+
+def draws(k, resamples, seed):
+    """(resamples, k) counts: how often each of k units is drawn in each resample, k draws with replacement."""
+    idx = torch.randint(k, (resamples, k), generator=torch.Generator().manual_seed(seed))
+    return torch.zeros(resamples, k).scatter_add_(1, idx, torch.ones(resamples, k))
+
+
+PREDICTION = ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'a_wrong_given_b_wrong', 'top1_a', 'top1_b', 'top1_ensemble', 'gain')
+
+
+def prediction_values(logits, labels, a, b, w):
+    """PREDICTION's numbers of the pair (a, b), each (R,), on the images weighted by w (R, n) (all ones: agreement's)."""
+    pa, pb = logits[a].argmax(-1), logits[b].argmax(-1)
+    pe = ensemble_probs([logits[a], logits[b]]).argmax(-1)
+    mean = lambda t: w @ t.double() / w.sum(1)                                 # (R,)
+    wa, wb = pa != labels, pb != labels
+    v = {'disagreement': mean(pa != pb), 'both_wrong': mean(wa & wb), 'top1_a': 100 * mean(~wa),
+         'top1_b': 100 * mean(~wb), 'top1_ensemble': 100 * mean(pe == labels)}
+    v['b_wrong_given_a_wrong'], v['a_wrong_given_b_wrong'] = v['both_wrong'] / mean(wa), v['both_wrong'] / mean(wb)
+    v['gain'] = v['top1_ensemble'] - torch.maximum(v['top1_a'], v['top1_b'])
+    return v
+
+
+def controls(r, tokens, logits, labels, resamples, seed):
+    """'groups': for every two methods (and each with itself: its seed-to-seed control), the CKA of their pairs
+    (`group_pairs`) per block, and, between classifiers, their predictions' agreement and ensemble, each as
+    `spread` over the pairs; and each pair's bootstrap interval of its CKA. The bootstrap redraws the test images,
+    for CKA in the batches that were run (each batch's statistics are kept: one image's would be a d x d matrix
+    per pair of models), for predictions one by one: 'bootstrap' says how."""
+    names = list(r['models'])
+    methods = list(dict.fromkeys(method_seed(k)[0] for k in names))
+    groups = [(a, b, group_pairs(names, a, b)) for i, a in enumerate(methods) for b in methods[i:]]
+    groups = [g for g in groups if g[2]]
+    pairs = [(p['a'], p['b']) for p in r['cka']]
+    batch_w = draws(len(tokens[0].batches), resamples, seed) if resamples else None
+    image_w = draws(len(labels), resamples, seed + 1) if resamples else None
+    boot = [s.resampled(pairs, batch_w) for s in tokens] if resamples else None    # [block] {pair: (R,)}
+    level = 0.95
+    if resamples:
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        for p in r['cka']:
+            p['tokens_interval'] = [torch.quantile(b[p['a'], p['b']], q).tolist() for b in boot]
+    cka = {(p['a'], p['b']): p for p in r['cka']}
+    get = lambda x, y: cka.get((x, y)) or cka[y, x]
+    out = []
+    for a, b, ps in groups:
+        g = {'a': a, 'b': b, 'pairs': [list(p) for p in ps]}
+        for key in ('tokens', 'class_token'):
+            g[key] = [spread([get(x, y)[key][i] for x, y in ps],
+                             torch.stack([boot[i].get((x, y), boot[i].get((y, x))) for x, y in ps], 1)
+                             if key == 'tokens' and resamples else None, level) for i in range(r['depth'])]
+        if all(k in logits for p in ps for k in p):
+            ones = torch.ones(1, len(labels), dtype=torch.float64)
+            values = [prediction_values(logits, labels, x, y, ones) for x, y in ps]
+            reps = [prediction_values(logits, labels, x, y, image_w.double()) for x, y in ps] if resamples else None
+            g['predictions'] = {m: spread([v[m].item() for v in values],
+                                          torch.stack([v[m] for v in reps], 1) if resamples else None, level)
+                                for m in PREDICTION}
+        out.append(g)
+    how = {'resamples': resamples, 'seed': seed, 'level': level, 'cka_unit': 'a batch of images',
+           'cka_units': len(tokens[0].batches), 'prediction_unit': 'an image'} if resamples else None
+    return {'groups': out, 'bootstrap': how}
 
 
 def uniform_distance(vit):
@@ -289,7 +410,9 @@ class FeaturesConfig:
                                     # '' = the data set the models' checkpoints record
     data_dir: str = ''              # '' = the models' record when --data is theirs, else ./data
     images: int = 0                 # the first this many test images; 0 = all
-    batch_size: int = 250
+    batch_size: int = 250           # also the bootstrap's unit for CKA (its statistics are kept batch by batch)
+    resamples: int = 1000           # of the bootstrap over the test images: each number's interval; 0 = none
+    bootstrap_seed: int = 0
     num_workers: int = 0
     device: str = 'auto'            # auto (cuda if there is one) | cpu | cuda | cuda:1 ...
     fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
@@ -308,6 +431,7 @@ class FeaturesConfig:
                 *heads_checks(self),
                 ('images', self.images >= 0, 'must be 0 (all) or more'),
                 ('batch_size', self.batch_size >= 1, 'must be at least 1'),
+                ('resamples', self.resamples >= 0, 'must be 0 (no bootstrap) or more'),
                 ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
                 ('device', self.device == 'auto' or known_device(self.device), 'use auto, cpu, cuda or cuda:N'),
                 ('fake_size', self.fake_size >= 1, 'must be at least 1')]
@@ -372,7 +496,7 @@ def main():
         raise ConfigError(f'--device {cfg.device}: no CUDA device here; use --device cpu')
     cfg, models, loader = load(cfg, device)
     start = time.time()
-    result = analyse(models, loader, device)
+    result = analyse(models, loader, device, resamples=cfg.resamples, seed=cfg.bootstrap_seed)
     machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{cpu_name()}, {torch.get_num_threads()} thread(s)'
     prov = {'command': ' '.join(['python -m tools.features', *map(shlex.quote, sys.argv[1:])]),

@@ -21,16 +21,19 @@ def check_out(out_dir):
         read_json(path, 'choose another --out-dir, or remove it if it is yours', {'result': dict})
 
 # -----------------------------------------------------------------------------
-# Tables
+# Tables: one row per method, or per pair of methods (features.py's groups: seeds pooled)
 
 
 def others(r):
     return [k for k in r['models'] if k != r['teacher']]
 
 
-def pairs(r):
-    """The CKA pairs, each model against the teacher first, then the models against each other."""
-    return sorted(r['cka'], key=lambda p: (r['teacher'] not in (p['a'], p['b']),))
+def methods(r):
+    """{method: [its models, by seed]}, the teacher's first."""
+    out = {}
+    for k, m in r['models'].items():
+        out.setdefault(m.get('method', k), []).append(k)
+    return out
 
 
 def mean(values):
@@ -42,18 +45,62 @@ def blocks_header(r, first):
             f"|---|{'---:|' * r['depth']}")
 
 
+def group_name(g):
+    return f"{g['a']} vs {g['b']}" + (' (seed to seed)' if g['a'] == g['b'] else '')
+
+
+def ordered(r):
+    """The groups: each method against the teacher, then each against itself (the controls), then the pairs."""
+    return sorted(r['groups'], key=lambda g: (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b']))
+
+
+def pm(s, digits=2):
+    return f"{s['mean']:.{digits}f}" + (f" ±{s['std']:.{digits}f}" if s['std'] else '')
+
+
+def top1_table(r):
+    ms = {k: v for k, v in methods(r).items() if r['models'][v[0]]['top1'] is not None}
+    seeds = max(len(v) for v in ms.values())
+    cells = lambda v: ' | '.join(f"{r['models'][m]['top1']:.2f}" for m in v) + ' |' * (seeds - len(v))
+    rows = [f"| {k} | {cells(v)} | "
+            f"{pm(spread_of([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
+    return '\n'.join([f"| top-1 (%) | {' | '.join(f'model {i + 1}' for i in range(seeds))} | mean ± std |",
+                      f"|---|{'---:|' * (seeds + 1)}", *rows])
+
+
+def spread_of(values):
+    return {'mean': mean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def cka_table(r, key):
-    rows = [f"| {p['a']} vs {p['b']} | {' | '.join(f'{v:.2f}' for v in p[key])} |" for p in pairs(r)]
-    return '\n'.join([blocks_header(r, 'linear CKA'), *rows])
+    rows = [f"| {group_name(g)} | {len(g['pairs'])} | {' | '.join(pm(s) for s in g[key])} |" for g in ordered(r)]
+    head = blocks_header(r, 'linear CKA').split('\n')
+    return '\n'.join([head[0].replace(' | block 0', ' | pairs | block 0'), '|---|---:|' + head[1][5:], *rows])
+
+
+def interval_line(r):
+    b = r.get('bootstrap')
+    if not b:
+        return ''
+    width = max((s['interval'][1] - s['interval'][0]) / 2 for g in r['groups'] for s in g['tokens'])
+    return (f"Cells: the mean over the pairs ± their standard deviation (the seeds' spread). Resampling the test "
+            f"images ({b['resamples']} resamples of the {b['cka_units']} batches they were run in, seed "
+            f"{b['seed']}), no cell's mean has a {100 * b['level']:.0f}% interval wider than ±{width:.3f}; each pair's "
+            f"and each cell's interval: features.json.")
+
+
+def per_method(r, what, k, i):
+    return [v for m in methods(r)[k] for v in r[what][m][i]]
 
 
 def kl_table(r):
-    """KL of each model's maps to the teacher's per block, mean over heads; a copied layer's maps are given."""
+    """KL of each method's maps to the teacher's per block, mean over heads and seeds; a copied layer's maps are given."""
     def cell(k, i):   # a KL is >= 0: rounding's -0.00 shown as 0.00
-        m = r['models'][k]
+        m = r['models'][methods(r)[k][0]]
         return 'given' if i in m['maps_given'] else \
-            f"{round(mean(r['kl'][k][i]), 2) + 0.0:.2f}" + ('†' if i in m['maps_distilled'] else '')
-    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in others(r)]
+            f"{round(mean(per_method(r, 'kl', k, i)), 2) + 0.0:.2f}" + ('†' if i in m['maps_distilled'] else '')
+    ks = [k for k in methods(r) if k != r['teacher']]
+    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in ks]
     entropy = [f'{mean(h):.2f}' for h in r['cross_entropy'][r['teacher']]]    # its CE to itself
     return '\n'.join([blocks_header(r, 'KL to the teacher (nats)'), *rows,
                       f"| *the teacher's entropy* | {' | '.join(entropy)} |"])
@@ -61,63 +108,89 @@ def kl_table(r):
 
 def distance_table(r):
     def cell(k, i):
-        d = r['attention_distance'][k][i]
-        return f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + ('*' if i in r['models'][k]['maps_given'] else '')
-    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in r['models']]
+        d = per_method(r, 'attention_distance', k, i)
+        return f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + ('*' if i in r['models'][methods(r)[k][0]]['maps_given'] else '')
+    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in methods(r)]
     return '\n'.join([blocks_header(r, 'attention distance (px)'), *rows])
 
 
-def agreement_table(r):
-    pct = lambda v: '' if v is None else f'{100 * v:.1f}'
-    rows = [f"| {p['a']} vs {p['b']} | {p['top1_a']:.2f} / {p['top1_b']:.2f} | {p['top1_ensemble']:.2f} | "
-            f"{pct(p['disagreement'])} | {pct(p['both_wrong'])} | {pct(p['b_wrong_given_a_wrong'])} vs "
-            f"{pct(p['err_b'])} | {pct(p['a_wrong_given_b_wrong'])} vs {pct(p['err_a'])} |" for p in r['agreement']]
-    return '\n'.join(['| a vs b | top-1 a / b | ensemble | top-1 differs % | both wrong % | '
-                      'P(b wrong given a wrong) vs P(b wrong) % | P(a wrong given b wrong) vs P(a wrong) % |',
-                      '|---|---:|---:|---:|---:|---:|---:|', *rows])
+def prediction_table(r):
+    def cell(s, scale=1, sign=''):
+        iv = f" [{scale * s['interval'][0]:{sign}.2f}, {scale * s['interval'][1]:{sign}.2f}]" if 'interval' in s else ''
+        return f"{scale * s['mean']:{sign}.2f}{iv}"
+    rows = [f"| {group_name(g)} | {len(g['pairs'])} | {p['top1_a']['mean']:.2f} / {p['top1_b']['mean']:.2f} | "
+            f"{cell(p['top1_ensemble'])} | {cell(p['gain'], sign='+')} | {cell(p['disagreement'], 100)} | "
+            f"{cell(p['both_wrong'], 100)} | {cell(p['b_wrong_given_a_wrong'], 100)} |"
+            for g in ordered(r) if 'predictions' in g for p in [g['predictions']]]
+    return '\n'.join(['| a + b | pairs | top-1 a / b | ensemble | ensemble - the better | top-1 differs % | '
+                      'both wrong % | b wrong where a is wrong % |', '|---|---:|---:|---:|---:|---:|---:|---:|', *rows])
 
 
 def summary(r):
     """Every table, as printed by features.py and placed in README.md."""
-    return '\n\n'.join([
-        f"Linear CKA, every token of {r['images']} images a sample:", cka_table(r, 'tokens'),
+    b = r.get('bootstrap')
+    return '\n\n'.join(x for x in [
+        "Top-1 on these images, fp32 (each method's models in the order given):", top1_table(r),
+        f"Linear CKA, every token of {r['images']} images a sample, block i against block i: each method against "
+        f"the teacher, each against itself (two seeds: the control), each against another (models of different "
+        f"seeds):", cka_table(r, 'tokens'), interval_line(r),
         'Linear CKA, the class token:', cka_table(r, 'class_token'),
-        "Attention maps against the teacher's, KL per block (mean over heads); † distilled toward them:", kl_table(r),
-        f"Mean attention distance per block, mean over heads (shortest-longest head); * maps given; a uniform "
-        f"map: {r['uniform_distance']:.1f} px:",
-        distance_table(r), 'Predictions:', agreement_table(r)])
+        "Attention maps against the teacher's, KL per block (mean over heads and seeds); † distilled toward them:",
+        kl_table(r),
+        f"Mean attention distance per block, mean over heads and seeds (shortest-longest head); * maps given; a "
+        f"uniform map: {r['uniform_distance']:.1f} px:", distance_table(r),
+        'Predictions, each pair of classifiers as a two-model ensemble (the mean of their probabilities), mean over '
+        'the pairs' + (f" [its {100 * b['level']:.0f}% interval, resampling the test images one by one, "
+                       f"{b['resamples']} resamples]" if b else '') + ':', prediction_table(r)] if x)
 
 # -----------------------------------------------------------------------------
 # The figure
 
 
 def plot(r, path):
-    """Top: CKA to the teacher per block (all tokens, class token) and the maps' KL to the teacher's. Bottom:
-    each head's attention distance per block, the teacher and each model (maps given: hollow)."""
-    names, depth = list(r['models']), r['depth']
-    colour = {k: f'C{i}' for i, k in enumerate(names)}
-    fig = Figure(figsize=(3 * len(names), 7), layout='constrained')
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    """Top: CKA to the teacher per block, each method's mean over seeds (bars: their range), its seed-to-seed
+    control dashed; the distilled student against the others beside the controls (bands: their range); the maps'
+    KL to the teacher's. Bottom: each head's attention distance per block, the teacher and each method's first
+    model (maps given: hollow)."""
+    ms, depth, t = methods(r), r['depth'], r['teacher']
+    names = [k for k in ms if k != t]
+    colour = {k: f'C{i}' for i, k in enumerate(ms)}
+    fig = Figure(figsize=(3.2 * len(ms), 7.5), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
     axes = top.subplots(1, 3)
-    to_teacher = {p['b'] if p['a'] == r['teacher'] else p['a']: p for p in r['cka'] if r['teacher'] in (p['a'], p['b'])}
-    for ax, key, title in ((axes[0], 'tokens', 'every token'), (axes[1], 'class_token', 'class token')):
-        for k in others(r):
-            ax.plot(range(depth), to_teacher[k][key], 'o-', color=colour[k], label=k)
-        ax.set(title=f"linear CKA to the teacher: {title}", xlabel='block', ylim=(0, 1.02), xticks=range(depth))
-    for k in others(r):
-        kl = [mean(v) for v in r['kl'][k]]
-        own = [i for i in range(depth) if i not in r['models'][k]['maps_given']]
+    group = {(g['a'], g['b']): g for g in r['groups']}
+    x = range(depth)
+    line = lambda ax, g, c, **kw: ax.errorbar(x, [s['mean'] for s in g['tokens']], capsize=2, color=c, yerr=[
+        [s['mean'] - s['min'] for s in g['tokens']], [s['max'] - s['mean'] for s in g['tokens']]], **kw)
+    for k in names:
+        line(axes[0], group[t, k], colour[k], fmt='o-', label=k)
+        if (k, k) in group:
+            axes[0].plot(x, [s['mean'] for s in group[k, k]['tokens']], ls='--', color=colour[k], lw=1)
+    axes[0].set(title='CKA to the teacher (dashed: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
+    focus = 'distill' if 'distill' in names else names[-1]
+    for k in names:
+        if (k, k) in group:
+            c = group[k, k]['tokens']
+            axes[1].fill_between(x, [s['min'] for s in c], [s['max'] for s in c], color=colour[k], alpha=0.2)
+        pair = group.get((k, focus)) or group.get((focus, k))
+        if k != focus and pair:
+            line(axes[1], pair, colour[k], fmt='o-', label=f'{focus} vs {k}')
+    axes[1].set(title=f'CKA of {focus} to the others (bands: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
+    for k in names:
+        kl = [mean(per_method(r, 'kl', k, i)) for i in x]
+        own = [i for i in x if i not in r['models'][ms[k][0]]['maps_given']]
         axes[2].plot(own, [kl[i] for i in own], 'o-', color=colour[k], label=k)
-    axes[2].set(title="attention maps: KL to the teacher's (nats)", xlabel='block', xticks=range(depth), ylim=(0, None))
-    axes[0].legend(fontsize=8)
-    dist = bottom.subplots(1, len(names), sharey=True)
-    for ax, k in zip(dist, names):
-        given = r['models'][k]['maps_given']
-        for i, heads in enumerate(r['attention_distance'][k]):
+    axes[2].set(title="attention maps: KL to the teacher's (nats)", xlabel='block', xticks=x, ylim=(0, None))
+    axes[0].legend(fontsize=8), axes[1].legend(fontsize=8)
+    dist = bottom.subplots(1, len(ms), sharey=True)
+    for ax, k in zip(dist, ms):
+        first = ms[k][0]
+        given = r['models'][first]['maps_given']
+        for i, heads in enumerate(r['attention_distance'][first]):
             ax.scatter([i] * len(heads), heads, s=18, edgecolors=colour[k],
                        facecolors='none' if i in given else colour[k])
         ax.axhline(r['uniform_distance'], color='grey', ls='--', lw=1, label='a uniform map')
-        ax.set(title=k + (' (hollow: maps given)' if given else ''), xlabel='block', xticks=range(depth))
+        ax.set(title=first + (' (hollow: maps given)' if given else ''), xlabel='block', xticks=x)
     dist[0].legend(fontsize=8)
     dist[0].set_ylabel('mean attention distance (px)')
     bottom.suptitle(f"each head's mean attention distance, {r['images']} test images", fontsize=10)
@@ -137,56 +210,99 @@ def blocks_named(layers):
         if layers == list(range(layers[0], layers[-1] + 1)) else 'blocks ' + ', '.join(map(str, layers))
 
 
+def claims(r):
+    """The numbers the conclusion rests on, as the page, the README and the notebook print them (their tests compare
+    these with their text); None without scratch, finetune and distill, each with a seed-to-seed control."""
+    ms, t, depth = methods(r), r['teacher'], r['depth']
+    group = {(g['a'], g['b']): g for g in r['groups']}
+    g = lambda a, b: group.get((a, b)) or group.get((b, a))
+    if not all(k in ms for k in ('scratch', 'finetune', 'distill')) or not all(g(k, k) for k in ('scratch', 'finetune', 'distill')):
+        return None
+    taught = r['models'][ms['distill'][0]]['maps_distilled'] or list(range(depth))
+    at = lambda a, b, layers=taught: [g(a, b)['tokens'][i]['mean'] for i in layers]
+    # as alike to the teacher as to another distilled seed: at least the lowest of the seed-to-seed pairs' CKA
+    close = [i for i in range(depth) if at(t, 'distill', [i])[0] >= g('distill', 'distill')['tokens'][i]['min']]
+    apart = [i for i in range(depth) if i not in close]
+    fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
+    return {'g': g, 'at': at, 'taught': taught, 'close': close, 'apart': apart, 'seeds': len(ms['distill']),
+            'fd': fd, 'ff': ff, 'taught_blocks': blocks_named(taught),
+            'close_blocks': blocks_named(close) if close else None, 'apart_blocks': blocks_named(apart) if apart else None,
+            'teacher_close': span(at(t, 'distill', close)) if close else None,
+            'seeds_close': span(at('distill', 'distill', close)) if close else None,
+            'teacher_apart': span(at(t, 'distill', apart)) if apart else None,
+            'scratch_seeds': span(at('scratch', 'scratch')), 'teacher_scratch': span(at(t, 'scratch')),
+            'gain_fd': f"{fd['gain']['mean']:+.2f}", 'gain_ff': f"{ff['gain']['mean']:+.2f}",
+            'differs_fd': f"{100 * fd['disagreement']['mean']:.1f}%", 'differs_ff': f"{100 * ff['disagreement']['mean']:.1f}%"}
+
+
 def reading(r, data):
-    """The page's paragraph: what the numbers show for the methods reproduce.py names (scratch, finetune,
-    distill; copy if there), and what they do not. '' without those three."""
-    if not {'scratch', 'finetune', 'distill'} <= set(r['models']):
+    """The page's conclusion: the two questions "its own features" asks, each answered from the numbers for the
+    methods reproduce.py names (scratch, finetune, distill, each with a seed-to-seed control), then the
+    predictions against the same control, then what they do not show. '' without those."""
+    c = claims(r)
+    if c is None:
         return ''
-    t, depth, m = r['teacher'], r['depth'], r['models']
-    cka = {p['b'] if p['a'] == t else p['a']: p['tokens'] for p in r['cka'] if t in (p['a'], p['b'])}
-    given = m['distill']['maps_distilled'] or list(range(depth))
-    free = [i for i in range(depth) if i not in given]
-    kl = lambda k, layers: [mean(r['kl'][k][i]) for i in layers]
-    at = lambda k, layers: [cka[k][i] for i in layers]
-    took = 2 * mean(kl('distill', given)) < mean(kl('scratch', given))
-    closer = sum(cka['distill'][i] > cka['finetune'][i] for i in given)
-    nearer = 2 * closer > len(given)
-    last = {k: cka[k][-1] for k in others(r)}
-    fd = next(p for p in r['agreement'] if {p['a'], p['b']} == {'finetune', 'distill'})
-    f_, d_ = ('a', 'b') if fd['a'] == 'finetune' else ('b', 'a')
-    d_given_f, ens, best = fd[f'{d_}_wrong_given_{f_}_wrong'], fd['top1_ensemble'], max(fd['top1_a'], fd['top1_b'])
-    distances = [d for k in m for layer in r['attention_distance'][k] for d in layer]
-    maps = (f"the distilled student {'took' if took else 'did not take'} the maps it was taught (KL to the "
-            f"teacher's {span(kl('distill', given))} nats in its distilled {blocks_named(given)}, the scratch "
-            f"model's {span(kl('scratch', given))}"
-            + (f"; {span(kl('distill', free))} in {blocks_named(free)}, where it was free)" if free else ')'))
-    features = (f"In those blocks its features are {'closer to' if nearer else 'no closer to'} the teacher's than "
-                f"the fine-tuned model's, which started from the teacher's weights ({closer} of {len(given)} "
-                f"blocks; linear CKA over every token {span(at('distill', given))}, fine-tuned "
-                f"{span(at('finetune', given))}, scratch {span(at('scratch', given))}"
-                + (f", the copy student's {span(at('copy', given))}" if 'copy' in cka else '')
-                + f"); at the last block the CKA to the teacher is {span(list(last.values()))} over the models "
-                f"(distilled {last['distill']:.2f}, scratch {last['scratch']:.2f})")
-    so = ("So, by this measure, the distilled student's features are not its own in the blocks where it learned the "
-          "teacher's maps: they are as near the teacher's as fine-tuning leaves them, or nearer"
-          + (", and part from them toward the output" if last['distill'] < min(at('distill', given)) else '')
-          if nearer else "So, by this measure, the distilled student's features are no nearer the teacher's than "
-          "the fine-tuned model's")
-    errors = (f"The fine-tuned and the distilled classifier disagree on {100 * fd['disagreement']:.1f}% of the "
-              f"images and share {'most' if d_given_f > 0.5 else 'fewer than half'} of their errors (the distilled "
-              f"student is wrong on {100 * d_given_f:.0f}% of the images the fine-tuned model gets wrong, on "
-              f"{100 * fd[f'err_{d_}']:.0f}% of all); their ensemble, {ens:.2f} against {best:.2f} for the better "
-              f"alone, {'gains' if ens > best else 'does not gain'} from the other {100 - 100 * d_given_f:.0f}%")
-    limits = ("What they do not show: one seed gives no spread, and no control of two fine-tuned seeds against "
-              "each other, which would say whether that disagreement is more than a seed alone gives; linear CKA "
-              "sees only how linearly alike two sets of features are, not whether a model computes them the same way"
-              + ('; the class token is read by none of these classifiers (they pool their patch tokens)'
-                 if all(m[k]['global_pool'] for k in others(r)) else '')
-              + f"; and on a {r['grid']} x {r['grid']} grid every head's mean attention distance lies within "
-              f"{min(distances):.1f}-{max(distances):.1f} px (a uniform map: {r['uniform_distance']:.1f} px), with "
-              f"none of the local and global heads that Dosovitskiy et al.'s Fig. 7 finds in ViTs trained on ImageNet")
-    return f'What this shows, for one seed of a {depth}-block ViT on {data}: ' + '. '.join(
-        [maps, features, so, errors, limits]) + '.'
+    ms, t, depth = methods(r), r['teacher'], r['depth']
+    g, at, taught, close, apart, fd, ff = (c[k] for k in ('g', 'at', 'taught', 'close', 'apart', 'fd', 'ff'))
+    kl = lambda k, layers: [mean(per_method(r, 'kl', k, i)) for i in layers]
+    n = c['seeds']
+    labels = [i for i in close if at(t, 'distill', [i])[0] > at('scratch', 'scratch', [i])[0]]
+    maps = (f"the distilled students took the maps they were taught (KL to the teacher's {span(kl('distill', taught))} "
+            f"nats in {blocks_named(taught)}, mean over {n} seeds; the scratch models' {span(kl('scratch', taught))})")
+    learned = (f"Learned rather than copied? Yes: no weight of the teacher's reaches a distilled student (it starts from "
+               f"random weights, as a scratch model does, and only its maps are pulled toward the teacher's), where a "
+               f"fine-tuned model starts from all of them; and the maps do not fix the features: two distilled seeds "
+               f"have a CKA of {span(at('distill', 'distill'))} to each other in {blocks_named(taught)}, not 1")
+    alike = ("How alike to the teacher's? The yardstick is how alike two seeds of one recipe are: in "
+             f"{blocks_named(taught)} two scratch seeds reach {span(at('scratch', 'scratch'))}, two fine-tuned "
+             f"{span(at('finetune', 'finetune'))}, two distilled {span(at('distill', 'distill'))}, while the teacher and "
+             f"a scratch model reach only {span(at(t, 'scratch'))}. "
+             + (f"In {blocks_named(close)} the distilled students are at least as alike to the teacher "
+                f"({span(at(t, 'distill', close))}) as to each other ({span(at('distill', 'distill', close))}, the "
+                f"mean over their pairs)"
+                + (f", and more than two scratch seeds are to each other in {len(labels)} of them" if labels else '')
+                + ': there, to linear CKA, the teacher is one more seed of distillation' if close else
+                'In no block are the distilled students as alike to the teacher as to each other')
+             + (f"; in {blocks_named(apart)} they are less alike to it ({span(at(t, 'distill', apart))}) than to each "
+                f"other ({span(at('distill', 'distill', apart))})" if apart else ''))
+    cross = [i for i in range(depth) if at('finetune', 'distill', [i])[0] < min(at('finetune', 'finetune', [i])[0],
+                                                                                 at('distill', 'distill', [i])[0])]
+    between = (f"A fine-tuned and a distilled model (pairs of different seeds) are less alike than two seeds of either "
+               f"in {len(cross)} of {depth} blocks (CKA {span(at('finetune', 'distill', range(depth)))}, against "
+               f"{span(at('finetune', 'finetune', range(depth)))} and {span(at('distill', 'distill', range(depth)))})")
+    d_given_f = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
+    iv = lambda s, k=100, f='.1f': f"{k * s['mean']:{f}}" + (f" [{k * s['interval'][0]:{f}}, {k * s['interval'][1]:{f}}]"
+                                                            if 'interval' in s else '')
+    sep = lambda a, b: 'interval' in a and (a['interval'][0] > b['interval'][1] or b['interval'][0] > a['interval'][1])
+    word = lambda a, b: ('more than' if a['mean'] > b['mean'] else 'less than') if sep(a, b) else \
+        'no more than' if a['mean'] <= b['mean'] else 'about as much as'
+    preds = (f"The predictions, against the same control: a fine-tuned and a distilled model disagree on "
+             f"{iv(fd['disagreement'])}% of the images, {word(fd['disagreement'], ff['disagreement'])} two fine-tuned "
+             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(d_given_f, f='.0f')}% of the "
+             f"images the fine-tuned one gets wrong (another fine-tuned seed: {iv(ff['b_wrong_given_a_wrong'], f='.0f')}%); "
+             f"and the ensemble fine-tuned + distilled gains {iv(fd['gain'], 1, '+.2f')} points over the better of "
+             f"its two, {word(fd['gain'], ff['gain'])} the ensemble of two fine-tuned seeds ({iv(ff['gain'], 1, '+.2f')}; "
+             f"top-1 {fd['top1_ensemble']['mean']:.2f} against {ff['top1_ensemble']['mean']:.2f})")
+    weaker = fd['gain']['mean'] <= ff['gain']['mean']
+    so = ("So the controls change the one-seed reading. " + (
+          f"Its \"not its own\" holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
+          f"distilled features there are as near the teacher's as a second distilled seed's are to the first's"
+          + (f"; in {blocks_named(apart)} they are nearer each other's than the teacher's" if apart else '')
+          if close else "In no block are the distilled features as near the teacher's as to another distilled seed's")
+          + ('. And the ensemble\'s gain is no sign of features of its own: a second fine-tuned seed adds as much to '
+             'the first as the distilled student does' + (', though it disagrees with the fine-tuned model more often '
+             'than a second fine-tuned seed does' if sep(fd['disagreement'], ff[
+                 'disagreement']) and fd['disagreement']['mean'] > ff['disagreement']['mean'] else '') if weaker else
+             '. The ensemble with the distilled student gains more than a second fine-tuned seed adds'))
+    b = r.get('bootstrap')
+    limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
+              + (f"; the intervals resample the {r['images']} test images (for CKA in the {b['cka_units']} batches "
+                 f"they were run in), not the training" if b else '')
+              + "; linear CKA sees only how linearly alike two sets of features are, not whether a model computes "
+                f"them the same way; and this is a {depth}-block ViT on {data}, 3 epochs a method")
+    return (f"What this shows, for {n} seeds of each method of a {depth}-block ViT on {data}. Whether a student's "
+            f"features are \"its own\" asks two questions: were they learned rather than copied, and how alike "
+            f"are they to the teacher's? First, " + '. '.join([maps, learned, alike, between, preds, so, limits]) + '.')
 
 # -----------------------------------------------------------------------------
 # The page and features.json
