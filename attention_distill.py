@@ -148,7 +148,7 @@ class MapFreeCrossEntropy(torch.autograd.Function):
         c = grad * q.shape[-1] ** -0.5 / (q.numel() // q.shape[-1])            # d loss / d s, per B * H * N rows
         wide = torch.promote_types(q.dtype, torch.float32)
         with torch.enable_grad():
-            v = k.clone().requires_grad_()                                     # the keys, as values
+            v = k.detach().requires_grad_()                                    # the keys, as values
             diff = attend(q, k, v) - attend(q_t.to(q.dtype), k_t.to(q.dtype), v)   # (S - P) K, (B, H, N, d)
             dk, = torch.autograd.grad(diff, v, (c * q.to(wide)).to(q.dtype))   # (S - P)^T (c q)
         return None, None, (c * diff.detach().to(wide)).to(q.dtype), dk

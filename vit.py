@@ -124,10 +124,13 @@ class Attention(nn.Module):
             out = (attn.unflatten(1, (-1, g)).mean(2) if g > 1 else attn).to(v.dtype) @ v
         elif heads is None:
             out = attend(own_q if q is None else q, own_k if k is None else k, v, self.implementation)
-        else:                                          # the listed heads attend with what they are given
-            given = attend(own_q[:, heads] if q is None else q, own_k[:, heads] if k is None else k, v[:, heads],
-                           self.implementation)
-            out = _put(attend(own_q, own_k, v, self.implementation), given, heads)
+        else:                                          # the listed heads attend with what they are given, the rest
+            rest = [h for h in range(self.num_heads) if h not in heads]                    # with their own
+            out = torch.empty_like(v)
+            out[:, heads] = attend(own_q[:, heads] if q is None else q, own_k[:, heads] if k is None else k,
+                                   v[:, heads], self.implementation).to(v.dtype)
+            if rest:
+                out[:, rest] = attend(own_q[:, rest], own_k[:, rest], v[:, rest], self.implementation).to(v.dtype)
         return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept     # (B, N, D)
 
     def project(self, x):
