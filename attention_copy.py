@@ -26,12 +26,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from data import batch_mixer, build_data
 from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, check_teacher, describe_map, load_teacher,
                      student_presets, teacher_mismatch, teacher_outputs, teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
-from util.engine import fit, soft_cross_entropy
-from util.launch import log, run_main, start
+from util.engine import evaluate, log, soft_cross_entropy, train_one_epoch
+from util.launch import run_main, start
+from util.run import Run
 
 
 @dataclass
@@ -112,7 +114,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
 
 
 def copy_loss(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.fit: the student's cross-entropy, the teacher's q and k given."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, the teacher's q and k given."""
     def loss_fn(net, x, y):
         given = copied(teacher, x, layers, heads, cfg.transfer)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
@@ -121,8 +123,9 @@ def copy_loss(cfg, teacher, layers, heads):
 
 
 def main():
-    cfg, env, data = start(CopyConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)
+    cfg, env = start(CopyConfig, PRESETS)                              # flags, processes, device, run directory
+    data, train_loader, eval_loader = build_data(cfg, env)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)   # frozen; layers {student: teacher}
     check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
@@ -132,10 +135,14 @@ def main():
     log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    metrics = fit(cfg, env, student, data, copy_loss(cfg, teacher, layers, heads),
-                  predict=lambda m, x: CopyModel(teacher, m, layers, heads, cfg.transfer)(x),
-                  extra={'teacher': teacher_record(cfg, layers, heads)})
-    log(env, cfg, f"final | copy student + teacher top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "
+    run = Run(cfg, env, student, train_loader, data.classes, {'teacher': teacher_record(cfg, layers, heads)})
+    loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
+
+    while run.step < run.total_steps:
+        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
+            run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer), eval_loader, env))
+            run.save()
+    log(env, cfg, f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} top-5 {run.metrics['top5']:.2f} | "
                   f'{cfg.out_dir}')
 
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_student, check_teacher, describe_map, layer_pairs, load_teacher,
                      student_presets, teacher_outputs, teacher_record, to_student_heads)
-from util.config import SMALL_PRESETS
-from util.engine import fit, soft_cross_entropy
-from util.launch import log, run_main, start
+from util.config import SMALL_PRESETS, at_least, option
+from util.engine import evaluate, log, soft_cross_entropy, train_one_epoch
+from util.launch import run_main, start
+from util.run import Run
 from vit import attend, scores
 
 # -----------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def layer_loss(own, target, transfer, heads=None, implementation='eager'):
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
-    """loss_fn(net, images, targets) for engine.fit: the teacher's logits (eager) or q and k (sdpa) of every
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of every
     distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
     pairs = layer_pairs(layers)
     names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
@@ -173,13 +175,10 @@ def row_logsumexp(q, k):
 
 @dataclass
 class DistillConfig(TransferConfig):
-    weight: float = 3.0             # w: weight of the attention loss
+    weight: float = option(3.0, 'w: weight of the attention loss', at_least(0))
     out_dir: str = 'runs/distill'
 
     SCRIPT = 'attention_distill.py'
-
-    def checks(self):
-        return super().checks() + [('weight', self.weight >= 0, 'must be 0 or more')]
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
@@ -196,8 +195,9 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 
 
 def main():
-    cfg, env, data = start(DistillConfig, PRESETS)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)
+    cfg, env = start(DistillConfig, PRESETS)                           # flags, processes, device, run directory
+    data, train_loader, eval_loader = build_data(cfg, env)
+    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)   # frozen; layers {student: teacher}
     check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher, data.num_classes, layers)
@@ -206,11 +206,16 @@ def main():
     log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    # evaluation runs the student alone, as a plain ViT
-    metrics = fit(cfg, env, student, data, distill_loss_fn(cfg, teacher, layers, heads, env.attn),
-                  extra={'distilled_from': teacher_record(cfg, layers, heads)})
-    log(env, cfg, f"final | distilled student (no teacher) top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
-        + (f" | EMA top-1 {metrics['ema_top1']:.2f}" if 'ema_top1' in metrics else '') + f' | {cfg.out_dir}')
+    run = Run(cfg, env, student, train_loader, data.classes, {'distilled_from': teacher_record(cfg, layers, heads)})
+    loss_fn, mixer = distill_loss_fn(cfg, teacher, layers, heads, env.attn), batch_mixer(cfg, data.num_classes)
+
+    while run.step < run.total_steps:
+        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
+            run.evaluate(lambda m: evaluate(m, eval_loader, env))      # the student alone, a plain ViT
+            run.save()
+    m = run.metrics
+    log(env, cfg, f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
+        + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix), the train / eval
-splits, and (distributed, resumable) loaders. How each data set's files are found and read: util/datafiles.py.
+splits, and their loaders. How each data set's files are found and read: util/datafiles.py; how a loader makes
+each image's augmentation the same after a resume: util/loader.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says where else, and how)
     --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG and val/...
@@ -13,11 +14,13 @@ from typing import NamedTuple
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import randaugment, random_erasing
 from util.datafiles import CIFAR, DataError, cifar, fashion_mnist, image_folder
+from util.engine import log
+from util.loader import build_loader
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -77,6 +80,18 @@ class Splits(NamedTuple):
     classes: list        # the class names, index = label: what a run records it was trained to tell apart
 
 
+def build_data(cfg, env):
+    """The splits and their loaders (train, then eval), the data stated in the run's log."""
+    data = build_splits(cfg)
+    log(env, cfg, f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
+                  f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
+                  f'{data_source(data.train)}')
+    if cfg.val_size:
+        log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
+    return (data, build_loader(cfg, data.train, True, env.rank, env.world),
+            build_loader(cfg, data.eval, False, env.rank, env.world))
+
+
 def build_splits(cfg):
     """Splits(train, eval, num_classes, classes): the eval set is the test split, or with --val-size n, n training
     images held out from training (see build_eval_set)."""
@@ -91,17 +106,6 @@ def class_names(dataset, num_classes):
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return list(getattr(dataset, 'classes', None) or map(str, range(num_classes)))
-
-
-def class_mismatch(saved, here):
-    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
-    classes whose names differ (index: saved -> here)."""
-    if saved is None or list(saved) == list(here):
-        return ''
-    if len(saved) != len(here):
-        return f'{len(saved)} classes where the data has {len(here)}'
-    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
-    return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
 
 
 def data_source(dataset):
@@ -146,50 +150,3 @@ def build_dataset(cfg, train, transform=None):
         classes = INFO[cfg.data][1]
         return cifar(root, cfg.data, train, tf, classes), classes
     return image_folder(cfg.data, root, train, tf)
-
-# -----------------------------------------------------------------------------
-# Samplers and loaders: each image's augmentation seeded by (seed, epoch, index), for exact resume
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (same permutation on every rank for a given seed + epoch, each rank takes
-    its slice) that can start part-way through an epoch, for exact resume. Also used unsharded.
-    Yields (epoch, index) keys, so that SeededDataset can seed each sample's augmentation."""
-    start = 0
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
-
-    def __len__(self):
-        return super().__len__() - self.start
-
-
-class SeededDataset(Dataset):
-    """Sample i of epoch e is augmented with its own random seed f(seed, e, i): the data a run sees
-    does not depend on worker processes, their number, or where a resumed run picked up. torch's global
-    RNG is left as it was (fork_rng): without workers the dataset runs in the training process, whose
-    drop-path, MixUp and MAE masks draw from that RNG, and a resume may change --num-workers."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
-            return self.dataset[i]
-
-
-def build_loader(cfg, dataset, train, rank=0, world_size=1):
-    if train:
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-        dataset = SeededDataset(dataset, cfg.seed)
-    else:   # every rank evaluates a disjoint slice; results are summed across ranks
-        sampler = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
-                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.num_workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone

@@ -1,14 +1,11 @@
 """
 Evaluate models on a dataset's test split, alone and as an ensemble, and how often they disagree.
 
-The ensemble averages the models' softmax probabilities (weighted, weights normalised to sum to 1).
-In the paper a fine-tuned model and an attention-distilled student ensemble to 86.3 top-1 on
-ImageNet, above either alone (85.7): the student learned its own features, so its mistakes differ
-from the fine-tuned model's. The disagreement rate (the fraction of test images on which two
-models' top-1 predictions differ) measures that directly.
+The ensemble averages the models' softmax probabilities (weighted, weights normalised to sum to 1). In the paper
+a fine-tuned model and an attention-distilled student reach 86.3 top-1 together on ImageNet, 85.7 each alone: their
+mistakes differ. The disagreement rate (the share of test images whose top-1 two models differ on) measures that.
 
-    python ensemble.py --data fashion-mnist --models runs/finetune/checkpoint.pt runs/distill/checkpoint.pt \
-        runs/copy/checkpoint.pt
+    python ensemble.py --data fashion-mnist --models runs/finetune/checkpoint.pt runs/distill/checkpoint.pt
     python ensemble.py --data fashion-mnist --models a.pt b.pt --weights 2 1 --out runs/ensemble.json
     python ensemble.py --data imagenet --data-dir /datasets/imagenet \
         --models mae_vit_large_ft runs/distill/checkpoint.pt
@@ -23,17 +20,21 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import torch
 
 from attention_copy import load_copy_model
-from data import INFO, build_eval_set, build_loader, class_mismatch, class_names, data_source
+from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import AMP, ConfigError, parse_config
+from util.cli import parse_config
+from util.config import AMP, ConfigError, option
+from util.engine import autocast, say
 from util.files import write_json
-from util.launch import amp_dtype, attn_implementation, autocast, run_main, say
+from util.launch import amp_dtype, attn_implementation, run_main
+from util.loader import build_loader
+from util.resume import class_mismatch
 from vit import IMPLEMENTATIONS, set_attn_implementation
 
 # -----------------------------------------------------------------------------
@@ -42,25 +43,25 @@ from vit import IMPLEMENTATIONS, set_attn_implementation
 
 @dataclass
 class EnsembleConfig:
-    data: str = ''                  # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake;
-                                    # '' = the data set the models' checkpoints record
-    data_dir: str = ''              # '' = the models' record when --data is theirs, else ./data
-    val_size: int = 0               # evaluate on this many held-out training images instead (as the scripts' flag)
-    models: list[str] = field(default_factory=list)     # checkpoint files or names: --models a.pt b.pt
-    num_heads: list[int] = field(default_factory=list)  # head counts of files of weights alone: one for every
-                                                        # model, or one each (0: the file's record or family)
-    weights: list[float] = field(default_factory=list)  # one weight per model; none = equal weights
-    out: str = ''                   # also write the results here as JSON (not over another file: --overwrite)
-    overwrite: bool = False         # --out may replace a file that is not an earlier result of this script
-    teacher: str = ''               # copy students: their teacher's file moved here (the same SHA-256) ...
-    new_teacher: bool = False       # ... or, with this, another teacher on purpose
-    img_size: int = 0               # 0 = the models' own (they must share one)
+    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
+                       "data set the models' checkpoints record")
+    data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
+    val_size: int = option(0, "evaluate on this many held-out training images instead (as the scripts' flag)")
+    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
+    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: one for every model, or '
+                                  "one each (0: the file's record or family)")
+    weights: list[float] = option(factory=list, help='one weight per model; none = equal weights')
+    out: str = option('', 'also write the results here as JSON (not over another file: --overwrite)')
+    overwrite: bool = option(False, '--out may replace a file that is not an earlier result of this script')
+    teacher: str = option('', "copy students: their teacher's file moved here (the same SHA-256) ...")
+    new_teacher: bool = option(False, '... or, with this, another teacher on purpose')
+    img_size: int = option(0, "0 = the models' own (they must share one)")
     batch_size: int = 256
     num_workers: int = 2
-    amp: str = 'auto'               # auto | bf16 | fp16 | off
-    attn_implementation: str = 'auto'   # eager (explicit maps) | sdpa (fused, no map stored) | auto: per device
-    fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
-    seed: int = 0                   # seeds the loader's generator (the test split is not shuffled)
+    amp: str = option('auto', 'auto | bf16 | fp16 | off')
+    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device')
+    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)')
+    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)")
 
     def checks(self):
         return [
@@ -317,7 +318,7 @@ def with_data(cfg, records, presets=PRESETS):
         argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and
                                                                                             not cfg.data_dir)
         cfg = parse_config(type(cfg), presets, argv)
-        say(f'--data {cfg.data} --data-dir {cfg.data_dir}: as the models\' checkpoints record')
+        say(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record")
     elif {r['data'] for r in records} - {cfg.data, None}:
         say(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
             f' (their classes are compared by name)')

@@ -21,18 +21,21 @@ and classes/imagenet-a.txt. Writes <out>/robustness.md and <out>/robustness.json
 if there is one.
 """
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import torch
 
-from data import build_loader, build_transform
+from data import build_transform
 from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks, heads_checks, load_models,
                       predict_all)
-from util.config import ConfigError, parse_config
+from util.cli import parse_config
+from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, read_classes
+from util.engine import say
 from util.files import write_json, write_text
-from util.launch import amp_dtype, attn_implementation, run_main, say
+from util.launch import amp_dtype, attn_implementation, run_main
+from util.loader import build_loader
 from util.rundir import check_output
 from vit import set_attn_implementation
 
@@ -42,21 +45,21 @@ from vit import set_attn_implementation
 
 @dataclass
 class EvaluateConfig:
-    models: list[str] = field(default_factory=list)      # checkpoint files or names: --models a.pt b.pt
-    num_heads: list[int] = field(default_factory=list)   # head counts of files of weights alone (ensemble.py's flag)
-    ensembles: list[str] = field(default_factory=list)   # groups of --models positions: --ensembles 0,1 0,1,2
-    imagenet: str = ''              # the test sets' folders (empty: skipped), layouts above
+    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
+    num_heads: list[int] = option(factory=list, help="head counts of files of weights alone (ensemble.py's flag)")
+    ensembles: list[str] = option(factory=list, help='groups of --models positions: --ensembles 0,1 0,1,2')
+    imagenet: str = option('', "the test sets' folders (empty: skipped), layouts above")
     imagenet_v2: str = ''
     imagenet_sketch: str = ''
     imagenet_r: str = ''
     imagenet_a: str = ''
-    out: str = 'runs/robustness'    # robustness.md and robustness.json go here
-    img_size: int = 0               # 0 = the models' own (they must share one)
+    out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
+    img_size: int = option(0, "0 = the models' own (they must share one)")
     batch_size: int = 128
     num_workers: int = 8
-    amp: str = 'auto'               # auto | bf16 | fp16 | off
-    attn_implementation: str = 'auto'   # eager (explicit maps) | sdpa (fused, no map stored) | auto: per device
-    seed: int = 0                   # seeds the loader's generator (nothing is shuffled)
+    amp: str = option('auto', 'auto | bf16 | fp16 | off')
+    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device')
+    seed: int = option(0, "seeds the loader's generator (nothing is shuffled)")
 
     def checks(self):
         return heads_checks(self) + evaluation_checks(self)
@@ -171,7 +174,7 @@ def main():
     md = markdown(names, list(sets), table)
     say('\n' + md)
     os.makedirs(cfg.out, exist_ok=True)
-    write_text(files[0], f'# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models\' '
+    write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
                          f'probabilities; on ImageNet-R and -A every prediction is among their 200 classes.\n')
     write_json(files[1], {'config': asdict(cfg),
                           'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else len(WNIDS)}

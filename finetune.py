@@ -21,33 +21,32 @@ from dataclasses import dataclass
 
 import torch
 
+from data import batch_mixer, build_data
 from util.checkpoints import load_weights, read_checkpoint, state_dict_of
-from util.config import SMALL_PRESETS, ConfigError, TrainConfig, parse_config, without_help
-from util.engine import fit
-from util.launch import log, run_main, start
+from util.cli import parse_config, without_help
+from util.config import SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
+from util.engine import classification_loss, evaluate, log, train_one_epoch
+from util.launch import run_main, start
+from util.run import Run
 from vit import create_model
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    init: str = ''      # pre-trained weights: a file or a name (mae_vit_base, torchvision_vit_b_16, ...);
-                        # empty = train from scratch
-    scratch: bool = False   # the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init
-    init_num_heads: int = 0     # the head count of an --init file of weights alone (no record, no family)
+    init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, torchvision_vit_b_16, ...); empty = '
+                       'train from scratch')
+    scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init')
+    init_num_heads: int = option(0, 'the head count of an --init file of weights alone (no record, no family)',
+                                 at_least(0, "the file's record or family"))
     out_dir: str = 'runs/finetune'
     # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
-    layer_scale: float = 0.0    # > 0: layer scale starting at this value (CaiT, DINOv2); 0 = none
-    norm_pre: bool = False      # a LayerNorm before the blocks (CLIP)
-    act: str = 'gelu'           # gelu | quick_gelu (CLIP)
+    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); 0 = none',
+                                (lambda v: v >= 0, 'must be 0 (no layer scale) or a positive initial value'))
+    norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
+    act: str = option('gelu', 'gelu | quick_gelu (CLIP)', one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)
-
-    def checks(self):
-        return super().checks() + [
-            ('layer_scale', self.layer_scale >= 0, 'must be 0 (no layer scale) or a positive initial value'),
-            ('init_num_heads', self.init_num_heads >= 0, "must be 0 (the file's record or family) or more"),
-            ('act', self.act in ('gelu', 'quick_gelu'), 'choose gelu or quick_gelu')]
 
 
 PRESETS = {
@@ -102,13 +101,20 @@ def build_model(cfg, num_classes):
 
 
 def main():
-    cfg, env, data = start(FinetuneConfig, presets())
-    torch.manual_seed(cfg.seed)   # the same initial weights on every rank
+    cfg, env = start(FinetuneConfig, presets())                       # flags, processes, device, run directory
+    data, train_loader, eval_loader = build_data(cfg, env)
+    torch.manual_seed(cfg.seed)                                         # the same initial weights on every rank
     model = build_model(cfg, data.num_classes)
-    metrics = fit(cfg, env, model, data)
-    log(env, cfg, f"final | top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" +
-        (f" | EMA top-1 {metrics['ema_top1']:.2f} top-5 {metrics['ema_top5']:.2f}" if 'ema_top1' in metrics else '')
-        + f' | {cfg.out_dir}')
+    run = Run(cfg, env, model, train_loader, data.classes)             # optimizer, EMA, resumed if asked
+    loss_fn, mixer = classification_loss(cfg), batch_mixer(cfg, data.num_classes)
+
+    while run.step < run.total_steps:
+        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
+            run.evaluate(lambda m: evaluate(m, eval_loader, env))      # a line of metrics.jsonl
+            run.save()                                                  # checkpoint.pt
+    m = run.metrics
+    log(env, cfg, f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}" +
+        (f" | EMA top-1 {m['ema_top1']:.2f} top-5 {m['ema_top5']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
 
 
 if __name__ == '__main__':

@@ -35,29 +35,38 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import INFO
+from data import INFO, batch_mixer, build_data
 from util.checkpoints import read_checkpoint, state_dict_of
-from util.config import SMALL_PRESETS, TrainConfig, parse_config
-from util.engine import fit
+from util.cli import parse_config
+from util.config import SMALL_PRESETS, TrainConfig, at_least, option
+from util.engine import all_mean, autocast, log, train_one_epoch
 from util.files import replacing
-from util.launch import all_mean, autocast, log, run_main, start
-from util.rundir import check_output, save_checkpoint
+from util.launch import run_main, start
+from util.run import Run, save_checkpoint
+from util.rundir import check_output
 from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
 # Config
 
 
+SINGLE_IMAGES = (lambda v: v == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0')
+
+
 @dataclass
 class MAEConfig(TrainConfig):
-    mask_ratio: float = 0.75        # fraction of each image's patches hidden from the encoder
-    decoder_dim: int = 64
-    decoder_depth: int = 2
+    mask_ratio: float = option(0.75, "fraction of each image's patches hidden from the encoder")
+    decoder_dim: int = option(64, rule=at_least(1))
+    decoder_depth: int = option(2, rule=at_least(1))
     decoder_heads: int = 4
-    norm_pix_loss: bool = True      # targets: each patch normalised by its own mean and variance
-    smoothing: float = 0.0          # the loss has no labels
+    norm_pix_loss: bool = option(True, 'targets: each patch normalised by its own mean and variance')
+    smoothing: float = option(0.0, 'the loss has no labels')
+    global_pool: bool = option(False, rule=(lambda v: not v, 'MAE pre-training normalises every token (norm); pass '
+                                                            '--global-pool to finetune.py'))
+    mixup: float = option(0.0, rule=SINGLE_IMAGES)
+    cutmix: float = option(0.0, rule=SINGLE_IMAGES)
     out_dir: str = 'runs/mae'
-    export: str = ''                # also write the encoder alone here: a small teacher file to ship
+    export: str = option('', 'also write the encoder alone here: a small teacher file to ship')
 
     RESUMABLE = (*TrainConfig.RESUMABLE, 'export')   # written once the run ends: may be named when resuming
     SCRIPT = 'mae_pretrain.py'
@@ -65,14 +74,8 @@ class MAEConfig(TrainConfig):
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
         return super().checks() + [
-            ('global_pool', not self.global_pool, 'MAE pre-training normalises every token (norm); pass '
-                                                  '--global-pool to finetune.py'),
-            ('mixup', self.mixup == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0'),
-            ('cutmix', self.cutmix == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0'),
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),
-            ('decoder_dim', self.decoder_dim >= 1, 'must be at least 1'),
-            ('decoder_depth', self.decoder_depth >= 1, 'must be at least 1'),
             ('decoder_heads', self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0,
              f'must divide --decoder-dim {self.decoder_dim}')]
 
@@ -204,7 +207,7 @@ def mae_loss(pred, target, mask, norm_pix=True):
 
 
 def mae_loss_fn(cfg):
-    """loss_fn(net, images, targets) for engine.fit; the labels are never used."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch; the labels are never used."""
     def loss_fn(net, x, y):
         pred, mask = net(x)
         loss = mae_loss(pred, patchify(x, cfg.patch_size), mask, cfg.norm_pix_loss)
@@ -283,15 +286,21 @@ def main():
     wanted = parse_config(MAEConfig, PRESETS)   # checked before anything is written or trained
     if wanted.export:
         check_output('--export', wanted.export, wanted.out_dir)
-    cfg, env, data = start(MAEConfig, PRESETS)
+    cfg, env = start(MAEConfig, PRESETS)                               # flags, processes, device, run directory
+    data, train_loader, eval_loader = build_data(cfg, env)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     model = build_mae(cfg)
     log(env, cfg, f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
                   f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
+    run = Run(cfg, env, model, train_loader, data.classes)
+    loss_fn, mixer = mae_loss_fn(cfg), batch_mixer(cfg, data.num_classes)
 
-    # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
-    metrics = fit(cfg, env, model, data, mae_loss_fn(cfg),
-                  evaluate_fn=lambda m, loader, env: evaluate_mse(m, loader, env, cfg.norm_pix_loss))
+    while run.step < run.total_steps:
+        if train_one_epoch(run, train_loader, loss_fn, mixer):
+            # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
+            run.evaluate(lambda m: evaluate_mse(m, eval_loader, env, cfg.norm_pix_loss))
+            run.save()
+    metrics = run.metrics
     if env.main:
         imgs = torch.stack([data.eval[i][0] for i in range(min(6, len(data.eval)))]).to(env.device)
         save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),

@@ -1,90 +1,50 @@
 """
-The frozen teacher of attention transfer, and the student built to fit it.
+The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py).
 
-Shared by attention_copy.py and attention_distill.py. The teacher lives outside the student: it is
-frozen (requires_grad False), kept in eval mode (no stochastic depth: the student's drop-path masks
-never reach it), run under no_grad only as deep as the last transferred layer, and never wrapped in
-DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
+In the order a reader needs them: what the teacher hands over (its q and k, or its q, k or v), how a student with
+fewer heads takes a group of the teacher's, which teacher layer reaches which student layer, and the student
+built to fit; then the flags, the checks and the record a student keeps of its teacher.
+
+The teacher lives outside the student: it is frozen (requires_grad False), kept in eval mode (no stochastic depth:
+the student's drop-path masks never reach it), run under no_grad only as deep as the last transferred layer, and
+never wrapped in DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
 """
-import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 
-from util.checkpoints import arch_of, build_from_checkpoint, family, heads_of, read_checkpoint
-from util.config import ConfigError, TrainConfig, readable, refuse, too_big
+from util.checkpoints import arch_of, build_from_checkpoint, describe_teacher, read_checkpoint
+from util.config import ConfigError, TrainConfig, at_least, one_of, option, readable, refuse
+from util.files import sha256_of
+from util.memory import too_big
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
 WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}   # what the teacher hands over for each
+# the head rule, recorded in a student's checkpoint (load_copy_model refuses a rule it does not know)
+HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
+INDEX_SYNTAX = 'use all, 3, 0-17, 0,2,5 or 0-3,8'
+PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
 # the teachers this repository ships, by --data (teachers/README.md: made by mae_pretrain.py)
 SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'teachers',
                                          'fashion-mnist-mae.pt')}
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
-
-@dataclass
-class TransferConfig(TrainConfig):
-    teacher: str = ''               # a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)
-    model: str = 'teacher'          # the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...
-    patch_size: int = 0             # 0 = the teacher's
-    layers: str = 'all'             # the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8
-    layer_map: str = 'auto'         # student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)
-    heads: str = 'all'              # transferred heads, same syntax
-    transfer: str = 'attn'          # attn (the map) | q | k | v
-    student_arch: str = 'plain'     # plain ViT | teacher: the teacher's components (layer scale, ...), random init
-    teacher_num_heads: int = 0      # the teacher's head count, for a file of weights alone (no record, no family)
-    new_teacher: bool = False       # --resume with a teacher file other than the saved run's (sha256), on purpose
-
-    # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
-    RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
-    INPUTS = ('teacher',)
-
-    def checks(self):
-        return [r for r in super().checks() if r[0] not in ('model', 'patch_size')] + [
-            ('model', self.model == 'teacher' or self.model in SIZES, f"choose teacher or one of {', '.join(SIZES)}"),
-            ('patch_size', self.patch_size >= 0, "must be 0 (the teacher's) or more"),
-            ('teacher', self.teacher != '', 'is required: ' + (
-                f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: '
-                f'teachers/README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large'
-                if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of '
-                                             'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)')),
-            ('transfer', self.transfer in WHAT, f"choose one of {', '.join(WHAT)}"),
-            ('student_arch', self.student_arch in ('plain', 'teacher'), 'choose plain or teacher'),
-            ('teacher_num_heads', self.teacher_num_heads >= 0, "must be 0 (the file's record or family) or more"),
-            *[(k, index_syntax_ok(getattr(self, k)), 'use all, 3, 0-17, 0,2,5 or 0-3,8') for k in ('layers', 'heads')],
-            ('layer_map', readable(parse_pairs, self.layer_map), PAIRS_SYNTAX)]
-
-    def resume_conflicts(self, ckpt, world, free=()):
-        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
-        record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
-        other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
-        return super().resume_conflicts(ckpt, world, free) + ([other + ' (--new-teacher true if meant)'] if other else [])
+# -----------------------------------------------------------------------------
+# What the teacher hands over: q and k (a map is made where it is used), or its q, k or v
 
 
-def parse_index(spec, n, what):
-    """'all' | '3' | '0-17' | '0,2,5' | '0-3,8' -> sorted list of indices in [0, n)."""
-    if spec == 'all':
-        return list(range(n))
-    try:
-        ranges = [(int(a), int(b if dash else a)) for a, dash, b in (part.partition('-') for part in spec.split(','))]
-    except ValueError:
-        raise ConfigError(f"--{what} '{spec}': use all, 3, 0-17, 0,2,5 or 0-3,8") from None
-    for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
-        if hi < lo:
-            raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
-    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}
-    if not out or min(out) < 0 or max(out) >= n:
-        raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
-    return sorted(out)
-
-
-def index_syntax_ok(spec):
-    """Whether parse_index can read spec (whatever the teacher's size)."""
-    return readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec)
+@torch.no_grad()
+def teacher_outputs(teacher, x, layers, names):
+    """{student layer: {name: tensor}}: what the teacher hands over. For attention copy and for map-free
+    distillation its q and k (B, H, N, d), never a map (softmax(q k^T / sqrt(d)) is made where it is used);
+    for eager distillation its 'logits' (B, H, N, N); or its q, k or v (NAMES). layers: {student: teacher} or a list."""
+    pairs = layer_pairs(layers)
+    out = teacher.internals(x, list(pairs.values()), names)
+    return {s: out[t] for s, t in pairs.items()}
 
 
 def load_teacher(cfg, device, dtype=None, attn='sdpa'):
@@ -107,40 +67,6 @@ def load_teacher(cfg, device, dtype=None, attn='sdpa'):
     return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
 
 
-def check_teacher(cfg, teacher, layers, data, env):
-    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
-    under the run's autocast: every step would hand them over, and the run would seem to diverge."""
-    x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
-    with torch.no_grad(), torch.autocast(env.device.type, dtype=env.dtype or torch.float32,
-                                         enabled=env.dtype is not None):
-        out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
-        if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range
-            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], env.attn)} for s, t in out.items()}
-    bad = [layer_pairs(layers)[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
-    if bad:
-        what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
-        hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
-        raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
-                          f'first evaluation images{hint}; it cannot be a teacher')
-
-
-def describe_teacher(source, ckpt, teacher, heads=(0, '--teacher-num-heads')):
-    """The teacher in one line for the log: its family, its heads and where their count is known from, its
-    native size, and at another size how its position embeddings were resized (its family's official way:
-    pretrained.FAMILIES). heads: (the count stated, the flag that states it)."""
-    name, how = family(source, ckpt)
-    patch, size = teacher.arch['patch_size'], teacher.arch['img_size']
-    native = arch_of(ckpt, source, *heads)['img_size']
-    grids = f'{native // patch}x{native // patch} patches of {patch} px'
-    count = heads_of(ckpt, source, teacher.embed_dim, *heads)
-    said = (f"teacher {source}{f' ({name})' if name else ''}: {teacher.depth} block{'s' * (teacher.depth != 1)}, "
-            f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
-    if size == native:
-        return f'{said}, run at that size'
-    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized {how}'
-            f"{'' if name else ' (its family is not known from the file)'}")
-
-
 def cast_matmul_weights(model, dtype):
     """Store a frozen model's linear and convolution weights in the autocast dtype, once.
 
@@ -153,6 +79,110 @@ def cast_matmul_weights(model, dtype):
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(dtype)
     return model
+
+# -----------------------------------------------------------------------------
+# Head groups: a student with fewer heads than its teacher
+
+
+def to_student_heads(logits, num_heads):
+    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits.
+
+    Student head j stands for the g = H / h contiguous teacher heads j*g .. j*g+g-1, whose attention
+    *probabilities* are averaged; the result is returned as their log (softmax gives the mean back).
+    Why probabilities, not logits: the mean of g maps is itself a map (rows sum to 1), and it routes the
+    values as the g heads do on average ((mean_h A_h) V = mean_h (A_h V)); the distillation cross-entropy is
+    linear in its target, so a student head distilled toward the mean is distilled toward each of its g
+    teacher heads, averaged. A mean of logits would be a sharper map (a normalised geometric mean) that no
+    teacher head computes. Equal head counts: the logits, untouched.
+    """
+    heads = logits.shape[1]
+    if heads == num_heads:
+        return logits
+    p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
+    p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
+    return p.log().to(logits.dtype)
+
+# -----------------------------------------------------------------------------
+# Layer maps: which teacher layer reaches which student layer
+
+
+def parse_index(spec, n, what):
+    """'all' | '3' | '0-17' | '0,2,5' | '0-3,8' -> sorted list of indices in [0, n)."""
+    if spec == 'all':
+        return list(range(n))
+    try:
+        ranges = [(int(a), int(b if dash else a)) for a, dash, b in (part.partition('-') for part in spec.split(','))]
+    except ValueError:
+        raise ConfigError(f"--{what} '{spec}': {INDEX_SYNTAX}") from None
+    for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
+        if hi < lo:
+            raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
+    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}
+    if not out or min(out) < 0 or max(out) >= n:
+        raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
+    return sorted(out)
+
+
+def parse_pairs(spec):
+    """'auto' -> None; '0:0,1:4,2:8' -> {0: 0, 1: 4, 2: 8} ({student layer: teacher layer})."""
+    if spec == 'auto':
+        return None
+    try:
+        pairs = [tuple(int(n) for n in p.split(':')) for p in spec.split(',')]
+        pairs = dict(pairs) if all(len(p) == 2 and min(p) >= 0 for p in pairs) else None
+    except ValueError:
+        pairs = None
+    if not pairs or len(pairs) != spec.count(',') + 1:      # malformed, negative, or a student layer twice
+        raise ConfigError(f"--layer-map '{spec}': {PAIRS_SYNTAX}, each student layer once")
+    return pairs
+
+
+def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
+    """{student layer: teacher layer} for the teacher's transferred `layers` (sorted).
+
+    auto: the student transfers the same stretch of its depth as the teacher (teacher layer l at relative depth
+    l / (D_t - 1) marks student layer round(l (D_s - 1) / (D_t - 1))), and its k transferred layers take k of the
+    teacher's, evenly spaced, the first on the first and the last on the last. Equal depths: the identity, so a
+    student of the teacher's size transfers exactly as before. Otherwise spec names the pairs (parse_pairs), each
+    teacher layer among --layers, in increasing order: distillation runs the teacher beside the student.
+    """
+    pairs = parse_pairs(spec)
+    if pairs is None:
+        student = sorted({nearest(l * (student_depth - 1), teacher_depth - 1) for l in layers})
+        k, n = len(student), len(layers)
+        return {s: layers[nearest(i * (n - 1), k - 1) if k > 1 else -1] for i, s in enumerate(student)}
+    pairs = dict(sorted(pairs.items()))
+    if max(pairs) >= student_depth:
+        raise ConfigError(f'--layer-map {spec}: the student has layers 0..{student_depth - 1}')
+    if not set(pairs.values()) <= set(layers):
+        raise ConfigError(f'--layer-map {spec}: teacher layers must be among --layers {layers_spec} '
+                          f'(the teacher has layers 0..{teacher_depth - 1})')
+    teacher = list(pairs.values())
+    if teacher != sorted(set(teacher)):
+        raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student layers')
+    return pairs
+
+
+def nearest(a, b):
+    """a / b rounded half up (0 if b is 0: a one-layer model's only layer is its first and last)."""
+    return (2 * a + b) // (2 * b) if b else 0
+
+
+def layer_pairs(layers):
+    """{student layer: teacher layer}: the map itself, or for a list of layers the identity on them."""
+    return dict(layers) if isinstance(layers, dict) else {i: i for i in layers}
+
+
+def describe_map(layers, teacher_heads, student_heads):
+    """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
+    pairs, g = ' '.join(f'{s}:{t}' for s, t in layer_pairs(layers).items()), teacher_heads // student_heads
+    heads = 'heads one to one' if g == 1 else \
+        f"the teacher's {teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- " \
+        f"teacher heads {g}j..{g}j+{g - 1})"
+    return f'layer map (student:teacher) {pairs}; {heads}'
+
+# -----------------------------------------------------------------------------
+# The student built to fit
 
 
 def student_presets(presets):
@@ -212,93 +242,66 @@ def misfit(cfg, s, t, layers):
     return None
 
 # -----------------------------------------------------------------------------
-# A student of another size: which teacher layer and heads reach which student layer and head
+# The flags
 
 
-PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
-# the head rule, recorded in a student's checkpoint (load_copy_model refuses a rule it does not know)
-HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
+INDEX_RULE = (lambda spec: readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec), INDEX_SYNTAX)
 
 
-def parse_pairs(spec):
-    """'auto' -> None; '0:0,1:4,2:8' -> {0: 0, 1: 4, 2: 8} ({student layer: teacher layer})."""
-    if spec == 'auto':
-        return None
-    try:
-        pairs = [tuple(int(n) for n in p.split(':')) for p in spec.split(',')]
-        pairs = dict(pairs) if all(len(p) == 2 and min(p) >= 0 for p in pairs) else None
-    except ValueError:
-        pairs = None
-    if not pairs or len(pairs) != spec.count(',') + 1:      # malformed, negative, or a student layer twice
-        raise ConfigError(f"--layer-map '{spec}': {PAIRS_SYNTAX}, each student layer once")
-    return pairs
+@dataclass
+class TransferConfig(TrainConfig):
+    teacher: str = option('', 'a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)')
+    model: str = option('teacher', "the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...",
+                        one_of(('teacher', *SIZES), f"choose teacher or one of {', '.join(SIZES)}"))
+    patch_size: int = option(0, "0 = the teacher's", at_least(0, "the teacher's"))
+    layers: str = option('all', "the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8", INDEX_RULE)
+    layer_map: str = option('auto', 'student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)',
+                            (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
+    heads: str = option('all', 'transferred heads, same syntax', INDEX_RULE)
+    transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(WHAT))
+    student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer scale, ...), random "
+                               'init', one_of(('plain', 'teacher'), 'choose plain or teacher'))
+    teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no record, no family)",
+                                    at_least(0, "the file's record or family"))
+    new_teacher: bool = option(False, "--resume with a teacher file other than the saved run's (sha256), on purpose")
 
+    # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
+    RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
+    INPUTS = ('teacher',)
 
-def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
-    """{student layer: teacher layer} for the teacher's transferred `layers` (sorted).
+    def checks(self):
+        return super().checks() + [
+            ('teacher', self.teacher != '', 'is required: ' + (
+                f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: '
+                f'teachers/README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large'
+                if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of '
+                                             'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'))]
 
-    auto: the student transfers the same stretch of its depth as the teacher (teacher layer l at relative depth
-    l / (D_t - 1) marks student layer round(l (D_s - 1) / (D_t - 1))), and its k transferred layers take k of the
-    teacher's, evenly spaced, the first on the first and the last on the last. Equal depths: the identity, so a
-    student of the teacher's size transfers exactly as before. Otherwise spec names the pairs (parse_pairs), each
-    teacher layer among --layers, in increasing order: distillation runs the teacher beside the student.
-    """
-    pairs = parse_pairs(spec)
-    if pairs is None:
-        student = sorted({nearest(l * (student_depth - 1), teacher_depth - 1) for l in layers})
-        k, n = len(student), len(layers)
-        return {s: layers[nearest(i * (n - 1), k - 1) if k > 1 else -1] for i, s in enumerate(student)}
-    pairs = dict(sorted(pairs.items()))
-    if max(pairs) >= student_depth:
-        raise ConfigError(f'--layer-map {spec}: the student has layers 0..{student_depth - 1}')
-    if not set(pairs.values()) <= set(layers):
-        raise ConfigError(f'--layer-map {spec}: teacher layers must be among --layers {layers_spec} '
-                          f'(the teacher has layers 0..{teacher_depth - 1})')
-    teacher = list(pairs.values())
-    if teacher != sorted(set(teacher)):
-        raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student layers')
-    return pairs
-
-
-def nearest(a, b):
-    """a / b rounded half up (0 if b is 0: a one-layer model's only layer is its first and last)."""
-    return (2 * a + b) // (2 * b) if b else 0
-
-
-def layer_pairs(layers):
-    """{student layer: teacher layer}: the map itself, or for a list of layers the identity on them."""
-    return dict(layers) if isinstance(layers, dict) else {i: i for i in layers}
-
-
-def to_student_heads(logits, num_heads):
-    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits.
-
-    Student head j stands for the g = H / h contiguous teacher heads j*g .. j*g+g-1, whose attention
-    *probabilities* are averaged; the result is returned as their log (softmax gives the mean back).
-    Why probabilities, not logits: the mean of g maps is itself a map (rows sum to 1), and it routes the
-    values as the g heads do on average ((mean_h A_h) V = mean_h (A_h V)); the distillation cross-entropy is
-    linear in its target, so a student head distilled toward the mean is distilled toward each of its g
-    teacher heads, averaged. A mean of logits would be a sharper map (a normalised geometric mean) that no
-    teacher head computes. Equal head counts: the logits, untouched.
-    """
-    heads = logits.shape[1]
-    if heads == num_heads:
-        return logits
-    p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
-    p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
-    return p.log().to(logits.dtype)
-
-
-def describe_map(layers, teacher_heads, student_heads):
-    """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
-    pairs, g = ' '.join(f'{s}:{t}' for s, t in layer_pairs(layers).items()), teacher_heads // student_heads
-    heads = 'heads one to one' if g == 1 else \
-        f"the teacher's {teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- " \
-        f"teacher heads {g}j..{g}j+{g - 1})"
-    return f'layer map (student:teacher) {pairs}; {heads}'
+    def resume_conflicts(self, ckpt, world, free=()):
+        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
+        record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
+        other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
+        return super().resume_conflicts(ckpt, world, free) + ([other + ' (--new-teacher true if meant)'] if other else [])
 
 # -----------------------------------------------------------------------------
-# What a student checkpoint records about its teacher
+# Checks and records: a teacher that cannot teach, and what a student checkpoint records about its own
+
+
+def check_teacher(cfg, teacher, layers, data, env):
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
+    under the run's autocast: every step would hand them over, and the run would seem to diverge."""
+    x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
+    with torch.no_grad(), torch.autocast(env.device.type, dtype=env.dtype or torch.float32,
+                                         enabled=env.dtype is not None):
+        out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
+        if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], env.attn)} for s, t in out.items()}
+    bad = [layer_pairs(layers)[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
+    if bad:
+        what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
+        hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
+        raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
+                          f'first evaluation images{hint}; it cannot be a teacher')
 
 
 def teacher_record(cfg, layers, heads):
@@ -309,17 +312,6 @@ def teacher_record(cfg, layers, heads):
             'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
             'layers': sorted(pairs.values()), 'layer_map': pairs, 'head_rule': HEAD_RULE,
             'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
-
-
-def sha256_of(path):
-    """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(2 ** 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def teacher_mismatch(source, record):
@@ -334,13 +326,3 @@ def teacher_mismatch(source, record):
         return None
     return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
             f"had {record['sha256']}")
-
-
-@torch.no_grad()
-def teacher_outputs(teacher, x, layers, names):
-    """{student layer: {name: tensor}}: what the teacher hands over. For attention copy and for map-free
-    distillation its q and k (B, H, N, d), never a map (softmax(q k^T / sqrt(d)) is made where it is used);
-    for eager distillation its 'logits' (B, H, N, N); or its q, k or v (NAMES). layers: {student: teacher} or a list."""
-    pairs = layer_pairs(layers)
-    out = teacher.internals(x, list(pairs.values()), names)
-    return {s: out[t] for s, t in pairs.items()}

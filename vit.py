@@ -1,22 +1,18 @@
 """
-A Vision Transformer written out by hand, with the hooks attention transfer needs.
-
-Parameter names follow timm's VisionTransformer and MAE's models_vit (patch_embed.proj, cls_token,
-pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head), so official MAE checkpoints load
-without renaming. Transfer works by passing tensors (never mode strings):
+A Vision Transformer written out by hand, with the one hook attention transfer needs: a layer can be handed
+tensors in place of its own (inject) and can hand its own out (keep). Parameter names follow timm's and MAE's
+(patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head): MAE checkpoints load
+without renaming (util/checkpoints.py).
 
     qk = teacher.internals(x, layers=[0, 1, 2], names=('q', 'k'))        # {i: {'q': (B, H, N, d), 'k': ...}}
     y = student(x, inject=qk)                             # attention copy: the teacher's map routes our values
     y, kept = student(x, keep={0: ('q', 'k'), 1: ('q', 'k')})   # distillation: own q, k out, for the loss
 
-Both methods meet the student in `attend`: softmax(q k^T / sqrt(d)) v, where q and k are the layer's own or,
-for attention copy, the teacher's handed in through `inject`. It runs one of two ways, as Hugging Face's
+Both methods meet the student in `attend`: softmax(q k^T / sqrt(d)) v, run one of two ways, as Hugging Face's
 `attn_implementation` names them: 'eager' writes the (B, H, N, N) map out (the definition, what the course
 builds), 'sdpa' calls F.scaled_dot_product_attention, whose fused kernels never store it: the same numbers.
-`inject` also takes an explicit map ('attn'). Loading checkpoints lives in util/checkpoints.py.
 """
 import inspect
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -81,12 +77,9 @@ def _sdpa(q, k, v):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention that can be given, and can hand out, its internals.
-
-    own_qk=False builds a layer with no query/key projection (an attention-copy student's layer:
-    it is always given the teacher's q and k, or its map), so its only input projection is `v`.
-    implementation: 'eager' or 'sdpa' (attend), set for a whole model by set_attn_implementation.
-    """
+    """Multi-head self-attention that can be given, and can hand out, its internals. own_qk=False: no query/key
+    projection (a copy student's layer, always given the teacher's q and k, or its map). implementation: 'eager' or
+    'sdpa' (attend), set for a whole model by set_attn_implementation."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, own_qk=True):
         super().__init__()
@@ -100,15 +93,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
-        """x: (B, N, D).
-        q, k, v: (B, h, N, *) tensors to use instead of this layer's own (attention copy: the teacher's q and k).
-        attn: (B, h, N, N) attention probabilities to use instead of softmax(q k^T / sqrt(d)), always eager; for all
-        heads it may hold g maps a head (a teacher with g times the heads): each head takes their mean.
-        heads: which of the H heads the given tensors cover (h of them); default all.
-        keep: names among 'q', 'k', 'v' of this layer's own projections to hand back (distillation), or 'logits':
-        its own pre-softmax map (B, H, N, N), which the layer then writes out and uses (eager distillation).
-        Returns (out (B, N, D), kept dict).
-        """
+        """x (B, N, D) -> (out (B, N, D), kept). q, k, v: (B, h, N, *) to use instead of its own (copy: the
+        teacher's q, k); attn: (B, h, N, N) probabilities instead of softmax(q k^T / sqrt(d)), eager (for all heads it
+        may hold g maps a head: their mean); heads: the h of the H heads those cover (default all). keep: its own
+        'q', 'k', 'v' to hand back, or 'logits', its pre-softmax map, then written out and used (eager distillation)."""
         if not self.own_qk and ((attn is None and (q is None or k is None)) or heads is not None):
             raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) for every head")
         own_q, own_k, own_v = self.project(x)                              # (B, H, N, d) each
@@ -142,18 +130,11 @@ class Attention(nn.Module):
 
 def _put(own, given, heads):
     """Replace all heads (heads=None) or the listed heads of `own` (B, H, ...) by `given`."""
-    if given is None:
-        return own
-    if heads is None:
-        return given
+    if given is None or heads is None:
+        return own if given is None else given
     own = own.clone()
     own[:, heads] = given.to(own.dtype)
     return own
-
-
-class QuickGELU(nn.Module):   # CLIP's activation: a cheap fit of GELU its weights were trained with
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
 
 
 class Mlp(nn.Module):
@@ -174,15 +155,6 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
-class LayerScale(nn.Module):   # a learned per-channel scale of a residual branch (CaiT, DINOv2)
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
 class Block(nn.Module):
     """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); no layer scale if init_values is None."""
 
@@ -198,8 +170,7 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, given=None, keep=()):
-        """given: what this layer's attention is handed instead of its own ({'q': q, 'k': k} of the teacher for
-        copy); keep: what it hands back (its own ('q', 'k') for distillation). Returns (x, kept)."""
+        """given: what its attention is handed ({'q', 'k'} of the teacher: copy); keep: what it hands back."""
         a, kept = self.attn(self.norm1(x), **(given or {}), keep=keep)
         x = x + drop_path(self.ls1(a), self.drop_path, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
@@ -210,8 +181,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Components some families add (all off by default, see util/pretrained.py): layer scale (init_values),
-    a norm before the blocks (norm_pre), the activation, register tokens, the LayerNorm epsilon."""
+    """The ViT; init_values, norm_pre, act, reg_tokens and norm_eps are other families' components (at the end)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool=False,
@@ -232,12 +202,9 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], own_qk=i not in no_qk_layers,
                   init_values=init_values, act=act, norm_eps=norm_eps)
             for i in range(depth))
-        # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm);
-        # class-token models normalise all tokens (norm). Only the one in use exists.
-        if global_pool:
-            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        else:
-            self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm); class-token models
+        # normalise all tokens (norm). Only the one in use exists.
+        setattr(self, 'fc_norm' if global_pool else 'norm', nn.LayerNorm(embed_dim, eps=norm_eps))
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -256,10 +223,8 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(x)
 
     def forward_tokens(self, x, inject=None, keep=None, depth=None):
-        """Embed and run the first `depth` blocks (default all).
-        inject: {layer: {'q' | 'k' | 'v' | 'attn' | 'heads': tensor}} given to that layer.
-        keep: {layer: names} of its own tensors to hand back. Returns (B, 1 + N, D) tokens, {layer: dict}.
-        """
+        """Embed, run the first `depth` blocks (default all) -> (B, 1 + N, D) tokens, {layer: kept}. inject: {layer:
+        {'q' | 'k' | 'v' | 'attn' | 'heads': tensor}} given to that layer; keep: {layer: names} it hands back."""
         inject, keep = inject or {}, keep or {}
         x, kept = self.embed(x), {}
         for i, block in enumerate(self.blocks[:depth]):
@@ -296,17 +261,8 @@ class VisionTransformer(nn.Module):
         return out
 
     def attention(self, x, layers, what='logits'):
-        """{layer: tensor} for the given layers: 'logits', the pre-softmax map (B, H, N, N) written out, or 'q',
-        'k', 'v' (B, H, N, d)."""
+        """{layer: tensor}: 'logits', the pre-softmax map (B, H, N, N) written out, or 'q', 'k', 'v' (B, H, N, d)."""
         return {i: t[what] for i, t in self.internals(x, layers, (what,)).items()}
-
-    def layer_id(self, name):
-        """0 for the embedding, i + 1 for block i, depth + 1 for the head (layer-wise lr decay)."""
-        if name.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'norm_pre')):
-            return 0
-        if name.startswith('blocks.'):
-            return int(name.split('.')[1]) + 1
-        return self.depth + 1
 
 
 def set_attn_implementation(model, implementation):
@@ -322,13 +278,11 @@ def set_attn_implementation(model, implementation):
 def _init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Conv2d):   # as a linear layer on the flattened patch (MAE)
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+    if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and m.bias is not None:
         nn.init.zeros_(m.bias)
 
 
@@ -357,5 +311,20 @@ def create_model(name, **overrides):
     """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
     return VisionTransformer(**model_arch(name, **overrides))
 
+# -----------------------------------------------------------------------------
+# Components other families add to the plain ViT, off by default (util/pretrained.py: who uses which); register
+# tokens and norm_pre are in VisionTransformer itself
 
-vit_tiny, vit_small, vit_base, vit_large, vit_huge = (partial(create_model, n) for n in SIZES)
+
+class LayerScale(nn.Module):   # a learned per-channel scale of a residual branch (CaiT, DINOv2)
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class QuickGELU(nn.Module):   # CLIP's activation: a cheap fit of GELU its weights were trained with
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)

@@ -1,4 +1,4 @@
-"""Every method's training step under bf16 autocast and under fp16 with the GradScaler, as engine.fit takes
+"""Every method's training step under bf16 autocast and under fp16 with the GradScaler, as engine.train_one_epoch takes
 it, against the same step in fp32: finite loss, gradients close to fp32's, and the scaler really scaling.
 On the CPU always; on CUDA with `python -m pytest -m gpu tests`.
 
@@ -19,7 +19,7 @@ from mae_pretrain import MAEConfig, MaskedAutoencoder, mae_loss_fn
 from teacher import cast_matmul_weights
 from util.config import TrainConfig
 from util.engine import build_optimizer, soft_cross_entropy
-from util.launch import autocast
+from util.engine import autocast
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=3, num_heads=4, global_pool=True)
@@ -55,7 +55,7 @@ def batch(device):
 
 
 def train_step(method, device, dtype, scaler=None):
-    """engine.fit's step: autocast, scaled backward, unscale, optimizer step. Returns the loss, the gradients
+    """engine.train_one_epoch's step: autocast, scaled backward, unscale, optimizer step. Returns the loss, the gradients
     it stepped with (unscaled), the scaler, and the model's parameters before and after."""
     model, loss_fn = method_parts(method, device, dtype)
     env = argparse.Namespace(device=torch.device(device), dtype=dtype)

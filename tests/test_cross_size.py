@@ -13,7 +13,8 @@ from attention_distill import DistillConfig, attention_cross_entropy, distill_lo
 import attention_distill
 from conftest import TINY, run_in_process
 from teacher import HEAD_RULE, build_student, map_layers, misfit, student_shape, to_student_heads
-from util.config import ConfigError, parse_config
+from util.cli import parse_config
+from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
 
 torch.set_num_threads(1)   # a small, shared machine

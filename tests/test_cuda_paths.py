@@ -12,9 +12,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from conftest import relative_distance
-from data import build_dataset, build_loader
+from data import build_dataset
+from util.loader import build_loader
 from teacher import cast_matmul_weights
-from util import launch
+from util import engine, launch
 from util.config import TrainConfig
 from vit import VisionTransformer, set_attn_implementation
 
@@ -84,7 +85,7 @@ def test_sdpa_matches_explicit_attention_on_cuda(dtype, exact_fp32):
         # the fused run may use flash, memory-efficient or cuDNN attention, never the unfused math fallback
         only_fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.CUDNN_ATTENTION]) if implementation == 'sdpa' else contextlib.nullcontext()
-        with only_fused, launch.autocast(env):
+        with only_fused, engine.autocast(env):
             y = set_attn_implementation(m, implementation)(x).float()
         y.square().sum().backward()
         outs.append(y.detach())

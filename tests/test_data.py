@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from data import INFO, ResumableSampler, batch_mixer, build_dataset, build_eval_set, build_splits
+from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
+from util.loader import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, DataError, read_cifar_binary, read_idx
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import finetune, read_metrics
 from finetune import PRESETS, FinetuneConfig
 from util import engine
-from util.config import ConfigError, parse_config
+from util.cli import parse_config
+from util.config import ConfigError
 from util.engine import build_optimizer, lr_at, soft_cross_entropy
 from util.launch import amp_dtype
 from vit import create_model

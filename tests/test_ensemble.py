@@ -17,8 +17,8 @@ from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_
                       normalise_weights, summarise)
 import ensemble
 from util.checkpoints import CheckpointError
+from util.cli import parse_config
 from util.config import ConfigError
-from util.config import parse_config
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

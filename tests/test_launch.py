@@ -41,10 +41,10 @@ def test_one_process_torchrun_starts_the_process_group_on_cpu(tmp_path):
 STOPPED_RANK = """
 import os, sys, time
 sys.path.insert(0, os.getcwd())
-import finetune
-from util import engine, launch
+import data, finetune
+from util import launch
 if os.environ['RANK'] == '1':
-    engine.build_loader = lambda *args, **kwargs: time.sleep(3600)
+    data.build_loader = lambda *args, **kwargs: time.sleep(3600)
 launch.run_main(finetune.main)
 """
 

@@ -1,61 +1,129 @@
-"""The repository's layout: the root holds the course and the scripts a user runs, the machinery they share is
-one folder (util/) that never imports a script run as a command, and no module imports itself round a cycle."""
+"""The layout a reader relies on: util/ is machinery below the scripts (it imports no root file but vit.py), no
+import cycle, no file of the course or of util/ longer than ~330 lines, the epoch loop in each method's main(),
+and one training step that runs through few files, measured as it runs."""
 import ast
 import os
+import sys
+from pathlib import Path
 
-from conftest import ROOT
+import pytest
+import torch
 
-SHARED = {'vit', 'data'}   # the root's files that the machinery may import: the model and what it is fed
+import attention_copy
+import attention_distill
+import finetune
+from conftest import TINY, run_in_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROOT_MODULES = {p.stem for p in ROOT.glob('*.py')}
+UTIL = sorted((ROOT / 'util').glob('*.py'))
+MOST_LINES = 330
 
 
-def root_modules():
-    return sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith('.py'))
-
-
-def local_imports(path, known):
-    """The modules of this repository (root names, util.NAME) that a file imports."""
+def imports(path, top_level_only=False):
+    """The project modules a file imports ('vit', 'util.engine', ...), at module level only if asked."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
     found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] + [f'{node.module}.{a.name}' for a in node.names] \
-            if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
-        found.update(n for n in names if n in known)
-    return found
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f'{node.module}.{a.name}' for a in node.names if node.module == 'util'}
+    return {m for m in found if m.split('.')[0] in ROOT_MODULES | {'util'}}
 
 
-def graph():
-    """{module: the repository's modules it imports}, for the root's files and util/'s."""
-    util = [f'util.{f[:-3]}' for f in os.listdir(os.path.join(ROOT, 'util')) if f.endswith('.py') and f != '__init__.py']
-    known = set(root_modules()) | set(util)
-    return {m: local_imports(os.path.join(ROOT, *m.split('.')) + '.py', known) - {m} for m in known}
+def module_name(path):
+    return path.stem if path.parent == ROOT else f'{path.parent.name}.{path.stem}'
 
 
 def test_the_root_holds_the_course_and_its_scripts():
-    root = root_modules()
+    root = sorted(ROOT_MODULES)
     assert len(root) <= 9, f'{len(root)} Python files at the root: {root}'
-    readme = open(os.path.join(ROOT, 'README.md')).read()
+    readme = (ROOT / 'README.md').read_text()
     course = readme.split('The course, one idea per file')[1].split('\n\n')[1]   # the README's table of them
     assert all(f'`{m}.py`' in course for m in root), [m for m in root if f'`{m}.py`' not in course]
 
 
-def test_the_machinery_imports_no_script():
-    g = graph()
-    util = {m for m in g if m.startswith('util.')}
-    bad = {m: sorted(g[m] - SHARED - util) for m in util if g[m] - SHARED - util}
-    assert not bad, f'util/ imports scripts of the root: {bad}'
+def test_util_imports_no_root_module_but_vit():
+    """The scripts build their data, teacher and model and hand them to util/, never the reverse."""
+    for path in UTIL:
+        back = {m for m in imports(path) if m.split('.')[0] in ROOT_MODULES} - {'vit'}
+        assert not back, f'{path.relative_to(ROOT)} imports {sorted(back)}: util/ may import only vit.py'
 
 
 def test_no_import_cycle():
-    g, done, path = graph(), set(), []
+    files = [p for p in [*ROOT.glob('*.py'), *UTIL, *(ROOT / 'tools').glob('*.py')] if p.stem != '__init__']
+    graph = {module_name(p): {m for m in imports(p, top_level_only=True)} for p in files}
+    state = {}
 
-    def visit(m):
-        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
-        if m in done:
-            return
-        path.append(m)
-        for n in sorted(g[m]):
-            visit(n)
-        path.pop()
-        done.add(m)
-    for m in sorted(g):
-        visit(m)
+    def visit(m, path):
+        state[m] = 'open'
+        for n in graph.get(m, ()):
+            assert state.get(n) != 'open', f"import cycle: {' -> '.join([*path, n])}"
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 'done'
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+@pytest.mark.parametrize('path', [*ROOT.glob('*.py'), *UTIL], ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_file_is_too_long_to_read(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MOST_LINES, f'{path.relative_to(ROOT)} has {lines} lines: split it by concept'
+
+
+@pytest.mark.parametrize('module', [finetune, attention_copy, attention_distill], ids=lambda m: m.__name__)
+def test_the_epoch_loop_is_in_main(module):
+    """main() holds the loop, as MAE's main_finetune.py does: train one epoch, evaluate, save."""
+    main = next(f for f in ast.parse(Path(module.__file__).read_text()).body
+                if isinstance(f, ast.FunctionDef) and f.name == 'main')
+    loop = next((n for n in ast.walk(main) if isinstance(n, ast.While)), None)
+    assert loop is not None, f'{module.__name__}.main has no epoch loop'
+    called = {n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id
+              for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))}
+    assert {'train_one_epoch', 'evaluate', 'save'} <= called, called
+
+
+def files_in_one_step(monkeypatch, module, *args):
+    """The project's files whose functions run between the end of the first optimizer step and the end of the
+    second (sys.setprofile: every Python call; the end of a step: the optimizer's step returning), and their lines."""
+    steps, seen = [0], set()
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event == 'return' and code.co_name == 'step' and f'torch{os.sep}optim{os.sep}' in code.co_filename:
+            steps[0] += 1
+        elif event == 'call' and steps[0] == 1:
+            path = Path(code.co_filename)
+            if path.suffix == '.py' and path.parent in (ROOT, ROOT / 'util'):
+                seen.add(path)
+    sys.setprofile(profile)
+    try:
+        msg = run_in_process(monkeypatch, module, *args)
+    finally:
+        sys.setprofile(None)
+    assert msg is None and steps[0] >= 2, msg
+    return {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in seen}
+
+
+STEP = [*TINY, '--max-steps', '3', '--batch-size', '8', '--log-every', '1']
+TEACHER = ['--teacher', str(ROOT / 'teachers' / 'fashion-mnist-mae.pt'), '--img-size', '28']
+
+
+@pytest.mark.parametrize('module, args, most_files', [
+    (finetune, [], 3),
+    (attention_copy, TEACHER, 5),
+    (attention_distill, TEACHER, 5),
+], ids=['finetune', 'copy', 'distill'])
+@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
+def test_one_training_step_reads_in_few_files(monkeypatch, tmp_path, module, args, most_files, implementation):
+    """A reader follows one transfer step in at most 5 files, 1,200 lines: the script, vit.py, teacher.py,
+    util/engine.py (the step) and util/loader.py (the batch); fine-tuning: 3. Each logs a line every step here."""
+    torch.manual_seed(0)
+    files = files_in_one_step(monkeypatch, module, *STEP, *args, '--attn-implementation', implementation,
+                              '--out-dir', tmp_path / 'run')
+    assert len(files) <= most_files and sum(files.values()) <= 1200, files

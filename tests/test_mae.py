@@ -10,7 +10,8 @@ from conftest import TINY, finetune, read_metrics, run_script
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
                           unpatchify)
 from util.checkpoints import build_from_checkpoint
-from util.config import ConfigError, parse_config
+from util.cli import parse_config
+from util.config import ConfigError
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

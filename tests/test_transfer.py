@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from attention_copy import CopyModel, copied, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
 from conftest import blocks_run
-from teacher import build_student, index_syntax_ok, parse_index, teacher_outputs
+from teacher import INDEX_RULE, build_student, parse_index, teacher_outputs
 from util.engine import build_optimizer
 from vit import VisionTransformer
 
@@ -160,7 +160,7 @@ def test_student_must_fit_teacher():
     for bad in ('1-0', '0,1-0', '0,3-1', '2,5-3,6'):   # a reversed range inside a list once dropped silently
         with pytest.raises(ConfigError, match=r'-\d is an empty range \(low-high, as \d-\d\)$'):
             parse_index(bad, 8, 'layers')
-        assert not index_syntax_ok(bad)   # refused when the config is checked, before any file is read
+        assert not INDEX_RULE[0](bad)   # refused when the config is checked, before any file is read
 
 
 @pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])
@@ -168,7 +168,7 @@ def test_small_presets_build_the_teacher_shaped_student(script):
     """A small preset names model 'teacher': its student takes the teacher's width, depth and heads, never
     finetune.py's sizes (which once silently made a 128-wide student of a 64-wide teacher)."""
     import importlib
-    from util.config import parse_config
+    from util.cli import parse_config
     mod = importlib.import_module(script)
     teacher = make_teacher()   # 48 wide, unlike any preset
     for data in ('fashion-mnist', 'cifar10', 'fake'):

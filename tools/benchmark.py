@@ -35,14 +35,16 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
 from tools.benchmark_report import datasheet_peak, machine, markdown, profile, targets
-from util.config import ConfigError, check, machine_memory, parse_config
+from util.cli import parse_config
+from util.config import ConfigError, check, option
+from util.memory import machine_memory
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
 from vit import SIZES
@@ -50,32 +52,33 @@ from vit import SIZES
 
 @dataclass
 class BenchConfig:
-    device: str = 'auto'            # auto | cpu | cuda
-    models: list[str] = field(default_factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'])   # GPU: base, large
-    paths: list[str] = field(default_factory=lambda: list(TIMED))   # a subset of eager sdpa naive naive-bf16
-    batch_size: int = 8             # per step; 0 = fill the GPU (see fill), its default there
-    memory_batch_size: int = 32     # peak memory is measured at this batch; 0 = not measured; -1 = the timed one
-    fill: float = 0.85              # --batch-size 0: share of the GPU's memory the fullest case may use
+    device: str = option('auto', 'auto | cpu | cuda')
+    models: list[str] = option(factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'], help='GPU: base, large')
+    paths: list[str] = option(factory=lambda: list(TIMED), help='a subset of eager sdpa naive naive-bf16')
+    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there')
+    memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one')
+    fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use")
     img_size: int = 224
     patch_size: int = 16
-    depth: int = 0                  # 0 = the size's own
-    embed_dim: int = 0              # 0 = the size's own
-    num_heads: int = 0              # 0 = the size's own
+    depth: int = option(0, "0 = the size's own")
+    embed_dim: int = option(0, "0 = the size's own")
+    num_heads: int = option(0, "0 = the size's own")
     num_classes: int = 1000
-    rounds: int = 5                 # timed rounds
-    steps: int = 2                  # steps of each case in a round
-    warmup: int = 1                 # untimed rounds before them
-    distill_frac: float = 0.75      # distil the first 3/4 of the layers (the paper: 18 of 24)
-    copy_frac: float = 1.0          # copy all layers (the paper)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))   # a subset of train copy distill eval-*
-    compile: bool = False           # also time the default training steps under torch.compile
-    profile: list[str] = field(default_factory=list)   # methods whose default step torch.profiler breaks down
-    threads: int = 0                # torch threads; 0 = torch's default
-    saved_bytes: bool = True        # bytes saved for backward by one step of each trained case (one forward pass)
-    timing: bool = True             # false: only the saved bytes (no FLOPs, timings, peak memory, profiles)
-    gemm_size: int = 4096           # square matmul that measures the GEMM peak
-    quick: bool = False             # tiny model, 2 steps, no warm-up: checks that everything runs
-    out_dir: str = 'runs/benchmark'      # GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name it)
+    rounds: int = option(5, 'timed rounds')
+    steps: int = option(2, 'steps of each case in a round')
+    warmup: int = option(1, 'untimed rounds before them')
+    distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)')
+    copy_frac: float = option(1.0, 'copy all layers (the paper)')
+    methods: list[str] = option(factory=lambda: list(METHODS), help='a subset of train copy distill eval-*')
+    compile: bool = option(False, 'also time the default training steps under torch.compile')
+    profile: list[str] = option(factory=list, help='methods whose default step torch.profiler breaks down')
+    threads: int = option(0, "torch threads; 0 = torch's default")
+    saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
+    timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
+    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak')
+    quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
+    out_dir: str = option('runs/benchmark', 'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name '
+                          'it)')
 
     def checks(self):   # what depends on the device (--device, --batch-size 0, the lists): configure
         return [('batch_size', self.batch_size >= 0, 'must be 0 (fill a GPU) or more'),

@@ -23,8 +23,8 @@ from attention_distill import DistillConfig, distill_loss_fn
 from teacher import cast_matmul_weights
 from tools.naive import DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_loss, naive_distill_loss, set_drop_path
 from util.config import TrainConfig
-from util.engine import build_optimizer, soft_cross_entropy
-from util.launch import amp_dtype, attn_implementation, autocast
+from util.engine import autocast, build_optimizer, soft_cross_entropy
+from util.launch import amp_dtype, attn_implementation
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
 
 TRAINED = ('train', 'copy', 'distill')

@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import combinations, combinations_with_replacement
 from types import SimpleNamespace
 
@@ -53,7 +53,8 @@ from teacher import layer_pairs, teacher_mismatch, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
-from util.config import ConfigError, parse_config
+from util.cli import parse_config
+from util.config import ConfigError, option
 from util.launch import run_main
 from util.rundir import cpu_name, git_commit
 from vit import scores
@@ -400,23 +401,23 @@ def distilled_layers(source, teacher):
 
 @dataclass
 class FeaturesConfig:
-    teacher: str = ''               # the teacher: a checkpoint file or name (an MAE encoder: features and maps only)
-    models: list[str] = field(default_factory=list)   # classifiers: checkpoint files or names (a copy student runs
-                                                      # with --teacher, which must be its own: SHA-256 checked)
-    names: list[str] = field(default_factory=list)    # one label per model; none = each file's name (or its folder's)
-    num_heads: list[int] = field(default_factory=list)   # of files of weights alone, as ensemble.py's flag
-    teacher_num_heads: int = 0      # the teacher's, if its file holds weights alone
-    data: str = ''                  # its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake;
-                                    # '' = the data set the models' checkpoints record
-    data_dir: str = ''              # '' = the models' record when --data is theirs, else ./data
-    images: int = 0                 # the first this many test images; 0 = all
-    batch_size: int = 250           # also the bootstrap's unit for CKA (its statistics are kept batch by batch)
-    resamples: int = 1000           # of the bootstrap over the test images: each number's interval; 0 = none
+    teacher: str = option('', 'the teacher: a checkpoint file or name (an MAE encoder: features and maps only)')
+    models: list[str] = option(factory=list, help='classifiers: checkpoint files or names (a copy student runs with '
+                               '--teacher, which must be its own: SHA-256 checked)')
+    names: list[str] = option(factory=list, help="one label per model; none = each file's name (or its folder's)")
+    num_heads: list[int] = option(factory=list, help="of files of weights alone, as ensemble.py's flag")
+    teacher_num_heads: int = option(0, "the teacher's, if its file holds weights alone")
+    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
+                       "data set the models' checkpoints record")
+    data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
+    images: int = option(0, 'the first this many test images; 0 = all')
+    batch_size: int = option(250, "also the bootstrap's unit for CKA (its statistics are kept batch by batch)")
+    resamples: int = option(1000, "of the bootstrap over the test images: each number's interval; 0 = none")
     bootstrap_seed: int = 0
     num_workers: int = 0
-    device: str = 'auto'            # auto (cuda if there is one) | cpu | cuda | cuda:1 ...
-    fake_size: int = 2048           # --data fake: train split size (the test split is 1/8 of it, at least 64)
-    out_dir: str = ''               # features.json, features.png, README.md here; empty = print the tables only
+    device: str = option('auto', 'auto (cuda if there is one) | cpu | cuda | cuda:1 ...')
+    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)')
+    out_dir: str = option('', 'features.json, features.png, README.md here; empty = print the tables only')
 
     def checks(self):
         return [('teacher', self.teacher != '', 'is required: the teacher the students were given maps of, e.g. '

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ensemble import is_result
-from teacher import sha256_of
+from util.files import sha256_of
 from tools.reproduce_report import STAGES, budget, check_results_dir, ordering, records, summarise, table, write
 from util.checkpoints import build_from_checkpoint
-from util.config import ConfigError, parse_config, without_help
+from util.cli import parse_config, without_help
+from util.config import ConfigError, option
 from util.files import DamagedFile, read_json, write_json
 from util.launch import run_main
 from util.rundir import cpu_name, git_commit
@@ -50,29 +51,29 @@ from util.rundir import cpu_name, git_commit
 
 @dataclass
 class ReproduceConfig:
-    data: str = 'fashion-mnist'     # fashion-mnist | cifar10 | cifar100 | fake: every script's --data
+    data: str = option('fashion-mnist', "fashion-mnist | cifar10 | cifar100 | fake: every script's --data")
     data_dir: str = './data'
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    teacher: str = ''               # a checkpoint file or name; empty = pre-train one (stage mae); the
-                                    # fashion-mnist preset: the shipped teacher (teachers/README.md)
-    quick: bool = False             # 1 seed, a 1-epoch schedule cut after 200 steps a stage: checks the pipeline,
-                                    # is not a result
-    val_size: int = 0               # every stage evaluates on this many held-out training images, not on
-                                    # test: the split to choose a budget on; dirs get a -val suffix
-    out_dir: str = ''               # run directories; empty = runs/reproduce/<data>[-quick][-val]
-    results_dir: str = ''           # RESULTS.md, results.json, results.png, logs/; empty = <out_dir>/results.
-                                    # The committed ones are refreshed only when named: results/<data>[-quick]
-    replace_results: bool = False   # --results-dir may hold another reproduction's results (other data, preset
-                                    # or teacher): replace them; without it they are refused, never mixed
-    mae_epochs: int = 10            # every stage warms up for a tenth of its epochs, as the scripts' presets do
-    epochs: int = 2                 # each of scratch, finetune, copy, distill
-    blr: float = 0.0                # base lr of scratch, finetune, copy and distill; 0 = each script's preset
-    max_steps: int = 0              # cut every stage short after this many steps, its schedule still the whole
-                                    # --epochs one (the scripts' --max-steps); 0 = the whole schedule
-    num_workers: typing.Optional[int] = None   # None = each script's preset
-    jobs: int = 1                   # stages run side by side, each as soon as those it needs are done, on
-                                    # 1/jobs of the CPU threads each (OMP_NUM_THREADS, unless you set it)
-    fake_size: int = 2048           # --data fake only
+    teacher: str = option('', 'a checkpoint file or name; empty = pre-train one (stage mae); the fashion-mnist preset: '
+                          'the shipped teacher (teachers/README.md)')
+    quick: bool = option(False, '1 seed, a 1-epoch schedule cut after 200 steps a stage: checks the pipeline, is not a '
+                         'result')
+    val_size: int = option(0, 'every stage evaluates on this many held-out training images, not on test: the split to '
+                           'choose a budget on; dirs get a -val suffix')
+    out_dir: str = option('', 'run directories; empty = runs/reproduce/<data>[-quick][-val]')
+    results_dir: str = option('', 'RESULTS.md, results.json, results.png, logs/; empty = <out_dir>/results. The '
+                              'committed ones are refreshed only when named: results/<data>[-quick]')
+    replace_results: bool = option(False, "--results-dir may hold another reproduction's results (other data, preset "
+                                   'or teacher): replace them; without it they are refused, never mixed')
+    mae_epochs: int = option(10, "every stage warms up for a tenth of its epochs, as the scripts' presets do")
+    epochs: int = option(2, 'each of scratch, finetune, copy, distill')
+    blr: float = option(0.0, "base lr of scratch, finetune, copy and distill; 0 = each script's preset")
+    max_steps: int = option(0, 'cut every stage short after this many steps, its schedule still the whole --epochs one '
+                            "(the scripts' --max-steps); 0 = the whole schedule")
+    num_workers: typing.Optional[int] = option(None, "None = each script's preset")
+    jobs: int = option(1, 'stages run side by side, each as soon as those it needs are done, on 1/jobs of the CPU '
+                       'threads each (OMP_NUM_THREADS, unless you set it)')
+    fake_size: int = option(2048, '--data fake only')
 
     def checks(self):
         return [('data', self.data in PRESETS, f"reproduce.py runs {', '.join(PRESETS)} (ImageNet: the scripts' recipes)"),

@@ -14,7 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from util.checkpoints import read_checkpoint
-from util.config import ConfigError, flag, word
+from util.cli import word
+from util.config import ConfigError, flag
 from util.engine import lr_at
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
 from util.launch import run_main

@@ -113,7 +113,7 @@ INCREASING = {'Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharp
 class RandAugment:
     """timm's RandAugment: per image, num_ops ops drawn uniformly with replacement; each is applied
     with probability prob, at a magnitude drawn from N(magnitude, std) (std inf: uniform on
-    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (data.SeededDataset seeds it)."""
+    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.loader.SeededDataset seeds it)."""
 
     def __init__(self, num_ops=2, magnitude=9.0, std=0.5, prob=0.5, mmax=10.0, increasing=True, fill=(128, 128, 128)):
         self.ops = [op + 'Increasing' if increasing and op in INCREASING else op for op in OPS]

@@ -308,3 +308,20 @@ def family(source, ckpt):
         return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
     name = family_key(source, ckpt)
     return FAMILIES[name] if name else (None, AS_DEIT)
+
+
+def describe_teacher(source, ckpt, teacher, heads=(0, '--teacher-num-heads')):
+    """The teacher in one line for the log: its family, its heads and where their count is known from, its
+    native size, and at another size how its position embeddings were resized (its family's official way:
+    pretrained.FAMILIES). heads: (the count stated, the flag that states it)."""
+    name, how = family(source, ckpt)
+    patch, size = teacher.arch['patch_size'], teacher.arch['img_size']
+    native = arch_of(ckpt, source, *heads)['img_size']
+    grids = f'{native // patch}x{native // patch} patches of {patch} px'
+    count = heads_of(ckpt, source, teacher.embed_dim, *heads)
+    said = (f"teacher {source}{f' ({name})' if name else ''}: {teacher.depth} block{'s' * (teacher.depth != 1)}, "
+            f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
+    if size == native:
+        return f'{said}, run at that size'
+    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized {how}'
+            f"{'' if name else ' (its family is not known from the file)'}")

@@ -1,30 +1,106 @@
 """
-The training loop every script shares: AdamW with layer-wise lr decay, warm-up + cosine schedule, EMA,
-the epoch loop with gradient accumulation and AMP, evaluation, checkpoints (the run directory: util/rundir.py; its
-resume rules: util/resume.py). A script starts with launch.start (config, processes, device, data), builds its
-model and (optionally) its loss, then calls `fit`.
+The training step every script shares, and the evaluation: what runs between two optimizer steps.
+
+Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
+
+    run = Run(cfg, env, model, train_loader, data.classes)      # util/run.py: optimizer, EMA, resume
+    while run.step < run.total_steps:
+        if train_one_epoch(run, train_loader, loss_fn, mixer):   # here: to the epoch's end (or --max-steps)
+            run.evaluate(lambda m: evaluate(m, eval_loader, env))
+            run.save()
+
+loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script.
 """
 import contextlib
 import math
 import os
+import sys
 import time
-from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from data import batch_mixer, build_loader
 from util.config import ConfigError
-from util.launch import all_mean, autocast, log, seed_all
-from util.resume import record_divergence, restore, resume_command
-from util.rundir import append_record, rng_states, save_checkpoint, write_provenance
-from vit import set_attn_implementation
+from util.files import cannot_write
 
 # -----------------------------------------------------------------------------
-# Optimiser and schedule
+# The step
+
+
+def train_one_epoch(run, loader, loss_fn, mixer=None):
+    """Optimizer steps from run.step to the end of its epoch (or the run's last step); True once there, False if
+    the loader ran out first. Every step: autocast, the method's loss, backward (scaled under fp16), accumulation,
+    the lr of the step, clipping, AdamW, the EMA; a line of progress every --log-every steps, a checkpoint every
+    --save-every."""
+    cfg, env = run.cfg, run.env
+    epoch, skip = divmod(run.step, run.steps_per_epoch)
+    if skip == 0:
+        seed_all(cfg.seed, env.rank, epoch)
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size        # a resume mid-epoch
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if mixer is not None:
+            x, y = mixer(x, y)                                            # MixUp / CutMix: soft targets (B, C)
+        last_micro = (i + 1) % cfg.accum_steps == 0                       # gradients all-reduced on the last only
+        with (run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()), autocast(env):
+            loss, parts = loss_fn(run.net, x, y)
+            run.scaler.scale(loss / cfg.accum_steps).backward()
+        for k, v in parts.items():                                        # stays on the device: no sync per step
+            run.running[k] = run.running.get(k, 0.0) + v.float() / cfg.accum_steps
+        if not last_micro:
+            continue
+        for g in run.opt.param_groups:                                    # warm-up + cosine, per step
+            g['lr'] = lr_at(cfg, run.lr, run.step / run.steps_per_epoch) * g['lr_scale']
+        if cfg.clip_grad:
+            run.scaler.unscale_(run.opt)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        run.step, run.steps_done, run.since_log = run.step + 1, run.steps_done + 1, run.since_log + 1
+        # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed, within seconds
+        if run.step % cfg.log_every == 0 or run.step == run.total_steps or run.steps_done in (1, 10):
+            log_progress(run)
+        if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:
+            return True
+        if cfg.save_every and run.step % cfg.save_every == 0:
+            run.save()
+    return False
+
+
+def classification_loss(cfg):
+    """loss_fn for a classifier: the cross-entropy of its prediction (the baselines' loss)."""
+    def loss_fn(net, x, y):
+        loss = soft_cross_entropy(net(x), y, cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+    return loss_fn
+
+
+def log_progress(run):
+    """The training losses since the last line (averaged over ranks), lr, speed, time left."""
+    vals = {k: all_mean(v, run.env).item() / run.since_log for k, v in run.running.items()}
+    run.running, run.since_log = {}, 0
+    for k, v in vals.items():
+        if not math.isfinite(v):
+            run.diverged(v, f'training loss {k}')
+    elapsed, step = time.time() - run.t_start, run.step
+    if run.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
+        speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
+    else:
+        speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ' \
+                f'ETA {(run.total_steps - step) * elapsed / run.steps_done / 60:.1f} min'
+    log(run.env, run.cfg, f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
+        ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
+        f' | lr {lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch):.2e} | {speed}')
+    run.metrics['train'] = vals
+
+# -----------------------------------------------------------------------------
+# Optimiser, schedule, loss
 
 
 def build_optimizer(cfg, model, lr):
@@ -37,7 +113,7 @@ def build_optimizer(cfg, model, lr):
         if not p.requires_grad:
             continue
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
-        lid = min(model.layer_id(name), layers) if hasattr(model, 'layer_id') else layers
+        lid = min(layer_id(name, model.depth), layers) if hasattr(model, 'depth') else layers
         scale = cfg.layer_decay ** (layers - lid)
         if scale == 0:   # a teacher-sized student's depth is known only now (util/config.py checks the rest)
             raise ConfigError(f'--layer-decay-offset {cfg.layer_decay_offset}: layer {lid} gets an lr scale of '
@@ -46,6 +122,13 @@ def build_optimizer(cfg, model, lr):
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})
         g['params'].append(p)
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), fused=True)
+
+
+def layer_id(name, depth):
+    """A ViT parameter's layer for lr decay: 0 the embedding, i + 1 block i, depth + 1 the rest (norm, head)."""
+    if name.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'norm_pre')):
+        return 0
+    return int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
 
 
 def lr_at(cfg, lr, epoch_float):
@@ -70,7 +153,7 @@ def soft_cross_entropy(logits, target, smoothing=0.0):
 
 @torch.no_grad()
 def evaluate(predict, loader, env):
-    """Top-1 / top-5 (%) and loss over a loader, summed across ranks."""
+    """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a model."""
     total = torch.zeros(4, device=env.device)     # correct@1, correct@5, loss sum, count
     for x, y in loader:
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
@@ -86,206 +169,54 @@ def evaluate(predict, loader, env):
 
 
 # -----------------------------------------------------------------------------
-# The training loop: fit() reads as its phases, each a method of Run below
+# Precision, seeds, a mean over processes, the log
 
 
-def fit(cfg, env, model, data, loss_fn=None, predict=None, evaluate_fn=None, extra=None):
-    """Train `model` (the raw module; it is what gets saved) and return the final metrics.
-    loss_fn(net, images, targets) -> (loss, {name: detached scalar}) with net the DDP-wrapped model;
-    predict(model, images) -> logits for evaluation (default: model(images));
-    evaluate_fn(model, loader, env) -> {name: value} replaces the top-1 / top-5 evaluation;
-    data: data.Splits (train, eval, num_classes) from start();
-    extra: dict stored in every checkpoint (e.g. which teacher a student needs)."""
-    run = Run(cfg, env, model, data, extra)        # optimiser, loaders, resume, provenance
-    loss_fn = loss_fn or run.classification_loss
-    predict = predict or (lambda m, x: m(x))
-    evaluate_fn = evaluate_fn or (lambda m, loader, env: evaluate(lambda x: predict(m, x), loader, env))
-    model.train()
-    while run.step < run.total_steps:
-        if run.train_epoch(loss_fn):               # to the epoch's end (or --max-steps), saving every --save-every
-            run.evaluate(evaluate_fn)              # the eval split; a line of metrics.jsonl
-            run.checkpoint()
-    return run.metrics
+def autocast(env):
+    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
 
 
-class Run:
-    """One fit(): what it trains with, and how far it has got (step, metrics, seconds trained)."""
-
-    def __init__(self, cfg, env, model, data, extra):
-        self.cfg, self.env, self.extra = cfg, env, extra
-        self.model = model = set_attn_implementation(model.to(env.device), env.attn)   # the EMA copy takes it too
-        self.eff_batch = cfg.batch_size * cfg.accum_steps * env.world
-        self.lr = cfg.blr * self.eff_batch / 256
-        self.opt = build_optimizer(cfg, model, self.lr)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
-            if cfg.ema else None
-        self.train_loader = build_loader(cfg, data.train, True, env.rank, env.world)
-        self.eval_loader = build_loader(cfg, data.eval, False, env.rank, env.world)
-        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f'{len(data.train)} training images give no full batch of {self.eff_batch}')
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        resumed, self.classes = env.resumed, data.classes
-        self.step, self.metrics, self.trained_s = (0, {}, 0.0) if not resumed else \
-            restore(resumed, env, model, self.opt, self.scaler, self.ema, self.steps_per_epoch, self.classes)
-        self.saved_step = self.step if resumed else None   # the step of the checkpoint on disk, if any
-        if resumed and (self.step > self.total_steps or self.step == self.total_steps and 'top1' not in self.metrics):
-            # nothing left to train, and no evaluation of this step to report (a mid-epoch checkpoint): a KeyError
-            where = 'past' if self.step > self.total_steps else 'at'
-            raise ConfigError(f'--resume: {env.ckpt_path} is at step {self.step}, {where} --max-steps {cfg.max_steps}, '
-                              f'and was not evaluated there: give --max-steps above {self.step} (0: the whole schedule)')
-        write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
-        env.resumed = None
-        log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 | '
-                      f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
-                      f' | {env.world} process(es) on {env.device}'
-                      + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
-        full = cfg.epochs * self.steps_per_epoch
-        cut = f'; this run stops at step {self.total_steps} (--max-steps: the lr follows the {full}-step schedule)' \
-            if self.total_steps < full else ''
-        log(env, cfg, f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = {full} steps, '
-                      f'warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
-        if resumed:
-            log(env, cfg, f'resumed from {env.ckpt_path} at step {self.step}')
-        self.ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
-            if dist.is_initialized() else None
-        self.net = torch.compile(self.ddp or model) if cfg.compile else self.ddp or model
-        self.mixer = batch_mixer(cfg, data.num_classes)
-        self.t_start, self.steps_done, self.running, self.since_log = time.time(), 0, {}, 0
-
-    def classification_loss(self, net, x, y):
-        loss = soft_cross_entropy(net(x), y, self.cfg.smoothing)
-        return loss, {'ce': loss.detach()}
-
-    def train_epoch(self, loss_fn):
-        """Optimiser steps from self.step to the end of its epoch (or the last step); True once there."""
-        cfg, env = self.cfg, self.env
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        if skip == 0:
-            seed_all(cfg.seed, env.rank, epoch)
-        self.train_loader.sampler.set_epoch(epoch)
-        self.train_loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size   # a resume mid-epoch
-        for i, (x, y) in enumerate(self.train_loader):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if self.mixer is not None:
-                x, y = self.mixer(x, y)
-            last_micro = (i + 1) % cfg.accum_steps == 0   # gradients are all-reduced on the last one only
-            with (self.ddp.no_sync() if self.ddp and not last_micro else contextlib.nullcontext()), autocast(env):
-                loss, parts = loss_fn(self.net, x, y)
-                self.scaler.scale(loss / cfg.accum_steps).backward()
-            for k, v in parts.items():   # stays on the device: no host sync per step
-                self.running[k] = self.running.get(k, 0.0) + v.float() / cfg.accum_steps
-            if not last_micro:
-                continue
-            self.optimizer_step()
-            # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed, within
-            # seconds, not only after --log-every steps
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.steps_done in (1, 10):
-                self.log_progress()
-            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                return True
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.checkpoint()
-        return False
-
-    def optimizer_step(self):
-        """The lr of this step, clipping, the (scaled) update, the EMA."""
-        for g in self.opt.param_groups:
-            g['lr'] = lr_at(self.cfg, self.lr, self.step / self.steps_per_epoch) * g['lr_scale']
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        self.step, self.steps_done, self.since_log = self.step + 1, self.steps_done + 1, self.since_log + 1
-
-    def log_progress(self):
-        """The training losses since the last line (averaged over ranks), lr, speed, time left."""
-        vals = {k: all_mean(v, self.env).item() / self.since_log for k, v in self.running.items()}
-        self.running, self.since_log = {}, 0
-        for k, v in vals.items():
-            self.check_finite(v, f'training loss {k}')
-        elapsed, step = time.time() - self.t_start, self.step
-        if self.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
-            speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
-        else:
-            speed = f'{self.steps_done * self.eff_batch / elapsed:.0f} img/s | ' \
-                    f'ETA {(self.total_steps - step) * elapsed / self.steps_done / 60:.1f} min'
-        log(self.env, self.cfg, f'epoch {step / self.steps_per_epoch:6.2f} step {step}/{self.total_steps} | ' +
-            ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
-            f' | lr {lr_at(self.cfg, self.lr, (step - 1) / self.steps_per_epoch):.2e} | {speed}')
-        self.metrics['train'] = vals
-
-    def evaluate(self, evaluate_fn):
-        """The model (and its EMA) on the eval split; the record appended to metrics.jsonl."""
-        model, ema, env = self.model, self.ema, self.env
-        model.eval()
-        self.metrics.update(evaluate_fn(model, self.eval_loader, env))
-        if ema is not None:
-            ema.eval()
-            self.metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module, self.eval_loader, env).items()})
-        model.train()
-        record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.seconds(),
-                  **self.metrics}
-        for k in [k for k, v in record.items() if isinstance(v, float)]:   # kept only if finite
-            self.check_finite(record[k], f'evaluation {k}')
-        log(env, self.cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
-        if env.main:
-            append_record(os.path.join(self.cfg.out_dir, 'metrics.jsonl'), record)
-
-    def checkpoint(self):
-        """Everything a resume needs, written whole (rundir.save_checkpoint); never a value that is not finite
-        (in the model, its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
-        state = {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else {},
-                 'optimizer': self.opt.state_dict()['state']}
-        tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d) if v.is_floating_point()]
-        finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
-        if not all(finite):
-            name, v = next(t for t, ok in zip(tensors, finite) if not ok)
-            self.check_finite(v[~v.isfinite()].flatten()[0].item(), name)
-        states = rng_states(self.env)
-        if self.env.main:
-            save_checkpoint(self.env.ckpt_path, {
-                'model': self.model.state_dict(), 'arch': getattr(self.model, 'arch', None),
-                'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
-                'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
-                'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
-                'world_size': self.env.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
-                'classes': self.classes, **(self.extra or {})})
-        self.saved_step = self.step
-
-    def seconds(self):
-        """Seconds of training, over every resume."""
-        return self.trained_s + time.time() - self.t_start
-
-    def check_finite(self, value, what):
-        """Stop a run whose `what` is not finite: it diverged. Its config.json records where (rundir), so that a
-        resume from the checkpoint kept, every value of which is finite (checkpoint), may lower the lr."""
-        if math.isfinite(value):
-            return
-        cfg, kept = self.cfg, self.saved_step
-        record_divergence(cfg, self.env, {'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
-        lower = f'--blr {cfg.blr / 2:g}'
-        other = ' (or with --clip-grad 1' + (', or --amp bf16)' if self.env.dtype == torch.float16 else ')')
-        how = (f'the last finite checkpoint (step {kept}) is kept in {self.env.ckpt_path}: continue from it with a '
-               f'lower learning rate: {resume_command("--blr")} {lower}{other}') if kept is not None else \
-            f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
-        epoch = self.step / self.steps_per_epoch
-        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {epoch:.2f}): the run diverged and '
-                                 f'stopped; {how}')
+def seed_all(seed, rank, epoch):
+    """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
+    s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
 
 
-def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts and lists (an optimizer's state), keys joined by dots."""
-    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else ()
-    for k, v in items:
-        if torch.is_tensor(v):
-            yield f'{prefix}{k}', v
-        else:
-            yield from flat(v, f'{prefix}{k}.')
+def all_mean(t, env):
+    if env.world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= env.world
+    return t
+
+
+def say(msg):
+    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
+    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    try:
+        print(msg, flush=True)
+        return ''
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
+        return e.strerror or type(e).__name__
+
+
+def log(env, cfg, msg):
+    """Print, and add to log.txt; until the run has written its config.json (run.write_provenance, which starts
+    a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
+    file of its --out-dir."""
+    if not env.main:
+        return
+    lost = say(msg)
+    if lost:
+        msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
+    if not env.claimed:
+        env.pending.append(msg)
+        return
+    path = os.path.join(cfg.out_dir, 'log.txt')
+    try:                                        # what log.txt held stays whole if this fails: one line says why
+        with open(path, 'a') as f:
+            f.write(msg + '\n')
+    except OSError as e:
+        raise cannot_write(path, e) from None

@@ -8,6 +8,7 @@ that it is never left half written; an output folder that cannot be written is r
 """
 import contextlib
 import errno
+import hashlib
 import json
 import os
 
@@ -112,6 +113,17 @@ def append_text(path, text):
             f.write(text)
     except OSError as e:
         raise cannot_write(path, e) from None
+
+
+def sha256_of(path):
+    """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2 ** 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_figure(fig, path, **kwargs):

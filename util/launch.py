@@ -1,10 +1,10 @@
 """
 How every script starts and how it ends: its config from the command line, one process or many, the device
-and precision, seeds, the log, and every expected failure as one line.
+and precision, seeds, the run directory claimed, and every expected failure as one line.
 
-    cfg, env, data = start(MyConfig, PRESETS)     # parse, set up, load the splits
-    ...                                           # build the model, then engine.fit(cfg, env, model, data)
-    run_main(main)                                # at the bottom of the script: errors and Ctrl-C in one line
+    cfg, env = start(MyConfig, PRESETS)     # parse, set up processes, device, run directory
+    ...                                     # the data, the model, the loop (finetune.py's main)
+    run_main(main)                          # at the bottom of the script: errors and Ctrl-C in one line
 
 The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set:
 one process per GPU, a process group over NCCL, or gloo on CPUs). `env` says which process this is, its device
@@ -17,15 +17,15 @@ import re
 import signal
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import build_splits, data_source
 from util.checkpoints import CheckpointError
-from util.config import AMP, ConfigError, parse_config
+from util.cli import parse_config
+from util.config import AMP, ConfigError
 from util.datafiles import DataError
-from util.files import WriteError, append_text
+from util.engine import log, seed_all
+from util.files import WriteError
 from util.resume import how_to_continue, open_resumed
 from util.rundir import current_run_dir, prepare_run_dir, unlock
 from vit import SIZES
@@ -60,18 +60,12 @@ def setup(cfg):
 
 
 def start(cls, presets):
-    """What every script does first: parse its config, set up, load the train and eval splits."""
+    """What every script does first: parse its config, set up (processes, device, run directory), say what runs."""
     cfg = parse_config(cls, presets)
     env = setup(cfg)
     log(env, cfg, f'{what_runs(cfg, env)} | loading the data')   # a first line seconds after the start
     log(env, cfg, f'attention: {env.attn} ({env.attn_why})')
-    data = build_splits(cfg)
-    log(env, cfg, f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
-                  f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
-                  f'{data_source(data.train)}')
-    if cfg.val_size:
-        log(env, cfg, f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
-    return cfg, env, data
+    return cfg, env
 
 
 def what_runs(cfg, env):
@@ -115,54 +109,6 @@ def attn_implementation(choice, device):
         return choice, f'--attn-implementation {choice}'
     implementation, why = AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
-
-
-def autocast(env):
-    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
-
-
-# -----------------------------------------------------------------------------
-# Seeds, a mean over processes, the log
-
-
-def seed_all(seed, rank, epoch):
-    """Each (seed, rank, epoch) gets its own stream, so resuming at an epoch boundary is exact."""
-    s = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-
-
-def all_mean(t, env):
-    if env.world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= env.world
-    return t
-
-
-def say(msg):
-    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
-    try:
-        print(msg, flush=True)
-        return ''
-    except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
-        return e.strerror or type(e).__name__
-
-
-def log(env, cfg, msg):
-    """Print, and add to log.txt; until the run has written its config.json (rundir.write_provenance, which starts
-    a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
-    file of its --out-dir."""
-    if env.main:
-        lost = say(msg)
-        if lost:
-            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
-        if env.claimed:
-            append_text(os.path.join(cfg.out_dir, 'log.txt'), msg + '\n')
-        else:
-            env.pending.append(msg)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import sys
 
 import torch
 
-from data import class_mismatch
 from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from util.config import ConfigError, flag, show
 from util.files import write_text
@@ -107,6 +106,16 @@ def restore(ck, env, model, opt, scaler, ema, steps_per_epoch, classes):
     if ck['step'] % steps_per_epoch and len(ck['rng']) == env.world:   # mid-epoch: continue the stream
         torch.set_rng_state(ck['rng'][env.rank])
     return ck['step'], ck['metrics'], ck.get('time', 0.0)
+
+def class_mismatch(saved, here):
+    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
+    classes whose names differ (index: saved -> here)."""
+    if saved is None or list(saved) == list(here):
+        return ''
+    if len(saved) != len(here):
+        return f'{len(saved)} classes where the data has {len(here)}'
+    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
+    return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
 
 # -----------------------------------------------------------------------------
 # Stopping: Ctrl-C, and the resume command

@@ -19,7 +19,7 @@ A run starts only in an empty folder or one that holds a run of these scripts, n
 program's files. A new run never writes over a directory that holds a checkpoint (that needs --resume true) or a
 finished run (reproduce.py's done.json, or evaluations kept without their checkpoint), unless --overwrite true
 deletes it; the log of an earlier attempt that saved nothing is started afresh. No run deletes or replaces a file
-it reads. How a resume continues the run saved here: util/resume.py.
+it reads. What a run writes here: util/run.py; how a resume continues it: util/resume.py.
 """
 import contextlib
 import errno
@@ -31,14 +31,11 @@ import shlex
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
 
-import torch
-import torch.distributed as dist
 
 from util.checkpoints import CheckpointError, read_checkpoint
 from util.config import ConfigError, flag
-from util.files import append_text, cannot_write, replacing, write_text
+from util.files import cannot_write
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
@@ -142,7 +139,7 @@ def is_our_config(path):
 
 
 def is_training_checkpoint(path):
-    """Whether path is a checkpoint engine.fit saved (read safely: no pickled code runs)."""
+    """Whether path is a checkpoint a training run saved (run.Run.save) (read safely: no pickled code runs)."""
     try:
         ck = read_checkpoint(path)
     except CheckpointError:
@@ -230,51 +227,8 @@ def check_output(flag, path, out_dir=None, folder=False):
                           f': choose another {flag}')
 
 
-# what engine.fit saves, and of which type: a file without these (or with others in their place) is no run of ours
+# what a training run saves (run.Run.save), and of which type: a file without these (or with others in their place) is no run of ours
 SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list, 'metrics': dict}
-
-
-# -----------------------------------------------------------------------------
-# Writing: provenance, checkpoints
-
-
-def write_provenance(cfg, env, extra=None):
-    """config.json: every field, the script (and teacher file) that made the run, the git commit, world size, torch
-    version, command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the
-    fields and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint, and keeps
-    the metrics up to the checkpoint's step (an evaluation written after it is made again). Then log.txt gets the
-    lines printed so far (launch.log holds them until the run has written its config.json: a command refused
-    before it trains leaves the folder as it was)."""
-    if not env.main:
-        return
-    path, now = os.path.join(cfg.out_dir, 'config.json'), {**asdict(cfg), **made_with(cfg, extra)}
-    launch = {'git_commit': git_commit(), 'world_size': env.world, 'torch': torch.__version__, 'argv': sys.argv}
-    if cfg.resume:
-        step = env.resumed['step']
-        old = read_json(path) or {**env.resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
-                                                                      f'step {step}: rebuilt from the checkpoint'}
-        diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
-        saved = {**old, **env.resumed['config']}   # the checkpoint's config is what ran: config.json may be edited
-        changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
-        resume = {'step': step, **launch, 'changed': changed, **({'after_divergence': diverged} if diverged else {})}
-        record = {**old, **now, 'world_size': env.world, 'resumes': old.get('resumes', []) + [resume]}
-        keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
-    else:
-        record = {**now, **launch}
-        for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
-            with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
-                os.remove(os.path.join(cfg.out_dir, name))
-    write_text(path, json.dumps(record, indent=2))
-    log = os.path.join(cfg.out_dir, 'log.txt')   # what the run printed before it claimed the directory
-    (append_text if cfg.resume else write_text)(log, ''.join(line + '\n' for line in env.pending))
-    env.pending, env.claimed = [], True
-
-
-def made_with(cfg, extra):
-    """What made the run: the script, and for a transfer run its teacher file's SHA-256 (from the record
-    its checkpoints keep, teacher.teacher_record)."""
-    record = next((v for v in (extra or {}).values() if isinstance(v, dict) and 'sha256' in v), None)
-    return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {})}
 
 
 def read_json(path):
@@ -303,24 +257,6 @@ def read_lines(path):
         raise RunDirError(f'{path}: cannot read it ({e.strerror}): move it away') from None
 
 
-def keep_metrics(path, step):
-    """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-    it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped."""
-    def kept(line):
-        try:
-            return json.loads(line).get('step', 0) <= step
-        except (ValueError, AttributeError):
-            return False
-    lines = read_lines(path)
-    if lines and not all(map(kept, lines)):
-        write_text(path, ''.join(line + '\n' for line in lines if kept(line)))
-
-
-def append_record(path, record):
-    """Add one line to a JSON-lines file, the whole file written anew (it has one line per evaluation)."""
-    write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
-
-
 def git_commit(*args, cwd=None):
     """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
     *.py)' where the code that ran is not that commit's; args: another git command, whose output it returns."""
@@ -340,21 +276,3 @@ def cpu_name():
             if line.startswith('model name'):
                 return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-# -----------------------------------------------------------------------------
-# The checkpoint: every rank's RNG state, the file written whole
-
-
-def rng_states(env):
-    """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
-    states = [torch.get_rng_state()] * env.world
-    if env.world > 1:
-        dist.all_gather_object(states, states[0])
-    return states
-
-
-def save_checkpoint(path, state):
-    """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
-        torch.save(state, f)

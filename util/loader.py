@@ -1,0 +1,51 @@
+"""
+Samplers and loaders that make a run resumable exactly: each image's augmentation is seeded by (seed, epoch,
+index), and an epoch can start part-way through, so a run stopped and resumed sees the same images, augmented
+the same way, as one that never stopped, whatever the number of loader workers.
+"""
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (same permutation on every rank for a given seed + epoch, each rank takes
+    its slice) that can start part-way through an epoch, for exact resume. Also used unsharded.
+    Yields (epoch, index) keys, so that SeededDataset can seed each sample's augmentation."""
+    start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+class SeededDataset(Dataset):
+    """Sample i of epoch e is augmented with its own random seed f(seed, e, i): the data a run sees
+    does not depend on worker processes, their number, or where a resumed run picked up. torch's global
+    RNG is left as it was (fork_rng): without workers the dataset runs in the training process, whose
+    drop-path, MixUp and MAE masks draw from that RNG, and a resume may change --num-workers."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
+            return self.dataset[i]
+
+
+def build_loader(cfg, dataset, train, rank=0, world_size=1):
+    if train:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+        dataset = SeededDataset(dataset, cfg.seed)
+    else:   # every rank evaluates a disjoint slice; results are summed across ranks
+        sampler = list(range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=cfg.num_workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
