@@ -95,10 +95,10 @@ def amp_dtype(amp, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
-# --attn-implementation auto: per device, the one tools/benchmark.py measured faster. CPU (bf16, 1 thread): eager at
-# the Fashion-MNIST preset (distillation 1.00x today's step, sdpa 0.15x) and at ViT-B/16 batch 8 (sdpa 0.76x):
-# torch's CPU flash kernel is slow in bf16 backward (results/benchmark/ATTENTION.md). CUDA: sdpa, not yet measured
-# there against eager: the H100 profile found explicit maps the cost of distillation (results/benchmark-h100).
+# --attn-implementation auto: per device, the one tools/benchmark.py measured faster. CPU (bf16, 1 thread): eager; a
+# distillation step on sdpa took 4.8x eager's time at the Fashion-MNIST preset and 1.32x at ViT-B/16 batch 8: torch's
+# CPU flash kernel is slow in bf16 backward (results/benchmark/ATTENTION.md). CUDA: sdpa, not yet measured there
+# against eager: the H100 profile found explicit maps the cost of distillation (results/benchmark-h100).
 AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; not yet timed against eager on a GPU'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
