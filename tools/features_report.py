@@ -7,6 +7,7 @@ import statistics
 
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
 
+from tools import palette
 from util.files import check_out_dir, read_json, write_json, write_text
 
 FILES = ('features.json', 'features.png', 'README.md')
@@ -154,7 +155,7 @@ def plot(r, path):
     model (maps given: hollow)."""
     ms, depth, t = methods(r), r['depth'], r['teacher']
     names = [k for k in ms if k != t]
-    colour = {k: f'C{i}' for i, k in enumerate(ms)}
+    colour = {k: palette.colour('teacher' if k == t else k, f'C{i}') for i, k in enumerate(ms)}   # one per method
     fig = Figure(figsize=(3.2 * len(ms), 7.5), layout='constrained')
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
     axes = top.subplots(1, 3)
