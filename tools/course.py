@@ -92,7 +92,8 @@ class Runner:
     def __init__(self, data_dir, flags=(), work=None):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
         self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
-        print(f'the runs train on {machine()}: trained numbers differ a little from one processor to another')
+        amp = dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto')
+        print(f'the runs train on {machine(amp)}: trained numbers differ a little from one processor to another')
 
     def __call__(self, script, name, *flags):
         out, n = os.path.join(self.work, name), 1
@@ -130,13 +131,13 @@ def command(args, names):
     return 'python ' + ' '.join(a if a.startswith('$') else shlex.quote(a) for a in args)
 
 
-def machine():
-    """The device the scripts will pick and their autocast dtype there (--amp auto), in words."""
+def machine(amp='auto'):
+    """The device the scripts will pick and their autocast dtype there (their --amp), in words."""
     if torch.cuda.is_available():
         device, name = torch.device('cuda'), torch.cuda.get_device_name()
     else:
         device, name = torch.device('cpu'), f'{cpu_name()} ({torch.get_num_threads()} threads)'
-    dtype = amp_dtype('auto', device)
+    dtype = amp_dtype(amp, device)
     return f"{name}, {'autocast ' + str(dtype).split('.')[-1] if dtype else 'fp32'}"
 
 

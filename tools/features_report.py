@@ -152,7 +152,7 @@ def plot(r, path):
     """Top: CKA to the teacher per block, each method's mean over seeds (bars: their range), its seed-to-seed
     control dashed; the distilled student against the others beside the controls (bands: their range); the maps'
     KL to the teacher's. Bottom: each head's attention distance per block, the teacher and each method's first
-    model (maps given: hollow)."""
+    model (maps given: hollow). Each method in its colour (tools/palette.py). Returns the figure."""
     ms, depth, t = methods(r), r['depth'], r['teacher']
     names = [k for k in ms if k != t]
     colour = {k: palette.colour('teacher' if k == t else k, f'C{i}') for i, k in enumerate(ms)}   # one per method
@@ -190,12 +190,14 @@ def plot(r, path):
         for i, heads in enumerate(r['attention_distance'][first]):
             ax.scatter([i] * len(heads), heads, s=18, edgecolors=colour[k],
                        facecolors='none' if i in given else colour[k])
-        ax.axhline(r['uniform_distance'], color='grey', ls='--', lw=1, label='a uniform map')
+        ax.axhline(r['uniform_distance'], color='black', ls='--', lw=1, label='a uniform map')
         ax.set(title=first + (' (hollow: maps given)' if given else ''), xlabel='block', xticks=x)
     dist[0].legend(fontsize=8)
     dist[0].set_ylabel('mean attention distance (px)')
-    bottom.suptitle(f"each head's mean attention distance, {r['images']} test images", fontsize=10)
+    bottom.suptitle(f"each head's mean attention distance, {r['images']} test images (the axis does not start at 0)",
+                    fontsize=10)
     fig.savefig(path, dpi=110)
+    return fig
 
 # -----------------------------------------------------------------------------
 # What the numbers say: one paragraph whose every word of comparison is chosen by the numbers

@@ -3,7 +3,7 @@
 to the next; tests/test_palette.py checks that each figure draws with these."""
 
 PALETTE = {
-    'teacher': 'black',
+    'teacher': 'tab:brown',
     'untrained': 'lightgray',     # a ViT with random weights, before any training
     'scratch': 'tab:gray',
     'finetune': 'tab:orange',
