@@ -13,7 +13,7 @@ from matplotlib.colors import same_color, to_hex
 
 matplotlib.use('Agg')
 from conftest import ROOT  # noqa: E402
-from tools import course, features_report, palette, reproduce_report  # noqa: E402
+from tools import course, features_report, palette, reproduce_report, teacher_gap  # noqa: E402
 
 # a colour for each key that no figure could reach by chance
 ODD = {k: f'#{17 * (i + 1):02x}{(40 + 23 * i) % 256:02x}{(200 - 19 * i) % 256:02x}'
@@ -26,6 +26,11 @@ def odd_palette(monkeypatch):
         monkeypatch.setitem(palette.PALETTE, k, c)
     yield ODD
     matplotlib.pyplot.close('all')
+
+
+def says_where_its_axes_start(fig):
+    """Every panel whose y axis does not start at 0 says so in its title."""
+    return all('does not start at 0' in ax.get_title() for ax in fig.axes if ax.get_ylim()[0] > 0)
 
 
 def colours_of(artist):
@@ -69,6 +74,7 @@ def test_results_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
     curves = legend_colours(right)
     for m in reproduce_report.STAGES[:4]:
         assert curves[reproduce_report.LABELS[m]] == {odd_palette[m]}, m
+    assert says_where_its_axes_start(fig)
 
 
 def test_features_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
@@ -86,6 +92,14 @@ def test_features_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
         assert points == {odd_palette[key]}, (ax.get_title(), points)
 
 
+def test_the_teacher_gap_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
+    fig = teacher_gap.main(tmp_path / 'teacher_gap.png')
+    for ax in fig.axes:
+        for label, colours in legend_colours(ax).items():
+            assert colours == {odd_palette[label.split(':')[0].split(' ')[0]]}, label
+    assert says_where_its_axes_start(fig)
+
+
 def fake_run(folder, top1):
     os.makedirs(folder)
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
@@ -101,6 +115,7 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
     for ax in fig.axes:
         for label, colours in legend_colours(ax).items():
             assert colours == {odd_palette[names[label.split(':')[0]]]}, label
+    assert says_where_its_axes_start(fig)
     logs = {m: {'cross-entropy': [2.3, 2.0], 'attention loss': [3.9, 3.8], 'floor': [3.5, 3.5]}
             for m in ('scratch', 'copy', 'distillation')}
     fig = course.plot_training(logs, 'steps')
@@ -109,6 +124,7 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
         for m in logs:
             assert shown[m] == {odd_palette[palette.ALIASES.get(m, m)]}, m
     assert legend_colours(fig.axes[1])["the floor: the teacher's entropy"] == {odd_palette['teacher']}
+    assert says_where_its_axes_start(fig)
     fig = course.draw_methods()
     arrows = [to_hex(t.arrow_patch.get_edgecolor(), keep_alpha=False) for ax in fig.axes for t in ax.texts
               if getattr(t, 'arrow_patch', None)]

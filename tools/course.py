@@ -242,6 +242,7 @@ def plot_curves(runs, title, committed=None):
     for a in axes.flat:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set(xlabel='epoch', ylabel='test top-1 (%)')
+        say_where_the_axis_starts(a)
         a.grid(alpha=0.3)
         if committed:       # two panels: each legend inside, where the curves leave the most room
             a.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
@@ -249,6 +250,12 @@ def plot_curves(runs, title, committed=None):
             a.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
     plt.show()
     return fig
+
+
+def say_where_the_axis_starts(ax):
+    """A y axis that does not start at 0 says so in its title: differences read larger than they are."""
+    if ax.get_ylim()[0] > 0:
+        ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
 
 
 def plot_training(logs, title):
@@ -269,6 +276,8 @@ def plot_training(logs, title):
     axes[0].set_title('on the labels of each batch')
     axes[1].set_title('H(teacher, the maps it routes with), mean over the layers')
     axes[1].legend(fontsize=8)
+    for ax in axes:
+        say_where_the_axis_starts(ax)
     fig.suptitle(title, fontsize=10)
     plt.show()
     return fig

@@ -135,7 +135,11 @@ def summary(r):
         f"Linear CKA, every token of {r['images']} images a sample, block i against block i: each method against "
         f"the teacher, each against itself (two seeds: the control), each against another (models of different "
         f"seeds):", cka_table(r, 'tokens'), interval_line(r),
-        'Linear CKA, the class token:', cka_table(r, 'class_token'),
+        ('Linear CKA, the class token alone. A global-pool classifier never reads it (it averages the patch '
+         'tokens); it is one more token the patches read from (column 0 of every map), so this measures how alike '
+         "that token's features are, not what the classifier reads:" if all(
+             m.get('global_pool') for k, m in r['models'].items() if k != r['teacher']) else
+         'Linear CKA, the class token (what the classifier reads):'), cka_table(r, 'class_token'),
         "Attention maps against the teacher's, KL per block (mean over heads and seeds); † distilled toward them:",
         kl_table(r),
         f"Mean attention distance per block, mean over heads and seeds (shortest-longest head); * maps given; a "

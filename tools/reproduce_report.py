@@ -148,7 +148,8 @@ def plot(s, path, split='test'):
         for i, m in enumerate(STAGES[:4]):
             r = s['methods'][m]
             right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=colour(m), label=LABELS[m])
-        right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
+        right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', xticks=r['curve']['epoch'],
+                  title='during training (mean over seeds)\n(the axis does not start at 0)')
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
     save_figure(fig, path, dpi=100)
