@@ -12,6 +12,7 @@ import pytest
 from matplotlib.colors import same_color, to_hex
 
 matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from tools import course, features_report, palette, reproduce_report, teacher_gap  # noqa: E402
 
@@ -25,7 +26,7 @@ def odd_palette(monkeypatch):
     for k, c in ODD.items():
         monkeypatch.setitem(palette.PALETTE, k, c)
     yield ODD
-    matplotlib.pyplot.close('all')
+    plt.close('all')
 
 
 def says_where_its_axes_start(fig):
@@ -111,21 +112,24 @@ def fake_run(folder, top1):
 def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palette, tmp_path):
     names = {'scratch': 'scratch', 'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distillation': 'distill'}
     runs = {label: fake_run(tmp_path / key, [50 + i, 60 + i]) for i, (label, key) in enumerate(names.items())}
-    fig = course.plot_curves(runs, 'runs', committed=course.reproduction_curves(os.path.join(ROOT, 'results', 'fashion-mnist')))
+    course.plot_curves(runs, 'runs', committed=course.reproduction_curves(os.path.join(ROOT, 'results', 'fashion-mnist')))
+    fig = plt.gcf()                                                # shown, and still open under Agg
     for ax in fig.axes:
         for label, colours in legend_colours(ax).items():
             assert colours == {odd_palette[names[label.split(':')[0]]]}, label
     assert says_where_its_axes_start(fig)
     logs = {m: {'cross-entropy': [2.3, 2.0], 'attention loss': [3.9, 3.8], 'floor': [3.5, 3.5]}
             for m in ('scratch', 'copy', 'distillation')}
-    fig = course.plot_training(logs, 'steps')
+    course.plot_training(logs, 'steps')
+    fig = plt.gcf()
     for ax in fig.axes:
         shown = legend_colours(ax)
         for m in logs:
             assert shown[m] == {odd_palette[palette.ALIASES.get(m, m)]}, m
     assert legend_colours(fig.axes[1])["the floor: the teacher's entropy"] == {odd_palette['teacher']}
     assert says_where_its_axes_start(fig)
-    fig = course.draw_methods()
+    course.draw_methods()
+    fig = plt.gcf()
     arrows = [to_hex(t.arrow_patch.get_edgecolor(), keep_alpha=False) for ax in fig.axes for t in ax.texts
               if getattr(t, 'arrow_patch', None)]
     assert set(arrows) == {odd_palette['copy'], odd_palette['distill']}

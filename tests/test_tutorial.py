@@ -402,6 +402,8 @@ def test_stored_copy_reads_at_a_glance():
         f'the stored run contradicts the text: {top1}'
     hand = key_numbers(nb)['by_hand_attention']       # section 5: distillation's loss falls toward its floor
     assert hand['floor'] < hand['last'] < hand['first'] - 0.1, hand
+    assert hand['scratch_last'] > hand['first'], "the text says scratch's maps move away from the teacher's"
+
 
 
 def test_the_checks_of_the_glance_test_can_fail():

@@ -249,7 +249,6 @@ def plot_curves(runs, title, committed=None):
         else:
             a.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
     plt.show()
-    return fig
 
 
 def say_where_the_axis_starts(ax):
@@ -280,7 +279,6 @@ def plot_training(logs, title):
         say_where_the_axis_starts(ax)
     fig.suptitle(title, fontsize=10)
     plt.show()
-    return fig
 
 
 def show_map(ax, probs, title, vmax=None, tick=7):
@@ -331,4 +329,3 @@ def draw_methods():
         ax.text(5, -0.6, 'at test time: teacher + student' if copy else 'at test time: the student alone',
                 ha='center', fontsize=9, style='italic')
     plt.show()
-    return fig
