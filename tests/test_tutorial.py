@@ -199,7 +199,9 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
     execute(nb, kernel_env(tmp_path), rerun=["run.flags += ['--max-steps', '2']", again])
     assert not outputs(nb, 'error')
     assert len(outputs(nb, 'image/png')) >= FIGURES, 'a figure is missing'
-    assert re.match(r'scratch-2: test top-1 [\d.]+%', '\n'.join(text_outputs(nb.cells[again]))), \
+    shown = '\n'.join(text_outputs(nb.cells[again]))
+    assert re.search(r'^python finetune\.py .*--out-dir \$RUNS/scratch-2 ', shown, re.M), 'the command is not shown'
+    assert re.search(r'^scratch-2: test top-1 [\d.]+%', shown, re.M), \
         'the re-run scratch cell did not get a folder of its own'
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
