@@ -7,6 +7,7 @@ computed.
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,9 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
+from tools.palette import PALETTE, colour
 from tools.reproduce_report import records
+from util.config import SMALL_PRESETS
 from util import datafiles
 from util.files import read_jsonl
 from util.launch import amp_dtype
@@ -82,14 +85,15 @@ class Line:
 
 
 class Runner:
-    """run(script, name, *flags) launches `python script --data fashion-mnist --data-dir DATA_DIR --out-dir
-    <work>/name <flags given here> <flags>` and returns the run directory (config.json, log.txt, metrics.jsonl,
-    checkpoint.pt). A name used before gets a new directory (name-2, ...): a cell can run again."""
+    """run(script, name, *flags) prints and launches `python script --data fashion-mnist --data-dir DATA_DIR
+    --out-dir <work>/name <flags given here> <flags>` and returns the run directory (config.json, log.txt,
+    metrics.jsonl, checkpoint.pt). A name used before gets a new directory (name-2, ...): a cell can run again."""
 
     def __init__(self, data_dir, flags=(), work=None):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
         self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
-        print(f'the runs train on {machine()}: trained numbers differ a little from one processor to another')
+        amp = dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto')
+        print(f'the runs train on {machine(amp)}: trained numbers differ a little from one processor to another')
 
     def __call__(self, script, name, *flags):
         out, n = os.path.join(self.work, name), 1
@@ -97,8 +101,10 @@ class Runner:
             n += 1
             out = os.path.join(self.work, f'{name}-{n}')
         label = os.path.basename(out)
-        cmd = [sys.executable, script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
-               *self.flags, *map(str, flags)]
+        args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out, *self.flags,
+                *map(str, flags)]
+        print(command(args, {self.data_dir: 'DATA_DIR', self.work: 'RUNS'}))
+        cmd = [sys.executable, *args]
         line, tail, start, last, scored = Line(), deque(maxlen=20), time.time(), 0.0, ''
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
@@ -118,13 +124,20 @@ class Runner:
         return out
 
 
-def machine():
-    """The device the scripts will pick and their autocast dtype there (--amp auto), in words."""
+def command(args, names):
+    """The command line of args as you would type it, each folder in `names` shown by its name ($DATA_DIR)."""
+    for folder, name in names.items():
+        args = [f'${name}' + a[len(folder):] if a == folder or a.startswith(folder + os.sep) else a for a in args]
+    return 'python ' + ' '.join(a if a.startswith('$') else shlex.quote(a) for a in args)
+
+
+def machine(amp='auto'):
+    """The device the scripts will pick and their autocast dtype there (their --amp), in words."""
     if torch.cuda.is_available():
         device, name = torch.device('cuda'), torch.cuda.get_device_name()
     else:
         device, name = torch.device('cpu'), f'{cpu_name()} ({torch.get_num_threads()} threads)'
-    dtype = amp_dtype('auto', device)
+    dtype = amp_dtype(amp, device)
     return f"{name}, {'autocast ' + str(dtype).split('.')[-1] if dtype else 'fp32'}"
 
 
@@ -144,6 +157,41 @@ def full_reproduction(path='results/fashion-mnist/results.json'):
         summary = json.load(f)['summary']
     table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
     return table, float(np.mean(summary['disagreement_pct']))
+
+
+def budgets(quick_flags, n_train, n_test):
+    """The course's four budgets as a Markdown table, each read from the code that sets it: notebook quick mode
+    (quick_flags on n_train / n_test images), notebook full mode (the scripts' Fashion-MNIST preset,
+    util/config.py), the committed reproduction and the quick command (tools/reproduce.py's preset and QUICK, as
+    its stage command passes them to attention_distill.py)."""
+    from tools import reproduce
+    preset, images = SMALL_PRESETS['fashion-mnist'], len(datafiles.fashion_mnist('data', True, transform=None))
+
+    def flags(cmd):
+        cmd = list(map(str, cmd))
+        return {k[2:].replace('-', '_'): v for k, v in zip(cmd, cmd[1:]) if k.startswith('--')}
+
+    def row(name, given, train, test, seeds, where):
+        f = {**preset, **{k: float(v) for k, v in given.items() if isinstance(preset.get(k), (int, float))}}
+        steps = int(f['epochs'] * (train // f['batch_size']))
+        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
+        cut = int(float(given.get('max_steps', 0)))
+        took = f"{cut} steps of a {f['epochs']:g}-epoch schedule" if 0 < cut < steps else \
+            f"{f['epochs']:g} ({steps:,} steps)"
+        tested = f'all {test:,}' if test == 10_000 else f'the first {test:,}'
+        return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {lr} | {f['warmup_epochs']:g} epoch | "
+                f"{seeds} | {tested} | {where} |")
+
+    stage = {q: flags(reproduce.stage_command(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]),
+                                              'distill', 0, 'runs', 'teacher.pt')) for q in (False, True)}
+    seeds = {q: len(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]).seeds) for q in stage}
+    return '\n'.join([
+        '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
+        '|---|---:|---|---:|---:|---|---:|---|---|',
+        row('notebook quick mode', flags(quick_flags), n_train, n_test, 1, 'this notebook, as stored'),
+        row('notebook full mode (the scripts\' preset)', {}, images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
+        row('the committed reproduction', stage[False], images, 10_000, seeds[False], '`results/fashion-mnist/`'),
+        row('the quick command', stage[True], images, 10_000, seeds[True], '`results/fashion-mnist-quick/`')])
 
 
 # the reproduction's stages, named as the notebook names its runs
@@ -175,23 +223,26 @@ def plot_curves(runs, title, committed=None):
     method in its run's colour: the mean over its seeds, shaded one standard deviation either side."""
     fig, axes = plt.subplots(1, 2 if committed else 1, figsize=(11, 3.8) if committed else (7.5, 3.6),
                              layout='constrained', squeeze=False)
-    ax, colour = axes[0, 0], {label: f'C{i}' for i, label in enumerate(runs)}
+    ax = axes[0, 0]
+    spare = ['tab:red', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']      # for runs of no method in PALETTE
+    colours = {label: colour(label, spare[i % len(spare)]) for i, label in enumerate(runs)}
     for label, d in runs.items():
         m = metrics(d)
-        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colour[label],
+        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colours[label],
                 label=f"{label}: {m[-1]['top1']:.1f}%")
     ax.set(title=title)
     if committed:
         right = axes[0, 1]
         for label, c in committed.items():
-            right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour[label], alpha=0.25)
-            right.plot(c['epoch'], c['mean'], marker='o', color=colour[label],
+            right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colours[label], alpha=0.25)
+            right.plot(c['epoch'], c['mean'], marker='o', color=colours[label],
                        label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
         n = min(c['seeds'] for c in committed.values())
         right.set(title=f'the committed reproduction: mean ± std over {n} seeds')
     for a in axes.flat:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.set(xlabel='epoch', ylabel='test top-1 (%)')
+        say_where_the_axis_starts(a)
         a.grid(alpha=0.3)
         if committed:       # two panels: each legend inside, where the curves leave the most room
             a.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
@@ -200,11 +251,42 @@ def plot_curves(runs, title, committed=None):
     plt.show()
 
 
-def show_map(ax, probs, title, tick=7):
-    """One (N, N) attention map, rows = queries, token 0 the class token; its own colour scale, clipped at its
-    1st and 99th percentiles so that one bright entry does not hide the rest. Returns it, for a colour bar."""
-    low, high = np.quantile(np.asarray(probs), [0.01, 0.99])
-    im = ax.imshow(probs, cmap='magma', vmin=low, vmax=high, interpolation='nearest')
+def say_where_the_axis_starts(ax):
+    """A y axis that does not start at 0 says so in its title: differences read larger than they are."""
+    if ax.get_ylim()[0] > 0:
+        ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
+
+
+def plot_training(logs, title):
+    """The notebook's own training, {method: {'cross-entropy', 'attention loss', 'floor': one number a step}}:
+    left the cross-entropy on the labels, right the attention loss of the maps each method routes with against the
+    floor (the teacher's entropy, from the first method's log: every method sees the same batches). Faint: every
+    step; bold: the mean of the last 10."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout='constrained')
+    smooth = lambda v: [np.mean(v[max(0, i - 9):i + 1]) for i in range(len(v))]
+    for ax, key in zip(axes, ('cross-entropy', 'attention loss')):
+        for method, log in logs.items():
+            ax.plot(log[key], color=colour(method), alpha=0.3, lw=1)
+            ax.plot(smooth(log[key]), color=colour(method), lw=2, label=method)
+        ax.set(xlabel='step', ylabel=f'{key} (nats)')
+        ax.grid(alpha=0.3)
+    axes[1].plot(next(iter(logs.values()))['floor'], color=PALETTE['teacher'], ls='--', lw=1,
+                 label="the floor: the teacher's entropy")
+    axes[0].set_title('on the labels of each batch')
+    axes[1].set_title('H(teacher, the maps it routes with), mean over the layers')
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        say_where_the_axis_starts(ax)
+    fig.suptitle(title, fontsize=10)
+    plt.show()
+
+
+def show_map(ax, probs, title, vmax=None, tick=7):
+    """One (N, N) attention map, rows = queries, token 0 the class token, on a colour scale from 0 to vmax (default:
+    its own 99th percentile, so that one bright entry does not hide the rest; give maps to compare one vmax: a map
+    of nearly even rows then shows as flat). Returns it, for a colour bar."""
+    vmax = np.quantile(np.asarray(probs), 0.99) if vmax is None else vmax
+    im = ax.imshow(probs, cmap='magma', vmin=0, vmax=vmax, interpolation='nearest')
     ax.set_xticks(range(0, len(probs), tick))
     ax.set_yticks(range(0, len(probs), tick))
     ax.set(xlabel='key: the token read from', ylabel='query: the token reading', title=title)
@@ -227,19 +309,19 @@ def draw_methods():
         ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
         ax.axis('off')
         ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12, weight='bold')
-        for x0, who, colour in ((0.2, 'teacher (frozen)', '#e0e0e0'), (6.3, 'student (trained)', '#d4e6f7')):
+        for x0, who in ((0.2, 'teacher (frozen)'), (6.3, 'student (trained)')):
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
         for layer, a_t in enumerate(teacher_maps):
             y = 0.6 + 3.0 * layer
             a_s = a_t if copy else _map(rng, 0.9)      # copy: the student's map IS the teacher's
-            for x0, colour, amap, text in ((0.2, '#e0e0e0', a_t, 'q, k → A_T'),
+            for x0, fill, amap, text in ((0.2, '#e0e0e0', a_t, 'q, k → A_T'),
                                            (6.3, '#d4e6f7', a_s, 'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=colour, edgecolor='k', lw=0.8))
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=fill, edgecolor='k', lw=0.8))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
                 ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3, aspect='auto')
-            style = dict(arrowstyle='->', lw=2, color='tab:blue') if copy else \
-                dict(arrowstyle='<->', lw=1.5, ls='--', color='tab:red')
+            style = dict(arrowstyle='->', lw=2, color=PALETTE['copy']) if copy else \
+                dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
             # below the blocks' text, from the teacher's map to the student's map
             ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style, zorder=4)
             ax.text(5.0, y + 0.6, 'A_T' if copy else 'H(A_T, A_S)', ha='center', va='bottom', fontsize=9,

@@ -7,6 +7,7 @@ import statistics
 
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
 
+from tools import palette
 from util.files import check_out_dir, read_json, write_json, write_text
 
 FILES = ('features.json', 'features.png', 'README.md')
@@ -134,7 +135,11 @@ def summary(r):
         f"Linear CKA, every token of {r['images']} images a sample, block i against block i: each method against "
         f"the teacher, each against itself (two seeds: the control), each against another (models of different "
         f"seeds):", cka_table(r, 'tokens'), interval_line(r),
-        'Linear CKA, the class token:', cka_table(r, 'class_token'),
+        ('Linear CKA, the class token alone. A global-pool classifier never reads it (it averages the patch '
+         'tokens); it is one more token the patches read from (column 0 of every map), so this measures how alike '
+         "that token's features are, not what the classifier reads:" if all(
+             m.get('global_pool') for k, m in r['models'].items() if k != r['teacher']) else
+         'Linear CKA, the class token (what the classifier reads):'), cka_table(r, 'class_token'),
         "Attention maps against the teacher's, KL per block (mean over heads and seeds); † distilled toward them:",
         kl_table(r),
         f"Mean attention distance per block, mean over heads and seeds (shortest-longest head); * maps given; a "
@@ -151,10 +156,10 @@ def plot(r, path):
     """Top: CKA to the teacher per block, each method's mean over seeds (bars: their range), its seed-to-seed
     control dashed; the distilled student against the others beside the controls (bands: their range); the maps'
     KL to the teacher's. Bottom: each head's attention distance per block, the teacher and each method's first
-    model (maps given: hollow)."""
+    model (maps given: hollow). Each method in its colour (tools/palette.py). Returns the figure."""
     ms, depth, t = methods(r), r['depth'], r['teacher']
     names = [k for k in ms if k != t]
-    colour = {k: f'C{i}' for i, k in enumerate(ms)}
+    colour = {k: palette.colour('teacher' if k == t else k, f'C{i}') for i, k in enumerate(ms)}   # one per method
     fig = Figure(figsize=(3.2 * len(ms), 7.5), layout='constrained')
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
     axes = top.subplots(1, 3)
@@ -189,12 +194,14 @@ def plot(r, path):
         for i, heads in enumerate(r['attention_distance'][first]):
             ax.scatter([i] * len(heads), heads, s=18, edgecolors=colour[k],
                        facecolors='none' if i in given else colour[k])
-        ax.axhline(r['uniform_distance'], color='grey', ls='--', lw=1, label='a uniform map')
+        ax.axhline(r['uniform_distance'], color='black', ls='--', lw=1, label='a uniform map')
         ax.set(title=first + (' (hollow: maps given)' if given else ''), xlabel='block', xticks=x)
     dist[0].legend(fontsize=8)
     dist[0].set_ylabel('mean attention distance (px)')
-    bottom.suptitle(f"each head's mean attention distance, {r['images']} test images", fontsize=10)
+    bottom.suptitle(f"each head's mean attention distance, {r['images']} test images (the axis does not start at 0)",
+                    fontsize=10)
     fig.savefig(path, dpi=110)
+    return fig
 
 # -----------------------------------------------------------------------------
 # What the numbers say: one paragraph whose every word of comparison is chosen by the numbers

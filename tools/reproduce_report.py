@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
+from tools.palette import colour
 from util.checkpoints import read_checkpoint
 from util.cli import word
 from util.config import ConfigError, flag
@@ -136,8 +137,8 @@ def plot(s, path, split='test'):
     n = len(s['methods']['scratch']['top1'])
     for i, m in enumerate(STAGES):
         r = s['methods'][m]
-        left.scatter([i] * len(r['top1']), r['top1'], s=14, color=f'C{i}', alpha=0.5)
-        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=f'C{i}', capsize=4)
+        left.scatter([i] * len(r['top1']), r['top1'], s=14, color=colour(m), alpha=0.5)
+        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=colour(m), capsize=4)
         left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
     left.set_xticks(range(len(STAGES)), STAGES)
     left.set_xlim(-0.5, len(STAGES) - 0.2)
@@ -147,8 +148,9 @@ def plot(s, path, split='test'):
     if curves:
         for i, m in enumerate(STAGES[:4]):
             r = s['methods'][m]
-            right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=f'C{i}', label=LABELS[m])
-        right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', title='during training (mean over seeds)')
+            right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=colour(m), label=LABELS[m])
+        right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', xticks=r['curve']['epoch'],
+                  title='during training (mean over seeds)\n(the axis does not start at 0)')
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
     save_figure(fig, path, dpi=100)

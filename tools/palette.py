@@ -1,0 +1,25 @@
+"""One colour per method, for every figure: the notebook's (tools/course.py), results.png
+(tools/reproduce_report.py), features.png (tools/features_report.py). A method keeps its colour from one figure
+to the next; tests/test_palette.py checks that each figure draws with these."""
+
+PALETTE = {
+    'teacher': 'tab:brown',
+    'untrained': 'lightgray',     # a ViT with random weights, before any training
+    'scratch': 'tab:gray',
+    'finetune': 'tab:orange',
+    'copy': 'tab:green',
+    'distill': 'tab:blue',
+    'ensemble': 'tab:purple',
+}
+
+# the names the figures give the methods, each to its key above
+ALIASES = {'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distillation': 'distill',
+           'distillation': 'distill', 'distilled student': 'distill', 'train from scratch': 'scratch',
+           'fine-tune the teacher': 'finetune', 'random ViT': 'untrained', 'MAE teacher': 'teacher'}
+
+
+def colour(name, default=None):
+    """The colour of a method, by its key ('distill') or a name a figure gives it ('attention distillation');
+    for any other name `default`, or a KeyError without one, so that no figure of these methods invents a colour."""
+    key = ALIASES.get(name, name)
+    return PALETTE[key] if default is None or key in PALETTE else default
