@@ -39,7 +39,7 @@ from ensemble import is_result
 from teacher import sha256_of
 from tools.reproduce_report import STAGES, budget, check_results_dir, ordering, records, summarise, table, write
 from util.checkpoints import build_from_checkpoint
-from util.config import ConfigError, parse_config, without_help
+from util.config import AMP, ConfigError, parse_config, without_help
 from util.files import DamagedFile, read_json, write_json
 from util.launch import run_main
 from util.rundir import cpu_name, git_commit
@@ -72,6 +72,8 @@ class ReproduceConfig:
     num_workers: typing.Optional[int] = None   # None = each script's preset
     jobs: int = 1                   # stages run side by side, each as soon as those it needs are done, on
                                     # 1/jobs of the CPU threads each (OMP_NUM_THREADS, unless you set it)
+    amp: str = 'auto'               # every stage's --amp: auto (bf16 where the device has it) | bf16 | fp16 | off
+                                    # (off: fp32, what a CPU without bf16 runs)
     fake_size: int = 2048           # --data fake only
 
     def checks(self):
@@ -81,6 +83,7 @@ class ReproduceConfig:
                 ('blr', self.blr >= 0, "a positive base lr, or 0 for each script's own"),
                 *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('mae_epochs', 'epochs', 'fake_size', 'jobs')],
                 ('max_steps', self.max_steps >= 0, 'must be 0 (the whole schedule) or more'),
+                ('amp', self.amp in AMP, f"choose one of {', '.join(AMP)}"),
                 ('num_workers', self.num_workers is None or self.num_workers >= 0, 'must be 0 or more (or none)')]
 
 
@@ -134,6 +137,7 @@ def stage_command(cfg, stage, seed, root, teacher, resume=False):
     args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
     args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
     args += ['--val-size', cfg.val_size] if cfg.val_size else []
+    args += ['--amp', cfg.amp] if cfg.amp != 'auto' else []     # auto: the scripts' own default, left unsaid
     epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
     train = ['--out-dir', d, '--epochs', epochs, '--warmup-epochs', epochs / 10, '--max-steps', cfg.max_steps]
     train += ['--blr', cfg.blr] if cfg.blr and stage != 'mae' else []

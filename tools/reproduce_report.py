@@ -270,7 +270,8 @@ def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
 
 
 # What a reproduction's numbers depend on: results made with other values are another reproduction's
-SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'max_steps', 'fake_size')
+SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'max_steps', 'fake_size', 'amp')
+OLDER = {'amp': 'auto'}   # fields results.json had no entry for before they existed: the value they ran with
 
 
 def check_results_dir(results_dir, cfg, teacher_sha256=None):
@@ -289,8 +290,8 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
         return
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
     now = asdict(cfg)
-    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME
-            if old['config'].get(k) != now[k]]
+    was = {k: old['config'].get(k, OLDER.get(k)) for k in SAME}
+    diff = [f"{flag(k)} {word(was[k])} (here {word(now[k])})" for k in SAME if was[k] != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
         diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
     if diff:
