@@ -191,6 +191,27 @@ def against_paper(s):
     return "The paper's pattern, here (means over seeds):\n\n" + '\n'.join(lines)
 
 
+def command_now(command):
+    """The recorded command, as it runs at this commit: the driver was reproduce.py at the repository's root before
+    it moved to tools/ (results.json keeps what was typed)."""
+    old = 'python reproduce.py '
+    if not command.startswith(old):
+        return f'`{command}`'
+    return f"`python -m tools.reproduce {command[len(old):]}` (run as `{command}`, where the driver then was)"
+
+
+def named(cfg):
+    """The name the README's table of budgets gives this run's budget, when it is one of them."""
+    from tools.reproduce import parse     # here, not above: reproduce.py imports this file
+    if cfg.data != 'fashion-mnist' or cfg.val_size:
+        return ''
+    preset = parse(['--data', 'fashion-mnist', *['--quick', 'true'] * bool(cfg.quick)])
+    if any(getattr(cfg, k, None) != getattr(preset, k) for k in ('seeds', 'teacher', 'mae_epochs', 'epochs', 'blr',
+                                                                  'max_steps')):
+        return ''
+    return f", the budget the README calls *{'the quick command' if cfg.quick else 'the committed reproduction'}*"
+
+
 def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
     """RESULTS.md: the table, what its columns mean, how it was made. validation: link VALIDATION.md (the
     choices behind the preset) beside it; rewritten: the commit that re-wrote it from results.json."""
@@ -218,7 +239,7 @@ def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
              f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
 {quick}
-Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split:
+Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split{named(cfg)}:
 {budget(runs)}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
 Each number is the {split} at the end of its run (the ensemble: of the two final models),
 never the best evaluation's; nothing was chosen by looking at the test split.
@@ -242,7 +263,7 @@ the paper's: {ordering(PAPER, 1)}.
 
 ## Provenance
 
-- command: `{prov['command']}`
+- command: {command_now(prov['command'])}
 - git commit: {prov['git_commit']}
 - machine: {'; '.join(sorted({r['machine'] for r in runs}))}
 - every stage's log, per-epoch metrics, config and done.json: [`logs/<stage>/seed<k>/`](logs/) (the run
