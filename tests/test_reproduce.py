@@ -607,6 +607,12 @@ def test_amp_reaches_every_stage_and_names_its_results(tmp_path):
         assert '--amp' not in stage_command(auto, stage, 0, root, 't.pt'), stage
     with pytest.raises(ConfigError):
         parse([*TINY, '--amp', 'fp64'])
+    small = parse([*TINY, '--batch-size', '16'])     # a budget's batch: the four training stages, not the teacher's
+    for stage in ('scratch', 'finetune', 'copy', 'distill'):
+        cmd = stage_command(small, stage, 0, root, 't.pt')
+        assert cmd[cmd.index('--batch-size') + 1] == '16', (stage, cmd)
+    assert '--batch-size' not in stage_command(small, 'mae', 0, root, '')
+    assert '--batch-size' not in stage_command(auto, 'copy', 0, root, 't.pt')
     res = tmp_path / 'results'
     res.mkdir()
     old = json.load(open(os.path.join(ROOT, 'results', 'fashion-mnist', 'results.json')))

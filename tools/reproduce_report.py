@@ -106,7 +106,8 @@ def budget(runs):
     given = dict(zip(args, args[1:]))
     epochs, warmup, steps = float(given['--epochs']), float(given['--warmup-epochs']), int(given['--max-steps'])
     blr = f"blr {given['--blr']}" if '--blr' in given else "each script's preset blr"
-    text = f'a {epochs:g}-epoch schedule (warm-up {warmup:g} epoch, {blr})'
+    batch = f", batch {given['--batch-size']}" if '--batch-size' in given else ''
+    text = f'a {epochs:g}-epoch schedule (warm-up {warmup:g} epoch, {blr}{batch})'
     if not steps or steps >= first['metrics']['step'] / first['metrics']['epoch'] * epochs:
         return text + ', run to its end'
     reached = first['metrics']['epoch']
@@ -206,8 +207,8 @@ def named(cfg):
     if cfg.data != 'fashion-mnist' or cfg.val_size:
         return ''
     preset = parse(['--data', 'fashion-mnist', *['--quick', 'true'] * bool(cfg.quick)])
-    if any(getattr(cfg, k, None) != getattr(preset, k) for k in ('seeds', 'teacher', 'mae_epochs', 'epochs', 'blr',
-                                                                  'max_steps')):
+    if any(getattr(cfg, k, OLDER.get(k)) != getattr(preset, k) for k in ('seeds', 'teacher', 'mae_epochs', 'epochs', 'blr',
+                                                                  'batch_size', 'max_steps')):
         return ''
     return f", the budget the README calls *{'the quick command' if cfg.quick else 'the committed reproduction'}*"
 
@@ -291,8 +292,9 @@ def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
 
 
 # What a reproduction's numbers depend on: results made with other values are another reproduction's
-SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'max_steps', 'fake_size', 'amp')
-OLDER = {'amp': 'auto'}   # fields results.json had no entry for before they existed: the value they ran with
+SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'batch_size', 'max_steps',
+        'fake_size', 'amp')
+OLDER = {'amp': 'auto', 'batch_size': 0}   # fields results.json had no entry for before they existed: the value they ran with
 
 
 def check_results_dir(results_dir, cfg, teacher_sha256=None):
