@@ -235,6 +235,10 @@ def test_the_readme_says_what_the_feature_analysis_shows():
         text = next(p for p in f.read().split('\n\n') if 'results/fashion-mnist/features/README.md)),' in p)
     c = feature_claims()
     assert c is not None and stated_features(c, text) == []
+    # where the distilled features part from the teacher's, how alike two distilled seeds stay (the README says both)
+    from tools.features_report import span
+    apart = span(c['at']('distill', 'distill', c['apart']))
+    assert f"{c['teacher_apart']}) than to each other ({apart})" in ' '.join(text.split()), apart
     # the reader catches a number or a word changed
     assert stated_features(c, text.replace(c['teacher_close'], '0.12-0.34')) == ['teacher_close: ' + c['teacher_close']]
     swapped = {**c, 'fd': c['ff'], 'ff': {'gain': {'mean': c['ff']['gain']['mean'] - 1}}}
