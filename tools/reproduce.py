@@ -2,6 +2,7 @@
 The paper's Table 1 in miniature: every method, several seeds, one command.
 
     python -m tools.reproduce --data fashion-mnist --quick true  # 1 seed, 160 steps of 64 a stage, from the shipped teacher
+    python -m tools.reproduce --data fashion-mnist --quick true --amp off   # the same in fp32, as a CPU without bf16
     python -m tools.reproduce --data fashion-mnist               # 3 seeds, 3 epochs a stage, from the shipped teacher
     python -m tools.reproduce --data fashion-mnist --teacher ''  # the same, pre-training its own teacher first
     python -m tools.reproduce --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
