@@ -342,3 +342,34 @@ def test_the_readme_says_what_the_committed_reproduction_shows():
 def test_the_committed_reproduction_reader_finds_what_disagrees(claim, wrong):
     """The checker itself, on sentences whose truth is known."""
     assert full_problems(claim, full_run()) == wrong
+
+# -----------------------------------------------------------------------------
+# VALIDATION.md's row for the preset (8 heads, 3 epochs, 3 seeds, validation split), against the runs' logs
+
+
+def validation_row():
+    """(scratch, fine-tune, copy, copy's share, distillation, its share, ensemble, gain, per-seed gains) as
+    VALIDATION.md's budget table states them for the 8-head preset."""
+    with open(os.path.join(FULL, 'VALIDATION.md'), encoding='utf-8') as f:
+        row = next(line for line in f if line.startswith('| **3 epochs, 8-head teacher** |'))
+    return [float(x) for x in re.findall(r'[+-]?\d+\.\d+', row.split('|', 4)[4].rsplit('|', 3)[0])]
+
+
+def validation_runs():
+    """The same numbers, computed from the runs' own files under results/fashion-mnist/validation/."""
+    v = os.path.join(FULL, 'validation')
+    def last(d):   # the run's final evaluation
+        with open(os.path.join(v, d, 'metrics.jsonl')) as f:
+            return json.loads(f.read().strip().splitlines()[-1])['top1']
+    runs = {m: [last(f'bf16-{m}-h8{s}') for s in ('', '-s1', '-s2')] for m in ('scratch', 'ft', 'copy', 'distill')}
+    ens = [json.load(open(os.path.join(v, f'bf16-ensemble-h8{s}', 'ensemble.json')))['ensemble']['top1']
+           for s in ('', '-s1', '-s2')]
+    s, f, c, d = (statistics.mean(runs[m]) for m in ('scratch', 'ft', 'copy', 'distill'))
+    gains = [e - x for e, x in zip(ens, runs['ft'])]
+    return [round(s, 2), round(f, 2), round(c, 2), round(100 * (c - s) / (f - s), 1), round(d, 2),
+            round(100 * (d - s) / (f - s), 1), round(statistics.mean(ens), 2), round(statistics.mean(gains), 2),
+            *[round(g, 2) for g in gains]]
+
+
+def test_validation_states_the_presets_row_as_its_runs_give_it():
+    assert validation_row() == validation_runs()
