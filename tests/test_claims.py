@@ -177,7 +177,7 @@ def test_the_readme_says_what_the_fp32_quick_run_shows():
 
 @pytest.mark.parametrize('claim, wrong', [
     # a sentence of the kind the README once had: the quick run does not show the paper's ordering
-    ("On a 2-core AMD EPYC it took 7 min 39 s and showed the paper's ordering on its one seed: scratch 61.1, "
+    ("On a 2-core AMD EPYC it took 7 min 9 s and showed the paper's ordering on its one seed: scratch 61.1, "
      "fine-tune 70.3, copy 71.1, distillation 66.2 top-1.", ["the paper's ordering: not copy <= distill here"]),
     ('It gave copy 71.1 > distillation 66.2.', []),
     ('It gave distillation 66.2 > copy 71.1.', ['distillation > copy does not hold: 66.18, 71.11']),
