@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import statistics
 
 import pytest
 
@@ -23,8 +24,8 @@ WORDS = re.compile(rf'{M}(?:,? and {M})? (?:is |are )?(above|below|beats?) (?:th
 COMPARES = re.compile(r'\b(above|below|beats?|ahead|behind|higher|lower|better|worse|passes|exceeds)\b|[<>]')
 
 
-def quick_run():
-    with open(os.path.join(QUICK, 'results.json')) as f:
+def quick_run(path=QUICK):
+    with open(os.path.join(path, 'results.json')) as f:
         return json.load(f)
 
 
@@ -95,8 +96,11 @@ def problems(paragraph, run, logs=''):
                 [f'{m} min {sec} s: the run took {run["wall_s"]:.0f} s']
         for cores, cpu in re.findall(r'(\d+)-core ([A-Z][\w ]*?) with', s):
             out += [] if f'{cpu}, {cores} CPUs' in run['machine'] else [f'{cores}-core {cpu}: {run["machine"]}']
-        if 'bf16' in s and 'autocast torch.bfloat16' not in logs:
+        fp32 = re.search(r'--amp off|\bfp32\b|\bwithout bf16\b', s, re.I)
+        if 'bf16' in s and not fp32 and 'autocast torch.bfloat16' not in logs:
             out.append('bf16: the stages\' logs do not say they ran under bf16 autocast')
+        if fp32 and ('autocast None' not in logs or 'autocast torch.' in logs):
+            out.append('fp32: the stages\' logs do not say they ran without autocast')
         if re.search(r'\bone seed\b', s) and len(run['config']['seeds']) != 1:
             out.append(f'one seed: the run had {run["config"]["seeds"]}')
     return out
@@ -107,10 +111,10 @@ def readme_paragraphs():
         return [p for p in f.read().split('\n\n') if 'results/fashion-mnist-quick/' in p]
 
 
-def stage_logs():
+def stage_logs(path=QUICK):
     out = ''
     for stage in ('scratch', 'finetune', 'copy', 'distill'):
-        with open(os.path.join(QUICK, 'logs', stage, 'seed0', 'log.txt')) as f:
+        with open(os.path.join(path, 'logs', stage, 'seed0', 'log.txt')) as f:
             out += f.read()
     return out
 
@@ -122,26 +126,74 @@ def test_the_readme_says_what_the_quick_run_shows():
     quoted = {NAMES[n] for s in sentences(text) if 'paper' not in s for n, _ in re.findall(rf'{M} (\d+\.\d+)', s)}
     assert quoted == set(NAMES.values()), f'the README quotes the quick top-1 of {sorted(quoted)} only'
     assert problems(text, run, stage_logs()) == []
+    assert time_problems(text, *shell_time(QUICK)) == [] and re.search(r'of CPU', text)
+
+
+# The same command in fp32 (--amp off), from a fresh clone on one core: its run, and the shell's `time` beside it
+
+
+QUICK_FP32 = os.path.join(ROOT, 'results', 'fashion-mnist-quick-fp32')
+
+
+def shell_time(path=QUICK_FP32):
+    """(real, user + sys) seconds, from the output of bash's `time` kept beside the run (TIME.txt)."""
+    with open(os.path.join(path, 'TIME.txt')) as f:
+        t = {k: 60 * int(m) + float(sec) for k, m, sec in re.findall(r'^(real|user|sys)\s+(\d+)m([\d.]+)s$', f.read(), re.M)}
+    return t['real'], t['user'] + t['sys']
+
+
+def time_problems(text, real, cpu):
+    """What in a paragraph the shell's `time` (real: from the shell; cpu: user + sys) disagrees with."""
+    out, flat = [], ' '.join(text.split())
+    for what, seconds, pattern in (('shell', real, r'(\d+) min (\d+) s from the shell'),
+                                   ('CPU', cpu, r'(\d+) min (\d+) s of CPU')):
+        said = re.findall(pattern, flat)
+        out += [f'{m} min {sec} s ({what}): it was {seconds:.0f} s' for m, sec in said
+                if divmod(round(seconds), 60) != (int(m), int(sec))]
+    for n in re.findall(r'of CPU, within (\d+) minutes', flat):
+        out += [] if cpu <= 60 * int(n) else [f'within {n} minutes of CPU: it used {cpu:.0f} s']
+    for n in re.findall(r'from the shell, within (\d+) minutes', flat):
+        out += [] if real <= 60 * int(n) else [f'within {n} minutes from the shell: it took {real:.0f} s']
+    return out
+
+
+def fp32_problems(text, run, logs, real, cpu):
+    """What in the README's paragraph about the fp32 quick run the run and its timing disagree with."""
+    return problems(text, run, logs) + time_problems(text, real, cpu)
+
+
+def test_the_readme_says_what_the_fp32_quick_run_shows():
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        paragraphs = [p for p in f.read().split('\n\n') if 'results/fashion-mnist-quick-fp32/' in p]
+    assert paragraphs, 'the README cites results/fashion-mnist-quick-fp32/ nowhere'
+    text, run, logs = '\n\n'.join(paragraphs), quick_run(QUICK_FP32), stage_logs(QUICK_FP32)
+    assert run['config']['amp'] == 'off' and 'autocast None' in logs and 'fp32' in text
+    assert fp32_problems(text, run, logs, *shell_time()) == []
+    assert re.search(r'(?:of CPU|from the shell), within 5 minutes', ' '.join(text.split())), 'no 5-minute bound stated'
+    real, cpu = shell_time()
+    assert fp32_problems(text, run, logs, real + 61, cpu) != []      # the reader catches a time off by a minute
+    assert fp32_problems(text.replace('fp32', 'bf16'), run, logs, real, cpu) != []
 
 
 @pytest.mark.parametrize('claim, wrong', [
-    # the sentence the README had: the quick run does not show the paper's ordering
-    ("On a 2-core AMD EPYC it took 2 min 59 s and showed the paper's ordering on its one seed: scratch 67.9, "
-     "fine-tune 82.2, copy 78.4, distillation 73.7 top-1.", ["the paper's ordering: not copy <= distill here",
-                                                              "the paper's ordering: not finetune < ensemble here"]),
-    ('It gave copy 78.4 > distillation 73.7.', []),
-    ('It gave distillation 73.7 > copy 78.4.', ['distillation > copy does not hold: 73.68, 78.40']),
-    ('Here the ensemble is above fine-tuning.', ['ensemble > fine-tuning does not hold: 81.56, 82.24']),
+    # a sentence of the kind the README once had: the quick run does not show the paper's ordering
+    ("On a 2-core AMD EPYC it took 7 min 9 s and showed the paper's ordering on its one seed: scratch 61.1, "
+     "fine-tune 70.3, copy 71.1, distillation 66.2 top-1.", ["the paper's ordering: not copy <= distill here"]),
+    ('It gave copy 71.1 > distillation 66.2.', []),
+    ('It gave distillation 66.2 > copy 71.1.', ['distillation > copy does not hold: 66.18, 71.11']),
+    ('Here the ensemble is above fine-tuning.', []),
+    ('Here fine-tuning is above the ensemble.', ['fine-tuning > ensemble does not hold: 70.27, 74.46']),
     ('Copy and distillation beat scratch.', []),
-    ('Here distillation beats copy.', ['distillation > copy does not hold: 73.68, 78.40']),
-    ('It gave scratch 68.0.', ['scratch 68.0: the run has 67.93']),
+    ('Here distillation beats copy.', ['distillation > copy does not hold: 66.18, 71.11']),
+    ('It gave scratch 68.0.', ['scratch 68.0: the run has 61.06']),
     ("The paper has distillation above copy, scratch 83.0.", []),
-    ("Unlike the paper, scratch 67.9 > copy 78.4.", ['scratch > copy does not hold: 67.93, 78.40']),
+    ("Unlike the paper, scratch 61.1 > copy 71.1.", ['scratch > copy does not hold: 61.06, 71.11']),
     ('Fine-tuning does better than copy here.', ["a comparison this test cannot read: "
                                                  "'Fine-tuning does better than copy here.'"]),
     ("The paper's numbers: distillation 85.7 = fine-tune 85.7 > copy 85.1.", []),
     ('Each stage is stopped after 100 steps, 40% of the way through it, with its lr still at 50% of the peak.',
-     ['100 steps: the run stopped after 200', '40% of the way: the run got 0.427', 'lr at 50%: it was 70.8%']),
+     ['100 steps: the run stopped after 160', '40% of the way: the run got 0.171', 'lr at 50%: it was 98.5%']),
+    ('Without bf16 (--amp off) it gave copy 71.1.', ["fp32: the stages' logs do not say they ran without autocast"]),
 ])
 def test_the_reader_finds_what_disagrees(claim, wrong):
     """The checker itself, on sentences whose truth is known: it is no check if it passes everything."""
@@ -167,7 +219,10 @@ def stated_features(c, text):
     wrong = [f'{k}: {c[k]}' for k in ('close_blocks', 'teacher_close', 'seeds_close', 'scratch_seeds', 'apart_blocks',
                                       'teacher_apart', 'gain_ff', 'gain_fd')
              if not re.search(rf'(?<![\d.]){re.escape(c[k])}(?!\d)', text)]
-    if 'no sign of features of its own' in text and c['fd']['gain']['mean'] > c['ff']['gain']['mean']:
+    # the ensemble's gain read as no sign of features unlike the fine-tuned model's: the distilled student may add no
+    # more than a second fine-tuned seed
+    says_no_sign = 'no sign of features of its own' in text or "does the ensemble's gain show features unlike" in text
+    if says_no_sign and c['fd']['gain']['mean'] > c['ff']['gain']['mean']:
         wrong.append('the distilled student adds more than a second fine-tuned seed')
     if f"{c['seeds']} seeds" not in text:
         wrong.append(f"{c['seeds']} seeds")
@@ -180,7 +235,141 @@ def test_the_readme_says_what_the_feature_analysis_shows():
         text = next(p for p in f.read().split('\n\n') if 'results/fashion-mnist/features/README.md)),' in p)
     c = feature_claims()
     assert c is not None and stated_features(c, text) == []
+    # where the distilled features part from the teacher's, how alike two distilled seeds stay (the README says both)
+    from tools.features_report import span
+    apart = span(c['at']('distill', 'distill', c['apart']))
+    assert f"{c['teacher_apart']}) than to each other ({apart})" in ' '.join(text.split()), apart
     # the reader catches a number or a word changed
     assert stated_features(c, text.replace(c['teacher_close'], '0.12-0.34')) == ['teacher_close: ' + c['teacher_close']]
     swapped = {**c, 'fd': c['ff'], 'ff': {'gain': {'mean': c['ff']['gain']['mean'] - 1}}}
     assert 'the distilled student adds more than a second fine-tuned seed' in stated_features(swapped, text)
+
+# -----------------------------------------------------------------------------
+# The README's sentences about the committed reproduction (the figure's caption and the Results section), against
+# results/fashion-mnist/results.json: the table, each gap closed, the ensemble's gain, each ordering, the time
+
+
+FULL = os.path.join(ROOT, 'results', 'fashion-mnist')
+ROWS = {'train from scratch': 'scratch', 'fine-tune the MAE teacher': 'finetune', 'attention copy': 'copy',
+        'attention distillation': 'distill', 'ensemble': 'ensemble'}
+
+
+def full_run():
+    with open(os.path.join(FULL, 'results.json')) as f:
+        return json.load(f)
+
+
+def readme_about_full():
+    """The caption under the README's figure and its Results section (up to the next section)."""
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        text = f.read()
+    caption = re.search(r'^!\[[^\]]*\]\(results/fashion-mnist/results\.png\)\n(\*[^*]+\*)', text, re.M)
+    results = re.search(r'^## Results\b.*?(?=^## )', text, re.M | re.S)
+    assert caption and results, 'the README has no caption under results/fashion-mnist/results.png, or no Results'
+    return caption[1] + '\n\n' + results[0]
+
+
+def full_problems(text, run):
+    """What in the README's text about the committed reproduction its results.json disagrees with (empty:
+    nothing)."""
+    m, out = run['summary']['methods'], []
+    mean = {k: r['mean'] for k, r in m.items()}
+    gap = {'copy': run['summary']['gap_closed']['copy'], 'distillation': run['summary']['gap_closed']['distill']}
+    flat = ' '.join(text.split())
+    for label, key in ROWS.items():   # | method (...) | mean ± std | gap closed | paper |
+        for row in re.findall(rf'^\| {re.escape(label)}\b[^|]*\| \**(\d+\.\d+) ± (\d+\.\d+)\** \|([^|]*)\|', text, re.M):
+            if (float(row[0]), float(row[1])) != (round(mean[key], 2), round(m[key]['std'], 2)):
+                out.append(f'{label}: {row[0]} ± {row[1]}, the run has {mean[key]:.2f} ± {m[key]["std"]:.2f}')
+            share = re.search(r'(\d+\.\d)%', row[2])
+            if share and float(share[1]) != round(100 * run['summary']['gap_closed'][key], 1):
+                out.append(f'{label} closes {share[1]}%: the run, {100 * run["summary"]["gap_closed"][key]:.1f}%')
+    for name, n in re.findall(r"(?<!paper's )\b(copy|distillation) closes (?:only )?(\d+\.\d)%", flat, re.I):
+        if float(n) != round(100 * gap[name.lower()], 1):
+            out.append(f'{name} closes {n}%: the run, {100 * gap[name.lower()]:.1f}%')
+    gain = mean['ensemble'] - mean['finetune']
+    for n in re.findall(r'beats fine-tuning(?: alone)? by (\d+\.\d+)', flat):
+        out += [] if float(n) == round(gain, len(n.split('.')[1])) else [f'ensemble gain {n}: the run, {gain:.2f}']
+    per_seed = [e - f for e, f in zip(m['ensemble']['top1'], m['finetune']['top1'])]
+    for said in re.findall(r'\(((?:[+−-]\d+\.\d+, )+[+−-]\d+\.\d+) per seed', flat):
+        said, there = [float(x.replace('−', '-')) for x in said.split(', ')], [round(g, 2) for g in per_seed]
+        out += [] if said == there else [f'per seed {said}: the run, {there}']
+    for n in re.findall(r'disagree on (\d+\.\d)% of the images', flat):
+        dis = statistics.mean(run['summary']['disagreement_pct'])
+        out += [] if float(n) == round(dis, 1) else [f'disagree on {n}%: the run, {dis:.2f}%']
+    for n in re.findall(r'gains (\d+\.\d) points over scratch', flat):
+        out += [] if float(n) == round(mean['copy'] - mean['scratch'], 1) else [f'copy gains {n}']
+    if 'beat training from scratch on every seed' in flat:
+        out += [f'{k} does not beat scratch on seed {i}' for k in ('copy', 'distill')
+                for i, (a, b) in enumerate(zip(m[k]['top1'], m['scratch']['top1'])) if not a > b]
+    for a, b, x, y in re.findall(r'(Fine-tuning|Distillation|Copy) stays above (fine-tuning|distillation|copy|scratch) '
+                                 r'here \((\d+\.\d+) against (\d+\.\d+)\)', flat):
+        ka, kb = NAMES[a.lower()], NAMES[b]
+        if not (mean[ka] > mean[kb] and (float(x), float(y)) == (round(mean[ka], 2), round(mean[kb], 2))):
+            out.append(f'{a} above {b} ({x}, {y}): the run has {mean[ka]:.2f}, {mean[kb]:.2f}')
+    for mi, s in re.findall(r'in (\d+) min (\d+) s', flat):
+        out += [] if divmod(round(run['wall_s']), 60) == (int(mi), int(s)) else [f'{mi} min {s} s: {run["wall_s"]:.0f} s']
+    for n in re.findall(r'for (\d+) epochs, (\d+) seeds', flat):
+        if (int(n[0]), int(n[1])) != (run['config']['epochs'], len(run['config']['seeds'])):
+            out.append(f'{n[0]} epochs, {n[1]} seeds: the run had {run["config"]["epochs"]}, {run["config"]["seeds"]}')
+    return out
+
+
+def test_the_readme_says_what_the_committed_reproduction_shows():
+    text = readme_about_full()
+    assert full_problems(text, full_run()) == []
+    # each kind of sentence is there to be read (a sentence reworded out of the reader's reach fails here)
+    flat = ' '.join(text.split())
+    for pattern in (r'Distillation closes \d', r'beats fine-tuning(?: alone)? by', r'per seed', r'disagree on \d',
+                    r'on every seed', r'stays above', r'in \d+ min \d+ s', r'^\| attention copy'):
+        assert re.search(pattern, flat if '^' not in pattern else text, re.M), pattern
+
+
+@pytest.mark.parametrize('claim, wrong', [
+    ('Distillation closes 80.6% of the gap; copy closes 29.5%.', []),
+    ('Distillation closes 86.3% of the gap.', ['Distillation closes 86.3%: the run, 80.6%']),
+    ("The paper's copy closes 77.8%.", []),
+    ('The ensemble beats fine-tuning alone by 0.33 points.', ['ensemble gain 0.33: the run, 0.21']),
+    ('(+0.25, +0.22, +0.17 per seed)', []),
+    ('(+0.25, +0.17, +0.22 per seed)', ['per seed [0.25, 0.17, 0.22]: the run, [0.25, 0.22, 0.17]']),
+    ('The two disagree on 6.9% of the images.', ['disagree on 6.9%: the run, 6.82%']),
+    ('Distillation stays above fine-tuning here (89.86 against 88.93).',
+     ['Distillation above fine-tuning (89.86, 88.93): the run has 88.93, 89.86']),
+    ('It ran in 40 min 30 s.', ['40 min 30 s: 2490 s']),
+    ('| attention copy (layers 0-4 of 6) | 86.48 ± 0.14 | 29.5% | 85.1 (77.8%) |', []),
+    ('| attention copy (layers 0-4 of 6) | 86.58 ± 0.14 | 39.5% | 85.1 (77.8%) |',
+     ['attention copy: 86.58 ± 0.14, the run has 86.48 ± 0.14', 'attention copy closes 39.5%: the run, 29.5%']),
+])
+def test_the_committed_reproduction_reader_finds_what_disagrees(claim, wrong):
+    """The checker itself, on sentences whose truth is known."""
+    assert full_problems(claim, full_run()) == wrong
+
+# -----------------------------------------------------------------------------
+# VALIDATION.md's row for the preset (8 heads, 3 epochs, 3 seeds, validation split), against the runs' logs
+
+
+def validation_row():
+    """(scratch, fine-tune, copy, copy's share, distillation, its share, ensemble, gain, per-seed gains) as
+    VALIDATION.md's budget table states them for the 8-head preset."""
+    with open(os.path.join(FULL, 'VALIDATION.md'), encoding='utf-8') as f:
+        row = next(line for line in f if line.startswith('| **3 epochs, 8-head teacher** |'))
+    return [float(x) for x in re.findall(r'[+-]?\d+\.\d+', row.split('|', 4)[4].rsplit('|', 3)[0])]
+
+
+def validation_runs():
+    """The same numbers, computed from the runs' own files under results/fashion-mnist/validation/."""
+    v = os.path.join(FULL, 'validation')
+    def last(d):   # the run's final evaluation
+        with open(os.path.join(v, d, 'metrics.jsonl')) as f:
+            return json.loads(f.read().strip().splitlines()[-1])['top1']
+    runs = {m: [last(f'bf16-{m}-h8{s}') for s in ('', '-s1', '-s2')] for m in ('scratch', 'ft', 'copy', 'distill')}
+    ens = [json.load(open(os.path.join(v, f'bf16-ensemble-h8{s}', 'ensemble.json')))['ensemble']['top1']
+           for s in ('', '-s1', '-s2')]
+    s, f, c, d = (statistics.mean(runs[m]) for m in ('scratch', 'ft', 'copy', 'distill'))
+    gains = [e - x for e, x in zip(ens, runs['ft'])]
+    return [round(s, 2), round(f, 2), round(c, 2), round(100 * (c - s) / (f - s), 1), round(d, 2),
+            round(100 * (d - s) / (f - s), 1), round(statistics.mean(ens), 2), round(statistics.mean(gains), 2),
+            *[round(g, 2) for g in gains]]
+
+
+def test_validation_states_the_presets_row_as_its_runs_give_it():
+    assert validation_row() == validation_runs()

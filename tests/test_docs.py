@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, sub_env
 from util.cli import parse_config
 
-PAGES = ['README.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
+PAGES = ['README.md', 'REFERENCE.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
                                              for p in glob.glob(os.path.join(ROOT, folder, '**', '*.md'), recursive=True)),
          'tutorial.ipynb']
 # the target of [text](target), ![alt](target "title"), [![badge](image)](target), <angle brackets> allowed;
@@ -97,16 +97,19 @@ def script_of(command):
 
 
 README_COMMANDS = [c for c in map(script_of, code_lines(read_page('README.md'))) if c]
+# the README's commands, then those of the reference page it links for everything that is not the course
+DOC_COMMANDS = README_COMMANDS + [c for c in map(script_of, code_lines(read_page('REFERENCE.md'))) if c]
 
 
 def test_readme_names_commands():
-    assert len(README_COMMANDS) >= 10, README_COMMANDS
+    assert len(DOC_COMMANDS) >= 10, DOC_COMMANDS
+    assert len(README_COMMANDS) >= 5, README_COMMANDS
 
 
-@pytest.mark.parametrize('script, args', README_COMMANDS, ids=[' '.join([s, *a])[:60] for s, a in README_COMMANDS])
+@pytest.mark.parametrize('script, args', DOC_COMMANDS, ids=[' '.join([s, *a])[:60] for s, a in DOC_COMMANDS])
 def test_readme_command_exists_and_parses(script, args):
-    """Every script the README runs exists, and its flags parse with that script's config and presets: an
-    unknown flag or a bad value would stop it here, before anything is made or loaded."""
+    """Every script the README and REFERENCE.md run exists, and its flags parse with that script's config and
+    presets: an unknown flag or a bad value would stop it here, before anything is made or loaded."""
     module = script[:-3].replace('/', '.') if script.endswith('.py') else script
     assert os.path.isfile(os.path.join(ROOT, module.replace('.', '/') + '.py')), f'{script}: no such file'
     mod = importlib.import_module(module)
@@ -123,7 +126,7 @@ def first_command():
 
 
 def test_readme_first_command_leaves_git_status_clean(tmp_path):
-    """The first command in a fresh clone, on fake images and 2 steps a stage instead of Fashion-MNIST's 200:
+    """The first command in a fresh clone, on fake images and 2 steps a stage instead of the quick command's 80:
     everything it writes (runs, report) lands where git ignores it."""
     if subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True).returncode:
         pytest.skip('the repository is not a git checkout')
@@ -138,3 +141,136 @@ def test_readme_first_command_leaves_git_status_clean(tmp_path):
     assert glob.glob(str(clone / 'runs' / '**' / 'RESULTS.md'), recursive=True), 'no report under runs/'
     status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
     assert status.stdout == '', f'the README\'s first command changed the checkout:\n{status.stdout}'
+
+# -----------------------------------------------------------------------------
+# The README's table of budgets, against the code that sets each: the notebook's MODE cell, the scripts' preset,
+# tools/reproduce.py's preset and --quick
+
+
+BUDGET_NAMES = ('notebook quick mode', 'notebook full mode', 'the committed reproduction', 'the quick command')
+TRAIN, TEST = 60000, 10000      # Fashion-MNIST's splits
+
+
+def budget_rows(text):
+    """{name: {column: cell}} of the README's table of budgets."""
+    table = re.search(r'^\| budget \|.*?(?=\n\n)', text, re.M | re.S)
+    assert table, 'the README has no table of budgets'
+    head, _, *rows = [[c.strip() for c in line.strip('|').split('|')] for line in table[0].splitlines()]
+    return {r[0]: dict(zip(head, r)) for r in rows}
+
+
+def number(cell):
+    return float(re.match(r'[\d,.]+', cell)[0].replace(',', ''))
+
+
+def notebook_budget():
+    """(training images, test images, flags) of the notebook's quick mode, read from its MODE cell."""
+    import ast
+    with open(os.path.join(ROOT, 'tutorial.ipynb'), encoding='utf-8') as f:
+        cell = next(''.join(c['source']) for c in json.load(f)['cells']
+                    if c['cell_type'] == 'code' and "if MODE == 'quick':" in ''.join(c['source']))
+    quick = next(n for n in ast.walk(ast.parse(cell)) if isinstance(n, ast.If)).body
+    sliced = next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'DATA_DIR')
+    sizes = {k.arg: ast.literal_eval(k.value) for k in sliced.keywords}
+    flags = ast.literal_eval(next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'BUDGET'))
+    return sizes['n_train'], sizes['n_test'], dict(zip(flags[::2], flags[1::2]))
+
+
+def expected_budgets():
+    """What each budget is, from the code: images, steps, batch, epochs, peak lr, warm-up (epochs), seeds."""
+    import attention_copy
+    import attention_distill
+    import finetune
+    from tools import reproduce
+    teacher = ['--teacher', 'teachers/fashion-mnist-mae.pt']
+    presets = [parse_config(cls, mod.PRESETS, ['--data', 'fashion-mnist', '--out-dir', 'x', *extra])
+               for mod, cls, extra in ((finetune, finetune.FinetuneConfig, []),
+                                       (attention_copy, attention_copy.CopyConfig, teacher),
+                                       (attention_distill, attention_distill.DistillConfig, teacher))]
+    keys = ('epochs', 'batch_size', 'blr', 'warmup_epochs')
+    assert len({tuple(getattr(p, k) for k in keys) for p in presets}) == 1, 'the scripts differ in their budget'
+    p = presets[0]
+    per_epoch = lambda n, batch: n // batch    # the training loader drops its last, partial batch
+    out = {'notebook full mode': dict(train=TRAIN, test=TEST, batch=p.batch_size, epochs=p.epochs,
+                                      steps=per_epoch(TRAIN, p.batch_size) * p.epochs,
+                                      lr=p.blr * p.batch_size / 256, warmup=p.warmup_epochs, seeds=1)}
+    n_train, n_test, f = notebook_budget()
+    out['notebook quick mode'] = dict(train=n_train, test=n_test, batch=f['--batch-size'], epochs=f['--epochs'],
+                                      steps=per_epoch(n_train, f['--batch-size']) * f['--epochs'],
+                                      lr=f['--blr'] * f['--batch-size'] / 256, warmup=f['--warmup-epochs'], seeds=1)
+    for name, argv in (('the committed reproduction', []), ('the quick command', ['--quick', 'true'])):
+        r = reproduce.parse(['--data', 'fashion-mnist', *argv])
+        batch, blr = r.batch_size or p.batch_size, r.blr or p.blr          # 0: each script's own
+        whole = per_epoch(TRAIN, batch) * r.epochs
+        out[name] = dict(train=TRAIN, test=TEST, batch=batch, epochs=r.epochs, whole=whole,
+                         steps=min(r.max_steps, whole) if r.max_steps else whole, lr=blr * batch / 256,
+                         warmup=r.epochs / 10, seeds=len(r.seeds))
+    return out
+
+
+def budget_problems(text):
+    """What in the README's table of budgets the code disagrees with (empty: nothing)."""
+    rows, want, out = budget_rows(text), expected_budgets(), []
+    if tuple(rows) != BUDGET_NAMES:
+        return [f'the rows are {list(rows)}, not {list(BUDGET_NAMES)}']
+    for name, w in want.items():
+        row = rows[name]
+        steps = re.match(r'([\d,]+) × (\d+)', row['steps × batch'])
+        got = dict(train=number(row['training images']), test=number(row['test images']), steps=number(steps[1]),
+                   batch=int(steps[2]), lr=number(row['peak lr']), warmup=number(row['warm-up']),
+                   seeds=int(row['seeds']))
+        out += [f'{name}: {k} {got[k]:g}, the code gives {w[k]:g}' for k in got if got[k] != w[k]]
+        epochs = re.search(r'\((?:cut from ([\d,]+), )?(\d+) epochs?\)', row['steps × batch'])
+        if not epochs or int(epochs[2]) != w['epochs']:
+            out.append(f"{name}: {row['steps × batch']}, the code gives {w['epochs']} epoch(s)")
+        elif 'whole' in w and w['steps'] < w['whole'] and (epochs[1] is None or number(epochs[1]) != w['whole']):
+            out.append(f"{name}: cut from a schedule of {w['whole']} steps, which the row does not say")
+    return out
+
+
+def test_readme_budgets_table():
+    """One row per budget, each named once, with what the code that sets it runs; the results pages call their
+    budget by the same name."""
+    assert budget_problems(read_page('README.md')) == []
+    for name, page in (('the committed reproduction', 'results/fashion-mnist/RESULTS.md'),
+                       ('the quick command', 'results/fashion-mnist-quick/RESULTS.md')):
+        assert name in ' '.join(read_page(page).split()), f'{page} does not call its budget "{name}"'
+
+
+def test_budgets_reader_finds_a_wrong_cell():
+    """The checker itself: a changed lr, step count or seed count in one row is found."""
+    text = read_page('README.md')
+    row = next(line for line in text.splitlines() if line.startswith('| the committed reproduction |'))
+    for old, new, said in (('| 0.002 |', '| 0.004 |', 'lr 0.004'), ('1,404 ×', '1,400 ×', 'steps 1400'),
+                           ('| 3 |', '| 1 |', 'seeds 1')):
+        found = budget_problems(text.replace(row, row.replace(old, new)))
+        assert found == [f'the committed reproduction: {said}, the code gives ' + found[0].split('gives ')[1]], found
+
+
+@pytest.mark.parametrize('page', ['results/fashion-mnist/RESULTS.md', 'results/fashion-mnist-quick/RESULTS.md'])
+def test_results_page_gives_a_command_that_runs(page):
+    """The command a results page says made it is one that runs at this commit, and parses."""
+    from tools import reproduce
+    command = re.search(r'^- command: `([^`]+)`', read_page(page), re.M)
+    assert command and command[1].startswith('python -m tools.reproduce '), command
+    reproduce.parse(shlex.split(command[1])[3:])
+
+
+def misquoted(text):
+    """The code spans of the README's reading order that quote code (an assignment, a product) but are not in the
+    file their item names, character for character."""
+    out = []
+    for path, item in re.findall(r'^\d+\. \[`([^`]+)`\]\([^)]*\)(.*?)(?=^\d+\. |\n\n)', text, re.M | re.S):
+        with open(os.path.join(ROOT, path), encoding='utf-8') as f:
+            source = f.read()
+        out += [f'{path}: `{span}`' for span in re.findall(r'`([^`]+)`', item)
+                if (' = ' in span or ' @ ' in span) and span not in source]
+    return out
+
+
+def test_readme_quotes_code_as_it_is():
+    text = read_page('README.md')
+    assert misquoted(text) == []
+    assert re.search(r'`[^`]* @ v`', text), 'the reading order no longer quotes the line that applies a map'
+    wrong = text.replace('`out = attn @ v`', '`out = attn.to(v.dtype) @ v`', 1)
+    assert misquoted(wrong) == ['vit.py: `out = attn.to(v.dtype) @ v`']

@@ -592,3 +592,34 @@ def test_a_stage_dies_with_reproduce_py_even_killed_by_sigkill():
             parent.kill()
         if stage and alive(stage):   # only the process this test started
             os.kill(stage, signal.SIGKILL)
+
+
+def test_amp_reaches_every_stage_and_names_its_results(tmp_path):
+    """--amp off (fp32, as a CPU without bf16 runs) is passed to every stage, the ensemble included; --amp auto
+    leaves the scripts' own default unsaid, so stages made before the flag existed are the same stages. Results
+    made with another --amp are another reproduction's; an older results.json, made before the flag, counts as
+    auto."""
+    from tools.reproduce_report import check_results_dir
+    root = str(tmp_path)
+    off, auto = parse([*TINY, '--amp', 'off']), parse(TINY)
+    for stage in ('mae', 'scratch', 'finetune', 'copy', 'distill', 'ensemble'):
+        cmd = stage_command(off, stage, 0, root, 't.pt')
+        assert cmd[cmd.index('--amp') + 1] == 'off', (stage, cmd)
+        assert '--amp' not in stage_command(auto, stage, 0, root, 't.pt'), stage
+    with pytest.raises(ConfigError):
+        parse([*TINY, '--amp', 'fp64'])
+    small = parse([*TINY, '--batch-size', '16'])     # a budget's batch: the four training stages, not the teacher's
+    for stage in ('scratch', 'finetune', 'copy', 'distill'):
+        cmd = stage_command(small, stage, 0, root, 't.pt')
+        assert cmd[cmd.index('--batch-size') + 1] == '16', (stage, cmd)
+    assert '--batch-size' not in stage_command(small, 'mae', 0, root, '')
+    assert '--batch-size' not in stage_command(auto, 'copy', 0, root, 't.pt')
+    res = tmp_path / 'results'
+    res.mkdir()
+    old = json.load(open(os.path.join(ROOT, 'results', 'fashion-mnist', 'results.json')))
+    assert 'amp' not in old['config']          # made before --amp existed
+    (res / 'results.json').write_text(json.dumps(old))
+    full = parse(['--data', 'fashion-mnist'])
+    check_results_dir(str(res), full)          # the same reproduction: accepted
+    with pytest.raises(ConfigError, match=r'--amp auto \(here off\)'):
+        check_results_dir(str(res), parse(['--data', 'fashion-mnist', '--amp', 'off']))

@@ -134,15 +134,16 @@ def test_a_saved_config_without_a_field_counts_it_as_its_default(monkeypatch, sa
 
 
 def test_readme_names_every_field_a_resume_may_change():
-    """README's resume rules list each config's RESUMABLE fields (the teacher's path is said in words)."""
+    """The resume rules (REFERENCE.md, linked from the README) list each config's RESUMABLE fields (the teacher's
+    path is said in words)."""
     import attention_copy
     import mae_pretrain
-    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    with open(os.path.join(ROOT, 'REFERENCE.md'), encoding='utf-8') as f:
         rules = f.read().split('**The resume rules.**')[1].split('\n\n')[0]
     for cls in (finetune.FinetuneConfig, attention_copy.CopyConfig, attention_distill.DistillConfig,
                 mae_pretrain.MAEConfig):
         for name in set(cls.RESUMABLE) - {'resume', 'teacher'}:
-            assert f"`--{name.replace('_', '-')}" in rules, f'README does not say --{name} may change on resume'
+            assert f"`--{name.replace('_', '-')}" in rules, f'REFERENCE.md does not say --{name} may change on resume'
     assert "the teacher's path" in rules and 'old → new' in rules and 'global batch' in rules
 
 

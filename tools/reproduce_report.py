@@ -108,7 +108,8 @@ def budget(runs):
     given = dict(zip(args, args[1:]))
     epochs, warmup, steps = float(given['--epochs']), float(given['--warmup-epochs']), int(given['--max-steps'])
     blr = f"blr {given['--blr']}" if '--blr' in given else "each script's preset blr"
-    text = f'a {epochs:g}-epoch schedule (warm-up {warmup:g} epoch, {blr})'
+    batch = f", batch {given['--batch-size']}" if '--batch-size' in given else ''
+    text = f'a {epochs:g}-epoch schedule (warm-up {warmup:g} epoch, {blr}{batch})'
     if not steps or steps >= first['metrics']['step'] / first['metrics']['epoch'] * epochs:
         return text + ', run to its end'
     reached = first['metrics']['epoch']
@@ -194,6 +195,27 @@ def against_paper(s):
     return "The paper's pattern, here (means over seeds):\n\n" + '\n'.join(lines)
 
 
+def command_now(command):
+    """The recorded command, as it runs at this commit: the driver was reproduce.py at the repository's root before
+    it moved to tools/ (results.json keeps what was typed)."""
+    old = 'python reproduce.py '
+    if not command.startswith(old):
+        return f'`{command}`'
+    return f"`python -m tools.reproduce {command[len(old):]}` (run as `{command}`, where the driver then was)"
+
+
+def named(cfg):
+    """The name the README's table of budgets gives this run's budget, when it is one of them."""
+    from tools.reproduce import parse     # here, not above: reproduce.py imports this file
+    if cfg.data != 'fashion-mnist' or cfg.val_size:
+        return ''
+    preset = parse(['--data', 'fashion-mnist', *['--quick', 'true'] * bool(cfg.quick)])
+    if any(getattr(cfg, k, OLDER.get(k)) != getattr(preset, k) for k in ('seeds', 'teacher', 'mae_epochs', 'epochs', 'blr',
+                                                                  'batch_size', 'max_steps')):
+        return ''
+    return f", the budget the README calls *{'the quick command' if cfg.quick else 'the committed reproduction'}*"
+
+
 def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
     """RESULTS.md: the table, what its columns mean, how it was made. validation: link VALIDATION.md (the
     choices behind the preset) beside it; rewritten: the commit that re-wrote it from results.json."""
@@ -221,7 +243,7 @@ def report(cfg, s, runs, root, prov, validation=False, rewritten=''):
              f'split\'s,') if cfg.val_size else 'test top-1'
     return f"""# Attention transfer on {cfg.data}: the paper's Table 1 in miniature
 {quick}
-Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split:
+Each method trains the same ViT (the scripts' `--data {cfg.data}` preset) on the training split{named(cfg)}:
 {budget(runs)}; {len(cfg.seeds)} seed(s): {', '.join(map(str, cfg.seeds))}. Teacher: {teacher}.
 Each number is the {split} at the end of its run (the ensemble: of the two final models),
 never the best evaluation's; nothing was chosen by looking at the test split.
@@ -245,7 +267,7 @@ the paper's: {ordering(PAPER, 1)}.
 
 ## Provenance
 
-- command: `{prov['command']}`
+- command: {command_now(prov['command'])}
 - git commit: {prov['git_commit']}
 - machine: {'; '.join(sorted({r['machine'] for r in runs}))}
 - every stage's log, per-epoch metrics, config and done.json: [`logs/<stage>/seed<k>/`](logs/) (the run
@@ -273,7 +295,9 @@ def write_report(results_dir, cfg, s, runs, root, prov, rewritten=''):
 
 
 # What a reproduction's numbers depend on: results made with other values are another reproduction's
-SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'max_steps', 'fake_size')
+SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'batch_size', 'max_steps',
+        'fake_size', 'amp')
+OLDER = {'amp': 'auto', 'batch_size': 0}   # fields results.json had no entry for before they existed: the value they ran with
 
 
 def check_results_dir(results_dir, cfg, teacher_sha256=None):
@@ -292,8 +316,8 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
         return
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
     now = asdict(cfg)
-    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME
-            if old['config'].get(k) != now[k]]
+    was = {k: old['config'].get(k, OLDER.get(k)) for k in SAME}
+    diff = [f"{flag(k)} {word(was[k])} (here {word(now[k])})" for k in SAME if was[k] != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
         diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
     if diff:
