@@ -124,6 +124,8 @@ BAD = [
     (['reproduce.py'], 'num_workers', [['-1']]),
     (['reproduce.py'], 'fake_size', [['0']]),
     (['reproduce.py'], 'jobs', [['0']]),
+    (['reproduce.py'], 'batch_size', [['-1']]),
+    (['reproduce.py'], 'amp', [['fp8']]),
     (['benchmark.py'], 'models', [['vit_nope']]),
     (['benchmark.py'], 'methods', [['nope'], ['train', 'nope']]),
     (['benchmark.py'], 'profile', [['nope']]),

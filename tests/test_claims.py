@@ -221,7 +221,8 @@ def stated_features(c, text):
              if not re.search(rf'(?<![\d.]){re.escape(c[k])}(?!\d)', text)]
     # the ensemble's gain read as no sign of features unlike the fine-tuned model's: the distilled student may add no
     # more than a second fine-tuned seed
-    says_no_sign = 'no sign of features of its own' in text or "does the ensemble's gain show features unlike" in text
+    says_no_sign = any(s in text for s in ('no sign of features of its own', 'no sign of features unlike',
+                                           "does the ensemble's gain show features unlike"))
     if says_no_sign and c['fd']['gain']['mean'] > c['ff']['gain']['mean']:
         wrong.append('the distilled student adds more than a second fine-tuned seed')
     if f"{c['seeds']} seeds" not in text:

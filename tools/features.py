@@ -1,8 +1,8 @@
 """
 Does a student learn features of its own? Trained models compared block by block with their teacher and
-with each other, in one pass over a fixed set of test images (the paper's second claim, Li et al. 2024:
-the student learns features of its own, not the teacher's, which is why its ensemble with the fine-tuned
-model helps; the ensemble's gain only suggests it, these numbers measure it).
+with each other, in one pass over a fixed set of test images (the paper's second claim, Li et al. 2024: the
+student, learning with its own weights, ends with features unlike the teacher's, which is why its ensemble with the
+fine-tuned model helps; the ensemble's gain only suggests it, these numbers measure it).
 
     python -m tools.features --teacher teachers/fashion-mnist-mae.pt --batch-size 200 --out-dir runs/features \
         --models results/fashion-mnist/features/models/{scratch,finetune,copy,distill}-{0,1,2}.pt

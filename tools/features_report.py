@@ -265,8 +265,9 @@ def reading(r, data):
              f"{span(at('finetune', 'finetune'))}, two distilled {span(at('distill', 'distill'))}, while the teacher and "
              f"a scratch model reach only {span(at(t, 'scratch'))}. "
              + (f"In {blocks_named(close)} the distilled students are at least as alike to the teacher "
-                f"({span(at(t, 'distill', close))}) as to each other ({span(at('distill', 'distill', close))}, the "
-                f"mean over their pairs)"
+                f"({span(at(t, 'distill', close))}) as their least alike pair is to each other "
+                f"({span([g('distill', 'distill')['tokens'][i]['min'] for i in close])}; the mean over their pairs "
+                f"{span(at('distill', 'distill', close))})"
                 + (f", and more than two scratch seeds are to each other in {len(labels)} of them" if labels else '')
                 + ': there, to linear CKA, the teacher is one more seed of distillation' if close else
                 'In no block are the distilled students as alike to the teacher as to each other')
@@ -292,11 +293,11 @@ def reading(r, data):
              f"top-1 {fd['top1_ensemble']['mean']:.2f} against {ff['top1_ensemble']['mean']:.2f})")
     weaker = fd['gain']['mean'] <= ff['gain']['mean']
     so = ("So the controls change the one-seed reading. " + (
-          f"Its \"not its own\" holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
+          f"That its features are near the teacher's holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
           f"distilled features there are as near the teacher's as a second distilled seed's are to the first's"
           + (f"; in {blocks_named(apart)} they are nearer each other's than the teacher's" if apart else '')
           if close else "In no block are the distilled features as near the teacher's as to another distilled seed's")
-          + ('. And the ensemble\'s gain is no sign of features of its own: a second fine-tuned seed adds as much to '
+          + ('. And the ensemble\'s gain is no sign of features unlike the fine-tuned model\'s: a second fine-tuned seed adds as much to '
              'the first as the distilled student does' + (', though it disagrees with the fine-tuned model more often '
              'than a second fine-tuned seed does' if sep(fd['disagreement'], ff[
                  'disagreement']) and fd['disagreement']['mean'] > ff['disagreement']['mean'] else '') if weaker else

@@ -127,7 +127,7 @@ class TrainConfig:
     dist_timeout: int = option(1800, 'seconds a process waits for the others (torchrun) before every one stops',
                                at_least(1, 'seconds'))
 
-    # what --resume true may change: where and how the run goes, never what it computes (README, "resume")
+    # what --resume true may change: where and how the run goes, never what it computes (REFERENCE.md, "resume")
     RESUMABLE: typing.ClassVar[tuple] = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
                                          'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
