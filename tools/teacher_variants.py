@@ -7,6 +7,7 @@ import os
 
 from matplotlib.figure import Figure
 
+from tools.palette import PALETTE
 from tools.teacher_gap import RUNS, closed, final_top1
 from util.files import save_figure
 
@@ -19,7 +20,7 @@ TEACHERS = {'4 heads (shipped before)': '24', '48 epochs': '48', '50% masked': '
 SCRATCH = {'-h8': 'bf16-scratch-h8'}
 
 
-def main():
+def main(path=os.path.join(RUNS, 'teacher_variants.png')):
     scratch = final_top1('bf16-scratch')
     rows = []
     for name, suffix in TEACHERS.items():
@@ -32,11 +33,11 @@ def main():
     fig = Figure(figsize=(8, 0.75 * len(rows) + 1.5), layout='constrained')
     ax = fig.subplots()
     y = range(len(rows))
-    for k, (method, color) in enumerate((('copy', 'C2'), ('distill', 'C3'))):
+    for k, (method, color) in enumerate((('copy', PALETTE['copy']), ('distill', PALETTE['distill']))):
         values = [r[1 + k] for r in rows]
         bars = ax.barh([i + 0.2 * (2 * k - 1) for i in y], values, height=0.4, color=color, label=method)
         ax.bar_label(bars, fmt='%.1f', fontsize=8, padding=2)
-    for target, color in ((50, 'C2'), (78, 'C3')):
+    for target, color in ((50, PALETTE['copy']), (78, PALETTE['distill'])):
         ax.axvline(target, color=color, linestyle=':', label=f'target, {target}%')
     ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
@@ -44,7 +45,8 @@ def main():
            title='Fashion-MNIST, 6 x 64 ViT, 3 epochs a stage, seed 0, validation split')
     ax.grid(axis='x', alpha=0.3)
     ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.06), ncol=4)
-    save_figure(fig, os.path.join(RUNS, 'teacher_variants.png'), dpi=100)
+    save_figure(fig, path, dpi=100)
+    return fig
 
 
 if __name__ == '__main__':
