@@ -249,10 +249,23 @@ def reading(r, data):
     c = claims(r)
     if c is None:
         return ''
-    ms, t, depth = methods(r), r['teacher'], r['depth']
-    g, at, taught, close, apart, fd, ff = (c[k] for k in ('g', 'at', 'taught', 'close', 'apart', 'fd', 'ff'))
+    n, depth = c['seeds'], r['depth']
+    b = r.get('bootstrap')
+    limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
+              + (f"; the intervals resample the {r['images']} test images (for CKA in the {b['cka_units']} batches "
+                 f"they were run in), not the training" if b else '')
+              + "; linear CKA sees only how linearly alike two sets of features are, not whether a model computes "
+                f"them the same way; and this is a {depth}-block ViT on {data}, 3 epochs a method")
+    return (f"What this shows, for {n} seeds of each method of a {depth}-block ViT on {data}. Whether a student's "
+            f"features are \"its own\" asks two questions: were they learned rather than copied, and how alike "
+            f"are they to the teacher's? First, " + '. '.join([*on_features(r, c), *on_predictions(c), limits]) + '.')
+
+
+def on_features(r, c):
+    """The sentences on the maps taken and the features: learned rather than copied, and how alike to the teacher's."""
+    t, depth, n = r['teacher'], r['depth'], c['seeds']
+    g, at, taught, close, apart = (c[k] for k in ('g', 'at', 'taught', 'close', 'apart'))
     kl = lambda k, layers: [mean(per_method(r, 'kl', k, i)) for i in layers]
-    n = c['seeds']
     labels = [i for i in close if at(t, 'distill', [i])[0] > at('scratch', 'scratch', [i])[0]]
     maps = (f"the distilled students took the maps they were taught (KL to the teacher's {span(kl('distill', taught))} "
             f"nats in {blocks_named(taught)}, mean over {n} seeds; the scratch models' {span(kl('scratch', taught))})")
@@ -278,6 +291,12 @@ def reading(r, data):
     between = (f"A fine-tuned and a distilled model (pairs of different seeds) are less alike than two seeds of either "
                f"in {len(cross)} of {depth} blocks (CKA {span(at('finetune', 'distill', range(depth)))}, against "
                f"{span(at('finetune', 'finetune', range(depth)))} and {span(at('distill', 'distill', range(depth)))})")
+    return [maps, learned, alike, between]
+
+
+def on_predictions(c):
+    """The sentences on the predictions against the same control, and what the controls change in the reading."""
+    g, close, apart, fd, ff = (c[k] for k in ('g', 'close', 'apart', 'fd', 'ff'))
     d_given_f = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
     iv = lambda s, k=100, f='.1f': f"{k * s['mean']:{f}}" + (f" [{k * s['interval'][0]:{f}}, {k * s['interval'][1]:{f}}]"
                                                             if 'interval' in s else '')
@@ -302,15 +321,8 @@ def reading(r, data):
              'than a second fine-tuned seed does' if sep(fd['disagreement'], ff[
                  'disagreement']) and fd['disagreement']['mean'] > ff['disagreement']['mean'] else '') if weaker else
              '. The ensemble with the distilled student gains more than a second fine-tuned seed adds'))
-    b = r.get('bootstrap')
-    limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
-              + (f"; the intervals resample the {r['images']} test images (for CKA in the {b['cka_units']} batches "
-                 f"they were run in), not the training" if b else '')
-              + "; linear CKA sees only how linearly alike two sets of features are, not whether a model computes "
-                f"them the same way; and this is a {depth}-block ViT on {data}, 3 epochs a method")
-    return (f"What this shows, for {n} seeds of each method of a {depth}-block ViT on {data}. Whether a student's "
-            f"features are \"its own\" asks two questions: were they learned rather than copied, and how alike "
-            f"are they to the teacher's? First, " + '. '.join([maps, learned, alike, between, preds, so, limits]) + '.')
+    return [preds, so]
+
 
 # -----------------------------------------------------------------------------
 # The page and features.json
