@@ -69,6 +69,7 @@ BAD = [
     (TRAIN, 'accum_steps', [['0']]),
     (TRAIN, 'blr', [['-1'], ['nan']]),
     (TRAIN, 'min_lr', [['-0.000001']]),
+    (TRAIN, 'min_lr_ratio', [['-0.1'], ['1']]),
     (TRAIN, 'weight_decay', [['-0.05']]),
     (TRAIN, 'layer_decay', [['0'], ['1.5']]),
     (TRAIN, 'layer_decay_offset', [['-1']]),

@@ -43,24 +43,24 @@ PLAIN_VIT = dict(layer_scale=0.0, norm_pre=False, act='gelu')   # MAE's ViT-L: n
 RECIPES = {
     'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
         **VIT_L, **AUGMENT, init='mae_vit_large', scratch=False, global_pool=True, drop_path=0.2, epochs=50,
-        warmup_epochs=5, batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.75,
+        warmup_epochs=5, batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, min_lr_ratio=0.0, weight_decay=0.05, layer_decay=0.75,
         layer_decay_offset=1, beta2=0.999, clip_grad=0.0, ema=0.0, num_workers=10, **PLAIN_VIT),
     'scratch': dict(    # MAE paper Table 11 (ViT-L): 4096 = 64 GPUs x 64; no random erasing in the table
         **VIT_L, **{**AUGMENT, 'reprob': 0.0}, init='', scratch=True, global_pool=True, drop_path=0.2, epochs=200,
-        warmup_epochs=20, batch_size=64, accum_steps=1, blr=1e-4, min_lr=1e-6, weight_decay=0.3, layer_decay=1.0,
+        warmup_epochs=20, batch_size=64, accum_steps=1, blr=1e-4, min_lr=1e-6, min_lr_ratio=0.0, weight_decay=0.3, layer_decay=1.0,
         layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10, **PLAIN_VIT),
     'copy': dict(       # release README, Attention Copy: 8 nodes x 8 GPUs x 32 = 2048; --warmup_epochs default 5
         **STUDENT, **AUGMENT, layers='all', global_pool=True, drop_path=0.0, epochs=100, warmup_epochs=5,
-        batch_size=32, accum_steps=1, blr=1e-3, min_lr=2e-3, weight_decay=0.05, layer_decay=0.75,
+        batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, min_lr_ratio=0.25, weight_decay=0.05, layer_decay=0.75,
         layer_decay_offset=0, beta2=0.999, clip_grad=0.0, ema=0.9999, num_workers=10),
     'distill': dict(    # release README, Attention Distillation: --end_layer -6, --atd_weight 3.0
         **STUDENT, **AUGMENT, layers='0-17', weight=3.0, global_pool=True, drop_path=0.2, epochs=200,
-        warmup_epochs=20, batch_size=32, accum_steps=1, blr=1e-4, min_lr=1e-6, weight_decay=0.3, layer_decay=1.0,
+        warmup_epochs=20, batch_size=32, accum_steps=1, blr=1e-4, min_lr=1e-6, min_lr_ratio=0.0, weight_decay=0.3, layer_decay=1.0,
         layer_decay_offset=0, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10),
     'mae_pretrain': dict(   # MAE PRETRAIN.md: 8 nodes x 8 GPUs x 64 = 4096; main_pretrain.py: crop (0.2, 1), flip
         **VIT_L, global_pool=False, drop_path=0.0, hflip=0.5, min_scale=0.2, crop_pad=2, randaug='', reprob=0.0,
         mixup=0.0, cutmix=0.0, smoothing=0.0, epochs=800, warmup_epochs=40, batch_size=64, accum_steps=1, blr=1.5e-4,
-        min_lr=0.0, weight_decay=0.05, layer_decay=1.0, layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.0,
+        min_lr=0.0, min_lr_ratio=0.0, weight_decay=0.05, layer_decay=1.0, layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.0,
         num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True),
 }
 GLOBAL_BATCH = {'finetune': (32, 1024), 'scratch': (64, 4096), 'copy': (64, 2048), 'distill': (64, 2048),
@@ -125,21 +125,41 @@ def test_layer_decay_counts_as_the_release_and_as_mae(depth):
         assert ours['pos_embed'] == pytest.approx(0.75 ** 24)
 
 # -----------------------------------------------------------------------------
-# The copy schedule: peak 1e-3 x 2048 / 256 = 8e-3, 5 warm-up epochs, cosine down to an absolute 2e-3
+# The copy schedule: peak 1e-3 x 2048 / 256 = 8e-3, 5 warm-up epochs, cosine down to the release's absolute 2e-3,
+# a quarter of the peak: at any other batch the same quarter of its peak
 
 
 def test_copy_schedule_is_the_releases():
     _, cfg = imagenet_config('copy')
     peak = cfg.blr * 2048 / 256
 
-    def release(epoch):    # util/lr_sched.adjust_learning_rate
+    def release(epoch):    # util/lr_sched.adjust_learning_rate, with the release's --min_lr 2e-3
         if epoch < cfg.warmup_epochs:
             return peak * epoch / cfg.warmup_epochs
-        return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - 5) / (100 - 5)))
+        return 2e-3 + (peak - 2e-3) * 0.5 * (1 + math.cos(math.pi * (epoch - 5) / (100 - 5)))
     for epoch in [0.0, 0.3, 2.5, 4.99, 5.0, 17.2, 50.0, 99.9, 100.0]:
         assert lr_at(cfg, peak, epoch) == pytest.approx(release(epoch), rel=1e-12), epoch
     assert peak == 8e-3 and lr_at(cfg, peak, 5.0) == pytest.approx(8e-3)
     assert lr_at(cfg, peak, 100.0) == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize('batch', [4, 256, 2048])
+def test_copy_schedule_decays_at_any_batch(batch):
+    """8 GPUs x 32 = 256 (or 4 images) decays as the release's 2048 does: to the same fraction of the peak."""
+    _, cfg = imagenet_config('copy')
+    peak = cfg.blr * batch / 256
+    lrs = [lr_at(cfg, peak, e) for e in (5.0, 50.0, 100.0)]
+    assert lrs[0] > lrs[1] > lrs[2] == pytest.approx(peak / 4)
+
+
+@pytest.mark.parametrize('script, flags', [('finetune.py', ['--blr', '1e-4', '--min-lr', '0.5']),
+                                           ('attention_copy.py', ['--data', 'imagenet', '--min-lr', '1e-5'])])
+def test_a_final_lr_above_the_peak_or_unused_is_refused(script, flags, tmp_path):
+    r = run_script(script, '--data', 'fake', *flags, '--out-dir', str(tmp_path / 'r'))
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().count('\n') == 0 and '--min-lr' in r.stderr, r.stderr
+    assert not (tmp_path / 'r').exists()
+
 
 # -----------------------------------------------------------------------------
 # Fine-tuning: a new head starts at std 2e-5 (MAE main_finetune); no weights only with --scratch true

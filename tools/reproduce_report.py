@@ -113,7 +113,7 @@ def budget(runs):
     if not steps or steps >= first['metrics']['step'] / first['metrics']['epoch'] * epochs:
         return text + ', run to its end'
     reached = first['metrics']['epoch']
-    lr = lr_at(SimpleNamespace(warmup_epochs=warmup, epochs=epochs, min_lr=0.0), 1.0, reached)
+    lr = lr_at(SimpleNamespace(warmup_epochs=warmup, epochs=epochs, min_lr=0.0, min_lr_ratio=0.0), 1.0, reached)
     return (text + f', cut after {steps} steps by --max-steps: {reached / epochs:.0%} of the way through it, its lr '
             f'still {lr:.0%} of the peak (--max-steps only stops a run; its schedule stays the whole one)')
 

@@ -99,7 +99,9 @@ class TrainConfig:
     batch_size: int = option(128, 'per process', at_least(1))
     accum_steps: int = option(1, rule=at_least(1))
     blr: float = option(1e-3, rule=at_least(0))
-    min_lr: float = option(1e-6, rule=at_least(0))
+    min_lr: float = option(1e-6, 'the lr the cosine ends at (absolute); see --min-lr-ratio', at_least(0))
+    min_lr_ratio: float = option(0.0, 'the lr the cosine ends at, as a fraction of the peak: it scales with the batch '
+                                      'as the peak does; 0 = --min-lr', UNIT)
     weight_decay: float = option(0.05, rule=at_least(0))
     layer_decay: float = option(1.0, 'lr of layer l (0 embedding, i + 1 block i) scales by layer_decay ** (L - l)',
                                 (lambda v: 0 < v <= 1, 'must be in (0, 1]'))
@@ -149,6 +151,9 @@ class TrainConfig:
             ('layer_decay_offset', self.layer_decay ** (depth + min(max(self.layer_decay_offset, 0), 2 ** 20)) > 0,
              f'gives the embedding an lr scale of --layer-decay {self.layer_decay} ** ({depth} blocks + '
              f'{self.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)'),
+            ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
+             f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass --min-lr-ratio 0 to '
+             f'set it absolutely'),
             ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
              f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
              f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),

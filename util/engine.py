@@ -131,12 +131,18 @@ def layer_id(name, depth):
     return int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
 
 
+def final_lr(cfg, lr):
+    """The lr the schedule ends at: --min-lr-ratio of the peak lr, or else --min-lr."""
+    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio else cfg.min_lr
+
+
 def lr_at(cfg, lr, epoch_float):
-    """Linear warm-up to lr, then half-cosine down to min_lr, in (fractional) epochs."""
+    """Linear warm-up to lr, then half-cosine down to final_lr, in (fractional) epochs."""
     if epoch_float < cfg.warmup_epochs:
         return lr * epoch_float / cfg.warmup_epochs
     t = (epoch_float - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-    return cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    low = final_lr(cfg, lr)
+    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def soft_cross_entropy(logits, target, smoothing=0.0):

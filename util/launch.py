@@ -24,7 +24,7 @@ from util.checkpoints import CheckpointError
 from util.cli import parse_config
 from util.config import AMP, ConfigError
 from util.datafiles import DataError
-from util.engine import log, seed_all
+from util.engine import final_lr, log, seed_all
 from util.files import WriteError
 from util.resume import how_to_continue, open_resumed
 from util.rundir import current_run_dir, prepare_run_dir, unlock
@@ -39,6 +39,7 @@ def setup(cfg):
     directory (refusing to overwrite another run) or read the checkpoint to resume (checked); seed."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
+    check_schedule(cfg, world)
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
         torch.cuda.set_device(device)
@@ -66,6 +67,16 @@ def start(cls, presets):
     log(env, cfg, f'{what_runs(cfg, env)} | loading the data')   # a first line seconds after the start
     log(env, cfg, f'attention: {env.attn} ({env.attn_why})')
     return cfg, env
+
+
+def check_schedule(cfg, world):
+    """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering it."""
+    batch = cfg.batch_size * cfg.accum_steps * world
+    peak = cfg.blr * batch / 256
+    if final_lr(cfg, peak) > peak:
+        raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr {cfg.blr:g} x global batch '
+                          f'{batch} / 256): the lr would rise over the run; choose a --min-lr below it, or '
+                          f'--min-lr-ratio (a fraction of the peak)')
 
 
 def what_runs(cfg, env):

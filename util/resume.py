@@ -45,7 +45,7 @@ def open_resumed(cfg, path, world):
         may = ', '.join(map(flag, cfg.RESUMABLE + (AFTER_DIVERGENCE if after else ())))
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
                           f"the saved ones (only {may} may change) or start a new run in another --out-dir")
-    higher = [f'{flag(k)} {show(ck["config"][k])} -> {show(getattr(cfg, k))}' for k in ('blr', 'min_lr')
+    higher = [f'{flag(k)} {show(ck["config"][k])} -> {show(getattr(cfg, k))}' for k in ('blr', 'min_lr', 'min_lr_ratio')
               if after and getattr(cfg, k, None) is not None and getattr(cfg, k) > ck['config'].get(k, getattr(cfg, k))]
     if higher:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
         raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is higher; go on with a "
@@ -54,7 +54,7 @@ def open_resumed(cfg, path, world):
 
 
 # what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the learning rate
-AFTER_DIVERGENCE = ('blr', 'min_lr', 'clip_grad', 'amp')
+AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
 
 
 def diverged_from(out_dir, ck):

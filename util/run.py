@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from util.config import ConfigError
-from util.engine import build_optimizer, log
+from util.engine import build_optimizer, final_lr, log
 from util.files import append_text, replacing, write_text
 from util.resume import record_divergence, restore, resume_command
 from util.rundir import git_commit, read_json, read_lines
@@ -61,7 +61,8 @@ class Run:
                               f'and was not evaluated there: give --max-steps above {self.step} (0: the whole schedule)')
         write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
         env.resumed = None
-        log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 | '
+        log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
+                      f'{final_lr(cfg, self.lr):.3g} at the end | '
                       f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
                       f' | {env.world} process(es) on {env.device}'
                       + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
