@@ -27,13 +27,15 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data
-from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, check_teacher, describe_map, load_teacher,
-                     student_presets, teacher_mismatch, teacher_outputs, teacher_record)
+from teacher import (CHECK_IMAGES, HEAD_RULE, NAMES, TransferConfig, build_student, check_sdpa, check_teacher,
+                     describe_map, layer_pairs, load_teacher, sample_images, student_presets, teacher_mismatch,
+                     teacher_outputs, teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
-from util.engine import evaluate, log, soft_cross_entropy, train_one_epoch
+from util.engine import autocast, evaluate, log, soft_cross_entropy, train_one_epoch
 from util.launch import run_main, start
 from util.run import Run
+from vit import attend, set_attn_implementation
 
 
 @dataclass
@@ -114,6 +116,22 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     return CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
 
 
+def first_layer_output(teacher, student, x, layers, heads, transfer, env):
+    """(compute, inputs) for teacher.check_sdpa: compute(implementation, dtype) is the attention output of the first
+    copied layer, made of what the run makes of images x: the teacher's q and / or k, the student's own v."""
+    s, t = next(iter(layer_pairs(layers).items()))
+    with torch.no_grad(), autocast(env):
+        given = copied(teacher, x, {s: t}, heads, transfer)[s]
+        own = student.forward_tokens(x, inject={s: given}, keep={s: ('q', 'k', 'v')}, depth=s + 1)[1][s]
+    pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
+    q, k, v = (given[n] if n in given else pick(own[n]) for n in ('q', 'k', 'v'))
+
+    def compute(implementation, dtype):
+        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return [attend(q.to(dtype), k.to(dtype), v.to(dtype), implementation)]
+    return compute, (q, k, v)
+
+
 def copy_loss(cfg, teacher, layers, heads):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, the teacher's q and k given."""
     def loss_fn(net, x, y):
@@ -131,12 +149,19 @@ def main():
     torch.manual_seed(cfg.seed)
     # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
     student = build_student(cfg, teacher, data.num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
+    checked = None
+    if env.attn == 'sdpa' and cfg.transfer != 'v':     # the fused call on the teacher's q / k against the definition
+        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), env.device)
+        env.attn, checked = check_sdpa(cfg, env, 'copy', *first_layer_output(teacher, student.to(env.device), x,
+                                                                             layers, heads, cfg.transfer, env))
+        set_attn_implementation(teacher, env.attn)
     log(env, cfg, f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
                   f'from {cfg.teacher}')
     log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    run = Run(cfg, env, student, train_loader, data.classes, {'teacher': teacher_record(cfg, layers, heads)})
+    run = Run(cfg, env, student, train_loader, data.classes,
+              {'teacher': teacher_record(cfg, layers, heads), 'attention_check': checked})
     loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
 
     while run.step < run.total_steps:

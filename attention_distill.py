@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from data import batch_mixer, build_data
-from teacher import (NAMES, TransferConfig, build_student, check_teacher, describe_map, layer_pairs, load_teacher,
-                     student_presets, teacher_outputs, teacher_record, to_student_heads)
+from teacher import (CHECK_IMAGES, NAMES, TransferConfig, build_student, check_sdpa, check_teacher, describe_map,
+                     layer_pairs, load_teacher, sample_images, student_presets, teacher_outputs, teacher_record,
+                     to_student_heads)
 from util.config import SMALL_PRESETS, at_least, option
-from util.engine import evaluate, log, soft_cross_entropy, train_one_epoch
+from util.engine import autocast, evaluate, log, soft_cross_entropy, train_one_epoch
 from util.launch import run_main, start
 from util.run import Run
-from vit import attend, scores
+from vit import attend, scores, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # The method: the loss as defined, on explicit maps ('eager')
@@ -70,6 +71,24 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
+
+
+def first_layer_loss(teacher, student, x, layers, heads, env):
+    """(compute, inputs) for teacher.check_sdpa: compute(implementation, dtype) is the first distilled layer's loss
+    and its gradients with respect to the student's q and k, from the q and k the run makes of images x."""
+    s, t = next(iter(layer_pairs(layers).items()))
+    with torch.no_grad(), autocast(env):
+        given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]                        # (B, H, N, d) each
+        own = student.forward_tokens(x, keep={s: ('q', 'k')}, depth=s + 1)[1][s]
+
+    def compute(implementation, dtype):
+        q, k = (own[n].to(dtype).requires_grad_() for n in ('q', 'k'))
+        target = {n: given[n].to(dtype) for n in ('q', 'k')}
+        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)},
+                              {**target, 'logits': scores(target['q'], target['k'])}, 'attn', heads, implementation)
+        return [loss, *torch.autograd.grad(loss, (q, k))]
+    return compute, (given['q'], given['k'], own['k'])
 
 
 CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on a CPU (256 KB in fp32)
@@ -119,54 +138,41 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
 def map_free_cross_entropy(q_t, k_t, q, k):
     """attention_cross_entropy(scores(q_t, k_t), scores(q, k)), without writing either map.
 
-    For one row i of one head, with the student's logits s_ij = c q_i . k_j (c = 1 / sqrt(d)) and the teacher's
-    map P (rows summing to 1):
-        CE_i = -sum_j P_ij log softmax(s)_ij = -sum_j P_ij (s_ij - lse_i)      lse_i = log sum_j exp s_ij
+    One row i of one head: the student's logits are s_ij = c q_i . k_j (c = 1 / sqrt(d)), its map S = softmax(s),
+    the teacher's map is P, and K stacks the student's keys k_j as rows. Because P's rows sum to 1,
+        CE_i = -sum_j P_ij log S_ij = -sum_j P_ij (s_ij - lse_i)            lse_i = log sum_j exp s_ij
              = lse_i - c q_i . sum_j P_ij k_j = lse_i - c q_i . (P K)_i
-    and P K is attention with the student's keys as values: attend(q_t, k_t, K). Its gradient,
-        d CE_i / d s_ij = softmax(s)_ij - P_ij,   so  d/dq_i = c ((S - P) K)_i,  d/dk_j = c ((S - P)^T q)_j
-    (S the student's map), is attention again: (S - P) K = attend(q, k, K) - attend(q_t, k_t, K), and the
-    k-gradient is the value-gradient of those two calls. A teacher with g times the student's heads gives each
-    student head the mean map of its group: attend averages P_g K over the group, and the loss is linear in P.
+    and P K is attention with the student's keys as values: attend(q_t, k_t, K), never a map.
+    Its gradient: d CE_i / d s_ij = S_ij - P_ij, so
+        d/dq_i = c ((S K) - (P K))_i,      d/dk_j = c sum_i (S_ij - P_ij) q_i,
+    which is what autograd gives for c q_i . ((S K) - (P K))_i with S and P held fixed, K differentiated as the
+    values of the two attention calls. So the loss is computed as
+        lse_i + c q_i . ((S K) - (P K))_i - [c q_i . (S K)_i]          [.]: a constant (its value, no gradient)
+    whose value is CE_i and whose gradient is the one above. S K and lse_i come from one fused call
+    (attention_with_lse); a fused attention backward turns each call's gradient into its values' gradient.
+    A teacher with g times the student's heads gives each student head the mean map of its group: attend averages
+    P_g K over the group, and the loss is linear in P.
     """
-    return MapFreeCrossEntropy.apply(q_t, k_t, q, k)
+    c, wide = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)    # sums in fp32 at least
+    own, lse = attention_with_lse(q.detach(), k.detach(), k)                   # (B, H, N, d): S K; (B, H, N)
+    target = attend(q_t, k_t.to(q_t.dtype), k.to(q_t.dtype))                  # (B, H, N, d): P K
+    q, own, target = q.to(wide), own.to(wide), target.to(wide)
+    product = c * (q * own).sum(-1)                                            # (B, H, N)
+    return (lse + c * (q * (own - target)).sum(-1) - product.detach()).mean()
 
 
-class MapFreeCrossEntropy(torch.autograd.Function):
-    """The mean over rows of lse_i - c q_i . (P K)_i; backward from attention calls (above). It keeps for backward
-    the tensors the layer had anyway (q, k) and the teacher's q_t, k_t: (B, H, N, d) each, never (N, N)."""
-
-    @staticmethod
-    def forward(ctx, q_t, k_t, q, k):
-        c, wide = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)   # sums in fp32 at least
-        target = attend(q_t, k_t.to(q_t.dtype), k.to(q_t.dtype))              # (B, H, N, d): P K
-        ce = row_logsumexp(q, k).to(wide) - c * (q.to(wide) * target.to(wide)).sum(-1)   # (B, H, N)
-        ctx.save_for_backward(q_t, k_t, q, k)
-        return ce.mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_t, k_t, q, k = (t.detach() for t in ctx.saved_tensors)
-        c = grad * q.shape[-1] ** -0.5 / (q.numel() // q.shape[-1])            # d loss / d s, per B * H * N rows
-        wide = torch.promote_types(q.dtype, torch.float32)
-        with torch.enable_grad():
-            v = k.detach().requires_grad_()                                    # the keys, as values
-            diff = attend(q, k, v) - attend(q_t.to(q.dtype), k_t.to(q.dtype), v)   # (S - P) K, (B, H, N, d)
-            dk, = torch.autograd.grad(diff, v, (c * q.to(wide)).to(q.dtype))   # (S - P)^T (c q)
-        return None, None, (c * diff.detach().to(wide)).to(q.dtype), dk
-
-
-def row_logsumexp(q, k):
-    """lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N), fp32 at least: the normaliser every fused attention
-    kernel keeps for its own backward, asked of torch's kernel for the device through its aten entry point
-    (F.scaled_dot_product_attention does not return it); elsewhere, written out. Chosen over flex_attention's
-    lse, which needs torch.compile to be fast and has no backward on CPUs: this runs eagerly, on both, and
-    needs no gradient of its own (MapFreeCrossEntropy's backward is made of attention calls)."""
+def attention_with_lse(q, k, v):
+    """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N) in fp32: the
+    normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not
+    return it, so it is asked of torch's kernel for the device through its (private) aten entry point, one line per
+    device; the output is differentiable, as F.scaled_dot_product_attention's. Elsewhere: written out. A torch
+    whose entry point is missing or refuses the shapes fails the start-up check (teacher.check_sdpa), not a step."""
     if q.device.type == 'cpu':
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False)[1]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
     if q.device.type == 'cuda':
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True)[1][..., :q.shape[-2]]
-    return torch.logsumexp(scores(q, k).float(), -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse[..., :q.shape[-2]]                 # the kernel pads its rows to a multiple of 32
+    return F.scaled_dot_product_attention(q, k, v), torch.logsumexp(scores(q, k).float(), -1)
 
 
 # -----------------------------------------------------------------------------
@@ -200,13 +206,20 @@ def main():
     teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)   # frozen; layers {student: teacher}
     check_teacher(cfg, teacher, layers, data, env)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, teacher, data.num_classes, layers)
+    student = build_student(cfg, teacher, data.num_classes, layers).to(env.device)
+    checked = None
+    if env.attn == 'sdpa' and cfg.transfer == 'attn':     # the map-free loss against the definition, before training
+        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), env.device)
+        env.attn, checked = check_sdpa(cfg, env, 'distillation',
+                                       *first_layer_loss(teacher, student, x, layers, heads, env))
+        set_attn_implementation(teacher, env.attn)
     log(env, cfg, f'attention distillation: {cfg.transfer} of layers {sorted(layers.values())} '
                   f'(heads {heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
     log(env, cfg, teacher.description)
     log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
 
-    run = Run(cfg, env, student, train_loader, data.classes, {'distilled_from': teacher_record(cfg, layers, heads)})
+    run = Run(cfg, env, student, train_loader, data.classes,
+              {'distilled_from': teacher_record(cfg, layers, heads), 'attention_check': checked})
     loss_fn, mixer = distill_loss_fn(cfg, teacher, layers, heads, env.attn), batch_mixer(cfg, data.num_classes)
 
     while run.step < run.total_steps:

@@ -10,6 +10,7 @@ the student's drop-path masks never reach it), run under no_grad only as deep as
 never wrapped in DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
 """
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from einops import rearrange
 
 from util.checkpoints import arch_of, build_from_checkpoint, describe_teacher, read_checkpoint
 from util.config import ConfigError, TrainConfig, at_least, one_of, option, readable, refuse
+from util.engine import log
 from util.files import sha256_of
 from util.memory import too_big
 from vit import SIZES, attend, model_arch, set_attn_implementation
@@ -44,7 +46,8 @@ def teacher_outputs(teacher, x, layers, names):
     for eager distillation its 'logits' (B, H, N, N); or its q, k or v (NAMES). layers: {student: teacher} or a list."""
     pairs = layer_pairs(layers)
     out = teacher.internals(x, list(pairs.values()), names)
-    return {s: out[t] for s, t in pairs.items()}
+    # each its own tensor: views of the layer's qkv output would keep all of it (v too) alive for the backward pass
+    return {s: {n: v.contiguous() for n, v in out[t].items()} for s, t in pairs.items()}
 
 
 def load_teacher(cfg, device, dtype=None, attn='sdpa'):
@@ -287,10 +290,15 @@ class TransferConfig(TrainConfig):
 # Checks and records: a teacher that cannot teach, and what a student checkpoint records about its own
 
 
+def sample_images(data, n, device):
+    """The first n evaluation images, (n, 3, H, W): what the start-up checks run the models on."""
+    return torch.stack([data.eval[i][0] for i in range(min(n, len(data.eval)))]).to(device)
+
+
 def check_teacher(cfg, teacher, layers, data, env):
     """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
     under the run's autocast: every step would hand them over, and the run would seem to diverge."""
-    x = torch.stack([data.eval[i][0] for i in range(min(8, len(data.eval)))]).to(env.device)   # (B, 3, H, W)
+    x = sample_images(data, 8, env.device)                                            # (B, 3, H, W)
     with torch.no_grad(), torch.autocast(env.device.type, dtype=env.dtype or torch.float32,
                                          enabled=env.dtype is not None):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
@@ -302,6 +310,61 @@ def check_teacher(cfg, teacher, layers, data, env):
         hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
         raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
                           f'first evaluation images{hint}; it cannot be a teacher')
+
+
+# the start-up check's tolerance: twice eager's own error in the run's dtype, and at least this (relative to the
+# largest entry of each tensor compared: fp32 attention differs from float64 by ~1e-6, a broken kernel by ~1)
+SDPA_FLOOR = 1e-3
+CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
+
+
+def check_sdpa(cfg, env, what, compute, inputs):
+    """Before training, the fused path (sdpa) of the first transferred layer against the definition, on the run's
+    own images, q, k and v, device and autocast. compute(implementation, dtype) -> tensors of that layer (copy: its
+    attention output; distillation: its loss and the loss's q and k gradients). The definition is eager in fp32;
+    sdpa must come within max(2 x eager's own error in the run's dtype, SDPA_FLOOR) of it. Otherwise --attn-
+    implementation auto goes on with eager, and sdpa stops here in one line. inputs: the (q, k, v) of its fused call,
+    named in the log with the kernel torch picks for them. Returns (implementation, record).
+    Distillation from a teacher whose maps are as even as an untrained student's (S ~ P) fails it in bf16: the
+    gradient, c (S K - P K), is then far below the rounding of either product, which is all map-free computes."""
+    dtype, start = env.dtype or torch.float32, time.time()
+    backend, shape = sdpa_backend(*(t.to(dtype) for t in inputs)), tuple(inputs[0].shape)
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == 'cuda' else []):   # the run's RNG untouched
+        definition = compute('eager', torch.float32)
+        eager = distance(compute('eager', dtype), definition)
+        try:
+            fused, why = distance(compute('sdpa', dtype), definition), ''
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no such kernel, or not this shape
+            fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
+    tolerance = max(2 * eager, SDPA_FLOOR)
+    record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
+              'device': str(env.device), 'backend': backend, 'shape': shape,
+              'seconds': round(time.time() - start, 3)}
+    said = (f"{what} on sdpa ({backend} kernel, {env.device}, {dtype}, q {shape}) against the "
+            f"definition (eager, fp32): {fused:.2g}{why} of its largest value; eager in {dtype}: {eager:.2g}, "
+            f"tolerance {tolerance:.2g}; checked in {record['seconds']:.2f} s")
+    if fused <= tolerance:
+        log(env, cfg, f'start-up check: {said}: sdpa holds')
+        return 'sdpa', {**record, 'implementation': 'sdpa'}
+    if cfg.attn_implementation == 'sdpa':
+        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation eager')
+    log(env, cfg, f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
+    return 'eager', {**record, 'implementation': 'eager'}
+
+
+def distance(ours, definition):
+    """The largest |ours - definition| of tensors compared pairwise, relative to the definition's largest entry."""
+    return max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(ours, definition))
+
+
+def sdpa_backend(q, k, v):
+    """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
+    log: asked of torch's private dispatcher, 'unknown' where it has none."""
+    try:
+        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return 'unknown'
 
 
 def teacher_record(cfg, layers, heads):

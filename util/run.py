@@ -165,7 +165,7 @@ def write_provenance(cfg, env, extra=None):
                                                                       f'step {step}: rebuilt from the checkpoint'}
         diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
         saved = {**old, **env.resumed['config']}   # the checkpoint's config is what ran: config.json may be edited
-        changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
+        changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v and k != 'attention_check'}
         resume = {'step': step, **launch, 'changed': changed, **({'after_divergence': diverged} if diverged else {})}
         record = {**old, **now, 'world_size': env.world, 'resumes': old.get('resumes', []) + [resume]}
         keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
@@ -181,10 +181,12 @@ def write_provenance(cfg, env, extra=None):
 
 
 def made_with(cfg, extra):
-    """What made the run: the script, and for a transfer run its teacher file's SHA-256 (from the record
-    its checkpoints keep, teacher.teacher_record)."""
-    record = next((v for v in (extra or {}).values() if isinstance(v, dict) and 'sha256' in v), None)
-    return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {})}
+    """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
+    keep, teacher.teacher_record), and the start-up check of its fused attention where one ran (teacher.check_sdpa)."""
+    extra = extra or {}
+    record = next((v for v in extra.values() if isinstance(v, dict) and 'sha256' in v), None)
+    return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
+            **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}
 
 
 def keep_metrics(path, step):

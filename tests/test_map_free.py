@@ -1,0 +1,165 @@
+"""The map-free path at the shapes it runs at, how many fused attention calls a distillation step makes, and the
+start-up check that compares it with the definition before a run trains (teacher.check_sdpa)."""
+import collections
+import json
+
+import pytest
+import torch
+from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attention_distill import DistillConfig, FusedAttentionCrossEntropy, distill_loss_fn, map_free_cross_entropy
+from conftest import run_script
+from vit import VisionTransformer, scores, set_attn_implementation
+
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)]
+# (heads, head width, tokens): ViT-B/16 and ViT-L/16 at 224 px, ViT-L/16 at 448 px, a head width that is no
+# multiple of 8 (fused kernels want one in bf16 / fp16)
+SHAPES = {'vit_b-224': (12, 64, 197), 'vit_l-224': (16, 64, 197), 'vit_l-448': (16, 64, 785), 'width-12': (4, 12, 197)}
+
+
+def strided_qk(heads, d, n, b=2, seed=0):
+    """q and k as a ViT layer makes them: strided views of one (B, N, 3 * H * d) qkv output, in bf16."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3 * heads * d, generator=g).to(torch.bfloat16)
+    q, k, _ = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=heads).unbind(0)
+    return q, k
+
+
+def errors(q_t, k_t, q, k, implementation):
+    """The loss's error and its q, k gradients' largest errors (relative to their largest entries), computed under
+    bf16 autocast from these bf16 inputs, against the definition in float64 of the same inputs."""
+    qd, kd = (t.detach().double().requires_grad_() for t in (q, k))
+    ref = -(scores(q_t.double(), k_t.double()).softmax(-1) * scores(qd, kd).log_softmax(-1)).sum(-1).mean()
+    ref_grads = torch.autograd.grad(ref, (qd, kd))
+    qs, ks = (t.detach().clone().requires_grad_() for t in (q, k))
+    with torch.autocast(q.device.type, dtype=torch.bfloat16):
+        loss = map_free_cross_entropy(q_t, k_t, qs, ks) if implementation == 'sdpa' else \
+            FusedAttentionCrossEntropy.apply(scores(q_t, k_t), scores(qs, ks))
+    grads = torch.autograd.grad(loss, (qs, ks))
+    return [abs(loss.item() - ref.item()) / ref.item()] + \
+        [((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads)]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('shape', SHAPES.values(), ids=SHAPES.keys())
+def test_map_free_at_production_shapes_under_bf16(shape, device):
+    """Loss and gradients of the map-free loss, bf16 autocast, strided q and k, against float64: no worse than
+    twice the eager path's own error (or 1% of the largest gradient entry, 0.1% of the loss)."""
+    q_t, k_t = (t.to(device) for t in strided_qk(*shape, seed=0))
+    q, k = (t.to(device) for t in strided_qk(*shape, seed=1))
+    assert not q.is_contiguous()
+    ours, eager = errors(q_t, k_t, q, k, 'sdpa'), errors(q_t, k_t, q, k, 'eager')
+    assert ours[0] <= max(2 * eager[0], 1e-3), (ours, eager)
+    assert all(e <= max(2 * r, 1e-2) for e, r in zip(ours[1:], eager[1:])), (ours, eager)
+
+# -----------------------------------------------------------------------------
+# Fused attention calls in one step
+
+
+class AttentionCalls(TorchDispatchMode):
+    """Counts the fused attention kernels an aten op dispatch runs, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if 'scaled_dot_product' in name or 'flash_attention' in name or 'efficient_attention' in name:
+            self.calls['backward' if 'backward' in name else 'forward'] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_map_free_distillation_step_makes_two_fused_calls_per_layer_each_way():
+    """The Fashion-MNIST preset's shape (6 blocks, 8 heads, 50 tokens), layers 0-4 distilled: the student's own
+    6 calls each way, the teacher's 4 blocks before its last distilled layer, and per distilled layer 2 forward
+    (S K with the lse, P K) and 2 backward calls. (Before: 4 forward and 2 backward per layer, 30 / 16 in all.)"""
+    arch = dict(img_size=28, patch_size=4, embed_dim=64, depth=6, num_heads=8, global_pool=True)
+    torch.manual_seed(0)
+    teacher = set_attn_implementation(VisionTransformer(**arch, num_classes=0), 'sdpa').requires_grad_(False).eval()
+    student = set_attn_implementation(VisionTransformer(**arch, num_classes=10), 'sdpa')
+    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1, 2, 3, 4], None, 'sdpa')
+    x, y = torch.randn(4, 3, 28, 28), torch.tensor([0, 1, 2, 3])
+    with AttentionCalls() as count, torch.autocast('cpu', dtype=torch.bfloat16):
+        loss_fn(student, x, y)[0].backward()
+    assert count.calls == {'forward': 6 + 4 + 2 * 5, 'backward': 6 + 2 * 5}
+
+# -----------------------------------------------------------------------------
+# The start-up check: a fused kernel that computes something else is caught before the first step
+
+
+BROKEN = ('import torch.nn.functional as F; sdpa = F.scaled_dot_product_attention\n'
+          'F.scaled_dot_product_attention = lambda q, k, v, **kw: 1.1 * sdpa(q, k, v, **kw)\n')
+AUTO_SDPA = 'from util import launch; launch.AUTO_ATTN["cpu"] = ("sdpa", "as on CUDA")\n'
+RUN = 'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")'
+TINY = ['--data', 'fake', '--fake-size', '64', '--depth', '2', '--embed-dim', '32', '--num-heads', '4', '--img-size',
+        '32', '--patch-size', '8', '--batch-size', '8', '--epochs', '1', '--num-workers', '0']
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp('teacher') / 'run'
+    r = run_script('finetune.py', *TINY, '--out-dir', out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / 'checkpoint.pt'
+
+
+def launch(script, code, flags, teacher, out):
+    """The script run as `python script ...`, after `code` (a patch) ran in its process."""
+    return run_script('-c', 'import runpy, sys\n' + code + RUN, script, *TINY, '--teacher', teacher, '--max-steps', '1', '--out-dir', out,
+                      *flags)
+
+
+@pytest.mark.parametrize('script', ['attention_copy.py', 'attention_distill.py'])
+def test_a_wrong_fused_kernel_stops_sdpa_before_training(script, tiny_teacher, tmp_path):
+    r = launch(script, BROKEN, ['--attn-implementation', 'sdpa'], tiny_teacher, tmp_path / 'r')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip()
+    assert '\n' not in line and 'start-up check' in line and '--attn-implementation eager' in line, line
+    assert 'flash kernel, cpu' in line and 'step 1/' not in r.stdout     # it names the kernel; it never trained
+    assert not (tmp_path / 'r').exists()                                 # and leaves nothing behind
+
+
+@pytest.mark.parametrize('script', ['attention_copy.py', 'attention_distill.py'])
+def test_under_auto_a_wrong_fused_kernel_falls_back_to_eager(script, tiny_teacher, tmp_path):
+    r = launch(script, AUTO_SDPA + BROKEN, [], tiny_teacher, tmp_path / 'r')
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [line for line in r.stdout.splitlines() if 'start-up check' in line]
+    assert len(said) == 1 and 'falling back to eager' in said[0]
+    record = json.load(open(tmp_path / 'r' / 'config.json'))['attention_check']
+    assert record['implementation'] == 'eager' and record['error'] > record['tolerance']
+
+
+@pytest.mark.parametrize('script', ['attention_copy.py', 'attention_distill.py'])
+def test_with_the_real_kernel_the_check_passes_and_is_recorded(script, tmp_path):
+    """The shipped teacher (a barely trained one has maps as even as the student's: see check_sdpa)."""
+    r = run_script('-c', 'import runpy, sys\n' + AUTO_SDPA + RUN, script, '--data', 'fashion-mnist', '--teacher',
+                   'teachers/fashion-mnist-mae.pt', '--batch-size', '16', '--max-steps', '1', '--val-size', '256',
+                   '--num-workers', '0', '--out-dir', tmp_path / 'r')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'sdpa holds' in r.stdout and 'falling back' not in r.stdout
+    record = json.load(open(tmp_path / 'r' / 'config.json'))['attention_check']
+    assert record['implementation'] == 'sdpa' and 0 < record['error'] <= record['tolerance']
+    assert record['backend'] == 'flash' and record['seconds'] < 5
+
+
+def test_eager_runs_no_check(tiny_teacher, tmp_path):
+    r = launch('attention_distill.py', '', ['--attn-implementation', 'eager'], tiny_teacher,
+               tmp_path / 'r')
+    assert r.returncode == 0 and 'start-up check' not in r.stdout
+    assert 'attention_check' not in json.load(open(tmp_path / 'r' / 'config.json'))
+
+
+
+REFUSED = ('import torch\ndef refused(*args, **kwargs):\n    raise RuntimeError("No available kernel. Aborting")\n'
+           'torch.ops.aten._scaled_dot_product_flash_attention_for_cpu = refused\n')
+
+
+def test_a_private_entry_point_that_refuses_is_met_at_the_start(tiny_teacher, tmp_path):
+    """A torch whose lse entry point is missing, has another signature or refuses the shapes: sdpa stops before
+    training, naming what the kernel said; auto goes on with eager. Never a failure mid-run."""
+    r = launch('attention_distill.py', REFUSED, ['--attn-implementation', 'sdpa'], tiny_teacher, tmp_path / 'a')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and 'No available kernel' in r.stderr, r.stderr[-2000:]
+    r = launch('attention_distill.py', AUTO_SDPA + REFUSED, [], tiny_teacher, tmp_path / 'b')
+    assert r.returncode == 0 and 'falling back to eager' in r.stdout, r.stderr[-2000:]
