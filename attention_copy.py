@@ -27,14 +27,14 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data
-from teacher import (CHECK_IMAGES, HEAD_RULE, NAMES, TransferConfig, build_student, check_sdpa, check_teacher,
-                     describe_map, layer_pairs, load_teacher, sample_images, student_presets, teacher_mismatch,
-                     teacher_outputs, teacher_record)
+from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
+                     inspect_teacher, sample_images, student_presets, teacher_mismatch, teacher_outputs,
+                     teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
-from util.engine import autocast, evaluate, log, soft_cross_entropy, train_one_epoch
-from util.launch import run_main, start
-from util.run import Run
+from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
+from util.launch import resolve, run_main
+from util.run import CHECK_IMAGES, Run, check_sdpa
 from vit import attend, set_attn_implementation
 
 
@@ -43,6 +43,7 @@ class CopyConfig(TransferConfig):
     out_dir: str = 'runs/copy'
 
     SCRIPT = 'attention_copy.py'
+    NO_QK = True     # a full map leaves nothing for the student's own queries and keys: none in those layers
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
@@ -110,25 +111,29 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
                               f'(--new-teacher true if another one is meant)')
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
-    teacher, _, _ = load_teacher(cfg, 'cpu')
+    teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
     return CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
 
 
-def first_layer_output(teacher, student, x, layers, heads, transfer, env):
-    """(compute, inputs) for teacher.check_sdpa: compute(implementation, dtype) is the attention output of the first
-    copied layer, made of what the run makes of images x: the teacher's q and / or k, the student's own v."""
-    s, t = next(iter(layer_pairs(layers).items()))
-    with torch.no_grad(), autocast(env):
-        given = copied(teacher, x, {s: t}, heads, transfer)[s]
+def first_layer_output(plan, teacher, student, x):
+    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the attention output of the first
+    copied layer (relative to its largest entry), made of what the run makes of images x: the teacher's q and / or k,
+    the student's own v."""
+    s, t = next(iter(plan.method.layers.items()))
+    heads = plan.method.heads
+    with torch.no_grad(), autocast(plan):
+        given = copied(teacher, x, {s: t}, heads, plan.cfg.transfer)[s]
         own = student.forward_tokens(x, inject={s: given}, keep={s: ('q', 'k', 'v')}, depth=s + 1)[1][s]
     pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
     q, k, v = (given[n] if n in given else pick(own[n]) for n in ('q', 'k', 'v'))
 
+    unit = attend(q.float(), k.float(), v.float(), 'eager').abs().max().item()   # errors relative to its largest
+
     def compute(implementation, dtype):
-        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return [attend(q.to(dtype), k.to(dtype), v.to(dtype), implementation)]
+        with torch.autocast(plan.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return [attend(q.to(dtype), k.to(dtype), v.to(dtype), implementation) / unit]
     return compute, (q, k, v)
 
 
@@ -142,34 +147,42 @@ def copy_loss(cfg, teacher, layers, heads):
 
 
 def main():
-    cfg, env = start(CopyConfig, PRESETS)                              # flags, processes, device, run directory
-    data, train_loader, eval_loader = build_data(cfg, env)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)   # frozen; layers {student: teacher}
-    check_teacher(cfg, teacher, layers, data, env)
-    torch.manual_seed(cfg.seed)
-    # a full map leaves nothing for the student's own queries and keys: it gets none in those layers
-    student = build_student(cfg, teacher, data.num_classes, layers, no_qk=cfg.transfer == 'attn' and heads is None)
-    checked = None
-    if env.attn == 'sdpa' and cfg.transfer != 'v':     # the fused call on the teacher's q / k against the definition
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), env.device)
-        env.attn, checked = check_sdpa(cfg, env, 'copy', *first_layer_output(teacher, student.to(env.device), x,
-                                                                             layers, heads, cfg.transfer, env))
-        set_attn_implementation(teacher, env.attn)
-    log(env, cfg, f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
-                  f'from {cfg.teacher}')
-    log(env, cfg, teacher.description)
-    log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
+    plan = resolve(CopyConfig, PRESETS)               # every refusal first: flags, teacher's file, run directory
+    cfg, transfer = plan.cfg, plan.method             # transfer: the teacher's shape, layers, heads, the student's
+    layers, heads = transfer.layers, transfer.heads
+    with plan.run_dir:
+        data, train_loader, eval_loader = build_data(plan)
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
+        check_teacher(plan, teacher, data)
+        torch.manual_seed(cfg.seed)
+        student = build_student(transfer, data.num_classes, cfg).to(plan.device)
+        plan, checked = check_fused_copy(plan, teacher, student, data)   # sdpa: against the definition, first
+        plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
+                 f'from {cfg.teacher}')
+        plan.log(transfer.description)
+        plan.log(describe_map(layers, transfer.teacher['num_heads'], student.num_heads))
 
-    run = Run(cfg, env, student, train_loader, data.classes,
-              {'teacher': teacher_record(cfg, layers, heads), 'attention_check': checked})
-    loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
+        run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
+                  {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
+        loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
 
-    while run.step < run.total_steps:
-        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
-            run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer), eval_loader, env))
-            run.save()
-    log(env, cfg, f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} top-5 {run.metrics['top5']:.2f} | "
-                  f'{cfg.out_dir}')
+        while run.step < run.total_steps:
+            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
+                run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer), eval_loader, plan))
+                run.save()
+        plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} top-5 {run.metrics['top5']:.2f} | "
+                 f'{cfg.out_dir}')
+
+
+def check_fused_copy(plan, teacher, student, data):
+    """(plan, record): on sdpa, the first copied layer's fused call against the definition (check_sdpa); a plan on
+    eager where auto falls back. --transfer v hands over no q or k: its attention is the student's own."""
+    if plan.attn != 'sdpa' or plan.cfg.transfer == 'v':
+        return plan, None
+    x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
+    attn, record = check_sdpa(plan, 'copy', *first_layer_output(plan, teacher, student, x))
+    set_attn_implementation(teacher, attn)
+    return plan._replace(attn=attn), record
 
 
 if __name__ == '__main__':

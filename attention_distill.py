@@ -18,19 +18,19 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 (the setting the authors intended; their release never passed it on and used 21), 200 epochs.
 The saved checkpoint is a plain ViT: `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from data import batch_mixer, build_data
-from teacher import (CHECK_IMAGES, NAMES, TransferConfig, build_student, check_sdpa, check_teacher, describe_map,
-                     layer_pairs, load_teacher, sample_images, student_presets, teacher_outputs, teacher_record,
-                     to_student_heads)
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map, layer_pairs,
+                     sample_images, student_presets, teacher_outputs, teacher_record, to_student_heads)
 from util.config import SMALL_PRESETS, at_least, option
-from util.engine import autocast, evaluate, log, soft_cross_entropy, train_one_epoch
-from util.launch import run_main, start
-from util.run import Run
+from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
+from util.launch import resolve, run_main
+from util.run import CHECK_IMAGES, Run, check_sdpa
 from vit import attend, scores, set_attn_implementation
 
 # -----------------------------------------------------------------------------
@@ -73,21 +73,25 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     return loss_fn
 
 
-def first_layer_loss(teacher, student, x, layers, heads, env):
-    """(compute, inputs) for teacher.check_sdpa: compute(implementation, dtype) is the first distilled layer's loss
-    and its gradients with respect to the student's q and k, from the q and k the run makes of images x."""
-    s, t = next(iter(layer_pairs(layers).items()))
-    with torch.no_grad(), autocast(env):
+def first_layer_loss(plan, teacher, student, x):
+    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the first distilled layer's loss
+    (in units of log N, the most it can be) and its gradients with respect to the student's q and k (in units of the
+    largest an attention product can make them: c max |k| and c max |q| a row), from the q and k the run makes of x."""
+    s, t = next(iter(plan.method.layers.items()))
+    with torch.no_grad(), autocast(plan):
         given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]                        # (B, H, N, d) each
         own = student.forward_tokens(x, keep={s: ('q', 'k')}, depth=s + 1)[1][s]
+    q0, k0 = own['q'].float(), own['k'].float()
+    rows, c = q0.numel() // q0.shape[-1], q0.shape[-1] ** -0.5                            # B * H * N rows averaged
+    units = (math.log(q0.shape[-2]), c * k0.abs().max().item() / rows, c * q0.abs().max().item() / rows)
 
     def compute(implementation, dtype):
         q, k = (own[n].to(dtype).requires_grad_() for n in ('q', 'k'))
         target = {n: given[n].to(dtype) for n in ('q', 'k')}
-        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)},
-                              {**target, 'logits': scores(target['q'], target['k'])}, 'attn', heads, implementation)
-        return [loss, *torch.autograd.grad(loss, (q, k))]
+        with torch.autocast(plan.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)}, {**target, 'logits': scores(target['q'],
+                              target['k'])}, 'attn', plan.method.heads, implementation)
+        return [t / unit for t, unit in zip((loss, *torch.autograd.grad(loss, (q, k))), units)]
     return compute, (given['q'], given['k'], own['k'])
 
 
@@ -201,34 +205,43 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 
 
 def main():
-    cfg, env = start(DistillConfig, PRESETS)                           # flags, processes, device, run directory
-    data, train_loader, eval_loader = build_data(cfg, env)
-    teacher, layers, heads = load_teacher(cfg, env.device, env.dtype, env.attn)   # frozen; layers {student: teacher}
-    check_teacher(cfg, teacher, layers, data, env)
-    torch.manual_seed(cfg.seed)
-    student = build_student(cfg, teacher, data.num_classes, layers).to(env.device)
-    checked = None
-    if env.attn == 'sdpa' and cfg.transfer == 'attn':     # the map-free loss against the definition, before training
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), env.device)
-        env.attn, checked = check_sdpa(cfg, env, 'distillation',
-                                       *first_layer_loss(teacher, student, x, layers, heads, env))
-        set_attn_implementation(teacher, env.attn)
-    log(env, cfg, f'attention distillation: {cfg.transfer} of layers {sorted(layers.values())} '
-                  f'(heads {heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
-    log(env, cfg, teacher.description)
-    log(env, cfg, describe_map(layers, teacher.num_heads, student.num_heads))
+    plan = resolve(DistillConfig, PRESETS)            # every refusal first: flags, teacher's file, run directory
+    cfg, transfer = plan.cfg, plan.method             # transfer: the teacher's shape, layers, heads, the student's
+    with plan.run_dir:
+        data, train_loader, eval_loader = build_data(plan)
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
+        check_teacher(plan, teacher, data)
+        torch.manual_seed(cfg.seed)
+        student = build_student(transfer, data.num_classes, cfg).to(plan.device)
+        plan, checked = check_map_free(plan, teacher, student, data)   # sdpa: against the definition, first
+        plan.log(f'attention distillation: {cfg.transfer} of layers {sorted(transfer.layers.values())} '
+                 f'(heads {transfer.heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
+        plan.log(transfer.description)
+        plan.log(describe_map(transfer.layers, transfer.teacher['num_heads'], student.num_heads))
 
-    run = Run(cfg, env, student, train_loader, data.classes,
-              {'distilled_from': teacher_record(cfg, layers, heads), 'attention_check': checked})
-    loss_fn, mixer = distill_loss_fn(cfg, teacher, layers, heads, env.attn), batch_mixer(cfg, data.num_classes)
+        run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
+                  {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})
+        loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, plan.attn)
+        mixer = batch_mixer(cfg, data.num_classes)
 
-    while run.step < run.total_steps:
-        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
-            run.evaluate(lambda m: evaluate(m, eval_loader, env))      # the student alone, a plain ViT
-            run.save()
-    m = run.metrics
-    log(env, cfg, f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
-        + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
+        while run.step < run.total_steps:
+            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
+                run.evaluate(lambda m: evaluate(m, eval_loader, plan))  # the student alone, a plain ViT
+                run.save()
+        m = run.metrics
+        plan.log(f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
+                 + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
+
+
+def check_map_free(plan, teacher, student, data):
+    """(plan, record): on sdpa, the first distilled layer's map-free loss against the definition (check_sdpa); a
+    plan on eager where auto falls back."""
+    if plan.attn != 'sdpa' or plan.cfg.transfer != 'attn':
+        return plan, None
+    x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
+    attn, record = check_sdpa(plan, 'distillation', *first_layer_loss(plan, teacher, student, x))
+    set_attn_implementation(teacher, attn)
+    return plan._replace(attn=attn), record
 
 
 if __name__ == '__main__':

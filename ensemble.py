@@ -28,13 +28,12 @@ import torch
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.cli import parse_config
 from util.config import AMP, ConfigError, option
 from util.engine import autocast, say
 from util.files import write_json
-from util.launch import amp_dtype, attn_implementation, run_main
+from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.loader import build_loader
-from util.resume import class_mismatch
+from util.run import class_mismatch
 from vit import IMPLEMENTATIONS, set_attn_implementation
 
 # -----------------------------------------------------------------------------

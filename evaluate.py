@@ -29,14 +29,12 @@ import torch
 from data import build_transform
 from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks, heads_checks, load_models,
                       predict_all)
-from util.cli import parse_config
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import say
-from util.files import write_json, write_text
-from util.launch import amp_dtype, attn_implementation, run_main
+from util.files import check_output, write_json, write_text
+from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.loader import build_loader
-from util.rundir import check_output
 from vit import set_attn_implementation
 
 # -----------------------------------------------------------------------------

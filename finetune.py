@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from data import batch_mixer, build_data
-from util.checkpoints import load_weights, read_checkpoint, state_dict_of
-from util.cli import parse_config, without_help
+from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
 from util.config import SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
-from util.engine import classification_loss, evaluate, log, train_one_epoch
-from util.launch import run_main, start
+from util.engine import classification_loss, evaluate, train_one_epoch
+from util.launch import parse_config, resolve, run_main, without_help
 from util.run import Run
-from vit import create_model
+from vit import create_model, model_arch, set_attn_implementation
 
 
 @dataclass
@@ -47,6 +46,19 @@ class FinetuneConfig(TrainConfig):
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)
+
+    def resolve(self):
+        """The resolve step: an --init file read and checked against the model the config names (its architecture,
+        heads and weights), before anything is built."""
+        if self.init:
+            check_weights(self.init, read_checkpoint(self.init), model_arch(self.model, **self.model_kwargs()),
+                          self.init_num_heads, '--init-num-heads')
+
+    def model_kwargs(self):
+        """The VisionTransformer keywords the config sets beside its --model size (None: the size's own)."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                    num_heads=self.num_heads, global_pool=self.global_pool, drop_path_rate=self.drop_path,
+                    init_values=self.layer_scale or None, norm_pre=self.norm_pre, act=self.act)
 
 
 PRESETS = {
@@ -87,10 +99,7 @@ def presets(argv=None):
 
 def build_model(cfg, num_classes):
     """The ViT the config names; --init loads pre-trained weights into it (a new head if needed)."""
-    model = create_model(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
-                         embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                         global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path,
-                         init_values=cfg.layer_scale or None, norm_pre=cfg.norm_pre, act=cfg.act)
+    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
     if cfg.init:
         ckpt = read_checkpoint(cfg.init)
         head = state_dict_of(ckpt).get('head.weight')
@@ -101,20 +110,22 @@ def build_model(cfg, num_classes):
 
 
 def main():
-    cfg, env = start(FinetuneConfig, presets())                       # flags, processes, device, run directory
-    data, train_loader, eval_loader = build_data(cfg, env)
-    torch.manual_seed(cfg.seed)                                         # the same initial weights on every rank
-    model = build_model(cfg, data.num_classes)
-    run = Run(cfg, env, model, train_loader, data.classes)             # optimizer, EMA, resumed if asked
-    loss_fn, mixer = classification_loss(cfg), batch_mixer(cfg, data.num_classes)
+    plan = resolve(FinetuneConfig, presets())                          # every refusal first, nothing built yet
+    cfg = plan.cfg
+    with plan.run_dir:
+        data, train_loader, eval_loader = build_data(plan)
+        torch.manual_seed(cfg.seed)                                     # the same initial weights on every rank
+        model = set_attn_implementation(build_model(cfg, data.num_classes), plan.attn).to(plan.device)
+        run = Run(plan, model, train_loader, data.classes)             # optimizer, EMA, resumed if asked
+        loss_fn, mixer = classification_loss(cfg), batch_mixer(cfg, data.num_classes)
 
-    while run.step < run.total_steps:
-        if train_one_epoch(run, train_loader, loss_fn, mixer):         # to the end of the epoch (or --max-steps)
-            run.evaluate(lambda m: evaluate(m, eval_loader, env))      # a line of metrics.jsonl
-            run.save()                                                  # checkpoint.pt
-    m = run.metrics
-    log(env, cfg, f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}" +
-        (f" | EMA top-1 {m['ema_top1']:.2f} top-5 {m['ema_top5']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
+        while run.step < run.total_steps:
+            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
+                run.evaluate(lambda m: evaluate(m, eval_loader, plan))  # a line of metrics.jsonl
+                run.save()                                              # checkpoint.pt
+        m = run.metrics
+        plan.log(f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}" + (f" | EMA top-1 {m['ema_top1']:.2f} top-5 "
+                 f"{m['ema_top5']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
 
 
 if __name__ == '__main__':

@@ -37,14 +37,13 @@ from einops import rearrange
 
 from data import INFO, batch_mixer, build_data
 from util.checkpoints import read_checkpoint, state_dict_of
-from util.cli import parse_config
 from util.config import SMALL_PRESETS, TrainConfig, at_least, option
-from util.engine import all_mean, autocast, log, train_one_epoch
-from util.files import replacing
-from util.launch import run_main, start
-from util.run import Run, save_checkpoint
-from util.rundir import check_output
-from vit import Block, VisionTransformer, model_arch
+from util.engine import all_mean, autocast, train_one_epoch
+from util.files import check_output, replacing
+from util.launch import resolve, run_main
+from util.run import Run
+from util.rundir import save_checkpoint
+from vit import Block, VisionTransformer, model_arch, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Config
@@ -70,6 +69,11 @@ class MAEConfig(TrainConfig):
 
     RESUMABLE = (*TrainConfig.RESUMABLE, 'export')   # written once the run ends: may be named when resuming
     SCRIPT = 'mae_pretrain.py'
+
+    def resolve(self):
+        """The resolve step: --export, written once the run ends, checked before it starts."""
+        if self.export:
+            check_output('--export', self.export, self.out_dir)
 
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
@@ -216,18 +220,18 @@ def mae_loss_fn(cfg):
 
 
 @torch.no_grad()
-def evaluate_mse(model, loader, env, norm_pix=True, seed=0):
+def evaluate_mse(model, loader, plan, norm_pix=True, seed=0):
     """The masked-patch loss on held-out images (the same masks every time), averaged over ranks."""
     model.eval()
-    g = torch.Generator(env.device).manual_seed(seed + env.rank)
-    total, n = torch.zeros((), device=env.device), 0
+    g = torch.Generator(plan.device).manual_seed(seed + plan.rank)
+    total, n = torch.zeros((), device=plan.device), 0
     for x, _ in loader:
-        x = x.to(env.device, non_blocking=True)
-        ids = random_keep(len(x), model.patch_embed.num_patches, model.num_keep, env.device, g)
-        with autocast(env):
+        x = x.to(plan.device, non_blocking=True)
+        ids = random_keep(len(x), model.patch_embed.num_patches, model.num_keep, plan.device, g)
+        with autocast(plan):
             pred, mask = model(x, ids)
         total, n = total + mae_loss(pred, patchify(x, model.patch_embed.patch_size), mask, norm_pix), n + 1
-    return {'mse': all_mean(total / max(n, 1), env).item()}
+    return {'mse': all_mean(total / max(n, 1), plan).item()}
 
 # -----------------------------------------------------------------------------
 # What the model sees and makes: a figure
@@ -283,32 +287,31 @@ def export_encoder(run_dir, path):
 
 
 def main():
-    wanted = parse_config(MAEConfig, PRESETS)   # checked before anything is written or trained
-    if wanted.export:
-        check_output('--export', wanted.export, wanted.out_dir)
-    cfg, env = start(MAEConfig, PRESETS)                               # flags, processes, device, run directory
-    data, train_loader, eval_loader = build_data(cfg, env)
-    torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-    model = build_mae(cfg)
-    log(env, cfg, f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
-                  f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
-    run = Run(cfg, env, model, train_loader, data.classes)
-    loss_fn, mixer = mae_loss_fn(cfg), batch_mixer(cfg, data.num_classes)
+    plan = resolve(MAEConfig, PRESETS)                                 # every refusal first, nothing built yet
+    cfg = plan.cfg
+    with plan.run_dir:
+        data, train_loader, eval_loader = build_data(plan)
+        torch.manual_seed(cfg.seed)   # the same initial weights on every rank
+        model = set_attn_implementation(build_mae(cfg), plan.attn).to(plan.device)
+        plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
+                 f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
+        run = Run(plan, model, train_loader, data.classes)
+        loss_fn, mixer = mae_loss_fn(cfg), batch_mixer(cfg, data.num_classes)
 
-    while run.step < run.total_steps:
-        if train_one_epoch(run, train_loader, loss_fn, mixer):
-            # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
-            run.evaluate(lambda m: evaluate_mse(m, eval_loader, env, cfg.norm_pix_loss))
-            run.save()
-    metrics = run.metrics
-    if env.main:
-        imgs = torch.stack([data.eval[i][0] for i in range(min(6, len(data.eval)))]).to(env.device)
-        save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),
-                             cfg.norm_pix_loss)
-        if cfg.export:
-            export_encoder(cfg.out_dir, cfg.export)
-    log(env, cfg, f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
-                  f"masked mse {metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
+        while run.step < run.total_steps:
+            if train_one_epoch(run, train_loader, loss_fn, mixer):
+                # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
+                run.evaluate(lambda m: evaluate_mse(m, eval_loader, plan, cfg.norm_pix_loss))
+                run.save()
+        metrics = run.metrics
+        if plan.main:
+            imgs = torch.stack([data.eval[i][0] for i in range(min(6, len(data.eval)))]).to(plan.device)
+            save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),
+                                 cfg.norm_pix_loss)
+            if cfg.export:
+                export_encoder(cfg.out_dir, cfg.export)
+        plan.log(f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
+                 f"masked mse {metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
 
 
 if __name__ == '__main__':

@@ -3,24 +3,24 @@ The frozen teacher of attention transfer, and the student built to fit it (atten
 
 In the order a reader needs them: what the teacher hands over (its q and k, or its q, k or v), how a student with
 fewer heads takes a group of the teacher's, which teacher layer reaches which student layer, and the student
-built to fit; then the flags, the checks and the record a student keeps of its teacher.
+built to fit; then the flags, with the resolve step that inspects the teacher's file once and settles all of this
+before anything is built (TransferConfig.resolve), and the checks and record of a built teacher.
 
 The teacher lives outside the student: it is frozen (requires_grad False), kept in eval mode (no stochastic depth:
 the student's drop-path masks never reach it), run under no_grad only as deep as the last transferred layer, and
 never wrapped in DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
 """
 import os
-import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
 
-from util.checkpoints import arch_of, build_from_checkpoint, describe_teacher, read_checkpoint
-from util.config import ConfigError, TrainConfig, at_least, one_of, option, readable, refuse
-from util.engine import log
+from util.checkpoints import arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, vit_of
+from util.config import ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse, too_big
 from util.files import sha256_of
-from util.memory import too_big
+from util.engine import autocast
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
 WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
@@ -50,24 +50,13 @@ def teacher_outputs(teacher, x, layers, names):
     return {s: {n: v.contiguous() for n, v in out[t].items()} for s, t in pairs.items()}
 
 
-def load_teacher(cfg, device, dtype=None, attn='sdpa'):
-    """The frozen teacher, resized to cfg.img_size; the transferred layers as {student layer: teacher layer}
-    (map_layers: the identity when the student is as deep as the teacher); the transferred heads (None: all).
-    dtype: the autocast dtype it will run under (None: fp32), see cast_matmul_weights; attn: its attention
-    implementation (vit.set_attn_implementation)."""
-    ckpt, heads = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
-    t = arch_of(ckpt, cfg.teacher, *heads)
-    refuse(cfg, too_big(cfg, t['embed_dim'], t['depth'], t['patch_size'], t['mlp_ratio'], False, 'the teacher'))
-    teacher = build_from_checkpoint(cfg.teacher, ckpt, *heads, img_size=cfg.img_size, num_classes=0,
-                                    drop_path_rate=0.0)
-    teacher.description = describe_teacher(cfg.teacher, ckpt, teacher, heads)   # the run's log states it
+def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
+    """The frozen teacher of keywords `arch` (inspect_teacher's), its weights from cfg.teacher, on device. dtype: the
+    autocast dtype it will run under (None: fp32), see cast_matmul_weights; attn: its attention implementation."""
+    teacher = vit_of(arch, cfg.teacher)
+    load_weights(teacher, cfg.teacher, read_checkpoint(cfg.teacher), cfg.teacher_num_heads, '--teacher-num-heads')
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
-    if dtype is not None:
-        cast_matmul_weights(teacher, dtype)
-    layers = parse_index(cfg.layers, teacher.depth, 'layers')
-    heads = parse_index(cfg.heads, teacher.num_heads, 'heads')
-    layers = map_layers(cfg.layer_map, layers, teacher.depth, student_shape(cfg, teacher.arch)['depth'], cfg.layers)
-    return teacher, layers, (None if len(heads) == teacher.num_heads else heads)
+    return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
 
 
 def cast_matmul_weights(model, dtype):
@@ -205,24 +194,31 @@ def student_shape(cfg, t):
     return arch
 
 
-def build_student(cfg, teacher, num_classes, layers, no_qk=False):
-    """A randomly initialised ViT with the teacher's token grid (checked), of the teacher's size or another
-    (misfit says what may differ). layers: {student layer: teacher layer}, or a list (the same layers in both).
-    no_qk: the transferred layers get no query/key projections (a copy student never uses them).
-    cfg.student_arch: 'plain' (a plain ViT) or 'teacher' (the teacher's components, e.g. DINOv2's layer scale)."""
-    t, arch = teacher.arch, student_shape(cfg, teacher.arch)
-    arch.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
-    arch.update(img_size=cfg.img_size, num_classes=num_classes, global_pool=cfg.global_pool,
-                drop_path_rate=cfg.drop_path, no_qk_layers=list(layer_pairs(layers)) if no_qk else ())
-    if arch['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
+def build_student(transfer, num_classes, cfg):
+    """A randomly initialised ViT of the shape the resolve step settled (transfer.student), with this task's head."""
+    return vit_of({**transfer.student, 'num_classes': num_classes, 'global_pool': cfg.global_pool,
+                   'drop_path_rate': cfg.drop_path}, 'the student')
+
+
+def student_arch(cfg, t, layers, heads):
+    """The student's VisionTransformer keywords (its task's head aside) for teacher keywords t, refused in one line
+    if it cannot take the transfer of `layers` ({student layer: teacher layer}) and heads (misfit). The student
+    has the teacher's components or none (--student-arch), and a copy student (cfg.NO_QK) no query / key
+    projections in layers given the whole map: it never uses them."""
+    s = student_shape(cfg, t)
+    s.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
+    s.update(img_size=cfg.img_size, no_qk_layers=list(layers) if cfg.NO_QK and cfg.transfer == 'attn' and
+             heads is None else ())
+    if s['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a student "
                           f"with them, --student-arch teacher")
-    refuse(cfg, too_big(cfg, arch['embed_dim'], arch['depth'], arch['patch_size'], arch['mlp_ratio']))
-    why = misfit(cfg, arch, t, layers)
+    refuse(cfg, too_big(cfg, s['embed_dim'], s['depth'], s['patch_size'], s['mlp_ratio']))
+    why = misfit(cfg, s, t, layers)
     if why:
         shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
-        raise ConfigError(f'student ({shape(**arch)}) does not fit the teacher ({shape(**t)}): {why}')
-    return type(teacher)(**arch)
+        raise ConfigError(f'student ({shape(**s)}) does not fit the teacher ({shape(**t)}): {why}')
+    refuse(cfg, [decay_floor(cfg, s['depth'])])
+    return s
 
 
 def misfit(cfg, s, t, layers):
@@ -270,6 +266,7 @@ class TransferConfig(TrainConfig):
 
     # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
     RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
+    NO_QK = False   # a copy student's transferred layers have no query / key projections (attention_copy.py)
     INPUTS = ('teacher',)
 
     def checks(self):
@@ -286,6 +283,41 @@ class TransferConfig(TrainConfig):
         other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
         return super().resume_conflicts(ckpt, world, free) + ([other + ' (--new-teacher true if meant)'] if other else [])
 
+    def resolve(self):
+        """The resolve step of a transfer run: the teacher's file inspected once (inspect_teacher), the transferred
+        layers and heads, and the student's shape (student_arch), each refused in one line if it cannot be.
+        Returns a Transfer; nothing is built."""
+        t, description = inspect_teacher(self)
+        layers, heads = parse_index(self.layers, t['depth'], 'layers'), parse_index(self.heads, t['num_heads'], 'heads')
+        heads = None if len(heads) == t['num_heads'] else heads
+        layers = map_layers(self.layer_map, layers, t['depth'], student_shape(self, t)['depth'], self.layers)
+        return Transfer(t, description, layers, heads, student_arch(self, t, layers, heads))
+
+
+def inspect_teacher(cfg):
+    """The teacher's file read and looked at once: (its VisionTransformer keywords at cfg.img_size, its description
+    for the log), refused in one line if it is no ViT that could teach (its heads unknown, too big for this machine,
+    weights that do not load into its architecture or are not finite)."""
+    ckpt, stated = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
+    native = arch_of(ckpt, cfg.teacher, *stated)
+    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'], native['mlp_ratio'], False,
+                        'the teacher'))
+    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}   # frozen, a plain ViT
+    t = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
+    return t, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
+
+
+class Transfer(NamedTuple):
+    """What TransferConfig.resolve settles: the teacher's VisionTransformer keywords (at the run's image size), its
+    description for the log, the layers {student layer: teacher layer}, the transferred heads (None: all), and the
+    student's keywords (its task's head aside)."""
+    teacher: dict
+    description: str
+    layers: dict
+    heads: list
+    student: dict
+
+
 # -----------------------------------------------------------------------------
 # Checks and records: a teacher that cannot teach, and what a student checkpoint records about its own
 
@@ -295,86 +327,30 @@ def sample_images(data, n, device):
     return torch.stack([data.eval[i][0] for i in range(min(n, len(data.eval)))]).to(device)
 
 
-def check_teacher(cfg, teacher, layers, data, env):
+def check_teacher(plan, teacher, data):
     """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
     under the run's autocast: every step would hand them over, and the run would seem to diverge."""
-    x = sample_images(data, 8, env.device)                                            # (B, 3, H, W)
-    with torch.no_grad(), torch.autocast(env.device.type, dtype=env.dtype or torch.float32,
-                                         enabled=env.dtype is not None):
+    cfg, layers = plan.cfg, plan.method.layers
+    x = sample_images(data, 8, plan.device)                                           # (B, 3, H, W)
+    with torch.no_grad(), autocast(plan):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
         if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range
-            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], env.attn)} for s, t in out.items()}
-    bad = [layer_pairs(layers)[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], plan.attn)} for s, t in out.items()}
+    bad = [layers[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:
         what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
-        hint = f' under {env.dtype} autocast: try --amp off' if env.dtype is not None else ''
+        hint = f' under {plan.dtype} autocast: try --amp off' if plan.dtype is not None else ''
         raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
                           f'first evaluation images{hint}; it cannot be a teacher')
 
 
-# the start-up check's tolerance: twice eager's own error in the run's dtype, and at least this (relative to the
-# largest entry of each tensor compared: fp32 attention differs from float64 by ~1e-6, a broken kernel by ~1)
-SDPA_FLOOR = 1e-3
-CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
-
-
-def check_sdpa(cfg, env, what, compute, inputs):
-    """Before training, the fused path (sdpa) of the first transferred layer against the definition, on the run's
-    own images, q, k and v, device and autocast. compute(implementation, dtype) -> tensors of that layer (copy: its
-    attention output; distillation: its loss and the loss's q and k gradients). The definition is eager in fp32;
-    sdpa must come within max(2 x eager's own error in the run's dtype, SDPA_FLOOR) of it. Otherwise --attn-
-    implementation auto goes on with eager, and sdpa stops here in one line. inputs: the (q, k, v) of its fused call,
-    named in the log with the kernel torch picks for them. Returns (implementation, record).
-    Distillation from a teacher whose maps are as even as an untrained student's (S ~ P) fails it in bf16: the
-    gradient, c (S K - P K), is then far below the rounding of either product, which is all map-free computes."""
-    dtype, start = env.dtype or torch.float32, time.time()
-    backend, shape = sdpa_backend(*(t.to(dtype) for t in inputs)), tuple(inputs[0].shape)
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == 'cuda' else []):   # the run's RNG untouched
-        definition = compute('eager', torch.float32)
-        eager = distance(compute('eager', dtype), definition)
-        try:
-            fused, why = distance(compute('sdpa', dtype), definition), ''
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no such kernel, or not this shape
-            fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
-    tolerance = max(2 * eager, SDPA_FLOOR)
-    record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
-              'device': str(env.device), 'backend': backend, 'shape': shape,
-              'seconds': round(time.time() - start, 3)}
-    said = (f"{what} on sdpa ({backend} kernel, {env.device}, {dtype}, q {shape}) against the "
-            f"definition (eager, fp32): {fused:.2g}{why} of its largest value; eager in {dtype}: {eager:.2g}, "
-            f"tolerance {tolerance:.2g}; checked in {record['seconds']:.2f} s")
-    if fused <= tolerance:
-        log(env, cfg, f'start-up check: {said}: sdpa holds')
-        return 'sdpa', {**record, 'implementation': 'sdpa'}
-    if cfg.attn_implementation == 'sdpa':
-        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation eager')
-    log(env, cfg, f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
-    return 'eager', {**record, 'implementation': 'eager'}
-
-
-def distance(ours, definition):
-    """The largest |ours - definition| of tensors compared pairwise, relative to the definition's largest entry."""
-    return max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(ours, definition))
-
-
-def sdpa_backend(q, k, v):
-    """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
-    log: asked of torch's private dispatcher, 'unknown' where it has none."""
-    try:
-        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        return 'unknown'
-
-
-def teacher_record(cfg, layers, heads):
+def teacher_record(cfg, transfer):
     """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
     the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
-    pairs = layer_pairs(layers)
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
-            'layers': sorted(pairs.values()), 'layer_map': pairs, 'head_rule': HEAD_RULE,
-            'heads': heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
+            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers, 'head_rule': HEAD_RULE,
+            'heads': transfer.heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
 
 
 def teacher_mismatch(source, record):

@@ -77,19 +77,19 @@ def _sdpa(q, k, v):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention that can be given, and can hand out, its internals. own_qk=False: no query/key
+    """Multi-head self-attention that can be given, and can hand out, its internals. no_qk: no query/key
     projection (a copy student's layer, always given the teacher's q and k, or its map). implementation: 'eager' or
     'sdpa' (attend), set for a whole model by set_attn_implementation."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, own_qk=True):
+    def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
         assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.own_qk, self.implementation = own_qk, 'sdpa'
-        if own_qk:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        else:
+        self.no_qk, self.implementation = no_qk, 'sdpa'
+        if no_qk:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
@@ -97,7 +97,7 @@ class Attention(nn.Module):
         teacher's q, k); attn: (B, h, N, N) probabilities instead of softmax(q k^T / sqrt(d)), eager (for all heads it
         may hold g maps a head: their mean); heads: the h of the H heads those cover (default all). keep: its own
         'q', 'k', 'v' to hand back, or 'logits', its pre-softmax map, then written out and used (eager distillation)."""
-        if not self.own_qk and ((attn is None and (q is None or k is None)) or heads is not None):
+        if self.no_qk and ((attn is None and (q is None or k is None)) or heads is not None):
             raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) for every head")
         own_q, own_k, own_v = self.project(x)                              # (B, H, N, d) each
         kept = {n: t for n, t in (('q', own_q), ('k', own_k), ('v', own_v)) if n in keep}
@@ -123,9 +123,9 @@ class Attention(nn.Module):
 
     def project(self, x):
         """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
-        if self.own_qk:
-            return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads).unbind(0)
-        return None, None, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        if self.no_qk:
+            return None, None, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads).unbind(0)
 
 
 def _put(own, given, heads):
@@ -158,11 +158,11 @@ def drop_path(x, p, training):
 class Block(nn.Module):
     """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); no layer scale if init_values is None."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, own_qk=True,
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, no_qk=False,
                  init_values=None, act='gelu', norm_eps=1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, own_qk)
+        self.attn = Attention(dim, num_heads, qkv_bias, no_qk)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
@@ -197,9 +197,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None   # no position
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else nn.Identity()
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()   # deeper blocks drop more
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()   # deeper blocks drop more
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], own_qk=i not in no_qk_layers,
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], no_qk=i in no_qk_layers,
                   init_values=init_values, act=act, norm_eps=norm_eps)
             for i in range(depth))
         # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm); class-token models

@@ -11,9 +11,9 @@ from attention_copy import CopyModel, copied, copy_loss, load_copy_model
 import attention_copy
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
 import attention_distill
-from conftest import TINY, run_in_process
-from teacher import HEAD_RULE, build_student, map_layers, misfit, student_shape, to_student_heads
-from util.cli import parse_config
+from conftest import TINY, run_in_process, student_of
+from teacher import HEAD_RULE, map_layers, misfit, student_shape, to_student_heads
+from util.launch import parse_config
 from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
 
@@ -104,7 +104,7 @@ def test_a_smaller_student_gets_each_layer_and_head_its_teacher_group():
     layer 1 <- layer 3; student head 0 <- mean of teacher heads 0, 1; head 1 <- heads 2, 3."""
     teacher = make_teacher()
     layers = map_layers('auto', [0, 1, 2, 3], 4, 2)
-    student = build_student(cfg_for(**SMALL), teacher, 10, layers, no_qk=True)
+    student = student_of(cfg_for(**SMALL), teacher, 10, layers, no_qk=True)
     assert (student.depth, student.num_heads, student.embed_dim) == (2, 2, 32)
     x = torch.randn(2, 3, 32, 32)
     maps = teacher.attention(x, [0, 3])
@@ -123,7 +123,7 @@ def test_a_step_trains_a_smaller_student(method):
     teacher = make_teacher()
     cfg = cfg_for(**SMALL)
     layers = map_layers('auto', [0, 1, 2, 3], 4, 2)
-    student = build_student(cfg, teacher, 10, layers, no_qk=method == 'copy').train()
+    student = student_of(cfg, teacher, 10, layers, no_qk=method == 'copy').train()
     loss_fn = (copy_loss(cfg, teacher, layers, None) if method == 'copy'
                else distill_loss_fn(cfg, teacher, layers, None))
     loss, parts = loss_fn(student, torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,)))
@@ -192,8 +192,8 @@ def test_a_copy_student_reloads_with_its_mapping(monkeypatch, tmp_path, teacher_
 ])
 def test_what_cannot_fit_is_refused(kw, says):
     with pytest.raises(ConfigError, match='does not fit the teacher .*' + says):
-        build_student(cfg_for(**kw), make_teacher(), 10, [0])
-    assert build_student(cfg_for(embed_dim=96), make_teacher(), 10, [0]).embed_dim == 96   # maps: any width
+        student_of(cfg_for(**kw), make_teacher(), 10, [0])
+    assert student_of(cfg_for(embed_dim=96), make_teacher(), 10, [0]).embed_dim == 96   # maps: any width
 
 
 def test_vit_small_from_vit_large_needs_a_head_count_dividing_16():

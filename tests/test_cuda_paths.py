@@ -234,8 +234,8 @@ def test_auto_precision_and_tf32_on_this_gpu(tmp_path, exact_fp32):
     assert launch.amp_dtype('auto', torch.device('cuda')) is (torch.bfloat16 if native else torch.float16)
     a, b = torch.randn(2, 1024, 1024, device='cuda', dtype=torch.float64).unbind(0)
     exact = relative_distance(a.float() @ b.float(), a @ b)
-    env = launch.setup(TrainConfig(out_dir=str(tmp_path / 'run')))
-    assert env.device == torch.device('cuda', 0) and torch.cuda.current_device() == 0
+    _, _, device = launch.processes(TrainConfig(out_dir=str(tmp_path / 'run')))
+    assert device == torch.device('cuda', 0) and torch.cuda.current_device() == 0
     tf32 = relative_distance(a.float() @ b.float(), a @ b)
     assert exact < 1e-5 and (tf32 > 1e-4 if native else tf32 < 1e-5)    # TF32: 10 mantissa bits, Ampere on
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT, sub_env
-from util.cli import parse_config
+from util.launch import parse_config
 
 PAGES = ['README.md', 'REFERENCE.md', 'RECIPES.md', *sorted(os.path.relpath(p, ROOT) for folder in ('results', 'teachers')
                                              for p in glob.glob(os.path.join(ROOT, folder, '**', '*.md'), recursive=True)),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import finetune, read_metrics
 from finetune import PRESETS, FinetuneConfig
 from util import engine
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError
 from util.engine import build_optimizer, lr_at, soft_cross_entropy
 from util.launch import amp_dtype
@@ -178,7 +178,7 @@ def test_amp_dtype():
     for bad in ('fp32', 'BF16', ''):
         with pytest.raises(ConfigError):
             amp_dtype(bad, cpu)
-    assert issubclass(engine.ConfigError, ValueError)
+    assert issubclass(ConfigError, ValueError)
 
 
 def _run_finetune_main(monkeypatch, out_dir, *args):

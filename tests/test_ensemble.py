@@ -17,7 +17,7 @@ from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_
                       normalise_weights, summarise)
 import ensemble
 from util.checkpoints import CheckpointError
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError
 from vit import VisionTransformer
 

@@ -19,7 +19,7 @@ from ensemble import load_model
 from tools.features import (PRESETS, CKAStats, FeaturesConfig, agreement, analyse, attention_distance, blocks,
                             class_token_share, draws, group_pairs, linear_cka, load, map_agreement, method_seed,
                             prediction_values, runner)
-from util.cli import parse_config
+from util.launch import parse_config
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

@@ -16,7 +16,7 @@ import finetune
 import mae_pretrain
 import tools.benchmark as benchmark
 import tools.reproduce as reproduce
-from util.cli import parse_config, without_help
+from util.launch import parse_config, without_help
 
 # script -> (module, its config class)
 SCRIPTS = {'finetune.py': (finetune, finetune.FinetuneConfig),

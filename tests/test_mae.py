@@ -10,7 +10,7 @@ from conftest import TINY, finetune, read_metrics, run_script
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
                           unpatchify)
 from util.checkpoints import build_from_checkpoint
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError
 from vit import VisionTransformer
 

@@ -159,7 +159,7 @@ def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
 
 def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path):
     """A copy of the tree whose .git lags behind its files (as a GPU machine's copy had) is not that commit."""
-    from util.rundir import git_commit
+    from util.files import git_commit
 
     def git(*args):
         subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,

@@ -17,7 +17,7 @@ from finetune import PRESETS as FINETUNE, FinetuneConfig, build_model, presets
 from mae_pretrain import PRESETS as MAE, MAEConfig
 from teacher import parse_index
 from tools.reproduce import PRESETS as REPRODUCE, ReproduceConfig
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError
 from util.engine import build_optimizer, lr_at
 from vit import create_model

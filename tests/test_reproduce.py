@@ -17,7 +17,7 @@ from mae_pretrain import MAEConfig
 from tools.reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
 from tools.reproduce_report import (AIMS, LABELS, PAPER, against_paper, aim, budget, format_gap, gap_closed, mean_std,
                                      ordering, plot)
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError
 
 # -----------------------------------------------------------------------------

@@ -278,7 +278,6 @@ def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, t
     """Stopped after the checkpoint of step 3 (--save-every, mid-epoch, never evaluated): --max-steps 3 ended in a
     KeyError ('top1'), --max-steps 2 reported step 3 as its end."""
     from util import engine
-    from util.rundir import unlock
     calls, plain = [0], engine.soft_cross_entropy
 
     def stopped(*args, **kw):
@@ -291,7 +290,6 @@ def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, t
     monkeypatch.setattr(sys, 'argv', ['finetune.py', *TINY, '--out-dir', str(d), '--save-every', '3'])
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C after step 3's checkpoint
         finetune.main()
-    unlock()   # as run_main does
     monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
     assert torch.load(d / 'checkpoint.pt', weights_only=True)['step'] == 3
     before = digest(d)

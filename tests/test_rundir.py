@@ -182,10 +182,8 @@ def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_p
     """Every write error said 'free some space ... --resume true': for a permission error too, and in evaluate.py,
     which has no --resume."""
     import errno
-    from util import rundir
     from util.files import cannot_write
     from util.launch import run_main
-    monkeypatch.setattr(rundir, '_RUN', {})   # no run directory: evaluate.py, a tool
 
     def fails(e):
         def main():

@@ -5,8 +5,8 @@ import torch
 
 from attention_copy import copy_loss
 from attention_distill import DistillConfig, distill_loss_fn
-from conftest import TINY, run_script
-from teacher import PLAIN, build_student
+from conftest import TINY, run_script, student_of
+from teacher import PLAIN
 from test_transfer_scripts import transfer
 from util.config import ConfigError
 from vit import VisionTransformer
@@ -25,7 +25,7 @@ def family_teacher():
 
 def test_teacher_arch_student_has_the_components_freshly_initialised():
     teacher = family_teacher()
-    student = build_student(DistillConfig(img_size=32, student_arch='teacher'), teacher, 10, [0, 1])
+    student = student_of(DistillConfig(img_size=32, student_arch='teacher'), teacher, 10, [0, 1])
     assert {k: student.arch[k] for k in PLAIN} == COMPONENTS
     assert set(student.state_dict()) == set(teacher.state_dict())
     assert torch.equal(student.blocks[1].ls2.gamma, torch.full((32,), 0.1))      # init value, not the teacher's
@@ -36,10 +36,10 @@ def test_teacher_arch_student_has_the_components_freshly_initialised():
 def test_plain_student_drops_the_components_and_registers_need_the_teacher_arch():
     teacher = family_teacher()
     with pytest.raises(ConfigError, match='register tokens.*--student-arch teacher'):
-        build_student(DistillConfig(img_size=32), teacher, 10, [0])
+        student_of(DistillConfig(img_size=32), teacher, 10, [0])
     torch.manual_seed(0)
     no_reg = VisionTransformer(**ARCH, **{**COMPONENTS, 'reg_tokens': 0})
-    student = build_student(DistillConfig(img_size=32), no_reg, 10, [0])          # plain is the default
+    student = student_of(DistillConfig(img_size=32), no_reg, 10, [0])          # plain is the default
     assert {k: student.arch[k] for k in PLAIN} == PLAIN
     assert not any(n.endswith('gamma') or n.startswith('norm_pre') for n in student.state_dict())
 
@@ -48,7 +48,7 @@ def test_plain_student_drops_the_components_and_registers_need_the_teacher_arch(
 def test_a_step_trains_the_students_components(method):
     teacher = family_teacher()
     cfg = DistillConfig(img_size=32, student_arch='teacher')
-    student = build_student(cfg, teacher, 10, [0, 1], no_qk=method == 'copy').train()
+    student = student_of(cfg, teacher, 10, [0, 1], no_qk=method == 'copy').train()
     loss_fn = (copy_loss if method == 'copy' else distill_loss_fn)(cfg, teacher, [0, 1], None)
     loss, _ = loss_fn(student, torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,)))
     loss.backward()
@@ -82,8 +82,8 @@ def test_finetune_builds_a_teacher_of_another_family_and_the_student_takes_its_c
     assert {k: teacher.arch[k] for k in ('init_values', 'norm_pre', 'act')} == \
         {'init_values': 0.1, 'norm_pre': True, 'act': 'quick_gelu'}
     assert torch.equal(teacher.blocks[0].ls1.gamma, torch.full((32,), 0.1))
-    like = build_student(DistillConfig(img_size=32, student_arch='teacher'), teacher, 10, [0, 1])
-    plain = build_student(DistillConfig(img_size=32), teacher, 10, [0, 1])
+    like = student_of(DistillConfig(img_size=32, student_arch='teacher'), teacher, 10, [0, 1])
+    plain = student_of(DistillConfig(img_size=32), teacher, 10, [0, 1])
     assert {k: like.arch[k] for k in PLAIN} == {k: teacher.arch[k] for k in PLAIN}
     assert {k: plain.arch[k] for k in PLAIN} == PLAIN
     plain_model = build_model(FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2,

@@ -20,10 +20,15 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpo
 from attention_distill import DistillConfig
 import attention_distill
 from conftest import TINY, run_in_process
-from teacher import load_teacher
+from teacher import build_teacher, inspect_teacher
 from test_pretrained import D, DEPTH, HEADS, official_dinov2, randomise, timm_features
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint, resize_pos_embed
 from util.pretrained import AS_DEIT, FAMILIES
+
+
+def built_teacher(cfg):
+    """The teacher a transfer run builds from cfg.teacher, on the CPU."""
+    return build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
 
 torch.set_num_threads(1)   # a small, shared machine
 
@@ -217,16 +222,15 @@ def test_deit_and_mae_files_resize_as_before(tmp_path, file, classes):
 def test_the_log_line_says_how_the_teacher_was_resized(tmp_path):
     sd = official_dinov2(grid=37, patch=14, reg=4)
     torch.save(sd, tmp_path / 'dinov2_reg.pth')
-    teacher, _, _ = load_teacher(DistillConfig(img_size=224, teacher=str(tmp_path / 'dinov2_reg.pth')), 'cpu')
-    line = teacher.description
+    line = inspect_teacher(DistillConfig(img_size=224, teacher=str(tmp_path / 'dinov2_reg.pth')))[1]
     assert '(DINOv2 with registers)' in line and 'native size 518 px (37x37' in line and 'at 224 px (16x16)' in line
     assert 'bicubic to the new size, antialiased' in line and '\n' not in line
     torch.save(official_dinov2(grid=37, patch=14, reg=0), tmp_path / 'dinov2.pth')
-    teacher, _, _ = load_teacher(DistillConfig(img_size=518, teacher=str(tmp_path / 'dinov2.pth')), 'cpu')
-    assert teacher.description.endswith("(DINOv2): 2 blocks, 2 heads (DINOv2's at width 128), native size 518 px "
-                                        "(37x37 patches of 14 px), run at that size")
-    teacher, _, _ = load_teacher(DistillConfig(img_size=224, teacher=str(tmp_path / 'dinov2.pth')), 'cpu')
-    assert 'by the scale factor (new + 0.1) / old, as DINOv2 does' in teacher.description
+    line = inspect_teacher(DistillConfig(img_size=518, teacher=str(tmp_path / 'dinov2.pth')))[1]
+    assert line.endswith("(DINOv2): 2 blocks, 2 heads (DINOv2's at width 128), native size 518 px "
+                         "(37x37 patches of 14 px), run at that size")
+    line = inspect_teacher(DistillConfig(img_size=224, teacher=str(tmp_path / 'dinov2.pth')))[1]
+    assert 'by the scale factor (new + 0.1) / old, as DINOv2 does' in line
 
 # -----------------------------------------------------------------------------
 # CLIP as OpenAI ships it: a TorchScript archive (clip/model.py's names), by path and by name

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from attention_copy import CopyModel, copied, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
-from conftest import blocks_run
-from teacher import INDEX_RULE, build_student, parse_index, teacher_outputs
+from conftest import blocks_run, student_of
+from teacher import INDEX_RULE, parse_index, teacher_outputs
 from util.engine import build_optimizer
 from vit import VisionTransformer
 
@@ -29,7 +29,7 @@ def test_copy_identity_reproduces_teacher():
     the teacher's maps, computes exactly the teacher's logits."""
     teacher = make_teacher()
     layers = list(range(4))
-    student = build_student(cfg_for(), teacher, 5, layers, no_qk=True)
+    student = student_of(cfg_for(), teacher, 5, layers, no_qk=True)
     assert not any('qkv' in n for n, _ in student.named_parameters())
     sd = {}
     for k, v in teacher.state_dict().items():
@@ -65,7 +65,7 @@ def test_attention_cross_entropy_identities():
 def test_distillation_gradient_reaches_student_qk_never_teacher(implementation):
     teacher = make_teacher()
     layers = [0, 1]
-    student = build_student(cfg_for(), teacher, 5, layers)
+    student = student_of(cfg_for(), teacher, 5, layers)
     x = torch.randn(2, 3, 32, 32)
     names = ('logits',) if implementation == 'eager' else ('q', 'k')
     target = teacher_outputs(teacher, x, layers, names)
@@ -86,7 +86,7 @@ def test_teacher_stays_frozen_through_a_training_step(method):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     cfg = cfg_for(drop_path=0.3)
     layers = [0, 1, 2, 3]
-    student = build_student(cfg, teacher, 5, layers, no_qk=method == 'copy').train()
+    student = student_of(cfg, teacher, 5, layers, no_qk=method == 'copy').train()
     loss_fn = (copy_loss if method == 'copy' else distill_loss_fn)(cfg, teacher, layers, None)
     opt = build_optimizer(types.SimpleNamespace(layer_decay=1.0, layer_decay_offset=1, weight_decay=0.05, beta2=0.999),
                           student, 1e-2)
@@ -105,7 +105,7 @@ def test_layer_selection_touches_only_those_layers():
     teacher = make_teacher()
     ran = blocks_run(teacher)
     given = []
-    student = build_student(cfg_for(), teacher, 5, [0, 2])
+    student = student_of(cfg_for(), teacher, 5, [0, 2])
     for i, b in enumerate(student.blocks):
         b.attn.register_forward_pre_hook(lambda m, a, kw, i=i: given.append(i) if kw.get('q') is not None
                                          else None, with_kwargs=True)
@@ -124,7 +124,7 @@ def test_qkv_copy_of_one_head_leaves_that_projection_untrained(transfer):
     """Copying head 0's q (k, v) from the teacher: the student's own q (k, v) rows of head 0 get no
     gradient, every other head's do."""
     teacher = make_teacher()
-    student = build_student(cfg_for(transfer=transfer), teacher, 5, [0])
+    student = student_of(cfg_for(transfer=transfer), teacher, 5, [0])
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     loss, _ = copy_loss(cfg_for(transfer=transfer), teacher, [0], [0])(student, x, y)
     loss.backward()
@@ -136,7 +136,7 @@ def test_qkv_copy_of_one_head_leaves_that_projection_untrained(transfer):
 @pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
 def test_distilling_a_head_subset_trains_only_those_heads_attention(implementation):
     teacher = make_teacher()
-    student = build_student(cfg_for(), teacher, 5, [0])
+    student = student_of(cfg_for(), teacher, 5, [0])
     x = torch.randn(2, 3, 32, 32)
     names = ('logits',) if implementation == 'eager' else ('q', 'k')
     _, kept = student(x, keep={0: names})
@@ -149,10 +149,10 @@ def test_student_must_fit_teacher():
     from util.config import ConfigError
     teacher = make_teacher()
     with pytest.raises(ConfigError, match='does not fit'):
-        build_student(cfg_for(num_heads=6, embed_dim=48), teacher, 5, [0])
+        student_of(cfg_for(num_heads=6, embed_dim=48), teacher, 5, [0])
     with pytest.raises(ConfigError, match='does not fit'):
-        build_student(cfg_for(patch_size=4), teacher, 5, [0])
-    assert build_student(cfg_for(embed_dim=96), teacher, 5, [0]).embed_dim == 96   # maps need no equal width
+        student_of(cfg_for(patch_size=4), teacher, 5, [0])
+    assert student_of(cfg_for(embed_dim=96), teacher, 5, [0]).embed_dim == 96   # maps need no equal width
     assert parse_index('0-2,5', 8, 'layers') == [0, 1, 2, 5] and parse_index('all', 3, 'heads') == [0, 1, 2]
     for bad in ('9', 'x', '2-'):
         with pytest.raises(ConfigError):
@@ -168,14 +168,14 @@ def test_small_presets_build_the_teacher_shaped_student(script):
     """A small preset names model 'teacher': its student takes the teacher's width, depth and heads, never
     finetune.py's sizes (which once silently made a 128-wide student of a 64-wide teacher)."""
     import importlib
-    from util.cli import parse_config
+    from util.launch import parse_config
     mod = importlib.import_module(script)
     teacher = make_teacher()   # 48 wide, unlike any preset
     for data in ('fashion-mnist', 'cifar10', 'fake'):
         config_class = mod.CopyConfig if script == 'attention_copy' else mod.DistillConfig
         cfg = parse_config(config_class, mod.PRESETS, ['--data', data, '--img-size', str(teacher.arch['img_size']),
                                                             '--teacher', 'unread.pt'])
-        student = build_student(cfg, teacher, 5, [0])
+        student = student_of(cfg, teacher, 5, [0])
         assert all(student.arch[k] == teacher.arch[k] for k in ('embed_dim', 'depth', 'num_heads')), data
 
 

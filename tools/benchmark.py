@@ -42,9 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
 from tools.benchmark_report import datasheet_peak, machine, markdown, profile, targets
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError, check, option
-from util.memory import machine_memory
+from util.config import machine_memory
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
 from vit import SIZES

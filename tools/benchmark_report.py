@@ -14,7 +14,7 @@ import torch
 
 from tools.benchmark_cases import PATHS
 from util.files import write_text
-from util.rundir import git_commit
+from util.files import git_commit
 
 # (name, method, path, over method, over path, target): ratio = img/s of the first / img/s of the second;
 # 'auto': the path --attn-implementation auto picks on the device

@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 from util.launch import amp_dtype
-from util.rundir import cpu_name, git_commit
+from util.files import cpu_name, git_commit
 
 SHAPES = {'fashion-mnist': "dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4, "
                            "num_classes=10, batch=128, distilled=5, copied=5)",

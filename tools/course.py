@@ -23,10 +23,10 @@ import data
 from tools.palette import PALETTE, colour
 from tools.reproduce_report import records
 from util.config import SMALL_PRESETS
-from util import datafiles
+from data import fashion_mnist
 from util.files import read_jsonl
 from util.launch import amp_dtype
-from util.rundir import cpu_name
+from util.files import cpu_name
 
 # -----------------------------------------------------------------------------
 # Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
@@ -37,14 +37,14 @@ MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the script
 
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
-    ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
+    ds = fashion_mnist('data', split == 'train', transform=None)
     x = (ds.images[:n].float() / 255 - MEAN) / STD                                  # (n, 1, 28, 28)
     return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
 
 
 def write_idx(path, array):
     """An IDX file of unsigned bytes (MNIST's format: 0, 0, 8, the number of dimensions, each size as a
-    big-endian int32, then the raw bytes): the format datafiles.read_idx reads."""
+    big-endian int32, then the raw bytes): the format data.read_idx reads."""
     a = np.ascontiguousarray(array, dtype=np.uint8)
     with open(path, 'wb') as f:
         f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
@@ -56,7 +56,7 @@ def write_slice(n_train, n_test, folder=None):
     folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
+        ds = fashion_mnist('data', split == 'train', transform=None)
         write_idx(os.path.join(folder, f'{split}-images-idx3-ubyte'), ds.images[:n, 0].numpy())
         write_idx(os.path.join(folder, f'{split}-labels-idx1-ubyte'), ds.labels[:n].numpy())
     return folder
@@ -165,7 +165,7 @@ def budgets(quick_flags, n_train, n_test):
     util/config.py), the committed reproduction and the quick command (tools/reproduce.py's preset and QUICK, as
     its stage command passes them to attention_distill.py)."""
     from tools import reproduce
-    preset, images = SMALL_PRESETS['fashion-mnist'], len(datafiles.fashion_mnist('data', True, transform=None))
+    preset, images = SMALL_PRESETS['fashion-mnist'], len(fashion_mnist('data', True, transform=None))
 
     def flags(cmd):
         cmd = list(map(str, cmd))

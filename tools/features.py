@@ -53,10 +53,10 @@ from teacher import layer_pairs, teacher_mismatch, to_student_heads
 from tools.features_report import check_out, summary, write
 from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
-from util.cli import parse_config
+from util.launch import parse_config
 from util.config import ConfigError, option
 from util.launch import run_main
-from util.rundir import cpu_name, git_commit
+from util.files import cpu_name, git_commit
 from vit import scores
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def blocks(vit, x, inject):
     x = vit.embed(x)                                                        # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
-        x, kept = block(x, given, keep=('logits',) if block.attn.own_qk else ())
+        x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
         logits = kept.get('logits')                                         # its own, when it computes one
         if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
             heads = len(given['heads']) if 'heads' in given else block.attn.num_heads

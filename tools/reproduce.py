@@ -39,11 +39,11 @@ import torch
 from ensemble import is_result
 from tools.reproduce_report import STAGES, budget, check_results_dir, ordering, records, summarise, table, write
 from util.checkpoints import build_from_checkpoint
-from util.cli import parse_config, without_help
+from util.launch import parse_config, without_help
 from util.config import AMP, ConfigError, option
 from util.files import DamagedFile, read_json, sha256_of, write_json
 from util.launch import run_main
-from util.rundir import cpu_name, git_commit
+from util.files import cpu_name, git_commit
 
 # -----------------------------------------------------------------------------
 # Config

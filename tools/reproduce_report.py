@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 from tools.palette import colour
 from util.checkpoints import read_checkpoint
-from util.cli import word
+from util.launch import word
 from util.config import ConfigError, flag
 from util.engine import lr_at
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
 from util.launch import run_main
-from util.rundir import git_commit
+from util.files import git_commit
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 

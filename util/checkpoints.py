@@ -290,6 +290,18 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     return model
 
 
+def check_weights(source, ckpt, arch, num_heads=0, flag='--num-heads', **given):
+    """Every refusal load_weights makes, on a ViT of `arch` with the keywords `given` (vit_of) that holds no memory
+    (built on the meta device): how the resolve phase looks at a file of weights before anything is built. Loading
+    into it copies nothing. Returns all the VisionTransformer keywords of that ViT."""
+    with torch.device('meta'):
+        model = vit_of(arch, source, given)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # torch's note that copying into a meta tensor does nothing
+        load_weights(model, source, ckpt, num_heads, flag)
+    return model.arch
+
+
 def build_from_checkpoint(source, ckpt=None, num_heads=0, flag='--num-heads', **overrides):
     """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights. ckpt: the checkpoint
     already read from source; num_heads: the head count its user states with `flag` (heads_of)."""
@@ -310,16 +322,16 @@ def family(source, ckpt):
     return FAMILIES[name] if name else (None, AS_DEIT)
 
 
-def describe_teacher(source, ckpt, teacher, heads=(0, '--teacher-num-heads')):
+def describe_teacher(source, ckpt, arch, size, heads=(0, '--teacher-num-heads')):
     """The teacher in one line for the log: its family, its heads and where their count is known from, its
     native size, and at another size how its position embeddings were resized (its family's official way:
-    pretrained.FAMILIES). heads: (the count stated, the flag that states it)."""
+    pretrained.FAMILIES). arch: its VisionTransformer keywords as the file gives them (arch_of); size: the image
+    size it runs at; heads: (the count stated, the flag that states it)."""
     name, how = family(source, ckpt)
-    patch, size = teacher.arch['patch_size'], teacher.arch['img_size']
-    native = arch_of(ckpt, source, *heads)['img_size']
+    patch, native, depth = arch['patch_size'], arch['img_size'], arch['depth']
     grids = f'{native // patch}x{native // patch} patches of {patch} px'
-    count = heads_of(ckpt, source, teacher.embed_dim, *heads)
-    said = (f"teacher {source}{f' ({name})' if name else ''}: {teacher.depth} block{'s' * (teacher.depth != 1)}, "
+    count = heads_of(ckpt, source, arch['embed_dim'], *heads)
+    said = (f"teacher {source}{f' ({name})' if name else ''}: {depth} block{'s' * (depth != 1)}, "
             f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
     if size == native:
         return f'{said}, run at that size'

@@ -9,11 +9,10 @@ preset), where it comes from, and its help.
 """
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import asdict, dataclass
 
-from util.augment import randaugment
-from util.memory import SAMPLER_BYTES, machine_memory, too_big
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
@@ -87,7 +86,7 @@ class TrainConfig:
     min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area",
                               (lambda v: 0 < v <= 1, 'is a fraction of the area: (0, 1]'))
     randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 | '' = off",
-                          (lambda v: readable(randaugment, v),
+                          (lambda v: not v or readable(policy, v),
                            "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9, or '' for none"))
     reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode 'pixel')", PROBABILITY)
     mixup: float = option(0.0, rule=at_least(0, 'off'))
@@ -148,9 +147,7 @@ class TrainConfig:
              f'must be a multiple of --patch-size {self.patch_size}'),
             ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or heads < 1 or dim % heads == 0,
              f'the width {dim} must be a multiple of the number of heads {heads} (--embed-dim, --num-heads)'),
-            ('layer_decay_offset', self.layer_decay ** (depth + min(max(self.layer_decay_offset, 0), 2 ** 20)) > 0,
-             f'gives the embedding an lr scale of --layer-decay {self.layer_decay} ** ({depth} blocks + '
-             f'{self.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)'),
+            decay_floor(self, depth),
             ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
              f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass --min-lr-ratio 0 to '
              f'set it absolutely'),
@@ -179,6 +176,23 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+class DataError(RuntimeError):
+    """Data that is missing, misplaced or damaged: one line naming the file and the fix."""
+
+
+def decay_floor(cfg, depth):
+    """The checks() row refusing a layer decay that gives the embedding an lr scale of 0 in floating point."""
+    return ('layer_decay_offset', cfg.layer_decay ** (depth + min(max(cfg.layer_decay_offset, 0), 2 ** 20)) > 0,
+            f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} blocks + '
+            f'{cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)')
+
+
+def policy(spec):
+    """RandAugment's policy of a --randaug string (util/augment.py, read only where one is given)."""
+    from util.augment import randaugment
+    return randaugment(spec)
 
 def flag(name):
     return '--' + name.replace('_', '-')
@@ -235,3 +249,45 @@ SMALL_PRESETS = {
     'fake': dict(model='vit_tiny', depth=2, img_size=32, patch_size=8, epochs=1, batch_size=32, num_workers=0,
                  log_every=5),
 }
+
+# -----------------------------------------------------------------------------
+# Sizes that cannot fit, refused before anything is built: a ViT of a million blocks took minutes to build, then
+# failed; a million-pixel image, an allocator's traceback. A lower bound of what one step needs, against the memory
+# of the device it trains on.
+
+SAMPLER_BYTES = 100    # an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
+
+
+def machine_memory():
+    """Bytes of memory a process trains in: the GPU's when there is one, else the machine's RAM."""
+    import torch   # only here: the command line is parsed without it
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def memory_needed(dim, depth, img_size, patch_size, batch_size, mlp_ratio=4.0, training=True):
+    """A lower bound of the bytes a ViT needs for one step, in fp32: its parameters (the blocks' attention and MLP
+    weights, the position embeddings), 4 bytes each, 16 when training (gradients and AdamW's two moments too), and
+    one batch of tokens (B x N x D numbers) per block when training, once without (the blocks' inputs kept for the
+    backward pass). Attention maps, which some paths never build, are not counted."""
+    tokens = (img_size // max(patch_size, 1)) ** 2 + 1
+    params = depth * (4 + 2 * mlp_ratio) * dim ** 2 + tokens * dim + 3 * patch_size ** 2 * dim
+    return (16 if training else 4) * params + 4 * batch_size * tokens * dim * (depth if training else 1)
+
+
+def too_big(cfg, dim, depth, patch_size, mlp_ratio=4.0, training=True, what='a ViT'):
+    """[] if a ViT of these sizes fits this machine's memory (memory_needed), else one checks() row naming the flag
+    furthest above a usual value (ViT-L/16 at 224 px, batch 256) and every size that went into the estimate."""
+    if not (dim and depth and patch_size and cfg.img_size > 0):
+        return []       # a size not known yet (a transfer student's is its teacher's): checked once it is
+    need, have = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training), \
+        machine_memory()
+    if need <= have:
+        return []
+    usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24, 'embed_dim': dim / 1024,
+             'batch_size': cfg.batch_size / 256}
+    return [(max(usual, key=usual.get), False,
+             f"makes {what} of {depth} blocks {dim} wide on {cfg.img_size} px images in {patch_size} px patches, "
+             f"batch {cfg.batch_size}: at least {need / 1e9:,.0f} GB {'to train' if training else 'to run'}, more "
+             f"than the {have / 1e9:,.0f} GB here (--img-size, --depth, --embed-dim, --batch-size)")]

@@ -3,10 +3,10 @@ The training step every script shares, and the evaluation: what runs between two
 
 Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
 
-    run = Run(cfg, env, model, train_loader, data.classes)      # util/run.py: optimizer, EMA, resume
+    run = Run(plan, model, train_loader, data.classes)          # util/run.py: optimizer, EMA, resume
     while run.step < run.total_steps:
         if train_one_epoch(run, train_loader, loss_fn, mixer):   # here: to the epoch's end (or --max-steps)
-            run.evaluate(lambda m: evaluate(m, eval_loader, env))
+            run.evaluate(lambda m: evaluate(m, eval_loader, plan))
             run.save()
 
 loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script.
@@ -22,8 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from util.config import ConfigError
-from util.files import cannot_write
 
 # -----------------------------------------------------------------------------
 # The step
@@ -34,18 +32,18 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
     the loader ran out first. Every step: autocast, the method's loss, backward (scaled under fp16), accumulation,
     the lr of the step, clipping, AdamW, the EMA; a line of progress every --log-every steps, a checkpoint every
     --save-every."""
-    cfg, env = run.cfg, run.env
+    cfg, plan = run.cfg, run.plan
     epoch, skip = divmod(run.step, run.steps_per_epoch)
     if skip == 0:
-        seed_all(cfg.seed, env.rank, epoch)
+        seed_all(cfg.seed, plan.rank, epoch)
     loader.sampler.set_epoch(epoch)
     loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size        # a resume mid-epoch
     for i, (x, y) in enumerate(loader):
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
         if mixer is not None:
             x, y = mixer(x, y)                                            # MixUp / CutMix: soft targets (B, C)
         last_micro = (i + 1) % cfg.accum_steps == 0                       # gradients all-reduced on the last only
-        with (run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()), autocast(env):
+        with (run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()), autocast(plan):
             loss, parts = loss_fn(run.net, x, y)
             run.scaler.scale(loss / cfg.accum_steps).backward()
         for k, v in parts.items():                                        # stays on the device: no sync per step
@@ -83,7 +81,7 @@ def classification_loss(cfg):
 
 def log_progress(run):
     """The training losses since the last line (averaged over ranks), lr, speed, time left."""
-    vals = {k: all_mean(v, run.env).item() / run.since_log for k, v in run.running.items()}
+    vals = {k: all_mean(v, run.plan).item() / run.since_log for k, v in run.running.items()}
     run.running, run.since_log = {}, 0
     for k, v in vals.items():
         if not math.isfinite(v):
@@ -94,7 +92,7 @@ def log_progress(run):
     else:
         speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ' \
                 f'ETA {(run.total_steps - step) * elapsed / run.steps_done / 60:.1f} min'
-    log(run.env, run.cfg, f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
+    log(run.plan.run_dir, f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
         ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
         f' | lr {lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch):.2e} | {speed}')
     run.metrics['train'] = vals
@@ -115,9 +113,6 @@ def build_optimizer(cfg, model, lr):
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
         lid = min(layer_id(name, model.depth), layers) if hasattr(model, 'depth') else layers
         scale = cfg.layer_decay ** (layers - lid)
-        if scale == 0:   # a teacher-sized student's depth is known only now (util/config.py checks the rest)
-            raise ConfigError(f'--layer-decay-offset {cfg.layer_decay_offset}: layer {lid} gets an lr scale of '
-                              f'{cfg.layer_decay} ** {layers - lid}, which is 0 in floating point: use 0 or 1')
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})
         g['params'].append(p)
@@ -158,17 +153,17 @@ def soft_cross_entropy(logits, target, smoothing=0.0):
 
 
 @torch.no_grad()
-def evaluate(predict, loader, env):
+def evaluate(predict, loader, plan):
     """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a model."""
-    total = torch.zeros(4, device=env.device)     # correct@1, correct@5, loss sum, count
+    total = torch.zeros(4, device=plan.device)     # correct@1, correct@5, loss sum, count
     for x, y in loader:
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with autocast(env):
+        x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
+        with autocast(plan):
             logits = predict(x).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         total += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum(),
-                              F.cross_entropy(logits, y, reduction='sum'), torch.tensor(len(y), device=env.device)])
-    if env.world > 1:
+                              F.cross_entropy(logits, y, reduction='sum'), torch.tensor(len(y), device=plan.device)])
+    if plan.world > 1:
         dist.all_reduce(total)
     c1, c5, loss, n = total.tolist()
     return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'loss': loss / n}
@@ -178,8 +173,9 @@ def evaluate(predict, loader, env):
 # Precision, seeds, a mean over processes, the log
 
 
-def autocast(env):
-    return torch.autocast(env.device.type, dtype=env.dtype or torch.float32, enabled=env.dtype is not None)
+def autocast(plan):
+    """The run's autocast: plan.dtype (None: fp32, autocast off) on plan.device (any object with the two)."""
+    return torch.autocast(plan.device.type, dtype=plan.dtype or torch.float32, enabled=plan.dtype is not None)
 
 
 def seed_all(seed, rank, epoch):
@@ -189,11 +185,11 @@ def seed_all(seed, rank, epoch):
     np.random.seed(s)
 
 
-def all_mean(t, env):
-    if env.world > 1:
+def all_mean(t, plan):
+    if plan.world > 1:
         t = t.clone()
         dist.all_reduce(t)
-        t /= env.world
+        t /= plan.world
     return t
 
 
@@ -208,21 +204,22 @@ def say(msg):
         return e.strerror or type(e).__name__
 
 
-def log(env, cfg, msg):
-    """Print, and add to log.txt; until the run has written its config.json (run.write_provenance, which starts
-    a new run's log afresh with them) the lines wait in env.pending, so a command refused before then changes no
-    file of its --out-dir."""
-    if not env.main:
+def log(run_dir, msg):
+    """Print (the main process), and add to the run directory's log.txt; until the run has written its config.json
+    (RunDir.begin, which writes them) the lines wait in run_dir.pending, so a command refused before then changes no
+    file of its --out-dir. Here rather than in util/rundir.py: a training step's progress line runs in this file."""
+    if not run_dir.main:
         return
     lost = say(msg)
     if lost:
         msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
-    if not env.claimed:
-        env.pending.append(msg)
+    if not run_dir.begun:
+        run_dir.pending.append(msg)
         return
-    path = os.path.join(cfg.out_dir, 'log.txt')
+    path = os.path.join(run_dir.path, 'log.txt')
     try:                                        # what log.txt held stays whole if this fails: one line says why
         with open(path, 'a') as f:
             f.write(msg + '\n')
     except OSError as e:
+        from util.files import cannot_write
         raise cannot_write(path, e) from None

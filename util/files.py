@@ -11,6 +11,9 @@ import errno
 import hashlib
 import json
 import os
+import platform
+import subprocess
+import sys
 
 from util.config import ConfigError
 
@@ -158,3 +161,54 @@ def check_out_dir(path, flag, record=None, files=()):
         raise ConfigError(f'{flag} {path}: {parent} cannot be written (read-only, or no permission): choose '
                           f'another {flag}')
 
+
+def read_lines(path):
+    """The non-blank lines of a text file ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, errors='replace') as f:
+            return [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:   # a directory, no permission
+        raise ConfigError(f'{path}: cannot read it ({e.strerror}): move it away') from None
+
+
+def git_commit(*args, cwd=None):
+    """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
+    *.py)' where the code that ran is not that commit's; args: another git command, whose output it returns."""
+    def git(*a):
+        return subprocess.run(['git', *a], capture_output=True, text=True,
+                              cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    if args:
+        return git(*args)
+    head = git('rev-parse', 'HEAD')
+    return head + (' (with uncommitted changes to *.py)' if head and git('status', '--porcelain', '--', '*.py') else '')
+
+
+def cpu_name():
+    """The processor's model name (speeds differ several-fold between CPUs: every result states it)."""
+    if os.path.exists('/proc/cpuinfo'):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def check_output(flag, path, out_dir=None, folder=False):
+    """Refuse, before any work, an output written only once the work is done: a file of the run directory
+    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
+    folder: path is a directory to write files into (it may exist)."""
+    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    from util.rundir import RUN_FILES, RunDirError
+    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
+            os.path.realpath(parent) == os.path.realpath(out_dir):
+        raise RunDirError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
+                          f'outside it, or another name')
+    if os.path.exists(path) and (not folder or not os.path.isdir(path)):
+        raise RunDirError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
+                          f': move it away or choose another {flag}')
+    while not os.path.exists(parent):   # the nearest folder that exists is where the new ones will be made
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise RunDirError(f"{flag} {path}: {parent} {'is a file' if not os.path.isdir(parent) else 'cannot be written'}"
+                          f': choose another {flag}')

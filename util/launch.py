@@ -1,96 +1,114 @@
 """
-How every script starts and how it ends: its config from the command line, one process or many, the device
-and precision, seeds, the run directory claimed, and every expected failure as one line.
+How every script starts and how it ends. It starts with the resolve phase: every refusal a run can meet before its
+first step, in order, before anything is built or written, ending in one immutable Plan that the builders take:
 
-    cfg, env = start(MyConfig, PRESETS)     # parse, set up processes, device, run directory
-    ...                                     # the data, the model, the loop (finetune.py's main)
-    run_main(main)                          # at the bottom of the script: errors and Ctrl-C in one line
+    plan = resolve(MyConfig, PRESETS)      # config, processes and device, schedule, the config's own step,
+                                           # the run directory claimed, the resume state checked
+    with plan.run_dir:                     # data, (teacher), model, Run, the epoch loop (finetune.py's main)
+        ...
+    run_main(main)                         # at the bottom of the script: errors and Ctrl-C in one line
 
-The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set:
-one process per GPU, a process group over NCCL, or gloo on CPUs). `env` says which process this is, its device
-and its autocast dtype; the run directory is util/rundir.py's, its resume rules util/resume.py's.
+The command line is the config's dataclass (util/config.py): `--key-name VALUE` for each field, typed by its
+annotation; `--data` picks a preset applied before your flags; `--help` lists every flag with the value this command
+line runs with, where that value comes from (default, preset, your flag) and the field's help sentence.
+The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set: one
+process per GPU, a process group over NCCL, or gloo on CPUs).
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import re
 import signal
 import sys
+import textwrap
+import typing
+from dataclasses import asdict
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from util.checkpoints import CheckpointError
-from util.cli import parse_config
-from util.config import AMP, ConfigError
-from util.datafiles import DataError
-from util.engine import final_lr, log, seed_all
+from util.config import AMP, ConfigError, DataError, check, declared, flag, show
+from util.engine import final_lr, say, seed_all
 from util.files import WriteError
-from util.resume import how_to_continue, open_resumed
-from util.rundir import current_run_dir, prepare_run_dir, unlock
+from util.resume import open_resumed
+from util.rundir import NOTHING_SAVED, RunDir
 from vit import SIZES
 
 # -----------------------------------------------------------------------------
-# Distributed, device, precision
+# The resolve phase
 
 
-def setup(cfg):
-    """Start the process group under torchrun; pick the device and autocast dtype; make the run
-    directory (refusing to overwrite another run) or read the checkpoint to resume (checked); seed."""
+class Plan(NamedTuple):
+    """What a run is, settled before anything is built: its config (and the values its preset gives, the user's
+    flags aside), this process (rank of world) and its device, the autocast dtype (None: fp32), the attention
+    implementation and why, the run directory (claimed), the checkpoint a resume continues (checked, without its
+    tensors), and what the config's own resolve step settled (a transfer run: teacher.Transfer)."""
+    cfg: Any
+    preset: dict
+    rank: int
+    world: int
+    device: torch.device
+    dtype: Any
+    attn: str
+    attn_why: str
+    run_dir: Any
+    resumed: Any = None
+    method: Any = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def log(self, msg):
+        self.run_dir.log(msg)
+
+
+def resolve(cls, presets, argv=None):
+    """Every refusal a run can meet before its first step, in this order; returns the Plan."""
+    cfg = parse_config(cls, presets, argv)                          # the config and its rules (config.check)
+    rank, world, device = processes(cfg)                             # one process, or one of torchrun's
+    check_schedule(cfg, world)                                       # the lr schedule at this global batch
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    method = cfg.resolve() if hasattr(cfg, 'resolve') else None      # the config's own step (a teacher's file)
+    run_dir = RunDir.claim(cfg, main=rank == 0)                      # the run directory, locked
+    with run_dir.released_on_error():                                # the checkpoint to continue, checked
+        resumed = open_resumed(cfg, run_dir, world) if cfg.resume else None
+    seed_all(cfg.seed, rank, 0)
+    preset = asdict(cls(**{k: v for k, v in presets.get(cfg.data, {}).items()}))
+    plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, why, run_dir, resumed, method)
+    plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
+    plan.log(f'attention: {attn} ({why})')
+    return plan
+
+
+def processes(cfg):
+    """(rank, world size, device): under torchrun, a process group (NCCL on GPUs, gloo on CPUs); else one process.
+    torchrun starts a group even for one process (the multi-GPU path, checkable on one GPU). A process that stops
+    (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
-    check_schedule(cfg, world)
     device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
         torch.cuda.set_device(device)
-    # torchrun starts a process group even for one process: the multi-GPU path, checkable on one GPU. A process
-    # that stops (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 device_id=device if device.type == 'cuda' else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    env = argparse.Namespace(rank=rank, world=world, device=device, main=rank == 0,
-                             dtype=amp_dtype(cfg.amp, device))
-    env.attn, env.attn_why = attn_implementation(cfg.attn_implementation, device)
-    env.ckpt_path, env.pending, env.claimed = prepare_run_dir(cfg, main=rank == 0), [], False
-    env.resumed = open_resumed(cfg, env.ckpt_path, world) if cfg.resume else None
-    seed_all(cfg.seed, rank, 0)
-    return env
-
-
-def start(cls, presets):
-    """What every script does first: parse its config, set up (processes, device, run directory), say what runs."""
-    cfg = parse_config(cls, presets)
-    env = setup(cfg)
-    log(env, cfg, f'{what_runs(cfg, env)} | loading the data')   # a first line seconds after the start
-    log(env, cfg, f'attention: {env.attn} ({env.attn_why})')
-    return cfg, env
+    return rank, world, device
 
 
 def check_schedule(cfg, world):
     """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering it."""
     batch = cfg.batch_size * cfg.accum_steps * world
     peak = cfg.blr * batch / 256
-    if final_lr(cfg, peak) > peak:
+    if final_lr(cfg, peak) > peak > 0:   # blr 0: a run whose weights stay as they were loaded
         raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr {cfg.blr:g} x global batch '
                           f'{batch} / 256): the lr would rise over the run; choose a --min-lr below it, or '
                           f'--min-lr-ratio (a fraction of the peak)')
-
-
-def what_runs(cfg, env):
-    """The run in one line: the script, data set, model size, budget and run directory."""
-    size = {**SIZES.get(cfg.model, {}), **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads')
-                                           if getattr(cfg, k) is not None}}
-    shape = ', '.join(f'{size[k]} {w}' for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
-                      if k in size)
-    model = (f"a student of the teacher's shape{', ' + shape if shape else ''}" if cfg.model == 'teacher' else
-             f'model {cfg.model} ({shape})') + f', {cfg.img_size} px images' + \
-        (f' in {cfg.patch_size} px patches' if cfg.patch_size else '')
-    cut = f', cut after {cfg.max_steps} steps (--max-steps)' if cfg.max_steps else ''
-    return (f'{cfg.SCRIPT or os.path.basename(sys.argv[0])} | --data {cfg.data} | {model} | {cfg.epochs} epoch(s) '
-            f'at batch {cfg.batch_size * cfg.accum_steps * env.world}{cut} | {cfg.out_dir}')
 
 
 def amp_dtype(amp, device):
@@ -106,10 +124,8 @@ def amp_dtype(amp, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
-# --attn-implementation auto: per device, the one tools/benchmark.py measured faster. CPU (bf16, 1 thread): eager; a
-# distillation step on sdpa took 4.8x eager's time at the Fashion-MNIST preset and 1.32x at ViT-B/16 batch 8: torch's
-# CPU flash kernel is slow in bf16 backward (results/benchmark/ATTENTION.md). CUDA: sdpa, not yet measured there
-# against eager: the H100 profile found explicit maps the cost of distillation (results/benchmark-h100).
+# --attn-implementation auto: per device, the one measured faster (results/benchmark/ATTENTION.md on CPUs); on CUDA
+# sdpa, not yet timed against eager there, checked against the definition at the start of every run
 AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; not yet timed against eager on a GPU'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
@@ -122,31 +138,46 @@ def attn_implementation(choice, device):
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
+def what_runs(plan):
+    """The run in one line: the script, data set, model size, budget and run directory."""
+    cfg = plan.cfg
+    size = {**SIZES.get(cfg.model, {}), **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads')
+                                           if getattr(cfg, k) is not None}}
+    shape = ', '.join(f'{size[k]} {w}' for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
+                      if k in size)
+    model = (f"a student of the teacher's shape{', ' + shape if shape else ''}" if cfg.model == 'teacher' else
+             f'model {cfg.model} ({shape})') + f', {cfg.img_size} px images' + \
+        (f' in {cfg.patch_size} px patches' if cfg.patch_size else '')
+    cut = f', cut after {cfg.max_steps} steps (--max-steps)' if cfg.max_steps else ''
+    return (f'{cfg.SCRIPT or os.path.basename(sys.argv[0])} | --data {cfg.data} | {model} | {cfg.epochs} epoch(s) '
+            f'at batch {cfg.batch_size * cfg.accum_steps * plan.world}{cut} | {cfg.out_dir}')
+
 # -----------------------------------------------------------------------------
 # Ending: expected failures and Ctrl-C as one line
 
 
 def run_main(main):
     """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
-    to continue (exit 130, as a shell reports SIGINT)."""
+    to continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
+    that run (RunDir.__exit__)."""
     try:
         main()
-    except WriteError as e:   # only a training run has a --resume: say so there, never in evaluate.py or a tool
-        sys.exit(f'error: {e.what}; {how_to_continue()}' if current_run_dir() else f'error: {e}')
+    except WriteError as e:
+        sys.exit(f"error: {e.what}; {e.how_to_continue}" if hasattr(e, 'how_to_continue') else f'error: {e}')
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
         sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
-        print(f'error: stopped (Ctrl-C): {how_to_continue()}', file=sys.stderr, flush=True)
+        print(f"error: stopped (Ctrl-C): {getattr(e, 'how_to_continue', NOTHING_SAVED)}", file=sys.stderr, flush=True)
         sys.exit(130)
     except RuntimeError as e:
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
             raise
         sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
-                 f'process stopped, hung or died (each stops after --dist-timeout seconds); {how_to_continue()}')
+                 f'process stopped, hung or died (each stops after --dist-timeout seconds); '
+                 f"{getattr(e, 'how_to_continue', NOTHING_SAVED)}")
     finally:
-        unlock()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -155,3 +186,101 @@ def lost_peer(e):
     """The words of a gloo / NCCL error that says another process never answered or went away ('' if not one)."""
     found = re.search(r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*|NCCL[^\n]*(timeout|Watchdog)[^\n]*)', str(e))
     return found.group(0).strip() if found else ''
+
+# -----------------------------------------------------------------------------
+# The command line of a config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):     # one line, non-zero exit, no usage dump
+        sys.exit(f'{self.prog}: error: {message} (see --help)')
+
+
+class _Help(argparse.HelpFormatter):
+    """argparse's layout, with room for the longest flags and no line broken inside a --flag-name."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(' '.join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+def _converter(tp):
+    if typing.get_origin(tp) is typing.Union:   # Optional[X]
+        inner = _converter(typing.get_args(tp)[0])
+        return lambda s: None if s.lower() == 'none' else inner(s)
+    if tp is bool:
+        def to_bool(s):
+            if s.lower() in ('1', 'true', 'yes', 'on'):
+                return True
+            if s.lower() in ('0', 'false', 'no', 'off'):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
+        return to_bool
+    return tp
+
+
+def _metavar(tp):
+    return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) in (typing.Union, list) else tp.__name__.upper()
+
+
+def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}'):
+    """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
+    wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
+    --help prints every flag's value for this command line (preset_label names where a preset's come from)."""
+    presets, defaults = presets or {}, asdict(cls())
+    given = vars(parser(cls, presets).parse_args(argv))
+    data = given.get('data', defaults.get('data'))
+    preset = presets.get(data, {})
+    for k in preset:
+        assert k in defaults, f'preset key {k} is not a config field'
+    if given.pop('help', False):   # before check(): the help of a line that would be refused is still shown
+        notes = {k: md['help'] for k, md in declared(cls).items() if md.get('help')}
+        label = preset_label.format(data)
+        source = {k: 'your flag' if k in given else label if k in preset else 'default' for k in defaults}
+        values = {**defaults, **preset, **given}
+        helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k] if k in notes else ''}" for k, v in values.items()}
+        say(parser(cls, presets, helps).format_help())   # `| head` may close the pipe: no traceback
+        sys.exit(0)
+    return check(cls(**{**defaults, **preset, **given}))
+
+
+def parser(cls, presets, helps=None):
+    """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
+    line in --help} ('%' escaped: argparse formats help strings)."""
+    hints, helps = typing.get_type_hints(cls), helps or {}
+    doc = ' '.join((sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0].split())
+    epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: `--data X --help` shows the " \
+             f"values under X's." if presets else None
+    p = _Parser(allow_abbrev=False, add_help=False, description=doc, usage='%(prog)s [--flag value ...]',
+                formatter_class=_Help, epilog=epilog)
+    p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
+                   help="show each flag's value for this command line, where it comes from, and what it means")
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        many = typing.get_origin(tp) is list    # list[X]: --key a b c
+        p.add_argument(flag(f.name), dest=f.name, nargs='+' if many else None,
+                       type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
+                       metavar=_metavar(tp), help=helps.get(f.name, '').replace('%', '%%'))
+    return p
+
+
+def without_help(argv=None):
+    """argv (None: sys.argv[1:]) without -h / --help: for a parse that only picks the presets, before the one that
+    prints the help with them (finetune.py's --scratch, reproduce.py's --quick)."""
+    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('-h', '--help')]
+
+# -----------------------------------------------------------------------------
+# --help: each flag's value written as on the command line, and the field's help
+
+
+def word(value):
+    """A value as it is written on the command line: true / false, none, '' for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return 'none' if value is None else "''" if value == '' else show(value)

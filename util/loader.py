@@ -1,7 +1,8 @@
 """
 Samplers and loaders that make a run resumable exactly: each image's augmentation is seeded by (seed, epoch,
 index), and an epoch can start part-way through, so a run stopped and resumed sees the same images, augmented
-the same way, as one that never stopped, whatever the number of loader workers.
+the same way, as one that never stopped, whatever the number of loader workers. And the dataset of images held in
+memory (Fashion-MNIST's, CIFAR's) that they load from.
 """
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -49,3 +50,18 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1):
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.num_workers > 0,
                       generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors.
+    classes: the class names (index = label); source: the folder the files were read from."""
+
+    def __init__(self, images, labels, transform, classes, source):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes, self.source = classes, source
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])

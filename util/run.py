@@ -1,16 +1,12 @@
 """
-A run in progress: its state (util/engine.py's train_one_epoch moves it on), and what it writes in its run
-directory (util/rundir.py claims and checks that directory; util/resume.py says what a resume may change).
+A run in progress: what it trains with and how far it has got (util/engine.py's train_one_epoch moves it on),
+continued from its checkpoint where --resume true says so, and what it writes in its run directory (util/rundir.py).
 
-    config.json     written when the run starts (write_provenance), updated by every resume
+    config.json     written when the run starts (RunDir.begin), updated by every resume
     metrics.jsonl   one record per evaluation (Run.evaluate)
     checkpoint.pt   everything a resume needs, each value finite, written whole (Run.save)
 """
-import contextlib
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -19,12 +15,105 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.config import ConfigError
-from util.engine import build_optimizer, final_lr, log
-from util.files import append_text, replacing, write_text
-from util.resume import record_divergence, restore, resume_command
-from util.rundir import git_commit, read_json, read_lines
-from vit import set_attn_implementation
+from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
+from util.config import ConfigError, flag
+from util.engine import build_optimizer, final_lr
+from util.resume import AFTER_DIVERGENCE, resume_command
+
+
+def check_data(plan, loader, classes):
+    """What needs the data built: a full batch in the training split; for a resume, the data's classes and epoch
+    length the run had, and a step left to train (or an evaluation of its last one to report). Returns
+    (steps an epoch, the run's last step, the whole schedule's steps)."""
+    cfg, resumed = plan.cfg, plan.resumed
+    steps = len(loader) // cfg.accum_steps
+    if steps == 0:
+        raise ConfigError(f'{len(loader.dataset)} training images give no full batch of '
+                          f'{cfg.batch_size * cfg.accum_steps * plan.world}')
+    full = cfg.epochs * steps
+    total = min(full, cfg.max_steps) if cfg.max_steps else full
+    if resumed:
+        other = class_mismatch(resumed.get('classes'), classes)
+        if other:
+            raise ConfigError(f'--resume: {plan.run_dir.checkpoint} was trained on other classes than the data here '
+                              f'has ({other}): resume it on its own data (--data-dir)')
+        if resumed.get('steps_per_epoch', steps) != steps:
+            raise ConfigError(f"--resume: an epoch has {steps} steps here and had {resumed['steps_per_epoch']}: "
+                              f'the data or the global batch differ from the saved run')
+        step, evaluated = resumed['step'], any(k in resumed['metrics'] for k in ('top1', 'mse'))
+        if step > total or step == total and not evaluated:   # a mid-epoch checkpoint at the end: nothing to report
+            raise ConfigError(f"--resume: {plan.run_dir.checkpoint} is at step {step}, "
+                              f"{'past' if step > total else 'at'} --max-steps {cfg.max_steps}, and was not evaluated "
+                              f'there: give --max-steps above {step} (0: the whole schedule)')
+    return steps, total, full
+
+
+def class_mismatch(saved, here):
+    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
+    classes whose names differ (index: saved -> here)."""
+    if saved is None or list(saved) == list(here):
+        return ''
+    if len(saved) != len(here):
+        return f'{len(saved)} classes where the data has {len(here)}'
+    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
+    return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
+
+# -----------------------------------------------------------------------------
+# The fused attention's start-up check
+
+# the start-up check's tolerance: twice eager's own error in the run's dtype, and at least this or 4 roundings of the
+# dtype (errors in units of each tensor's natural scale: fp32 attention is off by ~1e-7, a broken kernel by ~0.1)
+SDPA_FLOOR = 1e-3
+CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
+
+
+def check_sdpa(plan, what, compute, inputs):
+    """Before training, the fused path (sdpa) of the first transferred layer against the definition, on the run's
+    own images, q, k and v, device and autocast. compute(implementation, dtype) -> that layer's tensors (copy: its
+    attention output; distillation: its loss and the loss's q and k gradients), each in units of its natural scale
+    (the largest value an attention product of these inputs can take), so that a gradient far smaller than the
+    products it is the difference of (a student at initialisation, maps alike) is not held to its own size. The
+    definition is eager in fp32; sdpa must come within max(2 x eager's own error in the run's dtype, SDPA_FLOOR,
+    4 roundings) of it. Otherwise --attn-implementation auto goes on with eager, and sdpa stops here in one line.
+    inputs: the (q, k, v) of its fused call, named in the log with the kernel torch picks for them.
+    Returns (implementation, record)."""
+    cfg, dtype, start = plan.cfg, plan.dtype or torch.float32, time.time()
+    backend, shape = sdpa_backend(*(t.to(dtype) for t in inputs)), tuple(inputs[0].shape)
+    with torch.random.fork_rng(devices=[plan.device] if plan.device.type == 'cuda' else []):   # the run's RNG untouched
+        definition = compute('eager', torch.float32)
+        eager = distance(compute('eager', dtype), definition)
+        try:
+            fused, why = distance(compute('sdpa', dtype), definition), ''
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no such kernel, or not this shape
+            fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
+    tolerance = max(2 * eager if math.isfinite(eager) else 0, SDPA_FLOOR, 4 * torch.finfo(dtype).eps)   # nan: fp16 maps
+    record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
+              'device': str(plan.device), 'backend': backend, 'shape': shape,
+              'seconds': round(time.time() - start, 3)}
+    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}) against the definition (eager, "
+            f"fp32): {fused:.2g}{why}; eager in {dtype}: {eager:.2g}; tolerance {tolerance:.2g}; checked in "
+            f"{record['seconds']:.2f} s")
+    if fused <= tolerance:
+        plan.log(f'start-up check: {said}: sdpa holds')
+        return 'sdpa', {**record, 'implementation': 'sdpa'}
+    if cfg.attn_implementation == 'sdpa':
+        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation eager')
+    plan.log(f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
+    return 'eager', {**record, 'implementation': 'eager'}
+
+
+def distance(ours, definition):
+    """The largest |ours - definition| of tensors compared pairwise (each in its own units: check_sdpa)."""
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, definition))
+
+
+def sdpa_backend(q, k, v):
+    """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
+    log: asked of torch's private dispatcher, 'unknown' where it has none."""
+    try:
+        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return 'unknown'
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -32,55 +121,65 @@ from vit import set_attn_implementation
 
 class Run:
     """A training run: what it trains with (the optimizer, its GradScaler, the EMA, the model as DDP sees it), how
-    far it has got (step, metrics, seconds trained), resumed from its checkpoint where --resume true says so."""
+    far it has got (step, metrics, seconds trained), resumed from its checkpoint where the plan says so."""
 
-    def __init__(self, cfg, env, model, train_loader, classes, extra=None):
-        """model: the raw module (what is saved); classes: the data's class names (a resume checks them); extra: a
-        dict stored in every checkpoint (e.g. which teacher a student needs)."""
-        self.cfg, self.env, self.classes, self.extra = cfg, env, classes, extra
-        self.model = model = set_attn_implementation(model.to(env.device), env.attn)   # the EMA copy takes it too
-        self.eff_batch = cfg.batch_size * cfg.accum_steps * env.world
+    def __init__(self, plan, model, loader, classes, extra=None):
+        """model: the raw module (what is saved), on the plan's device; classes: the data's class names (what a
+        checkpoint records); extra: a dict stored in every checkpoint (e.g. which teacher a student needs)."""
+        cfg, self.plan, self.cfg, self.classes, self.extra = plan.cfg, plan, plan.cfg, classes, extra or {}
+        self.model = model
+        self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
+        self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
             if cfg.ema else None
-        self.steps_per_epoch = len(train_loader) // cfg.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f'{len(train_loader.dataset)} training images give no full batch of {self.eff_batch}')
-        full = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(full, cfg.max_steps) if cfg.max_steps else full
-        resumed = env.resumed
-        self.step, self.metrics, self.trained_s = (0, {}, 0.0) if not resumed else \
-            restore(resumed, env, model, self.opt, self.scaler, self.ema, self.steps_per_epoch, classes)
-        self.saved_step = self.step if resumed else None   # the step of the checkpoint on disk, if any
-        if resumed and (self.step > self.total_steps or self.step == self.total_steps and 'top1' not in self.metrics):
-            # nothing left to train, and no evaluation of this step to report (a mid-epoch checkpoint)
-            where = 'past' if self.step > self.total_steps else 'at'
-            raise ConfigError(f'--resume: {env.ckpt_path} is at step {self.step}, {where} --max-steps {cfg.max_steps}, '
-                              f'and was not evaluated there: give --max-steps above {self.step} (0: the whole schedule)')
-        write_provenance(cfg, env, extra)   # only now: a resume refused above has written nothing
-        env.resumed = None
-        log(env, cfg, f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
-                      f'{final_lr(cfg, self.lr):.3g} at the end | '
-                      f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
-                      f' | {env.world} process(es) on {env.device}'
-                      + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {env.dtype}')
+        self.step, self.metrics, self.trained_s = self.restore() if plan.resumed else (0, {}, 0.0)
+        self.saved_step = self.step if plan.resumed else None   # the step of the checkpoint on disk, if any
+        plan.run_dir.begin({**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world,
+                            **({'saved': plan.resumed['config']} if plan.resumed else {})},
+                           self.step if plan.resumed else None)
+        plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
+                 f'{final_lr(cfg, self.lr):.3g} at the end | '
+                 f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
+                 f' | {plan.world} process(es) on {plan.device}'
+                 + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {plan.dtype}')
         cut = f'; this run stops at step {self.total_steps} (--max-steps: the lr follows the {full}-step schedule)' \
             if self.total_steps < full else ''
-        log(env, cfg, f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = {full} steps, '
-                      f'warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
-        if resumed:
-            log(env, cfg, f'resumed from {env.ckpt_path} at step {self.step}')
-        self.ddp = DDP(model, device_ids=[env.device.index] if env.device.type == 'cuda' else None) \
+        plan.log(f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = {full} steps, '
+                 f'warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
+        if plan.resumed:
+            plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}')
+        self.ddp = DDP(model, device_ids=[plan.device.index] if plan.device.type == 'cuda' else None) \
             if dist.is_initialized() else None
         self.net = torch.compile(self.ddp or model) if cfg.compile else self.ddp or model
         self.t_start, self.steps_done, self.running, self.since_log = time.time(), 0, {}, 0
         model.train()
 
+    def restore(self):
+        """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
+        (step, metrics, seconds trained so far)."""
+        plan, path = self.plan, self.plan.run_dir.checkpoint
+        ck = read_checkpoint(path)
+        problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or self.model.arch, free=()))
+        if not problem:
+            try:
+                for obj, key in ((self.model, 'model'), (self.opt, 'optimizer'), (self.scaler, 'scaler'),
+                                 (self.ema, 'ema')):
+                    if obj is not None:
+                        obj.load_state_dict(ck[key])
+            except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
+                problem = ' '.join(str(e).split())[:300]
+        if problem:
+            raise CheckpointError(f'--resume: {path} does not fit the model built from these settings ({problem})')
+        if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:   # mid-epoch: continue the stream
+            torch.set_rng_state(ck['rng'][plan.rank])
+        return ck['step'], ck['metrics'], ck.get('time', 0.0)
+
     def evaluate(self, evaluate_fn):
         """evaluate_fn(model) -> {name: value} of the model (and of its EMA: ema_name), added to metrics.jsonl."""
-        model, ema, env = self.model, self.ema, self.env
+        model, ema = self.model, self.ema
         model.eval()
         self.metrics.update(evaluate_fn(model))
         if ema is not None:
@@ -91,13 +190,12 @@ class Run:
                   **self.metrics}
         for k in [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]:   # kept if finite
             self.diverged(record[k], f'evaluation {k}')
-        log(env, self.cfg, 'eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
-        if env.main:
-            append_record(os.path.join(self.cfg.out_dir, 'metrics.jsonl'), record)
+        self.plan.log('eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
+        self.plan.run_dir.add_metrics(record)
 
     def save(self):
-        """checkpoint.pt: everything a resume needs, written whole (save_checkpoint); never a value that is not finite
-        (in the model, its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
+        """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
+        its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
         state = {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else {},
                  'optimizer': self.opt.state_dict()['state']}
         tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d) if v.is_floating_point()]
@@ -105,15 +203,14 @@ class Run:
         if not all(finite):
             name, v = next(t for t, ok in zip(tensors, finite) if not ok)
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
-        states = rng_states(self.env)
-        if self.env.main:
-            save_checkpoint(self.env.ckpt_path, {
-                'model': self.model.state_dict(), 'arch': getattr(self.model, 'arch', None),
-                'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
-                'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
-                'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
-                'world_size': self.env.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
-                'classes': self.classes, **(self.extra or {})})
+        states = rng_states(self.plan.world)
+        self.plan.run_dir.save({
+            'model': self.model.state_dict(), 'arch': getattr(self.model, 'arch', None),
+            'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
+            'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
+            'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
+            'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
+            'classes': self.classes, **self.extra})
         self.saved_step = self.step
 
     def seconds(self):
@@ -122,17 +219,28 @@ class Run:
 
     def diverged(self, value, what):
         """Stop a run whose `what` is not finite (value): it diverged. Its config.json records where, so that a
-        resume from the checkpoint kept, every value of which is finite (save), may lower the lr."""
-        cfg, kept = self.cfg, self.saved_step
-        record_divergence(cfg, self.env, {'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
+        resume from the checkpoint kept, every value of which is finite (save), may lower the lr. The options the
+        command moved away from its preset that can make a run diverge are named, and the advice drops them."""
+        cfg, kept, plan = self.cfg, self.saved_step, self.plan
+        plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
+        moved = {flag(k): getattr(cfg, k) for k in DIVERGES if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
+        cause = f" (moved from the preset: {', '.join(f'{k} {v:g}' for k, v in moved.items())})" if moved else ''
         lower = f'--blr {cfg.blr / 2:g}'
-        other = ' (or with --clip-grad 1' + (', or --amp bf16)' if self.env.dtype == torch.float16 else ')')
-        how = (f'the last finite checkpoint (step {kept}) is kept in {self.env.ckpt_path}: continue from it with a '
-               f'lower learning rate: {resume_command("--blr")} {lower}{other}') if kept is not None else \
-            f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
-        epoch = self.step / self.steps_per_epoch
-        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {epoch:.2f}): the run diverged and '
-                                 f'stopped; {how}')
+        other = ' (or with --clip-grad 1' + (', or --amp bf16)' if plan.dtype == torch.float16 else ')')
+        kept_ones = [k for k in moved if k[2:].replace('-', '_') not in AFTER_DIVERGENCE]   # a resume keeps these
+        if kept_ones:
+            how = f'start a new run in another --out-dir without {", ".join(kept_ones)} (a resume keeps them)'
+        elif kept is not None:
+            how = (f'the last finite checkpoint (step {kept}) is kept in {plan.run_dir.checkpoint}: continue from it '
+                   f'with a lower learning rate: {resume_command("--blr", *moved)} {lower}{other}')
+        else:
+            how = f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
+        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})'
+                                 f': the run diverged and stopped{cause}; {how}')
+
+
+# what moves a run towards divergence, named when it diverges if the command set it away from the preset
+DIVERGES = ('blr', 'min_lr', 'min_lr_ratio', 'weight_decay', 'weight', 'clip_grad', 'layer_decay')
 
 
 def flat(d, prefix=''):
@@ -144,78 +252,18 @@ def flat(d, prefix=''):
         else:
             yield from flat(v, f'{prefix}{k}.')
 
-# -----------------------------------------------------------------------------
-# What it writes
-
-
-def write_provenance(cfg, env, extra=None):
-    """config.json: every field, the script (and teacher file) that made the run, the git commit, world size, torch
-    version, command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the
-    fields and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint, and keeps
-    the metrics up to the checkpoint's step (an evaluation written after it is made again). Then log.txt gets the
-    lines printed so far (engine.log holds them until the run has written its config.json: a command refused
-    before it trains leaves the folder as it was)."""
-    if not env.main:
-        return
-    path, now = os.path.join(cfg.out_dir, 'config.json'), {**asdict(cfg), **made_with(cfg, extra)}
-    launch = {'git_commit': git_commit(), 'world_size': env.world, 'torch': torch.__version__, 'argv': sys.argv}
-    if cfg.resume:
-        step = env.resumed['step']
-        old = read_json(path) or {**env.resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
-                                                                      f'step {step}: rebuilt from the checkpoint'}
-        diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
-        saved = {**old, **env.resumed['config']}   # the checkpoint's config is what ran: config.json may be edited
-        changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v and k != 'attention_check'}
-        resume = {'step': step, **launch, 'changed': changed, **({'after_divergence': diverged} if diverged else {})}
-        record = {**old, **now, 'world_size': env.world, 'resumes': old.get('resumes', []) + [resume]}
-        keep_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), step)
-    else:
-        record = {**now, **launch}
-        for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
-            with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
-                os.remove(os.path.join(cfg.out_dir, name))
-    write_text(path, json.dumps(record, indent=2))
-    log = os.path.join(cfg.out_dir, 'log.txt')   # what the run printed before it claimed the directory
-    (append_text if cfg.resume else write_text)(log, ''.join(line + '\n' for line in env.pending))
-    env.pending, env.claimed = [], True
-
 
 def made_with(cfg, extra):
     """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
     keep, teacher.teacher_record), and the start-up check of its fused attention where one ran (teacher.check_sdpa)."""
-    extra = extra or {}
     record = next((v for v in extra.values() if isinstance(v, dict) and 'sha256' in v), None)
     return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
             **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}
 
 
-def keep_metrics(path, step):
-    """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-    it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped."""
-    def kept(line):
-        try:
-            return json.loads(line).get('step', 0) <= step
-        except (ValueError, AttributeError):
-            return False
-    lines = read_lines(path)
-    if lines and not all(map(kept, lines)):
-        write_text(path, ''.join(line + '\n' for line in lines if kept(line)))
-
-
-def append_record(path, record):
-    """Add one line to a JSON-lines file, the whole file written anew (it has one line per evaluation)."""
-    write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
-
-
-def rng_states(env):
+def rng_states(world):
     """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
-    states = [torch.get_rng_state()] * env.world
-    if env.world > 1:
+    states = [torch.get_rng_state()] * world
+    if world > 1:
         dist.all_gather_object(states, states[0])
     return states
-
-
-def save_checkpoint(path, state):
-    """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
-        torch.save(state, f)
