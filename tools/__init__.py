@@ -3,8 +3,7 @@
     reproduce.py, reproduce_report.py   the paper's Table 1 in miniature: every method, several seeds, one report
     benchmark.py, benchmark_cases.py,   speed and memory of every method's step, the default path against the
     benchmark_report.py, naive.py       authors' way of computing it (naive.py, also the tests' reference)
-    teacher_gap.py, teacher_variants.py,   the figures and numbers of results/fashion-mnist/VALIDATION.md
-    teacher_epochs.py, teacher_entropy.py, uniform_teacher.py
+    validation.py                       the figures and numbers of results/fashion-mnist/VALIDATION.md
     student_study.sh                    the runs of results/student-study/STUDY.md
     features.py, features_report.py     does a student learn features of its own: CKA to the teacher, attention maps
                                         and distances, prediction agreement (results/fashion-mnist/features/)

@@ -51,7 +51,6 @@ from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, hea
                       with_data)
 from teacher import layer_pairs, teacher_mismatch, to_student_heads
 from tools.features_report import check_out, summary, write
-from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
 from util.cli import parse_config
 from util.config import ConfigError, option
@@ -156,6 +155,12 @@ def attention_distance(attn, patch_size, first=1):
 def class_token_share(attn, first=1):
     """(H,) the mean probability a query patch gives the class token, attn (B, H, N, N)."""
     return attn[:, :, first:, 0].float().mean((0, 2))
+
+
+def entropy(logits):
+    """(H,) mean entropy in nats of each head's attention rows; logits (B, H, N, N): the distillation loss of a
+    map against itself is its entropy."""
+    return torch.stack([attention_cross_entropy(h, h) for h in logits.split(1, dim=1)])
 
 
 def map_agreement(teacher_logits, logits):
