@@ -289,30 +289,21 @@ def test_the_command_end_to_end(runs, tmp_path):
                    '--batch-size', '24', '--resamples', '20', '--out-dir', tmp_path / 'out')
     assert p.returncode == 0, f'tools.features failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     assert 'teacher vs copy' in p.stdout
-    assert sorted(os.listdir(tmp_path / 'out')) == ['README.md', 'features.json', 'features.png']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['TABLES.md', 'features.json', 'features.png']
     with open(tmp_path / 'out' / 'features.json') as f:
         r = json.load(f)['result']
     assert r['images'] == 64 and list(r['models']) == ['teacher', *names]
     assert r['models']['copy-0']['maps_given'] == [0] and r['models']['distill-0']['maps_given'] == []
     assert r['models']['distill-1']['maps_distilled'] == [0] and r['models']['copy-0']['maps_distilled'] == []
     assert r['bootstrap']['resamples'] == 20 and r['bootstrap']['cka_units'] == 3   # batches of 24, 24, 16
-    # the page's conclusion says what these numbers say: each comparison it makes, and the predictions' control
-    page = ' '.join((tmp_path / 'out' / 'README.md').read_text().split())
+    # the tables show each group's numbers: a pair's mean CKA per block, the copy student's given maps
+    tables = (tmp_path / 'out' / 'TABLES.md').read_text()
     g = {(x['a'], x['b']): x for x in r['groups']}
-    to_t, own = g['teacher', 'distill']['tokens'][0]['mean'], g['distill', 'distill']['tokens'][0]['mean']
-    assert f"two distilled seeds have a CKA of {own:.2f} to each other in block 0, not 1" in page
-    # one pair of distilled seeds: a block counts as alike to the teacher as they are to each other when at least theirs
-    close = [i for i in range(r['depth'])
-             if g['teacher', 'distill']['tokens'][i]['mean'] >= g['distill', 'distill']['tokens'][i]['mean']]
-    named = {(0,): 'block 0', (1,): 'block 1', (0, 1): 'blocks 0-1'}
-    assert (f"In {named[tuple(close)]} the distilled students are at least as alike to the teacher" if close else
-            "In no block are the distilled students as alike to the teacher as to each other") in page
-    assert f"two scratch seeds reach {g['scratch', 'scratch']['tokens'][0]['mean']:.2f}, two fine-tuned " in page
-    fd, ff = g['distill', 'finetune']['predictions'], g['finetune', 'finetune']['predictions']
-    assert f"wrong on {100 * fd['a_wrong_given_b_wrong']['mean']:.0f} [" in page   # distilled where fine-tuned is wrong
-    assert f"disagree on {100 * fd['disagreement']['mean']:.1f} [{100 * fd['disagreement']['interval'][0]:.1f}," in page
-    assert f"two fine-tuned seeds ({100 * ff['disagreement']['mean']:.1f} [" in page
-    assert f"gains {fd['gain']['mean']:+.2f} [" in page and f"two fine-tuned seeds ({ff['gain']['mean']:+.2f} [" in page
+    cka = ' | '.join(f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '') for s in g['teacher', 'distill']['tokens'])
+    assert f'| teacher vs distill | 2 | {cka} |' in tables
+    assert re.search(r'^\| copy \| given \| [\d.]+ \|$', tables, re.M)
+    fd = g['distill', 'finetune']['predictions']
+    assert f"| distill vs finetune | 2 | {fd['top1_a']['mean']:.2f} / {fd['top1_b']['mean']:.2f} |" in tables
     # in its copied layer the copy student used the teacher's maps: KL 0, the teacher's distances
     assert r['kl']['copy-0'][0] == pytest.approx([0] * r['models']['copy-0']['heads'], abs=1e-5)
     assert r['attention_distance']['copy-0'][0] == pytest.approx(r['attention_distance']['teacher'][0], abs=1e-5)
@@ -347,10 +338,10 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr[-2000:]
     assert "the teacher's 3 heads are no multiple of six 6 heads" in p.stderr and not out.exists()
     out.mkdir()
-    (out / 'README.md').write_text('mine\n')
+    (out / 'TABLES.md').write_text('mine\n')
     p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', runs / 'scratch' / 'checkpoint.pt',
                    '--out-dir', out)
-    assert p.returncode != 0 and 'no features.json' in p.stderr and (out / 'README.md').read_text() == 'mine\n'
+    assert p.returncode != 0 and 'no features.json' in p.stderr and (out / 'TABLES.md').read_text() == 'mine\n'
 
 # -----------------------------------------------------------------------------
 # The committed results

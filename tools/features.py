@@ -26,7 +26,7 @@ What it measures, each a function usable on its own (the notebook imports them):
 A copy student has no queries or keys in its copied layers: there its maps ARE the teacher's (given, not
 computed), recorded as such (`maps_given`) and shown hollow in the figure; its KL there is 0 by construction.
 No gradients, no autocast: every statistic is computed in fp32 and accumulated in fp64.
-Report (features.json, features.png, README.md): tools/features_report.py.
+Report (features.json, features.png, TABLES.md): tools/features_report.py.
 """
 import math
 import os
@@ -511,7 +511,7 @@ def main():
     print(summary(result))
     if cfg.out_dir:
         write(cfg.out_dir, asdict(cfg), result, prov)
-        print(f'written: {cfg.out_dir}/features.json, features.png, README.md')
+        print(f'written: {cfg.out_dir}/features.json, features.png, TABLES.md')
 
 
 if __name__ == '__main__':
