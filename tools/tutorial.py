@@ -1,4 +1,5 @@
-"""What tutorial.ipynb uses around the lesson: the images it shows, a runner for the scripts, a few figures.
+"""What tutorial.ipynb uses around the lesson (its helper module, named as it is): the images it shows, a runner for
+the scripts, a few figures.
 
 Kept out of the notebook so that its cells show the ideas. Nothing here is attention transfer: the runner
 launches the same command lines you would type in a terminal, and the figures only draw what the notebook
@@ -21,9 +22,10 @@ from matplotlib.ticker import MaxNLocator
 
 import data
 from tools.palette import PALETTE, colour
+from tools import reproduce
 from tools.reproduce_report import records
-from util.config import SMALL_PRESETS
 from util import datafiles
+from util.config import SMALL_PRESETS
 from util.files import read_jsonl
 from util.launch import amp_dtype
 from util.rundir import cpu_name
@@ -162,36 +164,29 @@ def full_reproduction(path='results/fashion-mnist/results.json'):
 def budgets(quick_flags, n_train, n_test):
     """The course's four budgets as a Markdown table, each read from the code that sets it: notebook quick mode
     (quick_flags on n_train / n_test images), notebook full mode (the scripts' Fashion-MNIST preset,
-    util/config.py), the committed reproduction and the quick command (tools/reproduce.py's preset and QUICK, as
-    its stage command passes them to attention_distill.py)."""
-    from tools import reproduce
+    util/config.py), the committed reproduction and the quick command (the flags tools/reproduce.py gives
+    attention_distill.py under its preset and --quick)."""
     preset, images = SMALL_PRESETS['fashion-mnist'], len(datafiles.fashion_mnist('data', True, transform=None))
 
-    def flags(cmd):
-        cmd = list(map(str, cmd))
-        return {k[2:].replace('-', '_'): v for k, v in zip(cmd, cmd[1:]) if k.startswith('--')}
-
     def row(name, given, train, test, seeds, where):
+        given = {k[2:].replace('-', '_'): v for k, v in zip(given, given[1:]) if str(k).startswith('--')}
         f = {**preset, **{k: float(v) for k, v in given.items() if isinstance(preset.get(k), (int, float))}}
-        steps = int(f['epochs'] * (train // f['batch_size']))
-        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
-        cut = int(float(given.get('max_steps', 0)))
+        steps, cut = int(f['epochs'] * (train // f['batch_size'])), int(float(given.get('max_steps', 0)))
         took = f"{cut} steps of a {f['epochs']:g}-epoch schedule" if 0 < cut < steps else \
             f"{f['epochs']:g} ({steps:,} steps)"
+        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
         tested = f'all {test:,}' if test == 10_000 else f'the first {test:,}'
         return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {lr} | {f['warmup_epochs']:g} epoch | "
                 f"{seeds} | {tested} | {where} |")
-
-    stage = {q: flags(reproduce.stage_command(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]),
-                                              'distill', 0, 'runs', 'teacher.pt')) for q in (False, True)}
-    seeds = {q: len(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]).seeds) for q in stage}
+    runs = [reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true')]
+    full, quick = [(reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt'), len(cfg.seeds)) for cfg in runs]
     return '\n'.join([
         '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
-        row('notebook quick mode', flags(quick_flags), n_train, n_test, 1, 'this notebook, as stored'),
-        row('notebook full mode (the scripts\' preset)', {}, images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
-        row('the committed reproduction', stage[False], images, 10_000, seeds[False], '`results/fashion-mnist/`'),
-        row('the quick command', stage[True], images, 10_000, seeds[True], '`results/fashion-mnist-quick/`')])
+        row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, as stored'),
+        row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
+        row('the committed reproduction', *full[:1], images, 10_000, full[1], '`results/fashion-mnist/`'),
+        row('the quick command', *quick[:1], images, 10_000, quick[1], '`results/fashion-mnist-quick/`')])
 
 
 # the reproduction's stages, named as the notebook names its runs
