@@ -167,7 +167,7 @@ def test_the_filled_batch_is_measured_to_fit_and_the_next_is_not(growth):
     """--batch-size 0's search on a memory curve of each shape: the batch it returns was measured within the
     budget, and the next multiple of 8 was measured over it (a line through two small batches overshoots when
     memory grows faster than linearly: the GPU run found 4064 MB at a 4054 MB budget)."""
-    from tools.benchmark import MAX_BATCH, largest_batch
+    from tools.benchmark_memory import MAX_BATCH, largest_batch
     curve = {'linear': lambda b: 100 + 10 * b, 'faster-than-linear': lambda b: 100 + 10 * b + 0.02 * b * b,
              'out-of-memory-above-300': lambda b: float('inf') if b > 300 else 100 + 30 * b}[growth]
     measured = {}

@@ -10,36 +10,27 @@ Speed and memory of every method's step on this device: the two attention implem
                                                # GPU: vit_base and vit_large, batches that fill it
 
 The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's; BENCHMARK.md is benchmark_report.py's.
-Timing: each case runs `--steps` steps per round for `--rounds` rounds after `--warmup` rounds, the cases
-interleaved (A B C A B C ...) so that a machine's drift hits all of them, the device synchronised around
-each; medians are reported. FLOPs: torch.utils.flop_counter over one step, teacher included, against a GEMM peak
-measured here (a large matmul in each precision): the step's share of its precision's peak (on a GPU in bf16, its
-MFU). Saved for backward (--saved-bytes): the bytes autograd keeps from one step's forward pass for its backward
-(saved_tensors_hooks, each storage once), the same on every device, and their ratio to the plain train step on
-the same path: what attention transfer adds to a step's activation memory. --timing false measures only that.
-Memory: peak RSS of a fresh process that builds one case and runs two steps (CPU, at --memory-batch-size), or
-the max_memory_allocated of that case built alone in this process (GPU). On a GPU, --batch-size 0 (its default)
-picks per model the largest multiple of 8 at which every case fits in --fill of the memory, all the model's cases
-resident. Writes <out-dir>/benchmark.json and BENCHMARK.md (machine, torch, commit), and with --profile a
-torch.profiler table per method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which
-git ignores; the committed results/ folders are written only when named (each one's README or BENCHMARK.md gives
-its command).
+Each case is timed (the cases interleaved, medians), its FLOPs counted against a GEMM peak measured here (a step's
+share of its precision's peak: its MFU on a GPU in bf16), the bytes it saves for backward measured (the same on
+every device: what attention transfer adds to a step's activation memory), and its peak memory (each function
+below says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
+method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
+results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
 import json
-import multiprocessing
 import os
 import re
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
+from tools.benchmark_memory import fill_batch, in_fresh_process, peak_memory, sync
 from tools.benchmark_report import machine, markdown, profile
 from util.cli import parse_config
 from util.config import ConfigError, at_least, check, option
@@ -136,11 +127,6 @@ def device_slug(name):
 # Measurements
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def gemm_peak(dtype, n, device, repeats=5):
     """FLOP/s of an n x n x n matmul in `dtype`, the best of `repeats` timings of enough calls for ~50 ms."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -171,94 +157,10 @@ def count_flops(run):
     return counter.get_total_flops()
 
 
-def proc_mb(field):
-    """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
-
-
-def peak_memory(cfg, size, method, path, batch, device='cpu'):
-    """(peak MB, MB held before the first step) of one case built alone and run for two steps: on a CPU the
-    RSS of this (fresh) process; on CUDA max_memory_allocated, counted from before its models exist."""
-    device = torch.device(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == 'cpu':
-        run = Parts(cfg, size, device).step(method, path, batch)
-        before = proc_mb('VmRSS')
-        run(), run()
-        return proc_mb('VmHWM'), before
-    torch.cuda.empty_cache()
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run = Parts(cfg, size, device).step(method, path, batch)
-    before = torch.cuda.memory_allocated(device)
-    run(), run()
-    peak = torch.cuda.max_memory_allocated(device)
-    del run
-    gc.collect()         # the case's models and optimiser go before the next case is built
-    torch.cuda.empty_cache()
-    return (peak - start) / 2 ** 20, (before - start) / 2 ** 20
-
-
-def in_fresh_process(fn, *args):
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
-        return pool.submit(fn, *args).result()
-
-
-MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
-
-
-def largest_batch(peak_at, budget, step=8, tries=8):
-    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
-    `tries` measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
-    meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
-    grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
-    overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
-    low = peak_at(step)
-    fits, over, batch = step, MAX_BATCH + step, 2 * step
-    for _ in range(tries):
-        if low > budget or fits + step >= over:
-            break
-        peak = peak_at(batch)
-        if peak <= budget:
-            fits = batch
-        else:
-            over = batch
-        line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
-            (fits + over) / 2
-        batch = min(max(int(line) // step * step, fits + step), over - step)
-    return fits
-
-
-def fill_batch(parts, todo, fill, device):
-    """largest_batch() of the GPU's memory, `fill` of it, over the fullest case's max_memory_allocated with all of
-    the model's cases resident at that batch, as they are timed (after a first step has made its optimiser state)."""
-    def peak_at(batch):
-        runs = [parts.step(*c, batch=batch) for c in todo]
-        try:
-            for run in runs:
-                run()
-            peak = 0
-            for run in runs:
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                run()
-                sync(device)
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
-            return peak
-        except torch.OutOfMemoryError:
-            return float('inf')
-        finally:
-            del runs
-            parts.batches.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
-    return largest_batch(peak_at, fill * torch.cuda.get_device_properties(device).total_memory)
-
-
 def time_cases(steps, cfg, device):
-    """{case: [seconds a step, per timed round]}, the cases interleaved: A B C, A B C, ..."""
+    """{case: [seconds a step, per timed round]}: each case runs `--steps` steps per round for `--rounds` rounds
+    after `--warmup` rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them,
+    the device synchronised around each."""
     times = {c: [] for c in steps}
     for r in range(cfg.warmup + cfg.rounds):
         for c, run in steps.items():

@@ -12,6 +12,7 @@ import sys
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
 
 from tools import palette
+from tools.features_controls import spread
 from util.config import ConfigError
 from util.files import check_out_dir, read_json, save_figure, write_json, write_text
 from util.launch import run_main
@@ -64,13 +65,9 @@ def top1_table(r):
     seeds = max(len(v) for v in ms.values())
     cells = lambda v: ' | '.join(f"{r['models'][m]['top1']:.2f}" for m in v) + ' |' * (seeds - len(v))
     rows = [f"| {k} | {cells(v)} | "
-            f"{pm(spread_of([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
+            f"{pm(spread([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
     return '\n'.join([f"| top-1 (%) | {' | '.join(f'model {i + 1}' for i in range(seeds))} | mean ± std |",
                       f"|---|{'---:|' * (seeds + 1)}", *rows])
-
-
-def spread_of(values):
-    return {'mean': mean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def cka_table(r, key):

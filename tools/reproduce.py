@@ -29,7 +29,7 @@ import sys
 import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -249,14 +249,12 @@ def main():
     start, failed = time.time(), []
     for key in done:
         print(f'== {tag(*key)}: done, skipped ({run_dir(root, *key)})', flush=True)
-    todo = [(key, argv) for key, argv in steps if key not in done]
-    try:
-        ran = run_side_by_side([s for s in todo if s[0][0] == 'mae'], 1, root, env, {'machine': prov['machine']},
-                               failed)
-        digest = sha256_of(teacher)   # made by the mae stage, or given
-        record = {'machine': prov['machine'], 'teacher_sha256': digest}
-        for phase in (ORDER, ['ensemble']):
-            ran |= run_side_by_side([s for s in todo if s[0][0] in phase], cfg.jobs, root, env, record, failed)
+    todo, ran = [(key, argv) for key, argv in steps if key not in done], {}
+    try:   # the teacher first (the mae stage makes it), then the training stages, then the ensembles
+        for phase, jobs in ((['mae'], 1), (ORDER, cfg.jobs), (['ensemble'], cfg.jobs)):
+            digest = sha256_of(teacher)
+            record = {'machine': prov['machine'], 'teacher_sha256': digest}
+            ran |= run_side_by_side([s for s in todo if s[0][0] in phase], jobs, root, env, record, failed)
     except KeyboardInterrupt:   # the stages had it too (one process group): each saved where it got to
         sys.exit('error: stopped (Ctrl-C): run the same command again to continue')
     prov.update(wall_s=time.time() - start, teacher=teacher, teacher_sha256=digest)

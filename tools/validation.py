@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from data import build_eval_set
 from mae_pretrain import gather_tokens, random_keep
-from tools.features import entropy
+from tools.features_maps import entropy
 from tools.palette import PALETTE
 from util.checkpoints import build_from_checkpoint
 from util.config import ConfigError, TrainConfig
