@@ -89,10 +89,10 @@ class Runner:
     def __init__(self, data_dir, flags=(), work=None):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
         self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
-        amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'), torch.device(
-            'cuda' if torch.cuda.is_available() else 'cpu'))   # the device the scripts will pick, and its autocast
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f'{cpu_name()} ({torch.get_num_threads()} threads)'
+        gpu = torch.cuda.is_available()   # the device the scripts will pick, and their autocast there
+        amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'),
+                        torch.device('cuda' if gpu else 'cpu'))
+        name = torch.cuda.get_device_name() if gpu else f'{cpu_name()} ({torch.get_num_threads()} threads)'
         print(f"the runs train on {name}, {'autocast ' + str(amp).split('.')[-1] if amp else 'fp32'}: trained "
               f"numbers differ a little from one processor to another")
 
@@ -104,9 +104,9 @@ class Runner:
         label = os.path.basename(out)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out, *self.flags,
                 *map(str, flags)]
-        folders = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
-        print('python ' + ' '.join(next((v + a[len(f):] for f, v in folders.items() if a == f or a.startswith(f + os.sep)),
-                                        shlex.quote(a)) for a in args))
+        named = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
+        print('python', *(next((v + a[len(f):] for f, v in named.items() if a == f or a.startswith(f + os.sep)),
+                               shlex.quote(a)) for a in args))
         line, tail, start, last, scored = Line(), deque(maxlen=20), time.time(), 0.0, ''
         with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
@@ -159,15 +159,15 @@ def budgets(quick_flags, n_train, n_test):
         tested = f'all {test:,}' if test == 10_000 else f'the first {test:,}'
         return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {lr} | {f['warmup_epochs']:g} epoch | "
                 f"{seeds} | {tested} | {where} |")
-    runs = [reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true')]
-    full, quick = [(reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt'), len(cfg.seeds)) for cfg in runs]
+    full, quick = (reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true'))
+    distill = lambda cfg: reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
     return '\n'.join([
         '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
         row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, as stored'),
         row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
-        row('the committed reproduction', *full[:1], images, 10_000, full[1], '`results/fashion-mnist/`'),
-        row('the quick command', *quick[:1], images, 10_000, quick[1], '`results/fashion-mnist-quick/`')])
+        row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
+        row('the quick command', distill(quick), images, 10_000, len(quick.seeds), '`results/fashion-mnist-quick/`')])
 
 
 # the reproduction's stages, named as the notebook names its runs
