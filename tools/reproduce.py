@@ -16,8 +16,8 @@ A stage's directory is its record: done.json (written when its script exits clea
 final metrics and the teacher's SHA-256) means finished and skipped, a checkpoint alone means resumed (--resume
 true), so a reproduction stopped by Ctrl-C or a kill continues with the same command. A finished stage made from
 another teacher file than this one is refused. A failed stage starts no other: those running finish, then
-reproduce.py exits with its error. Ctrl-C stops every stage with it; a stage whose reproduce.py was killed stops
-at its next line of output. The report (reproduce_report.py): results.json, results.png, TABLE.md and the stages'
+reproduce.py exits with its error. Ctrl-C stops every stage with it; killed otherwise, reproduce.py leaves its
+running stages to train to their end (each holds its run directory's lock until then). The report (reproduce_report.py): results.json, results.png, TABLE.md and the stages'
 logs, in <out_dir>/results or --results-dir (results/<data> refreshes the committed ones; another reproduction's
 results there are refused unless --replace-results true). A run's number is its final epoch's test top-1.
 """
