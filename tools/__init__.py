@@ -1,6 +1,6 @@
 """Tools around the course, kept apart from it: run from the repository root with `python -m tools.NAME`. They
-measure and draw; the results pages that say what the numbers show are written by people (tests/test_pages.py
-checks each number they state).
+measure and draw; the results pages that say what the numbers show are written by people (tests/test_pages.py and
+tests/test_features_page.py check each number they state).
 
     reproduce.py, reproduce_report.py   the paper's Table 1 in miniature: every method, several seeds, one command
                                         (results.json, TABLE.md, results.png)

@@ -1,7 +1,8 @@
 """
 features.py's report: its numbers as tables (TABLES.md) and one figure (features.png), and features.json with every
 number. Reads only the plain dict `analyse` returns, so the report can be re-made from features.json. What the
-numbers show is written by hand in the page beside them (README.md); tests/test_pages.py checks each number it states.
+numbers show is written by hand in the page beside them (README.md); tests/test_features_page.py checks each number
+it states.
 
     python -m tools.features_report results/fashion-mnist/features   # TABLES.md and features.png again, from features.json
 """
