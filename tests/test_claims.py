@@ -207,9 +207,9 @@ FEATURES = os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.
 
 
 def feature_claims():
-    from tools.features_report import claims
+    from test_features_page import feature_facts
     with open(FEATURES) as f:
-        return claims(json.load(f)['result'])
+        return feature_facts(json.load(f)['result'])
 
 
 def stated_features(c, text):
@@ -237,7 +237,7 @@ def test_the_readme_says_what_the_feature_analysis_shows():
     c = feature_claims()
     assert c is not None and stated_features(c, text) == []
     # where the distilled features part from the teacher's, how alike two distilled seeds stay (the README says both)
-    from tools.features_report import span
+    from test_features_page import span
     apart = span(c['at']('distill', 'distill', c['apart']))
     assert f"{c['teacher_apart']}) than to each other ({apart})" in ' '.join(text.split()), apart
     # the reader catches a number or a word changed

@@ -138,7 +138,7 @@ def test_readme_first_command_leaves_git_status_clean(tmp_path):
     p = subprocess.run([sys.executable, '-m', 'tools.reproduce', *tiny], cwd=clone, env=sub_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f'tools.reproduce failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
-    assert glob.glob(str(clone / 'runs' / '**' / 'RESULTS.md'), recursive=True), 'no report under runs/'
+    assert glob.glob(str(clone / 'runs' / '**' / 'TABLE.md'), recursive=True), 'no report under runs/'
     status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
     assert status.stdout == '', f'the README\'s first command changed the checkout:\n{status.stdout}'
 

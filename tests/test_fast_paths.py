@@ -269,6 +269,6 @@ def test_benchmark_quick_writes_its_files(tmp_path):
     naive, fast = (next(r for r in result['rows'] if r['method'] == 'copy' and r['path'] == p) for p in ('naive', 'eager'))
     assert naive['flops'] > fast['flops']        # the naive copy student computes q, k and its own maps
     assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] == 'distill' and r['path'] in ('eager', 'naive'))
-    assert result['machine']['torch'] == torch.__version__ and result['targets']
+    assert result['machine']['torch'] == torch.__version__
     md = open(os.path.join(tmp_path, 'BENCHMARK.md')).read()
-    assert '| vit_tiny | distill | eager (auto) |' in md and '## Targets' in md
+    assert '| vit_tiny | distill | eager (auto) |' in md

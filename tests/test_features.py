@@ -16,9 +16,9 @@ import torch
 from attention_copy import CopyModel
 from conftest import ROOT, TINY, finetune, run_script
 from ensemble import load_model
-from tools.features import (PRESETS, CKAStats, FeaturesConfig, agreement, analyse, attention_distance, blocks,
-                            class_token_share, draws, group_pairs, linear_cka, load, map_agreement, method_seed,
-                            prediction_values, runner)
+from tools.features import PRESETS, CKAStats, FeaturesConfig, analyse, linear_cka, load
+from tools.features_controls import draws, group_pairs, method_seed, prediction_values, resampled
+from tools.features_maps import attention_distance, blocks, map_agreement, runner
 from util.launch import parse_config
 from vit import VisionTransformer
 
@@ -99,7 +99,7 @@ def test_a_resample_of_the_batches_is_the_cka_of_those_batches():
     stats = CKAStats(keep=True)
     for i in range(0, 300, 100):
         stats.update({k: v[i:i + 100] for k, v in streams.items()})
-    got = stats.resampled([('x', 'y'), ('y', 'x')], torch.tensor([[2., 0., 1.], [1., 1., 1.]]))
+    got = resampled(stats, [('x', 'y'), ('y', 'x')], torch.tensor([[2., 0., 1.], [1., 1., 1.]]))
     pick = lambda v: torch.cat([v[:100], v[:100], v[200:]])
     assert got['x', 'y'][0].item() == pytest.approx(linear_cka(pick(streams['x']), pick(streams['y'])), rel=1e-5)
     assert got['y', 'x'][1].item() == pytest.approx(stats.cka('x', 'y'), rel=1e-5)
@@ -137,11 +137,10 @@ def test_attention_distance_of_maps_worked_out_by_hand():
     pairs = [math.dist(a, b) for a in centres for b in centres]
     uniform = torch.full((2, heads, n, n), 1 / n)
     assert torch.allclose(attention_distance(uniform, p), torch.full((heads,), sum(pairs) / len(pairs)), atol=1e-5)
-    # half of each row on the class token: renormalised over the patches, the same distance; the share is 1/2
+    # half of each row on the class token: renormalised over the patches, the same distance
     half = uniform.clone()
     half[..., 0], half[..., 1:] = 0.5, 0.5 / (n - 1)
     assert torch.allclose(attention_distance(half, p), attention_distance(uniform, p), atol=1e-5)
-    assert torch.allclose(class_token_share(half), torch.full((heads,), 0.5))
     # every query reads patch 5 only, behind 2 register tokens: its mean distance to patch 5
     first = 3
     to_five = torch.zeros(1, heads, first + grid * grid, first + grid * grid)
@@ -172,25 +171,20 @@ def test_prediction_agreement_on_hand_made_predictions():
     pred_a = torch.tensor([0, 0, 1, 2, 1, 1, 1, 0, 2, 2])   # wrong on 2, 3, 7
     pred_b = torch.tensor([0, 1, 1, 2, 1, 1, 0, 1, 2, 2])   # wrong on 1, 2, 3, 6
     onehot = lambda pred, c: c * torch.nn.functional.one_hot(pred, 3).float()
-    (r,) = agreement({'a': onehot(pred_a, 5), 'b': onehot(pred_b, 3)}, labels)
-    assert (r['a'], r['b'], r['top1_a'], r['top1_b']) == ('a', 'b', pytest.approx(70), pytest.approx(60))
-    assert r['disagreement'] == pytest.approx(0.3)         # images 1, 6, 7 (on 2 and 3 both say the same)
-    assert r['both_wrong'] == pytest.approx(0.2)           # images 2 and 3
-    assert r['b_wrong_given_a_wrong'] == pytest.approx(2 / 3) and r['err_b'] == pytest.approx(0.4)
-    assert r['a_wrong_given_b_wrong'] == pytest.approx(2 / 4) and r['err_a'] == pytest.approx(0.3)
-    # a is the surer (logit 5 against 3): where they differ the mean of probabilities follows a
-    assert r['top1_ensemble'] == pytest.approx(70)
-    # the same numbers as the bootstrap computes them: all ones; then image 7 counted twice, image 0 never
     logits = {'a': onehot(pred_a, 5), 'b': onehot(pred_b, 3)}
+    # every image once; then image 7 counted twice and image 0 never
     w = torch.ones(2, 10, dtype=torch.float64)
     w[1, 7], w[1, 0] = 2, 0
-    v = prediction_values(logits, labels, 'a', 'b', w)
-    for k in ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'top1_a', 'top1_b', 'top1_ensemble'):
-        assert v[k][0].item() == pytest.approx(r[k]), k
-    assert v['gain'][0].item() == pytest.approx(0)                         # 70 against the better's 70
-    (d,) = agreement({k: torch.cat([l[1:], l[7:8]]) for k, l in logits.items()}, torch.cat([labels[1:], labels[7:8]]))
-    assert v['disagreement'][1].item() == pytest.approx(d['disagreement'])
-    assert v['b_wrong_given_a_wrong'][1].item() == pytest.approx(d['b_wrong_given_a_wrong'])
+    v = {k: x.tolist() for k, x in prediction_values(logits, labels, 'a', 'b', w).items()}
+    assert v['top1_a'][0] == pytest.approx(70) and v['top1_b'][0] == pytest.approx(60)
+    assert v['disagreement'][0] == pytest.approx(0.3)      # images 1, 6, 7 (on 2 and 3 both say the same)
+    assert v['both_wrong'][0] == pytest.approx(0.2)        # images 2 and 3
+    assert v['b_wrong_given_a_wrong'][0] == pytest.approx(2 / 3) and v['a_wrong_given_b_wrong'][0] == pytest.approx(2 / 4)
+    # a is the surer (logit 5 against 3): where they differ the mean of probabilities follows a, as good as a alone
+    assert v['top1_ensemble'][0] == pytest.approx(70) and v['gain'][0] == pytest.approx(0)
+    # the resample: 10 images, a wrong on 2, 3, 7, 7; b on 1, 2, 3, 6; they differ on 1, 6, 7, 7
+    assert v['disagreement'][1] == pytest.approx(0.4) and v['both_wrong'][1] == pytest.approx(0.2)
+    assert v['b_wrong_given_a_wrong'][1] == pytest.approx(2 / 4) and v['top1_a'][1] == pytest.approx(60)
 
 # -----------------------------------------------------------------------------
 # Models block by block
@@ -237,8 +231,8 @@ def test_a_twin_of_the_teacher_matches_it_everywhere():
     assert all(h == pytest.approx(0, abs=1e-5) for layer in r['kl']['twin'] for h in layer)
     assert min(h for layer in r['kl']['other'] for h in layer) > 0
     assert torch.allclose(*(torch.tensor(r['attention_distance'][k]) for k in ('twin', 'teacher')), atol=1e-5)
-    pair = next(p for p in r['agreement'] if {p['a'], p['b']} == {'teacher', 'twin'})
-    assert pair['disagreement'] == 0 and pair['b_wrong_given_a_wrong'] == pytest.approx(1)
+    pair = next(g['predictions'] for g in r['groups'] if (g['a'], g['b']) == ('teacher', 'twin'))
+    assert pair['disagreement']['mean'] == 0 and pair['b_wrong_given_a_wrong']['mean'] == pytest.approx(1)
 
 
 def test_a_method_whose_seeds_are_twins_has_a_control_of_one():
@@ -289,30 +283,21 @@ def test_the_command_end_to_end(runs, tmp_path):
                    '--batch-size', '24', '--resamples', '20', '--out-dir', tmp_path / 'out')
     assert p.returncode == 0, f'tools.features failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     assert 'teacher vs copy' in p.stdout
-    assert sorted(os.listdir(tmp_path / 'out')) == ['README.md', 'features.json', 'features.png']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['TABLES.md', 'features.json', 'features.png']
     with open(tmp_path / 'out' / 'features.json') as f:
         r = json.load(f)['result']
     assert r['images'] == 64 and list(r['models']) == ['teacher', *names]
     assert r['models']['copy-0']['maps_given'] == [0] and r['models']['distill-0']['maps_given'] == []
     assert r['models']['distill-1']['maps_distilled'] == [0] and r['models']['copy-0']['maps_distilled'] == []
     assert r['bootstrap']['resamples'] == 20 and r['bootstrap']['cka_units'] == 3   # batches of 24, 24, 16
-    # the page's conclusion says what these numbers say: each comparison it makes, and the predictions' control
-    page = ' '.join((tmp_path / 'out' / 'README.md').read_text().split())
+    # the tables show each group's numbers: a pair's mean CKA per block, the copy student's given maps
+    tables = (tmp_path / 'out' / 'TABLES.md').read_text()
     g = {(x['a'], x['b']): x for x in r['groups']}
-    to_t, own = g['teacher', 'distill']['tokens'][0]['mean'], g['distill', 'distill']['tokens'][0]['mean']
-    assert f"two distilled seeds have a CKA of {own:.2f} to each other in block 0, not 1" in page
-    # one pair of distilled seeds: a block counts as alike to the teacher as they are to each other when at least theirs
-    close = [i for i in range(r['depth'])
-             if g['teacher', 'distill']['tokens'][i]['mean'] >= g['distill', 'distill']['tokens'][i]['mean']]
-    named = {(0,): 'block 0', (1,): 'block 1', (0, 1): 'blocks 0-1'}
-    assert (f"In {named[tuple(close)]} the distilled students are at least as alike to the teacher" if close else
-            "In no block are the distilled students as alike to the teacher as to each other") in page
-    assert f"two scratch seeds reach {g['scratch', 'scratch']['tokens'][0]['mean']:.2f}, two fine-tuned " in page
-    fd, ff = g['distill', 'finetune']['predictions'], g['finetune', 'finetune']['predictions']
-    assert f"wrong on {100 * fd['a_wrong_given_b_wrong']['mean']:.0f} [" in page   # distilled where fine-tuned is wrong
-    assert f"disagree on {100 * fd['disagreement']['mean']:.1f} [{100 * fd['disagreement']['interval'][0]:.1f}," in page
-    assert f"two fine-tuned seeds ({100 * ff['disagreement']['mean']:.1f} [" in page
-    assert f"gains {fd['gain']['mean']:+.2f} [" in page and f"two fine-tuned seeds ({ff['gain']['mean']:+.2f} [" in page
+    cka = ' | '.join(f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '') for s in g['teacher', 'distill']['tokens'])
+    assert f'| teacher vs distill | 2 | {cka} |' in tables
+    assert re.search(r'^\| copy \| given \| [\d.]+ \|$', tables, re.M)
+    fd = g['distill', 'finetune']['predictions']
+    assert f"| distill vs finetune | 2 | {fd['top1_a']['mean']:.2f} / {fd['top1_b']['mean']:.2f} |" in tables
     # in its copied layer the copy student used the teacher's maps: KL 0, the teacher's distances
     assert r['kl']['copy-0'][0] == pytest.approx([0] * r['models']['copy-0']['heads'], abs=1e-5)
     assert r['attention_distance']['copy-0'][0] == pytest.approx(r['attention_distance']['teacher'][0], abs=1e-5)
@@ -347,10 +332,10 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr[-2000:]
     assert "the teacher's 3 heads are no multiple of six 6 heads" in p.stderr and not out.exists()
     out.mkdir()
-    (out / 'README.md').write_text('mine\n')
+    (out / 'TABLES.md').write_text('mine\n')
     p = run_script('-m', 'tools.features', *TINY, '--teacher', teacher, '--models', runs / 'scratch' / 'checkpoint.pt',
                    '--out-dir', out)
-    assert p.returncode != 0 and 'no features.json' in p.stderr and (out / 'README.md').read_text() == 'mine\n'
+    assert p.returncode != 0 and 'no features.json' in p.stderr and (out / 'TABLES.md').read_text() == 'mine\n'
 
 # -----------------------------------------------------------------------------
 # The committed results

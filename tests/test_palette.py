@@ -14,7 +14,7 @@ from matplotlib.colors import same_color, to_hex
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from tools import course, features_report, palette, reproduce_report, teacher_epochs, teacher_gap, teacher_variants  # noqa: E402
+from tools import features_report, palette, reproduce_report, tutorial, validation  # noqa: E402
 
 # a colour for each key that no figure could reach by chance
 ODD = {k: f'#{17 * (i + 1):02x}{(40 + 23 * i) % 256:02x}{(200 - 19 * i) % 256:02x}'
@@ -94,23 +94,23 @@ def test_features_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
 
 
 def test_the_teacher_gap_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
-    fig = teacher_gap.main(tmp_path / 'teacher_gap.png')
+    fig = validation.teacher_gap(tmp_path / 'teacher_gap.png')
     for ax in fig.axes:
         for label, colours in legend_colours(ax).items():
             assert colours == {odd_palette[label.split(':')[0].split(' ')[0]]}, label
     assert says_where_its_axes_start(fig)
 
 
-@pytest.mark.parametrize('figure', [teacher_epochs, teacher_variants], ids=lambda m: m.__name__.split('.')[-1])
+@pytest.mark.parametrize('figure', [validation.teacher_epochs, validation.teacher_variants], ids=lambda f: f.__name__)
 def test_the_validation_figures_draw_each_method_in_its_colour(odd_palette, tmp_path, figure):
-    fig = figure.main(tmp_path / 'figure.png')
+    fig = figure(tmp_path / 'figure.png')
     for ax in fig.axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             colours = colours_of(h.patches[0] if hasattr(h, 'patches') else h)     # bars: their first bar
             method = label.split(',')[0].split(' ')[0]
             assert colours == {odd_palette['copy' if label == 'target, 50%' else 'distill' if label == 'target, 78%'
                                            else method]}, label
-    assert figure is teacher_variants or says_where_its_axes_start(fig)   # its bars' value axis is x, from 0
+    assert figure is validation.teacher_variants or says_where_its_axes_start(fig)   # its bars' value axis is x, from 0
 
 
 def fake_run(folder, top1):
@@ -124,7 +124,7 @@ def fake_run(folder, top1):
 def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palette, tmp_path):
     names = {'scratch': 'scratch', 'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distillation': 'distill'}
     runs = {label: fake_run(tmp_path / key, [50 + i, 60 + i]) for i, (label, key) in enumerate(names.items())}
-    course.plot_curves(runs, 'runs', committed=course.reproduction_curves(os.path.join(ROOT, 'results', 'fashion-mnist')))
+    tutorial.plot_curves(runs, 'runs', committed=tutorial.reproduction_curves(os.path.join(ROOT, 'results', 'fashion-mnist')))
     fig = plt.gcf()                                                # shown, and still open under Agg
     for ax in fig.axes:
         for label, colours in legend_colours(ax).items():
@@ -132,7 +132,7 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
     assert says_where_its_axes_start(fig)
     logs = {m: {'cross-entropy': [2.3, 2.0], 'attention loss': [3.9, 3.8], 'floor': [3.5, 3.5]}
             for m in ('scratch', 'copy', 'distillation')}
-    course.plot_training(logs, 'steps')
+    tutorial.plot_training(logs, 'steps')
     fig = plt.gcf()
     for ax in fig.axes:
         shown = legend_colours(ax)
@@ -140,7 +140,7 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
             assert shown[m] == {odd_palette[palette.ALIASES.get(m, m)]}, m
     assert legend_colours(fig.axes[1])["the floor: the teacher's entropy"] == {odd_palette['teacher']}
     assert says_where_its_axes_start(fig)
-    course.draw_methods()
+    tutorial.draw_methods()
     fig = plt.gcf()
     arrows = [to_hex(t.arrow_patch.get_edgecolor(), keep_alpha=False) for ax in fig.axes for t in ax.texts
               if getattr(t, 'arrow_patch', None)]

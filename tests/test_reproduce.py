@@ -1,5 +1,6 @@
 """reproduce.py: the whole pipeline on fake data, run again (nothing is trained twice) and after an
-interruption (the stage resumes); the commands each stage gets; the report's arithmetic."""
+interruption (the stage resumes); the commands each stage gets, planned before any runs; what it refuses before
+a stage runs; the report's arithmetic."""
 import json
 import math
 import os
@@ -14,11 +15,11 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_e
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from tools.reproduce import ORDER, PRESETS, QUICK, STAGES, needs, parse, plan_stage, run_dir, stage_command, stage_env
-from tools.reproduce_report import (AIMS, LABELS, PAPER, against_paper, aim, budget, format_gap, gap_closed, mean_std,
-                                     ordering, plot)
+from tools.reproduce import ORDER, PRESETS, QUICK, command, parse, plan, run_dir, stage_env
+from tools.reproduce_report import LABELS, STAGES, budget_table, format_gap, gap_closed, mean_std, plot
 from util.launch import parse_config
 from util.config import ConfigError
+from util.files import sha256_of
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -34,53 +35,27 @@ def test_gap_closed_on_the_papers_numbers():
     assert format_gap(None) == 'not meaningful (fine-tune ≤ scratch)'
 
 
-def test_against_the_papers_pattern():
-    """The report's comparison with the paper: gap shares and the ensemble's margin, from the means."""
-    means = {'scratch': 80.0, 'finetune': 90.0, 'copy': 82.0, 'distill': 89.0, 'ensemble': 90.5}
-    s = {'methods': {k: {'mean': v} for k, v in means.items()},
-         'gap_closed': {k: gap_closed(means[k], 80.0, 90.0) for k in ('copy', 'distill')}}
-    assert against_paper(s).splitlines()[2:] == [
-        '- attention copy closes 20.0% of the gap (the aim: ≥ 50%, missed by 30.0 points of gap); '
-        'the paper\'s, 77.8%',
-        '- attention distillation closes 90.0% of the gap (the aim: ≥ 78%, met); the paper\'s, 100.0%',
-        '- the ensemble is +0.50 points against fine-tuning alone (the aim: above it, met); the paper\'s, +0.6']
-
-
-def test_each_result_against_its_aim():
-    """Met or missed, and by how much: a share of the gap at the aim meets it; the ensemble must beat fine-tuning."""
-    assert AIMS == {'copy': 0.50, 'distill': 0.78, 'ensemble': 0.0}
-    assert aim('copy', 0.5) == 'the aim: ≥ 50%, met'
-    assert aim('copy', 0.199) == 'the aim: ≥ 50%, missed by 30.1 points of gap'
-    assert aim('distill', 0.682) == 'the aim: ≥ 78%, missed by 9.8 points of gap'
-    assert aim('distill', -0.1) == 'the aim: ≥ 78%, missed by 88.0 points of gap'   # below scratch
-    assert aim('copy', None) == 'the aim: ≥ 50%, not measurable'                      # fine-tune ≤ scratch
-    assert aim('ensemble', -0.02) == 'the aim: above it, missed by 0.02 points'
-    assert aim('ensemble', 0.0) == 'the aim: above it, missed by 0.00 points'          # a tie is not above
-    assert aim('ensemble', 0.21) == 'the aim: above it, met'
-
-
-def test_the_order_of_the_means():
-    means = {'scratch': 80.0, 'finetune': 90.0, 'copy': 82.0, 'distill': 89.996, 'ensemble': 90.5}
-    assert ordering(means) == 'ensemble 90.50 > fine-tune 90.00 = distillation 90.00 > copy 82.00 > scratch 80.00'
-    assert ordering(PAPER, 1) == 'ensemble 86.3 > fine-tune 85.7 = distillation 85.7 > copy 85.1 > scratch 83.0'
-
-
-def test_the_budget_in_words_from_the_stages_commands():
-    """What a stage ran, from the command it was started with: its schedule, and where --max-steps cut it (the lr
-    there from the warm-up + cosine maths, as a share of the peak)."""
-    def runs(epochs, max_steps, step, steps_per_epoch, blr=()):
+def test_the_budget_from_the_stages_commands():
+    """What a stage ran, from the command it was started with: its schedule, how far --max-steps let it go and the lr
+    there (the warm-up + cosine maths, as a share of the peak), and the wall times."""
+    def row(epochs, step, steps_per_epoch, extra=()):
         cmd = ['python', 'attention_distill.py', '--epochs', str(epochs), '--warmup-epochs', str(epochs / 10),
-               '--max-steps', str(max_steps), *blr]
-        return [{'stage': 'mae', 'command': []},
-                {'stage': 'distill', 'command': cmd, 'metrics': {'step': step, 'epoch': step / steps_per_epoch}}]
+               '--max-steps', str(step), *extra]
+        runs = [{'stage': 'mae', 'command': [], 'wall_s': 60.0},
+                {'stage': 'distill', 'command': cmd, 'metrics': {'step': step, 'epoch': step / steps_per_epoch},
+                 'wall_s': 120.0}]
+        cfg = parse([*TINY, '--jobs', '2', '--seeds', '0', '4'])
+        lines = budget_table(cfg, runs, {'stage_threads': '1', 'wall_s': 150.0}).splitlines()
+        cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
+        return dict(zip(cells(lines[0]), cells(lines[2])))
     lr = 0.5 * (1 + math.cos(math.pi * (200 / 468 - 0.1) / 0.9))       # 0.708: warm-up over, 36% of the cosine
-    assert budget(runs(1, 200, 200, 468)) == (
-        "a 1-epoch schedule (warm-up 0.1 epoch, each script's preset blr), cut after 200 steps by --max-steps: 43% "
-        f"of the way through it, its lr still {lr:.0%} of the peak (--max-steps only stops a run; its schedule "
-        "stays the whole one)")
-    assert budget(runs(3, 0, 1404, 468, ['--blr', '0.004'])) == \
-        'a 3-epoch schedule (warm-up 0.3 epoch, blr 0.004), run to its end'
-    assert budget(runs(1, 9999, 468, 468)).endswith('run to its end')      # a limit past the schedule cuts nothing
+    assert row(1, 200, 468) == {
+        'seeds': '0, 4', 'epochs': '1', 'warm-up (epochs)': '0.1', 'blr': 'preset', 'batch': 'preset',
+        'steps a stage': '200', 'of the schedule': '43%', 'lr at the last step (of the peak)': f'{lr:.0%}',
+        'all stages (min)': '3.0', 'at a time': '2', 'threads a stage': '1', 'reproduce.py (min)': '2.5'}
+    whole = row(3, 1404, 468, ['--blr', '0.004', '--batch-size', '64'])
+    assert (whole['blr'], whole['batch'], whole['of the schedule'], whole['lr at the last step (of the peak)']) == \
+        ('0.004', '64', '100%', '0%')
 
 
 def test_mean_std_formatting():
@@ -126,69 +101,44 @@ def test_presets_quick_and_your_flags():
 
 def test_stage_commands(tmp_path):
     cfg, root = parse(TINY), str(tmp_path)
-    cmd = stage_command(cfg, 'copy', 1, root, 'teacher.pt')
+    cmd = command(cfg, 'copy', 1, root, 'teacher.pt')
     assert cmd[1].endswith('attention_copy.py')
     assert dict(zip(cmd[2::2], cmd[3::2])) == {
         '--data': 'fake', '--data-dir': './data', '--seed': '1', '--fake-size': '256', '--num-workers': '0',
         '--out-dir': os.path.join(root, 'copy', 'seed1'), '--epochs': '1', '--warmup-epochs': '0.1',
         '--max-steps': '2', '--teacher': 'teacher.pt'}
-    assert stage_command(cfg, 'distill', 0, root, 't.pt')[1].endswith('attention_distill.py')
-    assert stage_command(cfg, 'finetune', 0, root, 't.pt')[-2:] == ['--init', 't.pt']
-    scratch = stage_command(cfg, 'scratch', 0, root, 't.pt')
+    assert command(cfg, 'distill', 0, root, 't.pt')[1].endswith('attention_distill.py')
+    assert command(cfg, 'finetune', 0, root, 't.pt')[-2:] == ['--init', 't.pt']
+    scratch = command(cfg, 'scratch', 0, root, 't.pt')
     assert scratch[1].endswith('finetune.py') and '--init' not in scratch and 't.pt' not in scratch
-    mae = stage_command(cfg, 'mae', 0, root, '')
+    mae = command(cfg, 'mae', 0, root, '')
     assert mae[1].endswith('mae_pretrain.py') and mae[-2:] == ['--global-pool', 'false']
     assert mae[mae.index('--out-dir') + 1] == os.path.join(root, 'mae')
-    ens = stage_command(cfg, 'ensemble', 2, root, 't.pt')
-    assert ens[1].endswith('ensemble.py') and '--out-dir' not in ens
+    ens = command(cfg, 'ensemble', 2, root, 't.pt')
+    assert ens[1].endswith('ensemble.py') and '--out-dir' not in ens and ens[-2:] == ['--overwrite', 'true']
     i = ens.index('--models')
     assert ens[i + 1:i + 3] == [os.path.join(root, s, 'seed2', 'checkpoint.pt') for s in ('finetune', 'distill')]
     assert ens[ens.index('--out') + 1] == os.path.join(root, 'ensemble', 'seed2', 'ensemble.json')
     # --val-size: every stage, the ensemble included, evaluates on the same held-out training images
     val = parse([*TINY, '--val-size', '64'])
     for stage in ['mae', *STAGES]:
-        c = stage_command(val, stage, 0, root, 't.pt')
+        c = command(val, stage, 0, root, 't.pt')
         assert c[c.index('--val-size') + 1] == '64', stage
     for cls, args in ((EnsembleConfig, ['--models', 'a.pt']), (MAEConfig, []), (FinetuneConfig, [])):
         assert parse_config(cls, {}, ['--val-size', '64', *args]).val_size == 64
 
 
-def done_record(stage, command, seed=0):
-    """A done.json as finish_stage writes it, with what the report reads."""
-    return {'stage': stage, 'seed': seed, 'command': command, 'wall_s': 1.0,
-            'metrics': {'mse' if stage == 'mae' else 'top1': 50.0}}
-
-
-def test_a_checkpoint_without_done_marker_is_resumed_and_other_flags_are_refused(tmp_path):
-    cfg, root = parse(TINY), str(tmp_path)
-    d = run_dir(root, 'distill', 0)
-    assert plan_stage(cfg, 'distill', 0, root, 't.pt') == ('new', stage_command(cfg, 'distill', 0, root, 't.pt'))
-    os.makedirs(d)
-    open(os.path.join(d, 'checkpoint.pt'), 'wb').close()
-    state, cmd = plan_stage(cfg, 'distill', 0, root, 't.pt')
-    assert state == 'partial' and cmd == stage_command(cfg, 'distill', 0, root, 't.pt') + ['--resume', 'true']
-    # the script's config.json records its first launch: other flags there are refused
-    other = stage_command(parse([*TINY, '--epochs', '3']), 'distill', 0, root, 't.pt')
-    with open(os.path.join(d, 'config.json'), 'w') as f:
-        json.dump({'argv': other[1:]}, f)
-    with pytest.raises(ConfigError, match='holds a run made with'):
-        plan_stage(cfg, 'distill', 0, root, 't.pt')
-    with open(os.path.join(d, 'config.json'), 'w') as f:
-        json.dump({'argv': cmd[1:-2]}, f)
-    assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'partial'
-    # a finished run is skipped only if it was made with the same flags, and its metrics are there to report
-    for command, ok in ((other, False), (cmd, True)):
-        with open(os.path.join(d, 'done.json'), 'w') as f:
-            json.dump(done_record('distill', command), f)
-        if ok:
-            with pytest.raises(ConfigError, match='metrics.jsonl is missing or holds no evaluation'):
-                plan_stage(cfg, 'distill', 0, root, 't.pt')
-            with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
-                f.write(json.dumps({'step': 2, 'top1': 50.0}) + '\n')
-            assert plan_stage(cfg, 'distill', 0, root, 't.pt')[0] == 'done'
-        else:
-            with pytest.raises(ConfigError, match='holds a run made with'):
-                plan_stage(cfg, 'distill', 0, root, 't.pt')
+def test_the_plan_is_every_stage_in_the_order_they_start(tmp_path):
+    """The teacher (unless --teacher names one), the training stages of every seed, the longest first, then the
+    ensembles; each with the command line it runs."""
+    root = str(tmp_path)
+    cfg = parse([*TINY, '--seeds', '0', '1'])
+    steps = plan(cfg, root, 't.pt')
+    assert [key for key, _ in steps] == [('mae', 0), *[(s, k) for s in ORDER for k in (0, 1)], ('ensemble', 0),
+                                         ('ensemble', 1)]
+    assert all(argv == command(cfg, *key, root, 't.pt') for key, argv in steps)
+    assert [key for key, _ in plan(parse([*TINY, '--teacher', 't.pt']), root, 't.pt')][0] == ('distill', 0)
+    assert sorted(ORDER + ['ensemble']) == sorted(STAGES)
 
 # -----------------------------------------------------------------------------
 # The whole pipeline, tiny
@@ -211,8 +161,6 @@ def test_first_run_makes_every_stage_and_the_report(first_run):
     d, p = first_run
     root = str(d / 'runs')
     assert p.stdout.count(': running ') == 6 and 'scratch seed 0 | ' in p.stdout    # scripts' output shown
-    assert '\nevery stage: a 1-epoch schedule (warm-up 0.1 epoch, each script\'s preset blr), cut after 2 steps' \
-        in p.stdout and '\norder of the means: ' in p.stdout     # the budget, where the table is printed
     for stage in ['mae', *STAGES]:
         with open(os.path.join(run_dir(root, stage, 0), 'done.json')) as f:
             done = json.load(f)
@@ -227,28 +175,26 @@ def test_first_run_makes_every_stage_and_the_report(first_run):
     with open(os.path.join(run_dir(root, 'ensemble', 0), 'ensemble.json')) as f:
         assert methods['ensemble']['top1'] == [json.load(f)['ensemble']['top1']]
     assert set(results['summary']['gap_closed']) == {'copy', 'distill'}
-    md = (d / 'results' / 'RESULTS.md').read_text()
+    md = (d / 'results' / 'TABLE.md').read_text()
     for label in LABELS.values():
         assert f'| {label} |' in md and f'| {label} |' in p.stdout    # the table, also printed at the end
-    assert 'git commit: ' in md and 'machine: ' in md and '--data fake' in md
+    assert '\n| 0 | 1 | 0.1 | preset | preset | 2 |' in md                # the budget: 2 steps a stage
+    assert results['git_commit'] and results['machine'] and '--data fake' in results['command']
     png = (d / 'results' / 'results.png').read_bytes()
     assert png.startswith(b'\x89PNG') and len(png) > 10_000
 
 
 def test_the_report_is_rewritten_from_results_json_alone(first_run, tmp_path):
-    """`python reproduce_report.py DIR`: the same report from results.json, with no run directory left; it
-    links VALIDATION.md when one is beside it and says when and how it was re-written."""
+    """`python -m tools.reproduce_report DIR`: the same tables and figure from results.json, with no run directory
+    left; a page written by hand beside them is left as it is."""
     d, _ = first_run
     (tmp_path / 'results.json').write_bytes((d / 'results' / 'results.json').read_bytes())
-    (tmp_path / 'VALIDATION.md').write_text('choices\n')
+    (tmp_path / 'RESULTS.md').write_text('written by hand\n')
     p = run_script('-m', 'tools.reproduce_report', tmp_path)
     assert p.returncode == 0, p.stderr
-    old, new = (d / 'results' / 'RESULTS.md').read_text(), (tmp_path / 'RESULTS.md').read_text()
-    assert 'VALIDATION.md' not in old and new.count('[VALIDATION.md](VALIDATION.md)') == 1
-    strip = lambda md: [line for line in md.splitlines() if 'VALIDATION.md' not in line and line]
-    assert strip(old)[:-1] == strip(new)[:-1]                        # all but the line that says when
-    assert strip(old)[-1].startswith('- written ') and 're-written from its results.json' in strip(new)[-1]
-    assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
+    assert (tmp_path / 'TABLE.md').read_text() == (d / 'results' / 'TABLE.md').read_text()
+    assert (tmp_path / 'results.png').read_bytes() == (d / 'results' / 'results.png').read_bytes()
+    assert (tmp_path / 'RESULTS.md').read_text() == 'written by hand\n'
     p = run_script('-m', 'tools.reproduce_report', tmp_path / 'nowhere')
     assert p.returncode != 0 and 'results.json not found' in p.stderr and not (tmp_path / 'nowhere').exists()
 
@@ -266,14 +212,12 @@ def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
     assert a0 < b1 and b0 < a1, 'with --jobs 2 distill and copy start together'
     started = [line[3:].split(':')[0] for line in p.stdout.splitlines()
                if line.startswith('== ') and ': running ' in line]
-    assert started == ['mae', *[f'{s} seed 0' for s in ORDER]]            # the longest first
+    assert started[0] == 'mae' and started[-1] == 'ensemble seed 0'      # the longest first, two at a time
+    assert set(started[1:3]) == {'distill seed 0', 'copy seed 0'} and set(started[3:5]) == {'scratch seed 0',
+                                                                                            'finetune seed 0'}
 
 
-def test_needs_and_threads(monkeypatch):
-    stages = [('mae', 0)] + [(s, k) for s in ORDER for k in (0, 1)]
-    assert needs('scratch', 1, stages) == [('mae', 0)] and needs('mae', 0, stages) == []
-    assert needs('ensemble', 1, stages) == [('mae', 0), ('finetune', 1), ('distill', 1)]
-    assert needs('copy', 0, stages[1:]) == [] and sorted(ORDER) == sorted(STAGES)
+def test_the_stages_share_the_threads(monkeypatch):
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(os, 'cpu_count', lambda: 8)
     assert stage_env(parse([*TINY, '--jobs', '2']))['OMP_NUM_THREADS'] == '4'
@@ -291,7 +235,6 @@ def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path
     runs = tmp_path / 'runs'
     p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')
     assert p.returncode != 0 and 'copy seed 0 failed (exit 1): no such thing' in p.stderr, p.stderr[-2000:]
-    assert 'waiting for 1 running stage(s)' in p.stdout
     assert os.path.exists(os.path.join(run_dir(str(runs), 'distill', 0), 'done.json'))   # it ran on to the end
     assert not os.path.exists(run_dir(str(runs), 'scratch', 0)) and not (tmp_path / 'results').exists()
 
@@ -353,18 +296,15 @@ def made_here(first_run, tmp_path):
 
 
 def reproduce_in_process(monkeypatch, runs, results, *args):
-    """reproduce.py's main() in this process on tiny data (its signal handlers left out): None, or its one line."""
-    import signal
+    """reproduce.py's main() in this process on tiny data: None, or its one line."""
     import tools.reproduce as reproduce
-    monkeypatch.setattr(signal, 'signal', lambda *a: None)
     return run_in_process(monkeypatch, reproduce, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', results,
                           *args)
 
 
 def test_a_moved_reproduction_carries_on_and_replaces_only_its_own_results(moved, monkeypatch, capsys):
-    """Its stages' commands name the old --out-dir: compared relative to their root, they are the same ones
-    (the run used to be refused, naming the old path). The results, the same reproduction's, are replaced
-    whole: a stale log of another seed is not left beside the new ones."""
+    """Its finished stages, whose records name the old --out-dir, are skipped where they now are. The results,
+    the same reproduction's, are replaced whole: a stale log of another seed is not left beside the new ones."""
     runs, results = moved
     stale = results / 'logs' / 'scratch' / 'seed7'
     stale.mkdir()
@@ -373,7 +313,7 @@ def test_a_moved_reproduction_carries_on_and_replaces_only_its_own_results(moved
     assert capsys.readouterr().out.count('done, skipped') == 6
     record = json.loads((results / 'results.json').read_text())
     assert all(r['run_dir'].startswith(str(runs)) for r in record['stages']) and not stale.exists()
-    assert record['teacher_sha256'] == json.loads((runs / 'teacher.json').read_text())['sha256']
+    assert record['teacher_sha256'] == sha256_of(runs / 'mae' / 'checkpoint.pt')
 
 
 def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(made_here, monkeypatch):
@@ -387,11 +327,9 @@ def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(mad
     torch.save(ckpt, teacher)
     before = snapshot(runs, results)
     msg = reproduce_in_process(monkeypatch, runs, results)
-    assert msg and f'{teacher} is not the teacher the stages in {runs} were made from' in msg, msg
-    assert 'put that file back, or choose another --out-dir' in msg and snapshot(runs, results) == before
-    os.remove(runs / 'teacher.json')                                    # stages with no record of their teacher
-    msg = reproduce_in_process(monkeypatch, runs, results)
-    assert msg and 'holds stages made from a teacher it has no record of' in msg, msg
+    assert msg and f"{runs / 'distill' / 'seed0'} was made from a teacher of sha256" in msg, msg
+    assert f'not from {teacher}' in msg and 'put that file back, or choose another --out-dir' in msg, msg
+    assert snapshot(runs, results) == before
 
 
 def test_another_reproductions_results_are_refused_before_any_stage(tmp_path):
@@ -414,8 +352,10 @@ def test_what_the_results_dir_holds(tmp_path):
     cfg, res = parse([*TINY, '--results-dir', str(tmp_path / 'res')]), tmp_path / 'res'
     check_results_dir(str(res), cfg)                                    # not there yet: made at the end
     res.mkdir()
-    (res / 'RESULTS.md').write_text('# whose?')
-    with pytest.raises(ConfigError, match='holds RESULTS.md but no results.json saying what made them'):
+    (res / 'RESULTS.md').write_text('# written by hand')                 # a page beside the results: not theirs
+    check_results_dir(str(res), cfg)
+    (res / 'TABLE.md').write_text('# whose?')
+    with pytest.raises(ConfigError, match='holds TABLE.md but no results.json saying what made them'):
         check_results_dir(str(res), cfg)
     (res / 'results.json').write_text(json.dumps({'config': vars(cfg), 'teacher_sha256': 'a' * 64}))
     check_results_dir(str(res), cfg, 'a' * 64)                          # the same reproduction
@@ -455,22 +395,31 @@ def cut_json(path):   # the file cut short, as by a kill or a full disk
     (lambda r: (r / 'scratch' / 'seed0' / 'metrics.jsonl').open('a').write('{"step": 3, "top'),
      'scratch/seed0/metrics.jsonl',
      'line 2 is not a JSON record (cut short?): delete that line and run the same command again'),
-    (lambda r: cut_json(r / 'teacher.json'), 'teacher.json', 'choose another --out-dir'),
-    (lambda r: (os.remove(r / 'ensemble' / 'seed0' / 'done.json'),
-                cut_json(r / 'ensemble' / 'seed0' / 'ensemble.json')),
-     'ensemble/seed0/ensemble.json', 'delete it and run the same command again (the ensemble stage makes it anew)'),
-    (lambda r: (os.remove(r / 'distill' / 'seed0' / 'done.json'), cut_json(r / 'distill' / 'seed0' / 'config.json')),
-     'distill/seed0/config.json', f"{os.path.join('distill', 'seed0')} to run that stage afresh"),
-], ids=['done.json', 'metrics.jsonl', 'teacher.json', 'ensemble.json', 'config.json'])
+    (lambda r: cut_json(r / 'ensemble' / 'seed0' / 'done.json'), 'ensemble/seed0/done.json',
+     'delete it and run the same command again: the stage runs again'),
+], ids=['done.json', 'metrics.jsonl', 'ensemble done.json'])
 def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(made_here, monkeypatch, damage, named, fix):
-    """Before any stage runs, nothing changed. A damaged ensemble.json used to end the ensemble stage with
-    ensemble.py's advice to pass --overwrite true, which reproduce.py does not take."""
+    """Before any stage runs, nothing changed; the fix it names is one reproduce.py takes (it passes no
+    --overwrite)."""
     runs, results = made_here
     damage(runs)
     before = snapshot(runs, results)
     msg = reproduce_in_process(monkeypatch, runs, results)
     assert msg and str(runs / named) in msg and fix in msg and '--overwrite' not in msg, msg
     assert snapshot(runs, results) == before
+
+
+def test_a_damaged_ensemble_result_is_made_anew(made_here, monkeypatch, capsys):
+    """The ensemble stage, cut short before its done.json: ensemble.json is its own, made again from the two models
+    (ensemble.py alone would refuse to write over a file it cannot read)."""
+    runs, results = made_here
+    os.remove(runs / 'ensemble' / 'seed0' / 'done.json')
+    cut_json(runs / 'ensemble' / 'seed0' / 'ensemble.json')
+    assert reproduce_in_process(monkeypatch, runs, results) is None
+    assert capsys.readouterr().out.count('done, skipped') == 5
+    with open(runs / 'ensemble' / 'seed0' / 'ensemble.json') as f:
+        assert json.load(f)['ensemble']['top1'] == json.loads((runs / 'ensemble' / 'seed0' / 'done.json').read_text())[
+            'metrics']['top1']
 
 
 def test_the_report_from_a_damaged_results_json_is_one_line(first_run, tmp_path):
@@ -486,10 +435,10 @@ def test_the_report_from_a_damaged_results_json_is_one_line(first_run, tmp_path)
 def test_one_learning_rate_for_every_training_stage(tmp_path):
     cfg = parse([*TINY, '--blr', '3e-3'])
     for stage in STAGES[:4]:
-        cmd = stage_command(cfg, stage, 0, str(tmp_path), 't.pt')
+        cmd = command(cfg, stage, 0, str(tmp_path), 't.pt')
         assert cmd[cmd.index('--blr') + 1] == '0.003', stage
-    assert '--blr' not in stage_command(cfg, 'mae', 0, str(tmp_path), '') + \
-        stage_command(cfg, 'ensemble', 0, str(tmp_path), 't.pt') + stage_command(parse(TINY), 'copy', 0, str(tmp_path), 't.pt')
+    assert '--blr' not in command(cfg, 'mae', 0, str(tmp_path), '') + \
+        command(cfg, 'ensemble', 0, str(tmp_path), 't.pt') + command(parse(TINY), 'copy', 0, str(tmp_path), 't.pt')
     with pytest.raises(ConfigError):
         parse([*TINY, '--blr', '-1'])
 
@@ -503,14 +452,7 @@ def test_every_input_is_checked_before_the_first_stage(tmp_path, monkeypatch):
     base = [*TINY, '--out-dir', tmp_path / 'runs', '--results-dir', tmp_path / 'results']
     msg = run_in_process(monkeypatch, reproduce, *base, '--teacher', tmp_path / 'missing.pt')
     assert msg and str(tmp_path / 'missing.pt') in msg, msg
-    # a later stage's directory holding another run: found before any stage trains
-    other = stage_command(parse([*TINY, '--epochs', '3']), 'distill', 0, str(tmp_path / 'runs'), 't.pt')
-    os.makedirs(run_dir(str(tmp_path / 'runs'), 'distill', 0))
-    with open(os.path.join(run_dir(str(tmp_path / 'runs'), 'distill', 0), 'config.json'), 'w') as f:
-        json.dump({'argv': other[1:]}, f)
-    msg = run_in_process(monkeypatch, reproduce, *base)
-    assert msg and 'holds a run made with' in msg, msg
-    assert sorted(os.listdir(tmp_path)) == ['runs'] and os.listdir(tmp_path / 'runs') == ['distill']
+    assert os.listdir(tmp_path) == []
 
 
 def stage_pids(marker):
@@ -527,31 +469,6 @@ def stage_pids(marker):
     return pids
 
 
-@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
-def test_a_killed_reproduction_stops_its_stage(tmp_path):
-    runs = str(tmp_path / 'runs')
-    p = subprocess.Popen([sys.executable, '-m', 'tools.reproduce', *TINY, '--max-steps', '0', '--mae-epochs', '100',
-                          '--out-dir', runs, '--results-dir', str(tmp_path / 'results')],
-                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stage = []
-    try:
-        deadline = time.time() + 240
-        while not stage and time.time() < deadline and p.poll() is None:
-            stage = stage_pids(runs)
-            time.sleep(0.5)
-        assert stage, f'the mae stage never started:\n{p.communicate(timeout=60)}'
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=120)
-        assert p.returncode != 0 and 'mae stopped by SIGTERM' in err, (out[-2000:], err[-2000:])
-        wait_for(lambda: not stage_pids(runs), 30)
-        assert not stage_pids(runs), 'the stage trains on after reproduce.py was killed'
-    finally:
-        if p.poll() is None:
-            p.kill()
-        for pid in stage_pids(runs):   # only the stage this test started
-            os.kill(pid, signal.SIGKILL)
-
-
 def wait_for(done, seconds):
     """Poll done() twice a second until it holds or `seconds` have passed."""
     deadline = time.time() + seconds
@@ -559,65 +476,50 @@ def wait_for(done, seconds):
         time.sleep(0.5)
 
 
-def alive(pid):
-    """Whether process `pid` exists and is not a zombie."""
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
+def test_ctrl_c_stops_every_stage_and_says_how_to_continue(tmp_path):
+    """Ctrl-C reaches every process of the command (the terminal sends it to the whole process group): the stage
+    stops with reproduce.py, which says to run the same command again."""
+    runs = tmp_path / 'runs'
+    p = subprocess.Popen([sys.executable, '-m', 'tools.reproduce', *TINY, '--max-steps', '0', '--mae-epochs', '100',
+                          '--out-dir', runs, '--results-dir', tmp_path / 'results'], start_new_session=True,
+                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='prctl(PR_SET_PDEATHSIG) is Linux only')
-def test_a_stage_dies_with_reproduce_py_even_killed_by_sigkill():
-    """SIGKILL reaches no handler: the stage is started asking the kernel for SIGTERM when its parent dies
-    (before, it trained on as an orphan until its next line of output hit the closed pipe)."""
-    parent = subprocess.Popen([sys.executable, '-c', (
-        'import os, subprocess, sys, time\n'
-        'from tools.reproduce import die_with\n'
-        'stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], '
-        'preexec_fn=die_with(os.getpid()))\n'
-        'print(stage.pid, flush=True)\n'
-        'time.sleep(300)')], cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, text=True)
-    stage = None
-    try:
-        stage = int(parent.stdout.readline())
-        assert alive(stage)
-        parent.kill()
-        parent.wait(timeout=30)
-        wait_for(lambda: not alive(stage), 20)
-        assert not alive(stage), 'the stage lives on after reproduce.py was killed with SIGKILL'
+        wait_for(lambda: (runs / 'mae' / 'checkpoint.pt').exists() or p.poll() is not None, 240)
+        assert stage_pids(str(runs)), f'the mae stage never started:\n{p.communicate(timeout=60)}'
+        os.killpg(p.pid, signal.SIGINT)                                  # what the terminal does on Ctrl-C
+        out, err = p.communicate(timeout=120)
+        assert p.returncode != 0 and 'stopped (Ctrl-C): run the same command again to continue' in err, err[-2000:]
+        wait_for(lambda: not stage_pids(str(runs)), 30)
+        assert not stage_pids(str(runs)), 'the stage trains on after Ctrl-C'
     finally:
-        if parent.poll() is None:
-            parent.kill()
-        if stage and alive(stage):   # only the process this test started
-            os.kill(stage, signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        for pid in stage_pids(str(runs)):   # only the stage this test started
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_amp_reaches_every_stage_and_names_its_results(tmp_path):
     """--amp off (fp32, as a CPU without bf16 runs) is passed to every stage, the ensemble included; --amp auto
-    leaves the scripts' own default unsaid, so stages made before the flag existed are the same stages. Results
-    made with another --amp are another reproduction's; an older results.json, made before the flag, counts as
-    auto."""
+    leaves the scripts' own default unsaid. Results made with another --amp are another reproduction's."""
     from tools.reproduce_report import check_results_dir
     root = str(tmp_path)
     off, auto = parse([*TINY, '--amp', 'off']), parse(TINY)
     for stage in ('mae', 'scratch', 'finetune', 'copy', 'distill', 'ensemble'):
-        cmd = stage_command(off, stage, 0, root, 't.pt')
+        cmd = command(off, stage, 0, root, 't.pt')
         assert cmd[cmd.index('--amp') + 1] == 'off', (stage, cmd)
-        assert '--amp' not in stage_command(auto, stage, 0, root, 't.pt'), stage
+        assert '--amp' not in command(auto, stage, 0, root, 't.pt'), stage
     with pytest.raises(ConfigError):
         parse([*TINY, '--amp', 'fp64'])
     small = parse([*TINY, '--batch-size', '16'])     # a budget's batch: the four training stages, not the teacher's
     for stage in ('scratch', 'finetune', 'copy', 'distill'):
-        cmd = stage_command(small, stage, 0, root, 't.pt')
+        cmd = command(small, stage, 0, root, 't.pt')
         assert cmd[cmd.index('--batch-size') + 1] == '16', (stage, cmd)
-    assert '--batch-size' not in stage_command(small, 'mae', 0, root, '')
-    assert '--batch-size' not in stage_command(auto, 'copy', 0, root, 't.pt')
+    assert '--batch-size' not in command(small, 'mae', 0, root, '')
+    assert '--batch-size' not in command(auto, 'copy', 0, root, 't.pt')
     res = tmp_path / 'results'
     res.mkdir()
     old = json.load(open(os.path.join(ROOT, 'results', 'fashion-mnist', 'results.json')))
-    assert 'amp' not in old['config']          # made before --amp existed
     (res / 'results.json').write_text(json.dumps(old))
     full = parse(['--data', 'fashion-mnist'])
     check_results_dir(str(res), full)          # the same reproduction: accepted

@@ -89,7 +89,7 @@ def module_path(name):
 
 
 def imported(names):
-    """The repository files that importing each dotted name runs: 'tools.course' runs tools/__init__.py too."""
+    """The repository files that importing each dotted name runs: 'tools.tutorial' runs tools/__init__.py too."""
     parts = {'.'.join(n.split('.')[:k]) for n in names for k in range(1, n.count('.') + 2)}
     return {p for p in map(module_path, parts) if p}
 
@@ -255,7 +255,7 @@ def test_the_committed_curves_are_the_reproductions_and_its_text_states_them():
     """reproduction_curves reads the committed logs; its means per epoch and final spread must be what the
     reproduction summarised from its run directories into results.json, and the notebook's sentence about the
     reproduction must state the shares of the gap and the first epoch's means those curves give."""
-    from tools.course import NAMES, reproduction_curves
+    from tools.tutorial import NAMES, reproduction_curves
     folder = os.path.join(ROOT, 'results', 'fashion-mnist')
     curves = reproduction_curves(folder)
     with open(os.path.join(folder, 'results.json')) as f:
@@ -307,9 +307,9 @@ def test_the_summary_and_the_going_further_paragraph_state_their_data():
 
 
 def test_the_budget_table_is_what_the_committed_runs_ran():
-    """The notebook's table of the four budgets (tools/course.budgets, read from the code) against what the committed
+    """The notebook's table of the four budgets (tools/tutorial.budgets, read from the code) against what the committed
     reproduction and the quick command's run did: their steps, seeds and learning rate, from their results.json."""
-    from tools.course import budgets
+    from tools.tutorial import budgets
     with open(NOTEBOOK) as f:
         cell = next(c.source for c in nbformat.read(f, as_version=4).cells if 'BUDGET = [' in c.source)
     flags = ast.literal_eval(re.search(r'BUDGET = (\[.*?\])', cell, re.S)[1])

@@ -1,5 +1,5 @@
 """
-Speed and memory of every method's step on this device: our default path against a naive one.
+Speed and memory of every method's step on this device: the two attention implementations against a naive path.
 
     python -m tools.benchmark                        # CPU: vit_tiny, vit_small, vit_base at batch 8
     python -m tools.benchmark --models vit_base --rounds 9
@@ -9,130 +9,109 @@ Speed and memory of every method's step on this device: our default path against
     python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
                                                # GPU: vit_base and vit_large, batches that fill it
 
-The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's; the report is benchmark_report.py's.
-Timing: each case runs `--steps` steps per round for `--rounds` rounds after `--warmup` rounds, the cases
-interleaved (A B C A B C ...) so that a machine's drift hits all of them, the device synchronised around
-each; medians are reported. FLOPs: torch.utils.flop_counter over one step, teacher included, against a
-GEMM peak measured here (a large matmul in each precision); on a GPU also as MFU, against that measured bf16
-peak and against the datasheet's dense bf16 peak (benchmark_report.DATASHEET_BF16; none for an unknown device).
-Saved for backward (--saved-bytes): the bytes autograd keeps from one step's forward pass for its backward
-(saved_tensors_hooks, each storage once), the same on every device, and their ratio to the plain train step on
-the same path: what attention transfer adds to a step's activation memory. --timing false measures only that.
-Memory: peak RSS of a fresh process that builds one case and runs two steps (CPU, at
---memory-batch-size), or the max_memory_allocated of that case built alone in this process (GPU).
-On a GPU, --batch-size 0 (its default) picks per model the largest multiple of 8 at which every case
-fits in --fill of the memory, all the model's cases resident. Writes <out-dir>/benchmark.json and
-BENCHMARK.md (machine, torch, commit), and with --profile a torch.profiler table per method: by default in
-runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed results/ folders
-are written only when named (each one's README or BENCHMARK.md gives its command).
+The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's; BENCHMARK.md is benchmark_report.py's.
+Each case is timed (the cases interleaved, medians), its FLOPs counted against a GEMM peak measured here (a step's
+share of its precision's peak: its MFU on a GPU in bf16), the bytes it saves for backward measured (the same on
+every device: what attention transfer adds to a step's activation memory), and its peak memory (each function
+below says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
+method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
+results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
 import json
-import multiprocessing
 import os
 import re
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
-from tools.benchmark_report import datasheet_peak, machine, markdown, profile, targets
+from tools.benchmark_memory import fill_batch, in_fresh_process, peak_memory, sync
+from tools.benchmark_report import machine, markdown, profile
 from util.launch import parse_config
-from util.config import ConfigError, check, option
-from util.config import machine_memory
+from util.config import ConfigError, at_least, check, option
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
+from util.config import machine_memory
 from vit import SIZES
+
+TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
+FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
+
+
+def subset(choices, note=''):
+    return (lambda v: set(v) <= set(choices)), f"choose from {' '.join(choices)}{note}"
 
 
 @dataclass
 class BenchConfig:
-    device: str = option('auto', 'auto | cpu | cuda')
-    models: list[str] = option(factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'], help='GPU: base, large')
-    paths: list[str] = option(factory=lambda: list(TIMED), help='a subset of eager sdpa naive naive-bf16')
-    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there')
-    memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one')
-    fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use")
+    device: str = option('auto', 'auto | cpu | cuda', (lambda v: v in ('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    models: list[str] = option(factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'], help='GPU: base, large',
+                               rule=subset(SIZES))
+    paths: list[str] = option(factory=lambda: list(TIMED), help='a subset of eager sdpa naive naive-bf16',
+                              rule=subset(TIMED, ' (--compile true adds compile)'))
+    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU'))
+    memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one',
+                                    (lambda v: v >= -1, 'must be -1 (the timed batch), 0 or more'))
+    fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
+                         (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
     img_size: int = 224
-    patch_size: int = 16
-    depth: int = option(0, "0 = the size's own")
-    embed_dim: int = option(0, "0 = the size's own")
-    num_heads: int = option(0, "0 = the size's own")
-    num_classes: int = 1000
-    rounds: int = option(5, 'timed rounds')
-    steps: int = option(2, 'steps of each case in a round')
-    warmup: int = option(1, 'untimed rounds before them')
-    distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)')
-    copy_frac: float = option(1.0, 'copy all layers (the paper)')
-    methods: list[str] = option(factory=lambda: list(METHODS), help='a subset of train copy distill eval-*')
+    patch_size: int = option(16, rule=at_least(1))
+    depth: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
+    embed_dim: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
+    num_heads: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
+    num_classes: int = option(1000, rule=at_least(1))
+    rounds: int = option(5, 'timed rounds', at_least(1))
+    steps: int = option(2, 'steps of each case in a round', at_least(1))
+    warmup: int = option(1, 'untimed rounds before them', at_least(0))
+    distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)', FRACTION)
+    copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
+    methods: list[str] = option(factory=lambda: list(METHODS), help='a subset of train copy distill eval-*',
+                                rule=subset(METHODS))
     compile: bool = option(False, 'also time the default training steps under torch.compile')
-    profile: list[str] = option(factory=list, help='methods whose default step torch.profiler breaks down')
-    threads: int = option(0, "torch threads; 0 = torch's default")
+    profile: list[str] = option(factory=list, help='methods whose default step torch.profiler breaks down',
+                                rule=subset(TRAINED))
+    threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default"))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
     timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
-    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak')
+    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1))
     quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
     out_dir: str = option('runs/benchmark', 'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name '
                           'it)')
 
-    def checks(self):   # what depends on the device (--device, --batch-size 0, the lists): configure
-        return [('batch_size', self.batch_size >= 0, 'must be 0 (fill a GPU) or more'),
-                ('memory_batch_size', self.memory_batch_size >= -1, 'must be -1 (the timed batch), 0 or more'),
-                ('fill', 0 < self.fill <= 1, "is a share of the GPU's memory: (0, 1]"),
-                ('patch_size', self.patch_size >= 1, 'must be at least 1'),
-                ('img_size', self.patch_size < 1 or self.img_size >= self.patch_size and
-                 self.img_size % self.patch_size == 0, f'must be a multiple of --patch-size {self.patch_size}'),
-                *[(k, getattr(self, k) >= 0, "must be 0 (the size's own) or more")
-                  for k in ('depth', 'embed_dim', 'num_heads')],
-                ('num_classes', self.num_classes >= 1, 'must be at least 1'),
-                *[(k, getattr(self, k) >= 1, 'must be at least 1') for k in ('rounds', 'steps', 'gemm_size')],
+    def checks(self):
+        return [('img_size', self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
+                 f'must be a multiple of --patch-size {self.patch_size}'),
                 ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,   # its 3 fp32 matrices
-                 'makes 3 square fp32 matrices larger than half the memory: choose a smaller one'),
-                ('warmup', self.warmup >= 0, 'must be 0 or more'),
-                *[(k, 0 < getattr(self, k) <= 1, 'is a fraction of the layers: (0, 1]')
-                  for k in ('distill_frac', 'copy_frac')],
-                ('threads', self.threads >= 0, "must be 0 (torch's default) or more")]
+                 'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
 
 
 # each replaces what you left at its default: --quick first, then on a GPU
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
-TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
-HALF = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # names of the autocast dtypes
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
+HALF = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # names of the autocast dtypes
 
 
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag: one error line, before anything runs."""
-    if cfg.device not in ('auto', 'cpu', 'cuda'):
-        raise ConfigError(f"--device must be auto, cpu or cuda, not '{cfg.device}'")
+    check(cfg)
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
-    device = torch.device('cuda' if cfg.device == 'cuda' or cfg.device == 'auto' and torch.cuda.is_available()
-                          else 'cpu')
+    device = torch.device('cuda' if cfg.device != 'cpu' and torch.cuda.is_available() else 'cpu')
     default = asdict(BenchConfig())
     for changes, applies in ((QUICK, cfg.quick), (ON_GPU, device.type == 'cuda')):
         if applies:
-            cfg = BenchConfig(**{k: changes[k] if k in changes and v == default[k] else v
-                                 for k, v in asdict(cfg).items()})
+            cfg = replace(cfg, **{k: v for k, v in changes.items() if getattr(cfg, k) == default[k]})
     check(cfg)   # again, with --quick's and the GPU's sizes: they may not fit the flags given beside them
     if device.type == 'cuda' and cfg.out_dir == default['out_dir']:
         cfg.out_dir = f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
-    if not set(cfg.methods) <= set(METHODS):
-        raise ConfigError(f"--methods {' '.join(cfg.methods)}: choose from {' '.join(METHODS)}")
-    if not set(cfg.paths) <= set(TIMED):
-        raise ConfigError(f"--paths {' '.join(cfg.paths)}: choose from {' '.join(TIMED)} (--compile true adds compile)")
-    if not set(cfg.profile) <= set(TRAINED):
-        raise ConfigError(f"--profile {' '.join(cfg.profile)}: choose from {' '.join(TRAINED)}")
-    if not set(cfg.models) <= set(SIZES):
-        raise ConfigError(f"--models {' '.join(cfg.models)}: choose from {' '.join(SIZES)}")
-    if cfg.batch_size < 0 or cfg.batch_size == 0 and device.type != 'cuda':
-        raise ConfigError(f'--batch-size {cfg.batch_size}: give a positive batch (0 fills a GPU, on a GPU only)')
+    if cfg.batch_size == 0 and device.type != 'cuda':
+        raise ConfigError('--batch-size 0: give a positive batch (0 fills a GPU, on a GPU only)')
     # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not after the timings
     check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
     return cfg, device
@@ -146,11 +125,6 @@ def device_slug(name):
 
 # -----------------------------------------------------------------------------
 # Measurements
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def gemm_peak(dtype, n, device, repeats=5):
@@ -183,95 +157,10 @@ def count_flops(run):
     return counter.get_total_flops()
 
 
-def proc_mb(field):
-    """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
-
-
-def peak_memory(cfg, size, method, path, batch, device='cpu'):
-    """(peak MB, MB held before the first step) of one case built alone and run for two steps: on a CPU the
-    RSS of this (fresh) process; on CUDA max_memory_allocated, counted from before its models exist."""
-    device = torch.device(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run = Parts(cfg, size, device).step(method, path, batch)
-        before = torch.cuda.memory_allocated(device)
-        run(), run()
-        peak = torch.cuda.max_memory_allocated(device)
-        del run
-        gc.collect()         # the case's models and optimiser go before the next case is built
-        torch.cuda.empty_cache()
-        return (peak - start) / 2 ** 20, (before - start) / 2 ** 20
-    run = Parts(cfg, size, device).step(method, path, batch)
-    before = proc_mb('VmRSS')
-    run(), run()
-    return proc_mb('VmHWM'), before
-
-
-def in_fresh_process(fn, *args):
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
-        return pool.submit(fn, *args).result()
-
-
-MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
-
-
-def largest_batch(peak_at, budget, step=8, tries=8):
-    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
-    `tries` measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
-    meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
-    grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
-    overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
-    low = peak_at(step)
-    fits, over, batch = step, MAX_BATCH + step, 2 * step
-    for _ in range(tries):
-        if low > budget or fits + step >= over:
-            break
-        peak = peak_at(batch)
-        if peak <= budget:
-            fits = batch
-        else:
-            over = batch
-        line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
-            (fits + over) / 2
-        batch = min(max(int(line) // step * step, fits + step), over - step)
-    return fits
-
-
-def fill_batch(parts, todo, fill, device):
-    """The largest multiple of 8 (up to MAX_BATCH) at which every case fits in `fill` of the GPU's memory, all
-    of the model's cases resident with their batches, as they are timed: largest_batch() over the fullest
-    case's max_memory_allocated (after a first step has made its optimiser state)."""
-    def peak_at(batch):
-        runs = [parts.step(*c, batch=batch) for c in todo]
-        try:
-            for run in runs:
-                run()
-            peak = 0
-            for run in runs:
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                run()
-                sync(device)
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
-            return peak
-        except torch.OutOfMemoryError:
-            return float('inf')
-        finally:
-            del runs
-            parts.batches.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
-    return largest_batch(peak_at, fill * torch.cuda.get_device_properties(device).total_memory)
-
-
 def time_cases(steps, cfg, device):
-    """{case: [seconds a step, per timed round]}, the cases interleaved: A B C, A B C, ..."""
+    """{case: [seconds a step, per timed round]}: each case runs `--steps` steps per round for `--rounds` rounds
+    after `--warmup` rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them,
+    the device synchronised around each."""
     times = {c: [] for c in steps}
     for r in range(cfg.warmup + cfg.rounds):
         for c, run in steps.items():
@@ -284,23 +173,8 @@ def time_cases(steps, cfg, device):
                 times[c].append((time.perf_counter() - t) / cfg.steps)
     return times
 
-
 # -----------------------------------------------------------------------------
 # One model size, then the report
-
-
-def saved_bytes(parts, todo, batch):
-    """{case: MB saved for backward by one step} of the trained cases, and each one's ratio to the plain train
-    step on the same path (benchmark_cases.Parts.saved_for_backward)."""
-    mb = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in todo
-          if c[0] in TRAINED and c[1] != 'compile'}
-    return {c: {'saved_mb': v, 'saved_vs_train': v / mb['train', c[1]] if ('train', c[1]) in mb else None}
-            for c, v in mb.items()}
-
-
-SHOWN = [(('img_s', 'flops'), ' {:8.2f} img/s {:9.3e} FLOP/step'), (('peak_fraction',), '  {:4.0%} of GEMM peak'),
-         (('mfu',), '  MFU {:.1%}'), (('peak_mb',), '  peak {:.0f} MB'),
-         (('saved_mb', 'saved_vs_train'), '  saved for backward {:.1f} MB ({:.2f}x train)')]
 
 
 def measure(cfg, size, device, peak):
@@ -310,10 +184,13 @@ def measure(cfg, size, device, peak):
     batch = cfg.batch_size or fill_batch(parts, [c for c in todo if c[1] != 'compile'], cfg.fill, device)
     rows = {c: {'model': size, 'method': c[0], 'path': c[1], 'auto': c[1] in (parts.auto, 'compile'), 'batch': batch}
             for c in todo}
-    for c, saved in (saved_bytes(parts, todo, batch) if cfg.saved_bytes else {}).items():
-        rows[c].update(saved)
+    saved = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in todo
+             if cfg.saved_bytes and c[0] in TRAINED and c[1] != 'compile'}
+    for (method, path), mb in saved.items():
+        rows[method, path].update(saved_mb=mb, saved_vs_train=mb / saved['train', path] if ('train', path) in saved
+                                  else None)
     if not cfg.timing:
-        return report(size, rows), batch
+        return list(rows.values()), batch
     steps, flops = {c: parts.step(*c, batch=batch) for c in todo}, {}
     for c in [c for c in todo if c[1] != 'compile']:   # FLOPs of one step, also its first
         try:
@@ -325,15 +202,13 @@ def measure(cfg, size, device, peak):
     flops.update({(m, 'compile'): flops.get((m, parts.auto)) for m, p in todo if p == 'compile'})
     for m in [m for m in cfg.profile if (m, parts.auto) in steps]:   # where the time of auto's step goes
         os.makedirs(cfg.out_dir, exist_ok=True)
-        rows[m, parts.auto]['time_by_op'] = profile(steps[m, parts.auto],
-                                                    os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
+        profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
     times, auto = time_cases(steps, cfg, device), parts.auto
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
     half = HALF.get(amp_dtype('auto', device), 'fp32')
-    sheet = datasheet_peak(machine(device)['device']) if device.type == 'cuda' else None
     for (method, path), row in rows.items():
         if 'error' in row:
             continue
@@ -341,25 +216,13 @@ def measure(cfg, size, device, peak):
         prec = 'fp32' if path == 'naive' else 'bf16' if path == 'naive-bf16' else half
         row.update(img_s=batch / step_s, step_s=step_s, step_times=times[method, path], flops=flops[method, path],
                    precision=prec, peak_fraction=flops[method, path] / step_s / peak[prec] if prec in peak else None)
-        if device.type == 'cuda':    # against the bf16 GEMM measured here, and the datasheet's dense bf16 peak
-            row.update(mfu=flops[method, path] / step_s / peak[half],
-                       mfu_datasheet=flops[method, path] / step_s / sheet if sheet else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
             args = (cfg, size, method, path, mem_batch)
             row['peak_mb'], before = peak_memory(*args, device) if device.type == 'cuda' else \
                 in_fresh_process(peak_memory, *args)
             row['step_mb'] = row['peak_mb'] - before
-    return report(size, rows), batch
-
-
-def report(size, rows):
-    """The rows as a list, each printed on one line."""
-    for r in rows.values():
-        print(f"{size:10s} {r['method']:13s} {r['path']:11s}" + ''.join(
-            form.format(*(r[k] for k in keys)) for keys, form in SHOWN if all(r.get(k) is not None for k in keys)),
-              flush=True)
-    return list(rows.values())
+    return list(rows.values()), batch
 
 
 def main():
@@ -371,20 +234,17 @@ def main():
     auto = amp_dtype('auto', device)
     dtypes = {'fp32': torch.float32, **({HALF[auto]: auto} if auto else {})}
     peak = {k: gemm_peak(dt, cfg.gemm_size, device) for k, dt in dtypes.items()} if cfg.timing else {}
-    print(f"{machine(device)['device']}: GEMM peak " + (', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in peak.items())
-                                                        or 'not measured (--timing false)'))
     rows, batches = [], {}
     for size in cfg.models:
         size_rows, batches[size] = measure(cfg, size, device, peak)
         rows += size_rows
+        print(f'{size}: measured', flush=True)
     result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
-              'gemm_peak': peak, 'rows': rows, 'targets': [t for s in cfg.models for t in targets(rows, s, device.type)]}
-    if device.type == 'cuda':
-        result.update(batches=batches, datasheet_peak=datasheet_peak(result['machine']['device']))
+              'gemm_peak': peak, 'rows': rows, 'batches': batches}
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
     write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))
-    print(markdown(result).split('## Targets')[1])
+    print(markdown(result))
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
 
 

@@ -18,22 +18,19 @@ What it measures, each a function usable on its own (the notebook imports them):
   attention_distill.attention_cross_entropy) and the KL, CE minus the teacher's entropy (`map_agreement`);
 - attention distance: each head's mean distance in pixels from a query patch to the patches it attends to
   (Dosovitskiy et al. 2021, Fig. 7; `attention_distance`);
-- prediction agreement: for every pair of classifiers, how often their top-1 differs, and whether their
-  errors overlap (`agreement`);
+- predictions: for every pair of classifiers, how often their top-1 differs, whether their errors overlap, and
+  what their ensemble gains;
 - controls: models named <method>-<seed> are grouped; every two methods are compared over their pairs of models of
-  different seeds, beside each method's seed-to-seed pairs (how alike one recipe's runs are anyway), each number as
-  mean, spread over the pairs and a bootstrap interval over the test images (`controls`).
+  different seeds, beside each method's seed-to-seed pairs, each number with a bootstrap interval over the test
+  images (tools/features_controls.py).
 A copy student has no queries or keys in its copied layers: there its maps ARE the teacher's (given, not
 computed), recorded as such (`maps_given`) and shown hollow in the figure; its KL there is 0 by construction.
 No gradients, no autocast: every statistic is computed in fp32 and accumulated in fp64.
-Report (features.json, features.png, README.md): tools/features_report.py.
+Report (features.json, features.png, TABLES.md): tools/features_report.py.
 """
-import math
 import os
 import platform
-import re
 import shlex
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -44,20 +41,18 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from attention_copy import CopyModel, copied
-from attention_distill import attention_cross_entropy
+from attention_copy import CopyModel
 from data import INFO, build_eval_set, class_names
-from ensemble import (accuracy, check_classes, disagreement, ensemble_probs, heads_checks, load_models,
-                      with_data)
-from teacher import layer_pairs, teacher_mismatch, to_student_heads
+from ensemble import accuracy, check_classes, heads_checks, load_models, with_data
+from teacher import layer_pairs, teacher_mismatch
+from tools.features_controls import controls, method_seed
+from tools.features_maps import attention_distance, blocks, map_agreement, runner
 from tools.features_report import check_out, summary, write
-from tools.teacher_entropy import entropy
 from util.checkpoints import build_from_checkpoint, read_checkpoint
 from util.launch import parse_config
-from util.config import ConfigError, option
+from util.config import ConfigError, at_least, option
 from util.launch import run_main
 from util.files import cpu_name, git_commit
-from vit import scores
 
 # -----------------------------------------------------------------------------
 # Linear CKA: the definition, then the same number from statistics accumulated batch by batch
@@ -90,20 +85,18 @@ class CKAStats:
     def update(self, feats):
         """feats: {name: (n, d) features}, the same n samples in every stream, in the same order."""
         feats = {k: v.detach().double() for k, v in feats.items()}           # (n, d) each
-        if not self.shift:
-            self.shift = {k: v.mean(0) for k, v in feats.items()}
-            self.sum = {k: torch.zeros_like(s) for k, s in self.shift.items()}
+        self.shift = self.shift or {k: v.mean(0) for k, v in feats.items()}
         assert feats.keys() == self.shift.keys() and len({len(v) for v in feats.values()}) == 1
         feats = {k: v - self.shift[k] for k, v in feats.items()}
-        for k, v in feats.items():
-            self.sum[k] += v.sum(0)                                            # (d,)
+        sums = {k: v.sum(0) for k, v in feats.items()}                         # (d,) each
         cross = {(a, b): feats[a].T @ feats[b] for a, b in combinations_with_replacement(feats, 2)}   # (d_a, d_b)
-        for k, v in cross.items():
-            self.cross[k] = self.cross.get(k, 0) + v
-        self.n += len(next(iter(feats.values())))
+        for total, new in ((self.sum, sums), (self.cross, cross)):
+            for k, v in new.items():
+                total[k] = total.get(k, 0) + v
+        n = len(next(iter(feats.values())))
+        self.n += n
         if self.batches is not None:
-            self.batches.append((len(next(iter(feats.values()))), {k: v.sum(0).float() for k, v in feats.items()},
-                                 {k: v.float() for k, v in cross.items()}))
+            self.batches.append((n, {k: v.float() for k, v in sums.items()}, {k: v.float() for k, v in cross.items()}))
 
     def centred(self, a, b):
         """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
@@ -113,116 +106,6 @@ class CKAStats:
     def cka(self, a, b):
         ab, aa, bb = self.centred(a, b), self.centred(a, a), self.centred(b, b)
         return (ab.square().sum() / (aa.norm() * bb.norm())).item()
-
-    def resampled(self, pairs, counts):
-        """{(a, b): (R,) CKA} of each pair on R resamples of the kept batches, counts (R, K): how many times
-        each of the K batches is drawn. Counts of all ones give `cka` (to fp32's digits)."""
-        w = counts.double()                                                    # (R, K)
-        n = w @ torch.tensor([float(b[0]) for b in self.batches], dtype=torch.float64)      # (R,)
-        s = {k: w @ torch.stack([b[1][k] for b in self.batches]).double() for k in self.shift}   # (R, d) each
-
-        def centred(a, b):                                                     # (R, d_a, d_b)
-            key, t = ((a, b), False) if (a, b) in self.cross else ((b, a), True)
-            c = (w @ torch.stack([b_[2][key] for b_ in self.batches]).flatten(1).double()).unflatten(1, self.cross[key].shape)
-            c = c.transpose(1, 2) if t else c
-            return c - s[a][:, :, None] * s[b][:, None, :] / n[:, None, None]
-        norm = {k: centred(k, k).flatten(1).norm(dim=1) for k in {x for p in pairs for x in p}}   # (R,) each
-        return {(a, b): centred(a, b).square().sum((1, 2)) / (norm[a] * norm[b]) for a, b in pairs}
-
-# -----------------------------------------------------------------------------
-# Attention maps: how far each head looks, how close its maps are to the teacher's
-
-
-def patch_distances(grid, patch_size):
-    """(P, P) distances in pixels between the centres of a grid x grid of patches (P = grid^2, row by row)."""
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
-    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5) * patch_size      # (P, 2)
-    return torch.cdist(centres.double(), centres.double()).float()                       # (P, P)
-
-
-def attention_distance(attn, patch_size, first=1):
-    """(H,) mean attention distance in pixels of each head: for query patch i, sum_j A_ij ||pos_i - pos_j||
-    over patch keys j, pos the patch centres; averaged over query patches and images. attn: (B, H, N, N)
-    probabilities whose last P = grid^2 tokens are the patches (first: 1 + register tokens before them).
-    The class token is left out as query and as key, and each row renormalised over the patches: the
-    distance says where a head looks when it looks at the image, however much it looks at the class
-    token (that share is `class_token_share`). A head reading only itself: 0; a uniform map: the mean
-    distance between two patch centres."""
-    a = attn[..., first:, first:].float()                                   # (B, H, P, P) patches to patches
-    d = patch_distances(math.isqrt(a.shape[-1]), patch_size).to(a.device)   # (P, P)
-    return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))                       # (H,)
-
-
-def class_token_share(attn, first=1):
-    """(H,) the mean probability a query patch gives the class token, attn (B, H, N, N)."""
-    return attn[:, :, first:, 0].float().mean((0, 2))
-
-
-def map_agreement(teacher_logits, logits):
-    """((H,) cross-entropy, (H,) KL) of each head's map to the teacher's, in nats, mean over images and
-    query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy:
-    0 for the teacher's own maps. A teacher with more heads is grouped to the model's (teacher.to_student_heads,
-    as distillation does). logits (B, H, N, N): log-probabilities do as well."""
-    teacher_logits = to_student_heads(teacher_logits, logits.shape[1])                # (B, H, N, N)
-    ce = torch.stack([attention_cross_entropy(t, s) for t, s in zip(teacher_logits.split(1, 1), logits.split(1, 1))])
-    return ce, ce - entropy(teacher_logits)
-
-# -----------------------------------------------------------------------------
-# Predictions: how often two classifiers differ, and whether they fail on the same images
-
-
-def agreement(logits, labels):
-    """For every pair (a, b) of {name: (n, C) logits}: top-1 of each and of their ensemble (mean of
-    probabilities, ensemble.py), how often their top-1 differs, how often both are wrong, and P(b wrong |
-    a wrong) beside b's error rate (equal if their errors were independent; 1 if b fails wherever a does)."""
-    wrong = {k: l.argmax(-1) != labels for k, l in logits.items()}          # (n,) each
-    out = []
-    for a, b in combinations(logits, 2):
-        both = (wrong[a] & wrong[b]).float().mean().item()
-        err_a, err_b = (wrong[k].float().mean().item() for k in (a, b))
-        out.append({'a': a, 'b': b, 'top1_a': 100 * (1 - err_a), 'top1_b': 100 * (1 - err_b),
-                    'top1_ensemble': accuracy(ensemble_probs([logits[a], logits[b]]), labels),
-                    'disagreement': disagreement(logits[a].argmax(-1), logits[b].argmax(-1)),
-                    'both_wrong': both, 'err_a': err_a, 'err_b': err_b,
-                    'b_wrong_given_a_wrong': both / err_a if err_a else None,
-                    'a_wrong_given_b_wrong': both / err_b if err_b else None})
-    return out
-
-# -----------------------------------------------------------------------------
-# One model, block by block
-
-
-def runner(model):
-    """(the ViT whose blocks run, x -> what its layers are given). A copy student runs with its teacher's maps
-    in its copied layers, exactly as attention_copy.CopyModel runs it."""
-    if isinstance(model, CopyModel):
-        s = model.student
-        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer)
-    return model, lambda x: {}
-
-
-
-def blocks(vit, x, inject):
-    """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
-    block by block, so that several models can be run side by side holding one block's tensors each.
-    Where a layer is given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
-    x = vit.embed(x)                                                        # (B, N, D)
-    for i, block in enumerate(vit.blocks):
-        given = inject.get(i, {})
-        x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
-        logits = kept.get('logits')                                         # its own, when it computes one
-        if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
-            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
-            teacher = scores(given['q'], given['k']).float() if 'q' in given else \
-                given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
-            maps = to_student_heads(teacher, heads)                                     # (B, h, N, N)
-            if 'heads' in given:
-                logits = logits.clone()
-                logits[:, given['heads']] = maps.to(logits.dtype)
-            else:
-                logits = maps
-        yield i, x, logits.float()
-
 
 @torch.no_grad()
 def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
@@ -246,7 +129,6 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
                 first, p = 1 + vits[k].arch['reg_tokens'], l.softmax(-1)              # (B, H, N, N)
                 ce, kl = map_agreement(outs[teacher][1], l)
                 for what, v in (('attention_distance', attention_distance(p, vits[k].patch_embed.patch_size, first)),
-                                ('class_token_share', class_token_share(p, first)),
                                 ('cross_entropy', ce), ('kl', kl)):
                     sums[what, k, i] = sums[what, k, i] + b * v.double().cpu()
         for k, v in vits.items():   # the last block's tokens are still held: the head reads them
@@ -264,105 +146,8 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in names},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
                  'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(names, 2)],
-        **{what: {k: per_layer(what, k) for k in names}
-           for what in ('attention_distance', 'class_token_share', 'cross_entropy', 'kl')},
-        'agreement': agreement(logits, labels)}
+        **{what: {k: per_layer(what, k) for k in names} for what in ('attention_distance', 'cross_entropy', 'kl')}}
     return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
-
-# -----------------------------------------------------------------------------
-# Seeds: every pair of methods against the seed-to-seed pairs of one method, each with an interval
-
-
-def method_seed(name):
-    """'distill-2' -> ('distill', 2); a name without a seed is a method of its own: 'teacher' -> ('teacher', None)."""
-    m = re.fullmatch(r'(.+)-(\d+)', name)
-    return (m[1], int(m[2])) if m else (name, None)
-
-
-def group_pairs(names, a, b):
-    """The pairs of models that compare method a with method b: two seeds of one method (its seed-to-seed control),
-    or one model of each method from different seeds, so that no pair shares an initialisation or an order of
-    batches, as no seed-to-seed pair does (the same seed of two methods can start from the same weights)."""
-    of = lambda m: [k for k in names if method_seed(k)[0] == m]
-    if a == b:
-        return list(combinations(of(a), 2))
-    pairs = [(x, y) for x in of(a) for y in of(b)]
-    apart = [(x, y) for x, y in pairs if method_seed(x)[1] is None or method_seed(x)[1] != method_seed(y)[1]]
-    return apart or pairs
-
-
-def spread(values, replicates=None, level=0.95):
-    """mean, std over the pairs (0 for one), min, max, and the bootstrap's interval of the mean ((R, pairs) values)."""
-    out = {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
-           'min': min(values), 'max': max(values)}
-    if replicates is not None:
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        out['interval'] = torch.quantile(replicates.double().mean(1), q).tolist()
-    return out
-
-
-def draws(k, resamples, seed):
-    """(resamples, k) counts: how often each of k units is drawn in each resample, k draws with replacement."""
-    idx = torch.randint(k, (resamples, k), generator=torch.Generator().manual_seed(seed))
-    return torch.zeros(resamples, k).scatter_add_(1, idx, torch.ones(resamples, k))
-
-
-PREDICTION = ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'a_wrong_given_b_wrong', 'top1_a', 'top1_b', 'top1_ensemble', 'gain')
-
-
-def prediction_values(logits, labels, a, b, w):
-    """PREDICTION's numbers of the pair (a, b), each (R,), on the images weighted by w (R, n) (all ones: agreement's)."""
-    pa, pb = logits[a].argmax(-1), logits[b].argmax(-1)
-    pe = ensemble_probs([logits[a], logits[b]]).argmax(-1)
-    mean = lambda t: w @ t.double() / w.sum(1)                                 # (R,)
-    wa, wb = pa != labels, pb != labels
-    v = {'disagreement': mean(pa != pb), 'both_wrong': mean(wa & wb), 'top1_a': 100 * mean(~wa),
-         'top1_b': 100 * mean(~wb), 'top1_ensemble': 100 * mean(pe == labels)}
-    v['b_wrong_given_a_wrong'], v['a_wrong_given_b_wrong'] = v['both_wrong'] / mean(wa), v['both_wrong'] / mean(wb)
-    v['gain'] = v['top1_ensemble'] - torch.maximum(v['top1_a'], v['top1_b'])
-    return v
-
-
-def controls(r, tokens, logits, labels, resamples, seed):
-    """'groups': for every two methods (and each with itself: its seed-to-seed control), the CKA of their pairs
-    (`group_pairs`) per block, and, between classifiers, their predictions' agreement and ensemble, each as
-    `spread` over the pairs; and each pair's bootstrap interval of its CKA. The bootstrap redraws the test images,
-    for CKA in the batches that were run (each batch's statistics are kept: one image's would be a d x d matrix
-    per pair of models), for predictions one by one: 'bootstrap' says how."""
-    names = list(r['models'])
-    methods = list(dict.fromkeys(method_seed(k)[0] for k in names))
-    groups = [(a, b, group_pairs(names, a, b)) for i, a in enumerate(methods) for b in methods[i:]]
-    groups = [g for g in groups if g[2]]
-    pairs = [(p['a'], p['b']) for p in r['cka']]
-    batch_w = draws(len(tokens[0].batches), resamples, seed) if resamples else None
-    image_w = draws(len(labels), resamples, seed + 1) if resamples else None
-    boot = [s.resampled(pairs, batch_w) for s in tokens] if resamples else None    # [block] {pair: (R,)}
-    level = 0.95
-    if resamples:
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        for p in r['cka']:
-            p['tokens_interval'] = [torch.quantile(b[p['a'], p['b']], q).tolist() for b in boot]
-    cka = {(p['a'], p['b']): p for p in r['cka']}
-    get = lambda x, y: cka.get((x, y)) or cka[y, x]
-    out = []
-    for a, b, ps in groups:
-        g = {'a': a, 'b': b, 'pairs': [list(p) for p in ps]}
-        for key in ('tokens', 'class_token'):
-            g[key] = [spread([get(x, y)[key][i] for x, y in ps],
-                             torch.stack([boot[i].get((x, y), boot[i].get((y, x))) for x, y in ps], 1)
-                             if key == 'tokens' and resamples else None, level) for i in range(r['depth'])]
-        if all(k in logits for p in ps for k in p):
-            ones = torch.ones(1, len(labels), dtype=torch.float64)
-            values = [prediction_values(logits, labels, x, y, ones) for x, y in ps]
-            reps = [prediction_values(logits, labels, x, y, image_w.double()) for x, y in ps] if resamples else None
-            g['predictions'] = {m: spread([v[m].item() for v in values],
-                                          torch.stack([v[m] for v in reps], 1) if resamples else None, level)
-                                for m in PREDICTION}
-        out.append(g)
-    how = {'resamples': resamples, 'seed': seed, 'level': level, 'cka_unit': 'a batch of images',
-           'cka_units': len(tokens[0].batches), 'prediction_unit': 'an image'} if resamples else None
-    return {'groups': out, 'bootstrap': how}
-
 
 def uniform_distance(vit):
     """The attention distance of a map spread evenly over the patches: the reference for a head that looks
@@ -406,18 +191,24 @@ class FeaturesConfig:
                                '--teacher, which must be its own: SHA-256 checked)')
     names: list[str] = option(factory=list, help="one label per model; none = each file's name (or its folder's)")
     num_heads: list[int] = option(factory=list, help="of files of weights alone, as ensemble.py's flag")
-    teacher_num_heads: int = option(0, "the teacher's, if its file holds weights alone")
+    teacher_num_heads: int = option(0, "the teacher's, if its file holds weights alone",
+                                    at_least(0, "the file's record or family"))
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
-                       "data set the models' checkpoints record")
+                       "data set the models' checkpoints record",
+                       (lambda v: v in INFO or v == '', f"choose one of {', '.join(INFO)}, or '' (the models')"))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
-    images: int = option(0, 'the first this many test images; 0 = all')
-    batch_size: int = option(250, "also the bootstrap's unit for CKA (its statistics are kept batch by batch)")
-    resamples: int = option(1000, "of the bootstrap over the test images: each number's interval; 0 = none")
+    images: int = option(0, 'the first this many test images; 0 = all', at_least(0, 'all'))
+    batch_size: int = option(250, "also the bootstrap's unit for CKA (its statistics are kept batch by batch)",
+                             at_least(1))
+    resamples: int = option(1000, "of the bootstrap over the test images: each number's interval; 0 = none",
+                            at_least(0, 'no bootstrap'))
     bootstrap_seed: int = 0
-    num_workers: int = 0
-    device: str = option('auto', 'auto (cuda if there is one) | cpu | cuda | cuda:1 ...')
-    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)')
-    out_dir: str = option('', 'features.json, features.png, README.md here; empty = print the tables only')
+    num_workers: int = option(0, rule=at_least(0, 'load in the main process'))
+    device: str = option('auto', 'auto (cuda if there is one) | cpu | cuda | cuda:1 ...',
+                         (lambda v: v == 'auto' or known_device(v), 'use auto, cpu, cuda or cuda:N'))
+    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)',
+                            at_least(1))
+    out_dir: str = option('', 'features.json, features.png, TABLES.md here; empty = print the tables only')
 
     def checks(self):
         return [('teacher', self.teacher != '', 'is required: the teacher the students were given maps of, e.g. '
@@ -427,15 +218,7 @@ class FeaturesConfig:
                 ('names', len(self.names) in (0, len(self.models)), f'needs one name per model ({len(self.models)})'),
                 ('names', len(set(self.labels())) == len(self.models) and 'teacher' not in self.labels(),
                  "must be distinct and not 'teacher' (give --names when files share a name)"),
-                ('data', self.data in INFO or self.data == '', f"choose one of {', '.join(INFO)}, or '' (the models')"),
-                ('teacher_num_heads', self.teacher_num_heads >= 0, "must be 0 (the file's record or family) or more"),
-                *heads_checks(self),
-                ('images', self.images >= 0, 'must be 0 (all) or more'),
-                ('batch_size', self.batch_size >= 1, 'must be at least 1'),
-                ('resamples', self.resamples >= 0, 'must be 0 (no bootstrap) or more'),
-                ('num_workers', self.num_workers >= 0, 'must be 0 (load in the main process) or more'),
-                ('device', self.device == 'auto' or known_device(self.device), 'use auto, cpu, cuda or cuda:N'),
-                ('fake_size', self.fake_size >= 1, 'must be at least 1')]
+                *heads_checks(self)]
 
     def labels(self):
         """The models' names: --names, else each file's name without .pt (its folder's for checkpoint.pt)."""
@@ -506,7 +289,7 @@ def main():
     print(summary(result))
     if cfg.out_dir:
         write(cfg.out_dir, asdict(cfg), result, prov)
-        print(f'written: {cfg.out_dir}/features.json, features.png, README.md')
+        print(f'written: {cfg.out_dir}/features.json, features.png, TABLES.md')
 
 
 if __name__ == '__main__':

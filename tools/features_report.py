@@ -1,32 +1,34 @@
 """
-features.py's report: its numbers as tables, one figure and a page (README.md), and features.json with every
-number. Reads only the plain dict `analyse` returns, so a report can be re-made from features.json.
+features.py's report: its numbers as tables (TABLES.md) and one figure (features.png), and features.json with every
+number. Reads only the plain dict `analyse` returns, so the report can be re-made from features.json. What the
+numbers show is written by hand in the page beside them (README.md); tests/test_features_page.py checks each number
+it states.
+
+    python -m tools.features_report results/fashion-mnist/features   # TABLES.md and features.png again, from features.json
 """
 import os
 import statistics
+import sys
 
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
 
 from tools import palette
-from util.files import check_out_dir, read_json, write_json, write_text
-
-FILES = ('features.json', 'features.png', 'README.md')
+from tools.features_controls import spread
+from util.config import ConfigError
+from util.files import check_out_dir, read_json, save_figure, write_json, write_text
+from util.launch import run_main
 
 
 def check_out(out_dir):
-    """Refuse, before any work, an --out-dir that cannot be written, or that holds a README.md or features.png
+    """Refuse, before any work, an --out-dir that cannot be written, or that holds a TABLES.md or features.png
     that features.py did not write (no features.json beside them): only its own results are replaced."""
-    check_out_dir(out_dir, '--out-dir', 'features.json', FILES)
+    check_out_dir(out_dir, '--out-dir', 'features.json', ('features.png', 'TABLES.md'))
     path = os.path.join(out_dir, 'features.json')
     if os.path.exists(path):
         read_json(path, 'choose another --out-dir, or remove it if it is yours', {'result': dict})
 
 # -----------------------------------------------------------------------------
 # Tables: one row per method, or per pair of methods (features.py's groups: seeds pooled)
-
-
-def others(r):
-    return [k for k in r['models'] if k != r['teacher']]
 
 
 def methods(r):
@@ -64,13 +66,9 @@ def top1_table(r):
     seeds = max(len(v) for v in ms.values())
     cells = lambda v: ' | '.join(f"{r['models'][m]['top1']:.2f}" for m in v) + ' |' * (seeds - len(v))
     rows = [f"| {k} | {cells(v)} | "
-            f"{pm(spread_of([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
+            f"{pm(spread([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
     return '\n'.join([f"| top-1 (%) | {' | '.join(f'model {i + 1}' for i in range(seeds))} | mean ± std |",
                       f"|---|{'---:|' * (seeds + 1)}", *rows])
-
-
-def spread_of(values):
-    return {'mean': mean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def cka_table(r, key):
@@ -79,15 +77,12 @@ def cka_table(r, key):
     return '\n'.join([head[0].replace(' | block 0', ' | pairs | block 0'), '|---|---:|' + head[1][5:], *rows])
 
 
-def interval_line(r):
-    b = r.get('bootstrap')
-    if not b:
-        return ''
+def bootstrap_table(r):
+    b = r['bootstrap']
     width = max((s['interval'][1] - s['interval'][0]) / 2 for g in r['groups'] for s in g['tokens'])
-    return (f"Cells: the mean over the pairs ± their standard deviation (the seeds' spread). Resampling the test "
-            f"images ({b['resamples']} resamples of the {b['cka_units']} batches they were run in, seed "
-            f"{b['seed']}), no cell's mean has a {100 * b['level']:.0f}% interval wider than ±{width:.3f}; each pair's "
-            f"and each cell's interval: features.json.")
+    return ('| resamples | CKA: batches resampled | predictions: images resampled | seed | interval | widest CKA cell '
+            f"interval (±) |\n|---:|---:|---:|---:|---:|---:|\n| {b['resamples']} | {b['cka_units']} | {r['images']} | "
+            f"{b['seed']} | {100 * b['level']:.0f}% | {width:.3f} |")
 
 
 def per_method(r, what, k, i):
@@ -128,25 +123,18 @@ def prediction_table(r):
 
 
 def summary(r):
-    """Every table, as printed by features.py and placed in README.md."""
-    b = r.get('bootstrap')
-    return '\n\n'.join(x for x in [
-        "Top-1 on these images, fp32 (each method's models in the order given):", top1_table(r),
-        f"Linear CKA, every token of {r['images']} images a sample, block i against block i: each method against "
-        f"the teacher, each against itself (two seeds: the control), each against another (models of different "
-        f"seeds):", cka_table(r, 'tokens'), interval_line(r),
-        ('Linear CKA, the class token alone. A global-pool classifier never reads it (it averages the patch '
-         'tokens); it is one more token the patches read from (column 0 of every map), so this measures how alike '
-         "that token's features are, not what the classifier reads:" if all(
-             m.get('global_pool') for k, m in r['models'].items() if k != r['teacher']) else
-         'Linear CKA, the class token (what the classifier reads):'), cka_table(r, 'class_token'),
-        "Attention maps against the teacher's, KL per block (mean over heads and seeds); † distilled toward them:",
-        kl_table(r),
-        f"Mean attention distance per block, mean over heads and seeds (shortest-longest head); * maps given; a "
-        f"uniform map: {r['uniform_distance']:.1f} px:", distance_table(r),
-        'Predictions, each pair of classifiers as a two-model ensemble (the mean of their probabilities), mean over '
-        'the pairs' + (f" [its {100 * b['level']:.0f}% interval, resampling the test images one by one, "
-                       f"{b['resamples']} resamples]" if b else '') + ':', prediction_table(r)] if x)
+    """Every table, each under its heading: TABLES.md, and what features.py prints."""
+    tables = {'Top-1 (%) on these images, fp32': top1_table(r),
+              'Linear CKA, every token of every image a sample, block i against block i': cka_table(r, 'tokens'),
+              'Linear CKA, the class token alone': cka_table(r, 'class_token'),
+              "Attention maps against the teacher's: KL per block, mean over heads and seeds (†: distilled toward "
+              "them)": kl_table(r),
+              'Mean attention distance per block, mean over heads and seeds (shortest-longest head; *: maps given)':
+                  distance_table(r),
+              'Two-model ensembles of each pair of classifiers, mean over the pairs [interval]': prediction_table(r)}
+    if r.get('bootstrap'):
+        tables['The bootstrap over the test images'] = bootstrap_table(r)
+    return '\n\n'.join(f'## {title}\n\n{table}' for title, table in tables.items())
 
 # -----------------------------------------------------------------------------
 # The figure
@@ -200,159 +188,36 @@ def plot(r, path):
     dist[0].set_ylabel('mean attention distance (px)')
     bottom.suptitle(f"each head's mean attention distance, {r['images']} test images (the axis does not start at 0)",
                     fontsize=10)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return fig
 
 # -----------------------------------------------------------------------------
-# What the numbers say: one paragraph whose every word of comparison is chosen by the numbers
-
-
-def span(values):
-    lo, hi = (f'{round(v, 2) + 0.0:.2f}' for v in (min(values), max(values)))   # never -0.00
-    return lo if lo == hi else f'{lo}-{hi}'
-
-
-def blocks_named(layers):
-    return f'block {layers[0]}' if len(layers) == 1 else f'blocks {layers[0]}-{layers[-1]}' \
-        if layers == list(range(layers[0], layers[-1] + 1)) else 'blocks ' + ', '.join(map(str, layers))
-
-
-def claims(r):
-    """The numbers the conclusion rests on, as the page, the README and the notebook print them (their tests compare
-    these with their text); None without scratch, finetune and distill, each with a seed-to-seed control."""
-    ms, t, depth = methods(r), r['teacher'], r['depth']
-    group = {(g['a'], g['b']): g for g in r['groups']}
-    g = lambda a, b: group.get((a, b)) or group.get((b, a))
-    if not all(k in ms for k in ('scratch', 'finetune', 'distill')) or not all(g(k, k) for k in ('scratch', 'finetune', 'distill')):
-        return None
-    taught = r['models'][ms['distill'][0]]['maps_distilled'] or list(range(depth))
-    at = lambda a, b, layers=taught: [g(a, b)['tokens'][i]['mean'] for i in layers]
-    # as alike to the teacher as to another distilled seed: at least the lowest of the seed-to-seed pairs' CKA
-    close = [i for i in range(depth) if at(t, 'distill', [i])[0] >= g('distill', 'distill')['tokens'][i]['min']]
-    apart = [i for i in range(depth) if i not in close]
-    fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
-    return {'g': g, 'at': at, 'taught': taught, 'close': close, 'apart': apart, 'seeds': len(ms['distill']),
-            'fd': fd, 'ff': ff, 'taught_blocks': blocks_named(taught),
-            'close_blocks': blocks_named(close) if close else None, 'apart_blocks': blocks_named(apart) if apart else None,
-            'teacher_close': span(at(t, 'distill', close)) if close else None,
-            'seeds_close': span(at('distill', 'distill', close)) if close else None,
-            'teacher_apart': span(at(t, 'distill', apart)) if apart else None,
-            'scratch_seeds': span(at('scratch', 'scratch')), 'teacher_scratch': span(at(t, 'scratch')),
-            'gain_fd': f"{fd['gain']['mean']:+.2f}", 'gain_ff': f"{ff['gain']['mean']:+.2f}",
-            'differs_fd': f"{100 * fd['disagreement']['mean']:.1f}%", 'differs_ff': f"{100 * ff['disagreement']['mean']:.1f}%"}
-
-
-def reading(r, data):
-    """The page's conclusion: the two questions "its own features" asks, each answered from the numbers for the
-    methods reproduce.py names (scratch, finetune, distill, each with a seed-to-seed control), then the
-    predictions against the same control, then what they do not show. '' without those."""
-    c = claims(r)
-    if c is None:
-        return ''
-    n, depth = c['seeds'], r['depth']
-    b = r.get('bootstrap')
-    limits = (f"What they do not show: {n} seeds of each method give a spread, not a distribution"
-              + (f"; the intervals resample the {r['images']} test images (for CKA in the {b['cka_units']} batches "
-                 f"they were run in), not the training" if b else '')
-              + "; linear CKA sees only how linearly alike two sets of features are, not whether a model computes "
-                f"them the same way; and this is a {depth}-block ViT on {data}, 3 epochs a method")
-    return (f"What this shows, for {n} seeds of each method of a {depth}-block ViT on {data}. Whether a student's "
-            f"features are \"its own\" asks two questions: were they learned rather than copied, and how alike "
-            f"are they to the teacher's? First, " + '. '.join([*on_features(r, c), *on_predictions(c), limits]) + '.')
-
-
-def on_features(r, c):
-    """The sentences on the maps taken and the features: learned rather than copied, and how alike to the teacher's."""
-    t, depth, n = r['teacher'], r['depth'], c['seeds']
-    g, at, taught, close, apart = (c[k] for k in ('g', 'at', 'taught', 'close', 'apart'))
-    kl = lambda k, layers: [mean(per_method(r, 'kl', k, i)) for i in layers]
-    labels = [i for i in close if at(t, 'distill', [i])[0] > at('scratch', 'scratch', [i])[0]]
-    maps = (f"the distilled students took the maps they were taught (KL to the teacher's {span(kl('distill', taught))} "
-            f"nats in {blocks_named(taught)}, mean over {n} seeds; the scratch models' {span(kl('scratch', taught))})")
-    learned = (f"Learned rather than copied? Yes: no weight of the teacher's reaches a distilled student (it starts from "
-               f"random weights, as a scratch model does, and only its maps are pulled toward the teacher's), where a "
-               f"fine-tuned model starts from all of them; and the maps do not fix the features: two distilled seeds "
-               f"have a CKA of {span(at('distill', 'distill'))} to each other in {blocks_named(taught)}, not 1")
-    alike = ("How alike to the teacher's? The yardstick is how alike two seeds of one recipe are: in "
-             f"{blocks_named(taught)} two scratch seeds reach {span(at('scratch', 'scratch'))}, two fine-tuned "
-             f"{span(at('finetune', 'finetune'))}, two distilled {span(at('distill', 'distill'))}, while the teacher and "
-             f"a scratch model reach only {span(at(t, 'scratch'))}. "
-             + (f"In {blocks_named(close)} the distilled students are at least as alike to the teacher "
-                f"({span(at(t, 'distill', close))}) as their least alike pair is to each other "
-                f"({span([g('distill', 'distill')['tokens'][i]['min'] for i in close])}; the mean over their pairs "
-                f"{span(at('distill', 'distill', close))})"
-                + (f", and more than two scratch seeds are to each other in {len(labels)} of them" if labels else '')
-                + ': there, to linear CKA, the teacher is one more seed of distillation' if close else
-                'In no block are the distilled students as alike to the teacher as to each other')
-             + (f"; in {blocks_named(apart)} they are less alike to it ({span(at(t, 'distill', apart))}) than to each "
-                f"other ({span(at('distill', 'distill', apart))})" if apart else ''))
-    cross = [i for i in range(depth) if at('finetune', 'distill', [i])[0] < min(at('finetune', 'finetune', [i])[0],
-                                                                                 at('distill', 'distill', [i])[0])]
-    between = (f"A fine-tuned and a distilled model (pairs of different seeds) are less alike than two seeds of either "
-               f"in {len(cross)} of {depth} blocks (CKA {span(at('finetune', 'distill', range(depth)))}, against "
-               f"{span(at('finetune', 'finetune', range(depth)))} and {span(at('distill', 'distill', range(depth)))})")
-    return [maps, learned, alike, between]
-
-
-def on_predictions(c):
-    """The sentences on the predictions against the same control, and what the controls change in the reading."""
-    g, close, apart, fd, ff = (c[k] for k in ('g', 'close', 'apart', 'fd', 'ff'))
-    d_given_f = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
-    iv = lambda s, k=100, f='.1f': f"{k * s['mean']:{f}}" + (f" [{k * s['interval'][0]:{f}}, {k * s['interval'][1]:{f}}]"
-                                                            if 'interval' in s else '')
-    sep = lambda a, b: 'interval' in a and (a['interval'][0] > b['interval'][1] or b['interval'][0] > a['interval'][1])
-    word = lambda a, b: ('more than' if a['mean'] > b['mean'] else 'less than') if sep(a, b) else \
-        'no more than' if a['mean'] <= b['mean'] else 'about as much as'
-    preds = (f"The predictions, against the same control: a fine-tuned and a distilled model disagree on "
-             f"{iv(fd['disagreement'])}% of the images, {word(fd['disagreement'], ff['disagreement'])} two fine-tuned "
-             f"seeds ({iv(ff['disagreement'])}%); the distilled model is wrong on {iv(d_given_f, f='.0f')}% of the "
-             f"images the fine-tuned one gets wrong (another fine-tuned seed: {iv(ff['b_wrong_given_a_wrong'], f='.0f')}%); "
-             f"and the ensemble fine-tuned + distilled gains {iv(fd['gain'], 1, '+.2f')} points over the better of "
-             f"its two, {word(fd['gain'], ff['gain'])} the ensemble of two fine-tuned seeds ({iv(ff['gain'], 1, '+.2f')}; "
-             f"top-1 {fd['top1_ensemble']['mean']:.2f} against {ff['top1_ensemble']['mean']:.2f})")
-    weaker = fd['gain']['mean'] <= ff['gain']['mean']
-    so = ("So the controls change the one-seed reading. " + (
-          f"That its features are near the teacher's holds in {blocks_named(close)}, but with a yardstick: learned, not copied, the "
-          f"distilled features there are as near the teacher's as a second distilled seed's are to the first's"
-          + (f"; in {blocks_named(apart)} they are nearer each other's than the teacher's" if apart else '')
-          if close else "In no block are the distilled features as near the teacher's as to another distilled seed's")
-          + ('. And the ensemble\'s gain is no sign of features unlike the fine-tuned model\'s: a second fine-tuned seed adds as much to '
-             'the first as the distilled student does' + (', though it disagrees with the fine-tuned model more often '
-             'than a second fine-tuned seed does' if sep(fd['disagreement'], ff[
-                 'disagreement']) and fd['disagreement']['mean'] > ff['disagreement']['mean'] else '') if weaker else
-             '. The ensemble with the distilled student gains more than a second fine-tuned seed adds'))
-    return [preds, so]
-
-
-# -----------------------------------------------------------------------------
-# The page and features.json
-
-
-def page(cfg, r, prov, out_dir):
-    took = f"{prov['wall_s']:.0f} s" if prov['wall_s'] < 120 else f"{prov['wall_s'] / 60:.1f} min"
-    code = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'features.py'), out_dir)
-    teacher = 'only' if r['models'][r['teacher']]['top1'] is None else 'and predictions'
-    models = ', '.join(f'{k} `{p}`' for k, p in zip(others(r), cfg['models']))
-    origin = ' ([where each came from](models/README.md))' if os.path.isfile(
-        os.path.join(out_dir, 'models', 'README.md')) else ''
-    return f"""# Does the student learn features of its own?
-
-Made by `{prov['command']}` on {prov['machine']} (`--device {prov['device']}`, torch {prov['torch']}, git commit
-{prov['git_commit'] or 'unknown'}) in {took}: one pass over the first {r['images']} images of the
-{cfg['data']} test split, fp32, no autocast. Every number is in [`features.json`](features.json); what each
-measures and how: [`tools/features.py`]({code}). Teacher `{cfg['teacher']}` (features and maps {teacher});
-{models}{origin}. Each block is compared with the block of the same index.
-
-![features](features.png)
-
-{summary(r)}
-"""
+# The files
 
 
 def write(out_dir, cfg, r, prov):
-    """features.png, README.md (the tables, and what they show: reading) and features.json in out_dir."""
+    """features.png, TABLES.md and features.json (every number, and how it was made) in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
-    plot(r, os.path.join(out_dir, 'features.png'))
-    text = reading(r, cfg['data'])
-    write_text(os.path.join(out_dir, 'README.md'), page(cfg, r, prov, out_dir) + (f'\n{text}\n' if text else ''))
+    write_tables(out_dir, r)
     write_json(os.path.join(out_dir, 'features.json'), {'config': cfg, **prov, 'result': r})
+
+
+def write_tables(out_dir, r):
+    plot(r, os.path.join(out_dir, 'features.png'))
+    write_text(os.path.join(out_dir, 'TABLES.md'), f"# The tables of features.json\n\n{summary(r)}\n")
+
+
+def rewrite(out_dir):
+    """TABLES.md and features.png again from features.json: the numbers are the analysis's own."""
+    path = os.path.join(out_dir, 'features.json')
+    if not os.path.isfile(path):
+        raise ConfigError(f'{path} not found: name a directory that features.py wrote (--out-dir)')
+    write_tables(out_dir, read_json(path, 'restore it (committed results: git checkout -- it), or make it again '
+                                          'with python -m tools.features', {'result': dict})['result'])
+    print(f'written: {out_dir}/TABLES.md, features.png (from features.json)')
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 2:
+        sys.exit('usage: python -m tools.features_report OUT_DIR (a directory features.py wrote, with features.json)')
+    run_main(lambda: rewrite(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""One colour per method, for every figure: the notebook's (tools/course.py), results.png
+"""One colour per method, for every figure: the notebook's (tools/tutorial.py), results.png
 (tools/reproduce_report.py), features.png (tools/features_report.py). A method keeps its colour from one figure
 to the next; tests/test_palette.py checks that each figure draws with these."""
 

@@ -1,9 +1,6 @@
-"""What tutorial.ipynb uses around the lesson: the images it shows, a runner for the scripts, a few figures.
-
-Kept out of the notebook so that its cells show the ideas. Nothing here is attention transfer: the runner
-launches the same command lines you would type in a terminal, and the figures only draw what the notebook
-computed.
-"""
+"""What tutorial.ipynb uses around the lesson, kept out of it so that its cells show the ideas: the images it shows,
+a runner for the scripts, a few figures. Nothing here is attention transfer: the runner launches the same command
+lines you would type in a terminal, and the figures only draw what the notebook computed."""
 import json
 import os
 import re
@@ -20,16 +17,16 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
+from data import fashion_mnist
+from tools import reproduce
 from tools.palette import PALETTE, colour
 from tools.reproduce_report import records
 from util.config import SMALL_PRESETS
-from data import fashion_mnist
-from util.files import read_jsonl
+from util.files import cpu_name, read_jsonl
 from util.launch import amp_dtype
-from util.files import cpu_name
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
+# Fashion-MNIST, read (found, downloaded if missing, checked) by data.py as the scripts read it
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
 MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
@@ -51,8 +48,7 @@ def write_idx(path, array):
 
 
 def write_slice(n_train, n_test, folder=None):
-    """The first n_train training and n_test test images as IDX files in folder (default: a new temporary
-    one), which it returns: a --data-dir for the scripts."""
+    """The first n_train training and n_test test images as IDX files in folder (default: a new one): a --data-dir."""
     folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
@@ -86,14 +82,18 @@ class Line:
 
 class Runner:
     """run(script, name, *flags) prints and launches `python script --data fashion-mnist --data-dir DATA_DIR
-    --out-dir <work>/name <flags given here> <flags>` and returns the run directory (config.json, log.txt,
-    metrics.jsonl, checkpoint.pt). A name used before gets a new directory (name-2, ...): a cell can run again."""
+    --out-dir <work>/name <flags given here> <flags>` and returns the run directory; a name used before gets a new
+    one (name-2, ...), so that a cell can run again."""
 
     def __init__(self, data_dir, flags=(), work=None):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
         self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
-        amp = dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto')
-        print(f'the runs train on {machine(amp)}: trained numbers differ a little from one processor to another')
+        gpu = torch.cuda.is_available()   # the device the scripts will pick, and their autocast there
+        amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'),
+                        torch.device('cuda' if gpu else 'cpu'))
+        name = torch.cuda.get_device_name() if gpu else f'{cpu_name()} ({torch.get_num_threads()} threads)'
+        print(f"the runs train on {name}, {'autocast ' + str(amp).split('.')[-1] if amp else 'fp32'}: trained "
+              f"numbers differ a little from one processor to another")
 
     def __call__(self, script, name, *flags):
         out, n = os.path.join(self.work, name), 1
@@ -103,10 +103,11 @@ class Runner:
         label = os.path.basename(out)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out, *self.flags,
                 *map(str, flags)]
-        print(command(args, {self.data_dir: 'DATA_DIR', self.work: 'RUNS'}))
-        cmd = [sys.executable, *args]
+        named = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
+        print('python', *(next((v + a[len(f):] for f, v in named.items() if a == f or a.startswith(f + os.sep)),
+                               shlex.quote(a)) for a in args))
         line, tail, start, last, scored = Line(), deque(maxlen=20), time.time(), 0.0, ''
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
             for text in p.stdout:       # the scripts' log lines: '... step 8/192 | ...', 'eval | ... top1 61.2 ...'
                 tail.append(text)
@@ -124,23 +125,6 @@ class Runner:
         return out
 
 
-def command(args, names):
-    """The command line of args as you would type it, each folder in `names` shown by its name ($DATA_DIR)."""
-    for folder, name in names.items():
-        args = [f'${name}' + a[len(folder):] if a == folder or a.startswith(folder + os.sep) else a for a in args]
-    return 'python ' + ' '.join(a if a.startswith('$') else shlex.quote(a) for a in args)
-
-
-def machine(amp='auto'):
-    """The device the scripts will pick and their autocast dtype there (their --amp), in words."""
-    if torch.cuda.is_available():
-        device, name = torch.device('cuda'), torch.cuda.get_device_name()
-    else:
-        device, name = torch.device('cpu'), f'{cpu_name()} ({torch.get_num_threads()} threads)'
-    dtype = amp_dtype(amp, device)
-    return f"{name}, {'autocast ' + str(dtype).split('.')[-1] if dtype else 'fp32'}"
-
-
 def metrics(run_dir):
     """The evaluations of a run, one dict per epoch: {'epoch', 'step', 'top1', ...}."""
     return read_jsonl(os.path.join(run_dir, 'metrics.jsonl'), 'run it again')
@@ -151,8 +135,7 @@ def final_top1(run_dir):
 
 
 def full_reproduction(path='results/fashion-mnist/results.json'):
-    """The committed reproduction (3 seeds, the whole training set): {method: (mean, std)}, and its
-    ensemble's disagreement (% of test images), read from its results.json."""
+    """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%), from results.json."""
     with open(path) as f:
         summary = json.load(f)['summary']
     table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
@@ -161,37 +144,29 @@ def full_reproduction(path='results/fashion-mnist/results.json'):
 
 def budgets(quick_flags, n_train, n_test):
     """The course's four budgets as a Markdown table, each read from the code that sets it: notebook quick mode
-    (quick_flags on n_train / n_test images), notebook full mode (the scripts' Fashion-MNIST preset,
-    util/config.py), the committed reproduction and the quick command (tools/reproduce.py's preset and QUICK, as
-    its stage command passes them to attention_distill.py)."""
-    from tools import reproduce
+    (quick_flags on n_train / n_test images), notebook full mode (the scripts' preset, util/config.py), the
+    committed reproduction and the quick command (what tools/reproduce.py gives attention_distill.py)."""
     preset, images = SMALL_PRESETS['fashion-mnist'], len(fashion_mnist('data', True, transform=None))
 
-    def flags(cmd):
-        cmd = list(map(str, cmd))
-        return {k[2:].replace('-', '_'): v for k, v in zip(cmd, cmd[1:]) if k.startswith('--')}
-
     def row(name, given, train, test, seeds, where):
+        given = {k[2:].replace('-', '_'): v for k, v in zip(given, given[1:]) if str(k).startswith('--')}
         f = {**preset, **{k: float(v) for k, v in given.items() if isinstance(preset.get(k), (int, float))}}
-        steps = int(f['epochs'] * (train // f['batch_size']))
-        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
-        cut = int(float(given.get('max_steps', 0)))
+        steps, cut = int(f['epochs'] * (train // f['batch_size'])), int(float(given.get('max_steps', 0)))
         took = f"{cut} steps of a {f['epochs']:g}-epoch schedule" if 0 < cut < steps else \
             f"{f['epochs']:g} ({steps:,} steps)"
+        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
         tested = f'all {test:,}' if test == 10_000 else f'the first {test:,}'
         return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {lr} | {f['warmup_epochs']:g} epoch | "
                 f"{seeds} | {tested} | {where} |")
-
-    stage = {q: flags(reproduce.stage_command(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]),
-                                              'distill', 0, 'runs', 'teacher.pt')) for q in (False, True)}
-    seeds = {q: len(reproduce.parse(['--data', 'fashion-mnist', '--quick', str(q).lower()]).seeds) for q in stage}
+    full, quick = (reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true'))
+    distill = lambda cfg: reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
     return '\n'.join([
         '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
-        row('notebook quick mode', flags(quick_flags), n_train, n_test, 1, 'this notebook, as stored'),
-        row('notebook full mode (the scripts\' preset)', {}, images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
-        row('the committed reproduction', stage[False], images, 10_000, seeds[False], '`results/fashion-mnist/`'),
-        row('the quick command', stage[True], images, 10_000, seeds[True], '`results/fashion-mnist-quick/`')])
+        row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, as stored'),
+        row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
+        row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
+        row('the quick command', distill(quick), images, 10_000, len(quick.seeds), '`results/fashion-mnist-quick/`')])
 
 
 # the reproduction's stages, named as the notebook names its runs
@@ -199,9 +174,8 @@ NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy'
 
 
 def reproduction_curves(results_dir='results/fashion-mnist'):
-    """The committed reproduction's test top-1 after every epoch, per method, over its seeds: {name: {'epoch',
-    'mean', 'std', 'seeds'}} (std with n - 1, as its report). Read from each stage's metrics.jsonl, which the
-    reproduction keeps beside its results.json under logs/<stage>/seed<k>/."""
+    """The committed reproduction's test top-1 after every epoch, per method, over its seeds: {name: {'epoch', 'mean',
+    'std', 'seeds'}} (std with n - 1, as its report), from each stage's logs/<stage>/seed<k>/metrics.jsonl."""
     with open(os.path.join(results_dir, 'results.json')) as f:
         stages = json.load(f)['stages']
     curves = {}
@@ -218,9 +192,8 @@ def reproduction_curves(results_dir='results/fashion-mnist'):
 
 
 def plot_curves(runs, title, committed=None):
-    """Test top-1 after every epoch, {label: run directory}; the legend gives each run's end. With committed
-    (reproduction_curves: {label: mean and std per epoch}), that reproduction's curves on the right, each
-    method in its run's colour: the mean over its seeds, shaded one standard deviation either side."""
+    """Test top-1 after every epoch, {label: run directory}, the legend giving each run's end; with committed
+    (reproduction_curves), its curves on the right in the runs' colours: the mean, shaded one std either side."""
     fig, axes = plt.subplots(1, 2 if committed else 1, figsize=(11, 3.8) if committed else (7.5, 3.6),
                              layout='constrained', squeeze=False)
     ax = axes[0, 0]
@@ -258,10 +231,9 @@ def say_where_the_axis_starts(ax):
 
 
 def plot_training(logs, title):
-    """The notebook's own training, {method: {'cross-entropy', 'attention loss', 'floor': one number a step}}:
-    left the cross-entropy on the labels, right the attention loss of the maps each method routes with against the
-    floor (the teacher's entropy, from the first method's log: every method sees the same batches). Faint: every
-    step; bold: the mean of the last 10."""
+    """The notebook's own training, {method: {'cross-entropy', 'attention loss', 'floor': one number a step}}: left
+    the cross-entropy on the labels, right the attention loss of the maps each method routes with against the floor
+    (the teacher's entropy; every method sees the same batches). Faint: every step; bold: the mean of the last 10."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout='constrained')
     smooth = lambda v: [np.mean(v[max(0, i - 9):i + 1]) for i in range(len(v))]
     for ax, key in zip(axes, ('cross-entropy', 'attention loss')):
@@ -282,9 +254,8 @@ def plot_training(logs, title):
 
 
 def show_map(ax, probs, title, vmax=None, tick=7):
-    """One (N, N) attention map, rows = queries, token 0 the class token, on a colour scale from 0 to vmax (default:
-    its own 99th percentile, so that one bright entry does not hide the rest; give maps to compare one vmax: a map
-    of nearly even rows then shows as flat). Returns it, for a colour bar."""
+    """One (N, N) attention map, rows = queries, token 0 the class token, coloured from 0 to vmax (default: its own
+    99th percentile, so that one bright entry does not hide the rest; maps compared share one). Returns the image."""
     vmax = np.quantile(np.asarray(probs), 0.99) if vmax is None else vmax
     im = ax.imshow(probs, cmap='magma', vmin=0, vmax=vmax, interpolation='nearest')
     ax.set_xticks(range(0, len(probs), tick))

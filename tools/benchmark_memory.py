@@ -1,0 +1,99 @@
+"""
+How much memory benchmark.py's cases need: one case's peak, built alone (CPU: the RSS of a fresh process; CUDA:
+max_memory_allocated), and on a GPU the largest batch at which all of a model's cases fit in a share of its memory.
+"""
+import gc
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from tools.benchmark_cases import Parts
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def proc_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
+
+
+def peak_memory(cfg, size, method, path, batch, device='cpu'):
+    """(peak MB, MB held before the first step) of one case built alone and run for two steps: on a CPU the
+    RSS of this (fresh) process; on CUDA max_memory_allocated, counted from before its models exist."""
+    device = torch.device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == 'cpu':
+        run = Parts(cfg, size, device).step(method, path, batch)
+        before = proc_mb('VmRSS')
+        run(), run()
+        return proc_mb('VmHWM'), before
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run = Parts(cfg, size, device).step(method, path, batch)
+    before = torch.cuda.memory_allocated(device)
+    run(), run()
+    peak = torch.cuda.max_memory_allocated(device)
+    del run
+    gc.collect()         # the case's models and optimiser go before the next case is built
+    torch.cuda.empty_cache()
+    return (peak - start) / 2 ** 20, (before - start) / 2 ** 20
+
+
+def in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+        return pool.submit(fn, *args).result()
+
+
+MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
+
+
+def largest_batch(peak_at, budget, step=8, tries=8):
+    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
+    `tries` measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
+    meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
+    grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
+    overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
+    low = peak_at(step)
+    fits, over, batch = step, MAX_BATCH + step, 2 * step
+    for _ in range(tries):
+        if low > budget or fits + step >= over:
+            break
+        peak = peak_at(batch)
+        fits, over = (batch, over) if peak <= budget else (fits, batch)
+        line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
+            (fits + over) / 2
+        batch = min(max(int(line) // step * step, fits + step), over - step)
+    return fits
+
+
+def fill_batch(parts, todo, fill, device):
+    """largest_batch() of the GPU's memory, `fill` of it, over the fullest case's max_memory_allocated with all of
+    the model's cases resident at that batch, as they are timed (after a first step has made its optimiser state)."""
+    def peak_at(batch):
+        runs = [parts.step(*c, batch=batch) for c in todo]
+        try:
+            for run in runs:
+                run()
+            peak = 0
+            for run in runs:
+                sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                run()
+                sync(device)
+                peak = max(peak, torch.cuda.max_memory_allocated(device))
+            return peak
+        except torch.OutOfMemoryError:
+            return float('inf')
+        finally:
+            del runs
+            parts.batches.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+    return largest_batch(peak_at, fill * torch.cuda.get_device_properties(device).total_memory)

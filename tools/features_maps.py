@@ -1,0 +1,83 @@
+"""
+features.py's attention maps: how far each head looks (attention distance), how close its maps are to the
+teacher's (cross-entropy and KL), and the block-by-block run of a model that hands out, at each block, its tokens
+and the map it used. A copy student has no queries or keys in its copied layers: there its map IS the teacher's,
+given, not computed.
+"""
+import math
+
+import torch
+
+from attention_copy import CopyModel, copied
+from attention_distill import attention_cross_entropy
+from teacher import to_student_heads
+from vit import scores
+
+
+def patch_distances(grid, patch_size):
+    """(P, P) distances in pixels between the centres of a grid x grid of patches (P = grid^2, row by row)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5) * patch_size      # (P, 2)
+    return torch.cdist(centres.double(), centres.double()).float()                       # (P, P)
+
+
+def attention_distance(attn, patch_size, first=1):
+    """(H,) mean attention distance in pixels of each head: for query patch i, sum_j A_ij ||pos_i - pos_j||
+    over patch keys j, pos the patch centres; averaged over query patches and images. attn: (B, H, N, N)
+    probabilities whose last P = grid^2 tokens are the patches (first: 1 + register tokens before them).
+    The class token is left out as query and as key, and each row renormalised over the patches: the
+    distance says where a head looks when it looks at the image, however much it looks at the class
+    token. A head reading only itself: 0; a uniform map: the mean distance between two patch centres."""
+    a = attn[..., first:, first:].float()                                   # (B, H, P, P) patches to patches
+    d = patch_distances(math.isqrt(a.shape[-1]), patch_size).to(a.device)   # (P, P)
+    return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))                       # (H,)
+
+
+def entropy(logits):
+    """(H,) mean entropy in nats of each head's attention rows; logits (B, H, N, N): the distillation loss of a
+    map against itself is its entropy."""
+    return torch.stack([attention_cross_entropy(h, h) for h in logits.split(1, dim=1)])
+
+
+def map_agreement(teacher_logits, logits):
+    """((H,) cross-entropy, (H,) KL) of each head's map to the teacher's, in nats, mean over images and
+    query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy:
+    0 for the teacher's own maps. A teacher with more heads is grouped to the model's (teacher.to_student_heads,
+    as distillation does). logits (B, H, N, N): log-probabilities do as well."""
+    teacher_logits = to_student_heads(teacher_logits, logits.shape[1])                # (B, H, N, N)
+    ce = torch.stack([attention_cross_entropy(t, s) for t, s in zip(teacher_logits.split(1, 1), logits.split(1, 1))])
+    return ce, ce - entropy(teacher_logits)
+
+# -----------------------------------------------------------------------------
+# One model, block by block
+
+
+def runner(model):
+    """(the ViT whose blocks run, x -> what its layers are given). A copy student runs with its teacher's maps
+    in its copied layers, exactly as attention_copy.CopyModel runs it."""
+    if isinstance(model, CopyModel):
+        s = model.student
+        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer)
+    return model, lambda x: {}
+
+
+def blocks(vit, x, inject):
+    """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
+    block by block, so that several models can be run side by side holding one block's tensors each.
+    Where a layer is given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
+    x = vit.embed(x)                                                        # (B, N, D)
+    for i, block in enumerate(vit.blocks):
+        given = inject.get(i, {})
+        x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
+        logits = kept.get('logits')                                         # its own, when it computes one
+        if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
+            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
+            teacher = scores(given['q'], given['k']).float() if 'q' in given else \
+                given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+            maps = to_student_heads(teacher, heads)                                     # (B, h, N, N)
+            if 'heads' in given:
+                logits = logits.clone()
+                logits[:, given['heads']] = maps.to(logits.dtype)
+            else:
+                logits = maps
+        yield i, x, logits.float()
