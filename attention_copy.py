@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from data import batch_mixer, build_data
+from data import batch_mixer, build_data, sample_images
 from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     inspect_teacher, sample_images, student_presets, teacher_mismatch, teacher_outputs,
+                     inspect_teacher, student_presets, teacher_mismatch, teacher_outputs,
                      teacher_record)
 from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
 from util.config import SMALL_PRESETS
@@ -153,7 +153,7 @@ def main():
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
         teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
-        check_teacher(plan, teacher, data)
+        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         plan, checked = check_fused_copy(plan, teacher, student, data)   # sdpa: against the definition, first

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import batch_mixer, build_data
+from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map, layer_pairs,
-                     sample_images, student_presets, teacher_outputs, teacher_record, to_student_heads)
+                     student_presets, teacher_outputs, teacher_record, to_student_heads)
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
@@ -210,7 +210,7 @@ def main():
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
         teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
-        check_teacher(plan, teacher, data)
+        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         plan, checked = check_map_free(plan, teacher, student, data)   # sdpa: against the definition, first

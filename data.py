@@ -108,6 +108,11 @@ def build_splits(cfg):
     return Splits(train_set, build_eval_set(cfg)[0], num_classes, class_names(train_set, num_classes))
 
 
+def sample_images(data, n, device):
+    """The first n evaluation images, (n, 3, H, W): what the start-up checks run the models on."""
+    return torch.stack([data.eval[i][0] for i in range(min(n, len(data.eval)))]).to(device)
+
+
 def class_names(dataset, num_classes):
     """A dataset's class names (its `classes`, as torchvision's datasets have them; FakeData's: the labels)."""
     while isinstance(dataset, Subset):

@@ -28,7 +28,7 @@ import torch
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import AMP, ConfigError, option
+from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, option, show
 from util.engine import autocast, say
 from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
@@ -68,22 +68,25 @@ class EnsembleConfig:
             ('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
                                              'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
             *heads_checks(self),
-            ('val_size', self.val_size >= 0, 'must be 0 (the test split) or more'),
-            ('fake_size', self.fake_size >= 1, 'must be at least 1'), *evaluation_checks(self)]
+            ('val_size', 0 <= self.val_size <= STEPS, f'must be 0 (the test split) or more, at most {STEPS}'),
+            ('fake_size', 1 <= self.fake_size <= STEPS, f'must be at least 1, at most {STEPS}'),
+            *evaluation_checks(self)]
 
 
 def heads_checks(cfg):
     """The rows of checks() for --num-heads beside --models (ensemble.py, evaluate.py)."""
     return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
              f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
-            ('num_heads', min(cfg.num_heads, default=0) >= 0, "must be 0 (the file's record or family) or more")]
+            ('num_heads', all(0 <= h <= DEPTH for h in cfg.num_heads),
+             f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
 
 
 def evaluation_checks(cfg):
     """The rows of checks() an evaluation of models shares (ensemble.py, evaluate.py)."""
-    return [('img_size', cfg.img_size >= 0, "must be 0 (the models' own) or more"),
-            ('batch_size', cfg.batch_size >= 1, 'must be at least 1'),
-            ('num_workers', cfg.num_workers >= 0, 'must be 0 (load in the main process) or more'),
+    return [('img_size', 0 <= cfg.img_size <= SIZE, f"must be 0 (the models' own) or more, at most {SIZE}"),
+            ('batch_size', 1 <= cfg.batch_size <= BATCH, f'must be at least 1, at most {BATCH}'),
+            ('num_workers', 0 <= cfg.num_workers <= WORKERS, f'must be 0 (load in the main process) or more, at most '
+                                                             f'{WORKERS}'),
             ('amp', cfg.amp in AMP, f"choose one of {', '.join(AMP)}"),
             ('attn_implementation', cfg.attn_implementation in ('auto', *IMPLEMENTATIONS),
              f"choose auto or one of {', '.join(IMPLEMENTATIONS)}"),
@@ -103,8 +106,9 @@ def normalise_weights(weights, n):
         return [1.0 / n] * n
     if len(weights) != n:
         raise ConfigError(f'--weights: {len(weights)} weights for {n} models')
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f'--weights {weights}: must be non-negative and not all zero')
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
+        raise ConfigError(f'--weights {show(weights)}: must be non-negative and not all zero')
+    weights = [w / max(weights) for w in weights]     # first: a sum of large weights could overflow
     return [w / sum(weights) for w in weights]
 
 

@@ -23,7 +23,7 @@ import torch
 
 from data import batch_mixer, build_data
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
-from util.config import SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
+from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
 from util.engine import classification_loss, evaluate, train_one_epoch
 from util.launch import parse_config, resolve, run_main, without_help
 from util.run import Run
@@ -36,11 +36,11 @@ class FinetuneConfig(TrainConfig):
                        'train from scratch')
     scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init')
     init_num_heads: int = option(0, 'the head count of an --init file of weights alone (no record, no family)',
-                                 at_least(0, "the file's record or family"))
+                                 at_least(0, "the file's record or family", DEPTH))
     out_dir: str = 'runs/finetune'
     # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
     layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); 0 = none',
-                                (lambda v: v >= 0, 'must be 0 (no layer scale) or a positive initial value'))
+                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive initial value, at most 100'))
     norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
     act: str = option('gelu', 'gelu | quick_gelu (CLIP)', one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
 
@@ -83,7 +83,7 @@ SCRATCH = {
 def presets(argv=None):
     """PRESETS, or with --scratch true the SCRATCH recipes over them. A fine-tuning preset (one that names
     --init) run without weights would be neither recipe: refused, pointing to --scratch true."""
-    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv))   # --help: start() prints it with the choice
+    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv), checked=False)   # --help: printed with the choice
     if not cfg.scratch:
         if not cfg.init and PRESETS.get(cfg.data, {}).get('init'):
             raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights (its preset: --init "
@@ -91,7 +91,7 @@ def presets(argv=None):
                               f"selects the from-scratch recipe")
         return PRESETS
     chosen = {**PRESETS, **SCRATCH}
-    cfg = parse_config(FinetuneConfig, chosen, without_help(argv))
+    cfg = parse_config(FinetuneConfig, chosen, without_help(argv), checked=False)
     if cfg.init:
         raise ConfigError(f'--scratch true trains from random weights: drop --init {cfg.init}')
     return chosen

@@ -37,7 +37,7 @@ from einops import rearrange
 
 from data import INFO, batch_mixer, build_data
 from util.checkpoints import read_checkpoint, state_dict_of
-from util.config import SMALL_PRESETS, TrainConfig, at_least, option
+from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import check_output, replacing
 from util.launch import resolve, run_main
@@ -55,8 +55,8 @@ SINGLE_IMAGES = (lambda v: v == 0, 'MAE reconstructs single images: --mixup and 
 @dataclass
 class MAEConfig(TrainConfig):
     mask_ratio: float = option(0.75, "fraction of each image's patches hidden from the encoder")
-    decoder_dim: int = option(64, rule=at_least(1))
-    decoder_depth: int = option(2, rule=at_least(1))
+    decoder_dim: int = option(64, rule=at_least(1, most=SIZE))
+    decoder_depth: int = option(2, rule=at_least(1, most=DEPTH))
     decoder_heads: int = 4
     norm_pix_loss: bool = option(True, 'targets: each patch normalised by its own mean and variance')
     smoothing: float = option(0.0, 'the loss has no labels')
@@ -80,8 +80,12 @@ class MAEConfig(TrainConfig):
         return super().checks() + [
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),
-            ('decoder_heads', self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0,
-             f'must divide --decoder-dim {self.decoder_dim}')]
+            ('decoder_heads', 1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
+             f'must divide --decoder-dim {self.decoder_dim}'),
+            ('decoder_depth', memory_needed(self.decoder_dim, self.decoder_depth, self.img_size, self.patch_size,
+                                            self.batch_size) <= machine_memory(),
+             f'makes a decoder of {self.decoder_depth} blocks {self.decoder_dim} wide that does not fit the '
+             f'{machine_memory() / 1e9:,.0f} GB here (--decoder-depth, --decoder-dim, --batch-size)')]
 
 
 # The small recipes of finetune.py with MAE's optimiser (AdamW beta2 0.95, weight decay 0.05) and no

@@ -1,14 +1,11 @@
 """
-The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py).
+The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py):
+what the teacher hands over, how a student with fewer heads takes a group of the teacher's, which teacher layer
+reaches which student layer, the student's shape; then the flags and their resolve step (TransferConfig.resolve:
+the teacher's file inspected once, all of this settled before anything is built), and the checks of a built teacher.
 
-In the order a reader needs them: what the teacher hands over (its q and k, or its q, k or v), how a student with
-fewer heads takes a group of the teacher's, which teacher layer reaches which student layer, and the student
-built to fit; then the flags, with the resolve step that inspects the teacher's file once and settles all of this
-before anything is built (TransferConfig.resolve), and the checks and record of a built teacher.
-
-The teacher lives outside the student: it is frozen (requires_grad False), kept in eval mode (no stochastic depth:
-the student's drop-path masks never reach it), run under no_grad only as deep as the last transferred layer, and
-never wrapped in DDP, averaged into the EMA, or saved in the student's checkpoint (which records where it came from).
+The teacher lives outside the student: frozen, in eval mode (the student's drop-path masks never reach it), run under
+no_grad only as deep as the last transferred layer, never in DDP, the EMA or the student's checkpoint.
 """
 import os
 from dataclasses import dataclass
@@ -18,7 +15,7 @@ import torch
 from einops import rearrange
 
 from util.checkpoints import arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, vit_of
-from util.config import ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse, too_big
+from util.config import DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse, too_big
 from util.files import sha256_of
 from util.engine import autocast
 from vit import SIZES, attend, model_arch, set_attn_implementation
@@ -60,13 +57,9 @@ def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
 
 
 def cast_matmul_weights(model, dtype):
-    """Store a frozen model's linear and convolution weights in the autocast dtype, once.
-
-    Autocast casts every such weight to `dtype` on every forward pass, unless it is a parameter that
-    requires grad (those casts are cached). A frozen teacher would be re-cast on each step (ViT-L:
-    300M numbers); stored cast, it computes exactly the same numbers under autocast. Norms, tokens and
-    position embeddings stay fp32, as autocast keeps them. Run it under autocast only.
-    """
+    """Store a frozen model's linear and convolution weights in the autocast dtype, once: autocast would cast them
+    on every forward pass (it caches only those that require grad), ViT-L's 300M numbers a step, to the same numbers.
+    Norms, tokens and position embeddings stay fp32, as autocast keeps them. Run it under autocast only."""
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(dtype)
@@ -77,16 +70,11 @@ def cast_matmul_weights(model, dtype):
 
 
 def to_student_heads(logits, num_heads):
-    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits.
-
-    Student head j stands for the g = H / h contiguous teacher heads j*g .. j*g+g-1, whose attention
-    *probabilities* are averaged; the result is returned as their log (softmax gives the mean back).
-    Why probabilities, not logits: the mean of g maps is itself a map (rows sum to 1), and it routes the
-    values as the g heads do on average ((mean_h A_h) V = mean_h (A_h V)); the distillation cross-entropy is
-    linear in its target, so a student head distilled toward the mean is distilled toward each of its g
-    teacher heads, averaged. A mean of logits would be a sharper map (a normalised geometric mean) that no
-    teacher head computes. Equal head counts: the logits, untouched.
-    """
+    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits:
+    student head j stands for the g = H / h teacher heads j*g .. j*g+g-1, whose *probabilities* are averaged (the
+    log returned: softmax gives the mean back). The mean of g maps is a map that routes the values as the g heads
+    do on average, and the cross-entropy is linear in its target: distilled toward the mean, a student head is
+    distilled toward each of its g heads, averaged. A mean of logits would be a sharper map no teacher head makes."""
     heads = logits.shape[1]
     if heads == num_heads:
         return logits
@@ -130,14 +118,12 @@ def parse_pairs(spec):
 
 
 def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
-    """{student layer: teacher layer} for the teacher's transferred `layers` (sorted).
-
-    auto: the student transfers the same stretch of its depth as the teacher (teacher layer l at relative depth
-    l / (D_t - 1) marks student layer round(l (D_s - 1) / (D_t - 1))), and its k transferred layers take k of the
-    teacher's, evenly spaced, the first on the first and the last on the last. Equal depths: the identity, so a
-    student of the teacher's size transfers exactly as before. Otherwise spec names the pairs (parse_pairs), each
-    teacher layer among --layers, in increasing order: distillation runs the teacher beside the student.
-    """
+    """{student layer: teacher layer} for the teacher's transferred `layers` (sorted). auto: the student transfers
+    the same stretch of its depth (teacher layer l marks student layer round(l (D_s - 1) / (D_t - 1))), its k layers
+    taking k of the teacher's, evenly spaced, first on first and last on last (equal depths: the identity).
+    Otherwise spec names the pairs (parse_pairs), teacher layers among --layers, increasing with the student's."""
+    def nearest(a, b):   # a / b rounded half up (0 if b is 0: a one-layer model's only layer is first and last)
+        return (2 * a + b) // (2 * b) if b else 0
     pairs = parse_pairs(spec)
     if pairs is None:
         student = sorted({nearest(l * (student_depth - 1), teacher_depth - 1) for l in layers})
@@ -153,11 +139,6 @@ def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
     if teacher != sorted(set(teacher)):
         raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student layers')
     return pairs
-
-
-def nearest(a, b):
-    """a / b rounded half up (0 if b is 0: a one-layer model's only layer is its first and last)."""
-    return (2 * a + b) // (2 * b) if b else 0
 
 
 def layer_pairs(layers):
@@ -185,13 +166,10 @@ def student_presets(presets):
 
 
 def student_shape(cfg, t):
-    """The student's VisionTransformer keywords before its components: the teacher's (--model teacher) or a
-    named size, the teacher's patch unless --patch-size, then --embed-dim / --depth / --num-heads."""
-    arch = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
-    arch['patch_size'] = cfg.patch_size or t['patch_size']
-    arch.update({k: v for k, v in (('embed_dim', cfg.embed_dim), ('depth', cfg.depth),
-                                   ('num_heads', cfg.num_heads)) if v is not None})
-    return arch
+    """The student's size: the teacher's (--model teacher) or a named one, the teacher's patch unless --patch-size,
+    then --embed-dim / --depth / --num-heads."""
+    return {**(t if cfg.model == 'teacher' else model_arch(cfg.model)), 'patch_size': cfg.patch_size or t['patch_size'],
+            **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads') if getattr(cfg, k) is not None}}
 
 
 def build_student(transfer, num_classes, cfg):
@@ -201,10 +179,9 @@ def build_student(transfer, num_classes, cfg):
 
 
 def student_arch(cfg, t, layers, heads):
-    """The student's VisionTransformer keywords (its task's head aside) for teacher keywords t, refused in one line
-    if it cannot take the transfer of `layers` ({student layer: teacher layer}) and heads (misfit). The student
-    has the teacher's components or none (--student-arch), and a copy student (cfg.NO_QK) no query / key
-    projections in layers given the whole map: it never uses them."""
+    """The student's VisionTransformer keywords (its task's head aside) for teacher keywords t, refused in one line if
+    it cannot take the transfer of `layers` ({student: teacher}) and heads: with the teacher's components or none
+    (--student-arch), and for a copy student (cfg.NO_QK) no q / k projections where it is given whole maps."""
     s = student_shape(cfg, t)
     s.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
     s.update(img_size=cfg.img_size, no_qk_layers=list(layers) if cfg.NO_QK and cfg.transfer == 'attn' and
@@ -222,9 +199,8 @@ def student_arch(cfg, t, layers, heads):
 
 
 def misfit(cfg, s, t, layers):
-    """Why a student of keywords s cannot take teacher t's transfer (None if it can). Maps are N x N, so only
-    the tokens must match: the width may differ, the depth goes through the layer map and the heads through
-    to_student_heads. q / k / v are the teacher's own projections: width and heads as the teacher's."""
+    """Why a student of keywords s cannot take teacher t's transfer (None if it can). Maps are N x N: only the tokens
+    must match (depth: the layer map; heads: to_student_heads); q / k / v are the teacher's: its width and heads."""
     if s['patch_size'] != t['patch_size']:
         return f"the maps cover the teacher's tokens: --patch-size must be its {t['patch_size']} (or 0)"
     if cfg.transfer != 'attn' and (s['embed_dim'], s['num_heads']) != (t['embed_dim'], t['num_heads']):
@@ -252,7 +228,7 @@ class TransferConfig(TrainConfig):
     teacher: str = option('', 'a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)')
     model: str = option('teacher', "the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...",
                         one_of(('teacher', *SIZES), f"choose teacher or one of {', '.join(SIZES)}"))
-    patch_size: int = option(0, "0 = the teacher's", at_least(0, "the teacher's"))
+    patch_size: int = option(0, "0 = the teacher's", at_least(0, "the teacher's", SIZE))
     layers: str = option('all', "the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8", INDEX_RULE)
     layer_map: str = option('auto', 'student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)',
                             (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
@@ -261,7 +237,7 @@ class TransferConfig(TrainConfig):
     student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer scale, ...), random "
                                'init', one_of(('plain', 'teacher'), 'choose plain or teacher'))
     teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no record, no family)",
-                                    at_least(0, "the file's record or family"))
+                                    at_least(0, "the file's record or family", DEPTH))
     new_teacher: bool = option(False, "--resume with a teacher file other than the saved run's (sha256), on purpose")
 
     # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
@@ -308,9 +284,8 @@ def inspect_teacher(cfg):
 
 
 class Transfer(NamedTuple):
-    """What TransferConfig.resolve settles: the teacher's VisionTransformer keywords (at the run's image size), its
-    description for the log, the layers {student layer: teacher layer}, the transferred heads (None: all), and the
-    student's keywords (its task's head aside)."""
+    """What TransferConfig.resolve settles (nothing built): the teacher's keywords at the run's image size, its line
+    for the log, the layers {student: teacher}, the transferred heads (None: all), the student's keywords."""
     teacher: dict
     description: str
     layers: dict
@@ -322,16 +297,10 @@ class Transfer(NamedTuple):
 # Checks and records: a teacher that cannot teach, and what a student checkpoint records about its own
 
 
-def sample_images(data, n, device):
-    """The first n evaluation images, (n, 3, H, W): what the start-up checks run the models on."""
-    return torch.stack([data.eval[i][0] for i in range(min(n, len(data.eval)))]).to(device)
-
-
-def check_teacher(plan, teacher, data):
-    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on the first evaluation images
-    under the run's autocast: every step would hand them over, and the run would seem to diverge."""
+def check_teacher(plan, teacher, x):
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the
+    first evaluation images, under the run's autocast: every step would hand them over, and the run would diverge."""
     cfg, layers = plan.cfg, plan.method.layers
-    x = sample_images(data, 8, plan.device)                                           # (B, 3, H, W)
     with torch.no_grad(), autocast(plan):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
         if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range

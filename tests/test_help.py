@@ -80,7 +80,7 @@ def test_the_description_is_the_docstrings_first_paragraph_whole(monkeypatch, ca
      'preset of --data fashion-mnist'),
     ('attention_distill.py', ['--teacher', 't.pt'], attention_distill.PRESETS,
      'preset of --data fashion-mnist'),   # the default data set's
-    ('attention_copy.py', ['--data', 'imagenet', '--epochs', '3'], attention_copy.PRESETS, 'preset of --data imagenet'),
+    ('attention_copy.py', ['--data', 'imagenet', '--epochs', '30'], attention_copy.PRESETS, 'preset of --data imagenet'),
     ('finetune.py', ['--data', 'imagenet', '--scratch', 'true'], {**finetune.PRESETS, **finetune.SCRATCH},
      'preset of --data imagenet'),
     ('mae_pretrain.py', ['--data', 'cifar10'], mae_pretrain.PRESETS, 'preset of --data cifar10'),

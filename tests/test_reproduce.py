@@ -525,3 +525,32 @@ def test_amp_reaches_every_stage_and_names_its_results(tmp_path):
     check_results_dir(str(res), full)          # the same reproduction: accepted
     with pytest.raises(ConfigError, match=r'--amp auto \(here off\)'):
         check_results_dir(str(res), parse(['--data', 'fashion-mnist', '--amp', 'off']))
+
+
+def test_a_reproduction_killed_in_each_stage_continues_with_the_same_command(tmp_path):
+    """SIGTERM to reproduce.py alone (`kill PID`, a scheduler's): the running stage stops with it, keeping what it
+    saved, and the same command goes on, until every stage is done. The stages it stops in: the teacher's, a
+    training stage (after its first step), an ensemble."""
+    runs = tmp_path / 'runs'
+    argv = [sys.executable, '-m', 'tools.reproduce', *TINY, '--out-dir', runs, '--results-dir', tmp_path / 'results']
+    for stage, after in [('mae', 'step 1/'), ('distill seed 0', 'step 1/'), ('ensemble seed 0', '')]:
+        p = subprocess.Popen(argv, start_new_session=True, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            started = False
+            for line in p.stdout:
+                started = started or line.startswith(f'== {stage}: ')
+                if started and after in line:
+                    break
+            assert started, f'{stage} never started'
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 1 and err.strip().splitlines()[-1].startswith('error: stopped (SIGTERM)'), err
+            wait_for(lambda: not stage_pids(str(runs)), 30)
+            assert not stage_pids(str(runs)), f'{stage} trains on after reproduce.py was stopped'
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    done = subprocess.run(argv, cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and (tmp_path / 'results' / 'results.json').exists(), done.stderr[-2000:]
+    assert 'done, skipped' in done.stdout

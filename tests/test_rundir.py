@@ -170,12 +170,13 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
 
 
 def test_a_full_disk_at_the_first_checkpoint_says_the_command_that_works(tmp_path):
-    """The advised 'run the command again' was refused as 'a finished run' (its evaluation kept, no checkpoint)."""
+    """The advised 'run the command again' was refused as 'a finished run' (its evaluation kept, no checkpoint):
+    an evaluation is now written after its checkpoint, so the same command starts the run again in place."""
     d = tmp_path / 'run'
     line = one_error_line(run_limited(2 ** 20, '--out-dir', d, '--max-steps', '2'))
     assert f'cannot write {d}/checkpoint.pt (File too large): free some space; no checkpoint was saved yet' in line
-    assert line.endswith('run the command again with --overwrite true (it deletes the 1 evaluation(s) made)'), line
-    assert run_script('finetune.py', *TINY, '--out-dir', d, '--max-steps', '2', '--overwrite', 'true').returncode == 0
+    assert line.endswith('there is nothing to continue; run the command again'), line
+    assert run_script('finetune.py', *TINY, '--out-dir', d, '--max-steps', '2').returncode == 0
 
 
 def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_path):

@@ -33,7 +33,7 @@ from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
 from tools.benchmark_memory import fill_batch, in_fresh_process, peak_memory, sync
 from tools.benchmark_report import machine, markdown, profile
 from util.launch import parse_config
-from util.config import ConfigError, at_least, check, option
+from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, option
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, run_main
 from util.config import machine_memory
@@ -54,20 +54,20 @@ class BenchConfig:
                                rule=subset(SIZES))
     paths: list[str] = option(factory=lambda: list(TIMED), help='a subset of eager sdpa naive naive-bf16',
                               rule=subset(TIMED, ' (--compile true adds compile)'))
-    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU'))
+    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU', BATCH))
     memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one',
-                                    (lambda v: v >= -1, 'must be -1 (the timed batch), 0 or more'))
+                                    (lambda v: -1 <= v <= BATCH, f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
                          (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
-    img_size: int = 224
-    patch_size: int = option(16, rule=at_least(1))
-    depth: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
-    embed_dim: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
-    num_heads: int = option(0, "0 = the size's own", at_least(0, "the size's own"))
-    num_classes: int = option(1000, rule=at_least(1))
-    rounds: int = option(5, 'timed rounds', at_least(1))
-    steps: int = option(2, 'steps of each case in a round', at_least(1))
-    warmup: int = option(1, 'untimed rounds before them', at_least(0))
+    img_size: int = option(224, rule=at_least(1, most=SIZE))
+    patch_size: int = option(16, rule=at_least(1, most=SIZE))
+    depth: int = option(0, "0 = the size's own", at_least(0, "the size's own", DEPTH))
+    embed_dim: int = option(0, "0 = the size's own", at_least(0, "the size's own", SIZE))
+    num_heads: int = option(0, "0 = the size's own", at_least(0, "the size's own", DEPTH))
+    num_classes: int = option(1000, rule=at_least(1, most=SIZE))
+    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
+    steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
+    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
     distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)', FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
     methods: list[str] = option(factory=lambda: list(METHODS), help='a subset of train copy distill eval-*',
@@ -75,10 +75,10 @@ class BenchConfig:
     compile: bool = option(False, 'also time the default training steps under torch.compile')
     profile: list[str] = option(factory=list, help='methods whose default step torch.profiler breaks down',
                                 rule=subset(TRAINED))
-    threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default"))
+    threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default", WORKERS))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
     timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
-    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1))
+    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1, most=SIZE))
     quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
     out_dir: str = option('runs/benchmark', 'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name '
                           'it)')

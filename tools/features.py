@@ -50,7 +50,7 @@ from tools.features_maps import attention_distance, blocks, map_agreement, runne
 from tools.features_report import check_out, summary, write
 from util.checkpoints import build_from_checkpoint, read_checkpoint
 from util.launch import parse_config
-from util.config import ConfigError, at_least, option
+from util.config import BATCH, DEPTH, STEPS, WORKERS, ConfigError, at_least, option
 from util.launch import run_main
 from util.files import cpu_name, git_commit
 
@@ -192,22 +192,22 @@ class FeaturesConfig:
     names: list[str] = option(factory=list, help="one label per model; none = each file's name (or its folder's)")
     num_heads: list[int] = option(factory=list, help="of files of weights alone, as ensemble.py's flag")
     teacher_num_heads: int = option(0, "the teacher's, if its file holds weights alone",
-                                    at_least(0, "the file's record or family"))
+                                    at_least(0, "the file's record or family", DEPTH))
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
                        "data set the models' checkpoints record",
                        (lambda v: v in INFO or v == '', f"choose one of {', '.join(INFO)}, or '' (the models')"))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
-    images: int = option(0, 'the first this many test images; 0 = all', at_least(0, 'all'))
+    images: int = option(0, 'the first this many test images; 0 = all', at_least(0, 'all', STEPS))
     batch_size: int = option(250, "also the bootstrap's unit for CKA (its statistics are kept batch by batch)",
-                             at_least(1))
+                             at_least(1, most=BATCH))
     resamples: int = option(1000, "of the bootstrap over the test images: each number's interval; 0 = none",
-                            at_least(0, 'no bootstrap'))
-    bootstrap_seed: int = 0
-    num_workers: int = option(0, rule=at_least(0, 'load in the main process'))
+                            at_least(0, 'no bootstrap', 10 ** 6))
+    bootstrap_seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63)'))
+    num_workers: int = option(0, rule=at_least(0, 'load in the main process', WORKERS))
     device: str = option('auto', 'auto (cuda if there is one) | cpu | cuda | cuda:1 ...',
                          (lambda v: v == 'auto' or known_device(v), 'use auto, cpu, cuda or cuda:N'))
     fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)',
-                            at_least(1))
+                            at_least(1, most=STEPS))
     out_dir: str = option('', 'features.json, features.png, TABLES.md here; empty = print the tables only')
 
     def checks(self):

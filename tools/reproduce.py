@@ -21,9 +21,11 @@ running stages to train to their end (each holds its run directory's lock until 
 logs, in <out_dir>/results or --results-dir (results/<data> refreshes the committed ones; another reproduction's
 results there are refused unless --replace-results true). A run's number is its final epoch's test top-1.
 """
+import importlib
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -34,9 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
-from util.checkpoints import build_from_checkpoint
+from util.checkpoints import CheckpointError, build_from_checkpoint
 from util.launch import parse_config, without_help
-from util.config import AMP, ConfigError, at_least, one_of, option, optional
+from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, DataError, at_least, one_of, option,
+                         optional)
 from util.files import DamagedFile, read_json, sha256_of, write_json
 from util.launch import run_main
 from util.files import cpu_name, git_commit
@@ -51,34 +54,34 @@ class ReproduceConfig:
                        (lambda v: v in PRESETS, "reproduce.py runs fashion-mnist, cifar10, cifar100, fake (ImageNet: "
                                                 "the scripts' recipes)"))
     data_dir: str = './data'
-    seeds: list[int] = option(factory=lambda: [0, 1, 2], rule=(lambda v: len(set(v)) == len(v) and min(v) >= 0,
-                                                              'each seed once, 0 or more'))
+    seeds: list[int] = option(factory=lambda: [0, 1, 2], rule=(lambda v: len(set(v)) == len(v) and 0 <= min(v) <= max(v) < 2 ** 63,
+                                                              'each seed once, in [0, 2**63)'))
     teacher: str = option('', 'a checkpoint file or name; empty = pre-train one (stage mae); the fashion-mnist preset: '
                           'the shipped teacher (teachers/README.md)')
     quick: bool = option(False, '1 seed, a 1-epoch schedule cut after 160 steps of 64 a stage: checks the pipeline, is '
                          'not a result')
     val_size: int = option(0, 'every stage evaluates on this many held-out training images, not on test: the split to '
-                           'choose a budget on; dirs get a -val suffix', at_least(0, 'the test split'))
+                           'choose a budget on; dirs get a -val suffix', at_least(0, 'the test split', STEPS))
     out_dir: str = option('', 'run directories; empty = runs/reproduce/<data>[-quick][-val]')
     results_dir: str = option('', 'results.json, results.png, TABLE.md, logs/; empty = <out_dir>/results. The '
                               'committed ones are refreshed only when named: results/<data>[-quick]')
     replace_results: bool = option(False, "--results-dir may hold another reproduction's results (other data, preset "
                                    'or teacher): replace them; without it they are refused, never mixed')
     mae_epochs: int = option(10, "every stage warms up for a tenth of its epochs, as the scripts' presets do",
-                             at_least(1))
-    epochs: int = option(2, 'each of scratch, finetune, copy, distill', at_least(1))
+                             at_least(1, most=EPOCHS))
+    epochs: int = option(2, 'each of scratch, finetune, copy, distill', at_least(1, most=EPOCHS))
     blr: float = option(0.0, "base lr of scratch, finetune, copy and distill; 0 = each script's preset",
                         at_least(0, "each script's own"))
     batch_size: int = option(0, "batch of scratch, finetune, copy and distill; 0 = each script's preset",
-                             at_least(0, "each script's own"))
+                             at_least(0, "each script's own", BATCH))
     max_steps: int = option(0, 'cut every stage short after this many steps, its schedule still the whole --epochs one '
-                            "(the scripts' --max-steps); 0 = the whole schedule", at_least(0, 'the whole schedule'))
-    num_workers: typing.Optional[int] = option(None, "None = each script's preset", optional(at_least(0)))
+                            "(the scripts' --max-steps); 0 = the whole schedule", at_least(0, 'the whole schedule', STEPS))
+    num_workers: typing.Optional[int] = option(None, "None = each script's preset", optional(at_least(0, most=WORKERS)))
     jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each (OMP_NUM_THREADS, '
-                       'unless you set it)', at_least(1))
+                       'unless you set it)', at_least(1, most=WORKERS))
     amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | bf16 | fp16 | off (off: "
                       'fp32, what a CPU without bf16 runs)', one_of(AMP))
-    fake_size: int = option(2048, '--data fake only', at_least(1))
+    fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
 
 
 # Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"):
@@ -99,7 +102,7 @@ QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=160, batch_size=64, bl
 
 def parse(argv=None):
     """Defaults < --data's preset < --quick's < your flags (--help shows them for that choice)."""
-    cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv))
+    cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv), checked=False)
     if not cfg.quick:
         return parse_config(ReproduceConfig, PRESETS, argv)
     return parse_config(ReproduceConfig, {k: {**v, **QUICK} for k, v in PRESETS.items()}, argv,
@@ -151,6 +154,30 @@ def plan(cfg, root, teacher):
     return [((s, k), command(cfg, s, k, root, teacher)) for s, k in stages]
 
 
+CONFIGS = {'mae_pretrain.py': 'MAEConfig', 'finetune.py': 'FinetuneConfig', 'attention_copy.py': 'CopyConfig',
+           'attention_distill.py': 'DistillConfig', 'ensemble.py': 'EnsembleConfig'}
+
+
+def preflight(steps, teacher):
+    """Every stage's flags checked before the first stage runs, as its script's resolve phase checks them: its
+    config's rules, and where the teacher file exists already, the teacher read and fitted to the stage's model
+    (--init of finetune, --teacher of copy and distill). A refusal names the stage, and nothing has run."""
+    for (stage, seed), argv in steps:
+        script = os.path.basename(argv[1])
+        if script not in CONFIGS:   # not one of the scripts (a test's stand-in): its own run says what it refuses
+            continue
+        module = importlib.import_module(script[:-3])
+        try:
+            presets = module.presets(argv[2:]) if script == 'finetune.py' else module.PRESETS
+            cfg = parse_config(getattr(module, CONFIGS[script]), presets, argv[2:])
+            if stage in USES_TEACHER and os.path.exists(teacher):
+                cfg.resolve()
+        except SystemExit as e:   # a flag its command line does not parse
+            raise ConfigError(f'stage {tag(stage, seed)}: {e.code}') from None
+        except (ConfigError, CheckpointError, DataError) as e:
+            raise ConfigError(f'stage {tag(stage, seed)}: {e}') from None
+
+
 def read_done(d, stage):
     """A finished stage's done.json, with what the report reads (and a training stage's metrics.jsonl)."""
     fix = 'delete it and run the same command again: ' + ('the stage runs again' if stage == 'ensemble' else
@@ -181,7 +208,8 @@ def tag(stage, seed):
 
 
 def run_stage(key, argv, root, env, record, failed):
-    """Run one stage unless a stage has failed; returns its done.json record, or None if it did not run."""
+    """Run one stage unless a stage has failed; returns its done.json record, or None if it did not run. `failed`
+    collects the failures, and holds the running stages' processes (a SIGTERM stops them)."""
     stage, seed = key
     d, name = run_dir(root, stage, seed), tag(stage, seed)
     resumed = stage != 'ensemble' and os.path.exists(os.path.join(d, 'checkpoint.pt'))
@@ -191,6 +219,7 @@ def run_stage(key, argv, root, env, record, failed):
     print(f"== {name}: {'resuming' if resumed else 'running'} {shlex.join(argv[1:])}", flush=True)
     start, last = time.time(), ''
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        failed.processes.append(p)
         for line in p.stdout:
             print(f'   {name} | {line.rstrip()}', flush=True)
             last = line.strip().removeprefix('error: ') or last
@@ -207,6 +236,19 @@ def run_stage(key, argv, root, env, record, failed):
             'wall_s': time.time() - start, 'metrics': metrics, **record}
     write_json(os.path.join(d, 'done.json'), done)
     return done
+
+
+class Failures(list):
+    """The stages that failed, and the processes of those started: SIGTERM stops them too (each keeps its checkpoint),
+    then this process, in one line."""
+    def __init__(self):
+        super().__init__()
+        self.processes = []
+
+    def stop(self, *_):
+        for p in self.processes:
+            p.terminate()
+        sys.exit('error: stopped (SIGTERM), and the running stages with it: run the same command again to continue')
 
 
 def run_side_by_side(steps, jobs, root, env, record, failed):
@@ -240,13 +282,15 @@ def main():
     check_results_dir(results_dir, cfg, digest)
     if cfg.teacher:
         build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
+    preflight([(key, argv) for key, argv in steps if key not in done], teacher)
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     env = stage_env(cfg)
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
             'git_commit': git_commit() or 'unknown',
             'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
                        f'device {device}', 'stage_threads': env.get('OMP_NUM_THREADS')}
-    start, failed = time.time(), []
+    start, failed = time.time(), Failures()
+    signal.signal(signal.SIGTERM, failed.stop)
     for key in done:
         print(f'== {tag(*key)}: done, skipped ({run_dir(root, *key)})', flush=True)
     todo, ran = [(key, argv) for key, argv in steps if key not in done], {}

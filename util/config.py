@@ -29,10 +29,17 @@ def option(default=None, help='', rule=None, factory=None):
                              metadata={'help': help, 'rule': rule})
 
 
-def at_least(n, note=''):
-    """The rule value >= n: 'must be at least 1', 'must be 0 (off) or more' (note: what the bound means)."""
-    note = f' ({note})' if note else ''
-    return (lambda v: v >= n), (f'must be 0{note} or more' if n == 0 else f'must be at least {n}{note}')
+def at_least(n, note='', most=None):
+    """The rule n <= value (<= most): 'must be at least 1', 'must be 0 (off) or more, at most 256' (note: what the
+    lower bound means). Sizes, counts, workers and timeouts have a most: what a machine can hold or wait for."""
+    note, top = f' ({note})' if note else '', f', at most {most:,}' if most is not None else ''
+    return ((lambda v: n <= v <= (most if most is not None else v)),
+            (f'must be 0{note} or more' if n == 0 else f'must be at least {n}{note}') + top)
+
+
+# the most a machine can hold or wait for: pixels or channels, blocks or heads, images a batch, loader workers,
+# epochs, steps (or images), seconds
+SIZE, DEPTH, BATCH, WORKERS, EPOCHS, STEPS, SECONDS = 2 ** 16, 2 ** 12, 2 ** 20, 256, 10 ** 6, 2 ** 40, 10 ** 7
 
 
 def optional(rule):
@@ -66,23 +73,23 @@ class TrainConfig:
     data: str = option('fashion-mnist', ' | '.join(DATA), one_of(DATA))
     data_dir: str = option('./data')
     val_size: int = option(0, 'hold out this many training images and evaluate on them, not on test',
-                           at_least(0, 'off'))
+                           at_least(0, 'off', STEPS))
     out_dir: str = option('runs/default', 'run directory: config, log, metrics, checkpoint',
                           (bool, 'must name a directory'))
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or not): deletes it')
     # model (vit.py's sizes; none keeps the size's own value)
     model: str = option('vit_tiny', rule=one_of(SIZES))
-    img_size: int = option(28, rule=at_least(1))
-    patch_size: int = option(4, rule=at_least(1))
-    embed_dim: typing.Optional[int] = option(None, rule=optional(at_least(1)))
-    depth: typing.Optional[int] = option(None, rule=optional(at_least(1)))
-    num_heads: typing.Optional[int] = option(None, rule=optional(at_least(1)))
+    img_size: int = option(28, rule=at_least(1, most=SIZE))
+    patch_size: int = option(4, rule=at_least(1, most=SIZE))
+    embed_dim: typing.Optional[int] = option(None, rule=optional(at_least(1, most=SIZE)))
+    depth: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
+    num_heads: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
     global_pool: bool = option(False, 'classify the mean of the patch tokens (false: the class token)')
     drop_path: float = option(0.0, rule=UNIT)
     # augmentation
     hflip: float = option(0.5, rule=PROBABILITY)
-    crop_pad: int = option(2, 'small images: random crop after reflect-padding this much', at_least(0, 'off'))
+    crop_pad: int = option(2, 'small images: random crop after reflect-padding this much', at_least(0, 'off', SIZE))
     min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area",
                               (lambda v: 0 < v <= 1, 'is a fraction of the area: (0, 1]'))
     randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 | '' = off",
@@ -93,10 +100,10 @@ class TrainConfig:
     cutmix: float = option(0.0, rule=at_least(0, 'off'))
     smoothing: float = option(0.1, rule=UNIT)
     # optimisation: lr = blr * batch_size * accum_steps * world_size / 256
-    epochs: int = option(10, rule=at_least(1))
+    epochs: int = option(10, rule=at_least(1, most=EPOCHS))
     warmup_epochs: float = option(1.0, rule=at_least(0))
-    batch_size: int = option(128, 'per process', at_least(1))
-    accum_steps: int = option(1, rule=at_least(1))
+    batch_size: int = option(128, 'per process', at_least(1, most=BATCH))
+    accum_steps: int = option(1, rule=at_least(1, most=BATCH))
     blr: float = option(1e-3, rule=at_least(0))
     min_lr: float = option(1e-6, 'the lr the cosine ends at (absolute); see --min-lr-ratio', at_least(0))
     min_lr_ratio: float = option(0.0, 'the lr the cosine ends at, as a fraction of the peak: it scales with the batch '
@@ -105,7 +112,8 @@ class TrainConfig:
     layer_decay: float = option(1.0, 'lr of layer l (0 embedding, i + 1 block i) scales by layer_decay ** (L - l)',
                                 (lambda v: 0 < v <= 1, 'must be in (0, 1]'))
     layer_decay_offset: int = option(1, "L = depth + this (the head at L): 1 as MAE counts, 0 as the release's copy",
-                                     (lambda v: v >= 0, 'must be 0 (the release) or 1 (MAE), or more'))
+                                     (lambda v: 0 <= v <= DEPTH, 'must be 0 (the release) or 1 (MAE), or more: '
+                                                                 f'at most {DEPTH}'))
     beta2: float = option(0.999, rule=UNIT)
     clip_grad: float = option(0.0, 'max grad norm; 0 = off', at_least(0, 'off'))
     ema: float = option(0.0, 'EMA decay per step; 0 = no EMA',
@@ -117,16 +125,16 @@ class TrainConfig:
     compile: bool = option(False)
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
-    num_workers: int = option(2, rule=at_least(0, 'load in the main process'))
-    fake_size: int = option(2048, "images in --data fake's train split", at_least(1))
-    log_every: int = option(50, 'steps between progress lines', at_least(1))
+    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
+    fake_size: int = option(2048, "images in --data fake's train split", at_least(1, most=STEPS))
+    log_every: int = option(50, 'steps between progress lines', at_least(1, most=STEPS))
     save_every: int = option(0, 'steps between checkpoints (besides each epoch); 0 = epochs only',
-                             at_least(0, 'each epoch only'))
+                             at_least(0, 'each epoch only', STEPS))
     max_steps: int = option(0, 'only cuts the run short after this many steps (0 = no limit): the lr schedule stays '
                                'the whole --epochs one, so a run cut by it and resumed without it ends exactly as the '
-                               'uncut run. A short complete run: fewer --epochs, --warmup-epochs', at_least(0, 'no limit'))
+                               'uncut run. A short complete run: fewer --epochs, --warmup-epochs', at_least(0, 'no limit', STEPS))
     dist_timeout: int = option(1800, 'seconds a process waits for the others (torchrun) before every one stops',
-                               at_least(1, 'seconds'))
+                               at_least(1, 'seconds', SECONDS))
 
     # what --resume true may change: where and how the run goes, never what it computes (REFERENCE.md, "resume")
     RESUMABLE: typing.ClassVar[tuple] = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
@@ -143,6 +151,8 @@ class TrainConfig:
         dim, heads = self.embed_dim or size.get('embed_dim'), self.num_heads or size.get('num_heads')
         depth = self.depth or size.get('depth') or 0    # a transfer student's may be the teacher's, known later
         return [
+            ('warmup_epochs', self.warmup_epochs <= self.epochs, f'must be at most --epochs {self.epochs}: the lr '
+                                                                 f'would never reach its peak'),
             ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
              f'must be a multiple of --patch-size {self.patch_size}'),
             ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or heads < 1 or dim % heads == 0,
@@ -151,6 +161,8 @@ class TrainConfig:
             ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
              f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass --min-lr-ratio 0 to '
              f'set it absolutely'),
+            ('fake_size', self.data != 'fake' or self.fake_size >= self.batch_size * self.accum_steps,
+             f'gives no full batch of {self.batch_size * self.accum_steps} images (--batch-size x --accum-steps)'),
             ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
              f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
              f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import get_worker_info
 
 from util.checkpoints import CheckpointError
 from util.config import AMP, ConfigError, DataError, check, declared, flag, show
@@ -160,6 +161,7 @@ def run_main(main):
     """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
     to continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
     that run (RunDir.__exit__)."""
+    signal.signal(signal.SIGTERM, stopped)
     try:
         main()
     except WriteError as e:
@@ -167,10 +169,12 @@ def run_main(main):
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
         sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (stopped): the loader's workers end with the run
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
-        print(f"error: stopped (Ctrl-C): {getattr(e, 'how_to_continue', NOTHING_SAVED)}", file=sys.stderr, flush=True)
-        sys.exit(130)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        how = e.args[0] if e.args else 'Ctrl-C'
+        print(f"error: stopped ({how}): {getattr(e, 'how_to_continue', NOTHING_SAVED)}", file=sys.stderr, flush=True)
+        sys.exit(130 if how == 'Ctrl-C' else 143)
     except RuntimeError as e:
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
             raise
@@ -180,6 +184,14 @@ def run_main(main):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def stopped(signum, frame):
+    """SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does: its checkpoint kept, its workers ended, one
+    line. A loader worker, forked with this handler, ends quietly."""
+    if get_worker_info() is not None:
+        os._exit(0)
+    raise KeyboardInterrupt('SIGTERM')
 
 
 def lost_peer(e):
@@ -192,7 +204,10 @@ def lost_peer(e):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):     # one line, non-zero exit, no usage dump
+    def error(self, message):     # one line, non-zero exit, no usage dump; with --help asked for, the help
+        if {'-h', '--help'} & set(sys.argv[1:]):
+            say(self.format_help())
+            sys.exit(0)
         sys.exit(f'{self.prog}: error: {message} (see --help)')
 
 
@@ -229,10 +244,11 @@ def _metavar(tp):
     return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) in (typing.Union, list) else tp.__name__.upper()
 
 
-def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}'):
+def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
     wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
-    --help prints every flag's value for this command line (preset_label names where a preset's come from)."""
+    --help prints every flag's value for this command line (preset_label names where a preset's come from).
+    checked False: no check (a first parse that only picks the presets: --help must still print)."""
     presets, defaults = presets or {}, asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
     data = given.get('data', defaults.get('data'))
@@ -247,7 +263,8 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
         helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k] if k in notes else ''}" for k, v in values.items()}
         say(parser(cls, presets, helps).format_help())   # `| head` may close the pipe: no traceback
         sys.exit(0)
-    return check(cls(**{**defaults, **preset, **given}))
+    cfg = cls(**{**defaults, **preset, **given})
+    return check(cfg) if checked else cfg
 
 
 def parser(cls, presets, helps=None):

@@ -40,7 +40,7 @@ def check_data(plan, loader, classes):
         if resumed.get('steps_per_epoch', steps) != steps:
             raise ConfigError(f"--resume: an epoch has {steps} steps here and had {resumed['steps_per_epoch']}: "
                               f'the data or the global batch differ from the saved run')
-        step, evaluated = resumed['step'], any(k in resumed['metrics'] for k in ('top1', 'mse'))
+        step, evaluated = resumed['step'], any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
         if step > total or step == total and not evaluated:   # a mid-epoch checkpoint at the end: nothing to report
             raise ConfigError(f"--resume: {plan.run_dir.checkpoint} is at step {step}, "
                               f"{'past' if step > total else 'at'} --max-steps {cfg.max_steps}, and was not evaluated "
@@ -137,9 +137,12 @@ class Run:
             if cfg.ema else None
         self.step, self.metrics, self.trained_s = self.restore() if plan.resumed else (0, {}, 0.0)
         self.saved_step = self.step if plan.resumed else None   # the step of the checkpoint on disk, if any
+        self.record = None                                        # an evaluation not yet in metrics.jsonl
+        last = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.trained_s, **self.metrics}
         plan.run_dir.begin({**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world,
                             **({'saved': plan.resumed['config']} if plan.resumed else {})},
-                           self.step if plan.resumed else None)
+                           self.step if plan.resumed else None, last if self.step % self.steps_per_epoch == 0 and
+                           set(self.metrics) - {'train'} else None)   # an epoch's end: evaluated there
         plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
                  f'{final_lr(cfg, self.lr):.3g} at the end | '
                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
@@ -191,7 +194,7 @@ class Run:
         for k in [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]:   # kept if finite
             self.diverged(record[k], f'evaluation {k}')
         self.plan.log('eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
-        self.plan.run_dir.add_metrics(record)
+        self.record = record   # into metrics.jsonl once its checkpoint is written (save)
 
     def save(self):
         """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
@@ -211,7 +214,9 @@ class Run:
             'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
             'classes': self.classes, **self.extra})
-        self.saved_step = self.step
+        if self.record:   # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
+            self.plan.run_dir.add_metrics(self.record)
+        self.saved_step, self.record = self.step, None
 
     def seconds(self):
         """Seconds of training, over every resume."""

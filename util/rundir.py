@@ -108,15 +108,10 @@ class RunDir:
                               f'--out-dir (--overwrite true deletes it)')
         done = os.path.join(self.path, 'done.json')
         evaluated = len(read_lines(os.path.join(self.path, 'metrics.jsonl')))
-        if os.path.exists(done) or evaluated and not self.saving_first():   # results kept without their checkpoint
+        if os.path.exists(done) or evaluated:   # results kept without their checkpoint
             what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
             raise RunDirError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
                               f'--overwrite true to delete it and start afresh')
-
-    def saving_first(self):
-        """Whether the run here was stopped while it wrote its first checkpoint (a kill during the save: its
-        evaluation is in metrics.jsonl, the checkpoint's temporary file beside it, no checkpoint)."""
-        return os.path.exists(self.checkpoint + '.tmp') and not os.path.exists(os.path.join(self.path, 'done.json'))
 
     # -------------------------------------------------------------------------
     # One writer at a time
@@ -185,7 +180,7 @@ class RunDir:
         """Print, and add to log.txt (util/engine.log): held until begin() has written config.json."""
         log(self, msg)
 
-    def begin(self, record, resumed_step=None):
+    def begin(self, record, resumed_step=None, last=None):
         """config.json: `record` (every field and what made the run) with the git commit, world size, torch version
         and command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the fields
         and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint's config, and
@@ -207,7 +202,7 @@ class RunDir:
             resume = {'step': resumed_step, **launch, 'changed': changed,
                       **({'after_divergence': diverged} if diverged else {})}
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
-            self.keep_metrics(resumed_step)
+            self.keep_metrics(resumed_step, last)
         else:
             record = {**record, **launch}
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
@@ -233,18 +228,22 @@ class RunDir:
         except OSError as e:   # a directory, no permission
             raise RunDirError(f'{path}: cannot read it ({e.strerror}): move it away') from None
 
-    def keep_metrics(self, step):
+    def keep_metrics(self, step, last=None):
         """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-        it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped."""
-        def kept(line):
+        it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped.
+        last: the evaluation the checkpoint holds, added where a run stopped between the two writes (Run.save)."""
+        def step_of(line):
             try:
-                return json.loads(line).get('step', 0) <= step
+                return json.loads(line).get('step', 0)
             except (ValueError, AttributeError):
-                return False
+                return None
         path = os.path.join(self.path, 'metrics.jsonl')
         lines = read_lines(path)
-        if lines and not all(map(kept, lines)):
-            write_text(path, ''.join(line + '\n' for line in lines if kept(line)))
+        kept = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
+        if last and all(step_of(line) != step for line in kept):
+            kept.append(json.dumps(last))
+        if kept != lines:
+            write_text(path, ''.join(line + '\n' for line in kept))
 
     def add_metrics(self, record):
         """One line of metrics.jsonl, the whole file written anew (it has one line per evaluation)."""
@@ -268,7 +267,7 @@ class RunDir:
         if not os.path.exists(self.checkpoint):   # evaluations kept without one would refuse the same command again
             evaluated = read_lines(os.path.join(self.path, 'metrics.jsonl'))
             return NOTHING_SAVED + (f' with --overwrite true (it deletes the {len(evaluated)} evaluation(s) made)'
-                                    if evaluated and not self.saving_first() else '')
+                                    if evaluated else '')
         return f"{self.checkpoint} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} " \
                f'{resume_command()}'
 

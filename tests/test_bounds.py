@@ -1,0 +1,187 @@
+"""Every option of every script and tool has a range, checked before anything is built or written: the values a
+user types by mistake give one line and a non-zero exit, or run where they are valid; never a traceback or a hang.
+And what else a run meets at its edges: --help beside a bad value, large ensemble weights, a divergence named by
+what moved it, SIGTERM with loader workers, a kill while the first checkpoint is written, a finished MAE run."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+
+import pytest
+import torch
+
+import attention_copy
+import attention_distill
+import ensemble
+import evaluate
+import finetune
+import mae_pretrain
+from conftest import ROOT, TINY, run_in_process, run_script, sub_env
+from tools import benchmark, features, reproduce
+from util.config import ConfigError
+from util.launch import parse_config, run_main
+
+TEACHER = ['--teacher', 'teachers/fashion-mnist-mae.pt']
+CONFIGS = {   # name: (config class, its presets as its command line picks them, flags that make the rest valid)
+    'finetune.py': (finetune.FinetuneConfig, finetune.presets, ['--data', 'fake']),
+    'attention_copy.py': (attention_copy.CopyConfig, attention_copy.PRESETS, ['--data', 'fake', *TEACHER]),
+    'attention_distill.py': (attention_distill.DistillConfig, attention_distill.PRESETS, ['--data', 'fake', *TEACHER]),
+    'mae_pretrain.py': (mae_pretrain.MAEConfig, mae_pretrain.PRESETS, ['--data', 'fake']),
+    'ensemble.py': (ensemble.EnsembleConfig, ensemble.PRESETS, ['--models', 'a.pt']),
+    'evaluate.py': (evaluate.EvaluateConfig, {}, ['--models', 'a.pt']),
+    'tools.reproduce': (reproduce.ReproduceConfig, reproduce.PRESETS, []),
+    'tools.benchmark': (benchmark.BenchConfig, getattr(benchmark, 'PRESETS', {}), []),
+    'tools.features': (features.FeaturesConfig, features.PRESETS, ['--models', 'a.pt']),
+}
+VALUES = ['nan', 'inf', '-inf', '1e309', '-1', '0', '1e20', '1e308', 'text', '', str(10 ** 20)]
+NUMBERS = (int, float)
+
+
+def kind(cls, field):
+    """The element type of a field: int, float, str, bool (a list's or an Optional's own)."""
+    tp = typing.get_type_hints(cls)[field.name]
+    while typing.get_origin(tp) in (list, typing.Union):
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def outcome(cls, presets, argv):
+    """'ok', or the one line the command ends with; anything else (a traceback, a hang) fails the test."""
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f'{argv}: no answer within 10 s'))
+    signal.alarm(10)
+    try:
+        parse_config(cls, presets(argv) if callable(presets) else presets, argv)
+        return 'ok'
+    except SystemExit as e:
+        return str(e.code)
+    except ConfigError as e:
+        return f'error: {e}'
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_option_meets_each_bad_value_in_one_line(name, monkeypatch):
+    cls, presets, base = CONFIGS[name]
+    monkeypatch.setattr(sys, 'argv', [name])     # --help is not asked for
+    for field in dataclasses.fields(cls):
+        flag = '--' + field.name.replace('_', '-')
+        for value in VALUES:
+            said = outcome(cls, presets, [*base, flag, value])
+            assert said == 'ok' or ('\n' not in said.strip() and 'Traceback' not in said), (name, flag, value, said)
+            if kind(cls, field) in NUMBERS and value in ('nan', 'inf', '1e309') or \
+                    kind(cls, field) is int and value == str(10 ** 20):   # sizes, counts, seeds: bounded above
+                assert said != 'ok', f'{name} {flag} {value}: accepted, a number without a range'
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_help_prints_beside_a_bad_value(name, monkeypatch):
+    """`--blr nan --help` printed nothing: the value was refused first."""
+    cls, presets, base = CONFIGS[name]
+    numeric = next(f for f in dataclasses.fields(cls) if kind(cls, f) in NUMBERS)
+    flag = '--' + numeric.name.replace('_', '-')
+    for value in ('nan', 'text'):
+        argv = [*base, flag, value, '--help']
+        monkeypatch.setattr(sys, 'argv', [name, *argv])
+        with pytest.raises(SystemExit) as e:
+            parse_config(cls, presets(argv) if callable(presets) else presets, argv)
+        assert e.value.code in (0, None), (name, value, e.value.code)
+
+
+def test_ensemble_weights_too_large_to_sum_are_weights_still():
+    assert ensemble.normalise_weights([1e308, 1e308], 2) == [0.5, 0.5]
+    assert ensemble.normalise_weights([3e307, 1e308], 2) == pytest.approx([3 / 13, 10 / 13])
+    with pytest.raises(ConfigError, match=r'--weights 0.0 0.0: must be'):
+        ensemble.normalise_weights([0.0, 0.0], 2)
+
+# -----------------------------------------------------------------------------
+# A run at its edges
+
+
+def test_a_divergence_names_the_option_that_moved_and_the_advice_drops_it(monkeypatch, tmp_path):
+    """--weight-decay 1e308 diverges: the line named the lr and advised a resume that keeps the cause."""
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--weight-decay', '1e308', '--out-dir', tmp_path / 'r')
+    assert msg and 'the run diverged and stopped (moved from the preset: --weight-decay 1e+308)' in msg, msg
+    assert 'start a new run in another --out-dir without --weight-decay' in msg and '--resume' not in msg, msg
+
+
+def test_a_finished_mae_run_resumes_and_exports(monkeypatch, tmp_path):
+    """Its evaluations record mse, not top-1: a finished run was refused as 'not evaluated there'."""
+    d = tmp_path / 'mae'
+    assert run_in_process(monkeypatch, mae_pretrain, *TINY, '--out-dir', d) is None
+    assert run_in_process(monkeypatch, mae_pretrain, *TINY, '--out-dir', d, '--resume', 'true', '--export',
+                          tmp_path / 'teacher.pt') is None
+    assert torch.load(tmp_path / 'teacher.pt', weights_only=True)['made']['held_out_mse'] > 0
+
+
+@pytest.mark.parametrize('how', ['Ctrl-C', 'kill -9'])
+def test_a_run_stopped_while_writing_its_first_checkpoint_goes_on_with_the_same_command(monkeypatch, tmp_path, how):
+    """Its evaluation was in metrics.jsonl and no checkpoint was: the same command was refused as a finished run.
+    Now the evaluation is written after its checkpoint, and a temporary file left by a kill is no one's."""
+    d = tmp_path / 'run'
+    plain = torch.save
+
+    def cut(obj, f, *args, **kw):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        if how == 'kill -9':   # what a kill leaves: the temporary file (nothing ran to remove it)
+            monkeypatch.setattr(os, 'remove', lambda path: None)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', cut)
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', *TINY, '--out-dir', str(d)])
+    with pytest.raises(SystemExit) as e:
+        run_main(finetune.main)
+    assert e.value.code == 130
+    monkeypatch.undo()
+    assert torch.save is plain
+    assert not (d / 'checkpoint.pt').exists() and not (d / 'metrics.jsonl').exists()
+    assert run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d) is None
+    assert len((d / 'metrics.jsonl').read_text().splitlines()) == 1
+
+
+def children(pid):
+    out = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().split()[2] != 'Z'
+
+
+def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path):
+    """A worker printed a ConnectionResetError traceback and outlived the run by ~5 s."""
+    p = subprocess.Popen([sys.executable, 'finetune.py', *TINY, '--fake-size', '4096', '--num-workers', '2',
+                          '--log-every', '1', '--out-dir', str(tmp_path / 'r')], cwd=ROOT, env=sub_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if 'step 2/' in line:
+            break
+    workers = children(p.pid)
+    assert len(workers) == 2, workers
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]       # (after torch's note on how many workers this machine suggests)
+    assert p.returncode == 143 and last.startswith('error: stopped (SIGTERM)'), err
+    time.sleep(0.5)
+    assert not any(alive(w) for w in workers), 'a loader worker outlived the run'
+    assert 'Traceback' not in err
+
+
+def test_a_reproduction_refuses_every_stage_input_before_the_first_stage(tmp_path):
+    """A seed no generator takes, too few images for a batch, a teacher that does not fit a stage: refused
+    before any stage ran (they started the first stage, which refused them and left its folder)."""
+    for args, says in [(['--seeds', str(2 ** 64)], '--seed'), (['--fake-size', '1'], '--fake-size')]:
+        p = run_script('-m', 'tools.reproduce', '--data', 'fake', '--out-dir', tmp_path / 'r', *args)
+        assert p.returncode == 1 and says in p.stderr and '\n' not in p.stderr.strip(), p.stderr[-2000:]
+        assert not (tmp_path / 'r').exists()
+    p = run_script('-m', 'tools.reproduce', '--data', 'fake', '--out-dir', tmp_path / 'r', *TEACHER)
+    assert p.returncode == 1 and 'stage' in p.stderr and '\n' not in p.stderr.strip(), p.stderr[-2000:]
+    assert not (tmp_path / 'r').exists()
