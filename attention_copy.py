@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data, sample_images
-from teacher import (HEAD_RULE, NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     inspect_teacher, student_presets, teacher_mismatch, teacher_outputs,
-                     teacher_record)
-from util.checkpoints import CheckpointError, load_weights, read_checkpoint, vit_of
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
+                     inspect_teacher, student_presets, teacher_outputs)
+from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint, teacher_mismatch,
+                              teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
@@ -47,9 +47,8 @@ class CopyConfig(TransferConfig):
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
-           # all but the last of the 6 layers, as the release's runs left ViT-L's last 3 of 24: on 5000 held-out
-           # training images 86.3% against 85.8% for all 6 after 3 epochs (+0.4 after 1 epoch with a weaker
-           # teacher; results/fashion-mnist/VALIDATION.md)
+           # all but the last of the 6 layers, as the release's runs left ViT-L's last 3 of 24: chosen on the
+           # validation split (results/fashion-mnist/VALIDATION.md)
            'fashion-mnist': {**student_presets(SMALL_PRESETS)['fashion-mnist'], 'layers': '0-4'},
            # the release's copy command (global batch 2048 = 64 GPUs x 32): its absolute min_lr 2e-3 is a quarter
            # of its peak 8e-3, kept a quarter at any batch; warm-up its default 5 epochs, layer decay counted as
@@ -90,12 +89,23 @@ class CopyModel(nn.Module):
         return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
 
 
+COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
+
+
 def load_copy_model(path, teacher_source=None, new_teacher=False):
-    """Rebuild a trained copy student and the teacher it needs from its checkpoint. The teacher is the
-    recorded file, or teacher_source (e.g. moved) with the same SHA-256: another teacher would silently
+    """Rebuild a trained copy student and the teacher it needs from its checkpoint, run once on a blank image: a record
+    malformed, or that does not fit the two models, is a CheckpointError now, not part-way through a test set. The
+    teacher is the recorded file, or teacher_source (moved) with the same SHA-256: another teacher would silently
     give other predictions, so it is refused unless new_teacher=True says it is meant."""
-    ckpt = read_checkpoint(path)
-    rec = ckpt['teacher']
+    ckpt, fix = read_checkpoint(path), 'the file is damaged: train the copy student again (attention_copy.py)'
+    rec = ckpt.get('teacher')
+    bad = ['teacher (a dict)'] if not isinstance(rec, dict) else [
+        f'teacher.{k}' for k, kind in COPY_RECORD.items() if k not in rec or not isinstance(rec[k], kind)] + \
+        ['teacher.layers'] * (not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)))
+    bad += ['arch'] * (not isinstance(ckpt.get('arch'), dict))
+    if bad:
+        raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} (missing or of "
+                              f"another kind): {fix}")
     if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
         raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', unknown here")
     source = teacher_source or rec['source']
@@ -114,7 +124,14 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
-    return CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
+    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
+    try:
+        with torch.no_grad():   # the recorded layers, heads and transfer fit both models
+            model(torch.zeros(1, 3, student.arch['img_size'], student.arch['img_size']))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or its teacher '
+                              f'({type(e).__name__}: {e}): {fix}') from None
+    return model
 
 
 def first_layer_output(plan, teacher, student, x):
@@ -138,7 +155,7 @@ def first_layer_output(plan, teacher, student, x):
 
 
 def copy_loss(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, the teacher's q and k given."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, given the teacher's."""
     def loss_fn(net, x, y):
         given = copied(teacher, x, layers, heads, cfg.transfer)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)

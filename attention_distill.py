@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map, layer_pairs,
-                     student_presets, teacher_outputs, teacher_record, to_student_heads)
+                     student_presets, teacher_outputs, to_student_heads)
+from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main

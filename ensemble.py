@@ -1,20 +1,14 @@
 """
-Evaluate models on a dataset's test split, alone and as an ensemble, and how often they disagree.
-
-The ensemble averages the models' softmax probabilities (weighted, weights normalised to sum to 1). In the paper
-a fine-tuned model and an attention-distilled student reach 86.3 top-1 together on ImageNet, 85.7 each alone: their
-mistakes differ. The disagreement rate (the share of test images whose top-1 two models differ on) measures that.
+Evaluate models on a dataset's test split, alone and as an ensemble (the mean of their softmax probabilities,
+weighted), and how often two disagree (the share of test images whose top-1 differs). In the paper a fine-tuned model
+and a distilled student reach 86.3 top-1 together on ImageNet, 85.7 each alone: their mistakes differ.
 
     python ensemble.py --data fashion-mnist --models runs/finetune/checkpoint.pt runs/distill/checkpoint.pt
     python ensemble.py --data fashion-mnist --models a.pt b.pt --weights 2 1 --out runs/ensemble.json
-    python ensemble.py --data imagenet --data-dir /datasets/imagenet \
-        --models mae_vit_large_ft runs/distill/checkpoint.pt
 
-A model is a file or a name util/checkpoints.py knows: a ViT checkpoint of any kind, or a copy student
-(its checkpoint records its teacher and the file's SHA-256; the teacher is loaded with it, and another
-file is refused: `--teacher moved.pt` if it moved, `--new-teacher true` if it is meant to be another).
-`--out` writes over nothing but an earlier result of this script (or with `--overwrite true`).
-One process, on a GPU if there is one.
+A model is a file or a name util/checkpoints.py knows, or a copy student, loaded with the teacher its checkpoint
+records by SHA-256 (`--teacher moved.pt` if it moved, `--new-teacher true` for another on purpose). `--out` writes
+over nothing but an earlier result of this script (or with `--overwrite true`). One process, on a GPU if there is one.
 """
 import json
 import math
@@ -28,7 +22,7 @@ import torch
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, option, show
+from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
 from util.engine import autocast, say
 from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
@@ -41,56 +35,51 @@ from vit import IMPLEMENTATIONS, set_attn_implementation
 
 
 @dataclass
-class EnsembleConfig:
-    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
-                       "data set the models' checkpoints record")
-    data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
-    val_size: int = option(0, "evaluate on this many held-out training images instead (as the scripts' flag)")
+class ModelsConfig:
+    """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
     models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
     num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: one for every model, or '
                                   "one each (0: the file's record or family)")
-    weights: list[float] = option(factory=list, help='one weight per model; none = equal weights')
-    out: str = option('', 'also write the results here as JSON (not over another file: --overwrite)')
-    overwrite: bool = option(False, '--out may replace a file that is not an earlier result of this script')
-    teacher: str = option('', "copy students: their teacher's file moved here (the same SHA-256) ...")
-    new_teacher: bool = option(False, '... or, with this, another teacher on purpose')
-    img_size: int = option(0, "0 = the models' own (they must share one)")
-    batch_size: int = 256
-    num_workers: int = 2
-    amp: str = option('auto', 'auto | bf16 | fp16 | off')
-    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device')
-    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)')
-    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)")
+    img_size: int = option(0, "0 = the models' own (they must share one)", at_least(0, "the models' own", SIZE))
+    batch_size: int = option(256, rule=at_least(1, most=BATCH))
+    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
+    amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
+    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
+                                      one_of(('auto', *IMPLEMENTATIONS)))
+    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
+                       (lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
     def checks(self):
-        return [
-            ('data', self.data in INFO or self.data == '', f"choose one of {', '.join(INFO)}, or '' (the models')"),
-            ('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
-                                             'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
-            *heads_checks(self),
-            ('val_size', 0 <= self.val_size <= STEPS, f'must be 0 (the test split) or more, at most {STEPS}'),
-            ('fake_size', 1 <= self.fake_size <= STEPS, f'must be at least 1, at most {STEPS}'),
-            *evaluation_checks(self)]
+        return heads_checks(self)
 
 
 def heads_checks(cfg):
-    """The rows of checks() for --num-heads beside --models (ensemble.py, evaluate.py)."""
+    """The rows of checks() for --num-heads beside --models (also tools/features.py's)."""
     return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
              f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
             ('num_heads', all(0 <= h <= DEPTH for h in cfg.num_heads),
              f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
 
 
-def evaluation_checks(cfg):
-    """The rows of checks() an evaluation of models shares (ensemble.py, evaluate.py)."""
-    return [('img_size', 0 <= cfg.img_size <= SIZE, f"must be 0 (the models' own) or more, at most {SIZE}"),
-            ('batch_size', 1 <= cfg.batch_size <= BATCH, f'must be at least 1, at most {BATCH}'),
-            ('num_workers', 0 <= cfg.num_workers <= WORKERS, f'must be 0 (load in the main process) or more, at most '
-                                                             f'{WORKERS}'),
-            ('amp', cfg.amp in AMP, f"choose one of {', '.join(AMP)}"),
-            ('attn_implementation', cfg.attn_implementation in ('auto', *IMPLEMENTATIONS),
-             f"choose auto or one of {', '.join(IMPLEMENTATIONS)}"),
-            ('seed', 0 <= cfg.seed < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits')]
+@dataclass
+class EnsembleConfig(ModelsConfig):
+    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
+                       "data set the models' checkpoints record",
+                       (lambda v: v in INFO or v == '', f"choose one of {', '.join(INFO)}, or '' (the models')"))
+    data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
+    val_size: int = option(0, "evaluate on this many held-out training images instead (as the scripts' flag)",
+                           at_least(0, 'the test split', STEPS))
+    weights: list[float] = option(factory=list, help='one weight per model; none = equal weights')
+    out: str = option('', 'also write the results here as JSON (not over another file: --overwrite)')
+    overwrite: bool = option(False, '--out may replace a file that is not an earlier result of this script')
+    teacher: str = option('', "copy students: their teacher's file moved here (the same SHA-256) ...")
+    new_teacher: bool = option(False, '... or, with this, another teacher on purpose')
+    fake_size: int = option(2048, '--data fake: train split size (the test split is 1/8 of it, at least 64)',
+                            at_least(1, most=STEPS))
+
+    def checks(self):
+        return [('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
+                 'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks()]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}
@@ -113,8 +102,7 @@ def normalise_weights(weights, n):
 
 
 def ensemble_probs(logits, weights=None):
-    """The weighted mean of the models' softmax probabilities: list of (N, C) logits -> (N, C),
-    each row summing to 1. weights: one non-negative number per model, normalised here."""
+    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: normalised here."""
     w = normalise_weights(weights, len(logits))
     return sum(wi * l.float().softmax(-1) for wi, l in zip(w, logits))        # (N, C)
 
@@ -125,8 +113,7 @@ def accuracy(scores, labels, k=1):
     return 100 * (top == labels[:, None]).any(-1).float().mean().item()
 
 
-def disagreement(preds_a, preds_b):
-    """Fraction of images on which two models' top-1 predictions (N,) differ."""
+def disagreement(preds_a, preds_b):   # the share of images whose top-1 predictions (N,) differ
     return (preds_a != preds_b).float().mean().item()
 
 
@@ -159,12 +146,12 @@ def format_table(r):
 
 def load_model(source, teacher=None, new_teacher=False, num_heads=0):
     """(classifier in eval mode, its arch, what its checkpoint records it was trained on: {'data', 'data_dir',
-    'classes'}, None where it records nothing). A copy student comes back wrapped with its teacher (the recorded
-    one, or `teacher` with the same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
+    'classes'}, None if nothing). A copy student comes wrapped with its teacher (recorded, or `teacher` with the same
+    SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
         if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:
-            model = load_copy_student(source, ckpt, teacher, new_teacher)
+            model = load_copy_model(source, teacher, new_teacher)
             arch = model.student.arch
         else:
             model = build_from_checkpoint(source, ckpt, num_heads, '--num-heads')
@@ -178,36 +165,9 @@ def load_model(source, teacher=None, new_teacher=False, num_heads=0):
     return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes}
 
 
-COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
-
-
-def load_copy_student(source, ckpt, teacher, new_teacher):
-    """A copy student with its teacher, its record checked, and run on one blank image: a record that is
-    malformed, or that does not fit the two models, is a CheckpointError now, not part-way through a test set."""
-    rec, fix = ckpt['teacher'], 'the file is damaged: train the copy student again (attention_copy.py)'
-    bad = ['teacher (a dict)'] if not isinstance(rec, dict) else [
-        f'teacher.{k}' for k, kind in COPY_RECORD.items() if k not in rec or not isinstance(rec[k], kind)] + \
-        ['teacher.layers'] * (not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)))
-    bad += ['arch'] * (not isinstance(ckpt.get('arch'), dict))
-    if bad:
-        raise CheckpointError(f"{source} is a copy student whose checkpoint lacks {', '.join(bad)} (missing or of "
-                              f"another kind): {fix}")
-    try:
-        model = load_copy_model(source, teacher, new_teacher).eval()
-        size = model.student.arch['img_size']
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))        # the recorded layers, heads and transfer fit both models
-    except (CheckpointError, ConfigError):
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f'{source} is a copy student whose teacher record does not fit it or its teacher '
-                              f'({type(e).__name__}: {e}): {fix}') from None
-    return model
-
-
 def load_models(sources, teacher=None, new_teacher=False, num_heads=()):
-    """The classifiers, what each records it was trained on (load_model; with 'num_classes'), and the one image
-    size they share (an ensemble needs one test set). num_heads: one head count for all, or one per source."""
+    """The classifiers, what each was trained on (load_model's, with 'num_classes'), and the one image size they share
+    (one test set). num_heads: one head count for all, or one per source."""
     heads = list(num_heads) * len(sources) if len(num_heads) == 1 else list(num_heads) or [0] * len(sources)
     models, archs, records = zip(*(load_model(s, teacher, new_teacher, h) for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
@@ -219,8 +179,7 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=()):
 
 
 def trained_on(records, sources):
-    """(data set, its folder) the models' checkpoints record, one for all of them; ConfigError if they record none
-    or differ (then --data says which to score them on)."""
+    """(data set, its folder) the models' checkpoints record, one for all; refused if none or several (--data says)."""
     found = {(r['data'], r['data_dir']) for r in records if r['data']}
     if len({d for d, _ in found}) != 1:
         said = ', '.join(f"{s}: {r['data'] or 'no record'}" for s, r in zip(sources, records))
@@ -230,8 +189,7 @@ def trained_on(records, sources):
 
 
 def check_classes(sources, records, classes, data):
-    """Refuse models trained on other classes than the evaluated data has: by name where they record them, else
-    by their number."""
+    """Refuse models trained on other classes than the data has: by name where they record them, else by number."""
     for s, r in zip(sources, records):
         other = class_mismatch(r['classes'], classes) if r['classes'] is not None else \
             f"{r['num_classes']} classes where the data has {len(classes)}" * (r['num_classes'] != len(classes))
@@ -256,8 +214,7 @@ def predict_all(models, loader, env):
 
 
 def is_result(path):
-    """Whether a file is an earlier result of this script (a JSON object with its keys)."""
-    try:
+    try:   # an earlier result of this script: a JSON object with its keys
         with open(path, 'rb') as f:
             return f.read(1) == b'{' and {'config', 'models', 'ensemble'} <= set(json.loads(b'{' + f.read()))
     except (OSError, ValueError):   # unreadable, or not JSON (a checkpoint is a zip file)
@@ -265,15 +222,14 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, one of the models, another file (a checkpoint!) unless --overwrite,
-    or unwritable."""
-    if os.path.isdir(cfg.out):
-        raise ConfigError(f'--out {cfg.out} is a directory: name a file')
-    if any(os.path.realpath(cfg.out) == os.path.realpath(m) for m in cfg.models + [cfg.teacher] if m):
-        raise ConfigError(f'--out {cfg.out} is a file this command reads (--models, --teacher): name another file')
-    if os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)):
-        raise ConfigError(f'--out {cfg.out} exists and is not an earlier result of ensemble.py: choose another '
-                          f'file, or pass --overwrite true')
+    """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless --overwrite, or unwritable."""
+    reads = any(os.path.realpath(cfg.out) == os.path.realpath(m) for m in cfg.models + [cfg.teacher] if m)
+    for bad, why in ((os.path.isdir(cfg.out), 'is a directory: name a file'),
+                     (reads, 'is a file this command reads (--models, --teacher): name another file'),
+                     (os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)), 'exists and is not an '
+                      'earlier result of ensemble.py: choose another file, or pass --overwrite true')):
+        if bad:
+            raise ConfigError(f'--out {cfg.out} {why}')
     if not os.path.exists(cfg.out):
         try:   # made and removed: a path that cannot be written fails now, not after the evaluation
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -287,11 +243,9 @@ def main():
     cfg = parse_config(EnsembleConfig, PRESETS)
     if cfg.out:
         check_out(cfg)
-    sources = cfg.models
-    weights = normalise_weights(cfg.weights, len(sources))
+    sources, weights = cfg.models, normalise_weights(cfg.weights, len(cfg.models))
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
-
     models, records, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher, cfg.num_heads)
     cfg = with_data(cfg, records)
     if cfg.img_size and cfg.img_size != img_size:
@@ -302,7 +256,6 @@ def main():
     attn, why = attn_implementation(cfg.attn_implementation, device)
     models = [set_attn_implementation(m, attn).to(device) for m in models]
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), env)
-
     results = summarise(sources, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     say(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
@@ -313,9 +266,8 @@ def main():
 
 
 def with_data(cfg, records, presets=PRESETS):
-    """cfg with the data set (and its folder) the models record when --data is not given (its preset applied, as
-    if given), saying so; a --data other than the record is said too, then its classes are checked by name.
-    tools/features.py shares it, with its own config and presets."""
+    """cfg with the data set (and folder) the models record where --data is not given (its preset applied, as if
+    given), saying so; another --data is said too (its classes are checked by name). tools/features.py shares it."""
     if not cfg.data:
         recorded = trained_on(records, cfg.models)
         argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and

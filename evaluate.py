@@ -27,8 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from data import build_transform
-from ensemble import (accuracy, check_classes, ensemble_probs, evaluation_checks, heads_checks, load_models,
-                      predict_all)
+from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, predict_all
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import say
@@ -42,9 +41,7 @@ from vit import set_attn_implementation
 
 
 @dataclass
-class EvaluateConfig:
-    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
-    num_heads: list[int] = option(factory=list, help="head counts of files of weights alone (ensemble.py's flag)")
+class EvaluateConfig(ModelsConfig):
     ensembles: list[str] = option(factory=list, help='groups of --models positions: --ensembles 0,1 0,1,2')
     imagenet: str = option('', "the test sets' folders (empty: skipped), layouts above")
     imagenet_v2: str = ''
@@ -52,15 +49,8 @@ class EvaluateConfig:
     imagenet_r: str = ''
     imagenet_a: str = ''
     out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
-    img_size: int = option(0, "0 = the models' own (they must share one)")
     batch_size: int = 128
     num_workers: int = 8
-    amp: str = option('auto', 'auto | bf16 | fp16 | off')
-    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device')
-    seed: int = option(0, "seeds the loader's generator (nothing is shuffled)")
-
-    def checks(self):
-        return heads_checks(self) + evaluation_checks(self)
 
 # -----------------------------------------------------------------------------
 # The test sets: which folder is which ImageNet class, and which classes a prediction may take

@@ -40,7 +40,8 @@ class FinetuneConfig(TrainConfig):
     out_dir: str = 'runs/finetune'
     # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
     layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); 0 = none',
-                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive initial value, at most 100'))
+                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive initial value, '
+                                                          'at most 100'))
     norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
     act: str = option('gelu', 'gelu | quick_gelu (CLIP)', one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
 

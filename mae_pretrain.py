@@ -1,28 +1,19 @@
 """
-Masked autoencoder pre-training of vit.py's ViT: a teacher made from unlabelled images.
-
-Where no pre-trained checkpoint can be downloaded, MAE (He et al., CVPR 2022) makes one: each image
-keeps a random 25% of its patches, the encoder (the ViT, class token included) sees only those, a
-light decoder gets the encoded tokens back in their places and a learned mask token in every other
-place, and predicts the pixels of every patch. The loss is the mean squared error on the hidden
-patches only, each target patch normalised by its own mean and variance.
+Masked autoencoder pre-training of vit.py's ViT: a teacher made from unlabelled images (MAE, He et al., CVPR 2022).
+Each image keeps a random 25% of its patches; the encoder (the ViT, class token included) sees only those; a light
+decoder gets them back in their places, a learned mask token in every other, and predicts every patch's pixels. The
+loss: the mean squared error on the hidden patches only, each target patch normalised by its own mean and variance.
 
     python mae_pretrain.py --data fashion-mnist                      # 24 epochs, ~2-5 min each on 2 CPU cores
     python mae_pretrain.py --data fashion-mnist --export teachers/fashion-mnist-mae.pt   # the shipped teacher
     python attention_distill.py --data fashion-mnist --teacher runs/mae/checkpoint.pt
-    python finetune.py --data fashion-mnist --init runs/mae/checkpoint.pt --out-dir runs/mae_ft
-
-    # the MAE paper's ViT-L/16 recipe: 800 epochs at a global batch of 4096 (64 images a GPU), on
-    # 8 nodes of 8 GPUs, or on one node accumulating 8 steps
+    # the MAE paper's ViT-L/16 recipe: 800 epochs at a global batch of 4096, 8 nodes x 8 GPUs x 64 images
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
         --rdzv_id mae mae_pretrain.py --data imagenet --data-dir /datasets/imagenet
-    torchrun --nproc_per_node 8 mae_pretrain.py --data imagenet --data-dir /datasets/imagenet --accum-steps 8
 
-The checkpoint holds the encoder under timm/MAE names next to the decoder's `decoder_*` and
-`mask_token`, and its 'arch' is the encoder's: `util.checkpoints.build_from_checkpoint(path)` returns
-the encoder alone (the decoder is dropped), ready to be a teacher or to be fine-tuned.
-<out_dir>/reconstruction.png shows what the model makes of images it never trained on. `--export PATH`
-also writes the encoder alone (1.2 MB for Fashion-MNIST's preset): teachers/README.md.
+The checkpoint holds the encoder (timm/MAE names, its 'arch') next to the decoder's `decoder_*` and `mask_token`:
+`util.checkpoints.build_from_checkpoint(path)` returns the encoder alone, a teacher or an --init. <out_dir>/
+reconstruction.png shows what it makes of images it never trained on; `--export PATH` writes the encoder alone.
 """
 import json
 import math
@@ -35,7 +26,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import INFO, batch_mixer, build_data
+from data import INFO, batch_mixer, build_data, sample_images
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
 from util.engine import all_mean, autocast, train_one_epoch
@@ -47,7 +38,6 @@ from vit import Block, VisionTransformer, model_arch, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Config
-
 
 SINGLE_IMAGES = (lambda v: v == 0, 'MAE reconstructs single images: --mixup and --cutmix must be 0')
 
@@ -81,19 +71,17 @@ class MAEConfig(TrainConfig):
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),
             ('decoder_heads', 1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
-             f'must divide --decoder-dim {self.decoder_dim}'),
+             f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}'),
             ('decoder_depth', memory_needed(self.decoder_dim, self.decoder_depth, self.img_size, self.patch_size,
                                             self.batch_size) <= machine_memory(),
              f'makes a decoder of {self.decoder_depth} blocks {self.decoder_dim} wide that does not fit the '
              f'{machine_memory() / 1e9:,.0f} GB here (--decoder-depth, --decoder-dim, --batch-size)')]
 
 
-# The small recipes of finetune.py with MAE's optimiser (AdamW beta2 0.95, weight decay 0.05) and no
-# augmentation beyond crop and flip (MAE's ablations, Table 1: masking does the work of augmentation).
-# blr is 10x MAE's 1.5e-4: that is tuned for batch 4096 over 800 epochs; a small model on a short
-# schedule at batch 256 gets the order of finetune.py's small-preset lr.
-MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug='',
-                 reprob=0.0, drop_path=0.0)
+# finetune.py's small recipes with MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking
+# does augmentation's work); blr 10x MAE's, tuned for batch 4096 over 800 epochs: a short small run needs more
+MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0,
+                 randaug='', reprob=0.0, drop_path=0.0)
 PRESETS = {
     'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 24,
                       'warmup_epochs': 2},
@@ -113,10 +101,8 @@ PRESETS = {
 
 
 def random_keep(batch, num_patches, num_keep, device=None, generator=None):
-    """(B, K) indices of the patches each image keeps: the first K of a random permutation of its
-    own (argsort of uniform noise), so every image gets a different mask of exactly K patches."""
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)   # (B, N)
-    return noise.argsort(dim=1)[:, :num_keep]                                     # (B, K)
+    """(B, K) indices of the patches each image keeps: the first K of its own random permutation."""
+    return torch.rand(batch, num_patches, device=device, generator=generator).argsort(dim=1)[:, :num_keep]
 
 
 def gather_tokens(x, ids):
@@ -131,17 +117,15 @@ def patchify(imgs, p):
 
 def unpatchify(patches, p):
     """(B, N, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
-    grid = math.isqrt(patches.shape[1])
-    return rearrange(patches, 'b (h w) (p q c) -> b c (h p) (w q)', h=grid, p=p, q=p)
+    return rearrange(patches, 'b (h w) (p q c) -> b c (h p) (w q)', h=math.isqrt(patches.shape[1]), p=p, q=p)
 
 # -----------------------------------------------------------------------------
 # The model: vit.py's ViT as the encoder, plus a light decoder
 
 
 class MaskedAutoencoder(VisionTransformer):
-    """The encoder is this ViT itself (no classifier, `norm` on all tokens): its parameters keep
-    their names and self.arch stays the encoder's. The decoder's parameters are named decoder_* and
-    mask_token, as in MAE's checkpoints; loading the checkpoint as a classifier drops them."""
+    """The encoder is this ViT itself (no classifier, `norm` on all tokens); the decoder's parameters are decoder_* and
+    mask_token, as in MAE's checkpoints (a classifier loaded from one drops them)."""
 
     def __init__(self, arch, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75):
         super().__init__(**{**arch, 'num_classes': 0, 'global_pool': False})
@@ -149,15 +133,13 @@ class MaskedAutoencoder(VisionTransformer):
         self.num_keep = int(num_patches * (1 - mask_ratio))
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        # learned, like the encoder's (MAE fixes both to sin-cos tables)
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim))   # learned (MAE: sin-cos)
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch['in_chans'])
-        for name, m in self.named_modules():
-            if name.startswith('decoder_') and isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)      # MAE's initialisation of its linear layers
-                nn.init.zeros_(m.bias)
+        for m in (m for name, m in self.named_modules() if name.startswith('decoder_') and isinstance(m, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)      # MAE's initialisation of its linear layers
+            nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -183,8 +165,8 @@ class MaskedAutoencoder(VisionTransformer):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]                   # (B, N, p*p*3)
 
     def forward(self, imgs, ids_keep=None):
-        """Predicted pixels of every patch (B, N, p*p*3) and the mask (B, N), 1 = hidden.
-        ids_keep (B, K): the patches the encoder sees; default a fresh random choice per image."""
+        """Predicted pixels of every patch (B, N, p*p*3) and the mask (B, N), 1 = hidden. ids_keep (B, K): the patches
+        the encoder sees; default a fresh random choice per image."""
         B, N = len(imgs), self.patch_embed.num_patches
         if ids_keep is None:
             ids_keep = random_keep(B, N, self.num_keep, imgs.device)
@@ -194,8 +176,7 @@ class MaskedAutoencoder(VisionTransformer):
 
 
 def build_mae(cfg):
-    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder
-    (the config checked by MAEConfig.checks)."""
+    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
     arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
                       embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
     return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio)
@@ -205,8 +186,8 @@ def build_mae(cfg):
 
 
 def mae_loss(pred, target, mask, norm_pix=True):
-    """Mean squared error over the hidden patches only. pred, target (B, N, P); mask (B, N), 1 = hidden.
-    norm_pix: each target patch normalised by its own mean and variance (MAE Table 1: better features)."""
+    """Mean squared error over the hidden patches only: pred, target (B, N, P); mask (B, N), 1 = hidden. norm_pix: each
+    target patch normalised by its own mean and variance (MAE Table 1: better features)."""
     target = target.float()
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -243,8 +224,7 @@ def evaluate_mse(model, loader, plan, norm_pix=True, seed=0):
 
 @torch.no_grad()
 def reconstruct(model, imgs, norm_pix=True, seed=0):
-    """(masked, reconstruction) images (B, C, H, W): hidden patches set to 0 (the dataset's mean
-    colour), and the prediction with the visible patches pasted back."""
+    """(masked, reconstruction) images (B, C, H, W): hidden patches 0 (the data's mean), the prediction pasted in."""
     model.eval()
     p = model.patch_embed.patch_size
     g = torch.Generator(imgs.device).manual_seed(seed)
@@ -278,9 +258,8 @@ def save_reconstructions(model, imgs, mean, std, path, norm_pix=True):
 
 
 def export_encoder(run_dir, path):
-    """The encoder of a pre-training run alone, as a teacher small enough to ship: its weights (no decoder,
-    mask token or optimiser state), its arch and config, and how it was made (the run's command line and
-    commit from its config.json, its held-out MSE). util.checkpoints.build_from_checkpoint(path) loads it."""
+    """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
+    it was made (command, commit, held-out MSE). util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],
@@ -309,9 +288,8 @@ def main():
                 run.save()
         metrics = run.metrics
         if plan.main:
-            imgs = torch.stack([data.eval[i][0] for i in range(min(6, len(data.eval)))]).to(plan.device)
-            save_reconstructions(model, imgs, *INFO[cfg.data][2], os.path.join(cfg.out_dir, 'reconstruction.png'),
-                                 cfg.norm_pix_loss)
+            save_reconstructions(model, sample_images(data, 6, plan.device), *INFO[cfg.data][2],
+                                 os.path.join(cfg.out_dir, 'reconstruction.png'), cfg.norm_pix_loss)
             if cfg.export:
                 export_encoder(cfg.out_dir, cfg.export)
         plan.log(f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "

@@ -14,21 +14,18 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
-from util.checkpoints import arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, vit_of
-from util.config import DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse, too_big
-from util.files import sha256_of
+from util.checkpoints import (arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, teacher_mismatch,
+                              vit_of)
+from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse,
+                         too_big)
 from util.engine import autocast
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
 WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}   # what the teacher hands over for each
-# the head rule, recorded in a student's checkpoint (load_copy_model refuses a rule it does not know)
-HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
 INDEX_SYNTAX = 'use all, 3, 0-17, 0,2,5 or 0-3,8'
 PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
-# the teachers this repository ships, by --data (teachers/README.md: made by mae_pretrain.py)
-SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'teachers',
-                                         'fashion-mnist-mae.pt')}
+SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers', 'fashion-mnist-mae.pt')}   # by --data
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
@@ -38,9 +35,8 @@ PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_ep
 
 @torch.no_grad()
 def teacher_outputs(teacher, x, layers, names):
-    """{student layer: {name: tensor}}: what the teacher hands over. For attention copy and for map-free
-    distillation its q and k (B, H, N, d), never a map (softmax(q k^T / sqrt(d)) is made where it is used);
-    for eager distillation its 'logits' (B, H, N, N); or its q, k or v (NAMES). layers: {student: teacher} or a list."""
+    """{student layer: {name: tensor}}: its q and k (B, H, N, d) for copy and map-free distillation (the map is made
+    where it is used), 'logits' (B, H, N, N) for eager distillation, or q, k or v. layers: {student: teacher}, list."""
     pairs = layer_pairs(layers)
     out = teacher.internals(x, list(pairs.values()), names)
     # each its own tensor: views of the layer's qkv output would keep all of it (v too) alive for the backward pass
@@ -48,8 +44,8 @@ def teacher_outputs(teacher, x, layers, names):
 
 
 def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
-    """The frozen teacher of keywords `arch` (inspect_teacher's), its weights from cfg.teacher, on device. dtype: the
-    autocast dtype it will run under (None: fp32), see cast_matmul_weights; attn: its attention implementation."""
+    """The frozen teacher of keywords `arch` (inspect_teacher's), its weights from cfg.teacher, on device; dtype: the
+    autocast it runs under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
     teacher = vit_of(arch, cfg.teacher)
     load_weights(teacher, cfg.teacher, read_checkpoint(cfg.teacher), cfg.teacher_num_heads, '--teacher-num-heads')
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
@@ -57,9 +53,8 @@ def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
 
 
 def cast_matmul_weights(model, dtype):
-    """Store a frozen model's linear and convolution weights in the autocast dtype, once: autocast would cast them
-    on every forward pass (it caches only those that require grad), ViT-L's 300M numbers a step, to the same numbers.
-    Norms, tokens and position embeddings stay fp32, as autocast keeps them. Run it under autocast only."""
+    """A frozen model's linear and convolution weights stored in the autocast dtype, once (autocast would cast ViT-L's
+    300M numbers every step to the same numbers); norms, tokens and positions stay fp32. Run under autocast only."""
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(dtype)
@@ -142,32 +137,29 @@ def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
 
 
 def layer_pairs(layers):
-    """{student layer: teacher layer}: the map itself, or for a list of layers the identity on them."""
+    """{student layer: teacher layer}: the map itself, or the identity on a list of layers."""
     return dict(layers) if isinstance(layers, dict) else {i: i for i in layers}
 
 
 def describe_map(layers, teacher_heads, student_heads):
     """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
     pairs, g = ' '.join(f'{s}:{t}' for s, t in layer_pairs(layers).items()), teacher_heads // student_heads
-    heads = 'heads one to one' if g == 1 else \
-        f"the teacher's {teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- " \
-        f"teacher heads {g}j..{g}j+{g - 1})"
-    return f'layer map (student:teacher) {pairs}; {heads}'
+    return f'layer map (student:teacher) {pairs}; ' + ('heads one to one' if g == 1 else f"the teacher's "
+           f'{teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- teacher heads '
+           f'{g}j..{g}j+{g - 1})')
 
 # -----------------------------------------------------------------------------
 # The student built to fit
 
 
 def student_presets(presets):
-    """finetune.py's recipes for a student shaped like its teacher: model 'teacher', the teacher's patch, and
-    none of the recipe's size fields (its width would otherwise silently replace the teacher's)."""
+    """finetune.py's recipes for a student of its teacher's shape and patch: none of their size fields."""
     return {k: {**{f: x for f, x in v.items() if f not in ('embed_dim', 'depth', 'num_heads')},
                 'model': 'teacher', 'patch_size': 0} for k, v in presets.items()}
 
 
 def student_shape(cfg, t):
-    """The student's size: the teacher's (--model teacher) or a named one, the teacher's patch unless --patch-size,
-    then --embed-dim / --depth / --num-heads."""
+    """The student's size: the teacher's or --model's, the teacher's patch or --patch-size, --embed-dim, ..."""
     return {**(t if cfg.model == 'teacher' else model_arch(cfg.model)), 'patch_size': cfg.patch_size or t['patch_size'],
             **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads') if getattr(cfg, k) is not None}}
 
@@ -219,7 +211,6 @@ def misfit(cfg, s, t, layers):
 # -----------------------------------------------------------------------------
 # The flags
 
-
 INDEX_RULE = (lambda spec: readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec), INDEX_SYNTAX)
 
 
@@ -246,23 +237,21 @@ class TransferConfig(TrainConfig):
     INPUTS = ('teacher',)
 
     def checks(self):
-        return super().checks() + [
-            ('teacher', self.teacher != '', 'is required: ' + (
-                f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: '
-                f'teachers/README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large'
-                if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of '
-                                             'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'))]
+        which = f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: teachers/' \
+                f'README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large' \
+            if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of ' \
+                                         'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'
+        return super().checks() + [('teacher', self.teacher != '', f'is required: {which}')]
 
     def resume_conflicts(self, ckpt, world, free=()):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
-        record = ckpt.get('teacher') or ckpt.get('distilled_from') or {}
-        other = None if self.new_teacher else teacher_mismatch(self.teacher, record)
-        return super().resume_conflicts(ckpt, world, free) + ([other + ' (--new-teacher true if meant)'] if other else [])
+        record = ckpt.get('teacher') or ckpt.get('distilled_from')
+        other = not self.new_teacher and teacher_mismatch(self.teacher, record)
+        return super().resume_conflicts(ckpt, world, free) + [f'{other} (--new-teacher true if meant)'] * bool(other)
 
     def resolve(self):
-        """The resolve step of a transfer run: the teacher's file inspected once (inspect_teacher), the transferred
-        layers and heads, and the student's shape (student_arch), each refused in one line if it cannot be.
-        Returns a Transfer; nothing is built."""
+        """A transfer run's resolve step: the teacher's file inspected once, the transferred layers and heads, the
+        student's shape (student_arch), each refused in one line if it cannot be. Returns a Transfer."""
         t, description = inspect_teacher(self)
         layers, heads = parse_index(self.layers, t['depth'], 'layers'), parse_index(self.heads, t['num_heads'], 'heads')
         heads = None if len(heads) == t['num_heads'] else heads
@@ -271,9 +260,8 @@ class TransferConfig(TrainConfig):
 
 
 def inspect_teacher(cfg):
-    """The teacher's file read and looked at once: (its VisionTransformer keywords at cfg.img_size, its description
-    for the log), refused in one line if it is no ViT that could teach (its heads unknown, too big for this machine,
-    weights that do not load into its architecture or are not finite)."""
+    """The teacher's file read and looked at once: (its keywords at cfg.img_size, its line for the log), refused if it
+    is no ViT that could teach (heads unknown, too big here, weights that do not load into its shape or not finite)."""
     ckpt, stated = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
     refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'], native['mlp_ratio'], False,
@@ -292,9 +280,8 @@ class Transfer(NamedTuple):
     heads: list
     student: dict
 
-
 # -----------------------------------------------------------------------------
-# Checks and records: a teacher that cannot teach, and what a student checkpoint records about its own
+# A built teacher that cannot teach
 
 
 def check_teacher(plan, teacher, x):
@@ -311,26 +298,3 @@ def check_teacher(plan, teacher, x):
         hint = f' under {plan.dtype} autocast: try --amp off' if plan.dtype is not None else ''
         raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
                           f'first evaluation images{hint}; it cannot be a teacher')
-
-
-def teacher_record(cfg, transfer):
-    """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
-    the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
-    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
-            'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
-            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers, 'head_rule': HEAD_RULE,
-            'heads': transfer.heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
-
-
-def teacher_mismatch(source, record):
-    """Why `source` is not the teacher a student checkpoint recorded (None if it is): another file's
-    contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
-    if not record:
-        return None
-    if record.get('sha256') is None:
-        return None if source == record['source'] else f"the teacher {record['source']} -> {source}"
-    digest = sha256_of(source)
-    if digest == record['sha256'] or (digest is None and source == record['source']):   # missing: loading says so
-        return None
-    return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
-            f"had {record['sha256']}")

@@ -1,16 +1,14 @@
 """
-A Vision Transformer written out by hand, with the one hook attention transfer needs: a layer can be handed
-tensors in place of its own (inject) and can hand its own out (keep). Parameter names follow timm's and MAE's
-(patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head): MAE checkpoints load
-without renaming (util/checkpoints.py).
+A Vision Transformer written out by hand, with the one hook attention transfer needs: a layer can be handed tensors
+in place of its own (inject) and can hand its own out (keep). Parameter names are timm's and MAE's (patch_embed.proj,
+cls_token, pos_embed, blocks.{i}.attn.qkv, ..., norm / fc_norm, head): MAE checkpoints load without renaming.
 
     qk = teacher.internals(x, layers=[0, 1, 2], names=('q', 'k'))        # {i: {'q': (B, H, N, d), 'k': ...}}
     y = student(x, inject=qk)                             # attention copy: the teacher's map routes our values
     y, kept = student(x, keep={0: ('q', 'k'), 1: ('q', 'k')})   # distillation: own q, k out, for the loss
 
-Both methods meet the student in `attend`: softmax(q k^T / sqrt(d)) v, run one of two ways, as Hugging Face's
-`attn_implementation` names them: 'eager' writes the (B, H, N, N) map out (the definition, what the course
-builds), 'sdpa' calls F.scaled_dot_product_attention, whose fused kernels never store it: the same numbers.
+Both meet the student in `attend`: softmax(q k^T / sqrt(d)) v, run as Hugging Face's `attn_implementation` names
+it: 'eager' writes the (B, H, N, N) map out (the definition), 'sdpa' is one fused call that never stores it.
 """
 import inspect
 
@@ -30,14 +28,12 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid = img_size // patch_size
+        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
         self.num_patches = self.grid ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        x = self.proj(x)                                   # (B, D, H/p, W/p)
-        return rearrange(x, 'b d h w -> b (h w) d')        # (B, N, D)
+        return rearrange(self.proj(x), 'b d h w -> b (h w) d')   # (B, D, H/p, W/p) -> (B, N, D)
 
 
 IMPLEMENTATIONS = ('eager', 'sdpa')
@@ -49,11 +45,9 @@ def scores(q, k):
 
 
 def attend(q, k, v, implementation='sdpa'):
-    """softmax(q k^T / sqrt(d)) v: q, k (B, H, N, d), v (B, h, N, e) -> (B, h, N, e).
-
-    H may be g times h (a student with fewer heads than its teacher, given the teacher's q and k): value head j is
-    then routed by the mean of the g maps of heads j*g .. j*g+g-1, as (mean_g A_g) v = mean_g (A_g v).
-    """
+    """softmax(q k^T / sqrt(d)) v: q, k (B, H, N, d), v (B, h, N, e) -> (B, h, N, e). H may be g times h (a student
+    with fewer heads, given the teacher's q and k): value head j is routed by the mean of heads j*g .. j*g+g-1's maps,
+    as (mean_g A_g) v = mean_g (A_g v)."""
     g = q.shape[1] // v.shape[1]
     v = v.repeat_interleave(g, 1) if g > 1 else v                          # (B, H, N, e)
     if implementation == 'eager':
@@ -65,9 +59,8 @@ def attend(q, k, v, implementation='sdpa'):
 
 
 def _sdpa(q, k, v):
-    """F.scaled_dot_product_attention, also where v's head size differs from q's (a student of another width
-    given the teacher's q and k): fused kernels take one head size, so the smaller side is padded with zeros,
-    which change neither q k^T (the scale stays q's) nor the columns kept."""
+    """F.scaled_dot_product_attention, also where v's head size differs from q's (a student of another width given
+    the teacher's q and k): the smaller side padded with zeros, which change neither q k^T nor the columns kept."""
     d, e = q.shape[-1], v.shape[-1]
     if d == e:
         return F.scaled_dot_product_attention(q, k, v)
@@ -77,9 +70,8 @@ def _sdpa(q, k, v):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention that can be given, and can hand out, its internals. no_qk: no query/key
-    projection (a copy student's layer, always given the teacher's q and k, or its map). implementation: 'eager' or
-    'sdpa' (attend), set for a whole model by set_attn_implementation."""
+    """Multi-head self-attention that can be given, and hand out, its internals. no_qk: no query / key projection (a
+    copy student's layer, given the teacher's q and k or map). implementation: attend's (set_attn_implementation)."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
@@ -93,32 +85,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn=None, q=None, k=None, v=None, heads=None, keep=()):
-        """x (B, N, D) -> (out (B, N, D), kept). q, k, v: (B, h, N, *) to use instead of its own (copy: the
-        teacher's q, k); attn: (B, h, N, N) probabilities instead of softmax(q k^T / sqrt(d)), eager (for all heads it
-        may hold g maps a head: their mean); heads: the h of the H heads those cover (default all). keep: its own
-        'q', 'k', 'v' to hand back, or 'logits', its pre-softmax map, then written out and used (eager distillation)."""
+        """x (B, N, D) -> (out (B, N, D), kept). q, k, v (B, h, N, *): used instead of its own; attn (B, h, N, N):
+        probabilities instead of its own (for all heads: maybe g a head, averaged); heads: the h heads those cover
+        (default all). keep: its own 'q', 'k', 'v' to hand back, or 'logits', its map written out and used."""
         if self.no_qk and ((attn is None and (q is None or k is None)) or heads is not None):
             raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) for every head")
-        own_q, own_k, own_v = self.project(x)                              # (B, H, N, d) each
-        kept = {n: t for n, t in (('q', own_q), ('k', own_k), ('v', own_v)) if n in keep}
-        v = _put(own_v, v, heads)
+        own = dict(zip('qkv', self.project(x)))                           # (B, H, N, d) each
+        kept = {n: own[n] for n in keep if n in own}
         if 'logits' in keep or (attn is not None and heads is not None):   # its own map, written out
-            logits = scores(own_q, own_k)                                  # (B, H, N, N)
+            logits = scores(own['q'], own['k'])                            # (B, H, N, N)
             kept.update({'logits': logits} if 'logits' in keep else {})
             if attn is not None or (q is None and k is None):              # the map it wrote is used
-                attn = _put(logits.softmax(-1, dtype=v.dtype), attn, heads)
-        if attn is not None:                           # an explicit map, for all heads or the listed ones
-            g = attn.shape[1] // v.shape[1]            # a map of each of g heads per value head: their mean (attend)
+                attn = _put(logits.softmax(-1, dtype=own['v'].dtype), attn, heads)
+        q, k, v = (_put(own[n], t, heads) for n, t in (('q', q), ('k', k), ('v', v)))   # given, for some or all heads
+        if attn is None:
+            out = attend(q, k, v, self.implementation)                     # (B, H, N, d)
+        else:   # an explicit map; g maps a value head (a student with fewer heads): their mean, as in attend
+            g = attn.shape[1] // v.shape[1]
             out = (attn.unflatten(1, (-1, g)).mean(2) if g > 1 else attn).to(v.dtype) @ v
-        elif heads is None:
-            out = attend(own_q if q is None else q, own_k if k is None else k, v, self.implementation)
-        else:                                          # the listed heads attend with what they are given, the rest
-            rest = [h for h in range(self.num_heads) if h not in heads]                    # with their own
-            out = torch.empty_like(v)
-            out[:, heads] = attend(own_q[:, heads] if q is None else q, own_k[:, heads] if k is None else k,
-                                   v[:, heads], self.implementation).to(v.dtype)
-            if rest:
-                out[:, rest] = attend(own_q[:, rest], own_k[:, rest], v[:, rest], self.implementation).to(v.dtype)
         return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept     # (B, N, D)
 
     def project(self, x):
@@ -129,7 +113,7 @@ class Attention(nn.Module):
 
 
 def _put(own, given, heads):
-    """Replace all heads (heads=None) or the listed heads of `own` (B, H, ...) by `given`."""
+    """`own` (B, H, ...) with all heads (heads=None) or the listed ones replaced by `given` (none: own)."""
     if given is None or heads is None:
         return own if given is None else given
     own = own.clone()
@@ -137,7 +121,7 @@ def _put(own, given, heads):
     return own
 
 
-class Mlp(nn.Module):
+class Mlp(nn.Module):   # fc2(act(fc1(x)))
     def __init__(self, dim, hidden, act='gelu'):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -151,8 +135,7 @@ def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p) / (1 - p)   # a mask per sample
 
 
 class Block(nn.Module):
@@ -188,8 +171,8 @@ class VisionTransformer(nn.Module):
                  drop_path_rate=0.0, no_qk_layers=(), init_values=None, norm_pre=False, act='gelu',
                  reg_tokens=0, norm_eps=1e-6):
         super().__init__()
-        self.arch = {k: v for k, v in locals().items() if k not in ('self', '__class__')}   # to rebuild
-        self.arch['no_qk_layers'] = sorted(no_qk_layers)
+        self.arch = {**{k: v for k, v in locals().items() if k not in ('self', '__class__')},   # to rebuild it
+                     'no_qk_layers': sorted(no_qk_layers)}
         self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -198,12 +181,9 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None   # no position
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else nn.Identity()
         rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()   # deeper blocks drop more
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], no_qk=i in no_qk_layers,
-                  init_values=init_values, act=act, norm_eps=norm_eps)
-            for i in range(depth))
-        # MAE's fine-tuning models pool the patch tokens and normalise after pooling (fc_norm); class-token models
-        # normalise all tokens (norm). Only the one in use exists.
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], i in no_qk_layers,
+                                          init_values, act, norm_eps) for i in range(depth))
+        # MAE's fine-tuning pools the patch tokens, then normalises (fc_norm); a class-token model normalises all (norm)
         setattr(self, 'fc_norm' if global_pool else 'norm', nn.LayerNorm(embed_dim, eps=norm_eps))
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
@@ -234,27 +214,20 @@ class VisionTransformer(nn.Module):
         return x, kept
 
     def forward_head(self, x):
-        if self.global_pool:
-            x = self.fc_norm(x[:, 1 + self.arch['reg_tokens']:].mean(dim=1))   # (B, D) mean of patch tokens
-        else:
-            x = self.norm(x)[:, 0]                                    # (B, D) class token
-        return self.head(x)
+        """(B, 1 + R + N, D) tokens -> (B, num_classes): from the mean of the patch tokens, or the class token."""
+        pooled = self.fc_norm(x[:, 1 + self.arch['reg_tokens']:].mean(1)) if self.global_pool else self.norm(x)[:, 0]
+        return self.head(pooled)                                      # (B, D) -> (B, num_classes)
 
     def forward(self, x, inject=None, keep=None):
         """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
         tokens, kept = self.forward_tokens(x, inject, keep)
-        logits = self.forward_head(tokens)
-        return (logits, kept) if keep else logits
+        return (self.forward_head(tokens), kept) if keep else self.forward_head(tokens)
 
     def internals(self, x, layers, names=('q', 'k')):
-        """{layer: {name: tensor}} of the given layers, running no block after the last of them (of the last,
-        only its norm and projections). names: among 'q', 'k', 'v' (B, H, N, d) and 'logits' (B, H, N, N)."""
+        """{layer: {name: tensor}} of the given layers, running no block after the last (of it, only its norm and
+        projections). names: among 'q', 'k', 'v' (B, H, N, d) and 'logits' (B, H, N, N)."""
         *before, last = sorted(layers)
-        x, out = self.embed(x), {}
-        for i, block in enumerate(self.blocks[:last]):
-            x, kept = block(x, keep=names if i in before else ())
-            if kept:
-                out[i] = kept
+        x, out = self.forward_tokens(x, keep={i: names for i in before}, depth=last)
         q, k, v = self.blocks[last].attn.project(self.blocks[last].norm1(x))
         own = {'q': q, 'k': k, 'v': v, 'logits': scores(q, k) if 'logits' in names else None}
         out[last] = {n: own[n] for n in names}
@@ -289,7 +262,6 @@ def _init_weights(m):
 # -----------------------------------------------------------------------------
 # Sizes (timm's names; patch 16 unless said otherwise)
 
-
 SIZES = {
     'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
     'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
@@ -307,13 +279,11 @@ def model_arch(name, **overrides):
     return {**defaults, 'patch_size': 16, **SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def create_model(name, **overrides):
-    """create_model('vit_base', img_size=32, patch_size=4, num_classes=10); None values ignored."""
+def create_model(name, **overrides):   # create_model('vit_base', img_size=32, patch_size=4, num_classes=10)
     return VisionTransformer(**model_arch(name, **overrides))
 
 # -----------------------------------------------------------------------------
-# Components other families add to the plain ViT, off by default (util/pretrained.py: who uses which); register
-# tokens and norm_pre are in VisionTransformer itself
+# Components other families add to the plain ViT, off by default (util/pretrained.py: who uses which)
 
 
 class LayerScale(nn.Module):   # a learned per-channel scale of a residual branch (CaiT, DINOv2)

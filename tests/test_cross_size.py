@@ -12,7 +12,8 @@ import attention_copy
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
 import attention_distill
 from conftest import TINY, run_in_process, student_of
-from teacher import HEAD_RULE, map_layers, misfit, student_shape, to_student_heads
+from teacher import map_layers, misfit, student_shape, to_student_heads
+from util.checkpoints import HEAD_RULE
 from util.launch import parse_config
 from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation

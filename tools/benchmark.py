@@ -59,7 +59,7 @@ class BenchConfig:
                                     (lambda v: -1 <= v <= BATCH, f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
                          (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
-    img_size: int = option(224, rule=at_least(1, most=SIZE))
+    img_size: int = option(224, rule=at_least(0, most=SIZE))   # 0: refused by checks(), with its patch
     patch_size: int = option(16, rule=at_least(1, most=SIZE))
     depth: int = option(0, "0 = the size's own", at_least(0, "the size's own", DEPTH))
     embed_dim: int = option(0, "0 = the size's own", at_least(0, "the size's own", SIZE))
@@ -78,7 +78,7 @@ class BenchConfig:
     threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default", WORKERS))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
     timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
-    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1, most=SIZE))
+    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1, most=2 ** 20))
     quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
     out_dir: str = option('runs/benchmark', 'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name '
                           'it)')

@@ -44,11 +44,11 @@ from torch.utils.data import DataLoader, Subset
 from attention_copy import CopyModel
 from data import INFO, build_eval_set, class_names
 from ensemble import accuracy, check_classes, heads_checks, load_models, with_data
-from teacher import layer_pairs, teacher_mismatch
+from teacher import layer_pairs
 from tools.features_controls import controls, method_seed
 from tools.features_maps import attention_distance, blocks, map_agreement, runner
 from tools.features_report import check_out, summary, write
-from util.checkpoints import build_from_checkpoint, read_checkpoint
+from util.checkpoints import build_from_checkpoint, read_checkpoint, teacher_mismatch
 from util.launch import parse_config
 from util.config import BATCH, DEPTH, STEPS, WORKERS, ConfigError, at_least, option
 from util.launch import run_main

@@ -7,19 +7,14 @@ The paper's Table 1 in miniature: every method, several seeds, one command.
     python -m tools.reproduce --data fashion-mnist --teacher ''  # the same, pre-training its own teacher first
     python -m tools.reproduce --data cifar10                     # 3 seeds: under an hour on one GPU (estimated)
 
-Each stage is its script run as a command line, its `--data` preset plus a budget: `mae` (the teacher, once for
-all seeds; `--teacher` skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill`
-(--teacher <teacher>), and `ensemble` (fine-tuned + distilled), into runs/reproduce/<data>/<stage>/seed<k>.
-`plan` writes every stage's command line before any stage runs. The teacher runs first, then the four training
-stages of every seed, `--jobs` at a time (each on 1/jobs of the CPU threads), then the ensembles.
-A stage's directory is its record: done.json (written when its script exits cleanly: its command, wall time,
-final metrics and the teacher's SHA-256) means finished and skipped, a checkpoint alone means resumed (--resume
-true), so a reproduction stopped by Ctrl-C or a kill continues with the same command. A finished stage made from
-another teacher file than this one is refused. A failed stage starts no other: those running finish, then
-reproduce.py exits with its error. Ctrl-C stops every stage with it; killed otherwise, reproduce.py leaves its
-running stages to train to their end (each holds its run directory's lock until then). The report (reproduce_report.py): results.json, results.png, TABLE.md and the stages'
-logs, in <out_dir>/results or --results-dir (results/<data> refreshes the committed ones; another reproduction's
-results there are refused unless --replace-results true). A run's number is its final epoch's test top-1.
+Each stage is its script's command line, its `--data` preset plus a budget: `mae` (the teacher, once; `--teacher`
+skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill` (--teacher <teacher>) and
+`ensemble`, into runs/reproduce/<data>/<stage>/seed<k>. `plan` writes every command line, and `preflight` checks every
+stage's inputs, before any stage runs; then the teacher, the training stages `--jobs` at a time, the ensembles.
+A stage's done.json (its command, wall time, metrics, teacher's SHA-256) means finished and skipped; a checkpoint
+alone, resumed: a reproduction stopped by Ctrl-C or SIGTERM (which stop its running stages too) continues with the
+same command. A failed stage starts no other. The report (reproduce_report.py): results.json, results.png, TABLE.md
+and the logs, in --results-dir (results/<data>: the committed ones). A run's number is its final epoch's top-1.
 """
 import importlib
 import os
@@ -84,13 +79,8 @@ class ReproduceConfig:
     fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
 
 
-# Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"):
-# fashion-mnist fits the hour on 2 CPU cores, --quick 5 minutes of one core in fp32.
-# cifar10 / cifar100, one GPU (estimated from FLOPs, not measured): ViT-Tiny, D 192, depth 9, N 65 tokens:
-#   (24 D^2 + 4 N D) x 9 x 65 = 0.55 GFLOP an image forward, x 3 to train: 82 TFLOP an epoch of 50k; the
-#   teacher adds ~35% to copy / distill. 3 seeds x 20 epochs x (1 + 1 + 1.35 + 1.35) = 23 PFLOP, MAE 50
-#   epochs 1.5, evaluations 1.3: ~26 PFLOP = 22 min at an effective 20 TFLOP/s (a model this small uses a
-#   few % of a GPU's peak), 44 min at 10; the loaders must deliver ~5k images/s (8 workers).
+# Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"); cifar's
+# is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
 PRESETS = {
     'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3, blr=4e-3, jobs=2),
     'cifar10': dict(mae_epochs=50, epochs=20, num_workers=8),
@@ -147,8 +137,7 @@ def command(cfg, stage, seed, root, teacher):
 
 
 def plan(cfg, root, teacher):
-    """[((stage, seed), command line)] in the order the stages start: the teacher (unless --teacher names one), the
-    training stages of every seed, the ensembles."""
+    """[((stage, seed), command line)] in the order they start: the teacher, every seed's training stages, ensembles."""
     stages = [('mae', 0)] * (not cfg.teacher) + [(s, k) for s in ORDER for k in cfg.seeds]
     stages += [('ensemble', k) for k in cfg.seeds]
     return [((s, k), command(cfg, s, k, root, teacher)) for s, k in stages]
@@ -195,8 +184,7 @@ def read_done(d, stage):
 
 
 def stage_env(cfg):
-    """With --jobs above 1, each stage's share of the CPU threads (two stages on 2 cores: one thread each, not
-    two), unless OMP_NUM_THREADS is set already."""
+    """With --jobs above 1, each stage's share of the CPU threads, unless OMP_NUM_THREADS is set already."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     if cfg.jobs > 1 and 'OMP_NUM_THREADS' not in env:
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
@@ -239,8 +227,7 @@ def run_stage(key, argv, root, env, record, failed):
 
 
 class Failures(list):
-    """The stages that failed, and the processes of those started: SIGTERM stops them too (each keeps its checkpoint),
-    then this process, in one line."""
+    """The stages that failed, and the processes of those started: SIGTERM stops them too, then this one, in a line."""
     def __init__(self):
         super().__init__()
         self.processes = []

@@ -1,14 +1,8 @@
 """
-Load ViT weights from anywhere into vit.py's VisionTransformer.
-
-Sources: a name from PRETRAINED (downloaded once into the torch hub cache), or a file holding
-  - one of this project's checkpoints  {'model': state_dict, 'arch': VisionTransformer kwargs, ...}
-  - an MAE checkpoint                  {'model': state_dict}  (pre-trained or fine-tuned)
-  - a plain state dict with timm/MAE names, or torchvision's VisionTransformer names
-  - the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted in util/pretrained.py), CLIP's
-    TorchScript archive included (its tensors only).
-Any other file (empty, truncated, another format, or a pickle carrying Python objects: refused
-without running them) is one CheckpointError line naming it and the fix.
+Load ViT weights from anywhere into vit.py's VisionTransformer: a name from PRETRAINED (downloaded once into the
+torch hub cache), or a file holding this project's checkpoint ({'model', 'arch', ...}), an MAE checkpoint, a state
+dict with timm/MAE or torchvision names, or the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted
+in util/pretrained.py). Any other file is one CheckpointError line naming it and the fix (util/files.read_file).
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
@@ -20,15 +14,15 @@ final norm may be unexpected; anything else is an architecture mismatch and an e
 """
 import math
 import os
-import re
 import urllib.parse
 import warnings
-import zipfile
 
 import torch
 import torchvision.models as tvm
 
-from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
+from util.files import CheckpointError, read_file, sha256_of
+from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, resize_words,
+                             unwrap)
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
@@ -45,8 +39,6 @@ PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
 }
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def read_checkpoint(source):
@@ -73,72 +65,6 @@ def read_checkpoint(source):
     return read_file(source)
 
 
-class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint; `what` says why, the message adds the fix."""
-    def __init__(self, what, fix):
-        super().__init__(f'{what}: {fix}')
-        self.what = what
-
-
-def read_file(path):
-    """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
-    containers only: a pickled object that could run code is refused, not run), or the state dict of a
-    TorchScript archive (OpenAI ships CLIP so). Anything else is one UnreadableFile line naming the file."""
-    try:
-        with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
-            warnings.simplefilter('ignore')
-            if is_torchscript(path):
-                # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
-                # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
-                # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
-                # module only the state dict (its tensors) is kept, none of its methods is run
-                return dict(torch.jit.load(path, map_location='cpu').state_dict())
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        what, fix = unreadable(path, e)
-        raise UnreadableFile(f"'{path}' is not a readable PyTorch checkpoint: {what}", fix) from None
-
-
-def records(path, name='data.pkl'):
-    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.rpartition('/')[2] == name for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return None
-
-
-def is_torchscript(path):
-    """Whether a file is a TorchScript archive: a zip with a constants.pkl record (torch.load's own test)."""
-    return bool(records(path, 'constants.pkl'))
-
-
-LEGACY = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'   # torch.save's format before zip files (torch < 1.6)
-
-
-def unreadable(path, error):
-    """(what is wrong with a file torch refused to read, the fix), never torch's advice to load it with
-    weights_only=False: that would run whatever code a pickle carries."""
-    if isinstance(error, PermissionError):
-        return 'it cannot be opened (permission denied)', 'check its permissions'
-    with open(path, 'rb') as f:
-        head = f.read(len(LEGACY))
-    # the object refused, as the weights-only unpickler (or TorchScript's, which knows no Python object) names it
-    refused = re.search(r"GLOBAL (\S+)|Unknown type name '([^']+)'", str(error))
-    if not head:
-        return 'it is empty (0 bytes; an interrupted copy or download?)', 'copy or download it again'
-    if refused:
-        return (f'it holds a pickled Python object ({refused[1] or refused[2]}), not only tensors, refused without '
-                f'running it (a pickle can run code)', 'save the tensors alone: torch.save(model.state_dict(), path)')
-    if head.startswith(LEGACY) or head.startswith(b'PK') and records(path) in (None, True):   # no zip, or torch's
-        return 'it is truncated or damaged (it does not read to its end)', 'copy or download it again'
-    if head.startswith(b'\x80'):
-        return ('it is a pickle, not a file torch.save wrote; refused unread (a pickle can run code)',
-                'save the tensors with torch.save(model.state_dict(), path)')
-    return ('it is neither a file torch.save wrote nor a TorchScript archive',
-            'give the checkpoint file (.pt, .pth) or a name such as mae_vit_base')
-
-
 def state_dict_of(ckpt):
     """The ViT state dict inside a checkpoint, converted to timm/MAE names."""
     return _converted(ckpt)[0]
@@ -146,6 +72,8 @@ def state_dict_of(ckpt):
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) and isinstance(ckpt.get('model'), dict):
+        return {k: v for k, v in ckpt['model'].items() if not k.startswith(('decoder', 'mask_token'))}, {}   # ours
     sd, _ = unwrap(ckpt)
     if sd is None:
         raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
@@ -180,15 +108,16 @@ def heads_of(ckpt, source, dim, num_heads=0, flag='--num-heads'):
     width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
-    known, fam = None, family_key(source, ckpt)
-    rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
-    count = (dim // rule if dim % rule == 0 else None) if isinstance(rule, int) else rule.get(dim)
+    known = None
     if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) and 'num_heads' in ckpt['arch']:
         known = ckpt['arch']['num_heads'], 'recorded in the file'
     elif source in PRETRAINED:
         known = PRETRAINED[source][1], f'those of {source}'
-    elif count:
-        known = count, f"{FAMILIES[fam][0]}'s at width {dim}"
+    else:
+        fam = family_key(source, ckpt)
+        rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
+        count = (dim // rule if dim % rule == 0 else None) if isinstance(rule, int) else rule.get(dim)
+        known = (count, f"{FAMILIES[fam][0]}'s at width {dim}") if count else None
     if known and num_heads and num_heads != known[0]:
         raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads ({known[1]})")
     if known:
@@ -335,5 +264,35 @@ def describe_teacher(source, ckpt, arch, size, heads=(0, '--teacher-num-heads'))
             f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
     if size == native:
         return f'{said}, run at that size'
-    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized {how}'
+    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized '
+            f'{resize_words(how)}'
             f"{'' if name else ' (its family is not known from the file)'}")
+
+# -----------------------------------------------------------------------------
+# What a student's checkpoint records about its teacher (never its weights)
+
+# the head rule (load_copy_model refuses a rule it does not know)
+HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
+
+
+def teacher_record(cfg, transfer):
+    """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
+    the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
+    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
+            'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
+            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers, 'head_rule': HEAD_RULE,
+            'heads': transfer.heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
+
+
+def teacher_mismatch(source, record):
+    """Why `source` is not the teacher a student checkpoint recorded (None if it is): another file's
+    contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
+    if not record:
+        return None
+    if record.get('sha256') is None:
+        return None if source == record['source'] else f"the teacher {record['source']} -> {source}"
+    digest = sha256_of(source)
+    if digest == record['sha256'] or (digest is None and source == record['source']):   # missing: loading says so
+        return None
+    return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
+            f"had {record['sha256']}")

@@ -1,11 +1,8 @@
 """
-One typed config per script: a dataclass whose fields are the script's flags (`--key-name value`), each declared
-once with option(default, help, rule): its value, the sentence `--help` shows, and what it may be. `--data` picks a
-preset applied before your flags. Unknown keys and wrong types are errors, and so are values out of range: the
-fields' rules, then the config's checks() (rules across fields), run by parse_config before anything is made or
-loaded. The config is saved in every run directory and checkpoint; `RESUMABLE` names the fields a resumed run may
-change. `--help` lists every flag with the value that command line runs with (`--data X --help`: under X's
-preset), where it comes from, and its help.
+One typed config per script: a dataclass whose fields are the script's flags (`--key-name value`), each declared once
+with option(default, help, rule): its value, the sentence `--help` shows, and its range. `--data` picks a preset
+applied before your flags. Out of range is refused in one line (each field's rule, then checks(): rules across
+fields) before anything is made. Saved in every run directory and checkpoint; RESUMABLE: what a resume may change.
 """
 import dataclasses
 import math
@@ -132,7 +129,8 @@ class TrainConfig:
                              at_least(0, 'each epoch only', STEPS))
     max_steps: int = option(0, 'only cuts the run short after this many steps (0 = no limit): the lr schedule stays '
                                'the whole --epochs one, so a run cut by it and resumed without it ends exactly as the '
-                               'uncut run. A short complete run: fewer --epochs, --warmup-epochs', at_least(0, 'no limit', STEPS))
+                               'uncut run. A short complete run: fewer --epochs, --warmup-epochs',
+                       at_least(0, 'no limit', STEPS))
     dist_timeout: int = option(1800, 'seconds a process waits for the others (torchrun) before every one stops',
                                at_least(1, 'seconds', SECONDS))
 
@@ -201,10 +199,10 @@ def decay_floor(cfg, depth):
             f'{cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)')
 
 
-def policy(spec):
-    """RandAugment's policy of a --randaug string (util/augment.py, read only where one is given)."""
+def policy(spec):   # RandAugment's policy of a --randaug string (util/augment.py, read only where one is given)
     from util.augment import randaugment
     return randaugment(spec)
+
 
 def flag(name):
     return '--' + name.replace('_', '-')
@@ -243,14 +241,10 @@ def refuse(cfg, rows):
     return cfg
 
 # -----------------------------------------------------------------------------
-# The small data sets' recipe, which every script starts from (each adds its own fields; the sources of
-# every value: RECIPES.md). The ImageNet recipes are each script's own.
+# The small data sets' recipe, which every script starts from (the sources of every value: RECIPES.md)
 
 SMALL_PRESETS = {
-    # Fashion-MNIST: a recipe that trains in minutes on a CPU: 6 blocks of 64 wide (2.7x faster than 128 wide, which
-    # transfer did not need), 8 heads of 8 (every transfer method closed more of the gap than with 4 heads
-    # of 16: results/fashion-mnist/VALIDATION.md), 28x28 with 4x4 patches, average-pooled patch tokens,
-    # flips only (random crops slowed learning too much for 9 epochs)
+    # trains in minutes on a CPU; width, heads, pooling and crops chosen on the validation split (VALIDATION.md)
     'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4,
                           global_pool=True, epochs=9, batch_size=128, blr=2e-3, warmup_epochs=1, weight_decay=0.05,
                           crop_pad=0, num_workers=1, log_every=100),
@@ -263,9 +257,7 @@ SMALL_PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# Sizes that cannot fit, refused before anything is built: a ViT of a million blocks took minutes to build, then
-# failed; a million-pixel image, an allocator's traceback. A lower bound of what one step needs, against the memory
-# of the device it trains on.
+# Sizes that cannot fit this machine, refused before anything is built: a lower bound of what one step needs
 
 SAMPLER_BYTES = 100    # an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
 

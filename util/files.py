@@ -1,10 +1,8 @@
 """
-The small files that runs and reports leave behind and read back (done.json, results.json, ensemble.json,
-metrics.jsonl, ...), and the folders they go in.
-
-A file cut short by a kill or a full disk, edited by hand, or written by another program is one error
-naming the file and the fix, never a traceback; a JSON file is written to a temporary file and renamed, so
-that it is never left half written; an output folder that cannot be written is refused before any work.
+The files that runs and reports leave behind and read back (checkpoints, done.json, results.json, metrics.jsonl, ...),
+and the folders they go in. A file cut short by a kill or a full disk, edited by hand, or written by another program
+is one error naming the file and the fix, never a traceback (a pickle is refused unread); a file is written to a
+temporary file and renamed, never left half written; an output that cannot be written is refused before any work.
 """
 import contextlib
 import errno
@@ -12,10 +10,84 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
-import sys
+import warnings
+import zipfile
+
+import torch
 
 from util.config import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """A file of weights that cannot be read or used: one line naming it and the fix."""
+
+
+class UnreadableFile(CheckpointError):
+    """A file that is no checkpoint; `what` says why, the message adds the fix."""
+    def __init__(self, what, fix):
+        super().__init__(f'{what}: {fix}')
+        self.what = what
+
+
+def read_file(path):
+    """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
+    containers only: a pickled object that could run code is refused, not run), or the state dict of a
+    TorchScript archive (OpenAI ships CLIP so). Anything else is one UnreadableFile line naming the file."""
+    try:
+        with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
+            warnings.simplefilter('ignore')
+            if is_torchscript(path):
+                # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
+                # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
+                # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
+                # module only the state dict (its tensors) is kept, none of its methods is run
+                return dict(torch.jit.load(path, map_location='cpu').state_dict())
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        what, fix = unreadable(path, e)
+        raise UnreadableFile(f"'{path}' is not a readable PyTorch checkpoint: {what}", fix) from None
+
+
+def records(path, name='data.pkl'):
+    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rpartition('/')[2] == name for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def is_torchscript(path):
+    """Whether a file is a TorchScript archive: a zip with a constants.pkl record (torch.load's own test)."""
+    return bool(records(path, 'constants.pkl'))
+
+
+LEGACY = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'   # torch.save's format before zip files (torch < 1.6)
+
+
+def unreadable(path, error):
+    """(what is wrong with a file torch refused to read, the fix), never torch's advice to load it with
+    weights_only=False: that would run whatever code a pickle carries."""
+    if isinstance(error, PermissionError):
+        return 'it cannot be opened (permission denied)', 'check its permissions'
+    with open(path, 'rb') as f:
+        head = f.read(len(LEGACY))
+    # the object refused, as the weights-only unpickler (or TorchScript's, which knows no Python object) names it
+    refused = re.search(r"GLOBAL (\S+)|Unknown type name '([^']+)'", str(error))
+    if not head:
+        return 'it is empty (0 bytes; an interrupted copy or download?)', 'copy or download it again'
+    if refused:
+        return (f'it holds a pickled Python object ({refused[1] or refused[2]}), not only tensors, refused without '
+                f'running it (a pickle can run code)', 'save the tensors alone: torch.save(model.state_dict(), path)')
+    if head.startswith(LEGACY) or head.startswith(b'PK') and records(path) in (None, True):   # no zip, or torch's
+        return 'it is truncated or damaged (it does not read to its end)', 'copy or download it again'
+    if head.startswith(b'\x80'):
+        return ('it is a pickle, not a file torch.save wrote; refused unread (a pickle can run code)',
+                'save the tensors with torch.save(model.state_dict(), path)')
+    return ('it is neither a file torch.save wrote nor a TorchScript archive',
+            'give the checkpoint file (.pt, .pth) or a name such as mae_vit_base')
 
 
 class DamagedFile(ConfigError):
@@ -147,8 +219,8 @@ def check_out_dir(path, flag, record=None, files=()):
     else's (a user's own README.md), which the command would replace: refused, as it replaces only its own."""
     found = [f for f in files if os.path.lexists(os.path.join(path, f))]
     if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: choose "
-                          f"another {flag}")
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: "
+                          f"choose another {flag}")
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')

@@ -8,11 +8,8 @@ first step, in order, before anything is built or written, ending in one immutab
         ...
     run_main(main)                         # at the bottom of the script: errors and Ctrl-C in one line
 
-The command line is the config's dataclass (util/config.py): `--key-name VALUE` for each field, typed by its
-annotation; `--data` picks a preset applied before your flags; `--help` lists every flag with the value this command
-line runs with, where that value comes from (default, preset, your flag) and the field's help sentence.
-The same script runs under `python` (one process) and under `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE set: one
-process per GPU, a process group over NCCL, or gloo on CPUs).
+The command line is the config's dataclass (util/config.py); `--help` lists every flag with the value this line runs
+with and where it comes from. The same script runs under `python` (one process) and `torchrun` (one per GPU, NCCL).
 """
 import argparse
 import dataclasses

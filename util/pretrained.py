@@ -20,26 +20,25 @@ Off its native image size (DINOv2: 518 px, the others 224 px) a family's officia
 position embeddings its own way; FAMILIES records how, and resize_pos_embed (at the end) does the same once.
 """
 import math
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 
-@dataclass(frozen=True)
-class PosEmbedResize:
-    """How a family's official code resizes its (1, 1 + g*g, D) position embeddings to another grid of patches:
-    the class token kept, the g x g grid bicubic (align_corners False), either to the new size or, with an
-    offset, by the scale factor (new + offset) / g (DINO's guard against rounding, facebookresearch/dino#8,
-    which the output size rounds down back to new), with or without antialiasing."""
-    offset: float = 0.0
-    antialias: bool = False
-    like: str = "DeiT's and MAE's fine-tuning"    # whose official code this is
+# How a family's official code resizes its (1, 1 + g*g, D) position embeddings to another grid of patches: the class
+# token kept, the g x g grid bicubic (align_corners False), either to the new size or, with an offset, by the scale
+# factor (new + offset) / g (DINO's guard against rounding, facebookresearch/dino#8, which the output size rounds down
+# back to new), with or without antialiasing; `like`: whose code it is
+PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like', defaults=(0.0, False,
+                                                                                 "DeiT's and MAE's fine-tuning"))
 
-    def __str__(self):
-        how = f'by the scale factor (new + {self.offset:g}) / old' if self.offset else 'to the new size'
-        return f"bicubic {how}{', antialiased' if self.antialias else ''}, as {self.like} does"
+
+def resize_words(how):
+    """A PosEmbedResize in words, for the log."""
+    step = f'by the scale factor (new + {how.offset:g}) / old' if how.offset else 'to the new size'
+    return f"bicubic {step}{', antialiased' if how.antialias else ''}, as {how.like} does"
 
 
 AS_DEIT = PosEmbedResize()   # DeiT main.py and MAE util/pos_embed.py: F.interpolate(size=new, bicubic)

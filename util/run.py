@@ -84,7 +84,7 @@ def check_sdpa(plan, what, compute, inputs):
         eager = distance(compute('eager', dtype), definition)
         try:
             fused, why = distance(compute('sdpa', dtype), definition), ''
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no such kernel, or not this shape
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no kernel, or not for this shape
             fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
     tolerance = max(2 * eager if math.isfinite(eager) else 0, SDPA_FLOOR, 4 * torch.finfo(dtype).eps)   # nan: fp16 maps
     record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
@@ -97,7 +97,8 @@ def check_sdpa(plan, what, compute, inputs):
         plan.log(f'start-up check: {said}: sdpa holds')
         return 'sdpa', {**record, 'implementation': 'sdpa'}
     if cfg.attn_implementation == 'sdpa':
-        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation eager')
+        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation '
+                          f'eager')
     plan.log(f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
     return 'eager', {**record, 'implementation': 'eager'}
 
@@ -260,7 +261,7 @@ def flat(d, prefix=''):
 
 def made_with(cfg, extra):
     """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
-    keep, teacher.teacher_record), and the start-up check of its fused attention where one ran (teacher.check_sdpa)."""
+    keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran (check_sdpa)."""
     record = next((v for v in extra.values() if isinstance(v, dict) and 'sha256' in v), None)
     return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
             **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}

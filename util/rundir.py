@@ -177,15 +177,13 @@ class RunDir:
     # What the run writes
 
     def log(self, msg):
-        """Print, and add to log.txt (util/engine.log): held until begin() has written config.json."""
-        log(self, msg)
+        log(self, msg)   # util/engine.log: printed, and held until begin() has written config.json
 
     def begin(self, record, resumed_step=None, last=None):
-        """config.json: `record` (every field and what made the run) with the git commit, world size, torch version
-        and command. A new run starts afresh (deleting what --overwrite true allowed); a resume updates the fields
-        and appends what it changed, rebuilds a missing or damaged config.json from the checkpoint's config, and
-        keeps the metrics up to the checkpoint's step (an evaluation written after it is made again). Then log.txt
-        gets the lines held so far."""
+        """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
+        run starts afresh (deleting what --overwrite true allowed); a resume updates the fields and appends what it
+        changed (config.json rebuilt from the checkpoint if damaged), keeping the metrics up to the checkpoint's step.
+        Then log.txt gets the lines held so far."""
         if not self.main:
             return
         path = os.path.join(self.path, 'config.json')
@@ -257,7 +255,7 @@ class RunDir:
             save_checkpoint(self.checkpoint, state)
 
     def record_divergence(self, what):
-        """Add to config.json where the run diverged (its step, what was not finite, the step of the checkpoint kept)."""
+        """Add to config.json where the run diverged (its step, what was not finite, the checkpoint kept)."""
         record = self.config_record() if self.main else None
         if record is not None:
             write_text(os.path.join(self.path, 'config.json'), json.dumps({**record, 'diverged': what}, indent=2))
@@ -277,8 +275,7 @@ NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run 
 
 def foreign(out_dir):
     """The sorted names in out_dir that no run of these scripts wrote ([] where it holds such a run: its config.json
-    (a JSON object with the fields RunDir.begin writes), or failing that its checkpoint (the parts a training run
-    saves: SAVED, read safely), is one of ours). A run's own .lock and temporary files aside."""
+    has RunDir.begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files aside."""
     from util.checkpoints import CheckpointError, read_checkpoint
     from util.resume import SAVED
     names = sorted(set(os.listdir(out_dir)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
