@@ -3,28 +3,23 @@ What a model is fed: datasets by name, their transforms, batch mixing (MixUp / C
 splits, and their loaders. How each data set's files are found and read: util/datafiles.py; how a loader makes
 each image's augmentation the same after a resume: util/loader.py.
 
-    --data fashion-mnist                         IDX files from --data-dir, else Debian's dataset-fashion-mnist
-                                                 (/usr/share/datasets/fashion-mnist), else downloaded: read here
-    --data cifar10 | cifar100                    files from --data-dir (util/datafiles.py says where else, and how)
+    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says where else, and how)
     --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG and val/...
     --data fake                                  torchvision FakeData: random images, for smoke runs
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 """
-import gzip
-import math
 import os
-import zlib
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.config import DataError
-from util.loader import TensorImages, build_loader
+from util.datafiles import CIFAR, cifar, fashion_mnist, image_folder
+from util.loader import build_loader
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -158,91 +153,7 @@ def build_dataset(cfg, train, transform=None):
         n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
         return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
                                              random_offset=0 if train else 10 ** 6), 10
-    from util.datafiles import CIFAR, cifar, image_folder   # the other data sets' files: read only where used
     if cfg.data in CIFAR:
         classes = INFO[cfg.data][1]
         return cifar(root, cfg.data, train, tf, classes), classes
     return image_folder(cfg.data, root, train, tf)
-
-# -----------------------------------------------------------------------------
-# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
-
-FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
-
-def read_idx(path):
-    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
-    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
-    try:
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
-        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == bytes([0, 0, 8]) else 0
-    if not ndim or len(data) < 4 + 4 * ndim:
-        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-    if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise damaged_idx([path], f'has {len(data) - 4 - 4 * ndim} bytes of data where its header says '
-                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-
-
-def damaged_idx(paths, problem):
-    """DataError: the files, what is wrong with them, and how to get intact ones."""
-    it = 'it' if len(paths) == 1 else 'them'
-    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
-    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
-        f'delete {it} and run again to download {it} anew'
-    return DataError(f"{' and '.join(paths)} {problem}: {fix}")
-
-
-def find_idx(directory, stem):
-    """directory/stem or directory/stem.gz, whichever exists (None: neither)."""
-    return next((p for p in (os.path.join(directory, stem), os.path.join(directory, stem + '.gz'))
-                 if os.path.isfile(p)), None)
-
-
-FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
-                       't10k-labels-idx1-ubyte')
-
-
-def fashion_mnist_files(dirs):
-    """{stem: path} of the first of dirs that holds all four Fashion-MNIST files (None: none does). A data set's
-    files come from one place: a folder holding only some of them is a DataError naming what it lacks, never
-    paired with files found in the next folder (images from one place, labels from another)."""
-    for d in dirs:
-        found = {stem: find_idx(d, stem) for stem in FASHION_MNIST_FILES}
-        if all(found.values()):
-            return found
-        if any(found.values()):
-            missing = [s for s, p in found.items() if p is None]
-            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}[.gz]): put all "
-                            f"four there, or remove them to read the data set from elsewhere")
-    return None
-
-
-def fashion_mnist(data_dir, train, transform):
-    """One split of Fashion-MNIST, from the first folder holding all its four files: --data-dir, torchvision's
-    download folder in it (FashionMNIST/raw), Debian's dataset-fashion-mnist; else downloaded there by torchvision."""
-    stem = 'train' if train else 't10k'
-    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
-    files = fashion_mnist_files(dirs)
-    if files is None:
-        try:   # last resort: torchvision's download (needs the internet)
-            torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
-        except Exception:
-            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; put its "
-                            f"four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in --data-dir, or "
-                            f"`apt-get install dataset-fashion-mnist`") from None
-        return fashion_mnist(data_dir, train, transform)
-    images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
-    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
-    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
-        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
-    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
-        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
-                                            f'(expected (N, 28, 28) and (N,))')
-    if len(y) and y.max() >= 10:
-        raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
-    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
-                        os.path.dirname(os.path.abspath(images)))

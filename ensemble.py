@@ -198,12 +198,12 @@ def check_classes(sources, records, classes, data):
 
 
 @torch.no_grad()
-def predict_all(models, loader, env):
+def predict_all(models, loader, place):
     """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,)."""
     outs, labels = [[] for _ in models], []
     for x, y in loader:
-        x = x.to(env.device, non_blocking=True)
-        with autocast(env):
+        x = x.to(place.device, non_blocking=True)
+        with autocast(place):
             for out, m in zip(outs, models):
                 out.append(m(x).float().cpu())                                # (B, C)
         labels.append(y)
@@ -245,7 +245,7 @@ def main():
         check_out(cfg)
     sources, weights = cfg.models, normalise_weights(cfg.weights, len(cfg.models))
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))   # where, in what precision
     models, records, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher, cfg.num_heads)
     cfg = with_data(cfg, records)
     if cfg.img_size and cfg.img_size != img_size:
@@ -255,7 +255,7 @@ def main():
     check_classes(sources, records, class_names(test_set, num_classes), cfg.data)
     attn, why = attn_implementation(cfg.attn_implementation, device)
     models = [set_attn_implementation(m, attn).to(device) for m in models]
-    logits, labels = predict_all(models, build_loader(cfg, test_set, False), env)
+    logits, labels = predict_all(models, build_loader(cfg, test_set, False), place)
     results = summarise(sources, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     say(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '

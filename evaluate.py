@@ -146,7 +146,7 @@ def main():
     sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    env = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))   # where, in what precision
     attn, why = attn_implementation(cfg.attn_implementation, device)
     say(f'attention: {attn} ({why})')
     models = [set_attn_implementation(m, attn).to(device) for m in models]
@@ -154,7 +154,7 @@ def main():
     names = [' + '.join(m) for m in members]
     table = [{} for _ in names]                         # per row: {test set: top-1}
     for set_name, (dataset, allowed) in sets.items():
-        logits, labels = predict_all(models, build_loader(cfg, dataset, False), env)
+        logits, labels = predict_all(models, build_loader(cfg, dataset, False), place)
         for row, value in zip(table, top1_row(logits, labels, allowed, groups)):
             row[set_name] = value
         say(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{row[set_name]:.2f}' for row in table))

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
 from util.loader import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
-from data import FASHION_MNIST_SYSTEM_DIR, read_idx
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR, read_idx
 from util.config import DataError
 from util.datafiles import read_cifar_binary
 

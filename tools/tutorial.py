@@ -26,7 +26,7 @@ from util.files import cpu_name, read_jsonl
 from util.launch import amp_dtype
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST, read (found, downloaded if missing, checked) by data.py as the scripts read it
+# Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
 
 CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
 MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
@@ -41,7 +41,7 @@ def fashion_mnist(n, split='t10k'):
 
 def write_idx(path, array):
     """An IDX file of unsigned bytes (MNIST's format: 0, 0, 8, the number of dimensions, each size as a
-    big-endian int32, then the raw bytes): the format data.read_idx reads."""
+    big-endian int32, then the raw bytes): the format util.datafiles.read_idx reads."""
     a = np.ascontiguousarray(array, dtype=np.uint8)
     with open(path, 'wb') as f:
         f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())

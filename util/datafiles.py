@@ -2,22 +2,24 @@
 Each data set's files on disk: found, downloaded when missing (checksummed), read, and checked, so that a
 damaged or misplaced file is one DataError naming it and the fix, never a traceback or silently wrong data.
 
+    Fashion-MNIST   IDX files (MNIST's format), from --data-dir, else Debian's dataset-fashion-mnist
+                    (/usr/share/datasets/fashion-mnist), else downloaded
     CIFAR-10 / 100  the binary distribution's fixed-size records, extracted from its archive (downloaded if absent)
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
     class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
                     image is read as what it is (read_image says how) or refused naming it
 
-Every dataset made here has `classes` (the class names, index = label, as torchvision's datasets have) and
-`source` (the folder its files were read from), so that a run can record what it was trained on and say where
-its data came from.
+Every dataset made here has `classes` (the class names, index = label) and `source` (the folder its files came
+from): a run records what it was trained on, and says where its data came from.
 
-data.py turns these datasets into what a model is fed (and reads Fashion-MNIST, the course's data set, itself):
-transforms, splits, loaders.
+data.py turns these datasets into what a model is fed: transforms, splits, loaders.
 """
+import gzip
 import math
 import os
 import shutil
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -28,6 +30,89 @@ from torchvision.datasets.utils import check_integrity, download_url, extract_ar
 from util.config import DataError
 from util.loader import TensorImages
 
+
+
+# -----------------------------------------------------------------------------
+# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
+
+FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
+
+def read_idx(path):
+    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
+    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
+    try:
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
+        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
+    ndim = data[3] if len(data) >= 4 and data[:3] == bytes([0, 0, 8]) else 0
+    if not ndim or len(data) < 4 + 4 * ndim:
+        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
+    if len(data) - 4 - 4 * ndim != math.prod(shape):
+        raise damaged_idx([path], f'has {len(data) - 4 - 4 * ndim} bytes of data where its header says '
+                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def damaged_idx(paths, problem):
+    """DataError: the files, what is wrong with them, and how to get intact ones."""
+    it = 'it' if len(paths) == 1 else 'them'
+    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
+    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
+        f'delete {it} and run again to download {it} anew'
+    return DataError(f"{' and '.join(paths)} {problem}: {fix}")
+
+
+def find_idx(directory, stem):
+    """directory/stem or directory/stem.gz, whichever exists (None: neither)."""
+    return next((p for p in (os.path.join(directory, stem), os.path.join(directory, stem + '.gz'))
+                 if os.path.isfile(p)), None)
+
+
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                       't10k-labels-idx1-ubyte')
+
+
+def fashion_mnist_files(dirs):
+    """{stem: path} of the first of dirs that holds all four Fashion-MNIST files (None: none does); a folder holding
+    only some is a DataError naming what it lacks, never paired with another's (images from one, labels another)."""
+    for d in dirs:
+        found = {stem: find_idx(d, stem) for stem in FASHION_MNIST_FILES}
+        if all(found.values()):
+            return found
+        if any(found.values()):
+            missing = [s for s, p in found.items() if p is None]
+            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}[.gz]): put all "
+                            f"four there, or remove them to read the data set from elsewhere")
+    return None
+
+
+def fashion_mnist(data_dir, train, transform):
+    """One split of Fashion-MNIST from the first folder with its four files: --data-dir, its FashionMNIST/raw, Debian's
+    dataset-fashion-mnist; else downloaded by torchvision."""
+    stem = 'train' if train else 't10k'
+    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
+    files = fashion_mnist_files(dirs)
+    if files is None:
+        try:   # last resort: torchvision's download (needs the internet)
+            torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
+        except Exception:
+            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; put its "
+                            f"four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in --data-dir, or "
+                            f"`apt-get install dataset-fashion-mnist`") from None
+        return fashion_mnist(data_dir, train, transform)
+    images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
+    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
+    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
+        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
+    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
+                                            f'(expected (N, 28, 28) and (N,))')
+    if len(y) and y.max() >= 10:
+        raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
+    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
+                        os.path.dirname(os.path.abspath(images)))
 
 
 # -----------------------------------------------------------------------------
@@ -56,10 +141,9 @@ def read_cifar_binary(paths, label_bytes):
 
 
 def cifar(root, name, train, transform, num_classes):
-    """CIFAR-10 / -100 from <root>/<folder>/*.bin, labels checked below num_classes; when those files are
-    missing, the archive in <root> is checked (md5) and extracted, downloaded first if absent. A corrupt
-    archive is an error, never overwritten; a failed download leaves nothing behind, not even a --data-dir it
-    had to create."""
+    """CIFAR-10 / -100 from <root>/<folder>/*.bin, labels checked below num_classes; else the archive in <root>
+    checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten; a failed
+    download leaves nothing behind, not even a --data-dir it had to create."""
     archive, md5, folder, train_files, test_files, label_bytes = CIFAR[name]
     paths = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
     if not all(map(os.path.isfile, paths)):
@@ -98,9 +182,8 @@ def download(url, root, md5, fix):
 
 def image_folder(data, root, train, transform):
     """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
-    (classes/imagenet.txt, the sorted folders of its training split), so that its val/ is read without
-    train/; --data folder: the sorted class folders of <root>/train. A split may lack classes; a folder
-    that is not a class, or that holds no image, is a DataError before any training."""
+    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
+    may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
     expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
     split, train_dir = os.path.join(root, 'train' if train else 'val'), os.path.join(root, 'train')
     for d in [split, train_dir] if data == 'folder' else [split]:
@@ -122,8 +205,7 @@ def read_classes(name):
 
 
 def class_folders(directory, expects):
-    """The sorted names of the folders in `directory`, hidden ones (.ipynb_checkpoints, .git) left out, as they are
-    no class; a DataError naming `expects` if it has none."""
+    """The sorted names of the folders in `directory`, hidden ones (no class) left out; a DataError if it has none."""
     names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
     if not names:
         raise DataError(f'{directory} has no folders (one per class): {expects}')
@@ -170,8 +252,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         return samples
 
     def is_image(self, path):
-        """An image file by its extension (ImageFolder's list), outside hidden files and folders (macOS's
-        ._photo.jpg, a .ipynb_checkpoints copy)."""
+        """An image file by its extension, outside hidden files and folders (._photo.jpg, .ipynb_checkpoints)."""
         hidden = any(part.startswith('.') for part in os.path.relpath(path, self.root).split(os.sep))
         return not hidden and path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
 

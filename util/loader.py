@@ -2,7 +2,7 @@
 Samplers and loaders that make a run resumable exactly: each image's augmentation is seeded by (seed, epoch,
 index), and an epoch can start part-way through, so a run stopped and resumed sees the same images, augmented
 the same way, as one that never stopped, whatever the number of loader workers. And the dataset of images held in
-memory (Fashion-MNIST's, CIFAR's) that they load from.
+memory (Fashion-MNIST's, CIFAR's: util/datafiles.py reads them) that they load from.
 """
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
