@@ -483,7 +483,8 @@ def test_ctrl_c_stops_every_stage_and_says_how_to_continue(tmp_path):
     runs = tmp_path / 'runs'
     p = subprocess.Popen([sys.executable, '-m', 'tools.reproduce', *TINY, '--max-steps', '0', '--mae-epochs', '100',
                           '--out-dir', runs, '--results-dir', tmp_path / 'results'], start_new_session=True,
-                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as a terminal leaves it
     try:
         wait_for(lambda: (runs / 'mae' / 'checkpoint.pt').exists() or p.poll() is not None, 240)
         assert stage_pids(str(runs)), f'the mae stage never started:\n{p.communicate(timeout=60)}'

@@ -4,6 +4,8 @@ index), and an epoch can start part-way through, so a run stopped and resumed se
 the same way, as one that never stopped, whatever the number of loader workers. And the dataset of images held in
 memory (Fashion-MNIST's, CIFAR's: util/datafiles.py reads them) that they load from.
 """
+import sys
+
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -48,8 +50,14 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1):
         sampler = list(range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.num_workers > 0,
+                      persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
                       generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
+
+
+def quiet_on_stop(worker_id):
+    """A worker hands its batches over through multiprocessing's sharing thread; a run stopped mid-hand-over leaves
+    that thread a closed connection, which it reports through sys.excepthook: quietly here."""
+    sys.excepthook = lambda kind, *rest: None if issubclass(kind, ConnectionError) else sys.__excepthook__(kind, *rest)
 
 
 class TensorImages(Dataset):
