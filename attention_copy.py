@@ -5,9 +5,10 @@ In every transferred layer the frozen teacher's softmax attention map routes the
     out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d),   A_teacher = softmax(q_t k_t^T / sqrt(d))
 and the student learns everything else: patch embedding, values, projections, MLPs, norms, head.
 Its copied layers have no query/key projections at all. The teacher is needed at inference too.
-The teacher hands over its q_t and k_t, not the map: with --attn-implementation sdpa the copied layer is one
-fused call, F.scaled_dot_product_attention(q_t, k_t, V_student), and no (N, N) map is ever stored; with eager
-the map is written out (vit.attend).
+What the teacher hands over follows --attn-implementation. With eager (what auto runs on a CPU) the teacher hands
+over its map, as its layers wrote it out (vit.attend). With sdpa (what auto runs on CUDA) it hands over its q_t and
+k_t, and the copied layer is one fused call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores
+an (N, N) map.
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt

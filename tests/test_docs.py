@@ -147,7 +147,8 @@ def test_readme_first_command_leaves_git_status_clean(tmp_path):
 # tools/reproduce.py's preset and --quick
 
 
-BUDGET_NAMES = ('notebook quick mode', 'notebook full mode', 'the committed reproduction', 'the quick command')
+BUDGET_NAMES = ('the hand-written loop', 'notebook quick mode', 'notebook full mode', 'the committed reproduction',
+                'the quick command')
 TRAIN, TEST = 60000, 10000      # Fashion-MNIST's splits
 
 
@@ -163,13 +164,27 @@ def number(cell):
     return float(re.match(r'[\d,.]+', cell)[0].replace(',', ''))
 
 
-def notebook_budget():
-    """(training images, test images, flags) of the notebook's quick mode, read from its MODE cell."""
+def notebook_cell():
     import ast
     with open(os.path.join(ROOT, 'tutorial.ipynb'), encoding='utf-8') as f:
         cell = next(''.join(c['source']) for c in json.load(f)['cells']
                     if c['cell_type'] == 'code' and "if MODE == 'quick':" in ''.join(c['source']))
-    quick = next(n for n in ast.walk(ast.parse(cell)) if isinstance(n, ast.If)).body
+    return ast.parse(cell)
+
+
+def notebook_loop():
+    """(steps, batch, lr, test images) of the notebook's hand-written loop, read from the same cell."""
+    import ast
+    line = next(n for n in notebook_cell().body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Tuple)
+                and [t.id for t in n.targets[0].elts] == ['STEPS', 'BATCH', 'LR', 'W', 'N_EVAL'])
+    steps, batch, lr, _, test = ast.literal_eval(line.value)
+    return steps, batch, lr, test
+
+
+def notebook_budget():
+    """(training images, test images, flags) of the notebook's quick mode, read from its MODE cell."""
+    import ast
+    quick = next(n for n in ast.walk(notebook_cell()) if isinstance(n, ast.If)).body
     sliced = next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'DATA_DIR')
     sizes = {k.arg: ast.literal_eval(k.value) for k in sliced.keywords}
     flags = ast.literal_eval(next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'BUDGET'))
@@ -194,6 +209,9 @@ def expected_budgets():
     out = {'notebook full mode': dict(train=TRAIN, test=TEST, batch=p.batch_size, epochs=p.epochs,
                                       steps=per_epoch(TRAIN, p.batch_size) * p.epochs,
                                       lr=p.blr * p.batch_size / 256, warmup=p.warmup_epochs, seeds=1)}
+    steps, batch, lr, test = notebook_loop()       # every training image seen once, one lr throughout
+    out['the hand-written loop'] = dict(train=steps * batch, test=test, batch=batch, epochs=1, steps=steps, lr=lr,
+                                        warmup=0, seeds=1)
     n_train, n_test, f = notebook_budget()
     out['notebook quick mode'] = dict(train=n_train, test=n_test, batch=f['--batch-size'], epochs=f['--epochs'],
                                       steps=per_epoch(n_train, f['--batch-size']) * f['--epochs'],

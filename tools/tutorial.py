@@ -17,7 +17,6 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 import data
-from data import fashion_mnist
 from tools import reproduce
 from tools.palette import PALETTE, colour
 from tools.reproduce_report import records
@@ -34,7 +33,7 @@ MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the script
 
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
-    ds = fashion_mnist('data', split == 'train', transform=None)
+    ds = data.fashion_mnist('data', split == 'train', transform=None)
     x = (ds.images[:n].float() / 255 - MEAN) / STD                                  # (n, 1, 28, 28)
     return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
 
@@ -52,7 +51,7 @@ def write_slice(n_train, n_test, folder=None):
     folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        ds = fashion_mnist('data', split == 'train', transform=None)
+        ds = data.fashion_mnist('data', split == 'train', transform=None)
         write_idx(os.path.join(folder, f'{split}-images-idx3-ubyte'), ds.images[:n, 0].numpy())
         write_idx(os.path.join(folder, f'{split}-labels-idx1-ubyte'), ds.labels[:n].numpy())
     return folder
@@ -142,11 +141,16 @@ def full_reproduction(path='results/fashion-mnist/results.json'):
     return table, float(np.mean(summary['disagreement_pct']))
 
 
-def budgets(quick_flags, n_train, n_test):
-    """The course's four budgets as a Markdown table, each read from the code that sets it: notebook quick mode
-    (quick_flags on n_train / n_test images), notebook full mode (the scripts' preset, util/config.py), the
-    committed reproduction and the quick command (what tools/reproduce.py gives attention_distill.py)."""
-    preset, images = SMALL_PRESETS['fashion-mnist'], len(fashion_mnist('data', True, transform=None))
+def budgets(quick_flags, n_train, n_test, loop):
+    """The course's five budgets as a Markdown table, each read from the code that sets it: the notebook's
+    hand-written loop (loop: its steps, batch, lr and test images; each training image seen once, a constant lr),
+    notebook quick mode (quick_flags on n_train / n_test images), notebook full mode (the scripts' preset,
+    util/config.py), the committed reproduction and the quick command (what tools/reproduce.py gives
+    attention_distill.py)."""
+    preset, images = SMALL_PRESETS['fashion-mnist'], len(data.fashion_mnist('data', True, transform=None))
+
+    def tested(test):
+        return f'all {test:,}' if test == 10_000 else f'the first {test:,}'
 
     def row(name, given, train, test, seeds, where):
         given = {k[2:].replace('-', '_'): v for k, v in zip(given, given[1:]) if str(k).startswith('--')}
@@ -154,19 +158,25 @@ def budgets(quick_flags, n_train, n_test):
         steps, cut = int(f['epochs'] * (train // f['batch_size'])), int(float(given.get('max_steps', 0)))
         took = f"{cut} steps of a {f['epochs']:g}-epoch schedule" if 0 < cut < steps else \
             f"{f['epochs']:g} ({steps:,} steps)"
-        lr = f"{f['blr'] * f['batch_size'] / 256:.0e}".replace('e-0', 'e-')
-        tested = f'all {test:,}' if test == 10_000 else f'the first {test:,}'
-        return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {lr} | {f['warmup_epochs']:g} epoch | "
-                f"{seeds} | {tested} | {where} |")
+        return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {short(f['blr'] * f['batch_size'] / 256)} | "
+                f"{f['warmup_epochs']:g} epoch | {seeds} | {tested(test)} | {where} |")
+    steps, batch, lr, test = loop
     full, quick = (reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true'))
     distill = lambda cfg: reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
     return '\n'.join([
         '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
-        row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, as stored'),
+        f'| the hand-written loop | {steps * batch:,} | 1 ({steps} steps) | {batch} | {short(lr)} | none (constant lr) | '
+        f'1 | {tested(test)} | this notebook, section 5 |',
+        row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, section 6'),
         row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
         row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
         row('the quick command', distill(quick), images, 10_000, len(quick.seeds), '`results/fashion-mnist-quick/`')])
+
+
+def short(lr):
+    """2e-3, as the table writes a learning rate."""
+    return f'{lr:.0e}'.replace('e-0', 'e-')
 
 
 # the reproduction's stages, named as the notebook names its runs
