@@ -14,6 +14,7 @@ an (N, N) map.
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
     python attention_copy.py ... --attn-implementation sdpa   # one fused call per layer (the default on CUDA)
     python attention_copy.py --data fashion-mnist --teacher ... --transfer q   # copy only Q
+    python attention_copy.py --data fashion-mnist --teacher ... --average-maps batch   # one map for a batch's images
     python attention_copy.py --data fashion-mnist --teacher ... --depth 3 --layer-map 0:0,1:2,2:5   # a smaller student
     torchrun --nproc_per_node 8 attention_copy.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
@@ -62,15 +63,20 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             num_workers=10, log_every=100)}
 
 
-def copied(teacher, x, layers, heads, transfer):
+def copied(teacher, x, layers, heads, transfer, average='none'):
     """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map is made in the student's
     layer, by one fused call), or {layer: {'attn': the map}} when the teacher runs eager (its layers write their maps
     out anyway: handed over as they were made, not made twice), or its q, k or v; with the listed heads only.
     layers: {student layer: teacher layer} (or a list: the same layers). A student with fewer heads than the teacher
-    is given all of them: each of its heads is routed by the mean map of its group of teacher heads (vit.attend)."""
-    if transfer == 'attn' and teacher.blocks[0].attn.implementation == 'eager':
+    is given all of them: each of its heads is routed by the mean map of its group of teacher heads (vit.attend).
+    average: 'batch' | 'queries' hands every image the batch's mean map, or every query its image's mean row
+    (--average-maps: the paper's test of whether a map's worth is in its image and its query)."""
+    if transfer == 'attn' and (teacher.blocks[0].attn.implementation == 'eager' or average != 'none'):
         out = {i: {'attn': t['logits'].softmax(-1, dtype=t['logits'].dtype)}                # (B, H, N, N)
                for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items()}
+        if average != 'none':
+            out = {i: {'attn': m['attn'].mean(0 if average == 'batch' else 2, keepdim=True).expand_as(m['attn'])}
+                   for i, m in out.items()}
     else:
         out = teacher_outputs(teacher, x, layers, NAMES[transfer])
     if heads is not None:
@@ -81,13 +87,13 @@ def copied(teacher, x, layers, heads, transfer):
 class CopyModel(nn.Module):
     """Teacher + copy student as one classifier, for evaluation and inference."""
 
-    def __init__(self, teacher, student, layers, heads=None, transfer='attn'):
+    def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none'):
         super().__init__()
         self.teacher, self.student = teacher, student
-        self.layers, self.heads, self.transfer = layers, heads, transfer
+        self.layers, self.heads, self.transfer, self.average = layers, heads, transfer, average
 
     def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer))
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer, self.average))
 
 
 COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
@@ -125,7 +131,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
-    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer']).eval()
+    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'], rec.get('average_maps', 'none')).eval()
     try:
         with torch.no_grad():   # the recorded layers, heads and transfer fit both models
             model(torch.zeros(1, 3, student.arch['img_size'], student.arch['img_size']))
@@ -158,7 +164,7 @@ def first_layer_output(plan, teacher, student, x):
 def copy_loss(cfg, teacher, layers, heads):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, given the teacher's."""
     def loss_fn(net, x, y):
-        given = copied(teacher, x, layers, heads, cfg.transfer)
+        given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
         return loss, {'ce': loss.detach()}
     return loss_fn
@@ -186,7 +192,8 @@ def main():
 
         while run.step < run.total_steps:
             if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
-                run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer), eval_loader, plan))
+                run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer, cfg.average_maps),
+                                            eval_loader, plan))
                 run.save()
         plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} top-5 {run.metrics['top5']:.2f} | "
                  f'{cfg.out_dir}')

@@ -6,6 +6,8 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     H(p, q) = -(p * log q).sum(-1), averaged over batch, heads and query tokens (class token included),
     with t_l, s_l the pre-softmax attention logits of layer l (B, H, N, N), and w = 3.
     The Q / K / V variants use the mean squared error between teacher's and student's q, k or v.
+    --average-maps batch | queries: the target is the teacher's map averaged over a batch's images or an image's
+    queries (the paper's test of whether a map's worth is in its image and its query).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -63,10 +65,15 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of every
     distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
     pairs = layer_pairs(layers)
+    implementation = 'eager' if cfg.average_maps != 'none' else implementation   # an averaged map: written out
     names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
+    dim = 0 if cfg.average_maps == 'batch' else 2                               # over images, or over queries
 
     def loss_fn(net, x, y):
         targets = teacher_outputs(teacher, x, pairs, names)                   # {student layer: {name: tensor}}
+        if cfg.average_maps != 'none':   # the maps' mean p, as logits log(p): their softmax gives p back (eager)
+            targets = {i: {'logits': t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()}
+                       for i, t in targets.items()}                           # (B, H, N, N), fp32
         logits, kept = net(x, keep={i: names for i in pairs})                 # the student's own, kept
         attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation) for i in pairs)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)

@@ -10,6 +10,7 @@ each image's augmentation the same after a resume: util/loader.py.
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 """
 import os
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -31,11 +32,21 @@ INFO = {   # name -> (native image size, classes, (mean, std))
     'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
 }
 
+# Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly: translate), -R,
+# -Sketch and -A in miniature. Each acts on the image in [0, 1], before its normalisation; pixels that come from
+# outside the image are black, as Fashion-MNIST's background.
+SHIFTS = {'none': [],
+          'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0, shear=[0.0])],  # 2 px
+          'invert': [v2.RandomInvert(p=1.0)],                            # 1 - x: dark clothes on white
+          'rotate': [partial(v2.functional.rotate, angle=20.0)],        # 20 degrees anticlockwise
+          'blur': [v2.GaussianBlur(5, sigma=1.0)],
+          'noise': [v2.GaussianNoise(sigma=0.2)]}                        # drawn by the loader's workers; clipped
+
 # -----------------------------------------------------------------------------
 # Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage, as in
 # timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
 
-def build_transform(cfg, train):
+def build_transform(cfg, train, shift='none'):
     native, _, (mean, std) = INFO[cfg.data]
     size = cfg.img_size
     t = []
@@ -56,7 +67,7 @@ def build_transform(cfg, train):
     if train and cfg.randaug:   # timm's RandAugment, and its fill
         from util.augment import randaugment
         t += [randaugment(cfg.randaug, fill=tuple(min(255, round(255 * m)) for m in mean))]
-    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *SHIFTS[shift], v2.Normalize(mean, std)]
     if train and cfg.reprob > 0:
         from util.augment import random_erasing
         t += [random_erasing(cfg.reprob)]
@@ -123,13 +134,14 @@ def data_source(dataset):
     return f'read from {source}' if source else 'made at random (torchvision FakeData)'
 
 
-def build_eval_set(cfg):
+def build_eval_set(cfg, shift='none'):
     """(dataset, num_classes): the test split; with --val-size n, n training images (the same ones for
     every seed and script) seen with the evaluation transform: the split to make choices on, so that
-    the test split is looked at once, at the end."""
+    the test split is looked at once, at the end. shift: its images changed (SHIFTS), labels not."""
+    transform = build_transform(cfg, train=False, shift=shift)
     if not cfg.val_size:
-        return build_dataset(cfg, train=False)
-    images, num_classes = build_dataset(cfg, train=True, transform=build_transform(cfg, train=False))
+        return build_dataset(cfg, train=False, transform=transform)
+    images, num_classes = build_dataset(cfg, train=True, transform=transform)
     return Subset(images, held_out_order(cfg, len(images))[:cfg.val_size]), num_classes
 
 

@@ -18,7 +18,8 @@ Each test set is a folder of class folders, as its authors distribute it:
     --imagenet-a       <dir>/<wnid>/*       200 folders; likewise
 Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists are classes/imagenet-r.txt
 and classes/imagenet-a.txt. Writes <out>/robustness.md and <out>/robustness.json. One process, on a GPU
-if there is one.
+if there is one. A small data set's test split stands in for the folders, its images shifted (data.SHIFTS):
+    python evaluate.py --data fashion-mnist --models a.pt b.pt --ensembles 0,1 --shift none invert rotate
 """
 import os
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from data import build_transform
+from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
 from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, predict_all
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, read_classes
@@ -48,9 +49,21 @@ class EvaluateConfig(ModelsConfig):
     imagenet_sketch: str = ''
     imagenet_r: str = ''
     imagenet_a: str = ''
+    data: str = option('', "instead of the folders: this data set's test split (fashion-mnist, cifar10, ...)",
+                       (lambda v: v in ('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
+    data_dir: str = option('./data', '--data: where its files are (util/datafiles.py looks in other places too)')
+    shift: list[str] = option(factory=lambda: ['none'], help='--data: its images changed, labels not, one column '
+                              'each: ' + ' '.join(SHIFTS))
     out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
     batch_size: int = 128
     num_workers: int = 8
+
+    def checks(self):
+        folders = any(getattr(self, n.replace('-', '_')) for n in SETS)
+        return super().checks() + [
+            ('data', not (self.data and folders), 'or the folders: not both'),
+            ('shift', self.shift and set(self.shift) <= set(SHIFTS) and (self.data or self.shift == ['none']),
+             f"with --data: one or more of {', '.join(SHIFTS)}")]
 
 # -----------------------------------------------------------------------------
 # The test sets: which folder is which ImageNet class, and which classes a prediction may take
@@ -132,18 +145,25 @@ def main():
     cfg = parse_config(EvaluateConfig)
     paths = {name: getattr(cfg, name.replace('-', '_')) for name in SETS}
     paths = {name: p for name, p in paths.items() if p}
-    if not cfg.models or not paths:
+    if not cfg.models or not (paths or cfg.data):
         raise ConfigError('give --models (checkpoints or names) and at least one test set folder: --imagenet, '
-                          '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a')
+                          '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
     if any(map(os.path.exists, files)):
         raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
     check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads)
-    check_classes(cfg.models, records, WNIDS, 'imagenet')   # the 1000 ImageNet classes, by name where recorded
-    transform = build_transform(SimpleNamespace(data='imagenet', img_size=cfg.img_size or img_size), train=False)
-    sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
+    if cfg.data:   # one column per shift of the test split, at the models' image size
+        data = SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir, img_size=cfg.img_size or img_size, val_size=0,
+                               fake_size=512)
+        check_classes(cfg.models, records, class_names(*build_eval_set(data)), cfg.data)
+        sets = {shift: (build_eval_set(data, shift)[0], None) for shift in cfg.shift}
+        paths = {shift: f'{cfg.data} test split, shifted: {shift}' for shift in cfg.shift}
+    else:
+        check_classes(cfg.models, records, WNIDS, 'imagenet')   # the 1000 ImageNet classes, by name where recorded
+        transform = build_transform(SimpleNamespace(data='imagenet', img_size=cfg.img_size or img_size), train=False)
+        sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))   # where, in what precision
@@ -165,7 +185,7 @@ def main():
     write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
                          f'probabilities; on ImageNet-R and -A every prediction is among their 200 classes.\n')
     write_json(files[1], {'config': asdict(cfg),
-                          'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else len(WNIDS)}
+                          'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else INFO[cfg.data][1] if cfg.data else len(WNIDS)}
                                    for n, (d, a) in sets.items()},
                           'rows': [{'model': n, 'members': m, 'top1': row}
                                    for n, m, row in zip(names, members, table)]})

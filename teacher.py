@@ -225,6 +225,8 @@ class TransferConfig(TrainConfig):
                             (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
     heads: str = option('all', 'transferred heads, same syntax', INDEX_RULE)
     transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(WHAT))
+    average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an image's queries: "
+                               'none | batch | queries', one_of(('none', 'batch', 'queries')))
     student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer scale, ...), random "
                                'init', one_of(('plain', 'teacher'), 'choose plain or teacher'))
     teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no record, no family)",
@@ -241,7 +243,16 @@ class TransferConfig(TrainConfig):
                 f'README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large' \
             if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of ' \
                                          'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'
-        return super().checks() + [('teacher', self.teacher != '', f'is required: {which}')]
+        return super().checks() + [
+            ('teacher', self.teacher != '', f'is required: {which}'),
+            ('average_maps', self.average_maps == 'none' or self.transfer == 'attn', 'only with --transfer attn'),
+            ('average_maps', self.average_maps == 'none' or self.attn_implementation != 'sdpa', 'writes the maps out: '
+             'with --attn-implementation eager or auto')]
+
+    @property
+    def written_out(self):
+        """Why this run's maps must be written out ('' if they need not): averaged maps are made from the maps."""
+        return f'--average-maps {self.average_maps} averages written-out maps' * (self.average_maps != 'none')
 
     def resume_conflicts(self, ckpt, world, free=()):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""

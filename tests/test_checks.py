@@ -90,6 +90,7 @@ BAD = [
     (['attention_copy.py', 'attention_distill.py'], 'heads', [['0,,1']]),
     (['attention_copy.py', 'attention_distill.py'], 'layer_map', [['0-2'], ['0:1,0:2']]),
     (['attention_copy.py', 'attention_distill.py'], 'transfer', [['qk']]),
+    (['attention_copy.py', 'attention_distill.py'], 'average_maps', [['images'], ['mean']]),
     (['attention_copy.py', 'attention_distill.py'], 'student_arch', [['vit']]),
     (['attention_copy.py', 'attention_distill.py'], 'teacher_num_heads', [['-1']]),
     (['finetune.py'], 'init_num_heads', [['-1']]),
@@ -115,6 +116,8 @@ BAD = [
     (['ensemble.py', 'evaluate.py'], 'attn_implementation', [['flash']]),
     (['ensemble.py'], 'fake_size', [['0']]),
     (['ensemble.py', 'evaluate.py'], 'seed', [['-1'], [str(2 ** 70)]]),
+    (['evaluate.py'], 'data', [['nosuchdata']]),
+    (['evaluate.py'], 'shift', [['sideways'], ['invert']]),     # invert: only a --data test split is shifted
     (['reproduce.py'], 'data', [['imagenet']]),
     (['reproduce.py'], 'seeds', [['1', '1'], ['-1']]),
     (['reproduce.py'], 'val_size', [['-1']]),

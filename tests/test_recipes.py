@@ -37,6 +37,7 @@ AUGMENT = dict(hflip=0.5, min_scale=0.08, crop_pad=2, randaug='rand-m9-mstd0.5-i
 VIT_L = dict(model='vit_large', img_size=224, patch_size=16, embed_dim=None, depth=None, num_heads=None)
 STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_size=0, embed_dim=None, depth=None,
                num_heads=None, heads='all', transfer='attn',       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
+               average_maps='none',                                # the map of each image and query, as it is
                layer_map='auto',                                   # the teacher's depth: the identity
                student_arch='plain')
 PLAIN_VIT = dict(layer_scale=0.0, norm_pre=False, act='gelu')   # MAE's ViT-L: none of other families' parts

@@ -281,7 +281,8 @@ def teacher_record(cfg, transfer):
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
             'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers, 'head_rule': HEAD_RULE,
-            'heads': transfer.heads, 'transfer': cfg.transfer, 'student_arch': cfg.student_arch}
+            'heads': transfer.heads, 'transfer': cfg.transfer, 'average_maps': cfg.average_maps,
+            'student_arch': cfg.student_arch}
 
 
 def teacher_mismatch(source, record):

@@ -69,7 +69,7 @@ def resolve(cls, presets, argv=None):
     cfg = parse_config(cls, presets, argv)                          # the config and its rules (config.check)
     rank, world, device = processes(cfg)                             # one process, or one of torchrun's
     check_schedule(cfg, world)                                       # the lr schedule at this global batch
-    attn, why = attn_implementation(cfg.attn_implementation, device)
+    attn, why = attn_implementation(cfg.attn_implementation, device, getattr(cfg, 'written_out', ''))
     method = cfg.resolve() if hasattr(cfg, 'resolve') else None      # the config's own step (a teacher's file)
     run_dir = RunDir.claim(cfg, main=rank == 0)                      # the run directory, locked
     with run_dir.released_on_error():                                # the checkpoint to continue, checked
@@ -128,10 +128,13 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; not yet time
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
 
-def attn_implementation(choice, device):
-    """(implementation, why) for --attn-implementation: eager writes attention maps out, sdpa never stores one."""
+def attn_implementation(choice, device, written_out=''):
+    """(implementation, why) for --attn-implementation: eager writes attention maps out, sdpa never stores one.
+    written_out: why a run needs its maps written out ('': it does not), which makes auto eager."""
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
+    if written_out:
+        return 'eager', f'--attn-implementation auto: {written_out}'
     implementation, why = AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 

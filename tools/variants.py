@@ -1,0 +1,88 @@
+"""The runs of tools/variants.sh, collected: each run's test top-1 at its end, per seed, with mean, std and the gap it
+closes between the committed reproduction's scratch and fine-tuning (the baselines: results/fashion-mnist/logs), the
+committed models' top-1 on shifted test images, and the runs' wall time. Writes variants.json and variants.png in
+results/fashion-mnist/variants; the page's tables and sentences are written by hand, and tested against the json.
+    python -m tools.variants"""
+import json
+import os
+from statistics import mean, stdev
+
+from matplotlib.figure import Figure
+
+from tools.palette import PALETTE
+from util.files import save_figure, write_json
+
+HERE = os.path.join('results', 'fashion-mnist')
+OUT = os.path.join(HERE, 'variants')
+METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')   # evaluate.py's rows: 4 models, ensemble 1,3
+
+
+def seeds(root, name):
+    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
+    found = {int(s[4:]): os.path.join(root, s, name) for s in os.listdir(root)}
+    return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
+
+
+def final_top1(path):
+    with open(path) as f:
+        return json.loads(f.readlines()[-1])['top1']
+
+
+def stats(top1, lo, hi):
+    """{seeds, mean, std (n - 1), gap closed between the means lo and hi (%)}."""
+    m = mean(top1.values())
+    return {'seeds': top1, 'mean': m, 'std': stdev(top1.values()) if len(top1) > 1 else None,
+            'gap': 100 * (m - lo) / (hi - lo)}
+
+
+def collect():
+    top1 = {m: seeds(os.path.join(HERE, 'logs', m), 'metrics.jsonl') for m in METHODS[:4]}
+    runs = {n: seeds(os.path.join(OUT, 'logs', n), 'metrics.jsonl') for n in sorted(os.listdir(OUT + '/logs'))}
+    walls = [p for r in runs.values() for p in r.values()]
+    top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
+    lo, hi = mean(top1['scratch'].values()), mean(top1['finetune'].values())
+    shifted, evals = {}, seeds(os.path.join(OUT, 'shift'), 'robustness.json')
+    for k, path in evals.items():
+        with open(path) as f:
+            for row, method in zip(json.load(f)['rows'], METHODS):
+                for shift, value in row['top1'].items():
+                    shifted.setdefault(shift, {m: {} for m in METHODS})[method][k] = value
+    wall = sum(float(open(os.path.dirname(p) + '/wall_s.txt').read()) for p in walls + list(evals.values()))
+    return {'baselines': {m: stats(v, lo, hi) for m, v in top1.items()},
+            'runs': {n: stats(v, lo, hi) for n, v in runs.items()},
+            'shifted': {s: {m: stats(v, mean(r['scratch'].values()), mean(r['finetune'].values()))
+                            for m, v in r.items()} for s, r in shifted.items()}, 'wall_s': wall}
+
+
+def plot(result, path):
+    fig = Figure(figsize=(13, 6), layout='constrained')
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    for i, (name, r) in enumerate(result['runs'].items()):
+        left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=12, color=PALETTE[name.split('-')[0]])
+        left.scatter(r['mean'], i, marker='|', s=300, color=PALETTE[name.split('-')[0]])
+    for method, r in result['baselines'].items():
+        left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=f'{method}, the baseline')
+    left.set_yticks(range(len(result['runs'])), list(result['runs']))
+    left.invert_yaxis()
+    left.set(xlabel='test top-1 (%): each seed (dot), the mean (bar)', title='what is transferred, heads, layers, '
+             'averaged maps (x axis does not start at 0)')
+    left.legend()
+    for method in METHODS:
+        right.plot(list(result['shifted']), [r[method]['mean'] for r in result['shifted'].values()], 'o-',
+                   color=PALETTE[method], label=method)
+    right.set(ylabel='test top-1 (%), mean over seeds', title='shifted test images, labels unchanged, the committed '
+              'models (y axis does not start at 0)')
+    right.legend()
+    save_figure(fig, path, dpi=100)
+    return fig
+
+
+def main():
+    result = collect()
+    write_json(os.path.join(OUT, 'variants.json'), result)
+    plot(result, os.path.join(OUT, 'variants.png'))
+    print(f"{len(result['runs'])} variants; runs and evaluations took {result['wall_s'] / 3600:.2f} h")
+
+
+if __name__ == '__main__':
+    main()
