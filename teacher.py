@@ -18,7 +18,7 @@ from util.checkpoints import (arch_of, check_weights, describe_teacher, load_wei
                               vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse,
                          too_big)
-from util.engine import autocast
+from util.engine import autocast, cast_matmul_weights
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
 WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
@@ -51,14 +51,6 @@ def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
     return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
 
-
-def cast_matmul_weights(model, dtype):
-    """A frozen model's linear and convolution weights stored in the autocast dtype, once (autocast would cast ViT-L's
-    300M numbers every step to the same numbers); norms, tokens and positions stay fp32. Run under autocast only."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            m.to(dtype)
-    return model
 
 # -----------------------------------------------------------------------------
 # Head groups: a student with fewer heads than its teacher
@@ -248,11 +240,8 @@ class TransferConfig(TrainConfig):
             ('average_maps', self.average_maps == 'none' or self.transfer == 'attn', 'only with --transfer attn'),
             ('average_maps', self.average_maps == 'none' or self.attn_implementation != 'sdpa', 'writes the maps out: '
              'with --attn-implementation eager or auto')]
-
-    @property
-    def written_out(self):
-        """Why this run's maps must be written out ('' if they need not): averaged maps are made from the maps."""
-        return f'--average-maps {self.average_maps} averages written-out maps' * (self.average_maps != 'none')
+    written_out = property(lambda self: f'--average-maps {self.average_maps} averages written-out maps' *
+                           (self.average_maps != 'none'))   # why the run's maps must be written out, or ''
 
     def resume_conflicts(self, ckpt, world, free=()):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""

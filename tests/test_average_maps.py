@@ -116,4 +116,4 @@ def test_averaged_maps_are_written_out(monkeypatch, tmp_path, teacher_file, modu
     monkeypatch.setattr('util.launch.AUTO_ATTN', {'cpu': ('sdpa', 'as on CUDA')})
     assert run(monkeypatch, module, tmp_path / 'auto', teacher_file, '--average-maps', 'queries') is None
     log = (tmp_path / 'auto' / 'log.txt').read_text()
-    assert 'attention: eager (--attn-implementation auto: --average-maps queries' in log, log
+    assert 'attention: eager (--attn-implementation auto on cpu: --average-maps queries' in log, log

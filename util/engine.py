@@ -223,3 +223,12 @@ def log(run_dir, msg):
     except OSError as e:
         from util.files import cannot_write
         raise cannot_write(path, e) from None
+
+
+def cast_matmul_weights(model, dtype):
+    """A frozen model's linear and convolution weights stored in the autocast dtype, once (autocast would cast ViT-L's
+    300M numbers every step to the same numbers); norms, tokens and positions stay fp32. Run under autocast only."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(dtype)
+    return model

@@ -122,20 +122,18 @@ def amp_dtype(amp, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
-# --attn-implementation auto: per device, the one measured faster (results/benchmark/ATTENTION.md on CPUs); on CUDA
-# sdpa, not yet timed against eager there, checked against the definition at the start of every run
+# auto: per device, the one measured faster (CPUs); on CUDA sdpa, untimed there, checked at every run's start
 AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; not yet timed against eager on a GPU'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
 
 def attn_implementation(choice, device, written_out=''):
-    """(implementation, why) for --attn-implementation: eager writes attention maps out, sdpa never stores one.
-    written_out: why a run needs its maps written out ('': it does not), which makes auto eager."""
+    """(implementation, why) for --attn-implementation: eager writes maps out, sdpa never stores one; auto picks
+    eager where the run needs its maps written out (written_out: why)."""
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
-    if written_out:
-        return 'eager', f'--attn-implementation auto: {written_out}'
-    implementation, why = AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
+    implementation, why = ('eager', written_out) if written_out else \
+        AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
