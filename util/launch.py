@@ -20,7 +20,6 @@ import signal
 import sys
 import textwrap
 import typing
-from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import torch
@@ -75,7 +74,7 @@ def resolve(cls, presets, argv=None):
     with run_dir.released_on_error():                                # the checkpoint to continue, checked
         resumed = open_resumed(cfg, run_dir, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
-    preset = asdict(cls(**{k: v for k, v in presets.get(cfg.data, {}).items()}))
+    preset = dataclasses.asdict(cls(**{k: v for k, v in presets.get(cfg.data, {}).items()}))
     plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, why, run_dir, resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
@@ -247,7 +246,7 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check (a first parse that only picks the presets: --help must still print)."""
-    presets, defaults = presets or {}, asdict(cls())
+    presets, defaults = presets or {}, dataclasses.asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
     data = given.get('data', defaults.get('data'))
     preset = presets.get(data, {})
