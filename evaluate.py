@@ -182,8 +182,9 @@ def main():
     md = markdown(names, list(sets), table)
     say('\n' + md)
     os.makedirs(cfg.out, exist_ok=True)
+    subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
     write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
-                         f'probabilities; on ImageNet-R and -A every prediction is among their 200 classes.\n')
+                         f'probabilities{subsets}.\n')
     write_json(files[1], {'config': asdict(cfg),
                           'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else INFO[cfg.data][1] if cfg.data else len(WNIDS)}
                                    for n, (d, a) in sets.items()},
