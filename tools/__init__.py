@@ -1,6 +1,6 @@
 """Tools around the course, kept apart from it: run from the repository root with `python -m tools.NAME`. They
 measure and draw; the results pages that say what the numbers show are written by people (tests/test_pages.py and
-tests/test_features_page.py check each number they state).
+tests/test_features_page.py and tests/test_variants.py check each number they state).
 
     reproduce.py, reproduce_report.py   the paper's Table 1 in miniature: every method, several seeds, one command
                                         (results.json, TABLE.md, results.png)
@@ -12,6 +12,8 @@ tests/test_features_page.py check each number they state).
     features_report.py                  (features.json, TABLES.md, features.png)
     validation.py                       the figures and numbers of results/fashion-mnist/VALIDATION.md
     student_study.sh                    the runs of results/student-study/STUDY.md
+    variants.sh, variants.py            the paper's other findings in miniature: the runs, then variants.json and
+                                        variants.png of results/fashion-mnist/variants/
     tutorial.py                         tutorial.ipynb's helper module: its images, the runner of its scripts, its figures
     palette.py                          one colour per method, for every figure
 """

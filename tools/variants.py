@@ -15,6 +15,8 @@ from util.files import save_figure, write_json
 HERE = os.path.join('results', 'fashion-mnist')
 OUT = os.path.join(HERE, 'variants')
 METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')   # evaluate.py's rows: 4 models, ensemble 1,3
+ORDER = [f'{m}-{w}' for m in ('distill', 'copy') for w in 'qkv'] + ['distill-heads2', 'distill-heads4',
+         'distill-layers0-2', 'distill-layers3-5'] + [f'{m}-mean-{o}' for o in ('batch', 'queries') for m in ('distill', 'copy')]
 
 
 def seeds(root, name):
@@ -37,7 +39,8 @@ def stats(top1, lo, hi):
 
 def collect():
     top1 = {m: seeds(os.path.join(HERE, 'logs', m), 'metrics.jsonl') for m in METHODS[:4]}
-    runs = {n: seeds(os.path.join(OUT, 'logs', n), 'metrics.jsonl') for n in sorted(os.listdir(OUT + '/logs'))}
+    names = sorted(sorted(os.listdir(OUT + '/logs')), key=lambda n: (ORDER + [n]).index(n))   # the page's order
+    runs = {n: seeds(os.path.join(OUT, 'logs', n), 'metrics.jsonl') for n in names}
     walls = [p for r in runs.values() for p in r.values()]
     top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
     lo, hi = mean(top1['scratch'].values()), mean(top1['finetune'].values())
@@ -65,14 +68,16 @@ def plot(result, path):
     left.set_yticks(range(len(result['runs'])), list(result['runs']))
     left.invert_yaxis()
     left.set(xlabel='test top-1 (%): each seed (dot), the mean (bar)', title='what is transferred, heads, layers, '
-             'averaged maps (x axis does not start at 0)')
-    left.legend()
-    for method in METHODS:
-        right.plot(list(result['shifted']), [r[method]['mean'] for r in result['shifted'].values()], 'o-',
-                   color=PALETTE[method], label=method)
-    right.set(ylabel='test top-1 (%), mean over seeds', title='shifted test images, labels unchanged, the committed '
-              'models (y axis does not start at 0)')
-    right.legend()
+             'averaged maps\n(x axis does not start at 0)')
+    left.legend(fontsize='small')
+    shifts = list(result['shifted'])
+    for j, method in enumerate(METHODS):   # side by side within each shift
+        right.plot([i + (j - 2) * 0.12 for i in range(len(shifts))], [result['shifted'][s][method]['mean']
+                   for s in shifts], 'o', color=PALETTE[method], label=method)
+    right.set_xticks(range(len(shifts)), shifts)
+    right.set(ylabel='test top-1 (%), mean over seeds', title='shifted test images, labels unchanged: the\n'
+              'committed models (y axis does not start at 0)')
+    right.legend(fontsize='small')
     save_figure(fig, path, dpi=100)
     return fig
 

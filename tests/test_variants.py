@@ -1,0 +1,180 @@
+"""tools/variants.py against runs written out by hand (mean, std, gap closed, the shifted images' rows, the wall
+time), its figure in the palette's colours, and results/fashion-mnist/variants/README.md against its variants.json:
+every number a table or a sentence of the page states, and every ordering a sentence states."""
+import json
+import os
+import re
+
+import matplotlib
+import pytest
+from matplotlib.colors import to_hex
+
+from conftest import ROOT
+from tools import palette, variants
+
+matplotlib.use('Agg')
+
+PAGE = os.path.join(ROOT, 'results', 'fashion-mnist', 'variants')
+
+
+def write_run(folder, top1s, wall=None):
+    os.makedirs(folder)
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps({'epoch': e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
+    if wall is not None:
+        with open(os.path.join(folder, 'wall_s.txt'), 'w') as f:
+            f.write(f'{wall}\n')
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    here, out = tmp_path / 'fm', tmp_path / 'fm' / 'variants'
+    for method, finals in {'scratch': (80, 82), 'finetune': (90, 92), 'copy': (83, 85), 'distill': (88, 88)}.items():
+        for seed, top1 in enumerate(finals):
+            write_run(here / 'logs' / method / f'seed{seed}', [50, top1])
+    write_run(out / 'logs' / 'distill-q' / 'seed0', [60, 86], wall=100)
+    write_run(out / 'logs' / 'distill-q' / 'seed1', [60, 87], wall=200)
+    os.makedirs(out / 'logs' / 'distill-q' / 'seed2')                       # a run not finished: left out
+    rows = [{'top1': {'none': t, 'invert': t / 2}} for t in (80, 90, 84, 88, 91)]
+    os.makedirs(out / 'shift' / 'seed0')
+    (out / 'shift' / 'seed0' / 'robustness.json').write_text(json.dumps({'rows': rows}))
+    (out / 'shift' / 'seed0' / 'wall_s.txt').write_text('30')
+    monkeypatch.setattr(variants, 'HERE', str(here))
+    monkeypatch.setattr(variants, 'OUT', str(out))
+    return out
+
+
+def test_collect_against_numbers_worked_by_hand(tree):
+    r = variants.collect()
+    assert r['baselines']['scratch']['mean'] == 81 and r['baselines']['finetune']['mean'] == 91
+    q = r['runs']['distill-q']
+    assert q['seeds'] == {0: 86, 1: 87} and q['mean'] == 86.5
+    assert q['std'] == pytest.approx(0.5 ** 0.5) and q['gap'] == pytest.approx(55.0)
+    assert r['baselines']['distill']['gap'] == pytest.approx(70.0) and r['baselines']['distill']['std'] == 0
+    assert r['shifted']['invert']['ensemble']['mean'] == 45.5
+    assert r['shifted']['invert']['copy']['gap'] == pytest.approx(40.0)    # (42 - 40) / (45 - 40)
+    assert r['wall_s'] == 330
+
+
+def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path):
+    odd = {k: f'#{17 * (i + 1):02x}{(40 + 23 * i) % 256:02x}{(200 - 19 * i) % 256:02x}'
+           for i, k in enumerate(palette.PALETTE)}
+    for k, c in odd.items():
+        monkeypatch.setitem(palette.PALETTE, k, c)
+    fig = variants.plot(variants.collect(), tmp_path / 'v.png')
+    left, right = fig.axes
+    assert {to_hex(c) for s in left.collections for c in s.get_facecolor()} == {odd['distill']}
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        assert labels and all(to_hex(h.get_color()) == odd[label.split(',')[0]] for h, label in zip(handles, labels))
+        assert ax is right or 'does not start at 0' in ax.get_title()
+    assert 'does not start at 0' in right.get_title()
+
+# -----------------------------------------------------------------------------
+# The page against its data
+
+CELL = re.compile(r'^(-?\d+\.\d+)(?: ± (\d+\.\d+))?$|^(-?\d+\.\d+)%$|^(-?\d+\.\d+(?: / -?\d+\.\d+)+)$')
+PAIR = re.compile(r'`([\w/-]+)` (-?\d+\.\d+)(%?)')
+CHAIN = re.compile(r'`([\w/-]+)` (-?\d+\.\d+)%? ([<>=≈]) (?=`([\w/-]+)` (-?\d+\.\d+)%?)')
+COMPARES = re.compile(r'\b(above|below|beats?|behind|ahead|higher|lower|better|worse|best|worst|more|less|falls?|'
+                      r'drops?|hurts?|helps?|gains?|loses?|costs?)\b')
+
+
+@pytest.fixture(scope='module')
+def page():
+    with open(os.path.join(PAGE, 'variants.json')) as f:
+        data = json.load(f)
+    with open(os.path.join(PAGE, 'README.md')) as f:
+        return f.read(), data
+
+
+def entry(data, key):
+    """A run, a baseline, or 'shift/method' of the shifted test images."""
+    if '/' in key:
+        shift, method = key.split('/')
+        return data['shifted'][shift][method]
+    return data['runs'].get(key) or data['baselines'][key]
+
+
+def agrees(value, text):
+    digits = len(text.split('.')[1])
+    return value is not None and round(value, digits) == float(text)
+
+
+def table_problems(text, data):
+    out, header = [], []
+    for line in text.splitlines():
+        if not line.startswith('|'):
+            header = []
+            continue
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if not header:
+            header = cells
+            continue
+        key = re.fullmatch(r'`([\w/-]+)`', cells[0])
+        if not key:
+            continue
+        for column, cell in zip(header[1:], cells[1:]):
+            m = CELL.match(cell)
+            if not m:
+                continue
+            on = re.fullmatch(r'`([\w-]+)`', column)            # the shifted images: a method per column
+            r = entry(data, f'{key[1]}/{on[1]}' if on else key[1])
+            if m[1] and not (agrees(r['mean'], m[1]) and (m[2] is None or agrees(r['std'], m[2]))):
+                out.append(f'{key[1]} {column}: {cell}, the data {r["mean"]:.2f} ± {r["std"]:.2f}')
+            if m[3] and not agrees(r['gap'], m[3]):
+                out.append(f'{key[1]} {column}: {cell}, the data {r["gap"]:.1f}%')
+            if m[4] and [float(v) for v in m[4].split(' / ')] != [round(v, 2) for v in r['seeds'].values()]:
+                out.append(f'{key[1]} {column}: {cell}, the data {list(r["seeds"].values())}')
+    return out
+
+
+def sentences(text):
+    prose = [line for line in text.splitlines() if line.strip() and not line.startswith(('|', '#', '    ', '!['))]
+    return re.split(r'(?<=[.;:])\s+(?=[A-Z(`])', ' '.join(' '.join(prose).split()))
+
+
+def prose_problems(text, data):
+    out = []
+    for s in sentences(text):
+        for key, number, percent in PAIR.findall(s):
+            r = entry(data, key)
+            if not agrees(r['gap' if percent else 'mean'], number):
+                out.append(f'{key} {number}{percent}: the data {r["gap" if percent else "mean"]:.2f}')
+        chains = CHAIN.findall(s)
+        for a, x, op, b, y in chains:
+            ra, rb = entry(data, a), entry(data, b)
+            holds = {'>': float(x) > float(y), '<': float(x) < float(y), '=': x == y,
+                     '≈': abs(ra['mean'] - rb['mean']) <= max(ra['std'] or 0, rb['std'] or 0)}[op]
+            if not holds:
+                out.append(f'{a} {x} {op} {b} {y} does not hold')
+        rest = PAIR.sub('', s)
+        for number in re.findall(r'-?\d+\.\d+', rest):
+            if not re.search(rf'{re.escape(number)} h\b', rest) or not agrees(data['wall_s'] / 3600, number):
+                out.append(f'{number}: a number this test cannot check, in {s!r}')
+        if COMPARES.search(s) and '`' in s and not chains:
+            out.append(f'a comparison stated without the numbers that show it: {s!r}')
+    return out
+
+
+def test_every_number_of_the_tables_is_the_datas(page):
+    text, data = page
+    assert table_problems(text, data) == []
+    assert len(re.findall(r'^\| `', text, re.M)) >= 20                  # the tables are read, not skipped
+
+
+def test_every_number_and_ordering_of_the_sentences_is_the_datas(page):
+    text, data = page
+    assert prose_problems(text, data) == []
+
+
+def test_the_checks_catch_a_wrong_number_and_a_wrong_ordering(page):
+    _, data = page
+    d = data['runs']['distill-q']
+    wrong = f"Queries alone: `distill-q` {d['mean'] + 0.5:.2f}."
+    assert prose_problems(wrong, data)
+    worse = f"`distill-q` {d['mean']:.2f} < `distill-q` {d['mean']:.2f} is stated here."
+    assert prose_problems(worse, data)
+    assert prose_problems('Queries alone do better than `distill-q`.', data)
+    assert table_problems(f"| run | mean |\n|---|---|\n| `distill-q` | {d['mean'] + 0.01:.2f} ± {d['std']:.2f} |",
+                          data)
