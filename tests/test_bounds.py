@@ -156,17 +156,19 @@ def alive(pid):
         return f.read().split()[2] != 'Z'
 
 
-def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path):
-    """A worker printed a ConnectionResetError traceback and outlived the run by ~5 s."""
+@pytest.mark.parametrize('to_group', [False, True])
+def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path, to_group):
+    """A worker printed a ConnectionResetError traceback and outlived the run by ~5 s; a SIGTERM to every process
+    of the run (a scheduler's) made torch report its workers as failed, in a traceback."""
     p = subprocess.Popen([sys.executable, 'finetune.py', *TINY, '--fake-size', '4096', '--num-workers', '2',
                           '--log-every', '1', '--out-dir', str(tmp_path / 'r')], cwd=ROOT, env=sub_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=to_group)
     for line in p.stdout:
         if 'step 2/' in line:
             break
     workers = children(p.pid)
     assert len(workers) == 2, workers
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM) if to_group else p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     last = err.strip().splitlines()[-1]       # (after torch's note on how many workers this machine suggests)
     assert p.returncode == 143 and last.startswith('error: stopped (SIGTERM)') and 'Traceback' not in err, err

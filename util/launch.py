@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import get_worker_info
 
 from util.checkpoints import CheckpointError
 from util.config import AMP, ConfigError, DataError, check, declared, flag, show
@@ -184,10 +183,8 @@ def run_main(main):
 
 
 def stopped(signum, frame):
-    """SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does: its checkpoint kept, its workers ended, one
-    line. A loader worker, forked with this handler, ends quietly."""
-    if get_worker_info() is not None:
-        os._exit(0)
+    """SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does: its checkpoint kept, its workers ended (their
+    own handler: util/loader.quiet_on_stop), one line."""
     raise KeyboardInterrupt('SIGTERM')
 
 

@@ -4,6 +4,8 @@ index), and an epoch can start part-way through, so a run stopped and resumed se
 the same way, as one that never stopped, whatever the number of loader workers. And the dataset of images held in
 memory (Fashion-MNIST's, CIFAR's: util/datafiles.py reads them) that they load from.
 """
+import os
+import signal
 import sys
 
 import torch
@@ -55,8 +57,10 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1):
 
 
 def quiet_on_stop(worker_id):
-    """A worker hands its batches over through multiprocessing's sharing thread; a run stopped mid-hand-over leaves
-    that thread a closed connection, which it reports through sys.excepthook: quietly here."""
+    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
+    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
+    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     sys.excepthook = lambda kind, *rest: None if issubclass(kind, ConnectionError) else sys.__excepthook__(kind, *rest)
 
 
