@@ -34,9 +34,11 @@ MAX_BYTES = 2_000_000
 MAX_TEXT_LINES = 60         # every stored text output together, a table counting its rows
 MIN_DPI = 100               # a figure's PNG width in pixels over the inches it is shown at (96 CSS pixels an inch)
 # a fresh quick-mode run against the stored one: the teacher's entropies are computed in fp32 and agree
-# across machines; trained numbers differ with the CPU (bf16 autocast on some, fp32 on others) and threads
+# across machines; trained numbers differ with the CPU (bf16 autocast on some, fp32 on others) and threads. The
+# hand-written loop's scratch attention loss is still climbing fast at its last step: an AMD EPYC and an Intel Xeon
+# (both bf16) stored 5.65 and 5.76 for it
 TOLERANCE = {'teacher_entropy': 0.02, 'top1': 8.0, 'ensemble_top1': 8.0, 'attention_loss_after': 0.3,
-             'by_hand_top1': 8.0, 'by_hand_attention': 0.1, 'by_hand_cross_entropy': 0.5, 'weight_0': 8.0}
+             'by_hand_top1': 8.0, 'by_hand_attention': 0.25, 'by_hand_cross_entropy': 0.5, 'weight_0': 8.0}
 
 # -----------------------------------------------------------------------------
 # Executing the notebook: used by the tests and by `python tests/test_tutorial.py`
