@@ -150,6 +150,22 @@ def test_saved_for_backward_holds_no_map_on_sdpa_and_does_on_eager():
     assert saved['copy', 'sdpa'][0] <= 1.05 * saved['train', 'sdpa'][0]
 
 
+def test_measuring_saved_bytes_frees_what_the_step_saved():
+    """saved_for_backward keeps nothing once it returns: a pack hook that handed back the saved tensor itself tied
+    each output to its own grad_fn, so every case's activations stayed allocated (on a 140 GB GPU the benchmark ran
+    out of memory at ViT-B/16, batch 328, after measuring them). Counted as live tensors, round after round."""
+    import gc
+    cfg, _ = configure(BenchConfig(device='cpu', quick=True))
+    parts = Parts(cfg, 'vit_tiny', torch.device('cpu'))
+    live = []
+    for _ in range(3):
+        for case in (('train', 'eager'), ('copy', 'sdpa'), ('distill', 'sdpa'), ('distill', 'eager')):
+            parts.saved_for_backward(*case, batch=2)
+        gc.collect()
+        live.append(sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
+    assert live[0] == live[1] == live[2], live
+
+
 def test_quick_benchmark_on_cpu_times_both_implementations(tmp_path):
     p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--methods', 'train', 'distill',
                    '--paths', 'eager', 'sdpa', '--memory-batch-size', '0', '--out-dir', tmp_path, timeout=300)
@@ -180,3 +196,14 @@ def test_the_filled_batch_is_measured_to_fit_and_the_next_is_not(growth):
     assert batch % 8 == 0 and measured[batch] <= budget
     assert measured.get(batch + 8, curve(batch + 8)) > budget and batch + 8 in measured
     assert largest_batch(lambda b: b, 1e9) == MAX_BATCH and largest_batch(lambda b: 1e9, budget) == 8
+
+
+def test_a_compiled_case_is_counted_when_autos_path_is_not_timed(tmp_path):
+    """--compile true --paths sdpa on a CPU (auto: eager, not timed): the compiled step's FLOPs are auto's, counted
+    for it (they were None, and the report's division failed after every timing)."""
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--methods', 'distill', '--paths',
+                   'sdpa', '--compile', 'true', '--saved-bytes', 'false', '--memory-batch-size', '0', '--out-dir',
+                   tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {row['path']: row for row in results(tmp_path)['rows']}
+    assert set(rows) == {'sdpa', 'compile'} and rows['compile']['flops'] > 0 and rows['compile']['peak_fraction'] > 0

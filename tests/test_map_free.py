@@ -45,11 +45,18 @@ def errors(q_t, k_t, q, k, implementation):
 @pytest.mark.parametrize('shape', SHAPES.values(), ids=SHAPES.keys())
 def test_map_free_at_production_shapes_under_bf16(shape, device):
     """Loss and gradients of the map-free loss, bf16 autocast, strided q and k, against float64: no worse than
-    twice the eager path's own error (or 1% of the largest gradient entry, 0.1% of the loss)."""
+    twice the eager path's own error (or 1% of the largest gradient entry, 0.1% of the loss). CUDA's fused kernel
+    refuses a head width that is no multiple of 8 in bf16 (torch 2.11, an H200) with a RuntimeError, which the
+    start-up check meets by sending auto to eager (test_a_private_entry_point_that_refuses_is_met_at_the_start)."""
     q_t, k_t = (t.to(device) for t in strided_qk(*shape, seed=0))
     q, k = (t.to(device) for t in strided_qk(*shape, seed=1))
     assert not q.is_contiguous()
-    ours, eager = errors(q_t, k_t, q, k, 'sdpa'), errors(q_t, k_t, q, k, 'eager')
+    try:
+        ours = errors(q_t, k_t, q, k, 'sdpa')
+    except RuntimeError:                       # refused: only CUDA's kernel, only at such a width
+        assert device == 'cuda' and shape[1] % 8
+        return
+    eager = errors(q_t, k_t, q, k, 'eager')
     assert ours[0] <= max(2 * eager[0], 1e-3), (ours, eager)
     assert all(e <= max(2 * r, 1e-2) for e, r in zip(ours[1:], eager[1:])), (ours, eager)
 

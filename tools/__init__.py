@@ -12,6 +12,8 @@ tests/test_features_page.py and tests/test_variants.py check each number they st
     features_report.py                  (features.json, TABLES.md, features.png)
     validation.py                       the figures and numbers of results/fashion-mnist/VALIDATION.md
     student_study.sh                    the runs of results/student-study/STUDY.md
+    gpu_check.sh                        on a GPU, in one call: the gpu tests, auto against eager, the start-up checks
+                                        (results/benchmark-h200/)
     variants.sh, variants.py            the paper's other findings in miniature: the runs, then variants.json and
                                         variants.png of results/fashion-mnist/variants/
     tutorial.py                         tutorial.ipynb's helper module: its images, the runner of its scripts, its figures

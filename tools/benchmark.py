@@ -199,7 +199,8 @@ def measure(cfg, size, device, peak):
             del steps[c]
             rows[c]['error'] = 'out of memory'
             torch.cuda.empty_cache()
-    flops.update({(m, 'compile'): flops.get((m, parts.auto)) for m, p in todo if p == 'compile'})
+    for m in [m for m, p in todo if p == 'compile']:   # auto's step compiled: auto's FLOPs, counted if not yet
+        flops[m, 'compile'] = flops.get((m, parts.auto)) or count_flops(parts.step(m, parts.auto, batch=batch))
     for m in [m for m in cfg.profile if (m, parts.auto) in steps]:   # where the time of auto's step goes
         os.makedirs(cfg.out_dir, exist_ok=True)
         profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)

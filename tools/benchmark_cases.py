@@ -188,7 +188,10 @@ class Parts:
             shapes.append(tuple(t.shape))
             if t.untyped_storage().data_ptr() not in params:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t     # kept by the graph until `loss` goes: no storage is freed and its address reused meanwhile
+            # kept by the graph until `loss` goes, so no storage is freed and its address reused meanwhile; detached,
+            # as returning an output itself would tie it to its own grad_fn: a cycle that outlives `loss` (on a GPU,
+            # every case's activations stayed allocated)
+            return t.detach()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = forward()
         del loss

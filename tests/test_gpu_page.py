@@ -1,0 +1,92 @@
+"""The GPU page (results/benchmark-h200/README.md) is written by hand: its table, ratios, start-up checks and loss
+differences are computed again here from the benchmark JSON and the runs' logs and configs beside it."""
+import json
+import math
+import os
+import re
+
+import pytest
+
+from conftest import ROOT
+
+HERE = os.path.join(ROOT, 'results', 'benchmark-h200')
+PAGE = ' '.join(open(os.path.join(HERE, 'README.md')).read().split())
+STEPS = {'plain': 'train', 'copy': 'copy', 'distillation': 'distill'}
+
+
+def rows(name):
+    with open(os.path.join(HERE, f'benchmark-{name}.json')) as f:
+        result = json.load(f)
+    return {(r['method'], r['path']): r for r in result['rows']}, result['gemm_peak']['bf16']
+
+
+def run(name):
+    with open(os.path.join(HERE, 'runs', name, 'config.json')) as f:
+        return json.load(f)
+
+
+def attention_losses(name):
+    with open(os.path.join(HERE, 'runs', name, 'log.txt')) as f:
+        return {int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', f.read())}
+
+
+@pytest.mark.parametrize('model, label', [('vit_base', 'ViT-B/16, 328'), ('vit_large', 'ViT-L/16, 104')])
+def test_the_table_is_the_benchmarks(model, label):
+    measured, peak = rows(model)
+    table = PAGE.split(f'| {label} |')[1].split('| ViT-L')[0].split('Full tables')[0]
+    for step, method in STEPS.items():
+        eager, sdpa = measured[method, 'eager'], measured[method, 'sdpa']
+        mfu = sdpa['flops'] / sdpa['step_s']
+        want = (f" {step} | {eager['img_s']:,.0f} | {sdpa['img_s']:,.0f} | {sdpa['img_s'] / eager['img_s']:.2f}x | "
+                f"{100 * mfu / peak:.1f}% ({100 * mfu / 989e12:.1f}%) | {sdpa['peak_mb']:,.0f} |")
+        assert want in table, want
+    assert f'({peak / 1e12:.0f} TFLOP/s, an 8192³ product)' in PAGE or model == 'vit_base'
+
+
+def test_the_targets_and_the_compiled_run():
+    measured, _ = rows('vit_large')
+    img = {m: measured[m, 'sdpa']['img_s'] for m in STEPS.values()}
+    mem = {p: measured['distill', p]['peak_mb'] for p in ('sdpa', 'eager')}
+    plain_mem = measured['train', 'sdpa']['peak_mb']
+    assert f"distillation {img['distill'] / img['train']:.2f}x a plain step ({img['distill']:.0f} / {img['train']:.0f})" in PAGE
+    assert f"copy {img['copy'] / img['train']:.2f}x a plain step ({img['copy']:.0f} / {img['train']:.0f})" in PAGE
+    assert (f"peak memory {mem['sdpa'] / plain_mem:.2f}x a plain step's ({mem['sdpa']:,.0f} / {plain_mem:,.0f} MiB)"
+            in PAGE and f"It is {mem['sdpa'] / mem['eager']:.2f}x `eager` distillation's ({mem['eager']:,.0f} MiB)" in PAGE)
+    assert all(img[m] > measured[m, 'eager']['img_s'] for m in STEPS.values())   # 'sdpa is faster ... for every'
+    compiled, _ = rows('compile')
+    c = {(m, p): compiled[m, p]['img_s'] for m, p in compiled}
+    assert (f"a plain step goes from {c['train', 'sdpa']:.0f} to {c['train', 'compile']:,.0f} img/s, copy from "
+            f"{c['copy', 'sdpa']:.0f} to {c['copy', 'compile']:.0f}, and distillation from {c['distill', 'sdpa']:.0f} to "
+            f"{c['distill', 'compile']:.0f}") in PAGE
+    assert (f"{c['distill', 'compile'] / c['train', 'compile']:.2f}x a compiled plain step and "
+            f"{c['distill', 'compile'] / c['train', 'sdpa']:.2f}x an uncompiled one") in PAGE
+
+
+def test_the_start_up_checks_and_the_two_runs():
+    for name, shape in (('distill-b-auto', '(32, 12, 197, 64)'), ('distill-l448-auto', '(8, 16, 785, 64)')):
+        check = run(name)['attention_check']
+        assert check['implementation'] == 'sdpa' and check['error'] <= check['tolerance']
+        assert (f"q {shape} | {check['backend']} | {check['error']:.3f} | {check['eager_error']:.3f} | "
+                f"{check['tolerance']:.3f} | {check['seconds']:.2f} |") in PAGE
+    auto, eager = attention_losses('distill-b-auto'), attention_losses('distill-b-eager')
+    assert auto.keys() == eager.keys() and max(auto) == 300
+    assert run('distill-b-auto')['layers'] == '0-8'
+    layers = 9
+    worst = max(abs(auto[s] - eager[s]) for s in auto)
+    assert f'differ by at most {worst:.4f} nats ({auto[10]:.1f} at step 10, {auto[300]:.1f} at step 300)' in PAGE
+    assert f'That is {worst / layers / math.log(197):.1e} per layer' in PAGE
+
+
+def test_the_readme_and_reference_quote_it():
+    measured, _ = rows('vit_large')
+    img = {(m, p): measured[m, p]['img_s'] for m in STEPS.values() for p in ('eager', 'sdpa')}
+    readme, reference = (' '.join(open(os.path.join(ROOT, f)).read().split()) for f in ('README.md', 'REFERENCE.md'))
+    said = (f"distillation runs at {img['distill', 'sdpa']:.0f} img/s on `sdpa` ({img['distill', 'eager']:.0f} on "
+            f"`eager`), {img['distill', 'sdpa'] / img['train', 'sdpa']:.2f}x a plain step")
+    assert said in readme
+    ratios = [r[m, 'sdpa']['img_s'] / r[m, 'eager']['img_s'] for r in (measured, rows('vit_base')[0]) for m in STEPS.values()]
+    assert f'`sdpa` on CUDA ({min(ratios):.2f}-{max(ratios):.2f}x `eager`' in reference
+    assert (f"distillation runs at {img['distill', 'sdpa']:.0f} img/s (`eager`: {img['distill', 'eager']:.0f}), "
+            f"{img['distill', 'sdpa'] / img['train', 'sdpa']:.2f}x a plain step, in "
+            f"{measured['distill', 'sdpa']['peak_mb'] / measured['train', 'sdpa']['peak_mb']:.2f}x its peak memory; copy "
+            f"at {img['copy', 'sdpa'] / img['train', 'sdpa']:.2f}x") in reference
