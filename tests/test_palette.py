@@ -14,7 +14,7 @@ from matplotlib.colors import same_color, to_hex
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from tools import features_report, palette, reproduce_report, tutorial, validation  # noqa: E402
+from tools import features_report, palette, reproduce_report, tutorial  # noqa: E402
 
 # a colour for each key that no figure could reach by chance
 ODD = {k: f'#{17 * (i + 1):02x}{(40 + 23 * i) % 256:02x}{(200 - 19 * i) % 256:02x}'
@@ -91,26 +91,6 @@ def test_features_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
         key = next(k for k, models in method.items() if ax.get_title().split(' ')[0] in models)
         points = set().union(*(colours_of(c) for c in ax.collections))
         assert points == {odd_palette[key]}, (ax.get_title(), points)
-
-
-def test_the_teacher_gap_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
-    fig = validation.teacher_gap(tmp_path / 'teacher_gap.png')
-    for ax in fig.axes:
-        for label, colours in legend_colours(ax).items():
-            assert colours == {odd_palette[label.split(':')[0].split(' ')[0]]}, label
-    assert says_where_its_axes_start(fig)
-
-
-@pytest.mark.parametrize('figure', [validation.teacher_epochs, validation.teacher_variants], ids=lambda f: f.__name__)
-def test_the_validation_figures_draw_each_method_in_its_colour(odd_palette, tmp_path, figure):
-    fig = figure(tmp_path / 'figure.png')
-    for ax in fig.axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            colours = colours_of(h.patches[0] if hasattr(h, 'patches') else h)     # bars: their first bar
-            method = label.split(',')[0].split(' ')[0]
-            assert colours == {odd_palette['copy' if label == 'target, 50%' else 'distill' if label == 'target, 78%'
-                                           else method]}, label
-    assert figure is validation.teacher_variants or says_where_its_axes_start(fig)   # its bars' value axis is x, from 0
 
 
 def fake_run(folder, top1):

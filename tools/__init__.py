@@ -10,7 +10,6 @@ tests/test_features_page.py and tests/test_variants.py check each number they st
     features.py, features_maps.py,      does a student learn features of its own: CKA to the teacher, attention maps
     features_controls.py,               and distances, prediction agreement, each against the seed-to-seed control
     features_report.py                  (features.json, TABLES.md, features.png)
-    validation.py                       the figures and numbers of results/fashion-mnist/VALIDATION.md
     student_study.sh                    the runs of results/student-study/STUDY.md
     gpu_check.sh                        on a GPU, in one call: the gpu tests, auto against eager, the start-up checks
                                         (results/benchmark-h200/)
