@@ -47,12 +47,11 @@ from ensemble import accuracy, check_classes, heads_checks, load_models, with_da
 from teacher import layer_pairs
 from tools.features_controls import controls, method_seed
 from tools.features_maps import attention_distance, blocks, map_agreement, runner
-from tools.features_report import check_out, summary, write
+from tools.features_report import summary, write
 from util.checkpoints import build_from_checkpoint, read_checkpoint, teacher_mismatch
-from util.launch import parse_config
 from util.config import BATCH, DEPTH, STEPS, WORKERS, ConfigError, at_least, option
-from util.launch import run_main
-from util.files import cpu_name, git_commit
+from util.files import check_out_dir, cpu_name, git_commit, read_json
+from util.launch import parse_config, run_main
 
 # -----------------------------------------------------------------------------
 # Linear CKA: the definition, then the same number from statistics accumulated batch by batch
@@ -76,15 +75,16 @@ class CKAStats:
     unbiased HSIC averaged over batches) because that is another estimator whose value moves with the batch
     size; this one is the definition, and a ViT-L's 1024 x 1024 sums in float64 are 8 MB a pair and block.
     Each stream is shifted by its first batch's mean before summing (CKA is blind to shifts): residual
-    streams can carry large means, and X^T Y - n m_x m_y^T of unshifted sums would cancel away digits."""
+    streams can carry large means, and X^T Y - n m_x m_y^T of unshifted sums would cancel away digits.
+    keep: each batch's own sums too (fp32), for features_controls.resampled."""
 
     def __init__(self, keep=False):
         self.n, self.shift, self.sum, self.cross = 0, {}, {}, {}
-        self.batches = [] if keep else None   # keep: each batch's own sums too (fp32), for `resampled`
+        self.batches = [] if keep else None
 
     def update(self, feats):
         """feats: {name: (n, d) features}, the same n samples in every stream, in the same order."""
-        feats = {k: v.detach().double() for k, v in feats.items()}           # (n, d) each
+        feats = {k: v.double() for k, v in feats.items()}                     # (n, d) each
         self.shift = self.shift or {k: v.mean(0) for k, v in feats.items()}
         assert feats.keys() == self.shift.keys() and len({len(v) for v in feats.values()}) == 1
         feats = {k: v - self.shift[k] for k, v in feats.items()}
@@ -107,6 +107,10 @@ class CKAStats:
         ab, aa, bb = self.centred(a, b), self.centred(a, a), self.centred(b, b)
         return (ab.square().sum() / (aa.norm() * bb.norm())).item()
 
+# -----------------------------------------------------------------------------
+# Every model in one pass
+
+
 @torch.no_grad()
 def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     """Everything above in one pass over `loader`. models: {name: VisionTransformer or CopyModel in eval mode,
@@ -119,25 +123,23 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     tokens, class_token = [CKAStats(keep=resamples > 0) for _ in range(depth)], [CKAStats() for _ in range(depth)]
     sums, n, logits, labels = defaultdict(float), 0, defaultdict(list), []   # sums: per-head values x images
     for x, y in loader:
-        x, b = x.to(device), len(y)
-        streams = [blocks(v, x, given(x)) for v, given in runs.values()]
-        for outs in zip(*streams):                                          # block i of every model
-            i, outs = outs[0][0], {k: o[1:] for k, o in zip(runs, outs)}    # {name: (tokens, logits)}
+        x = x.to(device)
+        for i, outs in enumerate(zip(*(blocks(v, x, given(x)) for v, given in runs.values()))):
+            outs = dict(zip(runs, outs))                                    # {name: (tokens, logits)} of block i
             tokens[i].update({k: t.flatten(0, 1) for k, (t, _) in outs.items()})     # (B * N, D) each
             class_token[i].update({k: t[:, 0] for k, (t, _) in outs.items()})        # (B, D) each
             for k, (_, l) in outs.items():
-                first, p = 1 + vits[k].arch['reg_tokens'], l.softmax(-1)              # (B, H, N, N)
                 ce, kl = map_agreement(outs[teacher][1], l)
-                for what, v in (('attention_distance', attention_distance(p, vits[k].patch_embed.patch_size, first)),
-                                ('cross_entropy', ce), ('kl', kl)):
-                    sums[what, k, i] = sums[what, k, i] + b * v.double().cpu()
+                first = 1 + vits[k].arch['reg_tokens']
+                distance = attention_distance(l.softmax(-1), vits[k].patch_embed.patch_size, first)
+                for what, v in (('attention_distance', distance), ('cross_entropy', ce), ('kl', kl)):
+                    sums[what, k, i] += len(y) * v.double().cpu()
         for k, v in vits.items():   # the last block's tokens are still held: the head reads them
             if v.num_classes:
                 logits[k].append(v.forward_head(outs[k][0]).float().cpu())  # (B, C)
         labels.append(y)
-        n += b
+        n += len(y)
     names, labels, logits = list(models), torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
-    per_layer = lambda what, k: [(sums[what, k, i] / n).tolist() for i in range(depth)]    # [layer][head]
     r = {
         'images': n, 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
         'uniform_distance': uniform_distance(vits[teacher]),
@@ -146,25 +148,26 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in names},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
                  'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(names, 2)],
-        **{what: {k: per_layer(what, k) for k in names} for what in ('attention_distance', 'cross_entropy', 'kl')}}
+        **{what: {k: [(sums[what, k, i] / n).tolist() for i in range(depth)] for k in names}   # [layer][head]
+           for what in ('attention_distance', 'cross_entropy', 'kl')}}
     return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
+
 
 def uniform_distance(vit):
     """The attention distance of a map spread evenly over the patches: the reference for a head that looks
     everywhere alike."""
-    grid, first = vit.patch_embed.grid, 1 + vit.arch['reg_tokens']
-    n = first + grid * grid
+    first = 1 + vit.arch['reg_tokens']
+    n = first + vit.patch_embed.grid ** 2
     return attention_distance(torch.full((1, 1, n, n), 1 / n), vit.patch_embed.patch_size, first).item()
 
 
 def given_maps(model):
     """Which of a model's layers run on its teacher's maps rather than their own (a copy student's copied ones),
     and which were distilled toward them (`maps_distilled`, set by load from the checkpoint's record)."""
-    distilled = getattr(model, 'maps_distilled', [])
-    if not isinstance(model, CopyModel):
-        return {'transfer': None, 'maps_given': [], 'heads_given': None, 'maps_distilled': distilled}
-    layers = sorted(layer_pairs(model.layers)) if model.transfer == 'attn' else []
-    return {'transfer': model.transfer, 'maps_given': layers, 'heads_given': model.heads, 'maps_distilled': distilled}
+    copy = isinstance(model, CopyModel)
+    return {'transfer': model.transfer if copy else None,
+            'maps_given': sorted(layer_pairs(model.layers)) if copy and model.transfer == 'attn' else [],
+            'heads_given': model.heads if copy else None, 'maps_distilled': getattr(model, 'maps_distilled', [])}
 
 
 def distilled_layers(source, teacher):
@@ -173,12 +176,12 @@ def distilled_layers(source, teacher):
     it never saw, and say that it did not take them."""
     ckpt = read_checkpoint(source)
     rec = ckpt.get('distilled_from') if isinstance(ckpt, dict) else None
-    other = teacher_mismatch(teacher, rec) if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return []
+    other = teacher_mismatch(teacher, rec)
     if other:
         raise ConfigError(f'{source} is a distilled student: {other}; give its own teacher with --teacher')
-    if not isinstance(rec, dict) or rec.get('transfer') != 'attn':
-        return []
-    return sorted(layer_pairs(rec.get('layer_map', rec.get('layers', []))))
+    return sorted(layer_pairs(rec.get('layer_map', rec.get('layers', [])))) if rec.get('transfer') == 'attn' else []
 
 # -----------------------------------------------------------------------------
 # Config and main
@@ -222,10 +225,9 @@ class FeaturesConfig:
 
     def labels(self):
         """The models' names: --names, else each file's name without .pt (its folder's for checkpoint.pt)."""
-        def label(path):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == 'checkpoint' else stem
-        return self.names or [label(p) for p in self.models]
+        stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+        return self.names or [stem(os.path.dirname(os.path.abspath(p))) if stem(p) == 'checkpoint' else stem(p)
+                              for p in self.models]
 
 
 def known_device(name):
@@ -248,18 +250,18 @@ def load(cfg, device):
     teacher = build_from_checkpoint(cfg.teacher, None, cfg.teacher_num_heads, '--teacher-num-heads', img_size=size,
                                     num_classes=0, drop_path_rate=0.0).eval()
     models = {'teacher': teacher, **dict(zip(cfg.labels(), models))}
-    shapes = {k: (v.depth, v.arch['patch_size'], v.arch['reg_tokens']) for k, v in
-              ((k, runner(m)[0]) for k, m in models.items())}
+    vits = {k: runner(m)[0] for k, m in models.items()}
+    shapes = {k: (v.depth, v.arch['patch_size'], v.arch['reg_tokens']) for k, v in vits.items()}
     if len(set(shapes.values())) > 1:
         raise ConfigError('the models are compared block by block on the same tokens: they need one depth, patch '
                           'size and register count (depth, patch, registers): ' +
                           ', '.join(f'{k} {v}' for k, v in shapes.items()))
-    heads = {k: runner(m)[0].num_heads for k, m in models.items()}   # maps are compared at each model's heads
-    odd = [f'{k} {h}' for k, h in heads.items() if heads['teacher'] % h]
+    heads = teacher.num_heads   # maps are compared at each model's heads
+    odd = [f'{k} {v.num_heads}' for k, v in vits.items() if heads % v.num_heads]
     if odd:
         raise ConfigError(f"the teacher's maps are compared with each model's grouped to its heads (teacher."
-                          f"to_student_heads): the teacher's {heads['teacher']} heads are no multiple of "
-                          f"{', '.join(odd)} heads; compare models with {heads['teacher']} heads or a divisor of it")
+                          f"to_student_heads): the teacher's {heads} heads are no multiple of {', '.join(odd)} heads; "
+                          f"compare models with {heads} heads or a divisor of it")
     cfg = with_data(cfg, records, PRESETS)   # the data set the models were trained on, unless --data is given
     test_set, num_classes = build_eval_set(SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir,
                                                            val_size=0, img_size=size, fake_size=cfg.fake_size))
@@ -273,8 +275,11 @@ def load(cfg, device):
 
 def main():
     cfg = parse_config(FeaturesConfig, PRESETS)
-    if cfg.out_dir:
-        check_out(cfg.out_dir)
+    if cfg.out_dir:   # only its own results are replaced: a TABLES.md or features.png without features.json is not
+        check_out_dir(cfg.out_dir, '--out-dir', 'features.json', ('features.png', 'TABLES.md'))
+        record = os.path.join(cfg.out_dir, 'features.json')
+        if os.path.exists(record):
+            read_json(record, 'choose another --out-dir, or remove it if it is yours', {'result': dict})
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f'--device {cfg.device}: no CUDA device here; use --device cpu')
@@ -283,13 +288,12 @@ def main():
     result = analyse(models, loader, device, resamples=cfg.resamples, seed=cfg.bootstrap_seed)
     machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{cpu_name()}, {torch.get_num_threads()} thread(s)'
-    prov = {'command': ' '.join(['python -m tools.features', *map(shlex.quote, sys.argv[1:])]),
+    prov = {'command': shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]]),
             'git_commit': git_commit(), 'machine': machine, 'device': str(device), 'torch': torch.__version__,
             'python': platform.python_version(), 'wall_s': time.time() - start}
     print(summary(result))
     if cfg.out_dir:
-        write(cfg.out_dir, asdict(cfg), result, prov)
-        print(f'written: {cfg.out_dir}/features.json, features.png, TABLES.md')
+        write(cfg.out_dir, result, {'config': asdict(cfg), **prov})
 
 
 if __name__ == '__main__':

@@ -7,11 +7,13 @@ kept: one image's would be a d x d matrix per pair of models), for predictions o
 """
 import re
 import statistics
-from itertools import combinations
+from itertools import combinations, combinations_with_replacement
 
 import torch
 
 from ensemble import ensemble_probs
+
+LEVEL = 0.95   # the share of the resamples an interval holds
 
 
 def method_seed(name):
@@ -32,17 +34,17 @@ def group_pairs(names, a, b):
     return apart or pairs
 
 
-def quantiles(values, level):
-    """The interval holding `level` of values (R,), as [low, high]."""
-    return torch.quantile(values.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+def interval(values):
+    """The interval holding LEVEL of values (R,), as [low, high]."""
+    return torch.quantile(values.double(), torch.tensor([1 - LEVEL, 1 + LEVEL], dtype=torch.float64) / 2).tolist()
 
 
-def spread(values, replicates=None, level=0.95):
+def spread(values, replicates=None):
     """mean, std over the pairs (0 for one), min, max, and the bootstrap's interval of the mean ((R, pairs) values)."""
     out = {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
            'min': min(values), 'max': max(values)}
     if replicates is not None:
-        out['interval'] = quantiles(replicates.double().mean(1), level)
+        out['interval'] = interval(replicates.double().mean(1))
     return out
 
 
@@ -56,13 +58,12 @@ def resampled(stats, pairs, counts):
     """{(a, b): (R,) CKA} of each pair on R resamples of the batches a CKAStats kept, counts (R, K): how many times
     each of the K batches is drawn. Counts of all ones give its `cka` (to fp32's digits)."""
     w = counts.double()                                                        # (R, K)
+    total = lambda i, key: torch.tensordot(w, torch.stack([b[i][key] for b in stats.batches]).double(), 1)   # (R, ...)
     n = w @ torch.tensor([float(b[0]) for b in stats.batches], dtype=torch.float64)       # (R,)
-    s = {k: w @ torch.stack([b[1][k] for b in stats.batches]).double() for k in stats.shift}   # (R, d) each
+    s = {k: total(1, k) for k in stats.shift}                                  # (R, d) each
 
-    def centred(a, b):                                                         # (R, d_a, d_b)
-        key = (a, b) if (a, b) in stats.cross else (b, a)
-        c = (w @ torch.stack([x[2][key] for x in stats.batches]).flatten(1).double()).unflatten(1, stats.cross[key].shape)
-        c = c if key == (a, b) else c.transpose(1, 2)
+    def centred(a, b):                                                         # (R, d_a, d_b), as CKAStats.centred
+        c = total(2, (a, b)) if (a, b) in stats.cross else total(2, (b, a)).transpose(1, 2)
         return c - s[a][:, :, None] * s[b][:, None, :] / n[:, None, None]
     norm = {k: centred(k, k).flatten(1).norm(dim=1) for k in {x for p in pairs for x in p}}   # (R,) each
     return {(a, b): centred(a, b).square().sum((1, 2)) / (norm[a] * norm[b]) for a, b in pairs}
@@ -88,37 +89,35 @@ def prediction_values(logits, labels, a, b, w):
     return v
 
 
-def controls(r, tokens, logits, labels, resamples, seed, level=0.95):
+def controls(r, tokens, logits, labels, resamples, seed):
     """'groups': for every two methods (and each with itself: its seed-to-seed control), the CKA of their pairs
     (`group_pairs`) per block and, between classifiers, their predictions (`prediction_values`), each as `spread`
-    over the pairs; each pair's interval of its CKA ('tokens_interval'); 'bootstrap': how the intervals were drawn."""
+    over the pairs; each pair's interval of its CKA ('tokens_interval'); 'bootstrap': how the intervals were drawn.
+    The predictions are computed once on every image (a first row of weights all ones), then on each resample."""
     names, cka = list(r['models']), {(p['a'], p['b']): p for p in r['cka']}
-    boot = {pair: [None] * r['depth'] for pair in cka}                        # {pair: [block] (R,) CKA}
+    boot = [dict.fromkeys(cka)] * r['depth']                                   # [block] {pair: (R,) CKA}
     if resamples:
-        per_block = [resampled(s, list(cka), draws(len(tokens[0].batches), resamples, seed)) for s in tokens]
+        counts = draws(len(tokens[0].batches), resamples, seed)
+        boot = [resampled(s, list(cka), counts) for s in tokens]
         for pair, p in cka.items():
-            boot[pair] = [b[pair] for b in per_block]
-            p['tokens_interval'] = [quantiles(v, level) for v in boot[pair]]
-    images = draws(len(labels), resamples, seed + 1).double() if resamples else None
-    stacked = lambda reps: torch.stack(reps, 1) if resamples else None        # (R, pairs) replicates
-    methods, out = list(dict.fromkeys(method_seed(k)[0] for k in names)), []
-    for i, a in enumerate(methods):
-        for b in methods[i:]:
-            ps = group_pairs(names, a, b)
-            if not ps:
-                continue
-            keys = [p if p in cka else p[::-1] for p in ps]
-            g = {'a': a, 'b': b, 'pairs': [list(p) for p in ps],
-                 'tokens': [spread([cka[p]['tokens'][k] for p in keys], stacked([boot[p][k] for p in keys]), level)
-                            for k in range(r['depth'])],
-                 'class_token': [spread([cka[p]['class_token'][k] for p in keys]) for k in range(r['depth'])]}
-            if all(k in logits for p in ps for k in p):
-                ones = torch.ones(1, len(labels), dtype=torch.float64)
-                values = [prediction_values(logits, labels, x, y, ones) for x, y in ps]
-                reps = [prediction_values(logits, labels, x, y, images) if resamples else {} for x, y in ps]
-                g['predictions'] = {m: spread([v[m].item() for v in values], stacked([v.get(m) for v in reps]), level)
-                                    for m in PREDICTION}
-            out.append(g)
-    how = {'resamples': resamples, 'seed': seed, 'level': level, 'cka_unit': 'a batch of images',
+            p['tokens_interval'] = [interval(b[pair]) for b in boot]
+    weights = torch.cat([torch.ones(1, len(labels)), draws(len(labels), resamples, seed + 1)]).double()   # (1 + R, n)
+    stack = lambda values: torch.stack(values, 1) if resamples else None      # (R, pairs) replicates
+    groups = []
+    for a, b in combinations_with_replacement(dict.fromkeys(method_seed(k)[0] for k in names), 2):
+        ps = group_pairs(names, a, b)
+        if not ps:
+            continue
+        keys = [p if p in cka else p[::-1] for p in ps]
+        g = {'a': a, 'b': b, 'pairs': [list(p) for p in ps],
+             'tokens': [spread([cka[p]['tokens'][i] for p in keys], stack([boot[i][p] for p in keys]))
+                        for i in range(r['depth'])],
+             'class_token': [spread([cka[p]['class_token'][i] for p in keys]) for i in range(r['depth'])]}
+        if all(k in logits for p in ps for k in p):
+            values = [prediction_values(logits, labels, x, y, weights) for x, y in ps]      # each (1 + R,)
+            g['predictions'] = {m: spread([v[m][0].item() for v in values], stack([v[m][1:] for v in values]))
+                                for m in PREDICTION}
+        groups.append(g)
+    how = {'resamples': resamples, 'seed': seed, 'level': LEVEL, 'cka_unit': 'a batch of images',
            'cka_units': len(tokens[0].batches), 'prediction_unit': 'an image'} if resamples else None
-    return {'groups': out, 'bootstrap': how}
+    return {'groups': groups, 'bootstrap': how}

@@ -13,14 +13,6 @@ from attention_distill import attention_cross_entropy
 from teacher import to_student_heads
 from vit import scores
 
-
-def patch_distances(grid, patch_size):
-    """(P, P) distances in pixels between the centres of a grid x grid of patches (P = grid^2, row by row)."""
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
-    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5) * patch_size      # (P, 2)
-    return torch.cdist(centres.double(), centres.double()).float()                       # (P, P)
-
-
 def attention_distance(attn, patch_size, first=1):
     """(H,) mean attention distance in pixels of each head: for query patch i, sum_j A_ij ||pos_i - pos_j||
     over patch keys j, pos the patch centres; averaged over query patches and images. attn: (B, H, N, N)
@@ -29,24 +21,22 @@ def attention_distance(attn, patch_size, first=1):
     distance says where a head looks when it looks at the image, however much it looks at the class
     token. A head reading only itself: 0; a uniform map: the mean distance between two patch centres."""
     a = attn[..., first:, first:].float()                                   # (B, H, P, P) patches to patches
-    d = patch_distances(math.isqrt(a.shape[-1]), patch_size).to(a.device)   # (P, P)
+    grid = math.isqrt(a.shape[-1])
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5).double() * patch_size     # (P, 2) pixels
+    d = torch.cdist(centres, centres).float().to(a.device)                  # (P, P)
     return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))                       # (H,)
-
-
-def entropy(logits):
-    """(H,) mean entropy in nats of each head's attention rows; logits (B, H, N, N): the distillation loss of a
-    map against itself is its entropy."""
-    return torch.stack([attention_cross_entropy(h, h) for h in logits.split(1, dim=1)])
 
 
 def map_agreement(teacher_logits, logits):
     """((H,) cross-entropy, (H,) KL) of each head's map to the teacher's, in nats, mean over images and
-    query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy:
-    0 for the teacher's own maps. A teacher with more heads is grouped to the model's (teacher.to_student_heads,
-    as distillation does). logits (B, H, N, N): log-probabilities do as well."""
-    teacher_logits = to_student_heads(teacher_logits, logits.shape[1])                # (B, H, N, N)
-    ce = torch.stack([attention_cross_entropy(t, s) for t, s in zip(teacher_logits.split(1, 1), logits.split(1, 1))])
-    return ce, ce - entropy(teacher_logits)
+    query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy (its
+    cross-entropy to itself): 0 for the teacher's own maps. A teacher with more heads is grouped to the model's
+    (teacher.to_student_heads, as distillation does). logits (B, H, N, N): log-probabilities do as well."""
+    t = to_student_heads(teacher_logits, logits.shape[1]).split(1, 1)             # H x (B, 1, N, N)
+    ce = torch.stack([attention_cross_entropy(a, b) for a, b in zip(t, logits.split(1, 1))])
+    return ce, ce - torch.stack([attention_cross_entropy(a, a) for a in t])
+
 
 # -----------------------------------------------------------------------------
 # One model, block by block
@@ -56,28 +46,27 @@ def runner(model):
     """(the ViT whose blocks run, x -> what its layers are given). A copy student runs with its teacher's maps
     in its copied layers, exactly as attention_copy.CopyModel runs it."""
     if isinstance(model, CopyModel):
-        s = model.student
-        return s, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer)
+        return model.student, lambda x: copied(model.teacher, x, model.layers, model.heads, model.transfer)
     return model, lambda x: {}
 
 
 def blocks(vit, x, inject):
-    """Yield (block, tokens (B, N, D) at its output, logits (B, H, N, N) whose softmax is the map it used)
-    block by block, so that several models can be run side by side holding one block's tensors each.
-    Where a layer is given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
+    """Yield (tokens (B, N, D) at a block's output, logits (B, H, N, N) whose softmax is the map it used) block by
+    block, so that several models can be run side by side holding one block's tensors each. Where a layer is
+    given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
     x = vit.embed(x)                                                        # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
         x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
         logits = kept.get('logits')                                         # its own, when it computes one
         if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
-            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
             teacher = scores(given['q'], given['k']).float() if 'q' in given else \
                 given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
+            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
             maps = to_student_heads(teacher, heads)                                     # (B, h, N, N)
             if 'heads' in given:
                 logits = logits.clone()
                 logits[:, given['heads']] = maps.to(logits.dtype)
             else:
                 logits = maps
-        yield i, x, logits.float()
+        yield x, logits.float()

@@ -7,7 +7,7 @@ it states.
     python -m tools.features_report results/fashion-mnist/features   # TABLES.md and features.png again, from features.json
 """
 import os
-import statistics
+from statistics import fmean as mean
 import sys
 
 from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
@@ -15,17 +15,9 @@ from matplotlib.figure import Figure   # no pyplot: no global state, rendered by
 from tools import palette
 from tools.features_controls import spread
 from util.config import ConfigError
-from util.files import check_out_dir, read_json, save_figure, write_json, write_text
+from util.files import read_json, save_figure, write_json, write_text
 from util.launch import run_main
 
-
-def check_out(out_dir):
-    """Refuse, before any work, an --out-dir that cannot be written, or that holds a TABLES.md or features.png
-    that features.py did not write (no features.json beside them): only its own results are replaced."""
-    check_out_dir(out_dir, '--out-dir', 'features.json', ('features.png', 'TABLES.md'))
-    path = os.path.join(out_dir, 'features.json')
-    if os.path.exists(path):
-        read_json(path, 'choose another --out-dir, or remove it if it is yours', {'result': dict})
 
 # -----------------------------------------------------------------------------
 # Tables: one row per method, or per pair of methods (features.py's groups: seeds pooled)
@@ -37,10 +29,6 @@ def methods(r):
     for k, m in r['models'].items():
         out.setdefault(m.get('method', k), []).append(k)
     return out
-
-
-def mean(values):
-    return statistics.fmean(values)
 
 
 def blocks_header(r, first):
@@ -195,16 +183,15 @@ def plot(r, path):
 # The files
 
 
-def write(out_dir, cfg, r, prov):
-    """features.png, TABLES.md and features.json (every number, and how it was made) in out_dir."""
+def write(out_dir, r, record=None):
+    """features.png and TABLES.md in out_dir, and with record (the config, how it was made) features.json, which holds
+    every number."""
     os.makedirs(out_dir, exist_ok=True)
-    write_tables(out_dir, r)
-    write_json(os.path.join(out_dir, 'features.json'), {'config': cfg, **prov, 'result': r})
-
-
-def write_tables(out_dir, r):
     plot(r, os.path.join(out_dir, 'features.png'))
     write_text(os.path.join(out_dir, 'TABLES.md'), f"# The tables of features.json\n\n{summary(r)}\n")
+    if record:
+        write_json(os.path.join(out_dir, 'features.json'), {**record, 'result': r})
+    print(f"written: {out_dir}/{'features.json, ' * bool(record)}features.png, TABLES.md")
 
 
 def rewrite(out_dir):
@@ -212,9 +199,8 @@ def rewrite(out_dir):
     path = os.path.join(out_dir, 'features.json')
     if not os.path.isfile(path):
         raise ConfigError(f'{path} not found: name a directory that features.py wrote (--out-dir)')
-    write_tables(out_dir, read_json(path, 'restore it (committed results: git checkout -- it), or make it again '
-                                          'with python -m tools.features', {'result': dict})['result'])
-    print(f'written: {out_dir}/TABLES.md, features.png (from features.json)')
+    write(out_dir, read_json(path, 'restore it (committed results: git checkout -- it), or make it again with python '
+                                   '-m tools.features', {'result': dict})['result'])
 
 
 if __name__ == '__main__':
