@@ -12,7 +12,7 @@ from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from util.augment import APPLY, LEVELS, OPS, RandAugment, parse_policy, randaugment, random_erasing
+from util.augment import LEVELS, OPS, RandAugment, apply, parse_policy, randaugment, random_erasing
 
 FILL = (124, 116, 104)          # ImageNet's mean colour, as timm's create_transform passes it
 HPARAMS = dict(translate_const=100, img_mean=FILL)
@@ -33,7 +33,7 @@ def timm_argument(op, level, sign, monkeypatch):
     return None if fn is None else fn(level, HPARAMS)[0]
 
 
-ALL_OPS = sorted(APPLY)
+ALL_OPS = sorted(set(OPS) | set(LEVELS))   # every op the policy draws, the increasing variants too
 
 # -----------------------------------------------------------------------------
 # 1. The ops: arguments and pixels
@@ -91,7 +91,7 @@ def test_argument_is_timms_formula_written_out(op):
             assert LEVELS[op](float(m), -1) == pytest.approx(negative), (op, m)
         elif op in LEVELS:
             assert LEVELS[op](float(m), -1) == LEVELS[op](float(m), 1)      # no sign: the same either way
-    assert set(FORMULA) == set(APPLY)                                  # every op of the policy has its row
+    assert set(FORMULA) == set(ALL_OPS)                                 # every op of the policy has its row
 
 
 @pytest.mark.parametrize('op', ALL_OPS)
@@ -100,7 +100,7 @@ def test_pixels_on_a_pil_image_are_timms(op, sign, monkeypatch):
     img = picture()
     arg = timm_argument(op, 9.0, sign, monkeypatch)
     theirs = timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL, resample=Image.BICUBIC)
-    ours = APPLY[op](img, arg, list(FILL), v2.InterpolationMode.BICUBIC)
+    ours = apply(img, op, arg, list(FILL), v2.InterpolationMode.BICUBIC)
     assert isinstance(ours, Image.Image)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs)), op
     assert not np.array_equal(np.asarray(ours), np.asarray(img)) or op in ('AutoContrast',)   # it did something
@@ -115,7 +115,7 @@ def test_pixels_on_a_tensor_are_timms_up_to_resampling(op, monkeypatch):
     arg = timm_argument(op, 9.0, -1, monkeypatch)
     theirs = np.asarray(timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL,
                                                resample=Image.BICUBIC), dtype=np.int64)
-    ours = APPLY[op](F.pil_to_tensor(img), arg, list(FILL), v2.InterpolationMode.BILINEAR)
+    ours = apply(F.pil_to_tensor(img), op, arg, list(FILL), v2.InterpolationMode.BILINEAR)
     assert ours.dtype == torch.uint8
     diff = np.abs(ours.permute(1, 2, 0).numpy().astype(np.int64) - theirs)
     if op in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'):
@@ -129,9 +129,9 @@ def test_extremes_timm_reaches():
     """Magnitude 10 (clipped noise reaches it ~2% of the time): posterize keeps 0 bits, a black image
     (Pillow >= 11 refuses 0 bits, so timm itself fails there); magnitude 0: solarize at 256, no change."""
     img = picture()
-    black = APPLY['PosterizeIncreasing'](img, LEVELS['PosterizeIncreasing'](10.0, 1), list(FILL), None)
+    black = apply(img, 'PosterizeIncreasing', LEVELS['PosterizeIncreasing'](10.0, 1), list(FILL), None)
     assert LEVELS['PosterizeIncreasing'](10.0, 1) == 0 and not np.asarray(black).any()
-    same = APPLY['SolarizeIncreasing'](F.pil_to_tensor(img), LEVELS['SolarizeIncreasing'](0.0, 1), list(FILL), None)
+    same = apply(F.pil_to_tensor(img), 'SolarizeIncreasing', LEVELS['SolarizeIncreasing'](0.0, 1), list(FILL), None)
     assert LEVELS['SolarizeIncreasing'](0.0, 1) == 256 and torch.equal(same, F.pil_to_tensor(img))
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_sampling_matches_timms():
         theirs(img)
     torch.manual_seed(0)
     ours = randaugment(AUTHORS)
-    mine = [(op, ours.argument(op, m, s)) for _ in range(n) for op, m, s in ours.sample() if m is not None]
+    mine = [(op, LEVELS[op](m, s) if op in LEVELS else None) for _ in range(n) for op, m, s in ours.sample() if m is not None]
     assert abs(len(log) - len(mine)) / (2 * n) < 0.02
     for name in ('Rotate', 'ShearX', 'TranslateYRel'):
         a = torch.tensor([v for o, v in log if o == name], dtype=torch.float64)

@@ -363,9 +363,9 @@ def test_train_transform_carries_the_policy_and_erasing():
     authors = dict(data='fake', randaug='rand-m9-mstd0.5-inc1', reprob=0.25)
     tf = build_transform(config(**authors), train=True).transforms
     ra = next(t for t in tf if isinstance(t, RandAugment))
-    assert ra.fill == [128, 128, 128] and (ra.num_ops, ra.magnitude, ra.std, ra.prob) == (2, 9, 0.5, 0.5)
+    assert ra.fill == (128, 128, 128) and (ra.num_ops, ra.magnitude, ra.std, ra.prob) == (2, 9, 0.5, 0.5)
     assert next(t for t in build_transform(config(**{**authors, 'data': 'imagenet'}), train=True).transforms
-                if isinstance(t, RandAugment)).fill == [124, 116, 104]    # timm's: round(255 x ImageNet mean)
+                if isinstance(t, RandAugment)).fill == (124, 116, 104)    # timm's: round(255 x ImageNet mean)
     erase = tf[-1]
     assert isinstance(erase, v2.RandomErasing) and erase.value is None and erase.p == 0.25   # noise, not zeros
     assert erase.scale == (0.02, 1 / 3) and erase.ratio == (0.3, 1 / 0.3)

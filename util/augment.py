@@ -14,6 +14,7 @@ torchvision.transforms.v2.functional ops. On PIL images every op gives timm's pi
 resampling, fill = the dataset mean); on tensors the geometric ops resample bilinearly, the only kind
 torchvision's tensor kernels have.
 """
+import dataclasses
 import math
 import re
 
@@ -27,49 +28,19 @@ from torchvision.transforms.v2 import functional as F
 # The ops: what a magnitude (0-10) means for each, and how it is applied
 
 
-def point(img, table):
-    """Map every 8-bit value v of img (a PIL image or a uint8 tensor) to table[v].
-    Posterize, Solarize and SolarizeAdd are such tables: one path for both image types, and the
-    extremes timm reaches (0 bits kept, threshold 256) that Pillow and torchvision refuse."""
-    if isinstance(img, Image.Image):
-        return img.point(table * len(img.getbands()))
-    return torch.tensor(table, dtype=torch.uint8)[img.long()]
-
-
-def posterize(img, bits):
-    mask = (0xFF << (8 - bits)) & 0xFF                 # keep the top `bits` bits
-    return point(img, [v & mask for v in range(256)])
-
-
-def solarize(img, threshold):
-    return point(img, [255 - v if v >= threshold else v for v in range(256)])
-
-
-def solarize_add(img, add, threshold=128):
-    return point(img, [min(255, v + add) if v < threshold else v for v in range(256)])
-
-
-def affine(img, fill, interpolation, shear=(0.0, 0.0), translate=(0.0, 0.0)):
-    """PIL's affine transform about the top-left corner, as timm calls it: a shear factor s moves
-    row y by s * y pixels; translate in pixels, positive moving the content left / up."""
-    return F.affine(img, angle=0.0, translate=[-translate[0], -translate[1]], scale=1.0,
-                    shear=[math.degrees(math.atan(s)) for s in shear], interpolation=interpolation,
-                    fill=fill, center=[0, 0])
-
-
-def width_height(img):
-    h, w = F.get_size(img)
-    return w, h
+def signed(scale):
+    """The argument of a geometric op: m / 10 x scale, turned either way by the sign (timm's _randomly_negate)."""
+    return lambda m, s: s * m / 10 * scale
 
 
 # name: (level, sign) -> argument. The level is the magnitude on timm's 0-10 scale; sign is +-1, drawn
-# per application: the signed ops turn either way (timm's _randomly_negate).
+# per application: the signed ops turn either way. The ops without an argument are not listed.
 LEVELS = {
-    'Rotate': lambda m, s: s * (m / 10 * 30.0),                                   # degrees
-    'ShearX': lambda m, s: s * (m / 10 * 0.3),                                    # shear factor
-    'ShearY': lambda m, s: s * (m / 10 * 0.3),
-    'TranslateXRel': lambda m, s: s * (m / 10 * 0.45),                            # fraction of the width
-    'TranslateYRel': lambda m, s: s * (m / 10 * 0.45),
+    'Rotate': signed(30.0),                                                       # degrees
+    'ShearX': signed(0.3),                                                        # shear factor
+    'ShearY': signed(0.3),
+    'TranslateXRel': signed(0.45),                                                # fraction of the width
+    'TranslateYRel': signed(0.45),
     'Posterize': lambda m, s: int(m / 10 * 4),                                    # bits kept: 0..4
     'PosterizeIncreasing': lambda m, s: 4 - int(m / 10 * 4),                      # 4..0
     'Solarize': lambda m, s: min(256, int(m / 10 * 256)),                         # threshold 0..256
@@ -80,45 +51,70 @@ LEVELS = {
        for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
 }
 
-# name: (img, argument, fill, interpolation) -> img
-APPLY = {
-    'AutoContrast': lambda img, a, fill, i: F.autocontrast(img),
-    'Equalize': lambda img, a, fill, i: F.equalize(img),
-    'Invert': lambda img, a, fill, i: F.invert(img),
-    'Rotate': lambda img, a, fill, i: F.rotate(img, a, interpolation=i, fill=fill),
-    'ShearX': lambda img, a, fill, i: affine(img, fill, i, shear=(a, 0.0)),
-    'ShearY': lambda img, a, fill, i: affine(img, fill, i, shear=(0.0, a)),
-    'TranslateXRel': lambda img, a, fill, i: affine(img, fill, i, translate=(a * width_height(img)[0], 0.0)),
-    'TranslateYRel': lambda img, a, fill, i: affine(img, fill, i, translate=(0.0, a * width_height(img)[1])),
-    'Posterize': lambda img, a, fill, i: posterize(img, a),
-    'Solarize': lambda img, a, fill, i: solarize(img, a),
-    'SolarizeAdd': lambda img, a, fill, i: solarize_add(img, a),
-    'Color': lambda img, a, fill, i: F.adjust_saturation(img, a),
-    'Contrast': lambda img, a, fill, i: F.adjust_contrast(img, a),
-    'Brightness': lambda img, a, fill, i: F.adjust_brightness(img, a),
-    'Sharpness': lambda img, a, fill, i: F.adjust_sharpness(img, a),
-}
-APPLY.update({op + 'Increasing': APPLY[op] for op in ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness',
-                                                       'Sharpness')})
+
+def point(img, table):
+    """Map every 8-bit value v of img (a PIL image or a uint8 tensor) to table[v].
+    Posterize, Solarize and SolarizeAdd are such tables: one path for both image types, and the
+    extremes timm reaches (0 bits kept, threshold 256) that Pillow and torchvision refuse."""
+    if isinstance(img, Image.Image):
+        return img.point(table * len(img.getbands()))
+    return torch.tensor(table, dtype=torch.uint8)[img.long()]
+
+
+def apply(img, op, argument, fill, interpolation):
+    """img after the op `op` at `argument` (None for AutoContrast, Equalize and Invert), as timm's NAME_TO_OP does
+    it; an increasing variant is its op. The geometric ops fill with `fill` and resample with `interpolation`.
+    Shears and translations are PIL's affine transform about the top-left corner, as timm calls it: a shear
+    factor s moves row y by s * y pixels; a translation of t pixels moves the content left / up (torchvision's
+    translate moves it right / down, hence -t)."""
+    def affine(img, shear=(0.0, 0.0), translate=(0.0, 0.0)):
+        return F.affine(img, angle=0.0, translate=[-t for t in translate], scale=1.0, center=[0, 0],
+                        shear=[math.degrees(math.atan(s)) for s in shear], interpolation=interpolation, fill=fill)
+    h, w = F.get_size(img)
+    ops = {   # name: (img, *argument) -> img
+        'AutoContrast': F.autocontrast,
+        'Equalize': F.equalize,
+        'Invert': F.invert,
+        'Rotate': lambda img, a: F.rotate(img, a, interpolation=interpolation, fill=fill),
+        'ShearX': lambda img, a: affine(img, shear=(a, 0.0)),
+        'ShearY': lambda img, a: affine(img, shear=(0.0, a)),
+        'TranslateXRel': lambda img, a: affine(img, translate=(a * w, 0.0)),
+        'TranslateYRel': lambda img, a: affine(img, translate=(0.0, a * h)),
+        'Posterize': lambda img, bits: point(img, [v >> (8 - bits) << (8 - bits) for v in range(256)]),
+        'Solarize': lambda img, threshold: point(img, [255 - v if v >= threshold else v for v in range(256)]),
+        'SolarizeAdd': lambda img, add: point(img, [min(255, v + add) if v < 128 else v for v in range(256)]),
+        'Color': F.adjust_saturation,
+        'Contrast': F.adjust_contrast,
+        'Brightness': F.adjust_brightness,
+        'Sharpness': F.adjust_sharpness,
+    }
+    return ops[op.removesuffix('Increasing')](img, *([] if argument is None else [argument]))
+
 
 # timm's _RAND_TRANSFORMS; 'inc1' swaps in the variants whose strength increases with the magnitude
 OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd', 'Color', 'Contrast',
        'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
-INCREASING = {'Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness'}
 
 # -----------------------------------------------------------------------------
 # The policy
 
 
+@dataclasses.dataclass
 class RandAugment:
     """timm's RandAugment: per image, num_ops ops drawn uniformly with replacement; each is applied
     with probability prob, at a magnitude drawn from N(magnitude, std) (std inf: uniform on
-    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.loader.SeededDataset seeds it)."""
+    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.loader.SeededDataset seeds it).
+    fill: the dataset's mean colour (0-255)."""
+    num_ops: int
+    magnitude: float
+    std: float
+    prob: float
+    mmax: float
+    increasing: bool
+    fill: tuple = (128, 128, 128)
 
-    def __init__(self, num_ops=2, magnitude=9.0, std=0.5, prob=0.5, mmax=10.0, increasing=True, fill=(128, 128, 128)):
-        self.ops = [op + 'Increasing' if increasing and op in INCREASING else op for op in OPS]
-        self.num_ops, self.magnitude, self.std, self.prob, self.mmax = num_ops, magnitude, std, prob, mmax
-        self.fill = list(fill)
+    def __post_init__(self):
+        self.ops = [op + 'Increasing' if self.increasing and op + 'Increasing' in LEVELS else op for op in OPS]
 
     def sample(self):
         """[(op, magnitude, sign)] for one image, one entry per op drawn; magnitude None: not applied."""
@@ -132,19 +128,12 @@ class RandAugment:
         signs = (torch.randint(2, (n,)) * 2 - 1).tolist()
         return [(self.ops[o], m_i if a else None, s) for o, a, m_i, s in zip(ops, applied, m, signs)]
 
-    def argument(self, op, magnitude, sign):
-        return LEVELS[op](magnitude, sign) if op in LEVELS else None
-
     def __call__(self, img):
         interpolation = v2.InterpolationMode.BICUBIC if isinstance(img, Image.Image) else v2.InterpolationMode.BILINEAR
         for op, m, sign in self.sample():
             if m is not None:
-                img = APPLY[op](img, self.argument(op, m, sign), self.fill, interpolation)
+                img = apply(img, op, LEVELS[op](m, sign) if op in LEVELS else None, self.fill, interpolation)
         return img
-
-    def __repr__(self):
-        return (f'RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.std}, p={self.prob}, '
-                f'mmax={self.mmax}, ops={self.ops})')
 
 # -----------------------------------------------------------------------------
 # Policies by name
