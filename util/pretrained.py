@@ -31,8 +31,7 @@ from einops import rearrange
 # token kept, the g x g grid bicubic (align_corners False), either to the new size or, with an offset, by the scale
 # factor (new + offset) / g (DINO's guard against rounding, facebookresearch/dino#8, which the output size rounds down
 # back to new), with or without antialiasing; `like`: whose code it is
-PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like', defaults=(0.0, False,
-                                                                                 "DeiT's and MAE's fine-tuning"))
+PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 
 
 def resize_words(how):
@@ -41,17 +40,17 @@ def resize_words(how):
     return f"bicubic {step}{', antialiased' if how.antialias else ''}, as {how.like} does"
 
 
-AS_DEIT = PosEmbedResize()   # DeiT main.py and MAE util/pos_embed.py: F.interpolate(size=new, bicubic)
+AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")   # DeiT main.py, MAE util/pos_embed.py
 # family -> (its name, how its official code resizes position embeddings off its native size). DINO and
 # DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
 # the grid of the image size asked for, the same call gives the same numbers.
 FAMILIES = {
     'mae': ('MAE', AS_DEIT),
     'deit': ('DeiT', AS_DEIT),
-    'dino': ('DINO', PosEmbedResize(offset=0.1, like='DINO')),             # dino vision_transformer.py
+    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO')),             # dino vision_transformer.py
     # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
-    'dinov2': ('DINOv2', PosEmbedResize(offset=0.1, like='DINOv2')),
-    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(antialias=True, like='DINOv2 with registers')),
+    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2')),
+    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers')),
     # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
     'mocov3': ('MoCo v3', AS_DEIT),
     'clip': ('CLIP', AS_DEIT),
@@ -72,8 +71,6 @@ TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in a
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
                     '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12, 'clip'),
 }
-# CLIP's architecture differs from a plain ViT in more than names; nothing in its tensors says so
-CLIP_COMPONENTS = dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
 
 
 # family -> its models' heads, from each family's model code: a number is the width of every head (OpenAI CLIP's
@@ -85,25 +82,23 @@ HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64, 'mo
 
 
 def unwrap(ckpt):
-    """(the state dict a checkpoint holds, how it was found there, '' when plainly), or (None, '') if it holds none:
-    its 'model' (this project, MAE, DeiT) or 'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights
-    (DINO's and iBOT's: the ones their evaluation loads), else the dict itself; then the wrappers' key prefixes
-    removed: `module.` (DistributedDataParallel), `teacher.` beside `student.` (both models in one dict: the
-    teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys kept)."""
-    how = []
-    sd = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None
-    if sd is ckpt and isinstance(ckpt, dict) and is_state_dict(ckpt.get('teacher')):
-        sd, how = ckpt['teacher'], ["its 'teacher' weights"]
+    """(the state dict a checkpoint holds, the key prefixes removed), or (None, []) if it holds none: its 'model'
+    (this project, MAE, DeiT) or 'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights (DINO's and
+    iBOT's: the ones their evaluation loads), else the dict itself. Then, in turn, where keys start with a wrapper's
+    prefix, those keys without it: `module.` (DistributedDataParallel), `teacher.`, else `student.` (both models in
+    one dict: the teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys)."""
+    if not isinstance(ckpt, dict):
+        return None, []
+    sd = ckpt.get('model', ckpt.get('state_dict', ckpt))
+    if sd is ckpt and is_state_dict(ckpt.get('teacher')):
+        sd = ckpt['teacher']
     if not is_state_dict(sd):
-        return None, ''
-    if all(k.startswith('module.') for k in sd):
-        sd = under(sd, 'module.')
-    if all(k.startswith(('teacher.', 'student.')) for k in sd):
-        which = 'teacher.' if any(k.startswith('teacher.') for k in sd) else 'student.'
-        sd, how = under(sd, which), how + [f"the keys under '{which}'"]
-    if any(k.startswith('backbone.') for k in sd):
-        sd, how = under(sd, 'backbone.'), how + ["the keys under 'backbone.'"]
-    return sd, ', '.join(how)
+        return None, []
+    removed = []
+    for prefix in ('module.', 'teacher.', 'student.', 'backbone.'):
+        if any(k.startswith(prefix) for k in sd):
+            sd, removed = under(sd, prefix), removed + [prefix]
+    return sd, removed
 
 
 def under(sd, prefix):
@@ -129,74 +124,71 @@ def family_of(sd):
     return 'torchvision' if 'conv_proj.weight' in sd else None
 
 
+# torchvision's and OpenAI CLIP's names -> timm's (the same maths): each part of a key replaced in turn
+TORCHVISION_NAMES = {
+    'class_token': 'cls_token',
+    'encoder.pos_embedding': 'pos_embed',
+    'conv_proj': 'patch_embed.proj',
+    'encoder.layers.encoder_layer_': 'blocks.',
+    'encoder.ln.': 'norm.',
+    'heads.head.': 'head.',
+    'ln_1': 'norm1',
+    'ln_2': 'norm2',
+    'self_attention.in_proj_': 'attn.qkv.',
+    'self_attention.out_proj': 'attn.proj',
+    'mlp.0': 'mlp.fc1',
+    'mlp.3': 'mlp.fc2',
+}
+CLIP_NAMES = {   # the image tower's (visual.*)
+    'class_embedding': 'cls_token',
+    'positional_embedding': 'pos_embed',
+    'conv1': 'patch_embed.proj',
+    'ln_pre': 'norm_pre',
+    'ln_post': 'norm',
+    'transformer.resblocks': 'blocks',
+    'ln_1': 'norm1',
+    'ln_2': 'norm2',
+    'attn.in_proj_': 'attn.qkv.',
+    'attn.out_proj': 'attn.proj',
+    'mlp.c_fc': 'mlp.fc1',
+    'mlp.c_proj': 'mlp.fc2',
+}
+
+
+def renamed(sd, names):
+    """sd with every part of its keys that `names` lists replaced (old -> new, in the order listed)."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in names.items():
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
 def convert(sd):
     """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra VisionTransformer kwargs)."""
     family = family_of(sd)
     if family == 'torchvision':
-        return from_torchvision(sd), {}
-    if family == 'clip':
-        return from_clip(sd), dict(CLIP_COMPONENTS)
-    if family == 'mocov3':
-        sd = from_moco_v3(sd)
-    if 'register_tokens' in sd:   # DINOv2 with registers (its mask_token is dropped with MAE's)
-        sd = {('reg_token' if k == 'register_tokens' else k): v for k, v in sd.items()}
-    extra = {}
-    if 'blocks.0.ls1.gamma' in sd:
-        extra['init_values'] = 1e-5      # DINOv2's initial layer scale (for a student built like it)
+        return renamed(sd, TORCHVISION_NAMES), {}
+    if family == 'clip':   # its architecture differs from a plain ViT in more than names; nothing in its tensors says so
+        return from_clip(sd), dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
+    if family == 'mocov3':   # the base encoder without the projection MLP in `head`, as MoCo v3's main_lincls.py
+        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
+    sd = renamed(sd, {'register_tokens': 'reg_token'})   # DINOv2 with registers (its mask_token is dropped with MAE's)
+    extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}   # DINOv2's initial layer scale (for a student)
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
     return sd, extra
 
 
-def from_moco_v3(sd):
-    """MoCo v3's training checkpoint -> its base encoder, without the projection MLP in `head`
-    (as MoCo v3's main_lincls.py keeps it); the momentum encoder and predictor are dropped."""
-    prefix = 'base_encoder.'
-    return {k[len(prefix):]: v for k, v in sd.items()
-            if k.startswith(prefix) and not k.startswith(prefix + 'head.')}
-
-
 def from_clip(sd):
     """OpenAI CLIP's image tower (visual.*) -> timm names. The text tower and the image projection
     into the joint embedding (visual.proj) are not part of the ViT and are dropped."""
-    p = 'visual.'
-    conv = sd[p + 'conv1.weight']
-    out = {'cls_token': sd[p + 'class_embedding'].reshape(1, 1, -1),
-           'pos_embed': sd[p + 'positional_embedding'].unsqueeze(0),
-           'patch_embed.proj.weight': conv,
-           'patch_embed.proj.bias': conv.new_zeros(conv.shape[0]),   # CLIP's patch conv has no bias
-           'norm_pre.weight': sd[p + 'ln_pre.weight'], 'norm_pre.bias': sd[p + 'ln_pre.bias'],
-           'norm.weight': sd[p + 'ln_post.weight'], 'norm.bias': sd[p + 'ln_post.bias']}
-    rename = {'ln_1': 'norm1', 'ln_2': 'norm2', 'attn.in_proj_weight': 'attn.qkv.weight',
-              'attn.in_proj_bias': 'attn.qkv.bias', 'attn.out_proj': 'attn.proj',
-              'mlp.c_fc': 'mlp.fc1', 'mlp.c_proj': 'mlp.fc2'}
-    blocks = p + 'transformer.resblocks.'
-    for k, v in sd.items():
-        if k.startswith(blocks):
-            i, rest = k[len(blocks):].split('.', 1)
-            for old, new in rename.items():
-                rest = new + rest[len(old):] if rest.startswith(old) else rest
-            out[f'blocks.{i}.{rest}'] = v
-    return out
-
-
-def from_torchvision(sd):
-    """torchvision.models.VisionTransformer names -> timm/MAE names (same maths, eps 1e-6 LayerNorm)."""
-    out = {'cls_token': sd['class_token'], 'pos_embed': sd['encoder.pos_embedding'],
-           'patch_embed.proj.weight': sd['conv_proj.weight'], 'patch_embed.proj.bias': sd['conv_proj.bias'],
-           'norm.weight': sd['encoder.ln.weight'], 'norm.bias': sd['encoder.ln.bias']}
-    if 'heads.head.weight' in sd:
-        out['head.weight'], out['head.bias'] = sd['heads.head.weight'], sd['heads.head.bias']
-    rename = {'ln_1': 'norm1', 'ln_2': 'norm2', 'self_attention.in_proj_weight': 'attn.qkv.weight',
-              'self_attention.in_proj_bias': 'attn.qkv.bias', 'self_attention.out_proj': 'attn.proj',
-              'mlp.0': 'mlp.fc1', 'mlp.3': 'mlp.fc2'}
-    for k, v in sd.items():
-        if k.startswith('encoder.layers.encoder_layer_'):
-            i, rest = k[len('encoder.layers.encoder_layer_'):].split('.', 1)
-            for old, new in rename.items():
-                rest = rest.replace(old, new) if rest.startswith(old) else rest
-            out[f'blocks.{i}.{rest}'] = v
-    return out
+    sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
+    sd.pop('proj', None)
+    conv = sd['patch_embed.proj.weight']
+    return {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],   # (D,), (N, D)
+            'patch_embed.proj.bias': conv.new_zeros(len(conv))}   # CLIP's patch conv has no bias
 
 
 def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
