@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import INFO, batch_mixer, build_data, sample_images
+from data import INFO, build_data, sample_images
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import check_output, replacing
+from util.files import check_output, save_figure
 from util.launch import resolve, run_main
 from util.run import Run
 from util.rundir import save_checkpoint
@@ -66,7 +66,7 @@ class MAEConfig(TrainConfig):
             check_output('--export', self.export, self.out_dir)
 
     def checks(self):
-        patches = (self.img_size // self.patch_size) ** 2 if self.patch_size >= 1 else 0
+        patches = (self.img_size // max(self.patch_size, 1)) ** 2
         return super().checks() + [
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),
@@ -78,22 +78,21 @@ class MAEConfig(TrainConfig):
              f'{machine_memory() / 1e9:,.0f} GB here (--decoder-depth, --decoder-dim, --batch-size)')]
 
 
-# finetune.py's small recipes with MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking
-# does augmentation's work); blr 10x MAE's, tuned for batch 4096 over 800 epochs: a short small run needs more
-MAE_SMALL = dict(global_pool=False, blr=1.5e-3, weight_decay=0.05, beta2=0.95, smoothing=0.0, mixup=0.0, cutmix=0.0,
-                 randaug='', reprob=0.0, drop_path=0.0)
+# MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no
+# label smoothing, MixUp or CutMix: the config's own defaults
+MAE_RECIPE = dict(global_pool=False, weight_decay=0.05, beta2=0.95, randaug='', reprob=0.0, drop_path=0.0)
+# finetune.py's small recipes with MAE's; blr 10x MAE's, tuned for batch 4096 over 800 epochs: a short small run needs more
+MAE_SMALL = dict(MAE_RECIPE, blr=1.5e-3)
 PRESETS = {
     'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 24,
                       'warmup_epochs': 2},
-    'cifar10': {**SMALL_PRESETS['cifar10'], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128},
-    'cifar100': {**SMALL_PRESETS['cifar100'], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128},
+    **{data: {**SMALL_PRESETS[data], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128}
+       for data in ('cifar10', 'cifar100')},
     'fake': {**SMALL_PRESETS['fake'], **MAE_SMALL},
     # the MAE paper's ViT-L/16 recipe (global batch 4096 = 64 GPUs x 64): random resized crop + flip only
-    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, epochs=800, warmup_epochs=40, batch_size=64,
-                     blr=1.5e-4, min_lr=0.0, weight_decay=0.05, beta2=0.95, mask_ratio=0.75, decoder_dim=512,
-                     decoder_depth=8, decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, randaug='',
-                     reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, num_workers=10,
-                     log_every=100),
+    'imagenet': dict(MAE_RECIPE, model='vit_large', img_size=224, patch_size=16, epochs=800, warmup_epochs=40,
+                     batch_size=64, blr=1.5e-4, min_lr=0.0, mask_ratio=0.75, decoder_dim=512, decoder_depth=8,
+                     decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, num_workers=10, log_every=100),
 }
 
 # -----------------------------------------------------------------------------
@@ -108,6 +107,11 @@ def random_keep(batch, num_patches, num_keep, device=None, generator=None):
 def gather_tokens(x, ids):
     """The tokens at `ids`, per image: x (B, N, D), ids (B, K) -> (B, K, D)."""
     return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def patch_stats(patches):
+    """Each patch's mean and standard deviation (B, N, 1): norm_pix_loss's targets are (patch - mean) / std."""
+    return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
 def patchify(imgs, p):
@@ -137,18 +141,17 @@ class MaskedAutoencoder(VisionTransformer):
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch['in_chans'])
-        for m in (m for name, m in self.named_modules() if name.startswith('decoder_') and isinstance(m, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)      # MAE's initialisation of its linear layers
-            nn.init.zeros_(m.bias)
+        for name, m in self.named_modules():
+            if name.startswith('decoder_') and isinstance(m, nn.Linear):   # MAE's initialisation of its linear layers
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, imgs, ids_keep):
         """The ViT on the class token and the kept patches only: (B, 1 + K, D), normalised."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]                       # (B, N, D) positions first
-        x = gather_tokens(x, ids_keep)                                           # (B, K, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)    # (B, 1, D) always kept
-        x = torch.cat([cls, x], dim=1)                                           # (B, 1 + K, D)
+        x = self.embed(imgs)                                                     # (B, 1 + N, D) positions added
+        x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], ids_keep)], dim=1)      # (B, 1 + K, D) class token kept
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x)
@@ -156,20 +159,20 @@ class MaskedAutoencoder(VisionTransformer):
     def forward_decoder(self, latent, ids_keep):
         """Encoded tokens back in their places, the mask token everywhere else -> pixels of every patch."""
         x = self.decoder_embed(latent)                                           # (B, 1 + K, Dd)
-        B, N, Dd = len(x), self.patch_embed.num_patches, x.shape[-1]
-        tokens = self.mask_token.to(x.dtype).expand(B, N, Dd)                   # (B, N, Dd)
-        tokens = tokens.scatter(1, ids_keep[..., None].expand(-1, -1, Dd), x[:, 1:])   # kept ones put back
+        B, N = len(x), self.patch_embed.num_patches
+        tokens = self.mask_token.to(x.dtype).repeat(B, N, 1)                    # (B, N, Dd)
+        tokens[torch.arange(B, device=x.device)[:, None], ids_keep] = x[:, 1:]  # kept ones put back in their places
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed       # (B, 1 + N, Dd)
         for block in self.decoder_blocks:
             x, _ = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]                   # (B, N, p*p*3)
 
-    def forward(self, imgs, ids_keep=None):
+    def forward(self, imgs, ids_keep=None, generator=None):
         """Predicted pixels of every patch (B, N, p*p*3) and the mask (B, N), 1 = hidden. ids_keep (B, K): the patches
-        the encoder sees; default a fresh random choice per image."""
+        the encoder sees; default a fresh random choice per image (drawn from `generator`: the same masks each time)."""
         B, N = len(imgs), self.patch_embed.num_patches
         if ids_keep is None:
-            ids_keep = random_keep(B, N, self.num_keep, imgs.device)
+            ids_keep = random_keep(B, N, self.num_keep, imgs.device, generator)
         pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_keep)
         mask = torch.ones(B, N, device=imgs.device).scatter(1, ids_keep, 0.0)   # (B, N)
         return pred, mask
@@ -177,8 +180,8 @@ class MaskedAutoencoder(VisionTransformer):
 
 def build_mae(cfg):
     """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
-    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
-                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
+    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                      depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
     return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio)
 
 # -----------------------------------------------------------------------------
@@ -190,7 +193,8 @@ def mae_loss(pred, target, mask, norm_pix=True):
     target patch normalised by its own mean and variance (MAE Table 1: better features)."""
     target = target.float()
     if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        mean, std = patch_stats(target)
+        target = (target - mean) / std
     per_patch = (pred.float() - target).pow(2).mean(-1)                         # (B, N)
     return (per_patch * mask).sum() / mask.sum()
 
@@ -205,17 +209,17 @@ def mae_loss_fn(cfg):
 
 
 @torch.no_grad()
-def evaluate_mse(model, loader, plan, norm_pix=True, seed=0):
+def evaluate_mse(model, loader, plan):
     """The masked-patch loss on held-out images (the same masks every time), averaged over ranks."""
     model.eval()
-    g = torch.Generator(plan.device).manual_seed(seed + plan.rank)
+    g = torch.Generator(plan.device).manual_seed(plan.rank)
     total, n = torch.zeros((), device=plan.device), 0
     for x, _ in loader:
         x = x.to(plan.device, non_blocking=True)
-        ids = random_keep(len(x), model.patch_embed.num_patches, model.num_keep, plan.device, g)
         with autocast(plan):
-            pred, mask = model(x, ids)
-        total, n = total + mae_loss(pred, patchify(x, model.patch_embed.patch_size), mask, norm_pix), n + 1
+            pred, mask = model(x, generator=g)
+        loss = mae_loss(pred, patchify(x, model.patch_embed.patch_size), mask, plan.cfg.norm_pix_loss)
+        total, n = total + loss, n + 1
     return {'mse': all_mean(total / max(n, 1), plan).item()}
 
 # -----------------------------------------------------------------------------
@@ -223,35 +227,28 @@ def evaluate_mse(model, loader, plan, norm_pix=True, seed=0):
 
 
 @torch.no_grad()
-def reconstruct(model, imgs, norm_pix=True, seed=0):
-    """(masked, reconstruction) images (B, C, H, W): hidden patches 0 (the data's mean), the prediction pasted in."""
+def save_reconstructions(model, imgs, cfg):
+    """<out_dir>/reconstruction.png: rows original / masked (hidden patches 0, the data's mean) / reconstruction (the
+    prediction pasted in) of each image in imgs (B, 3, H, W), normalised."""
+    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     model.eval()
     p = model.patch_embed.patch_size
-    g = torch.Generator(imgs.device).manual_seed(seed)
-    ids = random_keep(len(imgs), model.patch_embed.num_patches, model.num_keep, imgs.device, g)
-    pred, mask = model(imgs, ids)
+    pred, mask = model(imgs, generator=torch.Generator(imgs.device).manual_seed(0))
     target, m = patchify(imgs, p), mask[..., None]                               # (B, N, P), (B, N, 1)
-    if norm_pix:   # the model predicts normalised patches; shown with each true patch's mean and std
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-    return unpatchify(target * (1 - m), p), unpatchify(pred * m + target * (1 - m), p)
-
-
-def save_reconstructions(model, imgs, mean, std, path, norm_pix=True):
-    """Rows: original / masked / reconstruction of each image in imgs (B, 3, H, W), normalised."""
-    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
-    masked, recon = reconstruct(model, imgs, norm_pix)
-    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-    rows = [('original', imgs), (f'masked {1 - model.num_keep / model.patch_embed.num_patches:.0%}', masked),
-            ('reconstruction', recon)]
+    if cfg.norm_pix_loss:   # the model predicts normalised patches; shown with each true patch's mean and std
+        mean, std = patch_stats(target)
+        pred = pred * std + mean
+    masked = unpatchify(target * (1 - m), p)
+    rows = {'original': imgs, f'masked {1 - model.num_keep / model.patch_embed.num_patches:.0%}': masked,
+            'reconstruction': masked + unpatchify(pred * m, p)}
+    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in INFO[cfg.data][2])   # the normalisation's
     fig = Figure(figsize=(1.6 * len(imgs), 5.2), layout='constrained')
-    axes = fig.subplots(len(rows), len(imgs), squeeze=False)
-    for r, (title, batch) in enumerate(rows):
-        for i, img in enumerate(batch.float().cpu()):
-            axes[r, i].imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())   # (H, W, 3)
-            axes[r, i].set_title(title, fontsize=8)
-            axes[r, i].axis('off')
-    with replacing(path) as tmp:   # whole or not at all
-        fig.savefig(tmp, dpi=100, format='png')
+    for axes, (title, batch) in zip(fig.subplots(len(rows), len(imgs), squeeze=False), rows.items()):
+        for ax, img in zip(axes, batch.float().cpu()):
+            ax.imshow((img * data_std + data_mean).clamp(0, 1).permute(1, 2, 0).numpy())   # (H, W, 3)
+            ax.set_title(title, fontsize=8)
+            ax.axis('off')
+    save_figure(fig, os.path.join(cfg.out_dir, 'reconstruction.png'), dpi=100)   # whole or not at all
 
 # -----------------------------------------------------------------------------
 # Train
@@ -279,17 +276,16 @@ def main():
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
                  f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
         run = Run(plan, model, train_loader, data.classes)
-        loss_fn, mixer = mae_loss_fn(cfg), batch_mixer(cfg, data.num_classes)
+        loss_fn = mae_loss_fn(cfg)   # on single images: the config refuses MixUp and CutMix
 
         while run.step < run.total_steps:
-            if train_one_epoch(run, train_loader, loss_fn, mixer):
+            if train_one_epoch(run, train_loader, loss_fn):
                 # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
-                run.evaluate(lambda m: evaluate_mse(m, eval_loader, plan, cfg.norm_pix_loss))
+                run.evaluate(lambda m: evaluate_mse(m, eval_loader, plan))
                 run.save()
         metrics = run.metrics
         if plan.main:
-            save_reconstructions(model, sample_images(data, 6, plan.device), *INFO[cfg.data][2],
-                                 os.path.join(cfg.out_dir, 'reconstruction.png'), cfg.norm_pix_loss)
+            save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
                 export_encoder(cfg.out_dir, cfg.export)
         plan.log(f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
