@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
+from itertools import combinations
 from types import SimpleNamespace
 
 import torch
@@ -34,6 +35,14 @@ from vit import IMPLEMENTATIONS, set_attn_implementation
 # Config
 
 
+def heads_checks(cfg):
+    """The rows of checks() for --num-heads beside --models (also tools/features.py's)."""
+    return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
+             f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
+            ('num_heads', all(0 <= h <= DEPTH for h in cfg.num_heads),
+             f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
+
+
 @dataclass
 class ModelsConfig:
     """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
@@ -49,23 +58,14 @@ class ModelsConfig:
     seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
                        (lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
-    def checks(self):
-        return heads_checks(self)
-
-
-def heads_checks(cfg):
-    """The rows of checks() for --num-heads beside --models (also tools/features.py's)."""
-    return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
-             f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
-            ('num_heads', all(0 <= h <= DEPTH for h in cfg.num_heads),
-             f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
+    checks = heads_checks
 
 
 @dataclass
 class EnsembleConfig(ModelsConfig):
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
                        "data set the models' checkpoints record",
-                       (lambda v: v in INFO or v == '', f"choose one of {', '.join(INFO)}, or '' (the models')"))
+                       one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the models')"))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
     val_size: int = option(0, "evaluate on this many held-out training images instead (as the scripts' flag)",
                            at_least(0, 'the test split', STEPS))
@@ -78,7 +78,7 @@ class EnsembleConfig(ModelsConfig):
                             at_least(1, most=STEPS))
 
     def checks(self):
-        return [('models', len(self.models) > 0, 'is required: one or more checkpoints, e.g. --models '
+        return [('models', self.models != [], 'is required: one or more checkpoints, e.g. --models '
                  'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks()]
 
 
@@ -91,11 +91,10 @@ PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'i
 
 def normalise_weights(weights, n):
     """n weights that sum to 1; None or [] = equal. Negative, all-zero or a wrong count are errors."""
-    if not weights:
-        return [1.0 / n] * n
+    weights = weights or [1] * n
     if len(weights) != n:
         raise ConfigError(f'--weights: {len(weights)} weights for {n} models')
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
+    if not all(0 <= w < math.inf for w in weights) or max(weights) <= 0:
         raise ConfigError(f'--weights {show(weights)}: must be non-negative and not all zero')
     weights = [w / max(weights) for w in weights]     # first: a sum of large weights could overflow
     return [w / sum(weights) for w in weights]
@@ -103,8 +102,7 @@ def normalise_weights(weights, n):
 
 def ensemble_probs(logits, weights=None):
     """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: normalised here."""
-    w = normalise_weights(weights, len(logits))
-    return sum(wi * l.float().softmax(-1) for wi, l in zip(w, logits))        # (N, C)
+    return sum(w * l.float().softmax(-1) for w, l in zip(normalise_weights(weights, len(logits)), logits))   # (N, C)
 
 
 def accuracy(scores, labels, k=1):
@@ -119,15 +117,16 @@ def disagreement(preds_a, preds_b):   # the share of images whose top-1 predicti
 
 def summarise(names, weights, logits, labels):
     """Each model's and the ensemble's top-1 / top-5, and every pair's disagreement, as a dict."""
-    probs = ensemble_probs(logits, weights)
-    preds = [l.argmax(-1) for l in logits]                                    # (N,) each
+    def scores(s):   # logits or probabilities (N, C)
+        return {'top1': accuracy(s, labels, 1), 'top5': accuracy(s, labels, 5)}
+    weights = normalise_weights(weights, len(logits))
+    preds = (l.argmax(-1) for l in logits)                                    # (N,) each
     return {
         'images': len(labels),
-        'models': [{'model': n, 'weight': w, 'top1': accuracy(l, labels, 1), 'top5': accuracy(l, labels, 5)}
-                   for n, w, l in zip(names, normalise_weights(weights, len(logits)), logits)],
-        'ensemble': {'top1': accuracy(probs, labels, 1), 'top5': accuracy(probs, labels, 5)},
-        'disagreement': [{'a': names[i], 'b': names[j], 'rate': disagreement(preds[i], preds[j])}
-                         for i in range(len(names)) for j in range(i + 1, len(names))],
+        'models': [{'model': n, 'weight': w, **scores(l)} for n, w, l in zip(names, weights, logits)],
+        'ensemble': scores(ensemble_probs(logits, weights)),
+        'disagreement': [{'a': a, 'b': b, 'rate': disagreement(pa, pb)}
+                         for (a, pa), (b, pb) in combinations(zip(names, preds), 2)],
     }
 
 
@@ -145,56 +144,77 @@ def format_table(r):
 
 
 def load_model(source, teacher=None, new_teacher=False, num_heads=0):
-    """(classifier in eval mode, its arch, what its checkpoint records it was trained on: {'data', 'data_dir',
-    'classes'}, None if nothing). A copy student comes wrapped with its teacher (recorded, or `teacher` with the same
-    SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
+    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data', 'data_dir', 'classes' (None
+    if not recorded), 'num_classes'}). A copy student comes wrapped with its teacher (recorded, or `teacher` with the
+    same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
         if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:
             model = load_copy_model(source, teacher, new_teacher)
-            arch = model.student.arch
         else:
-            model = build_from_checkpoint(source, ckpt, num_heads, '--num-heads')
-            arch = model.arch
+            model = build_from_checkpoint(source, ckpt, num_heads)
     except CheckpointError as e:   # some say what is wrong but not with which file: with several, say it
         raise e if source in str(e) else CheckpointError(f'{source}: {e}') from None
+    arch = getattr(model, 'student', model).arch   # a copy student's own
     if not arch['num_classes']:
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
-    config = ckpt.get('config') if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) else {}
-    classes = ckpt.get('classes') if isinstance(ckpt, dict) and isinstance(ckpt.get('classes'), list) else None
-    return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes}
+    config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict, as the loads needed
+    classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
+    return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes,
+                                'num_classes': arch['num_classes']}
 
 
-def load_models(sources, teacher=None, new_teacher=False, num_heads=()):
-    """The classifiers, what each was trained on (load_model's, with 'num_classes'), and the one image size they share
-    (one test set). num_heads: one head count for all, or one per source."""
-    heads = list(num_heads) * len(sources) if len(num_heads) == 1 else list(num_heads) or [0] * len(sources)
+def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
+    """The classifiers, what each records (load_model's), and the one image size they share (one test set; img_size:
+    the one asked for, 0 = theirs). num_heads: one head count for all, or one per source."""
+    heads = num_heads * len(sources) if len(num_heads) == 1 else num_heads or [0] * len(sources)
     models, archs, records = zip(*(load_model(s, teacher, new_teacher, h) for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
         raise ConfigError('the models take different image sizes: ' +
                           ', '.join(f'{s} {v}' for s, v in sizes.items()))
-    return list(models), [{**r, 'num_classes': a['num_classes']} for r, a in zip(records, archs)], \
-        archs[0]['img_size']
+    if img_size and img_size != archs[0]['img_size']:
+        raise ConfigError(f"--img-size {img_size}: the models take {archs[0]['img_size']}")
+    return list(models), list(records), archs[0]['img_size']
 
 
-def trained_on(records, sources):
-    """(data set, its folder) the models' checkpoints record, one for all; refused if none or several (--data says)."""
-    found = {(r['data'], r['data_dir']) for r in records if r['data']}
-    if len({d for d, _ in found}) != 1:
-        said = ', '.join(f"{s}: {r['data'] or 'no record'}" for s, r in zip(sources, records))
-        raise ConfigError(f'--data: the models do not record one data set ({said}): name the one to score them on')
-    dirs = {d for _, d in found}
-    return next(iter(found))[0], dirs.pop() if len(dirs) == 1 else None
+def with_data(cfg, records, presets=PRESETS):
+    """cfg with the data set (and folder) the models record where --data is not given (its preset applied, as if
+    given), saying so; another --data is said too (its classes are checked by name). tools/features.py shares it."""
+    recorded = [r for r in records if r['data']]
+    if not cfg.data:   # one data set for all, else refused: --data says which
+        if len({r['data'] for r in recorded}) != 1:
+            said = ', '.join(f"{s}: {r['data'] or 'no record'}" for s, r in zip(cfg.models, records))
+            raise ConfigError(f'--data: the models do not record one data set ({said}): name the one to score them on')
+        dirs = {r['data_dir'] for r in recorded}
+        argv = [*sys.argv[1:], '--data', recorded[0]['data']]
+        if len(dirs) == 1 and all(dirs) and not cfg.data_dir:   # their one folder, unless one is given
+            argv += ['--data-dir', *dirs]
+        cfg = parse_config(type(cfg), presets, argv)
+        say(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record")
+    elif {r['data'] for r in records} - {cfg.data, None}:
+        say(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
+            f' (their classes are compared by name)')
+    cfg.data_dir = cfg.data_dir or './data'
+    return cfg
 
 
 def check_classes(sources, records, classes, data):
     """Refuse models trained on other classes than the data has: by name where they record them, else by number."""
     for s, r in zip(sources, records):
-        other = class_mismatch(r['classes'], classes) if r['classes'] is not None else \
-            f"{r['num_classes']} classes where the data has {len(classes)}" * (r['num_classes'] != len(classes))
+        other = class_mismatch(r['classes'], classes) or r['num_classes'] != len(classes) and \
+            f"{r['num_classes']} classes where the data has {len(classes)}"
         if other:
             raise ConfigError(f'{s} predicts {other} (--data {data}): score it on the data set it was trained on')
+
+
+def on_device(models, cfg):
+    """(the models on the GPU if there is one, each attention layer as --attn-implementation says; where and in what
+    precision they run: a `place` for predict_all; the attention chosen and why)."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    return [set_attn_implementation(m, attn).to(device) for m in models], place, f'{attn} ({why})'
 
 
 @torch.no_grad()
@@ -223,7 +243,7 @@ def is_result(path):
 
 def check_out(cfg):
     """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless --overwrite, or unwritable."""
-    reads = any(os.path.realpath(cfg.out) == os.path.realpath(m) for m in cfg.models + [cfg.teacher] if m)
+    reads = os.path.realpath(cfg.out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     for bad, why in ((os.path.isdir(cfg.out), 'is a directory: name a file'),
                      (reads, 'is a file this command reads (--models, --teacher): name another file'),
                      (os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)), 'exists and is not an '
@@ -243,42 +263,21 @@ def main():
     cfg = parse_config(EnsembleConfig, PRESETS)
     if cfg.out:
         check_out(cfg)
-    sources, weights = cfg.models, normalise_weights(cfg.weights, len(cfg.models))
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))   # where, in what precision
-    models, records, img_size = load_models(sources, cfg.teacher or None, cfg.new_teacher, cfg.num_heads)
+    weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
+    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads, cfg.img_size)
     cfg = with_data(cfg, records)
-    if cfg.img_size and cfg.img_size != img_size:
-        raise ConfigError(f'--img-size {cfg.img_size}: the models take {img_size}')
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
-    check_classes(sources, records, class_names(test_set, num_classes), cfg.data)
-    attn, why = attn_implementation(cfg.attn_implementation, device)
-    models = [set_attn_implementation(m, attn).to(device) for m in models]
+    check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
+    models, place, attn = on_device(models, cfg)
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), place)
-    results = summarise(sources, weights, logits, labels)
+    results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
-    say(f'{cfg.data} {split}, {len(labels)} images at {img_size}x{img_size} {data_source(test_set)}, on '
-        f'{device}, attention {attn} ({why})\n')
+    say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} {data_source(test_set)}, on '
+        f'{place.device}, attention {attn}\n')
     say(format_table(results))
     if cfg.out:   # checked by check_out
         write_json(cfg.out, {'config': asdict(cfg), **results})
-
-
-def with_data(cfg, records, presets=PRESETS):
-    """cfg with the data set (and folder) the models record where --data is not given (its preset applied, as if
-    given), saying so; another --data is said too (its classes are checked by name). tools/features.py shares it."""
-    if not cfg.data:
-        recorded = trained_on(records, cfg.models)
-        argv = sys.argv[1:] + ['--data', recorded[0]] + ['--data-dir', recorded[1]] * bool(recorded[1] and
-                                                                                            not cfg.data_dir)
-        cfg = parse_config(type(cfg), presets, argv)
-        say(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record")
-    elif {r['data'] for r in records} - {cfg.data, None}:
-        say(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
-            f' (their classes are compared by name)')
-    cfg.data_dir = cfg.data_dir or './data'
-    return cfg
 
 
 if __name__ == '__main__':

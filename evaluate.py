@@ -22,20 +22,20 @@ if there is one. A small data set's test split stands in for the folders, its im
     python evaluate.py --data fashion-mnist --models a.pt b.pt --ensembles 0,1 --shift none invert rotate
 """
 import os
+import re
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
-from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, predict_all
+from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device, predict_all
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import say
 from util.files import check_output, write_json, write_text
-from util.launch import amp_dtype, attn_implementation, parse_config, run_main
+from util.launch import parse_config, run_main
 from util.loader import build_loader
-from vit import set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # Config
@@ -59,9 +59,8 @@ class EvaluateConfig(ModelsConfig):
     num_workers: int = 8
 
     def checks(self):
-        folders = any(getattr(self, n.replace('-', '_')) for n in SETS)
         return super().checks() + [
-            ('data', not (self.data and folders), 'or the folders: not both'),
+            ('data', not (self.data and folders(self)), 'or the folders: not both'),
             ('shift', self.shift and set(self.shift) <= set(SHIFTS) and (self.data or self.shift == ['none']),
              f"with --data: one or more of {', '.join(SHIFTS)}")]
 
@@ -74,9 +73,8 @@ INDEX = {w: i for i, w in enumerate(WNIDS)}
 
 
 def subset_set(name):
-    wnids = read_classes(name)
-    index = {w: INDEX[w] for w in wnids}
-    return f'wnids, the {len(wnids)} of classes/{name}.txt', index, sorted(index.values())
+    index = {w: INDEX[w] for w in read_classes(name)}
+    return f'wnids, the {len(index)} of classes/{name}.txt', index, sorted(index.values())
 
 
 SETS = {   # name -> (how its folders are named, folder name -> class index, classes a prediction may take)
@@ -86,6 +84,11 @@ SETS = {   # name -> (how its folders are named, folder name -> class index, cla
     'imagenet-r': subset_set('imagenet-r'),
     'imagenet-a': subset_set('imagenet-a'),
 }
+
+
+def folders(cfg):
+    """{test set: its folder} of those given."""
+    return {name: path for name in SETS if (path := getattr(cfg, name.replace('-', '_')))}
 
 
 def load_set(name, root, transform):
@@ -111,7 +114,7 @@ def restrict(logits, classes):
 def top1_row(logits, labels, allowed, groups):
     """Top-1 (%) of each model, then of each ensemble group (mean of probabilities), on one test set.
     logits: [(N, 1000)] per model; labels (N,); allowed: the classes predictions may take, or None."""
-    if allowed is not None:
+    if allowed:
         logits = [restrict(l, allowed) for l in logits]
     return [accuracy(l, labels) for l in logits] + \
         [accuracy(ensemble_probs([logits[i] for i in g]), labels) for g in groups]
@@ -119,16 +122,11 @@ def top1_row(logits, labels, allowed, groups):
 
 def parse_groups(specs, n):
     """['0,1', '0,2'] -> [[0, 1], [0, 2]]: positions in --models, at least two each."""
-    groups = []
-    for spec in specs:
-        try:
-            g = [int(i) for i in spec.split(',')]
-        except ValueError:
-            g = []
-        if len(g) < 2 or len(set(g)) < len(g) or not all(0 <= i < n for i in g):
+    groups = [[int(i) for i in spec.split(',')] if re.fullmatch(r'\d+(,\d+)+', spec) else [] for spec in specs]
+    for spec, g in zip(specs, groups):
+        if not g or len(set(g)) < len(g) or max(g) >= n:
             raise ConfigError(f"--ensembles {spec}: two or more distinct positions in --models (0..{n - 1}), "
                               f"comma-separated, e.g. 0,1")
-        groups.append(g)
     return groups
 
 
@@ -143,8 +141,7 @@ def markdown(names, sets, table):
 
 def main():
     cfg = parse_config(EvaluateConfig)
-    paths = {name: getattr(cfg, name.replace('-', '_')) for name in SETS}
-    paths = {name: p for name, p in paths.items() if p}
+    paths = folders(cfg)
     if not cfg.models or not (paths or cfg.data):
         raise ConfigError('give --models (checkpoints or names) and at least one test set folder: --imagenet, '
                           '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a (or --data)')
@@ -153,31 +150,27 @@ def main():
     if any(map(os.path.exists, files)):
         raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
     check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
-    models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads)
-    if cfg.data:   # one column per shift of the test split, at the models' image size
-        data = SimpleNamespace(data=cfg.data, data_dir=cfg.data_dir, img_size=cfg.img_size or img_size, val_size=0,
-                               fake_size=512)
-        check_classes(cfg.models, records, class_names(*build_eval_set(data)), cfg.data)
-        sets = {shift: (build_eval_set(data, shift)[0], None) for shift in cfg.shift}
-        paths = {shift: f'{cfg.data} test split, shifted: {shift}' for shift in cfg.shift}
-    else:
-        check_classes(cfg.models, records, WNIDS, 'imagenet')   # the 1000 ImageNet classes, by name where recorded
-        transform = build_transform(SimpleNamespace(data='imagenet', img_size=cfg.img_size or img_size), train=False)
-        sets = {name: load_set(name, p, transform) for name, p in paths.items()}   # every layout, before any work
+    models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads, img_size=cfg.img_size)
+    data = SimpleNamespace(data=cfg.data or 'imagenet', data_dir=cfg.data_dir, img_size=img_size, val_size=0,
+                           fake_size=512)   # the test images' size and normalisation; --data: its test split
+    classes = class_names(*build_eval_set(data)) if cfg.data else WNIDS   # the 1000 ImageNet classes
+    check_classes(cfg.models, records, classes, data.data)   # by name where the models record theirs
+    if cfg.data:   # one column per shift of the test split: (what it is, dataset, allowed classes)
+        sets = {s: (f'{cfg.data} test split, shifted: {s}', build_eval_set(data, s)[0], None) for s in cfg.shift}
+    else:   # every folder's layout checked before any work
+        transform = build_transform(data, train=False)
+        sets = {name: (path, *load_set(name, path, transform)) for name, path in paths.items()}
 
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))   # where, in what precision
-    attn, why = attn_implementation(cfg.attn_implementation, device)
-    say(f'attention: {attn} ({why})')
-    models = [set_attn_implementation(m, attn).to(device) for m in models]
+    models, place, attn = on_device(models, cfg)
+    say(f'attention: {attn}')
     members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
     names = [' + '.join(m) for m in members]
-    table = [{} for _ in names]                         # per row: {test set: top-1}
-    for set_name, (dataset, allowed) in sets.items():
+    top1 = {}                                           # per test set: the top-1 of each row
+    for set_name, (_, dataset, allowed) in sets.items():
         logits, labels = predict_all(models, build_loader(cfg, dataset, False), place)
-        for row, value in zip(table, top1_row(logits, labels, allowed, groups)):
-            row[set_name] = value
-        say(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{row[set_name]:.2f}' for row in table))
+        top1[set_name] = top1_row(logits, labels, allowed, groups)
+        say(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{v:.2f}' for v in top1[set_name]))
+    table = [dict(zip(top1, row)) for row in zip(*top1.values())]   # per row: {test set: top-1}
 
     md = markdown(names, list(sets), table)
     say('\n' + md)
@@ -186,8 +179,8 @@ def main():
     write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
                          f'probabilities{subsets}.\n')
     write_json(files[1], {'config': asdict(cfg),
-                          'sets': {n: {'path': paths[n], 'images': len(d), 'classes': len(a) if a else INFO[cfg.data][1] if cfg.data else len(WNIDS)}
-                                   for n, (d, a) in sets.items()},
+                          'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
+                                   for n, (p, d, a) in sets.items()},
                           'rows': [{'model': n, 'members': m, 'top1': row}
                                    for n, m, row in zip(names, members, table)]})
 
