@@ -32,11 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
 from tools.benchmark_memory import fill_batch, in_fresh_process, peak_memory, sync
 from tools.benchmark_report import machine, markdown, profile
-from util.launch import parse_config
-from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, option
+from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, machine_memory, option
 from util.files import check_out_dir, write_text
-from util.launch import amp_dtype, run_main
-from util.config import machine_memory
+from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
 
 TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
@@ -127,21 +125,23 @@ def device_slug(name):
 # Measurements
 
 
+def seconds(run, calls, device):
+    """The wall time of `calls` calls of run(), the device synchronised before and after."""
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        run()
+    sync(device)
+    return time.perf_counter() - t
+
+
 def gemm_peak(dtype, n, device, repeats=5):
     """FLOP/s of an n x n x n matmul in `dtype`, the best of `repeats` timings of enough calls for ~50 ms."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b                # the library's first call picks its kernel
-    calls, times = 1, []
-    for r in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(calls):
-            a @ b
-        sync(device)
-        times.append((time.perf_counter() - t) / calls)
-        if r == 0:       # the first timing says how many calls make one of ~50 ms
-            calls = max(1, round(0.05 / times[0]))
-    return 2 * n ** 3 / min(times[1:])
+    matmul = lambda: a @ b
+    matmul()             # the library's first call picks its kernel
+    calls = max(1, round(0.05 / seconds(matmul, 1, device)))   # how many calls make one of ~50 ms
+    return 2 * n ** 3 / min(seconds(matmul, calls, device) / calls for _ in range(repeats))
 
 
 # torch's counter has no formula for the CPU's fused attention kernel: the same as its other SDPA kernels'
@@ -164,13 +164,9 @@ def time_cases(steps, cfg, device):
     times = {c: [] for c in steps}
     for r in range(cfg.warmup + cfg.rounds):
         for c, run in steps.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(cfg.steps):
-                run()
-            sync(device)
+            t = seconds(run, cfg.steps, device) / cfg.steps
             if r >= cfg.warmup:
-                times[c].append((time.perf_counter() - t) / cfg.steps)
+                times[c].append(t)
     return times
 
 # -----------------------------------------------------------------------------

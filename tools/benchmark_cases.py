@@ -39,11 +39,6 @@ PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
          'compile': "--attn-implementation auto's pick under torch.compile"}
 
 
-def auto_path(device):
-    """The implementation --attn-implementation auto picks on this device."""
-    return attn_implementation('auto', device)[0]
-
-
 def cases(methods, compile=False, paths=tuple(PATHS)):
     """[(method, path)] in the order they are timed."""
     out = [(m, p) for m, ps in METHODS.items() for p in ps if m in methods and p in paths]
@@ -54,16 +49,18 @@ def cases(methods, compile=False, paths=tuple(PATHS)):
 
 
 class Parts:
+    """The cases' models, optimisers and batches, each built when a case first needs it."""
+
     def __init__(self, cfg, size, device):
-        self.cfg, self.device, self.dtype, self.auto = cfg, device, amp_dtype('auto', device), auto_path(device)
+        self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
+        self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
         self.arch = model_arch(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
                                global_pool=True, depth=cfg.depth or None, embed_dim=cfg.embed_dim or None,
                                num_heads=cfg.num_heads or None)
-        self.depth = self.arch['depth']
-        self.copied = list(range(max(1, round(cfg.copy_frac * self.depth))))
-        self.distilled = list(range(max(1, round(cfg.distill_frac * self.depth))))
+        first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
+        self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
         self.recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
-        self.batches = {}
+        self.batches, self.optimizers = {}, {}
 
     def model(self, **kw):
         torch.manual_seed(0)
@@ -88,20 +85,11 @@ class Parts:
         return self.model(no_qk_layers=self.copied)
 
     def optimizer(self, model, naive):
-        opt = build_optimizer(self.recipe, model, lr=1e-4)
-        return torch.optim.AdamW(opt.param_groups) if naive else opt   # naive: the same groups, torch's AdamW
-
-    @cached_property
-    def opt_fused(self):
-        return self.optimizer(self.student, False)
-
-    @cached_property
-    def opt_naive(self):
-        return self.optimizer(self.student, True)
-
-    @cached_property
-    def opt_copy(self):
-        return self.optimizer(self.copy_student, False)
+        """The scripts' AdamW; naive: the same parameter groups in torch's AdamW with its defaults."""
+        if (model, naive) not in self.optimizers:
+            opt = build_optimizer(self.recipe, model, lr=1e-4)
+            self.optimizers[model, naive] = torch.optim.AdamW(opt.param_groups) if naive else opt
+        return self.optimizers[model, naive]
 
     def inputs(self, batch):
         """Images (B, 3, H, W) and labels (B,), one pair per batch size, shared by the cases."""
@@ -119,11 +107,11 @@ class Parts:
         return (self.copy_student if copy else self.student, self.teacher if naive else self.fast_teacher,
                 Namespace(device=self.device, dtype=dtype), implementation)
 
-    def forward(self, method, path, batch=None):
+    def forward(self, method, path, batch):
         """(() -> loss, student): the forward pass of one training step of `method` on `path`, with its own fixed
-        batch (default cfg's), the models set to the path's attention implementation first (they are shared)."""
+        batch, the models set to the path's attention implementation first (they are shared)."""
         student, teacher, env, impl = self.setting(method, path)
-        x, y = self.inputs(batch or self.cfg.batch_size)
+        x, y = self.inputs(batch)
         layers = self.copied if method == 'copy' else self.distilled
         if method == 'train':
             def loss_fn(net, x, y):
@@ -143,13 +131,12 @@ class Parts:
                 return loss_fn(net, x, y)[0]
         return run, student
 
-    def step(self, method, path, batch=None):
+    def step(self, method, path, batch):
         """() -> None running one step of `method` on `path` (evaluation: one forward pass)."""
         if method.startswith('eval'):
             return self.evaluate(method, path, batch)
         forward, student = self.forward(method, path, batch)
-        opt = self.opt_copy if student is self.copy_student else self.opt_naive if path.startswith('naive') \
-            else self.opt_fused
+        opt = self.optimizer(student, path.startswith('naive'))
 
         def run():
             forward().backward()
@@ -157,9 +144,9 @@ class Parts:
             opt.zero_grad(set_to_none=True)
         return run
 
-    def evaluate(self, method, path, batch=None):
+    def evaluate(self, method, path, batch):
         student, teacher, env, impl = self.setting(method, path)
-        x, _ = self.inputs(batch or self.cfg.batch_size)
+        x, _ = self.inputs(batch)
         if method == 'eval-distill':
             forward = student
         elif path == 'naive':
@@ -175,7 +162,7 @@ class Parts:
                 forward(x)
         return run
 
-    def saved_for_backward(self, method, path, batch=None):
+    def saved_for_backward(self, method, path, batch):
         """(bytes, shapes) autograd keeps for the backward pass of one training step: its forward pass under
         saved_tensors_hooks, each storage counted once (q, k and v are views of one qkv output, and a saved view
         keeps all of it), the student's parameters left out (they exist without the step; their autocast copies
