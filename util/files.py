@@ -271,16 +271,16 @@ def check_output(flag, path, out_dir=None, folder=False):
     out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
     folder: path is a directory to write files into (it may exist)."""
     parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    from util.rundir import RUN_FILES, RunDirError
+    from util.rundir import RUN_FILES
     if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise RunDirError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
+        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
                           f'outside it, or another name')
     if os.path.exists(path) and (not folder or not os.path.isdir(path)):
-        raise RunDirError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
+        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
                           f': move it away or choose another {flag}')
     while not os.path.exists(parent):   # the nearest folder that exists is where the new ones will be made
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise RunDirError(f"{flag} {path}: {parent} {'is a file' if not os.path.isdir(parent) else 'cannot be written'}"
+        raise ConfigError(f"{flag} {path}: {parent} {'is a file' if not os.path.isdir(parent) else 'cannot be written'}"
                           f': choose another {flag}')

@@ -35,10 +35,6 @@ from util.resume import resume_command, under_torchrun
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
 
 
-class RunDirError(ConfigError):
-    """A run directory that cannot be used or written: one line naming the file and what to do."""
-
-
 class RunDir:
     """The directory of one run: claim() refuses what cannot be used and locks it; log() holds the run's lines until
     begin() writes config.json; add_metrics() and save() write its files whole; `with` lets it go at the end."""
@@ -55,16 +51,16 @@ class RunDir:
         would replace its own inputs."""
         self = cls(cfg, main)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunDirError(f'--out-dir {self.path} is a file, not a directory: choose another --out-dir')
+            raise ConfigError(f'--out-dir {self.path} is a file, not a directory: choose another --out-dir')
         if cfg.resume and not os.path.exists(self.checkpoint):
-            raise RunDirError(f'--resume: no checkpoint at {self.checkpoint}')
+            raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         d = os.path.abspath(self.path)     # the folders this command makes, innermost first
         while not os.path.exists(d) and d != os.path.dirname(d):
             self.made, d = self.made + [d], os.path.dirname(d)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
-            raise RunDirError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose another') from None
+            raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose another') from None
         with self.released_on_error():
             self.refuse_unusable()
             if main:
@@ -74,21 +70,21 @@ class RunDir:
 
     def refuse_unusable(self):
         if not os.access(self.path, os.W_OK):
-            raise RunDirError(f'--out-dir {self.path} cannot be written (read-only): choose another --out-dir')
+            raise ConfigError(f'--out-dir {self.path} cannot be written (read-only): choose another --out-dir')
         theirs = [] if self.cfg.resume else foreign(self.path)
         if theirs:   # another program's model, a user's notes: --overwrite true or not, a run would write over them
             hit = [n for n in RUN_FILES if n in theirs]
             what = f'would write over {hit[0]}' if hit else f"holds {', '.join(theirs[:3])}{' ...' * (len(theirs) > 3)}"
-            raise RunDirError(f'--out-dir {self.path} holds files that no run of these scripts wrote: a run {what}; '
+            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts wrote: a run {what}; '
                               f'choose an empty or new --out-dir' + (' (--overwrite true deletes only a run of these '
                                                                      'scripts)' if self.cfg.overwrite else ''))
         for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: take_lock says so)
             path = os.path.join(self.path, name)
             if os.path.lexists(path) and not os.path.isfile(path):
-                raise RunDirError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
+                raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
             # a link to a file elsewhere: the log is appended through it, so the run would write a file not its own
             if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(self.path):
-                raise RunDirError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
+                raise ConfigError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
                                   f'run writes only inside: put a copy of that file in its place, or remove the link')
 
     def refuse_overwrite(self):
@@ -99,18 +95,18 @@ class RunDir:
         for field in getattr(cfg, 'INPUTS', ()):
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
-                raise RunDirError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which this run deletes '
+                raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which this run deletes '
                                   f'or replaces: copy it elsewhere and name the copy, or choose another --out-dir')
         if cfg.resume or cfg.overwrite:
             return
         if os.path.exists(self.checkpoint):
-            raise RunDirError(f'{self.path} already holds a run; pass --resume true to continue it or choose another '
+            raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it or choose another '
                               f'--out-dir (--overwrite true deletes it)')
         done = os.path.join(self.path, 'done.json')
         evaluated = len(read_lines(os.path.join(self.path, 'metrics.jsonl')))
         if os.path.exists(done) or evaluated:   # results kept without their checkpoint
             what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
-            raise RunDirError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
+            raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
                               f'--overwrite true to delete it and start afresh')
 
     # -------------------------------------------------------------------------
@@ -133,7 +129,7 @@ class RunDir:
                     raise cannot_write(path, e) from None
                 holder = os.pread(fd, 2000, 0).decode(errors='replace').strip() or 'another process'
                 os.close(fd)
-                raise RunDirError(f'--out-dir {self.path} is being written by {holder}: wait for it to end, or choose '
+                raise ConfigError(f'--out-dir {self.path} is being written by {holder}: wait for it to end, or choose '
                                   f'another --out-dir') from None
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -224,7 +220,7 @@ class RunDir:
             os.replace(path, path + '.damaged')
             return None
         except OSError as e:   # a directory, no permission
-            raise RunDirError(f'{path}: cannot read it ({e.strerror}): move it away') from None
+            raise ConfigError(f'{path}: cannot read it ({e.strerror}): move it away') from None
 
     def keep_metrics(self, step, last=None):
         """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
