@@ -199,10 +199,11 @@ def mae_loss(pred, target, mask, norm_pix=True):
     return (per_patch * mask).sum() / mask.sum()
 
 
-def mae_loss_fn(cfg):
-    """loss_fn(net, images, targets) for engine.train_one_epoch; the labels are never used."""
+def mae_loss_fn(cfg, generator=None):
+    """loss_fn(net, images, targets) for engine.train_one_epoch; the labels are never used. generator: the one the
+    masks are drawn from (evaluation: the same masks every time)."""
     def loss_fn(net, x, y):
-        pred, mask = net(x)
+        pred, mask = net(x, generator=generator)
         loss = mae_loss(pred, patchify(x, cfg.patch_size), mask, cfg.norm_pix_loss)
         return loss, {'mse': loss.detach()}
     return loss_fn
@@ -210,15 +211,13 @@ def mae_loss_fn(cfg):
 
 @torch.no_grad()
 def evaluate_mse(model, loader, plan):
-    """The masked-patch loss on held-out images (the same masks every time), averaged over ranks."""
+    """The masked-patch loss on held-out images, the same masks every time, averaged over ranks."""
     model.eval()
-    g = torch.Generator(plan.device).manual_seed(plan.rank)
+    loss_fn = mae_loss_fn(plan.cfg, torch.Generator(plan.device).manual_seed(plan.rank))
     total, n = torch.zeros((), device=plan.device), 0
     for x, _ in loader:
-        x = x.to(plan.device, non_blocking=True)
         with autocast(plan):
-            pred, mask = model(x, generator=g)
-        loss = mae_loss(pred, patchify(x, model.patch_embed.patch_size), mask, plan.cfg.norm_pix_loss)
+            loss, _ = loss_fn(model, x.to(plan.device, non_blocking=True), None)
         total, n = total + loss, n + 1
     return {'mse': all_mean(total / max(n, 1), plan).item()}
 
@@ -261,9 +260,9 @@ def export_encoder(run_dir, path):
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],
             'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
-    out = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'], 'made': made}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_checkpoint(path, out)   # never a half-written teacher
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'],
+                           'made': made})   # never a half-written teacher
 
 
 def main():
@@ -283,13 +282,12 @@ def main():
                 # evaluated by its masked-patch loss on held-out images (an autoencoder has no top-1)
                 run.evaluate(lambda m: evaluate_mse(m, eval_loader, plan))
                 run.save()
-        metrics = run.metrics
         if plan.main:
             save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
                 export_encoder(cfg.out_dir, cfg.export)
-        plan.log(f"final | train mse {metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
-                 f"masked mse {metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
+        plan.log(f"final | train mse {run.metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
+                 f"masked mse {run.metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
 
 
 if __name__ == '__main__':
