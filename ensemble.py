@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from itertools import combinations
+from itertools import combinations, cycle
 from types import SimpleNamespace
 
 import torch
@@ -107,7 +107,7 @@ def ensemble_probs(logits, weights=None):
 
 def accuracy(scores, labels, k=1):
     """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
-    top = scores.topk(min(k, scores.shape[-1]), dim=-1).indices                # (N, k)
+    top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
     return 100 * (top == labels[:, None]).any(-1).float().mean().item()
 
 
@@ -149,7 +149,7 @@ def load_model(source, teacher=None, new_teacher=False, num_heads=0):
     same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
-        if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:
+        if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:   # a copy student
             model = load_copy_model(source, teacher, new_teacher)
         else:
             model = build_from_checkpoint(source, ckpt, num_heads)
@@ -167,12 +167,11 @@ def load_model(source, teacher=None, new_teacher=False, num_heads=0):
 def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
     """The classifiers, what each records (load_model's), and the one image size they share (one test set; img_size:
     the one asked for, 0 = theirs). num_heads: one head count for all, or one per source."""
-    heads = num_heads * len(sources) if len(num_heads) == 1 else num_heads or [0] * len(sources)
+    heads = cycle(num_heads or [0])   # one count for all, or one each (heads_checks)
     models, archs, records = zip(*(load_model(s, teacher, new_teacher, h) for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
-        raise ConfigError('the models take different image sizes: ' +
-                          ', '.join(f'{s} {v}' for s, v in sizes.items()))
+        raise ConfigError(f"the models take different image sizes: {', '.join(f'{s} {v}' for s, v in sizes.items())}")
     if img_size and img_size != archs[0]['img_size']:
         raise ConfigError(f"--img-size {img_size}: the models take {archs[0]['img_size']}")
     return list(models), list(records), archs[0]['img_size']
@@ -220,14 +219,13 @@ def on_device(models, cfg):
 @torch.no_grad()
 def predict_all(models, loader, place):
     """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,)."""
-    outs, labels = [[] for _ in models], []
+    batches = []
     for x, y in loader:
         x = x.to(place.device, non_blocking=True)
         with autocast(place):
-            for out, m in zip(outs, models):
-                out.append(m(x).float().cpu())                                # (B, C)
-        labels.append(y)
-    return [torch.cat(o) for o in outs], torch.cat(labels)
+            batches.append([m(x).float().cpu() for m in models] + [y])       # (B, C) each model's, (B,)
+    *logits, labels = (torch.cat(column) for column in zip(*batches))
+    return logits, labels
 
 # -----------------------------------------------------------------------------
 # Main

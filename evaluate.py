@@ -130,9 +130,10 @@ def parse_groups(specs, n):
     return groups
 
 
-def markdown(names, sets, table):
-    lines = ['| model | ' + ' | '.join(sets) + ' |', '|---|' + '---:|' * len(sets)]
-    lines += [f'| {name} | ' + ' | '.join(f'{row[s]:.2f}' for s in sets) + ' |' for name, row in zip(names, table)]
+def markdown(names, top1):
+    """The table: a row per model or ensemble (names), a column per test set (top1: {test set: each row's top-1})."""
+    lines = [f"| model | {' | '.join(top1)} |", f"|---|{'---:|' * len(top1)}"]
+    lines += [f"| {name} | {' | '.join(f'{v[i]:.2f}' for v in top1.values())} |" for i, name in enumerate(names)]
     return '\n'.join(lines)
 
 # -----------------------------------------------------------------------------
@@ -169,10 +170,9 @@ def main():
     for set_name, (_, dataset, allowed) in sets.items():
         logits, labels = predict_all(models, build_loader(cfg, dataset, False), place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
-        say(f'{set_name}: {len(labels)} images | ' + ' | '.join(f'{v:.2f}' for v in top1[set_name]))
-    table = [dict(zip(top1, row)) for row in zip(*top1.values())]   # per row: {test set: top-1}
+        say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")
 
-    md = markdown(names, list(sets), table)
+    md = markdown(names, top1)
     say('\n' + md)
     os.makedirs(cfg.out, exist_ok=True)
     subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
@@ -181,8 +181,8 @@ def main():
     write_json(files[1], {'config': asdict(cfg),
                           'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
                                    for n, (p, d, a) in sets.items()},
-                          'rows': [{'model': n, 'members': m, 'top1': row}
-                                   for n, m, row in zip(names, members, table)]})
+                          'rows': [{'model': n, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}}
+                                   for i, (n, m) in enumerate(zip(names, members))]})
 
 
 if __name__ == '__main__':
