@@ -36,6 +36,9 @@ from util.loader import TensorImages
 # Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
 
 FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                       't10k-labels-idx1-ubyte')
+
 
 def read_idx(path):
     """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
@@ -45,56 +48,40 @@ def read_idx(path):
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
         raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == bytes([0, 0, 8]) else 0
-    if not ndim or len(data) < 4 + 4 * ndim:
+    ndim = data[3] if len(data) >= 4 and data[:3] == b'\0\0\x08' else 0
+    start = 4 + 4 * ndim   # of the data
+    if not ndim or len(data) < start:
         raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-    if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise damaged_idx([path], f'has {len(data) - 4 - 4 * ndim} bytes of data where its header says '
+    shape = np.frombuffer(data, '>u4', ndim, 4).tolist()
+    if len(data) - start != math.prod(shape):
+        raise damaged_idx([path], f'has {len(data) - start} bytes of data where its header says '
                                   f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+    return torch.tensor(np.frombuffer(data, np.uint8, offset=start).reshape(shape))
 
 
 def damaged_idx(paths, problem):
-    """DataError: the files, what is wrong with them, and how to get intact ones."""
+    """DataError: the files (all in one folder), what is wrong with them, and how to get intact ones."""
     it = 'it' if len(paths) == 1 else 'them'
-    system = all(p.startswith(FASHION_MNIST_SYSTEM_DIR) for p in paths)
-    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if system else \
-        f'delete {it} and run again to download {it} anew'
+    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if \
+        paths[0].startswith(FASHION_MNIST_SYSTEM_DIR) else f'delete {it} and run again to download {it} anew'
     return DataError(f"{' and '.join(paths)} {problem}: {fix}")
 
 
-def find_idx(directory, stem):
-    """directory/stem or directory/stem.gz, whichever exists (None: neither)."""
-    return next((p for p in (os.path.join(directory, stem), os.path.join(directory, stem + '.gz'))
-                 if os.path.isfile(p)), None)
-
-
-FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
-                       't10k-labels-idx1-ubyte')
-
-
-def fashion_mnist_files(dirs):
-    """{stem: path} of the first of dirs that holds all four Fashion-MNIST files (None: none does); a folder holding
-    only some is a DataError naming what it lacks, never paired with another's (images from one, labels another)."""
+def fashion_mnist(data_dir, train, transform):
+    """One split of Fashion-MNIST from the first folder with its four files (each gzipped or not): --data-dir, its
+    FashionMNIST/raw, Debian's dataset-fashion-mnist; else downloaded by torchvision. A folder holding only some is
+    a DataError naming what it lacks, never paired with another's (images from one, labels from another)."""
+    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
     for d in dirs:
-        found = {stem: find_idx(d, stem) for stem in FASHION_MNIST_FILES}
-        if all(found.values()):
-            return found
-        if any(found.values()):
-            missing = [s for s, p in found.items() if p is None]
+        found = {stem: path for stem in FASHION_MNIST_FILES   # stem, else stem.gz
+                 for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem)) if os.path.isfile(path)}
+        if len(found) == 4:
+            break
+        if found:
+            missing = [s for s in FASHION_MNIST_FILES if s not in found]
             raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}[.gz]): put all "
                             f"four there, or remove them to read the data set from elsewhere")
-    return None
-
-
-def fashion_mnist(data_dir, train, transform):
-    """One split of Fashion-MNIST from the first folder with its four files: --data-dir, its FashionMNIST/raw, Debian's
-    dataset-fashion-mnist; else downloaded by torchvision."""
-    stem = 'train' if train else 't10k'
-    dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
-    files = fashion_mnist_files(dirs)
-    if files is None:
+    else:
         try:   # last resort: torchvision's download (needs the internet)
             torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
         except Exception:
@@ -102,17 +89,17 @@ def fashion_mnist(data_dir, train, transform):
                             f"four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in --data-dir, or "
                             f"`apt-get install dataset-fashion-mnist`") from None
         return fashion_mnist(data_dir, train, transform)
-    images, labels = files[f'{stem}-images-idx3-ubyte'], files[f'{stem}-labels-idx1-ubyte']
+    stem = 'train' if train else 't10k'
+    images, labels = found[f'{stem}-images-idx3-ubyte'], found[f'{stem}-labels-idx1-ubyte']
     x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
     if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
         raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
     if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
         raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
                                             f'(expected (N, 28, 28) and (N,))')
-    if len(y) and y.max() >= 10:
+    if (y >= 10).any():
         raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
-    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
-                        os.path.dirname(os.path.abspath(images)))
+    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes, os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------
@@ -135,9 +122,8 @@ def read_cifar_binary(paths, label_bytes):
     if data.size % record:
         raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut download?): delete "
                         f"the folder and run again to extract or download it anew")
-    data = data.reshape(-1, record)
-    return (torch.from_numpy(data[:, label_bytes:].reshape(-1, 3, 32, 32).copy()),
-            torch.from_numpy(data[:, :label_bytes].copy()))
+    data = torch.from_numpy(data.reshape(-1, record))
+    return data[:, label_bytes:].reshape(-1, 3, 32, 32).clone(), data[:, :label_bytes].clone()
 
 
 def cifar(root, name, train, transform, num_classes):
@@ -149,29 +135,25 @@ def cifar(root, name, train, transform, num_classes):
     if not all(map(os.path.isfile, paths)):
         path = os.path.join(root, archive)
         if not os.path.isfile(path):
-            download(CIFAR_URL + archive, root, md5, f'put {archive} or its extracted {folder}/ in --data-dir')
+            created = not os.path.isdir(root)
+            try:
+                download_url(CIFAR_URL + archive, root, md5=md5)
+            except Exception as e:   # what it wrote is ours, since nothing was there before
+                if created:
+                    shutil.rmtree(root, ignore_errors=True)
+                elif os.path.isfile(path):
+                    os.remove(path)
+                raise DataError(f'{CIFAR_URL + archive} could not be downloaded ({type(e).__name__}): put {archive} '
+                                f'or its extracted {folder}/ in --data-dir') from None
         if not check_integrity(path, md5):
             raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to download it')
         extract_archive(path, root)
     images, labels = read_cifar_binary(paths, label_bytes)
     fine = labels[:, -1].long()                        # CIFAR-100: the 100-class label, after the coarse one
-    if len(fine) and fine.max() >= num_classes:
+    if (fine >= num_classes).any():
         raise DataError(f'{os.path.join(root, folder)}: label {fine.max()} is not a {name} class: delete the '
                         f'folder and run again')
     return TensorImages(images, fine, transform, read_classes(name), os.path.abspath(os.path.join(root, folder)))
-
-
-def download(url, root, md5, fix):
-    """Download url into root (checksummed); on failure remove what was written, root too if it is new."""
-    created, path = not os.path.isdir(root), os.path.join(root, os.path.basename(url))
-    try:
-        download_url(url, root, md5=md5)
-    except Exception as e:
-        if created:
-            shutil.rmtree(root, ignore_errors=True)
-        elif os.path.isfile(path):      # a partial or corrupt download: ours, since none was there before
-            os.remove(path)
-        raise DataError(f'{url} could not be downloaded ({type(e).__name__}): {fix}') from None
 
 
 # -----------------------------------------------------------------------------
@@ -190,18 +172,19 @@ def image_folder(data, root, train, transform):
         if not os.path.isdir(d):
             raise DataError(f'no folder {d}: {expects}')
     if data == 'imagenet':
-        index = {w: i for i, w in enumerate(read_classes('imagenet'))}
+        names = read_classes('imagenet')
         unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data folder'
     else:
-        index = {c: i for i, c in enumerate(class_folders(train_dir, expects))}
+        names = class_folders(train_dir, expects)
         unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them there'
+    index = {c: i for i, c in enumerate(names)}
     return ClassFolder(split, index, transform, unknown), len(index)
 
 
 def read_classes(name):
     """A class list of classes/<name>.txt, one name a line: position = class index."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'classes', name + '.txt')) as f:
-        return [line.strip() for line in f if line.strip()]
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'classes', name + '.txt')) as f:
+        return f.read().split()
 
 
 def class_folders(directory, expects):
@@ -219,42 +202,39 @@ class ClassFolder(torchvision.datasets.ImageFolder):
 
     def __init__(self, root, index, transform, unknown):
         self.index, self.unknown = index, unknown
-        try:
-            super().__init__(root, transform=transform, loader=read_image, is_valid_file=self.is_image)
-        except FileNotFoundError as e:   # make_dataset: 'Found no valid file for the classes b, c. Supported ...'
-            names = str(e).split('for the classes ', 1)[-1].split('. ')[0]
-            raise DataError(f'{root}: no image file (.jpg, .png, ...) in the class folder(s) {names}: add their '
-                            f'images, or remove those folders') from None
+        super().__init__(root, transform=transform, loader=read_image)
         self.classes = sorted(index, key=index.get)   # every class of the numbering, index = label
         self.source = os.path.abspath(root)
 
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(self, directory, class_to_idx, **torchvision_arguments):
         """torchvision's samples, in its order (its walk, sorted, links followed: a data root, class folders and
-        images that are links to shared storage read as copies would), each folder and file taken once by where
-        it really is. A link loop (a/loop -> .) or a file reached by two paths would read the same images again
-        (41 times, or as a class of its own) without a word: a DataError naming the link."""
+        images that are links to shared storage read as copies would), image files by their extension, hidden files
+        and folders left out (._photo.jpg, .ipynb_checkpoints), each folder and file taken once by where it really
+        is. A link loop (a/loop -> .) or a file reached by two paths would read the same images again (41 times, or
+        as a class of its own) without a word: a DataError naming the link."""
         seen = {os.path.realpath(directory): directory}   # real path -> the path it was first reached by
-        samples = []
+        samples, empty = [], []
         for name in sorted(class_to_idx):
-            walked = []
+            walked, before = [], len(samples)
             for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
-                once(root, seen, 'folder')   # top-down: checked before the walk goes into it, so a loop ends here
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))   # hidden: no images (is_image)
-                walked.append((root, files))
-            for root, files in sorted(walked):
-                real = os.path.realpath(root)   # one lstat a file below, not one a part of its path
-                samples += [(p, class_to_idx[name]) for p in (os.path.join(root, f) for f in sorted(files))
-                            if is_valid_file(p) and once(p, seen, 'file', None if os.path.islink(p) else
-                                                         os.path.join(real, os.path.basename(p)))]
-        empty = sorted(set(class_to_idx) - {os.path.relpath(p, directory).split(os.sep)[0] for p, _ in samples})
-        if empty and not allow_empty:   # torchvision's error, which __init__ turns into a DataError
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. ")
+                real = os.path.realpath(root)
+                once(root, real, seen, 'folder')   # top-down: checked before the walk goes into it, so a loop ends here
+                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+                walked.append((root, real, files))
+            for root, real, files in sorted(walked):
+                for f in sorted(files):
+                    path = os.path.join(root, f)
+                    if not f.startswith('.') and f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+                        # its real path from its folder's: one lstat a file, not one a part of its path
+                        where = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
+                        once(path, where, seen, 'file')
+                        samples.append((path, class_to_idx[name]))
+            if len(samples) == before:
+                empty.append(name)
+        if empty:
+            raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) {', '.join(empty)}: "
+                            f"add their images, or remove those folders")
         return samples
-
-    def is_image(self, path):
-        """An image file by its extension, outside hidden files and folders (._photo.jpg, .ipynb_checkpoints)."""
-        hidden = any(part.startswith('.') for part in os.path.relpath(path, self.root).split(os.sep))
-        return not hidden and path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
 
     def find_classes(self, directory):
         names = class_folders(directory, self.unknown)
@@ -265,14 +245,12 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         return names, {n: self.index[n] for n in names}
 
 
-def once(path, seen, kind, real=None):
-    """True, path's real location (`real`, if known) noted in `seen`; a DataError if another path led there."""
-    real = real or os.path.realpath(path)
+def once(path, real, seen, kind):
+    """Note that `path` leads to `real` in `seen`; a DataError if another path led there before."""
     if real in seen:
         raise DataError(f'{path} is {seen[real]} again ({kind} {real}, reached through a symbolic link): its images '
                         f'would be read twice, or without end in a loop: remove the link')
     seen[real] = path
-    return True
 
 
 def read_image(path):
@@ -291,7 +269,7 @@ def read_image(path):
     except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
         raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file') from None
     if image.mode.startswith('I;16'):
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), 'L')
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))   # mode L
     elif image.mode in ('I', 'F'):
         raise DataError(f'image {path} has pixels of 32-bit {"integers" if image.mode == "I" else "floats"} '
                         f'(mode {image.mode}), whose range no convention fixes: save it with 8 or 16 bits a channel')
