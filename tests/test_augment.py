@@ -100,7 +100,7 @@ def test_pixels_on_a_pil_image_are_timms(op, sign, monkeypatch):
     img = picture()
     arg = timm_argument(op, 9.0, sign, monkeypatch)
     theirs = timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL, resample=Image.BICUBIC)
-    ours = apply(img, op, arg, list(FILL), v2.InterpolationMode.BICUBIC)
+    ours = apply(img, op, arg, list(FILL))
     assert isinstance(ours, Image.Image)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs)), op
     assert not np.array_equal(np.asarray(ours), np.asarray(img)) or op in ('AutoContrast',)   # it did something
@@ -115,7 +115,7 @@ def test_pixels_on_a_tensor_are_timms_up_to_resampling(op, monkeypatch):
     arg = timm_argument(op, 9.0, -1, monkeypatch)
     theirs = np.asarray(timm_aa.NAME_TO_OP[op](img, *([] if arg is None else [arg]), fillcolor=FILL,
                                                resample=Image.BICUBIC), dtype=np.int64)
-    ours = apply(F.pil_to_tensor(img), op, arg, list(FILL), v2.InterpolationMode.BILINEAR)
+    ours = apply(F.pil_to_tensor(img), op, arg, list(FILL))
     assert ours.dtype == torch.uint8
     diff = np.abs(ours.permute(1, 2, 0).numpy().astype(np.int64) - theirs)
     if op in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'):
@@ -129,9 +129,9 @@ def test_extremes_timm_reaches():
     """Magnitude 10 (clipped noise reaches it ~2% of the time): posterize keeps 0 bits, a black image
     (Pillow >= 11 refuses 0 bits, so timm itself fails there); magnitude 0: solarize at 256, no change."""
     img = picture()
-    black = apply(img, 'PosterizeIncreasing', LEVELS['PosterizeIncreasing'](10.0, 1), list(FILL), None)
+    black = apply(img, 'PosterizeIncreasing', LEVELS['PosterizeIncreasing'](10.0, 1), list(FILL))
     assert LEVELS['PosterizeIncreasing'](10.0, 1) == 0 and not np.asarray(black).any()
-    same = apply(F.pil_to_tensor(img), 'SolarizeIncreasing', LEVELS['SolarizeIncreasing'](0.0, 1), list(FILL), None)
+    same = apply(F.pil_to_tensor(img), 'SolarizeIncreasing', LEVELS['SolarizeIncreasing'](0.0, 1), list(FILL))
     assert LEVELS['SolarizeIncreasing'](0.0, 1) == 256 and torch.equal(same, F.pil_to_tensor(img))
 
 # -----------------------------------------------------------------------------

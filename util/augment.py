@@ -61,15 +61,17 @@ def point(img, table):
     return torch.tensor(table, dtype=torch.uint8)[img.long()]
 
 
-def apply(img, op, argument, fill, interpolation):
+def apply(img, op, argument, fill):
     """img after the op `op` at `argument` (None for AutoContrast, Equalize and Invert), as timm's NAME_TO_OP does
-    it; an increasing variant is its op. The geometric ops fill with `fill` and resample with `interpolation`.
+    it; an increasing variant is its op. The geometric ops fill with `fill` and resample bicubically on PIL images
+    (timm's), bilinearly on tensors (the only kind torchvision's tensor kernels have).
     Shears and translations are PIL's affine transform about the top-left corner, as timm calls it: a shear
     factor s moves row y by s * y pixels; a translation of t pixels moves the content left / up (torchvision's
     translate moves it right / down, hence -t)."""
     def affine(img, shear=(0.0, 0.0), translate=(0.0, 0.0)):
         return F.affine(img, angle=0.0, translate=[-t for t in translate], scale=1.0, center=[0, 0],
                         shear=[math.degrees(math.atan(s)) for s in shear], interpolation=interpolation, fill=fill)
+    interpolation = v2.InterpolationMode.BICUBIC if isinstance(img, Image.Image) else v2.InterpolationMode.BILINEAR
     h, w = F.get_size(img)
     ops = {   # name: (img, *argument) -> img
         'AutoContrast': F.autocontrast,
@@ -105,12 +107,12 @@ class RandAugment:
     with probability prob, at a magnitude drawn from N(magnitude, std) (std inf: uniform on
     [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.loader.SeededDataset seeds it).
     fill: the dataset's mean colour (0-255)."""
-    num_ops: int
-    magnitude: float
-    std: float
-    prob: float
-    mmax: float
-    increasing: bool
+    num_ops: int = 2              # timm's defaults, where its policy string gives no value
+    magnitude: float = 10.0
+    std: float = 0.0
+    prob: float = 0.5
+    mmax: float = 10.0
+    increasing: bool = False
     fill: tuple = (128, 128, 128)
 
     def __post_init__(self):
@@ -129,10 +131,9 @@ class RandAugment:
         return [(self.ops[o], m_i if a else None, s) for o, a, m_i, s in zip(ops, applied, m, signs)]
 
     def __call__(self, img):
-        interpolation = v2.InterpolationMode.BICUBIC if isinstance(img, Image.Image) else v2.InterpolationMode.BILINEAR
         for op, m, sign in self.sample():
             if m is not None:
-                img = apply(img, op, LEVELS[op](m, sign) if op in LEVELS else None, self.fill, interpolation)
+                img = apply(img, op, LEVELS[op](m, sign) if op in LEVELS else None, self.fill)
         return img
 
 # -----------------------------------------------------------------------------
@@ -140,10 +141,10 @@ class RandAugment:
 
 
 def parse_policy(spec):
-    """'rand-m9-mstd0.5-inc1' -> RandAugment keywords, as timm reads its strings: m (magnitude, default
-    10), n (ops, 2), p (probability per op, 0.5), mstd (magnitude std, 0; above 100: uniform), mmax (upper
-    clip, 10), inc (0/1: the increasing op variants)."""
-    kw = dict(num_ops=2, magnitude=10.0, std=0.0, prob=0.5, mmax=10.0, increasing=False)
+    """'rand-m9-mstd0.5-inc1' -> the RandAugment keywords it gives, as timm reads its strings: m (magnitude,
+    default 10), n (ops, 2), p (probability per op, 0.5), mstd (magnitude std, 0; above 100: uniform), mmax (upper
+    clip, 10), inc (0/1: the increasing op variants). The defaults are RandAugment's."""
+    kw = {}
     keys = {'m': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float), 'mstd': ('std', float),
             'mmax': ('mmax', float), 'inc': ('increasing', lambda v: bool(int(v)))}
     for part in spec.split('-')[1:]:
@@ -153,7 +154,7 @@ def parse_policy(spec):
                               f"rand-m9-mstd0.5-inc1)")
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
-    if kw['std'] > 100:
+    if kw.get('std', 0.0) > 100:
         kw['std'] = math.inf
     return kw
 
