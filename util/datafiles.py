@@ -17,6 +17,7 @@ data.py turns these datasets into what a model is fed: transforms, splits, loade
 import gzip
 import math
 import os
+import pathlib
 import shutil
 import warnings
 import zlib
@@ -183,8 +184,7 @@ def image_folder(data, root, train, transform):
 
 def read_classes(name):
     """A class list of classes/<name>.txt, one name a line: position = class index."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'classes', name + '.txt')) as f:
-        return f.read().split()
+    return (pathlib.Path(__file__).absolute().parents[1] / 'classes' / f'{name}.txt').read_text().split()
 
 
 def class_folders(directory, expects):
