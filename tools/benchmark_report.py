@@ -9,8 +9,7 @@ import time
 import torch
 
 from tools.benchmark_cases import PATHS
-from util.files import write_text
-from util.files import cpu_name, git_commit
+from util.files import cpu_name, git_commit, write_text
 
 
 def machine(device):

@@ -143,24 +143,20 @@ def plot(r, path):
     x = range(depth)
     line = lambda ax, g, c, **kw: ax.errorbar(x, [s['mean'] for s in g['tokens']], capsize=2, color=c, yerr=[
         [s['mean'] - s['min'] for s in g['tokens']], [s['max'] - s['mean'] for s in g['tokens']]], **kw)
+    focus = 'distill' if 'distill' in names else names[-1]
     for k in names:
         line(axes[0], group[t, k], colour[k], fmt='o-', label=k)
         if (k, k) in group:
-            axes[0].plot(x, [s['mean'] for s in group[k, k]['tokens']], ls='--', color=colour[k], lw=1)
-    axes[0].set(title='CKA to the teacher (dashed: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
-    focus = 'distill' if 'distill' in names else names[-1]
-    for k in names:
-        if (k, k) in group:
             c = group[k, k]['tokens']
+            axes[0].plot(x, [s['mean'] for s in c], ls='--', color=colour[k], lw=1)
             axes[1].fill_between(x, [s['min'] for s in c], [s['max'] for s in c], color=colour[k], alpha=0.2)
         pair = group.get((k, focus)) or group.get((focus, k))
         if k != focus and pair:
             line(axes[1], pair, colour[k], fmt='o-', label=f'{focus} vs {k}')
-    axes[1].set(title=f'CKA of {focus} to the others (bands: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
-    for k in names:
-        kl = [mean(per_method(r, 'kl', k, i)) for i in x]
         own = [i for i in x if i not in r['models'][ms[k][0]]['maps_given']]
-        axes[2].plot(own, [kl[i] for i in own], 'o-', color=colour[k], label=k)
+        axes[2].plot(own, [mean(per_method(r, 'kl', k, i)) for i in own], 'o-', color=colour[k], label=k)
+    axes[0].set(title='CKA to the teacher (dashed: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
+    axes[1].set(title=f'CKA of {focus} to the others (bands: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
     axes[2].set(title="attention maps: KL to the teacher's (nats)", xlabel='block', xticks=x, ylim=(0, None))
     axes[0].legend(fontsize=8), axes[1].legend(fontsize=8)
     dist = bottom.subplots(1, len(ms), sharey=True)

@@ -13,11 +13,10 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from tools.palette import colour
-from util.launch import word
 from util.config import ConfigError, flag
 from util.engine import lr_at
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
-from util.launch import run_main
+from util.launch import run_main, word
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L
@@ -34,6 +33,13 @@ def records(d):
                           f'command again to run that stage afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def per_epoch(run_dirs):
+    """(the epochs every run was evaluated at, [each run's top-1 at them]), from the runs' metrics.jsonl."""
+    per = [{round(r['epoch'], 4): r['top1'] for r in records(d)} for d in run_dirs]
+    epochs = sorted(set.intersection(*map(set, per)))
+    return epochs, [[p[e] for e in epochs] for p in per]
 
 # -----------------------------------------------------------------------------
 # The numbers and their tables
@@ -64,9 +70,8 @@ def summarise(runs):
         out[m] = {'seeds': [r['seed'] for r in rs], 'top1': v, 'mean': statistics.mean(v),
                   'std': statistics.stdev(v) if len(v) > 1 else None, 'wall_s': [r['wall_s'] for r in rs]}
         if m != 'ensemble':
-            per = [{round(x['epoch'], 4): x['top1'] for x in records(r['run_dir'])} for r in rs]
-            epochs = sorted(set.intersection(*map(set, per)))
-            out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(p[e] for p in per) for e in epochs]}
+            epochs, top1 = per_epoch(r['run_dir'] for r in rs)
+            out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(t) for t in zip(*top1)]}
     gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean']) for m in ('copy', 'distill')}
     dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
     return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}

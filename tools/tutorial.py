@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 import data
 from tools import reproduce
 from tools.palette import PALETTE, colour
-from tools.reproduce_report import records
+from tools.reproduce_report import per_epoch
 from util.config import SMALL_PRESETS
 from util.files import cpu_name, read_jsonl
 from util.launch import amp_dtype
@@ -190,11 +190,10 @@ def reproduction_curves(results_dir='results/fashion-mnist'):
         stages = json.load(f)['stages']
     curves = {}
     for stage, name in NAMES.items():
-        logs = [os.path.join(results_dir, 'logs', stage, f"seed{s['seed']}") for s in stages if s['stage'] == stage]
-        per = [{round(r['epoch'], 4): r['top1'] for r in records(d)} for d in logs]     # {epoch: top1}, a seed each
-        epochs = sorted(set.intersection(*map(set, per)))
-        top1 = np.array([[p[e] for e in epochs] for p in per])              # (seeds, epochs)
-        curves[name] = {'epoch': epochs, 'mean': top1.mean(0), 'std': top1.std(0, ddof=1), 'seeds': len(per)}
+        epochs, top1 = per_epoch(os.path.join(results_dir, 'logs', stage, f"seed{s['seed']}") for s in stages
+                                 if s['stage'] == stage)
+        top1 = np.array(top1)                                               # (seeds, epochs)
+        curves[name] = {'epoch': epochs, 'mean': top1.mean(0), 'std': top1.std(0, ddof=1), 'seeds': len(top1)}
     return curves
 
 # -----------------------------------------------------------------------------
