@@ -106,7 +106,7 @@ def random_keep(batch, num_patches, num_keep, device=None, generator=None):
 
 def gather_tokens(x, ids):
     """The tokens at `ids`, per image: x (B, N, D), ids (B, K) -> (B, K, D)."""
-    return x.gather(1, ids[..., None].expand(-1, -1, x.shape[-1]))
+    return x[torch.arange(len(x), device=x.device)[:, None], ids]
 
 
 def patch_stats(patches):
