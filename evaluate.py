@@ -52,8 +52,8 @@ class EvaluateConfig(ModelsConfig):
     data: str = option('', "instead of the folders: this data set's test split (fashion-mnist, cifar10, ...)",
                        (lambda v: v in ('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
     data_dir: str = option('./data', '--data: where its files are (util/datafiles.py looks in other places too)')
-    shift: list[str] = option(factory=lambda: ['none'], help='--data: its images changed, labels not, one column '
-                              'each: ' + ' '.join(SHIFTS))
+    shift: list[str] = option(factory=lambda: ['none'],
+                              help=f"--data: its images changed, labels not, one column each: {' '.join(SHIFTS)}")
     out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
     batch_size: int = 128
     num_workers: int = 8
@@ -173,7 +173,7 @@ def main():
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")
 
     md = markdown(names, top1)
-    say('\n' + md)
+    say(f'\n{md}')
     os.makedirs(cfg.out, exist_ok=True)
     subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
     write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
