@@ -170,7 +170,7 @@ def convert(sd):
     family = family_of(sd)
     if family == 'torchvision':
         return renamed(sd, TORCHVISION_NAMES), {}
-    if family == 'clip':   # its architecture differs from a plain ViT in more than names; nothing in its tensors says so
+    if family == 'clip':   # an architecture unlike a plain ViT in more than names; nothing in its tensors says so
         return from_clip(sd), dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
     if family == 'mocov3':   # the base encoder without the projection MLP in `head`, as MoCo v3's main_lincls.py
         sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
