@@ -60,23 +60,17 @@ def write_slice(n_train, n_test, folder=None):
 # Running the scripts: one line that updates while a run trains, then its summary
 
 
-class Line:
-    """One line of output that can be rewritten: a display that updates in a notebook, '\\r' elsewhere."""
-
-    def __init__(self):
-        try:
-            from IPython import get_ipython
-            from IPython.display import Pretty, display
-            self.handle = display(Pretty(''), display_id=True) if get_ipython() else None
-            self.pretty = Pretty
-        except ImportError:
-            self.handle = None
-
-    def show(self, text, end=False):
-        if self.handle:
-            self.handle.update(self.pretty(text))
-        else:
-            print('\r' + text, end='\n' if end else '', flush=True)
+def line():
+    """show(text, end=False): one line of output that can be rewritten: a display that updates in a notebook, '\\r'
+    elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Pretty, display
+        handle = display(Pretty(''), display_id=True) if get_ipython() else None
+    except ImportError:
+        handle = None
+    return lambda text, end=False: handle.update(Pretty(text)) if handle else \
+        print('\r' + text, end='\n' if end else '', flush=True)
 
 
 class Runner:
@@ -105,7 +99,7 @@ class Runner:
         named = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
         print('python', *(next((v + a[len(f):] for f, v in named.items() if a == f or a.startswith(f + os.sep)),
                                shlex.quote(a)) for a in args))
-        line, tail, start, last, scored = Line(), deque(maxlen=20), time.time(), 0.0, ''
+        show, tail, start, last, scored = line(), deque(maxlen=20), time.time(), 0.0, ''
         with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
             for text in p.stdout:       # the scripts' log lines: '... step 8/192 | ...', 'eval | ... top1 61.2 ...'
@@ -115,11 +109,11 @@ class Runner:
                 step = re.search(r'\bstep (\d+)/(\d+)', text)
                 if step and time.time() - last > 0.5:
                     last = time.time()
-                    line.show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
+                    show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
             raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' + ''.join(tail))
         m = metrics(out)
-        line.show(f"{label}: test top-1 {m[-1]['top1']:.1f}% after {m[-1]['epoch']:g} epochs "
+        show(f"{label}: test top-1 {m[-1]['top1']:.1f}% after {m[-1]['epoch']:g} epochs "
                   f"({m[-1]['step']} steps, {time.time() - start:.0f} s)", end=True)
         return out
 
@@ -148,9 +142,8 @@ def budgets(quick_flags, n_train, n_test, loop):
     util/config.py), the committed reproduction and the quick command (what tools/reproduce.py gives
     attention_distill.py)."""
     preset, images = SMALL_PRESETS['fashion-mnist'], len(data.fashion_mnist('data', True, transform=None))
-
-    def tested(test):
-        return f'all {test:,}' if test == 10_000 else f'the first {test:,}'
+    tested = lambda test: f'all {test:,}' if test == 10_000 else f'the first {test:,}'
+    short = lambda lr: f'{lr:.0e}'.replace('e-0', 'e-')   # 2e-3, as the table writes a learning rate
 
     def row(name, given, train, test, seeds, where):
         given = {k[2:].replace('-', '_'): v for k, v in zip(given, given[1:]) if str(k).startswith('--')}
@@ -172,11 +165,6 @@ def budgets(quick_flags, n_train, n_test, loop):
         row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
         row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
         row('the quick command', distill(quick), images, 10_000, len(quick.seeds), '`results/fashion-mnist-quick/`')])
-
-
-def short(lr):
-    """2e-3, as the table writes a learning rate."""
-    return f'{lr:.0e}'.replace('e-0', 'e-')
 
 
 # the reproduction's stages, named as the notebook names its runs
