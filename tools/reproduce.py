@@ -159,9 +159,7 @@ def preflight(steps, teacher):
             cfg = parse_config(getattr(module, CONFIGS[script]), presets, argv[2:])
             if stage in USES_TEACHER and os.path.exists(teacher):
                 cfg.resolve()
-        except SystemExit as e:   # a flag its command line does not parse
-            raise ConfigError(f'stage {tag(stage, seed)}: {e.code}') from None
-        except (ConfigError, CheckpointError, DataError) as e:
+        except (SystemExit, ConfigError, CheckpointError, DataError) as e:   # SystemExit: a flag that does not parse
             raise ConfigError(f'stage {tag(stage, seed)}: {e}') from None
 
 
@@ -171,8 +169,9 @@ def read_done(d, stage):
                                                           'the stage is finished from its checkpoint')
     path = os.path.join(d, 'done.json')
     done = read_json(path, fix, {'stage': str, 'seed': int, 'command': list, 'wall_s': (int, float), 'metrics': dict})
-    if not isinstance(done['metrics'].get('mse' if stage == 'mae' else 'top1'), (int, float)):
-        raise DamagedFile(f"{path} has no final {'mse' if stage == 'mae' else 'top1'} in its metrics: {fix}")
+    final = 'mse' if stage == 'mae' else 'top1'
+    if not isinstance(done['metrics'].get(final), (int, float)):
+        raise DamagedFile(f'{path} has no final {final} in its metrics: {fix}')
     if stage not in ('mae', 'ensemble'):
         records(d)
     return done
