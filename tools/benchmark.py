@@ -215,8 +215,8 @@ def measure(cfg, size, device, peak):
                    precision=prec, peak_fraction=flops[method, path] / step_s / peak[prec] if prec in peak else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
-            args = (cfg, size, method, path, mem_batch)
-            row['peak_mb'], before = peak_memory(*args, device) if device.type == 'cuda' else \
+            args = (cfg, size, method, path, mem_batch, device)
+            row['peak_mb'], before = peak_memory(*args) if device.type == 'cuda' else \
                 in_fresh_process(peak_memory, *args)
             row['step_mb'] = row['peak_mb'] - before
     return list(rows.values()), batch

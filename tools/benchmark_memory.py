@@ -22,10 +22,9 @@ def proc_mb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
 
 
-def peak_memory(cfg, size, method, path, batch, device='cpu'):
+def peak_memory(cfg, size, method, path, batch, device):
     """(peak MB, MB held before the first step) of one case built alone and run for two steps: on a CPU the
     RSS of this (fresh) process; on CUDA max_memory_allocated, counted from before its models exist."""
-    device = torch.device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == 'cpu':
