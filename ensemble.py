@@ -78,7 +78,7 @@ class EnsembleConfig(ModelsConfig):
                             at_least(1, most=STEPS))
 
     def checks(self):
-        return [('models', self.models != [], 'is required: one or more checkpoints, e.g. --models '
+        return [('models', bool(self.models), 'is required: one or more checkpoints, e.g. --models '
                  'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks()]
 
 
@@ -158,7 +158,7 @@ def load_model(source, teacher=None, new_teacher=False, num_heads=0):
     arch = getattr(model, 'student', model).arch   # a copy student's own
     if not arch['num_classes']:
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
-    config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict, as the loads needed
+    config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt is a dict: the loads refuse others
     classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
     return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes,
                                 'num_classes': arch['num_classes']}

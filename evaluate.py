@@ -30,7 +30,7 @@ import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
 from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device, predict_all
-from util.config import ConfigError, option
+from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import say
 from util.files import check_output, write_json, write_text
@@ -50,7 +50,7 @@ class EvaluateConfig(ModelsConfig):
     imagenet_r: str = ''
     imagenet_a: str = ''
     data: str = option('', "instead of the folders: this data set's test split (fashion-mnist, cifar10, ...)",
-                       (lambda v: v in ('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
+                       one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
     data_dir: str = option('./data', '--data: where its files are (util/datafiles.py looks in other places too)')
     shift: list[str] = option(factory=lambda: ['none'],
                               help=f"--data: its images changed, labels not, one column each: {' '.join(SHIFTS)}")
