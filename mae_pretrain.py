@@ -240,7 +240,7 @@ def save_reconstructions(model, imgs, cfg):
     masked = unpatchify(target * (1 - m), p)
     rows = {'original': imgs, f'masked {1 - model.num_keep / model.patch_embed.num_patches:.0%}': masked,
             'reconstruction': masked + unpatchify(pred * m, p)}
-    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in INFO[cfg.data][2])   # the normalisation's
+    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in INFO[cfg.data][2])   # undone to show them
     fig = Figure(figsize=(1.6 * len(imgs), 5.2), layout='constrained')
     for axes, (title, batch) in zip(fig.subplots(len(rows), len(imgs), squeeze=False), rows.items()):
         for ax, img in zip(axes, batch.float().cpu()):
