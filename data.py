@@ -40,7 +40,7 @@ SHIFTS = {'none': [],
           'invert': [v2.RandomInvert(p=1.0)],                            # 1 - x: dark clothes on white
           'rotate': [partial(v2.functional.rotate, angle=20.0)],        # 20 degrees anticlockwise
           'blur': [v2.GaussianBlur(5, sigma=1.0)],
-          'noise': [v2.GaussianNoise(sigma=0.2)]}                        # drawn by the loader's workers; clipped
+          'noise': [v2.GaussianNoise(sigma=0.2)]}                        # seeded by the image's index; clipped
 
 # -----------------------------------------------------------------------------
 # Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage, as in

@@ -70,3 +70,21 @@ def test_a_shift_needs_a_test_split_of_its_own(monkeypatch, tmp_path):
     msg = run_in_process(monkeypatch, evaluate, '--models', 'm.pt', '--imagenet', 'val', '--data', 'fake',
                          '--out', tmp_path / 'r')
     assert msg == 'error: --data fake: or the folders: not both', msg
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_a_shifts_noise_is_the_same_whatever_the_loader(workers):
+    """The noise of --shift noise is drawn per image from (--seed, its index), as training's augmentation: the same
+    with or without loader workers, run after run (without workers it came from the process's unseeded RNG)."""
+    from util.loader import build_loader
+    cfg = SimpleNamespace(batch_size=16, num_workers=workers, seed=3)
+    noisy = shifted_set('noise')
+
+    def first_batch():
+        return next(iter(build_loader(cfg, noisy, train=False)))[0]
+    torch.manual_seed(workers)                        # whatever the process's RNG holds
+    a = first_batch()
+    torch.manual_seed(100 + workers)
+    assert torch.equal(a, first_batch())
+    reference = next(iter(build_loader(SimpleNamespace(**{**vars(cfg), "num_workers": 0}), noisy, train=False)))[0]
+    assert torch.equal(a, reference)

@@ -47,10 +47,9 @@ class SeededDataset(Dataset):
 def build_loader(cfg, dataset, train, rank=0, world_size=1):
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-        dataset = SeededDataset(dataset, cfg.seed)
-    else:   # every rank evaluates a disjoint slice; results are summed across ranks
-        sampler = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
+    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a shift's noise too
+        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]
+    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
                       generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
