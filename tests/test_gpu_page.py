@@ -21,12 +21,12 @@ def rows(name):
 
 
 def run(name):
-    with open(os.path.join(HERE, 'runs', name, 'config.json')) as f:
+    with open(os.path.join(HERE, 'logs', name, 'config.json')) as f:
         return json.load(f)
 
 
 def attention_losses(name):
-    with open(os.path.join(HERE, 'runs', name, 'log.txt')) as f:
+    with open(os.path.join(HERE, 'logs', name, 'log.txt')) as f:
         return {int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', f.read())}
 
 

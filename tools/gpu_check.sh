@@ -6,7 +6,7 @@
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR}
 py=${PYTHON:-python3}
-mkdir -p "$out/runs"
+mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -29,7 +29,7 @@ timeout 250 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore 
   > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
 {
-  r=$out/runs
+  r=$out/logs
   sharpen() {   # a random teacher's maps are near uniform; scaled q and k rows make them peaked, as a trained one's
     $py -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=True)
 for key, w in ck['model'].items():
