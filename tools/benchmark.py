@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, cases
-from tools.benchmark_memory import fill_batch, in_fresh_process, peak_memory, sync
-from tools.benchmark_report import machine, markdown, profile
+from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases
+from tools.benchmark_memory import fill_batch, peak_memory
+from tools.benchmark_report import machine, markdown
 from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, machine_memory, option
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
@@ -41,17 +41,17 @@ TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
 FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
 
 
-def subset(choices, note=''):
-    return (lambda v: set(v) <= set(choices)), f"choose from {' '.join(choices)}{note}"
+def some_of(choices, default, help, note=''):
+    """A list option: some of `choices`, `default` unless given."""
+    return option(factory=lambda: list(default), help=help,
+                  rule=((lambda v: set(v) <= set(choices)), f"choose from {' '.join(choices)}{note}"))
 
 
 @dataclass
 class BenchConfig:
     device: str = option('auto', 'auto | cpu | cuda', (lambda v: v in ('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
-    models: list[str] = option(factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'], help='GPU: base, large',
-                               rule=subset(SIZES))
-    paths: list[str] = option(factory=lambda: list(TIMED), help='a subset of eager sdpa naive naive-bf16',
-                              rule=subset(TIMED, ' (--compile true adds compile)'))
+    models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
+    paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16', ' (--compile true adds compile)')
     batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU', BATCH))
     memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one',
                                     (lambda v: -1 <= v <= BATCH, f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
@@ -68,11 +68,9 @@ class BenchConfig:
     warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
     distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)', FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
-    methods: list[str] = option(factory=lambda: list(METHODS), help='a subset of train copy distill eval-*',
-                                rule=subset(METHODS))
+    methods: list[str] = some_of(METHODS, METHODS, 'a subset of train copy distill eval-*')
     compile: bool = option(False, 'also time the default training steps under torch.compile')
-    profile: list[str] = option(factory=list, help='methods whose default step torch.profiler breaks down',
-                                rule=subset(TRAINED))
+    profile: list[str] = some_of(TRAINED, [], 'methods whose default step torch.profiler breaks down')
     threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default", WORKERS))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
     timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
@@ -88,27 +86,24 @@ class BenchConfig:
                  'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
 
 
-# each replaces what you left at its default: --quick first, then on a GPU
+# each replaces what you left at its default, --quick's before the GPU's (--quick's steps: the default, 2)
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
-             rounds=1, steps=2, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
+             rounds=1, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
-HALF = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # names of the autocast dtypes
+PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # by autocast dtype (None: off)
 
 
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag: one error line, before anything runs."""
-    check(cfg)
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
     device = torch.device('cuda' if cfg.device != 'cpu' and torch.cuda.is_available() else 'cpu')
-    default = asdict(BenchConfig())
-    for changes, applies in ((QUICK, cfg.quick), (ON_GPU, device.type == 'cuda')):
-        if applies:
-            cfg = replace(cfg, **{k: v for k, v in changes.items() if getattr(cfg, k) == default[k]})
-    check(cfg)   # again, with --quick's and the GPU's sizes: they may not fit the flags given beside them
-    if device.type == 'cuda' and cfg.out_dir == default['out_dir']:
-        cfg.out_dir = f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}'
-    if cfg.batch_size == 0 and device.type != 'cuda':
+    gpu = device.type == 'cuda'
+    on_gpu = dict(ON_GPU, out_dir=f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}') if gpu else {}
+    changes, default = {**on_gpu, **(QUICK if cfg.quick else {})}, asdict(BenchConfig())
+    # checked with --quick's and the GPU's sizes: they may not fit the flags given beside them
+    cfg = check(replace(cfg, **{k: v for k, v in changes.items() if getattr(cfg, k) == default[k]}))
+    if cfg.batch_size == 0 and not gpu:
         raise ConfigError('--batch-size 0: give a positive batch (0 fills a GPU, on a GPU only)')
     # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not after the timings
     check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
@@ -123,6 +118,11 @@ def device_slug(name):
 
 # -----------------------------------------------------------------------------
 # Measurements
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def seconds(run, calls, device):
@@ -161,86 +161,87 @@ def time_cases(steps, cfg, device):
     """{case: [seconds a step, per timed round]}: each case runs `--steps` steps per round for `--rounds` rounds
     after `--warmup` rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them,
     the device synchronised around each."""
-    times = {c: [] for c in steps}
-    for r in range(cfg.warmup + cfg.rounds):
-        for c, run in steps.items():
-            t = seconds(run, cfg.steps, device) / cfg.steps
-            if r >= cfg.warmup:
-                times[c].append(t)
-    return times
+    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in steps.items()}
+              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
+    return {c: [r[c] for r in rounds] for c in steps}
+
+
+def profile(run, path, device):
+    """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
+    kernel's, on a GPU)."""
+    gpu = device.type == 'cuda'
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        sync(device)
+    key = 'self_device_time_total' if gpu else 'self_cpu_time_total'
+    write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
 
 # -----------------------------------------------------------------------------
 # One model size, then the report
 
 
 def measure(cfg, size, device, peak):
-    """(rows, batch) of one model size: the bytes each case saves for backward, its cases timed together, then
-    each one's peak memory alone."""
-    parts, todo = Parts(cfg, size, device), cases(cfg.methods, cfg.compile, cfg.paths)
-    batch = cfg.batch_size or fill_batch(parts, [c for c in todo if c[1] != 'compile'], cfg.fill, device)
+    """The rows of one model size: the bytes each case saves for backward, its cases timed together, then each
+    one's peak memory alone."""
+    parts, todo = Parts(cfg, size, device), cases(cfg)
+    uncompiled = [c for c in todo if c[1] != 'compile']
+    batch = cfg.batch_size or fill_batch(parts, uncompiled, cfg.fill, device)
     rows = {c: {'model': size, 'method': c[0], 'path': c[1], 'auto': c[1] in (parts.auto, 'compile'), 'batch': batch}
             for c in todo}
-    saved = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in todo
-             if cfg.saved_bytes and c[0] in TRAINED and c[1] != 'compile'}
+    saved = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in uncompiled
+             if cfg.saved_bytes and c[0] in TRAINED}
     for (method, path), mb in saved.items():
-        rows[method, path].update(saved_mb=mb, saved_vs_train=mb / saved['train', path] if ('train', path) in saved
-                                  else None)
+        train = saved.get(('train', path))
+        rows[method, path].update(saved_mb=mb, saved_vs_train=train and mb / train)
     if not cfg.timing:
-        return list(rows.values()), batch
+        return list(rows.values())
     steps, flops = {c: parts.step(*c, batch=batch) for c in todo}, {}
-    for c in [c for c in todo if c[1] != 'compile']:   # FLOPs of one step, also its first
+    for c in todo:   # FLOPs of one step, also its first; a compiled step's are auto's, counted uncompiled
+        twin = (c[0], parts.auto) if c[1] == 'compile' else c
         try:
-            flops[c] = count_flops(steps[c])
+            flops[c] = flops.get(twin) or count_flops(steps[c] if twin == c else parts.step(*twin, batch=batch))
         except torch.OutOfMemoryError:
             del steps[c]
             rows[c]['error'] = 'out of memory'
             torch.cuda.empty_cache()
-    for m in [m for m, p in todo if p == 'compile']:   # auto's step compiled: auto's FLOPs, counted if not yet
-        flops[m, 'compile'] = flops.get((m, parts.auto)) or count_flops(parts.step(m, parts.auto, batch=batch))
-    for m in [m for m in cfg.profile if (m, parts.auto) in steps]:   # where the time of auto's step goes
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
+    for m in cfg.profile:   # where the time of auto's step goes
+        if (m, parts.auto) in steps:
+            profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
     times, auto = time_cases(steps, cfg, device), parts.auto
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
-    half = HALF.get(amp_dtype('auto', device), 'fp32')
     for (method, path), row in rows.items():
         if 'error' in row:
             continue
-        step_s = statistics.median(times[method, path])
-        prec = 'fp32' if path == 'naive' else 'bf16' if path == 'naive-bf16' else half
+        step_s, prec = statistics.median(times[method, path]), PRECISION[autocast_dtype(path, amp_dtype('auto', device))]
         row.update(img_s=batch / step_s, step_s=step_s, step_times=times[method, path], flops=flops[method, path],
                    precision=prec, peak_fraction=flops[method, path] / step_s / peak[prec] if prec in peak else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
-            args = (cfg, size, method, path, mem_batch, device)
-            row['peak_mb'], before = peak_memory(*args) if device.type == 'cuda' else \
-                in_fresh_process(peak_memory, *args)
-            row['step_mb'] = row['peak_mb'] - before
-    return list(rows.values()), batch
+            row.update(peak_memory(cfg, size, method, path, mem_batch, device))
+    return list(rows.values())
 
 
 def main():
     if not {'PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF'} & set(os.environ):   # read when CUDA starts, below
         os.environ['PYTORCH_ALLOC_CONF'] = 'expandable_segments:True'   # less fragmentation at a batch that fills it
-    cfg, device = configure(parse_config(BenchConfig, {}, None))
+    cfg, device = configure(parse_config(BenchConfig))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    auto = amp_dtype('auto', device)
-    dtypes = {'fp32': torch.float32, **({HALF[auto]: auto} if auto else {})}
+    os.makedirs(cfg.out_dir, exist_ok=True)   # before the timings: profiles are written as they are made
+    dtypes = {PRECISION[dt]: dt or torch.float32 for dt in (None, amp_dtype('auto', device))}   # fp32, --amp auto's
     peak = {k: gemm_peak(dt, cfg.gemm_size, device) for k, dt in dtypes.items()} if cfg.timing else {}
-    rows, batches = [], {}
+    rows = []
     for size in cfg.models:
-        size_rows, batches[size] = measure(cfg, size, device, peak)
-        rows += size_rows
+        rows += measure(cfg, size, device, peak)
         print(f'{size}: measured', flush=True)
     result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
-              'gemm_peak': peak, 'rows': rows, 'batches': batches}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
-    write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))
+              'gemm_peak': peak, 'rows': rows, 'batches': {r['model']: r['batch'] for r in rows}}
+    for name, text in (('benchmark.json', json.dumps(result, indent=1)), ('BENCHMARK.md', markdown(result))):
+        write_text(os.path.join(cfg.out_dir, name), text)   # each whole or not at all
     print(markdown(result))
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
 

@@ -39,10 +39,15 @@ PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
          'compile': "--attn-implementation auto's pick under torch.compile"}
 
 
-def cases(methods, compile=False, paths=tuple(PATHS)):
-    """[(method, path)] in the order they are timed."""
-    out = [(m, p) for m, ps in METHODS.items() for p in ps if m in methods and p in paths]
-    return out + ([(m, 'compile') for m in TRAINED if m in methods] if compile else [])
+def cases(cfg):
+    """[(method, path)] in the order they are timed: --methods on --paths, then --compile's."""
+    timed = [(m, p) for m, ps in METHODS.items() for p in ps if m in cfg.methods and p in cfg.paths]
+    return timed + [(m, 'compile') for m in TRAINED if m in cfg.methods and cfg.compile]
+
+
+def autocast_dtype(path, auto):
+    """A path's autocast dtype (None: fp32): off on naive, bf16 on naive-bf16, else `auto` (--amp auto's)."""
+    return None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else auto
 
 # -----------------------------------------------------------------------------
 # One model size: its models and optimisers, built once and shared by its cases
@@ -54,12 +59,11 @@ class Parts:
     def __init__(self, cfg, size, device):
         self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
         self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
+        own = {k: getattr(cfg, k) or None for k in ('depth', 'embed_dim', 'num_heads')}   # 0: the size's own
         self.arch = model_arch(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
-                               global_pool=True, depth=cfg.depth or None, embed_dim=cfg.embed_dim or None,
-                               num_heads=cfg.num_heads or None)
+                               global_pool=True, **own)
         first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
         self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
-        self.recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
         self.batches, self.optimizers = {}, {}
 
     def model(self, **kw):
@@ -67,14 +71,16 @@ class Parts:
         with self.device:     # initialised where it runs (a ViT-L takes seconds on a CPU)
             return VisionTransformer(**{**self.arch, **kw})
 
-    @cached_property
-    def teacher(self):            # fp32, as the naive path has it
+    def frozen(self):
         return self.model(num_classes=0).requires_grad_(False).eval()
 
     @cached_property
+    def teacher(self):            # fp32, as the naive path has it
+        return self.frozen()
+
+    @cached_property
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
-        t = self.model(num_classes=0).requires_grad_(False).eval()
-        return cast_matmul_weights(t, self.dtype) if self.dtype else t
+        return cast_matmul_weights(self.frozen(), self.dtype) if self.dtype else self.frozen()
 
     @cached_property
     def student(self):
@@ -87,79 +93,66 @@ class Parts:
     def optimizer(self, model, naive):
         """The scripts' AdamW; naive: the same parameter groups in torch's AdamW with its defaults."""
         if (model, naive) not in self.optimizers:
-            opt = build_optimizer(self.recipe, model, lr=1e-4)
+            recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
+            opt = build_optimizer(recipe, model, lr=1e-4)
             self.optimizers[model, naive] = torch.optim.AdamW(opt.param_groups) if naive else opt
         return self.optimizers[model, naive]
 
     def inputs(self, batch):
         """Images (B, 3, H, W) and labels (B,), one pair per batch size, shared by the cases."""
         if batch not in self.batches:
-            self.batches[batch] = (torch.randn(batch, 3, self.cfg.img_size, self.cfg.img_size, device=self.device),
-                                   torch.randint(0, self.cfg.num_classes, (batch,), device=self.device))
+            with self.device:
+                self.batches[batch] = (torch.randn(batch, 3, self.cfg.img_size, self.cfg.img_size),
+                                       torch.randint(0, self.cfg.num_classes, (batch,)))
         return self.batches[batch]
 
-    def setting(self, method, path):
-        """(student, teacher, env with the autocast dtype, attention implementation) of a case."""
-        naive = path.startswith('naive')
-        dtype = None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else self.dtype
-        copy = method in ('copy', 'eval-copy') and not naive
-        implementation = 'eager' if naive else self.auto if path == 'compile' else path
-        return (self.copy_student if copy else self.student, self.teacher if naive else self.fast_teacher,
-                Namespace(device=self.device, dtype=dtype), implementation)
-
     def forward(self, method, path, batch):
-        """(() -> loss, student): the forward pass of one training step of `method` on `path`, with its own fixed
-        batch, the models set to the path's attention implementation first (they are shared)."""
-        student, teacher, env, impl = self.setting(method, path)
-        x, y = self.inputs(batch)
-        layers = self.copied if method == 'copy' else self.distilled
-        if method == 'train':
-            def loss_fn(net, x, y):
-                return soft_cross_entropy(net(x), y, SMOOTHING), {}
-        elif path.startswith('naive'):
-            loss_fn = (naive_copy_loss if method == 'copy' else naive_distill_loss)(teacher, layers)
-        elif method == 'copy':
-            loss_fn = copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
+        """(() -> output, student): one forward pass of `method` on `path` with its own fixed batch, the shared
+        models first set to the path's attention implementation and to the method's mode: a training step's loss
+        (train mode, the method's drop-path), an evaluation's logits (eval mode, no autograd)."""
+        naive, copy, training = path.startswith('naive'), method in ('copy', 'eval-copy'), method in TRAINED
+        student = self.copy_student if copy and not naive else self.student
+        teacher = self.teacher if naive else self.fast_teacher
+        env = Namespace(device=self.device, dtype=autocast_dtype(path, self.dtype))
+        impl = 'eager' if naive else self.auto if path == 'compile' else path
+        layers = self.copied if copy else self.distilled
+        if method in ('train', 'eval-distill'):
+            def output(net, x, y):
+                return soft_cross_entropy(net(x), y, SMOOTHING) if training else net(x)
+        elif method == 'eval-copy' and naive:
+            def output(net, x, y):
+                return naive_copy_forward(teacher, net, x, layers)
+        elif method == 'eval-copy':
+            copy_model = CopyModel(teacher, student, layers)
+            output = lambda net, x, y: copy_model(x)   # noqa: E731
         else:
-            loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
-        net = torch.compile(student) if path == 'compile' else student
+            loss_fn = (naive_copy_loss if copy else naive_distill_loss)(teacher, layers) if naive else \
+                copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None) if copy else \
+                distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
+            output = lambda net, x, y: loss_fn(net, x, y)[0]   # noqa: E731
+        net, (x, y) = torch.compile(student) if path == 'compile' else student, self.inputs(batch)
+        grad_mode = torch.enable_grad if training else torch.no_grad if naive else torch.inference_mode
 
         def run():
             set_attn_implementation(teacher, impl)
-            set_drop_path(set_attn_implementation(student, impl).train(), DROP_PATH[method])
-            with autocast(env):
-                return loss_fn(net, x, y)[0]
+            set_attn_implementation(student, impl).train(training)
+            if training:
+                set_drop_path(student, DROP_PATH[method])
+            with grad_mode(), autocast(env):
+                return output(net, x, y)
         return run, student
 
     def step(self, method, path, batch):
-        """() -> None running one step of `method` on `path` (evaluation: one forward pass)."""
-        if method.startswith('eval'):
-            return self.evaluate(method, path, batch)
+        """() -> running one step of `method` on `path` (evaluation: one forward pass)."""
         forward, student = self.forward(method, path, batch)
+        if method not in TRAINED:
+            return forward
         opt = self.optimizer(student, path.startswith('naive'))
 
         def run():
             forward().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return run
-
-    def evaluate(self, method, path, batch):
-        student, teacher, env, impl = self.setting(method, path)
-        x, _ = self.inputs(batch)
-        if method == 'eval-distill':
-            forward = student
-        elif path == 'naive':
-            forward = lambda x: naive_copy_forward(teacher, student, x, self.copied)   # noqa: E731
-        else:
-            forward = CopyModel(teacher, student, self.copied)
-        grad_mode = torch.no_grad if path == 'naive' else torch.inference_mode
-
-        def run():
-            set_attn_implementation(teacher, impl)
-            set_attn_implementation(student, impl).eval()
-            with grad_mode(), autocast(env):
-                forward(x)
         return run
 
     def saved_for_backward(self, method, path, batch):
@@ -173,13 +166,13 @@ class Parts:
 
         def pack(t):
             shapes.append(tuple(t.shape))
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            # kept by the graph until `loss` goes, so no storage is freed and its address reused meanwhile; detached,
-            # as returning an output itself would tie it to its own grad_fn: a cycle that outlives `loss` (on a GPU,
-            # every case's activations stayed allocated)
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            # kept by the graph until the loss goes, so no storage is freed and its address reused meanwhile;
+            # detached, as returning an output itself would tie it to its own grad_fn: a cycle that outlives the
+            # loss (on a GPU, every case's activations stayed allocated)
             return t.detach()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = forward()
-        del loss
+            forward()   # the loss and its graph go at once
         return sum(storages.values()), shapes

@@ -11,11 +11,6 @@ import torch
 from tools.benchmark_cases import Parts
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def proc_mb(field):
     """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
     with open('/proc/self/status') as f:
@@ -23,31 +18,34 @@ def proc_mb(field):
 
 
 def peak_memory(cfg, size, method, path, batch, device):
-    """(peak MB, MB held before the first step) of one case built alone and run for two steps: on a CPU the
-    RSS of this (fresh) process; on CUDA max_memory_allocated, counted from before its models exist."""
+    """{peak_mb, step_mb} of one case built alone and run for two steps: its peak, and what the steps add to what
+    its models and optimiser hold before them. On a CPU the RSS of a fresh process; on CUDA max_memory_allocated,
+    counted from before its models exist."""
+    if device.type == 'cpu':
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+            peak, before = pool.submit(rss_peak, cfg, size, method, path, batch).result()
+    else:
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run = Parts(cfg, size, device).step(method, path, batch)
+        before = (torch.cuda.memory_allocated(device) - start) / 2 ** 20
+        run(), run()
+        peak = (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
+        del run
+        gc.collect()         # the case's models and optimiser go before the next case is built
+        torch.cuda.empty_cache()
+    return {'peak_mb': peak, 'step_mb': peak - before}
+
+
+def rss_peak(cfg, size, method, path, batch):
+    """peak_memory() on a CPU, in its fresh process: (peak RSS, RSS before the first step) in MB."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if device.type == 'cpu':
-        run = Parts(cfg, size, device).step(method, path, batch)
-        before = proc_mb('VmRSS')
-        run(), run()
-        return proc_mb('VmHWM'), before
-    torch.cuda.empty_cache()
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run = Parts(cfg, size, device).step(method, path, batch)
-    before = torch.cuda.memory_allocated(device)
+    run = Parts(cfg, size, torch.device('cpu')).step(method, path, batch)
+    before = proc_mb('VmRSS')
     run(), run()
-    peak = torch.cuda.max_memory_allocated(device)
-    del run
-    gc.collect()         # the case's models and optimiser go before the next case is built
-    torch.cuda.empty_cache()
-    return (peak - start) / 2 ** 20, (before - start) / 2 ** 20
-
-
-def in_fresh_process(fn, *args):
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
-        return pool.submit(fn, *args).result()
+    return proc_mb('VmHWM'), before
 
 
 MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
@@ -80,14 +78,11 @@ def fill_batch(parts, todo, fill, device):
         try:
             for run in runs:
                 run()
-            peak = 0
+            torch.cuda.reset_peak_memory_stats(device)   # the peak of the second steps: the fullest case's
             for run in runs:
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
                 run()
-                sync(device)
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
-            return peak
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device)
         except torch.OutOfMemoryError:
             return float('inf')
         finally:

@@ -1,6 +1,6 @@
 """
 benchmark.py's results as BENCHMARK.md: the machine they were measured on, and the table of every case; on a
-GPU with each model's batch. Where a step's time goes: torch.profiler's table of its operators.
+GPU with each model's batch.
 """
 import os
 import platform
@@ -9,7 +9,7 @@ import time
 import torch
 
 from tools.benchmark_cases import PATHS
-from util.files import cpu_name, git_commit, write_text
+from util.files import cpu_name, git_commit
 
 
 def machine(device):
@@ -18,43 +18,27 @@ def machine(device):
             'torch': torch.__version__, 'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
 
-def profile(run, path, device):
-    """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
-    kernel's, on a GPU)."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        run()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
-
-
-def cell(value, form):
-    return '' if value is None else form.format(value)
-
-
-# each column after model, method, path (batch), img/s and 'vs naive': (heading, the row's number, its format)
-COLUMNS = [('GFLOP / step', 'gflop', '{:.1f}'),
+# each column after model, method, path (and batch): (heading, the row's number, its format)
+COLUMNS = [('img/s', 'img_s', '{:.2f}'), ('vs naive', 'vs_naive', '{:.2f}x'), ('GFLOP / step', 'gflop', '{:.1f}'),
            ('% of GEMM peak (its precision; MFU on a GPU in bf16)', 'peak_pct', '{:.1f}'),
            ('peak memory (MB)', 'peak_mb', '{:.0f}'), ('step needs (MB)', 'step_mb', '{:.0f}'),
            ('saved for backward (MB)', 'saved_mb', '{:.1f}'), ('saved vs train', 'saved_vs_train', '{:.3f}x')]
 
 
 def table(rows, gpu):
-    """The markdown table of every case, each against the naive path of its model and method ('vs naive')."""
+    """The markdown table of every case, each against the naive path of its model and method ('vs naive'); a case
+    that did not run gives its error in place of its speed."""
     naive = {(r['model'], r['method']): r['img_s'] for r in rows if r['path'] == 'naive' and 'img_s' in r}
-    heads = ['model', 'method', 'path', *['batch'] * gpu, 'img/s', 'vs naive', *[c[0] for c in COLUMNS]]
+    heads = ['model', 'method', 'path', *['batch'] * gpu, *[c[0] for c in COLUMNS]]
     lines = ['| ' + ' | '.join(heads) + ' |', '|---|---|---|' + '---:|' * (len(heads) - 3)]
     for r in rows:
-        v = {**r, 'gflop': r.get('flops') and r['flops'] / 1e9,
-             'peak_pct': r.get('peak_fraction') and 100 * r['peak_fraction']}
-        ratio = r['img_s'] / naive[r['model'], r['method']] if 'img_s' in r and (r['model'], r['method']) in naive \
-            else None
-        cells = [r['model'], r['method'], r['path'] + ' (auto)' * (r['auto'] and r['path'] != 'compile'),
-                 *[str(r['batch'])] * gpu, cell(r.get('img_s'), '{:.2f}') or r.get('error', ''),
-                 cell(ratio, '{:.2f}x'), *[cell(v.get(key), form) for _, key, form in COLUMNS]]
-        lines.append('| ' + ' | '.join(cells) + ' |')
+        base = naive.get((r['model'], r['method']))
+        v = {**r, 'vs_naive': r['img_s'] / base if base and 'img_s' in r else None,
+             'gflop': r.get('flops') and r['flops'] / 1e9, 'peak_pct': r.get('peak_fraction') and 100 * r['peak_fraction']}
+        cells = ['' if v.get(key) is None else form.format(v[key]) for _, key, form in COLUMNS]
+        path = r['path'] + ' (auto)' * (r['auto'] and r['path'] != 'compile')
+        lines.append('| ' + ' | '.join([r['model'], r['method'], path, *[str(r['batch'])] * gpu,
+                                        cells[0] or r.get('error', ''), *cells[1:]]) + ' |')
     return lines
 
 
