@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases
 from tools.benchmark_memory import fill_batch, peak_memory
 from tools.benchmark_report import machine, markdown
-from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, machine_memory, option
+from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, machine_memory, one_of, option
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
@@ -47,11 +47,17 @@ def some_of(choices, default, help, note=''):
                   rule=((lambda v: set(v) <= set(choices)), f"choose from {' '.join(choices)}{note}"))
 
 
+def own(most):
+    """A model size's number that 0 leaves to the size (vit.SIZES)."""
+    return option(0, "0 = the size's own", at_least(0, "the size's own", most))
+
+
 @dataclass
 class BenchConfig:
-    device: str = option('auto', 'auto | cpu | cuda', (lambda v: v in ('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    device: str = option('auto', 'auto | cpu | cuda', one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
     models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
-    paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16', ' (--compile true adds compile)')
+    paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
+                               ' (--compile true adds compile)')
     batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU', BATCH))
     memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one',
                                     (lambda v: -1 <= v <= BATCH, f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
@@ -59,9 +65,9 @@ class BenchConfig:
                          (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
     img_size: int = option(224, rule=at_least(0, most=SIZE))   # 0: refused by checks(), with its patch
     patch_size: int = option(16, rule=at_least(1, most=SIZE))
-    depth: int = option(0, "0 = the size's own", at_least(0, "the size's own", DEPTH))
-    embed_dim: int = option(0, "0 = the size's own", at_least(0, "the size's own", SIZE))
-    num_heads: int = option(0, "0 = the size's own", at_least(0, "the size's own", DEPTH))
+    depth: int = own(DEPTH)
+    embed_dim: int = own(SIZE)
+    num_heads: int = own(DEPTH)
     num_classes: int = option(1000, rule=at_least(1, most=SIZE))
     rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
     steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
@@ -76,8 +82,8 @@ class BenchConfig:
     timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
     gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1, most=2 ** 20))
     quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
-    out_dir: str = option('runs/benchmark', 'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name '
-                          'it)')
+    out_dir: str = option('runs/benchmark',
+                          'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name it)')
 
     def checks(self):
         return [('img_size', self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
@@ -86,19 +92,20 @@ class BenchConfig:
                  'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
 
 
-# each replaces what you left at its default, --quick's before the GPU's (--quick's steps: the default, 2)
+# each replaces what you left at its default, --quick's before the GPU's
+# (--quick's steps are the default, 2: on a GPU, the GPU's 3)
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
-PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # by autocast dtype (None: off)
+PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # None: autocast off
 
 
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag: one error line, before anything runs."""
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
-    device = torch.device('cuda' if cfg.device != 'cpu' and torch.cuda.is_available() else 'cpu')
-    gpu = device.type == 'cuda'
+    gpu = cfg.device != 'cpu' and torch.cuda.is_available()
+    device = torch.device('cuda' if gpu else 'cpu')
     on_gpu = dict(ON_GPU, out_dir=f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}') if gpu else {}
     changes, default = {**on_gpu, **(QUICK if cfg.quick else {})}, asdict(BenchConfig())
     # checked with --quick's and the GPU's sizes: they may not fit the flags given beside them
@@ -136,7 +143,8 @@ def seconds(run, calls, device):
 
 
 def gemm_peak(dtype, n, device, repeats=5):
-    """FLOP/s of an n x n x n matmul in `dtype`, the best of `repeats` timings of enough calls for ~50 ms."""
+    """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of `repeats` timings
+    of enough calls for ~50 ms."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     matmul = lambda: a @ b
     matmul()             # the library's first call picks its kernel
@@ -182,8 +190,8 @@ def profile(run, path, device):
 
 
 def measure(cfg, size, device, peak):
-    """The rows of one model size: the bytes each case saves for backward, its cases timed together, then each
-    one's peak memory alone."""
+    """The rows of one model size: the bytes each case saves for backward, its cases timed
+    together, then each one's peak memory alone."""
     parts, todo = Parts(cfg, size, device), cases(cfg)
     uncompiled = [c for c in todo if c[1] != 'compile']
     batch = cfg.batch_size or fill_batch(parts, uncompiled, cfg.fill, device)
@@ -197,7 +205,7 @@ def measure(cfg, size, device, peak):
     if not cfg.timing:
         return list(rows.values())
     steps, flops = {c: parts.step(*c, batch=batch) for c in todo}, {}
-    for c in todo:   # FLOPs of one step, also its first; a compiled step's are auto's, counted uncompiled
+    for c in todo:   # FLOPs of one step, also its first; a compiled step's: auto's, uncompiled
         twin = (c[0], parts.auto) if c[1] == 'compile' else c
         try:
             flops[c] = flops.get(twin) or count_flops(steps[c] if twin == c else parts.step(*twin, batch=batch))
@@ -216,9 +224,10 @@ def measure(cfg, size, device, peak):
     for (method, path), row in rows.items():
         if 'error' in row:
             continue
-        step_s, prec = statistics.median(times[method, path]), PRECISION[autocast_dtype(path, amp_dtype('auto', device))]
-        row.update(img_s=batch / step_s, step_s=step_s, step_times=times[method, path], flops=flops[method, path],
-                   precision=prec, peak_fraction=flops[method, path] / step_s / peak[prec] if prec in peak else None)
+        c, prec = (method, path), PRECISION[autocast_dtype(path, amp_dtype('auto', device))]
+        step_s = statistics.median(times[c])
+        row.update(img_s=batch / step_s, step_s=step_s, step_times=times[c], flops=flops[c],
+                   precision=prec, peak_fraction=flops[c] / step_s / peak[prec] if prec in peak else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
             row.update(peak_memory(cfg, size, method, path, mem_batch, device))
@@ -231,17 +240,18 @@ def main():
     cfg, device = configure(parse_config(BenchConfig))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out_dir, exist_ok=True)   # before the timings: profiles are written as they are made
-    dtypes = {PRECISION[dt]: dt or torch.float32 for dt in (None, amp_dtype('auto', device))}   # fp32, --amp auto's
-    peak = {k: gemm_peak(dt, cfg.gemm_size, device) for k, dt in dtypes.items()} if cfg.timing else {}
+    os.makedirs(cfg.out_dir, exist_ok=True)   # profiles are written into it as they are made
+    auto = amp_dtype('auto', device)
+    dtypes = [None, auto] if auto else [None]   # fp32 (autocast off) and --amp auto's
+    peak = {PRECISION[dt]: gemm_peak(dt, cfg.gemm_size, device) for dt in dtypes} if cfg.timing else {}
     rows = []
     for size in cfg.models:
         rows += measure(cfg, size, device, peak)
         print(f'{size}: measured', flush=True)
     result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
               'gemm_peak': peak, 'rows': rows, 'batches': {r['model']: r['batch'] for r in rows}}
-    for name, text in (('benchmark.json', json.dumps(result, indent=1)), ('BENCHMARK.md', markdown(result))):
-        write_text(os.path.join(cfg.out_dir, name), text)   # each whole or not at all
+    write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
+    write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))
     print(markdown(result))
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
 

@@ -14,7 +14,7 @@ compute their own q, k and softmax before the teacher's map replaces it, AdamW w
 on CPUs, foreach kernels on GPUs). `naive-bf16` is that path under bf16 autocast.
 """
 from argparse import Namespace
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
@@ -46,7 +46,8 @@ def cases(cfg):
 
 
 def autocast_dtype(path, auto):
-    """A path's autocast dtype (None: fp32): off on naive, bf16 on naive-bf16, else `auto` (--amp auto's)."""
+    """A path's autocast dtype (None: fp32): off on naive, bf16 on naive-bf16, else `auto`
+    (--amp auto's)."""
     return None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else auto
 
 # -----------------------------------------------------------------------------
@@ -59,9 +60,8 @@ class Parts:
     def __init__(self, cfg, size, device):
         self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
         self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
-        own = {k: getattr(cfg, k) or None for k in ('depth', 'embed_dim', 'num_heads')}   # 0: the size's own
-        self.arch = model_arch(size, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
-                               global_pool=True, **own)
+        sizes = ('img_size', 'patch_size', 'num_classes', 'depth', 'embed_dim', 'num_heads')
+        self.arch = model_arch(size, global_pool=True, **{k: getattr(cfg, k) or None for k in sizes})   # 0: its own
         first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
         self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
         self.batches, self.optimizers = {}, {}
@@ -107,30 +107,30 @@ class Parts:
         return self.batches[batch]
 
     def forward(self, method, path, batch):
-        """(() -> output, student): one forward pass of `method` on `path` with its own fixed batch, the shared
-        models first set to the path's attention implementation and to the method's mode: a training step's loss
-        (train mode, the method's drop-path), an evaluation's logits (eval mode, no autograd)."""
-        naive, copy, training = path.startswith('naive'), method in ('copy', 'eval-copy'), method in TRAINED
+        """(() -> output, student): one forward pass of `method` on `path` on its own fixed batch,
+        the shared models first set to the path's attention implementation and to the method's
+        mode: a training step's loss (train mode, the method's drop-path), or an evaluation's
+        logits (eval mode, no autograd)."""
+        naive, training = path.startswith('naive'), method in TRAINED
+        copy = method in ('copy', 'eval-copy')
         student = self.copy_student if copy and not naive else self.student
         teacher = self.teacher if naive else self.fast_teacher
         env = Namespace(device=self.device, dtype=autocast_dtype(path, self.dtype))
         impl = 'eager' if naive else self.auto if path == 'compile' else path
         layers = self.copied if copy else self.distilled
-        if method in ('train', 'eval-distill'):
-            def output(net, x, y):
-                return soft_cross_entropy(net(x), y, SMOOTHING) if training else net(x)
-        elif method == 'eval-copy' and naive:
-            def output(net, x, y):
-                return naive_copy_forward(teacher, net, x, layers)
+        net, (x, y) = torch.compile(student) if path == 'compile' else student, self.inputs(batch)
+        if method == 'train':
+            output = lambda: soft_cross_entropy(net(x), y, SMOOTHING)   # noqa: E731
+        elif method == 'eval-distill':
+            output = lambda: net(x)   # noqa: E731
         elif method == 'eval-copy':
-            copy_model = CopyModel(teacher, student, layers)
-            output = lambda net, x, y: copy_model(x)   # noqa: E731
+            output = partial(naive_copy_forward, teacher, net, x, layers) if naive else \
+                partial(CopyModel(teacher, net, layers), x)
         else:
             loss_fn = (naive_copy_loss if copy else naive_distill_loss)(teacher, layers) if naive else \
                 copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None) if copy else \
                 distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
-            output = lambda net, x, y: loss_fn(net, x, y)[0]   # noqa: E731
-        net, (x, y) = torch.compile(student) if path == 'compile' else student, self.inputs(batch)
+            output = lambda: loss_fn(net, x, y)[0]   # noqa: E731
         grad_mode = torch.enable_grad if training else torch.no_grad if naive else torch.inference_mode
 
         def run():
@@ -139,11 +139,11 @@ class Parts:
             if training:
                 set_drop_path(student, DROP_PATH[method])
             with grad_mode(), autocast(env):
-                return output(net, x, y)
+                return output()
         return run, student
 
     def step(self, method, path, batch):
-        """() -> running one step of `method` on `path` (evaluation: one forward pass)."""
+        """A callable that runs one step of `method` on `path` (evaluation: one forward pass)."""
         forward, student = self.forward(method, path, batch)
         if method not in TRAINED:
             return forward
@@ -169,9 +169,10 @@ class Parts:
             storage = t.untyped_storage()
             if storage.data_ptr() not in params:
                 storages[storage.data_ptr()] = storage.nbytes()
-            # kept by the graph until the loss goes, so no storage is freed and its address reused meanwhile;
-            # detached, as returning an output itself would tie it to its own grad_fn: a cycle that outlives the
-            # loss (on a GPU, every case's activations stayed allocated)
+            # kept by the graph until the loss goes, so no storage is freed and its address
+            # reused meanwhile; detached, as returning an output itself would tie it to its own
+            # grad_fn: a cycle that outlives the loss (on a GPU, every case's activations stayed
+            # allocated)
             return t.detach()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             forward()   # the loss and its graph go at once

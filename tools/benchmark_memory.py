@@ -18,9 +18,9 @@ def proc_mb(field):
 
 
 def peak_memory(cfg, size, method, path, batch, device):
-    """{peak_mb, step_mb} of one case built alone and run for two steps: its peak, and what the steps add to what
-    its models and optimiser hold before them. On a CPU the RSS of a fresh process; on CUDA max_memory_allocated,
-    counted from before its models exist."""
+    """{peak_mb, step_mb} of one case built alone and run for two steps: its peak, and what
+    the steps add to what its models and optimiser hold before them. On a CPU the RSS of a
+    fresh process; on CUDA max_memory_allocated, counted from before its models exist."""
     if device.type == 'cpu':
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
             peak, before = pool.submit(rss_peak, cfg, size, method, path, batch).result()
@@ -39,7 +39,7 @@ def peak_memory(cfg, size, method, path, batch, device):
 
 
 def rss_peak(cfg, size, method, path, batch):
-    """peak_memory() on a CPU, in its fresh process: (peak RSS, RSS before the first step) in MB."""
+    """peak_memory() on a CPU, in its fresh process: (peak RSS, RSS before the first step), MB."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Parts(cfg, size, torch.device('cpu')).step(method, path, batch)
@@ -63,7 +63,10 @@ def largest_batch(peak_at, budget, step=8, tries=8):
         if low > budget or fits + step >= over:
             break
         peak = peak_at(batch)
-        fits, over = (batch, over) if peak <= budget else (fits, batch)
+        if peak <= budget:
+            fits = batch
+        else:
+            over = batch
         line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
             (fits + over) / 2
         batch = min(max(int(line) // step * step, fits + step), over - step)
@@ -78,7 +81,7 @@ def fill_batch(parts, todo, fill, device):
         try:
             for run in runs:
                 run()
-            torch.cuda.reset_peak_memory_stats(device)   # the peak of the second steps: the fullest case's
+            torch.cuda.reset_peak_memory_stats(device)   # the second steps' peak: the fullest case's
             for run in runs:
                 run()
             torch.cuda.synchronize(device)

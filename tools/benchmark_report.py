@@ -19,26 +19,32 @@ def machine(device):
 
 
 # each column after model, method, path (and batch): (heading, the row's number, its format)
-COLUMNS = [('img/s', 'img_s', '{:.2f}'), ('vs naive', 'vs_naive', '{:.2f}x'), ('GFLOP / step', 'gflop', '{:.1f}'),
+COLUMNS = [('img/s', 'img_s', '{:.2f}'),
+           ('vs naive', 'vs_naive', '{:.2f}x'),
+           ('GFLOP / step', 'gflop', '{:.1f}'),
            ('% of GEMM peak (its precision; MFU on a GPU in bf16)', 'peak_pct', '{:.1f}'),
-           ('peak memory (MB)', 'peak_mb', '{:.0f}'), ('step needs (MB)', 'step_mb', '{:.0f}'),
-           ('saved for backward (MB)', 'saved_mb', '{:.1f}'), ('saved vs train', 'saved_vs_train', '{:.3f}x')]
+           ('peak memory (MB)', 'peak_mb', '{:.0f}'),
+           ('step needs (MB)', 'step_mb', '{:.0f}'),
+           ('saved for backward (MB)', 'saved_mb', '{:.1f}'),
+           ('saved vs train', 'saved_vs_train', '{:.3f}x')]
 
 
 def table(rows, gpu):
-    """The markdown table of every case, each against the naive path of its model and method ('vs naive'); a case
-    that did not run gives its error in place of its speed."""
+    """The markdown table of every case, each against the naive path of its model and method
+    ('vs naive'); a case that did not run gives its error in place of its speed."""
     naive = {(r['model'], r['method']): r['img_s'] for r in rows if r['path'] == 'naive' and 'img_s' in r}
     heads = ['model', 'method', 'path', *['batch'] * gpu, *[c[0] for c in COLUMNS]]
-    lines = ['| ' + ' | '.join(heads) + ' |', '|---|---|---|' + '---:|' * (len(heads) - 3)]
+    lines = [f"| {' | '.join(heads)} |", '|---|---|---|' + '---:|' * (len(heads) - 3)]
     for r in rows:
         base = naive.get((r['model'], r['method']))
         v = {**r, 'vs_naive': r['img_s'] / base if base and 'img_s' in r else None,
-             'gflop': r.get('flops') and r['flops'] / 1e9, 'peak_pct': r.get('peak_fraction') and 100 * r['peak_fraction']}
+             'gflop': r.get('flops') and r['flops'] / 1e9,
+             'peak_pct': r.get('peak_fraction') and 100 * r['peak_fraction']}
         cells = ['' if v.get(key) is None else form.format(v[key]) for _, key, form in COLUMNS]
+        cells[0] = cells[0] or r.get('error', '')
         path = r['path'] + ' (auto)' * (r['auto'] and r['path'] != 'compile')
-        lines.append('| ' + ' | '.join([r['model'], r['method'], path, *[str(r['batch'])] * gpu,
-                                        cells[0] or r.get('error', ''), *cells[1:]]) + ' |')
+        cells = [r['model'], r['method'], path, *[str(r['batch'])] * gpu, *cells]
+        lines.append(f"| {' | '.join(cells)} |")
     return lines
 
 
