@@ -92,8 +92,8 @@ class BenchConfig:
                  'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
 
 
-# each replaces what you left at its default, --quick's before the GPU's
-# (--quick's steps are the default, 2: on a GPU, the GPU's 3)
+# each replaces what you left at its default; where both give one, --quick's (its steps are the
+# default, 2, so a quick run on a GPU takes the GPU's 3)
 QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
              rounds=1, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
 ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
@@ -102,9 +102,9 @@ PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # No
 
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag: one error line, before anything runs."""
-    if cfg.device == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
     gpu = cfg.device != 'cpu' and torch.cuda.is_available()
+    if cfg.device == 'cuda' and not gpu:
+        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
     device = torch.device('cuda' if gpu else 'cpu')
     on_gpu = dict(ON_GPU, out_dir=f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}') if gpu else {}
     changes, default = {**on_gpu, **(QUICK if cfg.quick else {})}, asdict(BenchConfig())

@@ -90,14 +90,6 @@ class Parts:
     def copy_student(self):       # as attention_copy.py builds it: no q/k in copied layers
         return self.model(no_qk_layers=self.copied)
 
-    def optimizer(self, model, naive):
-        """The scripts' AdamW; naive: the same parameter groups in torch's AdamW with its defaults."""
-        if (model, naive) not in self.optimizers:
-            recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
-            opt = build_optimizer(recipe, model, lr=1e-4)
-            self.optimizers[model, naive] = torch.optim.AdamW(opt.param_groups) if naive else opt
-        return self.optimizers[model, naive]
-
     def inputs(self, batch):
         """Images (B, 3, H, W) and labels (B,), one pair per batch size, shared by the cases."""
         if batch not in self.batches:
@@ -147,7 +139,13 @@ class Parts:
         forward, student = self.forward(method, path, batch)
         if method not in TRAINED:
             return forward
-        opt = self.optimizer(student, path.startswith('naive'))
+        # the scripts' AdamW, one a student; naive: the same parameter groups in torch's AdamW with its defaults
+        key = student, path.startswith('naive')
+        if key not in self.optimizers:
+            recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
+            opt = build_optimizer(recipe, student, lr=1e-4)
+            self.optimizers[key] = torch.optim.AdamW(opt.param_groups) if key[1] else opt
+        opt = self.optimizers[key]
 
         def run():
             forward().backward()
