@@ -216,20 +216,20 @@ def measure(cfg, size, device, peak):
     for m in cfg.profile:   # where the time of auto's step goes
         if (m, parts.auto) in steps:
             profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
-    times, auto = time_cases(steps, cfg, device), parts.auto
+    times = time_cases(steps, cfg, device)
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
-    for (method, path), row in rows.items():
+    for c, row in rows.items():
         if 'error' in row:
             continue
-        c, prec = (method, path), PRECISION[autocast_dtype(path, amp_dtype('auto', device))]
-        step_s = statistics.median(times[c])
+        method, path = c
+        prec, step_s = PRECISION[autocast_dtype(path, amp_dtype('auto', device))], statistics.median(times[c])
         row.update(img_s=batch / step_s, step_s=step_s, step_times=times[c], flops=flops[c],
                    precision=prec, peak_fraction=flops[c] / step_s / peak[prec] if prec in peak else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
-                (not cfg.quick or method == 'distill' and path in (auto, 'naive')):
+                (not cfg.quick or method == 'distill' and (row['auto'] or path == 'naive')):
             row.update(peak_memory(cfg, size, method, path, mem_batch, device))
     return list(rows.values())
 

@@ -139,7 +139,8 @@ class Parts:
         forward, student = self.forward(method, path, batch)
         if method not in TRAINED:
             return forward
-        # the scripts' AdamW, one a student; naive: the same parameter groups in torch's AdamW with its defaults
+        # the scripts' AdamW, built once a student; naive: the same parameter groups in torch's AdamW with its
+        # defaults
         key = student, path.startswith('naive')
         if key not in self.optimizers:
             recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
