@@ -142,14 +142,14 @@ def seconds(run, calls, device):
     return time.perf_counter() - t
 
 
-def gemm_peak(dtype, n, device, repeats=5):
-    """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of `repeats` timings
-    of enough calls for ~50 ms."""
+def gemm_peak(dtype, n, device):
+    """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
+    calls for ~50 ms."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     matmul = lambda: a @ b
     matmul()             # the library's first call picks its kernel
     calls = max(1, round(0.05 / seconds(matmul, 1, device)))   # how many calls make one of ~50 ms
-    return 2 * n ** 3 / min(seconds(matmul, calls, device) / calls for _ in range(repeats))
+    return 2 * n ** 3 / min(seconds(matmul, calls, device) / calls for _ in range(5))
 
 
 # torch's counter has no formula for the CPU's fused attention kernel: the same as its other SDPA kernels'
