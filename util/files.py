@@ -102,14 +102,21 @@ class WriteError(ConfigError):
         self.what = what
 
 
+def read_bytes(path, fix):
+    """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>): <fix>'."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:   # a directory, no permission
+        raise DamagedFile(f'{path}: cannot read it ({e.strerror}): {fix}') from None
+
+
 def read_json(path, fix, keys=None):
     """The JSON object in `path`. keys: {key: type or tuple of types} it must hold. Otherwise DamagedFile:
     '<path> <what is wrong>: <fix>'."""
+    data = read_bytes(path, fix)
     try:
-        with open(path, 'rb') as f:
-            record = json.loads(f.read())
-    except OSError as e:
-        raise DamagedFile(f'{path}: cannot read it ({e.strerror}): {fix}') from None
+        record = json.loads(data)
     except ValueError as e:   # JSONDecodeError, or bytes that are not UTF-8
         raise DamagedFile(f'{path} is not JSON, cut short or damaged ({e}): {fix}') from None
     if not isinstance(record, dict):
@@ -123,13 +130,8 @@ def read_json(path, fix, keys=None):
 def read_jsonl(path, fix):
     """The JSON objects of a JSON-lines file, one a line (blank lines skipped). A line that is not one (a
     record cut short by a kill, say) is DamagedFile naming the file and the line."""
-    try:
-        with open(path, 'rb') as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DamagedFile(f'{path}: cannot read it ({e.strerror}): {fix}') from None
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_bytes(path, fix).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -224,13 +226,17 @@ def check_out_dir(path, flag, record=None, files=()):
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')
-    parent = path
-    while not os.path.exists(parent):   # the nearest folder that exists: the one written into, or made in
+    writable(flag, path, path, 'is a file, so no folder can be made there',
+             'cannot be written (read-only, or no permission)')
+
+
+def writable(flag, path, parent, is_file='is a file', denied='cannot be written'):
+    """Refuse `path` unless the nearest folder that exists at or above `parent` (the one written into, or made in)
+    is a folder that can be written: '<flag> <path>: <that folder> <is_file or denied>: choose another <flag>'."""
+    while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f'{flag} {path}: {parent} is a file, so no folder can be made there: choose another {flag}')
-    if not os.access(parent, os.W_OK | os.X_OK):   # also false on a read-only file system, for root too
-        raise ConfigError(f'{flag} {path}: {parent} cannot be written (read-only, or no permission): choose '
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):   # also false when read-only
+        raise ConfigError(f'{flag} {path}: {parent} {denied if os.path.isdir(parent) else is_file}: choose '
                           f'another {flag}')
 
 
@@ -238,11 +244,8 @@ def read_lines(path):
     """The non-blank lines of a text file ([] if there is none)."""
     if not os.path.exists(path):
         return []
-    try:
-        with open(path, errors='replace') as f:
-            return [line for line in f.read().splitlines() if line.strip()]
-    except OSError as e:   # a directory, no permission
-        raise ConfigError(f'{path}: cannot read it ({e.strerror}): move it away') from None
+    text = read_bytes(path, 'move it away').decode(errors='replace')
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def git_commit(*args, cwd=None):
@@ -279,8 +282,4 @@ def check_output(flag, path, out_dir=None, folder=False):
     if os.path.exists(path) and (not folder or not os.path.isdir(path)):
         raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
                           f': move it away or choose another {flag}')
-    while not os.path.exists(parent):   # the nearest folder that exists is where the new ones will be made
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: {parent} {'is a file' if not os.path.isdir(parent) else 'cannot be written'}"
-                          f': choose another {flag}')
+    writable(flag, path, parent)

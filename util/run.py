@@ -200,8 +200,8 @@ class Run:
     def save(self):
         """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
-        state = {'model': self.model.state_dict(), 'ema': self.ema.state_dict() if self.ema else {},
-                 'optimizer': self.opt.state_dict()['state']}
+        model, ema, opt = self.model.state_dict(), self.ema.state_dict() if self.ema else None, self.opt.state_dict()
+        state = {'model': model, 'ema': ema, 'optimizer': opt['state']}
         tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d) if v.is_floating_point()]
         finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
         if not all(finite):
@@ -209,10 +209,10 @@ class Run:
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
         states = rng_states(self.plan.world)
         self.plan.run_dir.save({
-            'model': self.model.state_dict(), 'arch': getattr(self.model, 'arch', None),
+            'model': model, 'arch': getattr(self.model, 'arch', None),
             'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
-            'step': self.step, 'optimizer': self.opt.state_dict(), 'scaler': self.scaler.state_dict(),
-            'ema': self.ema.state_dict() if self.ema else None, 'metrics': self.metrics, 'rng': states,
+            'step': self.step, 'optimizer': opt, 'scaler': self.scaler.state_dict(),
+            'ema': ema, 'metrics': self.metrics, 'rng': states,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
             'classes': self.classes, **self.extra})
         if self.record:   # after its checkpoint: a run killed in between has an evaluation no checkpoint holds

@@ -28,7 +28,7 @@ import torch
 
 from util.config import ConfigError, flag
 from util.engine import log
-from util.files import append_text, cannot_write, git_commit, read_lines, replacing, write_text
+from util.files import append_text, cannot_write, git_commit, read_lines, replacing, write_json, write_text
 from util.resume import resume_command, under_torchrun
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
@@ -41,8 +41,12 @@ class RunDir:
 
     def __init__(self, cfg, main):
         self.cfg, self.main, self.path = cfg, main, cfg.out_dir
-        self.checkpoint = os.path.join(cfg.out_dir, 'checkpoint.pt')
+        self.checkpoint = self.file('checkpoint.pt')
         self.pending, self.begun, self.made, self.lock = [], False, [], None
+
+    def file(self, name):
+        """The path of the run's file `name`."""
+        return os.path.join(self.path, name)
 
     @classmethod
     def claim(cls, cfg, main=True):
@@ -79,7 +83,7 @@ class RunDir:
                               f'choose an empty or new --out-dir' + (' (--overwrite true deletes only a run of these '
                                                                      'scripts)' if self.cfg.overwrite else ''))
         for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: take_lock says so)
-            path = os.path.join(self.path, name)
+            path = self.file(name)
             if os.path.lexists(path) and not os.path.isfile(path):
                 raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
             # a link to a file elsewhere: the log is appended through it, so the run would write a file not its own
@@ -91,7 +95,7 @@ class RunDir:
         """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
         finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
         scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
-        cfg, ours = self.cfg, {os.path.realpath(os.path.join(self.path, n)) for n in RUN_FILES}
+        cfg, ours = self.cfg, {os.path.realpath(self.file(n)) for n in RUN_FILES}
         for field in getattr(cfg, 'INPUTS', ()):
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
@@ -102,8 +106,8 @@ class RunDir:
         if os.path.exists(self.checkpoint):
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it or choose another '
                               f'--out-dir (--overwrite true deletes it)')
-        done = os.path.join(self.path, 'done.json')
-        evaluated = len(read_lines(os.path.join(self.path, 'metrics.jsonl')))
+        done = self.file('done.json')
+        evaluated = len(read_lines(self.file('metrics.jsonl')))
         if os.path.exists(done) or evaluated:   # results kept without their checkpoint
             what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
             raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
@@ -115,7 +119,7 @@ class RunDir:
     def take_lock(self):
         """Lock <out_dir>/.lock while this process runs, or refuse naming the process that holds it. A POSIX lock
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
-        path = os.path.join(self.path, '.lock')
+        path = self.file('.lock')
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -144,7 +148,7 @@ class RunDir:
         locks a new one); remove a folder this command made and left empty: a refused command leaves no trace."""
         if self.lock is not None:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(self.path, '.lock'))
+                os.remove(self.file('.lock'))
             os.close(self.lock)
             self.lock = None
         for folder in self.made:
@@ -182,7 +186,7 @@ class RunDir:
         Then log.txt gets the lines held so far."""
         if not self.main:
             return
-        path = os.path.join(self.path, 'config.json')
+        path = self.file('config.json')
         launch = {'git_commit': git_commit(), 'world_size': record['world_size'], 'torch': torch.__version__,
                   'argv': sys.argv}
         if resumed_step is not None:
@@ -201,15 +205,15 @@ class RunDir:
             record = {**record, **launch}
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
                 with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
-                    os.remove(os.path.join(self.path, name))
-        write_text(path, json.dumps(record, indent=2))
+                    os.remove(self.file(name))
+        write_json(path, record)
         lines = ''.join(line + '\n' for line in self.pending)
-        (append_text if resumed_step is not None else write_text)(os.path.join(self.path, 'log.txt'), lines)
+        (append_text if resumed_step is not None else write_text)(self.file('log.txt'), lines)
         self.pending, self.begun = [], True
 
     def config_record(self):
         """config.json's record; None if it is missing or damaged (a damaged one is kept beside it, .damaged)."""
-        path = os.path.join(self.path, 'config.json')
+        path = self.file('config.json')
         try:
             with open(path) as f:
                 value = json.load(f)
@@ -231,7 +235,7 @@ class RunDir:
                 return json.loads(line).get('step', 0)
             except (ValueError, AttributeError):
                 return None
-        path = os.path.join(self.path, 'metrics.jsonl')
+        path = self.file('metrics.jsonl')
         lines = read_lines(path)
         kept = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
         if last and all(step_of(line) != step for line in kept):
@@ -242,7 +246,7 @@ class RunDir:
     def add_metrics(self, record):
         """One line of metrics.jsonl, the whole file written anew (it has one line per evaluation)."""
         if self.main:
-            path = os.path.join(self.path, 'metrics.jsonl')
+            path = self.file('metrics.jsonl')
             write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
 
     def save(self, state):
@@ -254,12 +258,12 @@ class RunDir:
         """Add to config.json where the run diverged (its step, what was not finite, the checkpoint kept)."""
         record = self.config_record() if self.main else None
         if record is not None:
-            write_text(os.path.join(self.path, 'config.json'), json.dumps({**record, 'diverged': what}, indent=2))
+            write_json(self.file('config.json'), {**record, 'diverged': what})
 
     def how_to_continue(self):
         """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
         if not os.path.exists(self.checkpoint):   # evaluations kept without one would refuse the same command again
-            evaluated = read_lines(os.path.join(self.path, 'metrics.jsonl'))
+            evaluated = read_lines(self.file('metrics.jsonl'))
             return NOTHING_SAVED + (f' with --overwrite true (it deletes the {len(evaluated)} evaluation(s) made)'
                                     if evaluated else '')
         return f"{self.checkpoint} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} " \
