@@ -27,9 +27,8 @@ from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
-    **{f'mae_vit_{s}': (MAE_URL.format('pretrain', 'pretrain', s), h, 'mae')
-       for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'mae_vit_{s}_ft': (MAE_URL.format('finetune', 'finetuned', s), h, 'mae')    # fine-tuned on IN-1k
+    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')   # _ft: fine-tuned on IN-1k
+       for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
     **{f'torchvision_{n}': (w.DEFAULT.url, h, 'torchvision') for n, w, h in (
         ('vit_b_16', tvm.ViT_B_16_Weights, 12), ('vit_b_32', tvm.ViT_B_32_Weights, 12),
@@ -72,22 +71,28 @@ def state_dict_of(ckpt):
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) and isinstance(ckpt.get('model'), dict):
-        return {k: v for k, v in ckpt['model'].items() if not k.startswith(('decoder', 'mask_token'))}, {}   # ours
-    sd, _ = unwrap(ckpt)
-    if sd is None:
-        raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
-    sd, components = convert(sd)
-    if 'patch_embed.proj.weight' not in sd:
-        raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / conv_proj.weight')
+    if recorded(ckpt) and isinstance(ckpt.get('model'), dict):   # ours
+        sd, components = ckpt['model'], {}
+    else:
+        sd, _ = unwrap(ckpt)
+        if sd is None:
+            raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
+        sd, components = convert(sd)
+        if 'patch_embed.proj.weight' not in sd:
+            raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / conv_proj.weight')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
+
+
+def recorded(ckpt):
+    """The architecture a checkpoint records (this project's do: a dict of VisionTransformer keywords), else None."""
+    return ckpt['arch'] if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
 
 
 def arch_of(ckpt, source='', num_heads=0, flag='--num-heads'):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):   # MoCo v3 stores a name there
+    if recorded(ckpt):   # MoCo v3 stores a name there
         heads_of(ckpt, source, ckpt['arch'].get('embed_dim'), num_heads, flag)   # a stated count must agree
         return dict(ckpt['arch'])
     sd, components = _converted(ckpt)
@@ -102,14 +107,14 @@ def arch_of(ckpt, source='', num_heads=0, flag='--num-heads'):
                 global_pool='fc_norm.weight' in sd, **components)
 
 
-def heads_of(ckpt, source, dim, num_heads=0, flag='--num-heads'):
+def heads_of(ckpt, source, dim, num_heads, flag):
     """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
     so it is never guessed: it is the file's record (this project's checkpoints), its name's, its family's at its
     width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
     known = None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) and 'num_heads' in ckpt['arch']:
+    if 'num_heads' in (recorded(ckpt) or {}):
         known = ckpt['arch']['num_heads'], 'recorded in the file'
     elif source in PRETRAINED:
         known = PRETRAINED[source][1], f'those of {source}'
@@ -151,10 +156,10 @@ def arch_mismatch(arch, saved, free=FREE_ARCH):
     return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items() if k not in free and arch.get(k) != v]
 
 
-def check_arch(model, ckpt, source, num_heads=0, flag='--num-heads'):
+def check_arch(model, ckpt, source, num_heads, flag):
     """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
     without a record, whose heads (heads_of: num_heads as stated with `flag`) are not the model's."""
-    saved = ckpt.get('arch') if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
+    saved = recorded(ckpt)
     if saved and saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
         raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in layers "
                               f"{saved['no_qk_layers']} and runs only with its teacher "
@@ -245,7 +250,7 @@ def family(source, ckpt):
     """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES), of a
     name or a file (family_key). This project's own files are resized as DeiT's, and so is any other file (its
     family: None)."""
-    if source not in PRETRAINED and isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):
+    if source not in PRETRAINED and recorded(ckpt):
         return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
     name = family_key(source, ckpt)
     return FAMILIES[name] if name else (None, AS_DEIT)

@@ -38,7 +38,7 @@ def read_file(path):
     try:
         with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
             warnings.simplefilter('ignore')
-            if is_torchscript(path):
+            if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
                 # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
                 # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
                 # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
@@ -57,11 +57,6 @@ def records(path, name='data.pkl'):
             return any(n.rpartition('/')[2] == name for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return None
-
-
-def is_torchscript(path):
-    """Whether a file is a TorchScript archive: a zip with a constants.pkl record (torch.load's own test)."""
-    return bool(records(path, 'constants.pkl'))
 
 
 LEGACY = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'   # torch.save's format before zip files (torch < 1.6)
