@@ -73,7 +73,7 @@ def resolve(cls, presets, argv=None):
     with run_dir.released_on_error():                                # the checkpoint to continue, checked
         resumed = open_resumed(cfg, run_dir, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
-    preset = dataclasses.asdict(cls(**{k: v for k, v in presets.get(cfg.data, {}).items()}))
+    preset = dataclasses.asdict(cls(**presets.get(cfg.data, {})))
     plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, why, run_dir, resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')

@@ -28,7 +28,8 @@ import torch
 
 from util.config import ConfigError, flag
 from util.engine import log
-from util.files import append_text, cannot_write, git_commit, read_lines, replacing, write_json, write_text
+from util.files import (DamagedFile, append_text, cannot_write, git_commit, read_json, read_lines, replacing,
+                        write_json, write_text)
 from util.resume import resume_command, under_torchrun
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
@@ -280,11 +281,9 @@ def foreign(out_dir):
     from util.resume import SAVED
     names = sorted(set(os.listdir(out_dir)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
     try:
-        with open(os.path.join(out_dir, 'config.json'), 'rb') as f:
-            record = json.loads(f.read())
-        if isinstance(record, dict) and {'out_dir', 'argv'} <= record.keys():
+        if {'out_dir', 'argv'} <= read_json(os.path.join(out_dir, 'config.json'), '').keys():
             return []
-    except (OSError, ValueError):
+    except DamagedFile:   # missing, unreadable, or no JSON object
         if 'config.json' not in names and os.path.exists(os.path.join(out_dir, 'checkpoint.pt')):
             try:
                 ck = read_checkpoint(os.path.join(out_dir, 'checkpoint.pt'))
