@@ -172,11 +172,10 @@ class TrainConfig:
         ['--flag old -> new', ...], empty if it can. Fields missing from the saved config count as their
         default; batch size and accumulation steps may change if the global batch stays the same; so may the
         fields `free` (the lr after the run diverged: resume.AFTER_DIVERGENCE)."""
-        saved, default = ckpt['config'], asdict(type(self)())
-        out = [f'{flag(k)} {show(saved.get(k, default[k]))} -> {show(v)}' for k, v in asdict(self).items()
-               if k not in (*self.RESUMABLE, *free, 'batch_size', 'accum_steps') and saved.get(k, default[k]) != v]
-        old_world = ckpt.get('world_size', len(ckpt['rng']))
-        old = (*(saved.get(k, default[k]) for k in ('batch_size', 'accum_steps')), old_world)
+        saved = {**asdict(type(self)()), **ckpt['config']}   # a field it lacks: the default
+        out = [f'{flag(k)} {show(saved[k])} -> {show(v)}' for k, v in asdict(self).items()
+               if k not in (*self.RESUMABLE, *free, 'batch_size', 'accum_steps') and saved[k] != v]
+        old = (saved['batch_size'], saved['accum_steps'], ckpt.get('world_size', len(ckpt['rng'])))
         if math.prod(old) != self.batch_size * self.accum_steps * world:
             out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps {old[1]} x {old[2]} '
                        f'process(es)) -> {self.batch_size * self.accum_steps * world} ({self.batch_size} x '

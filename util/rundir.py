@@ -107,10 +107,10 @@ class RunDir:
         if os.path.exists(self.checkpoint):
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it or choose another '
                               f'--out-dir (--overwrite true deletes it)')
-        done = self.file('done.json')
+        done = os.path.exists(self.file('done.json'))
         evaluated = len(read_lines(self.file('metrics.jsonl')))
-        if os.path.exists(done) or evaluated:   # results kept without their checkpoint
-            what = 'done.json' if os.path.exists(done) else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
+        if done or evaluated:   # results kept without their checkpoint
+            what = 'done.json' if done else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
             raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
                               f'--overwrite true to delete it and start afresh')
 
