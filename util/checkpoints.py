@@ -256,7 +256,7 @@ def family(source, ckpt):
     return FAMILIES[name] if name else (None, AS_DEIT)
 
 
-def describe_teacher(source, ckpt, arch, size, heads=(0, '--teacher-num-heads')):
+def describe_teacher(source, ckpt, arch, size, heads):
     """The teacher in one line for the log: its family, its heads and where their count is known from, its
     native size, and at another size how its position embeddings were resized (its family's official way:
     pretrained.FAMILIES). arch: its VisionTransformer keywords as the file gives them (arch_of); size: the image

@@ -86,13 +86,13 @@ def processes(cfg):
     (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device(f'cuda:{local}' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda':   # the current device is the one NCCL, pinned memory and the bf16 check use
+    cuda = torch.cuda.is_available()
+    device = torch.device(f'cuda:{local}' if cuda else 'cpu')
+    if cuda:   # the current device is the one NCCL, pinned memory and the bf16 check use
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None,
+        dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     return rank, world, device
 

@@ -28,7 +28,8 @@ import torch
 
 from util.config import ConfigError, flag
 from util.engine import log
-from util.files import (DamagedFile, append_text, cannot_write, git_commit, read_json, read_lines, replacing,
+from util.files import (DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json, read_lines,
+                        replacing,
                         write_json, write_text)
 from util.resume import resume_command, under_torchrun
 
@@ -180,7 +181,7 @@ class RunDir:
     def log(self, msg):
         log(self, msg)   # util/engine.log: printed, and held until begin() has written config.json
 
-    def begin(self, record, resumed_step=None, last=None):
+    def begin(self, record, resumed_step, last):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
         run starts afresh (deleting what --overwrite true allowed); a resume updates the fields and appends what it
         changed (config.json rebuilt from the checkpoint if damaged), keeping the metrics up to the checkpoint's step.
@@ -215,19 +216,17 @@ class RunDir:
     def config_record(self):
         """config.json's record; None if it is missing or damaged (a damaged one is kept beside it, .damaged)."""
         path = self.file('config.json')
-        try:
-            with open(path) as f:
-                value = json.load(f)
-            return value if isinstance(value, dict) else None
-        except FileNotFoundError:
+        if not os.path.exists(path):
             return None
-        except (ValueError, UnicodeDecodeError):
+        data = read_bytes(path, 'move it away')   # a directory, no permission
+        try:
+            value = json.loads(data)
+        except ValueError:   # not JSON, or not UTF-8
             os.replace(path, path + '.damaged')
             return None
-        except OSError as e:   # a directory, no permission
-            raise ConfigError(f'{path}: cannot read it ({e.strerror}): move it away') from None
+        return value if isinstance(value, dict) else None
 
-    def keep_metrics(self, step, last=None):
+    def keep_metrics(self, step, last):
         """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
         it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped.
         last: the evaluation the checkpoint holds, added where a run stopped between the two writes (Run.save)."""
