@@ -38,8 +38,6 @@ PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
 }
 
 
-
-
 def read_checkpoint(source):
     """Return the raw checkpoint dict of a file path or a PRETRAINED name (downloaded once into the torch
     hub cache, then read as any file is). Every checkpoint the scripts read comes through here."""
@@ -59,8 +57,7 @@ def read_checkpoint(source):
             raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the file {url} "
                                   f"there by hand") from None
     if not os.path.isfile(source):
-        raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
-                              f"{', '.join(PRETRAINED)}")
+        raise CheckpointError(f"no checkpoint '{source}': give a file path or one of {', '.join(PRETRAINED)}")
     return read_file(source)
 
 
@@ -85,7 +82,7 @@ def _converted(ckpt):
 
 
 def recorded(ckpt):
-    """The architecture a checkpoint records (this project's do: a dict of VisionTransformer keywords), else None."""
+    """The VisionTransformer keywords a checkpoint records (this project's do), else None."""
     return ckpt['arch'] if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
 
 
@@ -113,7 +110,6 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
-    known = None
     if 'num_heads' in (recorded(ckpt) or {}):
         known = ckpt['arch']['num_heads'], 'recorded in the file'
     elif source in PRETRAINED:

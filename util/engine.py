@@ -216,8 +216,13 @@ def log(run_dir, msg):
     if not run_dir.begun:
         run_dir.pending.append(msg)
         return
-    from util.files import append_text   # what log.txt held stays whole if this fails: one line says why
-    append_text(os.path.join(run_dir.path, 'log.txt'), msg + '\n')
+    path = os.path.join(run_dir.path, 'log.txt')
+    try:                                        # what log.txt held stays whole if this fails: one line says why
+        with open(path, 'a') as f:
+            f.write(msg + '\n')
+    except OSError as e:
+        from util.files import cannot_write
+        raise cannot_write(path, e) from None
 
 
 def cast_matmul_weights(model, dtype):
