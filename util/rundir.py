@@ -29,8 +29,7 @@ import torch
 from util.config import ConfigError, flag
 from util.engine import log
 from util.files import (DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json, read_lines,
-                        replacing,
-                        write_json, write_text)
+                        replacing, write_json, write_text)
 from util.resume import resume_command, under_torchrun
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
