@@ -38,8 +38,8 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
         seed_all(cfg.seed, plan.rank, epoch)
     loader.sampler.set_epoch(epoch)
     loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size        # a resume mid-epoch
-    for i, batch in enumerate(loader):
-        x, y = (t.to(plan.device, non_blocking=True) for t in batch)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
         if mixer is not None:
             x, y = mixer(x, y)                                            # MixUp / CutMix: soft targets (B, C)
         last_micro = (i + 1) % cfg.accum_steps == 0                       # gradients all-reduced on the last only
@@ -156,8 +156,8 @@ def soft_cross_entropy(logits, target, smoothing=0.0):
 def evaluate(predict, loader, plan):
     """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a model."""
     total = torch.zeros(4, device=plan.device)     # correct@1, correct@5, loss sum, count
-    for batch in loader:
-        x, y = (t.to(plan.device, non_blocking=True) for t in batch)
+    for x, y in loader:
+        x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
         with autocast(plan):
             logits = predict(x).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
