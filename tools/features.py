@@ -96,7 +96,7 @@ class CKAStats:
         n = len(next(iter(feats.values())))
         self.n += n
         if self.batches is not None:
-            self.batches.append((n, {k: v.float() for k, v in sums.items()}, {k: v.float() for k, v in cross.items()}))
+            self.batches.append((n, *({k: v.float() for k, v in d.items()} for d in (sums, cross))))
 
     def centred(self, a, b):
         """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
@@ -111,6 +111,9 @@ class CKAStats:
 # Every model in one pass
 
 
+MAPS = ('attention_distance', 'cross_entropy', 'kl')   # per head, mean over images: analyse's sums
+
+
 @torch.no_grad()
 def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     """Everything above in one pass over `loader`. models: {name: VisionTransformer or CopyModel in eval mode,
@@ -121,7 +124,7 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     vits = {k: v for k, (v, _) in runs.items()}
     depth = vits[teacher].depth
     tokens, class_token = [CKAStats(keep=resamples > 0) for _ in range(depth)], [CKAStats() for _ in range(depth)]
-    sums, n, logits, labels = defaultdict(float), 0, defaultdict(list), []   # sums: per-head values x images
+    sums, logits, labels = defaultdict(float), defaultdict(list), []   # sums: per-head values x images
     for x, y in loader:
         x = x.to(device)
         for i, outs in enumerate(zip(*(blocks(v, x, given(x)) for v, given in runs.values()))):
@@ -129,27 +132,26 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
             tokens[i].update({k: t.flatten(0, 1) for k, (t, _) in outs.items()})     # (B * N, D) each
             class_token[i].update({k: t[:, 0] for k, (t, _) in outs.items()})        # (B, D) each
             for k, (_, l) in outs.items():
-                ce, kl = map_agreement(outs[teacher][1], l)
-                first = 1 + vits[k].arch['reg_tokens']
-                distance = attention_distance(l.softmax(-1), vits[k].patch_embed.patch_size, first)
-                for what, v in (('attention_distance', distance), ('cross_entropy', ce), ('kl', kl)):
+                distance = attention_distance(l.softmax(-1), vits[k].patch_embed.patch_size,
+                                              1 + vits[k].arch['reg_tokens'])
+                for what, v in zip(MAPS, (distance, *map_agreement(outs[teacher][1], l))):
                     sums[what, k, i] += len(y) * v.double().cpu()
         for k, v in vits.items():   # the last block's tokens are still held: the head reads them
             if v.num_classes:
                 logits[k].append(v.forward_head(outs[k][0]).float().cpu())  # (B, C)
         labels.append(y)
-        n += len(y)
-    names, labels, logits = list(models), torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
+    labels, logits = torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
+    n = len(labels)
     r = {
         'images': n, 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
         'uniform_distance': uniform_distance(vits[teacher]),
-        'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'heads': vits[k].num_heads,
+        'models': {k: {**dict(zip(('method', 'seed'), method_seed(k))), 'heads': vits[k].num_heads,
                        'global_pool': vits[k].global_pool, **given_maps(models[k]),
-                       'top1': accuracy(logits[k], labels) if k in logits else None} for k in names},
+                       'top1': accuracy(logits[k], labels) if k in logits else None} for k in models},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
-                 'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(names, 2)],
-        **{what: {k: [(sums[what, k, i] / n).tolist() for i in range(depth)] for k in names}   # [layer][head]
-           for what in ('attention_distance', 'cross_entropy', 'kl')}}
+                 'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(models, 2)],
+        **{what: {k: [(sums[what, k, i] / n).tolist() for i in range(depth)] for k in models}   # [layer][head]
+           for what in MAPS}}
     return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
 
 

@@ -59,7 +59,7 @@ def resampled(stats, pairs, counts):
     each of the K batches is drawn. Counts of all ones give its `cka` (to fp32's digits)."""
     w = counts.double()                                                        # (R, K)
     total = lambda i, key: torch.tensordot(w, torch.stack([b[i][key] for b in stats.batches]).double(), 1)   # (R, ...)
-    n = w @ torch.tensor([float(b[0]) for b in stats.batches], dtype=torch.float64)       # (R,)
+    n = w @ torch.tensor([b[0] for b in stats.batches]).double()                   # (R,)
     s = {k: total(1, k) for k in stats.shift}                                  # (R, d) each
 
     def centred(a, b):                                                         # (R, d_a, d_b), as CKAStats.centred

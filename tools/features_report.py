@@ -77,12 +77,17 @@ def per_method(r, what, k, i):
     return [v for m in methods(r)[k] for v in r[what][m][i]]
 
 
+def given(r, k):
+    """The layers where method k's maps are its teacher's, given (a copy student's copied ones)."""
+    return r['models'][methods(r)[k][0]]['maps_given']
+
+
 def kl_table(r):
     """KL of each method's maps to the teacher's per block, mean over heads and seeds; a copied layer's maps are given."""
     def cell(k, i):   # a KL is >= 0: rounding's -0.00 shown as 0.00
         m = r['models'][methods(r)[k][0]]
         return 'given' if i in m['maps_given'] else \
-            f"{round(mean(per_method(r, 'kl', k, i)), 2) + 0.0:.2f}" + ('†' if i in m['maps_distilled'] else '')
+            f"{round(mean(per_method(r, 'kl', k, i)), 2) + 0.0:.2f}" + '†' * (i in m['maps_distilled'])
     ks = [k for k in methods(r) if k != r['teacher']]
     rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in ks]
     entropy = [f'{mean(h):.2f}' for h in r['cross_entropy'][r['teacher']]]    # its CE to itself
@@ -93,7 +98,7 @@ def kl_table(r):
 def distance_table(r):
     def cell(k, i):
         d = per_method(r, 'attention_distance', k, i)
-        return f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + ('*' if i in r['models'][methods(r)[k][0]]['maps_given'] else '')
+        return f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + '*' * (i in given(r, k))
     rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in methods(r)]
     return '\n'.join([blocks_header(r, 'attention distance (px)'), *rows])
 
@@ -153,21 +158,20 @@ def plot(r, path):
         pair = group.get((k, focus)) or group.get((focus, k))
         if k != focus and pair:
             line(axes[1], pair, colour[k], fmt='o-', label=f'{focus} vs {k}')
-        own = [i for i in x if i not in r['models'][ms[k][0]]['maps_given']]
+        own = [i for i in x if i not in given(r, k)]
         axes[2].plot(own, [mean(per_method(r, 'kl', k, i)) for i in own], 'o-', color=colour[k], label=k)
-    axes[0].set(title='CKA to the teacher (dashed: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
-    axes[1].set(title=f'CKA of {focus} to the others (bands: seed to seed)', xlabel='block', ylim=(0, 1.02), xticks=x)
-    axes[2].set(title="attention maps: KL to the teacher's (nats)", xlabel='block', xticks=x, ylim=(0, None))
+    titles = ('CKA to the teacher (dashed: seed to seed)', f'CKA of {focus} to the others (bands: seed to seed)',
+              "attention maps: KL to the teacher's (nats)")
+    for ax, title, top in zip(axes, titles, (1.02, 1.02, None)):
+        ax.set(title=title, xlabel='block', ylim=(0, top), xticks=x)
     axes[0].legend(fontsize=8), axes[1].legend(fontsize=8)
     dist = bottom.subplots(1, len(ms), sharey=True)
     for ax, k in zip(dist, ms):
-        first = ms[k][0]
-        given = r['models'][first]['maps_given']
-        for i, heads in enumerate(r['attention_distance'][first]):
+        for i, heads in enumerate(r['attention_distance'][ms[k][0]]):
             ax.scatter([i] * len(heads), heads, s=18, edgecolors=colour[k],
-                       facecolors='none' if i in given else colour[k])
+                       facecolors='none' if i in given(r, k) else colour[k])
         ax.axhline(r['uniform_distance'], color='black', ls='--', lw=1, label='a uniform map')
-        ax.set(title=first + (' (hollow: maps given)' if given else ''), xlabel='block', xticks=x)
+        ax.set(title=ms[k][0] + ' (hollow: maps given)' * bool(given(r, k)), xlabel='block', xticks=x)
     dist[0].legend(fontsize=8)
     dist[0].set_ylabel('mean attention distance (px)')
     bottom.suptitle(f"each head's mean attention distance, {r['images']} test images (the axis does not start at 0)",

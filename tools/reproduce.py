@@ -114,10 +114,14 @@ def run_dir(root, stage, seed):
 def command(cfg, stage, seed, root, teacher):
     """[python, script, flags]: the script's own --data preset, then this reproduction's budget."""
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
-    args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
-    args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
-    args += ['--val-size', cfg.val_size] if cfg.val_size else []
-    args += ['--amp', cfg.amp] if cfg.amp != 'auto' else []     # auto: the scripts' own default, left unsaid
+    if cfg.data == 'fake':
+        args += ['--fake-size', cfg.fake_size]
+    if cfg.num_workers is not None:
+        args += ['--num-workers', cfg.num_workers]
+    if cfg.val_size:
+        args += ['--val-size', cfg.val_size]
+    if cfg.amp != 'auto':   # auto: the scripts' own default, left unsaid
+        args += ['--amp', cfg.amp]
     if stage == 'ensemble':   # its result is the stage's own, made anew whatever the file holds
         models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt') for s in ('finetune', 'distill')]
         args += ['--models', *models, '--out', os.path.join(run_dir(root, stage, seed), 'ensemble.json'),
@@ -126,11 +130,11 @@ def command(cfg, stage, seed, root, teacher):
         epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
         args += ['--out-dir', run_dir(root, stage, seed), '--epochs', epochs, '--warmup-epochs', epochs / 10,
                  '--max-steps', cfg.max_steps]
-        args += ['--blr', cfg.blr] if cfg.blr and stage != 'mae' else []
-        args += ['--batch-size', cfg.batch_size] if cfg.batch_size and stage != 'mae' else []
-        # the MAE encoder normalises every token: no global pooling, whatever the preset says
-        args += {'mae': ['--global-pool', 'false'], 'finetune': ['--init', teacher], 'copy': ['--teacher', teacher],
-                 'distill': ['--teacher', teacher]}.get(stage, [])
+        if stage == 'mae':   # the MAE encoder normalises every token: no global pooling, whatever the preset says
+            args += ['--global-pool', 'false']
+        else:
+            args += ['--blr', cfg.blr] * bool(cfg.blr) + ['--batch-size', cfg.batch_size] * bool(cfg.batch_size)
+            args += ['--init' if stage == 'finetune' else '--teacher', teacher] * (stage in USES_TEACHER)
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
@@ -266,7 +270,8 @@ def main():
     check_results_dir(results_dir, cfg, digest)
     if cfg.teacher:
         build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
-    preflight([(key, argv) for key, argv in steps if key not in done], teacher)
+    todo = [(key, argv) for key, argv in steps if key not in done]
+    preflight(todo, teacher)
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     env = stage_env(cfg)
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
@@ -277,7 +282,7 @@ def main():
     signal.signal(signal.SIGTERM, failed.stop)
     for key in done:
         print(f'== {tag(*key)}: done, skipped ({run_dir(root, *key)})', flush=True)
-    todo, ran = [(key, argv) for key, argv in steps if key not in done], {}
+    ran = {}
     try:   # the teacher first (the mae stage makes it), then the training stages, then the ensembles
         for phase, jobs in ((['mae'], 1), (ORDER, cfg.jobs), (['ensemble'], cfg.jobs)):
             digest = sha256_of(teacher)

@@ -129,7 +129,7 @@ def plot(s, path, split='test'):
     left.set(ylabel=f'{split} top-1 (%), final epoch', title=f'final top-1: {seeds}\n(the axis does not start at 0)')
     left.grid(axis='y', alpha=0.3)
     if curves:
-        for i, m in enumerate(STAGES[:4]):
+        for m in STAGES[:4]:
             r = s['methods'][m]
             right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=colour(m), label=LABELS[m])
         right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', xticks=r['curve']['epoch'],
@@ -194,8 +194,9 @@ def write(results_dir, cfg, s, runs, root, prov):
         out = os.path.join(logs, os.path.relpath(r['run_dir'], root))
         os.makedirs(out, exist_ok=True)
         for f in ('log.txt', 'metrics.jsonl', 'config.json', 'done.json', 'ensemble.json'):
-            if os.path.exists(os.path.join(r['run_dir'], f)):
-                shutil.copyfile(os.path.join(r['run_dir'], f), os.path.join(out, f))
+            src = os.path.join(r['run_dir'], f)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(out, f))
 
 
 def rewrite(results_dir):

@@ -30,8 +30,9 @@ def final_top1(path):
         return json.loads(f.readlines()[-1])['top1']
 
 
-def stats(top1, lo, hi):
-    """{seeds, mean, std (n - 1), gap closed between the means lo and hi (%)}."""
+def stats(top1, ref):
+    """{seeds, mean, std (n - 1), gap closed between the means of ref's scratch and finetune seeds (%)}."""
+    lo, hi = (mean(ref[k].values()) for k in ('scratch', 'finetune'))
     m = mean(top1.values())
     return {'seeds': top1, 'mean': m, 'std': stdev(top1.values()) if len(top1) > 1 else None,
             'gap': 100 * (m - lo) / (hi - lo)}
@@ -43,7 +44,6 @@ def collect():
     runs = {n: seeds(os.path.join(OUT, 'logs', n), 'metrics.jsonl') for n in names}
     walls = [p for r in runs.values() for p in r.values()]
     top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
-    lo, hi = mean(top1['scratch'].values()), mean(top1['finetune'].values())
     shifted, evals = {}, seeds(os.path.join(OUT, 'shift'), 'robustness.json')
     for k, path in evals.items():
         with open(path) as f:
@@ -51,18 +51,18 @@ def collect():
                 for shift, value in row['top1'].items():
                     shifted.setdefault(shift, {m: {} for m in METHODS})[method][k] = value
     wall = sum(float(open(os.path.dirname(p) + '/wall_s.txt').read()) for p in walls + list(evals.values()))
-    return {'baselines': {m: stats(v, lo, hi) for m, v in top1.items()},
-            'runs': {n: stats(v, lo, hi) for n, v in runs.items()},
-            'shifted': {s: {m: stats(v, mean(r['scratch'].values()), mean(r['finetune'].values()))
-                            for m, v in r.items()} for s, r in shifted.items()}, 'wall_s': wall}
+    return {'baselines': {m: stats(v, top1) for m, v in top1.items()},
+            'runs': {n: stats(v, top1) for n, v in runs.items()},
+            'shifted': {s: {m: stats(v, r) for m, v in r.items()} for s, r in shifted.items()}, 'wall_s': wall}
 
 
 def plot(result, path):
     fig = Figure(figsize=(13, 6), layout='constrained')
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     for i, (name, r) in enumerate(result['runs'].items()):
-        left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=12, color=PALETTE[name.split('-')[0]])
-        left.scatter(r['mean'], i, marker='|', s=300, color=PALETTE[name.split('-')[0]])
+        c = PALETTE[name.split('-')[0]]
+        left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=12, color=c)
+        left.scatter(r['mean'], i, marker='|', s=300, color=c)
     for method, r in result['baselines'].items():
         left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=f'{method}, the baseline')
     left.set_yticks(range(len(result['runs'])), list(result['runs']))
