@@ -84,10 +84,9 @@ class CKAStats:
 
     def update(self, feats):
         """feats: {name: (n, d) features}, the same n samples in every stream, in the same order."""
-        feats = {k: v.double() for k, v in feats.items()}                     # (n, d) each
-        self.shift = self.shift or {k: v.mean(0) for k, v in feats.items()}
+        self.shift = self.shift or {k: v.double().mean(0) for k, v in feats.items()}
         assert feats.keys() == self.shift.keys() and len({len(v) for v in feats.values()}) == 1
-        feats = {k: v - self.shift[k] for k, v in feats.items()}
+        feats = {k: v.double() - self.shift[k] for k, v in feats.items()}      # (n, d) each
         sums = {k: v.sum(0) for k, v in feats.items()}                         # (d,) each
         cross = {(a, b): feats[a].T @ feats[b] for a, b in combinations_with_replacement(feats, 2)}   # (d_a, d_b)
         for total, new in ((self.sum, sums), (self.cross, cross)):
@@ -271,7 +270,7 @@ def load(cfg, device):
     if cfg.images > len(test_set):
         raise ConfigError(f'--images {cfg.images}: the test split has {len(test_set)}')
     images = Subset(test_set, range(cfg.images or len(test_set)))   # the first ones: the same set every run
-    loader = DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    loader = DataLoader(images, cfg.batch_size, num_workers=cfg.num_workers)
     return cfg, {k: m.to(device) for k, m in models.items()}, loader
 
 

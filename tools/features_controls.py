@@ -69,10 +69,6 @@ def resampled(stats, pairs, counts):
     return {(a, b): centred(a, b).square().sum((1, 2)) / (norm[a] * norm[b]) for a, b in pairs}
 
 
-PREDICTION = ('disagreement', 'both_wrong', 'b_wrong_given_a_wrong', 'a_wrong_given_b_wrong', 'top1_a', 'top1_b',
-              'top1_ensemble', 'gain')
-
-
 def prediction_values(logits, labels, a, b, w):
     """For the pair of classifiers (a, b), each (R,) on the images weighted by w (R, n): top-1 of each and of their
     ensemble (mean of probabilities, ensemble.py) and its gain over the better one, how often their top-1 differs,
@@ -82,11 +78,10 @@ def prediction_values(logits, labels, a, b, w):
     pe = ensemble_probs([logits[a], logits[b]]).argmax(-1)
     mean = lambda t: w @ t.double() / w.sum(1)                                 # (R,)
     wa, wb = pa != labels, pb != labels
-    v = {'disagreement': mean(pa != pb), 'both_wrong': mean(wa & wb), 'top1_a': 100 * mean(~wa),
-         'top1_b': 100 * mean(~wb), 'top1_ensemble': 100 * mean(pe == labels)}
-    v['b_wrong_given_a_wrong'], v['a_wrong_given_b_wrong'] = v['both_wrong'] / mean(wa), v['both_wrong'] / mean(wb)
-    v['gain'] = v['top1_ensemble'] - torch.maximum(v['top1_a'], v['top1_b'])
-    return v
+    both, top1_a, top1_b, top1_ensemble = mean(wa & wb), 100 * mean(~wa), 100 * mean(~wb), 100 * mean(pe == labels)
+    return {'disagreement': mean(pa != pb), 'both_wrong': both, 'b_wrong_given_a_wrong': both / mean(wa),
+            'a_wrong_given_b_wrong': both / mean(wb), 'top1_a': top1_a, 'top1_b': top1_b,
+            'top1_ensemble': top1_ensemble, 'gain': top1_ensemble - torch.maximum(top1_a, top1_b)}
 
 
 def controls(r, tokens, logits, labels, resamples, seed):
@@ -94,7 +89,7 @@ def controls(r, tokens, logits, labels, resamples, seed):
     (`group_pairs`) per block and, between classifiers, their predictions (`prediction_values`), each as `spread`
     over the pairs; each pair's interval of its CKA ('tokens_interval'); 'bootstrap': how the intervals were drawn.
     The predictions are computed once on every image (a first row of weights all ones), then on each resample."""
-    names, cka = list(r['models']), {(p['a'], p['b']): p for p in r['cka']}
+    cka = {(p['a'], p['b']): p for p in r['cka']}
     boot = [dict.fromkeys(cka)] * r['depth']                                   # [block] {pair: (R,) CKA}
     if resamples:
         counts = draws(len(tokens[0].batches), resamples, seed)
@@ -104,8 +99,8 @@ def controls(r, tokens, logits, labels, resamples, seed):
     weights = torch.cat([torch.ones(1, len(labels)), draws(len(labels), resamples, seed + 1)]).double()   # (1 + R, n)
     stack = lambda values: torch.stack(values, 1) if resamples else None      # (R, pairs) replicates
     groups = []
-    for a, b in combinations_with_replacement(dict.fromkeys(method_seed(k)[0] for k in names), 2):
-        ps = group_pairs(names, a, b)
+    for a, b in combinations_with_replacement(dict.fromkeys(method_seed(k)[0] for k in r['models']), 2):
+        ps = group_pairs(r['models'], a, b)
         if not ps:
             continue
         keys = [p if p in cka else p[::-1] for p in ps]
@@ -116,7 +111,7 @@ def controls(r, tokens, logits, labels, resamples, seed):
         if all(k in logits for p in ps for k in p):
             values = [prediction_values(logits, labels, x, y, weights) for x, y in ps]      # each (1 + R,)
             g['predictions'] = {m: spread([v[m][0].item() for v in values], stack([v[m][1:] for v in values]))
-                                for m in PREDICTION}
+                                for m in values[0]}
         groups.append(g)
     how = {'resamples': resamples, 'seed': seed, 'level': LEVEL, 'cka_unit': 'a batch of images',
            'cka_units': len(tokens[0].batches), 'prediction_unit': 'an image'} if resamples else None

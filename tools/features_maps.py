@@ -62,11 +62,9 @@ def blocks(vit, x, inject):
         if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
             teacher = scores(given['q'], given['k']).float() if 'q' in given else \
                 given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
-            heads = len(given['heads']) if 'heads' in given else block.attn.num_heads
-            maps = to_student_heads(teacher, heads)                                     # (B, h, N, N)
-            if 'heads' in given:
+            if 'heads' in given:   # (B, h, N, N) for its h given heads
                 logits = logits.clone()
-                logits[:, given['heads']] = maps.to(logits.dtype)
+                logits[:, given['heads']] = to_student_heads(teacher, len(given['heads'])).to(logits.dtype)
             else:
-                logits = maps
+                logits = to_student_heads(teacher, block.attn.num_heads)
         yield x, logits.float()

@@ -50,11 +50,11 @@ def pm(s, digits=2):
 
 
 def top1_table(r):
-    ms = {k: v for k, v in methods(r).items() if r['models'][v[0]]['top1'] is not None}
-    seeds = max(len(v) for v in ms.values())
-    cells = lambda v: ' | '.join(f"{r['models'][m]['top1']:.2f}" for m in v) + ' |' * (seeds - len(v))
-    rows = [f"| {k} | {cells(v)} | "
-            f"{pm(spread([r['models'][m]['top1'] for m in v]))} |" for k, v in ms.items()]
+    top1 = {k: [r['models'][m]['top1'] for m in v] for k, v in methods(r).items()
+            if r['models'][v[0]]['top1'] is not None}
+    seeds = max(map(len, top1.values()))
+    rows = [f"| {k} | {' | '.join(f'{t:.2f}' for t in v)}{' |' * (seeds - len(v))} | {pm(spread(v))} |"
+            for k, v in top1.items()]
     return '\n'.join([f"| top-1 (%) | {' | '.join(f'model {i + 1}' for i in range(seeds))} | mean ± std |",
                       f"|---|{'---:|' * (seeds + 1)}", *rows])
 

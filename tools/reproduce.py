@@ -200,7 +200,7 @@ def run_stage(key, argv, root, env, record, failed):
     """Run one stage unless a stage has failed; returns its done.json record, or None if it did not run. `failed`
     collects the failures, and holds the running stages' processes (a SIGTERM stops them)."""
     stage, seed = key
-    d, name = run_dir(root, stage, seed), tag(stage, seed)
+    d, name = run_dir(root, *key), tag(*key)
     resumed = stage != 'ensemble' and os.path.exists(os.path.join(d, 'checkpoint.pt'))
     argv = argv + ['--resume', 'true'] * resumed
     if failed:

@@ -19,7 +19,7 @@ ORDER = [f'{m}-{w}' for m in ('distill', 'copy') for w in 'qkv'] + ['distill-hea
          'distill-layers0-2', 'distill-layers3-5'] + [f'{m}-mean-{o}' for o in ('batch', 'queries') for m in ('distill', 'copy')]
 
 
-def seeds(root, name):
+def seeds(root, name='metrics.jsonl'):
     """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
     found = {int(s[4:]): os.path.join(root, s, name) for s in os.listdir(root)}
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
@@ -39,9 +39,9 @@ def stats(top1, ref):
 
 
 def collect():
-    top1 = {m: seeds(os.path.join(HERE, 'logs', m), 'metrics.jsonl') for m in METHODS[:4]}
+    top1 = {m: seeds(os.path.join(HERE, 'logs', m)) for m in METHODS[:4]}
     names = sorted(sorted(os.listdir(OUT + '/logs')), key=lambda n: (ORDER + [n]).index(n))   # the page's order
-    runs = {n: seeds(os.path.join(OUT, 'logs', n), 'metrics.jsonl') for n in names}
+    runs = {n: seeds(os.path.join(OUT, 'logs', n)) for n in names}
     walls = [p for r in runs.values() for p in r.values()]
     top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
     shifted, evals = {}, seeds(os.path.join(OUT, 'shift'), 'robustness.json')
