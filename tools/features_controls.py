@@ -57,12 +57,12 @@ def draws(k, resamples, seed):
 def resampled(stats, pairs, counts):
     """{(a, b): (R,) CKA} of each pair on R resamples of the batches a CKAStats kept, counts (R, K): how many times
     each of the K batches is drawn. Counts of all ones give its `cka` (to fp32's digits)."""
-    w = counts.double()                                                        # (R, K)
+    w = counts.double()   # (R, K)
     total = lambda i, key: torch.tensordot(w, torch.stack([b[i][key] for b in stats.batches]).double(), 1)   # (R, ...)
-    n = w @ torch.tensor([b[0] for b in stats.batches]).double()                   # (R,)
-    s = {k: total(1, k) for k in stats.shift}                                  # (R, d) each
+    n = w @ torch.tensor([b[0] for b in stats.batches]).double()   # (R,)
+    s = {k: total(1, k) for k in stats.shift}   # (R, d) each
 
-    def centred(a, b):                                                         # (R, d_a, d_b), as CKAStats.centred
+    def centred(a, b):   # (R, d_a, d_b), as CKAStats.centred
         c = total(2, (a, b)) if (a, b) in stats.cross else total(2, (b, a)).transpose(1, 2)
         return c - s[a][:, :, None] * s[b][:, None, :] / n[:, None, None]
     norm = {k: centred(k, k).flatten(1).norm(dim=1) for k in {x for p in pairs for x in p}}   # (R,) each
@@ -76,12 +76,14 @@ def prediction_values(logits, labels, a, b, w):
     fails wherever a does)."""
     pa, pb = logits[a].argmax(-1), logits[b].argmax(-1)
     pe = ensemble_probs([logits[a], logits[b]]).argmax(-1)
-    mean = lambda t: w @ t.double() / w.sum(1)                                 # (R,)
+    mean = lambda t: w @ t.double() / w.sum(1)   # (R,)
     wa, wb = pa != labels, pb != labels
-    both, top1_a, top1_b, top1_ensemble = mean(wa & wb), 100 * mean(~wa), 100 * mean(~wb), 100 * mean(pe == labels)
-    return {'disagreement': mean(pa != pb), 'both_wrong': both, 'b_wrong_given_a_wrong': both / mean(wa),
-            'a_wrong_given_b_wrong': both / mean(wb), 'top1_a': top1_a, 'top1_b': top1_b,
-            'top1_ensemble': top1_ensemble, 'gain': top1_ensemble - torch.maximum(top1_a, top1_b)}
+    both, top1_a, top1_b = mean(wa & wb), 100 * mean(~wa), 100 * mean(~wb)
+    top1_ensemble = 100 * mean(pe == labels)
+    return {'disagreement': mean(pa != pb), 'both_wrong': both,
+            'b_wrong_given_a_wrong': both / mean(wa), 'a_wrong_given_b_wrong': both / mean(wb),
+            'top1_a': top1_a, 'top1_b': top1_b, 'top1_ensemble': top1_ensemble,
+            'gain': top1_ensemble - torch.maximum(top1_a, top1_b)}
 
 
 def controls(r, tokens, logits, labels, resamples, seed):
@@ -97,7 +99,7 @@ def controls(r, tokens, logits, labels, resamples, seed):
         for pair, p in cka.items():
             p['tokens_interval'] = [interval(b[pair]) for b in boot]
     weights = torch.cat([torch.ones(1, len(labels)), draws(len(labels), resamples, seed + 1)]).double()   # (1 + R, n)
-    stack = lambda values: torch.stack(values, 1) if resamples else None      # (R, pairs) replicates
+    stack = lambda values: torch.stack(values, 1) if resamples else None   # (R, pairs) replicates
     groups = []
     for a, b in combinations_with_replacement(dict.fromkeys(method_seed(k)[0] for k in r['models']), 2):
         ps = group_pairs(r['models'], a, b)
@@ -109,7 +111,7 @@ def controls(r, tokens, logits, labels, resamples, seed):
                         for i in range(r['depth'])],
              'class_token': [spread([cka[p]['class_token'][i] for p in keys]) for i in range(r['depth'])]}
         if all(k in logits for p in ps for k in p):
-            values = [prediction_values(logits, labels, x, y, weights) for x, y in ps]      # each (1 + R,)
+            values = [prediction_values(logits, labels, x, y, weights) for x, y in ps]   # each (1 + R,)
             g['predictions'] = {m: spread([v[m][0].item() for v in values], stack([v[m][1:] for v in values]))
                                 for m in values[0]}
         groups.append(g)

@@ -20,12 +20,12 @@ def attention_distance(attn, patch_size, first=1):
     The class token is left out as query and as key, and each row renormalised over the patches: the
     distance says where a head looks when it looks at the image, however much it looks at the class
     token. A head reading only itself: 0; a uniform map: the mean distance between two patch centres."""
-    a = attn[..., first:, first:].float()                                   # (B, H, P, P) patches to patches
+    a = attn[..., first:, first:].float()   # (B, H, P, P) patches to patches
     grid = math.isqrt(a.shape[-1])
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
-    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5).double() * patch_size     # (P, 2) pixels
-    d = torch.cdist(centres, centres).float().to(a.device)                  # (P, P)
-    return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))                       # (H,)
+    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5).double() * patch_size   # (P, 2) pixels
+    d = torch.cdist(centres, centres).float().to(a.device)   # (P, P)
+    return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))   # (H,)
 
 
 def map_agreement(teacher_logits, logits):
@@ -33,7 +33,7 @@ def map_agreement(teacher_logits, logits):
     query tokens (the class token included, as the distillation loss). KL = CE - the teacher's entropy (its
     cross-entropy to itself): 0 for the teacher's own maps. A teacher with more heads is grouped to the model's
     (teacher.to_student_heads, as distillation does). logits (B, H, N, N): log-probabilities do as well."""
-    t = to_student_heads(teacher_logits, logits.shape[1]).split(1, 1)             # H x (B, 1, N, N)
+    t = to_student_heads(teacher_logits, logits.shape[1]).split(1, 1)   # H x (B, 1, N, N)
     ce = torch.stack([attention_cross_entropy(a, b) for a, b in zip(t, logits.split(1, 1))])
     return ce, ce - torch.stack([attention_cross_entropy(a, a) for a in t])
 
@@ -54,7 +54,7 @@ def blocks(vit, x, inject):
     """Yield (tokens (B, N, D) at a block's output, logits (B, H, N, N) whose softmax is the map it used) block by
     block, so that several models can be run side by side holding one block's tensors each. Where a layer is
     given the teacher's q and k (or map), the map it used is the teacher's (as log-probabilities)."""
-    x = vit.embed(x)                                                        # (B, N, D)
+    x = vit.embed(x)   # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
         x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
@@ -62,9 +62,10 @@ def blocks(vit, x, inject):
         if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
             teacher = scores(given['q'], given['k']).float() if 'q' in given else \
                 given['attn'].float().clamp_min(torch.finfo(torch.float32).tiny).log()
-            if 'heads' in given:   # (B, h, N, N) for its h given heads
+            if 'heads' in given:
+                maps = to_student_heads(teacher, len(given['heads']))                     # (B, h, N, N)
                 logits = logits.clone()
-                logits[:, given['heads']] = to_student_heads(teacher, len(given['heads'])).to(logits.dtype)
+                logits[:, given['heads']] = maps.to(logits.dtype)
             else:
                 logits = to_student_heads(teacher, block.attn.num_heads)
         yield x, logits.float()
