@@ -138,14 +138,14 @@ def plot(r, path):
     control dashed; the distilled student against the others beside the controls (bands: their range); the maps'
     KL to the teacher's. Bottom: each head's attention distance per block, the teacher and each method's first
     model (maps given: hollow). Each method in its colour (tools/palette.py). Returns the figure."""
-    ms, depth, t = methods(r), r['depth'], r['teacher']
+    ms, t = methods(r), r['teacher']
     names = [k for k in ms if k != t]
     colour = {k: palette.colour('teacher' if k == t else k, f'C{i}') for i, k in enumerate(ms)}   # one per method
     fig = Figure(figsize=(3.2 * len(ms), 7.5), layout='constrained')
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
     axes = top.subplots(1, 3)
     group = {(g['a'], g['b']): g for g in r['groups']}
-    x = range(depth)
+    x = range(r['depth'])
     line = lambda ax, g, c, **kw: ax.errorbar(x, [s['mean'] for s in g['tokens']], capsize=2, color=c, yerr=[
         [s['mean'] - s['min'] for s in g['tokens']], [s['max'] - s['mean'] for s in g['tokens']]], **kw)
     focus = 'distill' if 'distill' in names else names[-1]
@@ -162,8 +162,8 @@ def plot(r, path):
         axes[2].plot(own, [mean(per_method(r, 'kl', k, i)) for i in own], 'o-', color=colour[k], label=k)
     titles = ('CKA to the teacher (dashed: seed to seed)', f'CKA of {focus} to the others (bands: seed to seed)',
               "attention maps: KL to the teacher's (nats)")
-    for ax, title, top in zip(axes, titles, (1.02, 1.02, None)):
-        ax.set(title=title, xlabel='block', ylim=(0, top), xticks=x)
+    for ax, title, high in zip(axes, titles, (1.02, 1.02, None)):
+        ax.set(title=title, xlabel='block', ylim=(0, high), xticks=x)
     axes[0].legend(fontsize=8), axes[1].legend(fontsize=8)
     dist = bottom.subplots(1, len(ms), sharey=True)
     for ax, k in zip(dist, ms):
