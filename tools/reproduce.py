@@ -133,8 +133,12 @@ def command(cfg, stage, seed, root, teacher):
         if stage == 'mae':   # the MAE encoder normalises every token: no global pooling, whatever the preset says
             args += ['--global-pool', 'false']
         else:
-            args += ['--blr', cfg.blr] * bool(cfg.blr) + ['--batch-size', cfg.batch_size] * bool(cfg.batch_size)
-            args += ['--init' if stage == 'finetune' else '--teacher', teacher] * (stage in USES_TEACHER)
+            if cfg.blr:
+                args += ['--blr', cfg.blr]
+            if cfg.batch_size:
+                args += ['--batch-size', cfg.batch_size]
+            if stage in USES_TEACHER:
+                args += ['--init' if stage == 'finetune' else '--teacher', teacher]
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
