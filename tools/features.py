@@ -95,7 +95,7 @@ class CKAStats:
         n = len(next(iter(feats.values())))
         self.n += n
         if self.batches is not None:
-            self.batches.append((n, *({k: v.float() for k, v in d.items()} for d in (sums, cross))))
+            self.batches.append((n, {k: v.float() for k, v in sums.items()}, {k: v.float() for k, v in cross.items()}))
 
     def centred(self, a, b):
         """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
@@ -110,7 +110,7 @@ class CKAStats:
 # Every model in one pass
 
 
-MAPS = ('attention_distance', 'cross_entropy', 'kl')   # per head, mean over images: analyse's sums
+MAPS = ('attention_distance', 'cross_entropy', 'kl')   # per block and head, mean over images: analyse's sums
 
 
 @torch.no_grad()
@@ -140,16 +140,15 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
                 logits[k].append(v.forward_head(outs[k][0]).float().cpu())  # (B, C)
         labels.append(y)
     labels, logits = torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
-    n = len(labels)
     r = {
-        'images': n, 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
+        'images': len(labels), 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
         'uniform_distance': uniform_distance(vits[teacher]),
-        'models': {k: {**dict(zip(('method', 'seed'), method_seed(k))), 'heads': vits[k].num_heads,
+        'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'heads': vits[k].num_heads,
                        'global_pool': vits[k].global_pool, **given_maps(models[k]),
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in models},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
                  'class_token': [s.cka(a, b) for s in class_token]} for a, b in combinations(models, 2)],
-        **{what: {k: [(sums[what, k, i] / n).tolist() for i in range(depth)] for k in models}   # [layer][head]
+        **{what: {k: [(sums[what, k, i] / len(labels)).tolist() for i in range(depth)] for k in models}
            for what in MAPS}}
     return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
 

@@ -114,14 +114,10 @@ def run_dir(root, stage, seed):
 def command(cfg, stage, seed, root, teacher):
     """[python, script, flags]: the script's own --data preset, then this reproduction's budget."""
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
-    if cfg.data == 'fake':
-        args += ['--fake-size', cfg.fake_size]
-    if cfg.num_workers is not None:
-        args += ['--num-workers', cfg.num_workers]
-    if cfg.val_size:
-        args += ['--val-size', cfg.val_size]
-    if cfg.amp != 'auto':   # auto: the scripts' own default, left unsaid
-        args += ['--amp', cfg.amp]
+    args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
+    args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
+    args += ['--val-size', cfg.val_size] if cfg.val_size else []
+    args += ['--amp', cfg.amp] if cfg.amp != 'auto' else []     # auto: the scripts' own default, left unsaid
     if stage == 'ensemble':   # its result is the stage's own, made anew whatever the file holds
         models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt') for s in ('finetune', 'distill')]
         args += ['--models', *models, '--out', os.path.join(run_dir(root, stage, seed), 'ensemble.json'),
@@ -130,15 +126,11 @@ def command(cfg, stage, seed, root, teacher):
         epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
         args += ['--out-dir', run_dir(root, stage, seed), '--epochs', epochs, '--warmup-epochs', epochs / 10,
                  '--max-steps', cfg.max_steps]
-        if stage == 'mae':   # the MAE encoder normalises every token: no global pooling, whatever the preset says
-            args += ['--global-pool', 'false']
-        else:
-            if cfg.blr:
-                args += ['--blr', cfg.blr]
-            if cfg.batch_size:
-                args += ['--batch-size', cfg.batch_size]
-            if stage in USES_TEACHER:
-                args += ['--init' if stage == 'finetune' else '--teacher', teacher]
+        args += ['--blr', cfg.blr] if cfg.blr and stage != 'mae' else []
+        args += ['--batch-size', cfg.batch_size] if cfg.batch_size and stage != 'mae' else []
+        # the MAE encoder normalises every token: no global pooling, whatever the preset says
+        args += {'mae': ['--global-pool', 'false'], 'finetune': ['--init', teacher], 'copy': ['--teacher', teacher],
+                 'distill': ['--teacher', teacher]}.get(stage, [])
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
