@@ -78,7 +78,7 @@ def plot(result, path):
     right.set(ylabel='test top-1 (%), mean over seeds', title='shifted test images, labels unchanged: the\n'
               'committed models (y axis does not start at 0)')
     right.legend(fontsize='small')
-    save_figure(fig, path, dpi=72)
+    save_figure(fig, path, dpi=74)
     return fig
 
 
