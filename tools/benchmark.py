@@ -37,7 +37,7 @@ from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
 
-TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
+TIMED = [*PATHS][:-1]   # the paths --paths chooses from: all but compile
 FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
 
 
@@ -165,15 +165,6 @@ def count_flops(run):
     return counter.get_total_flops()
 
 
-def time_cases(steps, cfg, device):
-    """{case: [seconds a step, per timed round]}: each case runs `--steps` steps per round for `--rounds` rounds
-    after `--warmup` rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them,
-    the device synchronised around each."""
-    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in steps.items()}
-              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
-    return {c: [r[c] for r in rounds] for c in steps}
-
-
 def profile(run, path, device):
     """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
     kernel's, on a GPU)."""
@@ -182,8 +173,7 @@ def profile(run, path, device):
     with torch.profiler.profile(activities=acts) as prof:
         run()
         sync(device)
-    key = 'self_device_time_total' if gpu else 'self_cpu_time_total'
-    write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
+    write_text(path, prof.key_averages().table(sort_by=f"self_{'device' if gpu else 'cpu'}_time_total", row_limit=25))
 
 # -----------------------------------------------------------------------------
 # One model size, then the report
@@ -195,39 +185,42 @@ def measure(cfg, size, device, peak):
     parts, todo = Parts(cfg, size, device), cases(cfg)
     uncompiled = [c for c in todo if c[1] != 'compile']
     batch = cfg.batch_size or fill_batch(parts, uncompiled, cfg.fill, device)
-    rows = {c: {'model': size, 'method': c[0], 'path': c[1], 'auto': c[1] in (parts.auto, 'compile'), 'batch': batch}
-            for c in todo}
-    saved = {c: parts.saved_for_backward(*c, batch=batch)[0] / 2 ** 20 for c in uncompiled
+    rows = {(m, p): {'model': size, 'method': m, 'path': p, 'auto': p in (parts.auto, 'compile'), 'batch': batch}
+            for m, p in todo}
+    saved = {c: parts.saved_for_backward(*c, batch)[0] / 2 ** 20 for c in uncompiled
              if cfg.saved_bytes and c[0] in TRAINED}
     for (method, path), mb in saved.items():
         train = saved.get(('train', path))
         rows[method, path].update(saved_mb=mb, saved_vs_train=train and mb / train)
     if not cfg.timing:
         return list(rows.values())
-    steps, flops = {c: parts.step(*c, batch=batch) for c in todo}, {}
+    steps, flops = {c: parts.step(*c, batch) for c in todo}, {}
     for c in todo:   # FLOPs of one step, also its first; a compiled step's: auto's, uncompiled
         twin = (c[0], parts.auto) if c[1] == 'compile' else c
         try:
-            flops[c] = flops.get(twin) or count_flops(steps[c] if twin == c else parts.step(*twin, batch=batch))
+            flops[c] = flops.get(twin) or count_flops(steps.get(twin) or parts.step(*twin, batch))
         except torch.OutOfMemoryError:
             del steps[c]
             rows[c]['error'] = 'out of memory'
             torch.cuda.empty_cache()
     for m in cfg.profile:   # where the time of auto's step goes
         if (m, parts.auto) in steps:
-            profile(steps[m, parts.auto], os.path.join(cfg.out_dir, f'profile-{size}-{m}.txt'), device)
-    times = time_cases(steps, cfg, device)
+            profile(steps[m, parts.auto], f'{cfg.out_dir}/profile-{size}-{m}.txt', device)
+    # seconds a step, per timed round: each case runs --steps steps per round for --rounds rounds after --warmup
+    # rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them
+    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in steps.items()}
+              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
+    times = {c: [r[c] for r in rounds] for c in steps}
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
-    for c, row in rows.items():
-        if 'error' in row:
-            continue
+    for c, t in times.items():   # the cases that ran (not out of memory)
         method, path = c
-        prec, step_s = PRECISION[autocast_dtype(path, amp_dtype('auto', device))], statistics.median(times[c])
-        row.update(img_s=batch / step_s, step_s=step_s, step_times=times[c], flops=flops[c],
-                   precision=prec, peak_fraction=flops[c] / step_s / peak[prec] if prec in peak else None)
+        row, f = rows[c], flops[c]
+        prec, step_s = PRECISION[autocast_dtype(path, amp_dtype('auto', device))], statistics.median(t)
+        row.update(img_s=batch / step_s, step_s=step_s, step_times=t, flops=f,
+                   precision=prec, peak_fraction=f / step_s / peak[prec] if prec in peak else None)
         if mem_batch and method in TRAINED and path != 'compile' and \
                 (not cfg.quick or method == 'distill' and (row['auto'] or path == 'naive')):
             row.update(peak_memory(cfg, size, method, path, mem_batch, device))
@@ -241,8 +234,7 @@ def main():
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)   # profiles are written into it as they are made
-    auto = amp_dtype('auto', device)
-    dtypes = [None, auto] if auto else [None]   # fp32 (autocast off) and --amp auto's
+    dtypes = dict.fromkeys([None, amp_dtype('auto', device)])   # fp32 (autocast off) and --amp auto's, if another
     peak = {PRECISION[dt]: gemm_peak(dt, cfg.gemm_size, device) for dt in dtypes} if cfg.timing else {}
     rows = []
     for size in cfg.models:
@@ -250,9 +242,10 @@ def main():
         print(f'{size}: measured', flush=True)
     result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
               'gemm_peak': peak, 'rows': rows, 'batches': {r['model']: r['batch'] for r in rows}}
-    write_text(os.path.join(cfg.out_dir, 'benchmark.json'), json.dumps(result, indent=1))   # each whole or not at all
-    write_text(os.path.join(cfg.out_dir, 'BENCHMARK.md'), markdown(result))
-    print(markdown(result))
+    write_text(f'{cfg.out_dir}/benchmark.json', json.dumps(result, indent=1))   # each whole or not at all
+    md = markdown(result)
+    write_text(f'{cfg.out_dir}/BENCHMARK.md', md)
+    print(md)
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
 
 

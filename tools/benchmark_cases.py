@@ -25,12 +25,10 @@ from tools.naive import DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_los
 from util.config import TrainConfig
 from util.engine import autocast, build_optimizer, soft_cross_entropy
 from util.launch import amp_dtype, attn_implementation
-from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
+from vit import VisionTransformer, model_arch, set_attn_implementation
 
-TRAINED = ('train', 'copy', 'distill')
-METHODS = {**{m: (*IMPLEMENTATIONS, 'naive', 'naive-bf16') for m in TRAINED},   # train: scratch or fine-tuning
-           'eval-distill': (*IMPLEMENTATIONS, 'naive'),                         # the distilled student alone
-           'eval-copy': (*IMPLEMENTATIONS, 'naive')}                            # the copy student with its teacher
+TRAINED = ('train', 'copy', 'distill')   # train: scratch or fine-tuning
+METHODS = (*TRAINED, 'eval-distill', 'eval-copy')   # the distilled student alone, the copy student with its teacher
 PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
          'sdpa': 'fused attention, no (N, N) map stored (--attn-implementation sdpa)',
          'naive': "the authors' release: fp32, explicit attention, full-depth teacher with drop-path, all maps "
@@ -40,8 +38,10 @@ PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
 
 
 def cases(cfg):
-    """[(method, path)] in the order they are timed: --methods on --paths, then --compile's."""
-    timed = [(m, p) for m, ps in METHODS.items() for p in ps if m in cfg.methods and p in cfg.paths]
+    """[(method, path)] in the order they are timed: --methods on --paths (evaluation: no naive-bf16), then
+    --compile's."""
+    timed = [(m, p) for m in METHODS for p in PATHS if m in cfg.methods and p in cfg.paths
+             and (m in TRAINED or p != 'naive-bf16')]
     return timed + [(m, 'compile') for m in TRAINED if m in cfg.methods and cfg.compile]
 
 
@@ -60,10 +60,10 @@ class Parts:
     def __init__(self, cfg, size, device):
         self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
         self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
-        sizes = ('img_size', 'patch_size', 'num_classes', 'depth', 'embed_dim', 'num_heads')
+        sizes = 'img_size patch_size num_classes depth embed_dim num_heads'.split()
         self.arch = model_arch(size, global_pool=True, **{k: getattr(cfg, k) or None for k in sizes})   # 0: its own
-        first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
-        self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
+        self.copied, self.distilled = (list(range(max(1, round(frac * self.arch['depth']))))   # the first frac
+                                       for frac in (cfg.copy_frac, cfg.distill_frac))            # of the layers
         self.batches, self.optimizers = {}, {}
 
     def model(self, **kw):
@@ -80,7 +80,7 @@ class Parts:
 
     @cached_property
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
-        return cast_matmul_weights(self.frozen(), self.dtype) if self.dtype else self.frozen()
+        return cast_matmul_weights(self.frozen(), self.dtype or torch.float32)   # fp32: as built
 
     @cached_property
     def student(self):
@@ -103,8 +103,7 @@ class Parts:
         the shared models first set to the path's attention implementation and to the method's
         mode: a training step's loss (train mode, the method's drop-path), or an evaluation's
         logits (eval mode, no autograd)."""
-        naive, training = path.startswith('naive'), method in TRAINED
-        copy = method in ('copy', 'eval-copy')
+        naive, training, copy = path.startswith('naive'), method in TRAINED, method.endswith('copy')
         student = self.copy_student if copy and not naive else self.student
         teacher = self.teacher if naive else self.fast_teacher
         env = Namespace(device=self.device, dtype=autocast_dtype(path, self.dtype))
@@ -114,7 +113,7 @@ class Parts:
         if method == 'train':
             output = lambda: soft_cross_entropy(net(x), y, SMOOTHING)   # noqa: E731
         elif method == 'eval-distill':
-            output = lambda: net(x)   # noqa: E731
+            output = partial(net, x)
         elif method == 'eval-copy':
             output = partial(naive_copy_forward, teacher, net, x, layers) if naive else \
                 partial(CopyModel(teacher, net, layers), x)
@@ -139,19 +138,18 @@ class Parts:
         forward, student = self.forward(method, path, batch)
         if method not in TRAINED:
             return forward
-        # the scripts' AdamW, built once a student; naive: the same parameter groups in torch's AdamW with its
-        # defaults
+        # the scripts' AdamW (layer decay 0.75; TrainConfig's weight decay 0.05 and beta2 0.999), built once a
+        # student; naive: the same parameter groups in torch's AdamW with its defaults
         key = student, path.startswith('naive')
         if key not in self.optimizers:
-            recipe = TrainConfig(blr=1e-4, weight_decay=0.05, layer_decay=0.75, beta2=0.999)
-            opt = build_optimizer(recipe, student, lr=1e-4)
+            opt = build_optimizer(TrainConfig(layer_decay=0.75), student, lr=1e-4)
             self.optimizers[key] = torch.optim.AdamW(opt.param_groups) if key[1] else opt
         opt = self.optimizers[key]
 
         def run():
             forward().backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
         return run
 
     def saved_for_backward(self, method, path, batch):

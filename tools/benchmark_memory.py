@@ -51,15 +51,15 @@ def rss_peak(cfg, size, method, path, batch):
 MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch timed for minutes
 
 
-def largest_batch(peak_at, budget, step=8, tries=8):
+def largest_batch(peak_at, budget, step=8):
     """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
-    `tries` measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
+    8 measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
     meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
     grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
     overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
     low = peak_at(step)
     fits, over, batch = step, MAX_BATCH + step, 2 * step
-    for _ in range(tries):
+    for _ in range(8):
         if low > budget or fits + step >= over:
             break
         peak = peak_at(batch)
@@ -77,7 +77,7 @@ def fill_batch(parts, todo, fill, device):
     """largest_batch() of the GPU's memory, `fill` of it, over the fullest case's max_memory_allocated with all of
     the model's cases resident at that batch, as they are timed (after a first step has made its optimiser state)."""
     def peak_at(batch):
-        runs = [parts.step(*c, batch=batch) for c in todo]
+        runs = [parts.step(*c, batch) for c in todo]
         try:
             for run in runs:
                 run()

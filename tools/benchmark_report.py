@@ -32,9 +32,9 @@ COLUMNS = [('img/s', 'img_s', '{:.2f}'),
 def table(rows, gpu):
     """The markdown table of every case, each against the naive path of its model and method
     ('vs naive'); a case that did not run gives its error in place of its speed."""
-    naive = {(r['model'], r['method']): r['img_s'] for r in rows if r['path'] == 'naive' and 'img_s' in r}
-    heads = ['model', 'method', 'path', *['batch'] * gpu, *[c[0] for c in COLUMNS]]
-    lines = [f"| {' | '.join(heads)} |", '|---|---|---|' + '---:|' * (len(heads) - 3)]
+    naive = {(r['model'], r['method']): r.get('img_s') for r in rows if r['path'] == 'naive'}
+    lines = [f"| model | method | path | {'batch | ' * gpu}{' | '.join(c[0] for c in COLUMNS)} |",
+             f"|---|---|---|{'---:|' * (gpu + len(COLUMNS))}"]
     for r in rows:
         base = naive.get((r['model'], r['method']))
         v = {**r, 'vs_naive': r['img_s'] / base if base and 'img_s' in r else None,
@@ -43,8 +43,8 @@ def table(rows, gpu):
         cells = ['' if v.get(key) is None else form.format(v[key]) for _, key, form in COLUMNS]
         cells[0] = cells[0] or r.get('error', '')
         path = r['path'] + ' (auto)' * (r['auto'] and r['path'] != 'compile')
-        cells = [r['model'], r['method'], path, *[str(r['batch'])] * gpu, *cells]
-        lines.append(f"| {' | '.join(cells)} |")
+        batch = f"{r['batch']} | " * gpu
+        lines.append(f"| {r['model']} | {r['method']} | {path} | {batch}{' | '.join(cells)} |")
     return lines
 
 
@@ -53,7 +53,7 @@ def markdown(result):
     if gpu:
         rule = 'given' if cfg['batch_size'] else \
             f"the largest multiple of 8 at which every case fits in {cfg['fill']:.0%} of the GPU's memory"
-        batch = f"Batch per model ({rule}): " + ', '.join(f'{k} {v}' for k, v in result['batches'].items())
+        batch = f"Batch per model ({rule}): {', '.join(f'{k} {v}' for k, v in result['batches'].items())}"
     else:
         batch = f"Batch {cfg['batch_size']}"
     at = 'the timed batch' if cfg['memory_batch_size'] < 0 else f"batch {cfg['memory_batch_size']}"

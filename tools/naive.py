@@ -17,34 +17,33 @@ DROP_PATH = {'train': 0.1, 'copy': 0.0, 'distill': 0.2}
 SMOOTHING = 0.1
 
 
-def naive_teacher(teacher, layers, drop_path):
-    """maps(x): all blocks and the head, eager, in train mode with drop-path masks, every requested map kept."""
-    def maps(x):
-        set_drop_path(set_attn_implementation(teacher, 'eager').train(), drop_path)
-        with torch.no_grad():
-            tokens, kept = teacher.forward_tokens(x, keep={i: ('logits',) for i in layers})
-            teacher.forward_head(tokens)
-        return {i: kept[i]['logits'] for i in layers}
-    return maps
+def eager_maps(model, x, layers):
+    """(model(x), {layer: its attention logits}): model run eager, the map of each of `layers` written out and kept."""
+    out, kept = set_attn_implementation(model, 'eager')(x, keep={i: ('logits',) for i in layers})
+    return out, {i: kept[i]['logits'] for i in layers}
+
+
+def teacher_maps(teacher, x, layers, drop_path):
+    """All blocks and the head in train mode with drop-path masks, every requested map kept."""
+    with torch.no_grad():
+        return eager_maps(set_drop_path(teacher.train(), drop_path), x, layers)[1]
 
 
 def naive_distill_loss(teacher, layers, weight=3.0, drop_path=DROP_PATH['distill']):
     """All the teacher's maps, then all the student's (kept), compared by autograd's cross-entropy."""
-    maps = naive_teacher(teacher, layers, drop_path)
-
     def loss_fn(net, x, y):
-        target = maps(x)
-        logits, kept = set_attn_implementation(net, 'eager')(x, keep={i: ('logits',) for i in target})
-        attn = sum(attention_cross_entropy(target[i], kept[i]['logits']) for i in target)
+        target = teacher_maps(teacher, x, layers, drop_path)
+        logits, maps = eager_maps(net, x, layers)
+        attn = sum(attention_cross_entropy(target[i], maps[i]) for i in layers)
         ce_cls = soft_cross_entropy(logits, y, SMOOTHING)
         return ce_cls + weight * attn, {'ce': ce_cls.detach(), 'attn': attn.detach()}
     return loss_fn
 
 
-def naive_copy_forward(teacher, student, x, layers, drop_path=0.0):
+def naive_copy_forward(teacher, student, x, layers):
     """Listing every head makes the student compute its own q, k and softmax, then overwrite them."""
     heads = list(range(student.num_heads))
-    maps = naive_teacher(teacher, layers, drop_path)(x)
+    maps = teacher_maps(teacher, x, layers, DROP_PATH['copy'])
     return set_attn_implementation(student, 'eager')(
         x, inject={i: {'attn': m.softmax(-1), 'heads': heads} for i, m in maps.items()})
 
