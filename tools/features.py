@@ -79,7 +79,8 @@ class CKAStats:
     keep: each batch's own sums too (fp32), for features_controls.resampled."""
 
     def __init__(self, keep=False):
-        self.n, self.shift, self.sum, self.cross = 0, {}, {}, {}
+        # total: {stream: its feature sum (d,), (a, b): the cross sum (d_a, d_b), one order kept}
+        self.n, self.shift, self.total = 0, {}, {}
         self.batches = [] if keep else None
 
     def update(self, feats):
@@ -87,20 +88,19 @@ class CKAStats:
         self.shift = self.shift or {k: v.double().mean(0) for k, v in feats.items()}
         assert feats.keys() == self.shift.keys() and len({len(v) for v in feats.values()}) == 1
         feats = {k: v.double() - self.shift[k] for k, v in feats.items()}      # (n, d) each
-        sums = {k: v.sum(0) for k, v in feats.items()}                         # (d,) each
-        cross = {(a, b): feats[a].T @ feats[b] for a, b in combinations_with_replacement(feats, 2)}   # (d_a, d_b)
-        for total, new in ((self.sum, sums), (self.cross, cross)):
-            for k, v in new.items():
-                total[k] = total.get(k, 0) + v
+        new = {k: v.sum(0) for k, v in feats.items()}
+        new |= {(a, b): feats[a].T @ feats[b] for a, b in combinations_with_replacement(feats, 2)}
+        for k, v in new.items():
+            self.total[k] = self.total.get(k, 0) + v
         n = len(next(iter(feats.values())))
         self.n += n
         if self.batches is not None:
-            self.batches.append((n, {k: v.float() for k, v in sums.items()}, {k: v.float() for k, v in cross.items()}))
+            self.batches.append((n, {k: v.float() for k, v in new.items()}))
 
     def centred(self, a, b):
         """Xc_a^T Xc_b (d_a, d_b): the cross sum of the centred features."""
-        s = self.cross[a, b] if (a, b) in self.cross else self.cross[b, a].T
-        return s - torch.outer(self.sum[a], self.sum[b]) / self.n
+        s = self.total[a, b] if (a, b) in self.total else self.total[b, a].T
+        return s - torch.outer(self.total[a], self.total[b]) / self.n
 
     def cka(self, a, b):
         ab, aa, bb = self.centred(a, b), self.centred(a, a), self.centred(b, b)
@@ -121,7 +121,8 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     the bootstrap over images (`controls`), 0 for none. Returns a dict of plain numbers (features.json's 'result')."""
     runs = {k: runner(m) for k, m in models.items()}
     vits = {k: v for k, (v, _) in runs.items()}
-    depth = vits[teacher].depth
+    vit = vits[teacher]   # every model has its blocks and tokens
+    depth, patch, first = vit.depth, vit.patch_embed.patch_size, 1 + vit.arch['reg_tokens']
     tokens, class_token = [CKAStats(keep=resamples > 0) for _ in range(depth)], [CKAStats() for _ in range(depth)]
     sums, logits, labels = defaultdict(float), defaultdict(list), []   # sums: per-head values x images
     for x, y in loader:
@@ -131,8 +132,7 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
             tokens[i].update({k: t.flatten(0, 1) for k, (t, _) in outs.items()})     # (B * N, D) each
             class_token[i].update({k: t[:, 0] for k, (t, _) in outs.items()})        # (B, D) each
             for k, (_, l) in outs.items():
-                distance = attention_distance(l.softmax(-1), vits[k].patch_embed.patch_size,
-                                              1 + vits[k].arch['reg_tokens'])
+                distance = attention_distance(l.softmax(-1), patch, first)
                 for what, v in zip(MAPS, (distance, *map_agreement(outs[teacher][1], l))):
                     sums[what, k, i] += len(y) * v.double().cpu()
         for k, v in vits.items():   # the last block's tokens are still held: the head reads them
@@ -140,10 +140,12 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
                 logits[k].append(v.forward_head(outs[k][0]).float().cpu())  # (B, C)
         labels.append(y)
     labels, logits = torch.cat(labels), {k: torch.cat(v) for k, v in logits.items()}
+    # a map spread evenly over every token: the distance of a head that looks everywhere alike
+    n = first + vit.patch_embed.grid ** 2
     r = {
-        'images': len(labels), 'depth': depth, 'teacher': teacher, 'grid': vits[teacher].patch_embed.grid,
-        'uniform_distance': uniform_distance(vits[teacher]),
-        'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'heads': vits[k].num_heads,
+        'images': len(labels), 'depth': depth, 'teacher': teacher, 'grid': vit.patch_embed.grid,
+        'uniform_distance': attention_distance(torch.full((1, 1, n, n), 1 / n), patch, first).item(),
+        'models': {k: {**dict(zip(('method', 'seed'), method_seed(k))), 'heads': vits[k].num_heads,
                        'global_pool': vits[k].global_pool, **given_maps(models[k]),
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in models},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
@@ -151,14 +153,6 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
         **{what: {k: [(sums[what, k, i] / len(labels)).tolist() for i in range(depth)] for k in models}
            for what in MAPS}}
     return {**r, **controls(r, tokens, logits, labels, resamples, seed)}
-
-
-def uniform_distance(vit):
-    """The attention distance of a map spread evenly over the patches: the reference for a head that looks
-    everywhere alike."""
-    first = 1 + vit.arch['reg_tokens']
-    n = first + vit.patch_embed.grid ** 2
-    return attention_distance(torch.full((1, 1, n, n), 1 / n), vit.patch_embed.patch_size, first).item()
 
 
 def given_maps(model):
@@ -237,7 +231,7 @@ def known_device(name):
         return False
 
 
-PRESETS = {'imagenet': dict(batch_size=64, num_workers=10), 'folder': dict(batch_size=64, num_workers=10)}
+PRESETS = dict.fromkeys(('imagenet', 'folder'), dict(batch_size=64, num_workers=10))
 
 
 def load(cfg, device):

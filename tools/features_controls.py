@@ -58,12 +58,12 @@ def resampled(stats, pairs, counts):
     """{(a, b): (R,) CKA} of each pair on R resamples of the batches a CKAStats kept, counts (R, K): how many times
     each of the K batches is drawn. Counts of all ones give its `cka` (to fp32's digits)."""
     w = counts.double()   # (R, K)
-    total = lambda i, key: torch.tensordot(w, torch.stack([b[i][key] for b in stats.batches]).double(), 1)   # (R, ...)
+    total = lambda key: torch.tensordot(w, torch.stack([b[1][key] for b in stats.batches]).double(), 1)   # (R, ...)
     n = w @ torch.tensor([b[0] for b in stats.batches]).double()   # (R,)
-    s = {k: total(1, k) for k in stats.shift}   # (R, d) each
+    s = {k: total(k) for k in stats.shift}   # (R, d) each
 
     def centred(a, b):   # (R, d_a, d_b), as CKAStats.centred
-        c = total(2, (a, b)) if (a, b) in stats.cross else total(2, (b, a)).transpose(1, 2)
+        c = total((a, b)) if (a, b) in stats.total else total((b, a)).mT
         return c - s[a][:, :, None] * s[b][:, None, :] / n[:, None, None]
     norm = {k: centred(k, k).flatten(1).norm(dim=1) for k in {x for p in pairs for x in p}}   # (R,) each
     return {(a, b): centred(a, b).square().sum((1, 2)) / (norm[a] * norm[b]) for a, b in pairs}

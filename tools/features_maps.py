@@ -21,9 +21,8 @@ def attention_distance(attn, patch_size, first=1):
     distance says where a head looks when it looks at the image, however much it looks at the class
     token. A head reading only itself: 0; a uniform map: the mean distance between two patch centres."""
     a = attn[..., first:, first:].float()   # (B, H, P, P) patches to patches
-    grid = math.isqrt(a.shape[-1])
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
-    centres = (torch.stack([rows.flatten(), cols.flatten()], -1) + 0.5).double() * patch_size   # (P, 2) pixels
+    grid = torch.arange(math.isqrt(a.shape[-1]))
+    centres = (torch.cartesian_prod(grid, grid) + 0.5).double() * patch_size   # (P, 2) pixels, row by row
     d = torch.cdist(centres, centres).float().to(a.device)   # (P, P)
     return ((a * d).sum(-1) / a.sum(-1)).mean((0, 2))   # (H,)
 
@@ -57,7 +56,7 @@ def blocks(vit, x, inject):
     x = vit.embed(x)   # (B, N, D)
     for i, block in enumerate(vit.blocks):
         given = inject.get(i, {})
-        x, kept = block(x, given, keep=('logits',) if not block.attn.no_qk else ())
+        x, kept = block(x, given, keep=() if block.attn.no_qk else ('logits',))
         logits = kept.get('logits')                                         # its own, when it computes one
         if 'attn' in given or 'q' in given and 'k' in given:   # the teacher's map, its head groups' (as log-probs)
             teacher = scores(given['q'], given['k']).float() if 'q' in given else \

@@ -31,9 +31,11 @@ def methods(r):
     return out
 
 
-def blocks_header(r, first):
-    return (f"| {first} | {' | '.join(f'block {i}' for i in range(r['depth']))} |\n"
-            f"|---|{'---:|' * r['depth']}")
+def blocks_table(r, title, rows):
+    """rows: {name: its cells, one a block}. A title 'x | y' heads two columns before the blocks."""
+    return '\n'.join([f"| {title} | {' | '.join(f'block {i}' for i in range(r['depth']))} |",
+                      f"|---|{'---:|' * (title.count('|') + r['depth'])}",
+                      *(f"| {k} | {' | '.join(v)} |" for k, v in rows.items())])
 
 
 def group_name(g):
@@ -45,13 +47,13 @@ def ordered(r):
     return sorted(r['groups'], key=lambda g: (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b']))
 
 
-def pm(s, digits=2):
-    return f"{s['mean']:.{digits}f}" + (f" ±{s['std']:.{digits}f}" if s['std'] else '')
+def pm(s):
+    return f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '')
 
 
 def top1_table(r):
     top1 = {k: [r['models'][m]['top1'] for m in v] for k, v in methods(r).items()
-            if r['models'][v[0]]['top1'] is not None}
+            if first(r, k)['top1'] is not None}
     seeds = max(map(len, top1.values()))
     rows = [f"| {k} | {' | '.join(f'{t:.2f}' for t in v)}{' |' * (seeds - len(v))} | {pm(spread(v))} |"
             for k, v in top1.items()]
@@ -60,9 +62,8 @@ def top1_table(r):
 
 
 def cka_table(r, key):
-    rows = [f"| {group_name(g)} | {len(g['pairs'])} | {' | '.join(pm(s) for s in g[key])} |" for g in ordered(r)]
-    head = blocks_header(r, 'linear CKA').split('\n')
-    return '\n'.join([head[0].replace(' | block 0', ' | pairs | block 0'), '|---|---:|' + head[1][5:], *rows])
+    rows = {f"{group_name(g)} | {len(g['pairs'])}": [pm(s) for s in g[key]] for g in ordered(r)}
+    return blocks_table(r, 'linear CKA | pairs', rows)
 
 
 def bootstrap_table(r):
@@ -73,34 +74,32 @@ def bootstrap_table(r):
             f"{b['seed']} | {100 * b['level']:.0f}% | {width:.3f} |")
 
 
-def per_method(r, what, k, i):
-    return [v for m in methods(r)[k] for v in r[what][m][i]]
+def per_block(r, what, k):
+    """[block] the values of every head of every seed of method k."""
+    return [[v for m in methods(r)[k] for v in r[what][m][i]] for i in range(r['depth'])]
 
 
-def given(r, k):
-    """The layers where method k's maps are its teacher's, given (a copy student's copied ones)."""
-    return r['models'][methods(r)[k][0]]['maps_given']
+def first(r, k):
+    """The record of method k's first model: its maps given, distilled, whether it classifies."""
+    return r['models'][methods(r)[k][0]]
 
 
 def kl_table(r):
     """KL of each method's maps to the teacher's per block, mean over heads and seeds; a copied layer's maps are given."""
-    def cell(k, i):   # a KL is >= 0: rounding's -0.00 shown as 0.00
-        m = r['models'][methods(r)[k][0]]
-        return 'given' if i in m['maps_given'] else \
-            f"{round(mean(per_method(r, 'kl', k, i)), 2) + 0.0:.2f}" + '†' * (i in m['maps_distilled'])
-    ks = [k for k in methods(r) if k != r['teacher']]
-    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in ks]
-    entropy = [f'{mean(h):.2f}' for h in r['cross_entropy'][r['teacher']]]    # its CE to itself
-    return '\n'.join([blocks_header(r, 'KL to the teacher (nats)'), *rows,
-                      f"| *the teacher's entropy* | {' | '.join(entropy)} |"])
+    def cells(k):   # a KL is >= 0: rounding's -0.00 shown as 0.00
+        m = first(r, k)
+        return ['given' if i in m['maps_given'] else
+                f"{round(mean(kl), 2) + 0.0:.2f}" + '†' * (i in m['maps_distilled'])
+                for i, kl in enumerate(per_block(r, 'kl', k))]
+    rows = {k: cells(k) for k in methods(r) if k != r['teacher']}
+    rows["*the teacher's entropy*"] = [f'{mean(h):.2f}' for h in r['cross_entropy'][r['teacher']]]   # its CE to itself
+    return blocks_table(r, 'KL to the teacher (nats)', rows)
 
 
 def distance_table(r):
-    def cell(k, i):
-        d = per_method(r, 'attention_distance', k, i)
-        return f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + '*' * (i in given(r, k))
-    rows = [f"| {k} | {' | '.join(cell(k, i) for i in range(r['depth']))} |" for k in methods(r)]
-    return '\n'.join([blocks_header(r, 'attention distance (px)'), *rows])
+    rows = {k: [f'{mean(d):.1f} ({min(d):.1f}-{max(d):.1f})' + '*' * (i in first(r, k)['maps_given'])
+                for i, d in enumerate(per_block(r, 'attention_distance', k))] for k in methods(r)}
+    return blocks_table(r, 'attention distance (px)', rows)
 
 
 def prediction_table(r):
@@ -146,20 +145,21 @@ def plot(r, path):
     axes = top.subplots(1, 3)
     group = {(g['a'], g['b']): g for g in r['groups']}
     x = range(r['depth'])
-    line = lambda ax, g, c, **kw: ax.errorbar(x, [s['mean'] for s in g['tokens']], capsize=2, color=c, yerr=[
+    col = lambda g, key: [s[key] for s in g['tokens']]   # one statistic of a group's CKA, per block
+    line = lambda ax, g, **kw: ax.errorbar(x, col(g, 'mean'), capsize=2, fmt='o-', yerr=[
         [s['mean'] - s['min'] for s in g['tokens']], [s['max'] - s['mean'] for s in g['tokens']]], **kw)
     focus = 'distill' if 'distill' in names else names[-1]
     for k in names:
-        line(axes[0], group[t, k], colour[k], fmt='o-', label=k)
+        c, kl = colour[k], per_block(r, 'kl', k)
+        line(axes[0], group[t, k], color=c, label=k)
         if (k, k) in group:
-            c = group[k, k]['tokens']
-            axes[0].plot(x, [s['mean'] for s in c], ls='--', color=colour[k], lw=1)
-            axes[1].fill_between(x, [s['min'] for s in c], [s['max'] for s in c], color=colour[k], alpha=0.2)
+            axes[0].plot(x, col(group[k, k], 'mean'), ls='--', color=c, lw=1)
+            axes[1].fill_between(x, col(group[k, k], 'min'), col(group[k, k], 'max'), color=c, alpha=0.2)
         pair = group.get((k, focus)) or group.get((focus, k))
         if k != focus and pair:
-            line(axes[1], pair, colour[k], fmt='o-', label=f'{focus} vs {k}')
-        own = [i for i in x if i not in given(r, k)]
-        axes[2].plot(own, [mean(per_method(r, 'kl', k, i)) for i in own], 'o-', color=colour[k], label=k)
+            line(axes[1], pair, color=c, label=f'{focus} vs {k}')
+        own = [i for i in x if i not in first(r, k)['maps_given']]
+        axes[2].plot(own, [mean(kl[i]) for i in own], 'o-', color=c, label=k)
     titles = ('CKA to the teacher (dashed: seed to seed)', f'CKA of {focus} to the others (bands: seed to seed)',
               "attention maps: KL to the teacher's (nats)")
     for ax, title, high in zip(axes, titles, (1.02, 1.02, None)):
@@ -167,11 +167,12 @@ def plot(r, path):
     axes[0].legend(fontsize=8), axes[1].legend(fontsize=8)
     dist = bottom.subplots(1, len(ms), sharey=True)
     for ax, k in zip(dist, ms):
+        given = first(r, k)['maps_given']
         for i, heads in enumerate(r['attention_distance'][ms[k][0]]):
             ax.scatter([i] * len(heads), heads, s=18, edgecolors=colour[k],
-                       facecolors='none' if i in given(r, k) else colour[k])
+                       facecolors='none' if i in given else colour[k])
         ax.axhline(r['uniform_distance'], color='black', ls='--', lw=1, label='a uniform map')
-        ax.set(title=ms[k][0] + ' (hollow: maps given)' * bool(given(r, k)), xlabel='block', xticks=x)
+        ax.set(title=ms[k][0] + ' (hollow: maps given)' * bool(given), xlabel='block', xticks=x)
     dist[0].legend(fontsize=8)
     dist[0].set_ylabel('mean attention distance (px)')
     bottom.suptitle(f"each head's mean attention distance, {r['images']} test images (the axis does not start at 0)",
