@@ -145,7 +145,7 @@ def analyse(models, loader, device, teacher='teacher', resamples=0, seed=0):
     r = {
         'images': len(labels), 'depth': depth, 'teacher': teacher, 'grid': vit.patch_embed.grid,
         'uniform_distance': attention_distance(torch.full((1, 1, n, n), 1 / n), patch, first).item(),
-        'models': {k: {**dict(zip(('method', 'seed'), method_seed(k))), 'heads': vits[k].num_heads,
+        'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'heads': vits[k].num_heads,
                        'global_pool': vits[k].global_pool, **given_maps(models[k]),
                        'top1': accuracy(logits[k], labels) if k in logits else None} for k in models},
         'cka': [{'a': a, 'b': b, 'tokens': [s.cka(a, b) for s in tokens],
@@ -231,7 +231,7 @@ def known_device(name):
         return False
 
 
-PRESETS = dict.fromkeys(('imagenet', 'folder'), dict(batch_size=64, num_workers=10))
+PRESETS = {'imagenet': dict(batch_size=64, num_workers=10), 'folder': dict(batch_size=64, num_workers=10)}
 
 
 def load(cfg, device):
