@@ -14,8 +14,7 @@ PALETTE = {
 
 # the names the figures give the methods, each to its key above
 ALIASES = {'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distillation': 'distill',
-           'distillation': 'distill', 'distilled student': 'distill', 'train from scratch': 'scratch',
-           'fine-tune the teacher': 'finetune', 'random ViT': 'untrained', 'MAE teacher': 'teacher'}
+           'distillation': 'distill'}
 
 
 def colour(name, default=None):

@@ -27,7 +27,7 @@ from util.launch import amp_dtype
 # -----------------------------------------------------------------------------
 # Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
 
-CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot']
+CLASSES = 'T-shirt trouser pullover dress coat sandal shirt sneaker bag boot'.split()
 MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
 
 
@@ -38,22 +38,17 @@ def fashion_mnist(n, split='t10k'):
     return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
 
 
-def write_idx(path, array):
-    """An IDX file of unsigned bytes (MNIST's format: 0, 0, 8, the number of dimensions, each size as a
-    big-endian int32, then the raw bytes): the format util.datafiles.read_idx reads."""
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, 'wb') as f:
-        f.write(bytes([0, 0, 8, a.ndim]) + b''.join(n.to_bytes(4, 'big') for n in a.shape) + a.tobytes())
-
-
-def write_slice(n_train, n_test, folder=None):
-    """The first n_train training and n_test test images as IDX files in folder (default: a new one): a --data-dir."""
-    folder = folder or tempfile.mkdtemp(prefix='fashion-mnist-')
-    os.makedirs(folder, exist_ok=True)
+def write_slice(n_train, n_test):
+    """The first n_train training and n_test test images as IDX files in a new folder: a --data-dir. IDX is MNIST's
+    format, the one util.datafiles.read_idx reads: 0, 0, 8 (unsigned bytes), the number of dimensions, each size as a
+    big-endian int32, then the raw bytes."""
+    folder = tempfile.mkdtemp(prefix='fashion-mnist-')
     for split, n in (('train', n_train), ('t10k', n_test)):
         ds = data.fashion_mnist('data', split == 'train', transform=None)
-        write_idx(os.path.join(folder, f'{split}-images-idx3-ubyte'), ds.images[:n, 0].numpy())
-        write_idx(os.path.join(folder, f'{split}-labels-idx1-ubyte'), ds.labels[:n].numpy())
+        for name, a in (('images-idx3', ds.images[:n, 0]), ('labels-idx1', ds.labels[:n])):
+            a = a.numpy().astype(np.uint8)
+            with open(os.path.join(folder, f'{split}-{name}-ubyte'), 'wb') as f:
+                f.write(bytes([0, 0, 8, a.ndim]) + np.array(a.shape, '>i4').tobytes() + a.tobytes())
     return folder
 
 # -----------------------------------------------------------------------------
@@ -78,9 +73,9 @@ class Runner:
     --out-dir <work>/name <flags given here> <flags>` and returns the run directory; a name used before gets a new
     one (name-2, ...), so that a cell can run again."""
 
-    def __init__(self, data_dir, flags=(), work=None):
+    def __init__(self, data_dir, flags):
         self.data_dir, self.flags = data_dir, [str(f) for f in flags]
-        self.work = work or tempfile.mkdtemp(prefix='attention-transfer-')
+        self.work = tempfile.mkdtemp(prefix='attention-transfer-')
         gpu = torch.cuda.is_available()   # the device the scripts will pick, and their autocast there
         amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'),
                         torch.device('cuda' if gpu else 'cpu'))
@@ -89,11 +84,11 @@ class Runner:
               f"numbers differ a little from one processor to another")
 
     def __call__(self, script, name, *flags):
-        out, n = os.path.join(self.work, name), 1
-        while os.path.exists(out):
+        label, n = name, 1
+        while os.path.exists(os.path.join(self.work, label)):
             n += 1
-            out = os.path.join(self.work, f'{name}-{n}')
-        label = os.path.basename(out)
+            label = f'{name}-{n}'
+        out = os.path.join(self.work, label)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out, *self.flags,
                 *map(str, flags)]
         named = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
@@ -111,10 +106,11 @@ class Runner:
                     last = time.time()
                     show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
-            raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' + ''.join(tail))
-        m = metrics(out)
-        show(f"{label}: test top-1 {m[-1]['top1']:.1f}% after {m[-1]['epoch']:g} epochs "
-                  f"({m[-1]['step']} steps, {time.time() - start:.0f} s)", end=True)
+            raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' +
+                               ''.join(tail))
+        m = metrics(out)[-1]
+        show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs ({m['step']} steps, "
+             f"{time.time() - start:.0f} s)", end=True)
         return out
 
 
@@ -127,7 +123,7 @@ def final_top1(run_dir):
     return metrics(run_dir)[-1]['top1']
 
 
-def full_reproduction(path='results/fashion-mnist/results.json'):
+def full_reproduction(path):
     """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%), from results.json."""
     with open(path) as f:
         summary = json.load(f)['summary']
@@ -146,21 +142,22 @@ def budgets(quick_flags, n_train, n_test, loop):
     short = lambda lr: f'{lr:.0e}'.replace('e-0', 'e-')   # 2e-3, as the table writes a learning rate
 
     def row(name, given, train, test, seeds, where):
-        given = {k[2:].replace('-', '_'): v for k, v in zip(given, given[1:]) if str(k).startswith('--')}
-        f = {**preset, **{k: float(v) for k, v in given.items() if isinstance(preset.get(k), (int, float))}}
-        steps, cut = int(f['epochs'] * (train // f['batch_size'])), int(float(given.get('max_steps', 0)))
-        took = f"{cut} steps of a {f['epochs']:g}-epoch schedule" if 0 < cut < steps else \
-            f"{f['epochs']:g} ({steps:,} steps)"
-        return (f"| {name} | {train:,} | {took} | {f['batch_size']:g} | {short(f['blr'] * f['batch_size'] / 256)} | "
-                f"{f['warmup_epochs']:g} epoch | {seeds} | {tested(test)} | {where} |")
+        given = dict(zip(map(str, given), given[1:]))                     # {'--flag': its value}
+        epochs, batch, blr, warmup = (float(given.get('--' + k.replace('_', '-'), preset[k]))
+                                      for k in ('epochs', 'batch_size', 'blr', 'warmup_epochs'))
+        steps, cut = int(epochs * (train // batch)), int(float(given.get('--max-steps', 0)))
+        took = f'{cut} steps of a {epochs:g}-epoch schedule' if 0 < cut < steps else \
+            f'{epochs:g} ({steps:,} steps)'
+        return (f'| {name} | {train:,} | {took} | {batch:g} | {short(blr * batch / 256)} | {warmup:g} epoch | '
+                f'{seeds} | {tested(test)} | {where} |')
     steps, batch, lr, test = loop
     full, quick = (reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true'))
     distill = lambda cfg: reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
     return '\n'.join([
         '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
-        f'| the hand-written loop | {steps * batch:,} | 1 ({steps} steps) | {batch} | {short(lr)} | none (constant lr) | '
-        f'1 | {tested(test)} | this notebook, section 5 |',
+        f'| the hand-written loop | {steps * batch:,} | 1 ({steps} steps) | {batch} | {short(lr)} | '
+        f'none (constant lr) | 1 | {tested(test)} | this notebook, section 5 |',
         row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, section 6'),
         row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
         row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
@@ -171,15 +168,16 @@ def budgets(quick_flags, n_train, n_test, loop):
 NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy', 'distill': 'attention distillation'}
 
 
-def reproduction_curves(results_dir='results/fashion-mnist'):
-    """The committed reproduction's test top-1 after every epoch, per method, over its seeds: {name: {'epoch', 'mean',
-    'std', 'seeds'}} (std with n - 1, as its report), from each stage's logs/<stage>/seed<k>/metrics.jsonl."""
+def reproduction_curves(results_dir):
+    """The committed reproduction's test top-1 after every epoch, per method, over the seeds its results.json
+    summarises: {name: {'epoch', 'mean', 'std', 'seeds'}} (std with n - 1, as its report), from each stage's
+    logs/<stage>/seed<k>/metrics.jsonl."""
     with open(os.path.join(results_dir, 'results.json')) as f:
-        stages = json.load(f)['stages']
+        methods = json.load(f)['summary']['methods']
     curves = {}
     for stage, name in NAMES.items():
-        epochs, top1 = per_epoch(os.path.join(results_dir, 'logs', stage, f"seed{s['seed']}") for s in stages
-                                 if s['stage'] == stage)
+        epochs, top1 = per_epoch(os.path.join(results_dir, 'logs', stage, f'seed{k}')
+                                 for k in methods[stage]['seeds'])
         top1 = np.array(top1)                                               # (seeds, epochs)
         curves[name] = {'epoch': epochs, 'mean': top1.mean(0), 'std': top1.std(0, ddof=1), 'seeds': len(top1)}
     return curves
@@ -188,43 +186,37 @@ def reproduction_curves(results_dir='results/fashion-mnist'):
 # Figures
 
 
-def plot_curves(runs, title, committed=None):
-    """Test top-1 after every epoch, {label: run directory}, the legend giving each run's end; with committed
-    (reproduction_curves), its curves on the right in the runs' colours: the mean, shaded one std either side."""
-    fig, axes = plt.subplots(1, 2 if committed else 1, figsize=(11, 3.8) if committed else (7.5, 3.6),
-                             layout='constrained', squeeze=False)
-    ax = axes[0, 0]
-    spare = ['tab:red', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']      # for runs of no method in PALETTE
-    colours = {label: colour(label, spare[i % len(spare)]) for i, label in enumerate(runs)}
-    for label, d in runs.items():
-        m = metrics(d)
-        ax.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colours[label],
-                label=f"{label}: {m[-1]['top1']:.1f}%")
-    ax.set(title=title)
-    if committed:
-        right = axes[0, 1]
-        for label, c in committed.items():
-            right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colours[label], alpha=0.25)
-            right.plot(c['epoch'], c['mean'], marker='o', color=colours[label],
-                       label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
-        n = min(c['seeds'] for c in committed.values())
-        right.set(title=f'the committed reproduction: mean ± std over {n} seeds')
-    for a in axes.flat:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.set(xlabel='epoch', ylabel='test top-1 (%)')
-        say_where_the_axis_starts(a)
-        a.grid(alpha=0.3)
-        if committed:       # two panels: each legend inside, where the curves leave the most room
-            a.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
-        else:
-            a.legend(loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False, title='at the end')
+def finish(fig):
+    """Every panel with a grid, and one whose y axis does not start at 0 says so in its title (differences read
+    larger than they are); then shown."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_ylim()[0] > 0:
+            ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
     plt.show()
 
 
-def say_where_the_axis_starts(ax):
-    """A y axis that does not start at 0 says so in its title: differences read larger than they are."""
-    if ax.get_ylim()[0] > 0:
-        ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
+def plot_curves(runs, title, committed):
+    """Test top-1 after every epoch, {label: run directory}, the legend giving each run's end; on the right the
+    committed reproduction's curves (reproduction_curves) in the same colours: the mean, shaded one std either side."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), layout='constrained')
+    for label, d in runs.items():
+        m = metrics(d)
+        left.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colour(label),
+                  label=f"{label}: {m[-1]['top1']:.1f}%")
+    for label, c in committed.items():
+        right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour(label),
+                           alpha=0.25)
+        right.plot(c['epoch'], c['mean'], marker='o', color=colour(label),
+                   label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
+    left.set_title(title)
+    right.set_title('the committed reproduction: mean ± std over '
+                    f"{min(c['seeds'] for c in committed.values())} seeds")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel='epoch', ylabel='test top-1 (%)')
+        ax.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)   # inside, where most room is
+    finish(fig)
 
 
 def plot_training(logs, title):
@@ -232,65 +224,59 @@ def plot_training(logs, title):
     the cross-entropy on the labels, right the attention loss of the maps each method routes with against the floor
     (the teacher's entropy; every method sees the same batches). Faint: every step; bold: the mean of the last 10."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout='constrained')
-    smooth = lambda v: [np.mean(v[max(0, i - 9):i + 1]) for i in range(len(v))]
-    for ax, key in zip(axes, ('cross-entropy', 'attention loss')):
+    for ax, key, about in zip(axes, ('cross-entropy', 'attention loss'), (
+            'on the labels of each batch', 'H(teacher, the maps it routes with), mean over the layers')):
         for method, log in logs.items():
             ax.plot(log[key], color=colour(method), alpha=0.3, lw=1)
-            ax.plot(smooth(log[key]), color=colour(method), lw=2, label=method)
-        ax.set(xlabel='step', ylabel=f'{key} (nats)')
-        ax.grid(alpha=0.3)
+            ax.plot([np.mean(log[key][max(0, i - 9):i + 1]) for i in range(len(log[key]))],
+                    color=colour(method), lw=2, label=method)
+        ax.set(xlabel='step', ylabel=f'{key} (nats)', title=about)
     axes[1].plot(next(iter(logs.values()))['floor'], color=PALETTE['teacher'], ls='--', lw=1,
                  label="the floor: the teacher's entropy")
-    axes[0].set_title('on the labels of each batch')
-    axes[1].set_title('H(teacher, the maps it routes with), mean over the layers')
     axes[1].legend(fontsize=8)
-    for ax in axes:
-        say_where_the_axis_starts(ax)
     fig.suptitle(title, fontsize=10)
-    plt.show()
+    finish(fig)
 
 
-def show_map(ax, probs, title, vmax=None, tick=7):
+def show_map(ax, probs, title, vmax=None):
     """One (N, N) attention map, rows = queries, token 0 the class token, coloured from 0 to vmax (default: its own
     99th percentile, so that one bright entry does not hide the rest; maps compared share one). Returns the image."""
     vmax = np.quantile(np.asarray(probs), 0.99) if vmax is None else vmax
     im = ax.imshow(probs, cmap='magma', vmin=0, vmax=vmax, interpolation='nearest')
-    ax.set_xticks(range(0, len(probs), tick))
-    ax.set_yticks(range(0, len(probs), tick))
-    ax.set(xlabel='key: the token read from', ylabel='query: the token reading', title=title)
+    ticks = range(0, len(probs), 7)
+    ax.set(xticks=ticks, yticks=ticks, title=title, xlabel='key: the token read from',
+           ylabel='query: the token reading')
     return im
-
-
-def _map(rng, noise):
-    """A made-up 6x6 attention map: each token reads mostly from itself and its neighbours."""
-    i = np.arange(6)
-    m = np.exp(-((i[:, None] - i[None, :]) ** 2) / 2.0 + noise * rng.normal(size=(6, 6)))
-    return m / m.sum(1, keepdims=True)
 
 
 def draw_methods():
     """The paper's Figure 1, redrawn: a frozen teacher's maps reach a fresh student, copied or distilled."""
-    rng = np.random.default_rng(3)
-    teacher_maps = [_map(rng, 0.4) for _ in range(3)]
+    # made-up 6x6 attention maps of 3 blocks, each token reading mostly from itself and its neighbours: the
+    # teacher's, and a distilled student's own (noisier)
+    i = np.arange(6)
+    noise = np.array([0.4, 0.9])[:, None, None, None] * np.random.default_rng(3).normal(size=(2, 3, 6, 6))
+    maps = np.exp(-((i[:, None] - i) ** 2) / 2.0 + noise)
+    teacher, student = maps / maps.sum(-1, keepdims=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout='constrained')
     for ax, copy in zip(axes, (True, False)):
         ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
         ax.axis('off')
         ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12, weight='bold')
-        for x0, who in ((0.2, 'teacher (frozen)'), (6.3, 'student (trained)')):
+        # each side's blocks: copy routes the student by the teacher's maps, distillation it by its own
+        for x0, who, fill, own, text in ((0.2, 'teacher (frozen)', '#e0e0e0', teacher, 'q, k → A_T'),
+                                         (6.3, 'student (trained)', '#d4e6f7', teacher if copy else student,
+                                          'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
-        for layer, a_t in enumerate(teacher_maps):
-            y = 0.6 + 3.0 * layer
-            a_s = a_t if copy else _map(rng, 0.9)      # copy: the student's map IS the teacher's
-            for x0, fill, amap, text in ((0.2, '#e0e0e0', a_t, 'q, k → A_T'),
-                                           (6.3, '#d4e6f7', a_s, 'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
+            for layer, amap in enumerate(own):
+                y = 0.6 + 3.0 * layer
                 ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=fill, edgecolor='k', lw=0.8))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
-                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3, aspect='auto')
-            style = dict(arrowstyle='->', lw=2, color=PALETTE['copy']) if copy else \
-                dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
-            # below the blocks' text, from the teacher's map to the student's map
+                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3,
+                          aspect='auto')
+        style = dict(arrowstyle='->', lw=2, color=PALETTE['copy']) if copy else \
+            dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
+        for y in (0.6, 3.6, 6.6):   # below each block's text, from the teacher's map to the student's map
             ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style, zorder=4)
             ax.text(5.0, y + 0.6, 'A_T' if copy else 'H(A_T, A_S)', ha='center', va='bottom', fontsize=9,
                     color=style['color'])

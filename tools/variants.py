@@ -15,8 +15,8 @@ from util.files import save_figure, write_json
 HERE = os.path.join('results', 'fashion-mnist')
 OUT = os.path.join(HERE, 'variants')
 METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')   # evaluate.py's rows: 4 models, ensemble 1,3
-ORDER = [f'{m}-{w}' for m in ('distill', 'copy') for w in 'qkv'] + ['distill-heads2', 'distill-heads4',
-         'distill-layers0-2', 'distill-layers3-5'] + [f'{m}-mean-{o}' for o in ('batch', 'queries') for m in ('distill', 'copy')]
+ORDER = ('distill-q distill-k distill-v copy-q copy-k copy-v distill-heads2 distill-heads4 distill-layers0-2 '
+         'distill-layers3-5 distill-mean-batch copy-mean-batch distill-mean-queries copy-mean-queries').split()
 
 
 def seeds(root, name='metrics.jsonl'):
@@ -59,22 +59,22 @@ def collect():
 def plot(result, path):
     fig = Figure(figsize=(13, 6), layout='constrained')
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
-    for i, (name, r) in enumerate(result['runs'].items()):
+    runs, shifted = result['runs'], result['shifted']
+    for i, (name, r) in enumerate(runs.items()):
         c = PALETTE[name.split('-')[0]]
         left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=12, color=c)
         left.scatter(r['mean'], i, marker='|', s=300, color=c)
     for method, r in result['baselines'].items():
         left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=f'{method}, the baseline')
-    left.set_yticks(range(len(result['runs'])), list(result['runs']))
+    left.set_yticks(range(len(runs)), list(runs))
     left.invert_yaxis()
     left.set(xlabel='test top-1 (%): each seed (dot), the mean (bar)', title='what is transferred, heads, layers, '
              'averaged maps\n(x axis does not start at 0)')
     left.legend(fontsize='small')
-    shifts = list(result['shifted'])
     for j, method in enumerate(METHODS):   # side by side within each shift
-        right.plot([i + (j - 2) * 0.12 for i in range(len(shifts))], [result['shifted'][s][method]['mean']
-                   for s in shifts], 'o', color=PALETTE[method], label=method)
-    right.set_xticks(range(len(shifts)), shifts)
+        right.plot([i + (j - 2) * 0.12 for i in range(len(shifted))], [s[method]['mean'] for s in shifted.values()],
+                   'o', color=PALETTE[method], label=method)
+    right.set_xticks(range(len(shifted)), list(shifted))
     right.set(ylabel='test top-1 (%), mean over seeds', title='shifted test images, labels unchanged: the\n'
               'committed models (y axis does not start at 0)')
     right.legend(fontsize='small')
