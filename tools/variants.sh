@@ -5,7 +5,7 @@
 # any seed 2. A run whose records are already in results/ is skipped, so the script resumes where it stopped.
 # The baselines (scratch, fine-tune, copy and distillation of the map with layers 0-4, all 8 heads) are the committed
 # reproduction's runs (results/fashion-mnist/logs) and models (results/fashion-mnist/features/models), not re-made.
-# Run from the repository root: bash tools/variants.sh   (about 12 hours on one core of a 2-core Xeon; see the page)
+# Run from the repository root: bash tools/variants.sh   (about 14 hours on one core of a 2-core Xeon; see the page)
 # CORE=1 (default) names the core; REDO_PAGE=1 only re-collects variants.json and redraws the figure.
 set -euo pipefail
 CORE=${CORE:-1} FAILED=0
