@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from util.files import cannot_write
+
 
 # -----------------------------------------------------------------------------
 # The step
@@ -221,7 +223,6 @@ def log(run_dir, msg):
         with open(path, 'a') as f:
             f.write(msg + '\n')
     except OSError as e:
-        from util.files import cannot_write
         raise cannot_write(path, e) from None
 
 

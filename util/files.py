@@ -19,6 +19,9 @@ import torch
 
 from util.config import ConfigError
 
+# what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
+
 
 class CheckpointError(RuntimeError):
     """A file of weights that cannot be read or used: one line naming it and the fix."""
@@ -269,7 +272,6 @@ def check_output(flag, path, out_dir=None, folder=False):
     out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
     folder: path is a directory to write files into (it may exist)."""
     parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    from util.rundir import RUN_FILES
     if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
         raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '

@@ -26,14 +26,12 @@ import sys
 
 import torch
 
+from util.checkpoints import read_checkpoint
 from util.config import ConfigError, flag
 from util.engine import log
-from util.files import (DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json, read_lines,
-                        replacing, write_json, write_text)
-from util.resume import resume_command, under_torchrun
-
-# what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
+from util.files import (RUN_FILES, CheckpointError, DamagedFile, append_text, cannot_write, git_commit, read_bytes,
+                        read_json, read_lines, replacing, write_json, write_text)
+from util.resume import SAVED, resume_command, under_torchrun
 
 
 class RunDir:
@@ -275,8 +273,6 @@ NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run 
 def foreign(out_dir):
     """The sorted names in out_dir that no run of these scripts wrote ([] where it holds such a run: its config.json
     has RunDir.begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files aside."""
-    from util.checkpoints import CheckpointError, read_checkpoint
-    from util.resume import SAVED
     names = sorted(set(os.listdir(out_dir)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
     try:
         if {'out_dir', 'argv'} <= read_json(os.path.join(out_dir, 'config.json'), '').keys():
