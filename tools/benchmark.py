@@ -37,7 +37,7 @@ from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
 
-TIMED = [*PATHS][:-1]   # the paths --paths chooses from: all but compile
+TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
 FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
 
 
@@ -173,7 +173,8 @@ def profile(run, path, device):
     with torch.profiler.profile(activities=acts) as prof:
         run()
         sync(device)
-    write_text(path, prof.key_averages().table(sort_by=f"self_{'device' if gpu else 'cpu'}_time_total", row_limit=25))
+    key = 'self_device_time_total' if gpu else 'self_cpu_time_total'
+    write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
 
 # -----------------------------------------------------------------------------
 # One model size, then the report
@@ -234,7 +235,8 @@ def main():
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)   # profiles are written into it as they are made
-    dtypes = dict.fromkeys([None, amp_dtype('auto', device)])   # fp32 (autocast off) and --amp auto's, if another
+    auto = amp_dtype('auto', device)
+    dtypes = [None, auto] if auto else [None]   # fp32 (autocast off) and --amp auto's
     peak = {PRECISION[dt]: gemm_peak(dt, cfg.gemm_size, device) for dt in dtypes} if cfg.timing else {}
     rows = []
     for size in cfg.models:

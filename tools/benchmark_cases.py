@@ -62,8 +62,8 @@ class Parts:
         self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
         sizes = 'img_size patch_size num_classes depth embed_dim num_heads'.split()
         self.arch = model_arch(size, global_pool=True, **{k: getattr(cfg, k) or None for k in sizes})   # 0: its own
-        self.copied, self.distilled = (list(range(max(1, round(frac * self.arch['depth']))))   # the first frac
-                                       for frac in (cfg.copy_frac, cfg.distill_frac))            # of the layers
+        first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
+        self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
         self.batches, self.optimizers = {}, {}
 
     def model(self, **kw):
@@ -80,7 +80,7 @@ class Parts:
 
     @cached_property
     def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
-        return cast_matmul_weights(self.frozen(), self.dtype or torch.float32)   # fp32: as built
+        return cast_matmul_weights(self.frozen(), self.dtype) if self.dtype else self.frozen()
 
     @cached_property
     def student(self):
