@@ -90,3 +90,44 @@ def test_the_readme_and_reference_quote_it():
             f"{img['distill', 'sdpa'] / img['train', 'sdpa']:.2f}x a plain step, in "
             f"{measured['distill', 'sdpa']['peak_mb'] / measured['train', 'sdpa']['peak_mb']:.2f}x its peak memory; copy "
             f"at {img['copy', 'sdpa'] / img['train', 'sdpa']:.2f}x") in reference
+
+
+H100 = os.path.join(ROOT, 'results', 'benchmark-h100', 'sdpa')
+
+
+def test_the_h100_page_is_its_benchmarks_and_logs():
+    page = ' '.join(open(os.path.join(H100, 'README.md')).read().split())
+    result = json.load(open(os.path.join(H100, 'benchmark-224.json')))
+    measured, peak = {(r['method'], r['path']): r for r in result['rows']}, result['gemm_peak']['bf16']
+    assert f'({peak / 1e12:.0f} TFLOP/s)' in page
+    for step, method in STEPS.items():
+        eager, sdpa = measured[method, 'eager'], measured[method, 'sdpa']
+        mfu = sdpa['flops'] / sdpa['step_s']
+        assert (f"| {step} | {eager['img_s']:.0f} | {sdpa['img_s']:.0f} | {sdpa['img_s'] / eager['img_s']:.2f}x | "
+                f"{100 * mfu / peak:.1f}% ({100 * mfu / 989e12:.1f}%) | {eager['peak_mb']:,.0f} | {sdpa['peak_mb']:,.0f} |"
+                in page), step
+        assert sdpa['img_s'] > eager['img_s']
+    img = {m: measured[m, 'sdpa']['img_s'] for m in STEPS.values()}
+    mem = measured['distill', 'sdpa']['peak_mb'], measured['train', 'sdpa']['peak_mb']
+    assert f"distillation {img['distill'] / img['train']:.2f}x a plain step ({img['distill']:.0f} / {img['train']:.0f})" in page
+    assert f"copy {img['copy'] / img['train']:.2f}x a plain step ({img['copy']:.0f} / {img['train']:.0f})" in page
+    assert f"peak memory {mem[0] / mem[1]:.2f}x a plain step's ({mem[0]:,.0f} / {mem[1]:,.0f} MiB)" in page
+    big = {(r['method'], r['path']): r for r in json.load(open(os.path.join(H100, 'benchmark-448.json')))['rows']}
+    d, t = big['distill', 'sdpa'], big['train', 'sdpa']
+    assert (f"{d['img_s']:.0f} img/s on `sdpa` against {big['distill', 'eager']['img_s']:.0f} on `eager` "
+            f"({d['img_s'] / big['distill', 'eager']['img_s']:.2f}x), in {d['peak_mb']:,.0f} MiB against "
+            f"{big['distill', 'eager']['peak_mb']:,.0f} ({d['peak_mb'] / big['distill', 'eager']['peak_mb']:.2f}x)") in page
+    assert f"{d['img_s'] / t['img_s']:.2f}x a plain step there, in {d['peak_mb'] / t['peak_mb']:.2f}x its memory" in page
+    logs = {name: open(os.path.join(H100, 'logs', name)).read() for name in os.listdir(os.path.join(H100, 'logs'))}
+    checks = re.findall(r'start-up check: (\w+) on sdpa \((\w+) kernel, cuda:0, torch.bfloat16, q (\([\d, ]+\))\) against '
+                        r'the definition \(eager, fp32\): ([\d.e-]+); eager in torch.bfloat16: ([\d.e-]+); tolerance '
+                        r'([\d.]+); checked in ([\d.]+) s: sdpa holds', ''.join(logs.values()))
+    assert len(checks) == 6 and page.count('| distillation | (') + page.count('| copy | (') == 6
+    for what, kernel, shape, *numbers in checks:
+        assert kernel == 'cudnn' and float(numbers[0]) <= float(numbers[2])
+        assert f"| {what} | {shape} | {' | '.join(numbers)} |" in page, (what, shape)
+    auto, eager = (dict(re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', logs[f'distill-B-{i}.log']))
+                   for i in ('auto', 'eager'))
+    assert auto.keys() == eager.keys() and len(auto) == 14
+    worst = max(abs(float(auto[s]) - float(eager[s])) for s in auto)
+    assert f'differ by at most {worst:.4f} nats ({float(auto["1"]):.2f} at step 1, {float(auto["300"]):.2f} at step 300)' in page

@@ -120,9 +120,9 @@ def amp_dtype(amp, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
-# auto: per device, the one measured faster (CPUs); on CUDA sdpa, untimed there, checked at every run's start
-AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured faster than eager on an H200 '
-                             '(results/benchmark-h200)'),
+# auto: per device, the one measured faster there; sdpa is also checked against the definition at every run's start
+AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured faster than eager on an H100 and an '
+                             'H200 (results/benchmark-h100/sdpa, results/benchmark-h200)'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
 
