@@ -52,18 +52,18 @@ def build_transform(cfg, train, shift='none'):
     t = []
     if cfg.data in ('imagenet', 'folder'):
         if train:
-            t += [v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0), antialias=True,
+            t += [v2.RandomResizedCrop(size, scale=(cfg.min_scale, 1.0),
                                        interpolation=v2.InterpolationMode.BICUBIC)]
         else:   # the standard 0.875 centre crop
-            t += [v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            t += [v2.Resize(int(size / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
                   v2.CenterCrop(size)]
     else:
         if size != native:
-            t += [v2.Resize(size, antialias=True)]
+            t += [v2.Resize(size)]
         if train and cfg.crop_pad > 0:
             t += [v2.RandomCrop(size, padding=cfg.crop_pad, padding_mode='reflect')]
-    if train:
-        t += [v2.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
+    if train and cfg.hflip > 0:
+        t += [v2.RandomHorizontalFlip(cfg.hflip)]
     if train and cfg.randaug:   # timm's RandAugment, and its fill
         from util.augment import randaugment
         t += [randaugment(cfg.randaug, fill=tuple(min(255, round(255 * m)) for m in mean))]

@@ -28,7 +28,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
-        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
+        self.patch_size, self.grid = patch_size, img_size // patch_size
         self.num_patches = self.grid ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -76,7 +76,7 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
         assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads = num_heads
         self.no_qk, self.implementation = no_qk, 'sdpa'
         if no_qk:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -94,7 +94,8 @@ class Attention(nn.Module):
         kept = {n: own[n] for n in keep if n in own}
         if 'logits' in keep or (attn is not None and heads is not None):   # its own map, written out
             logits = scores(own['q'], own['k'])                            # (B, H, N, N)
-            kept.update({'logits': logits} if 'logits' in keep else {})
+            if 'logits' in keep:
+                kept['logits'] = logits
             if attn is not None or (q is None and k is None):              # the map it wrote is used
                 attn = _put(logits.softmax(-1, dtype=own['v'].dtype), attn, heads)
         q, k, v = (_put(own[n], t, heads) for n, t in (('q', q), ('k', k), ('v', v)))   # given, for some or all heads
@@ -221,14 +222,16 @@ class VisionTransformer(nn.Module):
     def forward(self, x, inject=None, keep=None):
         """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
         tokens, kept = self.forward_tokens(x, inject, keep)
-        return (self.forward_head(tokens), kept) if keep else self.forward_head(tokens)
+        logits = self.forward_head(tokens)
+        return (logits, kept) if keep else logits
 
     def internals(self, x, layers, names=('q', 'k')):
         """{layer: {name: tensor}} of the given layers, running no block after the last (of it, only its norm and
         projections). names: among 'q', 'k', 'v' (B, H, N, d) and 'logits' (B, H, N, N)."""
         *before, last = sorted(layers)
         x, out = self.forward_tokens(x, keep={i: names for i in before}, depth=last)
-        q, k, v = self.blocks[last].attn.project(self.blocks[last].norm1(x))
+        block = self.blocks[last]
+        q, k, v = block.attn.project(block.norm1(x))
         own = {'q': q, 'k': k, 'v': v, 'logits': scores(q, k) if 'logits' in names else None}
         out[last] = {n: own[n] for n in names}
         return out
@@ -248,16 +251,13 @@ def set_attn_implementation(model, implementation):
     return model
 
 
-def _init_weights(m):
+def _init_weights(m):   # MAE's; a LayerNorm keeps PyTorch's own weight 1, bias 0, which MAE sets as well
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
     elif isinstance(m, nn.Conv2d):   # as a linear layer on the flattened patch (MAE)
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-    if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and m.bias is not None:
+    if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
         nn.init.zeros_(m.bias)
-
 
 # -----------------------------------------------------------------------------
 # Sizes (timm's names; patch 16 unless said otherwise)
@@ -276,7 +276,7 @@ def model_arch(name, **overrides):
     if name not in SIZES:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(SIZES)}")
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
-    return {**defaults, 'patch_size': 16, **SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return {**defaults, **SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def create_model(name, **overrides):   # create_model('vit_base', img_size=32, patch_size=4, num_classes=10)
