@@ -72,11 +72,12 @@ def copied(teacher, x, layers, heads, transfer, average='none'):
     average: 'batch' | 'queries' hands every image the batch's mean map, or every query its image's mean row
     (--average-maps: the paper's test of whether a map's worth is in its image and its query)."""
     if transfer == 'attn' and (teacher.blocks[0].attn.implementation == 'eager' or average != 'none'):
-        out = {i: {'attn': t['logits'].softmax(-1, dtype=t['logits'].dtype)}                # (B, H, N, N)
-               for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items()}
-        if average != 'none':
-            out = {i: {'attn': m['attn'].mean(0 if average == 'batch' else 2, keepdim=True).expand_as(m['attn'])}
-                   for i, m in out.items()}
+        out = {}
+        for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
+            attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)                         # (B, H, N, N)
+            if average != 'none':
+                attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
+            out[i] = {'attn': attn}
     else:
         out = teacher_outputs(teacher, x, layers, NAMES[transfer])
     if heads is not None:
@@ -126,8 +127,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     if other:
         raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own teacher '
                               f'(--new-teacher true if another one is meant)')
-    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], transfer=rec['transfer'],
-                         teacher_num_heads=rec.get('teacher_num_heads', 0))
+    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
@@ -184,7 +184,7 @@ def main():
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
                  f'from {cfg.teacher}')
         plan.log(transfer.description)
-        plan.log(describe_map(layers, transfer.teacher['num_heads'], student.num_heads))
+        plan.log(describe_map(transfer))
 
         run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})

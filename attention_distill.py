@@ -72,8 +72,8 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     def loss_fn(net, x, y):
         targets = teacher_outputs(teacher, x, pairs, names)                   # {student layer: {name: tensor}}
         if cfg.average_maps != 'none':   # the maps' mean p, as logits log(p): their softmax gives p back (eager)
-            targets = {i: {'logits': t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()}
-                       for i, t in targets.items()}                           # (B, H, N, N), fp32
+            for t in targets.values():                                        # (B, H, N, N), fp32
+                t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
         logits, kept = net(x, keep={i: names for i in pairs})                 # the student's own, kept
         attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation) for i in pairs)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
@@ -89,16 +89,18 @@ def first_layer_loss(plan, teacher, student, x):
     with torch.no_grad(), autocast(plan):
         given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]                        # (B, H, N, d) each
         own = student.forward_tokens(x, keep={s: ('q', 'k')}, depth=s + 1)[1][s]
-    q0, k0 = own['q'].float(), own['k'].float()
-    rows, c = q0.numel() // q0.shape[-1], q0.shape[-1] ** -0.5                            # B * H * N rows averaged
-    units = (math.log(q0.shape[-2]), c * k0.abs().max().item() / rows, c * q0.abs().max().item() / rows)
+    q0, k0 = own['q'], own['k']                          # no fp32 copy: their max |.| is exact in any dtype
+    tokens, d = q0.shape[-2:]
+    rows, c = q0.numel() // d, d ** -0.5                                                  # B * H * N rows averaged
+    units = (math.log(tokens), c * k0.abs().max().item() / rows, c * q0.abs().max().item() / rows)
 
     def compute(implementation, dtype):
         q, k = (own[n].to(dtype).requires_grad_() for n in ('q', 'k'))
-        target = {n: given[n].to(dtype) for n in ('q', 'k')}
+        q_t, k_t = (given[n].to(dtype) for n in ('q', 'k'))
         with torch.autocast(plan.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)}, {**target, 'logits': scores(target['q'],
-                              target['k'])}, 'attn', plan.method.heads, implementation)
+            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)},
+                              {'q': q_t, 'k': k_t, 'logits': scores(q_t, k_t)},
+                              'attn', plan.method.heads, implementation)
         return [t / unit for t, unit in zip((loss, *torch.autograd.grad(loss, (q, k))), units)]
     return compute, (given['q'], given['k'], own['k'])
 
@@ -225,7 +227,7 @@ def main():
         plan.log(f'attention distillation: {cfg.transfer} of layers {sorted(transfer.layers.values())} '
                  f'(heads {transfer.heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
         plan.log(transfer.description)
-        plan.log(describe_map(transfer.layers, transfer.teacher['num_heads'], student.num_heads))
+        plan.log(describe_map(transfer))
 
         run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
                   {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})

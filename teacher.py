@@ -38,7 +38,7 @@ def teacher_outputs(teacher, x, layers, names):
     """{student layer: {name: tensor}}: its q and k (B, H, N, d) for copy and map-free distillation (the map is made
     where it is used), 'logits' (B, H, N, N) for eager distillation, or q, k or v. layers: {student: teacher}, list."""
     pairs = layer_pairs(layers)
-    out = teacher.internals(x, list(pairs.values()), names)
+    out = teacher.internals(x, pairs.values(), names)
     # each its own tensor: views of the layer's qkv output would keep all of it (v too) alive for the backward pass
     return {s: {n: v.contiguous() for n, v in out[t].items()} for s, t in pairs.items()}
 
@@ -62,8 +62,7 @@ def to_student_heads(logits, num_heads):
     log returned: softmax gives the mean back). The mean of g maps is a map that routes the values as the g heads
     do on average, and the cross-entropy is linear in its target: distilled toward the mean, a student head is
     distilled toward each of its g heads, averaged. A mean of logits would be a sharper map no teacher head makes."""
-    heads = logits.shape[1]
-    if heads == num_heads:
+    if logits.shape[1] == num_heads:
         return logits
     p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
     p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
@@ -84,8 +83,8 @@ def parse_index(spec, n, what):
     for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
         if hi < lo:
             raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
-    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}
-    if not out or min(out) < 0 or max(out) >= n:
+    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}   # '-' splits a range: none negative
+    if max(out) >= n:
         raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
     return sorted(out)
 
@@ -133,9 +132,10 @@ def layer_pairs(layers):
     return dict(layers) if isinstance(layers, dict) else {i: i for i in layers}
 
 
-def describe_map(layers, teacher_heads, student_heads):
+def describe_map(transfer):
     """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
-    pairs, g = ' '.join(f'{s}:{t}' for s, t in layer_pairs(layers).items()), teacher_heads // student_heads
+    teacher_heads, student_heads = transfer.teacher['num_heads'], transfer.student['num_heads']
+    pairs, g = ' '.join(f'{s}:{t}' for s, t in transfer.layers.items()), teacher_heads // student_heads
     return f'layer map (student:teacher) {pairs}; ' + ('heads one to one' if g == 1 else f"the teacher's "
            f'{teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- teacher heads '
            f'{g}j..{g}j+{g - 1})')
@@ -196,8 +196,8 @@ def misfit(cfg, s, t, layers):
                 f"divide {t['num_heads']} (--model, --num-heads: {fits})")
     if s['num_heads'] != t['num_heads'] and cfg.heads != 'all':
         return f"--heads {cfg.heads} picks heads only when the student has the teacher's head count: --heads all"
-    if max(layer_pairs(layers)) >= s['depth']:
-        return f"it has no layer {max(layer_pairs(layers))} (--depth, --layer-map)"
+    if max(layers) >= s['depth']:   # its deepest layer
+        return f"it has no layer {max(layers)} (--depth, --layer-map)"
     return None
 
 # -----------------------------------------------------------------------------
