@@ -172,9 +172,10 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
         raise ConfigError(f"the models take different image sizes: {', '.join(f'{s} {v}' for s, v in sizes.items())}")
-    if img_size and img_size != archs[0]['img_size']:
-        raise ConfigError(f"--img-size {img_size}: the models take {archs[0]['img_size']}")
-    return list(models), list(records), archs[0]['img_size']
+    size = archs[0]['img_size']
+    if img_size and img_size != size:
+        raise ConfigError(f'--img-size {img_size}: the models take {size}')
+    return list(models), list(records), size
 
 
 def with_data(cfg, records, presets=PRESETS):
@@ -241,20 +242,21 @@ def is_result(path):
 
 def check_out(cfg):
     """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless --overwrite, or unwritable."""
-    reads = os.path.realpath(cfg.out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
-    for bad, why in ((os.path.isdir(cfg.out), 'is a directory: name a file'),
+    out = cfg.out
+    reads = os.path.realpath(out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
+    for bad, why in ((os.path.isdir(out), 'is a directory: name a file'),
                      (reads, 'is a file this command reads (--models, --teacher): name another file'),
-                     (os.path.exists(cfg.out) and not (cfg.overwrite or is_result(cfg.out)), 'exists and is not an '
+                     (os.path.exists(out) and not (cfg.overwrite or is_result(out)), 'exists and is not an '
                       'earlier result of ensemble.py: choose another file, or pass --overwrite true')):
         if bad:
-            raise ConfigError(f'--out {cfg.out} {why}')
-    if not os.path.exists(cfg.out):
+            raise ConfigError(f'--out {out} {why}')
+    if not os.path.exists(out):
         try:   # made and removed: a path that cannot be written fails now, not after the evaluation
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-            open(cfg.out, 'x').close()
-            os.remove(cfg.out)
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            open(out, 'x').close()
+            os.remove(out)
         except OSError as e:
-            raise ConfigError(f'--out {cfg.out}: cannot write there ({e.strerror})') from None
+            raise ConfigError(f'--out {out}: cannot write there ({e.strerror})') from None
 
 
 def main():

@@ -256,7 +256,7 @@ def save_reconstructions(model, imgs, cfg):
 def export_encoder(run_dir, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
     it was made (command, commit, held-out MSE). util.checkpoints.build_from_checkpoint(path) loads it."""
-    ckpt = read_checkpoint(os.path.join(run_dir, 'checkpoint.pt'))
+    ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],
             'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
