@@ -83,7 +83,7 @@ def parse_index(spec, n, what):
     for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
         if hi < lo:
             raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
-    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}   # '-' splits a range: none negative
+    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}   # none negative: lo holds no '-', hi >= lo
     if max(out) >= n:
         raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
     return sorted(out)
