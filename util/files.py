@@ -133,11 +133,12 @@ def read_jsonl(path, fix):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            records.append(None)
-        if not isinstance(records[-1], dict):
+            record = None
+        if not isinstance(record, dict):
             raise DamagedFile(f'{path}: line {n} is not a JSON record (cut short?): {fix}')
+        records.append(record)
     return records
 
 
@@ -167,10 +168,10 @@ def cannot_write(path, e):
     """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk, or a
     path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    if getattr(e, 'errno', None) in (errno.EISDIR, errno.ENOTDIR):
+    if e.errno in (errno.EISDIR, errno.ENOTDIR):
         kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
         return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
-    if getattr(e, 'errno', None) in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
         return WriteError(f'cannot write {path} ({why}): make {os.path.dirname(os.path.abspath(path))} writable '
                           f'(or choose another path)')
     return WriteError(f'cannot write {path} ({why}): free some space')

@@ -43,9 +43,10 @@ def open_resumed(cfg, run_dir, world):
         raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
                           f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
     after = diverged_from(run_dir, ck)   # a run that diverged: its kept checkpoint may go on with a lower lr
-    conflicts = cfg.resume_conflicts(ck, world, free=AFTER_DIVERGENCE if after else ())
+    free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
+    conflicts = cfg.resume_conflicts(ck, world, free=free)
     if conflicts:
-        may = ', '.join(map(flag, cfg.RESUMABLE + (AFTER_DIVERGENCE if after else ())))
+        may = ', '.join(map(flag, cfg.RESUMABLE + free))
         raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
                           f"the saved ones (only {may} may change) or start a new run in another --out-dir")
     higher = [f'{flag(k)} {show(ck["config"][k])} -> {show(getattr(cfg, k))}' for k in ('blr', 'min_lr', 'min_lr_ratio')
@@ -66,8 +67,10 @@ def made_by(ck):
     """The script that saved a checkpoint: recorded, or for one saved before it was, told by what it holds."""
     if isinstance(ck.get('script'), str) and ck['script']:
         return ck['script']
-    if 'teacher' in ck or 'distilled_from' in ck:
-        return 'attention_copy.py' if 'teacher' in ck else 'attention_distill.py'
+    if 'teacher' in ck:
+        return 'attention_copy.py'
+    if 'distilled_from' in ck:
+        return 'attention_distill.py'
     return 'mae_pretrain.py' if any(k.startswith('decoder_') for k in ck['model']) else 'finetune.py'
 
 

@@ -77,14 +77,14 @@ def check_sdpa(plan, what, compute, inputs):
     4 roundings) of it. Otherwise --attn-implementation auto goes on with eager, and sdpa stops here in one line.
     inputs: the (q, k, v) of its fused call, named in the log with the kernel torch picks for them.
     Returns (implementation, record)."""
-    cfg, dtype, start = plan.cfg, plan.dtype or torch.float32, time.time()
+    dtype, start = plan.dtype or torch.float32, time.time()
     backend, shape = sdpa_backend(*(t.to(dtype) for t in inputs)), tuple(inputs[0].shape)
     with torch.random.fork_rng(devices=[plan.device] if plan.device.type == 'cuda' else []):   # the run's RNG untouched
         definition = compute('eager', torch.float32)
         eager = distance(compute('eager', dtype), definition)
         try:
             fused, why = distance(compute('sdpa', dtype), definition), ''
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:   # no kernel, or not for this shape
+        except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
             fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
     tolerance = max(2 * eager if math.isfinite(eager) else 0, SDPA_FLOOR, 4 * torch.finfo(dtype).eps)   # nan: fp16 maps
     record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
@@ -96,7 +96,7 @@ def check_sdpa(plan, what, compute, inputs):
     if fused <= tolerance:
         plan.log(f'start-up check: {said}: sdpa holds')
         return 'sdpa', {**record, 'implementation': 'sdpa'}
-    if cfg.attn_implementation == 'sdpa':
+    if plan.cfg.attn_implementation == 'sdpa':
         raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation '
                           f'eager')
     plan.log(f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
@@ -142,7 +142,7 @@ class Run:
         last = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.trained_s, **self.metrics}
         plan.run_dir.begin({**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world,
                             **({'saved': plan.resumed['config']} if plan.resumed else {})},
-                           self.step if plan.resumed else None, last if self.step % self.steps_per_epoch == 0 and
+                           self.saved_step, last if self.step % self.steps_per_epoch == 0 and
                            set(self.metrics) - {'train'} else None)   # an epoch's end: evaluated there
         plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
                  f'{final_lr(cfg, self.lr):.3g} at the end | '
@@ -166,7 +166,7 @@ class Run:
         (step, metrics, seconds trained so far)."""
         plan, path = self.plan, self.plan.run_dir.checkpoint
         ck = read_checkpoint(path)
-        problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or self.model.arch, free=()))
+        problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
         if not problem:
             try:
                 for obj, key in ((self.model, 'model'), (self.opt, 'optimizer'), (self.scaler, 'scaler'),
@@ -192,8 +192,9 @@ class Run:
         model.train()
         record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.seconds(),
                   **self.metrics}
-        for k in [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]:   # kept if finite
-            self.diverged(record[k], f'evaluation {k}')
+        for k, v in record.items():   # kept if finite
+            if isinstance(v, float) and not math.isfinite(v):
+                self.diverged(v, f'evaluation {k}')
         self.plan.log('eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
         self.record = record   # into metrics.jsonl once its checkpoint is written (save)
 
@@ -209,7 +210,7 @@ class Run:
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
         states = rng_states(self.plan.world)
         self.plan.run_dir.save({
-            'model': model, 'arch': getattr(self.model, 'arch', None),
+            'model': model, 'arch': self.model.arch,
             'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
             'step': self.step, 'optimizer': opt, 'scaler': self.scaler.state_dict(),
             'ema': ema, 'metrics': self.metrics, 'rng': states,
@@ -229,16 +230,16 @@ class Run:
         command moved away from its preset that can make a run diverge are named, and the advice drops them."""
         cfg, kept, plan = self.cfg, self.saved_step, self.plan
         plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
-        moved = {flag(k): getattr(cfg, k) for k in DIVERGES if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
-        cause = f" (moved from the preset: {', '.join(f'{k} {v:g}' for k, v in moved.items())})" if moved else ''
+        moved = {k: getattr(cfg, k) for k in DIVERGES if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
+        cause = f" (moved from the preset: {', '.join(f'{flag(k)} {v:g}' for k, v in moved.items())})" if moved else ''
         lower = f'--blr {cfg.blr / 2:g}'
         other = ' (or with --clip-grad 1' + (', or --amp bf16)' if plan.dtype == torch.float16 else ')')
-        kept_ones = [k for k in moved if k[2:].replace('-', '_') not in AFTER_DIVERGENCE]   # a resume keeps these
+        kept_ones = [flag(k) for k in moved if k not in AFTER_DIVERGENCE]   # a resume keeps these
         if kept_ones:
             how = f'start a new run in another --out-dir without {", ".join(kept_ones)} (a resume keeps them)'
         elif kept is not None:
             how = (f'the last finite checkpoint (step {kept}) is kept in {plan.run_dir.checkpoint}: continue from it '
-                   f'with a lower learning rate: {resume_command("--blr", *moved)} {lower}{other}')
+                   f'with a lower learning rate: {resume_command("--blr", *map(flag, moved))} {lower}{other}')
         else:
             how = f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
         raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})'

@@ -48,7 +48,7 @@ class RunDir:
         return os.path.join(self.path, name)
 
     @classmethod
-    def claim(cls, cfg, main=True):
+    def claim(cls, cfg, main):
         """Refuse a directory that cannot be written, one that holds another program's files, one that another process
         is writing (main: take the lock, held until release), a run this one may not write over, and a run that
         would replace its own inputs."""
@@ -185,13 +185,12 @@ class RunDir:
         Then log.txt gets the lines held so far."""
         if not self.main:
             return
-        path = self.file('config.json')
         launch = {'git_commit': git_commit(), 'world_size': record['world_size'], 'torch': torch.__version__,
                   'argv': sys.argv}
         if resumed_step is not None:
-            old, saved = self.config_record(), record.pop('saved')
-            old = old or {**saved, 'rebuilt': f'config.json was missing or unreadable at step {resumed_step}: '
-                                              f'rebuilt from the checkpoint'}
+            saved = record.pop('saved')
+            old = self.config_record() or {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
+                                                               f'{resumed_step}: rebuilt from the checkpoint'}
             diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
             saved = {**old, **saved}   # the checkpoint's config is what ran: config.json may be edited
             changed = {k: [saved.get(k), v] for k, v in record.items()
@@ -205,8 +204,8 @@ class RunDir:
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
                 with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
                     os.remove(self.file(name))
-        write_json(path, record)
-        lines = ''.join(line + '\n' for line in self.pending)
+        write_json(self.file('config.json'), record)
+        lines = ''.join(f'{line}\n' for line in self.pending)
         (append_text if resumed_step is not None else write_text)(self.file('log.txt'), lines)
         self.pending, self.begun = [], True
 
@@ -238,13 +237,13 @@ class RunDir:
         if last and all(step_of(line) != step for line in kept):
             kept.append(json.dumps(last))
         if kept != lines:
-            write_text(path, ''.join(line + '\n' for line in kept))
+            write_text(path, ''.join(f'{line}\n' for line in kept))
 
     def add_metrics(self, record):
         """One line of metrics.jsonl, the whole file written anew (it has one line per evaluation)."""
         if self.main:
             path = self.file('metrics.jsonl')
-            write_text(path, ''.join(line + '\n' for line in read_lines(path)) + json.dumps(record) + '\n')
+            write_text(path, ''.join(f'{line}\n' for line in read_lines(path)) + json.dumps(record) + '\n')
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint."""
@@ -278,9 +277,10 @@ def foreign(out_dir):
         if {'out_dir', 'argv'} <= read_json(os.path.join(out_dir, 'config.json'), '').keys():
             return []
     except DamagedFile:   # missing, unreadable, or no JSON object
-        if 'config.json' not in names and os.path.exists(os.path.join(out_dir, 'checkpoint.pt')):
+        checkpoint = os.path.join(out_dir, 'checkpoint.pt')
+        if 'config.json' not in names and os.path.exists(checkpoint):
             try:
-                ck = read_checkpoint(os.path.join(out_dir, 'checkpoint.pt'))
+                ck = read_checkpoint(checkpoint)
                 return [] if all(isinstance(ck.get(k), kind) for k, kind in SAVED.items()) else names
             except (CheckpointError, AttributeError):
                 pass
