@@ -4,11 +4,10 @@ with option(default, help, rule): its value, the sentence `--help` shows, and it
 applied before your flags. Out of range is refused in one line (each field's rule, then checks(): rules across
 fields) before anything is made. Saved in every run directory and checkpoint; RESUMABLE: what a resume may change.
 """
-import dataclasses
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from vit import IMPLEMENTATIONS, SIZES
 
@@ -22,16 +21,15 @@ DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')   
 def option(default=None, help='', rule=None, factory=None):
     """A config field: its default (or factory, for a list), the sentence --help shows, and its rule, a pair
     (holds(value) -> bool, what is allowed) that check() applies before anything is built."""
-    return dataclasses.field(**({'default_factory': factory} if factory else {'default': default}),
-                             metadata={'help': help, 'rule': rule})
+    return field(**({'default_factory': factory} if factory else {'default': default}),
+                 metadata={'help': help, 'rule': rule})
 
 
-def at_least(n, note='', most=None):
+def at_least(n, note='', most=math.inf):
     """The rule n <= value (<= most): 'must be at least 1', 'must be 0 (off) or more, at most 256' (note: what the
     lower bound means). Sizes, counts, workers and timeouts have a most: what a machine can hold or wait for."""
-    note, top = f' ({note})' if note else '', f', at most {most:,}' if most is not None else ''
-    return ((lambda v: n <= v <= (most if most is not None else v)),
-            (f'must be 0{note} or more' if n == 0 else f'must be at least {n}{note}') + top)
+    note, top = f' ({note})' if note else '', f', at most {most:,}' if most < math.inf else ''
+    return (lambda v: n <= v <= most), (f'must be 0{note} or more' if n == 0 else f'must be at least {n}{note}') + top
 
 
 # the most a machine can hold or wait for: pixels or channels, blocks or heads, images a batch, loader workers,
@@ -153,7 +151,7 @@ class TrainConfig:
                                                                  f'would never reach its peak'),
             ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
              f'must be a multiple of --patch-size {self.patch_size}'),
-            ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or heads < 1 or dim % heads == 0,
+            ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or dim % heads == 0,
              f'the width {dim} must be a multiple of the number of heads {heads} (--embed-dim, --num-heads)'),
             decay_floor(self, depth),
             ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
@@ -164,7 +162,7 @@ class TrainConfig:
             ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
              f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
              f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
-            *too_big(self, dim, depth, self.patch_size, (size.get('mlp_ratio', 4.0))),
+            *too_big(self, dim, depth, self.patch_size, size.get('mlp_ratio', 4.0)),
         ]
 
     def resume_conflicts(self, ckpt, world, free=()):
@@ -193,7 +191,7 @@ class DataError(RuntimeError):
 
 def decay_floor(cfg, depth):
     """The checks() row refusing a layer decay that gives the embedding an lr scale of 0 in floating point."""
-    return ('layer_decay_offset', cfg.layer_decay ** (depth + min(max(cfg.layer_decay_offset, 0), 2 ** 20)) > 0,
+    return ('layer_decay_offset', cfg.layer_decay ** (depth + cfg.layer_decay_offset) > 0,
             f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} blocks + '
             f'{cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)')
 
@@ -273,18 +271,18 @@ def memory_needed(dim, depth, img_size, patch_size, batch_size, mlp_ratio=4.0, t
     weights, the position embeddings), 4 bytes each, 16 when training (gradients and AdamW's two moments too), and
     one batch of tokens (B x N x D numbers) per block when training, once without (the blocks' inputs kept for the
     backward pass). Attention maps, which some paths never build, are not counted."""
-    tokens = (img_size // max(patch_size, 1)) ** 2 + 1
+    tokens = (img_size // patch_size) ** 2 + 1
     params = depth * (4 + 2 * mlp_ratio) * dim ** 2 + tokens * dim + 3 * patch_size ** 2 * dim
     return (16 if training else 4) * params + 4 * batch_size * tokens * dim * (depth if training else 1)
 
 
-def too_big(cfg, dim, depth, patch_size, mlp_ratio=4.0, training=True, what='a ViT'):
+def too_big(cfg, dim, depth, patch_size, mlp_ratio, training=True, what='a ViT'):
     """[] if a ViT of these sizes fits this machine's memory (memory_needed), else one checks() row naming the flag
     furthest above a usual value (ViT-L/16 at 224 px, batch 256) and every size that went into the estimate."""
-    if not (dim and depth and patch_size and cfg.img_size > 0):
+    if not (dim and depth and patch_size):
         return []       # a size not known yet (a transfer student's is its teacher's): checked once it is
-    need, have = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training), \
-        machine_memory()
+    need = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training)
+    have = machine_memory()
     if need <= have:
         return []
     usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24, 'embed_dim': dim / 1024,

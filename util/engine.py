@@ -62,7 +62,9 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
         run.opt.zero_grad(set_to_none=True)
         if run.ema is not None:
             run.ema.update_parameters(run.model)
-        run.step, run.steps_done, run.since_log = run.step + 1, run.steps_done + 1, run.since_log + 1
+        run.step += 1
+        run.steps_done += 1
+        run.since_log += 1
         # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed, within seconds
         if run.step % cfg.log_every == 0 or run.step == run.total_steps or run.steps_done in (1, 10):
             log_progress(run)

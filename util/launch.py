@@ -40,7 +40,7 @@ from vit import SIZES
 class Plan(NamedTuple):
     """What a run is, settled before anything is built: its config (and the values its preset gives, the user's
     flags aside), this process (rank of world) and its device, the autocast dtype (None: fp32), the attention
-    implementation and why, the run directory (claimed), the checkpoint a resume continues (checked, without its
+    implementation (why: logged), the run directory (claimed), the checkpoint a resume continues (checked, without its
     tensors), and what the config's own resolve step settled (a transfer run: teacher.Transfer)."""
     cfg: Any
     preset: dict
@@ -49,7 +49,6 @@ class Plan(NamedTuple):
     device: torch.device
     dtype: Any
     attn: str
-    attn_why: str
     run_dir: Any
     resumed: Any = None
     method: Any = None
@@ -74,7 +73,7 @@ def resolve(cls, presets, argv=None):
         resumed = open_resumed(cfg, run_dir, world) if cfg.resume else None
     seed_all(cfg.seed, rank, 0)
     preset = dataclasses.asdict(cls(**presets.get(cfg.data, {})))
-    plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, why, run_dir, resumed, method)
+    plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir, resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
     return plan
@@ -139,10 +138,10 @@ def attn_implementation(choice, device, written_out=''):
 def what_runs(plan):
     """The run in one line: the script, data set, model size, budget and run directory."""
     cfg = plan.cfg
-    size = {**SIZES.get(cfg.model, {}), **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads')
-                                           if getattr(cfg, k) is not None}}
-    shape = ', '.join(f'{size[k]} {w}' for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
-                      if k in size)
+    size = SIZES.get(cfg.model, {})     # a flag's value, else the size's own (none for a teacher-shaped student)
+    shape = ', '.join(f'{getattr(cfg, k) or size[k]} {w}'
+                      for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
+                      if getattr(cfg, k) or k in size)
     model = (f"a student of the teacher's shape{', ' + shape if shape else ''}" if cfg.model == 'teacher' else
              f'model {cfg.model} ({shape})') + f', {cfg.img_size} px images' + \
         (f' in {cfg.patch_size} px patches' if cfg.patch_size else '')
@@ -250,15 +249,16 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     preset = presets.get(data, {})
     for k in preset:
         assert k in defaults, f'preset key {k} is not a config field'
-    if given.pop('help', False):   # before check(): the help of a line that would be refused is still shown
+    asked_help = given.pop('help', False)
+    values = {**defaults, **preset, **given}
+    if asked_help:   # before check(): the help of a line that would be refused is still shown
         notes = {k: md['help'] for k, md in declared(cls).items() if md.get('help')}
         label = preset_label.format(data)
         source = {k: 'your flag' if k in given else label if k in preset else 'default' for k in defaults}
-        values = {**defaults, **preset, **given}
         helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k] if k in notes else ''}" for k, v in values.items()}
         say(parser(cls, presets, helps).format_help())   # `| head` may close the pipe: no traceback
         sys.exit(0)
-    cfg = cls(**{**defaults, **preset, **given})
+    cfg = cls(**values)
     return check(cfg) if checked else cfg
 
 
@@ -266,7 +266,7 @@ def parser(cls, presets, helps=None):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
     line in --help} ('%' escaped: argparse formats help strings)."""
     hints, helps = typing.get_type_hints(cls), helps or {}
-    doc = ' '.join((sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0].split())
+    doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # its lines joined by _Help
     epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: `--data X --help` shows the " \
              f"values under X's." if presets else None
     p = _Parser(allow_abbrev=False, add_help=False, description=doc, usage='%(prog)s [--flag value ...]',
