@@ -33,6 +33,8 @@ def signed(scale):
     return lambda m, s: s * m / 10 * scale
 
 
+ENHANCE = ('Color', 'Contrast', 'Brightness', 'Sharpness')   # PIL's ImageEnhance ops: a factor
+
 # name: (level, sign) -> argument. The level is the magnitude on timm's 0-10 scale; sign is +-1, drawn
 # per application: the signed ops turn either way. The ops without an argument are not listed.
 LEVELS = {
@@ -46,9 +48,8 @@ LEVELS = {
     'Solarize': lambda m, s: min(256, int(m / 10 * 256)),                         # threshold 0..256
     'SolarizeIncreasing': lambda m, s: 256 - min(256, int(m / 10 * 256)),         # 256..0
     'SolarizeAdd': lambda m, s: min(128, int(m / 10 * 110)),                      # added below 128
-    **{op: lambda m, s: m / 10 * 1.8 + 0.1 for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
-    **{op + 'Increasing': lambda m, s: max(0.1, 1.0 + s * m / 10 * 0.9)        # 1 = unchanged
-       for op in ('Color', 'Contrast', 'Brightness', 'Sharpness')},
+    **{op: lambda m, s: m / 10 * 1.8 + 0.1 for op in ENHANCE},
+    **{op + 'Increasing': lambda m, s: max(0.1, 1.0 + s * m / 10 * 0.9) for op in ENHANCE},   # 1 = unchanged
 }
 
 

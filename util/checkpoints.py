@@ -30,10 +30,8 @@ PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
     **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')   # _ft: fine-tuned on IN-1k
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'torchvision_{n}': (w.DEFAULT.url, h, 'torchvision') for n, w, h in (
-        ('vit_b_16', tvm.ViT_B_16_Weights, 12), ('vit_b_32', tvm.ViT_B_32_Weights, 12),
-        ('vit_l_16', tvm.ViT_L_16_Weights, 16), ('vit_l_32', tvm.ViT_L_32_Weights, 16),
-        ('vit_h_14', tvm.ViT_H_14_Weights, 16))},
+    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, h, 'torchvision')
+       for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16), ('vit_h_14', 16))},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
 
@@ -62,7 +60,7 @@ def read_checkpoint(source):
 
 
 def state_dict_of(ckpt):
-    """The ViT state dict inside a checkpoint, converted to timm/MAE names."""
+    """The ViT state dict inside a checkpoint, converted to timm/MAE names, in a new dict (the file's is kept)."""
     return _converted(ckpt)[0]
 
 
@@ -71,7 +69,7 @@ def _converted(ckpt):
     if recorded(ckpt) and isinstance(ckpt.get('model'), dict):   # ours
         sd, components = ckpt['model'], {}
     else:
-        sd, _ = unwrap(ckpt)
+        sd = unwrap(ckpt)
         if sd is None:
             raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
         sd, components = convert(sd)
@@ -86,12 +84,13 @@ def recorded(ckpt):
     return ckpt['arch'] if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
 
 
-def arch_of(ckpt, source='', num_heads=0, flag='--num-heads'):
+def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
-    if recorded(ckpt):   # MoCo v3 stores a name there
-        heads_of(ckpt, source, ckpt['arch'].get('embed_dim'), num_heads, flag)   # a stated count must agree
-        return dict(ckpt['arch'])
+    saved = recorded(ckpt)   # None where MoCo v3 stores a name
+    if saved:
+        heads_of(ckpt, source, saved.get('embed_dim'), num_heads, flag)   # a stated count must agree
+        return dict(saved)
     sd, components = _converted(ckpt)
     dim = sd['pos_embed'].shape[-1]
     patch = sd['patch_embed.proj.weight'].shape[-1]
@@ -119,9 +118,9 @@ def heads_of(ckpt, source, dim, num_heads, flag):
         rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
         count = (dim // rule if dim % rule == 0 else None) if isinstance(rule, int) else rule.get(dim)
         known = (count, f"{FAMILIES[fam][0]}'s at width {dim}") if count else None
-    if known and num_heads and num_heads != known[0]:
-        raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads ({known[1]})")
     if known:
+        if num_heads and num_heads != known[0]:
+            raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads ({known[1]})")
         return known
     if num_heads:
         if dim % num_heads:
@@ -140,7 +139,7 @@ def family_key(source, ckpt):
         return PRETRAINED[source][2]
     official = next((f for url, _, f in PRETRAINED.values()
                      if os.path.basename(urllib.parse.urlparse(url).path) == os.path.basename(str(source))), None)
-    return family_of(unwrap(ckpt)[0] or {}) or official
+    return family_of(unwrap(ckpt) or {}) or official
 
 
 FREE_ARCH = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')   # what loading adapts or ignores
@@ -160,8 +159,9 @@ def check_arch(model, ckpt, source, num_heads, flag):
         raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in layers "
                               f"{saved['no_qk_layers']} and runs only with its teacher "
                               f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
-    diff = arch_mismatch(model.arch, saved or {})
-    if not saved:   # its other fields show in its tensors' names and shapes (load_weights checks them), not heads
+    if saved:
+        diff = arch_mismatch(model.arch, saved)
+    else:   # its other fields show in its tensors' names and shapes (load_weights checks them), not heads
         heads, how = heads_of(ckpt, source, state_dict_of(ckpt)['pos_embed'].shape[-1], num_heads, flag)
         diff = [f'{heads} attention heads ({how}; here {model.num_heads})'] * (heads != model.num_heads)
     if diff:
@@ -187,7 +187,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     check_arch(model, ckpt, source, num_heads, flag)
-    sd = dict(state_dict_of(ckpt))
+    sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word
@@ -200,7 +200,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     if broken:
         raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or inf): it is no "
                               f"usable model (a run that diverged?): take an earlier checkpoint of it")
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
+    if 'pos_embed' in sd:   # to another grid as the family's own code does (the same grid: left as it is)
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
@@ -220,7 +220,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     return model
 
 
-def check_weights(source, ckpt, arch, num_heads=0, flag='--num-heads', **given):
+def check_weights(source, ckpt, arch, num_heads, flag, **given):
     """Every refusal load_weights makes, on a ViT of `arch` with the keywords `given` (vit_of) that holds no memory
     (built on the meta device): how the resolve phase looks at a file of weights before anything is built. Loading
     into it copies nothing. Returns all the VisionTransformer keywords of that ViT."""

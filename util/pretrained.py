@@ -66,7 +66,7 @@ TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in a
     'dino_vitb16': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
                     12, 'dino'),
     'mocov3_vitb16': ('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
-    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, 'dinov2' + tag)
+    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, f'dinov2{tag}')
        for s, h in (('s', 6), ('b', 12), ('l', 16)) for tag, reg in (('', ''), ('_reg', '_reg4'))},
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
                     '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12, 'clip'),
@@ -75,30 +75,30 @@ TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in a
 
 # family -> its models' heads, from each family's model code: a number is the width of every head (OpenAI CLIP's
 # build_model: vision_heads = vision_width // 64; DeiT's, DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict
-# the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's ViT-H:
-# 16 heads of 80)
+# the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's are the
+# ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
+VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
 HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64, 'mocov3': {384: 12, 768: 12},
-         'mae': {768: 12, 1024: 16, 1280: 16}, 'torchvision': {768: 12, 1024: 16, 1280: 16}}
+         'mae': VIT_PAPER_HEADS, 'torchvision': VIT_PAPER_HEADS}
 
 
 def unwrap(ckpt):
-    """(the state dict a checkpoint holds, the key prefixes removed), or (None, []) if it holds none: its 'model'
-    (this project, MAE, DeiT) or 'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights (DINO's and
-    iBOT's: the ones their evaluation loads), else the dict itself. Then, in turn, where keys start with a wrapper's
-    prefix, those keys without it: `module.` (DistributedDataParallel), `teacher.`, else `student.` (both models in
-    one dict: the teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys)."""
+    """The state dict a checkpoint holds, or None if it holds none: its 'model' (this project, MAE, DeiT) or
+    'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights (DINO's and iBOT's: the ones their
+    evaluation loads), else the dict itself. Then, in turn, where keys start with a wrapper's prefix, those keys
+    without it: `module.` (DistributedDataParallel), `teacher.`, else `student.` (both models in one dict: the
+    teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys)."""
     if not isinstance(ckpt, dict):
-        return None, []
+        return None
     sd = ckpt.get('model', ckpt.get('state_dict', ckpt))
     if sd is ckpt and is_state_dict(ckpt.get('teacher')):
         sd = ckpt['teacher']
     if not is_state_dict(sd):
-        return None, []
-    removed = []
+        return None
     for prefix in ('module.', 'teacher.', 'student.', 'backbone.'):
         if any(k.startswith(prefix) for k in sd):
-            sd, removed = under(sd, prefix), removed + [prefix]
-    return sd, removed
+            sd = under(sd, prefix)
+    return sd
 
 
 def under(sd, prefix):
