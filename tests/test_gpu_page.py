@@ -118,6 +118,11 @@ def test_the_h100_page_is_its_benchmarks_and_logs():
             f"({d['img_s'] / big['distill', 'eager']['img_s']:.2f}x), in {d['peak_mb']:,.0f} MiB against "
             f"{big['distill', 'eager']['peak_mb']:,.0f} ({d['peak_mb'] / big['distill', 'eager']['peak_mb']:.2f}x)") in page
     assert f"{d['img_s'] / t['img_s']:.2f}x a plain step there, in {d['peak_mb'] / t['peak_mb']:.2f}x its memory" in page
+    fill = {p: json.load(open(os.path.join(H100, f'benchmark-448-fill-{p}.json'))) for p in ('sdpa', 'eager')}
+    b = {p: r['batches']['vit_large'] for p, r in fill.items()}
+    assert all(r['config']['fill'] == 0.85 and r['config']['img_size'] == 448 for r in fill.values())
+    assert f"`sdpa` distillation fits batch {b['sdpa']} at 448 px, `eager` {b['eager']}, {b['sdpa'] / b['eager']:.1f}x" in page
+    assert 'one timed step each: {:.0f} and {:.0f} img/s'.format(*(fill[p]['rows'][0]['img_s'] for p in fill)) in page
     logs = {name: open(os.path.join(H100, 'logs', name)).read() for name in os.listdir(os.path.join(H100, 'logs'))}
     checks = re.findall(r'start-up check: (\w+) on sdpa \((\w+) kernel, cuda:0, torch.bfloat16, q (\([\d, ]+\))\) against '
                         r'the definition \(eager, fp32\): ([\d.e-]+); eager in torch.bfloat16: ([\d.e-]+); tolerance '
