@@ -14,7 +14,7 @@ from matplotlib.colors import same_color, to_hex
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from tools import features_report, palette, reproduce_report, tutorial  # noqa: E402
+from tools import palette, reproduce_report, tutorial  # noqa: E402
 
 # a colour for each key that no figure could reach by chance
 ODD = {k: f'#{17 * (i + 1):02x}{(40 + 23 * i) % 256:02x}{(200 - 19 * i) % 256:02x}'
@@ -76,21 +76,6 @@ def test_results_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
     for m in reproduce_report.STAGES[:4]:
         assert curves[reproduce_report.LABELS[m]] == {odd_palette[m]}, m
     assert says_where_its_axes_start(fig)
-
-
-def test_features_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
-    with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.json')) as f:
-        r = json.load(f)['result']
-    fig = features_report.plot(r, tmp_path / 'features.png')
-    cka = legend_colours(fig.axes[0])                              # CKA to the teacher: one line per method
-    assert cka and all(cka[m] == {odd_palette[m]} for m in cka), cka
-    kl = legend_colours(fig.axes[2])
-    assert kl and all(kl[m] == {odd_palette[m]} for m in kl), kl
-    for ax in fig.axes[3:]:                                        # attention distance: one model a panel
-        method = features_report.methods(r)
-        key = next(k for k, models in method.items() if ax.get_title().split(' ')[0] in models)
-        points = set().union(*(colours_of(c) for c in ax.collections))
-        assert points == {odd_palette[key]}, (ax.get_title(), points)
 
 
 def fake_run(folder, top1):

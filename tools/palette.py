@@ -1,6 +1,6 @@
 """One colour per method, for every figure: the notebook's (tools/tutorial.py), results.png
-(tools/reproduce_report.py), features.png (tools/features_report.py). A method keeps its colour from one figure
-to the next; tests/test_palette.py checks that each figure draws with these."""
+(tools/reproduce_report.py), variants.png (tools/variants.py). A method keeps its colour from one figure to the next;
+tests/test_palette.py checks that the notebook's figures and results.png draw with these."""
 
 PALETTE = {
     'teacher': 'tab:brown',
