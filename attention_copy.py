@@ -2,13 +2,14 @@
 Attention copy (Li et al. 2024, sec. 3.1): the student never computes its own attention.
 
 In every transferred layer the frozen teacher's softmax attention map routes the student's values,
-    out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d),   A_teacher = softmax(q_t k_t^T / sqrt(d))
+    out = A_teacher @ V_student        (B, H, N, N) @ (B, H, N, d),
+    A_teacher = softmax(q_t k_t^T / sqrt(d))
 and the student learns everything else: patch embedding, values, projections, MLPs, norms, head.
 Its copied layers have no query/key projections at all. The teacher is needed at inference too.
-What the teacher hands over follows --attn-implementation. With eager (what auto runs on a CPU) the teacher hands
-over its map, as its layers wrote it out (vit.attend). With sdpa (what auto runs on CUDA) it hands over its q_t and
-k_t, and the copied layer is one fused call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores
-an (N, N) map.
+What the teacher hands over follows --attn-implementation. With eager (what auto runs on a
+CPU) the teacher hands over its map, as its layers wrote it out (vit.attend). With sdpa
+(what auto runs on CUDA) it hands over its q_t and k_t, and the copied layer is one fused
+call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an (N, N) map.
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -29,10 +30,10 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data, sample_images
-from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     inspect_teacher, student_presets, teacher_outputs)
-from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint, teacher_mismatch,
-                              teacher_record, vit_of)
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
+                     describe_map, inspect_teacher, student_presets, teacher_outputs)
+from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint,
+                              teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
@@ -49,39 +50,44 @@ class CopyConfig(TransferConfig):
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
-           # all but the last of the 6 layers, as the release's runs left ViT-L's last 3 of 24: chosen on the
-           # validation split (results/fashion-mnist/VALIDATION.md)
+           # all but the last of the 6 layers, as the release's runs left ViT-L's last 3
+           # of 24: chosen on the validation split (results/fashion-mnist/VALIDATION.md)
            'fashion-mnist': {**student_presets(SMALL_PRESETS)['fashion-mnist'], 'layers': '0-4'},
-           # the release's copy command (global batch 2048 = 64 GPUs x 32): its absolute min_lr 2e-3 is a quarter
-           # of its peak 8e-3, kept a quarter at any batch; warm-up its default 5 epochs, layer decay counted as
-           # its dual model does (offset 0). All 24 layers, as the paper copies; the release's runs copied
-           # 0-20: --layers 0-20 (RECIPES.md)
-           'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='all', global_pool=True, epochs=100,
-                            warmup_epochs=5, batch_size=32, blr=1e-3, min_lr_ratio=0.25, layer_decay=0.75,
-                            layer_decay_offset=0, beta2=0.999, weight_decay=0.05, drop_path=0.0, ema=0.9999,
-                            randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
-                            num_workers=10, log_every=100)}
+           # the release's copy command (global batch 2048 = 64 GPUs x 32): its absolute min_lr
+           # 2e-3 is a quarter of its peak 8e-3, kept a quarter at any batch; warm-up its default
+           # 5 epochs, layer decay counted as its dual model does (offset 0). All 24 layers, as
+           # the paper copies; the release's runs copied 0-20: --layers 0-20 (RECIPES.md)
+           'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='all', global_pool=True,
+                            epochs=100, warmup_epochs=5, batch_size=32, blr=1e-3, min_lr_ratio=0.25,
+                            layer_decay=0.75, layer_decay_offset=0, beta2=0.999, weight_decay=0.05,
+                            drop_path=0.0, ema=0.9999, randaug='rand-m9-mstd0.5-inc1', reprob=0.25,
+                            mixup=0.8, cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
 
 
 def copied(teacher, x, layers, heads, transfer, average='none'):
-    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map is made in the student's
-    layer, by one fused call), or {layer: {'attn': the map}} when the teacher runs eager (its layers write their maps
-    out anyway: handed over as they were made, not made twice), or its q, k or v; with the listed heads only.
-    layers: {student layer: teacher layer} (or a list: the same layers). A student with fewer heads than the teacher
-    is given all of them: each of its heads is routed by the mean map of its group of teacher heads (vit.attend).
-    average: 'batch' | 'queries' hands every image the batch's mean map, or every query its image's mean row
-    (--average-maps: the paper's test of whether a map's worth is in its image and its query)."""
-    if transfer == 'attn' and (teacher.blocks[0].attn.implementation == 'eager' or average != 'none'):
+    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map
+    is made in the student's layer, by one fused call), or {layer: {'attn': the map}}
+    when the teacher runs eager (its layers write their maps out anyway: handed over as
+    they were made, not made twice), or its q, k or v; with the listed heads only.
+    layers: {student layer: teacher layer} (or a list: the same layers). A student with
+    fewer heads than the teacher is given all of them: each of its heads is routed by
+    the mean map of its group of teacher heads (vit.attend).
+    average: 'batch' | 'queries' hands every image the batch's mean map, or every query
+    its image's mean row (--average-maps: the paper's test of whether a map's worth is
+    in its image and its query)."""
+    if transfer == 'attn' and (teacher.blocks[0].attn.implementation == 'eager'
+                               or average != 'none'):
         out = {}
         for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
-            attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)                         # (B, H, N, N)
+            attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)   # (B, H, N, N)
             if average != 'none':
                 attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
             out[i] = {'attn': attn}
     else:
         out = teacher_outputs(teacher, x, layers, NAMES[transfer])
     if heads is not None:
-        return {i: {**{n: t[:, heads] for n, t in given.items()}, 'heads': heads} for i, given in out.items()}
+        return {i: {**{n: t[:, heads] for n, t in given.items()}, 'heads': heads}
+                for i, given in out.items()}
     return out
 
 
@@ -94,62 +100,69 @@ class CopyModel(nn.Module):
         self.layers, self.heads, self.transfer, self.average = layers, heads, transfer, average
 
     def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads, self.transfer, self.average))
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
+                                             self.transfer, self.average))
 
 
-COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str, 'heads': (list, type(None))}   # what it needs
+COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str,
+               'heads': (list, type(None))}   # what it needs
 
 
 def load_copy_model(path, teacher_source=None, new_teacher=False):
-    """Rebuild a trained copy student and the teacher it needs from its checkpoint, run once on a blank image: a record
-    malformed, or that does not fit the two models, is a CheckpointError now, not part-way through a test set. The
-    teacher is the recorded file, or teacher_source (moved) with the same SHA-256: another teacher would silently
+    """Rebuild a trained copy student and the teacher it needs from its checkpoint, run
+    once on a blank image: a record malformed, or that does not fit the two models, is a
+    CheckpointError now, not part-way through a test set. The teacher is the recorded
+    file, or teacher_source (moved) with the same SHA-256: another teacher would silently
     give other predictions, so it is refused unless new_teacher=True says it is meant."""
     ckpt, fix = read_checkpoint(path), 'the file is damaged: train the copy student again (attention_copy.py)'
     rec = ckpt.get('teacher')
     bad = ['teacher (a dict)'] if not isinstance(rec, dict) else [
-        f'teacher.{k}' for k, kind in COPY_RECORD.items() if k not in rec or not isinstance(rec[k], kind)] + \
+        f'teacher.{k}' for k, kind in COPY_RECORD.items()
+        if k not in rec or not isinstance(rec[k], kind)] + \
         ['teacher.layers'] * (not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)))
     bad += ['arch'] * (not isinstance(ckpt.get('arch'), dict))
     if bad:
-        raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} (missing or of "
-                              f"another kind): {fix}")
+        raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} "
+                              f"(missing or of another kind): {fix}")
     if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
         raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', unknown here")
     source = teacher_source or rec['source']
     if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
         given = f'the teacher given for it, {source}, is not a file' if teacher_source else \
             f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
-        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: {given}; point at the '
-                              f'teacher file where it is now (ensemble.py --teacher NEW.pt, or '
-                              f'load_copy_model(path, teacher_source=NEW.pt)): its sha256 is checked')
+        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: {given}; '
+                              f'point at the teacher file where it is now (ensemble.py --teacher NEW.pt, '
+                              f'or load_copy_model(path, teacher_source=NEW.pt)): its sha256 is checked')
     other = None if new_teacher else teacher_mismatch(source, rec)
     if other:
-        raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own teacher '
-                              f'(--new-teacher true if another one is meant)')
-    cfg = TransferConfig(teacher=source, img_size=rec['img_size'], teacher_num_heads=rec.get('teacher_num_heads', 0))
+        raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
+                              f'teacher (--new-teacher true if another one is meant)')
+    cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
+                         teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
-    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'], rec.get('average_maps', 'none')).eval()
+    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],
+                      rec.get('average_maps', 'none')).eval()
     try:
         with torch.no_grad():   # the recorded layers, heads and transfer fit both models
             model(torch.zeros(1, 3, student.arch['img_size'], student.arch['img_size']))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or its teacher '
-                              f'({type(e).__name__}: {e}): {fix}') from None
+        raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or '
+                              f'its teacher ({type(e).__name__}: {e}): {fix}') from None
     return model
 
 
 def first_layer_output(plan, teacher, student, x):
-    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the attention output of the first
-    copied layer (relative to its largest entry), made of what the run makes of images x: the teacher's q and / or k,
-    the student's own v."""
+    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the
+    attention output of the first copied layer (relative to its largest entry), made of
+    what the run makes of images x: the teacher's q and / or k, the student's own v."""
     s, t = next(iter(plan.method.layers.items()))
     heads = plan.method.heads
     with torch.no_grad(), autocast(plan):
         given = copied(teacher, x, {s: t}, heads, plan.cfg.transfer)[s]
-        own = student.forward_tokens(x, inject={s: given}, keep={s: ('q', 'k', 'v')}, depth=s + 1)[1][s]
+        own = student.forward_tokens(x, inject={s: given}, keep={s: ('q', 'k', 'v')},
+                                     depth=s + 1)[1][s]
     pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
     q, k, v = (given[n] if n in given else pick(own[n]) for n in ('q', 'k', 'v'))
 
@@ -162,7 +175,8 @@ def first_layer_output(plan, teacher, student, x):
 
 
 def copy_loss(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy, given the teacher's."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy,
+    given the teacher's."""
     def loss_fn(net, x, y):
         given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
@@ -181,8 +195,8 @@ def main():
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         plan, checked = check_fused_copy(plan, teacher, student, data)   # sdpa: against the definition, first
-        plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} (heads {heads or "all"}) '
-                 f'from {cfg.teacher}')
+        plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
+                 f'(heads {heads or "all"}) from {cfg.teacher}')
         plan.log(transfer.description)
         plan.log(describe_map(transfer))
 
@@ -192,16 +206,18 @@ def main():
 
         while run.step < run.total_steps:
             if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
-                run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer, cfg.average_maps),
-                                            eval_loader, plan))
+                run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer,
+                                                          cfg.average_maps),
+                                                eval_loader, plan))
                 run.save()
-        plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} top-5 {run.metrics['top5']:.2f} | "
-                 f'{cfg.out_dir}')
+        plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} "
+                 f"top-5 {run.metrics['top5']:.2f} | {cfg.out_dir}")
 
 
 def check_fused_copy(plan, teacher, student, data):
-    """(plan, record): on sdpa, the first copied layer's fused call against the definition (check_sdpa); a plan on
-    eager where auto falls back. --transfer v hands over no q or k: its attention is the student's own."""
+    """(plan, record): on sdpa, the first copied layer's fused call against the
+    definition (check_sdpa); a plan on eager where auto falls back. --transfer v hands
+    over no q or k: its attention is the student's own."""
     if plan.attn != 'sdpa' or plan.cfg.transfer == 'v':
         return plan, None
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)

@@ -6,8 +6,9 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     H(p, q) = -(p * log q).sum(-1), averaged over batch, heads and query tokens (class token included),
     with t_l, s_l the pre-softmax attention logits of layer l (B, H, N, N), and w = 3.
     The Q / K / V variants use the mean squared error between teacher's and student's q, k or v.
-    --average-maps batch | queries: the target is the teacher's map averaged over a batch's images or an image's
-    queries (the paper's test of whether a map's worth is in its image and its query).
+    --average-maps batch | queries: the target is the teacher's map averaged over a
+    batch's images or an image's queries (the paper's test of whether a map's worth is
+    in its image and its query).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -18,7 +19,8 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 
 `--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled
 (the setting the authors intended; their release never passed it on and used 21), 200 epochs.
-The saved checkpoint is a plain ViT: `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
+The saved checkpoint is a plain ViT:
+`util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 import math
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from data import batch_mixer, build_data, sample_images
-from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map, layer_pairs,
-                     student_presets, teacher_outputs, to_student_heads)
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
+                     layer_pairs, student_presets, teacher_outputs, to_student_heads)
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -49,21 +51,24 @@ def attention_cross_entropy(teacher_logits, student_logits):
 
 
 def layer_loss(own, target, transfer, heads=None, implementation='eager'):
-    """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their
-    logits; sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v.
-    A student with fewer heads than the teacher learns each group's mean map (teacher.to_student_heads)."""
+    """Attention loss of one layer: the cross-entropy of the teacher's map and the
+    student's (eager: from their logits; sdpa: from their q and k, never a map:
+    map_free_cross_entropy), or the MSE of q / k / v. A student with fewer heads than
+    the teacher learns each group's mean map (teacher.to_student_heads)."""
     pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])       # the transferred heads
     if transfer != 'attn':
         return F.mse_loss(pick(own[transfer]).float(), pick(target[transfer]).float())
     if implementation == 'sdpa':                                             # (B, H, N, d) each
-        return map_free_cross_entropy(pick(target['q']), pick(target['k']), pick(own['q']), pick(own['k']))
+        return map_free_cross_entropy(pick(target['q']), pick(target['k']),
+                                      pick(own['q']), pick(own['k']))
     teacher = to_student_heads(target['logits'], own['logits'].shape[1])    # (B, H, N, N)
     return FusedAttentionCrossEntropy.apply(pick(teacher), pick(own['logits']))
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
-    """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of every
-    distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits
+    (eager) or q and k (sdpa) of every distilled layer, then the student's own (kept),
+    then CE + weight x the sum of the layers' losses."""
     pairs = layer_pairs(layers)
     implementation = 'eager' if cfg.average_maps != 'none' else implementation   # an averaged map: written out
     names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
@@ -75,23 +80,25 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
             for t in targets.values():                                        # (B, H, N, N), fp32
                 t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
         logits, kept = net(x, keep={i: names for i in pairs})                 # the student's own, kept
-        attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation) for i in pairs)
+        attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation)
+                   for i in pairs)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
 
 
 def first_layer_loss(plan, teacher, student, x):
-    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the first distilled layer's loss
-    (in units of log N, the most it can be) and its gradients with respect to the student's q and k (in units of the
-    largest an attention product can make them: c max |k| and c max |q| a row), from the q and k the run makes of x."""
+    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the
+    first distilled layer's loss (in units of log N, the most it can be) and its gradients
+    with respect to the student's q and k (in units of the largest an attention product
+    can make them: c max |k| and c max |q| a row), from the q and k the run makes of x."""
     s, t = next(iter(plan.method.layers.items()))
     with torch.no_grad(), autocast(plan):
-        given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]                        # (B, H, N, d) each
+        given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]   # (B, H, N, d) each
         own = student.forward_tokens(x, keep={s: ('q', 'k')}, depth=s + 1)[1][s]
-    q0, k0 = own['q'], own['k']                          # no fp32 copy: their max |.| is exact in any dtype
+    q0, k0 = own['q'], own['k']   # no fp32 copy: their max |.| is exact in any dtype
     tokens, d = q0.shape[-2:]
-    rows, c = q0.numel() // d, d ** -0.5                                                  # B * H * N rows averaged
+    rows, c = q0.numel() // d, d ** -0.5   # B * H * N rows averaged
     units = (math.log(tokens), c * k0.abs().max().item() / rows, c * q0.abs().max().item() / rows)
 
     def compute(implementation, dtype):
@@ -101,7 +108,8 @@ def first_layer_loss(plan, teacher, student, x):
             loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)},
                               {'q': q_t, 'k': k_t, 'logits': scores(q_t, k_t)},
                               'attn', plan.method.heads, implementation)
-        return [t / unit for t, unit in zip((loss, *torch.autograd.grad(loss, (q, k))), units)]
+        return [t / unit
+                for t, unit in zip((loss, *torch.autograd.grad(loss, (q, k))), units)]
     return compute, (given['q'], given['k'], own['k'])
 
 
@@ -111,12 +119,14 @@ CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on 
 class FusedAttentionCrossEntropy(torch.autograd.Function):
     """attention_cross_entropy(t, s) with its gradient made in the forward pass: what eager runs.
 
-    d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the forward keeps just
-    softmax(s) - softmax(t), one (B, H, N, N) tensor in the student's dtype, where autograd would keep two
-    fp32 ones (softmax(t) and log_softmax(s)) and redo the arithmetic in the backward pass.
-    On a CPU the rows go a few hundred at a time, so that their fp32 softmaxes stay in cache: the
-    loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a map entry. On CPUs with bf16,
-    eager with this loss measured faster than sdpa at every size benchmarked (results/benchmark).
+    d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the
+    forward keeps just softmax(s) - softmax(t), one (B, H, N, N) tensor in the student's
+    dtype, where autograd would keep two fp32 ones (softmax(t) and log_softmax(s)) and
+    redo the arithmetic in the backward pass.
+    On a CPU the rows go a few hundred at a time, so that their fp32 softmaxes stay in
+    cache: the loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a
+    map entry. On CPUs with bf16, eager with this loss measured faster than sdpa at
+    every size benchmarked (results/benchmark).
     """
 
     @staticmethod
@@ -138,8 +148,8 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         diff, = ctx.saved_tensors
-        # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale. No .item(): on CUDA it
-        # would wait for the GPU, and torch.compile could not trace it.
+        # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale. No
+        # .item(): on CUDA it would wait for the GPU, and torch.compile could not trace it.
         scale = grad_loss / ctx.count
         if diff.is_cuda:     # a CUDA kernel would round the fp32 scale to diff's dtype first
             return None, (diff.float() * scale).to(diff.dtype)
@@ -152,20 +162,22 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
 def map_free_cross_entropy(q_t, k_t, q, k):
     """attention_cross_entropy(scores(q_t, k_t), scores(q, k)), without writing either map.
 
-    One row i of one head: the student's logits are s_ij = c q_i . k_j (c = 1 / sqrt(d)), its map S = softmax(s),
-    the teacher's map is P, and K stacks the student's keys k_j as rows. Because P's rows sum to 1,
+    One row i of one head: the student's logits are s_ij = c q_i . k_j
+    (c = 1 / sqrt(d)), its map S = softmax(s), the teacher's map is P, and K stacks the
+    student's keys k_j as rows. Because P's rows sum to 1,
         CE_i = -sum_j P_ij log S_ij = -sum_j P_ij (s_ij - lse_i)            lse_i = log sum_j exp s_ij
              = lse_i - c q_i . sum_j P_ij k_j = lse_i - c q_i . (P K)_i
     and P K is attention with the student's keys as values: attend(q_t, k_t, K), never a map.
     Its gradient: d CE_i / d s_ij = S_ij - P_ij, so
         d/dq_i = c ((S K) - (P K))_i,      d/dk_j = c sum_i (S_ij - P_ij) q_i,
-    which is what autograd gives for c q_i . ((S K) - (P K))_i with S and P held fixed, K differentiated as the
-    values of the two attention calls. So the loss is computed as
+    which is what autograd gives for c q_i . ((S K) - (P K))_i with S and P held fixed, K
+    differentiated as the values of the two attention calls. So the loss is computed as
         lse_i + c q_i . ((S K) - (P K))_i - [c q_i . (S K)_i]          [.]: a constant (its value, no gradient)
-    whose value is CE_i and whose gradient is the one above. S K and lse_i come from one fused call
-    (attention_with_lse); a fused attention backward turns each call's gradient into its values' gradient.
-    A teacher with g times the student's heads gives each student head the mean map of its group: attend averages
-    P_g K over the group, and the loss is linear in P.
+    whose value is CE_i and whose gradient is the one above. S K and lse_i come from one
+    fused call (attention_with_lse); a fused attention backward turns each call's
+    gradient into its values' gradient.
+    A teacher with g times the student's heads gives each student head the mean map of
+    its group: attend averages P_g K over the group, and the loss is linear in P.
     """
     c, wide = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)    # sums in fp32 at least
     own, lse = attention_with_lse(q.detach(), k.detach(), k)                   # (B, H, N, d): S K; (B, H, N)
@@ -176,16 +188,18 @@ def map_free_cross_entropy(q_t, k_t, q, k):
 
 
 def attention_with_lse(q, k, v):
-    """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N) in fp32: the
-    normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not
-    return it, so it is asked of torch's kernel for the device through its (private) aten entry point, one line per
-    device; the output is differentiable, as F.scaled_dot_product_attention's. Elsewhere: written out. A torch
-    whose entry point is missing or refuses the shapes fails the start-up check (teacher.check_sdpa), not a step."""
+    """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)),
+    (B, H, N) in fp32: the normaliser every fused attention kernel keeps for its own
+    backward. F.scaled_dot_product_attention does not return it, so it is asked of
+    torch's kernel for the device through its (private) aten entry point, one line per
+    device; the output is differentiable, as F.scaled_dot_product_attention's. Elsewhere:
+    written out. A torch whose entry point is missing or refuses the shapes fails the
+    start-up check (teacher.check_sdpa), not a step."""
     if q.device.type == 'cpu':
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
     if q.device.type == 'cuda':
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        return out, lse[..., :q.shape[-2]]                 # the kernel pads its rows to a multiple of 32
+        return out, lse[..., :q.shape[-2]]   # the kernel pads its rows to a multiple of 32
     return F.scaled_dot_product_attention(q, k, v), torch.logsumexp(scores(q, k).float(), -1)
 
 
@@ -202,15 +216,18 @@ class DistillConfig(TransferConfig):
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
-           # all but the last of the 6 layers, as the paper leaves ViT-L's last 6 of 24: chosen on held-out
-           # training images, where distilling all 6 closed less of the gap (results/fashion-mnist/VALIDATION.md#layers)
+           # all but the last of the 6 layers, as the paper leaves ViT-L's last 6 of 24:
+           # chosen on held-out training images, where distilling all 6 closed less of
+           # the gap (results/fashion-mnist/VALIDATION.md#layers)
            'fashion-mnist': {**student_presets(SMALL_PRESETS)['fashion-mnist'], 'layers': '0-4'},
-           # the release's distillation command (global batch 2048 = 64 GPUs x 32), with the layers its README
-           # asks for and the paper used: 0-17; the release's runs distilled 0-20: --layers 0-20 (RECIPES.md)
-           'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='0-17', global_pool=True, epochs=200,
-                            warmup_epochs=20, batch_size=32, blr=1e-4, layer_decay=1.0, layer_decay_offset=0,
-                            beta2=0.95, weight_decay=0.3, drop_path=0.2, ema=0.9999, randaug='rand-m9-mstd0.5-inc1',
-                            reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
+           # the release's distillation command (global batch 2048 = 64 GPUs x 32), with the
+           # layers its README asks for and the paper used: 0-17; the release's runs
+           # distilled 0-20: --layers 0-20 (RECIPES.md)
+           'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='0-17', global_pool=True,
+                            epochs=200, warmup_epochs=20, batch_size=32, blr=1e-4, layer_decay=1.0,
+                            layer_decay_offset=0, beta2=0.95, weight_decay=0.3, drop_path=0.2,
+                            ema=0.9999, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
+                            cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
 
 
 
@@ -240,12 +257,13 @@ def main():
                 run.save()
         m = run.metrics
         plan.log(f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
-                 + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
+                 + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '')
+                 + f' | {cfg.out_dir}')
 
 
 def check_map_free(plan, teacher, student, data):
-    """(plan, record): on sdpa, the first distilled layer's map-free loss against the definition (check_sdpa); a
-    plan on eager where auto falls back."""
+    """(plan, record): on sdpa, the first distilled layer's map-free loss against the
+    definition (check_sdpa); a plan on eager where auto falls back."""
     if plan.attn != 'sdpa' or plan.cfg.transfer != 'attn':
         return plan, None
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)

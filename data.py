@@ -1,10 +1,13 @@
 """
-What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix), the train / eval
-splits, and their loaders. How each data set's files are found and read: util/datafiles.py; how a loader makes
-each image's augmentation the same after a resume: util/loader.py.
+What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
+the train / eval splits, and their loaders. How each data set's files are found and
+read: util/datafiles.py; how a loader makes each image's augmentation the same after a
+resume: util/loader.py.
 
-    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says where else, and how)
-    --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG and val/...
+    --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
+                                                 where else, and how)
+    --data imagenet | folder                     ImageFolder: <data-dir>/train/<class>/*.JPEG
+                                                 and val/...
     --data fake                                  torchvision FakeData: random images, for smoke runs
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
@@ -32,19 +35,20 @@ INFO = {   # name -> (native image size, classes, (mean, std))
     'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
 }
 
-# Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly: translate), -R,
-# -Sketch and -A in miniature. Each acts on the image in [0, 1], before its normalisation; pixels that come from
-# outside the image are black, as Fashion-MNIST's background.
+# Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly:
+# translate), -R, -Sketch and -A in miniature. Each acts on the image in [0, 1], before its
+# normalisation; pixels that come from outside the image are black, as Fashion-MNIST's background.
 SHIFTS = {'none': [],
-          'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0, shear=[0.0])],  # 2 px
+          'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0,
+                                shear=[0.0])],  # 2 px
           'invert': [v2.RandomInvert(p=1.0)],                            # 1 - x: dark clothes on white
           'rotate': [partial(v2.functional.rotate, angle=20.0)],        # 20 degrees anticlockwise
           'blur': [v2.GaussianBlur(5, sigma=1.0)],
           'noise': [v2.GaussianNoise(sigma=0.2)]}                        # seeded by the image's index; clipped
 
 # -----------------------------------------------------------------------------
-# Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage, as in
-# timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
+# Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage,
+# as in timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
 
 def build_transform(cfg, train, shift='none'):
     native, _, (mean, std) = INFO[cfg.data]
@@ -67,7 +71,8 @@ def build_transform(cfg, train, shift='none'):
     if train and cfg.randaug:   # timm's RandAugment, and its fill
         from util.augment import randaugment
         t += [randaugment(cfg.randaug, fill=tuple(min(255, round(255 * m)) for m in mean))]
-    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *SHIFTS[shift], v2.Normalize(mean, std)]
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *SHIFTS[shift],
+          v2.Normalize(mean, std)]
     if train and cfg.reprob > 0:
         from util.augment import random_erasing
         t += [random_erasing(cfg.reprob)]
@@ -77,8 +82,8 @@ def build_transform(cfg, train, shift='none'):
 def batch_mixer(cfg, num_classes):
     """MixUp / CutMix on a whole batch (one is picked per batch), or None when both are off.
     Returns soft targets (B, num_classes); label smoothing is applied in the loss."""
-    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
-              if a > 0]
+    mixers = [m(alpha=a, num_classes=num_classes)
+              for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
     return v2.RandomChoice(mixers) if mixers else None
 
 
@@ -97,8 +102,8 @@ def build_data(plan):
     cfg = plan.cfg
     data = build_splits(cfg)
     plan.log(f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
-             f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} classes, "
-             f'{data_source(data.train)}')
+             f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} "
+             f'classes, {data_source(data.train)}')
     if cfg.val_size:
         plan.log(f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
     return (data, build_loader(cfg, data.train, True, plan.rank, plan.world),
@@ -106,12 +111,13 @@ def build_data(plan):
 
 
 def build_splits(cfg):
-    """Splits(train, eval, num_classes, classes): the eval set is the test split, or with --val-size n, n training
-    images held out from training (see build_eval_set)."""
+    """Splits(train, eval, num_classes, classes): the eval set is the test split, or
+    with --val-size n, n training images held out from training (see build_eval_set)."""
     train_set, num_classes = build_dataset(cfg, train=True)
     if cfg.val_size:
         train_set = Subset(train_set, held_out_order(cfg, len(train_set))[cfg.val_size:])
-    return Splits(train_set, build_eval_set(cfg)[0], num_classes, class_names(train_set, num_classes))
+    return Splits(train_set, build_eval_set(cfg)[0], num_classes,
+                  class_names(train_set, num_classes))
 
 
 def sample_images(data, n, device):
@@ -120,14 +126,16 @@ def sample_images(data, n, device):
 
 
 def class_names(dataset, num_classes):
-    """A dataset's class names (its `classes`, as torchvision's datasets have them; FakeData's: the labels)."""
+    """A dataset's class names (its `classes`, as torchvision's datasets have them;
+    FakeData's: the labels)."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return list(getattr(dataset, 'classes', None) or map(str, range(num_classes)))
 
 
 def data_source(dataset):
-    """Where a dataset's images come from, in a few words: 'read from <folder>', or for FakeData 'made at random'."""
+    """Where a dataset's images come from, in a few words: 'read from <folder>', or for
+    FakeData 'made at random'."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     source = getattr(dataset, 'source', None)
@@ -148,8 +156,8 @@ def build_eval_set(cfg, shift='none'):
 def held_out_order(cfg, n):
     """A fixed permutation of the n training images; its first cfg.val_size are held out."""
     if not 0 < cfg.val_size < n:
-        raise DataError(f'--val-size {cfg.val_size}: the training split has {n} images; hold out fewer '
-                        f'(e.g. {n // 12})')
+        raise DataError(f'--val-size {cfg.val_size}: the training split has {n} images; '
+                        f'hold out fewer (e.g. {n // 12})')
     return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
 
 

@@ -1,14 +1,16 @@
 """
-Evaluate models on a dataset's test split, alone and as an ensemble (the mean of their softmax probabilities,
-weighted), and how often two disagree (the share of test images whose top-1 differs). In the paper a fine-tuned model
-and a distilled student reach 86.3 top-1 together on ImageNet, 85.7 each alone: their mistakes differ.
+Evaluate models on a dataset's test split, alone and as an ensemble (the mean of their
+softmax probabilities, weighted), and how often two disagree (the share of test images
+whose top-1 differs). In the paper a fine-tuned model and a distilled student reach 86.3
+top-1 together on ImageNet, 85.7 each alone: their mistakes differ.
 
     python ensemble.py --data fashion-mnist --models runs/finetune/checkpoint.pt runs/distill/checkpoint.pt
     python ensemble.py --data fashion-mnist --models a.pt b.pt --weights 2 1 --out runs/ensemble.json
 
-A model is a file or a name util/checkpoints.py knows, or a copy student, loaded with the teacher its checkpoint
-records by SHA-256 (`--teacher moved.pt` if it moved, `--new-teacher true` for another on purpose). `--out` writes
-over nothing but an earlier result of this script (or with `--overwrite true`). One process, on a GPU if there is one.
+A model is a file or a name util/checkpoints.py knows, or a copy student, loaded with the
+teacher its checkpoint records by SHA-256 (`--teacher moved.pt` if it moved,
+`--new-teacher true` for another on purpose). `--out` writes over nothing but an earlier
+result of this script (or with `--overwrite true`). One process, on a GPU if there is one.
 """
 import json
 import math
@@ -47,24 +49,26 @@ def heads_checks(cfg):
 class ModelsConfig:
     """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
     models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
-    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: one for every model, or '
-                                  "one each (0: the file's record or family)")
-    img_size: int = option(0, "0 = the models' own (they must share one)", at_least(0, "the models' own", SIZE))
+    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: '
+                                  "one for every model, or one each (0: the file's record or family)")
+    img_size: int = option(0, "0 = the models' own (they must share one)",
+                           at_least(0, "the models' own", SIZE))
     batch_size: int = option(256, rule=at_least(1, most=BATCH))
     num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
     amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
                                       one_of(('auto', *IMPLEMENTATIONS)))
     seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
-                       (lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
+                       (lambda v: 0 <= v < 2 ** 63,
+                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
     checks = heads_checks
 
 
 @dataclass
 class EnsembleConfig(ModelsConfig):
-    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | folder | fake; '' = the "
-                       "data set the models' checkpoints record",
+    data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | "
+                       "folder | fake; '' = the data set the models' checkpoints record",
                        one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the models')"))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
     val_size: int = option(0, "evaluate on this many held-out training images instead (as the scripts' flag)",
@@ -101,8 +105,10 @@ def normalise_weights(weights, n):
 
 
 def ensemble_probs(logits, weights=None):
-    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: normalised here."""
-    return sum(w * l.float().softmax(-1) for w, l in zip(normalise_weights(weights, len(logits)), logits))   # (N, C)
+    """The weighted mean of the models' softmax probabilities:
+    [(N, C) logits] -> (N, C); weights: normalised here."""
+    return sum(w * l.float().softmax(-1)
+               for w, l in zip(normalise_weights(weights, len(logits)), logits))   # (N, C)
 
 
 def accuracy(scores, labels, k=1):
@@ -132,7 +138,8 @@ def summarise(names, weights, logits, labels):
 
 def format_table(r):
     lines = ['| model | weight | top-1 | top-5 |', '|---|---:|---:|---:|']
-    lines += [f"| {m['model']} | {m['weight']:.3f} | {m['top1']:.2f} | {m['top5']:.2f} |" for m in r['models']]
+    lines += [f"| {m['model']} | {m['weight']:.3f} | {m['top1']:.2f} | {m['top5']:.2f} |"
+              for m in r['models']]
     lines += [f"| ensemble (mean of probabilities) | | {r['ensemble']['top1']:.2f} | {r['ensemble']['top5']:.2f} |"]
     if r['disagreement']:
         lines += ['', f"| disagreement: top-1 differs ({r['images']} images) | rate |", '|---|---:|']
@@ -144,9 +151,10 @@ def format_table(r):
 
 
 def load_model(source, teacher=None, new_teacher=False, num_heads=0):
-    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data', 'data_dir', 'classes' (None
-    if not recorded), 'num_classes'}). A copy student comes wrapped with its teacher (recorded, or `teacher` with the
-    same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
+    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data',
+    'data_dir', 'classes' (None if not recorded), 'num_classes'}). A copy student comes
+    wrapped with its teacher (recorded, or `teacher` with the same SHA-256 unless
+    new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
         if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:   # a copy student
@@ -160,15 +168,17 @@ def load_model(source, teacher=None, new_teacher=False, num_heads=0):
         raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
     config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt is a dict: the loads refuse others
     classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
-    return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes,
-                                'num_classes': arch['num_classes']}
+    return model.eval(), arch, {'data': config.get('data'), 'data_dir': config.get('data_dir'),
+                                'classes': classes, 'num_classes': arch['num_classes']}
 
 
 def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
-    """The classifiers, what each records (load_model's), and the one image size they share (one test set; img_size:
-    the one asked for, 0 = theirs). num_heads: one head count for all, or one per source."""
+    """The classifiers, what each records (load_model's), and the one image size they
+    share (one test set; img_size: the one asked for, 0 = theirs). num_heads: one head
+    count for all, or one per source."""
     heads = cycle(num_heads or [0])   # one count for all, or one each (heads_checks)
-    models, archs, records = zip(*(load_model(s, teacher, new_teacher, h) for s, h in zip(sources, heads)))
+    models, archs, records = zip(*(load_model(s, teacher, new_teacher, h)
+                                   for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
     if len(set(sizes.values())) > 1:
         raise ConfigError(f"the models take different image sizes: {', '.join(f'{s} {v}' for s, v in sizes.items())}")
@@ -179,8 +189,9 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
 
 
 def with_data(cfg, records, presets=PRESETS):
-    """cfg with the data set (and folder) the models record where --data is not given (its preset applied, as if
-    given), saying so; another --data is said too (its classes are checked by name). tools/features.py shares it."""
+    """cfg with the data set (and folder) the models record where --data is not given
+    (its preset applied, as if given), saying so; another --data is said too (its
+    classes are checked by name). tools/features.py shares it."""
     recorded = [r for r in records if r['data']]
     if not cfg.data:   # one data set for all, else refused: --data says which
         if len({r['data'] for r in recorded}) != 1:
@@ -193,14 +204,15 @@ def with_data(cfg, records, presets=PRESETS):
         cfg = parse_config(type(cfg), presets, argv)
         say(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record")
     elif {r['data'] for r in records} - {cfg.data, None}:
-        say(f"note: --data {cfg.data}, where the models record {', '.join(sorted({r['data'] or '-' for r in records}))}"
-            f' (their classes are compared by name)')
+        say(f"note: --data {cfg.data}, where the models record "
+            f"{', '.join(sorted({r['data'] or '-' for r in records}))} (their classes are compared by name)")
     cfg.data_dir = cfg.data_dir or './data'
     return cfg
 
 
 def check_classes(sources, records, classes, data):
-    """Refuse models trained on other classes than the data has: by name where they record them, else by number."""
+    """Refuse models trained on other classes than the data has: by name where they
+    record them, else by number."""
     for s, r in zip(sources, records):
         other = class_mismatch(r['classes'], classes) or r['num_classes'] != len(classes) and \
             f"{r['num_classes']} classes where the data has {len(classes)}"
@@ -209,8 +221,9 @@ def check_classes(sources, records, classes, data):
 
 
 def on_device(models, cfg):
-    """(the models on the GPU if there is one, each attention layer as --attn-implementation says; where and in what
-    precision they run: a `place` for predict_all; the attention chosen and why)."""
+    """(the models on the GPU if there is one, each attention layer as
+    --attn-implementation says; where and in what precision they run: a `place` for
+    predict_all; the attention chosen and why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attn, why = attn_implementation(cfg.attn_implementation, device)
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
@@ -224,7 +237,7 @@ def predict_all(models, loader, place):
     for x, y in loader:
         x = x.to(place.device, non_blocking=True)
         with autocast(place):
-            batches.append([m(x).float().cpu() for m in models] + [y])       # (B, C) each model's, (B,)
+            batches.append([m(x).float().cpu() for m in models] + [y])   # (B, C) each model's, (B,)
     *logits, labels = (torch.cat(column) for column in zip(*batches))
     return logits, labels
 
@@ -241,13 +254,15 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless --overwrite, or unwritable."""
+    """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless
+    --overwrite, or unwritable."""
     out = cfg.out
     reads = os.path.realpath(out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     for bad, why in ((os.path.isdir(out), 'is a directory: name a file'),
                      (reads, 'is a file this command reads (--models, --teacher): name another file'),
-                     (os.path.exists(out) and not (cfg.overwrite or is_result(out)), 'exists and is not an '
-                      'earlier result of ensemble.py: choose another file, or pass --overwrite true')):
+                     (os.path.exists(out) and not (cfg.overwrite or is_result(out)),
+                      'exists and is not an earlier result of ensemble.py: '
+                      'choose another file, or pass --overwrite true')):
         if bad:
             raise ConfigError(f'--out {out} {why}')
     if not os.path.exists(out):
@@ -264,7 +279,8 @@ def main():
     if cfg.out:
         check_out(cfg)
     weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
-    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads, cfg.img_size)
+    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads,
+                                            cfg.img_size)
     cfg = with_data(cfg, records)
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
@@ -273,8 +289,8 @@ def main():
     logits, labels = predict_all(models, build_loader(cfg, test_set, False), place)
     results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
-    say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} {data_source(test_set)}, on '
-        f'{place.device}, attention {attn}\n')
+    say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} '
+        f'{data_source(test_set)}, on {place.device}, attention {attn}\n')
     say(format_table(results))
     if cfg.out:   # checked by check_out
         write_json(cfg.out, {'config': asdict(cfg), **results})

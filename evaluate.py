@@ -1,14 +1,15 @@
 """
 Top-1 of trained models, and of their ensembles, on ImageNet and its distribution-shift test sets.
 
-The paper reports that attention transfer stays close to fine-tuning on ImageNet-V2 and falls behind it
-on ImageNet-A, -R and -Sketch. This script makes that table for any models: fine-tuned, from scratch,
-distilled students, copy students (loaded with their teachers), and ensembles of them.
+The paper reports that attention transfer stays close to fine-tuning on ImageNet-V2 and falls behind
+it on ImageNet-A, -R and -Sketch. This script makes that table for any models: fine-tuned, from
+scratch, distilled students, copy students (loaded with their teachers), and ensembles of them.
 
     python evaluate.py --models mae_vit_large_ft runs/distill/checkpoint.pt runs/copy/checkpoint.pt \
         --ensembles 0,1 --imagenet /datasets/imagenet/val \
-        --imagenet-v2 /datasets/imagenetv2-matched-frequency-format-val --imagenet-sketch /datasets/sketch \
-        --imagenet-r /datasets/imagenet-r --imagenet-a /datasets/imagenet-a --out results/robustness
+        --imagenet-v2 /datasets/imagenetv2-matched-frequency-format-val \
+        --imagenet-sketch /datasets/sketch --imagenet-r /datasets/imagenet-r \
+        --imagenet-a /datasets/imagenet-a --out results/robustness
 
 Each test set is a folder of class folders, as its authors distribute it:
     --imagenet         <dir>/<wnid>/*       ImageNet's validation split, 1000 folders
@@ -16,9 +17,10 @@ Each test set is a folder of class folders, as its authors distribute it:
     --imagenet-sketch  <dir>/<wnid>/*       1000 folders
     --imagenet-r       <dir>/<wnid>/*       200 folders; predictions restricted to those 200 classes
     --imagenet-a       <dir>/<wnid>/*       200 folders; likewise
-Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists are classes/imagenet-r.txt
-and classes/imagenet-a.txt. Writes <out>/robustness.md and <out>/robustness.json. One process, on a GPU
-if there is one. A small data set's test split stands in for the folders, its images shifted (data.SHIFTS):
+Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists are
+classes/imagenet-r.txt and classes/imagenet-a.txt. Writes <out>/robustness.md and
+<out>/robustness.json. One process, on a GPU if there is one. A small data set's test
+split stands in for the folders, its images shifted (data.SHIFTS):
     python evaluate.py --data fashion-mnist --models a.pt b.pt --ensembles 0,1 --shift none invert rotate
 """
 import os
@@ -43,7 +45,8 @@ from util.loader import build_loader
 
 @dataclass
 class EvaluateConfig(ModelsConfig):
-    ensembles: list[str] = option(factory=list, help='groups of --models positions: --ensembles 0,1 0,1,2')
+    ensembles: list[str] = option(factory=list,
+                                  help='groups of --models positions: --ensembles 0,1 0,1,2')
     imagenet: str = option('', "the test sets' folders (empty: skipped), layouts above")
     imagenet_v2: str = ''
     imagenet_sketch: str = ''
@@ -51,7 +54,8 @@ class EvaluateConfig(ModelsConfig):
     imagenet_a: str = ''
     data: str = option('', "instead of the folders: this data set's test split (fashion-mnist, cifar10, ...)",
                        one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
-    data_dir: str = option('./data', '--data: where its files are (util/datafiles.py looks in other places too)')
+    data_dir: str = option('./data',
+                           '--data: where its files are (util/datafiles.py looks in other places too)')
     shift: list[str] = option(factory=lambda: ['none'],
                               help=f"--data: its images changed, labels not, one column each: {' '.join(SHIFTS)}")
     out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
@@ -61,7 +65,8 @@ class EvaluateConfig(ModelsConfig):
     def checks(self):
         return super().checks() + [
             ('data', not (self.data and folders(self)), 'or the folders: not both'),
-            ('shift', self.shift and set(self.shift) <= set(SHIFTS) and (self.data or self.shift == ['none']),
+            ('shift', self.shift and set(self.shift) <= set(SHIFTS)
+             and (self.data or self.shift == ['none']),
              f"with --data: one or more of {', '.join(SHIFTS)}")]
 
 # -----------------------------------------------------------------------------
@@ -92,7 +97,8 @@ def folders(cfg):
 
 
 def load_set(name, root, transform):
-    """(dataset, allowed classes or None) of one test set; DataError naming the layout if it is not one."""
+    """(dataset, allowed classes or None) of one test set; DataError naming the layout
+    if it is not one."""
     layout, index, allowed = SETS[name]
     expected = f"--{name} expects <dir>/<class folder>/<image>, the folders named {layout}"
     if not os.path.isdir(root):
@@ -104,16 +110,18 @@ def load_set(name, root, transform):
 
 
 def restrict(logits, classes):
-    """Logits (N, C) with every class outside `classes` at -inf: argmax, top-k and softmax stay among them
-    (the datasets' own evaluation keeps just those columns, which ranks them the same)."""
+    """Logits (N, C) with every class outside `classes` at -inf: argmax, top-k and
+    softmax stay among them (the datasets' own evaluation keeps just those columns,
+    which ranks them the same)."""
     outside = torch.full_like(logits, float('-inf'))
     outside[:, classes] = 0.0
     return logits + outside                                                   # (N, C)
 
 
 def top1_row(logits, labels, allowed, groups):
-    """Top-1 (%) of each model, then of each ensemble group (mean of probabilities), on one test set.
-    logits: [(N, 1000)] per model; labels (N,); allowed: the classes predictions may take, or None."""
+    """Top-1 (%) of each model, then of each ensemble group (mean of probabilities), on
+    one test set. logits: [(N, 1000)] per model; labels (N,); allowed: the classes
+    predictions may take, or None."""
     if allowed:
         logits = [restrict(l, allowed) for l in logits]
     return [accuracy(l, labels) for l in logits] + \
@@ -122,18 +130,21 @@ def top1_row(logits, labels, allowed, groups):
 
 def parse_groups(specs, n):
     """['0,1', '0,2'] -> [[0, 1], [0, 2]]: positions in --models, at least two each."""
-    groups = [[int(i) for i in spec.split(',')] if re.fullmatch(r'\d+(,\d+)+', spec) else [] for spec in specs]
+    groups = [[int(i) for i in spec.split(',')] if re.fullmatch(r'\d+(,\d+)+', spec) else []
+              for spec in specs]
     for spec, g in zip(specs, groups):
         if not g or len(set(g)) < len(g) or max(g) >= n:
-            raise ConfigError(f"--ensembles {spec}: two or more distinct positions in --models (0..{n - 1}), "
-                              f"comma-separated, e.g. 0,1")
+            raise ConfigError(f"--ensembles {spec}: two or more distinct positions in --models "
+                              f"(0..{n - 1}), comma-separated, e.g. 0,1")
     return groups
 
 
 def markdown(names, top1):
-    """The table: a row per model or ensemble (names), a column per test set (top1: {test set: each row's top-1})."""
+    """The table: a row per model or ensemble (names), a column per test set
+    (top1: {test set: each row's top-1})."""
     lines = [f"| model | {' | '.join(top1)} |", f"|---|{'---:|' * len(top1)}"]
-    lines += [f"| {name} | {' | '.join(f'{v[i]:.2f}' for v in top1.values())} |" for i, name in enumerate(names)]
+    lines += [f"| {name} | {' | '.join(f'{v[i]:.2f}' for v in top1.values())} |"
+              for i, name in enumerate(names)]
     return '\n'.join(lines)
 
 # -----------------------------------------------------------------------------
@@ -151,13 +162,15 @@ def main():
     if any(map(os.path.exists, files)):
         raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
     check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
-    models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads, img_size=cfg.img_size)
+    models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
+                                            img_size=cfg.img_size)
     data = SimpleNamespace(data=cfg.data or 'imagenet', data_dir=cfg.data_dir, img_size=img_size, val_size=0,
                            fake_size=512)   # the test images' size and normalisation; --data: its test split
     classes = class_names(*build_eval_set(data)) if cfg.data else WNIDS   # the 1000 ImageNet classes
     check_classes(cfg.models, records, classes, data.data)   # by name where the models record theirs
     if cfg.data:   # one column per shift of the test split: (what it is, dataset, allowed classes)
-        sets = {s: (f'{cfg.data} test split, shifted: {s}', build_eval_set(data, s)[0], None) for s in cfg.shift}
+        sets = {s: (f'{cfg.data} test split, shifted: {s}', build_eval_set(data, s)[0], None)
+                for s in cfg.shift}
     else:   # every folder's layout checked before any work
         transform = build_transform(data, train=False)
         sets = {name: (path, *load_set(name, path, transform)) for name, path in paths.items()}
@@ -176,12 +189,13 @@ def main():
     say(f'\n{md}')
     os.makedirs(cfg.out, exist_ok=True)
     subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
-    write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\nEnsembles average their models' "
-                         f'probabilities{subsets}.\n')
+    write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\n"
+                         f"Ensembles average their models' probabilities{subsets}.\n")
     write_json(files[1], {'config': asdict(cfg),
                           'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
                                    for n, (p, d, a) in sets.items()},
-                          'rows': [{'model': n, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}}
+                          'rows': [{'model': n, 'members': m,
+                                    'top1': {s: v[i] for s, v in top1.items()}}
                                    for i, (n, m) in enumerate(zip(names, members))]})
 
 

@@ -12,10 +12,10 @@ The two baselines: train a ViT from scratch, or fine-tune a pre-trained one.
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
         --rdzv_id ft finetune.py --data imagenet --data-dir /datasets/imagenet --accum-steps 1
 
-Every flag is a field of FinetuneConfig (`python finetune.py --help`); `--data` selects a preset, and
-`--scratch true` the from-scratch recipe where fine-tuning has its own (ImageNet: MAE's appendix A.2).
-Where a preset fine-tunes, running it without weights is an error: that run would be neither recipe.
-Every preset's source: RECIPES.md.
+Every flag is a field of FinetuneConfig (`python finetune.py --help`); `--data` selects a
+preset, and `--scratch true` the from-scratch recipe where fine-tuning has its own
+(ImageNet: MAE's appendix A.2). Where a preset fine-tunes, running it without weights is
+an error: that run would be neither recipe. Every preset's source: RECIPES.md.
 """
 from dataclasses import dataclass
 
@@ -32,64 +32,73 @@ from vit import create_model, model_arch, set_attn_implementation
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, torchvision_vit_b_16, ...); empty = '
-                       'train from scratch')
+    init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, '
+                       'torchvision_vit_b_16, ...); empty = train from scratch')
     scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init')
     init_num_heads: int = option(0, 'the head count of an --init file of weights alone (no record, no family)',
                                  at_least(0, "the file's record or family", DEPTH))
     out_dir: str = 'runs/finetune'
-    # components of other ViT families (vit.py), to train a teacher built like one; --init checks they match
+    # components of other ViT families (vit.py), to train a teacher built like one;
+    # --init checks they match
     layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); 0 = none',
-                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive initial value, '
-                                                          'at most 100'))
+                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive '
+                                                          'initial value, at most 100'))
     norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
-    act: str = option('gelu', 'gelu | quick_gelu (CLIP)', one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
+    act: str = option('gelu', 'gelu | quick_gelu (CLIP)',
+                      one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)
 
     def resolve(self):
-        """The resolve step: an --init file read and checked against the model the config names (its architecture,
-        heads and weights), before anything is built."""
+        """The resolve step: an --init file read and checked against the model the
+        config names (its architecture, heads and weights), before anything is built."""
         if self.init:
-            check_weights(self.init, read_checkpoint(self.init), model_arch(self.model, **self.model_kwargs()),
+            check_weights(self.init, read_checkpoint(self.init),
+                          model_arch(self.model, **self.model_kwargs()),
                           self.init_num_heads, '--init-num-heads')
 
     def model_kwargs(self):
-        """The VisionTransformer keywords the config sets beside its --model size (None: the size's own)."""
-        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                    num_heads=self.num_heads, global_pool=self.global_pool, drop_path_rate=self.drop_path,
-                    init_values=self.layer_scale or None, norm_pre=self.norm_pre, act=self.act)
+        """The VisionTransformer keywords the config sets beside its --model size
+        (None: the size's own)."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads, global_pool=self.global_pool,
+                    drop_path_rate=self.drop_path, init_values=self.layer_scale or None,
+                    norm_pre=self.norm_pre, act=self.act)
 
 
 PRESETS = {
     **SMALL_PRESETS,
     # the MAE fine-tuning recipe for ViT-L/16 (FINETUNE.md; global batch 1024 = 32 GPUs x 32)
-    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, init='mae_vit_large', global_pool=True,
-                     epochs=50, warmup_epochs=5, batch_size=32, blr=1e-3, layer_decay=0.75, weight_decay=0.05,
-                     drop_path=0.2, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0,
+    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, init='mae_vit_large',
+                     global_pool=True, epochs=50, warmup_epochs=5, batch_size=32, blr=1e-3,
+                     layer_decay=0.75, weight_decay=0.05, drop_path=0.2,
+                     randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0,
                      smoothing=0.1, num_workers=10, log_every=100),
 }
-# --scratch true: supervised ViT-L/16 from scratch, the MAE paper's Table 11 (appendix A.2; global batch 4096
-# = 64 GPUs x 64): the paper's 83.0 baseline. Random erasing is not among the regularisers the table
-# lists ("and disable others"); pooling is not stated: global, as every other ImageNet preset here.
+# --scratch true: supervised ViT-L/16 from scratch, the MAE paper's Table 11
+# (appendix A.2; global batch 4096 = 64 GPUs x 64): the paper's 83.0 baseline. Random
+# erasing is not among the regularisers the table lists ("and disable others"); pooling
+# is not stated: global, as every other ImageNet preset here.
 SCRATCH = {
-    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, init='', global_pool=True, epochs=200,
-                     warmup_epochs=20, batch_size=64, blr=1e-4, layer_decay=1.0, weight_decay=0.3, beta2=0.95,
-                     drop_path=0.2, ema=0.9999, randaug='rand-m9-mstd0.5-inc1', reprob=0.0, mixup=0.8,
-                     cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100),
+    'imagenet': dict(model='vit_large', img_size=224, patch_size=16, init='', global_pool=True,
+                     epochs=200, warmup_epochs=20, batch_size=64, blr=1e-4, layer_decay=1.0,
+                     weight_decay=0.3, beta2=0.95, drop_path=0.2, ema=0.9999,
+                     randaug='rand-m9-mstd0.5-inc1', reprob=0.0, mixup=0.8, cutmix=1.0,
+                     smoothing=0.1, num_workers=10, log_every=100),
 }
 
 
 def presets(argv=None):
-    """PRESETS, or with --scratch true the SCRATCH recipes over them. A fine-tuning preset (one that names
-    --init) run without weights would be neither recipe: refused, pointing to --scratch true."""
+    """PRESETS, or with --scratch true the SCRATCH recipes over them. A fine-tuning
+    preset (one that names --init) run without weights would be neither recipe: refused,
+    pointing to --scratch true."""
     cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv), checked=False)   # --help: printed with the choice
     if not cfg.scratch:
         if not cfg.init and PRESETS.get(cfg.data, {}).get('init'):
             raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights (its preset: --init "
-                              f"{PRESETS[cfg.data]['init']}); to train from scratch pass --scratch true, which "
-                              f"selects the from-scratch recipe")
+                              f"{PRESETS[cfg.data]['init']}); to train from scratch pass --scratch "
+                              f"true, which selects the from-scratch recipe")
         return PRESETS
     chosen = {**PRESETS, **SCRATCH}
     cfg = parse_config(FinetuneConfig, chosen, without_help(argv), checked=False)
@@ -125,8 +134,10 @@ def main():
                 run.evaluate(lambda m: evaluate(m, eval_loader, plan))  # a line of metrics.jsonl
                 run.save()                                              # checkpoint.pt
         m = run.metrics
-        plan.log(f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}" + (f" | EMA top-1 {m['ema_top1']:.2f} top-5 "
-                 f"{m['ema_top5']:.2f}" if 'ema_top1' in m else '') + f' | {cfg.out_dir}')
+        plan.log(f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
+                 + (f" | EMA top-1 {m['ema_top1']:.2f} top-5 "
+                    f"{m['ema_top5']:.2f}" if 'ema_top1' in m else '')
+                 + f' | {cfg.out_dir}')
 
 
 if __name__ == '__main__':
