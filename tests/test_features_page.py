@@ -6,6 +6,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 
 import pytest
 
@@ -70,6 +71,14 @@ def compared(a, b):
     return 'no more than' if a['mean'] <= b['mean'] else 'about as much as'
 
 
+def last_holding(found):
+    """The commit before the one that removed tools/features.py from the tree, short, as many times as the page names
+    it (where git has no such history, a shallow clone, what the page states is taken as it is)."""
+    git = lambda *a: subprocess.run(['git', '-C', ROOT, *a], capture_output=True, text=True).stdout.strip()
+    removed = git('log', '-1', '--format=%H', '--diff-filter=D', '--', 'tools/features.py')
+    return (git('rev-parse', '--short=7', removed + '^') if removed else found[0],) * len(found)
+
+
 def feature_checks(record, epochs):
     r, cfg, c = record['result'], record['config'], feature_facts(record['result'])
     t, depth, n, at, g, b = r['teacher'], r['depth'], c['seeds'], c['at'], c['g'], r['bootstrap']
@@ -88,6 +97,8 @@ def feature_checks(record, epochs):
         (r"on (.+?) \(`--device (\w+)`, torch (\S+), git commit ([0-9a-f]{40})\) in ([\d.]+ (?:min|s)):",
          (record['machine'], record['device'], record['torch'], record['git_commit'], took)),
         (r'one pass over the first (\d+) images of the (\S+) test split', (str(r['images']), cfg['data'])),
+        (r'commit ([0-9a-f]{7}) is the last that holds it \(`git show ([0-9a-f]{7}):tools/features\.py`.*?`git '
+         r'checkout ([0-9a-f]{7})`', last_holding),
         (r"Teacher `([^`]+)` \(features and maps (only|and predictions)\); (.+?) \(\[where each came from\]",
          (cfg['teacher'], 'only' if r['models'][t]['top1'] is None else 'and predictions',
           ', '.join(f'{k} `{p}`' for k, p in zip(names, cfg['models'])))),
