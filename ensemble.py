@@ -37,14 +37,6 @@ from vit import IMPLEMENTATIONS, set_attn_implementation
 # Config
 
 
-def heads_checks(cfg):
-    """The rows of checks() for --num-heads beside --models (also tools/features.py's)."""
-    return [('num_heads', len(cfg.num_heads) in (0, 1, len(cfg.models)),
-             f'gives {len(cfg.num_heads)} head counts for {len(cfg.models)} models: one for all, or one each'),
-            ('num_heads', all(0 <= h <= DEPTH for h in cfg.num_heads),
-             f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
-
-
 @dataclass
 class ModelsConfig:
     """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
@@ -62,7 +54,11 @@ class ModelsConfig:
                        (lambda v: 0 <= v < 2 ** 63,
                         'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
-    checks = heads_checks
+    def checks(self):   # --num-heads beside --models
+        return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
+                 f'gives {len(self.num_heads)} head counts for {len(self.models)} models: one for all, or one each'),
+                ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
+                 f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
 
 
 @dataclass
@@ -176,7 +172,7 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
     """The classifiers, what each records (load_model's), and the one image size they
     share (one test set; img_size: the one asked for, 0 = theirs). num_heads: one head
     count for all, or one per source."""
-    heads = cycle(num_heads or [0])   # one count for all, or one each (heads_checks)
+    heads = cycle(num_heads or [0])   # one count for all, or one each (ModelsConfig.checks)
     models, archs, records = zip(*(load_model(s, teacher, new_teacher, h)
                                    for s, h in zip(sources, heads)))
     sizes = {s: a['img_size'] for s, a in zip(sources, archs)}
@@ -188,10 +184,10 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
     return list(models), list(records), size
 
 
-def with_data(cfg, records, presets=PRESETS):
+def with_data(cfg, records):
     """cfg with the data set (and folder) the models record where --data is not given
     (its preset applied, as if given), saying so; another --data is said too (its
-    classes are checked by name). tools/features.py shares it."""
+    classes are checked by name)."""
     recorded = [r for r in records if r['data']]
     if not cfg.data:   # one data set for all, else refused: --data says which
         if len({r['data'] for r in recorded}) != 1:
@@ -201,7 +197,7 @@ def with_data(cfg, records, presets=PRESETS):
         argv = [*sys.argv[1:], '--data', recorded[0]['data']]
         if len(dirs) == 1 and all(dirs) and not cfg.data_dir:   # their one folder, unless one is given
             argv += ['--data-dir', *dirs]
-        cfg = parse_config(type(cfg), presets, argv)
+        cfg = parse_config(type(cfg), PRESETS, argv)
         say(f"--data {cfg.data} --data-dir {cfg.data_dir}: as the models' checkpoints record")
     elif {r['data'] for r in records} - {cfg.data, None}:
         say(f"note: --data {cfg.data}, where the models record "
