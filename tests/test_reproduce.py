@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_e
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from tools.reproduce import ORDER, PRESETS, QUICK, command, parse, plan, run_dir, stage_env
+from tools.reproduce import ORDER, PRESETS, QUICK, Failures, command, parse, plan, run_dir, run_stage, stage_env
 from tools.reproduce_report import LABELS, STAGES, budget_table, format_gap, gap_closed, mean_std, plot
 from util.launch import parse_config
 from util.config import ConfigError
@@ -215,6 +215,28 @@ def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
     assert started[0] == 'mae' and started[-1] == 'ensemble seed 0'      # the longest first, two at a time
     assert set(started[1:3]) == {'distill seed 0', 'copy seed 0'} and set(started[3:5]) == {'scratch seed 0',
                                                                                             'finetune seed 0'}
+
+
+def test_a_stage_writes_each_line_whole(monkeypatch, tmp_path):
+    """Stages side by side print from two threads: each line goes out in one write, so that another stage's line
+    can never land between a line and its end (print writes its end apart)."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, 'stdout', Recorder())
+    argv = [sys.executable, '-c', "print('one'); print('two'); raise SystemExit(1)"]
+    failed = Failures()
+    assert run_stage(('scratch', 0), argv, str(tmp_path), sub_env(), {}, failed) is None
+    lines = [w for w in writes if w]
+    assert [w.rstrip('\n').split(': running')[0] for w in lines] == ['== scratch seed 0', '   scratch seed 0 | one',
+                                                                      '   scratch seed 0 | two']
+    assert all(w.count('\n') == 1 and w.endswith('\n') for w in lines), writes
+    assert failed and 'scratch seed 0 failed (exit 1): two' in failed[0]
 
 
 def test_the_stages_share_the_threads(monkeypatch):

@@ -201,12 +201,13 @@ def run_stage(key, argv, root, env, record, failed):
     argv = argv + ['--resume', 'true'] * resumed
     if failed:
         return None
-    print(f"== {name}: {'resuming' if resumed else 'running'} {shlex.join(argv[1:])}", flush=True)
+    # each line in one write (print writes its end apart): stages side by side never run two lines into one
+    print(f"== {name}: {'resuming' if resumed else 'running'} {shlex.join(argv[1:])}\n", end='', flush=True)
     start, last = time.time(), ''
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
         failed.processes.append(p)
         for line in p.stdout:
-            print(f'   {name} | {line.rstrip()}', flush=True)
+            print(f'   {name} | {line.rstrip()}\n', end='', flush=True)
             last = line.strip().removeprefix('error: ') or last
     if p.returncode:
         failed.append(f'{name} failed (exit {p.returncode}): {last} | run directory {d}')
