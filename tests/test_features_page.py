@@ -157,7 +157,7 @@ def features_page():
 
 
 def tables(text):
-    """{heading: its Markdown table} of TABLES.md (or the page): each table under the last `## ` line above it."""
+    """{heading: its Markdown table} of TABLES.md: each table under the `## ` line above it."""
     return dict(re.findall(r'^## (.+)\n\n((?:\|.*\n?)+)', text, re.M))
 
 
@@ -165,11 +165,9 @@ def json_tables(r):
     """The cells TABLES.md's top-1 and CKA tables hold, made again from features.json: {heading: [row cells]}."""
     pm = lambda s: f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '')
     models = feature_facts(r)['models']
-    top1 = [[k, *(f"{r['models'][m]['top1']:.2f}" for m in ms)] for k, ms in models.items()
-            if r['models'][ms[0]]['top1'] is not None]
-    for row in top1:
-        values = [float(v) for v in row[1:]]
-        row.append(f'{statistics.fmean(values):.2f} ±{statistics.stdev(values):.2f}')
+    top1 = [[r['models'][m]['top1'] for m in ms] for ms in models.values()]
+    top1 = [[k, *(f'{v:.2f}' for v in vs), f'{statistics.fmean(vs):.2f} ±{statistics.stdev(vs):.2f}']
+            for k, vs in zip(models, top1) if vs[0] is not None]   # the teacher has no classifier
     groups = sorted(r['groups'], key=lambda g: (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b']))
     cka = lambda key: [[f"{g['a']} vs {g['b']}" + ' (seed to seed)' * (g['a'] == g['b']), str(len(g['pairs'])),
                         *map(pm, g[key])] for g in groups]
