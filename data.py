@@ -2,7 +2,7 @@
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders. How each data set's files are found and
 read: util/datafiles.py; how a loader makes each image's augmentation the same after a
-resume: util/loader.py.
+resume: util/engine.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from util.config import DataError
 from util.datafiles import CIFAR, cifar, fashion_mnist, image_folder
-from util.loader import build_loader
+from util.engine import build_loader
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))

@@ -26,10 +26,9 @@ from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
-from util.engine import autocast, say
+from util.engine import autocast, build_loader, say
 from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
-from util.loader import build_loader
 from util.run import class_mismatch
 from vit import IMPLEMENTATIONS, set_attn_implementation
 

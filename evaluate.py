@@ -34,10 +34,9 @@ from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
 from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device, predict_all
 from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, read_classes
-from util.engine import say
+from util.engine import build_loader, say
 from util.files import check_output, write_json, write_text
 from util.launch import parse_config, run_main
-from util.loader import build_loader
 
 # -----------------------------------------------------------------------------
 # Config

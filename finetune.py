@@ -24,7 +24,7 @@ import torch
 from data import batch_mixer, build_data
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
-from util.engine import classification_loss, evaluate, train_one_epoch
+from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main, without_help
 from util.run import Run
 from vit import create_model, model_arch, set_attn_implementation
@@ -117,6 +117,14 @@ def build_model(cfg, num_classes):
         if head is None or head.shape != model.head.weight.shape:   # a new classifier: MAE's main_finetune
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # starts it near zero
     return model
+
+
+def classification_loss(cfg):
+    """The baselines' loss_fn: the cross-entropy of the classifier's prediction (soft targets under MixUp / CutMix)."""
+    def loss_fn(net, x, y):
+        loss = soft_cross_entropy(net(x), y, cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+    return loss_fn
 
 
 def main():

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
-from util.loader import ResumableSampler
+from util.engine import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, read_idx
 from util.config import DataError

@@ -122,7 +122,7 @@ TEACHER = ['--teacher', str(ROOT / 'teachers' / 'fashion-mnist-mae.pt'), '--img-
 @pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
 def test_one_training_step_reads_in_few_files(monkeypatch, tmp_path, module, args, most_files, implementation):
     """A reader follows one transfer step in at most 5 files, 1,200 lines: the script, vit.py, teacher.py,
-    util/engine.py (the step) and util/loader.py (the batch); fine-tuning: 3. Each logs a line every step here."""
+    util/engine.py (the step and its batch); fine-tuning: 3. Each logs a line every step here."""
     torch.manual_seed(0)
     files = files_in_one_step(monkeypatch, module, *STEP, *args, '--attn-implementation', implementation,
                               '--out-dir', tmp_path / 'run')

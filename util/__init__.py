@@ -5,11 +5,11 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     immutable Plan), errors, Ctrl-C and SIGTERM in one line
     config.py       one dataclass per script, each flag declared once (default, help, range); the small presets;
                     sizes that cannot fit this machine
-    engine.py       the step every script calls (train_one_epoch), evaluation, AdamW with layer decay, the log
+    engine.py       the step every script calls (train_one_epoch), the batches that make a resume exact, evaluation,
+                    AdamW with layer decay, the log
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after a build
     rundir.py       the run directory, one object: claimed and locked, its lines held, its files, let go
     resume.py       how --resume true is checked: what may change, after a divergence; the command that continues
-    loader.py       samplers and loaders that make a resume exact; images held in memory
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
     datafiles.py    CIFAR's and ImageNet's files found, downloaded, read and checked

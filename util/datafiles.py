@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from util.config import DataError
-from util.loader import TensorImages
+from util.engine import TensorImages
 
 
 

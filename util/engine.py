@@ -1,5 +1,5 @@
 """
-The training step every script shares, and the evaluation: what runs between two optimizer steps.
+The step every script shares, the batches it is fed, and the evaluation: what runs between two optimizer steps.
 
 Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
 
@@ -9,11 +9,14 @@ Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
             run.evaluate(lambda m: evaluate(m, eval_loader, plan))
             run.save()
 
-loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script.
+loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script. The batches come from
+build_loader: each image's augmentation seeded by (seed, epoch, index), an epoch able to start part-way, so that a
+resumed run sees the batches of one that never stopped, whatever its number of loader workers.
 """
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.files import cannot_write
 
@@ -75,14 +79,6 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
     return False
 
 
-def classification_loss(cfg):
-    """loss_fn for a classifier: the cross-entropy of its prediction (the baselines' loss)."""
-    def loss_fn(net, x, y):
-        loss = soft_cross_entropy(net(x), y, cfg.smoothing)
-        return loss, {'ce': loss.detach()}
-    return loss_fn
-
-
 def log_progress(run):
     """The training losses since the last line (averaged over ranks), lr, speed, time left."""
     vals = {k: all_mean(v, run.plan).item() / run.since_log for k, v in run.running.items()}
@@ -100,6 +96,73 @@ def log_progress(run):
         ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
         f' | lr {lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch):.2e} | {speed}')
     run.metrics['train'] = vals
+
+# -----------------------------------------------------------------------------
+# The batches: exactly the same after a resume
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (one permutation per seed + epoch, each rank its slice; also unsharded) that can start
+    part-way through an epoch. It yields (epoch, index) keys: SeededDataset seeds each sample's augmentation by them."""
+    start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+class SeededDataset(Dataset):
+    """Sample i of epoch e is augmented with its own seed f(seed, e, i): what a run sees does not depend on the loader's
+    workers, their number, or where a resume picked up. torch's global RNG is left as it was (fork_rng): without
+    workers this runs in the training process, whose drop-path, MixUp and MAE masks draw from it."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
+            return self.dataset[i]
+
+
+def build_loader(cfg, dataset, train, rank=0, world_size=1):
+    if train:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a shift's noise too
+        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]
+    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
+                      generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
+
+
+def quiet_on_stop(worker_id):
+    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
+    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
+    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    sys.excepthook = lambda kind, *rest: None if issubclass(kind, ConnectionError) else sys.__excepthook__(kind, *rest)
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors.
+    classes: the class names (index = label); source: the folder the files were read from."""
+
+    def __init__(self, images, labels, transform, classes, source):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes, self.source = classes, source
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])
 
 # -----------------------------------------------------------------------------
 # Optimiser, schedule, loss
