@@ -194,7 +194,7 @@ def attention_with_lse(q, k, v):
     torch's kernel for the device through its (private) aten entry point, one line per
     device; the output is differentiable, as F.scaled_dot_product_attention's. Elsewhere:
     written out. A torch whose entry point is missing or refuses the shapes fails the
-    start-up check (teacher.check_sdpa), not a step."""
+    start-up check (util.run.check_sdpa), not a step."""
     if q.device.type == 'cpu':
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
     if q.device.type == 'cuda':
