@@ -19,7 +19,6 @@ import evaluate
 import finetune
 from conftest import TINY, run_in_process
 from data import build_dataset, build_splits
-from util import engine
 from util.checkpoints import CheckpointError, build_from_checkpoint
 from util.config import ConfigError
 from util.datafiles import DataError, read_image
@@ -277,12 +276,12 @@ def test_a_run_that_diverges_keeps_a_finite_checkpoint_and_goes_on_with_a_lower_
     """From step 3 the loss is scaled by 1e30: the weights stay finite (AdamW's step is exp_avg / sqrt(inf) = 0)
     but the optimizer's second moment is inf. The checkpoint of step 2 was kept, that of step 4 was written with
     inf in it and called 'the last good checkpoint' once the loss went NaN, and the advised lower --blr refused."""
-    calls, plain = [0], engine.soft_cross_entropy
+    calls, plain = [0], finetune.soft_cross_entropy   # the fine-tuning loss's cross-entropy
 
     def blowing_up(*args, **kw):
         calls[0] += 1
         return plain(*args, **kw) * (1e30 if calls[0] >= 3 else 1)
-    monkeypatch.setattr(engine, 'soft_cross_entropy', blowing_up)
+    monkeypatch.setattr(finetune, 'soft_cross_entropy', blowing_up)
     out, args = tmp_path / 'run', [*TINY, '--amp', 'off', '--save-every', '2', '--log-every', '100']
     msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out)
     assert msg and 'optimizer' in msg and 'is inf at step 4' in msg and 'the last finite checkpoint (step 2)' in msg
@@ -290,7 +289,7 @@ def test_a_run_that_diverges_keeps_a_finite_checkpoint_and_goes_on_with_a_lower_
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert ck['step'] == 2 and all(v.isfinite().all() for s in ck['optimizer']['state'].values()
                                    for v in s.values() if torch.is_tensor(v))
-    monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    monkeypatch.setattr(finetune, 'soft_cross_entropy', plain)
     before = digest(out)   # a higher lr was accepted, where the README says it may be lowered
     msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out, '--resume', 'true', '--blr', '2e-3')
     assert msg and '--blr 0.001 -> 0.002 is higher; go on with a lower learning rate' in msg and digest(out) == before

@@ -277,20 +277,19 @@ def test_distillation_resume_checks_the_teacher_file(monkeypatch, distilled, tmp
 def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, tmp_path, max_steps, says):
     """Stopped after the checkpoint of step 3 (--save-every, mid-epoch, never evaluated): --max-steps 3 ended in a
     KeyError ('top1'), --max-steps 2 reported step 3 as its end."""
-    from util import engine
-    calls, plain = [0], engine.soft_cross_entropy
+    calls, plain = [0], finetune.soft_cross_entropy   # the fine-tuning loss's cross-entropy
 
     def stopped(*args, **kw):
         calls[0] += 1
         if calls[0] == 4:
             raise KeyboardInterrupt
         return plain(*args, **kw)
-    monkeypatch.setattr(engine, 'soft_cross_entropy', stopped)
+    monkeypatch.setattr(finetune, 'soft_cross_entropy', stopped)
     d = tmp_path / 'run'
     monkeypatch.setattr(sys, 'argv', ['finetune.py', *TINY, '--out-dir', str(d), '--save-every', '3'])
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C after step 3's checkpoint
         finetune.main()
-    monkeypatch.setattr(engine, 'soft_cross_entropy', plain)
+    monkeypatch.setattr(finetune, 'soft_cross_entropy', plain)
     assert torch.load(d / 'checkpoint.pt', weights_only=True)['step'] == 3
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', max_steps)
