@@ -58,8 +58,9 @@ class RunDir:
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         d = os.path.abspath(self.path)     # the folders this command makes, innermost first
-        while not os.path.exists(d) and d != os.path.dirname(d):
-            self.made, d = self.made + [d], os.path.dirname(d)
+        while not os.path.exists(d):   # / exists: the walk stops there at the latest
+            self.made.append(d)
+            d = os.path.dirname(d)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -74,7 +75,7 @@ class RunDir:
     def refuse_unusable(self):
         if not os.access(self.path, os.W_OK):
             raise ConfigError(f'--out-dir {self.path} cannot be written (read-only): choose another --out-dir')
-        theirs = [] if self.cfg.resume else foreign(self.path)
+        theirs = [] if self.cfg.resume else self.foreign()
         if theirs:   # another program's model, a user's notes: --overwrite true or not, a run would write over them
             hit = [n for n in RUN_FILES if n in theirs]
             what = f'would write over {hit[0]}' if hit else f"holds {', '.join(theirs[:3])}{' ...' * (len(theirs) > 3)}"
@@ -90,12 +91,29 @@ class RunDir:
                 raise ConfigError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
                                   f'run writes only inside: put a copy of that file in its place, or remove the link')
 
+    def foreign(self):
+        """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
+        config.json has begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files
+        aside."""
+        names = sorted(set(os.listdir(self.path)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
+        try:
+            if {'out_dir', 'argv'} <= read_json(self.file('config.json'), '').keys():
+                return []
+        except DamagedFile:   # missing, unreadable, or no JSON object
+            if 'config.json' not in names and os.path.exists(self.checkpoint):
+                try:
+                    ck = read_checkpoint(self.checkpoint)
+                    return [] if all(isinstance(ck.get(k), kind) for k, kind in SAVED.items()) else names
+                except (CheckpointError, AttributeError):
+                    pass
+        return names
+
     def refuse_overwrite(self):
         """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
         finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
         scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
         cfg, ours = self.cfg, {os.path.realpath(self.file(n)) for n in RUN_FILES}
-        for field in getattr(cfg, 'INPUTS', ()):
+        for field in cfg.INPUTS:
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
                 raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which this run deletes '
@@ -243,7 +261,7 @@ class RunDir:
         """One line of metrics.jsonl, the whole file written anew (it has one line per evaluation)."""
         if self.main:
             path = self.file('metrics.jsonl')
-            write_text(path, ''.join(f'{line}\n' for line in read_lines(path)) + json.dumps(record) + '\n')
+            write_text(path, ''.join(f'{line}\n' for line in read_lines(path) + [json.dumps(record)]))
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint."""
@@ -267,24 +285,6 @@ class RunDir:
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
-
-
-def foreign(out_dir):
-    """The sorted names in out_dir that no run of these scripts wrote ([] where it holds such a run: its config.json
-    has RunDir.begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files aside."""
-    names = sorted(set(os.listdir(out_dir)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
-    try:
-        if {'out_dir', 'argv'} <= read_json(os.path.join(out_dir, 'config.json'), '').keys():
-            return []
-    except DamagedFile:   # missing, unreadable, or no JSON object
-        checkpoint = os.path.join(out_dir, 'checkpoint.pt')
-        if 'config.json' not in names and os.path.exists(checkpoint):
-            try:
-                ck = read_checkpoint(checkpoint)
-                return [] if all(isinstance(ck.get(k), kind) for k, kind in SAVED.items()) else names
-            except (CheckpointError, AttributeError):
-                pass
-    return names
 
 
 def save_checkpoint(path, state):
