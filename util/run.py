@@ -87,20 +87,19 @@ def check_sdpa(plan, what, compute, inputs):
         except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
             fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
     tolerance = max(2 * eager if math.isfinite(eager) else 0, SDPA_FLOOR, 4 * torch.finfo(dtype).eps)   # nan: fp16 maps
+    holds = fused <= tolerance
     record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
               'device': str(plan.device), 'backend': backend, 'shape': shape,
-              'seconds': round(time.time() - start, 3)}
+              'seconds': round(time.time() - start, 3), 'implementation': 'sdpa' if holds else 'eager'}
     said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}) against the definition (eager, "
             f"fp32): {fused:.2g}{why}; eager in {dtype}: {eager:.2g}; tolerance {tolerance:.2g}; checked in "
             f"{record['seconds']:.2f} s")
-    if fused <= tolerance:
-        plan.log(f'start-up check: {said}: sdpa holds')
-        return 'sdpa', {**record, 'implementation': 'sdpa'}
-    if plan.cfg.attn_implementation == 'sdpa':
+    if not holds and plan.cfg.attn_implementation == 'sdpa':
         raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation '
                           f'eager')
-    plan.log(f'start-up check: {said}: falling back to eager (--attn-implementation auto)')
-    return 'eager', {**record, 'implementation': 'eager'}
+    plan.log(f'start-up check: {said}: '
+             f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
+    return record['implementation'], record
 
 
 def distance(ours, definition):
@@ -203,17 +202,19 @@ class Run:
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
         model, ema, opt = self.model.state_dict(), self.ema.state_dict() if self.ema else None, self.opt.state_dict()
         state = {'model': model, 'ema': ema, 'optimizer': opt['state']}
-        tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d) if v.is_floating_point()]
+        tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d or {}) if v.is_floating_point()]
         finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
         if not all(finite):
-            name, v = next(t for t, ok in zip(tensors, finite) if not ok)
+            name, v = tensors[finite.index(False)]
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
-        states = rng_states(self.plan.world)
+        rng = [torch.get_rng_state()] * self.plan.world   # every rank's: an exact mid-epoch resume (all is torch's)
+        if self.plan.world > 1:
+            dist.all_gather_object(rng, rng[0])
         self.plan.run_dir.save({
             'model': model, 'arch': self.model.arch,
             'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
             'step': self.step, 'optimizer': opt, 'scaler': self.scaler.state_dict(),
-            'ema': ema, 'metrics': self.metrics, 'rng': states,
+            'ema': ema, 'metrics': self.metrics, 'rng': rng,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
             'classes': self.classes, **self.extra})
         if self.record:   # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
@@ -251,26 +252,17 @@ DIVERGES = ('blr', 'min_lr', 'min_lr_ratio', 'weight_decay', 'weight', 'clip_gra
 
 
 def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts and lists (an optimizer's state), keys joined by dots."""
-    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, (list, tuple)) else ()
-    for k, v in items:
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by dots."""
+    for k, v in d.items():
         if torch.is_tensor(v):
             yield f'{prefix}{k}', v
-        else:
+        elif isinstance(v, dict):
             yield from flat(v, f'{prefix}{k}.')
 
 
 def made_with(cfg, extra):
     """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
     keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran (check_sdpa)."""
-    record = next((v for v in extra.values() if isinstance(v, dict) and 'sha256' in v), None)
+    record = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
     return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
             **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}
-
-
-def rng_states(world):
-    """Every rank's torch RNG state (all randomness here is torch's), for exact mid-epoch resume."""
-    states = [torch.get_rng_state()] * world
-    if world > 1:
-        dist.all_gather_object(states, states[0])
-    return states
