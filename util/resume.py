@@ -23,8 +23,8 @@ SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': l
 
 # what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the learning rate
 AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
-# what the plan keeps of the checkpoint (its tensors are read again where they are loaded: util/run.py)
-KEPT = ('step', 'config', 'metrics', 'classes', 'steps_per_epoch', 'time', 'arch', 'world_size')
+# what the plan keeps of the checkpoint, with its world size (its tensors are read again where loaded: util/run.py)
+KEPT = ('step', 'config', 'metrics', 'classes', 'steps_per_epoch', 'time', 'arch')
 
 
 def open_resumed(cfg, run_dir, world):
@@ -32,17 +32,20 @@ def open_resumed(cfg, run_dir, world):
     names every field that differs (old -> new) and may not. Returns its record without tensors (KEPT)."""
     path = run_dir.checkpoint
     ck = read_checkpoint(path)
-    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] if isinstance(ck, dict) else []
-    if isinstance(ck, dict) and not bad:   # the parts a resume reads before it loads any tensor
-        bad = [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),
-                               ('rng', all(torch.is_tensor(s) for s in ck['rng']))) if not ok]
-    if not isinstance(ck, dict) or bad:
-        why = f" ({', '.join(bad)}: missing or of another kind)" if bad else ''
-        raise CheckpointError(f'{path} is not a training checkpoint of these scripts{why}: nothing to resume')
+    if not isinstance(ck, dict):
+        raise CheckpointError(f'{path} is not a training checkpoint of these scripts: nothing to resume')
+    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] or \
+        [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),   # what a resume reads before any tensor
+                         ('rng', all(torch.is_tensor(s) for s in ck['rng']))) if not ok]
+    if bad:
+        raise CheckpointError(f"{path} is not a training checkpoint of these scripts ({', '.join(bad)}: missing or "
+                              f"of another kind): nothing to resume")
     if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
                           f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
-    after = diverged_from(run_dir, ck)   # a run that diverged: its kept checkpoint may go on with a lower lr
+    # a run that diverged after this checkpoint (config.json says so) may go on from it with a lower lr
+    diverged = (run_dir.config_record() or {}).get('diverged')
+    after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
     free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
     conflicts = cfg.resume_conflicts(ck, world, free=free)
     if conflicts:
@@ -55,12 +58,6 @@ def open_resumed(cfg, run_dir, world):
         raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is higher; go on with a "
                           f"lower learning rate, or start a new run in another --out-dir")
     return {k: ck[k] for k in KEPT if k in ck} | {'world_size': ck.get('world_size', len(ck['rng']))}
-
-
-def diverged_from(run_dir, ck):
-    """The divergence config.json records for the run, if it stopped after checkpoint `ck` was written, else None."""
-    diverged = (run_dir.config_record() or {}).get('diverged')
-    return diverged if isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step'] else None
 
 
 def made_by(ck):
@@ -80,7 +77,7 @@ def resume_command(*replaced):
     if under_torchrun():
         return 'your torchrun command and --resume true'
     drop = ('--resume', *replaced)
-    argv = [a for i, a in enumerate(sys.argv) if a not in drop and (i == 0 or sys.argv[i - 1] not in drop)]
+    argv = [a for before, a in zip([None, *sys.argv], sys.argv) if a not in drop and before not in drop]
     return f"{shlex.join(['python', *argv])} --resume true"
 
 
