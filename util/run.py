@@ -202,12 +202,14 @@ class Run:
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
         model, ema, opt = self.model.state_dict(), self.ema.state_dict() if self.ema else None, self.opt.state_dict()
         state = {'model': model, 'ema': ema, 'optimizer': opt['state']}
-        tensors = [(f'{part} {k}', v) for part, d in state.items() for k, v in flat(d or {}) if v.is_floating_point()]
+        tensors = [(f'{part} {k}', v) for part, d in state.items()
+                   for k, v in flat(d or {}) if v.is_floating_point()]
         finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
         if not all(finite):
             name, v = tensors[finite.index(False)]
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
-        rng = [torch.get_rng_state()] * self.plan.world   # every rank's: an exact mid-epoch resume (all is torch's)
+        # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
+        rng = [torch.get_rng_state()] * self.plan.world
         if self.plan.world > 1:
             dist.all_gather_object(rng, rng[0])
         self.plan.run_dir.save({
