@@ -14,15 +14,13 @@ final norm may be unexpected; anything else is an architecture mismatch and an e
 """
 import math
 import os
-import urllib.parse
 import warnings
 
 import torch
 import torchvision.models as tvm
 
 from util.files import CheckpointError, read_file, sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, resize_words,
-                             unwrap)
+from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
@@ -41,7 +39,7 @@ def read_checkpoint(source):
     hub cache, then read as any file is). Every checkpoint the scripts read comes through here."""
     if source in PRETRAINED:   # TEACHERS included
         url = PRETRAINED[source][0]
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))   # as torch.hub names it
         try:
             if not os.path.isfile(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -138,7 +136,7 @@ def family_key(source, ckpt):
     if source in PRETRAINED:
         return PRETRAINED[source][2]
     official = next((f for url, _, f in PRETRAINED.values()
-                     if os.path.basename(urllib.parse.urlparse(url).path) == os.path.basename(str(source))), None)
+                     if os.path.basename(url) == os.path.basename(str(source))), None)
     return family_of(unwrap(ckpt) or {}) or official
 
 
@@ -155,11 +153,11 @@ def check_arch(model, ckpt, source, num_heads, flag):
     """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
     without a record, whose heads (heads_of: num_heads as stated with `flag`) are not the model's."""
     saved = recorded(ckpt)
-    if saved and saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in layers "
-                              f"{saved['no_qk_layers']} and runs only with its teacher "
-                              f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
     if saved:
+        if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+            raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in "
+                                  f"layers {saved['no_qk_layers']} and runs only with its teacher "
+                                  f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
         diff = arch_mismatch(model.arch, saved)
     else:   # its other fields show in its tensors' names and shapes (load_weights checks them), not heads
         heads, how = heads_of(ckpt, source, state_dict_of(ckpt)['pos_embed'].shape[-1], num_heads, flag)
@@ -232,14 +230,14 @@ def check_weights(source, ckpt, arch, num_heads, flag, **given):
     return model.arch
 
 
-def build_from_checkpoint(source, ckpt=None, num_heads=0, flag='--num-heads', **overrides):
+def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights. ckpt: the checkpoint
-    already read from source; num_heads: the head count its user states with `flag` (heads_of)."""
+    already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source, num_heads, flag), 'no_qk_layers': ()}
+    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': ()}
     model = vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None})
-    return load_weights(model, source, ckpt, num_heads, flag)
+    return load_weights(model, source, ckpt, num_heads)
 
 
 def family(source, ckpt):
@@ -248,8 +246,7 @@ def family(source, ckpt):
     family: None)."""
     if source not in PRETRAINED and recorded(ckpt):
         return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
-    name = family_key(source, ckpt)
-    return FAMILIES[name] if name else (None, AS_DEIT)
+    return FAMILIES.get(family_key(source, ckpt), (None, AS_DEIT))
 
 
 def describe_teacher(source, ckpt, arch, size, heads):
@@ -265,8 +262,9 @@ def describe_teacher(source, ckpt, arch, size, heads):
             f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
     if size == native:
         return f'{said}, run at that size'
-    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized '
-            f'{resize_words(how)}'
+    step = f'by the scale factor (new + {how.offset:g}) / old' if how.offset else 'to the new size'
+    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized bicubic '
+            f"{step}{', antialiased' if how.antialias else ''}, as {how.like} does"
             f"{'' if name else ' (its family is not known from the file)'}")
 
 # -----------------------------------------------------------------------------

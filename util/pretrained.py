@@ -34,12 +34,6 @@ from einops import rearrange
 PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 
 
-def resize_words(how):
-    """A PosEmbedResize in words, for the log."""
-    step = f'by the scale factor (new + {how.offset:g}) / old' if how.offset else 'to the new size'
-    return f"bicubic {step}{', antialiased' if how.antialias else ''}, as {how.like} does"
-
-
 AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")   # DeiT main.py, MAE util/pos_embed.py
 # family -> (its name, how its official code resizes position embeddings off its native size). DINO and
 # DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
@@ -171,7 +165,13 @@ def convert(sd):
     if family == 'torchvision':
         return renamed(sd, TORCHVISION_NAMES), {}
     if family == 'clip':   # an architecture unlike a plain ViT in more than names; nothing in its tensors says so
-        return from_clip(sd), dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
+        # the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
+        sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
+        sd.pop('proj', None)
+        conv = sd['patch_embed.proj.weight']
+        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],   # (D,), (N, D)
+              'patch_embed.proj.bias': conv.new_zeros(len(conv))}   # CLIP's patch conv has no bias
+        return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
     if family == 'mocov3':   # the base encoder without the projection MLP in `head`, as MoCo v3's main_lincls.py
         sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
     sd = renamed(sd, {'register_tokens': 'reg_token'})   # DINOv2 with registers (its mask_token is dropped with MAE's)
@@ -179,16 +179,6 @@ def convert(sd):
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
     return sd, extra
-
-
-def from_clip(sd):
-    """OpenAI CLIP's image tower (visual.*) -> timm names. The text tower and the image projection
-    into the joint embedding (visual.proj) are not part of the ViT and are dropped."""
-    sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
-    sd.pop('proj', None)
-    conv = sd['patch_embed.proj.weight']
-    return {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],   # (D,), (N, D)
-            'patch_embed.proj.bias': conv.new_zeros(len(conv))}   # CLIP's patch conv has no bias
 
 
 def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
