@@ -190,6 +190,6 @@ def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
         return pos_embed
     patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()                  # (1, D, g, g)
     to = dict(scale_factor=(grid + how.offset) / old) if how.offset else dict(size=(grid, grid))
+    # (1, D, grid, grid); with an offset, the output size floor(old * scale) is grid again
     patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias, **to)
-    assert patches.shape[-2:] == (grid, grid), patches.shape                              # (1, D, grid, grid)
     return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)
