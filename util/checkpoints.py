@@ -170,7 +170,8 @@ def vit_of(arch, source, given=None):
         return VisionTransformer(**{**arch, **(given or {})})
     except (TypeError, ValueError, AssertionError) as e:
         if given:
-            vit_of(arch, source)   # the recorded one builds (else that is the error): what was given does not fit
+            # the recorded one builds (else that is the error): what was given does not fit
+            vit_of(arch, source)
             raise CheckpointError(f"'{source}' cannot be built with "
                                   f"{', '.join(f'{k} {v}' for k, v in given.items())} ({e})") from None
         raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
@@ -289,7 +290,8 @@ def teacher_mismatch(source, record):
     if record.get('sha256') is None:
         return None if source == record['source'] else f"the teacher {record['source']} -> {source}"
     digest = sha256_of(source)
-    if digest == record['sha256'] or (digest is None and source == record['source']):   # missing: loading says so
+    # missing under its recorded name: loading says so
+    if digest == record['sha256'] or (digest is None and source == record['source']):
         return None
     return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
             f"had {record['sha256']}")

@@ -169,13 +169,15 @@ def convert(sd):
         sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
         sd.pop('proj', None)
         conv = sd['patch_embed.proj.weight']
-        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],   # (D,), (N, D)
-              'patch_embed.proj.bias': conv.new_zeros(len(conv))}   # CLIP's patch conv has no bias
+        # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
+        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],
+              'patch_embed.proj.bias': conv.new_zeros(len(conv))}
         return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
     if family == 'mocov3':   # the base encoder without the projection MLP in `head`, as MoCo v3's main_lincls.py
         sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
     sd = renamed(sd, {'register_tokens': 'reg_token'})   # DINOv2 with registers (its mask_token is dropped with MAE's)
-    extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}   # DINOv2's initial layer scale (for a student)
+    # DINOv2's layer scale, with its initial value (for a student)
+    extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
     return sd, extra
