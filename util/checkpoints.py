@@ -23,9 +23,9 @@ from util.files import CheckpointError, read_file, sha256_of
 from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
 from vit import VisionTransformer
 
-MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{}/mae_{}_vit_{}.pth'   # the MAE README's links
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
-    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')   # _ft: fine-tuned on IN-1k
+    # the MAE README's links (_ft: fine-tuned on IN-1k)
+    **{f'mae_vit_{s}{tag}': (f'https://dl.fbaipublicfiles.com/mae/{stage}/mae_{made}_vit_{s}.pth', h, 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
     **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, h, 'torchvision')
