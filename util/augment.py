@@ -67,11 +67,12 @@ def apply(img, op, argument, fill):
     it; an increasing variant is its op. The geometric ops fill with `fill` and resample bicubically on PIL images
     (timm's), bilinearly on tensors (the only kind torchvision's tensor kernels have).
     Shears and translations are PIL's affine transform about the top-left corner, as timm calls it: a shear
-    factor s moves row y by s * y pixels; a translation of t pixels moves the content left / up (torchvision's
-    translate moves it right / down, hence -t)."""
-    def affine(img, shear=(0.0, 0.0), translate=(0.0, 0.0)):
-        return F.affine(img, angle=0.0, translate=[-t for t in translate], scale=1.0, center=[0, 0],
-                        shear=[math.degrees(math.atan(s)) for s in shear], interpolation=interpolation, fill=fill)
+    factor s moves row y by s * y pixels; a translation of dx, dy pixels moves the content left / up
+    (torchvision's translate moves it right / down, hence -dx, -dy)."""
+    def affine(img, shear_x=0.0, shear_y=0.0, dx=0.0, dy=0.0):
+        return F.affine(img, angle=0.0, translate=[-dx, -dy], scale=1.0, center=[0, 0],
+                        shear=[math.degrees(math.atan(shear_x)), math.degrees(math.atan(shear_y))],
+                        interpolation=interpolation, fill=fill)
     interpolation = v2.InterpolationMode.BICUBIC if isinstance(img, Image.Image) else v2.InterpolationMode.BILINEAR
     h, w = F.get_size(img)
     ops = {   # name: (img, *argument) -> img
@@ -79,10 +80,10 @@ def apply(img, op, argument, fill):
         'Equalize': F.equalize,
         'Invert': F.invert,
         'Rotate': lambda img, a: F.rotate(img, a, interpolation=interpolation, fill=fill),
-        'ShearX': lambda img, a: affine(img, shear=(a, 0.0)),
-        'ShearY': lambda img, a: affine(img, shear=(0.0, a)),
-        'TranslateXRel': lambda img, a: affine(img, translate=(a * w, 0.0)),
-        'TranslateYRel': lambda img, a: affine(img, translate=(0.0, a * h)),
+        'ShearX': lambda img, a: affine(img, shear_x=a),
+        'ShearY': lambda img, a: affine(img, shear_y=a),
+        'TranslateXRel': lambda img, a: affine(img, dx=a * w),
+        'TranslateYRel': lambda img, a: affine(img, dy=a * h),
         'Posterize': lambda img, bits: point(img, [v >> (8 - bits) << (8 - bits) for v in range(256)]),
         'Solarize': lambda img, threshold: point(img, [255 - v if v >= threshold else v for v in range(256)]),
         'SolarizeAdd': lambda img, add: point(img, [min(255, v + add) if v < 128 else v for v in range(256)]),
@@ -146,7 +147,8 @@ def parse_policy(spec):
     default 10), n (ops, 2), p (probability per op, 0.5), mstd (magnitude std, 0; above 100: uniform), mmax (upper
     clip, 10), inc (0/1: the increasing op variants). The defaults are RandAugment's."""
     kw = {}
-    keys = {'m': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float), 'mstd': ('std', float),
+    keys = {'m': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float),
+            'mstd': ('std', lambda v: math.inf if float(v) > 100 else float(v)),
             'mmax': ('mmax', float), 'inc': ('increasing', lambda v: bool(int(v)))}
     for part in spec.split('-')[1:]:
         found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
@@ -155,8 +157,6 @@ def parse_policy(spec):
                               f"rand-m9-mstd0.5-inc1)")
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
-    if kw.get('std', 0.0) > 100:
-        kw['std'] = math.inf
     return kw
 
 
