@@ -184,7 +184,7 @@ def image_folder(data, root, train, transform):
 
 def read_classes(name):
     """A class list of classes/<name>.txt, one name a line: position = class index."""
-    return (pathlib.Path(__file__).absolute().parents[1] / 'classes' / f'{name}.txt').read_text().split()
+    return (pathlib.Path(__file__).parents[1] / 'classes' / f'{name}.txt').read_text().split()
 
 
 def class_folders(directory, expects):
@@ -224,7 +224,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
             for root, real, files in sorted(walked):
                 for f in sorted(files):
                     path = os.path.join(root, f)
-                    if not f.startswith('.') and f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+                    if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f):
                         # its real path from its folder's: one lstat a file, not one a part of its path
                         where = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
                         once(path, where, seen, 'file')
