@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     layer_pairs, student_presets, teacher_outputs, to_student_heads)
+                     student_presets, teacher_outputs, to_student_heads)
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -69,19 +69,18 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits
     (eager) or q and k (sdpa) of every distilled layer, then the student's own (kept),
     then CE + weight x the sum of the layers' losses."""
-    pairs = layer_pairs(layers)
     implementation = 'eager' if cfg.average_maps != 'none' else implementation   # an averaged map: written out
     names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
     dim = 0 if cfg.average_maps == 'batch' else 2                               # over images, or over queries
 
     def loss_fn(net, x, y):
-        targets = teacher_outputs(teacher, x, pairs, names)                   # {student layer: {name: tensor}}
+        targets = teacher_outputs(teacher, x, layers, names)                  # {student layer: {name: tensor}}
         if cfg.average_maps != 'none':   # the maps' mean p, as logits log(p): their softmax gives p back (eager)
             for t in targets.values():                                        # (B, H, N, N), fp32
                 t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
-        logits, kept = net(x, keep={i: names for i in pairs})                 # the student's own, kept
+        logits, kept = net(x, keep={i: names for i in layers})                # the student's own, kept
         attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation)
-                   for i in pairs)
+                   for i in layers)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
@@ -228,7 +227,6 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             layer_decay_offset=0, beta2=0.95, weight_decay=0.3, drop_path=0.2,
                             ema=0.9999, randaug='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
                             cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
-
 
 
 def main():

@@ -66,7 +66,7 @@ class MAEConfig(TrainConfig):
             check_output('--export', self.export, self.out_dir)
 
     def checks(self):
-        patches = (self.img_size // max(self.patch_size, 1)) ** 2
+        patches = (self.img_size // self.patch_size) ** 2
         return super().checks() + [
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),

@@ -21,8 +21,8 @@ from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_
 from util.engine import autocast, cast_matmul_weights
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
-WHAT = ('attn', 'q', 'k', 'v')   # what is transferred: the attention map, or the teacher's q, k or v
-NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}   # what the teacher hands over for each
+# what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
+NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}
 INDEX_SYNTAX = 'use all, 3, 0-17, 0,2,5 or 0-3,8'
 PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
 SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers', 'fashion-mnist-mae.pt')}   # by --data
@@ -216,7 +216,7 @@ class TransferConfig(TrainConfig):
     layer_map: str = option('auto', 'student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)',
                             (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
     heads: str = option('all', 'transferred heads, same syntax', INDEX_RULE)
-    transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(WHAT))
+    transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(NAMES))
     average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an image's queries: "
                                'none | batch | queries', one_of(('none', 'batch', 'queries')))
     student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer scale, ...), random "
