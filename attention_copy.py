@@ -133,7 +133,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
         raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: {given}; '
                               f'point at the teacher file where it is now (ensemble.py --teacher NEW.pt, '
                               f'or load_copy_model(path, teacher_source=NEW.pt)): its sha256 is checked')
-    other = None if new_teacher else teacher_mismatch(source, rec)
+    other = not new_teacher and teacher_mismatch(source, rec)
     if other:
         raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
                               f'teacher (--new-teacher true if another one is meant)')
