@@ -7,7 +7,7 @@ fields) before anything is made. Saved in every run directory and checkpoint; RE
 import math
 import os
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 
 from vit import IMPLEMENTATIONS, SIZES
 
@@ -18,11 +18,10 @@ DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')   
 # A field declared once
 
 
-def option(default=None, help='', rule=None, factory=None):
+def option(default=MISSING, help='', rule=None, factory=MISSING):
     """A config field: its default (or factory, for a list), the sentence --help shows, and its rule, a pair
     (holds(value) -> bool, what is allowed) that check() applies before anything is built."""
-    return field(**({'default_factory': factory} if factory else {'default': default}),
-                 metadata={'help': help, 'rule': rule})
+    return field(default=default, default_factory=factory, metadata={'help': help, 'rule': rule})
 
 
 def at_least(n, note='', most=math.inf):
@@ -52,7 +51,7 @@ def declared(cls):
     out = {}
     for klass in reversed(cls.__mro__):
         for f in getattr(klass, '__dataclass_fields__', {}).values():
-            out[f.name] = {**out.get(f.name, {}), **{k: v for k, v in f.metadata.items() if v}}
+            out.setdefault(f.name, {}).update({k: v for k, v in f.metadata.items() if v})
     return out
 
 # -----------------------------------------------------------------------------
@@ -66,7 +65,7 @@ PROBABILITY, UNIT = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]'), (lambda
 class TrainConfig:
     """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
     data: str = option('fashion-mnist', ' | '.join(DATA), one_of(DATA))
-    data_dir: str = option('./data')
+    data_dir: str = './data'
     val_size: int = option(0, 'hold out this many training images and evaluate on them, not on test',
                            at_least(0, 'off', STEPS))
     out_dir: str = option('runs/default', 'run directory: config, log, metrics, checkpoint',
@@ -117,7 +116,7 @@ class TrainConfig:
     amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
                                       one_of(('auto', *IMPLEMENTATIONS)))
-    compile: bool = option(False)
+    compile: bool = False
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
     num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
@@ -133,12 +132,12 @@ class TrainConfig:
                                at_least(1, 'seconds', SECONDS))
 
     # what --resume true may change: where and how the run goes, never what it computes (REFERENCE.md, "resume")
-    RESUMABLE: typing.ClassVar[tuple] = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                                         'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
+    RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every', 'save_every',
+                 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
-    SCRIPT: typing.ClassVar[str] = ''
+    SCRIPT = ''
     # the fields naming files a run reads (a teacher, --init weights): never one its run directory replaces
-    INPUTS: typing.ClassVar[tuple] = ()
+    INPUTS = ()
 
     def checks(self):
         """Rules across fields, (field, holds, what is allowed), checked after each field's own: the first that
@@ -162,7 +161,7 @@ class TrainConfig:
             ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
              f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
              f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
-            *too_big(self, dim, depth, self.patch_size, size.get('mlp_ratio', 4.0)),
+            *too_big(self, dim, depth, self.patch_size, 4.0),   # every size in vit.SIZES: MLP ratio 4
         ]
 
     def resume_conflicts(self, ckpt, world, free=()):
@@ -224,7 +223,7 @@ def check(cfg):
     for name, value in asdict(cfg).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
-    rules = [(k, md['rule']) for k, md in declared(type(cfg)).items() if md.get('rule')]
+    rules = [(k, md['rule']) for k, md in declared(type(cfg)).items() if 'rule' in md]
     refuse(cfg, ((k, holds(getattr(cfg, k)), allowed) for k, (holds, allowed) in rules))
     return refuse(cfg, cfg.checks() if hasattr(cfg, 'checks') else [])
 
