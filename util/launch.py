@@ -50,8 +50,8 @@ class Plan(NamedTuple):
     dtype: Any
     attn: str
     run_dir: Any
-    resumed: Any = None
-    method: Any = None
+    resumed: Any
+    method: Any
 
     @property
     def main(self):
@@ -214,9 +214,8 @@ class _Help(argparse.HelpFormatter):
     def _split_lines(self, text, width):
         return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
 
-    def _fill_text(self, text, width, indent):
-        return textwrap.fill(' '.join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
-                             break_on_hyphens=False)
+    def _fill_text(self, text, width, indent):   # a description: wrapped as a flag's help is
+        return '\n'.join(indent + line for line in self._split_lines(text, width - len(indent)))
 
 
 def _converter(tp):
@@ -252,10 +251,11 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     asked_help = given.pop('help', False)
     values = {**defaults, **preset, **given}
     if asked_help:   # before check(): the help of a line that would be refused is still shown
-        notes = {k: md['help'] for k, md in declared(cls).items() if md.get('help')}
+        notes = declared(cls)
         label = preset_label.format(data)
         source = {k: 'your flag' if k in given else label if k in preset else 'default' for k in defaults}
-        helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k] if k in notes else ''}" for k, v in values.items()}
+        helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k]['help'] if 'help' in notes[k] else ''}"
+                 for k, v in values.items()}
         say(parser(cls, presets, helps).format_help())   # `| head` may close the pipe: no traceback
         sys.exit(0)
     cfg = cls(**values)
@@ -276,7 +276,7 @@ def parser(cls, presets, helps=None):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
-        p.add_argument(flag(f.name), dest=f.name, nargs='+' if many else None,
+        p.add_argument(flag(f.name), nargs='+' if many else None,   # its dest: --key-name -> key_name
                        type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
                        metavar=_metavar(tp), help=helps.get(f.name, '').replace('%', '%%'))
     return p
