@@ -196,7 +196,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
     if broken:
         raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or inf): it is no "
                               f"usable model (a run that diverged?): take an earlier checkpoint of it")
-    if 'pos_embed' in sd:   # to this model's grid (kept at the same grid), as the family's own code does
+    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
