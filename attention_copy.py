@@ -141,7 +141,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
-    layers = rec.get('layer_map', rec['layers'])      # older records: the same layers in student and teacher
+    layers = rec.get('layer_map', rec.get('layers'))   # older records: the same layers in student and teacher
     model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],
                       rec.get('average_maps', 'none')).eval()
     try:

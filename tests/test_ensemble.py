@@ -225,6 +225,19 @@ def test_a_malformed_record_is_one_line_naming_the_file(runs, tmp_path, monkeypa
     assert msg and str(bad) in msg.split(' ')[1] and re.search(says, msg), msg
 
 
+def test_a_record_with_either_layer_field_alone_loads_the_same_model(runs, tmp_path):
+    """A copy student's record names its layers twice: 'layer_map' ({student: teacher}) and, as records made before
+    the map did, 'layers'. Either one alone rebuilds the model the whole record does (the map alone was a KeyError)."""
+    ckpt = torch.load(runs / 'copy' / 'checkpoint.pt', weights_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = load_copy_model(str(runs / 'copy' / 'checkpoint.pt'))(x)
+        for key in ('layers', 'layer_map'):
+            path = tmp_path / f'without-{key}.pt'
+            torch.save({**ckpt, 'teacher': without(ckpt['teacher'], key)}, path)
+            torch.testing.assert_close(load_copy_model(str(path))(x), whole)
+
+
 def test_ensemble_piped_to_head_writes_its_results_and_no_traceback(runs, tmp_path):
     """`python ensemble.py ... | head`: the pipe closes before the table is printed; the --out file is written all
     the same, and nothing but that is lost (no traceback)."""
