@@ -21,7 +21,7 @@ import evaluate
 import finetune
 import mae_pretrain
 from conftest import ROOT, TINY, run_in_process, run_script, sub_env
-from tools import benchmark, reproduce
+from tools import benchmark, features, reproduce
 from util.config import ConfigError
 from util.launch import parse_config, run_main
 
@@ -35,6 +35,7 @@ CONFIGS = {   # name: (config class, its presets as its command line picks them,
     'evaluate.py': (evaluate.EvaluateConfig, {}, ['--models', 'a.pt']),
     'tools.reproduce': (reproduce.ReproduceConfig, reproduce.PRESETS, []),
     'tools.benchmark': (benchmark.BenchConfig, getattr(benchmark, 'PRESETS', {}), []),
+    'tools.features': (features.FeaturesConfig, {}, ['--models', 'a.pt', *TEACHER]),
 }
 VALUES = ['nan', 'inf', '-inf', '1e309', '-1', '0', '1e20', '1e308', 'text', '', str(10 ** 20)]
 NUMBERS = (int, float)

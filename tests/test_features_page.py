@@ -5,6 +5,7 @@ the README's and the notebook's sentences about features rest on are computed he
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import ROOT
 from test_pages import flat, read
+from tools.features import tables
 from util.checkpoints import read_checkpoint
 
 FEATURES = os.path.join(ROOT, 'results', 'fashion-mnist', 'features')
@@ -19,6 +21,7 @@ BLOCKS, SPAN = r'(blocks? \d+(?:-\d+)?(?:, \d+)*)', r'(\d\.\d\d(?:-\d\.\d\d)?)'
 IV = r'([+-]?[\d.]+ \[[+-]?[\d.]+, [+-]?[\d.]+\])'
 COMPARED = r'(more than|less than|no more than|about as much as)'
 FIXED = ('column 0 of every map',)    # the class token is token 0 of every map, whatever the data
+REMADE = r'The top-1 and CKA tables are made again by the analysis as it is now, \S+: `([^`]+)`'
 
 
 def span(values):
@@ -99,6 +102,8 @@ def feature_checks(record, epochs):
         (r'one pass over the first (\d+) images of the (\S+) test split', (str(r['images']), cfg['data'])),
         (r'commit ([0-9a-f]{7}) is the last that holds it \(`git show ([0-9a-f]{7}):tools/features\.py`.*?`git '
          r'checkout ([0-9a-f]{7})`', last_holding),
+        (REMADE, (shlex.join(['python', '-m', 'tools.features', '--teacher', cfg['teacher'],
+                              '--out-dir', 'runs/features', '--models', *cfg['models']]),)),
         (r"Teacher `([^`]+)` \(features and maps (only|and predictions)\); (.+?) \(\[where each came from\]",
          (cfg['teacher'], 'only' if r['models'][t]['top1'] is None else 'and predictions',
           ', '.join(f'{k} `{p}`' for k, p in zip(names, cfg['models'])))),
@@ -156,24 +161,9 @@ def features_page():
         return record, epochs.pop(), f.read()
 
 
-def tables(text):
+def sections(text):
     """{heading: its Markdown table} of TABLES.md: each table under the `## ` line above it."""
     return dict(re.findall(r'^## (.+)\n\n((?:\|.*\n?)+)', text, re.M))
-
-
-def json_tables(r):
-    """The cells TABLES.md's top-1 and CKA tables hold, made again from features.json: {heading: [row cells]}."""
-    pm = lambda s: f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '')
-    models = feature_facts(r)['models']
-    top1 = [[r['models'][m]['top1'] for m in ms] for ms in models.values()]
-    top1 = [[k, *(f'{v:.2f}' for v in vs), f'{statistics.fmean(vs):.2f} ±{statistics.stdev(vs):.2f}']
-            for k, vs in zip(models, top1) if vs[0] is not None]   # the teacher has no classifier
-    groups = sorted(r['groups'], key=lambda g: (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b']))
-    cka = lambda key: [[f"{g['a']} vs {g['b']}" + ' (seed to seed)' * (g['a'] == g['b']), str(len(g['pairs'])),
-                        *map(pm, g[key])] for g in groups]
-    return {'Top-1 (%) on these images, fp32': top1,
-            'Linear CKA, every token of every image a sample, block i against block i': cka('tokens'),
-            'Linear CKA, the class token alone': cka('class_token')}
 
 
 def features_problems(record, epochs, page):
@@ -192,15 +182,14 @@ def test_the_feature_analysis_page_states_its_numbers():
     assert features_problems(*features_page()) == []
 
 
-def test_the_feature_tables_hold_the_numbers_of_features_json():
-    """TABLES.md was made by tools/features_report.py, which left the tree with the analysis (the page names the
-    commit that made it): its top-1 and CKA tables are made again here from the committed features.json."""
-    record = features_page()[0]
+def test_the_feature_tables_are_those_tools_features_writes_from_features_json():
+    """TABLES.md was made by the first version of the analysis (the page names the commit that made it): its top-1 and
+    CKA tables are those tools/features.py writes from the committed features.json, digit for digit."""
+    r = features_page()[0]['result']
     with open(os.path.join(FEATURES, 'TABLES.md'), encoding='utf-8') as f:
-        made = tables(f.read())
-    for heading, rows in json_tables(record['result']).items():
-        cells = [[c.strip() for c in line.strip('|').split('|')] for line in made[heading].splitlines()[2:]]
-        assert cells == rows, heading
+        committed = sections(f.read())
+    made = sections(tables({**r, 'blocks': list(range(r['depth']))}))
+    assert len(made) == 3 and all(committed[heading] == table for heading, table in made.items()), made.keys()
 
 
 @pytest.mark.parametrize('old, new, found', [

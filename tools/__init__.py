@@ -1,12 +1,14 @@
 """Tools around the course, kept apart from it: run from the repository root with `python -m tools.NAME`. They
-measure and draw; the results pages that say what the numbers show are written by people (tests/test_pages.py and
-tests/test_variants.py check each number they state).
+measure and draw; the results pages that say what the numbers show are written by people (tests/test_pages.py,
+tests/test_features_page.py and tests/test_variants.py check each number they state).
 
     reproduce.py, reproduce_report.py   the paper's Table 1 in miniature: every method, several seeds, one command
                                         (results.json, TABLE.md, results.png)
     benchmark.py, benchmark_cases.py,   speed and memory of every method's step, the two attention implementations
     benchmark_memory.py,                against the authors' way of computing it (naive.py, also the tests'
     benchmark_report.py, naive.py       reference): BENCHMARK.md, benchmark.json
+    features.py                         does a student learn features of its own: linear CKA block by block to the
+                                        teacher, seed to seed, method to method; top-1 (features.json, TABLE.md)
     student_study.sh                    the runs of results/student-study/STUDY.md
     gpu_check.sh                        on a GPU, in one call: the gpu tests, auto against eager, the start-up checks
                                         (results/benchmark-h200/)
