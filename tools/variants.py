@@ -9,9 +9,8 @@ import re
 from statistics import mean, stdev
 
 from matplotlib.figure import Figure
-from PIL import Image
 
-from tools.palette import PALETTE
+from tools.palette import PALETTE, png
 from util.files import replacing, write_json
 
 HERE = os.path.join('results', 'fashion-mnist')
@@ -101,11 +100,8 @@ def plot(result, path):
               '(the y axis does not start at 0)')
     right.legend(fontsize=8, title='the committed models\n(ensemble: fine-tune +\ndistillation)',
                  title_fontsize=8)
-    with replacing(path) as tmp:   # 256 colours: a third of the bytes of the full-colour PNG, the same to the eye
-        fig.savefig(tmp, format='png', dpi=200, facecolor='white')
-        with Image.open(tmp) as im:
-            small = im.convert('RGB').quantize(256, Image.Quantize.MEDIANCUT)
-        small.save(tmp, 'PNG', optimize=True)
+    with replacing(path) as tmp, open(tmp, 'wb') as f:
+        f.write(png(fig, dpi=200))
     return fig
 
 
