@@ -2,7 +2,9 @@
 `auto` hands a copy student on each device (and attention_copy.py's docstring), what the teacher's output is, how
 far the fine-tuned and the distilled maps are from the teacher's (features.json), the ensemble's two numbers and
 the CKA of a fine-tuned against a distilled model (results.json, features.json), the budgets it tables, where it
-first says which numbers are results, the loss plot and exercise 3 against the stored run."""
+first says which numbers are results, the loss plot and exercise 3 against the stored run; and (issue 71) where the
+miniature differs from the paper (the summary, the README), the variants, the features figure's bottom row, the
+untrained student's CKA, the terms defined where first used, the preset's reasons, exercise 4 and the sections' order."""
 import json
 import os
 import re
@@ -449,3 +451,18 @@ def test_exercise_4_writes_a_distillation_step_checked_against_train():
     assert 'check_step()' in ''.join(solution['source'])
     assert re.search(r'def train\(method, weight=W, steps=STEPS\):', code('def train(')) and \
         'for step in range(steps):' in code('def train(')
+
+
+def test_the_sections_come_in_the_order_they_are_read():
+    """Ensemble, features, the paper's other questions and the summary each a section of its own, in that order; the
+    maps' KL stated only after the figure that draws it; the variants figure in its own section."""
+    nb = cells()
+    at = lambda test: next(i for i, c in enumerate(nb) if test(c, ''.join(c['source'])))
+    heading = lambda h: at(lambda c, s: c['cell_type'] == 'markdown' and s.startswith(h))
+    order = [heading(h) for h in ('## 7. Ensemble', '## 8. Are the features its own?', "## 9. The paper's other questions",
+                                  '## 10. At scale', '## Summary', '## Exercises')]
+    assert order == sorted(order), order
+    figure = at(lambda c, s: c['cell_type'] == 'code' and 'plot_features(' in s)
+    kl = at(lambda c, s: c['cell_type'] == 'markdown' and 'nats (KL) from the teacher\'s in blocks 0-5' in s)
+    variants_figure = at(lambda c, s: c['cell_type'] == 'code' and 'variants.png' in s)
+    assert order[1] < figure < kl < order[2] < variants_figure < order[3]
