@@ -288,9 +288,9 @@ def summary_problems(text, d):
             f"the paper's gets {d['paper_distill']:.0f}%",
             f"Copy gets {d['copy']:.1f}% of the way; the paper's gets {d['paper_copy']:.1f}%",
             f"instead of its maps gets {d['values']:.1f}%",
-            'Under noise both transferred students fall far below scratch ({:.1f}% and {:.1f}% against {:.1f}%)'
-            .format(*d['noise']),
-            'under rotation below it too ({:.1f}% and {:.1f}% against {:.1f}%)'.format(*d['rotate'])]
+            'Under noise both transferred students fall far below scratch (copy {:.1f}% and distillation {:.1f}% '
+            'against {:.1f}%)'.format(*d['noise']),
+            'under rotation below it too (copy {:.1f}% and distillation {:.1f}% against {:.1f}%)'.format(*d['rotate'])]
     out = [f'not said: {s}' for s in said if s not in text]
     if not d['values'] > d['copy']:
         out.append("the values do not help copy more than its maps")
@@ -330,9 +330,9 @@ def test_the_readme_says_where_the_miniature_differs_too():
     assert len(re.findall(r'match(?:es)? fine-tuning', first)) == 1
     d, flat = differences_from_the_paper(), ' '.join(text.split())
     for said in (f"closes {d['values']:.1f}%, more than with the maps",
-                 'under noise both transferred students fall far below scratch ({:.1f} and {:.1f} against {:.1f})'
-                 .format(*d['noise']),
-                 'under rotation below it too ({:.1f} and {:.1f} against {:.1f};'.format(*d['rotate']),
+                 'under noise both transferred students fall far below scratch (copy {:.1f} and distillation {:.1f} '
+                 'against {:.1f})'.format(*d['noise']),
+                 'under rotation below it too (copy {:.1f} and distillation {:.1f} against {:.1f};'.format(*d['rotate']),
                  f"Distillation closes {d['distill']:.1f}% of the scratch-to-fine-tune gap, where the paper's closes "
                  f"all of it ({d['paper_distill']:.0f}%)", 'A hypothesis, not tested'):
         assert said.lower() in flat.lower(), said
