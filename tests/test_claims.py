@@ -216,9 +216,13 @@ def stated_features(c, text):
     """What in the README's (or the notebook's) paragraph about features the analysis does not say (empty:
     nothing): each number it quotes, and the two words that rest on a comparison."""
     text = ' '.join(text.split())
-    wrong = [f'{k}: {c[k]}' for k in ('close_blocks', 'teacher_close', 'seeds_close', 'scratch_seeds', 'apart_blocks',
-                                      'teacher_apart', 'gain_ff', 'gain_fd')
+    wrong = [f'{k}: {c[k]}' for k in ('within_blocks', 'teacher_within', 'seeds_within', 'scratch_seeds',
+                                      'beyond_blocks', 'teacher_beyond', 'seeds_beyond', 'gain_ff', 'gain_fd')
              if not re.search(rf'(?<![\d.]){re.escape(c[k])}(?!\d)', text)]
+    # where the distilled features part from the teacher's: the blocks beyond the seeds' spread, never a block within
+    for blocks in re.findall(r'[Ii]n (blocks \d-\d) (?:they|the distilled features) part from the teacher', text):
+        if blocks != c['beyond_blocks']:
+            wrong.append(f"part in {blocks}: beyond the seeds' spread only in {c['beyond_blocks']}")
     # the ensemble's gain read as no sign of features unlike the fine-tuned model's: the distilled student may add no
     # more than a second fine-tuned seed
     says_no_sign = any(s in text for s in ('no sign of features of its own', 'no sign of features unlike',
@@ -237,11 +241,13 @@ def test_the_readme_says_what_the_feature_analysis_shows():
     c = feature_claims()
     assert c is not None and stated_features(c, text) == []
     # where the distilled features part from the teacher's, how alike two distilled seeds stay (the README says both)
-    from test_features_page import span
-    apart = span(c['at']('distill', 'distill', c['apart']))
-    assert f"{c['teacher_apart']}) than to each other ({apart})" in ' '.join(text.split()), apart
+    said = ' '.join(text.split())
+    assert (f"In {c['beyond_blocks']} they part from the teacher's ({c['teacher_beyond']}, against {c['seeds_beyond']} "
+            'between seeds)') in said
+    assert f"in {c['within_blocks']}" in said and c['within'] + c['beyond'] == list(range(6))
     # the reader catches a number or a word changed
-    assert stated_features(c, text.replace(c['teacher_close'], '0.12-0.34')) == ['teacher_close: ' + c['teacher_close']]
+    assert stated_features(c, text.replace(c['teacher_within'], '0.12-0.34')) == ['teacher_within: ' + c['teacher_within']]
+    assert stated_features(c, text.replace('In blocks 4-5 they part', 'In blocks 3-5 they part')) != []
     swapped = {**c, 'fd': c['ff'], 'ff': {'gain': {'mean': c['ff']['gain']['mean'] - 1}}}
     assert 'the distilled student adds more than a second fine-tuned seed' in stated_features(swapped, text)
 

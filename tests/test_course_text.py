@@ -2,7 +2,9 @@
 `auto` hands a copy student on each device (and attention_copy.py's docstring), what the teacher's output is, how
 far the fine-tuned and the distilled maps are from the teacher's (features.json), the ensemble's two numbers and
 the CKA of a fine-tuned against a distilled model (results.json, features.json), the budgets it tables, where it
-first says which numbers are results, the loss plot and exercise 3 against the stored run."""
+first says which numbers are results, the loss plot and exercise 3 against the stored run; and (issue 71) where the
+miniature differs from the paper (the summary, the README), the variants, the features figure's bottom row, the
+untrained student's CKA, the terms defined where first used, the preset's reasons, exercise 4 and the sections' order."""
 import json
 import os
 import re
@@ -123,10 +125,10 @@ def test_the_distilled_maps_are_the_teachers_and_the_fine_tuned_move_away():
     assert min(v for kl in tuned.values() for v in kl) > 0.02, 'the text says fine-tuning moves away'
     said = 'at most 0.02 nats (KL) from the teacher\'s in blocks 0-4, on each of the 3 seeds'
     assert said in markdown('Copy has the teacher\'s maps from its first step')
-    ensemble = markdown('## 7. Ensemble')
-    assert f"its maps are {span(means)} nats (KL) from the teacher's in blocks 0-5" in ensemble, span(means)
-    assert 'Fine-tuning does not keep the teacher\'s routing' in ensemble
-    assert not re.search(r'(keeps|shares?) the teacher\'s routing', markdown('## 1. The idea') + ensemble)
+    reading = markdown("Section 1's two questions")
+    assert f"its maps move {span(means)} nats (KL) from the teacher's in blocks 0-5" in reading, span(means)
+    assert 'Fine-tuning does not keep the teacher\'s routing' in reading
+    assert not re.search(r'(keeps|shares?) the teacher\'s routing', markdown('## 1. The idea') + reading)
 
 # -----------------------------------------------------------------------------
 # The ensemble's two numbers, and a fine-tuned against a distilled model (results.json, features.json)
@@ -146,7 +148,8 @@ def ensemble_facts():
 
 
 def ensemble_problems(text, f):
-    """What a paragraph about the ensemble's two numbers and a fine-tuned against a distilled model gets wrong."""
+    """What the paragraphs about the ensemble's two numbers (section 7) and a fine-tuned against a distilled model
+    (section 8) get wrong."""
     out = []
     (top_s, gain_s), (top_c, gain_c), (lo, hi) = f['same_seed'], f['cross_seed'], f['interval']
     for said in (f'{top_s:.2f}, {gain_s:+.2f} over fine-tuning', f'{top_c:.2f}, {gain_c:+.2f}',
@@ -163,11 +166,11 @@ def ensemble_problems(text, f):
 
 def test_the_notebook_reconciles_the_ensembles_two_numbers():
     f = ensemble_facts()
-    text = markdown('So the two questions of section 1')
+    text = markdown('A distilled partner adds') + ' ' + markdown("Section 1's two questions")
     assert ensemble_problems(text, f) == []
     assert 'pairs models of the same seed' in text and 'pairs different seeds' in text
     assert ensemble_problems(text.replace('0.51-0.82', '0.61-0.82'), f) != []       # the reader catches a change
-    summary = markdown('## 8. At scale')
+    summary = markdown('## Summary')
     assert (f"it adds about what a second fine-tuned seed adds ({f['cross_seed'][1]:+.2f} against "
             f"{f['ff_gain']:+.2f})") in summary
     assert abs(f['cross_seed'][1] - f['ff_gain']) < 0.1 and '+0.21' not in summary
@@ -190,15 +193,19 @@ def test_the_readme_reconciles_them_too():
 
 
 def test_the_notebook_says_what_is_a_result_before_it_trains():
-    """The paragraph that names results and smoke runs comes before the first cell that trains anything."""
+    """The paragraph that names results and smoke runs comes before the first cell that trains anything; the table of
+    budgets where two budgets are first compared: after the scripts' runs, right before the figure that sets this
+    notebook's runs beside the committed reproduction's (issue 71: not before anything has trained)."""
     nb = cells()
-    said = next(i for i, c in enumerate(nb) if c['cell_type'] == 'markdown'
-                and '**Results and smoke runs.**' in ''.join(c['source']))
-    trains = next(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and re.search(r'\btrain\(|= run\(',
-                                                                                         ''.join(c['source'])))
-    table = next(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and 'budgets(' in ''.join(c['source']))
-    assert said < table < trains
-    assert 'Only the committed reproduction is a result' in markdown('## 5. Training what you built')
+    source = lambda c: ''.join(c['source'])
+    said = next(i for i, c in enumerate(nb) if c['cell_type'] == 'markdown' and '**Results and smoke runs.**' in source(c))
+    trains = next(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and re.search(r'\btrain\(|= run\(', source(c)))
+    runs = max(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and re.search(r'^\w+ = run\(', source(c), re.M))
+    table = next(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and 'budgets(' in source(c))
+    compared = next(i for i, c in enumerate(nb) if c['cell_type'] == 'code' and 'plot_curves(' in source(c))
+    assert said < trains < runs < table < compared
+    assert not any('plot_curves(' in source(c) or 'committed=' in source(c) for c in nb[:table] if c['cell_type'] == 'code')
+    assert 'Only the committed reproduction is a result' in markdown('Only the committed reproduction is a result')
 
 
 def test_every_budget_the_notebook_prints_is_in_both_tables():
@@ -210,8 +217,8 @@ def test_every_budget_the_notebook_prints_is_in_both_tables():
     rows = [r.split('|')[1].strip() for r in table.splitlines()[2:]]
     assert len(rows) == len(BUDGET_NAMES) and all(r.startswith(n) for r, n in zip(rows, BUDGET_NAMES)), rows
     assert "print(f'the hand-written loop, after {STEPS} steps" in code('by_hand = {')
-    budget = code("if MODE == 'quick':")
-    assert re.search(r'^STEPS, BATCH, LR, W, N_EVAL = ', budget, re.M) and 'STEPS, BATCH' not in code('def train(')
+    assert re.search(r'^STEPS, BATCH, LR, W, N_EVAL = ', code('def train('), re.M)
+    assert 'BUDGET' not in code('budgets(')           # the table is the same in both modes: quick mode's row is QUICK
 
 # -----------------------------------------------------------------------------
 # The hand-written loop's figure, and exercise 3, against the stored run
@@ -250,3 +257,212 @@ def test_the_loop_and_the_smoke_ensemble_read_as_their_text_says():
     top1 = stored_numbers()['top1']
     assert top1['finetune'] - top1['distill'] > 5, "the text calls this run's distilled partner far behind"
     assert 'a partner far behind' in markdown('That is a smoke number')
+
+# -----------------------------------------------------------------------------
+# Where the miniature differs from the paper (issue 71): the summary and the README against results.json,
+# variants.json and the paper's table; the hypothesis marked as one, with its evidence
+
+
+def variants():
+    with open(os.path.join(RESULTS, 'variants', 'variants.json')) as f:
+        return json.load(f)
+
+
+def differences_from_the_paper():
+    """The numbers the summary sets beside the paper's: each method's share of the gap here and there, copy given the
+    teacher's values, and the committed models' top-1 under noise and rotation (copy, distillation, scratch)."""
+    from tools.reproduce_report import PAPER
+    with open(os.path.join(RESULTS, 'results.json')) as f:
+        here = {k: v['mean'] for k, v in json.load(f)['summary']['methods'].items()}
+    way = lambda t, k: 100 * (t[k] - t['scratch']) / (t['finetune'] - t['scratch'])
+    v = variants()
+    shifted = lambda s: tuple(v['shifted'][s][k]['mean'] for k in ('copy', 'distill', 'scratch'))
+    return {'distill': way(here, 'distill'), 'copy': way(here, 'copy'), 'paper_distill': way(PAPER, 'distill'),
+            'paper_copy': way(PAPER, 'copy'), 'values': v['runs']['copy-v']['gap'], 'noise': shifted('noise'),
+            'rotate': shifted('rotate')}
+
+
+def summary_problems(text, d):
+    """What the summary's 'where the miniature differs' says that its data do not."""
+    said = [f"Distillation gets {d['distill']:.1f}% of the way from scratch to fine-tuning",
+            f"the paper's gets {d['paper_distill']:.0f}%",
+            f"Copy gets {d['copy']:.1f}% of the way; the paper's gets {d['paper_copy']:.1f}%",
+            f"instead of its maps gets {d['values']:.1f}%",
+            'Under noise both transferred students fall far below scratch (copy {:.1f}% and distillation {:.1f}% '
+            'against {:.1f}%)'.format(*d['noise']),
+            'under rotation below it too (copy {:.1f}% and distillation {:.1f}% against {:.1f}%)'.format(*d['rotate'])]
+    out = [f'not said: {s}' for s in said if s not in text]
+    if not d['values'] > d['copy']:
+        out.append("the values do not help copy more than its maps")
+    if not max(d['noise'][:2]) < d['noise'][2] - 10:
+        out.append('under noise the transferred students are not far below scratch')
+    if not max(d['rotate'][:2]) < d['rotate'][2]:
+        out.append('under rotation the transferred students are not below scratch')
+    if not d['distill'] < d['paper_distill'] and d['copy'] < d['paper_copy']:
+        out.append('the miniature does not fall short of the paper')
+    return out
+
+
+def test_the_summary_says_where_the_miniature_differs_from_the_paper():
+    text, d = markdown('## Summary'), differences_from_the_paper()
+    assert '**Where the miniature differs from the paper.**' in text
+    assert summary_problems(text, d) == []
+    assert summary_problems(text.replace(f"{d['values']:.1f}%", '38.1%'), d) != []      # the reader catches a change
+    # one hypothesis for copy's miss, marked as one, pointing at the evidence that exists
+    hypothesis = text[text.index('*A hypothesis, not tested:*'):]
+    assert '(results/fashion-mnist/VALIDATION.md#teacher)' in hypothesis
+    assert '(results/fashion-mnist/variants/README.md)' in hypothesis
+    with open(os.path.join(RESULTS, 'VALIDATION.md'), encoding='utf-8') as f:
+        even = next(r for r in f.read().splitlines() if r.startswith('| even maps (the control) |'))
+    assert re.search(r'\| [−-]\d+\.\d+% \|', even), f'copying even maps ends above scratch: {even}'
+    assert 'Copying even maps ends below scratch' in hypothesis and 'values help copy more than' in hypothesis
+
+
+def test_the_readme_says_where_the_miniature_differs_too():
+    """Its first lines say which transfer matches fine-tuning in the paper (distillation only), its Results what does
+    not hold here: copy's share, copy given the values, the shifts where both students fall below scratch."""
+    from tools.reproduce_report import PAPER
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        text = f.read()
+    first = ' '.join(text.split('\n\n')[1].split())
+    assert 'Distilled, it matches fine-tuning the teacher; copied, it gets most of the way' in first
+    assert PAPER['distill'] == PAPER['finetune'] and PAPER['scratch'] < PAPER['copy'] < PAPER['finetune']
+    assert len(re.findall(r'match(?:es)? fine-tuning', first)) == 1
+    d, flat = differences_from_the_paper(), ' '.join(text.split())
+    for said in (f"closes {d['values']:.1f}%, more than with the maps",
+                 'under noise both transferred students fall far below scratch (copy {:.1f} and distillation {:.1f} '
+                 'against {:.1f})'.format(*d['noise']),
+                 'under rotation below it too (copy {:.1f} and distillation {:.1f} against {:.1f};'.format(*d['rotate']),
+                 f"Distillation closes {d['distill']:.1f}% of the scratch-to-fine-tune gap, where the paper's closes "
+                 f"all of it ({d['paper_distill']:.0f}%)", 'A hypothesis, not tested'):
+        assert said.lower() in flat.lower(), said
+    assert "(the paper's copy closes" not in flat, "our distillation set beside the paper's copy"
+
+
+def test_the_section_on_the_papers_other_questions_holds_on_variants_json():
+    v, text = variants(), markdown('## 9. The paper\'s other questions')
+    shifts = [s for s in v['shifted'] if s != 'none']
+    mean = lambda s, k: v['shifted'][s][k]['mean']
+    assert all(max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'finetune') for s in shifts)
+    below = [s for s in shifts if max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'scratch')]
+    assert 'both transferred students fall behind fine-tuning, and under every shift but blur behind scratch' in text
+    assert sorted(set(shifts) - set(below)) == ['blur'], below
+    heads4, whole = v['runs']['distill-heads4'], v['baselines']['distill']
+    assert 'Four of 8 heads match all 8' in text and abs(heads4['mean'] - whole['mean']) <= max(heads4['std'], whole['std'])
+
+
+def test_distillation_leads_copy_on_the_means_not_on_every_seed():
+    """'Distillation's mean leads copy's from the first epoch on ..., though not on seed 1': per seed, from the logs."""
+    first = {m: {k: json.loads(open(os.path.join(RESULTS, 'logs', m, f'seed{k}', 'metrics.jsonl')).readline())['top1']
+                 for k in range(3)} for m in ('copy', 'distill')}
+    behind = [k for k in range(3) if first['distill'][k] <= first['copy'][k]]
+    text = markdown("Copy has the teacher's maps from its first step")
+    assert behind == [1], behind
+    k = behind[0]
+    assert (f"though not on seed {k} ({first['distill'][k]:.1f}% against {first['copy'][k]:.1f}% after epoch 1)"
+            in text)
+    assert 'Distillation leads copy from the first epoch on' not in text
+
+
+def test_the_features_bottom_row_is_read_as_features_json_has_it():
+    """The distilled heads read as far as the teacher's in the blocks they were taught (within the stated pixels, every
+    seed), block 5 not; copy's given heads are the teacher's; scratch's read farther, by the stated means."""
+    r = features()
+    t = np.array(r['attention_distance'][r['teacher']])                   # (blocks, heads), pixels
+    text = markdown("Section 1's two questions")
+    bound = float(re.search(r"each distilled head reads as far as the teacher's head, within ([\d.]+)\s+pixels",
+                            text)[1])
+    for k, m in r['models'].items():
+        d = np.abs(np.array(r['attention_distance'][k]) - t)
+        if m['method'] == 'distill':
+            assert m['maps_distilled'] == [0, 1, 2, 3, 4] and d[:5].max() < bound < d[5].max(), (k, d.max(1))
+        if m['method'] == 'copy':
+            assert d[m['maps_given']].max() < 1e-4, k
+    assert 'In blocks 0-4 each distilled head' in text and 'block 5, not distilled, has its own' in text
+    per_block = lambda method: [np.mean([r['attention_distance'][k][i] for k, m in r['models'].items()
+                                         if m['method'] == method]) for i in range(r['depth'])]
+    ranged = lambda v: f'{min(v):.1f}-{max(v):.1f}'
+    assert (f"Scratch's heads read farther ({ranged(per_block('scratch'))} pixels a block; the teacher's "
+            f"{ranged(per_block('teacher'))})") in text
+    assert min(per_block('scratch')) > max(per_block('teacher'))
+
+
+def test_the_cka_of_an_untrained_student_is_read_where_it_is_printed():
+    """The notebook's CKA cell prints the teacher against the untrained student; the text after it quotes that
+    number, computed again here as the cell computes it (the seed-0 student, the first 256 test images, block 2)."""
+    import vit
+    from tools.tutorial import fashion_mnist
+    from util.checkpoints import build_from_checkpoint
+    teacher = build_from_checkpoint(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), img_size=28).eval()
+    torch.manual_seed(0)
+    student = vit.VisionTransformer(img_size=28, patch_size=4, embed_dim=64, depth=6, num_heads=8, num_classes=10).eval()
+    x, _ = fashion_mnist(256)
+    with torch.no_grad():
+        T, S = (m.forward_tokens(x, depth=3)[0].flatten(0, 1).double() for m in (teacher, student))
+    T, S = T - T.mean(0), S - S.mean(0)
+    value = ((S.T @ T).norm() ** 2 / ((T.T @ T).norm() * (S.T @ S).norm())).item()
+    assert 'torch.manual_seed(0)\nstudent = vit.VisionTransformer(**SHAPE, num_classes=10)' in code('def copy_attention(')
+    assert "('fresh', student)" in code('def cka(')
+    assert f'Even the untrained student scores {value:.2f}' in markdown('Even the untrained student scores')
+
+
+def test_each_term_is_defined_where_it_is_first_used():
+    """class token, MAE, the gap, blr and a fused call: the first time the notebook's prose names each, it says what
+    it is; and no exercise of another course is called 'its Exercise 2' beside the notebook's own."""
+    prose = ' '.join(' '.join(''.join(c['source']).split()) for c in cells() if c['cell_type'] == 'markdown')
+    for term, defined in ((r'class token', "**class token**, one extra learned token put in front"),
+                          (r'\bMAE\b', '(MAE: a ViT that learns, without labels, to paint in the patches hidden from it)'),
+                          (r'\bgap\b', 'the gap, the points by which fine-tuning beats scratch'),
+                          (r'\bblr\b', 'The base learning rate, `blr` (`--blr`), sets the peak'),
+                          (r'\bfused\b', 'one fused call (one GPU kernel for all of')):
+        first = re.search(term, prose).start()
+        at = prose.find(defined)
+        assert at >= 0 and at <= first <= at + len(defined), (term, prose[first - 80:first + 80])
+    assert 'Its Exercise 2' not in prose
+
+
+def test_the_presets_choices_each_have_a_reason():
+    """8 heads, layers 0-4 and w = 3 each get one line of reason, and the runs it cites say so."""
+    with open(os.path.join(RESULTS, 'VALIDATION.md'), encoding='utf-8') as f:
+        validation = ' '.join(f.read().split())
+    heads = re.search(r"the 8-head teacher's students closed ([\d.]+)% \(copy\) and ([\d.]+)% \(distillation\) of the "
+                      r"gap, against ([\d.]+)% and ([\d.]+)% with the 4-head teacher", validation)
+    assert heads and float(heads[1]) > float(heads[3]) and float(heads[2]) > float(heads[4])
+    assert ('It has 8 heads of 8 numbers: with 4 heads of 16, both students got less of the way from scratch to '
+            'fine-tuning on held-out images') in markdown('On ImageNet, with a ViT-L/16')
+    copy_text = markdown('`attention_copy.py` trains such a student')
+    assert 'copies layers 0-4: on held-out images, copying or distilling all 6 closed less of the gap' in copy_text
+    weight = {w: float(re.search(rf'\| attention loss weight {w} \| ([\d.]+) ', validation)[1]) for w in (1, 10)}
+    at_3 = float(re.search(r'\| attention loss weight 1 \| [\d.]+ \([\d.]+%\) \| ([\d.]+) \([\d.]+%\) at 3', validation)[1])
+    assert max(weight.values()) < at_3 and "with `w = 3` (the paper's; 1 and 10 did worse here)" in copy_text
+
+
+def test_exercise_4_writes_a_distillation_step_checked_against_train():
+    """The learner writes the step; the cell compares the weights after one AdamW step on it with those after train's
+    first step (an assertion, `same`); the solution is hidden as the other solutions are."""
+    nb = cells()
+    text = markdown('**4. A distillation step, by hand.**')
+    assert '`distil_step(model, images, labels)`' in text and '*Expect*' in text
+    checker = code('def check_step():')
+    assert 'return None' in checker and "train('distillation', steps=1)" in checker and 'same(' in checker
+    assert 'x_train[:BATCH], y_train[:BATCH]' in checker and 'torch.manual_seed(0)' in checker
+    solution = next(c for c in nb if c['cell_type'] == 'code' and '#@title Solution to exercise 4' in ''.join(c['source']))
+    assert solution['metadata'].get('jupyter', {}).get('source_hidden') and solution['metadata'].get('cellView') == 'form'
+    assert 'check_step()' in ''.join(solution['source'])
+    assert re.search(r'def train\(method, weight=W, steps=STEPS\):', code('def train(')) and \
+        'for step in range(steps):' in code('def train(')
+
+
+def test_the_sections_come_in_the_order_they_are_read():
+    """Ensemble, features, the paper's other questions and the summary each a section of its own, in that order; the
+    maps' KL stated only after the figure that draws it; the variants figure in its own section."""
+    nb = cells()
+    at = lambda test: next(i for i, c in enumerate(nb) if test(c, ''.join(c['source'])))
+    heading = lambda h: at(lambda c, s: c['cell_type'] == 'markdown' and s.startswith(h))
+    order = [heading(h) for h in ('## 7. Ensemble', '## 8. Are the features its own?', "## 9. The paper's other questions",
+                                  '## 10. At scale', '## Summary', '## Exercises')]
+    assert order == sorted(order), order
+    figure = at(lambda c, s: c['cell_type'] == 'code' and 'plot_features(' in s)
+    kl = at(lambda c, s: c['cell_type'] == 'markdown' and 'nats (KL) from the teacher\'s in blocks 0-5' in s)
+    variants_figure = at(lambda c, s: c['cell_type'] == 'code' and 'variants.png' in s)
+    assert order[1] < figure < kl < order[2] < variants_figure < order[3]

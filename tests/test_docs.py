@@ -164,31 +164,37 @@ def number(cell):
     return float(re.match(r'[\d,.]+', cell)[0].replace(',', ''))
 
 
-def notebook_cell():
+def notebook_cell(marker):
+    """The code cell of the notebook that holds `marker`, parsed."""
     import ast
     with open(os.path.join(ROOT, 'tutorial.ipynb'), encoding='utf-8') as f:
         cell = next(''.join(c['source']) for c in json.load(f)['cells']
-                    if c['cell_type'] == 'code' and "if MODE == 'quick':" in ''.join(c['source']))
+                    if c['cell_type'] == 'code' and marker in ''.join(c['source']))
     return ast.parse(cell)
 
 
 def notebook_loop():
-    """(steps, batch, lr, test images) of the notebook's hand-written loop, read from the same cell."""
+    """(steps, batch, lr, test images) of the notebook's hand-written loop, read from the cell that defines train."""
     import ast
-    line = next(n for n in notebook_cell().body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Tuple)
+    line = next(n for n in notebook_cell('def train(').body if isinstance(n, ast.Assign)
+                and isinstance(n.targets[0], ast.Tuple)
                 and [t.id for t in n.targets[0].elts] == ['STEPS', 'BATCH', 'LR', 'W', 'N_EVAL'])
     steps, batch, lr, _, test = ast.literal_eval(line.value)
     return steps, batch, lr, test
 
 
 def notebook_budget():
-    """(training images, test images, flags) of the notebook's quick mode, read from its MODE cell."""
+    """(training images, test images, flags) of the notebook's quick mode: QUICK and SLICE, read from the cell that
+    starts the runs, where quick mode trains on write_slice(*SLICE) with BUDGET = QUICK."""
     import ast
-    quick = next(n for n in ast.walk(notebook_cell()) if isinstance(n, ast.If)).body
-    sliced = next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'DATA_DIR')
-    sizes = {k.arg: ast.literal_eval(k.value) for k in sliced.keywords}
-    flags = ast.literal_eval(next(n.value for n in quick if isinstance(n, ast.Assign) and n.targets[0].id == 'BUDGET'))
-    return sizes['n_train'], sizes['n_test'], dict(zip(flags[::2], flags[1::2]))
+    tree = notebook_cell("if MODE == 'quick':")
+    named = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
+             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in ('QUICK', 'SLICE')}
+    quick = next(n for n in tree.body if isinstance(n, ast.If)).body
+    assert any(ast.unparse(n) == 'DATA_DIR, BUDGET = (write_slice(*SLICE), QUICK)' for n in quick), \
+        [ast.unparse(n) for n in quick]
+    (n_train, n_test), flags = named['SLICE'], named['QUICK']
+    return n_train, n_test, dict(zip(flags[::2], flags[1::2]))
 
 
 def expected_budgets():

@@ -55,11 +55,19 @@ def feature_facts(r):
     at = lambda a, b, layers=taught: [g(a, b)['tokens'][i]['mean'] for i in layers]
     close = [i for i in range(depth) if at(t, 'distill', [i])[0] >= g('distill', 'distill')['tokens'][i]['min']]
     apart = [i for i in range(depth) if i not in close]
+    # the course's reading (README, notebook): as alike to the teacher as to a second seed where the teacher's CKA lies
+    # within the distilled pairs' mean ± std, parted from it elsewhere
+    pairs = g('distill', 'distill')['tokens']
+    within = [i for i in range(depth) if abs(at(t, 'distill', [i])[0] - pairs[i]['mean']) <= pairs[i]['std']]
+    beyond = [i for i in range(depth) if i not in within]
     fd, ff = g('finetune', 'distill')['predictions'], g('finetune', 'finetune')['predictions']
     return {'g': g, 'at': at, 'models': models, 'taught': taught, 'close': close, 'apart': apart, 'fd': fd, 'ff': ff,
             'seeds': len(models['distill']), 'close_blocks': named(close), 'apart_blocks': named(apart),
             'teacher_close': span(at(t, 'distill', close)), 'seeds_close': span(at('distill', 'distill', close)),
             'teacher_apart': span(at(t, 'distill', apart)), 'scratch_seeds': span(at('scratch', 'scratch')),
+            'within': within, 'beyond': beyond, 'within_blocks': named(within), 'beyond_blocks': named(beyond),
+            'teacher_within': span(at(t, 'distill', within)), 'seeds_within': span(at('distill', 'distill', within)),
+            'teacher_beyond': span(at(t, 'distill', beyond)), 'seeds_beyond': span(at('distill', 'distill', beyond)),
             'gain_fd': f"{fd['gain']['mean']:+.2f}", 'gain_ff': f"{ff['gain']['mean']:+.2f}"}
 
 

@@ -30,8 +30,10 @@ def odd_palette(monkeypatch):
 
 
 def says_where_its_axes_start(fig):
-    """Every panel whose y axis does not start at 0 says so in its title."""
-    return all('does not start at 0' in ax.get_title() for ax in fig.axes if ax.get_ylim()[0] > 0)
+    """Every panel whose y axis does not start at 0 says so in its title, or in the title over its row (a subfigure's,
+    for panels that share one axis)."""
+    return all('does not start at 0' in ax.get_title() + ax.get_figure(root=False).get_suptitle()
+               for ax in fig.axes if ax.get_ylim()[0] > 0)
 
 
 def colours_of(artist):
@@ -83,6 +85,8 @@ def fake_run(folder, top1):
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
         for e, t in enumerate(top1, 1):
             f.write(json.dumps({'epoch': e, 'step': 10 * e, 'top1': t}) + '\n')
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'batch_size': 64}, f)
     return str(folder)
 
 
@@ -110,6 +114,21 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
     arrows = [to_hex(t.arrow_patch.get_edgecolor(), keep_alpha=False) for ax in fig.axes for t in ax.texts
               if getattr(t, 'arrow_patch', None)]
     assert set(arrows) == {odd_palette['copy'], odd_palette['distill']}
+    boxes = [{to_hex(p.get_facecolor(), keep_alpha=False) for p in ax.patches} for ax in fig.axes]
+    assert boxes == [{odd_palette['teacher'], odd_palette['copy']}, {odd_palette['teacher'], odd_palette['distill']}]
+    assert 'made up' in fig.get_supxlabel()
+    with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.json')) as f:
+        tutorial.plot_features(json.load(f)['result'])
+    fig = plt.gcf()
+    plain = {'scratch', 'fine-tune', 'copy', 'distillation'}
+    for ax in fig.axes:
+        for label, colours in legend_colours(ax).items():
+            method = label.removeprefix('distillation and ')
+            if method in plain:                                    # a method, by the course's name: its colour
+                assert colours == {odd_palette[palette.ALIASES.get(method, method)]}, label
+            else:                                                  # the teacher's heads, a uniform map, its heads
+                assert label in ("the teacher's heads", 'a uniform map', 'its heads'), label
+    assert says_where_its_axes_start(fig)
 
 
 def test_the_notebook_names_its_colours_through_the_palette():

@@ -66,9 +66,17 @@ def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path)
     assert {to_hex(c) for s in left.collections for c in s.get_facecolor()} == {odd['distill']}
     for ax in fig.axes:
         handles, labels = ax.get_legend_handles_labels()
-        assert labels and all(to_hex(h.get_color()) == odd[label.split(',')[0]] for h, label in zip(handles, labels))
-        assert ax is right or 'does not start at 0' in ax.get_title()
-    assert 'does not start at 0' in right.get_title()
+        assert labels and all(to_hex(h.get_color()) == to_hex(palette.colour(label)) for h, label in zip(handles, labels))
+        assert 'does not start at 0' in ax.get_title()
+    assert [t.get_text() for t in left.get_yticklabels()] == ['distillation, queries only']   # the course's names
+
+
+@pytest.mark.parametrize('name, shown', [('copy-v', 'copy, values only'), ('distill-heads4', 'distillation, 4 heads of 8'),
+                                         ('distill-layers3-5', 'distillation, blocks 3-5'),
+                                         ('distill-layer0', 'distillation, block 0 alone'),
+                                         ('copy-mean-queries', 'copy, maps averaged over queries')])
+def test_the_figure_names_runs_as_the_course_does(name, shown):
+    assert variants.label(name) == shown
 
 # -----------------------------------------------------------------------------
 # The page against its data
@@ -178,3 +186,16 @@ def test_the_checks_catch_a_wrong_number_and_a_wrong_ordering(page):
     assert prose_problems('Queries alone do better than `distill-q`.', data)
     assert table_problems(f"| run | mean |\n|---|---|\n| `distill-q` | {d['mean'] + 0.01:.2f} ± {d['std']:.2f} |",
                           data)
+
+
+def test_the_page_says_later_layers_matter_more_only_where_the_data_does(page):
+    """The one-block runs: 'later layers matter more' would need the gap closed to rise block by block; the page says
+    it does not, and that only the first two blocks matter less (each of blocks 2-5 above both)."""
+    text, data = page
+    gap = [data['runs'][f'distill-layer{i}']['gap'] for i in range(6)]
+    halves = [data['runs'][f'distill-layers{h}']['gap'] for h in ('0-2', '3-5')]
+    rises = all(a < b for a, b in zip(gap[2:], gap[3:])) and halves[1] > halves[0]
+    said = ' '.join(text.split())
+    assert ('Later layers do not matter more here' in said) == (not rises)
+    assert 'only the first two blocks matter less' in said and min(gap[2:]) > max(gap[:2])
+    assert 'each later block more again' not in said

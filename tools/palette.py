@@ -1,6 +1,10 @@
 """One colour per method, for every figure: the notebook's (tools/tutorial.py), results.png
 (tools/reproduce_report.py), variants.png (tools/variants.py). A method keeps its colour from one figure to the next;
-tests/test_palette.py checks that the notebook's figures and results.png draw with these."""
+tests/test_palette.py checks that the notebook's figures and results.png draw with these. And a figure stored in few
+colours: png()."""
+import io
+
+from PIL import Image
 
 PALETTE = {
     'teacher': 'tab:brown',
@@ -22,3 +26,13 @@ def colour(name, default=None):
     for any other name `default`, or a KeyError without one, so that no figure of these methods invents a colour."""
     key = ALIASES.get(name, name)
     return PALETTE[key] if default is None or key in PALETTE else default
+
+
+def png(fig, **savefig):
+    """A matplotlib figure as PNG bytes in at most 256 colours (PIL's median cut): about a third of the bytes of
+    matplotlib's full-colour PNG, and the same to the eye, for figures the repository or the notebook stores."""
+    full = io.BytesIO()
+    fig.savefig(full, format='png', facecolor='white', **savefig)
+    small = io.BytesIO()
+    Image.open(full).convert('RGB').quantize(256, Image.Quantize.MEDIANCUT).save(small, 'PNG', optimize=True)
+    return small.getvalue()

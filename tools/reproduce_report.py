@@ -108,11 +108,11 @@ def budget_table(cfg, runs, prov):
             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n| ' + ' | '.join(map(str, cells)) + ' |')
 
 
-def plot(s, path, split='test'):
+def plot(s, path, split='test', smoke=False):
     """Left: final top-1 per method: each seed a dot, the mean ± std a bar of error (points, not filled bars:
     the axis starts near the lowest number, and a bar's length would exaggerate the differences).
     Right: top-1 per epoch, mean over seeds; left out when each run was evaluated once (quick mode), since a
-    curve of one point shows nothing. Returns the figure."""
+    curve of one point shows nothing. A smoke run (--quick) says so above its panels. Returns the figure."""
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     curves = len(s['methods']['scratch']['curve']['epoch']) > 1
     fig = Figure(figsize=(11 if curves else 5.5, 4), layout='constrained')
@@ -128,6 +128,9 @@ def plot(s, path, split='test'):
     seeds = f'each seed a dot, mean ± std over {n} seeds' if n > 1 else 'one seed'
     left.set(ylabel=f'{split} top-1 (%), final epoch', title=f'final top-1: {seeds}\n(the axis does not start at 0)')
     left.grid(axis='y', alpha=0.3)
+    if smoke:
+        fig.suptitle('a smoke run (--quick): every stage cut short,\nso it shows that the code runs, not how the '
+                     'methods rank', fontsize=10)
     if curves:
         for m in STAGES[:4]:
             r = s['methods'][m]
@@ -176,7 +179,7 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
 def write_tables(results_dir, cfg, s, runs, prov):
     """TABLE.md and results.png in results_dir."""
     text = f'# {cfg.data}: the tables of results.json\n\n{table(s)}\n\n{budget_table(cfg, runs, prov)}\n'
-    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test')
+    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test', cfg.quick)
     write_text(os.path.join(results_dir, 'TABLE.md'), text)
 
 

@@ -14,11 +14,11 @@ from collections import deque
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.colors import to_rgba
 
 import data
 from tools import reproduce
-from tools.palette import PALETTE, colour
+from tools.palette import PALETTE, colour, png
 from tools.reproduce_report import per_epoch
 from util.config import SMALL_PRESETS
 from util.files import cpu_name, read_jsonl
@@ -123,6 +123,14 @@ def final_top1(run_dir):
     return metrics(run_dir)[-1]['top1']
 
 
+def seen(run_dir):
+    """The training images a run had seen at each of its evaluations, in thousands: the step times the batch
+    (config.json). An epoch of a slice is fewer images than an epoch of the whole set; images seen are the same unit."""
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        batch = json.load(f)['batch_size']
+    return [r['step'] * batch / 1000 for r in metrics(run_dir)]
+
+
 def full_reproduction(path):
     """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%), from results.json."""
     with open(path) as f:
@@ -170,20 +178,37 @@ NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy'
 
 def reproduction_curves(results_dir):
     """The committed reproduction's test top-1 after every epoch, per method, over the seeds its results.json
-    summarises: {name: {'epoch', 'mean', 'std', 'seeds'}} (std with n - 1, as its report), from each stage's
-    logs/<stage>/seed<k>/metrics.jsonl."""
+    summarises: {name: {'epoch', 'seen', 'mean', 'std', 'seeds'}} (seen: training images by then, in thousands; std
+    with n - 1, as its report), from each stage's logs/<stage>/seed<k>/metrics.jsonl and config.json."""
     with open(os.path.join(results_dir, 'results.json')) as f:
         methods = json.load(f)['summary']['methods']
     curves = {}
     for stage, name in NAMES.items():
-        epochs, top1 = per_epoch(os.path.join(results_dir, 'logs', stage, f'seed{k}')
-                                 for k in methods[stage]['seeds'])
+        dirs = [os.path.join(results_dir, 'logs', stage, f'seed{k}') for k in methods[stage]['seeds']]
+        epochs, top1 = per_epoch(dirs)
+        at = dict(zip((round(r['epoch'], 4) for r in metrics(dirs[0])), seen(dirs[0])))   # every seed: one schedule
         top1 = np.array(top1)                                               # (seeds, epochs)
-        curves[name] = {'epoch': epochs, 'mean': top1.mean(0), 'std': top1.std(0, ddof=1), 'seeds': len(top1)}
+        curves[name] = {'epoch': epochs, 'seen': [at[e] for e in epochs], 'mean': top1.mean(0),
+                        'std': top1.std(0, ddof=1), 'seeds': len(top1)}
     return curves
 
 # -----------------------------------------------------------------------------
 # Figures
+
+
+def show(fig):
+    """A figure shown as the notebook stores it: a 256-colour PNG (tools.palette.png) drawn at 200 dpi, displayed at
+    half its width in pixels as retina figures are, in a third of the bytes; outside IPython, plt.show()."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return plt.show()
+    if not get_ipython():
+        return plt.show()
+    data = png(fig, dpi=200, bbox_inches='tight')
+    display(Image(data, width=int.from_bytes(data[16:20], 'big') // 2))    # the PNG's width: IHDR, its first chunk
+    plt.close(fig)
 
 
 def finish(fig):
@@ -193,28 +218,27 @@ def finish(fig):
         ax.grid(alpha=0.3)
         if ax.get_ylim()[0] > 0:
             ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
-    plt.show()
+    show(fig)
 
 
 def plot_curves(runs, title, committed):
     """Test top-1 after every epoch, {label: run directory}, the legend giving each run's end; on the right the
-    committed reproduction's curves (reproduction_curves) in the same colours: the mean, shaded one std either side."""
+    committed reproduction's curves (reproduction_curves) in the same colours: the mean, shaded one std either side.
+    Both against the training images seen: an epoch of the notebook's slice is not an epoch of the whole set."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), layout='constrained')
     for label, d in runs.items():
-        m = metrics(d)
-        left.plot([r['epoch'] for r in m], [r['top1'] for r in m], marker='o', color=colour(label),
-                  label=f"{label}: {m[-1]['top1']:.1f}%")
+        top1 = [r['top1'] for r in metrics(d)]
+        left.plot(seen(d), top1, marker='o', color=colour(label), label=f'{label}: {top1[-1]:.1f}%')
     for label, c in committed.items():
-        right.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour(label),
-                           alpha=0.25)
-        right.plot(c['epoch'], c['mean'], marker='o', color=colour(label),
+        right.fill_between(c['seen'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour(label), alpha=0.25)
+        right.plot(c['seen'], c['mean'], marker='o', color=colour(label),
                    label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
     left.set_title(title)
     right.set_title('the committed reproduction: mean ± std over '
                     f"{min(c['seeds'] for c in committed.values())} seeds")
     for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel='epoch', ylabel='test top-1 (%)')
+        ax.set_xlim(0)
+        ax.set(xlabel='training images seen (thousands): a dot after each epoch', ylabel='test top-1 (%)')
         ax.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)   # inside, where most room is
     finish(fig)
 
@@ -238,6 +262,61 @@ def plot_training(logs, title):
     finish(fig)
 
 
+def plot_features(result):
+    """The committed feature analysis (features.json's result), in the course's names. Top: linear CKA of each
+    method's features to the teacher's per block, mean ± std over seeds (dashed: two seeds of that method); the
+    distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
+    maps from the teacher's (copy's given blocks left out). Bottom: the mean attention distance of each head of each
+    method's seed-0 model (dots) over the teacher's heads (brown bars), per block."""
+    groups = {frozenset((g['a'], g['b'])): g['tokens'] for g in result['groups']}   # a method with itself: {a}
+    cka = lambda a, b: groups[frozenset((a, b))]                           # [per block: {'mean', 'std', 'min', 'max'}]
+    models = {m: [k for k, v in result['models'].items() if v['method'] == m] for m in NAMES}
+    blocks = np.arange(result['depth'])
+    fig = plt.figure(figsize=(11, 6.4), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    to_teacher, to_distill, kl = top.subplots(1, 3)
+    short = {m: name.replace('attention ', '') for m, name in NAMES.items()}   # copy, distillation
+    for m in NAMES:
+        t, own = cka(result['teacher'], m), cka(m, m)
+        to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], marker='o', ms=4, capsize=2,
+                            color=colour(m), label=short[m])
+        to_teacher.plot(blocks, [c['mean'] for c in own], ls='--', lw=1, color=colour(m))
+        to_distill.fill_between(blocks, [c['min'] for c in own], [c['max'] for c in own], color=colour(m), alpha=0.2)
+        if m != 'distill':
+            d = cka(m, 'distill')
+            to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], marker='o', ms=4, capsize=2,
+                                color=colour(m), label=f'distillation and {short[m]}')
+        given = set(result['models'][models[m][0]]['maps_given'])
+        shown = [i for i in blocks if i not in given]
+        kl.plot(shown, [np.mean([result['kl'][k][i] for k in models[m]]) for i in shown], marker='o', ms=4,
+                color=colour(m), label=short[m])
+    to_teacher.set(title='CKA to the teacher\n(dashed: two seeds of one method)', ylim=(0, 1))
+    to_distill.set(title="CKA of distillation to the others\n(bands: two seeds of one method)", ylim=(0, 1))
+    kl.set(title="the maps' KL from the teacher's (nats)\n(copy's given blocks left out)", ylim=(0, None))
+    for ax in (to_teacher, to_distill, kl):
+        ax.set(xlabel='block', xticks=blocks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc='lower left' if ax is not kl else 'upper left')
+    axes = bottom.subplots(1, len(NAMES), sharey=True)
+    teacher = np.array(result['attention_distance'][result['teacher']])   # (blocks, heads), pixels
+    for ax, m in zip(axes, NAMES):
+        k = models[m][0]
+        mine = np.array(result['attention_distance'][k])
+        given = result['models'][k]['maps_given']
+        ax.scatter(np.repeat(blocks, teacher.shape[1]), teacher.ravel(), marker='_', s=120, lw=1.5,
+                   color=PALETTE['teacher'], label="the teacher's heads")
+        ax.scatter(np.repeat(blocks, mine.shape[1]), mine.ravel(), s=9, color=colour(m), zorder=3, label='its heads')
+        ax.axhline(result['uniform_distance'], color='k', ls='--', lw=1, label='a uniform map')
+        note = f', blocks {given[0]}-{given[-1]} given' if given else ''
+        ax.set(title=f"{short[m]}, seed {result['models'][k]['seed']}{note}", xlabel='block', xticks=blocks)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel='mean attention distance (px)')
+    axes[0].legend(fontsize=7, loc='lower left')
+    bottom.suptitle("how far each head reads: the mean distance in pixels from a patch to what it reads, "
+                    f"{result['images']:,} test images (the axis does not start at 0)", fontsize=10)
+    show(fig)
+
+
 def show_map(ax, probs, title, vmax=None):
     """One (N, N) attention map, rows = queries, token 0 the class token, coloured from 0 to vmax (default: its own
     99th percentile, so that one bright entry does not hide the rest; maps compared share one). Returns the image."""
@@ -250,7 +329,9 @@ def show_map(ax, probs, title, vmax=None):
 
 
 def draw_methods():
-    """The paper's Figure 1, redrawn: a frozen teacher's maps reach a fresh student, copied or distilled."""
+    """The paper's Figure 1, redrawn: a frozen teacher's maps reach a fresh student, copied or distilled. The
+    boxes take the palette's colours (the teacher's; copy's or distillation's student), and the figure says that
+    its small maps are made up."""
     # made-up 6x6 attention maps of 3 blocks, each token reading mostly from itself and its neighbours: the
     # teacher's, and a distilled student's own (noisier)
     i = np.arange(6)
@@ -263,13 +344,14 @@ def draw_methods():
         ax.axis('off')
         ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12, weight='bold')
         # each side's blocks: copy routes the student by the teacher's maps, distillation it by its own
-        for x0, who, fill, own, text in ((0.2, 'teacher (frozen)', '#e0e0e0', teacher, 'q, k → A_T'),
-                                         (6.3, 'student (trained)', '#d4e6f7', teacher if copy else student,
+        method = 'copy' if copy else 'distill'
+        for x0, who, fill, own, text in ((0.2, 'teacher (frozen)', PALETTE['teacher'], teacher, 'q, k → A_T'),
+                                         (6.3, 'student (trained)', PALETTE[method], teacher if copy else student,
                                           'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
             for layer, amap in enumerate(own):
                 y = 0.6 + 3.0 * layer
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=fill, edgecolor='k', lw=0.8))
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=to_rgba(fill, 0.15), edgecolor='k', lw=0.8))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
                 ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3,
@@ -282,4 +364,6 @@ def draw_methods():
                     color=style['color'])
         ax.text(5, -0.6, 'at test time: teacher + student' if copy else 'at test time: the student alone',
                 ha='center', fontsize=9, style='italic')
-    plt.show()
+    fig.supxlabel('the small maps are made up, to show the idea: each token reading mostly from itself and its '
+                  'neighbours', fontsize=8, color='0.35')
+    show(fig)
