@@ -245,7 +245,7 @@ SMALL_PRESETS = {
     # trains in minutes on a CPU; width, heads, pooling and crops chosen on the validation split (VALIDATION.md)
     'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4,
                           global_pool=True, epochs=9, batch_size=128, blr=2e-3, warmup_epochs=1, weight_decay=0.05,
-                          crop_pad=0, num_workers=1, log_every=100),
+                          crop_pad=0, log_every=100),
     **{data: dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256, warmup_epochs=5,
                   crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1)
        for data in ('cifar10', 'cifar100')},
