@@ -11,17 +11,17 @@ read: util/datafiles.py; how a loader makes each batch the same after a resume: 
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 
-Two paths, by what the images cost to read:
-- In memory (Fashion-MNIST, CIFAR-10 / 100, a fake set of at most FAKE_HELD bytes): the split is read once
-  as uint8 (N, C, H, W) and held on the run's device (the host's memory where the device has too little
-  free: one line of the log says so). A batch is gathered there by the sampler's indices and transformed
-  as a whole (BatchTransform: the crop, the flip, RandAugment per image, erasing, on the device, in a few
-  kernels), without a worker: a per-image pipeline in worker processes cannot feed a GPU with images
-  this small.
-- Folders (ImageNet, any ImageFolder): decoding a JPEG is CPU work, one image at a time, so these keep
-  the per-image transforms (build_transform) in --num-workers loader processes. Larger scale would
-  decode on the GPU (torchvision.io.decode_jpeg on a CUDA device) or hand the whole pipeline to NVIDIA
-  DALI; neither is built here.
+Two paths, by what an image costs to read:
+- In memory (Fashion-MNIST, CIFAR-10 / 100, a fake set of at most FAKE_HELD bytes): the split
+  is read once as uint8 (N, C, H, W) and held on the run's device (in the host's memory where
+  the device has too little free: one line of the log says so). A batch is gathered there by
+  the sampler's indices and transformed as a whole (BatchTransform: crop, flip, RandAugment per
+  image, erasing, in a few kernels), without a worker: a pipeline that passes each image through
+  Python in worker processes cannot feed a GPU with images this small.
+- Folders (ImageNet, any ImageFolder): decoding a JPEG is CPU work, an image at a time, so these
+  keep the per-image transforms (build_transform) in --num-workers loader processes. A larger
+  scale would decode on the GPU (torchvision.io.decode_jpeg on a CUDA device) or hand the whole
+  pipeline to NVIDIA DALI; neither is built here.
 """
 import copy
 import os
@@ -47,7 +47,7 @@ INFO = {   # name -> (native image size, classes, (mean, std))
     'folder': (224, None, IMAGENET_STATS),
     'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
 }
-FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in memory, as the small data sets
+FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in memory
 
 # Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly:
 # translate), -R, -Sketch and -A in miniature. Each acts on the image in [0, 1], before its
@@ -98,11 +98,12 @@ def mean_colour(mean):
 
 
 class BatchTransform:
-    """build_transform's pipeline for a data set held in memory, on a whole batch of uint8 images (B, 1 or 3, H, W)
-    on their device: grey repeated to 3 channels, the size; to train, the crop (reflect-padded), the flip,
-    RandAugment; then [0, 1], a shift, the normalisation; to train, erasing. draw() makes every random choice of a
-    batch on the host (a CPU generator; each image's flip from its own first draw, see util/engine.py), apply()
-    runs it on the device without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
+    """build_transform's pipeline for a data set held in memory, on a whole batch of uint8 images
+    (B, 1 or 3, H, W) on their device: grey repeated to 3 channels, the size; to train, the crop
+    (reflect-padded), the flip, RandAugment; then [0, 1], a shift, the normalisation; to train,
+    erasing. draw() makes a batch's random choices on the host (a CPU generator; each image's flip
+    its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on the device
+    without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
 
     def __init__(self, cfg, train, shift='none'):
         native, _, (mean, std) = INFO[cfg.data]
@@ -110,7 +111,9 @@ class BatchTransform:
         self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
         self.pad = cfg.crop_pad if train else 0
         self.hflip = cfg.hflip if train else 0.0
-        policy = randaugment(cfg.randaug, fill=mean_colour(mean)) if train and cfg.randaug else None
+        policy = None
+        if train and cfg.randaug:
+            policy = randaugment(cfg.randaug, fill=mean_colour(mean))
         self.randaug = BatchRandAugment(policy, cfg.img_size) if policy else None
         self.reprob = cfg.reprob if train else 0.0
         self.shift = SHIFTS[shift]
@@ -123,35 +126,39 @@ class BatchTransform:
         return other
 
     def draw(self, n, generator=None, first=None, seeds=None):
-        """(tensors, groups): a batch's random choices on the host, as tensors to send to the device, and the
-        RandAugment groups the host keeps. first (n,): each image's first draw in [0, 1) (its flip); seeds (n,):
-        each image's seed (a noise shift's); None: drawn from the generator."""
+        """(tensors, groups): a batch's random choices on the host, as tensors to send to the
+        device, and the RandAugment groups the host keeps. first (n,): each image's first draw in
+        [0, 1) (its flip); seeds (n,): each image's seed (a noise shift's); None: drawn from the
+        generator."""
         uniform = torch.rand(n, generator=generator) if first is None else torch.as_tensor(first)
         tensors, groups = [uniform < self.hflip], []
-        if self.pad:
-            tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))   # top, left
+        if self.pad:   # each image's top-left corner in the padded image
+            tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
         for ids, rows in self.randaug.draw(n, generator) if self.randaug else []:
             op_groups, order, rows = group(ids, rows)
             groups.append(op_groups)
             tensors += [order, rows]
         if self.reprob:
             tensors.append(erasing_boxes(n, self.size, self.size, self.reprob, generator))
-        if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # each image's own, as SeededDataset's
-            tensors.append(torch.stack([torch.randn(3, self.size, self.size, generator=None if seeds is None else
-                                                    torch.Generator().manual_seed(int(s))) for s in
-                                        (seeds if seeds is not None else [None] * n)]))
+        if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
+            generators = [None] * n
+            if seeds is not None:
+                generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            noise = [torch.randn(3, self.size, self.size, generator=g) for g in generators]
+            tensors.append(torch.stack(noise))
         return tensors, groups
 
     def apply(self, x, tensors, groups, generator=None):
-        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (tensors on x's device):
-        (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
+        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (tensors on x's
+        device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
         x = x.expand(-1, 3, -1, -1)
         if self.resize:
             x = v2.functional.resize(x, [self.size])
         tensors = list(tensors)
         flip = tensors.pop(0).bool().view(-1, 1, 1, 1)
         if self.pad:
-            x = crop(v2.functional.pad(x, [self.pad], padding_mode='reflect'), tensors.pop(0).long(), self.size)
+            padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
+            x = crop(padded, tensors.pop(0).long(), self.size)
         x = torch.where(flip, x.flip(-1), x)
         if self.randaug:
             slots = [(g, tensors.pop(0).long(), tensors.pop(0)) for g in groups]
@@ -172,11 +179,13 @@ class BatchTransform:
 
 
 def crop(x, corners, size):
-    """Each image of x (B, C, H, W) cropped to size x size from its own top-left corner (corners (B, 2))."""
+    """Each image of x (B, C, H, W) cropped to size x size from its own top-left corner
+    (corners (B, 2))."""
     rows = corners[:, :1] + torch.arange(size, device=x.device)                    # (B, size)
     cols = corners[:, 1:] + torch.arange(size, device=x.device)
     batch = torch.arange(len(x), device=x.device)[:, None, None]
-    return x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)     # (B, C, size, size)
+    out = x[batch, :, rows[:, :, None], cols[:, None, :]]              # (B, size, size, C)
+    return out.permute(0, 3, 1, 2)
 
 
 def batch_mixer(cfg, num_classes):
@@ -198,8 +207,8 @@ class Splits(NamedTuple):
 
 
 def build_data(plan):
-    """The splits and their loaders (train, then eval), the data stated in the run's log; a data set held in memory
-    is moved to the run's device once (see data_device), where its batches are then made."""
+    """The splits and their loaders (train, then eval), the data stated in the run's log; a data
+    set held in memory is moved to the run's device once (data_device), its batches made there."""
     cfg = plan.cfg
     data = build_splits(cfg)
     plan.log(f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
@@ -219,20 +228,21 @@ def build_data(plan):
 
 
 def data_device(device, need, free, log):
-    """Where a data set of `need` bytes is held for a run on `device` with `free` bytes free (None: the host's):
-    there if it takes at most half of them; else in the host's memory (one line to `log` says so), never failing
-    later for want of it."""
+    """Where a data set of `need` bytes is held for a run on `device` with `free` bytes free
+    (None: the host's): there if it takes at most half of them; else in the host's memory (one
+    line to `log` says so), never failing later for want of it."""
     if device.type == 'cpu' or (device.type == 'cuda' and need <= free // 2):
         return device
     if device.type == 'cuda':
-        log(f'data: its {need / 2 ** 20:,.0f} MiB of images do not fit in half of the {free / 2 ** 20:,.0f} MiB free on '
-            f'{device}: held in the host\'s memory, each batch made there and copied')
+        log(f'data: its {need / 2 ** 20:,.0f} MiB of images do not fit in half of the '
+            f'{free / 2 ** 20:,.0f} MiB free on {device}: held in the host\'s memory, each batch '
+            f'made there and copied')
     return torch.device('cpu')
 
 
 def held_on(device, **splits):
-    """The splits with their in-memory images and labels on device, each tensor moved once (a held-out split
-    shares its training split's)."""
+    """The splits with their in-memory images and labels on device, each tensor moved once (a
+    held-out split shares its training split's)."""
     moved = {}
 
     def move(d):
@@ -248,7 +258,9 @@ def build_splits(cfg):
     """Splits(train, eval, num_classes, classes): the eval set is the test split, or
     with --val-size n, n training images held out from training (see build_eval_set)."""
     full, num_classes = build_dataset(cfg, train=True)
-    train_set = Subset(full, held_out_order(cfg, len(full))[cfg.val_size:]) if cfg.val_size else full
+    train_set = full
+    if cfg.val_size:
+        train_set = Subset(full, held_out_order(cfg, len(full))[cfg.val_size:])
     eval_set = build_eval_set(cfg, held=full if isinstance(full, TensorImages) else None)[0]
     return Splits(train_set, eval_set, num_classes, class_names(train_set, num_classes))
 
@@ -275,12 +287,13 @@ def build_eval_set(cfg, shift='none', held=None):
     """(dataset, num_classes): the test split; with --val-size n, n training images (the same ones for
     every seed and script) seen with the evaluation transform: the split to make choices on, so that
     the test split is looked at once, at the end. shift: its images changed (SHIFTS), labels not.
-    held: the training split when already held in memory, whose images the held-out ones then share."""
+    held: the training split when already held in memory: the held-out images share its tensors."""
     transform = (BatchTransform if held_in_memory(cfg) else build_transform)(cfg, False, shift)
     if not cfg.val_size:
         return build_dataset(cfg, train=False, transform=transform)
     if held is not None:
-        images, num_classes = held.holding(held.images, held.labels, transform), INFO[cfg.data][1]
+        images = held.holding(held.images, held.labels, transform)
+        num_classes = INFO[cfg.data][1]
     else:
         images, num_classes = build_dataset(cfg, train=True, transform=transform)
     return Subset(images, held_out_order(cfg, len(images))[:cfg.val_size]), num_classes
@@ -295,8 +308,8 @@ def held_out_order(cfg, n):
 
 
 def held_in_memory(cfg):
-    """Whether cfg's data set is held in memory and batched on the device (BatchTransform), rather than read an
-    image at a time by loader workers (build_transform)."""
+    """Whether cfg's data set is held in memory and batched on the device (BatchTransform), rather
+    than read an image at a time by loader workers (build_transform)."""
     if cfg.data == 'fake':
         return cfg.fake_size * 3 * cfg.img_size ** 2 <= FAKE_HELD
     return cfg.data in ('fashion-mnist', *CIFAR)
@@ -313,13 +326,14 @@ def build_dataset(cfg, train, transform=None):
         return fashion_mnist(root, train, tf), 10
     if cfg.data == 'fake':
         n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
-        fake = torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, random_offset=0 if train else 10 ** 6)
+        size = (3, cfg.img_size, cfg.img_size)
+        fake = torchvision.datasets.FakeData(n, size, 10, random_offset=0 if train else 10 ** 6)
         if not held_in_memory(cfg):
             fake.transform = tf
             return fake, 10
         images, labels = zip(*(fake[i] for i in range(n)))   # its images, made once
-        return TensorImages(torch.stack([v2.functional.pil_to_tensor(x) for x in images]), torch.tensor(labels), tf,
-                            None, None), 10
+        images = torch.stack([v2.functional.pil_to_tensor(x) for x in images])
+        return TensorImages(images, torch.tensor(labels), tf, None, None), 10
     if cfg.data in CIFAR:
         classes = INFO[cfg.data][1]
         return cifar(root, cfg.data, train, tf, classes), classes

@@ -221,7 +221,7 @@ def test_the_input_bound_per_small_data_preset(tmp_path):
     assert [row['case'] for row in r['rows']] == list(CASES) and all(row['img_s'] > 0 for row in r['rows'])
     assert all(row['batch'] == 32 and len(row['times']) == 1 for row in r['rows'])    # fake's preset, 1 round
     table = (tmp_path / 'INPUT.md').read_text()
-    assert '| fake | step alone | 32 |' in table and table.count('| fake |') == 5 and '1.00x |' in table
+    assert '| fake | step alone | 0 | 32 |' in table and table.count('| fake |') == 5 and '1.00x |' in table
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'INPUT.md').write_text('mine')

@@ -119,8 +119,9 @@ class TrainConfig:
     compile: bool = False
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
-    num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set held in memory '
-                                 '(Fashion-MNIST, CIFAR) is batched on the device without them',
+    num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
+                                 'held in memory (Fashion-MNIST, CIFAR) is batched on the device '
+                                 'without them',
                              at_least(0, 'load in the main process', WORKERS))
     fake_size: int = option(2048, "images in --data fake's train split", at_least(1, most=STEPS))
     log_every: int = option(50, 'steps between progress lines', at_least(1, most=STEPS))

@@ -10,9 +10,10 @@ Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
             run.save()
 
 loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script. The batches come from
-build_loader: a data set held in memory batched where it is held (util/datafiles.py's TensorBatches), a folder by
-loader workers, each image's augmentation seeded by (seed, epoch, index); an epoch able to start part-way, so that a
-resumed run sees the batches of one that never stopped, whatever its number of loader workers.
+build_loader: a data set held in memory batched where it is held (util/datafiles.py's
+TensorBatches), a folder by loader workers, each image's augmentation seeded by (seed, epoch,
+index); an epoch able to start part-way, so that a resumed run sees the batches of one that never
+stopped, whatever its number of loader workers.
 """
 import contextlib
 import math
@@ -135,15 +136,17 @@ class SeededDataset(Dataset):
 
 
 def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
-    """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered and transformed
-    where its images are (TensorBatches), no worker; any other read an image at a time by --num-workers processes,
-    each image augmented from its own seed (SeededDataset). device: where to put the batches (None: the host)."""
+    """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
+    and transformed where its images are (TensorBatches), no worker; any other read an image at a
+    time by --num-workers processes, each image augmented from its own seed (SeededDataset).
+    device: where the batches go (None: the host)."""
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a shift's noise too
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]
     if isinstance(unwrap(dataset), TensorImages):
-        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device or torch.device('cpu'))
+        device = device or torch.device('cpu')
+        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
     return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
