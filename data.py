@@ -1,8 +1,7 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders. How each data set's files are found and
-read: util/datafiles.py; how a loader makes each image's augmentation the same after a
-resume: util/engine.py.
+read: util/datafiles.py; how a loader makes each batch the same after a resume: util/engine.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -11,7 +10,20 @@ resume: util/engine.py.
     --data fake                                  torchvision FakeData: random images, for smoke runs
 
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
+
+Two paths, by what an image costs to read:
+- In memory (Fashion-MNIST, CIFAR-10 / 100, a fake set of at most FAKE_HELD bytes): the split
+  is read once as uint8 (N, C, H, W) and held on the run's device (in the host's memory where
+  the device has too little free: one line of the log says so). A batch is gathered there by
+  the sampler's indices and transformed as a whole (BatchTransform: crop, flip, RandAugment per
+  image, erasing, in a few kernels), without a worker: a pipeline that passes each image through
+  Python in worker processes cannot feed a GPU with images this small.
+- Folders (ImageNet, any ImageFolder): decoding a JPEG is CPU work, an image at a time, so these
+  keep the per-image transforms (build_transform) in --num-workers loader processes. A larger
+  scale would decode on the GPU (torchvision.io.decode_jpeg on a CUDA device) or hand the whole
+  pipeline to NVIDIA DALI; neither is built here.
 """
+import copy
 import os
 from functools import partial
 from typing import NamedTuple
@@ -21,8 +33,9 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
+from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
 from util.config import DataError
-from util.datafiles import CIFAR, cifar, fashion_mnist, image_folder
+from util.datafiles import CIFAR, TensorImages, cifar, fashion_mnist, image_folder, send, unwrap
 from util.engine import build_loader
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -34,6 +47,7 @@ INFO = {   # name -> (native image size, classes, (mean, std))
     'folder': (224, None, IMAGENET_STATS),
     'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
 }
+FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in memory
 
 # Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly:
 # translate), -R, -Sketch and -A in miniature. Each acts on the image in [0, 1], before its
@@ -69,14 +83,109 @@ def build_transform(cfg, train, shift='none'):
     if train and cfg.hflip > 0:
         t += [v2.RandomHorizontalFlip(cfg.hflip)]
     if train and cfg.randaug:   # timm's RandAugment, and its fill
-        from util.augment import randaugment
-        t += [randaugment(cfg.randaug, fill=tuple(min(255, round(255 * m)) for m in mean))]
+        t += [randaugment(cfg.randaug, fill=mean_colour(mean))]
     t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *SHIFTS[shift],
           v2.Normalize(mean, std)]
     if train and cfg.reprob > 0:
         from util.augment import random_erasing
         t += [random_erasing(cfg.reprob)]
     return v2.Compose(t)
+
+
+def mean_colour(mean):
+    """A data set's mean colour in 0-255: timm's RandAugment fill."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+class BatchTransform:
+    """build_transform's pipeline for a data set held in memory, on a whole batch of uint8 images
+    (B, 1 or 3, H, W) on their device: grey repeated to 3 channels, the size; to train, the crop
+    (reflect-padded), the flip, RandAugment; then [0, 1], a shift, the normalisation; to train,
+    erasing. draw() makes a batch's random choices on the host (a CPU generator; each image's flip
+    its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on the device
+    without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
+
+    def __init__(self, cfg, train, shift='none'):
+        native, _, (mean, std) = INFO[cfg.data]
+        self.size, self.resize = cfg.img_size, cfg.img_size != native
+        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+        self.pad = cfg.crop_pad if train else 0
+        self.hflip = cfg.hflip if train else 0.0
+        policy = None
+        if train and cfg.randaug:
+            policy = randaugment(cfg.randaug, fill=mean_colour(mean))
+        self.randaug = BatchRandAugment(policy, cfg.img_size) if policy else None
+        self.reprob = cfg.reprob if train else 0.0
+        self.shift = SHIFTS[shift]
+
+    def to(self, device):
+        """This transform with its constants on device (made there once, not at every batch)."""
+        other = copy.copy(self)
+        other.mean, other.std = self.mean.to(device), self.std.to(device)
+        other.randaug = self.randaug and copy.copy(self.randaug).to(device)
+        return other
+
+    def draw(self, n, generator=None, first=None, seeds=None):
+        """(tensors, groups): a batch's random choices on the host, as tensors to send to the
+        device, and the RandAugment groups the host keeps. first (n,): each image's first draw in
+        [0, 1) (its flip); seeds (n,): each image's seed (a noise shift's); None: drawn from the
+        generator."""
+        uniform = torch.rand(n, generator=generator) if first is None else torch.as_tensor(first)
+        tensors, groups = [uniform < self.hflip], []
+        if self.pad:   # each image's top-left corner in the padded image
+            tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
+        for ids, rows in self.randaug.draw(n, generator) if self.randaug else []:
+            op_groups, order, rows = group(ids, rows)
+            groups.append(op_groups)
+            tensors += [order, rows]
+        if self.reprob:
+            tensors.append(erasing_boxes(n, self.size, self.size, self.reprob, generator))
+        if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
+            generators = [None] * n
+            if seeds is not None:
+                generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            noise = [torch.randn(3, self.size, self.size, generator=g) for g in generators]
+            tensors.append(torch.stack(noise))
+        return tensors, groups
+
+    def apply(self, x, tensors, groups, generator=None):
+        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (tensors on x's
+        device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
+        x = x.expand(-1, 3, -1, -1)
+        if self.resize:
+            x = v2.functional.resize(x, [self.size])
+        tensors = list(tensors)
+        flip = tensors.pop(0).bool().view(-1, 1, 1, 1)
+        if self.pad:
+            padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
+            x = crop(padded, tensors.pop(0).long(), self.size)
+        x = torch.where(flip, x.flip(-1), x)
+        if self.randaug:
+            slots = [(g, tensors.pop(0).long(), tensors.pop(0)) for g in groups]
+            x = self.randaug(x, slots)
+        x = v2.functional.to_dtype(x, torch.float32, scale=True)
+        boxes = tensors.pop(0) if self.reprob else None
+        for t in self.shift:
+            if isinstance(t, v2.GaussianNoise):   # v2.GaussianNoise with the noise drawn
+                x = (x + (t.mean + tensors.pop(0).float() * t.sigma)).clamp(0, 1)
+            else:
+                x = t(x)
+        x = x.sub(self.mean).div_(self.std)
+        return x if boxes is None else erase(x, boxes, generator)
+
+    def __call__(self, x):
+        tensors, groups = self.draw(len(x))
+        return self.apply(x, send(tensors, x.device), groups)
+
+
+def crop(x, corners, size):
+    """Each image of x (B, C, H, W) cropped to size x size from its own top-left corner
+    (corners (B, 2))."""
+    rows = corners[:, :1] + torch.arange(size, device=x.device)                    # (B, size)
+    cols = corners[:, 1:] + torch.arange(size, device=x.device)
+    batch = torch.arange(len(x), device=x.device)[:, None, None]
+    out = x[batch, :, rows[:, :, None], cols[:, None, :]]              # (B, size, size, C)
+    return out.permute(0, 3, 1, 2)
 
 
 def batch_mixer(cfg, num_classes):
@@ -98,7 +207,8 @@ class Splits(NamedTuple):
 
 
 def build_data(plan):
-    """The splits and their loaders (train, then eval), the data stated in the run's log."""
+    """The splits and their loaders (train, then eval), the data stated in the run's log; a data
+    set held in memory is moved to the run's device once (data_device), its batches made there."""
     cfg = plan.cfg
     data = build_splits(cfg)
     plan.log(f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
@@ -106,18 +216,53 @@ def build_data(plan):
              f'classes, {data_source(data.train)}')
     if cfg.val_size:
         plan.log(f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
-    return (data, build_loader(cfg, data.train, True, plan.rank, plan.world),
-            build_loader(cfg, data.eval, False, plan.rank, plan.world))
+    held = {id(d.images): d.images.nbytes + d.labels.nbytes for d in map(unwrap, data[:2])
+            if isinstance(d, TensorImages)}
+    device = plan.device
+    if held:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else None
+        device = data_device(device, sum(held.values()), free, plan.log)
+        data = data._replace(**held_on(device, train=data.train, eval=data.eval))
+    return (data, build_loader(cfg, data.train, True, plan.rank, plan.world, device),
+            build_loader(cfg, data.eval, False, plan.rank, plan.world, device))
+
+
+def data_device(device, need, free, log):
+    """Where a data set of `need` bytes is held for a run on `device` with `free` bytes free
+    (None: the host's): there if it takes at most half of them; else in the host's memory (one
+    line to `log` says so), never failing later for want of it."""
+    if device.type == 'cpu' or (device.type == 'cuda' and need <= free // 2):
+        return device
+    if device.type == 'cuda':
+        log(f'data: its {need / 2 ** 20:,.0f} MiB of images do not fit in half of the '
+            f'{free / 2 ** 20:,.0f} MiB free on {device}: held in the host\'s memory, each batch '
+            f'made there and copied')
+    return torch.device('cpu')
+
+
+def held_on(device, **splits):
+    """The splits with their in-memory images and labels on device, each tensor moved once (a
+    held-out split shares its training split's)."""
+    moved = {}
+
+    def move(d):
+        if isinstance(d, Subset):
+            return Subset(move(d.dataset), d.indices)
+        if id(d.images) not in moved:
+            moved[id(d.images)] = d.images.to(device), d.labels.to(device)
+        return d.holding(*moved[id(d.images)])
+    return {name: move(d) for name, d in splits.items()}
 
 
 def build_splits(cfg):
     """Splits(train, eval, num_classes, classes): the eval set is the test split, or
     with --val-size n, n training images held out from training (see build_eval_set)."""
-    train_set, num_classes = build_dataset(cfg, train=True)
+    full, num_classes = build_dataset(cfg, train=True)
+    train_set = full
     if cfg.val_size:
-        train_set = Subset(train_set, held_out_order(cfg, len(train_set))[cfg.val_size:])
-    return Splits(train_set, build_eval_set(cfg)[0], num_classes,
-                  class_names(train_set, num_classes))
+        train_set = Subset(full, held_out_order(cfg, len(full))[cfg.val_size:])
+    eval_set = build_eval_set(cfg, held=full if isinstance(full, TensorImages) else None)[0]
+    return Splits(train_set, eval_set, num_classes, class_names(train_set, num_classes))
 
 
 def sample_images(data, n, device):
@@ -128,28 +273,29 @@ def sample_images(data, n, device):
 def class_names(dataset, num_classes):
     """A dataset's class names (its `classes`, as torchvision's datasets have them;
     FakeData's: the labels)."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return list(getattr(dataset, 'classes', None) or map(str, range(num_classes)))
+    return list(getattr(unwrap(dataset), 'classes', None) or map(str, range(num_classes)))
 
 
 def data_source(dataset):
     """Where a dataset's images come from, in a few words: 'read from <folder>', or for
     FakeData 'made at random'."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    source = getattr(dataset, 'source', None)
+    source = getattr(unwrap(dataset), 'source', None)
     return f'read from {source}' if source else 'made at random (torchvision FakeData)'
 
 
-def build_eval_set(cfg, shift='none'):
+def build_eval_set(cfg, shift='none', held=None):
     """(dataset, num_classes): the test split; with --val-size n, n training images (the same ones for
     every seed and script) seen with the evaluation transform: the split to make choices on, so that
-    the test split is looked at once, at the end. shift: its images changed (SHIFTS), labels not."""
-    transform = build_transform(cfg, train=False, shift=shift)
+    the test split is looked at once, at the end. shift: its images changed (SHIFTS), labels not.
+    held: the training split when already held in memory: the held-out images share its tensors."""
+    transform = (BatchTransform if held_in_memory(cfg) else build_transform)(cfg, False, shift)
     if not cfg.val_size:
         return build_dataset(cfg, train=False, transform=transform)
-    images, num_classes = build_dataset(cfg, train=True, transform=transform)
+    if held is not None:
+        images = held.holding(held.images, held.labels, transform)
+        num_classes = INFO[cfg.data][1]
+    else:
+        images, num_classes = build_dataset(cfg, train=True, transform=transform)
     return Subset(images, held_out_order(cfg, len(images))[:cfg.val_size]), num_classes
 
 
@@ -161,18 +307,33 @@ def held_out_order(cfg, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def held_in_memory(cfg):
+    """Whether cfg's data set is held in memory and batched on the device (BatchTransform), rather
+    than read an image at a time by loader workers (build_transform)."""
+    if cfg.data == 'fake':
+        return cfg.fake_size * 3 * cfg.img_size ** 2 <= FAKE_HELD
+    return cfg.data in ('fashion-mnist', *CIFAR)
+
+
 def build_dataset(cfg, train, transform=None):
     """Returns (dataset, num_classes). Raises DataError with the fix when data is missing.
     train: which split; its transform too unless `transform` is given."""
     if cfg.data not in INFO:
         raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
-    tf, root = transform or build_transform(cfg, train), os.path.expanduser(cfg.data_dir)
+    tf = transform or (BatchTransform if held_in_memory(cfg) else build_transform)(cfg, train)
+    root = os.path.expanduser(cfg.data_dir)
     if cfg.data == 'fashion-mnist':
         return fashion_mnist(root, train, tf), 10
     if cfg.data == 'fake':
         n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
-        return torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10, tf,
-                                             random_offset=0 if train else 10 ** 6), 10
+        size = (3, cfg.img_size, cfg.img_size)
+        fake = torchvision.datasets.FakeData(n, size, 10, random_offset=0 if train else 10 ** 6)
+        if not held_in_memory(cfg):
+            fake.transform = tf
+            return fake, 10
+        images, labels = zip(*(fake[i] for i in range(n)))   # its images, made once
+        images = torch.stack([v2.functional.pil_to_tensor(x) for x in images])
+        return TensorImages(images, torch.tensor(labels), tf, None, None), 10
     if cfg.data in CIFAR:
         classes = INFO[cfg.data][1]
         return cifar(root, cfg.data, train, tf, classes), classes

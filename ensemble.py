@@ -281,7 +281,7 @@ def main():
     test_set, num_classes = build_eval_set(cfg)
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
     models, place, attn = on_device(models, cfg)
-    logits, labels = predict_all(models, build_loader(cfg, test_set, False), place)
+    logits, labels = predict_all(models, build_loader(cfg, test_set, False, device=place.device), place)
     results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} '

@@ -180,7 +180,7 @@ def main():
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        logits, labels = predict_all(models, build_loader(cfg, dataset, False), place)
+        logits, labels = predict_all(models, build_loader(cfg, dataset, False, device=place.device), place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")
 

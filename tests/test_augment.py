@@ -12,7 +12,7 @@ from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from util.augment import LEVELS, OPS, RandAugment, apply, parse_policy, randaugment, random_erasing
+from util.augment import LEVELS, OPS, BatchRandAugment, RandAugment, apply, group, parse_policy, randaugment, random_erasing
 
 FILL = (124, 116, 104)          # ImageNet's mean colour, as timm's create_transform passes it
 HPARAMS = dict(translate_const=100, img_mean=FILL)
@@ -265,3 +265,58 @@ def test_random_erasing_is_timms_pixel_mode():
     assert abs(ours[1].mean() - theirs[1].mean()) < 0.012                      # mean area ~0.17
     assert abs(ours[2].log().mean() - theirs[2].log().mean()) < 0.1            # log aspect, symmetric
     assert abs(ours[2].log().std() - theirs[2].log().std()) < 0.05
+
+# -----------------------------------------------------------------------------
+# 5. On a batch (data sets held in memory): each image its own argument, the per-image op's pixels
+
+
+def batch_images(n=24, size=32):
+    """n textured uint8 images (n, 3, size, size), each its own noise."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
+    noise = torch.randint(0, 40, (n, 3, size, size), generator=torch.Generator().manual_seed(0))
+    return (torch.stack([xx * 7, yy * 5, (xx + yy) * 3]) % 256 + noise).clamp(0, 255).to(torch.uint8)
+
+
+def on_batch(batch, images, op, args, torchvision=False):
+    """Op `op` on every image of a batch at its own argument (args (n,), or None), as BatchRandAugment applies it."""
+    n = len(images)
+    ids, rows = torch.zeros(n, dtype=torch.long), torch.zeros(n, 6, dtype=torch.float64)
+    batch.put(ids, rows, torch.ones(n, dtype=torch.bool), op, args, torchvision)
+    return batch(images, [group(ids, rows)])
+
+
+def assert_same_pixels(ours, theirs, op):
+    """Equal, but for a level on at most 0.5% of the pixels (a blend's rounding: fused multiply-add or not)."""
+    diff = (ours.int() - theirs.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).double().mean() <= 0.005, (op, diff.max(), (diff > 0).double().mean())
+
+
+@pytest.mark.parametrize('op', ALL_OPS)
+def test_timms_ops_on_a_batch_are_applys_per_image(op):
+    images, g = batch_images(), torch.Generator().manual_seed(3)
+    m = (9 + 0.5 * torch.randn(len(images), dtype=torch.float64, generator=g)).clamp(0, 10)
+    signs = torch.randint(2, (len(images),), generator=g) * 2 - 1
+    ours = on_batch(BatchRandAugment(randaugment(AUTHORS, fill=FILL), 32), images, op.removesuffix('Increasing'),
+                    LEVELS[op](m, signs) if op in LEVELS else None)
+    theirs = torch.stack([apply(x, op, LEVELS[op](m_i, s) if op in LEVELS else None, FILL)
+                          for x, m_i, s in zip(images, m.tolist(), signs.tolist())])
+    assert_same_pixels(ours, theirs, op)
+    assert not torch.equal(ours, images)
+
+
+@pytest.mark.parametrize('op', list(v2.RandAugment._AUGMENTATION_SPACE))
+def test_torchvisions_ops_on_a_batch_are_its_own_per_image(op):
+    """torchvision's RandAugment (the CIFAR preset's): each op at its magnitude, signed per image."""
+    images, policy = batch_images(), randaugment('torchvision-m9')
+    fn, signed = policy._AUGMENTATION_SPACE[op]
+    magnitudes = fn(policy.num_magnitude_bins, 32, 32)
+    m = None if magnitudes is None else float(magnitudes[policy.magnitude])
+    if m is not None:
+        negative = torch.rand(len(images), generator=torch.Generator().manual_seed(4)) <= 0.5
+        m = m * (1.0 - 2.0 * negative.double()) if signed else torch.full((len(images),), m, dtype=torch.float64)
+    ours = on_batch(BatchRandAugment(policy, 32), images, op, m, torchvision=True)
+    theirs = torch.stack([policy._apply_image_or_video_transform(x, op, 0.0 if m is None else m_i,
+                                                                 interpolation=policy.interpolation, fill=policy._fill)
+                          for x, m_i in zip(images, [None] * len(images) if m is None else m.tolist())])
+    assert_same_pixels(ours, theirs, op)
+    assert torch.equal(ours, images) == (op == 'Identity')

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,12 +255,16 @@ def assert_same_weights(a, b, what):
 
 # drop-path and MixUp draw from the training process's RNG, which a loader with no workers must leave alone
 RANDOM = ('--drop-path', '0.1', '--mixup', '0.8')
+# the augmentation a data set held in memory gets on its device (the fake images are held): crop, RandAugment, erasing
+AUGMENTED = ('--crop-pad', '4', '--randaug', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', *RANDOM)
 
 
 @pytest.mark.parametrize('stop_at, workers, resume_workers, extra', [
-    (5, 0, 0, ()), (8, 0, 0, ()), (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM)],
+    (5, 0, 0, ()), (8, 0, 0, ()), (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM),
+    (5, 0, 0, AUGMENTED)],
     ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker',
-         'mid-epoch-2-workers-then-none-drop-path-mixup', 'epoch-boundary-none-then-1-worker-drop-path-mixup'])
+         'mid-epoch-2-workers-then-none-drop-path-mixup', 'epoch-boundary-none-then-1-worker-drop-path-mixup',
+         'mid-epoch-augmented-on-the-device'])
 def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers, resume_workers, extra):
     a_dir, out = uninterrupted(workers, *extra), tmp_path / 'B'
     finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at, *extra)
@@ -270,6 +275,27 @@ def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers, resume_worke
     assert_same_weights(a, b, f'resumed at step {stop_at} with {resume_workers} workers after {workers}')
     ma, mb = read_metrics(a_dir)[-1], read_metrics(out)[-1]
     assert (ma['step'], ma['top1'], ma['loss']) == (mb['step'], mb['top1'], mb['loss'])
+
+
+def test_a_folder_resumes_exactly_whatever_its_loader_workers(tmp_path):
+    """A folder of images keeps the per-image pipeline in loader workers (each image augmented from its own seed):
+    stopped mid-epoch with 2 workers and resumed with none, it ends as the uninterrupted run with 2."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 128), ('val', 16)):
+        for c in range(4):
+            os.makedirs(tmp_path / 'images' / split / f'c{c}')
+            for i in range(n // 4):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / 'images' / split / f'c{c}' / f'{i}.png')
+    folder = ['--data', 'folder', '--data-dir', tmp_path / 'images', '--img-size', '32', '--patch-size', '8',
+              '--batch-size', '16', '--epochs', '2', '--amp', 'off', *RANDOM]
+    finetune(tmp_path / 'A', *folder, '--num-workers', 2)
+    finetune(tmp_path / 'B', *folder, '--num-workers', 2, '--max-steps', 5)
+    finetune(tmp_path / 'B', *folder, '--num-workers', 0, '--resume', 'true')
+    a, b = _load(tmp_path / 'A'), _load(tmp_path / 'B')
+    assert a['step'] == b['step'] == 16
+    assert_same_weights(a, b, 'a folder resumed at step 5 with no workers after 2')
 
 
 @pytest.mark.parametrize('workers, resume_workers, extra', [(0, 0, ()), (1, 0, RANDOM)],

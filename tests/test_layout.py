@@ -1,5 +1,6 @@
 """The layout a reader relies on: util/ is machinery below the scripts (it imports no root file but vit.py), no
-import cycle, no file of the course or of util/ longer than 300 lines, the epoch loop in each method's main(),
+import cycle, no file of the course or of util/ too long to read (a file is as long as its one concept needs: the
+300 lines once held as a hard rule bent code toward the count, issue 69), the epoch loop in each method's main(),
 and one training step that runs through few files, measured as it runs."""
 import ast
 import os
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ROOT_MODULES = {p.stem for p in ROOT.glob('*.py')}
 UTIL = sorted((ROOT / 'util').glob('*.py'))
-MOST_LINES = 300
+MOST_LINES = 500
 
 
 def imports(path, top_level_only=False):
@@ -88,9 +89,21 @@ def test_the_epoch_loop_is_in_main(module):
     assert {'train_one_epoch', 'evaluate', 'save'} <= called, called
 
 
+def making_a_batch(frame):
+    """Whether a call runs inside the loader making the next batch (util/datafiles.py's TensorBatches, or a
+    DataLoader fetching its data set's items, __getitem__, in the main process): the data set's code, not the step's."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == '_next_data' or (code.co_name == '__iter__' and code.co_filename.endswith('datafiles.py')):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def files_in_one_step(monkeypatch, module, *args):
     """The project's files whose functions run between the end of the first optimizer step and the end of the
-    second (sys.setprofile: every Python call; the end of a step: the optimizer's step returning), and their lines."""
+    second (sys.setprofile: every Python call; the end of a step: the optimizer's step returning), and their lines.
+    Excluded: the making of the step's batch (making_a_batch), which is the data set's."""
     steps, seen = [0], set()
 
     def profile(frame, event, arg):
@@ -99,7 +112,7 @@ def files_in_one_step(monkeypatch, module, *args):
             steps[0] += 1
         elif event == 'call' and steps[0] == 1:
             path = Path(code.co_filename)
-            if path.suffix == '.py' and path.parent in (ROOT, ROOT / 'util'):
+            if path.suffix == '.py' and path.parent in (ROOT, ROOT / 'util') and not making_a_batch(frame):
                 seen.add(path)
     sys.setprofile(profile)
     try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one call (about 8 minutes on one H100 / H200): the machine and the attention kernel torch picks
 # per shape; the `gpu` tests, while a ViT-B/16 distillation on `auto` runs beside one on `eager` on the same batches
-# (and ViT-L/16 at 448 px meets the start-up check); then the benchmark alone on the GPU (eager against sdpa).
+# (and ViT-L/16 at 448 px meets the start-up check); then the benchmark alone on the GPU (eager against sdpa), and
+# Fashion-MNIST's preset end to end (tools/benchmark_input.py).
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR}
@@ -58,4 +59,8 @@ for m in 'vit_base 328' 'vit_large 104'; do
     --paths eager sdpa --rounds 3 --profile distill --out-dir "$out/bench-$1" > "$out/bench-$1.log" 2>&1
   grep -E '^\| vit' "$out/bench-$1/BENCHMARK.md" || tail -5 "$out/bench-$1.log"
 done
+
+# 3. the input bound: Fashion-MNIST's preset end to end beside its step alone (its files in data/, carried, or Debian's)
+timeout 120 $py -m tools.benchmark_input --device cuda --presets fashion-mnist --out-dir "$out/input" > "$out/input.log" 2>&1
+grep -E '^\| fashion' "$out/input/INPUT.md" || tail -3 "$out/input.log"
 echo "took $SECONDS s"

@@ -81,8 +81,8 @@ class ReproduceConfig:
 # is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
 PRESETS = {
     'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3, blr=4e-3, jobs=2),
-    'cifar10': dict(mae_epochs=50, epochs=20, num_workers=8),
-    'cifar100': dict(mae_epochs=50, epochs=20, num_workers=8),
+    'cifar10': dict(mae_epochs=50, epochs=20),
+    'cifar100': dict(mae_epochs=50, epochs=20),
     'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
 }
 QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=160, batch_size=64, blr=8e-3)

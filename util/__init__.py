@@ -12,8 +12,10 @@ first (the README's reading order), and come here for how a run is resolved, tra
     resume.py       how --resume true is checked: what may change, after a divergence; the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
-    datafiles.py    CIFAR's and ImageNet's files found, downloaded, read and checked
-    augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them
+    datafiles.py    Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
+                    a small data set held in memory on the device, and its batches made there
+    augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
+                    the same on a whole batch on the device
     files.py        files (checkpoints read safely; JSON, JSON lines, text written whole), one line when damaged
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and

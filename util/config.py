@@ -119,7 +119,10 @@ class TrainConfig:
     compile: bool = False
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
-    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
+    num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
+                                 'held in memory (Fashion-MNIST, CIFAR) is batched on the device '
+                                 'without them',
+                             at_least(0, 'load in the main process', WORKERS))
     fake_size: int = option(2048, "images in --data fake's train split", at_least(1, most=STEPS))
     log_every: int = option(50, 'steps between progress lines', at_least(1, most=STEPS))
     save_every: int = option(0, 'steps between checkpoints (besides each epoch); 0 = epochs only',
@@ -243,7 +246,7 @@ SMALL_PRESETS = {
     # trains in minutes on a CPU; width, heads, pooling and crops chosen on the validation split (VALIDATION.md)
     'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4,
                           global_pool=True, epochs=9, batch_size=128, blr=2e-3, warmup_epochs=1, weight_decay=0.05,
-                          crop_pad=0, num_workers=1, log_every=100),
+                          crop_pad=0, log_every=100),
     **{data: dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256, warmup_epochs=5,
                   crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1)
        for data in ('cifar10', 'cifar100')},

@@ -9,11 +9,16 @@ damaged or misplaced file is one DataError naming it and the fix, never a traceb
     class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
                     image is read as what it is (read_image says how) or refused naming it
 
+Fashion-MNIST and CIFAR are read into memory whole: TensorImages, held once as uint8 on the
+run's device, and TensorBatches, its batches gathered and augmented there (a folder's images are
+read one at a time, by loader workers).
 Every dataset made here has `classes` (the class names, index = label) and `source` (the folder its files came
 from): a run records what it was trained on, and says where its data came from.
 
-data.py turns these datasets into what a model is fed: transforms, splits, loaders.
+data.py turns these datasets into what a model is fed: transforms, splits, loaders
+(util/engine.py's build_loader).
 """
+import contextlib
 import gzip
 import math
 import os
@@ -26,11 +31,162 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from util.config import DataError
-from util.engine import TensorImages
 
+# -----------------------------------------------------------------------------
+# A small data set held in memory, and its batches made where it is held
+
+
+class TensorImages(Dataset):
+    """A data set held in memory: uint8 images (N, 1 or 3, H, W) and labels (N,), on the host or a
+    device, read once. transform: data.py's BatchTransform, which makes a whole batch of them
+    (gathered by TensorBatches, below); an item alone is a batch of one. classes: the class names
+    (index = label); source: the folder the files were read from (None: made at random)."""
+
+    def __init__(self, images, labels, transform, classes, source):
+        self.images, self.labels, self.transform = images, labels.long(), transform
+        self.classes, self.source = classes, source
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i:i + 1])[0], int(self.labels[i])
+
+    def holding(self, images, labels, transform=None):
+        """This data set with these images and labels (moved to a device), or another transform."""
+        transform = transform or self.transform
+        return TensorImages(images, labels, transform, self.classes, self.source)
+
+
+class TensorBatches:
+    """The batches of a data set held in memory (TensorImages, or a Subset of one), as a DataLoader
+    gives them: the sampler's (epoch, index) keys in batches, each batch's images gathered by index
+    where they are held and transformed there as a whole (data.py's BatchTransform), then moved to
+    `device` (pinned first, for a GPU). Batch b of an epoch draws its augmentation from (seed, rank,
+    epoch, b); each image's flip is the first draw of its own seed (image_seed), SeededDataset's
+    first draw. So the same seed gives the same batches, a resume mid-epoch continues them bit for
+    bit, and with no random crop before the flip (Fashion-MNIST's preset) they are the per-image
+    pipeline's, bit for bit. The host sends each batch's choices in one copy, and never waits for
+    the device."""
+
+    def __init__(self, dataset, batch_size, sampler, drop_last, seed, rank, device):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
+        self.drop_last, self.seed, self.rank, self.device = drop_last, seed, rank, device
+        held, self.index = unwrap(dataset), None
+        if isinstance(dataset, Subset):   # the positions the sampler gives, as the held indices
+            self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
+        self.images, self.labels = held.images, held.labels
+        where = held.images.device
+        self.transform = held.transform.to(where)
+        self.generator = torch.Generator(where)          # erasing's noise, where the images are
+        self.pin = where.type == 'cpu' and device.type == 'cuda'
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        epoch = keys[0][0] if keys else 0
+        positions = np.array([i for _, i in keys], dtype=np.uint64)
+        seeds = image_seed(self.seed, epoch, positions)
+        first = None
+        if self.transform.hflip > 0:                          # the whole epoch's flips, at once
+            first = first_uniform(seeds)
+        done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
+        for b in range(len(self)):
+            part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
+            step = int(key.generate_state(1, np.uint64)[0])
+            yield self.batch(torch.from_numpy(positions[part].astype(np.int64)), seeds[part],
+                             None if first is None else first[part], step)
+
+    def batch(self, positions, seeds, first, step):
+        """(images, labels) of one batch: positions (B,) in the data set, each image's seed and
+        first draw, the batch's seed."""
+        index = positions if self.index is None else self.index[positions]
+        host = torch.Generator().manual_seed(step)
+        tensors, groups = self.transform.draw(len(positions), host, first, seeds)
+        index, *tensors = send([index, *tensors], self.images.device)
+        index = index.long()
+        self.generator.manual_seed(step)
+        with one_thread(self.images.device):
+            x = self.transform.apply(self.images[index], tensors, groups, self.generator)
+            y = self.labels[index]
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def one_thread(device):
+    """On the host, a batch's ops on one thread: each is small, and its threads would wait at every
+    op for a core the training step (or anything else on the machine) holds (on 2 shared cores,
+    Fashion-MNIST's batches came 15x faster)."""
+    threads = torch.get_num_threads()
+    if device.type == 'cpu':
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def send(tensors, device):
+    """Host tensors on `device` in one copy (pinned, and not waited for, to a GPU): each in its
+    shape, as float64 (exact for integers below 2 ** 53)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    if device.type == 'cuda':
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors)]
+
+
+def first_uniform(seeds):
+    """torch.rand(1) after torch.manual_seed(s), for each s of seeds (a numpy array), at once: the
+    first number of torch's CPU generator, a Mersenne Twister (MT19937) seeded with s's low 32
+    bits; 24 bits of its first output word make the float. Its state is 624 words, each made from
+    the one before; the first output needs words 0, 1 and 397 (Matsumoto and Nishimura, 1998)."""
+    word = (seeds & 0xFFFFFFFF).astype(np.uint32)
+    first = word
+    for j in range(1, 398):
+        word = np.uint32(1812433253) * (word ^ (word >> np.uint32(30))) + np.uint32(j)
+        if j == 1:
+            second = word
+    y = (first & np.uint32(0x80000000)) | (second & np.uint32(0x7FFFFFFF))
+    odd = np.where(y & np.uint32(1), np.uint32(0x9908B0DF), np.uint32(0))
+    x = word ^ (y >> np.uint32(1)) ^ odd             # the twist of word 0
+    x ^= x >> np.uint32(11)                          # tempering
+    x ^= (x << np.uint32(7)) & np.uint32(0x9D2C5680)
+    x ^= (x << np.uint32(15)) & np.uint32(0xEFC60000)
+    x ^= x >> np.uint32(18)
+    return torch.from_numpy((x & np.uint32(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24))
+
+
+def image_seed(seed, epoch, i):
+    """The seed of sample i's augmentation in epoch `epoch` (util/engine.py's SeededDataset, and
+    TensorBatches' flips); i: an int, or a numpy array of them (uint64 seeds)."""
+    return (((seed * 1_000_003 + epoch) * 100_000_007) % 2 ** 63 + i) % 2 ** 63
+
+
+def subset_indices(dataset):
+    """A (nested) Subset's positions as indices of the data set under it."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return indices
+
+
+def unwrap(dataset):
+    """The data set under a Subset (or several)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 # -----------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
             run.save()
 
 loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script. The batches come from
-build_loader: each image's augmentation seeded by (seed, epoch, index), an epoch able to start part-way, so that a
-resumed run sees the batches of one that never stopped, whatever its number of loader workers.
+build_loader: a data set held in memory batched where it is held (util/datafiles.py's
+TensorBatches), a folder by loader workers, each image's augmentation seeded by (seed, epoch,
+index); an epoch able to start part-way, so that a resumed run sees the batches of one that never
+stopped, whatever its number of loader workers.
 """
 import contextlib
 import math
@@ -26,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from util.datafiles import TensorBatches, TensorImages, image_seed, unwrap
 from util.files import cannot_write
 
 
@@ -127,15 +130,23 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + i) % 2 ** 63)
+            torch.manual_seed(image_seed(self.seed, epoch, i))
             return self.dataset[i]
 
 
-def build_loader(cfg, dataset, train, rank=0, world_size=1):
+
+def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
+    """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
+    and transformed where its images are (TensorBatches), no worker; any other read an image at a
+    time by --num-workers processes, each image augmented from its own seed (SeededDataset).
+    device: where the batches go (None: the host)."""
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a shift's noise too
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]
+    if isinstance(unwrap(dataset), TensorImages):
+        device = device or torch.device('cpu')
+        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
     return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
@@ -149,20 +160,6 @@ def quiet_on_stop(worker_id):
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     sys.excepthook = lambda kind, *rest: None if issubclass(kind, ConnectionError) else sys.__excepthook__(kind, *rest)
 
-
-class TensorImages(Dataset):
-    """uint8 images (N, 1 or 3, H, W) and labels (N,) held in memory; yields (3, H, W) uint8 tensors.
-    classes: the class names (index = label); source: the folder the files were read from."""
-
-    def __init__(self, images, labels, transform, classes, source):
-        self.images, self.labels, self.transform = images, labels, transform
-        self.classes, self.source = classes, source
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])
 
 # -----------------------------------------------------------------------------
 # Optimiser, schedule, loss
