@@ -20,6 +20,7 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
 authors intended; their release never passed it on and used 21), 200 epochs. The saved checkpoint is a plain ViT:
 `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,7 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
 # The same computation without a map ('sdpa')
 
 
-def map_free_cross_entropy(q_t, k_t, q, k):
+def map_free_cross_entropy(q_t, k_t, q, k, implementation='sdpa'):
     """attention_cross_entropy(scores(q_t, k_t), scores(q, k)), without writing either map.
 
     One row i of one head: the student's logits are s_ij = c q_i . k_j (c = 1 / sqrt(d)), its map S = softmax(s), the
@@ -140,8 +141,9 @@ def map_free_cross_entropy(q_t, k_t, q, k):
     (attention_with_lse), P K, S^T Q and P^T Q. MapFreeCrossEntropy keeps only the two gradients (the teacher's q and
     k are free once its forward has them), which its backward scales. A teacher with g times the student's heads gives
     each student head the mean map of its group: attend averages P_g K over the group, and the loss is linear in P.
+    implementation: its attention calls' (eager: written out; what the start-up check holds the fused ones to).
     """
-    return MapFreeCrossEntropy.apply(q_t, k_t, q, k)
+    return MapFreeCrossEntropy.apply(q_t, k_t, q, k, implementation)
 
 
 class MapFreeCrossEntropy(torch.autograd.Function):
@@ -149,12 +151,12 @@ class MapFreeCrossEntropy(torch.autograd.Function):
     sums): 5 elementwise passes over (B, H, N, d) tensors, and 2 in the backward (results/benchmark/ATTENTION.md)."""
 
     @staticmethod
-    def forward(ctx, q_t, k_t, q, k):
+    def forward(ctx, q_t, k_t, q, k, implementation):
         c, q, k = q.shape[-1] ** -0.5, q.detach(), k.detach()
         with torch.enable_grad():
             keys = k.detach().requires_grad_()                                 # K: both calls' values
-            own, lse = attention_with_lse(q, k, keys)                          # S K (B, H, N, d), lse (B, H, N)
-            target = attend(q_t.to(q.dtype), k_t.to(q.dtype), keys)            # P K (B, H, N, d)
+            own, lse = attention_with_lse(q, k, keys, implementation)          # S K (B, H, N, d), lse (B, H, N)
+            target = attend(q_t.to(q.dtype), k_t.to(q.dtype), keys, implementation)   # P K (B, H, N, d)
             queries = q.contiguous()                                           # Q: both calls' incoming gradient
             grad_k, = torch.autograd.grad(own, keys, queries)                  # S^T Q
             grad_k -= torch.autograd.grad(target, keys, queries)[0]            # S^T Q - P^T Q
@@ -170,8 +172,8 @@ class MapFreeCrossEntropy(torch.autograd.Function):
         # rounds it to the gradients' dtype: bf16 keeps it to 2^-8, fp16 holds neither c / R nor a GradScaler's scale
         scale = grad_loss * ctx.scale
         if diff.dtype == torch.float16:
-            return None, None, (diff.float() * scale).half(), (grad_k.float() * scale).half()
-        return None, None, diff * scale, grad_k * scale
+            return None, None, (diff.float() * scale).half(), (grad_k.float() * scale).half(), None
+        return None, None, diff * scale, grad_k * scale, None
 
 
 # CUDA's entry points that return the lse, fastest first (an H200, q (104, 16, 197, 64) in bf16, forward and backward:
@@ -182,19 +184,19 @@ CUDA_LSE = {'cudnn': lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_at
             'efficient': lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)}
 
 
-def attention_with_lse(q, k, v):
+def attention_with_lse(q, k, v, implementation='sdpa'):
     """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N) in fp32: the
     normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not return
     it, so it is asked of torch's kernels through their (private) aten entry points: on a CPU its flash kernel, on CUDA
-    the first of CUDA_LSE that takes the inputs; elsewhere written out. The output is differentiable, its backward
-    handed a contiguous incoming gradient (vit._sdpa: why). A torch whose entry points are missing or refuse the
-    shapes fails the start-up check (util/attention_check.py), not a step."""
+    the first of CUDA_LSE that takes the inputs; elsewhere (or eager) written out. The output is differentiable, its
+    backward handed a contiguous incoming gradient (vit._sdpa: why). A torch whose entry points are missing or refuse
+    the shapes fails the start-up check (util/attention_check.py), not a step."""
+    if implementation == 'eager' or q.device.type not in ('cpu', 'cuda'):
+        return attend(q, k, v, implementation), torch.logsumexp(scores(q, k).float(), -1)
     if q.device.type == 'cpu':
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
-    elif q.device.type == 'cuda':
-        out, lse = first_that_runs(CUDA_LSE, q, k, v)[1][:2]
     else:
-        return attend(q, k, v), torch.logsumexp(scores(q, k).float(), -1)
+        out, lse = first_that_runs(CUDA_LSE, q, k, v)[1][:2]
     if out.requires_grad:
         out.register_hook(torch.Tensor.contiguous)
     return out, lse.flatten(2)[..., :q.shape[-2]]   # cuDNN's is (B, H, N, 1); the efficient kernel pads N to 32s
@@ -275,12 +277,18 @@ def check_fused(plan, teacher, student, data):
     with torch.no_grad(), autocast(plan):
         given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]            # (B, H, N, d) each
 
-    def loss(q, k, v, implementation, dtype):
-        own, target = {'q': q, 'k': k}, {n: given[n].to(dtype) for n in ('q', 'k')}
-        if implementation == 'eager':
-            own['logits'], target['logits'] = scores(q, k), scores(target['q'], target['k'])
-        return layer_loss(own, target, 'attn', heads, implementation)
-    losses = {'map-free loss': loss} if plan.cfg.transfer == 'attn' else {}
+    def loss(q, k, v, implementation, dtype):   # the definition in fp32, else the map-free loss on these kernels
+        q_t, k_t = (given[n].to(dtype) for n in ('q', 'k'))
+        if implementation == 'eager' and dtype == torch.float32:
+            return layer_loss({'logits': scores(q, k)}, {'logits': scores(q_t, k_t)}, 'attn', heads)
+        pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
+        return map_free_cross_entropy(pick(q_t), pick(k_t), pick(q), pick(k), implementation)
+
+    def units(q, k, v):   # the most the loss (log N) and an attention product of these q and k (its gradients) make
+        c, rows = q.shape[-1] ** -0.5, q.numel() // q.shape[-1]
+        return {'loss': math.log(q.shape[-2]), 'q grad': c * k.abs().max().item() / rows,
+                'k grad': c * q.abs().max().item() / rows}
+    losses = {'map-free loss': (loss, units)} if plan.cfg.transfer == 'attn' else {}
     implementation, record = start_up_check(plan, 'distillation', [teacher, student],
                                             lambda: student.forward_tokens(x, depth=s + 1),
                                             {f'layer {s}': student.blocks[s].attn}, losses=losses)

@@ -1,5 +1,5 @@
 """The map-free path at the shapes it runs at, how many fused attention calls a distillation step makes, and the
-start-up check that compares it with the definition before a run trains (util.run.check_sdpa)."""
+start-up check that compares it with the definition before a run trains (util/attention_check.py)."""
 import collections
 import json
 

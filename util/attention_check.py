@@ -32,9 +32,9 @@ PEAK = 2.0
 
 def start_up_check(plan, what, models, forward, layers, backward=True, losses=None):
     """(implementation, record): the check of the attention layers `layers` ({name: vit.Attention}) as forward() runs
-    them, and of the method's own fused calls, losses ({name: loss(q, k, v, implementation, dtype)}) of the first
-    layer's q, k, v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains
-    (gradients checked too). plan: the run's (device, dtype, attn, cfg.attn_implementation, log)."""
+    them, and of the method's own fused calls, losses ({name: (loss, units)}: loss_part's) of the first layer's q, k,
+    v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains (gradients
+    checked too). plan: the run's (device, dtype, attn, cfg.attn_implementation, log)."""
     training = [m.training for m in models]
     for m in models:
         set_attn_implementation(m, 'eager').eval()                      # eval: no drop-path draws from the run's RNG
@@ -43,8 +43,7 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
             handed = layer_inputs(forward, layers)
         parts = {name: layer_part(layers[name], *handed[name], backward) for name in layers}
         first = next(iter(layers))
-        parts.update({name: (loss_part(layers[first], handed[first][0], loss), None)
-                      for name, loss in (losses or {}).items()})
+        parts.update({name: loss_part(layers[first], handed[first][0], *loss) for name, loss in (losses or {}).items()})
         implementation, record = check_sdpa(plan, what, parts)
     else:
         implementation, record = plan.attn, None
@@ -82,10 +81,11 @@ def projected_as(attn, out):
 
 
 def layer_part(attn, x, given, backward=True):
-    """(compute, inputs): compute(implementation, dtype) -> {'output': (B, N, D), and with backward the gradients of
-    its projection's q, k, v thirds} of one attention layer run as the model runs it, on input tokens x and the
-    tensors it is given: q, k, v split from its projection's output, its attention, its output projection, and an
-    incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused call's q, k, v."""
+    """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'output': (B, N, D), and with
+    backward the gradients of its projection's q, k, v thirds} of one attention layer run as the model runs it, on
+    input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
+    projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
+    call's q, k, v; units: none of its own (each tensor against its largest entry)."""
     given = dict(given)
     with torch.no_grad():
         made = (attn.v if attn.no_qk else attn.qkv)(x).float()              # (B, N, 3D) or (B, N, D): split into heads
@@ -111,15 +111,20 @@ def layer_part(attn, x, given, backward=True):
             return {'output': out}
         grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))       # (B, N, 3D): dq, dk, dv
         return {'output': out, **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
-    return compute, handed_qkv(own, given)
+    return compute, handed_qkv(own, given), {}
 
 
-def loss_part(attn, x, loss):
-    """compute(implementation, dtype) -> {'loss', and the gradients of its projection's q, k, v thirds} of loss(q, k, v,
-    implementation, dtype), with q, k, v as attention layer attn makes them of its input tokens x (strided views)."""
+def loss_part(attn, x, loss, units):
+    """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'loss', and the gradients of its
+    projection's q, k, v thirds} of loss(q, k, v, implementation, dtype), with q, k, v as attention layer attn makes
+    them of its input tokens x (strided views). loss: the definition for eager in fp32, else the method's computation
+    on that implementation's kernels (on eager, the error the fused ones are held to). units(q, k, v) -> {tensor name:
+    its natural scale}: a loss's gradient can be far smaller than the products it is the difference of."""
     x = x.float()
     with torch.no_grad():
         made = attn.qkv(x)                                                  # (B, N, 3D)
+        with projected_as(attn, made):
+            scale = units(*attn.project(x))
 
     def compute(implementation, dtype):
         leaf = made.to(dtype).requires_grad_()
@@ -129,7 +134,7 @@ def loss_part(attn, x, loss):
             value = loss(q, k, v, implementation, dtype)
         grads = torch.autograd.grad(value, leaf)[0].chunk(3, -1)            # (B, N, D) each
         return {'loss': value, **{f'{n} grad': g for n, g in zip('qkv', grads)}}
-    return compute
+    return compute, None, scale
 
 
 def handed_qkv(own, given):
@@ -139,24 +144,24 @@ def handed_qkv(own, given):
 
 
 def check_sdpa(plan, what, parts):
-    """(implementation, record): each part's compute (parts: {name: (compute, inputs)}, compute(implementation, dtype)
-    -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32; a tensor's tolerance is
-    FACTOR x eager's own error in the run's dtype, at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes
-    on with eager, and sdpa stops here in one line. inputs: the first part's fused call's (q, k, v), whose kernel (as
-    torch picks it) the log names."""
+    """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
+    dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
+    error in its units (default: its largest entry in the definition); its tolerance is FACTOR x eager's own error in
+    the run's dtype, at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
+    here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
     dtype, start = plan.dtype or torch.float32, time.time()
     first = next(iter(parts.values()))[1]
     backend, shape = sdpa_backend(*(t.to(dtype) for t in first)), tuple(first[0].shape)
     errors, why = {}, ''
-    for part, (compute, _) in parts.items():
+    for part, (compute, _, units) in parts.items():
         definition, eager = compute('eager', torch.float32), compute('eager', dtype)
         try:
             fused = compute('sdpa', dtype)
         except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
             fused, why = {}, f" ({' '.join(str(e).split())[:150]})"
         for name, d in definition.items():
-            ours = error(fused[name], d) if name in fused else float('inf')
-            eager_error = error(eager[name], d)
+            ours = error(fused[name], d, units.get(name)) if name in fused else float('inf')
+            eager_error = error(eager[name], d, units.get(name))
             errors[f'{part} {name}'] = (ours, eager_error, max(FACTOR * eager_error, SDPA_FLOOR))
     worst = max(errors, key=lambda n: errors[n][0] / errors[n][2])
     fused_error, eager_error, tolerance = errors[worst]
@@ -175,10 +180,11 @@ def check_sdpa(plan, what, parts):
     return record['implementation'], record
 
 
-def error(ours, definition):
-    """The largest |ours - definition| over the definition's largest |entry| (where all are 0: not divided)."""
+def error(ours, definition, unit=None):
+    """The largest |ours - definition| in units of `unit`, by default the definition's largest |entry| (where all
+    are 0: not divided)."""
     diff = (ours.double() - definition.double()).abs().max().item()
-    unit = definition.double().abs().max().item()
+    unit = unit or definition.double().abs().max().item()
     return diff / unit if unit > 0 else diff
 
 
