@@ -32,12 +32,12 @@ import torch.nn as nn
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, inspect_teacher, student_presets, teacher_outputs)
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint,
                               teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
-from util.attention_check import CHECK_IMAGES, start_up_check
 from util.run import Run
 
 

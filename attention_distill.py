@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
                      student_presets, teacher_outputs, to_student_heads)
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
-from util.attention_check import CHECK_IMAGES, start_up_check
 from util.launch import resolve, run_main
 from util.run import Run
 from vit import attend, scores
@@ -75,8 +75,8 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
             for t in targets.values():                                        # (B, H, N, N), fp32
                 t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
         logits, kept = net(x, keep={i: names for i in layers})                # the student's own, kept
-        attn = sum(layer_loss(kept[i], targets.pop(i), cfg.transfer, heads, implementation)   # the teacher's
-                   for i in layers)                                                      # dropped once used
+        attn = sum(layer_loss(kept[i], targets.pop(i), cfg.transfer, heads, implementation)
+                   for i in layers)                              # pop: a layer's teacher tensors go once its loss has them
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn

@@ -20,9 +20,9 @@ from util.engine import autocast
 from vit import scores, set_attn_implementation
 
 CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
-# sdpa passes where each tensor's error (relative to its largest entry in the definition, eager in fp32) is at most
-# FACTOR times eager's own error in the run's dtype on the same inputs, and at least SDPA_FLOOR (fp32: eager's is 0;
-# a broken kernel is off by a few percent or more)
+# sdpa passes where each tensor's error against the definition, eager in fp32 (in units of its largest entry there, or
+# of its natural scale), is at most FACTOR times eager's own error in the run's dtype on the same inputs, and at least
+# SDPA_FLOOR (fp32: eager's is 0; a broken kernel is off by a few percent or more)
 FACTOR, SDPA_FLOOR = 2, 1e-3
 # the checked layers' queries are scaled up until their logits have at least this standard deviation: a near-uniform
 # map (a student at initialisation) would hide a softmax computed wrong; more peaked, eager's own rounding in bf16
@@ -86,9 +86,9 @@ def layer_part(attn, x, given, backward=True):
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
     projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
     call's q, k, v; units: none of its own (each tensor against its largest entry)."""
-    given = dict(given)
+    x, given = x.float(), dict(given)
     with torch.no_grad():
-        made = (attn.v if attn.no_qk else attn.qkv)(x).float()              # (B, N, 3D) or (B, N, D): split into heads
+        made = (attn.v if attn.no_qk else attn.qkv)(x)                      # (B, N, 3D) or (B, N, D): split into heads
         with projected_as(attn, made):
             own = attn.project(x)                                           # views of made
         q, k, v = handed_qkv(own, given)
