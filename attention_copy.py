@@ -32,13 +32,13 @@ import torch.nn as nn
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, inspect_teacher, student_presets, teacher_outputs)
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint,
                               teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
-from util.run import CHECK_IMAGES, Run, check_sdpa
-from vit import attend, set_attn_implementation
+from util.run import Run
 
 
 @dataclass
@@ -64,7 +64,7 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             mixup=0.8, cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
 
 
-def copied(teacher, x, layers, heads, transfer, average='none'):
+def copied(teacher, x, layers, heads, transfer, average='none', implementation=None):
     """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map
     is made in the student's layer, by one fused call), or {layer: {'attn': the map}}
     when the teacher runs eager (its layers write their maps out anyway: handed over as
@@ -74,17 +74,18 @@ def copied(teacher, x, layers, heads, transfer, average='none'):
     the mean map of its group of teacher heads (vit.attend).
     average: 'batch' | 'queries' hands every image the batch's mean map, or every query
     its image's mean row (--average-maps: the paper's test of whether a map's worth is
-    in its image and its query)."""
-    if transfer == 'attn' and (teacher.blocks[0].attn.implementation == 'eager'
-                               or average != 'none'):
+    in its image and its query). implementation: the student's (default: the teacher's)."""
+    implementation = implementation or teacher.blocks[0].attn.implementation
+    if transfer == 'attn' and (implementation == 'eager' or average != 'none'):
         out = {}
         for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
             attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)   # (B, H, N, N)
             if average != 'none':
                 attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
             out[i] = {'attn': attn}
-    else:
-        out = teacher_outputs(teacher, x, layers, NAMES[transfer])
+    else:   # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
+        out = {i: {n: t.contiguous() for n, t in given.items()}
+               for i, given in teacher_outputs(teacher, x, layers, NAMES[transfer]).items()}
     if heads is not None:
         return {i: {**{n: t[:, heads] for n, t in given.items()}, 'heads': heads}
                 for i, given in out.items()}
@@ -153,27 +154,6 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     return model
 
 
-def first_layer_output(plan, teacher, student, x):
-    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the
-    attention output of the first copied layer (relative to its largest entry), made of
-    what the run makes of images x: the teacher's q and / or k, the student's own v."""
-    s, t = next(iter(plan.method.layers.items()))
-    heads = plan.method.heads
-    with torch.no_grad(), autocast(plan):
-        given = copied(teacher, x, {s: t}, heads, plan.cfg.transfer)[s]
-        own = student.forward_tokens(x, inject={s: given}, keep={s: ('q', 'k', 'v')},
-                                     depth=s + 1)[1][s]
-    pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
-    q, k, v = (given[n] if n in given else pick(own[n]) for n in ('q', 'k', 'v'))
-
-    unit = attend(q.float(), k.float(), v.float(), 'eager').abs().max().item()   # errors relative to its largest
-
-    def compute(implementation, dtype):
-        with torch.autocast(plan.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return [attend(q.to(dtype), k.to(dtype), v.to(dtype), implementation) / unit]
-    return compute, (q, k, v)
-
-
 def copy_loss(cfg, teacher, layers, heads):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy,
     given the teacher's."""
@@ -190,17 +170,17 @@ def main():
     layers, heads = transfer.layers, transfer.heads
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
-        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')       # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        plan, checked = check_fused_copy(plan, teacher, student, data)   # sdpa: against the definition, first
+        plan, checked = check_fused(plan, teacher, student, data)   # sdpa, both ways, before anything runs on it
+        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
                  f'(heads {heads or "all"}) from {cfg.teacher}')
         plan.log(transfer.description)
         plan.log(describe_map(transfer))
 
-        run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
+        run = Run(plan, student, train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
         loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
 
@@ -214,16 +194,21 @@ def main():
                  f"top-5 {run.metrics['top5']:.2f} | {cfg.out_dir}")
 
 
-def check_fused_copy(plan, teacher, student, data):
-    """(plan, record): on sdpa, the first copied layer's fused call against the
-    definition (check_sdpa); a plan on eager where auto falls back. --transfer v hands
-    over no q or k: its attention is the student's own."""
-    if plan.attn != 'sdpa' or plan.cfg.transfer == 'v':
-        return plan, None
+def check_fused(plan, teacher, student, data):
+    """(plan, record): the start-up check (util/attention_check.py) of the student's first copied layer, given what
+    the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if it
+    has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
+    transfer = plan.method
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
-    attn, record = check_sdpa(plan, 'copy', *first_layer_output(plan, teacher, student, x))
-    set_attn_implementation(teacher, attn)
-    return plan._replace(attn=attn), record
+    with torch.no_grad(), autocast(plan):
+        given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer, implementation='sdpa')
+    first = next(iter(transfer.layers))
+    layers = {f'copied layer {first}': student.blocks[first].attn}
+    own = [i for i in range(student.depth) if i not in transfer.layers]
+    if own:
+        layers[f'layer {own[0]}'] = student.blocks[own[0]].attn
+    implementation, record = start_up_check(plan, 'copy', [teacher, student], lambda: student(x, inject=given), layers)
+    return plan._replace(attn=implementation), record
 
 
 if __name__ == '__main__':

@@ -6,9 +6,8 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     H(p, q) = -(p * log q).sum(-1), averaged over batch, heads and query tokens (class token included),
     with t_l, s_l the pre-softmax attention logits of layer l (B, H, N, N), and w = 3.
     The Q / K / V variants use the mean squared error between teacher's and student's q, k or v.
-    --average-maps batch | queries: the target is the teacher's map averaged over a
-    batch's images or an image's queries (the paper's test of whether a map's worth is
-    in its image and its query).
+    --average-maps batch | queries: the target is the teacher's map averaged over a batch's images or an image's
+    queries (the paper's test of whether a map's worth is in its image and its query).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -17,9 +16,8 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     torchrun --nproc_per_node 8 attention_distill.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
-`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled
-(the setting the authors intended; their release never passed it on and used 21), 200 epochs.
-The saved checkpoint is a plain ViT:
+`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled (the setting the
+authors intended; their release never passed it on and used 21), 200 epochs. The saved checkpoint is a plain ViT:
 `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 import math
@@ -31,12 +29,13 @@ import torch.nn.functional as F
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
                      student_presets, teacher_outputs, to_student_heads)
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
-from util.run import CHECK_IMAGES, Run, check_sdpa
-from vit import attend, scores, set_attn_implementation
+from util.run import Run
+from vit import attend, scores
 
 # -----------------------------------------------------------------------------
 # The method: the loss as defined, on explicit maps ('eager')
@@ -51,24 +50,21 @@ def attention_cross_entropy(teacher_logits, student_logits):
 
 
 def layer_loss(own, target, transfer, heads=None, implementation='eager'):
-    """Attention loss of one layer: the cross-entropy of the teacher's map and the
-    student's (eager: from their logits; sdpa: from their q and k, never a map:
-    map_free_cross_entropy), or the MSE of q / k / v. A student with fewer heads than
-    the teacher learns each group's mean map (teacher.to_student_heads)."""
+    """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their logits;
+    sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v. A student with fewer heads
+    than the teacher learns each group's mean map (teacher.to_student_heads)."""
     pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])       # the transferred heads
     if transfer != 'attn':
         return F.mse_loss(pick(own[transfer]).float(), pick(target[transfer]).float())
     if implementation == 'sdpa':                                             # (B, H, N, d) each
-        return map_free_cross_entropy(pick(target['q']), pick(target['k']),
-                                      pick(own['q']), pick(own['k']))
+        return map_free_cross_entropy(pick(target['q']), pick(target['k']), pick(own['q']), pick(own['k']))
     teacher = to_student_heads(target['logits'], own['logits'].shape[1])    # (B, H, N, N)
     return FusedAttentionCrossEntropy.apply(pick(teacher), pick(own['logits']))
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
-    """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits
-    (eager) or q and k (sdpa) of every distilled layer, then the student's own (kept),
-    then CE + weight x the sum of the layers' losses."""
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of
+    every distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
     implementation = 'eager' if cfg.average_maps != 'none' else implementation   # an averaged map: written out
     names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
     dim = 0 if cfg.average_maps == 'batch' else 2                               # over images, or over queries
@@ -79,37 +75,11 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
             for t in targets.values():                                        # (B, H, N, N), fp32
                 t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
         logits, kept = net(x, keep={i: names for i in layers})                # the student's own, kept
-        attn = sum(layer_loss(kept[i], targets[i], cfg.transfer, heads, implementation)
-                   for i in layers)
+        attn = sum(layer_loss(kept[i], targets.pop(i), cfg.transfer, heads, implementation)
+                   for i in layers)                              # pop: a layer's teacher tensors go once its loss has them
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
-
-
-def first_layer_loss(plan, teacher, student, x):
-    """(compute, inputs) for util.run.check_sdpa: compute(implementation, dtype) is the
-    first distilled layer's loss (in units of log N, the most it can be) and its gradients
-    with respect to the student's q and k (in units of the largest an attention product
-    can make them: c max |k| and c max |q| a row), from the q and k the run makes of x."""
-    s, t = next(iter(plan.method.layers.items()))
-    with torch.no_grad(), autocast(plan):
-        given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]   # (B, H, N, d) each
-        own = student.forward_tokens(x, keep={s: ('q', 'k')}, depth=s + 1)[1][s]
-    q0, k0 = own['q'], own['k']   # no fp32 copy: their max |.| is exact in any dtype
-    tokens, d = q0.shape[-2:]
-    rows, c = q0.numel() // d, d ** -0.5   # B * H * N rows averaged
-    units = (math.log(tokens), c * k0.abs().max().item() / rows, c * q0.abs().max().item() / rows)
-
-    def compute(implementation, dtype):
-        q, k = (own[n].to(dtype).requires_grad_() for n in ('q', 'k'))
-        q_t, k_t = (given[n].to(dtype) for n in ('q', 'k'))
-        with torch.autocast(plan.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = layer_loss({'q': q, 'k': k, 'logits': scores(q, k)},
-                              {'q': q_t, 'k': k_t, 'logits': scores(q_t, k_t)},
-                              'attn', plan.method.heads, implementation)
-        return [t / unit
-                for t, unit in zip((loss, *torch.autograd.grad(loss, (q, k))), units)]
-    return compute, (given['q'], given['k'], own['k'])
 
 
 CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on a CPU (256 KB in fp32)
@@ -118,14 +88,12 @@ CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on 
 class FusedAttentionCrossEntropy(torch.autograd.Function):
     """attention_cross_entropy(t, s) with its gradient made in the forward pass: what eager runs.
 
-    d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the
-    forward keeps just softmax(s) - softmax(t), one (B, H, N, N) tensor in the student's
-    dtype, where autograd would keep two fp32 ones (softmax(t) and log_softmax(s)) and
-    redo the arithmetic in the backward pass.
-    On a CPU the rows go a few hundred at a time, so that their fp32 softmaxes stay in
-    cache: the loss is bound by memory traffic, and this cuts it from ~38 to ~6 bytes a
-    map entry. On CPUs with bf16, eager with this loss measured faster than sdpa at
-    every size benchmarked (results/benchmark).
+    d/ds of the mean cross-entropy is (softmax(s) - softmax(t)) / (B * H * N), so the forward keeps just softmax(s) -
+    softmax(t), one (B, H, N, N) tensor in the student's dtype, where autograd would keep two fp32 ones (softmax(t)
+    and log_softmax(s)) and redo the arithmetic in the backward pass. On a CPU the rows go a few hundred at a time,
+    so that their fp32 softmaxes stay in cache: the loss is bound by memory traffic, and this cuts it from ~38 to ~6
+    bytes a map entry. On CPUs with bf16, eager with this loss measured faster than sdpa at every size benchmarked
+    (results/benchmark).
     """
 
     @staticmethod
@@ -147,8 +115,8 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         diff, = ctx.saved_tensors
-        # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale. No
-        # .item(): on CUDA it would wait for the GPU, and torch.compile could not trace it.
+        # applied in fp32: fp16 could not hold diff / count, nor a GradScaler's scale. No .item(): on CUDA it would
+        # wait for the GPU, and torch.compile could not trace it.
         scale = grad_loss / ctx.count
         if diff.is_cuda:     # a CUDA kernel would round the fp32 scale to diff's dtype first
             return None, (diff.float() * scale).to(diff.dtype)
@@ -158,48 +126,91 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
 # The same computation without a map ('sdpa')
 
 
-def map_free_cross_entropy(q_t, k_t, q, k):
+def map_free_cross_entropy(q_t, k_t, q, k, implementation='sdpa'):
     """attention_cross_entropy(scores(q_t, k_t), scores(q, k)), without writing either map.
 
-    One row i of one head: the student's logits are s_ij = c q_i . k_j
-    (c = 1 / sqrt(d)), its map S = softmax(s), the teacher's map is P, and K stacks the
-    student's keys k_j as rows. Because P's rows sum to 1,
+    One row i of one head: the student's logits are s_ij = c q_i . k_j (c = 1 / sqrt(d)), its map S = softmax(s), the
+    teacher's map is P, and K and Q stack the student's keys k_j and queries q_i as rows. Because P's rows sum to 1,
         CE_i = -sum_j P_ij log S_ij = -sum_j P_ij (s_ij - lse_i)            lse_i = log sum_j exp s_ij
              = lse_i - c q_i . sum_j P_ij k_j = lse_i - c q_i . (P K)_i
-    and P K is attention with the student's keys as values: attend(q_t, k_t, K), never a map.
-    Its gradient: d CE_i / d s_ij = S_ij - P_ij, so
-        d/dq_i = c ((S K) - (P K))_i,      d/dk_j = c sum_i (S_ij - P_ij) q_i,
-    which is what autograd gives for c q_i . ((S K) - (P K))_i with S and P held fixed, K
-    differentiated as the values of the two attention calls. So the loss is computed as
-        lse_i + c q_i . ((S K) - (P K))_i - [c q_i . (S K)_i]          [.]: a constant (its value, no gradient)
-    whose value is CE_i and whose gradient is the one above. S K and lse_i come from one
-    fused call (attention_with_lse); a fused attention backward turns each call's
-    gradient into its values' gradient.
-    A teacher with g times the student's heads gives each student head the mean map of
-    its group: attend averages P_g K over the group, and the loss is linear in P.
+    and P K is attention with the student's keys as values: attend(q_t, k_t, K), never a map. Its gradient: d CE_i /
+    d s_ij = S_ij - P_ij, so for the mean L over the R = B H N rows
+        dL/dq_i = c ((S K) - (P K))_i / R,      dL/dk_j = c ((S^T Q) - (P^T Q))_j / R,
+    where S^T Q and P^T Q are what a fused attention's backward gives its values for the incoming gradient Q. So two
+    fused calls with K as their values, each run forward and backward at once, give all of it: S K with lse_i
+    (attention_with_lse), P K, S^T Q and P^T Q. MapFreeCrossEntropy keeps only the two gradients (the teacher's q and
+    k are free once its forward has them), which its backward scales. A teacher with g times the student's heads gives
+    each student head the mean map of its group: attend averages P_g K over the group, and the loss is linear in P.
+    implementation: its attention calls' (eager: written out; what the start-up check holds the fused ones to).
     """
-    c, wide = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)    # sums in fp32 at least
-    own, lse = attention_with_lse(q.detach(), k.detach(), k)                   # (B, H, N, d): S K; (B, H, N)
-    target = attend(q_t, k_t.to(q_t.dtype), k.to(q_t.dtype))                  # (B, H, N, d): P K
-    q, own, target = q.to(wide), own.to(wide), target.to(wide)
-    product = c * (q * own).sum(-1)                                            # (B, H, N)
-    return (lse + c * (q * (own - target)).sum(-1) - product.detach()).mean()
+    return MapFreeCrossEntropy.apply(q_t, k_t, q, k, implementation)
 
 
-def attention_with_lse(q, k, v):
-    """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)),
-    (B, H, N) in fp32: the normaliser every fused attention kernel keeps for its own
-    backward. F.scaled_dot_product_attention does not return it, so it is asked of
-    torch's kernel for the device through its (private) aten entry point, one line per
-    device; the output is differentiable, as F.scaled_dot_product_attention's. Elsewhere:
-    written out. A torch whose entry point is missing or refuses the shapes fails the
-    start-up check (util.run.check_sdpa), not a step."""
+class MapFreeCrossEntropy(torch.autograd.Function):
+    """map_free_cross_entropy: the loss and its gradients made in the forward pass, in the inputs' dtype (fp32 for the
+    sums): 5 elementwise passes over (B, H, N, d) tensors, and 2 in the backward (results/benchmark/ATTENTION.md)."""
+
+    @staticmethod
+    def forward(ctx, q_t, k_t, q, k, implementation):
+        c, q, k = q.shape[-1] ** -0.5, q.detach(), k.detach()
+        with torch.enable_grad():
+            keys = k.detach().requires_grad_()                                 # K: both calls' values
+            own, lse = attention_with_lse(q, k, keys, implementation)          # S K (B, H, N, d), lse (B, H, N)
+            target = attend(q_t.to(q.dtype), k_t.to(q.dtype), keys, implementation)   # P K (B, H, N, d)
+            queries = q.contiguous()                                           # Q: both calls' incoming gradient
+            grad_k, = torch.autograd.grad(own, keys, queries)                  # S^T Q
+            grad_k -= torch.autograd.grad(target, keys, queries)[0]            # S^T Q - P^T Q
+        dot = (queries * target).sum(-1, dtype=torch.promote_types(q.dtype, torch.float32))   # q_i . (P K)_i
+        ctx.save_for_backward(own - target, grad_k)
+        ctx.scale = c / dot.numel()
+        return lse.mean() - c * dot.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        diff, grad_k = ctx.saved_tensors
+        # an fp32 0-dim tensor (no .item(): no wait for the GPU, nothing torch.compile cannot trace); a CUDA kernel
+        # rounds it to the gradients' dtype: bf16 keeps it to 2^-8, fp16 holds neither c / R nor a GradScaler's scale
+        scale = grad_loss * ctx.scale
+        if diff.dtype == torch.float16:
+            return None, None, (diff.float() * scale).half(), (grad_k.float() * scale).half(), None
+        return None, None, diff * scale, grad_k * scale, None
+
+
+# CUDA's entry points that return the lse, fastest first (an H200, q (104, 16, 197, 64) in bf16, forward and backward:
+# cuDNN 0.43 ms, flash 0.67, efficient 1.06; results/benchmark-h200/cudnn-lse.txt); cuDNN's and flash's take fp16 and
+# bf16 only, and cuDNN's value gradient is right given a contiguous incoming gradient (vit._sdpa)
+CUDA_LSE = {'cudnn': lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True),
+            'flash': lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
+            'efficient': lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)}
+
+
+def attention_with_lse(q, k, v, implementation='sdpa'):
+    """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N) in fp32: the
+    normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not return
+    it, so it is asked of torch's kernels through their (private) aten entry points: on a CPU its flash kernel, on CUDA
+    the first of CUDA_LSE that takes the inputs; elsewhere (or eager) written out. The output is differentiable, its
+    backward handed a contiguous incoming gradient (vit._sdpa: why). A torch whose entry points are missing or refuse
+    the shapes fails the start-up check (util/attention_check.py), not a step."""
+    if implementation == 'eager' or q.device.type not in ('cpu', 'cuda'):
+        return attend(q, k, v, implementation), torch.logsumexp(scores(q, k).float(), -1)
     if q.device.type == 'cpu':
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
-    if q.device.type == 'cuda':
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        return out, lse[..., :q.shape[-2]]   # the kernel pads its rows to a multiple of 32
-    return F.scaled_dot_product_attention(q, k, v), torch.logsumexp(scores(q, k).float(), -1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
+    else:
+        out, lse = first_that_runs(CUDA_LSE, q, k, v)[1][:2]
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out, lse.flatten(2)[..., :q.shape[-2]]   # cuDNN's is (B, H, N, 1); the efficient kernel pads N to 32s
+
+
+def first_that_runs(kernels, *args):
+    """(name, output) of the first of kernels ({name: function}) that takes args; the last one's error if none does."""
+    *tried, last = kernels
+    for name in tried:
+        try:
+            return name, kernels[name](*args)
+        except (RuntimeError, AttributeError):   # refused (dtype, head width, GPU), or not in this torch
+            pass
+    return last, kernels[last](*args)
 
 
 # -----------------------------------------------------------------------------
@@ -215,13 +226,11 @@ class DistillConfig(TransferConfig):
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
-           # all but the last of the 6 layers, as the paper leaves ViT-L's last 6 of 24:
-           # chosen on held-out training images, where distilling all 6 closed less of
-           # the gap (results/fashion-mnist/VALIDATION.md#layers)
+           # all but the last of the 6 layers, as the paper leaves ViT-L's last 6 of 24: chosen on held-out training
+           # images, where distilling all 6 closed less of the gap (results/fashion-mnist/VALIDATION.md#layers)
            'fashion-mnist': {**student_presets(SMALL_PRESETS)['fashion-mnist'], 'layers': '0-4'},
-           # the release's distillation command (global batch 2048 = 64 GPUs x 32), with the
-           # layers its README asks for and the paper used: 0-17; the release's runs
-           # distilled 0-20: --layers 0-20 (RECIPES.md)
+           # the release's distillation command (global batch 2048 = 64 GPUs x 32), with the layers its README asks
+           # for and the paper used: 0-17; the release's runs distilled 0-20: --layers 0-20 (RECIPES.md)
            'imagenet': dict(teacher='mae_vit_large', img_size=224, layers='0-17', global_pool=True,
                             epochs=200, warmup_epochs=20, batch_size=32, blr=1e-4, layer_decay=1.0,
                             layer_decay_offset=0, beta2=0.95, weight_decay=0.3, drop_path=0.2,
@@ -234,17 +243,17 @@ def main():
     cfg, transfer = plan.cfg, plan.method             # transfer: the teacher's shape, layers, heads, the student's
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, plan.attn)     # frozen
-        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')       # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        plan, checked = check_map_free(plan, teacher, student, data)   # sdpa: against the definition, first
+        plan, checked = check_fused(plan, teacher, student, data)   # sdpa, both ways, before anything runs on it
+        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
         plan.log(f'attention distillation: {cfg.transfer} of layers {sorted(transfer.layers.values())} '
                  f'(heads {transfer.heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
         plan.log(transfer.description)
         plan.log(describe_map(transfer))
 
-        run = Run(plan, set_attn_implementation(student, plan.attn), train_loader, data.classes,
+        run = Run(plan, student, train_loader, data.classes,
                   {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})
         loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, plan.attn)
         mixer = batch_mixer(cfg, data.num_classes)
@@ -259,15 +268,31 @@ def main():
                  + f' | {cfg.out_dir}')
 
 
-def check_map_free(plan, teacher, student, data):
-    """(plan, record): on sdpa, the first distilled layer's map-free loss against the
-    definition (check_sdpa); a plan on eager where auto falls back."""
-    if plan.attn != 'sdpa' or plan.cfg.transfer != 'attn':
-        return plan, None
+def check_fused(plan, teacher, student, data):
+    """(plan, record): the start-up check (util/attention_check.py) of the student's first distilled layer and, for
+    --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the implementation
+    that holds. The teacher is on eager until then."""
+    (s, t), heads = next(iter(plan.method.layers.items())), plan.method.heads
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
-    attn, record = check_sdpa(plan, 'distillation', *first_layer_loss(plan, teacher, student, x))
-    set_attn_implementation(teacher, attn)
-    return plan._replace(attn=attn), record
+    with torch.no_grad(), autocast(plan):
+        given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]            # (B, H, N, d) each
+
+    def loss(q, k, v, implementation, dtype):   # the definition in fp32, else the map-free loss on these kernels
+        q_t, k_t = (given[n].to(dtype) for n in ('q', 'k'))
+        if implementation == 'eager' and dtype == torch.float32:
+            return layer_loss({'logits': scores(q, k)}, {'logits': scores(q_t, k_t)}, 'attn', heads)
+        pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
+        return map_free_cross_entropy(pick(q_t), pick(k_t), pick(q), pick(k), implementation)
+
+    def units(q, k, v):   # the most the loss (log N) and an attention product of these q and k (its gradients) make
+        c, rows = q.shape[-1] ** -0.5, q.numel() // q.shape[-1]
+        return {'loss': math.log(q.shape[-2]), 'q grad': c * k.abs().max().item() / rows,
+                'k grad': c * q.abs().max().item() / rows}
+    losses = {'map-free loss': (loss, units)} if plan.cfg.transfer == 'attn' else {}
+    implementation, record = start_up_check(plan, 'distillation', [teacher, student],
+                                            lambda: student.forward_tokens(x, depth=s + 1),
+                                            {f'layer {s}': student.blocks[s].attn}, losses=losses)
+    return plan._replace(attn=implementation), record
 
 
 if __name__ == '__main__':

@@ -24,13 +24,14 @@ import torch
 
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
+from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
 from util.engine import autocast, build_loader, say
 from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.run import class_mismatch
-from vit import IMPLEMENTATIONS, set_attn_implementation
+from vit import IMPLEMENTATIONS
 
 # -----------------------------------------------------------------------------
 # Config
@@ -215,14 +216,18 @@ def check_classes(sources, records, classes, data):
             raise ConfigError(f'{s} predicts {other} (--data {data}): score it on the data set it was trained on')
 
 
-def on_device(models, cfg):
-    """(the models on the GPU if there is one, each attention layer as
-    --attn-implementation says; where and in what precision they run: a `place` for
-    predict_all; the attention chosen and why)."""
+def on_device(models, cfg, dataset):
+    """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
+    has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attn, why = attn_implementation(cfg.attn_implementation, device)
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
-    return [set_attn_implementation(m, attn).to(device) for m in models], place, f'{attn} ({why})'
+    models, x = [m.to(device) for m in models], torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
+    vits = [getattr(m, 'teacher', m) for m in models]   # the ViT running its own attention first (a copy's teacher)
+    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=say), 'evaluation', models,
+                                lambda: [v.forward_tokens(x.to(device), depth=1) for v in vits],
+                                {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}, backward=False)
+    return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
 @torch.no_grad()
@@ -280,7 +285,7 @@ def main():
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
-    models, place, attn = on_device(models, cfg)
+    models, place, attn = on_device(models, cfg, test_set)
     logits, labels = predict_all(models, build_loader(cfg, test_set, False, device=place.device), place)
     results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from data import batch_mixer, build_data
+from data import batch_mixer, build_data, sample_images
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main, without_help
 from util.run import Run
-from vit import create_model, model_arch, set_attn_implementation
+from vit import create_model, model_arch
 
 
 @dataclass
@@ -133,8 +134,13 @@ def main():
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)                                     # the same initial weights on every rank
-        model = set_attn_implementation(build_model(cfg, data.num_classes), plan.attn).to(plan.device)
-        run = Run(plan, model, train_loader, data.classes)             # optimizer, EMA, resumed if asked
+        model = build_model(cfg, data.num_classes).to(plan.device)
+        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        attn, checked = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
+                                       {'layer 0': model.blocks[0].attn})   # sdpa, both ways, before anything runs
+        plan = plan._replace(attn=attn)
+        run = Run(plan, model, train_loader, data.classes,              # optimizer, EMA, resumed if asked
+                  {'attention_check': checked})
         loss_fn, mixer = classification_loss(cfg), batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:

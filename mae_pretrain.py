@@ -27,6 +27,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from data import INFO, build_data, sample_images
+from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
 from util.engine import all_mean, autocast, train_one_epoch
@@ -34,7 +35,7 @@ from util.files import check_output, save_figure
 from util.launch import resolve, run_main
 from util.run import Run
 from util.rundir import save_checkpoint
-from vit import Block, VisionTransformer, model_arch, set_attn_implementation
+from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
 # Config
@@ -271,10 +272,15 @@ def main():
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-        model = set_attn_implementation(build_mae(cfg), plan.attn).to(plan.device)
+        model = build_mae(cfg).to(plan.device)
+        x, masks = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device), torch.Generator(plan.device)
+        attn, checked = start_up_check(plan, 'MAE', [model], lambda: model(x, generator=masks.manual_seed(0)),
+                                       {'encoder layer 0': model.blocks[0].attn,   # sdpa, both ways, before
+                                        'decoder layer 0': model.decoder_blocks[0].attn})   # anything runs on it
+        plan = plan._replace(attn=attn)
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
                  f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
-        run = Run(plan, model, train_loader, data.classes)
+        run = Run(plan, model, train_loader, data.classes, {'attention_check': checked})
         loss_fn = mae_loss_fn(cfg)   # on single images: the config refuses MixUp and CutMix
 
         while run.step < run.total_steps:

@@ -36,11 +36,11 @@ PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_ep
 @torch.no_grad()
 def teacher_outputs(teacher, x, layers, names):
     """{student layer: {name: tensor}}: its q and k (B, H, N, d) for copy and map-free distillation (the map is made
-    where it is used), 'logits' (B, H, N, N) for eager distillation, or q, k or v. layers: {student: teacher}, list."""
+    where it is used), 'logits' (B, H, N, N) for eager distillation, or q, k or v; q, k and v are views of the layer's
+    qkv output, as it made them. layers: {student: teacher}, or a list (the same layers)."""
     pairs = layer_pairs(layers)
     out = teacher.internals(x, pairs.values(), names)
-    # each its own tensor: views of the layer's qkv output would keep all of it (v too) alive for the backward pass
-    return {s: {n: v.contiguous() for n, v in out[t].items()} for s, t in pairs.items()}
+    return {s: dict(out[t]) for s, t in pairs.items()}
 
 
 def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):

@@ -1,5 +1,5 @@
 """The map-free path at the shapes it runs at, how many fused attention calls a distillation step makes, and the
-start-up check that compares it with the definition before a run trains (util.run.check_sdpa)."""
+start-up check that compares it with the definition before a run trains (util/attention_check.py)."""
 import collections
 import json
 
@@ -91,6 +91,54 @@ def test_a_map_free_distillation_step_makes_two_fused_calls_per_layer_each_way()
     with AttentionCalls() as count, torch.autocast('cpu', dtype=torch.bfloat16):
         loss_fn(student, x, y)[0].backward()
     assert count.calls == {'forward': 6 + 4 + 2 * 5, 'backward': 6 + 2 * 5}
+
+class Passes(TorchDispatchMode):
+    """The aten ops that read or write a tensor of at least `numel` elements (a (B, H, N, d) one), views and the fused
+    attention kernels left out (what happens inside those is theirs): (name, [(shape, dtype) of those tensors])."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        big = [(tuple(t.shape), t.dtype) for t in tensors if t.numel() >= self.numel]
+        name = func.overloadpacket.__name__
+        if big and not func.is_view and 'scaled_dot_product' not in name:
+            self.ops.append((name, big))
+        return out
+
+
+def test_the_map_free_loss_s_passes_over_q_and_k(monkeypatch):
+    """One distilled layer under bf16 autocast, the teacher's q and k as teacher_outputs hands them over (views of its
+    layer's qkv, no copy): 5 elementwise passes over (B, H, N, d) tensors in its forward (Q made contiguous, S^T Q -
+    P^T Q, q . P K and its sum, S K - P K) and 2 in its backward (the two gradients scaled), none in fp32; 2 fused
+    calls each way (results/benchmark/ATTENTION.md: before, 8 + 7 passes and the teacher's 2 copies). It keeps two
+    (B, H, N, d) tensors for its backward, in bf16, and nothing of the teacher's."""
+    from teacher import teacher_outputs
+    b, heads, n, d = 2, 4, 17, 8
+    teacher = VisionTransformer(img_size=16, patch_size=4, embed_dim=heads * d, depth=2, num_heads=heads,
+                                num_classes=0).requires_grad_(False).eval()
+    qkv = torch.randn(b, n, 3 * heads * d, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            given = teacher_outputs(teacher, torch.randn(b, 3, 16, 16), [1], ('q', 'k'))[1]
+        q, k, _ = rearrange(qkv.bfloat16(), 'b n (three h d) -> three b h n d', three=3, h=heads).unbind(0)
+        with Passes(b * heads * n * d) as forward, AttentionCalls() as calls:
+            loss = map_free_cross_entropy(given['q'], given['k'], q, k)
+    saved = loss.grad_fn.saved_tensors
+    with Passes(b * heads * n * d) as backward:
+        torch.autograd.grad(loss, (q, k))
+    teachers = {t.untyped_storage().data_ptr() for t in given.values()}
+    assert len(teachers) == 1 and not given['q'].is_contiguous()           # views of one qkv output, not copies
+    assert [name for name, _ in forward.ops] == ['clone', 'sub_', 'mul', 'sum', 'sub']
+    assert [name for name, _ in backward.ops] == ['mul', 'mul']
+    assert {dtype for _, big in forward.ops + backward.ops for _, dtype in big} == {torch.bfloat16}
+    assert calls.calls == {'forward': 2, 'backward': 2}
+    assert [(tuple(t.shape), t.dtype) for t in saved] == [((b, heads, n, d), torch.bfloat16)] * 2
+    assert not teachers & {t.untyped_storage().data_ptr() for t in saved}
+
 
 # -----------------------------------------------------------------------------
 # The start-up check: a fused kernel that computes something else is caught before the first step

@@ -10,8 +10,8 @@ tests/test_features_page.py and tests/test_variants.py check each number they st
     features.py                         does a student learn features of its own: linear CKA block by block to the
                                         teacher, seed to seed, method to method; top-1 (features.json, TABLE.md)
     student_study.sh                    the runs of results/student-study/STUDY.md
-    gpu_check.sh                        on a GPU, in one call: the gpu tests, auto against eager, the start-up checks
-                                        (results/benchmark-h200/)
+    gpu_check.sh                        on a GPU, in one call: the gpu tests, auto against eager, the start-up checks,
+                                        ViT-L/16's benchmark (results/benchmark-h200/)
     variants.sh, variants.py            the paper's other findings in miniature: the runs, then variants.json and
                                         variants.png of results/fashion-mnist/variants/
     tutorial.py                         tutorial.ipynb's helper module: its images, the runner of its scripts, its figures

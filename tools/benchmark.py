@@ -188,6 +188,8 @@ def measure(cfg, size, device, peak):
     batch = cfg.batch_size or fill_batch(parts, uncompiled, cfg.fill, device)
     rows = {(m, p): {'model': size, 'method': m, 'path': p, 'auto': p in (parts.auto, 'compile'), 'batch': batch}
             for m, p in todo}
+    if any(p == 'sdpa' or p == 'compile' and parts.auto == 'sdpa' for _, p in todo):
+        rows[todo[0]]['kernels'] = parts.kernels(batch)   # which fused kernel each sdpa call gets
     saved = {c: parts.saved_for_backward(*c, batch)[0] / 2 ** 20 for c in uncompiled
              if cfg.saved_bytes and c[0] in TRAINED}
     for (method, path), mb in saved.items():

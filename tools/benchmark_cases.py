@@ -13,16 +13,19 @@ with drop-path masks, every layer's maps kept for a loss that autograd different
 compute their own q, k and softmax before the teacher's map replaces it, AdamW with torch's defaults (a for-loop
 on CPUs, foreach kernels on GPUs). `naive-bf16` is that path under bf16 autocast.
 """
+import weakref
 from argparse import Namespace
 from functools import cached_property, partial
 
 import torch
+from einops import rearrange
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
-from attention_distill import DistillConfig, distill_loss_fn
+from attention_distill import CUDA_LSE, DistillConfig, distill_loss_fn, first_that_runs
 from teacher import cast_matmul_weights
 from tools.naive import DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_loss, naive_distill_loss, set_drop_path
 from util.config import TrainConfig
+from util.attention_check import sdpa_backend
 from util.engine import autocast, build_optimizer, soft_cross_entropy
 from util.launch import amp_dtype, attn_implementation
 from vit import VisionTransformer, model_arch, set_attn_implementation
@@ -98,6 +101,18 @@ class Parts:
                                        torch.randint(0, self.cfg.num_classes, (batch,)))
         return self.batches[batch]
 
+    @torch.no_grad()
+    def kernels(self, batch):
+        """The kernels the sdpa path's fused calls get for the student's strided q, k, v at this batch: the one
+        F.scaled_dot_product_attention picks, and the log-sum-exp entry point of the map-free loss's S K (on CUDA the
+        first of attention_distill.CUDA_LSE that takes them)."""
+        tokens = (self.arch['img_size'] // self.arch['patch_size']) ** 2 + 1
+        with self.device:
+            qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'], dtype=self.dtype or torch.float32)
+        q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads']).unbind(0)
+        lse = first_that_runs(CUDA_LSE, q, k, v)[0] if q.is_cuda else "the CPU's flash"
+        return {'sdpa': sdpa_backend(q, k, v), 'lse': lse}
+
     def forward(self, method, path, batch):
         """(() -> output, student): one forward pass of `method` on `path` on its own fixed batch,
         the shared models first set to the path's attention implementation and to the method's
@@ -156,21 +171,20 @@ class Parts:
         """(bytes, shapes) autograd keeps for the backward pass of one training step: its forward pass under
         saved_tensors_hooks, each storage counted once (q, k and v are views of one qkv output, and a saved view
         keeps all of it), the student's parameters left out (they exist without the step; their autocast copies
-        count). Device-independent: the tensors, not an allocator's view of them."""
+        count), and what a step's forward saves only for a backward it runs itself (the map-free loss's fused calls)
+        left out too: held once the forward is done. Device-independent: the tensors, not an allocator's view."""
         forward, student = self.forward(method, path, batch)
         params = {p.untyped_storage().data_ptr() for p in student.parameters()}
-        storages, shapes = {}, []
+        packed = []
 
         def pack(t):
-            shapes.append(tuple(t.shape))
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
-            # kept by the graph until the loss goes, so no storage is freed and its address
-            # reused meanwhile; detached, as returning an output itself would tie it to its own
-            # grad_fn: a cycle that outlives the loss (on a GPU, every case's activations stayed
-            # allocated)
-            return t.detach()
+            # detached, as returning an output itself would tie it to its own grad_fn: a cycle that outlives the
+            # loss (on a GPU, every case's activations stayed allocated); weakly referenced: gone, not held
+            held, storage = t.detach(), t.untyped_storage()
+            packed.append((weakref.ref(held), storage.data_ptr(), storage.nbytes(), tuple(t.shape)))
+            return held
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward()   # the loss and its graph go at once
-        return sum(storages.values()), shapes
+            loss = forward()
+        kept = [(ptr, nbytes, shape) for ref, ptr, nbytes, shape in packed if ref() is not None]
+        del loss   # the loss and its graph go
+        return sum({ptr: nbytes for ptr, nbytes, _ in kept if ptr not in params}.values()), [s for *_, s in kept]

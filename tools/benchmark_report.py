@@ -71,4 +71,7 @@ def markdown(result):
              'each storage once, the parameters left out): the same on every device; "vs train": against the plain '
              'train step on the same path.', '', *table(result['rows'], gpu), '', 'Paths:', '']
     lines += [f'- `{p}`: {what}' for p, what in PATHS.items() if any(r['path'] == p for r in result['rows'])]
+    lines += ['', *(f"Kernels of the sdpa path, {r['model']} at batch {r['batch']}: F.scaled_dot_product_attention "
+                    f"picks {r['kernels']['sdpa']}; the map-free loss's S K and log-sum-exp: {r['kernels']['lse']}"
+                    for r in result['rows'] if 'kernels' in r)]
     return '\n'.join(lines) + '\n'

@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (about 8 minutes on one H100 / H200): the machine and the attention kernel torch picks
-# per shape; the `gpu` tests, while a ViT-B/16 distillation on `auto` runs beside one on `eager` on the same batches
-# (and ViT-L/16 at 448 px meets the start-up check); then the benchmark alone on the GPU (eager against sdpa), and
-# Fashion-MNIST's preset end to end (tools/benchmark_input.py).
+# The GPU checks in one call (about 9 minutes on one H100 / H200): the machine and the attention kernels torch picks
+# per shape; the `gpu` tests (with the fused attention's at ViT-L/16's shapes, whose measurements are printed apart),
+# while a ViT-B/16 distillation on `auto` runs beside one on `eager` on the same batches (and ViT-L/16 at 448 px meets
+# the start-up check); then the benchmark of the GPU issue alone on the GPU: ViT-L/16 at 224 px, batch 104, plain,
+# copy and distillation on eager and sdpa, their peak memory and the kernels of the sdpa path, distillation profiled;
+# last, Fashion-MNIST's preset end to end beside its step alone (tools/benchmark_input.py).
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
+#   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR}
 py=${PYTHON:-python3}
+dry=${GPU_CHECK_DRY:-}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
+if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
+  device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
+else
+  device=cuda; shapes='vit_b-224 vit_l-224 vit_l-448'; runs=''; bench='--models vit_large --batch-size 104'
+fi
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  nproc; $py - <<'EOF'
+  nproc; $py - "$device" $shapes <<'EOF'
 import sys, torch
 from einops import rearrange
-from util.run import sdpa_backend
+from attention_distill import CUDA_LSE, first_that_runs
+from util.attention_check import sdpa_backend
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,
       '| cuDNN', torch.backends.cudnn.version())
-for name, (b, h, n) in {'vit_b-224': (64, 12, 197), 'vit_l-224': (104, 16, 197), 'vit_l-448': (8, 16, 785)}.items():
-    qkv = torch.randn(b, n, 3 * h * 64, device='cuda', dtype=torch.bfloat16)   # q, k, v as a layer makes them
+device, shapes = sys.argv[1], {'vit_b-224': (64, 12, 197), 'vit_l-224': (104, 16, 197), 'vit_l-448': (8, 16, 785),
+                               'tiny': (2, 4, 17)}
+for name in sys.argv[2:]:
+    b, h, n = shapes[name]
+    qkv = torch.randn(b, n, 3 * h * 64, device=device, dtype=torch.bfloat16)   # q, k, v as a layer makes them
     q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=h).unbind(0)
-    print(f'{name}: F.scaled_dot_product_attention picks {sdpa_backend(q, k, v)} for q {tuple(q.shape)} bf16')
+    lse = first_that_runs(CUDA_LSE, q, k, v)[0] if device == 'cuda' else "the CPU's flash"
+    print(f'{name}: q {tuple(q.shape)} bf16: F.scaled_dot_product_attention picks {sdpa_backend(q, k, v)}; '
+          f"the map-free loss's log-sum-exp entry point: {lse}")
 EOF
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
 # 1. the tests, and beside them two short distillations (losses only: their speeds are not measured here)
-timeout 250 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py -n 6 -rs -q --durations 10 -p no:cacheprovider \
+workers=$($py -c 'import xdist' 2>/dev/null && echo '-n 6')   # pytest-xdist where it is installed
+timeout 250 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py $workers -rs -q --durations 10 -p no:cacheprovider \
   > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
 {
@@ -39,28 +55,30 @@ torch.save(ck, sys.argv[2])" "$1" "$2"
   }
   fake=(--data fake --epochs 1 --warmup-epochs 0 --num-workers 6)
   $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
-    --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
+    --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" $runs && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
   for impl in auto eager; do
     $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
-      --fake-size 19200 --max-steps 300 --log-every 10 --attn-implementation $impl --out-dir "$r/distill-b-$impl"
+      --fake-size 19200 --max-steps 300 --log-every 10 --attn-implementation $impl --out-dir "$r/distill-b-$impl" $runs
   done
   $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
-    --fake-size 64 --max-steps 1 --out-dir "$r/teacher-l448" && sharpen "$r/teacher-l448/checkpoint.pt" "$r/teacher-l448.pt"
+    --fake-size 64 --max-steps 1 --out-dir "$r/teacher-l448" $runs && sharpen "$r/teacher-l448/checkpoint.pt" "$r/teacher-l448.pt"
   $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
-    --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448-auto"
+    --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448-auto" $runs
 } > "$out/runs.log" 2>&1
 wait $tests; echo "pytest exit $?" >> "$out/pytest-gpu.txt"
-tail -4 "$out/pytest-gpu.txt"; grep -h 'start-up check' "$out"/runs/*/log.txt
+tail -4 "$out/pytest-gpu.txt"; grep -h 'start-up check' "$out"/logs/*/log.txt
+# what the fused attention's gpu tests measured (the log-sum-exp entry point per shape, cuDNN's value gradient given
+# an incoming gradient with its output's strides), printed
+timeout 120 $py -m pytest -m gpu tests/test_fused_gpu.py -k 'entry_point or fault_is_met' -s -q -p no:cacheprovider \
+  > "$out/pytest-fused.txt" 2>&1
+grep -hE 'entry point|cuDNN value gradient|passed|skipped|failed' "$out/pytest-fused.txt"
 
-# 2. the benchmark, alone on the GPU: the batches of the earlier H100 run
-for m in 'vit_base 328' 'vit_large 104'; do
-  set -- $m
-  timeout 150 $py -m tools.benchmark --device cuda --models $1 --batch-size $2 --methods train copy distill \
-    --paths eager sdpa --rounds 3 --profile distill --out-dir "$out/bench-$1" > "$out/bench-$1.log" 2>&1
-  grep -E '^\| vit' "$out/bench-$1/BENCHMARK.md" || tail -5 "$out/bench-$1.log"
-done
+# 2. the benchmark, alone on the GPU (issue 66): ViT-L/16 at 224 px, batch 104, eager against sdpa
+timeout 240 $py -m tools.benchmark --device $device $bench --methods train copy distill --paths eager sdpa \
+  --rounds 3 --profile distill --out-dir "$out/bench-vit_large" > "$out/bench-vit_large.log" 2>&1
+grep -E '^\| vit|^Kernels' "$out/bench-vit_large/BENCHMARK.md" || tail -5 "$out/bench-vit_large.log"
 
 # 3. the input bound: Fashion-MNIST's preset end to end beside its step alone (its files in data/, carried, or Debian's)
-timeout 120 $py -m tools.benchmark_input --device cuda --presets fashion-mnist --out-dir "$out/input" > "$out/input.log" 2>&1
+timeout 120 $py -m tools.benchmark_input --device $device --presets fashion-mnist --out-dir "$out/input" > "$out/input.log" 2>&1
 grep -E '^\| fashion' "$out/input/INPUT.md" || tail -3 "$out/input.log"
 echo "took $SECONDS s"

@@ -7,7 +7,8 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     sizes that cannot fit this machine
     engine.py       the step every script calls (train_one_epoch), the batches that make a resume exact, evaluation,
                     AdamW with layer decay, the log
-    run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after a build
+    run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
+    attention_check.py  the fused attention checked both ways against eager before anything runs on it
     rundir.py       the run directory, one object: claimed and locked, its lines held, its files, let go
     resume.py       how --resume true is checked: what may change, after a divergence; the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT

@@ -59,63 +59,6 @@ def class_mismatch(saved, here):
     return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
 
 # -----------------------------------------------------------------------------
-# The fused attention's start-up check
-
-# the start-up check's tolerance: twice eager's own error in the run's dtype, and at least this or 4 roundings of the
-# dtype (errors in units of each tensor's natural scale: fp32 attention is off by ~1e-7, a broken kernel by ~0.1)
-SDPA_FLOOR = 1e-3
-CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
-
-
-def check_sdpa(plan, what, compute, inputs):
-    """Before training, the fused path (sdpa) of the first transferred layer against the definition, on the run's
-    own images, q, k and v, device and autocast. compute(implementation, dtype) -> that layer's tensors (copy: its
-    attention output; distillation: its loss and the loss's q and k gradients), each in units of its natural scale
-    (the largest value an attention product of these inputs can take), so that a gradient far smaller than the
-    products it is the difference of (a student at initialisation, maps alike) is not held to its own size. The
-    definition is eager in fp32; sdpa must come within max(2 x eager's own error in the run's dtype, SDPA_FLOOR,
-    4 roundings) of it. Otherwise --attn-implementation auto goes on with eager, and sdpa stops here in one line.
-    inputs: the (q, k, v) of its fused call, named in the log with the kernel torch picks for them.
-    Returns (implementation, record)."""
-    dtype, start = plan.dtype or torch.float32, time.time()
-    backend, shape = sdpa_backend(*(t.to(dtype) for t in inputs)), tuple(inputs[0].shape)
-    with torch.random.fork_rng(devices=[plan.device] if plan.device.type == 'cuda' else []):   # the run's RNG untouched
-        definition = compute('eager', torch.float32)
-        eager = distance(compute('eager', dtype), definition)
-        try:
-            fused, why = distance(compute('sdpa', dtype), definition), ''
-        except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
-            fused, why = float('inf'), f" ({' '.join(str(e).split())[:150]})"
-    tolerance = max(2 * eager if math.isfinite(eager) else 0, SDPA_FLOOR, 4 * torch.finfo(dtype).eps)   # nan: fp16 maps
-    holds = fused <= tolerance
-    record = {'what': what, 'error': fused, 'eager_error': eager, 'tolerance': tolerance, 'dtype': str(dtype),
-              'device': str(plan.device), 'backend': backend, 'shape': shape,
-              'seconds': round(time.time() - start, 3), 'implementation': 'sdpa' if holds else 'eager'}
-    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}) against the definition (eager, "
-            f"fp32): {fused:.2g}{why}; eager in {dtype}: {eager:.2g}; tolerance {tolerance:.2g}; checked in "
-            f"{record['seconds']:.2f} s")
-    if not holds and plan.cfg.attn_implementation == 'sdpa':
-        raise ConfigError(f'start-up check: {said}: sdpa does not compute the transfer; use --attn-implementation '
-                          f'eager')
-    plan.log(f'start-up check: {said}: '
-             f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
-    return record['implementation'], record
-
-
-def distance(ours, definition):
-    """The largest |ours - definition| of tensors compared pairwise (each in its own units: check_sdpa)."""
-    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, definition))
-
-
-def sdpa_backend(q, k, v):
-    """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
-    log: asked of torch's private dispatcher, 'unknown' where it has none."""
-    try:
-        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        return 'unknown'
-
-# -----------------------------------------------------------------------------
 # The run's state
 
 
@@ -264,7 +207,8 @@ def flat(d, prefix=''):
 
 def made_with(cfg, extra):
     """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
-    keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran (check_sdpa)."""
+    keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran
+    (util/attention_check.py)."""
     record = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
     return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
             **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}

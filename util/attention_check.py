@@ -1,0 +1,197 @@
+"""
+The fused attention's start-up check. Before a run trains or evaluates on sdpa, each kind of fused attention call it
+makes is run once on its own images, shapes, strides, device and autocast, fused and written out, forward and (for a
+run that trains) backward: the output of the first (transferred) layer and the gradients of its q, k and v, with the
+incoming gradient in the layout the model hands it, and where a method adds a fused call of its own (distillation's
+map-free loss), that call's. A kernel that raises or computes something else stops --attn-implementation sdpa in one
+line and sends auto to eager, before anything has run on sdpa (every model is on eager until the verdict).
+
+    attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
+                                  {'layer 0': model.blocks[0].attn})
+"""
+import contextlib
+import time
+from functools import partial
+
+import torch
+
+from util.config import ConfigError
+from util.engine import autocast
+from vit import scores, set_attn_implementation
+
+CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
+# sdpa passes where each tensor's error against the definition, eager in fp32 (in units of its largest entry there, or
+# of its natural scale), is at most FACTOR times eager's own error in the run's dtype on the same inputs, and at least
+# SDPA_FLOOR (fp32: eager's is 0; a broken kernel is off by a few percent or more)
+FACTOR, SDPA_FLOOR = 2, 1e-3
+# the checked layers' queries are scaled up until their logits have at least this standard deviation: a near-uniform
+# map (a student at initialisation) would hide a softmax computed wrong; more peaked, eager's own rounding in bf16
+# (its logits' at this size) would hide an error of 5%
+PEAK = 2.0
+
+
+def start_up_check(plan, what, models, forward, layers, backward=True, losses=None):
+    """(implementation, record): the check of the attention layers `layers` ({name: vit.Attention}) as forward() runs
+    them, and of the method's own fused calls, losses ({name: (loss, units)}: loss_part's) of the first layer's q, k,
+    v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains (gradients
+    checked too). plan: the run's (device, dtype, attn, cfg.attn_implementation, log)."""
+    training = [m.training for m in models]
+    for m in models:
+        set_attn_implementation(m, 'eager').eval()                      # eval: no drop-path draws from the run's RNG
+    if plan.attn == 'sdpa':
+        with autocast(plan):
+            handed = layer_inputs(forward, layers)
+        parts = {name: layer_part(layers[name], *handed[name], backward) for name in layers}
+        first = next(iter(layers))
+        parts.update({name: loss_part(layers[first], handed[first][0], *loss) for name, loss in (losses or {}).items()})
+        implementation, record = check_sdpa(plan, what, parts)
+    else:
+        implementation, record = plan.attn, None
+    for m, was in zip(models, training):
+        set_attn_implementation(m, implementation).train(was)
+    return implementation, record
+
+
+def layer_inputs(forward, layers):
+    """{name: (x, given)}: what each attention layer of `layers` is handed when forward() runs (no gradient): its input
+    tokens (B, N, D) and the tensors given in place of its own (a copy's q, k)."""
+    handed = {}
+
+    def keep(name, layer, args, kwargs):   # the first call's
+        handed.setdefault(name, (args[0], {n: t for n, t in kwargs.items() if n != 'keep'}))
+    hooks = [layer.register_forward_pre_hook(partial(keep, name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return handed
+
+
+@contextlib.contextmanager
+def projected_as(attn, out):
+    """Inside, attn's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of its result:
+    attn.project splits it into q, k, v, strided as it splits its own."""
+    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(lambda module, args, result: out)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def layer_part(attn, x, given, backward=True):
+    """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'output': (B, N, D), and with
+    backward the gradients of its projection's q, k, v thirds} of one attention layer run as the model runs it, on
+    input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
+    projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
+    call's q, k, v; units: none of its own (each tensor against its largest entry)."""
+    x, given = x.float(), dict(given)
+    with torch.no_grad():
+        made = (attn.v if attn.no_qk else attn.qkv)(x)                      # (B, N, 3D) or (B, N, D): split into heads
+        with projected_as(attn, made):
+            own = attn.project(x)                                           # views of made
+        q, k, v = handed_qkv(own, given)
+        scale = max(1.0, PEAK / scores(q[:1].float(), k[:1].float()).std().item())
+        if own[0] is not None:
+            own[0].mul_(scale)                                              # made's q third, in place
+        if 'q' in given:
+            given['q'] = given['q'] * scale
+    incoming = torch.randn(x.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(0))
+    names = ('v',) if attn.no_qk else ('q', 'k', 'v')
+
+    def compute(implementation, dtype):
+        leaf = made.to(dtype).requires_grad_(backward)
+        handed = {n: t.to(dtype) if torch.is_tensor(t) else t for n, t in given.items()}
+        attn.implementation = implementation
+        with projected_as(attn, leaf), torch.set_grad_enabled(backward), \
+                torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = attn(x, **handed)[0]                                      # (B, N, D)
+        if not backward:
+            return {'output': out}
+        grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))       # (B, N, 3D): dq, dk, dv
+        return {'output': out, **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
+    return compute, handed_qkv(own, given), {}
+
+
+def loss_part(attn, x, loss, units):
+    """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'loss', and the gradients of its
+    projection's q, k, v thirds} of loss(q, k, v, implementation, dtype), with q, k, v as attention layer attn makes
+    them of its input tokens x (strided views). loss: the definition for eager in fp32, else the method's computation
+    on that implementation's kernels (on eager, the error the fused ones are held to). units(q, k, v) -> {tensor name:
+    its natural scale}: a loss's gradient can be far smaller than the products it is the difference of."""
+    x = x.float()
+    with torch.no_grad():
+        made = attn.qkv(x)                                                  # (B, N, 3D)
+        with projected_as(attn, made):
+            scale = units(*attn.project(x))
+
+    def compute(implementation, dtype):
+        leaf = made.to(dtype).requires_grad_()
+        with projected_as(attn, leaf):
+            q, k, v = attn.project(x)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            value = loss(q, k, v, implementation, dtype)
+        grads = torch.autograd.grad(value, leaf)[0].chunk(3, -1)            # (B, N, D) each
+        return {'loss': value, **{f'{n} grad': g for n, g in zip('qkv', grads)}}
+    return compute, None, scale
+
+
+def handed_qkv(own, given):
+    """The q, k, v of the layer's fused call: a given one (for all heads, or where the layer has none) for its own."""
+    whole = 'heads' not in given
+    return [given[n] if n in given and (whole or t is None) else t for n, t in zip('qkv', own)]
+
+
+def check_sdpa(plan, what, parts):
+    """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
+    dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
+    error in its units (default: its largest entry in the definition); its tolerance is FACTOR x eager's own error in
+    the run's dtype, at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
+    here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
+    dtype, start = plan.dtype or torch.float32, time.time()
+    first = next(iter(parts.values()))[1]
+    backend, shape = sdpa_backend(*(t.to(dtype) for t in first)), tuple(first[0].shape)
+    errors, why = {}, ''
+    for part, (compute, _, units) in parts.items():
+        definition, eager = compute('eager', torch.float32), compute('eager', dtype)
+        try:
+            fused = compute('sdpa', dtype)
+        except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
+            fused, why = {}, f" ({' '.join(str(e).split())[:150]})"
+        for name, d in definition.items():
+            ours = error(fused[name], d, units.get(name)) if name in fused else float('inf')
+            eager_error = error(eager[name], d, units.get(name))
+            errors[f'{part} {name}'] = (ours, eager_error, max(FACTOR * eager_error, SDPA_FLOOR))
+    worst = max(errors, key=lambda n: errors[n][0] / errors[n][2])
+    fused_error, eager_error, tolerance = errors[worst]
+    holds = all(e <= t for e, _, t in errors.values())
+    record = {'what': what, 'error': fused_error, 'eager_error': eager_error, 'tolerance': tolerance, 'worst': worst,
+              'errors': errors, 'dtype': str(dtype), 'device': str(plan.device), 'backend': backend, 'shape': shape,
+              'seconds': round(time.time() - start, 3), 'implementation': 'sdpa' if holds else 'eager'}
+    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), forward"
+            f"{' and backward' if any('grad' in n for n in errors) else ''}, against the definition (eager, fp32): "
+            f"{len(errors)} tensors, the farthest {worst} at {fused_error:.2g}{why} (eager in {dtype}: "
+            f"{eager_error:.2g}; tolerance {tolerance:.2g}); checked in {record['seconds']:.2f} s")
+    if not holds and plan.cfg.attn_implementation == 'sdpa':
+        raise ConfigError(f'start-up check: {said}: sdpa does not compute the {what}; use --attn-implementation eager')
+    plan.log(f'start-up check: {said}: '
+             f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
+    return record['implementation'], record
+
+
+def error(ours, definition, unit=None):
+    """The largest |ours - definition| in units of `unit`, by default the definition's largest |entry| (where all
+    are 0: not divided)."""
+    diff = (ours.double() - definition.double()).abs().max().item()
+    unit = unit or definition.double().abs().max().item()
+    return diff / unit if unit > 0 else diff
+
+
+def sdpa_backend(q, k, v):
+    """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
+    log: asked of torch's private dispatcher, 'unknown' where it has none."""
+    try:
+        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return 'unknown'
