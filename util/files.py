@@ -18,6 +18,7 @@ import zipfile
 import torch
 
 from util.config import ConfigError
+from util.torchscript import ArchiveRefused, read_archive
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
@@ -36,17 +37,14 @@ class UnreadableFile(CheckpointError):
 
 def read_file(path):
     """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
-    containers only: a pickled object that could run code is refused, not run), or the state dict of a
-    TorchScript archive (OpenAI ships CLIP so). Anything else is one UnreadableFile line naming the file."""
+    containers only: a pickled object that could run code is refused, not run), or the parameters and buffers of a
+    TorchScript archive (OpenAI ships CLIP so), read by util/torchscript.py without running any of its code.
+    Anything else is one UnreadableFile line naming the file."""
     try:
+        if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
+            return read_archive(path)
         with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
             warnings.simplefilter('ignore')
-            if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
-                # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
-                # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
-                # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
-                # module only the state dict (its tensors) is kept, none of its methods is run
-                return dict(torch.jit.load(path, map_location='cpu').state_dict())
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         what, fix = unreadable(path, e)
@@ -70,14 +68,15 @@ def unreadable(path, error):
     weights_only=False: that would run whatever code a pickle carries."""
     if isinstance(error, PermissionError):
         return 'it cannot be opened (permission denied)', 'check its permissions'
+    if isinstance(error, ArchiveRefused):
+        return error.args
     with open(path, 'rb') as f:
         head = f.read(len(LEGACY))
-    # the object refused, as the weights-only unpickler (or TorchScript's, which knows no Python object) names it
-    refused = re.search(r"GLOBAL (\S+)|Unknown type name '([^']+)'", str(error))
+    refused = re.search(r"GLOBAL (\S+)", str(error))   # the object refused, as the weights-only unpickler names it
     if not head:
         return 'it is empty (0 bytes; an interrupted copy or download?)', 'copy or download it again'
     if refused:
-        return (f'it holds a pickled Python object ({refused[1] or refused[2]}), not only tensors, refused without '
+        return (f'it holds a pickled Python object ({refused[1]}), not only tensors, refused without '
                 f'running it (a pickle can run code)', 'save the tensors alone: torch.save(model.state_dict(), path)')
     if head.startswith(LEGACY) or head.startswith(b'PK') and records(path) in (None, True):   # no zip, or torch's
         return 'it is truncated or damaged (it does not read to its end)', 'copy or download it again'
