@@ -143,6 +143,19 @@ def run_limited(limit, *args):
                           capture_output=True, text=True, timeout=240, preexec_fn=cap)
 
 
+@pytest.mark.parametrize('link', ['symbolic', 'hard'])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(monkeypatch, saved, tmp_path, link):
+    """.lock a link to a user's file: locking it wrote who holds it into that file, truncated."""
+    d = saved(tmp_path)
+    (tmp_path / 'notes.txt').write_text('mine\n')
+    (os.symlink if link == 'symbolic' else os.link)(tmp_path / 'notes.txt', d / '.lock')
+    before = digest(d)
+    for args in (['--resume', 'true', '--max-steps', '3'], ['--max-steps', '1', '--overwrite', 'true']):
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, *args)
+        assert msg and f'{d}/.lock is a link to another file' in msg and 'remove it' in msg, msg
+        assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
+
+
 def one_error_line(p):
     assert p.returncode not in (0, None) and 'Traceback' not in p.stderr, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()

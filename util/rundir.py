@@ -86,7 +86,6 @@ class RunDir:
             path = self.file(name)
             if os.path.lexists(path) and not os.path.isfile(path):
                 raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
-            # a link to a file elsewhere: the log is appended through it, so the run would write a file not its own
             if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(self.path):
                 raise ConfigError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
                                   f'run writes only inside: put a copy of that file in its place, or remove the link')
@@ -138,10 +137,13 @@ class RunDir:
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
         path = self.file('.lock')
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:   # never through a link (ELOOP): the holder's line would be written into the file it names
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise cannot_write(path, e) from None
+                raise (linked(path) if e.errno == errno.ELOOP else cannot_write(path, e)) from None
+            if os.fstat(fd).st_nlink > 1:   # another name of a file elsewhere (a hard link): the same
+                os.close(fd)
+                raise linked(path)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -282,6 +284,11 @@ class RunDir:
                                     if evaluated else '')
         return f"{self.checkpoint} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} " \
                f'{resume_command()}'
+
+
+def linked(path):
+    return ConfigError(f'{path} is a link to another file (or another name of one), which the run would write: '
+                       f'remove it (the run makes its own)')
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
