@@ -27,8 +27,8 @@ from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
 from util.engine import autocast, build_loader, say
-from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
+from util.outputs import claimed
 from util.run import class_mismatch
 from vit import IMPLEMENTATIONS, set_attn_implementation
 
@@ -249,8 +249,8 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless
-    --overwrite, or unwritable."""
+    """Refuse an --out that is a directory, a model, or another file (a checkpoint!) unless
+    --overwrite (one that cannot be written: its claim, in main)."""
     out = cfg.out
     reads = os.path.realpath(out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     for bad, why in ((os.path.isdir(out), 'is a directory: name a file'),
@@ -260,13 +260,6 @@ def check_out(cfg):
                       'choose another file, or pass --overwrite true')):
         if bad:
             raise ConfigError(f'--out {out} {why}')
-    if not os.path.exists(out):
-        try:   # made and removed: a path that cannot be written fails now, not after the evaluation
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            open(out, 'x').close()
-            os.remove(out)
-        except OSError as e:
-            raise ConfigError(f'--out {out}: cannot write there ({e.strerror})') from None
 
 
 def main():
@@ -274,6 +267,16 @@ def main():
     if cfg.out:
         check_out(cfg)
     weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
+    # a new --out is claimed now (util/outputs.py): another command given it is refused; an earlier result is replaced
+    with claimed('--out', cfg.out, replaces=True) as out:
+        cfg, results = score(cfg, weights)
+        if cfg.out:
+            record = json.dumps({'config': asdict(cfg), **results}, indent=2)
+            out.write(cfg.out, lambda f: f.write(record.encode()))
+
+
+def score(cfg, weights):
+    """(cfg with the data set the models were scored on, the results), printed as a table."""
     models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads,
                                             cfg.img_size)
     cfg = with_data(cfg, records)
@@ -287,8 +290,7 @@ def main():
     say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} '
         f'{data_source(test_set)}, on {place.device}, attention {attn}\n')
     say(format_table(results))
-    if cfg.out:   # checked by check_out
-        write_json(cfg.out, {'config': asdict(cfg), **results})
+    return cfg, results
 
 
 if __name__ == '__main__':

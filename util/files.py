@@ -266,17 +266,3 @@ def cpu_name():
                 return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine()
 
-
-def check_output(flag, path, out_dir=None, folder=False):
-    """Refuse, before any work, an output written only once the work is done: a file of the run directory
-    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
-    folder: path is a directory to write files into (it may exist)."""
-    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
-            os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
-                          f'outside it, or another name')
-    if os.path.exists(path) and (not folder or not os.path.isdir(path)):
-        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
-                          f': move it away or choose another {flag}')
-    writable(flag, path, parent)
