@@ -194,8 +194,8 @@ def layer_id(name, depth):
 
 
 def final_lr(cfg, lr):
-    """The lr the schedule ends at: --min-lr-ratio of the peak lr, or else --min-lr."""
-    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio else cfg.min_lr
+    """The lr the schedule ends at: --min-lr-ratio of the peak lr, else --min-lr; 0 if the peak is 0 (--blr 0)."""
+    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio or lr == 0 else cfg.min_lr   # blr 0: weights stay as loaded
 
 
 def lr_at(cfg, lr, epoch_float):

@@ -100,7 +100,7 @@ def check_schedule(cfg, world):
     """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering it."""
     batch = cfg.batch_size * cfg.accum_steps * world
     peak = cfg.blr * batch / 256
-    if final_lr(cfg, peak) > peak > 0:   # blr 0: a run whose weights stay as they were loaded
+    if final_lr(cfg, peak) > peak:   # blr 0: 0 (final_lr), a run whose weights stay as they were loaded
         raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr {cfg.blr:g} x global batch '
                           f'{batch} / 256): the lr would rise over the run; choose a --min-lr below it, or '
                           f'--min-lr-ratio (a fraction of the peak)')
