@@ -17,7 +17,7 @@ import zipfile
 
 import torch
 
-from util.config import ConfigError
+from util.config import DEPTH, SIZE, ConfigError
 from util.torchscript import ArchiveRefused, read_archive
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
@@ -38,17 +38,41 @@ class UnreadableFile(CheckpointError):
 def read_file(path):
     """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
     containers only: a pickled object that could run code is refused, not run), or the parameters and buffers of a
-    TorchScript archive (OpenAI ships CLIP so), read by util/torchscript.py without running any of its code.
-    Anything else is one UnreadableFile line naming the file."""
+    TorchScript archive (OpenAI ships CLIP so), read by util/torchscript.py without running any of its code. Every
+    record's CRC-32 is checked first (torch's reader does not: a flipped bit would be read as a weight). Anything
+    else, or an architecture record out of range (ARCH), is one UnreadableFile line naming the file."""
     try:
+        if records(path):   # torch's zip archive
+            with zipfile.ZipFile(path) as z:
+                damaged = z.testzip()   # the first record whose CRC-32 differs
+            if damaged:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
         if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
             return read_archive(path)
         with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
             warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         what, fix = unreadable(path, e)
         raise UnreadableFile(f"'{path}' is not a readable PyTorch checkpoint: {what}", fix) from None
+    arch = ckpt.get('arch') if isinstance(ckpt, dict) else None
+    bad = [f'{k} {v!r}' for k, v in (arch if isinstance(arch, dict) else {}).items()
+           if k in ARCH and not in_range(v, *ARCH[k])]
+    if bad:   # before a 0 divides or a string multiplies where it is used
+        raise UnreadableFile(f"'{path}' records an architecture with {', '.join(bad)}, of another type or out of "
+                             f"range: it was edited or is damaged", 'take another copy of it')
+    return ckpt
+
+
+# the numbers an architecture record ('arch', VisionTransformer's keywords) may hold: (least, most), whole numbers
+# where the least is one, else floats too
+ARCH = {'img_size': (1, SIZE), 'patch_size': (1, SIZE), 'in_chans': (1, SIZE), 'num_classes': (0, SIZE),
+        'embed_dim': (1, SIZE), 'depth': (1, DEPTH), 'num_heads': (1, DEPTH), 'reg_tokens': (0, SIZE),
+        'mlp_ratio': (1e-3, SIZE), 'norm_eps': (1e-12, 1.0), 'drop_path_rate': (0.0, 1.0)}
+
+
+def in_range(value, least, most):
+    return (type(value) is int or type(value) is float and type(least) is float) and least <= value <= most
 
 
 def records(path, name='data.pkl'):
@@ -70,6 +94,8 @@ def unreadable(path, error):
         return 'it cannot be opened (permission denied)', 'check its permissions'
     if isinstance(error, ArchiveRefused):
         return error.args
+    if 'CRC-32' in str(error):   # zipfile's words
+        return f'it is damaged ({error}: a changed byte)', 'copy or download it again'
     with open(path, 'rb') as f:
         head = f.read(len(LEGACY))
     refused = re.search(r"GLOBAL (\S+)", str(error))   # the object refused, as the weights-only unpickler names it
