@@ -184,8 +184,8 @@ def replacing(path):
             e = e.__cause__ or e.__context__                              # or the Ctrl-C that cut its write
         if isinstance(e, OSError):
             raise cannot_write(path, e) from None
-        if isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for (SIGTERM)
+            raise KeyboardInterrupt(*e.args) from None
         raise
 
 
