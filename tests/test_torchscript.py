@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT, TINY, run_script, sub_env
-from util.files import UnreadableFile, read_file
+from util.weightfiles import UnreadableFile, read_file
 
 warnings.filterwarnings('ignore', 'torch.jit', FutureWarning)   # torch's note that TorchScript is deprecated
 
