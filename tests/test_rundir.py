@@ -234,6 +234,25 @@ def test_resume_without_a_readable_config_json_keeps_the_metrics(monkeypatch, sa
         assert (d / 'config.json.damaged').read_text() == text[:len(text) // 2]
 
 
+def test_a_refused_resume_renames_nothing_and_damaged_copies_are_numbered(monkeypatch, saved, tmp_path):
+    """A refused resume renamed a damaged config.json over the config.json.damaged kept from before (lost); each
+    resume that goes on keeps its damaged copy beside the older ones."""
+    d = saved(tmp_path)
+    (d / 'config.json.damaged').write_text('kept from before\n')
+    (d / 'config.json').write_text('{"cut in')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--epochs', '3')
+    assert msg and '--epochs 1 -> 3' in msg and digest(d) == before, msg
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
+    (d / 'config.json').write_text('{"cut again')
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+    assert [(d / f'config.json.damaged{n}').read_text() for n in ('', '.1', '.2')] == \
+        ['kept from before\n', '{"cut in', '{"cut again']
+    assert json.loads((d / 'config.json').read_text())['max_steps'] == 4
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path / 'new' / 'run', '--resume', 'true')
+    assert msg and 'no checkpoint' in msg and not (tmp_path / 'new').exists(), msg
+
+
 @pytest.mark.parametrize('kept', ['done.json', 'metrics only'])
 def test_a_finished_run_is_not_written_over_unless_asked(monkeypatch, saved, tmp_path, kept):
     """Results kept without their checkpoint (reproduce.py's done.json, results/): refused in one line naming

@@ -122,6 +122,16 @@ def append_text(path, text):
         raise cannot_write(path, e) from None
 
 
+def set_aside(path):
+    """Move a damaged file out of the way, kept beside it as <name>.damaged (.damaged.1, .damaged.2, ... where one is
+    there: an older copy kept for its user is never replaced)."""
+    kept, n = f'{path}.damaged', 0
+    while os.path.lexists(kept):
+        n += 1
+        kept = f'{path}.damaged.{n}'
+    os.rename(path, kept)
+
+
 def sha256_of(path):
     """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
     if not os.path.isfile(path):

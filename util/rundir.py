@@ -30,7 +30,7 @@ from util.checkpoints import CheckpointError, read_checkpoint
 from util.config import ConfigError, flag
 from util.engine import log
 from util.files import (RUN_FILES, DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json,
-                        read_lines, replacing, write_json, write_text)
+                        read_lines, replacing, set_aside, write_json, write_text)
 from util.resume import SAVED, resume_command, under_torchrun
 
 
@@ -209,8 +209,11 @@ class RunDir:
                   'argv': sys.argv}
         if resumed_step is not None:
             saved = record.pop('saved')
-            old = self.config_record() or {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
-                                                               f'{resumed_step}: rebuilt from the checkpoint'}
+            old = self.config_record()
+            if old is None and os.path.lexists(self.file('config.json')):   # damaged: kept beside it
+                set_aside(self.file('config.json'))
+            old = old or {**saved, 'rebuilt': f'config.json was missing or unreadable at step {resumed_step}: '
+                                              f'rebuilt from the checkpoint'}
             diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
             saved = {**old, **saved}   # the checkpoint's config is what ran: config.json may be edited
             changed = {k: [saved.get(k), v] for k, v in record.items()
@@ -230,15 +233,14 @@ class RunDir:
         self.pending, self.begun = [], True
 
     def config_record(self):
-        """config.json's record; None if it is missing or damaged (a damaged one is kept beside it, .damaged)."""
+        """config.json's record; None if it is missing or damaged (read only: a run that starts keeps a damaged one
+        beside it, begin(); a refused command renames nothing)."""
         path = self.file('config.json')
         if not os.path.exists(path):
             return None
-        data = read_bytes(path, 'move it away')   # a directory, no permission
         try:
-            value = json.loads(data)
+            value = json.loads(read_bytes(path, 'move it away'))   # a directory, no permission: refused
         except ValueError:   # not JSON, or not UTF-8
-            os.replace(path, path + '.damaged')
             return None
         return value if isinstance(value, dict) else None
 
@@ -267,8 +269,9 @@ class RunDir:
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-        if self.main:
-            save_checkpoint(self.checkpoint, state)
+        if self.main:   # through a file object: a failed write raises OSError, which replacing makes one line
+            with replacing(self.checkpoint) as tmp, open(tmp, 'wb') as f:
+                torch.save(state, f)
 
     def record_divergence(self, what):
         """Add to config.json where the run diverged (its step, what was not finite, the checkpoint kept)."""
@@ -292,9 +295,3 @@ def linked(path):
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
-
-
-def save_checkpoint(path, state):
-    """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
-        torch.save(state, f)
