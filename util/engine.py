@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from util.files import cannot_write
+from util.files import append_text
 
 
 # -----------------------------------------------------------------------------
@@ -283,12 +283,7 @@ def log(run_dir, msg):
     if not run_dir.begun:
         run_dir.pending.append(msg)
         return
-    path = os.path.join(run_dir.path, 'log.txt')
-    try:                                        # what log.txt held stays whole if this fails: one line says why
-        with open(path, 'a') as f:
-            f.write(msg + '\n')
-    except OSError as e:
-        raise cannot_write(path, e) from None
+    append_text(os.path.join(run_dir.path, 'log.txt'), msg + '\n')   # never through a link, nor into a hard link
 
 
 def cast_matmul_weights(model, dtype):

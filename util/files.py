@@ -81,6 +81,8 @@ def replacing(path):
     path = os.fspath(path)
     tmp = path + '.tmp'
     try:
+        with contextlib.suppress(FileNotFoundError):   # one left by a kill, or a link: never written through
+            os.remove(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
@@ -99,6 +101,9 @@ def cannot_write(path, e):
     """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk, or a
     path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
+    if e.errno == errno.ELOOP:   # opened with O_NOFOLLOW
+        return WriteError(f'cannot write {path}: it is a link, which this would write through: put a copy of its '
+                          f'file there, or remove it', '')
     if e.errno in (errno.EISDIR, errno.ENOTDIR):
         kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
         return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
@@ -114,11 +119,21 @@ def write_text(path, text):
 
 
 def append_text(path, text):
-    """Add text at the end of a file (a log): what it held stays whole if this fails, which is one WriteError line."""
+    """Add text at the end of a file (a log), in place, never through a link; one with other names too (a hard link:
+    a snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
+    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
+    line (a file that may not be written is named)."""
     try:
-        with open(path, 'a') as f:
-            f.write(text)
+        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                f.write(text)
+                return
+        data = read_bytes(path, 'move it away')
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data + text.encode())
     except OSError as e:
+        if isinstance(e, PermissionError) and os.path.isfile(path):   # the file's own: appending needs no other
+            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod u+w)') from None
         raise cannot_write(path, e) from None
 
 

@@ -84,11 +84,13 @@ class RunDir:
                                                                      'scripts)' if self.cfg.overwrite else ''))
         for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: take_lock says so)
             path = self.file(name)
+            if os.path.islink(path):   # log.txt, appended to, would write the file it names (a checkpoint, say)
+                target = os.path.realpath(path)
+                where = '' if os.path.dirname(target) == os.path.realpath(self.path) else ', outside the run directory'
+                raise ConfigError(f'{path} is a link to {target}{where}, and a run writes only files of its own: put '
+                                  f'a copy of that file in its place, or remove the link')
             if os.path.lexists(path) and not os.path.isfile(path):
                 raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
-            if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(self.path):
-                raise ConfigError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
-                                  f'run writes only inside: put a copy of that file in its place, or remove the link')
 
     def foreign(self):
         """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
