@@ -23,8 +23,12 @@ The saved checkpoint is a plain ViT:
 `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 import math
+import signal
+import sys
 from dataclasses import dataclass
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn.functional as F
 

@@ -15,17 +15,21 @@ result of this script (or with `--overwrite true`). One process, on a GPU if the
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from itertools import combinations, cycle
 from types import SimpleNamespace
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
+from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError, at_least,
+                         machine_memory, one_of, option, show)
 from util.engine import autocast, build_loader, say
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.outputs import claimed
@@ -50,8 +54,7 @@ class ModelsConfig:
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
                                       one_of(('auto', *IMPLEMENTATIONS)))
     seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
-                       (lambda v: 0 <= v < 2 ** 63,
-                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
+                       (lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
     def checks(self):   # --num-heads beside --models
         return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
@@ -77,8 +80,12 @@ class EnsembleConfig(ModelsConfig):
                             at_least(1, most=STEPS))
 
     def checks(self):
+        test_split = max(self.fake_size // 8, 64) * SAMPLER_BYTES   # bytes to list its images (util/config.py)
         return [('models', bool(self.models), 'is required: one or more checkpoints, e.g. --models '
-                 'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks()]
+                 'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks(),
+                ('fake_size', self.data != 'fake' or test_split <= machine_memory(), f'makes a test split whose '
+                 f'images take {test_split / 1e9:,.0f} GB to list, more than the {machine_memory() / 1e9:,.0f} GB '
+                 f'here: choose fewer')]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}
@@ -146,10 +153,9 @@ def format_table(r):
 
 
 def load_model(source, teacher=None, new_teacher=False, num_heads=0):
-    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data',
-    'data_dir', 'classes' (None if not recorded), 'num_classes'}). A copy student comes
-    wrapped with its teacher (recorded, or `teacher` with the same SHA-256 unless
-    new_teacher). num_heads: stated for a file of weights alone."""
+    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data', 'data_dir', 'classes' (None
+    if not recorded), 'num_classes'}). A copy student comes wrapped with its teacher (recorded, or `teacher` with the
+    same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
         if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:   # a copy student
@@ -249,8 +255,7 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, or another file (a checkpoint!) unless
-    --overwrite (one that cannot be written: its claim, in main)."""
+    """Refuse an --out that is a directory, a model, or another file (a checkpoint!) unless --overwrite."""
     out = cfg.out
     reads = os.path.realpath(out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     for bad, why in ((os.path.isdir(out), 'is a directory: name a file'),
@@ -267,8 +272,7 @@ def main():
     if cfg.out:
         check_out(cfg)
     weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
-    # a new --out is claimed now (util/outputs.py): another command given it is refused; an earlier result is replaced
-    with claimed('--out', cfg.out, replaces=True) as out:
+    with claimed('--out', cfg.out, replaces=True) as out:   # a new --out: another command given it is refused
         cfg, results = score(cfg, weights)
         if cfg.out:
             record = json.dumps({'config': asdict(cfg), **results}, indent=2)
@@ -277,8 +281,7 @@ def main():
 
 def score(cfg, weights):
     """(cfg with the data set the models were scored on, the results), printed as a table."""
-    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads,
-                                            cfg.img_size)
+    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads, cfg.img_size)
     cfg = with_data(cfg, records)
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)

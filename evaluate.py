@@ -26,9 +26,13 @@ split stands in for the folders, its images shifted (data.SHIFTS):
 import json
 import os
 import re
+import signal
+import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names

@@ -19,9 +19,13 @@ import json
 import math
 import os
 import shlex
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn as nn
 from einops import rearrange

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from util.files import append_text
+from util.files import cannot_write
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +283,12 @@ def log(run_dir, msg):
     if not run_dir.begun:
         run_dir.pending.append(msg)
         return
-    append_text(os.path.join(run_dir.path, 'log.txt'), msg + '\n')   # never through a link, nor into a hard link
+    path = os.path.join(run_dir.path, 'log.txt')
+    try:   # never through a link; RunDir.begin made it a file of the run's own (util/files.append_text)
+        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
+            f.write(msg + '\n')
+    except OSError as e:   # what log.txt held stays whole: one line says why
+        raise cannot_write(path, e) from None
 
 
 def cast_matmul_weights(model, dtype):
