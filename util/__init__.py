@@ -9,12 +9,16 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     AdamW with layer decay, the log
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after a build
     rundir.py       the run directory, one object: claimed and locked, its lines held, its files, let go
-    resume.py       how --resume true is checked: what may change, after a divergence; the command that continues
+    resume.py       how --resume true is checked: what the checkpoint holds, what may change, after a divergence;
+                    the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
     datafiles.py    CIFAR's and ImageNet's files found, downloaded, read and checked
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them
-    files.py        files (checkpoints read safely; JSON, JSON lines, text written whole), one line when damaged
+    weightfiles.py  a file of weights read without running any of its code (torch.save's format, CRC-32s checked)
+    torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
+    files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
+    outputs.py      outputs written once the work is done, claimed when the command starts
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and
 model and hand them here (tests/test_layout.py).
