@@ -143,7 +143,7 @@ class RunDir:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
                 raise (linked(path) if e.errno == errno.ELOOP else cannot_write(path, e)) from None
-            if os.fstat(fd).st_nlink > 1:   # another name of a file elsewhere (a hard link): the same
+            if os.fstat(fd).st_nlink > 1:   # a hard link: another name of a file, maybe elsewhere
                 os.close(fd)
                 raise linked(path)
             try:
