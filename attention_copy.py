@@ -24,8 +24,12 @@ call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an 
 Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
 """
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn as nn
 

@@ -21,8 +21,12 @@ authors intended; their release never passed it on and used 21), 200 epochs. The
 `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 import math
+import signal
+import sys
 from dataclasses import dataclass
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn.functional as F
 

@@ -15,21 +15,25 @@ result of this script (or with `--overwrite true`). One process, on a GPU if the
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from itertools import combinations, cycle
 from types import SimpleNamespace
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_source
 from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import AMP, BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, one_of, option, show
+from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError, at_least,
+                         machine_memory, one_of, option, show)
 from util.engine import autocast, build_loader, say
-from util.files import write_json
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
+from util.outputs import claimed
 from util.run import class_mismatch
 from vit import IMPLEMENTATIONS
 
@@ -51,8 +55,7 @@ class ModelsConfig:
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
                                       one_of(('auto', *IMPLEMENTATIONS)))
     seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
-                       (lambda v: 0 <= v < 2 ** 63,
-                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
+                       (lambda v: 0 <= v < 2 ** 63, 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
 
     def checks(self):   # --num-heads beside --models
         return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
@@ -78,8 +81,12 @@ class EnsembleConfig(ModelsConfig):
                             at_least(1, most=STEPS))
 
     def checks(self):
+        test_split = max(self.fake_size // 8, 64) * SAMPLER_BYTES   # bytes to list its images (util/config.py)
         return [('models', bool(self.models), 'is required: one or more checkpoints, e.g. --models '
-                 'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks()]
+                 'runs/a/checkpoint.pt runs/b/checkpoint.pt'), *super().checks(),
+                ('fake_size', self.data != 'fake' or test_split <= machine_memory(), f'makes a test split whose '
+                 f'images take {test_split / 1e9:,.0f} GB to list, more than the {machine_memory() / 1e9:,.0f} GB '
+                 f'here: choose fewer')]
 
 
 PRESETS = {'fashion-mnist': dict(num_workers=1), 'fake': dict(num_workers=0), 'imagenet': dict(num_workers=10)}
@@ -147,10 +154,9 @@ def format_table(r):
 
 
 def load_model(source, teacher=None, new_teacher=False, num_heads=0):
-    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data',
-    'data_dir', 'classes' (None if not recorded), 'num_classes'}). A copy student comes
-    wrapped with its teacher (recorded, or `teacher` with the same SHA-256 unless
-    new_teacher). num_heads: stated for a file of weights alone."""
+    """(classifier in eval mode, its arch, what its checkpoint records of it: {'data', 'data_dir', 'classes' (None
+    if not recorded), 'num_classes'}). A copy student comes wrapped with its teacher (recorded, or `teacher` with the
+    same SHA-256 unless new_teacher). num_heads: stated for a file of weights alone."""
     ckpt = read_checkpoint(source)
     try:
         if isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt:   # a copy student
@@ -254,8 +260,7 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, another file (a checkpoint!) unless
-    --overwrite, or unwritable."""
+    """Refuse an --out that is a directory, a model, or another file (a checkpoint!) unless --overwrite."""
     out = cfg.out
     reads = os.path.realpath(out) in {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     for bad, why in ((os.path.isdir(out), 'is a directory: name a file'),
@@ -265,13 +270,6 @@ def check_out(cfg):
                       'choose another file, or pass --overwrite true')):
         if bad:
             raise ConfigError(f'--out {out} {why}')
-    if not os.path.exists(out):
-        try:   # made and removed: a path that cannot be written fails now, not after the evaluation
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            open(out, 'x').close()
-            os.remove(out)
-        except OSError as e:
-            raise ConfigError(f'--out {out}: cannot write there ({e.strerror})') from None
 
 
 def main():
@@ -279,8 +277,16 @@ def main():
     if cfg.out:
         check_out(cfg)
     weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
-    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads,
-                                            cfg.img_size)
+    with claimed('--out', cfg.out, replaces=True) as out:   # a new --out: another command given it is refused
+        cfg, results = score(cfg, weights)
+        if cfg.out:
+            record = json.dumps({'config': asdict(cfg), **results}, indent=2)
+            out.write(cfg.out, lambda f: f.write(record.encode()))
+
+
+def score(cfg, weights):
+    """(cfg with the data set the models were scored on, the results), printed as a table."""
+    models, records, img_size = load_models(cfg.models, cfg.teacher, cfg.new_teacher, cfg.num_heads, cfg.img_size)
     cfg = with_data(cfg, records)
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
@@ -292,8 +298,7 @@ def main():
     say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} '
         f'{data_source(test_set)}, on {place.device}, attention {attn}\n')
     say(format_table(results))
-    if cfg.out:   # checked by check_out
-        write_json(cfg.out, {'config': asdict(cfg), **results})
+    return cfg, results
 
 
 if __name__ == '__main__':

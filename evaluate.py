@@ -23,11 +23,16 @@ classes/imagenet-r.txt and classes/imagenet-a.txt. Writes <out>/robustness.md an
 split stands in for the folders, its images shifted (data.SHIFTS):
     python evaluate.py --data fashion-mnist --models a.pt b.pt --ensembles 0,1 --shift none invert rotate
 """
+import json
 import os
 import re
+import signal
+import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
@@ -35,8 +40,8 @@ from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load
 from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import build_loader, say
-from util.files import check_output, write_json, write_text
 from util.launch import parse_config, run_main
+from util.outputs import check_output, claimed
 
 # -----------------------------------------------------------------------------
 # Config
@@ -158,9 +163,16 @@ def main():
                           '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
-    if any(map(os.path.exists, files)):
-        raise ConfigError(f'{cfg.out} already holds robustness results: choose another --out or delete them')
+    if any(map(os.path.lexists, files)):
+        raise ConfigError(f'--out {cfg.out} already holds robustness results (or another command is writing '
+                          f'them now): choose another --out, or move them away')
     check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
+    with claimed('--out', *files) as out:         # and claimed: another command given this --out is refused
+        score(cfg, groups, paths, out, files)
+
+
+def score(cfg, groups, paths, out, files):
+    """Every model and ensemble on every test set; the table, into the claimed files (out: util/outputs.py)."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
     data = SimpleNamespace(data=cfg.data or 'imagenet', data_dir=cfg.data_dir, img_size=img_size, val_size=0,
@@ -186,16 +198,16 @@ def main():
 
     md = markdown(names, top1)
     say(f'\n{md}')
-    os.makedirs(cfg.out, exist_ok=True)
     subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
-    write_text(files[0], f"# Top-1 (%) under distribution shift\n\n{md}\n\n"
-                         f"Ensembles average their models' probabilities{subsets}.\n")
-    write_json(files[1], {'config': asdict(cfg),
-                          'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
-                                   for n, (p, d, a) in sets.items()},
-                          'rows': [{'model': n, 'members': m,
-                                    'top1': {s: v[i] for s, v in top1.items()}}
-                                   for i, (n, m) in enumerate(zip(names, members))]})
+    text = (f"# Top-1 (%) under distribution shift\n\n{md}\n\n"
+            f"Ensembles average their models' probabilities{subsets}.\n")
+    record = {'config': asdict(cfg),
+              'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
+                       for n, (p, d, a) in sets.items()},
+              'rows': [{'model': n, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}}
+                       for i, (n, m) in enumerate(zip(names, members))]}
+    out.write(files[0], lambda f: f.write(text.encode()))
+    out.write(files[1], lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 if __name__ == '__main__':

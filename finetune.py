@@ -17,8 +17,12 @@ preset, and `--scratch true` the from-scratch recipe where fine-tuning has its o
 (ImageNet: MAE's appendix A.2). Where a preset fine-tunes, running it without weights is
 an error: that run would be neither recipe. Every preset's source: RECIPES.md.
 """
+import signal
+import sys
 from dataclasses import dataclass
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from data import batch_mixer, build_data, sample_images

@@ -19,9 +19,13 @@ import json
 import math
 import os
 import shlex
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn as nn
 from einops import rearrange
@@ -31,10 +35,10 @@ from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import check_output, save_figure
+from util.files import save_figure
 from util.launch import resolve, run_main
+from util.outputs import check_output, claimed
 from util.run import Run
-from util.rundir import save_checkpoint
 from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
@@ -254,22 +258,22 @@ def save_reconstructions(model, imgs, cfg):
 # Train
 
 
-def export_encoder(run_dir, path):
+def export_encoder(run_dir, export, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE). util.checkpoints.build_from_checkpoint(path) loads it."""
+    it was made (command, commit, held-out MSE), written through its claim (export: util/outputs.py), never half a
+    file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],
             'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'],
-                           'made': made})   # never a half-written teacher
+    encoder = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'], 'made': made}
+    export.write(path, lambda f: torch.save(encoder, f))
 
 
 def main():
     plan = resolve(MAEConfig, PRESETS)                                 # every refusal first, nothing built yet
     cfg = plan.cfg
-    with plan.run_dir:
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:   # claimed as it starts
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
@@ -291,7 +295,7 @@ def main():
         if plan.main:
             save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
-                export_encoder(cfg.out_dir, cfg.export)
+                export_encoder(cfg.out_dir, export, cfg.export)
         plan.log(f"final | train mse {run.metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
                  f"masked mse {run.metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
 

@@ -349,6 +349,31 @@ def test_weights_that_are_not_real_floats_are_refused_wherever_read(tmp_path, mo
         assert msg and says in msg and 'q.pt' in msg, (script.__name__, msg)
         assert not os.path.exists(out) or os.listdir(out) == []
 
+@pytest.mark.parametrize('damage, says', [
+    ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
+    ('no heads', 'records an architecture with num_heads 0, of another type or out of range'),
+    ('depth a string', "records an architecture with depth '2', of another type or out of range"),
+])
+def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(tmp_path, monkeypatch, damage, says):
+    """A flipped bit inside a tensor was read as a weight (torch checks no CRC-32), the damaged teacher's SHA-256
+    recorded as the teacher's; an architecture record with 0 heads or a string depth ended in a traceback."""
+    model = random_vit()
+    arch = {**model.arch, **{'no heads': {'num_heads': 0}, 'depth a string': {'depth': '2'}}.get(damage, {})}
+    path = tmp_path / 't.pt'
+    torch.save({'model': model.state_dict(), 'arch': arch}, path)
+    if damage == 'a flipped bit':
+        from test_resume import flip_a_bit
+        flip_a_bit(path)
+    out = tmp_path / 'out'
+    for script, args in [(attention_distill, [*TINY, '--teacher', path, '--out-dir', out]),
+                         (attention_copy, [*TINY, '--teacher', path, '--out-dir', out]),
+                         (finetune, [*TINY, '--init', path, *SHAPE_ARGS, '--out-dir', out]),
+                         (ensemble, [*TINY, '--models', path, '--out', out / 'r.json']),
+                         (evaluate, ['--data', 'fake', '--num-workers', '0', '--models', path, '--out', out])]:
+        msg = run_in_process(monkeypatch, script, *args)
+        assert msg and says in msg and str(path) in msg, (script.__name__, msg)
+        assert not out.exists()                          # no config.json recording its digest, no folder
+
 # -----------------------------------------------------------------------------
 # 4. Sizes that cannot fit: one line before anything is allocated (finetune.py's: tests/test_checks.py)
 

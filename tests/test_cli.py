@@ -1,9 +1,11 @@
 """finetune.py as a user runs it: under torchrun (2 CPU processes, gloo) against one process, and the
 errors a user gets for bad input (one line, no traceback, nothing of an earlier run overwritten)."""
+import errno
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +137,51 @@ def test_init_from_own_checkpoint(depth2_run, tmp_path):
     got = torch.load(tmp_path / 'r' / 'checkpoint.pt', map_location='cpu', weights_only=False)['model']
     assert src.keys() == got.keys()
     assert all(torch.equal(src[k], got[k]) for k in src)
+
+
+def test_blr_0_keeps_the_weights_as_loaded_after_the_warm_up_too(depth2_run, tmp_path):
+    """--blr 0 was exempt from "the lr never rises": with --min-lr 1e-2 the cosine rose from 0 to 1e-2 and trained
+    the weights meant to stay as loaded. A peak of 0 ends at 0, and the start log says so."""
+    out, _ = depth2_run
+    p = finetune(tmp_path / 'r', '--init', out / 'checkpoint.pt', '--blr', '0', '--min-lr', '1e-2', '--warmup-epochs',
+                 '0', '--max-steps', '3', '--amp', 'off')
+    assert 'lr 0 = blr 0 x effective batch 32 / 256 at its peak, 0 at the end (--blr 0: every step at lr 0' in p.stdout
+    src = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    got = torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['model']
+    assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)
+
+
+def test_a_loader_that_cannot_start_its_workers_names_num_workers(tmp_path, monkeypatch):
+    """--num-workers 100 under a container's process limit: fork() refused once the run directory was written ended
+    in a traceback (here fork is made to fail as the kernel makes it: EAGAIN)."""
+    def refused():
+        raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
+    monkeypatch.setattr(os, 'fork', refused)
+    out = tmp_path / 'r'
+    msg = run_in_process(monkeypatch, finetune_script, *TINY[:-2], '--num-workers', '100', '--out-dir', out)
+    assert msg and msg.startswith('error: the data loader could not start its worker processes (Resource temporarily '
+                                  'unavailable): lower --num-workers (0 loads in the main process); no checkpoint '
+                                  'was saved yet'), msg
+    assert (out / 'config.json').exists()   # refused after the run directory was written: it stays
+
+
+@pytest.mark.parametrize('script', ['finetune.py', 'mae_pretrain.py', 'attention_copy.py', 'attention_distill.py',
+                                    'ensemble.py', 'evaluate.py'])
+def test_ctrl_c_while_torch_is_imported_exits_130_quietly(script, tmp_path):
+    """Ctrl-C in a script's first second, while it imports torch, printed a KeyboardInterrupt traceback. A fresh
+    interpreter (no fork server), the SIGINT sent once -X importtime says a module of torch has been imported."""
+    p = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--out-dir', str(tmp_path / 'r')], cwd=ROOT,
+                         env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if line.startswith('import time:') and line.split('|')[-1].strip().split('.')[0] == 'torch':
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    said = [line for line in lines + err.splitlines(True) if not line.startswith('import time:')]
+    assert any('torch' in line for line in lines), 'torch was never imported'
+    assert p.returncode == 130 and not ''.join(said).strip(), (p.returncode, ''.join(said)[-2000:])
 
 
 def test_unknown_config_key(tmp_path):

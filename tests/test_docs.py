@@ -298,3 +298,23 @@ def test_readme_quotes_code_as_it_is():
     assert re.search(r'`[^`]* @ v`', text), 'the reading order no longer quotes the line that applies a map'
     wrong = text.replace('`out = attn @ v`', '`out = attn.to(v.dtype) @ v`', 1)
     assert misquoted(wrong) == ['vit.py: `out = attn.to(v.dtype) @ v`']
+
+
+def test_the_reliability_table_names_tests_that_exist():
+    """REFERENCE.md's reliability table: every test it names (file::name, a bare name of the file named before it
+    in its cell, * for several) is a test of that file, and every row names at least one."""
+    import ast
+    import fnmatch
+    section = read_page('REFERENCE.md').split('### Reliability')[1].split('\n### ')[0]
+    rows = [line.split(' | ')[1] for line in section.splitlines() if line.startswith('| ') and ' | ' in line][1:]
+    assert len(rows) >= 5, section
+    for cell in rows:
+        file, named = None, 0
+        for ref in re.findall(r'`(test_[\w*]+(?:\.py)?(?:::test_[\w*]+)?)`', cell):
+            path, _, name = ref.partition('::') if '.py' in ref else (file, '', ref)
+            file = path
+            tree = ast.parse(open(os.path.join(ROOT, 'tests', file)).read())
+            tests = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith('test_')]
+            assert tests and (not name or fnmatch.filter(tests, name)), f'{ref}: no such test in tests/{file}'
+            named += 1
+        assert named, cell

@@ -1,14 +1,16 @@
 """util/files.py: the reader of the JSON files runs leave (a damaged one is one error naming the file, the line and
-the fix), the atomic writer (a Ctrl-C in it stays a Ctrl-C), and the check of an output folder that makes nothing."""
+the fix), the atomic writer (a Ctrl-C in it stays a Ctrl-C, a SIGTERM a SIGTERM), and the check of an output folder that makes nothing."""
 import io
 import json
 import os
+import signal
 
 import pytest
 import torch
 
 from util.config import ConfigError
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
+from util.launch import run_main
 
 
 @pytest.mark.parametrize('text, says', [
@@ -67,6 +69,34 @@ def test_ctrl_c_during_a_checkpoint_save_is_a_ctrl_c(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with replacing(path) as tmp, CutAtThirdWrite(tmp, 'wb') as f:
             torch.save({'step': 2, 'w': torch.randn(1000, 100)}, f)
+    assert torch.load(path)['step'] == 1 and os.listdir(tmp_path) == ['checkpoint.pt']
+
+
+def test_a_sigterm_during_a_checkpoint_save_is_a_sigterm(tmp_path, capsys):
+    """util/launch.py turns SIGTERM into KeyboardInterrupt('SIGTERM'); a write cut by it re-raised a bare
+    KeyboardInterrupt, so the run said Ctrl-C and exited 130 where a scheduler reads 143 for its SIGTERM."""
+    class SignalledAtThirdWrite(io.FileIO):
+        writes = 0
+
+        def write(self, b):
+            SignalledAtThirdWrite.writes += 1
+            if SignalledAtThirdWrite.writes == 3:
+                os.kill(os.getpid(), signal.SIGTERM)   # as a scheduler sends it, mid-write
+            return super().write(b)
+    path = str(tmp_path / 'checkpoint.pt')
+    torch.save({'step': 1}, path)
+
+    def main():
+        with replacing(path) as tmp, SignalledAtThirdWrite(tmp, 'wb') as f:
+            torch.save({'step': 2, 'w': torch.randn(1000, 100)}, f)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(main)
+    finally:   # run_main ignores both once stopped: this process gets its own back
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert e.value.code == 143 and capsys.readouterr().err.startswith('error: stopped (SIGTERM): ')
     assert torch.load(path)['step'] == 1 and os.listdir(tmp_path) == ['checkpoint.pt']
 
 

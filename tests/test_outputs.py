@@ -2,6 +2,7 @@
 never deletes or replaces a file it reads; takes what it evaluates on from what the checkpoints record; and a path
 of the wrong kind (a directory where a file goes) is one line. Each refused command leaves every file as it was."""
 import hashlib
+import json
 import os
 import subprocess
 import shutil
@@ -12,7 +13,9 @@ import torch
 
 import attention_distill
 import ensemble
+import evaluate
 import finetune
+import mae_pretrain
 from conftest import TINY, run_in_process, run_script
 from data import build_dataset
 from util.config import TrainConfig
@@ -174,3 +177,56 @@ def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path):
     assert git_commit(cwd=tmp_path) == head
     (tmp_path / 'vit.py').write_text('x = 2\n')
     assert git_commit(cwd=tmp_path) == head + ' (with uncommitted changes to *.py)'
+
+# -----------------------------------------------------------------------------
+# 5. Outputs written once the work is done: claimed when the command starts
+
+
+def second_command_midway(monkeypatch, module, where, second):
+    """Run `second` (a command line of `module`) while the first is at `where` (a function of the module that runs
+    between its start and its write): two commands given one output at once. Returns the second's message."""
+    said, first = [], getattr(module, where)
+
+    def midway(*args, **kwargs):
+        if not said:
+            said.append(run_in_process(monkeypatch, module, *second))
+        return first(*args, **kwargs)
+    monkeypatch.setattr(module, where, midway)
+    return said
+
+
+@pytest.mark.parametrize('flag', ['--export', '--out'])
+def test_a_second_command_into_the_same_output_is_refused_and_the_first_kept(run_dir, tmp_path, monkeypatch, flag):
+    """mae_pretrain.py --export and evaluate.py --out checked the path was free at the start and wrote at the end:
+    two such runs both exited 0 and the second replaced the first's file (a teacher lost in a sweep)."""
+    if flag == '--export':
+        module, where, target = mae_pretrain, 'save_reconstructions', tmp_path / 'shipped' / 'teacher.pt'
+        args = [*TINY, '--max-steps', '1', '--export', target]
+        first, second = [*args, '--out-dir', tmp_path / 'a'], [*args, '--out-dir', tmp_path / 'b']
+    else:
+        module, where, target = evaluate, 'predict_all', tmp_path / 'shared' / 'robustness.json'
+        args = ['--data', 'fake', '--num-workers', '0', '--out', tmp_path / 'shared']
+        first, second = [*args, '--models', run_dir / 'checkpoint.pt'], [*args, '--models', run_dir / 'checkpoint.pt',
+                                                                          run_dir / 'checkpoint.pt']
+    said = second_command_midway(monkeypatch, module, where, second)
+    assert run_in_process(monkeypatch, module, *first) is None
+    assert said[0] and f'{flag} {target.parent if flag == "--out" else target}' in said[0] and \
+        f'choose another {flag}' in said[0], said
+    if flag == '--export':   # the first's file, whole
+        assert str(tmp_path / 'a') in torch.load(target, weights_only=True)['made']['command']
+    else:
+        assert len(json.loads(target.read_text())['rows']) == 1
+    assert not (tmp_path / 'b').exists() or not (tmp_path / 'b' / 'checkpoint.pt').exists()
+
+
+def test_an_ensemble_refused_leaves_no_folder_and_a_claim_lets_go(run_dir, tmp_path, monkeypatch):
+    """--out a/b/r.json: the folders were made before a model was read, and stayed when it was refused; a second
+    ensemble into a new --out while the first runs is refused, the first's result kept."""
+    out = tmp_path / 'a' / 'b' / 'r.json'
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', tmp_path / 'missing.pt', '--out', out)
+    assert msg and 'missing.pt' in msg and not (tmp_path / 'a').exists(), msg
+    said = second_command_midway(monkeypatch, ensemble, 'predict_all', [*TINY, '--models', run_dir / 'checkpoint.pt',
+                                                                         '--weights', '2', '--out', out])
+    assert run_in_process(monkeypatch, ensemble, *TINY, '--models', run_dir / 'checkpoint.pt', '--out', out) is None
+    assert said[0] and f'--out {out}' in said[0], said
+    assert json.loads(out.read_text())['models'][0]['weight'] == 1.0 and os.listdir(out.parent) == ['r.json']

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -94,16 +95,39 @@ def test_each_config_names_what_may_change():
     ('step not a number', '(step: missing or of another kind)'),
     ('no metrics', '(metrics: missing or of another kind)'),
     ('optimizer of another model', 'does not fit the model'),
+    # each read as it was, or a traceback: a step of -4 trained with a negative lr, a nan weight was called the
+    # last finite checkpoint, a flipped bit was a weight
+    ('step below 0', 'holds step -4, which no run of these scripts saves: it was edited or is damaged'),
+    ('epoch not finite', 'holds epoch nan, which no run'),
+    ('a nan weight', 'holds model cls_token with nan or inf, which no run'),
+    ('a nan in the optimizer', 'holds optimizer state.0.exp_avg with nan or inf'),
+    ('rng of floats', '(rng: missing or of another kind)'),
+    ('rng cut short', '(rng: missing or of another kind)'),
+    ('no heads', 'records an architecture with num_heads 0, of another type or out of range'),
+    ('depth a string', "records an architecture with depth '2', of another type or out of range"),
+    ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
 ])
 def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
     d = saved[1](tmp_path)
     ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    nan = ck['model']['cls_token'].clone()
+    nan[0, 0, 0] = float('nan')
+    state = ck['optimizer']['state']
     broken = {'arch not a dict': {'arch': 'vit_tiny'}, 'config not a dict': {'config': 'finetune'},
               'rng not tensors': {'rng': ['seed 0']}, 'step not a number': {'step': '2'},
               'no metrics': {'metrics': None},
-              'optimizer of another model': {'optimizer': {}}}
+              'optimizer of another model': {'optimizer': {}},
+              'step below 0': {'step': -4}, 'epoch not finite': {'epoch': float('nan')},
+              'a nan weight': {'model': {**ck['model'], 'cls_token': nan}},
+              'a nan in the optimizer': {'optimizer': {**ck['optimizer'], 'state': {
+                  **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'] * float('nan')}}}},
+              'rng of floats': {'rng': [ck['rng'][0].float()]}, 'rng cut short': {'rng': [ck['rng'][0][:100]]},
+              'no heads': {'arch': {**ck['arch'], 'num_heads': 0}},
+              'depth a string': {'arch': {**ck['arch'], 'depth': '2'}}}
     if damage in broken:
         edit_checkpoint(d, **broken[damage])
+    elif damage == 'a flipped bit':
+        flip_a_bit(d / 'checkpoint.pt')
     elif damage == 'garbage':
         (d / 'checkpoint.pt').write_bytes(b'\x00not a checkpoint' * 100)
     elif damage == 'pickled code':    # weights_only refuses to unpickle arbitrary objects (no code is run)
@@ -116,8 +140,17 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
         edit_checkpoint(d, arch={**ck['arch'], 'num_heads': 4})
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
-    assert msg and says in msg and str(d) in msg, msg
+    assert msg and says in msg and str(d) in msg and 'last finite' not in msg, msg
     assert digest(d) == before
+
+
+def flip_a_bit(path):
+    """One bit changed inside the largest tensor's record of a zip archive torch wrote (its CRC-32 unchanged)."""
+    with zipfile.ZipFile(path) as z:
+        record = z.read(max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size))
+    data = bytearray(path.read_bytes())
+    data[data.find(record) + len(record) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
 
 def test_a_saved_config_without_a_field_counts_it_as_its_default(monkeypatch, saved, tmp_path):
     """A checkpoint from before a field existed: the field is its default, no KeyError (batch size included)."""

@@ -143,6 +143,19 @@ def run_limited(limit, *args):
                           capture_output=True, text=True, timeout=240, preexec_fn=cap)
 
 
+@pytest.mark.parametrize('link', ['symbolic', 'hard'])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(monkeypatch, saved, tmp_path, link):
+    """.lock a link to a user's file: locking it wrote who holds it into that file, truncated."""
+    d = saved(tmp_path)
+    (tmp_path / 'notes.txt').write_text('mine\n')
+    (os.symlink if link == 'symbolic' else os.link)(tmp_path / 'notes.txt', d / '.lock')
+    before = digest(d)
+    for args in (['--resume', 'true', '--max-steps', '3'], ['--max-steps', '1', '--overwrite', 'true']):
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, *args)
+        assert msg and f'{d}/.lock is a link to another file' in msg and 'remove it' in msg, msg
+        assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
+
+
 def one_error_line(p):
     assert p.returncode not in (0, None) and 'Traceback' not in p.stderr, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
@@ -221,6 +234,25 @@ def test_resume_without_a_readable_config_json_keeps_the_metrics(monkeypatch, sa
         assert (d / 'config.json.damaged').read_text() == text[:len(text) // 2]
 
 
+def test_a_refused_resume_renames_nothing_and_damaged_copies_are_numbered(monkeypatch, saved, tmp_path):
+    """A refused resume renamed a damaged config.json over the config.json.damaged kept from before (lost); each
+    resume that goes on keeps its damaged copy beside the older ones."""
+    d = saved(tmp_path)
+    (d / 'config.json.damaged').write_text('kept from before\n')
+    (d / 'config.json').write_text('{"cut in')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--epochs', '3')
+    assert msg and '--epochs 1 -> 3' in msg and digest(d) == before, msg
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
+    (d / 'config.json').write_text('{"cut again')
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+    assert [(d / f'config.json.damaged{n}').read_text() for n in ('', '.1', '.2')] == \
+        ['kept from before\n', '{"cut in', '{"cut again']
+    assert json.loads((d / 'config.json').read_text())['max_steps'] == 4
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path / 'new' / 'run', '--resume', 'true')
+    assert msg and 'no checkpoint' in msg and not (tmp_path / 'new').exists(), msg
+
+
 @pytest.mark.parametrize('kept', ['done.json', 'metrics only'])
 def test_a_finished_run_is_not_written_over_unless_asked(monkeypatch, saved, tmp_path, kept):
     """Results kept without their checkpoint (reproduce.py's done.json, results/): refused in one line naming
@@ -260,6 +292,41 @@ def test_a_run_file_linked_outside_the_run_is_refused(monkeypatch, saved, tmp_pa
     assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
 
 
+def test_a_run_file_linked_inside_the_run_is_refused(monkeypatch, saved, tmp_path):
+    """log.txt a link to checkpoint.pt: the resumed run's log lines went into the checkpoint's tail."""
+    d = saved(tmp_path)
+    (d / 'log.txt').unlink()
+    os.symlink('checkpoint.pt', d / 'log.txt')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
+    assert msg and f'{d}/log.txt is a link to {d}/checkpoint.pt, and a run writes only files of its own' in msg, msg
+    assert digest(d) == before and step_of(d) == 2
+
+
+def test_a_hard_linked_snapshot_keeps_what_it_held(monkeypatch, saved, tmp_path):
+    """cp -al, a cheap backup: the resumed run's log lines were appended to the snapshot's log.txt too (appended in
+    place, where every other file is replaced by rename)."""
+    d = saved(tmp_path)
+    snapshot = tmp_path / 'snapshot'
+    snapshot.mkdir()
+    for name in os.listdir(d):
+        os.link(d / name, snapshot / name)
+    before = digest(snapshot)
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
+    assert digest(snapshot) == before and step_of(d) == 3
+    assert f'resumed from {d}/checkpoint.pt at step 2' in (d / 'log.txt').read_text()
+
+
+def test_a_temporary_file_left_as_a_link_is_not_written_through(monkeypatch, saved, tmp_path):
+    """checkpoint.pt.tmp a link to a user's file: the checkpoint was written into that file."""
+    d = saved(tmp_path)
+    (tmp_path / 'notes.txt').write_text('mine\n')
+    os.symlink(tmp_path / 'notes.txt', d / 'checkpoint.pt.tmp')
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
+    assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and step_of(d) == 3
+    assert not os.path.lexists(d / 'checkpoint.pt.tmp') and not (d / 'checkpoint.pt').is_symlink()
+
+
 # root writes into read-only folders: as root, the scripts run without that capability (util-linux's setpriv)
 AS_USER = ['setpriv', '--bounding-set', '-dac_override,-dac_read_search'] if os.geteuid() == 0 else []
 
@@ -277,6 +344,17 @@ def test_a_read_only_out_dir_is_one_line(saved, tmp_path):
     finally:
         os.chmod(d, 0o755)
     assert digest(d) == before
+
+@pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
+def test_a_read_only_log_is_named(saved, tmp_path):
+    """It said to make the folder writable, which it is."""
+    d = saved(tmp_path)
+    os.chmod(d / 'log.txt', 0o444)
+    p = subprocess.run([*AS_USER, sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), '--resume', 'true',
+                        '--max-steps', '3'], cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=240)
+    line = one_error_line(p)
+    assert f'cannot write {d}/log.txt (Permission denied): make that file writable (chmod u+w)' in line, line
+    assert step_of(d) == 2
 
 # -----------------------------------------------------------------------------
 # Ctrl-C

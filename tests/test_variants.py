@@ -9,7 +9,7 @@ import matplotlib
 import pytest
 from matplotlib.colors import to_hex
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from tools import palette, variants
 
 matplotlib.use('Agg')
@@ -77,6 +77,27 @@ def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path)
                                          ('copy-mean-queries', 'copy, maps averaged over queries')])
 def test_the_figure_names_runs_as_the_course_does(name, shown):
     assert variants.label(name) == shown
+
+@pytest.mark.parametrize('damage', ['a stray file', 'an empty metrics.jsonl', 'a missing wall_s.txt', 'a nan top-1',
+                                    'a nan shifted top-1'])
+def test_a_damaged_or_stray_file_is_one_line_naming_it(tree, monkeypatch, damage):
+    """Each ended in a traceback (a nan top-1 in a mean of nan, written without a word)."""
+    run = tree / 'logs' / 'distill-q' / 'seed1'
+    named = {'a stray file': tree / 'logs' / 'distill-q' / 'notes.txt', 'an empty metrics.jsonl': run / 'metrics.jsonl',
+             'a missing wall_s.txt': run / 'wall_s.txt', 'a nan top-1': run / 'metrics.jsonl',
+             'a nan shifted top-1': tree / 'shift' / 'seed0' / 'robustness.json'}[damage]
+    if damage == 'a missing wall_s.txt':
+        named.unlink()
+    elif damage == 'a nan shifted top-1':
+        named.write_text(named.read_text().replace('80', 'NaN', 1))
+    else:
+        named.write_text({'a stray file': 'mine', 'an empty metrics.jsonl': '',
+                          'a nan top-1': '{"epoch": 1, "top1": NaN}\n'}[damage])
+    before = sorted(os.listdir(tree))
+    msg = run_in_process(monkeypatch, variants)
+    assert msg and msg.startswith(f'error: {named}') and 'move it away' in msg, msg
+    assert sorted(os.listdir(tree)) == before   # variants.json and the figure not written
+
 
 # -----------------------------------------------------------------------------
 # The page against its data

@@ -13,10 +13,10 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from tools.palette import colour
-from util.config import ConfigError, flag
+from util.config import ConfigError, flag, word
 from util.engine import lr_at
 from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
-from util.launch import run_main, word
+from util.launch import run_main
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L

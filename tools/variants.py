@@ -3,7 +3,7 @@ closes between the committed reproduction's scratch and fine-tuning (the baselin
 committed models' top-1 on shifted test images, and the runs' wall time. Writes variants.json and variants.png in
 results/fashion-mnist/variants; the page's tables and sentences are written by hand, and tested against the json.
     python -m tools.variants"""
-import json
+import math
 import os
 import re
 from statistics import mean, stdev
@@ -11,24 +11,54 @@ from statistics import mean, stdev
 from matplotlib.figure import Figure
 
 from tools.palette import PALETTE, png
-from util.files import replacing, write_json
+from util.files import DamagedFile, read_bytes, read_json, read_jsonl, replacing, write_json
+from util.launch import run_main
 
 HERE = os.path.join('results', 'fashion-mnist')
 OUT = os.path.join(HERE, 'variants')
 METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')   # evaluate.py's rows: 4 models, ensemble 1,3
 ORDER = ('distill-q distill-k distill-v copy-q copy-k copy-v distill-heads2 distill-heads4 distill-layers0-2 '
          'distill-layers3-5 distill-mean-batch copy-mean-batch distill-mean-queries copy-mean-queries').split()
+FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 
 def seeds(root, name='metrics.jsonl'):
-    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
-    found = {int(s[4:]): os.path.join(root, s, name) for s in os.listdir(root)}
+    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it; anything else in root (a stray file)
+    is one DamagedFile line naming it."""
+    if not os.path.isdir(root):
+        raise DamagedFile(f'{root} is no folder of seed<k> runs of tools/variants.sh: move it away')
+    found = {}
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if not (re.fullmatch(r'seed\d+', entry) and os.path.isdir(path)):
+            raise DamagedFile(f'{path} is no seed<k> folder of a run of tools/variants.sh: move it away')
+        found[int(entry[4:])] = os.path.join(path, name)
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
 
 
+def finite(value, path, what):
+    """value if it is a finite number, else DamagedFile naming the file it was read from."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise DamagedFile(f'{path}: {what} is {value!r}, not a finite number: {FIX}')
+    return value
+
+
 def final_top1(path):
-    with open(path) as f:
-        return json.loads(f.readlines()[-1])['top1']
+    """The top-1 of a run's last evaluation (its metrics.jsonl's last record)."""
+    records = read_jsonl(path, FIX)
+    if not records:   # empty: the run ended before its first evaluation
+        raise DamagedFile(f'{path} holds no evaluation: {FIX}')
+    return finite(records[-1].get('top1'), path, "the last record's top1")
+
+
+def wall_s(folder):
+    """The seconds a run took, as tools/variants.sh wrote them in its wall_s.txt."""
+    path = os.path.join(folder, 'wall_s.txt')
+    try:
+        value = float(read_bytes(path, FIX))
+    except ValueError:   # not a number
+        value = None
+    return finite(value, path, 'its time')
 
 
 def stats(top1, ref):
@@ -47,11 +77,10 @@ def collect():
     top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
     shifted, evals = {}, seeds(os.path.join(OUT, 'shift'), 'robustness.json')
     for k, path in evals.items():
-        with open(path) as f:
-            for row, method in zip(json.load(f)['rows'], METHODS):
-                for shift, value in row['top1'].items():
-                    shifted.setdefault(shift, {m: {} for m in METHODS})[method][k] = value
-    wall = sum(float(open(os.path.dirname(p) + '/wall_s.txt').read()) for p in walls + list(evals.values()))
+        for row, method in zip(read_json(path, FIX, {'rows': list})['rows'], METHODS):
+            for shift, value in row['top1'].items():
+                shifted.setdefault(shift, {m: {} for m in METHODS})[method][k] = finite(value, path, 'a top1')
+    wall = sum(wall_s(os.path.dirname(p)) for p in walls + list(evals.values()))
     return {'baselines': {m: stats(v, top1) for m, v in top1.items()},
             'runs': {n: stats(v, top1) for n, v in runs.items()},
             'shifted': {s: {m: stats(v, r) for m, v in r.items()} for s, r in shifted.items()}, 'wall_s': wall}
@@ -106,11 +135,11 @@ def plot(result, path):
 
 
 def main():
-    result = collect()
+    result = collect()   # a damaged or stray file: one line naming it (run_main)
     write_json(os.path.join(OUT, 'variants.json'), result)
     plot(result, os.path.join(OUT, 'variants.png'))
     print(f"{len(result['runs'])} variants; runs and evaluations took {result['wall_s'] / 3600:.2f} h")
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -10,14 +10,18 @@ first (the README's reading order), and come here for how a run is resolved, tra
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
     attention_check.py  the fused attention checked both ways against eager before anything runs on it
     rundir.py       the run directory, one object: claimed and locked, its lines held, its files, let go
-    resume.py       how --resume true is checked: what may change, after a divergence; the command that continues
+    resume.py       how --resume true is checked: what the checkpoint holds, what may change, after a divergence;
+                    the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
     datafiles.py    Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
                     a small data set held in memory on the device, and its batches made there
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
-    files.py        files (checkpoints read safely; JSON, JSON lines, text written whole), one line when damaged
+    weightfiles.py  a file of weights read without running any of its code (torch.save's format, CRC-32s checked)
+    torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
+    files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
+    outputs.py      outputs written once the work is done, claimed when the command starts
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and
 model and hand them here (tests/test_layout.py).

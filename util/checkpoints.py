@@ -2,7 +2,7 @@
 Load ViT weights from anywhere into vit.py's VisionTransformer: a name from PRETRAINED (downloaded once into the
 torch hub cache), or a file holding this project's checkpoint ({'model', 'arch', ...}), an MAE checkpoint, a state
 dict with timm/MAE or torchvision names, or the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted
-in util/pretrained.py). Any other file is one CheckpointError line naming it and the fix (util/files.read_file).
+in util/pretrained.py). Any other file is one CheckpointError line naming it and the fix (util/weightfiles.read_file).
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
@@ -19,8 +19,9 @@ import warnings
 import torch
 import torchvision.models as tvm
 
-from util.files import CheckpointError, read_file, sha256_of
+from util.files import sha256_of
 from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
+from util.weightfiles import CheckpointError, read_file
 from vit import VisionTransformer
 
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)

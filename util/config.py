@@ -211,6 +211,13 @@ def show(value):
     return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def word(value):
+    """A value as it is written on the command line: true / false, none, '' for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return 'none' if value is None else "''" if value == '' else show(value)
+
+
 def readable(parse, value):
     """Whether parse(value) reads it (a ValueError says not)."""
     try:

@@ -191,8 +191,8 @@ def layer_id(name, depth):
 
 
 def final_lr(cfg, lr):
-    """The lr the schedule ends at: --min-lr-ratio of the peak lr, or else --min-lr."""
-    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio else cfg.min_lr
+    """The lr the schedule ends at: --min-lr-ratio of the peak lr, else --min-lr; 0 if the peak is 0 (--blr 0)."""
+    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio or lr == 0 else cfg.min_lr   # blr 0: weights stay as loaded
 
 
 def lr_at(cfg, lr, epoch_float):
@@ -281,10 +281,10 @@ def log(run_dir, msg):
         run_dir.pending.append(msg)
         return
     path = os.path.join(run_dir.path, 'log.txt')
-    try:                                        # what log.txt held stays whole if this fails: one line says why
-        with open(path, 'a') as f:
+    try:   # never through a link; RunDir.begin made it a file of the run's own (util/files.append_text)
+        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
             f.write(msg + '\n')
-    except OSError as e:
+    except OSError as e:   # what log.txt held stays whole: one line says why
         raise cannot_write(path, e) from None
 
 

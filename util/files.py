@@ -1,8 +1,9 @@
 """
-The files that runs and reports leave behind and read back (checkpoints, done.json, results.json, metrics.jsonl, ...),
-and the folders they go in. A file cut short by a kill or a full disk, edited by hand, or written by another program
-is one error naming the file and the fix, never a traceback (a pickle is refused unread); a file is written to a
-temporary file and renamed, never left half written; an output that cannot be written is refused before any work.
+The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...),
+and the folders they go in (checkpoints are read by util/weightfiles.py). A file cut short by a kill or a full disk,
+edited by hand, or written by another program is one error naming the file and the fix, never a traceback; a file is
+written to a temporary file and renamed, never left half written; an output that cannot be written is refused before
+any work.
 """
 import contextlib
 import errno
@@ -10,82 +11,12 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
-import warnings
-import zipfile
-
-import torch
 
 from util.config import ConfigError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
-
-
-class CheckpointError(RuntimeError):
-    """A file of weights that cannot be read or used: one line naming it and the fix."""
-
-
-class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint; `what` says why, the message adds the fix."""
-    def __init__(self, what, fix):
-        super().__init__(f'{what}: {fix}')
-        self.what = what
-
-
-def read_file(path):
-    """A checkpoint file's contents: what torch.save wrote, read with weights_only=True (tensors and plain
-    containers only: a pickled object that could run code is refused, not run), or the state dict of a
-    TorchScript archive (OpenAI ships CLIP so). Anything else is one UnreadableFile line naming the file."""
-    try:
-        with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
-            warnings.simplefilter('ignore')
-            if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
-                # torch.jit.load reads the archive with TorchScript's own C++ unpickler, which builds tensors and
-                # the TorchScript classes compiled from the archive's code/ and never imports or calls a Python
-                # object, so unlike torch.load(weights_only=False) it runs no pickled Python code; of the loaded
-                # module only the state dict (its tensors) is kept, none of its methods is run
-                return dict(torch.jit.load(path, map_location='cpu').state_dict())
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        what, fix = unreadable(path, e)
-        raise UnreadableFile(f"'{path}' is not a readable PyTorch checkpoint: {what}", fix) from None
-
-
-def records(path, name='data.pkl'):
-    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.rpartition('/')[2] == name for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return None
-
-
-LEGACY = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'   # torch.save's format before zip files (torch < 1.6)
-
-
-def unreadable(path, error):
-    """(what is wrong with a file torch refused to read, the fix), never torch's advice to load it with
-    weights_only=False: that would run whatever code a pickle carries."""
-    if isinstance(error, PermissionError):
-        return 'it cannot be opened (permission denied)', 'check its permissions'
-    with open(path, 'rb') as f:
-        head = f.read(len(LEGACY))
-    # the object refused, as the weights-only unpickler (or TorchScript's, which knows no Python object) names it
-    refused = re.search(r"GLOBAL (\S+)|Unknown type name '([^']+)'", str(error))
-    if not head:
-        return 'it is empty (0 bytes; an interrupted copy or download?)', 'copy or download it again'
-    if refused:
-        return (f'it holds a pickled Python object ({refused[1] or refused[2]}), not only tensors, refused without '
-                f'running it (a pickle can run code)', 'save the tensors alone: torch.save(model.state_dict(), path)')
-    if head.startswith(LEGACY) or head.startswith(b'PK') and records(path) in (None, True):   # no zip, or torch's
-        return 'it is truncated or damaged (it does not read to its end)', 'copy or download it again'
-    if head.startswith(b'\x80'):
-        return ('it is a pickle, not a file torch.save wrote; refused unread (a pickle can run code)',
-                'save the tensors with torch.save(model.state_dict(), path)')
-    return ('it is neither a file torch.save wrote nor a TorchScript archive',
-            'give the checkpoint file (.pt, .pth) or a name such as mae_vit_base')
 
 
 class DamagedFile(ConfigError):
@@ -150,6 +81,8 @@ def replacing(path):
     path = os.fspath(path)
     tmp = path + '.tmp'
     try:
+        with contextlib.suppress(FileNotFoundError):   # one left by a kill, or a link: never written through
+            os.remove(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
@@ -159,8 +92,8 @@ def replacing(path):
             e = e.__cause__ or e.__context__                              # or the Ctrl-C that cut its write
         if isinstance(e, OSError):
             raise cannot_write(path, e) from None
-        if isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for (SIGTERM)
+            raise KeyboardInterrupt(*e.args) from None
         raise
 
 
@@ -168,6 +101,9 @@ def cannot_write(path, e):
     """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk, or a
     path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
+    if e.errno == errno.ELOOP:   # opened with O_NOFOLLOW
+        return WriteError(f'cannot write {path}: it is a link, which this would write through: put a copy of its '
+                          f'file there, or remove it', '')
     if e.errno in (errno.EISDIR, errno.ENOTDIR):
         kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
         return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
@@ -183,12 +119,32 @@ def write_text(path, text):
 
 
 def append_text(path, text):
-    """Add text at the end of a file (a log): what it held stays whole if this fails, which is one WriteError line."""
+    """Add text at the end of a file (a log), in place, never through a link; one with other names too (a hard link:
+    a snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
+    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
+    line (a file that may not be written is named)."""
     try:
-        with open(path, 'a') as f:
-            f.write(text)
+        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                f.write(text)
+                return
+        data = read_bytes(path, 'move it away')
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data + text.encode())
     except OSError as e:
+        if isinstance(e, PermissionError) and os.path.isfile(path):   # the file's own: appending needs no other
+            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod u+w)') from None
         raise cannot_write(path, e) from None
+
+
+def set_aside(path):
+    """Move a damaged file out of the way, kept beside it as <name>.damaged (.damaged.1, .damaged.2, ... where one is
+    there: an older copy kept for its user is never replaced)."""
+    kept, n = f'{path}.damaged', 0
+    while os.path.lexists(kept):
+        n += 1
+        kept = f'{path}.damaged.{n}'
+    os.rename(path, kept)
 
 
 def sha256_of(path):
@@ -267,17 +223,3 @@ def cpu_name():
                 return line.split(':', 1)[1].strip()
     return platform.processor() or platform.machine()
 
-
-def check_output(flag, path, out_dir=None, folder=False):
-    """Refuse, before any work, an output written only once the work is done: a file of the run directory
-    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
-    folder: path is a directory to write files into (it may exist)."""
-    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
-            os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
-                          f'outside it, or another name')
-    if os.path.exists(path) and (not folder or not os.path.isdir(path)):
-        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
-                          f': move it away or choose another {flag}')
-    writable(flag, path, parent)

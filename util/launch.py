@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import textwrap
+import traceback
 import typing
 from typing import Any, NamedTuple
 
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from util.checkpoints import CheckpointError
-from util.config import AMP, ConfigError, DataError, check, declared, flag, show
+from util.config import AMP, ConfigError, DataError, check, declared, flag, word
 from util.engine import final_lr, say, seed_all
 from util.files import WriteError
 from util.resume import open_resumed
@@ -100,7 +101,7 @@ def check_schedule(cfg, world):
     """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering it."""
     batch = cfg.batch_size * cfg.accum_steps * world
     peak = cfg.blr * batch / 256
-    if final_lr(cfg, peak) > peak > 0:   # blr 0: a run whose weights stay as they were loaded
+    if final_lr(cfg, peak) > peak:   # blr 0: 0 (final_lr), a run whose weights stay as they were loaded
         raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr {cfg.blr:g} x global batch '
                           f'{batch} / 256): the lr would rise over the run; choose a --min-lr below it, or '
                           f'--min-lr-ratio (a fraction of the peak)')
@@ -157,6 +158,7 @@ def run_main(main):
     """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
     to continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
     that run (RunDir.__exit__)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly till here
     signal.signal(signal.SIGTERM, stopped)
     try:
         main()
@@ -171,6 +173,12 @@ def run_main(main):
         how = e.args[0] if e.args else 'Ctrl-C'
         print(f"error: stopped ({how}): {getattr(e, 'how_to_continue', NOTHING_SAVED)}", file=sys.stderr, flush=True)
         sys.exit(130 if how == 'Ctrl-C' else 143)
+    except OSError as e:   # fork() refused as a data loader starts its workers (a limit on processes)
+        if not any(f.name == 'start' and f.filename.endswith(os.path.join('multiprocessing', 'process.py'))
+                   for f in traceback.extract_tb(e.__traceback__)):
+            raise
+        sys.exit(f'error: the data loader could not start its worker processes ({e.strerror}): lower --num-workers '
+                 f"(0 loads in the main process); {getattr(e, 'how_to_continue', NOTHING_SAVED)}")
     except RuntimeError as e:
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
             raise
@@ -286,13 +294,3 @@ def without_help(argv=None):
     """argv (None: sys.argv[1:]) without -h / --help: for a parse that only picks the presets, before the one that
     prints the help with them (finetune.py's --scratch, reproduce.py's --quick)."""
     return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('-h', '--help')]
-
-# -----------------------------------------------------------------------------
-# --help: each flag's value written as on the command line, and the field's help
-
-
-def word(value):
-    """A value as it is written on the command line: true / false, none, '' for an empty string."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return 'none' if value is None else "''" if value == '' else show(value)

@@ -9,6 +9,7 @@ util/run.py), and for a transfer run the same teacher file (teacher.TransferConf
 the run diverged, the learning rate may change once (AFTER_DIVERGENCE): config.json records the divergence, and
 the resume that used it.
 """
+import math
 import os
 import shlex
 import sys
@@ -36,10 +37,15 @@ def open_resumed(cfg, run_dir, world):
         raise CheckpointError(f'{path} is not a training checkpoint of these scripts: nothing to resume')
     bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] or \
         [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),   # what a resume reads before any tensor
-                         ('rng', all(torch.is_tensor(s) for s in ck['rng']))) if not ok]
+                         ('rng', ck['rng'] and all(is_rng_state(s) for s in ck['rng']))) if not ok]
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts ({', '.join(bad)}: missing or "
                               f"of another kind): nothing to resume")
+    damaged = out_of_range(ck)
+    if damaged:   # a step of -4 trained with a negative lr; a nan weight was taken for a divergence
+        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts saves: it was edited '
+                              f'or is damaged (kept as it is): put back a copy of it, or start a new run in another '
+                              f'--out-dir')
     if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
                           f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
@@ -58,6 +64,35 @@ def open_resumed(cfg, run_dir, world):
         raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is higher; go on with a "
                           f"lower learning rate, or start a new run in another --out-dir")
     return {k: ck[k] for k in KEPT if k in ck} | {'world_size': ck.get('world_size', len(ck['rng']))}
+
+
+def is_rng_state(state):
+    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state takes it."""
+    return torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == torch.get_rng_state().shape
+
+
+def out_of_range(ck):
+    """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
+    not finite, fewer than 1 step an epoch, or a tensor of the model, its EMA or the optimizer that is not finite
+    (Run.save never saves one)."""
+    for k, least, kind in (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float), ('time', 0, float)):
+        v = ck.get(k, least)
+        if type(v) not in (int, kind) or not least <= v < math.inf:
+            return f'{k} {v!r}'
+    for part in ('model', 'ema', 'optimizer'):
+        for k, v in flat(ck.get(part) or {}):
+            if v.is_floating_point() and not v.isfinite().all():
+                return f'{part} {k} with nan or inf'
+    return ''
+
+
+def flat(d, prefix=''):
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by dots."""
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            yield f'{prefix}{k}', v
+        elif isinstance(v, dict):
+            yield from flat(v, f'{prefix}{k}.')
 
 
 def made_by(ck):

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
 from util.config import ConfigError, flag
 from util.engine import build_optimizer, final_lr
-from util.resume import AFTER_DIVERGENCE, resume_command
+from util.resume import AFTER_DIVERGENCE, flat, resume_command
 
 
 def check_data(plan, loader, classes):
@@ -87,7 +87,7 @@ class Run:
                            self.saved_step, last if self.step % self.steps_per_epoch == 0 and
                            set(self.metrics) - {'train'} else None)   # an epoch's end: evaluated there
         plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
-                 f'{final_lr(cfg, self.lr):.3g} at the end | '
+                 f'{final_lr(cfg, self.lr):.3g} at the end{STAYS if self.lr == 0 else ""} | '
                  f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
                  f' | {plan.world} process(es) on {plan.device}'
                  + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {plan.dtype}')
@@ -192,17 +192,10 @@ class Run:
                                  f': the run diverged and stopped{cause}; {how}')
 
 
+STAYS = ' (--blr 0: every step at lr 0, the weights stay as they were loaded)'
+
 # what moves a run towards divergence, named when it diverges if the command set it away from the preset
 DIVERGES = ('blr', 'min_lr', 'min_lr_ratio', 'weight_decay', 'weight', 'clip_grad', 'layer_decay')
-
-
-def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by dots."""
-    for k, v in d.items():
-        if torch.is_tensor(v):
-            yield f'{prefix}{k}', v
-        elif isinstance(v, dict):
-            yield from flat(v, f'{prefix}{k}.')
 
 
 def made_with(cfg, extra):

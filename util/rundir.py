@@ -26,11 +26,11 @@ import sys
 
 import torch
 
-from util.checkpoints import read_checkpoint
+from util.checkpoints import CheckpointError, read_checkpoint
 from util.config import ConfigError, flag
 from util.engine import log
-from util.files import (RUN_FILES, CheckpointError, DamagedFile, append_text, cannot_write, git_commit, read_bytes,
-                        read_json, read_lines, replacing, write_json, write_text)
+from util.files import (RUN_FILES, DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json,
+                        read_lines, replacing, set_aside, write_json, write_text)
 from util.resume import SAVED, resume_command, under_torchrun
 
 
@@ -84,12 +84,13 @@ class RunDir:
                                                                      'scripts)' if self.cfg.overwrite else ''))
         for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: take_lock says so)
             path = self.file(name)
+            if os.path.islink(path):   # log.txt, appended to, would write the file it names (a checkpoint, say)
+                target = os.path.realpath(path)
+                where = '' if os.path.dirname(target) == os.path.realpath(self.path) else ', outside the run directory'
+                raise ConfigError(f'{path} is a link to {target}{where}, and a run writes only files of its own: put '
+                                  f'a copy of that file in its place, or remove the link')
             if os.path.lexists(path) and not os.path.isfile(path):
                 raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
-            # a link to a file elsewhere: the log is appended through it, so the run would write a file not its own
-            if os.path.islink(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(self.path):
-                raise ConfigError(f'{path} is a link to {os.path.realpath(path)}, outside the run directory, which a '
-                                  f'run writes only inside: put a copy of that file in its place, or remove the link')
 
     def foreign(self):
         """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
@@ -138,10 +139,13 @@ class RunDir:
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
         path = self.file('.lock')
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:   # never through a link (ELOOP): the holder's line would be written into the file it names
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise cannot_write(path, e) from None
+                raise (linked(path) if e.errno == errno.ELOOP else cannot_write(path, e)) from None
+            if os.fstat(fd).st_nlink > 1:   # a hard link: another name of a file, maybe elsewhere
+                os.close(fd)
+                raise linked(path)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -207,8 +211,11 @@ class RunDir:
                   'argv': sys.argv}
         if resumed_step is not None:
             saved = record.pop('saved')
-            old = self.config_record() or {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
-                                                               f'{resumed_step}: rebuilt from the checkpoint'}
+            old = self.config_record()
+            if old is None and os.path.lexists(self.file('config.json')):   # damaged: kept beside it
+                set_aside(self.file('config.json'))
+            old = old or {**saved, 'rebuilt': f'config.json was missing or unreadable at step {resumed_step}: '
+                                              f'rebuilt from the checkpoint'}
             diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
             saved = {**old, **saved}   # the checkpoint's config is what ran: config.json may be edited
             changed = {k: [saved.get(k), v] for k, v in record.items()
@@ -228,15 +235,14 @@ class RunDir:
         self.pending, self.begun = [], True
 
     def config_record(self):
-        """config.json's record; None if it is missing or damaged (a damaged one is kept beside it, .damaged)."""
+        """config.json's record; None if it is missing or damaged (read only: a run that starts keeps a damaged one
+        beside it, begin(); a refused command renames nothing)."""
         path = self.file('config.json')
         if not os.path.exists(path):
             return None
-        data = read_bytes(path, 'move it away')   # a directory, no permission
         try:
-            value = json.loads(data)
+            value = json.loads(read_bytes(path, 'move it away'))   # a directory, no permission: refused
         except ValueError:   # not JSON, or not UTF-8
-            os.replace(path, path + '.damaged')
             return None
         return value if isinstance(value, dict) else None
 
@@ -265,8 +271,9 @@ class RunDir:
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-        if self.main:
-            save_checkpoint(self.checkpoint, state)
+        if self.main:   # through a file object: a failed write raises OSError, which replacing makes one line
+            with replacing(self.checkpoint) as tmp, open(tmp, 'wb') as f:
+                torch.save(state, f)
 
     def record_divergence(self, what):
         """Add to config.json where the run diverged (its step, what was not finite, the checkpoint kept)."""
@@ -284,10 +291,9 @@ class RunDir:
                f'{resume_command()}'
 
 
+def linked(path):
+    return ConfigError(f'{path} is a link to another file (or another name of one), which the run would write: '
+                       f'remove it (the run makes its own)')
+
+
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
-
-
-def save_checkpoint(path, state):
-    """To a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    with replacing(path) as tmp, open(tmp, 'wb') as f:   # a file object: a failed write raises OSError
-        torch.save(state, f)

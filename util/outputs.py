@@ -1,0 +1,106 @@
+"""
+The outputs a command writes once its work is done, outside any run directory (mae_pretrain.py --export, evaluate.py
+--out, ensemble.py --out): refused before any work where they cannot be written (check_output), and claimed when
+the command starts, so that two commands given one path never both write it:
+
+    with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
+        ...                                    # the work
+        out.write(path, lambda f: f.write(data))   # written whole, only over its own empty claim
+
+A command that ends without writing (an error, Ctrl-C) removes its empty claim and the folders it made for it.
+"""
+import contextlib
+import os
+
+from util.config import ConfigError
+from util.files import RUN_FILES, WriteError, replacing, writable
+
+
+def check_output(flag, path, out_dir=None, folder=False):
+    """Refuse, before any work, an output written only once the work is done: a file of the run directory
+    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
+    folder: path is a directory to write files into (it may exist)."""
+    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
+            os.path.realpath(parent) == os.path.realpath(out_dir):
+        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
+                          f'outside it, or another name')
+    if os.path.lexists(path) and (not folder or not os.path.isdir(path)):
+        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
+                          f': move it away or choose another {flag}')
+    writable(flag, path, parent)
+
+
+class Claims:
+    """The output files of one command (claimed: their (device, inode) while they are its empty claims; None: a file
+    it may replace), the folders it made for them, and the ones it has written."""
+
+    def __init__(self, flag):
+        self.flag, self.claimed, self.made, self.written = flag, {}, [], set()
+
+    def take(self, path, replaces=False):
+        """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
+        there already is refused (a second command writing the same path), unless `replaces` allows it."""
+        if replaces and os.path.isfile(path) and not os.path.islink(path):
+            self.claimed[path] = None
+            return
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):   # / exists: the walk stops there at the latest
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an earlier result): '
+                              f'move it away or choose another {self.flag}') from None
+        except OSError as e:
+            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose another '
+                              f'{self.flag}') from None
+        stat = os.fstat(fd)
+        os.close(fd)
+        self.claimed[path] = stat.st_dev, stat.st_ino
+
+    def own(self, path):
+        """Whether `path` is still this command's empty claim (or a file it may replace)."""
+        if self.claimed[path] is None:
+            return True
+        try:
+            stat = os.lstat(path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.claimed[path] and stat.st_size == 0
+
+    def write(self, path, write):
+        """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
+        if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
+        if not self.own(path):
+            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds another file now, '
+                             f'kept as it is): choose another {self.flag}')
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
+            write(f)
+        self.written.add(path)
+
+    def let_go(self):
+        """Remove the claims not written (if still empty and this command's), then the folders made for them."""
+        for path in self.claimed:
+            if path not in self.written and self.claimed[path] is not None and self.own(path):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        for folder in self.made:   # innermost first; one that is not empty stays
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def claimed(flag, *paths, replaces=False):
+    """Claims of the output files `paths` (empty ones skipped), let go of at the end; replaces: an existing file
+    may be replaced (ensemble.py's earlier result) and is not claimed."""
+    claims = Claims(flag)
+    try:
+        for path in paths:
+            if path:
+                claims.take(path, replaces)
+        yield claims
+    finally:
+        claims.let_go()
