@@ -37,7 +37,8 @@ from ensemble import accuracy, check_classes, load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option, show
 from util.engine import say
-from util.files import check_output, cpu_name, git_commit, write_json, write_text
+from util.files import cpu_name, git_commit, write_json, write_text
+from util.outputs import check_output
 from util.launch import parse_config, run_main
 
 KINDS = {'tokens': 'every token of every image a sample, block i against block i',
