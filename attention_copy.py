@@ -206,6 +206,9 @@ def check_fused(plan, teacher, student, data):
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
     with torch.no_grad(), autocast(plan):
         given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer, implementation='sdpa')
+    # in fp32, as the check runs the layers' inputs (it casts them to the run's dtype itself): fp16 q and k whose
+    # eager map overflows would make every later layer's inputs NaN
+    given = {i: {n: t.float() if torch.is_tensor(t) else t for n, t in g.items()} for i, g in given.items()}
     first = next(iter(transfer.layers))
     layers = {f'copied layer {first}': student.blocks[first].attn}
     own = [i for i in range(student.depth) if i not in transfer.layers]

@@ -17,6 +17,7 @@ import torch
 
 import attention_copy
 import attention_distill
+import data
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, sub_env
 import finetune as finetune_script
 from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
@@ -157,6 +158,7 @@ def test_a_loader_that_cannot_start_its_workers_names_num_workers(tmp_path, monk
     def refused():
         raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
     monkeypatch.setattr(os, 'fork', refused)
+    monkeypatch.setattr(data, 'FAKE_HELD', 0)   # read per image by loader workers, as a folder is
     out = tmp_path / 'r'
     msg = run_in_process(monkeypatch, finetune_script, *TINY[:-2], '--num-workers', '100', '--out-dir', out)
     assert msg and msg.startswith('error: the data loader could not start its worker processes (Resource temporarily '

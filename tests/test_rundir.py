@@ -99,14 +99,15 @@ def test_a_run_is_resumed_only_by_the_script_that_made_it(monkeypatch, tmp_path)
 
 def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, tmp_path):
     out = tmp_path / 'run'
-    p = start(out, '--num-workers', '2')
+    big = ('--fake-size', '2048', '--img-size', '128')   # too large to hold in memory: read by loader workers
+    p = start(out, *big, '--num-workers', '2')
     workers = []
     try:
         wait_for_checkpoint(p, out)
         before = (out / 'config.json').read_bytes()
         msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1', '--overwrite', 'true')
         assert msg and f'--out-dir {out} is being written by process {p.pid}' in msg and 'finetune.py' in msg, msg
-        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--fake-size', '1024', '--epochs', '20',
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, *big, '--epochs', '20',
                              '--resume', 'true')
         assert msg and f'being written by process {p.pid}' in msg, msg
         assert p.poll() is None and (out / 'config.json').read_bytes() == before
@@ -122,8 +123,7 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
         assert all(Path(f'/proc/{w}').exists() for w in workers)
         assert (out / '.lock').exists()       # left by the killed process, its lock gone with it (not its workers')
         at = step_of(out)
-        train(monkeypatch, finetune, out, '--fake-size', '1024', '--epochs', '20', '--resume', 'true',
-              '--max-steps', at + 1)
+        train(monkeypatch, finetune, out, *big, '--epochs', '20', '--resume', 'true', '--max-steps', at + 1)
         assert step_of(out) == at + 1 and not (out / '.lock').exists()   # removed by the process that held it
     finally:
         for w in workers:
