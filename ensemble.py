@@ -111,8 +111,8 @@ PRESETS = {'fashion-mnist': dict(num_workers=1),
 
 
 def normalise_weights(weights, n):
-    """n weights that sum to 1; None or [] = equal. Negative, all-zero or a wrong count are
-    errors."""
+    """n weights that sum to 1; None or [] = equal.
+    Negative, all-zero or a wrong count are errors."""
     weights = weights or [1] * n
     if len(weights) != n:
         raise ConfigError(f'--weights: {len(weights)} weights for {n} models')
@@ -302,8 +302,8 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, or another file (a checkpoint!) unless
-    --overwrite."""
+    """Refuse an --out that is a directory, a model, or another file (a checkpoint!)
+    unless --overwrite."""
     out = cfg.out
     read = {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
     if os.path.isdir(out):

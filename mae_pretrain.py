@@ -182,8 +182,8 @@ class MaskedAutoencoder(VisionTransformer):
         return self.norm(x)
 
     def forward_decoder(self, latent, ids_keep):
-        """Encoded tokens back in their places, the mask token everywhere else -> pixels of every
-        patch."""
+        """Encoded tokens back in their places, the mask token everywhere else
+        -> pixels of every patch."""
         x = self.decoder_embed(latent)                                           # (B, 1 + K, Dd)
         B = len(x)
         N = self.patch_embed.num_patches

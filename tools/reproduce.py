@@ -165,8 +165,8 @@ def command(cfg, stage, seed, root, teacher):
 
 
 def plan(cfg, root, teacher):
-    """[((stage, seed), command line)] in the order they start: the teacher, every seed's training
-    stages, ensembles."""
+    """[((stage, seed), command line)] in the order they start:
+    the teacher, every seed's training stages, ensembles."""
     stages = []
     if not cfg.teacher:
         stages.append(('mae', 0))
@@ -201,8 +201,8 @@ def preflight(steps, teacher):
 
 
 def read_done(d, stage):
-    """A finished stage's done.json, with what the report reads (and a training stage's
-    metrics.jsonl)."""
+    """A finished stage's done.json, with what the report reads
+    (and a training stage's metrics.jsonl)."""
     if stage == 'ensemble':
         fix = 'delete it and run the same command again: the stage runs again'
     else:
@@ -222,8 +222,8 @@ def read_done(d, stage):
 
 
 def stage_env(cfg):
-    """With --jobs above 1, each stage's share of the CPU threads, unless OMP_NUM_THREADS is set
-    already."""
+    """With --jobs above 1, each stage's share of the CPU threads,
+    unless OMP_NUM_THREADS is set already."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     if cfg.jobs > 1 and 'OMP_NUM_THREADS' not in env:
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
@@ -274,8 +274,8 @@ def run_stage(key, argv, root, env, record, failed):
 
 
 class Failures(list):
-    """The stages that failed, and the processes of those started: SIGTERM stops them too, then this
-    one, in a line."""
+    """The stages that failed, and the processes of those started:
+    SIGTERM stops them too, then this one, in a line."""
     def __init__(self):
         super().__init__()
         self.processes = []
@@ -288,8 +288,8 @@ class Failures(list):
 
 
 def run_side_by_side(steps, jobs, root, env, record, failed):
-    """{key: done.json record} of the steps that ran, `jobs` at a time; a failed one starts no
-    other."""
+    """{key: done.json record} of the steps that ran, `jobs` at a time;
+    a failed one starts no other."""
     with ThreadPoolExecutor(jobs) as pool:
         futures = {key: pool.submit(run_stage, key, argv, root, env, record, failed)
                    for key, argv in steps}
