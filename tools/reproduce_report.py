@@ -28,8 +28,8 @@ LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher',
 
 
 def records(d):
-    """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last
-    counts)."""
+    """metrics.jsonl, one record per step
+    (a resumed run may have written a step twice: the last counts)."""
     path = os.path.join(d, 'metrics.jsonl')
     rs = []
     if os.path.isfile(path):
@@ -42,8 +42,8 @@ def records(d):
 
 
 def per_epoch(run_dirs):
-    """(the epochs every run was evaluated at, [each run's top-1 at them]), from the runs'
-    metrics.jsonl."""
+    """(the epochs every run was evaluated at, [each run's top-1 at them]),
+    from the runs' metrics.jsonl."""
     per = [{round(r['epoch'], 4): r['top1'] for r in records(d)} for d in run_dirs]
     epochs = sorted(set.intersection(*map(set, per)))
     return epochs, [[p[e] for e in epochs] for p in per]
@@ -72,8 +72,8 @@ def format_gap(g):
 
 
 def summarise(runs):
-    """Per method: final top-1 per seed, mean, std, wall times, curve (test top-1 per epoch, mean
-    over seeds)."""
+    """Per method: final top-1 per seed, mean, std, wall times,
+    curve (test top-1 per epoch, mean over seeds)."""
     out = {}
     for m in STAGES:
         rs = [r for r in runs if r['stage'] == m]
