@@ -156,10 +156,11 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
                               f'(ensemble.py --teacher NEW.pt, or '
                               f'load_copy_model(path, teacher_source=NEW.pt)): '
                               f'its sha256 is checked')
-    other = not new_teacher and teacher_mismatch(source, rec)
-    if other:
-        raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
-                              f'teacher (--new-teacher true if another one is meant)')
+    if not new_teacher:
+        other = teacher_mismatch(source, rec)
+        if other:
+            raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
+                                  f'teacher (--new-teacher true if another one is meant)')
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')

@@ -119,7 +119,8 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, teacher_logits, student_logits):
         n = student_logits.shape[-1]
-        t, s = teacher_logits.reshape(-1, n), student_logits.reshape(-1, n)      # (rows, N)
+        t = teacher_logits.reshape(-1, n)                                        # (rows, N)
+        s = student_logits.reshape(-1, n)
         rows = len(s) if s.is_cuda else max(1, CPU_CHUNK // n)
         wide = torch.promote_types(s.dtype, torch.float32)                       # fp32 at least
         diff = torch.empty_like(s)

@@ -99,7 +99,8 @@ class Runner:
               f'processor to another')
 
     def __call__(self, script, name, *flags):
-        label, n = name, 1
+        label = name
+        n = 1
         while os.path.exists(os.path.join(self.work, label)):
             n += 1
             label = f'{name}-{n}'
