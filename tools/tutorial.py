@@ -325,22 +325,33 @@ def plot_features(result):
     distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
     maps from the teacher's (copy's given blocks left out). Bottom: the mean attention distance of each head of each
     method's seed-0 model (dots) over the teacher's heads (brown bars), per block."""
+    models = {m: [k for k, v in result['models'].items() if v['method'] == m] for m in NAMES}
+    fig = plt.figure(figsize=(11, 6.4), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    draw_cka_and_kl(top, result, models)
+    draw_attention_distance(bottom, result, models)
+    show(fig)
+
+
+# the methods' names in a panel's legend or title: copy, distillation
+SHORT = {m: name.replace('attention ', '') for m, name in NAMES.items()}
+
+
+def draw_cka_and_kl(top, result, models):
+    """plot_features' top row: CKA to the teacher, CKA of distillation to the others, the maps' KL
+    from the teacher's. models: {method: its models' names}."""
     # a method with itself: {a}
     groups = {frozenset((g['a'], g['b'])): g['tokens'] for g in result['groups']}
 
     def cka(a, b):   # [per block: {'mean', 'std', 'min', 'max'}]
         return groups[frozenset((a, b))]
-    models = {m: [k for k, v in result['models'].items() if v['method'] == m] for m in NAMES}
     blocks = np.arange(result['depth'])
-    fig = plt.figure(figsize=(11, 6.4), layout='constrained')
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
     to_teacher, to_distill, kl = top.subplots(1, 3)
-    short = {m: name.replace('attention ', '') for m, name in NAMES.items()}   # copy, distillation
     for m in NAMES:
         t = cka(result['teacher'], m)
         own = cka(m, m)
         to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], marker='o', ms=4,
-                            capsize=2, color=colour(m), label=short[m])
+                            capsize=2, color=colour(m), label=SHORT[m])
         to_teacher.plot(blocks, [c['mean'] for c in own], ls='--', lw=1, color=colour(m))
         to_distill.fill_between(blocks, [c['min'] for c in own], [c['max'] for c in own],
                                 color=colour(m), alpha=0.2)
@@ -348,11 +359,11 @@ def plot_features(result):
             d = cka(m, 'distill')
             to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], marker='o',
                                 ms=4, capsize=2, color=colour(m),
-                                label=f'distillation and {short[m]}')
+                                label=f'distillation and {SHORT[m]}')
         given = set(result['models'][models[m][0]]['maps_given'])
         shown = [i for i in blocks if i not in given]
         kl_mean = [np.mean([result['kl'][k][i] for k in models[m]]) for i in shown]
-        kl.plot(shown, kl_mean, marker='o', ms=4, color=colour(m), label=short[m])
+        kl.plot(shown, kl_mean, marker='o', ms=4, color=colour(m), label=SHORT[m])
     to_teacher.set(title='CKA to the teacher\n(dashed: two seeds of one method)', ylim=(0, 1))
     to_distill.set(title='CKA of distillation to the others\n(bands: two seeds of one method)',
                    ylim=(0, 1))
@@ -362,6 +373,12 @@ def plot_features(result):
         ax.set(xlabel='block', xticks=blocks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc='lower left' if ax is not kl else 'upper left')
+
+
+def draw_attention_distance(bottom, result, models):
+    """plot_features' bottom row: the mean attention distance of each head of each method's seed-0
+    model over the teacher's heads, per block. models: {method: its models' names}."""
+    blocks = np.arange(result['depth'])
     axes = bottom.subplots(1, len(NAMES), sharey=True)
     teacher = np.array(result['attention_distance'][result['teacher']])   # (blocks, heads), pixels
     for ax, m in zip(axes, NAMES):
@@ -374,7 +391,7 @@ def plot_features(result):
                    label='its heads')
         ax.axhline(result['uniform_distance'], color='k', ls='--', lw=1, label='a uniform map')
         note = f', blocks {given[0]}-{given[-1]} given' if given else ''
-        ax.set(title=f"{short[m]}, seed {result['models'][k]['seed']}{note}", xlabel='block',
+        ax.set(title=f"{SHORT[m]}, seed {result['models'][k]['seed']}{note}", xlabel='block',
                xticks=blocks)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel='mean attention distance (px)')
@@ -382,7 +399,6 @@ def plot_features(result):
     bottom.suptitle('how far each head reads: the mean distance in pixels from a patch to what it '
                     f"reads, {result['images']:,} test images (the axis does not start at 0)",
                     fontsize=10)
-    show(fig)
 
 
 def show_map(ax, probs, title, vmax=None):
