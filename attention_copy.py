@@ -28,7 +28,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
-if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+# Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn as nn
@@ -50,7 +51,8 @@ class CopyConfig(TransferConfig):
     out_dir: str = 'runs/copy'
 
     SCRIPT = 'attention_copy.py'
-    NO_QK = True     # a full map leaves nothing for the student's own queries and keys: none in those layers
+    # a full map leaves nothing for the student's own queries and keys: none in those layers
+    NO_QK = True
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
@@ -87,7 +89,8 @@ def copied(teacher, x, layers, heads, transfer, average='none', implementation=N
             if average != 'none':
                 attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
             out[i] = {'attn': attn}
-    else:   # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
+    else:
+        # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
         out = {i: {n: t.contiguous() for n, t in given.items()}
                for i, given in teacher_outputs(teacher, x, layers, NAMES[transfer]).items()}
     if heads is not None:
@@ -101,8 +104,12 @@ class CopyModel(nn.Module):
 
     def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none'):
         super().__init__()
-        self.teacher, self.student = teacher, student
-        self.layers, self.heads, self.transfer, self.average = layers, heads, transfer, average
+        self.teacher = teacher
+        self.student = student
+        self.layers = layers
+        self.heads = heads
+        self.transfer = transfer
+        self.average = average
 
     def forward(self, x):
         return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
@@ -119,34 +126,47 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     CheckpointError now, not part-way through a test set. The teacher is the recorded
     file, or teacher_source (moved) with the same SHA-256: another teacher would silently
     give other predictions, so it is refused unless new_teacher=True says it is meant."""
-    ckpt, fix = read_checkpoint(path), 'the file is damaged: train the copy student again (attention_copy.py)'
+    ckpt = read_checkpoint(path)
+    fix = 'the file is damaged: train the copy student again (attention_copy.py)'
     rec = ckpt.get('teacher')
-    bad = ['teacher (a dict)'] if not isinstance(rec, dict) else [
-        f'teacher.{k}' for k, kind in COPY_RECORD.items()
-        if k not in rec or not isinstance(rec[k], kind)] + \
-        ['teacher.layers'] * (not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)))
-    bad += ['arch'] * (not isinstance(ckpt.get('arch'), dict))
+    bad = []
+    if not isinstance(rec, dict):
+        bad.append('teacher (a dict)')
+    else:
+        bad += [f'teacher.{k}' for k, kind in COPY_RECORD.items()
+                if k not in rec or not isinstance(rec[k], kind)]
+        if not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)):
+            bad.append('teacher.layers')
+    if not isinstance(ckpt.get('arch'), dict):
+        bad.append('arch')
     if bad:
         raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} "
                               f"(missing or of another kind): {fix}")
     if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
-        raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', unknown here")
+        raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', "
+                              "unknown here")
     source = teacher_source or rec['source']
     if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
-        given = f'the teacher given for it, {source}, is not a file' if teacher_source else \
-            f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
-        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: {given}; '
-                              f'point at the teacher file where it is now (ensemble.py --teacher NEW.pt, '
-                              f'or load_copy_model(path, teacher_source=NEW.pt)): its sha256 is checked')
-    other = not new_teacher and teacher_mismatch(source, rec)
-    if other:
-        raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
-                              f'teacher (--new-teacher true if another one is meant)')
+        if teacher_source:
+            given = f'the teacher given for it, {source}, is not a file'
+        else:
+            given = f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
+        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: '
+                              f'{given}; point at the teacher file where it is now '
+                              f'(ensemble.py --teacher NEW.pt, or '
+                              f'load_copy_model(path, teacher_source=NEW.pt)): '
+                              f'its sha256 is checked')
+    if not new_teacher:
+        other = teacher_mismatch(source, rec)
+        if other:
+            raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
+                                  f'teacher (--new-teacher true if another one is meant)')
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
-    layers = rec.get('layer_map', rec.get('layers'))   # older records: the same layers in student and teacher
+    # older records: the same layers in student and teacher
+    layers = rec.get('layer_map', rec.get('layers'))
     model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],
                       rec.get('average_maps', 'none')).eval()
     try:
@@ -169,15 +189,19 @@ def copy_loss(cfg, teacher, layers, heads):
 
 
 def main():
-    plan = resolve(CopyConfig, PRESETS)               # every refusal first: flags, teacher's file, run directory
-    cfg, transfer = plan.cfg, plan.method             # transfer: the teacher's shape, layers, heads, the student's
-    layers, heads = transfer.layers, transfer.heads
+    # every refusal first: flags, teacher's file, run directory
+    plan = resolve(CopyConfig, PRESETS)
+    cfg = plan.cfg
+    transfer = plan.method   # the teacher's shape, layers, heads, the student's
+    layers = transfer.layers
+    heads = transfer.heads
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')       # frozen
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')   # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        plan, checked = check_fused(plan, teacher, student, data)   # sdpa, both ways, before anything runs on it
+        # sdpa, both ways, before anything runs on it
+        plan, checked = check_fused(plan, teacher, student, data)
         check_teacher(plan, teacher, sample_images(data, 8, plan.device))
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
                  f'(heads {heads or "all"}) from {cfg.teacher}')
@@ -186,10 +210,12 @@ def main():
 
         run = Run(plan, student, train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
-        loss_fn, mixer = copy_loss(cfg, teacher, layers, heads), batch_mixer(cfg, data.num_classes)
+        loss_fn = copy_loss(cfg, teacher, layers, heads)
+        mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
-            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
+            # to the end of the epoch (or --max-steps)
+            if train_one_epoch(run, train_loader, loss_fn, mixer):
                 run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer,
                                                           cfg.average_maps),
                                                 eval_loader, plan))
@@ -205,16 +231,21 @@ def check_fused(plan, teacher, student, data):
     transfer = plan.method
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
     with torch.no_grad(), autocast(plan):
-        given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer, implementation='sdpa')
+        given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer,
+                       implementation='sdpa')
     # in fp32, as the check runs the layers' inputs (it casts them to the run's dtype itself): fp16 q and k whose
     # eager map overflows would make every later layer's inputs NaN
-    given = {i: {n: t.float() if torch.is_tensor(t) else t for n, t in g.items()} for i, g in given.items()}
+    for g in given.values():
+        for n, t in g.items():
+            if torch.is_tensor(t):
+                g[n] = t.float()
     first = next(iter(transfer.layers))
     layers = {f'copied layer {first}': student.blocks[first].attn}
     own = [i for i in range(student.depth) if i not in transfer.layers]
     if own:
         layers[f'layer {own[0]}'] = student.blocks[own[0]].attn
-    implementation, record = start_up_check(plan, 'copy', [teacher, student], lambda: student(x, inject=given), layers)
+    implementation, record = start_up_check(plan, 'copy', [teacher, student],
+                                            lambda: student(x, inject=given), layers)
     return plan._replace(attn=implementation), record
 
 

@@ -25,21 +25,22 @@ import signal
 import sys
 from dataclasses import dataclass
 
-if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+# Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn.functional as F
 
 from data import batch_mixer, build_data, sample_images
-from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     student_presets, teacher_outputs, to_student_heads)
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
+                     describe_map, student_presets, teacher_outputs, to_student_heads)
 from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
 from util.run import Run
-from vit import attend, scores
+from vit import ContiguousGrad, attend, scores
 
 # -----------------------------------------------------------------------------
 # The method: the loss as defined, on explicit maps ('eager')
@@ -57,36 +58,51 @@ def layer_loss(own, target, transfer, heads=None, implementation='eager'):
     """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their logits;
     sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v. A student with fewer heads
     than the teacher learns each group's mean map (teacher.to_student_heads)."""
-    pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])       # the transferred heads
     if transfer != 'attn':
-        return F.mse_loss(pick(own[transfer]).float(), pick(target[transfer]).float())
+        return F.mse_loss(pick(own[transfer], heads).float(), pick(target[transfer], heads).float())
     if implementation == 'sdpa':                                             # (B, H, N, d) each
-        return map_free_cross_entropy(pick(target['q']), pick(target['k']), pick(own['q']), pick(own['k']))
+        return map_free_cross_entropy(pick(target['q'], heads), pick(target['k'], heads),
+                                      pick(own['q'], heads), pick(own['k'], heads))
     teacher = to_student_heads(target['logits'], own['logits'].shape[1])    # (B, H, N, N)
-    return FusedAttentionCrossEntropy.apply(pick(teacher), pick(own['logits']))
+    return FusedAttentionCrossEntropy.apply(pick(teacher, heads), pick(own['logits'], heads))
+
+
+def pick(t, heads):
+    """t (B, H, ...) at the transferred heads: all of them where heads is None."""
+    if heads is None:
+        return t
+    return t[:, heads]
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of
     every distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
-    implementation = 'eager' if cfg.average_maps != 'none' else implementation   # an averaged map: written out
-    names = ('logits',) if cfg.transfer == 'attn' and implementation == 'eager' else NAMES[cfg.transfer]
-    dim = 0 if cfg.average_maps == 'batch' else 2                               # over images, or over queries
+    if cfg.average_maps != 'none':   # an averaged map: written out
+        implementation = 'eager'
+    if cfg.transfer == 'attn' and implementation == 'eager':
+        names = ('logits',)
+    else:
+        names = NAMES[cfg.transfer]
+    dim = 0 if cfg.average_maps == 'batch' else 2                     # over images, or over queries
 
     def loss_fn(net, x, y):
-        targets = teacher_outputs(teacher, x, layers, names)                  # {student layer: {name: tensor}}
-        if cfg.average_maps != 'none':   # the maps' mean p, as logits log(p): their softmax gives p back (eager)
-            for t in targets.values():                                        # (B, H, N, N), fp32
-                t['logits'] = t['logits'].float().softmax(-1).mean(dim, True).expand_as(t['logits']).log()
-        logits, kept = net(x, keep={i: names for i in layers})                # the student's own, kept
+        targets = teacher_outputs(teacher, x, layers, names)   # {student layer: {name: tensor}}
+        # the maps' mean p, as logits log(p): their softmax gives p back (eager)
+        if cfg.average_maps != 'none':
+            for t in targets.values():                               # (B, H, N, N), fp32
+                mean = t['logits'].float().softmax(-1).mean(dim, True)
+                t['logits'] = mean.expand_as(t['logits']).log()
+        logits, kept = net(x, keep={i: names for i in layers})       # the student's own, kept
+        # pop: a layer's teacher tensors go once its loss has them
         attn = sum(layer_loss(kept[i], targets.pop(i), cfg.transfer, heads, implementation)
-                   for i in layers)                              # pop: a layer's teacher tensors go once its loss has them
+                   for i in layers)
         ce = soft_cross_entropy(logits, y, cfg.smoothing)
         return ce + cfg.weight * attn, {'ce': ce.detach(), 'attn': attn.detach()}
     return loss_fn
 
 
-CPU_CHUNK = 2 ** 16     # floats per row chunk of FusedAttentionCrossEntropy on a CPU (256 KB in fp32)
+# floats per row chunk of FusedAttentionCrossEntropy on a CPU (256 KB in fp32)
+CPU_CHUNK = 2 ** 16
 
 
 class FusedAttentionCrossEntropy(torch.autograd.Function):
@@ -103,10 +119,12 @@ class FusedAttentionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, teacher_logits, student_logits):
         n = student_logits.shape[-1]
-        t, s = teacher_logits.reshape(-1, n), student_logits.reshape(-1, n)      # (rows, N)
+        t = teacher_logits.reshape(-1, n)                                        # (rows, N)
+        s = student_logits.reshape(-1, n)
         rows = len(s) if s.is_cuda else max(1, CPU_CHUNK // n)
         wide = torch.promote_types(s.dtype, torch.float32)                       # fp32 at least
-        diff, total = torch.empty_like(s), s.new_zeros((), dtype=wide)
+        diff = torch.empty_like(s)
+        total = s.new_zeros((), dtype=wide)
         for a in range(0, len(s), rows):
             p = torch.softmax(t[a:a + rows], -1, dtype=wide)
             log_q = torch.log_softmax(s[a:a + rows], -1, dtype=wide)
@@ -156,15 +174,20 @@ class MapFreeCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_t, k_t, q, k, implementation):
-        c, q, k = q.shape[-1] ** -0.5, q.detach(), k.detach()
+        c = q.shape[-1] ** -0.5
+        q = q.detach()
+        k = k.detach()
         with torch.enable_grad():
-            keys = k.detach().requires_grad_()                                 # K: both calls' values
-            own, lse = attention_with_lse(q, k, keys, implementation)          # S K (B, H, N, d), lse (B, H, N)
-            target = attend(q_t.to(q.dtype), k_t.to(q.dtype), keys, implementation)   # P K (B, H, N, d)
-            queries = q.contiguous()                                           # Q: both calls' incoming gradient
-            grad_k, = torch.autograd.grad(own, keys, queries)                  # S^T Q
-            grad_k -= torch.autograd.grad(target, keys, queries)[0]            # S^T Q - P^T Q
-        dot = (queries * target).sum(-1, dtype=torch.promote_types(q.dtype, torch.float32))   # q_i . (P K)_i
+            keys = k.detach().requires_grad_()                           # K: both calls' values
+            # S K (B, H, N, d), lse (B, H, N)
+            own, lse = attention_with_lse(q, k, keys, implementation)
+            # P K (B, H, N, d)
+            target = attend(q_t.to(q.dtype), k_t.to(q.dtype), keys, implementation)
+            queries = q.contiguous()   # Q: both calls' incoming gradient
+            grad_k, = torch.autograd.grad(own, keys, queries)            # S^T Q
+            grad_k -= torch.autograd.grad(target, keys, queries)[0]      # S^T Q - P^T Q
+        wide = torch.promote_types(q.dtype, torch.float32)
+        dot = (queries * target).sum(-1, dtype=wide)                     # q_i . (P K)_i
         ctx.save_for_backward(own - target, grad_k)
         ctx.scale = c / dot.numel()
         return lse.mean() - c * dot.mean()
@@ -182,10 +205,14 @@ class MapFreeCrossEntropy(torch.autograd.Function):
 
 # CUDA's entry points that return the lse, fastest first (an H200, q (104, 16, 197, 64) in bf16, forward and backward:
 # cuDNN 0.43 ms, flash 0.67, efficient 1.06; results/benchmark-h200/cudnn-lse.txt); cuDNN's and flash's take fp16 and
-# bf16 only, and cuDNN's value gradient is right given a contiguous incoming gradient (vit._sdpa)
-CUDA_LSE = {'cudnn': lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True),
-            'flash': lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
-            'efficient': lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)}
+# bf16 only, and cuDNN's value gradient is right given a contiguous incoming gradient (vit.ContiguousGrad)
+CUDA_LSE = {
+    'cudnn': lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True),
+    'flash': lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
+    'efficient': lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True),
+}
 
 
 def attention_with_lse(q, k, v, implementation='sdpa'):
@@ -193,26 +220,28 @@ def attention_with_lse(q, k, v, implementation='sdpa'):
     normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not return
     it, so it is asked of torch's kernels through their (private) aten entry points: on a CPU its flash kernel, on CUDA
     the first of CUDA_LSE that takes the inputs; elsewhere (or eager) written out. The output is differentiable, its
-    backward handed a contiguous incoming gradient (vit._sdpa: why). A torch whose entry points are missing or refuse
-    the shapes fails the start-up check (util/attention_check.py), not a step."""
+    backward handed a contiguous incoming gradient (vit.ContiguousGrad: why). A torch whose entry points are missing
+    or refuse the shapes fails the start-up check (util/attention_check.py), not a step."""
     if implementation == 'eager' or q.device.type not in ('cpu', 'cuda'):
         return attend(q, k, v, implementation), torch.logsumexp(scores(q, k).float(), -1)
     if q.device.type == 'cpu':
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False)[:2]
     else:
         out, lse = first_that_runs(CUDA_LSE, q, k, v)[1][:2]
-    if out.requires_grad:
-        out.register_hook(torch.Tensor.contiguous)
-    return out, lse.flatten(2)[..., :q.shape[-2]]   # cuDNN's is (B, H, N, 1); the efficient kernel pads N to 32s
+    # cuDNN's lse is (B, H, N, 1); the efficient kernel pads N to 32s
+    return ContiguousGrad.apply(out), lse.flatten(2)[..., :q.shape[-2]]
 
 
 def first_that_runs(kernels, *args):
-    """(name, output) of the first of kernels ({name: function}) that takes args; the last one's error if none does."""
+    """(name, output) of the first of kernels ({name: function}) that takes args;
+    the last one's error if none does."""
     *tried, last = kernels
     for name in tried:
         try:
             return name, kernels[name](*args)
-        except (RuntimeError, AttributeError):   # refused (dtype, head width, GPU), or not in this torch
+        # refused (dtype, head width, GPU), or not in this torch
+        except (RuntimeError, AttributeError):
             pass
     return last, kernels[last](*args)
 
@@ -243,17 +272,21 @@ PRESETS = {**student_presets(SMALL_PRESETS),
 
 
 def main():
-    plan = resolve(DistillConfig, PRESETS)            # every refusal first: flags, teacher's file, run directory
-    cfg, transfer = plan.cfg, plan.method             # transfer: the teacher's shape, layers, heads, the student's
+    # every refusal first: flags, teacher's file, run directory
+    plan = resolve(DistillConfig, PRESETS)
+    cfg = plan.cfg
+    transfer = plan.method   # the teacher's shape, layers, heads, the student's
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')       # frozen
+        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')   # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        plan, checked = check_fused(plan, teacher, student, data)   # sdpa, both ways, before anything runs on it
+        # sdpa, both ways, before anything runs on it
+        plan, checked = check_fused(plan, teacher, student, data)
         check_teacher(plan, teacher, sample_images(data, 8, plan.device))
-        plan.log(f'attention distillation: {cfg.transfer} of layers {sorted(transfer.layers.values())} '
-                 f'(heads {transfer.heads or "all"}) from {cfg.teacher}, weight {cfg.weight}')
+        plan.log(f'attention distillation: {cfg.transfer} of layers '
+                 f'{sorted(transfer.layers.values())} (heads {transfer.heads or "all"}) '
+                 f'from {cfg.teacher}, weight {cfg.weight}')
         plan.log(transfer.description)
         plan.log(describe_map(transfer))
 
@@ -263,33 +296,42 @@ def main():
         mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
-            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
-                run.evaluate(lambda m: evaluate(m, eval_loader, plan))  # the student alone, a plain ViT
+            # to the end of the epoch (or --max-steps)
+            if train_one_epoch(run, train_loader, loss_fn, mixer):
+                # the student alone, a plain ViT
+                run.evaluate(lambda m: evaluate(m, eval_loader, plan))
                 run.save()
         m = run.metrics
-        plan.log(f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
-                 + (f" | EMA top-1 {m['ema_top1']:.2f}" if 'ema_top1' in m else '')
-                 + f' | {cfg.out_dir}')
+        line = f"final | distilled student (no teacher) top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
+        if 'ema_top1' in m:
+            line += f" | EMA top-1 {m['ema_top1']:.2f}"
+        plan.log(f'{line} | {cfg.out_dir}')
 
 
 def check_fused(plan, teacher, student, data):
     """(plan, record): the start-up check (util/attention_check.py) of the student's first distilled layer and, for
     --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the implementation
     that holds. The teacher is on eager until then."""
-    (s, t), heads = next(iter(plan.method.layers.items())), plan.method.heads
+    # the first distilled layer: the student's, the teacher's
+    s, t = next(iter(plan.method.layers.items()))
+    heads = plan.method.heads
     x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
     with torch.no_grad(), autocast(plan):
         given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]            # (B, H, N, d) each
 
-    def loss(q, k, v, implementation, dtype):   # the definition in fp32, else the map-free loss on these kernels
-        q_t, k_t = (given[n].to(dtype) for n in ('q', 'k'))
+    # the definition in fp32, else the map-free loss on these kernels
+    def loss(q, k, v, implementation, dtype):
+        q_t = given['q'].to(dtype)
+        k_t = given['k'].to(dtype)
         if implementation == 'eager' and dtype == torch.float32:
             return layer_loss({'logits': scores(q, k)}, {'logits': scores(q_t, k_t)}, 'attn', heads)
-        pick = (lambda t: t) if heads is None else (lambda t: t[:, heads])
-        return map_free_cross_entropy(pick(q_t), pick(k_t), pick(q), pick(k), implementation)
+        return map_free_cross_entropy(pick(q_t, heads), pick(k_t, heads), pick(q, heads),
+                                      pick(k, heads), implementation)
 
-    def units(q, k, v):   # the most the loss (log N) and an attention product of these q and k (its gradients) make
-        c, rows = q.shape[-1] ** -0.5, q.numel() // q.shape[-1]
+    # the most the loss (log N) and an attention product of these q and k (its gradients) make
+    def units(q, k, v):
+        c = q.shape[-1] ** -0.5
+        rows = q.numel() // q.shape[-1]
         return {'loss': math.log(q.shape[-2]), 'q grad': c * k.abs().max().item() / rows,
                 'k grad': c * q.abs().max().item() / rows}
     losses = {'map-free loss': (loss, units)} if plan.cfg.transfer == 'attn' else {}

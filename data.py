@@ -55,10 +55,10 @@ FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in 
 SHIFTS = {'none': [],
           'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0,
                                 shear=[0.0])],  # 2 px
-          'invert': [v2.RandomInvert(p=1.0)],                            # 1 - x: dark clothes on white
-          'rotate': [partial(v2.functional.rotate, angle=20.0)],        # 20 degrees anticlockwise
+          'invert': [v2.RandomInvert(p=1.0)],   # 1 - x: dark clothes on white
+          'rotate': [partial(v2.functional.rotate, angle=20.0)],   # 20 degrees anticlockwise
           'blur': [v2.GaussianBlur(5, sigma=1.0)],
-          'noise': [v2.GaussianNoise(sigma=0.2)]}                        # seeded by the image's index; clipped
+          'noise': [v2.GaussianNoise(sigma=0.2)]}   # seeded by the image's index; clipped
 
 # -----------------------------------------------------------------------------
 # Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage,
@@ -107,8 +107,10 @@ class BatchTransform:
 
     def __init__(self, cfg, train, shift='none'):
         native, _, (mean, std) = INFO[cfg.data]
-        self.size, self.resize = cfg.img_size, cfg.img_size != native
-        self.mean, self.std = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
+        self.size = cfg.img_size
+        self.resize = cfg.img_size != native
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.pad = cfg.crop_pad if train else 0
         self.hflip = cfg.hflip if train else 0.0
         policy = None
@@ -121,8 +123,10 @@ class BatchTransform:
     def to(self, device):
         """This transform with its constants on device (made there once, not at every batch)."""
         other = copy.copy(self)
-        other.mean, other.std = self.mean.to(device), self.std.to(device)
-        other.randaug = self.randaug and copy.copy(self.randaug).to(device)
+        other.mean = self.mean.to(device)
+        other.std = self.std.to(device)
+        if self.randaug:
+            other.randaug = copy.copy(self.randaug).to(device)
         return other
 
     def draw(self, n, generator=None, first=None, seeds=None):
@@ -131,13 +135,15 @@ class BatchTransform:
         [0, 1) (its flip); seeds (n,): each image's seed (a noise shift's); None: drawn from the
         generator."""
         uniform = torch.rand(n, generator=generator) if first is None else torch.as_tensor(first)
-        tensors, groups = [uniform < self.hflip], []
+        tensors = [uniform < self.hflip]
+        groups = []
         if self.pad:   # each image's top-left corner in the padded image
             tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
-        for ids, rows in self.randaug.draw(n, generator) if self.randaug else []:
-            op_groups, order, rows = group(ids, rows)
-            groups.append(op_groups)
-            tensors += [order, rows]
+        if self.randaug:
+            for ids, rows in self.randaug.draw(n, generator):
+                op_groups, order, rows = group(ids, rows)
+                groups.append(op_groups)
+                tensors += [order, rows]
         if self.reprob:
             tensors.append(erasing_boxes(n, self.size, self.size, self.reprob, generator))
         if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
@@ -201,9 +207,11 @@ def batch_mixer(cfg, num_classes):
 
 class Splits(NamedTuple):
     train: Dataset
-    eval: Dataset        # the test split, or with --val-size n, n training images held out from training
+    # the test split, or with --val-size n, n training images held out from training
+    eval: Dataset
     num_classes: int
-    classes: list        # the class names, index = label: what a run records it was trained to tell apart
+    # the class names, index = label: what a run records it was trained to tell apart
+    classes: list
 
 
 def build_data(plan):
@@ -215,9 +223,13 @@ def build_data(plan):
              f"{'held-out training' if cfg.val_size else 'test'} images of {data.num_classes} "
              f'classes, {data_source(data.train)}')
     if cfg.val_size:
-        plan.log(f'evaluating on {cfg.val_size} held-out training images (--val-size), not the test split')
-    held = {id(d.images): d.images.nbytes + d.labels.nbytes for d in map(unwrap, data[:2])
-            if isinstance(d, TensorImages)}
+        plan.log(f'evaluating on {cfg.val_size} held-out training images (--val-size), '
+                 f'not the test split')
+    # the bytes of each in-memory split's tensors, by id: a held-out split shares its training split's
+    held = {}
+    for d in (unwrap(data.train), unwrap(data.eval)):
+        if isinstance(d, TensorImages):
+            held[id(d.images)] = d.images.nbytes + d.labels.nbytes
     device = plan.device
     if held:
         free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else None
@@ -288,7 +300,7 @@ def build_eval_set(cfg, shift='none', held=None):
     every seed and script) seen with the evaluation transform: the split to make choices on, so that
     the test split is looked at once, at the end. shift: its images changed (SHIFTS), labels not.
     held: the training split when already held in memory: the held-out images share its tensors."""
-    transform = (BatchTransform if held_in_memory(cfg) else build_transform)(cfg, False, shift)
+    transform = transform_for(cfg, False, shift)
     if not cfg.val_size:
         return build_dataset(cfg, train=False, transform=transform)
     if held is not None:
@@ -315,12 +327,20 @@ def held_in_memory(cfg):
     return cfg.data in ('fashion-mnist', *CIFAR)
 
 
+def transform_for(cfg, train, shift='none'):
+    """A data set's transform: BatchTransform where it is held in memory, else build_transform's
+    per-image pipeline."""
+    if held_in_memory(cfg):
+        return BatchTransform(cfg, train, shift)
+    return build_transform(cfg, train, shift)
+
+
 def build_dataset(cfg, train, transform=None):
     """Returns (dataset, num_classes). Raises DataError with the fix when data is missing.
     train: which split; its transform too unless `transform` is given."""
     if cfg.data not in INFO:
         raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
-    tf = transform or (BatchTransform if held_in_memory(cfg) else build_transform)(cfg, train)
+    tf = transform or transform_for(cfg, train)
     root = os.path.expanduser(cfg.data_dir)
     if cfg.data == 'fashion-mnist':
         return fashion_mnist(root, train, tf), 10

@@ -31,12 +31,14 @@ import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+# Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
-from ensemble import ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device, predict_all
+from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device,
+                      predict_all)
 from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, read_classes
 from util.engine import build_loader, say
@@ -56,12 +58,15 @@ class EvaluateConfig(ModelsConfig):
     imagenet_sketch: str = ''
     imagenet_r: str = ''
     imagenet_a: str = ''
-    data: str = option('', "instead of the folders: this data set's test split (fashion-mnist, cifar10, ...)",
+    data: str = option('', "instead of the folders: this data set's test split "
+                           '(fashion-mnist, cifar10, ...)',
                        one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
     data_dir: str = option('./data',
-                           '--data: where its files are (util/datafiles.py looks in other places too)')
+                           '--data: where its files are '
+                           '(util/datafiles.py looks in other places too)')
     shift: list[str] = option(factory=lambda: ['none'],
-                              help=f"--data: its images changed, labels not, one column each: {' '.join(SHIFTS)}")
+                              help='--data: its images changed, labels not, one column each: '
+                                   f"{' '.join(SHIFTS)}")
     out: str = option('runs/robustness', 'robustness.md and robustness.json go here')
     batch_size: int = 128
     num_workers: int = 8
@@ -86,7 +91,8 @@ def subset_set(name):
     return f'wnids, the {len(index)} of classes/{name}.txt', index, sorted(index.values())
 
 
-SETS = {   # name -> (how its folders are named, folder name -> class index, classes a prediction may take)
+# name -> (how its folders are named, folder name -> class index, classes a prediction may take)
+SETS = {
     'imagenet': ('wnids (n01440764 ...), the 1000 ImageNet classes', INDEX, None),
     'imagenet-v2': ('0 .. 999, the class index', {str(i): i for i in range(1000)}, None),
     'imagenet-sketch': ('wnids (n01440764 ...), the 1000 ImageNet classes', INDEX, None),
@@ -97,7 +103,12 @@ SETS = {   # name -> (how its folders are named, folder name -> class index, cla
 
 def folders(cfg):
     """{test set: its folder} of those given."""
-    return {name: path for name in SETS if (path := getattr(cfg, name.replace('-', '_')))}
+    given = {}
+    for name in SETS:
+        path = getattr(cfg, name.replace('-', '_'))
+        if path:
+            given[name] = path
+    return given
 
 
 def load_set(name, root, transform):
@@ -128,18 +139,22 @@ def top1_row(logits, labels, allowed, groups):
     predictions may take, or None."""
     if allowed:
         logits = [restrict(l, allowed) for l in logits]
-    return [accuracy(l, labels) for l in logits] + \
-        [accuracy(ensemble_probs([logits[i] for i in g]), labels) for g in groups]
+    row = [accuracy(l, labels) for l in logits]
+    row += [accuracy(ensemble_probs([logits[i] for i in g]), labels) for g in groups]
+    return row
 
 
 def parse_groups(specs, n):
     """['0,1', '0,2'] -> [[0, 1], [0, 2]]: positions in --models, at least two each."""
-    groups = [[int(i) for i in spec.split(',')] if re.fullmatch(r'\d+(,\d+)+', spec) else []
-              for spec in specs]
-    for spec, g in zip(specs, groups):
+    groups = []
+    for spec in specs:
+        g = []
+        if re.fullmatch(r'\d+(,\d+)+', spec):
+            g = [int(i) for i in spec.split(',')]
         if not g or len(set(g)) < len(g) or max(g) >= n:
             raise ConfigError(f"--ensembles {spec}: two or more distinct positions in --models "
                               f"(0..{n - 1}), comma-separated, e.g. 0,1")
+        groups.append(g)
     return groups
 
 
@@ -147,8 +162,9 @@ def markdown(names, top1):
     """The table: a row per model or ensemble (names), a column per test set
     (top1: {test set: each row's top-1})."""
     lines = [f"| model | {' | '.join(top1)} |", f"|---|{'---:|' * len(top1)}"]
-    lines += [f"| {name} | {' | '.join(f'{v[i]:.2f}' for v in top1.values())} |"
-              for i, name in enumerate(names)]
+    for i, name in enumerate(names):
+        cells = ' | '.join(f'{v[i]:.2f}' for v in top1.values())
+        lines.append(f'| {name} | {cells} |')
     return '\n'.join(lines)
 
 # -----------------------------------------------------------------------------
@@ -159,26 +175,35 @@ def main():
     cfg = parse_config(EvaluateConfig)
     paths = folders(cfg)
     if not cfg.models or not (paths or cfg.data):
-        raise ConfigError('give --models (checkpoints or names) and at least one test set folder: --imagenet, '
-                          '--imagenet-v2, --imagenet-sketch, --imagenet-r, --imagenet-a (or --data)')
+        raise ConfigError('give --models (checkpoints or names) and at least one test set folder: '
+                          '--imagenet, --imagenet-v2, --imagenet-sketch, --imagenet-r, '
+                          '--imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
     if any(map(os.path.lexists, files)):
-        raise ConfigError(f'--out {cfg.out} already holds robustness results (or another command is writing '
-                          f'them now): choose another --out, or move them away')
-    check_output('--out', cfg.out, folder=True)   # written after every model has run: checked before any does
-    with claimed('--out', *files) as out:         # and claimed: another command given this --out is refused
+        raise ConfigError(f'--out {cfg.out} already holds robustness results '
+                          f'(or another command is writing them now): '
+                          f'choose another --out, or move them away')
+    # written after every model has run: checked before any does, and claimed: another command
+    # given this --out is refused
+    check_output('--out', cfg.out, folder=True)
+    with claimed('--out', *files) as out:
         score(cfg, groups, paths, out, files)
 
 
 def score(cfg, groups, paths, out, files):
-    """Every model and ensemble on every test set; the table, into the claimed files (out: util/outputs.py)."""
+    """Every model and ensemble on every test set; the table, into the claimed files
+    (out: util/outputs.py)."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
-    data = SimpleNamespace(data=cfg.data or 'imagenet', data_dir=cfg.data_dir, img_size=img_size, val_size=0,
-                           fake_size=512)   # the test images' size and normalisation; --data: its test split
-    classes = class_names(*build_eval_set(data)) if cfg.data else WNIDS   # the 1000 ImageNet classes
-    check_classes(cfg.models, records, classes, data.data)   # by name where the models record theirs
+    # the test images' size and normalisation; --data: its test split
+    data = SimpleNamespace(data=cfg.data or 'imagenet', data_dir=cfg.data_dir, img_size=img_size,
+                           val_size=0, fake_size=512)
+    classes = WNIDS   # the 1000 ImageNet classes
+    if cfg.data:
+        classes = class_names(*build_eval_set(data))
+    # by name where the models record theirs
+    check_classes(cfg.models, records, classes, data.data)
     if cfg.data:   # one column per shift of the test split: (what it is, dataset, allowed classes)
         sets = {s: (f'{cfg.data} test split, shifted: {s}', build_eval_set(data, s)[0], None)
                 for s in cfg.shift}
@@ -192,20 +217,25 @@ def score(cfg, groups, paths, out, files):
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        logits, labels = predict_all(models, build_loader(cfg, dataset, False, device=place.device), place)
+        loader = build_loader(cfg, dataset, False, device=place.device)
+        logits, labels = predict_all(models, loader, place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")
 
     md = markdown(names, top1)
     say(f'\n{md}')
-    subsets = '' if cfg.data else '; on ImageNet-R and -A every prediction is among their 200 classes'
+    subsets = ''
+    if not cfg.data:
+        subsets = '; on ImageNet-R and -A every prediction is among their 200 classes'
     text = (f"# Top-1 (%) under distribution shift\n\n{md}\n\n"
             f"Ensembles average their models' probabilities{subsets}.\n")
+    rows = []
+    for i, (name, m) in enumerate(zip(names, members)):
+        rows.append({'model': name, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}})
     record = {'config': asdict(cfg),
               'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
                        for n, (p, d, a) in sets.items()},
-              'rows': [{'model': n, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}}
-                       for i, (n, m) in enumerate(zip(names, members))]}
+              'rows': rows}
     out.write(files[0], lambda f: f.write(text.encode()))
     out.write(files[1], lambda f: f.write(json.dumps(record, indent=2).encode()))
 

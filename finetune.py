@@ -21,7 +21,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
-if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+# Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
@@ -39,15 +40,19 @@ from vit import create_model, model_arch
 class FinetuneConfig(TrainConfig):
     init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, '
                        'torchvision_vit_b_16, ...); empty = train from scratch')
-    scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning preset; no --init')
-    init_num_heads: int = option(0, 'the head count of an --init file of weights alone (no record, no family)',
+    scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning '
+                                  'preset; no --init')
+    init_num_heads: int = option(0, 'the head count of an --init file of weights alone '
+                                    '(no record, no family)',
                                  at_least(0, "the file's record or family", DEPTH))
     out_dir: str = 'runs/finetune'
     # components of other ViT families (vit.py), to train a teacher built like one;
     # --init checks they match
-    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); 0 = none',
-                                (lambda v: 0 <= v <= 100, 'must be 0 (no layer scale) or a positive '
-                                                          'initial value, at most 100'))
+    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); '
+                                     '0 = none',
+                                (lambda v: 0 <= v <= 100,
+                                 'must be 0 (no layer scale) or a positive initial value, '
+                                 'at most 100'))
     norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
     act: str = option('gelu', 'gelu | quick_gelu (CLIP)',
                       one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
@@ -98,12 +103,14 @@ def presets(argv=None):
     """PRESETS, or with --scratch true the SCRATCH recipes over them. A fine-tuning
     preset (one that names --init) run without weights would be neither recipe: refused,
     pointing to --scratch true."""
-    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv), checked=False)   # --help: printed with the choice
+    # --help: printed with the choice
+    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv), checked=False)
     if not cfg.scratch:
         if not cfg.init and PRESETS.get(cfg.data, {}).get('init'):
-            raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights (its preset: --init "
-                              f"{PRESETS[cfg.data]['init']}); to train from scratch pass --scratch "
-                              f"true, which selects the from-scratch recipe")
+            raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights "
+                              f"(its preset: --init {PRESETS[cfg.data]['init']}); "
+                              f"to train from scratch pass --scratch true, "
+                              f"which selects the from-scratch recipe")
         return PRESETS
     chosen = {**PRESETS, **SCRATCH}
     cfg = parse_config(FinetuneConfig, chosen, without_help(argv), checked=False)
@@ -119,13 +126,15 @@ def build_model(cfg, num_classes):
         ckpt = read_checkpoint(cfg.init)
         head = state_dict_of(ckpt).get('head.weight')
         load_weights(model, cfg.init, ckpt, cfg.init_num_heads, '--init-num-heads')
-        if head is None or head.shape != model.head.weight.shape:   # a new classifier: MAE's main_finetune
-            torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # starts it near zero
+        # a new classifier: MAE's main_finetune starts it near zero
+        if head is None or head.shape != model.head.weight.shape:
+            torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
     return model
 
 
 def classification_loss(cfg):
-    """The baselines' loss_fn: the cross-entropy of the classifier's prediction (soft targets under MixUp / CutMix)."""
+    """The baselines' loss_fn: the cross-entropy of the classifier's prediction
+    (soft targets under MixUp / CutMix)."""
     def loss_fn(net, x, y):
         loss = soft_cross_entropy(net(x), y, cfg.smoothing)
         return loss, {'ce': loss.detach()}
@@ -133,29 +142,33 @@ def classification_loss(cfg):
 
 
 def main():
-    plan = resolve(FinetuneConfig, presets())                          # every refusal first, nothing built yet
+    plan = resolve(FinetuneConfig, presets())   # every refusal first, nothing built yet
     cfg = plan.cfg
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        torch.manual_seed(cfg.seed)                                     # the same initial weights on every rank
+        torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_model(cfg, data.num_classes).to(plan.device)
         x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
-        attn, checked = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
-                                       {'layer 0': model.blocks[0].attn})   # sdpa, both ways, before anything runs
+        # sdpa, both ways, before anything runs
+        attn, checked = start_up_check(plan, 'fine-tuning', [model],
+                                       lambda: model.forward_tokens(x, depth=1),
+                                       {'layer 0': model.blocks[0].attn})
         plan = plan._replace(attn=attn)
-        run = Run(plan, model, train_loader, data.classes,              # optimizer, EMA, resumed if asked
+        run = Run(plan, model, train_loader, data.classes,   # optimizer, EMA, resumed if asked
                   {'attention_check': checked})
-        loss_fn, mixer = classification_loss(cfg), batch_mixer(cfg, data.num_classes)
+        loss_fn = classification_loss(cfg)
+        mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
-            if train_one_epoch(run, train_loader, loss_fn, mixer):     # to the end of the epoch (or --max-steps)
-                run.evaluate(lambda m: evaluate(m, eval_loader, plan))  # a line of metrics.jsonl
-                run.save()                                              # checkpoint.pt
+            # to the end of the epoch (or --max-steps)
+            if train_one_epoch(run, train_loader, loss_fn, mixer):
+                run.evaluate(lambda m: evaluate(m, eval_loader, plan))   # a line of metrics.jsonl
+                run.save()                                                # checkpoint.pt
         m = run.metrics
-        plan.log(f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
-                 + (f" | EMA top-1 {m['ema_top1']:.2f} top-5 "
-                    f"{m['ema_top5']:.2f}" if 'ema_top1' in m else '')
-                 + f' | {cfg.out_dir}')
+        line = f"final | top-1 {m['top1']:.2f} top-5 {m['top5']:.2f}"
+        if 'ema_top1' in m:
+            line += f" | EMA top-1 {m['ema_top1']:.2f} top-5 {m['ema_top5']:.2f}"
+        plan.log(f'{line} | {cfg.out_dir}')
 
 
 if __name__ == '__main__':

@@ -24,7 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == '__main__':   # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+# Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
+if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn as nn
@@ -33,7 +34,8 @@ from einops import rearrange
 from data import INFO, build_data, sample_images
 from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import read_checkpoint, state_dict_of
-from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory, memory_needed, option
+from util.config import (DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory,
+                         memory_needed, option)
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import save_figure
 from util.launch import resolve, run_main
@@ -53,16 +55,19 @@ class MAEConfig(TrainConfig):
     decoder_dim: int = option(64, rule=at_least(1, most=SIZE))
     decoder_depth: int = option(2, rule=at_least(1, most=DEPTH))
     decoder_heads: int = 4
-    norm_pix_loss: bool = option(True, 'targets: each patch normalised by its own mean and variance')
+    norm_pix_loss: bool = option(True, 'targets: each patch normalised by its own mean and '
+                                       'variance')
     smoothing: float = option(0.0, 'the loss has no labels')
-    global_pool: bool = option(False, rule=(lambda v: not v, 'MAE pre-training normalises every token (norm); pass '
-                                                            '--global-pool to finetune.py'))
+    global_pool: bool = option(False, rule=(lambda v: not v,
+                                            'MAE pre-training normalises every token (norm); '
+                                            'pass --global-pool to finetune.py'))
     mixup: float = option(0.0, rule=SINGLE_IMAGES)
     cutmix: float = option(0.0, rule=SINGLE_IMAGES)
     out_dir: str = 'runs/mae'
     export: str = option('', 'also write the encoder alone here: a small teacher file to ship')
 
-    RESUMABLE = (*TrainConfig.RESUMABLE, 'export')   # written once the run ends: may be named when resuming
+    # --export is written once the run ends: it may be named when resuming
+    RESUMABLE = (*TrainConfig.RESUMABLE, 'export')
     SCRIPT = 'mae_pretrain.py'
 
     def resolve(self):
@@ -75,29 +80,36 @@ class MAEConfig(TrainConfig):
         return super().checks() + [
             ('mask_ratio', 0 < self.mask_ratio < 1 and int(patches * (1 - self.mask_ratio)) >= 1,
              f'must hide some of the {patches} patches and keep at least one'),
-            ('decoder_heads', 1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
+            ('decoder_heads',
+             1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}'),
-            ('decoder_depth', memory_needed(self.decoder_dim, self.decoder_depth, self.img_size, self.patch_size,
-                                            self.batch_size) <= machine_memory(),
-             f'makes a decoder of {self.decoder_depth} blocks {self.decoder_dim} wide that does not fit the '
-             f'{machine_memory() / 1e9:,.0f} GB here (--decoder-depth, --decoder-dim, --batch-size)')]
+            ('decoder_depth',
+             memory_needed(self.decoder_dim, self.decoder_depth, self.img_size, self.patch_size,
+                           self.batch_size) <= machine_memory(),
+             f'makes a decoder of {self.decoder_depth} blocks {self.decoder_dim} wide '
+             f'that does not fit the {machine_memory() / 1e9:,.0f} GB here '
+             f'(--decoder-depth, --decoder-dim, --batch-size)')]
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no
 # label smoothing, MixUp or CutMix: the config's own defaults
-MAE_RECIPE = dict(global_pool=False, weight_decay=0.05, beta2=0.95, randaug='', reprob=0.0, drop_path=0.0)
-# finetune.py's small recipes with MAE's; blr 10x MAE's, tuned for batch 4096 over 800 epochs: a short small run needs more
+MAE_RECIPE = dict(global_pool=False, weight_decay=0.05, beta2=0.95, randaug='', reprob=0.0,
+                  drop_path=0.0)
+# finetune.py's small recipes with MAE's; blr 10x MAE's, tuned for batch 4096 over 800 epochs:
+# a short small run needs more
 MAE_SMALL = dict(MAE_RECIPE, blr=1.5e-3)
+MAE_CIFAR = dict(MAE_SMALL, epochs=200, warmup_epochs=10, decoder_dim=128)
 PRESETS = {
-    'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256, 'epochs': 24,
-                      'warmup_epochs': 2},
-    **{data: {**SMALL_PRESETS[data], **MAE_SMALL, 'epochs': 200, 'warmup_epochs': 10, 'decoder_dim': 128}
-       for data in ('cifar10', 'cifar100')},
+    'fashion-mnist': {**SMALL_PRESETS['fashion-mnist'], **MAE_SMALL, 'batch_size': 256,
+                      'epochs': 24, 'warmup_epochs': 2},
+    'cifar10': {**SMALL_PRESETS['cifar10'], **MAE_CIFAR},
+    'cifar100': {**SMALL_PRESETS['cifar100'], **MAE_CIFAR},
     'fake': {**SMALL_PRESETS['fake'], **MAE_SMALL},
     # the MAE paper's ViT-L/16 recipe (global batch 4096 = 64 GPUs x 64): random resized crop + flip only
-    'imagenet': dict(MAE_RECIPE, model='vit_large', img_size=224, patch_size=16, epochs=800, warmup_epochs=40,
-                     batch_size=64, blr=1.5e-4, min_lr=0.0, mask_ratio=0.75, decoder_dim=512, decoder_depth=8,
-                     decoder_heads=16, norm_pix_loss=True, min_scale=0.2, hflip=0.5, num_workers=10, log_every=100),
+    'imagenet': dict(MAE_RECIPE, model='vit_large', img_size=224, patch_size=16, epochs=800,
+                     warmup_epochs=40, batch_size=64, blr=1.5e-4, min_lr=0.0, mask_ratio=0.75,
+                     decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True,
+                     min_scale=0.2, hflip=0.5, num_workers=10, log_every=100),
 }
 
 # -----------------------------------------------------------------------------
@@ -106,7 +118,8 @@ PRESETS = {
 
 def random_keep(batch, num_patches, num_keep, device=None, generator=None):
     """(B, K) indices of the patches each image keeps: the first K of its own random permutation."""
-    return torch.rand(batch, num_patches, device=device, generator=generator).argsort(dim=1)[:, :num_keep]
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)   # (B, N)
+    return noise.argsort(dim=1)[:, :num_keep]
 
 
 def gather_tokens(x, ids):
@@ -115,7 +128,8 @@ def gather_tokens(x, ids):
 
 
 def patch_stats(patches):
-    """Each patch's mean and standard deviation (B, N, 1): norm_pix_loss's targets are (patch - mean) / std."""
+    """Each patch's mean and standard deviation (B, N, 1): norm_pix_loss's targets are
+    (patch - mean) / std."""
     return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
@@ -126,7 +140,8 @@ def patchify(imgs, p):
 
 def unpatchify(patches, p):
     """(B, N, p*p*C) -> (B, C, H, W), the inverse of patchify for square images."""
-    return rearrange(patches, 'b (h w) (p q c) -> b c (h p) (w q)', h=math.isqrt(patches.shape[1]), p=p, q=p)
+    return rearrange(patches, 'b (h w) (p q c) -> b c (h p) (w q)', h=math.isqrt(patches.shape[1]),
+                     p=p, q=p)
 
 # -----------------------------------------------------------------------------
 # The model: vit.py's ViT as the encoder, plus a light decoder
@@ -138,16 +153,20 @@ class MaskedAutoencoder(VisionTransformer):
 
     def __init__(self, arch, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.75):
         super().__init__(**{**arch, 'num_classes': 0, 'global_pool': False})
-        num_patches, p = self.patch_embed.num_patches, self.patch_embed.patch_size
+        num_patches = self.patch_embed.num_patches
+        p = self.patch_embed.patch_size
         self.num_keep = int(num_patches * (1 - mask_ratio))
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim))   # learned (MAE: sin-cos)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        # learned (MAE: sin-cos)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch['in_chans'])
         for name, m in self.named_modules():
-            if name.startswith('decoder_') and isinstance(m, nn.Linear):   # MAE's initialisation of its linear layers
+            # MAE's initialisation of its linear layers
+            if name.startswith('decoder_') and isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
@@ -155,18 +174,22 @@ class MaskedAutoencoder(VisionTransformer):
 
     def forward_encoder(self, imgs, ids_keep):
         """The ViT on the class token and the kept patches only: (B, 1 + K, D), normalised."""
-        x = self.embed(imgs)                                                     # (B, 1 + N, D) positions added
-        x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], ids_keep)], dim=1)      # (B, 1 + K, D) class token kept
+        x = self.embed(imgs)                                    # (B, 1 + N, D), positions added
+        # the class token and the kept patches
+        x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], ids_keep)], dim=1)  # (B, 1 + K, D)
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x)
 
     def forward_decoder(self, latent, ids_keep):
-        """Encoded tokens back in their places, the mask token everywhere else -> pixels of every patch."""
+        """Encoded tokens back in their places, the mask token everywhere else
+        -> pixels of every patch."""
         x = self.decoder_embed(latent)                                           # (B, 1 + K, Dd)
-        B, N = len(x), self.patch_embed.num_patches
+        B = len(x)
+        N = self.patch_embed.num_patches
         tokens = self.mask_token.to(x.dtype).repeat(B, N, 1)                    # (B, N, Dd)
-        tokens[torch.arange(B, device=x.device)[:, None], ids_keep] = x[:, 1:]  # kept ones put back in their places
+        # the kept ones put back in their places
+        tokens[torch.arange(B, device=x.device)[:, None], ids_keep] = x[:, 1:]
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed       # (B, 1 + N, Dd)
         for block in self.decoder_blocks:
             x, _ = block(x)
@@ -175,7 +198,8 @@ class MaskedAutoencoder(VisionTransformer):
     def forward(self, imgs, ids_keep=None, generator=None):
         """Predicted pixels of every patch (B, N, p*p*3) and the mask (B, N), 1 = hidden. ids_keep (B, K): the patches
         the encoder sees; default a fresh random choice per image (drawn from `generator`: the same masks each time)."""
-        B, N = len(imgs), self.patch_embed.num_patches
+        B = len(imgs)
+        N = self.patch_embed.num_patches
         if ids_keep is None:
             ids_keep = random_keep(B, N, self.num_keep, imgs.device, generator)
         pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_keep)
@@ -185,9 +209,11 @@ class MaskedAutoencoder(VisionTransformer):
 
 def build_mae(cfg):
     """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
-    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                      depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path)
-    return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.mask_ratio)
+    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                      drop_path_rate=cfg.drop_path)
+    return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                             cfg.mask_ratio)
 
 # -----------------------------------------------------------------------------
 # Loss and evaluation
@@ -219,11 +245,13 @@ def evaluate_mse(model, loader, plan):
     """The masked-patch loss on held-out images, the same masks every time, averaged over ranks."""
     model.eval()
     loss_fn = mae_loss_fn(plan.cfg, torch.Generator(plan.device).manual_seed(plan.rank))
-    total, n = torch.zeros((), device=plan.device), 0
+    total = torch.zeros((), device=plan.device)
+    n = 0
     for x, _ in loader:
         with autocast(plan):
             loss, _ = loss_fn(model, x.to(plan.device, non_blocking=True), None)
-        total, n = total + loss, n + 1
+        total = total + loss
+        n += 1
     return {'mse': all_mean(total / max(n, 1), plan).item()}
 
 # -----------------------------------------------------------------------------
@@ -238,21 +266,30 @@ def save_reconstructions(model, imgs, cfg):
     model.eval()
     p = model.patch_embed.patch_size
     pred, mask = model(imgs, generator=torch.Generator(imgs.device).manual_seed(0))
-    target, m = patchify(imgs, p), mask[..., None]                               # (B, N, P), (B, N, 1)
-    if cfg.norm_pix_loss:   # the model predicts normalised patches; shown with each true patch's mean and std
+    target = patchify(imgs, p)                                                   # (B, N, P)
+    m = mask[..., None]                                                          # (B, N, 1)
+    # the model predicts normalised patches; shown with each true patch's mean and std
+    if cfg.norm_pix_loss:
         mean, std = patch_stats(target)
         pred = pred * std + mean
     masked = unpatchify(target * (1 - m), p)
-    rows = {'original': imgs, f'masked {1 - model.num_keep / model.patch_embed.num_patches:.0%}': masked,
+    hidden = 1 - model.num_keep / model.patch_embed.num_patches
+    rows = {'original': imgs,
+            f'masked {hidden:.0%}': masked,
             'reconstruction': masked + unpatchify(pred * m, p)}
-    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in INFO[cfg.data][2])   # undone to show them
+    # the data's normalisation, undone to show them: (3, 1, 1) each
+    data_mean = torch.tensor(INFO[cfg.data][2][0])[:, None, None]
+    data_std = torch.tensor(INFO[cfg.data][2][1])[:, None, None]
     fig = Figure(figsize=(1.6 * len(imgs), 5.2), layout='constrained')
-    for axes, (title, batch) in zip(fig.subplots(len(rows), len(imgs), squeeze=False), rows.items()):
+    grid = fig.subplots(len(rows), len(imgs), squeeze=False)
+    for axes, (title, batch) in zip(grid, rows.items()):
         for ax, img in zip(axes, batch.float().cpu()):
-            ax.imshow((img * data_std + data_mean).clamp(0, 1).permute(1, 2, 0).numpy())   # (H, W, 3)
+            shown = (img * data_std + data_mean).clamp(0, 1)                      # (3, H, W)
+            ax.imshow(shown.permute(1, 2, 0).numpy())                             # (H, W, 3)
             ax.set_title(title, fontsize=8)
             ax.axis('off')
-    save_figure(fig, os.path.join(cfg.out_dir, 'reconstruction.png'), dpi=100)   # whole or not at all
+    # whole or not at all
+    save_figure(fig, os.path.join(cfg.out_dir, 'reconstruction.png'), dpi=100)
 
 # -----------------------------------------------------------------------------
 # Train
@@ -264,26 +301,32 @@ def export_encoder(run_dir, export, path):
     file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
-    made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'], 'torch': run['torch'],
-            'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
-    encoder = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'], 'made': made}
+    made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'],
+            'torch': run['torch'], 'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
+    encoder = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'],
+               'made': made}
     export.write(path, lambda f: torch.save(encoder, f))
 
 
 def main():
-    plan = resolve(MAEConfig, PRESETS)                                 # every refusal first, nothing built yet
+    plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:   # claimed as it starts
+    # --export claimed as the run starts
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
-        x, masks = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device), torch.Generator(plan.device)
-        attn, checked = start_up_check(plan, 'MAE', [model], lambda: model(x, generator=masks.manual_seed(0)),
-                                       {'encoder layer 0': model.blocks[0].attn,   # sdpa, both ways, before
-                                        'decoder layer 0': model.decoder_blocks[0].attn})   # anything runs on it
+        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        masks = torch.Generator(plan.device)
+        # sdpa, both ways, before anything runs on it
+        attn, checked = start_up_check(plan, 'MAE', [model],
+                                       lambda: model(x, generator=masks.manual_seed(0)),
+                                       {'encoder layer 0': model.blocks[0].attn,
+                                        'decoder layer 0': model.decoder_blocks[0].attn})
         plan = plan._replace(attn=attn)
-        plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} patches; '
-                 f'decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, norm_pix_loss {cfg.norm_pix_loss}')
+        plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
+                 f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
+                 f'norm_pix_loss {cfg.norm_pix_loss}')
         run = Run(plan, model, train_loader, data.classes, {'attention_check': checked})
         loss_fn = mae_loss_fn(cfg)   # on single images: the config refuses MixUp and CutMix
 
@@ -296,8 +339,10 @@ def main():
             save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
                 export_encoder(cfg.out_dir, export, cfg.export)
-        plan.log(f"final | train mse {run.metrics.get('train', {}).get('mse', float('nan')):.4f} | held-out "
-                 f"masked mse {run.metrics['mse']:.4f} | {cfg.out_dir}/checkpoint.pt, reconstruction.png")
+        train_mse = run.metrics.get('train', {}).get('mse', float('nan'))
+        plan.log(f"final | train mse {train_mse:.4f} | "
+                 f"held-out masked mse {run.metrics['mse']:.4f} | "
+                 f"{cfg.out_dir}/checkpoint.pt, reconstruction.png")
 
 
 if __name__ == '__main__':

@@ -28,7 +28,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch_size}')
-        self.patch_size, self.grid = patch_size, img_size // patch_size
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -40,7 +41,8 @@ IMPLEMENTATIONS = ('eager', 'sdpa')
 
 
 def scores(q, k):
-    """The pre-softmax attention map q k^T / sqrt(d), (B, H, N, N), of (B, H, N, d) queries and keys."""
+    """The pre-softmax attention map q k^T / sqrt(d), (B, H, N, N),
+    of (B, H, N, d) queries and keys."""
     return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
 
 
@@ -49,28 +51,45 @@ def attend(q, k, v, implementation='sdpa'):
     with fewer heads, given the teacher's q and k): value head j is routed by the mean of heads j*g .. j*g+g-1's maps,
     as (mean_g A_g) v = mean_g (A_g v)."""
     g = q.shape[1] // v.shape[1]
-    v = v.repeat_interleave(g, 1) if g > 1 else v                          # (B, H, N, e)
+    if g > 1:
+        v = v.repeat_interleave(g, 1)                                      # (B, H, N, e)
     if implementation == 'eager':
         attn = scores(q, k).softmax(-1, dtype=v.dtype)                    # (B, H, N, N)
         out = attn @ v
     else:
         out = _sdpa(q, k, v)
-    return out.unflatten(1, (-1, g)).mean(2) if g > 1 else out             # (B, h, N, e)
+    if g > 1:
+        out = out.unflatten(1, (-1, g)).mean(2)                            # (B, h, N, e)
+    return out
 
 
 def _sdpa(q, k, v):
     """F.scaled_dot_product_attention, also where v's head size e differs from q's d (a student of another width given
-    the teacher's q and k). Its backward gets a contiguous incoming gradient: cuDNN's, given one with the output's
-    (B, N, H, d) strides and q, k needing none, gave value gradients off by 1.4 (relative; contiguous 2.3e-3: #67)."""
-    d, e = q.shape[-1], v.shape[-1]
-    if e < d:   # the smaller side padded with zeros, which change neither q k^T nor the columns kept
+    the teacher's q and k). Its backward gets a contiguous incoming gradient (ContiguousGrad: why)."""
+    d = q.shape[-1]
+    e = v.shape[-1]
+    # the smaller side padded with zeros, which change neither q k^T nor the columns kept
+    if e < d:
         v = F.pad(v, (0, d - e))
     elif e > d:
-        q, k = F.pad(q, (0, e - d)), F.pad(k, (0, e - d))
+        q = F.pad(q, (0, e - d))
+        k = F.pad(k, (0, e - d))
     out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
-    if out.requires_grad:
-        out.register_hook(torch.Tensor.contiguous)
-    return out[..., :e]
+    return ContiguousGrad.apply(out)[..., :e]
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on contiguous. A fused attention's backward gets its incoming
+    gradient in the (B, N, H, d) memory order of the output projection's input; cuDNN's, given that and q, k needing
+    none, gave value gradients off by 1.4 (relative; given a contiguous one 2.3e-3: #67)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class Attention(nn.Module):
@@ -80,7 +99,9 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
         assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
-        self.num_heads, self.no_qk, self.implementation = num_heads, no_qk, 'sdpa'
+        self.num_heads = num_heads
+        self.no_qk = no_qk
+        self.implementation = 'sdpa'
         if no_qk:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
         else:
@@ -92,41 +113,55 @@ class Attention(nn.Module):
         probabilities instead of its own (for all heads: maybe g a head, averaged); heads: the h heads those cover
         (default all). keep: its own 'q', 'k', 'v' to hand back, or 'logits', its map written out and used."""
         if self.no_qk and ((attn is None and (q is None or k is None)) or heads is not None):
-            raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) for every head")
+            raise ValueError("a layer without q/k projections needs the teacher's q and k (or map) "
+                             "for every head")
         own = dict(zip('qkv', self.project(x)))                           # (B, H, N, d) each
         kept = {n: own[n] for n in keep if n in own}
-        if 'logits' in keep or (attn is not None and heads is not None):   # its own map, written out
+        # its own map, written out
+        if 'logits' in keep or (attn is not None and heads is not None):
             logits = scores(own['q'], own['k'])                            # (B, H, N, N)
             if 'logits' in keep:
                 kept['logits'] = logits
-            if attn is not None or (q is None and k is None):              # the map it wrote is used
+            if attn is not None or (q is None and k is None):   # the map it wrote is used
                 attn = _put(logits.softmax(-1, dtype=own['v'].dtype), attn, heads)
-        q, k, v = (_put(own[n], t, heads) for n, t in (('q', q), ('k', k), ('v', v)))   # given, for some or all heads
+        # what it was given, for some or all heads, in place of its own
+        q = _put(own['q'], q, heads)
+        k = _put(own['k'], k, heads)
+        v = _put(own['v'], v, heads)
         if attn is None:
             out = attend(q, k, v, self.implementation)                     # (B, H, N, d)
-        else:   # an explicit map; g maps a value head (a student with fewer heads): their mean, as in attend
+        else:
+            # an explicit map; g maps a value head (a student with fewer heads): their mean, as in attend
             g = attn.shape[1] // v.shape[1]
-            out = (attn.unflatten(1, (-1, g)).mean(2) if g > 1 else attn).to(v.dtype) @ v
+            if g > 1:
+                attn = attn.unflatten(1, (-1, g)).mean(2)                  # (B, h, N, N)
+            attn = attn.to(v.dtype)
+            out = attn @ v
         return self.proj(rearrange(out, 'b h n d -> b n (h d)')), kept     # (B, N, D)
 
     def project(self, x):
         """This layer's own (q, k, v), each (B, H, N, d); q = k = None in a layer without q/k."""
         if self.no_qk:
             return None, None, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
-        return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads).unbind(0)
+        qkv = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
+        return qkv.unbind(0)
 
 
 def _put(own, given, heads):
-    """`own` (B, H, ...) with all heads (heads=None) or the listed ones replaced by `given` (none: own)."""
-    if given is None or heads is None:
-        return own if given is None else given
+    """`own` (B, H, ...) with all heads (heads=None) or the listed ones replaced by `given`;
+    with no `given`, `own`."""
+    if given is None:
+        return own
+    if heads is None:
+        return given
     return own.index_copy(1, torch.tensor(heads, device=own.device), given.to(own.dtype))
 
 
 class Mlp(nn.Module):   # fc2(act(fc1(x)))
     def __init__(self, dim, hidden, act='gelu'):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.act = QuickGELU() if act == 'quick_gelu' else nn.GELU()
 
     def forward(self, x):
@@ -137,11 +172,14 @@ def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
     if p == 0.0 or not training:
         return x
-    return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p) / (1 - p)   # a mask per sample
+    # a mask per sample, (B, 1, ...)
+    mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * mask / (1 - p)
 
 
 class Block(nn.Module):
-    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); no layer scale if init_values is None."""
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)));
+    no layer scale if init_values is None."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, no_qk=False,
                  init_values=None, act='gelu', norm_eps=1e-6):
@@ -155,7 +193,8 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, given=None, keep=()):
-        """given: what its attention is handed ({'q', 'k'} of the teacher: copy); keep: what it hands back."""
+        """given: what its attention is handed ({'q', 'k'} of the teacher: copy);
+        keep: what it hands back."""
         a, kept = self.attn(self.norm1(x), **(given or {}), keep=keep)
         x = x + drop_path(self.ls1(a), self.drop_path, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
@@ -166,27 +205,44 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """The ViT; init_values, norm_pre, act, reg_tokens and norm_eps are other families' components (at the end)."""
+    """The ViT; init_values, norm_pre, act, reg_tokens and norm_eps are other families'
+    components (at the end)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool=False,
                  drop_path_rate=0.0, no_qk_layers=(), init_values=None, norm_pre=False, act='gelu',
                  reg_tokens=0, norm_eps=1e-6):
         super().__init__()
-        self.arch = {**{k: v for k, v in locals().items() if k not in ('self', '__class__')},   # to rebuild it
-                     'no_qk_layers': sorted(no_qk_layers)}
-        self.num_classes, self.embed_dim, self.depth, self.num_heads = num_classes, embed_dim, depth, num_heads
+        # every keyword, to rebuild it
+        self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                         num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         global_pool=global_pool, drop_path_rate=drop_path_rate,
+                         no_qk_layers=sorted(no_qk_layers), init_values=init_values,
+                         norm_pre=norm_pre, act=act, reg_tokens=reg_tokens, norm_eps=norm_eps)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
         self.global_pool = global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None   # no position
+        self.reg_token = None
+        if reg_tokens:   # registers: tokens without a position
+            self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim))
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else nn.Identity()
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()   # deeper blocks drop more
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], i in no_qk_layers,
-                                          init_values, act, norm_eps) for i in range(depth))
-        # MAE's fine-tuning pools the patch tokens, then normalises (fc_norm); a class-token model normalises all (norm)
-        setattr(self, 'fc_norm' if global_pool else 'norm', nn.LayerNorm(embed_dim, eps=norm_eps))
+        # deeper blocks drop more
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i],
+                                          i in no_qk_layers, init_values, act, norm_eps)
+                                    for i in range(depth))
+        # MAE's fine-tuning pools the patch tokens, then normalises (fc_norm); a class-token model normalises all
+        # (norm). timm's and MAE's names, so that their checkpoints load
+        if global_pool:
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -195,7 +251,8 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.reg_token, std=1e-6)                 # as DINOv2
 
     def embed(self, x):
-        """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers, patches; norm_pre."""
+        """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers,
+        patches; norm_pre."""
         x = self.patch_embed(x)                                       # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.pos_embed               # (B, 1 + N, D)
@@ -207,8 +264,10 @@ class VisionTransformer(nn.Module):
     def forward_tokens(self, x, inject=None, keep=None, depth=None):
         """Embed, run the first `depth` blocks (default all) -> (B, 1 + N, D) tokens, {layer: kept}. inject: {layer:
         {'q' | 'k' | 'v' | 'attn' | 'heads': tensor}} given to that layer; keep: {layer: names} it hands back."""
-        inject, keep = inject or {}, keep or {}
-        x, kept = self.embed(x), {}
+        inject = inject or {}
+        keep = keep or {}
+        x = self.embed(x)
+        kept = {}
         for i, block in enumerate(self.blocks[:depth]):
             x, kept_i = block(x, inject.get(i), keep.get(i, ()))
             if kept_i:
@@ -216,9 +275,13 @@ class VisionTransformer(nn.Module):
         return x, kept
 
     def forward_head(self, x):
-        """(B, 1 + R + N, D) tokens -> (B, num_classes): from the mean of the patch tokens, or the class token."""
-        pooled = self.fc_norm(x[:, 1 + self.arch['reg_tokens']:].mean(1)) if self.global_pool else self.norm(x)[:, 0]
-        return self.head(pooled)                                      # (B, D) -> (B, num_classes)
+        """(B, 1 + R + N, D) tokens -> (B, num_classes): from the mean of the patch tokens,
+        or the class token."""
+        if self.global_pool:
+            pooled = self.fc_norm(x[:, 1 + self.arch['reg_tokens']:].mean(1))   # (B, D)
+        else:
+            pooled = self.norm(x)[:, 0]                                # (B, D)
+        return self.head(pooled)                                      # (B, num_classes)
 
     def forward(self, x, inject=None, keep=None):
         """Class logits (B, num_classes); with `keep`, also the kept tensors {layer: {name: t}}."""
@@ -232,26 +295,30 @@ class VisionTransformer(nn.Module):
         *before, last = sorted(layers)
         x, out = self.forward_tokens(x, keep={i: names for i in before}, depth=last)
         block = self.blocks[last]
-        own = dict(zip('qkv', block.attn.project(block.norm1(x))))                 # (B, H, N, d) each
+        own = dict(zip('qkv', block.attn.project(block.norm1(x))))   # (B, H, N, d) each
         out[last] = {n: scores(own['q'], own['k']) if n == 'logits' else own[n] for n in names}
         return out
 
     def attention(self, x, layers, what='logits'):
-        """{layer: tensor}: 'logits', the pre-softmax map (B, H, N, N) written out, or 'q', 'k', 'v' (B, H, N, d)."""
+        """{layer: tensor}: 'logits', the pre-softmax map (B, H, N, N) written out,
+        or 'q', 'k', 'v' (B, H, N, d)."""
         return {i: t[what] for i, t in self.internals(x, layers, (what,)).items()}
 
 
 def set_attn_implementation(model, implementation):
-    """'eager' (explicit maps) or 'sdpa' (fused kernels) in every attention layer of model; returns model."""
+    """'eager' (explicit maps) or 'sdpa' (fused kernels) in every attention layer of model;
+    returns model."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation '{implementation}': choose one of {', '.join(IMPLEMENTATIONS)}")
+        raise ValueError(f"attention implementation '{implementation}': "
+                         f"choose one of {', '.join(IMPLEMENTATIONS)}")
     for m in model.modules():
         if isinstance(m, Attention):
             m.implementation = implementation
     return model
 
 
-def _init_weights(m):   # MAE's; a LayerNorm keeps PyTorch's own weight 1, bias 0, which MAE sets as well
+# MAE's; a LayerNorm keeps PyTorch's own weight 1, bias 0, which MAE sets as well
+def _init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
     elif isinstance(m, nn.Conv2d):   # as a linear layer on the flattened patch (MAE)
@@ -279,7 +346,8 @@ def model_arch(name, **overrides):
     return {**defaults, **SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def create_model(name, **overrides):   # create_model('vit_base', img_size=32, patch_size=4, num_classes=10)
+def create_model(name, **overrides):
+    """create_model('vit_base', img_size=32, patch_size=4, num_classes=10)"""
     return VisionTransformer(**model_arch(name, **overrides))
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases
 from tools.benchmark_memory import fill_batch, peak_memory
 from tools.benchmark_report import machine, markdown
-from util.config import BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check, machine_memory, one_of, option
+from util.config import (BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check,
+                         machine_memory, one_of, option)
 from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
@@ -44,7 +45,8 @@ FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
 def some_of(choices, default, help, note=''):
     """A list option: some of `choices`, `default` unless given."""
     return option(factory=lambda: list(default), help=help,
-                  rule=((lambda v: set(v) <= set(choices)), f"choose from {' '.join(choices)}{note}"))
+                  rule=((lambda v: set(v) <= set(choices)),
+                        f"choose from {' '.join(choices)}{note}"))
 
 
 def own(most):
@@ -54,16 +56,21 @@ def own(most):
 
 @dataclass
 class BenchConfig:
-    device: str = option('auto', 'auto | cpu | cuda', one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    device: str = option('auto', 'auto | cpu | cuda',
+                         one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
     models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
     paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
                                ' (--compile true adds compile)')
-    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there', at_least(0, 'fill a GPU', BATCH))
-    memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; -1 = the timed one',
-                                    (lambda v: -1 <= v <= BATCH, f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
+    batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there',
+                             at_least(0, 'fill a GPU', BATCH))
+    memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; '
+                                        '-1 = the timed one',
+                                    (lambda v: -1 <= v <= BATCH,
+                                     f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
                          (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
-    img_size: int = option(224, rule=at_least(0, most=SIZE))   # 0: refused by checks(), with its patch
+    # 0: refused by checks(), with its patch
+    img_size: int = option(224, rule=at_least(0, most=SIZE))
     patch_size: int = option(16, rule=at_least(1, most=SIZE))
     depth: int = own(DEPTH)
     embed_dim: int = own(SIZE)
@@ -72,56 +79,77 @@ class BenchConfig:
     rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
     steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
     warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
-    distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)', FRACTION)
+    distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)',
+                                 FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
     methods: list[str] = some_of(METHODS, METHODS, 'a subset of train copy distill eval-*')
     compile: bool = option(False, 'also time the default training steps under torch.compile')
-    profile: list[str] = some_of(TRAINED, [], 'methods whose default step torch.profiler breaks down')
-    threads: int = option(0, "torch threads; 0 = torch's default", at_least(0, "torch's default", WORKERS))
-    saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case (one forward pass)')
-    timing: bool = option(True, 'false: only the saved bytes (no FLOPs, timings, peak memory, profiles)')
-    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak', at_least(1, most=2 ** 20))
+    profile: list[str] = some_of(TRAINED, [],
+                                 'methods whose default step torch.profiler breaks down')
+    threads: int = option(0, "torch threads; 0 = torch's default",
+                          at_least(0, "torch's default", WORKERS))
+    saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case '
+                                     '(one forward pass)')
+    timing: bool = option(True, 'false: only the saved bytes '
+                                '(no FLOPs, timings, peak memory, profiles)')
+    gemm_size: int = option(4096, 'square matmul that measures the GEMM peak',
+                            at_least(1, most=2 ** 20))
     quick: bool = option(False, 'tiny model, 2 steps, no warm-up: checks that everything runs')
     out_dir: str = option('runs/benchmark',
-                          'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 (results/: name it)')
+                          'GPU: runs/benchmark-<device>, e.g. runs/benchmark-h100 '
+                          '(results/: name it)')
 
     def checks(self):
-        return [('img_size', self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
+        return [('img_size',
+                 self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
                  f'must be a multiple of --patch-size {self.patch_size}'),
-                ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,   # its 3 fp32 matrices
+                # its 3 fp32 matrices
+                ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,
                  'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
 
 
 # each replaces what you left at its default; where both give one, --quick's (its steps are the
 # default, 2, so a quick run on a GPU takes the GPU's 3)
-QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8, depth=2,
-             rounds=1, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
-ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3, gemm_size=8192)
+QUICK = dict(models=['vit_tiny'], batch_size=4, memory_batch_size=4, img_size=32, patch_size=8,
+             depth=2, rounds=1, warmup=0, gemm_size=512, out_dir='runs/benchmark-quick')
+ON_GPU = dict(models=['vit_base', 'vit_large'], batch_size=0, memory_batch_size=-1, steps=3,
+              gemm_size=8192)
 PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # None: autocast off
 
 
 def configure(cfg):
-    """Apply --quick's and the GPU's defaults, and check every flag: one error line, before anything runs."""
+    """Apply --quick's and the GPU's defaults, and check every flag:
+    one error line, before anything runs."""
     gpu = cfg.device != 'cpu' and torch.cuda.is_available()
     if cfg.device == 'cuda' and not gpu:
-        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, or --device cpu')
+        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
+                          'or --device cpu')
     device = torch.device('cuda' if gpu else 'cpu')
-    on_gpu = dict(ON_GPU, out_dir=f'runs/benchmark-{device_slug(torch.cuda.get_device_name(device))}') if gpu else {}
-    changes, default = {**on_gpu, **(QUICK if cfg.quick else {})}, asdict(BenchConfig())
+    changes = {}
+    if gpu:
+        slug = device_slug(torch.cuda.get_device_name(device))
+        changes.update(ON_GPU, out_dir=f'runs/benchmark-{slug}')
+    if cfg.quick:
+        changes.update(QUICK)
+    default = asdict(BenchConfig())
     # checked with --quick's and the GPU's sizes: they may not fit the flags given beside them
     cfg = check(replace(cfg, **{k: v for k, v in changes.items() if getattr(cfg, k) == default[k]}))
     if cfg.batch_size == 0 and not gpu:
         raise ConfigError('--batch-size 0: give a positive batch (0 fills a GPU, on a GPU only)')
-    # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not after the timings
+    # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not
+    # after the timings
     check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
     return cfg, device
 
 
 def device_slug(name):
-    """'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla T4' -> 't4'; else the whole name (less NVIDIA), lower-case."""
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla T4' -> 't4';
+    else the whole name (less NVIDIA), lower-case."""
     name = name.replace('NVIDIA', '')
     m = re.search(r'\b([A-Z]+\d+[A-Z]?)\b', name)
-    return (m.group(1) if m else re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')).lower()
+    if m:
+        return m.group(1).lower()
+    return re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()
 
 # -----------------------------------------------------------------------------
 # Measurements
@@ -145,8 +173,11 @@ def seconds(run, calls, device):
 def gemm_peak(dtype, n, device):
     """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
     calls for ~50 ms."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    matmul = lambda: a @ b
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def matmul():
+        return a @ b
     matmul()             # the library's first call picks its kernel
     calls = max(1, round(0.05 / seconds(matmul, 1, device)))   # how many calls make one of ~50 ms
     return 2 * n ** 3 / min(seconds(matmul, calls, device) / calls for _ in range(5))
@@ -169,7 +200,9 @@ def profile(run, path, device):
     """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
     kernel's, on a GPU)."""
     gpu = device.type == 'cuda'
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if gpu:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         run()
         sync(device)
@@ -183,10 +216,12 @@ def profile(run, path, device):
 def measure(cfg, size, device, peak):
     """The rows of one model size: the bytes each case saves for backward, its cases timed
     together, then each one's peak memory alone."""
-    parts, todo = Parts(cfg, size, device), cases(cfg)
+    parts = Parts(cfg, size, device)
+    todo = cases(cfg)
     uncompiled = [c for c in todo if c[1] != 'compile']
     batch = cfg.batch_size or fill_batch(parts, uncompiled, cfg.fill, device)
-    rows = {(m, p): {'model': size, 'method': m, 'path': p, 'auto': p in (parts.auto, 'compile'), 'batch': batch}
+    rows = {(m, p): {'model': size, 'method': m, 'path': p, 'auto': p in (parts.auto, 'compile'),
+                     'batch': batch}
             for m, p in todo}
     if any(p == 'sdpa' or p == 'compile' and parts.auto == 'sdpa' for _, p in todo):
         rows[todo[0]]['kernels'] = parts.kernels(batch)   # which fused kernel each sdpa call gets
@@ -197,7 +232,8 @@ def measure(cfg, size, device, peak):
         rows[method, path].update(saved_mb=mb, saved_vs_train=train and mb / train)
     if not cfg.timing:
         return list(rows.values())
-    steps, flops = {c: parts.step(*c, batch) for c in todo}, {}
+    steps = {c: parts.step(*c, batch) for c in todo}
+    flops = {}
     for c in todo:   # FLOPs of one step, also its first; a compiled step's: auto's, uncompiled
         twin = (c[0], parts.auto) if c[1] == 'compile' else c
         try:
@@ -220,33 +256,43 @@ def measure(cfg, size, device, peak):
     mem_batch = batch if cfg.memory_batch_size < 0 else cfg.memory_batch_size
     for c, t in times.items():   # the cases that ran (not out of memory)
         method, path = c
-        row, f = rows[c], flops[c]
-        prec, step_s = PRECISION[autocast_dtype(path, amp_dtype('auto', device))], statistics.median(t)
+        row = rows[c]
+        f = flops[c]
+        prec = PRECISION[autocast_dtype(path, amp_dtype('auto', device))]
+        step_s = statistics.median(t)
         row.update(img_s=batch / step_s, step_s=step_s, step_times=t, flops=f,
                    precision=prec, peak_fraction=f / step_s / peak[prec] if prec in peak else None)
-        if mem_batch and method in TRAINED and path != 'compile' and \
-                (not cfg.quick or method == 'distill' and (row['auto'] or path == 'naive')):
+        # peak memory: the trained cases, uncompiled; --quick: distillation's default and naive paths
+        measured = mem_batch and method in TRAINED and path != 'compile'
+        if cfg.quick:
+            measured = measured and method == 'distill' and (row['auto'] or path == 'naive')
+        if measured:
             row.update(peak_memory(cfg, size, method, path, mem_batch, device))
     return list(rows.values())
 
 
 def main():
-    if not {'PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF'} & set(os.environ):   # read when CUDA starts, below
-        os.environ['PYTORCH_ALLOC_CONF'] = 'expandable_segments:True'   # less fragmentation at a batch that fills it
+    # read when CUDA starts, below: less fragmentation at a batch that fills the GPU
+    if not {'PYTORCH_ALLOC_CONF', 'PYTORCH_CUDA_ALLOC_CONF'} & set(os.environ):
+        os.environ['PYTORCH_ALLOC_CONF'] = 'expandable_segments:True'
     cfg, device = configure(parse_config(BenchConfig))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)   # profiles are written into it as they are made
     auto = amp_dtype('auto', device)
     dtypes = [None, auto] if auto else [None]   # fp32 (autocast off) and --amp auto's
-    peak = {PRECISION[dt]: gemm_peak(dt, cfg.gemm_size, device) for dt in dtypes} if cfg.timing else {}
+    peak = {}
+    if cfg.timing:
+        peak = {PRECISION[dt]: gemm_peak(dt, cfg.gemm_size, device) for dt in dtypes}
     rows = []
     for size in cfg.models:
         rows += measure(cfg, size, device, peak)
         print(f'{size}: measured', flush=True)
-    result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device), 'argv': ['benchmark.py', *sys.argv[1:]],
-              'gemm_peak': peak, 'rows': rows, 'batches': {r['model']: r['batch'] for r in rows}}
-    write_text(f'{cfg.out_dir}/benchmark.json', json.dumps(result, indent=1))   # each whole or not at all
+    result = {'config': asdict(cfg), 'machine': machine(device), 'device': str(device),
+              'argv': ['benchmark.py', *sys.argv[1:]], 'gemm_peak': peak, 'rows': rows,
+              'batches': {r['model']: r['batch'] for r in rows}}
+    # each whole or not at all
+    write_text(f'{cfg.out_dir}/benchmark.json', json.dumps(result, indent=1))
     md = markdown(result)
     write_text(f'{cfg.out_dir}/BENCHMARK.md', md)
     print(md)

@@ -23,7 +23,8 @@ from einops import rearrange
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import CUDA_LSE, DistillConfig, distill_loss_fn, first_that_runs
 from teacher import cast_matmul_weights
-from tools.naive import DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_loss, naive_distill_loss, set_drop_path
+from tools.naive import (DROP_PATH, SMOOTHING, naive_copy_forward, naive_copy_loss,
+                         naive_distill_loss, set_drop_path)
 from util.config import TrainConfig
 from util.attention_check import sdpa_backend
 from util.engine import autocast, build_optimizer, soft_cross_entropy
@@ -31,11 +32,13 @@ from util.launch import amp_dtype, attn_implementation
 from vit import VisionTransformer, model_arch, set_attn_implementation
 
 TRAINED = ('train', 'copy', 'distill')   # train: scratch or fine-tuning
-METHODS = (*TRAINED, 'eval-distill', 'eval-copy')   # the distilled student alone, the copy student with its teacher
+# evaluation: the distilled student alone, the copy student with its teacher
+METHODS = (*TRAINED, 'eval-distill', 'eval-copy')
 PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
          'sdpa': 'fused attention, no (N, N) map stored (--attn-implementation sdpa)',
-         'naive': "the authors' release: fp32, explicit attention, full-depth teacher with drop-path, all maps "
-                  "kept, autograd loss, q/k computed in copy students, AdamW with torch's defaults",
+         'naive': "the authors' release: fp32, explicit attention, full-depth teacher with "
+                  "drop-path, all maps kept, autograd loss, q/k computed in copy students, "
+                  "AdamW with torch's defaults",
          'naive-bf16': 'naive under bf16 autocast',
          'compile': "--attn-implementation auto's pick under torch.compile"}
 
@@ -51,7 +54,11 @@ def cases(cfg):
 def autocast_dtype(path, auto):
     """A path's autocast dtype (None: fp32): off on naive, bf16 on naive-bf16, else `auto`
     (--amp auto's)."""
-    return None if path == 'naive' else torch.bfloat16 if path == 'naive-bf16' else auto
+    if path == 'naive':
+        return None
+    if path == 'naive-bf16':
+        return torch.bfloat16
+    return auto
 
 # -----------------------------------------------------------------------------
 # One model size: its models and optimisers, built once and shared by its cases
@@ -61,13 +68,23 @@ class Parts:
     """The cases' models, optimisers and batches, each built when a case first needs it."""
 
     def __init__(self, cfg, size, device):
-        self.cfg, self.device, self.dtype = cfg, device, amp_dtype('auto', device)
-        self.auto = attn_implementation('auto', device)[0]   # the implementation auto picks on this device
+        self.cfg = cfg
+        self.device = device
+        self.dtype = amp_dtype('auto', device)
+        # the implementation auto picks on this device
+        self.auto = attn_implementation('auto', device)[0]
         sizes = 'img_size patch_size num_classes depth embed_dim num_heads'.split()
-        self.arch = model_arch(size, global_pool=True, **{k: getattr(cfg, k) or None for k in sizes})   # 0: its own
-        first = lambda frac: list(range(max(1, round(frac * self.arch['depth']))))   # the first frac of the layers
-        self.copied, self.distilled = first(cfg.copy_frac), first(cfg.distill_frac)
-        self.batches, self.optimizers = {}, {}
+        # 0: the size's own
+        self.arch = model_arch(size, global_pool=True,
+                               **{k: getattr(cfg, k) or None for k in sizes})
+        self.copied = self.first_layers(cfg.copy_frac)
+        self.distilled = self.first_layers(cfg.distill_frac)
+        self.batches = {}
+        self.optimizers = {}
+
+    def first_layers(self, frac):
+        """The first frac of the layers, at least one."""
+        return list(range(max(1, round(frac * self.arch['depth']))))
 
     def model(self, **kw):
         torch.manual_seed(0)
@@ -82,7 +99,8 @@ class Parts:
         return self.frozen()
 
     @cached_property
-    def fast_teacher(self):       # as load_teacher gives it: matmul weights stored in the autocast dtype
+    # as load_teacher gives it: matmul weights stored in the autocast dtype
+    def fast_teacher(self):
         return cast_matmul_weights(self.frozen(), self.dtype) if self.dtype else self.frozen()
 
     @cached_property
@@ -108,8 +126,10 @@ class Parts:
         first of attention_distill.CUDA_LSE that takes them)."""
         tokens = (self.arch['img_size'] // self.arch['patch_size']) ** 2 + 1
         with self.device:
-            qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'], dtype=self.dtype or torch.float32)
-        q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads']).unbind(0)
+            qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'],
+                              dtype=self.dtype or torch.float32)
+        qkv = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads'])
+        q, k, v = qkv.unbind(0)
         lse = first_that_runs(CUDA_LSE, q, k, v)[0] if q.is_cuda else "the CPU's flash"
         return {'sdpa': sdpa_backend(q, k, v), 'lse': lse}
 
@@ -118,26 +138,46 @@ class Parts:
         the shared models first set to the path's attention implementation and to the method's
         mode: a training step's loss (train mode, the method's drop-path), or an evaluation's
         logits (eval mode, no autograd)."""
-        naive, training, copy = path.startswith('naive'), method in TRAINED, method.endswith('copy')
+        naive = path.startswith('naive')
+        training = method in TRAINED
+        copy = method.endswith('copy')
         student = self.copy_student if copy and not naive else self.student
         teacher = self.teacher if naive else self.fast_teacher
         env = Namespace(device=self.device, dtype=autocast_dtype(path, self.dtype))
-        impl = 'eager' if naive else self.auto if path == 'compile' else path
+        if naive:
+            impl = 'eager'
+        elif path == 'compile':
+            impl = self.auto
+        else:
+            impl = path
         layers = self.copied if copy else self.distilled
-        net, (x, y) = torch.compile(student) if path == 'compile' else student, self.inputs(batch)
+        net = torch.compile(student) if path == 'compile' else student
+        x, y = self.inputs(batch)
         if method == 'train':
             output = lambda: soft_cross_entropy(net(x), y, SMOOTHING)   # noqa: E731
         elif method == 'eval-distill':
             output = partial(net, x)
+        elif method == 'eval-copy' and naive:
+            output = partial(naive_copy_forward, teacher, net, x, layers)
         elif method == 'eval-copy':
-            output = partial(naive_copy_forward, teacher, net, x, layers) if naive else \
-                partial(CopyModel(teacher, net, layers), x)
+            output = partial(CopyModel(teacher, net, layers), x)
         else:
-            loss_fn = (naive_copy_loss if copy else naive_distill_loss)(teacher, layers) if naive else \
-                copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None) if copy else \
-                distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
+            if naive and copy:
+                loss_fn = naive_copy_loss(teacher, layers)
+            elif naive:
+                loss_fn = naive_distill_loss(teacher, layers)
+            elif copy:
+                loss_fn = copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
+            else:
+                loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None,
+                                          impl)
             output = lambda: loss_fn(net, x, y)[0]   # noqa: E731
-        grad_mode = torch.enable_grad if training else torch.no_grad if naive else torch.inference_mode
+        if training:
+            grad_mode = torch.enable_grad
+        elif naive:
+            grad_mode = torch.no_grad
+        else:
+            grad_mode = torch.inference_mode
 
         def run():
             set_attn_implementation(teacher, impl)
@@ -180,11 +220,13 @@ class Parts:
         def pack(t):
             # detached, as returning an output itself would tie it to its own grad_fn: a cycle that outlives the
             # loss (on a GPU, every case's activations stayed allocated); weakly referenced: gone, not held
-            held, storage = t.detach(), t.untyped_storage()
+            held = t.detach()
+            storage = t.untyped_storage()
             packed.append((weakref.ref(held), storage.data_ptr(), storage.nbytes(), tuple(t.shape)))
             return held
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = forward()
         kept = [(ptr, nbytes, shape) for ref, ptr, nbytes, shape in packed if ref() is not None]
         del loss   # the loss and its graph go
-        return sum({ptr: nbytes for ptr, nbytes, _ in kept if ptr not in params}.values()), [s for *_, s in kept]
+        storages = {ptr: nbytes for ptr, nbytes, _ in kept if ptr not in params}   # each once
+        return sum(storages.values()), [shape for *_, shape in kept]

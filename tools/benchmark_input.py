@@ -63,7 +63,9 @@ class PerImage(Dataset):
     they are held: each image (grey repeated to 3 channels) through build_transform's transforms."""
 
     def __init__(self, held, transform):
-        self.images, self.labels, self.transform = held.images, held.labels, transform
+        self.images = held.images
+        self.labels = held.labels
+        self.transform = transform
 
     def __len__(self):
         return len(self.labels)

@@ -12,7 +12,8 @@ from tools.benchmark_cases import Parts
 
 
 def proc_mb(field):
-    """VmRSS (now) or VmHWM (peak) of this process; getrusage's ru_maxrss would count the parent's."""
+    """VmRSS (now) or VmHWM (peak) of this process;
+    getrusage's ru_maxrss would count the parent's."""
     with open('/proc/self/status') as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 10
 
@@ -58,7 +59,9 @@ def largest_batch(peak_at, budget, step=8):
     grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
     overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
     low = peak_at(step)
-    fits, over, batch = step, MAX_BATCH + step, 2 * step
+    fits = step                  # the largest batch that fitted
+    over = MAX_BATCH + step      # the smallest that did not
+    batch = 2 * step
     for _ in range(8):
         if low > budget or fits + step >= over:
             break
@@ -67,8 +70,10 @@ def largest_batch(peak_at, budget, step=8):
             fits = batch
         else:
             over = batch
-        line = step + (budget - low) / max((peak - low) / (batch - step), 1) if peak < float('inf') else \
-            (fits + over) / 2
+        if peak < float('inf'):   # where the line through the two peaks meets the budget
+            line = step + (budget - low) / max((peak - low) / (batch - step), 1)
+        else:
+            line = (fits + over) / 2
         batch = min(max(int(line) // step * step, fits + step), over - step)
     return fits
 
@@ -81,7 +86,8 @@ def fill_batch(parts, todo, fill, device):
         try:
             for run in runs:
                 run()
-            torch.cuda.reset_peak_memory_stats(device)   # the second steps' peak: the fullest case's
+            # the second steps' peak: the fullest case's
+            torch.cuda.reset_peak_memory_stats(device)
             for run in runs:
                 run()
             torch.cuda.synchronize(device)

@@ -85,7 +85,10 @@ class Gram:
     mean (CKA is blind to a shift): a large mean would cancel digits in Z^T Z - (sum z)(sum z)^T / n."""
 
     def __init__(self):
-        self.n, self.shift, self.sum, self.cross = 0, None, 0.0, 0.0
+        self.n = 0
+        self.shift = None
+        self.sum = 0.0
+        self.cross = 0.0
 
     def add(self, z):
         z = z.double()                                                # (n, W)
@@ -115,10 +118,12 @@ def keeper(outputs, key):
 def one_pass(models, vits, loader, blocks, device):
     """({kind: [block][i][j] the CKA of models i and j}, {classifier: top-1}) in one pass: the
     outputs of the blocks of `vits` (a copy student's own) while `models` run on each batch."""
-    outputs, grams = {}, {(kind, i): Gram() for kind in KINDS for i in blocks}
+    outputs = {}
+    grams = {(kind, i): Gram() for kind in KINDS for i in blocks}
     hooks = [vit.blocks[i].register_forward_hook(keeper(outputs, (k, i)))
              for k, vit in vits.items() for i in blocks]
-    logits, labels = {k: [] for k, vit in vits.items() if vit.num_classes}, []
+    logits = {k: [] for k, vit in vits.items() if vit.num_classes}
+    labels = []
     for x, y in loader:
         for k, model in models.items():
             out = model(x.to(device))                                 # (B, C); teacher: features
@@ -186,22 +191,33 @@ def analyse(cfg, device):
     images = Subset(test_set, range(cfg.images or len(test_set)))    # the first: the same every run
     cka, top1 = one_pass(models, vits, DataLoader(images, cfg.batch_size), blocks, device)
     at = {k: i for i, k in enumerate(models)}
-    value = lambda kind, a, b: [c[at[a]][at[b]] for c in cka[kind]]   # per block
+
+    def value(kind, a, b):   # per block: the CKA of models a and b
+        return [c[at[a]][at[b]] for c in cka[kind]]
+    pairs_cka = []
+    for a, b in combinations(models, 2):
+        pairs_cka.append({'a': a, 'b': b, **{kind: value(kind, a, b) for kind in KINDS}})
+    group_cka = []
+    for a, b, pairs in groups(list(models)):
+        group = {'a': a, 'b': b, 'pairs': [list(p) for p in pairs]}
+        for kind in KINDS:
+            per_pair = [value(kind, *p) for p in pairs]                  # [pair][block]
+            group[kind] = [spread(block) for block in zip(*per_pair)]    # per block, over the pairs
+        group_cka.append(group)
     return {
         'images': len(images), 'data': data, 'blocks': blocks, 'teacher': 'teacher',
         'models': {k: {'method': method_seed(k)[0], 'seed': method_seed(k)[1], 'top1': top1.get(k)}
                    for k in models},
-        'cka': [{'a': a, 'b': b, **{kind: value(kind, a, b) for kind in KINDS}}
-                for a, b in combinations(models, 2)],
-        'groups': [{'a': a, 'b': b, 'pairs': [list(p) for p in pairs],
-                    **{kind: [spread(v) for v in zip(*(value(kind, *p) for p in pairs))]
-                       for kind in KINDS}}
-                   for a, b, pairs in groups(list(models))]}
+        'cka': pairs_cka,
+        'groups': group_cka}
 
 
 def tables(r):
     """TABLE.md: top-1 per method and seed, each group's CKA per block; cells 'mean ±std'."""
-    pm = lambda s: f"{s['mean']:.2f}" + (f" ±{s['std']:.2f}" if s['std'] else '')
+    def pm(s):   # 'mean ±std'; no spread (one value): the mean alone
+        if s['std']:
+            return f"{s['mean']:.2f} ±{s['std']:.2f}"
+        return f"{s['mean']:.2f}"
     top1 = {}
     for m in r['models'].values():
         if m['top1'] is not None:
@@ -214,7 +230,9 @@ def tables(r):
     for k, v in top1.items():
         cells = ' | '.join(f'{t:.2f}' for t in v) + ' |' * (seeds - len(v))   # fewer seeds: blank
         out.append(f'| {k} | {cells} | {pm(spread(v))} |')
-    teacher_first = lambda g: (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b'])
+    # the teacher's groups first; then a method with itself before two methods
+    def teacher_first(g):
+        return (r['teacher'] not in (g['a'], g['b']), g['a'] != g['b'])
     for kind, title in KINDS.items():
         out += ['', f'## Linear CKA, {title}', '',
                 f"| linear CKA | pairs | {' | '.join(f'block {i}' for i in r['blocks'])} |",

@@ -18,7 +18,8 @@ SMOOTHING = 0.1
 
 
 def eager_maps(model, x, layers):
-    """(model(x), {layer: its attention logits}): model run eager, the map of each of `layers` written out and kept."""
+    """(model(x), {layer: its attention logits}): model run eager,
+    the map of each of `layers` written out and kept."""
     out, kept = set_attn_implementation(model, 'eager')(x, keep={i: ('logits',) for i in layers})
     return out, {i: kept[i]['logits'] for i in layers}
 
@@ -30,7 +31,8 @@ def teacher_maps(teacher, x, layers, drop_path):
 
 
 def naive_distill_loss(teacher, layers, weight=3.0, drop_path=DROP_PATH['distill']):
-    """All the teacher's maps, then all the student's (kept), compared by autograd's cross-entropy."""
+    """All the teacher's maps, then all the student's (kept),
+    compared by autograd's cross-entropy."""
     def loss_fn(net, x, y):
         target = teacher_maps(teacher, x, layers, drop_path)
         logits, maps = eager_maps(net, x, layers)
@@ -41,7 +43,8 @@ def naive_distill_loss(teacher, layers, weight=3.0, drop_path=DROP_PATH['distill
 
 
 def naive_copy_forward(teacher, student, x, layers):
-    """Listing every head makes the student compute its own q, k and softmax, then overwrite them."""
+    """Listing every head makes the student compute its own q, k and softmax,
+    then overwrite them."""
     heads = list(range(student.num_heads))
     maps = teacher_maps(teacher, x, layers, DROP_PATH['copy'])
     return set_attn_implementation(student, 'eager')(

@@ -34,5 +34,6 @@ def png(fig, **savefig):
     full = io.BytesIO()
     fig.savefig(full, format='png', facecolor='white', **savefig)
     small = io.BytesIO()
-    Image.open(full).convert('RGB').quantize(256, Image.Quantize.MEDIANCUT).save(small, 'PNG', optimize=True)
+    quantized = Image.open(full).convert('RGB').quantize(256, Image.Quantize.MEDIANCUT)
+    quantized.save(small, 'PNG', optimize=True)
     return small.getvalue()

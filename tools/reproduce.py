@@ -32,8 +32,8 @@ import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, DataError, at_least, one_of, option,
-                         optional)
+from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, DataError, at_least,
+                         one_of, option, optional)
 from util.files import DamagedFile, cpu_name, git_commit, read_json, sha256_of, write_json
 from util.launch import parse_config, run_main, without_help
 
@@ -43,44 +43,58 @@ from util.launch import parse_config, run_main, without_help
 
 @dataclass
 class ReproduceConfig:
-    data: str = option('fashion-mnist', "fashion-mnist | cifar10 | cifar100 | fake: every script's --data",
-                       (lambda v: v in PRESETS, "reproduce.py runs fashion-mnist, cifar10, cifar100, fake (ImageNet: "
-                                                "the scripts' recipes)"))
+    data: str = option('fashion-mnist', 'fashion-mnist | cifar10 | cifar100 | fake: '
+                                        "every script's --data",
+                       (lambda v: v in PRESETS,
+                        'reproduce.py runs fashion-mnist, cifar10, cifar100, fake '
+                        "(ImageNet: the scripts' recipes)"))
     data_dir: str = './data'
-    seeds: list[int] = option(factory=lambda: [0, 1, 2], rule=(lambda v: len(set(v)) == len(v) and 0 <= min(v) <= max(v) < 2 ** 63,
-                                                              'each seed once, in [0, 2**63)'))
-    teacher: str = option('', 'a checkpoint file or name; empty = pre-train one (stage mae); the fashion-mnist preset: '
-                          'the shipped teacher (teachers/README.md)')
-    quick: bool = option(False, '1 seed, a 1-epoch schedule cut after 160 steps of 64 a stage: checks the pipeline, is '
-                         'not a result')
-    val_size: int = option(0, 'every stage evaluates on this many held-out training images, not on test: the split to '
-                           'choose a budget on; dirs get a -val suffix', at_least(0, 'the test split', STEPS))
+    seeds: list[int] = option(factory=lambda: [0, 1, 2],
+                              rule=(lambda v: (len(set(v)) == len(v)
+                                               and 0 <= min(v) <= max(v) < 2 ** 63),
+                                    'each seed once, in [0, 2**63)'))
+    teacher: str = option('', 'a checkpoint file or name; empty = pre-train one (stage mae); '
+                          'the fashion-mnist preset: the shipped teacher (teachers/README.md)')
+    quick: bool = option(False, '1 seed, a 1-epoch schedule cut after 160 steps of 64 a stage: '
+                         'checks the pipeline, is not a result')
+    val_size: int = option(0, 'every stage evaluates on this many held-out training images, '
+                           'not on test: the split to choose a budget on; dirs get a -val suffix',
+                           at_least(0, 'the test split', STEPS))
     out_dir: str = option('', 'run directories; empty = runs/reproduce/<data>[-quick][-val]')
-    results_dir: str = option('', 'results.json, results.png, TABLE.md, logs/; empty = <out_dir>/results. The '
-                              'committed ones are refreshed only when named: results/<data>[-quick]')
-    replace_results: bool = option(False, "--results-dir may hold another reproduction's results (other data, preset "
-                                   'or teacher): replace them; without it they are refused, never mixed')
-    mae_epochs: int = option(10, "every stage warms up for a tenth of its epochs, as the scripts' presets do",
+    results_dir: str = option('', 'results.json, results.png, TABLE.md, logs/; '
+                              'empty = <out_dir>/results. The committed ones are refreshed only '
+                              'when named: results/<data>[-quick]')
+    replace_results: bool = option(False, "--results-dir may hold another reproduction's results "
+                                   '(other data, preset or teacher): replace them; '
+                                   'without it they are refused, never mixed')
+    mae_epochs: int = option(10, 'every stage warms up for a tenth of its epochs, '
+                                 "as the scripts' presets do",
                              at_least(1, most=EPOCHS))
     epochs: int = option(2, 'each of scratch, finetune, copy, distill', at_least(1, most=EPOCHS))
-    blr: float = option(0.0, "base lr of scratch, finetune, copy and distill; 0 = each script's preset",
+    blr: float = option(0.0, 'base lr of scratch, finetune, copy and distill; '
+                             "0 = each script's preset",
                         at_least(0, "each script's own"))
-    batch_size: int = option(0, "batch of scratch, finetune, copy and distill; 0 = each script's preset",
+    batch_size: int = option(0, 'batch of scratch, finetune, copy and distill; '
+                                "0 = each script's preset",
                              at_least(0, "each script's own", BATCH))
-    max_steps: int = option(0, 'cut every stage short after this many steps, its schedule still the whole --epochs one '
-                            "(the scripts' --max-steps); 0 = the whole schedule", at_least(0, 'the whole schedule', STEPS))
-    num_workers: typing.Optional[int] = option(None, "None = each script's preset", optional(at_least(0, most=WORKERS)))
-    jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each (OMP_NUM_THREADS, '
-                       'unless you set it)', at_least(1, most=WORKERS))
-    amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | bf16 | fp16 | off (off: "
-                      'fp32, what a CPU without bf16 runs)', one_of(AMP))
+    max_steps: int = option(0, 'cut every stage short after this many steps, '
+                               'its schedule still the whole --epochs one '
+                               "(the scripts' --max-steps); 0 = the whole schedule",
+                            at_least(0, 'the whole schedule', STEPS))
+    num_workers: typing.Optional[int] = option(None, "None = each script's preset",
+                                               optional(at_least(0, most=WORKERS)))
+    jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each '
+                       '(OMP_NUM_THREADS, unless you set it)', at_least(1, most=WORKERS))
+    amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | "
+                      'bf16 | fp16 | off (off: fp32, what a CPU without bf16 runs)', one_of(AMP))
     fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
 
 
 # Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"); cifar's
 # is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
 PRESETS = {
-    'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3, blr=4e-3, jobs=2),
+    'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3,
+                          blr=4e-3, jobs=2),
     'cifar10': dict(mae_epochs=50, epochs=20),
     'cifar100': dict(mae_epochs=50, epochs=20),
     'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
@@ -93,56 +107,77 @@ def parse(argv=None):
     cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv), checked=False)
     if not cfg.quick:
         return parse_config(ReproduceConfig, PRESETS, argv)
-    return parse_config(ReproduceConfig, {k: {**v, **QUICK} for k, v in PRESETS.items()}, argv,
-                        'preset of --data {} with --quick true')
+    quick = {k: {**v, **QUICK} for k, v in PRESETS.items()}
+    return parse_config(ReproduceConfig, quick, argv, 'preset of --data {} with --quick true')
 
 # -----------------------------------------------------------------------------
 # The plan: every stage's command line, before any runs
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the scripts
+# the repository: the scripts
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {'mae': 'mae_pretrain.py', 'scratch': 'finetune.py', 'finetune': 'finetune.py',
-           'copy': 'attention_copy.py', 'distill': 'attention_distill.py', 'ensemble': 'ensemble.py'}
-ORDER = ['distill', 'copy', 'scratch', 'finetune']   # the longest first: the last to run, maybe alone, are short
+           'copy': 'attention_copy.py', 'distill': 'attention_distill.py',
+           'ensemble': 'ensemble.py'}
+# the longest first: the last to run, maybe alone, are short
+ORDER = ['distill', 'copy', 'scratch', 'finetune']
 USES_TEACHER = ('finetune', 'copy', 'distill')
 
 
 def run_dir(root, stage, seed):
-    return os.path.join(root, 'mae') if stage == 'mae' else os.path.join(root, stage, f'seed{seed}')
+    if stage == 'mae':
+        return os.path.join(root, 'mae')
+    return os.path.join(root, stage, f'seed{seed}')
 
 
 def command(cfg, stage, seed, root, teacher):
     """[python, script, flags]: the script's own --data preset, then this reproduction's budget."""
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
-    args += ['--fake-size', cfg.fake_size] if cfg.data == 'fake' else []
-    args += ['--num-workers', cfg.num_workers] if cfg.num_workers is not None else []
-    args += ['--val-size', cfg.val_size] if cfg.val_size else []
-    args += ['--amp', cfg.amp] if cfg.amp != 'auto' else []     # auto: the scripts' own default, left unsaid
+    if cfg.data == 'fake':
+        args += ['--fake-size', cfg.fake_size]
+    if cfg.num_workers is not None:
+        args += ['--num-workers', cfg.num_workers]
+    if cfg.val_size:
+        args += ['--val-size', cfg.val_size]
+    if cfg.amp != 'auto':   # auto: the scripts' own default, left unsaid
+        args += ['--amp', cfg.amp]
     if stage == 'ensemble':   # its result is the stage's own, made anew whatever the file holds
-        models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt') for s in ('finetune', 'distill')]
-        args += ['--models', *models, '--out', os.path.join(run_dir(root, stage, seed), 'ensemble.json'),
-                 '--overwrite', 'true']
+        models = [os.path.join(run_dir(root, s, seed), 'checkpoint.pt')
+                  for s in ('finetune', 'distill')]
+        out = os.path.join(run_dir(root, stage, seed), 'ensemble.json')
+        args += ['--models', *models, '--out', out, '--overwrite', 'true']
     else:
         epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
-        args += ['--out-dir', run_dir(root, stage, seed), '--epochs', epochs, '--warmup-epochs', epochs / 10,
-                 '--max-steps', cfg.max_steps]
-        args += ['--blr', cfg.blr] if cfg.blr and stage != 'mae' else []
-        args += ['--batch-size', cfg.batch_size] if cfg.batch_size and stage != 'mae' else []
+        args += ['--out-dir', run_dir(root, stage, seed), '--epochs', epochs,
+                 '--warmup-epochs', epochs / 10, '--max-steps', cfg.max_steps]
+        if cfg.blr and stage != 'mae':
+            args += ['--blr', cfg.blr]
+        if cfg.batch_size and stage != 'mae':
+            args += ['--batch-size', cfg.batch_size]
         # the MAE encoder normalises every token: no global pooling, whatever the preset says
-        args += {'mae': ['--global-pool', 'false'], 'finetune': ['--init', teacher], 'copy': ['--teacher', teacher],
-                 'distill': ['--teacher', teacher]}.get(stage, [])
+        if stage == 'mae':
+            args += ['--global-pool', 'false']
+        elif stage == 'finetune':
+            args += ['--init', teacher]
+        elif stage in ('copy', 'distill'):
+            args += ['--teacher', teacher]
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
 def plan(cfg, root, teacher):
-    """[((stage, seed), command line)] in the order they start: the teacher, every seed's training stages, ensembles."""
-    stages = [('mae', 0)] * (not cfg.teacher) + [(s, k) for s in ORDER for k in cfg.seeds]
+    """[((stage, seed), command line)] in the order they start:
+    the teacher, every seed's training stages, ensembles."""
+    stages = []
+    if not cfg.teacher:
+        stages.append(('mae', 0))
+    stages += [(s, k) for s in ORDER for k in cfg.seeds]
     stages += [('ensemble', k) for k in cfg.seeds]
     return [((s, k), command(cfg, s, k, root, teacher)) for s, k in stages]
 
 
-CONFIGS = {'mae_pretrain.py': 'MAEConfig', 'finetune.py': 'FinetuneConfig', 'attention_copy.py': 'CopyConfig',
-           'attention_distill.py': 'DistillConfig', 'ensemble.py': 'EnsembleConfig'}
+CONFIGS = {'mae_pretrain.py': 'MAEConfig', 'finetune.py': 'FinetuneConfig',
+           'attention_copy.py': 'CopyConfig', 'attention_distill.py': 'DistillConfig',
+           'ensemble.py': 'EnsembleConfig'}
 
 
 def preflight(steps, teacher):
@@ -151,7 +186,8 @@ def preflight(steps, teacher):
     (--init of finetune, --teacher of copy and distill). A refusal names the stage, and nothing has run."""
     for (stage, seed), argv in steps:
         script = os.path.basename(argv[1])
-        if script not in CONFIGS:   # not one of the scripts (a test's stand-in): its own run says what it refuses
+        # not one of the scripts (a test's stand-in): its own run says what it refuses
+        if script not in CONFIGS:
             continue
         module = importlib.import_module(script[:-3])
         try:
@@ -159,16 +195,21 @@ def preflight(steps, teacher):
             cfg = parse_config(getattr(module, CONFIGS[script]), presets, argv[2:])
             if stage in USES_TEACHER and os.path.exists(teacher):
                 cfg.resolve()
-        except (SystemExit, ConfigError, CheckpointError, DataError) as e:   # SystemExit: a flag that does not parse
+        # SystemExit: a flag that does not parse
+        except (SystemExit, ConfigError, CheckpointError, DataError) as e:
             raise ConfigError(f'stage {tag(stage, seed)}: {e}') from None
 
 
 def read_done(d, stage):
-    """A finished stage's done.json, with what the report reads (and a training stage's metrics.jsonl)."""
-    fix = 'delete it and run the same command again: ' + ('the stage runs again' if stage == 'ensemble' else
-                                                          'the stage is finished from its checkpoint')
+    """A finished stage's done.json, with what the report reads
+    (and a training stage's metrics.jsonl)."""
+    if stage == 'ensemble':
+        fix = 'delete it and run the same command again: the stage runs again'
+    else:
+        fix = 'delete it and run the same command again: the stage is finished from its checkpoint'
     path = os.path.join(d, 'done.json')
-    done = read_json(path, fix, {'stage': str, 'seed': int, 'command': list, 'wall_s': (int, float), 'metrics': dict})
+    done = read_json(path, fix, {'stage': str, 'seed': int, 'command': list, 'wall_s': (int, float),
+                                 'metrics': dict})
     final = 'mse' if stage == 'mae' else 'top1'
     if not isinstance(done['metrics'].get(final), (int, float)):
         raise DamagedFile(f'{path} has no final {final} in its metrics: {fix}')
@@ -181,7 +222,8 @@ def read_done(d, stage):
 
 
 def stage_env(cfg):
-    """With --jobs above 1, each stage's share of the CPU threads, unless OMP_NUM_THREADS is set already."""
+    """With --jobs above 1, each stage's share of the CPU threads,
+    unless OMP_NUM_THREADS is set already."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
     if cfg.jobs > 1 and 'OMP_NUM_THREADS' not in env:
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
@@ -196,15 +238,20 @@ def run_stage(key, argv, root, env, record, failed):
     """Run one stage unless a stage has failed; returns its done.json record, or None if it did not run. `failed`
     collects the failures, and holds the running stages' processes (a SIGTERM stops them)."""
     stage, seed = key
-    d, name = run_dir(root, *key), tag(*key)
+    d = run_dir(root, *key)
+    name = tag(*key)
     resumed = stage != 'ensemble' and os.path.exists(os.path.join(d, 'checkpoint.pt'))
-    argv = argv + ['--resume', 'true'] * resumed
+    if resumed:
+        argv = argv + ['--resume', 'true']
     if failed:
         return None
     # each line in one write (print writes its end apart): stages side by side never run two lines into one
-    print(f"== {name}: {'resuming' if resumed else 'running'} {shlex.join(argv[1:])}\n", end='', flush=True)
-    start, last = time.time(), ''
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+    doing = 'resuming' if resumed else 'running'
+    print(f'== {name}: {doing} {shlex.join(argv[1:])}\n', end='', flush=True)
+    start = time.time()
+    last = ''
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as p:
         failed.processes.append(p)
         for line in p.stdout:
             print(f'   {name} | {line.rstrip()}\n', end='', flush=True)
@@ -213,9 +260,11 @@ def run_stage(key, argv, root, env, record, failed):
         failed.append(f'{name} failed (exit {p.returncode}): {last} | run directory {d}')
         return None
     if stage == 'ensemble':
-        r = read_json(os.path.join(d, 'ensemble.json'), 'run the same command again (the ensemble stage makes it '
-                      'anew)', {'ensemble': dict, 'disagreement': list, 'models': list})
-        metrics = {**r['ensemble'], 'disagreement': r['disagreement'][0]['rate'], 'models': r['models']}
+        r = read_json(os.path.join(d, 'ensemble.json'),
+                      'run the same command again (the ensemble stage makes it anew)',
+                      {'ensemble': dict, 'disagreement': list, 'models': list})
+        metrics = {**r['ensemble'], 'disagreement': r['disagreement'][0]['rate'],
+                   'models': r['models']}
     else:
         metrics = records(d)[-1]
     done = {'stage': stage, 'seed': seed, 'command': argv, 'resumed': resumed, 'started': start,
@@ -225,7 +274,8 @@ def run_stage(key, argv, root, env, record, failed):
 
 
 class Failures(list):
-    """The stages that failed, and the processes of those started: SIGTERM stops them too, then this one, in a line."""
+    """The stages that failed, and the processes of those started:
+    SIGTERM stops them too, then this one, in a line."""
     def __init__(self):
         super().__init__()
         self.processes = []
@@ -233,15 +283,19 @@ class Failures(list):
     def stop(self, *_):
         for p in self.processes:
             p.terminate()
-        sys.exit('error: stopped (SIGTERM), and the running stages with it: run the same command again to continue')
+        sys.exit('error: stopped (SIGTERM), and the running stages with it: '
+                 'run the same command again to continue')
 
 
 def run_side_by_side(steps, jobs, root, env, record, failed):
-    """{key: done.json record} of the steps that ran, `jobs` at a time; a failed one starts no other."""
+    """{key: done.json record} of the steps that ran, `jobs` at a time;
+    a failed one starts no other."""
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {key: pool.submit(run_stage, key, argv, root, env, record, failed) for key, argv in steps}
+        futures = {key: pool.submit(run_stage, key, argv, root, env, record, failed)
+                   for key, argv in steps}
     if failed:
-        sys.exit(f"error: {'; '.join(failed)}; fix the cause and run the same command again to continue")
+        sys.exit(f"error: {'; '.join(failed)}; fix the cause and run the same command again "
+                 f"to continue")
     return {key: f.result() for key, f in futures.items()}
 
 # -----------------------------------------------------------------------------
@@ -250,49 +304,64 @@ def run_side_by_side(steps, jobs, root, env, record, failed):
 
 def main():
     cfg = parse()
-    name = cfg.data + '-quick' * cfg.quick + '-val' * bool(cfg.val_size)
+    name = cfg.data
+    if cfg.quick:
+        name += '-quick'
+    if cfg.val_size:
+        name += '-val'
     root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
     results_dir = cfg.results_dir or os.path.join(root, 'results')
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
     steps = plan(cfg, root, teacher)
     # what can be refused, before any stage runs: the finished stages' records, where the results go, the teacher
     digest = sha256_of(teacher)
-    done = {key: read_done(run_dir(root, *key), key[0]) for key, _ in steps
-            if os.path.exists(os.path.join(run_dir(root, *key), 'done.json'))}
+    done = {}
+    for key, _ in steps:
+        if os.path.exists(os.path.join(run_dir(root, *key), 'done.json')):
+            done[key] = read_done(run_dir(root, *key), key[0])
     for (stage, seed), r in done.items():
         if stage in USES_TEACHER and r.get('teacher_sha256') != digest:
             raise ConfigError(f"{run_dir(root, stage, seed)} was made from a teacher of sha256 "
-                              f"{str(r.get('teacher_sha256'))[:16]}..., not from {teacher} ({str(digest)[:16]}...): "
-                              f'put that file back, or choose another --out-dir to run every stage from this one')
+                              f"{str(r.get('teacher_sha256'))[:16]}..., "
+                              f"not from {teacher} ({str(digest)[:16]}...): put that file back, "
+                              f"or choose another --out-dir to run every stage from this one")
     check_results_dir(results_dir, cfg, digest)
-    if cfg.teacher:
-        build_from_checkpoint(cfg.teacher, num_classes=0)   # a missing file, not a ViT, a copy student: refused
+    if cfg.teacher:   # a missing file, not a ViT, a copy student: refused
+        build_from_checkpoint(cfg.teacher, num_classes=0)
     todo = [(key, argv) for key, argv in steps if key not in done]
     preflight(todo, teacher)
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     env = stage_env(cfg)
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
             'git_commit': git_commit() or 'unknown',
-            'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}, '
-                       f'device {device}', 'stage_threads': env.get('OMP_NUM_THREADS')}
-    start, failed = time.time(), Failures()
+            'machine': f'{cpu_name()}, {os.cpu_count()} CPUs, {platform.platform()}, '
+                       f'torch {torch.__version__}, device {device}',
+            'stage_threads': env.get('OMP_NUM_THREADS')}
+    start = time.time()
+    failed = Failures()
     signal.signal(signal.SIGTERM, failed.stop)
     for key in done:
         print(f'== {tag(*key)}: done, skipped ({run_dir(root, *key)})', flush=True)
     ran = {}
-    try:   # the teacher first (the mae stage makes it), then the training stages, then the ensembles
+    # the teacher first (the mae stage makes it), then the training stages, then the ensembles
+    try:
         for phase, jobs in ((['mae'], 1), (ORDER, cfg.jobs), (['ensemble'], cfg.jobs)):
             digest = sha256_of(teacher)
             record = {'machine': prov['machine'], 'teacher_sha256': digest}
-            ran |= run_side_by_side([s for s in todo if s[0][0] in phase], jobs, root, env, record, failed)
-    except KeyboardInterrupt:   # the stages had it too (one process group): each saved where it got to
+            steps_now = [s for s in todo if s[0][0] in phase]
+            ran |= run_side_by_side(steps_now, jobs, root, env, record, failed)
+    # the stages had it too (one process group): each saved where it got to
+    except KeyboardInterrupt:
         sys.exit('error: stopped (Ctrl-C): run the same command again to continue')
     prov.update(wall_s=time.time() - start, teacher=teacher, teacher_sha256=digest)
-    runs = [{**(done.get(key) or ran[key]), 'run_dir': run_dir(root, *key), 'skipped': key in done} for key, _ in steps]
+    runs = [{**(done.get(key) or ran[key]), 'run_dir': run_dir(root, *key), 'skipped': key in done}
+            for key, _ in steps]
     s = summarise(runs)
     write(results_dir, cfg, s, runs, root, prov)
-    print(f'\n{table(s)}\n\nwritten: {results_dir}/results.json, results.png, TABLE.md, logs/'
-          f"{' (--quick: runs cut short, not a result)' if cfg.quick else ''}")
+    written = f'written: {results_dir}/results.json, results.png, TABLE.md, logs/'
+    if cfg.quick:
+        written += ' (--quick: runs cut short, not a result)'
+    print(f'\n{table(s)}\n\n{written}')
 
 
 if __name__ == '__main__':

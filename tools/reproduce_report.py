@@ -15,28 +15,35 @@ from types import SimpleNamespace
 from tools.palette import colour
 from util.config import ConfigError, flag, word
 from util.engine import lr_at
-from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json, write_text
+from util.files import (DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json,
+                        write_text)
 from util.launch import run_main
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
-PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}   # ImageNet, ViT-L
-LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher', 'copy': 'attention copy',
-          'distill': 'attention distillation', 'ensemble': 'ensemble (fine-tuned + distilled)'}
+# ImageNet, ViT-L
+PAPER = {'scratch': 83.0, 'finetune': 85.7, 'copy': 85.1, 'distill': 85.7, 'ensemble': 86.3}
+LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher',
+          'copy': 'attention copy', 'distill': 'attention distillation',
+          'ensemble': 'ensemble (fine-tuned + distilled)'}
 
 
 def records(d):
-    """metrics.jsonl, one record per step (a resumed run may have written a step twice: the last counts)."""
+    """metrics.jsonl, one record per step
+    (a resumed run may have written a step twice: the last counts)."""
     path = os.path.join(d, 'metrics.jsonl')
-    rs = read_jsonl(path, 'delete that line and run the same command again') if os.path.isfile(path) else []
+    rs = []
+    if os.path.isfile(path):
+        rs = read_jsonl(path, 'delete that line and run the same command again')
     if not rs or not all(isinstance(r.get('step'), int) for r in rs):
-        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and run the same '
-                          f'command again to run that stage afresh')
+        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and '
+                          f'run the same command again to run that stage afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
 
 def per_epoch(run_dirs):
-    """(the epochs every run was evaluated at, [each run's top-1 at them]), from the runs' metrics.jsonl."""
+    """(the epochs every run was evaluated at, [each run's top-1 at them]),
+    from the runs' metrics.jsonl."""
     per = [{round(r['epoch'], 4): r['top1'] for r in records(d)} for d in run_dirs]
     epochs = sorted(set.intersection(*map(set, per)))
     return epochs, [[p[e] for e in epochs] for p in per]
@@ -46,9 +53,12 @@ def per_epoch(run_dirs):
 
 
 def mean_std(values):
-    """'85.10 ± 0.23': mean and standard deviation over seeds (n - 1 in the denominator); one value: '85.10'."""
+    """'85.10 ± 0.23': mean and standard deviation over seeds (n - 1 in the denominator);
+    one value: '85.10'."""
     m = statistics.mean(values)
-    return f'{m:.2f} ± {statistics.stdev(values):.2f}' if len(values) > 1 else f'{m:.2f}'
+    if len(values) > 1:
+        return f'{m:.2f} ± {statistics.stdev(values):.2f}'
+    return f'{m:.2f}'
 
 
 def gap_closed(method, scratch, finetune):
@@ -62,32 +72,44 @@ def format_gap(g):
 
 
 def summarise(runs):
-    """Per method: final top-1 per seed, mean, std, wall times, curve (test top-1 per epoch, mean over seeds)."""
+    """Per method: final top-1 per seed, mean, std, wall times,
+    curve (test top-1 per epoch, mean over seeds)."""
     out = {}
     for m in STAGES:
         rs = [r for r in runs if r['stage'] == m]
         v = [r['metrics']['top1'] for r in rs]
         out[m] = {'seeds': [r['seed'] for r in rs], 'top1': v, 'mean': statistics.mean(v),
-                  'std': statistics.stdev(v) if len(v) > 1 else None, 'wall_s': [r['wall_s'] for r in rs]}
+                  'std': statistics.stdev(v) if len(v) > 1 else None,
+                  'wall_s': [r['wall_s'] for r in rs]}
         if m != 'ensemble':
             epochs, top1 = per_epoch(r['run_dir'] for r in rs)
             out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(t) for t in zip(*top1)]}
-    gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean']) for m in ('copy', 'distill')}
+    gaps = {}
+    for m in ('copy', 'distill'):
+        gaps[m] = gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean'])
     dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
     return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}
 
 
 def table(s):
-    rows = ['| method | top-1 (%), mean ± std | per seed | gap closed | disagreement | wall time / seed | '
-            'paper (ImageNet) |', '|---|---:|---|---:|---:|---:|---:|']
+    rows = ['| method | top-1 (%), mean ± std | per seed | gap closed | disagreement | '
+            'wall time / seed | paper (ImageNet) |',
+            '|---|---:|---|---:|---:|---:|---:|']
     for m in STAGES:
-        r, gap = s['methods'][m], m in s['gap_closed']
-        paper = f"{PAPER[m]} ({format_gap(gap_closed(PAPER[m], PAPER['scratch'], PAPER['finetune']))})" if gap \
-            else PAPER[m]
-        rows.append(f"| {LABELS[m]} | {mean_std(r['top1'])} | {' / '.join(f'{v:.2f}' for v in r['top1'])} | "
-                    f"{format_gap(s['gap_closed'][m]) if gap else ''} | "
-                    f"{mean_std(s['disagreement_pct']) + '%' if m == 'ensemble' else ''} | "
-                    f"{statistics.mean(r['wall_s']) / 60:.1f} min | {paper} |")
+        r = s['methods'][m]
+        per_seed = ' / '.join(f'{v:.2f}' for v in r['top1'])
+        gap = ''
+        paper = PAPER[m]
+        if m in s['gap_closed']:
+            gap = format_gap(s['gap_closed'][m])
+            paper_gap = gap_closed(PAPER[m], PAPER['scratch'], PAPER['finetune'])
+            paper = f'{PAPER[m]} ({format_gap(paper_gap)})'
+        disagreement = ''
+        if m == 'ensemble':
+            disagreement = mean_std(s['disagreement_pct']) + '%'
+        wall = statistics.mean(r['wall_s']) / 60
+        rows.append(f"| {LABELS[m]} | {mean_std(r['top1'])} | {per_seed} | {gap} | "
+                    f"{disagreement} | {wall:.1f} min | {paper} |")
     return '\n'.join(rows)
 
 
@@ -97,15 +119,21 @@ def budget_table(cfg, runs, prov):
     first = next(r for r in runs if r['stage'] in STAGES[:4])
     args = [str(a) for a in first['command']]
     given = dict(zip(args, args[1:]))
-    epochs, warmup, reached = float(given['--epochs']), float(given['--warmup-epochs']), first['metrics']['epoch']
-    lr = lr_at(SimpleNamespace(warmup_epochs=warmup, epochs=epochs, min_lr=0.0, min_lr_ratio=0.0), 1.0, reached)
-    cells = [', '.join(map(str, cfg.seeds)), f'{epochs:g}', f'{warmup:g}', given.get('--blr', 'preset'),
-             given.get('--batch-size', 'preset'), first['metrics']['step'], f'{reached / epochs:.0%}', f'{lr:.0%}',
-             f"{sum(r['wall_s'] for r in runs) / 60:.1f}", cfg.jobs, prov.get('stage_threads') or '',
-             f"{prov['wall_s'] / 60:.1f}"]
-    return ('| seeds | epochs | warm-up (epochs) | blr | batch | steps a stage | of the schedule | lr at the last step '
-            '(of the peak) | all stages (min) | at a time | threads a stage | reproduce.py (min) |\n'
-            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n| ' + ' | '.join(map(str, cells)) + ' |')
+    epochs = float(given['--epochs'])
+    warmup = float(given['--warmup-epochs'])
+    reached = first['metrics']['epoch']
+    schedule = SimpleNamespace(warmup_epochs=warmup, epochs=epochs, min_lr=0.0, min_lr_ratio=0.0)
+    lr = lr_at(schedule, 1.0, reached)
+    cells = [', '.join(map(str, cfg.seeds)), f'{epochs:g}', f'{warmup:g}',
+             given.get('--blr', 'preset'), given.get('--batch-size', 'preset'),
+             first['metrics']['step'], f'{reached / epochs:.0%}', f'{lr:.0%}',
+             f"{sum(r['wall_s'] for r in runs) / 60:.1f}", cfg.jobs,
+             prov.get('stage_threads') or '', f"{prov['wall_s'] / 60:.1f}"]
+    return ('| seeds | epochs | warm-up (epochs) | blr | batch | steps a stage | of the schedule | '
+            'lr at the last step (of the peak) | all stages (min) | at a time | threads a stage | '
+            'reproduce.py (min) |\n'
+            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+            '| ' + ' | '.join(map(str, cells)) + ' |')
 
 
 def plot(s, path, split='test', smoke=False):
@@ -116,25 +144,32 @@ def plot(s, path, split='test', smoke=False):
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     curves = len(s['methods']['scratch']['curve']['epoch']) > 1
     fig = Figure(figsize=(11 if curves else 5.5, 4), layout='constrained')
-    left, right = fig.subplots(1, 2) if curves else (fig.subplots(), None)
+    if curves:
+        left, right = fig.subplots(1, 2)
+    else:
+        left = fig.subplots()
+        right = None
     n = len(s['methods']['scratch']['top1'])
     for i, m in enumerate(STAGES):
         r = s['methods'][m]
         left.scatter([i] * len(r['top1']), r['top1'], s=14, color=colour(m), alpha=0.5)
-        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=colour(m), capsize=4)
+        left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=colour(m),
+                      capsize=4)
         left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
     left.set_xticks(range(len(STAGES)), STAGES)
     left.set_xlim(-0.5, len(STAGES) - 0.2)
     seeds = f'each seed a dot, mean ± std over {n} seeds' if n > 1 else 'one seed'
-    left.set(ylabel=f'{split} top-1 (%), final epoch', title=f'final top-1: {seeds}\n(the axis does not start at 0)')
+    left.set(ylabel=f'{split} top-1 (%), final epoch',
+             title=f'final top-1: {seeds}\n(the axis does not start at 0)')
     left.grid(axis='y', alpha=0.3)
     if smoke:
-        fig.suptitle('a smoke run (--quick): every stage cut short,\nso it shows that the code runs, not how the '
-                     'methods rank', fontsize=10)
+        fig.suptitle('a smoke run (--quick): every stage cut short,\n'
+                     'so it shows that the code runs, not how the methods rank', fontsize=10)
     if curves:
         for m in STAGES[:4]:
             r = s['methods'][m]
-            right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=colour(m), label=LABELS[m])
+            right.plot(r['curve']['epoch'], r['curve']['top1'], marker='o', color=colour(m),
+                       label=LABELS[m])
         right.set(xlabel='epoch', ylabel=f'{split} top-1 (%)', xticks=r['curve']['epoch'],
                   title='during training (mean over seeds)\n(the axis does not start at 0)')
         right.grid(alpha=0.3)
@@ -147,8 +182,8 @@ def plot(s, path, split='test', smoke=False):
 
 
 # What a reproduction's numbers depend on: results made with other values are another reproduction's
-SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr', 'batch_size', 'max_steps',
-        'fake_size', 'amp')
+SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr',
+        'batch_size', 'max_steps', 'fake_size', 'amp')
 WRITTEN = ('results.json', 'TABLE.md', 'results.png', 'logs')
 
 
@@ -157,29 +192,37 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
     reproduction (another data set, preset, budget or teacher, by results.json) or files of unknown origin,
     unless --replace-results true: a reproduction replaces only its own results."""
     check_out_dir(results_dir, '--results-dir')
-    path, replace = os.path.join(results_dir, 'results.json'), 'pass --replace-results true to replace them'
+    path = os.path.join(results_dir, 'results.json')
+    replace = 'pass --replace-results true to replace them'
     if cfg.replace_results:
         return
     if not os.path.exists(path):
         found = [f for f in WRITTEN if os.path.exists(os.path.join(results_dir, f))]
         if found:
-            raise ConfigError(f"--results-dir {results_dir} holds {', '.join(found)} but no results.json saying what "
-                              f"made them: choose another --results-dir, or {replace}")
+            raise ConfigError(f"--results-dir {results_dir} holds {', '.join(found)} "
+                              f"but no results.json saying what made them: "
+                              f"choose another --results-dir, or {replace}")
         return
-    old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}', {'config': dict})
+    old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}',
+                    {'config': dict})
     now = asdict(cfg)
-    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})" for k in SAME if old['config'].get(k) != now[k]]
+    diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})"
+            for k in SAME if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
-        diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... (here {teacher_sha256[:16]}...)")
+        diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... "
+                    f"(here {teacher_sha256[:16]}...)")
     if diff:
-        raise ConfigError(f"--results-dir {results_dir} holds another reproduction's results, made with "
-                          f"{'; '.join(diff)}: choose another --results-dir, or {replace}")
+        raise ConfigError(f"--results-dir {results_dir} holds another reproduction's results, "
+                          f"made with {'; '.join(diff)}: "
+                          f"choose another --results-dir, or {replace}")
 
 
 def write_tables(results_dir, cfg, s, runs, prov):
     """TABLE.md and results.png in results_dir."""
-    text = f'# {cfg.data}: the tables of results.json\n\n{table(s)}\n\n{budget_table(cfg, runs, prov)}\n'
-    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test', cfg.quick)
+    text = (f'# {cfg.data}: the tables of results.json\n\n{table(s)}\n\n'
+            f'{budget_table(cfg, runs, prov)}\n')
+    split = 'validation' if cfg.val_size else 'test'
+    plot(s, os.path.join(results_dir, 'results.png'), split, cfg.quick)
     write_text(os.path.join(results_dir, 'TABLE.md'), text)
 
 
@@ -207,17 +250,22 @@ def rewrite(results_dir):
     the run's own (its run directories need not exist any more)."""
     path = os.path.join(results_dir, 'results.json')
     if not os.path.isfile(path):
-        raise ConfigError(f'{path} not found: name a directory that reproduce.py wrote (--results-dir)')
-    fix = f'restore it (committed results: git checkout -- {path}), or make it again with python -m tools.reproduce'
+        raise ConfigError(f'{path} not found: name a directory that reproduce.py wrote '
+                          f'(--results-dir)')
+    fix = (f'restore it (committed results: git checkout -- {path}), '
+           f'or make it again with python -m tools.reproduce')
     d = read_json(path, fix, {'config': dict, 'summary': dict, 'stages': list})
-    try:   # everything below reads the file's contents: a missing or mistyped entry is the file's fault
+    # everything below reads the file's contents: a missing or mistyped entry is the file's fault
+    try:
         write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, StopIteration) as e:
-        raise DamagedFile(f'{path} does not hold what reproduce.py writes ({type(e).__name__}: {e}): {fix}') from None
+        raise DamagedFile(f'{path} does not hold what reproduce.py writes '
+                          f'({type(e).__name__}: {e}): {fix}') from None
     print(f'written: {results_dir}/TABLE.md, results.png (from results.json)')
 
 
 if __name__ == '__main__':
     if len(sys.argv) != 2:
-        sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR (a directory reproduce.py wrote, with results.json)')
+        sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR '
+                 '(a directory reproduce.py wrote, with results.json)')
     run_main(lambda: rewrite(sys.argv[1]))

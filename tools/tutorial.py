@@ -28,14 +28,18 @@ from util.launch import amp_dtype
 # Fashion-MNIST, read (found, downloaded if missing, checked) by util/datafiles.py as the scripts read it
 
 CLASSES = 'T-shirt trouser pullover dress coat sandal shirt sneaker bag boot'.split()
-MEAN, STD = (stats[0] for stats in data.INFO['fashion-mnist'][2])   # the scripts normalise with these
+# the scripts normalise with these (grey: one value for every channel)
+MEAN = data.INFO['fashion-mnist'][2][0][0]
+STD = data.INFO['fashion-mnist'][2][1][0]
 
 
 def fashion_mnist(n, split='t10k'):
-    """The first n images of a split as the models see them, (n, 3, 28, 28) normalised, and labels (n,)."""
+    """The first n images of a split as the models see them, (n, 3, 28, 28) normalised,
+    and labels (n,)."""
     ds = data.fashion_mnist('data', split == 'train', transform=None)
-    x = (ds.images[:n].float() / 255 - MEAN) / STD                                  # (n, 1, 28, 28)
-    return x.expand(-1, 3, -1, -1).contiguous(), ds.labels[:n].long()               # grey repeated, as data.py
+    x = (ds.images[:n].float() / 255 - MEAN) / STD                    # (n, 1, 28, 28)
+    x = x.expand(-1, 3, -1, -1).contiguous()                          # grey repeated, as data.py
+    return x, ds.labels[:n].long()
 
 
 def write_slice(n_train, n_test):
@@ -64,8 +68,13 @@ def line():
         handle = display(Pretty(''), display_id=True) if get_ipython() else None
     except ImportError:
         handle = None
-    return lambda text, end=False: handle.update(Pretty(text)) if handle else \
-        print('\r' + text, end='\n' if end else '', flush=True)
+
+    def show(text, end=False):
+        if handle:
+            handle.update(Pretty(text))
+        else:
+            print('\r' + text, end='\n' if end else '', flush=True)
+    return show
 
 
 class Runner:
@@ -74,44 +83,63 @@ class Runner:
     one (name-2, ...), so that a cell can run again."""
 
     def __init__(self, data_dir, flags):
-        self.data_dir, self.flags = data_dir, [str(f) for f in flags]
+        self.data_dir = data_dir
+        self.flags = [str(f) for f in flags]
         self.work = tempfile.mkdtemp(prefix='attention-transfer-')
-        gpu = torch.cuda.is_available()   # the device the scripts will pick, and their autocast there
+        # the device the scripts will pick, and their autocast there
+        gpu = torch.cuda.is_available()
         amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'),
                         torch.device('cuda' if gpu else 'cpu'))
-        name = torch.cuda.get_device_name() if gpu else f'{cpu_name()} ({torch.get_num_threads()} threads)'
-        print(f"the runs train on {name}, {'autocast ' + str(amp).split('.')[-1] if amp else 'fp32'}: trained "
-              f"numbers differ a little from one processor to another")
+        if gpu:
+            name = torch.cuda.get_device_name()
+        else:
+            name = f'{cpu_name()} ({torch.get_num_threads()} threads)'
+        precision = 'autocast ' + str(amp).split('.')[-1] if amp else 'fp32'
+        print(f'the runs train on {name}, {precision}: trained numbers differ a little from one '
+              f'processor to another')
 
     def __call__(self, script, name, *flags):
-        label, n = name, 1
+        label = name
+        n = 1
         while os.path.exists(os.path.join(self.work, label)):
             n += 1
             label = f'{name}-{n}'
         out = os.path.join(self.work, label)
-        args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out, *self.flags,
-                *map(str, flags)]
-        named = {self.data_dir: '$DATA_DIR', self.work: '$RUNS'}   # the command as you would type it
-        print('python', *(next((v + a[len(f):] for f, v in named.items() if a == f or a.startswith(f + os.sep)),
-                               shlex.quote(a)) for a in args))
-        show, tail, start, last, scored = line(), deque(maxlen=20), time.time(), 0.0, ''
-        with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
+                *self.flags, *map(str, flags)]
+        print('python', *map(self.as_typed, args))
+        show = line()
+        tail = deque(maxlen=20)
+        start = time.time()
+        last = 0.0
+        scored = ''
+        with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED='1')) as p:
-            for text in p.stdout:       # the scripts' log lines: '... step 8/192 | ...', 'eval | ... top1 61.2 ...'
+            # the scripts' log lines: '... step 8/192 | ...', 'eval | ... top1 61.2 ...'
+            for text in p.stdout:
                 tail.append(text)
                 top1 = re.search(r'\btop1 ([\d.]+)', text)
-                scored = f' | test top-1 so far {float(top1[1]):.1f}%' if top1 else scored
+                if top1:
+                    scored = f' | test top-1 so far {float(top1[1]):.1f}%'
                 step = re.search(r'\bstep (\d+)/(\d+)', text)
                 if step and time.time() - last > 0.5:
                     last = time.time()
                     show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
-            raise RuntimeError(f'{script} stopped (exit code {p.returncode}); the end of its output:\n' +
-                               ''.join(tail))
+            raise RuntimeError(f'{script} stopped (exit code {p.returncode}); '
+                               f'the end of its output:\n' + ''.join(tail))
         m = metrics(out)[-1]
-        show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs ({m['step']} steps, "
-             f"{time.time() - start:.0f} s)", end=True)
+        show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs "
+             f"({m['step']} steps, {time.time() - start:.0f} s)", end=True)
         return out
+
+    def as_typed(self, arg):
+        """An argument as you would type it: the data folder $DATA_DIR, the runs' folder $RUNS."""
+        for folder, name in ((self.data_dir, '$DATA_DIR'), (self.work, '$RUNS')):
+            if arg == folder or arg.startswith(folder + os.sep):
+                return name + arg[len(folder):]
+        return shlex.quote(arg)
 
 
 def metrics(run_dir):
@@ -132,7 +160,8 @@ def seen(run_dir):
 
 
 def full_reproduction(path):
-    """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%), from results.json."""
+    """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%),
+    from results.json."""
     with open(path) as f:
         summary = json.load(f)['summary']
     table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
@@ -145,35 +174,56 @@ def budgets(quick_flags, n_train, n_test, loop):
     notebook quick mode (quick_flags on n_train / n_test images), notebook full mode (the scripts' preset,
     util/config.py), the committed reproduction and the quick command (what tools/reproduce.py gives
     attention_distill.py)."""
-    preset, images = SMALL_PRESETS['fashion-mnist'], len(data.fashion_mnist('data', True, transform=None))
-    tested = lambda test: f'all {test:,}' if test == 10_000 else f'the first {test:,}'
-    short = lambda lr: f'{lr:.0e}'.replace('e-0', 'e-')   # 2e-3, as the table writes a learning rate
+    preset = SMALL_PRESETS['fashion-mnist']
+    images = len(data.fashion_mnist('data', True, transform=None))
+
+    def tested(test):
+        return f'all {test:,}' if test == 10_000 else f'the first {test:,}'
+
+    def short(lr):   # 2e-3, as the table writes a learning rate
+        return f'{lr:.0e}'.replace('e-0', 'e-')
 
     def row(name, given, train, test, seeds, where):
         given = dict(zip(map(str, given), given[1:]))                     # {'--flag': its value}
-        epochs, batch, blr, warmup = (float(given.get('--' + k.replace('_', '-'), preset[k]))
-                                      for k in ('epochs', 'batch_size', 'blr', 'warmup_epochs'))
-        steps, cut = int(epochs * (train // batch)), int(float(given.get('--max-steps', 0)))
-        took = f'{cut} steps of a {epochs:g}-epoch schedule' if 0 < cut < steps else \
-            f'{epochs:g} ({steps:,} steps)'
-        return (f'| {name} | {train:,} | {took} | {batch:g} | {short(blr * batch / 256)} | {warmup:g} epoch | '
-                f'{seeds} | {tested(test)} | {where} |')
+
+        def value(key):   # the flag's value where it is given, else the preset's
+            return float(given.get('--' + key.replace('_', '-'), preset[key]))
+        epochs = value('epochs')
+        batch = value('batch_size')
+        blr = value('blr')
+        warmup = value('warmup_epochs')
+        steps = int(epochs * (train // batch))
+        cut = int(float(given.get('--max-steps', 0)))
+        if 0 < cut < steps:
+            took = f'{cut} steps of a {epochs:g}-epoch schedule'
+        else:
+            took = f'{epochs:g} ({steps:,} steps)'
+        return (f'| {name} | {train:,} | {took} | {batch:g} | {short(blr * batch / 256)} | '
+                f'{warmup:g} epoch | {seeds} | {tested(test)} | {where} |')
+
+    def distill(cfg):
+        return reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
     steps, batch, lr, test = loop
-    full, quick = (reproduce.parse(['--data', 'fashion-mnist', '--quick', q]) for q in ('false', 'true'))
-    distill = lambda cfg: reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
+    full = reproduce.parse(['--data', 'fashion-mnist', '--quick', 'false'])
+    quick = reproduce.parse(['--data', 'fashion-mnist', '--quick', 'true'])
     return '\n'.join([
-        '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images | its numbers |',
+        '| budget | training images | epochs | batch | peak lr | warm-up | seeds | test images '
+        '| its numbers |',
         '|---|---:|---|---:|---:|---|---:|---|---|',
-        f'| the hand-written loop | {steps * batch:,} | 1 ({steps} steps) | {batch} | {short(lr)} | '
-        f'none (constant lr) | 1 | {tested(test)} | this notebook, section 5 |',
+        f'| the hand-written loop | {steps * batch:,} | 1 ({steps} steps) | {batch} | '
+        f'{short(lr)} | none (constant lr) | 1 | {tested(test)} | this notebook, section 5 |',
         row('notebook quick mode', quick_flags, n_train, n_test, 1, 'this notebook, section 6'),
-        row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1, '`TUTORIAL_MODE=full`: none stored'),
-        row('the committed reproduction', distill(full), images, 10_000, len(full.seeds), '`results/fashion-mnist/`'),
-        row('the quick command', distill(quick), images, 10_000, len(quick.seeds), '`results/fashion-mnist-quick/`')])
+        row('notebook full mode (the scripts\' preset)', [], images, 10_000, 1,
+            '`TUTORIAL_MODE=full`: none stored'),
+        row('the committed reproduction', distill(full), images, 10_000, len(full.seeds),
+            '`results/fashion-mnist/`'),
+        row('the quick command', distill(quick), images, 10_000, len(quick.seeds),
+            '`results/fashion-mnist-quick/`')])
 
 
 # the reproduction's stages, named as the notebook names its runs
-NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy', 'distill': 'attention distillation'}
+NAMES = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'attention copy',
+         'distill': 'attention distillation'}
 
 
 def reproduction_curves(results_dir):
@@ -184,9 +234,11 @@ def reproduction_curves(results_dir):
         methods = json.load(f)['summary']['methods']
     curves = {}
     for stage, name in NAMES.items():
-        dirs = [os.path.join(results_dir, 'logs', stage, f'seed{k}') for k in methods[stage]['seeds']]
+        dirs = [os.path.join(results_dir, 'logs', stage, f'seed{k}')
+                for k in methods[stage]['seeds']]
         epochs, top1 = per_epoch(dirs)
-        at = dict(zip((round(r['epoch'], 4) for r in metrics(dirs[0])), seen(dirs[0])))   # every seed: one schedule
+        # the images seen by each epoch: every seed follows one schedule
+        at = dict(zip([round(r['epoch'], 4) for r in metrics(dirs[0])], seen(dirs[0])))
         top1 = np.array(top1)                                               # (seeds, epochs)
         curves[name] = {'epoch': epochs, 'seen': [at[e] for e in epochs], 'mean': top1.mean(0),
                         'std': top1.std(0, ddof=1), 'seeds': len(top1)}
@@ -207,7 +259,8 @@ def show(fig):
     if not get_ipython():
         return plt.show()
     data = png(fig, dpi=200, bbox_inches='tight')
-    display(Image(data, width=int.from_bytes(data[16:20], 'big') // 2))    # the PNG's width: IHDR, its first chunk
+    width = int.from_bytes(data[16:20], 'big')   # the PNG's width: IHDR, its first chunk
+    display(Image(data, width=width // 2))
     plt.close(fig)
 
 
@@ -230,7 +283,8 @@ def plot_curves(runs, title, committed):
         top1 = [r['top1'] for r in metrics(d)]
         left.plot(seen(d), top1, marker='o', color=colour(label), label=f'{label}: {top1[-1]:.1f}%')
     for label, c in committed.items():
-        right.fill_between(c['seen'], c['mean'] - c['std'], c['mean'] + c['std'], color=colour(label), alpha=0.25)
+        right.fill_between(c['seen'], c['mean'] - c['std'], c['mean'] + c['std'],
+                           color=colour(label), alpha=0.25)
         right.plot(c['seen'], c['mean'], marker='o', color=colour(label),
                    label=f"{label}: {c['mean'][-1]:.1f} ± {c['std'][-1]:.1f}%")
     left.set_title(title)
@@ -238,8 +292,10 @@ def plot_curves(runs, title, committed):
                     f"{min(c['seeds'] for c in committed.values())} seeds")
     for ax in (left, right):
         ax.set_xlim(0)
-        ax.set(xlabel='training images seen (thousands): a dot after each epoch', ylabel='test top-1 (%)')
-        ax.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)   # inside, where most room is
+        ax.set(xlabel='training images seen (thousands): a dot after each epoch',
+               ylabel='test top-1 (%)')
+        # inside, where most room is
+        ax.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
     finish(fig)
 
 
@@ -248,8 +304,9 @@ def plot_training(logs, title):
     the cross-entropy on the labels, right the attention loss of the maps each method routes with against the floor
     (the teacher's entropy; every method sees the same batches). Faint: every step; bold: the mean of the last 10."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout='constrained')
-    for ax, key, about in zip(axes, ('cross-entropy', 'attention loss'), (
-            'on the labels of each batch', 'H(teacher, the maps it routes with), mean over the layers')):
+    abouts = ('on the labels of each batch',
+              'H(teacher, the maps it routes with), mean over the layers')
+    for ax, key, about in zip(axes, ('cross-entropy', 'attention loss'), abouts):
         for method, log in logs.items():
             ax.plot(log[key], color=colour(method), alpha=0.3, lw=1)
             ax.plot([np.mean(log[key][max(0, i - 9):i + 1]) for i in range(len(log[key]))],
@@ -268,35 +325,60 @@ def plot_features(result):
     distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
     maps from the teacher's (copy's given blocks left out). Bottom: the mean attention distance of each head of each
     method's seed-0 model (dots) over the teacher's heads (brown bars), per block."""
-    groups = {frozenset((g['a'], g['b'])): g['tokens'] for g in result['groups']}   # a method with itself: {a}
-    cka = lambda a, b: groups[frozenset((a, b))]                           # [per block: {'mean', 'std', 'min', 'max'}]
     models = {m: [k for k, v in result['models'].items() if v['method'] == m] for m in NAMES}
-    blocks = np.arange(result['depth'])
     fig = plt.figure(figsize=(11, 6.4), layout='constrained')
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    draw_cka_and_kl(top, result, models)
+    draw_attention_distance(bottom, result, models)
+    show(fig)
+
+
+# the methods' names in a panel's legend or title: copy, distillation
+SHORT = {m: name.replace('attention ', '') for m, name in NAMES.items()}
+
+
+def draw_cka_and_kl(top, result, models):
+    """plot_features' top row: CKA to the teacher, CKA of distillation to the others, the maps' KL
+    from the teacher's. models: {method: its models' names}."""
+    # a method with itself: {a}
+    groups = {frozenset((g['a'], g['b'])): g['tokens'] for g in result['groups']}
+
+    def cka(a, b):   # [per block: {'mean', 'std', 'min', 'max'}]
+        return groups[frozenset((a, b))]
+    blocks = np.arange(result['depth'])
     to_teacher, to_distill, kl = top.subplots(1, 3)
-    short = {m: name.replace('attention ', '') for m, name in NAMES.items()}   # copy, distillation
     for m in NAMES:
-        t, own = cka(result['teacher'], m), cka(m, m)
-        to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], marker='o', ms=4, capsize=2,
-                            color=colour(m), label=short[m])
+        t = cka(result['teacher'], m)
+        own = cka(m, m)
+        to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], marker='o', ms=4,
+                            capsize=2, color=colour(m), label=SHORT[m])
         to_teacher.plot(blocks, [c['mean'] for c in own], ls='--', lw=1, color=colour(m))
-        to_distill.fill_between(blocks, [c['min'] for c in own], [c['max'] for c in own], color=colour(m), alpha=0.2)
+        to_distill.fill_between(blocks, [c['min'] for c in own], [c['max'] for c in own],
+                                color=colour(m), alpha=0.2)
         if m != 'distill':
             d = cka(m, 'distill')
-            to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], marker='o', ms=4, capsize=2,
-                                color=colour(m), label=f'distillation and {short[m]}')
+            to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], marker='o',
+                                ms=4, capsize=2, color=colour(m),
+                                label=f'distillation and {SHORT[m]}')
         given = set(result['models'][models[m][0]]['maps_given'])
         shown = [i for i in blocks if i not in given]
-        kl.plot(shown, [np.mean([result['kl'][k][i] for k in models[m]]) for i in shown], marker='o', ms=4,
-                color=colour(m), label=short[m])
+        kl_mean = [np.mean([result['kl'][k][i] for k in models[m]]) for i in shown]
+        kl.plot(shown, kl_mean, marker='o', ms=4, color=colour(m), label=SHORT[m])
     to_teacher.set(title='CKA to the teacher\n(dashed: two seeds of one method)', ylim=(0, 1))
-    to_distill.set(title="CKA of distillation to the others\n(bands: two seeds of one method)", ylim=(0, 1))
-    kl.set(title="the maps' KL from the teacher's (nats)\n(copy's given blocks left out)", ylim=(0, None))
+    to_distill.set(title='CKA of distillation to the others\n(bands: two seeds of one method)',
+                   ylim=(0, 1))
+    kl.set(title="the maps' KL from the teacher's (nats)\n(copy's given blocks left out)",
+           ylim=(0, None))
     for ax in (to_teacher, to_distill, kl):
         ax.set(xlabel='block', xticks=blocks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc='lower left' if ax is not kl else 'upper left')
+
+
+def draw_attention_distance(bottom, result, models):
+    """plot_features' bottom row: the mean attention distance of each head of each method's seed-0
+    model over the teacher's heads, per block. models: {method: its models' names}."""
+    blocks = np.arange(result['depth'])
     axes = bottom.subplots(1, len(NAMES), sharey=True)
     teacher = np.array(result['attention_distance'][result['teacher']])   # (blocks, heads), pixels
     for ax, m in zip(axes, NAMES):
@@ -305,16 +387,18 @@ def plot_features(result):
         given = result['models'][k]['maps_given']
         ax.scatter(np.repeat(blocks, teacher.shape[1]), teacher.ravel(), marker='_', s=120, lw=1.5,
                    color=PALETTE['teacher'], label="the teacher's heads")
-        ax.scatter(np.repeat(blocks, mine.shape[1]), mine.ravel(), s=9, color=colour(m), zorder=3, label='its heads')
+        ax.scatter(np.repeat(blocks, mine.shape[1]), mine.ravel(), s=9, color=colour(m), zorder=3,
+                   label='its heads')
         ax.axhline(result['uniform_distance'], color='k', ls='--', lw=1, label='a uniform map')
         note = f', blocks {given[0]}-{given[-1]} given' if given else ''
-        ax.set(title=f"{short[m]}, seed {result['models'][k]['seed']}{note}", xlabel='block', xticks=blocks)
+        ax.set(title=f"{SHORT[m]}, seed {result['models'][k]['seed']}{note}", xlabel='block',
+               xticks=blocks)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel='mean attention distance (px)')
     axes[0].legend(fontsize=7, loc='lower left')
-    bottom.suptitle("how far each head reads: the mean distance in pixels from a patch to what it reads, "
-                    f"{result['images']:,} test images (the axis does not start at 0)", fontsize=10)
-    show(fig)
+    bottom.suptitle('how far each head reads: the mean distance in pixels from a patch to what it '
+                    f"reads, {result['images']:,} test images (the axis does not start at 0)",
+                    fontsize=10)
 
 
 def show_map(ax, probs, title, vmax=None):
@@ -335,35 +419,44 @@ def draw_methods():
     # made-up 6x6 attention maps of 3 blocks, each token reading mostly from itself and its neighbours: the
     # teacher's, and a distilled student's own (noisier)
     i = np.arange(6)
-    noise = np.array([0.4, 0.9])[:, None, None, None] * np.random.default_rng(3).normal(size=(2, 3, 6, 6))
+    scale = np.array([0.4, 0.9])[:, None, None, None]                 # the teacher's, the student's
+    noise = scale * np.random.default_rng(3).normal(size=(2, 3, 6, 6))
     maps = np.exp(-((i[:, None] - i) ** 2) / 2.0 + noise)
     teacher, student = maps / maps.sum(-1, keepdims=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout='constrained')
     for ax, copy in zip(axes, (True, False)):
         ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
         ax.axis('off')
-        ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12, weight='bold')
+        ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12,
+                     weight='bold')
         # each side's blocks: copy routes the student by the teacher's maps, distillation it by its own
-        method = 'copy' if copy else 'distill'
-        for x0, who, fill, own, text in ((0.2, 'teacher (frozen)', PALETTE['teacher'], teacher, 'q, k → A_T'),
-                                         (6.3, 'student (trained)', PALETTE[method], teacher if copy else student,
-                                          'no q, k\nA_T @ V_S' if copy else 'q, k → A_S')):
+        boxes = [(0.2, 'teacher (frozen)', PALETTE['teacher'], teacher, 'q, k → A_T')]
+        if copy:
+            boxes.append((6.3, 'student (trained)', PALETTE['copy'], teacher, 'no q, k\nA_T @ V_S'))
+            style = dict(arrowstyle='->', lw=2, color=PALETTE['copy'])
+            arrow = 'A_T'
+            at_test = 'at test time: teacher + student'
+        else:
+            boxes.append((6.3, 'student (trained)', PALETTE['distill'], student, 'q, k → A_S'))
+            style = dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
+            arrow = 'H(A_T, A_S)'
+            at_test = 'at test time: the student alone'
+        for x0, who, fill, own, text in boxes:
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
             for layer, amap in enumerate(own):
                 y = 0.6 + 3.0 * layer
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=to_rgba(fill, 0.15), edgecolor='k', lw=0.8))
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=to_rgba(fill, 0.15),
+                                           edgecolor='k', lw=0.8))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
-                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma', zorder=3,
-                          aspect='auto')
-        style = dict(arrowstyle='->', lw=2, color=PALETTE['copy']) if copy else \
-            dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
-        for y in (0.6, 3.6, 6.6):   # below each block's text, from the teacher's map to the student's map
-            ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style, zorder=4)
-            ax.text(5.0, y + 0.6, 'A_T' if copy else 'H(A_T, A_S)', ha='center', va='bottom', fontsize=9,
-                    color=style['color'])
-        ax.text(5, -0.6, 'at test time: teacher + student' if copy else 'at test time: the student alone',
-                ha='center', fontsize=9, style='italic')
-    fig.supxlabel('the small maps are made up, to show the idea: each token reading mostly from itself and its '
-                  'neighbours', fontsize=8, color='0.35')
+                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma',
+                          zorder=3, aspect='auto')
+        # below each block's text, from the teacher's map to the student's map
+        for y in (0.6, 3.6, 6.6):
+            ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style,
+                        zorder=4)
+            ax.text(5.0, y + 0.6, arrow, ha='center', va='bottom', fontsize=9, color=style['color'])
+        ax.text(5, -0.6, at_test, ha='center', fontsize=9, style='italic')
+    fig.supxlabel('the small maps are made up, to show the idea: each token reading mostly from '
+                  'itself and its neighbours', fontsize=8, color='0.35')
     show(fig)

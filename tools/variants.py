@@ -16,9 +16,12 @@ from util.launch import run_main
 
 HERE = os.path.join('results', 'fashion-mnist')
 OUT = os.path.join(HERE, 'variants')
-METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')   # evaluate.py's rows: 4 models, ensemble 1,3
-ORDER = ('distill-q distill-k distill-v copy-q copy-k copy-v distill-heads2 distill-heads4 distill-layers0-2 '
-         'distill-layers3-5 distill-mean-batch copy-mean-batch distill-mean-queries copy-mean-queries').split()
+# evaluate.py's rows: 4 models, ensemble 1,3
+METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')
+# the page's order
+ORDER = ('distill-q distill-k distill-v copy-q copy-k copy-v distill-heads2 distill-heads4 '
+         'distill-layers0-2 distill-layers3-5 distill-mean-batch copy-mean-batch '
+         'distill-mean-queries copy-mean-queries').split()
 FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 
@@ -31,7 +34,8 @@ def seeds(root, name='metrics.jsonl'):
     for entry in os.listdir(root):
         path = os.path.join(root, entry)
         if not (re.fullmatch(r'seed\d+', entry) and os.path.isdir(path)):
-            raise DamagedFile(f'{path} is no seed<k> folder of a run of tools/variants.sh: move it away')
+            raise DamagedFile(f'{path} is no seed<k> folder of a run of tools/variants.sh: '
+                              f'move it away')
         found[int(entry[4:])] = os.path.join(path, name)
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
 
@@ -62,39 +66,55 @@ def wall_s(folder):
 
 
 def stats(top1, ref):
-    """{seeds, mean, std (n - 1), gap closed between the means of ref's scratch and finetune seeds (%)}."""
-    lo, hi = (mean(ref[k].values()) for k in ('scratch', 'finetune'))
+    """{seeds, mean, std (n - 1),
+    gap closed between the means of ref's scratch and finetune seeds (%)}."""
+    lo = mean(ref['scratch'].values())
+    hi = mean(ref['finetune'].values())
     m = mean(top1.values())
     return {'seeds': top1, 'mean': m, 'std': stdev(top1.values()) if len(top1) > 1 else None,
             'gap': 100 * (m - lo) / (hi - lo)}
 
 
+def finals(runs):
+    """{name: {seed: its final top-1}} of runs ({name: {seed: metrics.jsonl}}) that have a seed."""
+    return {n: {k: final_top1(p) for k, p in r.items()} for n, r in runs.items() if r}
+
+
 def collect():
-    top1 = {m: seeds(os.path.join(HERE, 'logs', m)) for m in METHODS[:4]}
-    names = sorted(sorted(os.listdir(OUT + '/logs')), key=lambda n: (ORDER + [n]).index(n))   # the page's order
+    baselines = {m: seeds(os.path.join(HERE, 'logs', m)) for m in METHODS[:4]}
+    # the page's order (ORDER), then any other run by name
+    names = sorted(os.listdir(OUT + '/logs'))
+    names = [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
     runs = {n: seeds(os.path.join(OUT, 'logs', n)) for n in names}
     walls = [p for r in runs.values() for p in r.values()]
-    top1, runs = ({n: {k: final_top1(p) for k, p in r.items()} for n, r in d.items() if r} for d in (top1, runs))
-    shifted, evals = {}, seeds(os.path.join(OUT, 'shift'), 'robustness.json')
+    top1 = finals(baselines)
+    runs = finals(runs)
+    shifted = {}
+    evals = seeds(os.path.join(OUT, 'shift'), 'robustness.json')
     for k, path in evals.items():
         for row, method in zip(read_json(path, FIX, {'rows': list})['rows'], METHODS):
             for shift, value in row['top1'].items():
-                shifted.setdefault(shift, {m: {} for m in METHODS})[method][k] = finite(value, path, 'a top1')
+                if shift not in shifted:
+                    shifted[shift] = {m: {} for m in METHODS}
+                shifted[shift][method][k] = finite(value, path, 'a top1')
     wall = sum(wall_s(os.path.dirname(p)) for p in walls + list(evals.values()))
     return {'baselines': {m: stats(v, top1) for m, v in top1.items()},
             'runs': {n: stats(v, top1) for n, v in runs.items()},
-            'shifted': {s: {m: stats(v, r) for m, v in r.items()} for s, r in shifted.items()}, 'wall_s': wall}
+            'shifted': {s: {m: stats(v, r) for m, v in r.items()} for s, r in shifted.items()},
+            'wall_s': wall}
 
 
 # the course's names for a run's method and for what its name changes (its name: method-change)
 METHOD = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'copy', 'distill': 'distillation',
           'ensemble': 'ensemble'}
-CHANGE = {'q': 'queries only', 'k': 'keys only', 'v': 'values only', 'heads2': '2 heads of 8', 'heads4': '4 heads of 8',
-          'mean-batch': 'maps averaged over a batch', 'mean-queries': 'maps averaged over queries'}
+CHANGE = {'q': 'queries only', 'k': 'keys only', 'v': 'values only', 'heads2': '2 heads of 8',
+          'heads4': '4 heads of 8', 'mean-batch': 'maps averaged over a batch',
+          'mean-queries': 'maps averaged over queries'}
 
 
 def label(name):
-    """'distill-layers0-2' -> 'distillation, blocks 0-2'; 'distill-layer3' -> 'distillation, block 3 alone'."""
+    """'distill-layers0-2' -> 'distillation, blocks 0-2';
+    'distill-layer3' -> 'distillation, block 3 alone'."""
     method, change = name.split('-', 1)
     blocks = re.fullmatch(r'layers?(\d)(-\d)?', change)
     if blocks:
@@ -108,7 +128,8 @@ def plot(result, path):
     pixels wide, at its other figures' scale and resolution (retina)."""
     fig = Figure(figsize=(10, 5.8), layout='constrained')
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
-    runs, shifted = result['runs'], result['shifted']
+    runs = result['runs']
+    shifted = result['shifted']
     for i, (name, r) in enumerate(runs.items()):
         c = PALETTE[name.split('-')[0]]
         left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=10, color=c)
@@ -117,13 +138,15 @@ def plot(result, path):
         left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=METHOD[method])
     left.set_yticks(range(len(runs)), [label(n) for n in runs], fontsize=8)
     left.invert_yaxis()
-    left.set(xlabel='test top-1 (%): each seed a dot, the mean a bar', title='what is transferred, heads, blocks, '
-             'averaged maps\n(the x axis does not start at 0)')
-    left.legend(fontsize=8, title="dotted: the baselines' means\n(copy, distillation: blocks 0-4)", title_fontsize=8,
-                loc='lower left')
+    left.set(xlabel='test top-1 (%): each seed a dot, the mean a bar',
+             title='what is transferred, heads, blocks, averaged maps\n'
+                   '(the x axis does not start at 0)')
+    left.legend(fontsize=8, title="dotted: the baselines' means\n(copy, distillation: blocks 0-4)",
+                title_fontsize=8, loc='lower left')
     for j, method in enumerate(METHODS):   # side by side within each shift
-        right.plot([i + (j - 2) * 0.12 for i in range(len(shifted))], [s[method]['mean'] for s in shifted.values()],
-                   'o', color=PALETTE[method], label=METHOD[method])
+        x = [i + (j - 2) * 0.12 for i in range(len(shifted))]
+        right.plot(x, [s[method]['mean'] for s in shifted.values()], 'o', color=PALETTE[method],
+                   label=METHOD[method])
     right.set_xticks(range(len(shifted)), list(shifted), fontsize=8, rotation=30)
     right.set(ylabel='test top-1 (%), mean over 3 seeds', title='shifted test images, same labels\n'
               '(the y axis does not start at 0)')
@@ -138,7 +161,8 @@ def main():
     result = collect()   # a damaged or stray file: one line naming it (run_main)
     write_json(os.path.join(OUT, 'variants.json'), result)
     plot(result, os.path.join(OUT, 'variants.png'))
-    print(f"{len(result['runs'])} variants; runs and evaluations took {result['wall_s'] / 3600:.2f} h")
+    print(f"{len(result['runs'])} variants; runs and evaluations took "
+          f"{result['wall_s'] / 3600:.2f} h")
 
 
 if __name__ == '__main__':
