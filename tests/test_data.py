@@ -17,7 +17,7 @@ from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
 from util.engine import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, read_idx
-from util.config import DataError
+from util.errors import DataError
 from util.datafiles import read_cifar_binary
 
 

@@ -21,6 +21,7 @@ first (the README's reading order), and come here for how a run is resolved, tra
     weightfiles.py  a file of weights read without running any of its code (torch.save's format, CRC-32s checked)
     torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
+    errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file)
     outputs.py      outputs written once the work is done, claimed when the command starts
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and

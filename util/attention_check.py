@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from util.config import ConfigError
+from util.errors import ConfigError
 from util.engine import autocast
 from vit import scores, set_attn_implementation
 

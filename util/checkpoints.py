@@ -19,9 +19,10 @@ import warnings
 import torch
 import torchvision.models as tvm
 
+from util.errors import CheckpointError
 from util.files import sha256_of
 from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
-from util.weightfiles import CheckpointError, read_file
+from util.weightfiles import read_file
 from vit import VisionTransformer
 
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)

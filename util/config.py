@@ -9,6 +9,7 @@ import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
+from util.errors import ConfigError
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
@@ -181,14 +182,6 @@ class TrainConfig:
                        f'process(es)) -> {self.batch_size * self.accum_steps * world} ({self.batch_size} x '
                        f'{self.accum_steps} x {world}): keep it, e.g. with --accum-steps')
         return out
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class DataError(RuntimeError):
-    """Data that is missing, misplaced or damaged: one line naming the file and the fix."""
 
 
 def decay_floor(cfg, depth):

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
-from util.config import DataError
+from util.errors import DataError
 
 # -----------------------------------------------------------------------------
 # A small data set held in memory, and its batches made where it is held

@@ -13,22 +13,10 @@ import os
 import platform
 import subprocess
 
-from util.config import ConfigError
+from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
-
-
-class DamagedFile(ConfigError):
-    """A file that does not hold what the program that wrote it writes."""
-
-
-class WriteError(ConfigError):
-    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
-    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
-    def __init__(self, what, again=' and run the command again'):
-        super().__init__(what + again)
-        self.what = what
 
 
 def read_bytes(path, fix):

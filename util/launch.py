@@ -26,10 +26,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.checkpoints import CheckpointError
-from util.config import AMP, ConfigError, DataError, check, declared, flag, word
+from util.config import AMP, check, declared, flag, word
 from util.engine import final_lr, say, seed_all
-from util.files import WriteError
+from util.errors import CheckpointError, ConfigError, DataError, WriteError
 from util.resume import open_resumed
 from util.rundir import NOTHING_SAVED, RunDir
 from vit import SIZES

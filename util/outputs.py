@@ -12,8 +12,8 @@ A command that ends without writing (an error, Ctrl-C) removes its empty claim a
 import contextlib
 import os
 
-from util.config import ConfigError
-from util.files import RUN_FILES, WriteError, replacing, writable
+from util.errors import ConfigError, WriteError
+from util.files import RUN_FILES, replacing, writable
 
 
 def check_output(flag, path, out_dir=None, folder=False):

@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from util.checkpoints import CheckpointError, read_checkpoint
-from util.config import ConfigError, flag, show
+from util.checkpoints import read_checkpoint
+from util.config import flag, show
+from util.errors import CheckpointError, ConfigError
 
 # what a training run saves (run.Run.save), and of which type: a file without these is no run of ours
 SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list, 'metrics': dict}

@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
-from util.config import ConfigError, flag
+from util.checkpoints import arch_mismatch, read_checkpoint
+from util.config import flag
 from util.engine import build_optimizer, final_lr
+from util.errors import CheckpointError, ConfigError
 from util.resume import AFTER_DIVERGENCE, flat, resume_command
 
 

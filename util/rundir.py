@@ -26,10 +26,11 @@ import sys
 
 import torch
 
-from util.checkpoints import CheckpointError, read_checkpoint
-from util.config import ConfigError, flag
+from util.checkpoints import read_checkpoint
+from util.config import flag
 from util.engine import log
-from util.files import (RUN_FILES, DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json,
+from util.errors import CheckpointError, ConfigError, DamagedFile
+from util.files import (RUN_FILES, append_text, cannot_write, git_commit, read_bytes, read_json,
                         read_lines, replacing, set_aside, write_json, write_text)
 from util.resume import SAVED, resume_command, under_torchrun
 

@@ -13,18 +13,8 @@ import zipfile
 import torch
 
 from util.config import DEPTH, SIZE
+from util.errors import CheckpointError, UnreadableFile
 from util.torchscript import ArchiveRefused, read_archive
-
-
-class CheckpointError(RuntimeError):
-    """A file of weights that cannot be read or used: one line naming it and the fix."""
-
-
-class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint; `what` says why, the message adds the fix."""
-    def __init__(self, what, fix):
-        super().__init__(f'{what}: {fix}')
-        self.what = what
 
 
 def read_file(path):
