@@ -6,10 +6,11 @@ first (the README's reading order), and come here for how a run is resolved, tra
     config.py       one dataclass per script, each flag declared once (default, help, range); the small presets;
                     sizes that cannot fit this machine
     engine.py       the step every script calls (train_one_epoch), the batches that make a resume exact, evaluation,
-                    AdamW with layer decay, the log
+                    AdamW with layer decay
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
     attention_check.py  the fused attention checked both ways against eager before anything runs on it
-    rundir.py       the run directory, one object: claimed and locked, its lines held, its files, let go
+    rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its
+                    files, let go
     resume.py       how --resume true is checked: what the checkpoint holds, what may change, after a divergence;
                     the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.datafiles import TensorBatches, TensorImages, image_seed, unwrap
-from util.files import cannot_write
 
 
 # -----------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def log_progress(run):
     else:
         speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ' \
                 f'ETA {(run.total_steps - step) * elapsed / run.steps_done / 60:.1f} min'
-    log(run.plan.run_dir, f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
+    run.plan.run_dir.log(f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
         ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
         f' | lr {lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch):.2e} | {speed}')
     run.metrics['train'] = vals
@@ -234,7 +233,7 @@ def evaluate(predict, loader, plan):
 
 
 # -----------------------------------------------------------------------------
-# Precision, seeds, a mean over processes, the log
+# Precision, seeds, a mean over processes
 
 
 def autocast(plan):
@@ -255,37 +254,6 @@ def all_mean(t, plan):
         dist.all_reduce(t)
         t /= plan.world
     return t
-
-
-def say(msg):
-    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
-    try:
-        print(msg, flush=True)
-        return ''
-    except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
-        return e.strerror or type(e).__name__
-
-
-def log(run_dir, msg):
-    """Print (the main process), and add to the run directory's log.txt; until the run has written its config.json
-    (RunDir.begin, which writes them) the lines wait in run_dir.pending, so a command refused before then changes no
-    file of its --out-dir. Here rather than in util/rundir.py: a training step's progress line runs in this file."""
-    if not run_dir.main:
-        return
-    lost = say(msg)
-    if lost:
-        msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
-    if not run_dir.begun:
-        run_dir.pending.append(msg)
-        return
-    path = os.path.join(run_dir.path, 'log.txt')
-    try:   # never through a link; RunDir.begin made it a file of the run's own (util/files.append_text)
-        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
-            f.write(msg + '\n')
-    except OSError as e:   # what log.txt held stays whole: one line says why
-        raise cannot_write(path, e) from None
 
 
 def cast_matmul_weights(model, dtype):

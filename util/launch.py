@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from util.config import AMP, check, declared, flag, word
-from util.engine import final_lr, say, seed_all
+from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError
 from util.resume import open_resumed
-from util.rundir import NOTHING_SAVED, RunDir
+from util.rundir import NOTHING_SAVED, RunDir, say
 from vit import SIZES
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import torch
 
 from util.checkpoints import read_checkpoint
 from util.config import flag
-from util.engine import log
 from util.errors import CheckpointError, ConfigError, DamagedFile
 from util.files import (RUN_FILES, append_text, cannot_write, git_commit, read_bytes, read_json,
                         read_lines, replacing, set_aside, write_json, write_text)
@@ -199,7 +198,17 @@ class RunDir:
     # What the run writes
 
     def log(self, msg):
-        log(self, msg)   # util/engine.log: printed, and held until begin() has written config.json
+        """Print msg (the main process) and add it to log.txt; until begin() has written config.json the lines wait
+        in self.pending, so that a command refused before then changes no file of its --out-dir."""
+        if not self.main:
+            return
+        lost = say(msg)
+        if lost:
+            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
+        if self.begun:
+            append_text(self.file('log.txt'), msg + '\n')
+        else:
+            self.pending.append(msg)
 
     def begin(self, record, resumed_step, last):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
@@ -290,6 +299,17 @@ class RunDir:
                                     if evaluated else '')
         return f"{self.checkpoint} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} " \
                f'{resume_command()}'
+
+
+def say(msg):
+    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
+    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    try:
+        print(msg, flush=True)
+        return ''
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
+        return e.strerror or type(e).__name__
 
 
 def linked(path):
