@@ -14,8 +14,7 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
-from util.checkpoints import (arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, teacher_mismatch,
-                              vit_of)
+from util.checkpoints import arch_of, check_weights, describe_teacher, read_checkpoint, teacher_mismatch, vit_of
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse,
                          too_big)
 from util.engine import autocast, cast_matmul_weights
@@ -43,11 +42,9 @@ def teacher_outputs(teacher, x, layers, names):
     return {s: dict(out[t]) for s, t in pairs.items()}
 
 
-def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
-    """The frozen teacher of keywords `arch` (inspect_teacher's), its weights from cfg.teacher, on device; dtype: the
-    autocast it runs under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
-    teacher = vit_of(arch, cfg.teacher)
-    load_weights(teacher, cfg.teacher, read_checkpoint(cfg.teacher), cfg.teacher_num_heads, '--teacher-num-heads')
+def build_teacher(teacher, device, dtype=None, attn='sdpa'):
+    """The frozen teacher: the ViT inspect_teacher loaded (its file's weights), on device; dtype: the autocast it runs
+    under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
     return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
 
@@ -252,33 +249,38 @@ class TransferConfig(TrainConfig):
     def resolve(self):
         """A transfer run's resolve step: the teacher's file inspected once, the transferred layers and heads, the
         student's shape (student_arch), each refused in one line if it cannot be. Returns a Transfer."""
-        t, description = inspect_teacher(self)
+        teacher, description = inspect_teacher(self)
+        t = teacher.arch
         layers, heads = parse_index(self.layers, t['depth'], 'layers'), parse_index(self.heads, t['num_heads'], 'heads')
         heads = None if len(heads) == t['num_heads'] else heads
         layers = map_layers(self.layer_map, layers, t['depth'], student_shape(self, t)['depth'], self.layers)
-        return Transfer(t, description, layers, heads, student_arch(self, t, layers, heads))
+        return Transfer(t, description, layers, heads, student_arch(self, t, layers, heads), teacher)
 
 
 def inspect_teacher(cfg):
-    """The teacher's file read and looked at once: (its keywords at cfg.img_size, its line for the log), refused if it
-    is no ViT that could teach (heads unknown, too big here, weights that do not load into its shape or not finite)."""
-    ckpt, stated = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
+    """The teacher's file read once: (the teacher, its line for the log). The teacher is a plain ViT at cfg.img_size
+    holding the file's weights on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach
+    (heads unknown, too big here, weights that do not load into its shape or are not finite)."""
+    ckpt = read_checkpoint(cfg.teacher)
+    stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
-    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'], native['mlp_ratio'], False,
-                        'the teacher'))
+    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'], native['mlp_ratio'],
+                        False, 'the teacher'))
     plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}   # frozen, a plain ViT
-    t = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
-    return t, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
+    teacher = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
+    return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
 
 
 class Transfer(NamedTuple):
-    """What TransferConfig.resolve settles (nothing built): the teacher's keywords at the run's image size, its line
-    for the log, the layers {student: teacher}, the transferred heads (None: all), the student's keywords."""
+    """What TransferConfig.resolve settles: the teacher's keywords at the run's image size, its line for the log, the
+    layers {student: teacher}, the transferred heads (None: all), the student's keywords (nothing of it built), and
+    the teacher itself, its file read once and its weights loaded on the CPU (build_teacher places it)."""
     teacher: dict
     description: str
     layers: dict
     heads: list
     student: dict
+    loaded: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
 # A built teacher that cannot teach

@@ -28,7 +28,7 @@ from util.pretrained import AS_DEIT, FAMILIES
 
 def built_teacher(cfg):
     """The teacher a transfer run builds from cfg.teacher, on the CPU."""
-    return build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
+    return build_teacher(inspect_teacher(cfg)[0], 'cpu')
 
 torch.set_num_threads(1)   # a small, shared machine
 

@@ -14,7 +14,6 @@ final norm may be unexpected; anything else is an architecture mismatch and an e
 """
 import math
 import os
-import warnings
 
 import torch
 import torchvision.models as tvm
@@ -179,10 +178,11 @@ def vit_of(arch, source, given=None):
         raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
 
 
-def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
+def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assign=False):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
     CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
-    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite."""
+    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
+    the file's tensors themselves (check_weights), not copies."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     check_arch(model, ckpt, source, num_heads, flag)
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
@@ -207,7 +207,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
            if k in own and v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"architecture mismatch loading '{source}': {'; '.join(bad[:4])}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
     # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
     unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)
@@ -219,15 +219,18 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
 
 
 def check_weights(source, ckpt, arch, num_heads, flag, **given):
-    """Every refusal load_weights makes, on a ViT of `arch` with the keywords `given` (vit_of) that holds no memory
-    (built on the meta device): how the resolve phase looks at a file of weights before anything is built. Loading
-    into it copies nothing. Returns all the VisionTransformer keywords of that ViT."""
+    """A ViT of `arch` with the keywords `given` (vit_of) holding the checkpoint's weights, after every refusal
+    load_weights makes: how the resolve phase looks at a file of weights before anything is built. The ViT is built on
+    the meta device and the file's own tensors are assigned to it (load_state_dict(assign=True)): no random
+    initialisation, nothing copied. What the file does not hold (a classifier, the only part that may be missing) is
+    initialised on the CPU; every weight is made fp32, as loading into a built ViT makes it."""
     with torch.device('meta'):
         model = vit_of(arch, source, given)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')   # torch's note that copying into a meta tensor does nothing
-        load_weights(model, source, ckpt, num_heads, flag)
-    return model.arch
+    load_weights(model, source, ckpt, num_heads, flag, assign=True)
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            m.to_empty(device='cpu', recurse=False).reset_parameters()
+    return model.float()
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
