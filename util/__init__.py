@@ -13,13 +13,13 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     files, let go
     resume.py       how --resume true is checked: what the checkpoint holds, what may change, after a divergence;
                     the command that continues
-    checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT
+    checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
+                    file read without running any of its code (torch.load's weights only, CRC-32s checked)
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
     datafiles.py    Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
                     a small data set held in memory on the device, and its batches made there
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
-    weightfiles.py  a file of weights read without running any of its code (torch.save's format, CRC-32s checked)
     torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
     errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file)

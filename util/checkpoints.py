@@ -2,7 +2,8 @@
 Load ViT weights from anywhere into vit.py's VisionTransformer: a name from PRETRAINED (downloaded once into the
 torch hub cache), or a file holding this project's checkpoint ({'model', 'arch', ...}), an MAE checkpoint, a state
 dict with timm/MAE or torchvision names, or the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted
-in util/pretrained.py). Any other file is one CheckpointError line naming it and the fix (util/weightfiles.read_file).
+in util/pretrained.py). Every file is read without running any of its code (read_file); any other file is one
+CheckpointError line naming it and the fix.
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
@@ -14,14 +15,17 @@ final norm may be unexpected; anything else is an architecture mismatch and an e
 """
 import math
 import os
+import warnings
+import zipfile
 
 import torch
 import torchvision.models as tvm
 
-from util.errors import CheckpointError
+from util.config import DEPTH, SIZE
+from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
 from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
-from util.weightfiles import read_file
+from util.torchscript import ArchiveRefused, read_archive
 from vit import VisionTransformer
 
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
@@ -33,6 +37,9 @@ PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
        for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16), ('vit_h_14', 16))},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint: a name or a file, without running any of its code
 
 
 def read_checkpoint(source):
@@ -50,12 +57,81 @@ def read_checkpoint(source):
                                   f"{url} at {path} by hand") from None
         try:
             return read_file(path)
-        except CheckpointError as e:   # damaged in the cache, or another file put there
+        except UnreadableFile as e:   # damaged in the cache, or another file put there
             raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the file {url} "
                                   f"there by hand") from None
     if not os.path.isfile(source):
         raise CheckpointError(f"no checkpoint '{source}': give a file path or one of {', '.join(PRETRAINED)}")
     return read_file(source)
+
+
+def read_file(path):
+    """A checkpoint file's contents, read without running any of its code: what torch.save wrote, by
+    torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
+    unread), or a TorchScript archive's parameters and buffers (util/torchscript.py, which executes nothing of it).
+    Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
+    be read as a weight), and an architecture record out of range (ARCH) is refused before any of its numbers is
+    used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
+    unreadable = f"'{path}' is not a readable PyTorch checkpoint"
+    try:
+        if records(path):   # torch's zip archive
+            with zipfile.ZipFile(path) as z:
+                damaged = z.testzip()   # the first record whose CRC-32 differs
+            if damaged:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
+        if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
+            ckpt = read_archive(path)
+        else:
+            with warnings.catch_warnings():   # torch's notes on formats; what is wrong is said below, in one line
+                warnings.simplefilter('ignore')
+                ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except ArchiveRefused as e:
+        what, fix = e.args
+        raise UnreadableFile(f'{unreadable}: {what}', fix) from None
+    except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
+        raise UnreadableFile(f'{unreadable}: it is damaged ({e})', 'copy or download it again') from None
+    except Exception as e:   # empty, cut short, not torch's format, a pickle that names code, no permission
+        raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
+                             'copy or download it again; for a file of your own, save the tensors alone: '
+                             'torch.save(model.state_dict(), path)') from None
+    arch = recorded(ckpt) or {}
+    bad = [f'{k} {v!r}' for k, v in arch.items() if k in ARCH and not in_range(v, *ARCH[k])]
+    if bad:   # before a 0 divides or a string multiplies where it is used
+        raise UnreadableFile(f"{unreadable}: it records an architecture with {', '.join(bad)}, of another type or "
+                             f"out of range: it was edited or is damaged", 'take another copy of it')
+    return ckpt
+
+
+def torch_says(error):
+    """What torch.load found, in its own words: the last paragraph of its message (before its pointer to the docs, after
+    'WeightsUnpickler error:'), its first sentence; never its advice to load the file with weights_only=False or to
+    allow what it refused, either of which would run the code a pickle carries. An error without words: its name."""
+    text = str(error).split('Check the documentation')[0].split('WeightsUnpickler error:')[-1]
+    paragraphs = [' '.join(p.split()) for p in text.split('\n\n') if p.strip()]
+    return paragraphs[-1].split('. ')[0].rstrip('.') if paragraphs else type(error).__name__
+
+
+def records(path, name='data.pkl'):
+    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rpartition('/')[2] == name for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+# the numbers an architecture record ('arch', VisionTransformer's keywords) may hold: (least, most), whole numbers
+# where the least is one, else floats too
+ARCH = {'img_size': (1, SIZE), 'patch_size': (1, SIZE), 'in_chans': (1, SIZE), 'num_classes': (0, SIZE),
+        'embed_dim': (1, SIZE), 'depth': (1, DEPTH), 'num_heads': (1, DEPTH), 'reg_tokens': (0, SIZE),
+        'mlp_ratio': (1e-3, SIZE), 'norm_eps': (1e-12, 1.0), 'drop_path_rate': (0.0, 1.0)}
+
+
+def in_range(value, least, most):
+    return (type(value) is int or type(value) is float and type(least) is float) and least <= value <= most
+
+# -----------------------------------------------------------------------------
+# What a checkpoint holds: its state dict in timm's names, its architecture
 
 
 def state_dict_of(ckpt):

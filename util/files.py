@@ -1,6 +1,6 @@
 """
 The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...),
-and the folders they go in (checkpoints are read by util/weightfiles.py). A file cut short by a kill or a full disk,
+and the folders they go in (checkpoints are read by util/checkpoints.py). A file cut short by a kill or a full disk,
 edited by hand, or written by another program is one error naming the file and the fix, never a traceback; a file is
 written to a temporary file and renamed, never left half written; an output that cannot be written is refused before
 any work.
