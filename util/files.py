@@ -1,9 +1,8 @@
 """
-The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...),
-and the folders they go in (checkpoints are read by util/checkpoints.py). A file cut short by a kill or a full disk,
-edited by hand, or written by another program is one error naming the file and the fix, never a traceback; a file is
-written to a temporary file and renamed, never left half written; an output that cannot be written is refused before
-any work.
+The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...);
+checkpoints are read by util/checkpoints.py, and where a command may write is util/outputs.py's. A file cut short by
+a kill or a full disk, edited by hand, or written by another program is one error naming the file and the fix, never
+a traceback; a file is written to a temporary file and renamed, never left half written.
 """
 import contextlib
 import errno
@@ -13,7 +12,7 @@ import os
 import platform
 import subprocess
 
-from util.errors import ConfigError, DamagedFile, WriteError
+from util.errors import DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
@@ -139,11 +138,8 @@ def sha256_of(path):
     """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
     if not os.path.isfile(path):
         return None
-    digest = hashlib.sha256()
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(2 ** 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def save_figure(fig, path, **kwargs):
@@ -155,32 +151,6 @@ def save_figure(fig, path, **kwargs):
 def write_json(path, record):
     """`record` as indented JSON, whole or not at all (replacing)."""
     write_text(path, json.dumps(record, indent=2))
-
-
-def check_out_dir(path, flag, record=None, files=()):
-    """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made
-    or written there (no permission, a read-only file system). Makes nothing. record, files: what a command
-    writes there, `record` (its JSON) beside the others; any of them in a folder without `record` is someone
-    else's (a user's own README.md), which the command would replace: refused, as it replaces only its own."""
-    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
-    if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: "
-                          f"choose another {flag}")
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')
-    writable(flag, path, path, 'is a file, so no folder can be made there',
-             'cannot be written (read-only, or no permission)')
-
-
-def writable(flag, path, parent, is_file='is a file', denied='cannot be written'):
-    """Refuse `path` unless the nearest folder that exists at or above `parent` (the one written into, or made in)
-    is a folder that can be written: '<flag> <path>: <that folder> <is_file or denied>: choose another <flag>'."""
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):   # also false when read-only
-        raise ConfigError(f'{flag} {path}: {parent} {denied if os.path.isdir(parent) else is_file}: choose '
-                          f'another {flag}')
 
 
 def read_lines(path):

@@ -1,7 +1,11 @@
 """
-The outputs a command writes once its work is done, outside any run directory (mae_pretrain.py --export, evaluate.py
---out, ensemble.py --out): refused before any work where they cannot be written (check_output), and claimed when
-the command starts, so that two commands given one path never both write it:
+Where a command writes, refused before any work where it cannot be written, as open() itself says (the folder
+and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
+
+    check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
+    check_output('--out', path)         a file written once the work is done (mae_pretrain.py --export, evaluate.py
+                                        --out, ensemble.py --out), then claimed when the command starts, so that two
+                                        commands given one path never both write it:
 
     with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -11,9 +15,35 @@ A command that ends without writing (an error, Ctrl-C) removes its empty claim a
 """
 import contextlib
 import os
+import tempfile
 
 from util.errors import ConfigError, WriteError
-from util.files import RUN_FILES, replacing, writable
+from util.files import RUN_FILES, replacing
+
+
+def writable(flag, path, parent):
+    """Refuse `path` unless a file can be made in the nearest folder that exists at or above `parent` (the one
+    written into, or made in), as open() says: an unnamed temporary file made there and gone at once, so nothing is
+    left. '<flag> <path>[: <that folder>] cannot be written into (<the errno's words>): choose another <flag>'."""
+    while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
+        parent = os.path.dirname(parent)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:   # a file where a folder should be, no permission, a read-only file system
+        where = path if parent == os.path.abspath(path) else f'{path}: {parent}'
+        raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another {flag}') from None
+
+
+def check_out_dir(path, flag, record=None, files=()):
+    """Refuse, before any work, a folder to write into that cannot be written (writable: a file, or under a file; no
+    permission). Makes nothing. record, files: what a command writes there, `record` (its JSON) beside the others;
+    any of them in a folder without `record` is someone else's (a user's own README.md), which the command would
+    replace: refused, as it replaces only its own."""
+    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
+    if record and found and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: "
+                          f"choose another {flag}")
+    writable(flag, path, os.path.abspath(path))
 
 
 def check_output(flag, path, out_dir=None, folder=False):
@@ -25,9 +55,8 @@ def check_output(flag, path, out_dir=None, folder=False):
             os.path.realpath(parent) == os.path.realpath(out_dir):
         raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
                           f'outside it, or another name')
-    if os.path.lexists(path) and (not folder or not os.path.isdir(path)):
-        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
-                          f': move it away or choose another {flag}')
+    if os.path.lexists(path) and not folder:
+        raise ConfigError(f'{flag} {path} exists: move it away or choose another {flag}')
     writable(flag, path, parent)
 
 

@@ -31,6 +31,7 @@ from util.config import flag
 from util.errors import CheckpointError, ConfigError, DamagedFile
 from util.files import (RUN_FILES, append_text, cannot_write, git_commit, read_bytes, read_json,
                         read_lines, replacing, set_aside, write_json, write_text)
+from util.outputs import writable
 from util.resume import SAVED, resume_command, under_torchrun
 
 
@@ -73,8 +74,7 @@ class RunDir:
         return self
 
     def refuse_unusable(self):
-        if not os.access(self.path, os.W_OK):
-            raise ConfigError(f'--out-dir {self.path} cannot be written (read-only): choose another --out-dir')
+        writable('--out-dir', self.path, os.path.abspath(self.path))
         theirs = [] if self.cfg.resume else self.foreign()
         if theirs:   # another program's model, a user's notes: --overwrite true or not, a run would write over them
             hit = [n for n in RUN_FILES if n in theirs]
