@@ -3,7 +3,7 @@ Each data set's files on disk: found, downloaded when missing (checksummed), rea
 damaged or misplaced file is one DataError naming it and the fix, never a traceback or silently wrong data.
 
     Fashion-MNIST   IDX files (MNIST's format), from --data-dir, else Debian's dataset-fashion-mnist
-                    (/usr/share/datasets/fashion-mnist), else downloaded
+                    (/usr/share/datasets/fashion-mnist), else downloaded; read by torchvision's readers
     CIFAR-10 / 100  the binary distribution's fixed-size records, extracted from its archive (downloaded if absent)
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
     class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
@@ -20,10 +20,10 @@ data.py turns these datasets into what a model is fed: transforms, splits, loade
 """
 import contextlib
 import gzip
-import math
 import os
 import pathlib
 import shutil
+import tempfile
 import warnings
 import zlib
 
@@ -32,6 +32,7 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.mnist import read_image_file, read_label_file, read_sn3_pascalvincent_tensor
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from util.errors import DataError
@@ -190,30 +191,27 @@ def unwrap(dataset):
 
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
+# Fashion-MNIST: its IDX files found (--data-dir, torchvision's folder, Debian's), read by torchvision's readers
 
 FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                        't10k-labels-idx1-ubyte')
 
 
-def read_idx(path):
-    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
-    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
+def read_idx(path, read=read_sn3_pascalvincent_tensor):
+    """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
+    uint8; read_label_file: (N,)); a gzipped one (Debian's) through an uncompressed temporary copy, as torchvision's
+    reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""
     try:
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
-        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == b'\0\0\x08' else 0
-    start = 4 + 4 * ndim   # of the data
-    if not ndim or len(data) < start:
-        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
-    shape = np.frombuffer(data, '>u4', ndim, 4).tolist()
-    if len(data) - start != math.prod(shape):
-        raise damaged_idx([path], f'has {len(data) - start} bytes of data where its header says '
-                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
-    return torch.tensor(np.frombuffer(data, np.uint8, offset=start).reshape(shape))
+        if not path.endswith('.gz'):
+            return read(path)
+        with tempfile.NamedTemporaryFile() as plain, gzip.open(path) as packed:
+            shutil.copyfileobj(packed, plain)
+            plain.flush()
+            return read(plain.name)
+    except (OSError, EOFError, zlib.error, AssertionError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__   # a cut .gz, not gzip, not IDX
+        raise damaged_idx([path], f'cannot be read ({said})') from None
 
 
 def damaged_idx(paths, problem):
@@ -247,11 +245,13 @@ def fashion_mnist(data_dir, train, transform):
                             f"`apt-get install dataset-fashion-mnist`") from None
         return fashion_mnist(data_dir, train, transform)
     stem = 'train' if train else 't10k'
-    images, labels = found[f'{stem}-images-idx3-ubyte'], found[f'{stem}-labels-idx1-ubyte']
-    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
-    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
+    images = found[f'{stem}-images-idx3-ubyte']
+    labels = found[f'{stem}-labels-idx1-ubyte']
+    x = read_idx(images, read_image_file)                                      # (N, H, W)
+    y = read_idx(labels, read_label_file)                                      # (N,)
+    if x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
         raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
-    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
+    if len(x) != len(y):
         raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
                                             f'(expected (N, 28, 28) and (N,))')
     if (y >= 10).any():

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.config import AMP, check, declared, flag, word
+from util.config import check, declared, flag, word
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError
 from util.resume import open_resumed
@@ -107,9 +107,8 @@ def check_schedule(cfg, world):
 
 
 def amp_dtype(amp, device):
-    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
-    if amp not in AMP:
-        raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
+    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32; `amp` is one of
+    config.AMP, as every config's rule for --amp holds."""
     if amp == 'auto':
         if device.type == 'cuda':
             # native only: before Ampere (a T4) bf16 is emulated, slower than fp16 with a GradScaler
