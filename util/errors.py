@@ -1,7 +1,7 @@
 """
 The refusals a user meets as one line: each names the file or the option, what is wrong, and the fix, and
 util/launch.run_main prints it and exits non-zero, never a traceback. Every file of util/ raises them, so they sit
-here, below all of them: this file imports nothing.
+here, below all of them, with first_few, the way a message lists what it found: this file imports nothing.
 """
 
 
@@ -36,3 +36,11 @@ class WriteError(ConfigError):
     def __init__(self, what, again=' and run the command again'):
         super().__init__(what + again)
         self.what = what
+
+
+def first_few(items, most=3):
+    """Items named in a one-line message: the first `most`, then ' ...' where there are more."""
+    shown = ', '.join(map(str, items[:most]))
+    if len(items) > most:
+        shown += ' ...'
+    return shown
