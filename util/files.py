@@ -15,11 +15,13 @@ import subprocess
 from util.errors import DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
+             'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
-    """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>): <fix>'."""
+    """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>):
+    <fix>'."""
     try:
         with open(path, 'rb') as f:
             return f.read()
@@ -36,7 +38,8 @@ def read_json(path, fix, keys=None):
     except ValueError as e:   # JSONDecodeError, or bytes that are not UTF-8
         raise DamagedFile(f'{path} is not JSON, cut short or damaged ({e}): {fix}') from None
     if not isinstance(record, dict):
-        raise DamagedFile(f'{path} holds a JSON {type(record).__name__}, not the object expected: {fix}')
+        kind = type(record).__name__
+        raise DamagedFile(f'{path} holds a JSON {kind}, not the object expected: {fix}')
     bad = [k for k, kind in (keys or {}).items() if not isinstance(record.get(k), kind)]
     if bad:
         raise DamagedFile(f"{path} lacks {', '.join(bad)} (missing or of another kind): {fix}")
@@ -68,18 +71,20 @@ def replacing(path):
     path = os.fspath(path)
     tmp = path + '.tmp'
     try:
-        with contextlib.suppress(FileNotFoundError):   # one left by a kill, or a link: never written through
+        # one left by a kill, or a link: never written through
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
-            e = e.__cause__ or e.__context__                              # or the Ctrl-C that cut its write
+        # torch.save's error follows the OSError, or the Ctrl-C that cut its write
+        while isinstance(e, Exception) and not isinstance(e, OSError):
+            e = e.__cause__ or e.__context__
         if isinstance(e, OSError):
             raise cannot_write(path, e) from None
-        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for (SIGTERM)
+        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for
             raise KeyboardInterrupt(*e.args) from None
         raise
 
@@ -89,14 +94,18 @@ def cannot_write(path, e):
     path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
     if e.errno == errno.ELOOP:   # opened with O_NOFOLLOW
-        return WriteError(f'cannot write {path}: it is a link, which this would write through: put a copy of its '
-                          f'file there, or remove it', '')
-    if e.errno in (errno.EISDIR, errno.ENOTDIR):
-        kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
-        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
+        return WriteError(f'cannot write {path}: it is a link, which this would write through: put '
+                          f'a copy of its file there, or remove it', '')
+    if e.errno == errno.EISDIR:
+        return WriteError(f'cannot write {path}: it is a directory: move that away, or choose '
+                          f'another path', '')
+    if e.errno == errno.ENOTDIR:
+        return WriteError(f'cannot write {path}: it has a file where a folder of its path should '
+                          f'be: move that away, or choose another path', '')
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
-        return WriteError(f'cannot write {path} ({why}): make {os.path.dirname(os.path.abspath(path))} writable '
-                          f'(or choose another path)')
+        folder = os.path.dirname(os.path.abspath(path))
+        return WriteError(f'cannot write {path} ({why}): make {folder} writable (or choose another '
+                          f'path)')
     return WriteError(f'cannot write {path} ({why}): free some space')
 
 
@@ -111,7 +120,7 @@ def append_text(path, text):
     so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
     line (a file that may not be written is named)."""
     try:
-        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
+        with open(path, 'a', opener=not_through_links) as f:
             if os.fstat(f.fileno()).st_nlink == 1:
                 f.write(text)
                 return
@@ -119,15 +128,23 @@ def append_text(path, text):
         with replacing(path) as tmp, open(tmp, 'wb') as f:
             f.write(data + text.encode())
     except OSError as e:
-        if isinstance(e, PermissionError) and os.path.isfile(path):   # the file's own: appending needs no other
-            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod u+w)') from None
+        # the file's own permission: appending needs no other
+        if isinstance(e, PermissionError) and os.path.isfile(path):
+            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
+                             f'u+w)') from None
         raise cannot_write(path, e) from None
+
+
+def not_through_links(path, flags):
+    """open()'s opener that never follows a link (O_NOFOLLOW: ELOOP)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
 
 
 def set_aside(path):
     """Move a damaged file out of the way, kept beside it as <name>.damaged (.damaged.1, .damaged.2, ... where one is
     there: an older copy kept for its user is never replaced)."""
-    kept, n = f'{path}.damaged', 0
+    kept = f'{path}.damaged'
+    n = 0
     while os.path.lexists(kept):
         n += 1
         kept = f'{path}.damaged.{n}'
@@ -143,7 +160,8 @@ def sha256_of(path):
 
 
 def save_figure(fig, path, **kwargs):
-    """A matplotlib figure saved whole or not at all (replacing), in the format its file name says."""
+    """A matplotlib figure saved whole or not at all (replacing), in the format its file name
+    says."""
     with replacing(path) as tmp:
         fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or 'png', **kwargs)
 
@@ -170,11 +188,14 @@ def git_commit(*args, cwd=None):
     if args:
         return git(*args)
     head = git('rev-parse', 'HEAD')
-    return head + (' (with uncommitted changes to *.py)' if head and git('status', '--porcelain', '--', '*.py') else '')
+    if head and git('status', '--porcelain', '--', '*.py'):
+        return head + ' (with uncommitted changes to *.py)'
+    return head
 
 
 def cpu_name():
-    """The processor's model name (speeds differ several-fold between CPUs: every result states it)."""
+    """The processor's model name (speeds differ several-fold between CPUs: every result states
+    it)."""
     if os.path.exists('/proc/cpuinfo'):
         for line in open('/proc/cpuinfo'):
             if line.startswith('model name'):

@@ -31,7 +31,8 @@ def writable(flag, path, parent):
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:   # a file where a folder should be, no permission, a read-only file system
         where = path if parent == os.path.abspath(path) else f'{path}: {parent}'
-        raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another {flag}') from None
+        raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another '
+                          f'{flag}') from None
 
 
 def check_out_dir(path, flag, record=None, files=()):
@@ -41,8 +42,8 @@ def check_out_dir(path, flag, record=None, files=()):
     replace: refused, as it replaces only its own."""
     found = [f for f in files if os.path.lexists(os.path.join(path, f))]
     if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: "
-                          f"choose another {flag}")
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this "
+                          f"command made them: choose another {flag}")
     writable(flag, path, os.path.abspath(path))
 
 
@@ -53,8 +54,8 @@ def check_output(flag, path, out_dir=None, folder=False):
     parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
-                          f'outside it, or another name')
+        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
+                          f'a path outside it, or another name')
     if os.path.lexists(path) and not folder:
         raise ConfigError(f'{flag} {path} exists: move it away or choose another {flag}')
     writable(flag, path, parent)
@@ -65,7 +66,10 @@ class Claims:
     it may replace), the folders it made for them, and the ones it has written."""
 
     def __init__(self, flag):
-        self.flag, self.claimed, self.made, self.written = flag, {}, [], set()
+        self.flag = flag
+        self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
+        self.made = []            # the folders made for them, innermost first
+        self.written = set()
 
     def take(self, path, replaces=False):
         """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
@@ -81,11 +85,11 @@ class Claims:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
-            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an earlier result): '
-                              f'move it away or choose another {self.flag}') from None
+            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
+                              f'earlier result): move it away or choose another {self.flag}') from None
         except OSError as e:
-            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose another '
-                              f'{self.flag}') from None
+            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose '
+                              f'another {self.flag}') from None
         stat = os.fstat(fd)
         os.close(fd)
         self.claimed[path] = stat.st_dev, stat.st_ino
@@ -104,14 +108,15 @@ class Claims:
         """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
         if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
         if not self.own(path):
-            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds another file now, '
-                             f'kept as it is): choose another {self.flag}')
+            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds '
+                             f'another file now, kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'wb') as f:
             write(f)
         self.written.add(path)
 
     def let_go(self):
-        """Remove the claims not written (if still empty and this command's), then the folders made for them."""
+        """Remove the claims not written (if still empty and this command's), then the folders made
+        for them."""
         for path in self.claimed:
             if path not in self.written and self.claimed[path] is not None and self.own(path):
                 with contextlib.suppress(OSError):
