@@ -23,7 +23,8 @@ first (the README's reading order), and come here for how a run is resolved, tra
     torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
     errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file)
-    outputs.py      outputs written once the work is done, claimed when the command starts
+    outputs.py      where a command writes, refused before any work where open() says it cannot be; outputs
+                    written once the work is done, claimed when the command starts
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and
 model and hand them here (tests/test_layout.py).

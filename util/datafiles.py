@@ -49,8 +49,11 @@ class TensorImages(Dataset):
     (index = label); source: the folder the files were read from (None: made at random)."""
 
     def __init__(self, images, labels, transform, classes, source):
-        self.images, self.labels, self.transform = images, labels.long(), transform
-        self.classes, self.source = classes, source
+        self.images = images                  # (N, C, H, W) uint8
+        self.labels = labels.long()           # (N,)
+        self.transform = transform
+        self.classes = classes
+        self.source = source
 
     def __len__(self):
         return len(self.labels)
@@ -76,12 +79,19 @@ class TensorBatches:
     the device."""
 
     def __init__(self, dataset, batch_size, sampler, drop_last, seed, rank, device):
-        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
-        self.drop_last, self.seed, self.rank, self.device = drop_last, seed, rank, device
-        held, self.index = unwrap(dataset), None
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.device = device                  # where the batches go
+        held = unwrap(dataset)
+        self.index = None
         if isinstance(dataset, Subset):   # the positions the sampler gives, as the held indices
             self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
-        self.images, self.labels = held.images, held.labels
+        self.images = held.images
+        self.labels = held.labels
         where = held.images.device
         self.transform = held.transform.to(where)
         self.generator = torch.Generator(where)          # erasing's noise, where the images are

@@ -129,7 +129,8 @@ class SeededDataset(Dataset):
     workers this runs in the training process, whose drop-path, MixUp and MAE masks draw from it."""
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+        self.dataset = dataset
+        self.seed = seed
 
     def __len__(self):
         return len(self.dataset)
@@ -185,7 +186,8 @@ def build_optimizer(cfg, model, lr):
     (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
     the last block then share the full lr): cfg.layer_decay_offset picks."""
-    groups, layers = {}, getattr(model, 'depth', 0) + cfg.layer_decay_offset
+    groups = {}   # (lr scale, no weight decay) -> its AdamW parameter group
+    layers = getattr(model, 'depth', 0) + cfg.layer_decay_offset
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -114,7 +114,8 @@ class Run:
     def begin(self, full):
         """config.json (what the run is and what made it), then the first lines of the log: the lr, the
         model, the processes, the schedule (full: its steps)."""
-        cfg, plan = self.cfg, self.plan
+        cfg = self.cfg
+        plan = self.plan
         saved = {'saved': plan.resumed['config']} if plan.resumed else {}
         last = None   # at an epoch's end, evaluated there: the record metrics.jsonl must hold
         if self.step % self.steps_per_epoch == 0 and set(self.metrics) - {'train'}:
