@@ -114,32 +114,6 @@ def write_text(path, text):
         f.write(text)
 
 
-def append_text(path, text):
-    """Add text at the end of a file (a log), in place, never through a link; one with other names too (a hard link:
-    a snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
-    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
-    line (a file that may not be written is named)."""
-    try:
-        with open(path, 'a', opener=not_through_links) as f:
-            if os.fstat(f.fileno()).st_nlink == 1:
-                f.write(text)
-                return
-        data = read_bytes(path, 'move it away')
-        with replacing(path) as tmp, open(tmp, 'wb') as f:
-            f.write(data + text.encode())
-    except OSError as e:
-        # the file's own permission: appending needs no other
-        if isinstance(e, PermissionError) and os.path.isfile(path):
-            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
-                             f'u+w)') from None
-        raise cannot_write(path, e) from None
-
-
-def not_through_links(path, flags):
-    """open()'s opener that never follows a link (O_NOFOLLOW: ELOOP)."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
-
-
 def set_aside(path):
     """Move a damaged file out of the way, kept beside it as <name>.damaged (.damaged.1, .damaged.2, ... where one is
     there: an older copy kept for its user is never replaced)."""

@@ -4,7 +4,8 @@ written its config.json, its files written whole, let go at the end.
 
     config.json     every field, what made the run (script, git commit, torch, command; a transfer run's teacher by
                     SHA-256); a resume updates the fields and appends what it changed under 'resumes'
-    log.txt         what the run printed
+    log.txt         what the run printed (RunDir.log: printed, held until config.json is written, then added
+                    to log.txt, never through a link)
     metrics.jsonl   one record per evaluation ('time': seconds of training, summed over resumes)
     checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, classes, the script that saved it
     .lock           while a process writes the directory: the lock, and its pid and command inside
@@ -28,9 +29,9 @@ import torch
 
 from util.checkpoints import read_checkpoint
 from util.config import flag
-from util.errors import CheckpointError, ConfigError, DamagedFile, first_few
-from util.files import (RUN_FILES, append_text, cannot_write, git_commit, read_bytes, read_json,
-                        read_lines, replacing, set_aside, write_json, write_text)
+from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few
+from util.files import (RUN_FILES, cannot_write, git_commit, read_bytes, read_json, read_lines, replacing,
+                        set_aside, write_json, write_text)
 from util.outputs import writable
 from util.resume import SAVED, resume_command, under_torchrun
 
@@ -235,7 +236,7 @@ class RunDir:
         if lost:
             msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
         if self.begun:
-            append_text(self.file('log.txt'), msg + '\n')
+            add_to_log(self.file('log.txt'), msg + '\n')
         else:
             self.pending.append(msg)
 
@@ -269,7 +270,7 @@ class RunDir:
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
             self.keep_metrics(resumed_step, last)
             write_json(self.file('config.json'), record)
-            append_text(self.file('log.txt'), lines)
+            add_to_log(self.file('log.txt'), lines)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
@@ -344,6 +345,32 @@ class RunDir:
         if under_torchrun():
             return f'{self.checkpoint} holds the last checkpoint; continue with {resume_command()}'
         return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
+
+
+def add_to_log(path, text):
+    """Add text at the end of log.txt, in place, never through a link; one with other names too (a hard link: a
+    snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
+    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
+    line (a file that may not be written is named)."""
+    try:
+        with open(path, 'a', opener=not_through_links) as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                f.write(text)
+                return
+        data = read_bytes(path, 'move it away')
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data + text.encode())
+    except OSError as e:
+        # the file's own permission: appending needs no other
+        if isinstance(e, PermissionError) and os.path.isfile(path):
+            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
+                             f'u+w)') from None
+        raise cannot_write(path, e) from None
+
+
+def not_through_links(path, flags):
+    """open()'s opener that never follows a link (O_NOFOLLOW: ELOOP)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
 
 
 def say(msg):
