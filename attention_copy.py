@@ -163,7 +163,7 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
                                   f'teacher (--new-teacher true if another one is meant)')
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
-    teacher = build_teacher(cfg, inspect_teacher(cfg)[0], 'cpu')
+    teacher = build_teacher(inspect_teacher(cfg)[0], 'cpu')
     student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
     # older records: the same layers in student and teacher
     layers = rec.get('layer_map', rec.get('layers'))
@@ -197,7 +197,7 @@ def main():
     heads = transfer.heads
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(cfg, transfer.teacher, plan.device, plan.dtype, 'eager')   # frozen
+        teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')            # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
-from util.config import DataError
+from util.errors import DataError
 from util.datafiles import CIFAR, TensorImages, cifar, fashion_mnist, image_folder, send, unwrap
 from util.engine import build_loader
 

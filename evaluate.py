@@ -41,9 +41,10 @@ from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, loa
                       predict_all)
 from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, read_classes
-from util.engine import build_loader, say
+from util.engine import build_loader
 from util.launch import parse_config, run_main
 from util.outputs import check_output, claimed
+from util.rundir import say
 
 # -----------------------------------------------------------------------------
 # Config

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
-from util.checkpoints import (arch_of, check_weights, describe_teacher, load_weights, read_checkpoint, teacher_mismatch,
-                              vit_of)
-from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of, option, readable, refuse,
-                         too_big)
+from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint,
+                              teacher_mismatch, vit_of)
+from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of,
+                         option, readable, refuse, too_big)
 from util.engine import autocast, cast_matmul_weights
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
@@ -25,7 +25,9 @@ from vit import SIZES, attend, model_arch, set_attn_implementation
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}
 INDEX_SYNTAX = 'use all, 3, 0-17, 0,2,5 or 0-3,8'
 PAIRS_SYNTAX = 'use auto or student:teacher layer pairs such as 0:0,1:4,2:8'
-SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers', 'fashion-mnist-mae.pt')}   # by --data
+# the teacher this repository ships, by --data
+SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers',
+                                         'fashion-mnist-mae.pt')}
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
 
@@ -43,11 +45,9 @@ def teacher_outputs(teacher, x, layers, names):
     return {s: dict(out[t]) for s, t in pairs.items()}
 
 
-def build_teacher(cfg, arch, device, dtype=None, attn='sdpa'):
-    """The frozen teacher of keywords `arch` (inspect_teacher's), its weights from cfg.teacher, on device; dtype: the
-    autocast it runs under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
-    teacher = vit_of(arch, cfg.teacher)
-    load_weights(teacher, cfg.teacher, read_checkpoint(cfg.teacher), cfg.teacher_num_heads, '--teacher-num-heads')
+def build_teacher(teacher, device, dtype=None, attn='sdpa'):
+    """The frozen teacher: the ViT inspect_teacher loaded (its file's weights), on device; dtype: the autocast it runs
+    under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
     return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
 
@@ -76,14 +76,18 @@ def parse_index(spec, n, what):
     """'all' | '3' | '0-17' | '0,2,5' | '0-3,8' -> sorted list of indices in [0, n)."""
     if spec == 'all':
         return list(range(n))
+    parts = [part.partition('-') for part in spec.split(',')]   # '0-3' -> ('0', '-', '3')
     try:
-        ranges = [(int(a), int(b if dash else a)) for a, dash, b in (part.partition('-') for part in spec.split(','))]
+        ranges = [(int(a), int(b if dash else a)) for a, dash, b in parts]
     except ValueError:
         raise ConfigError(f"--{what} '{spec}': {INDEX_SYNTAX}") from None
-    for lo, hi in ranges:   # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
+    # an empty range inside a list would transfer less without a word (0,1-0: layer 0 alone)
+    for lo, hi in ranges:
         if hi < lo:
-            raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as {hi}-{lo})')
-    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}   # none negative: lo holds no '-', hi >= lo
+            raise ConfigError(f'--{what} {spec}: {lo}-{hi} is an empty range (low-high, as '
+                              f'{hi}-{lo})')
+    # none negative: lo holds no '-', hi >= lo
+    out = {i for lo, hi in ranges for i in range(lo, hi + 1)}
     if max(out) >= n:
         raise ConfigError(f'--{what} {spec}: the teacher has {what} 0..{n - 1}')
     return sorted(out)
@@ -95,12 +99,13 @@ def parse_pairs(spec):
         return None
     try:
         pairs = [tuple(int(n) for n in p.split(':')) for p in spec.split(',')]
-        pairs = dict(pairs) if all(len(p) == 2 and min(p) >= 0 for p in pairs) else None
     except ValueError:
-        pairs = None
-    if not pairs or len(pairs) != spec.count(',') + 1:      # malformed, negative, or a student layer twice
+        pairs = []
+    whole = pairs and all(len(p) == 2 and min(p) >= 0 for p in pairs)
+    # malformed, negative, or a student layer twice
+    if not whole or len(dict(pairs)) != spec.count(',') + 1:
         raise ConfigError(f"--layer-map '{spec}': {PAIRS_SYNTAX}, each student layer once")
-    return pairs
+    return dict(pairs)
 
 
 def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
@@ -108,22 +113,27 @@ def map_layers(spec, layers, teacher_depth, student_depth, layers_spec='all'):
     the same stretch of its depth (teacher layer l marks student layer round(l (D_s - 1) / (D_t - 1))), its k layers
     taking k of the teacher's, evenly spaced, first on first and last on last (equal depths: the identity).
     Otherwise spec names the pairs (parse_pairs), teacher layers among --layers, increasing with the student's."""
-    def nearest(a, b):   # a / b rounded half up (0 if b is 0: a one-layer model's only layer is first and last)
+    def nearest(a, b):
+        """a / b rounded half up; 0 if b is 0 (a one-layer model's only layer is first and last)."""
         return (2 * a + b) // (2 * b) if b else 0
     pairs = parse_pairs(spec)
     if pairs is None:
         student = sorted({nearest(l * (student_depth - 1), teacher_depth - 1) for l in layers})
-        k, n = len(student), len(layers)
-        return {s: layers[nearest(i * (n - 1), k - 1) if k > 1 else -1] for i, s in enumerate(student)}
+        if len(student) == 1:   # one student layer: the teacher's last
+            return {student[0]: layers[-1]}
+        k = len(student)
+        n = len(layers)
+        return {s: layers[nearest(i * (n - 1), k - 1)] for i, s in enumerate(student)}
     pairs = dict(sorted(pairs.items()))
     if max(pairs) >= student_depth:
         raise ConfigError(f'--layer-map {spec}: the student has layers 0..{student_depth - 1}')
     if not set(pairs.values()) <= set(layers):
-        raise ConfigError(f'--layer-map {spec}: teacher layers must be among --layers {layers_spec} '
-                          f'(the teacher has layers 0..{teacher_depth - 1})')
+        raise ConfigError(f'--layer-map {spec}: teacher layers must be among --layers '
+                          f'{layers_spec} (the teacher has layers 0..{teacher_depth - 1})')
     teacher = list(pairs.values())
     if teacher != sorted(set(teacher)):
-        raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student layers')
+        raise ConfigError(f'--layer-map {spec}: the teacher layers must increase with the student '
+                          f'layers')
     return pairs
 
 
@@ -133,31 +143,44 @@ def layer_pairs(layers):
 
 
 def describe_map(transfer):
-    """The mapping in one line for the log: which teacher layer and heads reach which student layer and head."""
-    teacher_heads, student_heads = transfer.teacher['num_heads'], transfer.student['num_heads']
-    pairs, g = ' '.join(f'{s}:{t}' for s, t in transfer.layers.items()), teacher_heads // student_heads
-    return f'layer map (student:teacher) {pairs}; ' + ('heads one to one' if g == 1 else f"the teacher's "
-           f'{teacher_heads} heads in {student_heads} groups of {g}, maps averaged (student head j <- teacher heads '
-           f'{g}j..{g}j+{g - 1})')
+    """The mapping in one line for the log: which teacher layer and heads reach which student layer and
+    head."""
+    teacher_heads = transfer.teacher['num_heads']
+    student_heads = transfer.student['num_heads']
+    g = teacher_heads // student_heads
+    pairs = ' '.join(f'{s}:{t}' for s, t in transfer.layers.items())
+    if g == 1:
+        return f'layer map (student:teacher) {pairs}; heads one to one'
+    return f"layer map (student:teacher) {pairs}; the teacher's {teacher_heads} heads in " \
+           f'{student_heads} groups of {g}, maps averaged (student head j <- teacher heads ' \
+           f'{g}j..{g}j+{g - 1})'
 
 # -----------------------------------------------------------------------------
 # The student built to fit
 
 
 def student_presets(presets):
-    """finetune.py's recipes for a student of its teacher's shape and patch: none of their size fields."""
-    return {k: {**{f: x for f, x in v.items() if f not in ('embed_dim', 'depth', 'num_heads')},
-                'model': 'teacher', 'patch_size': 0} for k, v in presets.items()}
+    """finetune.py's recipes for a student of its teacher's shape and patch: none of their size
+    fields."""
+    sizes = ('embed_dim', 'depth', 'num_heads')
+    return {k: {**{f: x for f, x in v.items() if f not in sizes}, 'model': 'teacher',
+                'patch_size': 0} for k, v in presets.items()}
 
 
 def student_shape(cfg, t):
-    """The student's size: the teacher's or --model's, the teacher's patch or --patch-size, --embed-dim, ..."""
-    return {**(t if cfg.model == 'teacher' else model_arch(cfg.model)), 'patch_size': cfg.patch_size or t['patch_size'],
-            **{k: getattr(cfg, k) for k in ('embed_dim', 'depth', 'num_heads') if getattr(cfg, k) is not None}}
+    """The student's size: the teacher's or --model's, the teacher's patch or --patch-size, --embed-dim,
+    ..."""
+    shape = dict(t) if cfg.model == 'teacher' else model_arch(cfg.model)
+    shape['patch_size'] = cfg.patch_size or t['patch_size']
+    for k in ('embed_dim', 'depth', 'num_heads'):
+        if getattr(cfg, k) is not None:
+            shape[k] = getattr(cfg, k)
+    return shape
 
 
 def build_student(transfer, num_classes, cfg):
-    """A randomly initialised ViT of the shape the resolve step settled (transfer.student), with this task's head."""
+    """A randomly initialised ViT of the shape the resolve step settled (transfer.student), with this
+    task's head."""
     return vit_of({**transfer.student, 'num_classes': num_classes, 'global_pool': cfg.global_pool,
                    'drop_path_rate': cfg.drop_path}, 'the student')
 
@@ -167,12 +190,17 @@ def student_arch(cfg, t, layers, heads):
     it cannot take the transfer of `layers` ({student: teacher}) and heads: with the teacher's components or none
     (--student-arch), and for a copy student (cfg.NO_QK) no q / k projections where it is given whole maps."""
     s = student_shape(cfg, t)
-    s.update(PLAIN if cfg.student_arch == 'plain' else {k: t[k] for k in PLAIN})
-    s.update(img_size=cfg.img_size, no_qk_layers=list(layers) if cfg.NO_QK and cfg.transfer == 'attn' and
-             heads is None else ())
+    if cfg.student_arch == 'plain':
+        s.update(PLAIN)
+    else:
+        s.update({k: t[k] for k in PLAIN})
+    s['img_size'] = cfg.img_size
+    s['no_qk_layers'] = ()
+    if cfg.NO_QK and cfg.transfer == 'attn' and heads is None:   # given whole maps there
+        s['no_qk_layers'] = list(layers)
     if s['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
-        raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a student "
-                          f"with them, --student-arch teacher")
+        raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a "
+                          f"student with them, --student-arch teacher")
     refuse(cfg, too_big(cfg, s['embed_dim'], s['depth'], s['patch_size'], s['mlp_ratio']))
     why = misfit(cfg, s, t, layers)
     if why:
@@ -186,16 +214,19 @@ def misfit(cfg, s, t, layers):
     """Why a student of keywords s cannot take teacher t's transfer (None if it can). Maps are N x N: only the tokens
     must match (depth: the layer map; heads: to_student_heads); q / k / v are the teacher's: its width and heads."""
     if s['patch_size'] != t['patch_size']:
-        return f"the maps cover the teacher's tokens: --patch-size must be its {t['patch_size']} (or 0)"
-    if cfg.transfer != 'attn' and (s['embed_dim'], s['num_heads']) != (t['embed_dim'], t['num_heads']):
-        return (f"--transfer {cfg.transfer} hands over the teacher's own {cfg.transfer}: dim and heads must be "
-                f"its (--model, --embed-dim, --num-heads), or --transfer attn")
+        return (f"the maps cover the teacher's tokens: --patch-size must be its {t['patch_size']} "
+                f"(or 0)")
+    same_width = (s['embed_dim'], s['num_heads']) == (t['embed_dim'], t['num_heads'])
+    if cfg.transfer != 'attn' and not same_width:
+        return (f"--transfer {cfg.transfer} hands over the teacher's own {cfg.transfer}: dim and "
+                f"heads must be its (--model, --embed-dim, --num-heads), or --transfer attn")
     if t['num_heads'] % s['num_heads']:
         fits = ', '.join(str(h) for h in range(1, t['num_heads'] + 1) if t['num_heads'] % h == 0)
-        return (f"each student head takes a group of the teacher's {t['num_heads']} heads, so its head count must "
-                f"divide {t['num_heads']} (--model, --num-heads: {fits})")
+        return (f"each student head takes a group of the teacher's {t['num_heads']} heads, so its "
+                f"head count must divide {t['num_heads']} (--model, --num-heads: {fits})")
     if s['num_heads'] != t['num_heads'] and cfg.heads != 'all':
-        return f"--heads {cfg.heads} picks heads only when the student has the teacher's head count: --heads all"
+        return (f"--heads {cfg.heads} picks heads only when the student has the teacher's head "
+                f"count: --heads all")
     if max(layers) >= s['depth']:   # its deepest layer
         return f"it has no layer {max(layers)} (--depth, --layer-map)"
     return None
@@ -203,82 +234,117 @@ def misfit(cfg, s, t, layers):
 # -----------------------------------------------------------------------------
 # The flags
 
-INDEX_RULE = (lambda spec: readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec), INDEX_SYNTAX)
+INDEX_RULE = (lambda spec: readable(lambda s: s == 'all' or parse_index(s, 10 ** 6, ''), spec),
+              INDEX_SYNTAX)
 
 
 @dataclass
 class TransferConfig(TrainConfig):
-    teacher: str = option('', 'a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, ...)')
-    model: str = option('teacher', "the student's size: 'teacher' = the teacher's shape, or vit_tiny, ...",
+    teacher: str = option('', 'a checkpoint file or a name (mae_vit_large, torchvision_vit_b_16, '
+                              '...)')
+    model: str = option('teacher', "the student's size: 'teacher' = the teacher's shape, or "
+                                   "vit_tiny, ...",
                         one_of(('teacher', *SIZES), f"choose teacher or one of {', '.join(SIZES)}"))
     patch_size: int = option(0, "0 = the teacher's", at_least(0, "the teacher's", SIZE))
-    layers: str = option('all', "the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8", INDEX_RULE)
-    layer_map: str = option('auto', 'student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread evenly (map_layers)',
+    layers: str = option('all', "the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8",
+                         INDEX_RULE)
+    layer_map: str = option('auto', 'student:teacher layers, 0:0,1:4,2:8 | auto: --layers spread '
+                                    'evenly (map_layers)',
                             (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
     heads: str = option('all', 'transferred heads, same syntax', INDEX_RULE)
     transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(NAMES))
-    average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an image's queries: "
-                               'none | batch | queries', one_of(('none', 'batch', 'queries')))
-    student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer scale, ...), random "
-                               'init', one_of(('plain', 'teacher'), 'choose plain or teacher'))
-    teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no record, no family)",
+    average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an "
+                                       "image's queries: none | batch | queries",
+                               one_of(('none', 'batch', 'queries')))
+    student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer "
+                                        "scale, ...), random init",
+                               one_of(('plain', 'teacher'), 'choose plain or teacher'))
+    teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no "
+                                       "record, no family)",
                                     at_least(0, "the file's record or family", DEPTH))
-    new_teacher: bool = option(False, "--resume with a teacher file other than the saved run's (sha256), on purpose")
+    new_teacher: bool = option(False, "--resume with a teacher file other than the saved run's "
+                                      "(sha256), on purpose")
 
     # the teacher's path may change on resume: its file is compared by sha256 instead (resume_conflicts)
     RESUMABLE = (*TrainConfig.RESUMABLE, 'teacher', 'new_teacher')
-    NO_QK = False   # a copy student's transferred layers have no query / key projections (attention_copy.py)
+    # a copy student's transferred layers have no query / key projections (attention_copy.py)
+    NO_QK = False
     INPUTS = ('teacher',)
 
     def checks(self):
-        which = f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this repository ships: teachers/' \
-                f'README.md), a checkpoint of mae_pretrain.py or finetune.py, or a name such as mae_vit_large' \
-            if self.data in SHIPPED else 'a name such as mae_vit_large (downloaded), or a checkpoint of ' \
-                                         'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'
+        if self.data in SHIPPED:
+            which = f'--teacher {os.path.relpath(SHIPPED[self.data])} (the MAE teacher this ' \
+                    f'repository ships: teachers/README.md), a checkpoint of mae_pretrain.py or ' \
+                    f'finetune.py, or a name such as mae_vit_large'
+        else:
+            which = 'a name such as mae_vit_large (downloaded), or a checkpoint of mae_pretrain.py ' \
+                    'or finetune.py (e.g. runs/mae/checkpoint.pt)'
+        averaged = self.average_maps != 'none'
         return super().checks() + [
             ('teacher', self.teacher != '', f'is required: {which}'),
-            ('average_maps', self.average_maps == 'none' or self.transfer == 'attn', 'only with --transfer attn'),
-            ('average_maps', self.average_maps == 'none' or self.attn_implementation != 'sdpa', 'writes the maps out: '
-             'with --attn-implementation eager or auto')]
-    written_out = property(lambda self: f'--average-maps {self.average_maps} averages written-out maps' *
-                           (self.average_maps != 'none'))   # why the run's maps must be written out, or ''
+            ('average_maps', not averaged or self.transfer == 'attn', 'only with --transfer attn'),
+            ('average_maps', not averaged or self.attn_implementation != 'sdpa',
+             'writes the maps out: with --attn-implementation eager or auto')]
+
+    @property
+    def written_out(self):
+        """Why the run's maps must be written out (an eager run), or ''."""
+        if self.average_maps == 'none':
+            return ''
+        return f'--average-maps {self.average_maps} averages written-out maps'
 
     def resume_conflicts(self, ckpt, world, free=()):
-        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true)."""
-        record = ckpt.get('teacher') or ckpt.get('distilled_from')
-        other = not self.new_teacher and teacher_mismatch(self.teacher, record)
-        return super().resume_conflicts(ckpt, world, free) + [f'{other} (--new-teacher true if meant)'] * bool(other)
+        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher
+        true)."""
+        conflicts = super().resume_conflicts(ckpt, world, free)
+        if self.new_teacher:
+            return conflicts
+        record = ckpt.get('teacher') or ckpt.get('distilled_from')   # a copy's, a distillation's
+        other = teacher_mismatch(self.teacher, record)
+        if other:
+            conflicts.append(f'{other} (--new-teacher true if meant)')
+        return conflicts
 
     def resolve(self):
         """A transfer run's resolve step: the teacher's file inspected once, the transferred layers and heads, the
         student's shape (student_arch), each refused in one line if it cannot be. Returns a Transfer."""
-        t, description = inspect_teacher(self)
-        layers, heads = parse_index(self.layers, t['depth'], 'layers'), parse_index(self.heads, t['num_heads'], 'heads')
-        heads = None if len(heads) == t['num_heads'] else heads
-        layers = map_layers(self.layer_map, layers, t['depth'], student_shape(self, t)['depth'], self.layers)
-        return Transfer(t, description, layers, heads, student_arch(self, t, layers, heads))
+        teacher, description = inspect_teacher(self)
+        t = teacher.arch
+        layers = parse_index(self.layers, t['depth'], 'layers')
+        heads = parse_index(self.heads, t['num_heads'], 'heads')
+        if len(heads) == t['num_heads']:
+            heads = None   # all of them
+        student_depth = student_shape(self, t)['depth']
+        layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
+        student = student_arch(self, t, layers, heads)
+        return Transfer(t, description, layers, heads, student, teacher)
 
 
 def inspect_teacher(cfg):
-    """The teacher's file read and looked at once: (its keywords at cfg.img_size, its line for the log), refused if it
-    is no ViT that could teach (heads unknown, too big here, weights that do not load into its shape or not finite)."""
-    ckpt, stated = read_checkpoint(cfg.teacher), (cfg.teacher_num_heads, '--teacher-num-heads')
+    """The teacher's file read once: (the teacher, its line for the log). The teacher is a plain ViT at cfg.img_size
+    holding the file's weights on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach
+    (heads unknown, too big here, weights that do not load into its shape or are not finite)."""
+    ckpt = read_checkpoint(cfg.teacher)
+    stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
-    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'], native['mlp_ratio'], False,
-                        'the teacher'))
-    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}   # frozen, a plain ViT
-    t = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
-    return t, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
+    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'],
+                        native['mlp_ratio'], False, 'the teacher'))
+    # frozen, a plain ViT
+    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}
+    teacher = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
+    return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
 
 
 class Transfer(NamedTuple):
-    """What TransferConfig.resolve settles (nothing built): the teacher's keywords at the run's image size, its line
-    for the log, the layers {student: teacher}, the transferred heads (None: all), the student's keywords."""
+    """What TransferConfig.resolve settles: the teacher's keywords at the run's image size, its line for the log, the
+    layers {student: teacher}, the transferred heads (None: all), the student's keywords (nothing of it built), and
+    the teacher itself, its file read once and its weights loaded on the CPU (build_teacher places it)."""
     teacher: dict
     description: str
     layers: dict
     heads: list
     student: dict
+    loaded: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
 # A built teacher that cannot teach
@@ -287,14 +353,20 @@ class Transfer(NamedTuple):
 def check_teacher(plan, teacher, x):
     """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the
     first evaluation images, under the run's autocast: every step would hand them over, and the run would diverge."""
-    cfg, layers = plan.cfg, plan.method.layers
+    cfg = plan.cfg
+    layers = plan.method.layers
     with torch.no_grad(), autocast(plan):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
-        if cfg.transfer == 'attn':   # the maps as the run makes them: finite q, k may give logits past fp16's range
-            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], plan.attn)} for s, t in out.items()}
+        # the maps as the run makes them: finite q, k may give logits past fp16's range
+        if cfg.transfer == 'attn':
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], plan.attn)}
+                   for s, t in out.items()}
     bad = [layers[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:
         what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
-        hint = f' under {plan.dtype} autocast: try --amp off' if plan.dtype is not None else ''
-        raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its layer {bad[0]}) on the '
-                          f'first evaluation images{hint}; it cannot be a teacher')
+        hint = ''
+        if plan.dtype is not None:
+            hint = f' under {plan.dtype} autocast: try --amp off'
+        raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its '
+                          f'layer {bad[0]}) on the first evaluation images{hint}; it cannot be a '
+                          f'teacher')

@@ -3,7 +3,6 @@ user types by mistake give one line and a non-zero exit, or run where they are v
 And what else a run meets at its edges: --help beside a bad value, large ensemble weights, a divergence named by
 what moved it, SIGTERM with loader workers, a kill while the first checkpoint is written, a finished MAE run."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess

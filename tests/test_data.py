@@ -17,7 +17,7 @@ from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
 from util.engine import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, read_idx
-from util.config import DataError
+from util.errors import DataError
 from util.datafiles import read_cifar_binary
 
 
@@ -88,10 +88,12 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
     (lambda images, labels: idx_pair(images.parent, 12, 10), True, 'both', 'do not pair up: images .12, 28, 28.'
                                                                            ', labels .10,.'),
     (lambda images, labels: cut(images, 20), True, 'images', 'cannot be read .EOFError'),   # a cut download
-    (lambda images, labels: cut(labels, 3), False, 'labels', 'has 9 bytes of data where its header says 12'),
+    (lambda images, labels: cut(labels, 3), False, 'labels',   # torchvision's reader's words
+     r"cannot be read \(RuntimeError: shape '\[12\]' is invalid for input of size 9\)"),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), True, 'labels',
      'cannot be read .BadGzipFile'),
-    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels', 'is not an IDX file'),
+    (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels',
+     r'cannot be read \(AssertionError\)'),   # torchvision's reader asserts its header
     (lambda images, labels: relabel(labels, 200), False, 'labels', 'holds label 200, not a Fashion-MNIST class'),
     (lambda images, labels: write_idx(images, np.zeros((12, 32, 32))), True, 'images',   # failed in the model
      "holds images of 32 x 32 pixels, not Fashion-MNIST's 28 x 28"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from util.config import ConfigError
-from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
+from util.files import DamagedFile, read_json, read_jsonl, replacing, write_json
+from util.outputs import check_out_dir
 from util.launch import run_main
 
 
@@ -103,12 +104,15 @@ def test_a_sigterm_during_a_checkpoint_save_is_a_sigterm(tmp_path, capsys):
 def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_path):
     check_out_dir(str(tmp_path / 'new' / 'deeper'), '--out-dir')                 # made later, by the writer
     (tmp_path / 'file').write_text('mine')
-    with pytest.raises(ConfigError, match=r'--out-dir .*file is a file, not a folder: choose another --out-dir'):
-        check_out_dir(str(tmp_path / 'file'), '--out-dir')
-    with pytest.raises(ConfigError, match='is a file, so no folder can be made there'):
-        check_out_dir(str(tmp_path / 'file' / 'sub'), '--out-dir')
+    file = tmp_path / 'file'   # as open() says: the folder, the errno's words, the fix
+    with pytest.raises(ConfigError, match=rf'^--out-dir {file} cannot be written into \(Not a directory\): choose '
+                                          r'another --out-dir$'):
+        check_out_dir(str(file), '--out-dir')
+    with pytest.raises(ConfigError, match=rf'^--out-dir {file / "sub"}: {file} cannot be written into \(Not a '
+                                          r'directory\): choose another --out-dir$'):
+        check_out_dir(str(file / 'sub'), '--out-dir')
     if os.geteuid() != 0:                                     # root writes into a read-only folder
         (tmp_path / 'ro').mkdir(mode=0o555)
-        with pytest.raises(ConfigError, match='cannot be written'):
+        with pytest.raises(ConfigError, match=r'ro cannot be written into \(Permission denied\): choose another'):
             check_out_dir(str(tmp_path / 'ro' / 'x'), '--out-dir')
     assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]

@@ -89,12 +89,16 @@ def test_the_epoch_loop_is_in_main(module):
     assert {'train_one_epoch', 'evaluate', 'save'} <= called, called
 
 
-def making_a_batch(frame):
-    """Whether a call runs inside the loader making the next batch (util/datafiles.py's TensorBatches, or a
-    DataLoader fetching its data set's items, __getitem__, in the main process): the data set's code, not the step's."""
+def not_the_step(frame):
+    """Whether a call runs inside what a step hands its work to, which is not the step's own code: the loader making
+    the next batch (util/datafiles.py's TensorBatches, or a DataLoader fetching its data set's items, __getitem__, in
+    the main process), the data set's; the run directory writing the progress line (util/rundir.py's RunDir.log, and
+    the file it appends to), the run's record."""
     while frame is not None:
         code = frame.f_code
         if code.co_name == '_next_data' or (code.co_name == '__iter__' and code.co_filename.endswith('datafiles.py')):
+            return True
+        if code.co_name == 'log' and code.co_filename.endswith('rundir.py'):
             return True
         frame = frame.f_back
     return False
@@ -103,7 +107,7 @@ def making_a_batch(frame):
 def files_in_one_step(monkeypatch, module, *args):
     """The project's files whose functions run between the end of the first optimizer step and the end of the
     second (sys.setprofile: every Python call; the end of a step: the optimizer's step returning), and their lines.
-    Excluded: the making of the step's batch (making_a_batch), which is the data set's."""
+    Excluded: what the step hands its work to (not_the_step): the making of its batch, the writing of its log line."""
     steps, seen = [0], set()
 
     def profile(frame, event, arg):
@@ -112,7 +116,7 @@ def files_in_one_step(monkeypatch, module, *args):
             steps[0] += 1
         elif event == 'call' and steps[0] == 1:
             path = Path(code.co_filename)
-            if path.suffix == '.py' and path.parent in (ROOT, ROOT / 'util') and not making_a_batch(frame):
+            if path.suffix == '.py' and path.parent in (ROOT, ROOT / 'util') and not not_the_step(frame):
                 seen.add(path)
     sys.setprofile(profile)
     try:

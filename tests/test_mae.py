@@ -242,7 +242,8 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
                                      (new, new / 'reconstruction.png', [], 'is a file of the run directory'),
                                      (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of the run directory'),
                                      (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of the run'),
-                                     (new, tmp_path / 'a_file' / 'teacher.pt', [], 'is a file: choose another')]:
+                                     (new, tmp_path / 'a_file' / 'teacher.pt', [],
+                                      'cannot be written into (Not a directory): choose another --export')]:
         p = run_script('mae_pretrain.py', *TINY, '--out-dir', out, '--max-steps', '3', '--log-every', '1',
                        '--export', export, *extra)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, TINY, run_script, sub_env
-from util.weightfiles import UnreadableFile, read_file
+from conftest import TINY, run_script, sub_env
+from util.checkpoints import read_file
+from util.errors import UnreadableFile
 
 warnings.filterwarnings('ignore', 'torch.jit', FutureWarning)   # torch's note that TorchScript is deprecated
 

@@ -36,10 +36,10 @@ from data import build_eval_set, class_names
 from ensemble import accuracy, check_classes, load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option, show
-from util.engine import say
 from util.files import cpu_name, git_commit, write_json, write_text
 from util.outputs import check_output
 from util.launch import parse_config, run_main
+from util.rundir import say
 
 KINDS = {'tokens': 'every token of every image a sample, block i against block i',
          'class_token': 'the class token alone'}

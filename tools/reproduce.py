@@ -32,8 +32,9 @@ import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, DataError, at_least,
+from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least,
                          one_of, option, optional)
+from util.errors import DataError
 from util.files import DamagedFile, cpu_name, git_commit, read_json, sha256_of, write_json
 from util.launch import parse_config, run_main, without_help
 

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 from tools.palette import colour
 from util.config import ConfigError, flag, word
 from util.engine import lr_at
-from util.files import (DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json,
-                        write_text)
+from util.files import DamagedFile, read_json, read_jsonl, save_figure, write_json, write_text
 from util.launch import run_main
+from util.outputs import check_out_dir
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 # ImageNet, ViT-L

@@ -15,14 +15,16 @@ from functools import partial
 
 import torch
 
-from util.config import ConfigError
+from util.errors import ConfigError
 from vit import scores, set_attn_implementation
 
-CHECK_IMAGES = 32   # at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
+# at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
+CHECK_IMAGES = 32
 # sdpa passes where each tensor's error against the definition, eager in fp32 (in units of its largest entry there, or
 # of its natural scale), is at most FACTOR times eager's own error in the run's dtype on the same inputs, and at least
 # SDPA_FLOOR (fp32: eager's is 0; a broken kernel is off by a few percent or more)
-FACTOR, SDPA_FLOOR = 2, 1e-3
+FACTOR = 2
+SDPA_FLOOR = 1e-3
 # the checked layers' queries are scaled up until their logits have at least this standard deviation: a near-uniform
 # map (a student at initialisation) would hide a softmax computed wrong; more peaked, eager's own rounding in bf16
 # (its logits' at this size) would hide an error of 5%
@@ -36,16 +38,19 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     checked too). plan: the run's (device, dtype, attn, cfg.attn_implementation, log)."""
     training = [m.training for m in models]
     for m in models:
-        set_attn_implementation(m, 'eager').eval()                      # eval: no drop-path draws from the run's RNG
+        # eval: no drop-path draws from the run's RNG
+        set_attn_implementation(m, 'eager').eval()
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
         parts = {name: layer_part(layers[name], *handed[name], backward) for name in layers}
         first = next(iter(layers))
-        parts.update({name: loss_part(layers[first], handed[first][0], *loss) for name, loss in (losses or {}).items()})
+        for name, loss in (losses or {}).items():
+            parts[name] = loss_part(layers[first], handed[first][0], *loss)
         implementation, record = check_sdpa(plan, what, parts)
     else:
-        implementation, record = plan.attn, None
+        implementation = plan.attn
+        record = None
     for m, was in zip(models, training):
         set_attn_implementation(m, implementation).train(was)
     return implementation, record
@@ -58,7 +63,8 @@ def layer_inputs(forward, layers):
 
     def keep(name, layer, args, kwargs):   # the first call's
         handed.setdefault(name, (args[0], {n: t for n, t in kwargs.items() if n != 'keep'}))
-    hooks = [layer.register_forward_pre_hook(partial(keep, name), with_kwargs=True) for name, layer in layers.items()]
+    hooks = [layer.register_forward_pre_hook(partial(keep, name), with_kwargs=True)
+             for name, layer in layers.items()]
     try:
         with torch.no_grad():
             forward()
@@ -72,7 +78,8 @@ def layer_inputs(forward, layers):
 def projected_as(attn, out):
     """Inside, attn's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of its result:
     attn.project splits it into q, k, v, strided as it splits its own."""
-    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(lambda module, args, result: out)
+    projection = attn.v if attn.no_qk else attn.qkv
+    hook = projection.register_forward_hook(lambda module, args, result: out)
     try:
         yield
     finally:
@@ -85,18 +92,21 @@ def layer_part(attn, x, given, backward=True):
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
     projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
     call's q, k, v; units: none of its own (each tensor against its largest entry)."""
-    x, given = x.float(), dict(given)
+    x = x.float()
+    given = dict(given)
     with torch.no_grad():
-        made = (attn.v if attn.no_qk else attn.qkv)(x)                      # (B, N, 3D) or (B, N, D): split into heads
+        # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads
+        made = (attn.v if attn.no_qk else attn.qkv)(x)
         with projected_as(attn, made):
             own = attn.project(x)                                           # views of made
         q, k, v = handed_qkv(own, given)
         scale = max(1.0, PEAK / scores(q[:1].float(), k[:1].float()).std().item())
         if own[0] is not None:
-            own[0].mul_(scale)                                              # made's q third, in place
+            own[0].mul_(scale)                                          # made's q third, in place
         if 'q' in given:
             given['q'] = given['q'] * scale
-    incoming = torch.randn(x.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(0))
+    seeded = torch.Generator(x.device).manual_seed(0)
+    incoming = torch.randn(x.shape, device=x.device, generator=seeded)
     names = ('v',) if attn.no_qk else ('q', 'k', 'v')
 
     def compute(implementation, dtype):
@@ -108,8 +118,9 @@ def layer_part(attn, x, given, backward=True):
             out = attn(x, **handed)[0]                                      # (B, N, D)
         if not backward:
             return {'output': out}
-        grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))       # (B, N, 3D): dq, dk, dv
-        return {'output': out, **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
+        grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))   # (B, N, 3D): dq, dk, dv
+        grads = grad.chunk(len(names), -1)
+        return {'output': out, **{f'{n} grad': g for n, g in zip(names, grads)}}
     return compute, handed_qkv(own, given), {}
 
 
@@ -137,7 +148,8 @@ def loss_part(attn, x, loss, units):
 
 
 def handed_qkv(own, given):
-    """The q, k, v of the layer's fused call: a given one (for all heads, or where the layer has none) for its own."""
+    """The q, k, v of the layer's fused call: a given one (for all heads, or where the layer has none)
+    for its own."""
     whole = 'heads' not in given
     return [given[n] if n in given and (whole or t is None) else t for n, t in zip('qkv', own)]
 
@@ -148,20 +160,26 @@ def check_sdpa(plan, what, parts):
     error in its units (default: its largest entry in the definition); its tolerance is FACTOR x eager's own error in
     the run's dtype, at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
     here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
-    dtype, start = plan.dtype or torch.float32, time.time()
+    dtype = plan.dtype or torch.float32
+    start = time.time()
     first = next(iter(parts.values()))[1]
-    backend, shape = sdpa_backend(*(t.to(dtype) for t in first)), tuple(first[0].shape)
-    errors, why = {}, ''
+    backend = sdpa_backend(*(t.to(dtype) for t in first))
+    shape = tuple(first[0].shape)
+    errors = {}
+    why = ''
     for part, (compute, _, units) in parts.items():
-        definition, eager = compute('eager', torch.float32), compute('eager', dtype)
+        definition = compute('eager', torch.float32)
+        eager = compute('eager', dtype)
         if not all(t.isfinite().all() for t in eager.values()):
-            # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16 (fp32's
-            # range, fewer bits than fp16) stands in for it
+            # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
+            # (fp32's range, fewer bits than fp16) stands in for it
             eager = compute('eager', torch.bfloat16)
         try:
             fused = compute('sdpa', dtype)
-        except (RuntimeError, TypeError, AttributeError) as e:   # no kernel (NotImplementedError) or not for this shape
-            fused, why = {}, f" ({' '.join(str(e).split())[:150]})"
+        # no kernel (NotImplementedError), or none for this shape
+        except (RuntimeError, TypeError, AttributeError) as e:
+            fused = {}
+            why = f" ({' '.join(str(e).split())[:150]})"
         for name, d in definition.items():
             ours = error(fused[name], d, units.get(name)) if name in fused else float('inf')
             eager_error = error(eager[name], d, units.get(name))
@@ -169,15 +187,21 @@ def check_sdpa(plan, what, parts):
     worst = max(errors, key=lambda n: errors[n][0] / errors[n][2])
     fused_error, eager_error, tolerance = errors[worst]
     holds = all(e <= t for e, _, t in errors.values())
-    record = {'what': what, 'error': fused_error, 'eager_error': eager_error, 'tolerance': tolerance, 'worst': worst,
-              'errors': errors, 'dtype': str(dtype), 'device': str(plan.device), 'backend': backend, 'shape': shape,
-              'seconds': round(time.time() - start, 3), 'implementation': 'sdpa' if holds else 'eager'}
-    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), forward"
-            f"{' and backward' if any('grad' in n for n in errors) else ''}, against the definition (eager, fp32): "
-            f"{len(errors)} tensors, the farthest {worst} at {fused_error:.2g}{why} (eager in {dtype}: "
-            f"{eager_error:.2g}; tolerance {tolerance:.2g}); checked in {record['seconds']:.2f} s")
+    record = {'what': what, 'error': fused_error, 'eager_error': eager_error,
+              'tolerance': tolerance, 'worst': worst, 'errors': errors, 'dtype': str(dtype),
+              'device': str(plan.device), 'backend': backend, 'shape': shape,
+              'seconds': round(time.time() - start, 3),
+              'implementation': 'sdpa' if holds else 'eager'}
+    directions = 'forward'
+    if any('grad' in n for n in errors):
+        directions = 'forward and backward'
+    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), {directions}, "
+            f"against the definition (eager, fp32): {len(errors)} tensors, the farthest {worst} at "
+            f"{fused_error:.2g}{why} (eager in {dtype}: {eager_error:.2g}; tolerance "
+            f"{tolerance:.2g}); checked in {record['seconds']:.2f} s")
     if not holds and plan.cfg.attn_implementation == 'sdpa':
-        raise ConfigError(f'start-up check: {said}: sdpa does not compute the {what}; use --attn-implementation eager')
+        raise ConfigError(f'start-up check: {said}: sdpa does not compute the {what}; use '
+                          f'--attn-implementation eager')
     plan.log(f'start-up check: {said}: '
              f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
     return record['implementation'], record
@@ -195,6 +219,7 @@ def sdpa_backend(q, k, v):
     """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
     log: asked of torch's private dispatcher, 'unknown' where it has none."""
     try:
-        return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().replace('_attention', '')
+        name = torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+        return name.lower().replace('_attention', '')
     except (AttributeError, RuntimeError, TypeError, ValueError):
         return 'unknown'

@@ -138,8 +138,8 @@ class RandAugment:
     def draw(self, shape, generator=None):
         """(op index, applied, magnitude, sign) tensors of `shape`: each entry one op drawn for
         one image."""
-        ops, applied = torch.randint(len(self.ops), shape, generator=generator), \
-            torch.rand(shape, generator=generator) < self.prob
+        ops = torch.randint(len(self.ops), shape, generator=generator)
+        applied = torch.rand(shape, generator=generator) < self.prob
         if self.std == math.inf:
             m = self.magnitude * torch.rand(shape, dtype=torch.float64, generator=generator)
         else:
@@ -220,12 +220,14 @@ class BatchRandAugment:
     host, then __call__ on the device."""
 
     def __init__(self, policy, size):
-        self.policy, self.size = policy, size
+        self.policy = policy
+        self.size = size
         if isinstance(policy, RandAugment):
             self.fill = torch.tensor(policy.fill, dtype=torch.float32).view(1, -1, 1, 1)
             self.mode = 'bilinear'
         else:   # torchvision's table: each op's magnitudes, and whether a sign is drawn
-            self.fill, self.mode = None, 'nearest'
+            self.fill = None
+            self.mode = 'nearest'
             self.space = [(name, fn(policy.num_magnitude_bins, size, size), signed)
                           for name, (fn, signed) in policy._AUGMENTATION_SPACE.items()]
 
@@ -310,7 +312,9 @@ class BatchRandAugment:
         for groups, order, rows in slots:
             if not groups:
                 continue
-            sub, outs, start = x[order], [], 0
+            sub = x[order]
+            outs = []
+            start = 0
             for op, count in groups:
                 end = start + count
                 outs.append(batch_op(sub[start:end], op, rows[start:end], self.fill, self.mode))

@@ -2,7 +2,8 @@
 Load ViT weights from anywhere into vit.py's VisionTransformer: a name from PRETRAINED (downloaded once into the
 torch hub cache), or a file holding this project's checkpoint ({'model', 'arch', ...}), an MAE checkpoint, a state
 dict with timm/MAE or torchvision names, or the official files of DeiT, DINO, MoCo v3, DINOv2 and CLIP (converted
-in util/pretrained.py). Any other file is one CheckpointError line naming it and the fix (util/weightfiles.read_file).
+in util/pretrained.py). Every file is read without running any of its code (read_file); any other file is one
+CheckpointError line naming it and the fix.
 
     model = build_from_checkpoint('mae_vit_large', num_classes=0)    # a teacher
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
@@ -15,72 +16,167 @@ final norm may be unexpected; anything else is an architecture mismatch and an e
 import math
 import os
 import warnings
+import zipfile
 
 import torch
 import torchvision.models as tvm
 
+from util.config import DEPTH, SIZE
+from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
-from util.pretrained import AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of, resize_pos_embed, unwrap
-from util.weightfiles import CheckpointError, read_file
+from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of,
+                             resize_pos_embed, unwrap)
+from util.torchscript import ArchiveRefused, read_archive
 from vit import VisionTransformer
 
+MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
 PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
     # the MAE README's links (_ft: fine-tuned on IN-1k)
-    **{f'mae_vit_{s}{tag}': (f'https://dl.fbaipublicfiles.com/mae/{stage}/mae_{made}_vit_{s}.pth', h, 'mae')
+    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
        for s, h in (('base', 12), ('large', 16), ('huge', 16))},
     **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, h, 'torchvision')
-       for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16), ('vit_h_14', 16))},
+       for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16),
+                    ('vit_h_14', 16))},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint: a name or a file, without running any of its code
 
 
 def read_checkpoint(source):
     """Return the raw checkpoint dict of a file path or a PRETRAINED name (downloaded once into the torch
     hub cache, then read as any file is). Every checkpoint the scripts read comes through here."""
-    if source in PRETRAINED:   # TEACHERS included
-        url = PRETRAINED[source][0]
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))   # as torch.hub names it
-        try:
-            if not os.path.isfile(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.hub.download_url_to_file(url, path)   # through a temporary file: never half a file here
-        except Exception as e:   # offline
-            raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the file "
-                                  f"{url} at {path} by hand") from None
-        try:
-            return read_file(path)
-        except CheckpointError as e:   # damaged in the cache, or another file put there
-            raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the file {url} "
-                                  f"there by hand") from None
-    if not os.path.isfile(source):
-        raise CheckpointError(f"no checkpoint '{source}': give a file path or one of {', '.join(PRETRAINED)}")
-    return read_file(source)
+    if source not in PRETRAINED:   # TEACHERS included
+        if not os.path.isfile(source):
+            raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
+                                  f"{', '.join(PRETRAINED)}")
+        return read_file(source)
+    url = PRETRAINED[source][0]
+    # as torch.hub names it
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    try:
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)   # through a temporary file: never half of one
+    except Exception as e:   # offline
+        raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the "
+                              f"file {url} at {path} by hand") from None
+    try:
+        return read_file(path)
+    except UnreadableFile as e:   # damaged in the cache, or another file put there
+        raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the "
+                              f"file {url} there by hand") from None
+
+
+def read_file(path):
+    """A checkpoint file's contents, read without running any of its code: what torch.save wrote, by
+    torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
+    unread), or a TorchScript archive's parameters and buffers (util/torchscript.py, which executes nothing of it).
+    Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
+    be read as a weight), and an architecture record out of range (ARCH) is refused before any of its numbers is
+    used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
+    unreadable = f"'{path}' is not a readable PyTorch checkpoint"
+    try:
+        if records(path):   # torch's zip archive
+            with zipfile.ZipFile(path) as z:
+                damaged = z.testzip()   # the first record whose CRC-32 differs
+            if damaged:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
+        if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
+            ckpt = read_archive(path)
+        else:
+            # torch's notes on formats: what is wrong is said below, in one line
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except ArchiveRefused as e:
+        what, fix = e.args
+        raise UnreadableFile(f'{unreadable}: {what}', fix) from None
+    except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
+        raise UnreadableFile(f'{unreadable}: it is damaged ({e})',
+                             'copy or download it again') from None
+    except Exception as e:   # empty, cut short, not torch's, a pickle naming code, no permission
+        raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
+                             'copy or download it again; for a file of your own, save the tensors '
+                             'alone: torch.save(model.state_dict(), path)') from None
+    arch = recorded(ckpt) or {}
+    bad = [f'{k} {v!r}' for k, v in arch.items() if k in ARCH and not in_range(v, *ARCH[k])]
+    if bad:   # before a 0 divides or a string multiplies where it is used
+        raise UnreadableFile(f"{unreadable}: it records an architecture with {', '.join(bad)}, of "
+                             f"another type or out of range: it was edited or is damaged",
+                             'take another copy of it')
+    return ckpt
+
+
+def torch_says(error):
+    """What torch.load found, in its own words: the last paragraph of its message (before its pointer to the docs, after
+    'WeightsUnpickler error:'), its first sentence; never its advice to load the file with weights_only=False or to
+    allow what it refused, either of which would run the code a pickle carries. An error without words: its name."""
+    text = str(error).split('Check the documentation')[0].split('WeightsUnpickler error:')[-1]
+    paragraphs = [' '.join(p.split()) for p in text.split('\n\n') if p.strip()]
+    if not paragraphs:
+        return type(error).__name__
+    return paragraphs[-1].split('. ')[0].rstrip('.')
+
+
+def records(path, name='data.pkl'):
+    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip
+    file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rpartition('/')[2] == name for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+# the numbers an architecture record ('arch', VisionTransformer's keywords) may hold: (least, most), whole numbers
+# where the least is one, else floats too
+ARCH = {'img_size': (1, SIZE), 'patch_size': (1, SIZE), 'in_chans': (1, SIZE),
+        'num_classes': (0, SIZE), 'embed_dim': (1, SIZE), 'depth': (1, DEPTH),
+        'num_heads': (1, DEPTH), 'reg_tokens': (0, SIZE), 'mlp_ratio': (1e-3, SIZE),
+        'norm_eps': (1e-12, 1.0), 'drop_path_rate': (0.0, 1.0)}
+
+
+def in_range(value, least, most):
+    whole = type(value) is int
+    real = type(value) is float and type(least) is float
+    return (whole or real) and least <= value <= most
+
+# -----------------------------------------------------------------------------
+# What a checkpoint holds: its state dict in timm's names, its architecture
 
 
 def state_dict_of(ckpt):
-    """The ViT state dict inside a checkpoint, converted to timm/MAE names, in a new dict (the file's is kept)."""
+    """The ViT state dict inside a checkpoint, converted to timm/MAE names, in a new dict (the file's is
+    kept)."""
     return _converted(ckpt)[0]
 
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
     if recorded(ckpt) and isinstance(ckpt.get('model'), dict):   # ours
-        sd, components = ckpt['model'], {}
+        sd = ckpt['model']
+        components = {}
     else:
         sd = unwrap(ckpt)
         if sd is None:
-            raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with key "model")')
+            raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
+                                  'key "model")')
         sd, components = convert(sd)
         if 'patch_embed.proj.weight' not in sd:
-            raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / conv_proj.weight')
+            raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
+                                  'conv_proj.weight')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
 
 def recorded(ckpt):
     """The VisionTransformer keywords a checkpoint records (this project's do), else None."""
-    return ckpt['arch'] if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict) else None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('arch'), dict):
+        return ckpt['arch']
+    return None
 
 
 def arch_of(ckpt, source, num_heads, flag):
@@ -88,18 +184,20 @@ def arch_of(ckpt, source, num_heads, flag):
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
     if saved:
-        heads_of(ckpt, source, saved.get('embed_dim'), num_heads, flag)   # a stated count must agree
+        heads_of(ckpt, source, saved.get('embed_dim'), num_heads, flag)   # a stated count agrees
         return dict(saved)
     sd, components = _converted(ckpt)
+    conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
     dim = sd['pos_embed'].shape[-1]
-    patch = sd['patch_embed.proj.weight'].shape[-1]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    return dict(img_size=grid * patch, patch_size=patch, in_chans=sd['patch_embed.proj.weight'].shape[1],
-                num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, embed_dim=dim,
-                depth=depth, num_heads=heads_of(ckpt, source, dim, num_heads, flag)[0],
-                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim, qkv_bias='blocks.0.attn.qkv.bias' in sd,
-                global_pool='fc_norm.weight' in sd, **components)
+    num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
+    return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
+                num_classes=num_classes, embed_dim=dim, depth=depth,
+                num_heads=heads_of(ckpt, source, dim, num_heads, flag)[0],
+                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+                qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
+                **components)
 
 
 def heads_of(ckpt, source, dim, num_heads, flag):
@@ -108,6 +206,7 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
+    known = None
     if 'num_heads' in (recorded(ckpt) or {}):
         known = ckpt['arch']['num_heads'], 'recorded in the file'
     elif source in PRETRAINED:
@@ -115,20 +214,28 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     else:
         fam = family_key(source, ckpt)
         rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
-        count = (dim // rule if dim % rule == 0 else None) if isinstance(rule, int) else rule.get(dim)
-        known = (count, f"{FAMILIES[fam][0]}'s at width {dim}") if count else None
+        if isinstance(rule, int):
+            count = dim // rule if dim % rule == 0 else None
+        else:
+            count = rule.get(dim)
+        if count:
+            known = count, f"{FAMILIES[fam][0]}'s at width {dim}"
     if known:
         if num_heads and num_heads != known[0]:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads ({known[1]})")
+            raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads "
+                                  f"({known[1]})")
         return known
     if num_heads:
         if dim % num_heads:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} heads do not "
-                                  f"divide")
+            raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} "
+                                  f"heads do not divide")
         return num_heads, f'stated by {flag}'
-    hint = f' ({dim // 64} if its heads are 64 wide, as in ViT-Ti/S/B/L)' if dim % 64 == 0 else ''
-    raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads its ViT has "
-                          f"(its record, a name or its family would): state them with {flag} N{hint}")
+    hint = ''
+    if dim % 64 == 0:
+        hint = f' ({dim // 64} if its heads are 64 wide, as in ViT-Ti/S/B/L)'
+    raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
+                          f"its ViT has (its record, a name or its family would): state them with "
+                          f"{flag} N{hint}")
 
 
 def family_key(source, ckpt):
@@ -144,7 +251,8 @@ def family_key(source, ckpt):
 def arch_mismatch(arch, saved, free=('img_size', 'num_classes', 'global_pool', 'drop_path_rate')):
     """['num_heads 4 (here 3)', ...]: the fields of a recorded architecture that differ from a model's,
     outside `free` (by default what loading adapts or ignores). Heads matter though no tensor shape shows them."""
-    return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items() if k not in free and arch.get(k) != v]
+    return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items()
+            if k not in free and arch.get(k) != v]
 
 
 def check_arch(model, ckpt, source, num_heads, flag):
@@ -153,15 +261,20 @@ def check_arch(model, ckpt, source, num_heads, flag):
     saved = recorded(ckpt)
     if saved:
         if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-            raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of its own in "
-                                  f"layers {saved['no_qk_layers']} and runs only with its teacher "
-                                  f"(attention_copy.load_copy_model); it cannot be a teacher or an --init")
+            raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
+                                  f"its own in layers {saved['no_qk_layers']} and runs only with its "
+                                  f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
+                                  f"an --init")
         diff = arch_mismatch(model.arch, saved)
-    else:   # its other fields show in its tensors' names and shapes (load_weights checks them), not heads
-        heads, how = heads_of(ckpt, source, state_dict_of(ckpt)['pos_embed'].shape[-1], num_heads, flag)
-        diff = [f'{heads} attention heads ({how}; here {model.num_heads})'] * (heads != model.num_heads)
+    else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
+        dim = state_dict_of(ckpt)['pos_embed'].shape[-1]
+        heads, how = heads_of(ckpt, source, dim, num_heads, flag)
+        diff = []
+        if heads != model.num_heads:
+            diff.append(f'{heads} attention heads ({how}; here {model.num_heads})')
     if diff:
-        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has {', '.join(diff)}")
+        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
+                              f"{', '.join(diff)}")
 
 
 def vit_of(arch, source, given=None):
@@ -173,32 +286,41 @@ def vit_of(arch, source, given=None):
         if given:
             # the recorded one builds (else that is the error): what was given does not fit
             vit_of(arch, source)
-            raise CheckpointError(f"'{source}' cannot be built with "
-                                  f"{', '.join(f'{k} {v}' for k, v in given.items())} ({e})") from None
-        raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): {arch}") from None
+            fields = ', '.join(f'{k} {v}' for k, v in given.items())
+            raise CheckpointError(f"'{source}' cannot be built with {fields} ({e})") from None
+        raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): "
+                              f"{arch}") from None
+
+# -----------------------------------------------------------------------------
+# Loading into a ViT, with every difference refused
 
 
-def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
+def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assign=False):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
     CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
-    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite."""
+    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
+    the file's tensors themselves (check_weights), not copies."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     check_arch(model, ckpt, source, num_heads, flag)
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word
-    typed = next((f'{k} is {v.dtype}' for k, v in sd.items() if k in own and own[k].is_floating_point()
-                  and not v.is_floating_point()), None)
+    typed = next((f'{k} is {v.dtype}' for k, v in sd.items()
+                  if k in own and own[k].is_floating_point() and not v.is_floating_point()), None)
     if typed:
-        raise CheckpointError(f"'{source}' holds weights that are not real floating-point numbers ({typed}): "
-                              f"dequantise it (or take its float original) and save that")
-    broken = next((k for k, v in sd.items() if v.is_floating_point() and not v.isfinite().all()), None)
+        raise CheckpointError(f"'{source}' holds weights that are not real floating-point numbers "
+                              f"({typed}): dequantise it (or take its float original) and save "
+                              f"that")
+    broken = next((k for k, v in sd.items()
+                   if v.is_floating_point() and not v.isfinite().all()), None)
     if broken:
-        raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or inf): it is no "
-                              f"usable model (a run that diverged?): take an earlier checkpoint of it")
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:   # as the family's own code does
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, family(source, ckpt)[1])
+        raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or "
+                              f"inf): it is no usable model (a run that diverged?): take an earlier "
+                              f"checkpoint of it")
+    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
+        how = family(source, ckpt)[1]   # as the family's own code does
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
@@ -206,7 +328,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
            if k in own and v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"architecture mismatch loading '{source}': {'; '.join(bad[:4])}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
     # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
     unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)
@@ -218,15 +340,18 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads'):
 
 
 def check_weights(source, ckpt, arch, num_heads, flag, **given):
-    """Every refusal load_weights makes, on a ViT of `arch` with the keywords `given` (vit_of) that holds no memory
-    (built on the meta device): how the resolve phase looks at a file of weights before anything is built. Loading
-    into it copies nothing. Returns all the VisionTransformer keywords of that ViT."""
+    """A ViT of `arch` with the keywords `given` (vit_of) holding the checkpoint's weights, after every refusal
+    load_weights makes: how the resolve phase looks at a file of weights before anything is built. The ViT is built on
+    the meta device and the file's own tensors are assigned to it (load_state_dict(assign=True)): no random
+    initialisation, nothing copied. What the file does not hold (a classifier, the only part that may be missing) is
+    initialised on the CPU; every weight is made fp32, as loading into a built ViT makes it."""
     with torch.device('meta'):
         model = vit_of(arch, source, given)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')   # torch's note that copying into a meta tensor does nothing
-        load_weights(model, source, ckpt, num_heads, flag)
-    return model.arch
+    load_weights(model, source, ckpt, num_heads, flag, assign=True)
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            m.to_empty(device='cpu', recurse=False).reset_parameters()
+    return model.float()
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
@@ -254,33 +379,47 @@ def describe_teacher(source, ckpt, arch, size, heads):
     pretrained.FAMILIES). arch: its VisionTransformer keywords as the file gives them (arch_of); size: the image
     size it runs at; heads: (the count stated, the flag that states it)."""
     name, how = family(source, ckpt)
-    patch, native, depth = arch['patch_size'], arch['img_size'], arch['depth']
-    grids = f'{native // patch}x{native // patch} patches of {patch} px'
-    count = heads_of(ckpt, source, arch['embed_dim'], *heads)
-    said = (f"teacher {source}{f' ({name})' if name else ''}: {depth} block{'s' * (depth != 1)}, "
-            f"{count[0]} heads ({count[1]}), native size {native} px ({grids})")
+    patch = arch['patch_size']
+    native = arch['img_size']
+    count, known = heads_of(ckpt, source, arch['embed_dim'], *heads)
+    said = f'teacher {source}'
+    if name:
+        said += f' ({name})'
+    blocks = 'block' if arch['depth'] == 1 else 'blocks'
+    said += f": {arch['depth']} {blocks}, {count} heads ({known}), native size {native} px " \
+            f'({native // patch}x{native // patch} patches of {patch} px)'
     if size == native:
         return f'{said}, run at that size'
-    step = f'by the scale factor (new + {how.offset:g}) / old' if how.offset else 'to the new size'
-    return (f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings resized bicubic '
-            f"{step}{', antialiased' if how.antialias else ''}, as {how.like} does"
-            f"{'' if name else ' (its family is not known from the file)'}")
+    said += f', run at {size} px ({size // patch}x{size // patch}): position embeddings resized ' \
+            f'bicubic '
+    if how.offset:
+        said += f'by the scale factor (new + {how.offset:g}) / old'
+    else:
+        said += 'to the new size'
+    if how.antialias:
+        said += ', antialiased'
+    said += f', as {how.like} does'
+    if not name:
+        said += ' (its family is not known from the file)'
+    return said
 
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)
 
 # the head rule (load_copy_model refuses a rule it does not know)
-HEAD_RULE = 'group-mean: student head j <- mean of the probabilities of teacher heads j*g .. j*g+g-1'
+HEAD_RULE = ('group-mean: student head j <- mean of the probabilities of teacher heads '
+             'j*g .. j*g+g-1')
 
 
 def teacher_record(cfg, transfer):
     """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
     the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
-            'teacher_num_heads': cfg.teacher_num_heads,   # as stated (0: its record or family): to load it again
-            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers, 'head_rule': HEAD_RULE,
-            'heads': transfer.heads, 'transfer': cfg.transfer, 'average_maps': cfg.average_maps,
-            'student_arch': cfg.student_arch}
+            # as stated (0: its record or family): to load it again
+            'teacher_num_heads': cfg.teacher_num_heads,
+            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers,
+            'head_rule': HEAD_RULE, 'heads': transfer.heads, 'transfer': cfg.transfer,
+            'average_maps': cfg.average_maps, 'student_arch': cfg.student_arch}
 
 
 def teacher_mismatch(source, record):
@@ -288,11 +427,13 @@ def teacher_mismatch(source, record):
     contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
     if not record:
         return None
-    if record.get('sha256') is None:
-        return None if source == record['source'] else f"the teacher {record['source']} -> {source}"
+    if record.get('sha256') is None:   # a name
+        if source == record['source']:
+            return None
+        return f"the teacher {record['source']} -> {source}"
     digest = sha256_of(source)
     # missing under its recorded name: loading says so
     if digest == record['sha256'] or (digest is None and source == record['source']):
         return None
-    return (f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded ({record['source']}) "
-            f"had {record['sha256']}")
+    return f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded " \
+           f"({record['source']}) had {record['sha256']}"

@@ -9,10 +9,12 @@ import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
+from util.errors import ConfigError
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
-DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')   # each one's size, classes: data.INFO
+# each one's size and classes: data.INFO
+DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
 
 # -----------------------------------------------------------------------------
 # A field declared once
@@ -27,13 +29,25 @@ def option(default=MISSING, help='', rule=None, factory=MISSING):
 def at_least(n, note='', most=math.inf):
     """The rule n <= value (<= most): 'must be at least 1', 'must be 0 (off) or more, at most 256' (note: what the
     lower bound means). Sizes, counts, workers and timeouts have a most: what a machine can hold or wait for."""
-    note, top = f' ({note})' if note else '', f', at most {most:,}' if most < math.inf else ''
-    return (lambda v: n <= v <= most), (f'must be 0{note} or more' if n == 0 else f'must be at least {n}{note}') + top
+    if note:
+        note = f' ({note})'
+    if n == 0:
+        allowed = f'must be 0{note} or more'
+    else:
+        allowed = f'must be at least {n}{note}'
+    if most < math.inf:
+        allowed += f', at most {most:,}'
+    return (lambda v: n <= v <= most), allowed
 
 
-# the most a machine can hold or wait for: pixels or channels, blocks or heads, images a batch, loader workers,
-# epochs, steps (or images), seconds
-SIZE, DEPTH, BATCH, WORKERS, EPOCHS, STEPS, SECONDS = 2 ** 16, 2 ** 12, 2 ** 20, 256, 10 ** 6, 2 ** 40, 10 ** 7
+# the most a machine can hold or wait for
+SIZE = 2 ** 16      # pixels or channels
+DEPTH = 2 ** 12     # blocks or heads
+BATCH = 2 ** 20     # images a batch
+WORKERS = 256       # loader workers
+EPOCHS = 10 ** 6
+STEPS = 2 ** 40     # steps, or images
+SECONDS = 10 ** 7
 
 
 def optional(rule):
@@ -58,7 +72,10 @@ def declared(cls):
 # The fields every training script shares
 
 
-PROBABILITY, UNIT = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]'), (lambda v: 0 <= v < 1, 'must be in [0, 1)')
+PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
+UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
+RANDAUG = (lambda v: not v or readable(policy, v),
+           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9, or '' for none")
 
 
 @dataclass
@@ -66,12 +83,13 @@ class TrainConfig:
     """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
     data: str = option('fashion-mnist', ' | '.join(DATA), one_of(DATA))
     data_dir: str = './data'
-    val_size: int = option(0, 'hold out this many training images and evaluate on them, not on test',
-                           at_least(0, 'off', STEPS))
+    val_size: int = option(0, 'hold out this many training images and evaluate on them, not on '
+                              'test', at_least(0, 'off', STEPS))
     out_dir: str = option('runs/default', 'run directory: config, log, metrics, checkpoint',
                           (bool, 'must name a directory'))
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
-    overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or not): deletes it')
+    overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
+                                    'not): deletes it')
     # model (vit.py's sizes; none keeps the size's own value)
     model: str = option('vit_tiny', rule=one_of(SIZES))
     img_size: int = option(28, rule=at_least(1, most=SIZE))
@@ -79,17 +97,19 @@ class TrainConfig:
     embed_dim: typing.Optional[int] = option(None, rule=optional(at_least(1, most=SIZE)))
     depth: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
     num_heads: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
-    global_pool: bool = option(False, 'classify the mean of the patch tokens (false: the class token)')
+    global_pool: bool = option(False, 'classify the mean of the patch tokens (false: the class '
+                                      'token)')
     drop_path: float = option(0.0, rule=UNIT)
     # augmentation
     hflip: float = option(0.5, rule=PROBABILITY)
-    crop_pad: int = option(2, 'small images: random crop after reflect-padding this much', at_least(0, 'off', SIZE))
+    crop_pad: int = option(2, 'small images: random crop after reflect-padding this much',
+                           at_least(0, 'off', SIZE))
     min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area",
                               (lambda v: 0 < v <= 1, 'is a fraction of the area: (0, 1]'))
-    randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 | '' = off",
-                          (lambda v: not v or readable(policy, v),
-                           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9, or '' for none"))
-    reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode 'pixel')", PROBABILITY)
+    randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 "
+                              "| '' = off", RANDAUG)
+    reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode "
+                                "'pixel')", PROBABILITY)
     mixup: float = option(0.0, rule=at_least(0, 'off'))
     cutmix: float = option(0.0, rule=at_least(0, 'off'))
     smoothing: float = option(0.1, rule=UNIT)
@@ -99,22 +119,27 @@ class TrainConfig:
     batch_size: int = option(128, 'per process', at_least(1, most=BATCH))
     accum_steps: int = option(1, rule=at_least(1, most=BATCH))
     blr: float = option(1e-3, rule=at_least(0))
-    min_lr: float = option(1e-6, 'the lr the cosine ends at (absolute); see --min-lr-ratio', at_least(0))
-    min_lr_ratio: float = option(0.0, 'the lr the cosine ends at, as a fraction of the peak: it scales with the batch '
-                                      'as the peak does; 0 = --min-lr', UNIT)
+    min_lr: float = option(1e-6, 'the lr the cosine ends at (absolute); see --min-lr-ratio',
+                           at_least(0))
+    min_lr_ratio: float = option(0.0, 'the lr the cosine ends at, as a fraction of the peak: it '
+                                      'scales with the batch as the peak does; 0 = --min-lr', UNIT)
     weight_decay: float = option(0.05, rule=at_least(0))
-    layer_decay: float = option(1.0, 'lr of layer l (0 embedding, i + 1 block i) scales by layer_decay ** (L - l)',
+    layer_decay: float = option(1.0, 'lr of layer l (0 embedding, i + 1 block i) scales by '
+                                     'layer_decay ** (L - l)',
                                 (lambda v: 0 < v <= 1, 'must be in (0, 1]'))
-    layer_decay_offset: int = option(1, "L = depth + this (the head at L): 1 as MAE counts, 0 as the release's copy",
-                                     (lambda v: 0 <= v <= DEPTH, 'must be 0 (the release) or 1 (MAE), or more: '
-                                                                 f'at most {DEPTH}'))
+    layer_decay_offset: int = option(1, "L = depth + this (the head at L): 1 as MAE counts, 0 as "
+                                        "the release's copy",
+                                     (lambda v: 0 <= v <= DEPTH,
+                                      'must be 0 (the release) or 1 (MAE), or more: at most '
+                                      f'{DEPTH}'))
     beta2: float = option(0.999, rule=UNIT)
     clip_grad: float = option(0.0, 'max grad norm; 0 = off', at_least(0, 'off'))
     ema: float = option(0.0, 'EMA decay per step; 0 = no EMA',
                         (lambda v: 0 <= v < 1, 'is a decay per step: [0, 1), 0 = off'))
     # system
     amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
-    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map stored) | auto: per device',
+    attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '
+                                              'stored) | auto: per device',
                                       one_of(('auto', *IMPLEMENTATIONS)))
     compile: bool = False
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
@@ -122,21 +147,23 @@ class TrainConfig:
     num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
                                  'held in memory (Fashion-MNIST, CIFAR) is batched on the device '
                                  'without them',
-                             at_least(0, 'load in the main process', WORKERS))
+                              at_least(0, 'load in the main process', WORKERS))
     fake_size: int = option(2048, "images in --data fake's train split", at_least(1, most=STEPS))
     log_every: int = option(50, 'steps between progress lines', at_least(1, most=STEPS))
     save_every: int = option(0, 'steps between checkpoints (besides each epoch); 0 = epochs only',
                              at_least(0, 'each epoch only', STEPS))
-    max_steps: int = option(0, 'only cuts the run short after this many steps (0 = no limit): the lr schedule stays '
-                               'the whole --epochs one, so a run cut by it and resumed without it ends exactly as the '
-                               'uncut run. A short complete run: fewer --epochs, --warmup-epochs',
-                       at_least(0, 'no limit', STEPS))
-    dist_timeout: int = option(1800, 'seconds a process waits for the others (torchrun) before every one stops',
-                               at_least(1, 'seconds', SECONDS))
+    max_steps: int = option(0, 'only cuts the run short after this many steps (0 = no limit): the '
+                               'lr schedule stays the whole --epochs one, so a run cut by it and '
+                               'resumed without it ends exactly as the uncut run. A short complete '
+                               'run: fewer --epochs, --warmup-epochs',
+                            at_least(0, 'no limit', STEPS))
+    dist_timeout: int = option(1800, 'seconds a process waits for the others (torchrun) before '
+                                     'every one stops', at_least(1, 'seconds', SECONDS))
 
-    # what --resume true may change: where and how the run goes, never what it computes (REFERENCE.md, "resume")
-    RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every', 'save_every',
-                 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
+    # what --resume true may change: where and how the run goes, never what it computes
+    # (REFERENCE.md, "resume")
+    RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
+                 'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT = ''
     # the fields naming files a run reads (a teacher, --init weights): never one its run directory replaces
@@ -146,25 +173,32 @@ class TrainConfig:
         """Rules across fields, (field, holds, what is allowed), checked after each field's own: the first that
         does not hold is refused. A subclass adds its own rows: `return super().checks() + [...]`."""
         size = SIZES.get(self.model, {})
-        dim, heads = self.embed_dim or size.get('embed_dim'), self.num_heads or size.get('num_heads')
-        depth = self.depth or size.get('depth') or 0    # a transfer student's may be the teacher's, known later
+        dim = self.embed_dim or size.get('embed_dim')
+        heads = self.num_heads or size.get('num_heads')
+        # a transfer student's depth may be the teacher's, known later
+        depth = self.depth or size.get('depth') or 0
+        batch = self.batch_size * self.accum_steps
+        shuffled = self.fake_size * SAMPLER_BYTES
         return [
-            ('warmup_epochs', self.warmup_epochs <= self.epochs, f'must be at most --epochs {self.epochs}: the lr '
-                                                                 f'would never reach its peak'),
+            ('warmup_epochs', self.warmup_epochs <= self.epochs,
+             f'must be at most --epochs {self.epochs}: the lr would never reach its peak'),
             ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
              f'must be a multiple of --patch-size {self.patch_size}'),
-            ('num_heads' if self.num_heads else 'embed_dim', not (dim and heads) or dim % heads == 0,
-             f'the width {dim} must be a multiple of the number of heads {heads} (--embed-dim, --num-heads)'),
+            ('num_heads' if self.num_heads else 'embed_dim',
+             not (dim and heads) or dim % heads == 0,
+             f'the width {dim} must be a multiple of the number of heads {heads} (--embed-dim, '
+             f'--num-heads)'),
             decay_floor(self, depth),
             ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
-             f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass --min-lr-ratio 0 to '
-             f'set it absolutely'),
-            ('fake_size', self.data != 'fake' or self.fake_size >= self.batch_size * self.accum_steps,
-             f'gives no full batch of {self.batch_size * self.accum_steps} images (--batch-size x --accum-steps)'),
-            ('fake_size', self.fake_size * SAMPLER_BYTES <= machine_memory(),
-             f'images would take {self.fake_size * SAMPLER_BYTES / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each'
-             f' in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
-            *too_big(self, dim, depth, self.patch_size, 4.0),   # every size in vit.SIZES: MLP ratio 4
+             f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass '
+             f'--min-lr-ratio 0 to set it absolutely'),
+            ('fake_size', self.data != 'fake' or self.fake_size >= batch,
+             f'gives no full batch of {batch} images (--batch-size x --accum-steps)'),
+            ('fake_size', shuffled <= machine_memory(),
+             f'images would take {shuffled / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each '
+             f'in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
+            # every size in vit.SIZES: MLP ratio 4
+            *too_big(self, dim, depth, self.patch_size, 4.0),
         ]
 
     def resume_conflicts(self, ckpt, world, free=()):
@@ -173,32 +207,30 @@ class TrainConfig:
         default; batch size and accumulation steps may change if the global batch stays the same; so may the
         fields `free` (the lr after the run diverged: resume.AFTER_DIVERGENCE)."""
         saved = {**asdict(type(self)()), **ckpt['config']}   # a field it lacks: the default
+        may_change = (*self.RESUMABLE, *free, 'batch_size', 'accum_steps')
         out = [f'{flag(k)} {show(saved[k])} -> {show(v)}' for k, v in asdict(self).items()
-               if k not in (*self.RESUMABLE, *free, 'batch_size', 'accum_steps') and saved[k] != v]
+               if k not in may_change and saved[k] != v]
         old = (saved['batch_size'], saved['accum_steps'], ckpt.get('world_size', len(ckpt['rng'])))
-        if math.prod(old) != self.batch_size * self.accum_steps * world:
-            out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps {old[1]} x {old[2]} '
-                       f'process(es)) -> {self.batch_size * self.accum_steps * world} ({self.batch_size} x '
-                       f'{self.accum_steps} x {world}): keep it, e.g. with --accum-steps')
+        new = (self.batch_size, self.accum_steps, world)
+        if math.prod(old) != math.prod(new):
+            out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps '
+                       f'{old[1]} x {old[2]} process(es)) -> {math.prod(new)} ({new[0]} x '
+                       f'{new[1]} x {new[2]}): keep it, e.g. with --accum-steps')
         return out
 
 
-class ConfigError(ValueError):
-    pass
-
-
-class DataError(RuntimeError):
-    """Data that is missing, misplaced or damaged: one line naming the file and the fix."""
-
-
 def decay_floor(cfg, depth):
-    """The checks() row refusing a layer decay that gives the embedding an lr scale of 0 in floating point."""
+    """The checks() row refusing a layer decay that gives the embedding an lr scale of 0 in floating
+    point."""
     return ('layer_decay_offset', cfg.layer_decay ** (depth + cfg.layer_decay_offset) > 0,
-            f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} blocks + '
-            f'{cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or raise --layer-decay)')
+            f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} '
+            f'blocks + {cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or '
+            f'raise --layer-decay)')
 
 
-def policy(spec):   # RandAugment's policy of a --randaug string (util/augment.py, read only where one is given)
+def policy(spec):
+    """RandAugment's policy of a --randaug string (util/augment.py, imported only where one is
+    given)."""
     from util.augment import randaugment
     return randaugment(spec)
 
@@ -231,7 +263,8 @@ def check(cfg):
     """Every number finite, then each field's rule, then cfg.checks(): raise ConfigError naming the first flag that
     fails."""
     for name, value in asdict(cfg).items():
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
     rules = [(k, md['rule']) for k, md in declared(type(cfg)).items() if 'rule' in md]
     refuse(cfg, ((k, holds(getattr(cfg, k)), allowed) for k, (holds, allowed) in rules))
@@ -239,32 +272,37 @@ def check(cfg):
 
 
 def refuse(cfg, rows):
-    """Raise ConfigError naming the flag of the first (field, holds, what is allowed) row that does not hold."""
+    """Raise ConfigError naming the flag of the first (field, holds, what is allowed) row that does not
+    hold."""
     for name, holds, allowed in rows:
         if not holds:
             value = show(getattr(cfg, name))
-            raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else f'{flag(name)} {allowed}')
+            if value:
+                raise ConfigError(f'{flag(name)} {value}: {allowed}')
+            raise ConfigError(f'{flag(name)} {allowed}')
     return cfg
 
 # -----------------------------------------------------------------------------
 # The small data sets' recipe, which every script starts from (the sources of every value: RECIPES.md)
 
 SMALL_PRESETS = {
-    # trains in minutes on a CPU; width, heads, pooling and crops chosen on the validation split (VALIDATION.md)
-    'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28, patch_size=4,
-                          global_pool=True, epochs=9, batch_size=128, blr=2e-3, warmup_epochs=1, weight_decay=0.05,
-                          crop_pad=0, log_every=100),
-    **{data: dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256, warmup_epochs=5,
-                  crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1)
+    # trains in minutes on a CPU; width, heads, pooling and crops chosen on the validation split
+    # (VALIDATION.md)
+    'fashion-mnist': dict(model='vit_tiny', embed_dim=64, depth=6, num_heads=8, img_size=28,
+                          patch_size=4, global_pool=True, epochs=9, batch_size=128, blr=2e-3,
+                          warmup_epochs=1, weight_decay=0.05, crop_pad=0, log_every=100),
+    **{data: dict(model='vit_tiny', depth=9, img_size=32, patch_size=4, epochs=100, batch_size=256,
+                  warmup_epochs=5, crop_pad=4, randaug='torchvision-m9', reprob=0.25, drop_path=0.1)
        for data in ('cifar10', 'cifar100')},
-    'fake': dict(model='vit_tiny', depth=2, img_size=32, patch_size=8, epochs=1, batch_size=32, num_workers=0,
-                 log_every=5),
+    'fake': dict(model='vit_tiny', depth=2, img_size=32, patch_size=8, epochs=1, batch_size=32,
+                 num_workers=0, log_every=5),
 }
 
 # -----------------------------------------------------------------------------
 # Sizes that cannot fit this machine, refused before anything is built: a lower bound of what one step needs
 
-SAMPLER_BYTES = 100    # an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
+# an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
+SAMPLER_BYTES = 100
 
 
 def machine_memory():
@@ -282,21 +320,25 @@ def memory_needed(dim, depth, img_size, patch_size, batch_size, mlp_ratio=4.0, t
     backward pass). Attention maps, which some paths never build, are not counted."""
     tokens = (img_size // patch_size) ** 2 + 1
     params = depth * (4 + 2 * mlp_ratio) * dim ** 2 + tokens * dim + 3 * patch_size ** 2 * dim
-    return (16 if training else 4) * params + 4 * batch_size * tokens * dim * (depth if training else 1)
+    if training:
+        return 16 * params + 4 * batch_size * tokens * dim * depth
+    return 4 * params + 4 * batch_size * tokens * dim
 
 
 def too_big(cfg, dim, depth, patch_size, mlp_ratio, training=True, what='a ViT'):
     """[] if a ViT of these sizes fits this machine's memory (memory_needed), else one checks() row naming the flag
     furthest above a usual value (ViT-L/16 at 224 px, batch 256) and every size that went into the estimate."""
-    if not (dim and depth and patch_size):
-        return []       # a size not known yet (a transfer student's is its teacher's): checked once it is
+    if not (dim and depth and patch_size):   # a size not known yet (a transfer student's is its
+        return []                            # teacher's): checked once it is
     need = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training)
     have = machine_memory()
     if need <= have:
         return []
-    usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24, 'embed_dim': dim / 1024,
-             'batch_size': cfg.batch_size / 256}
+    usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24,
+             'embed_dim': dim / 1024, 'batch_size': cfg.batch_size / 256}
+    use = 'to train' if training else 'to run'
     return [(max(usual, key=usual.get), False,
-             f"makes {what} of {depth} blocks {dim} wide on {cfg.img_size} px images in {patch_size} px patches, "
-             f"batch {cfg.batch_size}: at least {need / 1e9:,.0f} GB {'to train' if training else 'to run'}, more "
-             f"than the {have / 1e9:,.0f} GB here (--img-size, --depth, --embed-dim, --batch-size)")]
+             f'makes {what} of {depth} blocks {dim} wide on {cfg.img_size} px images in '
+             f'{patch_size} px patches, batch {cfg.batch_size}: at least {need / 1e9:,.0f} GB '
+             f'{use}, more than the {have / 1e9:,.0f} GB here (--img-size, --depth, --embed-dim, '
+             f'--batch-size)')]

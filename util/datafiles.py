@@ -3,7 +3,7 @@ Each data set's files on disk: found, downloaded when missing (checksummed), rea
 damaged or misplaced file is one DataError naming it and the fix, never a traceback or silently wrong data.
 
     Fashion-MNIST   IDX files (MNIST's format), from --data-dir, else Debian's dataset-fashion-mnist
-                    (/usr/share/datasets/fashion-mnist), else downloaded
+                    (/usr/share/datasets/fashion-mnist), else downloaded; read by torchvision's readers
     CIFAR-10 / 100  the binary distribution's fixed-size records, extracted from its archive (downloaded if absent)
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
     class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
@@ -20,10 +20,10 @@ data.py turns these datasets into what a model is fed: transforms, splits, loade
 """
 import contextlib
 import gzip
-import math
 import os
 import pathlib
 import shutil
+import tempfile
 import warnings
 import zlib
 
@@ -32,9 +32,11 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.mnist import (read_image_file, read_label_file,
+                                        read_sn3_pascalvincent_tensor)
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
-from util.config import DataError
+from util.errors import DataError, first_few
 
 # -----------------------------------------------------------------------------
 # A small data set held in memory, and its batches made where it is held
@@ -47,8 +49,11 @@ class TensorImages(Dataset):
     (index = label); source: the folder the files were read from (None: made at random)."""
 
     def __init__(self, images, labels, transform, classes, source):
-        self.images, self.labels, self.transform = images, labels.long(), transform
-        self.classes, self.source = classes, source
+        self.images = images                  # (N, C, H, W) uint8
+        self.labels = labels.long()           # (N,)
+        self.transform = transform
+        self.classes = classes
+        self.source = source
 
     def __len__(self):
         return len(self.labels)
@@ -74,12 +79,19 @@ class TensorBatches:
     the device."""
 
     def __init__(self, dataset, batch_size, sampler, drop_last, seed, rank, device):
-        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
-        self.drop_last, self.seed, self.rank, self.device = drop_last, seed, rank, device
-        held, self.index = unwrap(dataset), None
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.device = device                  # where the batches go
+        held = unwrap(dataset)
+        self.index = None
         if isinstance(dataset, Subset):   # the positions the sampler gives, as the held indices
             self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
-        self.images, self.labels = held.images, held.labels
+        self.images = held.images
+        self.labels = held.labels
         where = held.images.device
         self.transform = held.transform.to(where)
         self.generator = torch.Generator(where)          # erasing's noise, where the images are
@@ -190,37 +202,38 @@ def unwrap(dataset):
 
 
 # -----------------------------------------------------------------------------
-# Fashion-MNIST from its IDX files (the format of MNIST: a magic number, sizes, then raw bytes)
+# Fashion-MNIST: its IDX files found (--data-dir, torchvision's folder, Debian's), read by torchvision's readers
 
 FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
-                       't10k-labels-idx1-ubyte')
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+                       't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
-def read_idx(path):
-    """An IDX file of unsigned bytes (0, 0, 8, the number of dimensions, each size as a big-endian int32, then
-    the data), gzipped or not, as a uint8 tensor; one that is not one, or is cut short, is a DataError."""
+def read_idx(path, read=read_sn3_pascalvincent_tensor):
+    """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
+    uint8; read_label_file: (N,)); a gzipped one (Debian's) through an uncompressed temporary copy, as torchvision's
+    reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""
     try:
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:   # not gzip (BadGzipFile is an OSError), or a cut .gz
-        raise damaged_idx([path], f'cannot be read ({type(e).__name__}: {e})') from None
-    ndim = data[3] if len(data) >= 4 and data[:3] == b'\0\0\x08' else 0
-    start = 4 + 4 * ndim   # of the data
-    if not ndim or len(data) < start:
-        raise damaged_idx([path], 'is not an IDX file of bytes (its header is not 00 00 08 and the sizes)')
-    shape = np.frombuffer(data, '>u4', ndim, 4).tolist()
-    if len(data) - start != math.prod(shape):
-        raise damaged_idx([path], f'has {len(data) - start} bytes of data where its header says '
-                                  f'{" x ".join(map(str, shape))} = {math.prod(shape)}')
-    return torch.tensor(np.frombuffer(data, np.uint8, offset=start).reshape(shape))
+        if not path.endswith('.gz'):
+            return read(path)
+        with tempfile.NamedTemporaryFile() as plain, gzip.open(path) as packed:
+            shutil.copyfileobj(packed, plain)
+            plain.flush()
+            return read(plain.name)
+    except (OSError, EOFError, zlib.error, AssertionError, KeyError, ValueError, TypeError,
+            RuntimeError) as e:   # a cut .gz, not gzip, not IDX
+        said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
+        raise damaged_idx([path], f'cannot be read ({said})') from None
 
 
 def damaged_idx(paths, problem):
-    """DataError: the files (all in one folder), what is wrong with them, and how to get intact ones."""
+    """DataError: the files (all in one folder), what is wrong with them, and how to get intact
+    ones."""
     it = 'it' if len(paths) == 1 else 'them'
-    fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist' if \
-        paths[0].startswith(FASHION_MNIST_SYSTEM_DIR) else f'delete {it} and run again to download {it} anew'
+    if paths[0].startswith(FASHION_MNIST_SYSTEM_DIR):
+        fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist'
+    else:
+        fix = f'delete {it} and run again to download {it} anew'
     return DataError(f"{' and '.join(paths)} {problem}: {fix}")
 
 
@@ -230,43 +243,54 @@ def fashion_mnist(data_dir, train, transform):
     a DataError naming what it lacks, never paired with another's (images from one, labels from another)."""
     dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
     for d in dirs:
-        found = {stem: path for stem in FASHION_MNIST_FILES   # stem, else stem.gz
-                 for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem)) if os.path.isfile(path)}
+        found = {}
+        for stem in FASHION_MNIST_FILES:   # stem, else stem.gz
+            for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem)):
+                if os.path.isfile(path):
+                    found[stem] = path
         if len(found) == 4:
             break
         if found:
             missing = [s for s in FASHION_MNIST_FILES if s not in found]
-            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}[.gz]): put all "
-                            f"four there, or remove them to read the data set from elsewhere")
+            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}"
+                            f"[.gz]): put all four there, or remove them to read the data set from "
+                            f"elsewhere")
     else:
         try:   # last resort: torchvision's download (needs the internet)
             torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
         except Exception:
-            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; put its "
-                            f"four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in --data-dir, or "
-                            f"`apt-get install dataset-fashion-mnist`") from None
+            raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; "
+                            f"put its four files ({', '.join(FASHION_MNIST_FILES)}, each [.gz]) in "
+                            f"--data-dir, or `apt-get install dataset-fashion-mnist`") from None
         return fashion_mnist(data_dir, train, transform)
     stem = 'train' if train else 't10k'
-    images, labels = found[f'{stem}-images-idx3-ubyte'], found[f'{stem}-labels-idx1-ubyte']
-    x, y = read_idx(images), read_idx(labels)                                  # (N, 28, 28), (N,)
-    if x.dim() == 3 and x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
-        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not Fashion-MNIST's 28 x 28")
-    if x.dim() != 3 or y.dim() != 1 or len(x) != len(y):
-        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels {tuple(y.shape)} '
-                                            f'(expected (N, 28, 28) and (N,))')
+    images = found[f'{stem}-images-idx3-ubyte']
+    labels = found[f'{stem}-labels-idx1-ubyte']
+    x = read_idx(images, read_image_file)                              # (N, H, W)
+    y = read_idx(labels, read_label_file)                              # (N,)
+    if x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
+        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not "
+                                    f"Fashion-MNIST's 28 x 28")
+    if len(x) != len(y):
+        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels '
+                                            f'{tuple(y.shape)} (expected (N, 28, 28) and (N,))')
     if (y >= 10).any():
         raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
-    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes, os.path.abspath(d))
+    classes = torchvision.datasets.FashionMNIST.classes
+    return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------
 # CIFAR from its binary distribution: fixed-size records, a label byte (CIFAR-100: coarse, then fine)
-# and 3072 pixel bytes, the red, green and blue 32x32 planes row by row (www.cs.toronto.edu/~kriz/cifar.html)
+# and 3072 pixel bytes, the red, green and blue 32x32 planes row by row (www.cs.toronto.edu/~kriz/cifar.html).
+# torchvision reads only its pickled version, which could run code: never read here.
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/'
-CIFAR = {   # name -> archive, its md5 (the CIFAR page), folder inside, train files, test files, label bytes
-    'cifar10': ('cifar-10-binary.tar.gz', 'c32a1d4ab5d03f1284b67883e8d87530', 'cifar-10-batches-bin',
-                [f'data_batch_{i}.bin' for i in range(1, 6)], ['test_batch.bin'], 1),
+# name -> archive, its md5 (the CIFAR page), folder inside, train files, test files, label bytes
+CIFAR = {
+    'cifar10': ('cifar-10-binary.tar.gz', 'c32a1d4ab5d03f1284b67883e8d87530',
+                'cifar-10-batches-bin', [f'data_batch_{i}.bin' for i in range(1, 6)],
+                ['test_batch.bin'], 1),
     'cifar100': ('cifar-100-binary.tar.gz', '03b5dce01913d631647c71ecec9e9cb8', 'cifar-100-binary',
                  ['train.bin'], ['test.bin'], 2),
 }
@@ -277,8 +301,8 @@ def read_cifar_binary(paths, label_bytes):
     data = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
     record = label_bytes + 3 * 32 * 32
     if data.size % record:
-        raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut download?): delete "
-                        f"the folder and run again to extract or download it anew")
+        raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut "
+                        f"download?): delete the folder and run again to extract or download it anew")
     data = torch.from_numpy(data.reshape(-1, record))
     return data[:, label_bytes:].reshape(-1, 3, 32, 32).clone(), data[:, :label_bytes].clone()
 
@@ -300,17 +324,19 @@ def cifar(root, name, train, transform, num_classes):
                     shutil.rmtree(root, ignore_errors=True)
                 elif os.path.isfile(path):
                     os.remove(path)
-                raise DataError(f'{CIFAR_URL + archive} could not be downloaded ({type(e).__name__}): put {archive} '
-                                f'or its extracted {folder}/ in --data-dir') from None
+                raise DataError(f'{CIFAR_URL + archive} could not be downloaded ({type(e).__name__}): '
+                                f'put {archive} or its extracted {folder}/ in --data-dir') from None
         if not check_integrity(path, md5):
-            raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to download it')
+            raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to '
+                            f'download it')
         extract_archive(path, root)
     images, labels = read_cifar_binary(paths, label_bytes)
-    fine = labels[:, -1].long()                        # CIFAR-100: the 100-class label, after the coarse one
+    fine = labels[:, -1].long()        # CIFAR-100: the 100-class label, after the coarse one
+    where = os.path.join(root, folder)
     if (fine >= num_classes).any():
-        raise DataError(f'{os.path.join(root, folder)}: label {fine.max()} is not a {name} class: delete the '
-                        f'folder and run again')
-    return TensorImages(images, fine, transform, read_classes(name), os.path.abspath(os.path.join(root, folder)))
+        raise DataError(f'{where}: label {fine.max()} is not a {name} class: delete the folder and run '
+                        f'again')
+    return TensorImages(images, fine, transform, read_classes(name), os.path.abspath(where))
 
 
 # -----------------------------------------------------------------------------
@@ -324,16 +350,19 @@ def image_folder(data, root, train, transform):
     (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
     may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
     expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
-    split, train_dir = os.path.join(root, 'train' if train else 'val'), os.path.join(root, 'train')
+    split = os.path.join(root, 'train' if train else 'val')
+    train_dir = os.path.join(root, 'train')
     for d in [split, train_dir] if data == 'folder' else [split]:
         if not os.path.isdir(d):
             raise DataError(f'no folder {d}: {expects}')
     if data == 'imagenet':
         names = read_classes('imagenet')
-        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data folder'
+        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
+                  'folder'
     else:
         names = class_folders(train_dir, expects)
-        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them there'
+        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
+                  f'there'
     index = {c: i for i, c in enumerate(names)}
     return ClassFolder(split, index, transform, unknown), len(index)
 
@@ -344,8 +373,10 @@ def read_classes(name):
 
 
 def class_folders(directory, expects):
-    """The sorted names of the folders in `directory`, hidden ones (no class) left out; a DataError if it has none."""
-    names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+    """The sorted names of the folders in `directory`, hidden ones (no class) left out; a DataError if it
+    has none."""
+    names = sorted(e.name for e in os.scandir(directory)
+                   if e.is_dir() and not e.name.startswith('.'))
     if not names:
         raise DataError(f'{directory} has no folders (one per class): {expects}')
     return names
@@ -357,7 +388,8 @@ class ClassFolder(torchvision.datasets.ImageFolder):
     `unknown` (what they are not, and the fix); so is a class folder without a single image."""
 
     def __init__(self, root, index, transform, unknown):
-        self.index, self.unknown = index, unknown
+        self.index = index
+        self.unknown = unknown
         super().__init__(root, transform=transform, loader=read_image)
         self.classes = sorted(index, key=index.get)   # every class of the numbering, index = label
         self.source = os.path.abspath(root)
@@ -368,13 +400,16 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         and folders left out (._photo.jpg, .ipynb_checkpoints), each folder and file taken once by where it really
         is. A link loop (a/loop -> .) or a file reached by two paths would read the same images again (41 times, or
         as a class of its own) without a word: a DataError naming the link."""
-        seen = {os.path.realpath(directory): directory}   # real path -> the path it was first reached by
-        samples, empty = [], []
+        seen = {os.path.realpath(directory): directory}   # real path -> the path it was reached by
+        samples = []
+        empty = []
         for name in sorted(class_to_idx):
-            walked, before = [], len(samples)
+            walked = []
+            before = len(samples)
             for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
                 real = os.path.realpath(root)
-                once(root, real, seen, 'folder')   # top-down: checked before the walk goes into it, so a loop ends here
+                # top-down: checked before the walk goes into it, so a loop ends here
+                once(root, real, seen, 'folder')
                 dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
                 walked.append((root, real, files))
             for root, real, files in sorted(walked):
@@ -382,30 +417,32 @@ class ClassFolder(torchvision.datasets.ImageFolder):
                     path = os.path.join(root, f)
                     if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f):
                         # its real path from its folder's: one lstat a file, not one a part of its path
-                        where = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
+                        where = os.path.join(real, f)
+                        if os.path.islink(path):
+                            where = os.path.realpath(path)
                         once(path, where, seen, 'file')
                         samples.append((path, class_to_idx[name]))
             if len(samples) == before:
                 empty.append(name)
         if empty:
-            raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) {', '.join(empty)}: "
-                            f"add their images, or remove those folders")
+            raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "
+                            f"{', '.join(empty)}: add their images, or remove those folders")
         return samples
 
     def find_classes(self, directory):
         names = class_folders(directory, self.unknown)
         strangers = [n for n in names if n not in self.index]
         if strangers:
-            raise DataError(f"{directory} has folders {', '.join(strangers[:3])}{' ...' * (len(strangers) > 3)}: "
-                            f'{self.unknown}')
+            raise DataError(f'{directory} has folders {first_few(strangers)}: {self.unknown}')
         return names, {n: self.index[n] for n in names}
 
 
 def once(path, real, seen, kind):
     """Note that `path` leads to `real` in `seen`; a DataError if another path led there before."""
     if real in seen:
-        raise DataError(f'{path} is {seen[real]} again ({kind} {real}, reached through a symbolic link): its images '
-                        f'would be read twice, or without end in a loop: remove the link')
+        raise DataError(f'{path} is {seen[real]} again ({kind} {real}, reached through a symbolic '
+                        f'link): its images would be read twice, or without end in a loop: remove the '
+                        f'link')
     seen[real] = path
 
 
@@ -419,16 +456,20 @@ def read_image(path):
     DataError naming the file)."""
     try:
         with open(path, 'rb') as f, warnings.catch_warnings():
-            warnings.simplefilter('ignore')   # PIL's notes on palettes with transparency and on EXIF data
+            warnings.simplefilter('ignore')   # PIL's notes on palettes with transparency, on EXIF data
             image = ImageOps.exif_transpose(Image.open(f))
             image.load()
     except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
-        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the file') from None
+        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the '
+                        f'file') from None
     if image.mode.startswith('I;16'):
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))   # mode L
+        high = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)   # (H, W)
+        image = Image.fromarray(high)                                        # mode L
     elif image.mode in ('I', 'F'):
-        raise DataError(f'image {path} has pixels of 32-bit {"integers" if image.mode == "I" else "floats"} '
-                        f'(mode {image.mode}), whose range no convention fixes: save it with 8 or 16 bits a channel')
+        kind = 'integers' if image.mode == 'I' else 'floats'
+        raise DataError(f'image {path} has pixels of 32-bit {kind} (mode {image.mode}), whose range no '
+                        f'convention fixes: save it with 8 or 16 bits a channel')
     elif image.mode == 'P':
-        image = image.convert('RGBA')   # a palette's transparency goes with its colours, then is dropped below
+        # a palette's transparency goes with its colours, then is dropped below
+        image = image.convert('RGBA')
     return image.convert('RGB')

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.datafiles import TensorBatches, TensorImages, image_seed, unwrap
-from util.files import cannot_write
 
 
 # -----------------------------------------------------------------------------
@@ -41,25 +40,28 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
     the loader ran out first. Every step: autocast, the method's loss, backward (scaled under fp16), accumulation,
     the lr of the step, clipping, AdamW, the EMA; a line of progress every --log-every steps, a checkpoint every
     --save-every."""
-    cfg, plan = run.cfg, run.plan
+    cfg = run.cfg
+    plan = run.plan
     epoch, skip = divmod(run.step, run.steps_per_epoch)
     if skip == 0:
         seed_all(cfg.seed, plan.rank, epoch)
     loader.sampler.set_epoch(epoch)
-    loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size        # a resume mid-epoch
+    loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size    # a resume mid-epoch
     for i, (x, y) in enumerate(loader):
-        x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
+        x = x.to(plan.device, non_blocking=True)                      # (B, 3, H, W)
+        y = y.to(plan.device, non_blocking=True)                      # (B,)
         if mixer is not None:
-            x, y = mixer(x, y)                                            # MixUp / CutMix: soft targets (B, C)
-        last_micro = (i + 1) % cfg.accum_steps == 0                       # gradients all-reduced on the last only
-        with (run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()), autocast(plan):
+            x, y = mixer(x, y)                                        # MixUp / CutMix: y (B, C)
+        last_micro = (i + 1) % cfg.accum_steps == 0                   # gradients all-reduced then
+        no_sync = run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()
+        with no_sync, autocast(plan):
             loss, parts = loss_fn(run.net, x, y)
             run.scaler.scale(loss / cfg.accum_steps).backward()
-        for k, v in parts.items():                                        # stays on the device: no sync per step
+        for k, v in parts.items():                                    # on the device: no sync
             run.running[k] = run.running.get(k, 0.0) + v.float() / cfg.accum_steps
         if not last_micro:
             continue
-        for g in run.opt.param_groups:                                    # warm-up + cosine, per step
+        for g in run.opt.param_groups:                                # warm-up + cosine, per step
             g['lr'] = lr_at(cfg, run.lr, run.step / run.steps_per_epoch) * g['lr_scale']
         if cfg.clip_grad:
             run.scaler.unscale_(run.opt)
@@ -72,8 +74,10 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
         run.step += 1
         run.steps_done += 1
         run.since_log += 1
-        # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed, within seconds
-        if run.step % cfg.log_every == 0 or run.step == run.total_steps or run.steps_done in (1, 10):
+        # a launch's 1st and 10th steps are logged too: a run is seen training, and at what speed,
+        # within seconds
+        logged = run.step % cfg.log_every == 0 or run.step == run.total_steps
+        if logged or run.steps_done in (1, 10):
             log_progress(run)
         if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:
             return True
@@ -85,19 +89,22 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
 def log_progress(run):
     """The training losses since the last line (averaged over ranks), lr, speed, time left."""
     vals = {k: all_mean(v, run.plan).item() / run.since_log for k, v in run.running.items()}
-    run.running, run.since_log = {}, 0
+    run.running = {}
+    run.since_log = 0
     for k, v in vals.items():
         if not math.isfinite(v):
             run.diverged(v, f'training loss {k}')
-    elapsed, step = time.time() - run.t_start, run.step
+    elapsed = time.time() - run.t_start
+    step = run.step
     if run.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
         speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
     else:
-        speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ' \
-                f'ETA {(run.total_steps - step) * elapsed / run.steps_done / 60:.1f} min'
-    log(run.plan.run_dir, f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | ' +
-        ' '.join(f'{k} {v:.4f}' for k, v in vals.items()) +
-        f' | lr {lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch):.2e} | {speed}')
+        minutes = (run.total_steps - step) * elapsed / run.steps_done / 60
+        speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ETA {minutes:.1f} min'
+    losses = ' '.join(f'{k} {v:.4f}' for k, v in vals.items())
+    lr = lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch)
+    run.plan.run_dir.log(f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | '
+                         f'{losses} | lr {lr:.2e} | {speed}')
     run.metrics['train'] = vals
 
 # -----------------------------------------------------------------------------
@@ -122,7 +129,8 @@ class SeededDataset(Dataset):
     workers this runs in the training process, whose drop-path, MixUp and MAE masks draw from it."""
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+        self.dataset = dataset
+        self.seed = seed
 
     def __len__(self):
         return len(self.dataset)
@@ -141,16 +149,18 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
     time by --num-workers processes, each image augmented from its own seed (SeededDataset).
     device: where the batches go (None: the host)."""
     if train:
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a shift's noise too
-        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=cfg.seed)
+    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
+        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
         device = device or torch.device('cpu')
         return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
-    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler, drop_last=train,
-                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.num_workers > 0, worker_init_fn=quiet_on_stop,
-                      generator=torch.Generator().manual_seed(cfg.seed))   # leaves the global RNG alone
+    generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
+    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                      drop_last=train, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+                      worker_init_fn=quiet_on_stop, generator=generator)
 
 
 def quiet_on_stop(worker_id):
@@ -158,7 +168,13 @@ def quiet_on_stop(worker_id):
     it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
     its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    sys.excepthook = lambda kind, *rest: None if issubclass(kind, ConnectionError) else sys.__excepthook__(kind, *rest)
+    sys.excepthook = quiet_hook
+
+
+def quiet_hook(kind, *rest):
+    """sys.excepthook in a loader worker: a ConnectionError (its run was stopped) says nothing."""
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, *rest)
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +186,8 @@ def build_optimizer(cfg, model, lr):
     (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
     the last block then share the full lr): cfg.layer_decay_offset picks."""
-    groups, layers = {}, getattr(model, 'depth', 0) + cfg.layer_decay_offset
+    groups = {}   # (lr scale, no weight decay) -> its AdamW parameter group
+    layers = getattr(model, 'depth', 0) + cfg.layer_decay_offset
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -184,15 +201,19 @@ def build_optimizer(cfg, model, lr):
 
 
 def layer_id(name, depth):
-    """A ViT parameter's layer for lr decay: 0 the embedding, i + 1 block i, depth + 1 the rest (norm, head)."""
+    """A ViT parameter's layer for lr decay: 0 the embedding, i + 1 block i, depth + 1 the rest (norm,
+    head)."""
     if name.startswith(('cls_token', 'pos_embed', 'patch_embed', 'reg_token', 'norm_pre')):
         return 0
     return int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
 
 
 def final_lr(cfg, lr):
-    """The lr the schedule ends at: --min-lr-ratio of the peak lr, else --min-lr; 0 if the peak is 0 (--blr 0)."""
-    return cfg.min_lr_ratio * lr if cfg.min_lr_ratio or lr == 0 else cfg.min_lr   # blr 0: weights stay as loaded
+    """The lr the schedule ends at: --min-lr-ratio of the peak lr, else --min-lr; 0 if the peak is 0 (--blr 0:
+    the weights stay as loaded)."""
+    if cfg.min_lr_ratio or lr == 0:
+        return cfg.min_lr_ratio * lr
+    return cfg.min_lr
 
 
 def lr_at(cfg, lr, epoch_float):
@@ -218,7 +239,8 @@ def soft_cross_entropy(logits, target, smoothing=0.0):
 
 @torch.no_grad()
 def evaluate(predict, loader, plan):
-    """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a model."""
+    """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a
+    model."""
     total = torch.zeros(4, device=plan.device)     # correct@1, correct@5, loss sum, count
     for x, y in loader:
         x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
@@ -226,7 +248,8 @@ def evaluate(predict, loader, plan):
             logits = predict(x).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         total += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum(),
-                              F.cross_entropy(logits, y, reduction='sum'), torch.tensor(len(y), device=plan.device)])
+                              F.cross_entropy(logits, y, reduction='sum'),
+                              torch.tensor(len(y), device=plan.device)])
     if plan.world > 1:
         dist.all_reduce(total)
     c1, c5, loss, n = total.tolist()
@@ -234,12 +257,14 @@ def evaluate(predict, loader, plan):
 
 
 # -----------------------------------------------------------------------------
-# Precision, seeds, a mean over processes, the log
+# Precision, seeds, a mean over processes
 
 
 def autocast(plan):
-    """The run's autocast: plan.dtype (None: fp32, autocast off) on plan.device (any object with the two)."""
-    return torch.autocast(plan.device.type, dtype=plan.dtype or torch.float32, enabled=plan.dtype is not None)
+    """The run's autocast: plan.dtype (None: fp32, autocast off) on plan.device (any object with the
+    two)."""
+    dtype = plan.dtype or torch.float32
+    return torch.autocast(plan.device.type, dtype=dtype, enabled=plan.dtype is not None)
 
 
 def seed_all(seed, rank, epoch):
@@ -255,37 +280,6 @@ def all_mean(t, plan):
         dist.all_reduce(t)
         t /= plan.world
     return t
-
-
-def say(msg):
-    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
-    try:
-        print(msg, flush=True)
-        return ''
-    except OSError as e:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what is buffered, and the rest, go there
-        return e.strerror or type(e).__name__
-
-
-def log(run_dir, msg):
-    """Print (the main process), and add to the run directory's log.txt; until the run has written its config.json
-    (RunDir.begin, which writes them) the lines wait in run_dir.pending, so a command refused before then changes no
-    file of its --out-dir. Here rather than in util/rundir.py: a training step's progress line runs in this file."""
-    if not run_dir.main:
-        return
-    lost = say(msg)
-    if lost:
-        msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
-    if not run_dir.begun:
-        run_dir.pending.append(msg)
-        return
-    path = os.path.join(run_dir.path, 'log.txt')
-    try:   # never through a link; RunDir.begin made it a file of the run's own (util/files.append_text)
-        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
-            f.write(msg + '\n')
-    except OSError as e:   # what log.txt held stays whole: one line says why
-        raise cannot_write(path, e) from None
 
 
 def cast_matmul_weights(model, dtype):

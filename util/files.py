@@ -1,9 +1,8 @@
 """
-The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...),
-and the folders they go in (checkpoints are read by util/weightfiles.py). A file cut short by a kill or a full disk,
-edited by hand, or written by another program is one error naming the file and the fix, never a traceback; a file is
-written to a temporary file and renamed, never left half written; an output that cannot be written is refused before
-any work.
+The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...);
+checkpoints are read by util/checkpoints.py, and where a command may write is util/outputs.py's. A file cut short by
+a kill or a full disk, edited by hand, or written by another program is one error naming the file and the fix, never
+a traceback; a file is written to a temporary file and renamed, never left half written.
 """
 import contextlib
 import errno
@@ -13,26 +12,16 @@ import os
 import platform
 import subprocess
 
-from util.config import ConfigError
+from util.errors import DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', '.lock')
-
-
-class DamagedFile(ConfigError):
-    """A file that does not hold what the program that wrote it writes."""
-
-
-class WriteError(ConfigError):
-    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
-    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
-    def __init__(self, what, again=' and run the command again'):
-        super().__init__(what + again)
-        self.what = what
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
+             'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
-    """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>): <fix>'."""
+    """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>):
+    <fix>'."""
     try:
         with open(path, 'rb') as f:
             return f.read()
@@ -49,7 +38,8 @@ def read_json(path, fix, keys=None):
     except ValueError as e:   # JSONDecodeError, or bytes that are not UTF-8
         raise DamagedFile(f'{path} is not JSON, cut short or damaged ({e}): {fix}') from None
     if not isinstance(record, dict):
-        raise DamagedFile(f'{path} holds a JSON {type(record).__name__}, not the object expected: {fix}')
+        kind = type(record).__name__
+        raise DamagedFile(f'{path} holds a JSON {kind}, not the object expected: {fix}')
     bad = [k for k, kind in (keys or {}).items() if not isinstance(record.get(k), kind)]
     if bad:
         raise DamagedFile(f"{path} lacks {', '.join(bad)} (missing or of another kind): {fix}")
@@ -81,18 +71,20 @@ def replacing(path):
     path = os.fspath(path)
     tmp = path + '.tmp'
     try:
-        with contextlib.suppress(FileNotFoundError):   # one left by a kill, or a link: never written through
+        # one left by a kill, or a link: never written through
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        while isinstance(e, Exception) and not isinstance(e, OSError):   # torch.save's error follows the OSError
-            e = e.__cause__ or e.__context__                              # or the Ctrl-C that cut its write
+        # torch.save's error follows the OSError, or the Ctrl-C that cut its write
+        while isinstance(e, Exception) and not isinstance(e, OSError):
+            e = e.__cause__ or e.__context__
         if isinstance(e, OSError):
             raise cannot_write(path, e) from None
-        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for (SIGTERM)
+        if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for
             raise KeyboardInterrupt(*e.args) from None
         raise
 
@@ -102,14 +94,18 @@ def cannot_write(path, e):
     path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
     if e.errno == errno.ELOOP:   # opened with O_NOFOLLOW
-        return WriteError(f'cannot write {path}: it is a link, which this would write through: put a copy of its '
-                          f'file there, or remove it', '')
-    if e.errno in (errno.EISDIR, errno.ENOTDIR):
-        kind = 'is a directory' if e.errno == errno.EISDIR else 'has a file where a folder of its path should be'
-        return WriteError(f'cannot write {path}: it {kind}: move that away, or choose another path', '')
+        return WriteError(f'cannot write {path}: it is a link, which this would write through: put '
+                          f'a copy of its file there, or remove it', '')
+    if e.errno == errno.EISDIR:
+        return WriteError(f'cannot write {path}: it is a directory: move that away, or choose '
+                          f'another path', '')
+    if e.errno == errno.ENOTDIR:
+        return WriteError(f'cannot write {path}: it has a file where a folder of its path should '
+                          f'be: move that away, or choose another path', '')
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
-        return WriteError(f'cannot write {path} ({why}): make {os.path.dirname(os.path.abspath(path))} writable '
-                          f'(or choose another path)')
+        folder = os.path.dirname(os.path.abspath(path))
+        return WriteError(f'cannot write {path} ({why}): make {folder} writable (or choose another '
+                          f'path)')
     return WriteError(f'cannot write {path} ({why}): free some space')
 
 
@@ -118,29 +114,11 @@ def write_text(path, text):
         f.write(text)
 
 
-def append_text(path, text):
-    """Add text at the end of a file (a log), in place, never through a link; one with other names too (a hard link:
-    a snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
-    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
-    line (a file that may not be written is named)."""
-    try:
-        with open(path, 'a', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o644)) as f:
-            if os.fstat(f.fileno()).st_nlink == 1:
-                f.write(text)
-                return
-        data = read_bytes(path, 'move it away')
-        with replacing(path) as tmp, open(tmp, 'wb') as f:
-            f.write(data + text.encode())
-    except OSError as e:
-        if isinstance(e, PermissionError) and os.path.isfile(path):   # the file's own: appending needs no other
-            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod u+w)') from None
-        raise cannot_write(path, e) from None
-
-
 def set_aside(path):
     """Move a damaged file out of the way, kept beside it as <name>.damaged (.damaged.1, .damaged.2, ... where one is
     there: an older copy kept for its user is never replaced)."""
-    kept, n = f'{path}.damaged', 0
+    kept = f'{path}.damaged'
+    n = 0
     while os.path.lexists(kept):
         n += 1
         kept = f'{path}.damaged.{n}'
@@ -151,15 +129,13 @@ def sha256_of(path):
     """The file's SHA-256 (hex), or None for a name such as mae_vit_large."""
     if not os.path.isfile(path):
         return None
-    digest = hashlib.sha256()
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(2 ** 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def save_figure(fig, path, **kwargs):
-    """A matplotlib figure saved whole or not at all (replacing), in the format its file name says."""
+    """A matplotlib figure saved whole or not at all (replacing), in the format its file name
+    says."""
     with replacing(path) as tmp:
         fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or 'png', **kwargs)
 
@@ -167,32 +143,6 @@ def save_figure(fig, path, **kwargs):
 def write_json(path, record):
     """`record` as indented JSON, whole or not at all (replacing)."""
     write_text(path, json.dumps(record, indent=2))
-
-
-def check_out_dir(path, flag, record=None, files=()):
-    """Refuse, before any work, a folder to write into that is a file, lies under a file, or cannot be made
-    or written there (no permission, a read-only file system). Makes nothing. record, files: what a command
-    writes there, `record` (its JSON) beside the others; any of them in a folder without `record` is someone
-    else's (a user's own README.md), which the command would replace: refused, as it replaces only its own."""
-    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
-    if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this command made them: "
-                          f"choose another {flag}")
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f'{flag} {path} is a file, not a folder: choose another {flag}')
-    writable(flag, path, path, 'is a file, so no folder can be made there',
-             'cannot be written (read-only, or no permission)')
-
-
-def writable(flag, path, parent, is_file='is a file', denied='cannot be written'):
-    """Refuse `path` unless the nearest folder that exists at or above `parent` (the one written into, or made in)
-    is a folder that can be written: '<flag> <path>: <that folder> <is_file or denied>: choose another <flag>'."""
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):   # also false when read-only
-        raise ConfigError(f'{flag} {path}: {parent} {denied if os.path.isdir(parent) else is_file}: choose '
-                          f'another {flag}')
 
 
 def read_lines(path):
@@ -212,11 +162,14 @@ def git_commit(*args, cwd=None):
     if args:
         return git(*args)
     head = git('rev-parse', 'HEAD')
-    return head + (' (with uncommitted changes to *.py)' if head and git('status', '--porcelain', '--', '*.py') else '')
+    if head and git('status', '--porcelain', '--', '*.py'):
+        return head + ' (with uncommitted changes to *.py)'
+    return head
 
 
 def cpu_name():
-    """The processor's model name (speeds differ several-fold between CPUs: every result states it)."""
+    """The processor's model name (speeds differ several-fold between CPUs: every result states
+    it)."""
     if os.path.exists('/proc/cpuinfo'):
         for line in open('/proc/cpuinfo'):
             if line.startswith('model name'):

@@ -26,12 +26,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.checkpoints import CheckpointError
-from util.config import AMP, ConfigError, DataError, check, declared, flag, word
-from util.engine import final_lr, say, seed_all
-from util.files import WriteError
+from util.config import check, declared, flag, word
+from util.engine import final_lr, seed_all
+from util.errors import CheckpointError, ConfigError, DataError, WriteError
 from util.resume import open_resumed
-from util.rundir import NOTHING_SAVED, RunDir
+from util.rundir import NOTHING_SAVED, RunDir, say
 from vit import SIZES
 
 # -----------------------------------------------------------------------------
@@ -64,17 +63,23 @@ class Plan(NamedTuple):
 
 def resolve(cls, presets, argv=None):
     """Every refusal a run can meet before its first step, in this order; returns the Plan."""
-    cfg = parse_config(cls, presets, argv)                          # the config and its rules (config.check)
-    rank, world, device = processes(cfg)                             # one process, or one of torchrun's
-    check_schedule(cfg, world)                                       # the lr schedule at this global batch
-    attn, why = attn_implementation(cfg.attn_implementation, device, getattr(cfg, 'written_out', ''))
-    method = cfg.resolve() if hasattr(cfg, 'resolve') else None      # the config's own step (a teacher's file)
-    run_dir = RunDir.claim(cfg, main=rank == 0)                      # the run directory, locked
-    with run_dir.released_on_error():                                # the checkpoint to continue, checked
-        resumed = open_resumed(cfg, run_dir, world) if cfg.resume else None
+    cfg = parse_config(cls, presets, argv)             # the config and its rules (config.check)
+    rank, world, device = processes(cfg)                # one process, or one of torchrun's
+    check_schedule(cfg, world)                          # the lr schedule at this global batch
+    written_out = getattr(cfg, 'written_out', '')       # why its maps must be written out, or ''
+    attn, why = attn_implementation(cfg.attn_implementation, device, written_out)
+    method = None
+    if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
+        method = cfg.resolve()
+    run_dir = RunDir.claim(cfg, main=rank == 0)         # the run directory, locked
+    resumed = None
+    if cfg.resume:
+        with run_dir.released_on_error():               # the checkpoint to continue, checked
+            resumed = open_resumed(cfg, run_dir, world)
     seed_all(cfg.seed, rank, 0)
     preset = dataclasses.asdict(cls(**presets.get(cfg.data, {})))
-    plan = Plan(cfg, preset, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir, resumed, method)
+    dtype = amp_dtype(cfg.amp, device)
+    plan = Plan(cfg, preset, rank, world, device, dtype, attn, run_dir, resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
     return plan
@@ -84,7 +89,8 @@ def processes(cfg):
     """(rank, world size, device): under torchrun, a process group (NCCL on GPUs, gloo on CPUs); else one process.
     torchrun starts a group even for one process (the multi-GPU path, checkable on one GPU). A process that stops
     (SIGSTOP, a stuck loader) makes the others fail after --dist-timeout, not wait for torch's default."""
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
     local = int(os.environ.get('LOCAL_RANK', 0))
     cuda = torch.cuda.is_available()
     device = torch.device(f'cuda:{local}' if cuda else 'cpu')
@@ -98,31 +104,35 @@ def processes(cfg):
 
 
 def check_schedule(cfg, world):
-    """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering it."""
+    """Refuse a final lr above the peak: the cosine would raise the lr over the run instead of lowering
+    it."""
     batch = cfg.batch_size * cfg.accum_steps * world
     peak = cfg.blr * batch / 256
-    if final_lr(cfg, peak) > peak:   # blr 0: 0 (final_lr), a run whose weights stay as they were loaded
-        raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr {cfg.blr:g} x global batch '
-                          f'{batch} / 256): the lr would rise over the run; choose a --min-lr below it, or '
-                          f'--min-lr-ratio (a fraction of the peak)')
+    if final_lr(cfg, peak) > peak:   # blr 0: 0 (final_lr), a run whose weights stay as loaded
+        raise ConfigError(f'--min-lr {cfg.min_lr:g} is above the peak lr {peak:.3g} (--blr '
+                          f'{cfg.blr:g} x global batch {batch} / 256): the lr would rise over the '
+                          f'run; choose a --min-lr below it, or --min-lr-ratio (a fraction of the '
+                          f'peak)')
 
 
 def amp_dtype(amp, device):
-    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32."""
-    if amp not in AMP:
-        raise ConfigError(f"--amp must be auto, bf16, fp16 or off, not '{amp}'")
+    """auto: bf16 where the device runs it natively, else fp16 on CUDA (with a GradScaler), else fp32; `amp` is one of
+    config.AMP, as every config's rule for --amp holds."""
     if amp == 'auto':
         if device.type == 'cuda':
             # native only: before Ampere (a T4) bf16 is emulated, slower than fp16 with a GradScaler
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            if torch.cuda.is_bf16_supported(including_emulation=False):
+                return torch.bfloat16
+            return torch.float16
         cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
         return torch.bfloat16 if cpu_bf16 else None
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
 # auto: per device, the one measured faster there; sdpa is also checked against the definition at every run's start
-AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured faster than eager on an H100 and an '
-                             'H200 (results/benchmark-h100/sdpa, results/benchmark-h200)'),
+AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured faster than eager on '
+                             'an H100 and an H200 (results/benchmark-h100/sdpa, '
+                             'results/benchmark-h200)'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
 
 
@@ -131,24 +141,36 @@ def attn_implementation(choice, device, written_out=''):
     eager where the run needs its maps written out (written_out: why)."""
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
-    implementation, why = ('eager', written_out) if written_out else \
-        AUTO_ATTN.get(device.type, ('eager', 'no fused kernel measured on this device'))
+    if written_out:
+        implementation, why = 'eager', written_out
+    else:
+        unmeasured = ('eager', 'no fused kernel measured on this device')
+        implementation, why = AUTO_ATTN.get(device.type, unmeasured)
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
 def what_runs(plan):
     """The run in one line: the script, data set, model size, budget and run directory."""
     cfg = plan.cfg
-    size = SIZES.get(cfg.model, {})     # a flag's value, else the size's own (none for a teacher-shaped student)
-    shape = ', '.join(f'{getattr(cfg, k) or size[k]} {w}'
-                      for k, w in (('depth', 'blocks'), ('embed_dim', 'wide'), ('num_heads', 'heads'))
+    # a flag's value, else the size's own (none for a teacher-shaped student)
+    size = SIZES.get(cfg.model, {})
+    words = {'depth': 'blocks', 'embed_dim': 'wide', 'num_heads': 'heads'}
+    shape = ', '.join(f'{getattr(cfg, k) or size[k]} {w}' for k, w in words.items()
                       if getattr(cfg, k) or k in size)
-    model = (f"a student of the teacher's shape{', ' + shape if shape else ''}" if cfg.model == 'teacher' else
-             f'model {cfg.model} ({shape})') + f', {cfg.img_size} px images' + \
-        (f' in {cfg.patch_size} px patches' if cfg.patch_size else '')
-    cut = f', cut after {cfg.max_steps} steps (--max-steps)' if cfg.max_steps else ''
-    return (f'{cfg.SCRIPT or os.path.basename(sys.argv[0])} | --data {cfg.data} | {model} | {cfg.epochs} epoch(s) '
-            f'at batch {cfg.batch_size * cfg.accum_steps * plan.world}{cut} | {cfg.out_dir}')
+    if cfg.model != 'teacher':
+        model = f'model {cfg.model} ({shape})'
+    elif shape:
+        model = f"a student of the teacher's shape, {shape}"
+    else:
+        model = "a student of the teacher's shape"
+    model += f', {cfg.img_size} px images'
+    if cfg.patch_size:
+        model += f' in {cfg.patch_size} px patches'
+    budget = f'{cfg.epochs} epoch(s) at batch {cfg.batch_size * cfg.accum_steps * plan.world}'
+    if cfg.max_steps:
+        budget += f', cut after {cfg.max_steps} steps (--max-steps)'
+    script = cfg.SCRIPT or os.path.basename(sys.argv[0])
+    return f'{script} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
 
 # -----------------------------------------------------------------------------
 # Ending: expected failures and Ctrl-C as one line
@@ -158,32 +180,42 @@ def run_main(main):
     """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
     to continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
     that run (RunDir.__exit__)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly till here
-    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
+    signal.signal(signal.SIGTERM, stopped)                      # till here
     try:
         main()
     except WriteError as e:
-        sys.exit(f"error: {e.what}; {e.how_to_continue}" if hasattr(e, 'how_to_continue') else f'error: {e}')
+        if hasattr(e, 'how_to_continue'):
+            sys.exit(f'error: {e.what}; {e.how_to_continue}')
+        sys.exit(f'error: {e}')
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        lines = str(e).strip().splitlines()   # raised in a loader worker: the message is its traceback's last line
-        sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'DataLoader worker' in lines[0] else lines[0]}")
-    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (stopped): the loader's workers end with the run
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C does not cut the clean-up short
+        lines = str(e).strip().splitlines()
+        if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
+            sys.exit(f"error: {lines[-1].split(': ', 1)[-1]}")
+        sys.exit(f'error: {lines[0]}')
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (stopped): the loader's workers end with it
+        # a second Ctrl-C does not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
-        print(f"error: stopped ({how}): {getattr(e, 'how_to_continue', NOTHING_SAVED)}", file=sys.stderr, flush=True)
+        then = getattr(e, 'how_to_continue', NOTHING_SAVED)
+        print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         sys.exit(130 if how == 'Ctrl-C' else 143)
-    except OSError as e:   # fork() refused as a data loader starts its workers (a limit on processes)
-        if not any(f.name == 'start' and f.filename.endswith(os.path.join('multiprocessing', 'process.py'))
+    except OSError as e:   # fork() refused as a data loader starts its workers (a process limit)
+        starting = os.path.join('multiprocessing', 'process.py')
+        if not any(f.name == 'start' and f.filename.endswith(starting)
                    for f in traceback.extract_tb(e.__traceback__)):
             raise
-        sys.exit(f'error: the data loader could not start its worker processes ({e.strerror}): lower --num-workers '
-                 f"(0 loads in the main process); {getattr(e, 'how_to_continue', NOTHING_SAVED)}")
+        sys.exit(f'error: the data loader could not start its worker processes ({e.strerror}): '
+                 f'lower --num-workers (0 loads in the main process); '
+                 f"{getattr(e, 'how_to_continue', NOTHING_SAVED)}")
     except RuntimeError as e:
+        # torch names what NCCL finds (dist.DistError); gloo raises a bare RuntimeError, told by its words
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
             raise
-        sys.exit(f'error: process {dist.get_rank()} of {dist.get_world_size()}: {lost_peer(e) or e}: another '
-                 f'process stopped, hung or died (each stops after --dist-timeout seconds); '
+        which = f'process {dist.get_rank()} of {dist.get_world_size()}'
+        sys.exit(f'error: {which}: {lost_peer(e) or e}: another process stopped, hung or died (each '
+                 f'stops after --dist-timeout seconds); '
                  f"{getattr(e, 'how_to_continue', NOTHING_SAVED)}")
     finally:
         if dist.is_initialized():
@@ -196,9 +228,15 @@ def stopped(signum, frame):
     raise KeyboardInterrupt('SIGTERM')
 
 
+# the words of a gloo / NCCL error that says another process never answered or went away
+LOST_PEER = (r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*'
+             r'|NCCL[^\n]*(timeout|Watchdog)[^\n]*)')
+
+
 def lost_peer(e):
-    """The words of a gloo / NCCL error that says another process never answered or went away ('' if not one)."""
-    found = re.search(r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*|NCCL[^\n]*(timeout|Watchdog)[^\n]*)', str(e))
+    """The words in an error that say another process never answered or went away ('' if none
+    do)."""
+    found = re.search(LOST_PEER, str(e))
     return found.group(0).strip() if found else ''
 
 # -----------------------------------------------------------------------------
@@ -206,7 +244,8 @@ def lost_peer(e):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):     # one line, non-zero exit, no usage dump; with --help asked for, the help
+    def error(self, message):
+        """One line, a non-zero exit, no usage dump; with --help asked for, the help."""
         if {'-h', '--help'} & set(sys.argv[1:]):
             say(self.format_help())
             sys.exit(0)
@@ -214,7 +253,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Help(argparse.HelpFormatter):
-    """argparse's layout, with room for the longest flags and no line broken inside a --flag-name."""
+    """argparse's layout, with room for the longest flags and no line broken inside a
+    --flag-name."""
 
     def __init__(self, prog):
         super().__init__(prog, max_help_position=30)
@@ -242,7 +282,9 @@ def _converter(tp):
 
 
 def _metavar(tp):
-    return _metavar(typing.get_args(tp)[0]) if typing.get_origin(tp) in (typing.Union, list) else tp.__name__.upper()
+    if typing.get_origin(tp) in (typing.Union, list):   # Optional[X], list[X]: X's
+        return _metavar(typing.get_args(tp)[0])
+    return tp.__name__.upper()
 
 
 def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
@@ -250,7 +292,8 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check (a first parse that only picks the presets: --help must still print)."""
-    presets, defaults = presets or {}, dataclasses.asdict(cls())
+    presets = presets or {}
+    defaults = dataclasses.asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
     data = given.get('data', defaults.get('data'))
     preset = presets.get(data, {})
@@ -259,34 +302,54 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     asked_help = given.pop('help', False)
     values = {**defaults, **preset, **given}
     if asked_help:   # before check(): the help of a line that would be refused is still shown
-        notes = declared(cls)
-        label = preset_label.format(data)
-        source = {k: 'your flag' if k in given else label if k in preset else 'default' for k in defaults}
-        helps = {k: f"{word(v)} ({source[k]}){'; ' + notes[k]['help'] if 'help' in notes[k] else ''}"
-                 for k, v in values.items()}
-        say(parser(cls, presets, helps).format_help())   # `| head` may close the pipe: no traceback
-        sys.exit(0)
+        lines = help_lines(cls, values, given, preset, preset_label.format(data))
+        say(parser(cls, presets, lines).format_help())
+        sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     cfg = cls(**values)
     return check(cfg) if checked else cfg
+
+
+def help_lines(cls, values, given, preset, label):
+    """{field: its line in --help}: the value this command line runs with, where it comes from (your flag, the
+    preset `label`, the default), and the field's sentence."""
+    notes = declared(cls)
+    out = {}
+    for k, v in values.items():
+        if k in given:
+            source = 'your flag'
+        elif k in preset:
+            source = label
+        else:
+            source = 'default'
+        out[k] = f'{word(v)} ({source})'
+        if 'help' in notes[k]:
+            out[k] += f"; {notes[k]['help']}"
+    return out
 
 
 def parser(cls, presets, helps=None):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
     line in --help} ('%' escaped: argparse formats help strings)."""
-    hints, helps = typing.get_type_hints(cls), helps or {}
-    doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # its lines joined by _Help
-    epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: `--data X --help` shows the " \
-             f"values under X's." if presets else None
-    p = _Parser(allow_abbrev=False, add_help=False, description=doc, usage='%(prog)s [--flag value ...]',
-                formatter_class=_Help, epilog=epilog)
+    hints = typing.get_type_hints(cls)
+    helps = helps or {}
+    doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # joined by _Help
+    epilog = None
+    if presets:
+        epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: " \
+                 f"`--data X --help` shows the values under X's."
+    p = _Parser(allow_abbrev=False, add_help=False, description=doc, formatter_class=_Help,
+                usage='%(prog)s [--flag value ...]', epilog=epilog)
     p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
-                   help="show each flag's value for this command line, where it comes from, and what it means")
+                   help="show each flag's value for this command line, where it comes from, and "
+                        "what it means")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
-        p.add_argument(flag(f.name), nargs='+' if many else None,   # its dest: --key-name -> key_name
-                       type=_converter(typing.get_args(tp)[0] if many else tp), default=argparse.SUPPRESS,
-                       metavar=_metavar(tp), help=helps.get(f.name, '').replace('%', '%%'))
+        # its dest: --key-name -> key_name
+        p.add_argument(flag(f.name), nargs='+' if many else None,
+                       type=_converter(typing.get_args(tp)[0] if many else tp),
+                       default=argparse.SUPPRESS, metavar=_metavar(tp),
+                       help=helps.get(f.name, '').replace('%', '%%'))
     return p
 
 

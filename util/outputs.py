@@ -1,7 +1,11 @@
 """
-The outputs a command writes once its work is done, outside any run directory (mae_pretrain.py --export, evaluate.py
---out, ensemble.py --out): refused before any work where they cannot be written (check_output), and claimed when
-the command starts, so that two commands given one path never both write it:
+Where a command writes, refused before any work where it cannot be written, as open() itself says (the folder
+and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
+
+    check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
+    check_output('--out', path)         a file written once the work is done (mae_pretrain.py --export, evaluate.py
+                                        --out, ensemble.py --out), then claimed when the command starts, so that two
+                                        commands given one path never both write it:
 
     with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -11,9 +15,36 @@ A command that ends without writing (an error, Ctrl-C) removes its empty claim a
 """
 import contextlib
 import os
+import tempfile
 
-from util.config import ConfigError
-from util.files import RUN_FILES, WriteError, replacing, writable
+from util.errors import ConfigError, WriteError
+from util.files import RUN_FILES, replacing
+
+
+def writable(flag, path, parent):
+    """Refuse `path` unless a file can be made in the nearest folder that exists at or above `parent` (the one
+    written into, or made in), as open() says: an unnamed temporary file made there and gone at once, so nothing is
+    left. '<flag> <path>[: <that folder>] cannot be written into (<the errno's words>): choose another <flag>'."""
+    while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
+        parent = os.path.dirname(parent)
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:   # a file where a folder should be, no permission, a read-only file system
+        where = path if parent == os.path.abspath(path) else f'{path}: {parent}'
+        raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another '
+                          f'{flag}') from None
+
+
+def check_out_dir(path, flag, record=None, files=()):
+    """Refuse, before any work, a folder to write into that cannot be written (writable: a file, or under a file; no
+    permission). Makes nothing. record, files: what a command writes there, `record` (its JSON) beside the others;
+    any of them in a folder without `record` is someone else's (a user's own README.md), which the command would
+    replace: refused, as it replaces only its own."""
+    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
+    if record and found and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this "
+                          f"command made them: choose another {flag}")
+    writable(flag, path, os.path.abspath(path))
 
 
 def check_output(flag, path, out_dir=None, folder=False):
@@ -23,11 +54,10 @@ def check_output(flag, path, out_dir=None, folder=False):
     parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose a path '
-                          f'outside it, or another name')
-    if os.path.lexists(path) and (not folder or not os.path.isdir(path)):
-        raise ConfigError(f'{flag} {path} exists' + (', and is not a folder' if folder else '') +
-                          f': move it away or choose another {flag}')
+        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
+                          f'a path outside it, or another name')
+    if os.path.lexists(path) and not folder:
+        raise ConfigError(f'{flag} {path} exists: move it away or choose another {flag}')
     writable(flag, path, parent)
 
 
@@ -36,7 +66,10 @@ class Claims:
     it may replace), the folders it made for them, and the ones it has written."""
 
     def __init__(self, flag):
-        self.flag, self.claimed, self.made, self.written = flag, {}, [], set()
+        self.flag = flag
+        self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
+        self.made = []            # the folders made for them, innermost first
+        self.written = set()
 
     def take(self, path, replaces=False):
         """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
@@ -52,11 +85,11 @@ class Claims:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
-            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an earlier result): '
-                              f'move it away or choose another {self.flag}') from None
+            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
+                              f'earlier result): move it away or choose another {self.flag}') from None
         except OSError as e:
-            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose another '
-                              f'{self.flag}') from None
+            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose '
+                              f'another {self.flag}') from None
         stat = os.fstat(fd)
         os.close(fd)
         self.claimed[path] = stat.st_dev, stat.st_ino
@@ -75,14 +108,15 @@ class Claims:
         """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
         if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
         if not self.own(path):
-            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds another file now, '
-                             f'kept as it is): choose another {self.flag}')
+            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds '
+                             f'another file now, kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'wb') as f:
             write(f)
         self.written.add(path)
 
     def let_go(self):
-        """Remove the claims not written (if still empty and this command's), then the folders made for them."""
+        """Remove the claims not written (if still empty and this command's), then the folders made
+        for them."""
         for path in self.claimed:
             if path not in self.written and self.claimed[path] is not None and self.own(path):
                 with contextlib.suppress(OSError):

@@ -34,7 +34,8 @@ from einops import rearrange
 PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 
 
-AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")   # DeiT main.py, MAE util/pos_embed.py
+# DeiT's main.py, MAE's util/pos_embed.py
+AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")
 # family -> (its name, how its official code resizes position embeddings off its native size). DINO and
 # DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
 # the grid of the image size asked for, the same call gives the same numbers.
@@ -51,19 +52,19 @@ FAMILIES = {
     'torchvision': ('torchvision', AS_DEIT),
 }
 
-DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
+FAIR = 'https://dl.fbaipublicfiles.com'
+DINOV2_URL = FAIR + '/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
 TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in all of these
-    'deit_small': ('https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth', 6, 'deit'),
-    'deit_base': ('https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth', 12, 'deit'),
-    'dino_vits16': ('https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
-                    6, 'dino'),
-    'dino_vitb16': ('https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
-                    12, 'dino'),
-    'mocov3_vitb16': ('https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
+    'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 6, 'deit'),
+    'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 12, 'deit'),
+    'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 6, 'dino'),
+    'dino_vitb16': (f'{FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 12, 'dino'),
+    'mocov3_vitb16': (f'{FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
     **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, f'dinov2{tag}')
        for s, h in (('s', 6), ('b', 12), ('l', 16)) for tag, reg in (('', ''), ('_reg', '_reg4'))},
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
-                    '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt', 12, 'clip'),
+                    '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
+                    12, 'clip'),
 }
 
 
@@ -72,8 +73,8 @@ TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in a
 # the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's are the
 # ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
 VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
-HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64, 'mocov3': {384: 12, 768: 12},
-         'mae': VIT_PAPER_HEADS, 'torchvision': VIT_PAPER_HEADS}
+HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64,
+         'mocov3': {384: 12, 768: 12}, 'mae': VIT_PAPER_HEADS, 'torchvision': VIT_PAPER_HEADS}
 
 
 def unwrap(ckpt):
@@ -150,7 +151,8 @@ CLIP_NAMES = {   # the image tower's (visual.*)
 
 
 def renamed(sd, names):
-    """sd with every part of its keys that `names` lists replaced (old -> new, in the order listed)."""
+    """sd with every part of its keys that `names` lists replaced (old -> new, in the order
+    listed)."""
     out = {}
     for k, v in sd.items():
         for old, new in names.items():
@@ -160,22 +162,27 @@ def renamed(sd, names):
 
 
 def convert(sd):
-    """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra VisionTransformer kwargs)."""
+    """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra
+    VisionTransformer kwargs)."""
     family = family_of(sd)
     if family == 'torchvision':
         return renamed(sd, TORCHVISION_NAMES), {}
-    if family == 'clip':   # an architecture unlike a plain ViT in more than names; nothing in its tensors says so
+    # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
+    if family == 'clip':
         # the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
         sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
         sd.pop('proj', None)
         conv = sd['patch_embed.proj.weight']
         # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
-        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1), 'pos_embed': sd['pos_embed'][None],
+        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1),           # (1, 1, D)
+              'pos_embed': sd['pos_embed'][None],                              # (1, N, D)
               'patch_embed.proj.bias': conv.new_zeros(len(conv))}
         return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
-    if family == 'mocov3':   # the base encoder without the projection MLP in `head`, as MoCo v3's main_lincls.py
+    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
+    if family == 'mocov3':
         sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
-    sd = renamed(sd, {'register_tokens': 'reg_token'})   # DINOv2 with registers (its mask_token is dropped with MAE's)
+    # DINOv2 with registers (its mask_token is dropped with MAE's)
+    sd = renamed(sd, {'register_tokens': 'reg_token'})
     # DINOv2's layer scale, with its initial value (for a student)
     extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}
     if 'reg_token' in sd:
@@ -190,8 +197,9 @@ def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
     old = math.isqrt(patches.shape[1])
     if old == grid:
         return pos_embed
-    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()                  # (1, D, g, g)
+    patches = rearrange(patches, '1 (h w) d -> 1 d h w', h=old).float()      # (1, D, g, g)
     to = dict(scale_factor=(grid + how.offset) / old) if how.offset else dict(size=(grid, grid))
     # (1, D, grid, grid); with an offset, the output size floor(old * scale) is grid again
-    patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias, **to)
+    patches = F.interpolate(patches, mode='bicubic', align_corners=False, antialias=how.antialias,
+                            **to)
     return torch.cat([cls, rearrange(patches, '1 d h w -> 1 (h w) d').to(cls.dtype)], dim=1)

@@ -16,15 +16,18 @@ import sys
 
 import torch
 
-from util.checkpoints import CheckpointError, read_checkpoint
-from util.config import ConfigError, flag, show
+from util.checkpoints import read_checkpoint
+from util.config import flag, show
+from util.errors import CheckpointError, ConfigError
 
 # what a training run saves (run.Run.save), and of which type: a file without these is no run of ours
-SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list, 'metrics': dict}
+SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list,
+         'metrics': dict}
 
-# what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the learning rate
+# what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the lr
 AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
-# what the plan keeps of the checkpoint, with its world size (its tensors are read again where loaded: util/run.py)
+# what the plan keeps of the checkpoint, with its world size (its tensors are read again where loaded:
+# util/run.py)
 KEPT = ('step', 'config', 'metrics', 'classes', 'steps_per_epoch', 'time', 'arch')
 
 
@@ -33,22 +36,27 @@ def open_resumed(cfg, run_dir, world):
     names every field that differs (old -> new) and may not. Returns its record without tensors (KEPT)."""
     path = run_dir.checkpoint
     ck = read_checkpoint(path)
-    if not isinstance(ck, dict):
-        raise CheckpointError(f'{path} is not a training checkpoint of these scripts: nothing to resume')
-    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)] or \
-        [k for k, ok in (('arch', isinstance(ck.get('arch') or {}, dict)),   # what a resume reads before any tensor
-                         ('rng', ck['rng'] and all(is_rng_state(s) for s in ck['rng']))) if not ok]
+    if not isinstance(ck, dict):   # a tensor, a list: none of what a run saves
+        ck = {}
+    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)]
+    if not bad:   # what a resume reads before any tensor
+        if not isinstance(ck.get('arch') or {}, dict):
+            bad.append('arch')
+        if not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
+            bad.append('rng')
     if bad:
-        raise CheckpointError(f"{path} is not a training checkpoint of these scripts ({', '.join(bad)}: missing or "
-                              f"of another kind): nothing to resume")
+        raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
+                              f"({', '.join(bad)}: missing or of another kind): nothing to resume")
     damaged = out_of_range(ck)
     if damaged:   # a step of -4 trained with a negative lr; a nan weight was taken for a divergence
-        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts saves: it was edited '
-                              f'or is damaged (kept as it is): put back a copy of it, or start a new run in another '
-                              f'--out-dir')
-    if cfg.SCRIPT and made_by(ck) != cfg.SCRIPT:
-        raise ConfigError(f'--resume: {path} was saved by {made_by(ck)}, not {cfg.SCRIPT}: continue it with '
-                          f'{made_by(ck)} (its flags and --resume true), or start a new run in another --out-dir')
+        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts '
+                              f'saves: it was edited or is damaged (kept as it is): put back a copy of '
+                              f'it, or start a new run in another --out-dir')
+    script = made_by(ck)
+    if cfg.SCRIPT and script != cfg.SCRIPT:
+        raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
+                          f'with {script} (its flags and --resume true), or start a new run in '
+                          f'another --out-dir')
     # a run that diverged after this checkpoint (config.json says so) may go on from it with a lower lr
     diverged = (run_dir.config_record() or {}).get('diverged')
     after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
@@ -56,26 +64,37 @@ def open_resumed(cfg, run_dir, world):
     conflicts = cfg.resume_conflicts(ck, world, free=free)
     if conflicts:
         may = ', '.join(map(flag, cfg.RESUMABLE + free))
-        raise ConfigError(f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}. Resume with "
-                          f"the saved ones (only {may} may change) or start a new run in another --out-dir")
-    higher = [f'{flag(k)} {show(ck["config"][k])} -> {show(getattr(cfg, k))}' for k in ('blr', 'min_lr', 'min_lr_ratio')
-              if after and getattr(cfg, k) > ck['config'].get(k, getattr(cfg, k))]
-    if higher:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
-        raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is higher; go on with a "
-                          f"lower learning rate, or start a new run in another --out-dir")
-    return {k: ck[k] for k in KEPT if k in ck} | {'world_size': ck.get('world_size', len(ck['rng']))}
+        raise ConfigError(f"--resume: {path} was saved with other settings: "
+                          f"{'; '.join(conflicts)}. Resume with the saved ones (only {may} may "
+                          f"change) or start a new run in another --out-dir")
+    if after:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
+        saved = ck['config']
+        higher = [f'{flag(k)} {show(saved[k])} -> {show(getattr(cfg, k))}'
+                  for k in ('blr', 'min_lr', 'min_lr_ratio')
+                  if getattr(cfg, k) > saved.get(k, getattr(cfg, k))]
+        if higher:
+            raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is "
+                              f"higher; go on with a lower learning rate, or start a new run in another "
+                              f"--out-dir")
+    kept = {k: ck[k] for k in KEPT if k in ck}
+    kept['world_size'] = ck.get('world_size', len(ck['rng']))
+    return kept
 
 
 def is_rng_state(state):
-    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state takes it."""
-    return torch.is_tensor(state) and state.dtype == torch.uint8 and state.shape == torch.get_rng_state().shape
+    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state
+    takes it."""
+    like = torch.get_rng_state()
+    return torch.is_tensor(state) and state.dtype == like.dtype and state.shape == like.shape
 
 
 def out_of_range(ck):
     """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
     not finite, fewer than 1 step an epoch, or a tensor of the model, its EMA or the optimizer that is not finite
     (Run.save never saves one)."""
-    for k, least, kind in (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float), ('time', 0, float)):
+    counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
+              ('time', 0, float))
+    for k, least, kind in counts:
         v = ck.get(k, least)
         if type(v) not in (int, kind) or not least <= v < math.inf:
             return f'{k} {v!r}'
@@ -87,7 +106,8 @@ def out_of_range(ck):
 
 
 def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by dots."""
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
+    dots."""
     for k, v in d.items():
         if torch.is_tensor(v):
             yield f'{prefix}{k}', v
@@ -96,14 +116,17 @@ def flat(d, prefix=''):
 
 
 def made_by(ck):
-    """The script that saved a checkpoint: recorded, or for one saved before it was, told by what it holds."""
+    """The script that saved a checkpoint: recorded, or for one saved before it was, told by what it
+    holds."""
     if isinstance(ck.get('script'), str) and ck['script']:
         return ck['script']
     if 'teacher' in ck:
         return 'attention_copy.py'
     if 'distilled_from' in ck:
         return 'attention_distill.py'
-    return 'mae_pretrain.py' if any(k.startswith('decoder_') for k in ck['model']) else 'finetune.py'
+    if any(k.startswith('decoder_') for k in ck['model']):
+        return 'mae_pretrain.py'
+    return 'finetune.py'
 
 
 def resume_command(*replaced):
@@ -112,7 +135,8 @@ def resume_command(*replaced):
     if under_torchrun():
         return 'your torchrun command and --resume true'
     drop = ('--resume', *replaced)
-    argv = [a for before, a in zip([None, *sys.argv], sys.argv) if a not in drop and before not in drop]
+    argv = [a for before, a in zip([None, *sys.argv], sys.argv)
+            if a not in drop and before not in drop]
     return f"{shlex.join(['python', *argv])} --resume true"
 
 

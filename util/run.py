@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import CheckpointError, arch_mismatch, read_checkpoint
-from util.config import ConfigError, flag
+from util.checkpoints import arch_mismatch, read_checkpoint
+from util.config import flag
 from util.engine import build_optimizer, final_lr
+from util.errors import CheckpointError, ConfigError, first_few
 from util.resume import AFTER_DIVERGENCE, flat, resume_command
 
 
@@ -25,7 +26,8 @@ def check_data(plan, loader, classes):
     """What needs the data built: a full batch in the training split; for a resume, the data's classes and epoch
     length the run had, and a step left to train (or an evaluation of its last one to report). Returns
     (steps an epoch, the run's last step, the whole schedule's steps)."""
-    cfg, resumed = plan.cfg, plan.resumed
+    cfg = plan.cfg
+    resumed = plan.resumed
     steps = len(loader) // cfg.accum_steps
     if steps == 0:
         raise ConfigError(f'{len(loader.dataset)} training images give no full batch of '
@@ -33,18 +35,23 @@ def check_data(plan, loader, classes):
     full = cfg.epochs * steps
     total = min(full, cfg.max_steps) if cfg.max_steps else full
     if resumed:
+        path = plan.run_dir.checkpoint
         other = class_mismatch(resumed.get('classes'), classes)
         if other:
-            raise ConfigError(f'--resume: {plan.run_dir.checkpoint} was trained on other classes than the data here '
+            raise ConfigError(f'--resume: {path} was trained on other classes than the data here '
                               f'has ({other}): resume it on its own data (--data-dir)')
         if resumed.get('steps_per_epoch', steps) != steps:
-            raise ConfigError(f"--resume: an epoch has {steps} steps here and had {resumed['steps_per_epoch']}: "
-                              f'the data or the global batch differ from the saved run')
-        step, evaluated = resumed['step'], any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
-        if step > total or step == total and not evaluated:   # a mid-epoch checkpoint at the end: nothing to report
-            raise ConfigError(f"--resume: {plan.run_dir.checkpoint} is at step {step}, "
-                              f"{'past' if step > total else 'at'} --max-steps {cfg.max_steps}, and was not evaluated "
-                              f'there: give --max-steps above {step} (0: the whole schedule)')
+            raise ConfigError(f"--resume: an epoch has {steps} steps here and had "
+                              f"{resumed['steps_per_epoch']}: the data or the global batch differ "
+                              f"from the saved run")
+        step = resumed['step']
+        evaluated = any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
+        # a mid-epoch checkpoint at the end: nothing to report
+        if step > total or step == total and not evaluated:
+            where = 'past' if step > total else 'at'
+            raise ConfigError(f'--resume: {path} is at step {step}, {where} --max-steps '
+                              f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
+                              f'above {step} (0: the whole schedule)')
     return steps, total, full
 
 
@@ -56,7 +63,7 @@ def class_mismatch(saved, here):
     if len(saved) != len(here):
         return f'{len(saved)} classes where the data has {len(here)}'
     diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
-    return f"other class names ({', '.join(diff[:3])}{' ...' * (len(diff) > 3)}; {len(diff)} of {len(here)} differ)"
+    return f'other class names ({first_few(diff)}; {len(diff)} of {len(here)} differ)'
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -69,81 +76,116 @@ class Run:
     def __init__(self, plan, model, loader, classes, extra=None):
         """model: the raw module (what is saved), on the plan's device; classes: the data's class names (what a
         checkpoint records); extra: a dict stored in every checkpoint (e.g. which teacher a student needs)."""
-        cfg, self.plan, self.cfg, self.classes, self.extra = plan.cfg, plan, plan.cfg, classes, extra or {}
+        cfg = plan.cfg
+        self.plan = plan
+        self.cfg = cfg
+        self.classes = classes
+        self.extra = extra or {}
         self.model = model
         self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
-            if cfg.ema else None
-        self.step, self.metrics, self.trained_s = self.restore() if plan.resumed else (0, {}, 0.0)
-        self.saved_step = self.step if plan.resumed else None   # the step of the checkpoint on disk, if any
-        self.record = None                                        # an evaluation not yet in metrics.jsonl
-        last = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.trained_s, **self.metrics}
-        plan.run_dir.begin({**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world,
-                            **({'saved': plan.resumed['config']} if plan.resumed else {})},
-                           self.saved_step, last if self.step % self.steps_per_epoch == 0 and
-                           set(self.metrics) - {'train'} else None)   # an epoch's end: evaluated there
-        plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at its peak, '
-                 f'{final_lr(cfg, self.lr):.3g} at the end{STAYS if self.lr == 0 else ""} | '
-                 f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params'
-                 f' | {plan.world} process(es) on {plan.device}'
-                 + (f' ({dist.get_backend()})' if dist.is_initialized() else '') + f' | autocast {plan.dtype}')
-        cut = f'; this run stops at step {self.total_steps} (--max-steps: the lr follows the {full}-step schedule)' \
-            if self.total_steps < full else ''
-        plan.log(f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = {full} steps, '
-                 f'warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
+        self.ema = None
+        if cfg.ema:
+            average = get_ema_multi_avg_fn(cfg.ema)
+            self.ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        self.step, self.metrics, self.trained_s = 0, {}, 0.0
+        self.saved_step = None    # the step of the checkpoint on disk, if any
+        if plan.resumed:
+            self.step, self.metrics, self.trained_s = self.restore()
+            self.saved_step = self.step
+        self.record = None        # an evaluation not yet in metrics.jsonl
+        self.begin(full)
+        self.ddp = None
+        if dist.is_initialized():
+            devices = [plan.device.index] if plan.device.type == 'cuda' else None
+            self.ddp = DDP(model, device_ids=devices)
+        self.net = self.ddp or model
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.t_start = time.time()
+        self.steps_done = 0       # steps this process has trained (the speed in the log)
+        self.running = {}         # the losses summed since the last progress line, on the device
+        self.since_log = 0
+        model.train()
+
+    def begin(self, full):
+        """config.json (what the run is and what made it), then the first lines of the log: the lr, the
+        model, the processes, the schedule (full: its steps)."""
+        cfg = self.cfg
+        plan = self.plan
+        saved = {'saved': plan.resumed['config']} if plan.resumed else {}
+        last = None   # at an epoch's end, evaluated there: the record metrics.jsonl must hold
+        if self.step % self.steps_per_epoch == 0 and set(self.metrics) - {'train'}:
+            last = {'epoch': self.step / self.steps_per_epoch, 'step': self.step,
+                    'time': self.trained_s, **self.metrics}
+        record = {**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world, **saved}
+        plan.run_dir.begin(record, self.saved_step, last)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        on = f'{plan.world} process(es) on {plan.device}'
+        if dist.is_initialized():
+            on += f' ({dist.get_backend()})'
+        stays = STAYS if self.lr == 0 else ''
+        plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at '
+                 f'its peak, {final_lr(cfg, self.lr):.3g} at the end{stays} | '
+                 f'{trainable / 1e6:.2f}M trainable params | {on} | autocast {plan.dtype}')
+        cut = ''
+        if self.total_steps < full:
+            cut = f'; this run stops at step {self.total_steps} (--max-steps: the lr follows the ' \
+                  f'{full}-step schedule)'
+        plan.log(f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = '
+                 f'{full} steps, warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
         if plan.resumed:
             plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}')
-        self.ddp = DDP(model, device_ids=[plan.device.index] if plan.device.type == 'cuda' else None) \
-            if dist.is_initialized() else None
-        self.net = torch.compile(self.ddp or model) if cfg.compile else self.ddp or model
-        self.t_start, self.steps_done, self.running, self.since_log = time.time(), 0, {}, 0
-        model.train()
 
     def restore(self):
         """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
         (step, metrics, seconds trained so far)."""
-        plan, path = self.plan, self.plan.run_dir.checkpoint
+        plan = self.plan
+        path = plan.run_dir.checkpoint
         ck = read_checkpoint(path)
         problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
+        parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         if not problem:
             try:
-                for obj, key in ((self.model, 'model'), (self.opt, 'optimizer'), (self.scaler, 'scaler'),
-                                 (self.ema, 'ema')):
+                for key, obj in parts.items():
                     if obj is not None:
                         obj.load_state_dict(ck[key])
             except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
                 problem = ' '.join(str(e).split())[:300]
         if problem:
-            raise CheckpointError(f'--resume: {path} does not fit the model built from these settings ({problem})')
-        if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:   # mid-epoch: continue the stream
-            torch.set_rng_state(ck['rng'][plan.rank])
+            raise CheckpointError(f'--resume: {path} does not fit the model built from these '
+                                  f'settings ({problem})')
+        if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
+            torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
 
     def evaluate(self, evaluate_fn):
-        """evaluate_fn(model) -> {name: value} of the model (and of its EMA: ema_name), added to metrics.jsonl."""
-        model, ema = self.model, self.ema
-        model.eval()
-        self.metrics.update(evaluate_fn(model))
-        if ema is not None:
-            ema.eval()
-            self.metrics.update({f'ema_{k}': v for k, v in evaluate_fn(ema.module).items()})
-        model.train()
-        record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step, 'time': self.seconds(),
-                  **self.metrics}
+        """evaluate_fn(model) -> {name: value} of the model (and of its EMA: ema_name), added to
+        metrics.jsonl."""
+        self.model.eval()
+        self.metrics.update(evaluate_fn(self.model))
+        if self.ema is not None:
+            self.ema.eval()
+            self.metrics.update({f'ema_{k}': v for k, v in evaluate_fn(self.ema.module).items()})
+        self.model.train()
+        record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step,
+                  'time': self.seconds(), **self.metrics}
         for k, v in record.items():   # kept if finite
             if isinstance(v, float) and not math.isfinite(v):
                 self.diverged(v, f'evaluation {k}')
-        self.plan.log('eval | ' + ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float)))
+        numbers = ' '.join(f'{k} {v:.3f}' for k, v in record.items() if isinstance(v, float))
+        self.plan.log(f'eval | {numbers}')
         self.record = record   # into metrics.jsonl once its checkpoint is written (save)
 
     def save(self):
         """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
-        model, ema, opt = self.model.state_dict(), self.ema.state_dict() if self.ema else None, self.opt.state_dict()
+        model = self.model.state_dict()
+        ema = self.ema.state_dict() if self.ema else None
+        opt = self.opt.state_dict()
         state = {'model': model, 'ema': ema, 'optimizer': opt['state']}
         tensors = [(f'{part} {k}', v) for part, d in state.items()
                    for k, v in flat(d or {}) if v.is_floating_point()]
@@ -156,15 +198,17 @@ class Run:
         if self.plan.world > 1:
             dist.all_gather_object(rng, rng[0])
         self.plan.run_dir.save({
-            'model': model, 'arch': self.model.arch,
-            'config': asdict(self.cfg), 'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch,
-            'step': self.step, 'optimizer': opt, 'scaler': self.scaler.state_dict(),
-            'ema': ema, 'metrics': self.metrics, 'rng': rng,
-            'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch, 'time': self.seconds(),
-            'classes': self.classes, **self.extra})
-        if self.record:   # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
+            'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
+            'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
+            'optimizer': opt,
+            'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics, 'rng': rng,
+            'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
+            'time': self.seconds(), 'classes': self.classes, **self.extra})
+        # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
+        if self.record:
             self.plan.run_dir.add_metrics(self.record)
-        self.saved_step, self.record = self.step, None
+        self.saved_step = self.step
+        self.record = None
 
     def seconds(self):
         """Seconds of training, over every resume."""
@@ -174,22 +218,37 @@ class Run:
         """Stop a run whose `what` is not finite (value): it diverged. Its config.json records where, so that a
         resume from the checkpoint kept, every value of which is finite (save), may lower the lr. The options the
         command moved away from its preset that can make a run diverge are named, and the advice drops them."""
-        cfg, kept, plan = self.cfg, self.saved_step, self.plan
-        plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value), 'checkpoint': kept})
-        moved = {k: getattr(cfg, k) for k in DIVERGES if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
-        cause = f" (moved from the preset: {', '.join(f'{flag(k)} {v:g}' for k, v in moved.items())})" if moved else ''
+        cfg = self.cfg
+        plan = self.plan
+        kept = self.saved_step
+        plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value),
+                                        'checkpoint': kept})
+        moved = {k: getattr(cfg, k) for k in DIVERGES
+                 if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
+        cause = ''
+        if moved:
+            named = ', '.join(f'{flag(k)} {v:g}' for k, v in moved.items())
+            cause = f' (moved from the preset: {named})'
         lower = f'--blr {cfg.blr / 2:g}'
-        other = ' (or with --clip-grad 1' + (', or --amp bf16)' if plan.dtype == torch.float16 else ')')
+        if plan.dtype == torch.float16:
+            other = ' (or with --clip-grad 1, or --amp bf16)'
+        else:
+            other = ' (or with --clip-grad 1)'
         kept_ones = [flag(k) for k in moved if k not in AFTER_DIVERGENCE]   # a resume keeps these
         if kept_ones:
-            how = f'start a new run in another --out-dir without {", ".join(kept_ones)} (a resume keeps them)'
+            how = f'start a new run in another --out-dir without {", ".join(kept_ones)} (a ' \
+                  f'resume keeps them)'
         elif kept is not None:
-            how = (f'the last finite checkpoint (step {kept}) is kept in {plan.run_dir.checkpoint}: continue from it '
-                   f'with a lower learning rate: {resume_command("--blr", *map(flag, moved))} {lower}{other}')
+            command = resume_command('--blr', *map(flag, moved))
+            how = f'the last finite checkpoint (step {kept}) is kept in ' \
+                  f'{plan.run_dir.checkpoint}: continue from it with a lower learning rate: ' \
+                  f'{command} {lower}{other}'
         else:
-            how = f'no checkpoint was written yet: start again with a lower learning rate, e.g. {lower}{other}'
-        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})'
-                                 f': the run diverged and stopped{cause}; {how}')
+            how = f'no checkpoint was written yet: start again with a lower learning rate, e.g. ' \
+                  f'{lower}{other}'
+        epoch = self.step / self.steps_per_epoch
+        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {epoch:.2f}): the '
+                                 f'run diverged and stopped{cause}; {how}')
 
 
 STAYS = ' (--blr 0: every step at lr 0, the weights stay as they were loaded)'
@@ -202,6 +261,10 @@ def made_with(cfg, extra):
     """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
     keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran
     (util/attention_check.py)."""
+    made = {'script': cfg.SCRIPT}
     record = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
-    return {'script': cfg.SCRIPT, **({'teacher_sha256': record['sha256']} if record else {}),
-            **({'attention_check': extra['attention_check']} if extra.get('attention_check') else {})}
+    if record:
+        made['teacher_sha256'] = record['sha256']
+    if extra.get('attention_check'):
+        made['attention_check'] = extra['attention_check']
+    return made

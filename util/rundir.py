@@ -4,7 +4,8 @@ written its config.json, its files written whole, let go at the end.
 
     config.json     every field, what made the run (script, git commit, torch, command; a transfer run's teacher by
                     SHA-256); a resume updates the fields and appends what it changed under 'resumes'
-    log.txt         what the run printed
+    log.txt         what the run printed (RunDir.log: printed, held until config.json is written, then added
+                    to log.txt, never through a link)
     metrics.jsonl   one record per evaluation ('time': seconds of training, summed over resumes)
     checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, classes, the script that saved it
     .lock           while a process writes the directory: the lock, and its pid and command inside
@@ -26,11 +27,12 @@ import sys
 
 import torch
 
-from util.checkpoints import CheckpointError, read_checkpoint
-from util.config import ConfigError, flag
-from util.engine import log
-from util.files import (RUN_FILES, DamagedFile, append_text, cannot_write, git_commit, read_bytes, read_json,
-                        read_lines, replacing, set_aside, write_json, write_text)
+from util.checkpoints import read_checkpoint
+from util.config import flag
+from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few
+from util.files import (RUN_FILES, cannot_write, git_commit, read_bytes, read_json, read_lines, replacing,
+                        set_aside, write_json, write_text)
+from util.outputs import writable
 from util.resume import SAVED, resume_command, under_torchrun
 
 
@@ -39,9 +41,14 @@ class RunDir:
     begin() writes config.json; add_metrics() and save() write its files whole; `with` lets it go at the end."""
 
     def __init__(self, cfg, main):
-        self.cfg, self.main, self.path = cfg, main, cfg.out_dir
+        self.cfg = cfg
+        self.main = main                # the process that writes (rank 0)
+        self.path = cfg.out_dir
         self.checkpoint = self.file('checkpoint.pt')
-        self.pending, self.begun, self.made, self.lock = [], False, [], None
+        self.pending = []               # the log's lines until begin() has written config.json
+        self.begun = False
+        self.made = []                  # the folders this command made, innermost first
+        self.lock = None                # .lock's file descriptor while this process holds it
 
     def file(self, name):
         """The path of the run's file `name`."""
@@ -54,17 +61,19 @@ class RunDir:
         would replace its own inputs."""
         self = cls(cfg, main)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f'--out-dir {self.path} is a file, not a directory: choose another --out-dir')
+            raise ConfigError(f'--out-dir {self.path} is a file, not a directory: choose another '
+                              f'--out-dir')
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
-        d = os.path.abspath(self.path)     # the folders this command makes, innermost first
+        d = os.path.abspath(self.path)
         while not os.path.exists(d):   # / exists: the walk stops there at the latest
             self.made.append(d)
             d = os.path.dirname(d)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose another') from None
+            raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
+                              f'another') from None
         with self.released_on_error():
             self.refuse_unusable()
             if main:
@@ -73,30 +82,39 @@ class RunDir:
         return self
 
     def refuse_unusable(self):
-        if not os.access(self.path, os.W_OK):
-            raise ConfigError(f'--out-dir {self.path} cannot be written (read-only): choose another --out-dir')
+        writable('--out-dir', self.path, os.path.abspath(self.path))
         theirs = [] if self.cfg.resume else self.foreign()
-        if theirs:   # another program's model, a user's notes: --overwrite true or not, a run would write over them
+        if theirs:   # another program's model, a user's notes: a run would write over them
             hit = [n for n in RUN_FILES if n in theirs]
-            what = f'would write over {hit[0]}' if hit else f"holds {', '.join(theirs[:3])}{' ...' * (len(theirs) > 3)}"
-            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts wrote: a run {what}; '
-                              f'choose an empty or new --out-dir' + (' (--overwrite true deletes only a run of these '
-                                                                     'scripts)' if self.cfg.overwrite else ''))
-        for name in RUN_FILES[:-1]:   # a directory where a file of the run goes (.lock: take_lock says so)
+            if hit:
+                what = f'would write over {hit[0]}'
+            else:
+                what = f'holds {first_few(theirs)}'
+            fix = 'choose an empty or new --out-dir'
+            if self.cfg.overwrite:
+                fix += ' (--overwrite true deletes only a run of these scripts)'
+            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts '
+                              f'wrote: a run {what}; {fix}')
+        for name in RUN_FILES[:-1]:   # a directory where a run's file goes (.lock: take_lock's)
             path = self.file(name)
-            if os.path.islink(path):   # log.txt, appended to, would write the file it names (a checkpoint, say)
+            if os.path.islink(path):   # log.txt, appended to, would write the file it names
                 target = os.path.realpath(path)
-                where = '' if os.path.dirname(target) == os.path.realpath(self.path) else ', outside the run directory'
-                raise ConfigError(f'{path} is a link to {target}{where}, and a run writes only files of its own: put '
-                                  f'a copy of that file in its place, or remove the link')
+                where = ''
+                if os.path.dirname(target) != os.path.realpath(self.path):
+                    where = ', outside the run directory'
+                raise ConfigError(f'{path} is a link to {target}{where}, and a run writes only files '
+                                  f'of its own: put a copy of that file in its place, or remove the '
+                                  f'link')
             if os.path.lexists(path) and not os.path.isfile(path):
-                raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} there; move it away')
+                raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} '
+                                  f'there; move it away')
 
     def foreign(self):
         """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
         config.json has begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files
         aside."""
-        names = sorted(set(os.listdir(self.path)) - {'.lock', *(n + '.tmp' for n in RUN_FILES)})
+        aside = {'.lock', *(n + '.tmp' for n in RUN_FILES)}
+        names = sorted(set(os.listdir(self.path)) - aside)
         try:
             if {'out_dir', 'argv'} <= read_json(self.file('config.json'), '').keys():
                 return []
@@ -104,32 +122,39 @@ class RunDir:
             if 'config.json' not in names and os.path.exists(self.checkpoint):
                 try:
                     ck = read_checkpoint(self.checkpoint)
-                    return [] if all(isinstance(ck.get(k), kind) for k, kind in SAVED.items()) else names
-                except (CheckpointError, AttributeError):
-                    pass
+                except CheckpointError:
+                    return names
+                ours = isinstance(ck, dict) and all(isinstance(ck.get(k), t) for k, t in SAVED.items())
+                if ours:
+                    return []
         return names
 
     def refuse_overwrite(self):
         """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
         finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
         scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
-        cfg, ours = self.cfg, {os.path.realpath(self.file(n)) for n in RUN_FILES}
+        cfg = self.cfg
+        ours = {os.path.realpath(self.file(n)) for n in RUN_FILES}
         for field in cfg.INPUTS:
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
-                raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which this run deletes '
-                                  f'or replaces: copy it elsewhere and name the copy, or choose another --out-dir')
+                raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which '
+                                  f'this run deletes or replaces: copy it elsewhere and name the copy, '
+                                  f'or choose another --out-dir')
         if cfg.resume or cfg.overwrite:
             return
         if os.path.exists(self.checkpoint):
-            raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it or choose another '
-                              f'--out-dir (--overwrite true deletes it)')
+            raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
+                              f'or choose another --out-dir (--overwrite true deletes it)')
         done = os.path.exists(self.file('done.json'))
         evaluated = len(read_lines(self.file('metrics.jsonl')))
         if done or evaluated:   # results kept without their checkpoint
-            what = 'done.json' if done else f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
-            raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, or pass '
-                              f'--overwrite true to delete it and start afresh')
+            if done:
+                what = 'done.json'
+            else:
+                what = f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
+            raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, '
+                              f'or pass --overwrite true to delete it and start afresh')
 
     # -------------------------------------------------------------------------
     # One writer at a time
@@ -139,10 +164,13 @@ class RunDir:
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
         path = self.file('.lock')
         while True:
-            try:   # never through a link (ELOOP): the holder's line would be written into the file it names
+            # never through a link (ELOOP): the holder's line would be written into the file it names
+            try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise (linked(path) if e.errno == errno.ELOOP else cannot_write(path, e)) from None
+                if e.errno == errno.ELOOP:
+                    raise linked(path) from None
+                raise cannot_write(path, e) from None
             if os.fstat(fd).st_nlink > 1:   # a hard link: another name of a file, maybe elsewhere
                 os.close(fd)
                 raise linked(path)
@@ -154,14 +182,15 @@ class RunDir:
                     raise cannot_write(path, e) from None
                 holder = os.pread(fd, 2000, 0).decode(errors='replace').strip() or 'another process'
                 os.close(fd)
-                raise ConfigError(f'--out-dir {self.path} is being written by {holder}: wait for it to end, or choose '
-                                  f'another --out-dir') from None
+                raise ConfigError(f'--out-dir {self.path} is being written by {holder}: wait for '
+                                  f'it to end, or choose another --out-dir') from None
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)   # the file was removed by the process that let go of it: lock the new one
-        with contextlib.suppress(OSError):   # who holds it, for the next one (a full disk: the lock holds anyway)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({shlex.join(sys.argv)})".encode(), 0)
+        holder = f'process {os.getpid()} on {socket.gethostname()} ({shlex.join(sys.argv)})'
+        with contextlib.suppress(OSError):   # who holds it, for the next one (a full disk: the lock
+            os.ftruncate(fd, 0)              # holds anyway)
+            os.pwrite(fd, holder.encode(), 0)
         self.lock = fd
 
     def release(self):
@@ -189,7 +218,8 @@ class RunDir:
         return self
 
     def __exit__(self, kind, error, traceback):
-        """Let the directory go; an error that ends the run is told how to continue it (run_main says so)."""
+        """Let the directory go; an error that ends the run is told how to continue it (run_main says
+        so)."""
         self.release()
         if error is not None:
             error.how_to_continue = self.how_to_continue()
@@ -198,7 +228,17 @@ class RunDir:
     # What the run writes
 
     def log(self, msg):
-        log(self, msg)   # util/engine.log: printed, and held until begin() has written config.json
+        """Print msg (the main process) and add it to log.txt; until begin() has written config.json the lines wait
+        in self.pending, so that a command refused before then changes no file of its --out-dir."""
+        if not self.main:
+            return
+        lost = say(msg)
+        if lost:
+            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
+        if self.begun:
+            add_to_log(self.file('log.txt'), msg + '\n')
+        else:
+            self.pending.append(msg)
 
     def begin(self, record, resumed_step, last):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
@@ -207,32 +247,39 @@ class RunDir:
         Then log.txt gets the lines held so far."""
         if not self.main:
             return
-        launch = {'git_commit': git_commit(), 'world_size': record['world_size'], 'torch': torch.__version__,
-                  'argv': sys.argv}
+        launch = {'git_commit': git_commit(), 'world_size': record['world_size'],
+                  'torch': torch.__version__, 'argv': sys.argv}
+        lines = ''.join(f'{line}\n' for line in self.pending)
         if resumed_step is not None:
             saved = record.pop('saved')
             old = self.config_record()
-            if old is None and os.path.lexists(self.file('config.json')):   # damaged: kept beside it
-                set_aside(self.file('config.json'))
-            old = old or {**saved, 'rebuilt': f'config.json was missing or unreadable at step {resumed_step}: '
-                                              f'rebuilt from the checkpoint'}
-            diverged = old.pop('diverged', None)   # a lower lr was allowed once, after it: recorded with this resume
-            saved = {**old, **saved}   # the checkpoint's config is what ran: config.json may be edited
+            if old is None and os.path.lexists(self.file('config.json')):
+                set_aside(self.file('config.json'))   # damaged: kept beside it
+            if old is None:
+                old = {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
+                                           f'{resumed_step}: rebuilt from the checkpoint'}
+            # a lower lr was allowed once, after it: recorded with this resume
+            diverged = old.pop('diverged', None)
+            # the checkpoint's config is what ran: config.json may have been edited
+            saved = {**old, **saved}
             changed = {k: [saved.get(k), v] for k, v in record.items()
                        if saved.get(k) != v and k not in ('attention_check', 'world_size')}
-            resume = {'step': resumed_step, **launch, 'changed': changed,
-                      **({'after_divergence': diverged} if diverged else {})}
+            resume = {'step': resumed_step, **launch, 'changed': changed}
+            if diverged:
+                resume['after_divergence'] = diverged
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
             self.keep_metrics(resumed_step, last)
+            write_json(self.file('config.json'), record)
+            add_to_log(self.file('log.txt'), lines)
         else:
-            record = {**record, **launch}
-            for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):   # an earlier attempt
-                with contextlib.suppress(FileNotFoundError):                                     # or --overwrite true
+            # an earlier attempt's files, or the run --overwrite true deletes
+            for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(self.file(name))
-        write_json(self.file('config.json'), record)
-        lines = ''.join(f'{line}\n' for line in self.pending)
-        (append_text if resumed_step is not None else write_text)(self.file('log.txt'), lines)
-        self.pending, self.begun = [], True
+            write_json(self.file('config.json'), {**record, **launch})
+            write_text(self.file('log.txt'), lines)
+        self.pending = []
+        self.begun = True
 
     def config_record(self):
         """config.json's record; None if it is missing or damaged (read only: a run that starts keeps a damaged one
@@ -241,7 +288,8 @@ class RunDir:
         if not os.path.exists(path):
             return None
         try:
-            value = json.loads(read_bytes(path, 'move it away'))   # a directory, no permission: refused
+            # a directory, no permission: refused
+            value = json.loads(read_bytes(path, 'move it away'))
         except ValueError:   # not JSON, or not UTF-8
             return None
         return value if isinstance(value, dict) else None
@@ -264,36 +312,82 @@ class RunDir:
             write_text(path, ''.join(f'{line}\n' for line in kept))
 
     def add_metrics(self, record):
-        """One line of metrics.jsonl, the whole file written anew (it has one line per evaluation)."""
+        """One line of metrics.jsonl, the whole file written anew (it has one line per
+        evaluation)."""
         if self.main:
             path = self.file('metrics.jsonl')
-            write_text(path, ''.join(f'{line}\n' for line in read_lines(path) + [json.dumps(record)]))
+            lines = read_lines(path) + [json.dumps(record)]
+            write_text(path, ''.join(f'{line}\n' for line in lines))
 
     def save(self, state):
-        """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-        if self.main:   # through a file object: a failed write raises OSError, which replacing makes one line
+        """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint.
+        Written through a file object: a failed write raises OSError, which replacing makes one line."""
+        if self.main:
             with replacing(self.checkpoint) as tmp, open(tmp, 'wb') as f:
                 torch.save(state, f)
 
     def record_divergence(self, what):
-        """Add to config.json where the run diverged (its step, what was not finite, the checkpoint kept)."""
+        """Add to config.json where the run diverged (its step, what was not finite, the checkpoint
+        kept)."""
         record = self.config_record() if self.main else None
         if record is not None:
             write_json(self.file('config.json'), {**record, 'diverged': what})
 
     def how_to_continue(self):
-        """Where the run's last checkpoint is and the command that continues it (or that there is none yet)."""
-        if not os.path.exists(self.checkpoint):   # evaluations kept without one would refuse the same command again
+        """Where the run's last checkpoint is and the command that continues it (or that there is none
+        yet)."""
+        if not os.path.exists(self.checkpoint):
             evaluated = read_lines(self.file('metrics.jsonl'))
-            return NOTHING_SAVED + (f' with --overwrite true (it deletes the {len(evaluated)} evaluation(s) made)'
-                                    if evaluated else '')
-        return f"{self.checkpoint} holds the last checkpoint; continue with{'' if under_torchrun() else ':'} " \
-               f'{resume_command()}'
+            if evaluated:   # kept without a checkpoint, they would refuse the same command again
+                return f'{NOTHING_SAVED} with --overwrite true (it deletes the {len(evaluated)} ' \
+                       f'evaluation(s) made)'
+            return NOTHING_SAVED
+        if under_torchrun():
+            return f'{self.checkpoint} holds the last checkpoint; continue with {resume_command()}'
+        return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
+
+
+def add_to_log(path, text):
+    """Add text at the end of log.txt, in place, never through a link; one with other names too (a hard link: a
+    snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
+    so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
+    line (a file that may not be written is named)."""
+    try:
+        with open(path, 'a', opener=not_through_links) as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                f.write(text)
+                return
+        data = read_bytes(path, 'move it away')
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data + text.encode())
+    except OSError as e:
+        # the file's own permission: appending needs no other
+        if isinstance(e, PermissionError) and os.path.isfile(path):
+            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
+                             f'u+w)') from None
+        raise cannot_write(path, e) from None
+
+
+def not_through_links(path, flags):
+    """open()'s opener that never follows a link (O_NOFOLLOW: ELOOP)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+
+
+def say(msg):
+    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
+    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    try:
+        print(msg, flush=True)
+        return ''
+    except OSError as e:
+        # what is buffered, and the rest, go there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return e.strerror or type(e).__name__
 
 
 def linked(path):
-    return ConfigError(f'{path} is a link to another file (or another name of one), which the run would write: '
-                       f'remove it (the run makes its own)')
+    return ConfigError(f'{path} is a link to another file (or another name of one), which the run '
+                       f'would write: remove it (the run makes its own)')
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'

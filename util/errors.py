@@ -1,0 +1,46 @@
+"""
+The refusals a user meets as one line: each names the file or the option, what is wrong, and the fix, and
+util/launch.run_main prints it and exits non-zero, never a traceback. Every file of util/ raises them, so they sit
+here, below all of them, with first_few, the way a message lists what it found: this file imports nothing.
+"""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot run: the flag, its value, what is allowed."""
+
+
+class DataError(RuntimeError):
+    """Data that is missing, misplaced or damaged: the file and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A file of weights that cannot be read or used: the file and the fix."""
+
+
+class UnreadableFile(CheckpointError):
+    """A file that is no checkpoint; `what` says why, the message adds the fix."""
+
+    def __init__(self, what, fix):
+        super().__init__(f'{what}: {fix}')
+        self.what = what
+
+
+class DamagedFile(ConfigError):
+    """A run or report file that does not hold what the program that wrote it writes."""
+
+
+class WriteError(ConfigError):
+    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
+    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
+
+    def __init__(self, what, again=' and run the command again'):
+        super().__init__(what + again)
+        self.what = what
+
+
+def first_few(items, most=3):
+    """Items named in a one-line message: the first `most`, then ' ...' where there are more."""
+    shown = ', '.join(map(str, items[:most]))
+    if len(items) > most:
+        shown += ' ...'
+    return shown
