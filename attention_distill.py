@@ -278,7 +278,7 @@ def main():
     transfer = plan.method   # the teacher's shape, layers, heads, the student's
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')            # frozen
+        teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')   # frozen
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it

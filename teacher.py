@@ -277,8 +277,8 @@ class TransferConfig(TrainConfig):
                     f'repository ships: teachers/README.md), a checkpoint of mae_pretrain.py or ' \
                     f'finetune.py, or a name such as mae_vit_large'
         else:
-            which = 'a name such as mae_vit_large (downloaded), or a checkpoint of mae_pretrain.py ' \
-                    'or finetune.py (e.g. runs/mae/checkpoint.pt)'
+            which = 'a name such as mae_vit_large (downloaded), or a checkpoint of ' \
+                    'mae_pretrain.py or finetune.py (e.g. runs/mae/checkpoint.pt)'
         averaged = self.average_maps != 'none'
         return super().checks() + [
             ('teacher', self.teacher != '', f'is required: {which}'),
