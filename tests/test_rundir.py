@@ -22,6 +22,7 @@ import attention_copy
 import attention_distill
 from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 import finetune
+import util.rundir
 from test_resume import digest, train
 
 torch.set_num_threads(1)   # a small, shared machine
@@ -315,6 +316,28 @@ def test_a_hard_linked_snapshot_keeps_what_it_held(monkeypatch, saved, tmp_path)
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
     assert digest(snapshot) == before and step_of(d) == 3
     assert f'resumed from {d}/checkpoint.pt at step 2' in (d / 'log.txt').read_text()
+
+
+def test_a_snapshot_made_while_the_run_is_live_keeps_what_it_held(monkeypatch, saved, tmp_path):
+    """cp -al while a resumed run trains: each line is added by looking at log.txt's names again, so the lines after
+    the snapshot go to the run's log alone (a check made once, at the start, would append them to both)."""
+    d = saved(tmp_path)
+    snapshot = tmp_path / 'snapshot'
+    held = []
+    before = (d / 'log.txt').read_text().count('\n')   # the lines of the run that saved it
+    add_to_log = util.rundir.add_to_log
+
+    def snapshot_at_the_third_line(path, text):
+        if len(held) == 0 and (d / 'log.txt').read_text().count('\n') > 2 + before:
+            snapshot.mkdir()
+            os.link(d / 'log.txt', snapshot / 'log.txt')
+            held.append((snapshot / 'log.txt').read_text())
+        add_to_log(path, text)
+    monkeypatch.setattr(util.rundir, 'add_to_log', snapshot_at_the_third_line)
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
+    assert held and (snapshot / 'log.txt').read_text() == held[0]
+    assert (d / 'log.txt').read_text().startswith(held[0]) and len((d / 'log.txt').read_text()) > len(held[0])
+    assert step_of(d) == 3
 
 
 def test_a_temporary_file_left_as_a_link_is_not_written_through(monkeypatch, saved, tmp_path):
