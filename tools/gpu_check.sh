@@ -7,13 +7,26 @@
 # copy and distillation on eager and sdpa, their peak memory and the kernels of the sdpa path, distillation profiled;
 # last, Fashion-MNIST's preset end to end beside its step alone (tools/benchmark_input.py).
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
+#   bash tools/gpu_check.sh OUT_DIR reproduce   # a second call: the committed reproduction timed (at most 7 min)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
-out=${1:?usage: bash tools/gpu_check.sh OUT_DIR}
+out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | reproduce]}
+part=${2:-checks}
 py=${PYTHON:-python3}
 dry=${GPU_CHECK_DRY:-}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
+
+if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from the shipped teacher (its files carried)
+  quick=''
+  [ -n "$dry" ] && quick='--quick true'
+  nvidia-smi -L 2>/dev/null
+  timeout 420 $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
+    > "$out/reproduce.log" 2>&1
+  echo "tools.reproduce exit $? after $SECONDS s"
+  tail -9 "$out/reproduce.log"
+  exit 0
+fi
 if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
   device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
 else
