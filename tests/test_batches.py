@@ -345,6 +345,22 @@ def test_a_held_out_split_shares_the_training_splits_images():
     train, held_out = unwrap(moved['train']), unwrap(moved['eval'])
     assert train.images is held_out.images and train.transform is not held_out.transform
 
+
+def test_a_split_moved_to_a_device_has_its_transform_there():
+    """An item of a split held on a GPU (the start-up checks' sample images) was transformed with
+    the host's mean and std: the transform's constants move with the images (meta stands in for
+    the GPU here)."""
+    data = build_splits(cifar(val_size=64))
+    moved = held_on(torch.device('meta'), train=data.train, eval=data.eval)
+    for split in moved.values():
+        held = unwrap(split)
+        transform = held.transform
+        constants = [transform.mean, transform.std]
+        if transform.randaug:
+            constants += [t for t in vars(transform.randaug).values() if isinstance(t, torch.Tensor)]
+        assert held.images.device.type == 'meta'
+        assert {t.device.type for t in constants} == {'meta'}
+
 # -----------------------------------------------------------------------------
 # A CIFAR-10 run on the official binary files
 

@@ -62,8 +62,10 @@ class TensorImages(Dataset):
         return self.transform(self.images[i:i + 1])[0], int(self.labels[i])
 
     def holding(self, images, labels, transform=None):
-        """This data set with these images and labels (moved to a device), or another transform."""
-        transform = transform or self.transform
+        """This data set with these images and labels (moved to a device), or another transform;
+        the transform's constants where the images are, so that an item (a batch of one) and
+        TensorBatches' batches are made there."""
+        transform = (transform or self.transform).to(images.device)
         return TensorImages(images, labels, transform, self.classes, self.source)
 
 
@@ -93,7 +95,7 @@ class TensorBatches:
         self.images = held.images
         self.labels = held.labels
         where = held.images.device
-        self.transform = held.transform.to(where)
+        self.transform = held.transform                  # its constants where the images are
         self.generator = torch.Generator(where)          # erasing's noise, where the images are
         self.pin = where.type == 'cpu' and device.type == 'cuda'
 
