@@ -165,7 +165,8 @@ class BatchTransform:
         if self.pad:
             padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
             x = crop(padded, tensors.pop(0).long(), self.size)
-        x = torch.where(flip, x.flip(-1), x)
+        if self.hflip:   # evaluation's, and --hflip 0's, flip nothing
+            x = torch.where(flip, x.flip(-1), x)
         if self.randaug:
             slots = [(g, tensors.pop(0).long(), tensors.pop(0)) for g in groups]
             x = self.randaug(x, slots)

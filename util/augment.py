@@ -195,11 +195,16 @@ def randaugment(spec, fill=(128, 128, 128)):
                       f"(torchvision's RandAugment, magnitude 9 of 31), or '' for none")
 
 
+# timm's RandomErasing ranges: a box's share of the image, its aspect ratio (drawn log-uniform)
+ERASE_SCALE = (0.02, 1 / 3)
+ERASE_RATIO = (0.3, 1 / 0.3)
+
+
 def random_erasing(prob):
     """timm's RandomErasing(mode='pixel', max_count=1), which torchvision's is step for step once given
     timm's ranges: with probability prob one box of 2%-1/3 of the image, aspect ratio log-uniform in
     [0.3, 1/0.3], filled with standard normal noise (the image is normalised by then)."""
-    return v2.RandomErasing(p=prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random')
+    return v2.RandomErasing(p=prob, scale=ERASE_SCALE, ratio=ERASE_RATIO, value='random')
 
 # -----------------------------------------------------------------------------
 # The same augmentation on a whole batch of uint8 images (n, 3, H, W) on their device (data.py's
@@ -434,8 +439,9 @@ def erasing_boxes(n, height, width, prob, generator=None):
     fits): (n, 4) float64 rows of top, left, height, width; height and width 0 where an image is
     not erased."""
     hit = torch.rand(n, generator=generator) < prob
-    scale = torch.empty(n, 10).uniform_(0.02, 1 / 3, generator=generator).double()
-    log_ratio = torch.empty(n, 10).uniform_(math.log(0.3), math.log(1 / 0.3), generator=generator)
+    scale = torch.empty(n, 10).uniform_(*ERASE_SCALE, generator=generator).double()
+    low, high = (math.log(r) for r in ERASE_RATIO)
+    log_ratio = torch.empty(n, 10).uniform_(low, high, generator=generator)
     area, ratio = height * width * scale, log_ratio.exp().double()
     h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
     fits = (h < height) & (w < width)
