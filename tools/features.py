@@ -125,8 +125,9 @@ def one_pass(models, vits, loader, blocks, device):
     logits = {k: [] for k, vit in vits.items() if vit.num_classes}
     labels = []
     for x, y in loader:
+        x = x.to(device)                                              # once for every model
         for k, model in models.items():
-            out = model(x.to(device))                                 # (B, C); teacher: features
+            out = model(x)                                            # (B, C); teacher: features
             if k in logits:
                 logits[k].append(out.float().cpu())
         labels.append(y)
