@@ -38,9 +38,9 @@ class WriteError(ConfigError):
         self.what = what
 
 
-def first_few(items, most=3):
-    """Items named in a one-line message: the first `most`, then ' ...' where there are more."""
-    shown = ', '.join(map(str, items[:most]))
-    if len(items) > most:
+def first_few(items):
+    """Items named in a one-line message: the first three, then ' ...' where there are more."""
+    shown = ', '.join(map(str, items[:3]))
+    if len(items) > 3:
         shown += ' ...'
     return shown

@@ -26,9 +26,8 @@ SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': l
 
 # what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the lr
 AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
-# what the plan keeps of the checkpoint, with its world size (its tensors are read again where loaded:
-# util/run.py)
-KEPT = ('step', 'config', 'metrics', 'classes', 'steps_per_epoch', 'time', 'arch')
+# what the plan keeps of the checkpoint for util/run.py's checks (its tensors are read again where loaded)
+KEPT = ('step', 'config', 'metrics', 'classes', 'steps_per_epoch')
 
 
 def open_resumed(cfg, run_dir, world):
@@ -76,9 +75,7 @@ def open_resumed(cfg, run_dir, world):
             raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is "
                               f"higher; go on with a lower learning rate, or start a new run in another "
                               f"--out-dir")
-    kept = {k: ck[k] for k in KEPT if k in ck}
-    kept['world_size'] = ck.get('world_size', len(ck['rng']))
-    return kept
+    return {k: ck[k] for k in KEPT if k in ck}
 
 
 def is_rng_state(state):
