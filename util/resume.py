@@ -95,10 +95,9 @@ def out_of_range(ck):
         v = ck.get(k, least)
         if type(v) not in (int, kind) or not least <= v < math.inf:
             return f'{k} {v!r}'
-    for part in ('model', 'ema', 'optimizer'):
-        for k, v in flat(ck.get(part) or {}):
-            if v.is_floating_point() and not v.isfinite().all():
-                return f'{part} {k} with nan or inf'
+    broken = not_finite({part: ck.get(part) for part in ('model', 'ema', 'optimizer')})
+    if broken:
+        return f'{broken[0]} with nan or inf'
     return ''
 
 
@@ -110,6 +109,19 @@ def flat(d, prefix=''):
             yield f'{prefix}{k}', v
         elif isinstance(v, dict):
             yield from flat(v, f'{prefix}{k}.')
+
+
+def not_finite(parts):
+    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
+    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
+    tensors = [(f'{part} {k}', v) for part, d in parts.items()
+               for k, v in flat(d or {}) if v.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
+    if all(finite):
+        return None
+    return tensors[finite.index(False)]
 
 
 def made_by(ck):

@@ -19,7 +19,7 @@ from util.checkpoints import arch_mismatch, read_checkpoint
 from util.config import flag
 from util.engine import build_optimizer, final_lr
 from util.errors import CheckpointError, ConfigError, first_few
-from util.resume import AFTER_DIVERGENCE, flat, resume_command
+from util.resume import AFTER_DIVERGENCE, not_finite, resume_command
 
 
 def check_data(plan, loader, classes):
@@ -186,12 +186,9 @@ class Run:
         model = self.model.state_dict()
         ema = self.ema.state_dict() if self.ema else None
         opt = self.opt.state_dict()
-        state = {'model': model, 'ema': ema, 'optimizer': opt['state']}
-        tensors = [(f'{part} {k}', v) for part, d in state.items()
-                   for k, v in flat(d or {}) if v.is_floating_point()]
-        finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()   # one host sync
-        if not all(finite):
-            name, v = tensors[finite.index(False)]
+        broken = not_finite({'model': model, 'ema': ema, 'optimizer': opt['state']})
+        if broken:
+            name, v = broken
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
         rng = [torch.get_rng_state()] * self.plan.world
