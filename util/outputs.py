@@ -77,12 +77,8 @@ class Claims:
         if replaces and os.path.isfile(path) and not os.path.islink(path):
             self.claimed[path] = None
             return
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):   # / exists: the walk stops there at the latest
-            self.made.append(folder)
-            folder = os.path.dirname(folder)
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            make_folders(os.path.dirname(os.path.abspath(path)), self.made)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
             raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
@@ -121,9 +117,25 @@ class Claims:
             if path not in self.written and self.claimed[path] is not None and self.own(path):
                 with contextlib.suppress(OSError):
                     os.remove(path)
-        for folder in self.made:   # innermost first; one that is not empty stays
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        remove_empty(self.made)
+
+
+def make_folders(folder, made):
+    """os.makedirs(folder), the folders it makes added to `made` first, innermost first (remove_empty's
+    order), so that even a partial make is undone."""
+    d = os.path.abspath(folder)
+    while not os.path.exists(d):   # / exists: the walk stops there at the latest
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(folder, exist_ok=True)
+
+
+def remove_empty(folders):
+    """Remove each of the folders a command made (innermost first) that it left empty; one written into
+    stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from util.config import flag
 from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few
 from util.files import (RUN_FILES, cannot_write, git_commit, read_bytes, read_json, read_lines, replacing,
                         set_aside, write_json, write_text)
-from util.outputs import writable
+from util.outputs import make_folders, remove_empty, writable
 from util.resume import SAVED, resume_command, under_torchrun
 
 
@@ -65,12 +65,8 @@ class RunDir:
                               f'--out-dir')
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
-        d = os.path.abspath(self.path)
-        while not os.path.exists(d):   # / exists: the walk stops there at the latest
-            self.made.append(d)
-            d = os.path.dirname(d)
         try:
-            os.makedirs(self.path, exist_ok=True)
+            make_folders(self.path, self.made)
         except OSError as e:
             raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
                               f'another') from None
@@ -201,9 +197,7 @@ class RunDir:
                 os.remove(self.file('.lock'))
             os.close(self.lock)
             self.lock = None
-        for folder in self.made:
-            with contextlib.suppress(OSError):       # not empty: the run wrote there, and keeps it
-                os.rmdir(folder)
+        remove_empty(self.made)   # not empty: the run wrote there, and keeps it
         self.made = []
 
     @contextlib.contextmanager
