@@ -102,8 +102,8 @@ class EnsembleConfig(ModelsConfig):
                  f'more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer')]
 
 
-PRESETS = {'fashion-mnist': dict(num_workers=1),
-           'fake': dict(num_workers=0),
+# Fashion-MNIST and CIFAR are held in memory and batched without loader workers: no preset
+PRESETS = {'fake': dict(num_workers=0),
            'imagenet': dict(num_workers=10)}
 
 
