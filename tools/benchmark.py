@@ -183,6 +183,15 @@ def seconds(run, calls, device):
     return time.perf_counter() - t
 
 
+def interleaved(cases, cfg, device):
+    """{case: its seconds a step in each timed round}: each of `cases` (name: a step) runs --steps steps a round
+    for --rounds rounds after --warmup rounds, the cases interleaved (A B C, A B C, ...) so that a machine's
+    drift hits all of them."""
+    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in cases.items()}
+              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
+    return {c: [r[c] for r in rounds] for c in cases}
+
+
 def gemm_peak(dtype, n, device):
     """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
     calls for ~50 ms."""
@@ -258,11 +267,7 @@ def measure(cfg, size, device, peak):
     for m in cfg.profile:   # where the time of auto's step goes
         if (m, parts.auto) in steps:
             profile(steps[m, parts.auto], f'{cfg.out_dir}/profile-{size}-{m}.txt', device)
-    # seconds a step, per timed round: each case runs --steps steps per round for --rounds rounds after --warmup
-    # rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them
-    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in steps.items()}
-              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
-    times = {c: [r[c] for r in rounds] for c in steps}
+    times = interleaved(steps, cfg, device)
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
@@ -317,7 +322,7 @@ def table(rows, gpu):
     lines = [f"| {' | '.join(headings)} |", '|---|---|---|' + '---:|' * (len(headings) - 3)]
     for r in rows:
         base = naive.get((r['model'], r['method']))
-        v = dict(r, vs_naive=None, gflop=r.get('flops'), peak_pct=r.get('peak_fraction'))
+        v = dict(r)
         if base and 'img_s' in r:
             v['vs_naive'] = r['img_s'] / base
         if r.get('flops'):
@@ -416,7 +421,6 @@ def main():
     write_text(f'{cfg.out_dir}/BENCHMARK.md', md)
     print(md)
     print(f'wrote {cfg.out_dir}/benchmark.json and BENCHMARK.md')
-
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ import torch
 
 from data import build_data
 from finetune import PRESETS, FinetuneConfig, build_model
-from tools.benchmark import device_option, machine, pick_device, seconds, some_of
+from tools.benchmark import device_option, interleaved, machine, pick_device, some_of
 from util.config import STEPS, at_least, option
 from util.engine import autocast, build_optimizer, soft_cross_entropy
 from util.files import write_text
@@ -77,17 +77,13 @@ def measure(cfg, data, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    new = forever(loader, device)
-    x0, y0 = next(new)
-    cases = {'loader, in memory': lambda: next(new),
-             'end to end, in memory': lambda: step(*next(new)),
+    batches = forever(loader, device)
+    x0, y0 = next(batches)
+    cases = {'loader, in memory': lambda: next(batches),
+             'end to end, in memory': lambda: step(*next(batches)),
              'step alone': lambda: step(x0, y0)}
-    rounds = [{name: seconds(run_case, cfg.steps, device) / cfg.steps
-               for name, run_case in cases.items()}
-              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
     rows = []
-    for name in cases:
-        times = [r[name] for r in rounds]
+    for name, times in interleaved(cases, cfg, device).items():
         rows.append({'data': data, 'case': name, 'batch': run.batch_size,
                      'img_s': run.batch_size / statistics.median(times), 'times': times})
     return rows
