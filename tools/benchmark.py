@@ -220,15 +220,11 @@ def count_flops(run):
 
 def profile(run, path, device):
     """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
-    kernel's, on a GPU)."""
-    gpu = device.type == 'cuda'
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if gpu:
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    kernel's, on a GPU). The profiler records the CPU, and CUDA where torch has it."""
+    with torch.profiler.profile() as prof:
         run()
         sync(device)
-    key = 'self_device_time_total' if gpu else 'self_cpu_time_total'
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
 
 # -----------------------------------------------------------------------------
