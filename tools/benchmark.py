@@ -51,11 +51,6 @@ def some_of(choices, default, help, note=''):
                         f"choose from {' '.join(choices)}{note}"))
 
 
-def device_option():
-    return option('auto', 'auto | cpu | cuda',
-                  one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
-
-
 def pick_device(choice):
     """--device's torch.device: cuda where asked or (auto) available; --device cuda without one refused."""
     if choice == 'cuda' and not torch.cuda.is_available():
@@ -72,8 +67,17 @@ def own(most):
 
 
 @dataclass
-class BenchConfig:
-    device: str = device_option()
+class Timing:
+    """What both benchmarks take: the device, and the rounds that time each case (interleaved())."""
+    device: str = option('auto', 'auto | cpu | cuda',
+                         one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
+    steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
+    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
+
+
+@dataclass
+class BenchConfig(Timing):
     models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
     paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
                                ' (--compile true adds compile)')
@@ -92,9 +96,6 @@ class BenchConfig:
     embed_dim: int = own(SIZE)
     num_heads: int = own(DEPTH)
     num_classes: int = option(1000, rule=at_least(1, most=SIZE))
-    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
-    steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
-    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
     distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)',
                                  FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)

@@ -28,8 +28,8 @@ import torch
 
 from data import build_data
 from finetune import PRESETS, FinetuneConfig, build_model
-from tools.benchmark import device_option, interleaved, machine, pick_device, some_of
-from util.config import STEPS, at_least, option
+from tools.benchmark import Timing, interleaved, machine, pick_device, some_of
+from util.config import option
 from util.engine import autocast, build_optimizer, soft_cross_entropy
 from util.files import write_text
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
@@ -40,13 +40,10 @@ SMALL = ('fashion-mnist', 'cifar10', 'cifar100', 'fake')
 
 
 @dataclass
-class InputConfig:
+class InputConfig(Timing):
     presets: list[str] = some_of(SMALL, ['fashion-mnist'], 'data sets, each timed at its preset')
     data_dir: str = './data'
-    device: str = device_option()
-    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
-    steps: int = option(10, 'batches (or steps) of each case in a round', at_least(1, most=STEPS))
-    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
+    steps: int = option(10, 'batches (or steps) of each case in a round')
     quick: bool = option(False, '1 round of 2 steps, no warm-up: checks that everything runs')
     out_dir: str = 'runs/benchmark-input'
 
