@@ -9,12 +9,11 @@ Speed and memory of every method's step on this device: the two attention implem
     python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
                                                # GPU: vit_base and vit_large, batches that fill it
 
-The cases and paths (eager, sdpa, naive, ...) and their memory are benchmark_cases.py's; BENCHMARK.md is made
-at the end of this file.
-Each case is timed (the cases interleaved, medians), its FLOPs counted against a GEMM peak measured here (a step's
-share of its precision's peak: its MFU on a GPU in bf16), the bytes it saves for backward measured (the same on
-every device: what attention transfer adds to a step's activation memory), and its peak memory (each function
-below says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
+The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's, with the measures of their memory;
+this file times them and writes the report (BENCHMARK.md, at its end). Each case is timed (the cases interleaved,
+medians), its FLOPs counted against a GEMM peak measured here (a step's share of its precision's peak: its MFU on
+a GPU in bf16), the bytes it saves for backward measured (the same on every device: what attention transfer adds
+to a step's activation memory), and its peak memory (benchmark_cases.peak_memory says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
 method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
 results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
