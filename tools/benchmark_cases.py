@@ -19,8 +19,8 @@ max_memory_allocated), and on a GPU the largest batch at which all of a model's 
 import gc
 import multiprocessing
 import weakref
-from concurrent.futures import ProcessPoolExecutor
 from argparse import Namespace
+from concurrent.futures import ProcessPoolExecutor
 from functools import cached_property, partial
 
 import torch
@@ -261,7 +261,8 @@ def peak_memory(cfg, size, method, path, batch, device):
         torch.cuda.reset_peak_memory_stats(device)
         run = Parts(cfg, size, device).step(method, path, batch)
         before = (torch.cuda.memory_allocated(device) - start) / 2 ** 20
-        run(), run()
+        run()
+        run()
         peak = (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
         del run
         gc.collect()         # the case's models and optimiser go before the next case is built
@@ -275,7 +276,8 @@ def rss_peak(cfg, size, method, path, batch):
         torch.set_num_threads(cfg.threads)
     run = Parts(cfg, size, torch.device('cpu')).step(method, path, batch)
     before = proc_mb('VmRSS')
-    run(), run()
+    run()
+    run()
     return proc_mb('VmHWM'), before
 
 
