@@ -1,10 +1,11 @@
 """Data sets held in memory, batched where they are held (util/datafiles.py's TensorBatches,
 data.py's BatchTransform), against the per-image pipeline they had before (each image through
-build_transform in a DataLoader: tools/benchmark_input.per_image_loader): Fashion-MNIST's batches
-are its batches element for element; CIFAR's augmentation is its augmentation in distribution (crop
-offsets, flip rate, each RandAugment op's frequency and argument, erasing's rate and box) over at
-least 10,000 draws; a resume mid-epoch is bit for bit; nothing in a batch's device work waits for
-the device; a CIFAR-10 run on files in the official binary format runs end to end."""
+build_transform in a DataLoader: PerImage below, timed in results/benchmark/INPUT.md):
+Fashion-MNIST's batches are its batches element for element; CIFAR's augmentation is its
+augmentation in distribution (crop offsets, flip rate, each RandAugment op's frequency and
+argument, erasing's rate and box) over at least 10,000 draws; a resume mid-epoch is bit for bit;
+nothing in a batch's device work waits for the device; a CIFAR-10 run on files in the official
+binary format runs end to end."""
 import gzip
 import json
 import math
@@ -15,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from conftest import run_in_process
 from data import SHIFTS, BatchTransform, build_eval_set, build_splits, build_transform, data_device
 from data import held_on
 from finetune import PRESETS, FinetuneConfig
-from tools.benchmark_input import PerImage, per_image_loader
 from util.augment import LEVELS, BatchRandAugment, RandAugment, erasing_boxes
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, first_uniform, image_seed, read_idx, unwrap
 from util.engine import build_loader
@@ -36,6 +37,31 @@ DEBIAN = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR),
 def config(preset, **kw):
     """The preset of --data `preset`, no loader worker, kw over it."""
     return FinetuneConfig(**{**PRESETS[preset], 'data': preset, 'num_workers': 0, **kw})
+
+
+class PerImage(Dataset):
+    """A data set held in memory, read as the small data sets were before they were batched where
+    they are held: each image (grey repeated to 3 channels) through build_transform's transforms."""
+
+    def __init__(self, held, transform):
+        self.images = held.images
+        self.labels = held.labels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].expand(3, -1, -1)), int(self.labels[i])
+
+
+def per_image_loader(cfg, train=True, rank=0, world=1):
+    """The training (or test) split of cfg's in-memory data set in the per-image loader it had
+    before: SeededDataset and --num-workers processes (build_loader on a data set not held in
+    memory)."""
+    data = build_splits(cfg)
+    split = unwrap(data.train if train else data.eval)
+    return build_loader(cfg, PerImage(split, build_transform(cfg, train)), train, rank, world)
 
 
 def first_batch(loader, epoch, start_batch):

@@ -112,7 +112,7 @@ def test_batch_fills_the_given_share_of_gpu_memory(tmp_path):
 def test_gpu_report_renders_on_any_machine():
     """The end of a GPU run, checked here: rows as measure() makes them on CUDA give the batch column, an
     out-of-memory case says so, and each case is set against the naive path of its model and method."""
-    from tools.benchmark_report import markdown
+    from tools.benchmark import markdown
 
     def row(method, path, img_s, peak_fraction, peak_mb):
         return {'model': 'vit_large', 'method': method, 'path': path, 'auto': path == 'sdpa', 'batch': 64,
@@ -184,7 +184,7 @@ def test_the_filled_batch_is_measured_to_fit_and_the_next_is_not(growth):
     """--batch-size 0's search on a memory curve of each shape: the batch it returns was measured within the
     budget, and the next multiple of 8 was measured over it (a line through two small batches overshoots when
     memory grows faster than linearly: the GPU run found 4064 MB at a 4054 MB budget)."""
-    from tools.benchmark_memory import MAX_BATCH, largest_batch
+    from tools.benchmark_cases import MAX_BATCH, largest_batch
     curve = {'linear': lambda b: 100 + 10 * b, 'faster-than-linear': lambda b: 100 + 10 * b + 0.02 * b * b,
              'out-of-memory-above-300': lambda b: float('inf') if b > 300 else 100 + 30 * b}[growth]
     measured = {}
@@ -211,18 +211,18 @@ def test_a_compiled_case_is_counted_when_autos_path_is_not_timed(tmp_path):
 
 
 def test_the_input_bound_per_small_data_preset(tmp_path):
-    """tools/benchmark_input.py: a preset's batches from the per-image loader and from memory, a step end to end
-    on each, and the step alone on one batch, in img/s; a second run into a folder holding another INPUT.md is
+    """tools/benchmark_input.py: a preset's batches from memory, a step end to end on them, and the step alone on
+    one batch, in img/s; a second run into a folder holding another INPUT.md is
     refused in one line, before any timing."""
     p = run_script('-m', 'tools.benchmark_input', '--presets', 'fake', '--quick', 'true', '--out-dir', tmp_path,
                    timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / 'input.json').read_text())
-    from tools.benchmark_input import CASES
-    assert [row['case'] for row in r['rows']] == list(CASES) and all(row['img_s'] > 0 for row in r['rows'])
+    cases = ['loader, in memory', 'end to end, in memory', 'step alone']
+    assert [row['case'] for row in r['rows']] == cases and all(row['img_s'] > 0 for row in r['rows'])
     assert all(row['batch'] == 32 and len(row['times']) == 1 for row in r['rows'])    # fake's preset, 1 round
     table = (tmp_path / 'INPUT.md').read_text()
-    assert '| fake | step alone | 0 | 32 |' in table and table.count('| fake |') == 5 and '1.00x |' in table
+    assert '| fake | step alone | 32 |' in table and table.count('| fake |') == 3 and '1.00x |' in table
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'INPUT.md').write_text('mine')

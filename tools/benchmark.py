@@ -9,17 +9,18 @@ Speed and memory of every method's step on this device: the two attention implem
     python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
                                                # GPU: vit_base and vit_large, batches that fill it
 
-The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's; BENCHMARK.md is benchmark_report.py's.
-Each case is timed (the cases interleaved, medians), its FLOPs counted against a GEMM peak measured here (a step's
-share of its precision's peak: its MFU on a GPU in bf16), the bytes it saves for backward measured (the same on
-every device: what attention transfer adds to a step's activation memory), and its peak memory (each function
-below says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
+The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's, with the measures of their memory;
+this file times them and writes the report (BENCHMARK.md, at its end). Each case is timed (the cases interleaved,
+medians), its FLOPs counted against a GEMM peak measured here (a step's share of its precision's peak: its MFU on
+a GPU in bf16), the bytes it saves for backward measured (the same on every device: what attention transfer adds
+to a step's activation memory), and its peak memory (benchmark_cases.peak_memory says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
 method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
 results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
 import json
 import os
+import platform
 import re
 import statistics
 import sys
@@ -29,12 +30,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from tools.benchmark_cases import METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases
-from tools.benchmark_memory import fill_batch, peak_memory
-from tools.benchmark_report import machine, markdown
+from tools.benchmark_cases import (METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases,
+                                   fill_batch, peak_memory)
 from util.config import (BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check,
                          machine_memory, one_of, option)
-from util.files import write_text
+from util.files import cpu_name, git_commit, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from util.outputs import check_out_dir
 from vit import SIZES
@@ -50,15 +50,33 @@ def some_of(choices, default, help, note=''):
                         f"choose from {' '.join(choices)}{note}"))
 
 
+def pick_device(choice):
+    """--device's torch.device: cuda where asked or (auto) available; --device cuda without one refused."""
+    if choice == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
+                          'or --device cpu')
+    if choice != 'cpu' and torch.cuda.is_available():
+        return torch.device('cuda')
+    return torch.device('cpu')
+
+
 def own(most):
     """A model size's number that 0 leaves to the size (vit.SIZES)."""
     return option(0, "0 = the size's own", at_least(0, "the size's own", most))
 
 
 @dataclass
-class BenchConfig:
+class Timing:
+    """What both benchmarks take: the device, and the rounds that time each case (interleaved())."""
     device: str = option('auto', 'auto | cpu | cuda',
                          one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
+    steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
+    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
+
+
+@dataclass
+class BenchConfig(Timing):
     models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
     paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
                                ' (--compile true adds compile)')
@@ -77,9 +95,6 @@ class BenchConfig:
     embed_dim: int = own(SIZE)
     num_heads: int = own(DEPTH)
     num_classes: int = option(1000, rule=at_least(1, most=SIZE))
-    rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
-    steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
-    warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
     distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)',
                                  FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
@@ -121,11 +136,8 @@ PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # No
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag:
     one error line, before anything runs."""
-    gpu = cfg.device != 'cpu' and torch.cuda.is_available()
-    if cfg.device == 'cuda' and not gpu:
-        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
-                          'or --device cpu')
-    device = torch.device('cuda' if gpu else 'cpu')
+    device = pick_device(cfg.device)
+    gpu = device.type == 'cuda'
     changes = {}
     if gpu:
         slug = device_slug(torch.cuda.get_device_name(device))
@@ -171,6 +183,15 @@ def seconds(run, calls, device):
     return time.perf_counter() - t
 
 
+def interleaved(cases, cfg, device):
+    """{case: its seconds a step in each timed round}: each of `cases` (name: a step) runs --steps steps a round
+    for --rounds rounds after --warmup rounds, the cases interleaved (A B C, A B C, ...) so that a machine's
+    drift hits all of them."""
+    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in cases.items()}
+              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
+    return {c: [r[c] for r in rounds] for c in cases}
+
+
 def gemm_peak(dtype, n, device):
     """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
     calls for ~50 ms."""
@@ -199,19 +220,15 @@ def count_flops(run):
 
 def profile(run, path, device):
     """One step under torch.profiler, written to `path`: the 25 operators taking most of their own time (a
-    kernel's, on a GPU)."""
-    gpu = device.type == 'cuda'
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if gpu:
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    kernel's, on a GPU). The profiler records the CPU, and CUDA where torch has it."""
+    with torch.profiler.profile() as prof:
         run()
         sync(device)
-    key = 'self_device_time_total' if gpu else 'self_cpu_time_total'
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     write_text(path, prof.key_averages().table(sort_by=key, row_limit=25))
 
 # -----------------------------------------------------------------------------
-# One model size, then the report
+# One model size
 
 
 def measure(cfg, size, device, peak):
@@ -246,11 +263,7 @@ def measure(cfg, size, device, peak):
     for m in cfg.profile:   # where the time of auto's step goes
         if (m, parts.auto) in steps:
             profile(steps[m, parts.auto], f'{cfg.out_dir}/profile-{size}-{m}.txt', device)
-    # seconds a step, per timed round: each case runs --steps steps per round for --rounds rounds after --warmup
-    # rounds, the cases interleaved (A B C, A B C, ...) so that a machine's drift hits all of them
-    rounds = [{c: seconds(run, cfg.steps, device) / cfg.steps for c, run in steps.items()}
-              for _ in range(cfg.warmup + cfg.rounds)][cfg.warmup:]
-    times = {c: [r[c] for r in rounds] for c in steps}
+    times = interleaved(steps, cfg, device)
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
@@ -270,6 +283,112 @@ def measure(cfg, size, device, peak):
         if measured:
             row.update(peak_memory(cfg, size, method, path, mem_batch, device))
     return list(rows.values())
+
+
+# -----------------------------------------------------------------------------
+# The report: the machine, then the table of every case
+
+
+def machine(device):
+    return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+            'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
+            'platform': platform.platform(), 'torch': torch.__version__, 'commit': git_commit(),
+            'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+
+
+# each column after model, method, path (and batch): (heading, the row's number, its format)
+COLUMNS = [('img/s', 'img_s', '{:.2f}'),
+           ('vs naive', 'vs_naive', '{:.2f}x'),
+           ('GFLOP / step', 'gflop', '{:.1f}'),
+           ('% of GEMM peak (its precision; MFU on a GPU in bf16)', 'peak_pct', '{:.1f}'),
+           ('peak memory (MB)', 'peak_mb', '{:.0f}'),
+           ('step needs (MB)', 'step_mb', '{:.0f}'),
+           ('saved for backward (MB)', 'saved_mb', '{:.1f}'),
+           ('saved vs train', 'saved_vs_train', '{:.3f}x')]
+
+
+def table(rows, gpu):
+    """The markdown table of every case, each against the naive path of its model and method
+    ('vs naive'); a case that did not run gives its error in place of its speed."""
+    naive = {(r['model'], r['method']): r.get('img_s') for r in rows if r['path'] == 'naive'}
+    headings = ['model', 'method', 'path']
+    if gpu:
+        headings.append('batch')
+    headings += [c[0] for c in COLUMNS]
+    lines = [f"| {' | '.join(headings)} |", '|---|---|---|' + '---:|' * (len(headings) - 3)]
+    for r in rows:
+        base = naive.get((r['model'], r['method']))
+        v = dict(r)
+        if base and 'img_s' in r:
+            v['vs_naive'] = r['img_s'] / base
+        if r.get('flops'):
+            v['gflop'] = r['flops'] / 1e9
+        if r.get('peak_fraction'):
+            v['peak_pct'] = 100 * r['peak_fraction']
+        cells = ['' if v.get(key) is None else form.format(v[key]) for _, key, form in COLUMNS]
+        cells[0] = cells[0] or r.get('error', '')
+        path = r['path']
+        if r['auto'] and r['path'] != 'compile':
+            path += ' (auto)'
+        row = [r['model'], r['method'], path]
+        if gpu:
+            row.append(str(r['batch']))
+        lines.append(f"| {' | '.join(row + cells)} |")
+    return lines
+
+
+def markdown(result):
+    cfg = result['config']
+    m = result['machine']
+    gpu = result['device'].startswith('cuda')
+    if gpu:
+        if cfg['batch_size']:
+            rule = 'given'
+        else:
+            rule = (f"the largest multiple of 8 at which every case fits in {cfg['fill']:.0%} "
+                    f"of the GPU's memory")
+        batches = ', '.join(f'{k} {v}' for k, v in result['batches'].items())
+        batch = f'Batch per model ({rule}): {batches}'
+    else:
+        batch = f"Batch {cfg['batch_size']}"
+    if cfg['memory_batch_size'] < 0:
+        at = 'the timed batch'
+    else:
+        at = f"batch {cfg['memory_batch_size']}"
+    if gpu:
+        memory = (f'Memory: peak `max_memory_allocated` of each case built alone '
+                  f'(models, optimiser, two steps) at {at}')
+    else:
+        memory = f'Memory: peak at {at} (RSS of a fresh process)'
+    peaks = ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in result['gemm_peak'].items())
+    peaks = peaks or 'not measured'
+    commit = m['commit'][:10] + m['commit'][40:]
+    lines = [f"# Benchmark: {m['device']}", '',
+             f"`python {' '.join(result['argv'])}` | {m['cpus']} CPUs, "
+             f"{m['threads']} torch threads | torch {m['torch']} | commit {commit} | "
+             f"{m['date']}", '',
+             f"{batch}, {cfg['img_size']}x{cfg['img_size']} images, patch {cfg['patch_size']}; "
+             f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps after "
+             f"{cfg['warmup']} warm-up round(s). Distillation: the first {cfg['distill_frac']:.0%} "
+             f"of the layers; copy: the first {cfg['copy_frac']:.0%}. GEMM peak measured here: "
+             f"{peaks}. {memory}. Saved for backward: the bytes autograd keeps from one step's "
+             'forward pass for its backward, at the timed batch (saved_tensors_hooks, each storage '
+             'once, the parameters left out): the same on every device; "vs train": against the '
+             'plain train step on the same path.', '',
+             *table(result['rows'], gpu), '', 'Paths:', '']
+    for p, what in PATHS.items():
+        if any(r['path'] == p for r in result['rows']):
+            lines.append(f'- `{p}`: {what}')
+    lines.append('')
+    for r in result['rows']:
+        if 'kernels' in r:
+            lines.append(f"Kernels of the sdpa path, {r['model']} at batch {r['batch']}: "
+                         f"F.scaled_dot_product_attention picks {r['kernels']['sdpa']}; "
+                         f"the map-free loss's S K and log-sum-exp: {r['kernels']['lse']}")
+    return '\n'.join(lines) + '\n'
+
+# -----------------------------------------------------------------------------
+# Main
 
 
 def main():

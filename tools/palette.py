@@ -1,7 +1,7 @@
-"""One colour per method, for every figure: the notebook's (tools/tutorial.py), results.png
-(tools/reproduce_report.py), variants.png (tools/variants.py). A method keeps its colour from one figure to the next;
-tests/test_palette.py checks that the notebook's figures and results.png draw with these. And a figure stored in few
-colours: png()."""
+"""One colour and one short name per method, for every figure: the notebook's (tools/tutorial.py),
+results.png (tools/reproduce_report.py), variants.png (tools/variants.py). A method keeps its colour from one
+figure to the next; tests/test_palette.py checks that the notebook's figures and results.png draw with these.
+And a figure stored in few colours: png()."""
 import io
 
 from PIL import Image
@@ -16,6 +16,9 @@ PALETTE = {
     'ensemble': 'tab:purple',
 }
 
+# a method's name in a legend or a panel's title
+SHORT = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'copy', 'distill': 'distillation',
+         'ensemble': 'ensemble'}
 # the names the figures give the methods, each to its key above
 ALIASES = {'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distillation': 'distill',
            'distillation': 'distill'}

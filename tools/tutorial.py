@@ -18,7 +18,7 @@ from matplotlib.colors import to_rgba
 
 import data
 from tools import reproduce
-from tools.palette import PALETTE, colour, png
+from tools.palette import PALETTE, SHORT, colour, png
 from tools.reproduce_report import per_epoch
 from util.config import SMALL_PRESETS
 from util.files import cpu_name, read_jsonl
@@ -331,10 +331,6 @@ def plot_features(result):
     draw_cka_and_kl(top, result, models)
     draw_attention_distance(bottom, result, models)
     show(fig)
-
-
-# the methods' names in a panel's legend or title: copy, distillation
-SHORT = {m: name.replace('attention ', '') for m, name in NAMES.items()}
 
 
 def draw_cka_and_kl(top, result, models):

@@ -10,7 +10,7 @@ from statistics import mean, stdev
 
 from matplotlib.figure import Figure
 
-from tools.palette import PALETTE, png
+from tools.palette import PALETTE, SHORT, png
 from util.files import DamagedFile, read_bytes, read_json, read_jsonl, replacing, write_json
 from util.launch import run_main
 
@@ -104,9 +104,7 @@ def collect():
             'wall_s': wall}
 
 
-# the course's names for a run's method and for what its name changes (its name: method-change)
-METHOD = {'scratch': 'scratch', 'finetune': 'fine-tune', 'copy': 'copy', 'distill': 'distillation',
-          'ensemble': 'ensemble'}
+# the course's names for what a run's name changes (its name: method-change)
 CHANGE = {'q': 'queries only', 'k': 'keys only', 'v': 'values only', 'heads2': '2 heads of 8',
           'heads4': '4 heads of 8', 'mean-batch': 'maps averaged over a batch',
           'mean-queries': 'maps averaged over queries'}
@@ -119,7 +117,7 @@ def label(name):
     blocks = re.fullmatch(r'layers?(\d)(-\d)?', change)
     if blocks:
         change = f'blocks {blocks[1]}{blocks[2]}' if blocks[2] else f'block {blocks[1]} alone'
-    return f'{METHOD[method]}, {CHANGE.get(change, change)}'
+    return f'{SHORT[method]}, {CHANGE.get(change, change)}'
 
 
 def plot(result, path):
@@ -135,7 +133,7 @@ def plot(result, path):
         left.scatter(list(r['seeds'].values()), [i] * len(r['seeds']), s=10, color=c)
         left.scatter(r['mean'], i, marker='|', s=200, color=c)
     for method, r in result['baselines'].items():
-        left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=METHOD[method])
+        left.axvline(r['mean'], color=PALETTE[method], linestyle=':', label=SHORT[method])
     left.set_yticks(range(len(runs)), [label(n) for n in runs], fontsize=8)
     left.invert_yaxis()
     left.set(xlabel='test top-1 (%): each seed a dot, the mean a bar',
@@ -146,7 +144,7 @@ def plot(result, path):
     for j, method in enumerate(METHODS):   # side by side within each shift
         x = [i + (j - 2) * 0.12 for i in range(len(shifted))]
         right.plot(x, [s[method]['mean'] for s in shifted.values()], 'o', color=PALETTE[method],
-                   label=METHOD[method])
+                   label=SHORT[method])
     right.set_xticks(range(len(shifted)), list(shifted), fontsize=8, rotation=30)
     right.set(ylabel='test top-1 (%), mean over 3 seeds', title='shifted test images, same labels\n'
               '(the y axis does not start at 0)')
