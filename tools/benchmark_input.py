@@ -31,8 +31,8 @@ from finetune import PRESETS, FinetuneConfig, build_model
 from tools.benchmark import seconds, some_of
 from tools.benchmark_report import machine
 from util.config import STEPS, WORKERS, ConfigError, at_least, one_of, option
-from util.datafiles import unwrap
-from util.engine import autocast, build_loader, build_optimizer, soft_cross_entropy
+from util.datafiles import build_loader, unwrap
+from util.engine import autocast, build_optimizer, soft_cross_entropy
 from util.files import write_text
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.outputs import check_out_dir
