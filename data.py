@@ -337,10 +337,9 @@ def transform_for(cfg, train, shift='none'):
 
 
 def build_dataset(cfg, train, transform=None):
-    """Returns (dataset, num_classes). Raises DataError with the fix when data is missing.
-    train: which split; its transform too unless `transform` is given."""
-    if cfg.data not in INFO:
-        raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
+    """Returns (dataset, num_classes): what each data set is. Raises DataError with the fix when data is
+    missing. train: which split; its transform too unless `transform` is given (--data was checked
+    against util/config.py's DATA where the command line was read)."""
     tf = transform or transform_for(cfg, train)
     root = os.path.expanduser(cfg.data_dir)
     if cfg.data == 'fashion-mnist':

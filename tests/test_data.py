@@ -130,8 +130,14 @@ def test_image_folder_and_missing_split(tmp_path):
     assert all(train[i][0].shape == (3, 32, 32) and val[i][0].shape == (3, 32, 32) for i in range(6))
     with pytest.raises(DataError, match='expects --data-dir with train/<class>'):
         build_dataset(config(data='imagenet', data_dir=str(tmp_path / 'nowhere')), train=True)
-    with pytest.raises(DataError, match='unknown --data'):
-        build_dataset(config(data='mnist'), train=True)
+
+
+def test_an_unknown_data_set_is_refused_where_the_command_line_is_read(monkeypatch, tmp_path):
+    import finetune
+    from conftest import run_in_process
+    msg = run_in_process(monkeypatch, finetune, '--data', 'mnist', '--out-dir', tmp_path / 'run')
+    assert msg.startswith('error: --data mnist') and 'fashion-mnist' in msg, msg
+    assert not (tmp_path / 'run').exists()
 
 
 COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'd': (255, 255, 0)}

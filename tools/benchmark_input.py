@@ -77,7 +77,7 @@ class PerImage(Dataset):
 
 def per_image_loader(cfg, train=True, rank=0, world=1):
     """The training (or test) split of cfg's in-memory data set in the per-image loader it had
-    before: SeededDataset and --num-workers processes (util/engine.py's build_loader on a data set
+    before: SeededDataset and --num-workers processes (util/datafiles.py's build_loader on a data set
     not held in memory)."""
     data = build_splits(cfg)
     split = unwrap(data.train if train else data.eval)
