@@ -1,7 +1,7 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders. How each data set's files are found and
-read: util/datafiles.py; how a loader makes each batch the same after a resume: util/engine.py.
+read, and how a loader makes each batch the same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -35,8 +35,8 @@ from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
 from util.errors import DataError
-from util.datafiles import CIFAR, TensorImages, cifar, fashion_mnist, image_folder, send, unwrap
-from util.engine import build_loader
+from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
+                            fashion_mnist, read_classes, send, unwrap)
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -337,10 +337,9 @@ def transform_for(cfg, train, shift='none'):
 
 
 def build_dataset(cfg, train, transform=None):
-    """Returns (dataset, num_classes). Raises DataError with the fix when data is missing.
-    train: which split; its transform too unless `transform` is given."""
-    if cfg.data not in INFO:
-        raise DataError(f"unknown --data '{cfg.data}'; choose one of {', '.join(INFO)}")
+    """Returns (dataset, num_classes): what each data set is. Raises DataError with the fix when data is
+    missing. train: which split; its transform too unless `transform` is given (--data was checked
+    against util/config.py's DATA where the command line was read)."""
     tf = transform or transform_for(cfg, train)
     root = os.path.expanduser(cfg.data_dir)
     if cfg.data == 'fashion-mnist':
@@ -356,6 +355,30 @@ def build_dataset(cfg, train, transform=None):
         images = torch.stack([v2.functional.pil_to_tensor(x) for x in images])
         return TensorImages(images, torch.tensor(labels), tf, None, None), 10
     if cfg.data in CIFAR:
-        classes = INFO[cfg.data][1]
-        return cifar(root, cfg.data, train, tf, classes), classes
+        return cifar(root, cfg.data, train, tf), INFO[cfg.data][1]
     return image_folder(cfg.data, root, train, tf)
+
+
+# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
+# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
+# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
+def image_folder(data, root, train, transform):
+    """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
+    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
+    may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
+    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
+    split = os.path.join(root, 'train' if train else 'val')
+    train_dir = os.path.join(root, 'train')
+    for d in [split, train_dir] if data == 'folder' else [split]:
+        if not os.path.isdir(d):
+            raise DataError(f'no folder {d}: {expects}')
+    if data == 'imagenet':
+        names = read_classes('imagenet')
+        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
+                  'folder'
+    else:
+        names = class_folders(train_dir, expects)
+        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
+                  f'there'
+    index = {c: i for i, c in enumerate(names)}
+    return ClassFolder(split, index, transform, unknown), len(index)

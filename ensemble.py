@@ -32,7 +32,8 @@ from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError,
                          at_least, machine_memory, one_of, option, show)
-from util.engine import autocast, build_loader
+from util.datafiles import build_loader
+from util.engine import autocast
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.outputs import claimed
 from util.run import class_mismatch

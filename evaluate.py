@@ -40,8 +40,7 @@ from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
 from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device,
                       predict_all)
 from util.config import ConfigError, one_of, option
-from util.datafiles import ClassFolder, DataError, read_classes
-from util.engine import build_loader
+from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import parse_config, run_main
 from util.outputs import check_output, claimed
 from util.rundir import say

@@ -1,11 +1,10 @@
 """Data sets held in memory, batched where they are held (util/datafiles.py's TensorBatches,
 data.py's BatchTransform), against the per-image pipeline they had before (each image through
-build_transform in a DataLoader: PerImage below, timed in results/benchmark/INPUT.md):
-Fashion-MNIST's batches are its batches element for element; CIFAR's augmentation is its
-augmentation in distribution (crop offsets, flip rate, each RandAugment op's frequency and
-argument, erasing's rate and box) over at least 10,000 draws; a resume mid-epoch is bit for bit;
-nothing in a batch's device work waits for the device; a CIFAR-10 run on files in the official
-binary format runs end to end."""
+build_transform in a DataLoader: PerImage below, timed in results/benchmark/INPUT.md): Fashion-MNIST's batches
+are its batches element for element; CIFAR's augmentation is its augmentation in distribution (crop
+offsets, flip rate, each RandAugment op's frequency and argument, erasing's rate and box) over at
+least 10,000 draws; a resume mid-epoch is bit for bit; nothing in a batch's device work waits for
+the device; a CIFAR-10 run on files in the official format runs end to end."""
 import gzip
 import json
 import math
@@ -20,12 +19,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from conftest import run_in_process
+from test_data import write_cifar
 from data import SHIFTS, BatchTransform, build_eval_set, build_splits, build_transform, data_device
 from data import held_on
 from finetune import PRESETS, FinetuneConfig
 from util.augment import LEVELS, BatchRandAugment, RandAugment, erasing_boxes
-from util.datafiles import FASHION_MNIST_SYSTEM_DIR, first_uniform, image_seed, read_idx, unwrap
-from util.engine import build_loader
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR, build_loader, first_uniform, image_seed, read_idx, unwrap
 
 torch.set_num_threads(1)   # a small, shared machine
 
@@ -388,20 +387,15 @@ def test_a_split_moved_to_a_device_has_its_transform_there():
         assert {t.device.type for t in constants} == {'meta'}
 
 # -----------------------------------------------------------------------------
-# A CIFAR-10 run on the official binary files
+# A CIFAR-10 run on the official files
 
 
 def test_a_cifar10_run_on_official_files_runs_end_to_end(monkeypatch, tmp_path):
-    """cifar-10-batches-bin as the archive holds it: five training files and a test file of
-    records (a label byte, then the red, green and blue planes); the preset's augmentation (crop,
-    flip, RandAugment, erasing) on them."""
+    """cifar-10-batches-py as the archive holds it: five training batches and a test batch (each
+    image a row of its red, green and blue planes); the preset's augmentation (crop, flip,
+    RandAugment, erasing) on them."""
     import finetune
-    folder = tmp_path / 'cifar-10-batches-bin'
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
-        labels, pixels = rng.integers(0, 10, (40, 1)), rng.integers(0, 256, (40, 3 * 32 * 32))
-        (folder / name).write_bytes(np.concatenate([labels, pixels], 1).astype(np.uint8).tobytes())
+    write_cifar(tmp_path, 'cifar10', np.random.default_rng(0), monkeypatch, per_file=40)
     msg = run_in_process(monkeypatch, finetune, '--data', 'cifar10', '--data-dir', tmp_path,
                          '--depth', '1', '--embed-dim', '32', '--num-heads', '2', '--batch-size', '32',
                          '--epochs', '1', '--warmup-epochs', '0.2', '--max-steps', '3', '--amp', 'off',

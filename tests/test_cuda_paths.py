@@ -13,7 +13,7 @@ from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
 from conftest import relative_distance
 from data import build_dataset
-from util.engine import build_loader
+from util.datafiles import build_loader
 from teacher import cast_matmul_weights
 from util import engine, launch
 from util.config import TrainConfig

@@ -1,8 +1,10 @@
-"""data.py and util/datafiles.py: the real Fashion-MNIST files, CIFAR's binary files, ImageFolder, FakeData, transforms, MixUp / CutMix,
+"""data.py and util/datafiles.py: the real Fashion-MNIST files, CIFAR's python batches, ImageFolder, FakeData, transforms, MixUp / CutMix,
 samplers."""
 import gzip
+import hashlib
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import types
@@ -14,11 +16,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
-from util.engine import ResumableSampler
 from finetune import PRESETS, FinetuneConfig
-from util.datafiles import FASHION_MNIST_SYSTEM_DIR, read_idx
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
 from util.errors import DataError
-from util.datafiles import read_cifar_binary
 
 
 def config(**kw):
@@ -130,8 +130,14 @@ def test_image_folder_and_missing_split(tmp_path):
     assert all(train[i][0].shape == (3, 32, 32) and val[i][0].shape == (3, 32, 32) for i in range(6))
     with pytest.raises(DataError, match='expects --data-dir with train/<class>'):
         build_dataset(config(data='imagenet', data_dir=str(tmp_path / 'nowhere')), train=True)
-    with pytest.raises(DataError, match='unknown --data'):
-        build_dataset(config(data='mnist'), train=True)
+
+
+def test_an_unknown_data_set_is_refused_where_the_command_line_is_read(monkeypatch, tmp_path):
+    import finetune
+    from conftest import run_in_process
+    msg = run_in_process(monkeypatch, finetune, '--data', 'mnist', '--out-dir', tmp_path / 'run')
+    assert msg.startswith('error: --data mnist') and 'fashion-mnist' in msg, msg
+    assert not (tmp_path / 'run').exists()
 
 
 COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'd': (255, 255, 0)}
@@ -254,78 +260,86 @@ def test_sampler_shards_and_resumes():
 
 
 # -----------------------------------------------------------------------------
-# CIFAR's binary distribution, written by the test in its exact format
+# CIFAR's python version, written by the test in its exact format
 
 
-def cifar_records(rng, n, label_bytes):
-    """n random images (n, 32, 32, 3) as one sees them, labels (n, label_bytes), and the file's bytes:
-    per record the label byte(s), then the red, green and blue planes, each row by row."""
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = np.stack([rng.integers(0, 20, n), rng.integers(0, 100, n)], 1)[:, -label_bytes:] if label_bytes == 2 \
-        else rng.integers(0, 10, (n, 1))
-    data = b''.join(bytes(lab.astype(np.uint8).tolist()) + b''.join(img[:, :, c].tobytes() for c in range(3))
-                    for img, lab in zip(images, labels))
-    return images, labels, data
+def md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def write_cifar(root, name, rng, per_file=2):
-    """The extracted folder of cifar-10-binary.tar.gz / cifar-100-binary.tar.gz with a few records a file.
-    Returns {file: (images, labels)}."""
+def write_cifar(root, name, rng, monkeypatch, per_file=2):
+    """The extracted folder of cifar-10-python.tar.gz / cifar-100-python.tar.gz, each file as the archive
+    holds it (a protocol-2 pickle of a dict: a row of 3072 bytes an image, its red, green and blue planes
+    row by row), a few images a file, and torchvision's md5 table made these files'. Returns
+    {file: (images (n, 32, 32, 3) as one sees them, labels (n,))}."""
     from util.datafiles import CIFAR
-    _, _, folder, train_files, test_files, label_bytes = CIFAR[name]
-    os.makedirs(root / folder)
+    kind = CIFAR[name]
+    folder = root / kind.base_folder
+    folder.mkdir(parents=True)
     out = {}
-    for f in train_files + test_files:
-        images, labels, data = cifar_records(rng, per_file, label_bytes)
-        (root / folder / f).write_bytes(data)
-        out[f] = images, labels
+    for table in ('train_list', 'test_list'):
+        files = []
+        for f, _ in getattr(kind, table):
+            images = rng.integers(0, 256, (per_file, 32, 32, 3), dtype=np.uint8)
+            labels = rng.integers(0, 10 if name == 'cifar10' else 100, per_file)
+            entry = {'batch_label': f, 'data': images.transpose(0, 3, 1, 2).reshape(per_file, 3072),
+                     'filenames': [f'{i}.png' for i in range(per_file)]}
+            if name == 'cifar10':
+                entry['labels'] = labels.tolist()
+            else:
+                entry['fine_labels'] = labels.tolist()
+                entry['coarse_labels'] = (labels // 5).tolist()
+            (folder / f).write_bytes(pickle.dumps(entry, protocol=2))
+            files.append([f, md5(folder / f)])
+            out[f] = images, labels
+        monkeypatch.setattr(kind, table, files)
+    from util.datafiles import read_classes
+    meta = {kind.meta['key']: read_classes(name)}
+    (folder / kind.meta['filename']).write_bytes(pickle.dumps(meta, protocol=2))
+    monkeypatch.setattr(kind, 'meta', {**kind.meta, 'md5': md5(folder / kind.meta['filename'])})
     return out
 
 
-def test_cifar10_binary_records(tmp_path):
-    written = write_cifar(tmp_path, 'cifar10', np.random.default_rng(0))
+def test_cifar10_batches(tmp_path, monkeypatch):
+    written = write_cifar(tmp_path, 'cifar10', np.random.default_rng(0), monkeypatch)
     cfg = config(data='cifar10', data_dir=str(tmp_path), img_size=32)
     train, n = build_dataset(cfg, train=True)
     test, _ = build_dataset(cfg, train=False)
-    assert (len(train), len(test), n) == (10, 2, 10)
-    images, labels = written['test_batch.bin']
+    assert (len(train), len(test), n) == (10, 2, 10) and test.classes[0] == 'airplane'
+    images, labels = written['test_batch']
     mean, std = (torch.tensor(v)[:, None, None] for v in INFO['cifar10'][2])
     for i in range(2):
         x, y = test[i]
         want = (torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255 - mean) / std    # (3, 32, 32)
-        assert torch.allclose(x, want, atol=1e-6) and y == labels[i, 0]
-    first = torch.from_numpy(np.concatenate([written[f'data_batch_{k}.bin'][0] for k in range(1, 6)]))
+        assert torch.allclose(x, want, atol=1e-6) and y == labels[i]
+    first = torch.from_numpy(np.concatenate([written[f'data_batch_{k}'][0] for k in range(1, 6)]))
     assert torch.equal(train.images, first.permute(0, 3, 1, 2))          # the five files, in order
 
 
-def test_cifar100_coarse_and_fine_labels(tmp_path):
-    written = write_cifar(tmp_path, 'cifar100', np.random.default_rng(1), per_file=5)
-    images, labels = read_cifar_binary([str(tmp_path / 'cifar-100-binary' / 'train.bin')], 2)
-    assert torch.equal(images, torch.from_numpy(written['train.bin'][0]).permute(0, 3, 1, 2))
-    assert torch.equal(labels.long(), torch.from_numpy(written['train.bin'][1]))   # coarse, fine
+def test_cifar100_fine_labels(tmp_path, monkeypatch):
+    written = write_cifar(tmp_path, 'cifar100', np.random.default_rng(1), monkeypatch, per_file=5)
     ds, n = build_dataset(config(data='cifar100', data_dir=str(tmp_path), img_size=32), train=False)
-    assert n == 100 and ds.labels.tolist() == written['test.bin'][1][:, 1].tolist()   # the fine label
+    assert n == 100 and ds.labels.tolist() == written['test'][1].tolist()     # the fine label
+    assert torch.equal(ds.images, torch.from_numpy(written['test'][0]).permute(0, 3, 1, 2))
 
 
 def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
-    import hashlib
     import tarfile
     from util import datafiles
     src = tmp_path / 'src'
-    written = write_cifar(src, 'cifar10', np.random.default_rng(2))
+    written = write_cifar(src, 'cifar10', np.random.default_rng(2), monkeypatch)
     root = tmp_path / 'root'
     root.mkdir()
-    archive = root / 'cifar-10-binary.tar.gz'
+    archive = root / 'cifar-10-python.tar.gz'
     with tarfile.open(archive, 'w:gz') as tar:
-        tar.add(src / 'cifar-10-batches-bin', arcname='cifar-10-batches-bin')
-    name, _, *rest = datafiles.CIFAR['cifar10']
-    monkeypatch.setitem(datafiles.CIFAR, 'cifar10', (name, hashlib.md5(archive.read_bytes()).hexdigest(), *rest))
+        tar.add(src / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
+    monkeypatch.setattr(datafiles.CIFAR['cifar10'], 'tgz_md5', md5(archive))
     monkeypatch.setattr(datafiles, 'download_url', lambda *a, **k: pytest.fail('nothing to download'))
     ds, _ = build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
-    assert ds.labels.tolist() == written['test_batch.bin'][1][:, 0].tolist()
+    assert ds.labels.tolist() == written['test_batch'][1].tolist()
 
     archive.write_bytes(archive.read_bytes()[:-100])                  # present but cut short
-    shutil.rmtree(root / 'cifar-10-batches-bin')
+    shutil.rmtree(root / 'cifar-10-batches-py')
     with pytest.raises(DataError, match=f'{archive} is corrupt .*delete it'):
         build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
     assert archive.exists()                                           # never overwritten
@@ -339,7 +353,7 @@ def test_cifar_failed_download_leaves_nothing(tmp_path, monkeypatch):
         raise OSError('network unreachable')
     monkeypatch.setattr(datafiles, 'download_url', unreachable)
     missing = tmp_path / 'not-yet'
-    with pytest.raises(DataError, match='could not be downloaded.*cifar-100-binary.tar.gz'):
+    with pytest.raises(DataError, match='could not be downloaded.*cifar-100-python.tar.gz'):
         build_dataset(config(data='cifar100', data_dir=str(missing), img_size=32), train=True)
     assert not missing.exists()                                       # the failed lookup created no --data-dir
     with pytest.raises(DataError, match='could not be downloaded'):
@@ -347,12 +361,36 @@ def test_cifar_failed_download_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []                                 # the partial file is gone, the dir stays
 
 
-def test_corrupt_cifar_records(tmp_path):
-    write_cifar(tmp_path, 'cifar10', np.random.default_rng(3))
-    with open(tmp_path / 'cifar-10-batches-bin' / 'test_batch.bin', 'ab') as f:
-        f.write(b'\0' * 10)                                           # not whole 3073-byte records
-    with pytest.raises(DataError, match='not whole 3073-byte CIFAR records.*delete'):
-        build_dataset(config(data='cifar10', data_dir=str(tmp_path), img_size=32), train=False)
+class Planted:
+    """A pickle that, unpickled, creates the file `marker` (a stand-in for any code a file could run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), 'w')
+
+
+@pytest.mark.parametrize('damage', ['cut', 'planted', 'missing'])
+def test_a_cifar_file_not_the_official_one_is_never_unpickled(tmp_path, monkeypatch, damage):
+    """A batch cut short, a pickle that would run code, a batch missing: refused in one line naming the
+    folder and the fix, before any file is unpickled (torchvision checks every md5 first)."""
+    write_cifar(tmp_path, 'cifar10', np.random.default_rng(3), monkeypatch)
+    batch = tmp_path / 'cifar-10-batches-py' / 'test_batch'
+    marker = tmp_path / 'ran'
+    if damage == 'cut':
+        batch.write_bytes(batch.read_bytes()[:-10])
+    elif damage == 'planted':
+        batch.write_bytes(pickle.dumps({'data': Planted(marker)}, protocol=2))
+    else:
+        batch.unlink()
+    for train in (True, False):
+        with pytest.raises(DataError) as e:
+            build_dataset(config(data='cifar10', data_dir=str(tmp_path), img_size=32), train=train)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / 'cifar-10-batches-py'} does not hold the official cifar10 files")
+        assert 'delete it and run again' in msg and '\n' not in msg
+    assert not marker.exists()
 
 
 # -----------------------------------------------------------------------------

@@ -54,6 +54,12 @@ def test_util_imports_no_root_module_but_vit():
         assert not back, f'{path.relative_to(ROOT)} imports {sorted(back)}: util/ may import only vit.py'
 
 
+
+def test_the_step_imports_nothing_of_the_data():
+    """util/engine.py is the step, its schedule and evaluation; the data (its files, held sets, the loader, the
+    sampler) is util/datafiles.py's, which the step is handed, never imports."""
+    assert 'util.datafiles' not in imports(ROOT / 'util' / 'engine.py')
+
 def test_no_import_cycle():
     files = [p for p in [*ROOT.glob('*.py'), *UTIL, *(ROOT / 'tools').glob('*.py')] if p.stem != '__init__']
     graph = {module_name(p): {m for m in imports(p, top_level_only=True)} for p in files}

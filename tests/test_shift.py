@@ -76,7 +76,7 @@ def test_a_shift_needs_a_test_split_of_its_own(monkeypatch, tmp_path):
 def test_a_shifts_noise_is_the_same_whatever_the_loader(workers):
     """The noise of --shift noise is drawn per image from (--seed, its index), as training's augmentation: the same
     with or without loader workers, run after run (without workers it came from the process's unseeded RNG)."""
-    from util.engine import build_loader
+    from util.datafiles import build_loader
     cfg = SimpleNamespace(batch_size=16, num_workers=workers, seed=3)
     noisy = shifted_set('noise')
 

@@ -5,8 +5,7 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     immutable Plan), errors, Ctrl-C and SIGTERM in one line
     config.py       one dataclass per script, each flag declared once (default, help, range); the small presets;
                     sizes that cannot fit this machine
-    engine.py       the step every script calls (train_one_epoch), the batches that make a resume exact, evaluation,
-                    AdamW with layer decay
+    engine.py       the step every script calls (train_one_epoch), its schedule, evaluation, AdamW with layer decay
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
     attention_check.py  the fused attention checked both ways against eager before anything runs on it
     rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its
@@ -16,8 +15,9 @@ first (the README's reading order), and come here for how a run is resolved, tra
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
                     file read without running any of its code (torch.load's weights only, CRC-32s checked)
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
-    datafiles.py    Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
-                    a small data set held in memory on the device, and its batches made there
+    datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
+                    a small data set held in memory on the device, its batches made there; the loader, whose
+                    batches a resume continues exactly
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
     torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code

@@ -122,7 +122,7 @@ OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 
 class RandAugment:
     """timm's RandAugment: per image, num_ops ops drawn uniformly with replacement; each is applied
     with probability prob, at a magnitude drawn from N(magnitude, std) (std inf: uniform on
-    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.engine.SeededDataset seeds it).
+    [0, magnitude]) clipped to [0, mmax]. All randomness is torch's (util.datafiles.SeededDataset seeds it).
     fill: the dataset's mean colour (0-255)."""
     num_ops: int = 2              # timm's defaults, where its policy string gives no value
     magnitude: float = 10.0

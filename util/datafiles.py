@@ -1,28 +1,27 @@
 """
-Each data set's files on disk: found, downloaded when missing (checksummed), read, and checked, so that a
-damaged or misplaced file is one DataError naming it and the fix, never a traceback or silently wrong data.
+The data: each data set's files found, downloaded when missing (checksummed), read and checked (a damaged or
+misplaced file is one DataError naming it and the fix), and the loader that batches them.
 
-    Fashion-MNIST   IDX files (MNIST's format), from --data-dir, else Debian's dataset-fashion-mnist
-                    (/usr/share/datasets/fashion-mnist), else downloaded; read by torchvision's readers
-    CIFAR-10 / 100  the binary distribution's fixed-size records, extracted from its archive (downloaded if absent)
+    Fashion-MNIST   IDX files from --data-dir, else Debian's dataset-fashion-mnist, else downloaded; read by
+                    torchvision's readers
+    CIFAR-10 / 100  the python version's batches, extracted from its archive (downloaded if absent); read by
+                    torchvision's CIFAR10 / CIFAR100, which check each file's md5 before unpickling it
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
-    class folders   hidden entries (.ipynb_checkpoints, ._photo.jpg) are neither classes nor images, and every
-                    image is read as what it is (read_image says how) or refused naming it
+    class folders   hidden entries are neither classes nor images; each image read as what it is (read_image)
 
-Fashion-MNIST and CIFAR are read into memory whole: TensorImages, held once as uint8 on the
-run's device, and TensorBatches, its batches gathered and augmented there (a folder's images are
-read one at a time, by loader workers).
-Every dataset made here has `classes` (the class names, index = label) and `source` (the folder its files came
-from): a run records what it was trained on, and says where its data came from.
-
-data.py turns these datasets into what a model is fed: transforms, splits, loaders
-(util/engine.py's build_loader).
+Fashion-MNIST and CIFAR are held in memory whole (TensorImages, uint8 on the run's device), their batches
+gathered and augmented there (TensorBatches); a folder's images are read one at a time by loader workers
+(SeededDataset). Each epoch can start part-way (ResumableSampler): a resumed run sees the batches of one that
+never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
+data.py says which data set is which, and how it is augmented.
 """
 import contextlib
 import gzip
 import os
 import pathlib
 import shutil
+import signal
+import sys
 import tempfile
 import warnings
 import zlib
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.mnist import (read_image_file, read_label_file,
                                         read_sn3_pascalvincent_tensor)
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
@@ -62,9 +61,8 @@ class TensorImages(Dataset):
         return self.transform(self.images[i:i + 1])[0], int(self.labels[i])
 
     def holding(self, images, labels, transform=None):
-        """This data set with these images and labels (moved to a device), or another transform;
-        the transform's constants where the images are, so that an item (a batch of one) and
-        TensorBatches' batches are made there."""
+        """This data set with these images and labels (moved to a device), or another transform; its
+        constants where the images are, so that items and TensorBatches' batches are made there."""
         transform = (transform or self.transform).to(images.device)
         return TensorImages(images, labels, transform, self.classes, self.source)
 
@@ -182,8 +180,8 @@ def first_uniform(seeds):
 
 
 def image_seed(seed, epoch, i):
-    """The seed of sample i's augmentation in epoch `epoch` (util/engine.py's SeededDataset, and
-    TensorBatches' flips); i: an int, or a numpy array of them (uint64 seeds)."""
+    """The seed of sample i's augmentation in epoch `epoch` (SeededDataset, and TensorBatches'
+    flips); i: an int, or a numpy array of them (uint64 seeds)."""
     return (((seed * 1_000_003 + epoch) * 100_000_007) % 2 ** 63 + i) % 2 ** 63
 
 
@@ -201,6 +199,75 @@ def unwrap(dataset):
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
+
+
+# -----------------------------------------------------------------------------
+# The loader: its batches exactly the same after a resume
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (one permutation per seed + epoch, each rank its slice; also unsharded) that can start
+    part-way through an epoch. It yields (epoch, index) keys: SeededDataset seeds each sample's augmentation by them."""
+    start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+class SeededDataset(Dataset):
+    """Sample i of epoch e is augmented with its own seed f(seed, e, i): what a run sees does not depend on the loader's
+    workers, their number, or where a resume picked up. torch's global RNG is left as it was (fork_rng): without
+    workers this runs in the training process, whose drop-path, MixUp and MAE masks draw from it."""
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(image_seed(self.seed, epoch, i))
+            return self.dataset[i]
+
+
+def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
+    """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
+    and transformed where its images are (TensorBatches), no worker; any other read an image at a
+    time by --num-workers processes, each image augmented from its own seed (SeededDataset).
+    device: where the batches go (None: the host)."""
+    if train:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=cfg.seed)
+    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
+        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
+    if isinstance(unwrap(dataset), TensorImages):
+        device = device or torch.device('cpu')
+        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
+    generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
+    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                      drop_last=train, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
+                      worker_init_fn=quiet_on_stop, generator=generator)
+
+
+def quiet_on_stop(worker_id):
+    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
+    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
+    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    sys.excepthook = quiet_hook
+
+
+def quiet_hook(kind, *rest):
+    """sys.excepthook in a loader worker: a ConnectionError (its run was stopped) says nothing."""
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, *rest)
 
 
 # -----------------------------------------------------------------------------
@@ -283,90 +350,47 @@ def fashion_mnist(data_dir, train, transform):
 
 
 # -----------------------------------------------------------------------------
-# CIFAR from its binary distribution: fixed-size records, a label byte (CIFAR-100: coarse, then fine)
-# and 3072 pixel bytes, the red, green and blue 32x32 planes row by row (www.cs.toronto.edu/~kriz/cifar.html).
-# torchvision reads only its pickled version, which could run code: never read here.
+# CIFAR: read by torchvision's CIFAR10 / CIFAR100 from the python version's pickled batches, each file checked
+# against torchvision's md5 before any is unpickled (a pickle can run code: only the official files are read)
 
-CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/'
-# name -> archive, its md5 (the CIFAR page), folder inside, train files, test files, label bytes
-CIFAR = {
-    'cifar10': ('cifar-10-binary.tar.gz', 'c32a1d4ab5d03f1284b67883e8d87530',
-                'cifar-10-batches-bin', [f'data_batch_{i}.bin' for i in range(1, 6)],
-                ['test_batch.bin'], 1),
-    'cifar100': ('cifar-100-binary.tar.gz', '03b5dce01913d631647c71ecec9e9cb8', 'cifar-100-binary',
-                 ['train.bin'], ['test.bin'], 2),
-}
+CIFAR = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}
 
 
-def read_cifar_binary(paths, label_bytes):
-    """images (N, 3, 32, 32) uint8 and labels (N, label_bytes) uint8 from CIFAR .bin files."""
-    data = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
-    record = label_bytes + 3 * 32 * 32
-    if data.size % record:
-        raise DataError(f"{', '.join(paths)}: not whole {record}-byte CIFAR records (a cut "
-                        f"download?): delete the folder and run again to extract or download it anew")
-    data = torch.from_numpy(data.reshape(-1, record))
-    return data[:, label_bytes:].reshape(-1, 3, 32, 32).clone(), data[:, :label_bytes].clone()
-
-
-def cifar(root, name, train, transform, num_classes):
-    """CIFAR-10 / -100 from <root>/<folder>/*.bin, labels checked below num_classes; else the archive in <root>
-    checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten; a failed
-    download leaves nothing behind, not even a --data-dir it had to create."""
-    archive, md5, folder, train_files, test_files, label_bytes = CIFAR[name]
-    paths = [os.path.join(root, folder, f) for f in (train_files if train else test_files)]
-    if not all(map(os.path.isfile, paths)):
-        path = os.path.join(root, archive)
-        if not os.path.isfile(path):
+def cifar(root, name, train, transform):
+    """CIFAR-10 / -100 from <root>/cifar-10-batches-py (cifar-100-python); else the archive in <root> checked (md5)
+    and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten; a failed download
+    leaves nothing behind, not even a --data-dir it had to create."""
+    kind = CIFAR[name]
+    folder = os.path.join(root, kind.base_folder)
+    archive = os.path.join(root, kind.filename)
+    if not os.path.isdir(folder):
+        if not os.path.isfile(archive):
             created = not os.path.isdir(root)
             try:
-                download_url(CIFAR_URL + archive, root, md5=md5)
+                download_url(kind.url, root, md5=kind.tgz_md5)
             except Exception as e:   # what it wrote is ours, since nothing was there before
                 if created:
                     shutil.rmtree(root, ignore_errors=True)
-                elif os.path.isfile(path):
-                    os.remove(path)
-                raise DataError(f'{CIFAR_URL + archive} could not be downloaded ({type(e).__name__}): '
-                                f'put {archive} or its extracted {folder}/ in --data-dir') from None
-        if not check_integrity(path, md5):
-            raise DataError(f'{path} is corrupt (its md5 is not {md5}): delete it and run again to '
-                            f'download it')
-        extract_archive(path, root)
-    images, labels = read_cifar_binary(paths, label_bytes)
-    fine = labels[:, -1].long()        # CIFAR-100: the 100-class label, after the coarse one
-    where = os.path.join(root, folder)
-    if (fine >= num_classes).any():
-        raise DataError(f'{where}: label {fine.max()} is not a {name} class: delete the folder and run '
-                        f'again')
-    return TensorImages(images, fine, transform, read_classes(name), os.path.abspath(where))
+                elif os.path.isfile(archive):
+                    os.remove(archive)
+                raise DataError(f'{kind.url} could not be downloaded ({type(e).__name__}): put '
+                                f'{kind.filename} or its extracted {kind.base_folder}/ in --data-dir') from None
+        if not check_integrity(archive, kind.tgz_md5):
+            raise DataError(f'{archive} is corrupt (its md5 is not {kind.tgz_md5}): delete it and run '
+                            f'again to download it')
+        extract_archive(archive, root)
+    try:
+        data = kind(root, train)
+    except RuntimeError:   # torchvision's: a file missing, or not the official one (by its md5)
+        raise DataError(f"{folder} does not hold the official {name} files (torchvision checks each one's "
+                        f"md5): delete it and run again to extract or download it anew") from None
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2)     # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return TensorImages(images, torch.tensor(data.targets), transform, data.classes,
+                        os.path.abspath(folder))
 
 
 # -----------------------------------------------------------------------------
-# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
-# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
-# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
-
-
-def image_folder(data, root, train, transform):
-    """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
-    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
-    may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
-    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
-    split = os.path.join(root, 'train' if train else 'val')
-    train_dir = os.path.join(root, 'train')
-    for d in [split, train_dir] if data == 'folder' else [split]:
-        if not os.path.isdir(d):
-            raise DataError(f'no folder {d}: {expects}')
-    if data == 'imagenet':
-        names = read_classes('imagenet')
-        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
-                  'folder'
-    else:
-        names = class_folders(train_dir, expects)
-        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
-                  f'there'
-    index = {c: i for i, c in enumerate(names)}
-    return ClassFolder(split, index, transform, unknown), len(index)
+# ImageNet's layout, <split>/<class>/<image>, each split read with the class numbers data.py's image_folder gives
 
 
 def read_classes(name):
@@ -397,11 +421,9 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         self.source = os.path.abspath(root)
 
     def make_dataset(self, directory, class_to_idx, **torchvision_arguments):
-        """torchvision's samples, in its order (its walk, sorted, links followed: a data root, class folders and
-        images that are links to shared storage read as copies would), image files by their extension, hidden files
-        and folders left out (._photo.jpg, .ipynb_checkpoints), each folder and file taken once by where it really
-        is. A link loop (a/loop -> .) or a file reached by two paths would read the same images again (41 times, or
-        as a class of its own) without a word: a DataError naming the link."""
+        """torchvision's samples, in its order (its walk, sorted, links followed: linked folders and images read as
+        copies would), image files by their extension, hidden ones left out (._photo.jpg, .ipynb_checkpoints), each
+        taken once by where it really is: a link loop (a/loop -> .) or a file reached twice: a DataError naming it."""
         seen = {os.path.realpath(directory): directory}   # real path -> the path it was reached by
         samples = []
         empty = []

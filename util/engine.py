@@ -1,5 +1,5 @@
 """
-The step every script shares, the batches it is fed, and the evaluation: what runs between two optimizer steps.
+The step every script shares, its schedule and the evaluation: what runs between two optimizer steps.
 
 Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
 
@@ -9,26 +9,17 @@ Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
             run.evaluate(lambda m: evaluate(m, eval_loader, plan))
             run.save()
 
-loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script. The batches come from
-build_loader: a data set held in memory batched where it is held (util/datafiles.py's
-TensorBatches), a folder by loader workers, each image's augmentation seeded by (seed, epoch,
-index); an epoch able to start part-way, so that a resumed run sees the batches of one that never
-stopped, whatever its number of loader workers.
+loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's, in its script. The batches come
+from util/datafiles.py's build_loader, able to start an epoch part-way (loader.sampler.start).
 """
 import contextlib
 import math
-import os
-import signal
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-from util.datafiles import TensorBatches, TensorImages, image_seed, unwrap
 
 
 # -----------------------------------------------------------------------------
@@ -106,76 +97,6 @@ def log_progress(run):
     run.plan.run_dir.log(f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | '
                          f'{losses} | lr {lr:.2e} | {speed}')
     run.metrics['train'] = vals
-
-# -----------------------------------------------------------------------------
-# The batches: exactly the same after a resume
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (one permutation per seed + epoch, each rank its slice; also unsharded) that can start
-    part-way through an epoch. It yields (epoch, index) keys: SeededDataset seeds each sample's augmentation by them."""
-    start = 0
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
-
-    def __len__(self):
-        return super().__len__() - self.start
-
-
-class SeededDataset(Dataset):
-    """Sample i of epoch e is augmented with its own seed f(seed, e, i): what a run sees does not depend on the loader's
-    workers, their number, or where a resume picked up. torch's global RNG is left as it was (fork_rng): without
-    workers this runs in the training process, whose drop-path, MixUp and MAE masks draw from it."""
-
-    def __init__(self, dataset, seed):
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(image_seed(self.seed, epoch, i))
-            return self.dataset[i]
-
-
-
-def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
-    """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
-    and transformed where its images are (TensorBatches), no worker; any other read an image at a
-    time by --num-workers processes, each image augmented from its own seed (SeededDataset).
-    device: where the batches go (None: the host)."""
-    if train:
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                   seed=cfg.seed)
-    else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
-        sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
-    if isinstance(unwrap(dataset), TensorImages):
-        device = device or torch.device('cpu')
-        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
-    generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
-    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
-                      drop_last=train, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
-                      worker_init_fn=quiet_on_stop, generator=generator)
-
-
-def quiet_on_stop(worker_id):
-    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
-    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
-    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    sys.excepthook = quiet_hook
-
-
-def quiet_hook(kind, *rest):
-    """sys.excepthook in a loader worker: a ConnectionError (its run was stopped) says nothing."""
-    if not issubclass(kind, ConnectionError):
-        sys.__excepthook__(kind, *rest)
-
 
 # -----------------------------------------------------------------------------
 # Optimiser, schedule, loss

@@ -224,7 +224,7 @@ def run_main(main):
 
 def stopped(signum, frame):
     """SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does: its checkpoint kept, its workers ended (their
-    own handler: util/engine.quiet_on_stop), one line."""
+    own handler: util/datafiles.quiet_on_stop), one line."""
     raise KeyboardInterrupt('SIGTERM')
 
 
