@@ -34,7 +34,7 @@ from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS,
                          at_least, machine_memory, one_of, option, show)
 from util.engine import autocast, build_loader
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
-from util.outputs import claimed
+from util.files import claimed
 from util.run import class_mismatch
 from util.rundir import say
 from vit import IMPLEMENTATIONS

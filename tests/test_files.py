@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from util.config import ConfigError
-from util.files import DamagedFile, read_json, read_jsonl, replacing, write_json
-from util.outputs import check_out_dir
+from util.files import DamagedFile, check_out_dir, read_json, read_jsonl, replacing, write_json
 from util.launch import run_main
 
 

@@ -1,4 +1,4 @@
-"""--resume true continues only the run that was saved (util/resume.py): another setting, another global batch,
+"""--resume true continues only the run that was saved (util/rundir.py): another setting, another global batch,
 another teacher file, a damaged or foreign checkpoint are refused in one line before anything is written;
 what may change is recorded in config.json; the time and the log go on; a non-finite loss stops with a true
 message. The scripts run in this process (run_in_process), except the two processes under torchrun."""

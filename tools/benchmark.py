@@ -34,9 +34,8 @@ from tools.benchmark_memory import fill_batch, peak_memory
 from tools.benchmark_report import machine, markdown
 from util.config import (BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check,
                          machine_memory, one_of, option)
-from util.files import write_text
+from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, parse_config, run_main
-from util.outputs import check_out_dir
 from vit import SIZES
 
 TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from

@@ -33,9 +33,8 @@ from tools.benchmark_report import machine
 from util.config import STEPS, WORKERS, ConfigError, at_least, one_of, option
 from util.datafiles import unwrap
 from util.engine import autocast, build_loader, build_optimizer, soft_cross_entropy
-from util.files import write_text
+from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
-from util.outputs import check_out_dir
 from vit import set_attn_implementation
 
 SMALL = ('fashion-mnist', 'cifar10', 'cifar100', 'fake')

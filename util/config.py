@@ -9,7 +9,7 @@ import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
-from util.errors import ConfigError
+from util.errors import ConfigError, flag, show
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
@@ -233,21 +233,6 @@ def policy(spec):
     given)."""
     from util.augment import randaugment
     return randaugment(spec)
-
-
-def flag(name):
-    return '--' + name.replace('_', '-')
-
-
-def show(value):
-    return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def word(value):
-    """A value as it is written on the command line: true / false, none, '' for an empty string."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return 'none' if value is None else "''" if value == '' else show(value)
 
 
 def readable(parse, value):

@@ -26,11 +26,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.config import check, declared, flag, word
+from util.config import check, declared
 from util.engine import final_lr, seed_all
-from util.errors import CheckpointError, ConfigError, DataError, WriteError
-from util.resume import open_resumed
-from util.rundir import NOTHING_SAVED, RunDir, say
+from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
+from util.rundir import NOTHING_SAVED, RunDir, open_resumed, say
 from vit import SIZES
 
 # -----------------------------------------------------------------------------

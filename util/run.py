@@ -15,11 +15,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import arch_mismatch, read_checkpoint
-from util.config import flag
+from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
-from util.errors import CheckpointError, ConfigError, first_few
-from util.resume import AFTER_DIVERGENCE, not_finite, resume_command
+from util.errors import CheckpointError, ConfigError, first_few, flag
+from util.rundir import AFTER_DIVERGENCE, not_finite, resume_command
 
 
 def check_data(plan, loader, classes):
@@ -145,7 +144,7 @@ class Run:
         (step, metrics, seconds trained so far)."""
         plan = self.plan
         path = plan.run_dir.checkpoint
-        ck = read_checkpoint(path)
+        ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
         problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         if not problem:
@@ -160,6 +159,8 @@ class Run:
                                   f'settings ({problem})')
         if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
             torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
+        for key in parts:   # loaded: the plan keeps the record alone
+            ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
 
     def evaluate(self, evaluate_fn):
