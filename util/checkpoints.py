@@ -107,7 +107,26 @@ def read_file(path):
         raise UnreadableFile(f"{unreadable}: it records an architecture with {', '.join(bad)}, of "
                              f"another type or out of range: it was edited or is damaged",
                              'take another copy of it')
+    # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
+    # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
+    repeated = next(zero_strided(ckpt), None)
+    if repeated:
+        raise UnreadableFile(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
+                             f'of 0), which torch.save never writes: it was edited or is damaged',
+                             'take another copy of it')
     return ckpt
+
+
+def zero_strided(value, key=''):
+    """The keys (joined by dots) of the tensors in nested dicts, lists and tuples with a stride of 0 along a
+    dimension of more than one element."""
+    if torch.is_tensor(value):
+        if any(st == 0 and n > 1 for n, st in zip(value.shape, value.stride())):
+            yield key
+    elif isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            yield from zero_strided(v, f'{key}.{k}' if key else str(k))
 
 
 def torch_says(error):
