@@ -81,6 +81,7 @@ def read_file(path):
     try:
         if records(path):   # torch's zip archive
             with zipfile.ZipFile(path) as z:
+                check_records(z.infolist(), os.path.getsize(path))
                 damaged = z.testzip()   # the first record whose CRC-32 differs
             if damaged:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
@@ -127,6 +128,26 @@ def zero_strided(value, key=''):
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in items:
             yield from zero_strided(v, f'{key}.{k}' if key else str(k))
+
+
+def check_records(infos, size):
+    """Refuse, before any record is inflated, a zip archive with two records of one name (one reader reads one
+    copy, another the other: two files in one, one SHA-256) or a record declared out of proportion to the file
+    (torch stores tensors uncompressed and deflates code a few times at most: a 0.4 MB archive whose code
+    inflates to 120 MB is none of torch's)."""
+    names = [i.filename for i in infos]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise zipfile.BadZipFile(f'it has two records named {twice}')
+    most = RECORD_SCALE * max(size, 2 ** 20)
+    big = next((i for i in infos if i.file_size > most), None)
+    if big:
+        raise zipfile.BadZipFile(f'its record {big.filename} declares {big.file_size:,} bytes, '
+                                 f'{RECORD_SCALE} times more than the whole file ({size:,}) allows')
+
+
+# how much larger than its file a record may inflate (a file under 1 MB counts as 1 MB)
+RECORD_SCALE = 16
 
 
 def torch_says(error):
