@@ -54,6 +54,19 @@ def check_data(plan, loader, classes):
     return steps, total, full
 
 
+def misfit_state(opt, saved):
+    """'' if every tensor of a saved optimizer state has its parameter's shape and dtype (a scalar step aside),
+    else the first that does not: load_state_dict takes any, and the fused AdamW step reads and writes by the
+    parameter's size (memory corrupted, or a state one float short trained on)."""
+    params = [p for g in opt.param_groups for p in g['params']]
+    for i, state in saved['state'].items():
+        for k, v in state.items():
+            fits = isinstance(i, int) and i < len(params) and v.shape == params[i].shape
+            if torch.is_tensor(v) and v.dim() and not (fits and v.dtype == params[i].dtype):
+                return f'optimizer state {i} {k} of {tuple(v.shape)} {v.dtype}'
+    return ''
+
+
 def class_mismatch(saved, here):
     """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
     classes whose names differ (index: saved -> here)."""
@@ -147,13 +160,18 @@ class Run:
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
         problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
+        # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
+        own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
         if not problem:
             try:
+                problem = misfit_state(self.opt, ck['optimizer'])
                 for key, obj in parts.items():
-                    if obj is not None:
+                    if obj is not None and not problem:
                         obj.load_state_dict(ck[key])
             except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
                 problem = ' '.join(str(e).split())[:300]
+        for group, kept in zip(self.opt.param_groups, own):
+            group.update(kept)
         if problem:
             raise CheckpointError(f'--resume: {path} does not fit the model built from these '
                                   f'settings ({problem})')

@@ -30,7 +30,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import shlex
 import sys
@@ -445,18 +444,26 @@ def is_rng_state(state):
 
 def out_of_range(ck):
     """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
-    not finite, fewer than 1 step an epoch, or a tensor of the model, its EMA or the optimizer that is not finite
+    above MOST, an optimizer step out of that range, fewer than 1 step an epoch, or a tensor of the model, its EMA or the optimizer that is not finite
     (Run.save never saves one)."""
     counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
               ('time', 0, float))
     for k, least, kind in counts:
         v = ck.get(k, least)
-        if type(v) not in (int, kind) or not least <= v < math.inf:
+        if type(v) not in (int, kind) or not least <= v <= MOST:
             return f'{k} {v!r}'
+    # AdamW's own count: below 0, its bias correction is another optimizer's
+    for k, v in flat(ck['optimizer']):
+        if k.endswith('.step') and v.numel() == 1 and not 0 <= v.item() <= MOST:
+            return f'optimizer {k} {v.item():g}'
     broken = not_finite({part: ck.get(part) for part in ('model', 'ema', 'optimizer')})
     if broken:
         return f'{broken[0]} with nan or inf'
     return ''
+
+
+# the most steps (or seconds) a run counts: a float holds it exactly
+MOST = 2 ** 53
 
 
 def flat(d, prefix=''):
