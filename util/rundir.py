@@ -444,8 +444,8 @@ def is_rng_state(state):
 
 def out_of_range(ck):
     """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
-    above MOST, an optimizer step out of that range, fewer than 1 step an epoch, or a tensor of the model, its EMA or the optimizer that is not finite
-    (Run.save never saves one)."""
+    above MOST, an optimizer step out of that range, fewer than 1 step an epoch, or a tensor of the model, its
+    EMA or the optimizer that is not finite (Run.save never saves one)."""
     counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
               ('time', 0, float))
     for k, least, kind in counts:
