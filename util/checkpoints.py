@@ -364,11 +364,11 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"architecture mismatch loading '{source}': {'; '.join(bad[:4])}")
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    except RuntimeError as e:   # in its own words: 'size mismatch for <key>: copying a param with shape ...'
+        said = ' '.join(str(e).partition(':')[2].split())
+        raise CheckpointError(f"architecture mismatch loading '{source}': {said[:300]}") from None
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
     # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
     unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)

@@ -105,19 +105,14 @@ def replacing(path):
 
 
 def cannot_write(path, e):
-    """The one line for a file that could not be written (a full disk, a file size limit, a read-only disk, or a
-    path of the wrong kind: a directory where the file goes, a file where a folder on its path should be)."""
+    """The one line for a file that could not be written, in open()'s words (e.strerror), with the fix its kind
+    asks for: a path of the wrong kind (a link, a directory where the file goes, a file where a folder on its path
+    should be), a permission, or space (a full disk, a file size limit)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    if e.errno == errno.ELOOP:   # opened with O_NOFOLLOW
-        return WriteError(f'cannot write {path}: it is a link, which this would write through: put '
-                          f'a copy of its file there, or remove it', '')
-    if e.errno == errno.EISDIR:
-        return WriteError(f'cannot write {path}: it is a directory: move that away, or choose '
-                          f'another path', '')
-    if e.errno == errno.ENOTDIR:
-        return WriteError(f'cannot write {path}: it has a file where a folder of its path should '
-                          f'be: move that away, or choose another path', '')
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):   # no space to free: a permission
+    if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):   # opened with O_NOFOLLOW: ELOOP
+        return WriteError(f'cannot write {path} ({why}): move what is there away, or choose another '
+                          f'path', '')
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         folder = os.path.dirname(os.path.abspath(path))
         return WriteError(f'cannot write {path} ({why}): make {folder} writable (or choose another '
                           f'path)')

@@ -96,23 +96,13 @@ class RunDir:
                                   f'{name}: move it away')
 
     def foreign(self):
-        """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
-        config.json has begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files
-        aside."""
+        """The sorted names in the directory, or [] where it holds a run of these scripts (its config.json has
+        begin's fields); its .lock and temporary files aside."""
         aside = {'.lock', *(n + '.tmp' for n in RUN_FILES)}
         names = sorted(set(os.listdir(self.path)) - aside)
-        try:
+        with contextlib.suppress(DamagedFile):   # missing, unreadable, or no JSON object: not a run
             if {'out_dir', 'argv'} <= read_json(self.file('config.json'), '').keys():
                 return []
-        except DamagedFile:   # missing, unreadable, or no JSON object
-            if 'config.json' not in names and os.path.exists(self.checkpoint):
-                try:
-                    ck = read_checkpoint(self.checkpoint)
-                except CheckpointError:
-                    return names
-                ours = isinstance(ck, dict) and all(isinstance(ck.get(k), t) for k, t in SAVED.items())
-                if ours:
-                    return []
         return names
 
     def refuse_overwrite(self):
