@@ -35,7 +35,7 @@ from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS,
 from util.datafiles import build_loader
 from util.engine import autocast
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
-from util.outputs import claimed
+from util.files import claimed
 from util.run import class_mismatch
 from util.rundir import say
 from vit import IMPLEMENTATIONS

@@ -42,7 +42,7 @@ from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, loa
 from util.config import ConfigError, one_of, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import parse_config, run_main
-from util.outputs import check_output, claimed
+from util.files import check_output, claimed
 from util.rundir import say
 
 # -----------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def main():
 
 def score(cfg, groups, paths, out, files):
     """Every model and ensemble on every test set; the table, into the claimed files
-    (out: util/outputs.py)."""
+    (out: util/files.py)."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
     # the test images' size and normalisation; --data: its test split

@@ -37,9 +37,8 @@ from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import (DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory,
                          memory_needed, option)
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import save_figure
+from util.files import check_output, claimed, save_figure
 from util.launch import resolve, run_main
-from util.outputs import check_output, claimed
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
 
@@ -297,7 +296,7 @@ def save_reconstructions(model, imgs, cfg):
 
 def export_encoder(run_dir, export, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE), written through its claim (export: util/outputs.py), never half a
+    it was made (command, commit, held-out MSE), written through its claim (export: util/files.py), never half a
     file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
@@ -312,7 +311,7 @@ def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
     # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '', run=cfg.out_dir) as export:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)

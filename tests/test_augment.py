@@ -320,3 +320,35 @@ def test_torchvisions_ops_on_a_batch_are_its_own_per_image(op):
                           for x, m_i in zip(images, [None] * len(images) if m is None else m.tolist())])
     assert_same_pixels(ours, theirs, op)
     assert torch.equal(ours, images) == (op == 'Identity')
+
+
+@pytest.mark.parametrize('op', ['Posterize', 'PosterizeIncreasing'])
+def test_posterize_beyond_8_bits_is_timms_identity_on_both_paths(op, monkeypatch):
+    """rand-mmax30-m30: Posterize at 12 bits; the batch mask was 0 (every image black) and the per-image path
+    raised ValueError; timm leaves the image unchanged. Its increasing variant there keeps 0 bits on both paths
+    (timm's own raises)."""
+    img = picture()
+    if op == 'Posterize':
+        theirs = timm_aa.NAME_TO_OP[op](img, timm_argument(op, 30.0, 1, monkeypatch))
+        assert np.array_equal(np.asarray(apply(img, op, LEVELS[op](30.0, 1), list(FILL))), np.asarray(theirs))
+    images = batch_images()
+    m = torch.full((len(images),), 30.0, dtype=torch.float64)
+    ours = on_batch(BatchRandAugment(randaugment(AUTHORS, fill=FILL), 32), images, 'Posterize', LEVELS[op](m, m))
+    theirs = torch.stack([apply(x, op, LEVELS[op](30.0, 1), FILL) for x in images])
+    assert torch.equal(ours, theirs) and torch.equal(ours, images) == (op == 'Posterize')
+    assert op == 'Posterize' or not ours.any()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--randaug', 'torchvision-m31'], '--randaug torchvision-m31: '),       # IndexError: 31 bins
+    (['--randaug', 'rand-n1000000'], '--randaug rand-n1000000: '),          # no step in 120 s
+    (['--crop-pad', '32'], '--crop-pad 32: must be below --img-size 32'),   # the reflect pad raised
+])
+def test_augmentation_the_batch_path_cannot_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, args,
+                                                                                      says):
+    """Each failed after config.json and log.txt were written."""
+    import finetune
+    from conftest import TINY, run_in_process
+    msg = run_in_process(monkeypatch, finetune, *TINY, *args, '--out-dir', tmp_path / 'out', '--max-steps', '1')
+    assert msg and says in msg, msg
+    assert not (tmp_path / 'out').exists()

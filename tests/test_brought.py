@@ -393,3 +393,16 @@ def test_splits_name_their_classes(tmp_path):
     with pytest.raises(ConfigError):
         from util.config import check
         check(TrainConfig(data='fake', fake_size=10 ** 12))
+
+
+@pytest.mark.parametrize('script, flag', [(finetune, '--init'), (attention_distill, '--teacher')])
+def test_a_tensor_that_repeats_one_value_is_refused_before_any_use(tmp_path, monkeypatch, script, flag):
+    """A 1.4 kB file holding a (2**20, 2**20) view of one float (stride 0): the finiteness check asked for 4 TB
+    (a traceback for --init; for a teacher, a line blaming --embed-dim)."""
+    sd = random_vit().state_dict()
+    sd['pos_embed'] = torch.zeros(1).as_strided((2 ** 20, 2 ** 20), (0, 0))
+    path = tmp_path / 'edited.pt'
+    torch.save({'model': sd}, path)
+    msg = run_in_process(monkeypatch, script, *TINY, flag, path, '--out-dir', tmp_path / 'out')
+    assert msg and f"'{path}'" in msg and 'model.pos_embed' in msg and 'stride of 0' in msg, msg
+    assert not (tmp_path / 'out').exists()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from util.config import ConfigError
-from util.files import DamagedFile, read_json, read_jsonl, replacing, write_json
-from util.outputs import check_out_dir
+from util.errors import WriteError
+from util.files import DamagedFile, check_out_dir, claimed, read_json, read_jsonl, replacing, write_json
 from util.launch import run_main
 
 
@@ -90,11 +90,11 @@ def test_a_sigterm_during_a_checkpoint_save_is_a_sigterm(tmp_path, capsys):
     def main():
         with replacing(path) as tmp, SignalledAtThirdWrite(tmp, 'wb') as f:
             torch.save({'step': 2, 'w': torch.randn(1000, 100)}, f)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with pytest.raises(SystemExit) as e:
             run_main(main)
-    finally:   # run_main ignores both once stopped: this process gets its own back
+    finally:   # run_main ignores them once stopped: this process gets its own back
         for s, handler in handlers.items():
             signal.signal(s, handler)
     assert e.value.code == 143 and capsys.readouterr().err.startswith('error: stopped (SIGTERM): ')
@@ -116,3 +116,13 @@ def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_pa
         with pytest.raises(ConfigError, match=r'ro cannot be written into \(Permission denied\): choose another'):
             check_out_dir(str(tmp_path / 'ro' / 'x'), '--out-dir')
     assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]
+
+
+def test_a_claim_removed_while_the_command_ran_is_called_missing(tmp_path):
+    """It was called replaced ("holds another file now") where nothing was there; the path is written by no one."""
+    path = tmp_path / 'result.json'
+    with pytest.raises(WriteError, match=f'--out {path} was removed while this command ran'):
+        with claimed('--out', str(path)) as out:
+            path.unlink()
+            out.write(str(path), lambda f: f.write(b'{}'))
+    assert not path.exists()

@@ -2,11 +2,15 @@
 hidden patches only, and a tiny run whose checkpoint is a teacher (attention_distill.py) and an
 initialisation (finetune.py)."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import TINY, finetune, read_metrics, run_script
+from conftest import ROOT, TINY, finetune, read_metrics, run_script, sub_env
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
                           unpatchify)
 from util.checkpoints import build_from_checkpoint
@@ -251,3 +255,30 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
             p.stderr
         assert not new.exists() and {n: (d / n).read_bytes() for n in before} == before
     assert (tmp_path / 'a_file').read_text() == 'mine\n'
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGHUP], ids=['kill -9', 'a closed terminal'])
+def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path, sig):
+    """A kill -9 left the --export claim, and the run's own resume was refused for it ("--export ... exists: move
+    it away", its own 0-byte file): a scheduler's requeue failed every time. SIGHUP had no handler: a closed
+    terminal killed the run without its line."""
+    out, export = tmp_path / 'run', tmp_path / 'shipped' / 'teacher.pt'
+    command = [sys.executable, 'mae_pretrain.py', '--data', 'fake', '--fake-size', '1024', '--num-workers', '0',
+               '--epochs', '20', '--save-every', '1', '--out-dir', str(out), '--export', str(export)]
+    p = subprocess.Popen(command, cwd=ROOT, env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not (out / 'checkpoint.pt').exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    if sig == signal.SIGHUP:   # one line, as SIGTERM: the checkpoint kept, the claim let go
+        assert p.returncode == 129 and err.strip().splitlines()[-1].startswith('error: stopped (SIGHUP): '), err
+        assert 'Traceback' not in err and not export.exists()
+    else:
+        assert export.stat().st_size == 0
+    step = torch.load(out / 'checkpoint.pt', weights_only=True)['step']
+    p = subprocess.run([*command, '--resume', 'true', '--max-steps', str(step + 1)], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert set(torch.load(export, weights_only=True)) == {'model', 'arch', 'config', 'made'}

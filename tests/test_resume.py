@@ -1,4 +1,4 @@
-"""--resume true continues only the run that was saved (util/resume.py): another setting, another global batch,
+"""--resume true continues only the run that was saved (util/rundir.py): another setting, another global batch,
 another teacher file, a damaged or foreign checkpoint are refused in one line before anything is written;
 what may change is recorded in config.json; the time and the log go on; a non-finite loss stops with a true
 message. The scripts run in this process (run_in_process), except the two processes under torchrun."""
@@ -106,6 +106,12 @@ def test_each_config_names_what_may_change():
     ('no heads', 'records an architecture with num_heads 0, of another type or out of range'),
     ('depth a string', "records an architecture with depth '2', of another type or out of range"),
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
+    # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
+    ('optimizer state of one column', 'does not fit the model built from these settings (optimizer state 0 '
+                                      'exp_avg of (1, 1, 1)'),
+    ('optimizer state one float short', 'optimizer state 1 exp_avg_sq of'),
+    ('optimizer step below 0', 'holds optimizer state.0.step -5, which no run'),   # called a divergence
+    ('step out of range', 'holds step 4611686018427387904, which no run'),       # "give --max-steps above"
 ])
 def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
     d = saved[1](tmp_path)
@@ -123,7 +129,14 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
                   **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'] * float('nan')}}}},
               'rng of floats': {'rng': [ck['rng'][0].float()]}, 'rng cut short': {'rng': [ck['rng'][0][:100]]},
               'no heads': {'arch': {**ck['arch'], 'num_heads': 0}},
-              'depth a string': {'arch': {**ck['arch'], 'depth': '2'}}}
+              'depth a string': {'arch': {**ck['arch'], 'depth': '2'}},
+              'optimizer state of one column': {'optimizer': {**ck['optimizer'], 'state': {
+                  **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'][..., :1]}}}},
+              'optimizer state one float short': {'optimizer': {**ck['optimizer'], 'state': {
+                  **state, 1: {**state[1], 'exp_avg_sq': state[1]['exp_avg_sq'].flatten()[1:]}}}},
+              'optimizer step below 0': {'optimizer': {**ck['optimizer'], 'state': {
+                  **state, 0: {**state[0], 'step': torch.tensor(-5.0)}}}},
+              'step out of range': {'step': 2 ** 62}}
     if damage in broken:
         edit_checkpoint(d, **broken[damage])
     elif damage == 'a flipped bit':
@@ -142,6 +155,22 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
     assert msg and says in msg and str(d) in msg and 'last finite' not in msg, msg
     assert digest(d) == before
+
+
+def test_a_resumed_optimizer_takes_its_hyperparameters_from_the_config(monkeypatch, saved, tmp_path):
+    """lr_scale 10, betas (2.0, 0.999), weight decay 10 and eps 0 in the file's param groups resumed silently:
+    lr_scale 10 trained at 10x the lr the command states."""
+    d = saved[1](tmp_path)
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    own = [{k: v for k, v in g.items() if k != 'params'} for g in ck['optimizer']['param_groups']]
+    edited = [{**g, 'lr_scale': 10.0, 'betas': (2.0, 0.999), 'weight_decay': 10.0, 'eps': 0.0}
+              for g in ck['optimizer']['param_groups']]
+    edit_checkpoint(d, optimizer={**ck['optimizer'], 'param_groups': edited})
+    train(monkeypatch, finetune, d, '--amp', 'off', '--resume', 'true', '--max-steps', '3')
+    groups = torch.load(d / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
+    keys = ('lr_scale', 'betas', 'weight_decay', 'eps')
+    assert [[g[k] for k in keys] for g in groups] == [[tuple(g[k]) if k == 'betas' else g[k] for k in keys]
+                                                     for g in own]
 
 
 def flip_a_bit(path):

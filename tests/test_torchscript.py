@@ -262,3 +262,32 @@ def test_a_hostile_archive_changes_nothing_wherever_a_checkpoint_is_read(hostile
         assert victim.read_bytes() == before, place
         if place != 'inspected --out-dir':   # a folder whose checkpoint is unreadable holds no run of ours
             assert '__setstate__' in lines[0], (place, lines[0])
+
+
+def archive_with(tmp_path, name, data, compress=zipfile.ZIP_STORED):
+    """A TorchScript archive of a small Linear with one more record `name` (data) appended."""
+    path = tmp_path / 'edited.pt'
+    torch.jit.save(torch.jit.script(nn.Linear(3, 2)), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # zipfile's note on a duplicate name
+        with zipfile.ZipFile(path, 'a', compression=compress) as z:
+            z.writestr(name, data)
+    return path
+
+
+def test_an_archive_with_two_records_of_one_name_is_refused(tmp_path):
+    """torch.jit.load reads one copy of a name and this reader another: two teachers in one file, one SHA-256."""
+    with zipfile.ZipFile(archive_with(tmp_path, 'x', b'')) as z:
+        weight = next(n for n in z.namelist() if '/data/' in n)
+        own = z.read(weight)
+    path = archive_with(tmp_path, weight, bytes(len(own)))   # the same size, other values, a right CRC
+    with pytest.raises(UnreadableFile, match=f'two records named {weight}'):
+        read_file(str(path))
+
+
+def test_a_record_larger_than_its_file_is_refused_before_it_is_inflated(tmp_path):
+    """A deflated record of 64 MB of zeros in a file of kilobytes: inflated (and held) before anything said no."""
+    path = archive_with(tmp_path, 'edited/code/__torch__/big.py', bytes(2 ** 26), zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 2 ** 20
+    with pytest.raises(UnreadableFile, match='declares 67,108,864 bytes, 16 times more than the whole file'):
+        read_file(str(path))

@@ -34,9 +34,8 @@ from tools.benchmark_cases import (METHODS, PATHS, TRAINED, Parts, autocast_dtyp
                                    fill_batch, peak_memory)
 from util.config import (BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check,
                          machine_memory, one_of, option)
-from util.files import cpu_name, git_commit, write_text
+from util.files import check_out_dir, cpu_name, git_commit, write_text
 from util.launch import amp_dtype, parse_config, run_main
-from util.outputs import check_out_dir
 from vit import SIZES
 
 TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from

@@ -31,9 +31,8 @@ from finetune import PRESETS, FinetuneConfig, build_model
 from tools.benchmark import Timing, interleaved, machine, pick_device, some_of
 from util.config import option
 from util.engine import autocast, build_optimizer, soft_cross_entropy
-from util.files import write_text
+from util.files import check_out_dir, write_text
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
-from util.outputs import check_out_dir
 from vit import set_attn_implementation
 
 SMALL = ('fashion-mnist', 'cifar10', 'cifar100', 'fake')

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, Subset
 from data import build_eval_set, class_names
 from ensemble import accuracy, check_classes, load_models
 from util.checkpoints import build_from_checkpoint
-from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option, show
-from util.files import cpu_name, git_commit, write_json, write_text
-from util.outputs import check_output
+from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
+from util.errors import show
+from util.files import check_output, cpu_name, git_commit, write_json, write_text
 from util.launch import parse_config, run_main
 from util.rundir import say
 

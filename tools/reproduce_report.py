@@ -13,11 +13,12 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from tools.palette import colour
-from util.config import ConfigError, flag, word
+from util.config import ConfigError
 from util.engine import lr_at
-from util.files import DamagedFile, read_json, read_jsonl, save_figure, write_json, write_text
+from util.errors import flag, word
+from util.files import (DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json,
+                        write_text)
 from util.launch import run_main
-from util.outputs import check_out_dir
 
 STAGES = ['scratch', 'finetune', 'copy', 'distill', 'ensemble']     # per seed, in this order
 # ImageNet, ViT-L

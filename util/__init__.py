@@ -9,9 +9,8 @@ first (the README's reading order), and come here for how a run is resolved, tra
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
     attention_check.py  the fused attention checked both ways against eager before anything runs on it
     rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its
-                    files, let go
-    resume.py       how --resume true is checked: what the checkpoint holds, what may change, after a divergence;
-                    the command that continues
+                    files, let go; how --resume true is checked (what the checkpoint holds, what may change, after
+                    a divergence) and the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
                     file read without running any of its code (torch.load's weights only, CRC-32s checked)
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
@@ -21,10 +20,11 @@ first (the README's reading order), and come here for how a run is resolved, tra
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
     torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
-    files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged
-    errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file)
-    outputs.py      where a command writes, refused before any work where open() says it cannot be; outputs
-                    written once the work is done, claimed when the command starts
+    files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged; where a
+                    command writes, refused before any work where open() says it cannot be; outputs written once
+                    the work is done, claimed when the command starts
+    errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file), and how a
+                    flag and its value are spelled in them
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and
 model and hand them here (tests/test_layout.py).

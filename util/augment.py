@@ -57,8 +57,9 @@ LEVELS = {
     'ShearY': signed(0.3),
     'TranslateXRel': signed(0.45),                                                # fraction of the width
     'TranslateYRel': signed(0.45),
-    'Posterize': lambda m, s: whole(m / 10 * 4),                                  # bits kept: 0..4
-    'PosterizeIncreasing': lambda m, s: 4 - whole(m / 10 * 4),                    # 4..0
+    # bits kept: 0..4 (a magnitude above 10: up to 8, the image unchanged, as timm)
+    'Posterize': lambda m, s: at_most(8, whole(m / 10 * 4)),
+    'PosterizeIncreasing': lambda m, s: at_least(0, 4 - whole(m / 10 * 4)),       # 4..0
     'Solarize': lambda m, s: at_most(256, whole(m / 10 * 256)),                   # threshold 0..256
     'SolarizeIncreasing': lambda m, s: 256 - at_most(256, whole(m / 10 * 256)),   # 256..0
     'SolarizeAdd': lambda m, s: at_most(128, whole(m / 10 * 110)),                # added below 128
@@ -182,17 +183,27 @@ def parse_policy(spec):
     return kw
 
 
+# the most ops an image may take in a row (each is a pass over the batch)
+MOST_OPS = 16
+
+
 def randaugment(spec, fill=(128, 128, 128)):
-    """The transform a --randaug string names, or None for ''. fill: the dataset's mean colour (0-255)."""
+    """The transform a --randaug string names, or None for ''. fill: the dataset's mean colour (0-255). A
+    ValueError for a string it cannot run: more than MOST_OPS ops, a torchvision magnitude beyond its 31 bins."""
     if not spec:
         return None
-    if spec.startswith('rand-'):
-        return RandAugment(**parse_policy(spec), fill=fill)
     found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
-    if found:
-        return v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
+    if spec.startswith('rand-'):
+        policy = RandAugment(**parse_policy(spec), fill=fill)
+    elif found and int(found[1]) < 31:
+        policy = v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
+    else:
+        policy = None
+    if policy and policy.num_ops <= MOST_OPS:
+        return policy
     raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
-                      f"(torchvision's RandAugment, magnitude 9 of 31), or '' for none")
+                      f"(torchvision's RandAugment, magnitude 9 of 0 to 30), at most n{MOST_OPS} ops, or '' for "
+                      f"none")
 
 
 # timm's RandomErasing ranges: a box's share of the image, its aspect ratio (drawn log-uniform)

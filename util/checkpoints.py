@@ -81,6 +81,7 @@ def read_file(path):
     try:
         if records(path):   # torch's zip archive
             with zipfile.ZipFile(path) as z:
+                check_records(z.infolist(), os.path.getsize(path))
                 damaged = z.testzip()   # the first record whose CRC-32 differs
             if damaged:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
@@ -107,7 +108,46 @@ def read_file(path):
         raise UnreadableFile(f"{unreadable}: it records an architecture with {', '.join(bad)}, of "
                              f"another type or out of range: it was edited or is damaged",
                              'take another copy of it')
+    # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
+    # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
+    repeated = next(zero_strided(ckpt), None)
+    if repeated:
+        raise UnreadableFile(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
+                             f'of 0), which torch.save never writes: it was edited or is damaged',
+                             'take another copy of it')
     return ckpt
+
+
+def zero_strided(value, key=''):
+    """The keys (joined by dots) of the tensors in nested dicts, lists and tuples with a stride of 0 along a
+    dimension of more than one element."""
+    if torch.is_tensor(value):
+        if any(st == 0 and n > 1 for n, st in zip(value.shape, value.stride())):
+            yield key
+    elif isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            yield from zero_strided(v, f'{key}.{k}' if key else str(k))
+
+
+def check_records(infos, size):
+    """Refuse, before any record is inflated, a zip archive with two records of one name (one reader reads one
+    copy, another the other: two files in one, one SHA-256) or a record declared out of proportion to the file
+    (torch stores tensors uncompressed and deflates code a few times at most: a 0.4 MB archive whose code
+    inflates to 120 MB is none of torch's)."""
+    names = [i.filename for i in infos]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise zipfile.BadZipFile(f'it has two records named {twice}')
+    most = RECORD_SCALE * max(size, 2 ** 20)
+    big = next((i for i in infos if i.file_size > most), None)
+    if big:
+        raise zipfile.BadZipFile(f'its record {big.filename} declares {big.file_size:,} bytes, '
+                                 f'{RECORD_SCALE} times more than the whole file ({size:,}) allows')
+
+
+# how much larger than its file a record may inflate (a file under 1 MB counts as 1 MB)
+RECORD_SCALE = 16
 
 
 def torch_says(error):
@@ -324,11 +364,11 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"architecture mismatch loading '{source}': {'; '.join(bad[:4])}")
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    except RuntimeError as e:   # in its own words: 'size mismatch for <key>: copying a param with shape ...'
+        said = ' '.join(str(e).partition(':')[2].split())
+        raise CheckpointError(f"architecture mismatch loading '{source}': {said[:300]}") from None
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
     # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
     unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)

@@ -9,7 +9,7 @@ import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
-from util.errors import ConfigError
+from util.errors import ConfigError, flag, show
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
@@ -75,7 +75,8 @@ def declared(cls):
 PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
 UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
 RANDAUG = (lambda v: not v or readable(policy, v),
-           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9, or '' for none")
+           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 (magnitude 0 to 30), at most "
+           "n16 ops, or '' for none")
 
 
 @dataclass
@@ -182,6 +183,9 @@ class TrainConfig:
         return [
             ('warmup_epochs', self.warmup_epochs <= self.epochs,
              f'must be at most --epochs {self.epochs}: the lr would never reach its peak'),
+            ('crop_pad', self.crop_pad < self.img_size,
+             f'must be below --img-size {self.img_size}: a reflect pad takes at most the image less '
+             f'one pixel'),
             ('img_size', self.patch_size < 1 or self.img_size % self.patch_size == 0,
              f'must be a multiple of --patch-size {self.patch_size}'),
             ('num_heads' if self.num_heads else 'embed_dim',
@@ -233,21 +237,6 @@ def policy(spec):
     given)."""
     from util.augment import randaugment
     return randaugment(spec)
-
-
-def flag(name):
-    return '--' + name.replace('_', '-')
-
-
-def show(value):
-    return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def word(value):
-    """A value as it is written on the command line: true / false, none, '' for an empty string."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return 'none' if value is None else "''" if value == '' else show(value)
 
 
 def readable(parse, value):

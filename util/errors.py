@@ -1,7 +1,8 @@
 """
 The refusals a user meets as one line: each names the file or the option, what is wrong, and the fix, and
 util/launch.run_main prints it and exits non-zero, never a traceback. Every file of util/ raises them, so they sit
-here, below all of them, with first_few, the way a message lists what it found: this file imports nothing.
+here, below all of them, with the words that spell a flag and its value (flag, show, word) and first_few, the way a
+message lists what it found: this file imports nothing.
 """
 
 
@@ -44,3 +45,18 @@ def first_few(items):
     if len(items) > 3:
         shown += ' ...'
     return shown
+
+
+def flag(name):
+    return '--' + name.replace('_', '-')
+
+
+def show(value):
+    return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def word(value):
+    """A value as it is written on the command line: true / false, none, '' for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return 'none' if value is None else "''" if value == '' else show(value)

@@ -26,11 +26,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from util.config import check, declared, flag, word
+from util.config import check, declared
 from util.engine import final_lr, seed_all
-from util.errors import CheckpointError, ConfigError, DataError, WriteError
-from util.resume import open_resumed
-from util.rundir import NOTHING_SAVED, RunDir, say
+from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
+from util.rundir import NOTHING_SAVED, RunDir, open_resumed, say
 from vit import SIZES
 
 # -----------------------------------------------------------------------------
@@ -182,6 +181,7 @@ def run_main(main):
     that run (RunDir.__exit__)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
     signal.signal(signal.SIGTERM, stopped)                      # till here
+    signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
     try:
         main()
     except WriteError as e:
@@ -193,14 +193,15 @@ def run_main(main):
         if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
             sys.exit(f"error: {lines[-1].split(': ', 1)[-1]}")
         sys.exit(f'error: {lines[0]}')
-    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (stopped): the loader's workers end with it
+    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
         then = getattr(e, 'how_to_continue', NOTHING_SAVED)
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
-        sys.exit(130 if how == 'Ctrl-C' else 143)
+        # as a shell reports the signal: 128 + its number
+        sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
     except OSError as e:   # fork() refused as a data loader starts its workers (a process limit)
         starting = os.path.join('multiprocessing', 'process.py')
         if not any(f.name == 'start' and f.filename.endswith(starting)
@@ -223,9 +224,9 @@ def run_main(main):
 
 
 def stopped(signum, frame):
-    """SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does: its checkpoint kept, its workers ended (their
-    own handler: util/datafiles.quiet_on_stop), one line."""
-    raise KeyboardInterrupt('SIGTERM')
+    """SIGTERM (a scheduler's, `kill`'s) or SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint
+    kept, its workers ended (their own handler: util/datafiles.quiet_on_stop), one line."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 # the words of a gloo / NCCL error that says another process never answered or went away

@@ -15,11 +15,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import arch_mismatch, read_checkpoint
-from util.config import flag
+from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
-from util.errors import CheckpointError, ConfigError, first_few
-from util.resume import AFTER_DIVERGENCE, not_finite, resume_command
+from util.errors import CheckpointError, ConfigError, first_few, flag
+from util.rundir import AFTER_DIVERGENCE, not_finite, resume_command
 
 
 def check_data(plan, loader, classes):
@@ -53,6 +52,19 @@ def check_data(plan, loader, classes):
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
     return steps, total, full
+
+
+def misfit_state(opt, saved):
+    """'' if every tensor of a saved optimizer state has its parameter's shape and dtype (a scalar step aside),
+    else the first that does not: load_state_dict takes any, and the fused AdamW step reads and writes by the
+    parameter's size (memory corrupted, or a state one float short trained on)."""
+    params = [p for g in opt.param_groups for p in g['params']]
+    for i, state in saved['state'].items():
+        for k, v in state.items():
+            fits = isinstance(i, int) and i < len(params) and v.shape == params[i].shape
+            if torch.is_tensor(v) and v.dim() and not (fits and v.dtype == params[i].dtype):
+                return f'optimizer state {i} {k} of {tuple(v.shape)} {v.dtype}'
+    return ''
 
 
 def class_mismatch(saved, here):
@@ -145,21 +157,28 @@ class Run:
         (step, metrics, seconds trained so far)."""
         plan = self.plan
         path = plan.run_dir.checkpoint
-        ck = read_checkpoint(path)
+        ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
         problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
+        # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
+        own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
         if not problem:
             try:
+                problem = misfit_state(self.opt, ck['optimizer'])
                 for key, obj in parts.items():
-                    if obj is not None:
+                    if obj is not None and not problem:
                         obj.load_state_dict(ck[key])
             except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
                 problem = ' '.join(str(e).split())[:300]
+        for group, kept in zip(self.opt.param_groups, own):
+            group.update(kept)
         if problem:
             raise CheckpointError(f'--resume: {path} does not fit the model built from these '
                                   f'settings ({problem})')
         if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
             torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
+        for key in parts:   # loaded: the plan keeps the record alone
+            ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
 
     def evaluate(self, evaluate_fn):

@@ -8,13 +8,23 @@ written its config.json, its files written whole, let go at the end.
                     to log.txt, never through a link)
     metrics.jsonl   one record per evaluation ('time': seconds of training, summed over resumes)
     checkpoint.pt   model, optimiser, scaler, EMA, step, RNG states, time, classes, the script that saved it
-    .lock           while a process writes the directory: the lock, and its pid and command inside
+    .lock           while a process writes the directory: the lock, and its pid inside
 
 One process writes a run directory at a time: it holds a POSIX lock (lockf) on .lock, which the kernel lets go when
 the process dies (kill -9 included) and which its loader workers do not inherit (an flock would live on in them),
 so a second process is refused at once, naming the first. Every file is written whole (util/files.replacing). A run
 starts only in an empty folder or one holding a run of these scripts; it never writes over a checkpoint (--resume
 true continues it) or a finished run unless --overwrite true deletes it, nor deletes a file it reads.
+
+How `--resume true` is checked, in the resolve phase, before anything is built: the checkpoint against the command
+line, and after a divergence the learning rate.
+
+A resume continues only the run that was saved, with the script that saved it: its config must be the saved one
+except for the fields in the config's RESUMABLE (where and how the run goes, never what it computes), with the same
+global batch (batch size x accumulation steps x processes), the same class names (checked once the data is built,
+util/run.py), and for a transfer run the same teacher file (teacher.TransferConfig). From the checkpoint kept when
+the run diverged, the learning rate may change once (AFTER_DIVERGENCE): config.json records the divergence, and
+the resume that used it.
 """
 import contextlib
 import errno
@@ -22,18 +32,14 @@ import fcntl
 import json
 import os
 import shlex
-import socket
 import sys
 
 import torch
 
 from util.checkpoints import read_checkpoint
-from util.config import flag
-from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few
-from util.files import (RUN_FILES, cannot_write, git_commit, read_bytes, read_json, read_lines, replacing,
-                        set_aside, write_json, write_text)
-from util.outputs import make_folders, remove_empty, writable
-from util.resume import SAVED, resume_command, under_torchrun
+from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few, flag, show
+from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, read_bytes, read_json, read_lines,
+                        remove_empty, replacing, set_aside, writable, write_json, write_text)
 
 
 class RunDir:
@@ -81,48 +87,22 @@ class RunDir:
         writable('--out-dir', self.path, os.path.abspath(self.path))
         theirs = [] if self.cfg.resume else self.foreign()
         if theirs:   # another program's model, a user's notes: a run would write over them
-            hit = [n for n in RUN_FILES if n in theirs]
-            if hit:
-                what = f'would write over {hit[0]}'
-            else:
-                what = f'holds {first_few(theirs)}'
-            fix = 'choose an empty or new --out-dir'
-            if self.cfg.overwrite:
-                fix += ' (--overwrite true deletes only a run of these scripts)'
-            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts '
-                              f'wrote: a run {what}; {fix}')
-        for name in RUN_FILES[:-1]:   # a directory where a run's file goes (.lock: take_lock's)
+            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts wrote '
+                              f'({first_few(theirs)}): choose an empty or new --out-dir')
+        for name in RUN_FILES[:-1]:   # log.txt, appended to, would write the file a link names
             path = self.file(name)
-            if os.path.islink(path):   # log.txt, appended to, would write the file it names
-                target = os.path.realpath(path)
-                where = ''
-                if os.path.dirname(target) != os.path.realpath(self.path):
-                    where = ', outside the run directory'
-                raise ConfigError(f'{path} is a link to {target}{where}, and a run writes only files '
-                                  f'of its own: put a copy of that file in its place, or remove the '
-                                  f'link')
-            if os.path.lexists(path) and not os.path.isfile(path):
-                raise ConfigError(f'{path} is a directory, not a file: a run writes its {name} '
-                                  f'there; move it away')
+            if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
+                raise ConfigError(f'{path} is a link or a directory where a run writes its own '
+                                  f'{name}: move it away')
 
     def foreign(self):
-        """The sorted names in the directory that no run of these scripts wrote ([] where it holds such a run: its
-        config.json has begin's fields, or its checkpoint a training run's, SAVED). Its .lock and temporary files
-        aside."""
+        """The sorted names in the directory, or [] where it holds a run of these scripts (its config.json has
+        begin's fields); its .lock and temporary files aside."""
         aside = {'.lock', *(n + '.tmp' for n in RUN_FILES)}
         names = sorted(set(os.listdir(self.path)) - aside)
-        try:
+        with contextlib.suppress(DamagedFile):   # missing, unreadable, or no JSON object: not a run
             if {'out_dir', 'argv'} <= read_json(self.file('config.json'), '').keys():
                 return []
-        except DamagedFile:   # missing, unreadable, or no JSON object
-            if 'config.json' not in names and os.path.exists(self.checkpoint):
-                try:
-                    ck = read_checkpoint(self.checkpoint)
-                except CheckpointError:
-                    return names
-                ours = isinstance(ck, dict) and all(isinstance(ck.get(k), t) for k, t in SAVED.items())
-                if ours:
-                    return []
         return names
 
     def refuse_overwrite(self):
@@ -183,10 +163,9 @@ class RunDir:
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)   # the file was removed by the process that let go of it: lock the new one
-        holder = f'process {os.getpid()} on {socket.gethostname()} ({shlex.join(sys.argv)})'
         with contextlib.suppress(OSError):   # who holds it, for the next one (a full disk: the lock
             os.ftruncate(fd, 0)              # holds anyway)
-            os.pwrite(fd, holder.encode(), 0)
+            os.pwrite(fd, f'process {os.getpid()}'.encode(), 0)
         self.lock = fd
 
     def release(self):
@@ -385,3 +364,131 @@ def linked(path):
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+
+# -----------------------------------------------------------------------------
+# A resume, checked
+
+# what a training run saves (run.Run.save), and of which type: a file without these is no run of ours
+SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list,
+         'metrics': dict, 'script': str}
+
+# what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the lr
+AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
+
+
+def open_resumed(cfg, run_dir, world):
+    """The checkpoint to continue, read safely (no pickled code) and checked against the command line: ConfigError
+    names every field that differs (old -> new) and may not. Returns it, kept by the Plan: the file is read once
+    (Run.restore loads its tensors, then drops them)."""
+    path = run_dir.checkpoint
+    ck = read_checkpoint(path)
+    if not isinstance(ck, dict):   # a tensor, a list: none of what a run saves
+        ck = {}
+    bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)]
+    if not bad:   # what a resume reads before any tensor
+        if not isinstance(ck.get('arch') or {}, dict):
+            bad.append('arch')
+        if not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
+            bad.append('rng')
+    if bad:
+        raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
+                              f"({', '.join(bad)}: missing or of another kind): nothing to resume")
+    damaged = out_of_range(ck)
+    if damaged:   # a step of -4 trained with a negative lr; a nan weight was taken for a divergence
+        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts '
+                              f'saves: it was edited or is damaged (kept as it is): put back a copy of '
+                              f'it, or start a new run in another --out-dir')
+    script = ck['script']
+    if cfg.SCRIPT and script != cfg.SCRIPT:
+        raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
+                          f'with {script} (its flags and --resume true), or start a new run in '
+                          f'another --out-dir')
+    # a run that diverged after this checkpoint (config.json says so) may go on from it with a lower lr
+    diverged = (run_dir.config_record() or {}).get('diverged')
+    after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
+    free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
+    conflicts = cfg.resume_conflicts(ck, world, free=free)
+    if conflicts:
+        may = ', '.join(map(flag, cfg.RESUMABLE + free))
+        raise ConfigError(f"--resume: {path} was saved with other settings: "
+                          f"{'; '.join(conflicts)}. Resume with the saved ones (only {may} may "
+                          f"change) or start a new run in another --out-dir")
+    if after:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
+        saved = ck['config']
+        higher = [f'{flag(k)} {show(saved[k])} -> {show(getattr(cfg, k))}'
+                  for k in ('blr', 'min_lr', 'min_lr_ratio')
+                  if getattr(cfg, k) > saved.get(k, getattr(cfg, k))]
+        if higher:
+            raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is "
+                              f"higher; go on with a lower learning rate, or start a new run in another "
+                              f"--out-dir")
+    return ck
+
+
+def is_rng_state(state):
+    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state
+    takes it."""
+    like = torch.get_rng_state()
+    return torch.is_tensor(state) and state.dtype == like.dtype and state.shape == like.shape
+
+
+def out_of_range(ck):
+    """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
+    above MOST, an optimizer step out of that range, fewer than 1 step an epoch, or a tensor of the model, its
+    EMA or the optimizer that is not finite (Run.save never saves one)."""
+    counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
+              ('time', 0, float))
+    for k, least, kind in counts:
+        v = ck.get(k, least)
+        if type(v) not in (int, kind) or not least <= v <= MOST:
+            return f'{k} {v!r}'
+    # AdamW's own count: below 0, its bias correction is another optimizer's
+    for k, v in flat(ck['optimizer']):
+        if k.endswith('.step') and v.numel() == 1 and not 0 <= v.item() <= MOST:
+            return f'optimizer {k} {v.item():g}'
+    broken = not_finite({part: ck.get(part) for part in ('model', 'ema', 'optimizer')})
+    if broken:
+        return f'{broken[0]} with nan or inf'
+    return ''
+
+
+# the most steps (or seconds) a run counts: a float holds it exactly
+MOST = 2 ** 53
+
+
+def flat(d, prefix=''):
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
+    dots."""
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            yield f'{prefix}{k}', v
+        elif isinstance(v, dict):
+            yield from flat(v, f'{prefix}{k}.')
+
+
+def not_finite(parts):
+    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
+    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
+    tensors = [(f'{part} {k}', v) for part, d in parts.items()
+               for k, v in flat(d or {}) if v.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
+    if all(finite):
+        return None
+    return tensors[finite.index(False)]
+
+
+def resume_command(*replaced):
+    """The command that continues this run: its own with --resume true, without the flags `replaced` (which the
+    caller gives anew), or under torchrun the words to say so."""
+    if under_torchrun():
+        return 'your torchrun command and --resume true'
+    drop = ('--resume', *replaced)
+    argv = [a for before, a in zip([None, *sys.argv], sys.argv)
+            if a not in drop and before not in drop]
+    return f"{shlex.join(['python', *argv])} --resume true"
+
+
+def under_torchrun():
+    return 'TORCHELASTIC_RUN_ID' in os.environ
