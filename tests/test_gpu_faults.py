@@ -47,3 +47,41 @@ def test_any_error_a_kernel_raises_is_a_verdict(error):
     assert implementation == 'eager' and 'no kernel for these strides' in logged[-1]
     with pytest.raises(ConfigError, match='no kernel for these strides'):
         attention_check.check_sdpa(plan('sdpa')[0], 'fine-tuning', part(compute))
+
+
+def run_of(device, saved):
+    """A Run's state for Run.save and Run.restore (util/run.py), on `device`, mid-epoch (step 3 of 10 an epoch); a
+    checkpoint is kept in `saved` instead of a file."""
+    from finetune import FinetuneConfig
+    from util.run import Run
+    model = torch.nn.Linear(2, 2)
+    model.arch = {}
+    p = SimpleNamespace(device=torch.device(device), world=1, rank=0, main=True, log=[].append)
+    p.run_dir = SimpleNamespace(save=saved.update, checkpoint='checkpoint.pt', add_metrics=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = SimpleNamespace(plan=p, cfg=FinetuneConfig(), model=model, ema=None, opt=opt, classes=None,
+                          scaler=torch.amp.GradScaler('cpu', enabled=False), step=3, steps_per_epoch=10,
+                          metrics={}, extra={}, record=None, seconds=lambda: 1.0)
+    return run, Run
+
+
+def test_a_checkpoint_keeps_and_restores_the_cuda_generator(monkeypatch):
+    """Drop-path and MAE's masks draw from the CUDA generator on a GPU: a mid-epoch resume continues its stream
+    (this rank's), as it continues the CPU's; a checkpoint without it resumes with one line saying so."""
+    import util.run
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append(state))
+    saved = {}
+    run, Run = run_of('cuda', saved)
+    Run.save(run)
+    assert torch.equal(saved['cuda_rng'][0], cuda_state)
+    monkeypatch.setattr(util.run, 'read_checkpoint', lambda path: saved)
+    Run.restore(run)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    logged = []
+    run.plan.log = logged.append
+    del saved['cuda_rng']   # an older checkpoint
+    Run.restore(run)
+    assert len(restored) == 1 and len(logged) == 1 and 'no CUDA generator state' in logged[0]
