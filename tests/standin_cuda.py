@@ -65,9 +65,8 @@ class StandInCuda(FakeTensorMode):
         if func in COPIES:
             to = kwargs.get('device') or (args[0].device if func is aten.copy_.default else None)
             source = args[1] if func is aten.copy_.default else args[0]
-            if to is not None and torch.device(to).type == 'cpu' and source.device.type == 'cuda' \
-                    and not kwargs.get('non_blocking'):
-                self.syncs.append(f'{func} (a blocking copy to the host)')
+            if to is not None and torch.device(to).type != source.device.type and not kwargs.get('non_blocking'):
+                self.syncs.append(f'{func} (a blocking copy between host and device)')
             return
         if 'cuda' in devices and any(t.device.type == 'cpu' and t.dim() > 0 for t in tensors):
             self.syncs.append(f'{func} (reads a host tensor)')

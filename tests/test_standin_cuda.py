@@ -11,7 +11,7 @@ from data import build_eval_set
 from ensemble import predict_all, summarise
 from evaluate import top1_row
 from standin_cuda import on_device, standin_cuda
-from util.engine import build_loader
+from util.engine import build_loader, evaluate
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=2, num_heads=4)
@@ -54,3 +54,19 @@ def test_ensemble_and_evaluate_score_on_the_device(held, dtype, monkeypatch):
             # one copy to the host of each model's logits and of the labels, not one per batch
             with cuda.strict(allowed=len(models) + 1):
                 predict_all(models, loader, place)
+
+
+@pytest.mark.parametrize('held', [True, False], ids=['held', 'folder'])
+def test_a_training_run_evaluates_without_a_copy_per_batch(held, monkeypatch):
+    """util/engine.evaluate (every training script's evaluation): the sums kept on the device, read once at the end
+    (one tolist of four numbers), whatever the number of batches (4 here)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**ARCH).eval()
+    plan = SimpleNamespace(device=torch.device('cuda', 0), dtype=torch.bfloat16, world=1)
+    cfg, dataset = fake_set(held)
+    loader = build_loader(cfg, dataset, False, device=plan.device)
+    loader = loader if held else list(loader)
+    with standin_cuda(monkeypatch) as cuda:
+        model = model.to(plan.device)
+        with cuda.strict(allowed=4), torch.no_grad():
+            evaluate(model, loader, plan)
