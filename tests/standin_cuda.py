@@ -6,7 +6,7 @@ blocking device-to-host copy) and a host tensor read by a device operator fail t
 a tensor (an accuracy, a loss printed) is a stand-in, 1: the test checks devices, dtypes and syncs, not numbers.
 
     with standin_cuda(monkeypatch) as cuda:
-        ...                       # torch.cuda.is_available() is True; torch.randn(2, device='cuda') is fake
+        ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
         with cuda.strict():
             step(...)             # a sync or a host tensor read here fails
 """
@@ -51,7 +51,11 @@ class StandInCuda(FakeTensorMode):
             if func is aten.equal.default:
                 return True
             # a stand-in of the tensor's kind
-            return {torch.bool: True}.get(args[0].dtype, 1 if not args[0].is_floating_point() else 1.0)
+            if args[0].dtype == torch.bool:
+                return True
+            if args[0].is_floating_point():
+                return 1.0
+            return 1
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def check(self, func, args, kwargs):
@@ -65,7 +69,8 @@ class StandInCuda(FakeTensorMode):
         if func in COPIES:
             to = kwargs.get('device') or (args[0].device if func is aten.copy_.default else None)
             source = args[1] if func is aten.copy_.default else args[0]
-            if to is not None and torch.device(to).type != source.device.type and not kwargs.get('non_blocking'):
+            across = to is not None and torch.device(to).type != source.device.type
+            if across and not kwargs.get('non_blocking'):
                 self.syncs.append(f'{func} (a blocking copy between host and device)')
             return
         if 'cuda' in devices and any(t.device.type == 'cpu' and t.dim() > 0 for t in tensors):
@@ -74,7 +79,9 @@ class StandInCuda(FakeTensorMode):
 
 @contextlib.contextmanager
 def standin_cuda(monkeypatch):
-    """Inside: torch.cuda says a GPU is there (bf16 native), and every tensor is a fake one on it or on the host."""
+    """Inside: torch.cuda's questions (a device's properties, bf16, memory) answered as an H100 would, CUDA's autocast
+    on, and every tensor a fake one on `cuda:0` or on the host. torch.cuda.is_available() stays False (where it is
+    True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs."""
     mode = StandInCuda()
     for name, value in {'device_count': 1, 'current_device': 0,
                         'is_bf16_supported': True, 'get_device_capability': (9, 0)}.items():

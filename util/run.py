@@ -165,8 +165,9 @@ class Run:
                 if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
                     torch.cuda.set_rng_state(states[plan.rank], plan.device)
                 elif plan.main:
-                    plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} process(es): '
-                             f'drop-path and masks draw anew from here (the run is not bit for bit an unbroken one)')
+                    plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
+                             f'process(es): drop-path and masks draw anew from here (the run is '
+                             f'not bit for bit an unbroken one)')
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
 
     def evaluate(self, evaluate_fn):
@@ -200,8 +201,8 @@ class Run:
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
         # and on a GPU the CUDA generator's (drop-path and MAE's masks draw from it there)
         cuda = self.plan.device.type == 'cuda'
-        states = [(torch.get_rng_state(), torch.cuda.get_rng_state(self.plan.device) if cuda else None)]
-        states = states * self.plan.world
+        cuda_state = torch.cuda.get_rng_state(self.plan.device) if cuda else None
+        states = [(torch.get_rng_state(), cuda_state)] * self.plan.world
         if self.plan.world > 1:
             dist.all_gather_object(states, states[0])
         rng = [cpu for cpu, _ in states]
