@@ -85,3 +85,20 @@ def test_a_checkpoint_keeps_and_restores_the_cuda_generator(monkeypatch):
     del saved['cuda_rng']   # an older checkpoint
     Run.restore(run)
     assert len(restored) == 1 and len(logged) == 1 and 'no CUDA generator state' in logged[0]
+
+
+@pytest.mark.parametrize('backward', [True, False], ids=['training', 'evaluation'])
+def test_the_kernel_named_is_asked_for_the_steps_inputs(backward, monkeypatch):
+    """torch picks a kernel per input, a gradient included (on a GPU, flash for inputs without one, another with):
+    the log names the one asked for inputs that need a gradient exactly where the run trains."""
+    asked = []
+    monkeypatch.setattr(torch, '_fused_sdp_choice', lambda q, k, v, *a, **kw: asked.append(q.requires_grad) or 0)
+
+    def compute(implementation, dtype):
+        out = {'output': torch.ones(3)}
+        if backward:
+            out['q grad'] = torch.ones(3)
+        return out
+    parts = part(compute)
+    attention_check.check_sdpa(plan()[0], 'fine-tuning', parts)
+    assert asked == [backward] and not parts['layer 0'][1][0].requires_grad
