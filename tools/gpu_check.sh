@@ -29,7 +29,7 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
 fi
 if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
   device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
-  stretch=20   # a shared CPU is far slower than a GPU (ViT-L at 448 px: over 80 s a step); not counted in the 530 s
+  stretch=20   # a shared 2-core CPU: ViT-L's one tiny step passed 80 s there; not counted in the 530 s
 else
   device=cuda; shapes='vit_b-224 vit_l-224 vit_l-448'; runs=''; bench='--models vit_large --batch-size 104'
   stretch=1
