@@ -278,16 +278,17 @@ def on_device(models, cfg, dataset):
 
 @torch.no_grad()
 def predict_all(models, loader, place):
-    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,)."""
+    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
+    the device (the loader's labels are where its set is held) and copied to the host once, at the end."""
     logits = [[] for _ in models]   # each model's (B, C) logits, batch after batch
     labels = []
     for x, y in loader:
         x = x.to(place.device, non_blocking=True)
         with autocast(place):
             for batches, m in zip(logits, models):
-                batches.append(m(x).float().cpu())
-        labels.append(y)                                          # (B,)
-    return [torch.cat(batches) for batches in logits], torch.cat(labels)
+                batches.append(m(x).float())
+        labels.append(y.to(place.device, non_blocking=True))    # (B,)
+    return [torch.cat(batches).cpu() for batches in logits], torch.cat(labels).cpu()
 
 # -----------------------------------------------------------------------------
 # Main

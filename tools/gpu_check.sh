@@ -29,8 +29,10 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
 fi
 if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
   device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
+  stretch=20   # a shared 2-core CPU: ViT-L's one tiny step passed 80 s there; not counted in the 530 s
 else
   device=cuda; shapes='vit_b-224 vit_l-224 vit_l-448'; runs=''; bench='--models vit_large --batch-size 104'
+  stretch=1
 fi
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -68,15 +70,16 @@ for key, w in ck['model'].items():
 torch.save(ck, sys.argv[2])" "$1" "$2"
   }
   fake=(--data fake --epochs 1 --warmup-epochs 0 --num-workers 6)
-  $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
+  # each under its own timeout, the five together within the tests' 180 s (on an H200: distill-b 22 s of training)
+  timeout $((25 * stretch)) $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
     --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" $runs && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
   for impl in auto eager; do
-    $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
+    timeout $((65 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
       --fake-size 19200 --max-steps 300 --log-every 10 --attn-implementation $impl --out-dir "$r/distill-b-$impl" $runs
   done
-  $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
+  timeout $((10 * stretch)) $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
     --fake-size 64 --max-steps 1 --out-dir "$r/teacher-l448" $runs && sharpen "$r/teacher-l448/checkpoint.pt" "$r/teacher-l448.pt"
-  $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
+  timeout $((15 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
     --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448-auto" $runs
 } > "$out/runs.log" 2>&1
 wait $tests; echo "pytest exit $?" >> "$out/pytest-gpu.txt"

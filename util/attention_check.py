@@ -157,35 +157,37 @@ def handed_qkv(own, given):
 def check_sdpa(plan, what, parts):
     """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
     dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
-    error in its units (default: its largest entry in the definition); its tolerance is FACTOR x eager's own error in
-    the run's dtype, at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
+    error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
+    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
     here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
     dtype = plan.dtype or torch.float32
     start = time.time()
     first = next(iter(parts.values()))[1]
-    backend = sdpa_backend(*(t.to(dtype) for t in first))
     shape = tuple(first[0].shape)
     errors = {}
     why = ''
     for part, (compute, _, units) in parts.items():
-        definition = compute('eager', torch.float32)
-        eager = definition
-        if dtype != torch.float32:
-            eager = compute('eager', dtype)
+        with exact_fp32():
+            definition = compute('eager', torch.float32)
+        # eager as the run runs it: in fp32 on CUDA, with TF32 (processes() turns it on)
+        eager = compute('eager', dtype)
         if not all(t.isfinite().all() for t in eager.values()):
             # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
             # (fp32's range, fewer bits than fp16) stands in for it
             eager = compute('eager', torch.bfloat16)
         try:
             fused = compute('sdpa', dtype)
-        # no kernel (NotImplementedError), or none for this shape
-        except (RuntimeError, TypeError, AttributeError) as e:
+        # any error a kernel raises (no kernel, none for this shape or these strides): a verdict, not a traceback
+        except Exception as e:
             fused = {}
             why = f" ({' '.join(str(e).split())[:150]})"
         for name, d in definition.items():
             ours = error(fused[name], d, units.get(name)) if name in fused else float('inf')
             eager_error = error(eager[name], d, units.get(name))
             errors[f'{part} {name}'] = (ours, eager_error, max(FACTOR * eager_error, SDPA_FLOOR))
+    # the kernel the step runs: for a run that trains, on inputs that need a gradient (torch may pick another)
+    training = any('grad' in n for n in errors)
+    backend = sdpa_backend(*(t.detach().to(dtype).requires_grad_(training) for t in first))
     worst = max(errors, key=lambda n: errors[n][0] / errors[n][2])
     fused_error, eager_error, tolerance = errors[worst]
     holds = all(e <= t for e, _, t in errors.values())
@@ -207,6 +209,18 @@ def check_sdpa(plan, what, parts):
     plan.log(f'start-up check: {said}: '
              f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
     return record['implementation'], record
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Inside, fp32 matrix products and convolutions in fp32, not TF32 (10 mantissa bits, which processes() turns on
+    for a run on CUDA): the definition a check compares with. A TF32 definition is itself up to 1e-3 off."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def error(ours, definition, unit=None):

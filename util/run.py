@@ -177,6 +177,14 @@ class Run:
                                   f'settings ({problem})')
         if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
             torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
+            if plan.device.type == 'cuda':   # and the CUDA generator's (drop-path, MAE's masks)
+                states = ck.get('cuda_rng') or []
+                if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
+                    torch.cuda.set_rng_state(states[plan.rank], plan.device)
+                elif plan.main:
+                    plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
+                             f'process(es): drop-path and masks draw anew from here (the run is '
+                             f'not bit for bit an unbroken one)')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
@@ -210,14 +218,19 @@ class Run:
             name, v = broken
             self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
-        rng = [torch.get_rng_state()] * self.plan.world
+        # and on a GPU the CUDA generator's (drop-path and MAE's masks draw from it there)
+        cuda = self.plan.device.type == 'cuda'
+        cuda_state = torch.cuda.get_rng_state(self.plan.device) if cuda else None
+        states = [(torch.get_rng_state(), cuda_state)] * self.plan.world
         if self.plan.world > 1:
-            dist.all_gather_object(rng, rng[0])
+            dist.all_gather_object(states, states[0])
+        rng = [cpu for cpu, _ in states]
         self.plan.run_dir.save({
             'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
             'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
             'optimizer': opt,
             'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics, 'rng': rng,
+            'cuda_rng': [state for _, state in states] if cuda else None,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
             'time': self.seconds(), 'classes': self.classes, **self.extra})
         # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
