@@ -11,7 +11,8 @@ from data import build_eval_set
 from ensemble import predict_all, summarise
 from evaluate import top1_row
 from standin_cuda import on_device, standin_cuda
-from util.engine import build_loader, evaluate
+from util.datafiles import build_loader
+from util.engine import evaluate
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=2, num_heads=4)
