@@ -113,6 +113,9 @@ def test_readme_command_exists_and_parses(script, args):
     module = script[:-3].replace('/', '.') if script.endswith('.py') else script
     assert os.path.isfile(os.path.join(ROOT, module.replace('.', '/') + '.py')), f'{script}: no such file'
     mod = importlib.import_module(module)
+    if hasattr(mod, 'parser'):   # a tool of plain argparse (tools/curves.py): its own parser
+        mod.parser().parse_args(args)
+        return
     cls = next(v for v in vars(mod).values() if dataclasses.is_dataclass(v) and v.__module__ == mod.__name__
                and 'Config' in v.__name__ and v.__name__ != 'TransferConfig')
     parse_config(cls, getattr(mod, 'PRESETS', None), args)

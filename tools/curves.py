@@ -69,13 +69,17 @@ def draw(run_dirs):
     return fig
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(prog='python -m tools.curves', description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
                    help="a run directory a script wrote (its metrics.jsonl, log.txt, config.json)")
     p.add_argument('--out', default='',
                    help='the PNG to write; default curves.png in the folder the runs share')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     for d in args.run_dirs:
         if not os.path.isfile(os.path.join(d, 'metrics.jsonl')):
             raise ConfigError(f'{d} holds no metrics.jsonl: name run directories a training script wrote '
