@@ -332,6 +332,11 @@ def plot_training(logs, title):
 
 
 def plot_features(result):
+    """features_figure, shown."""
+    show(features_figure(result))
+
+
+def features_figure(result):
     """The committed feature analysis (features.json's result), in the course's names. Top: linear CKA of each
     method's features to the teacher's per block, mean ± std over seeds (dashed: two seeds of that method); the
     distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
@@ -342,7 +347,7 @@ def plot_features(result):
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
     draw_cka_and_kl(top, result, models)
     draw_attention_distance(bottom, result, models)
-    show(fig)
+    return fig
 
 
 # the methods' names in a panel's legend or title: copy, distillation
