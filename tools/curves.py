@@ -22,11 +22,13 @@ from util.files import read_lines, replacing
 from util.launch import run_main
 
 # a progress line of util/engine.py: 'epoch   0.21 step 100/1404 | ce 1.9627 attn 19.0639 | lr 1.41e-03 | ...'
-PROGRESS = re.compile(r'step (\d+)/\d+ \| ce ([-\d.e+]+).* \| lr ([-\d.e+]+) \|')
+# (mae_pretrain.py's first loss is mse)
+PROGRESS = re.compile(r'step (\d+)/\d+ \| \w+ ([-\d.e+]+).* \| lr ([-\d.e+]+) \|')
 
 
 def progress(run_dir):
-    """{step: (training cross-entropy, lr)} from the run's log.txt; a resumed run's repeated steps keep the last."""
+    """{step: (training loss, lr)} from the run's log.txt, the loss its first term (the cross-entropy on the labels;
+    an MAE's masked mse); a resumed run's repeated steps keep the last."""
     lines = read_lines(os.path.join(run_dir, 'log.txt'))
     found = (PROGRESS.search(line) for line in lines)
     return {int(m[1]): (float(m[2]), float(m[3])) for m in found if m}
@@ -51,20 +53,23 @@ def draw(run_dirs):
         c = cycle[i % len(cycle)]
         evals = metrics(d)
         x = seen(d)
-        top1.plot(x, [r['top1'] for r in evals], marker='o', color=c,
-                  label=f"{name}: {evals[-1]['top1']:.2f}%")
-        loss.plot(x, [r['loss'] for r in evals], marker='o', ls='--', color=c)
+        if 'top1' in evals[-1]:   # an MAE's run has none
+            top1.plot(x, [r['top1'] for r in evals], marker='o', color=c,
+                      label=f"{name}: {evals[-1]['top1']:.2f}%")
+        loss.plot(x, [r.get('loss', r.get('mse')) for r in evals], marker='o', ls='--', color=c)
         steps = progress(d)
         at = [s * images_a_step(d) / 1000 for s in steps]
         loss.plot(at, [ce for ce, _ in steps.values()], color=c, label=name)
         lr.plot(at, [v for _, v in steps.values()], color=c, label=name)
     top1.set(title='test top-1 after each evaluation', ylabel='top-1 (%)')
-    loss.set(title='loss: training cross-entropy (solid), test (dashed)', ylabel='nats')
+    loss.set(title='loss: training (solid), test (dashed)', ylabel='cross-entropy (nats); an MAE: mse')
     lr.set(title='learning rate (the peak group)', ylabel='lr')
     for ax in (top1, loss, lr):
         ax.set_xlim(0)
         ax.set_xlabel('training images seen (thousands)')
-    top1.legend(fontsize=8, title='run: last top-1', title_fontsize=8)
+    loss.legend(fontsize=8)
+    if top1.lines:
+        top1.legend(fontsize=8, title='run: last top-1', title_fontsize=8)
     mark_axes(fig)
     return fig
 
