@@ -344,9 +344,13 @@ def test_the_section_on_the_papers_other_questions_holds_on_variants_json():
     shifts = [s for s in v['shifted'] if s != 'none']
     mean = lambda s, k: v['shifted'][s][k]['mean']
     assert all(max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'finetune') for s in shifts)
-    below = [s for s in shifts if max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'scratch')]
-    assert 'both transferred students fall behind fine-tuning, and under every shift but blur behind scratch' in text
-    assert sorted(set(shifts) - set(below)) == ['blur'], below
+    # behind scratch beyond the seeds' spread: mean + std below scratch's mean - std
+    r = lambda s, k: v['shifted'][s][k]
+    apart = {(s, k) for s in shifts for k in ('copy', 'distill')
+             if r(s, k)['mean'] + r(s, k)['std'] < r(s, 'scratch')['mean'] - r(s, 'scratch')['std']}
+    assert 'both transferred students fall behind fine-tuning.' in text
+    assert "Beyond the seeds' spread they fall behind scratch only under noise (both) and rotation (copy)." in text
+    assert apart == {('noise', 'copy'), ('noise', 'distill'), ('rotate', 'copy')}, apart
     heads4, whole = v['runs']['distill-heads4'], v['baselines']['distill']
     assert 'Four of 8 heads match all 8' in text and abs(heads4['mean'] - whole['mean']) <= max(heads4['std'], whole['std'])
 
@@ -466,3 +470,18 @@ def test_the_sections_come_in_the_order_they_are_read():
     kl = at(lambda c, s: c['cell_type'] == 'markdown' and 'nats (KL) from the teacher\'s in blocks 0-5' in s)
     variants_figure = at(lambda c, s: c['cell_type'] == 'code' and 'variants.png' in s)
     assert order[1] < figure < kl < order[2] < variants_figure < order[3]
+
+
+def test_section_2_and_the_summary_state_the_teachers_entropy_as_a_share_of_an_even_maps():
+    """'85-95% of an even map's entropy': the lowest and highest layer mean of the teacher's row entropy over ln N, on
+    the notebook's 256 test images, computed here from the teacher (fp32); and fig-5's axis starts at 0."""
+    from tools.tutorial import fashion_mnist
+    from util import checkpoints
+    teacher = checkpoints.build_from_checkpoint(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt')).eval()
+    x, _ = fashion_mnist(256)
+    with torch.no_grad():
+        maps = teacher.attention(x, range(teacher.depth))
+    share = [(-(l.softmax(-1) * l.log_softmax(-1)).sum(-1).mean()).item() / np.log(l.shape[-1]) for l in maps.values()]
+    stated = f"{min(share):.0%}-{max(share):.0%} of an even map's entropy".replace('%-', '-')
+    assert stated in markdown('### How much structure is there to hand over?'), stated
+    assert stated in markdown('## Summary'), stated
