@@ -16,8 +16,9 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     torchrun --nproc_per_node 8 attention_distill.py --data imagenet --data-dir /datasets/imagenet
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
-`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled (the setting the
-authors intended; their release never passed it on and used 21), 200 epochs. The saved checkpoint is a plain ViT:
+`--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, the first 18 of 24 layers distilled (what the release's
+command asks for with --end_layer -6; its code ignores that flag and distils layers 0-20: RECIPES.md, "Which
+layers"), 200 epochs. The saved checkpoint is a plain ViT:
 `util.checkpoints.build_from_checkpoint('runs/distill/checkpoint.pt')`.
 """
 import math

@@ -57,39 +57,10 @@ def attend(q, k, v, implementation='sdpa'):
         attn = scores(q, k).softmax(-1, dtype=v.dtype)                    # (B, H, N, N)
         out = attn @ v
     else:
-        out = _sdpa(q, k, v)
+        out = _sdpa(q, k, v)                                               # one fused call (below the ViT)
     if g > 1:
         out = out.unflatten(1, (-1, g)).mean(2)                            # (B, h, N, e)
     return out
-
-
-def _sdpa(q, k, v):
-    """F.scaled_dot_product_attention, also where v's head size e differs from q's d (a student of another width given
-    the teacher's q and k). Its backward gets a contiguous incoming gradient (ContiguousGrad: why)."""
-    d = q.shape[-1]
-    e = v.shape[-1]
-    # the smaller side padded with zeros, which change neither q k^T nor the columns kept
-    if e < d:
-        v = F.pad(v, (0, d - e))
-    elif e > d:
-        q = F.pad(q, (0, e - d))
-        k = F.pad(k, (0, e - d))
-    out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
-    return ContiguousGrad.apply(out)[..., :e]
-
-
-class ContiguousGrad(torch.autograd.Function):
-    """The identity, whose backward hands the gradient on contiguous. A fused attention's backward gets its incoming
-    gradient in the (B, N, H, d) memory order of the output projection's input; cuDNN's, given that and q, k needing
-    none, gave value gradients off by 1.4 (relative; given a contiguous one 2.3e-3: #67)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 class Attention(nn.Module):
@@ -325,6 +296,44 @@ def _init_weights(m):
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
     if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
         nn.init.zeros_(m.bias)
+
+
+# =============================================================================
+# A first reading can stop here: the ViT above is the course's. What follows serves the other uses of the same
+# model: the fused kernel's padding and a GPU fault (sdpa on CUDA), the named sizes, and the parts other families
+# (DINOv2, CLIP) add to the plain ViT.
+
+# -----------------------------------------------------------------------------
+# The fused call, for a student of another width, and a fault of cuDNN's backward
+
+
+def _sdpa(q, k, v):
+    """F.scaled_dot_product_attention, also where v's head size e differs from q's d (a student of another width given
+    the teacher's q and k). Its backward gets a contiguous incoming gradient (ContiguousGrad: why)."""
+    d = q.shape[-1]
+    e = v.shape[-1]
+    # the smaller side padded with zeros, which change neither q k^T nor the columns kept
+    if e < d:
+        v = F.pad(v, (0, d - e))
+    elif e > d:
+        q = F.pad(q, (0, e - d))
+        k = F.pad(k, (0, e - d))
+    out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+    return ContiguousGrad.apply(out)[..., :e]
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on contiguous. A fused attention's backward gets its incoming
+    gradient in the (B, N, H, d) memory order of the output projection's input; cuDNN's, given that and q, k needing
+    none, gave value gradients off by 1.4 (relative; given a contiguous one 2.3e-3: #67)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 # -----------------------------------------------------------------------------
 # Sizes (timm's names; patch 16 unless said otherwise)

@@ -344,9 +344,13 @@ def test_the_section_on_the_papers_other_questions_holds_on_variants_json():
     shifts = [s for s in v['shifted'] if s != 'none']
     mean = lambda s, k: v['shifted'][s][k]['mean']
     assert all(max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'finetune') for s in shifts)
-    below = [s for s in shifts if max(mean(s, 'copy'), mean(s, 'distill')) < mean(s, 'scratch')]
-    assert 'both transferred students fall behind fine-tuning, and under every shift but blur behind scratch' in text
-    assert sorted(set(shifts) - set(below)) == ['blur'], below
+    # behind scratch beyond the seeds' spread: mean + std below scratch's mean - std
+    r = lambda s, k: v['shifted'][s][k]
+    apart = {(s, k) for s in shifts for k in ('copy', 'distill')
+             if r(s, k)['mean'] + r(s, k)['std'] < r(s, 'scratch')['mean'] - r(s, 'scratch')['std']}
+    assert 'both transferred students fall behind fine-tuning.' in text
+    assert "Beyond the seeds' spread they fall behind scratch only under noise (both) and rotation (copy)." in text
+    assert apart == {('noise', 'copy'), ('noise', 'distill'), ('rotate', 'copy')}, apart
     heads4, whole = v['runs']['distill-heads4'], v['baselines']['distill']
     assert 'Four of 8 heads match all 8' in text and abs(heads4['mean'] - whole['mean']) <= max(heads4['std'], whole['std'])
 
@@ -443,12 +447,13 @@ def test_exercise_4_writes_a_distillation_step_checked_against_train():
     nb = cells()
     text = markdown('**4. A distillation step, by hand.**')
     assert '`distil_step(model, images, labels)`' in text and '*Expect*' in text
-    checker = code('def check_step():')
-    assert 'return None' in checker and "train('distillation', steps=1)" in checker and 'same(' in checker
+    checker = code('def check_step(step, method):')
+    assert 'return None' in checker and 'train(method, steps=1)' in checker and 'same(' in checker
     assert 'x_train[:BATCH], y_train[:BATCH]' in checker and 'torch.manual_seed(0)' in checker
+    assert "check_step(distil_step, 'distillation')" in checker
     solution = next(c for c in nb if c['cell_type'] == 'code' and '#@title Solution to exercise 4' in ''.join(c['source']))
     assert solution['metadata'].get('jupyter', {}).get('source_hidden') and solution['metadata'].get('cellView') == 'form'
-    assert 'check_step()' in ''.join(solution['source'])
+    assert "check_step(distil_step, 'distillation')" in ''.join(solution['source'])
     assert re.search(r'def train\(method, weight=W, steps=STEPS\):', code('def train(')) and \
         'for step in range(steps):' in code('def train(')
 
@@ -466,3 +471,35 @@ def test_the_sections_come_in_the_order_they_are_read():
     kl = at(lambda c, s: c['cell_type'] == 'markdown' and 'nats (KL) from the teacher\'s in blocks 0-5' in s)
     variants_figure = at(lambda c, s: c['cell_type'] == 'code' and 'variants.png' in s)
     assert order[1] < figure < kl < order[2] < variants_figure < order[3]
+
+
+def test_exercise_5_writes_the_copy_step_checked_as_exercise_4_is():
+    """The learner writes copy's step; the same check compares the weights after one AdamW step on it with those after
+    train's first copy step; the solution is hidden, and it ran: the stored outputs hold its check, no error."""
+    nb = cells()
+    text = markdown('**5. A copy step, by hand.**')
+    assert '`copy_step(model, images, labels)`' in text and '*Expect*' in text
+    cell = code('def copy_step(model, images, labels):\n    # your code')
+    assert 'return None' in cell and "check_step(copy_step, 'copy')" in cell
+    solution = next(c for c in nb if c['cell_type'] == 'code' and '#@title Solution to exercise 5' in ''.join(c['source']))
+    assert solution['metadata'].get('jupyter', {}).get('source_hidden') and solution['metadata'].get('cellView') == 'form'
+    assert "check_step(copy_step, 'copy')" in ''.join(solution['source'])
+    printed = ''.join(''.join(o.get('text', '')) for o in solution.get('outputs', []))
+    assert "copy_step vs train's" in printed and not [o for o in solution.get('outputs', []) if o['output_type'] == 'error']
+
+
+def test_section_2_and_the_summary_state_the_teachers_entropy_as_a_share_of_an_even_maps():
+    """'85-95% of an even map's entropy': the lowest and highest layer mean of the teacher's row entropy over ln N, on
+    the notebook's 256 test images, computed here from the teacher (fp32); and fig-5's axis starts at 0."""
+    from tools.tutorial import fashion_mnist
+    from util import checkpoints
+    teacher = checkpoints.build_from_checkpoint(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt')).eval()
+    x, _ = fashion_mnist(256)
+    with torch.no_grad():
+        maps = teacher.attention(x, range(teacher.depth))
+    share = [(-(l.softmax(-1) * l.log_softmax(-1)).sum(-1).mean()).item() / np.log(l.shape[-1]) for l in maps.values()]
+    stated = f"{min(share):.0%}-{max(share):.0%} of an even map's entropy".replace('%-', '-')
+    assert stated in markdown('### How much structure is there to hand over?'), stated
+    assert stated in markdown('## Summary'), stated
+    figure = code("ent_random = {i: entropy(l)")
+    assert 'ylim=(0,' in figure and 'does not start at 0' not in figure

@@ -113,6 +113,9 @@ def test_readme_command_exists_and_parses(script, args):
     module = script[:-3].replace('/', '.') if script.endswith('.py') else script
     assert os.path.isfile(os.path.join(ROOT, module.replace('.', '/') + '.py')), f'{script}: no such file'
     mod = importlib.import_module(module)
+    if hasattr(mod, 'parser'):   # a tool of plain argparse (tools/curves.py): its own parser
+        mod.parser().parse_args(args)
+        return
     cls = next(v for v in vars(mod).values() if dataclasses.is_dataclass(v) and v.__module__ == mod.__name__
                and 'Config' in v.__name__ and v.__name__ != 'TransferConfig')
     parse_config(cls, getattr(mod, 'PRESETS', None), args)
@@ -318,3 +321,23 @@ def test_the_reliability_table_names_tests_that_exist():
             assert tests and (not name or fnmatch.filter(tests, name)), f'{ref}: no such test in tests/{file}'
             named += 1
         assert named, cell
+
+
+def test_the_readme_estimates_full_mode_from_the_reproductions_speed():
+    """Full mode's time: its four stages (the preset's epochs over the whole training set) at the speed each method
+    ran in the committed reproduction (the last progress line of each seed's log, mean over the seeds)."""
+    import statistics
+    from util.config import SMALL_PRESETS
+    speed = {}
+    for stage in ('scratch', 'finetune', 'copy', 'distill'):
+        rates = []
+        for path in glob.glob(os.path.join(ROOT, 'results', 'fashion-mnist', 'logs', stage, 'seed*', 'log.txt')):
+            with open(path) as f:
+                rates.append(float(re.findall(r'\| (\d+) img/s', f.read())[-1]))
+        speed[stage] = statistics.fmean(rates)
+    epochs = SMALL_PRESETS['fashion-mnist']['epochs']
+    hours = sum(epochs * 60000 / v for v in speed.values()) / 3600
+    text = ' '.join(read_page('README.md').split())
+    stated = (f'{min(speed.values()):.0f} to {max(speed.values()):.0f} training images a second), its four '
+              f'{epochs}-epoch stages would take about {hours:.1f} hours')
+    assert stated in text, stated

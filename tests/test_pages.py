@@ -200,3 +200,21 @@ def test_the_reader_finds_a_changed_number(old, new, found):
         assert problems == []
     else:
         assert len(problems) == 1 and found in problems[0], problems
+
+# -----------------------------------------------------------------------------
+# The README's sentence on a longer-trained teacher, against the validation runs it cites
+
+
+def test_the_readme_states_what_a_longer_trained_teacher_lifts():
+    """'Against a finished 24-epoch teacher, a 48-epoch one lifts fine-tuning +a, copy +b and distillation +c': each
+    the last top-1 of the 48-epoch teacher's student minus the finished 24-epoch one's (VALIDATION.md#teacher)."""
+    def last(run):
+        with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'validation', run, 'metrics.jsonl')) as f:
+            return json.loads(f.read().splitlines()[-1])['top1']
+    lifts = tuple(f'{last(f"bf16-{m}48") - last(f"bf16-{m}24"):.2f}' for m in ('ft', 'copy', 'distill'))
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = flat(f.read())
+    found = re.search(r'Against a finished 24-epoch teacher, a 48-epoch one lifts fine-tuning \+([\d.]+), copy '
+                      r'\+([\d.]+) and distillation \+([\d.]+)', text)
+    assert found, 'the README no longer states the 48-epoch teacher\'s lifts'
+    assert found.groups() == lifts

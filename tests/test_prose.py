@@ -109,6 +109,15 @@ def test_the_readme_reads_in_short_sentences():
     assert long <= MAX_LONG, f'{long} sentences over {LONG} words in the README: at most {MAX_LONG}'
 
 
+def test_the_feature_analysis_page_reads_in_short_sentences():
+    """results/fashion-mnist/features/README.md, linked twice from the notebook: the same mean, and no sentence over
+    40 words (its tables, the command lines and the model list are code, not prose)."""
+    with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'README.md'), encoding='utf-8') as f:
+        total, n, mean, long = counts(f.read())
+    assert mean <= MEAN_WORDS, f'{mean:.1f} words a sentence on the features page: at most {MEAN_WORDS}'
+    assert long == 0, f'{long} sentences over {LONG} words on the features page: none'
+
+
 if __name__ == '__main__':
     notebook, readme_path = (sys.argv[1:] + [NOTEBOOK, README][len(sys.argv) - 1:])[:2]
     with open(readme_path, encoding='utf-8') as f:

@@ -3,7 +3,8 @@ teacher, and reads at a glance (few text lines, sharp figures, nothing but resul
 numbers agreeing with its text); a fresh copy runs top to bottom (and a training cell runs again); a check of
 a hand-written piece stops the notebook when the project's code computes something else; the committed
 reproduction's curves it draws are the reproduction's, as its text says; its set-up cell fetches the code and
-installs what is missing on a simulated Colab; the README's Colab badge opens what that cell clones.
+installs what is missing on a simulated Colab, from a zip `git archive` makes; the README promises no one-click
+Colab link while the cell has no address, and opens what it clones once it has one.
 
     python tests/test_tutorial.py    # re-execute the notebook in quick mode and store it with its outputs
 """
@@ -490,13 +491,21 @@ def test_setup_on_colab_clones_the_repository(colab, tmp_path):
     assert re.findall(r'\| the code: (.*)$', p.stdout, re.M) == [checkout, checkout], p.stdout
 
 
-def test_setup_on_colab_takes_an_uploaded_zip(colab, tmp_path):
+@pytest.mark.parametrize('made_by', ['git archive', 'a top folder'])
+def test_setup_on_colab_takes_an_uploaded_zip(colab, tmp_path, made_by):
+    """The zip the README and cell 0 say to make (`git archive --format zip`, files at its root), and one with a top
+    folder (as a code host's download gives)."""
     fake, content = colab
-    archive = tmp_path / 'attention-transfer-main.zip'
-    with zipfile.ZipFile(archive, 'w') as z:     # as GitHub's Download ZIP: one top folder
-        for name in os.listdir(ROOT):
-            if name.endswith('.py') or name == 'requirements.txt':
-                z.write(os.path.join(ROOT, name), f'attention-transfer-main/{name}')
+    archive = tmp_path / 'attention-transfer.zip'
+    if made_by == 'git archive':
+        if subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True).returncode:
+            pytest.skip('the repository is not a git checkout')
+        subprocess.run(['git', '-C', ROOT, 'archive', '--format', 'zip', '-o', str(archive), 'HEAD'], check=True)
+    else:
+        with zipfile.ZipFile(archive, 'w') as z:
+            for name in os.listdir(ROOT):
+                if name.endswith('.py') or name == 'requirements.txt':
+                    z.write(os.path.join(ROOT, name), f'attention-transfer-main/{name}')
     state, p = run_setup(content, setup_source(''), fake_colab=fake, upload=archive)
     checkout = str(content / 'attention-transfer')
     assert state == {'cwd': checkout, 'path0': checkout, 'vit': os.path.join(checkout, 'vit.py')}
@@ -546,20 +555,28 @@ def test_setup_elsewhere_without_an_address_says_what_to_do(tmp_path):
 
 
 def colab_link(repo_url):
-    """Where the README's badge must point: the notebook on Colab, or Colab's start page while unpublished."""
+    """Where a Colab badge would open the notebook: None while the set-up cell has no GitHub address."""
     m = re.fullmatch(r'https://github\.com/([\w.-]+)/([\w.-]+?)(?:\.git)?/?', repo_url)
-    return (f'https://colab.research.google.com/github/{m[1]}/{m[2]}/blob/main/tutorial.ipynb' if m
-            else 'https://colab.research.google.com/')
+    return f'https://colab.research.google.com/github/{m[1]}/{m[2]}/blob/main/tutorial.ipynb' if m else None
 
 
-def test_readme_badge_opens_what_the_setup_cell_clones():
+def test_readme_and_cell_0_say_what_works_on_colab_today():
+    """No badge promises one click while REPO_URL is empty (a badge, once it is set, opens the notebook it clones);
+    the README and cell 0 name what works instead: the notebook uploaded, then a zip `git archive` makes."""
     repo_url = re.search(r"^REPO_URL = '([^']*)'\s*#@param", setup_source(), re.M)[1]
     with open(os.path.join(ROOT, 'README.md')) as f:
-        badge = re.search(r'\[!\[Open In Colab\]\([^)]*\)\]\(([^)]*)\)', f.read())
-    assert badge, 'README.md has no "Open In Colab" badge'
-    assert badge[1] == colab_link(repo_url), (f"REPO_URL is {repo_url!r} in tutorial.ipynb's set-up cell: "
-                                              f"README.md's Colab badge must open {colab_link(repo_url)}")
-    assert colab_link('https://github.com/a-b/c.d.git') == 'https://colab.research.google.com/github/a-b/c.d/blob/main/tutorial.ipynb'
+        readme = f.read()
+    badge = re.search(r'\[!\[Open In Colab\]\([^)]*\)\]\(([^)]*)\)', readme)
+    if colab_link(repo_url) is None:
+        assert not badge, "README.md has a Colab badge, but tutorial.ipynb's set-up cell has no address to clone"
+    else:
+        assert badge and badge[1] == colab_link(repo_url), f'the Colab badge must open {colab_link(repo_url)}'
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    archive = 'git archive --format zip -o attention-transfer.zip HEAD'
+    assert archive in ' '.join(readme.split()) and archive in ' '.join(nb.cells[0].source.split())
+    assert 'Download ZIP' not in readme + nb.cells[0].source + setup_source()
+    assert colab_link('https://github.com/a-b/c.d.git') == \
+        'https://colab.research.google.com/github/a-b/c.d/blob/main/tutorial.ipynb'
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ from tools import reproduce
 from tools.palette import PALETTE, SHORT, colour, png
 from tools.reproduce_report import per_epoch
 from util.config import SMALL_PRESETS
-from util.files import cpu_name, read_jsonl
+from util.files import cpu_name, read_json, read_jsonl
 from util.launch import amp_dtype
 
 # -----------------------------------------------------------------------------
@@ -151,11 +151,18 @@ def final_top1(run_dir):
     return metrics(run_dir)[-1]['top1']
 
 
+def images_a_step(run_dir):
+    """The images one optimizer step takes, from the run's config.json: the batch of a process, times its
+    accumulation steps, times the processes."""
+    cfg = read_json(os.path.join(run_dir, 'config.json'), 'run it again',
+                    {'batch_size': int, 'accum_steps': int, 'world_size': int})
+    return cfg['batch_size'] * cfg['accum_steps'] * cfg['world_size']
+
+
 def seen(run_dir):
-    """The training images a run had seen at each of its evaluations, in thousands: the step times the batch
-    (config.json). An epoch of a slice is fewer images than an epoch of the whole set; images seen are the same unit."""
-    with open(os.path.join(run_dir, 'config.json')) as f:
-        batch = json.load(f)['batch_size']
+    """The training images a run had seen at each of its evaluations, in thousands: the step times the images a step
+    takes. An epoch of a slice is fewer images than an epoch of the whole set; images seen are the same unit."""
+    batch = images_a_step(run_dir)
     return [r['step'] * batch / 1000 for r in metrics(run_dir)]
 
 
@@ -264,13 +271,18 @@ def show(fig):
     plt.close(fig)
 
 
-def finish(fig):
+def mark_axes(fig):
     """Every panel with a grid, and one whose y axis does not start at 0 says so in its title (differences read
-    larger than they are); then shown."""
+    larger than they are)."""
     for ax in fig.axes:
         ax.grid(alpha=0.3)
         if ax.get_ylim()[0] > 0:
             ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
+
+
+def finish(fig):
+    """mark_axes, then shown."""
+    mark_axes(fig)
     show(fig)
 
 
@@ -320,6 +332,11 @@ def plot_training(logs, title):
 
 
 def plot_features(result):
+    """features_figure, shown."""
+    show(features_figure(result))
+
+
+def features_figure(result):
     """The committed feature analysis (features.json's result), in the course's names. Top: linear CKA of each
     method's features to the teacher's per block, mean ± std over seeds (dashed: two seeds of that method); the
     distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
@@ -330,7 +347,7 @@ def plot_features(result):
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
     draw_cka_and_kl(top, result, models)
     draw_attention_distance(bottom, result, models)
-    show(fig)
+    return fig
 
 
 def draw_cka_and_kl(top, result, models):
