@@ -305,12 +305,13 @@ def is_result(path):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a directory, a model, or another file (a checkpoint!)
-    unless --overwrite."""
+    """Refuse an --out that is a directory (or a pipe, a device: opened, a pipe would block for ever), a model, or
+    another file (a checkpoint!) unless --overwrite."""
     out = cfg.out
     read = {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
-    if os.path.isdir(out):
-        raise ConfigError(f'--out {out} is a directory: name a file')
+    if os.path.exists(out) and not os.path.isfile(out):
+        kind = 'a directory' if os.path.isdir(out) else 'not a regular file (a pipe or a device)'
+        raise ConfigError(f'--out {out} is {kind}: name a file')
     if os.path.realpath(out) in read:
         raise ConfigError(f'--out {out} is a file this command reads (--models, --teacher): '
                           f'name another file')

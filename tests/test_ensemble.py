@@ -2,8 +2,10 @@
 and a run over two tiny fine-tuned models and a copy student whose numbers match their own runs'."""
 import hashlib
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -168,6 +170,18 @@ def test_out_is_never_written_over_another_file(runs, tmp_path, monkeypatch):
     for bad, says in ((tmp_path, 'is a directory'), ('/proc/no/such/result.json', 'cannot write there')):
         msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', bad)
         assert msg and says in msg, msg
+
+
+def test_out_naming_a_pipe_is_refused_before_it_is_opened(runs, tmp_path):
+    """A FIFO as --out (opened to see whether it is an earlier result, it blocks until a writer comes, for ever):
+    refused in one line naming --out, non-zero exit, the pipe left as it is, within seconds."""
+    fifo = tmp_path / 'r.json'
+    os.mkfifo(fifo)
+    p = run_script('ensemble.py', *TINY, '--models', runs / 'ft0' / 'checkpoint.pt', '--out', fifo, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith(f'error: --out {fifo} is not a regular file'), lines
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)       # not replaced by a file
 
 
 def test_copy_student_refuses_another_teacher(runs, tmp_path, monkeypatch):

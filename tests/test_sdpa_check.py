@@ -28,25 +28,27 @@ FAULTS = ('output', 'q grad', 'k grad', 'v grad', 'raises')
 
 
 class Wrong(torch.autograd.Function):
-    """kernel(q, k, v) with one fault: its output 5% off, or the gradient it hands q, k or v 5% off."""
+    """kernel(q, k, v) with one fault: its output, or the gradient it hands q, k or v, `by` times its own (1.05: 5%
+    off)."""
 
     @staticmethod
-    def forward(ctx, fault, kernel, q, k, v):
+    def forward(ctx, fault, by, kernel, q, k, v):
         with torch.enable_grad():
             ctx.inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
             ctx.out = kernel(*ctx.inputs)
-        ctx.fault = fault
-        return ctx.out.detach() * (1.05 if fault == 'output' else 1.0)
+        ctx.fault, ctx.by = fault, by
+        return ctx.out.detach() * (by if fault == 'output' else 1.0)
 
     @staticmethod
     def backward(ctx, grad):
         got = iter(torch.autograd.grad(ctx.out, [t for t in ctx.inputs if t.requires_grad], grad))
-        return None, None, *(next(got) * (1.05 if ctx.fault == f'{n} grad' else 1.0) if t.requires_grad else None
-                             for n, t in zip('qkv', ctx.inputs))
+        return None, None, None, *(next(got) * (ctx.by if ctx.fault == f'{n} grad' else 1.0) if t.requires_grad
+                                   else None for n, t in zip('qkv', ctx.inputs))
 
 
-def wrong_kernels(monkeypatch, fault, sdpa=True, lse=True):
-    """F.scaled_dot_product_attention and (lse) the CPU's log-sum-exp entry point, the map-free loss's, with fault."""
+def wrong_kernels(monkeypatch, fault, sdpa=True, lse=True, by=1.05):
+    """F.scaled_dot_product_attention and (lse) the CPU's log-sum-exp entry point, the map-free loss's, with fault
+    (the tensor `by` times its own)."""
     def refuse():
         if fault == 'raises':
             raise RuntimeError('No available kernel. Aborting execution.')
@@ -54,12 +56,12 @@ def wrong_kernels(monkeypatch, fault, sdpa=True, lse=True):
 
     def wrong_sdpa(q, k, v, **kwargs):
         refuse()
-        return Wrong.apply(fault, lambda *qkv: real_sdpa(*qkv, **kwargs), q, k, v)
+        return Wrong.apply(fault, by, lambda *qkv: real_sdpa(*qkv, **kwargs), q, k, v)
 
     def wrong_lse(q, k, v, *args, **kwargs):
         refuse()
         lse = real_lse(q.detach(), k.detach(), v.detach(), *args, **kwargs)[1]
-        return Wrong.apply(fault, lambda *qkv: real_lse(*qkv, *args, **kwargs)[0], q, k, v), lse
+        return Wrong.apply(fault, by, lambda *qkv: real_lse(*qkv, *args, **kwargs)[0], q, k, v), lse
     if sdpa:
         monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_sdpa)
     if lse:
@@ -211,6 +213,15 @@ def test_the_check_s_inputs_are_peaked_so_that_a_wrong_softmax_shows(monkeypatch
         layer_check(vit(4, 16, 64, 8), torch.bfloat16, backward=False)
     monkeypatch.setattr(check, 'PEAK', 0.0)
     assert layer_check(vit(4, 16, 64, 8), torch.bfloat16, backward=False)[0] == 'sdpa'
+
+
+@pytest.mark.parametrize('fault', ['output', 'q grad', 'k grad', 'v grad'])
+def test_a_nan_is_the_tensor_named(monkeypatch, fault):
+    """A kernel that hands back a nan in one tensor (the others as the real kernel's, within their tolerance): the
+    refusal names that tensor, not the farthest of the finite ones."""
+    wrong_kernels(monkeypatch, fault, by=float('nan'))
+    with pytest.raises(ConfigError, match=f'the farthest layer 0 {fault} at nan'):
+        layer_check(vit(3, 64, 32, 8))
 
 
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16], ids=['fp32', 'bf16'])

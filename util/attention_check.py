@@ -10,6 +10,7 @@ line and sends auto to eager, before anything has run on sdpa (every model is on
                                   {'layer 0': model.blocks[0].attn})
 """
 import contextlib
+import math
 import time
 from functools import partial
 
@@ -188,7 +189,7 @@ def check_sdpa(plan, what, parts):
     # the kernel the step runs: for a run that trains, on inputs that need a gradient (torch may pick another)
     training = any('grad' in n for n in errors)
     backend = sdpa_backend(*(t.detach().to(dtype).requires_grad_(training) for t in first))
-    worst = max(errors, key=lambda n: errors[n][0] / errors[n][2])
+    worst = max(errors, key=partial(reach, errors))
     fused_error, eager_error, tolerance = errors[worst]
     holds = all(e <= t for e, _, t in errors.values())
     record = {'what': what, 'error': fused_error, 'eager_error': eager_error,
@@ -229,6 +230,14 @@ def error(ours, definition, unit=None):
     diff = (ours.double() - definition.double()).abs().max().item()
     unit = unit or definition.double().abs().max().item()
     return diff / unit if unit > 0 else diff
+
+
+def reach(errors, name):
+    """How far tensor `name` of errors ({name: (error, eager's, tolerance)}) is: its error in units of its tolerance, or
+    infinitely far where that is nan (a kernel that handed back a nan): the tensor a refusal names."""
+    ours, _, tolerance = errors[name]
+    far = ours / tolerance
+    return math.inf if math.isnan(far) else far
 
 
 def sdpa_backend(q, k, v):
