@@ -122,8 +122,8 @@ def label(name):
 
 def plot(result, path):
     """Left: each variant's top-1 per seed (dots) and mean (bar), the baselines' means as lines; right: the
-    committed models' top-1 on shifted test images, mean ± std over seeds. Drawn 10 inches wide at 200 dpi: the
-    notebook shows it 1000 pixels wide, at its other figures' scale and resolution (retina)."""
+    committed models' top-1 on shifted test images, mean ± std over seeds. Drawn 10 inches wide at 200 dpi:
+    the notebook shows it 1000 pixels wide, at its other figures' scale and resolution (retina)."""
     fig = Figure(figsize=(10, 5.8), layout='constrained')
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     runs = result['runs']
