@@ -76,6 +76,8 @@ def test_the_figure_shows_curves_only_when_there_are_epochs_to_draw(tmp_path):
                                          ([0.43], 1, 1, 'one seed')):
         fig = plot(summary(epochs, seeds), tmp_path / 'results.png')
         assert len(fig.axes) == panels and title in fig.axes[0].get_title()
+        ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert ticks == ['scratch', 'fine-tune', 'copy', 'distillation', 'ensemble']   # the course's
         assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
         if panels == 2:
             assert list(fig.axes[1].lines[0].get_xdata()) == epochs

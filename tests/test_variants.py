@@ -61,8 +61,17 @@ def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path)
            for i, k in enumerate(palette.PALETTE)}
     for k, c in odd.items():
         monkeypatch.setitem(palette.PALETTE, k, c)
+    rows = [{'top1': {'none': t + 1, 'invert': t / 2 + 3}} for t in (80, 90, 84, 88, 91)]   # seed 1
+    os.makedirs(tree / 'shift' / 'seed1')
+    (tree / 'shift' / 'seed1' / 'robustness.json').write_text(json.dumps({'rows': rows}))
+    (tree / 'shift' / 'seed1' / 'wall_s.txt').write_text('30')
     fig = variants.plot(variants.collect(), tmp_path / 'v.png')
     left, right = fig.axes
+    bars = {}                                  # each method's error bars on the shifted images: its std
+    for c in right.collections:
+        bars[to_hex(c.get_color()[0])] = sorted(s[1][1] - s[0][1] for s in c.get_segments())
+    spread = pytest.approx([2 * 0.5 ** 0.5, 2 * 4.5 ** 0.5])                 # none, invert
+    assert bars == {odd[m]: spread for m in variants.METHODS}
     assert {to_hex(c) for s in left.collections for c in s.get_facecolor()} == {odd['distill']}
     for ax in fig.axes:
         handles, labels = ax.get_legend_handles_labels()

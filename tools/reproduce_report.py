@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
-from tools.palette import colour
+from tools.palette import SHORT, colour
 from util.config import ConfigError
 from util.engine import lr_at
 from util.errors import flag, word
@@ -157,7 +157,7 @@ def plot(s, path, split='test', smoke=False):
         left.errorbar(i + 0.15, r['mean'], yerr=r['std'] or 0.0, fmt='o', color=colour(m),
                       capsize=4)
         left.annotate(f"{r['mean']:.2f}", (i + 0.25, r['mean']), va='center', fontsize=8)
-    left.set_xticks(range(len(STAGES)), STAGES)
+    left.set_xticks(range(len(STAGES)), [SHORT[m] for m in STAGES])   # the course's names
     left.set_xlim(-0.5, len(STAGES) - 0.2)
     seeds = f'each seed a dot, mean ± std over {n} seeds' if n > 1 else 'one seed'
     left.set(ylabel=f'{split} top-1 (%), final epoch',

@@ -122,8 +122,8 @@ def label(name):
 
 def plot(result, path):
     """Left: each variant's top-1 per seed (dots) and mean (bar), the baselines' means as lines; right: the
-    committed models' top-1 on shifted test images. Drawn 10 inches wide at 200 dpi: the notebook shows it 1000
-    pixels wide, at its other figures' scale and resolution (retina)."""
+    committed models' top-1 on shifted test images, mean ± std over seeds. Drawn 10 inches wide at 200 dpi:
+    the notebook shows it 1000 pixels wide, at its other figures' scale and resolution (retina)."""
     fig = Figure(figsize=(10, 5.8), layout='constrained')
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     runs = result['runs']
@@ -143,11 +143,15 @@ def plot(result, path):
                 title_fontsize=8, loc='lower left')
     for j, method in enumerate(METHODS):   # side by side within each shift
         x = [i + (j - 2) * 0.12 for i in range(len(shifted))]
-        right.plot(x, [s[method]['mean'] for s in shifted.values()], 'o', color=PALETTE[method],
-                   label=SHORT[method])
+        means = [s[method]['mean'] for s in shifted.values()]
+        right.plot(x, means, 'o', color=PALETTE[method], label=SHORT[method])
+        # the spread over seeds, as the page's table states it (one seed: none)
+        spread = [s[method]['std'] or 0.0 for s in shifted.values()]
+        right.errorbar(x, means, yerr=spread, fmt='none', ecolor=PALETTE[method], capsize=2)
+    n = len(next(iter(shifted.values()))['scratch']['seeds'])
     right.set_xticks(range(len(shifted)), list(shifted), fontsize=8, rotation=30)
-    right.set(ylabel='test top-1 (%), mean over 3 seeds', title='shifted test images, same labels\n'
-              '(the y axis does not start at 0)')
+    right.set(ylabel=f'test top-1 (%), mean ± std over {n} seeds',
+              title='shifted test images, same labels\n(the y axis does not start at 0)')
     right.legend(fontsize=8, title='the committed models\n(ensemble: fine-tune +\ndistillation)',
                  title_fontsize=8)
     with replacing(path) as tmp, open(tmp, 'wb') as f:
