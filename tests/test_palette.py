@@ -86,7 +86,7 @@ def fake_run(folder, top1):
         for e, t in enumerate(top1, 1):
             f.write(json.dumps({'epoch': e, 'step': 10 * e, 'top1': t}) + '\n')
     with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump({'batch_size': 64}, f)
+        json.dump({'batch_size': 64, 'accum_steps': 1, 'world_size': 1}, f)   # as every run's config.json
     return str(folder)
 
 
