@@ -1,4 +1,4 @@
-"""TorchScript archives read without running them (util/torchscript.py): the reader gives exactly what
+"""TorchScript archives read without running them (util/pretrained.py): the reader gives exactly what
 torch.jit.load(path).state_dict() gives (names, order, dtypes, shapes, strides, values, shared storages) for scripted
 and traced modules; an archive whose compiled __setstate__ writes a file or never returns is refused unrun wherever a
 checkpoint is read, the file it would write unchanged, nothing hung."""

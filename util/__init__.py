@@ -13,13 +13,13 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     a divergence) and the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
                     file read without running any of its code (torch.load's weights only, CRC-32s checked)
-    pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions
+    pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions;
+                    CLIP's TorchScript archive's tensors read without running its code
     datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
                     a small data set held in memory on the device, its batches made there; the loader, whose
                     batches a resume continues exactly
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
-    torchscript.py  a TorchScript archive's tensors (CLIP's official files) read without running its code
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged; where a
                     command writes, refused before any work where open() says it cannot be; outputs written once
                     the work is done, claimed when the command starts

@@ -24,9 +24,8 @@ import torchvision.models as tvm
 from util.config import DEPTH, SIZE
 from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, convert, family_of,
-                             resize_pos_embed, unwrap)
-from util.torchscript import ArchiveRefused, read_archive
+from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused, convert,
+                             family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
@@ -73,7 +72,7 @@ def read_checkpoint(source):
 def read_file(path):
     """A checkpoint file's contents, read without running any of its code: what torch.save wrote, by
     torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
-    unread), or a TorchScript archive's parameters and buffers (util/torchscript.py, which executes nothing of it).
+    unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
     be read as a weight), and an architecture record out of range (ARCH) is refused before any of its numbers is
     used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
