@@ -12,13 +12,12 @@ The command line is the config's dataclass (util/config.py); `--help` lists ever
 with and where it comes from. The same script runs under `python` (one process) and `torchrun` (one per GPU, NCCL).
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
-import re
 import signal
 import sys
-import textwrap
 import traceback
 import typing
 from typing import Any, NamedTuple
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from util.config import check, declared
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
-from util.rundir import NOTHING_SAVED, RunDir, open_resumed, say
+from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed, say
 from vit import SIZES
 
 # -----------------------------------------------------------------------------
@@ -176,23 +175,14 @@ def what_runs(plan):
 
 
 def run_main(main):
-    """Run a script's main(); expected failures print one line and exit non-zero, Ctrl-C one line saying how
-    to continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
-    that run (RunDir.__exit__)."""
+    """Run a script's main(); an error ends in one line and a non-zero exit, Ctrl-C in one line saying how to
+    continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
+    that run and where its log is (RunDir.__exit__)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
     signal.signal(signal.SIGTERM, stopped)                      # till here
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
     try:
         main()
-    except WriteError as e:
-        if hasattr(e, 'how_to_continue'):
-            sys.exit(f'error: {e.what}; {e.how_to_continue}')
-        sys.exit(f'error: {e}')
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        lines = str(e).strip().splitlines()
-        if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
-            sys.exit(f"error: {lines[-1].split(': ', 1)[-1]}")
-        sys.exit(f'error: {lines[0]}')
     except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -202,43 +192,43 @@ def run_main(main):
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
-    except OSError as e:   # fork() refused as a data loader starts its workers (a process limit)
-        starting = os.path.join('multiprocessing', 'process.py')
-        if not any(f.name == 'start' and f.filename.endswith(starting)
-                   for f in traceback.extract_tb(e.__traceback__)):
-            raise
-        sys.exit(f'error: the data loader could not start its worker processes ({e.strerror}): '
-                 f'lower --num-workers (0 loads in the main process); '
-                 f"{getattr(e, 'how_to_continue', NOTHING_SAVED)}")
-    except RuntimeError as e:
-        # torch names what NCCL finds (dist.DistError); gloo raises a bare RuntimeError, told by its words
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or lost_peer(e))):
-            raise
-        which = f'process {dist.get_rank()} of {dist.get_world_size()}'
-        sys.exit(f'error: {which}: {lost_peer(e) or e}: another process stopped, hung or died (each '
-                 f'stops after --dist-timeout seconds); '
-                 f"{getattr(e, 'how_to_continue', NOTHING_SAVED)}")
+    except Exception as e:
+        sys.exit(f'error: {one_line(e)}')
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_line(e):
+    """An error in one line: one of ours as it says (a write that failed: with how to continue the run); anything
+    else by its type and first line, its traceback added to the run's log (where there is none yet: printed), and
+    how to continue."""
+    how = getattr(e, 'how_to_continue', NOTHING_SAVED)
+    if isinstance(e, WriteError):
+        return f'{e.what}; {how}' if hasattr(e, 'how_to_continue') else str(e)
+    lines = str(e).strip().splitlines() or ['']
+    if isinstance(e, (ConfigError, DataError, CheckpointError, FloatingPointError)):
+        if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
+            return lines[-1].split(': ', 1)[-1]
+        return lines[0]
+    said = f'{type(e).__name__}: {lines[0]}'
+    log = getattr(e, 'log', None)
+    if log:
+        with contextlib.suppress(WriteError):   # a full disk: the line still says what happened
+            add_to_log(log, ''.join(traceback.format_exception(e)))
+        said += f' (its traceback: {log})'
+    else:
+        traceback.print_exception(e)
+    if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
+        said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
+               f'process stopped, hung or died, each stops after --dist-timeout seconds'
+    return f'{said}; {how}'
 
 
 def stopped(signum, frame):
     """SIGTERM (a scheduler's, `kill`'s) or SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint
     kept, its workers ended (their own handler: util/datafiles.quiet_on_stop), one line."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-# the words of a gloo / NCCL error that says another process never answered or went away
-LOST_PEER = (r'(Timed out [^\n]*|Connection (closed|reset) [^\n]*'
-             r'|NCCL[^\n]*(timeout|Watchdog)[^\n]*)')
-
-
-def lost_peer(e):
-    """The words in an error that say another process never answered or went away ('' if none
-    do)."""
-    found = re.search(LOST_PEER, str(e))
-    return found.group(0).strip() if found else ''
 
 # -----------------------------------------------------------------------------
 # The command line of a config
@@ -251,20 +241,6 @@ class _Parser(argparse.ArgumentParser):
             say(self.format_help())
             sys.exit(0)
         sys.exit(f'{self.prog}: error: {message} (see --help)')
-
-
-class _Help(argparse.HelpFormatter):
-    """argparse's layout, with room for the longest flags and no line broken inside a
-    --flag-name."""
-
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=30)
-
-    def _split_lines(self, text, width):
-        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
-
-    def _fill_text(self, text, width, indent):   # a description: wrapped as a flag's help is
-        return '\n'.join(indent + line for line in self._split_lines(text, width - len(indent)))
 
 
 def _converter(tp):
@@ -333,12 +309,13 @@ def parser(cls, presets, helps=None):
     line in --help} ('%' escaped: argparse formats help strings)."""
     hints = typing.get_type_hints(cls)
     helps = helps or {}
-    doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # joined by _Help
+    doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # as written
     epilog = None
     if presets:
-        epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags: " \
+        epilog = f"--data picks a preset ({', '.join(presets)}), applied before your flags:\n" \
                  f"`--data X --help` shows the values under X's."
-    p = _Parser(allow_abbrev=False, add_help=False, description=doc, formatter_class=_Help,
+    p = _Parser(allow_abbrev=False, add_help=False, description=doc,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage='%(prog)s [--flag value ...]', epilog=epilog)
     p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
                    help="show each flag's value for this command line, where it comes from, and "

@@ -191,11 +191,12 @@ class RunDir:
         return self
 
     def __exit__(self, kind, error, traceback):
-        """Let the directory go; an error that ends the run is told how to continue it (run_main says
-        so)."""
+        """Let the directory go; an error that ends the run is told how to continue it and where the run's
+        log is, once written (run_main says so)."""
         self.release()
         if error is not None:
             error.how_to_continue = self.how_to_continue()
+            error.log = self.file('log.txt') if self.begun else None
 
     # -------------------------------------------------------------------------
     # What the run writes
