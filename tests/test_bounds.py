@@ -110,11 +110,11 @@ def test_an_ensemble_test_split_too_big_to_list_names_fake_size(tmp_path, monkey
 # A run at its edges
 
 
-def test_a_divergence_names_the_option_that_moved_and_the_advice_drops_it(monkeypatch, tmp_path):
-    """--weight-decay 1e308 diverges: the line named the lr and advised a resume that keeps the cause."""
+def test_a_divergence_before_any_checkpoint_says_there_is_none(monkeypatch, tmp_path):
+    """--weight-decay 1e308 diverges at once: the line advised a resume, with no checkpoint to resume."""
     msg = run_in_process(monkeypatch, finetune, *TINY, '--weight-decay', '1e308', '--out-dir', tmp_path / 'r')
-    assert msg and 'the run diverged and stopped (moved from the preset: --weight-decay 1e+308)' in msg, msg
-    assert 'start a new run in another --out-dir without --weight-decay' in msg and '--resume' not in msg, msg
+    assert msg and 'the run diverged and stopped; no checkpoint was written yet' in msg, msg
+    assert not (tmp_path / 'r' / 'checkpoint.pt').exists() and '--resume' not in msg, msg
 
 
 def test_a_finished_mae_run_resumes_and_exports(monkeypatch, tmp_path):

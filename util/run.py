@@ -17,8 +17,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
-from util.errors import CheckpointError, ConfigError, first_few, flag
-from util.rundir import AFTER_DIVERGENCE, not_finite, resume_command
+from util.errors import CheckpointError, ConfigError, first_few
+from util.rundir import not_finite
 
 
 def check_data(plan, loader, classes):
@@ -245,45 +245,19 @@ class Run:
 
     def diverged(self, value, what):
         """Stop a run whose `what` is not finite (value): it diverged. Its config.json records where, so that a
-        resume from the checkpoint kept, every value of which is finite (save), may lower the lr. The options the
-        command moved away from its preset that can make a run diverge are named, and the advice drops them."""
-        cfg = self.cfg
-        plan = self.plan
+        resume from the checkpoint kept, every value of which is finite (save), may lower the lr
+        (rundir.AFTER_DIVERGENCE)."""
         kept = self.saved_step
-        plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value),
-                                        'checkpoint': kept})
-        moved = {k: getattr(cfg, k) for k in DIVERGES
-                 if hasattr(cfg, k) and getattr(cfg, k) != plan.preset[k]}
-        cause = ''
-        if moved:
-            named = ', '.join(f'{flag(k)} {v:g}' for k, v in moved.items())
-            cause = f' (moved from the preset: {named})'
-        lower = f'--blr {cfg.blr / 2:g}'
-        if plan.dtype == torch.float16:
-            other = ' (or with --clip-grad 1, or --amp bf16)'
-        else:
-            other = ' (or with --clip-grad 1)'
-        kept_ones = [flag(k) for k in moved if k not in AFTER_DIVERGENCE]   # a resume keeps these
-        if kept_ones:
-            how = f'start a new run in another --out-dir without {", ".join(kept_ones)} (a ' \
-                  f'resume keeps them)'
-        elif kept is not None:
-            command = resume_command('--blr', *map(flag, moved))
-            how = f'the last finite checkpoint (step {kept}) is kept in ' \
-                  f'{plan.run_dir.checkpoint}: continue from it with a lower learning rate: ' \
-                  f'{command} {lower}{other}'
-        else:
-            how = f'no checkpoint was written yet: start again with a lower learning rate, e.g. ' \
-                  f'{lower}{other}'
-        epoch = self.step / self.steps_per_epoch
-        raise FloatingPointError(f'{what} is {value} at step {self.step} (epoch {epoch:.2f}): the '
-                                 f'run diverged and stopped{cause}; {how}')
+        self.plan.run_dir.record_divergence({'step': self.step, 'what': what, 'value': str(value),
+                                             'checkpoint': kept})
+        where = 'no checkpoint was written yet'
+        if kept is not None:
+            where = f'the last finite checkpoint (step {kept}) is {self.plan.run_dir.checkpoint}'
+        raise FloatingPointError(f'{what} is {value} at step {self.step}: the run diverged and '
+                                 f'stopped; {where}')
 
 
 STAYS = ' (--blr 0: every step at lr 0, the weights stay as they were loaded)'
-
-# what moves a run towards divergence, named when it diverges if the command set it away from the preset
-DIVERGES = ('blr', 'min_lr', 'min_lr_ratio', 'weight_decay', 'weight', 'clip_grad', 'layer_decay')
 
 
 def made_with(cfg, extra):

@@ -316,8 +316,6 @@ class RunDir:
                 return f'{NOTHING_SAVED} with --overwrite true (it deletes the {len(evaluated)} ' \
                        f'evaluation(s) made)'
             return NOTHING_SAVED
-        if under_torchrun():
-            return f'{self.checkpoint} holds the last checkpoint; continue with {resume_command()}'
         return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
 
 
@@ -480,14 +478,12 @@ def not_finite(parts):
     return tensors[finite.index(False)]
 
 
-def resume_command(*replaced):
-    """The command that continues this run: its own with --resume true, without the flags `replaced` (which the
-    caller gives anew), or under torchrun the words to say so."""
+def resume_command():
+    """The command that continues this run: its own with --resume true, or under torchrun the words to say so."""
     if under_torchrun():
         return 'your torchrun command and --resume true'
-    drop = ('--resume', *replaced)
     argv = [a for before, a in zip([None, *sys.argv], sys.argv)
-            if a not in drop and before not in drop]
+            if a != '--resume' and before != '--resume']
     return f"{shlex.join(['python', *argv])} --resume true"
 
 
