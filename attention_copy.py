@@ -38,7 +38,7 @@ from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, inspect_teacher, student_presets, teacher_outputs)
 from util.attention_check import CHECK_IMAGES, start_up_check
-from util.checkpoints import (HEAD_RULE, CheckpointError, load_weights, read_checkpoint,
+from util.checkpoints import (CheckpointError, load_weights, read_checkpoint,
                               teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -142,9 +142,6 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     if bad:
         raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} "
                               f"(missing or of another kind): {fix}")
-    if rec.get('head_rule', HEAD_RULE) != HEAD_RULE:
-        raise CheckpointError(f"{path} was trained with the head rule '{rec['head_rule']}', "
-                              "unknown here")
     source = teacher_source or rec['source']
     if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
         if teacher_source:

@@ -13,7 +13,6 @@ from attention_distill import DistillConfig, attention_cross_entropy, distill_lo
 import attention_distill
 from conftest import TINY, run_in_process, student_of
 from teacher import map_layers, misfit, student_shape, to_student_heads
-from util.checkpoints import HEAD_RULE
 from util.launch import parse_config
 from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
@@ -162,7 +161,7 @@ def test_scripts_train_a_smaller_student_and_record_the_mapping(monkeypatch, cap
            f"(4x4 patches of 8 px), run at that size" in printed
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     record = ck['teacher' if module is attention_copy else 'distilled_from']
-    assert record['layer_map'] == {0: 0, 1: 3} and record['layers'] == [0, 3] and record['head_rule'] == HEAD_RULE
+    assert record['layer_map'] == {0: 0, 1: 3} and record['layers'] == [0, 3]
     assert (ck['arch']['depth'], ck['arch']['num_heads'], ck['arch']['embed_dim']) == (2, 2, 32)
     # a resume with another mapping is refused, naming it
     msg = run(monkeypatch, module, out, teacher_file, *SMALL_FLAGS, '--resume', 'true', '--layer-map', '0:1,1:3')

@@ -445,19 +445,14 @@ def describe_teacher(source, ckpt, arch, size, heads):
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)
 
-# the head rule (load_copy_model refuses a rule it does not know)
-HEAD_RULE = ('group-mean: student head j <- mean of the probabilities of teacher heads '
-             'j*g .. j*g+g-1')
-
-
 def teacher_record(cfg, transfer):
     """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
-    the mapping (layer map, head rule) a copy student needs to be given the same maps again."""
+    the mapping (layer map, heads) a copy student needs to be given the same maps again."""
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
             'teacher_num_heads': cfg.teacher_num_heads,
             'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers,
-            'head_rule': HEAD_RULE, 'heads': transfer.heads, 'transfer': cfg.transfer,
+            'heads': transfer.heads, 'transfer': cfg.transfer,
             'average_maps': cfg.average_maps, 'student_arch': cfg.student_arch}
 
 
