@@ -21,7 +21,6 @@ import zipfile
 import torch
 import torchvision.models as tvm
 
-from util.config import DEPTH, SIZE
 from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
 from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused, convert,
@@ -74,8 +73,8 @@ def read_file(path):
     torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
-    be read as a weight), and an architecture record out of range (ARCH) is refused before any of its numbers is
-    used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
+    be read as a weight), and an architecture record that VisionTransformer cannot build is refused before any of
+    its numbers is used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         if records(path):   # torch's zip archive
@@ -101,12 +100,9 @@ def read_file(path):
         raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
                              'copy or download it again; for a file of your own, save the tensors '
                              'alone: torch.save(model.state_dict(), path)') from None
-    arch = recorded(ckpt) or {}
-    bad = [f'{k} {v!r}' for k, v in arch.items() if k in ARCH and not in_range(v, *ARCH[k])]
-    if bad:   # before a 0 divides or a string multiplies where it is used
-        raise UnreadableFile(f"{unreadable}: it records an architecture with {', '.join(bad)}, of "
-                             f"another type or out of range: it was edited or is damaged",
-                             'take another copy of it')
+    if recorded(ckpt):   # before any of its numbers is used: VisionTransformer's own checks, on no memory
+        with torch.device('meta'):
+            vit_of(recorded(ckpt), path)
     # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
     # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
     repeated = next(zero_strided(ckpt), None)
@@ -169,19 +165,6 @@ def records(path, name='data.pkl'):
     except (zipfile.BadZipFile, OSError):
         return None
 
-
-# the numbers an architecture record ('arch', VisionTransformer's keywords) may hold: (least, most), whole numbers
-# where the least is one, else floats too
-ARCH = {'img_size': (1, SIZE), 'patch_size': (1, SIZE), 'in_chans': (1, SIZE),
-        'num_classes': (0, SIZE), 'embed_dim': (1, SIZE), 'depth': (1, DEPTH),
-        'num_heads': (1, DEPTH), 'reg_tokens': (0, SIZE), 'mlp_ratio': (1e-3, SIZE),
-        'norm_eps': (1e-12, 1.0), 'drop_path_rate': (0.0, 1.0)}
-
-
-def in_range(value, least, most):
-    whole = type(value) is int
-    real = type(value) is float and type(least) is float
-    return (whole or real) and least <= value <= most
 
 # -----------------------------------------------------------------------------
 # What a checkpoint holds: its state dict in timm's names, its architecture
@@ -321,7 +304,7 @@ def vit_of(arch, source, given=None):
     a checkpoint records, or it with the fields `given` by the caller (another image size, say)."""
     try:
         return VisionTransformer(**{**arch, **(given or {})})
-    except (TypeError, ValueError, AssertionError) as e:
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
         if given:
             # the recorded one builds (else that is the error): what was given does not fit
             vit_of(arch, source)
