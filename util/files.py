@@ -2,7 +2,7 @@
 The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...);
 checkpoints are read by util/checkpoints.py. A file cut short by a kill or a full disk, edited by hand, or written by
 another program is one error naming the file and the fix, never a traceback; a file is written to a temporary file
-and renamed, never left half written.
+and renamed, never left half written, every file opened for writing by one opener (no_follow: never through a link).
 
 Where a command writes, refused before any work where it cannot be written, as open() itself says (the folder
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
@@ -119,8 +119,14 @@ def cannot_write(path, e):
     return WriteError(f'cannot write {path} ({why}): free some space')
 
 
+def no_follow(path, flags):
+    """open()'s opener for every write: never through a link (ELOOP); a new file exclusively where flags say
+    O_EXCL (open's 'x': the temporary file replacing() renames, a claim)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+
+
 def write_text(path, text):
-    with replacing(path) as tmp, open(tmp, 'w') as f:
+    with replacing(path) as tmp, open(tmp, 'x', opener=no_follow) as f:
         f.write(text)
 
 
@@ -266,7 +272,7 @@ class Claims:
             return
         try:
             make_folders(os.path.dirname(os.path.abspath(path)), self.made)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
             raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
                               f'earlier result): move it away or choose another {self.flag}') from None
@@ -299,7 +305,7 @@ class Claims:
         if not self.own(path):
             raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds '
                              f'another file now, kept as it is): choose another {self.flag}')
-        with replacing(path) as tmp, open(tmp, 'wb') as f:
+        with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             write(f)
         self.written.add(path)
 

@@ -38,8 +38,9 @@ import torch
 
 from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few, flag, show
-from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, read_bytes, read_json, read_lines,
-                        remove_empty, replacing, set_aside, writable, write_json, write_text)
+from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
+                        read_json, read_lines, remove_empty, replacing, set_aside, writable, write_json,
+                        write_text)
 
 
 class RunDir:
@@ -142,7 +143,7 @@ class RunDir:
         while True:
             # never through a link (ELOOP): the holder's line would be written into the file it names
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = no_follow(path, os.O_RDWR | os.O_CREAT)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise linked(path) from None
@@ -297,7 +298,7 @@ class RunDir:
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint.
         Written through a file object: a failed write raises OSError, which replacing makes one line."""
         if self.main:
-            with replacing(self.checkpoint) as tmp, open(tmp, 'wb') as f:
+            with replacing(self.checkpoint) as tmp, open(tmp, 'xb', opener=no_follow) as f:
                 torch.save(state, f)
 
     def record_divergence(self, what):
@@ -325,12 +326,12 @@ def add_to_log(path, text):
     so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
     line (a file that may not be written is named)."""
     try:
-        with open(path, 'a', opener=not_through_links) as f:
+        with open(path, 'a', opener=no_follow) as f:
             if os.fstat(f.fileno()).st_nlink == 1:
                 f.write(text)
                 return
         data = read_bytes(path, 'move it away')
-        with replacing(path) as tmp, open(tmp, 'wb') as f:
+        with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             f.write(data + text.encode())
     except OSError as e:
         # the file's own permission: appending needs no other
@@ -338,11 +339,6 @@ def add_to_log(path, text):
             raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
                              f'u+w)') from None
         raise cannot_write(path, e) from None
-
-
-def not_through_links(path, flags):
-    """open()'s opener that never follows a link (O_NOFOLLOW: ELOOP)."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
 
 
 def say(msg):
