@@ -31,7 +31,7 @@ from data import INFO, build_eval_set, class_names, data_source
 from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError,
-                         at_least, machine_memory, one_of, option, show)
+                         at_least, machine_memory, option, show)
 from util.datafiles import build_loader
 from util.engine import autocast
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
@@ -55,10 +55,10 @@ class ModelsConfig:
                            at_least(0, "the models' own", SIZE))
     batch_size: int = option(256, rule=at_least(1, most=BATCH))
     num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
-    amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
+    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
     attn_implementation: str = option('auto', 'eager (explicit maps) | '
                                               'sdpa (fused, no map stored) | auto: per device',
-                                      one_of(('auto', *IMPLEMENTATIONS)))
+                                      choices=('auto', *IMPLEMENTATIONS))
     seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
                        (lambda v: 0 <= v < 2 ** 63,
                         'must be in [0, 2**63): torch seeds its generators with 64 bits'))
@@ -75,7 +75,7 @@ class ModelsConfig:
 class EnsembleConfig(ModelsConfig):
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | "
                        "folder | fake; '' = the data set the models' checkpoints record",
-                       one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the models')"))
+                       choices=('', *INFO))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
     val_size: int = option(0, 'evaluate on this many held-out training images instead '
                               "(as the scripts' flag)",

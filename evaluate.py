@@ -39,7 +39,7 @@ import torch
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
 from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device,
                       predict_all)
-from util.config import ConfigError, one_of, option
+from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import parse_config, run_main
 from util.files import check_output, claimed
@@ -60,7 +60,7 @@ class EvaluateConfig(ModelsConfig):
     imagenet_a: str = ''
     data: str = option('', "instead of the folders: this data set's test split "
                            '(fashion-mnist, cifar10, ...)',
-                       one_of(('', *INFO), f"choose one of {', '.join(INFO)}, or '' (the folders)"))
+                       choices=('', *INFO))
     data_dir: str = option('./data',
                            '--data: where its files are '
                            '(util/datafiles.py looks in other places too)')

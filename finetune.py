@@ -29,7 +29,7 @@ import torch
 from data import batch_mixer, build_data, sample_images
 from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
-from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
+from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main, without_help
 from util.run import Run
@@ -55,7 +55,7 @@ class FinetuneConfig(TrainConfig):
                                  'at most 100'))
     norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
     act: str = option('gelu', 'gelu | quick_gelu (CLIP)',
-                      one_of(('gelu', 'quick_gelu'), 'choose gelu or quick_gelu'))
+                      choices=('gelu', 'quick_gelu'))
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)

@@ -16,8 +16,8 @@ from einops import rearrange
 
 from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint,
                               teacher_mismatch, vit_of)
-from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, one_of,
-                         option, readable, refuse, too_big)
+from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
+                         readable, refuse, too_big)
 from util.engine import autocast, cast_matmul_weights
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
@@ -244,7 +244,7 @@ class TransferConfig(TrainConfig):
                               '...)')
     model: str = option('teacher', "the student's size: 'teacher' = the teacher's shape, or "
                                    "vit_tiny, ...",
-                        one_of(('teacher', *SIZES), f"choose teacher or one of {', '.join(SIZES)}"))
+                        choices=('teacher', *SIZES))
     patch_size: int = option(0, "0 = the teacher's", at_least(0, "the teacher's", SIZE))
     layers: str = option('all', "the teacher's transferred layers: all | 0-17 | 0,2,5 | 0-3,8",
                          INDEX_RULE)
@@ -252,13 +252,13 @@ class TransferConfig(TrainConfig):
                                     'evenly (map_layers)',
                             (lambda v: readable(parse_pairs, v), PAIRS_SYNTAX))
     heads: str = option('all', 'transferred heads, same syntax', INDEX_RULE)
-    transfer: str = option('attn', 'attn (the map) | q | k | v', one_of(NAMES))
+    transfer: str = option('attn', 'attn (the map) | q | k | v', choices=NAMES)
     average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an "
                                        "image's queries: none | batch | queries",
-                               one_of(('none', 'batch', 'queries')))
+                               choices=('none', 'batch', 'queries'))
     student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer "
                                         "scale, ...), random init",
-                               one_of(('plain', 'teacher'), 'choose plain or teacher'))
+                               choices=('plain', 'teacher'))
     teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no "
                                        "record, no family)",
                                     at_least(0, "the file's record or family", DEPTH))

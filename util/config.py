@@ -20,10 +20,12 @@ DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
 # A field declared once
 
 
-def option(default=MISSING, help='', rule=None, factory=MISSING):
+def option(default=MISSING, help='', rule=None, factory=MISSING, choices=None):
     """A config field: its default (or factory, for a list), the sentence --help shows, and its rule, a pair
-    (holds(value) -> bool, what is allowed) that check() applies before anything is built."""
-    return field(default=default, default_factory=factory, metadata={'help': help, 'rule': rule})
+    (holds(value) -> bool, what is allowed) that check() applies before anything is built; or the values it
+    may take (choices), which argparse refuses others of as it parses."""
+    return field(default=default, default_factory=factory,
+                 metadata={'help': help, 'rule': rule, 'choices': choices})
 
 
 def at_least(n, note='', most=math.inf):
@@ -56,6 +58,8 @@ def optional(rule):
 
 
 def one_of(choices, allowed=None):
+    """The rule value in choices, applied by check() (tools/'s configs; the scripts' fields give argparse
+    their choices)."""
     return (lambda v: v in choices), allowed or f"choose one of {', '.join(choices)}"
 
 
@@ -82,7 +86,7 @@ RANDAUG = (lambda v: not v or readable(policy, v),
 @dataclass
 class TrainConfig:
     """Fields shared by every training script. Defaults are the small (Fashion-MNIST) recipe."""
-    data: str = option('fashion-mnist', ' | '.join(DATA), one_of(DATA))
+    data: str = option('fashion-mnist', ' | '.join(DATA), choices=DATA)
     data_dir: str = './data'
     val_size: int = option(0, 'hold out this many training images and evaluate on them, not on '
                               'test', at_least(0, 'off', STEPS))
@@ -92,7 +96,7 @@ class TrainConfig:
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
                                     'not): deletes it')
     # model (vit.py's sizes; none keeps the size's own value)
-    model: str = option('vit_tiny', rule=one_of(SIZES))
+    model: str = option('vit_tiny', choices=tuple(SIZES))
     img_size: int = option(28, rule=at_least(1, most=SIZE))
     patch_size: int = option(4, rule=at_least(1, most=SIZE))
     embed_dim: typing.Optional[int] = option(None, rule=optional(at_least(1, most=SIZE)))
@@ -138,10 +142,10 @@ class TrainConfig:
     ema: float = option(0.0, 'EMA decay per step; 0 = no EMA',
                         (lambda v: 0 <= v < 1, 'is a decay per step: [0, 1), 0 = off'))
     # system
-    amp: str = option('auto', ' | '.join(AMP), one_of(AMP))
+    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '
                                               'stored) | auto: per device',
-                                      one_of(('auto', *IMPLEMENTATIONS)))
+                                      choices=('auto', *IMPLEMENTATIONS))
     compile: bool = False
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))

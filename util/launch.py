@@ -240,7 +240,7 @@ class _Parser(argparse.ArgumentParser):
         if {'-h', '--help'} & set(sys.argv[1:]):
             say(self.format_help())
             sys.exit(0)
-        sys.exit(f'{self.prog}: error: {message} (see --help)')
+        sys.exit(f"error: {message.removeprefix('argument ')} (see --help)")
 
 
 def _converter(tp):
@@ -320,6 +320,7 @@ def parser(cls, presets, helps=None):
     p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
                    help="show each flag's value for this command line, where it comes from, and "
                         "what it means")
+    notes = declared(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
@@ -327,6 +328,7 @@ def parser(cls, presets, helps=None):
         p.add_argument(flag(f.name), nargs='+' if many else None,
                        type=_converter(typing.get_args(tp)[0] if many else tp),
                        default=argparse.SUPPRESS, metavar=_metavar(tp),
+                       choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p
 
