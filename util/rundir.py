@@ -90,11 +90,12 @@ class RunDir:
         if theirs:   # another program's model, a user's notes: a run would write over them
             raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts wrote '
                               f'({first_few(theirs)}): choose an empty or new --out-dir')
-        for name in RUN_FILES[:-1]:   # log.txt, appended to, would write the file a link names
+        for name in RUN_FILES:   # log.txt appended to, .lock written: never the file a link names
             path = self.file(name)
-            if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
-                raise ConfigError(f'{path} is a link or a directory where a run writes its own '
-                                  f'{name}: move it away')
+            other = name == '.lock' and os.path.isfile(path) and os.stat(path).st_nlink > 1
+            if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path) or other:
+                raise ConfigError(f'{path} is a link, a directory or another name of a file where a '
+                                  f'run writes its own {name}: move it away')
 
     def foreign(self):
         """The sorted names in the directory, or [] where it holds a run of these scripts (its config.json has
@@ -141,16 +142,10 @@ class RunDir:
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
         path = self.file('.lock')
         while True:
-            # never through a link (ELOOP): the holder's line would be written into the file it names
-            try:
+            try:   # a link or another name of a file: refused (refuse_unusable)
                 fd = no_follow(path, os.O_RDWR | os.O_CREAT)
             except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise linked(path) from None
                 raise cannot_write(path, e) from None
-            if os.fstat(fd).st_nlink > 1:   # a hard link: another name of a file, maybe elsewhere
-                os.close(fd)
-                raise linked(path)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -351,11 +346,6 @@ def say(msg):
         # what is buffered, and the rest, go there
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return e.strerror or type(e).__name__
-
-
-def linked(path):
-    return ConfigError(f'{path} is a link to another file (or another name of one), which the run '
-                       f'would write: remove it (the run makes its own)')
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
