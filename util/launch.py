@@ -36,12 +36,10 @@ from vit import SIZES
 
 
 class Plan(NamedTuple):
-    """What a run is, settled before anything is built: its config (and the values its preset gives, the user's
-    flags aside), this process (rank of world) and its device, the autocast dtype (None: fp32), the attention
-    implementation (why: logged), the run directory (claimed), the checkpoint a resume continues (checked, without its
-    tensors), and what the config's own resolve step settled (a transfer run: teacher.Transfer)."""
+    """What a run is, settled before anything is built: its config, this process (rank of world) and its device,
+    the autocast dtype (None: fp32), the attention implementation (why: logged), the run directory (claimed), the
+    checkpoint a resume continues (checked, without its tensors), and what the config's own resolve step settled (a transfer run: teacher.Transfer)."""
     cfg: Any
-    preset: dict
     rank: int
     world: int
     device: torch.device
@@ -75,9 +73,8 @@ def resolve(cls, presets, argv=None):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world)
     seed_all(cfg.seed, rank, 0)
-    preset = dataclasses.asdict(cls(**presets.get(cfg.data, {})))
     dtype = amp_dtype(cfg.amp, device)
-    plan = Plan(cfg, preset, rank, world, device, dtype, attn, run_dir, resumed, method)
+    plan = Plan(cfg, rank, world, device, dtype, attn, run_dir, resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
     return plan
