@@ -102,9 +102,8 @@ class RunDir:
         begin's fields); its .lock and temporary files aside."""
         aside = {'.lock', *(n + '.tmp' for n in RUN_FILES)}
         names = sorted(set(os.listdir(self.path)) - aside)
-        with contextlib.suppress(DamagedFile):   # missing, unreadable, or no JSON object: not a run
-            if {'out_dir', 'argv'} <= read_json(self.file('config.json'), '').keys():
-                return []
+        if {'out_dir', 'argv'} <= (self.config_record() or {}).keys():
+            return []
         return names
 
     def refuse_overwrite(self):
@@ -254,15 +253,9 @@ class RunDir:
     def config_record(self):
         """config.json's record; None if it is missing or damaged (read only: a run that starts keeps a damaged one
         beside it, begin(); a refused command renames nothing)."""
-        path = self.file('config.json')
-        if not os.path.exists(path):
-            return None
-        try:
-            # a directory, no permission: refused
-            value = json.loads(read_bytes(path, 'move it away'))
-        except ValueError:   # not JSON, or not UTF-8
-            return None
-        return value if isinstance(value, dict) else None
+        with contextlib.suppress(DamagedFile):   # missing, unreadable, not JSON, no object
+            return read_json(self.file('config.json'), '')
+        return None
 
     def keep_metrics(self, step, last):
         """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
