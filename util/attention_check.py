@@ -8,6 +8,8 @@ line and sends auto to eager, before anything has run on sdpa (every model is on
 
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
+
+A training script calls it through util/launch.settle_attention, which settles the run's plan with the verdict.
 """
 import contextlib
 import math
@@ -167,11 +169,15 @@ def check_sdpa(plan, what, parts):
     shape = tuple(first[0].shape)
     errors = {}
     why = ''
+    # eager as the run runs it differs from the definition in the run's dtype, or in fp32 with TF32 on (CUDA's)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    again = dtype != torch.float32 or (plan.device.type == 'cuda' and tf32)
     for part, (compute, _, units) in parts.items():
         with exact_fp32():
             definition = compute('eager', torch.float32)
-        # eager as the run runs it: in fp32 on CUDA, with TF32 (processes() turns it on)
-        eager = compute('eager', dtype)
+        eager = definition
+        if again:
+            eager = compute('eager', dtype)
         if not all(t.isfinite().all() for t in eager.values()):
             # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
             # (fp32's range, fewer bits than fp16) stands in for it
