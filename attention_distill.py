@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from data import batch_mixer, build_data, sample_images
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, student_presets, teacher_outputs, to_student_heads)
-from util.attention_check import CHECK_IMAGES, start_up_check
+from util.attention_check import CHECK_IMAGES
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import resolve, run_main
+from util.launch import resolve, run_main, settle_attention
 from util.run import Run
 from vit import ContiguousGrad, attend, scores
 
@@ -283,8 +283,9 @@ def main():
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it
-        plan, checked = check_fused(plan, teacher, student, data)
-        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
+        x = sample_images(data, CHECK_IMAGES, plan.device)   # both checks': made once
+        plan, checked = check_fused(plan, teacher, student, x[:cfg.batch_size])
+        check_teacher(plan, teacher, x[:8])
         plan.log(f'attention distillation: {cfg.transfer} of layers '
                  f'{sorted(transfer.layers.values())} (heads {transfer.heads or "all"}) '
                  f'from {cfg.teacher}, weight {cfg.weight}')
@@ -309,14 +310,13 @@ def main():
         plan.log(f'{line} | {cfg.out_dir}')
 
 
-def check_fused(plan, teacher, student, data):
+def check_fused(plan, teacher, student, x):
     """(plan, record): the start-up check (util/attention_check.py) of the student's first distilled layer and, for
     --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the implementation
     that holds. The teacher is on eager until then."""
     # the first distilled layer: the student's, the teacher's
     s, t = next(iter(plan.method.layers.items()))
     heads = plan.method.heads
-    x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
     with torch.no_grad(), autocast(plan):
         given = teacher_outputs(teacher, x, {s: t}, ('q', 'k'))[s]            # (B, H, N, d) each
 
@@ -336,10 +336,9 @@ def check_fused(plan, teacher, student, data):
         return {'loss': math.log(q.shape[-2]), 'q grad': c * k.abs().max().item() / rows,
                 'k grad': c * q.abs().max().item() / rows}
     losses = {'map-free loss': (loss, units)} if plan.cfg.transfer == 'attn' else {}
-    implementation, record = start_up_check(plan, 'distillation', [teacher, student],
-                                            lambda: student.forward_tokens(x, depth=s + 1),
-                                            {f'layer {s}': student.blocks[s].attn}, losses=losses)
-    return plan._replace(attn=implementation), record
+    return settle_attention(plan, 'distillation', [teacher, student],
+                            lambda: student.forward_tokens(x, depth=s + 1),
+                            {f'layer {s}': student.blocks[s].attn}, losses=losses)
 
 
 if __name__ == '__main__':
