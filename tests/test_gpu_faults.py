@@ -165,3 +165,28 @@ def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path, choice, wrong_on,
     mp.spawn(settle_on, (port, choice, wrong_on, str(tmp_path)), nprocs=2, join=True)
     said = [json.loads((tmp_path / str(rank)).read_text()) for rank in (0, 1)]
     assert said[0] == said[1] and said[0].startswith(expected), said
+
+
+def test_the_map_free_loss_s_entry_point_is_remembered_per_dtype_and_shape(monkeypatch):
+    """On CUDA the map-free loss asks the first of CUDA_LSE that takes its inputs: once per dtype and shape, not on
+    every call (in fp32 cuDNN's and flash's refuse them each time before the efficient kernel runs)."""
+    import attention_distill
+    tried = []
+
+    def entry(name, takes):
+        def call(q, k, v):
+            tried.append(name)
+            if not takes:
+                raise RuntimeError(f'{name}: not for fp32')
+            return q * 1.0, q.new_zeros(q.shape[:-1], dtype=torch.float32)
+        return call
+    monkeypatch.setattr(attention_distill, 'CUDA_LSE', {'cudnn': entry('cudnn', False), 'flash': entry('flash', False),
+                                                        'efficient': entry('efficient', True)})
+    monkeypatch.setattr(attention_distill, 'LSE_RAN', {}, raising=False)
+    with standin_cuda(monkeypatch):
+        q = torch.randn(2, 4, 17, 16, device='cuda:0')
+        for _ in range(3):
+            out, lse = attention_distill.attention_with_lse(q, q, q)
+        assert out.shape == q.shape and lse.shape == q.shape[:-1]
+        attention_distill.attention_with_lse(q[:1], q[:1], q[:1])            # another shape: asked afresh
+    assert tried == ['cudnn', 'flash', 'efficient', 'efficient', 'efficient', 'cudnn', 'flash', 'efficient']
