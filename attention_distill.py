@@ -32,10 +32,9 @@ if __name__ == '__main__':
 import torch
 import torch.nn.functional as F
 
-from data import batch_mixer, build_data, sample_images
+from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, student_presets, teacher_outputs, to_student_heads)
-from util.attention_check import CHECK_IMAGES
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -293,8 +292,9 @@ def main():
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it
-        x = sample_images(data, CHECK_IMAGES, plan.device)   # both checks': made once
-        plan, checked = check_fused(plan, teacher, student, x[:cfg.batch_size])
+        # both checks' images: a batch as the run's are made, at its batch size
+        x = next(iter(eval_loader))[0].to(plan.device)
+        plan, checked = check_fused(plan, teacher, student, x)
         check_teacher(plan, teacher, x[:8])
         plan.log(f'attention distillation: {cfg.transfer} of layers '
                  f'{sorted(transfer.layers.values())} (heads {transfer.heads or "all"}) '

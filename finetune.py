@@ -26,8 +26,7 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import batch_mixer, build_data, sample_images
-from util.attention_check import CHECK_IMAGES
+from data import batch_mixer, build_data
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, one_of, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
@@ -148,7 +147,7 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_model(cfg, data.num_classes).to(plan.device)
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
         # sdpa, both ways, before anything runs
         plan, checked = settle_attention(plan, 'fine-tuning', [model],
                                          lambda: model.forward_tokens(x, depth=1),

@@ -32,7 +32,6 @@ import torch.nn as nn
 from einops import rearrange
 
 from data import INFO, build_data, sample_images
-from util.attention_check import CHECK_IMAGES
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import (DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory,
                          memory_needed, option)
@@ -315,7 +314,7 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
         plan, checked = settle_attention(plan, 'MAE', [model],

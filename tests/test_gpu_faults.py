@@ -190,3 +190,26 @@ def test_the_map_free_loss_s_entry_point_is_remembered_per_dtype_and_shape(monke
         assert out.shape == q.shape and lse.shape == q.shape[:-1]
         attention_distill.attention_with_lse(q[:1], q[:1], q[:1])            # another shape: asked afresh
     assert tried == ['cudnn', 'flash', 'efficient', 'efficient', 'efficient', 'cudnn', 'flash', 'efficient']
+
+
+@pytest.mark.parametrize('script', ['finetune', 'attention_distill'])
+def test_the_check_runs_at_the_run_s_batch_size(monkeypatch, tmp_path, script):
+    """A kernel wrong only above 32 images (a grid that grows with the batch) is met by the check of a run at a batch
+    of 40: --attn-implementation sdpa stops before anything has run on it."""
+    import importlib
+    import os
+    import torch.nn.functional as F
+    from conftest import ROOT, TINY, run_in_process
+    real = F.scaled_dot_product_attention
+
+    def wrong_above_32(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        return out * 1.05 if q.shape[0] > 32 else out
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_above_32)
+    teacher = ['--teacher', os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), '--img-size', '28',
+               '--layers', '0-4', '--transfer', 'q'] if script == 'attention_distill' else []
+    msg = run_in_process(monkeypatch, importlib.import_module(script), *TINY, *teacher, '--batch-size', '40',
+                         '--max-steps', '1', '--amp', 'off', '--attn-implementation', 'sdpa',
+                         '--out-dir', tmp_path / 'r')
+    assert msg and msg.startswith('error: start-up check: ') and '(40, ' in msg, msg
+    assert not (tmp_path / 'r').exists()

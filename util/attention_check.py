@@ -1,10 +1,11 @@
 """
 The fused attention's start-up check. Before a run trains or evaluates on sdpa, each kind of fused attention call it
-makes is run once on its own images, shapes, strides, device and autocast, fused and written out, forward and (for a
-run that trains) backward: the output of the first (transferred) layer and the gradients of its q, k and v, with the
-incoming gradient in the layout the model hands it, and where a method adds a fused call of its own (distillation's
-map-free loss), that call's. A kernel that raises or computes something else stops --attn-implementation sdpa in one
-line and sends auto to eager, before anything has run on sdpa (every model is on eager until the verdict).
+makes is run once on a batch of the run's images (its batch size: a kernel's grid grows with it), shapes, strides,
+device and autocast, fused and written out, forward and (for a run that trains) backward: the output of the first
+(transferred) layer and the gradients of its q, k and v, with the incoming gradient in the layout the model hands it,
+and where a method adds a fused call of its own (distillation's map-free loss), that call's. A kernel that raises or
+computes something else stops --attn-implementation sdpa in one line and sends auto to eager, before anything has run
+on sdpa (every model is on eager until the verdict).
 
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
@@ -21,8 +22,6 @@ import torch
 from util.errors import ConfigError
 from vit import scores, set_attn_implementation
 
-# at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
-CHECK_IMAGES = 32
 # sdpa passes where each tensor's error against the definition, eager in fp32 (in units of its largest entry there, or
 # of its natural scale), is at most FACTOR times eager's own error in the run's dtype on the same inputs, and at least
 # SDPA_FLOOR (fp32: eager's is 0; a broken kernel is off by a few percent or more)
