@@ -244,8 +244,15 @@ def check_fused(plan, teacher, student, x):
     own = [i for i in range(student.depth) if i not in transfer.layers]
     if own:
         layers[f'layer {own[0]}'] = student.blocks[own[0]].attn
-    return settle_attention(plan, 'copy', [teacher, student], lambda: student(x, inject=given),
-                            layers)
+    theirs, ours = teacher.blocks[0].attn, student.blocks[first].attn
+    if (theirs.num_heads, theirs.proj.in_features) != (ours.num_heads, ours.proj.in_features):
+        layers['teacher layer 0'] = theirs   # its own fused calls (before the layers it hands over)
+
+    def forward():
+        student(x, inject=given)
+        with autocast(plan):
+            teacher.forward_tokens(x, depth=1)
+    return settle_attention(plan, 'copy', [teacher, student], forward, layers)
 
 
 if __name__ == '__main__':

@@ -346,9 +346,17 @@ def check_fused(plan, teacher, student, x):
         return {'loss': math.log(q.shape[-2]), 'q grad': c * k.abs().max().item() / rows,
                 'k grad': c * q.abs().max().item() / rows}
     losses = {'map-free loss': (loss, units)} if plan.cfg.transfer == 'attn' else {}
-    return settle_attention(plan, 'distillation', [teacher, student],
-                            lambda: student.forward_tokens(x, depth=s + 1),
-                            {f'layer {s}': student.blocks[s].attn}, losses=losses)
+    layers = {f'layer {s}': student.blocks[s].attn}
+    theirs, ours = teacher.blocks[0].attn, student.blocks[s].attn
+    if (theirs.num_heads, theirs.proj.in_features) != (ours.num_heads, ours.proj.in_features):
+        layers['teacher layer 0'] = theirs   # its own fused calls (before the layers it hands over)
+
+    def forward():
+        student.forward_tokens(x, depth=s + 1)
+        with autocast(plan):
+            teacher.forward_tokens(x, depth=1)
+    return settle_attention(plan, 'distillation', [teacher, student], forward, layers,
+                            losses=losses)
 
 
 if __name__ == '__main__':

@@ -213,3 +213,25 @@ def test_the_check_runs_at_the_run_s_batch_size(monkeypatch, tmp_path, script):
                          '--out-dir', tmp_path / 'r')
     assert msg and msg.startswith('error: start-up check: ') and '(40, ' in msg, msg
     assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])
+def test_the_teacher_s_own_fused_calls_are_checked_at_its_head_width(monkeypatch, tmp_path, script):
+    """A student of 4 heads of 16 given a teacher of 8 heads of 8: a kernel wrong only at the teacher's head width
+    (its own attention, in the layers before those it hands over) stops --attn-implementation sdpa at the start."""
+    import importlib
+    import os
+    import torch.nn.functional as F
+    from conftest import ROOT, TINY, run_in_process
+    real = F.scaled_dot_product_attention
+
+    def wrong_at_width_8(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        return out * 1.05 if q.shape[-1] == v.shape[-1] == 8 else out
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_at_width_8)
+    msg = run_in_process(monkeypatch, importlib.import_module(script), *TINY, '--teacher',
+                         os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), '--img-size', '28', '--layers', '1-4',
+                         '--num-heads', '4', '--batch-size', '8', '--max-steps', '1', '--amp', 'off',
+                         '--attn-implementation', 'sdpa', '--out-dir', tmp_path / 'r')
+    assert msg and msg.startswith('error: start-up check: ') and 'teacher layer 0' in msg, msg
+    assert not (tmp_path / 'r').exists()

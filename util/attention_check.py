@@ -13,6 +13,7 @@ on sdpa (every model is on eager until the verdict).
 A training script calls it through util/launch.settle_attention, which settles the run's plan with the verdict.
 """
 import contextlib
+import copy
 import math
 import time
 from functools import partial
@@ -94,6 +95,10 @@ def layer_part(attn, x, given, backward=True):
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
     projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
     call's q, k, v; units: none of its own (each tensor against its largest entry)."""
+    if attn.proj.weight.dtype != torch.float32:
+        # a teacher's layer, its weights stored in the run's dtype: in fp32 for the definition (autocast rounds them
+        # back to the same numbers)
+        attn = copy.deepcopy(attn).float()
     x = x.float()
     given = dict(given)
     with torch.no_grad():
