@@ -165,17 +165,16 @@ def check_sdpa(plan, what, parts):
     """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
     dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
     error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
-    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
-    here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
+    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that
+    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
     dtype = plan.dtype or torch.float32
     start = time.time()
     first = next(iter(parts.values()))[1]
     shape = tuple(first[0].shape)
     errors = {}
     why = ''
-    # eager as the run runs it differs from the definition in the run's dtype, or in fp32 with TF32 on (CUDA's)
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-    again = dtype != torch.float32 or (plan.device.type == 'cuda' and tf32)
+    # eager as the run runs it differs from the definition in the run's dtype, or in fp32 on CUDA (TF32: processes())
+    again = dtype != torch.float32 or plan.device.type == 'cuda'
     for part, (compute, _, units) in parts.items():
         with exact_fp32():
             definition = compute('eager', torch.float32)
@@ -207,10 +206,8 @@ def check_sdpa(plan, what, parts):
               'device': str(plan.device), 'backend': backend, 'shape': shape,
               'seconds': round(time.time() - start, 3),
               'implementation': 'sdpa' if holds else 'eager'}
-    directions = 'forward'
-    if any('grad' in n for n in errors):
-        directions = 'forward and backward'
-    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), {directions}, "
+    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), forward"
+            f"{' and backward' if training else ''}, "
             f"against the definition (eager, fp32): {len(errors)} tensors, the farthest {worst} at "
             f"{fused_error:.2g}{why} (eager in {dtype}: {eager_error:.2g}; tolerance "
             f"{tolerance:.2g}); checked in {record['seconds']:.2f} s")

@@ -155,7 +155,7 @@ def settle_attention(plan, what, models, *check, **kw):
     """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
     models (util/attention_check.start_up_check(plan, what, models, *check, **kw)): the one place it changes after
     resolve. Under DDP rank 0 checks and its verdict, a refusal included, is every rank's at once (ranks on one
-    kernel; none left waiting for a peer that stopped); the models are on it. record: rank 0's (None elsewhere)."""
+    kernel; none left waiting for a peer that stopped); the models are on it. record: rank 0's."""
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
         try:
@@ -169,7 +169,7 @@ def settle_attention(plan, what, models, *check, **kw):
         raise ConfigError(refusal)
     for m in models:
         set_attn_implementation(m, attn)
-    return plan._replace(attn=attn), record if plan.main else None
+    return plan._replace(attn=attn), record
 
 
 def what_runs(plan):
