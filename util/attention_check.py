@@ -162,7 +162,8 @@ def check_sdpa(plan, what, parts):
     dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
     error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
     eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that
-    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
+    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused
+    call's (q, k, v), for the log: the kernel torch picks."""
     dtype = plan.dtype or torch.float32
     start = time.time()
     first = next(iter(parts.values()))[1]
