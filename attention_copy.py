@@ -34,15 +34,14 @@ if __name__ == '__main__':
 import torch
 import torch.nn as nn
 
-from data import batch_mixer, build_data, sample_images
+from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
                      describe_map, inspect_teacher, student_presets, teacher_outputs)
-from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import (CheckpointError, load_weights, read_checkpoint,
                               teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import resolve, run_main
+from util.launch import resolve, run_main, settle_attention
 from util.run import Run
 
 
@@ -198,8 +197,10 @@ def main():
         torch.manual_seed(cfg.seed)
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it
-        plan, checked = check_fused(plan, teacher, student, data)
-        check_teacher(plan, teacher, sample_images(data, 8, plan.device))
+        # both checks' images: a batch as the run's are made, at its batch size
+        x = next(iter(eval_loader))[0].to(plan.device)
+        plan, checked = check_fused(plan, teacher, student, x)
+        check_teacher(plan, teacher, x[:8])
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
                  f'(heads {heads or "all"}) from {cfg.teacher}')
         plan.log(transfer.description)
@@ -221,12 +222,11 @@ def main():
                  f"top-5 {run.metrics['top5']:.2f} | {cfg.out_dir}")
 
 
-def check_fused(plan, teacher, student, data):
+def check_fused(plan, teacher, student, x):
     """(plan, record): the start-up check (util/attention_check.py) of the student's first copied layer, given what
     the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if it
     has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
     transfer = plan.method
-    x = sample_images(data, min(plan.cfg.batch_size, CHECK_IMAGES), plan.device)
     with torch.no_grad(), autocast(plan):
         given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer,
                        implementation='sdpa')
@@ -241,9 +241,15 @@ def check_fused(plan, teacher, student, data):
     own = [i for i in range(student.depth) if i not in transfer.layers]
     if own:
         layers[f'layer {own[0]}'] = student.blocks[own[0]].attn
-    implementation, record = start_up_check(plan, 'copy', [teacher, student],
-                                            lambda: student(x, inject=given), layers)
-    return plan._replace(attn=implementation), record
+    theirs, ours = teacher.blocks[0].attn, student.blocks[first].attn
+    if (theirs.num_heads, theirs.proj.in_features) != (ours.num_heads, ours.proj.in_features):
+        layers['teacher layer 0'] = theirs   # its own fused calls (before the layers it hands over)
+
+    def forward():
+        student(x, inject=given)
+        with autocast(plan):
+            teacher.forward_tokens(x, depth=1)
+    return settle_attention(plan, 'copy', [teacher, student], forward, layers)
 
 
 if __name__ == '__main__':

@@ -26,12 +26,11 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import batch_mixer, build_data, sample_images
-from util.attention_check import CHECK_IMAGES, start_up_check
+from data import batch_mixer, build_data
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import parse_config, resolve, run_main, without_help
+from util.launch import parse_config, resolve, run_main, settle_attention, without_help
 from util.run import Run
 from vit import create_model, model_arch
 
@@ -148,12 +147,11 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_model(cfg, data.num_classes).to(plan.device)
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
         # sdpa, both ways, before anything runs
-        attn, checked = start_up_check(plan, 'fine-tuning', [model],
-                                       lambda: model.forward_tokens(x, depth=1),
-                                       {'layer 0': model.blocks[0].attn})
-        plan = plan._replace(attn=attn)
+        plan, checked = settle_attention(plan, 'fine-tuning', [model],
+                                         lambda: model.forward_tokens(x, depth=1),
+                                         {'layer 0': model.blocks[0].attn})
         run = Run(plan, model, train_loader, data.classes,   # optimizer, EMA, resumed if asked
                   {'attention_check': checked})
         loss_fn = classification_loss(cfg)

@@ -32,13 +32,12 @@ import torch.nn as nn
 from einops import rearrange
 
 from data import INFO, build_data, sample_images
-from util.attention_check import CHECK_IMAGES, start_up_check
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import (DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory,
                          memory_needed, option)
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import check_output, claimed, save_figure
-from util.launch import resolve, run_main
+from util.launch import resolve, run_main, settle_attention
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
 
@@ -315,14 +314,13 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
-        x = sample_images(data, min(cfg.batch_size, CHECK_IMAGES), plan.device)
+        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
-        attn, checked = start_up_check(plan, 'MAE', [model],
-                                       lambda: model(x, generator=masks.manual_seed(0)),
-                                       {'encoder layer 0': model.blocks[0].attn,
-                                        'decoder layer 0': model.decoder_blocks[0].attn})
-        plan = plan._replace(attn=attn)
+        plan, checked = settle_attention(plan, 'MAE', [model],
+                                         lambda: model(x, generator=masks.manual_seed(0)),
+                                         {'encoder layer 0': model.blocks[0].attn,
+                                          'decoder layer 0': model.decoder_blocks[0].attn})
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
                  f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
                  f'norm_pix_loss {cfg.norm_pix_loss}')

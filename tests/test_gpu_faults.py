@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from standin_cuda import standin_cuda
 from util import attention_check
 from util.config import ConfigError
 
@@ -15,24 +16,39 @@ def plan(choice='auto', dtype=None):
                            cfg=SimpleNamespace(attn_implementation=choice)), logged
 
 
-def part(compute):
-    q = torch.randn(2, 4, 17, 16)
+def part(compute, device='cpu'):
+    q = torch.randn(2, 4, 17, 16, device=device)
     return {'layer 0': (compute, (q, q, q), {})}
 
 
-def test_the_definition_is_computed_without_tf32(monkeypatch):
-    """An fp32 run on CUDA has TF32 on (processes()): the definition (eager, fp32) is computed without it, eager as the
-    run runs and sdpa with it; TF32 is on again after the check."""
+def tf32_seen(monkeypatch, device):
+    """(implementation, TF32 on for matrix products, for convolutions) of each computation of an fp32 check on
+    device, with TF32 on as processes() turns it on for a run on CUDA."""
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
     seen = []
 
     def compute(implementation, dtype):
         seen.append((implementation, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        return {'output': torch.ones(3)}
-    attention_check.check_sdpa(plan()[0], 'fine-tuning', part(compute))
-    assert seen == [('eager', False, False), ('eager', True, True), ('sdpa', True, True)]
+        return {'output': torch.ones(3, device=device)}
+    p = plan()[0]
+    p.device = torch.device(device)
+    attention_check.check_sdpa(p, 'fine-tuning', part(compute, device))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    return seen
+
+
+def test_the_definition_is_computed_without_tf32(monkeypatch):
+    """An fp32 run on CUDA has TF32 on (processes()): the definition (eager, fp32) is computed without it, eager as the
+    run runs and sdpa with it; TF32 is on again after the check."""
+    with standin_cuda(monkeypatch):
+        seen = tf32_seen(monkeypatch, 'cuda:0')
+    assert seen == [('eager', False, False), ('eager', True, True), ('sdpa', True, True)]
+
+
+def test_eager_is_computed_once_where_tf32_cannot_differ(monkeypatch):
+    """On a CPU an fp32 eager run is the definition itself (TF32 is CUDA's): computed once, not twice."""
+    assert tf32_seen(monkeypatch, 'cpu') == [('eager', False, False), ('sdpa', True, True)]
 
 
 @pytest.mark.parametrize('error', [ValueError, RuntimeError, IndexError])
@@ -102,3 +118,120 @@ def test_the_kernel_named_is_asked_for_the_steps_inputs(backward, monkeypatch):
     parts = part(compute)
     attention_check.check_sdpa(plan()[0], 'fine-tuning', parts)
     assert asked == [backward] and not parts['layer 0'][1][0].requires_grad
+
+
+def settle_on(rank, port, choice, wrong_on, out):
+    """One of two gloo processes: the start-up check of a small ViT's first layer, sdpa `wrong_on` this rank (5% off);
+    writes what this rank ends with (its implementation, or the refusal it raised) to out/<rank>."""
+    import datetime
+    import json
+    import os
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from util.launch import Plan, settle_attention
+    from vit import VisionTransformer
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    if rank == wrong_on:
+        real = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lambda *a, **kw: real(*a, **kw) * 1.05
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    p = Plan(SimpleNamespace(attn_implementation=choice), {}, rank, 2, torch.device('cpu'), None, 'sdpa',
+             SimpleNamespace(log=lambda line: None), None, None)
+    try:
+        settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),
+                                      {'layer 0': model.blocks[0].attn})
+        said = settled.attn if model.blocks[0].attn.implementation == settled.attn else 'models elsewhere'
+    except ConfigError as e:
+        said = f'refused: {e}'
+    with open(os.path.join(out, str(rank)), 'w') as f:
+        json.dump(said, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('choice, wrong_on, expected', [('auto', 1, 'sdpa'), ('auto', 0, 'eager'),
+                                                        ('sdpa', 0, 'refused: start-up check: ')])
+def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path, choice, wrong_on, expected):
+    """Two processes (gloo) whose kernels differ: both train on rank 0's verdict, and a refusal there stops both at once
+    with its line (the other is not left waiting for a peer that stopped)."""
+    import json
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(settle_on, (port, choice, wrong_on, str(tmp_path)), nprocs=2, join=True)
+    said = [json.loads((tmp_path / str(rank)).read_text()) for rank in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith(expected), said
+
+
+def test_the_map_free_loss_s_entry_point_is_remembered_per_dtype_and_shape(monkeypatch):
+    """On CUDA the map-free loss asks the first of CUDA_LSE that takes its inputs: once per dtype and shape, not on
+    every call (in fp32 cuDNN's and flash's refuse them each time before the efficient kernel runs)."""
+    import attention_distill
+    tried = []
+
+    def entry(name, takes):
+        def call(q, k, v):
+            tried.append(name)
+            if not takes:
+                raise RuntimeError(f'{name}: not for fp32')
+            return q * 1.0, q.new_zeros(q.shape[:-1], dtype=torch.float32)
+        return call
+    monkeypatch.setattr(attention_distill, 'CUDA_LSE', {'cudnn': entry('cudnn', False), 'flash': entry('flash', False),
+                                                        'efficient': entry('efficient', True)})
+    monkeypatch.setattr(attention_distill, 'LSE_RAN', {}, raising=False)
+    with standin_cuda(monkeypatch):
+        q = torch.randn(2, 4, 17, 16, device='cuda:0')
+        for _ in range(3):
+            out, lse = attention_distill.attention_with_lse(q, q, q)
+        assert out.shape == q.shape and lse.shape == q.shape[:-1]
+        attention_distill.attention_with_lse(q[:1], q[:1], q[:1])            # another shape: asked afresh
+    assert tried == ['cudnn', 'flash', 'efficient', 'efficient', 'efficient', 'cudnn', 'flash', 'efficient']
+
+
+@pytest.mark.parametrize('script', ['finetune', 'attention_distill'])
+def test_the_check_runs_at_the_run_s_batch_size(monkeypatch, tmp_path, script):
+    """A kernel wrong only above 32 images (a grid that grows with the batch) is met by the check of a run at a batch
+    of 40: --attn-implementation sdpa stops before anything has run on it."""
+    import importlib
+    import os
+    import torch.nn.functional as F
+    from conftest import ROOT, TINY, run_in_process
+    real = F.scaled_dot_product_attention
+
+    def wrong_above_32(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        return out * 1.05 if q.shape[0] > 32 else out
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_above_32)
+    teacher = ['--teacher', os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), '--img-size', '28',
+               '--layers', '0-4', '--transfer', 'q'] if script == 'attention_distill' else []
+    msg = run_in_process(monkeypatch, importlib.import_module(script), *TINY, *teacher, '--batch-size', '40',
+                         '--max-steps', '1', '--amp', 'off', '--attn-implementation', 'sdpa',
+                         '--out-dir', tmp_path / 'r')
+    assert msg and msg.startswith('error: start-up check: ') and '(40, ' in msg, msg
+    assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])
+def test_the_teacher_s_own_fused_calls_are_checked_at_its_head_width(monkeypatch, tmp_path, script):
+    """A student of 4 heads of 16 given a teacher of 8 heads of 8: a kernel wrong only at the teacher's head width
+    (its own attention, in the layers before those it hands over) stops --attn-implementation sdpa at the start."""
+    import importlib
+    import os
+    import torch.nn.functional as F
+    from conftest import ROOT, TINY, run_in_process
+    real = F.scaled_dot_product_attention
+
+    def wrong_at_width_8(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        return out * 1.05 if q.shape[-1] == v.shape[-1] == 8 else out
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_at_width_8)
+    msg = run_in_process(monkeypatch, importlib.import_module(script), *TINY, '--teacher',
+                         os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), '--img-size', '28', '--layers', '1-4',
+                         '--num-heads', '4', '--batch-size', '8', '--max-steps', '1', '--amp', 'off',
+                         '--attn-implementation', 'sdpa', '--out-dir', tmp_path / 'r')
+    assert msg and msg.startswith('error: start-up check: ') and 'teacher layer 0' in msg, msg
+    assert not (tmp_path / 'r').exists()

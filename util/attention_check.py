@@ -1,15 +1,19 @@
 """
 The fused attention's start-up check. Before a run trains or evaluates on sdpa, each kind of fused attention call it
-makes is run once on its own images, shapes, strides, device and autocast, fused and written out, forward and (for a
-run that trains) backward: the output of the first (transferred) layer and the gradients of its q, k and v, with the
-incoming gradient in the layout the model hands it, and where a method adds a fused call of its own (distillation's
-map-free loss), that call's. A kernel that raises or computes something else stops --attn-implementation sdpa in one
-line and sends auto to eager, before anything has run on sdpa (every model is on eager until the verdict).
+makes is run once on a batch of the run's images (its batch size: a kernel's grid grows with it), shapes, strides,
+device and autocast, fused and written out, forward and (for a run that trains) backward: the output of the first
+(transferred) layer and the gradients of its q, k and v, with the incoming gradient in the layout the model hands it,
+and where a method adds a fused call of its own (distillation's map-free loss), that call's. A kernel that raises or
+computes something else stops --attn-implementation sdpa in one line and sends auto to eager, before anything has run
+on sdpa (every model is on eager until the verdict).
 
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
+
+A training script calls it through util/launch.settle_attention, which settles the run's plan with the verdict.
 """
 import contextlib
+import copy
 import math
 import time
 from functools import partial
@@ -19,8 +23,6 @@ import torch
 from util.errors import ConfigError
 from vit import scores, set_attn_implementation
 
-# at most, of the run's shape (tokens, heads, head width): its cost stays well under a second
-CHECK_IMAGES = 32
 # sdpa passes where each tensor's error against the definition, eager in fp32 (in units of its largest entry there, or
 # of its natural scale), is at most FACTOR times eager's own error in the run's dtype on the same inputs, and at least
 # SDPA_FLOOR (fp32: eager's is 0; a broken kernel is off by a few percent or more)
@@ -41,6 +43,7 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     for m in models:
         # eval: no drop-path draws from the run's RNG
         set_attn_implementation(m, 'eager').eval()
+    implementation, record = plan.attn, None
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
@@ -49,9 +52,6 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
         for name, loss in (losses or {}).items():
             parts[name] = loss_part(layers[first], handed[first][0], *loss)
         implementation, record = check_sdpa(plan, what, parts)
-    else:
-        implementation = plan.attn
-        record = None
     for m, was in zip(models, training):
         set_attn_implementation(m, implementation).train(was)
     return implementation, record
@@ -93,6 +93,8 @@ def layer_part(attn, x, given, backward=True):
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
     projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
     call's q, k, v; units: none of its own (each tensor against its largest entry)."""
+    # a copy in fp32 (a teacher's weights are stored in the run's dtype: autocast rounds them back to the same numbers)
+    attn = copy.deepcopy(attn).float()
     x = x.float()
     given = dict(given)
     with torch.no_grad():
@@ -159,19 +161,23 @@ def check_sdpa(plan, what, parts):
     """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
     dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
     error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
-    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that raises fails. Otherwise auto goes on with eager, and sdpa stops
-    here in one line. inputs: the first part's fused call's (q, k, v), for the log: the kernel torch picks."""
+    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that
+    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused
+    call's (q, k, v), for the log: the kernel torch picks."""
     dtype = plan.dtype or torch.float32
     start = time.time()
     first = next(iter(parts.values()))[1]
     shape = tuple(first[0].shape)
     errors = {}
     why = ''
+    # eager as the run runs it differs from the definition in the run's dtype, or in fp32 on CUDA (TF32: processes())
+    again = dtype != torch.float32 or plan.device.type == 'cuda'
     for part, (compute, _, units) in parts.items():
         with exact_fp32():
             definition = compute('eager', torch.float32)
-        # eager as the run runs it: in fp32 on CUDA, with TF32 (processes() turns it on)
-        eager = compute('eager', dtype)
+        eager = definition
+        if again:
+            eager = compute('eager', dtype)
         if not all(t.isfinite().all() for t in eager.values()):
             # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
             # (fp32's range, fewer bits than fp16) stands in for it
@@ -189,18 +195,18 @@ def check_sdpa(plan, what, parts):
     # the kernel the step runs: for a run that trains, on inputs that need a gradient (torch may pick another)
     training = any('grad' in n for n in errors)
     backend = sdpa_backend(*(t.detach().to(dtype).requires_grad_(training) for t in first))
-    worst = max(errors, key=partial(reach, errors))
+    # each tensor's error in units of its tolerance (a nan, a kernel's: infinitely far): the farthest is named
+    far = {n: math.inf if math.isnan(e / t) else e / t for n, (e, _, t) in errors.items()}
+    worst = max(far, key=far.get)
     fused_error, eager_error, tolerance = errors[worst]
-    holds = all(e <= t for e, _, t in errors.values())
+    holds = far[worst] <= 1
     record = {'what': what, 'error': fused_error, 'eager_error': eager_error,
               'tolerance': tolerance, 'worst': worst, 'errors': errors, 'dtype': str(dtype),
               'device': str(plan.device), 'backend': backend, 'shape': shape,
               'seconds': round(time.time() - start, 3),
               'implementation': 'sdpa' if holds else 'eager'}
-    directions = 'forward'
-    if any('grad' in n for n in errors):
-        directions = 'forward and backward'
-    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), {directions}, "
+    said = (f"{what} on sdpa ({backend} kernel, {plan.device}, {dtype}, q {shape}), forward"
+            f"{' and backward' if training else ''}, "
             f"against the definition (eager, fp32): {len(errors)} tensors, the farthest {worst} at "
             f"{fused_error:.2g}{why} (eager in {dtype}: {eager_error:.2g}; tolerance "
             f"{tolerance:.2g}); checked in {record['seconds']:.2f} s")
@@ -232,19 +238,11 @@ def error(ours, definition, unit=None):
     return diff / unit if unit > 0 else diff
 
 
-def reach(errors, name):
-    """How far tensor `name` of errors ({name: (error, eager's, tolerance)}) is: its error in units of its tolerance, or
-    infinitely far where that is nan (a kernel that handed back a nan): the tensor a refusal names."""
-    ours, _, tolerance = errors[name]
-    far = ours / tolerance
-    return math.inf if math.isnan(far) else far
-
-
 def sdpa_backend(q, k, v):
     """The kernel F.scaled_dot_product_attention picks for these inputs (flash, efficient, cudnn, math), for the
     log: asked of torch's private dispatcher, 'unknown' where it has none."""
     try:
         name = torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, k, v)).name
         return name.lower().replace('_attention', '')
-    except (AttributeError, RuntimeError, TypeError, ValueError):
+    except Exception:   # not in this torch, or no kernel for these inputs
         return 'unknown'

@@ -25,11 +25,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from util.attention_check import start_up_check
 from util.config import check, declared
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
 from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed, say
-from vit import SIZES
+from vit import SIZES, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # The resolve phase
@@ -132,8 +133,10 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
 
 
 def attn_implementation(choice, device, written_out=''):
-    """(implementation, why) for --attn-implementation: eager writes maps out, sdpa never stores one; auto picks
-    eager where the run needs its maps written out (written_out: why)."""
+    """(implementation, why) for --attn-implementation: eager writes maps out, sdpa never stores one; where the run
+    needs its maps written out (written_out: why, the config's), auto picks eager and sdpa is refused."""
+    if choice == 'sdpa' and written_out:
+        raise ConfigError(f'{written_out}: with --attn-implementation eager or auto')
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
     if written_out:
@@ -142,6 +145,27 @@ def attn_implementation(choice, device, written_out=''):
         unmeasured = ('eager', 'no fused kernel measured on this device')
         implementation, why = AUTO_ATTN.get(device.type, unmeasured)
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
+
+
+def settle_attention(plan, what, models, *check, **kw):
+    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
+    models (util/attention_check.start_up_check(plan, what, models, *check, **kw)): the one place it changes after
+    resolve. Under DDP rank 0 checks and its verdict, a refusal included, is every rank's at once (ranks on one
+    kernel; none left waiting for a peer that stopped); the models are on it. record: rank 0's."""
+    verdict = [plan.attn, None, None]                   # implementation, record, refusal
+    if plan.main:
+        try:
+            verdict[:2] = start_up_check(plan, what, models, *check, **kw)
+        except ConfigError as e:
+            verdict[2] = str(e)
+    if plan.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    attn, record, refusal = verdict
+    if refusal:
+        raise ConfigError(refusal)
+    for m in models:
+        set_attn_implementation(m, attn)
+    return plan._replace(attn=attn), record
 
 
 def what_runs(plan):
