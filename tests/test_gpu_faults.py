@@ -138,7 +138,7 @@ def settle_on(rank, port, choice, wrong_on, out):
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     x = torch.randn(4, 3, 32, 32)
-    p = Plan(SimpleNamespace(attn_implementation=choice), {}, rank, 2, torch.device('cpu'), None, 'sdpa',
+    p = Plan(SimpleNamespace(attn_implementation=choice), rank, 2, torch.device('cpu'), None, 'sdpa',
              SimpleNamespace(log=lambda line: None), None, None)
     try:
         settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),

@@ -39,7 +39,8 @@ from vit import SIZES, set_attn_implementation
 class Plan(NamedTuple):
     """What a run is, settled before anything is built: its config, this process (rank of world) and its device,
     the autocast dtype (None: fp32), the attention implementation (why: logged), the run directory (claimed), the
-    checkpoint a resume continues (checked, without its tensors), and what the config's own resolve step settled (a transfer run: teacher.Transfer)."""
+    checkpoint a resume continues (checked, without its tensors), and what the config's own resolve step settled
+    (a transfer run: teacher.Transfer)."""
     cfg: Any
     rank: int
     world: int
