@@ -10,9 +10,9 @@ from attention_copy import CopyConfig, CopyModel, copy_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn,
-                               map_free_cross_entropy)
+                               map_free_cross_entropy, to_student_heads)
 from conftest import run_script
-from teacher import cast_matmul_weights, to_student_heads
+from teacher import cast_matmul_weights
 from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from vit import IMPLEMENTATIONS, VisionTransformer, scores, set_attn_implementation
 
