@@ -226,6 +226,25 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
 
+def test_a_printed_command_runs_as_typed(tmp_path, capsys, monkeypatch):
+    """The runner prints the command it launches, folders and all, no placeholder: typed in a shell in the same
+    folder (the first run moved away), it makes the same run, to the last digit of every evaluation."""
+    from tools.tutorial import Runner, write_slice
+    monkeypatch.chdir(ROOT)
+    runs = str(tmp_path / 'runs')
+    tiny = ['--depth', 1, '--embed-dim', 32, '--num-heads', 2, '--epochs', 1, '--batch-size', 32,
+            '--num-workers', 0, '--amp', 'off']
+    first = Runner(write_slice(128, 64, runs), tiny, runs)('finetune.py', 'scratch')
+    typed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('python '))
+    assert '$' not in typed and f'--out-dir {first} ' in typed
+    os.rename(first, first + '-moved')
+    p = subprocess.run(shlex.quote(sys.executable) + typed[len('python'):], shell=True, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    read = [[json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))] for d in (first + '-moved', first)]
+    assert [(r['step'], r['top1'], r['loss']) for r in read[0]] == [(r['step'], r['top1'], r['loss']) for r in read[1]]
+
+
 # -----------------------------------------------------------------------------
 # A check can fail, and the committed reproduction's curves are the reproduction's
 
