@@ -28,7 +28,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, read_metrics  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, 'tutorial.ipynb')
 FIGURES = 9                 # the notebook shows 9; a page with fewer has lost some
@@ -241,8 +241,8 @@ def test_a_printed_command_runs_as_typed(tmp_path, capsys, monkeypatch):
     p = subprocess.run(shlex.quote(sys.executable) + typed[len('python'):], shell=True, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    read = [[json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))] for d in (first + '-moved', first)]
-    assert [(r['step'], r['top1'], r['loss']) for r in read[0]] == [(r['step'], r['top1'], r['loss']) for r in read[1]]
+    moved, again = read_metrics(first + '-moved'), read_metrics(first)
+    assert [(r['step'], r['top1'], r['loss']) for r in moved] == [(r['step'], r['top1'], r['loss']) for r in again]
 
 
 # -----------------------------------------------------------------------------
