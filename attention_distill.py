@@ -31,10 +31,11 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
-                     describe_map, student_presets, teacher_outputs, to_student_heads)
+                     describe_map, student_presets, teacher_outputs)
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -57,7 +58,7 @@ def attention_cross_entropy(teacher_logits, student_logits):
 def layer_loss(own, target, transfer, heads=None, implementation='eager'):
     """Attention loss of one layer: the cross-entropy of the teacher's map and the student's (eager: from their logits;
     sdpa: from their q and k, never a map: map_free_cross_entropy), or the MSE of q / k / v. A student with fewer heads
-    than the teacher learns each group's mean map (teacher.to_student_heads)."""
+    than the teacher learns each group's mean map (to_student_heads)."""
     if transfer != 'attn':
         return F.mse_loss(pick(own[transfer], heads).float(), pick(target[transfer], heads).float())
     if implementation == 'sdpa':                                             # (B, H, N, d) each
@@ -72,6 +73,19 @@ def pick(t, heads):
     if heads is None:
         return t
     return t[:, heads]
+
+
+def to_student_heads(logits, num_heads):
+    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits:
+    student head j stands for the g = H / h teacher heads j*g .. j*g+g-1, whose *probabilities* are averaged (the
+    log returned: softmax gives the mean back). The mean of g maps is a map that routes the values as the g heads
+    do on average, and the cross-entropy is linear in its target: distilled toward the mean, a student head is
+    distilled toward each of its g heads, averaged. A mean of logits would be a sharper map no teacher head makes."""
+    if logits.shape[1] == num_heads:
+        return logits
+    p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
+    p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
+    return p.log().to(logits.dtype)
 
 
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):

@@ -1,8 +1,9 @@
 """
 The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py):
-what the teacher hands over, how a student with fewer heads takes a group of the teacher's, which teacher layer
-reaches which student layer, the student's shape; then the flags and their resolve step (TransferConfig.resolve:
-the teacher's file inspected once, all of this settled before anything is built), and the checks of a built teacher.
+what the teacher hands over, which teacher layer reaches which student layer, the student's shape (one with fewer
+heads takes a group of the teacher's: attention_distill.to_student_heads); then the flags and their resolve step
+(TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built), and the
+checks of a built teacher.
 
 The teacher lives outside the student: frozen, in eval mode (the student's drop-path masks never reach it), run under
 no_grad only as deep as the last transferred layer, never in DDP, the EMA or the student's checkpoint.
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
 
 from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint,
                               teacher_mismatch, vit_of)
@@ -51,22 +51,6 @@ def build_teacher(teacher, device, dtype=None, attn='sdpa'):
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
     return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
 
-
-# -----------------------------------------------------------------------------
-# Head groups: a student with fewer heads than its teacher
-
-
-def to_student_heads(logits, num_heads):
-    """Teacher attention logits (B, H, N, N) at the student's head count h (H a multiple of h), still as logits:
-    student head j stands for the g = H / h teacher heads j*g .. j*g+g-1, whose *probabilities* are averaged (the
-    log returned: softmax gives the mean back). The mean of g maps is a map that routes the values as the g heads
-    do on average, and the cross-entropy is linear in its target: distilled toward the mean, a student head is
-    distilled toward each of its g heads, averaged. A mean of logits would be a sharper map no teacher head makes."""
-    if logits.shape[1] == num_heads:
-        return logits
-    p = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))   # (B, H, N, N)
-    p = rearrange(p, 'b (h g) n m -> b h g n m', h=num_heads).mean(2)         # (B, h, N, N)
-    return p.log().to(logits.dtype)
 
 # -----------------------------------------------------------------------------
 # Layer maps: which teacher layer reaches which student layer

@@ -9,10 +9,11 @@ import torch
 
 from attention_copy import CopyModel, copied, copy_loss, load_copy_model
 import attention_copy
-from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss
+from attention_distill import (DistillConfig, attention_cross_entropy, distill_loss_fn, layer_loss,
+                               to_student_heads)
 import attention_distill
 from conftest import TINY, run_in_process, student_of
-from teacher import map_layers, misfit, student_shape, to_student_heads
+from teacher import map_layers, misfit, student_shape
 from util.launch import parse_config
 from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation

@@ -126,8 +126,7 @@ def test_each_implementation_takes_its_kernel(device, monkeypatch):
 def test_map_free_cross_entropy_on_cuda(dtype):
     """The row log-sum-exp from CUDA's memory-efficient kernel and the backward's attention calls: the loss and
     gradients of the float64 definition (on the CPU) within each dtype's rounding."""
-    from attention_distill import map_free_cross_entropy
-    from teacher import to_student_heads
+    from attention_distill import map_free_cross_entropy, to_student_heads
     from vit import scores
     torch.manual_seed(0)
     q_t, k_t = (2 * torch.randn(2, 4, 17, 64) for _ in range(2))

@@ -188,13 +188,13 @@ def notebook_loop():
 
 def notebook_budget():
     """(training images, test images, flags) of the notebook's quick mode: QUICK and SLICE, read from the cell that
-    starts the runs, where quick mode trains on write_slice(*SLICE) with BUDGET = QUICK."""
+    starts the runs, where quick mode trains on write_slice(*SLICE, RUNS_DIR) with BUDGET = QUICK."""
     import ast
     tree = notebook_cell("if MODE == 'quick':")
     named = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
              if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in ('QUICK', 'SLICE')}
     quick = next(n for n in tree.body if isinstance(n, ast.If)).body
-    assert any(ast.unparse(n) == 'DATA_DIR, BUDGET = (write_slice(*SLICE), QUICK)' for n in quick), \
+    assert any(ast.unparse(n) == 'DATA_DIR, BUDGET = (write_slice(*SLICE, RUNS_DIR), QUICK)' for n in quick), \
         [ast.unparse(n) for n in quick]
     (n_train, n_test), flags = named['SLICE'], named['QUICK']
     return n_train, n_test, dict(zip(flags[::2], flags[1::2]))

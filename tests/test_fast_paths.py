@@ -1,4 +1,4 @@
-"""Every path computes what the definition and the naive path (tools/naive.py: the authors' way) compute: eager
+"""Every path computes what the definition and the naive path (tools/benchmark_cases.py: the authors' way) compute: eager
 (explicit maps, the fused cross-entropy) and sdpa (no map: map_free_cross_entropy) against each other and float64."""
 import json
 import os
@@ -10,10 +10,10 @@ from attention_copy import CopyConfig, CopyModel, copy_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn,
-                               map_free_cross_entropy)
+                               map_free_cross_entropy, to_student_heads)
 from conftest import run_script
-from teacher import cast_matmul_weights, to_student_heads
-from tools.naive import naive_copy_forward, naive_copy_loss, naive_distill_loss
+from teacher import cast_matmul_weights
+from tools.benchmark_cases import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from vit import IMPLEMENTATIONS, VisionTransformer, scores, set_attn_implementation
 
 ARCH = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4, global_pool=True)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, read_metrics  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, 'tutorial.ipynb')
 FIGURES = 9                 # the notebook shows 9; a page with fewer has lost some
@@ -46,11 +47,14 @@ TOLERANCE = {'teacher_entropy': 0.02, 'top1': 8.0, 'ensemble_top1': 8.0, 'attent
 # Executing the notebook: used by the tests and by `python tests/test_tutorial.py`
 
 
-def kernel_env(tmp_dir):
-    """The kernel's environment: quick mode, its runs under tmp_dir, single-process scripts."""
-    env = {k: v for k, v in os.environ.items() if k not in ('TUTORIAL_DATA', 'MPLBACKEND', 'RANK', 'WORLD_SIZE',
-                                                             'LOCAL_RANK')}
-    env.update(TUTORIAL_MODE='quick', TMPDIR=str(tmp_dir))     # tempfile.mkdtemp: the runs land in tmp_dir
+def kernel_env(tmp_dir=None):
+    """The kernel's environment: quick mode, single-process scripts, its runs under tmp_dir (None: the notebook's
+    own folder, runs/tutorial, as a reader's runs and the stored copy's commands name it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ('TUTORIAL_DATA', 'TUTORIAL_RUNS', 'MPLBACKEND', 'RANK',
+                                                             'WORLD_SIZE', 'LOCAL_RANK')}
+    env.update(TUTORIAL_MODE='quick')
+    if tmp_dir:
+        env.update(TUTORIAL_RUNS=os.path.join(tmp_dir, 'runs'), TMPDIR=str(tmp_dir))
     return env
 
 
@@ -136,13 +140,15 @@ def inputs():
 def store():
     """Execute the notebook in quick mode with this machine's threads and write it back with its outputs,
     and in its metadata what it was made from."""
+    runs = os.path.join(ROOT, 'runs', 'tutorial')
+    if os.path.exists(runs):   # its runs would be named scratch-2, ... in the stored commands
+        sys.exit(f'{runs} holds earlier runs of the notebook: move it away, then store again')
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == 'code':
             cell.outputs, cell.execution_count = [], None
     start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        execute(nb, kernel_env(tmp))
+    execute(nb, kernel_env())
     nb.metadata['tutorial'] = {'inputs': inputs(), 'seconds': round(time.time() - start),
                                'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
     nbformat.validate(nb)
@@ -208,11 +214,36 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
     assert not outputs(nb, 'error')
     assert len(outputs(nb, 'image/png')) >= FIGURES, 'a figure is missing'
     shown = '\n'.join(text_outputs(nb.cells[again]))
-    assert re.search(r'^python finetune\.py .*--out-dir \$RUNS/scratch-2 ', shown, re.M), 'the command is not shown'
+    runs = re.escape(os.path.join(tmp_path, 'runs'))
+    command = re.search(rf'^python finetune\.py .*--out-dir {runs}/scratch-2 .*$', shown, re.M)
+    assert command, 'the command is not shown'
+    # no placeholder: the folders it names are the run's, as typed
+    flags = dict(zip(shlex.split(command[0]), shlex.split(command[0])[1:]))
+    assert os.path.isfile(os.path.join(flags['--data-dir'], 'train-images-idx3-ubyte'))
+    assert os.path.isfile(os.path.join(flags['--out-dir'], 'metrics.jsonl'))
     assert re.search(r'^scratch-2: test top-1 [\d.]+%', shown, re.M), \
         'the re-run scratch cell did not get a folder of its own'
     assert 'max |difference|' in ''.join(o.text for o in outputs(nb, 'stream'))
     assert not differences(key_numbers(nb), stored)
+
+def test_a_printed_command_runs_as_typed(tmp_path, capsys, monkeypatch):
+    """The runner prints the command it launches, folders and all, no placeholder: typed in a shell in the same
+    folder (the first run moved away), it makes the same run, to the last digit of every evaluation."""
+    from tools.tutorial import Runner, write_slice
+    monkeypatch.chdir(ROOT)
+    runs = str(tmp_path / 'runs')
+    tiny = ['--depth', 1, '--embed-dim', 32, '--num-heads', 2, '--epochs', 1, '--batch-size', 32,
+            '--num-workers', 0, '--amp', 'off']
+    first = Runner(write_slice(128, 64, runs), tiny, runs)('finetune.py', 'scratch')
+    typed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('python '))
+    assert '$' not in typed and f'--out-dir {first} ' in typed
+    os.rename(first, first + '-moved')
+    p = subprocess.run(shlex.quote(sys.executable) + typed[len('python'):], shell=True, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    moved, again = read_metrics(first + '-moved'), read_metrics(first)
+    assert [(r['step'], r['top1'], r['loss']) for r in moved] == [(r['step'], r['top1'], r['loss']) for r in again]
+
 
 # -----------------------------------------------------------------------------
 # A check can fail, and the committed reproduction's curves are the reproduction's

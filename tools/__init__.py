@@ -4,9 +4,9 @@ tests/test_features_page.py and tests/test_variants.py check each number they st
 
     reproduce.py, reproduce_report.py   the paper's Table 1 in miniature: every method, several seeds, one command
                                         (results.json, TABLE.md, results.png)
-    benchmark.py, benchmark_cases.py,   speed and memory of every method's step, the two attention implementations
-    naive.py                            against the authors' way of computing it (naive.py, also the tests'
-                                        reference): BENCHMARK.md, benchmark.json
+    benchmark.py, benchmark_cases.py    speed and memory of every method's step, the two attention implementations
+                                        against the authors' way of computing it (the naive path of
+                                        benchmark_cases.py, also the tests' reference): BENCHMARK.md, benchmark.json
     benchmark_input.py                  the small-data presets' input bound: batches and steps (INPUT.md)
     features.py                         does a student learn features of its own: linear CKA block by block to the
                                         teacher, seed to seed, method to method; top-1 (features.json, TABLE.md)

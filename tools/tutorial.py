@@ -7,7 +7,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 
@@ -42,11 +41,12 @@ def fashion_mnist(n, split='t10k'):
     return x, ds.labels[:n].long()
 
 
-def write_slice(n_train, n_test):
-    """The first n_train training and n_test test images as IDX files in a new folder: a --data-dir. IDX is MNIST's
-    format, the one util.datafiles.read_idx reads: 0, 0, 8 (unsigned bytes), the number of dimensions, each size as a
-    big-endian int32, then the raw bytes."""
-    folder = tempfile.mkdtemp(prefix='fashion-mnist-')
+def write_slice(n_train, n_test, runs):
+    """The first n_train training and n_test test images as IDX files in runs/fashion-mnist-<n_train>-<n_test> (the
+    same bytes each time), a --data-dir; returns that folder. IDX is MNIST's format, the one util.datafiles.read_idx
+    reads: 0, 0, 8 (unsigned bytes), the number of dimensions, each size as a big-endian int32, then the raw bytes."""
+    folder = os.path.join(runs, f'fashion-mnist-{n_train}-{n_test}')
+    os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
         ds = data.fashion_mnist('data', split == 'train', transform=None)
         for name, a in (('images-idx3', ds.images[:n, 0]), ('labels-idx1', ds.labels[:n])):
@@ -78,14 +78,16 @@ def line():
 
 
 class Runner:
-    """run(script, name, *flags) prints and launches `python script --data fashion-mnist --data-dir DATA_DIR
+    """run(script, name, *flags) prints and launches `python script --data fashion-mnist --data-dir <data_dir>
     --out-dir <work>/name <flags given here> <flags>` and returns the run directory; a name used before gets a new
-    one (name-2, ...), so that a cell can run again."""
+    one (name-2, ...), so that a cell can run again. The command printed is the one run, with the folders as given:
+    typed in a terminal in the same folder, it runs again."""
 
-    def __init__(self, data_dir, flags):
+    def __init__(self, data_dir, flags, work):
         self.data_dir = data_dir
         self.flags = [str(f) for f in flags]
-        self.work = tempfile.mkdtemp(prefix='attention-transfer-')
+        self.work = work
+        os.makedirs(work, exist_ok=True)
         # the device the scripts will pick, and their autocast there
         gpu = torch.cuda.is_available()
         amp = amp_dtype(dict(zip(self.flags, self.flags[1:])).get('--amp', 'auto'),
@@ -107,7 +109,7 @@ class Runner:
         out = os.path.join(self.work, label)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
                 *self.flags, *map(str, flags)]
-        print('python', *map(self.as_typed, args))
+        print('python', *map(shlex.quote, args))
         show = line()
         tail = deque(maxlen=20)
         start = time.time()
@@ -133,13 +135,6 @@ class Runner:
         show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs "
              f"({m['step']} steps, {time.time() - start:.0f} s)", end=True)
         return out
-
-    def as_typed(self, arg):
-        """An argument as you would type it: the data folder $DATA_DIR, the runs' folder $RUNS."""
-        for folder, name in ((self.data_dir, '$DATA_DIR'), (self.work, '$RUNS')):
-            if arg == folder or arg.startswith(folder + os.sep):
-                return name + arg[len(folder):]
-        return shlex.quote(arg)
 
 
 def metrics(run_dir):
