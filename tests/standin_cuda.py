@@ -95,6 +95,13 @@ class StandInCuda(FakeTensorMode):
             self.syncs.append(f'{func} (reads a host tensor)')
 
 
+def swapped(swap, t1, t2):
+    try:
+        swap(t1, t2)
+    except RuntimeError:
+        t1.data = t2
+
+
 def zeros(t):
     return torch.zeros(t.shape, dtype=t.dtype)
 
@@ -156,6 +163,9 @@ def standin_cuda(monkeypatch):
     # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
     save = torch.save
     monkeypatch.setattr(torch, 'save', lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
+    # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
+    swap = torch.utils.swap_tensors
+    monkeypatch.setattr(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
     load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
 
     def host_load(*args, **kwargs):

@@ -89,7 +89,7 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
 @pytest.mark.parametrize('held, amp', SETS)
 def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, monkeypatch):
     models = ['--models', teacher, teacher]
-    common = [*models, '--data', 'fake', '--fake-size', '256', '--num-workers', '0', '--amp', amp]
+    common = [*models, '--data', 'fake', '--num-workers', '0', '--amp', amp]
     with on_standin(monkeypatch, held) as cuda:
         for script in (ensemble, evaluate):
             score = script.predict_all
@@ -102,6 +102,6 @@ def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, m
         msg = run_in_process(monkeypatch, evaluate, *common, '--ensembles', '0,1', '--shift', 'none', 'noise',
                              '--out', tmp_path / 'robustness')
         assert msg is None, msg
-    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 64
+    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 256   # 2048 / 8
     rows = json.loads((tmp_path / 'robustness' / 'robustness.json').read_text())['rows']
     assert [set(r['top1']) for r in rows] == [{'none', 'noise'}] * 3
