@@ -23,6 +23,7 @@ import mae_pretrain
 from conftest import TINY, finetune as finetune_run, run_in_process
 from standin_cuda import standin_cuda
 from util import engine, run
+from util.datafiles import unwrap
 
 SCRIPTS = {'finetune': (finetune, []), 'mae_pretrain': (mae_pretrain, []),
            'copy-v': (attention_copy, ['--transfer', 'v']), 'copy-heads': (attention_copy, ['--heads', '1']),
@@ -98,10 +99,19 @@ def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, m
                 with cuda.strict(allowed=len(models) + 1):   # each model's logits and the labels, copied once
                     return score(models, loader, place)
             monkeypatch.setattr(script, 'predict_all', strict_scores)
+        held_on = []   # where each set scored is held: on the device where it fits (fake's 64 images do)
+        for script in (ensemble, evaluate):
+            loader = script.build_loader
+
+            def where(cfg, dataset, *args, loader=loader, **kwargs):
+                held_on.append(getattr(unwrap(dataset), 'images', torch.empty(0)).device.type)
+                return loader(cfg, dataset, *args, **kwargs)
+            monkeypatch.setattr(script, 'build_loader', where)
         assert run_in_process(monkeypatch, ensemble, *common, '--out', tmp_path / 'e.json') is None
         msg = run_in_process(monkeypatch, evaluate, *common, '--ensembles', '0,1', '--shift', 'none', 'noise',
                              '--out', tmp_path / 'robustness')
         assert msg is None, msg
+    assert held_on == [{'held': 'cuda', 'folder': 'cpu'}[held]] * 3    # ensemble's set, evaluate's two shifts
     assert json.loads((tmp_path / 'e.json').read_text())['images'] == 256   # 2048 / 8
     rows = json.loads((tmp_path / 'robustness' / 'robustness.json').read_text())['rows']
     assert [set(r['top1']) for r in rows] == [{'none', 'noise'}] * 3
