@@ -93,8 +93,9 @@ def copied(teacher, x, layers, heads, transfer, average='none', implementation=N
         # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
         out = {i: {n: t.contiguous() for n, t in given.items()}
                for i, given in teacher_outputs(teacher, x, layers, NAMES[transfer]).items()}
-    if heads is not None:   # slices stacked: a list index would be a copy from the host, waited for, per layer
-        return {i: {**{n: torch.stack([t[:, h] for h in heads], 1) for n, t in given.items()}, 'heads': heads}
+    if heads is not None:   # slices stacked: a list index is a copy from the host, waited for, per layer
+        return {i: {**{n: torch.stack([t[:, h] for h in heads], 1) for n, t in given.items()},
+                    'heads': heads}
                 for i, given in out.items()}
     return out
 

@@ -283,7 +283,8 @@ def held_where(dataset, device):
     if device.type != 'cuda' or not isinstance(held, TensorImages):
         return dataset
     need = held.images.nbytes + held.labels.nbytes
-    return held_on(data_device(device, need, torch.cuda.mem_get_info(device)[0], say), set=dataset)['set']
+    where = data_device(device, need, torch.cuda.mem_get_info(device)[0], say)
+    return held_on(where, set=dataset)['set']
 
 
 @torch.no_grad()

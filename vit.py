@@ -128,7 +128,8 @@ def _put(own, given, heads):
     # head by head, as slices: an index tensor would be a copy from the host, which waits, every layer of every step
     slot = {h: i for i, h in enumerate(heads)}
     given = given.to(own.dtype)
-    return torch.stack([given[:, slot[h]] if h in slot else own[:, h] for h in range(own.shape[1])], 1)
+    picked = [given[:, slot[h]] if h in slot else own[:, h] for h in range(own.shape[1])]
+    return torch.stack(picked, 1)
 
 
 class Mlp(nn.Module):   # fc2(act(fc1(x)))

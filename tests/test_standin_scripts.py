@@ -99,7 +99,7 @@ def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, m
                 with cuda.strict(allowed=len(models) + 1):   # each model's logits and the labels, copied once
                     return score(models, loader, place)
             monkeypatch.setattr(script, 'predict_all', strict_scores)
-        held_on = []   # where each set scored is held: on the device where it fits (fake's 64 images do)
+        held_on = []   # where each set scored is held: on the device where it fits (the fake set does)
         for script in (ensemble, evaluate):
             loader = script.build_loader
 
