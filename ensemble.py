@@ -26,8 +26,8 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from attention_copy import load_copy_model
 from data import INFO, build_eval_set, class_names, data_device, data_source, held_on
+from teacher import load_copy_model
 from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError,
