@@ -1,9 +1,12 @@
-"""A stand-in CUDA device on a CPU-only machine: a script's real code runs with every tensor it makes on `cuda:0`
-as a fake tensor (torch's FakeTensorMode: shapes, dtypes, devices and autocast go through the real operators,
-no data). What CUDA would refuse is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it
-does on a GPU. Inside `strict()` (a training or evaluation step) a host sync (`.item()`, a bool of a tensor, a
-blocking device-to-host copy) and a host tensor read by a device operator fail the test; outside it a number asked of
-a tensor (an accuracy, a loss printed) is a stand-in, 1: the test checks devices, dtypes and syncs, not numbers.
+"""A stand-in CUDA device on a CPU-only machine: a script's real code runs with every tensor it puts on `cuda:0` a fake
+tensor (torch's FakeTensorMode: shapes, dtypes, devices and autocast go through the real operators, no data); the
+host's own work (a model's initialisation, a file read, a batch made by a loader) runs for real. What CUDA would refuse
+is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it does on a GPU. Inside `strict()` (a
+training or evaluation step) a host sync of a device tensor (`.item()`, a bool, a blocking copy either way) and a host
+tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
+printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
+backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
+host's zeros in the device tensors' shapes) and the CUDA generator (a host one).
 
     with standin_cuda(monkeypatch) as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply

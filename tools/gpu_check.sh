@@ -85,13 +85,13 @@ tests=$!
 {
   r=$out/logs
   sharpen() {   # a random teacher's maps are near uniform; scaled q and k rows make them peaked, as a trained one's
-    timeout 10 $py -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=True)
+    timeout $((20 * stretch)) $py -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=True)
 for key, w in ck['model'].items():
     if key.endswith('attn.qkv.weight'): w[:2 * w.shape[0] // 3] *= 4
 torch.save(ck, sys.argv[2])" "$1" "$2"
   }
   fake=(--data fake --epochs 1 --warmup-epochs 0 --num-workers 6)
-  # each under its own timeout, the five (and two sharpenings) together within the tests' 240 s (on an H200:
+  # each under its own timeout, the five and two sharpenings together within the tests' 240 s (on an H200:
   # distill-b 22 s of training)
   timeout $((25 * stretch)) $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
     --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" $runs && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
