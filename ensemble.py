@@ -26,13 +26,13 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from attention_copy import load_copy_model
-from data import INFO, build_eval_set, class_names, data_source
+from data import INFO, build_eval_set, class_names, data_device, data_source, held_on
+from teacher import load_copy_model
 from util.attention_check import start_up_check
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
 from util.config import (AMP, BATCH, DEPTH, SAMPLER_BYTES, SIZE, STEPS, WORKERS, ConfigError,
                          at_least, machine_memory, option, show)
-from util.datafiles import build_loader
+from util.datafiles import TensorImages, build_loader, unwrap
 from util.engine import autocast
 from util.launch import amp_dtype, attn_implementation, parse_config, run_main
 from util.files import claimed
@@ -276,6 +276,17 @@ def on_device(models, cfg, dataset):
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
+def held_where(dataset, device):
+    """A data set held in memory, on a GPU where its images take at most half its free memory (data.data_device,
+    as a training run's), else on the host, as it was; any other, as it is."""
+    held = unwrap(dataset)
+    if device.type != 'cuda' or not isinstance(held, TensorImages):
+        return dataset
+    need = held.images.nbytes + held.labels.nbytes
+    where = data_device(device, need, torch.cuda.mem_get_info(device)[0], say)
+    return held_on(where, set=dataset)['set']
+
+
 @torch.no_grad()
 def predict_all(models, loader, place):
     """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
@@ -342,7 +353,7 @@ def score(cfg, weights):
     test_set, num_classes = build_eval_set(cfg)
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
     models, place, attn = on_device(models, cfg, test_set)
-    loader = build_loader(cfg, test_set, False, device=place.device)
+    loader = build_loader(cfg, held_where(test_set, place.device), False, device=place.device)
     logits, labels = predict_all(models, loader, place)
     results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'

@@ -37,8 +37,8 @@ if __name__ == '__main__':
 import torch
 
 from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
-from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, load_models, on_device,
-                      predict_all)
+from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, held_where, load_models,
+                      on_device, predict_all)
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import parse_config, run_main
@@ -217,7 +217,7 @@ def score(cfg, groups, paths, out, files):
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        loader = build_loader(cfg, dataset, False, device=place.device)
+        loader = build_loader(cfg, held_where(dataset, place.device), False, device=place.device)
         logits, labels = predict_all(models, loader, place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")

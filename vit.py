@@ -125,7 +125,11 @@ def _put(own, given, heads):
         return own
     if heads is None:
         return given
-    return own.index_copy(1, torch.tensor(heads, device=own.device), given.to(own.dtype))
+    # head by head, as slices: an index tensor would be a copy from the host, which waits, every layer of every step
+    slot = {h: i for i, h in enumerate(heads)}
+    given = given.to(own.dtype)
+    picked = [given[:, slot[h]] if h in slot else own[:, h] for h in range(own.shape[1])]
+    return torch.stack(picked, 1)
 
 
 class Mlp(nn.Module):   # fc2(act(fc1(x)))

@@ -1,9 +1,12 @@
-"""A stand-in CUDA device on a CPU-only machine: a script's real code runs with every tensor it makes on `cuda:0`
-as a fake tensor (torch's FakeTensorMode: shapes, dtypes, devices and autocast go through the real operators,
-no data). What CUDA would refuse is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it
-does on a GPU. Inside `strict()` (a training or evaluation step) a host sync (`.item()`, a bool of a tensor, a
-blocking device-to-host copy) and a host tensor read by a device operator fail the test; outside it a number asked of
-a tensor (an accuracy, a loss printed) is a stand-in, 1: the test checks devices, dtypes and syncs, not numbers.
+"""A stand-in CUDA device on a CPU-only machine: a script's real code runs with every tensor it puts on `cuda:0` a fake
+tensor (torch's FakeTensorMode: shapes, dtypes, devices and autocast go through the real operators, no data); the
+host's own work (a model's initialisation, a file read, a batch made by a loader) runs for real. What CUDA would refuse
+is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it does on a GPU. Inside `strict()` (a
+training or evaluation step) a host sync of a device tensor (`.item()`, a bool, a blocking copy either way) and a host
+tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
+printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
+backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
+host's zeros in the device tensors' shapes) and the CUDA generator (a host one).
 
     with standin_cuda(monkeypatch) as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
@@ -14,6 +17,7 @@ import contextlib
 from types import SimpleNamespace
 
 import torch
+import torch.utils._pytree as pytree
 from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
@@ -41,10 +45,12 @@ class StandInCuda(FakeTensorMode):
             yield
         finally:
             self.in_step = was
-        assert len(self.syncs) <= allowed, f'host syncs inside the step: {self.syncs}'
+        assert len(self.syncs) <= allowed, f'{len(self.syncs)} host syncs inside the step: {self.syncs[:4]}'
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.on_device(args, kwargs):    # the host's own work runs for real (a model's init, a file read)
+            return func(*args, **kwargs)
         if self.in_step:
             self.check(func, args, kwargs)
         if func in SYNCS:
@@ -56,7 +62,22 @@ class StandInCuda(FakeTensorMode):
             if args[0].is_floating_point():
                 return 1.0
             return 1
+        # the host's tensors a device operator takes, as fake ones (torch would run a small one for real)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, self.fake, (args, kwargs))
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def fake(self, t):
+        return t if isinstance(t, FakeTensor) else self.from_tensor(t)
+
+    @staticmethod
+    def on_device(args, kwargs):
+        """Whether an operator is not the host's alone: a fake tensor among its inputs, a tensor or a device not the
+        host's (`cuda`, torch's `meta`)."""
+        for a in pytree.tree_leaves((args, kwargs)):
+            device = a.device if isinstance(a, torch.Tensor) else a
+            if isinstance(a, FakeTensor) or isinstance(device, torch.device) and device.type != 'cpu':
+                return True
+        return False
 
     def check(self, func, args, kwargs):
         """Inside a step: a sync, a blocking copy to the host, or a host tensor (not a scalar) handed to an operator
@@ -77,6 +98,53 @@ class StandInCuda(FakeTensorMode):
             self.syncs.append(f'{func} (reads a host tensor)')
 
 
+def swapped(swap, t1, t2):
+    try:
+        swap(t1, t2)
+    except RuntimeError:
+        t1.data = t2
+
+
+def zeros(t):
+    return torch.zeros(t.shape, dtype=t.dtype)
+
+
+def leaves(tensors):
+    """The tensors requiring a gradient that `tensors` were made from (autograd's AccumulateGrad nodes)."""
+    found, seen = [], set()
+    nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, 'variable'):
+            found.append(node.variable)
+        nodes += [n for n, _ in node.next_functions]
+    return found
+
+
+def standin_backward(tensors, *args, inputs=None, **kwargs):
+    """loss.backward(): a zero gradient added to each leaf's, on its device, in its dtype."""
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    for leaf in inputs or leaves(tensors):
+        zero = torch.zeros_like(leaf)
+        leaf.grad = zero if leaf.grad is None else leaf.grad + zero
+
+
+def standin_grad(outputs, inputs, *args, **kwargs):
+    """torch.autograd.grad: zeros like each input."""
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    return tuple(torch.zeros_like(t) for t in inputs)
+
+
+class Generator(torch.Generator):
+    """torch.Generator, a host one where a `cuda` one is asked for (none can be made without a GPU)."""
+
+    def __new__(cls, device='cpu'):
+        return super().__new__(cls, 'cpu')
+
+
 @contextlib.contextmanager
 def standin_cuda(monkeypatch):
     """Inside: torch.cuda's questions (a device's properties, bf16, memory) answered as an H100 would, CUDA's autocast
@@ -91,6 +159,26 @@ def standin_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda *a: properties)
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
+    # torch's autograd engine needs a real CUDA context for a device tensor's backward (pytorch issue 92627): the
+    # gradients are stand-ins, zeros on each leaf's device
+    monkeypatch.setattr(torch.autograd, 'backward', standin_backward)
+    monkeypatch.setattr(torch.autograd, 'grad', standin_grad)
+    # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
+    save = torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
+    # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
+    swap = torch.utils.swap_tensors
+    monkeypatch.setattr(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
+    load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
+
+    def host_load(*args, **kwargs):
+        with fake_tensor.unset_fake_temporarily():
+            return load(*args, **kwargs)
+    monkeypatch.setattr(torch, 'load', host_load)
+    # the device's generator and its state: the host's stand in (the numbers are not checked)
+    monkeypatch.setattr(torch, 'Generator', Generator)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda *a: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda *a: None)
     monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda t, *a: t)
     monkeypatch.setattr(torch.Tensor, 'is_pinned', lambda t, *a: True)
     # a real CUDA context is made for a fake tensor's first move where torch sees a GPU: none is here

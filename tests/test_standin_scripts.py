@@ -1,0 +1,117 @@
+"""Every script's own main() run on the stand-in CUDA device (tests/standin_cuda.py: fake tensors on `cuda:0`, the
+host's own work real): set-up, the start-up check, two training steps, an evaluation, a save and a resume; ensemble.py
+and evaluate.py (--shift) scoring. On a set held in memory (on the device) and on one read an image at a time (a
+folder's way), in bf16 and in fp16 (its GradScaler). An operator mixing the host's tensors with the device's fails as
+on a GPU; inside a training step or a scoring pass, a host sync or a host tensor read by a device operator fails.
+What it cannot cover: numbers (a loss, an accuracy: the stand-in's), kernels (none runs: the start-up check's verdict
+is on stand-in numbers), backward's own operators (torch's autograd engine needs a real CUDA context for a device
+tensor: the gradients are stand-in zeros on each parameter's device), and a checkpoint's bytes (the host's zeros in
+the device tensors' shapes and dtypes)."""
+import contextlib
+import json
+
+import pytest
+import torch
+
+import attention_copy
+import attention_distill
+import data
+import ensemble
+import evaluate
+import finetune
+import mae_pretrain
+from conftest import TINY, finetune as finetune_run, run_in_process
+from standin_cuda import standin_cuda
+from util import engine, run
+from util.datafiles import unwrap
+
+SCRIPTS = {'finetune': (finetune, []), 'mae_pretrain': (mae_pretrain, []),
+           'copy-v': (attention_copy, ['--transfer', 'v']), 'copy-heads': (attention_copy, ['--heads', '1']),
+           'distill-q': (attention_distill, ['--transfer', 'q'])}
+SETS = [('held', 'bf16'), ('folder', 'fp16')]
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp('teacher')
+    finetune_run(d, '--max-steps', '1')
+    return d / 'checkpoint.pt'
+
+
+def lenient(cuda, fn):
+    """fn run outside the strict step: a progress line, an evaluation's result and a save read the device."""
+    def outside_the_step(*args, **kwargs):
+        cuda.in_step, was = False, cuda.in_step
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cuda.in_step = was
+    return outside_the_step
+
+
+@contextlib.contextmanager
+def on_standin(monkeypatch, held, script=None, amp='bf16'):
+    """The stand-in device as torch.cuda; each training epoch strict: in fp16 its GradScaler's one sync a step
+    (whether a gradient was inf), no other."""
+    if held == 'folder':
+        monkeypatch.setattr(data, 'FAKE_HELD', 0)
+    with standin_cuda(monkeypatch) as cuda:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):   # processes() turns TF32 on
+            monkeypatch.setattr(flags, 'allow_tf32', flags.allow_tf32)
+        for owner, name in ((engine, 'log_progress'), (run.Run, 'save'), (run.Run, 'evaluate')):
+            monkeypatch.setattr(owner, name, lenient(cuda, getattr(owner, name)))
+        if script is not None:
+            def strict_epoch(run, loader, *args, epoch=script.train_one_epoch):
+                steps = run.total_steps - run.step if amp == 'fp16' else 0
+                with cuda.strict(allowed=steps):
+                    return epoch(run, loader, *args)
+            monkeypatch.setattr(script, 'train_one_epoch', strict_epoch)
+        yield cuda
+
+
+@pytest.mark.parametrize('held, amp', SETS)
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path, monkeypatch):
+    script, args = SCRIPTS[name]
+    if script in (attention_copy, attention_distill):
+        args = [*args, '--teacher', teacher]
+    out = tmp_path / 'run'
+    with on_standin(monkeypatch, held, script, amp):
+        for more in (['--max-steps', '2'], ['--max-steps', '3', '--resume', 'true']):
+            msg = run_in_process(monkeypatch, script, *TINY, '--out-dir', out, '--amp', amp, '--log-every', '1',
+                                 *args, *more)
+            assert msg is None, msg
+    with open(out / 'metrics.jsonl') as f:
+        assert [json.loads(line)['step'] for line in f] == [2, 3]
+    assert f'autocast torch.{ {"bf16": "bfloat16", "fp16": "float16"}[amp]}' in (out / 'log.txt').read_text()
+
+
+@pytest.mark.parametrize('held, amp', SETS)
+def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, monkeypatch):
+    models = ['--models', teacher, teacher]
+    common = [*models, '--data', 'fake', '--num-workers', '0', '--amp', amp]
+    with on_standin(monkeypatch, held) as cuda:
+        for script in (ensemble, evaluate):
+            score = script.predict_all
+
+            def strict_scores(models, loader, place, score=score):
+                with cuda.strict(allowed=len(models) + 1):   # each model's logits and the labels, copied once
+                    return score(models, loader, place)
+            monkeypatch.setattr(script, 'predict_all', strict_scores)
+        held_on = []   # where each set scored is held: on the device where it fits (the fake set does)
+        for script in (ensemble, evaluate):
+            loader = script.build_loader
+
+            def where(cfg, dataset, *args, loader=loader, **kwargs):
+                held_on.append(getattr(unwrap(dataset), 'images', torch.empty(0)).device.type)
+                return loader(cfg, dataset, *args, **kwargs)
+            monkeypatch.setattr(script, 'build_loader', where)
+        assert run_in_process(monkeypatch, ensemble, *common, '--out', tmp_path / 'e.json') is None
+        msg = run_in_process(monkeypatch, evaluate, *common, '--ensembles', '0,1', '--shift', 'none', 'noise',
+                             '--out', tmp_path / 'robustness')
+        assert msg is None, msg
+    assert held_on == [{'held': 'cuda', 'folder': 'cpu'}[held]] * 3    # ensemble's set, evaluate's two shifts
+    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 256   # 2048 / 8
+    rows = json.loads((tmp_path / 'robustness' / 'robustness.json').read_text())['rows']
+    assert [set(r['top1']) for r in rows] == [{'none', 'noise'}] * 3
