@@ -10,6 +10,8 @@ What the teacher hands over follows --attn-implementation. With eager (what auto
 CPU) the teacher hands over its map, as its layers wrote it out (vit.attend). With sdpa
 (what auto runs on CUDA) it hands over its q_t and k_t, and the copied layer is one fused
 call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an (N, N) map.
+What a copy student is given (teacher.copied) and the pair as one classifier (teacher.CopyModel) live in
+teacher.py, beside what the teacher hands over, since ensemble.py and evaluate.py run trained pairs too.
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -21,7 +23,7 @@ call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an 
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
 `--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers (RECIPES.md).
-Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
+Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)` (teacher.py; named here too).
 """
 import signal
 import sys
@@ -33,7 +35,6 @@ if __name__ == '__main__':
 import torch
 
 from data import batch_mixer, build_data
-# load_copy_model (teacher.py): a trained copy student rebuilt with its teacher, named here as well (README)
 from teacher import (CopyModel, TransferConfig, build_student, build_teacher, check_teacher, copied,
                      describe_map, load_copy_model, student_presets)
 from util.checkpoints import teacher_record
