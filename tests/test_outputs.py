@@ -149,7 +149,7 @@ def test_a_directory_where_a_run_file_goes_is_one_line(run_dir, tmp_path, monkey
     os.remove(out / name)
     (out / name).mkdir()
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', out, '--max-steps', '1', '--overwrite', 'true')
-    assert msg and f'{out / name}' in msg and 'a link or a directory' in msg, msg
+    assert msg and f'{out / name}' in msg and 'a link, a directory' in msg and 'move it away' in msg, msg
 
 
 def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
