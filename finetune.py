@@ -27,7 +27,7 @@ if __name__ == '__main__':
 import torch
 
 from data import batch_mixer, build_data
-from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of
+from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main, settle_attention, without_help
@@ -63,9 +63,10 @@ class FinetuneConfig(TrainConfig):
         """The resolve step: an --init file read and checked against the model the
         config names (its architecture, heads and weights), before anything is built."""
         if self.init:
-            check_weights(self.init, read_checkpoint(self.init),
-                          model_arch(self.model, **self.model_kwargs()),
-                          self.init_num_heads, '--init-num-heads')
+            with torch.device('meta'):
+                model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init)
+            check_weights(model, self.init, read_checkpoint(self.init), self.init_num_heads,
+                          '--init-num-heads')
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size

@@ -312,11 +312,13 @@ def inspect_teacher(cfg):
     ckpt = read_checkpoint(cfg.teacher)
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
+    # frozen, a plain ViT; built on no memory, its record refused if it cannot be
+    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}
+    with torch.device('meta'):
+        teacher = vit_of(plain, cfg.teacher, {'img_size': cfg.img_size})
     refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'],
                         native['mlp_ratio'], False, 'the teacher'))
-    # frozen, a plain ViT
-    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}
-    teacher = check_weights(cfg.teacher, ckpt, plain, *stated, img_size=cfg.img_size)
+    teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
     return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
 
 

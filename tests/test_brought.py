@@ -349,14 +349,18 @@ def test_weights_that_are_not_real_floats_are_refused_wherever_read(tmp_path, mo
         assert msg and says in msg and 'q.pt' in msg, (script.__name__, msg)
         assert not os.path.exists(out) or os.listdir(out) == []
 
-@pytest.mark.parametrize('damage, says', [
-    ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
-    ('no heads', 'records an architecture that cannot be built (integer modulo by zero)'),
-    ('depth a string', "records an architecture that cannot be built ("),
+@pytest.mark.parametrize('damage, says, compared', [
+    ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file", None),
+    ('no heads', 'records an architecture that cannot be built (integer modulo by zero)',
+     'architecture mismatch loading'),
+    ('depth a string', "records an architecture that cannot be built (", "the checkpoint has depth '2' (here"),
 ])
-def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(tmp_path, monkeypatch, damage, says):
+def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(tmp_path, monkeypatch, damage, says,
+                                                                              compared):
     """A flipped bit inside a tensor was read as a weight (torch checks no CRC-32), the damaged teacher's SHA-256
-    recorded as the teacher's; an architecture record with 0 heads or a string depth ended in a traceback."""
+    recorded as the teacher's; an architecture record with 0 heads or a string depth ended in a traceback. Where the
+    file's record is built (a teacher, an ensemble's model) VisionTransformer refuses it; an --init's is compared with
+    the model its config names (`compared`)."""
     model = random_vit()
     arch = {**model.arch, **{'no heads': {'num_heads': 0}, 'depth a string': {'depth': '2'}}.get(damage, {})}
     path = tmp_path / 't.pt'
@@ -371,7 +375,8 @@ def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(t
                          (ensemble, [*TINY, '--models', path, '--out', out / 'r.json']),
                          (evaluate, ['--data', 'fake', '--num-workers', '0', '--models', path, '--out', out])]:
         msg = run_in_process(monkeypatch, script, *args)
-        assert msg and says in msg and str(path) in msg, (script.__name__, msg)
+        expected = compared if script is finetune and compared else says
+        assert msg and expected in msg and str(path) in msg, (script.__name__, msg)
         assert not out.exists()                          # no config.json recording its digest, no folder
 
 # -----------------------------------------------------------------------------

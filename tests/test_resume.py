@@ -103,8 +103,9 @@ def test_each_config_names_what_may_change():
     ('a nan in the optimizer', 'holds optimizer state.0.exp_avg with nan or inf'),
     ('rng of floats', '(rng: missing or of another kind)'),
     ('rng cut short', '(rng: missing or of another kind)'),
-    ('no heads', 'records an architecture that cannot be built (integer modulo by zero)'),
-    ('depth a string', 'records an architecture that cannot be built ('),
+    # the record compared with the model these settings build, before anything is written
+    ('no heads', 'does not fit the model built from these settings (num_heads 0 (here 3))'),
+    ('depth a string', "does not fit the model built from these settings (depth '2' (here 2))"),
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
     # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
     ('optimizer state of one column', 'does not fit the model built from these settings (optimizer state 0 '

@@ -73,8 +73,8 @@ def read_file(path):
     torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
-    be read as a weight), and an architecture record that VisionTransformer cannot build is refused before any of
-    its numbers is used. Otherwise one UnreadableFile line naming the file, with torch's own words for what it found."""
+    be read as a weight). Otherwise one UnreadableFile line naming the file, with torch's own words for what it
+    found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         if records(path):   # torch's zip archive
@@ -100,9 +100,6 @@ def read_file(path):
         raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
                              'copy or download it again; for a file of your own, save the tensors '
                              'alone: torch.save(model.state_dict(), path)') from None
-    if recorded(ckpt):   # before any of its numbers is used: VisionTransformer's own checks, on no memory
-        with torch.device('meta'):
-            vit_of(recorded(ckpt), path)
     # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
     # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
     repeated = next(zero_strided(ckpt), None)
@@ -273,7 +270,7 @@ def family_key(source, ckpt):
 def arch_mismatch(arch, saved, free=('img_size', 'num_classes', 'global_pool', 'drop_path_rate')):
     """['num_heads 4 (here 3)', ...]: the fields of a recorded architecture that differ from a model's,
     outside `free` (by default what loading adapts or ignores). Heads matter though no tensor shape shows them."""
-    return [f'{k} {v} (here {arch.get(k)})' for k, v in saved.items()
+    return [f'{k} {v!r} (here {arch.get(k)!r})' for k, v in saved.items()
             if k not in free and arch.get(k) != v]
 
 
@@ -361,14 +358,13 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     return model
 
 
-def check_weights(source, ckpt, arch, num_heads, flag, **given):
-    """A ViT of `arch` with the keywords `given` (vit_of) holding the checkpoint's weights, after every refusal
-    load_weights makes: how the resolve phase looks at a file of weights before anything is built. The ViT is built on
-    the meta device and the file's own tensors are assigned to it (load_state_dict(assign=True)): no random
-    initialisation, nothing copied. What the file does not hold (a classifier, the only part that may be missing) is
-    initialised on the CPU; every weight is made fp32, as loading into a built ViT makes it."""
-    with torch.device('meta'):
-        model = vit_of(arch, source, given)
+def check_weights(model, source, ckpt, num_heads, flag):
+    """`model`, a ViT built on the meta device (vit_of under torch.device('meta'): a record VisionTransformer cannot
+    build refused, nothing allocated), holding the checkpoint's weights after every refusal load_weights makes: how
+    the resolve phase looks at a file of weights. The file's own tensors are assigned to it
+    (load_state_dict(assign=True)): no random initialisation, nothing copied. What the file does not hold (a
+    classifier, the only part that may be missing) is initialised on the CPU; every weight is made fp32, as loading
+    into a built ViT makes it."""
     load_weights(model, source, ckpt, num_heads, flag, assign=True)
     for m in model.modules():
         if any(p.is_meta for p in m.parameters(recurse=False)):
