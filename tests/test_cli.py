@@ -316,7 +316,7 @@ def test_teacher_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch, 
 def test_unusable_out_dir(tmp_path, monkeypatch):
     (tmp_path / 'a_file').write_text('mine\n')
     msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', tmp_path / 'a_file', '--max-steps', '1')
-    assert msg and 'is a file, not a directory' in msg, msg
+    assert msg and f"{tmp_path / 'a_file'}: cannot make it (File exists)" in msg, msg
     assert (tmp_path / 'a_file').read_text() == 'mine\n'
     msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', '/proc/no/such/run', '--max-steps', '1')
     assert msg and '/proc/no/such/run: cannot make it' in msg, msg

@@ -77,13 +77,16 @@ def read_file(path):
     found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
-        if records(path):   # torch's zip archive
+        script = False
+        if zipfile.is_zipfile(path):   # torch's archive (else torch.load says what it is)
             with zipfile.ZipFile(path) as z:
                 check_records(z.infolist(), os.path.getsize(path))
                 damaged = z.testzip()   # the first record whose CRC-32 differs
+                # a TorchScript archive (torch.load's own test)
+                script = any(n.rpartition('/')[2] == 'constants.pkl' for n in z.namelist())
             if damaged:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
-        if records(path, 'constants.pkl'):   # a TorchScript archive (torch.load's own test)
+        if script:
             ckpt = read_archive(path)
         else:
             # torch's notes on formats: what is wrong is said below, in one line
@@ -143,24 +146,12 @@ RECORD_SCALE = 16
 
 
 def torch_says(error):
-    """What torch.load found, in its own words: the last paragraph of its message (before its pointer to the docs, after
-    'WeightsUnpickler error:'), its first sentence; never its advice to load the file with weights_only=False or to
-    allow what it refused, either of which would run the code a pickle carries. An error without words: its name."""
-    text = str(error).split('Check the documentation')[0].split('WeightsUnpickler error:')[-1]
-    paragraphs = [' '.join(p.split()) for p in text.split('\n\n') if p.strip()]
-    if not paragraphs:
-        return type(error).__name__
-    return paragraphs[-1].split('. ')[0].rstrip('.')
-
-
-def records(path, name='data.pkl'):
-    """Whether a zip file has a record `name` (in torch's archive folder); None: not a whole zip
-    file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.rpartition('/')[2] == name for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return None
+    """What torch.load found, in its own words: the first sentence after 'WeightsUnpickler error:', never its advice
+    to load the file with weights_only=False or to allow what it refused, either of which would run the code a
+    pickle carries. An error without words: its name."""
+    said = str(error).split('Check the documentation')[0].split('WeightsUnpickler error:')[-1]
+    said = ' '.join(said.split())
+    return said.split('. ')[0].rstrip('.') or type(error).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -249,12 +240,9 @@ def heads_of(ckpt, source, dim, num_heads, flag):
             raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} "
                                   f"heads do not divide")
         return num_heads, f'stated by {flag}'
-    hint = ''
-    if dim % 64 == 0:
-        hint = f' ({dim // 64} if its heads are 64 wide, as in ViT-Ti/S/B/L)'
     raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
                           f"its ViT has (its record, a name or its family would): state them with "
-                          f"{flag} N{hint}")
+                          f"{flag} N")
 
 
 def family_key(source, ckpt):
@@ -274,9 +262,10 @@ def arch_mismatch(arch, saved, free=('img_size', 'num_classes', 'global_pool', '
             if k not in free and arch.get(k) != v]
 
 
-def check_arch(model, ckpt, source, num_heads, flag):
+def check_arch(model, ckpt, sd, source, num_heads, flag):
     """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
-    without a record, whose heads (heads_of: num_heads as stated with `flag`) are not the model's."""
+    without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
+    model's."""
     saved = recorded(ckpt)
     if saved:
         if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
@@ -286,8 +275,7 @@ def check_arch(model, ckpt, source, num_heads, flag):
                                   f"an --init")
         diff = arch_mismatch(model.arch, saved)
     else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
-        dim = state_dict_of(ckpt)['pos_embed'].shape[-1]
-        heads, how = heads_of(ckpt, source, dim, num_heads, flag)
+        heads, how = heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)
         diff = []
         if heads != model.num_heads:
             diff.append(f'{heads} attention heads ({how}; here {model.num_heads})')
@@ -320,8 +308,8 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
     the file's tensors themselves (check_weights), not copies."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
-    check_arch(model, ckpt, source, num_heads, flag)
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
+    check_arch(model, ckpt, sd, source, num_heads, flag)
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word

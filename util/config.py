@@ -78,6 +78,7 @@ def declared(cls):
 
 PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
 UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
+FRACTION = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
 RANDAUG = (lambda v: not v or readable(policy, v),
            "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 (magnitude 0 to 30), at most "
            "n16 ops, or '' for none")
@@ -109,8 +110,7 @@ class TrainConfig:
     hflip: float = option(0.5, rule=PROBABILITY)
     crop_pad: int = option(2, 'small images: random crop after reflect-padding this much',
                            at_least(0, 'off', SIZE))
-    min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area",
-                              (lambda v: 0 < v <= 1, 'is a fraction of the area: (0, 1]'))
+    min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area", FRACTION)
     randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 "
                               "| '' = off", RANDAUG)
     reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode "
@@ -130,17 +130,12 @@ class TrainConfig:
                                       'scales with the batch as the peak does; 0 = --min-lr', UNIT)
     weight_decay: float = option(0.05, rule=at_least(0))
     layer_decay: float = option(1.0, 'lr of layer l (0 embedding, i + 1 block i) scales by '
-                                     'layer_decay ** (L - l)',
-                                (lambda v: 0 < v <= 1, 'must be in (0, 1]'))
+                                     'layer_decay ** (L - l)', FRACTION)
     layer_decay_offset: int = option(1, "L = depth + this (the head at L): 1 as MAE counts, 0 as "
-                                        "the release's copy",
-                                     (lambda v: 0 <= v <= DEPTH,
-                                      'must be 0 (the release) or 1 (MAE), or more: at most '
-                                      f'{DEPTH}'))
+                                        "the release's copy", at_least(0, most=DEPTH))
     beta2: float = option(0.999, rule=UNIT)
     clip_grad: float = option(0.0, 'max grad norm; 0 = off', at_least(0, 'off'))
-    ema: float = option(0.0, 'EMA decay per step; 0 = no EMA',
-                        (lambda v: 0 <= v < 1, 'is a decay per step: [0, 1), 0 = off'))
+    ema: float = option(0.0, 'EMA decay per step; 0 = no EMA', UNIT)
     # system
     amp: str = option('auto', ' | '.join(AMP), choices=AMP)
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '

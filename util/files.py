@@ -169,14 +169,12 @@ def read_lines(path):
     return [line for line in text.splitlines() if line.strip()]
 
 
-def git_commit(*args, cwd=None):
+def git_commit(cwd=None):
     """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
-    *.py)' where the code that ran is not that commit's; args: another git command, whose output it returns."""
+    *.py)' where the code that ran is not that commit's."""
     def git(*a):
         return subprocess.run(['git', *a], capture_output=True, text=True,
                               cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    if args:
-        return git(*args)
     head = git('rev-parse', 'HEAD')
     if head and git('status', '--porcelain', '--', '*.py'):
         return head + ' (with uncommitted changes to *.py)'

@@ -67,14 +67,11 @@ class RunDir:
         is writing (main: take the lock, held until release), a run this one may not write over, and a run that
         would replace its own inputs."""
         self = cls(cfg, main)
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f'--out-dir {self.path} is a file, not a directory: choose another '
-                              f'--out-dir')
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         try:
             make_folders(self.path, self.made)
-        except OSError as e:
+        except OSError as e:   # a file there (File exists), no permission
             raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
                               f'another') from None
         with self.released_on_error():
@@ -123,15 +120,11 @@ class RunDir:
         if os.path.exists(self.checkpoint):
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
                               f'or choose another --out-dir (--overwrite true deletes it)')
-        done = os.path.exists(self.file('done.json'))
-        evaluated = len(read_lines(self.file('metrics.jsonl')))
-        if done or evaluated:   # results kept without their checkpoint
-            if done:
-                what = 'done.json'
-            else:
-                what = f'{evaluated} evaluation(s) in metrics.jsonl, no checkpoint'
-            raise ConfigError(f'{self.path} holds a finished run ({what}): choose another --out-dir, '
-                              f'or pass --overwrite true to delete it and start afresh')
+        # results kept without their checkpoint
+        if os.path.exists(self.file('done.json')) or read_lines(self.file('metrics.jsonl')):
+            raise ConfigError(f'{self.path} holds a finished run (done.json, or evaluations in '
+                              f'metrics.jsonl without a checkpoint): choose another --out-dir, or '
+                              f'pass --overwrite true to delete it and start afresh')
 
     # -------------------------------------------------------------------------
     # One writer at a time
@@ -297,13 +290,9 @@ class RunDir:
             write_json(self.file('config.json'), {**record, 'diverged': what})
 
     def how_to_continue(self):
-        """Where the run's last checkpoint is and the command that continues it (or that there is none
-        yet)."""
+        """Where the run's last checkpoint is and the command that continues it (or that there is none yet: run
+        again, the command is told what to do with evaluations kept without it, refuse_overwrite)."""
         if not os.path.exists(self.checkpoint):
-            evaluated = read_lines(self.file('metrics.jsonl'))
-            if evaluated:   # kept without a checkpoint, they would refuse the same command again
-                return f'{NOTHING_SAVED} with --overwrite true (it deletes the {len(evaluated)} ' \
-                       f'evaluation(s) made)'
             return NOTHING_SAVED
         return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
 
