@@ -27,6 +27,7 @@ import pickle
 import zipfile
 from collections import OrderedDict, namedtuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -124,22 +125,19 @@ def family_of(sd):
     return 'torchvision' if 'conv_proj.weight' in sd else None
 
 
-# torchvision's and OpenAI CLIP's names -> timm's (the same maths): each part of a key replaced in turn
-TORCHVISION_NAMES = {
+# The other families' names -> timm's (the same maths), each part of a key replaced in turn: torchvision's, then
+# OpenAI CLIP's image tower (visual.*), then DINOv2's registers. No part is in another family's keys.
+NAMES = {
     'class_token': 'cls_token',
     'encoder.pos_embedding': 'pos_embed',
     'conv_proj': 'patch_embed.proj',
     'encoder.layers.encoder_layer_': 'blocks.',
     'encoder.ln.': 'norm.',
     'heads.head.': 'head.',
-    'ln_1': 'norm1',
-    'ln_2': 'norm2',
     'self_attention.in_proj_': 'attn.qkv.',
     'self_attention.out_proj': 'attn.proj',
     'mlp.0': 'mlp.fc1',
     'mlp.3': 'mlp.fc2',
-}
-CLIP_NAMES = {   # the image tower's (visual.*)
     'class_embedding': 'cls_token',
     'positional_embedding': 'pos_embed',
     'conv1': 'patch_embed.proj',
@@ -152,43 +150,36 @@ CLIP_NAMES = {   # the image tower's (visual.*)
     'attn.out_proj': 'attn.proj',
     'mlp.c_fc': 'mlp.fc1',
     'mlp.c_proj': 'mlp.fc2',
+    'register_tokens': 'reg_token',
 }
-
-
-def renamed(sd, names):
-    """sd with every part of its keys that `names` lists replaced (old -> new, in the order
-    listed)."""
-    out = {}
-    for k, v in sd.items():
-        for old, new in names.items():
-            k = k.replace(old, new)
-        out[k] = v
-    return out
 
 
 def convert(sd):
     """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra
     VisionTransformer kwargs)."""
     family = family_of(sd)
-    if family == 'torchvision':
-        return renamed(sd, TORCHVISION_NAMES), {}
-    # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
+    # CLIP: the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
     if family == 'clip':
-        # the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
-        sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
+        sd = under(sd, 'visual.')
         sd.pop('proj', None)
+    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
+    if family == 'mocov3':
+        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
+    out = {}
+    for k, v in sd.items():
+        for old, new in NAMES.items():
+            k = k.replace(old, new)
+        out[k] = v
+    sd = out
+    if family == 'clip':   # an architecture unlike a plain ViT in more than names; nothing in its tensors says so
         conv = sd['patch_embed.proj.weight']
         # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
         sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1),           # (1, 1, D)
               'pos_embed': sd['pos_embed'][None],                              # (1, N, D)
               'patch_embed.proj.bias': conv.new_zeros(len(conv))}
         return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
-    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
-    if family == 'mocov3':
-        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
-    # DINOv2 with registers (its mask_token is dropped with MAE's)
-    sd = renamed(sd, {'register_tokens': 'reg_token'})
-    # DINOv2's layer scale, with its initial value (for a student)
+    # DINOv2's layer scale, with its initial value (for a student); its registers (its mask_token is dropped with
+    # MAE's)
     extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
@@ -283,7 +274,6 @@ class Classes:
     def __init__(self, archive, root):
         self.archive = archive
         self.root = root           # the archive's folder
-        self.files = {}            # a code record's path -> its parsed module
         self.found = {}            # a qualified name -> what declared() found
 
     def __call__(self, qualname):
@@ -294,15 +284,12 @@ class Classes:
     def declared(self, module, name):
         """(is a module, its __parameters__, its __buffers__) of the class `name` in the code record of
         `module`."""
-        path = f"{self.root}/code/{module.replace('.', '/')}.py"
-        if path not in self.files:
-            try:
-                self.files[path] = ast.parse(self.archive.read(path))
-            except (KeyError, SyntaxError, ValueError, RecursionError, MemoryError):
-                raise ArchiveRefused(f'it is a TorchScript archive whose code for {module}.{name} '
-                                     f'cannot be read', AGAIN) from None
-        cls = next((n for n in self.files[path].body
-                    if isinstance(n, ast.ClassDef) and n.name == name), None)
+        try:
+            code = ast.parse(self.archive.read(f"{self.root}/code/{module.replace('.', '/')}.py"))
+        except (KeyError, SyntaxError, ValueError, RecursionError, MemoryError):
+            raise ArchiveRefused(f'it is a TorchScript archive whose code for {module}.{name} '
+                                 f'cannot be read', AGAIN) from None
+        cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
         if cls is None:
             raise ArchiveRefused(f'it is a TorchScript archive whose code has no class '
                                  f'{module}.{name}', AGAIN)
@@ -358,15 +345,10 @@ class ArchiveUnpickler(pickle.Unpickler):
                                  f'write ({kind})', AGAIN)
         if key not in self.storages:
             name = f'{self.root}/data/{key}'
-            # before any memory is taken
-            if self.archive.getinfo(name).file_size != numel * dtype.itemsize:
+            raw = np.frombuffer(bytearray(self.archive.read(name)), np.uint8)   # its CRC-32 checked
+            if raw.size != numel * dtype.itemsize:
                 raise zipfile.BadZipFile(f'{name} has another size than its tensor')
-            storage = torch.empty(numel, dtype=dtype)
-            raw = storage.view(torch.uint8).numpy()
-            with self.archive.open(name) as f:   # zipfile checks the record's CRC-32 at its end
-                if f.readinto(raw) != raw.size or f.read(1):
-                    raise zipfile.BadZipFile(f'{name} is cut short')
-            self.storages[key] = storage
+            self.storages[key] = torch.from_numpy(raw).view(dtype)
         return self.storages[key]
 
 
