@@ -269,7 +269,8 @@ GLOBALS = {
 
 class Classes:
     """The module classes of an archive, as its code/ records declare them (read as text): for each qualified name,
-    whether it is a module, its parameters and its buffers."""
+    whether it is a module, its parameters and its buffers. A record that is missing or does not parse is refused
+    in zipfile's or ast's words (util/checkpoints.read_file)."""
 
     def __init__(self, archive, root):
         self.archive = archive
@@ -284,11 +285,7 @@ class Classes:
     def declared(self, module, name):
         """(is a module, its __parameters__, its __buffers__) of the class `name` in the code record of
         `module`."""
-        try:
-            code = ast.parse(self.archive.read(f"{self.root}/code/{module.replace('.', '/')}.py"))
-        except (KeyError, SyntaxError, ValueError, RecursionError, MemoryError):
-            raise ArchiveRefused(f'it is a TorchScript archive whose code for {module}.{name} '
-                                 f'cannot be read', AGAIN) from None
+        code = ast.parse(self.archive.read(f"{self.root}/code/{module.replace('.', '/')}.py"))
         cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
         if cls is None:
             raise ArchiveRefused(f'it is a TorchScript archive whose code has no class '
@@ -297,19 +294,11 @@ class Classes:
             raise ArchiveRefused(f'it is a TorchScript archive whose class {module}.{name} has its '
                                  f'own __setstate__, code that torch.jit.load would run to read it: '
                                  f'refused unread', AS_WEIGHTS)
-        lists = {t.id: n.value for n in cls.body if isinstance(n, ast.Assign) for t in n.targets
-                 if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
-        try:
-            parameters, buffers = (ast.literal_eval(lists.get(k, ast.List([], ast.Load())))
-                                   for k in ('__parameters__', '__buffers__'))
-        except ValueError:
-            parameters = buffers = None
-        if not all(isinstance(names, list) and all(isinstance(n, str) for n in names)
-                   for names in (parameters, buffers)):
-            raise ArchiveRefused(f'it is a TorchScript archive whose class {module}.{name} lists its '
-                                 f'parameters in a way TorchScript does not write', AGAIN)
+        # literal_eval reads constants only (a ValueError for anything else)
+        lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
         is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-        return is_module, parameters, buffers
+        return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
 
 
 class ArchiveUnpickler(pickle.Unpickler):
@@ -322,15 +311,12 @@ class ArchiveUnpickler(pickle.Unpickler):
         self.root = root
         self.classes = classes
         self.storages = {}        # a storage's key -> its tensor, read once
-        self.records = {}         # a TorchScript class's qualified name -> its Record type
 
     def find_class(self, module, name):
         if module.startswith('__torch__'):   # a class compiled into the archive
             qualname = f'{module}.{name}'
             self.classes(qualname)   # refused here if it has its own __setstate__
-            if qualname not in self.records:
-                self.records[qualname] = type(name, (Record,), {'qualname': qualname})
-            return self.records[qualname]
+            return type(name, (Record,), {'qualname': qualname})
         if (module, name) not in GLOBALS:
             raise ArchiveRefused(f'it is a TorchScript archive that names {module}.{name}, not a '
                                  f'tensor or plain data: refused unread', AS_WEIGHTS)
@@ -338,16 +324,11 @@ class ArchiveUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         """A storage, ('storage', its dtype, key, device, number of elements): the record data/<key>,
-        read once."""
-        kind, dtype, key, _, numel = pid
-        if kind != 'storage' or not isinstance(dtype, torch.dtype):
-            raise ArchiveRefused(f'it is a TorchScript archive with a storage of a kind torch does not '
-                                 f'write ({kind})', AGAIN)
+        read once, whole (zipfile checks its CRC-32); one too short for its tensors is refused in torch's
+        words where they are made (as_strided)."""
+        _, dtype, key, _, _ = pid
         if key not in self.storages:
-            name = f'{self.root}/data/{key}'
-            raw = np.frombuffer(bytearray(self.archive.read(name)), np.uint8)   # its CRC-32 checked
-            if raw.size != numel * dtype.itemsize:
-                raise zipfile.BadZipFile(f'{name} has another size than its tensor')
+            raw = np.frombuffer(bytearray(self.archive.read(f'{self.root}/data/{key}')), np.uint8)
             self.storages[key] = torch.from_numpy(raw).view(dtype)
         return self.storages[key]
 
@@ -357,9 +338,8 @@ def read_archive(path):
     them, read without running any of its code. ArchiveRefused where it holds code that would run."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
+        # no data.pkl: zipfile's KeyError names the record it lacks
         root = next((n for n in names if n.endswith('/data.pkl')), '/').rpartition('/')[0]
-        if f'{root}/data.pkl' not in names:
-            raise ArchiveRefused('it is a TorchScript archive without its data.pkl', AGAIN)
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
@@ -379,7 +359,8 @@ def is_module(value, classes):
 
 def collect(module, prefix, classes, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
-    nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too."""
+    nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
+    tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
     if not is_module(module, classes):
         raise ArchiveRefused('it is a TorchScript archive that holds no module',
                              "give the model's archive")
@@ -387,9 +368,6 @@ def collect(module, prefix, classes, state):
     for names in (parameters, buffers):
         for name, value in module.state.items():
             if name in names and value is not None:
-                if not torch.is_tensor(value):
-                    raise ArchiveRefused(f'it is a TorchScript archive whose {prefix}{name} is no '
-                                         f'tensor', AGAIN)
                 state[prefix + name] = value
     for name, value in module.state.items():
         if is_module(value, classes):
