@@ -22,6 +22,7 @@ Off its native image size (DINOv2: 518 px, the others 224 px) a family's officia
 position embeddings its own way; FAMILIES records how, and resize_pos_embed (at the end) does the same once.
 """
 import ast
+import functools
 import math
 import pickle
 import zipfile
@@ -267,38 +268,23 @@ GLOBALS = {
 }
 
 
-class Classes:
-    """The module classes of an archive, as its code/ records declare them (read as text): for each qualified name,
-    whether it is a module, its parameters and its buffers. A record that is missing or does not parse is refused
-    in zipfile's or ast's words (util/checkpoints.read_file)."""
-
-    def __init__(self, archive, root):
-        self.archive = archive
-        self.root = root           # the archive's folder
-        self.found = {}            # a qualified name -> what declared() found
-
-    def __call__(self, qualname):
-        if qualname not in self.found:
-            self.found[qualname] = self.declared(*qualname.rsplit('.', 1))
-        return self.found[qualname]
-
-    def declared(self, module, name):
-        """(is a module, its __parameters__, its __buffers__) of the class `name` in the code record of
-        `module`."""
-        code = ast.parse(self.archive.read(f"{self.root}/code/{module.replace('.', '/')}.py"))
-        cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
-        if cls is None:
-            raise ArchiveRefused(f'it is a TorchScript archive whose code has no class '
-                                 f'{module}.{name}', AGAIN)
-        if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
-            raise ArchiveRefused(f'it is a TorchScript archive whose class {module}.{name} has its '
-                                 f'own __setstate__, code that torch.jit.load would run to read it: '
-                                 f'refused unread', AS_WEIGHTS)
-        # literal_eval reads constants only (a ValueError for anything else)
-        lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-                 for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
-        is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-        return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
+def declared(archive, root, qualname):
+    """(is a module, its __parameters__, its __buffers__) of a TorchScript class, as the code record of its module
+    declares it (read as text, never run). A record that is missing or does not parse is refused in zipfile's or
+    ast's words (util/checkpoints.read_file)."""
+    module, name = qualname.rsplit('.', 1)
+    code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
+    cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    if cls is None:
+        raise ArchiveRefused(f'it is a TorchScript archive whose code has no class {qualname}', AGAIN)
+    if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
+        raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} has its own __setstate__, code '
+                             f'that torch.jit.load would run to read it: refused unread', AS_WEIGHTS)
+    # literal_eval reads constants only (a ValueError for anything else)
+    lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
+    is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
+    return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
 
 
 class ArchiveUnpickler(pickle.Unpickler):
@@ -343,7 +329,7 @@ def read_archive(path):
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
-        classes = Classes(archive, root)
+        classes = functools.cache(functools.partial(declared, archive, root))   # each class read once
         with archive.open(f'{root}/data.pkl') as f:
             top = ArchiveUnpickler(f, archive, root, classes).load()
         state = {}
