@@ -16,7 +16,6 @@ never stopped. Every data set has `classes` (index = label) and `source` (the fo
 data.py says which data set is which, and how it is augmented.
 """
 import contextlib
-import gzip
 import os
 import pathlib
 import shutil
@@ -278,15 +277,11 @@ FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
 
 def read_idx(path, read=read_sn3_pascalvincent_tensor):
     """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
-    uint8; read_label_file: (N,)); a gzipped one (Debian's) through an uncompressed temporary copy, as torchvision's
+    uint8; read_label_file: (N,)); a gzipped one (Debian's) decompressed by torchvision into a temporary folder, as its
     reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""
     try:
-        if not path.endswith('.gz'):
-            return read(path)
-        with tempfile.NamedTemporaryFile() as plain, gzip.open(path) as packed:
-            shutil.copyfileobj(packed, plain)
-            plain.flush()
-            return read(plain.name)
+        with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
+            return read(extract_archive(path, folder) if path.endswith('.gz') else path)
     except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, zlib.error, AssertionError, ...
         said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
         raise damaged_idx([path], f'cannot be read ({said})') from None
