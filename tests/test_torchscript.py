@@ -307,8 +307,10 @@ def rewritten(tmp_path, edit):
 
 
 @pytest.mark.parametrize('edit, says', [
-    (lambda name, data: data[:-4] if name.endswith('/data/0') else data, 'out of bounds for storage'),
-    (lambda name, data: None if name.endswith('.py') and '/code/' in name else data, 'There is no item named'),
+    (lambda name, data: data[:-4] if name.endswith('/data/0') else data,
+     'out of bounds for storage'),
+    (lambda name, data: None if name.endswith('.py') and '/code/' in name else data,
+     'There is no item named'),
     (lambda name, data: None if name.endswith('/data.pkl') else data, 'There is no item named'),
     (lambda name, data: data.replace(b'__parameters__ = [', b'__parameters__ = [f(), ')
      if name.endswith('.py') and '/code/' in name else data, 'malformed node'),
@@ -319,5 +321,6 @@ def test_a_record_missing_short_or_not_written_by_torchscript_is_one_line(tmp_pa
     path = rewritten(tmp_path, edit)
     with pytest.raises(UnreadableFile) as e:
         read_file(path)
-    assert str(e.value).startswith(f"'{path}' is not a readable PyTorch checkpoint") and says in str(e.value)
-    assert '\n' not in str(e.value)
+    said = str(e.value)
+    assert said.startswith(f"'{path}' is not a readable PyTorch checkpoint") and says in said
+    assert '\n' not in said

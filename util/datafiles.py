@@ -282,7 +282,7 @@ def read_idx(path, read=read_sn3_pascalvincent_tensor):
     try:
         with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
             return read(extract_archive(path, folder) if path.endswith('.gz') else path)
-    except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, zlib.error, AssertionError, ...
+    except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, AssertionError, ...
         said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
         raise damaged_idx([path], f'cannot be read ({said})') from None
 

@@ -172,7 +172,8 @@ def convert(sd):
             k = k.replace(old, new)
         out[k] = v
     sd = out
-    if family == 'clip':   # an architecture unlike a plain ViT in more than names; nothing in its tensors says so
+    # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
+    if family == 'clip':
         conv = sd['patch_embed.proj.weight']
         # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
         sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1),           # (1, 1, D)
@@ -276,13 +277,16 @@ def declared(archive, root, qualname):
     code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
     cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
     if cls is None:
-        raise ArchiveRefused(f'it is a TorchScript archive whose code has no class {qualname}', AGAIN)
+        raise ArchiveRefused(f'it is a TorchScript archive whose code has no class {qualname}',
+                             AGAIN)
     if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
-        raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} has its own __setstate__, code '
-                             f'that torch.jit.load would run to read it: refused unread', AS_WEIGHTS)
+        raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} has its own '
+                             f'__setstate__, code that torch.jit.load would run to read it: '
+                             f'refused unread', AS_WEIGHTS)
     # literal_eval reads constants only (a ValueError for anything else)
+    wanted = ('__parameters__', '__buffers__')
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
+             for t in n.targets if isinstance(t, ast.Name) and t.id in wanted}
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
     return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
 
@@ -329,7 +333,8 @@ def read_archive(path):
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
-        classes = functools.cache(functools.partial(declared, archive, root))   # each class read once
+        # each class read once
+        classes = functools.cache(functools.partial(declared, archive, root))
         with archive.open(f'{root}/data.pkl') as f:
             top = ArchiveUnpickler(f, archive, root, classes).load()
         state = {}
