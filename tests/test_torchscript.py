@@ -291,3 +291,36 @@ def test_a_record_larger_than_its_file_is_refused_before_it_is_inflated(tmp_path
     assert path.stat().st_size < 2 ** 20
     with pytest.raises(UnreadableFile, match='declares 67,108,864 bytes, 16 times more than the whole file'):
         read_file(str(path))
+
+
+def rewritten(tmp_path, edit):
+    """A TorchScript archive of a small Linear written again record by record, edit(name, data) -> data (None:
+    the record left out): each record whole, with its own CRC-32."""
+    plain, path = tmp_path / 'plain.pt', tmp_path / 'edited.pt'
+    torch.jit.save(torch.jit.script(nn.Linear(3, 2)), plain)
+    with zipfile.ZipFile(plain) as z, zipfile.ZipFile(path, 'w') as out:
+        for name in z.namelist():
+            data = edit(name, z.read(name))
+            if data is not None:
+                out.writestr(name, data)
+    return str(path)
+
+
+@pytest.mark.parametrize('edit, says', [
+    (lambda name, data: data[:-4] if name.endswith('/data/0') else data,
+     'out of bounds for storage'),
+    (lambda name, data: None if name.endswith('.py') and '/code/' in name else data,
+     'There is no item named'),
+    (lambda name, data: None if name.endswith('/data.pkl') else data, 'There is no item named'),
+    (lambda name, data: data.replace(b'__parameters__ = [', b'__parameters__ = [f(), ')
+     if name.endswith('.py') and '/code/' in name else data, 'malformed node'),
+])
+def test_a_record_missing_short_or_not_written_by_torchscript_is_one_line(tmp_path, edit, says):
+    """A storage shorter than its tensor, a code record or data.pkl missing, a parameter list that is no constant:
+    refused in the words of torch, zipfile or ast, in one line naming the file, never read on."""
+    path = rewritten(tmp_path, edit)
+    with pytest.raises(UnreadableFile) as e:
+        read_file(path)
+    said = str(e.value)
+    assert said.startswith(f"'{path}' is not a readable PyTorch checkpoint") and says in said
+    assert '\n' not in said

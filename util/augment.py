@@ -238,19 +238,18 @@ class BatchRandAugment:
     def __init__(self, policy, size):
         self.policy = policy
         self.size = size
+        # outside the image: timm's fill, or torchvision's black
+        self.fill = torch.tensor(policy.fill or [0], dtype=torch.float32).view(1, -1, 1, 1)
         if isinstance(policy, RandAugment):
-            self.fill = torch.tensor(policy.fill, dtype=torch.float32).view(1, -1, 1, 1)
             self.mode = 'bilinear'
         else:   # torchvision's table: each op's magnitudes, and whether a sign is drawn
-            self.fill = None
             self.mode = 'nearest'
             self.space = [(name, fn(policy.num_magnitude_bins, size, size), signed)
                           for name, (fn, signed) in policy._AUGMENTATION_SPACE.items()]
 
     def to(self, device):
         """Its fill colour on device (made there once, not at every batch)."""
-        if self.fill is not None:
-            self.fill = self.fill.to(device)
+        self.fill = self.fill.to(device)
         return self
 
     def draw(self, n, generator):
@@ -402,7 +401,7 @@ def batch_op(x, op, rows, fill, mode):
 def affine(x, theta, fill, mode):
     """uint8 images x (n, C, H, W), each resampled by its inverse affine matrix theta (n, 2, 3) as
     torchvision's tensor kernel does (_affine_grid, _apply_grid_transform); outside the image:
-    fill (1, C, 1, 1), or 0 if None."""
+    fill (1, C or 1, 1, 1)."""
     n, c, h, w = x.shape
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
@@ -412,16 +411,14 @@ def affine(x, theta, fill, mode):
     scale[..., 1].fill_(0.5 * h)                       # on the device: no copy from the host
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
     img = x.float()
-    if fill is not None:   # a channel of ones marks where the image was: the fill goes elsewhere
-        img = torch.cat([img, torch.ones_like(img[:, :1])], 1)
+    img = torch.cat([img, torch.ones_like(img[:, :1])], 1)   # ones mark where the image was
     img = torch.nn.functional.grid_sample(img, grid.view(n, h, w, 2), mode=mode,
                                           padding_mode='zeros', align_corners=False)
-    if fill is not None:
-        img, mask = img[:, :-1], img[:, -1:]
-        if mode == 'nearest':
-            img = torch.where(mask < 0.5, fill, img)
-        else:
-            img = (img - fill) * mask + fill
+    img, mask = img[:, :-1], img[:, -1:]
+    if mode == 'nearest':
+        img = torch.where(mask < 0.5, fill, img)
+    else:
+        img = (img - fill) * mask + fill
     return img.round().to(torch.uint8)
 
 

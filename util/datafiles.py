@@ -16,7 +16,6 @@ never stopped. Every data set has `classes` (index = label) and `source` (the fo
 data.py says which data set is which, and how it is augmented.
 """
 import contextlib
-import gzip
 import os
 import pathlib
 import shutil
@@ -24,7 +23,6 @@ import signal
 import sys
 import tempfile
 import warnings
-import zlib
 
 import numpy as np
 import torch
@@ -87,9 +85,8 @@ class TensorBatches:
         self.rank = rank
         self.device = device                  # where the batches go
         held = unwrap(dataset)
-        self.index = None
-        if isinstance(dataset, Subset):   # the positions the sampler gives, as the held indices
-            self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
+        # the positions the sampler gives, as the held indices
+        self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
         self.images = held.images
         self.labels = held.labels
         where = held.images.device
@@ -120,7 +117,7 @@ class TensorBatches:
     def batch(self, positions, seeds, first, step):
         """(images, labels) of one batch: positions (B,) in the data set, each image's seed and
         first draw, the batch's seed."""
-        index = positions if self.index is None else self.index[positions]
+        index = self.index[positions]
         host = torch.Generator().manual_seed(step)
         tensors, groups = self.transform.draw(len(positions), host, first, seeds)
         index, *tensors = send([index, *tensors], self.images.device)
@@ -280,17 +277,12 @@ FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
 
 def read_idx(path, read=read_sn3_pascalvincent_tensor):
     """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
-    uint8; read_label_file: (N,)); a gzipped one (Debian's) through an uncompressed temporary copy, as torchvision's
+    uint8; read_label_file: (N,)); a gzipped one (Debian's) decompressed by torchvision into a temporary folder, as its
     reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""
     try:
-        if not path.endswith('.gz'):
-            return read(path)
-        with tempfile.NamedTemporaryFile() as plain, gzip.open(path) as packed:
-            shutil.copyfileobj(packed, plain)
-            plain.flush()
-            return read(plain.name)
-    except (OSError, EOFError, zlib.error, AssertionError, KeyError, ValueError, TypeError,
-            RuntimeError) as e:   # a cut .gz, not gzip, not IDX
+        with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
+            return read(extract_archive(path, folder) if path.endswith('.gz') else path)
+    except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, AssertionError, ...
         said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
         raise damaged_idx([path], f'cannot be read ({said})') from None
 

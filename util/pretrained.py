@@ -22,11 +22,13 @@ Off its native image size (DINOv2: 518 px, the others 224 px) a family's officia
 position embeddings its own way; FAMILIES records how, and resize_pos_embed (at the end) does the same once.
 """
 import ast
+import functools
 import math
 import pickle
 import zipfile
 from collections import OrderedDict, namedtuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -124,22 +126,19 @@ def family_of(sd):
     return 'torchvision' if 'conv_proj.weight' in sd else None
 
 
-# torchvision's and OpenAI CLIP's names -> timm's (the same maths): each part of a key replaced in turn
-TORCHVISION_NAMES = {
+# The other families' names -> timm's (the same maths), each part of a key replaced in turn: torchvision's, then
+# OpenAI CLIP's image tower (visual.*), then DINOv2's registers. No part is in another family's keys.
+NAMES = {
     'class_token': 'cls_token',
     'encoder.pos_embedding': 'pos_embed',
     'conv_proj': 'patch_embed.proj',
     'encoder.layers.encoder_layer_': 'blocks.',
     'encoder.ln.': 'norm.',
     'heads.head.': 'head.',
-    'ln_1': 'norm1',
-    'ln_2': 'norm2',
     'self_attention.in_proj_': 'attn.qkv.',
     'self_attention.out_proj': 'attn.proj',
     'mlp.0': 'mlp.fc1',
     'mlp.3': 'mlp.fc2',
-}
-CLIP_NAMES = {   # the image tower's (visual.*)
     'class_embedding': 'cls_token',
     'positional_embedding': 'pos_embed',
     'conv1': 'patch_embed.proj',
@@ -152,43 +151,37 @@ CLIP_NAMES = {   # the image tower's (visual.*)
     'attn.out_proj': 'attn.proj',
     'mlp.c_fc': 'mlp.fc1',
     'mlp.c_proj': 'mlp.fc2',
+    'register_tokens': 'reg_token',
 }
-
-
-def renamed(sd, names):
-    """sd with every part of its keys that `names` lists replaced (old -> new, in the order
-    listed)."""
-    out = {}
-    for k, v in sd.items():
-        for old, new in names.items():
-            k = k.replace(old, new)
-        out[k] = v
-    return out
 
 
 def convert(sd):
     """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra
     VisionTransformer kwargs)."""
     family = family_of(sd)
-    if family == 'torchvision':
-        return renamed(sd, TORCHVISION_NAMES), {}
+    # CLIP: the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
+    if family == 'clip':
+        sd = under(sd, 'visual.')
+        sd.pop('proj', None)
+    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
+    if family == 'mocov3':
+        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
+    out = {}
+    for k, v in sd.items():
+        for old, new in NAMES.items():
+            k = k.replace(old, new)
+        out[k] = v
+    sd = out
     # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
     if family == 'clip':
-        # the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
-        sd = renamed(under(sd, 'visual.'), CLIP_NAMES)
-        sd.pop('proj', None)
         conv = sd['patch_embed.proj.weight']
         # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
         sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1),           # (1, 1, D)
               'pos_embed': sd['pos_embed'][None],                              # (1, N, D)
               'patch_embed.proj.bias': conv.new_zeros(len(conv))}
         return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
-    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
-    if family == 'mocov3':
-        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
-    # DINOv2 with registers (its mask_token is dropped with MAE's)
-    sd = renamed(sd, {'register_tokens': 'reg_token'})
-    # DINOv2's layer scale, with its initial value (for a student)
+    # DINOv2's layer scale, with its initial value (for a student); its registers (its mask_token is dropped with
+    # MAE's)
     extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
@@ -276,53 +269,26 @@ GLOBALS = {
 }
 
 
-class Classes:
-    """The module classes of an archive, as its code/ records declare them (read as text): for each qualified name,
-    whether it is a module, its parameters and its buffers."""
-
-    def __init__(self, archive, root):
-        self.archive = archive
-        self.root = root           # the archive's folder
-        self.files = {}            # a code record's path -> its parsed module
-        self.found = {}            # a qualified name -> what declared() found
-
-    def __call__(self, qualname):
-        if qualname not in self.found:
-            self.found[qualname] = self.declared(*qualname.rsplit('.', 1))
-        return self.found[qualname]
-
-    def declared(self, module, name):
-        """(is a module, its __parameters__, its __buffers__) of the class `name` in the code record of
-        `module`."""
-        path = f"{self.root}/code/{module.replace('.', '/')}.py"
-        if path not in self.files:
-            try:
-                self.files[path] = ast.parse(self.archive.read(path))
-            except (KeyError, SyntaxError, ValueError, RecursionError, MemoryError):
-                raise ArchiveRefused(f'it is a TorchScript archive whose code for {module}.{name} '
-                                     f'cannot be read', AGAIN) from None
-        cls = next((n for n in self.files[path].body
-                    if isinstance(n, ast.ClassDef) and n.name == name), None)
-        if cls is None:
-            raise ArchiveRefused(f'it is a TorchScript archive whose code has no class '
-                                 f'{module}.{name}', AGAIN)
-        if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
-            raise ArchiveRefused(f'it is a TorchScript archive whose class {module}.{name} has its '
-                                 f'own __setstate__, code that torch.jit.load would run to read it: '
-                                 f'refused unread', AS_WEIGHTS)
-        lists = {t.id: n.value for n in cls.body if isinstance(n, ast.Assign) for t in n.targets
-                 if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
-        try:
-            parameters, buffers = (ast.literal_eval(lists.get(k, ast.List([], ast.Load())))
-                                   for k in ('__parameters__', '__buffers__'))
-        except ValueError:
-            parameters = buffers = None
-        if not all(isinstance(names, list) and all(isinstance(n, str) for n in names)
-                   for names in (parameters, buffers)):
-            raise ArchiveRefused(f'it is a TorchScript archive whose class {module}.{name} lists its '
-                                 f'parameters in a way TorchScript does not write', AGAIN)
-        is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-        return is_module, parameters, buffers
+def declared(archive, root, qualname):
+    """(is a module, its __parameters__, its __buffers__) of a TorchScript class, as the code record of its module
+    declares it (read as text, never run). A record that is missing or does not parse is refused in zipfile's or
+    ast's words (util/checkpoints.read_file)."""
+    module, name = qualname.rsplit('.', 1)
+    code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
+    cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    if cls is None:
+        raise ArchiveRefused(f'it is a TorchScript archive whose code has no class {qualname}',
+                             AGAIN)
+    if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
+        raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} has its own '
+                             f'__setstate__, code that torch.jit.load would run to read it: '
+                             f'refused unread', AS_WEIGHTS)
+    # literal_eval reads constants only (a ValueError for anything else)
+    wanted = ('__parameters__', '__buffers__')
+    lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id in wanted}
+    is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
+    return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
 
 
 class ArchiveUnpickler(pickle.Unpickler):
@@ -335,15 +301,12 @@ class ArchiveUnpickler(pickle.Unpickler):
         self.root = root
         self.classes = classes
         self.storages = {}        # a storage's key -> its tensor, read once
-        self.records = {}         # a TorchScript class's qualified name -> its Record type
 
     def find_class(self, module, name):
         if module.startswith('__torch__'):   # a class compiled into the archive
             qualname = f'{module}.{name}'
             self.classes(qualname)   # refused here if it has its own __setstate__
-            if qualname not in self.records:
-                self.records[qualname] = type(name, (Record,), {'qualname': qualname})
-            return self.records[qualname]
+            return type(name, (Record,), {'qualname': qualname})
         if (module, name) not in GLOBALS:
             raise ArchiveRefused(f'it is a TorchScript archive that names {module}.{name}, not a '
                                  f'tensor or plain data: refused unread', AS_WEIGHTS)
@@ -351,22 +314,12 @@ class ArchiveUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         """A storage, ('storage', its dtype, key, device, number of elements): the record data/<key>,
-        read once."""
-        kind, dtype, key, _, numel = pid
-        if kind != 'storage' or not isinstance(dtype, torch.dtype):
-            raise ArchiveRefused(f'it is a TorchScript archive with a storage of a kind torch does not '
-                                 f'write ({kind})', AGAIN)
+        read once, whole (zipfile checks its CRC-32); one too short for its tensors is refused in torch's
+        words where they are made (as_strided)."""
+        _, dtype, key, _, _ = pid
         if key not in self.storages:
-            name = f'{self.root}/data/{key}'
-            # before any memory is taken
-            if self.archive.getinfo(name).file_size != numel * dtype.itemsize:
-                raise zipfile.BadZipFile(f'{name} has another size than its tensor')
-            storage = torch.empty(numel, dtype=dtype)
-            raw = storage.view(torch.uint8).numpy()
-            with self.archive.open(name) as f:   # zipfile checks the record's CRC-32 at its end
-                if f.readinto(raw) != raw.size or f.read(1):
-                    raise zipfile.BadZipFile(f'{name} is cut short')
-            self.storages[key] = storage
+            raw = np.frombuffer(bytearray(self.archive.read(f'{self.root}/data/{key}')), np.uint8)
+            self.storages[key] = torch.from_numpy(raw).view(dtype)
         return self.storages[key]
 
 
@@ -375,13 +328,13 @@ def read_archive(path):
     them, read without running any of its code. ArchiveRefused where it holds code that would run."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
+        # no data.pkl: zipfile's KeyError names the record it lacks
         root = next((n for n in names if n.endswith('/data.pkl')), '/').rpartition('/')[0]
-        if f'{root}/data.pkl' not in names:
-            raise ArchiveRefused('it is a TorchScript archive without its data.pkl', AGAIN)
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
-        classes = Classes(archive, root)
+        # each class read once
+        classes = functools.cache(functools.partial(declared, archive, root))
         with archive.open(f'{root}/data.pkl') as f:
             top = ArchiveUnpickler(f, archive, root, classes).load()
         state = {}
@@ -397,7 +350,8 @@ def is_module(value, classes):
 
 def collect(module, prefix, classes, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
-    nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too."""
+    nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
+    tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
     if not is_module(module, classes):
         raise ArchiveRefused('it is a TorchScript archive that holds no module',
                              "give the model's archive")
@@ -405,9 +359,6 @@ def collect(module, prefix, classes, state):
     for names in (parameters, buffers):
         for name, value in module.state.items():
             if name in names and value is not None:
-                if not torch.is_tensor(value):
-                    raise ArchiveRefused(f'it is a TorchScript archive whose {prefix}{name} is no '
-                                         f'tensor', AGAIN)
                 state[prefix + name] = value
     for name, value in module.state.items():
         if is_module(value, classes):
