@@ -25,8 +25,8 @@ from itertools import combinations
 if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
-from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names, data_source,
-                  ensemble_probs, held_where, on_device, predict_all)
+from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names,
+                  data_source, ensemble_probs, held_where, on_device, predict_all)
 from teacher import load_models
 from util.config import SAMPLER_BYTES, STEPS, ConfigError, at_least, machine_memory, option, show
 from util.datafiles import build_loader

@@ -36,8 +36,8 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import (INFO, SHIFTS, ModelsConfig, accuracy, build_eval_set, build_transform, check_classes,
-                  class_names, ensemble_probs, held_where, on_device, predict_all)
+from data import (INFO, SHIFTS, ModelsConfig, accuracy, build_eval_set, build_transform,
+                  check_classes, class_names, ensemble_probs, held_where, on_device, predict_all)
 from teacher import load_models
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
@@ -217,7 +217,8 @@ def score(cfg, groups, paths, out, files):
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        loader = build_loader(cfg, held_where(dataset, place.device, say), False, device=place.device)
+        held = held_where(dataset, place.device, say)
+        loader = build_loader(cfg, held, False, device=place.device)
         logits, labels = predict_all(models, loader, place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")

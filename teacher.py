@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from util.checkpoints import (CheckpointError, arch_of, build_from_checkpoint, check_weights, describe_teacher,
-                              load_weights, read_checkpoint, teacher_mismatch, vit_of)
+from util.checkpoints import (CheckpointError, arch_of, build_from_checkpoint, check_weights,
+                              describe_teacher, load_weights, read_checkpoint, teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse, too_big)
 from util.engine import autocast, cast_matmul_weights
@@ -446,24 +446,24 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
     """Trained classifiers in eval mode, a copy student with its teacher; what each checkpoint records ({'data',
     'data_dir', 'classes' (None: not recorded), 'num_classes'}); the image size they share (img_size: 0 = theirs)."""
     models, records, sizes = [], [], {}
-    for source, heads in zip(sources, cycle(num_heads or [0])):   # one head count for all, or one each
+    for source, heads in zip(sources, cycle(num_heads or [0])):   # one for all, or one each
         ckpt = read_checkpoint(source)
         copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
         try:
             model = (load_copy_model(source, teacher, new_teacher) if copy_student
                      else build_from_checkpoint(source, ckpt, heads))
-        except CheckpointError as e:   # some say what is wrong but not with which file: with several, say it
+        except CheckpointError as e:   # with several files, say which, where it does not
             if source in str(e):
                 raise e from None
             raise CheckpointError(f'{source}: {e}') from None
         arch = getattr(model, 'student', model).arch   # a copy student's own
         if not arch['num_classes']:
             raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
-        config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict, as the loads ask
+        config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict
         classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
         models.append(model.eval())
-        records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'), 'classes': classes,
-                        'num_classes': arch['num_classes']})
+        records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'),
+                        'classes': classes, 'num_classes': arch['num_classes']})
         sizes[source] = arch['img_size']
     size = sizes[sources[0]]
     if len(set(sizes.values())) > 1:
