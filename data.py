@@ -1,7 +1,9 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
-the train / eval splits, and their loaders. How each data set's files are found and
-read, and how a loader makes each batch the same after a resume: util/datafiles.py.
+the train / eval splits, and their loaders; then trained models scored on a test split (what
+ensemble.py and evaluate.py share; the models are loaded by teacher.load_models). How each data
+set's files are found and read, and how a loader makes each batch the same after a resume:
+util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -25,7 +27,9 @@ Two paths, by what an image costs to read:
 """
 import copy
 import os
+from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -33,10 +37,16 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
+from util.attention_check import start_up_check
 from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
-from util.errors import DataError
+from util.config import AMP, BATCH, DEPTH, SIZE, WORKERS, at_least, option
+from util.engine import autocast
+from util.errors import ConfigError, DataError
+from util.launch import amp_dtype, attn_implementation
+from util.run import class_mismatch
 from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
                             fashion_mnist, read_classes, send, unwrap)
+from vit import IMPLEMENTATIONS
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -267,6 +277,17 @@ def held_on(device, **splits):
     return {name: move(d) for name, d in splits.items()}
 
 
+def held_where(dataset, device, log):
+    """A test set held in memory where a training run would hold it (data_device): on a GPU where its images take at
+    most half its free memory, else on the host, as it was; any other data set, as it is (ensemble.py, evaluate.py)."""
+    held = unwrap(dataset)
+    if device.type != 'cuda' or not isinstance(held, TensorImages):
+        return dataset
+    need = held.images.nbytes + held.labels.nbytes
+    where = data_device(device, need, torch.cuda.mem_get_info(device)[0], log)
+    return held_on(where, set=dataset)['set']
+
+
 def build_splits(cfg):
     """Splits(train, eval, num_classes, classes): the eval set is the test split, or
     with --val-size n, n training images held out from training (see build_eval_set)."""
@@ -287,6 +308,18 @@ def class_names(dataset, num_classes):
     """A dataset's class names (its `classes`, as torchvision's datasets have them;
     FakeData's: the labels)."""
     return list(getattr(unwrap(dataset), 'classes', None) or map(str, range(num_classes)))
+
+
+def check_classes(sources, records, classes, data):
+    """Refuse trained models (sources, what their checkpoints record: teacher.load_models) that tell other classes
+    apart than the data set's: by name where they record them, else by number."""
+    for s, r in zip(sources, records):
+        other = class_mismatch(r['classes'], classes)
+        if not other and r['num_classes'] != len(classes):
+            other = f"{r['num_classes']} classes where the data has {len(classes)}"
+        if other:
+            raise ConfigError(f'{s} predicts {other} (--data {data}): '
+                              f'score it on the data set it was trained on')
 
 
 def data_source(dataset):
@@ -382,3 +415,80 @@ def image_folder(data, root, train, transform):
                   f'there'
     index = {c: i for i, c in enumerate(names)}
     return ClassFolder(split, index, transform, unknown), len(index)
+
+# -----------------------------------------------------------------------------
+# Trained models scored on a test set (ensemble.py, evaluate.py; the models: teacher.load_models): the flags they
+# share, where the models run, their predictions, top-k and an ensemble's probabilities
+
+
+@dataclass
+class ModelsConfig:
+    """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
+    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
+    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: '
+                                  'one for every model, or one each '
+                                  "(0: the file's record or family)")
+    img_size: int = option(0, "0 = the models' own (they must share one)",
+                           at_least(0, "the models' own", SIZE))
+    batch_size: int = option(256, rule=at_least(1, most=BATCH))
+    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
+    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
+    attn_implementation: str = option('auto', 'eager (explicit maps) | '
+                                              'sdpa (fused, no map stored) | auto: per device',
+                                      choices=('auto', *IMPLEMENTATIONS))
+    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
+                       (lambda v: 0 <= v < 2 ** 63,
+                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
+
+    def checks(self):   # --num-heads beside --models
+        return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
+                 f'gives {len(self.num_heads)} head counts for {len(self.models)} models: '
+                 f'one for all, or one each'),
+                ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
+                 f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
+
+
+def on_device(models, cfg, dataset, log):
+    """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
+    has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    models = [m.to(device) for m in models]
+    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
+    # the ViT running its own attention first (a copy's teacher)
+    vits = [getattr(m, 'teacher', m) for m in models]
+    layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
+    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
+                                'evaluation', models,
+                                lambda: [v.forward_tokens(x.to(device), depth=1) for v in vits],
+                                layers, backward=False)
+    return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
+
+
+@torch.no_grad()
+def predict_all(models, loader, place):
+    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
+    the device (the loader's labels are where its set is held) and copied to the host once, at the end."""
+    logits = [[] for _ in models]   # each model's (B, C) logits, batch after batch
+    labels = []
+    for x, y in loader:
+        x = x.to(place.device, non_blocking=True)
+        with autocast(place):
+            for batches, m in zip(logits, models):
+                batches.append(m(x).float())
+        labels.append(y.to(place.device, non_blocking=True))    # (B,)
+    return [torch.cat(batches).cpu() for batches in logits], torch.cat(labels).cpu()
+
+
+def accuracy(scores, labels, k=1):
+    """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
+    top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
+    return 100 * (top == labels[:, None]).any(-1).float().mean().item()
+
+
+def ensemble_probs(logits, weights=None):
+    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: summing to 1
+    (ensemble.normalise_weights), None = equal."""
+    weights = weights or [1 / len(logits)] * len(logits)
+    return sum(w * l.float().softmax(-1) for w, l in zip(weights, logits))   # (N, C)

@@ -36,9 +36,9 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import INFO, SHIFTS, build_eval_set, build_transform, class_names
-from ensemble import (ModelsConfig, accuracy, check_classes, ensemble_probs, held_where, load_models,
-                      on_device, predict_all)
+from data import (INFO, SHIFTS, ModelsConfig, accuracy, build_eval_set, build_transform,
+                  check_classes, class_names, ensemble_probs, held_where, on_device, predict_all)
+from teacher import load_models
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import parse_config, run_main
@@ -211,13 +211,14 @@ def score(cfg, groups, paths, out, files):
         transform = build_transform(data, train=False)
         sets = {name: (path, *load_set(name, path, transform)) for name, path in paths.items()}
 
-    models, place, attn = on_device(models, cfg, next(iter(sets.values()))[1])
+    models, place, attn = on_device(models, cfg, next(iter(sets.values()))[1], say)
     say(f'attention: {attn}')
     members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        loader = build_loader(cfg, held_where(dataset, place.device), False, device=place.device)
+        held = held_where(dataset, place.device, say)
+        loader = build_loader(cfg, held, False, device=place.device)
         logits, labels = predict_all(models, loader, place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
         say(f"{set_name}: {len(labels)} images | {' | '.join(f'{v:.2f}' for v in top1[set_name])}")

@@ -3,21 +3,22 @@ The frozen teacher of attention transfer, and the student built to fit it (atten
 what the teacher hands over, which teacher layer reaches which student layer, the student's shape (one with fewer
 heads takes a group of the teacher's: attention_distill.to_student_heads); then the flags and their resolve step
 (TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built); what a
-copy student is given, a trained one rebuilt with its teacher (load_copy_model: ensemble.py, evaluate.py); and the
-checks of a built teacher.
+copy student is given, and trained classifiers rebuilt to be scored (load_copy_model: a copy student with its teacher;
+load_models: ensemble.py, evaluate.py); and the checks of a built teacher.
 
 The teacher lives outside the student: frozen, in eval mode (the student's drop-path masks never reach it), run under
 no_grad only as deep as the last transferred layer, never in DDP, the EMA or the student's checkpoint.
 """
 import os
 from dataclasses import dataclass
+from itertools import cycle
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from util.checkpoints import (CheckpointError, arch_of, check_weights, describe_teacher, load_weights,
-                              read_checkpoint, teacher_mismatch, vit_of)
+from util.checkpoints import (CheckpointError, arch_of, build_from_checkpoint, check_weights,
+                              describe_teacher, load_weights, read_checkpoint, teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse, too_big)
 from util.engine import autocast, cast_matmul_weights
@@ -334,7 +335,7 @@ class Transfer(NamedTuple):
     loaded: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
-# A copy student: what it is given, and the trained one rebuilt with its teacher (ensemble.py, evaluate.py)
+# A copy student: what it is given; trained classifiers rebuilt, a copy student with its teacher (ensemble.py, ...)
 
 
 def copied(teacher, x, layers, heads, transfer, average='none', implementation=None):
@@ -441,6 +442,38 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
         raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or '
                               f'its teacher ({type(e).__name__}: {e}): {fix}') from None
     return model
+
+
+def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
+    """Trained classifiers in eval mode, a copy student with its teacher; what each checkpoint records ({'data',
+    'data_dir', 'classes' (None: not recorded), 'num_classes'}); the image size they share (img_size: 0 = theirs)."""
+    models, records, sizes = [], [], {}
+    for source, heads in zip(sources, cycle(num_heads or [0])):   # one for all, or one each
+        ckpt = read_checkpoint(source)
+        copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
+        try:
+            model = (load_copy_model(source, teacher, new_teacher) if copy_student
+                     else build_from_checkpoint(source, ckpt, heads))
+        except CheckpointError as e:   # with several files, say which, where it does not
+            if source in str(e):
+                raise e from None
+            raise CheckpointError(f'{source}: {e}') from None
+        arch = getattr(model, 'student', model).arch   # a copy student's own
+        if not arch['num_classes']:
+            raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
+        config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict
+        classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
+        models.append(model.eval())
+        records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'),
+                        'classes': classes, 'num_classes': arch['num_classes']})
+        sizes[source] = arch['img_size']
+    size = sizes[sources[0]]
+    if len(set(sizes.values())) > 1:
+        said = ', '.join(f'{s} {v}' for s, v in sizes.items())
+        raise ConfigError(f'the models take different image sizes: {said}')
+    if img_size and img_size != size:
+        raise ConfigError(f'--img-size {img_size}: the models take {size}')
+    return models, records, size
 
 
 # -----------------------------------------------------------------------------

@@ -214,23 +214,3 @@ def test_a_compiled_case_is_counted_when_autos_path_is_not_timed(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {row['path']: row for row in results(tmp_path)['rows']}
     assert set(rows) == {'sdpa', 'compile'} and rows['compile']['flops'] > 0 and rows['compile']['peak_fraction'] > 0
-
-
-def test_the_input_bound_per_small_data_preset(tmp_path):
-    """tools/benchmark_input.py: a preset's batches from memory, a step end to end on them, and the step alone on
-    one batch, in img/s; a second run into a folder holding another INPUT.md is
-    refused in one line, before any timing."""
-    p = run_script('-m', 'tools.benchmark_input', '--presets', 'fake', '--quick', 'true', '--out-dir', tmp_path,
-                   timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads((tmp_path / 'input.json').read_text())
-    cases = ['loader, in memory', 'end to end, in memory', 'step alone']
-    assert [row['case'] for row in r['rows']] == cases and all(row['img_s'] > 0 for row in r['rows'])
-    assert all(row['batch'] == 32 and len(row['times']) == 1 for row in r['rows'])    # fake's preset, 1 round
-    table = (tmp_path / 'INPUT.md').read_text()
-    assert '| fake | step alone | 32 |' in table and table.count('| fake |') == 3 and '1.00x |' in table
-    other = tmp_path / 'other'
-    other.mkdir()
-    (other / 'INPUT.md').write_text('mine')
-    p = run_script('-m', 'tools.benchmark_input', '--presets', 'fake', '--quick', 'true', '--out-dir', other)
-    assert p.returncode != 0 and 'INPUT.md but no input.json' in p.stderr and (other / 'INPUT.md').read_text() == 'mine'

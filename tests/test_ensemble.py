@@ -15,9 +15,10 @@ import torch
 from attention_copy import load_copy_model
 import attention_copy
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, run_script, sub_env
-from ensemble import (PRESETS, EnsembleConfig, accuracy, disagreement, ensemble_probs, load_models,
-                      normalise_weights, summarise)
+from data import accuracy, ensemble_probs
+from ensemble import PRESETS, EnsembleConfig, disagreement, normalise_weights, summarise
 import ensemble
+from teacher import load_models
 from util.checkpoints import CheckpointError
 from util.launch import parse_config
 from util.config import ConfigError
@@ -44,11 +45,14 @@ def test_ensemble_of_identical_models_is_the_model():
 def test_probabilities_sum_to_one_and_weights_are_normalised():
     torch.manual_seed(0)
     a, b, c = torch.randn(3, 20, 10) * 4
+
+    def weighted(logits, w):   # --weights w, as ensemble.py hands them over
+        return ensemble_probs(logits, normalise_weights(w, len(logits)))
     for w in (None, [1, 1, 1], [0.2, 3, 1], [0, 0, 5]):
-        assert torch.allclose(ensemble_probs([a, b, c], w).sum(-1), torch.ones(20), atol=1e-6)
-    assert torch.allclose(ensemble_probs([a, b], [2, 2]), ensemble_probs([a, b]), atol=1e-7)
-    assert torch.allclose(ensemble_probs([a, b], [3, 1]), 0.75 * a.softmax(-1) + 0.25 * b.softmax(-1), atol=1e-6)
-    assert torch.allclose(ensemble_probs([a, b], [1, 0]), a.softmax(-1), atol=1e-7)
+        assert torch.allclose(weighted([a, b, c], w).sum(-1), torch.ones(20), atol=1e-6)
+    assert torch.allclose(weighted([a, b], [2, 2]), ensemble_probs([a, b]), atol=1e-7)
+    assert torch.allclose(weighted([a, b], [3, 1]), 0.75 * a.softmax(-1) + 0.25 * b.softmax(-1), atol=1e-6)
+    assert torch.allclose(weighted([a, b], [1, 0]), a.softmax(-1), atol=1e-7)
     assert normalise_weights([1, 3], 2) == [0.25, 0.75] and normalise_weights(None, 4) == [0.25] * 4
     for bad in ([1], [1, -1], [0, 0]):
         with pytest.raises(ConfigError):

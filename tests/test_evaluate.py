@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import run_script
 from data import build_transform
-from ensemble import load_model
 from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
 import evaluate
+from teacher import load_models
 from util.datafiles import DataError
 from util.launch import run_main
 from vit import VisionTransformer, model_arch
@@ -135,7 +135,7 @@ def test_restriction_a_class_outside_the_subset_never_wins():
 def second_path(sources, dataset, allowed):
     """Top-1 image by image: each model on each transformed image, the softmax over the allowed columns
     only, averaged over the models, its argmax mapped back to a class."""
-    models, correct = [load_model(s)[0] for s in sources], 0
+    models, correct = load_models(sources)[0], 0
     cols = allowed or list(range(1000))
     with torch.no_grad():
         for x, y in dataset:

@@ -55,6 +55,19 @@ def test_util_imports_no_root_module_but_vit():
 
 
 
+# a script is what a user runs (python ensemble.py ...): a root file with a __main__ block
+SCRIPTS = {p.stem for p in ROOT.glob('*.py') if "if __name__ == '__main__':" in p.read_text()}
+
+
+def test_no_script_imports_another():
+    """A script is run, never a library: what ensemble.py and evaluate.py (or any two scripts) share lives in a
+    module below them (data.py, teacher.py, util/), so reading one never sends a reader into another."""
+    assert {'ensemble', 'evaluate', 'finetune', 'attention_copy'} <= SCRIPTS, SCRIPTS
+    for name in sorted(SCRIPTS):
+        other = {m.split('.')[0] for m in imports(ROOT / f'{name}.py')} & SCRIPTS - {name}
+        assert not other, f'{name}.py imports the script(s) {sorted(other)}: move what they share into a module'
+
+
 def test_the_step_imports_nothing_of_the_data():
     """util/engine.py is the step, its schedule and evaluation; the data (its files, held sets, the loader, the
     sampler) is util/datafiles.py's, which the step is handed, never imports."""

@@ -7,7 +7,6 @@ tests/test_features_page.py and tests/test_variants.py check each number they st
     benchmark.py, benchmark_cases.py    speed and memory of every method's step, the two attention implementations
                                         against the authors' way of computing it (the naive path of
                                         benchmark_cases.py, also the tests' reference): BENCHMARK.md, benchmark.json
-    benchmark_input.py                  the small-data presets' input bound: batches and steps (INPUT.md)
     features.py                         does a student learn features of its own: linear CKA block by block to the
                                         teacher, seed to seed, method to method; top-1 (features.json, TABLE.md)
     student_study.sh                    the runs of results/student-study/STUDY.md

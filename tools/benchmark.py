@@ -65,17 +65,12 @@ def own(most):
 
 
 @dataclass
-class Timing:
-    """What both benchmarks take: the device, and the rounds that time each case (interleaved())."""
+class BenchConfig:
     device: str = option('auto', 'auto | cpu | cuda',
                          one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
     rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
     steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
     warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
-
-
-@dataclass
-class BenchConfig(Timing):
     models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
     paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
                                ' (--compile true adds compile)')

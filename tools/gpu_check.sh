@@ -49,10 +49,6 @@ grep -hE 'entry point|cuDNN value gradient|passed|skipped|failed' "$out/pytest-f
 timeout 210 $py -m tools.benchmark --device $device $bench --methods train copy distill --paths eager sdpa \
   --rounds 3 --profile distill --out-dir "$out/bench-vit_large" > "$out/bench-vit_large.log" 2>&1
 grep -E '^\| vit|^Kernels' "$out/bench-vit_large/BENCHMARK.md" || tail -5 "$out/bench-vit_large.log"
-
-# the input bound: Fashion-MNIST's preset end to end beside its step alone (its files in data/, carried, or Debian's)
-timeout 80 $py -m tools.benchmark_input --device $device --presets fashion-mnist --out-dir "$out/input" > "$out/input.log" 2>&1
-grep -E '^\| fashion' "$out/input/INPUT.md" || tail -3 "$out/input.log"
   echo "took $SECONDS s"
   exit 0
 fi

@@ -275,12 +275,6 @@ def mark_axes(fig):
             ax.set_title(ax.get_title() + '\n(the axis does not start at 0)')
 
 
-def finish(fig):
-    """mark_axes, then shown."""
-    mark_axes(fig)
-    show(fig)
-
-
 def plot_curves(runs, title, committed):
     """Test top-1 after every epoch, {label: run directory}, the legend giving each run's end; on the right the
     committed reproduction's curves (reproduction_curves) in the same colours: the mean, shaded one std either side.
@@ -303,7 +297,8 @@ def plot_curves(runs, title, committed):
                ylabel='test top-1 (%)')
         # inside, where most room is
         ax.legend(loc='best', fontsize=8, title='at the end', title_fontsize=8)
-    finish(fig)
+    mark_axes(fig)
+    show(fig)
 
 
 def plot_training(logs, title):
@@ -323,15 +318,11 @@ def plot_training(logs, title):
                  label="the floor: the teacher's entropy")
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    finish(fig)
+    mark_axes(fig)
+    show(fig)
 
 
 def plot_features(result):
-    """features_figure, shown."""
-    show(features_figure(result))
-
-
-def features_figure(result):
     """The committed feature analysis (features.json's result), in the course's names. Top: linear CKA of each
     method's features to the teacher's per block, mean ± std over seeds (dashed: two seeds of that method); the
     distilled students' CKA to the other methods (bands: each method's seed-to-seed range); the KL of each method's
@@ -342,7 +333,7 @@ def features_figure(result):
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
     draw_cka_and_kl(top, result, models)
     draw_attention_distance(bottom, result, models)
-    return fig
+    show(fig)
 
 
 def draw_cka_and_kl(top, result, models):
