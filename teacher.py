@@ -494,9 +494,7 @@ def check_teacher(plan, teacher, x):
     bad = [layers[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:
         what = 'attention maps' if cfg.transfer == 'attn' else cfg.transfer
-        hint = ''
-        if plan.dtype is not None:
-            hint = f' under {plan.dtype} autocast: try --amp off'
+        hint = f' under {plan.dtype} autocast: try --amp off' if plan.dtype is not None else ''
         raise ConfigError(f'--teacher {cfg.teacher} hands over {what} that are not finite (its '
                           f'layer {bad[0]}) on the first evaluation images{hint}; it cannot be a '
                           f'teacher')
