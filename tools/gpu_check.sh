@@ -128,13 +128,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
-  # the host fallback (the GPU's free memory said too small for the set), compiled: the start-up check runs the
-  # student's layer compiled by inductor, as the run compiles it (two compilations, the check's and the run's)
+  # the host fallback (the GPU's free memory said too small for the set), compiled, on sdpa (a CPU too): the start-up
+  # check runs the student's layer compiled by inductor, as the run compiles it (two compilations, the check's and
+  # the run's); a wrong verdict stops it in one line
   t 45 $py -c 'import runpy, sys, torch
 torch.cuda.mem_get_info = lambda *device: (0, 2 ** 34)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")' finetune.py "${tiny[@]}" --max-steps 2 --compile true \
-    --out-dir "$p/host"
+    --attn-implementation sdpa --out-dir "$p/host"
   # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
   t 20 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # compiled against eager: a ViT's gradients, fp32 without TF32 (inductor on CUDA; aot_eager on a CPU)
