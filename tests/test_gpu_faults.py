@@ -139,7 +139,8 @@ def settle_on(rank, port, choice, wrong_on, out):
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     x = torch.randn(4, 3, 32, 32)
     cfg = SimpleNamespace(attn_implementation=choice, compile=False)
-    p = Plan(cfg, rank, 2, torch.device('cpu'), None, 'sdpa', SimpleNamespace(log=lambda line: None), None, None)
+    p = Plan(cfg, rank, 2, torch.device('cpu'), None, 'sdpa', SimpleNamespace(log=lambda line: None),
+             None, None)
     try:
         settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),
                                       {'layer 0': model.blocks[0].attn})
@@ -267,8 +268,9 @@ def test_a_compiled_run_s_check_runs_the_attention_compiled(monkeypatch, tmp_pat
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=wrong_when_compiled))
     monkeypatch.setitem(launch.AUTO_ATTN, 'cpu', ('sdpa', 'as on a GPU'))
     torch._dynamo.reset()
-    msg = run_in_process(monkeypatch, finetune, *TINY, '--compile', 'true', '--batch-size', '8', '--max-steps', '1',
-                         '--amp', 'off', '--attn-implementation', choice, '--out-dir', tmp_path / 'r')
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--compile', 'true', '--batch-size', '8',
+                         '--max-steps', '1', '--amp', 'off', '--attn-implementation', choice,
+                         '--out-dir', tmp_path / 'r')
     if choice == 'sdpa':
         assert msg and msg.startswith('error: start-up check: ') and 'layer 0 q grad' in msg, msg
         assert not (tmp_path / 'r').exists()

@@ -80,8 +80,8 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
     with on_standin(monkeypatch, held, script, amp):
         for more in (['--max-steps', '2'], ['--max-steps', '3', '--resume', 'true']):
             # 128 images (the fake set is made afresh by each main()): 4 steps an epoch, resumed mid-epoch
-            msg = run_in_process(monkeypatch, script, *TINY, '--fake-size', '128', '--out-dir', out, '--amp', amp,
-                                 '--log-every', '1', *args, *more)
+            msg = run_in_process(monkeypatch, script, *TINY, '--fake-size', '128', '--out-dir', out,
+                                 '--amp', amp, '--log-every', '1', *args, *more)
             assert msg is None, msg
     with open(out / 'metrics.jsonl') as f:
         assert [json.loads(line)['step'] for line in f] == [2, 3]
@@ -109,7 +109,8 @@ def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, m
                 held_on.append(getattr(unwrap(dataset), 'images', torch.empty(0)).device.type)
                 return loader(cfg, dataset, *args, **kwargs)
             monkeypatch.setattr(script, 'build_loader', where)
-        assert run_in_process(monkeypatch, ensemble, *common, *ensemble_set, '--out', tmp_path / 'e.json') is None
+        msg = run_in_process(monkeypatch, ensemble, *common, *ensemble_set, '--out', tmp_path / 'e.json')
+        assert msg is None, msg
         msg = run_in_process(monkeypatch, evaluate, *common, '--ensembles', '0,1', '--shift', 'none', 'noise',
                              '--out', tmp_path / 'robustness')
         assert msg is None, msg

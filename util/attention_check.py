@@ -50,7 +50,8 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
         parts = {name: layer_part(layers[name], *handed[name], backward,
-                                  compiled and layers[name].proj.weight.requires_grad) for name in layers}
+                                  compiled and layers[name].proj.weight.requires_grad)
+                 for name in layers}
         first = next(iter(layers))
         for name, loss in (losses or {}).items():
             parts[name] = loss_part(layers[first], handed[first][0], *loss)
@@ -82,7 +83,8 @@ def layer_inputs(forward, layers):
 def projected_as(attn, out):
     """Inside, attn's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of its result:
     attn.project splits it into q, k, v, strided as it splits its own."""
-    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(lambda module, args, result: out)
+    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(
+        lambda module, args, result: out)
     try:
         yield
     finally:
@@ -121,14 +123,16 @@ def layer_part(attn, x, given, backward=True, compiled=False):
         attn.implementation = implementation
         layer = attn
         if compiled and implementation == 'sdpa':
-            layer = torch.compile(attn, dynamic=False)    # static shapes, as the model's first compilation
+            # static shapes, as the model's first compilation
+            layer = torch.compile(attn, dynamic=False)
         with projected_as(attn, leaf), torch.set_grad_enabled(backward), \
                 torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = layer(x, **handed)[0]                                     # (B, N, D)
         if not backward:
             return {'output': out}
         grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))   # (B, N, 3D): dq, dk, dv
-        return {'output': out, **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
+        return {'output': out,
+                **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
     return compute, handed_qkv(own, given), {}
 
 

@@ -157,7 +157,8 @@ def settle_attention(plan, what, models, *check, **kw):
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
         try:
-            verdict[:2] = start_up_check(plan, what, models, *check, compiled=plan.cfg.compile, **kw)
+            verdict[:2] = start_up_check(plan, what, models, *check,
+                                         compiled=plan.cfg.compile, **kw)
         except ConfigError as e:
             verdict[2] = str(e)
     if plan.world > 1:
