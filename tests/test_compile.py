@@ -1,5 +1,7 @@
 """`--compile true`: each script's student forward is one graph, compiled once and never again over the following
 steps, on either attention implementation. The frozen teacher runs before it, uncompiled (its q and k handed in).
+The start-up check compiles the student's layers it checks on sdpa before that, each on its own (Attention.forward,
+a frame apart from the student's: tests/test_gpu_faults.py): counted apart.
 
 On the CPU with dynamo's aot_eager backend (traces forward and backward like inductor, generates no code:
 seconds); on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
@@ -7,7 +9,6 @@ What this guards against: a per-step closure over the teacher's generator, calle
 loop over blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on
 its own, recompiling for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs).
 """
-import functools
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ import attention_distill
 from conftest import TINY, finetune as run_finetune, read_metrics
 import finetune
 import mae_pretrain
+from vit import Attention
 
 SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
 # (script, backend): on the CPU the two transfer methods; on CUDA every script
@@ -35,18 +37,23 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def compiled_run(monkeypatch, script, out_dir, backend, *args):
-    """Run a script's main() in this process with --compile true; what dynamo compiled, from its counters.
-    Any recompilation raises (error_on_recompile)."""
-    if backend != 'inductor':
-        monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))
+    """Run a script's main() in this process with --compile true; what dynamo compiled from the run's torch.compile
+    of its student on (the start-up check compiles the layers it checks before), from its counters. Any
+    recompilation from there raises (error_on_recompile)."""
+    compile = torch.compile
+
+    def counted(model, **kwargs):
+        if not isinstance(model, Attention):   # the run's
+            counters.clear()
+            monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
+        return compile(model, **kwargs, backend=backend)
+    monkeypatch.setattr(torch, 'compile', counted)
     script, _, implementation = script.partition('-')
     monkeypatch.setattr(sys, 'argv', [f'{script}.py', *TINY, '--out-dir', str(out_dir), '--compile', 'true',
                                       '--max-steps', '4', '--log-every', '1', *args,
                                       *(['--attn-implementation', implementation] if implementation else [])])
     torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        SCRIPTS[script].main()
+    SCRIPTS[script].main()
     return dict(counters['frames']), counters['stats']['unique_graphs'], dict(counters['graph_break'])
 
 

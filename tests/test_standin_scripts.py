@@ -79,8 +79,9 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
     out = tmp_path / 'run'
     with on_standin(monkeypatch, held, script, amp):
         for more in (['--max-steps', '2'], ['--max-steps', '3', '--resume', 'true']):
-            msg = run_in_process(monkeypatch, script, *TINY, '--out-dir', out, '--amp', amp, '--log-every', '1',
-                                 *args, *more)
+            # 128 images (the fake set is made afresh by each main()): 4 steps an epoch, resumed mid-epoch
+            msg = run_in_process(monkeypatch, script, *TINY, '--fake-size', '128', '--out-dir', out,
+                                 '--amp', amp, '--log-every', '1', *args, *more)
             assert msg is None, msg
     with open(out / 'metrics.jsonl') as f:
         assert [json.loads(line)['step'] for line in f] == [2, 3]
@@ -91,6 +92,7 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
 def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, monkeypatch):
     models = ['--models', teacher, teacher]
     common = [*models, '--data', 'fake', '--num-workers', '0', '--amp', amp]
+    ensemble_set = ['--fake-size', '512']   # its test split: 64 images, evaluate.py's
     with on_standin(monkeypatch, held) as cuda:
         for script in (ensemble, evaluate):
             score = script.predict_all
@@ -107,11 +109,12 @@ def test_ensemble_and_evaluate_run_on_the_device(held, amp, teacher, tmp_path, m
                 held_on.append(getattr(unwrap(dataset), 'images', torch.empty(0)).device.type)
                 return loader(cfg, dataset, *args, **kwargs)
             monkeypatch.setattr(script, 'build_loader', where)
-        assert run_in_process(monkeypatch, ensemble, *common, '--out', tmp_path / 'e.json') is None
+        msg = run_in_process(monkeypatch, ensemble, *common, *ensemble_set, '--out', tmp_path / 'e.json')
+        assert msg is None, msg
         msg = run_in_process(monkeypatch, evaluate, *common, '--ensembles', '0,1', '--shift', 'none', 'noise',
                              '--out', tmp_path / 'robustness')
         assert msg is None, msg
     assert held_on == [{'held': 'cuda', 'folder': 'cpu'}[held]] * 3    # ensemble's set, evaluate's two shifts
-    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 256   # 2048 / 8
+    assert json.loads((tmp_path / 'e.json').read_text())['images'] == 64   # 512 / 8
     rows = json.loads((tmp_path / 'robustness' / 'robustness.json').read_text())['rows']
     assert [set(r['top1']) for r in rows] == [{'none', 'noise'}] * 3

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (at most 9 minutes on one H100 / H200: each command has its timeout, 535 s in all, under
+# The GPU checks in one call (at most 9 minutes on one H100 / H200: each command has its timeout, 540 s in all, under
 # the 600 s a device call may run): the machine and the attention kernels torch picks per shape; the `gpu` tests
 # (with the fused attention's at ViT-L/16's shapes, whose measurements are printed apart), while a ViT-B/16
 # distillation on `auto` runs beside one on `eager` on the same batches (and ViT-L/16 at 448 px meets the start-up
 # check); then the paths only a GPU takes, each script on the `fake` set: held on the device and, memory said short,
 # on the host; batched RandAugment; fp16 with its GradScaler; fp32 with TF32 on; a mid-epoch resume against an
-# unbroken run, bit for bit (deterministic kernels); compiled against eager gradients; ensemble.py and evaluate.py
+# unbroken run, bit for bit (deterministic kernels); compiled against eager gradients, and a compiled run's start-up
+# check (its layer compiled as the run compiles it); ensemble.py and evaluate.py
 # (--shift) on a held set; torchrun with two processes (one where one GPU is all there is: NCCL takes one GPU a rank).
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
 #   bash tools/gpu_check.sh OUT_DIR bench  # a second call: the fused attention's measurements, the benchmark of
@@ -116,18 +117,21 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
   # held on the device, batched RandAugment, drop-path (the CUDA generator), fp16 with its GradScaler: 6 steps unbroken,
   # and 3 steps, then resumed mid-epoch to the same 6
   same=("${tiny[@]}" --amp fp16 --randaug rand-m9-mstd0.5-inc1 --drop-path 0.1)
-  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/whole"
-  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 3 --out-dir "$p/resumed"
-  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/resumed" --resume true
-  t 15 $py -c "import sys, torch
+  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/whole"
+  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 3 --out-dir "$p/resumed"
+  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/resumed" --resume true
+  t 10 $py -c "import sys, torch
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
-  # the host fallback: the GPU's free memory said too small for the set
-  t 20 $py -c 'import runpy, sys, torch
+  # the host fallback (the GPU's free memory said too small for the set), compiled, on sdpa (a CPU too): the start-up
+  # check runs the student's layer compiled by inductor, as the run compiles it (two compilations, the check's and
+  # the run's); a wrong verdict stops it in one line
+  t 45 $py -c 'import runpy, sys, torch
 torch.cuda.mem_get_info = lambda *device: (0, 2 ** 34)
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' finetune.py "${tiny[@]}" --max-steps 2 --out-dir "$p/host"
+runpy.run_path(sys.argv[0], run_name="__main__")' finetune.py "${tiny[@]}" --max-steps 2 --compile true \
+    --attn-implementation sdpa --out-dir "$p/host"
   # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
   t 20 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # compiled against eager: a ViT's gradients, fp32 without TF32 (inductor on CUDA; aot_eager on a CPU)

@@ -34,11 +34,13 @@ SDPA_FLOOR = 1e-3
 PEAK = 2.0
 
 
-def start_up_check(plan, what, models, forward, layers, backward=True, losses=None):
+def start_up_check(plan, what, models, forward, layers, backward=True, losses=None, compiled=False):
     """(implementation, record): the check of the attention layers `layers` ({name: vit.Attention}) as forward() runs
     them, and of the method's own fused calls, losses ({name: (loss, units)}: loss_part's) of the first layer's q, k,
     v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains (gradients
-    checked too). plan: the run's (device, dtype, attn, cfg.attn_implementation, log)."""
+    checked too); compiled: it compiles the model it trains (--compile), whose layers are checked compiled (a frozen
+    teacher's and the loss's calls run uncompiled). plan: the run's (device, dtype, attn, cfg.attn_implementation,
+    log)."""
     training = [m.training for m in models]
     for m in models:
         # eval: no drop-path draws from the run's RNG
@@ -47,7 +49,9 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
-        parts = {name: layer_part(layers[name], *handed[name], backward) for name in layers}
+        parts = {name: layer_part(layers[name], *handed[name], backward,
+                                  compiled and layers[name].proj.weight.requires_grad)
+                 for name in layers}
         first = next(iter(layers))
         for name, loss in (losses or {}).items():
             parts[name] = loss_part(layers[first], handed[first][0], *loss)
@@ -79,20 +83,21 @@ def layer_inputs(forward, layers):
 def projected_as(attn, out):
     """Inside, attn's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of its result:
     attn.project splits it into q, k, v, strided as it splits its own."""
-    projection = attn.v if attn.no_qk else attn.qkv
-    hook = projection.register_forward_hook(lambda module, args, result: out)
+    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(
+        lambda module, args, result: out)
     try:
         yield
     finally:
         hook.remove()
 
 
-def layer_part(attn, x, given, backward=True):
+def layer_part(attn, x, given, backward=True, compiled=False):
     """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'output': (B, N, D), and with
     backward the gradients of its projection's q, k, v thirds} of one attention layer run as the model runs it, on
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
     projection, and an incoming gradient handed back through them. Its queries are scaled to PEAK. inputs: the fused
-    call's q, k, v; units: none of its own (each tensor against its largest entry)."""
+    call's q, k, v; units: none of its own (each tensor against its largest entry). compiled: sdpa's layer runs
+    compiled, as torch.compile (its backend) runs it in the model: the compiler hands its kernels their layouts."""
     # a copy in fp32 (a teacher's weights are stored in the run's dtype: autocast rounds them back to the same numbers)
     attn = copy.deepcopy(attn).float()
     x = x.float()
@@ -110,20 +115,24 @@ def layer_part(attn, x, given, backward=True):
             given['q'] = given['q'] * scale
     seeded = torch.Generator(x.device).manual_seed(0)
     incoming = torch.randn(x.shape, device=x.device, generator=seeded)
-    names = ('v',) if attn.no_qk else ('q', 'k', 'v')
+    names = 'v' if attn.no_qk else 'qkv'
 
     def compute(implementation, dtype):
         leaf = made.to(dtype).requires_grad_(backward)
         handed = {n: t.to(dtype) if torch.is_tensor(t) else t for n, t in given.items()}
         attn.implementation = implementation
+        layer = attn
+        if compiled and implementation == 'sdpa':
+            # static shapes, as the model's first compilation
+            layer = torch.compile(attn, dynamic=False)
         with projected_as(attn, leaf), torch.set_grad_enabled(backward), \
                 torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = attn(x, **handed)[0]                                      # (B, N, D)
+            out = layer(x, **handed)[0]                                     # (B, N, D)
         if not backward:
             return {'output': out}
         grad, = torch.autograd.grad(out, leaf, incoming.to(out.dtype))   # (B, N, 3D): dq, dk, dv
-        grads = grad.chunk(len(names), -1)
-        return {'output': out, **{f'{n} grad': g for n, g in zip(names, grads)}}
+        return {'output': out,
+                **{f'{n} grad': g for n, g in zip(names, grad.chunk(len(names), -1))}}
     return compute, handed_qkv(own, given), {}
 
 
@@ -175,9 +184,7 @@ def check_sdpa(plan, what, parts):
     for part, (compute, _, units) in parts.items():
         with exact_fp32():
             definition = compute('eager', torch.float32)
-        eager = definition
-        if again:
-            eager = compute('eager', dtype)
+        eager = compute('eager', dtype) if again else definition
         if not all(t.isfinite().all() for t in eager.values()):
             # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
             # (fp32's range, fewer bits than fp16) stands in for it
@@ -189,7 +196,7 @@ def check_sdpa(plan, what, parts):
             fused = {}
             why = f" ({' '.join(str(e).split())[:150]})"
         for name, d in definition.items():
-            ours = error(fused[name], d, units.get(name)) if name in fused else float('inf')
+            ours = error(fused[name], d, units.get(name)) if name in fused else math.inf
             eager_error = error(eager[name], d, units.get(name))
             errors[f'{part} {name}'] = (ours, eager_error, max(FACTOR * eager_error, SDPA_FLOOR))
     # the kernel the step runs: for a run that trains, on inputs that need a gradient (torch may pick another)
@@ -220,14 +227,15 @@ def check_sdpa(plan, what, parts):
 
 @contextlib.contextmanager
 def exact_fp32():
-    """Inside, fp32 matrix products and convolutions in fp32, not TF32 (10 mantissa bits, which processes() turns on
-    for a run on CUDA): the definition a check compares with. A TF32 definition is itself up to 1e-3 off."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Inside, fp32 matrix products in fp32, not TF32 (10 mantissa bits, which processes() turns on for a run on CUDA):
+    the definition a check compares with. A TF32 definition is itself up to 1e-3 off. (cuDNN's TF32 flag is for
+    convolutions: a checked computation has none.)"""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def error(ours, definition, unit=None):

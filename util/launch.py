@@ -150,13 +150,15 @@ def attn_implementation(choice, device, written_out=''):
 
 def settle_attention(plan, what, models, *check, **kw):
     """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
-    models (util/attention_check.start_up_check(plan, what, models, *check, **kw)): the one place it changes after
-    resolve. Under DDP rank 0 checks and its verdict, a refusal included, is every rank's at once (ranks on one
-    kernel; none left waiting for a peer that stopped); the models are on it. record: rank 0's."""
+    models (util/attention_check.start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled
+    where --compile is on): the one place it changes after resolve. Under DDP rank 0 checks and its verdict, a refusal
+    included, is every rank's at once (ranks on one kernel; none left waiting for a peer that stopped); the models are
+    on it. record: rank 0's."""
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
         try:
-            verdict[:2] = start_up_check(plan, what, models, *check, **kw)
+            verdict[:2] = start_up_check(plan, what, models, *check,
+                                         compiled=plan.cfg.compile, **kw)
         except ConfigError as e:
             verdict[2] = str(e)
     if plan.world > 1:
