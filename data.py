@@ -29,7 +29,6 @@ import copy
 import os
 from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -37,12 +36,10 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from util.attention_check import start_up_check
 from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
 from util.config import AMP, BATCH, DEPTH, SIZE, WORKERS, at_least, option
 from util.engine import autocast
 from util.errors import ConfigError, DataError
-from util.launch import amp_dtype, attn_implementation
 from util.run import class_mismatch
 from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
                             fashion_mnist, read_classes, send, unwrap)
@@ -418,7 +415,7 @@ def image_folder(data, root, train, transform):
 
 # -----------------------------------------------------------------------------
 # Trained models scored on a test set (ensemble.py, evaluate.py; the models: teacher.load_models): the flags they
-# share, where the models run, their predictions, top-k and an ensemble's probabilities
+# share, their predictions, top-k and an ensemble's probabilities (where they run: util/launch.on_device)
 
 
 @dataclass
@@ -446,24 +443,6 @@ class ModelsConfig:
                  f'one for all, or one each'),
                 ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
                  f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
-
-
-def on_device(models, cfg, dataset, log):
-    """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
-    has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    attn, why = attn_implementation(cfg.attn_implementation, device)
-    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
-    models = [m.to(device) for m in models]
-    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
-    # the ViT running its own attention first (a copy's teacher)
-    vits = [getattr(m, 'teacher', m) for m in models]
-    layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
-    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
-                                'evaluation', models,
-                                lambda: [v.forward_tokens(x.to(device), depth=1) for v in vits],
-                                layers, backward=False)
-    return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
 @torch.no_grad()

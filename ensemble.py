@@ -26,11 +26,11 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names,
-                  data_source, ensemble_probs, held_where, on_device, predict_all)
+                  data_source, ensemble_probs, held_where, predict_all)
 from teacher import load_models
 from util.config import SAMPLER_BYTES, STEPS, ConfigError, at_least, machine_memory, option, show
 from util.datafiles import build_loader
-from util.launch import parse_config, run_main
+from util.launch import on_device, parse_config, run_main
 from util.files import claimed
 from util.rundir import say
 

@@ -10,7 +10,7 @@
 # (--shift) on a held set; torchrun with two processes (one where one GPU is all there is: NCCL takes one GPU a rank).
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
 #   bash tools/gpu_check.sh OUT_DIR bench  # a second call: the fused attention's measurements, the benchmark of
-#                                          # ViT-L/16, then the input bound (350 s)
+#                                          # ViT-L/16 (270 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # a third: the committed reproduction timed (at most 7 min)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
@@ -39,7 +39,7 @@ else
   stretch=1
 fi
 
-if [ "$part" = bench ]; then   # the fused attention's measurements, the benchmark, the input bound (350 s)
+if [ "$part" = bench ]; then   # the fused attention's measurements and the benchmark (270 s)
 # what the fused attention's gpu tests measured (the log-sum-exp entry point per shape, cuDNN's value gradient given
 # an incoming gradient with its output's strides), printed
 timeout 60 $py -m pytest -m gpu tests/test_fused_gpu.py -k 'entry_point or fault_is_met' -s -q -p no:cacheprovider \

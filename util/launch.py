@@ -20,6 +20,7 @@ import signal
 import sys
 import traceback
 import typing
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
@@ -146,6 +147,24 @@ def attn_implementation(choice, device, written_out=''):
         unmeasured = ('eager', 'no fused kernel measured on this device')
         implementation, why = AUTO_ATTN.get(device.type, unmeasured)
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
+
+
+def on_device(models, cfg, dataset, log):
+    """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
+    has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    attn, why = attn_implementation(cfg.attn_implementation, device)
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    models = [m.to(device) for m in models]
+    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
+    # the ViT running its own attention first (a copy's teacher)
+    vits = [getattr(m, 'teacher', m) for m in models]
+    layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
+    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
+                                'evaluation', models,
+                                lambda: [v.forward_tokens(x.to(device), depth=1) for v in vits],
+                                layers, backward=False)
+    return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
 def settle_attention(plan, what, models, *check, **kw):
