@@ -160,10 +160,12 @@ def on_device(models, cfg, dataset, log):
     # the ViT running its own attention first (a copy's teacher)
     vits = [getattr(m, 'teacher', m) for m in models]
     layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
+
+    def first_layers():
+        return [v.forward_tokens(x.to(device), depth=1) for v in vits]
+
     checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
-                                'evaluation', models,
-                                lambda: [v.forward_tokens(x.to(device), depth=1) for v in vits],
-                                layers, backward=False)
+                                'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
