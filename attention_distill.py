@@ -219,7 +219,8 @@ class MapFreeCrossEntropy(torch.autograd.Function):
 
 # CUDA's entry points that return the lse, fastest first (an H200, q (104, 16, 197, 64) in bf16, forward and backward:
 # cuDNN 0.43 ms, flash 0.67, efficient 1.06; results/benchmark-h200/cudnn-lse.txt); cuDNN's and flash's take fp16 and
-# bf16 only, and cuDNN's value gradient is right given a contiguous incoming gradient (vit.ContiguousGrad)
+# bf16 only (their entry points are asked in half precision alone), and cuDNN's backward is handed one gradient
+# layout (vit.ContiguousGrad)
 CUDA_LSE = {
     'cudnn': lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True),
@@ -236,25 +237,31 @@ def attention_with_lse(q, k, v, implementation='sdpa'):
     """(softmax(q k^T / sqrt(d)) v, lse) with lse_i = log sum_j exp(q_i . k_j / sqrt(d)), (B, H, N) in fp32: the
     normaliser every fused attention kernel keeps for its own backward. F.scaled_dot_product_attention does not return
     it, so it is asked of torch's kernels through their (private) aten entry points: on a CPU its flash kernel, on CUDA
-    the first of CUDA_LSE that takes the inputs; elsewhere (or eager) written out. The output is differentiable, its
-    backward handed a contiguous incoming gradient (vit.ContiguousGrad: why). A torch whose entry points are missing
-    or refuse the shapes fails the start-up check (util/attention_check.py), not a step."""
+    cuda_lse's; elsewhere (or eager) written out. The output is differentiable, its backward handed a contiguous
+    incoming gradient (vit.ContiguousGrad: why). A torch whose entry points are missing or refuse the shapes fails
+    the start-up check (util/attention_check.py), not a step."""
     if implementation == 'eager' or q.device.type not in ('cpu', 'cuda'):
         return attend(q, k, v, implementation), torch.logsumexp(scores(q, k).float(), -1)
     if q.device.type == 'cpu':
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False)[:2]
     else:
-        # alone, the one that took inputs of these dtypes, shapes and strides before: those it passed over
-        # (in fp32: cuDNN's, flash's) are not tried again on every call
-        key = tuple((t.dtype, t.shape, t.stride()) for t in (q, k, v))
-        kernels = CUDA_LSE
-        if key in LSE_RAN:
-            kernels = {LSE_RAN[key]: CUDA_LSE[LSE_RAN[key]]}
-        LSE_RAN[key], ran = first_that_runs(kernels, q, k, v)
-        out, lse = ran[:2]
+        out, lse = cuda_lse(q, k, v)[1][:2]
     # cuDNN's lse is (B, H, N, 1); the efficient kernel pads N to 32s
     return ContiguousGrad.apply(out), lse.flatten(2)[..., :q.shape[-2]]
+
+
+def cuda_lse(q, k, v):
+    """(name, output) of the CUDA_LSE entry point for q, k, v: in half precision the first that takes them, in fp32
+    the efficient kernel's (cuDNN's and flash's are half-precision kernels: torch 2.11's cuDNN entry point took fp32
+    and gave NaN). The one that took inputs of these dtypes, shapes and strides before is asked alone: those it
+    passed over are not tried again on every call."""
+    key = tuple((t.dtype, t.shape, t.stride()) for t in (q, k, v))
+    kernels = CUDA_LSE if q.dtype in (torch.float16, torch.bfloat16) else {'efficient': CUDA_LSE['efficient']}
+    if key in LSE_RAN:
+        kernels = {LSE_RAN[key]: CUDA_LSE[LSE_RAN[key]]}
+    LSE_RAN[key], ran = first_that_runs(kernels, q, k, v)
+    return LSE_RAN[key], ran
 
 
 def first_that_runs(kernels, *args):

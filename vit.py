@@ -327,9 +327,10 @@ def _sdpa(q, k, v):
 
 
 class ContiguousGrad(torch.autograd.Function):
-    """The identity, whose backward hands the gradient on contiguous. A fused attention's backward gets its incoming
-    gradient in the (B, N, H, d) memory order of the output projection's input; cuDNN's, given that and q, k needing
-    none, gave value gradients off by 1.4 (relative; given a contiguous one 2.3e-3: #67)."""
+    """The identity, whose backward hands the gradient on contiguous, so that every fused attention call of a run
+    meets one layout. cuDNN's backward (q, k needing none) keeps the first incoming-gradient layout it meets at a
+    shape: a second one at that shape gave value gradients off by 1.4, relative (an H100, torch 2.11, cuDNN 9.19:
+    results/benchmark-h100/README.md; an H200 met it first, #67)."""
 
     @staticmethod
     def forward(ctx, x):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_copy import CopyConfig, copied, copy_loss
 from attention_distill import DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn
@@ -160,6 +161,28 @@ def test_eager_and_sdpa_steps_agree_on_cuda(method, exact_fp32):
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])))
     assert relative_distance(results[0][0], results[1][0]) < 1e-4
     assert relative_distance(results[0][1], results[1][1]) < 1e-3
+
+
+@pytest.mark.parametrize('method', ['copy', 'distill'])
+def test_every_fused_attention_backward_is_handed_a_contiguous_gradient(method):
+    """A step's fused attention calls hand their backward one incoming-gradient layout, contiguous (vit.ContiguousGrad):
+    cuDNN runs a second layout at a shape as the first one it met there (results/benchmark-h100/README.md)."""
+    handed = []
+
+    class Backwards(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if 'attention' in func.__name__ and 'backward' in func.__name__:
+                handed.append(args[0].is_contiguous())
+            return func(*args, **(kwargs or {}))
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
+    teacher = set_attn_implementation(model(0, num_classes=0), 'sdpa').requires_grad_(False).eval()
+    student = set_attn_implementation(model(1, no_qk_layers=[0, 1] if method == 'copy' else ()), 'sdpa')
+    loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None) if method == 'copy' else \
+        distill_loss_fn(DistillConfig(), teacher, [0, 1], None, 'sdpa')
+    with Backwards():
+        loss, _ = loss_fn(student, x, y)
+        loss.backward()
+    assert handed and all(handed), handed
 
 # -----------------------------------------------------------------------------
 # Attention maps kept in the autocast dtype (CUDA's autocast makes every softmax fp32 unless told)

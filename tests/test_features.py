@@ -21,6 +21,7 @@ from test_pages import flat
 from teacher import load_models
 from tools import features
 from util.checkpoints import build_from_checkpoint
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR
 from util.engine import evaluate
 from util.launch import parse_config
 
@@ -162,6 +163,8 @@ def test_the_page_names_a_command_of_the_tool_on_the_committed_models():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not any(map(os.path.isdir, (os.path.join(ROOT, 'data'), FASHION_MNIST_SYSTEM_DIR))),
+                    reason='apt-get install dataset-fashion-mnist')
 def test_the_page_command_makes_the_committed_numbers_again(monkeypatch, tmp_path):
     """Every pair's CKA per block within 1e-5 and every top-1 of the committed features.json, and so TABLES.md's
     top-1 and CKA tables digit for digit (the first run was on a CPU: this one on a GPU, fp32)."""

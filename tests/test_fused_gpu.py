@@ -1,8 +1,8 @@
 """The fused attention on CUDA at ViT-L/16's shapes (16 heads of 64, 197 and 785 tokens, q, k, v strided views of one
 qkv, bf16): every parameter's gradient of a whole copy step and a whole distillation step on sdpa against eager in
-fp32, within the error of eager in bf16; CUDA's log-sum-exp entry points; and the fault issue 67 measured in cuDNN's
-backward (value gradients wrong given an incoming gradient with the output's strides), reproduced where this GPU's
-cuDNN has it and refused by the start-up check. `python -m pytest -m gpu tests`; skipped without CUDA."""
+fp32, within the error of eager in bf16; CUDA's log-sum-exp entry points; cuDNN's backward fault (issue 67: a second
+incoming-gradient layout at one shape run as the first), measured where this GPU's cuDNN has it; a wrong kernel
+refused by the start-up check. `python -m pytest -m gpu tests`; skipped without CUDA."""
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import util.attention_check as check
 from attention_copy import CopyConfig, copied, copy_loss
-from attention_distill import CUDA_LSE, DistillConfig, attention_with_lse, distill_loss_fn, first_that_runs
+from attention_distill import DistillConfig, attention_with_lse, cuda_lse, distill_loss_fn
 from conftest import relative_distance
 from test_sdpa_check import wrong_kernels
 from util.config import ConfigError
@@ -81,10 +81,10 @@ def exact(q, k, v, grad):
 @pytest.mark.parametrize('tokens, batch', [(197, 8), (785, 2)])
 def test_the_log_sum_exp_comes_from_the_fastest_entry_point_that_takes_it(tokens, batch):
     """bf16: the first of cuDNN, flash, efficient that runs (named in the output) gives the output, the lse and (for
-    a contiguous incoming gradient) the value gradient of float64; fp32: cuDNN's and flash's refuse, the efficient
-    kernel's runs."""
+    a contiguous incoming gradient) the value gradient of float64; and in fp32 (the efficient kernel's) the output and
+    lse (torch 2.11's cuDNN entry point took fp32 and gave NaN)."""
     q, k, v = strided_qkv(batch, 16, tokens)
-    name, _ = first_that_runs(CUDA_LSE, q, k, v)
+    name, _ = cuda_lse(q, k, v)
     print(f'log-sum-exp entry point for q {tuple(q.shape)} bf16: {name}')
     v = v.detach().requires_grad_()
     out, lse = attention_with_lse(q, k, v)
@@ -93,43 +93,32 @@ def test_the_log_sum_exp_comes_from_the_fastest_entry_point_that_takes_it(tokens
     want = exact(q, k, v, grad)
     assert lse.shape == q.shape[:-1] and (lse.double() - want[1]).abs().max() < 1e-3
     assert relative_distance(out.double(), want[0]) < 1e-2 and relative_distance(dv.double(), want[2]) < 2e-2
-    assert first_that_runs(CUDA_LSE, *(t.float() for t in (q, k, v)))[0] == 'efficient'
+    out, lse = attention_with_lse(*(t.float() for t in (q, k, v)))               # fp32: the efficient kernel's
+    assert (lse.double() - want[1]).abs().max() < 1e-3 and relative_distance(out.double(), want[0]) < 1e-3
 
 
-def test_cudnn_s_value_gradient_fault_is_met(exact_fp32, monkeypatch):
-    """cuDNN's backward, q and k needing no gradient (copy's call), given an incoming gradient with its output's
-    strides: on an H200 (issue 67) its value gradient was unrelated to the true one. Measured here and printed; the
-    model's call (vit._sdpa) hands it a contiguous gradient and is right; a kernel called the other way is refused by
-    the start-up check exactly where the fault shows (the check's layer hands the gradient on as the model does)."""
+def test_cudnn_s_value_gradient_is_right_in_the_one_layout_the_model_hands_on(exact_fp32):
+    """cuDNN's backward, q and k needing no gradient (copy's call): at one shape, the first incoming-gradient layout it
+    is handed gives the true value gradient, and a second layout at that shape is run as the first (an H100, torch
+    2.11, cuDNN 9.19: 1.4 relative, whichever layout came second; issue 67's H200 met it with the output's strides
+    after a contiguous one). The model's call (vit._sdpa) hands on one layout, contiguous, and is right; the other
+    layout after it is measured and printed."""
     q, k, v = strided_qkv(32, 16, 197)
     v = v.detach().requires_grad_()
+    grad = torch.randn(q.shape, dtype=q.dtype, device='cuda')
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            right, = torch.autograd.grad(_sdpa(q, k, v), v, grad)                # as every run does
             raw = F.scaled_dot_product_attention(q, k, v)
-            grad = torch.randn_like(raw)                                      # the output's strides
-            wrong, = torch.autograd.grad(raw, v, grad)
-            right, = torch.autograd.grad(_sdpa(q, k, v), v, grad)
+            strided = torch.empty_strided(grad.shape, raw.stride(), dtype=grad.dtype, device='cuda').copy_(grad)
+            second, = torch.autograd.grad(raw, v, strided)
     except RuntimeError as e:
         pytest.skip(f'no cuDNN attention here: {e}')
     want = exact(q, k, v, grad)[2]
-    fault = relative_distance(wrong.double(), want)
-    print(f'cuDNN value gradient, incoming gradient of stride {grad.stride()}: relative error {fault:.3g}; '
-          f'contiguous: {relative_distance(right.double(), want):.3g}')
+    print(f'cuDNN value gradient, contiguous incoming gradient: relative error '
+          f'{relative_distance(right.double(), want):.3g}; then one of stride {raw.stride()}: '
+          f'{relative_distance(second.double(), want):.3g}')
     assert relative_distance(right.double(), want) < 2e-2
-
-    class OutputStrided(torch.autograd.Function):   # the kernel handed its incoming gradient with its output's strides
-        @staticmethod
-        def forward(ctx, out):
-            ctx.stride = out.stride()
-            return out.view_as(out)
-
-        @staticmethod
-        def backward(ctx, g):
-            return torch.empty_strided(g.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(g)
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **kw: OutputStrided.apply(real(*a, **kw)))
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        assert copy_check_refuses() == (fault > 0.1), fault
 
 
 def copy_check_refuses():

@@ -136,3 +136,36 @@ def test_the_h100_page_is_its_benchmarks_and_logs():
     assert auto.keys() == eager.keys() and len(auto) == 14
     worst = max(abs(float(auto[s]) - float(eager[s])) for s in auto)
     assert f'differ by at most {worst:.4f} nats ({float(auto["1"]):.2f} at step 1, {float(auto["300"]):.2f} at step 300)' in page
+
+
+ROUND5 = os.path.join(ROOT, 'results', 'benchmark-h100', 'round5')
+
+
+def test_round_five_s_page_is_its_files():
+    page = ' '.join(open(os.path.join(ROUND5, 'README.md')).read().replace('**', '').split())
+    result = json.load(open(os.path.join(ROUND5, 'benchmark.json')))
+    measured = {(r['method'], r['path']): r for r in result['rows']}
+    assert f"{result['gemm_peak']['bf16'] / 1e12:.1f} TFLOP/s" in page
+    for step, method in STEPS.items():
+        eager, sdpa = measured[method, 'eager'], measured[method, 'sdpa']
+        assert f"| {step} | {eager['img_s']:.2f} | {sdpa['img_s']:.2f} | {sdpa['peak_mb']:,.0f} |" in page, step
+    d, t = measured['distill', 'sdpa'], measured['train', 'sdpa']
+    assert f"It is {d['img_s'] / t['img_s']:.2f}x ({d['img_s']:.2f} / {t['img_s']:.2f})" in page
+    assert f"It is {d['peak_mb'] / t['peak_mb']:.2f}x ({d['peak_mb']:,.0f} / {t['peak_mb']:,.0f} MB)" in page
+    for name, counts in (('first', '54 passed, 7 failed'), ('fixed', '60 passed, 1 failed')):
+        with open(os.path.join(ROUND5, f'pytest-gpu-{name}.txt')) as f:
+            said = re.findall(r'(\d+) failed, (\d+) passed', f.read())[-1]
+        assert said == tuple(reversed(re.findall(r'\d+', counts)))
+        assert counts in page
+    with open(os.path.join(ROUND5, 'runs.log')) as f:
+        runs = f.read().split('attention_distill.py | ')[1:3]
+    auto, eager = ({int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', r)}
+                   for r in runs)
+    assert '/distill-b-auto' in runs[0] and auto.keys() == eager.keys() and max(auto) == 300
+    worst = max(abs(auto[s] - eager[s]) for s in auto)
+    assert f'differ by at most {worst:.4f} ({auto[10]:.2f} at step 10, {auto[300]:.2f} at step 300)' in page
+    with open(os.path.join(ROUND5, 'cudnn-layouts.txt')) as f:
+        errors = [re.findall(r'@\d+ ([\d.]+)', line) for line in f if 'whole' not in line]
+    assert len(errors) == 4
+    for row in errors:
+        assert f"| {', '.join(row)} |" in page, row

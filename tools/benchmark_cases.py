@@ -27,8 +27,7 @@ import torch
 from einops import rearrange
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
-from attention_distill import (CUDA_LSE, DistillConfig, attention_cross_entropy, distill_loss_fn,
-                               first_that_runs)
+from attention_distill import DistillConfig, attention_cross_entropy, cuda_lse, distill_loss_fn
 from teacher import cast_matmul_weights
 from util.config import TrainConfig
 from util.attention_check import sdpa_backend
@@ -186,14 +185,14 @@ class Parts:
     def kernels(self, batch):
         """The kernels the sdpa path's fused calls get for the student's strided q, k, v at this batch: the one
         F.scaled_dot_product_attention picks, and the log-sum-exp entry point of the map-free loss's S K (on CUDA the
-        first of attention_distill.CUDA_LSE that takes them)."""
+        entry point attention_distill.cuda_lse takes)."""
         tokens = (self.arch['img_size'] // self.arch['patch_size']) ** 2 + 1
         with self.device:
             qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'],
                               dtype=self.dtype or torch.float32)
         qkv = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads'])
         q, k, v = qkv.unbind(0)
-        lse = first_that_runs(CUDA_LSE, q, k, v)[0] if q.is_cuda else "the CPU's flash"
+        lse = cuda_lse(q, k, v)[0] if q.is_cuda else "the CPU's flash"
         return {'sdpa': sdpa_backend(q, k, v), 'lse': lse}
 
     def forward(self, method, path, batch):
