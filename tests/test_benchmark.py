@@ -12,15 +12,12 @@ from conftest import run_script
 from tools.benchmark import BenchConfig, configure, device_slug
 from tools.benchmark_cases import Parts
 from util.config import ConfigError
+from util.launch import parse_config
 
 
 @pytest.mark.parametrize('flags, words', [
     (dict(batch_size=-8), '--batch-size -8'),
-    (dict(methods=['train', 'nope']), '--methods train nope: choose from'),
-    (dict(models=['vit_nope']), '--models vit_nope: choose from'),
-    (dict(profile=['eval-copy']), '--profile eval-copy: choose from'),
-    (dict(paths=['eager', 'default']), '--paths eager default: choose from'),
-    (dict(device='gpu'), '--device gpu: must be auto, cpu or cuda'),
+    (dict(fill=1.5), r'--fill 1.5: must be in \(0, 1\]'),
     # checked once --quick has set its sizes (img 32), and bounded: each was a traceback
     (dict(device='cpu', quick=True, patch_size=7), '--img-size 32: must be a multiple of --patch-size 7'),
     (dict(device='cpu', img_size=0), '--img-size 0: must be a multiple of --patch-size 16'),
@@ -28,6 +25,17 @@ from util.config import ConfigError
 def test_bad_flags_are_config_errors(flags, words):
     with pytest.raises(ConfigError, match=words):
         configure(BenchConfig(**flags))
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--methods', 'train', 'nope'], "--methods: invalid choice: 'nope'"),
+    (['--models', 'vit_nope'], "--models: invalid choice: 'vit_nope'"),
+    (['--profile', 'eval-copy'], "--profile: invalid choice: 'eval-copy'"),
+    (['--paths', 'eager', 'default'], "--paths: invalid choice: 'default'"),
+    (['--device', 'gpu'], "--device: invalid choice: 'gpu'")])
+def test_a_choice_not_offered_is_refused_as_the_line_is_parsed(argv, words):
+    with pytest.raises(SystemExit, match=f'^error: {words}.*see --help'):
+        parse_config(BenchConfig, argv=argv)
 
 
 def test_gpu_mode_without_cuda_refuses_in_one_line(tmp_path):

@@ -32,21 +32,13 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from tools.benchmark_cases import (METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases,
                                    fill_batch, peak_memory)
-from util.config import (BATCH, DEPTH, SIZE, STEPS, WORKERS, ConfigError, at_least, check,
-                         machine_memory, one_of, option)
+from util.config import (BATCH, DEPTH, FRACTION, SIZE, STEPS, WORKERS, ConfigError, at_least,
+                         check, machine_memory, option)
 from util.files import check_out_dir, cpu_name, git_commit, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
 
 TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
-FRACTION = (lambda v: 0 < v <= 1, 'is a fraction of the layers: (0, 1]')
-
-
-def some_of(choices, default, help, note=''):
-    """A list option: some of `choices`, `default` unless given."""
-    return option(factory=lambda: list(default), help=help,
-                  rule=((lambda v: set(v) <= set(choices)),
-                        f"choose from {' '.join(choices)}{note}"))
 
 
 def pick_device(choice):
@@ -66,14 +58,15 @@ def own(most):
 
 @dataclass
 class BenchConfig:
-    device: str = option('auto', 'auto | cpu | cuda',
-                         one_of(('auto', 'cpu', 'cuda'), 'must be auto, cpu or cuda'))
+    device: str = option('auto', 'auto | cpu | cuda', choices=('auto', 'cpu', 'cuda'))
     rounds: int = option(5, 'timed rounds', at_least(1, most=STEPS))
     steps: int = option(2, 'steps of each case in a round', at_least(1, most=STEPS))
     warmup: int = option(1, 'untimed rounds before them', at_least(0, most=STEPS))
-    models: list[str] = some_of(SIZES, ['vit_tiny', 'vit_small', 'vit_base'], 'GPU: base, large')
-    paths: list[str] = some_of(TIMED, TIMED, 'a subset of eager sdpa naive naive-bf16',
-                               ' (--compile true adds compile)')
+    models: list[str] = option(factory=lambda: ['vit_tiny', 'vit_small', 'vit_base'],
+                               help='GPU: base, large', choices=SIZES)
+    paths: list[str] = option(factory=TIMED.copy, choices=TIMED,
+                              help='a subset of eager sdpa naive naive-bf16 '
+                                   '(--compile true adds compile)')
     batch_size: int = option(8, 'per step; 0 = fill the GPU (see fill), its default there',
                              at_least(0, 'fill a GPU', BATCH))
     memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; '
@@ -81,7 +74,7 @@ class BenchConfig:
                                     (lambda v: -1 <= v <= BATCH,
                                      f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
-                         (lambda v: 0 < v <= 1, "is a share of the GPU's memory: (0, 1]"))
+                         FRACTION)
     # 0: refused by checks(), with its patch
     img_size: int = option(224, rule=at_least(0, most=SIZE))
     patch_size: int = option(16, rule=at_least(1, most=SIZE))
@@ -92,10 +85,11 @@ class BenchConfig:
     distill_frac: float = option(0.75, 'distil the first 3/4 of the layers (the paper: 18 of 24)',
                                  FRACTION)
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
-    methods: list[str] = some_of(METHODS, METHODS, 'a subset of train copy distill eval-*')
+    methods: list[str] = option(factory=lambda: list(METHODS), choices=METHODS,
+                                help='a subset of train copy distill eval-*')
     compile: bool = option(False, 'also time the default training steps under torch.compile')
-    profile: list[str] = some_of(TRAINED, [],
-                                 'methods whose default step torch.profiler breaks down')
+    profile: list[str] = option(factory=list, choices=TRAINED,
+                                help='methods whose default step torch.profiler breaks down')
     threads: int = option(0, "torch threads; 0 = torch's default",
                           at_least(0, "torch's default", WORKERS))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case '
