@@ -32,8 +32,8 @@ import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least,
-                         one_of, option, optional)
+from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option,
+                         optional)
 from util.errors import DataError
 from util.files import DamagedFile, cpu_name, git_commit, read_json, sha256_of, write_json
 from util.launch import parse_config, run_main, without_help
@@ -87,7 +87,7 @@ class ReproduceConfig:
     jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each '
                        '(OMP_NUM_THREADS, unless you set it)', at_least(1, most=WORKERS))
     amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | "
-                      'bf16 | fp16 | off (off: fp32, what a CPU without bf16 runs)', one_of(AMP))
+                      'bf16 | fp16 | off (off: fp32, what a CPU without bf16 runs)', choices=AMP)
     fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
 
 

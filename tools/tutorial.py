@@ -18,9 +18,10 @@ from matplotlib.colors import to_rgba
 import data
 from tools import reproduce
 from tools.palette import PALETTE, SHORT, colour, png
-from tools.reproduce_report import per_epoch
+# a run's evaluations, one dict per epoch: {'epoch', 'step', 'top1', ...}
+from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
-from util.files import cpu_name, read_json, read_jsonl
+from util.files import cpu_name, read_json
 from util.launch import amp_dtype
 
 # -----------------------------------------------------------------------------
@@ -135,11 +136,6 @@ class Runner:
         show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs "
              f"({m['step']} steps, {time.time() - start:.0f} s)", end=True)
         return out
-
-
-def metrics(run_dir):
-    """The evaluations of a run, one dict per epoch: {'epoch', 'step', 'top1', ...}."""
-    return read_jsonl(os.path.join(run_dir, 'metrics.jsonl'), 'run it again')
 
 
 def final_top1(run_dir):
