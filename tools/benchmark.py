@@ -41,16 +41,6 @@ from vit import SIZES
 TIMED = [p for p in PATHS if p != 'compile']   # the paths --paths chooses from
 
 
-def pick_device(choice):
-    """--device's torch.device: cuda where asked or (auto) available; --device cuda without one refused."""
-    if choice == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
-                          'or --device cpu')
-    if choice != 'cpu' and torch.cuda.is_available():
-        return torch.device('cuda')
-    return torch.device('cpu')
-
-
 def own(most):
     """A model size's number that 0 leaves to the size (vit.SIZES)."""
     return option(0, "0 = the size's own", at_least(0, "the size's own", most))
@@ -124,8 +114,12 @@ PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # No
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag:
     one error line, before anything runs."""
-    device = pick_device(cfg.device)
-    gpu = device.type == 'cuda'
+    if cfg.device == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
+                          'or --device cpu')
+    # cuda where asked or (auto) available
+    gpu = cfg.device != 'cpu' and torch.cuda.is_available()
+    device = torch.device('cuda' if gpu else 'cpu')
     changes = {}
     if gpu:
         slug = device_slug(torch.cuda.get_device_name(device))

@@ -15,10 +15,9 @@ import re
 import matplotlib
 import matplotlib.pyplot as plt
 
-from tools.palette import png
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
 from util.errors import ConfigError
-from util.files import read_lines, replacing
+from util.files import read_lines, save_figure
 from util.launch import run_main
 
 # a progress line of util/engine.py: 'epoch   0.21 step 100/1404 | ce 1.9627 attn 19.0639 | lr 1.41e-03 | ...'
@@ -91,9 +90,7 @@ def main(argv=None):
                               '(--out-dir), each evaluated at least once')
     out = args.out or os.path.join(shared_folder(args.run_dirs), 'curves.png')
     fig = draw(args.run_dirs)
-    with replacing(out) as tmp:
-        with open(tmp, 'wb') as f:
-            f.write(png(fig, dpi=150, bbox_inches='tight'))
+    save_figure(fig, out, dpi=150, bbox_inches='tight')
     plt.close(fig)
     print(f'written: {out}')
 

@@ -42,13 +42,21 @@ from util.launch import parse_config, run_main, without_help
 # Config
 
 
+# Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"); cifar's
+# is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
+PRESETS = {
+    'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3,
+                          blr=4e-3, jobs=2),
+    'cifar10': dict(mae_epochs=50, epochs=20),
+    'cifar100': dict(mae_epochs=50, epochs=20),
+    'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
+}
+
+
 @dataclass
 class ReproduceConfig:
-    data: str = option('fashion-mnist', 'fashion-mnist | cifar10 | cifar100 | fake: '
-                                        "every script's --data",
-                       (lambda v: v in PRESETS,
-                        'reproduce.py runs fashion-mnist, cifar10, cifar100, fake '
-                        "(ImageNet: the scripts' recipes)"))
+    data: str = option('fashion-mnist', "every script's --data (ImageNet: the scripts' recipes)",
+                       choices=tuple(PRESETS))
     data_dir: str = './data'
     seeds: list[int] = option(factory=lambda: [0, 1, 2],
                               rule=(lambda v: (len(set(v)) == len(v)
@@ -91,15 +99,6 @@ class ReproduceConfig:
     fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
 
 
-# Budgets, chosen on the validation split, never on test (results/fashion-mnist/VALIDATION.md, "budget"); cifar's
-# is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
-PRESETS = {
-    'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3,
-                          blr=4e-3, jobs=2),
-    'cifar10': dict(mae_epochs=50, epochs=20),
-    'cifar100': dict(mae_epochs=50, epochs=20),
-    'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
-}
 QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=160, batch_size=64, blr=8e-3)
 
 

@@ -1,7 +1,6 @@
 """What tutorial.ipynb uses around the lesson, kept out of it so that its cells show the ideas: the images it shows,
 a runner for the scripts, a few figures. Nothing here is attention transfer: the runner launches the same command
 lines you would type in a terminal, and the figures only draw what the notebook computed."""
-import json
 import os
 import re
 import shlex
@@ -160,8 +159,7 @@ def seen(run_dir):
 def full_reproduction(path):
     """The committed reproduction's {method: (mean, std)} and its ensemble's disagreement (%),
     from results.json."""
-    with open(path) as f:
-        summary = json.load(f)['summary']
+    summary = read_json(path, f'git checkout -- {path}')['summary']
     table = {k: (v['mean'], v['std']) for k, v in summary['methods'].items()}
     return table, float(np.mean(summary['disagreement_pct']))
 
@@ -228,8 +226,8 @@ def reproduction_curves(results_dir):
     """The committed reproduction's test top-1 after every epoch, per method, over the seeds its results.json
     summarises: {name: {'epoch', 'seen', 'mean', 'std', 'seeds'}} (seen: training images by then, in thousands; std
     with n - 1, as its report), from each stage's logs/<stage>/seed<k>/metrics.jsonl and config.json."""
-    with open(os.path.join(results_dir, 'results.json')) as f:
-        methods = json.load(f)['summary']['methods']
+    path = os.path.join(results_dir, 'results.json')
+    methods = read_json(path, f'git checkout -- {path}')['summary']['methods']
     curves = {}
     for stage, name in NAMES.items():
         dirs = [os.path.join(results_dir, 'logs', stage, f'seed{k}')
