@@ -149,7 +149,6 @@ def plot(s, path, split='test', smoke=False):
         left, right = fig.subplots(1, 2)
     else:
         left = fig.subplots()
-        right = None
     n = len(s['methods']['scratch']['top1'])
     for i, m in enumerate(STAGES):
         r = s['methods'][m]

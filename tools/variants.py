@@ -94,9 +94,8 @@ def collect():
     for k, path in evals.items():
         for row, method in zip(read_json(path, FIX, {'rows': list})['rows'], METHODS):
             for shift, value in row['top1'].items():
-                if shift not in shifted:
-                    shifted[shift] = {m: {} for m in METHODS}
-                shifted[shift][method][k] = finite(value, path, 'a top1')
+                per_method = shifted.setdefault(shift, {m: {} for m in METHODS})
+                per_method[method][k] = finite(value, path, 'a top1')
     wall = sum(wall_s(os.path.dirname(p)) for p in walls + list(evals.values()))
     return {'baselines': {m: stats(v, top1) for m, v in top1.items()},
             'runs': {n: stats(v, top1) for n, v in runs.items()},
