@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
-from util.checkpoints import CheckpointError, build_from_checkpoint
+from util.checkpoints import CheckpointError
 from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option,
                          optional)
 from util.errors import DataError
@@ -180,10 +180,11 @@ CONFIGS = {'mae_pretrain.py': 'MAEConfig', 'finetune.py': 'FinetuneConfig',
            'ensemble.py': 'EnsembleConfig'}
 
 
-def preflight(steps, teacher):
+def preflight(steps, with_teacher):
     """Every stage's flags checked before the first stage runs, as its script's resolve phase checks them: its
-    config's rules, and where the teacher file exists already, the teacher read and fitted to the stage's model
-    (--init of finetune, --teacher of copy and distill). A refusal names the stage, and nothing has run."""
+    config's rules, and with_teacher (given, or made already), the teacher read and fitted to the stage's model
+    (--init of finetune, --teacher of copy and distill): a missing file, not a ViT, a copy student refused. A
+    refusal names the stage, and nothing has run."""
     for (stage, seed), argv in steps:
         script = os.path.basename(argv[1])
         # not one of the scripts (a test's stand-in): its own run says what it refuses
@@ -193,7 +194,7 @@ def preflight(steps, teacher):
         try:
             presets = module.presets(argv[2:]) if script == 'finetune.py' else module.PRESETS
             cfg = parse_config(getattr(module, CONFIGS[script]), presets, argv[2:])
-            if stage in USES_TEACHER and os.path.exists(teacher):
+            if stage in USES_TEACHER and with_teacher:
                 cfg.resolve()
         # SystemExit: a flag that does not parse
         except (SystemExit, ConfigError, CheckpointError, DataError) as e:
@@ -326,10 +327,8 @@ def main():
                               f"not from {teacher} ({str(digest)[:16]}...): put that file back, "
                               f"or choose another --out-dir to run every stage from this one")
     check_results_dir(results_dir, cfg, digest)
-    if cfg.teacher:   # a missing file, not a ViT, a copy student: refused
-        build_from_checkpoint(cfg.teacher, num_classes=0)
     todo = [(key, argv) for key, argv in steps if key not in done]
-    preflight(todo, teacher)
+    preflight(todo, bool(cfg.teacher) or os.path.exists(teacher))
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
     env = stage_env(cfg)
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
