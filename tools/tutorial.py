@@ -20,6 +20,7 @@ from tools.palette import PALETTE, SHORT, colour, png
 # a run's evaluations, one dict per epoch: {'epoch', 'step', 'top1', ...}
 from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
+from util.errors import flag
 from util.files import cpu_name, read_json
 from util.launch import amp_dtype
 
@@ -59,19 +60,24 @@ def write_slice(n_train, n_test, runs):
 # Running the scripts: one line that updates while a run trains, then its summary
 
 
+def notebook():
+    """IPython.display where this runs in a notebook; None elsewhere (a terminal, no IPython)."""
+    try:
+        from IPython import display, get_ipython
+    except ImportError:
+        return None
+    return display if get_ipython() else None
+
+
 def line():
     """show(text, end=False): one line of output that can be rewritten: a display that updates in a notebook, '\\r'
     elsewhere."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Pretty, display
-        handle = display(Pretty(''), display_id=True) if get_ipython() else None
-    except ImportError:
-        handle = None
+    shown = notebook()
+    handle = shown.display(shown.Pretty(''), display_id=True) if shown else None
 
     def show(text, end=False):
         if handle:
-            handle.update(Pretty(text))
+            handle.update(shown.Pretty(text))
         else:
             print('\r' + text, end='\n' if end else '', flush=True)
     return show
@@ -183,7 +189,7 @@ def budgets(quick_flags, n_train, n_test, loop):
         given = dict(zip(map(str, given), given[1:]))                     # {'--flag': its value}
 
         def value(key):   # the flag's value where it is given, else the preset's
-            return float(given.get('--' + key.replace('_', '-'), preset[key]))
+            return float(given.get(flag(key), preset[key]))
         epochs = value('epochs')
         batch = value('batch_size')
         blr = value('blr')
@@ -247,16 +253,12 @@ def reproduction_curves(results_dir):
 def show(fig):
     """A figure shown as the notebook stores it: a 256-colour PNG (tools.palette.png) drawn at 200 dpi, displayed at
     half its width in pixels as retina figures are, in a third of the bytes; outside IPython, plt.show()."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return plt.show()
-    if not get_ipython():
+    shown = notebook()
+    if not shown:
         return plt.show()
     data = png(fig, dpi=200, bbox_inches='tight')
     width = int.from_bytes(data[16:20], 'big')   # the PNG's width: IHDR, its first chunk
-    display(Image(data, width=width // 2))
+    shown.display(shown.Image(data, width=width // 2))
     plt.close(fig)
 
 
