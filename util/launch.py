@@ -149,7 +149,7 @@ def attn_implementation(choice, device, written_out=''):
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
-def on_device(models, cfg, dataset, log):
+def on_device(models, cfg, dataset):
     """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
     has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -164,7 +164,7 @@ def on_device(models, cfg, dataset, log):
     def first_layers():
         return [v.forward_tokens(x.to(device), depth=1) for v in vits]
 
-    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
+    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=say),
                                 'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
