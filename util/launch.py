@@ -122,8 +122,7 @@ def amp_dtype(amp, device):
             if torch.cuda.is_bf16_supported(including_emulation=False):
                 return torch.bfloat16
             return torch.float16
-        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-        return torch.bfloat16 if cpu_bf16 else None
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
@@ -200,12 +199,9 @@ def what_runs(plan):
     words = {'depth': 'blocks', 'embed_dim': 'wide', 'num_heads': 'heads'}
     shape = ', '.join(f'{getattr(cfg, k) or size[k]} {w}' for k, w in words.items()
                       if getattr(cfg, k) or k in size)
-    if cfg.model != 'teacher':
-        model = f'model {cfg.model} ({shape})'
-    elif shape:
-        model = f"a student of the teacher's shape, {shape}"
-    else:
-        model = "a student of the teacher's shape"
+    model = f'model {cfg.model}' if cfg.model != 'teacher' else "a student of the teacher's shape"
+    if shape:
+        model += f' ({shape})'
     model += f', {cfg.img_size} px images'
     if cfg.patch_size:
         model += f' in {cfg.patch_size} px patches'
@@ -319,8 +315,6 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     given = vars(parser(cls, presets).parse_args(argv))
     data = given.get('data', defaults.get('data'))
     preset = presets.get(data, {})
-    for k in preset:
-        assert k in defaults, f'preset key {k} is not a config field'
     asked_help = given.pop('help', False)
     values = {**defaults, **preset, **given}
     if asked_help:   # before check(): the help of a line that would be refused is still shown

@@ -194,9 +194,7 @@ class RunDir:
         in self.pending, so that a command refused before then changes no file of its --out-dir."""
         if not self.main:
             return
-        lost = say(msg)
-        if lost:
-            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
+        say(msg)
         if self.begun:
             add_to_log(self.file('log.txt'), msg + '\n')
         else:
@@ -320,14 +318,12 @@ def add_to_log(path, text):
 
 def say(msg):
     """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    on, its files whole (log.txt holds every line), and stdout goes to /dev/null from then on."""
     try:
         print(msg, flush=True)
-        return ''
-    except OSError as e:
+    except OSError:
         # what is buffered, and the rest, go there
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return e.strerror or type(e).__name__
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
