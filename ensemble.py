@@ -96,10 +96,10 @@ def disagreement(preds_a, preds_b):   # the share of images whose top-1 predicti
 
 
 def summarise(names, weights, logits, labels):
-    """Each model's and the ensemble's top-1 / top-5, and every pair's disagreement, as a dict."""
+    """Each model's and the ensemble's top-1 / top-5, and every pair's disagreement, as a dict; weights: as
+    normalise_weights gives them."""
     def scores(s):   # logits or probabilities (N, C)
         return {'top1': accuracy(s, labels, 1), 'top5': accuracy(s, labels, 5)}
-    weights = normalise_weights(weights, len(logits))
     preds = (l.argmax(-1) for l in logits)                                    # (N,) each
     return {
         'images': len(labels),
@@ -204,7 +204,7 @@ def score(cfg, weights):
     cfg.img_size = img_size
     test_set, num_classes = build_eval_set(cfg)
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
-    models, place, attn = on_device(models, cfg, test_set, say)
+    models, place, attn = on_device(models, cfg, test_set)
     loader = build_loader(cfg, held_where(test_set, place.device, say), False, device=place.device)
     logits, labels = predict_all(models, loader, place)
     results = summarise(cfg.models, weights, logits, labels)

@@ -211,7 +211,7 @@ def score(cfg, groups, paths, out, files):
         transform = build_transform(data, train=False)
         sets = {name: (path, *load_set(name, path, transform)) for name, path in paths.items()}
 
-    models, place, attn = on_device(models, cfg, next(iter(sets.values()))[1], say)
+    models, place, attn = on_device(models, cfg, next(iter(sets.values()))[1])
     say(f'attention: {attn}')
     members = [[m] for m in cfg.models] + [[cfg.models[i] for i in g] for g in groups]
     names = [' + '.join(m) for m in members]

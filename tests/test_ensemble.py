@@ -37,7 +37,7 @@ def test_ensemble_of_identical_models_is_the_model():
     assert torch.allclose(probs, logits.softmax(-1), atol=1e-7)
     for k in (1, 5):
         assert accuracy(probs, labels, k) == accuracy(logits, labels, k)
-    r = summarise(['a', 'b'], None, [logits, logits.clone()], labels)
+    r = summarise(['a', 'b'], [0.5, 0.5], [logits, logits.clone()], labels)
     assert r['ensemble'] == {'top1': r['models'][0]['top1'], 'top5': r['models'][0]['top5']}
     assert r['disagreement'] == [{'a': 'a', 'b': 'b', 'rate': 0.0}]
 

@@ -49,7 +49,7 @@ def test_ensemble_and_evaluate_score_on_the_device(held, dtype, monkeypatch):
         models = [m.to(place.device) for m in models]
         for loader in loaders:
             logits, labels = predict_all(models, loader, place)
-            summarise(['a', 'b'], None, logits, labels)   # ensemble.py
+            summarise(['a', 'b'], [0.5, 0.5], logits, labels)   # ensemble.py
             top1_row(logits, labels, None, [[0, 1]])      # evaluate.py
             assert not any(map(on_device, [*logits, labels])) and labels.shape == (64,)
             assert all(l.shape == (64, 10) and l.dtype == torch.float32 for l in logits)

@@ -29,14 +29,11 @@ def option(default=MISSING, help='', rule=None, factory=MISSING, choices=None):
 
 
 def at_least(n, note='', most=math.inf):
-    """The rule n <= value (<= most): 'must be at least 1', 'must be 0 (off) or more, at most 256' (note: what the
+    """The rule n <= value (<= most): 'must be at least 1', 'must be at least 0 (off), at most 256' (note: what the
     lower bound means). Sizes, counts, workers and timeouts have a most: what a machine can hold or wait for."""
+    allowed = f'must be at least {n}'
     if note:
-        note = f' ({note})'
-    if n == 0:
-        allowed = f'must be 0{note} or more'
-    else:
-        allowed = f'must be at least {n}{note}'
+        allowed += f' ({note})'
     if most < math.inf:
         allowed += f', at most {most:,}'
     return (lambda v: n <= v <= most), allowed

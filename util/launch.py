@@ -122,8 +122,7 @@ def amp_dtype(amp, device):
             if torch.cuda.is_bf16_supported(including_emulation=False):
                 return torch.bfloat16
             return torch.float16
-        cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-        return torch.bfloat16 if cpu_bf16 else None
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 
@@ -149,7 +148,7 @@ def attn_implementation(choice, device, written_out=''):
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
-def on_device(models, cfg, dataset, log):
+def on_device(models, cfg, dataset):
     """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
     has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -164,7 +163,7 @@ def on_device(models, cfg, dataset, log):
     def first_layers():
         return [v.forward_tokens(x.to(device), depth=1) for v in vits]
 
-    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=log),
+    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=say),
                                 'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
@@ -200,12 +199,9 @@ def what_runs(plan):
     words = {'depth': 'blocks', 'embed_dim': 'wide', 'num_heads': 'heads'}
     shape = ', '.join(f'{getattr(cfg, k) or size[k]} {w}' for k, w in words.items()
                       if getattr(cfg, k) or k in size)
-    if cfg.model != 'teacher':
-        model = f'model {cfg.model} ({shape})'
-    elif shape:
-        model = f"a student of the teacher's shape, {shape}"
-    else:
-        model = "a student of the teacher's shape"
+    model = f'model {cfg.model}' if cfg.model != 'teacher' else "a student of the teacher's shape"
+    if shape:
+        model += f' ({shape})'
     model += f', {cfg.img_size} px images'
     if cfg.patch_size:
         model += f' in {cfg.patch_size} px patches'
@@ -309,22 +305,20 @@ def _metavar(tp):
     return tp.__name__.upper()
 
 
-def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
+def parse_config(cls, presets=None, argv=None, checked=True):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
     wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
-    --help prints every flag's value for this command line (preset_label names where a preset's come from).
+    --help prints every flag's value for this command line, and where it comes from.
     checked False: no check (a first parse that only picks the presets: --help must still print)."""
     presets = presets or {}
     defaults = dataclasses.asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
     data = given.get('data', defaults.get('data'))
     preset = presets.get(data, {})
-    for k in preset:
-        assert k in defaults, f'preset key {k} is not a config field'
     asked_help = given.pop('help', False)
     values = {**defaults, **preset, **given}
     if asked_help:   # before check(): the help of a line that would be refused is still shown
-        lines = help_lines(cls, values, given, preset, preset_label.format(data))
+        lines = help_lines(cls, values, given, preset, f'preset of --data {data}')
         say(parser(cls, presets, lines).format_help())
         sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     cfg = cls(**values)

@@ -158,7 +158,7 @@ class Run:
         plan = self.plan
         path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
-        problem = ', '.join(arch_mismatch(self.model.arch, ck.get('arch') or {}, free=()))
+        problem = ', '.join(arch_mismatch(self.model.arch, ck['arch'], free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]

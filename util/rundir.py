@@ -194,9 +194,7 @@ class RunDir:
         in self.pending, so that a command refused before then changes no file of its --out-dir."""
         if not self.main:
             return
-        lost = say(msg)
-        if lost:
-            msg += f'\n(stdout cannot be written ({lost}): the rest is in log.txt only)'
+        say(msg)
         if self.begun:
             add_to_log(self.file('log.txt'), msg + '\n')
         else:
@@ -320,14 +318,12 @@ def add_to_log(path, text):
 
 def say(msg):
     """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole, and stdout goes to /dev/null from then on. Returns why it could not, or ''."""
+    on, its files whole (log.txt holds every line), and stdout goes to /dev/null from then on."""
     try:
         print(msg, flush=True)
-        return ''
-    except OSError as e:
+    except OSError:
         # what is buffered, and the rest, go there
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return e.strerror or type(e).__name__
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
@@ -336,7 +332,7 @@ NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run 
 # A resume, checked
 
 # what a training run saves (run.Run.save), and of which type: a file without these is no run of ours
-SAVED = {'model': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list,
+SAVED = {'model': dict, 'arch': dict, 'config': dict, 'step': int, 'optimizer': dict, 'rng': list,
          'metrics': dict, 'script': str}
 
 # what a resume from the checkpoint kept when its run diverged may change besides RESUMABLE: the lr
@@ -352,11 +348,8 @@ def open_resumed(cfg, run_dir, world):
     if not isinstance(ck, dict):   # a tensor, a list: none of what a run saves
         ck = {}
     bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)]
-    if not bad:   # what a resume reads before any tensor
-        if not isinstance(ck.get('arch') or {}, dict):
-            bad.append('arch')
-        if not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
-            bad.append('rng')
+    if not bad and not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
+        bad.append('rng')   # what a resume reads before any tensor
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
@@ -448,12 +441,8 @@ def not_finite(parts):
 
 def resume_command():
     """The command that continues this run: its own with --resume true, or under torchrun the words to say so."""
-    if under_torchrun():
+    if 'TORCHELASTIC_RUN_ID' in os.environ:
         return 'your torchrun command and --resume true'
     argv = [a for before, a in zip([None, *sys.argv], sys.argv)
             if a != '--resume' and before != '--resume']
     return f"{shlex.join(['python', *argv])} --resume true"
-
-
-def under_torchrun():
-    return 'TORCHELASTIC_RUN_ID' in os.environ
