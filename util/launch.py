@@ -305,10 +305,10 @@ def _metavar(tp):
     return tp.__name__.upper()
 
 
-def parse_config(cls, presets=None, argv=None, checked=True):
+def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
     wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
-    --help prints every flag's value for this command line, and where it comes from.
+    --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check (a first parse that only picks the presets: --help must still print)."""
     presets = presets or {}
     defaults = dataclasses.asdict(cls())
@@ -318,7 +318,7 @@ def parse_config(cls, presets=None, argv=None, checked=True):
     asked_help = given.pop('help', False)
     values = {**defaults, **preset, **given}
     if asked_help:   # before check(): the help of a line that would be refused is still shown
-        lines = help_lines(cls, values, given, preset, f'preset of --data {data}')
+        lines = help_lines(cls, values, given, preset, preset_label.format(data))
         say(parser(cls, presets, lines).format_help())
         sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     cfg = cls(**values)
