@@ -18,7 +18,6 @@ data.py says which data set is which, and how it is augmented.
 import contextlib
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import tempfile
@@ -283,25 +282,13 @@ def read_idx(path, read=read_sn3_pascalvincent_tensor):
         with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
             return read(extract_archive(path, folder) if path.endswith('.gz') else path)
     except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, AssertionError, ...
-        said = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
-        raise damaged_idx([path], f'cannot be read ({said})') from None
-
-
-def damaged_idx(paths, problem):
-    """DataError: the files (all in one folder), what is wrong with them, and how to get intact
-    ones."""
-    it = 'it' if len(paths) == 1 else 'them'
-    if paths[0].startswith(FASHION_MNIST_SYSTEM_DIR):
-        fix = f'reinstall {it}: apt-get install --reinstall dataset-fashion-mnist'
-    else:
-        fix = f'delete {it} and run again to download {it} anew'
-    return DataError(f"{' and '.join(paths)} {problem}: {fix}")
+        raise DataError(f'{path} cannot be read ({e!r}): replace it with the original file') from None
 
 
 def fashion_mnist(data_dir, train, transform):
     """One split of Fashion-MNIST from the first folder with its four files (each gzipped or not): --data-dir, its
     FashionMNIST/raw, Debian's dataset-fashion-mnist; else downloaded by torchvision. A folder holding only some is
-    a DataError naming what it lacks, never paired with another's (images from one, labels from another)."""
+    a DataError naming it, never completed from another's (test images from one, training images from another)."""
     dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
     for d in dirs:
         found = {}
@@ -312,10 +299,8 @@ def fashion_mnist(data_dir, train, transform):
         if len(found) == 4:
             break
         if found:
-            missing = [s for s in FASHION_MNIST_FILES if s not in found]
-            raise DataError(f"{d} holds only some of Fashion-MNIST's files (not {', '.join(missing)}"
-                            f"[.gz]): put all four there, or remove them to read the data set from "
-                            f"elsewhere")
+            raise DataError(f"{d} holds only some of Fashion-MNIST's files: put all four there "
+                            f"({', '.join(FASHION_MNIST_FILES)}, each [.gz]), or remove them")
     else:
         try:   # last resort: torchvision's download (needs the internet)
             torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
@@ -329,14 +314,9 @@ def fashion_mnist(data_dir, train, transform):
     labels = found[f'{stem}-labels-idx1-ubyte']
     x = read_idx(images, read_image_file)                              # (N, H, W)
     y = read_idx(labels, read_label_file)                              # (N,)
-    if x.shape[1:] != (28, 28):   # 32 x 32, say: it would fail in the model, with a traceback
-        raise damaged_idx([images], f"holds images of {x.shape[1]} x {x.shape[2]} pixels, not "
-                                    f"Fashion-MNIST's 28 x 28")
-    if len(x) != len(y):
-        raise damaged_idx([images, labels], f'do not pair up: images {tuple(x.shape)}, labels '
-                                            f'{tuple(y.shape)} (expected (N, 28, 28) and (N,))')
-    if (y >= 10).any():
-        raise damaged_idx([labels], f'holds label {y.max()}, not a Fashion-MNIST class (0-9)')
+    if len(x) != len(y):   # else the longer one's extra images (or labels) silently left out
+        raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
+                        f'replace them with the original files')
     classes = torchvision.datasets.FashionMNIST.classes
     return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
 
@@ -350,21 +330,16 @@ CIFAR = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datase
 
 def cifar(root, name, train, transform):
     """CIFAR-10 / -100 from <root>/cifar-10-batches-py (cifar-100-python); else the archive in <root> checked (md5)
-    and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten; a failed download
-    leaves nothing behind, not even a --data-dir it had to create."""
+    and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten (a download cut
+    short is one: the next run refuses it)."""
     kind = CIFAR[name]
     folder = os.path.join(root, kind.base_folder)
     archive = os.path.join(root, kind.filename)
     if not os.path.isdir(folder):
         if not os.path.isfile(archive):
-            created = not os.path.isdir(root)
             try:
                 download_url(kind.url, root, md5=kind.tgz_md5)
-            except Exception as e:   # what it wrote is ours, since nothing was there before
-                if created:
-                    shutil.rmtree(root, ignore_errors=True)
-                elif os.path.isfile(archive):
-                    os.remove(archive)
+            except Exception as e:
                 raise DataError(f'{kind.url} could not be downloaded ({type(e).__name__}): put '
                                 f'{kind.filename} or its extracted {kind.base_folder}/ in --data-dir') from None
         if not check_integrity(archive, kind.tgz_md5):
