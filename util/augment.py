@@ -175,9 +175,8 @@ def parse_policy(spec):
             'mmax': ('mmax', float), 'inc': ('increasing', lambda v: bool(int(v)))}
     for part in spec.split('-')[1:]:
         found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
-        if not found or found[1] not in keys:
-            raise ValueError(f"--randaug {spec}: cannot read '{part}' (use m, n, p, mstd, mmax, inc, e.g. "
-                              f"rand-m9-mstd0.5-inc1)")
+        if not found or found[1] not in keys:   # util/config.py's RANDAUG says what reads
+            raise ValueError(f'--randaug {spec}: {part}')
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
     return kw
@@ -189,7 +188,8 @@ MOST_OPS = 16
 
 def randaugment(spec, fill=(128, 128, 128)):
     """The transform a --randaug string names, or None for ''. fill: the dataset's mean colour (0-255). A
-    ValueError for a string it cannot run: more than MOST_OPS ops, a torchvision magnitude beyond its 31 bins."""
+    ValueError for a string it cannot run (more than MOST_OPS ops, a torchvision magnitude beyond its 31 bins),
+    which util/config.py's rule for --randaug words."""
     if not spec:
         return None
     found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
@@ -201,9 +201,7 @@ def randaugment(spec, fill=(128, 128, 128)):
         policy = None
     if policy and policy.num_ops <= MOST_OPS:
         return policy
-    raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
-                      f"(torchvision's RandAugment, magnitude 9 of 0 to 30), at most n{MOST_OPS} ops, or '' for "
-                      f"none")
+    raise ValueError(f'--randaug {spec}')   # util/config.py's RANDAUG says what runs
 
 
 # timm's RandomErasing ranges: a box's share of the image, its aspect ratio (drawn log-uniform)
@@ -301,24 +299,31 @@ class BatchRandAugment:
             rows[picked, 0], rows[picked, 1] = arg, 1.0 - arg   # a blend's weights (float64)
 
     def geometry(self, op, arg):
-        """The inverse affine matrices (k, 6) of a geometric op at arguments arg (k,), or None for
-        another op."""
-        corner = dict(cx=-0.5 * self.size, cy=-0.5 * self.size)   # F.affine's center=[0, 0]
+        """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,), or None for another
+        op: torchvision's _get_inverse_affine_matrix at scale 1 (output x, y, 1 -> input x, y, the
+        image's centre at 0), written out for the one angle, shear or shift each op has, with the
+        same float64 roundings."""
+        if op not in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
+                      'TranslateYRel'):
+            return None
+        c = -0.5 * self.size                           # F.affine's center=[0, 0]: the top-left corner
+        zero, one = torch.zeros_like(arg), torch.ones_like(arg)
         if op == 'Rotate':                             # F.rotate: mod 360, turned the other way
-            return inverse_affine(angle=-(arg % 360))
+            r = (-(arg % 360)).deg2rad()
+            return torch.stack([r.cos(), r.sin(), zero, -r.sin(), r.cos(), zero], -1)
+        shear = torch.atan(arg).rad2deg().deg2rad()    # its angle, in degrees and back (F.affine's)
         if op == 'ShearX':
-            return inverse_affine(shear_x=torch.atan(arg).rad2deg(), **corner)
+            return torch.stack([one, shear.tan(), -(shear.tan() * c), zero, one, zero], -1)
         if op == 'ShearY':
-            return inverse_affine(shear_y=torch.atan(arg).rad2deg(), **corner)
+            t = shear.sin() / shear.cos()
+            return torch.stack([one, zero, zero, t, one, c - t * c - c], -1)
         if op == 'TranslateX':                         # torchvision's: whole pixels, right
-            return inverse_affine(tx=arg.trunc())
+            return torch.stack([one, zero, -arg.trunc(), zero, one, zero], -1)
         if op == 'TranslateY':                         # down
-            return inverse_affine(ty=arg.trunc())
+            return torch.stack([one, zero, zero, zero, one, -arg.trunc()], -1)
         if op == 'TranslateXRel':                      # timm's, as apply(): a fraction, left, up
-            return inverse_affine(tx=-(arg * self.size), **corner)
-        if op == 'TranslateYRel':
-            return inverse_affine(ty=-(arg * self.size), **corner)
-        return None
+            return torch.stack([one, zero, c - (c - arg * self.size), zero, one, zero], -1)
+        return torch.stack([one, zero, zero, zero, one, c - (c - arg * self.size)], -1)
 
     def __call__(self, x, slots):
         """x (n, 3, H, W) uint8 on the device; slots: per op slot (groups, order, rows), order
@@ -346,24 +351,6 @@ def group(ids, rows):
     counts = torch.bincount(ids, minlength=len(BATCH_OPS)).tolist()
     groups = [(op, c) for op, c in zip(BATCH_OPS, counts) if c and op != 'Identity']
     return groups, order, rows[order]
-
-
-def inverse_affine(angle=None, shear_x=None, shear_y=None, tx=None, ty=None, cx=0.0, cy=0.0):
-    """torchvision's inverse affine matrix (_get_inverse_affine_matrix at scale 1), a row (n, 6)
-    an image, in its coordinates (the image's centre at 0): angle and shears in degrees, the
-    translation in pixels, float64 (n,) each (None: 0); cx, cy the centre of rotation and shear."""
-    given = next(t for t in (angle, shear_x, shear_y, tx, ty) if t is not None)
-    angle, shear_x, shear_y, tx, ty = (torch.zeros_like(given) if t is None else t
-                                       for t in (angle, shear_x, shear_y, tx, ty))
-    rot, sx, sy = angle.deg2rad(), shear_x.deg2rad(), shear_y.deg2rad()
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    m0, m1, m3, m4 = d, -b, -c, a
-    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
-    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
-    return torch.stack([m0, m1, m2, m3, m4, m5], -1)
 
 
 def batch_op(x, op, rows, fill, mode):
