@@ -224,7 +224,7 @@ class Splits(NamedTuple):
 
 def build_data(plan):
     """The splits and their loaders (train, then eval), the data stated in the run's log; a data
-    set held in memory is moved to the run's device once (data_device), its batches made there."""
+    set held in memory is moved to the run's device once (held_where), its batches made there."""
     cfg = plan.cfg
     data = build_splits(cfg)
     plan.log(f'data: {cfg.data}, {len(data.train)} training and {len(data.eval)} '
@@ -233,18 +233,9 @@ def build_data(plan):
     if cfg.val_size:
         plan.log(f'evaluating on {cfg.val_size} held-out training images (--val-size), '
                  f'not the test split')
-    # the bytes of each in-memory split's tensors, by id: a held-out split shares its training split's
-    held = {}
-    for d in (unwrap(data.train), unwrap(data.eval)):
-        if isinstance(d, TensorImages):
-            held[id(d.images)] = d.images.nbytes + d.labels.nbytes
-    device = plan.device
-    if held:
-        free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else None
-        device = data_device(device, sum(held.values()), free, plan.log)
-        data = data._replace(**held_on(device, train=data.train, eval=data.eval))
-    return (data, build_loader(cfg, data.train, True, plan.rank, plan.world, device),
-            build_loader(cfg, data.eval, False, plan.rank, plan.world, device))
+    data = data._replace(**held_where(plan.device, plan.log, train=data.train, eval=data.eval))
+    return (data, build_loader(cfg, data.train, True, plan.rank, plan.world, plan.device),
+            build_loader(cfg, data.eval, False, plan.rank, plan.world, plan.device))
 
 
 def data_device(device, need, free, log):
@@ -274,15 +265,17 @@ def held_on(device, **splits):
     return {name: move(d) for name, d in splits.items()}
 
 
-def held_where(dataset, device, log):
-    """A test set held in memory where a training run would hold it (data_device): on a GPU where its images take at
-    most half its free memory, else on the host, as it was; any other data set, as it is (ensemble.py, evaluate.py)."""
-    held = unwrap(dataset)
-    if device.type != 'cuda' or not isinstance(held, TensorImages):
-        return dataset
-    need = held.images.nbytes + held.labels.nbytes
-    where = data_device(device, need, torch.cuda.mem_get_info(device)[0], log)
-    return held_on(where, set=dataset)['set']
+def held_where(device, log, **splits):
+    """The splits (of one data set) with their images held in memory where a run on `device` holds
+    them (data_device), each tensor moved once; splits read from files, as they are."""
+    held = {}   # the bytes of each in-memory split's tensors, by id: a held-out split shares them
+    for d in map(unwrap, splits.values()):
+        if isinstance(d, TensorImages):
+            held[id(d.images)] = d.images.nbytes + d.labels.nbytes
+    if not held:
+        return splits
+    free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else None
+    return held_on(data_device(device, sum(held.values()), free, log), **splits)
 
 
 def build_splits(cfg):

@@ -205,7 +205,8 @@ def score(cfg, weights):
     test_set, num_classes = build_eval_set(cfg)
     check_classes(cfg.models, records, class_names(test_set, num_classes), cfg.data)
     models, place, attn = on_device(models, cfg, test_set)
-    loader = build_loader(cfg, held_where(test_set, place.device, say), False, device=place.device)
+    held = held_where(place.device, say, set=test_set)['set']
+    loader = build_loader(cfg, held, False, device=place.device)
     logits, labels = predict_all(models, loader, place)
     results = summarise(cfg.models, weights, logits, labels)
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'

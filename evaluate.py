@@ -217,7 +217,7 @@ def score(cfg, groups, paths, out, files):
     names = [' + '.join(m) for m in members]
     top1 = {}                                           # per test set: the top-1 of each row
     for set_name, (_, dataset, allowed) in sets.items():
-        held = held_where(dataset, place.device, say)
+        held = held_where(place.device, say, set=dataset)['set']
         loader = build_loader(cfg, held, False, device=place.device)
         logits, labels = predict_all(models, loader, place)
         top1[set_name] = top1_row(logits, labels, allowed, groups)
