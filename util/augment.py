@@ -303,27 +303,31 @@ class BatchRandAugment:
         op: torchvision's _get_inverse_affine_matrix at scale 1 (output x, y, 1 -> input x, y, the
         image's centre at 0), written out for the one angle, shear or shift each op has, with the
         same float64 roundings."""
-        if op not in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'TranslateXRel',
-                      'TranslateYRel'):
+        if arg is None:
             return None
         c = -0.5 * self.size                           # F.affine's center=[0, 0]: the top-left corner
         zero, one = torch.zeros_like(arg), torch.ones_like(arg)
+        row = [one, zero, zero, zero, one, zero]       # the identity
+        shear = torch.atan(arg).rad2deg().deg2rad()    # a shear's angle, in degrees and back (F.affine's)
         if op == 'Rotate':                             # F.rotate: mod 360, turned the other way
             r = (-(arg % 360)).deg2rad()
-            return torch.stack([r.cos(), r.sin(), zero, -r.sin(), r.cos(), zero], -1)
-        shear = torch.atan(arg).rad2deg().deg2rad()    # its angle, in degrees and back (F.affine's)
-        if op == 'ShearX':
-            return torch.stack([one, shear.tan(), -(shear.tan() * c), zero, one, zero], -1)
-        if op == 'ShearY':
-            t = shear.sin() / shear.cos()
-            return torch.stack([one, zero, zero, t, one, c - t * c - c], -1)
-        if op == 'TranslateX':                         # torchvision's: whole pixels, right
-            return torch.stack([one, zero, -arg.trunc(), zero, one, zero], -1)
-        if op == 'TranslateY':                         # down
-            return torch.stack([one, zero, zero, zero, one, -arg.trunc()], -1)
-        if op == 'TranslateXRel':                      # timm's, as apply(): a fraction, left, up
-            return torch.stack([one, zero, c - (c - arg * self.size), zero, one, zero], -1)
-        return torch.stack([one, zero, zero, zero, one, c - (c - arg * self.size)], -1)
+            row = [r.cos(), r.sin(), zero, -r.sin(), r.cos(), zero]
+        elif op == 'ShearX':
+            row[1:3] = shear.tan(), -(shear.tan() * c)
+        elif op == 'ShearY':
+            row[3] = shear.sin() / shear.cos()
+            row[5] = c - row[3] * c - c
+        elif op == 'TranslateX':                       # torchvision's: whole pixels, right
+            row[2] = -arg.trunc()
+        elif op == 'TranslateY':                       # down
+            row[5] = -arg.trunc()
+        elif op == 'TranslateXRel':                    # timm's, as apply(): a fraction, left, up
+            row[2] = c - (c - arg * self.size)
+        elif op == 'TranslateYRel':
+            row[5] = c - (c - arg * self.size)
+        else:
+            return None
+        return torch.stack(row, -1)
 
     def __call__(self, x, slots):
         """x (n, 3, H, W) uint8 on the device; slots: per op slot (groups, order, rows), order
