@@ -460,7 +460,4 @@ def read_image(path):
         kind = 'integers' if image.mode == 'I' else 'floats'
         raise DataError(f'image {path} has pixels of 32-bit {kind} (mode {image.mode}), whose range no '
                         f'convention fixes: save it with 8 or 16 bits a channel')
-    elif image.mode == 'P':
-        # a palette's transparency goes with its colours, then is dropped below
-        image = image.convert('RGBA')
     return image.convert('RGB')
