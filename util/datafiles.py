@@ -395,26 +395,24 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         samples = []
         empty = []
         for name in sorted(class_to_idx):
-            walked = []
-            before = len(samples)
+            found = []   # (folder, image file, the folder's real path)
             for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
                 real = os.path.realpath(root)
                 # top-down: checked before the walk goes into it, so a loop ends here
                 once(root, real, seen, 'folder')
                 dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-                walked.append((root, real, files))
-            for root, real, files in sorted(walked):
-                for f in sorted(files):
-                    path = os.path.join(root, f)
-                    if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f):
-                        # its real path from its folder's: one lstat a file, not one a part of its path
-                        where = os.path.join(real, f)
-                        if os.path.islink(path):
-                            where = os.path.realpath(path)
-                        once(path, where, seen, 'file')
-                        samples.append((path, class_to_idx[name]))
-            if len(samples) == before:
+                found += [(root, f, real) for f in files
+                          if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f)]
+            if not found:
                 empty.append(name)
+            for root, f, real in sorted(found):   # torchvision's order: by folder, then by name
+                path = os.path.join(root, f)
+                # its real path from its folder's: one lstat a file, not one a part of its path
+                where = os.path.join(real, f)
+                if os.path.islink(path):
+                    where = os.path.realpath(path)
+                once(path, where, seen, 'file')
+                samples.append((path, class_to_idx[name]))
         if empty:
             raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "
                             f"{', '.join(empty)}: add their images, or remove those folders")
