@@ -285,17 +285,14 @@ class BatchRandAugment:
         if arg is not None:
             arg = torch.as_tensor(arg, dtype=torch.float64).expand(int(picked.sum()))
         theta = self.geometry(op, arg)
+        ids[picked] = BATCH_OPS.index(op if theta is None else 'Affine')
         if theta is not None:
-            ids[picked], rows[picked] = BATCH_OPS.index('Affine'), theta
-            return
-        ids[picked] = BATCH_OPS.index(op)
-        if op == 'Posterize':                          # the bits kept, as a mask
+            rows[picked] = theta
+        elif op == 'Posterize':                        # the bits kept, as a mask
             rows[picked, 0] = ((0xFF << (8 - arg.long())) & 0xFF).double()
         elif arg is not None:
-            if torchvision and op != 'Solarize':       # its enhancements' factor: 1 + magnitude
-                arg = 1.0 + arg
-            elif torchvision:                          # its threshold: a fraction of 255
-                arg = 255.0 * arg
+            if torchvision:   # its threshold: a fraction of 255; its enhancements' factor: 1 + magnitude
+                arg = 255.0 * arg if op == 'Solarize' else 1.0 + arg
             rows[picked, 0], rows[picked, 1] = arg, 1.0 - arg   # a blend's weights (float64)
 
     def geometry(self, op, arg):
