@@ -296,10 +296,10 @@ def test_timms_ops_on_a_batch_are_applys_per_image(op):
     images, g = batch_images(), torch.Generator().manual_seed(3)
     m = (9 + 0.5 * torch.randn(len(images), dtype=torch.float64, generator=g)).clamp(0, 10)
     signs = torch.randint(2, (len(images),), generator=g) * 2 - 1
+    args = [LEVELS[op](m_i, s) if op in LEVELS else None for m_i, s in zip(m.tolist(), signs.tolist())]
     ours = on_batch(BatchRandAugment(randaugment(AUTHORS, fill=FILL), 32), images, op.removesuffix('Increasing'),
-                    LEVELS[op](m, signs) if op in LEVELS else None)
-    theirs = torch.stack([apply(x, op, LEVELS[op](m_i, s) if op in LEVELS else None, FILL)
-                          for x, m_i, s in zip(images, m.tolist(), signs.tolist())])
+                    None if op not in LEVELS else args)
+    theirs = torch.stack([apply(x, op, a, FILL) for x, a in zip(images, args)])
     assert_same_pixels(ours, theirs, op)
     assert not torch.equal(ours, images)
 
@@ -332,8 +332,8 @@ def test_posterize_beyond_8_bits_is_timms_identity_on_both_paths(op, monkeypatch
         theirs = timm_aa.NAME_TO_OP[op](img, timm_argument(op, 30.0, 1, monkeypatch))
         assert np.array_equal(np.asarray(apply(img, op, LEVELS[op](30.0, 1), list(FILL))), np.asarray(theirs))
     images = batch_images()
-    m = torch.full((len(images),), 30.0, dtype=torch.float64)
-    ours = on_batch(BatchRandAugment(randaugment(AUTHORS, fill=FILL), 32), images, 'Posterize', LEVELS[op](m, m))
+    ours = on_batch(BatchRandAugment(randaugment(AUTHORS, fill=FILL), 32), images, 'Posterize',
+                    [LEVELS[op](30.0, 1)] * len(images))
     theirs = torch.stack([apply(x, op, LEVELS[op](30.0, 1), FILL) for x in images])
     assert torch.equal(ours, theirs) and torch.equal(ours, images) == (op == 'Posterize')
     assert op == 'Posterize' or not ours.any()

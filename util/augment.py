@@ -35,22 +35,8 @@ def signed(scale):
 
 ENHANCE = ('Color', 'Contrast', 'Brightness', 'Sharpness')   # PIL's ImageEnhance ops: a factor
 
-def whole(v):
-    """int(v) of a number, or of each number of a tensor (toward zero)."""
-    return v.trunc() if torch.is_tensor(v) else int(v)
-
-
-def at_most(top, v):
-    return v.clamp(max=top) if torch.is_tensor(v) else min(top, v)
-
-
-def at_least(bottom, v):
-    return v.clamp(min=bottom) if torch.is_tensor(v) else max(bottom, v)
-
-
 # name: (level, sign) -> argument. The level is the magnitude on timm's 0-10 scale; sign is +-1, drawn
 # per application: the signed ops turn either way. The ops without an argument are not listed.
-# Each takes numbers (one image) or float64 tensors of them (a batch's, BatchRandAugment).
 LEVELS = {
     'Rotate': signed(30.0),                                                       # degrees
     'ShearX': signed(0.3),                                                        # shear factor
@@ -58,13 +44,13 @@ LEVELS = {
     'TranslateXRel': signed(0.45),                                                # fraction of the width
     'TranslateYRel': signed(0.45),
     # bits kept: 0..4 (a magnitude above 10: up to 8, the image unchanged, as timm)
-    'Posterize': lambda m, s: at_most(8, whole(m / 10 * 4)),
-    'PosterizeIncreasing': lambda m, s: at_least(0, 4 - whole(m / 10 * 4)),       # 4..0
-    'Solarize': lambda m, s: at_most(256, whole(m / 10 * 256)),                   # threshold 0..256
-    'SolarizeIncreasing': lambda m, s: 256 - at_most(256, whole(m / 10 * 256)),   # 256..0
-    'SolarizeAdd': lambda m, s: at_most(128, whole(m / 10 * 110)),                # added below 128
+    'Posterize': lambda m, s: min(8, int(m / 10 * 4)),
+    'PosterizeIncreasing': lambda m, s: max(0, 4 - int(m / 10 * 4)),             # 4..0
+    'Solarize': lambda m, s: min(256, int(m / 10 * 256)),                         # threshold 0..256
+    'SolarizeIncreasing': lambda m, s: 256 - min(256, int(m / 10 * 256)),         # 256..0
+    'SolarizeAdd': lambda m, s: min(128, int(m / 10 * 110)),                      # added below 128
     **{op: lambda m, s: m / 10 * 1.8 + 0.1 for op in ENHANCE},
-    **{op + 'Increasing': lambda m, s: at_least(0.1, 1.0 + s * m / 10 * 0.9)   # 1 = unchanged
+    **{op + 'Increasing': lambda m, s: max(0.1, 1.0 + s * m / 10 * 0.9)        # 1 = unchanged
        for op in ENHANCE},
 }
 
@@ -262,7 +248,10 @@ class BatchRandAugment:
                 ops, applied, m, signs = self.policy.draw((n,), generator)
                 for i, op in enumerate(self.policy.ops):
                     picked = (ops == i) & applied
-                    arg = LEVELS[op](m[picked], signs[picked]) if op in LEVELS else None
+                    arg = None
+                    if op in LEVELS:   # each image's, as the per-image policy computes it
+                        drawn = zip(m[picked].tolist(), signs[picked].tolist())
+                        arg = [LEVELS[op](m_i, s) for m_i, s in drawn]
                     self.put(ids, rows, picked, op.removesuffix('Increasing'), arg)
             else:   # torchvision's draws: an op of its table, then for a signed one its sign
                 ops = torch.randint(len(self.space), (n,), generator=generator)
