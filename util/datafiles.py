@@ -232,18 +232,17 @@ class SeededDataset(Dataset):
             return self.dataset[i]
 
 
-def build_loader(cfg, dataset, train, rank=0, world_size=1, device=None):
+def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device('cpu')):
     """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
     and transformed where its images are (TensorBatches), no worker; any other read an image at a
     time by --num-workers processes, each image augmented from its own seed (SeededDataset).
-    device: where the batches go (None: the host)."""
+    device: where the batches go."""
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                    seed=cfg.seed)
     else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
-        device = device or torch.device('cpu')
         return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
     generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
     return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
