@@ -313,7 +313,7 @@ def fashion_mnist(data_dir, train, transform):
     labels = found[f'{stem}-labels-idx1-ubyte']
     x = read_idx(images, read_image_file)                              # (N, H, W)
     y = read_idx(labels, read_label_file)                              # (N,)
-    if len(x) != len(y):   # else the longer one's extra images (or labels) silently left out
+    if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
     classes = torchvision.datasets.FashionMNIST.classes
