@@ -120,10 +120,10 @@ class BatchTransform:
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.pad = cfg.crop_pad if train else 0
         self.hflip = cfg.hflip if train else 0.0
-        policy = None
+        self.randaug = None
         if train and cfg.randaug:
             policy = randaugment(cfg.randaug, fill=mean_colour(mean))
-        self.randaug = BatchRandAugment(policy, cfg.img_size) if policy else None
+            self.randaug = BatchRandAugment(policy, cfg.img_size)
         self.reprob = cfg.reprob if train else 0.0
         self.shift = SHIFTS[shift]
 
