@@ -280,7 +280,7 @@ class BatchRandAugment:
         elif op == 'Posterize':                        # the bits kept, as a mask
             rows[picked, 0] = ((0xFF << (8 - arg.long())) & 0xFF).double()
         elif arg is not None:
-            if torchvision:   # its threshold: a fraction of 255; its enhancements' factor: 1 + magnitude
+            if torchvision:   # its threshold: a fraction of 255; its factors: 1 + magnitude
                 arg = 255.0 * arg if op == 'Solarize' else 1.0 + arg
             rows[picked, 0], rows[picked, 1] = arg, 1.0 - arg   # a blend's weights (float64)
 
@@ -291,10 +291,10 @@ class BatchRandAugment:
         same float64 roundings."""
         if arg is None:
             return None
-        c = -0.5 * self.size                           # F.affine's center=[0, 0]: the top-left corner
+        c = -0.5 * self.size                           # F.affine's center=[0, 0]: the corner
         zero, one = torch.zeros_like(arg), torch.ones_like(arg)
         row = [one, zero, zero, zero, one, zero]       # the identity
-        shear = torch.atan(arg).rad2deg().deg2rad()    # a shear's angle, in degrees and back (F.affine's)
+        shear = torch.atan(arg).rad2deg().deg2rad()    # a shear's angle, to degrees and back
         if op == 'Rotate':                             # F.rotate: mod 360, turned the other way
             r = (-(arg % 360)).deg2rad()
             row = [r.cos(), r.sin(), zero, -r.sin(), r.cos(), zero]

@@ -281,7 +281,8 @@ def read_idx(path, read=read_sn3_pascalvincent_tensor):
         with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
             return read(extract_archive(path, folder) if path.endswith('.gz') else path)
     except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, AssertionError, ...
-        raise DataError(f'{path} cannot be read ({e!r}): replace it with the original file') from None
+        raise DataError(f'{path} cannot be read ({e!r}): replace it with the original '
+                        f'file') from None
 
 
 def fashion_mnist(data_dir, train, transform):
