@@ -180,10 +180,6 @@ def main():
                           '--imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
-    if any(map(os.path.lexists, files)):
-        raise ConfigError(f'--out {cfg.out} already holds robustness results '
-                          f'(or another command is writing them now): '
-                          f'choose another --out, or move them away')
     # written after every model has run: checked before any does, and claimed: another command
     # given this --out is refused
     check_output('--out', cfg.out, folder=True)

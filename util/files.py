@@ -19,7 +19,6 @@ and the errno). A run directory is util/rundir.py's; the other outputs are of tw
 A command that ends without writing (an error, Ctrl-C) removes its empty claim and the folders it made for it.
 """
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
-             'reconstruction.png', 'claims.json', '.lock')
+             'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
@@ -105,18 +104,11 @@ def replacing(path):
 
 
 def cannot_write(path, e):
-    """The one line for a file that could not be written, in open()'s words (e.strerror), with the fix its kind
-    asks for: a path of the wrong kind (a link, a directory where the file goes, a file where a folder on its path
-    should be), a permission, or space (a full disk, a file size limit)."""
+    """The one line for a file that could not be written, in open()'s words (e.strerror: a full disk, a
+    permission, a link or a directory where the file goes)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):   # opened with O_NOFOLLOW: ELOOP
-        return WriteError(f'cannot write {path} ({why}): move what is there away, or choose another '
-                          f'path', '')
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        folder = os.path.dirname(os.path.abspath(path))
-        return WriteError(f'cannot write {path} ({why}): make {folder} writable (or choose another '
-                          f'path)')
-    return WriteError(f'cannot write {path} ({why}): free some space')
+    return WriteError(f'cannot write {path} ({why}): free some space, make it writable or move what is '
+                      f'there away')
 
 
 def no_follow(path, flags):
@@ -229,31 +221,15 @@ def check_output(flag, path, out_dir=None, folder=False):
             os.path.realpath(parent) == os.path.realpath(out_dir):
         raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
                           f'a path outside it, or another name')
-    if os.path.lexists(path) and not folder and not own_claim(path, out_dir):
-        raise ConfigError(f'{flag} {path} exists: move it away or choose another {flag}')
     writable(flag, path, parent)
-
-
-def own_claim(path, run):
-    """Whether `path` is the empty claim a command writing the run directory `run` made (its device and inode
-    recorded in <run>/claims.json when claimed), left by a kill -9: the run's resume takes it over."""
-    record = os.path.join(run or '', 'claims.json')
-    if not run or not os.path.isfile(record):
-        return False
-    with contextlib.suppress(DamagedFile, OSError):
-        stat = os.lstat(path)
-        kept = read_json(record, '').get(os.path.abspath(path))
-        return kept == [stat.st_dev, stat.st_ino] and stat.st_size == 0 and os.path.isfile(path)
-    return False
 
 
 class Claims:
     """The output files of one command (claimed: their (device, inode) while they are its empty claims; None: a file
     it may replace), the folders it made for them, and the ones it has written."""
 
-    def __init__(self, flag, run=None):
+    def __init__(self, flag):
         self.flag = flag
-        self.run = run            # the run directory whose claims.json records them, if any
         self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
         self.made = []            # the folders made for them, innermost first
         self.written = set()
@@ -264,25 +240,15 @@ class Claims:
         if replaces and os.path.isfile(path) and not os.path.islink(path):
             self.claimed[path] = None
             return
-        if own_claim(path, self.run):   # the run's own, left by a kill: a resume goes on with it
-            stat = os.lstat(path)
-            self.claimed[path] = stat.st_dev, stat.st_ino
-            return
         try:
             make_folders(os.path.dirname(os.path.abspath(path)), self.made)
             fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
-                              f'earlier result): move it away or choose another {self.flag}') from None
-        except OSError as e:
-            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose '
-                              f'another {self.flag}') from None
+        except OSError as e:   # File exists: another command writing it now, or an earlier result
+            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): move what is '
+                              f'there away or choose another {self.flag}') from None
         stat = os.fstat(fd)
         os.close(fd)
         self.claimed[path] = stat.st_dev, stat.st_ino
-        if self.run:
-            record = os.path.join(self.run, 'claims.json')
-            write_json(record, {os.path.abspath(path): [stat.st_dev, stat.st_ino]})
 
     def own(self, path):
         """Whether `path` is still this command's empty claim (or a file it may replace)."""
@@ -297,12 +263,9 @@ class Claims:
     def write(self, path, write):
         """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
         if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
-        if not os.path.lexists(path):
-            raise WriteError(f'{self.flag} {path} was removed while this command ran: give it again '
-                             f'(or another {self.flag})')
         if not self.own(path):
-            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds '
-                             f'another file now, kept as it is): choose another {self.flag}')
+            raise WriteError(f'{self.flag} {path} was removed or replaced while this command ran '
+                             f'(kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             write(f)
         self.written.add(path)
@@ -336,11 +299,10 @@ def remove_empty(folders):
 
 
 @contextlib.contextmanager
-def claimed(flag, *paths, replaces=False, run=None):
+def claimed(flag, *paths, replaces=False):
     """Claims of the output files `paths` (empty ones skipped), let go of at the end; replaces: an existing file
-    may be replaced (ensemble.py's earlier result) and is not claimed; run: the run directory that records them,
-    whose resume takes over its own claim left by a kill."""
-    claims = Claims(flag, run)
+    may be replaced (ensemble.py's earlier result) and is not claimed."""
+    claims = Claims(flag)
     try:
         for path in paths:
             if path:

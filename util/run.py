@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
-from util.errors import CheckpointError, ConfigError, first_few
+from util.errors import CheckpointError, ConfigError
 from util.rundir import not_finite
 
 
@@ -68,14 +68,10 @@ def misfit_state(opt, saved):
 
 
 def class_mismatch(saved, here):
-    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
-    classes whose names differ (index: saved -> here)."""
+    """'' if two lists of class names agree, else what differs, in a few words."""
     if saved is None or list(saved) == list(here):
         return ''
-    if len(saved) != len(here):
-        return f'{len(saved)} classes where the data has {len(here)}'
-    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
-    return f'other class names ({first_few(diff)}; {len(diff)} of {len(here)} differ)'
+    return f'other class names ({len(saved)}; the data has {len(here)})'
 
 # -----------------------------------------------------------------------------
 # The run's state
