@@ -156,7 +156,7 @@ def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
     (tmp_path / 'benchmark.json').mkdir()
     p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path, timeout=300)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: cannot write'), p.stderr[-2000:]
-    assert '(Is a directory): move what is there away' in p.stderr and 'Traceback' not in p.stderr
+    assert '(Is a directory): ' in p.stderr and 'move what is there away' in p.stderr and 'Traceback' not in p.stderr
     assert sorted(os.listdir(tmp_path)) == ['benchmark.json']      # no temporary file left, nor BENCHMARK.md
 
 

@@ -165,9 +165,9 @@ def one_error_line(p):
     return lines[0]
 
 
-@pytest.mark.parametrize('limit, fails', [(600, 'config.json'), (2 ** 20, 'checkpoint.pt')])
+@pytest.mark.parametrize('limit, fails', [(600, 'log.txt'), (2 ** 20, 'checkpoint.pt')])
 def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
-    """config.json (1.3 kB) cannot be written within 600 bytes: the old one stays whole, no JSON cut in two.
+    """log.txt (over 600 bytes, written first by a resume) cannot grow within 600 bytes: it and config.json stay.
     The checkpoint (11 MB) cannot be within 1 MB: the old one stays, no .tmp beside it; one line each."""
     d = saved(tmp_path)
     before = digest(d)
@@ -175,9 +175,9 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
     assert f'cannot write {d / fails}' in line and 'File too large' in line and '--resume true' in line, line
     assert not [n for n in os.listdir(d) if n.endswith('.tmp')]
     assert (d / fails).read_bytes() == (saved(tmp_path / 'again') / fails).read_bytes()
-    assert json.loads((d / 'config.json').read_text())['max_steps'] == (2 if fails == 'config.json' else 3)
+    assert json.loads((d / 'config.json').read_text())['max_steps'] == (2 if fails == 'log.txt' else 3)
     assert step_of(d) == 2
-    if fails == 'config.json':
+    if fails == 'log.txt':
         assert digest(d) == before
     msg = run_script('finetune.py', *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
     assert msg.returncode == 0, msg.stderr[-3000:]

@@ -226,13 +226,12 @@ def check_output(flag, path, out_dir=None, folder=False):
 
 class Claims:
     """The output files of one command (claimed: their (device, inode) while they are its empty claims; None: a file
-    it may replace), the folders it made for them, and the ones it has written."""
+    it may replace) and the folders it made for them."""
 
     def __init__(self, flag):
         self.flag = flag
         self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
         self.made = []            # the folders made for them, innermost first
-        self.written = set()
 
     def take(self, path, replaces=False):
         """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
@@ -268,13 +267,12 @@ class Claims:
                              f'(kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             write(f)
-        self.written.add(path)
 
     def let_go(self):
-        """Remove the claims not written (if still empty and this command's), then the folders made
-        for them."""
+        """Remove the claims not written (still empty and this command's: a written one is a new file), then
+        the folders made for them."""
         for path in self.claimed:
-            if path not in self.written and self.claimed[path] is not None and self.own(path):
+            if self.claimed[path] is not None and self.own(path):
                 with contextlib.suppress(OSError):
                     os.remove(path)
         remove_empty(self.made)

@@ -15,10 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
 from util.errors import CheckpointError, ConfigError
-from util.rundir import not_finite
 
 
 def check_data(plan, loader, classes):
@@ -47,8 +45,7 @@ def check_data(plan, loader, classes):
         evaluated = any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
         # a mid-epoch checkpoint at the end: nothing to report
         if step > total or step == total and not evaluated:
-            where = 'past' if step > total else 'at'
-            raise ConfigError(f'--resume: {path} is at step {step}, {where} --max-steps '
+            raise ConfigError(f'--resume: {path} is at step {step}, not below --max-steps '
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
     return steps, total, full
@@ -72,6 +69,28 @@ def class_mismatch(saved, here):
     if saved is None or list(saved) == list(here):
         return ''
     return f'other class names ({len(saved)}; the data has {len(here)})'
+
+def flat(d, prefix=''):
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
+    dots."""
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            yield f'{prefix}{k}', v
+        elif isinstance(v, dict):
+            yield from flat(v, f'{prefix}{k}.')
+
+
+def not_finite(parts):
+    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
+    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
+    tensors = [(f'{part} {k}', v) for part, d in parts.items()
+               for k, v in flat(d or {}) if v.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
+    if all(finite):
+        return None
+    return tensors[finite.index(False)]
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -154,18 +173,16 @@ class Run:
         plan = self.plan
         path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
-        problem = ', '.join(arch_mismatch(self.model.arch, ck['arch'], free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
-        if not problem:
-            try:
-                problem = misfit_state(self.opt, ck['optimizer'])
-                for key, obj in parts.items():
-                    if obj is not None and not problem:
-                        obj.load_state_dict(ck[key])
-            except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
-                problem = ' '.join(str(e).split())[:300]
+        try:
+            problem = misfit_state(self.opt, ck['optimizer'])
+            for key, obj in parts.items():
+                if obj is not None and not problem:
+                    obj.load_state_dict(ck[key])
+        except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
+            problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:

@@ -349,16 +349,15 @@ def open_resumed(cfg, run_dir, world):
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
                           f'with {script} (its flags and --resume true), or start a new run in '
                           f'another --out-dir')
-    # a run that diverged after this checkpoint (config.json says so) may go on from it with a lower lr
+    # a run that diverged after this checkpoint (config.json says so) may go on from it with another lr
     diverged = (run_dir.config_record() or {}).get('diverged')
     after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
     free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
     conflicts = cfg.resume_conflicts(ck, world, free=free)
     if conflicts:
-        may = ', '.join(map(flag, cfg.RESUMABLE + free))
         raise ConfigError(f"--resume: {path} was saved with other settings: "
-                          f"{'; '.join(conflicts)}. Resume with the saved ones (only {may} may "
-                          f"change) or start a new run in another --out-dir")
+                          f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
+                          f"another --out-dir")
     return ck
 
 
@@ -370,47 +369,19 @@ def is_rng_state(state):
 
 
 def out_of_range(ck):
-    """The first count of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
-    above MOST, an optimizer step out of that range, fewer than 1 step an epoch. (A tensor that is not finite,
-    which Run.save never saves, stops the run at its first step: Run.diverged.)"""
-    counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
-              ('time', 0, float))
-    for k, least, kind in counts:
-        v = ck.get(k, least)
-        if type(v) not in (int, kind) or not least <= v <= MOST:
+    """The first count of a training checkpoint that no run saves ('' if none): a step or time below 0 or above
+    MOST (a step of -4 trains with a negative lr). Another epoch length is refused with the data (run.check_data);
+    a nan, which Run.save never saves, stops the run at its first step (Run.diverged), as does an optimizer step
+    below 0 (its bias correction is not finite)."""
+    for k, kind in (('step', int), ('time', float)):
+        v = ck.get(k, 0)
+        if type(v) not in (int, kind) or not 0 <= v <= MOST:
             return f'{k} {v!r}'
-    # AdamW's own count: below 0, its bias correction is another optimizer's
-    for k, v in flat(ck['optimizer']):
-        if k.endswith('.step') and v.numel() == 1 and not 0 <= v.item() <= MOST:
-            return f'optimizer {k} {v.item():g}'
     return ''
 
 
 # the most steps (or seconds) a run counts: a float holds it exactly
 MOST = 2 ** 53
-
-
-def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
-    dots."""
-    for k, v in d.items():
-        if torch.is_tensor(v):
-            yield f'{prefix}{k}', v
-        elif isinstance(v, dict):
-            yield from flat(v, f'{prefix}{k}.')
-
-
-def not_finite(parts):
-    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
-    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
-    tensors = [(f'{part} {k}', v) for part, d in parts.items()
-               for k, v in flat(d or {}) if v.is_floating_point()]
-    if not tensors:
-        return None
-    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
-    if all(finite):
-        return None
-    return tensors[finite.index(False)]
 
 
 def resume_command():
