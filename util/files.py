@@ -9,8 +9,9 @@ and the errno). A run directory is util/rundir.py's; the other outputs are of tw
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
     check_output('--out', path)         a file written once the work is done (mae_pretrain.py --export, evaluate.py
-                                        --out, ensemble.py --out), then claimed when the command starts, so that two
-                                        commands given one path never both write it:
+                                        --out), not a file of the run; then claimed when the command starts (one
+                                        that exists is refused there, once), so that two commands given one path
+                                        never both write it:
 
     with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -214,7 +215,8 @@ def check_out_dir(path, flag, record=None, files=()):
 
 def check_output(flag, path, out_dir=None, folder=False):
     """Refuse, before any work, an output written only once the work is done: a file of the run directory
-    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
+    out_dir (its checkpoint, its figure), or one whose folder cannot be written (one that exists is refused by
+    its claim, claimed).
     folder: path is a directory to write files into (it may exist)."""
     parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
