@@ -201,15 +201,13 @@ def writable(flag, path, parent):
                           f'{flag}') from None
 
 
-def check_out_dir(path, flag, record=None, files=()):
+def check_out_dir(path, flag, record=None):
     """Refuse, before any work, a folder to write into that cannot be written (writable: a file, or under a file; no
-    permission). Makes nothing. record, files: what a command writes there, `record` (its JSON) beside the others;
-    any of them in a folder without `record` is someone else's (a user's own README.md), which the command would
-    replace: refused, as it replaces only its own."""
-    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
-    if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this "
-                          f"command made them: choose another {flag}")
+    permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a folder that
+    is not empty and holds none is someone else's (a user's own README.md), which the command would write over, as
+    a run directory without its config.json is (util/rundir.py)."""
+    if record and os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
     writable(flag, path, os.path.abspath(path))
 
 
