@@ -39,8 +39,8 @@ import torch
 from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
-                        read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside, writable,
-                        write_json, write_text)
+                        read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside,
+                        writable, write_json, write_text)
 
 
 class RunDir:
