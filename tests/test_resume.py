@@ -87,20 +87,21 @@ def test_each_config_names_what_may_change():
     ('garbage', 'is not a readable PyTorch checkpoint'),
     ('pickled code', 'is not a readable PyTorch checkpoint'),
     ('state dict only', 'is not a training checkpoint'),
-    ('other shapes', 'does not fit the model'),
+    ('other shapes', 'does not fit the run'),
     ('arch not a dict', '(arch: missing or of another kind)'),        # each was a traceback before it is read
     ('config not a dict', '(config: missing or of another kind)'),
-    ('rng not tensors', '(rng: missing or of another kind)'),
+    ('rng not tensors', 'does not fit the run built from these settings (expected a torch.ByteTensor'),
     ('step not a number', '(step: missing or of another kind)'),
     ('no metrics', '(metrics: missing or of another kind)'),
-    ('optimizer of another model', 'does not fit the model'),
+    ('optimizer of another model', 'does not fit the run'),
     # each read as it was, or a traceback: a step of -4 trained with a negative lr, a flipped bit was a weight
     ('step below 0', 'holds step -4, which no run of these scripts saves: it was edited or is damaged'),
-    ('rng of floats', '(rng: missing or of another kind)'),
-    ('rng cut short', '(rng: missing or of another kind)'),
+    # set_rng_state's own words, before anything is written
+    ('rng of floats', 'does not fit the run built from these settings (RNG state must be a torch.ByteTensor)'),
+    ('rng cut short', 'does not fit the run built from these settings (Expected a CPUGeneratorImplState of size'),
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
     # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
-    ('optimizer state of one column', 'does not fit the model built from these settings (optimizer state 0 '
+    ('optimizer state of one column', 'does not fit the run built from these settings (optimizer state 0 '
                                       'exp_avg of (1, 1, 1)'),
     ('optimizer state one float short', 'optimizer state 1 exp_avg_sq of'),
     ('step out of range', 'holds step 4611686018427387904, which no run'),       # "give --max-steps above"

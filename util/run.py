@@ -176,28 +176,29 @@ class Run:
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
+        mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
         try:
             problem = misfit_state(self.opt, ck['optimizer'])
             for key, obj in parts.items():
                 if obj is not None and not problem:
                     obj.load_state_dict(ck[key])
-        except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
+            if mid and not problem:   # mid-epoch: continue the stream
+                torch.set_rng_state(ck['rng'][plan.rank])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:   # another model, a damaged file
             problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:
-            raise CheckpointError(f'--resume: {path} does not fit the model built from these '
+            raise CheckpointError(f'--resume: {path} does not fit the run built from these '
                                   f'settings ({problem})')
-        if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
-            torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
-            if plan.device.type == 'cuda':   # and the CUDA generator's (drop-path, MAE's masks)
-                states = ck.get('cuda_rng') or []
-                if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
-                    torch.cuda.set_rng_state(states[plan.rank], plan.device)
-                elif plan.main:
-                    plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
-                             f'process(es): drop-path and masks draw anew from here (the run is '
-                             f'not bit for bit an unbroken one)')
+        if mid and plan.device.type == 'cuda':   # and the CUDA generator's (drop-path, MAE's masks)
+            states = ck.get('cuda_rng') or []
+            if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
+                torch.cuda.set_rng_state(states[plan.rank], plan.device)
+            elif plan.main:
+                plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
+                         f'process(es): drop-path and masks draw anew from here (the run is '
+                         f'not bit for bit an unbroken one)')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)

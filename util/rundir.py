@@ -334,8 +334,6 @@ def open_resumed(cfg, run_dir, world):
     if not isinstance(ck, dict):   # a tensor, a list: none of what a run saves
         ck = {}
     bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)]
-    if not bad and not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
-        bad.append('rng')   # what a resume reads before any tensor
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
@@ -359,13 +357,6 @@ def open_resumed(cfg, run_dir, world):
                           f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
                           f"another --out-dir")
     return ck
-
-
-def is_rng_state(state):
-    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state
-    takes it."""
-    like = torch.get_rng_state()
-    return torch.is_tensor(state) and state.dtype == like.dtype and state.shape == like.shape
 
 
 def out_of_range(ck):
