@@ -40,7 +40,7 @@ from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
                         read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside,
-                        writable, write_json, write_text)
+                        write_json, write_text)
 
 
 class RunDir:
@@ -63,9 +63,9 @@ class RunDir:
 
     @classmethod
     def claim(cls, cfg, main):
-        """Refuse a directory that cannot be written, one that holds another program's files, one that another process
-        is writing (main: take the lock, held until release), a run this one may not write over, and a run that
-        would replace its own inputs."""
+        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
+        until release: a folder that cannot be written is refused there, by open()), one that holds another
+        program's files, a run this one may not write over, and a run that would replace its own inputs."""
         self = cls(cfg, main)
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
@@ -75,26 +75,21 @@ class RunDir:
             raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
                               f'another') from None
         with self.released_on_error():
-            self.refuse_unusable()
             if main:
                 self.take_lock()
             self.refuse_overwrite()
         return self
 
-    def refuse_unusable(self):
-        """A folder that cannot be written, or one that is not empty and holds no run of these scripts (its
-        config.json with begin's fields): another program's model, a user's notes, which a run would write over."""
-        writable('--out-dir', self.path, os.path.abspath(self.path))
-        ours = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
-        if not (self.cfg.resume or ours) and set(os.listdir(self.path)) - {'.lock'}:
+    def refuse_overwrite(self):
+        """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
+        begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
+        --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
+        No run deletes or replaces a file it reads (cfg.INPUTS)."""
+        cfg = self.cfg
+        a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
+        if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
             raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
                               f'choose an empty or new --out-dir')
-
-    def refuse_overwrite(self):
-        """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
-        finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
-        scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
-        cfg = self.cfg
         ours = {os.path.realpath(self.file(n)) for n in RUN_FILES}
         for field in cfg.INPUTS:
             path = getattr(cfg, field)
