@@ -247,7 +247,7 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
                                      (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of the run directory'),
                                      (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of the run'),
                                      (new, tmp_path / 'a_file' / 'teacher.pt', [],
-                                      'cannot be written into (Not a directory): choose another --export')]:
+                                      'cannot write there (File exists): move what is there away')]:
         p = run_script('mae_pretrain.py', *TINY, '--out-dir', out, '--max-steps', '3', '--log-every', '1',
                        '--export', export, *extra)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]

@@ -8,10 +8,11 @@ Where a command writes, refused before any work where it cannot be written, as o
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
-    check_output('--out', path)         a file written once the work is done (mae_pretrain.py --export, evaluate.py
-                                        --out), not a file of the run; then claimed when the command starts (one
-                                        that exists is refused there, once), so that two commands given one path
-                                        never both write it:
+    check_output('--export', path, run)  a file written once a run is done (mae_pretrain.py --export), not a file
+                                        of the run; then claimed when the command starts, as every output written
+                                        once the work is done is (evaluate.py --out, ensemble.py --out): one that
+                                        exists or cannot be written is refused there, so that two commands given
+                                        one path never both write it:
 
     with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -211,17 +212,15 @@ def check_out_dir(path, flag, record=None):
     writable(flag, path, os.path.abspath(path))
 
 
-def check_output(flag, path, out_dir=None, folder=False):
-    """Refuse, before any work, an output written only once the work is done: a file of the run directory
-    out_dir (its checkpoint, its figure), or one whose folder cannot be written (one that exists is refused by
-    its claim, claimed).
-    folder: path is a directory to write files into (it may exist)."""
-    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
+def check_output(flag, path, out_dir):
+    """Refuse, before any work, an output written once the run is done that is a file of its run directory
+    out_dir (its checkpoint, its figure): the run would replace it, or it the run's. One that exists, or that
+    cannot be written, is refused by its claim when the command starts (claimed), as open() says."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
         raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
                           f'a path outside it, or another name')
-    writable(flag, path, parent)
 
 
 class Claims:

@@ -80,17 +80,12 @@ def flat(d, prefix=''):
             yield from flat(v, f'{prefix}{k}.')
 
 
-def not_finite(parts):
-    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
-    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
-    tensors = [(f'{part} {k}', v) for part, d in parts.items()
-               for k, v in flat(d or {}) if v.is_floating_point()]
-    if not tensors:
-        return None
+def not_finite(state):
+    """(name, tensor) of the first floating-point tensor with a nan or inf in `state` (nested dicts: the model's,
+    the EMA's and the optimizer's state), its keys joined by dots; None if every one is finite. One host sync."""
+    tensors = [(k, v) for k, v in flat(state) if v.is_floating_point()]
     finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
-    if all(finite):
-        return None
-    return tensors[finite.index(False)]
+    return None if all(finite) else tensors[finite.index(False)]
 
 # -----------------------------------------------------------------------------
 # The run's state

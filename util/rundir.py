@@ -332,11 +332,15 @@ def open_resumed(cfg, run_dir, world):
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
-    damaged = out_of_range(ck)
-    if damaged:   # a step of -4 trained with a negative lr
-        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts '
-                              f'saves: it was edited or is damaged (kept as it is): put back a copy of '
-                              f'it, or start a new run in another --out-dir')
+    # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with
+    # the data, run.check_data; a nan, which Run.save never saves, stops the run at its first step, as does an
+    # optimizer step below 0: its bias correction is not finite.)
+    for k, kind in (('step', int), ('time', float)):
+        v = ck.get(k, 0)
+        if type(v) not in (int, kind) or not 0 <= v <= MOST:
+            raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
+                                  f'saves: it was edited or is damaged (kept as it is): put back a copy '
+                                  f'of it, or start a new run in another --out-dir')
     script = ck['script']
     if cfg.SCRIPT and script != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
@@ -352,18 +356,6 @@ def open_resumed(cfg, run_dir, world):
                           f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
                           f"another --out-dir")
     return ck
-
-
-def out_of_range(ck):
-    """The first count of a training checkpoint that no run saves ('' if none): a step or time below 0 or above
-    MOST (a step of -4 trains with a negative lr). Another epoch length is refused with the data (run.check_data);
-    a nan, which Run.save never saves, stops the run at its first step (Run.diverged), as does an optimizer step
-    below 0 (its bias correction is not finite)."""
-    for k, kind in (('step', int), ('time', float)):
-        v = ck.get(k, 0)
-        if type(v) not in (int, kind) or not 0 <= v <= MOST:
-            return f'{k} {v!r}'
-    return ''
 
 
 # the most steps (or seconds) a run counts: a float holds it exactly
