@@ -224,20 +224,17 @@ def check_output(flag, path, out_dir):
 
 
 class Claims:
-    """The output files of one command (claimed: their (device, inode) while they are its empty claims; None: a file
-    it may replace) and the folders it made for them."""
+    """The output files of one command (claimed: their (device, inode) while they are its empty claims) and the
+    folders it made for them."""
 
     def __init__(self, flag):
         self.flag = flag
-        self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
+        self.claimed = {}         # path -> (device, inode) of its empty claim
         self.made = []            # the folders made for them, innermost first
 
-    def take(self, path, replaces=False):
+    def take(self, path):
         """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
-        there already is refused (a second command writing the same path), unless `replaces` allows it."""
-        if replaces and os.path.isfile(path) and not os.path.islink(path):
-            self.claimed[path] = None
-            return
+        there already is refused (a second command writing the same path)."""
         try:
             make_folders(os.path.dirname(os.path.abspath(path)), self.made)
             fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -249,9 +246,7 @@ class Claims:
         self.claimed[path] = stat.st_dev, stat.st_ino
 
     def own(self, path):
-        """Whether `path` is still this command's empty claim (or a file it may replace)."""
-        if self.claimed[path] is None:
-            return True
+        """Whether `path` is still this command's empty claim."""
         try:
             stat = os.lstat(path)
         except OSError:
@@ -260,8 +255,9 @@ class Claims:
 
     def write(self, path, write):
         """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
-        if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
-        if not self.own(path):
+        if the claim is still this command's (refused in one line if another program took the path meanwhile); a
+        path not claimed is an earlier result it may replace (claimed's `replaces`)."""
+        if path in self.claimed and not self.own(path):
             raise WriteError(f'{self.flag} {path} was removed or replaced while this command ran '
                              f'(kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
@@ -271,7 +267,7 @@ class Claims:
         """Remove the claims not written (still empty and this command's: a written one is a new file), then
         the folders made for them."""
         for path in self.claimed:
-            if self.claimed[path] is not None and self.own(path):
+            if self.own(path):
                 with contextlib.suppress(OSError):
                     os.remove(path)
         remove_empty(self.made)
@@ -302,8 +298,8 @@ def claimed(flag, *paths, replaces=False):
     claims = Claims(flag)
     try:
         for path in paths:
-            if path:
-                claims.take(path, replaces)
+            if path and not (replaces and os.path.isfile(path) and not os.path.islink(path)):
+                claims.take(path)
         yield claims
     finally:
         claims.let_go()

@@ -149,9 +149,8 @@ class Run:
         on = f'{plan.world} process(es) on {plan.device}'
         if dist.is_initialized():
             on += f' ({dist.get_backend()})'
-        stays = STAYS if self.lr == 0 else ''
         plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at '
-                 f'its peak, {final_lr(cfg, self.lr):.3g} at the end{stays} | '
+                 f'its peak, {final_lr(cfg, self.lr):.3g} at the end | '
                  f'{trainable / 1e6:.2f}M trainable params | {on} | autocast {plan.dtype}')
         cut = ''
         if self.total_steps < full:
@@ -264,9 +263,6 @@ class Run:
             where = f'the last finite checkpoint (step {kept}) is {self.plan.run_dir.checkpoint}'
         raise FloatingPointError(f'{what} is {value} at step {self.step}: the run diverged and '
                                  f'stopped; {where}')
-
-
-STAYS = ' (--blr 0: every step at lr 0, the weights stay as they were loaded)'
 
 
 def made_with(cfg, extra):
