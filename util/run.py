@@ -170,14 +170,17 @@ class Run:
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
-        mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
+        cuda = ck.get('cuda_rng') or []   # the CUDA generator's (drop-path, MAE's masks), if kept
         try:
             problem = misfit_state(self.opt, ck['optimizer'])
             for key, obj in parts.items():
                 if obj is not None and not problem:
                     obj.load_state_dict(ck[key])
-            if mid and not problem:   # mid-epoch: continue the stream
+            mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
+            if mid and not problem:   # mid-epoch: continue each rank's streams
                 torch.set_rng_state(ck['rng'][plan.rank])
+                if plan.device.type == 'cuda' and len(cuda) == plan.world:
+                    torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:   # another model, a damaged file
             problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
@@ -185,14 +188,6 @@ class Run:
         if problem:
             raise CheckpointError(f'--resume: {path} does not fit the run built from these '
                                   f'settings ({problem})')
-        if mid and plan.device.type == 'cuda':   # and the CUDA generator's (drop-path, MAE's masks)
-            states = ck.get('cuda_rng') or []
-            if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
-                torch.cuda.set_rng_state(states[plan.rank], plan.device)
-            elif plan.main:
-                plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
-                         f'process(es): drop-path and masks draw anew from here (the run is '
-                         f'not bit for bit an unbroken one)')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
