@@ -188,10 +188,15 @@ def cpu_name():
 # Where a command writes
 
 
-def writable(flag, path, parent):
-    """Refuse `path` unless a file can be made in the nearest folder that exists at or above `parent` (the one
-    written into, or made in), as open() says: an unnamed temporary file made there and gone at once, so nothing is
-    left. '<flag> <path>[: <that folder>] cannot be written into (<the errno's words>): choose another <flag>'."""
+def check_out_dir(path, flag, record=None):
+    """Refuse, before any work, a folder to write into that cannot be written, as open() says: an unnamed
+    temporary file made in the nearest folder that exists at or above it, and gone at once (a file, or under a
+    file; no permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a
+    folder that is not empty and holds none is someone else's (a user's own README.md), which the command would
+    write over, as a run directory without its config.json is (util/rundir.py)."""
+    if record and os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
+    parent = os.path.abspath(path)
     while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
         parent = os.path.dirname(parent)
     try:
@@ -200,16 +205,6 @@ def writable(flag, path, parent):
         where = path if parent == os.path.abspath(path) else f'{path}: {parent}'
         raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another '
                           f'{flag}') from None
-
-
-def check_out_dir(path, flag, record=None):
-    """Refuse, before any work, a folder to write into that cannot be written (writable: a file, or under a file; no
-    permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a folder that
-    is not empty and holds none is someone else's (a user's own README.md), which the command would write over, as
-    a run directory without its config.json is (util/rundir.py)."""
-    if record and os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
-    writable(flag, path, os.path.abspath(path))
 
 
 def check_output(flag, path, out_dir):
