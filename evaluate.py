@@ -42,7 +42,7 @@ from teacher import load_models
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import on_device, parse_config, run_main
-from util.files import check_output, claimed
+from util.files import claimed
 from util.rundir import say
 
 # -----------------------------------------------------------------------------
@@ -180,13 +180,8 @@ def main():
                           '--imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
-    if any(map(os.path.lexists, files)):
-        raise ConfigError(f'--out {cfg.out} already holds robustness results '
-                          f'(or another command is writing them now): '
-                          f'choose another --out, or move them away')
-    # written after every model has run: checked before any does, and claimed: another command
-    # given this --out is refused
-    check_output('--out', cfg.out, folder=True)
+    # written after every model has run: claimed before any does (one there, a folder that cannot be
+    # written, another command given this --out: refused)
     with claimed('--out', *files) as out:
         score(cfg, groups, paths, out, files)
 

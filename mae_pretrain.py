@@ -310,7 +310,7 @@ def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
     # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '', run=cfg.out_dir) as export:
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)

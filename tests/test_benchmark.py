@@ -75,7 +75,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_timing(tmp_path
 def test_a_users_own_benchmark_md_is_not_written_over(tmp_path):
     """--out-dir D holding a BENCHMARK.md the benchmark did not write (no benchmark.json): it was replaced."""
     (tmp_path / 'BENCHMARK.md').write_text('mine\n')
-    with pytest.raises(ConfigError, match=r'holds BENCHMARK.md but no benchmark.json .*choose another --out-dir$'):
+    with pytest.raises(ConfigError, match=r'is not empty and holds no benchmark.json: choose an empty or new --out-dir$'):
         configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))
     (tmp_path / 'benchmark.json').write_text('{}')   # an earlier result of its own: replaced
     assert configure(BenchConfig(device='cpu', quick=True, out_dir=str(tmp_path)))[0].out_dir == str(tmp_path)

@@ -146,7 +146,7 @@ def test_blr_0_keeps_the_weights_as_loaded_after_the_warm_up_too(depth2_run, tmp
     out, _ = depth2_run
     p = finetune(tmp_path / 'r', '--init', out / 'checkpoint.pt', '--blr', '0', '--min-lr', '1e-2', '--warmup-epochs',
                  '0', '--max-steps', '3', '--amp', 'off')
-    assert 'lr 0 = blr 0 x effective batch 32 / 256 at its peak, 0 at the end (--blr 0: every step at lr 0' in p.stdout
+    assert 'lr 0 = blr 0 x effective batch 32 / 256 at its peak, 0 at the end |' in p.stdout
     src = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
     got = torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['model']
     assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)
@@ -344,8 +344,9 @@ def test_evaluate_out_is_checked_before_any_model_is_loaded(tmp_path, monkeypatc
     refused first (the models named here do not even exist)."""
     import evaluate
     (tmp_path / 'a_file').write_text('mine\n')
-    for out, says in ((tmp_path / 'a_file', 'cannot be written into (Not a directory): choose another --out'),
-                      (tmp_path / 'a_file' / 'res', f"{tmp_path / 'a_file'} cannot be written into (Not a directory)")):
+    for out, says in ((tmp_path / 'a_file', 'cannot write there (File exists): move what is there away or choose '
+                                            'another --out'),
+                      (tmp_path / 'a_file' / 'res', 'cannot write there (Not a directory)')):
         msg = run_in_process(monkeypatch, evaluate, '--models', tmp_path / 'missing.pt', '--imagenet', tmp_path,
                              '--out', out)
         assert msg and msg.startswith(f'error: --out {out}') and says in msg, msg

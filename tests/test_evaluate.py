@@ -184,7 +184,9 @@ def test_a_run_over_fake_sets(tmp_path, monkeypatch):
     assert top1['imagenet-r'] == pytest.approx([20.0, 20.0, 20.0])       # always R[0], R[-1], R[-1]
     table = (tmp_path / 'out' / 'robustness.md').read_text()
     assert '| model | imagenet-v2 | imagenet-sketch | imagenet-r | imagenet-a |' in table and table.count('\n| ') == 4
-    assert 'already holds' in error_line(monkeypatch, *args[1:])            # never overwrites a table
+    before = table                                                      # never overwrites a table
+    assert 'robustness.md: cannot write there (File exists)' in error_line(monkeypatch, *args[1:])
+    assert (tmp_path / 'out' / 'robustness.md').read_text() == before
     message = error_line(monkeypatch, '--models', *models, '--imagenet-a', tmp_path / 'nowhere',
                          '--out', tmp_path / 'o2')
     assert '--imagenet-a expects <dir>/<class folder>/<image>' in message and not (tmp_path / 'o2').exists()

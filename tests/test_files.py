@@ -118,10 +118,10 @@ def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]
 
 
-def test_a_claim_removed_while_the_command_ran_is_called_missing(tmp_path):
-    """It was called replaced ("holds another file now") where nothing was there; the path is written by no one."""
+def test_a_claim_removed_while_the_command_ran_is_not_written(tmp_path):
+    """The path is written by no one: what another program put there meanwhile is its own."""
     path = tmp_path / 'result.json'
-    with pytest.raises(WriteError, match=f'--out {path} was removed while this command ran'):
+    with pytest.raises(WriteError, match=f'--out {path} was removed or replaced while this command ran'):
         with claimed('--out', str(path)) as out:
             path.unlink()
             out.write(str(path), lambda f: f.write(b'{}'))

@@ -247,7 +247,7 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
                                      (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of the run directory'),
                                      (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of the run'),
                                      (new, tmp_path / 'a_file' / 'teacher.pt', [],
-                                      'cannot be written into (Not a directory): choose another --export')]:
+                                      'cannot write there (File exists): move what is there away')]:
         p = run_script('mae_pretrain.py', *TINY, '--out-dir', out, '--max-steps', '3', '--log-every', '1',
                        '--export', export, *extra)
         assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
@@ -259,9 +259,9 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
 
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGHUP], ids=['kill -9', 'a closed terminal'])
 def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path, sig):
-    """A kill -9 left the --export claim, and the run's own resume was refused for it ("--export ... exists: move
-    it away", its own 0-byte file): a scheduler's requeue failed every time. SIGHUP had no handler: a closed
-    terminal killed the run without its line."""
+    """A kill -9 leaves the --export claim, an empty file: the resume is refused for it as for any file there, in
+    one line, and goes on once it is moved away. SIGHUP had no handler: a closed terminal killed the run without
+    its line."""
     out, export = tmp_path / 'run', tmp_path / 'shipped' / 'teacher.pt'
     command = [sys.executable, 'mae_pretrain.py', '--data', 'fake', '--fake-size', '1024', '--num-workers', '0',
                '--epochs', '20', '--save-every', '1', '--out-dir', str(out), '--export', str(export)]
@@ -275,10 +275,15 @@ def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path, sig):
     if sig == signal.SIGHUP:   # one line, as SIGTERM: the checkpoint kept, the claim let go
         assert p.returncode == 129 and err.strip().splitlines()[-1].startswith('error: stopped (SIGHUP): '), err
         assert 'Traceback' not in err and not export.exists()
-    else:
-        assert export.stat().st_size == 0
     step = torch.load(out / 'checkpoint.pt', weights_only=True)['step']
-    p = subprocess.run([*command, '--resume', 'true', '--max-steps', str(step + 1)], cwd=ROOT, env=sub_env(),
-                       capture_output=True, text=True)
+    again = [*command, '--resume', 'true', '--max-steps', str(step + 1)]
+    if sig == signal.SIGKILL:
+        assert export.stat().st_size == 0
+        p = subprocess.run(again, cwd=ROOT, env=sub_env(), capture_output=True, text=True)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+        assert f'--export {export}: cannot write there (File exists)' in p.stderr, p.stderr
+        assert export.stat().st_size == 0 and torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == step
+        export.unlink()
+    p = subprocess.run(again, cwd=ROOT, env=sub_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert set(torch.load(export, weights_only=True)) == {'model', 'arch', 'config', 'made'}

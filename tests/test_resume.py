@@ -87,56 +87,39 @@ def test_each_config_names_what_may_change():
     ('garbage', 'is not a readable PyTorch checkpoint'),
     ('pickled code', 'is not a readable PyTorch checkpoint'),
     ('state dict only', 'is not a training checkpoint'),
-    ('other shapes', 'does not fit the model'),
-    ('other heads in arch', 'num_heads 4 (here 3)'),
+    ('other shapes', 'does not fit the run'),
     ('arch not a dict', '(arch: missing or of another kind)'),        # each was a traceback before it is read
     ('config not a dict', '(config: missing or of another kind)'),
-    ('rng not tensors', '(rng: missing or of another kind)'),
+    ('rng not tensors', 'does not fit the run built from these settings (expected a torch.ByteTensor'),
     ('step not a number', '(step: missing or of another kind)'),
     ('no metrics', '(metrics: missing or of another kind)'),
-    ('optimizer of another model', 'does not fit the model'),
-    # each read as it was, or a traceback: a step of -4 trained with a negative lr, a nan weight was called the
-    # last finite checkpoint, a flipped bit was a weight
+    ('optimizer of another model', 'does not fit the run'),
+    # each read as it was, or a traceback: a step of -4 trained with a negative lr, a flipped bit was a weight
     ('step below 0', 'holds step -4, which no run of these scripts saves: it was edited or is damaged'),
-    ('epoch not finite', 'holds epoch nan, which no run'),
-    ('a nan weight', 'holds model cls_token with nan or inf, which no run'),
-    ('a nan in the optimizer', 'holds optimizer state.0.exp_avg with nan or inf'),
-    ('rng of floats', '(rng: missing or of another kind)'),
-    ('rng cut short', '(rng: missing or of another kind)'),
-    # the record compared with the model these settings build, before anything is written
-    ('no heads', 'does not fit the model built from these settings (num_heads 0 (here 3))'),
-    ('depth a string', "does not fit the model built from these settings (depth '2' (here 2))"),
+    # set_rng_state's own words, before anything is written
+    ('rng of floats', 'does not fit the run built from these settings (RNG state must be a torch.ByteTensor)'),
+    ('rng cut short', 'does not fit the run built from these settings (Expected a CPUGeneratorImplState of size'),
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
     # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
-    ('optimizer state of one column', 'does not fit the model built from these settings (optimizer state 0 '
+    ('optimizer state of one column', 'does not fit the run built from these settings (optimizer state 0 '
                                       'exp_avg of (1, 1, 1)'),
     ('optimizer state one float short', 'optimizer state 1 exp_avg_sq of'),
-    ('optimizer step below 0', 'holds optimizer state.0.step -5, which no run'),   # called a divergence
     ('step out of range', 'holds step 4611686018427387904, which no run'),       # "give --max-steps above"
 ])
 def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
     d = saved[1](tmp_path)
     ck = torch.load(d / 'checkpoint.pt', weights_only=True)
-    nan = ck['model']['cls_token'].clone()
-    nan[0, 0, 0] = float('nan')
     state = ck['optimizer']['state']
     broken = {'arch not a dict': {'arch': 'vit_tiny'}, 'config not a dict': {'config': 'finetune'},
               'rng not tensors': {'rng': ['seed 0']}, 'step not a number': {'step': '2'},
               'no metrics': {'metrics': None},
               'optimizer of another model': {'optimizer': {}},
-              'step below 0': {'step': -4}, 'epoch not finite': {'epoch': float('nan')},
-              'a nan weight': {'model': {**ck['model'], 'cls_token': nan}},
-              'a nan in the optimizer': {'optimizer': {**ck['optimizer'], 'state': {
-                  **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'] * float('nan')}}}},
+              'step below 0': {'step': -4},
               'rng of floats': {'rng': [ck['rng'][0].float()]}, 'rng cut short': {'rng': [ck['rng'][0][:100]]},
-              'no heads': {'arch': {**ck['arch'], 'num_heads': 0}},
-              'depth a string': {'arch': {**ck['arch'], 'depth': '2'}},
               'optimizer state of one column': {'optimizer': {**ck['optimizer'], 'state': {
                   **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'][..., :1]}}}},
               'optimizer state one float short': {'optimizer': {**ck['optimizer'], 'state': {
                   **state, 1: {**state[1], 'exp_avg_sq': state[1]['exp_avg_sq'].flatten()[1:]}}}},
-              'optimizer step below 0': {'optimizer': {**ck['optimizer'], 'state': {
-                  **state, 0: {**state[0], 'step': torch.tensor(-5.0)}}}},
               'step out of range': {'step': 2 ** 62}}
     if damage in broken:
         edit_checkpoint(d, **broken[damage])
@@ -148,14 +131,53 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
         torch.save({**ck, 'config': argparse.Namespace(**ck['config'])}, d / 'checkpoint.pt')
     elif damage == 'state dict only':
         torch.save(ck['model'], d / 'checkpoint.pt')
-    elif damage == 'other shapes':
-        edit_checkpoint(d, model={**ck['model'], 'pos_embed': torch.zeros(1, 5, 192)})
     else:
-        edit_checkpoint(d, arch={**ck['arch'], 'num_heads': 4})
+        edit_checkpoint(d, model={**ck['model'], 'pos_embed': torch.zeros(1, 5, 192)})
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
     assert msg and says in msg and str(d) in msg and 'last finite' not in msg, msg
     assert digest(d) == before
+
+
+@pytest.mark.parametrize('where', ['a weight', 'the optimizer', 'an optimizer step below 0'])
+def test_a_checkpoint_edited_to_hold_a_nan_stops_as_a_divergence(monkeypatch, saved, tmp_path, where):
+    """Run.save never writes a nan: one put into the file stops the resumed run at its first step that meets it,
+    as a divergence (one line, non-zero exit), before anything is saved over the checkpoint or its evaluations;
+    so does an AdamW step below 0 (its bias correction is not finite)."""
+    d = saved[1](tmp_path)
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    if where == 'a weight':
+        nan = ck['model']['cls_token'].clone()
+        nan[0, 0, 0] = float('nan')
+        edit_checkpoint(d, model={**ck['model'], 'cls_token': nan})
+    else:
+        state = ck['optimizer']['state']
+        edited = {'step': torch.tensor(-5.0)} if 'step' in where else {'exp_avg': state[0]['exp_avg'] * float('nan')}
+        edit_checkpoint(d, optimizer={**ck['optimizer'], 'state': {**state, 0: {**state[0], **edited}}})
+    before, log = digest(d), (d / 'log.txt').read_text()
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
+    assert msg and re.search(r'is -?(nan|inf) at step \d+: the run diverged and stopped', msg), msg
+    after = digest(d)
+    assert [after[n] == before[n] for n in ('checkpoint.pt', 'metrics.jsonl')] == [True, True]
+    assert (d / 'log.txt').read_text().startswith(log)
+    config = json.loads((d / 'config.json').read_text())
+    assert config['diverged']['checkpoint'] == 2 and len(config['resumes']) == 1
+
+
+@pytest.mark.parametrize('arch', [{'num_heads': 4}, {'num_heads': 0}, {'depth': '2'}, {'epoch': float('nan')}])
+def test_a_record_edited_by_hand_is_written_anew_by_the_resume(monkeypatch, saved, tmp_path, arch):
+    """The model is built from the config (compared with the saved one) and its weights loaded by shape, the epoch
+    counted from the step: an arch record or epoch edited by hand changes nothing the resumed run computes, and
+    its next checkpoint holds the model's own."""
+    d = saved[1](tmp_path)
+    ck = torch.load(d / 'checkpoint.pt', weights_only=True)
+    if 'epoch' in arch:
+        edit_checkpoint(d, **arch)
+    else:
+        edit_checkpoint(d, arch={**ck['arch'], **arch})
+    train(monkeypatch, finetune, d, '--amp', 'off', '--resume', 'true', '--max-steps', '4', '--save-every', '4')
+    again = torch.load(d / 'checkpoint.pt', weights_only=True)
+    assert again['arch'] == ck['arch'] and again['step'] == 4 and again['epoch'] == 0.5
 
 
 def test_a_resumed_optimizer_takes_its_hyperparameters_from_the_config(monkeypatch, saved, tmp_path):
@@ -336,8 +358,8 @@ def test_distillation_resume_checks_the_teacher_file(monkeypatch, distilled, tmp
     assert re.search(r'"new_teacher": \[\s*false,\s*true\s*\]', (d / 'config.json').read_text())
 
 
-@pytest.mark.parametrize('max_steps, says', [(3, 'at'), (2, 'past')])
-def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, tmp_path, max_steps, says):
+@pytest.mark.parametrize('max_steps', [3, 2])
+def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, tmp_path, max_steps):
     """Stopped after the checkpoint of step 3 (--save-every, mid-epoch, never evaluated): --max-steps 3 ended in a
     KeyError ('top1'), --max-steps 2 reported step 3 as its end."""
     calls, plain = [0], finetune.soft_cross_entropy   # the fine-tuning loss's cross-entropy
@@ -356,7 +378,7 @@ def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, t
     assert torch.load(d / 'checkpoint.pt', weights_only=True)['step'] == 3
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', max_steps)
-    assert msg and f'is at step 3, {says} --max-steps {max_steps}, and was not evaluated there: give --max-steps ' \
+    assert msg and f'is at step 3, not below --max-steps {max_steps}, and was not evaluated there: give --max-steps ' \
                    f'above 3' in msg, msg
     assert digest(d) == before
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')

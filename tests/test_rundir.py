@@ -153,7 +153,8 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(monkeypatch, 
     before = digest(d)
     for args in (['--resume', 'true', '--max-steps', '3'], ['--max-steps', '1', '--overwrite', 'true']):
         msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, *args)
-        assert msg and f'{d}/.lock is a link, a directory or another name of a file' in msg and 'move it away' in msg, msg
+        says = 'Too many levels of symbolic links' if link == 'symbolic' else 'has other names (a hard link)'
+        assert msg and f'{d}/.lock' in msg and says in msg and 'move' in msg, msg
         assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
 
 
@@ -164,9 +165,9 @@ def one_error_line(p):
     return lines[0]
 
 
-@pytest.mark.parametrize('limit, fails', [(600, 'config.json'), (2 ** 20, 'checkpoint.pt')])
+@pytest.mark.parametrize('limit, fails', [(600, 'log.txt'), (2 ** 20, 'checkpoint.pt')])
 def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
-    """config.json (1.3 kB) cannot be written within 600 bytes: the old one stays whole, no JSON cut in two.
+    """log.txt (over 600 bytes, written first by a resume) cannot grow within 600 bytes: it and config.json stay.
     The checkpoint (11 MB) cannot be within 1 MB: the old one stays, no .tmp beside it; one line each."""
     d = saved(tmp_path)
     before = digest(d)
@@ -174,9 +175,9 @@ def test_a_full_disk_leaves_every_file_as_it_was(saved, tmp_path, limit, fails):
     assert f'cannot write {d / fails}' in line and 'File too large' in line and '--resume true' in line, line
     assert not [n for n in os.listdir(d) if n.endswith('.tmp')]
     assert (d / fails).read_bytes() == (saved(tmp_path / 'again') / fails).read_bytes()
-    assert json.loads((d / 'config.json').read_text())['max_steps'] == (2 if fails == 'config.json' else 3)
+    assert json.loads((d / 'config.json').read_text())['max_steps'] == (2 if fails == 'log.txt' else 3)
     assert step_of(d) == 2
-    if fails == 'config.json':
+    if fails == 'log.txt':
         assert digest(d) == before
     msg = run_script('finetune.py', *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
     assert msg.returncode == 0, msg.stderr[-3000:]
@@ -188,7 +189,8 @@ def test_a_full_disk_at_the_first_checkpoint_says_the_command_that_works(tmp_pat
     an evaluation is now written after its checkpoint, so the same command starts the run again in place."""
     d = tmp_path / 'run'
     line = one_error_line(run_limited(2 ** 20, '--out-dir', d, '--max-steps', '2'))
-    assert f'cannot write {d}/checkpoint.pt (File too large): free some space; no checkpoint was saved yet' in line
+    assert f'cannot write {d}/checkpoint.pt (File too large): free some space' in line, line
+    assert '; no checkpoint was saved yet' in line
     assert line.endswith('there is nothing to continue; run the command again'), line
     assert run_script('finetune.py', *TINY, '--out-dir', d, '--max-steps', '2').returncode == 0
 
@@ -207,11 +209,10 @@ def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_p
             run_main(main)
         return exit_.value.code
     full = fails(OSError(errno.ENOSPC, 'No space left on device'))
-    assert full == f'error: cannot write {tmp_path}/out.md (No space left on device): free some space and run the ' \
-                   f'command again', full
+    assert full.startswith(f'error: cannot write {tmp_path}/out.md (No space left on device): free some space'), full
     denied = fails(PermissionError(errno.EACCES, 'Permission denied'))
-    assert denied == f'error: cannot write {tmp_path}/out.md (Permission denied): make {tmp_path} writable (or ' \
-                     f'choose another path) and run the command again', denied
+    assert denied.startswith(f'error: cannot write {tmp_path}/out.md (Permission denied): '), denied
+    assert [m.endswith(' and run the command again') and 'resume' not in m for m in (full, denied)] == [True, True]
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def test_a_run_file_linked_outside_the_run_is_refused(monkeypatch, saved, tmp_pa
     os.symlink(tmp_path / 'notes.txt', d / 'log.txt')
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
-    assert msg and f'{d}/log.txt is a link, a directory' in msg and 'move it away' in msg, msg
+    assert msg and f'cannot write {d}/log.txt (Too many levels of symbolic links)' in msg and 'move' in msg, msg
     assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and digest(d) == before and step_of(d) == 2
 
 
@@ -300,7 +301,7 @@ def test_a_run_file_linked_inside_the_run_is_refused(monkeypatch, saved, tmp_pat
     os.symlink('checkpoint.pt', d / 'log.txt')
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
-    assert msg and f'{d}/log.txt is a link, a directory' in msg and 'move it away' in msg, msg
+    assert msg and f'cannot write {d}/log.txt (Too many levels of symbolic links)' in msg and 'move' in msg, msg
     assert digest(d) == before and step_of(d) == 2
 
 
@@ -363,21 +364,20 @@ def test_a_read_only_out_dir_is_one_line(saved, tmp_path):
         for args in (['--resume', 'true', '--max-steps', '3'], ['--max-steps', '1', '--overwrite', 'true']):
             p = subprocess.run([*AS_USER, sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), *args], cwd=ROOT,
                                env=sub_env(), capture_output=True, text=True, timeout=240)
-            assert f'--out-dir {d} cannot be written into (Permission denied): choose another --out-dir' \
-                in one_error_line(p)
+            assert f'cannot write {d}/.lock (Permission denied): ' in one_error_line(p)
     finally:
         os.chmod(d, 0o755)
     assert digest(d) == before
 
 @pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
 def test_a_read_only_log_is_named(saved, tmp_path):
-    """It said to make the folder writable, which it is."""
+    """It said to make the folder writable, which it is: the file is named."""
     d = saved(tmp_path)
     os.chmod(d / 'log.txt', 0o444)
     p = subprocess.run([*AS_USER, sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), '--resume', 'true',
                         '--max-steps', '3'], cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=240)
     line = one_error_line(p)
-    assert f'cannot write {d}/log.txt (Permission denied): make that file writable (chmod u+w)' in line, line
+    assert f'cannot write {d}/log.txt (Permission denied): ' in line and 'make it writable' in line, line
     assert step_of(d) == 2
 
 # -----------------------------------------------------------------------------

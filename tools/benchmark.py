@@ -133,7 +133,7 @@ def configure(cfg):
         raise ConfigError('--batch-size 0: give a positive batch (0 fills a GPU, on a GPU only)')
     # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not
     # after the timings
-    check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json', ('BENCHMARK.md',))
+    check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json')
     return cfg, device
 
 

@@ -19,6 +19,7 @@ ViT-L's 1024: 1.4 GB, so compare a few --blocks at a time). A file <method>-<see
 of its method. Each group, the teacher and a method, two seeds of one method (the control: how
 alike one recipe's runs are anyway) or two methods, is the mean and spread over its pairs.
 """
+import json
 import os
 import re
 import shlex
@@ -37,7 +38,7 @@ from teacher import load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.errors import show
-from util.files import check_output, cpu_name, git_commit, write_json, write_text
+from util.files import claimed, cpu_name, git_commit
 from util.launch import parse_config, run_main
 from util.rundir import say
 
@@ -250,22 +251,22 @@ def main():
     outputs = []
     if cfg.out_dir:
         outputs = [os.path.join(cfg.out_dir, f) for f in ('features.json', 'TABLE.md')]
-    for path in outputs:   # before any work: nothing is written over
-        check_output('--out-dir', path)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
-    start = time.time()
-    result = analyse(cfg, device)
-    say(tables(result))
-    if outputs:
-        machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        command = shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]])
-        write_json(outputs[0], {'command': command, 'git_commit': git_commit(), 'machine': machine,
-                                'threads': torch.get_num_threads(), 'torch': torch.__version__,
-                                'wall_s': time.time() - start, 'config': asdict(cfg),
-                                'result': result})
-        write_text(outputs[1], tables(result))
+    # claimed before any work: nothing is written over, a second command into them is refused
+    with claimed('--out-dir', *outputs) as out:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
+        start = time.time()
+        result = analyse(cfg, device)
+        say(tables(result))
+        if outputs:
+            machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
+            command = shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]])
+            record = {'command': command, 'git_commit': git_commit(), 'machine': machine,
+                      'threads': torch.get_num_threads(), 'torch': torch.__version__,
+                      'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
+            text = json.dumps(record, indent=2)
+            out.write(outputs[0], lambda f: f.write(text.encode()))
+            out.write(outputs[1], lambda f: f.write(tables(result).encode()))
 
 
 if __name__ == '__main__':

@@ -34,8 +34,8 @@ class WriteError(ConfigError):
     """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
     without its last words ('and run the command again'), which a training run replaces by how to continue it."""
 
-    def __init__(self, what, again=' and run the command again'):
-        super().__init__(what + again)
+    def __init__(self, what):
+        super().__init__(what + ' and run the command again')
         self.what = what
 
 

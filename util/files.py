@@ -8,9 +8,11 @@ Where a command writes, refused before any work where it cannot be written, as o
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
-    check_output('--out', path)         a file written once the work is done (mae_pretrain.py --export, evaluate.py
-                                        --out, ensemble.py --out), then claimed when the command starts, so that two
-                                        commands given one path never both write it:
+    check_output('--export', path, run)  a file written once a run is done (mae_pretrain.py --export), not a file
+                                        of the run; then claimed when the command starts, as every output written
+                                        once the work is done is (evaluate.py --out, ensemble.py --out): one that
+                                        exists or cannot be written is refused there, so that two commands given
+                                        one path never both write it:
 
     with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -19,7 +21,6 @@ and the errno). A run directory is util/rundir.py's; the other outputs are of tw
 A command that ends without writing (an error, Ctrl-C) removes its empty claim and the folders it made for it.
 """
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
-             'reconstruction.png', 'claims.json', '.lock')
+             'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
@@ -105,18 +106,11 @@ def replacing(path):
 
 
 def cannot_write(path, e):
-    """The one line for a file that could not be written, in open()'s words (e.strerror), with the fix its kind
-    asks for: a path of the wrong kind (a link, a directory where the file goes, a file where a folder on its path
-    should be), a permission, or space (a full disk, a file size limit)."""
+    """The one line for a file that could not be written, in open()'s words (e.strerror: a full disk, a
+    permission, a link or a directory where the file goes)."""
     why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):   # opened with O_NOFOLLOW: ELOOP
-        return WriteError(f'cannot write {path} ({why}): move what is there away, or choose another '
-                          f'path', '')
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        folder = os.path.dirname(os.path.abspath(path))
-        return WriteError(f'cannot write {path} ({why}): make {folder} writable (or choose another '
-                          f'path)')
-    return WriteError(f'cannot write {path} ({why}): free some space')
+    return WriteError(f'cannot write {path} ({why}): free some space, make it writable or move what is '
+                      f'there away')
 
 
 def no_follow(path, flags):
@@ -194,10 +188,15 @@ def cpu_name():
 # Where a command writes
 
 
-def writable(flag, path, parent):
-    """Refuse `path` unless a file can be made in the nearest folder that exists at or above `parent` (the one
-    written into, or made in), as open() says: an unnamed temporary file made there and gone at once, so nothing is
-    left. '<flag> <path>[: <that folder>] cannot be written into (<the errno's words>): choose another <flag>'."""
+def check_out_dir(path, flag, record=None):
+    """Refuse, before any work, a folder to write into that cannot be written, as open() says: an unnamed
+    temporary file made in the nearest folder that exists at or above it, and gone at once (a file, or under a
+    file; no permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a
+    folder that is not empty and holds none is someone else's (a user's own README.md), which the command would
+    write over, as a run directory without its config.json is (util/rundir.py)."""
+    if record and os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, record)):
+        raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
+    parent = os.path.abspath(path)
     while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
         parent = os.path.dirname(parent)
     try:
@@ -208,86 +207,41 @@ def writable(flag, path, parent):
                           f'{flag}') from None
 
 
-def check_out_dir(path, flag, record=None, files=()):
-    """Refuse, before any work, a folder to write into that cannot be written (writable: a file, or under a file; no
-    permission). Makes nothing. record, files: what a command writes there, `record` (its JSON) beside the others;
-    any of them in a folder without `record` is someone else's (a user's own README.md), which the command would
-    replace: refused, as it replaces only its own."""
-    found = [f for f in files if os.path.lexists(os.path.join(path, f))]
-    if record and found and not os.path.lexists(os.path.join(path, record)):
-        raise ConfigError(f"{flag} {path} holds {', '.join(found)} but no {record} saying this "
-                          f"command made them: choose another {flag}")
-    writable(flag, path, os.path.abspath(path))
-
-
-def check_output(flag, path, out_dir=None, folder=False):
-    """Refuse, before any work, an output written only once the work is done: a file of the run directory
-    out_dir (its checkpoint, its figure), one that exists already, or one whose folder cannot be written.
-    folder: path is a directory to write files into (it may exist)."""
-    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    if out_dir and os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
+def check_output(flag, path, out_dir):
+    """Refuse, before any work, an output written once the run is done that is a file of its run directory
+    out_dir (its checkpoint, its figure): the run would replace it, or it the run's. One that exists, or that
+    cannot be written, is refused by its claim when the command starts (claimed), as open() says."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
             os.path.realpath(parent) == os.path.realpath(out_dir):
         raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
                           f'a path outside it, or another name')
-    if os.path.lexists(path) and not folder and not own_claim(path, out_dir):
-        raise ConfigError(f'{flag} {path} exists: move it away or choose another {flag}')
-    writable(flag, path, parent)
-
-
-def own_claim(path, run):
-    """Whether `path` is the empty claim a command writing the run directory `run` made (its device and inode
-    recorded in <run>/claims.json when claimed), left by a kill -9: the run's resume takes it over."""
-    record = os.path.join(run or '', 'claims.json')
-    if not run or not os.path.isfile(record):
-        return False
-    with contextlib.suppress(DamagedFile, OSError):
-        stat = os.lstat(path)
-        kept = read_json(record, '').get(os.path.abspath(path))
-        return kept == [stat.st_dev, stat.st_ino] and stat.st_size == 0 and os.path.isfile(path)
-    return False
 
 
 class Claims:
-    """The output files of one command (claimed: their (device, inode) while they are its empty claims; None: a file
-    it may replace), the folders it made for them, and the ones it has written."""
+    """The output files of one command (claimed: their (device, inode) while they are its empty claims) and the
+    folders it made for them."""
 
-    def __init__(self, flag, run=None):
+    def __init__(self, flag):
         self.flag = flag
-        self.run = run            # the run directory whose claims.json records them, if any
-        self.claimed = {}         # path -> (device, inode) of its empty claim, or None: may replace
+        self.claimed = {}         # path -> (device, inode) of its empty claim
         self.made = []            # the folders made for them, innermost first
-        self.written = set()
 
-    def take(self, path, replaces=False):
+    def take(self, path):
         """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
-        there already is refused (a second command writing the same path), unless `replaces` allows it."""
-        if replaces and os.path.isfile(path) and not os.path.islink(path):
-            self.claimed[path] = None
-            return
-        if own_claim(path, self.run):   # the run's own, left by a kill: a resume goes on with it
-            stat = os.lstat(path)
-            self.claimed[path] = stat.st_dev, stat.st_ino
-            return
+        there already is refused (a second command writing the same path)."""
         try:
             make_folders(os.path.dirname(os.path.abspath(path)), self.made)
             fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            raise ConfigError(f'{self.flag} {path} exists (another command writing it now, or an '
-                              f'earlier result): move it away or choose another {self.flag}') from None
-        except OSError as e:
-            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): choose '
-                              f'another {self.flag}') from None
+        except OSError as e:   # File exists: another command writing it now, or an earlier result
+            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): move what is '
+                              f'there away or choose another {self.flag}') from None
         stat = os.fstat(fd)
         os.close(fd)
         self.claimed[path] = stat.st_dev, stat.st_ino
-        if self.run:
-            record = os.path.join(self.run, 'claims.json')
-            write_json(record, {os.path.abspath(path): [stat.st_dev, stat.st_ino]})
 
     def own(self, path):
-        """Whether `path` is still this command's empty claim (or a file it may replace)."""
-        if self.claimed[path] is None:
-            return True
+        """Whether `path` is still this command's empty claim."""
         try:
             stat = os.lstat(path)
         except OSError:
@@ -296,22 +250,19 @@ class Claims:
 
     def write(self, path, write):
         """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
-        if the claim is still this command's (refused in one line if another program took the path meanwhile)."""
-        if not os.path.lexists(path):
-            raise WriteError(f'{self.flag} {path} was removed while this command ran: give it again '
-                             f'(or another {self.flag})')
-        if not self.own(path):
-            raise WriteError(f'{self.flag} {path} was replaced while this command ran (it holds '
-                             f'another file now, kept as it is): choose another {self.flag}')
+        if the claim is still this command's (refused in one line if another program took the path meanwhile); a
+        path not claimed is an earlier result it may replace (claimed's `replaces`)."""
+        if path in self.claimed and not self.own(path):
+            raise WriteError(f'{self.flag} {path} was removed or replaced while this command ran '
+                             f'(kept as it is): choose another {self.flag}')
         with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             write(f)
-        self.written.add(path)
 
     def let_go(self):
-        """Remove the claims not written (if still empty and this command's), then the folders made
-        for them."""
+        """Remove the claims not written (still empty and this command's: a written one is a new file), then
+        the folders made for them."""
         for path in self.claimed:
-            if path not in self.written and self.claimed[path] is not None and self.own(path):
+            if self.own(path):
                 with contextlib.suppress(OSError):
                     os.remove(path)
         remove_empty(self.made)
@@ -336,15 +287,14 @@ def remove_empty(folders):
 
 
 @contextlib.contextmanager
-def claimed(flag, *paths, replaces=False, run=None):
+def claimed(flag, *paths, replaces=False):
     """Claims of the output files `paths` (empty ones skipped), let go of at the end; replaces: an existing file
-    may be replaced (ensemble.py's earlier result) and is not claimed; run: the run directory that records them,
-    whose resume takes over its own claim left by a kill."""
-    claims = Claims(flag, run)
+    may be replaced (ensemble.py's earlier result) and is not claimed."""
+    claims = Claims(flag)
     try:
         for path in paths:
-            if path:
-                claims.take(path, replaces)
+            if path and not (replaces and os.path.isfile(path) and not os.path.islink(path)):
+                claims.take(path)
         yield claims
     finally:
         claims.let_go()

@@ -15,10 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
-from util.errors import CheckpointError, ConfigError, first_few
-from util.rundir import not_finite
+from util.errors import CheckpointError, ConfigError
 
 
 def check_data(plan, loader, classes):
@@ -47,8 +45,7 @@ def check_data(plan, loader, classes):
         evaluated = any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
         # a mid-epoch checkpoint at the end: nothing to report
         if step > total or step == total and not evaluated:
-            where = 'past' if step > total else 'at'
-            raise ConfigError(f'--resume: {path} is at step {step}, {where} --max-steps '
+            raise ConfigError(f'--resume: {path} is at step {step}, not below --max-steps '
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
     return steps, total, full
@@ -68,14 +65,27 @@ def misfit_state(opt, saved):
 
 
 def class_mismatch(saved, here):
-    """'' if two lists of class names agree, else what differs, in a few words: the counts, or the first few
-    classes whose names differ (index: saved -> here)."""
+    """'' if two lists of class names agree, else what differs, in a few words."""
     if saved is None or list(saved) == list(here):
         return ''
-    if len(saved) != len(here):
-        return f'{len(saved)} classes where the data has {len(here)}'
-    diff = [f"{i}: '{a}' -> '{b}'" for i, (a, b) in enumerate(zip(saved, here)) if a != b]
-    return f'other class names ({first_few(diff)}; {len(diff)} of {len(here)} differ)'
+    return f'other class names ({len(saved)}; the data has {len(here)})'
+
+def flat(d, prefix=''):
+    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
+    dots."""
+    for k, v in d.items():
+        if torch.is_tensor(v):
+            yield f'{prefix}{k}', v
+        elif isinstance(v, dict):
+            yield from flat(v, f'{prefix}{k}.')
+
+
+def not_finite(state):
+    """(name, tensor) of the first floating-point tensor with a nan or inf in `state` (nested dicts: the model's,
+    the EMA's and the optimizer's state), its keys joined by dots; None if every one is finite. One host sync."""
+    tensors = [(k, v) for k, v in flat(state) if v.is_floating_point()]
+    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
+    return None if all(finite) else tensors[finite.index(False)]
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -139,9 +149,8 @@ class Run:
         on = f'{plan.world} process(es) on {plan.device}'
         if dist.is_initialized():
             on += f' ({dist.get_backend()})'
-        stays = STAYS if self.lr == 0 else ''
         plan.log(f'lr {self.lr:.3g} = blr {cfg.blr:g} x effective batch {self.eff_batch} / 256 at '
-                 f'its peak, {final_lr(cfg, self.lr):.3g} at the end{stays} | '
+                 f'its peak, {final_lr(cfg, self.lr):.3g} at the end | '
                  f'{trainable / 1e6:.2f}M trainable params | {on} | autocast {plan.dtype}')
         cut = ''
         if self.total_steps < full:
@@ -158,33 +167,27 @@ class Run:
         plan = self.plan
         path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
-        problem = ', '.join(arch_mismatch(self.model.arch, ck['arch'], free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
-        if not problem:
-            try:
-                problem = misfit_state(self.opt, ck['optimizer'])
-                for key, obj in parts.items():
-                    if obj is not None and not problem:
-                        obj.load_state_dict(ck[key])
-            except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
-                problem = ' '.join(str(e).split())[:300]
+        cuda = ck.get('cuda_rng') or []   # the CUDA generator's (drop-path, MAE's masks), if kept
+        try:
+            problem = misfit_state(self.opt, ck['optimizer'])
+            for key, obj in parts.items():
+                if obj is not None and not problem:
+                    obj.load_state_dict(ck[key])
+            mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
+            if mid and not problem:   # mid-epoch: continue each rank's streams
+                torch.set_rng_state(ck['rng'][plan.rank])
+                if plan.device.type == 'cuda' and len(cuda) == plan.world:
+                    torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:   # another model, a damaged file
+            problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:
-            raise CheckpointError(f'--resume: {path} does not fit the model built from these '
+            raise CheckpointError(f'--resume: {path} does not fit the run built from these '
                                   f'settings ({problem})')
-        if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
-            torch.set_rng_state(ck['rng'][plan.rank])   # mid-epoch: continue the stream
-            if plan.device.type == 'cuda':   # and the CUDA generator's (drop-path, MAE's masks)
-                states = ck.get('cuda_rng') or []
-                if len(states) == plan.world and torch.is_tensor(states[plan.rank]):
-                    torch.cuda.set_rng_state(states[plan.rank], plan.device)
-                elif plan.main:
-                    plan.log(f'resume: {path} keeps no CUDA generator state for {plan.world} '
-                             f'process(es): drop-path and masks draw anew from here (the run is '
-                             f'not bit for bit an unbroken one)')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
@@ -255,9 +258,6 @@ class Run:
             where = f'the last finite checkpoint (step {kept}) is {self.plan.run_dir.checkpoint}'
         raise FloatingPointError(f'{what} is {value} at step {self.step}: the run diverged and '
                                  f'stopped; {where}')
-
-
-STAYS = ' (--blr 0: every step at lr 0, the weights stay as they were loaded)'
 
 
 def made_with(cfg, extra):

@@ -17,7 +17,7 @@ starts only in an empty folder or one holding a run of these scripts; it never w
 true continues it) or a finished run unless --overwrite true deletes it, nor deletes a file it reads.
 
 How `--resume true` is checked, in the resolve phase, before anything is built: the checkpoint against the command
-line, and after a divergence the learning rate.
+line.
 
 A resume continues only the run that was saved, with the script that saved it: its config must be the saved one
 except for the fields in the config's RESUMABLE (where and how the run goes, never what it computes), with the same
@@ -37,10 +37,10 @@ import sys
 import torch
 
 from util.checkpoints import read_checkpoint
-from util.errors import CheckpointError, ConfigError, DamagedFile, WriteError, first_few, flag, show
+from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
-                        read_json, read_lines, remove_empty, replacing, set_aside, writable, write_json,
-                        write_text)
+                        read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside,
+                        write_json, write_text)
 
 
 class RunDir:
@@ -63,9 +63,9 @@ class RunDir:
 
     @classmethod
     def claim(cls, cfg, main):
-        """Refuse a directory that cannot be written, one that holds another program's files, one that another process
-        is writing (main: take the lock, held until release), a run this one may not write over, and a run that
-        would replace its own inputs."""
+        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
+        until release: a folder that cannot be written is refused there, by open()), one that holds another
+        program's files, a run this one may not write over, and a run that would replace its own inputs."""
         self = cls(cfg, main)
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
@@ -75,39 +75,21 @@ class RunDir:
             raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
                               f'another') from None
         with self.released_on_error():
-            self.refuse_unusable()
             if main:
                 self.take_lock()
             self.refuse_overwrite()
         return self
 
-    def refuse_unusable(self):
-        writable('--out-dir', self.path, os.path.abspath(self.path))
-        theirs = [] if self.cfg.resume else self.foreign()
-        if theirs:   # another program's model, a user's notes: a run would write over them
-            raise ConfigError(f'--out-dir {self.path} holds files that no run of these scripts wrote '
-                              f'({first_few(theirs)}): choose an empty or new --out-dir')
-        for name in RUN_FILES:   # log.txt appended to, .lock written: never the file a link names
-            path = self.file(name)
-            other = name == '.lock' and os.path.isfile(path) and os.stat(path).st_nlink > 1
-            if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path) or other:
-                raise ConfigError(f'{path} is a link, a directory or another name of a file where a '
-                                  f'run writes its own {name}: move it away')
-
-    def foreign(self):
-        """The sorted names in the directory, or [] where it holds a run of these scripts (its config.json has
-        begin's fields); its .lock and temporary files aside."""
-        aside = {'.lock', *(n + '.tmp' for n in RUN_FILES)}
-        names = sorted(set(os.listdir(self.path)) - aside)
-        if {'out_dir', 'argv'} <= (self.config_record() or {}).keys():
-            return []
-        return names
-
     def refuse_overwrite(self):
-        """A new run starts only in an empty folder, or one that holds a run of these scripts where none was saved,
-        finished or not (an earlier attempt's files are started afresh); --overwrite true deletes a run of these
-        scripts, never another program's files. No run deletes or replaces a file it reads (cfg.INPUTS)."""
+        """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
+        begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
+        --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
+        No run deletes or replaces a file it reads (cfg.INPUTS)."""
         cfg = self.cfg
+        a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
+        if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
+            raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
+                              f'choose an empty or new --out-dir')
         ours = {os.path.realpath(self.file(n)) for n in RUN_FILES}
         for field in cfg.INPUTS:
             path = getattr(cfg, field)
@@ -134,10 +116,13 @@ class RunDir:
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
         path = self.file('.lock')
         while True:
-            try:   # a link or another name of a file: refused (refuse_unusable)
+            try:   # a symbolic link: ELOOP
                 fd = no_follow(path, os.O_RDWR | os.O_CREAT)
             except OSError as e:
                 raise cannot_write(path, e) from None
+            if os.fstat(fd).st_nlink > 1:   # a hard link: its other names would hold the pid
+                os.close(fd)
+                raise ConfigError(f'{path} has other names (a hard link): move it away')
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -211,6 +196,8 @@ class RunDir:
                   'torch': torch.__version__, 'argv': sys.argv}
         lines = ''.join(f'{line}\n' for line in self.pending)
         if resumed_step is not None:
+            # first: a log.txt that cannot be written (a link, a directory) changes no other file
+            add_to_log(self.file('log.txt'), lines)
             saved = record.pop('saved')
             old = self.config_record()
             if old is None and os.path.lexists(self.file('config.json')):
@@ -218,7 +205,7 @@ class RunDir:
             if old is None:
                 old = {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
                                            f'{resumed_step}: rebuilt from the checkpoint'}
-            # a lower lr was allowed once, after it: recorded with this resume
+            # another lr was allowed once, after it: recorded with this resume
             diverged = old.pop('diverged', None)
             # the checkpoint's config is what ran: config.json may have been edited
             saved = {**old, **saved}
@@ -230,12 +217,15 @@ class RunDir:
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
             self.keep_metrics(resumed_step, last)
             write_json(self.file('config.json'), record)
-            add_to_log(self.file('log.txt'), lines)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.remove(self.file(name))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:   # a directory
+                    raise cannot_write(self.file(name), e) from None
             write_json(self.file('config.json'), {**record, **launch})
             write_text(self.file('log.txt'), lines)
         self.pending = []
@@ -250,20 +240,15 @@ class RunDir:
 
     def keep_metrics(self, step, last):
         """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-        it, by a run stopped before its next checkpoint, is made again; a line that is not a record is dropped.
-        last: the evaluation the checkpoint holds, added where a run stopped between the two writes (Run.save)."""
-        def step_of(line):
-            try:
-                return json.loads(line).get('step', 0)
-            except (ValueError, AttributeError):
-                return None
+        it, by a run stopped before its next checkpoint, is made again. last: the evaluation the checkpoint holds,
+        added where a run stopped between the two writes (Run.save)."""
         path = self.file('metrics.jsonl')
-        lines = read_lines(path)
-        kept = [line for line in lines if step_of(line) is not None and step_of(line) <= step]
-        if last and all(step_of(line) != step for line in kept):
-            kept.append(json.dumps(last))
-        if kept != lines:
-            write_text(path, ''.join(f'{line}\n' for line in kept))
+        records = read_jsonl(path, 'move it away') if os.path.lexists(path) else []
+        kept = [r for r in records if r.get('step', 0) <= step]
+        if last and all(r.get('step') != step for r in kept):
+            kept.append(last)
+        if kept != records:
+            write_text(path, ''.join(f'{json.dumps(r)}\n' for r in kept))
 
     def add_metrics(self, record):
         """One line of metrics.jsonl, the whole file written anew (it has one line per
@@ -299,7 +284,7 @@ def add_to_log(path, text):
     """Add text at the end of log.txt, in place, never through a link; one with other names too (a hard link: a
     snapshot made with cp -al) is replaced by a copy with the text added, renamed over it as every other file is,
     so that the other names keep what they held. What it held stays whole if this fails, which is one WriteError
-    line (a file that may not be written is named)."""
+    line."""
     try:
         with open(path, 'a', opener=no_follow) as f:
             if os.fstat(f.fileno()).st_nlink == 1:
@@ -309,10 +294,6 @@ def add_to_log(path, text):
         with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
             f.write(data + text.encode())
     except OSError as e:
-        # the file's own permission: appending needs no other
-        if isinstance(e, PermissionError) and os.path.isfile(path):
-            raise WriteError(f'cannot write {path} ({e.strerror}): make that file writable (chmod '
-                             f'u+w)') from None
         raise cannot_write(path, e) from None
 
 
@@ -348,95 +329,37 @@ def open_resumed(cfg, run_dir, world):
     if not isinstance(ck, dict):   # a tensor, a list: none of what a run saves
         ck = {}
     bad = [k for k, kind in SAVED.items() if not isinstance(ck.get(k), kind)]
-    if not bad and not (ck['rng'] and all(is_rng_state(s) for s in ck['rng'])):
-        bad.append('rng')   # what a resume reads before any tensor
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
-    damaged = out_of_range(ck)
-    if damaged:   # a step of -4 trained with a negative lr; a nan weight was taken for a divergence
-        raise CheckpointError(f'--resume: {path} holds {damaged}, which no run of these scripts '
-                              f'saves: it was edited or is damaged (kept as it is): put back a copy of '
-                              f'it, or start a new run in another --out-dir')
+    # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with
+    # the data, run.check_data; a nan, which Run.save never saves, stops the run at its first step, as does an
+    # optimizer step below 0: its bias correction is not finite.)
+    for k, kind in (('step', int), ('time', float)):
+        v = ck.get(k, 0)
+        if type(v) not in (int, kind) or not 0 <= v <= MOST:
+            raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
+                                  f'saves: it was edited or is damaged (kept as it is): put back a copy '
+                                  f'of it, or start a new run in another --out-dir')
     script = ck['script']
     if cfg.SCRIPT and script != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
                           f'with {script} (its flags and --resume true), or start a new run in '
                           f'another --out-dir')
-    # a run that diverged after this checkpoint (config.json says so) may go on from it with a lower lr
+    # a run that diverged after this checkpoint (config.json says so) may go on from it with another lr
     diverged = (run_dir.config_record() or {}).get('diverged')
     after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
     free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
     conflicts = cfg.resume_conflicts(ck, world, free=free)
     if conflicts:
-        may = ', '.join(map(flag, cfg.RESUMABLE + free))
         raise ConfigError(f"--resume: {path} was saved with other settings: "
-                          f"{'; '.join(conflicts)}. Resume with the saved ones (only {may} may "
-                          f"change) or start a new run in another --out-dir")
-    if after:   # the lr that diverged, or a higher one, diverges again (README: it may be lowered)
-        saved = ck['config']
-        higher = [f'{flag(k)} {show(saved[k])} -> {show(getattr(cfg, k))}'
-                  for k in ('blr', 'min_lr', 'min_lr_ratio')
-                  if getattr(cfg, k) > saved.get(k, getattr(cfg, k))]
-        if higher:
-            raise ConfigError(f"--resume: the run diverged after {path}: {'; '.join(higher)} is "
-                              f"higher; go on with a lower learning rate, or start a new run in another "
-                              f"--out-dir")
+                          f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
+                          f"another --out-dir")
     return ck
-
-
-def is_rng_state(state):
-    """Whether `state` is what torch.get_rng_state() gives (a byte tensor of its size), as set_rng_state
-    takes it."""
-    like = torch.get_rng_state()
-    return torch.is_tensor(state) and state.dtype == like.dtype and state.shape == like.shape
-
-
-def out_of_range(ck):
-    """The first value of a training checkpoint that no run saves ('' if none): a step, epoch or time below 0 or
-    above MOST, an optimizer step out of that range, fewer than 1 step an epoch, or a tensor of the model, its
-    EMA or the optimizer that is not finite (Run.save never saves one)."""
-    counts = (('step', 0, int), ('steps_per_epoch', 1, int), ('epoch', 0, float),
-              ('time', 0, float))
-    for k, least, kind in counts:
-        v = ck.get(k, least)
-        if type(v) not in (int, kind) or not least <= v <= MOST:
-            return f'{k} {v!r}'
-    # AdamW's own count: below 0, its bias correction is another optimizer's
-    for k, v in flat(ck['optimizer']):
-        if k.endswith('.step') and v.numel() == 1 and not 0 <= v.item() <= MOST:
-            return f'optimizer {k} {v.item():g}'
-    broken = not_finite({part: ck.get(part) for part in ('model', 'ema', 'optimizer')})
-    if broken:
-        return f'{broken[0]} with nan or inf'
-    return ''
 
 
 # the most steps (or seconds) a run counts: a float holds it exactly
 MOST = 2 ** 53
-
-
-def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
-    dots."""
-    for k, v in d.items():
-        if torch.is_tensor(v):
-            yield f'{prefix}{k}', v
-        elif isinstance(v, dict):
-            yield from flat(v, f'{prefix}{k}.')
-
-
-def not_finite(parts):
-    """(name, tensor) of the first floating-point tensor with a nan or inf in parts ({part: nested dicts of
-    tensors, or None}), named 'part key'; None if every one is finite. One host sync."""
-    tensors = [(f'{part} {k}', v) for part, d in parts.items()
-               for k, v in flat(d or {}) if v.is_floating_point()]
-    if not tensors:
-        return None
-    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
-    if all(finite):
-        return None
-    return tensors[finite.index(False)]
 
 
 def resume_command():
