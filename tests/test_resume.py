@@ -88,7 +88,6 @@ def test_each_config_names_what_may_change():
     ('pickled code', 'is not a readable PyTorch checkpoint'),
     ('state dict only', 'is not a training checkpoint'),
     ('other shapes', 'does not fit the model'),
-    ('other heads in arch', 'num_heads 4 (here 3)'),
     ('arch not a dict', '(arch: missing or of another kind)'),        # each was a traceback before it is read
     ('config not a dict', '(config: missing or of another kind)'),
     ('rng not tensors', '(rng: missing or of another kind)'),
@@ -103,9 +102,6 @@ def test_each_config_names_what_may_change():
     ('a nan in the optimizer', 'holds optimizer state.0.exp_avg with nan or inf'),
     ('rng of floats', '(rng: missing or of another kind)'),
     ('rng cut short', '(rng: missing or of another kind)'),
-    # the record compared with the model these settings build, before anything is written
-    ('no heads', 'does not fit the model built from these settings (num_heads 0 (here 3))'),
-    ('depth a string', "does not fit the model built from these settings (depth '2' (here 2))"),
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
     # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
     ('optimizer state of one column', 'does not fit the model built from these settings (optimizer state 0 '
@@ -129,8 +125,6 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
               'a nan in the optimizer': {'optimizer': {**ck['optimizer'], 'state': {
                   **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'] * float('nan')}}}},
               'rng of floats': {'rng': [ck['rng'][0].float()]}, 'rng cut short': {'rng': [ck['rng'][0][:100]]},
-              'no heads': {'arch': {**ck['arch'], 'num_heads': 0}},
-              'depth a string': {'arch': {**ck['arch'], 'depth': '2'}},
               'optimizer state of one column': {'optimizer': {**ck['optimizer'], 'state': {
                   **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'][..., :1]}}}},
               'optimizer state one float short': {'optimizer': {**ck['optimizer'], 'state': {
@@ -148,10 +142,8 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
         torch.save({**ck, 'config': argparse.Namespace(**ck['config'])}, d / 'checkpoint.pt')
     elif damage == 'state dict only':
         torch.save(ck['model'], d / 'checkpoint.pt')
-    elif damage == 'other shapes':
+    else:   # other shapes
         edit_checkpoint(d, model={**ck['model'], 'pos_embed': torch.zeros(1, 5, 192)})
-    else:
-        edit_checkpoint(d, arch={**ck['arch'], 'num_heads': 4})
     before = digest(d)
     msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--amp', 'off', '--resume', 'true')
     assert msg and says in msg and str(d) in msg and 'last finite' not in msg, msg

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from util.checkpoints import arch_mismatch
 from util.engine import build_optimizer, final_lr
 from util.errors import CheckpointError, ConfigError, first_few
 from util.rundir import not_finite
@@ -158,18 +157,16 @@ class Run:
         plan = self.plan
         path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
-        problem = ', '.join(arch_mismatch(self.model.arch, ck['arch'], free=()))
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
         own = [{k: v for k, v in g.items() if k != 'params'} for g in self.opt.param_groups]
-        if not problem:
-            try:
-                problem = misfit_state(self.opt, ck['optimizer'])
-                for key, obj in parts.items():
-                    if obj is not None and not problem:
-                        obj.load_state_dict(ck[key])
-            except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
-                problem = ' '.join(str(e).split())[:300]
+        try:
+            problem = misfit_state(self.opt, ck['optimizer'])
+            for key, obj in parts.items():
+                if obj is not None and not problem:
+                    obj.load_state_dict(ck[key])
+        except (KeyError, ValueError, RuntimeError) as e:   # another model, or a damaged file
+            problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:
