@@ -285,18 +285,14 @@ def check_arch(model, ckpt, sd, source, num_heads, flag):
 
 
 def vit_of(arch, source, given=None):
-    """VisionTransformer(**arch, **given), or CheckpointError saying which cannot be built: the architecture
-    a checkpoint records, or it with the fields `given` by the caller (another image size, say)."""
+    """VisionTransformer(**arch, **given), or CheckpointError naming `source` and what VisionTransformer
+    refused: the architecture a checkpoint records, with the fields `given` by the caller (another image
+    size, say)."""
+    arch = {**arch, **(given or {})}
     try:
-        return VisionTransformer(**{**arch, **(given or {})})
+        return VisionTransformer(**arch)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
-        if given:
-            # the recorded one builds (else that is the error): what was given does not fit
-            vit_of(arch, source)
-            fields = ', '.join(f'{k} {v}' for k, v in given.items())
-            raise CheckpointError(f"'{source}' cannot be built with {fields} ({e})") from None
-        raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): "
-                              f"{arch}") from None
+        raise CheckpointError(f"'{source}' cannot be built ({e}): {arch}") from None
 
 # -----------------------------------------------------------------------------
 # Loading into a ViT, with every difference refused

@@ -53,12 +53,6 @@ def optional(rule):
     return (lambda v: v is None or rule[0](v)), f'{rule[1]} (or none)'
 
 
-def one_of(choices, allowed=None):
-    """The rule value in choices, applied by check() (tools/'s configs; the scripts' fields give argparse
-    their choices)."""
-    return (lambda v: v in choices), allowed or f"choose one of {', '.join(choices)}"
-
-
 def declared(cls):
     """{field: {'help': ..., 'rule': ...}}: a field declared again in a subclass keeps its base class's help and
     rule where it gives none of its own."""
