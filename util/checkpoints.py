@@ -9,9 +9,9 @@ CheckpointError line naming it and the fix.
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
 
 At another image size, position embeddings are resized as the family's official code does
-(pretrained.FAMILIES). After loading, the exact sets of missing and unexpected keys are checked (as
-MAE does): only the classifier (head, fc_norm) may be missing, only MAE's decoder and the unused
-final norm may be unexpected; anything else is an architecture mismatch and an error.
+(pretrained.FAMILIES). Loading is strict (load_state_dict's own refusal, in one line): only the
+classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
+unexpected; anything else is an architecture mismatch and an error.
 """
 import math
 import os
@@ -324,21 +324,19 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
         how = family(source, ckpt)[1]   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
-    for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
-        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+    # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token one no
+    # `fc_norm`: the file's dropped where the model has none of that shape, the model's own kept where it lacks one
+    for k in list(sd):
+        if k.startswith(('head.', 'norm.', 'fc_norm.')) and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
+    for k in own:
+        if k.startswith(('head.', 'fc_norm.')) and k not in sd:
+            sd[k] = own[k]
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
-    except RuntimeError as e:   # in its own words: 'size mismatch for <key>: copying a param with shape ...'
+        model.load_state_dict(sd, assign=assign)
+    except RuntimeError as e:   # in its own words: 'Missing key(s) in state_dict: ...', 'size mismatch for ...'
         said = ' '.join(str(e).partition(':')[2].split())
         raise CheckpointError(f"architecture mismatch loading '{source}': {said[:300]}") from None
-    missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
-    # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
-    unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)
-                  and not k.startswith('fc_norm.')]
-    if missing or unexpected:
-        raise CheckpointError(f"architecture mismatch loading '{source}': missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
     return model
 
 
