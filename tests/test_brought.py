@@ -79,14 +79,15 @@ def test_a_copy_student_reloads_its_teacher_with_the_stated_heads(plain8, tmp_pa
 
 @pytest.mark.parametrize('heads, says', [
     ('', 'do not say how many attention heads'),   # 32 wide: it ended in a ZeroDivisionError (32 // 64 heads)
-    ('5', 'is 32 wide, which 5 heads do not divide'),
+    ('5', "cannot be built (embed_dim must be divisible by num_heads)"),
 ])
 def test_a_narrow_teacher_of_weights_alone_is_one_line(tmp_path, monkeypatch, heads, says):
     path = tmp_path / 'narrow.pt'
     torch.save(random_vit(embed_dim=32, num_heads=4).state_dict(), path)
     msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', path, '--out-dir', tmp_path / 'r',
                          *(['--teacher-num-heads', heads] if heads else []))
-    assert msg and says in msg, msg
+    assert msg and says in msg and str(path) in msg, msg
+    assert not (tmp_path / 'r').exists()
 
 
 def test_ensemble_and_evaluate_state_the_heads_of_weights_alone(plain8, tmp_path, monkeypatch, capsys):

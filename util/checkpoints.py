@@ -235,10 +235,7 @@ def heads_of(ckpt, source, dim, num_heads, flag):
             raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads "
                                   f"({known[1]})")
         return known
-    if num_heads:
-        if dim % num_heads:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} "
-                                  f"heads do not divide")
+    if num_heads:   # one that does not divide the width: VisionTransformer refuses it (vit_of)
         return num_heads, f'stated by {flag}'
     raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
                           f"its ViT has (its record, a name or its family would): state them with "
