@@ -61,11 +61,7 @@ def read_checkpoint(source):
     except Exception as e:   # offline
         raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the "
                               f"file {url} at {path} by hand") from None
-    try:
-        return read_file(path)
-    except UnreadableFile as e:   # damaged in the cache, or another file put there
-        raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the "
-                              f"file {url} there by hand") from None
+    return read_file(path)   # damaged in the cache: its line names the file to replace
 
 
 def read_file(path):
@@ -252,11 +248,8 @@ def family_key(source, ckpt):
     return family_of(unwrap(ckpt) or {}) or official
 
 
-def arch_mismatch(arch, saved, free=('img_size', 'num_classes', 'global_pool', 'drop_path_rate')):
-    """['num_heads 4 (here 3)', ...]: the fields of a recorded architecture that differ from a model's,
-    outside `free` (by default what loading adapts or ignores). Heads matter though no tensor shape shows them."""
-    return [f'{k} {v!r} (here {arch.get(k)!r})' for k, v in saved.items()
-            if k not in free and arch.get(k) != v]
+# what loading adapts or ignores: a recorded architecture may differ in these
+ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def check_arch(model, ckpt, sd, source, num_heads, flag):
@@ -270,7 +263,9 @@ def check_arch(model, ckpt, sd, source, num_heads, flag):
                                   f"its own in layers {saved['no_qk_layers']} and runs only with its "
                                   f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
                                   f"an --init")
-        diff = arch_mismatch(model.arch, saved)
+        # heads matter though no tensor shape shows them
+        diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+                if k not in ADAPTED and model.arch.get(k) != v]
     else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
         heads, how = heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)
         diff = []
