@@ -308,7 +308,7 @@ class TransferConfig(TrainConfig):
 def inspect_teacher(cfg):
     """The teacher's file read once: (the teacher, its line for the log). The teacher is a plain ViT at cfg.img_size
     holding the file's weights on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach
-    (heads unknown, too big here, weights that do not load into its shape or are not finite)."""
+    (heads unknown, weights that do not load into its shape or are not finite)."""
     ckpt = read_checkpoint(cfg.teacher)
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
