@@ -69,9 +69,6 @@ def declared(cls):
 PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
 UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
 FRACTION = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
-RANDAUG = (lambda v: not v or readable(policy, v),
-           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 (magnitude 0 to 30), at most "
-           "n16 ops, or '' for none")
 
 
 @dataclass
@@ -101,8 +98,9 @@ class TrainConfig:
     crop_pad: int = option(2, 'small images: random crop after reflect-padding this much',
                            at_least(0, 'off', SIZE))
     min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area", FRACTION)
+    # read where parse_config checks it, by the augmentation that runs it (util/augment.randaugment)
     randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 "
-                              "| '' = off", RANDAUG)
+                              "| '' = off")
     reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode "
                                 "'pixel')", PROBABILITY)
     mixup: float = option(0.0, rule=at_least(0, 'off'))
@@ -213,13 +211,6 @@ def decay_floor(cfg, depth):
             f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} '
             f'blocks + {cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or '
             f'raise --layer-decay)')
-
-
-def policy(spec):
-    """RandAugment's policy of a --randaug string (util/augment.py, imported only where one is
-    given)."""
-    from util.augment import randaugment
-    return randaugment(spec)
 
 
 def readable(parse, value):
