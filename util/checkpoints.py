@@ -28,14 +28,13 @@ from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused,
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
-PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
+PRETRAINED = {   # name -> (url, family in pretrained.FAMILIES, whose HEADS give its heads)
     # the MAE README's links (_ft: fine-tuned on IN-1k)
-    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')
+    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
-       for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, h, 'torchvision')
-       for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16),
-                    ('vit_h_14', 16))},
+       for s in ('base', 'large', 'huge')},
+    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, 'torchvision')
+       for n in ('vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14')},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
 
@@ -208,15 +207,13 @@ def arch_of(ckpt, source, num_heads, flag):
 
 def heads_of(ckpt, source, dim, num_heads, flag):
     """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
-    so it is never guessed: it is the file's record (this project's checkpoints), its name's, its family's at its
-    width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
+    so it is never guessed: it is the file's record (this project's checkpoints), its family's at its width (a
+    family known by its name, an official file name or keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
     known = None
     if 'num_heads' in (recorded(ckpt) or {}):
         known = ckpt['arch']['num_heads'], 'recorded in the file'
-    elif source in PRETRAINED:
-        known = PRETRAINED[source][1], f'those of {source}'
     else:
         fam = family_key(source, ckpt)
         rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
@@ -242,8 +239,8 @@ def family_key(source, ckpt):
     """The family (a key of pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has,
     else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); None if none says."""
     if source in PRETRAINED:
-        return PRETRAINED[source][2]
-    official = next((f for url, _, f in PRETRAINED.values()
+        return PRETRAINED[source][1]
+    official = next((f for url, f in PRETRAINED.values()
                      if os.path.basename(url) == os.path.basename(str(source))), None)
     return family_of(unwrap(ckpt) or {}) or official
 

@@ -61,17 +61,17 @@ FAMILIES = {
 
 FAIR = 'https://dl.fbaipublicfiles.com'
 DINOV2_URL = FAIR + '/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
-TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in all of these
-    'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 6, 'deit'),
-    'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 12, 'deit'),
-    'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 6, 'dino'),
-    'dino_vitb16': (f'{FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 12, 'dino'),
-    'mocov3_vitb16': (f'{FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
-    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, f'dinov2{tag}')
-       for s, h in (('s', 6), ('b', 12), ('l', 16)) for tag, reg in (('', ''), ('_reg', '_reg4'))},
+TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the file's width
+    'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 'deit'),
+    'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 'deit'),
+    'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'dino'),
+    'dino_vitb16': (f'{FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 'dino'),
+    'mocov3_vitb16': (f'{FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 'mocov3'),
+    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), f'dinov2{tag}')
+       for s in ('s', 'b', 'l') for tag, reg in (('', ''), ('_reg', '_reg4'))},
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
                     '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
-                    12, 'clip'),
+                    'clip'),
 }
 
 
