@@ -186,7 +186,7 @@ def test_shared_rules_are_in_every_script(script):
     cls = SCRIPTS[script][1]
     checked = {row[0] for row in cls().checks()} | {k for k, md in declared(cls).items()
                                                     if md.get('rule') or md.get('choices')}
-    if 'randaug' in declared(cls):   # read in parse_config by util/augment.randaugment, which runs it
+    if 'randaug' in declared(cls):   # read in parse_config by util/augment.randaugment
         checked.add('randaug')
     shared = {field for group, field, _ in BAD if len(group) > 1 and script in group}
     assert not shared - checked, f'{script} does not check {sorted(shared - checked)}'

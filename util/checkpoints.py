@@ -313,17 +313,20 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
         how = family(source, ckpt)[1]   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
-    # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token one no
-    # `fc_norm`: the file's dropped where the model has none of that shape, the model's own kept where it lacks one
+    # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
+    # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
+    # kept where the file has none
     for k in list(sd):
-        if k.startswith(('head.', 'norm.', 'fc_norm.')) and (k not in own or sd[k].shape != own[k].shape):
+        adapted = k.startswith(('head.', 'norm.', 'fc_norm.'))
+        if adapted and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
     for k in own:
         if k.startswith(('head.', 'fc_norm.')) and k not in sd:
             sd[k] = own[k]
     try:
         model.load_state_dict(sd, assign=assign)
-    except RuntimeError as e:   # in its own words: 'Missing key(s) in state_dict: ...', 'size mismatch for ...'
+    except RuntimeError as e:
+        # in its own words: 'Missing key(s) in state_dict: ...', 'size mismatch for ...'
         said = ' '.join(str(e).partition(':')[2].split())
         raise CheckpointError(f"architecture mismatch loading '{source}': {said[:300]}") from None
     return model

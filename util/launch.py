@@ -327,7 +327,8 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     if not checked:
         return cfg
     check(cfg)
-    try:   # the --randaug string, read by the augmentation that runs it: its ValueError names the fix
+    # the --randaug string, read by the augmentation that runs it: its ValueError names the fix
+    try:
         randaugment(getattr(cfg, 'randaug', ''))
     except ValueError as e:
         raise ConfigError(str(e)) from None
