@@ -28,7 +28,7 @@ if __name__ == '__main__':
 from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names,
                   data_source, ensemble_probs, held_where, predict_all)
 from teacher import load_models
-from util.config import SAMPLER_BYTES, STEPS, ConfigError, at_least, machine_memory, option, show
+from util.config import STEPS, ConfigError, at_least, option, show
 from util.datafiles import build_loader
 from util.launch import on_device, parse_config, run_main
 from util.files import claimed
@@ -60,14 +60,9 @@ class EnsembleConfig(ModelsConfig):
                             at_least(1, most=STEPS))
 
     def checks(self):
-        # bytes to list its images (util/config.py)
-        test_split = max(self.fake_size // 8, 64) * SAMPLER_BYTES
         return [('models', bool(self.models), 'is required: one or more checkpoints, e.g. --models '
                  'runs/a/checkpoint.pt runs/b/checkpoint.pt'),
-                *super().checks(),
-                ('fake_size', self.data != 'fake' or test_split <= machine_memory(),
-                 f'makes a test split whose images take {test_split / 1e9:,.0f} GB to list, '
-                 f'more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer')]
+                *super().checks()]
 
 
 # Fashion-MNIST and CIFAR are held in memory and batched without loader workers: no preset

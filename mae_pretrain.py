@@ -33,8 +33,7 @@ from einops import rearrange
 
 from data import INFO, build_data, sample_images
 from util.checkpoints import read_checkpoint, state_dict_of
-from util.config import (DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, machine_memory,
-                         memory_needed, option)
+from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import check_output, claimed, save_figure
 from util.launch import resolve, run_main, settle_attention
@@ -80,13 +79,7 @@ class MAEConfig(TrainConfig):
              f'must hide some of the {patches} patches and keep at least one'),
             ('decoder_heads',
              1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
-             f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}'),
-            ('decoder_depth',
-             memory_needed(self.decoder_dim, self.decoder_depth, self.img_size, self.patch_size,
-                           self.batch_size) <= machine_memory(),
-             f'makes a decoder of {self.decoder_depth} blocks {self.decoder_dim} wide '
-             f'that does not fit the {machine_memory() / 1e9:,.0f} GB here '
-             f'(--decoder-depth, --decoder-dim, --batch-size)')]
+             f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no

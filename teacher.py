@@ -20,7 +20,7 @@ import torch.nn as nn
 from util.checkpoints import (CheckpointError, arch_of, build_from_checkpoint, check_weights,
                               describe_teacher, load_weights, read_checkpoint, teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
-                         readable, refuse, too_big)
+                         readable, refuse)
 from util.engine import autocast, cast_matmul_weights
 from vit import SIZES, attend, model_arch, set_attn_implementation
 
@@ -188,7 +188,6 @@ def student_arch(cfg, t, layers, heads):
     if s['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a "
                           f"student with them, --student-arch teacher")
-    refuse(cfg, too_big(cfg, s['embed_dim'], s['depth'], s['patch_size'], s['mlp_ratio']))
     why = misfit(cfg, s, t, layers)
     if why:
         shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
@@ -309,7 +308,7 @@ class TransferConfig(TrainConfig):
 def inspect_teacher(cfg):
     """The teacher's file read once: (the teacher, its line for the log). The teacher is a plain ViT at cfg.img_size
     holding the file's weights on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach
-    (heads unknown, too big here, weights that do not load into its shape or are not finite)."""
+    (heads unknown, weights that do not load into its shape or are not finite)."""
     ckpt = read_checkpoint(cfg.teacher)
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
@@ -317,8 +316,6 @@ def inspect_teacher(cfg):
     plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}
     with torch.device('meta'):
         teacher = vit_of(plain, cfg.teacher, {'img_size': cfg.img_size})
-    refuse(cfg, too_big(cfg, native['embed_dim'], native['depth'], native['patch_size'],
-                        native['mlp_ratio'], False, 'the teacher'))
     teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
     return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
 

@@ -340,8 +340,8 @@ def test_posterize_beyond_8_bits_is_timms_identity_on_both_paths(op, monkeypatch
 
 
 @pytest.mark.parametrize('args, says', [
-    (['--randaug', 'torchvision-m31'], '--randaug torchvision-m31: '),       # IndexError: 31 bins
-    (['--randaug', 'rand-n1000000'], '--randaug rand-n1000000: '),          # no step in 120 s
+    (['--randaug', 'torchvision-m31'], "--randaug 'torchvision-m31': "),     # IndexError: 31 bins
+    (['--randaug', 'rand-n1000000'], "--randaug 'rand-n1000000': "),        # no step in 120 s
     (['--crop-pad', '32'], '--crop-pad 32: must be below --img-size 32'),   # the reflect pad raised
 ])
 def test_augmentation_the_batch_path_cannot_run_is_refused_before_anything_is_written(tmp_path, monkeypatch, args,

@@ -97,14 +97,6 @@ def test_ensemble_weights_too_large_to_sum_are_weights_still():
     with pytest.raises(ConfigError, match=r'--weights 0.0 0.0: must be'):
         ensemble.normalise_weights([0.0, 0.0], 2)
 
-def test_an_ensemble_test_split_too_big_to_list_names_fake_size(tmp_path, monkeypatch):
-    """ensemble.py --fake-size 10**12, inside its bound: listing the test split's images ended in a MemoryError
-    traceback; refused by name before any model is read (this one does not exist)."""
-    msg = run_in_process(monkeypatch, ensemble, '--models', tmp_path / 'unread.pt', '--data', 'fake', '--fake-size',
-                         10 ** 12)
-    assert msg and msg.startswith('error: --fake-size 1000000000000: makes a test split whose images take 12,500 GB '
-                                  'to list, more than the') and msg.endswith('GB here: choose fewer'), msg
-
 
 # -----------------------------------------------------------------------------
 # A run at its edges

@@ -1,7 +1,7 @@
 """What users bring is read right or refused: teacher files that hold weights alone (their heads are stated, never
 guessed), the wrappers other programs save weights in, image folders with hidden entries and images of less common
-kinds, class names that differ from the run's, runs that diverge, teachers that are not finite, and sizes that
-cannot fit. Each case: one line and a non-zero exit where refused, nothing written; read right otherwise."""
+kinds, class names that differ from the run's, runs that diverge and teachers that are not finite. Each
+case: one line and a non-zero exit where refused, nothing written; read right otherwise."""
 import hashlib
 import io
 import json
@@ -20,7 +20,6 @@ import finetune
 from conftest import TINY, run_in_process
 from data import build_dataset, build_splits
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.config import ConfigError
 from util.datafiles import DataError, read_image
 from vit import VisionTransformer
 
@@ -80,14 +79,15 @@ def test_a_copy_student_reloads_its_teacher_with_the_stated_heads(plain8, tmp_pa
 
 @pytest.mark.parametrize('heads, says', [
     ('', 'do not say how many attention heads'),   # 32 wide: it ended in a ZeroDivisionError (32 // 64 heads)
-    ('5', 'is 32 wide, which 5 heads do not divide'),
+    ('5', "cannot be built (embed_dim must be divisible by num_heads)"),
 ])
 def test_a_narrow_teacher_of_weights_alone_is_one_line(tmp_path, monkeypatch, heads, says):
     path = tmp_path / 'narrow.pt'
     torch.save(random_vit(embed_dim=32, num_heads=4).state_dict(), path)
     msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', path, '--out-dir', tmp_path / 'r',
                          *(['--teacher-num-heads', heads] if heads else []))
-    assert msg and says in msg, msg
+    assert msg and says in msg and str(path) in msg, msg
+    assert not (tmp_path / 'r').exists()
 
 
 def test_ensemble_and_evaluate_state_the_heads_of_weights_alone(plain8, tmp_path, monkeypatch, capsys):
@@ -349,9 +349,8 @@ def test_weights_that_are_not_real_floats_are_refused_wherever_read(tmp_path, mo
 
 @pytest.mark.parametrize('damage, says, compared', [
     ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file", None),
-    ('no heads', 'records an architecture that cannot be built (integer modulo by zero)',
-     'architecture mismatch loading'),
-    ('depth a string', "records an architecture that cannot be built (", "the checkpoint has depth '2' (here"),
+    ('no heads', "cannot be built (integer modulo by zero): {", 'architecture mismatch loading'),
+    ('depth a string', "cannot be built (", "the checkpoint has depth '2' (here"),
 ])
 def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(tmp_path, monkeypatch, damage, says,
                                                                               compared):
@@ -377,25 +376,10 @@ def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(t
         assert msg and expected in msg and str(path) in msg, (script.__name__, msg)
         assert not out.exists()                          # no config.json recording its digest, no folder
 
-# -----------------------------------------------------------------------------
-# 4. Sizes that cannot fit: one line before anything is allocated (finetune.py's: tests/test_checks.py)
-
-
-@pytest.mark.parametrize('args, flag', [(['--img-size', '65536'], '--img-size 65536'),         # in range: too big
-                                        (['--depth', '4096', '--embed-dim', '65536'], '--depth 4096')])
-def test_a_transfer_run_too_big_for_memory_is_one_line(plain8, tmp_path, monkeypatch, args, flag):
-    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', plain8, '--teacher-num-heads', '8',
-                         '--out-dir', tmp_path / 'r', *args)
-    assert msg and msg.startswith(f'error: {flag}: makes') and 'GB' in msg, msg
-
-
 def test_splits_name_their_classes(tmp_path):
     from util.config import TrainConfig
     splits = build_splits(TrainConfig(data='fake', fake_size=64, img_size=32))
     assert splits.classes == [str(i) for i in range(10)] and splits.num_classes == 10
-    with pytest.raises(ConfigError):
-        from util.config import check
-        check(TrainConfig(data='fake', fake_size=10 ** 12))
 
 
 @pytest.mark.parametrize('script, flag', [(finetune, '--init'), (attention_distill, '--teacher')])

@@ -59,6 +59,15 @@ def test_util_imports_no_root_module_but_vit():
 SCRIPTS = {p.stem for p in ROOT.glob('*.py') if "if __name__ == '__main__':" in p.read_text()}
 
 
+def test_the_config_imports_no_room_and_only_launch_imports_it():
+    """util/config.py imports no util/ room but errors.py (a function's import counted too: the --randaug rule
+    imported util/augment.py), and in util/ only launch.py imports it."""
+    rooms = {m for m in imports(ROOT / 'util' / 'config.py') if m.startswith('util')}
+    assert rooms <= {'util.errors'}, f'util/config.py imports {sorted(rooms)}'
+    importers = {p.name for p in UTIL if any(m.startswith('util.config') for m in imports(p))}
+    assert importers <= {'launch.py'}, f'util/ modules importing util/config.py: {sorted(importers)}'
+
+
 def test_no_script_imports_another():
     """A script is run, never a library: what ensemble.py and evaluate.py (or any two scripts) share lives in a
     module below them (data.py, teacher.py, util/), so reading one never sends a reader into another."""

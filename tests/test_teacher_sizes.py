@@ -428,6 +428,5 @@ def test_a_damaged_download_names_the_cached_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         read_checkpoint('dino_vits16')
     msg = str(e.value)
-    assert msg.startswith(f"'dino_vits16': '{cached}' is not a readable PyTorch checkpoint: {REFUSED} (EOFError)"), msg
-    assert msg.endswith('delete it to download it again, or put the file https://dl.fbaipublicfiles.com/dino/'
-                        'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth there by hand'), msg
+    assert msg.startswith(f"'{cached}' is not a readable PyTorch checkpoint: {REFUSED} (EOFError)"), msg
+    assert 'download it again' in msg and '\n' not in msg and cached.read_bytes() == b'', msg

@@ -3,8 +3,7 @@ first (the README's reading order), and come here for how a run is resolved, tra
 
     launch.py       how a script starts and ends: its command line, then resolve (every refusal, in order, into one
                     immutable Plan), errors, Ctrl-C and SIGTERM in one line
-    config.py       one dataclass per script, each flag declared once (default, help, range); the small presets;
-                    sizes that cannot fit this machine
+    config.py       one dataclass per script, each flag declared once (default, help, range); the small presets
     engine.py       the step every script calls (train_one_epoch), its schedule, evaluation, AdamW with layer decay
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
     attention_check.py  the fused attention checked both ways against eager before anything runs on it

@@ -9,9 +9,9 @@ CheckpointError line naming it and the fix.
     load_weights(model, 'runs/teacher/checkpoint.pt')                # into a model you built
 
 At another image size, position embeddings are resized as the family's official code does
-(pretrained.FAMILIES). After loading, the exact sets of missing and unexpected keys are checked (as
-MAE does): only the classifier (head, fc_norm) may be missing, only MAE's decoder and the unused
-final norm may be unexpected; anything else is an architecture mismatch and an error.
+(pretrained.FAMILIES). Loading is strict (load_state_dict's own refusal, in one line): only the
+classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
+unexpected; anything else is an architecture mismatch and an error.
 """
 import math
 import os
@@ -28,14 +28,13 @@ from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused,
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
-PRETRAINED = {   # name -> (url, num_heads, family in pretrained.FAMILIES)
+PRETRAINED = {   # name -> (url, family in pretrained.FAMILIES, whose HEADS give its heads)
     # the MAE README's links (_ft: fine-tuned on IN-1k)
-    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), h, 'mae')
+    **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
-       for s, h in (('base', 12), ('large', 16), ('huge', 16))},
-    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, h, 'torchvision')
-       for n, h in (('vit_b_16', 12), ('vit_b_32', 12), ('vit_l_16', 16), ('vit_l_32', 16),
-                    ('vit_h_14', 16))},
+       for s in ('base', 'large', 'huge')},
+    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, 'torchvision')
+       for n in ('vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14')},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
 
@@ -61,11 +60,7 @@ def read_checkpoint(source):
     except Exception as e:   # offline
         raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the "
                               f"file {url} at {path} by hand") from None
-    try:
-        return read_file(path)
-    except UnreadableFile as e:   # damaged in the cache, or another file put there
-        raise CheckpointError(f"'{source}': {e.what}: delete it to download it again, or put the "
-                              f"file {url} there by hand") from None
+    return read_file(path)   # damaged in the cache: its line names the file to replace
 
 
 def read_file(path):
@@ -212,15 +207,13 @@ def arch_of(ckpt, source, num_heads, flag):
 
 def heads_of(ckpt, source, dim, num_heads, flag):
     """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
-    so it is never guessed: it is the file's record (this project's checkpoints), its name's, its family's at its
-    width (a family known by an official file name or by keys only its files have: pretrained.HEADS), or what its
+    so it is never guessed: it is the file's record (this project's checkpoints), its family's at its width (a
+    family known by its name, an official file name or keys only its files have: pretrained.HEADS), or what its
     user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
     and so is a file that says nothing, with the flag that states it."""
     known = None
     if 'num_heads' in (recorded(ckpt) or {}):
         known = ckpt['arch']['num_heads'], 'recorded in the file'
-    elif source in PRETRAINED:
-        known = PRETRAINED[source][1], f'those of {source}'
     else:
         fam = family_key(source, ckpt)
         rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
@@ -235,10 +228,7 @@ def heads_of(ckpt, source, dim, num_heads, flag):
             raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads "
                                   f"({known[1]})")
         return known
-    if num_heads:
-        if dim % num_heads:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' is {dim} wide, which {num_heads} "
-                                  f"heads do not divide")
+    if num_heads:   # one that does not divide the width: VisionTransformer refuses it (vit_of)
         return num_heads, f'stated by {flag}'
     raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
                           f"its ViT has (its record, a name or its family would): state them with "
@@ -249,17 +239,14 @@ def family_key(source, ckpt):
     """The family (a key of pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has,
     else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); None if none says."""
     if source in PRETRAINED:
-        return PRETRAINED[source][2]
-    official = next((f for url, _, f in PRETRAINED.values()
+        return PRETRAINED[source][1]
+    official = next((f for url, f in PRETRAINED.values()
                      if os.path.basename(url) == os.path.basename(str(source))), None)
     return family_of(unwrap(ckpt) or {}) or official
 
 
-def arch_mismatch(arch, saved, free=('img_size', 'num_classes', 'global_pool', 'drop_path_rate')):
-    """['num_heads 4 (here 3)', ...]: the fields of a recorded architecture that differ from a model's,
-    outside `free` (by default what loading adapts or ignores). Heads matter though no tensor shape shows them."""
-    return [f'{k} {v!r} (here {arch.get(k)!r})' for k, v in saved.items()
-            if k not in free and arch.get(k) != v]
+# what loading adapts or ignores: a recorded architecture may differ in these
+ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def check_arch(model, ckpt, sd, source, num_heads, flag):
@@ -273,7 +260,9 @@ def check_arch(model, ckpt, sd, source, num_heads, flag):
                                   f"its own in layers {saved['no_qk_layers']} and runs only with its "
                                   f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
                                   f"an --init")
-        diff = arch_mismatch(model.arch, saved)
+        # heads matter though no tensor shape shows them
+        diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+                if k not in ADAPTED and model.arch.get(k) != v]
     else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
         heads, how = heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)
         diff = []
@@ -285,18 +274,14 @@ def check_arch(model, ckpt, sd, source, num_heads, flag):
 
 
 def vit_of(arch, source, given=None):
-    """VisionTransformer(**arch, **given), or CheckpointError saying which cannot be built: the architecture
-    a checkpoint records, or it with the fields `given` by the caller (another image size, say)."""
+    """VisionTransformer(**arch, **given), or CheckpointError naming `source` and what VisionTransformer
+    refused: the architecture a checkpoint records, with the fields `given` by the caller (another image
+    size, say)."""
+    arch = {**arch, **(given or {})}
     try:
-        return VisionTransformer(**{**arch, **(given or {})})
+        return VisionTransformer(**arch)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
-        if given:
-            # the recorded one builds (else that is the error): what was given does not fit
-            vit_of(arch, source)
-            fields = ', '.join(f'{k} {v}' for k, v in given.items())
-            raise CheckpointError(f"'{source}' cannot be built with {fields} ({e})") from None
-        raise CheckpointError(f"'{source}' records an architecture that cannot be built ({e}): "
-                              f"{arch}") from None
+        raise CheckpointError(f"'{source}' cannot be built ({e}): {arch}") from None
 
 # -----------------------------------------------------------------------------
 # Loading into a ViT, with every difference refused
@@ -328,21 +313,22 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
         how = family(source, ckpt)[1]   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
-    for k in ('head.weight', 'head.bias'):    # a new task: keep our freshly initialised classifier
-        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+    # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
+    # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
+    # kept where the file has none
+    for k in list(sd):
+        adapted = k.startswith(('head.', 'norm.', 'fc_norm.'))
+        if adapted and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
+    for k in own:
+        if k.startswith(('head.', 'fc_norm.')) and k not in sd:
+            sd[k] = own[k]
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
-    except RuntimeError as e:   # in its own words: 'size mismatch for <key>: copying a param with shape ...'
+        model.load_state_dict(sd, assign=assign)
+    except RuntimeError as e:
+        # in its own words: 'Missing key(s) in state_dict: ...', 'size mismatch for ...'
         said = ' '.join(str(e).partition(':')[2].split())
         raise CheckpointError(f"architecture mismatch loading '{source}': {said[:300]}") from None
-    missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.'))]
-    # a global-pool model has no `norm`; a class-token model only lacks `fc_norm`
-    unexpected = [k for k in unexpected if not (k.startswith('norm.') and model.global_pool)
-                  and not k.startswith('fc_norm.')]
-    if missing or unexpected:
-        raise CheckpointError(f"architecture mismatch loading '{source}': missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
     return model
 
 

@@ -5,7 +5,6 @@ applied before your flags. Out of range is refused in one line (each field's rul
 fields) before anything is made. Saved in every run directory and checkpoint; RESUMABLE: what a resume may change.
 """
 import math
-import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
@@ -54,12 +53,6 @@ def optional(rule):
     return (lambda v: v is None or rule[0](v)), f'{rule[1]} (or none)'
 
 
-def one_of(choices, allowed=None):
-    """The rule value in choices, applied by check() (tools/'s configs; the scripts' fields give argparse
-    their choices)."""
-    return (lambda v: v in choices), allowed or f"choose one of {', '.join(choices)}"
-
-
 def declared(cls):
     """{field: {'help': ..., 'rule': ...}}: a field declared again in a subclass keeps its base class's help and
     rule where it gives none of its own."""
@@ -76,9 +69,6 @@ def declared(cls):
 PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
 UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
 FRACTION = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
-RANDAUG = (lambda v: not v or readable(policy, v),
-           "use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 (magnitude 0 to 30), at most "
-           "n16 ops, or '' for none")
 
 
 @dataclass
@@ -108,8 +98,9 @@ class TrainConfig:
     crop_pad: int = option(2, 'small images: random crop after reflect-padding this much',
                            at_least(0, 'off', SIZE))
     min_scale: float = option(0.08, "large images: RandomResizedCrop's smallest area", FRACTION)
+    # read where parse_config checks it, by the augmentation that runs it (util/augment.randaugment)
     randaug: str = option('', "RandAugment: rand-m9-mstd0.5-inc1 (timm's policy) | torchvision-m9 "
-                              "| '' = off", RANDAUG)
+                              "| '' = off")
     reprob: float = option(0.0, "random erasing probability (one box of noise, timm's mode "
                                 "'pixel')", PROBABILITY)
     mixup: float = option(0.0, rule=at_least(0, 'off'))
@@ -175,7 +166,6 @@ class TrainConfig:
         # a transfer student's depth may be the teacher's, known later
         depth = self.depth or size.get('depth') or 0
         batch = self.batch_size * self.accum_steps
-        shuffled = self.fake_size * SAMPLER_BYTES
         return [
             ('warmup_epochs', self.warmup_epochs <= self.epochs,
              f'must be at most --epochs {self.epochs}: the lr would never reach its peak'),
@@ -194,11 +184,6 @@ class TrainConfig:
              f'--min-lr-ratio 0 to set it absolutely'),
             ('fake_size', self.data != 'fake' or self.fake_size >= batch,
              f'gives no full batch of {batch} images (--batch-size x --accum-steps)'),
-            ('fake_size', shuffled <= machine_memory(),
-             f'images would take {shuffled / 1e9:,.0f} GB to shuffle ({SAMPLER_BYTES} bytes each '
-             f'in the sampler), more than the {machine_memory() / 1e9:,.0f} GB here: choose fewer'),
-            # every size in vit.SIZES: MLP ratio 4
-            *too_big(self, dim, depth, self.patch_size, 4.0),
         ]
 
     def resume_conflicts(self, ckpt, world, free=()):
@@ -226,13 +211,6 @@ def decay_floor(cfg, depth):
             f'gives the embedding an lr scale of --layer-decay {cfg.layer_decay} ** ({depth} '
             f'blocks + {cfg.layer_decay_offset}), which is 0 in floating point: use 0 or 1 (or '
             f'raise --layer-decay)')
-
-
-def policy(spec):
-    """RandAugment's policy of a --randaug string (util/augment.py, imported only where one is
-    given)."""
-    from util.augment import randaugment
-    return randaugment(spec)
 
 
 def readable(parse, value):
@@ -282,48 +260,3 @@ SMALL_PRESETS = {
     'fake': dict(model='vit_tiny', depth=2, img_size=32, patch_size=8, epochs=1, batch_size=32,
                  num_workers=0, log_every=5),
 }
-
-# -----------------------------------------------------------------------------
-# Sizes that cannot fit this machine, refused before anything is built: a lower bound of what one step needs
-
-# an image's index in a shuffled epoch (the permutation, the list of (epoch, index) keys)
-SAMPLER_BYTES = 100
-
-
-def machine_memory():
-    """Bytes of memory a process trains in: the GPU's when there is one, else the machine's RAM."""
-    import torch   # only here: the command line is parsed without it
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-def memory_needed(dim, depth, img_size, patch_size, batch_size, mlp_ratio=4.0, training=True):
-    """A lower bound of the bytes a ViT needs for one step, in fp32: its parameters (the blocks' attention and MLP
-    weights, the position embeddings), 4 bytes each, 16 when training (gradients and AdamW's two moments too), and
-    one batch of tokens (B x N x D numbers) per block when training, once without (the blocks' inputs kept for the
-    backward pass). Attention maps, which some paths never build, are not counted."""
-    tokens = (img_size // patch_size) ** 2 + 1
-    params = depth * (4 + 2 * mlp_ratio) * dim ** 2 + tokens * dim + 3 * patch_size ** 2 * dim
-    if training:
-        return 16 * params + 4 * batch_size * tokens * dim * depth
-    return 4 * params + 4 * batch_size * tokens * dim
-
-
-def too_big(cfg, dim, depth, patch_size, mlp_ratio, training=True, what='a ViT'):
-    """[] if a ViT of these sizes fits this machine's memory (memory_needed), else one checks() row naming the flag
-    furthest above a usual value (ViT-L/16 at 224 px, batch 256) and every size that went into the estimate."""
-    if not (dim and depth and patch_size):   # a size not known yet (a transfer student's is its
-        return []                            # teacher's): checked once it is
-    need = memory_needed(dim, depth, cfg.img_size, patch_size, cfg.batch_size, mlp_ratio, training)
-    have = machine_memory()
-    if need <= have:
-        return []
-    usual = {'img_size': cfg.img_size / patch_size / 14, 'depth': depth / 24,
-             'embed_dim': dim / 1024, 'batch_size': cfg.batch_size / 256}
-    use = 'to train' if training else 'to run'
-    return [(max(usual, key=usual.get), False,
-             f'makes {what} of {depth} blocks {dim} wide on {cfg.img_size} px images in '
-             f'{patch_size} px patches, batch {cfg.batch_size}: at least {need / 1e9:,.0f} GB '
-             f'{use}, more than the {have / 1e9:,.0f} GB here (--img-size, --depth, --embed-dim, '
-             f'--batch-size)')]

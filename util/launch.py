@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from util.attention_check import start_up_check
+from util.augment import randaugment
 from util.config import check, declared
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
@@ -307,7 +308,8 @@ def _metavar(tp):
 
 def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
     """cls's defaults < presets[--data] < command line. Unknown keys and bad values are errors:
-    wrong types exit at once, values out of range raise ConfigError (check), before anything is made.
+    wrong types exit at once, values out of range raise ConfigError (check; a --randaug string
+    util/augment.py cannot run: its own words), before anything is made.
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check (a first parse that only picks the presets: --help must still print)."""
     presets = presets or {}
@@ -322,7 +324,15 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
         say(parser(cls, presets, lines).format_help())
         sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     cfg = cls(**values)
-    return check(cfg) if checked else cfg
+    if not checked:
+        return cfg
+    check(cfg)
+    # the --randaug string, read by the augmentation that runs it: its ValueError names the fix
+    try:
+        randaugment(getattr(cfg, 'randaug', ''))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def help_lines(cls, values, given, preset, label):

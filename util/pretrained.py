@@ -61,17 +61,17 @@ FAMILIES = {
 
 FAIR = 'https://dl.fbaipublicfiles.com'
 DINOV2_URL = FAIR + '/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
-TEACHERS = {   # name -> (url, num_heads, family); heads are 64-dimensional in all of these
-    'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 6, 'deit'),
-    'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 12, 'deit'),
-    'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 6, 'dino'),
-    'dino_vitb16': (f'{FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 12, 'dino'),
-    'mocov3_vitb16': (f'{FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 12, 'mocov3'),
-    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), h, f'dinov2{tag}')
-       for s, h in (('s', 6), ('b', 12), ('l', 16)) for tag, reg in (('', ''), ('_reg', '_reg4'))},
+TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the file's width
+    'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 'deit'),
+    'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 'deit'),
+    'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'dino'),
+    'dino_vitb16': (f'{FAIR}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth', 'dino'),
+    'mocov3_vitb16': (f'{FAIR}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar', 'mocov3'),
+    **{f'dinov2_vit{s}14{tag}': (DINOV2_URL.format(s, reg), f'dinov2{tag}')
+       for s in ('s', 'b', 'l') for tag, reg in (('', ''), ('_reg', '_reg4'))},
     'clip_vitb16': ('https://openaipublic.azureedge.net/clip/models/'
                     '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
-                    12, 'clip'),
+                    'clip'),
 }
 
 
@@ -227,8 +227,7 @@ class ArchiveRefused(ValueError):
     """An archive this reader will not read: args (what it holds, the fix)."""
 
 
-# the fixes: of a damaged archive, of one whose code would run
-AGAIN = 'copy or download it again'
+# the fix of an archive whose code would run
 AS_WEIGHTS = 'ask for its weights saved with torch.save(model.state_dict(), path)'
 
 STORAGES = {f'{name}Storage': getattr(torch, dtype) for name, dtype in (
@@ -271,14 +270,11 @@ GLOBALS = {
 
 def declared(archive, root, qualname):
     """(is a module, its __parameters__, its __buffers__) of a TorchScript class, as the code record of its module
-    declares it (read as text, never run). A record that is missing or does not parse is refused in zipfile's or
-    ast's words (util/checkpoints.read_file)."""
+    declares it (read as text, never run). A record that is missing, does not parse or lacks the class is refused
+    in zipfile's, ast's or Python's words (util/checkpoints.read_file)."""
     module, name = qualname.rsplit('.', 1)
     code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
-    cls = next((n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name), None)
-    if cls is None:
-        raise ArchiveRefused(f'it is a TorchScript archive whose code has no class {qualname}',
-                             AGAIN)
+    cls = next(n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name)
     if any(isinstance(n, ast.FunctionDef) and n.name == '__setstate__' for n in cls.body):
         raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} has its own '
                              f'__setstate__, code that torch.jit.load would run to read it: '
@@ -338,7 +334,8 @@ def read_archive(path):
         with archive.open(f'{root}/data.pkl') as f:
             top = ArchiveUnpickler(f, archive, root, classes).load()
         state = {}
-        collect(top, '', classes, state)
+        if is_module(top, classes):   # else no state dict, refused where it is read
+            collect(top, '', classes, state)
         return state
 
 
@@ -352,9 +349,6 @@ def collect(module, prefix, classes, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
     nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
     tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
-    if not is_module(module, classes):
-        raise ArchiveRefused('it is a TorchScript archive that holds no module',
-                             "give the model's archive")
     _, parameters, buffers = classes(module.qualname)
     for names in (parameters, buffers):
         for name, value in module.state.items():
