@@ -161,8 +161,9 @@ def parse_policy(spec):
             'mmax': ('mmax', float), 'inc': ('increasing', lambda v: bool(int(v)))}
     for part in spec.split('-')[1:]:
         found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
-        if not found or found[1] not in keys:   # util/config.py's RANDAUG says what reads
-            raise ValueError(f'--randaug {spec}: {part}')
+        if not found or found[1] not in keys:
+            raise ValueError(f"--randaug '{spec}': cannot read '{part}' (use m, n, p, mstd, mmax, inc, "
+                             f"e.g. rand-m9-mstd0.5-inc1)")
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
     return kw
@@ -174,8 +175,8 @@ MOST_OPS = 16
 
 def randaugment(spec, fill=(128, 128, 128)):
     """The transform a --randaug string names, or None for ''. fill: the dataset's mean colour (0-255). A
-    ValueError for a string it cannot run (more than MOST_OPS ops, a torchvision magnitude beyond its 31 bins),
-    which util/config.py's rule for --randaug words."""
+    ValueError naming the fix for a string it cannot run (more than MOST_OPS ops, a torchvision magnitude beyond its
+    31 bins): util/launch.parse_config refuses it so, before anything is written."""
     if not spec:
         return None
     found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
@@ -187,7 +188,9 @@ def randaugment(spec, fill=(128, 128, 128)):
         policy = None
     if policy and policy.num_ops <= MOST_OPS:
         return policy
-    raise ValueError(f'--randaug {spec}')   # util/config.py's RANDAUG says what runs
+    raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
+                     f"(torchvision's RandAugment, magnitude 9 of 0 to 30), at most n{MOST_OPS} ops, or '' "
+                     f"for none")
 
 
 # timm's RandomErasing ranges: a box's share of the image, its aspect ratio (drawn log-uniform)
