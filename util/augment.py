@@ -162,8 +162,8 @@ def parse_policy(spec):
     for part in spec.split('-')[1:]:
         found = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', part)
         if not found or found[1] not in keys:
-            raise ValueError(f"--randaug '{spec}': cannot read '{part}' (use m, n, p, mstd, mmax, inc, "
-                             f"e.g. rand-m9-mstd0.5-inc1)")
+            raise ValueError(f"--randaug '{spec}': cannot read '{part}' (use m, n, p, mstd, "
+                             f"mmax, inc, e.g. rand-m9-mstd0.5-inc1)")
         name, convert = keys[found[1]]
         kw[name] = convert(found[2])
     return kw
@@ -188,9 +188,9 @@ def randaugment(spec, fill=(128, 128, 128)):
         policy = None
     if policy and policy.num_ops <= MOST_OPS:
         return policy
-    raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), torchvision-m9 "
-                     f"(torchvision's RandAugment, magnitude 9 of 0 to 30), at most n{MOST_OPS} ops, or '' "
-                     f"for none")
+    raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), "
+                     f"torchvision-m9 (torchvision's RandAugment, magnitude 9 of 0 to 30), at most "
+                     f"n{MOST_OPS} ops, or '' for none")
 
 
 # timm's RandomErasing ranges: a box's share of the image, its aspect ratio (drawn log-uniform)
