@@ -380,7 +380,7 @@ def test_what_the_results_dir_holds(tmp_path):
     (res / 'RESULTS.md').write_text('# written by hand')                 # a page beside the results: not theirs
     check_results_dir(str(res), cfg)
     (res / 'TABLE.md').write_text('# whose?')
-    with pytest.raises(ConfigError, match='holds TABLE.md but no results.json saying what made them'):
+    with pytest.raises(ConfigError, match='holds TABLE.md but no results.json saying this command made them'):
         check_results_dir(str(res), cfg)
     (res / 'results.json').write_text(json.dumps({'config': vars(cfg), 'teacher_sha256': 'a' * 64}))
     check_results_dir(str(res), cfg, 'a' * 64)                          # the same reproduction

@@ -31,13 +31,7 @@ LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher',
 def records(d):
     """metrics.jsonl, one record per step
     (a resumed run may have written a step twice: the last counts)."""
-    path = os.path.join(d, 'metrics.jsonl')
-    rs = []
-    if os.path.isfile(path):
-        rs = read_jsonl(path, 'delete that line and run the same command again')
-    if not rs or not all(isinstance(r.get('step'), int) for r in rs):
-        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and '
-                          f'run the same command again to run that stage afresh')
+    rs = read_jsonl(os.path.join(d, 'metrics.jsonl'), 'delete that line and run the same command again')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
@@ -191,18 +185,13 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
     """Refuse, before any stage runs, a --results-dir that cannot be written, or that holds results of another
     reproduction (another data set, preset, budget or teacher, by results.json) or files of unknown origin,
     unless --replace-results true: a reproduction replaces only its own results."""
-    check_out_dir(results_dir, '--results-dir')
-    path = os.path.join(results_dir, 'results.json')
-    replace = 'pass --replace-results true to replace them'
     if cfg.replace_results:
-        return
+        return check_out_dir(results_dir, '--results-dir')
+    check_out_dir(results_dir, '--results-dir', 'results.json', WRITTEN[1:])
+    path = os.path.join(results_dir, 'results.json')
     if not os.path.exists(path):
-        found = [f for f in WRITTEN if os.path.exists(os.path.join(results_dir, f))]
-        if found:
-            raise ConfigError(f"--results-dir {results_dir} holds {', '.join(found)} "
-                              f"but no results.json saying what made them: "
-                              f"choose another --results-dir, or {replace}")
         return
+    replace = 'pass --replace-results true to replace them'
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}',
                     {'config': dict})
     now = asdict(cfg)

@@ -26,17 +26,11 @@ FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 
 def seeds(root, name='metrics.jsonl'):
-    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it; anything else in root (a stray file)
-    is one DamagedFile line naming it."""
-    if not os.path.isdir(root):
-        raise DamagedFile(f'{root} is no folder of seed<k> runs of tools/variants.sh: move it away')
+    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
     found = {}
     for entry in os.listdir(root):
-        path = os.path.join(root, entry)
-        if not (re.fullmatch(r'seed\d+', entry) and os.path.isdir(path)):
-            raise DamagedFile(f'{path} is no seed<k> folder of a run of tools/variants.sh: '
-                              f'move it away')
-        found[int(entry[4:])] = os.path.join(path, name)
+        if re.fullmatch(r'seed\d+', entry):
+            found[int(entry[4:])] = os.path.join(root, entry, name)
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
 
 
@@ -159,7 +153,7 @@ def plot(result, path):
 
 
 def main():
-    result = collect()   # a damaged or stray file: one line naming it (run_main)
+    result = collect()   # a damaged file: one line naming it (run_main)
     write_json(os.path.join(OUT, 'variants.json'), result)
     plot(result, os.path.join(OUT, 'variants.png'))
     print(f"{len(result['runs'])} variants; runs and evaluations took "
