@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from tools.benchmark_cases import (METHODS, PATHS, TRAINED, Parts, autocast_dtype, cases,
                                    fill_batch, peak_memory)
 from util.config import (BATCH, DEPTH, FRACTION, SIZE, STEPS, WORKERS, ConfigError, at_least,
-                         check, machine_memory, option)
+                         check, option)
 from util.files import check_out_dir, cpu_name, git_commit, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
@@ -96,10 +96,7 @@ class BenchConfig:
     def checks(self):
         return [('img_size',
                  self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
-                 f'must be a multiple of --patch-size {self.patch_size}'),
-                # its 3 fp32 matrices
-                ('gemm_size', 3 * 4 * self.gemm_size ** 2 <= machine_memory() / 2,
-                 'makes 3 square fp32 matrices larger than half the memory: choose a smaller one')]
+                 f'must be a multiple of --patch-size {self.patch_size}')]
 
 
 # each replaces what you left at its default; where both give one, --quick's (its steps are the

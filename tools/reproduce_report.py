@@ -31,7 +31,13 @@ LABELS = {'scratch': 'train from scratch', 'finetune': 'fine-tune the teacher',
 def records(d):
     """metrics.jsonl, one record per step
     (a resumed run may have written a step twice: the last counts)."""
-    rs = read_jsonl(os.path.join(d, 'metrics.jsonl'), 'delete that line and run the same command again')
+    path = os.path.join(d, 'metrics.jsonl')
+    rs = []
+    if os.path.isfile(path):
+        rs = read_jsonl(path, 'delete that line and run the same command again')
+    if not rs:   # a run stopped before its first evaluation
+        raise DamagedFile(f'{path} is missing or holds no evaluation: delete {d} and '
+                          f'run the same command again to run that stage afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
