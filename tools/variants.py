@@ -52,11 +52,7 @@ def final_top1(path):
 def wall_s(folder):
     """The seconds a run took, as tools/variants.sh wrote them in its wall_s.txt."""
     path = os.path.join(folder, 'wall_s.txt')
-    try:
-        value = float(read_bytes(path, FIX))
-    except ValueError:   # not a number
-        value = None
-    return finite(value, path, 'its time')
+    return finite(float(read_bytes(path, FIX)), path, 'its time')
 
 
 def stats(top1, ref):
