@@ -352,7 +352,7 @@ def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(mad
     torch.save(ckpt, teacher)
     before = snapshot(runs, results)
     msg = reproduce_in_process(monkeypatch, runs, results)
-    assert msg and f"{runs / 'distill' / 'seed0'} was made from a teacher of sha256" in msg, msg
+    assert msg and f"{runs / 'distill' / 'seed0'} was made from another teacher" in msg, msg
     assert f'not from {teacher}' in msg and 'put that file back, or choose another --out-dir' in msg, msg
     assert snapshot(runs, results) == before
 
@@ -384,7 +384,7 @@ def test_what_the_results_dir_holds(tmp_path):
         check_results_dir(str(res), cfg)
     (res / 'results.json').write_text(json.dumps({'config': vars(cfg), 'teacher_sha256': 'a' * 64}))
     check_results_dir(str(res), cfg, 'a' * 64)                          # the same reproduction
-    with pytest.raises(ConfigError, match=r'made with a teacher with sha256 a{16}\.\.\. \(here b{16}'):
+    with pytest.raises(ConfigError, match='made with another teacher'):
         check_results_dir(str(res), cfg, 'b' * 64)
     with pytest.raises(ConfigError, match=r'made with --epochs 1 \(here 2\)'):
         check_results_dir(str(res), parse([*TINY, '--epochs', '2']))

@@ -58,9 +58,10 @@ class ReproduceConfig:
     data: str = option('fashion-mnist', "every script's --data (ImageNet: the scripts' recipes)",
                        choices=tuple(PRESETS))
     data_dir: str = './data'
-    # a seed out of range: refused by the scripts' own --seed rule, before any stage runs (preflight)
     seeds: list[int] = option(factory=lambda: [0, 1, 2],
-                              rule=(lambda v: len(set(v)) == len(v), 'each seed once'))
+                              rule=(lambda v: (len(set(v)) == len(v)
+                                               and 0 <= min(v) <= max(v) < 2 ** 63),
+                                    'each seed once, in [0, 2**63)'))
     teacher: str = option('', 'a checkpoint file or name; empty = pre-train one (stage mae); '
                           'the fashion-mnist preset: the shipped teacher (teachers/README.md)')
     quick: bool = option(False, '1 seed, a 1-epoch schedule cut after 160 steps of 64 a stage: '
@@ -316,9 +317,8 @@ def main():
             done[key] = read_done(run_dir(root, *key), key[0])
     for (stage, seed), r in done.items():
         if stage in USES_TEACHER and r.get('teacher_sha256') != digest:
-            raise ConfigError(f"{run_dir(root, stage, seed)} was made from a teacher of sha256 "
-                              f"{str(r.get('teacher_sha256'))[:16]}..., "
-                              f"not from {teacher} ({str(digest)[:16]}...): put that file back, "
+            raise ConfigError(f"{run_dir(root, stage, seed)} was made from another teacher, "
+                              f"not from {teacher} (by their sha256): put that file back, "
                               f"or choose another --out-dir to run every stage from this one")
     check_results_dir(results_dir, cfg, digest)
     todo = [(key, argv) for key, argv in steps if key not in done]

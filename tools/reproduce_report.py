@@ -204,8 +204,7 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
     diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})"
             for k in SAME if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
-        diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... "
-                    f"(here {teacher_sha256[:16]}...)")
+        diff.append('another teacher')
     if diff:
         raise ConfigError(f"--results-dir {results_dir} holds another reproduction's results, "
                           f"made with {'; '.join(diff)}: "
