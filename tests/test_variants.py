@@ -20,7 +20,7 @@ PAGE = os.path.join(ROOT, 'results', 'fashion-mnist', 'variants')
 def write_run(folder, top1s, wall=None):
     os.makedirs(folder)
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
-        f.writelines(json.dumps({'epoch': e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
+        f.writelines(json.dumps({'epoch': e, 'step': 10 * e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
     if wall is not None:
         with open(os.path.join(folder, 'wall_s.txt'), 'w') as f:
             f.write(f'{wall}\n')
@@ -101,10 +101,11 @@ def test_a_damaged_file_is_one_line_naming_it(tree, monkeypatch, damage):
         named.write_text(named.read_text().replace('80', 'NaN', 1))
     else:
         named.write_text({'an empty metrics.jsonl': '',
-                          'a nan top-1': '{"epoch": 1, "top1": NaN}\n'}[damage])
+                          'a nan top-1': '{"epoch": 1, "step": 10, "top1": NaN}\n'}[damage])
     before = sorted(os.listdir(tree))
     msg = run_in_process(monkeypatch, variants)
-    assert msg and msg.startswith(f'error: {named}') and 'move it away' in msg, msg
+    fix = 'run the same command again' if damage == 'an empty metrics.jsonl' else 'move it away'
+    assert msg and msg.startswith(f'error: {named}') and fix in msg, msg
     assert sorted(os.listdir(tree)) == before   # variants.json and the figure not written
 
 

@@ -11,7 +11,8 @@ from statistics import mean, stdev
 from matplotlib.figure import Figure
 
 from tools.palette import PALETTE, SHORT, png
-from util.files import DamagedFile, read_bytes, read_json, read_jsonl, replacing, write_json
+from tools.reproduce_report import records
+from util.files import DamagedFile, read_bytes, read_json, replacing, write_json
 from util.launch import run_main
 
 HERE = os.path.join('results', 'fashion-mnist')
@@ -27,10 +28,8 @@ FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 def seeds(root, name='metrics.jsonl'):
     """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
-    found = {}
-    for entry in os.listdir(root):
-        if re.fullmatch(r'seed\d+', entry):
-            found[int(entry[4:])] = os.path.join(root, entry, name)
+    found = {int(e[4:]): os.path.join(root, e, name)
+             for e in os.listdir(root) if re.fullmatch(r'seed\d+', e)}
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
 
 
@@ -43,10 +42,7 @@ def finite(value, path, what):
 
 def final_top1(path):
     """The top-1 of a run's last evaluation (its metrics.jsonl's last record)."""
-    records = read_jsonl(path, FIX)
-    if not records:   # empty: the run ended before its first evaluation
-        raise DamagedFile(f'{path} holds no evaluation: {FIX}')
-    return finite(records[-1].get('top1'), path, "the last record's top1")
+    return finite(records(os.path.dirname(path))[-1].get('top1'), path, "the last record's top1")
 
 
 def wall_s(folder):
