@@ -114,9 +114,9 @@ def configure(cfg):
     gpu = cfg.device != 'cpu' and torch.cuda.is_available()
     # --batch-size 0 given on a CPU (a GPU's default): refused with a missing GPU
     if not gpu and (cfg.device == 'cuda' or cfg.batch_size == 0):
-        raise ConfigError(f'--device {cfg.device} --batch-size {cfg.batch_size}: no CUDA device here '
-                          f'(0 fills a GPU); run on a GPU machine, or --device cpu with a positive '
-                          f'--batch-size')
+        raise ConfigError(f'--device {cfg.device} --batch-size {cfg.batch_size}: '
+                          f'no CUDA device here (0 fills a GPU); run on a GPU machine, '
+                          f'or --device cpu with a positive --batch-size')
     device = torch.device('cuda' if gpu else 'cpu')
     changes = {}
     if gpu:
