@@ -72,13 +72,17 @@ def draw(run_dirs):
     return fig
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(prog='python -m tools.curves', description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
                    help="a run directory a script wrote (its metrics.jsonl, log.txt, config.json)")
     p.add_argument('--out', default='',
                    help='the PNG to write; default curves.png in the folder the runs share')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     # a folder without an evaluation: one line naming its metrics.jsonl (records)
     out = args.out or os.path.join(shared_folder(args.run_dirs), 'curves.png')
     fig = draw(args.run_dirs)
