@@ -36,8 +36,9 @@ def records(d):
     if os.path.isfile(path):
         rs = read_jsonl(path, 'delete that line and run the same command again')
     if not rs:   # a run stopped before its first evaluation
-        raise DamagedFile(f'{path} is missing or holds no evaluation: delete {d} and '
-                          f'run the same command again to run that stage afresh')
+        raise DamagedFile(f'{path} is missing or holds no evaluation: name a run evaluated at least '
+                          f'once, or (reproduce.py, tools/variants.sh) delete {d} and run the same '
+                          f'command again to run it afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
