@@ -20,7 +20,7 @@ PAGE = os.path.join(ROOT, 'results', 'fashion-mnist', 'variants')
 def write_run(folder, top1s, wall=None):
     os.makedirs(folder)
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
-        f.writelines(json.dumps({'epoch': e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
+        f.writelines(json.dumps({'epoch': e, 'step': 10 * e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
     if wall is not None:
         with open(os.path.join(folder, 'wall_s.txt'), 'w') as f:
             f.write(f'{wall}\n')
@@ -87,12 +87,12 @@ def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path)
 def test_the_figure_names_runs_as_the_course_does(name, shown):
     assert variants.label(name) == shown
 
-@pytest.mark.parametrize('damage', ['a stray file', 'an empty metrics.jsonl', 'a missing wall_s.txt', 'a nan top-1',
+@pytest.mark.parametrize('damage', ['an empty metrics.jsonl', 'a missing wall_s.txt', 'a nan top-1',
                                     'a nan shifted top-1'])
-def test_a_damaged_or_stray_file_is_one_line_naming_it(tree, monkeypatch, damage):
+def test_a_damaged_file_is_one_line_naming_it(tree, monkeypatch, damage):
     """Each ended in a traceback (a nan top-1 in a mean of nan, written without a word)."""
     run = tree / 'logs' / 'distill-q' / 'seed1'
-    named = {'a stray file': tree / 'logs' / 'distill-q' / 'notes.txt', 'an empty metrics.jsonl': run / 'metrics.jsonl',
+    named = {'an empty metrics.jsonl': run / 'metrics.jsonl',
              'a missing wall_s.txt': run / 'wall_s.txt', 'a nan top-1': run / 'metrics.jsonl',
              'a nan shifted top-1': tree / 'shift' / 'seed0' / 'robustness.json'}[damage]
     if damage == 'a missing wall_s.txt':
@@ -100,11 +100,12 @@ def test_a_damaged_or_stray_file_is_one_line_naming_it(tree, monkeypatch, damage
     elif damage == 'a nan shifted top-1':
         named.write_text(named.read_text().replace('80', 'NaN', 1))
     else:
-        named.write_text({'a stray file': 'mine', 'an empty metrics.jsonl': '',
-                          'a nan top-1': '{"epoch": 1, "top1": NaN}\n'}[damage])
+        named.write_text({'an empty metrics.jsonl': '',
+                          'a nan top-1': '{"epoch": 1, "step": 10, "top1": NaN}\n'}[damage])
     before = sorted(os.listdir(tree))
     msg = run_in_process(monkeypatch, variants)
-    assert msg and msg.startswith(f'error: {named}') and 'move it away' in msg, msg
+    fix = 'run the same command again' if damage == 'an empty metrics.jsonl' else 'move it away'
+    assert msg and msg.startswith(f'error: {named}') and fix in msg, msg
     assert sorted(os.listdir(tree)) == before   # variants.json and the figure not written
 
 

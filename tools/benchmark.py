@@ -61,8 +61,7 @@ class BenchConfig:
                              at_least(0, 'fill a GPU', BATCH))
     memory_batch_size: int = option(32, 'peak memory is measured at this batch; 0 = not measured; '
                                         '-1 = the timed one',
-                                    (lambda v: -1 <= v <= BATCH,
-                                     f'must be -1 (the timed batch), 0 or more, at most {BATCH}'))
+                                    at_least(-1, 'the timed batch', BATCH))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
                          FRACTION)
     # 0: refused by checks(), with its patch
@@ -111,11 +110,13 @@ PRECISION = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}   # No
 def configure(cfg):
     """Apply --quick's and the GPU's defaults, and check every flag:
     one error line, before anything runs."""
-    if cfg.device == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('--device cuda: torch sees no CUDA device here; run on a GPU machine, '
-                          'or --device cpu')
     # cuda where asked or (auto) available
     gpu = cfg.device != 'cpu' and torch.cuda.is_available()
+    # --batch-size 0 given on a CPU (a GPU's default): refused with a missing GPU
+    if not gpu and (cfg.device == 'cuda' or cfg.batch_size == 0):
+        raise ConfigError(f'--device {cfg.device} --batch-size {cfg.batch_size}: '
+                          f'no CUDA device here (0 fills a GPU); run on a GPU machine, '
+                          f'or --device cpu with a positive --batch-size')
     device = torch.device('cuda' if gpu else 'cpu')
     changes = {}
     if gpu:
@@ -126,8 +127,6 @@ def configure(cfg):
     default = asdict(BenchConfig())
     # checked with --quick's and the GPU's sizes: they may not fit the flags given beside them
     cfg = check(replace(cfg, **{k: v for k, v in changes.items() if getattr(cfg, k) == default[k]}))
-    if cfg.batch_size == 0 and not gpu:
-        raise ConfigError('--batch-size 0: give a positive batch (0 fills a GPU, on a GPU only)')
     # a file, a read-only folder, or a user's own BENCHMARK.md (no benchmark.json): refused now, not
     # after the timings
     check_out_dir(cfg.out_dir, '--out-dir', 'benchmark.json')

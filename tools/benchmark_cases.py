@@ -341,28 +341,19 @@ MAX_BATCH = 1024      # a small model would otherwise fill 80 GB with a batch ti
 
 
 def largest_batch(peak_at, budget, step=8):
-    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget`, found within
-    8 measurements. Each next batch lies where the line through the peaks at `step` and at the last batch
-    meets the budget, kept strictly between the largest batch that fitted and the smallest that did not: memory
-    grows a little faster than linearly (kernels and workspaces change with the batch), so a line alone
-    overshoots. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
-    low = peak_at(step)
+    """The largest multiple of `step` (up to MAX_BATCH) whose measured peak stays within `budget` (`step` itself
+    when even it does not fit), by bisection between the largest batch that fitted and the smallest that did not:
+    8 measurements. peak_at(batch) -> bytes at that batch (inf: out of memory)."""
     fits = step                  # the largest batch that fitted
     over = MAX_BATCH + step      # the smallest that did not
-    batch = 2 * step
-    for _ in range(8):
-        if low > budget or fits + step >= over:
-            break
-        peak = peak_at(batch)
-        if peak <= budget:
+    if peak_at(step) > budget:
+        return step
+    while over - fits > step:
+        batch = (fits + over) // 2 // step * step
+        if peak_at(batch) <= budget:
             fits = batch
         else:
             over = batch
-        if peak < float('inf'):   # where the line through the two peaks meets the budget
-            line = step + (budget - low) / max((peak - low) / (batch - step), 1)
-        else:
-            line = (fits + over) / 2
-        batch = min(max(int(line) // step * step, fits + step), over - step)
     return fits
 
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from data import accuracy, build_eval_set, check_classes, class_names
 from teacher import load_models
 from util.checkpoints import build_from_checkpoint
-from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
+from util.config import BATCH, STEPS, ConfigError, at_least, option
 from util.errors import show
 from util.files import claimed, cpu_name, git_commit
 from util.launch import parse_config, run_main
@@ -50,11 +50,9 @@ KINDS = {'tokens': 'every token of every image a sample, block i against block i
 class FeaturesConfig:
     models: list[str] = option(factory=list, help='classifiers, files named <method>-<seed>.pt')
     teacher: str = option('', 'the teacher the students learnt from (copy students run with it)')
-    images: int = option(0, 'the first this many test images; 0 = all',
+    images: int = option(0, 'the first this many test images; 0 (or more than the split has) = all',
                          at_least(0, 'all', STEPS))
-    blocks: list[int] = option(factory=list, help='the blocks compared; none = all',
-                               rule=(lambda v: all(0 <= b < DEPTH for b in v),
-                                     f'must be 0 to {DEPTH - 1}'))
+    blocks: list[int] = option(factory=list, help='the blocks compared; none = all')
     batch_size: int = option(200, rule=at_least(1, most=BATCH))
     data_dir: str = option('./data', "the models' data set's folder (util/datafiles.py: or where)")
     out_dir: str = option('', 'features.json and TABLE.md here (neither may exist yet); '
@@ -175,22 +173,16 @@ def analyse(cfg, device):
     models = {'teacher': teacher, **{name(p): m for p, m in zip(cfg.models, classifiers)}}
     models = {k: m.to(device) for k, m in models.items()}
     vits = {k: getattr(m, 'student', m) for k, m in models.items()}   # a copy student's own ViT
-    shapes = {k: (v.depth, v.pos_embed.shape[1] + v.arch['reg_tokens']) for k, v in vits.items()}
-    if len(set(shapes.values())) > 1:
-        raise ConfigError('the models are compared block by block on the same tokens: they need '
-                          'one depth and token count; (blocks, tokens): '
-                          + ', '.join(f'{k} {v}' for k, v in shapes.items()))
     blocks = sorted(set(cfg.blocks)) or list(range(teacher.depth))
-    if blocks[-1] >= teacher.depth:
+    if blocks[0] < 0 or blocks[-1] >= teacher.depth:
         raise ConfigError(f'--blocks {show(cfg.blocks)}: the models have blocks 0 to '
                           f'{teacher.depth - 1}')
     data = records[0]['data']                                         # check_classes: all of theirs
     test_set, classes = build_eval_set(SimpleNamespace(data=data, data_dir=cfg.data_dir, val_size=0,
                                                        img_size=size))
     check_classes(cfg.models, records, class_names(test_set, classes), data)
-    if cfg.images > len(test_set):
-        raise ConfigError(f'--images {cfg.images}: the {data} test split has {len(test_set)}')
-    images = Subset(test_set, range(cfg.images or len(test_set)))    # the first: the same every run
+    # the first: the same every run (at most the whole split)
+    images = Subset(test_set, range(len(test_set))[:cfg.images or None])
     cka, top1 = one_pass(models, vits, DataLoader(images, cfg.batch_size), blocks, device)
     at = {k: i for i, k in enumerate(models)}
 

@@ -35,7 +35,7 @@ from util.checkpoints import CheckpointError
 from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option,
                          optional)
 from util.errors import DataError
-from util.files import DamagedFile, cpu_name, git_commit, read_json, sha256_of, write_json
+from util.files import cpu_name, git_commit, read_json, sha256_of, write_json
 from util.launch import parse_config, run_main, without_help
 
 # -----------------------------------------------------------------------------
@@ -202,18 +202,14 @@ def preflight(steps, with_teacher):
 
 
 def read_done(d, stage):
-    """A finished stage's done.json, with what the report reads
-    (and a training stage's metrics.jsonl)."""
+    """A finished stage's done.json (and a training stage's metrics.jsonl read, so that a damaged one is
+    refused before any stage runs)."""
     if stage == 'ensemble':
         fix = 'delete it and run the same command again: the stage runs again'
     else:
         fix = 'delete it and run the same command again: the stage is finished from its checkpoint'
     path = os.path.join(d, 'done.json')
-    done = read_json(path, fix, {'stage': str, 'seed': int, 'command': list, 'wall_s': (int, float),
-                                 'metrics': dict})
-    final = 'mse' if stage == 'mae' else 'top1'
-    if not isinstance(done['metrics'].get(final), (int, float)):
-        raise DamagedFile(f'{path} has no final {final} in its metrics: {fix}')
+    done = read_json(path, fix)
     if stage not in ('mae', 'ensemble'):
         records(d)
     return done
@@ -262,8 +258,7 @@ def run_stage(key, argv, root, env, record, failed):
         return None
     if stage == 'ensemble':
         r = read_json(os.path.join(d, 'ensemble.json'),
-                      'run the same command again (the ensemble stage makes it anew)',
-                      {'ensemble': dict, 'disagreement': list, 'models': list})
+                      'run the same command again (the ensemble stage makes it anew)')
         metrics = {**r['ensemble'], 'disagreement': r['disagreement'][0]['rate'],
                    'models': r['models']}
     else:
@@ -322,9 +317,8 @@ def main():
             done[key] = read_done(run_dir(root, *key), key[0])
     for (stage, seed), r in done.items():
         if stage in USES_TEACHER and r.get('teacher_sha256') != digest:
-            raise ConfigError(f"{run_dir(root, stage, seed)} was made from a teacher of sha256 "
-                              f"{str(r.get('teacher_sha256'))[:16]}..., "
-                              f"not from {teacher} ({str(digest)[:16]}...): put that file back, "
+            raise ConfigError(f"{run_dir(root, stage, seed)} was made from another teacher, "
+                              f"not from {teacher} (by their sha256): put that file back, "
                               f"or choose another --out-dir to run every stage from this one")
     check_results_dir(results_dir, cfg, digest)
     todo = [(key, argv) for key, argv in steps if key not in done]

@@ -35,9 +35,10 @@ def records(d):
     rs = []
     if os.path.isfile(path):
         rs = read_jsonl(path, 'delete that line and run the same command again')
-    if not rs or not all(isinstance(r.get('step'), int) for r in rs):
-        raise DamagedFile(f'{path} is missing or holds no evaluation with its step: delete {d} and '
-                          f'run the same command again to run that stage afresh')
+    if not rs:   # a run stopped before its first evaluation
+        raise DamagedFile(f'{path} is missing or holds no evaluation: name a run evaluated at least '
+                          f'once, or (reproduce.py, tools/variants.sh) delete {d} and run the same '
+                          f'command again to run it afresh')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
 
@@ -191,26 +192,20 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
     """Refuse, before any stage runs, a --results-dir that cannot be written, or that holds results of another
     reproduction (another data set, preset, budget or teacher, by results.json) or files of unknown origin,
     unless --replace-results true: a reproduction replaces only its own results."""
-    check_out_dir(results_dir, '--results-dir')
-    path = os.path.join(results_dir, 'results.json')
-    replace = 'pass --replace-results true to replace them'
     if cfg.replace_results:
-        return
+        return check_out_dir(results_dir, '--results-dir')
+    check_out_dir(results_dir, '--results-dir', 'results.json', WRITTEN[1:])
+    path = os.path.join(results_dir, 'results.json')
     if not os.path.exists(path):
-        found = [f for f in WRITTEN if os.path.exists(os.path.join(results_dir, f))]
-        if found:
-            raise ConfigError(f"--results-dir {results_dir} holds {', '.join(found)} "
-                              f"but no results.json saying what made them: "
-                              f"choose another --results-dir, or {replace}")
         return
+    replace = 'pass --replace-results true to replace them'
     old = read_json(path, f'restore it (committed results: git checkout -- {path}), or {replace}',
                     {'config': dict})
     now = asdict(cfg)
     diff = [f"{flag(k)} {word(old['config'].get(k))} (here {word(now[k])})"
             for k in SAME if old['config'].get(k) != now[k]]
     if old.get('teacher_sha256') and teacher_sha256 and old['teacher_sha256'] != teacher_sha256:
-        diff.append(f"a teacher with sha256 {old['teacher_sha256'][:16]}... "
-                    f"(here {teacher_sha256[:16]}...)")
+        diff.append('another teacher')
     if diff:
         raise ConfigError(f"--results-dir {results_dir} holds another reproduction's results, "
                           f"made with {'; '.join(diff)}: "
@@ -249,15 +244,9 @@ def rewrite(results_dir):
     """TABLE.md and results.png again from results.json, after a change to how they are made: the numbers are
     the run's own (its run directories need not exist any more)."""
     path = os.path.join(results_dir, 'results.json')
-    fix = (f'restore it (committed results: git checkout -- {path}), '
-           f'or make it again with python -m tools.reproduce')
-    d = read_json(path, fix, {'config': dict, 'summary': dict, 'stages': list})
-    # everything below reads the file's contents: a missing or mistyped entry is the file's fault
-    try:
-        write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
-    except (KeyError, AttributeError, TypeError, ValueError, IndexError, StopIteration) as e:
-        raise DamagedFile(f'{path} does not hold what reproduce.py writes '
-                          f'({type(e).__name__}: {e}): {fix}') from None
+    d = read_json(path, f'restore it (committed results: git checkout -- {path}), '
+                        f'or make it again with python -m tools.reproduce')
+    write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
     print(f'written: {results_dir}/TABLE.md, results.png (from results.json)')
 
 

@@ -150,8 +150,7 @@ def final_top1(run_dir):
 def images_a_step(run_dir):
     """The images one optimizer step takes, from the run's config.json: the batch of a process, times its
     accumulation steps, times the processes."""
-    cfg = read_json(os.path.join(run_dir, 'config.json'), 'run it again',
-                    {'batch_size': int, 'accum_steps': int, 'world_size': int})
+    cfg = read_json(os.path.join(run_dir, 'config.json'), 'run it again')
     return cfg['batch_size'] * cfg['accum_steps'] * cfg['world_size']
 
 

@@ -11,7 +11,8 @@ from statistics import mean, stdev
 from matplotlib.figure import Figure
 
 from tools.palette import PALETTE, SHORT, png
-from util.files import DamagedFile, read_bytes, read_json, read_jsonl, replacing, write_json
+from tools.reproduce_report import records
+from util.files import DamagedFile, read_bytes, read_json, replacing, write_json
 from util.launch import run_main
 
 HERE = os.path.join('results', 'fashion-mnist')
@@ -26,17 +27,9 @@ FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 
 def seeds(root, name='metrics.jsonl'):
-    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it; anything else in root (a stray file)
-    is one DamagedFile line naming it."""
-    if not os.path.isdir(root):
-        raise DamagedFile(f'{root} is no folder of seed<k> runs of tools/variants.sh: move it away')
-    found = {}
-    for entry in os.listdir(root):
-        path = os.path.join(root, entry)
-        if not (re.fullmatch(r'seed\d+', entry) and os.path.isdir(path)):
-            raise DamagedFile(f'{path} is no seed<k> folder of a run of tools/variants.sh: '
-                              f'move it away')
-        found[int(entry[4:])] = os.path.join(path, name)
+    """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
+    found = {int(e[4:]): os.path.join(root, e, name)
+             for e in os.listdir(root) if re.fullmatch(r'seed\d+', e)}
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
 
 
@@ -49,20 +42,13 @@ def finite(value, path, what):
 
 def final_top1(path):
     """The top-1 of a run's last evaluation (its metrics.jsonl's last record)."""
-    records = read_jsonl(path, FIX)
-    if not records:   # empty: the run ended before its first evaluation
-        raise DamagedFile(f'{path} holds no evaluation: {FIX}')
-    return finite(records[-1].get('top1'), path, "the last record's top1")
+    return finite(records(os.path.dirname(path))[-1].get('top1'), path, "the last record's top1")
 
 
 def wall_s(folder):
     """The seconds a run took, as tools/variants.sh wrote them in its wall_s.txt."""
     path = os.path.join(folder, 'wall_s.txt')
-    try:
-        value = float(read_bytes(path, FIX))
-    except ValueError:   # not a number
-        value = None
-    return finite(value, path, 'its time')
+    return finite(float(read_bytes(path, FIX)), path, 'its time')
 
 
 def stats(top1, ref):
@@ -159,7 +145,7 @@ def plot(result, path):
 
 
 def main():
-    result = collect()   # a damaged or stray file: one line naming it (run_main)
+    result = collect()   # a damaged file: one line naming it (run_main)
     write_json(os.path.join(OUT, 'variants.json'), result)
     plot(result, os.path.join(OUT, 'variants.png'))
     print(f"{len(result['runs'])} variants; runs and evaluations took "
