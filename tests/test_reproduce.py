@@ -448,19 +448,14 @@ def test_a_damaged_ensemble_result_is_made_anew(made_here, monkeypatch, capsys):
             'metrics']['top1']
 
 
-def test_the_report_from_a_damaged_results_json_is_refused_and_nothing_is_written(first_run, tmp_path):
-    """Cut short: one line naming the file and the fix. Edited by hand (a stage's record emptied): refused where the
-    report reads it, by Python's KeyError. Either way nothing is written beside it."""
+def test_the_report_from_a_damaged_results_json_is_one_line(first_run, tmp_path):
     d, _ = first_run
     good = json.loads((d / 'results' / 'results.json').read_text())
     for text in ('{"config": {"data": "fa', json.dumps({**good, 'stages': [{'stage': 'copy'}]})):
         (tmp_path / 'results.json').write_text(text)
         p = run_script('-m', 'tools.reproduce_report', tmp_path)
-        assert p.returncode == 1 and sorted(os.listdir(tmp_path)) == ['results.json'], p.stderr
-        if text.startswith('{"config": {"data": "fa'):
-            assert p.stderr.count('\n') == 1 and str(tmp_path / 'results.json') in p.stderr, p.stderr
-            assert 'git checkout -- ' in p.stderr, p.stderr
-    assert "error: KeyError: 'command'" in p.stderr, p.stderr
+        assert p.returncode == 1 and p.stderr.count('\n') == 1 and str(tmp_path / 'results.json') in p.stderr, p.stderr
+        assert 'git checkout -- ' in p.stderr and sorted(os.listdir(tmp_path)) == ['results.json'], p.stderr
 
 
 def test_one_learning_rate_for_every_training_stage(tmp_path):

@@ -244,9 +244,15 @@ def rewrite(results_dir):
     """TABLE.md and results.png again from results.json, after a change to how they are made: the numbers are
     the run's own (its run directories need not exist any more)."""
     path = os.path.join(results_dir, 'results.json')
-    d = read_json(path, f'restore it (committed results: git checkout -- {path}), '
-                        f'or make it again with python -m tools.reproduce')
-    write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
+    fix = (f'restore it (committed results: git checkout -- {path}), '
+           f'or make it again with python -m tools.reproduce')
+    d = read_json(path, fix, {'config': dict, 'summary': dict, 'stages': list})
+    # everything below reads the file's contents: a missing or mistyped entry is the file's fault
+    try:
+        write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, StopIteration) as e:
+        raise DamagedFile(f'{path} does not hold what reproduce.py writes '
+                          f'({type(e).__name__}: {e}): {fix}') from None
     print(f'written: {results_dir}/TABLE.md, results.png (from results.json)')
 
 
