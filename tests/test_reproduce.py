@@ -377,11 +377,12 @@ def test_what_the_results_dir_holds(tmp_path):
     cfg, res = parse([*TINY, '--results-dir', str(tmp_path / 'res')]), tmp_path / 'res'
     check_results_dir(str(res), cfg)                                    # not there yet: made at the end
     res.mkdir()
-    (res / 'RESULTS.md').write_text('# written by hand')                 # a page beside the results: not theirs
-    check_results_dir(str(res), cfg)
-    (res / 'TABLE.md').write_text('# whose?')
-    with pytest.raises(ConfigError, match='holds TABLE.md but no results.json saying this command made them'):
+    check_results_dir(str(res), cfg)                                    # empty
+    (res / 'RESULTS.md').write_text('# written by hand')                 # not a reproduction's: refused, whatever
+    with pytest.raises(ConfigError, match='is not empty and holds no results.json: choose an empty or new '
+                                          '--results-dir'):
         check_results_dir(str(res), cfg)
+    assert os.listdir(res) == ['RESULTS.md']
     (res / 'results.json').write_text(json.dumps({'config': vars(cfg), 'teacher_sha256': 'a' * 64}))
     check_results_dir(str(res), cfg, 'a' * 64)                          # the same reproduction
     with pytest.raises(ConfigError, match='made with another teacher'):

@@ -185,7 +185,6 @@ def plot(s, path, split='test', smoke=False):
 # What a reproduction's numbers depend on: results made with other values are another reproduction's
 SAME = ('data', 'seeds', 'teacher', 'quick', 'val_size', 'mae_epochs', 'epochs', 'blr',
         'batch_size', 'max_steps', 'fake_size', 'amp')
-WRITTEN = ('results.json', 'TABLE.md', 'results.png', 'logs')
 
 
 def check_results_dir(results_dir, cfg, teacher_sha256=None):
@@ -194,7 +193,7 @@ def check_results_dir(results_dir, cfg, teacher_sha256=None):
     unless --replace-results true: a reproduction replaces only its own results."""
     if cfg.replace_results:
         return check_out_dir(results_dir, '--results-dir')
-    check_out_dir(results_dir, '--results-dir', 'results.json', WRITTEN[1:])
+    check_out_dir(results_dir, '--results-dir', 'results.json')
     path = os.path.join(results_dir, 'results.json')
     if not os.path.exists(path):
         return
