@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from data import accuracy, build_eval_set, check_classes, class_names
 from teacher import load_models
 from util.checkpoints import build_from_checkpoint
-from util.config import BATCH, STEPS, ConfigError, at_least, option
+from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.errors import show
 from util.files import claimed, cpu_name, git_commit
 from util.launch import parse_config, run_main
@@ -52,7 +52,9 @@ class FeaturesConfig:
     teacher: str = option('', 'the teacher the students learnt from (copy students run with it)')
     images: int = option(0, 'the first this many test images; 0 (or more than the split has) = all',
                          at_least(0, 'all', STEPS))
-    blocks: list[int] = option(factory=list, help='the blocks compared; none = all')
+    blocks: list[int] = option(factory=list, help='the blocks compared; none = all',
+                               rule=(lambda v: all(0 <= b < DEPTH for b in v),
+                                     f'must be 0 to {DEPTH - 1}'))
     batch_size: int = option(200, rule=at_least(1, most=BATCH))
     data_dir: str = option('./data', "the models' data set's folder (util/datafiles.py: or where)")
     out_dir: str = option('', 'features.json and TABLE.md here (neither may exist yet); '
@@ -174,7 +176,7 @@ def analyse(cfg, device):
     models = {k: m.to(device) for k, m in models.items()}
     vits = {k: getattr(m, 'student', m) for k, m in models.items()}   # a copy student's own ViT
     blocks = sorted(set(cfg.blocks)) or list(range(teacher.depth))
-    if blocks[0] < 0 or blocks[-1] >= teacher.depth:
+    if blocks[-1] >= teacher.depth:
         raise ConfigError(f'--blocks {show(cfg.blocks)}: the models have blocks 0 to '
                           f'{teacher.depth - 1}')
     data = records[0]['data']                                         # check_classes: all of theirs
