@@ -28,6 +28,8 @@ FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 def seeds(root, name='metrics.jsonl'):
     """{seed: path of file `name` in root/seed<k>}, for the seeds that have it."""
+    if not os.path.isdir(root):
+        raise DamagedFile(f'{root} is no folder of seed<k> runs of tools/variants.sh: {FIX}')
     found = {int(e[4:]): os.path.join(root, e, name)
              for e in os.listdir(root) if re.fullmatch(r'seed\d+', e)}
     return {k: found[k] for k in sorted(found) if os.path.exists(found[k])}
@@ -48,7 +50,11 @@ def final_top1(path):
 def wall_s(folder):
     """The seconds a run took, as tools/variants.sh wrote them in its wall_s.txt."""
     path = os.path.join(folder, 'wall_s.txt')
-    return finite(float(read_bytes(path, FIX)), path, 'its time')
+    try:
+        value = float(read_bytes(path, FIX))
+    except ValueError:   # not a number: named by finite
+        value = None
+    return finite(value, path, 'its time')
 
 
 def stats(top1, ref):
