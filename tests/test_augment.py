@@ -176,25 +176,37 @@ def test_policy_names_and_errors():
 
 
 def test_sampling_statistics():
-    torch.manual_seed(0)
     ra, n = randaugment(AUTHORS), 20000
-    draws = [ra.sample() for _ in range(n)]
-    assert all(len(d) == 2 for d in draws)
-    flat = [x for d in draws for x in d]
-    applied = [m for _, m, _ in flat if m is not None]
-    assert abs(len(applied) / len(flat) - 0.5) < 0.01                       # 4 sigma = 0.01
-    m = torch.tensor(applied, dtype=torch.float64)
+    ops, applied, m, signs = ra.draw((n, ra.num_ops), torch.Generator().manual_seed(0))   # (n, 2) each
+    assert ra.num_ops == 2
+    assert abs(applied.double().mean() - 0.5) < 0.01                        # 4 sigma = 0.01
+    m = m[applied]
     assert m.min() >= 0 and m.max() == 10.0                                  # clipped, and the clip is reached
     assert abs((m == 10).double().mean() - 0.0228) < 0.004                   # P(N(9, 0.5) > 10) = P(z > 2)
     assert abs(m.mean() - 9.0) < 0.01 and abs(m.std() - 0.49) < 0.01        # the clip trims the std a little
-    counts = torch.bincount(torch.tensor([ra.ops.index(op) for op, _, _ in flat]), minlength=15)
+    counts = torch.bincount(ops.flatten(), minlength=15)
+    assert len(counts) == 15                                                 # the 15 ops, no other index
     assert ((counts - 2 * n / 15).abs() < 5 * math.sqrt(2 * n / 15)).all()  # uniform over the 15 ops
-    same = sum(d[0][0] == d[1][0] for d in draws) / n
+    same = (ops[:, 0] == ops[:, 1]).double().mean()
     assert abs(same - 1 / 15) < 0.01                                         # drawn with replacement
-    assert abs(sum(s for _, _, s in flat) / len(flat)) < 0.02                # signs balanced
+    assert set(signs.unique().tolist()) == {-1, 1} and abs(signs.double().mean()) < 0.02   # balanced
 
 
-def test_sampling_matches_timms():
+def applied_ops(policy, img, n, monkeypatch):
+    """[(op, argument)] that policy applies in n calls on img, in order (apply() recorded, not run)."""
+    import util.augment
+    seen = []
+
+    def record(img, op, argument, fill):
+        seen.append((op, argument))
+        return img
+    monkeypatch.setattr(util.augment, 'apply', record)
+    for _ in range(n):
+        policy(img)
+    return seen
+
+
+def test_sampling_matches_timms(monkeypatch):
     """The two implementations side by side: how often an op is applied, and the distribution of the
     rotation angle it gets (magnitude noise, clipping and sign together)."""
     img, n = Image.new('RGB', (8, 8)), 6000
@@ -208,8 +220,7 @@ def test_sampling_matches_timms():
     for _ in range(n):
         theirs(img)
     torch.manual_seed(0)
-    ours = randaugment(AUTHORS)
-    mine = [(op, LEVELS[op](m, s) if op in LEVELS else None) for _ in range(n) for op, m, s in ours.sample() if m is not None]
+    mine = applied_ops(randaugment(AUTHORS), img, n, monkeypatch)
     assert abs(len(log) - len(mine)) / (2 * n) < 0.02
     for name in ('Rotate', 'ShearX', 'TranslateYRel'):
         a = torch.tensor([v for o, v in log if o == name], dtype=torch.float64)

@@ -23,7 +23,7 @@ from test_data import write_cifar
 from data import SHIFTS, BatchTransform, build_eval_set, build_splits, build_transform, data_device
 from data import held_on
 from finetune import PRESETS, FinetuneConfig
-from util.augment import LEVELS, BatchRandAugment, RandAugment, erasing_boxes
+from util.augment import BatchRandAugment, RandAugment, erasing_boxes
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, build_loader, first_uniform, image_seed, read_idx, unwrap
 
 torch.set_num_threads(1)   # a small, shared machine
@@ -242,13 +242,14 @@ def test_torchvisions_randaugment_draws_as_per_image():
     compare_ops(ours, theirs, 2 * N)
 
 
-def test_timms_randaugment_draws_as_per_image():
+def test_timms_randaugment_draws_as_per_image(monkeypatch):
     """The authors' policy (rand-m9-mstd0.5-inc1): each op applied as often, at arguments of the
-    same distribution, as RandAugment.sample draws them per image."""
+    same distribution, as RandAugment applies them per image."""
+    from test_augment import applied_ops
     policy = per_image(cifar(randaug='rand-m9-mstd0.5-inc1'), RandAugment)
     torch.manual_seed(0)
-    theirs = [(op.removesuffix('Increasing'), LEVELS[op](m, s) if op in LEVELS else None)
-              for _ in range(N) for op, m, s in policy.sample() if m is not None]
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    theirs = [(op.removesuffix('Increasing'), a) for op, a in applied_ops(policy, image, N, monkeypatch)]
     compare_ops(batch_arguments(policy, N), theirs, 2 * N)
 
 

@@ -135,16 +135,12 @@ class RandAugment:
         signs = torch.randint(2, shape, generator=generator) * 2 - 1
         return ops, applied, m.clamp(0.0, self.mmax), signs
 
-    def sample(self):
-        """[(op, magnitude, sign)] for one image, one entry per op drawn; magnitude None: not
-        applied."""
-        ops, applied, m, signs = (t.tolist() for t in self.draw((self.num_ops,)))
-        return [(self.ops[o], m_i if a else None, s) for o, a, m_i, s in zip(ops, applied, m, signs)]
-
     def __call__(self, img):
-        for op, m, sign in self.sample():
-            if m is not None:
-                img = apply(img, op, LEVELS[op](m, sign) if op in LEVELS else None, self.fill)
+        ops, applied, m, signs = (t.tolist() for t in self.draw((self.num_ops,)))
+        for o, a, m_i, sign in zip(ops, applied, m, signs):
+            if a:   # the op drawn is applied
+                op = self.ops[o]
+                img = apply(img, op, LEVELS[op](m_i, sign) if op in LEVELS else None, self.fill)
         return img
 
 # -----------------------------------------------------------------------------
@@ -242,7 +238,7 @@ class BatchRandAugment:
     def draw(self, n, generator):
         """Per op slot, (ids, rows): the op each of n images applies (an index of BATCH_OPS) and
         its argument, a row of 6 float64 numbers (a geometric op's inverse affine matrix; else the
-        op's number, then 1 - it)."""
+        op's number first)."""
         slots = []
         for _ in range(self.policy.num_ops):
             ids = torch.zeros(n, dtype=torch.long)
@@ -285,7 +281,7 @@ class BatchRandAugment:
         elif arg is not None:
             if torchvision:   # its threshold: a fraction of 255; its factors: 1 + magnitude
                 arg = 255.0 * arg if op == 'Solarize' else 1.0 + arg
-            rows[picked, 0], rows[picked, 1] = arg, 1.0 - arg   # a blend's weights (float64)
+            rows[picked, 0] = arg
 
     def geometry(self, op, arg):
         """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,), or None for another
@@ -323,16 +319,11 @@ class BatchRandAugment:
         and rows on the device, groups [(op, count)] on the host: order lists the images that
         apply an op, grouped by op."""
         for groups, order, rows in slots:
-            if not groups:
-                continue
-            sub = x[order]
-            outs = []
-            start = 0
-            for op, count in groups:
-                end = start + count
-                outs.append(batch_op(sub[start:end], op, rows[start:end], self.fill, self.mode))
-                start = end
-            x = x.index_copy(0, order, torch.cat(outs))
+            if groups:
+                counts = [count for _, count in groups]
+                parts = zip(groups, x[order].split(counts), rows.split(counts))
+                outs = [batch_op(sub, op, r, self.fill, self.mode) for (op, _), sub, r in parts]
+                x = x.index_copy(0, order, torch.cat(outs))
         return x
 
 
@@ -364,7 +355,7 @@ def batch_op(x, op, rows, fill, mode):
         return torch.where(x >= arg, 255 - x, x)
     if op == 'SolarizeAdd':
         return torch.where(x < 128, (x + arg.to(torch.int16)).clamp(max=255), x).to(torch.uint8)
-    other = rows[:, 1].float().view(-1, 1, 1, 1)   # 1 - the factor
+    other = (1.0 - rows[:, 0]).float().view(-1, 1, 1, 1)   # a blend's weights, 1 - it in float64
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
         out = x.float()
         out[..., 1:-1, 1:-1] += other * (sharpness_blur(x) - out[..., 1:-1, 1:-1])
