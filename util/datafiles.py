@@ -83,15 +83,14 @@ class TensorBatches:
         self.seed = seed
         self.rank = rank
         self.device = device                  # where the batches go
-        held = unwrap(dataset)
-        # the positions the sampler gives, as the held indices
-        self.index = torch.tensor(subset_indices(dataset), dtype=torch.long)
-        self.images = held.images
-        self.labels = held.labels
-        where = held.images.device
-        self.transform = held.transform                  # its constants where the images are
-        self.generator = torch.Generator(where)          # erasing's noise, where the images are
-        self.pin = where.type == 'cpu' and device.type == 'cuda'
+        self.index = torch.arange(len(dataset))   # the positions the sampler gives, as held indices
+        while isinstance(dataset, Subset):
+            self.index = torch.as_tensor(dataset.indices)[self.index]
+            dataset = dataset.dataset
+        self.images = dataset.images
+        self.labels = dataset.labels
+        self.transform = dataset.transform                        # its constants where the images are
+        self.generator = torch.Generator(self.images.device)      # erasing's noise, there too
 
     def __len__(self):
         n = len(self.sampler)
@@ -125,7 +124,7 @@ class TensorBatches:
         with one_thread(self.images.device):
             x = self.transform.apply(self.images[index], tensors, groups, self.generator)
             y = self.labels[index]
-        if self.pin:
+        if x.device.type == 'cpu' and self.device.type == 'cuda':
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -179,15 +178,6 @@ def image_seed(seed, epoch, i):
     """The seed of sample i's augmentation in epoch `epoch` (SeededDataset, and TensorBatches'
     flips); i: an int, or a numpy array of them (uint64 seeds)."""
     return (((seed * 1_000_003 + epoch) * 100_000_007) % 2 ** 63 + i) % 2 ** 63
-
-
-def subset_indices(dataset):
-    """A (nested) Subset's positions as indices of the data set under it."""
-    indices = list(range(len(dataset)))
-    while isinstance(dataset, Subset):
-        indices = [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    return indices
 
 
 def unwrap(dataset):

@@ -108,13 +108,12 @@ def build_optimizer(cfg, model, lr):
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
     the last block then share the full lr): cfg.layer_decay_offset picks."""
     groups = {}   # (lr scale, no weight decay) -> its AdamW parameter group
-    layers = getattr(model, 'depth', 0) + cfg.layer_decay_offset
+    layers = model.depth + cfg.layer_decay_offset
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_wd = p.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token', 'reg_token'))
-        lid = min(layer_id(name, model.depth), layers) if hasattr(model, 'depth') else layers
-        scale = cfg.layer_decay ** (layers - lid)
+        scale = cfg.layer_decay ** (layers - min(layer_id(name, model.depth), layers))
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})
         g['params'].append(p)
