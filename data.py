@@ -152,7 +152,7 @@ class BatchTransform:
                 groups.append(op_groups)
                 tensors += [order, rows]
         if self.reprob:
-            tensors.append(erasing_boxes(n, self.size, self.size, self.reprob, generator))
+            tensors.append(erasing_boxes(n, self.size, self.reprob, generator))
         if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
             generators = [None] * n
             if seeds is not None:

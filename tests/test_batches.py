@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.transforms import v2
 
 from conftest import run_in_process
@@ -95,7 +96,7 @@ def write_slice(folder, n_train, n_test):
     for split, n in (('train', n_train), ('t10k', n_test)):
         for kind in ('images-idx3', 'labels-idx1'):
             path = os.path.join(FASHION_MNIST_SYSTEM_DIR, f'{split}-{kind}-ubyte.gz')
-            data = read_idx(path)[:n].numpy()
+            data = read_idx(path, read_sn3_pascalvincent_tensor)[:n].numpy()
             header = bytes([0, 0, 8, data.ndim]) + np.array(data.shape, '>u4').tobytes()
             with gzip.open(folder / f'{split}-{kind}-ubyte.gz', 'wb') as f:
                 f.write(header + data.tobytes())
@@ -255,7 +256,7 @@ def test_timms_randaugment_draws_as_per_image(monkeypatch):
 
 def test_erasing_rate_and_box_are_the_per_image_pipelines():
     cfg = cifar()
-    ours = erasing_boxes(N, 32, 32, cfg.reprob, torch.Generator().manual_seed(2))   # (N, 4)
+    ours = erasing_boxes(N, 32, cfg.reprob, torch.Generator().manual_seed(2))   # (N, 4)
     erase = per_image(cfg, v2.RandomErasing)
     torch.manual_seed(2)
     boxes = []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.mnist import read_image_file
 from torchvision.transforms import v2
 
 from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
@@ -34,7 +35,7 @@ def write_idx(path, array):
 def test_idx_reader_round_trip(tmp_path):
     a = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
     write_idx(tmp_path / 'x.gz', a)
-    assert torch.equal(read_idx(str(tmp_path / 'x.gz')), torch.from_numpy(a.astype(np.uint8)))
+    assert torch.equal(read_idx(str(tmp_path / 'x.gz'), read_image_file), torch.from_numpy(a.astype(np.uint8)))
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR) and not os.environ.get('CI'),

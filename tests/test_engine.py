@@ -162,7 +162,7 @@ def test_soft_cross_entropy_is_linear_in_mixed_targets():
     y1, y2 = torch.randint(0, 5, (8,), generator=g), torch.randint(0, 5, (8,), generator=g)
     mixed = 0.7 * F.one_hot(y1, 5).float() + 0.3 * F.one_hot(y2, 5).float()
     ref = 0.7 * F.cross_entropy(logits, y1) + 0.3 * F.cross_entropy(logits, y2)
-    torch.testing.assert_close(soft_cross_entropy(logits, mixed), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(soft_cross_entropy(logits, mixed, 0.0), ref, rtol=1e-5, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------

@@ -370,16 +370,14 @@ def batch_op(x, op, rows, fill, mode):
 
 
 def affine(x, theta, fill, mode):
-    """uint8 images x (n, C, H, W), each resampled by its inverse affine matrix theta (n, 2, 3) as
-    torchvision's tensor kernel does (_affine_grid, _apply_grid_transform); outside the image:
-    fill (1, C or 1, 1, 1)."""
+    """uint8 images x (n, C, S, S) (BatchRandAugment's, square), each resampled by its inverse
+    affine matrix theta (n, 2, 3) as torchvision's tensor kernel does (_affine_grid,
+    _apply_grid_transform); outside the image: fill (1, C or 1, 1, 1)."""
     n, c, h, w = x.shape
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)   # = the rows'
     ones = torch.ones(h, w, device=x.device)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), ones], -1)   # (H, W, 3)
-    scale = torch.full((1, 1, 2), 0.5 * w, device=x.device)
-    scale[..., 1].fill_(0.5 * h)                       # on the device: no copy from the host
+    base = torch.stack([xs.expand(h, w), xs[:, None].expand(h, w), ones], -1)   # (H, W, 3)
+    scale = torch.full((1, 1, 2), 0.5 * w, device=x.device)   # on the device: no copy from the host
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
     img = x.float()
     img = torch.cat([img, torch.ones_like(img[:, :1])], 1)   # ones mark where the image was
@@ -412,8 +410,8 @@ def sharpness_blur(x):
     return torch.nn.functional.conv2d(x.float(), kernel.expand(c, 1, 3, 3), groups=c).round()
 
 
-def erasing_boxes(n, height, width, prob, generator=None):
-    """random_erasing(prob)'s boxes for n images, drawn as v2.RandomErasing draws one (up to 10
+def erasing_boxes(n, size, prob, generator):
+    """random_erasing(prob)'s boxes for n images of size x size, drawn as v2.RandomErasing draws one (up to 10
     tries at an area of 2%-1/3 and a log-uniform aspect ratio, its sides rounded; the first that
     fits): (n, 4) float64 rows of top, left, height, width; height and width 0 where an image is
     not erased."""
@@ -421,14 +419,14 @@ def erasing_boxes(n, height, width, prob, generator=None):
     scale = torch.empty(n, 10).uniform_(*ERASE_SCALE, generator=generator).double()
     low, high = (math.log(r) for r in ERASE_RATIO)
     log_ratio = torch.empty(n, 10).uniform_(low, high, generator=generator)
-    area, ratio = height * width * scale, log_ratio.exp().double()
+    area, ratio = size ** 2 * scale, log_ratio.exp().double()
     h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
-    fits = (h < height) & (w < width)
+    fits = (h < size) & (w < size)
     first = fits.double().argmax(1, keepdim=True)                      # the first try that fits
     keep = (hit & fits.any(1)).double()
     h, w = h.gather(1, first)[:, 0] * keep, w.gather(1, first)[:, 0] * keep
-    top = (torch.rand(n, dtype=torch.float64, generator=generator) * (height - h + 1)).floor()
-    left = (torch.rand(n, dtype=torch.float64, generator=generator) * (width - w + 1)).floor()
+    top = (torch.rand(n, dtype=torch.float64, generator=generator) * (size - h + 1)).floor()
+    left = (torch.rand(n, dtype=torch.float64, generator=generator) * (size - w + 1)).floor()
     return torch.stack([top, left, h, w], 1)
 
 

@@ -28,8 +28,7 @@ import torch
 import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.mnist import (read_image_file, read_label_file,
-                                        read_sn3_pascalvincent_tensor)
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from util.errors import DataError, first_few
@@ -263,7 +262,7 @@ FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
-def read_idx(path, read=read_sn3_pascalvincent_tensor):
+def read_idx(path, read):
     """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
     uint8; read_label_file: (N,)); a gzipped one (Debian's) decompressed by torchvision into a temporary folder, as its
     reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""

@@ -145,7 +145,7 @@ def lr_at(cfg, lr, epoch_float):
     return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def soft_cross_entropy(logits, target, smoothing=0.0):
+def soft_cross_entropy(logits, target, smoothing):
     """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix."""
     if target.ndim == 1:
         return F.cross_entropy(logits, target, label_smoothing=smoothing)
