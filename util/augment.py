@@ -268,8 +268,6 @@ class BatchRandAugment:
         """Write op `op` at its argument `arg` (one per picked image, or one for all; None: none)
         into ids and rows, as the per-image op computes it: apply() above, or torchvision's
         _apply_image_or_video_transform."""
-        if not picked.any() or op == 'Identity':
-            return
         if arg is not None:
             arg = torch.as_tensor(arg, dtype=torch.float64).expand(int(picked.sum()))
         theta = self.geometry(op, arg)
@@ -430,7 +428,7 @@ def erasing_boxes(n, size, prob, generator):
     return torch.stack([top, left, h, w], 1)
 
 
-def erase(x, boxes, generator=None):
+def erase(x, boxes, generator):
     """Normalised images x (n, C, H, W), each one's box (boxes (n, 4) on x's device) filled with
     standard normal noise drawn on the device (timm's mode 'pixel')."""
     top, left, h, w = (b.view(-1, 1, 1, 1) for b in boxes.float().unbind(1))
