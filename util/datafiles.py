@@ -227,8 +227,7 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device(
     time by --num-workers processes, each image augmented from its own seed (SeededDataset).
     device: where the batches go."""
     if train:
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                   seed=cfg.seed)
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=cfg.seed)
     else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
@@ -443,8 +442,7 @@ def read_image(path):
     if image.mode.startswith('I;16'):
         high = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)   # (H, W)
         image = Image.fromarray(high)                                        # mode L
-    elif image.mode in ('I', 'F'):
-        kind = 'integers' if image.mode == 'I' else 'floats'
-        raise DataError(f'image {path} has pixels of 32-bit {kind} (mode {image.mode}), whose range no '
+    elif image.mode in ('I', 'F'):   # 32-bit integers or floats
+        raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
                         f'convention fixes: save it with 8 or 16 bits a channel')
     return image.convert('RGB')
