@@ -387,7 +387,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
             for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
                 real = os.path.realpath(root)
                 # top-down: checked before the walk goes into it, so a loop ends here
-                once(root, real, seen, 'folder')
+                once(root, real, seen)
                 dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
                 found += [(root, f, real) for f in files
                           if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f)]
@@ -399,7 +399,7 @@ class ClassFolder(torchvision.datasets.ImageFolder):
                 where = os.path.join(real, f)
                 if os.path.islink(path):
                     where = os.path.realpath(path)
-                once(path, where, seen, 'file')
+                once(path, where, seen)
                 samples.append((path, class_to_idx[name]))
         if empty:
             raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "
@@ -414,10 +414,10 @@ class ClassFolder(torchvision.datasets.ImageFolder):
         return names, {n: self.index[n] for n in names}
 
 
-def once(path, real, seen, kind):
+def once(path, real, seen):
     """Note that `path` leads to `real` in `seen`; a DataError if another path led there before."""
     if real in seen:
-        raise DataError(f'{path} is {seen[real]} again ({kind} {real}, reached through a symbolic '
+        raise DataError(f'{path} is {seen[real]} again ({real}, reached through a symbolic '
                         f'link): its images would be read twice, or without end in a loop: remove the '
                         f'link')
     seen[real] = path
