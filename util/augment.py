@@ -409,10 +409,10 @@ def sharpness_blur(x):
 
 
 def erasing_boxes(n, size, prob, generator):
-    """random_erasing(prob)'s boxes for n images of size x size, drawn as v2.RandomErasing draws one (up to 10
-    tries at an area of 2%-1/3 and a log-uniform aspect ratio, its sides rounded; the first that
-    fits): (n, 4) float64 rows of top, left, height, width; height and width 0 where an image is
-    not erased."""
+    """random_erasing(prob)'s boxes for n images of size x size, drawn as v2.RandomErasing draws
+    one (up to 10 tries at an area of 2%-1/3 and a log-uniform aspect ratio, its sides rounded; the
+    first that fits): (n, 4) float64 rows of top, left, height, width; height and width 0 where an
+    image is not erased."""
     hit = torch.rand(n, generator=generator) < prob
     scale = torch.empty(n, 10).uniform_(*ERASE_SCALE, generator=generator).double()
     low, high = (math.log(r) for r in ERASE_RATIO)

@@ -88,8 +88,8 @@ class TensorBatches:
             dataset = dataset.dataset
         self.images = dataset.images
         self.labels = dataset.labels
-        self.transform = dataset.transform                        # its constants where the images are
-        self.generator = torch.Generator(self.images.device)      # erasing's noise, there too
+        self.transform = dataset.transform                    # its constants where the images are
+        self.generator = torch.Generator(self.images.device)  # erasing's noise, there too
 
     def __len__(self):
         n = len(self.sampler)
