@@ -238,7 +238,7 @@ class BatchRandAugment:
     def draw(self, n, generator):
         """Per op slot, (ids, rows): the op each of n images applies (an index of BATCH_OPS) and
         its argument, a row of 6 float64 numbers (a geometric op's inverse affine matrix; else the
-        op's number first)."""
+        op's number, in the first column)."""
         slots = []
         for _ in range(self.policy.num_ops):
             ids = torch.zeros(n, dtype=torch.long)
@@ -353,7 +353,7 @@ def batch_op(x, op, rows, fill, mode):
         return torch.where(x >= arg, 255 - x, x)
     if op == 'SolarizeAdd':
         return torch.where(x < 128, (x + arg.to(torch.int16)).clamp(max=255), x).to(torch.uint8)
-    other = (1.0 - rows[:, 0]).float().view(-1, 1, 1, 1)   # a blend's weights, 1 - it in float64
+    other = (1.0 - rows[:, 0]).float().view(-1, 1, 1, 1)   # 1 - the factor, in float64
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
         out = x.float()
         out[..., 1:-1, 1:-1] += other * (sharpness_blur(x) - out[..., 1:-1, 1:-1])
@@ -372,7 +372,7 @@ def affine(x, theta, fill, mode):
     affine matrix theta (n, 2, 3) as torchvision's tensor kernel does (_affine_grid,
     _apply_grid_transform); outside the image: fill (1, C or 1, 1, 1)."""
     n, c, h, w = x.shape
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)   # = the rows'
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)   # rows' too (square)
     ones = torch.ones(h, w, device=x.device)
     base = torch.stack([xs.expand(h, w), xs[:, None].expand(h, w), ones], -1)   # (H, W, 3)
     scale = torch.full((1, 1, 2), 0.5 * w, device=x.device)   # on the device: no copy from the host
