@@ -243,8 +243,8 @@ def run_main(main):
 
 def one_line(e):
     """An error in one line: one of ours as it says (a write that failed: with how to continue the run); anything
-    else by its type and first line, its traceback added to the run's log (where there is none yet: printed, but for
-    one of several processes, where it is mostly a peer that stopped), and how to continue."""
+    else by its type, first line and how to continue, its traceback added to the run's log, or where there is no
+    log yet (an error in set-up), the file and line it was raised at."""
     how = getattr(e, 'how_to_continue', NOTHING_SAVED)
     if isinstance(e, WriteError):
         return f'{e.what}; {how}' if hasattr(e, 'how_to_continue') else str(e)
@@ -259,8 +259,9 @@ def one_line(e):
         with contextlib.suppress(WriteError):   # a full disk: the line still says what happened
             add_to_log(log, ''.join(traceback.format_exception(e)))
         said += f' (its traceback: {log})'
-    elif not dist.is_initialized():   # under torchrun, before the log: each process's line, torchrun's summary
-        traceback.print_exception(e)
+    else:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        said += f' (raised at {where.filename}:{where.lineno})'
     if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
         said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
                f'process stopped, hung or died, each stops after --dist-timeout seconds'
