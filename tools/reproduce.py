@@ -36,7 +36,7 @@ from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_lea
                          optional)
 from util.errors import DataError
 from util.files import cpu_name, git_commit, read_json, sha256_of, write_json
-from util.launch import parse_config, run_main, without_help
+from util.launch import parse_config, run_main
 
 # -----------------------------------------------------------------------------
 # Config
@@ -104,7 +104,7 @@ QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=160, batch_size=64, bl
 
 def parse(argv=None):
     """Defaults < --data's preset < --quick's < your flags (--help shows them for that choice)."""
-    cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv), checked=False)
+    cfg = parse_config(ReproduceConfig, PRESETS, argv, checked=False)
     if not cfg.quick:
         return parse_config(ReproduceConfig, PRESETS, argv)
     quick = {k: {**v, **QUICK} for k, v in PRESETS.items()}

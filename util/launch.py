@@ -287,16 +287,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _converter(tp):
+    """argparse's type= for one value of annotation tp: none for an Optional[X]'s None, true or false for a bool."""
     if typing.get_origin(tp) is typing.Union:   # Optional[X]
         inner = _converter(typing.get_args(tp)[0])
         return lambda s: None if s.lower() == 'none' else inner(s)
     if tp is bool:
         def to_bool(s):
-            if s.lower() in ('1', 'true', 'yes', 'on'):
-                return True
-            if s.lower() in ('0', 'false', 'no', 'off'):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
+            if s.lower() not in ('true', 'false'):
+                raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+            return s.lower() == 'true'
         return to_bool
     return tp
 
@@ -312,21 +311,19 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     wrong types exit at once, values out of range raise ConfigError (check; a --randaug string
     util/augment.py cannot run: its own words), before anything is made.
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
-    checked False: no check (a first parse that only picks the presets: --help must still print)."""
+    checked False: no check, and no --help (a first parse that only picks the presets: the next one prints it)."""
     presets = presets or {}
-    defaults = dataclasses.asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
-    data = given.get('data', defaults.get('data'))
-    preset = presets.get(data, {})
     asked_help = given.pop('help', False)
-    values = {**defaults, **preset, **given}
-    if asked_help:   # before check(): the help of a line that would be refused is still shown
-        lines = help_lines(cls, values, given, preset, preset_label.format(data))
-        say(parser(cls, presets, lines).format_help())
-        sys.exit(0)   # say: `| head` may close the pipe, with no traceback
-    cfg = cls(**values)
+    data = given.get('data', getattr(cls, 'data', None))
+    preset = presets.get(data, {})
+    cfg = cls(**{**preset, **given})
     if not checked:
         return cfg
+    if asked_help:   # before check(): the help of a line that would be refused is still shown
+        lines = help_lines(cfg, given, preset, preset_label.format(data))
+        say(parser(cls, presets, lines).format_help())
+        sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     check(cfg)
     # the --randaug string, read by the augmentation that runs it: its ValueError names the fix
     try:
@@ -336,18 +333,13 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     return cfg
 
 
-def help_lines(cls, values, given, preset, label):
+def help_lines(cfg, given, preset, label):
     """{field: its line in --help}: the value this command line runs with, where it comes from (your flag, the
     preset `label`, the default), and the field's sentence."""
-    notes = declared(cls)
+    notes = declared(type(cfg))
     out = {}
-    for k, v in values.items():
-        if k in given:
-            source = 'your flag'
-        elif k in preset:
-            source = label
-        else:
-            source = 'default'
+    for k, v in dataclasses.asdict(cfg).items():
+        source = 'your flag' if k in given else label if k in preset else 'default'
         out[k] = f'{word(v)} ({source})'
         if 'help' in notes[k]:
             out[k] += f"; {notes[k]['help']}"
@@ -381,9 +373,3 @@ def parser(cls, presets, helps=None):
                        choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p
-
-
-def without_help(argv=None):
-    """argv (None: sys.argv[1:]) without -h / --help: for a parse that only picks the presets, before the one that
-    prints the help with them (finetune.py's --scratch, reproduce.py's --quick)."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('-h', '--help')]
