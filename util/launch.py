@@ -141,11 +141,7 @@ def attn_implementation(choice, device, written_out=''):
         raise ConfigError(f'{written_out}: with --attn-implementation eager or auto')
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
-    if written_out:
-        implementation, why = 'eager', written_out
-    else:
-        unmeasured = ('eager', 'no fused kernel measured on this device')
-        implementation, why = AUTO_ATTN.get(device.type, unmeasured)
+    implementation, why = ('eager', written_out) if written_out else AUTO_ATTN[device.type]
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
@@ -154,18 +150,18 @@ def on_device(models, cfg, dataset):
     has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attn, why = attn_implementation(cfg.attn_implementation, device)
-    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    # what predict_all reads (device, dtype) and what start_up_check reads of a plan
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device), attn=attn, cfg=cfg, log=say)
     models = [m.to(device) for m in models]
-    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
+    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
     # the ViT running its own attention first (a copy's teacher)
     vits = [getattr(m, 'teacher', m) for m in models]
     layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
 
     def first_layers():
-        return [v.forward_tokens(x.to(device), depth=1) for v in vits]
+        return [v.forward_tokens(x, depth=1) for v in vits]
 
-    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=say),
-                                'evaluation', models, first_layers, layers, backward=False)
+    checked, _ = start_up_check(place, 'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
@@ -286,24 +282,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(f"error: {message.removeprefix('argument ')} (see --help)")
 
 
-def _converter(tp):
-    """argparse's type= for one value of annotation tp: none for an Optional[X]'s None, true or false for a bool."""
+def _typed(tp):
+    """(argparse's type=, metavar) for one value of annotation tp: none for an Optional[X]'s None, true or false
+    for a bool."""
     if typing.get_origin(tp) is typing.Union:   # Optional[X]
-        inner = _converter(typing.get_args(tp)[0])
-        return lambda s: None if s.lower() == 'none' else inner(s)
+        inner, metavar = _typed(typing.get_args(tp)[0])
+        return (lambda s: None if s.lower() == 'none' else inner(s)), metavar
     if tp is bool:
         def to_bool(s):
             if s.lower() not in ('true', 'false'):
                 raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
             return s.lower() == 'true'
-        return to_bool
-    return tp
-
-
-def _metavar(tp):
-    if typing.get_origin(tp) in (typing.Union, list):   # Optional[X], list[X]: X's
-        return _metavar(typing.get_args(tp)[0])
-    return tp.__name__.upper()
+        return to_bool, 'BOOL'
+    return tp, tp.__name__.upper()
 
 
 def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
@@ -366,10 +357,10 @@ def parser(cls, presets, helps=None):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         many = typing.get_origin(tp) is list    # list[X]: --key a b c
+        converter, metavar = _typed(typing.get_args(tp)[0] if many else tp)
         # its dest: --key-name -> key_name
-        p.add_argument(flag(f.name), nargs='+' if many else None,
-                       type=_converter(typing.get_args(tp)[0] if many else tp),
-                       default=argparse.SUPPRESS, metavar=_metavar(tp),
+        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter,
+                       default=argparse.SUPPRESS, metavar=metavar,
                        choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p
