@@ -61,9 +61,9 @@ class Plan(NamedTuple):
         self.run_dir.log(msg)
 
 
-def resolve(cls, presets, argv=None):
+def resolve(cls, presets):
     """Every refusal a run can meet before its first step, in this order; returns the Plan."""
-    cfg = parse_config(cls, presets, argv)             # the config and its rules (config.check)
+    cfg = parse_config(cls, presets)                    # the config and its rules (config.check)
     rank, world, device = processes(cfg)                # one process, or one of torchrun's
     check_schedule(cfg, world)                          # the lr schedule at this global batch
     written_out = getattr(cfg, 'written_out', '')       # why its maps must be written out, or ''
