@@ -205,8 +205,7 @@ def what_runs(plan):
     budget = f'{cfg.epochs} epoch(s) at batch {cfg.batch_size * cfg.accum_steps * plan.world}'
     if cfg.max_steps:
         budget += f', cut after {cfg.max_steps} steps (--max-steps)'
-    script = cfg.SCRIPT or os.path.basename(sys.argv[0])
-    return f'{script} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
+    return f'{cfg.SCRIPT} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
 
 # -----------------------------------------------------------------------------
 # Ending: expected failures and Ctrl-C as one line
