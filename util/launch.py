@@ -339,7 +339,6 @@ def help_lines(cfg, given, preset, label):
 def parser(cls, presets, helps=None):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
     line in --help} ('%' escaped: argparse formats help strings)."""
-    hints = typing.get_type_hints(cls)
     helps = helps or {}
     doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # as written
     epilog = None
@@ -354,9 +353,8 @@ def parser(cls, presets, helps=None):
                         "what it means")
     notes = declared(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        many = typing.get_origin(tp) is list    # list[X]: --key a b c
-        converter, metavar = _typed(typing.get_args(tp)[0] if many else tp)
+        many = typing.get_origin(f.type) is list    # list[X]: --key a b c
+        converter, metavar = _typed(typing.get_args(f.type)[0] if many else f.type)
         # its dest: --key-name -> key_name
         p.add_argument(flag(f.name), nargs='+' if many else None, type=converter,
                        default=argparse.SUPPRESS, metavar=metavar,
