@@ -30,7 +30,7 @@ from data import batch_mixer, build_data
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import parse_config, resolve, run_main, settle_attention, without_help
+from util.launch import parse_config, resolve, run_main, settle_attention
 from util.run import Run
 from vit import create_model, model_arch
 
@@ -104,7 +104,7 @@ def presets(argv=None):
     preset (one that names --init) run without weights would be neither recipe: refused,
     pointing to --scratch true."""
     # --help: printed with the choice
-    cfg = parse_config(FinetuneConfig, PRESETS, without_help(argv), checked=False)
+    cfg = parse_config(FinetuneConfig, PRESETS, argv, checked=False)
     if not cfg.scratch:
         if not cfg.init and PRESETS.get(cfg.data, {}).get('init'):
             raise ConfigError(f"--data {cfg.data} fine-tunes pre-trained weights "
@@ -113,7 +113,7 @@ def presets(argv=None):
                               f"which selects the from-scratch recipe")
         return PRESETS
     chosen = {**PRESETS, **SCRATCH}
-    cfg = parse_config(FinetuneConfig, chosen, without_help(argv), checked=False)
+    cfg = parse_config(FinetuneConfig, chosen, argv, checked=False)
     if cfg.init:
         raise ConfigError(f'--scratch true trains from random weights: drop --init {cfg.init}')
     return chosen

@@ -16,7 +16,7 @@ import finetune
 import mae_pretrain
 import tools.benchmark as benchmark
 import tools.reproduce as reproduce
-from util.launch import parse_config, without_help
+from util.launch import parse_config
 
 # script -> (module, its config class)
 SCRIPTS = {'finetune.py': (finetune, finetune.FinetuneConfig),
@@ -117,5 +117,12 @@ def test_help_from_the_command_line(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-def test_without_help():
-    assert without_help(['--data', 'fake', '-h', '--epochs', '2', '--help']) == ['--data', 'fake', '--epochs', '2']
+def test_a_first_parse_that_picks_the_presets_prints_no_help(capsys):
+    """parse_config(checked=False) (finetune.py's --scratch, reproduce.py's --quick) reads a line with --help as it
+    reads the same line without: the parse after it, with the presets chosen, prints the help."""
+    argv = ['--data', 'fake', '-h', '--epochs', '2', '--help']
+    cfg = parse_config(finetune.FinetuneConfig, finetune.PRESETS, argv, checked=False)
+    assert (cfg.data, cfg.epochs, cfg.batch_size) == ('fake', 2, 32) and capsys.readouterr().out == ''
+    with pytest.raises(SystemExit) as stop:
+        parse_config(finetune.FinetuneConfig, finetune.PRESETS, argv)
+    assert stop.value.code == 0 and '--epochs' in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attention_copy import load_copy_model
-from conftest import ROOT, TINY, read_metrics, relative_distance, sub_env
+from conftest import ROOT, TINY, read_metrics, relative_distance, run_script, sub_env
 from test_cli import free_port
 from util.checkpoints import build_from_checkpoint
 
@@ -71,6 +71,30 @@ def test_a_stopped_process_stops_every_process_after_the_timeout(tmp_path):
     assert len(said) == 1 and 'Timed out' in said[0] and '--dist-timeout' in said[0], err[-4000:]
     assert 'no checkpoint was saved yet' in said[0], said[0]
     assert not any(f'{f}", line' in err for f in ('util/launch.py', 'util/engine.py', 'finetune.py')), err[-4000:]   # ours
+
+
+# an error of no kind the project raises, in set-up, before any run log: the lr schedule's check divides by 0
+SETUP_FAULT = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import finetune
+from util import launch
+def final_lr(cfg, peak):
+    return peak / 0
+launch.final_lr = final_lr
+launch.run_main(finetune.main)
+"""
+
+
+def test_an_unexpected_error_in_set_up_is_one_line_naming_where_it_was_raised(tmp_path):
+    """With no run log yet to hold it, its traceback was printed on the screen above the line."""
+    script = tmp_path / 'setup_fault.py'
+    script.write_text(SETUP_FAULT)
+    out = tmp_path / 'run'
+    p = run_script(script, *TINY, '--out-dir', out)
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr[-3000:]
+    assert p.stderr.startswith(f'error: ZeroDivisionError: float division by zero (raised at {script}:7); ')
+    assert not out.exists()
 
 
 def auto_dtype():

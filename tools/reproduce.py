@@ -32,11 +32,10 @@ import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
 from util.checkpoints import CheckpointError
-from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option,
-                         optional)
+from util.config import AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option
 from util.errors import DataError
 from util.files import cpu_name, git_commit, read_json, sha256_of, write_json
-from util.launch import parse_config, run_main, without_help
+from util.launch import parse_config, run_main
 
 # -----------------------------------------------------------------------------
 # Config
@@ -91,7 +90,7 @@ class ReproduceConfig:
                                "(the scripts' --max-steps); 0 = the whole schedule",
                             at_least(0, 'the whole schedule', STEPS))
     num_workers: typing.Optional[int] = option(None, "None = each script's preset",
-                                               optional(at_least(0, most=WORKERS)))
+                                               at_least(0, most=WORKERS))
     jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each '
                        '(OMP_NUM_THREADS, unless you set it)', at_least(1, most=WORKERS))
     amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | "
@@ -104,7 +103,7 @@ QUICK = dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=160, batch_size=64, bl
 
 def parse(argv=None):
     """Defaults < --data's preset < --quick's < your flags (--help shows them for that choice)."""
-    cfg = parse_config(ReproduceConfig, PRESETS, without_help(argv), checked=False)
+    cfg = parse_config(ReproduceConfig, PRESETS, argv, checked=False)
     if not cfg.quick:
         return parse_config(ReproduceConfig, PRESETS, argv)
     quick = {k: {**v, **QUICK} for k, v in PRESETS.items()}

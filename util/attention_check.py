@@ -49,9 +49,9 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
-        parts = {name: layer_part(layers[name], *handed[name], backward,
-                                  compiled and layers[name].proj.weight.requires_grad)
-                 for name in layers}
+        parts = {name: layer_part(attn, *handed[name], backward,
+                                  compiled and attn.proj.weight.requires_grad)
+                 for name, attn in layers.items()}
         first = next(iter(layers))
         for name, loss in (losses or {}).items():
             parts[name] = loss_part(layers[first], handed[first][0], *loss)
@@ -91,7 +91,7 @@ def projected_as(attn, out):
         hook.remove()
 
 
-def layer_part(attn, x, given, backward=True, compiled=False):
+def layer_part(attn, x, given, backward, compiled):
     """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'output': (B, N, D), and with
     backward the gradients of its projection's q, k, v thirds} of one attention layer run as the model runs it, on
     input tokens x and the tensors it is given: q, k, v split from its projection's output, its attention, its output
@@ -238,9 +238,9 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def error(ours, definition, unit=None):
-    """The largest |ours - definition| in units of `unit`, by default the definition's largest |entry| (where all
-    are 0: not divided)."""
+def error(ours, definition, unit):
+    """The largest |ours - definition| in units of `unit`, where it is None the definition's largest |entry| (where
+    all are 0: not divided)."""
     diff = (ours.double() - definition.double()).abs().max().item()
     unit = unit or definition.double().abs().max().item()
     return diff / unit if unit > 0 else diff

@@ -48,11 +48,6 @@ STEPS = 2 ** 40     # steps, or images
 SECONDS = 10 ** 7
 
 
-def optional(rule):
-    """A rule that also lets None through (a size left to the model's own)."""
-    return (lambda v: v is None or rule[0](v)), f'{rule[1]} (or none)'
-
-
 def declared(cls):
     """{field: {'help': ..., 'rule': ...}}: a field declared again in a subclass keeps its base class's help and
     rule where it gives none of its own."""
@@ -87,9 +82,9 @@ class TrainConfig:
     model: str = option('vit_tiny', choices=tuple(SIZES))
     img_size: int = option(28, rule=at_least(1, most=SIZE))
     patch_size: int = option(4, rule=at_least(1, most=SIZE))
-    embed_dim: typing.Optional[int] = option(None, rule=optional(at_least(1, most=SIZE)))
-    depth: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
-    num_heads: typing.Optional[int] = option(None, rule=optional(at_least(1, most=DEPTH)))
+    embed_dim: typing.Optional[int] = option(None, rule=at_least(1, most=SIZE))
+    depth: typing.Optional[int] = option(None, rule=at_least(1, most=DEPTH))
+    num_heads: typing.Optional[int] = option(None, rule=at_least(1, most=DEPTH))
     global_pool: bool = option(False, 'classify the mean of the patch tokens (false: the class '
                                       'token)')
     drop_path: float = option(0.0, rule=UNIT)
@@ -223,14 +218,15 @@ def readable(parse, value):
 
 
 def check(cfg):
-    """Every number finite, then each field's rule, then cfg.checks(): raise ConfigError naming the first flag that
-    fails."""
+    """Every number finite, then each field's rule (a field left none, as a size left to the model's own, passes), then
+    cfg.checks(): raise ConfigError naming the first flag that fails."""
     for name, value in asdict(cfg).items():
         numbers = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
     rules = [(k, md['rule']) for k, md in declared(type(cfg)).items() if 'rule' in md]
-    refuse(cfg, ((k, holds(getattr(cfg, k)), allowed) for k, (holds, allowed) in rules))
+    refuse(cfg, ((k, getattr(cfg, k) is None or holds(getattr(cfg, k)), allowed)
+                 for k, (holds, allowed) in rules))
     return refuse(cfg, cfg.checks() if hasattr(cfg, 'checks') else [])
 
 

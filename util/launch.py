@@ -61,9 +61,9 @@ class Plan(NamedTuple):
         self.run_dir.log(msg)
 
 
-def resolve(cls, presets, argv=None):
+def resolve(cls, presets):
     """Every refusal a run can meet before its first step, in this order; returns the Plan."""
-    cfg = parse_config(cls, presets, argv)             # the config and its rules (config.check)
+    cfg = parse_config(cls, presets)                    # the config and its rules (config.check)
     rank, world, device = processes(cfg)                # one process, or one of torchrun's
     check_schedule(cfg, world)                          # the lr schedule at this global batch
     written_out = getattr(cfg, 'written_out', '')       # why its maps must be written out, or ''
@@ -141,11 +141,7 @@ def attn_implementation(choice, device, written_out=''):
         raise ConfigError(f'{written_out}: with --attn-implementation eager or auto')
     if choice != 'auto':
         return choice, f'--attn-implementation {choice}'
-    if written_out:
-        implementation, why = 'eager', written_out
-    else:
-        unmeasured = ('eager', 'no fused kernel measured on this device')
-        implementation, why = AUTO_ATTN.get(device.type, unmeasured)
+    implementation, why = ('eager', written_out) if written_out else AUTO_ATTN[device.type]
     return implementation, f'--attn-implementation auto on {device.type}: {why}'
 
 
@@ -154,18 +150,18 @@ def on_device(models, cfg, dataset):
     has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attn, why = attn_implementation(cfg.attn_implementation, device)
-    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device))
+    # what predict_all reads (device, dtype) and what start_up_check reads of a plan
+    place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device), attn=attn, cfg=cfg, log=say)
     models = [m.to(device) for m in models]
-    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
+    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
     # the ViT running its own attention first (a copy's teacher)
     vits = [getattr(m, 'teacher', m) for m in models]
     layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}
 
     def first_layers():
-        return [v.forward_tokens(x.to(device), depth=1) for v in vits]
+        return [v.forward_tokens(x, depth=1) for v in vits]
 
-    checked, _ = start_up_check(SimpleNamespace(**vars(place), attn=attn, cfg=cfg, log=say),
-                                'evaluation', models, first_layers, layers, backward=False)
+    checked, _ = start_up_check(place, 'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
@@ -209,8 +205,7 @@ def what_runs(plan):
     budget = f'{cfg.epochs} epoch(s) at batch {cfg.batch_size * cfg.accum_steps * plan.world}'
     if cfg.max_steps:
         budget += f', cut after {cfg.max_steps} steps (--max-steps)'
-    script = cfg.SCRIPT or os.path.basename(sys.argv[0])
-    return f'{script} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
+    return f'{cfg.SCRIPT} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
 
 # -----------------------------------------------------------------------------
 # Ending: expected failures and Ctrl-C as one line
@@ -243,8 +238,8 @@ def run_main(main):
 
 def one_line(e):
     """An error in one line: one of ours as it says (a write that failed: with how to continue the run); anything
-    else by its type and first line, its traceback added to the run's log (where there is none yet: printed, but for
-    one of several processes, where it is mostly a peer that stopped), and how to continue."""
+    else by its type, first line and how to continue, its traceback added to the run's log, or where there is no
+    log yet (an error in set-up), the file and line it was raised at."""
     how = getattr(e, 'how_to_continue', NOTHING_SAVED)
     if isinstance(e, WriteError):
         return f'{e.what}; {how}' if hasattr(e, 'how_to_continue') else str(e)
@@ -259,8 +254,9 @@ def one_line(e):
         with contextlib.suppress(WriteError):   # a full disk: the line still says what happened
             add_to_log(log, ''.join(traceback.format_exception(e)))
         said += f' (its traceback: {log})'
-    elif not dist.is_initialized():   # under torchrun, before the log: each process's line, torchrun's summary
-        traceback.print_exception(e)
+    else:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        said += f' (raised at {where.filename}:{where.lineno})'
     if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
         said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
                f'process stopped, hung or died, each stops after --dist-timeout seconds'
@@ -285,25 +281,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(f"error: {message.removeprefix('argument ')} (see --help)")
 
 
-def _converter(tp):
+def _typed(tp):
+    """(argparse's type=, metavar) for one value of annotation tp: none for an Optional[X]'s None, true or false
+    for a bool."""
     if typing.get_origin(tp) is typing.Union:   # Optional[X]
-        inner = _converter(typing.get_args(tp)[0])
-        return lambda s: None if s.lower() == 'none' else inner(s)
+        inner, metavar = _typed(typing.get_args(tp)[0])
+        return (lambda s: None if s.lower() == 'none' else inner(s)), metavar
     if tp is bool:
         def to_bool(s):
-            if s.lower() in ('1', 'true', 'yes', 'on'):
-                return True
-            if s.lower() in ('0', 'false', 'no', 'off'):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
-        return to_bool
-    return tp
-
-
-def _metavar(tp):
-    if typing.get_origin(tp) in (typing.Union, list):   # Optional[X], list[X]: X's
-        return _metavar(typing.get_args(tp)[0])
-    return tp.__name__.upper()
+            if s.lower() not in ('true', 'false'):
+                raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+            return s.lower() == 'true'
+        return to_bool, 'BOOL'
+    return tp, tp.__name__.upper()
 
 
 def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}', checked=True):
@@ -311,21 +301,19 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     wrong types exit at once, values out of range raise ConfigError (check; a --randaug string
     util/augment.py cannot run: its own words), before anything is made.
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
-    checked False: no check (a first parse that only picks the presets: --help must still print)."""
+    checked False: no check, and no --help (a first parse that only picks the presets: the next one prints it)."""
     presets = presets or {}
-    defaults = dataclasses.asdict(cls())
     given = vars(parser(cls, presets).parse_args(argv))
-    data = given.get('data', defaults.get('data'))
-    preset = presets.get(data, {})
     asked_help = given.pop('help', False)
-    values = {**defaults, **preset, **given}
-    if asked_help:   # before check(): the help of a line that would be refused is still shown
-        lines = help_lines(cls, values, given, preset, preset_label.format(data))
-        say(parser(cls, presets, lines).format_help())
-        sys.exit(0)   # say: `| head` may close the pipe, with no traceback
-    cfg = cls(**values)
+    data = given.get('data', getattr(cls, 'data', None))
+    preset = presets.get(data, {})
+    cfg = cls(**{**preset, **given})
     if not checked:
         return cfg
+    if asked_help:   # before check(): the help of a line that would be refused is still shown
+        lines = help_lines(cfg, given, preset, preset_label.format(data))
+        say(parser(cls, presets, lines).format_help())
+        sys.exit(0)   # say: `| head` may close the pipe, with no traceback
     check(cfg)
     # the --randaug string, read by the augmentation that runs it: its ValueError names the fix
     try:
@@ -335,18 +323,13 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     return cfg
 
 
-def help_lines(cls, values, given, preset, label):
+def help_lines(cfg, given, preset, label):
     """{field: its line in --help}: the value this command line runs with, where it comes from (your flag, the
     preset `label`, the default), and the field's sentence."""
-    notes = declared(cls)
+    notes = declared(type(cfg))
     out = {}
-    for k, v in values.items():
-        if k in given:
-            source = 'your flag'
-        elif k in preset:
-            source = label
-        else:
-            source = 'default'
+    for k, v in dataclasses.asdict(cfg).items():
+        source = 'your flag' if k in given else label if k in preset else 'default'
         out[k] = f'{word(v)} ({source})'
         if 'help' in notes[k]:
             out[k] += f"; {notes[k]['help']}"
@@ -356,7 +339,6 @@ def help_lines(cls, values, given, preset, label):
 def parser(cls, presets, helps=None):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
     line in --help} ('%' escaped: argparse formats help strings)."""
-    hints = typing.get_type_hints(cls)
     helps = helps or {}
     doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # as written
     epilog = None
@@ -371,18 +353,11 @@ def parser(cls, presets, helps=None):
                         "what it means")
     notes = declared(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        many = typing.get_origin(tp) is list    # list[X]: --key a b c
+        many = typing.get_origin(f.type) is list    # list[X]: --key a b c
+        converter, metavar = _typed(typing.get_args(f.type)[0] if many else f.type)
         # its dest: --key-name -> key_name
-        p.add_argument(flag(f.name), nargs='+' if many else None,
-                       type=_converter(typing.get_args(tp)[0] if many else tp),
-                       default=argparse.SUPPRESS, metavar=_metavar(tp),
+        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter,
+                       default=argparse.SUPPRESS, metavar=metavar,
                        choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p
-
-
-def without_help(argv=None):
-    """argv (None: sys.argv[1:]) without -h / --help: for a parse that only picks the presets, before the one that
-    prints the help with them (finetune.py's --scratch, reproduce.py's --quick)."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('-h', '--help')]
