@@ -117,8 +117,7 @@ def test_init_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize('source, change, says', [
     ('state_dict', ['--init-num-heads', '3', '--depth', '3'], 'architecture mismatch'),
     ('state_dict', ['--init-num-heads', '3', '--embed-dim', '96'], 'architecture mismatch'),
-    ('state_dict', ['--init-num-heads', '6'], 'the checkpoint has 6 attention heads (stated by --init-num-heads; '
-                                              'here 3)'),
+    ('state_dict', ['--init-num-heads', '6'], 'the checkpoint has num_heads 6 (here 3)'),
     ('state_dict', [], 'do not say how many attention heads'),   # weights alone: never guessed
     ('checkpoint', ['--depth', '3'], 'architecture mismatch'),
 ])

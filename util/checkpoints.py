@@ -23,7 +23,7 @@ import torchvision.models as tvm
 
 from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused, convert,
+from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
 
@@ -199,50 +199,49 @@ def arch_of(ckpt, source, num_heads, flag):
     num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
     return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
                 num_classes=num_classes, embed_dim=dim, depth=depth,
-                num_heads=heads_of(ckpt, source, dim, num_heads, flag)[0],
+                num_heads=heads_of(ckpt, source, dim, num_heads, flag),
                 mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
                 **components)
 
 
 def heads_of(ckpt, source, dim, num_heads, flag):
-    """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
-    so it is never guessed: it is the file's record (this project's checkpoints), its family's at its width (a
-    family known by its name, an official file name or keys only its files have: pretrained.HEADS), or what its
-    user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
-    and so is a file that says nothing, with the flag that states it."""
-    known = None
-    if 'num_heads' in (recorded(ckpt) or {}):
-        known = ckpt['arch']['num_heads'], 'recorded in the file'
-    else:
-        fam = family_key(source, ckpt)
-        rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
-        if isinstance(rule, int):
-            count = dim // rule if dim % rule == 0 else None
-        else:
-            count = rule.get(dim)
-        if count:
-            known = count, f"{FAMILIES[fam][0]}'s at width {dim}"
-    if known:
-        if num_heads and num_heads != known[0]:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads "
-                                  f"({known[1]})")
-        return known
-    if num_heads:   # one that does not divide the width: VisionTransformer refuses it (vit_of)
-        return num_heads, f'stated by {flag}'
-    raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
-                          f"its ViT has (its record, a name or its family would): state them with "
-                          f"{flag} N")
+    """How many attention heads the ViT of a checkpoint has. No tensor shape shows it, so it is never guessed: it is
+    the file's record (this project's checkpoints), its family's at its width (a family known by its name, an official
+    file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
+    stated count that the record or the family contradicts is refused, and so is a file that says nothing, with the
+    flag that states it."""
+    rule = family(source, ckpt).heads   # the width of every head, or {model width: heads}
+    if isinstance(rule, int):
+        rule = {dim: dim // rule} if dim % rule == 0 else {}
+    known = (recorded(ckpt) or {}).get('num_heads', rule.get(dim))
+    if known is None:
+        if not num_heads:
+            raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention "
+                                  f"heads its ViT has (its record, a name or its family would): state "
+                                  f"them with {flag} N")
+        return num_heads   # one that does not divide the width: VisionTransformer refuses it (vit_of)
+    if num_heads and num_heads != known:
+        raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known} attention heads")
+    return known
 
 
-def family_key(source, ckpt):
-    """The family (a key of pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has,
-    else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); None if none says."""
+# this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
+# heads recorded or stated, never guessed
+OURS = Family("this project's", AS_DEIT, {})
+UNKNOWN = Family('family not known', AS_DEIT, {})
+
+
+def family(source, ckpt):
+    """The family (pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has, else by its
+    official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS or UNKNOWN."""
     if source in PRETRAINED:
-        return PRETRAINED[source][1]
+        return FAMILIES[PRETRAINED[source][1]]
+    if recorded(ckpt):
+        return OURS
     official = next((f for url, f in PRETRAINED.values()
                      if os.path.basename(url) == os.path.basename(str(source))), None)
-    return family_of(unwrap(ckpt) or {}) or official
+    return FAMILIES.get(family_of(unwrap(ckpt) or {}) or official, UNKNOWN)
 
 
 # what loading adapts or ignores: a recorded architecture may differ in these
@@ -252,32 +251,25 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 def check_arch(model, ckpt, sd, source, num_heads, flag):
     """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
     without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
-    model's."""
-    saved = recorded(ckpt)
-    if saved:
-        if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-            raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
-                                  f"its own in layers {saved['no_qk_layers']} and runs only with its "
-                                  f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
-                                  f"an --init")
-        # heads matter though no tensor shape shows them
-        diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
-                if k not in ADAPTED and model.arch.get(k) != v]
-    else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
-        heads, how = heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)
-        diff = []
-        if heads != model.num_heads:
-            diff.append(f'{heads} attention heads ({how}; here {model.num_heads})')
+    model's: heads matter though no tensor shape shows them (its other fields show in its tensors' names and shapes:
+    load_state_dict checks them)."""
+    dim = sd['pos_embed'].shape[-1]
+    saved = recorded(ckpt) or {'num_heads': heads_of(ckpt, source, dim, num_heads, flag)}
+    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
+                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
+                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
+                              f"an --init")
+    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+            if k not in ADAPTED and model.arch.get(k) != v]
     if diff:
         raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
                               f"{', '.join(diff)}")
 
 
-def vit_of(arch, source, given=None):
-    """VisionTransformer(**arch, **given), or CheckpointError naming `source` and what VisionTransformer
-    refused: the architecture a checkpoint records, with the fields `given` by the caller (another image
-    size, say)."""
-    arch = {**arch, **(given or {})}
+def vit_of(arch, source):
+    """VisionTransformer(**arch), or CheckpointError naming `source` and what VisionTransformer refused: the
+    architecture a checkpoint records, with the fields its caller changes (another image size, say)."""
     try:
         return VisionTransformer(**arch)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
@@ -311,7 +303,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        how = family(source, ckpt)[1]   # as the family's own code does
+        how = family(source, ckpt).resize   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
@@ -352,48 +344,24 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
     arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': ()}
-    model = vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None})
+    model = vit_of({**arch, **overrides}, source)
     return load_weights(model, source, ckpt, num_heads)
 
 
-def family(source, ckpt):
-    """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES), of a
-    name or a file (family_key). This project's own files are resized as DeiT's, and so is any other file (its
-    family: None)."""
-    if source not in PRETRAINED and recorded(ckpt):
-        return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
-    return FAMILIES.get(family_key(source, ckpt), (None, AS_DEIT))
-
-
-def describe_teacher(source, ckpt, arch, size, heads):
-    """The teacher in one line for the log: its family, its heads and where their count is known from, its
-    native size, and at another size how its position embeddings were resized (its family's official way:
-    pretrained.FAMILIES). arch: its VisionTransformer keywords as the file gives them (arch_of); size: the image
-    size it runs at; heads: (the count stated, the flag that states it)."""
-    name, how = family(source, ckpt)
+def describe_teacher(source, ckpt, arch, size):
+    """The teacher in one line for the log: its family, depth, heads and native size, and at another size whose
+    official way resized its position embeddings (pretrained.FAMILIES). arch: its VisionTransformer keywords as the
+    file gives them (arch_of); size: the image size it runs at."""
+    name, how, _ = family(source, ckpt)
     patch = arch['patch_size']
     native = arch['img_size']
-    count, known = heads_of(ckpt, source, arch['embed_dim'], *heads)
-    said = f'teacher {source}'
-    if name:
-        said += f' ({name})'
-    blocks = 'block' if arch['depth'] == 1 else 'blocks'
-    said += f": {arch['depth']} {blocks}, {count} heads ({known}), native size {native} px " \
-            f'({native // patch}x{native // patch} patches of {patch} px)'
+    said = f"teacher {source} ({name}): depth {arch['depth']}, " \
+           f"{arch['num_heads']} heads, native size {native} px ({native // patch}x{native // patch} " \
+           f"patches of {patch} px)"
     if size == native:
         return f'{said}, run at that size'
-    said += f', run at {size} px ({size // patch}x{size // patch}): position embeddings resized ' \
-            f'bicubic '
-    if how.offset:
-        said += f'by the scale factor (new + {how.offset:g}) / old'
-    else:
-        said += 'to the new size'
-    if how.antialias:
-        said += ', antialiased'
-    said += f', as {how.like} does'
-    if not name:
-        said += ' (its family is not known from the file)'
-    return said
+    return f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings ' \
+           f'resized as {how.like} does'
 
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)

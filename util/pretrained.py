@@ -15,7 +15,7 @@ then loads it with its exact missing / unexpected key check. The families and wh
 CLIP's TorchScript archive is read by its records, without running any of its code (read_archive, at the end).
 
 A student built with `--student-arch teacher` gets these components (randomly initialised). No tensor shape says
-how many attention heads a ViT has: a family's files are read with its models' head counts (HEADS), a file of no
+how many attention heads a ViT has: a family's files are read with its models' head counts (FAMILIES), a file of no
 known family only with the count its record holds or its user states (util/checkpoints.heads_of).
 
 Off its native image size (DINOv2: 518 px, the others 224 px) a family's official code interpolates its
@@ -43,25 +43,31 @@ PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 
 # DeiT's main.py, MAE's util/pos_embed.py
 AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")
-# family -> (its name, how its official code resizes position embeddings off its native size). DINO and
-# DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
-# the grid of the image size asked for, the same call gives the same numbers.
+
+# A family: its name, how its official code resizes position embeddings off its native size, and its models' heads
+# (from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
+# (interpolate_pos_encoding); done once to the grid of the image size asked for, the same call gives the same numbers.
+# Heads: a number is the width of every head (OpenAI CLIP's build_model: vision_heads = vision_width // 64; DeiT's,
+# DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict the heads of each width it has (MoCo v3's vits.py: ViT-S
+# and ViT-B both 12 heads; MAE's and torchvision's are the ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
+Family = namedtuple('Family', 'name resize heads')
+VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
 FAMILIES = {
-    'mae': ('MAE', AS_DEIT),
-    'deit': ('DeiT', AS_DEIT),
-    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO')),             # dino vision_transformer.py
+    'mae': Family('MAE', AS_DEIT, VIT_PAPER_HEADS),
+    'deit': Family('DeiT', AS_DEIT, 64),
+    'dino': Family('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),             # dino vision_transformer.py
     # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
-    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2')),
-    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers')),
+    'dinov2': Family('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
+    'dinov2_reg': Family('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
     # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
-    'mocov3': ('MoCo v3', AS_DEIT),
-    'clip': ('CLIP', AS_DEIT),
-    'torchvision': ('torchvision', AS_DEIT),
+    'mocov3': Family('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
+    'clip': Family('CLIP', AS_DEIT, 64),
+    'torchvision': Family('torchvision', AS_DEIT, VIT_PAPER_HEADS),
 }
 
 FAIR = 'https://dl.fbaipublicfiles.com'
 DINOV2_URL = FAIR + '/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
-TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the file's width
+TEACHERS = {   # name -> (url, family); their heads: the family's at the file's width
     'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 'deit'),
     'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 'deit'),
     'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'dino'),
@@ -73,15 +79,6 @@ TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the 
                     '5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
                     'clip'),
 }
-
-
-# family -> its models' heads, from each family's model code: a number is the width of every head (OpenAI CLIP's
-# build_model: vision_heads = vision_width // 64; DeiT's, DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict
-# the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's are the
-# ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
-VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
-HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64,
-         'mocov3': {384: 12, 768: 12}, 'mae': VIT_PAPER_HEADS, 'torchvision': VIT_PAPER_HEADS}
 
 
 def unwrap(ckpt):
@@ -245,7 +242,7 @@ class Record:
         self.state = state
 
 
-def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+def rebuild_tensor(storage, offset, size, stride, *flags):
     """torch._utils._rebuild_tensor_v2's tensor: a view of its storage (a 1-D tensor of the storage's
     dtype)."""
     return storage.as_strided(size, stride, offset)
