@@ -85,8 +85,7 @@ def read_file(path):
             ckpt = read_archive(path)
         else:
             # torch's notes on formats: what is wrong is said below, in one line
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
+            with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except ArchiveRefused as e:
         what, fix = e.args
@@ -161,18 +160,14 @@ def state_dict_of(ckpt):
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
-    if recorded(ckpt) and isinstance(ckpt.get('model'), dict):   # ours
-        sd = ckpt['model']
-        components = {}
-    else:
-        sd = unwrap(ckpt)
-        if sd is None:
-            raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
-                                  'key "model")')
-        sd, components = convert(sd)
-        if 'patch_embed.proj.weight' not in sd:
-            raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
-                                  'conv_proj.weight')
+    sd = unwrap(ckpt)
+    if sd is None:
+        raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
+                              'key "model")')
+    sd, components = convert(sd)   # this project's names are timm's: kept as they are
+    if 'patch_embed.proj.weight' not in sd:
+        raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
+                              'conv_proj.weight')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
@@ -279,12 +274,11 @@ def vit_of(arch, source):
 # Loading into a ViT, with every difference refused
 
 
-def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assign=False):
+def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=False):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
     CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
-    the file's tensors themselves (check_weights), not copies."""
-    ckpt = read_checkpoint(source) if ckpt is None else ckpt
+    the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
     check_arch(model, ckpt, sd, source, num_heads, flag)
     own = model.state_dict()
@@ -343,8 +337,8 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': ()}
-    model = vit_of({**arch, **overrides}, source)
+    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
+    model = vit_of(arch, source)
     return load_weights(model, source, ckpt, num_heads)
 
 
@@ -372,7 +366,7 @@ def teacher_record(cfg, transfer):
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
             'teacher_num_heads': cfg.teacher_num_heads,
-            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers,
+            'layer_map': transfer.layers,
             'heads': transfer.heads, 'transfer': cfg.transfer,
             'average_maps': cfg.average_maps, 'student_arch': cfg.student_arch}
 

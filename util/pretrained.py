@@ -234,8 +234,8 @@ STORAGES = {f'{name}Storage': getattr(torch, dtype) for name, dtype in (
 
 
 class Record:
-    """A TorchScript object, inert: `qualname` is its class's, `state` what was pickled for it."""
-    qualname = ''
+    """A TorchScript object, inert: `state` is what was pickled for it; its class (declared) says whether it is a
+    module and which of its attributes are its parameters and buffers."""
     state = None
 
     def __setstate__(self, state):   # pickle's BUILD: kept, given to no code
@@ -266,9 +266,9 @@ GLOBALS = {
 
 
 def declared(archive, root, qualname):
-    """(is a module, its __parameters__, its __buffers__) of a TorchScript class, as the code record of its module
-    declares it (read as text, never run). A record that is missing, does not parse or lacks the class is refused
-    in zipfile's, ast's or Python's words (util/checkpoints.read_file)."""
+    """The Record class of a TorchScript class: whether it is a module, its __parameters__ and its __buffers__, as
+    the code record of its module declares them (read as text, never run). A record that is missing, does not parse
+    or lacks the class is refused in zipfile's, ast's or Python's words (util/checkpoints.read_file)."""
     module, name = qualname.rsplit('.', 1)
     code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
     cls = next(n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name)
@@ -281,25 +281,24 @@ def declared(archive, root, qualname):
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
              for t in n.targets if isinstance(t, ast.Name) and t.id in wanted}
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-    return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
+    return type(name, (Record,), {'is_module': is_module, 'parameters': lists.get('__parameters__', []),
+                                  'buffers': lists.get('__buffers__', [])})
 
 
 class ArchiveUnpickler(pickle.Unpickler):
     """data.pkl's objects: tensors from the archive's storages, TorchScript objects as Records, nothing
     else."""
 
-    def __init__(self, file, archive, root, classes):
+    def __init__(self, file, archive, root):
         super().__init__(file)
         self.archive = archive
         self.root = root
-        self.classes = classes
+        self.classes = functools.cache(functools.partial(declared, archive, root))   # each read once
         self.storages = {}        # a storage's key -> its tensor, read once
 
     def find_class(self, module, name):
         if module.startswith('__torch__'):   # a class compiled into the archive
-            qualname = f'{module}.{name}'
-            self.classes(qualname)   # refused here if it has its own __setstate__
-            return type(name, (Record,), {'qualname': qualname})
+            return self.classes(f'{module}.{name}')   # refused if it has its own __setstate__
         if (module, name) not in GLOBALS:
             raise ArchiveRefused(f'it is a TorchScript archive that names {module}.{name}, not a '
                                  f'tensor or plain data: refused unread', AS_WEIGHTS)
@@ -326,31 +325,26 @@ def read_archive(path):
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
-        # each class read once
-        classes = functools.cache(functools.partial(declared, archive, root))
         with archive.open(f'{root}/data.pkl') as f:
-            top = ArchiveUnpickler(f, archive, root, classes).load()
-        state = {}
-        if is_module(top, classes):   # else no state dict, refused where it is read
-            collect(top, '', classes, state)
-        return state
+            top = ArchiveUnpickler(f, archive, root).load()
+    state = {}
+    if is_module(top):   # else no state dict, refused where it is read
+        collect(top, '', state)
+    return state
 
 
-def is_module(value, classes):
-    if not (isinstance(value, Record) and isinstance(value.state, dict)):
-        return False
-    return classes(value.qualname)[0]
+def is_module(value):
+    return isinstance(value, Record) and value.is_module and isinstance(value.state, dict)
 
 
-def collect(module, prefix, classes, state):
+def collect(module, prefix, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
     nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
     tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
-    _, parameters, buffers = classes(module.qualname)
-    for names in (parameters, buffers):
+    for names in (module.parameters, module.buffers):
         for name, value in module.state.items():
             if name in names and value is not None:
                 state[prefix + name] = value
     for name, value in module.state.items():
-        if is_module(value, classes):
-            collect(value, f'{prefix}{name}.', classes, state)
+        if is_module(value):
+            collect(value, f'{prefix}{name}.', state)
