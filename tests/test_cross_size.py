@@ -158,8 +158,8 @@ def test_scripts_train_a_smaller_student_and_record_the_mapping(monkeypatch, cap
     assert run(monkeypatch, module, out, teacher_file, *SMALL_FLAGS) is None
     printed = capsys.readouterr().out
     assert "layer map (student:teacher) 0:0 1:3; the teacher's 4 heads in 2 groups of 2" in printed
-    assert f"teacher {teacher_file} (this project's): depth 4, 4 heads, native size 32 px " \
-           f"(4x4 patches of 8 px), run at that size" in printed
+    assert f"teacher {teacher_file} (this project's): depth 4, 4 heads, patches of 8 px, native size " \
+           f"32 px, run at that size" in printed
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     record = ck['teacher' if module is attention_copy else 'distilled_from']
     assert record['layer_map'] == {0: 0, 1: 3}

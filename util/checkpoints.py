@@ -343,19 +343,16 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
 
 
 def describe_teacher(source, ckpt, arch, size):
-    """The teacher in one line for the log: its family, depth, heads and native size, and at another size whose
-    official way resized its position embeddings (pretrained.FAMILIES). arch: its VisionTransformer keywords as the
-    file gives them (arch_of); size: the image size it runs at."""
+    """The teacher in one line for the log: its family, depth, heads, patches and native size, and at another size
+    whose official way resized its position embeddings (pretrained.FAMILIES). arch: its VisionTransformer keywords
+    as the file gives them (arch_of); size: the image size it runs at."""
     name, how, _ = family(source, ckpt)
-    patch = arch['patch_size']
     native = arch['img_size']
-    said = f"teacher {source} ({name}): depth {arch['depth']}, " \
-           f"{arch['num_heads']} heads, native size {native} px ({native // patch}x{native // patch} " \
-           f"patches of {patch} px)"
+    said = f"teacher {source} ({name}): depth {arch['depth']}, {arch['num_heads']} heads, patches of " \
+           f"{arch['patch_size']} px, native size {native} px"
     if size == native:
         return f'{said}, run at that size'
-    return f'{said}, run at {size} px ({size // patch}x{size // patch}): position embeddings ' \
-           f'resized as {how.like} does'
+    return f'{said}, run at {size} px: position embeddings resized as {how.like} does'
 
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)
@@ -376,13 +373,7 @@ def teacher_mismatch(source, record):
     contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
     if not record:
         return None
-    if record.get('sha256') is None:   # a name
-        if source == record['source']:
-            return None
-        return f"the teacher {record['source']} -> {source}"
-    digest = sha256_of(source)
-    # missing under its recorded name: loading says so
-    if digest == record['sha256'] or (digest is None and source == record['source']):
+    digest = sha256_of(source) if record.get('sha256') else None   # None: a name, or no file (loading says so)
+    if (digest is None and source == record['source']) or (digest and digest == record['sha256']):
         return None
-    return f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded " \
-           f"({record['source']}) had {record['sha256']}"
+    return f"the teacher {record['source']} (sha256 {record.get('sha256')}) -> {source} (sha256 {digest})"

@@ -160,9 +160,10 @@ def convert(sd):
     if family == 'clip':
         sd = under(sd, 'visual.')
         sd.pop('proj', None)
-    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
+    # MoCo v3: the base encoder (its projection MLP in `head` is dropped on loading, as main_lincls.py drops it
+    # and as any classifier the model has none of)
     if family == 'mocov3':
-        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
+        sd = under(sd, 'base_encoder.')
     out = {}
     for k, v in sd.items():
         for old, new in NAMES.items():
@@ -235,8 +236,10 @@ STORAGES = {f'{name}Storage': getattr(torch, dtype) for name, dtype in (
 
 class Record:
     """A TorchScript object, inert: `state` is what was pickled for it; its class (declared) says whether it is a
-    module and which of its attributes are its parameters and buffers."""
+    module and, in TorchScript's names, which of its attributes are its __parameters__ and __buffers__."""
     state = None
+    __parameters__ = []
+    __buffers__ = []
 
     def __setstate__(self, state):   # pickle's BUILD: kept, given to no code
         self.state = state
@@ -258,9 +261,8 @@ GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): same,
     ('collections', 'OrderedDict'): OrderedDict,
-    **{('torch.jit._pickle', f'build_{kind}list'): same
-       for kind in ('int', 'double', 'bool', 'tensor')},
-    ('torch.jit._pickle', 'restore_type_tag'): same,
+    **{('torch.jit._pickle', name): same for name in ('build_intlist', 'build_doublelist', 'build_boollist',
+                                                      'build_tensorlist', 'restore_type_tag')},
     **{('torch', name): dtype for name, dtype in STORAGES.items()},
 }
 
@@ -277,12 +279,10 @@ def declared(archive, root, qualname):
                              f'__setstate__, code that torch.jit.load would run to read it: '
                              f'refused unread', AS_WEIGHTS)
     # literal_eval reads constants only (a ValueError for anything else)
-    wanted = ('__parameters__', '__buffers__')
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name) and t.id in wanted}
+             for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-    return type(name, (Record,), {'is_module': is_module, 'parameters': lists.get('__parameters__', []),
-                                  'buffers': lists.get('__buffers__', [])})
+    return type(name, (Record,), {'is_module': is_module, **lists})
 
 
 class ArchiveUnpickler(pickle.Unpickler):
@@ -341,7 +341,7 @@ def collect(module, prefix, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
     nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
     tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
-    for names in (module.parameters, module.buffers):
+    for names in (module.__parameters__, module.__buffers__):
         for name, value in module.state.items():
             if name in names and value is not None:
                 state[prefix + name] = value
