@@ -23,12 +23,12 @@ import torchvision.models as tvm
 
 from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
+from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
-PRETRAINED = {   # name -> (url, family in pretrained.FAMILIES, whose HEADS give its heads)
+PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, its resize)
     # the MAE README's links (_ft: fine-tuned on IN-1k)
     **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
@@ -206,16 +206,16 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
     stated count that the record or the family contradicts is refused, and so is a file that says nothing, with the
     flag that states it."""
-    rule = family(source, ckpt).heads   # the width of every head, or {model width: heads}
+    _, _, rule = family(source, ckpt)   # the width of every head, or {model width: heads}
     if isinstance(rule, int):
         rule = {dim: dim // rule} if dim % rule == 0 else {}
     known = (recorded(ckpt) or {}).get('num_heads', rule.get(dim))
     if known is None:
         if not num_heads:
-            raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention "
-                                  f"heads its ViT has (its record, a name or its family would): state "
-                                  f"them with {flag} N")
-        return num_heads   # one that does not divide the width: VisionTransformer refuses it (vit_of)
+            raise CheckpointError(f"'{source}' holds weights alone, which do not say how many "
+                                  f"attention heads its ViT has (its record, a name or its family "
+                                  f"would): state them with {flag} N")
+        return num_heads   # one that does not divide the width: refused by VisionTransformer
     if num_heads and num_heads != known:
         raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known} attention heads")
     return known
@@ -223,19 +223,20 @@ def heads_of(ckpt, source, dim, num_heads, flag):
 
 # this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
 # heads recorded or stated, never guessed
-OURS = Family("this project's", AS_DEIT, {})
-UNKNOWN = Family('family not known', AS_DEIT, {})
+OURS = ("this project's", AS_DEIT, {})
+UNKNOWN = ('family not known', AS_DEIT, {})
 
 
 def family(source, ckpt):
-    """The family (pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has, else by its
-    official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS or UNKNOWN."""
+    """The family (pretrained.FAMILIES: its name, resize and heads) of a name, or of a file by the keys only its
+    family's format has, else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS
+    or UNKNOWN."""
     if source in PRETRAINED:
         return FAMILIES[PRETRAINED[source][1]]
     if recorded(ckpt):
         return OURS
     official = next((f for url, f in PRETRAINED.values()
-                     if os.path.basename(url) == os.path.basename(str(source))), None)
+                     if os.path.basename(url) == os.path.basename(source)), None)
     return FAMILIES.get(family_of(unwrap(ckpt) or {}) or official, UNKNOWN)
 
 
@@ -297,7 +298,7 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        how = family(source, ckpt).resize   # as the family's own code does
+        _, how, _ = family(source, ckpt)   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
@@ -348,8 +349,8 @@ def describe_teacher(source, ckpt, arch, size):
     as the file gives them (arch_of); size: the image size it runs at."""
     name, how, _ = family(source, ckpt)
     native = arch['img_size']
-    said = f"teacher {source} ({name}): depth {arch['depth']}, {arch['num_heads']} heads, patches of " \
-           f"{arch['patch_size']} px, native size {native} px"
+    said = f"teacher {source} ({name}): depth {arch['depth']}, {arch['num_heads']} heads, " \
+           f"patches of {arch['patch_size']} px, native size {native} px"
     if size == native:
         return f'{said}, run at that size'
     return f'{said}, run at {size} px: position embeddings resized as {how.like} does'
@@ -362,10 +363,8 @@ def teacher_record(cfg, transfer):
     the mapping (layer map, heads) a copy student needs to be given the same maps again."""
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
-            'teacher_num_heads': cfg.teacher_num_heads,
-            'layer_map': transfer.layers,
-            'heads': transfer.heads, 'transfer': cfg.transfer,
-            'average_maps': cfg.average_maps, 'student_arch': cfg.student_arch}
+            'teacher_num_heads': cfg.teacher_num_heads, 'layer_map': transfer.layers,
+            'heads': transfer.heads, 'transfer': cfg.transfer, 'average_maps': cfg.average_maps}
 
 
 def teacher_mismatch(source, record):
@@ -373,7 +372,9 @@ def teacher_mismatch(source, record):
     contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
     if not record:
         return None
-    digest = sha256_of(source) if record.get('sha256') else None   # None: a name, or no file (loading says so)
+    # None: a name, or no file (loading says so)
+    digest = sha256_of(source) if record.get('sha256') else None
     if (digest is None and source == record['source']) or (digest and digest == record['sha256']):
         return None
-    return f"the teacher {record['source']} (sha256 {record.get('sha256')}) -> {source} (sha256 {digest})"
+    return f"the teacher {record['source']} (sha256 {record.get('sha256')}) -> {source} " \
+           f"(sha256 {digest})"

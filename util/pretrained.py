@@ -44,25 +44,24 @@ PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 # DeiT's main.py, MAE's util/pos_embed.py
 AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")
 
-# A family: its name, how its official code resizes position embeddings off its native size, and its models' heads
-# (from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
+# family -> (its name, how its official code resizes position embeddings off its native size, its models' heads
+# from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
 # (interpolate_pos_encoding); done once to the grid of the image size asked for, the same call gives the same numbers.
 # Heads: a number is the width of every head (OpenAI CLIP's build_model: vision_heads = vision_width // 64; DeiT's,
 # DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict the heads of each width it has (MoCo v3's vits.py: ViT-S
 # and ViT-B both 12 heads; MAE's and torchvision's are the ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
-Family = namedtuple('Family', 'name resize heads')
 VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
 FAMILIES = {
-    'mae': Family('MAE', AS_DEIT, VIT_PAPER_HEADS),
-    'deit': Family('DeiT', AS_DEIT, 64),
-    'dino': Family('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),             # dino vision_transformer.py
+    'mae': ('MAE', AS_DEIT, VIT_PAPER_HEADS),
+    'deit': ('DeiT', AS_DEIT, 64),
+    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),   # dino vision_transformer.py
     # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
-    'dinov2': Family('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
-    'dinov2_reg': Family('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
+    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
+    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
     # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
-    'mocov3': Family('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
-    'clip': Family('CLIP', AS_DEIT, 64),
-    'torchvision': Family('torchvision', AS_DEIT, VIT_PAPER_HEADS),
+    'mocov3': ('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
+    'clip': ('CLIP', AS_DEIT, 64),
+    'torchvision': ('torchvision', AS_DEIT, VIT_PAPER_HEADS),
 }
 
 FAIR = 'https://dl.fbaipublicfiles.com'
@@ -261,8 +260,9 @@ GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): same,
     ('collections', 'OrderedDict'): OrderedDict,
-    **{('torch.jit._pickle', name): same for name in ('build_intlist', 'build_doublelist', 'build_boollist',
-                                                      'build_tensorlist', 'restore_type_tag')},
+    **{('torch.jit._pickle', name): same
+       for name in ('build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist',
+                    'restore_type_tag')},
     **{('torch', name): dtype for name, dtype in STORAGES.items()},
 }
 
@@ -280,7 +280,8 @@ def declared(archive, root, qualname):
                              f'refused unread', AS_WEIGHTS)
     # literal_eval reads constants only (a ValueError for anything else)
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
+             for t in n.targets
+             if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
     return type(name, (Record,), {'is_module': is_module, **lists})
 
@@ -293,7 +294,7 @@ class ArchiveUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.archive = archive
         self.root = root
-        self.classes = functools.cache(functools.partial(declared, archive, root))   # each read once
+        self.classes = functools.cache(functools.partial(declared, archive, root))   # read once
         self.storages = {}        # a storage's key -> its tensor, read once
 
     def find_class(self, module, name):
