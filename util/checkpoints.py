@@ -339,8 +339,7 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
     arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
-    model = vit_of(arch, source)
-    return load_weights(model, source, ckpt, num_heads)
+    return load_weights(vit_of(arch, source), source, ckpt, num_heads)
 
 
 def describe_teacher(source, ckpt, arch, size):

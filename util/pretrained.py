@@ -88,10 +88,9 @@ def unwrap(ckpt):
     teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys)."""
     if not isinstance(ckpt, dict):
         return None
-    sd = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    if sd is ckpt and is_state_dict(ckpt.get('teacher')):
-        sd = ckpt['teacher']
-    if not is_state_dict(sd):
+    sd = ckpt.get('model', ckpt.get('state_dict', ckpt.get('teacher', ckpt)))
+    # a state dict: tensors by name
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
         return None
     for prefix in ('module.', 'teacher.', 'student.', 'backbone.'):
         if any(k.startswith(prefix) for k in sd):
@@ -102,10 +101,6 @@ def unwrap(ckpt):
 def under(sd, prefix):
     """The entries of sd whose keys start with prefix, the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def is_state_dict(sd):
-    return isinstance(sd, dict) and len(sd) > 0 and all(torch.is_tensor(v) for v in sd.values())
 
 
 def family_of(sd):
@@ -163,12 +158,8 @@ def convert(sd):
     # and as any classifier the model has none of)
     if family == 'mocov3':
         sd = under(sd, 'base_encoder.')
-    out = {}
-    for k, v in sd.items():
-        for old, new in NAMES.items():
-            k = k.replace(old, new)
-        out[k] = v
-    sd = out
+    for old, new in NAMES.items():
+        sd = {k.replace(old, new): v for k, v in sd.items()}
     # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
     if family == 'clip':
         conv = sd['patch_embed.proj.weight']
