@@ -249,8 +249,8 @@ def check_arch(model, ckpt, sd, source, num_heads, flag):
     without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
     model's: heads matter though no tensor shape shows them (its other fields show in its tensors' names and shapes:
     load_state_dict checks them)."""
-    dim = sd['pos_embed'].shape[-1]
-    saved = recorded(ckpt) or {'num_heads': heads_of(ckpt, source, dim, num_heads, flag)}
+    saved = recorded(ckpt) or {
+        'num_heads': heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)}
     if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
         raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
                               f"its own in layers {saved['no_qk_layers']} and runs only with its "
