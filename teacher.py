@@ -313,11 +313,12 @@ def inspect_teacher(cfg):
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
     # frozen, a plain ViT; built on no memory, its record refused if it cannot be
-    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': ()}
+    plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': (),
+             'img_size': cfg.img_size}
     with torch.device('meta'):
-        teacher = vit_of(plain, cfg.teacher, {'img_size': cfg.img_size})
+        teacher = vit_of(plain, cfg.teacher)
     teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
-    return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size, stated)
+    return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size)
 
 
 class Transfer(NamedTuple):

@@ -59,7 +59,7 @@ def test_a_teacher_of_weights_alone_is_refused_until_its_heads_are_stated(plain8
     assert run_in_process(monkeypatch, script, *TINY, '--teacher', plain8, '--teacher-num-heads', '8',
                           '--out-dir', out, '--max-steps', '1') is None
     log = (out / 'log.txt').read_text()
-    assert '2 blocks, 8 heads (stated by --teacher-num-heads)' in log, log
+    assert 'depth 2, 8 heads' in log, log
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert ck['arch']['num_heads'] == 8                         # the student built to fit it: 8 heads too
     record = ck.get('teacher') or ck['distilled_from']
@@ -109,7 +109,7 @@ def test_finetune_init_of_weights_alone_states_its_heads(plain8, tmp_path, monke
     assert msg and '--init-num-heads N' in msg, msg
     msg = run_in_process(monkeypatch, finetune, *args, '--num-heads', '4', '--init-num-heads', '8',
                          '--out-dir', tmp_path / 'b')
-    assert msg and '8 attention heads (stated by --init-num-heads; here 4)' in msg, msg   # loaded into 4 heads
+    assert msg and 'num_heads 8 (here 4)' in msg, msg   # loaded into 4 heads
     assert run_in_process(monkeypatch, finetune, *args, '--num-heads', '8', '--init-num-heads', '8',
                           '--out-dir', tmp_path / 'c') is None
 
@@ -118,7 +118,7 @@ def test_a_stated_count_the_record_contradicts_is_refused(tmp_path):
     model = random_vit()
     torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 'recorded.pt')
     assert build_from_checkpoint(str(tmp_path / 'recorded.pt'), num_heads=8).num_heads == 8
-    with pytest.raises(CheckpointError, match=r'--num-heads 4: .* has 8 attention heads \(recorded in the file\)'):
+    with pytest.raises(CheckpointError, match=r'--num-heads 4: .* has 8 attention heads'):
         build_from_checkpoint(str(tmp_path / 'recorded.pt'), num_heads=4)
 
 

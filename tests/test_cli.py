@@ -20,8 +20,14 @@ import attention_distill
 import data
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, sub_env
 import finetune as finetune_script
-from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
+from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights, read_checkpoint
 from vit import VisionTransformer
+
+
+def read(path):
+    """load_weights' source and checkpoint: a file's name and what read_checkpoint reads of it."""
+    return str(path), read_checkpoint(str(path))
+
 
 # -----------------------------------------------------------------------------
 # 7. Two processes under torchrun == one process with the same global batch
@@ -117,8 +123,7 @@ def test_init_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize('source, change, says', [
     ('state_dict', ['--init-num-heads', '3', '--depth', '3'], 'architecture mismatch'),
     ('state_dict', ['--init-num-heads', '3', '--embed-dim', '96'], 'architecture mismatch'),
-    ('state_dict', ['--init-num-heads', '6'], 'the checkpoint has 6 attention heads (stated by --init-num-heads; '
-                                              'here 3)'),
+    ('state_dict', ['--init-num-heads', '6'], 'the checkpoint has num_heads 6 (here 3)'),
     ('state_dict', [], 'do not say how many attention heads'),   # weights alone: never guessed
     ('checkpoint', ['--depth', '3'], 'architecture mismatch'),
 ])
@@ -245,10 +250,10 @@ def test_init_compares_heads_and_every_recorded_field(tmp_path, monkeypatch):
     """4 heads and 3 heads of a 48-wide model have tensors of the same shapes: only 'arch' tells them apart."""
     four = save_vit(tmp_path / 'four.pt')
     with pytest.raises(CheckpointError, match=r'num_heads 4 \(here 3\)'):
-        load_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3), str(four))
+        load_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3), *read(four))
     # what loading adapts may differ: image size (position embeddings resized), classes (new head), pooling
     load_weights(VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=1, num_heads=4, num_classes=5,
-                                   global_pool=True), str(four))
+                                   global_pool=True), *read(four))
     msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', tmp_path / 'r', '--init', four,
                          '--embed-dim', '48', '--depth', '1', '--num-heads', '3')
     assert msg and 'architecture mismatch' in msg and 'num_heads 4 (here 3)' in msg, msg
@@ -258,7 +263,7 @@ def test_copy_student_is_neither_a_teacher_nor_an_init(tmp_path, monkeypatch):
     copy = save_vit(tmp_path / 'copy.pt', extra={'teacher': {'source': 't.pt', 'sha256': None}}, no_qk_layers=[0])
     for load in (lambda: build_from_checkpoint(str(copy)),
                  lambda: load_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1,
-                                                        num_heads=4), str(copy))):
+                                                        num_heads=4), *read(copy))):
         with pytest.raises(CheckpointError, match='is an attention-copy student'):
             load()
     msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'r', '--teacher', copy)

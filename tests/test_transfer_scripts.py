@@ -44,7 +44,7 @@ def test_distill_runs_and_saves_a_plain_vit(teacher_ckpt, tmp_path, procs):
     p = transfer('attention_distill.py', tmp_path, teacher_ckpt, '--layers', '0', '--ema', '0.99', procs=procs)
     assert ' attn ' in p.stdout and ' ce ' in p.stdout          # both loss terms logged
     ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
-    assert 'teacher' not in ck and ck['distilled_from']['layers'] == [0]
+    assert 'teacher' not in ck and ck['distilled_from']['layer_map'] == {0: 0}
     assert set(ck['ema']) - {'n_averaged'} == {f'module.{k}' for k in ck['model']}   # EMA of the student only
     student = build_from_checkpoint(str(tmp_path / 'checkpoint.pt')).eval()        # no teacher needed
     assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -5,8 +5,14 @@ import torchvision
 
 from conftest import blocks_run
 from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
-from util.checkpoints import resize_pos_embed
+from util.checkpoints import read_checkpoint, resize_pos_embed
 from vit import IMPLEMENTATIONS, VisionTransformer, create_model, set_attn_implementation
+
+
+def read(path):
+    """load_weights' source and checkpoint: a file's name and what read_checkpoint reads of it."""
+    return str(path), read_checkpoint(str(path))
+
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=64, depth=3, num_heads=4)
 
@@ -68,7 +74,7 @@ def test_mae_pretraining_checkpoint_loads_as_classifier(tmp_path):
     sd = {**enc.state_dict(), 'mask_token': torch.zeros(1, 1, 32), 'decoder_embed.weight': torch.zeros(32, 64),
           'decoder_blocks.0.attn.qkv.weight': torch.zeros(96, 32)}
     torch.save({'model': sd}, tmp_path / 'mae.pth')
-    clf = load_weights(VisionTransformer(**SMALL, global_pool=True), str(tmp_path / 'mae.pth'), num_heads=4)
+    clf = load_weights(VisionTransformer(**SMALL, global_pool=True), *read(tmp_path / 'mae.pth'), num_heads=4)
     assert torch.equal(clf.blocks[2].mlp.fc2.weight, enc.blocks[2].mlp.fc2.weight)
     teacher = build_from_checkpoint(str(tmp_path / 'mae.pth'), num_heads=4)
     assert teacher.num_classes == 0 and torch.equal(teacher.norm.weight, enc.norm.weight)
@@ -77,7 +83,7 @@ def test_mae_pretraining_checkpoint_loads_as_classifier(tmp_path):
 def test_position_embedding_is_resized(tmp_path):
     m = randomise(VisionTransformer(**SMALL))
     torch.save(m.state_dict(), tmp_path / 'm.pth')
-    big = load_weights(VisionTransformer(**{**SMALL, 'img_size': 64}), str(tmp_path / 'm.pth'), num_heads=4)
+    big = load_weights(VisionTransformer(**{**SMALL, 'img_size': 64}), *read(tmp_path / 'm.pth'), num_heads=4)
     assert big.pos_embed.shape == (1, 1 + 64, 64)
     assert torch.equal(big.pos_embed[:, 0], m.pos_embed[:, 0])          # class token position kept
     assert torch.equal(resize_pos_embed(m.pos_embed, 4), m.pos_embed)    # same grid: untouched
@@ -94,9 +100,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         build_from_checkpoint(str(tmp_path / 'missing.pth'))
     torch.save(VisionTransformer(**SMALL).state_dict(), tmp_path / 'm.pth')
     with pytest.raises(CheckpointError, match='architecture mismatch'):
-        load_weights(VisionTransformer(**{**SMALL, 'embed_dim': 96}), str(tmp_path / 'm.pth'), num_heads=4)
+        load_weights(VisionTransformer(**{**SMALL, 'embed_dim': 96}), *read(tmp_path / 'm.pth'), num_heads=4)
     with pytest.raises(CheckpointError, match='architecture mismatch'):   # deeper model: blocks missing
-        load_weights(VisionTransformer(**{**SMALL, 'depth': 4}), str(tmp_path / 'm.pth'), num_heads=4)
+        load_weights(VisionTransformer(**{**SMALL, 'depth': 4}), *read(tmp_path / 'm.pth'), num_heads=4)
 
 
 def test_sdpa_and_explicit_attention_agree_with_gradients():

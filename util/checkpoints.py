@@ -23,12 +23,12 @@ import torchvision.models as tvm
 
 from util.errors import CheckpointError, UnreadableFile
 from util.files import sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, HEADS, TEACHERS, ArchiveRefused, convert,
+from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
-PRETRAINED = {   # name -> (url, family in pretrained.FAMILIES, whose HEADS give its heads)
+PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, its resize)
     # the MAE README's links (_ft: fine-tuned on IN-1k)
     **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
@@ -85,8 +85,7 @@ def read_file(path):
             ckpt = read_archive(path)
         else:
             # torch's notes on formats: what is wrong is said below, in one line
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
+            with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except ArchiveRefused as e:
         what, fix = e.args
@@ -161,18 +160,14 @@ def state_dict_of(ckpt):
 
 def _converted(ckpt):
     """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
-    if recorded(ckpt) and isinstance(ckpt.get('model'), dict):   # ours
-        sd = ckpt['model']
-        components = {}
-    else:
-        sd = unwrap(ckpt)
-        if sd is None:
-            raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
-                                  'key "model")')
-        sd, components = convert(sd)
-        if 'patch_embed.proj.weight' not in sd:
-            raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
-                                  'conv_proj.weight')
+    sd = unwrap(ckpt)
+    if sd is None:
+        raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
+                              'key "model")')
+    sd, components = convert(sd)   # this project's names are timm's: kept as they are
+    if 'patch_embed.proj.weight' not in sd:
+        raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
+                              'conv_proj.weight')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
@@ -199,50 +194,50 @@ def arch_of(ckpt, source, num_heads, flag):
     num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
     return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
                 num_classes=num_classes, embed_dim=dim, depth=depth,
-                num_heads=heads_of(ckpt, source, dim, num_heads, flag)[0],
+                num_heads=heads_of(ckpt, source, dim, num_heads, flag),
                 mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
                 **components)
 
 
 def heads_of(ckpt, source, dim, num_heads, flag):
-    """(how many attention heads the ViT of a checkpoint has, where that is known from). No tensor shape shows it,
-    so it is never guessed: it is the file's record (this project's checkpoints), its family's at its width (a
-    family known by its name, an official file name or keys only its files have: pretrained.HEADS), or what its
-    user states (num_heads, with `flag`). A stated count that the record or the family contradicts is refused,
-    and so is a file that says nothing, with the flag that states it."""
-    known = None
-    if 'num_heads' in (recorded(ckpt) or {}):
-        known = ckpt['arch']['num_heads'], 'recorded in the file'
-    else:
-        fam = family_key(source, ckpt)
-        rule = HEADS.get(fam, {})   # the width of every head, or {model width: heads}
-        if isinstance(rule, int):
-            count = dim // rule if dim % rule == 0 else None
-        else:
-            count = rule.get(dim)
-        if count:
-            known = count, f"{FAMILIES[fam][0]}'s at width {dim}"
-    if known:
-        if num_heads and num_heads != known[0]:
-            raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known[0]} attention heads "
-                                  f"({known[1]})")
-        return known
-    if num_heads:   # one that does not divide the width: VisionTransformer refuses it (vit_of)
-        return num_heads, f'stated by {flag}'
-    raise CheckpointError(f"'{source}' holds weights alone, which do not say how many attention heads "
-                          f"its ViT has (its record, a name or its family would): state them with "
-                          f"{flag} N")
+    """How many attention heads the ViT of a checkpoint has. No tensor shape shows it, so it is never guessed: it is
+    the file's record (this project's checkpoints), its family's at its width (a family known by its name, an official
+    file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
+    stated count that the record or the family contradicts is refused, and so is a file that says nothing, with the
+    flag that states it."""
+    _, _, rule = family(source, ckpt)   # the width of every head, or {model width: heads}
+    if isinstance(rule, int):
+        rule = {dim: dim // rule} if dim % rule == 0 else {}
+    known = (recorded(ckpt) or {}).get('num_heads', rule.get(dim))
+    if known is None:
+        if not num_heads:
+            raise CheckpointError(f"'{source}' holds weights alone, which do not say how many "
+                                  f"attention heads its ViT has (its record, a name or its family "
+                                  f"would): state them with {flag} N")
+        return num_heads   # one that does not divide the width: refused by VisionTransformer
+    if num_heads and num_heads != known:
+        raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known} attention heads")
+    return known
 
 
-def family_key(source, ckpt):
-    """The family (a key of pretrained.FAMILIES) of a name, or of a file by the keys only its family's format has,
-    else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); None if none says."""
+# this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
+# heads recorded or stated, never guessed
+OURS = ("this project's", AS_DEIT, {})
+UNKNOWN = ('family not known', AS_DEIT, {})
+
+
+def family(source, ckpt):
+    """The family (pretrained.FAMILIES: its name, resize and heads) of a name, or of a file by the keys only its
+    family's format has, else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS
+    or UNKNOWN."""
     if source in PRETRAINED:
-        return PRETRAINED[source][1]
+        return FAMILIES[PRETRAINED[source][1]]
+    if recorded(ckpt):
+        return OURS
     official = next((f for url, f in PRETRAINED.values()
-                     if os.path.basename(url) == os.path.basename(str(source))), None)
-    return family_of(unwrap(ckpt) or {}) or official
+                     if os.path.basename(url) == os.path.basename(source)), None)
+    return FAMILIES.get(family_of(unwrap(ckpt) or {}) or official, UNKNOWN)
 
 
 # what loading adapts or ignores: a recorded architecture may differ in these
@@ -252,32 +247,25 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 def check_arch(model, ckpt, sd, source, num_heads, flag):
     """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
     without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
-    model's."""
-    saved = recorded(ckpt)
-    if saved:
-        if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-            raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
-                                  f"its own in layers {saved['no_qk_layers']} and runs only with its "
-                                  f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
-                                  f"an --init")
-        # heads matter though no tensor shape shows them
-        diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
-                if k not in ADAPTED and model.arch.get(k) != v]
-    else:   # its other fields show in its tensors' names and shapes (load_weights checks them)
-        heads, how = heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)
-        diff = []
-        if heads != model.num_heads:
-            diff.append(f'{heads} attention heads ({how}; here {model.num_heads})')
+    model's: heads matter though no tensor shape shows them (its other fields show in its tensors' names and shapes:
+    load_state_dict checks them)."""
+    saved = recorded(ckpt) or {
+        'num_heads': heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)}
+    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
+                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
+                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
+                              f"an --init")
+    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+            if k not in ADAPTED and model.arch.get(k) != v]
     if diff:
         raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
                               f"{', '.join(diff)}")
 
 
-def vit_of(arch, source, given=None):
-    """VisionTransformer(**arch, **given), or CheckpointError naming `source` and what VisionTransformer
-    refused: the architecture a checkpoint records, with the fields `given` by the caller (another image
-    size, say)."""
-    arch = {**arch, **(given or {})}
+def vit_of(arch, source):
+    """VisionTransformer(**arch), or CheckpointError naming `source` and what VisionTransformer refused: the
+    architecture a checkpoint records, with the fields its caller changes (another image size, say)."""
     try:
         return VisionTransformer(**arch)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
@@ -287,12 +275,11 @@ def vit_of(arch, source, given=None):
 # Loading into a ViT, with every difference refused
 
 
-def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assign=False):
+def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=False):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
     CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
-    the file's tensors themselves (check_weights), not copies."""
-    ckpt = read_checkpoint(source) if ckpt is None else ckpt
+    the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
     check_arch(model, ckpt, sd, source, num_heads, flag)
     own = model.state_dict()
@@ -311,7 +298,7 @@ def load_weights(model, source, ckpt=None, num_heads=0, flag='--num-heads', assi
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        how = family(source, ckpt)[1]   # as the family's own code does
+        _, how, _ = family(source, ckpt)   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
@@ -351,49 +338,21 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': ()}
-    model = vit_of(arch, source, {k: v for k, v in overrides.items() if v is not None})
-    return load_weights(model, source, ckpt, num_heads)
+    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
+    return load_weights(vit_of(arch, source), source, ckpt, num_heads)
 
 
-def family(source, ckpt):
-    """(the family's name or None, how its official code resizes position embeddings: pretrained.FAMILIES), of a
-    name or a file (family_key). This project's own files are resized as DeiT's, and so is any other file (its
-    family: None)."""
-    if source not in PRETRAINED and recorded(ckpt):
-        return "this project's", AS_DEIT   # ours: its layer scale is not DINOv2's
-    return FAMILIES.get(family_key(source, ckpt), (None, AS_DEIT))
-
-
-def describe_teacher(source, ckpt, arch, size, heads):
-    """The teacher in one line for the log: its family, its heads and where their count is known from, its
-    native size, and at another size how its position embeddings were resized (its family's official way:
-    pretrained.FAMILIES). arch: its VisionTransformer keywords as the file gives them (arch_of); size: the image
-    size it runs at; heads: (the count stated, the flag that states it)."""
-    name, how = family(source, ckpt)
-    patch = arch['patch_size']
+def describe_teacher(source, ckpt, arch, size):
+    """The teacher in one line for the log: its family, depth, heads, patches and native size, and at another size
+    whose official way resized its position embeddings (pretrained.FAMILIES). arch: its VisionTransformer keywords
+    as the file gives them (arch_of); size: the image size it runs at."""
+    name, how, _ = family(source, ckpt)
     native = arch['img_size']
-    count, known = heads_of(ckpt, source, arch['embed_dim'], *heads)
-    said = f'teacher {source}'
-    if name:
-        said += f' ({name})'
-    blocks = 'block' if arch['depth'] == 1 else 'blocks'
-    said += f": {arch['depth']} {blocks}, {count} heads ({known}), native size {native} px " \
-            f'({native // patch}x{native // patch} patches of {patch} px)'
+    said = f"teacher {source} ({name}): depth {arch['depth']}, {arch['num_heads']} heads, " \
+           f"patches of {arch['patch_size']} px, native size {native} px"
     if size == native:
         return f'{said}, run at that size'
-    said += f', run at {size} px ({size // patch}x{size // patch}): position embeddings resized ' \
-            f'bicubic '
-    if how.offset:
-        said += f'by the scale factor (new + {how.offset:g}) / old'
-    else:
-        said += 'to the new size'
-    if how.antialias:
-        said += ', antialiased'
-    said += f', as {how.like} does'
-    if not name:
-        said += ' (its family is not known from the file)'
-    return said
+    return f'{said}, run at {size} px: position embeddings resized as {how.like} does'
 
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)
@@ -403,10 +362,8 @@ def teacher_record(cfg, transfer):
     the mapping (layer map, heads) a copy student needs to be given the same maps again."""
     return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
-            'teacher_num_heads': cfg.teacher_num_heads,
-            'layers': sorted(transfer.layers.values()), 'layer_map': transfer.layers,
-            'heads': transfer.heads, 'transfer': cfg.transfer,
-            'average_maps': cfg.average_maps, 'student_arch': cfg.student_arch}
+            'teacher_num_heads': cfg.teacher_num_heads, 'layer_map': transfer.layers,
+            'heads': transfer.heads, 'transfer': cfg.transfer, 'average_maps': cfg.average_maps}
 
 
 def teacher_mismatch(source, record):
@@ -414,13 +371,9 @@ def teacher_mismatch(source, record):
     contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
     if not record:
         return None
-    if record.get('sha256') is None:   # a name
-        if source == record['source']:
-            return None
-        return f"the teacher {record['source']} -> {source}"
-    digest = sha256_of(source)
-    # missing under its recorded name: loading says so
-    if digest == record['sha256'] or (digest is None and source == record['source']):
+    # None: a name, or no file (loading says so)
+    digest = sha256_of(source) if record.get('sha256') else None
+    if (digest is None and source == record['source']) or (digest and digest == record['sha256']):
         return None
-    return f"the teacher {source} has sha256 {digest or '(not a file)'}, the one recorded " \
-           f"({record['source']}) had {record['sha256']}"
+    return f"the teacher {record['source']} (sha256 {record.get('sha256')}) -> {source} " \
+           f"(sha256 {digest})"

@@ -15,7 +15,7 @@ then loads it with its exact missing / unexpected key check. The families and wh
 CLIP's TorchScript archive is read by its records, without running any of its code (read_archive, at the end).
 
 A student built with `--student-arch teacher` gets these components (randomly initialised). No tensor shape says
-how many attention heads a ViT has: a family's files are read with its models' head counts (HEADS), a file of no
+how many attention heads a ViT has: a family's files are read with its models' head counts (FAMILIES), a file of no
 known family only with the count its record holds or its user states (util/checkpoints.heads_of).
 
 Off its native image size (DINOv2: 518 px, the others 224 px) a family's official code interpolates its
@@ -43,25 +43,30 @@ PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 
 # DeiT's main.py, MAE's util/pos_embed.py
 AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")
-# family -> (its name, how its official code resizes position embeddings off its native size). DINO and
-# DINOv2 interpolate on every forward pass from the input's grid (interpolate_pos_encoding); done once to
-# the grid of the image size asked for, the same call gives the same numbers.
+
+# family -> (its name, how its official code resizes position embeddings off its native size, its models' heads
+# from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
+# (interpolate_pos_encoding); done once to the grid of the image size asked for, the same call gives the same numbers.
+# Heads: a number is the width of every head (OpenAI CLIP's build_model: vision_heads = vision_width // 64; DeiT's,
+# DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict the heads of each width it has (MoCo v3's vits.py: ViT-S
+# and ViT-B both 12 heads; MAE's and torchvision's are the ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
+VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
 FAMILIES = {
-    'mae': ('MAE', AS_DEIT),
-    'deit': ('DeiT', AS_DEIT),
-    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO')),             # dino vision_transformer.py
+    'mae': ('MAE', AS_DEIT, VIT_PAPER_HEADS),
+    'deit': ('DeiT', AS_DEIT, 64),
+    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),   # dino vision_transformer.py
     # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
-    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2')),
-    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers')),
+    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
+    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
     # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
-    'mocov3': ('MoCo v3', AS_DEIT),
-    'clip': ('CLIP', AS_DEIT),
-    'torchvision': ('torchvision', AS_DEIT),
+    'mocov3': ('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
+    'clip': ('CLIP', AS_DEIT, 64),
+    'torchvision': ('torchvision', AS_DEIT, VIT_PAPER_HEADS),
 }
 
 FAIR = 'https://dl.fbaipublicfiles.com'
 DINOV2_URL = FAIR + '/dinov2/dinov2_vit{0}14/dinov2_vit{0}14{1}_pretrain.pth'
-TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the file's width
+TEACHERS = {   # name -> (url, family); their heads: the family's at the file's width
     'deit_small': (f'{FAIR}/deit/deit_small_patch16_224-cd65a155.pth', 'deit'),
     'deit_base': (f'{FAIR}/deit/deit_base_patch16_224-b5f2ef4d.pth', 'deit'),
     'dino_vits16': (f'{FAIR}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth', 'dino'),
@@ -75,15 +80,6 @@ TEACHERS = {   # name -> (url, family); their heads: HEADS, the family's at the 
 }
 
 
-# family -> its models' heads, from each family's model code: a number is the width of every head (OpenAI CLIP's
-# build_model: vision_heads = vision_width // 64; DeiT's, DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict
-# the heads of each width it has (MoCo v3's vits.py: ViT-S and ViT-B both 12 heads; MAE's and torchvision's are the
-# ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
-VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
-HEADS = {'clip': 64, 'deit': 64, 'dino': 64, 'dinov2': 64, 'dinov2_reg': 64,
-         'mocov3': {384: 12, 768: 12}, 'mae': VIT_PAPER_HEADS, 'torchvision': VIT_PAPER_HEADS}
-
-
 def unwrap(ckpt):
     """The state dict a checkpoint holds, or None if it holds none: its 'model' (this project, MAE, DeiT) or
     'state_dict' (MoCo v3), else a training checkpoint's 'teacher' weights (DINO's and iBOT's: the ones their
@@ -92,10 +88,9 @@ def unwrap(ckpt):
     teacher's kept, as above), `backbone.` (a ViT under a projection head, DINO's: the ViT's keys)."""
     if not isinstance(ckpt, dict):
         return None
-    sd = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    if sd is ckpt and is_state_dict(ckpt.get('teacher')):
-        sd = ckpt['teacher']
-    if not is_state_dict(sd):
+    sd = ckpt.get('model', ckpt.get('state_dict', ckpt.get('teacher', ckpt)))
+    # a state dict: tensors by name
+    if not (isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values())):
         return None
     for prefix in ('module.', 'teacher.', 'student.', 'backbone.'):
         if any(k.startswith(prefix) for k in sd):
@@ -106,10 +101,6 @@ def unwrap(ckpt):
 def under(sd, prefix):
     """The entries of sd whose keys start with prefix, the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def is_state_dict(sd):
-    return isinstance(sd, dict) and len(sd) > 0 and all(torch.is_tensor(v) for v in sd.values())
 
 
 def family_of(sd):
@@ -163,15 +154,12 @@ def convert(sd):
     if family == 'clip':
         sd = under(sd, 'visual.')
         sd.pop('proj', None)
-    # MoCo v3: the base encoder without the projection MLP in `head`, as its main_lincls.py
+    # MoCo v3: the base encoder (its projection MLP in `head` is dropped on loading, as main_lincls.py drops it
+    # and as any classifier the model has none of)
     if family == 'mocov3':
-        sd = {k: v for k, v in under(sd, 'base_encoder.').items() if not k.startswith('head.')}
-    out = {}
-    for k, v in sd.items():
-        for old, new in NAMES.items():
-            k = k.replace(old, new)
-        out[k] = v
-    sd = out
+        sd = under(sd, 'base_encoder.')
+    for old, new in NAMES.items():
+        sd = {k.replace(old, new): v for k, v in sd.items()}
     # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
     if family == 'clip':
         conv = sd['patch_embed.proj.weight']
@@ -237,15 +225,17 @@ STORAGES = {f'{name}Storage': getattr(torch, dtype) for name, dtype in (
 
 
 class Record:
-    """A TorchScript object, inert: `qualname` is its class's, `state` what was pickled for it."""
-    qualname = ''
+    """A TorchScript object, inert: `state` is what was pickled for it; its class (declared) says whether it is a
+    module and, in TorchScript's names, which of its attributes are its __parameters__ and __buffers__."""
     state = None
+    __parameters__ = []
+    __buffers__ = []
 
     def __setstate__(self, state):   # pickle's BUILD: kept, given to no code
         self.state = state
 
 
-def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+def rebuild_tensor(storage, offset, size, stride, *flags):
     """torch._utils._rebuild_tensor_v2's tensor: a view of its storage (a 1-D tensor of the storage's
     dtype)."""
     return storage.as_strided(size, stride, offset)
@@ -261,17 +251,17 @@ GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): same,
     ('collections', 'OrderedDict'): OrderedDict,
-    **{('torch.jit._pickle', f'build_{kind}list'): same
-       for kind in ('int', 'double', 'bool', 'tensor')},
-    ('torch.jit._pickle', 'restore_type_tag'): same,
+    **{('torch.jit._pickle', name): same
+       for name in ('build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist',
+                    'restore_type_tag')},
     **{('torch', name): dtype for name, dtype in STORAGES.items()},
 }
 
 
 def declared(archive, root, qualname):
-    """(is a module, its __parameters__, its __buffers__) of a TorchScript class, as the code record of its module
-    declares it (read as text, never run). A record that is missing, does not parse or lacks the class is refused
-    in zipfile's, ast's or Python's words (util/checkpoints.read_file)."""
+    """The Record class of a TorchScript class: whether it is a module, its __parameters__ and its __buffers__, as
+    the code record of its module declares them (read as text, never run). A record that is missing, does not parse
+    or lacks the class is refused in zipfile's, ast's or Python's words (util/checkpoints.read_file)."""
     module, name = qualname.rsplit('.', 1)
     code = ast.parse(archive.read(f"{root}/code/{module.replace('.', '/')}.py"))
     cls = next(n for n in code.body if isinstance(n, ast.ClassDef) and n.name == name)
@@ -280,29 +270,27 @@ def declared(archive, root, qualname):
                              f'__setstate__, code that torch.jit.load would run to read it: '
                              f'refused unread', AS_WEIGHTS)
     # literal_eval reads constants only (a ValueError for anything else)
-    wanted = ('__parameters__', '__buffers__')
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
-             for t in n.targets if isinstance(t, ast.Name) and t.id in wanted}
+             for t in n.targets
+             if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
-    return is_module, lists.get('__parameters__', []), lists.get('__buffers__', [])
+    return type(name, (Record,), {'is_module': is_module, **lists})
 
 
 class ArchiveUnpickler(pickle.Unpickler):
     """data.pkl's objects: tensors from the archive's storages, TorchScript objects as Records, nothing
     else."""
 
-    def __init__(self, file, archive, root, classes):
+    def __init__(self, file, archive, root):
         super().__init__(file)
         self.archive = archive
         self.root = root
-        self.classes = classes
+        self.classes = functools.cache(functools.partial(declared, archive, root))   # read once
         self.storages = {}        # a storage's key -> its tensor, read once
 
     def find_class(self, module, name):
         if module.startswith('__torch__'):   # a class compiled into the archive
-            qualname = f'{module}.{name}'
-            self.classes(qualname)   # refused here if it has its own __setstate__
-            return type(name, (Record,), {'qualname': qualname})
+            return self.classes(f'{module}.{name}')   # refused if it has its own __setstate__
         if (module, name) not in GLOBALS:
             raise ArchiveRefused(f'it is a TorchScript archive that names {module}.{name}, not a '
                                  f'tensor or plain data: refused unread', AS_WEIGHTS)
@@ -329,31 +317,26 @@ def read_archive(path):
         if f'{root}/byteorder' in names and archive.read(f'{root}/byteorder').strip() != b'little':
             raise ArchiveRefused('it is a TorchScript archive written on a big-endian machine',
                                  'save it again on a little-endian one (x86, ARM)')
-        # each class read once
-        classes = functools.cache(functools.partial(declared, archive, root))
         with archive.open(f'{root}/data.pkl') as f:
-            top = ArchiveUnpickler(f, archive, root, classes).load()
-        state = {}
-        if is_module(top, classes):   # else no state dict, refused where it is read
-            collect(top, '', classes, state)
-        return state
+            top = ArchiveUnpickler(f, archive, root).load()
+    state = {}
+    if is_module(top):   # else no state dict, refused where it is read
+        collect(top, '', state)
+    return state
 
 
-def is_module(value, classes):
-    if not (isinstance(value, Record) and isinstance(value.state, dict)):
-        return False
-    return classes(value.qualname)[0]
+def is_module(value):
+    return isinstance(value, Record) and value.is_module and isinstance(value.state, dict)
 
 
-def collect(module, prefix, classes, state):
+def collect(module, prefix, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
     nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
     tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
-    _, parameters, buffers = classes(module.qualname)
-    for names in (parameters, buffers):
+    for names in (module.__parameters__, module.__buffers__):
         for name, value in module.state.items():
             if name in names and value is not None:
                 state[prefix + name] = value
     for name, value in module.state.items():
-        if is_module(value, classes):
-            collect(value, f'{prefix}{name}.', classes, state)
+        if is_module(value):
+            collect(value, f'{prefix}{name}.', state)
