@@ -423,7 +423,8 @@ def cut_json(path):   # the file cut short, as by a kill or a full disk
      'scratch/seed0/metrics.jsonl',
      'line 2 is not a JSON record (cut short?): delete that line and run the same command again'),
     (lambda r: cut_json(r / 'ensemble' / 'seed0' / 'done.json'), 'ensemble/seed0/done.json',
-     'delete it and run the same command again: the stage runs again'),
+     'delete it and run the same command again: the stage is finished from its checkpoint (an ensemble runs '
+     'again)'),
 ], ids=['done.json', 'metrics.jsonl', 'ensemble done.json'])
 def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(made_here, monkeypatch, damage, named, fix):
     """Before any stage runs, nothing changed; the fix it names is one reproduce.py takes (it passes no

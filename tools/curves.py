@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 
-import matplotlib
 import matplotlib.pyplot as plt
 
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
@@ -46,9 +45,8 @@ def label(run_dirs):
 def draw(run_dirs):
     """The figure: top-1, loss (training cross-entropy solid, test loss dashed with dots), lr; one colour a run."""
     fig, (top1, loss, lr) = plt.subplots(1, 3, figsize=(14, 3.8), layout='constrained')
-    cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
     for i, (d, name) in enumerate(zip(run_dirs, label(run_dirs))):
-        c = cycle[i % len(cycle)]
+        c = f'C{i}'   # the colour cycle's i-th (it repeats)
         evals = metrics(d)
         x = seen(d)
         if 'top1' in evals[-1]:   # an MAE's run has none

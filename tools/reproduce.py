@@ -204,12 +204,9 @@ def preflight(steps, with_teacher):
 def read_done(d, stage):
     """A finished stage's done.json (and a training stage's metrics.jsonl read, so that a damaged one is
     refused before any stage runs)."""
-    if stage == 'ensemble':
-        fix = 'delete it and run the same command again: the stage runs again'
-    else:
-        fix = 'delete it and run the same command again: the stage is finished from its checkpoint'
-    path = os.path.join(d, 'done.json')
-    done = read_json(path, fix)
+    done = read_json(os.path.join(d, 'done.json'),
+                     'delete it and run the same command again: the stage is finished from its '
+                     'checkpoint (an ensemble runs again)')
     if stage not in ('mae', 'ensemble'):
         records(d)
     return done
