@@ -191,16 +191,14 @@ def budgets(quick_flags, n_train, n_test, loop):
             return float(given.get(flag(key), preset[key]))
         epochs = value('epochs')
         batch = value('batch_size')
-        blr = value('blr')
-        warmup = value('warmup_epochs')
         steps = int(epochs * (train // batch))
         cut = int(float(given.get('--max-steps', 0)))
         if 0 < cut < steps:
             took = f'{cut} steps of a {epochs:g}-epoch schedule'
         else:
             took = f'{epochs:g} ({steps:,} steps)'
-        return (f'| {name} | {train:,} | {took} | {batch:g} | {short(blr * batch / 256)} | '
-                f'{warmup:g} epoch | {seeds} | {tested(test)} | {where} |')
+        return (f"| {name} | {train:,} | {took} | {batch:g} | {short(value('blr') * batch / 256)} "
+                f"| {value('warmup_epochs'):g} epoch | {seeds} | {tested(test)} | {where} |")
 
     def distill(cfg):
         return reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
@@ -251,13 +249,11 @@ def reproduction_curves(results_dir):
 
 def show(fig):
     """A figure shown as the notebook stores it: a 256-colour PNG (tools.palette.png) drawn at 200 dpi, displayed at
-    half its width in pixels as retina figures are, in a third of the bytes; outside IPython, plt.show()."""
+    half its size in pixels (IPython's retina), in a third of the bytes; outside IPython, plt.show()."""
     shown = notebook()
     if not shown:
         return plt.show()
-    data = png(fig, dpi=200, bbox_inches='tight')
-    width = int.from_bytes(data[16:20], 'big')   # the PNG's width: IHDR, its first chunk
-    shown.display(shown.Image(data, width=width // 2))
+    shown.display(shown.Image(png(fig, dpi=200, bbox_inches='tight'), retina=True))
     plt.close(fig)
 
 
