@@ -170,8 +170,7 @@ def interleaved(cases, cfg, device):
 def gemm_peak(dtype, n, device):
     """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
     calls for ~50 ms."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
 
     def matmul():
         return a @ b

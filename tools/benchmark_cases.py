@@ -187,8 +187,8 @@ class Parts:
         with self.device:
             qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'],
                               dtype=self.dtype or torch.float32)
-        qkv = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads'])
-        q, k, v = qkv.unbind(0)
+        q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3,
+                            h=self.arch['num_heads'])
         lse = cuda_lse(q, k, v)[0] if q.is_cuda else "the CPU's flash"
         return {'sdpa': sdpa_backend(q, k, v), 'lse': lse}
 

@@ -26,8 +26,7 @@ PROGRESS = re.compile(r'step (\d+)/\d+ \| \w+ ([-\d.e+]+).* \| lr ([-\d.e+]+) \|
 def progress(run_dir):
     """{step: (training loss, lr)} from the run's log.txt, the loss its first term (the cross-entropy on the labels;
     an MAE's masked mse); a resumed run's repeated steps keep the last."""
-    lines = read_lines(os.path.join(run_dir, 'log.txt'))
-    found = (PROGRESS.search(line) for line in lines)
+    found = (PROGRESS.search(line) for line in read_lines(os.path.join(run_dir, 'log.txt')))
     return {int(m[1]): (float(m[2]), float(m[3])) for m in found if m}
 
 
@@ -79,13 +78,11 @@ def parser():
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def main():
+    args = parser().parse_args()
     # a folder without an evaluation: one line naming its metrics.jsonl (records)
     out = args.out or os.path.join(shared_folder(args.run_dirs), 'curves.png')
-    fig = draw(args.run_dirs)
-    save_figure(fig, out, dpi=150, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(draw(args.run_dirs), out, dpi=150, bbox_inches='tight')
     print(f'written: {out}')
 
 

@@ -193,7 +193,7 @@ def analyse(cfg, device):
     pairs_cka = [{'a': a, 'b': b, **{kind: value(kind, a, b) for kind in KINDS}}
                  for a, b in combinations(models, 2)]
     group_cka = []
-    for a, b, pairs in groups(list(models)):
+    for a, b, pairs in groups(models):
         group = {'a': a, 'b': b, 'pairs': [list(p) for p in pairs]}
         for kind in KINDS:
             per_pair = [value(kind, *p) for p in pairs]                  # [pair][block]

@@ -115,7 +115,7 @@ class Runner:
         out = os.path.join(self.work, label)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
                 *self.flags, *map(str, flags)]
-        print('python', *map(shlex.quote, args))
+        print('python', shlex.join(args))
         show = line()
         tail = deque(maxlen=20)
         start = time.time()
@@ -136,7 +136,7 @@ class Runner:
                     show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
             raise RuntimeError(f'{script} stopped (exit code {p.returncode}); '
-                               f'the end of its output:\n' + ''.join(tail))
+                               f'the end of its output:\n{"".join(tail)}')
         m = metrics(out)[-1]
         show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs "
              f"({m['step']} steps, {time.time() - start:.0f} s)", end=True)
