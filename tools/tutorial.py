@@ -431,8 +431,8 @@ def draw_methods():
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
             for layer, amap in enumerate(own):
                 y = 0.6 + 3.0 * layer
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=to_rgba(PALETTE[fill], 0.15),
-                                           edgecolor='k', lw=0.8))
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, edgecolor='k', lw=0.8,
+                                           facecolor=to_rgba(PALETTE[fill], 0.15)))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
                 ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma',
