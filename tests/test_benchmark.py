@@ -20,7 +20,7 @@ from util.launch import parse_config
     (dict(fill=1.5), r'--fill 1.5: must be in \(0, 1\]'),
     # checked once --quick has set its sizes (img 32), and bounded: each was a traceback
     (dict(device='cpu', quick=True, patch_size=7), '--img-size 32: must be a multiple of --patch-size 7'),
-    (dict(device='cpu', img_size=0), '--img-size 0: must be a multiple of --patch-size 16')])
+    (dict(device='cpu', img_size=0), '--img-size 0: must be at least 1')])
 def test_bad_flags_are_config_errors(flags, words):
     with pytest.raises(ConfigError, match=words):
         configure(BenchConfig(**flags))

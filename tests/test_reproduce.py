@@ -256,7 +256,9 @@ def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path
     fail = tmp_path / 'fail.py'
     fail.write_text("import sys\nprint('error: no such thing')\nsys.exit(1)\n")
     code = ('import tools.reproduce as reproduce\nfrom util.launch import run_main\n'
-            f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\nrun_main(reproduce.main)\n')
+            f'reproduce.SCRIPTS["copy"] = {str(fail)!r}\n'
+            'reproduce.preflight = lambda steps, with_teacher: None   # fail.py has no flags to check\n'
+            'run_main(reproduce.main)\n')
     runs = tmp_path / 'runs'
     p = run_script('-c', code, *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', tmp_path / 'results')
     assert p.returncode != 0 and 'copy seed 0 failed (exit 1): no such thing' in p.stderr, p.stderr[-2000:]
@@ -423,7 +425,8 @@ def cut_json(path):   # the file cut short, as by a kill or a full disk
      'scratch/seed0/metrics.jsonl',
      'line 2 is not a JSON record (cut short?): delete that line and run the same command again'),
     (lambda r: cut_json(r / 'ensemble' / 'seed0' / 'done.json'), 'ensemble/seed0/done.json',
-     'delete it and run the same command again: the stage runs again'),
+     'delete it and run the same command again: the stage is finished from its checkpoint (an ensemble runs '
+     'again)'),
 ], ids=['done.json', 'metrics.jsonl', 'ensemble done.json'])
 def test_a_damaged_file_is_one_line_naming_it_and_a_fix_that_exists(made_here, monkeypatch, damage, named, fix):
     """Before any stage runs, nothing changed; the fix it names is one reproduce.py takes (it passes no

@@ -18,7 +18,6 @@ method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>
 results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
-import json
 import os
 import platform
 import re
@@ -34,7 +33,7 @@ from tools.benchmark_cases import (METHODS, PATHS, TRAINED, Parts, autocast_dtyp
                                    fill_batch, peak_memory)
 from util.config import (BATCH, DEPTH, FRACTION, SIZE, STEPS, WORKERS, ConfigError, at_least,
                          check, option)
-from util.files import check_out_dir, cpu_name, git_commit, write_text
+from util.files import check_out_dir, cpu_name, git_commit, write_json, write_text
 from util.launch import amp_dtype, parse_config, run_main
 from vit import SIZES
 
@@ -64,8 +63,7 @@ class BenchConfig:
                                     at_least(-1, 'the timed batch', BATCH))
     fill: float = option(0.85, "--batch-size 0: share of the GPU's memory the fullest case may use",
                          FRACTION)
-    # 0: refused by checks(), with its patch
-    img_size: int = option(224, rule=at_least(0, most=SIZE))
+    img_size: int = option(224, rule=at_least(1, most=SIZE))
     patch_size: int = option(16, rule=at_least(1, most=SIZE))
     depth: int = own(DEPTH)
     embed_dim: int = own(SIZE)
@@ -93,8 +91,7 @@ class BenchConfig:
                           '(results/: name it)')
 
     def checks(self):
-        return [('img_size',
-                 self.img_size >= self.patch_size and self.img_size % self.patch_size == 0,
+        return [('img_size', self.img_size % self.patch_size == 0,
                  f'must be a multiple of --patch-size {self.patch_size}')]
 
 
@@ -173,8 +170,7 @@ def interleaved(cases, cfg, device):
 def gemm_peak(dtype, n, device):
     """FLOP/s of an n x n x n matmul in `dtype` (None: fp32), the best of 5 timings of enough
     calls for ~50 ms."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
 
     def matmul():
         return a @ b
@@ -319,6 +315,10 @@ def markdown(result):
     cfg = result['config']
     m = result['machine']
     gpu = result['device'].startswith('cuda')
+    if cfg['memory_batch_size'] < 0:
+        at = 'the timed batch'
+    else:
+        at = f"batch {cfg['memory_batch_size']}"
     if gpu:
         if cfg['batch_size']:
             rule = 'given'
@@ -327,19 +327,12 @@ def markdown(result):
                     f"of the GPU's memory")
         batches = ', '.join(f'{k} {v}' for k, v in result['batches'].items())
         batch = f'Batch per model ({rule}): {batches}'
-    else:
-        batch = f"Batch {cfg['batch_size']}"
-    if cfg['memory_batch_size'] < 0:
-        at = 'the timed batch'
-    else:
-        at = f"batch {cfg['memory_batch_size']}"
-    if gpu:
         memory = (f'Memory: peak `max_memory_allocated` of each case built alone '
                   f'(models, optimiser, two steps) at {at}')
     else:
+        batch = f"Batch {cfg['batch_size']}"
         memory = f'Memory: peak at {at} (RSS of a fresh process)'
     peaks = ', '.join(f'{k} {v / 1e9:.0f} GFLOP/s' for k, v in result['gemm_peak'].items())
-    peaks = peaks or 'not measured'
     commit = m['commit'][:10] + m['commit'][40:]
     lines = [f"# Benchmark: {m['device']}", '',
              f"`python {' '.join(result['argv'])}` | {m['cpus']} CPUs, "
@@ -349,10 +342,10 @@ def markdown(result):
              f"median of {cfg['rounds']} interleaved rounds x {cfg['steps']} steps after "
              f"{cfg['warmup']} warm-up round(s). Distillation: the first {cfg['distill_frac']:.0%} "
              f"of the layers; copy: the first {cfg['copy_frac']:.0%}. GEMM peak measured here: "
-             f"{peaks}. {memory}. Saved for backward: the bytes autograd keeps from one step's "
-             'forward pass for its backward, at the timed batch (saved_tensors_hooks, each storage '
-             'once, the parameters left out): the same on every device; "vs train": against the '
-             'plain train step on the same path.', '',
+             f"{peaks or 'not measured'}. {memory}. Saved for backward: the bytes autograd keeps "
+             "from one step's forward pass for its backward, at the timed batch "
+             '(saved_tensors_hooks, each storage once, the parameters left out): the same on every '
+             'device; "vs train": against the plain train step on the same path.', '',
              *table(result['rows'], gpu), '', 'Paths:', '']
     for p, what in PATHS.items():
         if any(r['path'] == p for r in result['rows']):
@@ -390,7 +383,7 @@ def main():
               'argv': ['benchmark.py', *sys.argv[1:]], 'gemm_peak': peak, 'rows': rows,
               'batches': {r['model']: r['batch'] for r in rows}}
     # each whole or not at all
-    write_text(f'{cfg.out_dir}/benchmark.json', json.dumps(result, indent=1))
+    write_json(f'{cfg.out_dir}/benchmark.json', result)
     md = markdown(result)
     write_text(f'{cfg.out_dir}/BENCHMARK.md', md)
     print(md)

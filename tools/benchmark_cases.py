@@ -28,7 +28,7 @@ from einops import rearrange
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, cuda_lse, distill_loss_fn
-from teacher import cast_matmul_weights
+from teacher import build_teacher
 from util.config import TrainConfig
 from util.attention_check import sdpa_backend
 from util.engine import autocast, build_optimizer, soft_cross_entropy
@@ -153,17 +153,14 @@ class Parts:
         with self.device:     # initialised where it runs (a ViT-L takes seconds on a CPU)
             return VisionTransformer(**{**self.arch, **kw})
 
-    def frozen(self):
-        return self.model(num_classes=0).requires_grad_(False).eval()
-
     @cached_property
     def teacher(self):            # fp32, as the naive path has it
-        return self.frozen()
+        return build_teacher(self.model(num_classes=0), self.device)
 
     @cached_property
-    # as load_teacher gives it: matmul weights stored in the autocast dtype
+    # as the scripts build it: matmul weights stored in the autocast dtype
     def fast_teacher(self):
-        return cast_matmul_weights(self.frozen(), self.dtype) if self.dtype else self.frozen()
+        return build_teacher(self.model(num_classes=0), self.device, self.dtype)
 
     @cached_property
     def student(self):
@@ -190,8 +187,8 @@ class Parts:
         with self.device:
             qkv = torch.randn(batch, tokens, 3 * self.arch['embed_dim'],
                               dtype=self.dtype or torch.float32)
-        qkv = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3, h=self.arch['num_heads'])
-        q, k, v = qkv.unbind(0)
+        q, k, v = rearrange(qkv, 'b n (three h d) -> three b h n d', three=3,
+                            h=self.arch['num_heads'])
         lse = cuda_lse(q, k, v)[0] if q.is_cuda else "the CPU's flash"
         return {'sdpa': sdpa_backend(q, k, v), 'lse': lse}
 

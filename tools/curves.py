@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 
-import matplotlib
 import matplotlib.pyplot as plt
 
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
@@ -27,8 +26,7 @@ PROGRESS = re.compile(r'step (\d+)/\d+ \| \w+ ([-\d.e+]+).* \| lr ([-\d.e+]+) \|
 def progress(run_dir):
     """{step: (training loss, lr)} from the run's log.txt, the loss its first term (the cross-entropy on the labels;
     an MAE's masked mse); a resumed run's repeated steps keep the last."""
-    lines = read_lines(os.path.join(run_dir, 'log.txt'))
-    found = (PROGRESS.search(line) for line in lines)
+    found = (PROGRESS.search(line) for line in read_lines(os.path.join(run_dir, 'log.txt')))
     return {int(m[1]): (float(m[2]), float(m[3])) for m in found if m}
 
 
@@ -46,9 +44,8 @@ def label(run_dirs):
 def draw(run_dirs):
     """The figure: top-1, loss (training cross-entropy solid, test loss dashed with dots), lr; one colour a run."""
     fig, (top1, loss, lr) = plt.subplots(1, 3, figsize=(14, 3.8), layout='constrained')
-    cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
     for i, (d, name) in enumerate(zip(run_dirs, label(run_dirs))):
-        c = cycle[i % len(cycle)]
+        c = f'C{i}'   # the colour cycle's i-th (it repeats)
         evals = metrics(d)
         x = seen(d)
         if 'top1' in evals[-1]:   # an MAE's run has none
@@ -81,13 +78,11 @@ def parser():
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def main():
+    args = parser().parse_args()
     # a folder without an evaluation: one line naming its metrics.jsonl (records)
     out = args.out or os.path.join(shared_folder(args.run_dirs), 'curves.png')
-    fig = draw(args.run_dirs)
-    save_figure(fig, out, dpi=150, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(draw(args.run_dirs), out, dpi=150, bbox_inches='tight')
     print(f'written: {out}')
 
 

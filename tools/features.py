@@ -97,8 +97,8 @@ class Gram:
             self.shift = z.mean(0)
         z = z - self.shift
         self.n += len(z)
-        self.sum = self.sum + z.sum(0)                                # (W,)
-        self.cross = self.cross + z.T @ z                             # (W, W)
+        self.sum += z.sum(0)                                          # (W,)
+        self.cross += z.T @ z                                         # (W, W)
 
     def cka(self, widths):
         """[i][j]: the CKA of models i and j, whose features are `widths` columns of Z each."""
@@ -171,9 +171,9 @@ def spread(values):
 def analyse(cfg, device):
     """features.json's result: each model's top-1, each pair's CKA a block, each group's spread."""
     classifiers, records, size = load_models(cfg.models, cfg.teacher)
-    teacher = build_from_checkpoint(cfg.teacher, num_classes=0, img_size=size).eval()
-    models = {'teacher': teacher, **{name(p): m for p, m in zip(cfg.models, classifiers)}}
-    models = {k: m.to(device) for k, m in models.items()}
+    teacher = build_from_checkpoint(cfg.teacher, num_classes=0, img_size=size).eval().to(device)
+    models = {'teacher': teacher,
+              **{name(p): m.to(device) for p, m in zip(cfg.models, classifiers)}}
     vits = {k: getattr(m, 'student', m) for k, m in models.items()}   # a copy student's own ViT
     blocks = sorted(set(cfg.blocks)) or list(range(teacher.depth))
     if blocks[-1] >= teacher.depth:
@@ -190,11 +190,10 @@ def analyse(cfg, device):
 
     def value(kind, a, b):   # per block: the CKA of models a and b
         return [c[at[a]][at[b]] for c in cka[kind]]
-    pairs_cka = []
-    for a, b in combinations(models, 2):
-        pairs_cka.append({'a': a, 'b': b, **{kind: value(kind, a, b) for kind in KINDS}})
+    pairs_cka = [{'a': a, 'b': b, **{kind: value(kind, a, b) for kind in KINDS}}
+                 for a, b in combinations(models, 2)]
     group_cka = []
-    for a, b, pairs in groups(list(models)):
+    for a, b, pairs in groups(models):
         group = {'a': a, 'b': b, 'pairs': [list(p) for p in pairs]}
         for kind in KINDS:
             per_pair = [value(kind, *p) for p in pairs]                  # [pair][block]
@@ -251,16 +250,16 @@ def main():
         torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
         start = time.time()
         result = analyse(cfg, device)
-        say(tables(result))
+        table = tables(result)
+        say(table)
         if outputs:
             machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
-            command = shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]])
-            record = {'command': command, 'git_commit': git_commit(), 'machine': machine,
+            record = {'command': shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]]),
+                      'git_commit': git_commit(), 'machine': machine,
                       'threads': torch.get_num_threads(), 'torch': torch.__version__,
                       'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
-            text = json.dumps(record, indent=2)
-            out.write(outputs[0], lambda f: f.write(text.encode()))
-            out.write(outputs[1], lambda f: f.write(tables(result).encode()))
+            out.write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))
+            out.write(outputs[1], lambda f: f.write(table.encode()))
 
 
 if __name__ == '__main__':

@@ -24,11 +24,10 @@ ALIASES = {'fine-tune': 'finetune', 'attention copy': 'copy', 'attention distill
            'distillation': 'distill'}
 
 
-def colour(name, default=None):
-    """The colour of a method, by its key ('distill') or a name a figure gives it ('attention distillation');
-    for any other name `default`, or a KeyError without one, so that no figure of these methods invents a colour."""
-    key = ALIASES.get(name, name)
-    return PALETTE[key] if default is None or key in PALETTE else default
+def colour(name):
+    """The colour of a method, by its key ('distill') or a name a figure gives it ('attention distillation'); for
+    any other name a KeyError, so that no figure of these methods invents a colour."""
+    return PALETTE[ALIASES.get(name, name)]
 
 
 def png(fig, **savefig):

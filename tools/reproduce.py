@@ -149,17 +149,18 @@ def command(cfg, stage, seed, root, teacher):
         epochs = cfg.mae_epochs if stage == 'mae' else cfg.epochs
         args += ['--out-dir', run_dir(root, stage, seed), '--epochs', epochs,
                  '--warmup-epochs', epochs / 10, '--max-steps', cfg.max_steps]
-        if cfg.blr and stage != 'mae':
-            args += ['--blr', cfg.blr]
-        if cfg.batch_size and stage != 'mae':
-            args += ['--batch-size', cfg.batch_size]
         # the MAE encoder normalises every token: no global pooling, whatever the preset says
         if stage == 'mae':
             args += ['--global-pool', 'false']
-        elif stage == 'finetune':
-            args += ['--init', teacher]
-        elif stage in ('copy', 'distill'):
-            args += ['--teacher', teacher]
+        else:
+            if cfg.blr:
+                args += ['--blr', cfg.blr]
+            if cfg.batch_size:
+                args += ['--batch-size', cfg.batch_size]
+            if stage == 'finetune':
+                args += ['--init', teacher]
+            elif stage in ('copy', 'distill'):
+                args += ['--teacher', teacher]
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
@@ -186,9 +187,6 @@ def preflight(steps, with_teacher):
     refusal names the stage, and nothing has run."""
     for (stage, seed), argv in steps:
         script = os.path.basename(argv[1])
-        # not one of the scripts (a test's stand-in): its own run says what it refuses
-        if script not in CONFIGS:
-            continue
         module = importlib.import_module(script[:-3])
         try:
             presets = module.presets(argv[2:]) if script == 'finetune.py' else module.PRESETS
@@ -203,12 +201,9 @@ def preflight(steps, with_teacher):
 def read_done(d, stage):
     """A finished stage's done.json (and a training stage's metrics.jsonl read, so that a damaged one is
     refused before any stage runs)."""
-    if stage == 'ensemble':
-        fix = 'delete it and run the same command again: the stage runs again'
-    else:
-        fix = 'delete it and run the same command again: the stage is finished from its checkpoint'
-    path = os.path.join(d, 'done.json')
-    done = read_json(path, fix)
+    done = read_json(os.path.join(d, 'done.json'),
+                     'delete it and run the same command again: the stage is finished from its '
+                     'checkpoint (an ensemble runs again)')
     if stage not in ('mae', 'ensemble'):
         records(d)
     return done
@@ -242,8 +237,8 @@ def run_stage(key, argv, root, env, record, failed):
     if failed:
         return None
     # each line in one write (print writes its end apart): stages side by side never run two lines into one
-    doing = 'resuming' if resumed else 'running'
-    print(f'== {name}: {doing} {shlex.join(argv[1:])}\n', end='', flush=True)
+    print(f"== {name}: {'resuming' if resumed else 'running'} {shlex.join(argv[1:])}\n", end='',
+          flush=True)
     start = time.time()
     last = ''
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -310,10 +305,8 @@ def main():
     steps = plan(cfg, root, teacher)
     # what can be refused, before any stage runs: the finished stages' records, where the results go, the teacher
     digest = sha256_of(teacher)
-    done = {}
-    for key, _ in steps:
-        if os.path.exists(os.path.join(run_dir(root, *key), 'done.json')):
-            done[key] = read_done(run_dir(root, *key), key[0])
+    done = {key: read_done(run_dir(root, *key), key[0]) for key, _ in steps
+            if os.path.exists(os.path.join(run_dir(root, *key), 'done.json'))}
     for (stage, seed), r in done.items():
         if stage in USES_TEACHER and r.get('teacher_sha256') != digest:
             raise ConfigError(f"{run_dir(root, stage, seed)} was made from another teacher, "

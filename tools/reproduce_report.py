@@ -86,9 +86,8 @@ def summarise(runs):
         if m != 'ensemble':
             epochs, top1 = per_epoch(r['run_dir'] for r in rs)
             out[m]['curve'] = {'epoch': epochs, 'top1': [statistics.mean(t) for t in zip(*top1)]}
-    gaps = {}
-    for m in ('copy', 'distill'):
-        gaps[m] = gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean'])
+    gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean'])
+            for m in ('copy', 'distill')}
     dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
     return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}
 
@@ -109,9 +108,8 @@ def table(s):
         disagreement = ''
         if m == 'ensemble':
             disagreement = mean_std(s['disagreement_pct']) + '%'
-        wall = statistics.mean(r['wall_s']) / 60
         rows.append(f"| {LABELS[m]} | {mean_std(r['top1'])} | {per_seed} | {gap} | "
-                    f"{disagreement} | {wall:.1f} min | {paper} |")
+                    f"{disagreement} | {statistics.mean(r['wall_s']) / 60:.1f} min | {paper} |")
     return '\n'.join(rows)
 
 
@@ -215,8 +213,8 @@ def write_tables(results_dir, cfg, s, runs, prov):
     """TABLE.md and results.png in results_dir."""
     text = (f'# {cfg.data}: the tables of results.json\n\n{table(s)}\n\n'
             f'{budget_table(cfg, runs, prov)}\n')
-    split = 'validation' if cfg.val_size else 'test'
-    plot(s, os.path.join(results_dir, 'results.png'), split, cfg.quick)
+    plot(s, os.path.join(results_dir, 'results.png'), 'validation' if cfg.val_size else 'test',
+         cfg.quick)
     write_text(os.path.join(results_dir, 'TABLE.md'), text)
 
 

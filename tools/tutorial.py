@@ -115,7 +115,7 @@ class Runner:
         out = os.path.join(self.work, label)
         args = [script, '--data', 'fashion-mnist', '--data-dir', self.data_dir, '--out-dir', out,
                 *self.flags, *map(str, flags)]
-        print('python', *map(shlex.quote, args))
+        print('python', shlex.join(args))
         show = line()
         tail = deque(maxlen=20)
         start = time.time()
@@ -136,7 +136,7 @@ class Runner:
                     show(f'{label}: step {step[1]}/{step[2]}, {last - start:.0f} s{scored}')
         if p.returncode:
             raise RuntimeError(f'{script} stopped (exit code {p.returncode}); '
-                               f'the end of its output:\n' + ''.join(tail))
+                               f'the end of its output:\n{"".join(tail)}')
         m = metrics(out)[-1]
         show(f"{label}: test top-1 {m['top1']:.1f}% after {m['epoch']:g} epochs "
              f"({m['step']} steps, {time.time() - start:.0f} s)", end=True)
@@ -191,16 +191,14 @@ def budgets(quick_flags, n_train, n_test, loop):
             return float(given.get(flag(key), preset[key]))
         epochs = value('epochs')
         batch = value('batch_size')
-        blr = value('blr')
-        warmup = value('warmup_epochs')
         steps = int(epochs * (train // batch))
         cut = int(float(given.get('--max-steps', 0)))
         if 0 < cut < steps:
             took = f'{cut} steps of a {epochs:g}-epoch schedule'
         else:
             took = f'{epochs:g} ({steps:,} steps)'
-        return (f'| {name} | {train:,} | {took} | {batch:g} | {short(blr * batch / 256)} | '
-                f'{warmup:g} epoch | {seeds} | {tested(test)} | {where} |')
+        return (f"| {name} | {train:,} | {took} | {batch:g} | {short(value('blr') * batch / 256)} "
+                f"| {value('warmup_epochs'):g} epoch | {seeds} | {tested(test)} | {where} |")
 
     def distill(cfg):
         return reproduce.command(cfg, 'distill', 0, 'runs', 'teacher.pt')
@@ -251,13 +249,11 @@ def reproduction_curves(results_dir):
 
 def show(fig):
     """A figure shown as the notebook stores it: a 256-colour PNG (tools.palette.png) drawn at 200 dpi, displayed at
-    half its width in pixels as retina figures are, in a third of the bytes; outside IPython, plt.show()."""
+    half its size in pixels (IPython's retina), in a third of the bytes; outside IPython, plt.show()."""
     shown = notebook()
     if not shown:
         return plt.show()
-    data = png(fig, dpi=200, bbox_inches='tight')
-    width = int.from_bytes(data[16:20], 'big')   # the PNG's width: IHDR, its first chunk
-    shown.display(shown.Image(data, width=width // 2))
+    shown.display(shown.Image(png(fig, dpi=200, bbox_inches='tight'), retina=True))
     plt.close(fig)
 
 
@@ -344,20 +340,20 @@ def draw_cka_and_kl(top, result, models):
     for m in NAMES:
         t = cka(result['teacher'], m)
         own = cka(m, m)
-        to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], marker='o', ms=4,
-                            capsize=2, color=colour(m), label=SHORT[m])
+        dots = dict(marker='o', ms=4, color=colour(m))
+        to_teacher.errorbar(blocks, [c['mean'] for c in t], [c['std'] for c in t], capsize=2,
+                            label=SHORT[m], **dots)
         to_teacher.plot(blocks, [c['mean'] for c in own], ls='--', lw=1, color=colour(m))
         to_distill.fill_between(blocks, [c['min'] for c in own], [c['max'] for c in own],
                                 color=colour(m), alpha=0.2)
         if m != 'distill':
             d = cka(m, 'distill')
-            to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], marker='o',
-                                ms=4, capsize=2, color=colour(m),
-                                label=f'distillation and {SHORT[m]}')
+            to_distill.errorbar(blocks, [c['mean'] for c in d], [c['std'] for c in d], capsize=2,
+                                label=f'distillation and {SHORT[m]}', **dots)
         given = set(result['models'][models[m][0]]['maps_given'])
         shown = [i for i in blocks if i not in given]
         kl_mean = [np.mean([result['kl'][k][i] for k in models[m]]) for i in shown]
-        kl.plot(shown, kl_mean, marker='o', ms=4, color=colour(m), label=SHORT[m])
+        kl.plot(shown, kl_mean, label=SHORT[m], **dots)
     to_teacher.set(title='CKA to the teacher\n(dashed: two seeds of one method)', ylim=(0, 1))
     to_distill.set(title='CKA of distillation to the others\n(bands: two seeds of one method)',
                    ylim=(0, 1))
@@ -417,30 +413,26 @@ def draw_methods():
     noise = scale * np.random.default_rng(3).normal(size=(2, 3, 6, 6))
     maps = np.exp(-((i[:, None] - i) ** 2) / 2.0 + noise)
     teacher, student = maps / maps.sum(-1, keepdims=True)
+    # each side: the student's method, the maps it routes with (copy: the teacher's, distillation: its own) and
+    # its text, the arrow from the teacher's maps to them, what runs at test time
+    sides = [('copy', teacher, 'no q, k\nA_T @ V_S', dict(arrowstyle='->', lw=2), 'A_T',
+              'teacher + student'),
+             ('distill', student, 'q, k → A_S', dict(arrowstyle='<->', lw=1.5, ls='--'),
+              'H(A_T, A_S)', 'the student alone')]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout='constrained')
-    for ax, copy in zip(axes, (True, False)):
+    for ax, (method, maps, about, style, arrow, at_test) in zip(axes, sides):
         ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
         ax.axis('off')
-        ax.set_title('attention copy' if copy else 'attention distillation', fontsize=12,
-                     weight='bold')
-        # each side's blocks: copy routes the student by the teacher's maps, distillation it by its own
-        boxes = [(0.2, 'teacher (frozen)', PALETTE['teacher'], teacher, 'q, k → A_T')]
-        if copy:
-            boxes.append((6.3, 'student (trained)', PALETTE['copy'], teacher, 'no q, k\nA_T @ V_S'))
-            style = dict(arrowstyle='->', lw=2, color=PALETTE['copy'])
-            arrow = 'A_T'
-            at_test = 'at test time: teacher + student'
-        else:
-            boxes.append((6.3, 'student (trained)', PALETTE['distill'], student, 'q, k → A_S'))
-            style = dict(arrowstyle='<->', lw=1.5, ls='--', color=PALETTE['distill'])
-            arrow = 'H(A_T, A_S)'
-            at_test = 'at test time: the student alone'
+        ax.set_title(NAMES[method], fontsize=12, weight='bold')
+        style['color'] = PALETTE[method]
+        boxes = [(0.2, 'teacher (frozen)', 'teacher', teacher, 'q, k → A_T'),
+                 (6.3, 'student (trained)', method, maps, about)]
         for x0, who, fill, own, text in boxes:
             ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
             for layer, amap in enumerate(own):
                 y = 0.6 + 3.0 * layer
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, facecolor=to_rgba(fill, 0.15),
-                                           edgecolor='k', lw=0.8))
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, edgecolor='k', lw=0.8,
+                                           facecolor=to_rgba(PALETTE[fill], 0.15)))
                 ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
                 ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
                 ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma',
@@ -450,7 +442,7 @@ def draw_methods():
             ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style,
                         zorder=4)
             ax.text(5.0, y + 0.6, arrow, ha='center', va='bottom', fontsize=9, color=style['color'])
-        ax.text(5, -0.6, at_test, ha='center', fontsize=9, style='italic')
+        ax.text(5, -0.6, f'at test time: {at_test}', ha='center', fontsize=9, style='italic')
     fig.supxlabel('the small maps are made up, to show the idea: each token reading mostly from '
                   'itself and its neighbours', fontsize=8, color='0.35')
     show(fig)

@@ -88,11 +88,10 @@ def collect():
             for shift, value in row['top1'].items():
                 per_method = shifted.setdefault(shift, {m: {} for m in METHODS})
                 per_method[method][k] = finite(value, path, 'a top1')
-    wall = sum(wall_s(os.path.dirname(p)) for p in walls + list(evals.values()))
     return {'baselines': {m: stats(v, top1) for m, v in top1.items()},
             'runs': {n: stats(v, top1) for n, v in runs.items()},
             'shifted': {s: {m: stats(v, r) for m, v in r.items()} for s, r in shifted.items()},
-            'wall_s': wall}
+            'wall_s': sum(wall_s(os.path.dirname(p)) for p in walls + list(evals.values()))}
 
 
 # the course's names for what a run's name changes (its name: method-change)
