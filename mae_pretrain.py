@@ -286,24 +286,24 @@ def save_reconstructions(model, imgs, cfg):
 # Train
 
 
-def export_encoder(run_dir, export, path):
+def export_encoder(run_dir, write, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE), written through its claim (export: util/files.py), never half a
-    file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
+    it was made (command, commit, held-out MSE), written through its claim (write: util/files.claimed's), never
+    half a file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'],
             'torch': run['torch'], 'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
     encoder = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'],
                'made': made}
-    export.write(path, lambda f: torch.save(encoder, f))
+    write(path, lambda f: torch.save(encoder, f))
 
 
 def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
     # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as write:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
@@ -328,7 +328,7 @@ def main():
         if plan.main:
             save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
-                export_encoder(cfg.out_dir, export, cfg.export)
+                export_encoder(cfg.out_dir, write, cfg.export)
         train_mse = run.metrics.get('train', {}).get('mse', float('nan'))
         plan.log(f"final | train mse {train_mse:.4f} | "
                  f"held-out masked mse {run.metrics['mse']:.4f} | "

@@ -246,7 +246,7 @@ def main():
     if cfg.out_dir:
         outputs = [os.path.join(cfg.out_dir, f) for f in ('features.json', 'TABLE.md')]
     # claimed before any work: nothing is written over, a second command into them is refused
-    with claimed('--out-dir', *outputs) as out:
+    with claimed('--out-dir', *outputs) as write:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
         start = time.time()
@@ -259,8 +259,8 @@ def main():
                       'threads': torch.get_num_threads(), 'torch': torch.__version__,
                       'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
             text = json.dumps(record, indent=2)
-            out.write(outputs[0], lambda f: f.write(text.encode()))
-            out.write(outputs[1], lambda f: f.write(tables(result).encode()))
+            write(outputs[0], lambda f: f.write(text.encode()))
+            write(outputs[1], lambda f: f.write(tables(result).encode()))
 
 
 if __name__ == '__main__':

@@ -247,7 +247,7 @@ def one_line(e):
     one of several processes, where it is mostly a peer that stopped), and how to continue."""
     how = getattr(e, 'how_to_continue', NOTHING_SAVED)
     if isinstance(e, WriteError):
-        return f'{e.what}; {how}' if hasattr(e, 'how_to_continue') else str(e)
+        return f'{e}; {how}'
     lines = str(e).strip().splitlines() or ['']
     if isinstance(e, (ConfigError, DataError, CheckpointError, FloatingPointError)):
         if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line

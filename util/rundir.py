@@ -39,8 +39,7 @@ import torch
 from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
-                        read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside,
-                        write_json, write_text)
+                        read_json, read_jsonl, remove_empty, replacing, set_aside, write_json, write_text)
 
 
 class RunDir:
@@ -103,7 +102,7 @@ class RunDir:
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
                               f'or choose another --out-dir (--overwrite true deletes it)')
         # results kept without their checkpoint
-        if os.path.exists(self.file('done.json')) or read_lines(self.file('metrics.jsonl')):
+        if os.path.exists(self.file('done.json')) or read_jsonl(self.file('metrics.jsonl'), 'move it away'):
             raise ConfigError(f'{self.path} holds a finished run (done.json, or evaluations in '
                               f'metrics.jsonl without a checkpoint): choose another --out-dir, or '
                               f'pass --overwrite true to delete it and start afresh')
@@ -185,37 +184,36 @@ class RunDir:
         else:
             self.pending.append(msg)
 
-    def begin(self, record, resumed_step, last):
+    def begin(self, record, resumed):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
-        run starts afresh (deleting what --overwrite true allowed); a resume updates the fields and appends what it
-        changed (config.json rebuilt from the checkpoint if damaged), keeping the metrics up to the checkpoint's step.
-        Then log.txt gets the lines held so far."""
+        run starts afresh (deleting what --overwrite true allowed); a resume (resumed: the checkpoint it continues)
+        updates the fields and appends what it changed (config.json rebuilt from the checkpoint if damaged), keeping
+        the metrics up to the checkpoint's step. Then log.txt gets the lines held so far."""
         if not self.main:
             return
-        launch = {'git_commit': git_commit(), 'world_size': record['world_size'],
-                  'torch': torch.__version__, 'argv': sys.argv}
+        launch = {'git_commit': git_commit(), 'torch': torch.__version__, 'argv': sys.argv}
         lines = ''.join(f'{line}\n' for line in self.pending)
-        if resumed_step is not None:
+        if resumed:
             # first: a log.txt that cannot be written (a link, a directory) changes no other file
             add_to_log(self.file('log.txt'), lines)
-            saved = record.pop('saved')
+            step = resumed['step']
             old = self.config_record()
-            if old is None and os.path.lexists(self.file('config.json')):
-                set_aside(self.file('config.json'))   # damaged: kept beside it
             if old is None:
-                old = {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
-                                           f'{resumed_step}: rebuilt from the checkpoint'}
+                if os.path.lexists(self.file('config.json')):
+                    set_aside(self.file('config.json'))   # damaged: kept beside it
+                old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at step '
+                                                       f'{step}: rebuilt from the checkpoint'}
             # another lr was allowed once, after it: recorded with this resume
             diverged = old.pop('diverged', None)
             # the checkpoint's config is what ran: config.json may have been edited
-            saved = {**old, **saved}
+            saved = {**old, **resumed['config']}
             changed = {k: [saved.get(k), v] for k, v in record.items()
-                       if saved.get(k) != v and k not in ('attention_check', 'world_size')}
-            resume = {'step': resumed_step, **launch, 'changed': changed}
+                       if saved.get(k) != v and k != 'attention_check'}
+            resume = {'step': step, **launch, 'changed': changed}
             if diverged:
                 resume['after_divergence'] = diverged
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
-            self.keep_metrics(resumed_step, last)
+            self.keep_metrics(step, resumed.get('evaluation'))
             write_json(self.file('config.json'), record)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
@@ -243,7 +241,7 @@ class RunDir:
         it, by a run stopped before its next checkpoint, is made again. last: the evaluation the checkpoint holds,
         added where a run stopped between the two writes (Run.save)."""
         path = self.file('metrics.jsonl')
-        records = read_jsonl(path, 'move it away') if os.path.lexists(path) else []
+        records = read_jsonl(path, 'move it away')
         kept = [r for r in records if r.get('step', 0) <= step]
         if last and all(r.get('step') != step for r in kept):
             kept.append(last)
@@ -255,14 +253,14 @@ class RunDir:
         evaluation)."""
         if self.main:
             path = self.file('metrics.jsonl')
-            lines = read_lines(path) + [json.dumps(record)]
-            write_text(path, ''.join(f'{line}\n' for line in lines))
+            records = read_jsonl(path, 'move it away') + [record]
+            write_text(path, ''.join(f'{json.dumps(r)}\n' for r in records))
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint.
         Written through a file object: a failed write raises OSError, which replacing makes one line."""
         if self.main:
-            with replacing(self.checkpoint) as tmp, open(tmp, 'xb', opener=no_follow) as f:
+            with replacing(self.checkpoint) as f:
                 torch.save(state, f)
 
     def record_divergence(self, what):
@@ -291,7 +289,7 @@ def add_to_log(path, text):
                 f.write(text)
                 return
         data = read_bytes(path, 'move it away')
-        with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
+        with replacing(path) as f:
             f.write(data + text.encode())
     except OSError as e:
         raise cannot_write(path, e) from None
@@ -342,7 +340,7 @@ def open_resumed(cfg, run_dir, world):
                                   f'saves: it was edited or is damaged (kept as it is): put back a copy '
                                   f'of it, or start a new run in another --out-dir')
     script = ck['script']
-    if cfg.SCRIPT and script != cfg.SCRIPT:
+    if script != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
                           f'with {script} (its flags and --resume true), or start a new run in '
                           f'another --out-dir')
