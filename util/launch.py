@@ -71,7 +71,7 @@ def resolve(cls, presets, argv=None):
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
-    run_dir = RunDir.claim(cfg, main=rank == 0)         # the run directory, locked
+    run_dir = RunDir(cfg, main=rank == 0)               # the run directory, claimed and locked
     resumed = None
     if cfg.resume:
         with run_dir.released_on_error():               # the checkpoint to continue, checked

@@ -221,9 +221,10 @@ class Run:
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
             'time': self.seconds(), 'classes': self.classes, **self.extra})
-        # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
+        # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
+        # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
-            self.plan.run_dir.add_metrics(self.record)
+            self.plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
 

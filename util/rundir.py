@@ -43,10 +43,14 @@ from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_fo
 
 
 class RunDir:
-    """The directory of one run: claim() refuses what cannot be used and locks it; log() holds the run's lines until
-    begin() writes config.json; add_metrics() and save() write its files whole; `with` lets it go at the end."""
+    """The directory of one run, claimed when it is made (RunDir(cfg, main)): what cannot be used is refused and it
+    is locked; log() holds the run's lines until begin() writes config.json; keep_metrics() and save() write its
+    files whole; `with` lets it go at the end."""
 
     def __init__(self, cfg, main):
+        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
+        until release: a folder that cannot be written is refused there, by open()), one that holds another
+        program's files, a run this one may not write over, and a run that would replace its own inputs."""
         self.cfg = cfg
         self.main = main                # the process that writes (rank 0)
         self.path = cfg.out_dir
@@ -55,17 +59,6 @@ class RunDir:
         self.begun = False
         self.made = []                  # the folders this command made, innermost first
         self.lock = None                # .lock's file descriptor while this process holds it
-
-    def file(self, name):
-        """The path of the run's file `name`."""
-        return os.path.join(self.path, name)
-
-    @classmethod
-    def claim(cls, cfg, main):
-        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
-        until release: a folder that cannot be written is refused there, by open()), one that holds another
-        program's files, a run this one may not write over, and a run that would replace its own inputs."""
-        self = cls(cfg, main)
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         try:
@@ -77,7 +70,10 @@ class RunDir:
             if main:
                 self.take_lock()
             self.refuse_overwrite()
-        return self
+
+    def file(self, name):
+        """The path of the run's file `name`."""
+        return os.path.join(self.path, name)
 
     def refuse_overwrite(self):
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
@@ -237,9 +233,12 @@ class RunDir:
         return None
 
     def keep_metrics(self, step, last):
-        """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-        it, by a run stopped before its next checkpoint, is made again. last: the evaluation the checkpoint holds,
-        added where a run stopped between the two writes (Run.save)."""
+        """metrics.jsonl's records up to `step` (the checkpoint just written, or the one a resume starts from: a
+        record written after it, by a run stopped before its next checkpoint, is made again), and `last`, the
+        evaluation of that step its checkpoint holds, where it is missing (Run.save adds it so; a resume, where a
+        run stopped between the two writes). The whole file is written anew (it has one line per evaluation)."""
+        if not self.main:
+            return
         path = self.file('metrics.jsonl')
         records = read_jsonl(path, 'move it away')
         kept = [r for r in records if r.get('step', 0) <= step]
@@ -247,14 +246,6 @@ class RunDir:
             kept.append(last)
         if kept != records:
             write_text(path, ''.join(f'{json.dumps(r)}\n' for r in kept))
-
-    def add_metrics(self, record):
-        """One line of metrics.jsonl, the whole file written anew (it has one line per
-        evaluation)."""
-        if self.main:
-            path = self.file('metrics.jsonl')
-            records = read_jsonl(path, 'move it away') + [record]
-            write_text(path, ''.join(f'{json.dumps(r)}\n' for r in records))
 
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint.
@@ -275,7 +266,12 @@ class RunDir:
         again, the command is told what to do with evaluations kept without it, refuse_overwrite)."""
         if not os.path.exists(self.checkpoint):
             return NOTHING_SAVED
-        return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
+        command = 'your torchrun command and --resume true'
+        if 'TORCHELASTIC_RUN_ID' not in os.environ:   # its own, with --resume true
+            argv = [a for before, a in zip([None, *sys.argv], sys.argv)
+                    if a != '--resume' and before != '--resume']
+            command = f"{shlex.join(['python', *argv])} --resume true"
+        return f'{self.checkpoint} holds the last checkpoint; continue with: {command}'
 
 
 def add_to_log(path, text):
@@ -359,11 +355,3 @@ def open_resumed(cfg, run_dir, world):
 # the most steps (or seconds) a run counts: a float holds it exactly
 MOST = 2 ** 53
 
-
-def resume_command():
-    """The command that continues this run: its own with --resume true, or under torchrun the words to say so."""
-    if 'TORCHELASTIC_RUN_ID' in os.environ:
-        return 'your torchrun command and --resume true'
-    argv = [a for before, a in zip([None, *sys.argv], sys.argv)
-            if a != '--resume' and before != '--resume']
-    return f"{shlex.join(['python', *argv])} --resume true"
