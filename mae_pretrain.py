@@ -35,7 +35,7 @@ from data import INFO, build_data, sample_images
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import check_output, claimed, save_figure
+from util.files import claimed, save_figure
 from util.launch import resolve, run_main, settle_attention
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
@@ -63,14 +63,10 @@ class MAEConfig(TrainConfig):
     out_dir: str = 'runs/mae'
     export: str = option('', 'also write the encoder alone here: a small teacher file to ship')
 
-    # --export is written once the run ends: it may be named when resuming
+    # --export is written once the run ends: it may be named when resuming, never as a file of the run
     RESUMABLE = (*TrainConfig.RESUMABLE, 'export')
+    INPUTS = ('export',)
     SCRIPT = 'mae_pretrain.py'
-
-    def resolve(self):
-        """The resolve step: --export, written once the run ends, checked before it starts."""
-        if self.export:
-            check_output('--export', self.export, self.out_dir)
 
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2

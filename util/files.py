@@ -8,11 +8,10 @@ Where a command writes, refused before any work where it cannot be written, as o
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
-    check_output('--export', path, run)  a file written once a run is done (mae_pretrain.py --export), not a file
-                                        of the run; then claimed when the command starts, as every output written
-                                        once the work is done is (evaluate.py --out, ensemble.py --out): one that
-                                        exists or cannot be written is refused there, so that two commands given
-                                        one path never both write it:
+    claimed('--out', path)              a file written once the work is done (evaluate.py --out, ensemble.py --out,
+                                        mae_pretrain.py --export, never a file of its run: util/rundir.py), claimed
+                                        when the command starts: one that exists or cannot be written is refused
+                                        there, so that two commands given one path never both write it:
 
     with claimed('--out', path) as write:      # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
@@ -31,7 +30,7 @@ import tempfile
 from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'checkpoint.pt.tmp', 'done.json',
              'reconstruction.png', '.lock')
 
 
@@ -198,17 +197,6 @@ def check_out_dir(path, flag, record=None):
     except OSError as e:   # a file where a folder should be, no permission, a read-only file system
         raise ConfigError(f'{flag} {path} cannot be written into ({parent}: {e.strerror}): choose '
                           f'another {flag}') from None
-
-
-def check_output(flag, path, out_dir):
-    """Refuse, before any work, an output written once the run is done that is a file of its run directory
-    out_dir (its checkpoint, its figure): the run would replace it, or it the run's. One that exists, or that
-    cannot be written, is refused by its claim when the command starts (claimed), as open() says."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
-            os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
-                          f'a path outside it, or another name')
 
 
 def make_folders(folder, made):

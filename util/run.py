@@ -103,8 +103,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
-            average = get_ema_multi_avg_fn(cfg.ema)
-            self.ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
         self.step, self.metrics, self.trained_s = 0, {}, 0.0
         self.saved_step = None    # the step of the checkpoint on disk, if any
         if plan.resumed:

@@ -79,7 +79,7 @@ class RunDir:
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
         begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
         --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
-        No run deletes or replaces a file it reads (cfg.INPUTS)."""
+        No run deletes or replaces a file it reads, or writes one of them once done (cfg.INPUTS)."""
         cfg = self.cfg
         a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
         if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
@@ -90,8 +90,8 @@ class RunDir:
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
                 raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which '
-                                  f'this run deletes or replaces: copy it elsewhere and name the copy, '
-                                  f'or choose another --out-dir')
+                                  f'this run deletes or replaces: name a path outside it (for a file it '
+                                  f'reads, a copy) or choose another --out-dir')
         if cfg.resume or cfg.overwrite:
             return
         if os.path.exists(self.checkpoint):
@@ -178,7 +178,7 @@ class RunDir:
         if self.begun:
             add_to_log(self.file('log.txt'), msg + '\n')
         else:
-            self.pending.append(msg)
+            self.pending.append(msg + '\n')
 
     def begin(self, record, resumed):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
@@ -188,7 +188,7 @@ class RunDir:
         if not self.main:
             return
         launch = {'git_commit': git_commit(), 'torch': torch.__version__, 'argv': sys.argv}
-        lines = ''.join(f'{line}\n' for line in self.pending)
+        lines = ''.join(self.pending)
         if resumed:
             # first: a log.txt that cannot be written (a link, a directory) changes no other file
             add_to_log(self.file('log.txt'), lines)
