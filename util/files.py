@@ -30,8 +30,8 @@ import tempfile
 from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'checkpoint.pt.tmp', 'done.json',
-             'reconstruction.png', '.lock')
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'checkpoint.pt.tmp',
+             'done.json', 'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
@@ -52,9 +52,10 @@ def read_json(path, fix, keys=None):
     except ValueError as e:   # JSONDecodeError, or bytes that are not UTF-8
         raise DamagedFile(f'{path} is not JSON, cut short or damaged ({e}): {fix}') from None
     keys = keys or {}
-    if not isinstance(record, dict) or any(not isinstance(record.get(k), kind) for k, kind in keys.items()):
-        raise DamagedFile(f"{path} does not hold a JSON object with {', '.join(keys) or 'keys'} (each of its "
-                          f"kind): {fix}")
+    if not isinstance(record, dict) or \
+            any(not isinstance(record.get(k), kind) for k, kind in keys.items()):
+        raise DamagedFile(f"{path} does not hold a JSON object with {', '.join(keys) or 'keys'} "
+                          f"(each of its kind): {fix}")
     return record
 
 
@@ -107,8 +108,8 @@ def replacing(path, mode='xb'):
 def cannot_write(path, e):
     """The one line for a file that could not be written, in open()'s words (e.strerror: a full disk, a
     permission, a link or a directory where the file goes)."""
-    return WriteError(f'cannot write {path} ({e.strerror or e}): free some space, make it writable or move '
-                      f'what is there away')
+    return WriteError(f'cannot write {path} ({e.strerror or e}): free some space, make it '
+                      f'writable or move what is there away')
 
 
 def no_follow(path, flags):
@@ -237,8 +238,8 @@ def claimed(flag, *paths, replaces=False):
 
     def write(path, write_to):
         if path in claims and not own(path):
-            raise WriteError(f'{flag} {path} was removed or replaced while this command ran (kept as it '
-                             f'is): choose another {flag}')
+            raise WriteError(f'{flag} {path} was removed or replaced while this command ran '
+                             f'(kept as it is): choose another {flag}')
         with replacing(path) as f:
             write_to(f)
 
@@ -249,9 +250,9 @@ def claimed(flag, *paths, replaces=False):
             try:
                 make_folders(os.path.dirname(os.path.abspath(path)), made)
                 fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            except OSError as e:   # File exists: another command writing it now, or an earlier result
-                raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror}): move what is there '
-                                  f'away or choose another {flag}') from None
+            except OSError as e:   # File exists: another command writing it now, an earlier result
+                raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror}): move what is '
+                                  f'there away or choose another {flag}') from None
             stat = os.fstat(fd)
             os.close(fd)
             claims[path] = stat.st_dev, stat.st_ino

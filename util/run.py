@@ -103,7 +103,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
         self.step, self.metrics, self.trained_s = 0, {}, 0.0
         self.saved_step = None    # the step of the checkpoint on disk, if any
         if plan.resumed:
@@ -214,7 +215,7 @@ class Run:
         self.plan.run_dir.save({
             'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
             'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
-            'optimizer': opt, 'evaluation': self.record,   # metrics.jsonl's record of this step, if any
+            'optimizer': opt, 'evaluation': self.record,   # metrics.jsonl's record of this step
             'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics,
             'rng': [cpu for cpu, _ in states],
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,

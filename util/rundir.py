@@ -39,7 +39,8 @@ import torch
 from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
-                        read_json, read_jsonl, remove_empty, replacing, set_aside, write_json, write_text)
+                        read_json, read_jsonl, remove_empty, replacing, set_aside, write_json,
+                        write_text)
 
 
 class RunDir:
@@ -90,15 +91,16 @@ class RunDir:
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
                 raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which '
-                                  f'this run deletes or replaces: name a path outside it (for a file it '
-                                  f'reads, a copy) or choose another --out-dir')
+                                  f'this run deletes or replaces: name a path outside it (for a '
+                                  f'file it reads, a copy) or choose another --out-dir')
         if cfg.resume or cfg.overwrite:
             return
         if os.path.exists(self.checkpoint):
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
                               f'or choose another --out-dir (--overwrite true deletes it)')
         # results kept without their checkpoint
-        if os.path.exists(self.file('done.json')) or read_jsonl(self.file('metrics.jsonl'), 'move it away'):
+        evaluated = read_jsonl(self.file('metrics.jsonl'), 'move it away')
+        if os.path.exists(self.file('done.json')) or evaluated:
             raise ConfigError(f'{self.path} holds a finished run (done.json, or evaluations in '
                               f'metrics.jsonl without a checkpoint): choose another --out-dir, or '
                               f'pass --overwrite true to delete it and start afresh')
@@ -197,8 +199,8 @@ class RunDir:
             if old is None:
                 if os.path.lexists(self.file('config.json')):
                     set_aside(self.file('config.json'))   # damaged: kept beside it
-                old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at step '
-                                                       f'{step}: rebuilt from the checkpoint'}
+                old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
+                                                       f'step {step}: rebuilt from the checkpoint'}
             # another lr was allowed once, after it: recorded with this resume
             diverged = old.pop('diverged', None)
             # the checkpoint's config is what ran: config.json may have been edited
