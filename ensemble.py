@@ -184,11 +184,11 @@ def main():
         check_out(cfg)
     weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
     # a new --out: another command given it is refused
-    with claimed('--out', cfg.out, replaces=True) as out:
+    with claimed('--out', cfg.out, replaces=True) as write:
         cfg, results = score(cfg, weights)
         if cfg.out:
             record = json.dumps({'config': asdict(cfg), **results}, indent=2)
-            out.write(cfg.out, lambda f: f.write(record.encode()))
+            write(cfg.out, lambda f: f.write(record.encode()))
 
 
 def score(cfg, weights):

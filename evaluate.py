@@ -182,13 +182,13 @@ def main():
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
     # written after every model has run: claimed before any does (one there, a folder that cannot be
     # written, another command given this --out: refused)
-    with claimed('--out', *files) as out:
-        score(cfg, groups, paths, out, files)
+    with claimed('--out', *files) as write:
+        score(cfg, groups, paths, write, files)
 
 
-def score(cfg, groups, paths, out, files):
+def score(cfg, groups, paths, write, files):
     """Every model and ensemble on every test set; the table, into the claimed files
-    (out: util/files.py)."""
+    (write: util/files.claimed's)."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
     # the test images' size and normalisation; --data: its test split
@@ -232,8 +232,8 @@ def score(cfg, groups, paths, out, files):
               'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
                        for n, (p, d, a) in sets.items()},
               'rows': rows}
-    out.write(files[0], lambda f: f.write(text.encode()))
-    out.write(files[1], lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write(files[0], lambda f: f.write(text.encode()))
+    write(files[1], lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 if __name__ == '__main__':

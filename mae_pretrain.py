@@ -35,7 +35,7 @@ from data import INFO, build_data, sample_images
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import check_output, claimed, save_figure
+from util.files import claimed, save_figure
 from util.launch import resolve, run_main, settle_attention
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
@@ -63,14 +63,10 @@ class MAEConfig(TrainConfig):
     out_dir: str = 'runs/mae'
     export: str = option('', 'also write the encoder alone here: a small teacher file to ship')
 
-    # --export is written once the run ends: it may be named when resuming
+    # --export is written once the run ends: it may be named when resuming, never as a file of the run
     RESUMABLE = (*TrainConfig.RESUMABLE, 'export')
+    INPUTS = ('export',)
     SCRIPT = 'mae_pretrain.py'
-
-    def resolve(self):
-        """The resolve step: --export, written once the run ends, checked before it starts."""
-        if self.export:
-            check_output('--export', self.export, self.out_dir)
 
     def checks(self):
         patches = (self.img_size // self.patch_size) ** 2
@@ -286,24 +282,24 @@ def save_reconstructions(model, imgs, cfg):
 # Train
 
 
-def export_encoder(run_dir, export, path):
+def export_encoder(run_dir, write, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE), written through its claim (export: util/files.py), never half a
-    file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
+    it was made (command, commit, held-out MSE), written through its claim (write: util/files.claimed's), never
+    half a file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'],
             'torch': run['torch'], 'epoch': ckpt['epoch'], 'held_out_mse': ckpt['metrics']['mse']}
     encoder = {'model': state_dict_of(ckpt), 'arch': ckpt['arch'], 'config': ckpt['config'],
                'made': made}
-    export.write(path, lambda f: torch.save(encoder, f))
+    write(path, lambda f: torch.save(encoder, f))
 
 
 def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
     # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as export:
+    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as write:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
@@ -328,7 +324,7 @@ def main():
         if plan.main:
             save_reconstructions(model, sample_images(data, 6, plan.device), cfg)
             if cfg.export:
-                export_encoder(cfg.out_dir, export, cfg.export)
+                export_encoder(cfg.out_dir, write, cfg.export)
         train_mse = run.metrics.get('train', {}).get('mse', float('nan'))
         plan.log(f"final | train mse {train_mse:.4f} | "
                  f"held-out masked mse {run.metrics['mse']:.4f} | "

@@ -73,7 +73,7 @@ def run_of(device, saved):
     model = torch.nn.Linear(2, 2)
     model.arch = {}
     p = SimpleNamespace(device=torch.device(device), world=1, rank=0, main=True, log=[].append)
-    p.run_dir = SimpleNamespace(save=saved.update, checkpoint='checkpoint.pt', add_metrics=None)
+    p.run_dir = SimpleNamespace(save=saved.update, checkpoint='checkpoint.pt', keep_metrics=None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = SimpleNamespace(plan=p, cfg=FinetuneConfig(), model=model, ema=None, opt=opt, classes=None,
                           scaler=torch.amp.GradScaler('cpu', enabled=False), step=3, steps_per_epoch=10,

@@ -242,10 +242,10 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
     before = {n: (d / n).read_bytes() for n in ('checkpoint.pt', 'reconstruction.png', 'config.json')}
     new = tmp_path / 'new'
     (tmp_path / 'a_file').write_text('mine\n')
-    for out, export, extra, says in [(new, new / 'checkpoint.pt', [], 'is a file of the run directory'),
-                                     (new, new / 'reconstruction.png', [], 'is a file of the run directory'),
-                                     (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of the run directory'),
-                                     (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of the run'),
+    for out, export, extra, says in [(new, new / 'checkpoint.pt', [], 'is a file of --out-dir'),
+                                     (new, new / 'reconstruction.png', [], 'is a file of --out-dir'),
+                                     (d, d / 'checkpoint.pt', ['--resume', 'true'], 'is a file of --out-dir'),
+                                     (d, d / 'reconstruction.png', ['--resume', 'true'], 'is a file of --out-dir'),
                                      (new, tmp_path / 'a_file' / 'teacher.pt', [],
                                       'cannot write there (File exists): move what is there away')]:
         p = run_script('mae_pretrain.py', *TINY, '--out-dir', out, '--max-steps', '3', '--log-every', '1',

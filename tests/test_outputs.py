@@ -159,9 +159,12 @@ def test_benchmark_results_are_written_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['benchmark.json']      # no temporary file left, nor BENCHMARK.md
 
 
-def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path):
+def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path, monkeypatch):
     """A copy of the tree whose .git lags behind its files (as a GPU machine's copy had) is not that commit."""
+    import util.files
     from util.files import git_commit
+    (tmp_path / 'util').mkdir()   # git_commit asks the repository util/files.py is in: here, this copy
+    monkeypatch.setattr(util.files, '__file__', str(tmp_path / 'util' / 'files.py'))
 
     def git(*args):
         subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
@@ -171,11 +174,11 @@ def test_provenance_names_the_commit_and_says_when_the_code_is_not_it(tmp_path):
     git('add', 'vit.py')
     git('commit', '-qm', 'one')
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    assert len(head) == 40 and git_commit(cwd=tmp_path) == head
+    assert len(head) == 40 and git_commit() == head
     (tmp_path / 'notes.txt').write_text('not code\n')
-    assert git_commit(cwd=tmp_path) == head
+    assert git_commit() == head
     (tmp_path / 'vit.py').write_text('x = 2\n')
-    assert git_commit(cwd=tmp_path) == head + ' (with uncommitted changes to *.py)'
+    assert git_commit() == head + ' (with uncommitted changes to *.py)'
 
 # -----------------------------------------------------------------------------
 # 5. Outputs written once the work is done: claimed when the command starts

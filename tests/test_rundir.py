@@ -197,7 +197,7 @@ def test_a_full_disk_at_the_first_checkpoint_says_the_command_that_works(tmp_pat
 
 def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_path):
     """Every write error said 'free some space ... --resume true': for a permission error too, and in evaluate.py,
-    which has no --resume."""
+    which has no --resume: there, as every error outside a run, it ends in 'run the command again'."""
     import errno
     from util.files import cannot_write
     from util.launch import run_main
@@ -212,7 +212,7 @@ def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_p
     assert full.startswith(f'error: cannot write {tmp_path}/out.md (No space left on device): free some space'), full
     denied = fails(PermissionError(errno.EACCES, 'Permission denied'))
     assert denied.startswith(f'error: cannot write {tmp_path}/out.md (Permission denied): '), denied
-    assert [m.endswith(' and run the command again') and 'resume' not in m for m in (full, denied)] == [True, True]
+    assert [m.endswith('; run the command again') and 'resume' not in m for m in (full, denied)] == [True, True]
 
 
 # -----------------------------------------------------------------------------
@@ -280,6 +280,19 @@ def test_resume_drops_an_evaluation_made_after_its_checkpoint(monkeypatch, saved
         f.write(json.dumps({'epoch': 0.5, 'step': 4, 'top1': 99.0}) + '\n')
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
     assert [(r['step'], r['top1'] == 99.0) for r in read_metrics(d)] == [(2, False), (4, False)]
+
+
+def test_resume_adds_the_evaluation_its_checkpoint_holds(monkeypatch, saved, tmp_path):
+    """Stopped between a checkpoint and its evaluation's line (Run.save writes the checkpoint first): the resumed run
+    adds that line as it was, also where the evaluation was mid-epoch (--max-steps 2 of an 8-step epoch: it was
+    lost, as only an epoch's end was looked for)."""
+    d = saved(tmp_path)
+    evaluated = read_metrics(d)
+    assert [r['step'] for r in evaluated] == [2]
+    (d / 'metrics.jsonl').write_text('')
+    train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+    records = read_metrics(d)
+    assert [r['step'] for r in records] == [2, 4] and records[0] == evaluated[0]
 
 
 def test_a_run_file_linked_outside_the_run_is_refused(monkeypatch, saved, tmp_path):

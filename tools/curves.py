@@ -15,7 +15,7 @@ import re
 import matplotlib.pyplot as plt
 
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
-from util.files import read_lines, save_figure
+from util.files import read_bytes, save_figure
 from util.launch import run_main
 
 # a progress line of util/engine.py: 'epoch   0.21 step 100/1404 | ce 1.9627 attn 19.0639 | lr 1.41e-03 | ...'
@@ -26,7 +26,8 @@ PROGRESS = re.compile(r'step (\d+)/\d+ \| \w+ ([-\d.e+]+).* \| lr ([-\d.e+]+) \|
 def progress(run_dir):
     """{step: (training loss, lr)} from the run's log.txt, the loss its first term (the cross-entropy on the labels;
     an MAE's masked mse); a resumed run's repeated steps keep the last."""
-    found = (PROGRESS.search(line) for line in read_lines(os.path.join(run_dir, 'log.txt')))
+    text = read_bytes(os.path.join(run_dir, 'log.txt'), 'name a run folder that holds its log')
+    found = (PROGRESS.search(line) for line in text.decode(errors='replace').splitlines())
     return {int(m[1]): (float(m[2]), float(m[3])) for m in found if m}
 
 

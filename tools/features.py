@@ -245,7 +245,7 @@ def main():
     if cfg.out_dir:
         outputs = [os.path.join(cfg.out_dir, f) for f in ('features.json', 'TABLE.md')]
     # claimed before any work: nothing is written over, a second command into them is refused
-    with claimed('--out-dir', *outputs) as out:
+    with claimed('--out-dir', *outputs) as write:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
         start = time.time()
@@ -258,8 +258,8 @@ def main():
                       'git_commit': git_commit(), 'machine': machine,
                       'threads': torch.get_num_threads(), 'torch': torch.__version__,
                       'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
-            out.write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))
-            out.write(outputs[1], lambda f: f.write(table.encode()))
+            write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))
+            write(outputs[1], lambda f: f.write(table.encode()))
 
 
 if __name__ == '__main__':

@@ -32,9 +32,7 @@ def records(d):
     """metrics.jsonl, one record per step
     (a resumed run may have written a step twice: the last counts)."""
     path = os.path.join(d, 'metrics.jsonl')
-    rs = []
-    if os.path.isfile(path):
-        rs = read_jsonl(path, 'delete that line and run the same command again')
+    rs = read_jsonl(path, 'delete that line and run the same command again')
     if not rs:   # a run stopped before its first evaluation
         raise DamagedFile(f'{path} is missing or holds no evaluation: name a run evaluated at least '
                           f'once, or (reproduce.py, tools/variants.sh) delete {d} and run the same '

@@ -144,7 +144,7 @@ def plot(result, path):
               title='shifted test images, same labels\n(the y axis does not start at 0)')
     right.legend(fontsize=8, title='the committed models\n(ensemble: fine-tune +\ndistillation)',
                  title_fontsize=8)
-    with replacing(path) as tmp, open(tmp, 'wb') as f:
+    with replacing(path) as f:
         f.write(png(fig, dpi=200))
     return fig
 

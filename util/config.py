@@ -149,7 +149,8 @@ class TrainConfig:
                  'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT = ''
-    # the fields naming files a run reads (a teacher, --init weights): never one its run directory replaces
+    # the fields naming files a run reads (a teacher, --init weights) or writes once done (mae_pretrain.py's
+    # --export): never one its run directory replaces
     INPUTS = ()
 
     def checks(self):

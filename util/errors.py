@@ -19,11 +19,10 @@ class CheckpointError(RuntimeError):
 
 
 class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint; `what` says why, the message adds the fix."""
+    """A file that is no checkpoint: why (`what`), then the fix."""
 
     def __init__(self, what, fix):
         super().__init__(f'{what}: {fix}')
-        self.what = what
 
 
 class DamagedFile(ConfigError):
@@ -31,12 +30,8 @@ class DamagedFile(ConfigError):
 
 
 class WriteError(ConfigError):
-    """A file that could not be written whole (a full disk, a file size limit, a read-only disk). `what`: the message
-    without its last words ('and run the command again'), which a training run replaces by how to continue it."""
-
-    def __init__(self, what):
-        super().__init__(what + ' and run the command again')
-        self.what = what
+    """A file that could not be written whole (a full disk, a file size limit, a read-only disk); run_main adds how
+    to continue the run, or to run the command again."""
 
 
 def first_few(items):

@@ -8,15 +8,14 @@ Where a command writes, refused before any work where it cannot be written, as o
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
-    check_output('--export', path, run)  a file written once a run is done (mae_pretrain.py --export), not a file
-                                        of the run; then claimed when the command starts, as every output written
-                                        once the work is done is (evaluate.py --out, ensemble.py --out): one that
-                                        exists or cannot be written is refused there, so that two commands given
-                                        one path never both write it:
+    claimed('--out', path)              a file written once the work is done (evaluate.py --out, ensemble.py --out,
+                                        mae_pretrain.py --export, never a file of its run: util/rundir.py), claimed
+                                        when the command starts: one that exists or cannot be written is refused
+                                        there, so that two commands given one path never both write it:
 
-    with claimed('--out', path) as out:        # path made empty, exclusively: a second command is refused at once
+    with claimed('--out', path) as write:      # path made empty, exclusively: a second command is refused at once
         ...                                    # the work
-        out.write(path, lambda f: f.write(data))   # written whole, only over its own empty claim
+        write(path, lambda f: f.write(data))   # written whole, only over its own empty claim
 
 A command that ends without writing (an error, Ctrl-C) removes its empty claim and the folders it made for it.
 """
@@ -31,8 +30,8 @@ import tempfile
 from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
-             'reconstruction.png', '.lock')
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'checkpoint.pt.tmp',
+             'done.json', 'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
@@ -48,23 +47,23 @@ def read_bytes(path, fix):
 def read_json(path, fix, keys=None):
     """The JSON object in `path`. keys: {key: type or tuple of types} it must hold. Otherwise DamagedFile:
     '<path> <what is wrong>: <fix>'."""
-    data = read_bytes(path, fix)
     try:
-        record = json.loads(data)
+        record = json.loads(read_bytes(path, fix))
     except ValueError as e:   # JSONDecodeError, or bytes that are not UTF-8
         raise DamagedFile(f'{path} is not JSON, cut short or damaged ({e}): {fix}') from None
-    if not isinstance(record, dict):
-        kind = type(record).__name__
-        raise DamagedFile(f'{path} holds a JSON {kind}, not the object expected: {fix}')
-    bad = [k for k, kind in (keys or {}).items() if not isinstance(record.get(k), kind)]
-    if bad:
-        raise DamagedFile(f"{path} lacks {', '.join(bad)} (missing or of another kind): {fix}")
+    keys = keys or {}
+    if not isinstance(record, dict) or \
+            any(not isinstance(record.get(k), kind) for k, kind in keys.items()):
+        raise DamagedFile(f"{path} does not hold a JSON object with {', '.join(keys) or 'keys'} "
+                          f"(each of its kind): {fix}")
     return record
 
 
 def read_jsonl(path, fix):
-    """The JSON objects of a JSON-lines file, one a line (blank lines skipped). A line that is not one (a
-    record cut short by a kill, say) is DamagedFile naming the file and the line."""
+    """The JSON objects of a JSON-lines file, one a line (blank lines skipped; [] where there is no file). A line
+    that is not one (a record cut short by a kill, say) is DamagedFile naming the file and the line."""
+    if not os.path.exists(path):
+        return []
     records = []
     for n, line in enumerate(read_bytes(path, fix).splitlines(), 1):
         if not line.strip():
@@ -80,17 +79,18 @@ def read_jsonl(path, fix):
 
 
 @contextlib.contextmanager
-def replacing(path):
-    """Write `path` whole or not at all: yields a temporary name beside it, renamed over it once written. On any
-    failure (a full disk, Ctrl-C) the temporary file is removed and `path` is left as it was; a failed write
-    ends in one line (WriteError)."""
+def replacing(path, mode='xb'):
+    """Write `path` whole or not at all: yields a file opened on a temporary name beside it (never through a link,
+    no_follow), renamed over `path` once written. On any failure (a full disk, Ctrl-C) the temporary file is
+    removed and `path` is left as it was; a failed write ends in one line (WriteError)."""
     path = os.fspath(path)
     tmp = path + '.tmp'
     try:
         # one left by a kill, or a link: never written through
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        yield tmp
+        with open(tmp, mode, opener=no_follow) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -108,19 +108,18 @@ def replacing(path):
 def cannot_write(path, e):
     """The one line for a file that could not be written, in open()'s words (e.strerror: a full disk, a
     permission, a link or a directory where the file goes)."""
-    why = e.strerror or ' '.join(str(e).split())[:200] or type(e).__name__
-    return WriteError(f'cannot write {path} ({why}): free some space, make it writable or move what is '
-                      f'there away')
+    return WriteError(f'cannot write {path} ({e.strerror or e}): free some space, make it '
+                      f'writable or move what is there away')
 
 
 def no_follow(path, flags):
     """open()'s opener for every write: never through a link (ELOOP); a new file exclusively where flags say
-    O_EXCL (open's 'x': the temporary file replacing() renames, a claim)."""
+    O_EXCL (open's 'x': the temporary file replacing() writes, a claim)."""
     return os.open(path, flags | os.O_NOFOLLOW, 0o644)
 
 
 def write_text(path, text):
-    with replacing(path) as tmp, open(tmp, 'x', opener=no_follow) as f:
+    with replacing(path, 'x') as f:
         f.write(text)
 
 
@@ -146,8 +145,8 @@ def sha256_of(path):
 def save_figure(fig, path, **kwargs):
     """A matplotlib figure saved whole or not at all (replacing), in the format its file name
     says."""
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or 'png', **kwargs)
+    with replacing(path) as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:] or 'png', **kwargs)
 
 
 def write_json(path, record):
@@ -155,20 +154,14 @@ def write_json(path, record):
     write_text(path, json.dumps(record, indent=2))
 
 
-def read_lines(path):
-    """The non-blank lines of a text file ([] if there is none)."""
-    if not os.path.exists(path):
-        return []
-    text = read_bytes(path, 'move it away').decode(errors='replace')
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def git_commit(cwd=None):
+def git_commit():
     """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
-    *.py)' where the code that ran is not that commit's."""
+    *.py)' where the code that ran is not that commit's (run in the repository's root: a pathspec is relative to
+    the folder git runs in)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
     def git(*a):
-        return subprocess.run(['git', *a], capture_output=True, text=True,
-                              cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return subprocess.run(['git', *a], capture_output=True, text=True, cwd=root).stdout.strip()
     head = git('rev-parse', 'HEAD')
     if head and git('status', '--porcelain', '--', '*.py'):
         return head + ' (with uncommitted changes to *.py)'
@@ -178,11 +171,11 @@ def git_commit(cwd=None):
 def cpu_name():
     """The processor's model name (speeds differ several-fold between CPUs: every result states
     it)."""
-    if os.path.exists('/proc/cpuinfo'):
-        for line in open('/proc/cpuinfo'):
+    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:   # Linux's
+        for line in f:
             if line.startswith('model name'):
                 return line.split(':', 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return platform.machine()
 
 # -----------------------------------------------------------------------------
 # Where a command writes
@@ -194,7 +187,8 @@ def check_out_dir(path, flag, record=None):
     file; no permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a
     folder that is not empty and holds none is someone else's (a user's own README.md), which the command would
     write over, as a run directory without its config.json is (util/rundir.py)."""
-    if record and os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, record)):
+    foreign = record and os.path.isdir(path) and os.listdir(path)
+    if foreign and not os.path.lexists(os.path.join(path, record)):
         raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
     parent = os.path.abspath(path)
     while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
@@ -202,70 +196,8 @@ def check_out_dir(path, flag, record=None):
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:   # a file where a folder should be, no permission, a read-only file system
-        where = path if parent == os.path.abspath(path) else f'{path}: {parent}'
-        raise ConfigError(f'{flag} {where} cannot be written into ({e.strerror}): choose another '
-                          f'{flag}') from None
-
-
-def check_output(flag, path, out_dir):
-    """Refuse, before any work, an output written once the run is done that is a file of its run directory
-    out_dir (its checkpoint, its figure): the run would replace it, or it the run's. One that exists, or that
-    cannot be written, is refused by its claim when the command starts (claimed), as open() says."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(path) in RUN_FILES + ('checkpoint.pt.tmp',) and \
-            os.path.realpath(parent) == os.path.realpath(out_dir):
-        raise ConfigError(f'{flag} {path} is a file of the run directory --out-dir {out_dir}: choose '
-                          f'a path outside it, or another name')
-
-
-class Claims:
-    """The output files of one command (claimed: their (device, inode) while they are its empty claims) and the
-    folders it made for them."""
-
-    def __init__(self, flag):
-        self.flag = flag
-        self.claimed = {}         # path -> (device, inode) of its empty claim
-        self.made = []            # the folders made for them, innermost first
-
-    def take(self, path):
-        """Make `path` an empty file of this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one
-        there already is refused (a second command writing the same path)."""
-        try:
-            make_folders(os.path.dirname(os.path.abspath(path)), self.made)
-            fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except OSError as e:   # File exists: another command writing it now, or an earlier result
-            raise ConfigError(f'{self.flag} {path}: cannot write there ({e.strerror}): move what is '
-                              f'there away or choose another {self.flag}') from None
-        stat = os.fstat(fd)
-        os.close(fd)
-        self.claimed[path] = stat.st_dev, stat.st_ino
-
-    def own(self, path):
-        """Whether `path` is still this command's empty claim."""
-        try:
-            stat = os.lstat(path)
-        except OSError:
-            return False
-        return (stat.st_dev, stat.st_ino) == self.claimed[path] and stat.st_size == 0
-
-    def write(self, path, write):
-        """write(file) writes the output into a binary file: to a temporary file, renamed over the claim once whole,
-        if the claim is still this command's (refused in one line if another program took the path meanwhile); a
-        path not claimed is an earlier result it may replace (claimed's `replaces`)."""
-        if path in self.claimed and not self.own(path):
-            raise WriteError(f'{self.flag} {path} was removed or replaced while this command ran '
-                             f'(kept as it is): choose another {self.flag}')
-        with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
-            write(f)
-
-    def let_go(self):
-        """Remove the claims not written (still empty and this command's: a written one is a new file), then
-        the folders made for them."""
-        for path in self.claimed:
-            if self.own(path):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-        remove_empty(self.made)
+        raise ConfigError(f'{flag} {path} cannot be written into ({parent}: {e.strerror}): choose '
+                          f'another {flag}') from None
 
 
 def make_folders(folder, made):
@@ -289,12 +221,45 @@ def remove_empty(folders):
 @contextlib.contextmanager
 def claimed(flag, *paths, replaces=False):
     """Claims of the output files `paths` (empty ones skipped), let go of at the end; replaces: an existing file
-    may be replaced (ensemble.py's earlier result) and is not claimed."""
-    claims = Claims(flag)
+    may be replaced (ensemble.py's earlier result) and is not claimed. Each claim makes its path an empty file of
+    this command's, never opening one that exists (O_EXCL, O_NOFOLLOW): one there already is refused (a second
+    command writing the same path). Yields write(path, write_to): write_to(file) writes the output into a binary
+    file, renamed over the claim once whole, if the claim is still this command's (refused in one line if another
+    program took the path meanwhile). At the end the claims not written (still empty and this command's: a written
+    one is a new file) are removed, then the folders made for them."""
+    claims = {}   # path -> (device, inode) of its empty claim
+    made = []     # the folders made for them, innermost first
+
+    def own(path):
+        with contextlib.suppress(OSError):
+            stat = os.lstat(path)
+            return (stat.st_dev, stat.st_ino) == claims[path] and stat.st_size == 0
+        return False
+
+    def write(path, write_to):
+        if path in claims and not own(path):
+            raise WriteError(f'{flag} {path} was removed or replaced while this command ran '
+                             f'(kept as it is): choose another {flag}')
+        with replacing(path) as f:
+            write_to(f)
+
     try:
         for path in paths:
-            if path and not (replaces and os.path.isfile(path) and not os.path.islink(path)):
-                claims.take(path)
-        yield claims
+            if not path or replaces and os.path.isfile(path) and not os.path.islink(path):
+                continue
+            try:
+                make_folders(os.path.dirname(os.path.abspath(path)), made)
+                fd = no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except OSError as e:   # File exists: another command writing it now, an earlier result
+                raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror}): move what is '
+                                  f'there away or choose another {flag}') from None
+            stat = os.fstat(fd)
+            os.close(fd)
+            claims[path] = stat.st_dev, stat.st_ino
+        yield write
     finally:
-        claims.let_go()
+        for path in claims:
+            if own(path):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        remove_empty(made)

@@ -71,7 +71,7 @@ def resolve(cls, presets):
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
-    run_dir = RunDir.claim(cfg, main=rank == 0)         # the run directory, locked
+    run_dir = RunDir(cfg, main=rank == 0)               # the run directory, claimed and locked
     resumed = None
     if cfg.resume:
         with run_dir.released_on_error():               # the checkpoint to continue, checked
@@ -242,7 +242,7 @@ def one_line(e):
     log yet (an error in set-up), the file and line it was raised at."""
     how = getattr(e, 'how_to_continue', NOTHING_SAVED)
     if isinstance(e, WriteError):
-        return f'{e.what}; {how}' if hasattr(e, 'how_to_continue') else str(e)
+        return f'{e}; {how}'
     lines = str(e).strip().splitlines() or ['']
     if isinstance(e, (ConfigError, DataError, CheckpointError, FloatingPointError)):
         if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line

@@ -42,9 +42,8 @@ def check_data(plan, loader, classes):
                               f"{resumed['steps_per_epoch']}: the data or the global batch differ "
                               f"from the saved run")
         step = resumed['step']
-        evaluated = any(k != 'train' for k in resumed['metrics'])   # top-1, or MAE's mse
-        # a mid-epoch checkpoint at the end: nothing to report
-        if step > total or step == total and not evaluated:
+        # a checkpoint not evaluated at its step, at the end: nothing to report
+        if step > total or step == total and not resumed.get('evaluation'):
             raise ConfigError(f'--resume: {path} is at step {step}, not below --max-steps '
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
@@ -70,22 +69,15 @@ def class_mismatch(saved, here):
         return ''
     return f'other class names ({len(saved)}; the data has {len(here)})'
 
-def flat(d, prefix=''):
-    """(key, tensor) of every tensor in nested dicts (AdamW's state: a dict per parameter), keys joined by
-    dots."""
-    for k, v in d.items():
-        if torch.is_tensor(v):
-            yield f'{prefix}{k}', v
-        elif isinstance(v, dict):
-            yield from flat(v, f'{prefix}{k}.')
 
-
-def not_finite(state):
-    """(name, tensor) of the first floating-point tensor with a nan or inf in `state` (nested dicts: the model's,
-    the EMA's and the optimizer's state), its keys joined by dots; None if every one is finite. One host sync."""
-    tensors = [(k, v) for k, v in flat(state) if v.is_floating_point()]
-    finite = torch.stack([v.isfinite().all() for _, v in tensors]).tolist()
-    return None if all(finite) else tensors[finite.index(False)]
+def not_finite(state, prefix=''):
+    """(name, value) of each value that is not finite (nan, inf) in the floating-point tensors of `state` (nested
+    dicts: the model's, the EMA's and the optimizer's state), its keys joined by dots: the first of each tensor."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from not_finite(v, f'{prefix}{k}.')
+        elif torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all():
+            yield f'{prefix}{k}', v[~v.isfinite()].flatten()[0].item()
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -111,8 +103,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
-            average = get_ema_multi_avg_fn(cfg.ema)
-            self.ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
         self.step, self.metrics, self.trained_s = 0, {}, 0.0
         self.saved_step = None    # the step of the checkpoint on disk, if any
         if plan.resumed:
@@ -138,13 +130,8 @@ class Run:
         model, the processes, the schedule (full: its steps)."""
         cfg = self.cfg
         plan = self.plan
-        saved = {'saved': plan.resumed['config']} if plan.resumed else {}
-        last = None   # at an epoch's end, evaluated there: the record metrics.jsonl must hold
-        if self.step % self.steps_per_epoch == 0 and set(self.metrics) - {'train'}:
-            last = {'epoch': self.step / self.steps_per_epoch, 'step': self.step,
-                    'time': self.trained_s, **self.metrics}
-        record = {**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world, **saved}
-        plan.run_dir.begin(record, self.saved_step, last)
+        record = {**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world}
+        plan.run_dir.begin(record, plan.resumed)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         on = f'{plan.world} process(es) on {plan.device}'
         if dist.is_initialized():
@@ -216,29 +203,28 @@ class Run:
         model = self.model.state_dict()
         ema = self.ema.state_dict() if self.ema else None
         opt = self.opt.state_dict()
-        broken = not_finite({'model': model, 'ema': ema, 'optimizer': opt['state']})
-        if broken:
-            name, v = broken
-            self.diverged(v[~v.isfinite()].flatten()[0].item(), name)
+        for name, value in not_finite({'model': model, 'ema': ema, 'optimizer': opt['state']}):
+            self.diverged(value, name)   # raises: the first stops the run
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
         # and on a GPU the CUDA generator's (drop-path and MAE's masks draw from it there)
         cuda = self.plan.device.type == 'cuda'
-        cuda_state = torch.cuda.get_rng_state(self.plan.device) if cuda else None
-        states = [(torch.get_rng_state(), cuda_state)] * self.plan.world
+        gpu = torch.cuda.get_rng_state(self.plan.device) if cuda else None
+        states = [(torch.get_rng_state(), gpu)] * self.plan.world
         if self.plan.world > 1:
             dist.all_gather_object(states, states[0])
-        rng = [cpu for cpu, _ in states]
         self.plan.run_dir.save({
             'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
             'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
-            'optimizer': opt,
-            'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics, 'rng': rng,
-            'cuda_rng': [state for _, state in states] if cuda else None,
+            'optimizer': opt, 'evaluation': self.record,   # metrics.jsonl's record of this step
+            'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics,
+            'rng': [cpu for cpu, _ in states],
+            'cuda_rng': [gpu for _, gpu in states] if cuda else None,
             'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
             'time': self.seconds(), 'classes': self.classes, **self.extra})
-        # after its checkpoint: a run killed in between has an evaluation no checkpoint holds
+        # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
+        # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
-            self.plan.run_dir.add_metrics(self.record)
+            self.plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
 

@@ -39,15 +39,19 @@ import torch
 from util.checkpoints import read_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, flag
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
-                        read_json, read_jsonl, read_lines, remove_empty, replacing, set_aside,
-                        write_json, write_text)
+                        read_json, read_jsonl, remove_empty, replacing, set_aside, write_json,
+                        write_text)
 
 
 class RunDir:
-    """The directory of one run: claim() refuses what cannot be used and locks it; log() holds the run's lines until
-    begin() writes config.json; add_metrics() and save() write its files whole; `with` lets it go at the end."""
+    """The directory of one run, claimed when it is made (RunDir(cfg, main)): what cannot be used is refused and it
+    is locked; log() holds the run's lines until begin() writes config.json; keep_metrics() and save() write its
+    files whole; `with` lets it go at the end."""
 
     def __init__(self, cfg, main):
+        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
+        until release: a folder that cannot be written is refused there, by open()), one that holds another
+        program's files, a run this one may not write over, and a run that would replace its own inputs."""
         self.cfg = cfg
         self.main = main                # the process that writes (rank 0)
         self.path = cfg.out_dir
@@ -56,17 +60,6 @@ class RunDir:
         self.begun = False
         self.made = []                  # the folders this command made, innermost first
         self.lock = None                # .lock's file descriptor while this process holds it
-
-    def file(self, name):
-        """The path of the run's file `name`."""
-        return os.path.join(self.path, name)
-
-    @classmethod
-    def claim(cls, cfg, main):
-        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
-        until release: a folder that cannot be written is refused there, by open()), one that holds another
-        program's files, a run this one may not write over, and a run that would replace its own inputs."""
-        self = cls(cfg, main)
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         try:
@@ -78,13 +71,16 @@ class RunDir:
             if main:
                 self.take_lock()
             self.refuse_overwrite()
-        return self
+
+    def file(self, name):
+        """The path of the run's file `name`."""
+        return os.path.join(self.path, name)
 
     def refuse_overwrite(self):
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
         begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
         --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
-        No run deletes or replaces a file it reads (cfg.INPUTS)."""
+        No run deletes or replaces a file it reads, or writes one of them once done (cfg.INPUTS)."""
         cfg = self.cfg
         a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
         if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
@@ -95,15 +91,16 @@ class RunDir:
             path = getattr(cfg, field)
             if path and os.path.realpath(path) in ours:
                 raise ConfigError(f'{flag(field)} {path} is a file of --out-dir {self.path}, which '
-                                  f'this run deletes or replaces: copy it elsewhere and name the copy, '
-                                  f'or choose another --out-dir')
+                                  f'this run deletes or replaces: name a path outside it (for a '
+                                  f'file it reads, a copy) or choose another --out-dir')
         if cfg.resume or cfg.overwrite:
             return
         if os.path.exists(self.checkpoint):
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
                               f'or choose another --out-dir (--overwrite true deletes it)')
         # results kept without their checkpoint
-        if os.path.exists(self.file('done.json')) or read_lines(self.file('metrics.jsonl')):
+        evaluated = read_jsonl(self.file('metrics.jsonl'), 'move it away')
+        if os.path.exists(self.file('done.json')) or evaluated:
             raise ConfigError(f'{self.path} holds a finished run (done.json, or evaluations in '
                               f'metrics.jsonl without a checkpoint): choose another --out-dir, or '
                               f'pass --overwrite true to delete it and start afresh')
@@ -183,39 +180,38 @@ class RunDir:
         if self.begun:
             add_to_log(self.file('log.txt'), msg + '\n')
         else:
-            self.pending.append(msg)
+            self.pending.append(msg + '\n')
 
-    def begin(self, record, resumed_step, last):
+    def begin(self, record, resumed):
         """config.json: `record` (every field, what made the run) with the git commit, torch version and command. A new
-        run starts afresh (deleting what --overwrite true allowed); a resume updates the fields and appends what it
-        changed (config.json rebuilt from the checkpoint if damaged), keeping the metrics up to the checkpoint's step.
-        Then log.txt gets the lines held so far."""
+        run starts afresh (deleting what --overwrite true allowed); a resume (resumed: the checkpoint it continues)
+        updates the fields and appends what it changed (config.json rebuilt from the checkpoint if damaged), keeping
+        the metrics up to the checkpoint's step. Then log.txt gets the lines held so far."""
         if not self.main:
             return
-        launch = {'git_commit': git_commit(), 'world_size': record['world_size'],
-                  'torch': torch.__version__, 'argv': sys.argv}
-        lines = ''.join(f'{line}\n' for line in self.pending)
-        if resumed_step is not None:
+        launch = {'git_commit': git_commit(), 'torch': torch.__version__, 'argv': sys.argv}
+        lines = ''.join(self.pending)
+        if resumed:
             # first: a log.txt that cannot be written (a link, a directory) changes no other file
             add_to_log(self.file('log.txt'), lines)
-            saved = record.pop('saved')
+            step = resumed['step']
             old = self.config_record()
-            if old is None and os.path.lexists(self.file('config.json')):
-                set_aside(self.file('config.json'))   # damaged: kept beside it
             if old is None:
-                old = {**saved, 'rebuilt': f'config.json was missing or unreadable at step '
-                                           f'{resumed_step}: rebuilt from the checkpoint'}
+                if os.path.lexists(self.file('config.json')):
+                    set_aside(self.file('config.json'))   # damaged: kept beside it
+                old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
+                                                       f'step {step}: rebuilt from the checkpoint'}
             # another lr was allowed once, after it: recorded with this resume
             diverged = old.pop('diverged', None)
             # the checkpoint's config is what ran: config.json may have been edited
-            saved = {**old, **saved}
+            saved = {**old, **resumed['config']}
             changed = {k: [saved.get(k), v] for k, v in record.items()
-                       if saved.get(k) != v and k not in ('attention_check', 'world_size')}
-            resume = {'step': resumed_step, **launch, 'changed': changed}
+                       if saved.get(k) != v and k != 'attention_check'}
+            resume = {'step': step, **launch, 'changed': changed}
             if diverged:
                 resume['after_divergence'] = diverged
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
-            self.keep_metrics(resumed_step, last)
+            self.keep_metrics(step, resumed.get('evaluation'))
             write_json(self.file('config.json'), record)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
@@ -239,30 +235,25 @@ class RunDir:
         return None
 
     def keep_metrics(self, step, last):
-        """Keep metrics.jsonl's records up to `step` (the checkpoint a resume starts from): a record written after
-        it, by a run stopped before its next checkpoint, is made again. last: the evaluation the checkpoint holds,
-        added where a run stopped between the two writes (Run.save)."""
+        """metrics.jsonl's records up to `step` (the checkpoint just written, or the one a resume starts from: a
+        record written after it, by a run stopped before its next checkpoint, is made again), and `last`, the
+        evaluation of that step its checkpoint holds, where it is missing (Run.save adds it so; a resume, where a
+        run stopped between the two writes). The whole file is written anew (it has one line per evaluation)."""
+        if not self.main:
+            return
         path = self.file('metrics.jsonl')
-        records = read_jsonl(path, 'move it away') if os.path.lexists(path) else []
+        records = read_jsonl(path, 'move it away')
         kept = [r for r in records if r.get('step', 0) <= step]
         if last and all(r.get('step') != step for r in kept):
             kept.append(last)
         if kept != records:
             write_text(path, ''.join(f'{json.dumps(r)}\n' for r in kept))
 
-    def add_metrics(self, record):
-        """One line of metrics.jsonl, the whole file written anew (it has one line per
-        evaluation)."""
-        if self.main:
-            path = self.file('metrics.jsonl')
-            lines = read_lines(path) + [json.dumps(record)]
-            write_text(path, ''.join(f'{line}\n' for line in lines))
-
     def save(self, state):
         """checkpoint.pt, to a temporary file, then renamed: a crash never leaves half a checkpoint.
         Written through a file object: a failed write raises OSError, which replacing makes one line."""
         if self.main:
-            with replacing(self.checkpoint) as tmp, open(tmp, 'xb', opener=no_follow) as f:
+            with replacing(self.checkpoint) as f:
                 torch.save(state, f)
 
     def record_divergence(self, what):
@@ -277,7 +268,12 @@ class RunDir:
         again, the command is told what to do with evaluations kept without it, refuse_overwrite)."""
         if not os.path.exists(self.checkpoint):
             return NOTHING_SAVED
-        return f'{self.checkpoint} holds the last checkpoint; continue with: {resume_command()}'
+        command = 'your torchrun command and --resume true'
+        if 'TORCHELASTIC_RUN_ID' not in os.environ:   # its own, with --resume true
+            argv = [a for before, a in zip([None, *sys.argv], sys.argv)
+                    if a != '--resume' and before != '--resume']
+            command = f"{shlex.join(['python', *argv])} --resume true"
+        return f'{self.checkpoint} holds the last checkpoint; continue with: {command}'
 
 
 def add_to_log(path, text):
@@ -291,7 +287,7 @@ def add_to_log(path, text):
                 f.write(text)
                 return
         data = read_bytes(path, 'move it away')
-        with replacing(path) as tmp, open(tmp, 'xb', opener=no_follow) as f:
+        with replacing(path) as f:
             f.write(data + text.encode())
     except OSError as e:
         raise cannot_write(path, e) from None
@@ -342,7 +338,7 @@ def open_resumed(cfg, run_dir, world):
                                   f'saves: it was edited or is damaged (kept as it is): put back a copy '
                                   f'of it, or start a new run in another --out-dir')
     script = ck['script']
-    if cfg.SCRIPT and script != cfg.SCRIPT:
+    if script != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
                           f'with {script} (its flags and --resume true), or start a new run in '
                           f'another --out-dir')
@@ -361,11 +357,3 @@ def open_resumed(cfg, run_dir, world):
 # the most steps (or seconds) a run counts: a float holds it exactly
 MOST = 2 ** 53
 
-
-def resume_command():
-    """The command that continues this run: its own with --resume true, or under torchrun the words to say so."""
-    if 'TORCHELASTIC_RUN_ID' in os.environ:
-        return 'your torchrun command and --resume true'
-    argv = [a for before, a in zip([None, *sys.argv], sys.argv)
-            if a != '--resume' and before != '--resume']
-    return f"{shlex.join(['python', *argv])} --resume true"
