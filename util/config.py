@@ -191,7 +191,7 @@ class TrainConfig:
         may_change = (*self.RESUMABLE, *free, 'batch_size', 'accum_steps')
         out = [f'{flag(k)} {show(saved[k])} -> {show(v)}' for k, v in asdict(self).items()
                if k not in may_change and saved[k] != v]
-        old = (saved['batch_size'], saved['accum_steps'], ckpt.get('world_size', len(ckpt['rng'])))
+        old = (saved['batch_size'], saved['accum_steps'], len(ckpt['rng']))   # one state a process
         new = (self.batch_size, self.accum_steps, world)
         if math.prod(old) != math.prod(new):
             out.append(f'global batch {math.prod(old)} (--batch-size {old[0]} x --accum-steps '

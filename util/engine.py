@@ -146,11 +146,9 @@ def lr_at(cfg, lr, epoch_float):
 
 
 def soft_cross_entropy(logits, target, smoothing):
-    """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix."""
-    if target.ndim == 1:
-        return F.cross_entropy(logits, target, label_smoothing=smoothing)
-    target = target * (1 - smoothing) + smoothing / logits.shape[-1]
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix: torch's takes both,
+    smoothing a soft target as target x (1 - smoothing) + smoothing / C."""
+    return F.cross_entropy(logits, target, label_smoothing=smoothing)
 
 
 # -----------------------------------------------------------------------------
@@ -183,8 +181,7 @@ def evaluate(predict, loader, plan):
 def autocast(plan):
     """The run's autocast: plan.dtype (None: fp32, autocast off) on plan.device (any object with the
     two)."""
-    dtype = plan.dtype or torch.float32
-    return torch.autocast(plan.device.type, dtype=dtype, enabled=plan.dtype is not None)
+    return torch.autocast(plan.device.type, dtype=plan.dtype, enabled=plan.dtype is not None)
 
 
 def seed_all(seed, rank, epoch):
