@@ -146,8 +146,8 @@ def lr_at(cfg, lr, epoch_float):
 
 
 def soft_cross_entropy(logits, target, smoothing):
-    """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix: torch's takes both,
-    smoothing a soft target as target x (1 - smoothing) + smoothing / C."""
+    """Cross-entropy with integer labels (B,) or soft targets (B, C) from MixUp / CutMix: torch's takes
+    both, smoothing a soft target as target x (1 - smoothing) + smoothing / C."""
     return F.cross_entropy(logits, target, label_smoothing=smoothing)
 
 
