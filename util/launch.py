@@ -95,7 +95,7 @@ def processes(cfg):
     device = torch.device(f'cuda:{local}' if cuda else 'cpu')
     if cuda:   # the current device is the one NCCL, pinned memory and the bf16 check use
         torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision('high')   # TF32 matmuls (convolutions: cuDNN's default)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if (world > 1 or 'TORCHELASTIC_RUN_ID' in os.environ) and not dist.is_initialized():
         dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
