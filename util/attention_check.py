@@ -102,7 +102,7 @@ def layer_part(attn, x, given, backward, compiled):
     x = x.float()
     projection = attn.v if attn.no_qk else attn.qkv
     with torch.no_grad():
-        # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads (given: layer_inputs' own dict)
+        # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads
         made = projection(x)
         with projected_as(projection, made):
             own = attn.project(x)                                           # views of made
@@ -110,7 +110,7 @@ def layer_part(attn, x, given, backward, compiled):
         scale = max(1.0, PEAK / scores(q[:1].float(), k[:1].float()).std().item())
         if own[0] is not None:
             own[0].mul_(scale)                                          # made's q third, in place
-        if 'q' in given:
+        if 'q' in given:   # given: layer_inputs' own dict, for this layer alone
             given['q'] = given['q'] * scale
     seeded = torch.Generator(x.device).manual_seed(0)
     incoming = torch.randn(x.shape, device=x.device, generator=seeded)
