@@ -352,17 +352,17 @@ def batch_op(x, op, rows, fill, mode):
     if op == 'SolarizeAdd':
         return torch.where(x < 128, (x + arg.to(torch.int16)).clamp(max=255), x).to(torch.uint8)
     other = (1.0 - rows[:, 0]).float().view(-1, 1, 1, 1)   # 1 - the factor, in float64
+    img = x.float()
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
-        out = x.float()
-        out[..., 1:-1, 1:-1] += other * (sharpness_blur(x) - out[..., 1:-1, 1:-1])
-        return out.clamp(0, 255).to(torch.uint8)
+        img[..., 1:-1, 1:-1] += other * (sharpness_blur(img) - img[..., 1:-1, 1:-1])
+        return img.clamp(0, 255).to(torch.uint8)
     if op == 'Brightness':
         degenerate = torch.zeros_like(x, dtype=torch.float32)
     else:   # Color: toward grey; Contrast: toward the grey image's mean (grey levels floored)
         degenerate = F.rgb_to_grayscale(x).float()
         if op == 'Contrast':
             degenerate = degenerate.mean((-3, -2, -1), keepdim=True)
-    return (x.float() * arg + degenerate * other).clamp(0, 255).to(torch.uint8)
+    return (img * arg + degenerate * other).clamp(0, 255).to(torch.uint8)
 
 
 def affine(x, theta, fill, mode):
@@ -396,13 +396,12 @@ def autocontrast(x):
     return ((x - torch.where(flat, 0.0, low)) / scale).clamp(0, 255).to(torch.uint8)
 
 
-def sharpness_blur(x):
-    """The interior (n, C, H - 2, W - 2) of torchvision's sharpness blur of uint8 images: 3x3, 5
-    at the centre and 1 around, over 13, rounded."""
-    kernel = torch.full((3, 3), 1 / 13, device=x.device)
+def sharpness_blur(img):
+    """The interior (n, 3, H - 2, W - 2) of torchvision's sharpness blur of images (n, 3, H, W) of
+    whole numbers in float32: 3x3, 5 at the centre and 1 around, over 13, rounded."""
+    kernel = torch.full((3, 3), 1 / 13, device=img.device)
     kernel[1, 1].fill_(5 / 13)
-    c = x.shape[1]
-    return torch.nn.functional.conv2d(x.float(), kernel.expand(c, 1, 3, 3), groups=c).round()
+    return torch.nn.functional.conv2d(img, kernel.expand(3, 1, 3, 3), groups=3).round()
 
 
 def erasing_boxes(n, size, prob, generator):
