@@ -425,7 +425,7 @@ def erasing_boxes(n, size, prob, generator):
 def erase(x, boxes, generator):
     """Normalised images x (n, C, S, S), each one's box (boxes (n, 4) on x's device) filled with
     standard normal noise drawn on the device (timm's mode 'pixel')."""
-    top, left, h, w = (b.view(-1, 1, 1, 1) for b in boxes.float().unbind(1))
+    top, left, h, w = boxes.float().T.reshape(4, -1, 1, 1, 1)            # (n, 1, 1, 1) each
     cols = torch.arange(x.shape[-1], device=x.device)                  # the rows' too (square)
     rows = cols.view(-1, 1)
     inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)   # (n, 1, S, S)
