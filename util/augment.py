@@ -371,7 +371,8 @@ def affine(x, theta, fill, mode):
     _apply_grid_transform); outside the image: fill (1, C or 1, 1, 1)."""
     n, _, h, w = x.shape
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)   # rows' too (square)
-    base = torch.stack([*torch.meshgrid(xs, xs, indexing='xy'), torch.ones(h, w, device=x.device)], -1)
+    base = torch.stack([*torch.meshgrid(xs, xs, indexing='xy'),
+                        torch.ones(h, w, device=x.device)], -1)                      # (H, W, 3)
     scale = torch.full((1, 1, 2), 0.5 * w, device=x.device)   # on the device: no copy from the host
     grid = base.view(1, h * w, 3) @ (theta.mT / scale)                             # (n, H * W, 2)
     img = x.float()
@@ -418,7 +419,8 @@ def erasing_boxes(n, size, prob, generator):
     first = fits.double().argmax(1, keepdim=True)                      # the first try that fits
     sides = torch.where(hit & fits.any(1), sides.gather(2, first.expand(2, -1, -1))[..., 0], 0.0)
     # each box's top-left corner: top, then left (one draw of 2n numbers, as two of n)
-    corner = (torch.rand(2, n, dtype=torch.float64, generator=generator) * (size - sides + 1)).floor()
+    corner = torch.rand(2, n, dtype=torch.float64, generator=generator)
+    corner = (corner * (size - sides + 1)).floor()
     return torch.cat([corner, sides]).T
 
 
