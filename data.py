@@ -36,7 +36,7 @@ import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from util.augment import BatchRandAugment, erase, erasing_boxes, group, randaugment
+from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
 from util.config import AMP, BATCH, DEPTH, SIZE, WORKERS, at_least, option
 from util.engine import autocast
 from util.errors import ConfigError, DataError
@@ -147,8 +147,7 @@ class BatchTransform:
         if self.pad:   # each image's top-left corner in the padded image
             tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
         if self.randaug:
-            for ids, rows in self.randaug.draw(n, generator):
-                op_groups, order, rows = group(ids, rows)
+            for op_groups, order, rows in self.randaug.draw(n, generator):
                 groups.append(op_groups)
                 tensors += [order, rows]
         if self.reprob:

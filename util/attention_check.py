@@ -80,11 +80,10 @@ def layer_inputs(forward, layers):
 
 
 @contextlib.contextmanager
-def projected_as(attn, out):
-    """Inside, attn's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of its result:
-    attn.project splits it into q, k, v, strided as it splits its own."""
-    hook = (attn.v if attn.no_qk else attn.qkv).register_forward_hook(
-        lambda module, args, result: out)
+def projected_as(projection, out):
+    """Inside, an attention layer's projection (qkv, or v alone in a layer without q / k) hands back `out` instead of
+    its result: the layer's project() splits it into q, k, v, strided as it splits its own."""
+    hook = projection.register_forward_hook(lambda module, args, result: out)
     try:
         yield
     finally:
@@ -101,17 +100,17 @@ def layer_part(attn, x, given, backward, compiled):
     # a copy in fp32 (a teacher's weights are stored in the run's dtype: autocast rounds them back to the same numbers)
     attn = copy.deepcopy(attn).float()
     x = x.float()
-    given = dict(given)
+    projection = attn.v if attn.no_qk else attn.qkv
     with torch.no_grad():
         # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads
-        made = (attn.v if attn.no_qk else attn.qkv)(x)
-        with projected_as(attn, made):
+        made = projection(x)
+        with projected_as(projection, made):
             own = attn.project(x)                                           # views of made
         q, k, v = handed_qkv(own, given)
         scale = max(1.0, PEAK / scores(q[:1].float(), k[:1].float()).std().item())
         if own[0] is not None:
             own[0].mul_(scale)                                          # made's q third, in place
-        if 'q' in given:
+        if 'q' in given:   # given: layer_inputs' own dict, for this layer alone
             given['q'] = given['q'] * scale
     seeded = torch.Generator(x.device).manual_seed(0)
     incoming = torch.randn(x.shape, device=x.device, generator=seeded)
@@ -125,7 +124,7 @@ def layer_part(attn, x, given, backward, compiled):
         if compiled and implementation == 'sdpa':
             # static shapes, as the model's first compilation
             layer = torch.compile(attn, dynamic=False)
-        with projected_as(attn, leaf), torch.set_grad_enabled(backward), \
+        with projected_as(projection, leaf), torch.set_grad_enabled(backward), \
                 torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = layer(x, **handed)[0]                                     # (B, N, D)
         if not backward:
@@ -145,12 +144,12 @@ def loss_part(attn, x, loss, units):
     x = x.float()
     with torch.no_grad():
         made = attn.qkv(x)                                                  # (B, N, 3D)
-        with projected_as(attn, made):
+        with projected_as(attn.qkv, made):
             scale = units(*attn.project(x))
 
     def compute(implementation, dtype):
         leaf = made.to(dtype).requires_grad_()
-        with projected_as(attn, leaf):
+        with projected_as(attn.qkv, leaf):
             q, k, v = attn.project(x)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             value = loss(q, k, v, implementation, dtype)
@@ -181,9 +180,15 @@ def check_sdpa(plan, what, parts):
     why = ''
     # eager as the run runs it differs from the definition in the run's dtype, or in fp32 on CUDA (TF32: processes())
     again = dtype != torch.float32 or plan.device.type == 'cuda'
+    # the definition without TF32 (10 mantissa bits, which processes() turns on for a run on CUDA): a TF32 definition
+    # is itself up to 1e-3 off (cuDNN's TF32 flag is for convolutions: a checked computation has none)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     for part, (compute, _, units) in parts.items():
-        with exact_fp32():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
             definition = compute('eager', torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         eager = compute('eager', dtype) if again else definition
         if not all(t.isfinite().all() for t in eager.values()):
             # fp16 maps can overflow where the fused kernels keep their sums in fp32: eager's error in bf16
@@ -223,19 +228,6 @@ def check_sdpa(plan, what, parts):
     plan.log(f'start-up check: {said}: '
              f"{'sdpa holds' if holds else 'falling back to eager (--attn-implementation auto)'}")
     return record['implementation'], record
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Inside, fp32 matrix products in fp32, not TF32 (10 mantissa bits, which processes() turns on for a run on CUDA):
-    the definition a check compares with. A TF32 definition is itself up to 1e-3 off. (cuDNN's TF32 flag is for
-    convolutions: a checked computation has none.)"""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def error(ours, definition, unit):

@@ -176,12 +176,11 @@ def randaugment(spec, fill=(128, 128, 128)):
     if not spec:
         return None
     found = re.fullmatch(r'torchvision-m(\d+)(?:-n(\d+))?', spec)
+    policy = None
     if spec.startswith('rand-'):
         policy = RandAugment(**parse_policy(spec), fill=fill)
     elif found and int(found[1]) < 31:
         policy = v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
-    else:
-        policy = None
     if policy and policy.num_ops <= MOST_OPS:
         return policy
     raise ValueError(f"--randaug '{spec}': use timm's policy string (rand-m9-mstd0.5-inc1), "
@@ -236,9 +235,9 @@ class BatchRandAugment:
         return self
 
     def draw(self, n, generator):
-        """Per op slot, (ids, rows): the op each of n images applies (an index of BATCH_OPS) and
-        its argument, a row of 6 float64 numbers (a geometric op's inverse affine matrix; else the
-        op's number, in the first column)."""
+        """Per op slot, group()'s (groups, order, rows) of the op each of n images applies (an index
+        of BATCH_OPS) and its argument, a row of 6 float64 numbers (a geometric op's inverse affine
+        matrix; else the op's number, in the first column)."""
         slots = []
         for _ in range(self.policy.num_ops):
             ids = torch.zeros(n, dtype=torch.long)
@@ -261,7 +260,7 @@ class BatchRandAugment:
                     if m is not None and signed:   # exactly -m or m
                         m = m * (1.0 - 2.0 * negative[picked].double())
                     self.put(ids, rows, picked, op, m, torchvision=True)
-            slots.append((ids, rows))
+            slots.append(group(ids, rows))
         return slots
 
     def put(self, ids, rows, picked, op, arg, torchvision=False):
@@ -328,9 +327,8 @@ class BatchRandAugment:
 def group(ids, rows):
     """(groups [(op, count)], order (m,), rows (m, 6)) of a slot's draws: the images that apply
     an op (not Identity), grouped by op."""
-    order = torch.argsort(ids, stable=True)
-    order = order[ids[order] > 0]
     counts = torch.bincount(ids, minlength=len(BATCH_OPS)).tolist()
+    order = torch.argsort(ids, stable=True)[counts[0]:]    # Identity's (id 0) first: left out
     groups = [(op, c) for op, c in zip(BATCH_OPS, counts) if c and op != 'Identity']
     return groups, order, rows[order]
 
@@ -354,29 +352,29 @@ def batch_op(x, op, rows, fill, mode):
     if op == 'SolarizeAdd':
         return torch.where(x < 128, (x + arg.to(torch.int16)).clamp(max=255), x).to(torch.uint8)
     other = (1.0 - rows[:, 0]).float().view(-1, 1, 1, 1)   # 1 - the factor, in float64
+    img = x.float()
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
-        out = x.float()
-        out[..., 1:-1, 1:-1] += other * (sharpness_blur(x) - out[..., 1:-1, 1:-1])
-        return out.clamp(0, 255).to(torch.uint8)
+        img[..., 1:-1, 1:-1] += other * (sharpness_blur(img) - img[..., 1:-1, 1:-1])
+        return img.clamp(0, 255).to(torch.uint8)
     if op == 'Brightness':
         degenerate = torch.zeros_like(x, dtype=torch.float32)
     else:   # Color: toward grey; Contrast: toward the grey image's mean (grey levels floored)
         degenerate = F.rgb_to_grayscale(x).float()
         if op == 'Contrast':
             degenerate = degenerate.mean((-3, -2, -1), keepdim=True)
-    return (x.float() * arg + degenerate * other).clamp(0, 255).to(torch.uint8)
+    return (img * arg + degenerate * other).clamp(0, 255).to(torch.uint8)
 
 
 def affine(x, theta, fill, mode):
     """uint8 images x (n, C, S, S) (BatchRandAugment's, square), each resampled by its inverse
     affine matrix theta (n, 2, 3) as torchvision's tensor kernel does (_affine_grid,
     _apply_grid_transform); outside the image: fill (1, C or 1, 1, 1)."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)   # rows' too (square)
-    ones = torch.ones(h, w, device=x.device)
-    base = torch.stack([xs.expand(h, w), xs[:, None].expand(h, w), ones], -1)   # (H, W, 3)
+    base = torch.stack([*torch.meshgrid(xs, xs, indexing='xy'),
+                        torch.ones(h, w, device=x.device)], -1)                      # (H, W, 3)
     scale = torch.full((1, 1, 2), 0.5 * w, device=x.device)   # on the device: no copy from the host
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
+    grid = base.view(1, h * w, 3) @ (theta.mT / scale)                             # (n, H * W, 2)
     img = x.float()
     img = torch.cat([img, torch.ones_like(img[:, :1])], 1)   # ones mark where the image was
     img = torch.nn.functional.grid_sample(img, grid.view(n, h, w, 2), mode=mode,
@@ -399,13 +397,12 @@ def autocontrast(x):
     return ((x - torch.where(flat, 0.0, low)) / scale).clamp(0, 255).to(torch.uint8)
 
 
-def sharpness_blur(x):
-    """The interior (n, C, H - 2, W - 2) of torchvision's sharpness blur of uint8 images: 3x3, 5
-    at the centre and 1 around, over 13, rounded."""
-    kernel = torch.full((3, 3), 1 / 13, device=x.device)
+def sharpness_blur(img):
+    """The interior (n, 3, H - 2, W - 2) of torchvision's sharpness blur of images (n, 3, H, W) of
+    whole numbers in float32: 3x3, 5 at the centre and 1 around, over 13, rounded."""
+    kernel = torch.full((3, 3), 1 / 13, device=img.device)
     kernel[1, 1].fill_(5 / 13)
-    c = x.shape[1]
-    return torch.nn.functional.conv2d(x.float(), kernel.expand(c, 1, 3, 3), groups=c).round()
+    return torch.nn.functional.conv2d(img, kernel.expand(3, 1, 3, 3), groups=3).round()
 
 
 def erasing_boxes(n, size, prob, generator):
@@ -415,25 +412,24 @@ def erasing_boxes(n, size, prob, generator):
     image is not erased."""
     hit = torch.rand(n, generator=generator) < prob
     scale = torch.empty(n, 10).uniform_(*ERASE_SCALE, generator=generator).double()
-    low, high = (math.log(r) for r in ERASE_RATIO)
-    log_ratio = torch.empty(n, 10).uniform_(low, high, generator=generator)
+    log_ratio = torch.empty(n, 10).uniform_(*map(math.log, ERASE_RATIO), generator=generator)
     area, ratio = size ** 2 * scale, log_ratio.exp().double()
-    h, w = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
-    fits = (h < size) & (w < size)
+    sides = torch.stack([(area * ratio).sqrt(), (area / ratio).sqrt()]).round()   # (2, n, 10)
+    fits = (sides < size).all(0)
     first = fits.double().argmax(1, keepdim=True)                      # the first try that fits
-    keep = (hit & fits.any(1)).double()
-    h, w = h.gather(1, first)[:, 0] * keep, w.gather(1, first)[:, 0] * keep
-    top = (torch.rand(n, dtype=torch.float64, generator=generator) * (size - h + 1)).floor()
-    left = (torch.rand(n, dtype=torch.float64, generator=generator) * (size - w + 1)).floor()
-    return torch.stack([top, left, h, w], 1)
+    sides = torch.where(hit & fits.any(1), sides.gather(2, first.expand(2, -1, -1))[..., 0], 0.0)
+    # each box's top-left corner: top, then left (one draw of 2n numbers, as two of n)
+    corner = torch.rand(2, n, dtype=torch.float64, generator=generator)
+    corner = (corner * (size - sides + 1)).floor()
+    return torch.cat([corner, sides]).T
 
 
 def erase(x, boxes, generator):
-    """Normalised images x (n, C, H, W), each one's box (boxes (n, 4) on x's device) filled with
+    """Normalised images x (n, C, S, S), each one's box (boxes (n, 4) on x's device) filled with
     standard normal noise drawn on the device (timm's mode 'pixel')."""
-    top, left, h, w = (b.view(-1, 1, 1, 1) for b in boxes.float().unbind(1))
-    rows = torch.arange(x.shape[-2], device=x.device).view(1, 1, -1, 1)
-    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, 1, -1)
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)   # (n, 1, H, W)
+    top, left, h, w = boxes.float().T.reshape(4, -1, 1, 1, 1)            # (n, 1, 1, 1) each
+    cols = torch.arange(x.shape[-1], device=x.device)                  # the rows' too (square)
+    rows = cols.view(-1, 1)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)   # (n, 1, S, S)
     noise = torch.randn(x.shape, generator=generator, device=x.device)
     return torch.where(inside, noise, x)
