@@ -15,7 +15,6 @@ gathered and augmented there (TensorBatches); a folder's images are read one at 
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
 data.py says which data set is which, and how it is augmented.
 """
-import contextlib
 import os
 import pathlib
 import signal
@@ -89,7 +88,6 @@ class TensorBatches:
         self.images = dataset.images
         self.labels = dataset.labels
         self.transform = dataset.transform                    # its constants where the images are
-        self.generator = torch.Generator(self.images.device)  # erasing's noise, there too
 
     def __len__(self):
         n = len(self.sampler)
@@ -100,6 +98,7 @@ class TensorBatches:
         epoch = keys[0][0] if keys else 0
         positions = np.array([i for _, i in keys], dtype=np.uint64)
         seeds = image_seed(self.seed, epoch, positions)
+        index = self.index[torch.from_numpy(positions.astype(np.int64))]   # where each is held
         first = None
         if self.transform.hflip > 0:                          # the whole epoch's flips, at once
             first = first_uniform(seeds)
@@ -108,38 +107,30 @@ class TensorBatches:
             part = slice(b * self.batch_size, (b + 1) * self.batch_size)
             key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
             step = int(key.generate_state(1, np.uint64)[0])
-            yield self.batch(torch.from_numpy(positions[part].astype(np.int64)), seeds[part],
-                             None if first is None else first[part], step)
+            yield self.batch(index[part], seeds[part], None if first is None else first[part], step)
 
-    def batch(self, positions, seeds, first, step):
-        """(images, labels) of one batch: positions (B,) in the data set, each image's seed and
-        first draw, the batch's seed."""
-        index = self.index[positions]
+    def batch(self, index, seeds, first, step):
+        """(images, labels) of one batch: index (B,) where its images are held, each image's seed
+        and first draw, the batch's seed. On the host, its ops run on one thread: each is small,
+        and its threads would wait at every op for a core the training step (or anything else on
+        the machine) holds (on 2 shared cores, Fashion-MNIST's batches came 15x faster)."""
         host = torch.Generator().manual_seed(step)
-        tensors, groups = self.transform.draw(len(positions), host, first, seeds)
-        index, *tensors = send([index, *tensors], self.images.device)
+        tensors, groups = self.transform.draw(len(index), host, first, seeds)
+        held = self.images.device
+        index, *tensors = send([index, *tensors], held)
         index = index.long()
-        self.generator.manual_seed(step)
-        with one_thread(self.images.device):
-            x = self.transform.apply(self.images[index], tensors, groups, self.generator)
+        threads = torch.get_num_threads()
+        if held.type == 'cpu':
+            torch.set_num_threads(1)
+        try:   # erasing's noise drawn where the images are
+            x = self.transform.apply(self.images[index], tensors, groups,
+                                     torch.Generator(held).manual_seed(step))
             y = self.labels[index]
+        finally:
+            torch.set_num_threads(threads)
         if x.device.type == 'cpu' and self.device.type == 'cuda':
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-@contextlib.contextmanager
-def one_thread(device):
-    """On the host, a batch's ops on one thread: each is small, and its threads would wait at every
-    op for a core the training step (or anything else on the machine) holds (on 2 shared cores,
-    Fashion-MNIST's batches came 15x faster)."""
-    threads = torch.get_num_threads()
-    if device.type == 'cpu':
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def send(tensors, device):
