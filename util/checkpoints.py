@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 import zipfile
+from collections import Counter
 
 import torch
 import torchvision.models as tvm
@@ -124,10 +125,9 @@ def check_records(infos, size):
     copy, another the other: two files in one, one SHA-256) or a record declared out of proportion to the file
     (torch stores tensors uncompressed and deflates code a few times at most: a 0.4 MB archive whose code
     inflates to 120 MB is none of torch's)."""
-    names = [i.filename for i in infos]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise zipfile.BadZipFile(f'it has two records named {twice}')
+    twice = [name for name, n in Counter(i.filename for i in infos).items() if n > 1]
+    if twice:
+        raise zipfile.BadZipFile(f'it has two records named {twice[0]}')
     most = RECORD_SCALE * max(size, 2 ** 20)
     big = next((i for i in infos if i.file_size > most), None)
     if big:

@@ -270,11 +270,9 @@ def fashion_mnist(data_dir, train, transform):
     a DataError naming it, never completed from another's (test images from one, training images from another)."""
     dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
     for d in dirs:
-        found = {}
-        for stem in FASHION_MNIST_FILES:   # stem, else stem.gz
-            for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem)):
-                if os.path.isfile(path):
-                    found[stem] = path
+        found = {stem: path for stem in FASHION_MNIST_FILES   # stem, else stem.gz
+                 for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem))
+                 if os.path.isfile(path)}
         if len(found) == 4:
             break
         if found:

@@ -176,7 +176,7 @@ def convert(sd):
     return sd, extra
 
 
-def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
+def resize_pos_embed(pos_embed, grid, how):
     """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token kept, the g x g patch positions interpolated
     bicubic as `how` says (a family's official code: pretrained.PosEmbedResize), in float32."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
