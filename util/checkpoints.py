@@ -303,10 +303,8 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
     # kept where the file has none
-    for k in list(sd):
-        adapted = k.startswith(('head.', 'norm.', 'fc_norm.'))
-        if adapted and (k not in own or sd[k].shape != own[k].shape):
-            del sd[k]
+    sd = {k: v for k, v in sd.items() if not k.startswith(('head.', 'norm.', 'fc_norm.'))
+          or (k in own and v.shape == own[k].shape)}
     for k in own:
         if k.startswith(('head.', 'fc_norm.')) and k not in sd:
             sd[k] = own[k]

@@ -103,34 +103,30 @@ class TensorBatches:
         if self.transform.hflip > 0:                          # the whole epoch's flips, at once
             first = first_uniform(seeds)
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
+        held = self.images.device
         for b in range(len(self)):
             part = slice(b * self.batch_size, (b + 1) * self.batch_size)
             key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
-            step = int(key.generate_state(1, np.uint64)[0])
-            yield self.batch(index[part], seeds[part], None if first is None else first[part], step)
-
-    def batch(self, index, seeds, first, step):
-        """(images, labels) of one batch: index (B,) where its images are held, each image's seed
-        and first draw, the batch's seed. On the host, its ops run on one thread: each is small,
-        and its threads would wait at every op for a core the training step (or anything else on
-        the machine) holds (on 2 shared cores, Fashion-MNIST's batches came 15x faster)."""
-        host = torch.Generator().manual_seed(step)
-        tensors, groups = self.transform.draw(len(index), host, first, seeds)
-        held = self.images.device
-        index, *tensors = send([index, *tensors], held)
-        index = index.long()
-        threads = torch.get_num_threads()
-        if held.type == 'cpu':
-            torch.set_num_threads(1)
-        try:   # erasing's noise drawn where the images are
-            x = self.transform.apply(self.images[index], tensors, groups,
-                                     torch.Generator(held).manual_seed(step))
-            y = self.labels[index]
-        finally:
-            torch.set_num_threads(threads)
-        if x.device.type == 'cpu' and self.device.type == 'cuda':
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            step = int(key.generate_state(1, np.uint64)[0])   # the batch's seed
+            host = torch.Generator().manual_seed(step)
+            tensors, groups = self.transform.draw(len(seeds[part]), host,
+                                                  None if first is None else first[part], seeds[part])
+            at, *tensors = send([index[part], *tensors], held)
+            # on the host, on one thread: each op is small, and its threads would wait at every op
+            # for a core the training step (or anything else) holds (on 2 shared cores,
+            # Fashion-MNIST's batches came 15x faster)
+            threads = torch.get_num_threads()
+            if held.type == 'cpu':
+                torch.set_num_threads(1)
+            try:   # erasing's noise drawn where the images are
+                x = self.transform.apply(self.images[at.long()], tensors, groups,
+                                         torch.Generator(held).manual_seed(step))
+                y = self.labels[at.long()]
+            finally:
+                torch.set_num_threads(threads)
+            if held.type == 'cpu' and self.device.type == 'cuda':
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def send(tensors, device):
@@ -385,10 +381,8 @@ class ClassFolder(torchvision.datasets.ImageFolder):
             for root, f, real in sorted(found):   # torchvision's order: by folder, then by name
                 path = os.path.join(root, f)
                 # its real path from its folder's: one lstat a file, not one a part of its path
-                where = os.path.join(real, f)
-                if os.path.islink(path):
-                    where = os.path.realpath(path)
-                once(path, where, seen)
+                once(path, os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f),
+                     seen)
                 samples.append((path, class_to_idx[name]))
         if empty:
             raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "
