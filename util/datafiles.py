@@ -290,8 +290,8 @@ def fashion_mnist(data_dir, train, transform):
     if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
-    classes = torchvision.datasets.FashionMNIST.classes
-    return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
+    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
+                        os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------
