@@ -183,8 +183,7 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
-    if saved:
-        heads_of(ckpt, source, saved.get('embed_dim'), num_heads, flag)   # a stated count agrees
+    if saved:   # a stated head count is compared with it where it is loaded (check_arch)
         return dict(saved)
     sd, components = _converted(ckpt)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
@@ -245,12 +244,12 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def check_arch(model, ckpt, sd, source, num_heads, flag):
-    """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
-    without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
-    model's: heads matter though no tensor shape shows them (its other fields show in its tensors' names and shapes:
-    load_state_dict checks them)."""
-    saved = recorded(ckpt) or {
-        'num_heads': heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)}
+    """Refuse a checkpoint whose heads (heads_of: num_heads as stated with `flag`, refused where its record or
+    family says otherwise; sd: its state dict) or, with a record (this project's checkpoints have one), whose
+    recorded 'arch' is not the model's: heads matter though no tensor shape shows them (its other fields show in its
+    tensors' names and shapes: load_state_dict checks them)."""
+    heads = heads_of(ckpt, source, sd['patch_embed.proj.weight'].shape[0], num_heads, flag)
+    saved = recorded(ckpt) or {'num_heads': heads}
     if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
         raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
                               f"its own in layers {saved['no_qk_layers']} and runs only with its "
