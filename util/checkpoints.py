@@ -187,7 +187,7 @@ def arch_of(ckpt, source, num_heads, flag):
         return dict(saved)
     sd, components = _converted(ckpt)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
-    dim = sd['pos_embed'].shape[-1]
+    dim = conv.shape[0]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
@@ -296,7 +296,7 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
         raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or "
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
+    if 'pos_embed' in sd:   # to the model's grid (one already on it is kept as it is)
         _, how, _ = family(source, ckpt)   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token

@@ -99,9 +99,8 @@ class TensorBatches:
         positions = np.array([i for _, i in keys], dtype=np.uint64)
         seeds = image_seed(self.seed, epoch, positions)
         index = self.index[torch.from_numpy(positions.astype(np.int64))]   # where each is held
-        first = None
-        if self.transform.hflip > 0:                          # the whole epoch's flips, at once
-            first = first_uniform(seeds)
+        # the whole epoch's flips, at once
+        first = first_uniform(seeds) if self.transform.hflip > 0 else None
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
         held = self.images.device
         for b in range(len(self)):
@@ -219,11 +218,11 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device(
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
         return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
-    generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
     return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
                       drop_last=train, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
-                      worker_init_fn=quiet_on_stop, generator=generator)
+                      worker_init_fn=quiet_on_stop,
+                      generator=torch.Generator().manual_seed(cfg.seed))   # the global RNG left alone
 
 
 def quiet_on_stop(worker_id):
