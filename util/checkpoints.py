@@ -70,7 +70,7 @@ def read_file(path):
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
     be read as a weight). Otherwise one UnreadableFile line naming the file, with torch's own words for what it
-    found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
+    found. An architecture record is refused where it is built (vit_of) or compared (load_weights)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         script = False
@@ -183,7 +183,7 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
-    if saved:   # a stated head count is compared with it where it is loaded (check_arch)
+    if saved:   # a stated head count is compared with it where it is loaded (load_weights)
         return dict(saved)
     sd, components = _converted(ckpt)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
@@ -243,25 +243,6 @@ def family(source, ckpt):
 ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
-def check_arch(model, ckpt, sd, source, num_heads, flag):
-    """Refuse a checkpoint whose heads (heads_of: num_heads as stated with `flag`, refused where its record or
-    family says otherwise; sd: its state dict) or, with a record (this project's checkpoints have one), whose
-    recorded 'arch' is not the model's: heads matter though no tensor shape shows them (its other fields show in its
-    tensors' names and shapes: load_state_dict checks them)."""
-    heads = heads_of(ckpt, source, sd['patch_embed.proj.weight'].shape[0], num_heads, flag)
-    saved = recorded(ckpt) or {'num_heads': heads}
-    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
-                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
-                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
-                              f"an --init")
-    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
-            if k not in ADAPTED and model.arch.get(k) != v]
-    if diff:
-        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
-                              f"{', '.join(diff)}")
-
-
 def vit_of(arch, source):
     """VisionTransformer(**arch), or CheckpointError naming `source` and what VisionTransformer refused: the
     architecture a checkpoint records, with the fields its caller changes (another image size, say)."""
@@ -280,7 +261,20 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
     the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
-    check_arch(model, ckpt, sd, source, num_heads, flag)
+    # heads matter though no tensor shape shows them; a record's fields not ADAPTED must be the
+    # model's too (the rest shows in the tensors' names and shapes: load_state_dict checks it)
+    heads = heads_of(ckpt, source, sd['patch_embed.proj.weight'].shape[0], num_heads, flag)
+    saved = recorded(ckpt) or {'num_heads': heads}
+    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
+                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
+                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
+                              f"an --init")
+    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+            if k not in ADAPTED and model.arch.get(k) != v]
+    if diff:
+        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
+                              f"{', '.join(diff)}")
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word
