@@ -88,9 +88,8 @@ def read_file(path):
             # torch's notes on formats: what is wrong is said below, in one line
             with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except ArchiveRefused as e:
-        what, fix = e.args
-        raise UnreadableFile(f'{unreadable}: {what}', fix) from None
+    except ArchiveRefused as e:   # args: what it holds, the fix
+        raise UnreadableFile(f'{unreadable}: {e.args[0]}', e.args[1]) from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
         raise UnreadableFile(f'{unreadable}: it is damaged ({e})',
                              'copy or download it again') from None
