@@ -108,8 +108,8 @@ class TensorBatches:
             key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
             step = int(key.generate_state(1, np.uint64)[0])   # the batch's seed
             host = torch.Generator().manual_seed(step)
-            tensors, groups = self.transform.draw(len(seeds[part]), host,
-                                                  None if first is None else first[part], seeds[part])
+            tensors, groups = self.transform.draw(
+                len(seeds[part]), host, None if first is None else first[part], seeds[part])
             at, *tensors = send([index[part], *tensors], held)
             # on the host, on one thread: each op is small, and its threads would wait at every op
             # for a core the training step (or anything else) holds (on 2 shared cores,
@@ -218,11 +218,11 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device(
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
         return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
+    generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
     return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
                       drop_last=train, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
-                      worker_init_fn=quiet_on_stop,
-                      generator=torch.Generator().manual_seed(cfg.seed))   # the global RNG left alone
+                      worker_init_fn=quiet_on_stop, generator=generator)
 
 
 def quiet_on_stop(worker_id):
