@@ -6,6 +6,7 @@ import torchvision
 from conftest import blocks_run
 from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights
 from util.checkpoints import read_checkpoint, resize_pos_embed
+from util.pretrained import AS_DEIT
 from vit import IMPLEMENTATIONS, VisionTransformer, create_model, set_attn_implementation
 
 
@@ -86,10 +87,10 @@ def test_position_embedding_is_resized(tmp_path):
     big = load_weights(VisionTransformer(**{**SMALL, 'img_size': 64}), *read(tmp_path / 'm.pth'), num_heads=4)
     assert big.pos_embed.shape == (1, 1 + 64, 64)
     assert torch.equal(big.pos_embed[:, 0], m.pos_embed[:, 0])          # class token position kept
-    assert torch.equal(resize_pos_embed(m.pos_embed, 4), m.pos_embed)    # same grid: untouched
+    assert torch.equal(resize_pos_embed(m.pos_embed, 4, AS_DEIT), m.pos_embed)    # same grid: untouched
     # a constant field stays constant under interpolation
     flat = torch.ones(1, 17, 8)
-    assert torch.allclose(resize_pos_embed(flat, 6), torch.ones(1, 37, 8), atol=1e-5)
+    assert torch.allclose(resize_pos_embed(flat, 6, AS_DEIT), torch.ones(1, 37, 8), atol=1e-5)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):

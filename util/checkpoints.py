@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 import zipfile
+from collections import Counter
 
 import torch
 import torchvision.models as tvm
@@ -69,7 +70,7 @@ def read_file(path):
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
     be read as a weight). Otherwise one UnreadableFile line naming the file, with torch's own words for what it
-    found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
+    found. An architecture record is refused where it is built (vit_of) or compared (load_weights)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         script = False
@@ -87,9 +88,8 @@ def read_file(path):
             # torch's notes on formats: what is wrong is said below, in one line
             with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except ArchiveRefused as e:
-        what, fix = e.args
-        raise UnreadableFile(f'{unreadable}: {what}', fix) from None
+    except ArchiveRefused as e:   # args: what it holds, the fix
+        raise UnreadableFile(f'{unreadable}: {e.args[0]}', e.args[1]) from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
         raise UnreadableFile(f'{unreadable}: it is damaged ({e})',
                              'copy or download it again') from None
@@ -124,10 +124,9 @@ def check_records(infos, size):
     copy, another the other: two files in one, one SHA-256) or a record declared out of proportion to the file
     (torch stores tensors uncompressed and deflates code a few times at most: a 0.4 MB archive whose code
     inflates to 120 MB is none of torch's)."""
-    names = [i.filename for i in infos]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise zipfile.BadZipFile(f'it has two records named {twice}')
+    twice = [name for name, n in Counter(i.filename for i in infos).items() if n > 1]
+    if twice:
+        raise zipfile.BadZipFile(f'it has two records named {twice[0]}')
     most = RECORD_SCALE * max(size, 2 ** 20)
     big = next((i for i in infos if i.file_size > most), None)
     if big:
@@ -183,12 +182,11 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
-    if saved:
-        heads_of(ckpt, source, saved.get('embed_dim'), num_heads, flag)   # a stated count agrees
+    if saved:   # a stated head count is compared with it where it is loaded (load_weights)
         return dict(saved)
     sd, components = _converted(ckpt)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
-    dim = sd['pos_embed'].shape[-1]
+    dim = conv.shape[0]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
@@ -244,25 +242,6 @@ def family(source, ckpt):
 ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
-def check_arch(model, ckpt, sd, source, num_heads, flag):
-    """Refuse a checkpoint whose recorded 'arch' (this project's checkpoints have one) is another model's, or,
-    without a record, whose heads (heads_of: num_heads as stated with `flag`; sd: its state dict) are not the
-    model's: heads matter though no tensor shape shows them (its other fields show in its tensors' names and shapes:
-    load_state_dict checks them)."""
-    saved = recorded(ckpt) or {
-        'num_heads': heads_of(ckpt, source, sd['pos_embed'].shape[-1], num_heads, flag)}
-    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
-        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
-                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
-                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
-                              f"an --init")
-    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
-            if k not in ADAPTED and model.arch.get(k) != v]
-    if diff:
-        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
-                              f"{', '.join(diff)}")
-
-
 def vit_of(arch, source):
     """VisionTransformer(**arch), or CheckpointError naming `source` and what VisionTransformer refused: the
     architecture a checkpoint records, with the fields its caller changes (another image size, say)."""
@@ -281,7 +260,20 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
     the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
     sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
-    check_arch(model, ckpt, sd, source, num_heads, flag)
+    # heads matter though no tensor shape shows them; a record's fields not ADAPTED must be the
+    # model's too (the rest shows in the tensors' names and shapes: load_state_dict checks it)
+    heads = heads_of(ckpt, source, sd['patch_embed.proj.weight'].shape[0], num_heads, flag)
+    saved = recorded(ckpt) or {'num_heads': heads}
+    if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
+        raise CheckpointError(f"'{source}' is an attention-copy student: it has no attention of "
+                              f"its own in layers {saved['no_qk_layers']} and runs only with its "
+                              f"teacher (attention_copy.load_copy_model); it cannot be a teacher or "
+                              f"an --init")
+    diff = [f'{k} {v!r} (here {model.arch.get(k)!r})' for k, v in saved.items()
+            if k not in ADAPTED and model.arch.get(k) != v]
+    if diff:
+        raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
+                              f"{', '.join(diff)}")
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word
@@ -297,16 +289,14 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
         raise CheckpointError(f"'{source}' holds weights that are not finite ({broken} has nan or "
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
+    if 'pos_embed' in sd:   # to the model's grid (one already on it is kept as it is)
         _, how, _ = family(source, ckpt)   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
     # kept where the file has none
-    for k in list(sd):
-        adapted = k.startswith(('head.', 'norm.', 'fc_norm.'))
-        if adapted and (k not in own or sd[k].shape != own[k].shape):
-            del sd[k]
+    sd = {k: v for k, v in sd.items() if not k.startswith(('head.', 'norm.', 'fc_norm.'))
+          or (k in own and v.shape == own[k].shape)}
     for k in own:
         if k.startswith(('head.', 'fc_norm.')) and k not in sd:
             sd[k] = own[k]

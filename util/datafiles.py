@@ -15,7 +15,6 @@ gathered and augmented there (TensorBatches); a folder's images are read one at 
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
 data.py says which data set is which, and how it is augmented.
 """
-import contextlib
 import os
 import pathlib
 import signal
@@ -89,7 +88,6 @@ class TensorBatches:
         self.images = dataset.images
         self.labels = dataset.labels
         self.transform = dataset.transform                    # its constants where the images are
-        self.generator = torch.Generator(self.images.device)  # erasing's noise, there too
 
     def __len__(self):
         n = len(self.sampler)
@@ -100,46 +98,34 @@ class TensorBatches:
         epoch = keys[0][0] if keys else 0
         positions = np.array([i for _, i in keys], dtype=np.uint64)
         seeds = image_seed(self.seed, epoch, positions)
-        first = None
-        if self.transform.hflip > 0:                          # the whole epoch's flips, at once
-            first = first_uniform(seeds)
+        index = self.index[torch.from_numpy(positions.astype(np.int64))]   # where each is held
+        # the whole epoch's flips, at once
+        first = first_uniform(seeds) if self.transform.hflip > 0 else None
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
+        held = self.images.device
         for b in range(len(self)):
             part = slice(b * self.batch_size, (b + 1) * self.batch_size)
             key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
-            step = int(key.generate_state(1, np.uint64)[0])
-            yield self.batch(torch.from_numpy(positions[part].astype(np.int64)), seeds[part],
-                             None if first is None else first[part], step)
-
-    def batch(self, positions, seeds, first, step):
-        """(images, labels) of one batch: positions (B,) in the data set, each image's seed and
-        first draw, the batch's seed."""
-        index = self.index[positions]
-        host = torch.Generator().manual_seed(step)
-        tensors, groups = self.transform.draw(len(positions), host, first, seeds)
-        index, *tensors = send([index, *tensors], self.images.device)
-        index = index.long()
-        self.generator.manual_seed(step)
-        with one_thread(self.images.device):
-            x = self.transform.apply(self.images[index], tensors, groups, self.generator)
-            y = self.labels[index]
-        if x.device.type == 'cpu' and self.device.type == 'cuda':
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-@contextlib.contextmanager
-def one_thread(device):
-    """On the host, a batch's ops on one thread: each is small, and its threads would wait at every
-    op for a core the training step (or anything else on the machine) holds (on 2 shared cores,
-    Fashion-MNIST's batches came 15x faster)."""
-    threads = torch.get_num_threads()
-    if device.type == 'cpu':
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+            step = int(key.generate_state(1, np.uint64)[0])   # the batch's seed
+            host = torch.Generator().manual_seed(step)
+            tensors, groups = self.transform.draw(
+                len(seeds[part]), host, None if first is None else first[part], seeds[part])
+            at, *tensors = send([index[part], *tensors], held)
+            # on the host, on one thread: each op is small, and its threads would wait at every op
+            # for a core the training step (or anything else) holds (on 2 shared cores,
+            # Fashion-MNIST's batches came 15x faster)
+            threads = torch.get_num_threads()
+            if held.type == 'cpu':
+                torch.set_num_threads(1)
+            try:   # erasing's noise drawn where the images are
+                x = self.transform.apply(self.images[at.long()], tensors, groups,
+                                         torch.Generator(held).manual_seed(step))
+                y = self.labels[at.long()]
+            finally:
+                torch.set_num_threads(threads)
+            if held.type == 'cpu' and self.device.type == 'cuda':
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def send(tensors, device):
@@ -279,11 +265,9 @@ def fashion_mnist(data_dir, train, transform):
     a DataError naming it, never completed from another's (test images from one, training images from another)."""
     dirs = [data_dir, os.path.join(data_dir, 'FashionMNIST', 'raw'), FASHION_MNIST_SYSTEM_DIR]
     for d in dirs:
-        found = {}
-        for stem in FASHION_MNIST_FILES:   # stem, else stem.gz
-            for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem)):
-                if os.path.isfile(path):
-                    found[stem] = path
+        found = {stem: path for stem in FASHION_MNIST_FILES   # stem, else stem.gz
+                 for path in (os.path.join(d, stem + '.gz'), os.path.join(d, stem))
+                 if os.path.isfile(path)}
         if len(found) == 4:
             break
         if found:
@@ -305,8 +289,8 @@ def fashion_mnist(data_dir, train, transform):
     if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
-    classes = torchvision.datasets.FashionMNIST.classes
-    return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
+    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
+                        os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------
@@ -396,10 +380,8 @@ class ClassFolder(torchvision.datasets.ImageFolder):
             for root, f, real in sorted(found):   # torchvision's order: by folder, then by name
                 path = os.path.join(root, f)
                 # its real path from its folder's: one lstat a file, not one a part of its path
-                where = os.path.join(real, f)
-                if os.path.islink(path):
-                    where = os.path.realpath(path)
-                once(path, where, seen)
+                once(path, os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f),
+                     seen)
                 samples.append((path, class_to_idx[name]))
         if empty:
             raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "

@@ -176,7 +176,7 @@ def convert(sd):
     return sd, extra
 
 
-def resize_pos_embed(pos_embed, grid, how=AS_DEIT):
+def resize_pos_embed(pos_embed, grid, how):
     """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the class token kept, the g x g patch positions interpolated
     bicubic as `how` says (a family's official code: pretrained.PosEmbedResize), in float32."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
@@ -218,11 +218,6 @@ class ArchiveRefused(ValueError):
 # the fix of an archive whose code would run
 AS_WEIGHTS = 'ask for its weights saved with torch.save(model.state_dict(), path)'
 
-STORAGES = {f'{name}Storage': getattr(torch, dtype) for name, dtype in (
-    ('Float', 'float32'), ('Double', 'float64'), ('Half', 'float16'), ('BFloat16', 'bfloat16'),
-    ('ComplexFloat', 'complex64'), ('ComplexDouble', 'complex128'), ('Byte', 'uint8'),
-    ('Char', 'int8'), ('Short', 'int16'), ('Int', 'int32'), ('Long', 'int64'), ('Bool', 'bool'))}
-
 
 class Record:
     """A TorchScript object, inert: `state` is what was pickled for it; its class (declared) says whether it is a
@@ -254,7 +249,11 @@ GLOBALS = {
     **{('torch.jit._pickle', name): same
        for name in ('build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist',
                     'restore_type_tag')},
-    **{('torch', name): dtype for name, dtype in STORAGES.items()},
+    **{('torch', f'{name}Storage'): getattr(torch, dtype) for name, dtype in (
+        ('Float', 'float32'), ('Double', 'float64'), ('Half', 'float16'),
+        ('BFloat16', 'bfloat16'), ('ComplexFloat', 'complex64'), ('ComplexDouble', 'complex128'),
+        ('Byte', 'uint8'), ('Char', 'int8'), ('Short', 'int16'), ('Int', 'int32'),
+        ('Long', 'int64'), ('Bool', 'bool'))},
 }
 
 
@@ -320,23 +319,20 @@ def read_archive(path):
         with archive.open(f'{root}/data.pkl') as f:
             top = ArchiveUnpickler(f, archive, root).load()
     state = {}
-    if is_module(top):   # else no state dict, refused where it is read
-        collect(top, '', state)
+    collect(top, '', state)   # none if it is no module: no state dict, refused where it is read
     return state
-
-
-def is_module(value):
-    return isinstance(value, Record) and value.is_module and isinstance(value.state, dict)
 
 
 def collect(module, prefix, state):
     """Add a module's parameters, then its buffers, then its submodules' (each in its attributes' order), as
     nn.Module.state_dict does; an unset one (None: a Linear without bias) is left out there too. One that is no
-    tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict)."""
+    tensor is refused where the state dict is read (util/checkpoints.py: it holds no state dict). A value that is
+    no module adds nothing."""
+    if not (isinstance(module, Record) and module.is_module and isinstance(module.state, dict)):
+        return
     for names in (module.__parameters__, module.__buffers__):
         for name, value in module.state.items():
             if name in names and value is not None:
                 state[prefix + name] = value
     for name, value in module.state.items():
-        if is_module(value):
-            collect(value, f'{prefix}{name}.', state)
+        collect(value, f'{prefix}{name}.', state)
