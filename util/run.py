@@ -126,11 +126,20 @@ class Run:
         model.train()
 
     def begin(self, full):
-        """config.json (what the run is and what made it), then the first lines of the log: the lr, the
+        """config.json (what the run is and what made it: the script, for a transfer run its teacher file's
+        SHA-256, from the record its checkpoints keep, util.checkpoints.teacher_record, and the start-up check of
+        its fused attention where one ran, util/attention_check.py), then the first lines of the log: the lr, the
         model, the processes, the schedule (full: its steps)."""
         cfg = self.cfg
         plan = self.plan
-        record = {**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world}
+        extra = self.extra
+        record = {**asdict(cfg), 'script': cfg.SCRIPT}
+        teacher = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
+        if teacher:
+            record['teacher_sha256'] = teacher['sha256']
+        if extra.get('attention_check'):
+            record['attention_check'] = extra['attention_check']
+        record['world_size'] = plan.world
         plan.run_dir.begin(record, plan.resumed)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         on = f'{plan.world} process(es) on {plan.device}'
@@ -245,15 +254,3 @@ class Run:
         raise FloatingPointError(f'{what} is {value} at step {self.step}: the run diverged and '
                                  f'stopped; {where}')
 
-
-def made_with(cfg, extra):
-    """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
-    keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran
-    (util/attention_check.py)."""
-    made = {'script': cfg.SCRIPT}
-    record = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
-    if record:
-        made['teacher_sha256'] = record['sha256']
-    if extra.get('attention_check'):
-        made['attention_check'] = extra['attention_check']
-    return made
