@@ -161,7 +161,6 @@ class Run:
         """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
         (step, metrics, seconds trained so far)."""
         plan = self.plan
-        path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
@@ -169,21 +168,22 @@ class Run:
         cuda = ck.get('cuda_rng') or []   # the CUDA generator's (drop-path, MAE's masks), if kept
         try:
             problem = misfit_state(self.opt, ck['optimizer'])
-            for key, obj in parts.items():
-                if obj is not None and not problem:
-                    obj.load_state_dict(ck[key])
-            mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
-            if mid and not problem:   # mid-epoch: continue each rank's streams
-                torch.set_rng_state(ck['rng'][plan.rank])
-                if plan.device.type == 'cuda' and len(cuda) == plan.world:
-                    torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
+            if not problem:
+                for key, obj in parts.items():
+                    if obj is not None:
+                        obj.load_state_dict(ck[key])
+                # mid-epoch: continue each rank's streams
+                if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
+                    torch.set_rng_state(ck['rng'][plan.rank])
+                    if plan.device.type == 'cuda' and len(cuda) == plan.world:
+                        torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:   # another model, a damaged file
             problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:
-            raise CheckpointError(f'--resume: {path} does not fit the run built from these '
-                                  f'settings ({problem})')
+            raise CheckpointError(f'--resume: {plan.run_dir.checkpoint} does not fit the run '
+                                  f'built from these settings ({problem})')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
