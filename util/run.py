@@ -209,6 +209,7 @@ class Run:
     def save(self):
         """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
+        plan = self.plan
         model = self.model.state_dict()
         ema = self.ema.state_dict() if self.ema else None
         opt = self.opt.state_dict()
@@ -216,24 +217,24 @@ class Run:
             self.diverged(value, name)   # raises: the first stops the run
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
         # and on a GPU the CUDA generator's (drop-path and MAE's masks draw from it there)
-        cuda = self.plan.device.type == 'cuda'
-        gpu = torch.cuda.get_rng_state(self.plan.device) if cuda else None
-        states = [(torch.get_rng_state(), gpu)] * self.plan.world
-        if self.plan.world > 1:
+        cuda = plan.device.type == 'cuda'
+        gpu = torch.cuda.get_rng_state(plan.device) if cuda else None
+        states = [(torch.get_rng_state(), gpu)] * plan.world
+        if plan.world > 1:
             dist.all_gather_object(states, states[0])
-        self.plan.run_dir.save({
+        plan.run_dir.save({
             'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
             'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
             'optimizer': opt, 'evaluation': self.record,   # metrics.jsonl's record of this step
             'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics,
             'rng': [cpu for cpu, _ in states],
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,
-            'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
+            'world_size': plan.world, 'steps_per_epoch': self.steps_per_epoch,
             'time': self.seconds(), 'classes': self.classes, **self.extra})
         # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
         # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
-            self.plan.run_dir.keep_metrics(self.step, self.record)
+            plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
 

@@ -188,14 +188,15 @@ class RunDir:
             return
         launch = {'git_commit': git_commit(), 'torch': torch.__version__, 'argv': sys.argv}
         lines = ''.join(self.pending)
+        config = self.file('config.json')
         if resumed:
             # first: a log.txt that cannot be written (a link, a directory) changes no other file
             add_to_log(self.file('log.txt'), lines)
             step = resumed['step']
             old = self.config_record()
             if old is None:
-                if os.path.lexists(self.file('config.json')):
-                    set_aside(self.file('config.json'))   # damaged: kept beside it
+                if os.path.lexists(config):
+                    set_aside(config)   # damaged: kept beside it
                 old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
                                                        f'step {step}: rebuilt from the checkpoint'}
             # another lr was allowed once, after it: recorded with this resume
@@ -209,7 +210,7 @@ class RunDir:
                 resume['after_divergence'] = diverged
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
             self.keep_metrics(step, resumed.get('evaluation'))
-            write_json(self.file('config.json'), record)
+            write_json(config, record)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
@@ -219,7 +220,7 @@ class RunDir:
                     pass
                 except OSError as e:   # a directory
                     raise cannot_write(self.file(name), e) from None
-            write_json(self.file('config.json'), {**record, **launch})
+            write_json(config, {**record, **launch})
             write_text(self.file('log.txt'), lines)
         self.pending = []
         self.begun = True
