@@ -3,6 +3,7 @@ written whole (a full disk leaves the old ones as they were), a finished run nev
 a resume that keeps the metrics it continues, and Ctrl-C ending in one line that says how to continue.
 Most scripts run in this process (run_in_process); a fault that needs a process of its own gets one."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ import attention_distill
 from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 import finetune
 import util.rundir
+from util.errors import WriteError
 from test_resume import digest, train
 
 torch.set_num_threads(1)   # a small, shared machine
@@ -131,6 +134,20 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)
 
+
+
+def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypatch, tmp_path):
+    """A lockf that fails for another reason than a holder (NFS without locks: ENOLCK) is the write error's one line,
+    naming .lock, not a holder; the folder the command made is left with its .lock alone."""
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(util.rundir.fcntl, 'lockf', no_locks)
+    out = tmp_path / 'run'
+    cfg = SimpleNamespace(out_dir=str(out), resume=False, overwrite=False, INPUTS=())
+    with pytest.raises(WriteError) as e:
+        util.rundir.RunDir(cfg, True)
+    assert str(e.value).startswith(f'cannot write {out}/.lock (No locks available): '), e.value
+    assert os.listdir(out) == ['.lock']
 
 # -----------------------------------------------------------------------------
 # Files written whole: a full disk (here a file size limit, which fails a write the same way)

@@ -83,7 +83,6 @@ def replacing(path, mode='xb'):
     """Write `path` whole or not at all: yields a file opened on a temporary name beside it (never through a link,
     no_follow), renamed over `path` once written. On any failure (a full disk, Ctrl-C) the temporary file is
     removed and `path` is left as it was; a failed write ends in one line (WriteError)."""
-    path = os.fspath(path)
     tmp = path + '.tmp'
     try:
         # one left by a kill, or a link: never written through
@@ -227,13 +226,13 @@ def claimed(flag, *paths, replaces=False):
     file, renamed over the claim once whole, if the claim is still this command's (refused in one line if another
     program took the path meanwhile). At the end the claims not written (still empty and this command's: a written
     one is a new file) are removed, then the folders made for them."""
-    claims = {}   # path -> (device, inode) of its empty claim
+    claims = {}   # path -> the stat of its empty claim
     made = []     # the folders made for them, innermost first
 
     def own(path):
         with contextlib.suppress(OSError):
             stat = os.lstat(path)
-            return (stat.st_dev, stat.st_ino) == claims[path] and stat.st_size == 0
+            return os.path.samestat(stat, claims[path]) and stat.st_size == 0
         return False
 
     def write(path, write_to):
@@ -253,9 +252,8 @@ def claimed(flag, *paths, replaces=False):
             except OSError as e:   # File exists: another command writing it now, an earlier result
                 raise ConfigError(f'{flag} {path}: cannot write there ({e.strerror}): move what is '
                                   f'there away or choose another {flag}') from None
-            stat = os.fstat(fd)
+            claims[path] = os.fstat(fd)
             os.close(fd)
-            claims[path] = stat.st_dev, stat.st_ino
         yield write
     finally:
         for path in claims:

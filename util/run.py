@@ -126,11 +126,20 @@ class Run:
         model.train()
 
     def begin(self, full):
-        """config.json (what the run is and what made it), then the first lines of the log: the lr, the
+        """config.json (what the run is and what made it: the script, for a transfer run its teacher file's
+        SHA-256, from the record its checkpoints keep, util.checkpoints.teacher_record, and the start-up check of
+        its fused attention where one ran, util/attention_check.py), then the first lines of the log: the lr, the
         model, the processes, the schedule (full: its steps)."""
         cfg = self.cfg
         plan = self.plan
-        record = {**asdict(cfg), **made_with(cfg, self.extra), 'world_size': plan.world}
+        extra = self.extra
+        record = {**asdict(cfg), 'script': cfg.SCRIPT}
+        teacher = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
+        if teacher:
+            record['teacher_sha256'] = teacher['sha256']
+        if extra.get('attention_check'):
+            record['attention_check'] = extra['attention_check']
+        record['world_size'] = plan.world
         plan.run_dir.begin(record, plan.resumed)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         on = f'{plan.world} process(es) on {plan.device}'
@@ -152,7 +161,6 @@ class Run:
         """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
         (step, metrics, seconds trained so far)."""
         plan = self.plan
-        path = plan.run_dir.checkpoint
         ck = plan.resumed   # read and checked in the resolve phase (rundir.open_resumed)
         parts = {'model': self.model, 'optimizer': self.opt, 'scaler': self.scaler, 'ema': self.ema}
         # the hyperparameters are the config's (lr scale, betas, eps, weight decay), never the file's
@@ -160,21 +168,22 @@ class Run:
         cuda = ck.get('cuda_rng') or []   # the CUDA generator's (drop-path, MAE's masks), if kept
         try:
             problem = misfit_state(self.opt, ck['optimizer'])
-            for key, obj in parts.items():
-                if obj is not None and not problem:
-                    obj.load_state_dict(ck[key])
-            mid = ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world
-            if mid and not problem:   # mid-epoch: continue each rank's streams
-                torch.set_rng_state(ck['rng'][plan.rank])
-                if plan.device.type == 'cuda' and len(cuda) == plan.world:
-                    torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
+            if not problem:
+                for key, obj in parts.items():
+                    if obj is not None:
+                        obj.load_state_dict(ck[key])
+                # mid-epoch: continue each rank's streams
+                if ck['step'] % self.steps_per_epoch and len(ck['rng']) == plan.world:
+                    torch.set_rng_state(ck['rng'][plan.rank])
+                    if plan.device.type == 'cuda' and len(cuda) == plan.world:
+                        torch.cuda.set_rng_state(cuda[plan.rank], plan.device)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:   # another model, a damaged file
             problem = ' '.join(str(e).split())[:300]
         for group, kept in zip(self.opt.param_groups, own):
             group.update(kept)
         if problem:
-            raise CheckpointError(f'--resume: {path} does not fit the run built from these '
-                                  f'settings ({problem})')
+            raise CheckpointError(f'--resume: {plan.run_dir.checkpoint} does not fit the run '
+                                  f'built from these settings ({problem})')
         for key in parts:   # loaded: the plan keeps the record alone
             ck.pop(key, None)
         return ck['step'], ck['metrics'], ck.get('time', 0.0)
@@ -200,6 +209,7 @@ class Run:
     def save(self):
         """checkpoint.pt: everything a resume needs, written whole; never a value that is not finite (in the model,
         its EMA or the optimizer's state): the checkpoint kept is always one to go on from."""
+        plan = self.plan
         model = self.model.state_dict()
         ema = self.ema.state_dict() if self.ema else None
         opt = self.opt.state_dict()
@@ -207,24 +217,24 @@ class Run:
             self.diverged(value, name)   # raises: the first stops the run
         # every rank's RNG state (all randomness here is torch's), for an exact mid-epoch resume
         # and on a GPU the CUDA generator's (drop-path and MAE's masks draw from it there)
-        cuda = self.plan.device.type == 'cuda'
-        gpu = torch.cuda.get_rng_state(self.plan.device) if cuda else None
-        states = [(torch.get_rng_state(), gpu)] * self.plan.world
-        if self.plan.world > 1:
+        cuda = plan.device.type == 'cuda'
+        gpu = torch.cuda.get_rng_state(plan.device) if cuda else None
+        states = [(torch.get_rng_state(), gpu)] * plan.world
+        if plan.world > 1:
             dist.all_gather_object(states, states[0])
-        self.plan.run_dir.save({
+        plan.run_dir.save({
             'model': model, 'arch': self.model.arch, 'config': asdict(self.cfg),
             'script': self.cfg.SCRIPT, 'epoch': self.step / self.steps_per_epoch, 'step': self.step,
             'optimizer': opt, 'evaluation': self.record,   # metrics.jsonl's record of this step
             'scaler': self.scaler.state_dict(), 'ema': ema, 'metrics': self.metrics,
             'rng': [cpu for cpu, _ in states],
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,
-            'world_size': self.plan.world, 'steps_per_epoch': self.steps_per_epoch,
+            'world_size': plan.world, 'steps_per_epoch': self.steps_per_epoch,
             'time': self.seconds(), 'classes': self.classes, **self.extra})
         # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
         # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
-            self.plan.run_dir.keep_metrics(self.step, self.record)
+            plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
 
@@ -245,15 +255,3 @@ class Run:
         raise FloatingPointError(f'{what} is {value} at step {self.step}: the run diverged and '
                                  f'stopped; {where}')
 
-
-def made_with(cfg, extra):
-    """What made the run: the script, for a transfer run its teacher file's SHA-256 (from the record its checkpoints
-    keep, util.checkpoints.teacher_record), and the start-up check of its fused attention where one ran
-    (util/attention_check.py)."""
-    made = {'script': cfg.SCRIPT}
-    record = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
-    if record:
-        made['teacher_sha256'] = record['sha256']
-    if extra.get('attention_check'):
-        made['attention_check'] = extra['attention_check']
-    return made

@@ -27,7 +27,6 @@ the run diverged, the learning rate may change once (AFTER_DIVERGENCE): config.j
 the resume that used it.
 """
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -52,7 +51,6 @@ class RunDir:
         """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
         until release: a folder that cannot be written is refused there, by open()), one that holds another
         program's files, a run this one may not write over, and a run that would replace its own inputs."""
-        self.cfg = cfg
         self.main = main                # the process that writes (rank 0)
         self.path = cfg.out_dir
         self.checkpoint = self.file('checkpoint.pt')
@@ -70,18 +68,17 @@ class RunDir:
         with self.released_on_error():
             if main:
                 self.take_lock()
-            self.refuse_overwrite()
+            self.refuse_overwrite(cfg)
 
     def file(self, name):
         """The path of the run's file `name`."""
         return os.path.join(self.path, name)
 
-    def refuse_overwrite(self):
+    def refuse_overwrite(self, cfg):
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
         begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
         --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
         No run deletes or replaces a file it reads, or writes one of them once done (cfg.INPUTS)."""
-        cfg = self.cfg
         a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
         if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
             raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
@@ -122,14 +119,14 @@ class RunDir:
                 raise ConfigError(f'{path} has other names (a hard link): move it away')
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise cannot_write(path, e) from None
+            except (BlockingIOError, PermissionError):   # EAGAIN, EACCES: held
                 holder = os.pread(fd, 2000, 0).decode(errors='replace').strip() or 'another process'
                 os.close(fd)
                 raise ConfigError(f'--out-dir {self.path} is being written by {holder}: wait for '
                                   f'it to end, or choose another --out-dir') from None
+            except OSError as e:
+                os.close(fd)
+                raise cannot_write(path, e) from None
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)   # the file was removed by the process that let go of it: lock the new one
@@ -191,14 +188,15 @@ class RunDir:
             return
         launch = {'git_commit': git_commit(), 'torch': torch.__version__, 'argv': sys.argv}
         lines = ''.join(self.pending)
+        config = self.file('config.json')
         if resumed:
             # first: a log.txt that cannot be written (a link, a directory) changes no other file
             add_to_log(self.file('log.txt'), lines)
             step = resumed['step']
             old = self.config_record()
             if old is None:
-                if os.path.lexists(self.file('config.json')):
-                    set_aside(self.file('config.json'))   # damaged: kept beside it
+                if os.path.lexists(config):
+                    set_aside(config)   # damaged: kept beside it
                 old = {**resumed['config'], 'rebuilt': f'config.json was missing or unreadable at '
                                                        f'step {step}: rebuilt from the checkpoint'}
             # another lr was allowed once, after it: recorded with this resume
@@ -212,7 +210,7 @@ class RunDir:
                 resume['after_divergence'] = diverged
             record = {**old, **record, 'resumes': old.get('resumes', []) + [resume]}
             self.keep_metrics(step, resumed.get('evaluation'))
-            write_json(self.file('config.json'), record)
+            write_json(config, record)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
             for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
@@ -222,7 +220,7 @@ class RunDir:
                     pass
                 except OSError as e:   # a directory
                     raise cannot_write(self.file(name), e) from None
-            write_json(self.file('config.json'), {**record, **launch})
+            write_json(config, {**record, **launch})
             write_text(self.file('log.txt'), lines)
         self.pending = []
         self.begun = True
@@ -331,9 +329,9 @@ def open_resumed(cfg, run_dir, world):
     # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with
     # the data, run.check_data; a nan, which Run.save never saves, stops the run at its first step, as does an
     # optimizer step below 0: its bias correction is not finite.)
-    for k, kind in (('step', int), ('time', float)):
+    for k in ('step', 'time'):   # a step that is not an int is refused by SAVED
         v = ck.get(k, 0)
-        if type(v) not in (int, kind) or not 0 <= v <= MOST:
+        if type(v) not in (int, float) or not 0 <= v <= MOST:
             raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
                                   f'saves: it was edited or is damaged (kept as it is): put back a copy '
                                   f'of it, or start a new run in another --out-dir')
