@@ -83,6 +83,7 @@ def replacing(path, mode='xb'):
     """Write `path` whole or not at all: yields a file opened on a temporary name beside it (never through a link,
     no_follow), renamed over `path` once written. On any failure (a full disk, Ctrl-C) the temporary file is
     removed and `path` is left as it was; a failed write ends in one line (WriteError)."""
+    path = os.fspath(path)   # a str or a pathlib.Path
     tmp = path + '.tmp'
     try:
         # one left by a kill, or a link: never written through
