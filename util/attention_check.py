@@ -165,17 +165,9 @@ def handed_qkv(own, given):
     return [given[n] if n in given and (whole or t is None) else t for n, t in zip('qkv', own)]
 
 
-def check_sdpa(plan, what, parts):
-    """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
-    dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
-    error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
-    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that
-    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused
-    call's (q, k, v), for the log: the kernel torch picks."""
-    dtype = plan.dtype or torch.float32
-    start = time.time()
-    first = next(iter(parts.values()))[1]
-    shape = tuple(first[0].shape)
+def measure(plan, parts, dtype):
+    """({'part tensor': (sdpa's error, eager's error, tolerance)}, why a kernel raised or ''): check_sdpa's
+    measurements, each part computed on the definition, on eager as the run runs it, and on sdpa."""
     errors = {}
     why = ''
     # eager as the run runs it differs from the definition in the run's dtype, or in fp32 on CUDA (TF32: processes())
@@ -204,6 +196,21 @@ def check_sdpa(plan, what, parts):
             ours = error(fused[name], d, units.get(name)) if name in fused else math.inf
             eager_error = error(eager[name], d, units.get(name))
             errors[f'{part} {name}'] = (ours, eager_error, max(FACTOR * eager_error, SDPA_FLOOR))
+    return errors, why
+
+
+def check_sdpa(plan, what, parts):
+    """(implementation, record): each part's compute (parts: {name: (compute, inputs, units)}, compute(implementation,
+    dtype) -> {tensor name: tensor}) on sdpa in the run's dtype against the definition, eager in fp32, each tensor's
+    error in its units (default: its largest entry in the definition, computed without TF32); its tolerance is FACTOR x
+    eager's own error in the run's dtype (in fp32: with TF32 where the run has it), at least SDPA_FLOOR. A kernel that
+    raises fails. Otherwise auto goes on with eager, and sdpa stops here in one line. inputs: the first part's fused
+    call's (q, k, v), for the log: the kernel torch picks."""
+    dtype = plan.dtype or torch.float32
+    start = time.time()
+    first = next(iter(parts.values()))[1]
+    shape = tuple(first[0].shape)
+    errors, why = measure(plan, parts, dtype)
     # the kernel the step runs: for a run that trains, on inputs that need a gradient (torch may pick another)
     training = any('grad' in n for n in errors)
     backend = sdpa_backend(*(t.detach().to(dtype).requires_grad_(training) for t in first))
