@@ -169,3 +169,40 @@ def test_round_five_s_page_is_its_files():
     assert len(errors) == 4
     for row in errors:
         assert f"| {', '.join(row)} |" in page, row
+
+
+ROUND6 = os.path.join(ROOT, 'results', 'benchmark-h100', 'round6')
+
+
+def test_round_six_s_page_is_its_files():
+    page = ' '.join(open(os.path.join(ROUND6, 'README.md')).read().replace('**', '').split())
+    with open(os.path.join(ROUND6, 'pytest-gpu.txt')) as f:
+        passed, = re.findall(r'(\d+) passed, \d+ warnings in ([\d.]+)s', f.read())
+    assert f'{passed[0]} passed, none failed (6 workers, {float(passed[1]):.0f} s)' in page
+    with open(os.path.join(ROUND6, 'fm-e2e', 'log.txt')) as f:
+        end_to_end = int(re.findall(r'step 468/468 .* (\d+) img/s', f.read())[-1])
+    step = json.load(open(os.path.join(ROUND6, 'fm-step', 'benchmark.json')))
+    alone, peak = step['rows'][0], step['gemm_peak']['bf16']
+    flops = alone['flops'] * end_to_end / alone['batch']
+    assert f'{end_to_end:,} img/s end to end' in page and f"on one batch: {alone['img_s']:,.0f} img/s" in page
+    assert f"End to end is {end_to_end / alone['img_s']:.2f}x the step alone" in page
+    assert f"At {alone['flops'] / 1e9:.1f} GFLOP a step, {end_to_end:,} img/s is {flops / 1e12:.1f} TFLOP/s, " \
+           f"{100 * flops / peak:.1f}% of the bf16 peak" in page
+    with open(os.path.join(ROUND6, 'runs.log')) as f:
+        runs = f.read().split('attention_distill.py | ')[1:3]
+    auto, eager = ({int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', r)}
+                   for r in runs)
+    assert '/distill-b-auto' in runs[0] and auto.keys() == eager.keys() and max(auto) == 300
+    worst = max(abs(auto[s] - eager[s]) for s in auto)
+    assert f'differ by at most {worst:.4f} ({auto[10]:.2f} at step 10, {auto[300]:.2f} at step 300)' in page
+    with open(os.path.join(ROUND6, 'paths.log')) as f:
+        paths = f.read()
+    assert 'mid-epoch resume against the unbroken run: bit for bit' in paths
+    far = re.findall(r'compiled against eager, \w+: gradients ([\d.e+-]+) apart ok', paths)
+    assert f'gradients {far[0]} apart on `eager`, {far[1]} on `sdpa`' in page
+    for stage, name in (('distill', 'distillation'), ('copy', 'copy'), ('scratch', 'scratch')):
+        done = [os.path.join(ROUND6, 'reproduce', stage, f'seed{k}', 'done.json') for k in range(3)]
+        done = [json.load(open(f)) if os.path.exists(f) else None for f in done]
+        wall = ' / '.join('-' if d is None else f"{d['wall_s']:.1f}" for d in done)
+        top1 = ' / '.join('-' if d is None else f"{d['metrics']['top1']:.2f}" for d in done)
+        assert f'| {name} | {wall} | {top1} |' in page, stage

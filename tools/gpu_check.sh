@@ -12,22 +12,40 @@
 #   bash tools/gpu_check.sh OUT_DIR bench  # a second call: the fused attention's measurements, the benchmark of
 #                                          # ViT-L/16 (270 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # a third: the committed reproduction timed (at most 7 min)
+#   bash tools/gpu_check.sh OUT_DIR small  # the Fashion-MNIST preset end to end beside its step alone (3 min at
+#                                          # most), then the reproduction: GPU_CHECK_UNTIL=<epoch s> cuts it to fit
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
-out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | bench | reproduce]}
+out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | bench | small | reproduce]}
 part=${2:-checks}
 py=${PYTHON:-python3}
 dry=${GPU_CHECK_DRY:-}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
 
+if [ "$part" = small ]; then   # the Fashion-MNIST preset: a run end to end beside its step alone, then the reproduction
+  cut='' dev=cuda rounds='--rounds 5 --steps 50'
+  [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2'
+  timeout 90 $py finetune.py --data fashion-mnist --epochs 1 --log-every 100 $cut --out-dir "$out/fm-e2e" \
+    > "$out/fm-e2e.log" 2>&1
+  echo "end to end (finetune.py --data fashion-mnist, 1 epoch from scratch): exit $?"
+  grep -hE 'process\(es\)|img/s' "$out/fm-e2e.log" | tail -2
+  timeout 90 $py -m tools.benchmark --device $dev --models vit_tiny --img-size 28 --patch-size 4 --embed-dim 64 \
+    --depth 6 --num-heads 8 --num-classes 10 --batch-size 128 --methods train --paths sdpa $rounds \
+    --memory-batch-size 0 --saved-bytes false --out-dir "$out/fm-step" > "$out/fm-step.log" 2>&1
+  echo "the step alone (tools.benchmark at the preset's shape, batch 128): exit $?"
+  grep -E '^\| vit' "$out/fm-step/BENCHMARK.md"
+  part=reproduce
+fi
 if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from the shipped teacher (its files carried)
   quick=''
   [ -n "$dry" ] && quick='--quick true'
   nvidia-smi -L 2>/dev/null
-  timeout 420 $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
+  t0=$SECONDS limit=420
+  [ -n "${GPU_CHECK_UNTIL:-}" ] && limit=$((GPU_CHECK_UNTIL - $(date +%s)))   # a deadline (epoch seconds) to fit a call
+  timeout $limit $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
     > "$out/reproduce.log" 2>&1
-  echo "tools.reproduce exit $? after $SECONDS s"
+  echo "tools.reproduce exit $? after $((SECONDS - t0)) s"
   tail -9 "$out/reproduce.log"
   exit 0
 fi
@@ -89,16 +107,16 @@ torch.save(ck, sys.argv[2])" "$1" "$2"
   }
   fake=(--data fake --epochs 1 --warmup-epochs 0 --num-workers 6)
   # each under its own timeout, the five and two sharpenings together within the tests' 240 s (on an H200:
-  # distill-b 22 s of training)
+  # distill-b 22 s of training; on an H100 the 448 px distillation took 24 s in all)
   timeout $((25 * stretch)) $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
     --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" $runs && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
   for impl in auto eager; do
-    timeout $((65 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
+    timeout $((50 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
       --fake-size 19200 --max-steps 300 --log-every 10 --attn-implementation $impl --out-dir "$r/distill-b-$impl" $runs
   done
   timeout $((30 * stretch)) $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
     --fake-size 64 --max-steps 1 --out-dir "$r/teacher-l448" $runs && sharpen "$r/teacher-l448/checkpoint.pt" "$r/teacher-l448.pt"
-  timeout $((15 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
+  timeout $((40 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
     --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448-auto" $runs
 } > "$out/runs.log" 2>&1
 wait $tests; echo "pytest exit $?" >> "$out/pytest-gpu.txt"
