@@ -206,3 +206,10 @@ def test_round_six_s_page_is_its_files():
         wall = ' / '.join('-' if d is None else f"{d['wall_s']:.1f}" for d in done)
         top1 = ' / '.join('-' if d is None else f"{d['metrics']['top1']:.2f}" for d in done)
         assert f'| {name} | {wall} | {top1} |' in page, stage
+    with open(os.path.join(ROUND6, 'l448.log')) as f:
+        l448 = f.read()
+    check = re.findall(r'start-up check: distillation .* q \(8, 16, 785, 64\)\).* layer 0 q grad at ([\d.]+) '
+                       r'\(eager in torch.bfloat16: ([\d.]+); tolerance ([\d.]+)\).*: sdpa holds', l448)
+    assert f"| ViT-L/16 distillation, 448 px (second call) | (8, 16, 785, 64) | layer 0 q grad | " \
+           f"{' | '.join(check[0])} |" in page
+    assert 'distillation exit 0' in l448
