@@ -138,6 +138,17 @@ def test_the_h100_page_is_its_benchmarks_and_logs():
     assert f'differ by at most {worst:.4f} nats ({float(auto["1"]):.2f} at step 1, {float(auto["300"]):.2f} at step 300)' in page
 
 
+def two_distillations(folder):
+    """What a round's page says of its `auto` and `eager` distillations (gpu_check.sh's runs.log), computed."""
+    with open(os.path.join(folder, 'runs.log')) as f:
+        runs = f.read().split('attention_distill.py | ')[1:3]
+    auto, eager = ({int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', r)}
+                   for r in runs)
+    assert '/distill-b-auto' in runs[0] and auto.keys() == eager.keys() and max(auto) == 300
+    worst = max(abs(auto[s] - eager[s]) for s in auto)
+    return f'differ by at most {worst:.4f} ({auto[10]:.2f} at step 10, {auto[300]:.2f} at step 300)'
+
+
 ROUND5 = os.path.join(ROOT, 'results', 'benchmark-h100', 'round5')
 
 
@@ -157,13 +168,7 @@ def test_round_five_s_page_is_its_files():
             said = re.findall(r'(\d+) failed, (\d+) passed', f.read())[-1]
         assert said == tuple(reversed(re.findall(r'\d+', counts)))
         assert counts in page
-    with open(os.path.join(ROUND5, 'runs.log')) as f:
-        runs = f.read().split('attention_distill.py | ')[1:3]
-    auto, eager = ({int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', r)}
-                   for r in runs)
-    assert '/distill-b-auto' in runs[0] and auto.keys() == eager.keys() and max(auto) == 300
-    worst = max(abs(auto[s] - eager[s]) for s in auto)
-    assert f'differ by at most {worst:.4f} ({auto[10]:.2f} at step 10, {auto[300]:.2f} at step 300)' in page
+    assert two_distillations(ROUND5) in page
     with open(os.path.join(ROUND5, 'cudnn-layouts.txt')) as f:
         errors = [re.findall(r'@\d+ ([\d.]+)', line) for line in f if 'whole' not in line]
     assert len(errors) == 4
@@ -188,13 +193,7 @@ def test_round_six_s_page_is_its_files():
     assert f"End to end is {end_to_end / alone['img_s']:.2f}x the step alone" in page
     assert f"At {alone['flops'] / 1e9:.1f} GFLOP a step, {end_to_end:,} img/s is {flops / 1e12:.1f} TFLOP/s, " \
            f"{100 * flops / peak:.1f}% of the bf16 peak" in page
-    with open(os.path.join(ROUND6, 'runs.log')) as f:
-        runs = f.read().split('attention_distill.py | ')[1:3]
-    auto, eager = ({int(s): float(a) for s, a in re.findall(r'step (\d+)/\d+ \| ce [\d.]+ attn ([\d.]+)', r)}
-                   for r in runs)
-    assert '/distill-b-auto' in runs[0] and auto.keys() == eager.keys() and max(auto) == 300
-    worst = max(abs(auto[s] - eager[s]) for s in auto)
-    assert f'differ by at most {worst:.4f} ({auto[10]:.2f} at step 10, {auto[300]:.2f} at step 300)' in page
+    assert two_distillations(ROUND6) in page
     with open(os.path.join(ROUND6, 'paths.log')) as f:
         paths = f.read()
     assert 'mid-epoch resume against the unbroken run: bit for bit' in paths
