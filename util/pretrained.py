@@ -249,11 +249,11 @@ GLOBALS = {
     **{('torch.jit._pickle', name): same
        for name in ('build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist',
                     'restore_type_tag')},
-    **{('torch', f'{name}Storage'): getattr(torch, dtype) for name, dtype in (
-        ('Float', 'float32'), ('Double', 'float64'), ('Half', 'float16'),
-        ('BFloat16', 'bfloat16'), ('ComplexFloat', 'complex64'), ('ComplexDouble', 'complex128'),
-        ('Byte', 'uint8'), ('Char', 'int8'), ('Short', 'int16'), ('Int', 'int32'),
-        ('Long', 'int64'), ('Bool', 'bool'))},
+    # a storage type's dtype, as torch.load gives it (its StorageType)
+    **{('torch', name): torch.serialization.StorageType(name).dtype
+       for name in ('FloatStorage', 'DoubleStorage', 'HalfStorage', 'BFloat16Storage',
+                    'ComplexFloatStorage', 'ComplexDoubleStorage', 'ByteStorage', 'CharStorage',
+                    'ShortStorage', 'IntStorage', 'LongStorage', 'BoolStorage')},
 }
 
 
