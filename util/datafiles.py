@@ -98,7 +98,7 @@ class TensorBatches:
         epoch = keys[0][0] if keys else 0
         positions = np.array([i for _, i in keys], dtype=np.uint64)
         seeds = image_seed(self.seed, epoch, positions)
-        index = self.index[torch.from_numpy(positions.astype(np.int64))]   # where each is held
+        index = self.index[positions.astype(np.int64)]   # where each is held
         # the whole epoch's flips, at once
         first = first_uniform(seeds) if self.transform.hflip > 0 else None
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
