@@ -226,15 +226,13 @@ UNKNOWN = ('family not known', AS_DEIT, {})
 
 
 def family(source, ckpt):
-    """The family (pretrained.FAMILIES: its name, resize and heads) of a name, or of a file by the keys only its
-    family's format has, else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS
-    or UNKNOWN."""
-    if source in PRETRAINED:
-        return FAMILIES[PRETRAINED[source][1]]
+    """The family (pretrained.FAMILIES: its name, resize and heads) of a checkpoint by the keys only its family's
+    format has, else by its name in PRETRAINED or its official file name (DeiT's, DINO's and MAE's files hold timm
+    names only); OURS or UNKNOWN."""
     if recorded(ckpt):
         return OURS
-    official = next((f for url, f in PRETRAINED.values()
-                     if os.path.basename(url) == os.path.basename(source)), None)
+    official = next((f for name, (url, f) in PRETRAINED.items()
+                     if source == name or os.path.basename(source) == os.path.basename(url)), None)
     return FAMILIES.get(family_of(unwrap(ckpt) or {}) or official, UNKNOWN)
 
 
