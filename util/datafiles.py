@@ -422,8 +422,8 @@ def read_image(path):
         raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the '
                         f'file') from None
     if image.mode.startswith('I;16'):
-        high = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)   # (H, W)
-        image = Image.fromarray(high)                                        # mode L
+        # the high byte of each pixel: (H, W) uint8, mode L
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     elif image.mode in ('I', 'F'):   # 32-bit integers or floats
         raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
                         f'convention fixes: save it with 8 or 16 bits a channel')
