@@ -295,8 +295,8 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     sd = {k: v for k, v in sd.items() if not k.startswith(('head.', 'norm.', 'fc_norm.'))
           or (k in own and v.shape == own[k].shape)}
     for k in own:
-        if k.startswith(('head.', 'fc_norm.')) and k not in sd:
-            sd[k] = own[k]
+        if k.startswith(('head.', 'fc_norm.')):
+            sd.setdefault(k, own[k])
     try:
         model.load_state_dict(sd, assign=assign)
     except RuntimeError as e:
