@@ -188,10 +188,9 @@ def arch_of(ckpt, source, num_heads, flag):
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
     dim = conv.shape[0]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
-    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
     return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
-                num_classes=num_classes, embed_dim=dim, depth=depth,
+                num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, embed_dim=dim,
+                depth=1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.')),
                 num_heads=heads_of(ckpt, source, dim, num_heads, flag),
                 mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
@@ -226,15 +225,13 @@ UNKNOWN = ('family not known', AS_DEIT, {})
 
 
 def family(source, ckpt):
-    """The family (pretrained.FAMILIES: its name, resize and heads) of a name, or of a file by the keys only its
-    family's format has, else by its official file name (DeiT's, DINO's and MAE's files hold timm names only); OURS
-    or UNKNOWN."""
-    if source in PRETRAINED:
-        return FAMILIES[PRETRAINED[source][1]]
+    """The family (pretrained.FAMILIES: its name, resize and heads) of a checkpoint by the keys only its family's
+    format has, else by its name in PRETRAINED or its official file name (DeiT's, DINO's and MAE's files hold timm
+    names only); OURS or UNKNOWN."""
     if recorded(ckpt):
         return OURS
-    official = next((f for url, f in PRETRAINED.values()
-                     if os.path.basename(url) == os.path.basename(source)), None)
+    official = next((f for name, (url, f) in PRETRAINED.items()
+                     if source == name or os.path.basename(source) == os.path.basename(url)), None)
     return FAMILIES.get(family_of(unwrap(ckpt) or {}) or official, UNKNOWN)
 
 
@@ -298,8 +295,8 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     sd = {k: v for k, v in sd.items() if not k.startswith(('head.', 'norm.', 'fc_norm.'))
           or (k in own and v.shape == own[k].shape)}
     for k in own:
-        if k.startswith(('head.', 'fc_norm.')) and k not in sd:
-            sd[k] = own[k]
+        if k.startswith(('head.', 'fc_norm.')):
+            sd.setdefault(k, own[k])
     try:
         model.load_state_dict(sd, assign=assign)
     except RuntimeError as e:

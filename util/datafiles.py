@@ -98,7 +98,7 @@ class TensorBatches:
         epoch = keys[0][0] if keys else 0
         positions = np.array([i for _, i in keys], dtype=np.uint64)
         seeds = image_seed(self.seed, epoch, positions)
-        index = self.index[torch.from_numpy(positions.astype(np.int64))]   # where each is held
+        index = self.index[positions.astype(np.int64)]   # where each is held
         # the whole epoch's flips, at once
         first = first_uniform(seeds) if self.transform.hflip > 0 else None
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
@@ -422,8 +422,8 @@ def read_image(path):
         raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the '
                         f'file') from None
     if image.mode.startswith('I;16'):
-        high = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)   # (H, W)
-        image = Image.fromarray(high)                                        # mode L
+        # the high byte of each pixel: (H, W) uint8, mode L
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     elif image.mode in ('I', 'F'):   # 32-bit integers or floats
         raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
                         f'convention fixes: save it with 8 or 16 bits a channel')

@@ -150,27 +150,28 @@ def convert(sd):
     """A state dict of any family above (or torchvision's) -> (timm/vit.py names, extra
     VisionTransformer kwargs)."""
     family = family_of(sd)
-    # CLIP: the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT
+    extra = {}
+    # CLIP: the image tower (visual.*) alone: the text tower and visual.proj (into the joint embedding) are no ViT;
+    # an architecture unlike a plain ViT in more than names, which nothing in its tensors says
     if family == 'clip':
         sd = under(sd, 'visual.')
         sd.pop('proj', None)
+        # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
+        sd['class_embedding'] = sd['class_embedding'].reshape(1, 1, -1)         # (1, 1, D)
+        sd['positional_embedding'] = sd['positional_embedding'][None]           # (1, N, D)
+        conv = sd['conv1.weight']
+        sd['conv1.bias'] = conv.new_zeros(len(conv))
+        extra = dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
     # MoCo v3: the base encoder (its projection MLP in `head` is dropped on loading, as main_lincls.py drops it
     # and as any classifier the model has none of)
     if family == 'mocov3':
         sd = under(sd, 'base_encoder.')
     for old, new in NAMES.items():
         sd = {k.replace(old, new): v for k, v in sd.items()}
-    # CLIP: an architecture unlike a plain ViT in more than names; nothing in its tensors says so
-    if family == 'clip':
-        conv = sd['patch_embed.proj.weight']
-        # its class token (D,) and positions (N, D) in timm's shapes; its patch conv has no bias
-        sd = {**sd, 'cls_token': sd['cls_token'].reshape(1, 1, -1),           # (1, 1, D)
-              'pos_embed': sd['pos_embed'][None],                              # (1, N, D)
-              'patch_embed.proj.bias': conv.new_zeros(len(conv))}
-        return sd, dict(norm_pre=True, act='quick_gelu', norm_eps=1e-5)
     # DINOv2's layer scale, with its initial value (for a student); its registers (its mask_token is dropped with
     # MAE's)
-    extra = {'init_values': 1e-5} if 'blocks.0.ls1.gamma' in sd else {}
+    if 'blocks.0.ls1.gamma' in sd:
+        extra['init_values'] = 1e-5
     if 'reg_token' in sd:
         extra['reg_tokens'] = sd['reg_token'].shape[1]
     return sd, extra
@@ -249,11 +250,11 @@ GLOBALS = {
     **{('torch.jit._pickle', name): same
        for name in ('build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist',
                     'restore_type_tag')},
-    **{('torch', f'{name}Storage'): getattr(torch, dtype) for name, dtype in (
-        ('Float', 'float32'), ('Double', 'float64'), ('Half', 'float16'),
-        ('BFloat16', 'bfloat16'), ('ComplexFloat', 'complex64'), ('ComplexDouble', 'complex128'),
-        ('Byte', 'uint8'), ('Char', 'int8'), ('Short', 'int16'), ('Int', 'int32'),
-        ('Long', 'int64'), ('Bool', 'bool'))},
+    # a storage type's dtype, as torch.load gives it (its StorageType)
+    **{('torch', name): torch.serialization.StorageType(name).dtype
+       for name in ('FloatStorage', 'DoubleStorage', 'HalfStorage', 'BFloat16Storage',
+                    'ComplexFloatStorage', 'ComplexDoubleStorage', 'ByteStorage', 'CharStorage',
+                    'ShortStorage', 'IntStorage', 'LongStorage', 'BoolStorage')},
 }
 
 
