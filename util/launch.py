@@ -66,8 +66,8 @@ def resolve(cls, presets):
     cfg = parse_config(cls, presets)                    # the config and its rules (config.check)
     rank, world, device = processes(cfg)                # one process, or one of torchrun's
     check_schedule(cfg, world)                          # the lr schedule at this global batch
-    written_out = getattr(cfg, 'written_out', '')       # why its maps must be written out, or ''
-    attn, why = attn_implementation(cfg.attn_implementation, device, written_out)
+    # why its maps must be written out, or ''
+    attn, why = attn_implementation(cfg.attn_implementation, device, getattr(cfg, 'written_out', ''))
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
@@ -303,7 +303,7 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check, and no --help (a first parse that only picks the presets: the next one prints it)."""
     presets = presets or {}
-    given = vars(parser(cls, presets).parse_args(argv))
+    given = vars(parser(cls, presets, {}).parse_args(argv))
     asked_help = given.pop('help', False)
     data = given.get('data', getattr(cls, 'data', None))
     preset = presets.get(data, {})
@@ -336,10 +336,9 @@ def help_lines(cfg, given, preset, label):
     return out
 
 
-def parser(cls, presets, helps=None):
+def parser(cls, presets, helps):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
-    line in --help} ('%' escaped: argparse formats help strings)."""
-    helps = helps or {}
+    line in --help} ('%' escaped: argparse formats help strings), {} for parsing alone."""
     doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # as written
     epilog = None
     if presets:
