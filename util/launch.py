@@ -346,17 +346,17 @@ def parser(cls, presets, helps):
                  f"`--data X --help` shows the values under X's."
     p = _Parser(allow_abbrev=False, add_help=False, description=doc,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage='%(prog)s [--flag value ...]', epilog=epilog)
-    p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
-                   help="show each flag's value for this command line, where it comes from, and "
-                        "what it means")
+                usage='%(prog)s [--flag value ...]', epilog=epilog,
+                argument_default=argparse.SUPPRESS)   # a field not given: not in the namespace
+    p.add_argument('-h', '--help', action='store_true',
+                   help="show each flag's value for this command line, where it comes from, and what "
+                        "it means")
     notes = declared(cls)
     for f in dataclasses.fields(cls):
         many = typing.get_origin(f.type) is list    # list[X]: --key a b c
         converter, metavar = _typed(typing.get_args(f.type)[0] if many else f.type)
         # its dest: --key-name -> key_name
-        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter,
-                       default=argparse.SUPPRESS, metavar=metavar,
+        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter, metavar=metavar,
                        choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p
