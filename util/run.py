@@ -113,9 +113,8 @@ class Run:
         self.record = None        # an evaluation not yet in metrics.jsonl
         self.begin(full)
         self.ddp = None
-        if dist.is_initialized():
-            devices = [plan.device.index] if plan.device.type == 'cuda' else None
-            self.ddp = DDP(model, device_ids=devices)
+        if dist.is_initialized():   # the model is on this process's device, and so is every batch
+            self.ddp = DDP(model)
         self.net = self.ddp or model
         if cfg.compile:
             self.net = torch.compile(self.net)
