@@ -77,7 +77,7 @@ def not_finite(state, prefix=''):
         if isinstance(v, dict):
             yield from not_finite(v, f'{prefix}{k}.')
         elif torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all():
-            yield f'{prefix}{k}', v[~v.isfinite()].flatten()[0].item()
+            yield f'{prefix}{k}', v[~v.isfinite()][0].item()
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -112,9 +112,8 @@ class Run:
             self.saved_step = self.step
         self.record = None        # an evaluation not yet in metrics.jsonl
         self.begin(full)
-        self.ddp = None
-        if dist.is_initialized():   # the model is on this process's device, and so is every batch
-            self.ddp = DDP(model)
+        # the model is on this process's device, and so is every batch
+        self.ddp = DDP(model) if dist.is_initialized() else None
         self.net = self.ddp or model
         if cfg.compile:
             self.net = torch.compile(self.net)
