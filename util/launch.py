@@ -66,8 +66,8 @@ def resolve(cls, presets):
     cfg = parse_config(cls, presets)                    # the config and its rules (config.check)
     rank, world, device = processes(cfg)                # one process, or one of torchrun's
     check_schedule(cfg, world)                          # the lr schedule at this global batch
-    # why its maps must be written out, or ''
-    attn, why = attn_implementation(cfg.attn_implementation, device, getattr(cfg, 'written_out', ''))
+    attn, why = attn_implementation(cfg.attn_implementation, device,
+                                    getattr(cfg, 'written_out', ''))   # why maps are written out
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
@@ -77,8 +77,8 @@ def resolve(cls, presets):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world)
     seed_all(cfg.seed, rank, 0)
-    dtype = amp_dtype(cfg.amp, device)
-    plan = Plan(cfg, rank, world, device, dtype, attn, run_dir, resumed, method)
+    plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
+                resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
     return plan
@@ -349,8 +349,8 @@ def parser(cls, presets, helps):
                 usage='%(prog)s [--flag value ...]', epilog=epilog,
                 argument_default=argparse.SUPPRESS)   # a field not given: not in the namespace
     p.add_argument('-h', '--help', action='store_true',
-                   help="show each flag's value for this command line, where it comes from, and what "
-                        "it means")
+                   help="show each flag's value for this command line, where it comes from, and "
+                        "what it means")
     notes = declared(cls)
     for f in dataclasses.fields(cls):
         many = typing.get_origin(f.type) is list    # list[X]: --key a b c
