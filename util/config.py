@@ -237,10 +237,9 @@ def refuse(cfg, rows):
     hold."""
     for name, holds, allowed in rows:
         if not holds:
-            value = show(getattr(cfg, name))
-            if value:
-                raise ConfigError(f'{flag(name)} {value}: {allowed}')
-            raise ConfigError(f'{flag(name)} {allowed}')
+            value = show(getattr(cfg, name))   # '' for an empty one: the flag alone
+            raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else
+                              f'{flag(name)} {allowed}')
     return cfg
 
 # -----------------------------------------------------------------------------
