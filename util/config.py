@@ -219,15 +219,16 @@ def readable(parse, value):
 
 
 def check(cfg):
-    """Every number finite, then each field's rule (a field left none, as a size left to the model's own, passes), then
-    cfg.checks(): raise ConfigError naming the first flag that fails."""
+    """Each field a finite number (every one of a list) within its rule (a field left none, as a size left to the
+    model's own, passes), then cfg.checks(): raise ConfigError naming the first flag that fails."""
+    notes = declared(type(cfg))
     for name, value in asdict(cfg).items():
         numbers = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            raise ConfigError(f'{flag(name)} {show(value)}: must be a finite number')
-    rules = [(k, md['rule']) for k, md in declared(type(cfg)).items() if 'rule' in md]
-    refuse(cfg, ((k, getattr(cfg, k) is None or holds(getattr(cfg, k)), allowed)
-                 for k, (holds, allowed) in rules))
+        finite = not any(isinstance(v, float) and not math.isfinite(v) for v in numbers)
+        refuse(cfg, [(name, finite, 'must be a finite number')])
+        if value is not None and 'rule' in notes[name]:
+            holds, allowed = notes[name]['rule']
+            refuse(cfg, [(name, holds(value), allowed)])
     return refuse(cfg, cfg.checks() if hasattr(cfg, 'checks') else [])
 
 
@@ -236,10 +237,9 @@ def refuse(cfg, rows):
     hold."""
     for name, holds, allowed in rows:
         if not holds:
-            value = show(getattr(cfg, name))
-            if value:
-                raise ConfigError(f'{flag(name)} {value}: {allowed}')
-            raise ConfigError(f'{flag(name)} {allowed}')
+            value = show(getattr(cfg, name))   # '' for an empty one: the flag alone
+            raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else
+                              f'{flag(name)} {allowed}')
     return cfg
 
 # -----------------------------------------------------------------------------

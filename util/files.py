@@ -79,7 +79,7 @@ def read_jsonl(path, fix):
 
 
 @contextlib.contextmanager
-def replacing(path, mode='xb'):
+def replacing(path):
     """Write `path` whole or not at all: yields a file opened on a temporary name beside it (never through a link,
     no_follow), renamed over `path` once written. On any failure (a full disk, Ctrl-C) the temporary file is
     removed and `path` is left as it was; a failed write ends in one line (WriteError)."""
@@ -89,7 +89,7 @@ def replacing(path, mode='xb'):
         # one left by a kill, or a link: never written through
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        with open(tmp, mode, opener=no_follow) as f:
+        with open(tmp, 'xb', opener=no_follow) as f:
             yield f
         os.replace(tmp, path)
     except BaseException as e:
@@ -119,8 +119,8 @@ def no_follow(path, flags):
 
 
 def write_text(path, text):
-    with replacing(path, 'x') as f:
-        f.write(text)
+    with replacing(path) as f:
+        f.write(text.encode())
 
 
 def set_aside(path):

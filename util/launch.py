@@ -66,8 +66,8 @@ def resolve(cls, presets):
     cfg = parse_config(cls, presets)                    # the config and its rules (config.check)
     rank, world, device = processes(cfg)                # one process, or one of torchrun's
     check_schedule(cfg, world)                          # the lr schedule at this global batch
-    written_out = getattr(cfg, 'written_out', '')       # why its maps must be written out, or ''
-    attn, why = attn_implementation(cfg.attn_implementation, device, written_out)
+    attn, why = attn_implementation(cfg.attn_implementation, device,
+                                    getattr(cfg, 'written_out', ''))   # why maps are written out
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
@@ -77,8 +77,8 @@ def resolve(cls, presets):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world)
     seed_all(cfg.seed, rank, 0)
-    dtype = amp_dtype(cfg.amp, device)
-    plan = Plan(cfg, rank, world, device, dtype, attn, run_dir, resumed, method)
+    plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
+                resumed, method)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
     return plan
@@ -303,7 +303,7 @@ def parse_config(cls, presets=None, argv=None, preset_label='preset of --data {}
     --help prints every flag's value for this command line (preset_label names where a preset's come from).
     checked False: no check, and no --help (a first parse that only picks the presets: the next one prints it)."""
     presets = presets or {}
-    given = vars(parser(cls, presets).parse_args(argv))
+    given = vars(parser(cls, presets, {}).parse_args(argv))
     asked_help = given.pop('help', False)
     data = given.get('data', getattr(cls, 'data', None))
     preset = presets.get(data, {})
@@ -336,10 +336,9 @@ def help_lines(cfg, given, preset, label):
     return out
 
 
-def parser(cls, presets, helps=None):
+def parser(cls, presets, helps):
     """The command line of a config: --key-name VALUE for each field, typed by its annotation; helps: {field: its
-    line in --help} ('%' escaped: argparse formats help strings)."""
-    helps = helps or {}
+    line in --help} ('%' escaped: argparse formats help strings), {} for parsing alone."""
     doc = (sys.modules[cls.__module__].__doc__ or '').strip().split('\n\n')[0]   # as written
     epilog = None
     if presets:
@@ -347,8 +346,9 @@ def parser(cls, presets, helps=None):
                  f"`--data X --help` shows the values under X's."
     p = _Parser(allow_abbrev=False, add_help=False, description=doc,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage='%(prog)s [--flag value ...]', epilog=epilog)
-    p.add_argument('-h', '--help', action='store_true', default=argparse.SUPPRESS,
+                usage='%(prog)s [--flag value ...]', epilog=epilog,
+                argument_default=argparse.SUPPRESS)   # a field not given: not in the namespace
+    p.add_argument('-h', '--help', action='store_true',
                    help="show each flag's value for this command line, where it comes from, and "
                         "what it means")
     notes = declared(cls)
@@ -356,8 +356,7 @@ def parser(cls, presets, helps=None):
         many = typing.get_origin(f.type) is list    # list[X]: --key a b c
         converter, metavar = _typed(typing.get_args(f.type)[0] if many else f.type)
         # its dest: --key-name -> key_name
-        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter,
-                       default=argparse.SUPPRESS, metavar=metavar,
+        p.add_argument(flag(f.name), nargs='+' if many else None, type=converter, metavar=metavar,
                        choices=notes[f.name].get('choices'),
                        help=helps.get(f.name, '').replace('%', '%%'))
     return p

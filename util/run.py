@@ -77,7 +77,7 @@ def not_finite(state, prefix=''):
         if isinstance(v, dict):
             yield from not_finite(v, f'{prefix}{k}.')
         elif torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all():
-            yield f'{prefix}{k}', v[~v.isfinite()].flatten()[0].item()
+            yield f'{prefix}{k}', v[~v.isfinite()][0].item()
 
 # -----------------------------------------------------------------------------
 # The run's state
@@ -101,10 +101,8 @@ class Run:
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
-        self.ema = None
-        if cfg.ema:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
-                                     use_buffers=True)
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                 use_buffers=True) if cfg.ema else None
         self.step, self.metrics, self.trained_s = 0, {}, 0.0
         self.saved_step = None    # the step of the checkpoint on disk, if any
         if plan.resumed:
@@ -112,10 +110,8 @@ class Run:
             self.saved_step = self.step
         self.record = None        # an evaluation not yet in metrics.jsonl
         self.begin(full)
-        self.ddp = None
-        if dist.is_initialized():
-            devices = [plan.device.index] if plan.device.type == 'cuda' else None
-            self.ddp = DDP(model, device_ids=devices)
+        # the model is on this process's device, and so is every batch
+        self.ddp = DDP(model) if dist.is_initialized() else None
         self.net = self.ddp or model
         if cfg.compile:
             self.net = torch.compile(self.net)

@@ -343,8 +343,8 @@ def open_resumed(cfg, run_dir, world):
     # a run that diverged after this checkpoint (config.json says so) may go on from it with another lr
     diverged = (run_dir.config_record() or {}).get('diverged')
     after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
-    free = AFTER_DIVERGENCE if after else ()   # what may change besides RESUMABLE
-    conflicts = cfg.resume_conflicts(ck, world, free=free)
+    # what may change besides RESUMABLE
+    conflicts = cfg.resume_conflicts(ck, world, AFTER_DIVERGENCE if after else ())
     if conflicts:
         raise ConfigError(f"--resume: {path} was saved with other settings: "
                           f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
