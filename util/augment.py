@@ -356,8 +356,8 @@ def batch_op(x, op, rows, fill, mode):
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
         img[..., 1:-1, 1:-1] += other * (sharpness_blur(img) - img[..., 1:-1, 1:-1])
         return img.clamp(0, 255).to(torch.uint8)
-    if op == 'Brightness':
-        degenerate = torch.zeros_like(x, dtype=torch.float32)
+    if op == 'Brightness':   # toward black
+        degenerate = 0.0
     else:   # Color: toward grey; Contrast: toward the grey image's mean (grey levels floored)
         degenerate = F.rgb_to_grayscale(x).float()
         if op == 'Contrast':
