@@ -89,12 +89,11 @@ def read_file(path):
             with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except ArchiveRefused as e:   # args: what it holds, the fix
-        raise UnreadableFile(f'{unreadable}: {e.args[0]}', e.args[1]) from None
+        raise UnreadableFile(f'{unreadable}: {e.args[0]}: {e.args[1]}') from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
-        raise UnreadableFile(f'{unreadable}: it is damaged ({e})',
-                             'copy or download it again') from None
+        raise UnreadableFile(f'{unreadable}: it is damaged ({e}): copy or download it again') from None
     except Exception as e:   # empty, cut short, not torch's, a pickle naming code, no permission
-        raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
+        raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)}): '
                              'copy or download it again; for a file of your own, save the tensors '
                              'alone: torch.save(model.state_dict(), path)') from None
     # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
@@ -102,7 +101,7 @@ def read_file(path):
     repeated = next(zero_strided(ckpt), None)
     if repeated:
         raise UnreadableFile(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
-                             f'of 0), which torch.save never writes: it was edited or is damaged',
+                             f'of 0), which torch.save never writes: it was edited or is damaged: '
                              'take another copy of it')
     return ckpt
 

@@ -19,10 +19,7 @@ class CheckpointError(RuntimeError):
 
 
 class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint: why (`what`), then the fix."""
-
-    def __init__(self, what, fix):
-        super().__init__(f'{what}: {fix}')
+    """A file that is no checkpoint: why, then the fix."""
 
 
 class DamagedFile(ConfigError):
