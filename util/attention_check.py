@@ -112,8 +112,8 @@ def layer_part(attn, x, given, backward, compiled):
             own[0].mul_(scale)                                          # made's q third, in place
         if 'q' in given:   # given: layer_inputs' own dict, for this layer alone
             given['q'] = given['q'] * scale
-    seeded = torch.Generator(x.device).manual_seed(0)
-    incoming = torch.randn(x.shape, device=x.device, generator=seeded)
+    incoming = torch.randn(x.shape, device=x.device,
+                           generator=torch.Generator(x.device).manual_seed(0))
     names = 'v' if attn.no_qk else 'qkv'
 
     def compute(implementation, dtype):

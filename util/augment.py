@@ -130,8 +130,8 @@ class RandAugment:
         if self.std == math.inf:
             m = self.magnitude * torch.rand(shape, dtype=torch.float64, generator=generator)
         else:
-            noise = torch.randn(shape, dtype=torch.float64, generator=generator)
-            m = self.magnitude + self.std * noise
+            m = self.magnitude + self.std * torch.randn(shape, dtype=torch.float64,
+                                                        generator=generator)
         signs = torch.randint(2, shape, generator=generator) * 2 - 1
         return ops, applied, m.clamp(0.0, self.mmax), signs
 
