@@ -264,11 +264,11 @@ class BatchRandAugment:
         return slots
 
     def put(self, ids, rows, picked, op, arg, torchvision=False):
-        """Write op `op` at its argument `arg` (one per picked image, or one for all; None: none)
-        into ids and rows, as the per-image op computes it: apply() above, or torchvision's
+        """Write op `op` at its argument `arg` (one per picked image, or one for all, broadcast; None:
+        none) into ids and rows, as the per-image op computes it: apply() above, or torchvision's
         _apply_image_or_video_transform."""
         if arg is not None:
-            arg = torch.as_tensor(arg, dtype=torch.float64).expand(int(picked.sum()))
+            arg = torch.as_tensor(arg, dtype=torch.float64)
         theta = self.geometry(op, arg)
         ids[picked] = BATCH_OPS.index(op if theta is None else 'Affine')
         if theta is not None:
@@ -281,10 +281,10 @@ class BatchRandAugment:
             rows[picked, 0] = arg
 
     def geometry(self, op, arg):
-        """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,), or None for another
-        op: torchvision's _get_inverse_affine_matrix at scale 1 (output x, y, 1 -> input x, y, the
-        image's centre at 0), written out for the one angle, shear or shift each op has, with the
-        same float64 roundings."""
+        """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,) (one row (6,) at one
+        argument ()), or None for another op: torchvision's _get_inverse_affine_matrix at scale 1
+        (output x, y, 1 -> input x, y, the image's centre at 0), written out for the one angle, shear
+        or shift each op has, with the same float64 roundings."""
         if arg is None:
             return None
         c = -0.5 * self.size                           # F.affine's center=[0, 0]: the corner
