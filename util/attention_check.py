@@ -100,7 +100,8 @@ def layer_part(attn, x, given, backward, compiled):
     # a copy in fp32 (a teacher's weights are stored in the run's dtype: autocast rounds them back to the same numbers)
     attn = copy.deepcopy(attn).float()
     x = x.float()
-    projection = attn.v if attn.no_qk else attn.qkv
+    names = 'v' if attn.no_qk else 'qkv'   # its projection (v alone in a layer without q / k), what it makes
+    projection = getattr(attn, names)
     with torch.no_grad():
         # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads
         made = projection(x)
@@ -114,7 +115,6 @@ def layer_part(attn, x, given, backward, compiled):
             given['q'] = given['q'] * scale
     incoming = torch.randn(x.shape, device=x.device,
                            generator=torch.Generator(x.device).manual_seed(0))
-    names = 'v' if attn.no_qk else 'qkv'
 
     def compute(implementation, dtype):
         leaf = made.to(dtype).requires_grad_(backward)
