@@ -52,7 +52,9 @@ def build_teacher(teacher, device, dtype=None, attn='sdpa'):
     """The frozen teacher: the ViT inspect_teacher loaded (its file's weights), on device; dtype: the autocast it runs
     under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
     set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
-    return cast_matmul_weights(teacher, dtype) if dtype is not None else teacher
+    if dtype is not None:
+        cast_matmul_weights(teacher, dtype)
+    return teacher
 
 
 # -----------------------------------------------------------------------------

@@ -207,7 +207,8 @@ def cuda_autocast_rules(dtype):
 def maps_kept(device):
     """dtypes of the (B, H, N, N) maps under bf16 autocast: those a distillation step keeps for backward, and
     those a copy student is given. device: 'cuda', or 'fake-cuda' (CUDA's autocast rules, no GPU)."""
-    teacher = cast_matmul_weights(model(0, num_classes=0).requires_grad_(False).eval(), torch.bfloat16)
+    teacher = model(0, num_classes=0).requires_grad_(False).eval()
+    cast_matmul_weights(teacher, torch.bfloat16)
     student = model(1)
     saved = []
     with torch.autocast('cuda', torch.bfloat16) if device == 'cuda' else cuda_autocast_rules(torch.bfloat16):

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY, run_script, sub_env
-from util.checkpoints import read_file
-from util.errors import UnreadableFile
+from util.checkpoints import CheckpointError, read_file
 
 warnings.filterwarnings('ignore', 'torch.jit', FutureWarning)   # torch's note that TorchScript is deprecated
 
@@ -138,7 +137,7 @@ def test_a_damaged_record_is_refused(tmp_path):
         record = z.read(next(n for n in z.namelist() if n.endswith('/data/0')))
     data[data.find(record) + 1] ^= 0x10   # inside its bytes
     path.write_bytes(bytes(data))
-    with pytest.raises(UnreadableFile, match=r"it is damaged \(Bad CRC-32 for file '.*data/0'"):
+    with pytest.raises(CheckpointError, match=r"it is damaged \(Bad CRC-32 for file '.*data/0'"):
         read_file(str(path))
 
 # -----------------------------------------------------------------------------
@@ -231,7 +230,7 @@ def test_the_hostile_archives_do_what_they_say_when_torch_jit_loads_them(hostile
 @pytest.mark.parametrize('kind', list(HOSTILE))
 def test_a_hostile_archive_is_refused_unrun(hostile, kind):
     path, victim, before = hostile(kind)
-    with pytest.raises(UnreadableFile, match=r'has its own __setstate__, code that torch\.jit\.load would run'):
+    with pytest.raises(CheckpointError, match=r'has its own __setstate__, code that torch\.jit\.load would run'):
         read_file(str(path))
     assert victim.read_bytes() == before
 
@@ -281,7 +280,7 @@ def test_an_archive_with_two_records_of_one_name_is_refused(tmp_path):
         weight = next(n for n in z.namelist() if '/data/' in n)
         own = z.read(weight)
     path = archive_with(tmp_path, weight, bytes(len(own)))   # the same size, other values, a right CRC
-    with pytest.raises(UnreadableFile, match=f'two records named {weight}'):
+    with pytest.raises(CheckpointError, match=f'two records named {weight}'):
         read_file(str(path))
 
 
@@ -289,7 +288,7 @@ def test_a_record_larger_than_its_file_is_refused_before_it_is_inflated(tmp_path
     """A deflated record of 64 MB of zeros in a file of kilobytes: inflated (and held) before anything said no."""
     path = archive_with(tmp_path, 'edited/code/__torch__/big.py', bytes(2 ** 26), zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 2 ** 20
-    with pytest.raises(UnreadableFile, match='declares 67,108,864 bytes, 16 times more than the whole file'):
+    with pytest.raises(CheckpointError, match='declares 67,108,864 bytes, 16 times more than the whole file'):
         read_file(str(path))
 
 
@@ -319,7 +318,7 @@ def test_a_record_missing_short_or_not_written_by_torchscript_is_one_line(tmp_pa
     """A storage shorter than its tensor, a code record or data.pkl missing, a parameter list that is no constant:
     refused in the words of torch, zipfile or ast, in one line naming the file, never read on."""
     path = rewritten(tmp_path, edit)
-    with pytest.raises(UnreadableFile) as e:
+    with pytest.raises(CheckpointError) as e:
         read_file(path)
     said = str(e.value)
     assert said.startswith(f"'{path}' is not a readable PyTorch checkpoint") and says in said

@@ -63,11 +63,11 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
 
 def layer_inputs(forward, layers):
     """{name: (x, given)}: what each attention layer of `layers` is handed when forward() runs (no gradient): its input
-    tokens (B, N, D) and the tensors given in place of its own (a copy's q, k)."""
+    tokens (B, N, D), in fp32, and the tensors given in place of its own (a copy's q, k)."""
     handed = {}
 
     def keep(name, layer, args, kwargs):   # the first call's
-        handed.setdefault(name, (args[0], {n: t for n, t in kwargs.items() if n != 'keep'}))
+        handed.setdefault(name, (args[0].float(), {n: t for n, t in kwargs.items() if n != 'keep'}))
     hooks = [layer.register_forward_pre_hook(partial(keep, name), with_kwargs=True)
              for name, layer in layers.items()]
     try:
@@ -99,8 +99,8 @@ def layer_part(attn, x, given, backward, compiled):
     compiled, as torch.compile (its backend) runs it in the model: the compiler hands its kernels their layouts."""
     # a copy in fp32 (a teacher's weights are stored in the run's dtype: autocast rounds them back to the same numbers)
     attn = copy.deepcopy(attn).float()
-    x = x.float()
-    projection = attn.v if attn.no_qk else attn.qkv
+    names = 'v' if attn.no_qk else 'qkv'   # its projection (v alone in a layer without q / k), what it makes
+    projection = getattr(attn, names)
     with torch.no_grad():
         # (B, N, 3D), or (B, N, D) in a layer without q / k: split into heads
         made = projection(x)
@@ -112,9 +112,8 @@ def layer_part(attn, x, given, backward, compiled):
             own[0].mul_(scale)                                          # made's q third, in place
         if 'q' in given:   # given: layer_inputs' own dict, for this layer alone
             given['q'] = given['q'] * scale
-    seeded = torch.Generator(x.device).manual_seed(0)
-    incoming = torch.randn(x.shape, device=x.device, generator=seeded)
-    names = 'v' if attn.no_qk else 'qkv'
+    incoming = torch.randn(x.shape, device=x.device,
+                           generator=torch.Generator(x.device).manual_seed(0))
 
     def compute(implementation, dtype):
         leaf = made.to(dtype).requires_grad_(backward)
@@ -138,10 +137,9 @@ def layer_part(attn, x, given, backward, compiled):
 def loss_part(attn, x, loss, units):
     """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'loss', and the gradients of its
     projection's q, k, v thirds} of loss(q, k, v, implementation, dtype), with q, k, v as attention layer attn makes
-    them of its input tokens x (strided views). loss: the definition for eager in fp32, else the method's computation
-    on that implementation's kernels (on eager, the error the fused ones are held to). units(q, k, v) -> {tensor name:
-    its natural scale}: a loss's gradient can be far smaller than the products it is the difference of."""
-    x = x.float()
+    them of its input tokens x (fp32; strided views). loss: the definition for eager in fp32, else the method's
+    computation on that implementation's kernels (on eager, the error the fused ones are held to). units(q, k, v) ->
+    {tensor name: its natural scale}: a loss's gradient can be far smaller than the products it is the difference of."""
     with torch.no_grad():
         made = attn.qkv(x)                                                  # (B, N, 3D)
         with projected_as(attn.qkv, made):

@@ -130,8 +130,8 @@ class RandAugment:
         if self.std == math.inf:
             m = self.magnitude * torch.rand(shape, dtype=torch.float64, generator=generator)
         else:
-            noise = torch.randn(shape, dtype=torch.float64, generator=generator)
-            m = self.magnitude + self.std * noise
+            m = self.magnitude + self.std * torch.randn(shape, dtype=torch.float64,
+                                                        generator=generator)
         signs = torch.randint(2, shape, generator=generator) * 2 - 1
         return ops, applied, m.clamp(0.0, self.mmax), signs
 
@@ -264,11 +264,11 @@ class BatchRandAugment:
         return slots
 
     def put(self, ids, rows, picked, op, arg, torchvision=False):
-        """Write op `op` at its argument `arg` (one per picked image, or one for all; None: none)
-        into ids and rows, as the per-image op computes it: apply() above, or torchvision's
+        """Write op `op` at its argument `arg` (one per picked image, or one for all, broadcast; None:
+        none) into ids and rows, as the per-image op computes it: apply() above, or torchvision's
         _apply_image_or_video_transform."""
         if arg is not None:
-            arg = torch.as_tensor(arg, dtype=torch.float64).expand(int(picked.sum()))
+            arg = torch.as_tensor(arg, dtype=torch.float64)
         theta = self.geometry(op, arg)
         ids[picked] = BATCH_OPS.index(op if theta is None else 'Affine')
         if theta is not None:
@@ -281,10 +281,10 @@ class BatchRandAugment:
             rows[picked, 0] = arg
 
     def geometry(self, op, arg):
-        """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,), or None for another
-        op: torchvision's _get_inverse_affine_matrix at scale 1 (output x, y, 1 -> input x, y, the
-        image's centre at 0), written out for the one angle, shear or shift each op has, with the
-        same float64 roundings."""
+        """The inverse affine rows (k, 6) of a geometric op at arguments arg (k,) (one row (6,) at one
+        argument ()), or None for another op: torchvision's _get_inverse_affine_matrix at scale 1
+        (output x, y, 1 -> input x, y, the image's centre at 0), written out for the one angle, shear
+        or shift each op has, with the same float64 roundings."""
         if arg is None:
             return None
         c = -0.5 * self.size                           # F.affine's center=[0, 0]: the corner
@@ -356,8 +356,8 @@ def batch_op(x, op, rows, fill, mode):
     if op == 'Sharpness':   # the interior moves toward its 3x3 blur (rounded); the border stays
         img[..., 1:-1, 1:-1] += other * (sharpness_blur(img) - img[..., 1:-1, 1:-1])
         return img.clamp(0, 255).to(torch.uint8)
-    if op == 'Brightness':
-        degenerate = torch.zeros_like(x, dtype=torch.float32)
+    if op == 'Brightness':   # toward black
+        degenerate = 0.0
     else:   # Color: toward grey; Contrast: toward the grey image's mean (grey levels floored)
         degenerate = F.rgb_to_grayscale(x).float()
         if op == 'Contrast':
@@ -401,7 +401,7 @@ def sharpness_blur(img):
     """The interior (n, 3, H - 2, W - 2) of torchvision's sharpness blur of images (n, 3, H, W) of
     whole numbers in float32: 3x3, 5 at the centre and 1 around, over 13, rounded."""
     kernel = torch.full((3, 3), 1 / 13, device=img.device)
-    kernel[1, 1].fill_(5 / 13)
+    kernel[1, 1] = 5 / 13
     return torch.nn.functional.conv2d(img, kernel.expand(3, 1, 3, 3), groups=3).round()
 
 

@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
-from util.errors import CheckpointError, UnreadableFile
+from util.errors import CheckpointError
 from util.files import sha256_of
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
@@ -69,7 +69,7 @@ def read_file(path):
     torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
-    be read as a weight). Otherwise one UnreadableFile line naming the file, with torch's own words for what it
+    be read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words for what it
     found. An architecture record is refused where it is built (vit_of) or compared (load_weights)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
@@ -89,21 +89,20 @@ def read_file(path):
             with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except ArchiveRefused as e:   # args: what it holds, the fix
-        raise UnreadableFile(f'{unreadable}: {e.args[0]}', e.args[1]) from None
+        raise CheckpointError(f'{unreadable}: {e.args[0]}: {e.args[1]}') from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
-        raise UnreadableFile(f'{unreadable}: it is damaged ({e})',
-                             'copy or download it again') from None
+        raise CheckpointError(f'{unreadable}: it is damaged ({e}): copy or download it again') from None
     except Exception as e:   # empty, cut short, not torch's, a pickle naming code, no permission
-        raise UnreadableFile(f'{unreadable}: torch.load refused it unread ({torch_says(e)})',
-                             'copy or download it again; for a file of your own, save the tensors '
-                             'alone: torch.save(model.state_dict(), path)') from None
+        raise CheckpointError(f'{unreadable}: torch.load refused it unread ({torch_says(e)}): '
+                              'copy or download it again; for a file of your own, save the tensors '
+                              'alone: torch.save(model.state_dict(), path)') from None
     # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
     # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
     repeated = next(zero_strided(ckpt), None)
     if repeated:
-        raise UnreadableFile(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
-                             f'of 0), which torch.save never writes: it was edited or is damaged',
-                             'take another copy of it')
+        raise CheckpointError(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
+                              f'of 0), which torch.save never writes: it was edited or is damaged: '
+                              'take another copy of it')
     return ckpt
 
 

@@ -205,4 +205,3 @@ def cast_matmul_weights(model, dtype):
     for m in model.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(dtype)
-    return model

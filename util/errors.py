@@ -18,13 +18,6 @@ class CheckpointError(RuntimeError):
     """A file of weights that cannot be read or used: the file and the fix."""
 
 
-class UnreadableFile(CheckpointError):
-    """A file that is no checkpoint: why (`what`), then the fix."""
-
-    def __init__(self, what, fix):
-        super().__init__(f'{what}: {fix}')
-
-
 class DamagedFile(ConfigError):
     """A run or report file that does not hold what the program that wrote it writes."""
 
