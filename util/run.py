@@ -110,8 +110,10 @@ class Run:
             self.saved_step = self.step
         self.record = None        # an evaluation not yet in metrics.jsonl
         self.begin(full)
-        # the model is on this process's device, and so is every batch
-        self.ddp = DDP(model) if dist.is_initialized() else None
+        self.ddp = None
+        if dist.is_initialized():
+            devices = [plan.device.index] if plan.device.type == 'cuda' else None
+            self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
         if cfg.compile:
             self.net = torch.compile(self.net)
