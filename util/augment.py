@@ -401,7 +401,7 @@ def sharpness_blur(img):
     """The interior (n, 3, H - 2, W - 2) of torchvision's sharpness blur of images (n, 3, H, W) of
     whole numbers in float32: 3x3, 5 at the centre and 1 around, over 13, rounded."""
     kernel = torch.full((3, 3), 1 / 13, device=img.device)
-    kernel[1, 1] = 5 / 13
+    kernel[1, 1].fill_(5 / 13)   # in place: an assigned number is copied from the host
     return torch.nn.functional.conv2d(img, kernel.expand(3, 1, 3, 3), groups=3).round()
 
 
