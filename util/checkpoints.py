@@ -187,9 +187,10 @@ def arch_of(ckpt, source, num_heads, flag):
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
     dim = conv.shape[0]
     grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
     return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
-                num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0, embed_dim=dim,
-                depth=1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.')),
+                num_classes=num_classes, embed_dim=dim, depth=depth,
                 num_heads=heads_of(ckpt, source, dim, num_heads, flag),
                 mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
