@@ -8,6 +8,11 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
+import torch.cuda.amp.common
+import torch.nn.functional as F
+from torch._subclasses import fake_tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import forkserver
 
@@ -26,6 +31,98 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if 'gpu' in item.keywords:
                 item.add_marker(pytest.mark.skip(reason='needs a CUDA device'))
+
+
+# -----------------------------------------------------------------------------
+# Tests leave torch as they found it
+
+# the functions and classes a test may replace for its own time only (the stand-in device's, tests/standin_cuda.py,
+# and the ones tests patch): the same objects after every test
+REPLACEABLE = {
+    'torch': (torch, ['save', 'load', 'Generator', 'default_generator', 'manual_seed', 'get_rng_state',
+                      'set_rng_state', 'compile', '_fused_sdp_choice']),
+    'torch.cuda': (torch.cuda, ['is_available', 'device_count', 'current_device', 'set_device', 'is_bf16_supported',
+                                'get_device_capability', 'get_device_properties', 'synchronize', 'mem_get_info',
+                                'get_rng_state', 'set_rng_state', 'manual_seed']),
+    'torch.autograd': (torch.autograd, ['backward', 'grad']),
+    'torch.Tensor': (torch.Tensor, ['backward', 'pin_memory', 'is_pinned', 'to', 'item']),
+    'torch.utils': (torch.utils, ['swap_tensors']),
+    'torch.nn.functional': (F, ['scaled_dot_product_attention']),
+    'torch.hub': (torch.hub, ['get_dir', 'download_url_to_file']),
+    'fake_tensor': (fake_tensor, ['init_gpu_context']),
+    'torch.cuda.amp.common': (torch.cuda.amp.common, ['amp_definitely_not_available']),
+}
+
+
+def torch_settings():
+    """{name: value} of torch's process-wide settings a test may change inside a scoped tool only."""
+    backends = torch.backends
+    settings = {
+        'torch.backends.cuda.matmul.allow_tf32': backends.cuda.matmul.allow_tf32,
+        'torch.backends.cudnn.allow_tf32': backends.cudnn.allow_tf32,
+        'torch.backends.cudnn.enabled': backends.cudnn.enabled,
+        'torch.backends.cudnn.benchmark': backends.cudnn.benchmark,
+        'torch.backends.cudnn.deterministic': backends.cudnn.deterministic,
+        'torch.get_float32_matmul_precision()': torch.get_float32_matmul_precision(),
+        'torch.are_deterministic_algorithms_enabled()': torch.are_deterministic_algorithms_enabled(),
+        'torch.is_deterministic_algorithms_warn_only_enabled()':
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        'torch.get_default_dtype()': torch.get_default_dtype(),
+        'torch.get_default_device()': torch.get_default_device(),
+        'torch.is_grad_enabled()': torch.is_grad_enabled(),
+        'torch.is_inference_mode_enabled()': torch.is_inference_mode_enabled(),
+        "torch.is_autocast_enabled('cpu')": torch.is_autocast_enabled('cpu'),
+        "torch.is_autocast_enabled('cuda')": torch.is_autocast_enabled('cuda'),
+        'torch.get_num_threads()': torch.get_num_threads(),
+        'torch.cuda.is_available()': torch.cuda.is_available(),
+        'torch.accelerator.is_available()': torch.accelerator.is_available(),
+        'dispatch modes entered (FakeTensorMode)': len(_get_current_dispatch_mode_stack()),
+    }
+    for kernel in ('flash', 'mem_efficient', 'math', 'cudnn'):
+        name = f'torch.backends.cuda.{kernel}_sdp_enabled'
+        settings[f'{name}()'] = getattr(backends.cuda, f'{kernel}_sdp_enabled')()
+    # TF32 as a precision too, from torch 2.9 on (allow_tf32 set back by value may leave 'ieee' where 'none' was)
+    precisions = {'': backends, '.cuda.matmul': backends.cuda.matmul, '.cudnn': backends.cudnn,
+                  '.cudnn.conv': getattr(backends.cudnn, 'conv', None),
+                  '.cudnn.rnn': getattr(backends.cudnn, 'rnn', None),
+                  '.mkldnn': backends.mkldnn}
+    for name, owner in precisions.items():
+        precision = getattr(owner, 'fp32_precision', None)
+        if precision is not None:
+            settings[f'torch.backends{name}.fp32_precision'] = precision
+    config = torch._dynamo.config
+    for k, v in config.get_config_copy().items():
+        settings[f'torch._dynamo.config.{k}'] = v
+    # a name deleted from it (pytest's monkeypatch.setattr from 9.2 on, undone) is hidden, its value kept
+    settings['torch._dynamo.config names deleted'] = [k for k, entry in config._config.items()
+                                                      if getattr(entry, 'hide', False)]
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def leaves_torch_as_found():
+    """Fails a test that leaves torch changed (a function replaced, a flag or a config set; PyTorch's own test
+    harness checks the same), naming what; the functions are put back, so that no later test runs on a stand-in.
+    The random generators' states are not compared: tests and scripts seed them on purpose (util.engine.seed_all);
+    the generators themselves (torch.Generator, torch.default_generator, the functions that seed and read them)
+    are."""
+    functions = {(owner, name): (label, getattr(owner, name), name in vars(owner))
+                 for label, (owner, names) in REPLACEABLE.items() for name in names}
+    settings = torch_settings()
+    yield
+    replaced = []
+    for (owner, name), (label, f, own) in functions.items():
+        if getattr(owner, name) is not f:
+            replaced.append(f'{label}.{name} replaced')
+            if own:
+                setattr(owner, name, f)
+            else:             # a class's, inherited (torch.Tensor's from torch._C.TensorBase)
+                delattr(owner, name)
+    now = torch_settings()
+    changed = [f'{k} {settings.get(k)!r} -> {now.get(k)!r}' for k in {**settings, **now}
+               if settings.get(k) != now.get(k)]
+    if replaced or changed:
+        pytest.fail('the test left torch changed: ' + '; '.join(replaced + changed), pytrace=False)
 
 
 # a tiny run: the `fake` preset (depth 2, patch 8, 32x32) on 256 images, no worker processes
