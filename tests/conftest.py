@@ -81,12 +81,9 @@ def torch_settings():
     for kernel in ('flash', 'mem_efficient', 'math', 'cudnn'):
         name = f'torch.backends.cuda.{kernel}_sdp_enabled'
         settings[f'{name}()'] = getattr(backends.cuda, f'{kernel}_sdp_enabled')()
-    # TF32 as a precision too, from torch 2.9 on (allow_tf32 set back by value may leave 'ieee' where 'none' was)
-    precisions = {'': backends, '.cuda.matmul': backends.cuda.matmul, '.cudnn': backends.cudnn,
-                  '.cudnn.conv': getattr(backends.cudnn, 'conv', None),
-                  '.cudnn.rnn': getattr(backends.cudnn, 'rnn', None),
-                  '.mkldnn': backends.mkldnn}
-    for name, owner in precisions.items():
+    # the precision every backend inherits, from torch 2.9 on (CUDA's own TF32 flags: allow_tf32 above; set back by
+    # value, they may say 'ieee' where 'none' was, which is the same)
+    for name, owner in {'': backends, '.mkldnn': backends.mkldnn}.items():
         precision = getattr(owner, 'fp32_precision', None)
         if precision is not None:
             settings[f'torch.backends{name}.fp32_precision'] = precision
@@ -101,8 +98,8 @@ def torch_settings():
 
 @pytest.fixture(autouse=True)
 def leaves_torch_as_found():
-    """Fails a test that leaves torch changed (a function replaced, a flag or a config set; PyTorch's own test
-    harness checks the same), naming what; the functions are put back, so that no later test runs on a stand-in.
+    """Fails a test that leaves torch changed (a function replaced, a flag or a config set), naming what; the
+    functions are put back, so that no later test runs on a stand-in.
     The random generators' states are not compared: tests and scripts seed them on purpose (util.engine.seed_all);
     the generators themselves (torch.Generator, torch.default_generator, the functions that seed and read them)
     are."""
