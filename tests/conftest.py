@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root on sys.path, the `gpu` marker (such tests skip without CUDA), and a
 helper that runs a script of the repo in a process of its own (tiny, single-threaded: the machine is small and
 shared), forked from one that has imported torch already (tests/forkserver.py)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -181,13 +182,31 @@ def blocks_run(model):
     return ran
 
 
+@contextlib.contextmanager
+def tf32(matmul=None, cudnn=None):
+    """TF32 for CUDA's matrix products (cuBLAS) and convolutions (cuDNN) set inside where given (None: as they are),
+    and put back after, by value, whatever happens. By hand: torch has no scoped tool for cuBLAS's flag, and
+    torch.backends.cudnn.flags' arguments differ between the torch versions in range. From torch 2.9 on the flag is a
+    precision too, which cuBLAS's flag set back by value leaves at 'ieee' where it said 'none': it is put back too."""
+    blas = torch.backends.cuda.matmul
+    kept = blas.allow_tf32, torch.backends.cudnn.allow_tf32, getattr(blas, 'fp32_precision', None)
+    try:
+        if matmul is not None:
+            blas.allow_tf32 = matmul
+        if cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn
+        yield
+    finally:
+        blas.allow_tf32, torch.backends.cudnn.allow_tf32 = kept[:2]
+        if kept[2] is not None:
+            blas.fp32_precision = kept[2]
+
+
 @pytest.fixture
 def exact_fp32():
     """fp32 on CUDA in true fp32: TF32 off (launch.setup turns it on for training), restored after."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    with tf32(False, False):
+        yield
 
 
 def relative_distance(a, b):

@@ -8,12 +8,19 @@ printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and
 backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
 host's zeros in the device tensors' shapes) and the CUDA generator (a host one).
 
-    with standin_cuda(monkeypatch) as cuda:
+    with standin_cuda() as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
+        cuda.patch(torch.cuda, 'is_available', lambda: True)   # put back with the stand-in's own
         with cuda.strict():
             step(...)             # a sync or a host tensor read here fails
+
+Every replacement is undone when the context ends, whatever happened inside, by putting back the object that was there
+(never by deleting a name: a module that serves names through __getattr__, torch's configs, would lose them), and
+CUDA's TF32 flags (which a script's set-up turns on for a GPU) are put back as they were.
 """
 import contextlib
+import os
+import traceback
 from types import SimpleNamespace
 
 import torch
@@ -21,20 +28,41 @@ import torch.utils._pytree as pytree
 from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from conftest import tf32
+
 aten = torch.ops.aten
 # the operators that hand the host a number of a tensor's data
 SYNCS = (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default)
 COPIES = (aten._to_copy.default, aten.copy_.default)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_line():
+    """Where the project's own code (not torch's, not the tests') asked for what runs now: 'file:line'."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.relpath(frame.filename, ROOT)
+        if not path.startswith(('..', 'tests')):
+            return f'{path}:{frame.lineno}'
+    return 'outside the project'
 
 
 class StandInCuda(FakeTensorMode):
     """FakeTensorMode on a fake `cuda:0`, which stands in numbers for syncs outside strict() and refuses them
     inside."""
 
-    def __init__(self):
+    def __init__(self, patches):
         super().__init__(allow_non_fake_inputs=True)
         self.in_step = False
         self.syncs = []           # what a strict step asked of the host (each fails the test)
+        self.patches = patches    # an ExitStack: every replacement, undone when the stand-in ends
+
+    def __deepcopy__(self, memo):
+        """A fake tensor deep-copied (an EMA's copy of the model) stays in this mode: one device, not two."""
+        return self
+
+    def patch(self, owner, name, value):
+        """owner.name is value until the stand-in ends (undone with its own replacements)."""
+        self.patches.enter_context(replaced(owner, name, value))
 
     @contextlib.contextmanager
     def strict(self, allowed=0):
@@ -83,7 +111,7 @@ class StandInCuda(FakeTensorMode):
         """Inside a step: a sync, a blocking copy to the host, or a host tensor (not a scalar) handed to an operator
         on the device."""
         if func in SYNCS:
-            self.syncs.append(f'{func} (a number read on the host)')
+            self.syncs.append(f'{func} (a number read on the host) at {project_line()}')
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         devices = {t.device.type for t in tensors}
@@ -92,10 +120,10 @@ class StandInCuda(FakeTensorMode):
             source = args[1] if func is aten.copy_.default else args[0]
             across = to is not None and torch.device(to).type != source.device.type
             if across and not kwargs.get('non_blocking'):
-                self.syncs.append(f'{func} (a blocking copy between host and device)')
+                self.syncs.append(f'{func} (a blocking copy between host and device) at {project_line()}')
             return
         if 'cuda' in devices and any(t.device.type == 'cpu' and t.dim() > 0 for t in tensors):
-            self.syncs.append(f'{func} (reads a host tensor)')
+            self.syncs.append(f'{func} (reads a host tensor) at {project_line()}')
 
 
 def swapped(swap, t1, t2):
@@ -146,47 +174,65 @@ class Generator(torch.Generator):
 
 
 @contextlib.contextmanager
-def standin_cuda(monkeypatch):
+def replaced(owner, name, value):
+    """owner.name is value inside; after, whatever happens, the object that was there is set back (a class's
+    inherited one uncovered again: torch.Tensor's methods are torch._C.TensorBase's)."""
+    old = getattr(owner, name)
+    inherited = isinstance(owner, type) and name not in vars(owner)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if inherited:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+
+@contextlib.contextmanager
+def standin_cuda():
     """Inside: torch.cuda's questions (a device's properties, bf16, memory) answered as an H100 would, CUDA's autocast
     on, and every tensor a fake one on `cuda:0` or on the host. torch.cuda.is_available() stays False (where it is
     True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs."""
-    mode = StandInCuda()
-    for name, value in {'device_count': 1, 'current_device': 0,
-                        'is_bf16_supported': True, 'get_device_capability': (9, 0)}.items():
-        monkeypatch.setattr(torch.cuda, name, lambda *a, value=value, **k: value)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
-    properties = SimpleNamespace(name='stand-in', total_memory=80 * 2 ** 30, major=9, minor=0)
-    monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda *a: properties)
-    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
-    # torch's autograd engine needs a real CUDA context for a device tensor's backward (pytorch issue 92627): the
-    # gradients are stand-ins, zeros on each leaf's device
-    monkeypatch.setattr(torch.autograd, 'backward', standin_backward)
-    monkeypatch.setattr(torch.autograd, 'grad', standin_grad)
-    # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
-    save = torch.save
-    monkeypatch.setattr(torch, 'save', lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
-    # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
-    swap = torch.utils.swap_tensors
-    monkeypatch.setattr(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
-    load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
+    with contextlib.ExitStack() as patches:
+        mode = StandInCuda(patches)
+        patches.enter_context(tf32())    # a script's set-up turns TF32 on for a GPU (launch.processes)
+        for name, value in {'device_count': 1, 'current_device': 0,
+                            'is_bf16_supported': True, 'get_device_capability': (9, 0)}.items():
+            mode.patch(torch.cuda, name, lambda *a, value=value, **k: value)
+        mode.patch(torch.cuda, 'set_device', lambda device: None)
+        properties = SimpleNamespace(name='stand-in', total_memory=80 * 2 ** 30, major=9, minor=0)
+        mode.patch(torch.cuda, 'get_device_properties', lambda *a: properties)
+        mode.patch(torch.cuda, 'synchronize', lambda *a: None)
+        mode.patch(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
+        # torch's autograd engine needs a real CUDA context for a device tensor's backward (pytorch issue 92627): the
+        # gradients are stand-ins, zeros on each leaf's device
+        mode.patch(torch.autograd, 'backward', standin_backward)
+        mode.patch(torch.autograd, 'grad', standin_grad)
+        # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
+        save = torch.save
+        mode.patch(torch, 'save', lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
+        # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
+        swap = torch.utils.swap_tensors
+        mode.patch(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
+        load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
 
-    def host_load(*args, **kwargs):
-        with fake_tensor.unset_fake_temporarily():
-            return load(*args, **kwargs)
-    monkeypatch.setattr(torch, 'load', host_load)
-    # the device's generator and its state: the host's stand in (the numbers are not checked)
-    monkeypatch.setattr(torch, 'Generator', Generator)
-    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda *a: torch.get_rng_state())
-    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda *a: None)
-    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda t, *a: t)
-    monkeypatch.setattr(torch.Tensor, 'is_pinned', lambda t, *a: True)
-    # a real CUDA context is made for a fake tensor's first move where torch sees a GPU: none is here
-    monkeypatch.setattr(fake_tensor, 'init_gpu_context', lambda device: None)
-    # CUDA's autocast rules on the fake tensors (torch.autocast('cuda') asks whether a GPU is there)
-    monkeypatch.setattr(torch.cuda.amp.common, 'amp_definitely_not_available', lambda: False)
-    with mode:
-        yield mode
+        def host_load(*args, **kwargs):
+            with fake_tensor.unset_fake_temporarily():
+                return load(*args, **kwargs)
+        mode.patch(torch, 'load', host_load)
+        # the device's generator and its state: the host's stand in (the numbers are not checked)
+        mode.patch(torch, 'Generator', Generator)
+        mode.patch(torch.cuda, 'get_rng_state', lambda *a: torch.get_rng_state())
+        mode.patch(torch.cuda, 'set_rng_state', lambda *a: None)
+        mode.patch(torch.Tensor, 'pin_memory', lambda t, *a: t)
+        mode.patch(torch.Tensor, 'is_pinned', lambda t, *a: True)
+        # a real CUDA context is made for a fake tensor's first move where torch sees a GPU: none is here
+        mode.patch(fake_tensor, 'init_gpu_context', lambda device: None)
+        # CUDA's autocast rules on the fake tensors (torch.autocast('cuda') asks whether a GPU is there)
+        mode.patch(torch.cuda.amp.common, 'amp_definitely_not_available', lambda: False)
+        with mode:
+            yield mode
 
 
 def on_device(t):

@@ -9,6 +9,7 @@ What this guards against: a per-step closure over the teacher's generator, calle
 loop over blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on
 its own, recompiling for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs).
 """
+import contextlib
 import sys
 
 import pytest
@@ -41,11 +42,12 @@ def compiled_run(monkeypatch, script, out_dir, backend, *args):
     of its student on (the start-up check compiles the layers it checks before), from its counters. Any
     recompilation from there raises (error_on_recompile)."""
     compile = torch.compile
+    recompiles = contextlib.ExitStack()   # refused from the run's compile to the end of main()
 
     def counted(model, **kwargs):
         if not isinstance(model, Attention):   # the run's
             counters.clear()
-            monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
+            recompiles.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
         return compile(model, **kwargs, backend=backend)
     monkeypatch.setattr(torch, 'compile', counted)
     script, _, implementation = script.partition('-')
@@ -53,7 +55,8 @@ def compiled_run(monkeypatch, script, out_dir, backend, *args):
                                       '--max-steps', '4', '--log-every', '1', *args,
                                       *(['--attn-implementation', implementation] if implementation else [])])
     torch._dynamo.reset()
-    SCRIPTS[script].main()
+    with recompiles:
+        SCRIPTS[script].main()
     return dict(counters['frames']), counters['stats']['unique_graphs'], dict(counters['graph_break'])
 
 

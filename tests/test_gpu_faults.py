@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import tf32
 from standin_cuda import standin_cuda
 from util import attention_check
 from util.config import ConfigError
@@ -21,11 +22,9 @@ def part(compute, device='cpu'):
     return {'layer 0': (compute, (q, q, q), {})}
 
 
-def tf32_seen(monkeypatch, device):
+def tf32_seen(device):
     """(implementation, TF32 on for matrix products) of each computation of an fp32 check on device, with TF32 on as
     processes() turns it on for a run on CUDA (convolutions too: none is checked)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
     seen = []
 
     def compute(implementation, dtype):
@@ -33,22 +32,23 @@ def tf32_seen(monkeypatch, device):
         return {'output': torch.ones(3, device=device)}
     p = plan()[0]
     p.device = torch.device(device)
-    attention_check.check_sdpa(p, 'fine-tuning', part(compute, device))
-    assert torch.backends.cuda.matmul.allow_tf32
+    with tf32(True, True):
+        attention_check.check_sdpa(p, 'fine-tuning', part(compute, device))
+        assert torch.backends.cuda.matmul.allow_tf32
     return seen
 
 
-def test_the_definition_is_computed_without_tf32(monkeypatch):
+def test_the_definition_is_computed_without_tf32():
     """An fp32 run on CUDA has TF32 on (processes()): the definition (eager, fp32) is computed without it, eager as the
     run runs and sdpa with it; TF32 is on again after the check."""
-    with standin_cuda(monkeypatch):
-        seen = tf32_seen(monkeypatch, 'cuda:0')
+    with standin_cuda():
+        seen = tf32_seen('cuda:0')
     assert seen == [('eager', False), ('eager', True), ('sdpa', True)]
 
 
-def test_eager_is_computed_once_where_tf32_cannot_differ(monkeypatch):
+def test_eager_is_computed_once_where_tf32_cannot_differ():
     """On a CPU an fp32 eager run is the definition itself (TF32 is CUDA's): computed once, not twice."""
-    assert tf32_seen(monkeypatch, 'cpu') == [('eager', False), ('sdpa', True)]
+    assert tf32_seen('cpu') == [('eager', False), ('sdpa', True)]
 
 
 @pytest.mark.parametrize('error', [ValueError, RuntimeError, IndexError])
@@ -182,7 +182,7 @@ def test_the_map_free_loss_s_entry_point_suits_the_dtype_and_is_remembered(monke
     monkeypatch.setattr(attention_distill, 'CUDA_LSE', {'cudnn': entry('cudnn', False), 'flash': entry('flash', True),
                                                         'efficient': entry('efficient', True)})
     monkeypatch.setattr(attention_distill, 'LSE_RAN', {}, raising=False)
-    with standin_cuda(monkeypatch):
+    with standin_cuda():
         q = torch.randn(2, 4, 17, 16, device='cuda:0')
         for _ in range(2):
             attention_distill.attention_with_lse(q, q, q)

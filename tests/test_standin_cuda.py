@@ -33,7 +33,7 @@ def fake_set(held, shift='none'):
 # held and folder each in the autocast dtype test_standin_scripts.py's ensemble and evaluate runs do not give them
 @pytest.mark.parametrize('held, dtype', [(True, torch.float16), (False, torch.bfloat16)],
                          ids=['held', 'folder'])
-def test_ensemble_and_evaluate_score_on_the_device(held, dtype, monkeypatch):
+def test_ensemble_and_evaluate_score_on_the_device(held, dtype):
     """ensemble.py's and evaluate.py's scoring (--shift's sets too): the batches on the device, the models on it, no
     host sync per batch, and the accuracies taken on logits and labels on one device (the labels of a held set
     were on the device, the logits on the host: every GPU run crashed)."""
@@ -45,7 +45,7 @@ def test_ensemble_and_evaluate_score_on_the_device(held, dtype, monkeypatch):
         loader = build_loader(cfg, dataset, False, device=place.device)
         # a DataLoader's batches are made on the host, as its workers make them: real tensors
         loaders.append(loader if held else list(loader))
-    with standin_cuda(monkeypatch) as cuda:
+    with standin_cuda() as cuda:
         models = [m.to(place.device) for m in models]
         for loader in loaders:
             logits, labels = predict_all(models, loader, place)
@@ -59,7 +59,7 @@ def test_ensemble_and_evaluate_score_on_the_device(held, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize('held', [True, False], ids=['held', 'folder'])
-def test_a_training_run_evaluates_without_a_copy_per_batch(held, monkeypatch):
+def test_a_training_run_evaluates_without_a_copy_per_batch(held):
     """util/engine.evaluate (every training script's evaluation): the sums kept on the device, read once at the end
     (one tolist of four numbers), whatever the number of batches (4 here)."""
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_a_training_run_evaluates_without_a_copy_per_batch(held, monkeypatch):
     cfg, dataset = fake_set(held)
     loader = build_loader(cfg, dataset, False, device=plan.device)
     loader = loader if held else list(loader)
-    with standin_cuda(monkeypatch) as cuda:
+    with standin_cuda() as cuda:
         model = model.to(plan.device)
         with cuda.strict(allowed=4), torch.no_grad():
             evaluate(model, loader, plan)
