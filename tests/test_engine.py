@@ -1,5 +1,5 @@
 """In-process unit tests of util/engine.py and util/launch.py (config parsing, schedule, optimiser groups, loss, AMP), and
-the exactness of resume (finetune.py runs in subprocesses, compared tensor by tensor)."""
+the exactness of resume (finetune.py runs in subprocesses, compared tensor by tensor); util/run.py's EMA."""
 import dataclasses
 import math
 import os
@@ -246,10 +246,12 @@ def _load(out_dir):
 
 
 def assert_same_weights(a, b, what):
-    assert a['model'].keys() == b['model'].keys()
-    differ = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
+    """The model's weights, and the EMA's where the run keeps one (its count of updates too), equal."""
+    a, b = ({**ck['model'], **{f'ema {k}': v for k, v in (ck['ema'] or {}).items()}} for ck in (a, b))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, (f'{what}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]} (max '
-                        f'abs diff {max((a["model"][k] - b["model"][k]).abs().max().item() for k in differ):.3g})')
+                        f'abs diff {max((a[k] - b[k]).abs().max().item() for k in differ):.3g})')
 
 
 # drop-path and MixUp draw from the training process's RNG, which a loader with no workers must leave alone
@@ -260,10 +262,10 @@ AUGMENTED = ('--crop-pad', '4', '--randaug', 'rand-m9-mstd0.5-inc1', '--reprob',
 
 @pytest.mark.parametrize('stop_at, workers, resume_workers, extra', [
     (5, 0, 0, ()), (8, 0, 0, ()), (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM),
-    (5, 0, 0, AUGMENTED)],
+    (5, 0, 0, AUGMENTED), (5, 0, 0, ('--ema', '0.9'))],
     ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker',
          'mid-epoch-2-workers-then-none-drop-path-mixup', 'epoch-boundary-none-then-1-worker-drop-path-mixup',
-         'mid-epoch-augmented-on-the-device'])
+         'mid-epoch-augmented-on-the-device', 'mid-epoch-ema'])
 def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers, resume_workers, extra):
     a_dir, out = uninterrupted(workers, *extra), tmp_path / 'B'
     finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at, *extra)
@@ -326,3 +328,47 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, workers,
     assert b['step'] == 16
     assert_same_weights(a, b, f'killed at step {killed_at}, resumed with {resume_workers} workers after {workers}')
     assert read_metrics(uninterrupted(workers, *extra))[-1]['top1'] == read_metrics(out)[-1]['top1']
+
+
+# -----------------------------------------------------------------------------
+# 7. The EMA
+
+
+def test_the_ema_is_averaged_models_and_resumes_from_either():
+    """util/run.EMA (its count of updates a Python int) gives torch's AveragedModel EMA bit for bit, update after update,
+    buffers too, and the float64 rule: the first update copies, each later one w <- decay w + (1 - decay) w_model;
+    the state_dict of either loads into the other, each going on as the other would have."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from util.run import EMA
+    decay = 0.9
+    torch.manual_seed(0)
+    model = create_model('vit_tiny', img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=3)
+    model.register_buffer('running', torch.randn(5))       # a ViT has no buffer: one to average too
+
+    def averaged():
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ours, theirs = EMA(model, decay), averaged()
+    rule = None
+    for step in range(5):
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.add_(torch.randn_like(t))
+        weights = {k: v.double() for k, v in model.state_dict().items()}
+        rule = weights if rule is None else {k: decay * rule[k] + (1 - decay) * weights[k] for k in rule}
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+        mine, torch_s = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == torch_s.keys() and mine['n_averaged'].item() == step + 1
+        assert all(torch.equal(mine[k], torch_s[k]) for k in mine), f'update {step + 1}'
+        for k, v in rule.items():
+            torch.testing.assert_close(mine[f'module.{k}'].double(), v, rtol=1e-6, atol=1e-6)
+    again, other = EMA(model, decay), averaged()
+    again.load_state_dict(theirs.state_dict())
+    other.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.add_(torch.randn_like(t))
+    for ema in (ours, theirs, again, other):
+        ema.update_parameters(model)
+    states = [ema.state_dict() for ema in (ours, theirs, again, other)]
+    assert all(torch.equal(s[k], states[0][k]) for s in states for k in states[0])

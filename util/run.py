@@ -6,6 +6,7 @@ continued from its checkpoint where --resume true says so, and what it writes in
     metrics.jsonl   one record per evaluation (Run.evaluate)
     checkpoint.pt   everything a resume needs, each value finite, written whole (Run.save)
 """
+import copy
 import math
 import time
 from dataclasses import asdict
@@ -13,7 +14,6 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from util.engine import build_optimizer, final_lr
 from util.errors import CheckpointError, ConfigError
@@ -80,6 +80,42 @@ def not_finite(state, prefix=''):
             yield f'{prefix}{k}', v[~v.isfinite()][0].item()
 
 # -----------------------------------------------------------------------------
+# The EMA
+
+
+class EMA:
+    """An exponential moving average of a model's weights (its parameters and buffers), evaluated beside it. The first
+    update copies the model; each later one moves every value 1 - decay of the way to the model's:
+    w_ema <- decay * w_ema + (1 - decay) * w, torch.optim.swa_utils.get_ema_multi_avg_fn's rule (no warm-up). It is
+    AveragedModel's EMA with its count of updates kept in Python: AveragedModel keeps it in a host tensor that it
+    copies to the device at every update, a wait in each step on a GPU. Its state_dict is AveragedModel's too
+    ('n_averaged', and the model's under 'module.'): a checkpoint from either resumes in the other."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.count = 0   # updates so far
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.count == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1 - self.decay)   # w + (1 - decay) * (w_model - w), in place
+        self.count += 1
+
+    def state_dict(self):
+        weights = {f'module.{k}': v for k, v in self.module.state_dict().items()}
+        return {'n_averaged': torch.tensor(self.count), **weights}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        self.count = int(state.pop('n_averaged'))
+        self.module.load_state_dict({k.removeprefix('module.'): v for k, v in state.items()})
+
+# -----------------------------------------------------------------------------
 # The run's state
 
 
@@ -103,8 +139,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
-                                     use_buffers=True)
+            self.ema = EMA(model, cfg.ema)
         self.step, self.metrics, self.trained_s = 0, {}, 0.0
         self.saved_step = None    # the step of the checkpoint on disk, if any
         if plan.resumed:
@@ -194,7 +229,7 @@ class Run:
         self.model.eval()
         self.metrics.update(evaluate_fn(self.model))
         if self.ema is not None:
-            self.ema.eval()
+            self.ema.module.eval()
             self.metrics.update({f'ema_{k}': v for k, v in evaluate_fn(self.ema.module).items()})
         self.model.train()
         record = {'epoch': self.step / self.steps_per_epoch, 'step': self.step,
