@@ -40,11 +40,12 @@ def pytest_collection_modifyitems(config, items):
 # the functions and classes a test may replace for its own time only (the stand-in device's, tests/standin_cuda.py,
 # and the ones tests patch): the same objects after every test
 REPLACEABLE = {
-    'torch': (torch, ['save', 'load', 'Generator', 'default_generator', 'manual_seed', 'get_rng_state',
-                      'set_rng_state', 'compile', '_fused_sdp_choice']),
-    'torch.cuda': (torch.cuda, ['is_available', 'device_count', 'current_device', 'set_device', 'is_bf16_supported',
-                                'get_device_capability', 'get_device_properties', 'synchronize', 'mem_get_info',
-                                'get_rng_state', 'set_rng_state', 'manual_seed']),
+    'torch': (torch, ['save', 'load', 'Generator', 'default_generator', 'manual_seed',
+                      'get_rng_state', 'set_rng_state', 'compile', '_fused_sdp_choice']),
+    'torch.cuda': (torch.cuda, ['is_available', 'device_count', 'current_device', 'set_device',
+                                'is_bf16_supported', 'get_device_capability', 'get_device_properties',
+                                'synchronize', 'mem_get_info', 'get_rng_state', 'set_rng_state',
+                                'manual_seed']),
     'torch.autograd': (torch.autograd, ['backward', 'grad']),
     'torch.Tensor': (torch.Tensor, ['backward', 'pin_memory', 'is_pinned', 'to', 'item']),
     'torch.utils': (torch.utils, ['swap_tensors']),
@@ -65,7 +66,8 @@ def torch_settings():
         'torch.backends.cudnn.benchmark': backends.cudnn.benchmark,
         'torch.backends.cudnn.deterministic': backends.cudnn.deterministic,
         'torch.get_float32_matmul_precision()': torch.get_float32_matmul_precision(),
-        'torch.are_deterministic_algorithms_enabled()': torch.are_deterministic_algorithms_enabled(),
+        'torch.are_deterministic_algorithms_enabled()':
+            torch.are_deterministic_algorithms_enabled(),
         'torch.is_deterministic_algorithms_warn_only_enabled()':
             torch.is_deterministic_algorithms_warn_only_enabled(),
         'torch.get_default_dtype()': torch.get_default_dtype(),
@@ -216,11 +218,13 @@ def relative_distance(a, b):
 
 def run_in_process(monkeypatch, module, *args):
     """Run a script's main() in this process, as `python <module>.py args` would (no interpreter start-up,
-    no torch import): returns None if it succeeds, else the one-line message it exits with."""
+    no torch import): returns None if it succeeds, else the one-line message it exits with. What a script sets for
+    its whole process (TF32 on a GPU, fp32 in tools/features.py) is put back after."""
     from util.launch import run_main
     monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *map(str, args)])
     try:
-        run_main(module.main)
+        with tf32():
+            run_main(module.main)
     except SystemExit as e:
         assert isinstance(e.code, str) and '\n' not in e.code.strip(), f'exit {e.code!r}: expected one line'
         return e.code

@@ -120,7 +120,8 @@ class StandInCuda(FakeTensorMode):
             source = args[1] if func is aten.copy_.default else args[0]
             across = to is not None and torch.device(to).type != source.device.type
             if across and not kwargs.get('non_blocking'):
-                self.syncs.append(f'{func} (a blocking copy between host and device) at {project_line()}')
+                self.syncs.append(f'{func} (a blocking copy between host and device) at '
+                                  f'{project_line()}')
             return
         if 'cuda' in devices and any(t.device.type == 'cpu' and t.dim() > 0 for t in tensors):
             self.syncs.append(f'{func} (reads a host tensor) at {project_line()}')
@@ -211,7 +212,8 @@ def standin_cuda():
         mode.patch(torch.autograd, 'grad', standin_grad)
         # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
         save = torch.save
-        mode.patch(torch, 'save', lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
+        mode.patch(torch, 'save',
+                   lambda obj, *a, **k: save(pytree.tree_map_only(FakeTensor, zeros, obj), *a, **k))
         # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
         swap = torch.utils.swap_tensors
         mode.patch(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))

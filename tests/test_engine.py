@@ -247,7 +247,8 @@ def _load(out_dir):
 
 def assert_same_weights(a, b, what):
     """The model's weights, and the EMA's where the run keeps one (its count of updates too), equal."""
-    a, b = ({**ck['model'], **{f'ema {k}': v for k, v in (ck['ema'] or {}).items()}} for ck in (a, b))
+    a, b = ({**ck['model'], **{f'ema {k}': v for k, v in (ck['ema'] or {}).items()}}
+            for ck in (a, b))
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, (f'{what}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]} (max '
@@ -342,7 +343,8 @@ def test_the_ema_is_averaged_models_and_resumes_from_either():
     from util.run import EMA
     decay = 0.9
     torch.manual_seed(0)
-    model = create_model('vit_tiny', img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48, num_heads=3)
+    model = create_model('vit_tiny', img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=48,
+                         num_heads=3)
     model.register_buffer('running', torch.randn(5))       # a ViT has no buffer: one to average too
 
     def averaged():
@@ -354,7 +356,10 @@ def test_the_ema_is_averaged_models_and_resumes_from_either():
             for t in (*model.parameters(), *model.buffers()):
                 t.add_(torch.randn_like(t))
         weights = {k: v.double() for k, v in model.state_dict().items()}
-        rule = weights if rule is None else {k: decay * rule[k] + (1 - decay) * weights[k] for k in rule}
+        if rule is None:
+            rule = weights
+        else:
+            rule = {k: decay * rule[k] + (1 - decay) * weights[k] for k in rule}
         ours.update_parameters(model)
         theirs.update_parameters(model)
         mine, torch_s = ours.state_dict(), theirs.state_dict()

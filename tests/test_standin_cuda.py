@@ -72,3 +72,25 @@ def test_a_training_run_evaluates_without_a_copy_per_batch(held):
         model = model.to(plan.device)
         with cuda.strict(allowed=4), torch.no_grad():
             evaluate(model, loader, plan)
+
+
+def test_the_stand_in_puts_back_what_it_replaced_whatever_happens_inside():
+    """A step that fails inside the stand-in, after a script's set-up turned TF32 on, leaves nothing behind: torch's own
+    functions back (the same objects, none deleted), TF32 as it was, its precision setting too (torch >= 2.9)."""
+    from conftest import REPLACEABLE, torch_settings
+
+    def objects():
+        return [getattr(owner, name) for owner, names in REPLACEABLE.values() for name in names]
+
+    def precision():
+        return getattr(torch.backends.cuda.matmul, 'fp32_precision', None)
+    before, settings, kept = objects(), torch_settings(), precision()
+    with pytest.raises(RuntimeError, match='a failing step'):
+        with standin_cuda() as cuda:
+            cuda.patch(torch.cuda, 'is_available', lambda: True)
+            # what launch.processes does on a GPU
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            assert torch.cuda.is_available() and torch.save is not before[0]
+            raise RuntimeError('a failing step')
+    assert all(a is b for a, b in zip(objects(), before))
+    assert torch_settings() == settings and precision() == kept

@@ -29,9 +29,9 @@ from util import engine, run
 from util.datafiles import unwrap
 
 # every option that changes a training step; a batch of 16 accumulated twice keeps 4 steps an epoch
-EVERY_OPTION = ['--randaug', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0',
-                '--drop-path', '0.1', '--clip-grad', '1.0', '--batch-size', '16', '--accum-steps', '2',
-                '--ema', '0.99']
+EVERY_OPTION = ['--randaug', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25',
+                '--mixup', '0.8', '--cutmix', '1.0', '--drop-path', '0.1', '--clip-grad', '1.0',
+                '--batch-size', '16', '--accum-steps', '2', '--ema', '0.99']
 SCRIPTS = {'finetune': (finetune, []), 'mae_pretrain': (mae_pretrain, []),
            'copy': (attention_copy, EVERY_OPTION), 'distill': (attention_distill, EVERY_OPTION),
            'copy-v': (attention_copy, ['--transfer', 'v']), 'copy-heads': (attention_copy, ['--heads', '1']),
@@ -91,7 +91,8 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
     with open(out / 'metrics.jsonl') as f:
         records = [json.loads(line) for line in f]
     assert [r['step'] for r in records] == [2, 3]
-    assert all(('ema_top1' in r) == ('--ema' in args) for r in records)   # the EMA evaluated, resumed
+    # the EMA evaluated, resumed
+    assert all(('ema_top1' in r) == ('--ema' in args) for r in records)
     log = (out / 'log.txt').read_text()
     if script in (attention_copy, attention_distill):
         assert 'attention: sdpa' in log, log    # the fused copy, the map-free loss: what a GPU runs

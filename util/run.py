@@ -103,7 +103,8 @@ class EMA:
         if self.count == 0:
             torch._foreach_copy_(mine, theirs)
         else:
-            torch._foreach_lerp_(mine, theirs, 1 - self.decay)   # w + (1 - decay) * (w_model - w), in place
+            # w + (1 - decay) * (w_model - w), in place
+            torch._foreach_lerp_(mine, theirs, 1 - self.decay)
         self.count += 1
 
     def state_dict(self):
