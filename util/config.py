@@ -61,8 +61,8 @@ def declared(cls):
 # The fields every training script shares
 
 
-def one_line(path):
-    """Whether a path is something, without a line break."""
+def names_a_folder(path):
+    """Whether a path names something, in one line (a line break in it would cut every line that names it)."""
     return bool(path) and '\n' not in path and '\r' not in path
 
 
@@ -79,8 +79,8 @@ class TrainConfig:
     val_size: int = option(0, 'hold out this many training images and evaluate on them, not on '
                               'test', at_least(0, 'off', STEPS))
     out_dir: str = option('runs/default', 'run directory: config, log, metrics, checkpoint',
-                          (one_line, 'must name a directory, in one line (no newline: every line naming '
-                                     'it would be cut)'))
+                          (names_a_folder, 'must name a directory, in one line (no newline: '
+                                           'every line naming it would be cut)'))
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
                                     'not): deletes it')

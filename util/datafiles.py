@@ -390,8 +390,8 @@ class ClassFolder(torchvision.datasets.ImageFolder):
                     mode = os.stat(target).st_mode if os.path.exists(target) else stat.S_IFREG
                 if not stat.S_ISREG(mode):
                     # refused, not skipped, as a damaged image is: opened, a pipe waits for a writer for ever
-                    raise DataError(f'{path} is not a regular file (a pipe, a socket or a device named like '
-                                    f'an image): remove it from the data folder')
+                    raise DataError(f'{path} is not a regular file (a pipe, a socket or a device named '
+                                    f'like an image): remove it from the data folder')
                 once(path, target, seen)
                 samples.append((path, class_to_idx[name]))
         if empty:

@@ -39,8 +39,8 @@ import tempfile
 from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
-RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png',
-             '.lock')
+RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
+             'reconstruction.png', '.lock')
 
 
 def read_bytes(path, fix):
@@ -85,7 +85,8 @@ def read_jsonl(path, fix, keys=None):
         if not isinstance(record, dict):
             raise DamagedFile(f'{path}: line {n} is not a JSON record (cut short?): {fix}')
         if any(not isinstance(record.get(k), kind) for k, kind in (keys or {}).items()):
-            raise DamagedFile(f"{path}: line {n} does not hold {', '.join(keys)} (each of its kind): {fix}")
+            raise DamagedFile(f"{path}: line {n} does not hold {', '.join(keys)} (each of its kind): "
+                              f"{fix}")
         records.append(record)
     return records
 
@@ -102,7 +103,8 @@ def replacing(path, made=None, replace=True):
     try:
         tmp, f = made or temporary(path)
         with f:
-            if not made:   # what a killed command left goes (another command's own: the last one renamed stays)
+            # what a killed command left goes (another command's own stays: the last one renamed wins)
+            if not made:
                 others_writing(path, tmp)
             yield f
             f.flush()
@@ -143,7 +145,8 @@ def temporary(path):
         with contextlib.suppress(FileExistsError):
             f = open(tmp, 'xb', opener=no_follow)
             break
-    with contextlib.suppress(OSError):   # a file system without locks (NFS without lockd): held() cannot tell
+    # a file system without locks (NFS without lockd): held() cannot tell
+    with contextlib.suppress(OSError):
         fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     HELD.add(tmp)
     return tmp, f
@@ -172,8 +175,8 @@ def held(path):
     system cannot tell (no locks)."""
     if path in HELD:
         return True
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:   # never waiting on a pipe of that name
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:   # gone meanwhile, a link
         return False
     try:
@@ -343,7 +346,8 @@ def claimed(flag, *paths, replaces=False):
             replace = replaces and os.path.isfile(path) and not os.path.islink(path)
             if os.path.lexists(path) and not replace:   # an earlier result, another program's file
                 raise refused(path, 'cannot write there (File exists)')
-            lock = os.path.join(folder, '.lock')   # never this process's own run's: its files are cfg.INPUTS
+            # a live run's file (never this process's own run's: those are refused as cfg.INPUTS)
+            lock = os.path.join(folder, '.lock')
             if os.path.basename(path) in RUN_FILES and held(lock):
                 holder = read_bytes(lock, '').decode(errors='replace').strip() or 'another process'
                 raise refused(path, f'a file of the run {holder} is writing now', 'wait for it to end, or')

@@ -76,13 +76,14 @@ class RunDir:
 
     def refuse_overwrite(self, cfg):
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
-        begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
+        begin's fields, or a damaged one beside its checkpoint) where none was saved, finished or not (an earlier
+        attempt's files are started afresh);
         --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
         No run deletes or replaces a file it reads, or writes one of them once done (cfg.INPUTS)."""
         record = self.config_record()
-        # its config.json says so, or is damaged (cut short, edited) beside the run's checkpoint
+        damaged = record is None and os.path.lexists(self.file('config.json'))
         a_run = {'out_dir', 'argv'} <= (record or {}).keys() or \
-            record is None and os.path.lexists(self.file('config.json')) and os.path.exists(self.checkpoint)
+            damaged and os.path.exists(self.checkpoint)
         if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
             raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
                               f'choose an empty or new --out-dir')
@@ -338,7 +339,8 @@ def open_resumed(cfg, run_dir, world):
     state = ck['optimizer'].get('state')
     steps = [s['step'] for s in state.values() if isinstance(s, dict) and 'step' in s] \
         if isinstance(state, dict) else []
-    counts = [('step', ck['step']), ('time', ck.get('time', 0))]   # a step that is not an int: refused by SAVED
+    # a step that is not an int is refused by SAVED
+    counts = [('step', ck['step']), ('time', ck.get('time', 0))]
     for v in steps:   # AdamW's, a one-element tensor
         counts.append(('optimizer step', v.item() if torch.is_tensor(v) and v.numel() == 1 else v))
     bad = [(k, v) for k, v in counts if type(v) not in (int, float) or not 0 <= v <= MOST]
