@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -258,6 +259,21 @@ def test_a_resume_on_other_class_names_is_refused(tmp_path, monkeypatch):
                          '--num-workers', '0')
     assert msg and 'predicts other class names (3; the data has 3)' in msg, msg
     assert run_in_process(monkeypatch, ensemble, '--models', out / 'checkpoint.pt', '--num-workers', '0') is None
+
+
+def test_class_names_that_differ_only_in_their_unicode_form_are_the_same_classes(tmp_path, monkeypatch):
+    """A class folder named café by a Mac (decomposed, NFD) is the café of a run trained on Linux (composed, NFC): a
+    resume and an ensemble on it were refused as "other class names (3; the data has 3)"."""
+    nfc, nfd = (unicodedata.normalize(form, 'café') for form in ('NFC', 'NFD'))
+    a = image_folder(tmp_path / 'a', classes=('cat', nfc, 'dog'))
+    b = image_folder(tmp_path / 'b', classes=('cat', nfd, 'dog'))
+    out = tmp_path / 'run'
+    assert run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', a, '--out-dir', out,
+                          '--max-steps', '1') is None
+    assert run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', b, '--out-dir', out, '--resume', 'true',
+                          '--max-steps', '2') is None
+    assert run_in_process(monkeypatch, ensemble, *FOLDER_RUN[:4], '--data-dir', b, '--models', out / 'checkpoint.pt',
+                          '--num-workers', '0') is None
 
 
 def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):

@@ -173,6 +173,24 @@ def test_a_loader_that_cannot_start_its_workers_is_one_line_before_anything_is_w
     assert not out.exists()
 
 
+def test_a_process_limit_met_names_the_flag_that_lowers_it(tmp_path, monkeypatch):
+    """The same fork refused (EAGAIN: a container's process limit) named no flag: the line says --num-workers."""
+    def refused():
+        raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
+    monkeypatch.setattr(os, 'fork', refused)
+    monkeypatch.setattr(data, 'FAKE_HELD', 0)
+    msg = run_in_process(monkeypatch, finetune_script, *TINY[:-2], '--num-workers', '100', '--out-dir',
+                         tmp_path / 'r')
+    assert msg and '--num-workers' in msg and not (tmp_path / 'r').exists(), msg
+
+
+def test_a_newline_in_out_dir_is_refused_in_one_line(tmp_path, monkeypatch):
+    """--out-dir 'run<newline>b' cut every line that names the run in two (the log, the error lines)."""
+    monkeypatch.chdir(tmp_path)
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--out-dir', 'run\nb', '--max-steps', '1')
+    assert msg and msg.startswith('error: --out-dir ') and os.listdir(tmp_path) == [], msg
+
+
 @pytest.mark.parametrize('script', ['finetune.py', 'mae_pretrain.py', 'attention_copy.py', 'attention_distill.py',
                                     'ensemble.py', 'evaluate.py'])
 def test_ctrl_c_while_torch_is_imported_exits_130_quietly(script, tmp_path):

@@ -458,3 +458,19 @@ def test_linked_folders_read_as_copies_and_loops_are_refused(tmp_path):
         with pytest.raises(DataError, match=match + r'.*remove the link$'):
             samples(copy)
         os.remove(copy / link)
+
+
+@pytest.mark.parametrize('kind', ['a pipe', 'a link to a device'])
+def test_a_file_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path, kind):
+    """A FIFO named like an image in a class folder: the run opened it to read it, and waited for a writer for ever,
+    printing nothing. Refused where the folder is listed, before any image is opened, naming it."""
+    colour_folders(tmp_path, {'train': 'ab', 'val': 'ab'})
+    stray = tmp_path / 'train' / 'b' / '3.png'
+    if kind == 'a pipe':
+        os.mkfifo(stray)
+    else:
+        os.symlink('/dev/zero', stray)
+    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
+    with pytest.raises(DataError, match=rf'^{stray} is not a regular file .*: remove it from the data folder$'):
+        build_dataset(cfg, train=True)
+    assert len(build_dataset(cfg, train=False)[0]) == 6

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,11 +121,36 @@ def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]
 
 
-def test_a_claim_removed_while_the_command_ran_is_not_written(tmp_path):
-    """The path is written by no one: what another program put there meanwhile is its own."""
+def test_a_file_put_at_a_claimed_path_while_the_command_ran_is_not_written_over(tmp_path):
+    """Nothing is at a claimed output's name until it is whole: what another program put there meanwhile is its own,
+    and the write is refused in one line, its temporary file gone."""
     path = tmp_path / 'result.json'
-    with pytest.raises(WriteError, match=f'--out {path} was removed or replaced while this command ran'):
+    with pytest.raises(WriteError, match=f'^cannot write {path} \\(File exists\\): '):
         with claimed('--out', str(path)) as write:
-            path.unlink()
+            assert os.listdir(tmp_path) != [] and not path.exists()   # the claim: a temporary file beside it
+            path.write_text('theirs')
             write(str(path), lambda f: f.write(b'{}'))
-    assert not path.exists()
+    assert path.read_text() == 'theirs' and os.listdir(tmp_path) == ['result.json']
+
+
+def test_a_killed_commands_temporary_file_goes_and_a_live_ones_stays(tmp_path):
+    """A temporary file whose lock is free was left by a command that was killed: the next write of its file removes
+    it. One another process holds is being written: kept, and a claim of its file is refused until that process
+    ends; a file at the old temporary name (<name>.tmp) is no temporary file and is never touched."""
+    stale, live = tmp_path / '.result.json.0123abcd.tmp', tmp_path / '.result.json.89abcdef.tmp'
+    for f in (stale, live, tmp_path / 'result.json.tmp'):
+        f.write_text(f.name)
+    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); '
+                               'fcntl.lockf(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()', str(live)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()   # it holds the lock
+        with pytest.raises(ConfigError, match='result.json: another command is writing it now: wait for it to end'):
+            with claimed('--out', str(tmp_path / 'result.json')):
+                pass
+        assert not stale.exists() and live.read_text() == live.name
+    finally:
+        holder.communicate('')
+    with claimed('--out', str(tmp_path / 'result.json')) as write:
+        write(str(tmp_path / 'result.json'), lambda f: f.write(b'{}'))
+    assert sorted(os.listdir(tmp_path)) == ['result.json', 'result.json.tmp']

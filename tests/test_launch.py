@@ -73,6 +73,31 @@ def test_a_stopped_process_stops_every_process_after_the_timeout(tmp_path):
     assert not any(f'{f}", line' in err for f in ('util/launch.py', 'util/engine.py', 'finetune.py')), err[-4000:]   # ours
 
 
+def test_a_stop_signal_while_an_error_is_said_does_not_cut_its_line(monkeypatch):
+    """Under torchrun, a process killed (kill -9, the OOM killer) makes the others fail on the lost peer, and torchrun
+    sends them SIGTERM at once: one that came while the error's line was being made ended the process without it,
+    leaving only torchrun's report. The line, with how to continue the run, is said whatever comes then."""
+    from util import launch
+
+    def main():
+        raise RuntimeError('Connection reset by peer')
+    said = launch.one_line
+
+    def signalled(e):   # torchrun's SIGTERM, as the line is made
+        os.kill(os.getpid(), signal.SIGTERM)
+        return said(e)
+    monkeypatch.setattr(launch, 'one_line', signalled)
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'a torchrun')
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as e:
+            launch.run_main(main)
+    finally:   # run_main leaves them ignored: this process gets its own back
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert e.type is SystemExit and 'RuntimeError: Connection reset by peer' in e.value.code, e.value
+
+
 # an error of no kind the project raises, in set-up, before any run log: the lr schedule's check divides by 0
 SETUP_FAULT = """
 import os, sys

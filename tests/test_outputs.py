@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ import ensemble
 import evaluate
 import finetune
 import mae_pretrain
-from conftest import TINY, run_in_process, run_script
+from conftest import ROOT, TINY, run_in_process, run_script, sub_env
+from test_rundir import AS_USER
+from tools import curves
 from data import build_dataset
 from util.config import TrainConfig
 from util.datafiles import DataError, read_classes
@@ -232,3 +235,52 @@ def test_an_ensemble_refused_leaves_no_folder_and_a_claim_lets_go(run_dir, tmp_p
     assert run_in_process(monkeypatch, ensemble, *TINY, '--models', run_dir / 'checkpoint.pt', '--out', out) is None
     assert said[0] and f'--out {out}' in said[0], said
     assert json.loads(out.read_text())['models'][0]['weight'] == 1.0 and os.listdir(out.parent) == ['r.json']
+
+
+@pytest.mark.parametrize('command', ['mae_pretrain.py --export', 'ensemble.py --out', 'evaluate.py --out',
+                                     'tools.curves --out'])
+def test_a_users_file_at_an_outputs_old_temporary_name_is_kept(run_dir, tmp_path, monkeypatch, command):
+    """The output was written through <output>.tmp, removed first: a user's own X.pt.tmp was deleted without a word
+    and the command exited 0. A temporary file now has a name made for it, exclusively, and goes with its write."""
+    folder = tmp_path / 'shipped'
+    folder.mkdir()
+    models = ['--models', run_dir / 'checkpoint.pt']
+    if command == 'mae_pretrain.py --export':
+        outputs = [folder / 'teacher.pt']
+        args = [mae_pretrain, *TINY, '--max-steps', '1', '--out-dir', tmp_path / 'run', '--export', outputs[0]]
+    elif command == 'ensemble.py --out':
+        outputs = [folder / 'result.json']
+        args = [ensemble, *TINY, *models, '--out', outputs[0]]
+    elif command == 'evaluate.py --out':
+        outputs = [folder / 'robustness.md', folder / 'robustness.json']
+        args = [evaluate, '--data', 'fake', '--num-workers', '0', *models, '--out', folder]
+    else:
+        outputs = [folder / 'curves.png']
+        args = [curves, run_dir, '--out', outputs[0]]
+    for out in outputs:
+        out.with_name(out.name + '.tmp').write_text('mine\n')
+    assert run_in_process(monkeypatch, *args) is None
+    for out in outputs:
+        assert out.with_name(out.name + '.tmp').read_text() == 'mine\n' and out.stat().st_size > 0
+    assert sorted(os.listdir(folder)) == sorted([o.name for o in outputs] + [o.name + '.tmp' for o in outputs])
+
+
+@pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
+def test_an_ensemble_out_that_cannot_be_written_is_refused_before_any_model_is_scored(run_dir, tmp_path):
+    """Into a read-only folder holding an earlier result it scored every model first, then said "no checkpoint was
+    saved yet ... run the command again": the work lost, and the advice false."""
+    folder = tmp_path / 'ro'
+    folder.mkdir()
+    out = folder / 'r.json'
+    args = [*TINY, '--models', run_dir / 'checkpoint.pt', '--out', out]
+    assert run_script('ensemble.py', *args).returncode == 0
+    before = digest(folder)
+    os.chmod(folder, 0o555)
+    try:
+        p = subprocess.run([*AS_USER, sys.executable, 'ensemble.py', *map(str, args)], cwd=ROOT, env=sub_env(),
+                           capture_output=True, text=True, timeout=240)
+    finally:
+        os.chmod(folder, 0o755)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    assert f'--out {out}' in p.stderr and 'Permission denied' in p.stderr and 'no checkpoint' not in p.stderr
+    assert '| ensemble' not in p.stdout and digest(folder) == before

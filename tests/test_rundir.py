@@ -136,6 +136,25 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
 
 
 
+def test_a_live_run_s_files_are_refused_as_an_output_whatever_overwrite_says(monkeypatch, tmp_path):
+    """ensemble.py --out <a run>/config.json --overwrite true replaced the file while the run trained (exit 0): the
+    lock that refuses a second training process into a live run refuses an output onto its files too."""
+    import ensemble
+    out = tmp_path / 'run'
+    p = start(out)
+    try:
+        wait_for_checkpoint(p, out)
+        model = shutil.copy(out / 'checkpoint.pt', tmp_path / 'model.pt')
+        config = (out / 'config.json').read_bytes()
+        msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, '--out', out / 'config.json',
+                             '--overwrite', 'true')
+        assert msg and f'--out {out / "config.json"}' in msg and f'process {p.pid}' in msg, msg
+        assert p.poll() is None and (out / 'config.json').read_bytes() == config
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypatch, tmp_path):
     """A lockf that fails for another reason than a holder (NFS without locks: ENOLCK) is the write error's one line,
     naming .lock, not a holder; the folder the command made is left with its .lock alone."""
@@ -372,13 +391,15 @@ def test_a_snapshot_made_while_the_run_is_live_keeps_what_it_held(monkeypatch, s
 
 
 def test_a_temporary_file_left_as_a_link_is_not_written_through(monkeypatch, saved, tmp_path):
-    """checkpoint.pt.tmp a link to a user's file: the checkpoint was written into that file."""
+    """checkpoint.pt.tmp a link to a user's file: the checkpoint was written into that file. A temporary file now has
+    a name made for it, exclusively: a link at the old name is no file of the run's, and is left as it is."""
     d = saved(tmp_path)
     (tmp_path / 'notes.txt').write_text('mine\n')
     os.symlink(tmp_path / 'notes.txt', d / 'checkpoint.pt.tmp')
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '3')
     assert (tmp_path / 'notes.txt').read_text() == 'mine\n' and step_of(d) == 3
-    assert not os.path.lexists(d / 'checkpoint.pt.tmp') and not (d / 'checkpoint.pt').is_symlink()
+    assert os.readlink(d / 'checkpoint.pt.tmp') == str(tmp_path / 'notes.txt')
+    assert not (d / 'checkpoint.pt').is_symlink()
 
 
 # root writes into read-only folders: as root, the scripts run without that capability (util-linux's setpriv)
@@ -398,6 +419,52 @@ def test_a_read_only_out_dir_is_one_line(saved, tmp_path):
     finally:
         os.chmod(d, 0o755)
     assert digest(d) == before
+
+@pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
+def test_a_read_only_run_is_not_said_to_have_no_checkpoint(saved, tmp_path):
+    """A run folder (or mount) made read-only: the line said "no checkpoint was saved yet: there is nothing to continue"
+    of a run that has one. It says where the checkpoint is and how to continue once the folder is writable."""
+    d = saved(tmp_path)
+    os.chmod(d, 0o555)
+    try:
+        p = subprocess.run([*AS_USER, sys.executable, 'finetune.py', *TINY, '--out-dir', str(d), '--resume', 'true',
+                            '--max-steps', '3'], cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=240)
+    finally:
+        os.chmod(d, 0o755)
+    line = one_error_line(p)
+    assert f'cannot write {d}/.lock (Permission denied)' in line and 'no checkpoint' not in line, line
+    assert f'{d}/checkpoint.pt holds the last checkpoint' in line and '--resume true' in line, line
+    assert step_of(d) == 2
+
+
+@pytest.mark.parametrize('damage', ['nested too deep', 'not JSON'])
+def test_a_run_whose_config_json_is_damaged_is_still_a_run(monkeypatch, saved, tmp_path, damage):
+    """config.json nested deeper than json reads (a RecursionError) said "no checkpoint was saved yet" of a run that
+    has one; one that is not JSON was "no run of these scripts", which --overwrite true could not pass. A damaged
+    config.json beside a checkpoint is a run: --resume true continues it, --overwrite true deletes it."""
+    d = saved(tmp_path)
+    (d / 'config.json').write_text('[' * 100000 + ']' * 100000 if damage == 'nested too deep' else 'garbage')
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--max-steps', '3')
+    assert msg and f'{d} already holds a run' in msg and '--resume true' in msg, msg
+    assert run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--max-steps', '1', '--overwrite', 'true') \
+        is None
+    assert step_of(d) == 1 and json.loads((d / 'config.json').read_text())['max_steps'] == 1
+
+
+@pytest.mark.parametrize('record', ['{"step": "x"}', '[' * 100000 + ']' * 100000])
+def test_a_damaged_metrics_record_is_one_line_naming_it(monkeypatch, saved, tmp_path, record):
+    """A record whose step is no number ended in a TypeError, one nested too deep in a RecursionError, each with a
+    resume command that failed again: the file and its line are named, with the fix."""
+    d = saved(tmp_path)
+    with open(d / 'metrics.jsonl', 'a') as f:
+        f.write(record + '\n')
+    before = digest(d)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d, '--resume', 'true', '--max-steps', '3')
+    assert msg and msg.startswith(f'error: {d}/metrics.jsonl: line 2 ') and 'move it away' in msg, msg
+    after = digest(d)
+    assert 'Error' not in msg and 'continue with' not in msg
+    assert [after[n] == before[n] for n in ('checkpoint.pt', 'metrics.jsonl', 'config.json')] == [True] * 3
+
 
 @pytest.mark.skipif(AS_USER and not shutil.which('setpriv'), reason='root, and no setpriv to drop its rights')
 def test_a_read_only_log_is_named(saved, tmp_path):

@@ -61,6 +61,11 @@ def declared(cls):
 # The fields every training script shares
 
 
+def names_a_folder(path):
+    """Whether a path names something, in one line (a line break in it would cut every line that names it)."""
+    return bool(path) and '\n' not in path and '\r' not in path
+
+
 PROBABILITY = (lambda v: 0 <= v <= 1, 'is a probability: [0, 1]')
 UNIT = (lambda v: 0 <= v < 1, 'must be in [0, 1)')
 FRACTION = (lambda v: 0 < v <= 1, 'must be in (0, 1]')
@@ -74,7 +79,8 @@ class TrainConfig:
     val_size: int = option(0, 'hold out this many training images and evaluate on them, not on '
                               'test', at_least(0, 'off', STEPS))
     out_dir: str = option('runs/default', 'run directory: config, log, metrics, checkpoint',
-                          (bool, 'must name a directory'))
+                          (names_a_folder, 'must name a directory, in one line (no newline: '
+                                           'every line naming it would be cut)'))
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
                                     'not): deletes it')
@@ -237,7 +243,8 @@ def refuse(cfg, rows):
     hold."""
     for name, holds, allowed in rows:
         if not holds:
-            value = show(getattr(cfg, name))   # '' for an empty one: the flag alone
+            # '' for an empty one: the flag alone; a line break shown as Python writes it, the message one line
+            value = show(getattr(cfg, name)).replace('\n', '\\n').replace('\r', '\\r')
             raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else
                               f'{flag(name)} {allowed}')
     return cfg

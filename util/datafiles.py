@@ -7,7 +7,8 @@ misplaced file is one DataError naming it and the fix), and the loader that batc
     CIFAR-10 / 100  the python version's batches, extracted from its archive (downloaded if absent); read by
                     torchvision's CIFAR10 / CIFAR100, which check each file's md5 before unpickling it
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
-    class folders   hidden entries are neither classes nor images; each image read as what it is (read_image)
+    class folders   hidden entries are neither classes nor images; each image read as what it is (read_image); a
+                    pipe, socket or device named like an image refused before any image is opened
 
 Fashion-MNIST and CIFAR are held in memory whole (TensorImages, uint8 on the run's device), their batches
 gathered and augmented there (TensorBatches); a folder's images are read one at a time by loader workers
@@ -18,6 +19,7 @@ data.py says which data set is which, and how it is augmented.
 import os
 import pathlib
 import signal
+import stat
 import sys
 import tempfile
 import warnings
@@ -379,9 +381,18 @@ class ClassFolder(torchvision.datasets.ImageFolder):
                 empty.append(name)
             for root, f, real in sorted(found):   # torchvision's order: by folder, then by name
                 path = os.path.join(root, f)
-                # its real path from its folder's: one lstat a file, not one a part of its path
-                once(path, os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f),
-                     seen)
+                # one lstat a file: its kind, and its real path from its folder's (not one lstat a part of its path)
+                mode = os.lstat(path).st_mode
+                target = os.path.join(real, f)
+                if stat.S_ISLNK(mode):
+                    target = os.path.realpath(path)
+                    # what it leads to (a broken link is named by read_image)
+                    mode = os.stat(target).st_mode if os.path.exists(target) else stat.S_IFREG
+                if not stat.S_ISREG(mode):
+                    # refused, not skipped, as a damaged image is: opened, a pipe waits for a writer for ever
+                    raise DataError(f'{path} is not a regular file (a pipe, a socket or a device named '
+                                    f'like an image): remove it from the data folder')
+                once(path, target, seen)
                 samples.append((path, class_to_idx[name]))
         if empty:
             raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "

@@ -230,6 +230,10 @@ def run_main(main):
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
     except Exception as e:
+        # said first: torchrun stops the other processes as soon as one dies
+        if 'TORCHELASTIC_RUN_ID' in os.environ:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
         sys.exit(f'error: {one_line(e)}')
     finally:
         if dist.is_initialized():
@@ -257,6 +261,8 @@ def one_line(e):
     else:
         where = traceback.extract_tb(e.__traceback__)[-1]
         said += f' (raised at {where.filename}:{where.lineno})'
+    if isinstance(e, BlockingIOError):   # EAGAIN: fork() refused at the process limit (workers)
+        said += '; more processes than this machine allows: lower --num-workers'
     if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
         said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
                f'process stopped, hung or died, each stops after --dist-timeout seconds'

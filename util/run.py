@@ -9,6 +9,7 @@ continued from its checkpoint where --resume true says so, and what it writes in
 import copy
 import math
 import time
+import unicodedata
 from dataclasses import asdict
 
 import torch
@@ -64,10 +65,15 @@ def misfit_state(opt, saved):
 
 
 def class_mismatch(saved, here):
-    """'' if two lists of class names agree, else what differs, in a few words."""
-    if saved is None or list(saved) == list(here):
+    """'' if two lists of class names agree (in Unicode's composed form, NFC: a Mac names a folder café decomposed),
+    else what differs, in a few words."""
+    if saved is None or [nfc(n) for n in saved] == [nfc(n) for n in here]:
         return ''
     return f'other class names ({len(saved)}; the data has {len(here)})'
+
+
+def nfc(name):
+    return unicodedata.normalize('NFC', str(name))
 
 
 def not_finite(state, prefix=''):

@@ -76,10 +76,14 @@ class RunDir:
 
     def refuse_overwrite(self, cfg):
         """A new run starts only in an empty folder, or one that holds a run of these scripts (its config.json with
-        begin's fields) where none was saved, finished or not (an earlier attempt's files are started afresh);
+        begin's fields, or a damaged one beside its checkpoint) where none was saved, finished or not (an earlier
+        attempt's files are started afresh);
         --overwrite true deletes a run of these scripts, never another program's files (a model, a user's notes).
         No run deletes or replaces a file it reads, or writes one of them once done (cfg.INPUTS)."""
-        a_run = {'out_dir', 'argv'} <= (self.config_record() or {}).keys()
+        record = self.config_record()
+        damaged = record is None and os.path.lexists(self.file('config.json'))
+        a_run = {'out_dir', 'argv'} <= (record or {}).keys() or \
+            damaged and os.path.exists(self.checkpoint)
         if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
             raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
                               f'choose an empty or new --out-dir')
@@ -96,7 +100,7 @@ class RunDir:
             raise ConfigError(f'{self.path} already holds a run; pass --resume true to continue it '
                               f'or choose another --out-dir (--overwrite true deletes it)')
         # results kept without their checkpoint
-        evaluated = read_jsonl(self.file('metrics.jsonl'), 'move it away')
+        evaluated = read_jsonl(self.file('metrics.jsonl'), 'move it away', {'step': int})
         if os.path.exists(self.file('done.json')) or evaluated:
             raise ConfigError(f'{self.path} holds a finished run (done.json, or evaluations in '
                               f'metrics.jsonl without a checkpoint): choose another --out-dir, or '
@@ -148,10 +152,13 @@ class RunDir:
 
     @contextlib.contextmanager
     def released_on_error(self):
+        """Let go of the directory where the command is refused, the refusal told where its checkpoint is, if it has
+        one (a read-only run folder: never "no checkpoint was saved yet")."""
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             self.release()
+            e.how_to_continue = self.how_to_continue()
             raise
 
     def __enter__(self):
@@ -240,7 +247,7 @@ class RunDir:
         if not self.main:
             return
         path = self.file('metrics.jsonl')
-        records = read_jsonl(path, 'move it away')
+        records = read_jsonl(path, 'move it away', {'step': int})
         kept = [r for r in records if r.get('step', 0) <= step]
         if last and all(r.get('step') != step for r in kept):
             kept.append(last)
@@ -326,15 +333,24 @@ def open_resumed(cfg, run_dir, world):
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
-    # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with
-    # the data, run.check_data; a nan, which Run.save never saves, stops the run at its first step, as does an
-    # optimizer step below 0: its bias correction is not finite.)
-    for k in ('step', 'time'):   # a step that is not an int is refused by SAVED
-        v = ck.get(k, 0)
-        if type(v) not in (int, float) or not 0 <= v <= MOST:
-            raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
-                                  f'saves: it was edited or is damaged (kept as it is): put back a copy '
-                                  f'of it, or start a new run in another --out-dir')
+    # the counts no run saves: a step of -4 trains with a negative lr, an AdamW step below 0 a bias correction that
+    # is not finite, no RNG state a global batch of 0 processes. (Another epoch length is refused with the data,
+    # run.check_data; a nan, which Run.save never saves, stops the run at its first step.)
+    state = ck['optimizer'].get('state')
+    steps = [s['step'] for s in state.values() if isinstance(s, dict) and 'step' in s] \
+        if isinstance(state, dict) else []
+    # a step that is not an int is refused by SAVED
+    counts = [('step', ck['step']), ('time', ck.get('time', 0))]
+    for v in steps:   # AdamW's, a one-element tensor
+        counts.append(('optimizer step', v.item() if torch.is_tensor(v) and v.numel() == 1 else v))
+    bad = [(k, v) for k, v in counts if type(v) not in (int, float) or not 0 <= v <= MOST]
+    if not ck['rng']:   # one state a process
+        bad.append(('rng', ck['rng']))
+    if bad:
+        k, v = bad[0]
+        raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
+                              f'saves: it was edited or is damaged (kept as it is): put back a copy '
+                              f'of it, or start a new run in another --out-dir')
     script = ck['script']
     if script != cfg.SCRIPT:
         raise ConfigError(f'--resume: {path} was saved by {script}, not {cfg.SCRIPT}: continue it '
