@@ -167,3 +167,33 @@ def test_the_exercise_cells_ask_for_a_prediction_and_code_not_on_the_page(n, nam
     key = {4: 'F.scaled_dot_product_attention(q_t, k_t, v)', 5: '.mean(0, keepdim=True)'}[n]
     shown = [s for kind, s, c in nb if kind == 'code' and c is not solution]
     assert not any(key in s for s in shown), f'exercise {n}: its solution ({key}) is on the page'
+
+# -----------------------------------------------------------------------------
+# The image a learner brings (the notebook's cell after section 2's entropies): read as the data are
+
+
+def test_an_image_file_of_the_datas_size_reads_as_the_data(tmp_path):
+    """Test image 0 saved as a 28 x 28 PNG reads back as fashion_mnist gives it (pixel for pixel: within fp32
+    rounding, far below one grey level of 1 / 255 = 0.011 after normalising); enlarged, it
+    reads back close to it (resized with antialiasing); grey repeated in 3 channels, as data.py repeats it."""
+    from PIL import Image
+    from tools.tutorial import MEAN, STD, fashion_mnist, image_as_data, test_image
+    x, _ = fashion_mnist(1)
+    test_image(0, 28).save(tmp_path / 'same.png')
+    assert (image_as_data(tmp_path / 'same.png') - x).abs().max() < 1e-6
+    big = image_as_data(test_image(0))                                 # 112 px, as the cell's stand-in
+    assert big.shape == (1, 3, 28, 28) and torch.equal(big[:, 0], big[:, 2])
+    assert (big - x).abs().mean() * STD < 0.05, 'the enlarged image does not read back close to the data'
+    # any size and shape: the shorter side to 28, the centre cut square; inverted on request
+    Image.new('RGB', (90, 50), (255, 255, 255)).save(tmp_path / 'wide.jpg')
+    white = image_as_data(tmp_path / 'wide.jpg')
+    assert white.shape == (1, 3, 28, 28) and torch.allclose(white * STD + MEAN, torch.ones(1), atol=1e-6)
+    assert torch.allclose(image_as_data(tmp_path / 'wide.jpg', invert=True) * STD + MEAN, torch.zeros(1), atol=1e-6)
+
+
+def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path):
+    from tools.tutorial import image_as_data
+    from util.errors import DataError
+    (tmp_path / 'notes.png').write_text('not an image')
+    with pytest.raises(DataError, match='notes.png'):
+        image_as_data(tmp_path / 'notes.png')

@@ -77,8 +77,9 @@ def image_as_data(image, size=28, invert=False):
     Fashion-MNIST's are light on black); then the data's normalisation, grey repeated: (1, 3, size, size)."""
     if not isinstance(image, Image.Image):
         image = read_image(image)
-    grey = v2.Compose([v2.ToImage(), v2.Grayscale(), v2.Resize(size), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True)])(image)          # (1, size, size)
+    # PIL's grey (ITU-R 601-2 luma) gives a grey RGB pixel back exactly
+    grey = v2.Compose([v2.ToImage(), v2.Resize(size), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True)])(image.convert('L'))   # (1, size, size)
     if invert:
         grey = 1 - grey
     return ((grey - MEAN) / STD).expand(3, -1, -1)[None]
