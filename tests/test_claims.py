@@ -380,3 +380,185 @@ def validation_runs():
 
 def test_validation_states_the_presets_row_as_its_runs_give_it():
     assert validation_row() == validation_runs()
+
+# -----------------------------------------------------------------------------
+# Orderings under the shifted test images (results/fashion-mnist/variants/variants.json), by the one rule the notebook
+# states in its section 9: one result is below another *beyond the seeds' spread* when its mean + std is below the
+# other's mean - std (their ranges of one std apart); where the ranges overlap, an ordering holds on the means only,
+# and a sentence says so ('on the means only', or `≈` between two quoted results).
+
+
+VARIANTS = os.path.join(FULL, 'variants')
+SHIFT_WORDS = {'translation': 'translate', 'inversion': 'invert', 'inverted images': 'invert',
+               'rotation': 'rotate', 'blur': 'blur', 'noise': 'noise'}
+SHIFT = '(' + '|'.join(SHIFT_WORDS) + ')'
+SUBJECTS = {'both transferred students': ('copy', 'distill'), 'both': ('copy', 'distill'),
+            'copy and distillation': ('copy', 'distill'),
+            'they': ('copy', 'distill'), 'copy': ('copy',), 'distillation': ('distill',)}
+OBJECTS = {'scratch': 'scratch', 'fine-tuning': 'finetune'}
+CLAIM = re.compile(r"\b(both transferred students|both|they|copy and distillation|copy|distillation) (?:falls?|stays?|ends?|is|are) "
+                   r"(?:far |also )?(below|behind|above|ahead of) (scratch|fine-tuning|it)\b", re.I)
+ONLY_UNDER = re.compile(r"\b(below|behind) (scratch|fine-tuning) only under ((?:\w+ \((?:both|copy|distillation)\)"
+                        r"(?:, | and )?)+)", re.I)
+ORDERED = re.compile(r'\b(below|behind|above|ahead|beats?|worse|better)\b|[<>≈]')
+CHAIN_KEYS = re.compile(r'`(\w+)/(\w+)` (\d+\.\d+) ([<>≈]) (?=`(\w+)/(\w+)` (\d+\.\d+))')
+
+
+def shifted():
+    with open(os.path.join(VARIANTS, 'variants.json')) as f:
+        return json.load(f)['shifted']
+
+
+def beyond(v, shift, a, b):
+    """a below b beyond the seeds' spread under a shift: their ranges of one std apart."""
+    ra, rb = v[shift][a], v[shift][b]
+    return ra['mean'] + ra['std'] < rb['mean'] - rb['std']
+
+
+def shifts_named(sentence):
+    """The shifts a sentence speaks of: 'under noise', 'under every shift but rotation', ..."""
+    every = re.search(r'\b(?:under|on) every shift(?: but ([\w ]+?))?\b(?=[,.;:]|$| the| where)', sentence, re.I)
+    if every:
+        but = {SHIFT_WORDS.get(every[1].strip().lower())} if every[1] else set()
+        return [s for s in ('translate', 'invert', 'rotate', 'blur', 'noise') if s not in but]
+    return [SHIFT_WORDS[w.lower()] for w in re.findall(rf'\bunder {SHIFT}\b', sentence, re.I)]
+
+
+def shift_problems(text, v):
+    """What the sentences of a text that state an ordering under a shift say against variants.json, read by the rule:
+    stated plainly, an ordering must hold beyond the seeds' spread; stated 'on the means only' (or as `≈`), it must
+    hold on the means and not beyond. A sentence that names a shift and an ordering this reader cannot read fails."""
+    out = []
+    for s in sentences(text):
+        chains = CHAIN_KEYS.findall(s)
+        for sa, a, x, op, sb, b, y in chains:
+            if sa != sb or sa == 'none':
+                continue
+            lo, hi = (a, b) if op == '<' else (b, a)
+            apart = beyond(v, sa, lo, hi) or beyond(v, sa, hi, lo)
+            if (op == '≈') == apart or (op != '≈' and not beyond(v, sa, lo, hi)):
+                out.append(f'{sa}/{a} {op} {sb}/{b}: not what the rule gives')
+        if not shifts_named(s):
+            continue
+        found = bool(chains)
+        for word, obj, pairs in ONLY_UNDER.findall(s):          # '... behind scratch only under noise (both) and ...'
+            found = True
+            said = {(SHIFT_WORDS[w.lower()], m) for w, who in re.findall(r'(\w+) \((\w+)\)', pairs)
+                    for m in SUBJECTS[who.lower()]}
+            there = {(sh, m) for sh in v if sh != 'none' for m in ('copy', 'distill') if beyond(v, sh, m, OBJECTS[obj])}
+            if said != there:
+                out.append(f'behind {obj} beyond the spread only under {sorted(said)}: the data, {sorted(there)}')
+        last, shifts = None, []
+        for clause in re.split(r';', s):                        # a clause's shifts, else the clause's before it
+            shifts = shifts_named(clause) or shifts
+            means_only = re.search(r'on (?:the|its) means? only', clause) is not None
+            for who, word, obj in CLAIM.findall(clause):
+                found = True
+                obj = last if obj.lower() == 'it' else OBJECTS[obj.lower()]
+                last = obj
+                for shift in shifts:
+                    for m in SUBJECTS[who.lower()]:
+                        lo, hi = (m, obj) if word.lower() in ('below', 'behind') else (obj, m)
+                        on_means = v[shift][lo]['mean'] < v[shift][hi]['mean']
+                        if means_only and not (on_means and not beyond(v, shift, lo, hi)):
+                            out.append(f'{m} {word} {obj} under {shift} on the means only: not what the data give')
+                        if not means_only and not beyond(v, shift, lo, hi):
+                            out.append(f'{m} {word} {obj} under {shift}: not beyond the seeds\' spread '
+                                       f'({v[shift][m]["mean"]:.2f} ± {v[shift][m]["std"]:.2f} against '
+                                       f'{v[shift][obj]["mean"]:.2f} ± {v[shift][obj]["std"]:.2f})')
+        if not found and ORDERED.search(s):
+            out.append(f'an ordering under a shift this test cannot read: {s!r}')
+    return out
+
+
+def course_pages():
+    """{page: its prose}: the README, the notebook's Markdown cells, the variants page."""
+    import nbformat
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        pages = {'README.md': f.read()}
+    with open(os.path.join(ROOT, 'tutorial.ipynb'), encoding='utf-8') as f:
+        pages['tutorial.ipynb'] = '\n\n'.join(c.source for c in nbformat.read(f, as_version=4).cells
+                                              if c.cell_type == 'markdown')
+    with open(os.path.join(VARIANTS, 'README.md'), encoding='utf-8') as f:
+        pages['variants/README.md'] = '\n\n'.join(p for p in f.read().split('\n\n') if not p.startswith(('|', '    ')))
+    return pages
+
+
+def test_every_ordering_under_a_shift_follows_the_notebooks_rule():
+    v = shifted()
+    for page, text in course_pages().items():
+        assert shift_problems(text, v) == [], page
+
+
+def test_the_notebook_states_the_rule_once():
+    """Where 'beyond the seeds' spread' is first used, in section 9; no other Markdown cell defines it again."""
+    import nbformat
+    with open(os.path.join(ROOT, 'tutorial.ipynb'), encoding='utf-8') as f:
+        cells = [c.source for c in nbformat.read(f, as_version=4).cells if c.cell_type == 'markdown']
+    flat = [' '.join(c.split()) for c in cells]
+    first = next(i for i, c in enumerate(flat) if "beyond the seeds' spread" in c.lower())
+    rule = "*beyond the seeds' spread* when each mean ± its standard deviation stays clear of the other's"
+    assert rule in flat[first] and flat[first].startswith("## 9. The paper's other questions")
+    assert sum(rule in c for c in flat) == 1
+
+
+@pytest.mark.parametrize('claim, wrong', [
+    ('Under noise both transferred students fall far below scratch (copy 39.5 and distillation 37.3 against 64.4).',
+     []),
+    # the sentence the README had: under rotation distillation is below scratch on the means only
+    ('Under noise both fall below scratch; under rotation copy and distillation fall below it too.',
+     ["distill below scratch under rotate: not beyond the seeds' spread (51.16 ± 1.96 against 55.65 ± 3.46)"]),
+    ('Under rotation, copy does better than scratch.',
+     ["an ordering under a shift this test cannot read: 'Under rotation, copy does better than scratch.'"]),
+    ('Under rotation distillation falls below scratch.',
+     ["distill below scratch under rotate: not beyond the seeds' spread (51.16 ± 1.96 against 55.65 ± 3.46)"]),
+    ('Under rotation copy falls below scratch too; distillation falls below it on the means only.', []),
+    ('Under rotation copy falls below scratch on the means only.',
+     ['copy below scratch under rotate on the means only: not what the data give']),
+    ('Under every shift, both transferred students fall behind fine-tuning.',
+     ["distill behind finetune under rotate: not beyond the seeds' spread (51.16 ± 1.96 against 55.45 ± 4.24)"]),
+    ('Both transferred students fall behind fine-tuning under every shift but rotation.', []),
+    ("Beyond the seeds' spread they fall behind scratch only under noise (both) and rotation (copy).", []),
+    ("Beyond the seeds' spread they fall behind scratch only under noise (both) and rotation (both).",
+     ["behind scratch beyond the spread only under [('noise', 'copy'), ('noise', 'distill'), ('rotate', 'copy'), "
+      "('rotate', 'distill')]: the data, [('noise', 'copy'), ('noise', 'distill'), ('rotate', 'copy')]"]),
+    ('Here: `rotate/distill` 51.16 < `rotate/scratch` 55.65.', ['rotate/distill < rotate/scratch: not what the rule gives']),
+    ('Here: `rotate/distill` 51.16 ≈ `rotate/scratch` 55.65.', []),
+    ('Here: `noise/copy` 39.51 ≈ `noise/scratch` 64.39.', ['noise/copy ≈ noise/scratch: not what the rule gives']),
+])
+def test_the_shift_reader_finds_what_disagrees(claim, wrong):
+    """The checker itself, on sentences whose truth is known."""
+    assert shift_problems(claim, shifted()) == wrong
+
+# -----------------------------------------------------------------------------
+# The size an image folder trains at by default, as README.md and REFERENCE.md state it, against the scripts' configs
+
+
+def folder_sizes_stated():
+    """{page: [each size the page states as a folder's default]}: the README's *Train on your data* ('trains at 28
+    px', '(224 px by default'), REFERENCE.md's row for `folder` (its preset cell's 'N×N')."""
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = ' '.join(re.search(r'^## Train on your data$(.*?)^## ', f.read(), re.M | re.S)[1].split())
+    with open(os.path.join(ROOT, 'REFERENCE.md'), encoding='utf-8') as f:
+        row = next(line for line in f if line.startswith('| `folder` |'))
+    said = re.findall(r'\btrains? at (\d+) px|\((\d+) px by default|(\d+) px by default', readme)
+    return {'README.md': [int(next(x for x in m if x)) for m in said],
+            'REFERENCE.md': [int(n) for n in re.findall(r'(\d+)×\1', row.rsplit('|', 2)[1])[:1]]}
+
+
+def test_the_pages_state_the_size_a_folder_trains_at():
+    """Each training script, given `--data folder` and nothing else about the size, trains at the size both pages
+    state (no preset: the config's default)."""
+    import importlib
+    from util.launch import parse_config
+    sizes = set()
+    for script, config in (('finetune', 'FinetuneConfig'), ('attention_copy', 'CopyConfig'),
+                           ('attention_distill', 'DistillConfig')):
+        mod = importlib.import_module(script)
+        sizes.add(parse_config(getattr(mod, config), mod.PRESETS, ['--data', 'folder', '--teacher', 'unread.pt']
+                               if script != 'finetune' else ['--data', 'folder']).img_size)
+    assert len(sizes) == 1, sizes
+    size = sizes.pop()
+    stated = folder_sizes_stated()
+    assert all(stated.values()), f'a page states no default size for a folder: {stated}'
+    assert stated == {page: [size] * len(said) for page, said in stated.items()}, f'{size} px: {stated}'

@@ -1,52 +1,110 @@
-"""tools/curves.py on two tiny runs: the PNG it writes beside them, and what its panels draw against a second path to
-the same numbers (metrics.jsonl read here, the lr of each logged step from util.engine.lr_at and the run's config)."""
+"""tools/curves.py on two tiny runs, a scratch and a distillation (taught by the scratch run's checkpoint): the PNG it
+writes under the folder it runs in, each run in its method's colour (tools/palette.py, from the run's config.json),
+distillation's attention loss in a panel of its own, the losses labelled for what they are, one lr curve for runs
+that share a schedule, a single evaluation drawn as a marker; what its panels draw against a second path to the same
+numbers (metrics.jsonl and log.txt read here, the lr of each logged step from util.engine.lr_at and the run's
+config)."""
 import json
 import os
+import re
 import types
 
 import matplotlib
+import pytest
 
 matplotlib.use('Agg')
 
-from conftest import finetune, read_metrics, run_script  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+
+from conftest import TINY, finetune, read_metrics, run_in_process, run_script  # noqa: E402
 from tools import curves  # noqa: E402
+from tools.palette import PALETTE  # noqa: E402
 from util.engine import lr_at  # noqa: E402
 
 
-def tiny_runs(tmp_path):
-    """Two runs of different schedules and batches, each evaluated twice and logged every 2 steps."""
-    runs = [tmp_path / 'runs' / 'a', tmp_path / 'runs' / 'b']
-    finetune(runs[0], '--epochs', '2', '--warmup-epochs', '1', '--batch-size', '32', '--log-every', '2')
-    finetune(runs[1], '--epochs', '2', '--warmup-epochs', '0.5', '--batch-size', '64', '--log-every', '2')
-    return runs
+@pytest.fixture(scope='module')
+def two_runs(tmp_path_factory):
+    """A scratch run evaluated once (1 epoch, label smoothing 0.1) and a distillation of its checkpoint, of another
+    schedule and batch, evaluated twice with label smoothing off; both logged every 2 steps."""
+    runs = tmp_path_factory.mktemp('curves') / 'runs'
+    scratch, distill = runs / 'scratch', runs / 'distill'
+    finetune(scratch, '--epochs', '1', '--warmup-epochs', '0.5', '--batch-size', '32', '--log-every', '2',
+             '--smoothing', '0.1')
+    p = run_script('attention_distill.py', *TINY, '--teacher', scratch / 'checkpoint.pt', '--out-dir', distill,
+                   '--epochs', '2', '--warmup-epochs', '1', '--batch-size', '64', '--log-every', '2',
+                   '--smoothing', '0')
+    assert p.returncode == 0, p.stderr[-3000:]
+    return scratch, distill
 
 
-def test_curves_of_two_runs(tmp_path):
-    runs = tiny_runs(tmp_path)
-    p = run_script('-m', 'tools.curves', *runs)
-    assert p.returncode == 0, p.stderr
-    with open(tmp_path / 'runs' / 'curves.png', 'rb') as f:   # beside the runs, where they share a folder
-        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+def logged(run, name):
+    """Each progress line's value of one loss in a run's log.txt ('... | ce 2.3 attn 19.1 | lr ...')."""
+    with open(run / 'log.txt') as f:
+        return [float(m[1]) for m in re.finditer(rf'\| (?:\w+ [\d.]+ )*{name} ([\d.]+)\b[^|]*\| lr', f.read())]
 
-    fig = curves.draw([str(r) for r in runs])
-    top1, loss, lr = fig.axes
-    assert [t.get_text().split(':')[0] for t in top1.get_legend().get_texts()] == ['a', 'b']
-    for i, run in enumerate(runs):
+
+def test_colours_panels_and_labels(two_runs):
+    scratch, distill = two_runs
+    fig = curves.draw([str(scratch), str(distill)])
+    top1, loss, attention, lr = fig.axes
+    assert [to_hex(line.get_color()) for line in top1.lines] == [to_hex(PALETTE['scratch']), to_hex(PALETTE['distill'])]
+    assert [t.get_text() for t in top1.get_legend().get_texts()] == \
+        [f"scratch (scratch): {read_metrics(scratch)[-1]['top1']:.2f}%",
+         f"distill (distillation): {read_metrics(distill)[-1]['top1']:.2f}%"]
+    # scratch's one evaluation: a marker big enough to see, in top-1 and in the test loss
+    assert top1.lines[0].get_marker() not in ('', 'None', None) and top1.lines[0].get_markersize() >= 8
+    # the losses: the test loss as markers, the training loss as lines; each kind named for what it is
+    kinds = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert kinds == ['training: cross-entropy | cross-entropy with label smoothing 0.1', 'test: cross-entropy']
+    assert 'training label-smoothed (0.1), test not' in loss.get_title()
+    for run in (scratch, distill):
+        test_loss = next(line for line in loss.lines if line.get_label() == run.name)
+        assert list(test_loss.get_ydata()) == [r['loss'] for r in read_metrics(run)]
+        assert test_loss.get_linestyle() == 'None'
+    assert [list(line.get_ydata()) for line in loss.lines if line.get_label().startswith('_')] == \
+        [logged(scratch, 'ce'), logged(distill, 'ce')]
+    # the attention loss: distillation's alone, as its log has it, in its colour; the title says what it sums
+    assert [line.get_label() for line in attention.lines] == ['distill']
+    assert list(attention.lines[0].get_ydata()) == logged(distill, 'attn') and len(logged(distill, 'attn')) >= 3
+    assert to_hex(attention.lines[0].get_color()) == to_hex(PALETTE['distill'])
+    assert "summed over layers all" in attention.get_title() and 'ce + 3 ×' in attention.get_title()
+    assert [line.get_label() for line in lr.lines] == ['scratch', 'distill'] and '2 schedules for 2 runs' in lr.get_title()
+
+
+def test_the_lr_drawn_is_each_runs_schedule_and_one_schedule_is_drawn_once(two_runs):
+    scratch, distill = two_runs
+    lr = curves.draw([str(scratch), str(distill)]).axes[-1]
+    for line, run in zip(lr.lines, two_runs):
         with open(run / 'config.json') as f:
             cfg = json.load(f)
-        evals = read_metrics(run)
-        x, y = top1.lines[i].get_data()
-        assert list(y) == [r['top1'] for r in evals]
-        assert list(x) == [r['step'] * cfg['batch_size'] / 1000 for r in evals]
-        steps_x, lrs = lr.lines[i].get_data()
-        steps = [round(v * 1000 / cfg['batch_size']) for v in steps_x]
+        seen_x, lrs = line.get_data()
+        steps = [round(v * 1000 / cfg['batch_size']) for v in seen_x]
         assert len(steps) >= 3
-        spe = evals[0]['step']   # one evaluation an epoch
+        spe = 256 // cfg['batch_size']   # steps an epoch: the tiny preset's 256 images
         peak = cfg['blr'] * cfg['batch_size'] / 256
         schedule = types.SimpleNamespace(**cfg)
-        for s, logged in zip(steps, lrs):   # the log prints the lr of the step just taken, to 3 figures
+        for s, value in zip(steps, lrs):   # the log prints the lr of the step just taken, to 3 figures
             expected = lr_at(schedule, peak, (s - 1) / spe)
-            assert abs(logged - expected) <= 6e-3 * expected + 1e-12, (run, s, logged, expected)
+            assert abs(value - expected) <= 6e-3 * expected + 1e-12, (run, s, value, expected)
+    twice = curves.draw([str(distill), str(distill)])
+    assert len(twice.axes[-1].lines) == 1 and 'one schedule, shared by all 2 runs' in twice.axes[-1].get_title()
+    # runs of one method: one colour, told apart by their markers
+    top1 = twice.axes[0].lines
+    assert to_hex(top1[0].get_color()) == to_hex(top1[1].get_color()) and top1[0].get_marker() != top1[1].get_marker()
+
+
+def test_no_attention_panel_without_an_attention_loss(two_runs):
+    scratch, _ = two_runs
+    assert len(curves.draw([str(scratch)]).axes) == 3
+
+
+def test_the_default_output_is_under_the_working_folder(two_runs, tmp_path, monkeypatch):
+    """Not beside the runs (a tracked folder of committed logs, say): runs/curves.png where the command runs."""
+    monkeypatch.chdir(tmp_path)
+    assert run_in_process(monkeypatch, curves, *two_runs) is None
+    with open(tmp_path / 'runs' / 'curves.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert not any(os.path.exists(r.parent / 'curves.png') or os.path.exists(r / 'curves.png') for r in two_runs)
 
 
 def test_curves_refuses_a_folder_without_metrics(tmp_path):
@@ -54,4 +112,18 @@ def test_curves_refuses_a_folder_without_metrics(tmp_path):
     p = run_script('-m', 'tools.curves', tmp_path / 'empty', '--out', tmp_path / 'c.png')
     assert p.returncode != 0
     assert p.stderr.strip().count('\n') == 0 and 'metrics.jsonl' in p.stderr
+    assert not os.path.exists(tmp_path / 'c.png')
+
+
+def test_curves_refuses_a_run_of_no_training_script(two_runs, tmp_path, monkeypatch):
+    """A folder whose config.json names another program: one line naming it, and no figure."""
+    import shutil
+    other = tmp_path / 'other'
+    shutil.copytree(two_runs[0], other)
+    with open(other / 'config.json') as f:
+        cfg = json.load(f)
+    cfg['argv'] = ['ensemble.py', '--models', 'a.pt']
+    (other / 'config.json').write_text(json.dumps(cfg))
+    said = run_in_process(monkeypatch, curves, other, '--out', tmp_path / 'c.png')
+    assert said and 'a run of ensemble.py, not of a training script' in said
     assert not os.path.exists(tmp_path / 'c.png')

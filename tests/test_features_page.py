@@ -104,9 +104,10 @@ def feature_checks(record, epochs):
     wrong = fd['b_wrong_given_a_wrong' if g('finetune', 'distill')['a'] == 'finetune' else 'a_wrong_given_b_wrong']
     names = [k for k in r['models'] if k != t]
     return [
-        (r'Made by `([^`]+)`', (record['command'],)),
-        (r"on (.+?) \(`--device (\w+)`, torch (\S+), git commit ([0-9a-f]{40})\) in ([\d.]+ (?:min|s)):",
+        # the machine, right after the command (not the first 'on' of the page): read before the command is cut
+        (r"(?<=`) on (.+?) \(`--device (\w+)`, torch (\S+), git commit ([0-9a-f]{40})\) in ([\d.]+ (?:min|s)):",
          (record['machine'], record['device'], record['torch'], record['git_commit'], took)),
+        (r'Made by `([^`]+)`', (record['command'],)),
         (r'one pass over the first (\d+) images of the (\S+) test split', (str(r['images']), cfg['data'])),
         (r'commit ([0-9a-f]{7}) is the last that holds it \(`git show ([0-9a-f]{7}):tools/features\.py`.*?`git '
          r'checkout ([0-9a-f]{7})`', last_holding),

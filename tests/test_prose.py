@@ -1,6 +1,6 @@
-"""The prose a learner reads once: the Markdown cells of tutorial.ipynb and the README, counted as a reader meets
-them, against the limits of issue 56 (a mean of at most 20 words a sentence, at most 3 sentences over 40 words in
-each, at most 3,000 words of notebook prose).
+"""The prose a learner reads: the Markdown cells of tutorial.ipynb, the README and every page of the repository the
+notebook links, counted as a reader meets them: a mean of at most 20 words a sentence and no sentence over 40 words on
+each, and at most 3,300 words of notebook prose.
 
 What is counted: the text of paragraphs and list items. Left out: fenced code blocks, inline code, tables (lines
 that start with '|'), headings, math ($...$), HTML tags (their text kept), images and badges, bare URLs, and link
@@ -17,11 +17,13 @@ import os
 import re
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT  # noqa: E402
 
 NOTEBOOK, README = os.path.join(ROOT, 'tutorial.ipynb'), os.path.join(ROOT, 'README.md')
-MEAN_WORDS, LONG, MAX_LONG, NOTEBOOK_WORDS = 20, 40, 3, 3000     # the limits of issue 56
+MEAN_WORDS, LONG, NOTEBOOK_WORDS = 20, 40, 3300
 CODE = '\u00a7'     # what an inline code span leaves: no word, but a sentence may start with it
 # the end of a sentence: a stop, then a space and what may start one; not after 'A.', 'al.' or '**2.'
 SPLIT = re.compile(r'(?:(?<=[.!?])(?<!\b[A-Z]\.)(?<!\bal\.)(?<!\*\d\.)|(?<=[.!?]\))|(?<=[.!?]\*)|(?<=[.!?]\*\*))'
@@ -96,26 +98,34 @@ def test_the_counter_leaves_out_code_tables_links_and_math():
     assert counts(text)[:2] == (31, 9)
 
 
+def linked_pages():
+    """The repository's Markdown pages the notebook's Markdown links ('[text](results/x/README.md#part)'), sorted."""
+    found = {m.split('#')[0] for text in notebook_markdown() for m in re.findall(r'\]\(([^)\s]+)\)', text)}
+    return sorted(p for p in found if not re.match(r'\w+://', p) and p.endswith('.md'))
+
+
 def test_the_notebook_reads_in_short_sentences():
     total, n, mean, long = counts('\n\n'.join(notebook_markdown()))
     assert total <= NOTEBOOK_WORDS, f'{total} words of notebook prose: at most {NOTEBOOK_WORDS}'
     assert mean <= MEAN_WORDS, f'{mean:.1f} words a sentence in the notebook: at most {MEAN_WORDS}'
-    assert long <= MAX_LONG, f'{long} sentences over {LONG} words in the notebook: at most {MAX_LONG}'
+    assert long == 0, f'{long} sentences over {LONG} words in the notebook: none'
 
 
-def test_the_readme_reads_in_short_sentences():
-    total, n, mean, long = counts(readme())
-    assert mean <= MEAN_WORDS, f'{mean:.1f} words a sentence in the README: at most {MEAN_WORDS}'
-    assert long <= MAX_LONG, f'{long} sentences over {LONG} words in the README: at most {MAX_LONG}'
-
-
-def test_the_feature_analysis_page_reads_in_short_sentences():
-    """results/fashion-mnist/features/README.md, linked twice from the notebook: the same mean, and no sentence over
-    40 words (its tables, the command lines and the model list are code, not prose)."""
-    with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'README.md'), encoding='utf-8') as f:
+@pytest.mark.parametrize('page', ['README.md', *linked_pages()])
+def test_each_page_reads_in_short_sentences(page):
+    """The README, and every page the notebook links (its tables, command lines and code are not prose)."""
+    with open(os.path.join(ROOT, page), encoding='utf-8') as f:
         total, n, mean, long = counts(f.read())
-    assert mean <= MEAN_WORDS, f'{mean:.1f} words a sentence on the features page: at most {MEAN_WORDS}'
-    assert long == 0, f'{long} sentences over {LONG} words on the features page: none'
+    assert mean <= MEAN_WORDS, f'{mean:.1f} words a sentence in {page}: at most {MEAN_WORDS}'
+    long_ones = [s for s in sentences(open(os.path.join(ROOT, page), encoding='utf-8').read()) if words(s) > LONG]
+    assert not long_ones, f'{len(long_ones)} sentences over {LONG} words in {page}: none, e.g. {long_ones[0][:120]!r}'
+
+
+def test_the_notebook_links_the_pages_a_learner_reads():
+    """The pages measured above are found from the notebook's links: the results, the features, the variants."""
+    pages = linked_pages()
+    assert {'results/fashion-mnist/RESULTS.md', 'results/fashion-mnist/features/README.md',
+            'results/fashion-mnist/variants/README.md', 'teachers/README.md'} <= set(pages), pages
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT, read_metrics  # noqa: E402
 
 NOTEBOOK = os.path.join(ROOT, 'tutorial.ipynb')
-FIGURES = 9                 # the notebook shows 9; a page with fewer has lost some
+FIGURES = 13                # the notebook shows 13; a page with fewer has lost some
 MAX_BYTES = 2_000_000
 MAX_TEXT_LINES = 60         # every stored text output together, a table counting its rows
 MIN_DPI = 100               # a figure's PNG width in pixels over the inches it is shown at (96 CSS pixels an inch)

@@ -184,7 +184,7 @@ def prose_problems(text, data):
         for a, x, op, b, y in chains:
             ra, rb = entry(data, a), entry(data, b)
             holds = {'>': float(x) > float(y), '<': float(x) < float(y), '=': x == y,
-                     '≈': abs(ra['mean'] - rb['mean']) <= max(ra['std'] or 0, rb['std'] or 0)}[op]
+                     '≈': abs(ra['mean'] - rb['mean']) <= (ra['std'] or 0) + (rb['std'] or 0)}[op]
             if not holds:
                 out.append(f'{a} {x} {op} {b} {y} does not hold')
         rest = PAIR.sub('', s)

@@ -1,34 +1,100 @@
-"""Your runs' curves: test top-1, loss and lr against the training images seen, for any run directories a script of
-this repository wrote (a smoke test, the quick command's stages, a long run on a cluster), several in one figure, each
-labelled by its folder:
+"""Your runs' curves in the course's colours: test top-1, the losses, distillation's attention loss and the lr, against
+the training images seen, for any run directories a script of this repository wrote (a smoke test, the quick
+command's stages, a long run on a cluster), several in one figure:
 
-    python -m tools.curves runs/copy runs/distill                  # -> runs/curves.png, beside them
+    python -m tools.curves runs/copy runs/distill                  # -> runs/curves.png, where you run it
+    python -m tools.curves results/fashion-mnist/logs/*/seed0      # the committed logs, drawn into runs/curves.png
     python -m tools.curves runs/reproduce/fashion-mnist-quick/*/seed0 --out curves.png
 
-Top-1 and the test loss are read from each run's metrics.jsonl (one record an evaluation), the training loss and the lr
-from the progress lines of its log.txt (one every --log-every steps); images seen are the step times the images a step
-takes (config.json). The figures are drawn as the notebook's are (tools/tutorial.py)."""
+Each run is coloured by its method, which its config.json records (the script it ran, and for finetune.py whether
+it started from a teacher's weights): the palette of every figure here (tools/palette.py), distillation blue, copy
+green, fine-tune orange, scratch grey, an MAE's pre-training brown; runs of one method differ in marker and line.
+Top-1 and the test loss are read from each run's metrics.jsonl (one record an evaluation), the training losses and
+the lr from the progress lines of its log.txt (one every --log-every steps); images seen are the step times the
+images a step takes (config.json). The default output is runs/curves.png under the folder the command runs in
+(git ignores runs/), never inside the run folders, which may be committed logs."""
 import argparse
 import os
 import re
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
+from tools.palette import PALETTE, SHORT
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
-from util.files import read_bytes, save_figure
+from util.errors import DamagedFile
+from util.files import read_bytes, read_json, save_figure
 from util.launch import run_main
 
 # a progress line of util/engine.py: 'epoch   0.21 step 100/1404 | ce 1.9627 attn 19.0639 | lr 1.41e-03 | ...'
-# (mae_pretrain.py's first loss is mse)
-PROGRESS = re.compile(r'step (\d+)/\d+ \| \w+ ([-\d.e+]+).* \| lr ([-\d.e+]+) \|')
+# (mae_pretrain.py's loss is mse)
+PROGRESS = re.compile(r'step (\d+)/\d+ \| ([^|]+) \| lr ([-\d.e+]+) \|')
+# the method each training script is (finetune.py: fine-tune or scratch, by its --init)
+SCRIPTS = {'attention_copy.py': 'copy', 'attention_distill.py': 'distill', 'mae_pretrain.py': 'teacher'}
+NAMES = {**SHORT, 'teacher': 'MAE pre-training'}
+# runs of one method: the k-th in this marker and this line
+MARKERS = 'os^Dvp'
+LINES = ['-', '--', ':', '-.']
+
+# -----------------------------------------------------------------------------
+# What a run left: its method, its progress lines
+
+
+def config(run_dir):
+    return read_json(os.path.join(run_dir, 'config.json'), 'name a run folder a training script wrote',
+                     {'argv': list})
+
+
+def method(run_dir):
+    """The run's method, a key of tools.palette.PALETTE, from the script its config.json records."""
+    cfg = config(run_dir)
+    script = os.path.basename(cfg['argv'][0]) if cfg['argv'] else ''
+    if script == 'finetune.py':
+        return 'finetune' if cfg.get('init') else 'scratch'
+    if script not in SCRIPTS:
+        raise DamagedFile(f"{run_dir}/config.json: a run of {script or 'no script'}, not of a training script "
+                          f"(finetune.py, {', '.join(SCRIPTS)}): name a training run's folder")
+    return SCRIPTS[script]
 
 
 def progress(run_dir):
-    """{step: (training loss, lr)} from the run's log.txt, the loss its first term (the cross-entropy on the labels;
-    an MAE's masked mse); a resumed run's repeated steps keep the last."""
+    """{step: ({loss name: value}, lr)} from the run's log.txt: its losses as logged (ce, and attn for
+    distillation; an MAE's mse); a resumed run's repeated steps keep the last."""
     text = read_bytes(os.path.join(run_dir, 'log.txt'), 'name a run folder that holds its log')
-    found = (PROGRESS.search(line) for line in text.decode(errors='replace').splitlines())
-    return {int(m[1]): (float(m[2]), float(m[3])) for m in found if m}
+    out = {}
+    for line in text.decode(errors='replace').splitlines():
+        m = PROGRESS.search(line)
+        if m:
+            words = m[2].split()                                   # ['ce', '1.9627', 'attn', '19.0639']
+            out[int(m[1])] = ({k: float(v) for k, v in zip(words[::2], words[1::2])}, float(m[3]))
+    return out
+
+
+def trained_on(cfg):
+    """What a run's training loss is, in words: the label term it minimised and what makes it larger than the
+    test loss (label smoothing, mixed or augmented images)."""
+    if 'mask_ratio' in cfg:
+        return 'mse of the masked patches'
+    extras = []
+    if cfg.get('smoothing'):
+        extras.append(f"label smoothing {cfg['smoothing']:g}")
+    if cfg.get('mixup') or cfg.get('cutmix'):
+        extras.append('MixUp / CutMix')
+    if cfg.get('randaug'):
+        extras.append('RandAugment')
+    if cfg.get('reprob'):
+        extras.append('random erasing')
+    return 'cross-entropy' + (f" with {', '.join(extras)}" if extras else '')
+
+
+def attention_loss(cfg):
+    """What a distillation run logs as attn, in words: two lines for a panel's title."""
+    what = "H(teacher's map, student's)" if cfg.get('transfer', 'attn') == 'attn' else \
+        f"mse of the teacher's and the student's {cfg['transfer']}"
+    return (f"summed over layers {cfg.get('layers')}\n({what}; trained on ce + {cfg.get('weight', 1):g} × it)")
+
+# -----------------------------------------------------------------------------
+# The figure
 
 
 def shared_folder(run_dirs):
@@ -42,31 +108,88 @@ def label(run_dirs):
     return [os.path.relpath(os.path.abspath(d), shared_folder(run_dirs)) for d in run_dirs]
 
 
+def plot(ax, x, y, **style):
+    """A line of values; one value alone a marker big enough to read, not a dot hidden at the axis."""
+    if len(x) == 1:
+        style.update(marker=style.get('marker') or 'o', ms=9)
+    ax.plot(x, y, **style)
+
+
 def draw(run_dirs):
-    """The figure: top-1, loss (training cross-entropy solid, test loss dashed with dots), lr; one colour a run."""
-    fig, (top1, loss, lr) = plt.subplots(1, 3, figsize=(14, 3.8), layout='constrained')
-    for i, (d, name) in enumerate(zip(run_dirs, label(run_dirs))):
-        c = f'C{i}'   # the colour cycle's i-th (it repeats)
-        evals = metrics(d)
-        x = seen(d)
-        if 'top1' in evals[-1]:   # an MAE's run has none
-            top1.plot(x, [r['top1'] for r in evals], marker='o', color=c,
-                      label=f"{name}: {evals[-1]['top1']:.2f}%")
-        loss.plot(x, [r.get('loss', r.get('mse')) for r in evals], marker='o', ls='--', color=c)
+    """The figure: top-1; the losses (training: lines, test: markers); the attention loss where a run logged one;
+    the lr, once for runs that share a schedule."""
+    runs = []
+    count = {}
+    for d, name in zip(run_dirs, label(run_dirs)):
+        evals = metrics(d)   # first: a folder without an evaluation is named by its metrics.jsonl
+        m = method(d)
+        k = count[m] = count.get(m, -1) + 1
         steps = progress(d)
         at = [s * images_a_step(d) / 1000 for s in steps]
-        loss.plot(at, [ce for ce, _ in steps.values()], color=c, label=name)
-        lr.plot(at, [v for _, v in steps.values()], color=c, label=name)
+        runs.append(dict(dir=d, name=name, method=m, cfg=config(d), evals=evals, seen=seen(d), at=at,
+                         losses=[v for v, _ in steps.values()], lr=[v for _, v in steps.values()],
+                         colour=PALETTE[m], marker=MARKERS[k % len(MARKERS)], ls=LINES[k % len(LINES)]))
+    attention = [r for r in runs if any('attn' in v for v in r['losses'])]
+    fig, axes = plt.subplots(1, 3 + bool(attention), figsize=(5 * (3 + bool(attention)), 4.2),
+                             layout='constrained')
+    top1, loss, lr = axes[0], axes[1], axes[-1]
+
+    for r in runs:
+        style = dict(color=r['colour'], marker=r['marker'], ls=r['ls'])
+        if 'top1' in r['evals'][-1]:   # an MAE's run has none
+            plot(top1, r['seen'], [e['top1'] for e in r['evals']], **style,
+                 label=f"{r['name']} ({NAMES[r['method']]}): {r['evals'][-1]['top1']:.2f}%")
+        plot(loss, r['seen'], [e.get('loss', e.get('mse')) for e in r['evals']], color=r['colour'],
+             marker=r['marker'], ls='none', label=r['name'])
+        first = [next(iter(v.values())) for v in r['losses']]                 # ce, or an MAE's mse
+        plot(loss, r['at'], first, color=r['colour'], ls=r['ls'], alpha=0.7)
     top1.set(title='test top-1 after each evaluation', ylabel='top-1 (%)')
-    loss.set(title='loss: training (solid), test (dashed)', ylabel='cross-entropy (nats); an MAE: mse')
-    lr.set(title='learning rate (the peak group)', ylabel='lr')
-    for ax in (top1, loss, lr):
+    if top1.lines:
+        top1.legend(fontsize=7, title='run (method): last top-1', title_fontsize=7)
+
+    said = sorted({trained_on(r['cfg']) for r in runs})
+    kinds = [Line2D([], [], color='0.3', ls='-', label='training: ' + ' | '.join(said)),
+             Line2D([], [], color='0.3', marker='o', ls='none',
+                    label='test: ' + ('mse' if all('mask_ratio' in r['cfg'] for r in runs) else 'cross-entropy'))]
+    loss.legend(handles=kinds, fontsize=7, loc='upper right')
+    smoothing = sorted({f"{r['cfg']['smoothing']:g}" for r in runs if r['cfg'].get('smoothing')})
+    loss.set(title='loss: training (lines), test (markers)' +
+             (f"\ntraining label-smoothed ({', '.join(smoothing)}), test not: training reads higher"
+              if smoothing else ''), ylabel='loss (nats; an MAE: mse)')
+
+    if attention:
+        ax = axes[2]
+        for r in attention:
+            plot(ax, r['at'], [v['attn'] for v in r['losses']], color=r['colour'], ls=r['ls'],
+                 label=r['name'])
+        ax.set(title="distillation's attention loss, " + attention_loss(attention[0]['cfg']),
+               ylabel='attention loss (nats)')
+        ax.legend(fontsize=7)
+
+    # the lr: runs with one schedule (the same steps, the same values) drawn once
+    schedules = {}
+    for r in runs:
+        schedules.setdefault((tuple(r['at']), tuple(r['lr'])), []).append(r)
+    for (at, values), group in schedules.items():
+        colours = {r['colour'] for r in group}
+        colour = colours.pop() if len(colours) == 1 else 'k'
+        name = group[0]['name'] if len(group) == 1 else f'{len(group)} runs: ' + ', '.join(r['name'] for r in group)
+        plot(lr, list(at), list(values), color=colour, ls=group[0]['ls'], label=name)
+    if len(schedules) == 1:
+        shared = 'one schedule' + (f', shared by all {len(runs)} runs' if len(runs) > 1 else '')
+    else:
+        shared = f'{len(schedules)} schedules for {len(runs)} runs'
+        lr.legend(fontsize=7)
+    if any(r['cfg'].get('layer_decay', 1) < 1 for r in runs):
+        shared += "; the head's (layer decay: earlier layers less)"
+    lr.set(title=f'learning rate at each logged step\n{shared}', ylabel='lr')
+
+    for ax in axes:
         ax.set_xlim(0)
         ax.set_xlabel('training images seen (thousands)')
-    loss.legend(fontsize=8)
-    if top1.lines:
-        top1.legend(fontsize=8, title='run: last top-1', title_fontsize=8)
     mark_axes(fig)
+    for ax in axes:
+        ax.title.set_fontsize(9)
     return fig
 
 
@@ -74,17 +197,17 @@ def parser():
     p = argparse.ArgumentParser(prog='python -m tools.curves', description=__doc__.split('\n\n')[0])
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
                    help="a run directory a script wrote (its metrics.jsonl, log.txt, config.json)")
-    p.add_argument('--out', default='',
-                   help='the PNG to write; default curves.png in the folder the runs share')
+    p.add_argument('--out', default=os.path.join('runs', 'curves.png'),
+                   help='the PNG to write (default: runs/curves.png under the folder the command runs in)')
     return p
 
 
 def main():
     args = parser().parse_args()
-    # a folder without an evaluation: one line naming its metrics.jsonl (records)
-    out = args.out or os.path.join(shared_folder(args.run_dirs), 'curves.png')
-    save_figure(draw(args.run_dirs), out, dpi=150, bbox_inches='tight')
-    print(f'written: {out}')
+    fig = draw(args.run_dirs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_figure(fig, args.out, dpi=150, bbox_inches='tight')
+    print(f'written: {args.out}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
-"""What tutorial.ipynb uses around the lesson, kept out of it so that its cells show the ideas: the images it shows,
-a runner for the scripts, a few figures. Nothing here is attention transfer: the runner launches the same command
-lines you would type in a terminal, and the figures only draw what the notebook computed."""
+"""What tutorial.ipynb uses around the lesson, kept out of it so that its cells show the ideas: the images it shows
+(and one you bring), a runner for the scripts, the checks of exercises 4 and 5, a few figures. Nothing here is
+attention transfer: the runner launches the same command lines you would type in a terminal, the checks compare
+your code with the project's, and the figures only draw what the notebook computed."""
 import os
 import re
 import shlex
@@ -12,14 +13,20 @@ from collections import deque
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.colors import to_rgba
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torchvision.transforms import v2
 
 import data
+from attention_copy import copied
 from tools import reproduce
 from tools.palette import PALETTE, SHORT, colour, png
 # a run's evaluations, one dict per epoch: {'epoch', 'step', 'top1', ...}
 from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
+from util.datafiles import read_image
 from util.errors import flag
 from util.files import cpu_name, read_json
 from util.launch import amp_dtype
@@ -55,6 +62,27 @@ def write_slice(n_train, n_test, runs):
             with open(os.path.join(folder, f'{split}-{name}-ubyte'), 'wb') as f:
                 f.write(bytes([0, 0, 8, a.ndim]) + np.array(a.shape, '>i4').tobytes() + a.tobytes())
     return folder
+
+def test_image(i, size=112):
+    """Test image i as an RGB picture of size x size pixels (Fashion-MNIST's 28, enlarged): an image file's stand-in,
+    for the cell that reads one you bring."""
+    ds = data.fashion_mnist('data', False, transform=None)
+    return Image.fromarray(ds.images[i, 0].numpy()).convert('RGB').resize((size, size), Image.Resampling.BICUBIC)
+
+
+def image_as_data(image, size=28, invert=False):
+    """An image file of any size and format (a path) or a PIL image, as the models see Fashion-MNIST: read as
+    util/datafiles.py reads a folder's images (EXIF orientation applied, any mode made RGB), made grey, its shorter
+    side resized to `size` and the centre cut square, in [0, 1] (invert: 1 - x, for dark clothes on a light ground:
+    Fashion-MNIST's are light on black); then the data's normalisation, grey repeated: (1, 3, size, size)."""
+    if not isinstance(image, Image.Image):
+        image = read_image(image)
+    # PIL's grey (ITU-R 601-2 luma) gives a grey RGB pixel back exactly
+    grey = v2.Compose([v2.ToImage(), v2.Resize(size), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True)])(image.convert('L'))   # (1, size, size)
+    if invert:
+        grey = 1 - grey
+    return ((grey - MEAN) / STD).expand(3, -1, -1)[None]
 
 # -----------------------------------------------------------------------------
 # Running the scripts: one line that updates while a run trains, then its summary
@@ -103,8 +131,8 @@ class Runner:
         else:
             name = f'{cpu_name()} ({torch.get_num_threads()} threads)'
         precision = 'autocast ' + str(amp).split('.')[-1] if amp else 'fp32'
-        print(f'the runs train on {name}, {precision}: trained numbers differ a little from one '
-              f'processor to another')
+        print(f'the runs train on {name}, {precision}: trained numbers change with the processor and its '
+              f'threads, a short run\'s by several points')
 
     def __call__(self, script, name, *flags):
         label = name
@@ -218,6 +246,94 @@ def budgets(quick_flags, n_train, n_test, loop):
             '`results/fashion-mnist/`'),
         row('the quick command', distill(quick), images, 10_000, len(quick.seeds),
             '`results/fashion-mnist-quick/`')])
+
+
+# -----------------------------------------------------------------------------
+# Exercises 4 and 5: each check stops the notebook (an AssertionError, in a sentence) where your code computes
+# something else than the project's, or writes out what the exercise asks it not to
+
+
+class Calls(TorchFunctionMode):
+    """Every torch function run inside `with Calls() as c:`, with the shape it returned: c.calls, [(function, shape
+    or None)]. Functions only, as Python code calls them: what a fused call does inside is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
+
+
+def waiting(exercise, name, prediction, answer):
+    """Whether an exercise is still to be done: its prediction (written first) or its function; says which."""
+    if prediction is None:
+        print(f'Exercise {exercise} is waiting for you: write your prediction first (PREDICTION_{exercise})')
+        return True
+    if answer is None:
+        print(f'Exercise {exercise} is waiting for you: fill in {name}')
+        return True
+    return False
+
+
+def differ(what, a, b, rtol=1e-5):
+    """The largest difference of a from b, asserted within fp32 rounding (rtol of b's largest value)."""
+    assert a.shape == b.shape, f'{what}: shape {tuple(a.shape)}, not {tuple(b.shape)}'
+    d = (a - b).abs().max().item()
+    bound = rtol * b.abs().max().item()
+    assert d < bound, f'{what}: max |difference| = {d:.1e}, more than fp32 rounding ({bound:.1e}): they differ'
+    return d, bound
+
+
+def check_fused_copy(copy_fused, prediction, h, attn, q_t, k_t, reference):
+    """Exercise 4: copy_fused(h, attn, q_t, k_t) must route the student's values by the teacher's map through one
+    F.scaled_dot_product_attention call and write no (N, N) map out (a copy by hand, such as section 3's A_T @ V_S,
+    does), and equal `reference` (section 3's copy_attention) within fp32 rounding. prediction: how many numbers
+    the teacher's map of these images holds, B x H x N x N."""
+    with Calls() as seen:
+        out = None if prediction is None else copy_fused(h, attn, q_t, k_t)
+    if waiting(4, 'copy_fused', prediction, out):
+        return
+    n = q_t.shape[-2]
+    written = [shape for _, shape in seen.calls if shape and len(shape) >= 2 and shape[-2:] == (n, n)]
+    assert not written, (f'your copy wrote out an N x N map {written[0]}: the fused call never does; hand q_t, k_t and '
+                         'the values to F.scaled_dot_product_attention')
+    assert F.scaled_dot_product_attention in [f for f, _ in seen.calls], \
+        'your copy never calls F.scaled_dot_product_attention'
+    d, bound = differ('the fused copy vs A_T @ V_S', out, reference)
+    print(f'the fused copy vs A_T @ V_S: {tuple(out.shape)}, max |difference| = {d:.1e} (must be < {bound:.1e})')
+    held = q_t.shape[0] * q_t.shape[1] * n * n
+    verdict = 'right' if int(prediction) == held else f'not {int(prediction):,}'
+    print(f'the map it never wrote out holds {held:,} numbers, B x H x N x N ({verdict}): '
+          f'{4 * held / 2 ** 20:.1f} MiB in fp32, for one layer')
+
+
+def check_batch_mean(batch_mean_map, prediction, teacher, x):
+    """Exercise 5: batch_mean_map(logits) must turn one layer's teacher logits (B, H, N, N) into the map of
+    `--average-maps batch`, every image given the batch's mean map, as attention_copy.copied makes it, within fp32
+    rounding, in every layer. prediction: 'more', 'less' or 'the same': the mean map's row entropy against the
+    teacher's own maps'."""
+    layers = list(range(teacher.depth))
+    logits = teacher.attention(x, layers)                                  # {layer: (B, H, N, N)}
+    mine = None if prediction is None else {i: batch_mean_map(l) for i, l in logits.items()}
+    if waiting(5, 'batch_mean_map', prediction, None if mine is None or mine[0] is None else mine):
+        return
+    project = copied(teacher, x, layers, None, 'attn', 'batch')
+    for i in layers:
+        differ(f"layer {i}, your mean map vs --average-maps batch's", mine[i], project[i]['attn'])
+    print(f"your mean maps vs --average-maps batch's: the same in all {len(layers)} layers, within fp32 rounding")
+
+    def entropy(p):   # of a row, averaged over rows, heads and images, in nats
+        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
+    own = [entropy(l.softmax(-1)) for l in logits.values()]
+    mean = [entropy(m) for m in mine.values()]
+    found = 'more' if min(m - o for m, o in zip(mean, own)) > 0 else 'less' if max(m - o for m, o in
+                                                                                zip(mean, own)) < 0 else 'mixed'
+    verdict = 'right' if prediction == found else f'not {prediction!r}'
+    print(f"row entropy, layers 0-{layers[-1]}: the teacher's maps {' '.join(f'{e:.2f}' for e in own)}, "
+          f"the batch's mean {' '.join(f'{e:.2f}' for e in mean)} nats: {found} ({verdict})")
 
 
 # the reproduction's stages, named as the notebook names its runs
