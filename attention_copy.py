@@ -10,8 +10,8 @@ What the teacher hands over follows --attn-implementation. With eager (what auto
 CPU) the teacher hands over its map, as its layers wrote it out (vit.attend). With sdpa
 (what auto runs on CUDA) it hands over its q_t and k_t, and the copied layer is one fused
 call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an (N, N) map.
-What a copy student is given (teacher.copied) and the pair as one classifier (teacher.CopyModel) live in
-teacher.py, beside what the teacher hands over, since ensemble.py and evaluate.py run trained pairs too.
+Here: what the student is given (copied) and the pair as one classifier (CopyModel), the loss, the script, and a
+trained pair loaded again with its teacher (load_copy_model, which ensemble.py and evaluate.py use).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -23,8 +23,9 @@ teacher.py, beside what the teacher hands over, since ensemble.py and evaluate.p
     # many nodes: torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 ...
 
 `--data imagenet` is the authors' recipe: MAE ViT-L/16 teacher, 100 epochs, all 24 layers (RECIPES.md).
-Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)` (teacher.py; named here too).
+Inference: `model = load_copy_model('runs/copy/checkpoint.pt'); model(images)`.
 """
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -33,15 +34,82 @@ from dataclasses import dataclass
 if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
+import torch.nn as nn
 
 from data import batch_mixer, build_data
-from teacher import (CopyModel, TransferConfig, build_student, build_teacher, check_teacher, copied,
-                     describe_map, load_copy_model, student_presets)
-from util.checkpoints import teacher_record
+from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
+                     inspect_teacher, student_presets, teacher_outputs)
+from util.checkpoints import (CheckpointError, load_weights, read_checkpoint, teacher_mismatch,
+                              teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main, settle_attention
 from util.run import Run
+
+
+# -----------------------------------------------------------------------------
+# The method: what the student is given, and the pair as one model
+
+
+def copied(teacher, x, layers, heads, transfer, average='none', implementation=None):
+    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map
+    is made in the student's layer, by one fused call), or {layer: {'attn': the map}}
+    when the teacher runs eager (its layers write their maps out anyway: handed over as
+    they were made, not made twice), or its q, k or v; with the listed heads only.
+    layers: {student layer: teacher layer} (or a list: the same layers). A student with
+    fewer heads than the teacher is given all of them: each of its heads is routed by
+    the mean map of its group of teacher heads (vit.attend).
+    average: 'batch' | 'queries' hands every image the batch's mean map, or every query
+    its image's mean row (--average-maps: the paper's test of whether a map's worth is
+    in its image and its query). implementation: the student's (default: the teacher's)."""
+    implementation = implementation or teacher.blocks[0].attn.implementation
+    if transfer == 'attn' and (implementation == 'eager' or average != 'none'):
+        out = {}
+        for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
+            attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)   # (B, H, N, N)
+            if average != 'none':
+                attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
+            out[i] = {'attn': attn}
+    else:
+        # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
+        out = {i: {n: t.contiguous() for n, t in given.items()}
+               for i, given in teacher_outputs(teacher, x, layers, NAMES[transfer]).items()}
+    if heads is not None:   # slices stacked: a list index is a copy from the host, waited for, per layer
+        return {i: {**{n: torch.stack([t[:, h] for h in heads], 1) for n, t in given.items()},
+                    'heads': heads}
+                for i, given in out.items()}
+    return out
+
+
+class CopyModel(nn.Module):
+    """Teacher + copy student as one classifier, for evaluation and inference."""
+
+    def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none'):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.layers = layers
+        self.heads = heads
+        self.transfer = transfer
+        self.average = average
+
+    def forward(self, x):
+        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
+                                             self.transfer, self.average))
+
+
+def copy_loss(cfg, teacher, layers, heads):
+    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy,
+    given the teacher's."""
+    def loss_fn(net, x, y):
+        given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps)
+        loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
+        return loss, {'ce': loss.detach()}
+    return loss_fn
+
+
+# -----------------------------------------------------------------------------
+# Config and presets, and the script
 
 
 @dataclass
@@ -66,16 +134,6 @@ PRESETS = {**student_presets(SMALL_PRESETS),
                             layer_decay=0.75, layer_decay_offset=0, beta2=0.999, weight_decay=0.05,
                             drop_path=0.0, ema=0.9999, randaug='rand-m9-mstd0.5-inc1', reprob=0.25,
                             mixup=0.8, cutmix=1.0, smoothing=0.1, num_workers=10, log_every=100)}
-
-
-def copy_loss(cfg, teacher, layers, heads):
-    """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy,
-    given the teacher's."""
-    def loss_fn(net, x, y):
-        given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps)
-        loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
-        return loss, {'ce': loss.detach()}
-    return loss_fn
 
 
 def main():
@@ -144,6 +202,69 @@ def check_fused(plan, teacher, student, x):
         with autocast(plan):
             teacher.forward_tokens(x, depth=1)
     return settle_attention(plan, 'copy', [teacher, student], forward, layers)
+
+
+# -----------------------------------------------------------------------------
+# A trained copy student, loaded again with its teacher (ensemble.py, evaluate.py)
+
+
+COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str,
+               'heads': (list, type(None))}   # what it needs
+
+
+def load_copy_model(path, teacher_source=None, new_teacher=False):
+    """Rebuild a trained copy student and the teacher it needs from its checkpoint, run
+    once on a blank image: a record malformed, or that does not fit the two models, is a
+    CheckpointError now, not part-way through a test set. The teacher is the recorded
+    file, or teacher_source (moved) with the same SHA-256: another teacher would silently
+    give other predictions, so it is refused unless new_teacher=True says it is meant."""
+    ckpt = read_checkpoint(path)
+    fix = 'the file is damaged: train the copy student again (attention_copy.py)'
+    rec = ckpt.get('teacher')
+    bad = []
+    if not isinstance(rec, dict):
+        bad.append('teacher (a dict)')
+    else:
+        bad += [f'teacher.{k}' for k, kind in COPY_RECORD.items()
+                if k not in rec or not isinstance(rec[k], kind)]
+        if not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)):
+            bad.append('teacher.layers')
+    if not isinstance(ckpt.get('arch'), dict):
+        bad.append('arch')
+    if bad:
+        raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} "
+                              f"(missing or of another kind): {fix}")
+    source = teacher_source or rec['source']
+    if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
+        if teacher_source:
+            given = f'the teacher given for it, {source}, is not a file'
+        else:
+            given = f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
+        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: '
+                              f'{given}; point at the teacher file where it is now '
+                              f'(ensemble.py --teacher NEW.pt, or '
+                              f'load_copy_model(path, teacher_source=NEW.pt)): '
+                              f'its sha256 is checked')
+    if not new_teacher:
+        other = teacher_mismatch(source, rec)
+        if other:
+            raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
+                                  f'teacher (--new-teacher true if another one is meant)')
+    cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
+                         teacher_num_heads=rec.get('teacher_num_heads', 0))
+    teacher = build_teacher(inspect_teacher(cfg)[0], 'cpu')
+    student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
+    # older records: the same layers in student and teacher
+    layers = rec.get('layer_map', rec.get('layers'))
+    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],
+                      rec.get('average_maps', 'none')).eval()
+    try:
+        with torch.no_grad():   # the recorded layers, heads and transfer fit both models
+            model(torch.zeros(1, 3, student.arch['img_size'], student.arch['img_size']))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or '
+                              f'its teacher ({type(e).__name__}: {e}): {fix}') from None
+    return model
 
 
 if __name__ == '__main__':

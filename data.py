@@ -1,7 +1,7 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders; then trained models scored on a test split (what
-ensemble.py and evaluate.py share; the models are loaded by teacher.load_models). How each data
+ensemble.py and evaluate.py share; the models are loaded by ensemble.load_models). How each data
 set's files are found and read, and how a loader makes each batch the same after a resume:
 util/datafiles.py.
 
@@ -300,7 +300,7 @@ def class_names(dataset, num_classes):
 
 
 def check_classes(sources, records, classes, data):
-    """Refuse trained models (sources, what their checkpoints record: teacher.load_models) that tell other classes
+    """Refuse trained models (sources, what their checkpoints record: ensemble.load_models) that tell other classes
     apart than the data set's: by name where they record them, else by number."""
     for s, r in zip(sources, records):
         other = class_mismatch(r['classes'], classes)
@@ -406,7 +406,7 @@ def image_folder(data, root, train, transform):
     return ClassFolder(split, index, transform, unknown), len(index)
 
 # -----------------------------------------------------------------------------
-# Trained models scored on a test set (ensemble.py, evaluate.py; the models: teacher.load_models): the flags they
+# Trained models scored on a test set (ensemble.py, evaluate.py; the models: ensemble.load_models): the flags they
 # share, their predictions, top-k and an ensemble's probabilities (where they run: util/launch.on_device)
 
 
@@ -456,10 +456,3 @@ def accuracy(scores, labels, k=1):
     """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
     top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
     return 100 * (top == labels[:, None]).any(-1).float().mean().item()
-
-
-def ensemble_probs(logits, weights=None):
-    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: summing to 1
-    (ensemble.normalise_weights), None = equal."""
-    weights = weights or [1 / len(logits)] * len(logits)
-    return sum(w * l.float().softmax(-1) for w, l in zip(weights, logits))   # (N, C)

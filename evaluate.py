@@ -37,8 +37,8 @@ if __name__ == '__main__':
 import torch
 
 from data import (INFO, SHIFTS, ModelsConfig, accuracy, build_eval_set, build_transform,
-                  check_classes, class_names, ensemble_probs, held_where, predict_all)
-from teacher import load_models
+                  check_classes, class_names, held_where, predict_all)
+from ensemble import ensemble_probs, load_models
 from util.config import ConfigError, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.launch import on_device, parse_config, run_main

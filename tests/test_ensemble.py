@@ -15,10 +15,10 @@ import torch
 from attention_copy import load_copy_model
 import attention_copy
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, run_script, sub_env
-from data import accuracy, ensemble_probs
-from ensemble import PRESETS, EnsembleConfig, disagreement, normalise_weights, summarise
+from data import accuracy
 import ensemble
-from teacher import load_models
+from ensemble import (PRESETS, EnsembleConfig, disagreement, ensemble_probs, load_models, normalise_weights,
+                      summarise)
 from util.checkpoints import CheckpointError
 from util.launch import parse_config
 from util.config import ConfigError

@@ -16,9 +16,9 @@ import torch
 from attention_copy import CopyModel, copied
 from conftest import ROOT, run_in_process
 from data import build_eval_set
+from ensemble import load_models
 from test_features_page import REMADE
 from test_pages import flat
-from teacher import load_models
 from tools import features
 from util.checkpoints import build_from_checkpoint
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR

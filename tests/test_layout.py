@@ -68,13 +68,29 @@ def test_the_config_imports_no_room_and_only_launch_imports_it():
     assert importers <= {'launch.py'}, f'util/ modules importing util/config.py: {sorted(importers)}'
 
 
-def test_no_script_imports_another():
-    """A script is run, never a library: what ensemble.py and evaluate.py (or any two scripts) share lives in a
-    module below them (data.py, teacher.py, util/), so reading one never sends a reader into another."""
+def imported_names(path):
+    """{module: the names a file imports from it} of its `from module import ...` lines (a function's included)."""
+    names = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.setdefault(node.module, set()).update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                names.setdefault(a.name, set()).add('*')   # the module itself: any of its names
+    return names
+
+
+def test_a_script_imports_only_the_model_side_of_another():
+    """A script is run, and its method is read in it: another script may use its model side (attention_copy.py's
+    load_copy_model, ensemble.py's ensemble_probs), never its main() or its config, which are the run of that
+    script; and never the module whole, whose names a reader could not see at the import."""
     assert {'ensemble', 'evaluate', 'finetune', 'attention_copy'} <= SCRIPTS, SCRIPTS
     for name in sorted(SCRIPTS):
-        other = {m.split('.')[0] for m in imports(ROOT / f'{name}.py')} & SCRIPTS - {name}
-        assert not other, f'{name}.py imports the script(s) {sorted(other)}: move what they share into a module'
+        for module, names in imported_names(ROOT / f'{name}.py').items():
+            if module not in SCRIPTS - {name}:
+                continue
+            config = {n for n in names if n.endswith('Config') or n in ('main', 'PRESETS', '*')}
+            assert not config, f'{name}.py imports {sorted(config)} of the script {module}.py: only its model side'
 
 
 def test_the_step_imports_nothing_of_the_data():

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from data import accuracy, build_eval_set, check_classes, class_names
-from teacher import load_models
+from ensemble import load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.errors import show
