@@ -10,8 +10,8 @@ What the teacher hands over follows --attn-implementation. With eager (what auto
 CPU) the teacher hands over its map, as its layers wrote it out (vit.attend). With sdpa
 (what auto runs on CUDA) it hands over its q_t and k_t, and the copied layer is one fused
 call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an (N, N) map.
-Here: what the student is given (copied) and the pair as one classifier (CopyModel), the loss, the script, and a
-trained pair loaded again with its teacher (load_copy_model, which ensemble.py and evaluate.py use).
+Here: what the student is given (copied), the pair as one classifier (CopyModel), the loss, the
+script, and a trained pair loaded again with its teacher (load_copy_model: ensemble.py, evaluate.py).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -37,13 +37,14 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data
-from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher, describe_map,
-                     inspect_teacher, student_presets, teacher_outputs)
+from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher,
+                     student_presets, teacher_outputs)
+from util.attention_check import settle_attention
 from util.checkpoints import (CheckpointError, load_weights, read_checkpoint, teacher_mismatch,
                               teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import resolve, run_main, settle_attention
+from util.launch import resolve, run_main
 from util.run import Run
 
 
@@ -145,18 +146,11 @@ def main():
     heads = transfer.heads
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')   # frozen
-        torch.manual_seed(cfg.seed)
-        student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        # sdpa, both ways, before anything runs on it
-        # both checks' images: a batch as the run's are made, at its batch size
-        x = next(iter(eval_loader))[0].to(plan.device)
-        plan, checked = check_fused(plan, teacher, student, x)
-        check_teacher(plan, teacher, x[:8])
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
                  f'(heads {heads or "all"}) from {cfg.teacher}')
-        plan.log(transfer.description)
-        plan.log(describe_map(transfer))
+        # the frozen teacher, the student, both settled on an implementation and checked
+        plan, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
+                                                     check_fused)
 
         run = Run(plan, student, train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})

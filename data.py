@@ -1,9 +1,8 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
-the train / eval splits, and their loaders; then trained models scored on a test split (what
-ensemble.py and evaluate.py share; the models are loaded by ensemble.load_models). How each data
-set's files are found and read, and how a loader makes each batch the same after a resume:
-util/datafiles.py.
+the train / eval splits, and their loaders (a test split's classes checked against the trained
+models scored on it: ensemble.py, evaluate.py). How each data set's files are found and read,
+and how a loader makes each batch the same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -27,7 +26,6 @@ Two paths, by what an image costs to read:
 """
 import copy
 import os
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -37,13 +35,10 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
-from util.config import AMP, BATCH, DEPTH, SIZE, WORKERS, at_least, option
-from util.engine import autocast
 from util.errors import ConfigError, DataError
 from util.run import class_mismatch
 from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
                             fashion_mnist, read_classes, send, unwrap)
-from vit import IMPLEMENTATIONS
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -404,55 +399,3 @@ def image_folder(data, root, train, transform):
                   f'there'
     index = {c: i for i, c in enumerate(names)}
     return ClassFolder(split, index, transform, unknown), len(index)
-
-# -----------------------------------------------------------------------------
-# Trained models scored on a test set (ensemble.py, evaluate.py; the models: ensemble.load_models): the flags they
-# share, their predictions, top-k and an ensemble's probabilities (where they run: util/launch.on_device)
-
-
-@dataclass
-class ModelsConfig:
-    """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
-    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
-    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: '
-                                  'one for every model, or one each '
-                                  "(0: the file's record or family)")
-    img_size: int = option(0, "0 = the models' own (they must share one)",
-                           at_least(0, "the models' own", SIZE))
-    batch_size: int = option(256, rule=at_least(1, most=BATCH))
-    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
-    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
-    attn_implementation: str = option('auto', 'eager (explicit maps) | '
-                                              'sdpa (fused, no map stored) | auto: per device',
-                                      choices=('auto', *IMPLEMENTATIONS))
-    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
-                       (lambda v: 0 <= v < 2 ** 63,
-                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
-
-    def checks(self):   # --num-heads beside --models
-        return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
-                 f'gives {len(self.num_heads)} head counts for {len(self.models)} models: '
-                 f'one for all, or one each'),
-                ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
-                 f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
-
-
-@torch.no_grad()
-def predict_all(models, loader, place):
-    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
-    the device (the loader's labels are where its set is held) and copied to the host once, at the end."""
-    logits = [[] for _ in models]   # each model's (B, C) logits, batch after batch
-    labels = []
-    for x, y in loader:
-        x = x.to(place.device, non_blocking=True)
-        with autocast(place):
-            for batches, m in zip(logits, models):
-                batches.append(m(x).float())
-        labels.append(y.to(place.device, non_blocking=True))    # (B,)
-    return [torch.cat(batches).cpu() for batches in logits], torch.cat(labels).cpu()
-
-
-def accuracy(scores, labels, k=1):
-    """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
-    top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
-    return 100 * (top == labels[:, None]).any(-1).float().mean().item()

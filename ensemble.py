@@ -26,14 +26,14 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 from attention_copy import load_copy_model
-from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names,
-                  data_source, held_where, predict_all)
+from data import INFO, build_eval_set, check_classes, class_names, data_source, held_where
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
-from util.config import STEPS, ConfigError, at_least, option, show
+from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
+from util.engine import accuracy, predict_all
+from util.errors import say
 from util.launch import on_device, parse_config, run_main
 from util.files import claimed
-from util.rundir import say
 
 # -----------------------------------------------------------------------------
 # Config

@@ -27,10 +27,11 @@ if __name__ == '__main__':
 import torch
 
 from data import batch_mixer, build_data
+from util.attention_check import settle_attention
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import parse_config, resolve, run_main, settle_attention
+from util.launch import parse_config, resolve, run_main
 from util.run import Run
 from vit import create_model, model_arch
 

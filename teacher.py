@@ -332,6 +332,29 @@ class Transfer(NamedTuple):
     loaded: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
+# The pair built: what both transfer scripts do once the data is loaded
+
+
+def build_pair(plan, num_classes, eval_loader, check_fused):
+    """(plan, teacher, student, record): the teacher and its mapping stated in the log; the frozen teacher (the file
+    resolve read, on the run's device); the student of the shape resolve settled, random and seeded (every rank starts
+    from the same weights); the pair settled on an attention implementation by the method's start-up check,
+    check_fused(plan, teacher, student, x) -> (plan, record); and the teacher checked (check_teacher). Both checks run
+    on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows with it)."""
+    transfer = plan.method
+    plan.log(transfer.description)
+    plan.log(describe_map(transfer))
+    teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')   # frozen
+    torch.manual_seed(plan.cfg.seed)
+    student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
+    x = next(iter(eval_loader))[0].to(plan.device)
+    # sdpa, both ways, before anything runs on it
+    plan, record = check_fused(plan, teacher, student, x)
+    check_teacher(plan, teacher, x[:8])
+    return plan, teacher, student, record
+
+
+# -----------------------------------------------------------------------------
 # A built teacher that cannot teach
 
 

@@ -10,7 +10,8 @@ on sdpa (every model is on eager until the verdict).
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
 
-A training script calls it through util/launch.settle_attention, which settles the run's plan with the verdict.
+A training script calls it through settle_attention, which settles the run's plan with the verdict (its processes
+on one kernel).
 """
 import contextlib
 import copy
@@ -19,6 +20,7 @@ import time
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 from util.errors import ConfigError
 from vit import scores, set_attn_implementation
@@ -59,6 +61,29 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     for m, was in zip(models, training):
         set_attn_implementation(m, implementation).train(was)
     return implementation, record
+
+
+def settle_attention(plan, what, models, *check, **kw):
+    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
+    models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled
+    where --compile is on): the one place it changes after resolve. Under DDP rank 0 checks and its verdict, a refusal
+    included, is every rank's at once (ranks on one kernel; none left waiting for a peer that stopped); the models are
+    on it. record: rank 0's."""
+    verdict = [plan.attn, None, None]                   # implementation, record, refusal
+    if plan.main:
+        try:
+            verdict[:2] = start_up_check(plan, what, models, *check,
+                                         compiled=plan.cfg.compile, **kw)
+        except ConfigError as e:
+            verdict[2] = str(e)
+    if plan.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    attn, record, refusal = verdict
+    if refusal:
+        raise ConfigError(refusal)
+    for m in models:
+        set_attn_implementation(m, attn)
+    return plan._replace(attn=attn), record
 
 
 def layer_inputs(forward, layers):

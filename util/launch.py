@@ -30,9 +30,9 @@ from util.attention_check import start_up_check
 from util.augment import randaugment
 from util.config import check, declared
 from util.engine import final_lr, seed_all
-from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
-from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed, say
-from vit import SIZES, set_attn_implementation
+from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, say, word
+from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed
+from vit import SIZES
 
 # -----------------------------------------------------------------------------
 # The resolve phase
@@ -163,29 +163,6 @@ def on_device(models, cfg, dataset):
 
     checked, _ = start_up_check(place, 'evaluation', models, first_layers, layers, backward=False)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
-
-
-def settle_attention(plan, what, models, *check, **kw):
-    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
-    models (util/attention_check.start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled
-    where --compile is on): the one place it changes after resolve. Under DDP rank 0 checks and its verdict, a refusal
-    included, is every rank's at once (ranks on one kernel; none left waiting for a peer that stopped); the models are
-    on it. record: rank 0's."""
-    verdict = [plan.attn, None, None]                   # implementation, record, refusal
-    if plan.main:
-        try:
-            verdict[:2] = start_up_check(plan, what, models, *check,
-                                         compiled=plan.cfg.compile, **kw)
-        except ConfigError as e:
-            verdict[2] = str(e)
-    if plan.world > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    attn, record, refusal = verdict
-    if refusal:
-        raise ConfigError(refusal)
-    for m in models:
-        set_attn_implementation(m, attn)
-    return plan._replace(attn=attn), record
 
 
 def what_runs(plan):
