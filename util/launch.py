@@ -6,7 +6,7 @@ first step, in order, before anything is built or written, ending in one immutab
                                            # the run directory claimed, the resume state checked
     with plan.run_dir:                     # data, (teacher), model, Run, the epoch loop (finetune.py's main)
         ...
-    run_main(main)                         # at the bottom of the script: errors and Ctrl-C in one line
+    run_main(main)                         # at the bottom of the script: a refusal and Ctrl-C in one line
 
 The command line is the config's dataclass (util/config.py); `--help` lists every flag with the value this line runs
 with and where it comes from. The same script runs under `python` (one process) and `torchrun` (one per GPU, NCCL).
@@ -185,13 +185,18 @@ def what_runs(plan):
     return f'{cfg.SCRIPT} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
 
 # -----------------------------------------------------------------------------
-# Ending: expected failures and Ctrl-C as one line
+# Ending: a refusal and Ctrl-C as one line, anything else with its traceback
+
+# what the project raises for input it refuses (a file, a flag, data; a write that failed, a run that diverged): each
+# one line naming the fix
+REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 
 def run_main(main):
-    """Run a script's main(); an error ends in one line and a non-zero exit, Ctrl-C in one line saying how to
-    continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
-    that run and where its log is (RunDir.__exit__)."""
+    """Run a script's main(): a refusal ends in its one line and a non-zero exit, Ctrl-C in one line saying how to
+    continue (exit 130, as a shell reports SIGINT); anything else (a bug, a learner's own; a fault no check foresaw)
+    shows its traceback, then one line. An error that left a run directory carries how to continue that run and where
+    its log is (RunDir.__exit__)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
     signal.signal(signal.SIGTERM, stopped)                      # till here
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
@@ -206,38 +211,43 @@ def run_main(main):
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
+    except REFUSALS as e:
+        sys.exit(f'error: {refusal(e)}')
     except Exception as e:
-        sys.exit(f'error: {one_line(e)}')
+        sys.exit(f'error: {unexpected(e)}')
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def one_line(e):
-    """An error in one line: one of ours as it says (a write that failed: with how to continue the run); anything
-    else by its type, first line and how to continue, its traceback added to the run's log, or where there is no
-    log yet (an error in set-up), the file and line it was raised at."""
-    how = getattr(e, 'how_to_continue', NOTHING_SAVED)
+def refusal(e):
+    """A refusal in one line, as it says (a write that failed: with how to continue the run)."""
     if isinstance(e, WriteError):
-        return f'{e}; {how}'
+        return f"{e}; {getattr(e, 'how_to_continue', NOTHING_SAVED)}"
     lines = str(e).strip().splitlines() or ['']
-    if isinstance(e, (ConfigError, DataError, CheckpointError, FloatingPointError)):
-        if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
-            return lines[-1].split(': ', 1)[-1]
-        return lines[0]
-    said = f'{type(e).__name__}: {lines[0]}'
+    if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
+        return lines[-1].split(': ', 1)[-1]
+    return lines[0]
+
+
+def unexpected(e):
+    """An error no check foresaw: its traceback printed on stderr and added to the run's log where there is one; the
+    line after it names the error, where the traceback is, and the run's last checkpoint where one was saved (no
+    advice to run the same command again: a bug would meet it again)."""
+    shown = ''.join(traceback.format_exception(e))
+    print(shown, end='', file=sys.stderr, flush=True)
+    said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} (its traceback above"
     log = getattr(e, 'log', None)
     if log:
-        with contextlib.suppress(WriteError):   # a full disk: the line still says what happened
-            add_to_log(log, ''.join(traceback.format_exception(e)))
-        said += f' (its traceback: {log})'
-    else:
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        said += f' (raised at {where.filename}:{where.lineno})'
+        with contextlib.suppress(WriteError):   # a full disk: the screen has it
+            add_to_log(log, shown)
+            said += f'; in {log} too'
+    said += ')'
     if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
         said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
                f'process stopped, hung or died, each stops after --dist-timeout seconds'
-    return f'{said}; {how}'
+    how = getattr(e, 'how_to_continue', NOTHING_SAVED)
+    return said if how == NOTHING_SAVED else f'{said}; {how}'
 
 
 def stopped(signum, frame):
