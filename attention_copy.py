@@ -40,7 +40,7 @@ from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher,
                      student_presets, teacher_outputs)
 from util.attention_check import settle_attention
-from util.checkpoints import (CheckpointError, load_weights, read_checkpoint, teacher_mismatch,
+from util.checkpoints import (CheckpointError, check_weights, read_checkpoint, teacher_mismatch,
                               teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -52,7 +52,7 @@ from util.run import Run
 # The method: what the student is given, and the pair as one model
 
 
-def copied(teacher, x, layers, heads, transfer, average='none', implementation=None):
+def copied(teacher, x, layers, heads, transfer, average='none', implementation='eager'):
     """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map
     is made in the student's layer, by one fused call), or {layer: {'attn': the map}}
     when the teacher runs eager (its layers write their maps out anyway: handed over as
@@ -62,8 +62,8 @@ def copied(teacher, x, layers, heads, transfer, average='none', implementation=N
     the mean map of its group of teacher heads (vit.attend).
     average: 'batch' | 'queries' hands every image the batch's mean map, or every query
     its image's mean row (--average-maps: the paper's test of whether a map's worth is
-    in its image and its query). implementation: the student's (default: the teacher's)."""
-    implementation = implementation or teacher.blocks[0].attn.implementation
+    in its image and its query). implementation: the run's (plan.attn), which its teacher
+    and student were told."""
     if transfer == 'attn' and (implementation == 'eager' or average != 'none'):
         out = {}
         for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
@@ -83,9 +83,12 @@ def copied(teacher, x, layers, heads, transfer, average='none', implementation=N
 
 
 class CopyModel(nn.Module):
-    """Teacher + copy student as one classifier, for evaluation and inference."""
+    """Teacher + copy student as one classifier, for evaluation and inference. implementation:
+    what copied hands over (eager: the teacher's maps), told with its layers'
+    (vit.set_attn_implementation)."""
 
-    def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none'):
+    def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none',
+                 implementation='eager'):
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -93,17 +96,18 @@ class CopyModel(nn.Module):
         self.heads = heads
         self.transfer = transfer
         self.average = average
+        self.implementation = implementation
 
     def forward(self, x):
         return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
-                                             self.transfer, self.average))
+                                             self.transfer, self.average, self.implementation))
 
 
-def copy_loss(cfg, teacher, layers, heads):
+def copy_loss(cfg, teacher, layers, heads, implementation='eager'):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the student's cross-entropy,
-    given the teacher's."""
+    given the teacher's (on the run's attention implementation)."""
     def loss_fn(net, x, y):
-        given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps)
+        given = copied(teacher, x, layers, heads, cfg.transfer, cfg.average_maps, implementation)
         loss = soft_cross_entropy(net(x, inject=given), y, cfg.smoothing)
         return loss, {'ce': loss.detach()}
     return loss_fn
@@ -154,14 +158,14 @@ def main():
 
         run = Run(plan, student, train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
-        loss_fn = copy_loss(cfg, teacher, layers, heads)
+        loss_fn = copy_loss(cfg, teacher, layers, heads, plan.attn)
         mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
             # to the end of the epoch (or --max-steps)
             if train_one_epoch(run, train_loader, loss_fn, mixer):
                 run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer,
-                                                          cfg.average_maps),
+                                                          cfg.average_maps, plan.attn),
                                                 eval_loader, plan))
                 run.save()
         plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} "
@@ -206,13 +210,15 @@ COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str,
                'heads': (list, type(None))}   # what it needs
 
 
-def load_copy_model(path, teacher_source=None, new_teacher=False):
+def load_copy_model(path, teacher_source=None, new_teacher=False, ckpt=None):
     """Rebuild a trained copy student and the teacher it needs from its checkpoint, run
     once on a blank image: a record malformed, or that does not fit the two models, is a
     CheckpointError now, not part-way through a test set. The teacher is the recorded
     file, or teacher_source (moved) with the same SHA-256: another teacher would silently
-    give other predictions, so it is refused unless new_teacher=True says it is meant."""
-    ckpt = read_checkpoint(path)
+    give other predictions, so it is refused unless new_teacher=True says it is meant.
+    ckpt: the checkpoint already read from path (read here if None). The pair runs eager
+    until told otherwise (vit.set_attn_implementation)."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     fix = 'the file is damaged: train the copy student again (attention_copy.py)'
     rec = ckpt.get('teacher')
     bad = []
@@ -247,7 +253,9 @@ def load_copy_model(path, teacher_source=None, new_teacher=False):
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(inspect_teacher(cfg)[0], 'cpu')
-    student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
+    with torch.device('meta'):   # its record refused before anything is allocated
+        student = vit_of(ckpt['arch'], path)
+    student = check_weights(student, path, ckpt, 0, '--num-heads')
     # older records: the same layers in student and teacher
     layers = rec.get('layer_map', rec.get('layers'))
     model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],

@@ -138,7 +138,7 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
         ckpt = read_checkpoint(source)
         copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
         try:
-            model = (load_copy_model(source, teacher, new_teacher) if copy_student
+            model = (load_copy_model(source, teacher, new_teacher, ckpt) if copy_student
                      else build_from_checkpoint(source, ckpt, heads))
         except CheckpointError as e:   # with several files, say which, where it does not
             if source in str(e):

@@ -19,7 +19,7 @@ from util.checkpoints import (arch_of, check_weights, describe_teacher, read_che
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
-from vit import SIZES, attend, model_arch, set_attn_implementation
+from vit import SIZES, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}
@@ -45,10 +45,10 @@ def teacher_outputs(teacher, x, layers, names):
     return {s: dict(out[t]) for s, t in pairs.items()}
 
 
-def build_teacher(teacher, device, dtype=None, attn='sdpa'):
+def build_teacher(teacher, device, dtype=None):
     """The frozen teacher: the ViT inspect_teacher loaded (its file's weights), on device; dtype: the autocast it runs
-    under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
-    set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
+    under (cast_matmul_weights; None: fp32). Its attention is eager until the start-up check settles it."""
+    teacher.requires_grad_(False).eval().to(device)
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
     return teacher
@@ -344,7 +344,7 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     transfer = plan.method
     plan.log(transfer.description)
     plan.log(describe_map(transfer))
-    teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')   # frozen
+    teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
     student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
     x = next(iter(eval_loader))[0].to(plan.device)

@@ -321,12 +321,15 @@ def check_weights(model, source, ckpt, num_heads, flag):
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
-    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights. ckpt: the checkpoint
-    already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
+    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights: built on the meta device
+    (its record refused before anything is allocated), then given the file's tensors (check_weights). ckpt: the
+    checkpoint already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
     arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
-    return load_weights(vit_of(arch, source), source, ckpt, num_heads)
+    with torch.device('meta'):
+        model = vit_of(arch, source)
+    return check_weights(model, source, ckpt, num_heads, '--num-heads')
 
 
 def describe_teacher(source, ckpt, arch, size):

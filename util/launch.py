@@ -32,7 +32,7 @@ from util.config import check, declared
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, say, word
 from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed
-from vit import SIZES
+from vit import SIZES, set_attn_implementation
 
 # -----------------------------------------------------------------------------
 # The resolve phase
@@ -162,6 +162,8 @@ def on_device(models, cfg, dataset):
         return [v.forward_tokens(x, depth=1) for v in vits]
 
     checked, _ = start_up_check(place, 'evaluation', models, first_layers, layers, backward=False)
+    for m in models:   # told once, the verdict
+        set_attn_implementation(m, checked)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
 
 
