@@ -103,9 +103,9 @@ class BatchTransform:
     """build_transform's pipeline for a data set held in memory, on a whole batch of uint8 images
     (B, 1 or 3, H, W) on their device: grey repeated to 3 channels, the size; to train, the crop
     (reflect-padded), the flip, RandAugment; then [0, 1], a shift, the normalisation; to train,
-    erasing. draw() makes a batch's random choices on the host (a CPU generator; each image's flip
-    its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on the device
-    without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
+    erasing. draw() makes a batch's random choices on the host, by name (a CPU generator; each
+    image's flip its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on
+    the device without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
 
     def __init__(self, cfg, train, shift='none'):
         native, _, (mean, std) = INFO[cfg.data]
@@ -132,58 +132,57 @@ class BatchTransform:
         return other
 
     def draw(self, n, generator=None, first=None, seeds=None):
-        """(tensors, groups): a batch's random choices on the host, as tensors to send to the
-        device, and the RandAugment groups the host keeps. first (n,): each image's first draw in
-        [0, 1) (its flip); seeds (n,): each image's seed (a noise shift's); None: drawn from the
-        generator."""
+        """(draws, groups): a batch's random choices on the host, {name: tensor} to send to the
+        device ('flip', 'corners' of the crop, RandAugment's 'order i' and 'rows i' of each op slot
+        i, erasing's 'boxes', a shift's 'noise'), and the RandAugment groups the host keeps. first
+        (n,): each image's first draw in [0, 1) (its flip); seeds (n,): each image's seed (a noise
+        shift's); None: drawn from the generator."""
         uniform = torch.rand(n, generator=generator) if first is None else torch.as_tensor(first)
-        tensors = [uniform < self.hflip]
+        draws = {'flip': uniform < self.hflip}
         groups = []
         if self.pad:   # each image's top-left corner in the padded image
-            tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
+            draws['corners'] = torch.randint(2 * self.pad + 1, (n, 2), generator=generator)
         if self.randaug:
-            for op_groups, order, rows in self.randaug.draw(n, generator):
+            for i, (op_groups, order, rows) in enumerate(self.randaug.draw(n, generator)):
                 groups.append(op_groups)
-                tensors += [order, rows]
+                draws[f'order {i}'] = order
+                draws[f'rows {i}'] = rows
         if self.reprob:
-            tensors.append(erasing_boxes(n, self.size, self.reprob, generator))
+            draws['boxes'] = erasing_boxes(n, self.size, self.reprob, generator)
         if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
             generators = [None] * n
             if seeds is not None:
                 generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
             noise = [torch.randn(3, self.size, self.size, generator=g) for g in generators]
-            tensors.append(torch.stack(noise))
-        return tensors, groups
+            draws['noise'] = torch.stack(noise)
+        return draws, groups
 
-    def apply(self, x, tensors, groups, generator=None):
-        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (tensors on x's
+    def apply(self, x, draws, groups, generator=None):
+        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (draws on x's
         device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
         x = x.expand(-1, 3, -1, -1)
         if self.resize:
             x = v2.functional.resize(x, [self.size])
-        tensors = list(tensors)
-        flip = tensors.pop(0).bool().view(-1, 1, 1, 1)
         if self.pad:
             padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
-            x = crop(padded, tensors.pop(0).long(), self.size)
+            x = crop(padded, draws['corners'].long(), self.size)
         if self.hflip:   # evaluation's, and --hflip 0's, flip nothing
-            x = torch.where(flip, x.flip(-1), x)
+            x = torch.where(draws['flip'].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         if self.randaug:
-            slots = [(g, tensors.pop(0).long(), tensors.pop(0)) for g in groups]
+            slots = [(g, draws[f'order {i}'].long(), draws[f'rows {i}']) for i, g in enumerate(groups)]
             x = self.randaug(x, slots)
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
-        boxes = tensors.pop(0) if self.reprob else None
         for t in self.shift:
             if isinstance(t, v2.GaussianNoise):   # v2.GaussianNoise with the noise drawn
-                x = (x + (t.mean + tensors.pop(0).float() * t.sigma)).clamp(0, 1)
+                x = (x + (t.mean + draws['noise'].float() * t.sigma)).clamp(0, 1)
             else:
                 x = t(x)
         x = x.sub(self.mean).div_(self.std)
-        return x if boxes is None else erase(x, boxes, generator)
+        return x if 'boxes' not in draws else erase(x, draws['boxes'], generator)
 
     def __call__(self, x):
-        tensors, groups = self.draw(len(x))
-        return self.apply(x, send(tensors, x.device), groups)
+        draws, groups = self.draw(len(x))
+        return self.apply(x, send(draws, x.device), groups)
 
 
 def crop(x, corners, size):
