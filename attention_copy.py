@@ -10,8 +10,9 @@ What the teacher hands over follows --attn-implementation. With eager (what auto
 CPU) the teacher hands over its map, as its layers wrote it out (vit.attend). With sdpa
 (what auto runs on CUDA) it hands over its q_t and k_t, and the copied layer is one fused
 call, F.scaled_dot_product_attention(q_t, k_t, V_student), that never stores an (N, N) map.
-Here: what the student is given (copied), the pair as one classifier (CopyModel), the loss, the
-script, and a trained pair loaded again with its teacher (load_copy_model: ensemble.py, evaluate.py).
+Here: what the student is given (copied), the pair as one classifier (CopyModel), the loss,
+the script, and a trained pair loaded again with its teacher (load_copy_model: ensemble.py,
+evaluate.py).
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_copy.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -99,8 +100,11 @@ class CopyModel(nn.Module):
         self.implementation = implementation
 
     def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
-                                             self.transfer, self.average, self.implementation))
+        given = copied(self.teacher, x, self.layers, self.heads, self.transfer, self.average,
+                       self.implementation)
+        # each copied layer routes the student's own values with the teacher's map:
+        # A_teacher @ V_student (vit.Attention: the map given, or one fused call on q_t, k_t)
+        return self.student(x, inject=given)
 
 
 def copy_loss(cfg, teacher, layers, heads, implementation='eager'):

@@ -169,7 +169,8 @@ class BatchTransform:
         if self.hflip:   # evaluation's, and --hflip 0's, flip nothing
             x = torch.where(draws['flip'].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         if self.randaug:
-            slots = [(g, draws[f'order {i}'].long(), draws[f'rows {i}']) for i, g in enumerate(groups)]
+            slots = [(g, draws[f'order {i}'].long(), draws[f'rows {i}'])
+                     for i, g in enumerate(groups)]
             x = self.randaug(x, slots)
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
         for t in self.shift:

@@ -2,8 +2,8 @@
 The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py):
 what the teacher hands over, which teacher layer reaches which student layer, the student's shape (one with fewer
 heads takes a group of the teacher's: attention_distill.to_student_heads); then the flags and their resolve step
-(TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built); and the
-checks of a built teacher.
+(TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built); the pair
+built for a run (build_pair: what both transfer scripts do once the data is loaded), and the checks of a built teacher.
 
 The teacher lives outside the student: frozen, in eval mode (the student's drop-path masks never reach it), run under
 no_grad only as deep as the last transferred layer, never in DDP, the EMA or the student's checkpoint.
