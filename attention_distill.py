@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from data import batch_mixer, build_data
-from teacher import (NAMES, TransferConfig, build_student, build_teacher, check_teacher,
-                     describe_map, student_presets, teacher_outputs)
+from teacher import NAMES, TransferConfig, build_pair, student_presets, teacher_outputs
+from util.attention_check import settle_attention
 from util.checkpoints import teacher_record
 from util.config import SMALL_PRESETS, at_least, option
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import resolve, run_main, settle_attention
+from util.launch import resolve, run_main
 from util.run import Run
 from vit import ContiguousGrad, attend, scores
 
@@ -309,19 +309,12 @@ def main():
     transfer = plan.method   # the teacher's shape, layers, heads, the student's
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
-        teacher = build_teacher(transfer.loaded, plan.device, plan.dtype, 'eager')   # frozen
-        torch.manual_seed(cfg.seed)
-        student = build_student(transfer, data.num_classes, cfg).to(plan.device)
-        # sdpa, both ways, before anything runs on it
-        # both checks' images: a batch as the run's are made, at its batch size
-        x = next(iter(eval_loader))[0].to(plan.device)
-        plan, checked = check_fused(plan, teacher, student, x)
-        check_teacher(plan, teacher, x[:8])
         plan.log(f'attention distillation: {cfg.transfer} of layers '
                  f'{sorted(transfer.layers.values())} (heads {transfer.heads or "all"}) '
                  f'from {cfg.teacher}, weight {cfg.weight}')
-        plan.log(transfer.description)
-        plan.log(describe_map(transfer))
+        # the frozen teacher, the student, both settled on an implementation and checked
+        plan, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
+                                                     check_fused)
 
         run = Run(plan, student, train_loader, data.classes,
                   {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})

@@ -1,9 +1,8 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
-the train / eval splits, and their loaders; then trained models scored on a test split (what
-ensemble.py and evaluate.py share; the models are loaded by teacher.load_models). How each data
-set's files are found and read, and how a loader makes each batch the same after a resume:
-util/datafiles.py.
+the train / eval splits, and their loaders (a test split's classes checked against the trained
+models scored on it: ensemble.py, evaluate.py). How each data set's files are found and read,
+and how a loader makes each batch the same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -27,7 +26,6 @@ Two paths, by what an image costs to read:
 """
 import copy
 import os
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -37,13 +35,10 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
-from util.config import AMP, BATCH, DEPTH, SIZE, WORKERS, at_least, option
-from util.engine import autocast
 from util.errors import ConfigError, DataError
 from util.run import class_mismatch
 from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
                             fashion_mnist, read_classes, send, unwrap)
-from vit import IMPLEMENTATIONS
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INFO = {   # name -> (native image size, classes, (mean, std))
@@ -108,9 +103,9 @@ class BatchTransform:
     """build_transform's pipeline for a data set held in memory, on a whole batch of uint8 images
     (B, 1 or 3, H, W) on their device: grey repeated to 3 channels, the size; to train, the crop
     (reflect-padded), the flip, RandAugment; then [0, 1], a shift, the normalisation; to train,
-    erasing. draw() makes a batch's random choices on the host (a CPU generator; each image's flip
-    its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on the device
-    without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
+    erasing. draw() makes a batch's random choices on the host, by name (a CPU generator; each
+    image's flip its own seed's first draw: util/datafiles.py's TensorBatches), apply() runs them on
+    the device without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
 
     def __init__(self, cfg, train, shift='none'):
         native, _, (mean, std) = INFO[cfg.data]
@@ -137,58 +132,58 @@ class BatchTransform:
         return other
 
     def draw(self, n, generator=None, first=None, seeds=None):
-        """(tensors, groups): a batch's random choices on the host, as tensors to send to the
-        device, and the RandAugment groups the host keeps. first (n,): each image's first draw in
-        [0, 1) (its flip); seeds (n,): each image's seed (a noise shift's); None: drawn from the
-        generator."""
+        """(draws, groups): a batch's random choices on the host, {name: tensor} to send to the
+        device ('flip', 'corners' of the crop, RandAugment's 'order i' and 'rows i' of each op slot
+        i, erasing's 'boxes', a shift's 'noise'), and the RandAugment groups the host keeps. first
+        (n,): each image's first draw in [0, 1) (its flip); seeds (n,): each image's seed (a noise
+        shift's); None: drawn from the generator."""
         uniform = torch.rand(n, generator=generator) if first is None else torch.as_tensor(first)
-        tensors = [uniform < self.hflip]
+        draws = {'flip': uniform < self.hflip}
         groups = []
         if self.pad:   # each image's top-left corner in the padded image
-            tensors.append(torch.randint(2 * self.pad + 1, (n, 2), generator=generator))
+            draws['corners'] = torch.randint(2 * self.pad + 1, (n, 2), generator=generator)
         if self.randaug:
-            for op_groups, order, rows in self.randaug.draw(n, generator):
+            for i, (op_groups, order, rows) in enumerate(self.randaug.draw(n, generator)):
                 groups.append(op_groups)
-                tensors += [order, rows]
+                draws[f'order {i}'] = order
+                draws[f'rows {i}'] = rows
         if self.reprob:
-            tensors.append(erasing_boxes(n, self.size, self.reprob, generator))
+            draws['boxes'] = erasing_boxes(n, self.size, self.reprob, generator)
         if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
             generators = [None] * n
             if seeds is not None:
                 generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
             noise = [torch.randn(3, self.size, self.size, generator=g) for g in generators]
-            tensors.append(torch.stack(noise))
-        return tensors, groups
+            draws['noise'] = torch.stack(noise)
+        return draws, groups
 
-    def apply(self, x, tensors, groups, generator=None):
-        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (tensors on x's
+    def apply(self, x, draws, groups, generator=None):
+        """The batch x (B, C, H, W) uint8 transformed by the choices draw() made (draws on x's
         device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
         x = x.expand(-1, 3, -1, -1)
         if self.resize:
             x = v2.functional.resize(x, [self.size])
-        tensors = list(tensors)
-        flip = tensors.pop(0).bool().view(-1, 1, 1, 1)
         if self.pad:
             padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
-            x = crop(padded, tensors.pop(0).long(), self.size)
+            x = crop(padded, draws['corners'].long(), self.size)
         if self.hflip:   # evaluation's, and --hflip 0's, flip nothing
-            x = torch.where(flip, x.flip(-1), x)
+            x = torch.where(draws['flip'].bool().view(-1, 1, 1, 1), x.flip(-1), x)
         if self.randaug:
-            slots = [(g, tensors.pop(0).long(), tensors.pop(0)) for g in groups]
+            slots = [(g, draws[f'order {i}'].long(), draws[f'rows {i}'])
+                     for i, g in enumerate(groups)]
             x = self.randaug(x, slots)
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
-        boxes = tensors.pop(0) if self.reprob else None
         for t in self.shift:
             if isinstance(t, v2.GaussianNoise):   # v2.GaussianNoise with the noise drawn
-                x = (x + (t.mean + tensors.pop(0).float() * t.sigma)).clamp(0, 1)
+                x = (x + (t.mean + draws['noise'].float() * t.sigma)).clamp(0, 1)
             else:
                 x = t(x)
         x = x.sub(self.mean).div_(self.std)
-        return x if boxes is None else erase(x, boxes, generator)
+        return x if 'boxes' not in draws else erase(x, draws['boxes'], generator)
 
     def __call__(self, x):
-        tensors, groups = self.draw(len(x))
-        return self.apply(x, send(tensors, x.device), groups)
+        draws, groups = self.draw(len(x))
+        return self.apply(x, send(draws, x.device), groups)
 
 
 def crop(x, corners, size):
@@ -300,7 +295,7 @@ def class_names(dataset, num_classes):
 
 
 def check_classes(sources, records, classes, data):
-    """Refuse trained models (sources, what their checkpoints record: teacher.load_models) that tell other classes
+    """Refuse trained models (sources, what their checkpoints record: ensemble.load_models) that tell other classes
     apart than the data set's: by name where they record them, else by number."""
     for s, r in zip(sources, records):
         other = class_mismatch(r['classes'], classes)
@@ -404,62 +399,3 @@ def image_folder(data, root, train, transform):
                   f'there'
     index = {c: i for i, c in enumerate(names)}
     return ClassFolder(split, index, transform, unknown), len(index)
-
-# -----------------------------------------------------------------------------
-# Trained models scored on a test set (ensemble.py, evaluate.py; the models: teacher.load_models): the flags they
-# share, their predictions, top-k and an ensemble's probabilities (where they run: util/launch.on_device)
-
-
-@dataclass
-class ModelsConfig:
-    """The flags every evaluation of trained models shares (ensemble.py, evaluate.py)."""
-    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
-    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: '
-                                  'one for every model, or one each '
-                                  "(0: the file's record or family)")
-    img_size: int = option(0, "0 = the models' own (they must share one)",
-                           at_least(0, "the models' own", SIZE))
-    batch_size: int = option(256, rule=at_least(1, most=BATCH))
-    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
-    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
-    attn_implementation: str = option('auto', 'eager (explicit maps) | '
-                                              'sdpa (fused, no map stored) | auto: per device',
-                                      choices=('auto', *IMPLEMENTATIONS))
-    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
-                       (lambda v: 0 <= v < 2 ** 63,
-                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
-
-    def checks(self):   # --num-heads beside --models
-        return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
-                 f'gives {len(self.num_heads)} head counts for {len(self.models)} models: '
-                 f'one for all, or one each'),
-                ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
-                 f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
-
-
-@torch.no_grad()
-def predict_all(models, loader, place):
-    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
-    the device (the loader's labels are where its set is held) and copied to the host once, at the end."""
-    logits = [[] for _ in models]   # each model's (B, C) logits, batch after batch
-    labels = []
-    for x, y in loader:
-        x = x.to(place.device, non_blocking=True)
-        with autocast(place):
-            for batches, m in zip(logits, models):
-                batches.append(m(x).float())
-        labels.append(y.to(place.device, non_blocking=True))    # (B,)
-    return [torch.cat(batches).cpu() for batches in logits], torch.cat(labels).cpu()
-
-
-def accuracy(scores, labels, k=1):
-    """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
-    top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
-    return 100 * (top == labels[:, None]).any(-1).float().mean().item()
-
-
-def ensemble_probs(logits, weights=None):
-    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: summing to 1
-    (ensemble.normalise_weights), None = equal."""
-    weights = weights or [1 / len(logits)] * len(logits)
-    return sum(w * l.float().softmax(-1) for w, l in zip(weights, logits))   # (N, C)

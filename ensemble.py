@@ -9,7 +9,7 @@ top-1 together on ImageNet, 85.7 each alone: their mistakes differ.
 
 A model is a file or a name util/checkpoints.py knows, or a copy student, loaded with the
 teacher its checkpoint records by SHA-256 (`--teacher moved.pt` if it moved, `--new-teacher
-true` for another on purpose): teacher.load_models; data.py runs and scores them. `--out`
+true` for another on purpose): load_models, here, with evaluate.py. `--out`
 writes over nothing but an earlier result of this script (or with `--overwrite true`). One
 process, on a GPU if there is one.
 """
@@ -19,20 +19,21 @@ import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
-from itertools import combinations
+from itertools import combinations, cycle
 
 # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
 if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
-from data import (INFO, ModelsConfig, accuracy, build_eval_set, check_classes, class_names,
-                  data_source, ensemble_probs, held_where, predict_all)
-from teacher import load_models
-from util.config import STEPS, ConfigError, at_least, option, show
+from attention_copy import load_copy_model
+from data import INFO, build_eval_set, check_classes, class_names, data_source, held_where
+from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
+from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
+from util.engine import accuracy, predict_all
+from util.errors import say
 from util.launch import on_device, parse_config, run_main
 from util.files import claimed
-from util.rundir import say
 
 # -----------------------------------------------------------------------------
 # Config
@@ -72,6 +73,13 @@ PRESETS = {'fake': dict(num_workers=0),
 
 # -----------------------------------------------------------------------------
 # Ensemble maths
+
+
+def ensemble_probs(logits, weights=None):
+    """The weighted mean of the models' softmax probabilities: [(N, C) logits] -> (N, C); weights: summing to 1
+    (normalise_weights), None = equal."""
+    weights = weights or [1 / len(logits)] * len(logits)
+    return sum(w * l.float().softmax(-1) for w, l in zip(weights, logits))   # (N, C)
 
 
 def normalise_weights(weights, n):
@@ -117,6 +125,41 @@ def format_table(r):
                   '|---|---:|']
         lines += [f"| {d['a']} vs {d['b']} | {100 * d['rate']:.2f}% |" for d in r['disagreement']]
     return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------
+# The models: trained classifiers read from their checkpoints (evaluate.py's too)
+
+
+def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
+    """Trained classifiers in eval mode, a copy student with its teacher; what each checkpoint records ({'data',
+    'data_dir', 'classes' (None: not recorded), 'num_classes'}); the image size they share (img_size: 0 = theirs)."""
+    models, records, sizes = [], [], {}
+    for source, heads in zip(sources, cycle(num_heads or [0])):   # one for all, or one each
+        ckpt = read_checkpoint(source)
+        copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
+        try:
+            model = (load_copy_model(source, teacher, new_teacher, ckpt) if copy_student
+                     else build_from_checkpoint(source, ckpt, heads))
+        except CheckpointError as e:   # with several files, say which, where it does not
+            if source in str(e):
+                raise e from None
+            raise CheckpointError(f'{source}: {e}') from None
+        arch = getattr(model, 'student', model).arch   # a copy student's own
+        if not arch['num_classes']:
+            raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
+        config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict
+        classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
+        models.append(model.eval())
+        records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'),
+                        'classes': classes, 'num_classes': arch['num_classes']})
+        sizes[source] = arch['img_size']
+    size = sizes[sources[0]]
+    if len(set(sizes.values())) > 1:
+        said = ', '.join(f'{s} {v}' for s, v in sizes.items())
+        raise ConfigError(f'the models take different image sizes: {said}')
+    if img_size and img_size != size:
+        raise ConfigError(f'--img-size {img_size}: the models take {size}')
+    return models, records, size
 
 # -----------------------------------------------------------------------------
 # The data set the models record

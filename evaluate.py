@@ -36,14 +36,15 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import (INFO, SHIFTS, ModelsConfig, accuracy, build_eval_set, build_transform,
-                  check_classes, class_names, ensemble_probs, held_where, predict_all)
-from teacher import load_models
-from util.config import ConfigError, option
+from data import (INFO, SHIFTS, build_eval_set, build_transform, check_classes, class_names,
+                  held_where)
+from ensemble import ensemble_probs, load_models
+from util.config import ConfigError, ModelsConfig, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
+from util.engine import accuracy, predict_all
+from util.errors import say
 from util.launch import on_device, parse_config, run_main
 from util.files import claimed
-from util.rundir import say
 
 # -----------------------------------------------------------------------------
 # Config

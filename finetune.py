@@ -27,10 +27,11 @@ if __name__ == '__main__':
 import torch
 
 from data import batch_mixer, build_data
+from util.attention_check import settle_attention
 from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
-from util.launch import parse_config, resolve, run_main, settle_attention
+from util.launch import parse_config, resolve, run_main
 from util.run import Run
 from vit import create_model, model_arch
 
@@ -60,13 +61,16 @@ class FinetuneConfig(TrainConfig):
     INPUTS = ('init',)
 
     def resolve(self):
-        """The resolve step: an --init file read and checked against the model the
-        config names (its architecture, heads and weights), before anything is built."""
-        if self.init:
-            with torch.device('meta'):
-                model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init)
-            check_weights(model, self.init, read_checkpoint(self.init), self.init_num_heads,
-                          '--init-num-heads')
+        """The resolve step: an --init file read, once, and checked against the model the config
+        names (its architecture, heads and weights), before anything is built. Returns what it
+        read, which build_model loads (None: from scratch)."""
+        if not self.init:
+            return None
+        ckpt = read_checkpoint(self.init)
+        with torch.device('meta'):
+            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init)
+        check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads')
+        return ckpt
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size
@@ -119,11 +123,11 @@ def presets(argv=None):
     return chosen
 
 
-def build_model(cfg, num_classes):
-    """The ViT the config names; --init loads pre-trained weights into it (a new head if needed)."""
+def build_model(cfg, num_classes, ckpt=None):
+    """The ViT the config names; ckpt: the --init file as the resolve step read it, whose weights
+    are loaded into it (a new head if needed)."""
     model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
-    if cfg.init:
-        ckpt = read_checkpoint(cfg.init)
+    if ckpt is not None:
         head = state_dict_of(ckpt).get('head.weight')
         load_weights(model, cfg.init, ckpt, cfg.init_num_heads, '--init-num-heads')
         # a new classifier: MAE's main_finetune starts it near zero
@@ -147,7 +151,7 @@ def main():
     with plan.run_dir:
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-        model = build_model(cfg, data.num_classes).to(plan.device)
+        model = build_model(cfg, data.num_classes, plan.method).to(plan.device)
         x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
         # sdpa, both ways, before anything runs
         plan, checked = settle_attention(plan, 'fine-tuning', [model],

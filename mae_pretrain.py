@@ -32,11 +32,12 @@ import torch.nn as nn
 from einops import rearrange
 
 from data import INFO, build_data, sample_images
+from util.attention_check import settle_attention
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import claimed, save_figure
-from util.launch import resolve, run_main, settle_attention
+from util.launch import resolve, run_main
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
 

@@ -2,27 +2,24 @@
 The frozen teacher of attention transfer, and the student built to fit it (attention_copy.py, attention_distill.py):
 what the teacher hands over, which teacher layer reaches which student layer, the student's shape (one with fewer
 heads takes a group of the teacher's: attention_distill.to_student_heads); then the flags and their resolve step
-(TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built); what a
-copy student is given, and trained classifiers rebuilt to be scored (load_copy_model: a copy student with its teacher;
-load_models: ensemble.py, evaluate.py); and the checks of a built teacher.
+(TransferConfig.resolve: the teacher's file inspected once, all of this settled before anything is built); the pair
+built for a run (build_pair: what both transfer scripts do once the data is loaded), and the checks of a built teacher.
 
 The teacher lives outside the student: frozen, in eval mode (the student's drop-path masks never reach it), run under
 no_grad only as deep as the last transferred layer, never in DDP, the EMA or the student's checkpoint.
 """
 import os
 from dataclasses import dataclass
-from itertools import cycle
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
-from util.checkpoints import (CheckpointError, arch_of, build_from_checkpoint, check_weights,
-                              describe_teacher, load_weights, read_checkpoint, teacher_mismatch, vit_of)
+from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint,
+                              teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
-from vit import SIZES, attend, model_arch, set_attn_implementation
+from vit import SIZES, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}
@@ -48,10 +45,10 @@ def teacher_outputs(teacher, x, layers, names):
     return {s: dict(out[t]) for s, t in pairs.items()}
 
 
-def build_teacher(teacher, device, dtype=None, attn='sdpa'):
+def build_teacher(teacher, device, dtype=None):
     """The frozen teacher: the ViT inspect_teacher loaded (its file's weights), on device; dtype: the autocast it runs
-    under (cast_matmul_weights; None: fp32), attn: its attention implementation."""
-    set_attn_implementation(teacher, attn).requires_grad_(False).eval().to(device)
+    under (cast_matmul_weights; None: fp32). Its attention is eager until the start-up check settles it."""
+    teacher.requires_grad_(False).eval().to(device)
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
     return teacher
@@ -335,145 +332,26 @@ class Transfer(NamedTuple):
     loaded: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
-# A copy student: what it is given; trained classifiers rebuilt, a copy student with its teacher (ensemble.py, ...)
+# The pair built: what both transfer scripts do once the data is loaded
 
 
-def copied(teacher, x, layers, heads, transfer, average='none', implementation=None):
-    """What the student is given: {layer: {'q': q_t, 'k': k_t}} (sdpa: the teacher's map
-    is made in the student's layer, by one fused call), or {layer: {'attn': the map}}
-    when the teacher runs eager (its layers write their maps out anyway: handed over as
-    they were made, not made twice), or its q, k or v; with the listed heads only.
-    layers: {student layer: teacher layer} (or a list: the same layers). A student with
-    fewer heads than the teacher is given all of them: each of its heads is routed by
-    the mean map of its group of teacher heads (vit.attend).
-    average: 'batch' | 'queries' hands every image the batch's mean map, or every query
-    its image's mean row (--average-maps: the paper's test of whether a map's worth is
-    in its image and its query). implementation: the student's (default: the teacher's)."""
-    implementation = implementation or teacher.blocks[0].attn.implementation
-    if transfer == 'attn' and (implementation == 'eager' or average != 'none'):
-        out = {}
-        for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
-            attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)   # (B, H, N, N)
-            if average != 'none':
-                attn = attn.mean(0 if average == 'batch' else 2, keepdim=True).expand_as(attn)
-            out[i] = {'attn': attn}
-    else:
-        # each its own tensor: the fused call keeps them for backward, and views would keep the teacher's v
-        out = {i: {n: t.contiguous() for n, t in given.items()}
-               for i, given in teacher_outputs(teacher, x, layers, NAMES[transfer]).items()}
-    if heads is not None:   # slices stacked: a list index is a copy from the host, waited for, per layer
-        return {i: {**{n: torch.stack([t[:, h] for h in heads], 1) for n, t in given.items()},
-                    'heads': heads}
-                for i, given in out.items()}
-    return out
-
-
-class CopyModel(nn.Module):
-    """Teacher + copy student as one classifier, for evaluation and inference."""
-
-    def __init__(self, teacher, student, layers, heads=None, transfer='attn', average='none'):
-        super().__init__()
-        self.teacher = teacher
-        self.student = student
-        self.layers = layers
-        self.heads = heads
-        self.transfer = transfer
-        self.average = average
-
-    def forward(self, x):
-        return self.student(x, inject=copied(self.teacher, x, self.layers, self.heads,
-                                             self.transfer, self.average))
-
-
-COPY_RECORD = {'source': str, 'img_size': int, 'transfer': str,
-               'heads': (list, type(None))}   # what it needs
-
-
-def load_copy_model(path, teacher_source=None, new_teacher=False):
-    """Rebuild a trained copy student and the teacher it needs from its checkpoint, run
-    once on a blank image: a record malformed, or that does not fit the two models, is a
-    CheckpointError now, not part-way through a test set. The teacher is the recorded
-    file, or teacher_source (moved) with the same SHA-256: another teacher would silently
-    give other predictions, so it is refused unless new_teacher=True says it is meant."""
-    ckpt = read_checkpoint(path)
-    fix = 'the file is damaged: train the copy student again (attention_copy.py)'
-    rec = ckpt.get('teacher')
-    bad = []
-    if not isinstance(rec, dict):
-        bad.append('teacher (a dict)')
-    else:
-        bad += [f'teacher.{k}' for k, kind in COPY_RECORD.items()
-                if k not in rec or not isinstance(rec[k], kind)]
-        if not isinstance(rec.get('layer_map', rec.get('layers')), (dict, list)):
-            bad.append('teacher.layers')
-    if not isinstance(ckpt.get('arch'), dict):
-        bad.append('arch')
-    if bad:
-        raise CheckpointError(f"{path} is a copy student whose checkpoint lacks {', '.join(bad)} "
-                              f"(missing or of another kind): {fix}")
-    source = teacher_source or rec['source']
-    if rec.get('sha256') and not os.path.isfile(source):   # its teacher was a file: gone, or moved
-        if teacher_source:
-            given = f'the teacher given for it, {source}, is not a file'
-        else:
-            given = f"its recorded teacher {source} (sha256 {rec['sha256']}) is gone"
-        raise CheckpointError(f'{path} is a copy student, which runs only with its teacher: '
-                              f'{given}; point at the teacher file where it is now '
-                              f'(ensemble.py --teacher NEW.pt, or '
-                              f'load_copy_model(path, teacher_source=NEW.pt)): '
-                              f'its sha256 is checked')
-    if not new_teacher:
-        other = teacher_mismatch(source, rec)
-        if other:
-            raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
-                                  f'teacher (--new-teacher true if another one is meant)')
-    cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
-                         teacher_num_heads=rec.get('teacher_num_heads', 0))
-    teacher = build_teacher(inspect_teacher(cfg)[0], 'cpu')
-    student = load_weights(vit_of(ckpt['arch'], path), path, ckpt)
-    # older records: the same layers in student and teacher
-    layers = rec.get('layer_map', rec.get('layers'))
-    model = CopyModel(teacher, student, layers, rec['heads'], rec['transfer'],
-                      rec.get('average_maps', 'none')).eval()
-    try:
-        with torch.no_grad():   # the recorded layers, heads and transfer fit both models
-            model(torch.zeros(1, 3, student.arch['img_size'], student.arch['img_size']))
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f'{path} is a copy student whose teacher record does not fit it or '
-                              f'its teacher ({type(e).__name__}: {e}): {fix}') from None
-    return model
-
-
-def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
-    """Trained classifiers in eval mode, a copy student with its teacher; what each checkpoint records ({'data',
-    'data_dir', 'classes' (None: not recorded), 'num_classes'}); the image size they share (img_size: 0 = theirs)."""
-    models, records, sizes = [], [], {}
-    for source, heads in zip(sources, cycle(num_heads or [0])):   # one for all, or one each
-        ckpt = read_checkpoint(source)
-        copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
-        try:
-            model = (load_copy_model(source, teacher, new_teacher) if copy_student
-                     else build_from_checkpoint(source, ckpt, heads))
-        except CheckpointError as e:   # with several files, say which, where it does not
-            if source in str(e):
-                raise e from None
-            raise CheckpointError(f'{source}: {e}') from None
-        arch = getattr(model, 'student', model).arch   # a copy student's own
-        if not arch['num_classes']:
-            raise ConfigError(f'{source} has no classifier (an MAE encoder?): fine-tune it first')
-        config = ckpt['config'] if isinstance(ckpt.get('config'), dict) else {}   # ckpt: a dict
-        classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
-        models.append(model.eval())
-        records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'),
-                        'classes': classes, 'num_classes': arch['num_classes']})
-        sizes[source] = arch['img_size']
-    size = sizes[sources[0]]
-    if len(set(sizes.values())) > 1:
-        said = ', '.join(f'{s} {v}' for s, v in sizes.items())
-        raise ConfigError(f'the models take different image sizes: {said}')
-    if img_size and img_size != size:
-        raise ConfigError(f'--img-size {img_size}: the models take {size}')
-    return models, records, size
+def build_pair(plan, num_classes, eval_loader, check_fused):
+    """(plan, teacher, student, record): the teacher and its mapping stated in the log; the frozen teacher (the file
+    resolve read, on the run's device); the student of the shape resolve settled, random and seeded (every rank starts
+    from the same weights); the pair settled on an attention implementation by the method's start-up check,
+    check_fused(plan, teacher, student, x) -> (plan, record); and the teacher checked (check_teacher). Both checks run
+    on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows with it)."""
+    transfer = plan.method
+    plan.log(transfer.description)
+    plan.log(describe_map(transfer))
+    teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
+    torch.manual_seed(plan.cfg.seed)
+    student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
+    x = next(iter(eval_loader))[0].to(plan.device)
+    # sdpa, both ways, before anything runs on it
+    plan, record = check_fused(plan, teacher, student, x)
+    check_teacher(plan, teacher, x[:8])
+    return plan, teacher, student, record
 
 
 # -----------------------------------------------------------------------------

@@ -65,14 +65,15 @@ def attend(q, k, v, implementation='sdpa'):
 
 class Attention(nn.Module):
     """Multi-head self-attention that can be given, and hand out, its internals. no_qk: no query / key projection (a
-    copy student's layer, given the teacher's q and k or map). implementation: attend's (set_attn_implementation)."""
+    copy student's layer, given the teacher's q and k or map). implementation: attend's, the definition (eager) until
+    a script has checked sdpa on its device and tells the model once (set_attn_implementation)."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
         assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
         self.num_heads = num_heads
         self.no_qk = no_qk
-        self.implementation = 'sdpa'
+        self.implementation = 'eager'
         if no_qk:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
         else:
@@ -281,13 +282,13 @@ class VisionTransformer(nn.Module):
 
 
 def set_attn_implementation(model, implementation):
-    """'eager' (explicit maps) or 'sdpa' (fused kernels) in every attention layer of model;
-    returns model."""
+    """'eager' (explicit maps) or 'sdpa' (fused kernels) in every module of model that holds an implementation: its
+    attention layers, and a model that hands them tensors made one way or the other (a copy pair); returns model."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation '{implementation}': "
                          f"choose one of {', '.join(IMPLEMENTATIONS)}")
     for m in model.modules():
-        if isinstance(m, Attention):
+        if hasattr(m, 'implementation'):
             m.implementation = implementation
     return model
 

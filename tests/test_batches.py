@@ -166,8 +166,8 @@ def close(a, b, n, what):
 
 def test_crop_offsets_and_flip_rate_are_the_per_image_pipelines():
     cfg = cifar()
-    tensors, _ = BatchTransform(cfg, True).draw(N, torch.Generator().manual_seed(0))
-    corners = tensors[1]                                                    # (N, 2): top, left
+    draws, _ = BatchTransform(cfg, True).draw(N, torch.Generator().manual_seed(0))
+    corners = draws['corners']                                              # (N, 2): top, left
     crop = per_image(cfg, v2.RandomCrop)
     image = torch.zeros(3, 32, 32, dtype=torch.uint8)
     torch.manual_seed(0)
@@ -287,11 +287,11 @@ def test_erasing_rate_and_box_are_the_per_image_pipelines():
 
 def test_the_batch_is_erased_where_its_box_says_with_noise():
     transform = BatchTransform(cifar(randaug='', crop_pad=0, hflip=0.0, reprob=1.0), True)
-    tensors, groups = transform.draw(64, torch.Generator().manual_seed(3))
+    draws, groups = transform.draw(64, torch.Generator().manual_seed(3))
     black = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
-    x = transform.apply(black, tensors, groups, torch.Generator())
+    x = transform.apply(black, draws, groups, torch.Generator())
     clean = (0 - 0.5) / 0.5                                              # fake's normalised 0
-    for (top, left, h, w), image in zip(tensors[-1].long().tolist(), x):
+    for (top, left, h, w), image in zip(draws['boxes'].long().tolist(), x):
         changed = (image != clean).any(0)
         assert changed[top:top + h, left:left + w].all() and changed.sum() == h * w
 
@@ -328,7 +328,7 @@ def test_a_batchs_device_work_never_waits_for_the_device():
         loader = build_loader(cfg, build_splits(cfg).train, True)
         seeds = image_seed(0, 0, np.arange(256, dtype=np.uint64))
         transform, host = loader.transform, torch.Generator().manual_seed(0)
-        tensors, groups = transform.draw(256, host, first_uniform(seeds), seeds)
+        draws, groups = transform.draw(256, host, first_uniform(seeds), seeds)
         ops = []
 
         class Trace(TorchDispatchMode):
@@ -337,7 +337,7 @@ def test_a_batchs_device_work_never_waits_for_the_device():
                 return op(*args, **(kwargs or {}))
         with Trace():
             images = loader.images[torch.arange(256)]
-            x = transform.apply(images, tensors, groups, torch.Generator().manual_seed(0))
+            x = transform.apply(images, draws, groups, torch.Generator().manual_seed(0))
         assert x.shape == (256, 3, 32, 32) and len(ops) > 50
         assert not [op for op in ops if any(s in op for s in SYNCS)], policy
 

@@ -253,11 +253,12 @@ def test_a_resume_on_other_class_names_is_refused(tmp_path, monkeypatch):
     assert torch.load(out / 'checkpoint.pt', weights_only=True)['classes'] == ['cat', 'dog', 'fox']
     before = digest(out)
     msg = run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', b, '--out-dir', out, '--resume', 'true')
-    assert msg and 'other classes than the data here has (other class names (3; the data has 3))' in msg, msg
+    assert msg and ("other classes than the data here has (other class names (its class 2 is 'fox', the data's 'owl'; "
+                    '3 classes, the data has 3))') in msg, msg
     assert digest(out) == before
     msg = run_in_process(monkeypatch, ensemble, *FOLDER_RUN[:4], '--data-dir', b, '--models', out / 'checkpoint.pt',
                          '--num-workers', '0')
-    assert msg and 'predicts other class names (3; the data has 3)' in msg, msg
+    assert msg and "predicts other class names (its class 2 is 'fox', the data's 'owl';" in msg, msg
     assert run_in_process(monkeypatch, ensemble, '--models', out / 'checkpoint.pt', '--num-workers', '0') is None
 
 
@@ -282,7 +283,8 @@ def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):
                tmp_path / 'other.pt')
     msg = run_in_process(monkeypatch, evaluate, '--models', tmp_path / 'other.pt', '--imagenet', tmp_path,
                          '--out', tmp_path / 'res')
-    assert msg and 'predicts other class names (1000; the data has 1000)' in msg, msg
+    assert msg and "predicts other class names (its class 0 is 'c0', the data's 'n01440764'; 1000 classes, the " \
+        'data has 1000)' in msg, msg
 
 # -----------------------------------------------------------------------------
 # 3. Numeric health: no checkpoint keeps a value that is not finite; a teacher that is not finite is refused

@@ -84,7 +84,7 @@ def test_auto_hands_over_the_map_on_a_cpu_and_q_k_on_cuda():
     with torch.no_grad():
         for implementation, handed in (('eager', {'attn'}), ('sdpa', {'q', 'k'})):
             vit.set_attn_implementation(teacher, implementation)
-            given = attention_copy.copied(teacher, x, [0, 1], None, 'attn')
+            given = attention_copy.copied(teacher, x, [0, 1], None, 'attn', implementation=implementation)
             assert all(set(g) == handed for g in given.values()), (implementation, given[0].keys())
     text = markdown('`attention_copy.py` trains such a student')
     assert ('On a CPU `auto` runs `eager`: the teacher writes its map out and hands it over' in text and

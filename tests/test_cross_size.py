@@ -76,7 +76,7 @@ def test_explicit_map_and_its_errors():
 def test_layer_map_decides_which_teacher_layer_reaches_which_student_layer():
     teacher = make_teacher()
     x = torch.randn(2, 3, 32, 32)
-    given = copied(teacher, x, {0: 1, 1: 2}, None, 'attn')
+    given = copied(teacher, x, {0: 1, 1: 2}, None, 'attn', implementation='sdpa')   # q and k handed over
     qk = teacher.internals(x, [1, 2])
     assert sorted(given) == [0, 1]
     assert all(torch.equal(given[s][n], qk[t][n]) for s, t in ((0, 1), (1, 2)) for n in ('q', 'k'))
@@ -113,7 +113,8 @@ def test_a_smaller_student_gets_each_layer_and_head_its_teacher_group():
     direct = student(x, inject={s: {'attn': group_mean(maps[t], 2)} for s, t in ((0, 0), (1, 3))})
     for implementation in IMPLEMENTATIONS:
         set_attn_implementation(student, implementation)
-        assert torch.allclose(CopyModel(teacher, student, layers)(x), direct, atol=1e-5), implementation
+        copy = CopyModel(teacher, student, layers, implementation=implementation)
+        assert torch.allclose(copy(x), direct, atol=1e-5), implementation
 
 # -----------------------------------------------------------------------------
 # A training step of each method

@@ -108,7 +108,7 @@ def test_each_implementation_takes_its_kernel(device, monkeypatch):
             return set_attn_implementation(model(seed, device, **kw), implementation)
         teacher = vit(0, num_classes=0).requires_grad_(False).eval()
         distill = distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
-        copy = copy_loss(CopyConfig(), teacher, [0, 1, 2], None)
+        copy = copy_loss(CopyConfig(), teacher, [0, 1, 2], None, implementation)
         counted = {}
         for name, run in {'plain': lambda: vit(1)(x), 'copy': lambda: copy(vit(1, no_qk_layers=[0, 1, 2]), x, y),
                           'distill': lambda: distill(vit(1), x, y)[0].backward()}.items():
@@ -154,7 +154,7 @@ def test_eager_and_sdpa_steps_agree_on_cuda(method, exact_fp32):
         teacher = set_attn_implementation(model(0, 'cuda', num_classes=0), implementation).requires_grad_(False).eval()
         student = set_attn_implementation(model(1, 'cuda', no_qk_layers=[0, 1] if method == 'copy' else ()),
                                           implementation)
-        loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None) if method == 'copy' else \
+        loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None, implementation) if method == 'copy' else \
             distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
         loss, _ = loss_fn(student, x, y)
         loss.backward()
@@ -177,7 +177,7 @@ def test_every_fused_attention_backward_is_handed_a_contiguous_gradient(method):
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
     teacher = set_attn_implementation(model(0, num_classes=0), 'sdpa').requires_grad_(False).eval()
     student = set_attn_implementation(model(1, no_qk_layers=[0, 1] if method == 'copy' else ()), 'sdpa')
-    loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None) if method == 'copy' else \
+    loss_fn = copy_loss(CopyConfig(), teacher, [0, 1], None, 'sdpa') if method == 'copy' else \
         distill_loss_fn(DistillConfig(), teacher, [0, 1], None, 'sdpa')
     with Backwards():
         loss, _ = loss_fn(student, x, y)
@@ -216,7 +216,7 @@ def maps_kept(device):
         x, y = torch.randn(2, 3, 32, 32, device='cuda'), torch.tensor([0, 1], device='cuda')
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             distill_loss_fn(DistillConfig(), teacher, [0, 1, 2], None, 'eager')(student, x, y)   # explicit maps
-        given = copied(teacher, x, [0, 1, 2], None, 'attn')
+        given = copied(teacher, x, [0, 1, 2], None, 'attn', implementation='sdpa')
     return {t.dtype for t in saved if t.numel() == 2 * 4 * 17 * 17}, {m['q'].dtype for m in given.values()}
 
 

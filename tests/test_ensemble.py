@@ -15,13 +15,13 @@ import torch
 from attention_copy import load_copy_model
 import attention_copy
 from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, run_script, sub_env
-from data import accuracy, ensemble_probs
-from ensemble import PRESETS, EnsembleConfig, disagreement, normalise_weights, summarise
 import ensemble
-from teacher import load_models
+from ensemble import (PRESETS, EnsembleConfig, disagreement, ensemble_probs, load_models, normalise_weights,
+                      summarise)
 from util.checkpoints import CheckpointError
 from util.launch import parse_config
 from util.config import ConfigError
+from util.engine import accuracy
 from vit import VisionTransformer
 
 torch.set_num_threads(1)   # a small, shared machine

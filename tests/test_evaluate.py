@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import run_script
 from data import build_transform
+from ensemble import load_models
 from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
 import evaluate
-from teacher import load_models
 from util.datafiles import DataError
 from util.launch import run_main
 from vit import VisionTransformer, model_arch

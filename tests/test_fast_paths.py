@@ -97,7 +97,7 @@ def step(method, case, implementation, dtype=torch.float64, x=None, y=None):
     student = model(1, **case.get('student', {}), no_qk_layers=list(layers) if no_qk else ())
     set_attn_implementation(student, implementation).to(dtype)
     cfg = (CopyConfig if method == 'copy' else DistillConfig)(smoothing=0.1, transfer=case.get('transfer', 'attn'))
-    loss_fn = copy_loss(cfg, teacher, layers, heads) if method == 'copy' else \
+    loss_fn = copy_loss(cfg, teacher, layers, heads, implementation) if method == 'copy' else \
         distill_loss_fn(cfg, teacher, layers, heads, implementation)
     loss, parts = loss_fn(student, x.to(dtype), y)
     loss.backward()
@@ -217,8 +217,9 @@ def test_sdpa_creates_no_map_in_a_step_or_in_evaluation(method, case):
     assert seen['eager'] and not seen['sdpa'], seen['sdpa'][:3]
     teacher = model(0, num_classes=0).requires_grad_(False).eval()
     student = model(1, **case.get('student', {})).eval()
+    pair = set_attn_implementation(CopyModel(teacher, student, case['layers'], case.get('heads')), 'sdpa')
     with TensorShapes() as rec, torch.no_grad():
-        CopyModel(teacher, student, case['layers'], case.get('heads'))(x) if method == 'copy' else student(x)
+        pair(x) if method == 'copy' else student(x)
     assert not rec.square(n)
 
 

@@ -16,9 +16,9 @@ import torch
 from attention_copy import CopyModel, copied
 from conftest import ROOT, run_in_process
 from data import build_eval_set
+from ensemble import load_models
 from test_features_page import REMADE
 from test_pages import flat
-from teacher import load_models
 from tools import features
 from util.checkpoints import build_from_checkpoint
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR
@@ -87,7 +87,7 @@ def test_on_the_shipped_models_the_tool_gives_what_block_outputs_made_apart_give
 
     def tokens(m, depth):   # (40, N, D) after block depth - 1, as the model runs (a copy student: given the maps)
         if isinstance(m, CopyModel):
-            given = copied(m.teacher, x, m.layers, m.heads, m.transfer)
+            given = copied(m.teacher, x, m.layers, m.heads, m.transfer, m.average, m.implementation)
             return m.student.forward_tokens(x, inject=given, depth=depth)[0]
         return m.forward_tokens(x, depth=depth)[0]
     with torch.no_grad():

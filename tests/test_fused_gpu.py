@@ -44,7 +44,7 @@ def step(method, implementation, dtype, img_size, batch):
     t = set_attn_implementation(teacher(img_size), implementation)
     student = set_attn_implementation(vit_l(img_size, 1, no_qk_layers=[0, 1] if method == 'copy' else ()),
                                       implementation)
-    loss_fn = copy_loss(CopyConfig(), t, [0, 1], None) if method == 'copy' else \
+    loss_fn = copy_loss(CopyConfig(), t, [0, 1], None, implementation) if method == 'copy' else \
         distill_loss_fn(DistillConfig(), t, [0, 1], None, implementation)
     g = torch.Generator('cuda').manual_seed(2)
     x = torch.randn(batch, 3, img_size, img_size, device='cuda', generator=g)

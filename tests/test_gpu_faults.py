@@ -125,7 +125,8 @@ def settle_on(rank, port, choice, wrong_on, out):
     import os
     import torch.distributed as dist
     import torch.nn.functional as F
-    from util.launch import Plan, settle_attention
+    from util.attention_check import settle_attention
+    from util.launch import Plan
     from vit import VisionTransformer
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))

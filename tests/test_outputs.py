@@ -121,7 +121,7 @@ def test_ensemble_of_models_of_different_data_asks_which(run_dir, tmp_path, monk
     assert msg and 'the models do not record one data set' in msg and 'cifar10' in msg, msg
     capsys.readouterr()
     msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', run_dir / 'checkpoint.pt', other)
-    assert msg and 'predicts other class names (10; the data has 10)' in msg, msg   # named, then compared
+    assert msg and "predicts other class names (its class 0 is 'airplane', the data's '0'" in msg, msg   # compared by name
 
 
 def write_idx(path, array):

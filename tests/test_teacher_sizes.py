@@ -141,7 +141,7 @@ def embeddings(grid, dim=32):
 @pytest.mark.parametrize('name', list(OFFICIAL))
 def test_each_family_resizes_as_its_official_code(name):
     official, patch, native, sizes = OFFICIAL[name]
-    how = FAMILIES[name][1]
+    how = FAMILIES[name].resize
     for kind, pe in embeddings(native // patch).items():
         for size in sizes:
             want = official(pe, size, size, patch)                                         # (1, 1 + n*n, D)

@@ -110,7 +110,7 @@ def test_layer_selection_touches_only_those_layers():
         b.attn.register_forward_pre_hook(lambda m, a, kw, i=i: given.append(i) if kw.get('q') is not None
                                          else None, with_kwargs=True)
     x = torch.randn(2, 3, 32, 32)
-    student(x, inject=copied(teacher, x, [0, 2], None, 'attn'))
+    student(x, inject=copied(teacher, x, [0, 2], None, 'attn', implementation='sdpa'))   # q and k
     assert given == [0, 2]
     assert ran == [0, 1]                      # the teacher stopped inside layer 2 of 4 (its q and k only)
     ran.clear()

@@ -219,14 +219,14 @@ class Parts:
         elif method == 'eval-copy' and naive:
             output = partial(naive_copy_forward, teacher, net, x, layers)
         elif method == 'eval-copy':
-            output = partial(CopyModel(teacher, net, layers), x)
+            output = partial(CopyModel(teacher, net, layers, implementation=impl), x)
         else:
             if naive and copy:
                 loss_fn = naive_copy_loss(teacher, layers)
             elif naive:
                 loss_fn = naive_distill_loss(teacher, layers)
             elif copy:
-                loss_fn = copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None)
+                loss_fn = copy_loss(CopyConfig(smoothing=SMOOTHING), teacher, layers, None, impl)
             else:
                 loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None,
                                           impl)

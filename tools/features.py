@@ -33,14 +33,14 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from data import accuracy, build_eval_set, check_classes, class_names
-from teacher import load_models
+from data import build_eval_set, check_classes, class_names
+from ensemble import load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
-from util.errors import show
+from util.engine import accuracy
+from util.errors import say, show
 from util.files import claimed, cpu_name, git_commit
 from util.launch import parse_config, run_main
-from util.rundir import say
 
 KINDS = {'tokens': 'every token of every image a sample, block i against block i',
          'class_token': 'the class token alone'}

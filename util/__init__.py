@@ -2,11 +2,14 @@
 first (the README's reading order), and come here for how a run is resolved, trained, saved and continued.
 
     launch.py       how a script starts and ends: its command line, then resolve (every refusal, in order, into one
-                    immutable Plan), errors, Ctrl-C and SIGTERM in one line
-    config.py       one dataclass per script, each flag declared once (default, help, range); the small presets
-    engine.py       the step every script calls (train_one_epoch), its schedule, evaluation, AdamW with layer decay
+                    immutable Plan); a refusal, Ctrl-C and SIGTERM in one line, anything else with its traceback
+    config.py       one dataclass per script, each flag declared once (default, help, range): a training run's fields,
+                    a scoring's; the small presets
+    engine.py       the step every script calls (train_one_epoch), its schedule, evaluation (a trained model's
+                    predictions and top-k too), AdamW with layer decay
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
-    attention_check.py  the fused attention checked both ways against eager before anything runs on it
+    attention_check.py  the fused attention checked both ways against eager before anything runs on it, and the
+                    verdict told to the models once (settle_attention)
     rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its
                     files, let go; how --resume true is checked (what the checkpoint holds, what may change, after
                     a divergence) and the command that continues
@@ -22,8 +25,8 @@ first (the README's reading order), and come here for how a run is resolved, tra
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged; where a
                     command writes, refused before any work where open() says it cannot be; outputs written once
                     the work is done, claimed when the command starts
-    errors.py       the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable file), and how a
-                    flag and its value are spelled in them
+    errors.py       what a user reads: the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable
+                    file), how a flag and its value are spelled in them, and say, the print every line goes through
 
 None of these imports a file of the root but vit.py: the scripts resolve their run, build their data, teacher and
 model and hand them here (tests/test_layout.py).

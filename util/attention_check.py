@@ -10,7 +10,8 @@ on sdpa (every model is on eager until the verdict).
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
 
-A training script calls it through util/launch.settle_attention, which settles the run's plan with the verdict.
+A training script calls it through settle_attention, which settles the run's plan with the verdict (its processes
+on one kernel).
 """
 import contextlib
 import copy
@@ -19,6 +20,7 @@ import time
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 from util.errors import ConfigError
 from vit import scores, set_attn_implementation
@@ -40,11 +42,11 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains (gradients
     checked too); compiled: it compiles the model it trains (--compile), whose layers are checked compiled (a frozen
     teacher's and the loss's calls run uncompiled). plan: the run's (device, dtype, attn, cfg.attn_implementation,
-    log)."""
+    log). The models are as built, on eager (vit.Attention): nothing runs on sdpa before the verdict, which its
+    caller tells them (settle_attention, util/launch.on_device)."""
     training = [m.training for m in models]
     for m in models:
-        # eval: no drop-path draws from the run's RNG
-        set_attn_implementation(m, 'eager').eval()
+        m.eval()   # no drop-path draws from the run's RNG
     implementation, record = plan.attn, None
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
@@ -57,8 +59,31 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
             parts[name] = loss_part(layers[first], handed[first][0], *loss)
         implementation, record = check_sdpa(plan, what, parts)
     for m, was in zip(models, training):
-        set_attn_implementation(m, implementation).train(was)
+        m.train(was)
     return implementation, record
+
+
+def settle_attention(plan, what, models, *check, **kw):
+    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
+    models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled where --compile is
+    on): the one place it changes after resolve, and where the models are told it, once. Under DDP rank 0 checks and
+    its verdict, a refusal included, is every rank's at once (ranks on one kernel; none left waiting for a peer that
+    stopped). record: rank 0's."""
+    verdict = [plan.attn, None, None]                   # implementation, record, refusal
+    if plan.main:
+        try:
+            verdict[:2] = start_up_check(plan, what, models, *check,
+                                         compiled=plan.cfg.compile, **kw)
+        except ConfigError as e:
+            verdict[2] = str(e)
+    if plan.world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    attn, record, refusal = verdict
+    if refusal:
+        raise ConfigError(refusal)
+    for m in models:
+        set_attn_implementation(m, attn)
+    return plan._replace(attn=attn), record
 
 
 def layer_inputs(forward, layers):

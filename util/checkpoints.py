@@ -24,7 +24,7 @@ import torchvision.models as tvm
 
 from util.errors import CheckpointError
 from util.files import sha256_of
-from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, convert,
+from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
 
@@ -70,7 +70,7 @@ def read_file(path):
     unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
     Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
     be read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words for what it
-    found. An architecture record is refused where it is built (vit_of) or compared (load_weights)."""
+    found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         script = False
@@ -181,7 +181,7 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
-    if saved:   # a stated head count is compared with it where it is loaded (load_weights)
+    if saved:   # a stated head count is compared with it where it is loaded (check_arch)
         return dict(saved)
     sd, components = _converted(ckpt)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
@@ -203,7 +203,7 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
     stated count that the record or the family contradicts is refused, and so is a file that says nothing, with the
     flag that states it."""
-    _, _, rule = family(source, ckpt)   # the width of every head, or {model width: heads}
+    rule = family(source, ckpt).heads   # the width of every head, or {model width: heads}
     if isinstance(rule, int):
         rule = {dim: dim // rule} if dim % rule == 0 else {}
     known = (recorded(ckpt) or {}).get('num_heads', rule.get(dim))
@@ -220,12 +220,12 @@ def heads_of(ckpt, source, dim, num_heads, flag):
 
 # this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
 # heads recorded or stated, never guessed
-OURS = ("this project's", AS_DEIT, {})
-UNKNOWN = ('family not known', AS_DEIT, {})
+OURS = Family("this project's", AS_DEIT, {})
+UNKNOWN = Family('family not known', AS_DEIT, {})
 
 
 def family(source, ckpt):
-    """The family (pretrained.FAMILIES: its name, resize and heads) of a checkpoint by the keys only its family's
+    """The Family (pretrained.FAMILIES: its name, resize and heads) of a checkpoint by the keys only its family's
     format has, else by its name in PRETRAINED or its official file name (DeiT's, DINO's and MAE's files hold timm
     names only); OURS or UNKNOWN."""
     if recorded(ckpt):
@@ -251,14 +251,11 @@ def vit_of(arch, source):
 # Loading into a ViT, with every difference refused
 
 
-def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=False):
-    """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
-    CheckpointError on any other difference of architecture (heads: heads_of, num_heads as stated with `flag`),
-    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
-    the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
-    sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
-    # heads matter though no tensor shape shows them; a record's fields not ADAPTED must be the
-    # model's too (the rest shows in the tensors' names and shapes: load_state_dict checks it)
+def check_arch(model, source, ckpt, sd, num_heads, flag):
+    """Refuse a checkpoint (sd: its state dict) whose heads (heads_of: num_heads as stated with `flag`) or, with a
+    record (this project's checkpoints have one), whose recorded fields not ADAPTED are not the model's: heads matter
+    though no tensor shape shows them (the other fields show in the tensors' names and shapes: load_state_dict checks
+    them). A copy student (no q / k of its own in some layers) is no model without its teacher."""
     heads = heads_of(ckpt, source, sd['patch_embed.proj.weight'].shape[0], num_heads, flag)
     saved = recorded(ckpt) or {'num_heads': heads}
     if saved.get('no_qk_layers') and not model.arch.get('no_qk_layers'):
@@ -271,6 +268,15 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
     if diff:
         raise CheckpointError(f"architecture mismatch loading '{source}': the checkpoint has "
                               f"{', '.join(diff)}")
+
+
+def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=False):
+    """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
+    CheckpointError on any other difference of architecture (check_arch; heads: num_heads as stated with `flag`),
+    missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
+    the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
+    sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
+    check_arch(model, source, ckpt, sd, num_heads, flag)
     own = model.state_dict()
     # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
     # values without their imaginary part) would become a model of garbage maps, without a word
@@ -287,7 +293,7 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
                               f"inf): it is no usable model (a run that diverged?): take an earlier "
                               f"checkpoint of it")
     if 'pos_embed' in sd:   # to the model's grid (one already on it is kept as it is)
-        _, how, _ = family(source, ckpt)   # as the family's own code does
+        how = family(source, ckpt).resize   # as the family's own code does
         sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], model.patch_embed.grid, how)
     # a new task keeps the model's own classifier; a global-pool model has no `norm`, a class-token
     # one no `fc_norm`: the file's dropped where the model has none of that shape, the model's own
@@ -321,25 +327,28 @@ def check_weights(model, source, ckpt, num_heads, flag):
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
-    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights. ckpt: the checkpoint
-    already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
+    """A VisionTransformer shaped like the checkpoint (overrides applied), with its weights: built on the meta device
+    (its record refused before anything is allocated), then given the file's tensors (check_weights). ckpt: the
+    checkpoint already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
     arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
-    return load_weights(vit_of(arch, source), source, ckpt, num_heads)
+    with torch.device('meta'):
+        model = vit_of(arch, source)
+    return check_weights(model, source, ckpt, num_heads, '--num-heads')
 
 
 def describe_teacher(source, ckpt, arch, size):
     """The teacher in one line for the log: its family, depth, heads, patches and native size, and at another size
     whose official way resized its position embeddings (pretrained.FAMILIES). arch: its VisionTransformer keywords
     as the file gives them (arch_of); size: the image size it runs at."""
-    name, how, _ = family(source, ckpt)
+    known = family(source, ckpt)
     native = arch['img_size']
-    said = f"teacher {source} ({name}): depth {arch['depth']}, {arch['num_heads']} heads, " \
+    said = f"teacher {source} ({known.name}): depth {arch['depth']}, {arch['num_heads']} heads, " \
            f"patches of {arch['patch_size']} px, native size {native} px"
     if size == native:
         return f'{said}, run at that size'
-    return f'{said}, run at {size} px: position embeddings resized as {how.like} does'
+    return f'{said}, run at {size} px: position embeddings resized as {known.resize.like} does'
 
 # -----------------------------------------------------------------------------
 # What a student's checkpoint records about its teacher (never its weights)

@@ -3,6 +3,7 @@ One typed config per script: a dataclass whose fields are the script's flags (`-
 with option(default, help, rule): its value, the sentence `--help` shows, and its range. `--data` picks a preset
 applied before your flags. Out of range is refused in one line (each field's rule, then checks(): rules across
 fields) before anything is made. Saved in every run directory and checkpoint; RESUMABLE: what a resume may change.
+The fields every training script shares: TrainConfig; every script that scores trained models: ModelsConfig.
 """
 import math
 import typing
@@ -248,6 +249,36 @@ def refuse(cfg, rows):
             raise ConfigError(f'{flag(name)} {value}: {allowed}' if value else
                               f'{flag(name)} {allowed}')
     return cfg
+
+# -----------------------------------------------------------------------------
+# The fields every script that scores trained models shares
+
+
+@dataclass
+class ModelsConfig:
+    """The flags every scoring of trained models shares (ensemble.py, evaluate.py)."""
+    models: list[str] = option(factory=list, help='checkpoint files or names: --models a.pt b.pt')
+    num_heads: list[int] = option(factory=list, help='head counts of files of weights alone: '
+                                  'one for every model, or one each '
+                                  "(0: the file's record or family)")
+    img_size: int = option(0, "0 = the models' own (they must share one)",
+                           at_least(0, "the models' own", SIZE))
+    batch_size: int = option(256, rule=at_least(1, most=BATCH))
+    num_workers: int = option(2, rule=at_least(0, 'load in the main process', WORKERS))
+    amp: str = option('auto', ' | '.join(AMP), choices=AMP)
+    attn_implementation: str = option('auto', 'eager (explicit maps) | '
+                                              'sdpa (fused, no map stored) | auto: per device',
+                                      choices=('auto', *IMPLEMENTATIONS))
+    seed: int = option(0, "seeds the loader's generator (the test split is not shuffled)",
+                       (lambda v: 0 <= v < 2 ** 63,
+                        'must be in [0, 2**63): torch seeds its generators with 64 bits'))
+
+    def checks(self):   # --num-heads beside --models
+        return [('num_heads', len(self.num_heads) in (0, 1, len(self.models)),
+                 f'gives {len(self.num_heads)} head counts for {len(self.models)} models: '
+                 f'one for all, or one each'),
+                ('num_heads', all(0 <= h <= DEPTH for h in self.num_heads),
+                 f"must be 0 (the file's record or family) or more, at most {DEPTH}")]
 
 # -----------------------------------------------------------------------------
 # The small data sets' recipe, which every script starts from (the sources of every value: RECIPES.md)

@@ -104,40 +104,46 @@ class TensorBatches:
         # the whole epoch's flips, at once
         first = first_uniform(seeds) if self.transform.hflip > 0 else None
         done = getattr(self.sampler, 'start', 0) // self.batch_size   # batches a resume skips
-        held = self.images.device
         for b in range(len(self)):
             part = slice(b * self.batch_size, (b + 1) * self.batch_size)
             key = np.random.SeedSequence([self.seed, self.rank, epoch, done + b])
             step = int(key.generate_state(1, np.uint64)[0])   # the batch's seed
-            host = torch.Generator().manual_seed(step)
-            tensors, groups = self.transform.draw(
-                len(seeds[part]), host, None if first is None else first[part], seeds[part])
-            at, *tensors = send([index[part], *tensors], held)
-            # on the host, on one thread: each op is small, and its threads would wait at every op
-            # for a core the training step (or anything else) holds (on 2 shared cores,
-            # Fashion-MNIST's batches came 15x faster)
-            threads = torch.get_num_threads()
-            if held.type == 'cpu':
-                torch.set_num_threads(1)
-            try:   # erasing's noise drawn where the images are
-                x = self.transform.apply(self.images[at.long()], tensors, groups,
-                                         torch.Generator(held).manual_seed(step))
-                y = self.labels[at.long()]
-            finally:
-                torch.set_num_threads(threads)
-            if held.type == 'cpu' and self.device.type == 'cuda':
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield self.batch(index[part], step, None if first is None else first[part], seeds[part])
+
+    def batch(self, index, step, first, seeds):
+        """One batch (images, labels) on self.device: the images held at `index`, transformed by the
+        choices drawn from the batch's seed `step` (first: each image's flip draw, or None; seeds: each
+        image's seed)."""
+        held = self.images.device
+        draws, groups = self.transform.draw(len(seeds), torch.Generator().manual_seed(step), first,
+                                            seeds)
+        draws = send({'at': index, **draws}, held)
+        at = draws.pop('at').long()
+        # on the host, on one thread: each op is small, and its threads would wait at every op
+        # for a core the training step (or anything else) holds (on 2 shared cores,
+        # Fashion-MNIST's batches came 15x faster)
+        threads = torch.get_num_threads()
+        if held.type == 'cpu':
+            torch.set_num_threads(1)
+        try:   # erasing's noise drawn where the images are
+            x = self.transform.apply(self.images[at], draws, groups,
+                                     torch.Generator(held).manual_seed(step))
+            y = self.labels[at]
+        finally:
+            torch.set_num_threads(threads)
+        if held.type == 'cpu' and self.device.type == 'cuda':
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def send(tensors, device):
-    """Host tensors on `device` in one copy (pinned, and not waited for, to a GPU): each in its
-    shape, as float64 (exact for integers below 2 ** 53)."""
-    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    """Host tensors {name: tensor} on `device` in one copy (pinned, and not waited for, to a GPU):
+    {name: tensor}, each in its shape, as float64 (exact for integers below 2 ** 53)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors.values()])
     if device.type == 'cuda':
         flat = flat.pin_memory().to(device, non_blocking=True)
-    parts = flat.split([t.numel() for t in tensors])
-    return [part.view(t.shape) for part, t in zip(parts, tensors)]
+    parts = flat.split([t.numel() for t in tensors.values()])
+    return {name: part.view(t.shape) for (name, t), part in zip(tensors.items(), parts)}
 
 
 def first_uniform(seeds):

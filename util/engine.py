@@ -158,7 +158,7 @@ def soft_cross_entropy(logits, target, smoothing):
 @torch.no_grad()
 def evaluate(predict, loader, plan):
     """Top-1 / top-5 (%) and loss over a loader, summed across ranks. predict(images) -> logits: a
-    model."""
+    model. (A trained model scored by ensemble.py and evaluate.py: predict_all, accuracy.)"""
     total = torch.zeros(4, device=plan.device)     # correct@1, correct@5, loss sum, count
     for x, y in loader:
         x, y = x.to(plan.device, non_blocking=True), y.to(plan.device, non_blocking=True)
@@ -172,6 +172,27 @@ def evaluate(predict, loader, plan):
         dist.all_reduce(total)
     c1, c5, loss, n = total.tolist()
     return {'top1': 100 * c1 / n, 'top5': 100 * c5 / n, 'loss': loss / n}
+
+
+@torch.no_grad()
+def predict_all(models, loader, place):
+    """Every model's logits on every image, [(N, C)] in float on the CPU, and the labels (N,) there too: gathered on
+    the device (the loader's labels are where its set is held) and copied to the host once, at the end."""
+    logits = [[] for _ in models]   # each model's (B, C) logits, batch after batch
+    labels = []
+    for x, y in loader:
+        x = x.to(place.device, non_blocking=True)
+        with autocast(place):
+            for batches, m in zip(logits, models):
+                batches.append(m(x).float())
+        labels.append(y.to(place.device, non_blocking=True))    # (B,)
+    return [torch.cat(batches).cpu() for batches in logits], torch.cat(labels).cpu()
+
+
+def accuracy(scores, labels, k=1):
+    """Top-k accuracy (%) of scores (N, C) (logits or probabilities) against labels (N,)."""
+    top = scores.topk(min(k, scores.shape[-1])).indices                        # (N, k)
+    return 100 * (top == labels[:, None]).any(-1).float().mean().item()
 
 
 # -----------------------------------------------------------------------------

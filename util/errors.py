@@ -1,9 +1,13 @@
 """
-The refusals a user meets as one line: each names the file or the option, what is wrong, and the fix, and
-util/launch.run_main prints it and exits non-zero, never a traceback. Every file of util/ raises them, so they sit
-here, below all of them, with the words that spell a flag and its value (flag, show, word) and first_few, the way a
-message lists what it found: this file imports nothing.
+What a user reads. The refusals a user meets as one line: each names the file or the option, what is wrong, and the
+fix, and util/launch.run_main prints it and exits non-zero, never a traceback. Every file of util/ raises them, so they
+sit here, below all of them, with the words that spell a flag and its value (flag, show, word) and first_few, the way
+a message lists what it found; and say, the print every line a command writes to its user goes through (the run's
+log lines, --help, a script's results). This file imports nothing of the project.
 """
+import os
+import sys
+
 
 
 class ConfigError(ValueError):
@@ -48,3 +52,13 @@ def word(value):
     if isinstance(value, bool):
         return str(value).lower()
     return 'none' if value is None else "''" if value == '' else show(value)
+
+
+def say(msg):
+    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
+    on, its files whole (log.txt holds every line), and stdout goes to /dev/null from then on."""
+    try:
+        print(msg, flush=True)
+    except OSError:
+        # what is buffered, and the rest, go there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -6,7 +6,7 @@ first step, in order, before anything is built or written, ending in one immutab
                                            # the run directory claimed, the resume state checked
     with plan.run_dir:                     # data, (teacher), model, Run, the epoch loop (finetune.py's main)
         ...
-    run_main(main)                         # at the bottom of the script: errors and Ctrl-C in one line
+    run_main(main)                         # at the bottom of the script: a refusal and Ctrl-C in one line
 
 The command line is the config's dataclass (util/config.py); `--help` lists every flag with the value this line runs
 with and where it comes from. The same script runs under `python` (one process) and `torchrun` (one per GPU, NCCL).
@@ -30,8 +30,8 @@ from util.attention_check import start_up_check
 from util.augment import randaugment
 from util.config import check, declared
 from util.engine import final_lr, seed_all
-from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, word
-from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed, say
+from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, say, word
+from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed
 from vit import SIZES, set_attn_implementation
 
 # -----------------------------------------------------------------------------
@@ -162,30 +162,9 @@ def on_device(models, cfg, dataset):
         return [v.forward_tokens(x, depth=1) for v in vits]
 
     checked, _ = start_up_check(place, 'evaluation', models, first_layers, layers, backward=False)
+    for m in models:   # told once, the verdict
+        set_attn_implementation(m, checked)
     return models, place, f'{attn} ({why})' if checked == attn else 'eager (the start-up check)'
-
-
-def settle_attention(plan, what, models, *check, **kw):
-    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
-    models (util/attention_check.start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled
-    where --compile is on): the one place it changes after resolve. Under DDP rank 0 checks and its verdict, a refusal
-    included, is every rank's at once (ranks on one kernel; none left waiting for a peer that stopped); the models are
-    on it. record: rank 0's."""
-    verdict = [plan.attn, None, None]                   # implementation, record, refusal
-    if plan.main:
-        try:
-            verdict[:2] = start_up_check(plan, what, models, *check,
-                                         compiled=plan.cfg.compile, **kw)
-        except ConfigError as e:
-            verdict[2] = str(e)
-    if plan.world > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    attn, record, refusal = verdict
-    if refusal:
-        raise ConfigError(refusal)
-    for m in models:
-        set_attn_implementation(m, attn)
-    return plan._replace(attn=attn), record
 
 
 def what_runs(plan):
@@ -208,13 +187,18 @@ def what_runs(plan):
     return f'{cfg.SCRIPT} | --data {cfg.data} | {model} | {budget} | {cfg.out_dir}'
 
 # -----------------------------------------------------------------------------
-# Ending: expected failures and Ctrl-C as one line
+# Ending: a refusal and Ctrl-C as one line, anything else with its traceback
+
+# what the project raises for input it refuses (a file, a flag, data; a write that failed, a run that diverged): each
+# one line naming the fix
+REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 
 def run_main(main):
-    """Run a script's main(); an error ends in one line and a non-zero exit, Ctrl-C in one line saying how to
-    continue (exit 130, as a shell reports SIGINT). An error that left a run directory carries how to continue
-    that run and where its log is (RunDir.__exit__)."""
+    """Run a script's main(): a refusal ends in its one line and a non-zero exit, Ctrl-C in one line saying how to
+    continue (exit 130, as a shell reports SIGINT); anything else (a bug, a learner's own; a fault no check foresaw)
+    shows its traceback, then one line. An error that left a run directory carries how to continue that run and where
+    its log is (RunDir.__exit__)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
     signal.signal(signal.SIGTERM, stopped)                      # till here
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
@@ -229,44 +213,49 @@ def run_main(main):
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
+    except REFUSALS as e:
+        sys.exit(f'error: {refusal(e)}')
     except Exception as e:
         # said first: torchrun stops the other processes as soon as one dies
         if 'TORCHELASTIC_RUN_ID' in os.environ:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_IGN)
-        sys.exit(f'error: {one_line(e)}')
+        sys.exit(f'error: {unexpected(e)}')
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def one_line(e):
-    """An error in one line: one of ours as it says (a write that failed: with how to continue the run); anything
-    else by its type, first line and how to continue, its traceback added to the run's log, or where there is no
-    log yet (an error in set-up), the file and line it was raised at."""
-    how = getattr(e, 'how_to_continue', NOTHING_SAVED)
+def refusal(e):
+    """A refusal in one line, as it says (a write that failed: with how to continue the run)."""
     if isinstance(e, WriteError):
-        return f'{e}; {how}'
+        return f"{e}; {getattr(e, 'how_to_continue', NOTHING_SAVED)}"
     lines = str(e).strip().splitlines() or ['']
-    if isinstance(e, (ConfigError, DataError, CheckpointError, FloatingPointError)):
-        if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
-            return lines[-1].split(': ', 1)[-1]
-        return lines[0]
-    said = f'{type(e).__name__}: {lines[0]}'
+    if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
+        return lines[-1].split(': ', 1)[-1]
+    return lines[0]
+
+
+def unexpected(e):
+    """An error no check foresaw: its traceback printed on stderr and added to the run's log where there is one; the
+    line after it names the error, where the traceback is, and the run's last checkpoint where one was saved (no
+    advice to run the same command again: a bug would meet it again)."""
+    shown = ''.join(traceback.format_exception(e))
+    print(shown, end='', file=sys.stderr, flush=True)
+    said = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} (its traceback above"
     log = getattr(e, 'log', None)
     if log:
-        with contextlib.suppress(WriteError):   # a full disk: the line still says what happened
-            add_to_log(log, ''.join(traceback.format_exception(e)))
-        said += f' (its traceback: {log})'
-    else:
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        said += f' (raised at {where.filename}:{where.lineno})'
-    if isinstance(e, BlockingIOError):   # EAGAIN: fork() refused at the process limit (workers)
+        with contextlib.suppress(WriteError):   # a full disk: the screen has it
+            add_to_log(log, shown)
+            said += f'; in {log} too'
+    said += ')'
+    if isinstance(e, BlockingIOError):   # EAGAIN: fork() refused at the process limit (loader workers)
         said += '; more processes than this machine allows: lower --num-workers'
     if dist.is_initialized():   # gloo's words for a peer gone are a bare RuntimeError's
         said = f'process {dist.get_rank()} of {dist.get_world_size()}: {said}; if another ' \
                f'process stopped, hung or died, each stops after --dist-timeout seconds'
-    return f'{said}; {how}'
+    how = getattr(e, 'how_to_continue', NOTHING_SAVED)
+    return said if how == NOTHING_SAVED else f'{said}; {how}'
 
 
 def stopped(signum, frame):

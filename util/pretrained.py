@@ -44,24 +44,25 @@ PosEmbedResize = namedtuple('PosEmbedResize', 'offset antialias like')
 # DeiT's main.py, MAE's util/pos_embed.py
 AS_DEIT = PosEmbedResize(0.0, False, "DeiT's and MAE's fine-tuning")
 
-# family -> (its name, how its official code resizes position embeddings off its native size, its models' heads
-# from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
+# A family: its name, how its official code resizes position embeddings off its native size, and its models' heads
+# (from each family's model code). DINO and DINOv2 interpolate on every forward pass from the input's grid
 # (interpolate_pos_encoding); done once to the grid of the image size asked for, the same call gives the same numbers.
 # Heads: a number is the width of every head (OpenAI CLIP's build_model: vision_heads = vision_width // 64; DeiT's,
 # DINO's and DINOv2's ViT-Ti/S/B/L/g: heads of 64), a dict the heads of each width it has (MoCo v3's vits.py: ViT-S
 # and ViT-B both 12 heads; MAE's and torchvision's are the ViT paper's ViT-B/L/H, its ViT-H 16 heads of 80)
+Family = namedtuple('Family', 'name resize heads')
 VIT_PAPER_HEADS = {768: 12, 1024: 16, 1280: 16}
 FAMILIES = {
-    'mae': ('MAE', AS_DEIT, VIT_PAPER_HEADS),
-    'deit': ('DeiT', AS_DEIT, 64),
-    'dino': ('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),   # dino vision_transformer.py
+    'mae': Family('MAE', AS_DEIT, VIT_PAPER_HEADS),
+    'deit': Family('DeiT', AS_DEIT, 64),
+    'dino': Family('DINO', PosEmbedResize(0.1, False, 'DINO'), 64),   # dino vision_transformer.py
     # dinov2 hub/backbones.py: interpolate_offset 0.1, no antialias; *_reg models: offset 0, antialias
-    'dinov2': ('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
-    'dinov2_reg': ('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
+    'dinov2': Family('DINOv2', PosEmbedResize(0.1, False, 'DINOv2'), 64),
+    'dinov2_reg': Family('DINOv2 with registers', PosEmbedResize(0.0, True, 'DINOv2 with registers'), 64),
     # MoCo v3's and OpenAI CLIP's code load these weights at 224 only, torchvision's model at their size
-    'mocov3': ('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
-    'clip': ('CLIP', AS_DEIT, 64),
-    'torchvision': ('torchvision', AS_DEIT, VIT_PAPER_HEADS),
+    'mocov3': Family('MoCo v3', AS_DEIT, {384: 12, 768: 12}),
+    'clip': Family('CLIP', AS_DEIT, 64),
+    'torchvision': Family('torchvision', AS_DEIT, VIT_PAPER_HEADS),
 }
 
 FAIR = 'https://dl.fbaipublicfiles.com'

@@ -65,11 +65,16 @@ def misfit_state(opt, saved):
 
 
 def class_mismatch(saved, here):
-    """'' if two lists of class names agree (in Unicode's composed form, NFC: a Mac names a folder café decomposed),
-    else what differs, in a few words."""
+    """'' if two lists of class names agree (saved: a model's, None: not recorded; here: the data's), in Unicode's
+    composed form (NFC: a Mac names a folder café decomposed), else what differs, in a few words: the first class
+    whose names differ, and the counts."""
     if saved is None or [nfc(n) for n in saved] == [nfc(n) for n in here]:
         return ''
-    return f'other class names ({len(saved)}; the data has {len(here)})'
+    i = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), min(len(saved), len(here)))
+    theirs = repr(saved[i]) if i < len(saved) else 'none'
+    ours = repr(here[i]) if i < len(here) else 'none'
+    return f"other class names (its class {i} is {theirs}, the data's {ours}; {len(saved)} classes, " \
+           f"the data has {len(here)})"
 
 
 def nfc(name):

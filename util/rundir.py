@@ -36,7 +36,7 @@ import sys
 import torch
 
 from util.checkpoints import read_checkpoint
-from util.errors import CheckpointError, ConfigError, DamagedFile, flag
+from util.errors import CheckpointError, ConfigError, DamagedFile, flag, say
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
                         read_json, read_jsonl, remove_empty, replacing, set_aside, write_json,
                         write_text)
@@ -296,16 +296,6 @@ def add_to_log(path, text):
             f.write(data + text.encode())
     except OSError as e:
         raise cannot_write(path, e) from None
-
-
-def say(msg):
-    """print(msg); where stdout cannot be written (`| head` has gone: a broken pipe; a full device) the command goes
-    on, its files whole (log.txt holds every line), and stdout goes to /dev/null from then on."""
-    try:
-        print(msg, flush=True)
-    except OSError:
-        # what is buffered, and the rest, go there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
