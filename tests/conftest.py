@@ -24,6 +24,9 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'gpu: needs a CUDA device; `python -m pytest -m gpu tests` runs only these')
+    # one thread for the whole session, set before any test (a test file that set it when imported changed it
+    # under whichever test imported that file first): the machine is small and shared
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

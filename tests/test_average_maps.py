@@ -11,7 +11,6 @@ from attention_distill import DistillConfig, attention_cross_entropy, distill_lo
 from conftest import TINY, run_in_process, student_of
 from vit import VisionTransformer, set_attn_implementation
 
-torch.set_num_threads(1)   # a small, shared machine
 
 TEACHER = dict(img_size=32, patch_size=8, num_classes=0, embed_dim=48, depth=3, num_heads=4)
 LAYERS = [0, 2]

@@ -27,7 +27,6 @@ from finetune import PRESETS, FinetuneConfig
 from util.augment import BatchRandAugment, RandAugment, erasing_boxes
 from util.datafiles import FASHION_MNIST_SYSTEM_DIR, build_loader, first_uniform, image_seed, read_idx, unwrap
 
-torch.set_num_threads(1)   # a small, shared machine
 
 N = 10_000                 # draws each distribution is compared over
 DEBIAN = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR),

@@ -18,7 +18,6 @@ from util.launch import parse_config
 from util.config import ConfigError
 from vit import IMPLEMENTATIONS, VisionTransformer, model_arch, set_attn_implementation
 
-torch.set_num_threads(1)   # a small, shared machine
 
 TEACHER = dict(img_size=32, patch_size=8, num_classes=0, embed_dim=48, depth=4, num_heads=4)
 SMALL = dict(model='vit_tiny', embed_dim=32, depth=2, num_heads=2)       # half the depth, half the heads

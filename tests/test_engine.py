@@ -19,7 +19,6 @@ from util.engine import build_optimizer, lr_at, soft_cross_entropy
 from util.launch import amp_dtype
 from vit import create_model
 
-torch.set_num_threads(1)   # a small, shared machine
 DEFAULTS = dataclasses.asdict(FinetuneConfig())
 
 

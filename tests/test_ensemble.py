@@ -24,7 +24,6 @@ from util.config import ConfigError
 from util.engine import accuracy
 from vit import VisionTransformer
 
-torch.set_num_threads(1)   # a small, shared machine
 
 # -----------------------------------------------------------------------------
 # The maths

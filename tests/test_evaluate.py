@@ -20,7 +20,6 @@ from util.datafiles import DataError
 from util.launch import run_main
 from vit import VisionTransformer, model_arch
 
-torch.set_num_threads(1)
 R, A = read_classes('imagenet-r'), read_classes('imagenet-a')
 
 

@@ -81,12 +81,12 @@ def test_a_stop_signal_while_an_error_is_said_does_not_cut_its_line(monkeypatch)
 
     def main():
         raise RuntimeError('Connection reset by peer')
-    said = launch.one_line
+    said = launch.unexpected
 
     def signalled(e):   # torchrun's SIGTERM, as the line is made
         os.kill(os.getpid(), signal.SIGTERM)
         return said(e)
-    monkeypatch.setattr(launch, 'one_line', signalled)
+    monkeypatch.setattr(launch, 'unexpected', signalled)
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'a torchrun')
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

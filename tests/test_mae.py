@@ -18,7 +18,6 @@ from util.launch import parse_config
 from util.config import ConfigError
 from vit import VisionTransformer
 
-torch.set_num_threads(1)   # a small, shared machine
 ARCH = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)   # 64 patches of 4x4
 
 

@@ -20,7 +20,6 @@ from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
 import finetune
 from test_cli import SAME_MATHS, ce_by_step, free_port
 
-torch.set_num_threads(1)   # a small, shared machine
 
 
 def train(monkeypatch, module, out, *args):

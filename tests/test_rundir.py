@@ -28,7 +28,6 @@ import util.rundir
 from util.errors import WriteError
 from test_resume import digest, train
 
-torch.set_num_threads(1)   # a small, shared machine
 
 
 def step_of(d):

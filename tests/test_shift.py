@@ -12,7 +12,6 @@ from data import INFO, SHIFTS, build_eval_set
 import evaluate
 from vit import VisionTransformer
 
-torch.set_num_threads(1)   # a small, shared machine
 
 MEAN, STD = (torch.tensor(s)[:, None, None] for s in INFO['fake'][2])
 

@@ -30,7 +30,6 @@ def built_teacher(cfg):
     """The teacher a transfer run builds from cfg.teacher, on the CPU."""
     return build_teacher(inspect_teacher(cfg)[0], 'cpu')
 
-torch.set_num_threads(1)   # a small, shared machine
 
 # -----------------------------------------------------------------------------
 # The official resizes, as written in each repository (only renamed where they read self.*)
