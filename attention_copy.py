@@ -92,7 +92,7 @@ def main():
         student = build_student(transfer, data.num_classes, cfg).to(plan.device)
         # sdpa, both ways, before anything runs on it
         # both checks' images: a batch as the run's are made, at its batch size
-        x = next(iter(eval_loader))[0].to(plan.device)
+        x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)
         plan, checked = check_fused(plan, teacher, student, x)
         check_teacher(plan, teacher, x[:8])
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '

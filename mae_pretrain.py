@@ -303,7 +303,7 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
-        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
+        x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
         plan, checked = settle_attention(plan, 'MAE', [model],
