@@ -25,7 +25,7 @@ dry=${GPU_CHECK_DRY:-}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
 
-if [ "$part" = small ]; then   # the Fashion-MNIST preset: runs end to end, eager and compiled, its step alone, then the reproduction
+if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and compiled; its step alone; the reproduction
   cut='' dev=cuda rounds='--rounds 5 --steps 50' eager=45 compiled=110
   [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2' eager=300 compiled=600
   # one epoch of each method, eager then compiled (--compile auto's choice on a GPU): img/s end to end counts from the
@@ -36,8 +36,10 @@ if [ "$part" = small ]; then   # the Fashion-MNIST preset: runs end to end, eage
     for compile in false true; do
       name=fm-$(basename ${run%% *} .py)-compile-$compile
       t0=$SECONDS
-      timeout $([ $compile = true ] && echo $compiled || echo $eager) $py $run --data fashion-mnist --epochs 1 --log-every 100 \
-        --compile $compile $cut --out-dir "$out/$name" > "$out/$name.log" 2>&1
+      limit=$eager
+      [ $compile = true ] && limit=$compiled
+      timeout $limit $py $run --data fashion-mnist --epochs 1 --log-every 100 --compile $compile $cut \
+        --out-dir "$out/$name" > "$out/$name.log" 2>&1
       echo "$name (1 epoch, end to end): exit $? after $((SECONDS - t0)) s, $(grep -h 'img/s' "$out/$name.log" | \
         tail -1 | grep -oE '[0-9]+ img/s') with the compilation counted"
     done
