@@ -46,9 +46,9 @@ def teacher_ckpt(tmp_path_factory):
 
 class Compiled:
     """torch.compile as the code calls it, recorded: each call's function, the mode it asked for, and a counter of the
-    graphs dynamo handed its backend (aot_eager, or `backend`). From the step's first compilation on (the optimizer's,
-    in Run), a recompilation raises (error_on_recompile, until the test ends); the start-up check's compilations of
-    single layers come before it."""
+    graphs dynamo handed its backend (aot_eager, or `backend`; None: torch.compile as asked, mode and all, uncounted).
+    From the step's first compilation on (the optimizer's, in Run), a recompilation raises (error_on_recompile, until
+    the test ends); the start-up check's compilations of single layers come before it."""
 
     def __init__(self, stack, backend='aot_eager', uncompiled=()):
         self.stack = stack
@@ -63,6 +63,8 @@ class Compiled:
             return fn
         if not isinstance(fn, Attention) and getattr(fn, '__name__', '') != 'loss':   # the step's, not the check's
             self.stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+        if self.backend is None:
+            return COMPILE(fn, mode=mode, **kwargs)
         return COMPILE(fn, backend=counter, **kwargs)
 
     def of(self, name):
@@ -148,6 +150,27 @@ def test_the_compiled_step_is_one_graph_and_trains_as_eager_does(monkeypatch, tm
     assert [m['top1'] for m in metrics] == [metrics[0]['top1']] * 2
     assert metrics[1]['loss'] == pytest.approx(metrics[0]['loss'], rel=1e-4)
     assert 'compile: false (--compile false)' in logs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('script', ['finetune', 'mae', *TRANSFER])
+def test_on_a_gpu_the_step_is_captured_and_trains_as_eager_does(monkeypatch, tmp_path, teacher_ckpt, exact_fp32,
+                                                                script):
+    """On CUDA, inductor and CUDA graphs ('reduce-overhead'), as a run compiles: four steps in fp32 (TF32 as a run
+    sets it, both ways), compiled never again, their losses eager's (float rounding apart: inductor fuses)."""
+    module, args = script_args(script, teacher_ckpt)
+    for choice in ('false', 'true'):
+        torch._dynamo.reset()
+        with contextlib.ExitStack() as stack:
+            compiled = Compiled(stack, backend=None)
+            monkeypatch.setattr(torch, 'compile', compiled)
+            msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', tmp_path / choice, '--max-steps', '4',
+                                 '--log-every', '1', '--compile', choice, '--amp', 'off', *args)
+        assert msg is None, msg
+    assert compiled.of('loss_fn')[0] == compiled.of('step')[0] == 'reduce-overhead'
+    losses = [[float(v) for v in re.findall(r'step \d/4 \| \w+ ([\d.]+)', (tmp_path / c / 'log.txt').read_text())]
+              for c in ('false', 'true')]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-3)
 
 
 def test_the_compiled_map_free_distillation_is_one_graph_computing_eager_s():
