@@ -178,7 +178,11 @@ def map_free_cross_entropy(q_t, k_t, q, k, implementation='sdpa'):
     k are free once its forward has them), which its backward scales. A teacher with g times the student's heads gives
     each student head the mean map of its group: attend averages P_g K over the group, and the loss is linear in P.
     implementation: its attention calls' (eager: written out; what the start-up check holds the fused ones to).
+    Compiled (--compile), the loss is its formula, lse_i - c q_i . (P K)_i, differentiated by autograd
+    (traced_cross_entropy): the compiler cannot trace the gradients this function takes inside its forward.
     """
+    if torch.compiler.is_compiling():
+        return traced_cross_entropy(q_t, k_t, q, k, implementation)
     return MapFreeCrossEntropy.apply(q_t, k_t, q, k, implementation)
 
 
@@ -276,6 +280,59 @@ def first_that_runs(kernels, *args):
             pass
     return last, kernels[last](*args)
 
+
+# -----------------------------------------------------------------------------
+# The same computation as the compiler traces it (--compile)
+
+
+def traced_cross_entropy(q_t, k_t, q, k, implementation='sdpa'):
+    """map_free_cross_entropy as its formula, mean_i lse_i - c q_i . (P K)_i, left to autograd: the term q_i . (P K)_i
+    through one fused call with the student's keys as values, lse_i through log_sum_exp, whose own formula gives the
+    rest of the gradient (c S K and c S^T Q, one fused call forward and backward). Its gradients are
+    MapFreeCrossEntropy's; the compiler makes its forward and backward one graph each, where MapFreeCrossEntropy's
+    forward, which takes gradients inside it, would stop the graph. implementation: its attention calls'."""
+    c = q.shape[-1] ** -0.5
+    if implementation == 'sdpa':
+        lse = log_sum_exp(q, k)                                             # (B, H, N) fp32
+    else:
+        lse = torch.logsumexp(scores(q, k).float(), -1)
+    target = attend(q_t.to(q.dtype), k_t.to(q.dtype), k, implementation)   # P K (B, H, N, d)
+    dot = (q * target).sum(-1, dtype=torch.promote_types(q.dtype, torch.float32))   # q_i . (P K)_i
+    return lse.mean() - c * dot.mean()
+
+
+@torch.library.custom_op('attention_transfer::log_sum_exp', mutates_args=())
+def log_sum_exp(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """lse_i = log sum_j exp(c q_i . k_j), (B, H, N), from the fused kernels' private entry points
+    (attention_with_lse): a torch custom op, which the compiler keeps whole (its fake implementation gives the shape)
+    and differentiates by its formula (_log_sum_exp_backward)."""
+    lse = attention_with_lse(q, k, k)[1]
+    return lse.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+
+
+@log_sum_exp.register_fake
+def _(q, k):
+    return q.new_empty(q.shape[:-1], dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+def _log_sum_exp_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _log_sum_exp_backward(ctx, grad):
+    """d lse_i / d q_i = c (S K)_i and d lse_i / d k_j = c S_ij q_i, so for incoming g (B, H, N): c g_i (S K)_i and
+    c (S^T (g Q))_j. S K is attention with the keys as values, and S^T (g Q) what its backward gives those values for
+    the incoming gradient g Q: one fused call, forward and backward, never a map."""
+    q, k = ctx.saved_tensors
+    c = q.shape[-1] ** -0.5
+    with torch.enable_grad():
+        keys = k.detach().requires_grad_()
+        sk = attend(q.detach(), k.detach(), keys, 'sdpa')                   # S K (B, H, N, d)
+        stq, = torch.autograd.grad(sk, keys, (grad[..., None] * q).to(sk.dtype))   # S^T (g Q)
+    return (c * grad[..., None] * sk).to(q.dtype), (c * stq).to(k.dtype)
+
+
+log_sum_exp.register_autograd(_log_sum_exp_backward, setup_context=_log_sum_exp_context)
 
 # -----------------------------------------------------------------------------
 # Config and presets, and the script

@@ -229,7 +229,24 @@ def build_data(plan):
                  f'not the test split')
     data = data._replace(**held_where(plan.device, plan.log, train=data.train, eval=data.eval))
     return (data, build_loader(cfg, data.train, True, plan.rank, plan.world, plan.device),
-            build_loader(cfg, data.eval, False, plan.rank, plan.world, plan.device))
+            build_loader(cfg, data.eval, False, plan.rank, plan.world, plan.device,
+                         eval_batch_size(cfg, plan.device)))
+
+
+# an evaluation batch on a GPU (--eval-batch-size auto): it keeps no gradients, so a batch far past training's fits,
+# and a small model's evaluation makes a tenth of the launches it would at a training batch of 128
+EVAL_BATCH = 1000
+
+
+def eval_batch_size(cfg, device):
+    """The images of an evaluation batch: --eval-batch-size, or for 0 (auto) on a GPU EVAL_BATCH or --batch-size if
+    larger, on a CPU --batch-size (as the committed CPU runs evaluated). Its metrics are the same at any batch, to
+    float rounding."""
+    if cfg.eval_batch_size:
+        return cfg.eval_batch_size
+    if device.type == 'cuda':
+        return max(EVAL_BATCH, cfg.batch_size)
+    return cfg.batch_size
 
 
 def data_device(device, need, free, log):

@@ -152,7 +152,7 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_model(cfg, data.num_classes, plan.method).to(plan.device)
-        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
+        x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         # sdpa, both ways, before anything runs
         plan, checked = settle_attention(plan, 'fine-tuning', [model],
                                          lambda: model.forward_tokens(x, depth=1),

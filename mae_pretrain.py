@@ -105,9 +105,11 @@ PRESETS = {
 
 
 def random_keep(batch, num_patches, num_keep, device=None, generator=None):
-    """(B, K) indices of the patches each image keeps: the first K of its own random permutation."""
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)   # (B, N)
-    return noise.argsort(dim=1)[:, :num_keep]
+    """(B, K) indices of the patches each image keeps on device: the first K of its own random permutation, drawn
+    where the generator is (a host's draws the same masks however the images are batched: evaluate_mse's)."""
+    where = device if generator is None else generator.device
+    noise = torch.rand(batch, num_patches, device=where, generator=generator)   # (B, N)
+    return noise.argsort(dim=1)[:, :num_keep].to(device)
 
 
 def gather_tokens(x, ids):
@@ -230,16 +232,18 @@ def mae_loss_fn(cfg, generator=None):
 
 @torch.no_grad()
 def evaluate_mse(model, loader, plan):
-    """The masked-patch loss on held-out images, the same masks every time, averaged over ranks."""
+    """The masked-patch loss on held-out images, averaged over images and ranks: the same masks every time, and at
+    any evaluation batch (drawn on the host, image after image: a GPU's draws depend on how they are split; each
+    image hides as many patches, so a batch's mean weighs as many images as it has)."""
     model.eval()
-    loss_fn = mae_loss_fn(plan.cfg, torch.Generator(plan.device).manual_seed(plan.rank))
+    loss_fn = mae_loss_fn(plan.cfg, torch.Generator().manual_seed(plan.rank))
     total = torch.zeros((), device=plan.device)
     n = 0
     for x, _ in loader:
         with autocast(plan):
             loss, _ = loss_fn(model, x.to(plan.device, non_blocking=True), None)
-        total = total + loss
-        n += 1
+        total = total + loss * len(x)
+        n += len(x)
     return {'mse': all_mean(total / max(n, 1), plan).item()}
 
 # -----------------------------------------------------------------------------
@@ -304,7 +308,7 @@ def main():
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
-        x = next(iter(eval_loader))[0].to(plan.device)   # a batch as the run's are made
+        x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
         plan, checked = settle_attention(plan, 'MAE', [model],

@@ -347,7 +347,7 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
     student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
-    x = next(iter(eval_loader))[0].to(plan.device)
+    x = next(iter(eval_loader))[0][:plan.cfg.batch_size].to(plan.device)   # as many as a step's
     # sdpa, both ways, before anything runs on it
     plan, record = check_fused(plan, teacher, student, x)
     check_teacher(plan, teacher, x[:8])

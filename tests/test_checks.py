@@ -66,6 +66,7 @@ BAD = [
     (TRAIN, 'epochs', [['0'], ['-1']]),
     (TRAIN, 'warmup_epochs', [['-1']]),
     (TRAIN, 'batch_size', [['0']]),
+    (TRAIN, 'eval_batch_size', [['-1'], ['8']]),   # 8: below the fake preset's batch of 32
     (TRAIN, 'accum_steps', [['0']]),
     (TRAIN, 'blr', [['-1'], ['nan']]),
     (TRAIN, 'min_lr', [['-0.000001']]),
@@ -78,6 +79,7 @@ BAD = [
     (TRAIN, 'ema', [['1'], ['-0.5']]),
     (TRAIN, 'amp', [['fp32']]),
     (TRAIN, 'attn_implementation', [['flash']]),
+    (TRAIN, 'compile', [['yes']]),
     (TRAIN, 'seed', [['-1'], [str(2 ** 70)]]),     # 2**70: torch's generators take 64 bits
     (TRAIN, 'num_workers', [['-1']]),
     (TRAIN, 'fake_size', [['0']]),
@@ -127,7 +129,7 @@ BAD = [
     (['reproduce.py'], 'max_steps', [['-1']]),
     (['reproduce.py'], 'num_workers', [['-1']]),
     (['reproduce.py'], 'fake_size', [['0']]),
-    (['reproduce.py'], 'jobs', [['0']]),
+    (['reproduce.py'], 'jobs', [['-1']]),
     (['reproduce.py'], 'batch_size', [['-1']]),
     (['reproduce.py'], 'amp', [['fp8']]),
     (['benchmark.py'], 'models', [['vit_nope']]),

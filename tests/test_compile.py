@@ -1,33 +1,40 @@
-"""`--compile true`: each script's student forward is one graph, compiled once and never again over the following
-steps, on either attention implementation. The frozen teacher runs before it, uncompiled (its q and k handed in).
-The start-up check compiles the student's layers it checks on sdpa before that, each on its own (Attention.forward,
-a frame apart from the student's: tests/test_gpu_faults.py): counted apart.
+"""`--compile true` (auto: on a GPU for the small data sets): the training step compiled whole. Each script's loss
+function, the frozen teacher's forward, the student's and the loss (the map-free one's log-sum-exp a custom op), is one
+graph compiled once and never again over the following steps, its backward AOTAutograd's; the optimizer step is
+compiled too, its lr a tensor that each step fills (no recompilation for a new lr); on the stand-in CUDA device
+(tests/standin_cuda.py) the compiled step asks the host for nothing and is captured as CUDA graphs; losses and
+gradients are eager's. The start-up check compiles the layers it checks on sdpa before that, each on its own: counted
+apart.
 
-On the CPU with dynamo's aot_eager backend (traces forward and backward like inductor, generates no code:
-seconds); on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
-What this guards against: a per-step closure over the teacher's generator, called inside the student's
-loop over blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on
-its own, recompiling for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs).
+On the CPU with dynamo's aot_eager backend (traces forward and backward like inductor, generates no code: seconds);
+on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
+What this guards against: a per-step closure over the teacher's generator, called inside the student's loop over
+blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on its own, recompiling
+for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs); a loss that takes gradients
+inside its forward (MapFreeCrossEntropy) stops the graph; an lr handed to the compiled optimizer as a number is a
+constant of its graph, compiled again every step of the warm-up.
 """
 import contextlib
-import sys
+import re
 
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.utils import counters
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import attention_copy
 import attention_distill
-from conftest import TINY, finetune as run_finetune, read_metrics
+from conftest import TINY, finetune as run_finetune, read_metrics, run_in_process
 import finetune
 import mae_pretrain
-from vit import Attention
+from test_standin_scripts import on_standin
+from util import launch
+from util.engine import build_optimizer
+from vit import Attention, VisionTransformer, scores, set_attn_implementation
 
 SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
-# (script, backend): on the CPU the two transfer methods; on CUDA every script
-CASES = [('distill', 'aot_eager'), ('copy', 'aot_eager'), ('distill-sdpa', 'aot_eager'), ('copy-sdpa', 'aot_eager')] + \
-    [pytest.param(script, 'inductor', marks=pytest.mark.gpu) for script in SCRIPTS]
+TRANSFER = ('copy', 'distill', 'copy-sdpa', 'distill-sdpa')
+COMPILE = torch.compile   # torch's own, which a test replaces with a Compiled
 
 
 @pytest.fixture(scope='module')
@@ -37,62 +44,240 @@ def teacher_ckpt(tmp_path_factory):
     return str(d / 'checkpoint.pt')
 
 
-def compiled_run(monkeypatch, script, out_dir, backend, *args):
-    """Run a script's main() in this process with --compile true; what dynamo compiled from the run's torch.compile
-    of its student on (the start-up check compiles the layers it checks before), from its counters. Any
-    recompilation from there raises (error_on_recompile)."""
-    compile = torch.compile
-    recompiles = contextlib.ExitStack()   # refused from the run's compile to the end of main()
+class Compiled:
+    """torch.compile as the code calls it, recorded: each call's function, the mode it asked for, and a counter of the
+    graphs dynamo handed its backend (aot_eager, or `backend`; None: torch.compile as asked, mode and all, uncounted).
+    From the step's first compilation on (the optimizer's, in Run), a recompilation raises (error_on_recompile, until
+    the test ends); the start-up check's compilations of single layers come before it."""
 
-    def counted(model, **kwargs):
-        if not isinstance(model, Attention):   # the run's
-            counters.clear()
-            recompiles.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
-        return compile(model, **kwargs, backend=backend)
-    monkeypatch.setattr(torch, 'compile', counted)
+    def __init__(self, stack, backend='aot_eager', uncompiled=()):
+        self.stack = stack
+        self.backend = backend
+        self.uncompiled = uncompiled   # the names of functions recorded but left as they are
+        self.calls = []
+
+    def __call__(self, fn, mode=None, **kwargs):
+        counter = CompileCounterWithBackend(self.backend)
+        self.calls.append((fn, mode, counter))
+        if getattr(fn, '__name__', '') in self.uncompiled:
+            return fn
+        if not isinstance(fn, Attention) and getattr(fn, '__name__', '') != 'loss':   # the step's, not the check's
+            self.stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+        if self.backend is None:
+            return COMPILE(fn, mode=mode, **kwargs)
+        return COMPILE(fn, backend=counter, **kwargs)
+
+    def of(self, name):
+        """(mode, counter) of the one compilation of the function named `name` (loss_fn, step)."""
+        found = [(mode, c) for fn, mode, c in self.calls if getattr(fn, '__name__', '') == name]
+        assert len(found) == 1, [getattr(fn, '__name__', fn) for fn, _, _ in self.calls]
+        return found[0]
+
+
+def script_args(script, teacher):
     script, _, implementation = script.partition('-')
-    monkeypatch.setattr(sys, 'argv', [f'{script}.py', *TINY, '--out-dir', str(out_dir), '--compile', 'true',
-                                      '--max-steps', '4', '--log-every', '1', *args,
-                                      *(['--attn-implementation', implementation] if implementation else [])])
+    args = ['--teacher', teacher] if script in ('copy', 'distill') else []
+    if implementation:
+        args += ['--attn-implementation', implementation]
+    return SCRIPTS[script], args
+
+
+def lrs(out_dir):
+    return re.findall(r'\| lr (\S+) \|', (out_dir / 'log.txt').read_text())
+
+
+def same_weights(ours, theirs):
+    """Two state dicts equal to float rounding, but for the key biases: a key bias shifts all the logits of a row
+    alike, so its gradient is 0 but for rounding, which AdamW scales up to steps of the lr's size."""
+    for name, weight in theirs.items():
+        mine = ours[name]
+        if name.endswith('attn.qkv.bias'):
+            mine, weight = (torch.cat([t.chunk(3)[0], t.chunk(3)[2]]) for t in (mine, weight))   # q, v
+        torch.testing.assert_close(mine, weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def compiled_run(monkeypatch, out_dir, module, *args):
+    """A script's main() in this process with --compile true, recorded (Compiled); four steps, whose lr rises (the
+    warm-up), logged each."""
     torch._dynamo.reset()
-    with recompiles:
-        SCRIPTS[script].main()
-    return dict(counters['frames']), counters['stats']['unique_graphs'], dict(counters['graph_break'])
+    with contextlib.ExitStack() as stack:
+        compiled = Compiled(stack)
+        monkeypatch.setattr(torch, 'compile', compiled)
+        msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', out_dir, '--max-steps', '4', '--log-every', '1',
+                             *args)
+    assert msg is None, msg
+    return compiled
 
 
-@pytest.mark.parametrize('script, backend', CASES)
-def test_compiled_student_is_one_graph_compiled_once(monkeypatch, tmp_path, teacher_ckpt, exact_fp32, script,
-                                                     backend):
-    teacher = ['--teacher', teacher_ckpt] if script.startswith(('copy', 'distill')) else []
+def one_graph(compiled, out_dir, script):
+    """The run's loss function (the teacher's forward and the loss included) one graph, compiled once, its optimizer
+    step compiled, neither compiled again over steps of four lrs."""
+    mode, step = compiled.of('loss_fn')
+    assert step.frame_count == 1, f'{step.frame_count} graphs: a graph break or a recompilation'
+    inputs = [n.name for n in step.graphs[0].graph.nodes if n.op == 'placeholder']
+    if script in TRANSFER:   # the teacher's forward is in the step's graph: its weights are the graph's inputs
+        assert any('teacher' in name for name in inputs), inputs
+    ops = {n.target for n in step.graphs[0].graph.nodes}
+    assert (torch.ops.attention_transfer.log_sum_exp.default in ops) == (script == 'distill-sdpa')
+    assert (mode, compiled.of('step')[0]) == ('default', 'default')      # CUDA graphs on a GPU only
+    assert len(set(lrs(out_dir))) == 4 and read_metrics(out_dir)[-1]['step'] == 4
+
+
+@pytest.mark.parametrize('script', ['finetune', 'mae'])
+def test_the_step_is_one_graph_compiled_once_whatever_its_drop_path(monkeypatch, tmp_path, script):
+    """Drop-path's rate, a constant per block, and MAE's masks drawn in the step: one graph still."""
     drop_path = [] if script == 'mae' else ['--drop-path', '0.1']    # a rate per block: constants dynamo guards on
-    frames, graphs, breaks = compiled_run(monkeypatch, script, tmp_path, backend, *teacher, *drop_path)
-    assert frames == {'total': 1, 'ok': 1} and graphs == 1 and not breaks, (frames, graphs, breaks)
-    assert read_metrics(tmp_path)[-1]['step'] == 4
+    compiled = compiled_run(monkeypatch, tmp_path, SCRIPTS[script], '--compile', 'true', *drop_path)
+    one_graph(compiled, tmp_path, script)
+    assert 'compile: true (--compile true)' in (tmp_path / 'log.txt').read_text()
 
 
-@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
-def test_compiled_distillation_computes_the_eager_step(tmp_path, implementation):
-    """The compiled student gives the uncompiled one's loss and gradients, step after step."""
+@pytest.mark.parametrize('script', ['finetune', *TRANSFER])
+def test_the_compiled_step_is_one_graph_and_trains_as_eager_does(monkeypatch, tmp_path, teacher_ckpt, script):
+    """Four steps in fp32, eager and compiled: the compiled step one graph (one_graph); the same losses at every step,
+    the same weights after (the compiled optimizer is AdamW's foreach implementation with a tensor lr, eager's the
+    fused one with a number: float rounding apart), the same evaluation."""
+    module, args = script_args(script, teacher_ckpt)
+    for choice in ('false', 'true'):
+        compiled = compiled_run(monkeypatch, tmp_path / choice, module, '--compile', choice, '--amp', 'off', *args)
+    one_graph(compiled, tmp_path / 'true', script)
+    logs = [(tmp_path / c / 'log.txt').read_text() for c in ('false', 'true')]
+    losses = [re.findall(r'step \d/4 \| ([^|]+) \|', log) for log in logs]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    models = [torch.load(tmp_path / c / 'checkpoint.pt', weights_only=True)['model'] for c in ('false', 'true')]
+    same_weights(models[1], models[0])
+    metrics = [read_metrics(tmp_path / c)[-1] for c in ('false', 'true')]
+    assert [m['top1'] for m in metrics] == [metrics[0]['top1']] * 2
+    assert metrics[1]['loss'] == pytest.approx(metrics[0]['loss'], rel=1e-4)
+    assert 'compile: false (--compile false)' in logs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('script', ['finetune', 'mae', *TRANSFER])
+def test_on_a_gpu_the_step_is_captured_and_trains_as_eager_does(monkeypatch, tmp_path, teacher_ckpt, exact_fp32,
+                                                                script):
+    """On CUDA, inductor and CUDA graphs ('reduce-overhead'), as a run compiles: four steps in fp32 (TF32 as a run
+    sets it, both ways), compiled never again, their losses eager's (float rounding apart: inductor fuses)."""
+    module, args = script_args(script, teacher_ckpt)
+    for choice in ('false', 'true'):
+        torch._dynamo.reset()
+        with contextlib.ExitStack() as stack:
+            compiled = Compiled(stack, backend=None)
+            monkeypatch.setattr(torch, 'compile', compiled)
+            msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', tmp_path / choice, '--max-steps', '4',
+                                 '--log-every', '1', '--compile', choice, '--amp', 'off', *args)
+        assert msg is None, msg
+    assert compiled.of('loss_fn')[0] == compiled.of('step')[0] == 'reduce-overhead'
+    losses = [[float(v) for v in re.findall(r'step \d/4 \| \w+ ([\d.]+)', (tmp_path / c / 'log.txt').read_text())]
+              for c in ('false', 'true')]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_the_compiled_map_free_distillation_is_one_graph_computing_eager_s():
+    """The whole loss function of map-free distillation, teacher and loss included, compiled as one graph (fullgraph:
+    a graph break raises), gives the uncompiled one's loss and gradients (MapFreeCrossEntropy's), step after step."""
+    implementation = 'sdpa'
     from attention_distill import DistillConfig, distill_loss_fn
-    from vit import VisionTransformer, set_attn_implementation
     arch = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.0)
     torch.manual_seed(0)
     teacher = VisionTransformer(**{**arch, 'num_classes': 0}).requires_grad_(False).eval()
     students = [VisionTransformer(**arch) for _ in range(2)]
     students[1].load_state_dict(students[0].state_dict())
-    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
     for m in (teacher, *students):
         set_attn_implementation(m, implementation)
+    loss_fn = distill_loss_fn(DistillConfig(), teacher, [0, 1], None, implementation)
     torch._dynamo.reset()
-    nets = [students[0], torch.compile(students[1], backend='aot_eager')]
-    for step in range(2):
+    steps = [loss_fn, torch.compile(loss_fn, backend='aot_eager', fullgraph=True)]
+    for _ in range(2):
         x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
         losses = []
-        for student, net in zip(students, nets):
+        for student, step in zip(students, steps):
             student.zero_grad()
-            loss, parts = loss_fn(net, x, y)
+            loss, parts = step(student, x, y)
             loss.backward()
             losses.append((loss.detach(), parts['attn']))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         for (n, p0), p1 in zip(students[0].named_parameters(), students[1].parameters()):
             torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_log_sum_exp_op_s_fake_and_autograd_are_the_real_ones():
+    """attention_transfer::log_sum_exp, the fused kernel's private entry point as a custom op: torch's opcheck (its
+    schema, its fake implementation's shapes, dtypes and strides against the real one's, its autograd registration,
+    AOTAutograd tracing it), and its value and formula against the definition in float64 (gradcheck)."""
+    from attention_distill import log_sum_exp
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 3, 17, 8).bfloat16().unbind(0)             # (B, H, N, d) each, as under autocast
+    torch.library.opcheck(log_sum_exp, (q.requires_grad_(), k.requires_grad_()))
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    torch.testing.assert_close(log_sum_exp(q64, k64), torch.logsumexp(scores(q64, k64), -1))
+    assert torch.autograd.gradcheck(log_sum_exp, (q64, k64))
+
+
+def test_a_new_lr_never_compiles_the_optimizer_step_again():
+    """build_optimizer(compiled=True): each group's lr a tensor, filled with a new value each step; the compiled step
+    is never compiled again (error_on_recompile), and it moves the weights as eager's fused AdamW with a number."""
+    cfg = finetune.FinetuneConfig(layer_decay=0.75)    # several lr scales: several groups
+    torch.manual_seed(0)
+    models = [VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(cfg, models[0], 1e-2), build_optimizer(cfg, models[1], 1e-2, compiled=True)]
+    assert len(opts[1].param_groups) > 2
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    step = torch.compile(opts[1].step, backend=counter)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(5):
+            x = torch.randn(4, 3, 16, 16)
+            for m in models:
+                m(x).square().mean().backward()
+            lr = 1e-2 * (i + 1) / 5
+            for g in opts[0].param_groups:
+                g['lr'] = lr * g['lr_scale']
+            for g in opts[1].param_groups:
+                g['lr'].fill_(lr * g['lr_scale'])
+            opts[0].step()
+            step()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+    assert counter.frame_count > 0
+    # what a CUDA graph of the step reads each replay, none a number of the host's
+    assert all(g['lr'].device == g['params'][0].device for g in opts[1].param_groups)
+    assert all(s['step'].device == p.device for p, s in opts[1].state.items())
+    same_weights(models[1].state_dict(), models[0].state_dict())
+
+
+@pytest.mark.parametrize('script', ['finetune', 'distill-sdpa'])
+def test_the_compiled_step_asks_the_host_for_nothing_on_the_device(monkeypatch, tmp_path, teacher_ckpt, script):
+    """On the stand-in CUDA device (its strict epochs: a host sync or a host tensor read in a step fails), a compiled
+    run's steps, its loss function and its optimizer step compiled as CUDA graphs ('reduce-overhead'). The optimizer
+    step runs its foreach, capturable ops eagerly here: dynamo makes an optimizer's state with the stand-in's fake
+    tensors set aside, on a GPU there is not."""
+    module, args = script_args(script, teacher_ckpt)
+    torch._dynamo.reset()
+    with contextlib.ExitStack() as stack, on_standin('held', module) as cuda:
+        # dynamo asks a GPU it sees (the stand-in's torch.cuda answers) whether it is capturing, and for its stream
+        cuda.patch(torch.cuda, 'is_current_stream_capturing', lambda: False)
+        cuda.patch(torch.accelerator, 'is_available', lambda: False)
+        compiled = Compiled(stack, uncompiled=('step',))
+        cuda.patch(torch, 'compile', compiled)
+        msg = run_in_process(monkeypatch, module, *TINY, '--fake-size', '128', '--out-dir', tmp_path,
+                             '--compile', 'true', '--max-steps', '2', '--log-every', '1', *args)
+    assert msg is None, msg
+    assert compiled.of('loss_fn')[0] == compiled.of('step')[0] == 'reduce-overhead'
+    assert compiled.of('loss_fn')[1].frame_count == 1
+
+
+def test_compile_auto_compiles_on_a_gpu_for_the_small_data_sets():
+    """--compile auto: on CUDA for the small sets held in memory; never on a CPU, nor for ImageNet (a step long enough
+    to keep a GPU busy) or the fake set (runs shorter than a compilation); true and false as said."""
+    cuda, cpu = torch.device('cuda', 0), torch.device('cpu')
+    for data in ('fashion-mnist', 'cifar10', 'cifar100'):
+        assert launch.compiled_step('auto', cuda, data)[0]
+        assert not launch.compiled_step('auto', cpu, data)[0]
+    for data in ('imagenet', 'folder', 'fake'):
+        assert not launch.compiled_step('auto', cuda, data)[0]
+    assert launch.compiled_step('true', cpu, 'imagenet') == (True, '--compile true')
+    assert launch.compiled_step('false', cuda, 'fashion-mnist') == (False, '--compile false')
+    assert 'pending measurement' in launch.compiled_step('auto', cuda, 'fashion-mnist')[1]

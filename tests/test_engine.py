@@ -58,8 +58,8 @@ def test_defaults_without_data_flag():
 
 def test_bool_and_optional_values():
     cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--resume', 'true', '--global-pool',
-                                                       'TRUE', '--compile', 'false', '--embed-dim', '96'])
-    assert cfg.resume is True and cfg.global_pool is True and cfg.compile is False
+                                                       'TRUE', '--overwrite', 'false', '--embed-dim', '96'])
+    assert cfg.resume is True and cfg.global_pool is True and cfg.overwrite is False
     assert cfg.embed_dim == 96 and isinstance(cfg.embed_dim, int)
     # Optional[int] takes `none`, and that overrides the preset's value too
     cfg = parse_config(FinetuneConfig, PRESETS, argv=['--data', 'fake', '--depth', 'none', '--embed-dim', 'None'])

@@ -10,12 +10,14 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
-from tools.reproduce import ORDER, PRESETS, QUICK, Failures, command, parse, plan, run_dir, run_stage, stage_env
+from tools.reproduce import (ORDER, PRESETS, QUICK, Failures, command, jobs_at_a_time, parse, plan, run_dir, run_stage,
+                             stage_env)
 from tools.reproduce_report import LABELS, STAGES, budget_table, format_gap, gap_closed, mean_std, plot
 from util.launch import parse_config
 from util.config import ConfigError
@@ -218,6 +220,37 @@ def test_stages_run_side_by_side_once_those_they_need_are_done(first_run):
     assert started[0] == 'mae' and started[-1] == 'ensemble seed 0'      # the longest first, two at a time
     assert set(started[1:3]) == {'distill seed 0', 'copy seed 0'} and set(started[3:5]) == {'scratch seed 0',
                                                                                             'finetune seed 0'}
+
+
+def test_stages_side_by_side_get_the_results_they_get_one_at_a_time(first_run, tmp_path):
+    """--jobs 1 against the first run's --jobs 2 (each stage a process with its own seeds, on one thread in both):
+    every stage's metrics the same, number for number (its seconds aside)."""
+    d, p = first_run
+    one = run_script('-m', 'tools.reproduce', *TINY, '--jobs', '1', '--out-dir', tmp_path / 'runs', '--results-dir',
+                     tmp_path / 'results', timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert '== 1 training stage(s) at a time (--jobs 1)' in one.stdout
+    assert '== 2 training stage(s) at a time (--jobs 2)' in p.stdout
+    for stage in ['mae', *STAGES]:
+        got = []
+        for root in (d / 'runs', tmp_path / 'runs'):
+            with open(os.path.join(run_dir(str(root), stage, 0), 'done.json')) as f:
+                got.append({k: v for k, v in json.load(f)['metrics'].items() if k not in ('time', 'models')})
+        assert got[1] == got[0], stage
+
+
+def test_jobs_auto_is_one_on_a_cpu_and_what_a_gpu_holds(monkeypatch):
+    """--jobs 0 (auto): on a CPU one stage at a time, two for fashion-mnist (measured); on a GPU one a 4 GiB of its
+    free memory and a CPU core, at most the stages there are to run; a number given is taken as it is."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert jobs_at_a_time(parse(TINY), 4)[0] == 1
+    assert jobs_at_a_time(parse(['--data', 'fashion-mnist', '--quick', 'true']), 4)[0] == 2
+    assert jobs_at_a_time(parse([*TINY, '--jobs', '3']), 4) == (3, '--jobs 3')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+    for free, stages, n in ((80, 12, 12), (80, 30, 16), (20, 12, 5), (2, 12, 1)):
+        monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda *a, free=free: (free * 2 ** 30, 80 * 2 ** 30))
+        assert jobs_at_a_time(parse(['--data', 'fashion-mnist']), stages)[0] == n, (free, stages)
 
 
 def test_a_stage_writes_each_line_whole(monkeypatch, tmp_path):

@@ -26,7 +26,7 @@ import sys
 import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +45,7 @@ from util.launch import parse_config, run_main
 # is an estimate from FLOPs for one GPU (REFERENCE.md), not measured
 PRESETS = {
     'fashion-mnist': dict(teacher='teachers/fashion-mnist-mae.pt', mae_epochs=24, epochs=3,
-                          blr=4e-3, jobs=2),
+                          blr=4e-3),
     'cifar10': dict(mae_epochs=50, epochs=20),
     'cifar100': dict(mae_epochs=50, epochs=20),
     'fake': dict(seeds=[0], mae_epochs=1, epochs=1, max_steps=2, fake_size=256, num_workers=0),
@@ -91,8 +91,10 @@ class ReproduceConfig:
                             at_least(0, 'the whole schedule', STEPS))
     num_workers: typing.Optional[int] = option(None, "None = each script's preset",
                                                at_least(0, most=WORKERS))
-    jobs: int = option(1, 'training stages run side by side, on 1/jobs of the CPU threads each '
-                       '(OMP_NUM_THREADS, unless you set it)', at_least(1, most=WORKERS))
+    jobs: int = option(0, 'training stages side by side, each a process on 1/jobs of the CPU threads '
+                       '(OMP_NUM_THREADS, unless you set it); 0 = auto: on a CPU 1 (fashion-mnist: 2), '
+                       'on a GPU as many as its free memory (4 GiB a stage) and CPU cores hold',
+                       at_least(0, 'auto', WORKERS))
     amp: str = option('auto', "every stage's --amp: auto (bf16 where the device has it) | "
                       'bf16 | fp16 | off (off: fp32, what a CPU without bf16 runs)', choices=AMP)
     fake_size: int = option(2048, '--data fake only', at_least(1, most=STEPS))
@@ -212,6 +214,31 @@ def read_done(d, stage):
 # Running a stage: its command line in a process, its output shown tagged, done.json when it exits cleanly
 
 
+# --jobs auto on a CPU where more than one was measured faster: two one-thread Fashion-MNIST stages got through 1.36x
+# the work of one on 2 cores (results/fashion-mnist/VALIDATION.md, "jobs"); elsewhere one
+CPU_JOBS = {'fashion-mnist': 2}
+# --jobs auto on a GPU: a stage's share of its memory (a CUDA context, the set held, a small model's step and its
+# compilation), a rule with room to spare, not a measurement
+GPU_STAGE_BYTES = 4 * 2 ** 30
+
+
+def jobs_at_a_time(cfg, stages):
+    """(training stages side by side, why): --jobs, or for 0 (auto) on a CPU CPU_JOBS's (else 1); on a GPU one a
+    GPU_STAGE_BYTES of its free memory and a CPU core (each stage's process launches its own steps), at most
+    `stages` (those to run) and at least 1. Each stage is its own process with its own seeds: its results are those
+    it gets run alone (its thread count aside: OMP_NUM_THREADS, stage_env)."""
+    if cfg.jobs:
+        return cfg.jobs, f'--jobs {cfg.jobs}'
+    if not torch.cuda.is_available():
+        n = CPU_JOBS.get(cfg.data, 1)
+        return n, f'--jobs auto on a CPU with --data {cfg.data}'
+    free = torch.cuda.mem_get_info()[0]
+    cores = os.cpu_count() or 1
+    n = max(1, min(stages, cores, free // GPU_STAGE_BYTES))
+    return n, (f'--jobs auto on a GPU: {free / 2 ** 30:.0f} GiB free at 4 GiB a stage, {cores} CPU cores, '
+               f'{stages} stages to run')
+
+
 def stage_env(cfg):
     """With --jobs above 1, each stage's share of the CPU threads,
     unless OMP_NUM_THREADS is set already."""
@@ -316,6 +343,9 @@ def main():
     todo = [(key, argv) for key, argv in steps if key not in done]
     preflight(todo, bool(cfg.teacher) or os.path.exists(teacher))
     device = f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu'
+    jobs, why = jobs_at_a_time(cfg, max(1, sum(key[0] in ORDER for key, _ in todo)))
+    cfg = replace(cfg, jobs=jobs)   # what results.json records: the number that ran
+    print(f'== {jobs} training stage(s) at a time ({why})', flush=True)
     env = stage_env(cfg)
     prov = {'command': shlex.join(['python', '-m', 'tools.reproduce', *sys.argv[1:]]),
             'git_commit': git_commit() or 'unknown',

@@ -40,8 +40,8 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     """(implementation, record): the check of the attention layers `layers` ({name: vit.Attention}) as forward() runs
     them, and of the method's own fused calls, losses ({name: (loss, units)}: loss_part's) of the first layer's q, k,
     v; models (a teacher among them) are on eager until the verdict, then on it. backward: the run trains (gradients
-    checked too); compiled: it compiles the model it trains (--compile), whose layers are checked compiled (a frozen
-    teacher's and the loss's calls run uncompiled). plan: the run's (device, dtype, attn, cfg.attn_implementation,
+    checked too); compiled: it compiles its training step (--compile: the teacher's forward, the student's and the
+    loss), whose layers and loss are checked compiled. plan: the run's (device, dtype, attn, cfg.attn_implementation,
     log). The models are as built, on eager (vit.Attention): nothing runs on sdpa before the verdict, which its
     caller tells them (settle_attention, util/launch.on_device)."""
     training = [m.training for m in models]
@@ -51,12 +51,11 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
     if plan.attn == 'sdpa':
         # the layers' inputs in fp32: under fp16 an eager map can overflow where sdpa's fp32 sums do not
         handed = layer_inputs(forward, layers)
-        parts = {name: layer_part(attn, *handed[name], backward,
-                                  compiled and attn.proj.weight.requires_grad)
+        parts = {name: layer_part(attn, *handed[name], backward, compiled)
                  for name, attn in layers.items()}
         first = next(iter(layers))
         for name, loss in (losses or {}).items():
-            parts[name] = loss_part(layers[first], handed[first][0], *loss)
+            parts[name] = loss_part(layers[first], handed[first][0], *loss, compiled)
         implementation, record = check_sdpa(plan, what, parts)
     for m, was in zip(models, training):
         m.train(was)
@@ -72,8 +71,7 @@ def settle_attention(plan, what, models, *check, **kw):
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
         try:
-            verdict[:2] = start_up_check(plan, what, models, *check,
-                                         compiled=plan.cfg.compile, **kw)
+            verdict[:2] = start_up_check(plan, what, models, *check, compiled=plan.compiled, **kw)
         except ConfigError as e:
             verdict[2] = str(e)
     if plan.world > 1:
@@ -159,12 +157,13 @@ def layer_part(attn, x, given, backward, compiled):
     return compute, handed_qkv(own, given), {}
 
 
-def loss_part(attn, x, loss, units):
+def loss_part(attn, x, loss, units, compiled=False):
     """(compute, inputs, units) for check_sdpa: compute(implementation, dtype) -> {'loss', and the gradients of its
     projection's q, k, v thirds} of loss(q, k, v, implementation, dtype), with q, k, v as attention layer attn makes
     them of its input tokens x (fp32; strided views). loss: the definition for eager in fp32, else the method's
     computation on that implementation's kernels (on eager, the error the fused ones are held to). units(q, k, v) ->
-    {tensor name: its natural scale}: a loss's gradient can be far smaller than the products it is the difference of."""
+    {tensor name: its natural scale}: a loss's gradient can be far smaller than the products it is the difference of.
+    compiled: sdpa's loss runs compiled, as the compiled step runs it (what the compiler traces, not eager's)."""
     with torch.no_grad():
         made = attn.qkv(x)                                                  # (B, N, 3D)
         with projected_as(attn.qkv, made):
@@ -174,8 +173,11 @@ def loss_part(attn, x, loss, units):
         leaf = made.to(dtype).requires_grad_()
         with projected_as(attn.qkv, leaf):
             q, k, v = attn.project(x)
+        run = loss
+        if compiled and implementation == 'sdpa':
+            run = torch.compile(loss, dynamic=False)   # static shapes, as the step's first compilation
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            value = loss(q, k, v, implementation, dtype)
+            value = run(q, k, v, implementation, dtype)
         grads = torch.autograd.grad(value, leaf)[0].chunk(3, -1)            # (B, N, D) each
         return {'loss': value, **{f'{n} grad': g for n, g in zip('qkv', grads)}}
     return compute, None, scale

@@ -13,6 +13,7 @@ from util.errors import ConfigError, flag, show
 from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
+COMPILE = ('auto', 'true', 'false')
 # each one's size and classes: data.INFO
 DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
 
@@ -112,6 +113,9 @@ class TrainConfig:
     epochs: int = option(10, rule=at_least(1, most=EPOCHS))
     warmup_epochs: float = option(1.0, rule=at_least(0))
     batch_size: int = option(128, 'per process', at_least(1, most=BATCH))
+    eval_batch_size: int = option(0, 'images an evaluation batch, per process, at least --batch-size (it keeps no '
+                                     'gradients); 0 = auto: on a GPU 1,000 or --batch-size if larger, on a CPU '
+                                     '--batch-size', at_least(0, 'auto', BATCH))
     accum_steps: int = option(1, rule=at_least(1, most=BATCH))
     blr: float = option(1e-3, rule=at_least(0))
     min_lr: float = option(1e-6, 'the lr the cosine ends at (absolute); see --min-lr-ratio',
@@ -131,7 +135,9 @@ class TrainConfig:
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '
                                               'stored) | auto: per device',
                                       choices=('auto', *IMPLEMENTATIONS))
-    compile: bool = False
+    compile: str = option('auto', 'the training step compiled (torch.compile; on a GPU captured as CUDA graphs): '
+                                  'true | false | auto: true on a GPU for the small data sets held in memory '
+                                  '(fashion-mnist, cifar10, cifar100), false elsewhere', choices=COMPILE)
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
     num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
@@ -153,7 +159,8 @@ class TrainConfig:
     # what --resume true may change: where and how the run goes, never what it computes
     # (REFERENCE.md, "resume")
     RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                 'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation')
+                 'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation',
+                 'eval_batch_size')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT = ''
     # the fields naming files a run reads (a teacher, --init weights) or writes once done (mae_pretrain.py's
@@ -185,6 +192,9 @@ class TrainConfig:
             ('min_lr', not self.min_lr_ratio or self.min_lr == TrainConfig.min_lr,
              f'is not used while --min-lr-ratio {self.min_lr_ratio} gives the final lr: pass '
              f'--min-lr-ratio 0 to set it absolutely'),
+            ('eval_batch_size', not self.eval_batch_size or self.eval_batch_size >= self.batch_size,
+             f'must be 0 (auto) or at least --batch-size {self.batch_size}: the start-up check runs on '
+             f'the first evaluation batch, at the size of a training batch'),
             ('fake_size', self.data != 'fake' or self.fake_size >= batch,
              f'gives no full batch of {batch} images (--batch-size x --accum-steps)'),
         ]

@@ -215,19 +215,20 @@ class SeededDataset(Dataset):
             return self.dataset[i]
 
 
-def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device('cpu')):
+def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device('cpu'), batch_size=None):
     """The batches of a data set: one held in memory (TensorImages, or a Subset of one) gathered
     and transformed where its images are (TensorBatches), no worker; any other read an image at a
     time by --num-workers processes, each image augmented from its own seed (SeededDataset).
-    device: where the batches go."""
+    device: where the batches go; batch_size: images a batch (default --batch-size)."""
+    batch_size = batch_size or cfg.batch_size
     if train:
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=cfg.seed)
     else:   # every rank evaluates a disjoint slice (results summed across ranks), as epoch 0: a
         sampler = [(0, i) for i in range(rank, len(dataset), world_size)]   # shift's noise too
     if isinstance(unwrap(dataset), TensorImages):
-        return TensorBatches(dataset, cfg.batch_size, sampler, train, cfg.seed, rank, device)
+        return TensorBatches(dataset, batch_size, sampler, train, cfg.seed, rank, device)
     generator = torch.Generator().manual_seed(cfg.seed)   # the global RNG left alone
-    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+    return DataLoader(SeededDataset(dataset, cfg.seed), batch_size=batch_size, sampler=sampler,
                       drop_last=train, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0,
                       worker_init_fn=quiet_on_stop, generator=generator)

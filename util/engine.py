@@ -38,6 +38,7 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
         seed_all(cfg.seed, plan.rank, epoch)
     loader.sampler.set_epoch(epoch)
     loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size    # a resume mid-epoch
+    forward = run.forward(loss_fn)                                    # compiled where the step is
     for i, (x, y) in enumerate(loader):
         x = x.to(plan.device, non_blocking=True)                      # (B, 3, H, W)
         y = y.to(plan.device, non_blocking=True)                      # (B,)
@@ -46,14 +47,18 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
         last_micro = (i + 1) % cfg.accum_steps == 0                   # gradients all-reduced then
         no_sync = run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()
         with no_sync, autocast(plan):
-            loss, parts = loss_fn(run.net, x, y)
+            loss, parts = forward(run.net, x, y)
             run.scaler.scale(loss / cfg.accum_steps).backward()
         for k, v in parts.items():                                    # on the device: no sync
             run.running[k] = run.running.get(k, 0.0) + v.float() / cfg.accum_steps
         if not last_micro:
             continue
         for g in run.opt.param_groups:                                # warm-up + cosine, per step
-            g['lr'] = lr_at(cfg, run.lr, run.step / run.steps_per_epoch) * g['lr_scale']
+            lr = lr_at(cfg, run.lr, run.step / run.steps_per_epoch) * g['lr_scale']
+            if torch.is_tensor(g['lr']):    # a compiled step's: a new value in the tensor it reads, no new graph
+                g['lr'].fill_(lr)
+            else:
+                g['lr'] = lr
         if cfg.clip_grad:
             run.scaler.unscale_(run.opt)
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
@@ -102,11 +107,14 @@ def log_progress(run):
 # Optimiser, schedule, loss
 
 
-def build_optimizer(cfg, model, lr):
+def build_optimizer(cfg, model, lr, compiled=False):
     """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay: layer l
     (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
-    the last block then share the full lr): cfg.layer_decay_offset picks."""
+    the last block then share the full lr): cfg.layer_decay_offset picks. compiled: its step is compiled (Run), so
+    each group's lr is a tensor on the parameters' device, which a new lr fills (train_one_epoch) where a number would
+    be a constant of the graph, compiled again for each new value; capturable, so that the step counts stay there too
+    (the compiler traces the foreach implementation, not the fused one)."""
     groups = {}   # (lr scale, no weight decay) -> its AdamW parameter group
     layers = model.depth + cfg.layer_decay_offset
     for name, p in model.named_parameters():
@@ -117,7 +125,21 @@ def build_optimizer(cfg, model, lr):
         g = groups.setdefault((scale, no_wd), {'params': [], 'lr_scale': scale,
                                                'weight_decay': 0.0 if no_wd else cfg.weight_decay})
         g['params'].append(p)
+    if compiled:
+        device = next(model.parameters()).device
+        for g in groups.values():
+            g['lr'] = torch.tensor(lr * g['lr_scale'], device=device)
+        return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), foreach=True,
+                                 capturable=True)
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), fused=True)
+
+
+def step_mode(plan):
+    """torch.compile's mode for a compiled training step: on one GPU with one micro-batch a step, 'reduce-overhead'
+    (CUDA graphs: a graph replayed with one launch where eager makes hundreds; its outputs live until the next replay,
+    which one micro-batch a step never reaches while they are in use); elsewhere the default."""
+    one = plan.world == 1 and plan.cfg.accum_steps == 1
+    return 'reduce-overhead' if plan.device.type == 'cuda' and one else 'default'
 
 
 def layer_id(name, depth):

@@ -41,8 +41,8 @@ from vit import SIZES, set_attn_implementation
 class Plan(NamedTuple):
     """What a run is, settled before anything is built: its config, this process (rank of world) and its device,
     the autocast dtype (None: fp32), the attention implementation (why: logged), the run directory (claimed), the
-    checkpoint a resume continues (checked, without its tensors), and what the config's own resolve step settled
-    (a transfer run: teacher.Transfer)."""
+    checkpoint a resume continues (checked, without its tensors), what the config's own resolve step settled
+    (a transfer run: teacher.Transfer), and whether the training step is compiled (why: logged)."""
     cfg: Any
     rank: int
     world: int
@@ -52,6 +52,7 @@ class Plan(NamedTuple):
     run_dir: Any
     resumed: Any
     method: Any
+    compiled: bool = False   # the training step compiled (--compile, resolved: compiled_step)
 
     @property
     def main(self):
@@ -77,10 +78,12 @@ def resolve(cls, presets):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world)
     seed_all(cfg.seed, rank, 0)
+    compiled, compiled_why = compiled_step(cfg.compile, device, cfg.data)
     plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
-                resumed, method)
+                resumed, method, compiled)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
+    plan.log(f"compile: {'true' if compiled else 'false'} ({compiled_why})")
     return plan
 
 
@@ -132,6 +135,27 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
                              'an H100 and an H200 (results/benchmark-h100/sdpa, '
                              'results/benchmark-h200)'),
              'cpu': ('eager', 'measured faster than sdpa on CPUs (results/benchmark/ATTENTION.md)')}
+
+
+# --compile auto: the data sets compiled on a GPU, held in its memory, whose steps are short enough for the host's
+# launches to rule them (Fashion-MNIST's preset: 18 ms a step on an H100, 0.1% of its bf16 peak:
+# results/benchmark-h100/round6); not measured end to end yet, compile time counted: `tools/gpu_check.sh OUT small`
+COMPILED_DATA = ('fashion-mnist', 'cifar10', 'cifar100')
+
+
+def compiled_step(choice, device, data):
+    """(whether the training step is compiled, why) for --compile: true and false as said; auto compiles on a GPU for
+    COMPILED_DATA, and nowhere else: a CPU runs eager (the committed CPU runs' path), ImageNet's step is long enough
+    to keep the GPU busy, and --data fake's runs last seconds, less than a compilation."""
+    if choice != 'auto':
+        return choice == 'true', f'--compile {choice}'
+    if device.type != 'cuda':
+        return False, f'--compile auto on {device.type}: eager, as the committed CPU runs'
+    if data not in COMPILED_DATA:
+        return False, f'--compile auto on {device.type} with --data {data}: compiled only for ' \
+                      f"{', '.join(COMPILED_DATA)}"
+    return True, f'--compile auto on {device.type} with --data {data}: the GPU default for small data held ' \
+                 f'in its memory, pending measurement (tools/gpu_check.sh OUT small)'
 
 
 def attn_implementation(choice, device, written_out=''):

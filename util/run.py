@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from util.engine import build_optimizer, final_lr
+from util.engine import build_optimizer, final_lr, step_mode
 from util.errors import CheckpointError, ConfigError
 
 
@@ -147,7 +147,7 @@ class Run:
         self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
-        self.opt = build_optimizer(cfg, model, self.lr)
+        self.opt = build_optimizer(cfg, model, self.lr, plan.compiled)
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
@@ -164,13 +164,24 @@ class Run:
             devices = [plan.device.index] if plan.device.type == 'cuda' else None
             self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
-        if cfg.compile:
-            self.net = torch.compile(self.net)
+        self.compiled = {}        # each loss_fn, compiled where the step is (forward)
+        if plan.compiled:         # what GradScaler.step calls: compiled, its lr read from tensors (build_optimizer)
+            self.opt.step = torch.compile(self.opt.step, mode=step_mode(plan))
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
         self.running = {}         # the losses summed since the last progress line, on the device
         self.since_log = 0
         model.train()
+
+    def forward(self, loss_fn):
+        """loss_fn as the step runs it: where the step is compiled (plan.compiled), compiled whole, once, on its first
+        call: the teacher's forward, the student's and the loss one graph, and its backward another (AOTAutograd's);
+        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay."""
+        if not self.plan.compiled:
+            return loss_fn
+        if loss_fn not in self.compiled:
+            self.compiled[loss_fn] = torch.compile(loss_fn, mode=step_mode(self.plan))
+        return self.compiled[loss_fn]
 
     def begin(self, full):
         """config.json (what the run is and what made it: the script, for a transfer run its teacher file's
