@@ -251,28 +251,35 @@ def evaluate_mse(model, loader, plan):
 
 
 @torch.no_grad()
-def save_reconstructions(model, imgs, cfg):
-    """<out_dir>/reconstruction.png: rows original / masked (hidden patches 0, the data's mean) / reconstruction (the
-    prediction pasted in) of each image in imgs (B, 3, H, W), normalised."""
-    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
+def reconstructions(model, imgs, cfg):
+    """{title: (B, 3, H, W)} for images imgs (B, 3, H, W), normalised, as MAE's demo shows them: the original; what
+    the encoder sees (hidden patches 0, the data's mean); the reconstruction (every patch the decoder paints, the
+    seen ones included, which the loss never scores); the reconstruction with the seen patches pasted back."""
     model.eval()
     p = model.patch_embed.patch_size
     pred, mask = model(imgs, generator=torch.Generator(imgs.device).manual_seed(0))
     target = patchify(imgs, p)                                                   # (B, N, P)
-    m = mask[..., None]                                                          # (B, N, 1)
+    m = mask[..., None]                                                          # (B, N, 1), 1: hidden
     # the model predicts normalised patches; shown with each true patch's mean and std
     if cfg.norm_pix_loss:
         mean, std = patch_stats(target)
         pred = pred * std + mean
     masked = unpatchify(target * (1 - m), p)
-    hidden = 1 - model.num_keep / model.patch_embed.num_patches
-    rows = {'original': imgs,
-            f'masked {hidden:.0%}': masked,
-            'reconstruction': masked + unpatchify(pred * m, p)}
+    n = model.patch_embed.num_patches
+    return {'original': imgs,
+            f'masked: {n - model.num_keep} of {n} patches': masked,
+            'reconstruction': unpatchify(pred, p),
+            'reconstruction + visible': masked + unpatchify(pred * m, p)}
+
+
+def save_reconstructions(model, imgs, cfg):
+    """<out_dir>/reconstruction.png: the rows of reconstructions(model, imgs, cfg), one column an image."""
+    from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
+    rows = reconstructions(model, imgs, cfg)
     # the data's normalisation, undone to show them: (3, 1, 1) each
     data_mean = torch.tensor(INFO[cfg.data][2][0])[:, None, None]
     data_std = torch.tensor(INFO[cfg.data][2][1])[:, None, None]
-    fig = Figure(figsize=(1.6 * len(imgs), 5.2), layout='constrained')
+    fig = Figure(figsize=(1.6 * len(imgs), 1.75 * len(rows)), layout='constrained')
     grid = fig.subplots(len(rows), len(imgs), squeeze=False)
     for axes, (title, batch) in zip(grid, rows.items()):
         for ax, img in zip(axes, batch.float().cpu()):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, TINY, finetune, read_metrics, run_script, sub_env
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
-                          unpatchify)
+                          reconstructions, unpatchify)
 from util.checkpoints import build_from_checkpoint
 from util.launch import parse_config
 from util.config import ConfigError
@@ -146,6 +146,24 @@ def test_gradient_reaches_only_predictions_of_hidden_patches():
 
 # -----------------------------------------------------------------------------
 # Config
+
+
+@pytest.mark.parametrize('norm_pix', [True, False])
+def test_the_figure_pastes_the_seen_patches_back_into_the_reconstruction(norm_pix):
+    """The figure's rows, as MAE's demo shows them: 'reconstruction' is the decoder's painting of every patch (the
+    seen ones too, which the loss never scores); 'reconstruction + visible' is the image itself on the patches the
+    encoder saw and the painting on the hidden ones; 'masked' names how many of the patches were hidden."""
+    mae = make_mae()
+    imgs = torch.randn(3, 3, 32, 32)
+    rows = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=norm_pix))
+    assert list(rows) == ['original', 'masked: 48 of 64 patches', 'reconstruction', 'reconstruction + visible']
+    _, mask = mae(imgs, generator=torch.Generator().manual_seed(0))                # the figure's mask
+    m = mask[..., None].bool()                                                     # (B, N, 1), True: hidden
+    pasted, painted, seen = (patchify(rows[k], 4) for k in ('reconstruction + visible', 'reconstruction', 'original'))
+    assert torch.equal(pasted.masked_select(~m), seen.masked_select(~m))
+    assert torch.allclose(pasted.masked_select(m), painted.masked_select(m))
+    assert not torch.allclose(painted.masked_select(~m), seen.masked_select(~m))   # the painting is not the image
+    assert torch.equal(patchify(rows['masked: 48 of 64 patches'], 4).masked_select(m), torch.zeros(int(m.sum()) * 48))
 
 
 def test_presets_and_config_errors():
