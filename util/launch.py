@@ -76,7 +76,7 @@ def resolve(cls, presets):
     resumed = None
     if cfg.resume:
         with run_dir.released_on_error():               # the checkpoint to continue, checked
-            resumed = open_resumed(cfg, run_dir, world)
+            resumed = open_resumed(cfg, run_dir, world, method)
     seed_all(cfg.seed, rank, 0)
     compiled, compiled_why = compiled_step(cfg.compile, device, cfg.data)
     plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
