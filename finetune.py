@@ -28,7 +28,8 @@ import torch
 
 from data import batch_mixer, build_data
 from util.attention_check import settle_attention
-from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
+from util.checkpoints import (check_trainable, check_weights, load_weights, read_checkpoint,
+                              state_dict_of, vit_of)
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
@@ -63,12 +64,14 @@ class FinetuneConfig(TrainConfig):
     def resolve(self):
         """The resolve step: an --init file read, once, and checked against the model the config
         names (its architecture, heads and weights), before anything is built. Returns what it
-        read, which build_model loads (None: from scratch)."""
+        read, which build_model loads (None: from scratch). The model, built on the meta
+        device first, is refused where this machine cannot train it."""
+        with torch.device('meta'):
+            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init or 'the model')
+        check_trainable(model, self.batch_size)
         if not self.init:
             return None
         ckpt = read_checkpoint(self.init)
-        with torch.device('meta'):
-            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init)
         check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads')
         return ckpt
 

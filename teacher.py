@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint, read_hashed,
-                              teacher_mismatch, vit_of)
+from util.checkpoints import (arch_of, check_trainable, check_weights, describe_teacher,
+                              read_checkpoint, read_hashed, teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
@@ -303,6 +303,9 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
+        with torch.device('meta'):   # nothing allocated: refused where this machine cannot train it
+            check_trainable(vit_of({**student, 'num_classes': 0}, 'the student'), self.batch_size,
+                            'a student')
         return Transfer(t, description, layers, heads, student, teacher, digest)
 
 

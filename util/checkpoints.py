@@ -13,10 +13,12 @@ At another image size, position embeddings are resized as the family's official 
 classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
 unexpected; anything else is an architecture mismatch and an error.
 """
+import contextlib
 import hashlib
 import io
 import math
 import os
+import resource
 import warnings
 import zipfile
 from collections import Counter
@@ -24,7 +26,7 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
-from util.errors import CheckpointError
+from util.errors import CheckpointError, ConfigError
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import ACTS, SIZES, VisionTransformer
@@ -401,12 +403,86 @@ def check_weights(model, source, ckpt, num_heads, flag):
     the resolve phase looks at a file of weights. The file's own tensors are assigned to it
     (load_state_dict(assign=True)): no random initialisation, nothing copied. What the file does not hold (a
     classifier, the only part that may be missing) is initialised on the CPU; every weight is made fp32, as loading
-    into a built ViT makes it."""
+    into a built ViT makes it. A model this machine's free memory clearly cannot hold is refused first, nothing
+    allocated (too_big): naming --img-size where the size asked for is not the file's own, else the file."""
+    big = too_big(model)
+    if big:
+        size = model.arch['img_size']
+        if size != arch_of(ckpt, source, num_heads, flag)['img_size']:   # its caller's: --img-size
+            raise CheckpointError(f"'{source}' at --img-size {size} is a ViT that needs {big}: choose "
+                                  f"a smaller --img-size")
+        raise CheckpointError(f"'{source}' is a ViT that needs {big}: an architecture record that asks "
+                              f"for it was edited or is damaged (take another copy of it); a real one "
+                              f"needs a machine with more memory")
     load_weights(model, source, ckpt, num_heads, flag, assign=True)
     for m in model.modules():
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device='cpu', recurse=False).reset_parameters()
     return model.float()
+
+
+# -----------------------------------------------------------------------------
+# What a model needs of this machine's memory, counted on the meta device
+
+
+def too_big(model, training=False, activations=0):
+    """Why `model` (built on the meta device: nothing allocated) cannot fit this machine, in words ('51.2 GB (...),
+    more than the 15.3 GB free on this machine'), else None. What it needs is a lower bound: its weights in fp32, with
+    their gradients and AdamW's two moments where it trains, and `activations` bytes, on the device it runs on (the
+    host is asked for its weights too: every model is made there first). Only a size that clearly cannot fit is
+    refused; one that might is left to try."""
+    numbers = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    weights = 4 * numbers
+    runs = weights * (4 if training else 1) + activations
+    gpu = torch.cuda.is_available()
+    needs = [('this machine', host_memory(), weights if gpu else runs)]
+    if gpu:
+        needs.append(('the GPU', torch.cuda.mem_get_info()[0], runs))
+    for where, free, need in needs:
+        if need > free:
+            what = f'{numbers:,} parameters'
+            if training:
+                what += " with their gradients and AdamW's two moments"
+            if activations >= 1e8:   # worth a word
+                what += f', and at least {activations / 1e9:,.1f} GB of activations'
+            return f'{need / 1e9:,.1f} GB ({what}), more than the {free / 1e9:,.1f} GB free on {where}'
+    return None
+
+
+def host_memory():
+    """Bytes of memory this process can still have on this machine: /proc/meminfo's MemAvailable (Linux), else all
+    of it (os.sysconf); under a limit on its address space (ulimit -v, resource.RLIMIT_AS), no more than the limit
+    leaves."""
+    free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    free = proc_kb('/proc/meminfo', 'MemAvailable:', free)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        free = min(free, limit - proc_kb('/proc/self/status', 'VmSize:', 0))
+    return free
+
+
+def proc_kb(path, key, otherwise):
+    """The bytes a line of a /proc file gives in kB ('MemAvailable:   123 kB'), else `otherwise`."""
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return otherwise
+
+
+def check_trainable(model, batch, what='a ViT', tokens=None):
+    """Refuse, in one line naming the flags that size it, `what` (a ViT built from flags on the meta device) where it
+    cannot train on this machine at `batch` images a step (too_big): its weights, their gradients and AdamW's state,
+    and the tokens each block keeps for the backward pass (batch x tokens x width, fp32; tokens: an image's, all of
+    them if None)."""
+    arch = model.arch
+    if tokens is None:
+        tokens = model.patch_embed.num_patches + 1 + arch['reg_tokens']
+    big = too_big(model, True, 4 * batch * tokens * arch['embed_dim'] * arch['depth'])
+    if big:
+        raise ConfigError(f"--embed-dim {arch['embed_dim']}, --depth {arch['depth']}, --img-size "
+                          f"{arch['img_size']}, --patch-size {arch['patch_size']}, --batch-size {batch}: "
+                          f"{what} of these sizes needs {big}: choose smaller ones")
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
