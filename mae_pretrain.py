@@ -79,8 +79,8 @@ class MAEConfig(TrainConfig):
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
 
     def resolve(self):
-        """The resolve step: the model, built on the meta device (nothing allocated), refused where this machine
-        cannot train it; its encoder keeps the tokens of the patches it sees."""
+        """The resolve step: the model, built on the meta device (nothing allocated), refused where
+        this machine cannot train it; its encoder keeps the tokens of the patches it sees."""
         with torch.device('meta'):
             model = build_mae(self)
         check_trainable(model, self.batch_size, f'an MAE (--decoder-dim {self.decoder_dim}, '

@@ -278,9 +278,9 @@ class TransferConfig(TrainConfig):
         return f'--average-maps {self.average_maps}: writes the maps out'
 
     def resume_conflicts(self, ckpt, world, free=(), method=None):
-        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher true): the
-        SHA-256 of the bytes the teacher was loaded from (method: the Transfer resolve settled), compared with the
-        recorded one."""
+        """util/config.py's conflicts, and a teacher other than the saved run's (unless
+        --new-teacher true): the SHA-256 of the bytes the teacher was loaded from (method: the
+        Transfer resolve settled), compared with the recorded one."""
         conflicts = super().resume_conflicts(ckpt, world, free)
         if self.new_teacher:
             return conflicts
@@ -310,10 +310,10 @@ class TransferConfig(TrainConfig):
 
 
 def inspect_teacher(cfg, ckpt=None):
-    """(the teacher, its line for the log) of its checkpoint as read (util/checkpoints.read_hashed, once; read here if
-    None). The teacher is a plain ViT at cfg.img_size holding the file's weights on the CPU
-    (util/checkpoints.check_weights), refused if it is no ViT that could teach (heads unknown, weights that do not load
-    into its shape or are not finite)."""
+    """(the teacher, its line for the log) of its checkpoint as read (util/checkpoints.read_hashed,
+    once; read here if None). The teacher is a plain ViT at cfg.img_size holding the file's weights
+    on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach (heads
+    unknown, weights that do not load into its shape or are not finite)."""
     if ckpt is None:
         ckpt = read_checkpoint(cfg.teacher)
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')

@@ -52,10 +52,11 @@ def read_checkpoint(source):
 
 
 def read_hashed(source):
-    """(the raw checkpoint dict of a file path or a PRETRAINED name, the SHA-256 of the very bytes it was read from;
-    None for a name, downloaded once into the torch hub cache, then read as any file is). Every checkpoint the scripts
-    read comes through here, read once: a file replaced while a run reads it (a sync, a copy finishing) is recorded
-    as the file that was loaded, never as the one that came after."""
+    """(the raw checkpoint dict of a file path or a PRETRAINED name, the SHA-256 of the very bytes
+    it was read from; None for a name, downloaded once into the torch hub cache, then read as any
+    file is). Every checkpoint the scripts read comes through here, read once: a file replaced while
+    a run reads it (a sync, a copy finishing) is recorded as the file that was loaded, never as the
+    one that came after."""
     if source not in PRETRAINED:   # TEACHERS included
         if not os.path.isfile(source):
             raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
@@ -80,13 +81,15 @@ def read_file(path):
 
 
 def read_whole(path):
-    """(a checkpoint file's contents, the SHA-256 of its bytes): the file read once into memory, and everything below
-    done on those bytes, so the digest is of what was loaded. Read without running any of its code: what torch.save
-    wrote, by torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is
-    refused unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of
-    it). Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit
-    would be read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words for what
-    it found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
+    """(a checkpoint file's contents, the SHA-256 of its bytes): the file read once into memory, and
+    everything below done on those bytes, so the digest is of what was loaded. Read without running
+    any of its code: what torch.save wrote, by torch.load(weights_only=True) (tensors and plain
+    containers; a pickled object that could run code is refused unread), or a TorchScript archive's
+    parameters and buffers (util/pretrained.py, which executes nothing of it). Every record of a zip
+    archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would be
+    read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words
+    for what it found. An architecture record is refused where it is built (vit_of) or compared
+    (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
         with open(path, 'rb') as f:
@@ -249,9 +252,9 @@ def heads_of(ckpt, source, dim, num_heads, flag):
 
 
 def heads_trained(ckpt):
-    """The heads the run that saved a checkpoint trained with, where its config says (this project's record it: its
-    --num-heads, else its --model's size); None where it does not (a student of its teacher's shape, another
-    program's file)."""
+    """The heads the run that saved a checkpoint trained with, where its config says (this project's
+    record it: its --num-heads, else its --model's size); None where it does not (a student of its
+    teacher's shape, another program's file)."""
     config = ckpt.get('config') if isinstance(ckpt, dict) else None
     if not isinstance(config, dict):
         return None
@@ -285,9 +288,10 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def vit_of(arch, source):
-    """VisionTransformer(**arch), or CheckpointError naming `source` and the field no ViT trains with (out_of_range)
-    or what VisionTransformer refused: the architecture a checkpoint records, with the fields its caller changes
-    (another image size, say). Every ViT built from a record is built here, on the meta device."""
+    """VisionTransformer(**arch), or CheckpointError naming `source` and the field no ViT trains
+    with (out_of_range) or what VisionTransformer refused: the architecture a checkpoint records,
+    with the fields its caller changes (another image size, say). Every ViT built from a record is
+    built here, on the meta device."""
     try:
         bad = out_of_range(arch)
         if not bad:
@@ -305,10 +309,11 @@ COUNTS = ('num_classes', 'reg_tokens')
 
 
 def out_of_range(arch):
-    """(field, what it must be) of the first VisionTransformer keyword in `arch` outside the ranges a ViT trains with,
-    else None: what VisionTransformer builds without a word (a LayerNorm epsilon of 1e6; an activation it does not
-    know, which it would run as GELU; heads of -4) or fails on in torch's words (a negative size, an MLP ratio of inf).
-    What the weights show (width, depth, MLP width) load_state_dict compares; heads no weight shows (heads_of)."""
+    """(field, what it must be) of the first VisionTransformer keyword in `arch` outside the ranges
+    a ViT trains with, else None: what VisionTransformer builds without a word (a LayerNorm epsilon
+    of 1e6; an activation it does not know, which it would run as GELU; heads of -4) or fails on in
+    torch's words (a negative size, an MLP ratio of inf). What the weights show (width, depth, MLP
+    width) load_state_dict compares; heads no weight shows (heads_of)."""
     def integer(v, least):
         return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
@@ -426,11 +431,12 @@ def check_weights(model, source, ckpt, num_heads, flag):
 
 
 def too_big(model, training=False, activations=0):
-    """Why `model` (built on the meta device: nothing allocated) cannot fit this machine, in words ('51.2 GB (...),
-    more than the 15.3 GB free on this machine'), else None. What it needs is a lower bound: its weights in fp32, with
-    their gradients and AdamW's two moments where it trains, and `activations` bytes, on the device it runs on (the
-    host is asked for its weights too: every model is made there first). Only a size that clearly cannot fit is
-    refused; one that might is left to try."""
+    """Why `model` (built on the meta device: nothing allocated) cannot fit this machine, in words
+    ('51.2 GB (...), more than the 15.3 GB free on this machine'), else None. What it needs is a
+    lower bound: its weights in fp32, with their gradients and AdamW's two moments where it trains,
+    and `activations` bytes, on the device it runs on (the host is asked for its weights too: every
+    model is made there first). Only a size that clearly cannot fit is refused; one that might is
+    left to try."""
     numbers = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
     weights = 4 * numbers
     runs = weights * (4 if training else 1) + activations
@@ -450,9 +456,9 @@ def too_big(model, training=False, activations=0):
 
 
 def host_memory():
-    """Bytes of memory this process can still have on this machine: /proc/meminfo's MemAvailable (Linux), else all
-    of it (os.sysconf); under a limit on its address space (ulimit -v, resource.RLIMIT_AS), no more than the limit
-    leaves."""
+    """Bytes of memory this process can still have on this machine: /proc/meminfo's MemAvailable
+    (Linux), else all of it (os.sysconf); under a limit on its address space (ulimit -v,
+    resource.RLIMIT_AS), no more than the limit leaves."""
     free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     free = proc_kb('/proc/meminfo', 'MemAvailable:', free)
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
@@ -462,7 +468,7 @@ def host_memory():
 
 
 def proc_kb(path, key, otherwise):
-    """The bytes a line of a /proc file gives in kB ('MemAvailable:   123 kB'), else `otherwise`."""
+    """The bytes a line of a /proc file gives in kB ('MemAvailable: 123 kB'), else `otherwise`."""
     with contextlib.suppress(OSError, ValueError), open(path) as f:
         for line in f:
             if line.startswith(key):
@@ -471,10 +477,10 @@ def proc_kb(path, key, otherwise):
 
 
 def check_trainable(model, batch, what='a ViT', tokens=None):
-    """Refuse, in one line naming the flags that size it, `what` (a ViT built from flags on the meta device) where it
-    cannot train on this machine at `batch` images a step (too_big): its weights, their gradients and AdamW's state,
-    and the tokens each block keeps for the backward pass (batch x tokens x width, fp32; tokens: an image's, all of
-    them if None)."""
+    """Refuse, in one line naming the flags that size it, `what` (a ViT built from flags on the meta
+    device) where it cannot train on this machine at `batch` images a step (too_big): its weights,
+    their gradients and AdamW's state, and the tokens each block keeps for the backward pass (batch
+    x tokens x width, fp32; tokens: an image's, all of them if None)."""
     arch = model.arch
     if tokens is None:
         tokens = model.patch_embed.num_patches + 1 + arch['reg_tokens']
@@ -513,9 +519,9 @@ def describe_teacher(source, ckpt, arch, size):
 # What a student's checkpoint records about its teacher (never its weights)
 
 def teacher_record(cfg, transfer):
-    """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, the
-    SHA-256 of the bytes its weights were loaded from (read_hashed: None for a name), and the mapping (layer map,
-    heads) a copy student needs to be given the same maps again."""
+    """What a student checkpoint stores about its teacher (never the teacher's weights): where it
+    came from, the SHA-256 of the bytes its weights were loaded from (read_hashed: None for a name),
+    and the mapping (layer map, heads) a copy student needs to be given the same maps again."""
     return {'source': cfg.teacher, 'sha256': transfer.sha256, 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
             'teacher_num_heads': cfg.teacher_num_heads, 'layer_map': transfer.layers,
@@ -523,9 +529,10 @@ def teacher_record(cfg, transfer):
 
 
 def teacher_mismatch(source, digest, record):
-    """Why `source`, read as bytes whose SHA-256 is `digest` (read_hashed: the ones its weights were loaded from;
-    None for a name), is not the teacher a student checkpoint recorded (None if it is): another file's contents
-    (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
+    """Why `source`, read as bytes whose SHA-256 is `digest` (read_hashed: the ones its weights were
+    loaded from; None for a name), is not the teacher a student checkpoint recorded (None if it is):
+    another file's contents (both SHA-256 shown), or another name. A moved file with the same
+    contents is the same teacher."""
     if not record:
         return None
     if not record.get('sha256'):   # the teacher was a name: another name, or a file, is another teacher
