@@ -163,6 +163,38 @@ def test_a_copy_students_teacher_is_the_file_its_digest_was_compared_on(runs, tm
         torch.testing.assert_close(v, weights[k].float(), msg=f'the teacher loaded is not the one compared ({k})')
 
 
+def test_an_init_is_recorded_as_the_bytes_it_was_loaded_from(runs, tmp_path, monkeypatch):
+    """finetune.py --init recorded nothing of the file it started from; now config.json holds the SHA-256 of the
+    bytes its weights were loaded from, even where the file was replaced right after."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    init, out = tmp_path / 'init.pt', tmp_path / 'ft'
+    shutil.copy(a, init)
+    swapped_after_loading(monkeypatch, init, b)
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1', '--out-dir', out)
+    assert msg is None, msg
+    assert sha(init) == sha(b) and json.loads((out / 'config.json').read_text()).get('init_sha256') == sha(a)
+
+
+@pytest.mark.parametrize('script', ['ensemble', 'evaluate'])
+def test_scored_models_are_recorded_as_the_bytes_they_were_loaded_from(runs, tmp_path, monkeypatch, script):
+    """ensemble.py's and evaluate.py's results named the files scored, not what they held; now each file's SHA-256,
+    of the bytes its weights were loaded from, even where the file was replaced right after."""
+    import evaluate
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    model = tmp_path / 'model.pt'
+    shutil.copy(a, model)
+    swapped_after_loading(monkeypatch, model, b)
+    if script == 'ensemble':
+        msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, '--out', tmp_path / 'r.json')
+        result = tmp_path / 'r.json'
+    else:
+        msg = run_in_process(monkeypatch, evaluate, '--data', 'fake', '--num-workers', '0', '--models', model,
+                             '--out', tmp_path / 'out')
+        result = tmp_path / 'out' / 'robustness.json'
+    assert msg is None, msg
+    assert sha(model) == sha(b) and json.loads(result.read_text()).get('sha256') == {str(model): sha(a)}
+
+
 def told(monkeypatch, module, *args):
     """[(file, function)] of each call to vit.set_attn_implementation while module's main() runs, and where the
     models ended (each attention layer's implementation)."""
