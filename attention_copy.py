@@ -41,8 +41,8 @@ from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher,
                      student_presets, teacher_outputs)
 from util.attention_check import settle_attention
-from util.checkpoints import (CheckpointError, check_weights, read_checkpoint, teacher_mismatch,
-                              teacher_record, vit_of)
+from util.checkpoints import (CheckpointError, check_weights, read_checkpoint, read_hashed,
+                              teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import resolve, run_main
@@ -220,8 +220,9 @@ def load_copy_model(path, teacher_source=None, new_teacher=False, ckpt=None):
     CheckpointError now, not part-way through a test set. The teacher is the recorded
     file, or teacher_source (moved) with the same SHA-256: another teacher would silently
     give other predictions, so it is refused unless new_teacher=True says it is meant.
-    ckpt: the checkpoint already read from path (read here if None). The pair runs eager
-    until told otherwise (vit.set_attn_implementation)."""
+    The teacher's file is read once: its SHA-256 is of the bytes its weights are loaded
+    from. ckpt: the checkpoint already read from path (read here if None). The pair runs
+    eager until told otherwise (vit.set_attn_implementation)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     fix = 'the file is damaged: train the copy student again (attention_copy.py)'
     rec = ckpt.get('teacher')
@@ -249,14 +250,15 @@ def load_copy_model(path, teacher_source=None, new_teacher=False, ckpt=None):
                               f'(ensemble.py --teacher NEW.pt, or '
                               f'load_copy_model(path, teacher_source=NEW.pt)): '
                               f'its sha256 is checked')
+    read, digest = read_hashed(source)
     if not new_teacher:
-        other = teacher_mismatch(source, rec)
+        other = teacher_mismatch(source, digest, rec)
         if other:
             raise CheckpointError(f'{path} is a copy student: {other}; it runs only with its own '
                                   f'teacher (--new-teacher true if another one is meant)')
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
-    teacher = build_teacher(inspect_teacher(cfg)[0], 'cpu')
+    teacher = build_teacher(inspect_teacher(cfg, read)[0], 'cpu')
     with torch.device('meta'):   # its record refused before anything is allocated
         student = vit_of(ckpt['arch'], path)
     student = check_weights(student, path, ckpt, 0, '--num-heads')

@@ -27,7 +27,7 @@ if __name__ == '__main__':
 
 from attention_copy import load_copy_model
 from data import INFO, build_eval_set, check_classes, class_names, data_source, held_where
-from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint
+from util.checkpoints import CheckpointError, build_from_checkpoint, read_hashed
 from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
 from util.engine import accuracy, predict_all
@@ -132,10 +132,11 @@ def format_table(r):
 
 def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size=0):
     """Trained classifiers in eval mode, a copy student with its teacher; what each checkpoint records ({'data',
-    'data_dir', 'classes' (None: not recorded), 'num_classes'}); the image size they share (img_size: 0 = theirs)."""
+    'data_dir', 'classes' (None: not recorded), 'num_classes'}) and the SHA-256 of the bytes it was loaded from
+    ('sha256': None for a name); the image size they share (img_size: 0 = theirs)."""
     models, records, sizes = [], [], {}
     for source, heads in zip(sources, cycle(num_heads or [0])):   # one for all, or one each
-        ckpt = read_checkpoint(source)
+        ckpt, digest = read_hashed(source)
         copy_student = isinstance(ckpt, dict) and 'teacher' in ckpt and 'model' in ckpt
         try:
             model = (load_copy_model(source, teacher, new_teacher, ckpt) if copy_student
@@ -151,7 +152,7 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
         classes = ckpt['classes'] if isinstance(ckpt.get('classes'), list) else None
         models.append(model.eval())
         records.append({'data': config.get('data'), 'data_dir': config.get('data_dir'),
-                        'classes': classes, 'num_classes': arch['num_classes']})
+                        'classes': classes, 'num_classes': arch['num_classes'], 'sha256': digest})
         sizes[source] = arch['img_size']
     size = sizes[sources[0]]
     if len(set(sizes.values())) > 1:
@@ -247,6 +248,7 @@ def score(cfg, weights):
     loader = build_loader(cfg, held, False, device=place.device)
     logits, labels = predict_all(models, loader, place)
     results = summarise(cfg.models, weights, logits, labels)
+    results['sha256'] = {m: r['sha256'] for m, r in zip(cfg.models, records)}   # what was scored
     split = f'{cfg.val_size} held-out training images' if cfg.val_size else 'test split'
     say(f'{cfg.data} {split}, {len(labels)} images at {cfg.img_size}x{cfg.img_size} '
         f'{data_source(test_set)}, on {place.device}, attention {attn}\n')

@@ -230,6 +230,7 @@ def score(cfg, groups, paths, write, files):
     for i, (name, m) in enumerate(zip(names, members)):
         rows.append({'model': name, 'members': m, 'top1': {s: v[i] for s, v in top1.items()}})
     record = {'config': asdict(cfg),
+              'sha256': {m: r['sha256'] for m, r in zip(cfg.models, records)},   # what was scored
               'sets': {n: {'path': p, 'images': len(d), 'classes': len(a or classes)}
                        for n, (p, d, a) in sets.items()},
               'rows': rows}

@@ -20,6 +20,7 @@ an error: that run would be neither recipe. Every preset's source: RECIPES.md.
 import signal
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Ctrl-C while torch loads: exit 130 quietly (run_main takes over from there)
 if __name__ == '__main__':
@@ -28,7 +29,8 @@ import torch
 
 from data import batch_mixer, build_data
 from util.attention_check import settle_attention
-from util.checkpoints import check_weights, load_weights, read_checkpoint, state_dict_of, vit_of
+from util.checkpoints import (check_trainable, check_weights, load_weights, read_hashed,
+                              state_dict_of, vit_of)
 from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
@@ -63,14 +65,16 @@ class FinetuneConfig(TrainConfig):
     def resolve(self):
         """The resolve step: an --init file read, once, and checked against the model the config
         names (its architecture, heads and weights), before anything is built. Returns what it
-        read, which build_model loads (None: from scratch)."""
+        read (an Init), which build_model loads (None: from scratch). The model, built on the
+        meta device first, is refused where this machine cannot train it."""
+        with torch.device('meta'):
+            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init or 'the model')
+        check_trainable(model, self.batch_size)
         if not self.init:
             return None
-        ckpt = read_checkpoint(self.init)
-        with torch.device('meta'):
-            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init)
+        ckpt, digest = read_hashed(self.init)   # read once: loaded and hashed from the same bytes
         check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads')
-        return ckpt
+        return Init(ckpt, digest)
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size
@@ -79,6 +83,13 @@ class FinetuneConfig(TrainConfig):
                     depth=self.depth, num_heads=self.num_heads, global_pool=self.global_pool,
                     drop_path_rate=self.drop_path, init_values=self.layer_scale or None,
                     norm_pre=self.norm_pre, act=self.act)
+
+
+class Init(NamedTuple):
+    """An --init file as the resolve step read it: its checkpoint, and the SHA-256 of the bytes it
+    was read from (None for a name), which the run records."""
+    ckpt: dict
+    sha256: str
 
 
 PRESETS = {
@@ -123,13 +134,13 @@ def presets(argv=None):
     return chosen
 
 
-def build_model(cfg, num_classes, ckpt=None):
-    """The ViT the config names; ckpt: the --init file as the resolve step read it, whose weights
-    are loaded into it (a new head if needed)."""
+def build_model(cfg, num_classes, init=None):
+    """The ViT the config names; init: the --init file as the resolve step read it (an Init), whose
+    weights are loaded into it (a new head if needed)."""
     model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
-    if ckpt is not None:
-        head = state_dict_of(ckpt).get('head.weight')
-        load_weights(model, cfg.init, ckpt, cfg.init_num_heads, '--init-num-heads')
+    if init is not None:
+        head = state_dict_of(init.ckpt).get('head.weight')
+        load_weights(model, cfg.init, init.ckpt, cfg.init_num_heads, '--init-num-heads')
         # a new classifier: MAE's main_finetune starts it near zero
         if head is None or head.shape != model.head.weight.shape:
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
@@ -157,8 +168,10 @@ def main():
         plan, checked = settle_attention(plan, 'fine-tuning', [model],
                                          lambda: model.forward_tokens(x, depth=1),
                                          {'layer 0': model.blocks[0].attn})
-        run = Run(plan, model, train_loader, data.classes,   # optimizer, EMA, resumed if asked
-                  {'attention_check': checked})
+        extra = {'attention_check': checked}
+        if plan.method:   # what --init was: its file's SHA-256 recorded in config.json
+            extra['init'] = {'source': cfg.init, 'sha256': plan.method.sha256}
+        run = Run(plan, model, train_loader, data.classes, extra)   # optimizer, EMA, resumed if asked
         loss_fn = classification_loss(cfg)
         mixer = batch_mixer(cfg, data.num_classes)
 

@@ -33,7 +33,7 @@ from einops import rearrange
 
 from data import INFO, build_data, sample_images
 from util.attention_check import settle_attention
-from util.checkpoints import read_checkpoint, state_dict_of
+from util.checkpoints import check_trainable, read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import claimed, save_figure
@@ -77,6 +77,15 @@ class MAEConfig(TrainConfig):
             ('decoder_heads',
              1 <= self.decoder_heads <= DEPTH and self.decoder_dim % self.decoder_heads == 0,
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
+
+    def resolve(self):
+        """The resolve step: the model, built on the meta device (nothing allocated), refused where
+        this machine cannot train it; its encoder keeps the tokens of the patches it sees."""
+        with torch.device('meta'):
+            model = build_mae(self)
+        check_trainable(model, self.batch_size, f'an MAE (--decoder-dim {self.decoder_dim}, '
+                                                f'--decoder-depth {self.decoder_depth})',
+                        tokens=model.num_keep + 1)
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no

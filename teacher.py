@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint,
-                              teacher_mismatch, vit_of)
+from util.checkpoints import (arch_of, check_trainable, check_weights, describe_teacher,
+                              read_checkpoint, read_hashed, teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
@@ -277,14 +277,15 @@ class TransferConfig(TrainConfig):
             return ''
         return f'--average-maps {self.average_maps}: writes the maps out'
 
-    def resume_conflicts(self, ckpt, world, free=()):
-        """util/config.py's conflicts, and a teacher other than the saved run's (unless --new-teacher
-        true)."""
+    def resume_conflicts(self, ckpt, world, free=(), method=None):
+        """util/config.py's conflicts, and a teacher other than the saved run's (unless
+        --new-teacher true): the SHA-256 of the bytes the teacher was loaded from (method: the
+        Transfer resolve settled), compared with the recorded one."""
         conflicts = super().resume_conflicts(ckpt, world, free)
         if self.new_teacher:
             return conflicts
         record = ckpt.get('teacher') or ckpt.get('distilled_from')   # a copy's, a distillation's
-        other = teacher_mismatch(self.teacher, record)
+        other = teacher_mismatch(self.teacher, method.sha256, record)
         if other:
             conflicts.append(f'{other} (--new-teacher true if meant)')
         return conflicts
@@ -292,7 +293,8 @@ class TransferConfig(TrainConfig):
     def resolve(self):
         """A transfer run's resolve step: the teacher's file inspected once, the transferred layers and heads, the
         student's shape (student_arch), each refused in one line if it cannot be. Returns a Transfer."""
-        teacher, description = inspect_teacher(self)
+        ckpt, digest = read_hashed(self.teacher)   # read once: loaded and hashed from the same bytes
+        teacher, description = inspect_teacher(self, ckpt)
         t = teacher.arch
         layers = parse_index(self.layers, t['depth'], 'layers')
         heads = parse_index(self.heads, t['num_heads'], 'heads')
@@ -301,14 +303,19 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
-        return Transfer(t, description, layers, heads, student, teacher)
+        with torch.device('meta'):   # nothing allocated: refused where this machine cannot train it
+            check_trainable(vit_of({**student, 'num_classes': 0}, 'the student'), self.batch_size,
+                            'a student')
+        return Transfer(t, description, layers, heads, student, teacher, digest)
 
 
-def inspect_teacher(cfg):
-    """The teacher's file read once: (the teacher, its line for the log). The teacher is a plain ViT at cfg.img_size
-    holding the file's weights on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach
-    (heads unknown, weights that do not load into its shape or are not finite)."""
-    ckpt = read_checkpoint(cfg.teacher)
+def inspect_teacher(cfg, ckpt=None):
+    """(the teacher, its line for the log) of its checkpoint as read (util/checkpoints.read_hashed,
+    once; read here if None). The teacher is a plain ViT at cfg.img_size holding the file's weights
+    on the CPU (util/checkpoints.check_weights), refused if it is no ViT that could teach (heads
+    unknown, weights that do not load into its shape or are not finite)."""
+    if ckpt is None:
+        ckpt = read_checkpoint(cfg.teacher)
     stated = (cfg.teacher_num_heads, '--teacher-num-heads')
     native = arch_of(ckpt, cfg.teacher, *stated)
     # frozen, a plain ViT; built on no memory, its record refused if it cannot be
@@ -323,13 +330,15 @@ def inspect_teacher(cfg):
 class Transfer(NamedTuple):
     """What TransferConfig.resolve settles: the teacher's keywords at the run's image size, its line for the log, the
     layers {student: teacher}, the transferred heads (None: all), the student's keywords (nothing of it built), and
-    the teacher itself, its file read once and its weights loaded on the CPU (build_teacher places it)."""
+    the teacher itself, its file read once and its weights loaded on the CPU (build_teacher places it), and the SHA-256
+    of the bytes they were loaded from (None for a name): what the run records and a resume compares."""
     teacher: dict
     description: str
     layers: dict
     heads: list
     student: dict
     loaded: torch.nn.Module = None
+    sha256: str = None
 
 # -----------------------------------------------------------------------------
 # The pair built: what both transfer scripts do once the data is loaded

@@ -133,6 +133,10 @@ def _put(own, given, heads):
     return torch.stack(picked, 1)
 
 
+# the activations an Mlp runs (CLIP's QuickGELU beside GELU)
+ACTS = ('gelu', 'quick_gelu')
+
+
 class Mlp(nn.Module):   # fc2(act(fc1(x)))
     def __init__(self, dim, hidden, act='gelu'):
         super().__init__()

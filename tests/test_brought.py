@@ -5,6 +5,7 @@ case: one line and a non-zero exit where refused, nothing written; read right ot
 import hashlib
 import io
 import json
+import math
 import os
 import unicodedata
 
@@ -410,4 +411,132 @@ def test_a_tensor_that_repeats_one_value_is_refused_before_any_use(tmp_path, mon
     torch.save({'model': sd}, path)
     msg = run_in_process(monkeypatch, script, *TINY, flag, path, '--out-dir', tmp_path / 'out')
     assert msg and f"'{path}'" in msg and 'model.pos_embed' in msg and 'stride of 0' in msg, msg
+    assert not (tmp_path / 'out').exists()
+
+# -----------------------------------------------------------------------------
+# 4. Architecture records: refused where they ask for a ViT that cannot train or cannot fit, naming the file
+
+
+def reading_scripts(path, out):
+    """Every script that reads a model file, with its arguments: (script, args, the file's flag)."""
+    return [(attention_distill, [*TINY, '--teacher', path, '--out-dir', out], '--teacher'),
+            (attention_copy, [*TINY, '--teacher', path, '--out-dir', out], '--teacher'),
+            (finetune, [*TINY, '--init', path, *SHAPE_ARGS, '--out-dir', out], '--init'),
+            (ensemble, [*TINY, '--models', path, '--out', out / 'r.json'], '--models'),
+            (evaluate, ['--data', 'fake', '--num-workers', '0', '--models', path, '--out', out], '--models')]
+
+
+@pytest.mark.parametrize('field, value', [('norm_eps', 1e6), ('norm_eps', float('nan')), ('act', 'relu'),
+                                          ('mlp_ratio', float('inf')), ('num_heads', -8), ('depth', -1),
+                                          ('patch_size', -8), ('in_chans', -3)])
+def test_an_architecture_record_no_vit_trains_with_is_refused_wherever_read(tmp_path, monkeypatch, field, value):
+    """A record edited to a LayerNorm epsilon of 1e6, an activation the ViT does not know (run as GELU), heads of -8
+    (which divide the width): taken as a teacher and scored by ensemble.py without a word; an MLP ratio of inf, a
+    negative depth: torch's words in a traceback. One line naming the file and the field; an --init's record is
+    compared with the model its flags build."""
+    model = random_vit()
+    path = tmp_path / 'edited.pt'
+    torch.save({'model': model.state_dict(), 'arch': {**model.arch, field: value}}, path)
+    out = tmp_path / 'out'
+    for script, args, _ in reading_scripts(path, out):
+        msg = run_in_process(monkeypatch, script, *args)
+        said = 'architecture mismatch' if script is finetune else 'edited or is damaged'
+        assert msg and f"'{path}'" in msg and field in msg and said in msg, (script.__name__, msg)
+        assert not out.exists()
+
+
+def test_recorded_heads_are_the_heads_its_run_trained_with(tmp_path, monkeypatch):
+    """No weight shape tells 4 heads from 8: a record edited to 4 heads where its run trained 8 (its config says) was
+    taken as a 4-head teacher, and as an --init of 4 heads."""
+    model = random_vit()
+    path = tmp_path / 'edited.pt'
+    torch.save({'model': model.state_dict(), 'arch': {**model.arch, 'num_heads': 4},
+                'config': {'model': 'vit_tiny', 'num_heads': 8}}, path)
+    out = tmp_path / 'out'
+    for script, args, _ in reading_scripts(path, out):
+        if script is finetune:
+            args = [*args, '--num-heads', '4']   # the heads the edited record says
+        msg = run_in_process(monkeypatch, script, *args)
+        assert msg and f"'{path}' records 4 attention heads, but the run that saved it trained with 8" in msg, \
+            (script.__name__, msg)
+        assert not out.exists()
+    # its config's --model says, where it gave no --num-heads: vit_tiny's 3
+    torch.save({'model': model.state_dict(), 'arch': model.arch, 'config': {'model': 'vit_tiny', 'num_heads': None}},
+               path)
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', path)
+    assert msg and 'records 8 attention heads, but the run that saved it trained with 3' in msg, msg
+
+
+@pytest.mark.parametrize('script, flag', [(attention_distill, '--teacher-num-heads'), (finetune, '--init-num-heads'),
+                                          (ensemble, '--num-heads')])
+def test_a_stated_head_count_that_does_not_divide_the_width_blames_the_flag(tmp_path, monkeypatch, script, flag):
+    """--teacher-num-heads 3 on a 32-wide file of weights alone: the line said the file cannot be built."""
+    path = tmp_path / 'narrow.pt'
+    torch.save(random_vit(embed_dim=32, num_heads=4).state_dict(), path)
+    shape = ['--embed-dim', '32', '--depth', '2', '--num-heads', '4'] if script is finetune else []
+    target = ['--models', path] if script is ensemble else \
+        [{finetune: '--init'}.get(script, '--teacher'), path, '--out-dir', tmp_path / 'out', *shape]
+    msg = run_in_process(monkeypatch, script, *TINY, *target, flag, '3')
+    assert msg and msg.startswith(f'error: {flag} 3: ') and 'state a divisor of 32 (1, 2, 4, 8, 16, 32)' in msg, msg
+    assert not (tmp_path / 'out').exists()
+
+
+def limited(*args):
+    """`python <args...>` in a process whose address space is limited to 8 GB, as a machine smaller than what the
+    command asks for: a command that allocates what it asks for fails in torch's words."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT, sub_env
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2 ** 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=sub_env(), capture_output=True, text=True,
+                          timeout=240, preexec_fn=limit)
+
+
+def test_a_small_file_whose_record_asks_for_more_memory_than_there_is_is_refused_unallocated(tmp_path):
+    """A 0.5 MB file whose record asks for a classifier of 51 GB (or more than twice this machine: one it cannot hold
+    whatever it is), or an image size whose position embeddings take as much: ensemble.py and evaluate.py built it
+    for real, reaching GBs before failing (uncapped, a machine met its OOM killer). Refused from the model built on the
+    meta device, in one line naming the file, under a limit it would exceed."""
+    model = random_vit()
+    machine = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    numbers = max(51e9, 2 * machine) / 4                              # fp32
+    grid = math.isqrt(int(numbers / 64)) + 1                         # position embeddings 64 wide
+    for field, value in [('num_classes', int(numbers / 64)), ('img_size', 8 * grid)]:
+        path = tmp_path / f'{field}.pt'
+        torch.save({'model': model.state_dict(), 'arch': {**model.arch, field: value}}, path)
+        assert path.stat().st_size < 2 ** 20
+        for args in [('ensemble.py', *TINY, '--models', path),
+                     ('evaluate.py', '--data', 'fake', '--num-workers', '0', '--models', path, '--out',
+                      tmp_path / 'out')]:
+            p = limited(*args)
+            err = p.stderr.strip()
+            assert p.returncode == 1 and err.startswith(f"error: '{path}' is a ViT that needs ") and \
+                'GB' in err and '\n' not in err, (field, args[0], err[-3000:])
+            assert 'edited or is damaged' in err
+    assert not (tmp_path / 'out').exists()
+
+
+TEACHER = os.path.join(os.path.dirname(__file__), '..', 'teachers', 'fashion-mnist-mae.pt')
+
+
+@pytest.mark.parametrize('args, flag', [
+    (['attention_distill.py', '--teacher', TEACHER, '--img-size', '65536'], '--img-size 65536'),
+    (['attention_copy.py', '--teacher', TEACHER, '--img-size', '65536'], '--img-size 65536'),
+    (['finetune.py', '--img-size', '65536'], '--img-size 65536'),
+    (['finetune.py', '--embed-dim', '65536', '--num-heads', '8'], '--embed-dim 65536'),
+    (['attention_copy.py', '--teacher', TEACHER, '--img-size', '28', '--model', 'vit_tiny', '--embed-dim', '65536',
+      '--num-heads', '8'], '--embed-dim 65536'),
+    (['mae_pretrain.py', '--embed-dim', '65536', '--num-heads', '8'], '--embed-dim 65536')],
+    ids=['distill-img', 'copy-img', 'finetune-img', 'finetune-dim', 'copy-dim', 'mae-dim'])
+def test_a_size_too_big_for_the_machine_names_its_flag(tmp_path, args, flag):
+    """--img-size 65536 (a teacher with patches of 4: its position embeddings alone take 68.7 GB) or --embed-dim 65536
+    (terabytes): made for real, an allocation error naming no flag. Refused from the model built on the meta device,
+    in one line naming the flag, under a limit it would exceed."""
+    p = limited(*args, *TINY, '--out-dir', tmp_path / 'out')
+    err = p.stderr.strip()
+    assert p.returncode == 1 and err.startswith('error: ') and flag in err and ' GB ' in err and '\n' not in err, \
+        err[-3000:]
     assert not (tmp_path / 'out').exists()

@@ -219,6 +219,31 @@ def test_the_check_runs_at_the_run_s_batch_size(monkeypatch, tmp_path, script):
     assert not (tmp_path / 'r').exists()
 
 
+@pytest.mark.parametrize('script', ['ensemble', 'evaluate'])
+def test_scoring_checks_at_the_batch_it_scores_with(monkeypatch, tmp_path, script):
+    """ensemble.py and evaluate.py checked the kernel on 8 images: one wrong only above 32 images changed the printed
+    top-1 and was scored. At --batch-size 40, --attn-implementation sdpa stops before any model is scored."""
+    import importlib
+    import torch.nn.functional as F
+    from conftest import TINY, run_in_process
+    from vit import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=10)
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 'model.pt')
+    real = F.scaled_dot_product_attention
+
+    def wrong_above_32(q, k, v, **kwargs):
+        out = real(q, k, v, **kwargs)
+        return out * 1.05 if q.shape[0] > 32 else out
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', wrong_above_32)
+    args = [*TINY, '--models', tmp_path / 'model.pt']
+    if script == 'evaluate':   # its fake test split: 512 images
+        args = ['--data', 'fake', '--num-workers', '0', '--models', tmp_path / 'model.pt', '--out', tmp_path / 'out']
+    msg = run_in_process(monkeypatch, importlib.import_module(script), *args,
+                         '--batch-size', '40', '--amp', 'off', '--attn-implementation', 'sdpa')
+    assert msg and msg.startswith('error: start-up check: ') and '(40, ' in msg, msg
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('script', ['attention_copy', 'attention_distill'])
 def test_the_teacher_s_own_fused_calls_are_checked_at_its_head_width(monkeypatch, tmp_path, script):
     """A student of 4 heads of 16 given a teacher of 8 heads of 8: a kernel wrong only at the teacher's head width

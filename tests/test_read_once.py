@@ -1,6 +1,11 @@
-"""Decided once, read once: every file a command reads is read once (counted where torch reads it), and the attention
-implementation is told to the models in one place, once, after the start-up check has settled it."""
+"""Decided once, read once: every file a command reads is read once (counted where it is opened), a teacher hashed from
+the bytes its weights were loaded from, and the attention implementation is told to the models in one place, once,
+after the start-up check has settled it."""
+import builtins
+import hashlib
+import json
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -9,9 +14,11 @@ import pytest
 import torch
 
 import attention_copy
+import attention_distill
 import ensemble
 import finetune as finetune_script
 import vit
+from attention_copy import load_copy_model
 from conftest import TINY, finetune, run_in_process, run_script
 
 TEACHER = ['--img-size', '28']
@@ -30,14 +37,16 @@ def runs(tmp_path_factory):
 
 
 def reads(monkeypatch):
-    """{path: how many times torch.load read it}, filled as a command runs in this process."""
+    """{path: how many times a checkpoint file (*.pt) was opened to be read}, filled as a command runs in this
+    process."""
     counted = Counter()
-    load = torch.load
+    real = builtins.open
 
-    def counting(f, *args, **kwargs):
-        counted[os.path.realpath(f)] += 1
-        return load(f, *args, **kwargs)
-    monkeypatch.setattr(torch, 'load', counting)
+    def counting(file, mode='r', *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(file).endswith('.pt') and 'r' in mode:
+            counted[os.path.realpath(file)] += 1
+        return real(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', counting)
     return counted
 
 
@@ -59,6 +68,131 @@ def test_ensemble_reads_each_checkpoint_once(runs, tmp_path, monkeypatch):
     assert run_in_process(monkeypatch, ensemble, *TINY, '--models', *models) is None
     teacher = runs / 'ft' / 'checkpoint.pt'
     assert counted == Counter({os.path.realpath(p): 1 for p in [*models, teacher]}), counted
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def put(other, path):
+    """`other`'s bytes put at `path` whole, as a sync or a copy finishing does (a rename over it)."""
+    shutil.copy(other, f'{path}.new')
+    os.replace(f'{path}.new', path)
+
+
+def swapped_after_loading(monkeypatch, path, other):
+    """torch.load, patched to put `other` at `path` right after its first load in this process: a file replaced
+    between the read of a teacher's weights and anything done later."""
+    load = torch.load
+    done = []
+
+    def swapping(*args, **kwargs):
+        out = load(*args, **kwargs)
+        if not done:
+            done.append(path)
+            put(other, path)
+        return out
+    monkeypatch.setattr(torch, 'load', swapping)
+    return done
+
+
+def test_a_teacher_is_read_once_and_recorded_as_the_bytes_it_was_loaded_from(runs, tmp_path, monkeypatch):
+    """The teacher's weights were read in the resolve step and its SHA-256 computed later, in a read of its own: a
+    file replaced between the two trained from A and recorded B, and the run's resume took B without --new-teacher.
+    Now the digest is of the bytes the weights were loaded from, and the resume compares the file with it."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    teacher, out = tmp_path / 'teacher.pt', tmp_path / 'distill'
+    shutil.copy(a, teacher)
+    counted = reads(monkeypatch)
+    assert swapped_after_loading(monkeypatch, teacher, b) == []
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', teacher, '--max-steps', '1',
+                         '--out-dir', out)
+    assert msg is None, msg
+    opened = counted[os.path.realpath(teacher)]
+    assert sha(teacher) == sha(b)                                   # replaced while the run read it
+    ck = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert ck['distilled_from']['sha256'] == sha(a), 'recorded the file that came after the one loaded'
+    assert json.loads((out / 'config.json').read_text())['teacher_sha256'] == sha(a)
+    assert opened == 1, counted
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', teacher, '--max-steps', '2',
+                         '--out-dir', out, '--resume', 'true')
+    assert msg and sha(a) in msg and sha(b) in msg and '--new-teacher true' in msg, msg
+
+
+def test_a_resume_compares_the_teacher_it_loads(runs, tmp_path, monkeypatch):
+    """A resume loaded the teacher file, then hashed it again to compare with the record: B loaded, A put back before
+    the hash, and the run went on from B as if it were A."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    teacher, out = tmp_path / 'teacher.pt', tmp_path / 'distill'
+    shutil.copy(a, teacher)
+    assert run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', teacher, '--max-steps', '1',
+                          '--out-dir', out) is None
+    put(b, teacher)
+    swapped_after_loading(monkeypatch, teacher, a)                  # the recorded teacher back, after the load
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', teacher, '--max-steps', '2',
+                         '--out-dir', out, '--resume', 'true')
+    assert msg and sha(a) in msg and sha(b) in msg and '--new-teacher true' in msg, msg
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == 1
+
+
+def test_a_copy_students_teacher_is_the_file_its_digest_was_compared_on(runs, tmp_path, monkeypatch):
+    """A copy student's teacher was hashed (and found to be its own), then read again to be loaded: a file replaced
+    between the two gave the student another teacher, and its predictions, without a word."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    teacher = tmp_path / 'teacher.pt'
+    shutil.copy(a, teacher)
+    real, done = builtins.open, []
+
+    def swapping(file, mode='r', *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if str(file) == str(teacher) and not done:                 # replaced once its first read is over
+            close = f.close
+
+            def closed():
+                close()
+                if not done:
+                    done.append(file)
+                    put(b, teacher)
+            f.close = closed
+        return f
+    monkeypatch.setattr(builtins, 'open', swapping)
+    model = load_copy_model(str(runs / 'copy' / 'checkpoint.pt'), str(teacher))
+    assert done and sha(teacher) == sha(b)
+    weights = torch.load(a, weights_only=True)['model']
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, weights[k].float(), msg=f'the teacher loaded is not the one compared ({k})')
+
+
+def test_an_init_is_recorded_as_the_bytes_it_was_loaded_from(runs, tmp_path, monkeypatch):
+    """finetune.py --init recorded nothing of the file it started from; now config.json holds the SHA-256 of the
+    bytes its weights were loaded from, even where the file was replaced right after."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    init, out = tmp_path / 'init.pt', tmp_path / 'ft'
+    shutil.copy(a, init)
+    swapped_after_loading(monkeypatch, init, b)
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1', '--out-dir', out)
+    assert msg is None, msg
+    assert sha(init) == sha(b) and json.loads((out / 'config.json').read_text()).get('init_sha256') == sha(a)
+
+
+@pytest.mark.parametrize('script', ['ensemble', 'evaluate'])
+def test_scored_models_are_recorded_as_the_bytes_they_were_loaded_from(runs, tmp_path, monkeypatch, script):
+    """ensemble.py's and evaluate.py's results named the files scored, not what they held; now each file's SHA-256,
+    of the bytes its weights were loaded from, even where the file was replaced right after."""
+    import evaluate
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    model = tmp_path / 'model.pt'
+    shutil.copy(a, model)
+    swapped_after_loading(monkeypatch, model, b)
+    if script == 'ensemble':
+        msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, '--out', tmp_path / 'r.json')
+        result = tmp_path / 'r.json'
+    else:
+        msg = run_in_process(monkeypatch, evaluate, '--data', 'fake', '--num-workers', '0', '--models', model,
+                             '--out', tmp_path / 'out')
+        result = tmp_path / 'out' / 'robustness.json'
+    assert msg is None, msg
+    assert sha(model) == sha(b) and json.loads(result.read_text()).get('sha256') == {str(model): sha(a)}
 
 
 def told(monkeypatch, module, *args):

@@ -14,7 +14,9 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     files, let go; how --resume true is checked (what the checkpoint holds, what may change, after
                     a divergence) and the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
-                    file read without running any of its code (torch.load's weights only, CRC-32s checked)
+                    file read once, without running any of its code (torch.load's weights only, CRC-32s checked),
+                    hashed from the bytes read; a record checked, a model built on the meta device and refused
+                    where this machine cannot hold it
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions;
                     CLIP's TorchScript archive's tensors read without running its code
     datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;

@@ -13,8 +13,12 @@ At another image size, position embeddings are resized as the family's official 
 classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
 unexpected; anything else is an architecture mismatch and an error.
 """
+import contextlib
+import hashlib
+import io
 import math
 import os
+import resource
 import warnings
 import zipfile
 from collections import Counter
@@ -22,11 +26,10 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
-from util.errors import CheckpointError
-from util.files import sha256_of
+from util.errors import CheckpointError, ConfigError
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
-from vit import VisionTransformer
+from vit import ACTS, SIZES, VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
 PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, its resize)
@@ -44,13 +47,21 @@ PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, i
 
 
 def read_checkpoint(source):
-    """Return the raw checkpoint dict of a file path or a PRETRAINED name (downloaded once into the torch
-    hub cache, then read as any file is). Every checkpoint the scripts read comes through here."""
+    """Return the raw checkpoint dict of a file path or a PRETRAINED name (read_hashed)."""
+    return read_hashed(source)[0]
+
+
+def read_hashed(source):
+    """(the raw checkpoint dict of a file path or a PRETRAINED name, the SHA-256 of the very bytes
+    it was read from; None for a name, downloaded once into the torch hub cache, then read as any
+    file is). Every checkpoint the scripts read comes through here, read once: a file replaced while
+    a run reads it (a sync, a copy finishing) is recorded as the file that was loaded, never as the
+    one that came after."""
     if source not in PRETRAINED:   # TEACHERS included
         if not os.path.isfile(source):
             raise CheckpointError(f"no checkpoint '{source}': give a file path or one of "
                                   f"{', '.join(PRETRAINED)}")
-        return read_file(source)
+        return read_whole(source)
     url = PRETRAINED[source][0]
     # as torch.hub names it
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
@@ -61,33 +72,43 @@ def read_checkpoint(source):
     except Exception as e:   # offline
         raise CheckpointError(f"'{source}' could not be downloaded ({type(e).__name__}): put the "
                               f"file {url} at {path} by hand") from None
-    return read_file(path)   # damaged in the cache: its line names the file to replace
+    return read_whole(path)[0], None   # damaged in the cache: its line names the file to replace
 
 
 def read_file(path):
-    """A checkpoint file's contents, read without running any of its code: what torch.save wrote, by
-    torch.load(weights_only=True) (tensors and plain containers; a pickled object that could run code is refused
-    unread), or a TorchScript archive's parameters and buffers (util/pretrained.py, which executes nothing of it).
-    Every record of a zip archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would
-    be read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words for what it
-    found. An architecture record is refused where it is built (vit_of) or compared (check_arch)."""
+    """A checkpoint file's contents, read without running any of its code (read_whole)."""
+    return read_whole(path)[0]
+
+
+def read_whole(path):
+    """(a checkpoint file's contents, the SHA-256 of its bytes): the file read once into memory, and
+    everything below done on those bytes, so the digest is of what was loaded. Read without running
+    any of its code: what torch.save wrote, by torch.load(weights_only=True) (tensors and plain
+    containers; a pickled object that could run code is refused unread), or a TorchScript archive's
+    parameters and buffers (util/pretrained.py, which executes nothing of it). Every record of a zip
+    archive has its CRC-32 checked first, which torch's reader does not do (a flipped bit would be
+    read as a weight). Otherwise one CheckpointError line naming the file, with torch's own words
+    for what it found. An architecture record is refused where it is built (vit_of) or compared
+    (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
+        with open(path, 'rb') as f:
+            data = f.read()
         script = False
-        if zipfile.is_zipfile(path):   # torch's archive (else torch.load says what it is)
-            with zipfile.ZipFile(path) as z:
-                check_records(z.infolist(), os.path.getsize(path))
+        if zipfile.is_zipfile(io.BytesIO(data)):   # torch's archive (else torch.load says what it is)
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                check_records(z.infolist(), len(data))
                 damaged = z.testzip()   # the first record whose CRC-32 differs
                 # a TorchScript archive (torch.load's own test)
                 script = any(n.rpartition('/')[2] == 'constants.pkl' for n in z.namelist())
             if damaged:
                 raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
         if script:
-            ckpt = read_archive(path)
+            ckpt = read_archive(io.BytesIO(data))
         else:
             # torch's notes on formats: what is wrong is said below, in one line
             with warnings.catch_warnings(action='ignore'):
-                ckpt = torch.load(path, map_location='cpu', weights_only=True)
+                ckpt = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except ArchiveRefused as e:   # args: what it holds, the fix
         raise CheckpointError(f'{unreadable}: {e.args[0]}: {e.args[1]}') from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
@@ -103,7 +124,7 @@ def read_file(path):
         raise CheckpointError(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
                               f'of 0), which torch.save never writes: it was edited or is damaged: '
                               'take another copy of it')
-    return ckpt
+    return ckpt, hashlib.sha256(data).hexdigest()
 
 
 def zero_strided(value, key=''):
@@ -201,21 +222,48 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     """How many attention heads the ViT of a checkpoint has. No tensor shape shows it, so it is never guessed: it is
     the file's record (this project's checkpoints), its family's at its width (a family known by its name, an official
     file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
-    stated count that the record or the family contradicts is refused, and so is a file that says nothing, with the
-    flag that states it."""
+    stated count that the record or the family contradicts, or that does not divide the width, is refused, and so is
+    a file that says nothing, with the flag that states it; and a record whose heads are not those the run that saved
+    it trained with (its config says: its --num-heads, else its --model's)."""
     rule = family(source, ckpt).heads   # the width of every head, or {model width: heads}
     if isinstance(rule, int):
         rule = {dim: dim // rule} if dim % rule == 0 else {}
-    known = (recorded(ckpt) or {}).get('num_heads', rule.get(dim))
+    saved = recorded(ckpt) or {}
+    known = saved.get('num_heads', rule.get(dim))
+    trained = heads_trained(ckpt)
+    if saved and trained and known != trained:
+        raise CheckpointError(f"'{source}' records {known!r} attention heads, but the run that saved it "
+                              f"trained with {trained} (its config): its architecture record was edited "
+                              f"or is damaged: take another copy of it")
     if known is None:
         if not num_heads:
             raise CheckpointError(f"'{source}' holds weights alone, which do not say how many "
                                   f"attention heads its ViT has (its record, a name or its family "
                                   f"would): state them with {flag} N")
-        return num_heads   # one that does not divide the width: refused by VisionTransformer
+        if dim % num_heads:
+            fits = ', '.join(str(h) for h in range(1, dim + 1) if dim % h == 0)
+            raise CheckpointError(f"{flag} {num_heads}: a ViT {dim} wide, as '{source}' is, cannot be "
+                                  f"built (embed_dim must be divisible by num_heads) with {num_heads} "
+                                  f"heads: state a divisor of {dim} ({fits})")
+        return num_heads
     if num_heads and num_heads != known:
         raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known} attention heads")
     return known
+
+
+def heads_trained(ckpt):
+    """The heads the run that saved a checkpoint trained with, where its config says (this project's
+    record it: its --num-heads, else its --model's size); None where it does not (a student of its
+    teacher's shape, another program's file)."""
+    config = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict):
+        return None
+    heads, model = config.get('num_heads'), config.get('model')
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        return heads
+    if heads is None and isinstance(model, str):
+        return SIZES.get(model, {}).get('num_heads')
+    return None
 
 
 # this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
@@ -240,12 +288,54 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def vit_of(arch, source):
-    """VisionTransformer(**arch), or CheckpointError naming `source` and what VisionTransformer refused: the
-    architecture a checkpoint records, with the fields its caller changes (another image size, say)."""
+    """VisionTransformer(**arch), or CheckpointError naming `source` and the field no ViT trains
+    with (out_of_range) or what VisionTransformer refused: the architecture a checkpoint records,
+    with the fields its caller changes (another image size, say). Every ViT built from a record is
+    built here, on the meta device."""
     try:
-        return VisionTransformer(**arch)
+        bad = out_of_range(arch)
+        if not bad:
+            return VisionTransformer(**arch)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
         raise CheckpointError(f"'{source}' cannot be built ({e}): {arch}") from None
+    field, must = bad
+    raise CheckpointError(f"'{source}' cannot be built ({field} {arch[field]!r}: {must}): its "
+                          f"architecture record was edited or is damaged: take another copy of it")
+
+
+# sizes of one or more, counts of none or more
+POSITIVE = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth')
+COUNTS = ('num_classes', 'reg_tokens')
+
+
+def out_of_range(arch):
+    """(field, what it must be) of the first VisionTransformer keyword in `arch` outside the ranges
+    a ViT trains with, else None: what VisionTransformer builds without a word (a LayerNorm epsilon
+    of 1e6; an activation it does not know, which it would run as GELU; heads of -4) or fails on in
+    torch's words (a negative size, an MLP ratio of inf). What the weights show (width, depth, MLP
+    width) load_state_dict compares; heads no weight shows (heads_of)."""
+    def integer(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    rules = [(k, integer(arch[k], 1), 'must be a positive integer') for k in POSITIVE if k in arch]
+    rules += [(k, integer(arch[k], 0), 'must be an integer, 0 or more') for k in COUNTS if k in arch]
+    dim, heads = arch.get('embed_dim'), arch.get('num_heads')
+    if integer(dim, 1) and isinstance(heads, int):   # 0 heads: the modulo's own ZeroDivisionError (vit_of)
+        rules.append(('num_heads', dim % heads == 0 and heads > 0,
+                      f'must be a positive divisor of the width, embed_dim {dim}'))
+    if 'mlp_ratio' in arch:
+        rules.append(('mlp_ratio', real(arch['mlp_ratio']) and arch['mlp_ratio'] > 0,
+                      'must be a finite positive number'))
+    if 'norm_eps' in arch:
+        rules.append(('norm_eps', real(arch['norm_eps']) and 0 < arch['norm_eps'] < 1,
+                      'must be a finite number between 0 and 1, as a LayerNorm epsilon is'))
+    if 'act' in arch:
+        rules.append(('act', arch['act'] in ACTS, f"must be one of {', '.join(ACTS)}"))
+    if arch.get('init_values') is not None:
+        rules.append(('init_values', real(arch['init_values']), 'must be none or a finite number'))
+    return next(((k, must) for k, holds, must in rules if not holds), None)
 
 # -----------------------------------------------------------------------------
 # Loading into a ViT, with every difference refused
@@ -318,12 +408,87 @@ def check_weights(model, source, ckpt, num_heads, flag):
     the resolve phase looks at a file of weights. The file's own tensors are assigned to it
     (load_state_dict(assign=True)): no random initialisation, nothing copied. What the file does not hold (a
     classifier, the only part that may be missing) is initialised on the CPU; every weight is made fp32, as loading
-    into a built ViT makes it."""
+    into a built ViT makes it. A model this machine's free memory clearly cannot hold is refused first, nothing
+    allocated (too_big): naming --img-size where the size asked for is not the file's own, else the file."""
+    big = too_big(model)
+    if big:
+        size = model.arch['img_size']
+        if size != arch_of(ckpt, source, num_heads, flag)['img_size']:   # its caller's: --img-size
+            raise CheckpointError(f"'{source}' at --img-size {size} is a ViT that needs {big}: choose "
+                                  f"a smaller --img-size")
+        raise CheckpointError(f"'{source}' is a ViT that needs {big}: an architecture record that asks "
+                              f"for it was edited or is damaged (take another copy of it); a real one "
+                              f"needs a machine with more memory")
     load_weights(model, source, ckpt, num_heads, flag, assign=True)
     for m in model.modules():
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device='cpu', recurse=False).reset_parameters()
     return model.float()
+
+
+# -----------------------------------------------------------------------------
+# What a model needs of this machine's memory, counted on the meta device
+
+
+def too_big(model, training=False, activations=0):
+    """Why `model` (built on the meta device: nothing allocated) cannot fit this machine, in words
+    ('51.2 GB (...), more than the 15.3 GB free on this machine'), else None. What it needs is a
+    lower bound: its weights in fp32, with their gradients and AdamW's two moments where it trains,
+    and `activations` bytes, on the device it runs on (the host is asked for its weights too: every
+    model is made there first). Only a size that clearly cannot fit is refused; one that might is
+    left to try."""
+    numbers = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    weights = 4 * numbers
+    runs = weights * (4 if training else 1) + activations
+    gpu = torch.cuda.is_available()
+    needs = [('this machine', host_memory(), weights if gpu else runs)]
+    if gpu:
+        needs.append(('the GPU', torch.cuda.mem_get_info()[0], runs))
+    for where, free, need in needs:
+        if need > free:
+            what = f'{numbers:,} parameters'
+            if training:
+                what += " with their gradients and AdamW's two moments"
+            if activations >= 1e8:   # worth a word
+                what += f', and at least {activations / 1e9:,.1f} GB of activations'
+            return f'{need / 1e9:,.1f} GB ({what}), more than the {free / 1e9:,.1f} GB free on {where}'
+    return None
+
+
+def host_memory():
+    """Bytes of memory this process can still have on this machine: /proc/meminfo's MemAvailable
+    (Linux), else all of it (os.sysconf); under a limit on its address space (ulimit -v,
+    resource.RLIMIT_AS), no more than the limit leaves."""
+    free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    free = proc_kb('/proc/meminfo', 'MemAvailable:', free)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        free = min(free, limit - proc_kb('/proc/self/status', 'VmSize:', 0))
+    return free
+
+
+def proc_kb(path, key, otherwise):
+    """The bytes a line of a /proc file gives in kB ('MemAvailable: 123 kB'), else `otherwise`."""
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return otherwise
+
+
+def check_trainable(model, batch, what='a ViT', tokens=None):
+    """Refuse, in one line naming the flags that size it, `what` (a ViT built from flags on the meta
+    device) where it cannot train on this machine at `batch` images a step (too_big): its weights,
+    their gradients and AdamW's state, and the tokens each block keeps for the backward pass (batch
+    x tokens x width, fp32; tokens: an image's, all of them if None)."""
+    arch = model.arch
+    if tokens is None:
+        tokens = model.patch_embed.num_patches + 1 + arch['reg_tokens']
+    big = too_big(model, True, 4 * batch * tokens * arch['embed_dim'] * arch['depth'])
+    if big:
+        raise ConfigError(f"--embed-dim {arch['embed_dim']}, --depth {arch['depth']}, --img-size "
+                          f"{arch['img_size']}, --patch-size {arch['patch_size']}, --batch-size {batch}: "
+                          f"{what} of these sizes needs {big}: choose smaller ones")
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
@@ -354,21 +519,24 @@ def describe_teacher(source, ckpt, arch, size):
 # What a student's checkpoint records about its teacher (never its weights)
 
 def teacher_record(cfg, transfer):
-    """What a student checkpoint stores about its teacher (never the teacher's weights): where it came from, and
-    the mapping (layer map, heads) a copy student needs to be given the same maps again."""
-    return {'source': cfg.teacher, 'sha256': sha256_of(cfg.teacher), 'img_size': cfg.img_size,
+    """What a student checkpoint stores about its teacher (never the teacher's weights): where it
+    came from, the SHA-256 of the bytes its weights were loaded from (read_hashed: None for a name),
+    and the mapping (layer map, heads) a copy student needs to be given the same maps again."""
+    return {'source': cfg.teacher, 'sha256': transfer.sha256, 'img_size': cfg.img_size,
             # as stated (0: its record or family): to load it again
             'teacher_num_heads': cfg.teacher_num_heads, 'layer_map': transfer.layers,
             'heads': transfer.heads, 'transfer': cfg.transfer, 'average_maps': cfg.average_maps}
 
 
-def teacher_mismatch(source, record):
-    """Why `source` is not the teacher a student checkpoint recorded (None if it is): another file's
-    contents (both SHA-256 shown), or another name. A moved file with the same contents is the same teacher."""
+def teacher_mismatch(source, digest, record):
+    """Why `source`, read as bytes whose SHA-256 is `digest` (read_hashed: the ones its weights were
+    loaded from; None for a name), is not the teacher a student checkpoint recorded (None if it is):
+    another file's contents (both SHA-256 shown), or another name. A moved file with the same
+    contents is the same teacher."""
     if not record:
         return None
-    # None: a name, or no file (loading says so)
-    digest = sha256_of(source) if record.get('sha256') else None
+    if not record.get('sha256'):   # the teacher was a name: another name, or a file, is another teacher
+        digest = None
     if (digest is None and source == record['source']) or (digest and digest == record['sha256']):
         return None
     return f"the teacher {record['source']} (sha256 {record.get('sha256')}) -> {source} " \

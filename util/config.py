@@ -199,11 +199,12 @@ class TrainConfig:
              f'gives no full batch of {batch} images (--batch-size x --accum-steps)'),
         ]
 
-    def resume_conflicts(self, ckpt, world, free=()):
+    def resume_conflicts(self, ckpt, world, free=(), method=None):
         """Why this config cannot continue the run saved in checkpoint `ckpt` on `world` processes:
         ['--flag old -> new', ...], empty if it can. Fields missing from the saved config count as their
         default; batch size and accumulation steps may change if the global batch stays the same; so may the
-        fields `free` (the lr after the run diverged: resume.AFTER_DIVERGENCE)."""
+        fields `free` (the lr after the run diverged: resume.AFTER_DIVERGENCE). method: what the config's own
+        resolve step settled (a transfer run's teacher: teacher.TransferConfig compares it)."""
         saved = {**asdict(type(self)()), **ckpt['config']}   # a field it lacks: the default
         may_change = (*self.RESUMABLE, *free, 'batch_size', 'accum_steps')
         out = [f'{flag(k)} {show(saved[k])} -> {show(v)}' for k, v in asdict(self).items()

@@ -76,7 +76,7 @@ def resolve(cls, presets):
     resumed = None
     if cfg.resume:
         with run_dir.released_on_error():               # the checkpoint to continue, checked
-            resumed = open_resumed(cfg, run_dir, world)
+            resumed = open_resumed(cfg, run_dir, world, method)
     seed_all(cfg.seed, rank, 0)
     compiled, compiled_why = compiled_step(cfg.compile, device, cfg.data)
     plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
@@ -171,13 +171,14 @@ def attn_implementation(choice, device, written_out=''):
 
 def on_device(models, cfg, dataset):
     """(the models on the GPU if there is one, their attention as --attn-implementation says once the start-up check
-    has run each one's first layer forward on dataset's first images; a `place` for predict_all; the attention, why)."""
+    has run each one's first layer forward on dataset's first images, as many as a batch they are scored in (a
+    kernel's grid grows with the batch); a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     attn, why = attn_implementation(cfg.attn_implementation, device)
     # what predict_all reads (device, dtype) and what start_up_check reads of a plan
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device), attn=attn, cfg=cfg, log=say)
     models = [m.to(device) for m in models]
-    x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
+    x = torch.stack([dataset[i][0] for i in range(min(cfg.batch_size, len(dataset)))]).to(device)
     # the ViT running its own attention first (a copy's teacher)
     vits = [getattr(m, 'teacher', m) for m in models]
     layers = {f'model {i} layer 0': v.blocks[0].attn for i, v in enumerate(vits, 1)}

@@ -310,7 +310,8 @@ class ArchiveUnpickler(pickle.Unpickler):
 
 def read_archive(path):
     """A TorchScript archive's parameters and buffers by dotted name, as torch.jit.load(path).state_dict() gives
-    them, read without running any of its code. ArchiveRefused where it holds code that would run."""
+    them, read without running any of its code (path: a file's name, or its bytes in a file object). ArchiveRefused
+    where it holds code that would run."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         # no data.pkl: zipfile's KeyError names the record it lacks

@@ -185,9 +185,9 @@ class Run:
 
     def begin(self, full):
         """config.json (what the run is and what made it: the script, for a transfer run its teacher file's
-        SHA-256, from the record its checkpoints keep, util.checkpoints.teacher_record, and the start-up check of
-        its fused attention where one ran, util/attention_check.py), then the first lines of the log: the lr, the
-        model, the processes, the schedule (full: its steps)."""
+        SHA-256, from the record its checkpoints keep, util.checkpoints.teacher_record (a fine-tuning its --init
+        file's), and the start-up check of its fused attention where one ran, util/attention_check.py), then the
+        first lines of the log: the lr, the model, the processes, the schedule (full: its steps)."""
         cfg = self.cfg
         plan = self.plan
         extra = self.extra
@@ -195,6 +195,8 @@ class Run:
         teacher = extra.get('teacher') or extra.get('distilled_from')   # a copy's, a distillation's
         if teacher:
             record['teacher_sha256'] = teacher['sha256']
+        if extra.get('init'):   # finetune.py --init's
+            record['init_sha256'] = extra['init']['sha256']
         if extra.get('attention_check'):
             record['attention_check'] = extra['attention_check']
         record['world_size'] = plan.world

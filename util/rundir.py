@@ -311,9 +311,10 @@ SAVED = {'model': dict, 'arch': dict, 'config': dict, 'step': int, 'optimizer': 
 AFTER_DIVERGENCE = ('blr', 'min_lr', 'min_lr_ratio', 'clip_grad', 'amp')
 
 
-def open_resumed(cfg, run_dir, world):
-    """The checkpoint to continue, read safely (no pickled code) and checked against the command line: ConfigError
-    names every field that differs (old -> new) and may not. Returns it, kept by the Plan: the file is read once
+def open_resumed(cfg, run_dir, world, method=None):
+    """The checkpoint to continue, read safely (no pickled code) and checked against the command line (method: what
+    the config's own resolve step settled, a teacher as it was read): ConfigError names every field that differs
+    (old -> new) and may not. Returns it, kept by the Plan: the file is read once
     (Run.restore loads its tensors, then drops them)."""
     path = run_dir.checkpoint
     ck = read_checkpoint(path)
@@ -350,7 +351,7 @@ def open_resumed(cfg, run_dir, world):
     diverged = (run_dir.config_record() or {}).get('diverged')
     after = isinstance(diverged, dict) and diverged.get('checkpoint') == ck['step']
     # what may change besides RESUMABLE
-    conflicts = cfg.resume_conflicts(ck, world, AFTER_DIVERGENCE if after else ())
+    conflicts = cfg.resume_conflicts(ck, world, AFTER_DIVERGENCE if after else (), method)
     if conflicts:
         raise ConfigError(f"--resume: {path} was saved with other settings: "
                           f"{'; '.join(conflicts)}. Resume with the saved ones or start a new run in "
