@@ -251,9 +251,13 @@ def eval_batch_size(cfg, device):
 
 def data_device(device, need, free, log):
     """Where a data set of `need` bytes is held for a run on `device` with `free` bytes free
-    (None: the host's): there if it takes at most half of them; else in the host's memory (one
-    line to `log` says so), never failing later for want of it."""
-    if device.type == 'cpu' or (device.type == 'cuda' and need <= free // 2):
+    (None: the host's): there if it takes at most half of them; else in the host's memory, never
+    failing later for want of it. On a GPU one line to `log` says which."""
+    if device.type == 'cpu':
+        return device
+    if device.type == 'cuda' and need <= free // 2:
+        log(f'data: its {need / 2 ** 20:,.0f} MiB of images held on {device} '
+            f'({free / 2 ** 20:,.0f} MiB free), each batch made there')
         return device
     if device.type == 'cuda':
         log(f'data: its {need / 2 ** 20:,.0f} MiB of images do not fit in half of the '

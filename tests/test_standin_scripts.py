@@ -96,6 +96,7 @@ def test_a_training_script_runs_on_the_device(name, held, amp, teacher, tmp_path
     log = (out / 'log.txt').read_text()
     if script in (attention_copy, attention_distill):
         assert 'attention: sdpa' in log, log    # the fused copy, the map-free loss: what a GPU runs
+    assert ('held on cuda:0' in log) == (held == 'held'), log   # where the set is, said
     assert f'autocast torch.{ {"bf16": "bfloat16", "fp16": "float16"}[amp]}' in log
 
 

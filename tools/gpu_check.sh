@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (at most 9 minutes on one H100 / H200: each command has its timeout, 535 s in all, under
-# the 600 s a device call may run): the machine and the attention kernels torch picks per shape; the `gpu` tests
-# (with the fused attention's at ViT-L/16's shapes, whose measurements are printed apart), while a ViT-B/16
-# distillation on `auto` runs beside one on `eager` on the same batches (and ViT-L/16 at 448 px meets the start-up
-# check); then the paths only a GPU takes, each script on the `fake` set: held on the device and, memory said short,
-# on the host; batched RandAugment; fp16 with its GradScaler; fp32 with TF32 on; a mid-epoch resume against an
-# unbroken run, bit for bit (deterministic kernels); compiled against eager gradients, and a compiled run's start-up
-# check (its layer compiled as the run compiles it); ensemble.py and evaluate.py
-# (--shift) on a held set; torchrun with two processes (one where one GPU is all there is: NCCL takes one GPU a rank).
+# The GPU checks in one call (about 4 minutes on one H100 / H200, each command under its timeout): the machine and
+# the attention kernels torch picks per shape; then four jobs side by side, none of them timed: the `gpu` tests; the
+# start-up checks at ViT-B/16 and at ViT-L/16 448 px, their printed errors compared line by line with round six's
+# (results/benchmark-h100/round6/checks.txt); the paths only a GPU takes, each script on the `fake` set (held on the
+# device and, memory said short, on the host; fp16 with its GradScaler, a mid-epoch resume against an unbroken run,
+# bit for bit; fp32 with TF32 on; compiled against eager gradients; ensemble.py, and evaluate.py under every shift;
+# torchrun); and each training script's steps with every per-step option on under
+# torch.cuda.set_sync_debug_mode('error'): a host sync inside a step stops its run with a traceback.
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
-#   bash tools/gpu_check.sh OUT_DIR bench  # a second call: the fused attention's measurements, the benchmark of
-#                                          # ViT-L/16 (270 s)
-#   bash tools/gpu_check.sh OUT_DIR reproduce   # a third: the committed reproduction timed (at most 7 min)
+#   bash tools/gpu_check.sh OUT_DIR bench  # the fused attention's measurements, the benchmark of ViT-L/16 (270 s)
+#   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
 #   bash tools/gpu_check.sh OUT_DIR small  # the Fashion-MNIST preset end to end, each method eager and compiled
-#                                          # (the compilation counted: --compile auto's measurement), its step
-#                                          # alone (9 min at most), then the reproduction: GPU_CHECK_UNTIL=<epoch s>
-#                                          # cuts it to fit
+#                                          # (the compilation counted: --compile auto's measurement) with its img/s
+#                                          # per interval; its step alone under torch.profiler; then the reproduction
+#   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | bench | small | reproduce]}
@@ -25,8 +23,20 @@ dry=${GPU_CHECK_DRY:-}
 mkdir -p "$out/logs"
 export PYTHONUNBUFFERED=1
 
+left() {   # seconds to GPU_CHECK_UNTIL (epoch seconds), less $1; 100000 without a deadline
+  [ -z "${GPU_CHECK_UNTIL:-}" ] && { echo 100000; return; }
+  echo $((GPU_CHECK_UNTIL - $(date +%s) - ${1:-0}))
+}
+within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what is left to the deadline if less
+  local limit=$1 rest
+  rest=$(left 5)
+  [ "$rest" -lt "$limit" ] && limit=$rest
+  [ "$limit" -lt 10 ] && { echo "not run (the deadline): ${*:2:3}"; return 124; }
+  timeout "$limit" "${@:2}"
+}
+
 if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and compiled; its step alone; the reproduction
-  cut='' dev=cuda rounds='--rounds 5 --steps 50' eager=45 compiled=110
+  cut='' dev=cuda rounds='--rounds 3 --steps 30' eager=45 compiled=110
   [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2' eager=300 compiled=600
   # one epoch of each method, eager then compiled (--compile auto's choice on a GPU): img/s end to end counts from the
   # model built, the compilation included (the log's last line), and the wall time from the command's start; with
@@ -38,26 +48,39 @@ if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and 
       t0=$SECONDS
       limit=$eager
       [ $compile = true ] && limit=$compiled
-      timeout $limit $py $run --data fashion-mnist --epochs 1 --log-every 100 --compile $compile $cut \
+      within $limit $py $run --data fashion-mnist --epochs 1 --log-every 50 --compile $compile $cut \
         --out-dir "$out/$name" > "$out/$name.log" 2>&1
       echo "$name (1 epoch, end to end): exit $? after $((SECONDS - t0)) s, $(grep -h 'img/s' "$out/$name.log" | \
         tail -1 | grep -oE '[0-9]+ img/s') with the compilation counted"
+      # each interval's speed between two progress lines, from their running means (images / img/s = seconds)
+      $py - "$out/$name.log" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+batch = re.search(r'effective batch (\d+)', text)
+points = [(int(s) * int(batch.group(1)), int(r)) for s, r in re.findall(r' step (\d+)/\d+ \|.*\| (\d+) img/s', text)]
+times = [(n, n / r) for n, r in points]
+per = [f'{(n2 - n1) / (t2 - t1):,.0f}' for (n1, t1), (n2, t2) in zip(times, times[1:])]
+if times:
+    print(f'   its first {times[0][0]} images in {times[0][1]:.1f} s from the model built; then img/s per interval:',
+          ' '.join(per) or '-')
+EOF
     done
   done
-  timeout 90 $py -m tools.benchmark --device $dev --models vit_tiny --img-size 28 --patch-size 4 --embed-dim 64 \
+  within 90 $py -m tools.benchmark --device $dev --models vit_tiny --img-size 28 --patch-size 4 --embed-dim 64 \
     --depth 6 --num-heads 8 --num-classes 10 --batch-size 128 --methods train --paths sdpa $rounds \
-    --memory-batch-size 0 --saved-bytes false --out-dir "$out/fm-step" > "$out/fm-step.log" 2>&1
+    --memory-batch-size 0 --saved-bytes false --profile train --out-dir "$out/fm-step" > "$out/fm-step.log" 2>&1
   echo "the step alone (tools.benchmark at the preset's shape, batch 128): exit $?"
   grep -E '^\| vit' "$out/fm-step/BENCHMARK.md"
+  grep -hsE 'Self CPU time total|Self CUDA time total' "$out"/fm-step/profile-*.txt
+  [ "$(left)" -lt 150 ] && { echo "the reproduction not run: $(left) s left to the deadline"; exit 0; }
   part=reproduce
 fi
 if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from the shipped teacher (its files carried)
   quick=''
   [ -n "$dry" ] && quick='--quick true'
   nvidia-smi -L 2>/dev/null
-  t0=$SECONDS limit=420
-  [ -n "${GPU_CHECK_UNTIL:-}" ] && limit=$((GPU_CHECK_UNTIL - $(date +%s)))   # a deadline (epoch seconds) to fit a call
-  timeout $limit $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
+  t0=$SECONDS
+  within 420 $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
     > "$out/reproduce.log" 2>&1
   echo "tools.reproduce exit $? after $((SECONDS - t0)) s"
   tail -9 "$out/reproduce.log"
@@ -106,41 +129,36 @@ EOF
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
-# 1. the tests, and beside them two short distillations (losses only: their speeds are not measured here)
+# four jobs side by side, none timed: the gpu tests; the start-up checks at ViT-B/16 and ViT-L/16 448 px; the paths
+# only a GPU takes; each training script's steps under the sync debug mode (on an H100, round six: the tests 135 s)
 workers=$($py -c 'import xdist' 2>/dev/null && echo '-n 6')   # pytest-xdist where it is installed
-timeout 240 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py $workers -rs -q --durations 10 -p no:cacheprovider \
-  > "$out/pytest-gpu.txt" 2>&1 &
+timeout 200 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py $workers -rs -q \
+  --durations 10 -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
-{
+p=$out/paths
+mkdir -p "$p"
+t() { timeout $(($1 * stretch)) "${@:2}" || echo "FAILED (exit $?, timeout $(($1 * stretch)) s): ${*:2:4}"; }
+tiny=(--data fake --fake-size 256 --num-workers 0 --epochs 1 --warmup-epochs 0 --log-every 1)
+{   # the start-up checks at the shapes round six printed them: a ViT-B/16 teacher (fine-tuning's check) and its
+    # distillation, a ViT-L/16 teacher at 448 px and its distillation
   r=$out/logs
   sharpen() {   # a random teacher's maps are near uniform; scaled q and k rows make them peaked, as a trained one's
-    timeout $((20 * stretch)) $py -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=True)
+    t 20 $py -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=True)
 for key, w in ck['model'].items():
     if key.endswith('attn.qkv.weight'): w[:2 * w.shape[0] // 3] *= 4
 torch.save(ck, sys.argv[2])" "$1" "$2"
   }
   fake=(--data fake --epochs 1 --warmup-epochs 0 --num-workers 6)
-  # each under its own timeout, the five and two sharpenings together within 255 s, beside the tests' 240 s (on an
-  # H200: distill-b 22 s of training; on a fresh H100 the 448 px teacher and its sharpening took 42 s, the
-  # distillation 35 s in all)
-  timeout $((25 * stretch)) $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
+  t 40 $py finetune.py "${fake[@]}" --model vit_base --depth 12 --img-size 224 --patch-size 16 --batch-size 64 \
     --fake-size 256 --max-steps 1 --out-dir "$r/teacher-b" $runs && sharpen "$r/teacher-b/checkpoint.pt" "$r/teacher-b.pt"
-  for impl in auto eager; do
-    timeout $((50 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
-      --fake-size 19200 --max-steps 300 --log-every 10 --attn-implementation $impl --out-dir "$r/distill-b-$impl" $runs
-  done
-  timeout $((40 * stretch)) $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
+  t 50 $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-b.pt" --img-size 224 --layers 0-8 --batch-size 64 \
+    --fake-size 1280 --max-steps 20 --log-every 10 --out-dir "$r/distill-b" $runs
+  t 50 $py finetune.py "${fake[@]}" --model vit_large --depth 24 --img-size 448 --patch-size 16 --batch-size 8 \
     --fake-size 64 --max-steps 1 --out-dir "$r/teacher-l448" $runs && sharpen "$r/teacher-l448/checkpoint.pt" "$r/teacher-l448.pt"
-  timeout $((50 * stretch)) $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
-    --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448-auto" $runs
-} > "$out/runs.log" 2>&1
-wait $tests; echo "pytest exit $?" >> "$out/pytest-gpu.txt"
-tail -4 "$out/pytest-gpu.txt"; grep -h 'start-up check' "$out"/logs/*/log.txt
-# 2. the paths only a GPU takes, on the `fake` set held in memory (8 steps an epoch), each command under its timeout
-p=$out/paths
-mkdir -p "$p"
-tiny=(--data fake --fake-size 256 --num-workers 0 --epochs 1 --warmup-epochs 0 --log-every 1)
-t() { timeout $(($1 * stretch)) "${@:2}" || echo "FAILED (exit $?, timeout $(($1 * stretch)) s): ${*:2:4}"; }
+  t 60 $py attention_distill.py "${fake[@]}" --teacher "$r/teacher-l448.pt" --img-size 448 --layers 0-17 --batch-size 8 \
+    --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448" $runs
+} > "$out/runs.log" 2>&1 &
+checks=$!
 # deterministic kernels (cuBLAS's workspace fixed): two runs of the same steps are the same bits
 det=(env CUBLAS_WORKSPACE_CONFIG=:4096:8 $py -c 'import runpy, sys, torch
 torch.use_deterministic_algorithms(True)
@@ -150,25 +168,63 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
   # held on the device, batched RandAugment, drop-path (the CUDA generator), fp16 with its GradScaler: 6 steps unbroken,
   # and 3 steps, then resumed mid-epoch to the same 6
   same=("${tiny[@]}" --amp fp16 --randaug rand-m9-mstd0.5-inc1 --drop-path 0.1)
-  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/whole"
-  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 3 --out-dir "$p/resumed"
-  t 20 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/resumed" --resume true
+  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/whole"
+  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 3 --out-dir "$p/resumed"
+  t 25 "${det[@]}" finetune.py "${same[@]}" --max-steps 6 --out-dir "$p/resumed" --resume true
   t 10 $py -c "import sys, torch
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
+  # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
+  t 25 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
+  # ensemble.py, and evaluate.py under every shift, on the held set, on the device
+  models=(--models "$p/whole/checkpoint.pt" "$p/fp32/checkpoint.pt" --data fake --num-workers 0)
+  t 25 $py ensemble.py "${models[@]}" --out "$p/ensemble.json"
+  t 40 $py evaluate.py "${models[@]}" --ensembles 0,1 --shift $($py -c 'import data; print(*data.SHIFTS)') \
+    --out "$p/robustness" && cat "$p/robustness"/*.md
+  # torchrun: two processes (gloo on a CPU; NCCL takes a GPU a rank: one process where one GPU is all there is)
+  procs=2
+  [ "$device" = cuda ] && procs=$(timeout 20 $py -c 'import torch; print(min(2, torch.cuda.device_count()))')
+  t 40 $py -m torch.distributed.run --standalone --nproc_per_node "${procs:-1}" finetune.py "${tiny[@]}" \
+    --max-steps 2 --out-dir "$p/procs"
+} > "$out/paths.log" 2>&1 &
+paths=$!
+# each training step under the sync debug mode 'error' (a progress line, an evaluation and a save read the device:
+# they run with it off), every per-step option on, the set held on the device
+strict=($py -c 'import runpy, sys, torch
+from util import engine, run
+def mode(value, fn):
+    def within(*args, **kwargs):
+        was = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(value)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(was)
+    return within if torch.cuda.is_available() else fn
+for owner, name in ((engine, "log_progress"), (run.Run, "save"), (run.Run, "evaluate")):
+    setattr(owner, name, mode(0, getattr(owner, name)))
+engine.train_one_epoch = mode("error", engine.train_one_epoch)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")')
+every=(--randaug rand-m9-mstd0.5-inc1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --drop-path 0.1 --clip-grad 1.0
+       --batch-size 16 --accum-steps 2 --ema 0.99 --max-steps 3)
+{
+  t 30 "${strict[@]}" finetune.py "${tiny[@]}" "${every[@]}" --out-dir "$p/strict-finetune"
+  for script in attention_distill.py attention_copy.py; do
+    t 30 "${strict[@]}" $script "${tiny[@]}" "${every[@]}" --teacher "$p/strict-finetune/checkpoint.pt" \
+      --out-dir "$p/strict-${script%.py}"
+  done
+  t 30 "${strict[@]}" mae_pretrain.py "${tiny[@]}" --max-steps 3 --out-dir "$p/strict-mae"
   # the host fallback (the GPU's free memory said too small for the set), compiled, on sdpa (a CPU too): the start-up
-  # check runs the student's layer compiled by inductor, as the run compiles it (two compilations, the check's and
-  # the run's); a wrong verdict stops it in one line
-  t 45 $py -c 'import runpy, sys, torch
+  # check runs the student's layer compiled by inductor, as the run compiles it; a wrong verdict stops it in one line
+  t 60 $py -c 'import runpy, sys, torch
 torch.cuda.mem_get_info = lambda *device: (0, 2 ** 34)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")' finetune.py "${tiny[@]}" --max-steps 2 --compile true \
     --attn-implementation sdpa --out-dir "$p/host"
-  # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
-  t 20 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # compiled against eager: a ViT's gradients, fp32 without TF32 (inductor on CUDA; aot_eager on a CPU)
-  t 50 $py - "$device" <<'EOF'
+  t 60 $py - "$device" <<'EOF'
 import sys, torch
 from vit import VisionTransformer, set_attn_implementation
 device = torch.device(sys.argv[1])
@@ -185,17 +241,30 @@ for implementation in ('eager', 'sdpa'):
     far = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
     print(f'compiled against eager, {implementation}: gradients {far:.1e} apart', 'ok' if far < 1e-4 else 'FAR')
 EOF
-  # ensemble.py and evaluate.py (--shift) on the held set, on the device
-  models=(--models "$p/whole/checkpoint.pt" "$p/fp32/checkpoint.pt" --data fake --num-workers 0)
-  t 20 $py ensemble.py "${models[@]}" --out "$p/ensemble.json"
-  t 20 $py evaluate.py "${models[@]}" --ensembles 0,1 --shift none noise --out "$p/robustness"
-  # torchrun: two processes (gloo on a CPU; NCCL takes a GPU a rank: one process where one GPU is all there is)
-  procs=2
-  [ "$device" = cuda ] && procs=$(timeout 20 $py -c 'import torch; print(min(2, torch.cuda.device_count()))')
-  t 35 $py -m torch.distributed.run --standalone --nproc_per_node "${procs:-1}" finetune.py "${tiny[@]}" \
-    --max-steps 2 --out-dir "$p/procs"
-} > "$out/paths.log" 2>&1
-echo "paths exit $?"
-grep -hE 'bit for bit|DIFFERS|compiled against|held in the host|process\(es\) on|start-up check|FAILED|error' \
-  "$out/paths.log" | cut -c1-200
+} > "$out/steps.log" 2>&1 &
+steps=$!
+wait $tests; echo "pytest exit $?" >> "$out/pytest-gpu.txt"
+wait $checks $paths $steps
+tail -4 "$out/pytest-gpu.txt"
+# the start-up checks' printed errors against round six's, line by line (a run's kernel, dtype and shape its key)
+$py - results/benchmark-h100/round6/checks.txt "$out"/logs/*/log.txt "$out"/paths/*/log.txt <<'EOF' \
+  | tee "$out/checks-compared.txt"
+import re, sys
+line = re.compile(r'start-up check: (.+?), forward and backward, .*?: \d+ tensors, the farthest (.+?) at ([\d.e-]+) '
+                  r'\(eager in [\w.]+: ([\d.e-]+); tolerance ([\d.e-]+)\); checked in [\d.]+ s: (.+)$')
+def checks(paths):
+    found = {}
+    for path in paths:
+        for m in filter(None, map(line.search, open(path, errors='replace'))):
+            found.setdefault(m.group(1), m.groups()[1:])
+    return found
+then, now = checks(sys.argv[1:2]), checks(sys.argv[2:])
+print('| run (kernel, device, dtype, q) | farthest tensor | round six | now | eager in bf16: then, now | tolerance | '
+      'verdict now |\n|---|---|---:|---:|---|---:|---|')
+for key in sorted(set(then) | set(now)):
+    a, b = then.get(key, ('-',) * 5), now.get(key, ('-',) * 5)
+    print(f'| {key} | {b[0] if b[0] != "-" else a[0]} | {a[1]} | {b[1]} | {a[2]}, {b[2]} | {b[3]} | {b[4]} |')
+EOF
+grep -hE 'held on cuda|held in the host|bit for bit|DIFFERS|compiled against|\((nccl|gloo)\)|FAILED|error|Error' \
+  "$out/paths.log" "$out/steps.log" "$out/runs.log" | cut -c1-220
 echo "took $SECONDS s"
