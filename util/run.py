@@ -165,8 +165,10 @@ class Run:
             self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
         self.compiled = {}        # each loss_fn, compiled where the step is (forward)
-        if plan.compiled:         # what GradScaler.step calls: compiled, its lr read from tensors (build_optimizer)
-            self.opt.step = torch.compile(self.opt.step, mode=step_mode(plan))
+        if plan.compiled:         # what GradScaler.step calls: compiled, its lr read from tensors (build_optimizer);
+            # never a CUDA graph: the replay of one starts a new step for torch's CUDA graphs, whose memory then holds
+            # the next step's tensors where the backward's graph left the gradients this step reads (on an H200)
+            self.opt.step = torch.compile(self.opt.step, mode='default')
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
         self.running = {}         # the losses summed since the last progress line, on the device
