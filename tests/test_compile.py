@@ -15,6 +15,7 @@ inside its forward (MapFreeCrossEntropy) stops the graph; an lr handed to the co
 constant of its graph, compiled again every step of the warm-up.
 """
 import contextlib
+from types import SimpleNamespace
 import re
 
 import pytest
@@ -271,15 +272,24 @@ def test_the_compiled_step_asks_the_host_for_nothing_on_the_device(monkeypatch, 
     assert compiled.of('loss_fn')[1].frame_count == 1
 
 
-def test_compile_auto_compiles_on_a_gpu_for_the_small_data_sets():
-    """--compile auto: on CUDA for the small sets held in memory; never on a CPU, nor for ImageNet (a step long enough
-    to keep a GPU busy) or the fake set (runs shorter than a compilation); true and false as said."""
+def test_compile_auto_compiles_on_a_gpu_where_the_run_repays_the_compilation():
+    """--compile auto: on CUDA for the small sets held in memory, in a run of enough steps to repay the compilation
+    (launch.COMPILE_REPAID, per process: the global batch divides the set); never on a CPU, nor for ImageNet (a step
+    long enough to keep a GPU busy) or the fake set; true and false as said."""
     cuda, cpu = torch.device('cuda', 0), torch.device('cpu')
+
+    def compiled(data='fashion-mnist', device=cuda, world=1, compile='auto', **run):
+        cfg = SimpleNamespace(**{'data': data, 'compile': compile, 'batch_size': 128, 'accum_steps': 1, 'epochs': 9,
+                                 'max_steps': 0, **run})
+        return launch.compiled_step(cfg, device, world)[0]
+    assert compiled()                                   # the preset: 9 epochs of 469 steps
+    assert not compiled(epochs=3)                       # the reproduction's stages
+    assert not compiled(epochs=100, max_steps=3999) and compiled(epochs=100, max_steps=4000)
+    assert not compiled(world=2) and not compiled(accum_steps=2)
+    assert compiled(data='cifar10', epochs=100, batch_size=256) and compiled(data='cifar100', epochs=21)
+    assert not compiled(data='cifar10', epochs=20, batch_size=256)
     for data in ('fashion-mnist', 'cifar10', 'cifar100'):
-        assert launch.compiled_step('auto', cuda, data)[0]
-        assert not launch.compiled_step('auto', cpu, data)[0]
+        assert not compiled(data, cpu, epochs=100)
     for data in ('imagenet', 'folder', 'fake'):
-        assert not launch.compiled_step('auto', cuda, data)[0]
-    assert launch.compiled_step('true', cpu, 'imagenet') == (True, '--compile true')
-    assert launch.compiled_step('false', cuda, 'fashion-mnist') == (False, '--compile false')
-    assert 'pending measurement' in launch.compiled_step('auto', cuda, 'fashion-mnist')[1]
+        assert not compiled(data, epochs=100)
+    assert compiled('imagenet', cpu, compile='true') and not compiled(compile='false')

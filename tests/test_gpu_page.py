@@ -212,3 +212,60 @@ def test_round_six_s_page_is_its_files():
     assert f"| ViT-L/16 distillation, 448 px (second call) | (8, 16, 785, 64) | layer 0 q grad | " \
            f"{' | '.join(check[0])} |" in page
     assert 'distillation exit 0' in l448
+
+
+ROUND7 = os.path.join(ROOT, 'results', 'benchmark-h200', 'round7')
+
+
+def small_run(call, name):
+    """(wall s, exit, img/s over the epoch, median img/s a step, first 10 steps s) of one Fashion-MNIST run of
+    gpu_check.sh's small part: a step's speed from each interval between two progress lines of running means
+    (images / img/s = seconds), the first two intervals left out."""
+    with open(os.path.join(ROUND7, call, 'printed.txt')) as f:
+        code, wall = re.search(rf'{name} \(1 epoch, end to end\): exit (\d+) after (\d+) s', f.read()).groups()
+    with open(os.path.join(ROUND7, call, f'{name}.log')) as f:
+        points = [(int(s) * 128, int(r)) for s, r in re.findall(r' step (\d+)/468 \|.*\| (\d+) img/s', f.read())]
+    times = [(n, n / r) for n, r in points]
+    per = sorted((n2 - n1) / (t2 - t1) for (n1, t1), (n2, t2) in zip(times[1:], times[2:]))
+    median = per[len(per) // 2] if per else None
+    return int(wall), int(code), points[-1][1] if points else None, median, times[0][1] if times else None
+
+
+def test_round_seven_s_page_is_its_files():
+    page = ' '.join(open(os.path.join(ROUND7, 'README.md')).read().replace('**', '').split())
+    with open(os.path.join(ROUND7, 'pytest-gpu.txt')) as f:
+        failed, passed, seconds = re.search(r'(\d+) failed, (\d+) passed, \d+ warnings in ([\d.]+)s', f.read()).groups()
+    assert f'{passed} passed, {failed} failed (6 workers, {float(seconds):.0f} s)' in page
+    rows, steps = {}, {}
+    for script, method in (('finetune', 'fine-tuning'), ('attention_distill', 'distillation'),
+                           ('attention_copy', 'copy')):
+        wall, code, epoch, step, _ = small_run('call2', f'fm-{script}-compile-false')
+        c_wall, c_code, c_epoch, c_step, first = small_run('call2', f'fm-{script}-compile-true')
+        assert code == 0
+        eager = f'| {method} | {wall} | {epoch:,} | {step:,.0f} |'
+        if c_code == 0:
+            rows[method] = f'{eager} {c_wall} | {first:.1f} | {c_epoch:,} | {c_step:,.0f} | {c_step / step:.2f}x |'
+        else:
+            rows[method] = f'{eager} cut at {c_wall} | - | - | - | - |'
+        steps[method] = step, c_step
+        assert f'{small_run("call1", f"fm-{script}-compile-false")[2]:,}' in page
+    for row in rows.values():
+        assert row in page, row
+    (tune, tune_c), (distill, distill_c), (copy, _) = steps.values()
+    assert f'eager: distillation {distill / tune:.2f}x, copy {copy / tune:.2f}x (a step); compiled: distillation ' \
+           f'{distill_c / tune_c:.2f}x' in page
+    # the steps that repay a compilation: its overhead in the first 10 steps over the time each later step saves
+    repaid = [(small_run('call2', f'fm-{script}-compile-true')[4] - 10 * 128 / c) / (128 / e - 128 / c)
+              for script, (e, c) in zip(('finetune', 'attention_distill'), steps.values())]
+    assert f'after about {round(repaid[0], -2):,.0f} steps of fine-tuning and {round(repaid[1], -2):,.0f} of ' \
+           f'distillation' in page
+    with open(os.path.join(ROUND7, 'checks-compared.txt')) as f:
+        shared = [r.split(' | ') for r in f if re.search(r'\| [\d.]+ \| [\d.]+ \|', r)]
+    assert len(shared) == 3 and all(r[2] == r[3] for r in shared)    # round six's error, to the digits printed
+    with open(os.path.join(ROUND7, 'paths.log')) as f:
+        assert 'mid-epoch resume against the unbroken run: bit for bit' in f.read()
+    with open(os.path.join(ROUND7, 'steps.log')) as f:
+        strict = f.read()
+    far = re.findall(r'compiled against eager, \w+: gradients ([\d.e+-]+) apart ok', strict)
+    assert f'gradients {far[0]} apart on `eager`, {far[1]} on `sdpa`' in page
+    assert strict.count('final |') == 4 and 'Traceback' not in strict   # the 4 scripts' steps under the sync mode

@@ -260,7 +260,7 @@ def checks(paths):
             found.setdefault(m.group(1), m.groups()[1:])
     return found
 then, now = checks(sys.argv[1:2]), checks(sys.argv[2:])
-print('| run (kernel, device, dtype, q) | farthest tensor | round six | now | eager in bf16: then, now | tolerance | '
+print('| run (kernel, device, dtype, q) | farthest tensor | round six | now | eager's own (its dtype): then, now | tolerance | '
       'verdict now |\n|---|---|---:|---:|---|---:|---|')
 for key in sorted(set(then) | set(now)):
     a, b = then.get(key, ('-',) * 5), now.get(key, ('-',) * 5)

@@ -14,6 +14,7 @@ from vit import IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
+COMPILE_REPAID = 4000   # steps: --compile auto's least run on a GPU (util/launch.py says why)
 # each one's size and classes: data.INFO
 DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
 
@@ -137,7 +138,8 @@ class TrainConfig:
                                       choices=('auto', *IMPLEMENTATIONS))
     compile: str = option('auto', 'the training step compiled (torch.compile; on a GPU captured as CUDA graphs): '
                                   'true | false | auto: true on a GPU for the small data sets held in memory '
-                                  '(fashion-mnist, cifar10, cifar100), false elsewhere', choices=COMPILE)
+                                  f'(fashion-mnist, cifar10, cifar100) in a run of at least {COMPILE_REPAID:,} '
+                                  'steps, which repays the compilation; false elsewhere', choices=COMPILE)
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
     num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
