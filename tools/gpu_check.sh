@@ -38,9 +38,9 @@ within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what
 if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and compiled; its step alone; the reproduction
   cut='' dev=cuda rounds='--rounds 3 --steps 30' eager=45 compiled=110
   [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2' eager=300 compiled=600
-  # one epoch of each method, eager then compiled (--compile auto's choice on a GPU): img/s end to end counts from the
-  # model built, the compilation included (the log's last line), and the wall time from the command's start; with
-  # fashion-mnist's teacher (shipped) for copy and distillation
+  # one epoch of each method, eager then compiled (what --compile auto's rule is measured by): img/s end to end
+  # counts from the model built, the compilation included (the log's last line), and the wall time from the command's
+  # start; with fashion-mnist's teacher (shipped) for copy and distillation
   teacher=(--teacher teachers/fashion-mnist-mae.pt)
   for run in 'finetune.py' "attention_distill.py ${teacher[*]}" "attention_copy.py ${teacher[*]}"; do
     for compile in false true; do
