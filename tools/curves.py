@@ -115,9 +115,9 @@ def plot(ax, x, y, **style):
     ax.plot(x, y, **style)
 
 
-def draw(run_dirs):
-    """The figure: top-1; the losses (training: lines, test: markers); the attention loss where a run logged one;
-    the lr, once for runs that share a schedule."""
+def read_runs(run_dirs):
+    """Each run's evaluations, progress lines and config, with its colour (its method's) and its marker and line
+    (its place among the runs of its method)."""
     runs = []
     count = {}
     for d, name in zip(run_dirs, label(run_dirs)):
@@ -129,11 +129,11 @@ def draw(run_dirs):
         runs.append(dict(dir=d, name=name, method=m, cfg=config(d), evals=evals, seen=seen(d), at=at,
                          losses=[v for v, _ in steps.values()], lr=[v for _, v in steps.values()],
                          colour=PALETTE[m], marker=MARKERS[k % len(MARKERS)], ls=LINES[k % len(LINES)]))
-    attention = [r for r in runs if any('attn' in v for v in r['losses'])]
-    fig, axes = plt.subplots(1, 3 + bool(attention), figsize=(5 * (3 + bool(attention)), 4.2),
-                             layout='constrained')
-    top1, loss, lr = axes[0], axes[1], axes[-1]
+    return runs
 
+
+def draw_top1_and_losses(top1, loss, runs):
+    """Top-1 after each evaluation; the losses, training as lines (what it was trained on), test as markers."""
     for r in runs:
         style = dict(color=r['colour'], marker=r['marker'], ls=r['ls'])
         if 'top1' in r['evals'][-1]:   # an MAE's run has none
@@ -157,16 +157,18 @@ def draw(run_dirs):
              (f"\ntraining label-smoothed ({', '.join(smoothing)}), test not: training reads higher"
               if smoothing else ''), ylabel='loss (nats; an MAE: mse)')
 
-    if attention:
-        ax = axes[2]
-        for r in attention:
-            plot(ax, r['at'], [v['attn'] for v in r['losses']], color=r['colour'], ls=r['ls'],
-                 label=r['name'])
-        ax.set(title="distillation's attention loss, " + attention_loss(attention[0]['cfg']),
-               ylabel='attention loss (nats)')
-        ax.legend(fontsize=7)
 
-    # the lr: runs with one schedule (the same steps, the same values) drawn once
+def draw_attention(ax, attention):
+    """Distillation's own curve: the attention loss of each run that logged one."""
+    for r in attention:
+        plot(ax, r['at'], [v['attn'] for v in r['losses']], color=r['colour'], ls=r['ls'], label=r['name'])
+    ax.set(title="distillation's attention loss, " + attention_loss(attention[0]['cfg']),
+           ylabel='attention loss (nats)')
+    ax.legend(fontsize=7)
+
+
+def draw_lr(lr, runs):
+    """The lr at each logged step: runs with one schedule (the same steps, the same values) drawn once."""
     schedules = {}
     for r in runs:
         schedules.setdefault((tuple(r['at']), tuple(r['lr'])), []).append(r)
@@ -184,10 +186,22 @@ def draw(run_dirs):
         shared += "; the head's (layer decay: earlier layers less)"
     lr.set(title=f'learning rate at each logged step\n{shared}', ylabel='lr')
 
+
+def draw(run_dirs):
+    """The figure: top-1; the losses (training: lines, test: markers); the attention loss where a run logged one;
+    the lr, once for runs that share a schedule."""
+    runs = read_runs(run_dirs)
+    attention = [r for r in runs if any('attn' in v for v in r['losses'])]
+    fig, axes = plt.subplots(1, 3 + bool(attention), figsize=(5 * (3 + bool(attention)), 4.2),
+                             layout='constrained')
+    draw_top1_and_losses(axes[0], axes[1], runs)
+    if attention:
+        draw_attention(axes[2], attention)
+    draw_lr(axes[-1], runs)
     for ax in axes:
         ax.set_xlim(0)
         ax.set_xlabel('training images seen (thousands)')
-    mark_axes(fig)
+    mark_axes(fig)   # sets a title again: the size after it
     for ax in axes:
         ax.title.set_fontsize(9)
     return fig
