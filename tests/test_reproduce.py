@@ -392,6 +392,20 @@ def test_a_replaced_teacher_is_refused_not_paired_with_the_old_ones_students(mad
     assert snapshot(runs, results) == before
 
 
+def test_a_stage_that_loaded_another_teacher_than_the_one_hashed_fails(made_here, monkeypatch):
+    """The teacher's file changed between the reproduction's digest of it and a stage's load (a sync, a copy
+    finishing): the stage records the digest of the bytes it loaded, and that stage fails, its done.json unwritten,
+    rather than a table of students from two teachers."""
+    import tools.reproduce as reproduce
+    runs, results = made_here
+    (runs / 'copy' / 'seed0' / 'done.json').unlink()                    # the one stage to run again
+    digests = iter([reproduce.sha256_of(runs / 'mae' / 'checkpoint.pt')])
+    monkeypatch.setattr(reproduce, 'sha256_of', lambda path: next(digests, 'f' * 64))   # then "another file"
+    msg = reproduce_in_process(monkeypatch, runs, results)
+    assert msg and 'copy seed 0 trained from a teacher file other than' in msg, msg
+    assert not (runs / 'copy' / 'seed0' / 'done.json').exists()
+
+
 def test_another_reproductions_results_are_refused_before_any_stage(tmp_path):
     """--results-dir holding the committed Fashion-MNIST results, --data fake: refused in one line (they used
     to be replaced by fake-data numbers); with --replace-results true they would be replaced."""

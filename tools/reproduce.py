@@ -284,6 +284,13 @@ def run_stage(key, argv, root, env, record, failed):
                    'models': r['models']}
     else:
         metrics = records(d)[-1]
+    if stage in USES_TEACHER:   # the teacher it trained from: its own digest of the bytes it loaded
+        run = read_json(os.path.join(d, 'config.json'), 'delete the run directory and run the same command again')
+        trained_from = run.get('teacher_sha256') or run.get('init_sha256')
+        if trained_from != record['teacher_sha256']:
+            failed.append(f"{name} trained from a teacher file other than the other stages' (it changed while "
+                          f'the reproduction ran): put the teacher back, delete {d} and run the same command again')
+            return None
     done = {'stage': stage, 'seed': seed, 'command': argv, 'resumed': resumed, 'started': start,
             'wall_s': time.time() - start, 'metrics': metrics, **record}
     write_json(os.path.join(d, 'done.json'), done)
