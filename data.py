@@ -255,11 +255,11 @@ def data_device(device, need, free, log):
     failing later for want of it. On a GPU one line to `log` says which."""
     if device.type == 'cpu':
         return device
-    if device.type == 'cuda' and need <= free // 2:
-        log(f'data: its {need / 2 ** 20:,.0f} MiB of images held on {device} '
-            f'({free / 2 ** 20:,.0f} MiB free), each batch made there')
-        return device
     if device.type == 'cuda':
+        if need <= free // 2:
+            log(f'data: its {need / 2 ** 20:,.0f} MiB of images held on {device} '
+                f'({free / 2 ** 20:,.0f} MiB free), each batch made there')
+            return device
         log(f'data: its {need / 2 ** 20:,.0f} MiB of images do not fit in half of the '
             f'{free / 2 ** 20:,.0f} MiB free on {device}: held in the host\'s memory, each batch '
             f'made there and copied')

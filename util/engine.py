@@ -135,9 +135,10 @@ def build_optimizer(cfg, model, lr, compiled=False):
 
 
 def step_mode(plan):
-    """torch.compile's mode for a compiled training step: on one GPU with one micro-batch a step, 'reduce-overhead'
-    (CUDA graphs: a graph replayed with one launch where eager makes hundreds; its outputs live until the next replay,
-    which one micro-batch a step never reaches while they are in use); elsewhere the default."""
+    """torch.compile's mode for a compiled step's loss function (its forward and backward; the optimizer step is never
+    a CUDA graph, Run): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph replayed with
+    one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch a step never
+    reaches while they are in use); elsewhere the default."""
     one = plan.world == 1 and plan.cfg.accum_steps == 1
     return 'reduce-overhead' if plan.device.type == 'cuda' and one else 'default'
 
