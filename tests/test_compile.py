@@ -29,6 +29,8 @@ from conftest import TINY, finetune as run_finetune, read_metrics, run_in_proces
 import finetune
 import mae_pretrain
 from test_standin_scripts import on_standin
+from tools.benchmark import BenchConfig, configure
+from tools.benchmark_cases import Parts
 from util import launch
 from util.engine import build_optimizer
 from vit import Attention, VisionTransformer, scores, set_attn_implementation
@@ -48,8 +50,8 @@ def teacher_ckpt(tmp_path_factory):
 class Compiled:
     """torch.compile as the code calls it, recorded: each call's function, the mode it asked for, and a counter of the
     graphs dynamo handed its backend (aot_eager, or `backend`; None: torch.compile as asked, mode and all, uncounted).
-    From the step's first compilation on (the optimizer's, in Run), a recompilation raises (error_on_recompile, until
-    the test ends); the start-up check's compilations of single layers come before it."""
+    From the step's first compilation on (the optimizer's, in build_optimizer), a recompilation raises
+    (error_on_recompile, until the test ends); the start-up check's compilations of single layers come before it."""
 
     def __init__(self, stack, backend='aot_eager', uncompiled=()):
         self.stack = stack
@@ -216,20 +218,44 @@ def test_the_log_sum_exp_op_s_fake_and_autograd_are_the_real_ones():
     assert torch.autograd.gradcheck(log_sum_exp, (q64, k64))
 
 
-def test_a_new_lr_never_compiles_the_optimizer_step_again():
-    """build_optimizer(compiled=True): each group's lr a tensor, filled with a new value each step; the compiled step
-    is never compiled again (error_on_recompile), and it moves the weights as eager's fused AdamW with a number."""
+@pytest.mark.parametrize('method', ['train', 'distill'])
+def test_the_benchmark_s_compiled_case_is_the_step_a_compiled_run_trains(monkeypatch, method):
+    """tools/benchmark.py's `compile` path times the step `--compile true` trains: the method's loss function compiled
+    whole, once over its steps (distillation's graph takes the teacher's weights as inputs: its forward is in it), and
+    the optimizer's step compiled as a run's (build_optimizer). It compiled the student alone; the teacher's forward,
+    the loss and the optimizer ran eagerly, so its ratios were not the ones a compiled run trains at."""
+    cfg, _ = configure(BenchConfig(device='cpu', quick=True))
+    torch._dynamo.reset()
+    with contextlib.ExitStack() as stack:
+        compiled = Compiled(stack)
+        monkeypatch.setattr(torch, 'compile', compiled)
+        step = Parts(cfg, 'vit_tiny', torch.device('cpu')).step(method, 'compile', batch=2)
+        for _ in range(3):
+            step()
+    del step
+    torch._dynamo.reset()   # its graphs hold the models
+    mode, counter = compiled.of('loss_fn')
+    assert (mode, compiled.of('step')[0]) == ('default', 'default') and counter.frame_count == 1
+    inputs = [n.name for n in counter.graphs[0].graph.nodes if n.op == 'placeholder']
+    assert any('teacher' in name for name in inputs) == (method == 'distill'), inputs
+
+
+def test_a_new_lr_never_compiles_the_optimizer_step_again(monkeypatch):
+    """build_optimizer(compiled=True): its step compiled, without CUDA graphs; each group's lr a tensor, filled with a
+    new value each step; the compiled step is never compiled again (error_on_recompile), and it moves the weights as
+    eager's fused AdamW with a number."""
     cfg = finetune.FinetuneConfig(layer_decay=0.75)    # several lr scales: several groups
     torch.manual_seed(0)
     models = [VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
               for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [build_optimizer(cfg, models[0], 1e-2), build_optimizer(cfg, models[1], 1e-2, compiled=True)]
-    assert len(opts[1].param_groups) > 2
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend('aot_eager')
-    step = torch.compile(opts[1].step, backend=counter)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with contextlib.ExitStack() as stack:
+        compiled = Compiled(stack)
+        monkeypatch.setattr(torch, 'compile', compiled)
+        opts = [build_optimizer(cfg, models[0], 1e-2), build_optimizer(cfg, models[1], 1e-2, compiled=True)]
+        assert len(opts[1].param_groups) > 2
+        mode, counter = compiled.of('step')
         for i in range(5):
             x = torch.randn(4, 3, 16, 16)
             for m in models:
@@ -239,11 +265,10 @@ def test_a_new_lr_never_compiles_the_optimizer_step_again():
                 g['lr'] = lr * g['lr_scale']
             for g in opts[1].param_groups:
                 g['lr'].fill_(lr * g['lr_scale'])
-            opts[0].step()
-            step()
             for opt in opts:
+                opt.step()
                 opt.zero_grad(set_to_none=True)
-    assert counter.frame_count > 0
+    assert mode == 'default' and counter.frame_count > 0
     # what a CUDA graph of the step reads each replay, none a number of the host's
     assert all(g['lr'].device == g['params'][0].device for g in opts[1].param_groups)
     assert all(s['step'].device == p.device for p, s in opts[1].state.items())

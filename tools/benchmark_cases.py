@@ -6,12 +6,14 @@ scripts run them: the autocast dtype --amp auto picks, the teacher's matmul weig
 stopped inside its last transferred layer. eager writes every (B, H, N, N) map out (distillation: the fused
 cross-entropy of the two maps' logits); sdpa never stores one (copy: one fused call on the teacher's q and k;
 distillation: MapFreeCrossEntropy on both models' q and k). `auto` is whichever of the two
---attn-implementation auto picks on the device (util/launch.AUTO_ATTN), and `compile` that one under
-torch.compile. The naive path (below) is this repository's code run the way the authors' release runs: fp32
-(its autocast is commented out), every attention explicit, the teacher run through all its blocks and its head
-with drop-path masks, every layer's maps kept for a loss that autograd differentiates, copy students that
-compute their own q, k and softmax before the teacher's map replaces it, AdamW with torch's defaults (a for-loop
-on CPUs, foreach kernels on GPUs). `naive-bf16` is that path under bf16 autocast.
+--attn-implementation auto picks on the device (util/launch.AUTO_ATTN), and `compile` that one as `--compile true`
+trains it: the loss function compiled whole (the teacher's forward, the student's and the loss one graph; on one GPU
+captured as CUDA graphs) and the optimizer's step compiled, its lr a tensor. The naive path (below) is this
+repository's code run the way the authors' release runs: fp32 (its autocast is commented out), every attention
+explicit, the teacher run through all its blocks and its head with drop-path masks, every layer's maps kept for a
+loss that autograd differentiates, copy students that compute their own q, k and softmax before the teacher's map
+replaces it, AdamW with torch's defaults (a for-loop on CPUs, foreach kernels on GPUs). `naive-bf16` is that path
+under bf16 autocast.
 
 And how much memory they need: one case's peak, built alone (CPU: the RSS of a fresh process; CUDA:
 max_memory_allocated), and on a GPU the largest batch at which all of a model's cases fit in a share of its memory.
@@ -28,10 +30,11 @@ from einops import rearrange
 
 from attention_copy import CopyConfig, CopyModel, copy_loss
 from attention_distill import DistillConfig, attention_cross_entropy, cuda_lse, distill_loss_fn
+from finetune import classification_loss
 from teacher import build_teacher
 from util.config import TrainConfig
 from util.attention_check import sdpa_backend
-from util.engine import autocast, build_optimizer, soft_cross_entropy
+from util.engine import autocast, build_optimizer, soft_cross_entropy, step_mode
 from util.launch import amp_dtype, attn_implementation
 from vit import VisionTransformer, model_arch, set_attn_implementation
 
@@ -44,7 +47,7 @@ PATHS = {'eager': 'explicit (B, H, N, N) maps (--attn-implementation eager)',
                   "drop-path, all maps kept, autograd loss, q/k computed in copy students, "
                   "AdamW with torch's defaults",
          'naive-bf16': 'naive under bf16 autocast',
-         'compile': "--attn-implementation auto's pick under torch.compile"}
+         'compile': "--attn-implementation auto's pick, the step compiled as --compile true compiles it"}
 
 
 def cases(cfg):
@@ -210,18 +213,17 @@ class Parts:
         else:
             impl = path
         layers = self.copied if copy else self.distilled
-        net = torch.compile(student) if path == 'compile' else student
         x, y = self.inputs(batch)
-        if method == 'train':
-            output = lambda: soft_cross_entropy(net(x), y, SMOOTHING)   # noqa: E731
-        elif method == 'eval-distill':
-            output = partial(net, x)
+        if method == 'eval-distill':
+            output = partial(student, x)
         elif method == 'eval-copy' and naive:
-            output = partial(naive_copy_forward, teacher, net, x, layers)
+            output = partial(naive_copy_forward, teacher, student, x, layers)
         elif method == 'eval-copy':
-            output = partial(CopyModel(teacher, net, layers, implementation=impl), x)
+            output = partial(CopyModel(teacher, student, layers, implementation=impl), x)
         else:
-            if naive and copy:
+            if method == 'train':
+                loss_fn = classification_loss(Namespace(smoothing=SMOOTHING))
+            elif naive and copy:
                 loss_fn = naive_copy_loss(teacher, layers)
             elif naive:
                 loss_fn = naive_distill_loss(teacher, layers)
@@ -230,7 +232,9 @@ class Parts:
             else:
                 loss_fn = distill_loss_fn(DistillConfig(smoothing=SMOOTHING), teacher, layers, None,
                                           impl)
-            output = lambda: loss_fn(net, x, y)[0]   # noqa: E731
+            if path == 'compile':   # as --compile true trains: the loss function whole, the teacher's forward in it
+                loss_fn = torch.compile(loss_fn, mode=step_mode(self.device))
+            output = lambda: loss_fn(student, x, y)[0]   # noqa: E731
         if training:
             grad_mode = torch.enable_grad
         elif naive:
@@ -253,10 +257,11 @@ class Parts:
         if method not in TRAINED:
             return forward
         # the scripts' AdamW (layer decay 0.75; TrainConfig's weight decay 0.05 and beta2 0.999), built once a
-        # student; naive: the same parameter groups in torch's AdamW with its defaults
-        key = student, path.startswith('naive')
+        # student and kind; compile: as a compiled run has it (its step compiled, its lr a tensor); naive: the same
+        # parameter groups in torch's AdamW with its defaults
+        key = student, path.startswith('naive'), path == 'compile'
         if key not in self.optimizers:
-            opt = build_optimizer(TrainConfig(layer_decay=0.75), student, lr=1e-4)
+            opt = build_optimizer(TrainConfig(layer_decay=0.75), student, lr=1e-4, compiled=key[2])
             self.optimizers[key] = torch.optim.AdamW(opt.param_groups) if key[1] else opt
         opt = self.optimizers[key]
 

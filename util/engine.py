@@ -111,7 +111,7 @@ def build_optimizer(cfg, model, lr, compiled=False):
     """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay: layer l
     (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
-    the last block then share the full lr): cfg.layer_decay_offset picks. compiled: its step is compiled (Run), so
+    the last block then share the full lr): cfg.layer_decay_offset picks. compiled: its step is compiled here (what GradScaler.step calls), so
     each group's lr is a tensor on the parameters' device, which a new lr fills (train_one_epoch) where a number would
     be a constant of the graph, compiled again for each new value; capturable, so that the step counts stay there too
     (the compiler traces the foreach implementation, not the fused one)."""
@@ -129,18 +129,21 @@ def build_optimizer(cfg, model, lr, compiled=False):
         device = next(model.parameters()).device
         for g in groups.values():
             g['lr'] = torch.tensor(lr * g['lr_scale'], device=device)
-        return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), foreach=True,
-                                 capturable=True)
+        opt = torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), foreach=True, capturable=True)
+        # never a CUDA graph: the replay of one starts a new step for torch's CUDA graphs, whose memory then holds the
+        # next step's tensors where the backward's graph left the gradients this step reads (on an H200)
+        opt.step = torch.compile(opt.step, mode='default')
+        return opt
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), fused=True)
 
 
-def step_mode(plan):
+def step_mode(device, world=1, accum_steps=1):
     """torch.compile's mode for a compiled step's loss function (its forward and backward; the optimizer step is never
-    a CUDA graph, Run): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph replayed with
-    one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch a step never
-    reaches while they are in use); elsewhere the default."""
-    one = plan.world == 1 and plan.cfg.accum_steps == 1
-    return 'reduce-overhead' if plan.device.type == 'cuda' and one else 'default'
+    a CUDA graph, build_optimizer): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph
+    replayed with one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch
+    a step never reaches while they are in use); elsewhere the default."""
+    one = world == 1 and accum_steps == 1
+    return 'reduce-overhead' if device.type == 'cuda' and one else 'default'
 
 
 def layer_id(name, depth):

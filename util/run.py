@@ -165,10 +165,6 @@ class Run:
             self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
         self.compiled = {}        # each loss_fn, compiled where the step is (forward)
-        if plan.compiled:         # what GradScaler.step calls: compiled, its lr read from tensors (build_optimizer);
-            # never a CUDA graph: the replay of one starts a new step for torch's CUDA graphs, whose memory then holds
-            # the next step's tensors where the backward's graph left the gradients this step reads (on an H200)
-            self.opt.step = torch.compile(self.opt.step, mode='default')
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
         self.running = {}         # the losses summed since the last progress line, on the device
@@ -182,7 +178,8 @@ class Run:
         if not self.plan.compiled:
             return loss_fn
         if loss_fn not in self.compiled:
-            self.compiled[loss_fn] = torch.compile(loss_fn, mode=step_mode(self.plan))
+            self.compiled[loss_fn] = torch.compile(
+                loss_fn, mode=step_mode(self.plan.device, self.plan.world, self.cfg.accum_steps))
         return self.compiled[loss_fn]
 
     def begin(self, full):
