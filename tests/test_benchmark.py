@@ -217,10 +217,13 @@ def test_the_filled_batch_is_measured_to_fit_and_the_next_is_not(growth):
 
 def test_a_compiled_case_is_counted_when_autos_path_is_not_timed(tmp_path):
     """--compile true --paths sdpa on a CPU (auto: eager, not timed): the compiled step's FLOPs are auto's, counted
-    for it (they were None, and the report's division failed after every timing)."""
+    for it (they were None, and the report's division failed after every timing); --profile breaks the compiled step
+    down too, after its timed rounds."""
     p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--methods', 'distill', '--paths',
-                   'sdpa', '--compile', 'true', '--saved-bytes', 'false', '--memory-batch-size', '0', '--out-dir',
-                   tmp_path, timeout=300)
+                   'sdpa', '--compile', 'true', '--saved-bytes', 'false', '--memory-batch-size', '0', '--profile',
+                   'distill', '--out-dir', tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {row['path']: row for row in results(tmp_path)['rows']}
     assert set(rows) == {'sdpa', 'compile'} and rows['compile']['flops'] > 0 and rows['compile']['peak_fraction'] > 0
+    table = (tmp_path / 'profile-vit_tiny-distill-compile.txt').read_text()
+    assert 'CompiledFunctionBackward' in table and 'Torch-Compiled Region' in table

@@ -14,7 +14,7 @@ this file times them and writes the report (BENCHMARK.md, at its end). Each case
 medians), its FLOPs counted against a GEMM peak measured here (a step's share of its precision's peak: its MFU on
 a GPU in bf16), the bytes it saves for backward measured (the same on every device: what attention transfer adds
 to a step's activation memory), and its peak memory (benchmark_cases.peak_memory says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
-method: by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
+method (and one of its compiled step with --compile true): by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
 results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
 """
 import gc
@@ -76,7 +76,7 @@ class BenchConfig:
                                 help='a subset of train copy distill eval-*')
     compile: bool = option(False, 'also time the default training steps under torch.compile')
     profile: list[str] = option(factory=list, choices=TRAINED,
-                                help='methods whose default step torch.profiler breaks down')
+                                help="methods whose default step (and --compile true's) torch.profiler breaks down")
     threads: int = option(0, "torch threads; 0 = torch's default",
                           at_least(0, "torch's default", WORKERS))
     saved_bytes: bool = option(True, 'bytes saved for backward by one step of each trained case '
@@ -238,6 +238,9 @@ def measure(cfg, size, device, peak):
         if (m, parts.auto) in steps:
             profile(steps[m, parts.auto], f'{cfg.out_dir}/profile-{size}-{m}.txt', device)
     times = interleaved(steps, cfg, device)
+    for m in cfg.profile:   # the compiled step's, once the timed rounds have compiled it and warmed its CUDA graphs
+        if (m, 'compile') in steps:
+            profile(steps[m, 'compile'], f'{cfg.out_dir}/profile-{size}-{m}-compile.txt', device)
     del parts, steps     # each case's memory is measured alone (compiled graphs hold their module)
     torch._dynamo.reset()
     gc.collect()
