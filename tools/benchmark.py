@@ -3,7 +3,7 @@ Speed and memory of every method's step on this device: the two attention implem
 
     python -m tools.benchmark                        # CPU: vit_tiny, vit_small, vit_base at batch 8
     python -m tools.benchmark --models vit_base --rounds 9
-    python -m tools.benchmark --compile true         # also the default training steps under torch.compile
+    python -m tools.benchmark --compile true         # also the training steps as --compile true trains them
     python -m tools.benchmark --quick true           # a tiny model, 2 steps: checks that it all runs
     python -m tools.benchmark --models vit_base --img-size 448 --batch-size 2 --timing false   # saved bytes only
     python -m tools.benchmark --device cuda --profile train copy distill --out-dir results/benchmark-h100
@@ -74,7 +74,8 @@ class BenchConfig:
     copy_frac: float = option(1.0, 'copy all layers (the paper)', FRACTION)
     methods: list[str] = option(factory=lambda: list(METHODS), choices=METHODS,
                                 help='a subset of train copy distill eval-*')
-    compile: bool = option(False, 'also time the default training steps under torch.compile')
+    compile: bool = option(False, 'also time each training step as --compile true trains it (its loss function '
+                                  'compiled whole, the teacher in it; its optimizer step compiled)')
     profile: list[str] = option(factory=list, choices=TRAINED,
                                 help="methods whose default step (and --compile true's) torch.profiler breaks down")
     threads: int = option(0, "torch threads; 0 = torch's default",
