@@ -11,13 +11,14 @@
 #   bash tools/gpu_check.sh OUT_DIR bench  # the fused attention's measurements, the benchmark of ViT-L/16 (270 s),
 #                                          # then its steps compiled as --compile true trains (at most 300 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
+#   bash tools/gpu_check.sh OUT_DIR notebook    # tutorial.ipynb in full mode, timed (at most 580 s)
 #   bash tools/gpu_check.sh OUT_DIR small  # the Fashion-MNIST preset end to end, each method eager and compiled
 #                                          # (the compilation counted: --compile auto's measurement) with its img/s
 #                                          # per interval; its step alone under torch.profiler; then the reproduction
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
-out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | bench | small | reproduce]}
+out=${1:?usage: bash tools/gpu_check.sh OUT_DIR [checks | bench | small | reproduce | notebook]}
 part=${2:-checks}
 py=${PYTHON:-python3}
 dry=${GPU_CHECK_DRY:-}
@@ -88,6 +89,35 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
     > "$out/reproduce.log" 2>&1
   echo "tools.reproduce exit $? after $((SECONDS - t0)) s"
   tail -9 "$out/reproduce.log"
+  exit 0
+fi
+if [ "$part" = notebook ]; then   # tutorial.ipynb in full mode (the scripts' preset, Fashion-MNIST carried), timed
+  # the kernel's packages, where the machine has none: wheels in .whl/, fetched before the call (README of `device`):
+  #   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+  #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 nbclient nbformat ipykernel   # then remove
+  #     from .whl what the machine has (attrs, packaging, psutil, pygments, python-dateutil, typing-extensions)
+  if ! $py -c 'import nbclient, ipykernel' 2>/dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  mode=full
+  [ -n "$dry" ] && mode=quick
+  TUTORIAL_MODE=$mode TUTORIAL_RUNS="$out/tutorial" within 580 $py - "$out/tutorial-$mode.ipynb" <<'EOF'
+import os, sys, time
+sys.path.insert(0, 'tests')
+import nbformat
+from test_tutorial import NOTEBOOK, execute, key_numbers
+nb = nbformat.read(NOTEBOOK, as_version=4)
+for cell in nb.cells:
+    if cell.cell_type == 'code':
+        cell.outputs = []
+start = time.time()
+execute(nb, dict(os.environ))   # TUTORIAL_MODE and TUTORIAL_RUNS as set here
+print(f"tutorial.ipynb in {os.environ['TUTORIAL_MODE']} mode: {time.time() - start:.0f} s, top to bottom")
+print('KEY_NUMBERS', key_numbers(nb))
+nbformat.write(nb, sys.argv[1])
+EOF
+  echo "exit $?"
   exit 0
 fi
 if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
