@@ -13,9 +13,11 @@ The cases and paths (eager, sdpa, naive, ...) are benchmark_cases.py's, with the
 this file times them and writes the report (BENCHMARK.md, at its end). Each case is timed (the cases interleaved,
 medians), its FLOPs counted against a GEMM peak measured here (a step's share of its precision's peak: its MFU on
 a GPU in bf16), the bytes it saves for backward measured (the same on every device: what attention transfer adds
-to a step's activation memory), and its peak memory (benchmark_cases.peak_memory says how). Writes <out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per
-method (and one of its compiled step with --compile true): by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which git ignores; the committed
-results/ folders are written only when named (each one's README or BENCHMARK.md gives its command).
+to a step's activation memory), and its peak memory (benchmark_cases.peak_memory says how). Writes
+<out-dir>/benchmark.json and BENCHMARK.md, and with --profile a torch.profiler table per method (and one of its
+compiled step with --compile true): by default in runs/benchmark (runs/benchmark-quick, runs/benchmark-<gpu>), which
+git ignores; the committed results/ folders are written only when named (each one's README or BENCHMARK.md gives its
+command).
 """
 import gc
 import os

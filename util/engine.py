@@ -111,10 +111,10 @@ def build_optimizer(cfg, model, lr, compiled=False):
     """AdamW; no weight decay on norms, biases, tokens, position embeddings; layer-wise lr decay: layer l
     (0 the embedding, i + 1 block i, the rest the head) trains at lr x layer_decay ** (L - l), with
     L = depth + 1 in MAE's util/lr_decay.py, L = depth in the release's (its copy student; the head and
-    the last block then share the full lr): cfg.layer_decay_offset picks. compiled: its step is compiled here (what GradScaler.step calls), so
-    each group's lr is a tensor on the parameters' device, which a new lr fills (train_one_epoch) where a number would
-    be a constant of the graph, compiled again for each new value; capturable, so that the step counts stay there too
-    (the compiler traces the foreach implementation, not the fused one)."""
+    the last block then share the full lr): cfg.layer_decay_offset picks. compiled: its step is compiled here (what
+    GradScaler.step calls), so each group's lr is a tensor on the parameters' device, which a new lr fills
+    (train_one_epoch) where a number would be a constant of the graph, compiled again for each new value; capturable,
+    so that the step counts stay there too (the compiler traces the foreach implementation, not the fused one)."""
     groups = {}   # (lr scale, no weight decay) -> its AdamW parameter group
     layers = model.depth + cfg.layer_decay_offset
     for name, p in model.named_parameters():
