@@ -232,8 +232,6 @@ def test_the_benchmark_s_compiled_case_is_the_step_a_compiled_run_trains(monkeyp
         step = Parts(cfg, 'vit_tiny', torch.device('cpu')).step(method, 'compile', batch=2)
         for _ in range(3):
             step()
-    del step
-    torch._dynamo.reset()   # its graphs hold the models
     mode, counter = compiled.of('loss_fn')
     assert (mode, compiled.of('step')[0]) == ('default', 'default') and counter.frame_count == 1
     inputs = [n.name for n in counter.graphs[0].graph.nodes if n.op == 'placeholder']
