@@ -1,7 +1,7 @@
 """`--compile true` (auto: on a GPU for the small data sets): the training step compiled whole. Each script's loss
 function, the frozen teacher's forward, the student's and the loss (the map-free one's log-sum-exp a custom op), is one
-graph compiled once and never again over the following steps, its backward AOTAutograd's; the optimizer step is
-compiled too, its lr a tensor that each step fills (no recompilation for a new lr); on the stand-in CUDA device
+graph compiled once and never again over the following steps (a new lr each), its backward AOTAutograd's, and
+nothing else compiled (the optimizer's step eager, build_optimizer); on the stand-in CUDA device
 (tests/standin_cuda.py) the compiled step asks the host for nothing and is captured as CUDA graphs; losses and
 gradients are eager's. The start-up check compiles the layers it checks on sdpa before that, each on its own: counted
 apart.
@@ -11,8 +11,7 @@ on CUDA (`python -m pytest -m gpu tests`) with the default inductor backend.
 What this guards against: a per-step closure over the teacher's generator, called inside the student's loop over
 blocks, breaks the graph there; dynamo then runs that loop eagerly and compiles each block on its own, recompiling
 for every block's drop-path rate until its limit of 8 (ViT-B: 19 frames, 13 graphs); a loss that takes gradients
-inside its forward (MapFreeCrossEntropy) stops the graph; an lr handed to the compiled optimizer as a number is a
-constant of its graph, compiled again every step of the warm-up.
+inside its forward (MapFreeCrossEntropy) stops the graph.
 """
 import contextlib
 from types import SimpleNamespace
@@ -32,7 +31,6 @@ from test_standin_scripts import on_standin
 from tools.benchmark import BenchConfig, configure
 from tools.benchmark_cases import Parts
 from util import launch
-from util.engine import build_optimizer
 from vit import Attention, VisionTransformer, scores, set_attn_implementation
 
 SCRIPTS = {'finetune': finetune, 'mae': mae_pretrain, 'copy': attention_copy, 'distill': attention_distill}
@@ -50,25 +48,31 @@ def teacher_ckpt(tmp_path_factory):
 class Compiled:
     """torch.compile as the code calls it, recorded: each call's function, the mode it asked for, and a counter of the
     graphs dynamo handed its backend (aot_eager, or `backend`; None: torch.compile as asked, mode and all, uncounted).
-    From the step's first compilation on (the optimizer's, in build_optimizer), a recompilation raises
-    (error_on_recompile, until the test ends); the start-up check's compilations of single layers come before it."""
+    From the step's first compilation on, a recompilation raises (error_on_recompile, until the test ends); the
+    start-up check's compilations of single layers and of its loss come before it."""
 
-    def __init__(self, stack, backend='aot_eager', uncompiled=()):
+    def __init__(self, stack, backend='aot_eager'):
         self.stack = stack
         self.backend = backend
-        self.uncompiled = uncompiled   # the names of functions recorded but left as they are
         self.calls = []
 
     def __call__(self, fn, mode=None, **kwargs):
         counter = CompileCounterWithBackend(self.backend)
         self.calls.append((fn, mode, counter))
-        if getattr(fn, '__name__', '') in self.uncompiled:
-            return fn
-        if not isinstance(fn, Attention) and getattr(fn, '__name__', '') != 'loss':   # the step's, not the check's
+        if not self.checks(fn):
             self.stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
         if self.backend is None:
             return COMPILE(fn, mode=mode, **kwargs)
         return COMPILE(fn, backend=counter, **kwargs)
+
+    @staticmethod
+    def checks(fn):
+        """Whether a compiled function is the start-up check's (a layer, its loss), not the step's."""
+        return isinstance(fn, Attention) or getattr(fn, '__name__', '') == 'loss'
+
+    def of_step(self):
+        """The names of the functions compiled for the step, in order."""
+        return [getattr(fn, '__name__', fn) for fn, _, _ in self.calls if not self.checks(fn)]
 
     def of(self, name):
         """(mode, counter) of the one compilation of the function named `name` (loss_fn, step)."""
@@ -113,8 +117,8 @@ def compiled_run(monkeypatch, out_dir, module, *args):
 
 
 def one_graph(compiled, out_dir, script):
-    """The run's loss function (the teacher's forward and the loss included) one graph, compiled once, its optimizer
-    step compiled, neither compiled again over steps of four lrs."""
+    """The run's loss function (the teacher's forward and the loss included) one graph, compiled once and never again
+    over steps of four lrs; nothing else of the step compiled (the optimizer's step eager)."""
     mode, step = compiled.of('loss_fn')
     assert step.frame_count == 1, f'{step.frame_count} graphs: a graph break or a recompilation'
     inputs = [n.name for n in step.graphs[0].graph.nodes if n.op == 'placeholder']
@@ -122,7 +126,7 @@ def one_graph(compiled, out_dir, script):
         assert any('teacher' in name for name in inputs), inputs
     ops = {n.target for n in step.graphs[0].graph.nodes}
     assert (torch.ops.attention_transfer.log_sum_exp.default in ops) == (script == 'distill-sdpa')
-    assert (mode, compiled.of('step')[0]) == ('default', 'default')      # CUDA graphs on a GPU only
+    assert mode == 'default' and compiled.of_step() == ['loss_fn']      # CUDA graphs on a GPU only
     assert len(set(lrs(out_dir))) == 4 and read_metrics(out_dir)[-1]['step'] == 4
 
 
@@ -138,8 +142,7 @@ def test_the_step_is_one_graph_compiled_once_whatever_its_drop_path(monkeypatch,
 @pytest.mark.parametrize('script', ['finetune', *TRANSFER])
 def test_the_compiled_step_is_one_graph_and_trains_as_eager_does(monkeypatch, tmp_path, teacher_ckpt, script):
     """Four steps in fp32, eager and compiled: the compiled step one graph (one_graph); the same losses at every step,
-    the same weights after (the compiled optimizer is AdamW's foreach implementation with a tensor lr, eager's the
-    fused one with a number: float rounding apart), the same evaluation."""
+    the same weights after (float rounding apart), the same evaluation."""
     module, args = script_args(script, teacher_ckpt)
     for choice in ('false', 'true'):
         compiled = compiled_run(monkeypatch, tmp_path / choice, module, '--compile', choice, '--amp', 'off', *args)
@@ -170,8 +173,7 @@ def test_on_a_gpu_the_step_is_captured_and_trains_as_eager_does(monkeypatch, tmp
             msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', tmp_path / choice, '--max-steps', '4',
                                  '--log-every', '1', '--compile', choice, '--amp', 'off', *args)
         assert msg is None, msg
-    assert compiled.of('loss_fn')[0] == 'reduce-overhead'   # the optimizer's step: never a CUDA graph, it reads the
-    assert compiled.of('step')[0] == 'default'              # backward graph's outputs (its replay would free them)
+    assert compiled.of('loss_fn')[0] == 'reduce-overhead' and compiled.of_step() == ['loss_fn']
     losses = [[float(v) for v in re.findall(r'step \d/4 \| \w+ ([\d.]+)', (tmp_path / c / 'log.txt').read_text())]
               for c in ('false', 'true')]
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-3)
@@ -222,8 +224,8 @@ def test_the_log_sum_exp_op_s_fake_and_autograd_are_the_real_ones():
 def test_the_benchmark_s_compiled_case_is_the_step_a_compiled_run_trains(monkeypatch, method):
     """tools/benchmark.py's `compile` path times the step `--compile true` trains: the method's loss function compiled
     whole, once over its steps (distillation's graph takes the teacher's weights as inputs: its forward is in it), and
-    the optimizer's step compiled as a run's (build_optimizer). It compiled the student alone; the teacher's forward,
-    the loss and the optimizer ran eagerly, so its ratios were not the ones a compiled run trains at."""
+    nothing else (the optimizer's step eager, as a run's). It compiled the student alone; the teacher's forward and the
+    loss ran eagerly, so its ratios were not the ones a compiled run trains at."""
     cfg, _ = configure(BenchConfig(device='cpu', quick=True))
     torch._dynamo.reset()
     with contextlib.ExitStack() as stack:
@@ -233,65 +235,27 @@ def test_the_benchmark_s_compiled_case_is_the_step_a_compiled_run_trains(monkeyp
         for _ in range(3):
             step()
     mode, counter = compiled.of('loss_fn')
-    assert (mode, compiled.of('step')[0]) == ('default', 'default') and counter.frame_count == 1
+    assert mode == 'default' and counter.frame_count == 1 and compiled.of_step() == ['loss_fn']
     inputs = [n.name for n in counter.graphs[0].graph.nodes if n.op == 'placeholder']
     assert any('teacher' in name for name in inputs) == (method == 'distill'), inputs
-
-
-def test_a_new_lr_never_compiles_the_optimizer_step_again(monkeypatch):
-    """build_optimizer(compiled=True): its step compiled, without CUDA graphs; each group's lr a tensor, filled with a
-    new value each step; the compiled step is never compiled again (error_on_recompile), and it moves the weights as
-    eager's fused AdamW with a number."""
-    cfg = finetune.FinetuneConfig(layer_decay=0.75)    # several lr scales: several groups
-    torch.manual_seed(0)
-    models = [VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
-              for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    torch._dynamo.reset()
-    with contextlib.ExitStack() as stack:
-        compiled = Compiled(stack)
-        monkeypatch.setattr(torch, 'compile', compiled)
-        opts = [build_optimizer(cfg, models[0], 1e-2), build_optimizer(cfg, models[1], 1e-2, compiled=True)]
-        assert len(opts[1].param_groups) > 2
-        mode, counter = compiled.of('step')
-        for i in range(5):
-            x = torch.randn(4, 3, 16, 16)
-            for m in models:
-                m(x).square().mean().backward()
-            lr = 1e-2 * (i + 1) / 5
-            for g in opts[0].param_groups:
-                g['lr'] = lr * g['lr_scale']
-            for g in opts[1].param_groups:
-                g['lr'].fill_(lr * g['lr_scale'])
-            for opt in opts:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    assert mode == 'default' and counter.frame_count > 0
-    # what a CUDA graph of the step reads each replay, none a number of the host's
-    assert all(g['lr'].device == g['params'][0].device for g in opts[1].param_groups)
-    assert all(s['step'].device == p.device for p, s in opts[1].state.items())
-    same_weights(models[1].state_dict(), models[0].state_dict())
 
 
 @pytest.mark.parametrize('script', ['finetune', 'distill-sdpa'])
 def test_the_compiled_step_asks_the_host_for_nothing_on_the_device(monkeypatch, tmp_path, teacher_ckpt, script):
     """On the stand-in CUDA device (its strict epochs: a host sync or a host tensor read in a step fails), a compiled
-    run's steps, its loss function compiled as CUDA graphs ('reduce-overhead'), its optimizer step without. The optimizer
-    step runs its foreach, capturable ops eagerly here: dynamo makes an optimizer's state with the stand-in's fake
-    tensors set aside, on a GPU there is not."""
+    run's steps, its loss function compiled as CUDA graphs ('reduce-overhead'), its optimizer's step eager."""
     module, args = script_args(script, teacher_ckpt)
     torch._dynamo.reset()
     with contextlib.ExitStack() as stack, on_standin('held', module) as cuda:
         # dynamo asks a GPU it sees (the stand-in's torch.cuda answers) whether it is capturing, and for its stream
         cuda.patch(torch.cuda, 'is_current_stream_capturing', lambda: False)
         cuda.patch(torch.accelerator, 'is_available', lambda: False)
-        compiled = Compiled(stack, uncompiled=('step',))
+        compiled = Compiled(stack)
         cuda.patch(torch, 'compile', compiled)
         msg = run_in_process(monkeypatch, module, *TINY, '--fake-size', '128', '--out-dir', tmp_path,
                              '--compile', 'true', '--max-steps', '2', '--log-every', '1', *args)
     assert msg is None, msg
-    assert compiled.of('loss_fn')[0] == 'reduce-overhead'   # the optimizer's step: never a CUDA graph, it reads the
-    assert compiled.of('step')[0] == 'default'              # backward graph's outputs (its replay would free them)
+    assert compiled.of('loss_fn')[0] == 'reduce-overhead' and compiled.of_step() == ['loss_fn']
     assert compiled.of('loss_fn')[1].frame_count == 1
 
 

@@ -77,7 +77,7 @@ class BenchConfig:
     methods: list[str] = option(factory=lambda: list(METHODS), choices=METHODS,
                                 help='a subset of train copy distill eval-*')
     compile: bool = option(False, 'also time each training step as --compile true trains it (its loss function '
-                                  'compiled whole, the teacher in it; its optimizer step compiled)')
+                                  'compiled whole, the teacher in it)')
     profile: list[str] = option(factory=list, choices=TRAINED,
                                 help="methods whose default step (and --compile true's) torch.profiler breaks down")
     threads: int = option(0, "torch threads; 0 = torch's default",

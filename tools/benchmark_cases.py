@@ -5,15 +5,14 @@ What benchmark.py times: one step of each method on each path, built from shared
 scripts run them: the autocast dtype --amp auto picks, the teacher's matmul weights stored in it, the teacher
 stopped inside its last transferred layer. eager writes every (B, H, N, N) map out (distillation: the fused
 cross-entropy of the two maps' logits); sdpa never stores one (copy: one fused call on the teacher's q and k;
-distillation: MapFreeCrossEntropy on both models' q and k). `auto` is whichever of the two
---attn-implementation auto picks on the device (util/launch.AUTO_ATTN), and `compile` that one as `--compile true`
-trains it: the loss function compiled whole (the teacher's forward, the student's and the loss one graph; on one GPU
-captured as CUDA graphs) and the optimizer's step compiled, its lr a tensor. The naive path (below) is this
-repository's code run the way the authors' release runs: fp32 (its autocast is commented out), every attention
-explicit, the teacher run through all its blocks and its head with drop-path masks, every layer's maps kept for a
-loss that autograd differentiates, copy students that compute their own q, k and softmax before the teacher's map
-replaces it, AdamW with torch's defaults (a for-loop on CPUs, foreach kernels on GPUs). `naive-bf16` is that path
-under bf16 autocast.
+distillation: MapFreeCrossEntropy on both models' q and k). `auto` is whichever of the two --attn-implementation
+auto picks on the device (util/launch.AUTO_ATTN), and `compile` that one as `--compile true` trains it: the loss
+function compiled whole (the teacher's forward, the student's and the loss one graph; on one GPU captured as CUDA
+graphs), the optimizer's step eager as a run's. The naive path (below) is this repository's code run the way the
+authors' release runs: fp32 (its autocast is commented out), every attention explicit, the teacher run through all
+its blocks and its head with drop-path masks, every layer's maps kept for a loss that autograd differentiates, copy
+students that compute their own q, k and softmax before the teacher's map replaces it, AdamW with torch's defaults
+(a for-loop on CPUs, foreach kernels on GPUs). `naive-bf16` is that path under bf16 autocast.
 
 And how much memory they need: one case's peak, built alone (CPU: the RSS of a fresh process; CUDA:
 max_memory_allocated), and on a GPU the largest batch at which all of a model's cases fit in a share of its memory.
@@ -257,11 +256,10 @@ class Parts:
         if method not in TRAINED:
             return forward
         # the scripts' AdamW (layer decay 0.75; TrainConfig's weight decay 0.05 and beta2 0.999), built once a
-        # student and kind; compile: as a compiled run has it (its step compiled, its lr a tensor); naive: the same
-        # parameter groups in torch's AdamW with its defaults
-        key = student, path.startswith('naive'), path == 'compile'
+        # student (a compiled run's too); naive: the same parameter groups in torch's AdamW with its defaults
+        key = student, path.startswith('naive')
         if key not in self.optimizers:
-            opt = build_optimizer(TrainConfig(layer_decay=0.75), student, lr=1e-4, compiled=key[2])
+            opt = build_optimizer(TrainConfig(layer_decay=0.75), student, lr=1e-4)
             self.optimizers[key] = torch.optim.AdamW(opt.param_groups) if key[1] else opt
         opt = self.optimizers[key]
 

@@ -139,10 +139,11 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
 
 # --compile auto: compiled on a GPU where a small data set, held in its memory, trains long enough to repay the
 # compilation. On one H200 (results/benchmark-h200/round7), on Fashion-MNIST's preset, the first 10 compiled steps
-# (the compilation in them) took 41 s for fine-tuning and 25 s for distillation, then each step ran 3.2x and 4.2x
-# faster than eager (16 -> 5.0 ms, 23 -> 5.6 ms): repaid after about 3,800 and 1,400 steps; a run of one epoch (468
-# steps) took 62 s compiled, 19 s eager. Each set compiled, with its training split's images (a step count before
-# the data is read); CIFAR's step was not measured.
+# (the compilation in them, the optimizer's step compiled too then: util/engine.build_optimizer) took 41 s for
+# fine-tuning and 25 s for distillation, then each step ran 3.2x and 4.2x faster than eager
+# (16 -> 5.0 ms, 23 -> 5.6 ms): repaid after about 3,800 and 1,400 steps; a run of one epoch (468 steps) took 62 s
+# compiled, 19 s eager. Each set compiled, with its training split's images (a step count before the data is read);
+# CIFAR's step was not measured.
 COMPILED_DATA = {'fashion-mnist': 60000, 'cifar10': 50000, 'cifar100': 50000}
 
 

@@ -147,7 +147,7 @@ class Run:
         self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
-        self.opt = build_optimizer(cfg, model, self.lr, plan.compiled)
+        self.opt = build_optimizer(cfg, model, self.lr)
         self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.dtype == torch.float16)
         self.ema = None
         if cfg.ema:
@@ -174,7 +174,8 @@ class Run:
     def forward(self, loss_fn):
         """loss_fn as the step runs it: where the step is compiled (plan.compiled), compiled whole, once, on its first
         call: the teacher's forward, the student's and the loss one graph, and its backward another (AOTAutograd's);
-        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay."""
+        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay.
+        The optimizer's step stays eager (build_optimizer)."""
         if not self.plan.compiled:
             return loss_fn
         if loss_fn not in self.compiled:
