@@ -140,7 +140,8 @@ timeout 210 $py -m tools.benchmark --device $device $bench --methods train copy 
   --rounds 3 --profile distill --out-dir "$out/bench-vit_large" > "$out/bench-vit_large.log" 2>&1
 grep -E '^\| vit|^Kernels' "$out/bench-vit_large/BENCHMARK.md" || tail -5 "$out/bench-vit_large.log"
 # the same shape's steps as --compile true trains them (the loss function one graph, the teacher's forward in it, on
-# CUDA graphs; the optimizer's step eager, as a run's) beside sdpa's: compiled distillation against a compiled plain step
+# CUDA graphs; the optimizer's step eager, as a run's) beside sdpa's: compiled distillation against a compiled plain
+# step
 within 300 $py -m tools.benchmark --device $device $bench --methods train distill --paths sdpa --compile true \
   --rounds 3 --saved-bytes false --memory-batch-size 0 --out-dir "$out/bench-compiled" > "$out/bench-compiled.log" 2>&1
 grep -E '^\| vit' "$out/bench-compiled/BENCHMARK.md" || tail -5 "$out/bench-compiled.log"
