@@ -127,9 +127,9 @@ def build_optimizer(cfg, model, lr):
 
 def step_mode(device, world=1, accum_steps=1):
     """torch.compile's mode for a compiled step's loss function (its forward and backward; the optimizer runs eager,
-    build_optimizer): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph
-    replayed with one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch
-    a step never reaches while they are in use); elsewhere the default."""
+    build_optimizer): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph replayed with
+    one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch a step never
+    reaches while they are in use); elsewhere the default."""
     one = world == 1 and accum_steps == 1
     return 'reduce-overhead' if device.type == 'cuda' and one else 'default'
 
