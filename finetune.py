@@ -31,7 +31,7 @@ from data import batch_mixer, build_data
 from util.attention_check import settle_attention
 from util.checkpoints import (check_trainable, check_weights, load_weights, read_hashed,
                               state_dict_of, vit_of)
-from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
+from util.config import DEPTH, SMALL_PRESETS, ComponentsConfig, ConfigError, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
 from util.run import Run
@@ -39,7 +39,7 @@ from vit import create_model, model_arch
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(ComponentsConfig):
     init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, '
                        'torchvision_vit_b_16, ...); empty = train from scratch')
     scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning '
@@ -48,16 +48,6 @@ class FinetuneConfig(TrainConfig):
                                     '(no record, no family)',
                                  at_least(0, "the file's record or family", DEPTH))
     out_dir: str = 'runs/finetune'
-    # components of other ViT families (vit.py), to train a teacher built like one;
-    # --init checks they match
-    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); '
-                                     '0 = none',
-                                (lambda v: 0 <= v <= 100,
-                                 'must be 0 (no layer scale) or a positive initial value, '
-                                 'at most 100'))
-    norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
-    act: str = option('gelu', 'gelu | quick_gelu (CLIP)',
-                      choices=('gelu', 'quick_gelu'))
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)
@@ -81,8 +71,7 @@ class FinetuneConfig(TrainConfig):
         (None: the size's own)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
                     depth=self.depth, num_heads=self.num_heads, global_pool=self.global_pool,
-                    drop_path_rate=self.drop_path, init_values=self.layer_scale or None,
-                    norm_pre=self.norm_pre, act=self.act)
+                    drop_path_rate=self.drop_path, **self.components())
 
 
 class Init(NamedTuple):

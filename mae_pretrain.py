@@ -34,7 +34,7 @@ from einops import rearrange
 from data import INFO, build_data, sample_images
 from util.attention_check import settle_attention
 from util.checkpoints import check_trainable, read_checkpoint, state_dict_of
-from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
+from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import claimed, save_figure
 from util.launch import resolve, run_main
@@ -48,7 +48,7 @@ SINGLE_IMAGES = (lambda v: v == 0, 'MAE reconstructs single images: --mixup and 
 
 
 @dataclass
-class MAEConfig(TrainConfig):
+class MAEConfig(ComponentsConfig):
     mask_ratio: float = option(0.75, "fraction of each image's patches hidden from the encoder")
     decoder_dim: int = option(64, rule=at_least(1, most=SIZE))
     decoder_depth: int = option(2, rule=at_least(1, most=DEPTH))
@@ -207,10 +207,10 @@ class MaskedAutoencoder(VisionTransformer):
 
 
 def build_mae(cfg):
-    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
+    """The encoder the config names (vit.py's sizes and components, as finetune.py builds it) with the decoder."""
     arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
                       embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                      drop_path_rate=cfg.drop_path)
+                      drop_path_rate=cfg.drop_path, **cfg.components())
     return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
                              cfg.mask_ratio)
 

@@ -30,6 +30,8 @@ SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers',
                                          'fashion-mnist-mae.pt')}
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
+# the follow-up that found the families with such components (DINOv2, CLIP, BEiTv2) failing with a plain student
+FOLLOW_UP = 'arXiv 2605.07191'
 
 # -----------------------------------------------------------------------------
 # What the teacher hands over: q and k (a map is made where it is used), or its q, k or v
@@ -171,22 +173,60 @@ def build_student(transfer, num_classes, cfg):
                    'drop_path_rate': cfg.drop_path}, 'the student')
 
 
+def components(arch):
+    """{keyword: value} of the components a ViT's keywords add to a plain ViT (PLAIN's that differ)."""
+    return {k: arch.get(k, PLAIN[k]) for k in PLAIN if arch.get(k, PLAIN[k]) != PLAIN[k]}
+
+
+def with_components(cfg, t):
+    """Whether the student gets teacher t's components: --student-arch teacher, or auto where t has any. A plain
+    student of a teacher with them ends below training from scratch in the follow-up (FOLLOW_UP: DINOv2, CLIP and
+    BEiTv2 teachers); given them at random initialisation it transfers again. A plain teacher: a plain student."""
+    if cfg.student_arch == 'auto':
+        return bool(components(t))
+    return cfg.student_arch == 'teacher'
+
+
+def describe_components(arch):
+    """'layer scale from 1e-05, 4 register tokens, ...': the components of arch in words ('none')."""
+    words = {'init_values': lambda v: f'layer scale from {v:g}', 'norm_pre': lambda v: 'a norm before the blocks',
+             'act': lambda v: v, 'reg_tokens': lambda v: f'{v} register tokens',
+             'norm_eps': lambda v: f'LayerNorm eps {v:g}'}
+    return ', '.join(words[k](v) for k, v in components(arch).items()) or 'none'
+
+
+def describe_arch(cfg, t):
+    """The student's architecture in one line for the log: which of teacher t's components it has, and why."""
+    flag = f'--student-arch {cfg.student_arch}'
+    extra = describe_components(t)
+    if not components(t):
+        return f'student: a plain ViT, as its teacher ({flag}: the teacher has nothing beyond a plain ViT)'
+    if not with_components(cfg, t):
+        return f"student: a plain ViT ({flag}), without the teacher's {extra}"
+    why = ''
+    if cfg.student_arch == 'auto':
+        why = (', since a plain student transfers poorly from a teacher with them '
+               f'({FOLLOW_UP}); --student-arch plain for a plain ViT')
+    return f"student: the teacher's {extra}, randomly initialised ({flag}{why})"
+
+
 def student_arch(cfg, t, layers, heads):
     """The student's VisionTransformer keywords (its task's head aside) for teacher keywords t, refused in one line if
     it cannot take the transfer of `layers` ({student: teacher}) and heads: with the teacher's components or none
-    (--student-arch), and for a copy student (cfg.NO_QK) no q / k projections where it is given whole maps."""
+    (--student-arch: with_components), and for a copy student (cfg.NO_QK) no q / k projections where it is given
+    whole maps."""
     s = student_shape(cfg, t)
-    if cfg.student_arch == 'plain':
-        s.update(PLAIN)
-    else:
+    if with_components(cfg, t):
         s.update({k: t[k] for k in PLAIN})
+    else:
+        s.update(PLAIN)
     s['img_size'] = cfg.img_size
     s['no_qk_layers'] = ()
     if cfg.NO_QK and cfg.transfer == 'attn' and heads is None:   # given whole maps there
         s['no_qk_layers'] = list(layers)
     if s['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a "
-                          f"student with them, --student-arch teacher")
+                          f"student with them, --student-arch auto or teacher")
     why = misfit(cfg, s, t, layers)
     if why:
         shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
@@ -241,9 +281,11 @@ class TransferConfig(TrainConfig):
     average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an "
                                        "image's queries: none | batch | queries",
                                choices=('none', 'batch', 'queries'))
-    student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer "
-                                        "scale, ...), random init",
-                               choices=('plain', 'teacher'))
+    student_arch: str = option('auto', "auto: the teacher's components (layer scale, registers, pre-norm, "
+                                       "activation; random init) where it has any, as DINOv2 and CLIP do, else a "
+                                       "plain ViT | plain: a plain ViT whatever the teacher | teacher: the "
+                                       "teacher's components",
+                               choices=('auto', 'plain', 'teacher'))
     teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no "
                                        "record, no family)",
                                     at_least(0, "the file's record or family", DEPTH))
@@ -281,6 +323,9 @@ class TransferConfig(TrainConfig):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless
         --new-teacher true): the SHA-256 of the bytes the teacher was loaded from (method: the
         Transfer resolve settled), compared with the recorded one."""
+        # --student-arch may change where it builds the saved student (auto and plain, for a plain teacher)
+        if {k: ckpt['arch'].get(k, PLAIN[k]) for k in PLAIN} == {k: method.student[k] for k in PLAIN}:
+            free = (*free, 'student_arch')
         conflicts = super().resume_conflicts(ckpt, world, free)
         if self.new_teacher:
             return conflicts
@@ -353,6 +398,7 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     transfer = plan.method
     plan.log(transfer.description)
     plan.log(describe_map(transfer))
+    plan.log(describe_arch(plan.cfg, transfer.teacher))
     teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
     student = build_student(transfer, num_classes, plan.cfg).to(plan.device)

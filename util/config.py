@@ -10,7 +10,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
 from util.errors import ConfigError, flag, show
-from vit import IMPLEMENTATIONS, SIZES
+from vit import ACTS, IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
@@ -218,6 +218,36 @@ class TrainConfig:
                        f'{old[1]} x {old[2]} process(es)) -> {math.prod(new)} ({new[0]} x '
                        f'{new[1]} x {new[2]}): keep it, e.g. with --accum-steps')
         return out
+
+
+@dataclass
+class ComponentsConfig(TrainConfig):
+    """TrainConfig and vit.py's components of other ViT families, for a model trained here built like one
+    (finetune.py, mae_pretrain.py): a teacher built like DINOv2 or CLIP, or a baseline built like its teacher's
+    student (tools/reproduce.py). A file loaded with --init must have the same."""
+    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); '
+                                     '0 = none',
+                                (lambda v: 0 <= v <= 100,
+                                 'must be 0 (no layer scale) or a positive initial value, '
+                                 'at most 100'))
+    norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
+    act: str = option('gelu', 'gelu | quick_gelu (CLIP)', choices=ACTS)
+
+    def components(self):
+        """The VisionTransformer keywords these flags set."""
+        return dict(init_values=self.layer_scale or None, norm_pre=self.norm_pre, act=self.act)
+
+
+def component_flags(components):
+    """The ComponentsConfig flags that build components ({keyword: value} beyond a plain ViT, as
+    teacher.components gives them); a component no flag builds (registers, a LayerNorm epsilon) is left to the
+    reader of the model's --init to refuse."""
+    flags = {'init_values': '--layer-scale', 'norm_pre': '--norm-pre', 'act': '--act'}
+    out = []
+    for k, v in components.items():
+        if k in flags:
+            out += [flags[k], str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
 
 
 def decay_floor(cfg, depth):
