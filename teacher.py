@@ -189,8 +189,10 @@ def with_components(cfg, t):
 
 def describe_components(arch):
     """'layer scale from 1e-05, 4 register tokens, ...': the components of arch in words ('none')."""
-    words = {'init_values': lambda v: f'layer scale from {v:g}', 'norm_pre': lambda v: 'a norm before the blocks',
-             'act': lambda v: v, 'reg_tokens': lambda v: f'{v} register tokens',
+    words = {'init_values': lambda v: f'layer scale from {v:g}',
+             'norm_pre': lambda v: 'a LayerNorm before the blocks',
+             'act': lambda v: v,
+             'reg_tokens': lambda v: f'{v} register tokens',
              'norm_eps': lambda v: f'LayerNorm eps {v:g}'}
     return ', '.join(words[k](v) for k, v in components(arch).items()) or 'none'
 
@@ -202,12 +204,12 @@ def describe_arch(cfg, t):
     if not components(t):
         return f'student: a plain ViT, as its teacher ({flag}: the teacher has nothing beyond a plain ViT)'
     if not with_components(cfg, t):
-        return f"student: a plain ViT ({flag}), without the teacher's {extra}"
+        return f"student: a plain ViT ({flag}), without its teacher's components ({extra})"
     why = ''
     if cfg.student_arch == 'auto':
         why = (', since a plain student transfers poorly from a teacher with them '
                f'({FOLLOW_UP}); --student-arch plain for a plain ViT')
-    return f"student: the teacher's {extra}, randomly initialised ({flag}{why})"
+    return f"student: with its teacher's components ({extra}), randomly initialised ({flag}{why})"
 
 
 def student_arch(cfg, t, layers, heads):

@@ -28,8 +28,9 @@ def write_run(folder, record, config, wall_s=60):
 def layout(out, top1, max_steps=0):
     """tools/followup.sh's OUT with these runs ({arm: {seed: top-1}}) and a teacher."""
     for arm, by_seed in top1.items():
+        taught = {} if arm.startswith('scratch') else {'teacher_sha256': 'f0110' * 12}
         for k, value in by_seed.items():
-            write_run(os.path.join(out, 'logs', arm, f'seed{k}'), {'top1': value}, {'max_steps': max_steps})
+            write_run(os.path.join(out, 'logs', arm, f'seed{k}'), {'top1': value}, {'max_steps': max_steps, **taught})
     write_run(os.path.join(out, 'logs', 'teacher', 'seed0'), {'mse': 0.41234}, {'epochs': 24}, wall_s=1800)
     with open(os.path.join(out, 'machine.txt'), 'w') as f:
         f.write('a test machine, 2 cores (one a run), torch 0\n')
@@ -57,7 +58,8 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--command', 'bash tools/followup.sh') is None
     saved = json.loads((tmp_path / 'followup.json').read_text())
     assert saved['runs'] == {arm: {str(k): v for k, v in r.items()} for arm, r in runs.items()}
-    assert not saved['cut_short'] and saved['teacher'] == {'held_out_mse': 0.41234, 'epochs': 24}
+    assert not saved['cut_short']
+    assert saved['teacher'] == {'held_out_mse': 0.41234, 'epochs': 24, 'sha256': ['f0110' * 12]}
     assert saved['wall_s'] == 18 * 60 + 1800
     text = (tmp_path / 'README.md').read_text()
     assert (tmp_path / 'followup.png').stat().st_size > 0
@@ -76,7 +78,7 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     flat = ' '.join(text.split())   # the page's paragraphs are wrapped
     verdicts = re.findall(r'failure \(.*?\) (shows|does not show) here', flat)
     assert verdicts == (['shows', 'shows'] if failing else ['does not show', 'does not show'])
-    assert '0.4123' in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
+    assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
     assert 'not a result' not in text
     # the page alone, again from the json: the same text
     (tmp_path / 'README.md').unlink()
@@ -84,7 +86,7 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     assert (tmp_path / 'README.md').read_text() == text
 
 
-def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_is_one_line(monkeypatch, tmp_path):
+def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teacher_is_one_line(monkeypatch, tmp_path):
     runs = made_up(True)
     layout(tmp_path / 'short', runs, max_steps=2)
     assert run_in_process(monkeypatch, followup, '--out', tmp_path / 'short') is None
@@ -93,3 +95,9 @@ def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_is_one_line(monk
     layout(tmp_path / 'missing', runs)
     msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'missing')
     assert 'copy-matched' in msg and 'tools/followup.sh' in msg
+    # a teacher re-made while the runs went on: its runs and the old one's are not one experiment
+    layout(tmp_path / 'two', made_up(True))
+    config = tmp_path / 'two' / 'logs' / 'distill-plain' / 'seed2' / 'config.json'
+    config.write_text(json.dumps({**json.loads(config.read_text()), 'teacher_sha256': 'e' * 64}))
+    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'two')
+    assert '2 teacher files' in msg and 'eeeeeeeeeeee' in msg

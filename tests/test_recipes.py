@@ -63,7 +63,8 @@ RECIPES = {
         **VIT_L, global_pool=False, drop_path=0.0, hflip=0.5, min_scale=0.2, crop_pad=2, randaug='', reprob=0.0,
         mixup=0.0, cutmix=0.0, smoothing=0.0, epochs=800, warmup_epochs=40, batch_size=64, accum_steps=1, blr=1.5e-4,
         min_lr=0.0, min_lr_ratio=0.0, weight_decay=0.05, layer_decay=1.0, layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.0,
-        num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True, **PLAIN_VIT),
+        num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True,
+        **PLAIN_VIT),
 }
 GLOBAL_BATCH = {'finetune': (32, 1024), 'scratch': (64, 4096), 'copy': (64, 2048), 'distill': (64, 2048),
                 'mae_pretrain': (64, 4096)}     # GPUs, the batch the recipe's blr is scaled by

@@ -82,8 +82,8 @@ def test_scripts_build_and_record_the_teacher_arch_student(tmp_path):
         assert ck['config']['student_arch'] == arch and 'student_arch' not in record   # said once
         assert {k: ck['arch'][k] for k in PLAIN} == COMPONENTS
         said = [line for line in p.stdout.splitlines() if 'student: ' in line]
-        assert len(said) == 1 and 'layer scale from 0.1, a norm before the blocks, quick_gelu, 2 register ' \
-            'tokens, LayerNorm eps 1e-05' in said[0] and f'--student-arch {arch}' in said[0], said
+        assert len(said) == 1 and '(layer scale from 0.1, a LayerNorm before the blocks, quick_gelu, 2 register ' \
+            'tokens, LayerNorm eps 1e-05)' in said[0] and f'--student-arch {arch}' in said[0], said
     p = run_script('attention_distill.py', *TINY, '--out-dir', tmp_path / 'plain', '--teacher', tmp_path / 'teacher.pt',
                    '--student-arch', 'plain')
     assert p.returncode != 0 and 'register tokens' in p.stderr and 'Traceback' not in p.stderr
@@ -145,7 +145,7 @@ def test_auto_gives_the_student_its_teachers_components(tmp_path, family):
         assert ('blocks.0.ls1.gamma' in student.state_dict()) == ('init_values' in extra)
         assert ('reg_token' in student.state_dict()) == ('reg_tokens' in extra)
         line = describe_arch(cfg, transfer.teacher)
-        assert "student: the teacher's" in line and '2605.07191' in line and '\n' not in line
+        assert "student: with its teacher's components" in line and '2605.07191' in line and '\n' not in line
     if 'reg_tokens' not in extra:   # a plain student stays a choice, where the maps fit one
         assert components(resolved(DistillConfig, path, size, '--student-arch', 'plain')[0].student) == {}
 

@@ -79,13 +79,18 @@ def collect(cfg):
     for path in configs:
         wall += finite(float(read_bytes(os.path.join(os.path.dirname(path), 'wall_s.txt'), FIX)), path, 'its time')
     made = [read_json(p, FIX) for p in configs]
+    taught = sorted({c['teacher_sha256'] for c in made if c.get('teacher_sha256')})
+    if len(taught) > 1:   # a teacher re-made while the runs went on: their numbers are not one experiment's
+        raise DamagedFile(f'the transfer runs in {logs} trained from {len(taught)} teacher files (sha256 '
+                          f"{', '.join(t[:12] for t in taught)}): move the runs of the old one away and run "
+                          f'tools/followup.sh again')
     machine = os.path.join(cfg.out, 'machine.txt')
     return {'family': cfg.family, 'components': FAMILIES[cfg.family], 'command': cfg.command,
             'machine': read_bytes(machine, FIX).decode().strip() if os.path.exists(machine) else 'not recorded',
             'git_commit': sorted({c.get('git_commit', 'unknown') for c in made}),
             'cut_short': any(c.get('max_steps', 0) for c in made),
             'val_size': made[0].get('val_size', 0),
-            'teacher': {'held_out_mse': mse, 'epochs': made[-1]['epochs']},
+            'teacher': {'held_out_mse': mse, 'epochs': made[-1]['epochs'], 'sha256': taught},
             'wall_s': wall, 'runs': runs}
 
 
@@ -166,7 +171,8 @@ def page(result):
         "finds that a student lacking its teacher's architectural components fails to take the teacher's attention, "
         'and that the same components given at random initialisation make it transfer again. Here: an MAE teacher '
         f"with {result['components']}, pre-trained by `mae_pretrain.py` as the shipped teacher is "
-        f"({result['teacher']['epochs']} epochs, held-out masked MSE {result['teacher']['held_out_mse']:.4f}); "
+        f"({result['teacher']['epochs']} epochs, held-out masked MSE {result['teacher']['held_out_mse']:.4f}, "
+        f"sha256 {', '.join(result['teacher']['sha256']) or 'not recorded'}); "
         'copy and distillation into a plain student (`--student-arch plain`) and into a matched one '
         "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
         "its own student (`finetune.py`, built the same way), on the committed reproduction's budget (3 epochs, "
