@@ -129,8 +129,10 @@ def signed(s):
 
 
 def side(s, above='above', below='below'):
-    """Where a difference lies: above or below 0, and whether the seeds' spread covers 0."""
-    where = above if s['mean'] > 0 else below
+    """Where a difference lies: above, below or at 0, and whether the seeds' spread covers 0."""
+    where = above if s['mean'] > 0 else below if s['mean'] < 0 else 'level'
+    if s['mean'] == 0:
+        return where
     if s['std'] is not None and abs(s['mean']) <= s['std']:
         where += ", within the seeds' spread"
     return where

@@ -80,5 +80,6 @@ fi
 COMMAND="bash tools/followup.sh"
 [ "$VAL_SIZE" = 0 ] || COMMAND="VAL_SIZE=$VAL_SIZE $COMMAND"
 [ "$FAMILY" = clip ] || COMMAND="FAMILY=$FAMILY $COMMAND"
+[ -z "${TRY:-}" ] || COMMAND="TRY='${TRY[*]}' $COMMAND"
 python -m tools.followup --out "$OUT" --family "$FAMILY" --command "$COMMAND"
 exit $FAILED                                                                     # a failed run: named above
