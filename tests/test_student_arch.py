@@ -229,3 +229,23 @@ def test_reproduce_builds_scratch_and_finetune_like_a_teacher_with_components(tm
         elif stage in ('copy', 'distill'):
             assert '--student-arch' not in argv and '--layer-scale' not in argv   # auto, the default
     preflight(steps, True)
+
+
+def test_mae_pretrains_a_teacher_of_another_familys_build_whose_components_auto_passes_on():
+    """mae_pretrain.py --layer-scale / --norm-pre / --act (tools/followup.sh's teacher): the encoder is built with
+    them, a step trains them, and its weights, read as a teacher, give the auto student the same components."""
+    from mae_pretrain import MAEConfig, build_mae, mae_loss_fn
+    cfg = parse_config(MAEConfig, {}, ['--data', 'fake', '--img-size', '32', '--patch-size', '8', '--embed-dim', '32',
+                                       '--depth', '2', '--num-heads', '2', '--layer-scale', '0.1', '--norm-pre', 'true',
+                                       '--act', 'quick_gelu'])
+    torch.manual_seed(0)
+    mae = build_mae(cfg)
+    built = dict(init_values=0.1, norm_pre=True, act='quick_gelu')
+    assert components(mae.arch) == built
+    loss, _ = mae_loss_fn(cfg)(mae, torch.randn(2, 3, 32, 32), None)
+    loss.backward()
+    assert all(mae.get_parameter(n).grad.abs().sum() > 0 for n in ('norm_pre.weight', 'blocks.1.ls2.gamma'))
+    encoder = VisionTransformer(**{**mae.arch, 'num_classes': 0})
+    encoder.load_state_dict({k: v for k, v in mae.state_dict().items() if not k.startswith(('decoder', 'mask'))})
+    student = student_of(DistillConfig(img_size=32), encoder, 10, [0, 1])
+    assert components(student.arch) == built
