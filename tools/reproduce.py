@@ -135,9 +135,9 @@ def run_dir(root, stage, seed):
     return os.path.join(root, stage, f'seed{seed}')
 
 
-def command(cfg, stage, seed, root, teacher, components=None):
-    """[python, script, flags]: the script's own --data preset, then this reproduction's budget. components: the
-    teacher's beyond a plain ViT (teacher_components), which scratch and finetune are built with too."""
+def command(cfg, stage, seed, root, teacher, parts=None):
+    """[python, script, flags]: the script's own --data preset, then this reproduction's budget. parts: the
+    teacher's components beyond a plain ViT (teacher_components), which scratch and finetune are built with too."""
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
     if cfg.data == 'fake':
         args += ['--fake-size', cfg.fake_size]
@@ -165,7 +165,7 @@ def command(cfg, stage, seed, root, teacher, components=None):
             if cfg.batch_size:
                 args += ['--batch-size', cfg.batch_size]
             if stage in ('scratch', 'finetune'):
-                args += component_flags(components or {})
+                args += component_flags(parts or {})
             if stage == 'finetune':
                 args += ['--init', teacher]
             elif stage in ('copy', 'distill'):
@@ -173,7 +173,7 @@ def command(cfg, stage, seed, root, teacher, components=None):
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
-def plan(cfg, root, teacher, components=None):
+def plan(cfg, root, teacher, parts=None):
     """[((stage, seed), command line)] in the order they start:
     the teacher, every seed's training stages, ensembles."""
     stages = []
@@ -181,7 +181,7 @@ def plan(cfg, root, teacher, components=None):
         stages.append(('mae', 0))
     stages += [(s, k) for s in ORDER for k in cfg.seeds]
     stages += [('ensemble', k) for k in cfg.seeds]
-    return [((s, k), command(cfg, s, k, root, teacher, components)) for s, k in stages]
+    return [((s, k), command(cfg, s, k, root, teacher, parts)) for s, k in stages]
 
 
 def teacher_components(cfg):
