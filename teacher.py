@@ -326,7 +326,7 @@ class TransferConfig(TrainConfig):
         --new-teacher true): the SHA-256 of the bytes the teacher was loaded from (method: the
         Transfer resolve settled), compared with the recorded one."""
         # --student-arch may change where it builds the saved student (auto and plain, for a plain teacher)
-        if {k: ckpt['arch'].get(k, PLAIN[k]) for k in PLAIN} == {k: method.student[k] for k in PLAIN}:
+        if components(ckpt['arch']) == components(method.student):
             free = (*free, 'student_arch')
         conflicts = super().resume_conflicts(ckpt, world, free)
         if self.new_teacher:
