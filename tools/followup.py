@@ -158,6 +158,7 @@ def plot(result, path):
                  '(the y axis does not start at 0)', fontsize=10)
     with replacing(path) as f:
         f.write(png(fig, dpi=200))
+    return fig
 
 
 def page(result):
