@@ -243,6 +243,10 @@ def run_main(main):
     try:
         main()
     except stop.SavedAndStopped:     # its line said (Run.save_and_stop)
+        # saved: the signals torchrun sends a process once another has ended change nothing (an interpreter that
+        # is ending has no handler of its own left: it would die of them)
+        for signum in stop.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         sys.exit(stop.SAVED_AND_STOPPED)
     except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
