@@ -11,8 +11,8 @@ Every process must stop at the same step: each saves its RNG state with rank 0's
 collectives pair the processes step by step. A signal reaches them at different moments (torchrun passes it on to
 each in turn; SLURM signals each node), so each step every process all-reduces (MAX) the signal it was asked, and the
 processes act on that reduction one step later: on a GPU its value is copied to the host behind the step's work and
-read once the next step's work is queued, so the host waits for work already done, never for the step it has just
-queued (no host sync in the step). One process alone stops after the step it is in.
+read once the next step's work is queued, so the host waits at most for the step before the one it has just queued,
+and the GPU always has that one to run (no host sync in the step). One process alone stops after the step it is in.
 """
 import os
 import signal
