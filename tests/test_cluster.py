@@ -26,10 +26,12 @@ DISTILL = ['attention_distill.py', *TINY, '--fake-size', '512', '--teacher',
 ONE = ['--batch-size', '16']    # the global batch of
 TWO = ['--batch-size', '8']     # two processes
 
-# attention_distill.py with a signal sent by the process to itself after the N-th step it trains, on one rank
+# attention_distill.py with a signal sent by the process to itself after the N-th step it trains, on one rank, and
+# SIGTERM again while its checkpoint is written
 SIGNALLED = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import torch
 import attention_distill
 from util import launch, stop
 agreed = stop.Agreement.agreed
@@ -40,6 +42,12 @@ def signalled(self):
         os.kill(os.getpid(), signal.{name})
     return agreed(self)
 stop.Agreement.agreed = signalled
+saving = torch.save
+def save(*args, **kwargs):
+    if stop.asked:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return saving(*args, **kwargs)
+torch.save = save
 launch.run_main(attention_distill.main)
 """
 
@@ -119,8 +127,8 @@ def assert_same_run(a, b):
 
 def test_a_signal_saves_the_step_reached_and_the_run_goes_on_bit_for_bit(unbroken, tmp_path):
     """python attention_distill.py: SIGUSR1 after step 3, then, resumed, SIGTERM after step 7 (checkpoints only at
-    an epoch's end: neither step had one): each saves its step, exits 75 with one line, and the run goes on to the
-    unbroken run's end."""
+    an epoch's end: neither step had one), each time SIGTERM again while the checkpoint is written: each saves its
+    step, exits 75 with one line, and the run goes on to the unbroken run's end."""
     out = tmp_path / 'run'
     p = checked(run_script(signalled(tmp_path, 'SIGUSR1', 3), *DISTILL[1:], *ONE, '--out-dir', out),
                 75)
@@ -161,6 +169,51 @@ def test_two_processes_stop_at_one_step_and_go_on_bit_for_bit(unbroken, tmp_path
     checked(subprocess.run(torchrun(*DISTILL, *TWO, '--out-dir', str(out), '--resume', 'true'), cwd=ROOT,
                            env=sub_env(), capture_output=True, text=True, timeout=300))
     assert_same_run(out, unbroken(2))
+
+# -----------------------------------------------------------------------------
+# The batch script's choice, with SLURM's commands stood in for: requeued on a line this start of the job wrote
+
+
+# srun runs the run: here it adds $WRITES to the run's log.txt and exits $EXIT; scontrol names the job's nodes
+STAND_INS = {
+    'srun': 'echo "srun $*" >> "$CALLS"; mkdir -p "$OUT"; printf %s "$WRITES" >> "$OUT/log.txt"; exit "$EXIT"',
+    'scontrol': 'echo "scontrol $*" >> "$CALLS"; if [ "$1" = show ]; then printf "node1\\nnode2\\n"; fi',
+    'scancel': 'echo "scancel $*" >> "$CALLS"',
+}
+SAVED = 'saved at step 5 of 20 and stopped (SIGTERM): r/checkpoint.pt holds the last checkpoint; continue with: ...\n'
+
+
+@pytest.mark.parametrize('before, writes, exit, restart, requeued, says', [
+    ('', SAVED, 1, '0', True, 'requeued (1 of at most 20)'),
+    ('', SAVED, 1, '20', False, 'not requeued: it was requeued 20 times (MAX_REQUEUES)'),
+    ('', 'Traceback (most recent call last):\n', 1, '0', False, "the run failed (srun's exit 1): not requeued"),
+    (SAVED, '', 1, '1', False, "the run failed (srun's exit 1): not requeued"),   # an earlier start's line
+    (SAVED, 'final | distilled student (no teacher) top-1 10.00\n', 0, '1', False, 'the run finished'),
+], ids=['saved', 'requeued-enough', 'failed', 'an-earlier-start-saved', 'finished'])
+def test_the_batch_script_requeues_only_a_run_this_start_saved(tmp_path, before, writes, exit, restart, requeued,
+                                                               says):
+    bin_dir, out = tmp_path / 'bin', tmp_path / 'run'
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    if before:   # an earlier start of the job
+        out.mkdir()
+        (out / 'log.txt').write_text(before)
+        (out / 'checkpoint.pt').write_bytes(b'')
+    calls = tmp_path / 'calls'
+    env = {**sub_env(), 'PATH': f"{bin_dir}:{os.environ['PATH']}", 'CALLS': str(calls), 'OUT': str(out),
+           'WRITES': writes, 'EXIT': str(exit), 'SLURM_JOB_ID': '7', 'SLURM_JOB_NODELIST': 'node[1-2]',
+           'SLURM_JOB_NUM_NODES': '2', 'SLURM_RESTART_COUNT': restart}
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'slurm.sbatch'), str(out), 'attention_distill.py',
+                        '--data', 'fake'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    ran = calls.read_text().splitlines()
+    srun = next(c for c in ran if c.startswith('srun '))
+    assert '--nnodes 2' in srun and '--rdzv_endpoint node1:29500' in srun and '--rdzv_id 7' in srun, srun
+    assert srun.endswith(f'attention_distill.py --data fake --out-dir {out}' + ' --resume true' * bool(before))
+    assert ('scontrol requeue 7' in ran) == requeued, ran
+    assert 'job 7: ' in p.stdout and says in p.stdout, p.stdout + p.stderr
+    assert p.returncode == (0 if requeued or exit == 0 else 1)
 
 # -----------------------------------------------------------------------------
 # A SLURM cluster of one node: this machine
