@@ -20,8 +20,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-# the exit code of a run that saved at a signal and stopped: sysexits.h's EX_TEMPFAIL ("try again later"); a batch
-# script requeues on it, and on no other (tools/slurm.sbatch)
+# the exit code of a run that saved at a signal and stopped: sysexits.h's EX_TEMPFAIL ("try again later"), what a
+# batch script requeues on (torchrun reports any exit but 0 as its own 1: tools/slurm.sbatch reads the run's line)
 SAVED_AND_STOPPED = os.EX_TEMPFAIL
 
 # the signals that ask a training run to save and stop
