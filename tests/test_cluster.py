@@ -330,6 +330,12 @@ def job(env, job_id):
     return dict(re.findall(r'(\w+)=(\S*)', shown))
 
 
+def state(env, job_id):
+    """(JobState, Restarts) of a job."""
+    shown = job(env, job_id)
+    return shown.get('JobState'), shown.get('Restarts')
+
+
 def sbatch(env, out, *args, **more_env):
     return output(['sbatch', '--parsable', '-o', f'{out}.out', os.path.join('tools', 'slurm.sbatch'), str(out),
                         *map(str, args)], {**env, 'NPROC_PER_NODE': '2', 'RDZV_PORT': str(free_port()), **more_env})
@@ -347,11 +353,12 @@ def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit
     assert wait_for(lambda: log.exists() and 'step 3/20' in log.read_text(), 120), \
         f'the job never trained: {job(slurm, job_id)}'
     subprocess.run(['scancel', '--signal=USR1', '--batch', job_id], env=slurm, check=True, timeout=30)
-    assert wait_for(lambda: job(slurm, job_id).get('Restarts') == '1', 120), job(slurm, job_id)
+    requeued = lambda: state(slurm, job_id) == ('PENDING', '1')   # noqa: E731
+    assert wait_for(requeued, 120), state(slurm, job_id)
     at, name = saved_line(out)
     assert name == 'SIGTERM' and 3 < at < 20 and step_of(out) == at      # the shell passes SIGUSR1 on as SIGTERM
     subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], env=slurm, check=True, timeout=30)
-    assert wait_for(lambda: job(slurm, job_id).get('JobState') == 'COMPLETED', 180), job(slurm, job_id)
+    assert wait_for(lambda: state(slurm, job_id) == ('COMPLETED', '1'), 180), state(slurm, job_id)
     said = (tmp_path / 'run.out').read_text()
     assert f'job {job_id}: saved at step {at} of 20' in said and 'requeued (1 of at most 20)' in said, said[-3000:]
     assert f'job {job_id}, restart 1 ' in said and f'job {job_id}: the run finished' in said, said[-3000:]
@@ -360,6 +367,5 @@ def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit
 
     failed = tmp_path / 'failed'
     job_id = sbatch(slurm, failed, *DISTILL, *TWO, '--teacher', tmp_path / 'no-such-teacher.pt')
-    assert wait_for(lambda: job(slurm, job_id).get('JobState') == 'FAILED', 120), job(slurm, job_id)
-    assert job(slurm, job_id)['Restarts'] == '0'
+    assert wait_for(lambda: state(slurm, job_id) == ('FAILED', '0'), 120), state(slurm, job_id)
     assert f'job {job_id}: the run failed (srun\'s exit 1): not requeued' in (tmp_path / 'failed.out').read_text()
