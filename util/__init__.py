@@ -2,12 +2,14 @@
 first (the README's reading order), and come here for how a run is resolved, trained, saved and continued.
 
     launch.py       how a script starts and ends: its command line, then resolve (every refusal, in order, into one
-                    immutable Plan); a refusal, Ctrl-C and SIGTERM in one line, anything else with its traceback
+                    immutable Plan); a refusal, Ctrl-C and a signal in one line, anything else with its traceback
     config.py       one dataclass per script, each flag declared once (default, help, range): a training run's fields,
                     a scoring's; the small presets
     engine.py       the step every script calls (train_one_epoch), its schedule, evaluation (a trained model's
                     predictions and top-k too), AdamW with layer decay
     run.py          a run in progress (Run: optimizer, EMA, resume, evaluate, save); the checks after the data
+    stop.py         a scheduler's signal (SIGUSR1, SIGTERM) while a run trains: the step every process agrees on,
+                    saved, and exit 75 for a batch script to requeue on (tools/slurm.sbatch)
     attention_check.py  the fused attention checked both ways against eager before anything runs on it, and the
                     verdict told to the models once (settle_attention)
     rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its

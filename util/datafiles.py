@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
+from util import stop
 from util.errors import DataError, first_few
 
 # -----------------------------------------------------------------------------
@@ -235,10 +236,12 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device(
 
 
 def quiet_on_stop(worker_id):
-    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
-    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
-    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    """A worker ends quietly when its run is stopped: SIGUSR1 and SIGTERM (a scheduler's, sent to every process of the
+    job) leave it making batches, as the run finishes its step and saves it (util/stop.py), then the run ends it
+    (torch's own handler dies of the signal, which the main process reports as a worker's failure); its
+    multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
+    for signum in stop.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     sys.excepthook = quiet_hook
 
 

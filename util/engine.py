@@ -75,6 +75,9 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
             return True
         if cfg.save_every and run.step % cfg.save_every == 0:
             run.save()
+        asked = run.stop.agreed()                                     # SIGUSR1, SIGTERM: util/stop.py
+        if asked:
+            run.save_and_stop(asked)
     return False
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from util import stop
 from util.attention_check import start_up_check
 from util.augment import randaugment
 from util.config import COMPILE_REPAID, check, declared
@@ -230,17 +231,26 @@ REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 def run_main(main):
     """Run a script's main(): a refusal ends in its one line and a non-zero exit, Ctrl-C in one line saying how to
-    continue (exit 130, as a shell reports SIGINT); anything else (a bug, a learner's own; a fault no check foresaw)
-    shows its traceback, then one line. An error that left a run directory carries how to continue that run and where
-    its log is (RunDir.__exit__)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
-    signal.signal(signal.SIGTERM, stopped)                      # till here
+    continue (exit 130, as a shell reports SIGINT); SIGUSR1 or SIGTERM while the run trains in the checkpoint of the
+    step reached and exit stop.SAVED_AND_STOPPED (util/stop.py); anything else (a bug, a learner's own; a fault no
+    check foresaw) shows its traceback, then one line. An error that left a run directory carries how to continue that
+    run and where its log is (RunDir.__exit__)."""
+    stop.start()
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly till here
+    for signum in stop.SIGNALS:                                 # a scheduler's
+        signal.signal(signum, save_and_stop)
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
     try:
         main()
+    except stop.SavedAndStopped:     # its line said (Run.save_and_stop)
+        # saved: the signals torchrun sends a process once another has ended change nothing (an interpreter that
+        # is ending has no handler of its own left: it would die of them)
+        for signum in stop.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        sys.exit(stop.SAVED_AND_STOPPED)
     except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
         then = getattr(e, 'how_to_continue', NOTHING_SAVED)
@@ -252,7 +262,7 @@ def run_main(main):
     except Exception as e:
         # said first: torchrun stops the other processes as soon as one dies
         if 'TORCHELASTIC_RUN_ID' in os.environ:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_IGN)
         sys.exit(f'error: {unexpected(e)}')
     finally:
@@ -293,9 +303,19 @@ def unexpected(e):
 
 
 def stopped(signum, frame):
-    """SIGTERM (a scheduler's, `kill`'s) or SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint
-    kept, its workers ended (their own handler: util/datafiles.quiet_on_stop), one line."""
+    """SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint kept, its loader workers ended with
+    it, one line."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def save_and_stop(signum, frame):
+    """SIGUSR1 (SLURM's, ahead of a time limit) or SIGTERM (a preemption's, `kill`'s): while the run trains, noted,
+    and every process saves the step they agree on and ends (util/stop.py); a second signal, or one during that save,
+    changes nothing. Before the run trains (and in a script that trains nothing) it stops the run as Ctrl-C does:
+    nothing was trained since its checkpoint."""
+    if not stop.training:
+        stopped(signum, frame)
+    stop.asked.append(signum)
 
 # -----------------------------------------------------------------------------
 # The command line of a config

@@ -8,6 +8,8 @@ continued from its checkpoint where --resume true says so, and what it writes in
 """
 import copy
 import math
+import os
+import signal
 import time
 import unicodedata
 from dataclasses import asdict
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from util import stop
 from util.engine import build_optimizer, final_lr, step_mode
 from util.errors import CheckpointError, ConfigError
 
@@ -169,6 +172,7 @@ class Run:
         self.steps_done = 0       # steps this process has trained (the speed in the log)
         self.running = {}         # the losses summed since the last progress line, on the device
         self.since_log = 0
+        self.stop = stop.Agreement(plan)   # a scheduler's signal: the step every process saves at
         model.train()
 
     def forward(self, loss_fn):
@@ -215,7 +219,11 @@ class Run:
         plan.log(f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = '
                  f'{full} steps, warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
         if plan.resumed:
-            plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}')
+            job = ''
+            if 'SLURM_JOB_ID' in os.environ:   # the run's history across a batch script's requeues
+                job = f" (SLURM job {os.environ['SLURM_JOB_ID']}, restart " \
+                      f"{os.environ.get('SLURM_RESTART_COUNT', 0)})"
+            plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}{job}')
 
     def restore(self):
         """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
@@ -297,6 +305,17 @@ class Run:
             plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
+
+    def save_and_stop(self, signum):
+        """Stop at a signal every process agreed on (util/stop.py): the checkpoint of this step (written whole, a
+        second signal changing nothing), one line saying so and how the run goes on, then SavedAndStopped."""
+        if self.saved_step != self.step:
+            self.save()
+        if dist.is_initialized():   # none ends before the checkpoint is whole: torchrun stops the others then
+            dist.barrier()
+        self.plan.log(f'saved at step {self.step} of {self.total_steps} and stopped '
+                      f'({signal.Signals(signum).name}): {self.plan.run_dir.how_to_continue()}')
+        raise stop.SavedAndStopped(self.step)
 
     def seconds(self):
         """Seconds of training, over every resume."""
