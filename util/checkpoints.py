@@ -303,7 +303,7 @@ def vit_of(arch, source, native=None):
         try:
             return VisionTransformer(**arch)
         except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
-            why = f'cannot be built ({e})'
+            why = f'cannot be built ({first_line(e)})'
     if native not in (None, arch.get('img_size')):
         own = {**arch, 'img_size': native}
         if not unbuilt(own, built=True):
@@ -327,8 +327,13 @@ def unbuilt(arch, built=False):
             with torch.device('meta'):
                 VisionTransformer(**arch)
         except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
-            return f'cannot be built ({e})'
+            return f'cannot be built ({first_line(e)})'
     return None
+
+
+def first_line(error):
+    """An error's words, their first line (torch's can add the signatures it tried), or its name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # -----------------------------------------------------------------------------
