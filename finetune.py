@@ -169,8 +169,8 @@ def main():
         x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         # sdpa, both ways, before anything runs
         _, checked = settle_attention(plan, 'fine-tuning', [model],
-                                         lambda: model.forward_tokens(x, depth=1),
-                                         {'layer 0': model.blocks[0].attn})
+                                      lambda: model.forward_tokens(x, depth=1),
+                                      {'layer 0': model.blocks[0].attn})
         extra = {'attention_check': checked}
         if plan.method:   # what --init was: its file's SHA-256 recorded in config.json
             extra['init'] = {'source': cfg.init, 'sha256': plan.method.sha256}

@@ -334,9 +334,9 @@ def main():
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
         _, checked = settle_attention(plan, 'MAE', [model],
-                                         lambda: model(x, generator=masks.manual_seed(0)),
-                                         {'encoder layer 0': model.blocks[0].attn,
-                                          'decoder layer 0': model.decoder_blocks[0].attn})
+                                      lambda: model(x, generator=masks.manual_seed(0)),
+                                      {'encoder layer 0': model.blocks[0].attn,
+                                       'decoder layer 0': model.decoder_blocks[0].attn})
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
                  f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
                  f'norm_pix_loss {cfg.norm_pix_loss}')

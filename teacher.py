@@ -63,6 +63,7 @@ def written_out(average_maps):
         return ''
     return f'--average-maps {average_maps}: writes the maps out'
 
+
 # -----------------------------------------------------------------------------
 # Layer maps: which teacher layer reaches which student layer
 
