@@ -179,9 +179,9 @@ def main():
 
 
 def check_fused(plan, teacher, student, x):
-    """(implementation, record): the start-up check (util/attention_check.py) of the student's first copied layer, given what
-    the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if it
-    has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
+    """(implementation, record): the start-up check (util/attention_check.py) of the student's first copied layer, given
+    what the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if
+    it has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
     transfer = plan.method
     with torch.no_grad(), autocast(plan):
         given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer,

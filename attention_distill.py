@@ -391,9 +391,9 @@ def main():
 
 
 def check_fused(plan, teacher, student, x):
-    """(implementation, record): the start-up check (util/attention_check.py) of the student's first distilled layer and, for
-    --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the implementation
-    that holds. The teacher is on eager until then."""
+    """(implementation, record): the start-up check (util/attention_check.py) of the student's first distilled layer
+    and, for --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the
+    implementation that holds. The teacher is on eager until then."""
     # the first distilled layer: the student's, the teacher's
     s, t = next(iter(plan.method.layers.items()))
     heads = plan.method.heads

@@ -351,11 +351,12 @@ class Transfer(NamedTuple):
 
 
 def build_pair(plan, num_classes, eval_loader, check_fused):
-    """(attention implementation, teacher, student, record): the teacher and its mapping stated in the log; the frozen teacher (the file
-    resolve read, on the run's device); the student of the shape resolve settled, random and seeded (every rank starts
-    from the same weights); the pair settled on an attention implementation by the method's start-up check,
-    check_fused(plan, teacher, student, x) -> (implementation, record); and the teacher checked (check_teacher). Both checks run
-    on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows with it)."""
+    """(attention implementation, teacher, student, record): the teacher and its mapping stated in the log; the frozen
+    teacher (the file resolve read, on the run's device); the student of the shape resolve settled, random and seeded
+    (every rank starts from the same weights); the pair settled on an attention implementation by the method's start-up
+    check, check_fused(plan, teacher, student, x) -> (implementation, record); and the teacher checked (check_teacher).
+    Both checks run on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows
+    with it)."""
     transfer = plan.method
     plan.log(transfer.description)
     plan.log(describe_map(transfer))
@@ -374,8 +375,9 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
 
 
 def check_teacher(plan, attn, teacher, x):
-    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the
-    first evaluation images, under the run's autocast and attention implementation (attn): every step would hand them over, and the run would diverge."""
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the first
+    evaluation images, under the run's autocast and attention implementation (attn): every step would hand them over,
+    and the run would diverge."""
     cfg = plan.cfg
     layers = plan.method.layers
     with torch.no_grad(), autocast(plan):

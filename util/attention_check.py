@@ -64,9 +64,9 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
 
 def settle_attention(plan, what, models, *check, **kw):
     """(implementation, record): resolve's attention implementation (plan.attn) settled by the start-up check of the
-    built models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled where --compile
-    is on): the run's verdict from then on, decided here once and told to the models here, once. Under DDP rank 0 checks and
-    its verdict, a refusal included, is every rank's at once (ranks on one kernel; none left waiting for a peer that
+    built models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled where --compile is
+    on): the run's verdict from then on, decided here once and told to the models here, once. Under DDP rank 0 checks
+    and its verdict, a refusal included, is every rank's at once (ranks on one kernel; none left waiting for a peer that
     stopped). record: rank 0's."""
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
