@@ -425,9 +425,9 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     checkpoint already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
+    own = arch_of(ckpt, source, num_heads, '--num-heads')
     with torch.device('meta'):
-        model = vit_of(arch, source)
+        model = vit_of({**own, 'no_qk_layers': (), **overrides}, source, own['img_size'])
     return check_weights(model, source, ckpt, num_heads, '--num-heads')
 
 
