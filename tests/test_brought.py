@@ -1,7 +1,8 @@
 """What users bring is read right or refused: teacher files that hold weights alone (their heads are stated, never
 guessed), the wrappers other programs save weights in, image folders with hidden entries and images of less common
-kinds, class names that differ from the run's, runs that diverge and teachers that are not finite. Each
-case: one line and a non-zero exit where refused, nothing written; read right otherwise."""
+kinds, class names that differ from the run's, runs that diverge and teachers that are not finite, files damaged or
+edited into what no ViT is read or built from (one table over every reader). Each case: one line and a non-zero exit
+where refused, nothing written; read right otherwise."""
 import hashlib
 import io
 import json
