@@ -1,7 +1,6 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
-the train / eval splits, and their loaders (a test split's classes checked against the trained
-models scored on it: ensemble.py, evaluate.py). How each data set's files are found and read,
+the train / eval splits, and their loaders. How each data set's files are found and read,
 and how a loader makes each batch the same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
@@ -35,8 +34,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
-from util.errors import ConfigError, DataError
-from util.run import class_mismatch
+from util.errors import DataError
 from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
                             fashion_mnist, read_classes, send, unwrap)
 
@@ -313,18 +311,6 @@ def class_names(dataset, num_classes):
     """A dataset's class names (its `classes`, as torchvision's datasets have them;
     FakeData's: the labels)."""
     return list(getattr(unwrap(dataset), 'classes', None) or map(str, range(num_classes)))
-
-
-def check_classes(sources, records, classes, data):
-    """Refuse trained models (sources, what their checkpoints record: ensemble.load_models) that tell other classes
-    apart than the data set's: by name where they record them, else by number."""
-    for s, r in zip(sources, records):
-        other = class_mismatch(r['classes'], classes)
-        if not other and r['num_classes'] != len(classes):
-            other = f"{r['num_classes']} classes where the data has {len(classes)}"
-        if other:
-            raise ConfigError(f'{s} predicts {other} (--data {data}): '
-                              f'score it on the data set it was trained on')
 
 
 def data_source(dataset):

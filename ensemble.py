@@ -26,13 +26,14 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 from attention_copy import load_copy_model
-from data import INFO, build_eval_set, check_classes, class_names, data_source, held_where
+from data import INFO, build_eval_set, class_names, data_source, held_where
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_hashed
 from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
 from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
+from util.run import class_mismatch
 from util.files import claimed
 
 # -----------------------------------------------------------------------------
@@ -161,6 +162,17 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
     if img_size and img_size != size:
         raise ConfigError(f'--img-size {img_size}: the models take {size}')
     return models, records, size
+
+def check_classes(sources, records, classes, data):
+    """Refuse trained models (sources, what their checkpoints record: load_models) that tell other classes apart
+    than the data set's they are scored on: by name where they record them, else by number."""
+    for s, r in zip(sources, records):
+        other = class_mismatch(r['classes'], classes)
+        if not other and r['num_classes'] != len(classes):
+            other = f"{r['num_classes']} classes where the data has {len(classes)}"
+        if other:
+            raise ConfigError(f'{s} predicts {other} (--data {data}): '
+                              f'score it on the data set it was trained on')
 
 # -----------------------------------------------------------------------------
 # The data set the models record

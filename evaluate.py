@@ -36,9 +36,8 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import (INFO, SHIFTS, build_eval_set, build_transform, check_classes, class_names,
-                  held_where)
-from ensemble import ensemble_probs, load_models
+from data import INFO, SHIFTS, build_eval_set, build_transform, class_names, held_where
+from ensemble import check_classes, ensemble_probs, load_models
 from util.config import ConfigError, ModelsConfig, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.engine import accuracy, predict_all

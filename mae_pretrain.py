@@ -33,10 +33,11 @@ from einops import rearrange
 
 from data import INFO, build_data, sample_images
 from util.attention_check import settle_attention
-from util.checkpoints import check_trainable, read_checkpoint, state_dict_of
+from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import claimed, save_figure
+from util.memory import block_numbers, check_trainable, vit_numbers
 from util.launch import resolve, run_main
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
@@ -79,13 +80,15 @@ class MAEConfig(ComponentsConfig):
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
 
     def resolve(self):
-        """The resolve step: the model, built on the meta device (nothing allocated), refused where
-        this machine cannot train it; its encoder keeps the tokens of the patches it sees."""
-        with torch.device('meta'):
-            model = build_mae(self)
-        check_trainable(model, self.batch_size, f'an MAE (--decoder-dim {self.decoder_dim}, '
-                                                f'--decoder-depth {self.decoder_depth})',
-                        tokens=model.num_keep + 1)
+        """The resolve step: the model refused where this machine cannot train it, counted from its keywords
+        (util/memory: nothing built); its encoder keeps the tokens of the patches it sees."""
+        arch = {**mae_arch(self), 'num_classes': 0}
+        p, d = arch['patch_size'], self.decoder_dim
+        patches = (arch['img_size'] // p) ** 2
+        decoder = (arch['embed_dim'] + 1) * d + d + (patches + 1) * d   # decoder_embed, mask_token, its positions
+        decoder += self.decoder_depth * block_numbers(d) + 2 * d + (d + 1) * p * p * arch['in_chans']
+        check_trainable(arch, self.batch_size, f'an MAE (--decoder-dim {d}, --decoder-depth {self.decoder_depth})',
+                        tokens=int(patches * (1 - self.mask_ratio)) + 1, numbers=vit_numbers(arch) + decoder)
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no
@@ -206,12 +209,16 @@ class MaskedAutoencoder(VisionTransformer):
         return pred, mask
 
 
+def mae_arch(cfg):
+    """The encoder's VisionTransformer keywords: the size and components the config names (vit.py's sizes, as
+    finetune.py's)."""
+    return model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                      depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path, **cfg.components())
+
+
 def build_mae(cfg):
-    """The encoder the config names (vit.py's sizes and components, as finetune.py builds it) with the decoder."""
-    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                      drop_path_rate=cfg.drop_path, **cfg.components())
-    return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+    """The encoder the config names with the decoder."""
+    return MaskedAutoencoder(mae_arch(cfg), cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
                              cfg.mask_ratio)
 
 # -----------------------------------------------------------------------------
@@ -327,10 +334,10 @@ def main():
         x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
-        plan, checked = settle_attention(plan, 'MAE', [model],
-                                         lambda: model(x, generator=masks.manual_seed(0)),
-                                         {'encoder layer 0': model.blocks[0].attn,
-                                          'decoder layer 0': model.decoder_blocks[0].attn})
+        _, checked = settle_attention(plan, 'MAE', [model],
+                                      lambda: model(x, generator=masks.manual_seed(0)),
+                                      {'encoder layer 0': model.blocks[0].attn,
+                                       'decoder layer 0': model.decoder_blocks[0].attn})
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
                  f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
                  f'norm_pix_loss {cfg.norm_pix_loss}')

@@ -14,11 +14,12 @@ from typing import NamedTuple
 
 import torch
 
-from util.checkpoints import (arch_of, check_trainable, check_weights, describe_teacher,
-                              read_checkpoint, read_hashed, teacher_mismatch, vit_of)
+from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint, read_hashed,
+                              teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
+from util.memory import check_trainable
 from vit import SIZES, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
@@ -54,6 +55,15 @@ def build_teacher(teacher, device, dtype=None):
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
     return teacher
+
+
+def written_out(average_maps):
+    """Why a transfer's maps must be written out, or '': an average is made of maps (--average-maps), which sdpa never
+    stores. The one place this rule is decided: util/launch.attn_implementation sends auto to eager and refuses sdpa
+    for it, for a run (TransferConfig.written_out) and for a copy student scored again (CopyModel.written_out)."""
+    if average_maps == 'none':
+        return ''
+    return f'--average-maps {average_maps}: writes the maps out'
 
 
 # -----------------------------------------------------------------------------
@@ -315,11 +325,8 @@ class TransferConfig(TrainConfig):
 
     @property
     def written_out(self):
-        """Why the run's maps must be written out (an eager run), or '': an averaged map is (the one place this is
-        said; util/launch.attn_implementation sends auto to eager and refuses sdpa for it)."""
-        if self.average_maps == 'none':
-            return ''
-        return f'--average-maps {self.average_maps}: writes the maps out'
+        """Why the run's maps must be written out (an eager run), or '' (written_out)."""
+        return written_out(self.average_maps)
 
     def resume_conflicts(self, ckpt, world, free=(), method=None):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless
@@ -350,9 +357,8 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
-        with torch.device('meta'):   # nothing allocated: refused where this machine cannot train it
-            check_trainable(vit_of({**student, 'num_classes': 0}, 'the student'), self.batch_size,
-                            'a student')
+        # refused where this machine cannot train it, counted from its keywords
+        check_trainable({**student, 'num_classes': 0}, self.batch_size, 'a student')
         return Transfer(t, description, layers, heads, student, teacher, digest)
 
 
@@ -368,8 +374,8 @@ def inspect_teacher(cfg, ckpt=None):
     # frozen, a plain ViT; built on no memory, its record refused if it cannot be
     plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': (),
              'img_size': cfg.img_size}
-    with torch.device('meta'):
-        teacher = vit_of(plain, cfg.teacher)
+    with torch.device('meta'):   # at another size than its own: --img-size named where that size is the fault
+        teacher = vit_of(plain, cfg.teacher, native['img_size'])
     teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
     return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size)
 
@@ -392,11 +398,12 @@ class Transfer(NamedTuple):
 
 
 def build_pair(plan, num_classes, eval_loader, check_fused):
-    """(plan, teacher, student, record): the teacher and its mapping stated in the log; the frozen teacher (the file
-    resolve read, on the run's device); the student of the shape resolve settled, random and seeded (every rank starts
-    from the same weights); the pair settled on an attention implementation by the method's start-up check,
-    check_fused(plan, teacher, student, x) -> (plan, record); and the teacher checked (check_teacher). Both checks run
-    on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows with it)."""
+    """(attention implementation, teacher, student, record): the teacher and its mapping stated in the log; the frozen
+    teacher (the file resolve read, on the run's device); the student of the shape resolve settled, random and seeded
+    (every rank starts from the same weights); the pair settled on an attention implementation by the method's start-up
+    check, check_fused(plan, teacher, student, x) -> (implementation, record); and the teacher checked (check_teacher).
+    Both checks run on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows
+    with it)."""
     transfer = plan.method
     plan.log(transfer.description)
     plan.log(describe_map(transfer))
@@ -406,25 +413,26 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
     x = next(iter(eval_loader))[0][:plan.cfg.batch_size].to(plan.device)   # as many as a step's
     # sdpa, both ways, before anything runs on it
-    plan, record = check_fused(plan, teacher, student, x)
-    check_teacher(plan, teacher, x[:8])
-    return plan, teacher, student, record
+    attn, record = check_fused(plan, teacher, student, x)
+    check_teacher(plan, attn, teacher, x[:8])
+    return attn, teacher, student, record
 
 
 # -----------------------------------------------------------------------------
 # A built teacher that cannot teach
 
 
-def check_teacher(plan, teacher, x):
-    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the
-    first evaluation images, under the run's autocast: every step would hand them over, and the run would diverge."""
+def check_teacher(plan, attn, teacher, x):
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the first
+    evaluation images, under the run's autocast and attention implementation (attn): every step would hand them over,
+    and the run would diverge."""
     cfg = plan.cfg
     layers = plan.method.layers
     with torch.no_grad(), autocast(plan):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
         # the maps as the run makes them: finite q, k may give logits past fp16's range
         if cfg.transfer == 'attn':
-            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], plan.attn)}
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], attn)}
                    for s, t in out.items()}
     bad = [layers[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:

@@ -95,10 +95,12 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
      'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels',
      r'cannot be read \(AssertionError\(\)\)'),   # torchvision's reader asserts its header
+    # a test label of 77: IndexError's traceback at the first evaluation, after the whole training
+    (lambda images, labels: relabel(labels, 77), False, 'labels', r'holds labels outside its 10 classes'),
 ])
 def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit, match):
-    """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file: one line naming
-    the file(s) and the fix; a labels file saying 10 no longer trains on 10 of 12 images."""
+    """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file, a label beyond the
+    classes: one line naming the file(s) and the fix; a labels file saying 10 no longer trains on 10 of 12 images."""
     images, labels = idx_pair(tmp_path, gz=gz)
     damage(images, labels)
     cfg = config(data='fashion-mnist', img_size=28, data_dir=str(tmp_path))

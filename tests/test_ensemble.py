@@ -225,7 +225,7 @@ def without(d, key):
     (lambda c: without(c, 'arch'), 'lacks arch'),
     (lambda c: {**c, 'teacher': {**c['teacher'], 'transfer': 'qq'}}, "does not fit it or its teacher .KeyError: 'qq'"),
     (lambda c: {**c, 'teacher': {**c['teacher'], 'layer_map': {0: 7}}}, 'does not fit it or its teacher .IndexError'),
-    (lambda c: {**c, 'model': 3}, 'checkpoint holds no state dict'),
+    (lambda c: {**c, 'model': 3}, 'holds no state dict'),
     (lambda c: without(c, 'teacher'), 'is an attention-copy student: .* runs only with its teacher'),
 ], ids=['record-not-dict', 'no-source', 'img-size-str', 'no-layers', 'no-arch', 'transfer', 'layer-out-of-range',
         'model-not-dict', 'no-record'])

@@ -142,7 +142,7 @@ def settle_on(rank, port, choice, wrong_on, out):
     try:
         settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),
                                       {'layer 0': model.blocks[0].attn})
-        said = settled.attn if model.blocks[0].attn.implementation == settled.attn else 'models elsewhere'
+        said = settled if model.blocks[0].attn.implementation == settled else 'models elsewhere'
     except ConfigError as e:
         said = f'refused: {e}'
     with open(os.path.join(out, str(rank)), 'w') as f:

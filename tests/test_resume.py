@@ -104,9 +104,6 @@ def test_each_config_names_what_may_change():
                                       'exp_avg of (1, 1, 1)'),
     ('optimizer state one float short', 'optimizer state 1 exp_avg_sq of'),
     ('step out of range', 'holds step 4611686018427387904, which no run'),       # "give --max-steps above"
-    # read as a divergence (its bias correction is not finite), or as "global batch 0 (... x 0 process(es))"
-    ('an optimizer step below 0', 'holds optimizer step -5.0, which no run of these scripts saves'),
-    ('no rng', 'holds rng [], which no run of these scripts saves'),
 ])
 def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, says):
     d = saved[1](tmp_path)
@@ -122,10 +119,7 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
                   **state, 0: {**state[0], 'exp_avg': state[0]['exp_avg'][..., :1]}}}},
               'optimizer state one float short': {'optimizer': {**ck['optimizer'], 'state': {
                   **state, 1: {**state[1], 'exp_avg_sq': state[1]['exp_avg_sq'].flatten()[1:]}}}},
-              'step out of range': {'step': 2 ** 62},
-              'an optimizer step below 0': {'optimizer': {**ck['optimizer'], 'state': {
-                  **state, 0: {**state[0], 'step': torch.tensor(-5.0)}}}},
-              'no rng': {'rng': []}}
+              'step out of range': {'step': 2 ** 62}}
     if damage in broken:
         edit_checkpoint(d, **broken[damage])
     elif damage == 'a flipped bit':

@@ -33,8 +33,8 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from data import build_eval_set, check_classes, class_names
-from ensemble import load_models
+from data import build_eval_set, class_names
+from ensemble import check_classes, load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.engine import accuracy

@@ -11,14 +11,15 @@ first (the README's reading order), and come here for how a run is resolved, tra
     stop.py         a scheduler's signal (SIGUSR1, SIGTERM) while a run trains: the step every process agrees on,
                     saved, and exit 75 for a batch script to requeue on (tools/slurm.sbatch)
     attention_check.py  the fused attention checked both ways against eager before anything runs on it, and the
-                    verdict told to the models once (settle_attention)
+                    verdict decided once and told to the models once (settle_attention)
     rundir.py       the run directory, one object: claimed and locked, its log (printed, held, then log.txt), its
                     files, let go; how --resume true is checked (what the checkpoint holds, what may change, after
                     a divergence) and the command that continues
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
                     file read once, without running any of its code (torch.load's weights only, CRC-32s checked),
-                    hashed from the bytes read; a record checked, a model built on the meta device and refused
-                    where this machine cannot hold it
+                    hashed from the bytes read; one line naming a file no ViT is read or built from
+    memory.py       what a ViT needs of this machine's memory, counted from its keywords before anything is built:
+                    the one fault (the host's OOM killer) that would otherwise give no message
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions;
                     CLIP's TorchScript archive's tensors read without running its code
     datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;

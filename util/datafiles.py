@@ -301,8 +301,12 @@ def fashion_mnist(data_dir, train, transform):
     if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
-    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
-                        os.path.abspath(d))
+    classes = torchvision.datasets.FashionMNIST.classes
+    # a label beyond the classes: trained on unnoticed, or the first evaluation's traceback after the training
+    if len(y) and not 0 <= y.min() <= y.max() < len(classes):
+        raise DataError(f'{labels} holds labels outside its {len(classes)} classes (0..{len(classes) - 1}; '
+                        f'{int(y.min())}..{int(y.max())} here): replace it with the original file')
+    return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------

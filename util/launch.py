@@ -184,7 +184,9 @@ def on_device(models, cfg, dataset):
     has run each one's first layer forward on dataset's first images, as many as a batch they are scored in (a
     kernel's grid grows with the batch); a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    attn, why = attn_implementation(cfg.attn_implementation, device)
+    # a model whose maps are written out (a copy student's averaged maps: teacher.written_out) keeps them so
+    written = next((m.written_out for m in models if getattr(m, 'written_out', '')), '')
+    attn, why = attn_implementation(cfg.attn_implementation, device, written)
     # what predict_all reads (device, dtype) and what start_up_check reads of a plan
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device), attn=attn, cfg=cfg, log=say)
     models = [m.to(device) for m in models]

@@ -324,19 +324,11 @@ def open_resumed(cfg, run_dir, world, method=None):
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
-    # the counts no run saves: a step of -4 trains with a negative lr, an AdamW step below 0 a bias correction that
-    # is not finite, no RNG state a global batch of 0 processes. (Another epoch length is refused with the data,
-    # run.check_data; a nan, which Run.save never saves, stops the run at its first step.)
-    state = ck['optimizer'].get('state')
-    steps = [s['step'] for s in state.values() if isinstance(s, dict) and 'step' in s] \
-        if isinstance(state, dict) else []
-    # a step that is not an int is refused by SAVED
+    # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with the
+    # data, run.check_data; a nan, which Run.save never saves, stops the run at its first step.) A step that is not
+    # an int is refused by SAVED
     counts = [('step', ck['step']), ('time', ck.get('time', 0))]
-    for v in steps:   # AdamW's, a one-element tensor
-        counts.append(('optimizer step', v.item() if torch.is_tensor(v) and v.numel() == 1 else v))
     bad = [(k, v) for k, v in counts if type(v) not in (int, float) or not 0 <= v <= MOST]
-    if not ck['rng']:   # one state a process
-        bad.append(('rng', ck['rng']))
     if bad:
         k, v = bad[0]
         raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '
