@@ -154,6 +154,26 @@ def test_a_live_run_s_files_are_refused_as_an_output_whatever_overwrite_says(mon
         p.wait()
 
 
+def test_a_refused_command_leaves_another_programs_lock_as_it_was(monkeypatch, tmp_path):
+    """finetune.py pointed at another program's folder holding its own .lock was refused ("not empty and holds no
+    run") and on its way out deleted that .lock: it took the lock before it refused, and removed .lock when it let
+    go. A lone .lock of another program's is its file too, never written over; a run's own .lock still goes."""
+    theirs = tmp_path / 'theirs'
+    theirs.mkdir()
+    (theirs / '.lock').write_text('pid 4242 of my sync tool\n')
+    (theirs / 'data.bin').write_text('mine\n')
+    for files in (['.lock', 'data.bin'], ['.lock']):
+        for name in set(os.listdir(theirs)) - set(files):
+            os.remove(theirs / name)
+        before = digest(theirs)
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', theirs, '--max-steps', '1')
+        assert msg and f'--out-dir {theirs} is not empty and holds no run of these scripts' in msg, msg
+        assert digest(theirs) == before
+    ours = tmp_path / 'ours'
+    train(monkeypatch, finetune, ours, '--max-steps', '1')
+    assert sorted(os.listdir(ours)) == ['checkpoint.pt', 'config.json', 'log.txt', 'metrics.jsonl']
+
+
 def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypatch, tmp_path):
     """A lockf that fails for another reason than a holder (NFS without locks: ENOLCK) is the write error's one line,
     naming .lock, not a holder; the folder the command made is left with its .lock alone."""
