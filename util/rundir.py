@@ -162,8 +162,8 @@ class RunDir:
         try:
             if self.lock is not None:
                 text = os.pread(self.lock, 100, 0)
-            else:   # a process of torchrun's other than rank 0
-                with open(self.file('.lock'), 'rb', opener=no_follow) as f:
+            else:   # a process of torchrun's other than rank 0 (never waiting on a pipe of that name)
+                with open(self.file('.lock'), 'rb', opener=lambda p, f: no_follow(p, f | os.O_NONBLOCK)) as f:
                     text = f.read(100)
         except OSError:   # none there: no file of anyone's
             return True
