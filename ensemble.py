@@ -34,7 +34,7 @@ from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
 from util.run import class_mismatch
-from util.files import claimed
+from util.files import check_outputs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -218,33 +218,18 @@ def is_result(path):
         return False
 
 
-def check_out(cfg):
-    """Refuse an --out that is a directory (or a pipe, a device: opened, a pipe would block for ever), a model, or
-    another file (a checkpoint!) unless --overwrite."""
-    out = cfg.out
-    read = {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
-    if os.path.exists(out) and not os.path.isfile(out):
-        kind = 'a directory' if os.path.isdir(out) else 'not a regular file (a pipe or a device)'
-        raise ConfigError(f'--out {out} is {kind}: name a file')
-    if os.path.realpath(out) in read:
-        raise ConfigError(f'--out {out} is a file this command reads (--models, --teacher): '
-                          f'name another file')
-    if os.path.exists(out) and not (cfg.overwrite or is_result(out)):
-        raise ConfigError(f'--out {out} exists and is not an earlier result of ensemble.py: '
-                          f'choose another file, or pass --overwrite true')
-
-
 def main():
     cfg = parse_config(EnsembleConfig, PRESETS)
+    # refused before any model is read: a file there that is not an earlier result (unless --overwrite), a model
+    # it reads; the same rule holds when the result is written
+    write = check_outputs('--out', cfg.out, reads=[*cfg.models, cfg.teacher],
+                          may_replace=lambda path: cfg.overwrite or is_result(path),
+                          own='an earlier result of ensemble.py', overwrite='--overwrite')
+    weights = normalise_weights(cfg.weights, len(cfg.models))
+    cfg, results = score(cfg, weights)
     if cfg.out:
-        check_out(cfg)
-    weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
-    # a new --out: another command given it is refused
-    with claimed('--out', cfg.out, replaces=True) as write:
-        cfg, results = score(cfg, weights)
-        if cfg.out:
-            record = json.dumps({'config': asdict(cfg), **results}, indent=2)
-            write(cfg.out, lambda f: f.write(record.encode()))
+        record = json.dumps({'config': asdict(cfg), **results}, indent=2)
+        write(cfg.out, lambda f: f.write(record.encode()))
 
 
 def score(cfg, weights):

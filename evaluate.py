@@ -43,7 +43,7 @@ from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
-from util.files import claimed
+from util.files import check_outputs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -180,15 +180,15 @@ def main():
                           '--imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
-    # written after every model has run: claimed before any does (one there, a folder that cannot be
-    # written, another command given this --out: refused)
-    with claimed('--out', *files) as write:
-        score(cfg, groups, paths, write, files)
+    # written after every model has run: refused before any does (a file there, a folder that cannot be
+    # written), and again as each is written (a file put there meanwhile is kept)
+    write = check_outputs('--out', *files, reads=cfg.models)
+    score(cfg, groups, paths, write, files)
 
 
 def score(cfg, groups, paths, write, files):
-    """Every model and ensemble on every test set; the table, into the claimed files
-    (write: util/files.claimed's)."""
+    """Every model and ensemble on every test set; the table, into the files checked
+    (write: util/files.check_outputs')."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
     # the test images' size and normalisation; --data: its test split

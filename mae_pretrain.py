@@ -36,7 +36,7 @@ from util.attention_check import settle_attention
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfig, at_least, option
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import claimed, save_figure
+from util.files import check_outputs, save_figure
 from util.memory import block_numbers, check_trainable, vit_numbers
 from util.launch import resolve, run_main
 from util.run import Run
@@ -312,8 +312,8 @@ def save_reconstructions(model, imgs, cfg):
 
 def export_encoder(run_dir, write, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE), written through its claim (write: util/files.claimed's), never
-    half a file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
+    it was made (command, commit, held-out MSE), written whole (write: util/files.check_outputs'), never over a
+    file there. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'],
@@ -326,8 +326,9 @@ def export_encoder(run_dir, write, path):
 def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
-    # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as write:
+    with plan.run_dir:
+        # --export: refused as the run starts where it could not be written at its end
+        write = check_outputs('--export', cfg.export if plan.main else '')
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)

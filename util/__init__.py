@@ -24,12 +24,12 @@ first (the README's reading order), and come here for how a run is resolved, tra
                     CLIP's TorchScript archive's tensors read without running its code
     datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;
                     a small data set held in memory on the device, its batches made there; the loader, whose
-                    batches a resume continues exactly
+                    batches a resume continues exactly; a training split's fingerprint, which a resume compares
     augment.py      timm's RandAugment policy and random erasing, as the authors' recipe uses them;
                     the same on a whole batch on the device
     files.py        the run and report files (JSON, JSON lines, text) written whole, one line when damaged; where a
                     command writes, refused before any work where open() says it cannot be; outputs written once
-                    the work is done, claimed when the command starts
+                    the work is done, one policy for all (a file there refused unless it is the command's own)
     errors.py       what a user reads: the one-line refusals (a setting, data, a checkpoint, a damaged or unwritable
                     file), how a flag and its value are spelled in them, and say, the print every line goes through
 

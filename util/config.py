@@ -87,6 +87,8 @@ class TrainConfig:
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
                                     'not): deletes it')
+    new_data: bool = option(False, "--resume on a training split other than the saved run's (its "
+                                   "files, sizes or times changed), on purpose")
     # model (vit.py's sizes; none keeps the size's own value)
     model: str = option('vit_tiny', choices=tuple(SIZES))
     img_size: int = option(28, rule=at_least(1, most=SIZE))
@@ -160,7 +162,7 @@ class TrainConfig:
 
     # what --resume true may change: where and how the run goes, never what it computes
     # (REFERENCE.md, "resume")
-    RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
+    RESUMABLE = ('resume', 'overwrite', 'new_data', 'out_dir', 'data_dir', 'num_workers', 'log_every',
                  'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation',
                  'eval_batch_size')
     # the script whose runs this config makes: a run directory is continued only by the script that made it

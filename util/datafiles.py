@@ -16,12 +16,14 @@ gathered and augmented there (TensorBatches); a folder's images are read one at 
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
 data.py says which data set is which, and how it is augmented.
 """
+import hashlib
 import os
 import pathlib
 import signal
 import stat
 import sys
 import tempfile
+import unicodedata
 import warnings
 
 import numpy as np
@@ -179,6 +181,29 @@ def unwrap(dataset):
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
+
+
+def fingerprint(dataset):
+    """A cheap digest of what a training split holds, which a checkpoint records and a resume compares (util/run.py):
+    a folder's images by their paths under the split's folder, labels, sizes and modification times (one stat a
+    file, no image read: a swapped, replaced or added image changes it, a copy that keeps the times does not); a
+    set held in memory (Fashion-MNIST, CIFAR) by the bytes of its images and labels as read from its files; None
+    for a set made at random (fake). dataset: the split, or a loader's (a Subset, SeededDataset)."""
+    while isinstance(dataset, (Subset, SeededDataset)):
+        dataset = dataset.dataset
+    if getattr(dataset, 'source', None) is None:   # FakeData
+        return None
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorImages):
+        for t in (dataset.images, dataset.labels):
+            digest.update(t.cpu().numpy().tobytes())
+        return digest.hexdigest()
+    for path, label in dataset.samples:   # ClassFolder's
+        info = os.stat(path)
+        name = unicodedata.normalize('NFC', os.path.relpath(path, dataset.root))   # a Mac's café is café
+        # the time to the second: a copy to a file system that keeps it more coarsely (a tar archive) is the same
+        digest.update(f'{name}\0{label}\0{info.st_size}\0{int(info.st_mtime)}\n'.encode())
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------

@@ -19,14 +19,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from util import stop
+from util.datafiles import fingerprint
 from util.engine import build_optimizer, final_lr, step_mode
 from util.errors import CheckpointError, ConfigError
 
 
 def check_data(plan, loader, classes):
-    """What needs the data built: a full batch in the training split; for a resume, the data's classes and epoch
-    length the run had, and a step left to train (or an evaluation of its last one to report). Returns
-    (steps an epoch, the run's last step, the whole schedule's steps)."""
+    """What needs the data built: a full batch in the training split; for a resume, the data's classes, training
+    split (its fingerprint, unless --new-data true) and epoch length the run had, and a step left to train (or an
+    evaluation of its last one to report). Returns (steps an epoch, the run's last step, the whole schedule's
+    steps, the training split's fingerprint)."""
     cfg = plan.cfg
     resumed = plan.resumed
     steps = len(loader) // cfg.accum_steps
@@ -35,12 +37,18 @@ def check_data(plan, loader, classes):
                           f'{cfg.batch_size * cfg.accum_steps * plan.world}')
     full = cfg.epochs * steps
     total = min(full, cfg.max_steps) if cfg.max_steps else full
+    data = fingerprint(loader.dataset)
     if resumed:
         path = plan.run_dir.checkpoint
         other = class_mismatch(resumed.get('classes'), classes)
         if other:
             raise ConfigError(f'--resume: {path} was trained on other classes than the data here '
                               f'has ({other}): resume it on its own data (--data-dir)')
+        # a folder fixed or re-split between two jobs: half a run on one data set, half on another
+        if resumed.get('data_fingerprint', data) != data and not cfg.new_data:
+            raise ConfigError(f'--resume: {path} was trained on another training split than the one here '
+                              f'(its images, labels, sizes or modification times differ): resume it on its '
+                              f'own data (--data-dir), or pass --new-data true to go on with this one')
         if resumed.get('steps_per_epoch', steps) != steps:
             raise ConfigError(f"--resume: an epoch has {steps} steps here and had "
                               f"{resumed['steps_per_epoch']}: the data or the global batch differ "
@@ -51,7 +59,7 @@ def check_data(plan, loader, classes):
             raise ConfigError(f'--resume: {path} is at step {step}, not below --max-steps '
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
-    return steps, total, full
+    return steps, total, full, data
 
 
 def misfit_state(opt, saved):
@@ -147,7 +155,7 @@ class Run:
         self.classes = classes
         self.extra = extra or {}
         self.model = model
-        self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
+        self.steps_per_epoch, self.total_steps, full, self.data = check_data(plan, loader, classes)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
@@ -298,7 +306,7 @@ class Run:
             'rng': [cpu for cpu, _ in states],
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,
             'world_size': plan.world, 'steps_per_epoch': self.steps_per_epoch,
-            'time': self.seconds(), 'classes': self.classes, **self.extra})
+            'time': self.seconds(), 'classes': self.classes, 'data_fingerprint': self.data, **self.extra})
         # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
         # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
