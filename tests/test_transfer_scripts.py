@@ -1,6 +1,7 @@
 """attention_copy.py and attention_distill.py end to end on fake data, each run once under 2-process torchrun (gloo):
 bf16 autocast, what their checkpoints hold; distillation's two processes against one process with the same global
-batch, loss for loss (the launch and the step every script shares); the variants' flags."""
+batch, loss for loss (the launch and the step every script shares), eager with no start-up check; the variants'
+flags."""
 import json
 import os
 import re
@@ -41,8 +42,13 @@ def losses_by_step(out_dir):
 
 
 def test_copy_under_torchrun_and_its_checkpoint_names_its_teacher(teacher_ckpt, tmp_path):
-    p = transfer('attention_copy.py', tmp_path, teacher_ckpt, '--amp', 'bf16', procs=2)
+    """sdpa, with its start-up check against eager on the first batch passing and recorded."""
+    p = transfer('attention_copy.py', tmp_path, teacher_ckpt, '--amp', 'bf16', '--attn-implementation', 'sdpa', procs=2)
     assert 'autocast torch.bfloat16' in p.stdout and '2 process(es)' in p.stdout
+    assert 'sdpa holds' in p.stdout and 'falling back' not in p.stdout
+    record = json.load(open(tmp_path / 'config.json'))['attention_check']
+    assert record['implementation'] == 'sdpa' and 0 < record['error'] <= record['tolerance']
+    assert record['backend'] == 'flash' and record['seconds'] < 5
     assert read_metrics(tmp_path)[-1]['step'] == 3
     ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
     assert ck['teacher']['source'] == str(teacher_ckpt) and len(ck['teacher']['sha256']) == 64
@@ -58,13 +64,14 @@ def test_distill_two_processes_match_one_and_save_a_plain_vit(teacher_ckpt, tmp_
     """2 processes of 16 images a step (torchrun) against 1 process of 32: every loss term at every step, the
     evaluation after; the checkpoint a plain ViT with the EMA of the student only."""
     one, two = tmp_path / 'one', tmp_path / 'two'
-    args = ['--layers', '0', '--ema', '0.99', *SAME_MATHS]
+    args = ['--layers', '0', '--ema', '0.99', '--attn-implementation', 'eager', *SAME_MATHS]
     p = transfer('attention_distill.py', two, teacher_ckpt, '--batch-size', '16', *args, procs=2)
     transfer('attention_distill.py', one, teacher_ckpt, '--batch-size', '32', *args)
-    assert '2 process(es)' in p.stdout
+    assert '2 process(es)' in p.stdout and 'start-up check' not in p.stdout    # eager: nothing to check
     for d, world in ((one, 1), (two, 2)):
         with open(d / 'config.json') as f:
-            assert json.load(f)['world_size'] == world
+            config = json.load(f)
+        assert config['world_size'] == world and 'attention_check' not in config
     l1, l2 = losses_by_step(one), losses_by_step(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4], (l1, l2)
     assert set(l1[1]) == {'attn', 'ce'}                                  # both loss terms logged
