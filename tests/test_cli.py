@@ -3,6 +3,7 @@ earlier run overwritten)."""
 import errno
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,13 +29,23 @@ def read(path):
 
 
 # -----------------------------------------------------------------------------
-# torchrun's port (two processes against one: tests/test_transfer_scripts.py, on distillation)
+# Two processes under torchrun == one process with the same global batch (tests/test_transfer_scripts.py, on
+# distillation; tests/test_resume.py)
+
+SAME_MATHS = ['--amp', 'off', '--hflip', '0', '--crop-pad', '0', '--drop-path', '0', '--max-steps', '4',
+              '--log-every', '1', '--blr', '0.01', '--warmup-epochs', '0']
 
 
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def ce_by_step(out_dir):
+    with open(os.path.join(str(out_dir), 'log.txt')) as f:
+        return {int(m.group(1)): float(m.group(2))
+                for m in re.finditer(r'step (\d+)/\d+ \| ce ([0-9.]+)', f.read())}
 
 
 # -----------------------------------------------------------------------------

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY, finetune, read_metrics, run_script
-from test_cli import free_port
+from test_cli import SAME_MATHS, free_port
 from util.checkpoints import build_from_checkpoint
-
-# the same maths whatever the number of processes: no augmentation, no drop-path, fp32
-SAME_MATHS = ['--amp', 'off', '--hflip', '0', '--crop-pad', '0', '--drop-path', '0', '--max-steps', '4',
-              '--log-every', '1', '--blr', '0.01', '--warmup-epochs', '0']
-
 
 @pytest.fixture(scope='module')
 def teacher_ckpt(tmp_path_factory):
@@ -28,8 +23,8 @@ def teacher_ckpt(tmp_path_factory):
 def transfer(script, out_dir, teacher, *args, procs=1):
     launch = [] if procs == 1 else ['-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', str(procs),
                                     '--master_addr', '127.0.0.1', '--master_port', str(free_port())]
-    p = run_script(*launch, script, *TINY, '--out-dir', out_dir, '--teacher', teacher, '--max-steps', '3',
-                   '--log-every', '1', *args, timeout=300)
+    p = run_script(*launch, script, *TINY, '--out-dir', out_dir, '--teacher', teacher, '--amp', 'bf16', '--max-steps',
+                   '3', '--log-every', '1', *args, timeout=300)
     assert p.returncode == 0, f'{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
     return p
 
@@ -43,7 +38,7 @@ def losses_by_step(out_dir):
 
 def test_copy_under_torchrun_and_its_checkpoint_names_its_teacher(teacher_ckpt, tmp_path):
     """sdpa, with its start-up check against eager on the first batch passing and recorded."""
-    p = transfer('attention_copy.py', tmp_path, teacher_ckpt, '--amp', 'bf16', '--attn-implementation', 'sdpa', procs=2)
+    p = transfer('attention_copy.py', tmp_path, teacher_ckpt, '--attn-implementation', 'sdpa', procs=2)
     assert 'autocast torch.bfloat16' in p.stdout and '2 process(es)' in p.stdout
     assert 'sdpa holds' in p.stdout and 'falling back' not in p.stdout
     record = json.load(open(tmp_path / 'config.json'))['attention_check']
@@ -67,7 +62,8 @@ def test_distill_two_processes_match_one_and_save_a_plain_vit(teacher_ckpt, tmp_
     args = ['--layers', '0', '--ema', '0.99', '--attn-implementation', 'eager', *SAME_MATHS]
     p = transfer('attention_distill.py', two, teacher_ckpt, '--batch-size', '16', *args, procs=2)
     transfer('attention_distill.py', one, teacher_ckpt, '--batch-size', '32', *args)
-    assert '2 process(es)' in p.stdout and 'start-up check' not in p.stdout    # eager: nothing to check
+    assert '2 process(es)' in p.stdout and 'autocast None' in p.stdout             # --amp off: fp32, after bf16
+    assert 'start-up check' not in p.stdout                                        # eager: nothing to check
     for d, world in ((one, 1), (two, 2)):
         with open(d / 'config.json') as f:
             config = json.load(f)
@@ -92,8 +88,8 @@ def test_distill_two_processes_match_one_and_save_a_plain_vit(teacher_ckpt, tmp_
 
 @pytest.mark.parametrize('args', [['--transfer', 'q'], ['--transfer', 'v', '--heads', '0'], ['--heads', '1']])
 def test_variants_run(teacher_ckpt, tmp_path, args):
-    transfer('attention_copy.py', tmp_path / 'copy', teacher_ckpt, '--amp', 'bf16', '--max-steps', '1', *args)
-    transfer('attention_distill.py', tmp_path / 'distill', teacher_ckpt, '--amp', 'bf16', '--max-steps', '1', *args)
+    transfer('attention_copy.py', tmp_path / 'copy', teacher_ckpt, '--max-steps', '1', *args)
+    transfer('attention_distill.py', tmp_path / 'distill', teacher_ckpt, '--max-steps', '1', *args)
 
 
 def test_transfer_needs_a_teacher(tmp_path):
