@@ -570,16 +570,17 @@ def test_amp_reaches_every_stage_and_names_its_results(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
 def test_an_interrupted_reproduction_continues_with_the_same_command_to_the_same_results(first_run, tmp_path):
-    """One reproduction, one stage at a time, stopped three times and started again with the same command each time:
+    """One reproduction, one stage at a time, stopped four times and started again with the same command each time:
     Ctrl-C in the teacher's stage (the terminal sends it to the whole process group), SIGTERM to reproduce.py alone
-    (`kill PID`, a scheduler's) in a training stage after its first step, and in an ensemble. Each time the running
-    stage stops with it, keeping what it saved, and the line says how to continue; at the end every stage's metrics
-    are the first run's (two stages at a time, never stopped), number for number (its seconds aside)."""
+    (`kill PID`, a scheduler's) in a training stage after its first step, kill -9 to every process in another, and
+    SIGTERM in an ensemble. Each time the running stage stops with it, keeping what it saved, and the line (where
+    there is one) says how to continue; at the end every stage's metrics are the first run's (two stages at a time,
+    never stopped), number for number (its seconds aside)."""
     runs = tmp_path / 'runs'
     argv = [sys.executable, '-m', 'tools.reproduce', *TINY, '--jobs', '1', '--out-dir', runs, '--results-dir',
             tmp_path / 'results']
     for stage, after, how in [('mae', 'step 1/', 'Ctrl-C'), ('distill seed 0', 'step 1/', 'SIGTERM'),
-                              ('ensemble seed 0', '', 'SIGTERM')]:
+                              ('copy seed 0', 'step 1/', 'kill -9'), ('ensemble seed 0', '', 'SIGTERM')]:
         p = subprocess.Popen(argv, start_new_session=True, cwd=ROOT, env=sub_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as a terminal leaves it
@@ -592,12 +593,17 @@ def test_an_interrupted_reproduction_continues_with_the_same_command_to_the_same
             assert started, f'{stage} never started'
             if how == 'Ctrl-C':
                 os.killpg(p.pid, signal.SIGINT)                          # what the terminal does on Ctrl-C
+            elif how == 'kill -9':
+                os.killpg(p.pid, signal.SIGKILL)                         # every process of it, with no word said
             else:
                 p.send_signal(signal.SIGTERM)
             _, err = p.communicate(timeout=120)
             said = {'Ctrl-C': 'error: stopped (Ctrl-C): run the same command again to continue',
-                    'SIGTERM': 'error: stopped (SIGTERM)'}[how]
-            assert p.returncode == 1 and err.strip().splitlines()[-1].startswith(said), err[-2000:]
+                    'SIGTERM': 'error: stopped (SIGTERM)'}.get(how)
+            if said:
+                assert p.returncode == 1 and err.strip().splitlines()[-1].startswith(said), err[-2000:]
+            else:
+                assert p.returncode == -signal.SIGKILL, (p.returncode, err[-2000:])
             wait_for(lambda: not stage_pids(str(runs)), 30)
             assert not stage_pids(str(runs)), f'{stage} runs on after reproduce.py was stopped ({how})'
         finally:
