@@ -138,6 +138,42 @@ def zeros(t):
     return torch.zeros(t.shape, dtype=t.dtype)
 
 
+def select_on_host(select):
+    """torch._C._select_conv_backend asked of host tensors of the same shapes and dtypes (the kernel only sets the
+    strides of a fake convolution's output, which the stand-in does not check)."""
+    def on_host(*args, **kwargs):
+        with fake_tensor.unset_fake_temporarily():
+            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype),
+                                                (args, kwargs))
+            return select(*args, **kwargs)
+    return on_host
+
+
+def view_on_meta(index_op, on_view=lambda view: view):
+    """Tensor.__getitem__ (or __setitem__, with on_view) on a fake device tensor, through the dispatcher: indexed by
+    integers, slices, None and Ellipsis, on the view it makes, whose layout is taken from a `meta` tensor of the same
+    one; indexed by tensors and whole slices, aten.index (other indices as they are)."""
+    def op(t, index, *value):
+        parts = index if isinstance(index, tuple) else (index,)
+        if not (isinstance(t, FakeTensor) and t.device.type == 'cuda'):
+            return index_op(t, index, *value)
+        if all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in parts):
+            with fake_tensor.unset_fake_temporarily():
+                view = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='meta').__getitem__(index)
+            return on_view(t.as_strided(view.shape, view.stride(), t.storage_offset() + view.storage_offset()), *value)
+        if not value and all(isinstance(i, torch.Tensor) or i == slice(None) for i in parts):
+            return torch.ops.aten.index.Tensor(t, [i if isinstance(i, torch.Tensor) else None for i in parts])
+        return index_op(t, index, *value)
+    return op
+
+
+def copy(t, source, non_blocking=False):
+    """t[...] = source, through the dispatcher (torch 2.6's Tensor.copy_ sets the device first, a real CUDA call)."""
+    if isinstance(source, torch.Tensor):
+        return torch.ops.aten.copy_.default(t, source, non_blocking)
+    return torch.ops.aten.fill_.Scalar(t, source)
+
+
 def leaves(tensors):
     """The tensors requiring a gradient that `tensors` were made from (autograd's AccumulateGrad nodes)."""
     found, seen = [], set()
@@ -217,6 +253,11 @@ def standin_cuda():
         # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
         swap = torch.utils.swap_tensors
         mode.patch(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
+        # torch 2.6's Module.to set a fake cast into the parameter's .data, which left it on `meta`; newer torch makes a
+        # new parameter of it, as this has it do on every version
+        compatible = torch._has_compatible_shallow_copy_type
+        mode.patch(torch, '_has_compatible_shallow_copy_type',
+                   lambda t, applied: not isinstance(applied, FakeTensor) and compatible(t, applied))
         load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
 
         def host_load(*args, **kwargs):
@@ -231,6 +272,14 @@ def standin_cuda():
         mode.patch(torch.Tensor, 'is_pinned', lambda t, *a: True)
         # a real CUDA context is made for a fake tensor's first move where torch sees a GPU: none is here
         mode.patch(fake_tensor, 'init_gpu_context', lambda device: None)
+        # torch 2.6's fake convolution asks CUDA which kernel it would take, a real CUDA call: the host answers
+        mode.patch(torch._C, '_select_conv_backend', select_on_host(torch._C._select_conv_backend))
+        # torch 2.6's indexing sets the tensor's device first, a real CUDA call: a view's layout found on `meta`
+        mode.patch(torch.Tensor, '__getitem__', view_on_meta(torch.Tensor.__getitem__))
+        mode.patch(torch.Tensor, '__setitem__', view_on_meta(torch.Tensor.__setitem__, copy))
+        copy_ = torch.Tensor.copy_
+        mode.patch(torch.Tensor, 'copy_', lambda t, source, non_blocking=False: copy(t, source, non_blocking)
+                   if isinstance(t, FakeTensor) else copy_(t, source, non_blocking))
         # CUDA's autocast rules on the fake tensors (torch.autocast('cuda') asks whether a GPU is there)
         mode.patch(torch.cuda.amp.common, 'amp_definitely_not_available', lambda: False)
         with mode:
