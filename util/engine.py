@@ -79,20 +79,27 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
 
 
 def log_progress(run):
-    """The training losses since the last line (averaged over ranks), lr, speed, time left."""
+    """The training losses since the last line (averaged over ranks), lr, speed (since the last line, and since the
+    start), time left."""
     vals = {k: all_mean(v, run.plan).item() / run.since_log for k, v in run.running.items()}
     run.running = {}
     run.since_log = 0
     for k, v in vals.items():
         if not math.isfinite(v):
             run.diverged(v, f'training loss {k}')
-    elapsed = time.time() - run.t_start
+    now = time.time()
+    elapsed = now - run.t_start
     step = run.step
     if run.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
         speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
     else:
+        # as timm's line: the speed since the previous line (the steps between the two, exactly), then the mean
+        # since the model was ready
+        recent = (run.steps_done - run.done_at_log) * run.eff_batch / (now - run.t_log)
         minutes = (run.total_steps - step) * elapsed / run.steps_done / 60
-        speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ETA {minutes:.1f} min'
+        speed = f'{recent:.0f} img/s ({run.steps_done * run.eff_batch / elapsed:.0f} since the start) | ' \
+                f'ETA {minutes:.1f} min'
+    run.t_log, run.done_at_log = now, run.steps_done
     losses = ' '.join(f'{k} {v:.4f}' for k, v in vals.items())
     lr = lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch)
     run.plan.run_dir.log(f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | '

@@ -167,6 +167,8 @@ class Run:
         self.compiled = {}        # each loss_fn, compiled where the step is (forward)
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
+        self.t_log = self.t_start   # when the last progress line was written, and steps_done then
+        self.done_at_log = 0
         self.running = {}         # the losses summed since the last progress line, on the device
         self.since_log = 0
         model.train()
