@@ -1,8 +1,9 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders (a test split's classes checked against the trained
-models scored on it: ensemble.py, evaluate.py). How each data set's files are found and read,
-and how a loader makes each batch the same after a resume: util/datafiles.py.
+models scored on it: ensemble.py, evaluate.py). What each data set is (one row of
+util/datafiles.DATASETS), how its files are found and read, and how a loader makes each batch the
+same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -13,7 +14,7 @@ and how a loader makes each batch the same after a resume: util/datafiles.py.
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 
 Two paths, by what an image costs to read:
-- In memory (Fashion-MNIST, CIFAR-10 / 100, a fake set of at most FAKE_HELD bytes): the split
+- In memory (Fashion-MNIST, CIFAR-10 / 100, a small fake set: util/datafiles.py): the split
   is read once as uint8 (N, C, H, W) and held on the run's device (in the host's memory where
   the device has too little free: one line of the log says so). A batch is gathered there by
   the sampler's indices and transformed as a whole (BatchTransform: crop, flip, RandAugment per

@@ -12,9 +12,10 @@
 #                                          # then its steps compiled as --compile true trains (at most 300 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
 #   bash tools/gpu_check.sh OUT_DIR notebook    # tutorial.ipynb in full mode, timed (at most 580 s)
-#   bash tools/gpu_check.sh OUT_DIR small  # the Fashion-MNIST preset end to end, each method eager and compiled
-#                                          # (the compilation counted: --compile auto's measurement) with its img/s
-#                                          # per interval; its step alone under torch.profiler; then the reproduction
+#   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the Fashion-MNIST preset one epoch eager, graphed
+#                                          # (--cuda-graph) and compiled, each with its img/s per interval and wall
+#                                          # time from the command's start; the graphed step under torch.profiler;
+#                                          # then the reproduction timed whole (--jobs auto), the GPU sampled beside
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
@@ -37,46 +38,59 @@ within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what
   timeout "$limit" "${@:2}"
 }
 
-if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and compiled; its step alone; the reproduction
-  cut='' dev=cuda rounds='--rounds 3 --steps 30' eager=45 compiled=110
-  [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2' eager=300 compiled=600
-  # one epoch of each method, eager then compiled (what --compile auto's rule is measured by): img/s end to end
-  # counts from the model built, the compilation included (the log's last line), and the wall time from the command's
-  # start; with fashion-mnist's teacher (shipped) for copy and distillation
-  teacher=(--teacher teachers/fashion-mnist-mae.pt)
-  for run in 'finetune.py' "attention_distill.py ${teacher[*]}" "attention_copy.py ${teacher[*]}"; do
-    for compile in false true; do
-      name=fm-$(basename ${run%% *} .py)-compile-$compile
-      t0=$SECONDS
-      limit=$eager
-      [ $compile = true ] && limit=$compiled
-      within $limit $py $run --data fashion-mnist --epochs 1 --log-every 50 --compile $compile $cut \
-        --out-dir "$out/$name" > "$out/$name.log" 2>&1
-      echo "$name (1 epoch, end to end): exit $? after $((SECONDS - t0)) s, $(grep -h 'img/s' "$out/$name.log" | \
-        tail -1 | grep -oE '[0-9]+ img/s') with the compilation counted"
-      # each interval's speed between two progress lines, from their running means (images / img/s = seconds)
-      $py - "$out/$name.log" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-batch = re.search(r'effective batch (\d+)', text)
-points = [(int(s) * int(batch.group(1)), int(r)) for s, r in re.findall(r' step (\d+)/\d+ \|.*\| (\d+) img/s', text)]
-times = [(n, n / r) for n, r in points]
-per = [f'{(n2 - n1) / (t2 - t1):,.0f}' for (n1, t1), (n2, t2) in zip(times, times[1:])]
-if times:
-    print(f'   its first {times[0][0]} images in {times[0][1]:.1f} s from the model built; then img/s per interval:',
-          ' '.join(per) or '-')
-EOF
-    done
+if [ "$part" = small ]; then   # the Fashion-MNIST preset one epoch eager, graphed, compiled; a profile; the reproduction
+  # under 5 minutes on one H100 / H200 (issue 101's first part): each run's wall time from this command's start, its
+  # img/s per interval (the progress line's speed since the line before) and its last line's mean
+  cut='' graph=true limit=90
+  [ -n "$dry" ] && cut='--max-steps 20' graph=auto limit=300   # a CPU captures no graph: auto says why, eager
+  for mode in "eager --compile false --cuda-graph false" "graphed --compile false --cuda-graph $graph" \
+              "compiled --compile true --cuda-graph false"; do
+    name=fm-finetune-${mode%% *}
+    within $limit $py finetune.py --data fashion-mnist --epochs 1 --log-every 50 ${mode#* } $cut \
+      --out-dir "$out/$name" > "$out/$name.log" 2>&1
+    echo "$name (1 epoch): exit $?, done $SECONDS s after the command's start; $(grep -h ' step: ' \
+      "$out/$name.log" | head -1 | cut -d'|' -f2- | cut -c1-160)"
+    echo "   img/s per interval: $(grep -oE '\| [0-9]+ img/s \(' "$out/$name.log" | grep -oE '[0-9]+' | tr '\n' ' ')"
+    echo "   mean since the model was ready: $(grep -oE '[0-9]+ since the start' "$out/$name.log" | tail -1)"
   done
-  # the step alone, eager and compiled, fine-tuning's and distillation's, each broken down by torch.profiler: the
-  # host's time against the GPU's
-  within 150 $py -m tools.benchmark --device $dev --models vit_tiny --img-size 28 --patch-size 4 --embed-dim 64 \
-    --depth 6 --num-heads 8 --num-classes 10 --batch-size 128 --methods train distill --paths sdpa --compile true \
-    $rounds --memory-batch-size 0 --saved-bytes false --profile train distill --out-dir "$out/fm-step" \
-    > "$out/fm-step.log" 2>&1
-  echo "the step alone (tools.benchmark at the preset's shape, batch 128): exit $?"
-  grep -E '^\| vit' "$out/fm-step/BENCHMARK.md"
-  grep -HsE 'Self CPU time total|Self CUDA time total' "$out"/fm-step/profile-*.txt
+  # one profile of the graphed step: 20 replays under torch.profiler, their kernels' own time against the wall's
+  profiled=graph window=''
+  [ -n "$dry" ] && profiled=eager window='--max-steps 40'
+  within 60 $py - "$profiled" $window --out-dir "$out/fm-profile" > "$out/fm-profile.txt" 2>&1 <<'EOF'
+import runpy, sys, time, torch
+from torch.profiler import ProfilerActivity, profile
+from util import engine
+cuda = torch.cuda.is_available()
+prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+graphed, window = sys.argv[1] == 'graph', {'steps': 0}
+step = engine.GraphedStep.__call__ if graphed else engine.train_step
+
+
+def profiled(*args, **kwargs):   # the epoch's steps 20 to 39 (the capture before them)
+    n = window['steps'] = window['steps'] + 1
+    if n == 20:
+        torch.cuda.synchronize() if cuda else None
+        window['start'] = time.perf_counter()
+        prof.start()
+    step(*args, **kwargs)
+    if n == 39:
+        torch.cuda.synchronize() if cuda else None
+        window['wall'] = time.perf_counter() - window['start']
+        prof.stop()
+if graphed:
+    engine.GraphedStep.__call__ = profiled
+else:
+    engine.train_step = profiled
+sys.argv = ['finetune.py', '--data', 'fashion-mnist', '--epochs', '1', '--log-every', '100', '--compile', 'false',
+            '--cuda-graph', 'true' if graphed else 'false', *sys.argv[2:]]
+runpy.run_path('finetune.py', run_name='__main__')
+table = prof.key_averages()
+kernels = sum(e.self_device_time_total for e in table) / 1e3 / 20
+print(table.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=12))
+print(f"the {'graphed' if graphed else 'eager'} step, 20 steps: {1e3 * window['wall'] / 20:.2f} ms a step on the "
+      f"wall, {kernels:.2f} ms of kernels a step (the profiler's self device time)")
+EOF
+  echo "the profile: exit $?; $(tail -1 "$out/fm-profile.txt")"
   [ "$(left)" -lt 150 ] && { echo "the reproduction not run: $(left) s left to the deadline"; exit 0; }
   part=reproduce
 fi
@@ -84,10 +98,18 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
   quick=''
   [ -n "$dry" ] && quick='--quick true'
   nvidia-smi -L 2>/dev/null
+  # the GPU's utilisation and memory sampled every half second beside it
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
+    > "$out/reproduce-gpu.csv" 2>/dev/null &
+  sampler=$!
   t0=$SECONDS
-  within 420 $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
+  within 420 $py -m tools.reproduce --data fashion-mnist --jobs auto --out-dir "$out/reproduce" $quick \
     > "$out/reproduce.log" 2>&1
-  echo "tools.reproduce exit $? after $((SECONDS - t0)) s"
+  echo "tools.reproduce --jobs auto exit $? after $((SECONDS - t0)) s, whole"
+  kill $sampler 2>/dev/null
+  awk -F', ' 'NF == 2 { n++; u += $1; if ($1 > top) top = $1; if ($2 > mem) mem = $2 }
+    END { if (n) printf "GPU utilisation over %d samples: mean %.0f%%, max %d%%; memory up to %d MiB\n", n, u / n,
+          top, mem }' "$out/reproduce-gpu.csv"
   tail -9 "$out/reproduce.log"
   exit 0
 fi

@@ -14,7 +14,8 @@ Fashion-MNIST and CIFAR are held in memory whole (TensorImages, uint8 on the run
 gathered and augmented there (TensorBatches); a folder's images are read one at a time by loader workers
 (SeededDataset). Each epoch can start part-way (ResumableSampler): a resumed run sees the batches of one that
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
-data.py says which data set is which, and how it is augmented.
+Each data set is declared once, as a row of DATASETS at the end (its size, classes, statistics, training images,
+whether it is held in memory, its reader); data.py says how it is augmented.
 """
 import os
 import pathlib
