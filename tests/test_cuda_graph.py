@@ -1,12 +1,13 @@
-"""`--cuda-graph`: the whole training step captured once as one CUDA graph and replayed (util/engine.GraphedStep), checked
-on the stand-in CUDA device (tests/standin_cuda.py), whose capture runs the step once and records each device operator
-in it. What a replay needs of the step, asserted on that record: it reads only the graph's static buffers (the batch
-copied in, the run's weights, optimizer state, EMA, running losses, each group's lr) or what it made itself; it
-allocates nothing the run keeps (the run's tensors after the capture are the very ones before it); it asks the host
-for nothing (the stand-in's strict step); no number that changes from step to step is baked into it (captured at two
-different steps, the same operators with the same arguments); the lr and the EMA's weight reach it as tensors. Each
-check is seen failing on a step made to break it. And the rule that chooses the graph (util/launch.cuda_graph) picks
-what its text says. What the stand-in cannot say: that the replays compute eager's numbers (a GPU test's)."""
+"""`--cuda-graph`: the whole training step captured once as one CUDA graph and replayed (util/engine.GraphedStep),
+checked on the stand-in CUDA device (tests/standin_cuda.py), whose capture runs the step once and records each device
+operator in it. What a replay needs of the step, asserted on that record: it reads only the graph's static buffers
+(the batch copied in, the run's weights, optimizer state, EMA, running losses, each group's lr) or what it made
+itself; it allocates nothing the run keeps (the run's tensors after the capture are the very ones before it); it asks
+the host for nothing (the stand-in's strict step); no number that changes from step to step is baked into it
+(captured at two different steps, the same operators with the same arguments); the lr and the EMA's weight reach it
+as tensors. Each check is seen failing on a step made to break it. And the rule that chooses the graph
+(util/launch.cuda_graph) picks what its text says. What the stand-in cannot say: that the replays compute eager's
+numbers (a GPU test's)."""
 from types import SimpleNamespace
 
 import pytest
@@ -55,8 +56,8 @@ def graphed_run(monkeypatch, out, warm_up=3, steps=6, step=None):
         cuda.patch(engine.GraphedStep, 'WARM_UP', warm_up)
         if step is not None:
             cuda.patch(engine, 'train_step', step)
-        msg = run_in_process(monkeypatch, finetune, *TINY, '--fake-size', '128', '--amp', 'bf16', '--cuda-graph', 'true',
-                             '--max-steps', str(steps), '--log-every', '1', *EVERY, '--out-dir', out)
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--fake-size', '128', '--amp', 'bf16', '--cuda-graph',
+                             'true', '--max-steps', str(steps), '--log-every', '1', *EVERY, '--out-dir', out)
     return msg, SimpleNamespace(**seen)
 
 

@@ -142,8 +142,8 @@ class TrainConfig:
     compile: str = option('auto', 'the training step compiled (torch.compile; on one GPU without --cuda-graph, '
                                   'captured as CUDA graphs by torch): true | false | auto: true on a GPU for the '
                                   f"small data sets held in memory ({', '.join(COMPILED_DATA)}) in a run of at "
-                                  f'least {COMPILE_REPAID:,} steps ({GRAPHED_COMPILE_REPAID:,} on top of a CUDA graph), '
-                                  'which repays the compilation; false elsewhere', choices=COMPILE)
+                                  f'least {COMPILE_REPAID:,} steps ({GRAPHED_COMPILE_REPAID:,} on top of a CUDA '
+                                  'graph), which repays the compilation; false elsewhere', choices=COMPILE)
     cuda_graph: str = option('auto', 'the whole training step captured once as one CUDA graph (torch.cuda.graph), '
                                      'then replayed: true | false | auto: true for a data set held in memory, where '
                                      'a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32); false '
