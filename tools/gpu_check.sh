@@ -42,21 +42,21 @@ if [ "$part" = small ]; then   # Fashion-MNIST's preset one epoch eager, graphed
   # under 5 minutes on one H100 / H200 (issue 101's first part): each run's wall time from this command's start, its
   # img/s per interval (the progress line's speed since the line before) and its last line's mean
   cut='' graph=true limit=90
-  # on a CPU: 12 steps of 32 images in fp32; it captures no graph (auto says why: eager)
-  [ -n "$dry" ] && cut='--max-steps 12 --batch-size 32 --amp off' graph=auto limit=300
+  # on a CPU: 12 steps of 32 images in fp32, evaluated on 256 held-out images; no graph (auto says why: eager)
+  [ -n "$dry" ] && cut='--max-steps 12 --batch-size 32 --amp off --val-size 256' graph=auto limit=300
   for mode in "eager --compile false --cuda-graph false" "graphed --compile false --cuda-graph $graph" \
               "compiled --compile true --cuda-graph false"; do
     name=fm-finetune-${mode%% *}
     within $limit $py finetune.py --data fashion-mnist --epochs 1 --log-every 50 ${mode#* } $cut \
       --out-dir "$out/$name" > "$out/$name.log" 2>&1
-    echo "$name (1 epoch): exit $?, done $SECONDS s after the command's start; $(grep -h ' step: ' \
-      "$out/$name.log" | head -1 | cut -d'|' -f2- | cut -c1-160)"
+    echo "$name (1 epoch): exit $?, done $SECONDS s after the command's start; $(grep -h '^step: ' \
+      "$out/$name.log" | head -1 | cut -c1-160)"
     echo "   img/s per interval: $(grep -oE '\| [0-9]+ img/s \(' "$out/$name.log" | grep -oE '[0-9]+' | tr '\n' ' ')"
     echo "   mean since the model was ready: $(grep -oE '[0-9]+ since the start' "$out/$name.log" | tail -1)"
   done
   # one profile of the graphed step: 20 replays under torch.profiler, their kernels' own time against the wall's
   profiled=graph window=''
-  [ -n "$dry" ] && profiled=eager window='--max-steps 40 --batch-size 32 --amp off'
+  [ -n "$dry" ] && profiled=eager window='--max-steps 40 --batch-size 32 --amp off --val-size 256'
   within 60 $py - "$profiled" $window --out-dir "$out/fm-profile" > "$out/fm-profile.txt" 2>&1 <<'EOF'
 import runpy, sys, time, torch
 from torch.profiler import ProfilerActivity, profile
