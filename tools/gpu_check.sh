@@ -4,7 +4,8 @@
 # start-up checks at ViT-B/16 and at ViT-L/16 448 px, their printed errors compared line by line with round six's
 # (results/benchmark-h100/round6/checks.txt); the paths only a GPU takes, each script on the `fake` set (held on the
 # device and, memory said short, on the host; fp16 with its GradScaler, a mid-epoch resume against an unbroken run,
-# bit for bit; fp32 with TF32 on; compiled against eager gradients; ensemble.py, and evaluate.py under every shift;
+# bit for bit, and so for the graphed step, and it against eager in fp32; fp32 with TF32 on; compiled against eager
+# gradients; ensemble.py, and evaluate.py under every shift;
 # torchrun); and each training script's steps with every per-step option on under
 # torch.cuda.set_sync_debug_mode('error'): a host sync inside a step stops its run with a traceback.
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
@@ -238,6 +239,24 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
+  # the graphed step (--cuda-graph, bf16, drop-path): 12 steps unbroken, and 5 then resumed mid-epoch to the same 12
+  # (each process captures after its first 3 eager steps), bit for bit; then fp32, eager against graphed, 12 steps
+  graphed=true
+  [ "$device" = cpu ] && graphed=auto   # a CPU captures nothing: auto runs eager
+  graph=("${tiny[@]}" --epochs 2 --drop-path 0.1 --cuda-graph $graphed)
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-whole"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 5 --out-dir "$p/graph-resumed"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-resumed" --resume true
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --out-dir "$p/graph-fp32"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --cuda-graph false --out-dir "$p/eager-fp32"
+  t 10 $py -c "import sys, torch
+a, b, c, d = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
+print('graphed, mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
+      else 'DIFFERS')
+far = max(((c[k] - d[k]).norm() / d[k].norm().clamp_min(1e-12)).item() for k in d)
+print(f'graphed against eager, fp32, 12 steps: the farthest weight {far:.1e} apart (relative)')" \
+    "$p/graph-whole" "$p/graph-resumed" "$p/graph-fp32" "$p/eager-fp32"
+  grep -h 'captured' "$p"/graph-*/log.txt
   # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
   t 25 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # ensemble.py, and evaluate.py under every shift, on the held set, on the device
@@ -329,6 +348,6 @@ for key in sorted(set(then) | set(now)):
     a, b = then.get(key, ('-',) * 5), now.get(key, ('-',) * 5)
     print(f'| {key} | {b[0] if b[0] != "-" else a[0]} | {a[1]} | {b[1]} | {a[2]}, {b[2]} | {b[3]} | {b[4]} |')
 EOF
-grep -hE 'held on cuda|held in the host|bit for bit|DIFFERS|compiled against|\((nccl|gloo)\)|FAILED|error|Error' \
-  "$out/paths.log" "$out/steps.log" "$out/runs.log" | cut -c1-220
+said='held on cuda|held in the host|bit for bit|DIFFERS|against eager|captured|\((nccl|gloo)\)|FAILED|error|Error'
+grep -hE "$said" "$out/paths.log" "$out/steps.log" "$out/runs.log" | cut -c1-220
 echo "took $SECONDS s"
