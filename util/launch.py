@@ -43,7 +43,8 @@ class Plan(NamedTuple):
     """What a run is, settled before anything is built: its config, this process (rank of world) and its device,
     the autocast dtype (None: fp32), the attention implementation (why: logged), the run directory (claimed), the
     checkpoint a resume continues (checked, without its tensors), what the config's own resolve step settled
-    (a transfer run: teacher.Transfer), and whether the training step is compiled (why: logged)."""
+    (a transfer run: teacher.Transfer), and whether the training step is compiled and whether it is captured as one
+    CUDA graph (why: logged)."""
     cfg: Any
     rank: int
     world: int
@@ -71,6 +72,9 @@ def resolve(cls, presets):
     check_schedule(cfg, world)                          # the lr schedule at this global batch
     attn, why = attn_implementation(cfg.attn_implementation, device,
                                     getattr(cfg, 'written_out', ''))   # why maps are written out
+    dtype = amp_dtype(cfg.amp, device)
+    graphed, graphed_why = cuda_graph(cfg, device, world, dtype)       # the step as one CUDA graph
+    compiled, compiled_why = compiled_step(cfg, device, world, graphed)
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
@@ -80,13 +84,12 @@ def resolve(cls, presets):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world, method)
     seed_all(cfg.seed, rank, 0)
-    dtype = amp_dtype(cfg.amp, device)
-    graphed, graphed_why = cuda_graph(cfg, device, world, dtype)
-    compiled, compiled_why = compiled_step(cfg, device, world, graphed)
     plan = Plan(cfg, rank, world, device, dtype, attn, run_dir, resumed, method, compiled, graphed)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
-    step = ' and '.join([*(['compiled'] if compiled else []), *(['one CUDA graph'] if graphed else [])]) or 'eager'
+    step = 'compiled' if compiled else 'eager'
+    if graphed:
+        step += ', captured as one CUDA graph'
     plan.log(f'step: {step} ({graphed_why}; {compiled_why})')
     return plan
 
