@@ -56,9 +56,9 @@ if [ "$part" = small ]; then   # Fashion-MNIST's preset one epoch eager, graphed
     echo "   mean since the model was ready: $(grep -oE '[0-9]+ since the start' "$out/$name.log" | tail -1)"
   done
   # one profile of the graphed step: 20 replays under torch.profiler, their kernels' own time against the wall's
-  profiled=graph window=''
-  [ -n "$dry" ] && profiled=eager window='--max-steps 40 --batch-size 32 --amp off --val-size 256'
-  within 60 $py - "$profiled" $window --out-dir "$out/fm-profile" > "$out/fm-profile.txt" 2>&1 <<'EOF'
+  profiled=graph window='' limit=60
+  [ -n "$dry" ] && profiled=eager window='--max-steps 40 --batch-size 32 --amp off --val-size 256' limit=600
+  within $limit $py - "$profiled" $window --out-dir "$out/fm-profile" > "$out/fm-profile.txt" 2>&1 <<'EOF'
 import runpy, sys, time, torch
 from torch.profiler import ProfilerActivity, profile
 from util import engine
