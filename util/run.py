@@ -181,8 +181,9 @@ class Run:
     def forward(self, loss_fn):
         """loss_fn as the step runs it: where the step is compiled (plan.compiled), compiled whole, once, on its first
         call: the teacher's forward, the student's and the loss one graph, and its backward another (AOTAutograd's);
-        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay.
-        The optimizer's step stays eager (build_optimizer)."""
+        on one GPU each captured as a CUDA graph by torch (step_mode), unless the whole step is one
+        (engine.GraphedStep). Its outputs are used before the next step's replay. The optimizer's step stays eager
+        (build_optimizer)."""
         if not self.plan.compiled:
             return loss_fn
         if loss_fn not in self.compiled:
