@@ -16,7 +16,7 @@
 #   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the Fashion-MNIST preset one epoch eager, graphed
 #                                          # (--cuda-graph) and compiled, each with its img/s per interval and wall
 #                                          # time from the command's start; the graphed step under torch.profiler;
-#                                          # then the reproduction timed whole (--jobs auto), the GPU sampled beside
+#                                          # then the reproduction timed whole (--jobs 0: auto), the GPU sampled beside
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
@@ -105,9 +105,9 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
     > "$out/reproduce-gpu.csv" 2>/dev/null &
   sampler=$!
   t0=$SECONDS
-  within 420 $py -m tools.reproduce --data fashion-mnist --jobs auto --out-dir "$out/reproduce" $quick \
+  within 420 $py -m tools.reproduce --data fashion-mnist --jobs 0 --out-dir "$out/reproduce" $quick \
     > "$out/reproduce.log" 2>&1
-  echo "tools.reproduce --jobs auto exit $? after $((SECONDS - t0)) s, whole"
+  echo "tools.reproduce --jobs 0 (auto) exit $? after $((SECONDS - t0)) s, whole"
   kill $sampler 2>/dev/null
   awk -F', ' 'NF == 2 { n++; u += $1; if ($1 > top) top = $1; if ($2 > mem) mem = $2 }
     END { if (n) printf "GPU utilisation over %d samples: mean %.0f%%, max %d%%; memory up to %d MiB\n", n, u / n,
