@@ -26,9 +26,9 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 from attention_copy import load_copy_model
-from data import INFO, build_eval_set, class_names, data_source, held_where
+from data import build_eval_set, class_names, data_source, held_where
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_hashed
-from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
+from util.config import DATA, STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
 from util.engine import accuracy, predict_all
 from util.errors import say
@@ -44,7 +44,7 @@ from util.files import check_outputs
 class EnsembleConfig(ModelsConfig):
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | "
                        "folder | fake; '' = the data set the models' checkpoints record",
-                       choices=('', *INFO))
+                       choices=('', *DATA))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
     val_size: int = option(0, 'evaluate on this many held-out training images instead '
                               "(as the scripts' flag)",

@@ -36,9 +36,9 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import INFO, SHIFTS, build_eval_set, build_transform, class_names, held_where
+from data import SHIFTS, build_eval_set, build_transform, class_names, held_where
 from ensemble import check_classes, ensemble_probs, load_models
-from util.config import ConfigError, ModelsConfig, option
+from util.config import DATA, ConfigError, ModelsConfig, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.engine import accuracy, predict_all
 from util.errors import say
@@ -60,7 +60,7 @@ class EvaluateConfig(ModelsConfig):
     imagenet_a: str = ''
     data: str = option('', "instead of the folders: this data set's test split "
                            '(fashion-mnist, cifar10, ...)',
-                       choices=('', *INFO))
+                       choices=('', *DATA))
     data_dir: str = option('./data',
                            '--data: where its files are '
                            '(util/datafiles.py looks in other places too)')

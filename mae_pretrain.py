@@ -31,10 +31,11 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import INFO, build_data, sample_images
+from data import build_data, sample_images
 from util.attention_check import settle_attention
 from util.checkpoints import read_checkpoint, state_dict_of
 from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfig, at_least, option
+from util.datafiles import DATASETS
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import check_outputs, save_figure
 from util.memory import block_numbers, check_trainable, vit_numbers
@@ -293,8 +294,7 @@ def save_reconstructions(model, imgs, cfg):
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     rows = reconstructions(model, imgs, cfg)
     # the data's normalisation, undone to show them: (3, 1, 1) each
-    data_mean = torch.tensor(INFO[cfg.data][2][0])[:, None, None]
-    data_std = torch.tensor(INFO[cfg.data][2][1])[:, None, None]
+    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in DATASETS[cfg.data].stats)
     fig = Figure(figsize=(1.6 * len(imgs), 1.75 * len(rows)), layout='constrained')
     grid = fig.subplots(len(rows), len(imgs), squeeze=False)
     for axes, (title, batch) in zip(grid, rows.items()):

@@ -6,7 +6,9 @@ training or evaluation step) a host sync of a device tensor (`.item()`, a bool, 
 tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
 printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
 backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
-host's zeros in the device tensors' shapes) and the CUDA generator (a host one).
+host's zeros in the device tensors' shapes), the CUDA generator (a host one), streams (one, the host's order) and CUDA
+graphs (a capture runs its code once and records each device operator in it, (operator, args, kwargs, output), in
+the graph's `ops`; a replay runs nothing).
 
     with standin_cuda() as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
@@ -34,6 +36,8 @@ aten = torch.ops.aten
 # the operators that hand the host a number of a tensor's data
 SYNCS = (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default)
 COPIES = (aten._to_copy.default, aten.copy_.default)
+# in place on their inputs, and without a fake kernel in torch: nothing to compute on fake tensors
+UNFAKED = (aten._fused_adamw_.tensor_lr, aten._fused_adam_.tensor_lr)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,6 +57,7 @@ class StandInCuda(FakeTensorMode):
     def __init__(self, patches):
         super().__init__(allow_non_fake_inputs=True)
         self.in_step = False
+        self.recording = None     # a CUDA graph's capture in progress: its list of operators
         self.syncs = []           # what a strict step asked of the host (each fails the test)
         self.patches = patches    # an ExitStack: every replacement, undone when the stand-in ends
 
@@ -92,7 +97,10 @@ class StandInCuda(FakeTensorMode):
             return 1
         # the host's tensors a device operator takes, as fake ones (torch would run a small one for real)
         args, kwargs = pytree.tree_map_only(torch.Tensor, self.fake, (args, kwargs))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = None if func in UNFAKED else super().__torch_dispatch__(func, types, args, kwargs)
+        if self.recording is not None:
+            self.recording.append((func, args, kwargs, out))
+        return out
 
     def fake(self, t):
         return t if isinstance(t, FakeTensor) else self.from_tensor(t)
@@ -210,6 +218,27 @@ class Generator(torch.Generator):
         return super().__new__(cls, 'cpu')
 
 
+class Stream:
+    """torch.cuda.Stream: the stand-in runs everything in the host's order, on one stream."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class CUDAGraph:
+    """torch.cuda.CUDAGraph: `ops` what its capture recorded (graph, below); a replay runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.ops = []
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
 @contextlib.contextmanager
 def replaced(owner, name, value):
     """owner.name is value inside; after, whatever happens, the object that was there is set back (a class's
@@ -242,6 +271,23 @@ def standin_cuda():
         mode.patch(torch.cuda, 'get_device_properties', lambda *a: properties)
         mode.patch(torch.cuda, 'synchronize', lambda *a: None)
         mode.patch(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
+        # streams, and a CUDA graph's capture: its code run once, its device operators recorded (the optimizer asks
+        # whether a capture is under way, and refuses one its parameter groups do not allow)
+        mode.patch(torch.cuda, 'Stream', Stream)
+        mode.patch(torch.cuda, 'current_stream', lambda *a: Stream())
+        mode.patch(torch.cuda, 'stream', lambda *a: contextlib.nullcontext())
+        mode.patch(torch.cuda, 'CUDAGraph', CUDAGraph)
+
+        @contextlib.contextmanager
+        def capture(graph, *args, **kwargs):
+            assert mode.recording is None, 'a capture inside a capture'
+            mode.recording = graph.ops
+            try:
+                yield
+            finally:
+                mode.recording = None
+        mode.patch(torch.cuda, 'graph', capture)
+        mode.patch(torch.cuda, 'is_current_stream_capturing', lambda: mode.recording is not None)
         # torch's autograd engine needs a real CUDA context for a device tensor's backward (pytorch issue 92627): the
         # gradients are stand-ins, zeros on each leaf's device
         mode.patch(torch.autograd, 'backward', standin_backward)

@@ -161,7 +161,7 @@ def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path, to_g
     """A worker printed a ConnectionResetError traceback and outlived the run by ~5 s; a SIGTERM to every process
     of the run (a scheduler's) made torch report its workers as failed, in a traceback. The workers go on making
     batches until the run has saved the step it reached (util/stop.py), then end with it."""
-    # 4096 fake images of 128 px: too many to hold in memory (data.FAKE_HELD), so read per image by the workers
+    # 4096 fake images of 128 px: too many to hold in memory (util.datafiles.FAKE_HELD), so read per image by the workers
     p = subprocess.Popen([sys.executable, 'finetune.py', *TINY, '--fake-size', '4096', '--img-size', '128',
                           '--num-workers', '2', '--log-every', '1', '--out-dir', str(tmp_path / 'r')], cwd=ROOT, env=sub_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=to_group)

@@ -19,6 +19,7 @@ import attention_distill
 import data
 from conftest import ROOT, TINY, finetune, run_in_process, sub_env
 import finetune as finetune_script
+from util import datafiles
 from util.checkpoints import CheckpointError, build_from_checkpoint, load_weights, read_checkpoint
 from vit import VisionTransformer
 
@@ -137,7 +138,7 @@ def test_a_loader_that_cannot_start_its_workers_stops_before_anything_is_written
     def refused():
         raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
     monkeypatch.setattr(os, 'fork', refused)
-    monkeypatch.setattr(data, 'FAKE_HELD', 0)   # read per image by loader workers, as a folder is
+    monkeypatch.setattr(datafiles, 'FAKE_HELD', 0)   # read per image by loader workers, as a folder is
     out = tmp_path / 'r'
     msg = run_in_process(monkeypatch, finetune_script, *TINY[:-2], '--num-workers', '100', '--out-dir', out)
     assert msg == (f'error: BlockingIOError: [Errno {errno.EAGAIN}] Resource temporarily unavailable (its '

@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision.datasets.mnist import read_image_file
 from torchvision.transforms import v2
 
-from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
+from data import batch_mixer, build_dataset, build_eval_set, build_splits
 from finetune import PRESETS, FinetuneConfig
-from util.datafiles import FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
+from util.datafiles import DATASETS, FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
 from util.errors import DataError
 
 
@@ -306,7 +306,7 @@ def test_cifar10_batches(tmp_path, monkeypatch):
     test, _ = build_dataset(cfg, train=False)
     assert (len(train), len(test), n) == (10, 2, 10) and test.classes[0] == 'airplane'
     images, labels = written['test_batch']
-    mean, std = (torch.tensor(v)[:, None, None] for v in INFO['cifar10'][2])
+    mean, std = (torch.tensor(v)[:, None, None] for v in DATASETS['cifar10'].stats)
     for i in range(2):
         x, y = test[i]
         want = (torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255 - mean) / std    # (3, 32, 32)

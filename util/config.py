@@ -9,14 +9,17 @@ import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
+from util.datafiles import DATASETS
 from util.errors import ConfigError, flag, show
 from vit import ACTS, IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
 COMPILE_REPAID = 4000   # steps: --compile auto's least run on a GPU (util/launch.py says why)
-# each one's size and classes: data.INFO
-DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
+GRAPHED_COMPILE_REPAID = 40000   # steps: its least run on top of a CUDA graph (an estimate: util/launch.py)
+DATA = tuple(DATASETS)   # each one's size, classes, statistics, training images, where it is held, its reader
+# the data sets --compile auto may compile for: held in memory, their training images known before they are read
+COMPILED_DATA = [name for name, row in DATASETS.items() if row.held and row.train_images]
 
 # -----------------------------------------------------------------------------
 # A field declared once
@@ -138,10 +141,15 @@ class TrainConfig:
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '
                                               'stored) | auto: per device',
                                       choices=('auto', *IMPLEMENTATIONS))
-    compile: str = option('auto', 'the training step compiled (torch.compile; on a GPU captured as CUDA graphs): '
-                                  'true | false | auto: true on a GPU for the small data sets held in memory '
-                                  f'(fashion-mnist, cifar10, cifar100) in a run of at least {COMPILE_REPAID:,} '
-                                  'steps, which repays the compilation; false elsewhere', choices=COMPILE)
+    compile: str = option('auto', 'the training step compiled (torch.compile; on one GPU without --cuda-graph, '
+                                  'captured as CUDA graphs by torch): true | false | auto: true on a GPU for the '
+                                  f"small data sets held in memory ({', '.join(COMPILED_DATA)}) in a run of at "
+                                  f'least {COMPILE_REPAID:,} steps ({GRAPHED_COMPILE_REPAID:,} on top of a CUDA '
+                                  'graph), which repays the compilation; false elsewhere', choices=COMPILE)
+    cuda_graph: str = option('auto', 'the whole training step captured once as one CUDA graph (torch.cuda.graph), '
+                                     'then replayed: true | false | auto: true for a data set held in memory, where '
+                                     'a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32); false '
+                                     'elsewhere', choices=COMPILE)
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
     num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
@@ -163,7 +171,7 @@ class TrainConfig:
     # what --resume true may change: where and how the run goes, never what it computes
     # (REFERENCE.md, "resume")
     RESUMABLE = ('resume', 'overwrite', 'new_data', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                 'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation',
+                 'save_every', 'max_steps', 'compile', 'cuda_graph', 'dist_timeout', 'attn_implementation',
                  'eval_batch_size')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT = ''

@@ -109,33 +109,37 @@ class EMA:
     """An exponential moving average of a model's weights (its parameters and buffers), evaluated beside it. The first
     update copies the model; each later one moves every value 1 - decay of the way to the model's:
     w_ema <- decay * w_ema + (1 - decay) * w, torch.optim.swa_utils.get_ema_multi_avg_fn's rule (no warm-up). It is
-    AveragedModel's EMA with its count of updates kept in Python: AveragedModel keeps it in a host tensor that it
-    copies to the device at every update, a wait in each step on a GPU. Its state_dict is AveragedModel's too
+    AveragedModel's EMA with its count of updates and the weight of the next one kept on the model's device: a step
+    that updates it neither copies a number from the host (AveragedModel's count lives there) nor takes one that
+    changes (a CUDA graph replays the step: engine.GraphedStep). Its state_dict is AveragedModel's too
     ('n_averaged', and the model's under 'module.'): a checkpoint from either resumes in the other."""
 
     def __init__(self, model, decay):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
-        self.count = 0   # updates so far
+        device = next(model.parameters()).device
+        self.count = torch.zeros((), dtype=torch.long, device=device)   # updates so far
+        self.weight = torch.ones((), device=device)   # the model's share in the next update: 1 (a copy), then 1 - decay
 
     @torch.no_grad()
     def update_parameters(self, model):
         mine = [*self.module.parameters(), *self.module.buffers()]
         theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        if self.count == 0:
-            torch._foreach_copy_(mine, theirs)
-        else:
-            # w + (1 - decay) * (w_model - w), in place
-            torch._foreach_lerp_(mine, theirs, 1 - self.decay)
+        # w + weight * (w_model - w), in place; a weight of 1 gives w_model exactly (lerp computes it as
+        # w_model - (w_model - w) * (1 - weight) from a weight of 0.5 up)
+        torch._foreach_lerp_(mine, theirs, [self.weight] * len(mine))
+        self.weight.fill_(1 - self.decay)
         self.count += 1
 
     def state_dict(self):
         weights = {f'module.{k}': v for k, v in self.module.state_dict().items()}
-        return {'n_averaged': torch.tensor(self.count), **weights}
+        return {'n_averaged': self.count.clone(), **weights}
 
     def load_state_dict(self, state):
         state = dict(state)
-        self.count = int(state.pop('n_averaged'))
+        count = int(state.pop('n_averaged'))
+        self.count.fill_(count)
+        self.weight.fill_(1 - self.decay if count else 1.0)
         self.module.load_state_dict({k.removeprefix('module.'): v for k, v in state.items()})
 
 # -----------------------------------------------------------------------------
@@ -176,8 +180,11 @@ class Run:
             self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
         self.compiled = {}        # each loss_fn, compiled where the step is (forward)
+        self.graphs = {}          # each forward's step as one CUDA graph, where the plan says (engine.graphed)
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
+        self.t_log = self.t_start   # when the last progress line was written, and steps_done then
+        self.done_at_log = 0
         self.running = {}         # the losses summed since the last progress line, on the device
         self.since_log = 0
         self.stop = stop.Agreement(plan)   # a scheduler's signal: the step every process saves at
@@ -186,13 +193,14 @@ class Run:
     def forward(self, loss_fn):
         """loss_fn as the step runs it: where the step is compiled (plan.compiled), compiled whole, once, on its first
         call: the teacher's forward, the student's and the loss one graph, and its backward another (AOTAutograd's);
-        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay.
-        The optimizer's step stays eager (build_optimizer)."""
+        on one GPU each captured as a CUDA graph by torch (step_mode), unless the whole step is one
+        (engine.GraphedStep). Its outputs are used before the next step's replay. The optimizer's step stays eager
+        (build_optimizer)."""
         if not self.plan.compiled:
             return loss_fn
         if loss_fn not in self.compiled:
             self.compiled[loss_fn] = torch.compile(
-                loss_fn, mode=step_mode(self.plan.device, self.plan.world, self.cfg.accum_steps))
+                loss_fn, mode=step_mode(self.plan.device, self.plan.world, self.cfg.accum_steps, self.plan.graphed))
         return self.compiled[loss_fn]
 
     def begin(self, full):
