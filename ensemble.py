@@ -15,7 +15,6 @@ process, on a GPU if there is one.
 """
 import json
 import math
-import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
