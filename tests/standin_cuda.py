@@ -270,6 +270,9 @@ def standin_cuda():
         properties = SimpleNamespace(name='stand-in', total_memory=80 * 2 ** 30, major=9, minor=0)
         mode.patch(torch.cuda, 'get_device_properties', lambda *a: properties)
         mode.patch(torch.cuda, 'synchronize', lambda *a: None)
+        # no CUDA graph is being captured: torch 2.10's Adam step asks this wherever torch.cuda says a GPU is there,
+        # and dynamo asks too (a real CUDA call otherwise)
+        mode.patch(torch.cuda, 'is_current_stream_capturing', lambda: False)
         mode.patch(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
         # streams, and a CUDA graph's capture: its code run once, its device operators recorded (the optimizer asks
         # whether a capture is under way, and refuses one its parameter groups do not allow)

@@ -77,7 +77,7 @@ def run_of(device, saved):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = SimpleNamespace(plan=p, cfg=FinetuneConfig(), model=model, ema=None, opt=opt, classes=None,
                           scaler=torch.amp.GradScaler('cpu', enabled=False), step=3, steps_per_epoch=10,
-                          metrics={}, extra={}, record=None, seconds=lambda: 1.0)
+                          metrics={}, extra={}, record=None, seconds=lambda: 1.0, data='its training split')
     return run, Run
 
 
