@@ -80,6 +80,7 @@ BAD = [
     (TRAIN, 'amp', [['fp32']]),
     (TRAIN, 'attn_implementation', [['flash']]),
     (TRAIN, 'compile', [['yes']]),
+    (TRAIN, 'cuda_graph', [['yes']]),
     (TRAIN, 'seed', [['-1'], [str(2 ** 70)]]),     # 2**70: torch's generators take 64 bits
     (TRAIN, 'num_workers', [['-1']]),
     (TRAIN, 'fake_size', [['0']]),
@@ -156,7 +157,7 @@ BAD = [
 ]
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
-FREE = {'data_dir', 'resume', 'saved_bytes', 'timing', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'norm_pix_loss', 'out', 'overwrite',
+FREE = {'data_dir', 'resume', 'saved_bytes', 'timing', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'new_data', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
         'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results'}
 # one case per rule: a row of BAD runs on one of its scripts, taken in turn so that every script is exercised;

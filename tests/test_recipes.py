@@ -29,7 +29,7 @@ from vit import create_model
 # settings of a run, not of a recipe: everything else must be in the table below
 RUN_FIELDS = {'data', 'data_dir', 'val_size', 'out_dir', 'resume', 'amp', 'attn_implementation', 'compile', 'seed',
               'cuda_graph', 'eval_batch_size',
-              'fake_size', 'log_every', 'save_every', 'max_steps', 'new_teacher', 'export', 'overwrite', 'dist_timeout',
+              'fake_size', 'log_every', 'save_every', 'max_steps', 'new_teacher', 'new_data', 'export', 'overwrite', 'dist_timeout',
               'teacher_num_heads', 'init_num_heads'}   # what the user's files are, not what a recipe trains
 # timm's augmentation as main_finetune.py sets it up: --aa default, --reprob 0.25 (mode 'pixel', count 1),
 # RandomResizedCrop (0.08, 1) and flip 0.5 (create_transform defaults), label smoothing default 0.1

@@ -25,7 +25,8 @@ from tools.palette import PALETTE, SHORT, colour, png
 # a run's evaluations, one dict per epoch: {'epoch', 'step', 'top1', ...}
 from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
-from util.datafiles import DATASETS, fashion_mnist, read_image
+from util import datafiles
+from util.datafiles import DATASETS, read_image
 from util.errors import flag
 from util.files import cpu_name, read_json
 from util.launch import amp_dtype
@@ -42,7 +43,7 @@ STD = DATASETS['fashion-mnist'].stats[1][0]
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised,
     and labels (n,)."""
-    ds = fashion_mnist('data', split == 'train', transform=None)
+    ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
     x = (ds.images[:n].float() / 255 - MEAN) / STD                    # (n, 1, 28, 28)
     x = x.expand(-1, 3, -1, -1).contiguous()                          # grey repeated, as data.py
     return x, ds.labels[:n].long()
@@ -55,7 +56,7 @@ def write_slice(n_train, n_test, runs):
     folder = os.path.join(runs, f'fashion-mnist-{n_train}-{n_test}')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        ds = fashion_mnist('data', split == 'train', transform=None)
+        ds = datafiles.fashion_mnist('data', split == 'train', transform=None)
         for name, a in (('images-idx3', ds.images[:n, 0]), ('labels-idx1', ds.labels[:n])):
             a = a.numpy().astype(np.uint8)
             with open(os.path.join(folder, f'{split}-{name}-ubyte'), 'wb') as f:
@@ -65,7 +66,7 @@ def write_slice(n_train, n_test, runs):
 def test_image(i, size=112):
     """Test image i as an RGB picture of size x size pixels (Fashion-MNIST's 28, enlarged): an image file's stand-in,
     for the cell that reads one you bring."""
-    ds = fashion_mnist('data', False, transform=None)
+    ds = datafiles.fashion_mnist('data', False, transform=None)
     return Image.fromarray(ds.images[i, 0].numpy()).convert('RGB').resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -203,7 +204,7 @@ def budgets(quick_flags, n_train, n_test, loop):
     util/config.py), the committed reproduction and the quick command (what tools/reproduce.py gives
     attention_distill.py)."""
     preset = SMALL_PRESETS['fashion-mnist']
-    images = len(fashion_mnist('data', True, transform=None))
+    images = len(datafiles.fashion_mnist('data', True, transform=None))
 
     def tested(test):
         return f'all {test:,}' if test == 10_000 else f'the first {test:,}'
