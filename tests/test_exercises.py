@@ -197,3 +197,27 @@ def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path):
     (tmp_path / 'notes.png').write_text('not an image')
     with pytest.raises(DataError, match='notes.png'):
         image_as_data(tmp_path / 'notes.png')
+
+
+def test_the_maps_of_your_image_share_one_colour_scale_with_its_bar(monkeypatch):
+    """The own-image panels: one colour scale for every layer (a nearly even layer looks flat beside a peaked one),
+    a colour bar, each panel's range in its title; and the notebook's cell draws them that way."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from tools import tutorial
+    drawn = []
+    monkeypatch.setattr(tutorial, 'show', drawn.append)
+    torch.manual_seed(0)
+    even = torch.full((49,), 1 / 50)
+    reads = {0: even + 0.002 * torch.randn(49), 1: even + 0.02 * torch.rand(49)}   # nearly even; peaked
+    tutorial.plot_reads(torch.rand(28, 28), reads, even=1 / 50)
+    fig, = drawn
+    overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == 'magma']
+    low, high = min(r.min().item() for r in reads.values()), max(r.max().item() for r in reads.values())
+    assert len(overlays) == 2 and all(im.get_clim() == pytest.approx((low, high)) for im in overlays)
+    assert overlays[0].colorbar is not None or overlays[1].colorbar is not None, 'no colour bar'
+    titles = [ax.get_title() for ax in fig.axes if ax.get_images() and ax.get_images()[-1] in overlays]
+    for title, read in zip(titles, reads.values()):
+        assert f'{read.min():.4f} to {read.max():.4f}' in title, title
+    cell = next(s for kind, s, _ in cells() if kind == 'code' and s.startswith('IMAGE, INVERT'))
+    assert 'plot_reads(' in cell and 'imshow' not in cell, 'the cell draws its panels by itself, each its own scale'

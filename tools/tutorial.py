@@ -429,6 +429,31 @@ def plot_training(logs, title):
     show(fig)
 
 
+def plot_reads(image, reads, even):
+    """What the pooled patches read in each layer, over the image: image (28, 28); reads {layer: (49,)}, each patch's
+    share of the patch rows' attention. One colour scale for every layer, from the least to the most any layer
+    reads, with its bar: a layer whose panel looks flat reads nearly evenly. even: the share of a map that reads
+    every token alike (1 / N), marked on the bar; each title gives its layer's range around it."""
+    fig, axes = plt.subplots(1, len(reads) + 1, figsize=(13, 2.6), layout='constrained')
+    axes[0].imshow(image, cmap='gray')
+    axes[0].set_title('as the teacher sees it', fontsize=9)
+    low = min(r.min().item() for r in reads.values())
+    high = max(r.max().item() for r in reads.values())
+    for ax, (i, read) in zip(axes[1:], reads.items()):
+        ax.imshow(image, cmap='gray')
+        shown = ax.imshow(read.reshape(7, 7), cmap='magma', alpha=0.6, vmin=low, vmax=high,
+                          extent=(-0.5, 27.5, 27.5, -0.5))
+        ax.set_title(f'layer {i}\n{read.min():.4f} to {read.max():.4f}', fontsize=9)
+    for ax in axes:
+        ax.set(xticks=[], yticks=[])
+    bar = fig.colorbar(shown, ax=axes[1:], shrink=0.9)
+    bar.set_label(f'share read\n(white: even, 1/{round(1 / even)})', fontsize=8)
+    bar.ax.axhline(even, color='w', lw=2)
+    fig.suptitle('what the pooled patches read in each layer (the mean over the heads), over the image, on one '
+                 'colour scale', fontsize=10)
+    show(fig)
+
+
 def plot_features(result):
     """The committed feature analysis (features.json's result), in the course's names. Top: linear CKA of each
     method's features to the teacher's per block, mean ± std over seeds (dashed: two seeds of that method); the
