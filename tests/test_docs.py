@@ -81,6 +81,24 @@ def test_readme_first_screen():
     assert code_lines(first), 'no commands on the first screen'
 
 
+def test_the_readme_opens_the_notebook_before_anything_else():
+    """The front door: before the reading order, one command that installs what the notebook needs, Jupyter
+    included (requirements.txt names none), and opens tutorial.ipynb with it; Colab as it stands. The sources of
+    the timings (a run's minutes of CPU, the shell's clock) are on REFERENCE.md and the results pages, not here."""
+    text = read_page('README.md')
+    door = text.split('## Read in this order')[0]
+    opens = [line for line in code_lines(door) if 'tutorial.ipynb' in line]
+    assert opens, 'no command before the reading order opens tutorial.ipynb'
+    parts = [shlex.split(part) for part in opens[0].split('&&')]
+    install = next((p for p in parts if p[:3] == ['pip', 'install', '-r']), None)
+    assert install and install[3] == 'requirements.txt' and {'jupyterlab', 'notebook'} & set(install[4:]), parts
+    with open(os.path.join(ROOT, 'requirements.txt')) as f:
+        assert 'jupyter' not in f.read(), 'requirements.txt installs Jupyter: the command need not name it'
+    assert parts[-1][:2] in (['jupyter', 'lab'], ['jupyter', 'notebook']) and parts[-1][2] == 'tutorial.ipynb', parts
+    assert 'Colab' in door and 'REPO_URL' in door
+    assert not re.search(r'of CPU|from the shell|taskset', text), 'timing provenance on the front page'
+
+
 def script_of(command):
     """(script path or tools.NAME module, its arguments) of a `python ...` / `torchrun ...` line; None if neither."""
     for part in command.split('&&'):
