@@ -99,6 +99,33 @@ def test_the_readme_opens_the_notebook_before_anything_else():
     assert not re.search(r'of CPU|from the shell|taskset', text), 'timing provenance on the front page'
 
 
+# a finding stated as the paper's: its verbs, and the words of a second-hand summary
+AS_THE_PAPERS = re.compile(r"\b(?:the paper(?:'s)?|Li et al\.?)\b[^.]*?\b(?:finds?|found|reports?|reported|shows?|showed|"
+                           r"says|saturates?)\b|\breportedly\b|summaries of it", re.I)
+# where in arXiv 2411.09702 it is said: a part a reader can turn to
+CITED = re.compile(r'\b(?:Abstract|Section \d|§ ?\d|Table \d|Fig(?:ure|\.) ?\d)')
+COURSE_PAGES = ['README.md', 'results/fashion-mnist/WHY.md', 'results/fashion-mnist/variants/README.md',
+                'results/fashion-mnist/VALIDATION.md', 'results/fashion-mnist/RESULTS.md', 'teachers/README.md',
+                'tutorial.ipynb']
+
+
+def uncited(text):
+    """The sentences of a text that state a finding as the paper's without naming where in it (a section, table,
+    figure, or its abstract)."""
+    flat = ' '.join(CODE.sub('', text).split())
+    return [s for s in re.split(r'(?<=[.:])\s+(?=[A-Z*])', flat) if AS_THE_PAPERS.search(s) and not CITED.search(s)]
+
+
+@pytest.mark.parametrize('page', COURSE_PAGES)
+def test_the_paper_is_cited_where_it_speaks(page):
+    """Every finding a course page states as the paper's names the part of arXiv 2411.09702 that states it; a line
+    that cannot be sourced is not there (no 'reportedly', no summary of summaries)."""
+    assert uncited(read_page(page)) == [], page
+    assert uncited('Queries alone reportedly do best. The paper finds that heads saturate near 12 of 16.') == [
+        'Queries alone reportedly do best.', 'The paper finds that heads saturate near 12 of 16.']
+    assert uncited('The paper finds the ensemble above either (arXiv 2411.09702, Abstract).') == []
+
+
 def script_of(command):
     """(script path or tools.NAME module, its arguments) of a `python ...` / `torchrun ...` line; None if neither."""
     for part in command.split('&&'):
