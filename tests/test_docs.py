@@ -173,6 +173,24 @@ def first_command():
     return args
 
 
+def test_the_folder_section_makes_its_own_teacher_first():
+    """*Train on your data* pre-trains a teacher on the folder before any student takes one: its first command is
+    mae_pretrain.py on the folder the students read, and every --teacher there is a checkpoint one of its commands
+    writes (not the Fashion-MNIST teacher of the three commands above)."""
+    section = re.search(r'^## Train on your data$(.*?)^## ', read_page('README.md'), re.M | re.S)[1]
+    commands = [script_of(line) for line in code_lines(section)]
+    commands = [c for c in commands if c]
+    options = [dict(zip(args[::2], args[1::2])) for _, args in commands]
+    assert commands[0][0] == 'mae_pretrain.py' and options[0]['--data'] == 'folder', commands[0]
+    folders = {o['--data-dir'] for o in options if '--data-dir' in o}
+    assert len(folders) == 1, folders
+    written = {os.path.join(o['--out-dir'], 'checkpoint.pt') for o in options if '--out-dir' in o}
+    teachers = [o['--teacher'] for o in options if '--teacher' in o]
+    assert teachers and all(t in written for t in teachers), (teachers, written)
+    first = [i for i, o in enumerate(options) if '--teacher' in o][0]
+    assert os.path.join(options[0]['--out-dir'], 'checkpoint.pt') in teachers and first > 0
+
+
 def test_readme_first_command_leaves_git_status_clean(tmp_path):
     """The first command in a fresh clone, on fake images and 2 steps a stage instead of the quick command's 80:
     everything it writes (runs, report) lands where git ignores it."""
