@@ -456,6 +456,38 @@ def test_exercise_4_checks_the_fused_copy_against_section_3s():
     assert re.search(r'def train\(method, weight=W\):', code('def train(')) and 'for step in range(STEPS):' in code('def train(')
 
 
+def test_figure_1_draws_real_maps_in_the_transferred_blocks_one_way(monkeypatch):
+    """The paper's Figure 1 redrawn (section 1): its maps are the shipped teacher's on test image 0 (worked out again
+    here), copy's student routes its transferred blocks with those very maps, and each side's arrows run one way,
+    from the frozen teacher, in the transferred blocks only (the preset's 0-4 of 6)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import torch
+    from matplotlib.patches import ArrowStyle
+    from tools import tutorial
+    from util.checkpoints import build_from_checkpoint
+    drawn = []
+    monkeypatch.setattr(tutorial, 'show', drawn.append)
+    tutorial.draw_methods()
+    fig, = drawn
+    maps, transferred, head = tutorial.methods_maps()
+    assert sorted(transferred) == [0, 1, 2, 3, 4]
+    teacher = build_from_checkpoint(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), img_size=28).eval()
+    with torch.no_grad():
+        logits = teacher.attention(tutorial.image_as_data(tutorial.test_image(0)), range(6))
+    for side, method in zip(fig.axes, ('copy', 'distill')):
+        images = [im.get_array() for im in side.get_images()]                     # teacher's 6, then the student's
+        assert len(images) == 12
+        for i in range(6):
+            real = logits[i][0, head[i]].double().softmax(-1).numpy()
+            assert abs(images[i] - real).max() < 1e-5, (method, i)
+            if method == 'copy' and i in transferred:
+                assert abs(images[6 + i] - real).max() < 1e-5, i                   # routed by the teacher's map
+        arrows = [t.arrow_patch for t in side.texts if getattr(t, 'arrow_patch', None)]
+        assert len(arrows) == len(transferred)
+        assert all(isinstance(a.get_arrowstyle(), ArrowStyle.CurveB) for a in arrows), 'an arrow back to the teacher'
+
+
 def test_the_sections_come_in_the_order_they_are_read():
     """Ensemble, features, the paper's other questions and the summary each a section of its own, in that order; the
     maps' KL stated only after the figure that draws it; the variants figure in its own section."""

@@ -563,47 +563,71 @@ def show_map(ax, probs, title, vmax=None):
     return im
 
 
+def methods_maps(teacher='teachers/fashion-mnist-mae.pt', models='results/fashion-mnist/features/models'):
+    """The maps the paper's Figure 1 redrawn shows, real ones: test image 0 through the shipped teacher and the
+    committed seed-0 copy and distilled students. {'teacher' | 'copy' | 'distill': {block: (N, N)}}, each block's
+    most concentrated teacher head (the least row entropy on the image); copy's transferred blocks route with the
+    teacher's own maps, its others with its own; and the transferred blocks, {student block: teacher block}."""
+    from attention_copy import load_copy_model
+    from util.checkpoints import build_from_checkpoint
+    x = image_as_data(test_image(0))                                            # (1, 3, 28, 28)
+    t = build_from_checkpoint(teacher, img_size=28).eval()
+    distilled = build_from_checkpoint(os.path.join(models, 'distill-0.pt')).eval()
+    pair = load_copy_model(os.path.join(models, 'copy-0.pt'))
+    pair = pair[0] if isinstance(pair, tuple) else pair
+    blocks = range(t.depth)
+    with torch.no_grad():
+        own = {'teacher': t.attention(x, blocks), 'distill': distilled.attention(x, blocks)}
+        given = copied(pair.teacher, x, pair.layers, pair.heads, pair.transfer)
+        free = [i for i in blocks if i not in pair.layers]                         # blocks copy computes itself
+        _, kept = pair.student(x, inject=given, keep={i: ('logits',) for i in free})
+    own['copy'] = {i: given[i]['attn'].log() if i in given else kept[i]['logits'] for i in blocks}
+    p = {who: {i: l[0].softmax(-1) for i, l in m.items()} for who, m in own.items()}   # (H, N, N) each
+    head = {i: min(range(t.num_heads), key=lambda h: -(p['teacher'][i][h] * p['teacher'][i][h].log()).sum(-1).mean())
+            for i in blocks}
+    return {who: {i: m[i][head[i]] for i in blocks} for who, m in p.items()}, dict(pair.layers), head
+
+
 def draw_methods():
-    """The paper's Figure 1, redrawn: a frozen teacher's maps reach a fresh student, copied or distilled. The
-    boxes take the palette's colours (the teacher's; copy's or distillation's student), and the figure says that
-    its small maps are made up."""
-    # made-up 6x6 attention maps of 3 blocks, each token reading mostly from itself and its neighbours: the
-    # teacher's, and a distilled student's own (noisier)
-    i = np.arange(6)
-    scale = np.array([0.4, 0.9])[:, None, None, None]                 # the teacher's, the student's
-    noise = scale * np.random.default_rng(3).normal(size=(2, 3, 6, 6))
-    maps = np.exp(-((i[:, None] - i) ** 2) / 2.0 + noise)
-    teacher, student = maps / maps.sum(-1, keepdims=True)
-    # each side: the student's method, the maps it routes with (copy: the teacher's, distillation: its own) and
-    # its text, the arrow from the teacher's maps to them, what runs at test time
-    sides = [('copy', teacher, 'no q, k\nA_T @ V_S', dict(arrowstyle='->', lw=2), 'A_T',
-              'teacher + student'),
-             ('distill', student, 'q, k → A_S', dict(arrowstyle='<->', lw=1.5, ls='--'),
-              'H(A_T, A_S)', 'the student alone')]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), layout='constrained')
-    for ax, (method, maps, about, style, arrow, at_test) in zip(axes, sides):
-        ax.set(xlim=(0, 10), ylim=(-0.9, 10.4))
+    """The paper's Figure 1, redrawn with real maps: a frozen teacher's maps reach a fresh student in the blocks
+    transferred (the Fashion-MNIST preset's 0-4 of 6), copied or distilled, one way: nothing flows back to the
+    teacher. The maps are test image 0's (methods_maps); the boxes take the palette's colours (the teacher's; copy's
+    or distillation's student)."""
+    maps, transferred, head = methods_maps()
+    depth = len(maps['teacher'])
+    # each side: the student's method, its text in a transferred block and in the others, the arrow's style and
+    # label, what runs at test time
+    sides = [('copy', 'no q, k:\nA_T @ V_S', dict(arrowstyle='->', lw=2), 'A_T', 'teacher + student'),
+             ('distill', 'q, k → A_S', dict(arrowstyle='->', lw=1.5, ls='--'), 'H(A_T, A_S)', 'the student alone')]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 7.2), layout='constrained')
+    step = 1.9
+    for ax, (method, about, style, arrow, at_test) in zip(axes, sides):
+        ax.set(xlim=(0, 10), ylim=(-0.9, depth * step + 0.7))
         ax.axis('off')
         ax.set_title(NAMES[method], fontsize=12, weight='bold')
         style['color'] = PALETTE[method]
-        boxes = [(0.2, 'teacher (frozen)', 'teacher', teacher, 'q, k → A_T'),
-                 (6.3, 'student (trained)', method, maps, about)]
-        for x0, who, fill, own, text in boxes:
-            ax.text(x0 + 1.75, 9.9, who, ha='center', fontsize=10)
-            for layer, amap in enumerate(own):
-                y = 0.6 + 3.0 * layer
-                ax.add_patch(plt.Rectangle((x0, y), 3.5, 2.3, edgecolor='k', lw=0.8,
+        for x0, who, fill, key in ((0.2, 'teacher (frozen)', 'teacher', 'teacher'),
+                                   (6.3, 'student (trained)', method, method)):
+            ax.text(x0 + 1.75, depth * step + 0.25, who, ha='center', fontsize=10)
+            for i in range(depth):
+                y = 0.4 + step * (depth - 1 - i)                                # block 0 at the top
+                ax.add_patch(plt.Rectangle((x0, y), 3.5, 1.6, edgecolor='k', lw=0.8,
                                            facecolor=to_rgba(PALETTE[fill], 0.15)))
-                ax.text(x0 + 0.15, y + 2.15, f'block {layer}', fontsize=8, va='top', weight='bold')
-                ax.text(x0 + 0.15, y + 1.7, text, fontsize=8, va='top')
-                ax.imshow(amap, extent=(x0 + 2.3, x0 + 3.3, y + 0.15, y + 1.65), cmap='magma',
-                          zorder=3, aspect='auto')
-        # below each block's text, from the teacher's map to the student's map
-        for y in (0.6, 3.6, 6.6):
-            ax.annotate('', xy=(8.55, y + 0.45), xytext=(3.55, y + 0.45), arrowprops=style,
-                        zorder=4)
-            ax.text(5.0, y + 0.6, arrow, ha='center', va='bottom', fontsize=9, color=style['color'])
+                ax.text(x0 + 0.12, y + 1.5, f'block {i}', fontsize=8, va='top', weight='bold')
+                if key == 'teacher':
+                    text = f'q, k → A_T\nhead {head[i]}'
+                else:
+                    text = about if i in transferred else 'its own\nq, k → A'
+                ax.text(x0 + 0.12, y + 1.1, text, fontsize=7, va='top')
+                top = np.quantile(np.asarray(maps['teacher'][i]), 0.99)
+                ax.imshow(maps[key][i], extent=(x0 + 2.0, x0 + 3.4, y + 0.1, y + 1.5), cmap='magma',
+                          vmin=0, vmax=top, zorder=3, aspect='auto', interpolation='nearest')
+        # one way, from the teacher's map to the student's, in the transferred blocks only
+        for i in transferred:
+            y = 0.4 + step * (depth - 1 - transferred[i]) + 0.35
+            ax.annotate('', xy=(8.25, y), xytext=(3.65, y), arrowprops=style, zorder=4)
+            ax.text(5.9, y + 0.12, arrow, ha='center', va='bottom', fontsize=8, color=style['color'])
         ax.text(5, -0.6, f'at test time: {at_test}', ha='center', fontsize=9, style='italic')
-    fig.supxlabel('the small maps are made up, to show the idea: each token reading mostly from '
-                  'itself and its neighbours', fontsize=8, color='0.35')
+    fig.supxlabel('the maps: test image 0, each block\'s most concentrated teacher head; the students are the committed '
+                  'seed-0 models (results/fashion-mnist/features/models/)', fontsize=8, color='0.35')
     show(fig)
