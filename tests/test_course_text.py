@@ -448,7 +448,8 @@ def test_the_presets_choices_each_have_a_reason():
 
 def test_exercise_4_checks_the_fused_copy_against_section_3s():
     """The learner's fused copy is compared with section 3's copy_attention on block 0 (the maps written out and
-    averaged in pairs, for a student of 4 heads), given the teacher's own q and k of that block; the train loop's steps are the loop's again (no exercise steps it)."""
+    averaged in pairs, for a student of 4 heads), given the teacher's own q and k of that block; the train loop's
+    steps are the loop's again (no exercise steps it)."""
     cell = code('def copy_fused(h, attn, q_t, k_t):\n    # your code')
     assert 'check_fused_copy(copy_fused, PREDICTION_4' in cell and 'teacher.internals(x, [0])[0]' in cell
     assert 'reference=copy_attention(h0, attn, pairs)' in cell and 'unflatten(1, (4, 2)).mean(2)' in cell

@@ -100,8 +100,9 @@ def test_the_readme_opens_the_notebook_before_anything_else():
 
 
 # a finding stated as the paper's: its verbs, and the words of a second-hand summary
-AS_THE_PAPERS = re.compile(r"\b(?:the paper(?:'s)?|Li et al\.?)\b[^.]*?\b(?:finds?|found|reports?|reported|shows?|showed|"
-                           r"says|saturates?)\b|\breportedly\b|summaries of it", re.I)
+AS_THE_PAPERS = re.compile(r"\b(?:the paper(?:'s)?|Li et al\.?)\b[^.]*?"
+                           r"\b(?:finds?|found|reports?|reported|shows?|showed|says|saturates?)\b"
+                           r"|\breportedly\b|summaries of it", re.I)
 # where in arXiv 2411.09702 it is said: a part a reader can turn to
 CITED = re.compile(r'\b(?:Abstract|Section \d|§ ?\d|Table \d|Fig(?:ure|\.) ?\d)')
 COURSE_PAGES = ['README.md', 'results/fashion-mnist/WHY.md', 'results/fashion-mnist/variants/README.md',

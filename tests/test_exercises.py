@@ -106,7 +106,8 @@ def test_exercise_4_stops_the_retyped_copy_and_a_wrong_one(pair, answer, said):
 
 
 @pytest.mark.parametrize('prediction, verdict', [
-    ('{held}', 'right'), ('{held:,}', 'right'), ('{held:.2e}', 'right'), ('7 thousand', 'right'), ('6.9 Thousand', 'right'),
+    ('{held}', 'right'), ('{held:,}', 'right'), ('{held:.2e}', 'right'), ('7 thousand', 'right'),
+    ('6.9 Thousand', 'right'),
     ('8 thousand', "not 8 thousand"), (7000, 'right'), (1000, 'not 1,000'),
     ('lots', "'lots' is no count this check reads")])
 def test_exercise_4_reads_a_count_as_a_learner_writes_it(pair, capsys, prediction, verdict):

@@ -324,7 +324,8 @@ def check_fused_copy(copy_fused, prediction, h, attn, q_t, k_t, reference):
     else:
         value, digits = count
         rounded = float(f'{held:.{digits}g}')                              # held, to the digits written
-        verdict = 'right' if value == rounded else f'not {prediction if isinstance(prediction, str) else f"{value:,.0f}"}'
+        written = prediction if isinstance(prediction, str) else f'{value:,.0f}'
+        verdict = 'right' if value == rounded else f'not {written}'
     print(f'the map it never wrote out holds {held:,} numbers, B x H x N x N ({verdict}): '
           f'{4 * held / 2 ** 20:.1f} MiB in fp32, for one layer')
 
@@ -628,6 +629,6 @@ def draw_methods():
             ax.annotate('', xy=(8.25, y), xytext=(3.65, y), arrowprops=style, zorder=4)
             ax.text(5.9, y + 0.12, arrow, ha='center', va='bottom', fontsize=8, color=style['color'])
         ax.text(5, -0.6, f'at test time: {at_test}', ha='center', fontsize=9, style='italic')
-    fig.supxlabel('the maps: test image 0, each block\'s most concentrated teacher head; the students are the committed '
-                  'seed-0 models (results/fashion-mnist/features/models/)', fontsize=8, color='0.35')
+    fig.supxlabel("the maps: test image 0, each block's most concentrated teacher head; the students are the "
+                  'committed seed-0 models (results/fashion-mnist/features/models/)', fontsize=8, color='0.35')
     show(fig)
