@@ -157,7 +157,8 @@ def test_the_figure_pastes_the_seen_patches_back_into_the_reconstruction(norm_pi
     imgs = torch.randn(3, 3, 32, 32)
     rows = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=norm_pix))
     borrowed = ['true means only'] if norm_pix else []
-    assert list(rows) == ['original', 'masked: 48 of 64 patches', *borrowed, 'reconstruction', 'reconstruction + visible']
+    assert list(rows) == ['original', 'masked: 48 of 64 patches', *borrowed, 'reconstruction',
+                          'reconstruction + visible']
     _, mask = mae(imgs, generator=torch.Generator().manual_seed(0))                # the figure's mask
     m = mask[..., None].bool()                                                     # (B, N, 1), True: hidden
     pasted, painted, seen = (patchify(rows[k], 4) for k in ('reconstruction + visible', 'reconstruction', 'original'))
@@ -186,6 +187,17 @@ def test_the_figure_shows_what_a_norm_pix_model_borrows_from_the_image():
     silent = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=True))
     assert torch.equal(silent['true means only'], rows['true means only'])
     assert torch.allclose(silent['reconstruction + visible'], rows['true means only'], atol=1e-6)
+
+
+def test_the_shipped_figure_has_the_rows_of_a_norm_pix_teacher():
+    """teachers/fashion-mnist-mae-reconstruction.png, drawn by save_reconstructions (1.75 inches a row, 1.6 an image,
+    at 100 dpi) for the shipped teacher's recipe (norm_pix_loss): as many rows as reconstructions gives such a
+    model, 'true means only' among them, for its 6 images."""
+    from PIL import Image
+    rows = reconstructions(make_mae(), torch.randn(2, 3, 32, 32), MAEConfig(norm_pix_loss=True))
+    assert 'true means only' in rows
+    with Image.open(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae-reconstruction.png')) as png:
+        assert png.size == (6 * 160, len(rows) * 175), png.size
 
 
 def test_presets_and_config_errors():
