@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 
 from data import batch_mixer, build_data
-from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher,
-                     student_presets, teacher_outputs)
+from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher, student_presets,
+                     teacher_outputs, written_out)
 from util.attention_check import settle_attention
 from util.checkpoints import (CheckpointError, check_weights, read_checkpoint, read_hashed,
                               teacher_mismatch, teacher_record, vit_of)
@@ -63,9 +63,10 @@ def copied(teacher, x, layers, heads, transfer, average='none', implementation='
     the mean map of its group of teacher heads (vit.attend).
     average: 'batch' | 'queries' hands every image the batch's mean map, or every query
     its image's mean row (--average-maps: the paper's test of whether a map's worth is
-    in its image and its query). implementation: the run's (plan.attn), which its teacher
+    in its image and its query). implementation: the run's (settle_attention's), which its teacher
     and student were told."""
-    if transfer == 'attn' and (implementation == 'eager' or average != 'none'):
+    assert average == 'none' or implementation == 'eager', 'an average is made of maps (teacher.written_out)'
+    if transfer == 'attn' and implementation == 'eager':
         out = {}
         for i, t in teacher_outputs(teacher, x, layers, ('logits',)).items():
             attn = t['logits'].softmax(-1, dtype=t['logits'].dtype)   # (B, H, N, N)
@@ -98,6 +99,7 @@ class CopyModel(nn.Module):
         self.transfer = transfer
         self.average = average
         self.implementation = implementation
+        self.written_out = written_out(average)   # why util/launch.on_device keeps it on eager, or ''
 
     def forward(self, x):
         given = copied(self.teacher, x, self.layers, self.heads, self.transfer, self.average,
@@ -157,19 +159,19 @@ def main():
         plan.log(f'attention copy: {cfg.transfer} of layers {sorted(layers.values())} '
                  f'(heads {heads or "all"}) from {cfg.teacher}')
         # the frozen teacher, the student, both settled on an implementation and checked
-        plan, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
+        attn, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
                                                      check_fused)
 
         run = Run(plan, student, train_loader, data.classes,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
-        loss_fn = copy_loss(cfg, teacher, layers, heads, plan.attn)
+        loss_fn = copy_loss(cfg, teacher, layers, heads, attn)
         mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
             # to the end of the epoch (or --max-steps)
             if train_one_epoch(run, train_loader, loss_fn, mixer):
                 run.evaluate(lambda m: evaluate(CopyModel(teacher, m, layers, heads, cfg.transfer,
-                                                          cfg.average_maps, plan.attn),
+                                                          cfg.average_maps, attn),
                                                 eval_loader, plan))
                 run.save()
         plan.log(f"final | copy student + teacher top-1 {run.metrics['top1']:.2f} "
@@ -177,9 +179,9 @@ def main():
 
 
 def check_fused(plan, teacher, student, x):
-    """(plan, record): the start-up check (util/attention_check.py) of the student's first copied layer, given what
-    the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if it
-    has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
+    """(implementation, record): the start-up check (util/attention_check.py) of the student's first copied layer, given
+    what the teacher hands over on sdpa (its q and k, or q, k or v), and of its first layer with attention of its own if
+    it has one; then teacher and student on the implementation that holds. The teacher is on eager until then."""
     transfer = plan.method
     with torch.no_grad(), autocast(plan):
         given = copied(teacher, x, transfer.layers, transfer.heads, plan.cfg.transfer,

@@ -91,8 +91,7 @@ def to_student_heads(logits, num_heads):
 def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of
     every distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
-    if cfg.average_maps != 'none':   # an averaged map: written out
-        implementation = 'eager'
+    assert cfg.average_maps == 'none' or implementation == 'eager', 'an average is made of maps (teacher.written_out)'
     if cfg.transfer == 'attn' and implementation == 'eager':
         names = ('logits',)
     else:
@@ -370,12 +369,12 @@ def main():
                  f'{sorted(transfer.layers.values())} (heads {transfer.heads or "all"}) '
                  f'from {cfg.teacher}, weight {cfg.weight}')
         # the frozen teacher, the student, both settled on an implementation and checked
-        plan, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
+        attn, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
                                                      check_fused)
 
         run = Run(plan, student, train_loader, data.classes,
                   {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})
-        loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, plan.attn)
+        loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, attn)
         mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:
@@ -392,9 +391,9 @@ def main():
 
 
 def check_fused(plan, teacher, student, x):
-    """(plan, record): the start-up check (util/attention_check.py) of the student's first distilled layer and, for
-    --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the implementation
-    that holds. The teacher is on eager until then."""
+    """(implementation, record): the start-up check (util/attention_check.py) of the student's first distilled layer
+    and, for --transfer attn, of its loss on the teacher's q and k (map-free); then teacher and student on the
+    implementation that holds. The teacher is on eager until then."""
     # the first distilled layer: the student's, the teacher's
     s, t = next(iter(plan.method.layers.items()))
     heads = plan.method.heads

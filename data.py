@@ -1,8 +1,9 @@
 """
 What a model is fed: datasets by name, their transforms, batch mixing (MixUp / CutMix),
 the train / eval splits, and their loaders (a test split's classes checked against the trained
-models scored on it: ensemble.py, evaluate.py). How each data set's files are found and read,
-and how a loader makes each batch the same after a resume: util/datafiles.py.
+models scored on it: ensemble.py, evaluate.py). What each data set is (one row of
+util/datafiles.DATASETS), how its files are found and read, and how a loader makes each batch the
+same after a resume: util/datafiles.py.
 
     --data fashion-mnist | cifar10 | cifar100    files from --data-dir (util/datafiles.py says
                                                  where else, and how)
@@ -13,7 +14,7 @@ and how a loader makes each batch the same after a resume: util/datafiles.py.
 Every image comes out as 3 channels (grey images are repeated), so one model shape fits all.
 
 Two paths, by what an image costs to read:
-- In memory (Fashion-MNIST, CIFAR-10 / 100, a fake set of at most FAKE_HELD bytes): the split
+- In memory (Fashion-MNIST, CIFAR-10 / 100, a small fake set: util/datafiles.py): the split
   is read once as uint8 (N, C, H, W) and held on the run's device (in the host's memory where
   the device has too little free: one line of the log says so). A batch is gathered there by
   the sampler's indices and transformed as a whole (BatchTransform: crop, flip, RandAugment per
@@ -30,26 +31,12 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-import torchvision
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
-from util.errors import ConfigError, DataError
-from util.run import class_mismatch
-from util.datafiles import (CIFAR, ClassFolder, TensorImages, build_loader, cifar, class_folders,
-                            fashion_mnist, read_classes, send, unwrap)
-
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-INFO = {   # name -> (native image size, classes, (mean, std))
-    'cifar10': (32, 10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
-    'cifar100': (32, 100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
-    'fashion-mnist': (28, 10, ((0.2860,) * 3, (0.3530,) * 3)),
-    'imagenet': (224, 1000, IMAGENET_STATS),
-    'folder': (224, None, IMAGENET_STATS),
-    'fake': (32, 10, ((0.5,) * 3, (0.5,) * 3)),
-}
-FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in memory
+from util.errors import DataError
+from util.datafiles import DATASETS, TensorImages, build_loader, held_in_memory, send, unwrap
 
 # Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly:
 # translate), -R, -Sketch and -A in miniature. Each acts on the image in [0, 1], before its
@@ -67,7 +54,7 @@ SHIFTS = {'none': [],
 # as in timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
 
 def build_transform(cfg, train, shift='none'):
-    native, _, (mean, std) = INFO[cfg.data]
+    native, (mean, std) = DATASETS[cfg.data].size, DATASETS[cfg.data].stats
     size = cfg.img_size
     t = []
     if cfg.data in ('imagenet', 'folder'):
@@ -108,7 +95,7 @@ class BatchTransform:
     the device without waiting for it. Called on a batch alone, it draws from torch's global RNG."""
 
     def __init__(self, cfg, train, shift='none'):
-        native, _, (mean, std) = INFO[cfg.data]
+        native, (mean, std) = DATASETS[cfg.data].size, DATASETS[cfg.data].stats
         self.size = cfg.img_size
         self.resize = cfg.img_size != native
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -315,18 +302,6 @@ def class_names(dataset, num_classes):
     return list(getattr(unwrap(dataset), 'classes', None) or map(str, range(num_classes)))
 
 
-def check_classes(sources, records, classes, data):
-    """Refuse trained models (sources, what their checkpoints record: ensemble.load_models) that tell other classes
-    apart than the data set's: by name where they record them, else by number."""
-    for s, r in zip(sources, records):
-        other = class_mismatch(r['classes'], classes)
-        if not other and r['num_classes'] != len(classes):
-            other = f"{r['num_classes']} classes where the data has {len(classes)}"
-        if other:
-            raise ConfigError(f'{s} predicts {other} (--data {data}): '
-                              f'score it on the data set it was trained on')
-
-
 def data_source(dataset):
     """Where a dataset's images come from, in a few words: 'read from <folder>', or for
     FakeData 'made at random'."""
@@ -344,7 +319,7 @@ def build_eval_set(cfg, shift='none', held=None):
         return build_dataset(cfg, train=False, transform=transform)
     if held is not None:
         images = held.holding(held.images, held.labels, transform)
-        num_classes = INFO[cfg.data][1]
+        num_classes = DATASETS[cfg.data].classes
     else:
         images, num_classes = build_dataset(cfg, train=True, transform=transform)
     return Subset(images, held_out_order(cfg, len(images))[:cfg.val_size]), num_classes
@@ -358,14 +333,6 @@ def held_out_order(cfg, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def held_in_memory(cfg):
-    """Whether cfg's data set is held in memory and batched on the device (BatchTransform), rather
-    than read an image at a time by loader workers (build_transform)."""
-    if cfg.data == 'fake':
-        return cfg.fake_size * 3 * cfg.img_size ** 2 <= FAKE_HELD
-    return cfg.data in ('fashion-mnist', *CIFAR)
-
-
 def transform_for(cfg, train, shift='none'):
     """A data set's transform: BatchTransform where it is held in memory, else build_transform's
     per-image pipeline."""
@@ -375,48 +342,10 @@ def transform_for(cfg, train, shift='none'):
 
 
 def build_dataset(cfg, train, transform=None):
-    """Returns (dataset, num_classes): what each data set is. Raises DataError with the fix when data is
-    missing. train: which split; its transform too unless `transform` is given (--data was checked
-    against util/config.py's DATA where the command line was read)."""
-    tf = transform or transform_for(cfg, train)
-    root = os.path.expanduser(cfg.data_dir)
-    if cfg.data == 'fashion-mnist':
-        return fashion_mnist(root, train, tf), 10
-    if cfg.data == 'fake':
-        n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
-        size = (3, cfg.img_size, cfg.img_size)
-        fake = torchvision.datasets.FakeData(n, size, 10, random_offset=0 if train else 10 ** 6)
-        if not held_in_memory(cfg):
-            fake.transform = tf
-            return fake, 10
-        images, labels = zip(*(fake[i] for i in range(n)))   # its images, made once
-        images = torch.stack([v2.functional.pil_to_tensor(x) for x in images])
-        return TensorImages(images, torch.tensor(labels), tf, None, None), 10
-    if cfg.data in CIFAR:
-        return cifar(root, cfg.data, train, tf), INFO[cfg.data][1]
-    return image_folder(cfg.data, root, train, tf)
-
-
-# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
-# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
-# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
-def image_folder(data, root, train, transform):
-    """(dataset, num_classes) of <root>/train or <root>/val. --data imagenet: ImageNet-1k's class indices
-    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
-    may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
-    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
-    split = os.path.join(root, 'train' if train else 'val')
-    train_dir = os.path.join(root, 'train')
-    for d in [split, train_dir] if data == 'folder' else [split]:
-        if not os.path.isdir(d):
-            raise DataError(f'no folder {d}: {expects}')
-    if data == 'imagenet':
-        names = read_classes('imagenet')
-        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
-                  'folder'
-    else:
-        names = class_folders(train_dir, expects)
-        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
-                  f'there'
-    index = {c: i for i, c in enumerate(names)}
-    return ClassFolder(split, index, transform, unknown), len(index)
+    """Returns (dataset, num_classes): a split of the data set cfg.data names, read by its reader
+    (util/datafiles.DATASETS). Raises DataError with the fix when data is missing. train: which split; its transform
+    too unless `transform` is given (--data was checked against the data sets' names where the command line was
+    read)."""
+    row = DATASETS[cfg.data]
+    dataset = row.read(os.path.expanduser(cfg.data_dir), train, transform or transform_for(cfg, train), cfg)
+    return dataset, row.classes or len(dataset.classes)

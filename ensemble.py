@@ -15,7 +15,6 @@ process, on a GPU if there is one.
 """
 import json
 import math
-import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
@@ -26,14 +25,15 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 from attention_copy import load_copy_model
-from data import INFO, build_eval_set, check_classes, class_names, data_source, held_where
+from data import build_eval_set, class_names, data_source, held_where
 from util.checkpoints import CheckpointError, build_from_checkpoint, read_hashed
-from util.config import STEPS, ConfigError, ModelsConfig, at_least, option, show
+from util.config import DATA, STEPS, ConfigError, ModelsConfig, at_least, option, show
 from util.datafiles import build_loader
 from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
-from util.files import claimed
+from util.run import class_mismatch
+from util.files import check_outputs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -43,7 +43,7 @@ from util.files import claimed
 class EnsembleConfig(ModelsConfig):
     data: str = option('', "its test split: cifar10 | cifar100 | fashion-mnist | imagenet | "
                        "folder | fake; '' = the data set the models' checkpoints record",
-                       choices=('', *INFO))
+                       choices=('', *DATA))
     data_dir: str = option('', "'' = the models' record when --data is theirs, else ./data")
     val_size: int = option(0, 'evaluate on this many held-out training images instead '
                               "(as the scripts' flag)",
@@ -162,6 +162,17 @@ def load_models(sources, teacher=None, new_teacher=False, num_heads=(), img_size
         raise ConfigError(f'--img-size {img_size}: the models take {size}')
     return models, records, size
 
+def check_classes(sources, records, classes, data):
+    """Refuse trained models (sources, what their checkpoints record: load_models) that tell other classes apart
+    than the data set's they are scored on: by name where they record them, else by number."""
+    for s, r in zip(sources, records):
+        other = class_mismatch(r['classes'], classes)
+        if not other and r['num_classes'] != len(classes):
+            other = f"{r['num_classes']} classes where the data has {len(classes)}"
+        if other:
+            raise ConfigError(f'{s} predicts {other} (--data {data}): '
+                              f'score it on the data set it was trained on')
+
 # -----------------------------------------------------------------------------
 # The data set the models record
 
@@ -206,33 +217,18 @@ def is_result(path):
         return False
 
 
-def check_out(cfg):
-    """Refuse an --out that is a directory (or a pipe, a device: opened, a pipe would block for ever), a model, or
-    another file (a checkpoint!) unless --overwrite."""
-    out = cfg.out
-    read = {os.path.realpath(m) for m in [*cfg.models, cfg.teacher] if m}
-    if os.path.exists(out) and not os.path.isfile(out):
-        kind = 'a directory' if os.path.isdir(out) else 'not a regular file (a pipe or a device)'
-        raise ConfigError(f'--out {out} is {kind}: name a file')
-    if os.path.realpath(out) in read:
-        raise ConfigError(f'--out {out} is a file this command reads (--models, --teacher): '
-                          f'name another file')
-    if os.path.exists(out) and not (cfg.overwrite or is_result(out)):
-        raise ConfigError(f'--out {out} exists and is not an earlier result of ensemble.py: '
-                          f'choose another file, or pass --overwrite true')
-
-
 def main():
     cfg = parse_config(EnsembleConfig, PRESETS)
+    # refused before any model is read: a file there that is not an earlier result (unless --overwrite), a model
+    # it reads; the same rule holds when the result is written
+    write = check_outputs('--out', cfg.out, reads=[*cfg.models, cfg.teacher],
+                          may_replace=lambda path: cfg.overwrite or is_result(path),
+                          own='an earlier result of ensemble.py', overwrite='--overwrite')
+    weights = normalise_weights(cfg.weights, len(cfg.models))
+    cfg, results = score(cfg, weights)
     if cfg.out:
-        check_out(cfg)
-    weights = normalise_weights(cfg.weights, len(cfg.models))   # refused before any model is read
-    # a new --out: another command given it is refused
-    with claimed('--out', cfg.out, replaces=True) as write:
-        cfg, results = score(cfg, weights)
-        if cfg.out:
-            record = json.dumps({'config': asdict(cfg), **results}, indent=2)
-            write(cfg.out, lambda f: f.write(record.encode()))
+        record = json.dumps({'config': asdict(cfg), **results}, indent=2)
+        write(cfg.out, lambda f: f.write(record.encode()))
 
 
 def score(cfg, weights):

@@ -36,15 +36,14 @@ if __name__ == '__main__':
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch
 
-from data import (INFO, SHIFTS, build_eval_set, build_transform, check_classes, class_names,
-                  held_where)
-from ensemble import ensemble_probs, load_models
-from util.config import ConfigError, ModelsConfig, option
+from data import SHIFTS, build_eval_set, build_transform, class_names, held_where
+from ensemble import check_classes, ensemble_probs, load_models
+from util.config import DATA, ConfigError, ModelsConfig, option
 from util.datafiles import ClassFolder, DataError, build_loader, read_classes
 from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
-from util.files import claimed
+from util.files import check_outputs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -61,7 +60,7 @@ class EvaluateConfig(ModelsConfig):
     imagenet_a: str = ''
     data: str = option('', "instead of the folders: this data set's test split "
                            '(fashion-mnist, cifar10, ...)',
-                       choices=('', *INFO))
+                       choices=('', *DATA))
     data_dir: str = option('./data',
                            '--data: where its files are '
                            '(util/datafiles.py looks in other places too)')
@@ -181,15 +180,15 @@ def main():
                           '--imagenet-a (or --data)')
     groups = parse_groups(cfg.ensembles, len(cfg.models))
     files = [os.path.join(cfg.out, f) for f in ('robustness.md', 'robustness.json')]
-    # written after every model has run: claimed before any does (one there, a folder that cannot be
-    # written, another command given this --out: refused)
-    with claimed('--out', *files) as write:
-        score(cfg, groups, paths, write, files)
+    # written after every model has run: refused before any does (a file there, a folder that cannot be
+    # written), and again as each is written (a file put there meanwhile is kept)
+    write = check_outputs('--out', *files, reads=cfg.models)
+    score(cfg, groups, paths, write, files)
 
 
 def score(cfg, groups, paths, write, files):
-    """Every model and ensemble on every test set; the table, into the claimed files
-    (write: util/files.claimed's)."""
+    """Every model and ensemble on every test set; the table, into the files checked
+    (write: util/files.check_outputs')."""
     models, records, img_size = load_models(cfg.models, num_heads=cfg.num_heads,
                                             img_size=cfg.img_size)
     # the test images' size and normalisation; --data: its test split

@@ -29,17 +29,17 @@ import torch
 
 from data import batch_mixer, build_data
 from util.attention_check import settle_attention
-from util.checkpoints import (check_trainable, check_weights, load_weights, read_hashed,
-                              state_dict_of, vit_of)
-from util.config import DEPTH, SMALL_PRESETS, ConfigError, TrainConfig, at_least, option
+from util.checkpoints import check_weights, read_hashed, state_dict_of, vit_of
+from util.config import DEPTH, SMALL_PRESETS, ComponentsConfig, ConfigError, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
+from util.memory import check_trainable
 from util.run import Run
 from vit import create_model, model_arch
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(ComponentsConfig):
     init: str = option('', 'pre-trained weights: a file or a name (mae_vit_base, '
                        'torchvision_vit_b_16, ...); empty = train from scratch')
     scratch: bool = option(False, 'the from-scratch recipe (SCRATCH) instead of the fine-tuning '
@@ -48,47 +48,38 @@ class FinetuneConfig(TrainConfig):
                                     '(no record, no family)',
                                  at_least(0, "the file's record or family", DEPTH))
     out_dir: str = 'runs/finetune'
-    # components of other ViT families (vit.py), to train a teacher built like one;
-    # --init checks they match
-    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); '
-                                     '0 = none',
-                                (lambda v: 0 <= v <= 100,
-                                 'must be 0 (no layer scale) or a positive initial value, '
-                                 'at most 100'))
-    norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
-    act: str = option('gelu', 'gelu | quick_gelu (CLIP)',
-                      choices=('gelu', 'quick_gelu'))
 
     SCRIPT = 'finetune.py'
     INPUTS = ('init',)
 
     def resolve(self):
-        """The resolve step: an --init file read, once, and checked against the model the config
-        names (its architecture, heads and weights), before anything is built. Returns what it
-        read (an Init), which build_model loads (None: from scratch). The model, built on the
-        meta device first, is refused where this machine cannot train it."""
-        with torch.device('meta'):
-            model = vit_of(model_arch(self.model, **self.model_kwargs()), self.init or 'the model')
-        check_trainable(model, self.batch_size)
+        """The resolve step: the model the config names, refused where this machine cannot train it (counted from
+        its keywords: util/memory); then an --init file read, once, and loaded into that model built on the meta
+        device (its architecture, heads and weights checked), the model the run then trains (build_model). Returns
+        an Init (None: from scratch)."""
+        arch = model_arch(self.model, **self.model_kwargs())
+        check_trainable(arch, self.batch_size)
         if not self.init:
             return None
         ckpt, digest = read_hashed(self.init)   # read once: loaded and hashed from the same bytes
-        check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads')
-        return Init(ckpt, digest)
+        # with the file's own classifier, if it has one (the data's classes are counted when it is read)
+        head = state_dict_of(ckpt, self.init).get('head.weight')
+        with torch.device('meta'):
+            model = vit_of({**arch, 'num_classes': 0 if head is None else head.shape[0]}, self.init)
+        return Init(check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads'), digest)
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size
         (None: the size's own)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
                     depth=self.depth, num_heads=self.num_heads, global_pool=self.global_pool,
-                    drop_path_rate=self.drop_path, init_values=self.layer_scale or None,
-                    norm_pre=self.norm_pre, act=self.act)
+                    drop_path_rate=self.drop_path, **self.components())
 
 
 class Init(NamedTuple):
-    """An --init file as the resolve step read it: its checkpoint, and the SHA-256 of the bytes it
-    was read from (None for a name), which the run records."""
-    ckpt: dict
+    """An --init file as the resolve step read it: the model the config names holding its weights (on the CPU), and
+    the SHA-256 of the bytes they were read from (None for a name), which the run records."""
+    model: torch.nn.Module
     sha256: str
 
 
@@ -135,15 +126,16 @@ def presets(argv=None):
 
 
 def build_model(cfg, num_classes, init=None):
-    """The ViT the config names; init: the --init file as the resolve step read it (an Init), whose
-    weights are loaded into it (a new head if needed)."""
-    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
-    if init is not None:
-        head = state_dict_of(init.ckpt).get('head.weight')
-        load_weights(model, cfg.init, init.ckpt, cfg.init_num_heads, '--init-num-heads')
+    """The ViT the config names; init: the --init file as the resolve step loaded it (an Init), given a new
+    classifier where its own does not fit the data's classes."""
+    if init is None:
+        return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
+    model = init.model
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
         # a new classifier: MAE's main_finetune starts it near zero
-        if head is None or head.shape != model.head.weight.shape:
-            torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        torch.nn.init.zeros_(model.head.bias)
     return model
 
 
@@ -165,9 +157,9 @@ def main():
         model = build_model(cfg, data.num_classes, plan.method).to(plan.device)
         x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         # sdpa, both ways, before anything runs
-        plan, checked = settle_attention(plan, 'fine-tuning', [model],
-                                         lambda: model.forward_tokens(x, depth=1),
-                                         {'layer 0': model.blocks[0].attn})
+        _, checked = settle_attention(plan, 'fine-tuning', [model],
+                                      lambda: model.forward_tokens(x, depth=1),
+                                      {'layer 0': model.blocks[0].attn})
         extra = {'attention_check': checked}
         if plan.method:   # what --init was: its file's SHA-256 recorded in config.json
             extra['init'] = {'source': cfg.init, 'sha256': plan.method.sha256}

@@ -31,12 +31,14 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from data import INFO, build_data, sample_images
+from data import build_data, sample_images
 from util.attention_check import settle_attention
-from util.checkpoints import check_trainable, read_checkpoint, state_dict_of
-from util.config import DEPTH, SIZE, SMALL_PRESETS, TrainConfig, at_least, option
+from util.checkpoints import read_checkpoint, state_dict_of
+from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfig, at_least, option
+from util.datafiles import DATASETS
 from util.engine import all_mean, autocast, train_one_epoch
-from util.files import claimed, save_figure
+from util.files import check_outputs, save_figure
+from util.memory import block_numbers, check_trainable, vit_numbers
 from util.launch import resolve, run_main
 from util.run import Run
 from vit import Block, VisionTransformer, model_arch
@@ -48,7 +50,7 @@ SINGLE_IMAGES = (lambda v: v == 0, 'MAE reconstructs single images: --mixup and 
 
 
 @dataclass
-class MAEConfig(TrainConfig):
+class MAEConfig(ComponentsConfig):
     mask_ratio: float = option(0.75, "fraction of each image's patches hidden from the encoder")
     decoder_dim: int = option(64, rule=at_least(1, most=SIZE))
     decoder_depth: int = option(2, rule=at_least(1, most=DEPTH))
@@ -79,13 +81,15 @@ class MAEConfig(TrainConfig):
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
 
     def resolve(self):
-        """The resolve step: the model, built on the meta device (nothing allocated), refused where
-        this machine cannot train it; its encoder keeps the tokens of the patches it sees."""
-        with torch.device('meta'):
-            model = build_mae(self)
-        check_trainable(model, self.batch_size, f'an MAE (--decoder-dim {self.decoder_dim}, '
-                                                f'--decoder-depth {self.decoder_depth})',
-                        tokens=model.num_keep + 1)
+        """The resolve step: the model refused where this machine cannot train it, counted from its keywords
+        (util/memory: nothing built); its encoder keeps the tokens of the patches it sees."""
+        arch = {**mae_arch(self), 'num_classes': 0}
+        p, d = arch['patch_size'], self.decoder_dim
+        patches = (arch['img_size'] // p) ** 2
+        decoder = (arch['embed_dim'] + 1) * d + d + (patches + 1) * d   # decoder_embed, mask_token, its positions
+        decoder += self.decoder_depth * block_numbers(d) + 2 * d + (d + 1) * p * p * arch['in_chans']
+        check_trainable(arch, self.batch_size, f'an MAE (--decoder-dim {d}, --decoder-depth {self.decoder_depth})',
+                        tokens=int(patches * (1 - self.mask_ratio)) + 1, numbers=vit_numbers(arch) + decoder)
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no
@@ -206,12 +210,16 @@ class MaskedAutoencoder(VisionTransformer):
         return pred, mask
 
 
+def mae_arch(cfg):
+    """The encoder's VisionTransformer keywords: the size and components the config names (vit.py's sizes, as
+    finetune.py's)."""
+    return model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                      depth=cfg.depth, num_heads=cfg.num_heads, drop_path_rate=cfg.drop_path, **cfg.components())
+
+
 def build_mae(cfg):
-    """The encoder the config names (vit.py's sizes, as finetune.py builds it) with the decoder."""
-    arch = model_arch(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                      drop_path_rate=cfg.drop_path)
-    return MaskedAutoencoder(arch, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+    """The encoder the config names with the decoder."""
+    return MaskedAutoencoder(mae_arch(cfg), cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
                              cfg.mask_ratio)
 
 # -----------------------------------------------------------------------------
@@ -290,8 +298,7 @@ def save_reconstructions(model, imgs, cfg):
     from matplotlib.figure import Figure   # no pyplot: no global state, rendered by Agg
     rows = reconstructions(model, imgs, cfg)
     # the data's normalisation, undone to show them: (3, 1, 1) each
-    data_mean = torch.tensor(INFO[cfg.data][2][0])[:, None, None]
-    data_std = torch.tensor(INFO[cfg.data][2][1])[:, None, None]
+    data_mean, data_std = (torch.tensor(s)[:, None, None] for s in DATASETS[cfg.data].stats)
     fig = Figure(figsize=(1.6 * len(imgs), 1.75 * len(rows)), layout='constrained')
     grid = fig.subplots(len(rows), len(imgs), squeeze=False)
     for axes, (title, batch) in zip(grid, rows.items()):
@@ -309,8 +316,8 @@ def save_reconstructions(model, imgs, cfg):
 
 def export_encoder(run_dir, write, path):
     """The encoder of a pre-training run alone, a teacher small enough to ship: its weights, arch and config, and how
-    it was made (command, commit, held-out MSE), written through its claim (write: util/files.claimed's), never
-    half a file and never over another command's. util.checkpoints.build_from_checkpoint(path) loads it."""
+    it was made (command, commit, held-out MSE), written whole (write: util/files.check_outputs'), never over a
+    file there. util.checkpoints.build_from_checkpoint(path) loads it."""
     ckpt = read_checkpoint(Path(run_dir, 'checkpoint.pt'))
     run = json.loads(Path(run_dir, 'config.json').read_text())
     made = {'command': shlex.join(['python', *run['argv']]), 'git_commit': run['git_commit'],
@@ -323,18 +330,19 @@ def export_encoder(run_dir, write, path):
 def main():
     plan = resolve(MAEConfig, PRESETS)   # every refusal first, nothing built yet
     cfg = plan.cfg
-    # --export claimed as the run starts
-    with plan.run_dir, claimed('--export', cfg.export if plan.main else '') as write:
+    with plan.run_dir:
+        # --export: refused as the run starts where it could not be written at its end
+        write = check_outputs('--export', cfg.export if plan.main else '')
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
         model = build_mae(cfg).to(plan.device)
         x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it
-        plan, checked = settle_attention(plan, 'MAE', [model],
-                                         lambda: model(x, generator=masks.manual_seed(0)),
-                                         {'encoder layer 0': model.blocks[0].attn,
-                                          'decoder layer 0': model.decoder_blocks[0].attn})
+        _, checked = settle_attention(plan, 'MAE', [model],
+                                      lambda: model(x, generator=masks.manual_seed(0)),
+                                      {'encoder layer 0': model.blocks[0].attn,
+                                       'decoder layer 0': model.decoder_blocks[0].attn})
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
                  f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
                  f'norm_pix_loss {cfg.norm_pix_loss}')

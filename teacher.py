@@ -14,11 +14,12 @@ from typing import NamedTuple
 
 import torch
 
-from util.checkpoints import (arch_of, check_trainable, check_weights, describe_teacher,
-                              read_checkpoint, read_hashed, teacher_mismatch, vit_of)
+from util.checkpoints import (arch_of, check_weights, describe_teacher, read_checkpoint, read_hashed,
+                              teacher_mismatch, vit_of)
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
+from util.memory import check_trainable
 from vit import SIZES, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
@@ -30,6 +31,8 @@ SHIPPED = {'fashion-mnist': os.path.join(os.path.dirname(__file__), 'teachers',
                                          'fashion-mnist-mae.pt')}
 # vit.py's components that some families add to the plain ViT (util/pretrained.py), with their plain values
 PLAIN = dict(init_values=None, norm_pre=False, act='gelu', reg_tokens=0, norm_eps=1e-6)
+# the follow-up that found the families with such components (DINOv2, CLIP, BEiTv2) failing with a plain student
+FOLLOW_UP = 'arXiv 2605.07191'
 
 # -----------------------------------------------------------------------------
 # What the teacher hands over: q and k (a map is made where it is used), or its q, k or v
@@ -52,6 +55,15 @@ def build_teacher(teacher, device, dtype=None):
     if dtype is not None:
         cast_matmul_weights(teacher, dtype)
     return teacher
+
+
+def written_out(average_maps):
+    """Why a transfer's maps must be written out, or '': an average is made of maps (--average-maps), which sdpa never
+    stores. The one place this rule is decided: util/launch.attn_implementation sends auto to eager and refuses sdpa
+    for it, for a run (TransferConfig.written_out) and for a copy student scored again (CopyModel.written_out)."""
+    if average_maps == 'none':
+        return ''
+    return f'--average-maps {average_maps}: writes the maps out'
 
 
 # -----------------------------------------------------------------------------
@@ -171,22 +183,62 @@ def build_student(transfer, num_classes, cfg):
                    'drop_path_rate': cfg.drop_path}, 'the student')
 
 
+def components(arch):
+    """{keyword: value} of the components a ViT's keywords add to a plain ViT (PLAIN's that differ)."""
+    return {k: arch.get(k, PLAIN[k]) for k in PLAIN if arch.get(k, PLAIN[k]) != PLAIN[k]}
+
+
+def with_components(cfg, t):
+    """Whether the student gets teacher t's components: --student-arch teacher, or auto where t has any. A plain
+    student of a teacher with them ends below training from scratch in the follow-up (FOLLOW_UP: DINOv2, CLIP and
+    BEiTv2 teachers); given them at random initialisation it transfers again. A plain teacher: a plain student."""
+    if cfg.student_arch == 'auto':
+        return bool(components(t))
+    return cfg.student_arch == 'teacher'
+
+
+def describe_components(arch):
+    """'layer scale from 1e-05, 4 register tokens, ...': the components of arch in words ('none')."""
+    words = {'init_values': lambda v: f'layer scale from {v:g}',
+             'norm_pre': lambda v: 'a LayerNorm before the blocks',
+             'act': lambda v: v,
+             'reg_tokens': lambda v: f'{v} register tokens',
+             'norm_eps': lambda v: f'LayerNorm eps {v:g}'}
+    return ', '.join(words[k](v) for k, v in components(arch).items()) or 'none'
+
+
+def describe_arch(cfg, t):
+    """The student's architecture in one line for the log: which of teacher t's components it has, and why."""
+    flag = f'--student-arch {cfg.student_arch}'
+    extra = describe_components(t)
+    if not components(t):
+        return f'student: a plain ViT, as its teacher ({flag}: the teacher has nothing beyond a plain ViT)'
+    if not with_components(cfg, t):
+        return f"student: a plain ViT ({flag}), without its teacher's components ({extra})"
+    why = ''
+    if cfg.student_arch == 'auto':
+        why = (', since a plain student transfers poorly from a teacher with them '
+               f'({FOLLOW_UP}); --student-arch plain for a plain ViT')
+    return f"student: with its teacher's components ({extra}), randomly initialised ({flag}{why})"
+
+
 def student_arch(cfg, t, layers, heads):
     """The student's VisionTransformer keywords (its task's head aside) for teacher keywords t, refused in one line if
     it cannot take the transfer of `layers` ({student: teacher}) and heads: with the teacher's components or none
-    (--student-arch), and for a copy student (cfg.NO_QK) no q / k projections where it is given whole maps."""
+    (--student-arch: with_components), and for a copy student (cfg.NO_QK) no q / k projections where it is given
+    whole maps."""
     s = student_shape(cfg, t)
-    if cfg.student_arch == 'plain':
-        s.update(PLAIN)
-    else:
+    if with_components(cfg, t):
         s.update({k: t[k] for k in PLAIN})
+    else:
+        s.update(PLAIN)
     s['img_size'] = cfg.img_size
     s['no_qk_layers'] = ()
     if cfg.NO_QK and cfg.transfer == 'attn' and heads is None:   # given whole maps there
         s['no_qk_layers'] = list(layers)
     if s['reg_tokens'] != t['reg_tokens']:   # the maps would not cover the same tokens
         raise ConfigError(f"the teacher has {t['reg_tokens']} register tokens: its maps fit only a "
-                          f"student with them, --student-arch teacher")
+                          f"student with them, --student-arch auto or teacher")
     why = misfit(cfg, s, t, layers)
     if why:
         shape = "depth {depth}, {num_heads} heads, patch {patch_size}, dim {embed_dim}".format
@@ -241,9 +293,11 @@ class TransferConfig(TrainConfig):
     average_maps: str = option('none', "the teacher's maps averaged over a batch's images or an "
                                        "image's queries: none | batch | queries",
                                choices=('none', 'batch', 'queries'))
-    student_arch: str = option('plain', "plain ViT | teacher: the teacher's components (layer "
-                                        "scale, ...), random init",
-                               choices=('plain', 'teacher'))
+    student_arch: str = option('auto', "auto: the teacher's components (layer scale, registers, pre-norm, "
+                                       "activation; random init) where it has any, as DINOv2 and CLIP do, else a "
+                                       "plain ViT | plain: a plain ViT whatever the teacher | teacher: the "
+                                       "teacher's components",
+                               choices=('auto', 'plain', 'teacher'))
     teacher_num_heads: int = option(0, "the teacher's head count, for a file of weights alone (no "
                                        "record, no family)",
                                     at_least(0, "the file's record or family", DEPTH))
@@ -271,16 +325,16 @@ class TransferConfig(TrainConfig):
 
     @property
     def written_out(self):
-        """Why the run's maps must be written out (an eager run), or '': an averaged map is (the one place this is
-        said; util/launch.attn_implementation sends auto to eager and refuses sdpa for it)."""
-        if self.average_maps == 'none':
-            return ''
-        return f'--average-maps {self.average_maps}: writes the maps out'
+        """Why the run's maps must be written out (an eager run), or '' (written_out)."""
+        return written_out(self.average_maps)
 
     def resume_conflicts(self, ckpt, world, free=(), method=None):
         """util/config.py's conflicts, and a teacher other than the saved run's (unless
         --new-teacher true): the SHA-256 of the bytes the teacher was loaded from (method: the
         Transfer resolve settled), compared with the recorded one."""
+        # --student-arch may change where it builds the saved student (auto and plain, for a plain teacher)
+        if components(ckpt['arch']) == components(method.student):
+            free = (*free, 'student_arch')
         conflicts = super().resume_conflicts(ckpt, world, free)
         if self.new_teacher:
             return conflicts
@@ -303,9 +357,8 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
-        with torch.device('meta'):   # nothing allocated: refused where this machine cannot train it
-            check_trainable(vit_of({**student, 'num_classes': 0}, 'the student'), self.batch_size,
-                            'a student')
+        # refused where this machine cannot train it, counted from its keywords
+        check_trainable({**student, 'num_classes': 0}, self.batch_size, 'a student')
         return Transfer(t, description, layers, heads, student, teacher, digest)
 
 
@@ -321,8 +374,8 @@ def inspect_teacher(cfg, ckpt=None):
     # frozen, a plain ViT; built on no memory, its record refused if it cannot be
     plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': (),
              'img_size': cfg.img_size}
-    with torch.device('meta'):
-        teacher = vit_of(plain, cfg.teacher)
+    with torch.device('meta'):   # at another size than its own: --img-size named where that size is the fault
+        teacher = vit_of(plain, cfg.teacher, native['img_size'])
     teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
     return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size)
 
@@ -345,38 +398,41 @@ class Transfer(NamedTuple):
 
 
 def build_pair(plan, num_classes, eval_loader, check_fused):
-    """(plan, teacher, student, record): the teacher and its mapping stated in the log; the frozen teacher (the file
-    resolve read, on the run's device); the student of the shape resolve settled, random and seeded (every rank starts
-    from the same weights); the pair settled on an attention implementation by the method's start-up check,
-    check_fused(plan, teacher, student, x) -> (plan, record); and the teacher checked (check_teacher). Both checks run
-    on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows with it)."""
+    """(attention implementation, teacher, student, record): the teacher and its mapping stated in the log; the frozen
+    teacher (the file resolve read, on the run's device); the student of the shape resolve settled, random and seeded
+    (every rank starts from the same weights); the pair settled on an attention implementation by the method's start-up
+    check, check_fused(plan, teacher, student, x) -> (implementation, record); and the teacher checked (check_teacher).
+    Both checks run on x, a batch of evaluation images as the run makes them, at its batch size (a kernel's grid grows
+    with it)."""
     transfer = plan.method
     plan.log(transfer.description)
     plan.log(describe_map(transfer))
+    plan.log(describe_arch(plan.cfg, transfer.teacher))
     teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
     student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
     x = next(iter(eval_loader))[0][:plan.cfg.batch_size].to(plan.device)   # as many as a step's
     # sdpa, both ways, before anything runs on it
-    plan, record = check_fused(plan, teacher, student, x)
-    check_teacher(plan, teacher, x[:8])
-    return plan, teacher, student, record
+    attn, record = check_fused(plan, teacher, student, x)
+    check_teacher(plan, attn, teacher, x[:8])
+    return attn, teacher, student, record
 
 
 # -----------------------------------------------------------------------------
 # A built teacher that cannot teach
 
 
-def check_teacher(plan, teacher, x):
-    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the
-    first evaluation images, under the run's autocast: every step would hand them over, and the run would diverge."""
+def check_teacher(plan, attn, teacher, x):
+    """Refuse, before training, a teacher whose maps (or q / k / v) are not finite on images x (B, 3, H, W), the first
+    evaluation images, under the run's autocast and attention implementation (attn): every step would hand them over,
+    and the run would diverge."""
     cfg = plan.cfg
     layers = plan.method.layers
     with torch.no_grad(), autocast(plan):
         out = teacher_outputs(teacher, x, layers, NAMES[cfg.transfer])
         # the maps as the run makes them: finite q, k may give logits past fp16's range
         if cfg.transfer == 'attn':
-            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], plan.attn)}
+            out = {s: {'map @ k': attend(t['q'], t['k'], t['k'], attn)}
                    for s, t in out.items()}
     bad = [layers[s] for s, t in out.items() if not all(v.isfinite().all() for v in t.values())]
     if bad:

@@ -70,7 +70,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=True, no_qk=False):
         super().__init__()
-        assert dim % num_heads == 0, 'embed_dim must be divisible by num_heads'
+        assert num_heads > 0 and dim % num_heads == 0, 'num_heads must be a positive divisor of embed_dim'
         self.num_heads = num_heads
         self.no_qk = no_qk
         self.implementation = 'eager'
@@ -140,6 +140,7 @@ ACTS = ('gelu', 'quick_gelu')
 class Mlp(nn.Module):   # fc2(act(fc1(x)))
     def __init__(self, dim, hidden, act='gelu'):
         super().__init__()
+        assert act in ACTS, f"act must be one of {', '.join(ACTS)}"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.act = QuickGELU() if act == 'quick_gelu' else nn.GELU()
@@ -229,6 +230,12 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if reg_tokens:
             nn.init.normal_(self.reg_token, std=1e-6)                 # as DINOv2
+
+    def reset_classifier(self, num_classes):
+        """A new classifier of num_classes outputs (timm's name), on the CPU: a new task's head on a model loaded
+        from a file (finetune.py's --init). Its initialisation is its caller's."""
+        self.num_classes = self.arch['num_classes'] = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def embed(self, x):
         """(B, C, H, W) images -> (B, 1 + R + N, D) tokens: class token, R registers,

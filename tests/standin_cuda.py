@@ -6,7 +6,9 @@ training or evaluation step) a host sync of a device tensor (`.item()`, a bool, 
 tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
 printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
 backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
-host's zeros in the device tensors' shapes) and the CUDA generator (a host one).
+host's zeros in the device tensors' shapes), the CUDA generator (a host one), streams (one, the host's order) and CUDA
+graphs (a capture runs its code once and records each device operator in it, (operator, args, kwargs, output), in
+the graph's `ops`; a replay runs nothing).
 
     with standin_cuda() as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
@@ -34,6 +36,8 @@ aten = torch.ops.aten
 # the operators that hand the host a number of a tensor's data
 SYNCS = (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default)
 COPIES = (aten._to_copy.default, aten.copy_.default)
+# in place on their inputs, and without a fake kernel in torch: nothing to compute on fake tensors
+UNFAKED = (aten._fused_adamw_.tensor_lr, aten._fused_adam_.tensor_lr)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,6 +57,7 @@ class StandInCuda(FakeTensorMode):
     def __init__(self, patches):
         super().__init__(allow_non_fake_inputs=True)
         self.in_step = False
+        self.recording = None     # a CUDA graph's capture in progress: its list of operators
         self.syncs = []           # what a strict step asked of the host (each fails the test)
         self.patches = patches    # an ExitStack: every replacement, undone when the stand-in ends
 
@@ -92,7 +97,10 @@ class StandInCuda(FakeTensorMode):
             return 1
         # the host's tensors a device operator takes, as fake ones (torch would run a small one for real)
         args, kwargs = pytree.tree_map_only(torch.Tensor, self.fake, (args, kwargs))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = None if func in UNFAKED else super().__torch_dispatch__(func, types, args, kwargs)
+        if self.recording is not None:
+            self.recording.append((func, args, kwargs, out))
+        return out
 
     def fake(self, t):
         return t if isinstance(t, FakeTensor) else self.from_tensor(t)
@@ -138,6 +146,42 @@ def zeros(t):
     return torch.zeros(t.shape, dtype=t.dtype)
 
 
+def select_on_host(select):
+    """torch._C._select_conv_backend asked of host tensors of the same shapes and dtypes (the kernel only sets the
+    strides of a fake convolution's output, which the stand-in does not check)."""
+    def on_host(*args, **kwargs):
+        with fake_tensor.unset_fake_temporarily():
+            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype),
+                                                (args, kwargs))
+            return select(*args, **kwargs)
+    return on_host
+
+
+def view_on_meta(index_op, on_view=lambda view: view):
+    """Tensor.__getitem__ (or __setitem__, with on_view) on a fake device tensor, through the dispatcher: indexed by
+    integers, slices, None and Ellipsis, on the view it makes, whose layout is taken from a `meta` tensor of the same
+    one; indexed by tensors and whole slices, aten.index (other indices as they are)."""
+    def op(t, index, *value):
+        parts = index if isinstance(index, tuple) else (index,)
+        if not (isinstance(t, FakeTensor) and t.device.type == 'cuda'):
+            return index_op(t, index, *value)
+        if all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in parts):
+            with fake_tensor.unset_fake_temporarily():
+                view = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='meta').__getitem__(index)
+            return on_view(t.as_strided(view.shape, view.stride(), t.storage_offset() + view.storage_offset()), *value)
+        if not value and all(isinstance(i, torch.Tensor) or i == slice(None) for i in parts):
+            return torch.ops.aten.index.Tensor(t, [i if isinstance(i, torch.Tensor) else None for i in parts])
+        return index_op(t, index, *value)
+    return op
+
+
+def copy(t, source, non_blocking=False):
+    """t[...] = source, through the dispatcher (torch 2.6's Tensor.copy_ sets the device first, a real CUDA call)."""
+    if isinstance(source, torch.Tensor):
+        return torch.ops.aten.copy_.default(t, source, non_blocking)
+    return torch.ops.aten.fill_.Scalar(t, source)
+
+
 def leaves(tensors):
     """The tensors requiring a gradient that `tensors` were made from (autograd's AccumulateGrad nodes)."""
     found, seen = [], set()
@@ -174,6 +218,27 @@ class Generator(torch.Generator):
         return super().__new__(cls, 'cpu')
 
 
+class Stream:
+    """torch.cuda.Stream: the stand-in runs everything in the host's order, on one stream."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+class CUDAGraph:
+    """torch.cuda.CUDAGraph: `ops` what its capture recorded (graph, below); a replay runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.ops = []
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
 @contextlib.contextmanager
 def replaced(owner, name, value):
     """owner.name is value inside; after, whatever happens, the object that was there is set back (a class's
@@ -206,6 +271,23 @@ def standin_cuda():
         mode.patch(torch.cuda, 'get_device_properties', lambda *a: properties)
         mode.patch(torch.cuda, 'synchronize', lambda *a: None)
         mode.patch(torch.cuda, 'mem_get_info', lambda *a: (2 ** 34, 2 ** 35))
+        # streams, and a CUDA graph's capture: its code run once, its device operators recorded (the optimizer asks
+        # whether a capture is under way, and refuses one its parameter groups do not allow)
+        mode.patch(torch.cuda, 'Stream', Stream)
+        mode.patch(torch.cuda, 'current_stream', lambda *a: Stream())
+        mode.patch(torch.cuda, 'stream', lambda *a: contextlib.nullcontext())
+        mode.patch(torch.cuda, 'CUDAGraph', CUDAGraph)
+
+        @contextlib.contextmanager
+        def capture(graph, *args, **kwargs):
+            assert mode.recording is None, 'a capture inside a capture'
+            mode.recording = graph.ops
+            try:
+                yield
+            finally:
+                mode.recording = None
+        mode.patch(torch.cuda, 'graph', capture)
+        mode.patch(torch.cuda, 'is_current_stream_capturing', lambda: mode.recording is not None)
         # torch's autograd engine needs a real CUDA context for a device tensor's backward (pytorch issue 92627): the
         # gradients are stand-ins, zeros on each leaf's device
         mode.patch(torch.autograd, 'backward', standin_backward)
@@ -217,6 +299,11 @@ def standin_cuda():
         # a module cast (Module.to) swaps a fake parameter for its cast, which a weak reference the mode keeps refuses
         swap = torch.utils.swap_tensors
         mode.patch(torch.utils, 'swap_tensors', lambda t1, t2: swapped(swap, t1, t2))
+        # torch 2.6's Module.to set a fake cast into the parameter's .data, which left it on `meta`; newer torch makes a
+        # new parameter of it, as this has it do on every version
+        compatible = torch._has_compatible_shallow_copy_type
+        mode.patch(torch, '_has_compatible_shallow_copy_type',
+                   lambda t, applied: not isinstance(applied, FakeTensor) and compatible(t, applied))
         load = torch.load    # a file read is the host's own work (torch.load would make its tensors fake)
 
         def host_load(*args, **kwargs):
@@ -231,6 +318,14 @@ def standin_cuda():
         mode.patch(torch.Tensor, 'is_pinned', lambda t, *a: True)
         # a real CUDA context is made for a fake tensor's first move where torch sees a GPU: none is here
         mode.patch(fake_tensor, 'init_gpu_context', lambda device: None)
+        # torch 2.6's fake convolution asks CUDA which kernel it would take, a real CUDA call: the host answers
+        mode.patch(torch._C, '_select_conv_backend', select_on_host(torch._C._select_conv_backend))
+        # torch 2.6's indexing sets the tensor's device first, a real CUDA call: a view's layout found on `meta`
+        mode.patch(torch.Tensor, '__getitem__', view_on_meta(torch.Tensor.__getitem__))
+        mode.patch(torch.Tensor, '__setitem__', view_on_meta(torch.Tensor.__setitem__, copy))
+        copy_ = torch.Tensor.copy_
+        mode.patch(torch.Tensor, 'copy_', lambda t, source, non_blocking=False: copy(t, source, non_blocking)
+                   if isinstance(t, FakeTensor) else copy_(t, source, non_blocking))
         # CUDA's autocast rules on the fake tensors (torch.autocast('cuda') asks whether a GPU is there)
         mode.patch(torch.cuda.amp.common, 'amp_definitely_not_available', lambda: False)
         with mode:

@@ -1,6 +1,8 @@
 """--average-maps: what copy hands its student and what distillation pulls it toward is the teacher's map averaged
 over the images of the batch or over the queries of an image, exactly; a copy student keeps its averaging when it is
 loaded again; where averaging means nothing (the teacher's q, k or v) the flag is refused in one line."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ import attention_distill
 from attention_copy import CopyModel, copied, load_copy_model
 from attention_distill import DistillConfig, attention_cross_entropy, distill_loss_fn
 from conftest import TINY, run_in_process, student_of
+from util.launch import on_device
 from vit import VisionTransformer, set_attn_implementation
 
 
@@ -51,8 +54,9 @@ def test_copy_hands_over_the_mean_map(over, implementation):
         assert torch.allclose(CopyModel(teacher, student, LAYERS, average=over)(x), direct, atol=1e-5)
 
 
-@pytest.mark.parametrize('implementation', ['eager', 'sdpa'])
-@pytest.mark.parametrize('over', ['none', 'batch', 'queries'])
+# an average is made of maps: a run that averages is on eager (teacher.written_out, test_averaged_maps_are_written_out)
+@pytest.mark.parametrize('over, implementation', [('none', 'eager'), ('none', 'sdpa'), ('batch', 'eager'),
+                                                  ('queries', 'eager')])
 def test_distillation_pulls_toward_the_mean_map(over, implementation):
     teacher, x = make_teacher(implementation), torch.randn(5, 3, 32, 32)
     cfg = DistillConfig(img_size=32, teacher='t.pt', average_maps=over)
@@ -93,6 +97,13 @@ def test_a_copy_student_is_loaded_with_its_averaging(monkeypatch, tmp_path, teac
     with torch.no_grad():
         direct = model.student(x, inject={i: {'attn': m} for i, m in mean_maps(model.teacher, x, 'queries').items()})
         assert torch.allclose(model(x), direct, atol=1e-5)
+    # scored again (ensemble.py, evaluate.py), it stays on eager where auto would pick sdpa
+    monkeypatch.setattr('util.launch.AUTO_ATTN', {'cpu': ('sdpa', 'as on CUDA')})
+    cfg = SimpleNamespace(attn_implementation='auto', amp='off', batch_size=2)
+    (placed,), _, said = on_device([model], cfg, [(torch.randn(3, 32, 32), 0)] * 2)
+    assert placed.implementation == 'eager' and said.startswith('eager'), said
+    with torch.no_grad():
+        assert torch.allclose(placed(x), direct, atol=1e-5)
 
 
 @pytest.mark.parametrize('module', [attention_copy, attention_distill])

@@ -183,15 +183,22 @@ def test_measuring_saved_bytes_frees_what_the_step_saved():
     assert live[0] == live[1] == live[2], live
 
 
-def test_quick_benchmark_on_cpu_times_both_implementations(tmp_path):
-    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--methods', 'train', 'distill',
-                   '--paths', 'eager', 'sdpa', '--memory-batch-size', '0', '--out-dir', tmp_path, timeout=300)
+def test_quick_benchmark_on_cpu_writes_every_case_and_times_both_implementations(tmp_path):
+    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--device', 'cpu', '--out-dir', tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = results(tmp_path)
-    assert {(row['method'], row['path']) for row in r['rows']} == {(m, p) for m in ('train', 'distill')
-                                                                    for p in ('eager', 'sdpa')}
-    assert all(row['img_s'] > 0 and row['flops'] > 0 and row['saved_mb'] > 0 for row in r['rows'])
-    assert [row['path'] for row in r['rows'] if row['auto']] == ['eager', 'eager']      # auto's pick on a CPU
+    cases = {(row['method'], row['path']) for row in r['rows']}
+    assert {(m, p) for m in ('train', 'distill') for p in ('eager', 'sdpa')} <= cases
+    assert {('distill', 'naive'), ('copy', 'naive-bf16'), ('eval-copy', 'sdpa')} <= cases
+    assert all(row['img_s'] > 0 for row in r['rows'])
+    trained = [row for row in r['rows'] if row['method'] in ('train', 'distill') and row['path'] in ('eager', 'sdpa')]
+    assert all(row['flops'] > 0 and row['saved_mb'] > 0 for row in trained)
+    assert [row['path'] for row in trained if row['auto']] == ['eager', 'eager']      # auto's pick on a CPU
+    naive, fast = (next(row for row in r['rows'] if row['method'] == 'copy' and row['path'] == p)
+                   for p in ('naive', 'eager'))
+    assert naive['flops'] > fast['flops']        # the naive copy student computes q, k and its own maps
+    assert all(row['peak_mb'] > 0 for row in r['rows'] if row['method'] == 'distill' and row['path'] in ('eager', 'naive'))
+    assert r['machine']['torch'] == torch.__version__
     assert '| vit_tiny | distill | eager (auto) |' in open(tmp_path / 'BENCHMARK.md').read()
 
 

@@ -265,8 +265,8 @@ def test_auto_precision_and_tf32_on_this_gpu(tmp_path, exact_fp32):
 
 @gpu
 def test_loader_pins_memory_and_workers_give_the_same_batches(monkeypatch):
-    import data
-    monkeypatch.setattr(data, 'FAKE_HELD', 0)     # read per image by loader workers, as a folder is
+    from util import datafiles
+    monkeypatch.setattr(datafiles, 'FAKE_HELD', 0)     # read per image by loader workers, as a folder is
     cfg = TrainConfig(data='fake', fake_size=64, batch_size=16, num_workers=2)
     train_set, _ = build_dataset(cfg, train=True)
     loader = build_loader(cfg, train_set, True)

@@ -148,3 +148,25 @@ def test_curves_refuses_a_run_of_no_training_script(two_runs, tmp_path, monkeypa
     said = run_in_process(monkeypatch, curves, other, '--out', tmp_path / 'c.png')
     assert said and 'a run of ensemble.py, not of a training script' in said
     assert not os.path.exists(tmp_path / 'c.png')
+
+
+def test_curves_writes_over_nothing_but_its_own_figure_and_advises_no_deletion(two_runs, tmp_path, monkeypatch):
+    """--out X.png replaced a user's X.png; --out x.pt or x.xyz ended in matplotlib's traceback after every run was
+    read; a folder that is not a run (in the probe, a user's image data) was advised to be deleted."""
+    mine = tmp_path / 'X.png'
+    mine.write_bytes(b'\x89PNG\r\n\x1a\nmy own figure')
+    msg = run_in_process(monkeypatch, curves, *two_runs, '--out', mine)
+    assert msg and f'--out {mine} exists and is not' in msg, msg
+    assert mine.read_bytes() == b'\x89PNG\r\n\x1a\nmy own figure'
+    ours = tmp_path / 'c.pdf'
+    for _ in range(2):   # its own figure, replaced
+        assert run_in_process(monkeypatch, curves, *two_runs, '--out', ours) is None
+    assert ours.read_bytes().startswith(b'%PDF')
+    for bad in ('x.pt', 'x.xyz'):   # refused before any run is read: this folder is none
+        msg = run_in_process(monkeypatch, curves, tmp_path / 'no-run', '--out', tmp_path / bad)
+        assert msg and f'--out {tmp_path / bad}: no format of that name (png, pdf, svg)' in msg, msg
+    images = tmp_path / 'images'
+    (images / 'cat').mkdir(parents=True)
+    msg = run_in_process(monkeypatch, curves, images, '--out', tmp_path / 'c.png')
+    assert msg and 'metrics.jsonl' in msg and 'delete' not in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ['X.png', 'c.pdf', 'images'] and os.listdir(images) == ['cat']

@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision.datasets.mnist import read_image_file
 from torchvision.transforms import v2
 
-from data import INFO, batch_mixer, build_dataset, build_eval_set, build_splits
+from data import batch_mixer, build_dataset, build_eval_set, build_splits
 from finetune import PRESETS, FinetuneConfig
-from util.datafiles import FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
+from util.datafiles import DATASETS, FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
 from util.errors import DataError
 
 
@@ -95,10 +95,12 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
      'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels',
      r'cannot be read \(AssertionError\(\)\)'),   # torchvision's reader asserts its header
+    # a test label of 77: IndexError's traceback at the first evaluation, after the whole training
+    (lambda images, labels: relabel(labels, 77), False, 'labels', r'holds labels outside its 10 classes'),
 ])
 def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit, match):
-    """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file: one line naming
-    the file(s) and the fix; a labels file saying 10 no longer trains on 10 of 12 images."""
+    """Truncated, not gzip, not IDX, a count that disagrees with the data or with the other file, a label beyond the
+    classes: one line naming the file(s) and the fix; a labels file saying 10 no longer trains on 10 of 12 images."""
     images, labels = idx_pair(tmp_path, gz=gz)
     damage(images, labels)
     cfg = config(data='fashion-mnist', img_size=28, data_dir=str(tmp_path))
@@ -304,7 +306,7 @@ def test_cifar10_batches(tmp_path, monkeypatch):
     test, _ = build_dataset(cfg, train=False)
     assert (len(train), len(test), n) == (10, 2, 10) and test.classes[0] == 'airplane'
     images, labels = written['test_batch']
-    mean, std = (torch.tensor(v)[:, None, None] for v in INFO['cifar10'][2])
+    mean, std = (torch.tensor(v)[:, None, None] for v in DATASETS['cifar10'].stats)
     for i in range(2):
         x, y = test[i]
         want = (torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255 - mean) / std    # (3, 32, 32)

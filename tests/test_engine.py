@@ -220,6 +220,28 @@ def test_the_output_starts_at_once_and_shows_the_first_steps(monkeypatch, capsys
     assert 'first step' in next(line for line in lines if 'step 1/12' in line)
 
 
+def test_the_progress_line_gives_the_speed_since_the_last_line_beside_the_mean(monkeypatch):
+    """Each progress line after the first: the images of the steps since the previous line over the time between the
+    two, beside the mean since the model was ready (timm's pair), from the exact step counts (not from rounded
+    means: an interval differenced from two of them came out negative)."""
+    from types import SimpleNamespace
+    from util import engine
+    lines = []
+    cfg = SimpleNamespace(warmup_epochs=0, epochs=1, min_lr_ratio=0, min_lr=0)
+    plan = SimpleNamespace(world=1, run_dir=SimpleNamespace(log=lines.append))
+    run = SimpleNamespace(cfg=cfg, plan=plan, lr=1e-3, running={}, since_log=1, metrics={}, t_start=100.0,
+                          t_log=100.0, done_at_log=0, step=0, steps_done=0, total_steps=1000, steps_per_epoch=1000,
+                          eff_batch=8)
+    times = {1: 101.0, 10: 102.5, 60: 112.5}   # steps done -> the clock at their line
+    for steps, now in times.items():
+        run.step = run.steps_done = steps
+        monkeypatch.setattr(engine.time, 'time', lambda: now)
+        engine.log_progress(run)
+    assert 'first step 1.0 s' in lines[0]
+    said = [tuple(map(int, re.search(r'\| (\d+) img/s \((\d+) since the start\)', line).groups())) for line in lines[1:]]
+    assert said == [(round(9 * 8 / 1.5), round(10 * 8 / 2.5)), (round(50 * 8 / 10), round(60 * 8 / 12.5))]
+
+
 # -----------------------------------------------------------------------------
 # 6. Resume is exact
 

@@ -175,6 +175,23 @@ def test_out_is_never_written_over_another_file(runs, tmp_path, monkeypatch):
         assert msg and says in msg, msg
 
 
+def test_a_file_put_at_out_while_the_models_are_scored_is_kept(runs, tmp_path, monkeypatch):
+    """ensemble.py --out R.json took R.json (an earlier result of its own) as its own when it started, and wrote over
+    the file a user moved there while the models were scored: the rule holds at the moment of writing."""
+    out = tmp_path / 'r.json'
+    models = ['--models', runs / 'ft0' / 'checkpoint.pt']
+    assert run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', out) is None   # its own, replaceable
+    score = ensemble.score
+
+    def a_user_moves_a_file_there(*args):
+        out.write_text('{"mine": 1}\n')
+        return score(*args)
+    monkeypatch.setattr(ensemble, 'score', a_user_moves_a_file_there)
+    msg = run_in_process(monkeypatch, ensemble, *TINY, *models, '--out', out)
+    assert msg and f'cannot write {out} (File exists)' in msg, msg
+    assert out.read_text() == '{"mine": 1}\n' and os.listdir(tmp_path) == ['r.json']
+
+
 def test_out_naming_a_pipe_is_refused_before_it_is_opened(runs, tmp_path):
     """A FIFO as --out (opened to see whether it is an earlier result, it blocks until a writer comes, for ever):
     refused in one line naming --out, non-zero exit, the pipe left as it is, within seconds."""
@@ -225,7 +242,7 @@ def without(d, key):
     (lambda c: without(c, 'arch'), 'lacks arch'),
     (lambda c: {**c, 'teacher': {**c['teacher'], 'transfer': 'qq'}}, "does not fit it or its teacher .KeyError: 'qq'"),
     (lambda c: {**c, 'teacher': {**c['teacher'], 'layer_map': {0: 7}}}, 'does not fit it or its teacher .IndexError'),
-    (lambda c: {**c, 'model': 3}, 'checkpoint holds no state dict'),
+    (lambda c: {**c, 'model': 3}, 'holds no state dict'),
     (lambda c: without(c, 'teacher'), 'is an attention-copy student: .* runs only with its teacher'),
 ], ids=['record-not-dict', 'no-source', 'img-size-str', 'no-layers', 'no-arch', 'transfer', 'layer-out-of-range',
         'model-not-dict', 'no-record'])

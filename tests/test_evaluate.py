@@ -184,7 +184,7 @@ def test_a_run_over_fake_sets(tmp_path, monkeypatch):
     table = (tmp_path / 'out' / 'robustness.md').read_text()
     assert '| model | imagenet-v2 | imagenet-sketch | imagenet-r | imagenet-a |' in table and table.count('\n| ') == 4
     before = table                                                      # never overwrites a table
-    assert 'robustness.md: cannot write there (File exists)' in error_line(monkeypatch, *args[1:])
+    assert 'robustness.md exists and is not an earlier result' in error_line(monkeypatch, *args[1:])
     assert (tmp_path / 'out' / 'robustness.md').read_text() == before
     message = error_line(monkeypatch, '--models', *models, '--imagenet-a', tmp_path / 'nowhere',
                          '--out', tmp_path / 'o2')

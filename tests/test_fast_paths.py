@@ -1,7 +1,5 @@
 """Every path computes what the definition and the naive path (tools/benchmark_cases.py: the authors' way) compute: eager
 (explicit maps, the fused cross-entropy) and sdpa (no map: map_free_cross_entropy) against each other and float64."""
-import json
-import os
 
 import pytest
 import torch
@@ -11,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_distill import (DistillConfig, FusedAttentionCrossEntropy, attention_cross_entropy, distill_loss_fn,
                                map_free_cross_entropy, to_student_heads)
-from conftest import run_script
 from teacher import cast_matmul_weights
 from tools.benchmark_cases import naive_copy_forward, naive_copy_loss, naive_distill_loss
 from vit import IMPLEMENTATIONS, VisionTransformer, scores, set_attn_implementation
@@ -258,18 +255,3 @@ def test_teacher_with_cast_weights_gives_the_same_maps_under_autocast():
         a, b = plain.attention(x, [0, 2]), cast.attention(x, [0, 2])
     for i in (0, 2):
         assert a[i].dtype == torch.bfloat16 and torch.equal(a[i], b[i])
-
-
-def test_benchmark_quick_writes_its_files(tmp_path):
-    p = run_script('-m', 'tools.benchmark', '--quick', 'true', '--out-dir', tmp_path, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
-    result = json.load(open(os.path.join(tmp_path, 'benchmark.json')))
-    cases = {(r['method'], r['path']) for r in result['rows']}
-    assert {('distill', 'eager'), ('distill', 'naive'), ('copy', 'naive-bf16'), ('eval-copy', 'sdpa')} <= cases
-    assert all(r['img_s'] > 0 and r['flops'] > 0 for r in result['rows'])
-    naive, fast = (next(r for r in result['rows'] if r['method'] == 'copy' and r['path'] == p) for p in ('naive', 'eager'))
-    assert naive['flops'] > fast['flops']        # the naive copy student computes q, k and its own maps
-    assert all(r['peak_mb'] > 0 for r in result['rows'] if r['method'] == 'distill' and r['path'] in ('eager', 'naive'))
-    assert result['machine']['torch'] == torch.__version__
-    md = open(os.path.join(tmp_path, 'BENCHMARK.md')).read()
-    assert '| vit_tiny | distill | eager (auto) |' in md

@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(monkeypatch, tmp_path):
     (tmp_path / 'features.json').write_text('{"mine": 1}')
     model = os.path.join(MODELS, 'scratch-0.pt')
     said = run_in_process(monkeypatch, features, '--teacher', TEACHER, '--models', model, '--out-dir', tmp_path)
-    assert 'features.json: cannot write there (File exists)' in said and '--out-dir' in said, said
+    assert 'features.json exists and is not an earlier result' in said and '--out-dir' in said, said
     assert (tmp_path / 'features.json').read_text() == '{"mine": 1}' and not (tmp_path / 'TABLE.md').exists()
     said = run_in_process(monkeypatch, features, '--teacher', TEACHER, '--models', model, '--blocks', '6',
                           '--out-dir', tmp_path / 'new')

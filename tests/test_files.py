@@ -3,16 +3,15 @@ the fix), the atomic writer (a Ctrl-C in it stays a Ctrl-C, a SIGTERM a SIGTERM)
 import io
 import json
 import os
+import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from util.config import ConfigError
 from util.errors import WriteError
-from util.files import DamagedFile, check_out_dir, claimed, read_json, read_jsonl, replacing, write_json
+from util.files import DamagedFile, check_out_dir, check_outputs, read_json, read_jsonl, replacing, write_json
 from util.launch import run_main
 
 
@@ -121,36 +120,44 @@ def test_an_out_dir_that_cannot_be_written_is_refused_and_nothing_is_made(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ['file', 'ro'][:1 + (os.geteuid() != 0)]
 
 
-def test_a_file_put_at_a_claimed_path_while_the_command_ran_is_not_written_over(tmp_path):
-    """Nothing is at a claimed output's name until it is whole: what another program put there meanwhile is its own,
-    and the write is refused in one line, its temporary file gone."""
+def test_an_output_is_refused_at_the_start_and_again_at_the_moment_it_is_written(tmp_path):
+    """One policy for every output (check_outputs): a file there that is not the command's own earlier result is
+    refused before any work, and a file put there while the command ran is kept and the write refused in one line
+    (os.link: no name taken over), the temporary file gone; an earlier result of its own is replaced, but not once
+    a user's file has taken its place meanwhile (ensemble.py --out claimed it at its start and wrote over it)."""
     path = tmp_path / 'result.json'
-    with pytest.raises(WriteError, match=f'^cannot write {path} \\(File exists\\): '):
-        with claimed('--out', str(path)) as write:
-            assert os.listdir(tmp_path) != [] and not path.exists()   # the claim: a temporary file beside it
-            path.write_text('theirs')
-            write(str(path), lambda f: f.write(b'{}'))
+    ours = lambda p: open(p).read().startswith('{"ours"')
+    write = check_outputs('--out', str(path), may_replace=ours)
+    assert os.listdir(tmp_path) == []                                          # nothing made
+    for before in ('theirs', '{"ours": 1}'):                                   # put there while the command ran
+        path.write_text(before)
+        if before == 'theirs':
+            with pytest.raises(WriteError, match=f'^cannot write {path} \\(File exists\\): '):
+                write(str(path), lambda f: f.write(b'{"ours": 2}'))
+        else:
+            write(str(path), lambda f: f.write(b'{"ours": 2}'))
+        assert path.read_text() == (before if before == 'theirs' else '{"ours": 2}') and os.listdir(tmp_path) == \
+            ['result.json']
+    path.write_text('theirs')
+    for may_replace in (None, ours):
+        with pytest.raises(ConfigError, match=f'^--out {path} exists and is not an earlier result of this command'):
+            check_outputs('--out', str(path), may_replace=may_replace)
+    with pytest.raises(ConfigError, match=f'^--out {tmp_path} is a directory'):
+        check_outputs('--out', str(tmp_path))
+    with pytest.raises(ConfigError, match=r'^--out x.xyz: no format of that name \(png, pdf\)'):
+        check_outputs('--out', 'x.xyz', formats=('png', 'pdf'))
     assert path.read_text() == 'theirs' and os.listdir(tmp_path) == ['result.json']
 
 
-def test_a_killed_commands_temporary_file_goes_and_a_live_ones_stays(tmp_path):
-    """A temporary file whose lock is free was left by a command that was killed: the next write of its file removes
-    it. One another process holds is being written: kept, and a claim of its file is refused until that process
-    ends; a file at the old temporary name (<name>.tmp) is no temporary file and is never touched."""
-    stale, live = tmp_path / '.result.json.0123abcd.tmp', tmp_path / '.result.json.89abcdef.tmp'
-    for f in (stale, live, tmp_path / 'result.json.tmp'):
+def test_a_killed_commands_temporary_file_goes_with_the_next_write_of_its_file(tmp_path):
+    """A temporary file is named for its file (.<name>.<8 random characters>.tmp): what a command killed mid-write
+    left is removed by the next write of the same file, without probing any lock; another file's, and a user's file
+    at the old temporary name (<name>.tmp), are never touched."""
+    left, other = tmp_path / '.result.json.0a_bcd9z.tmp', tmp_path / '.notes.json.0123abcd.tmp'
+    for f in (left, other, tmp_path / 'result.json.tmp'):
         f.write_text(f.name)
-    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); '
-                               'fcntl.lockf(fd, fcntl.LOCK_EX); print(flush=True); sys.stdin.read()', str(live)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        holder.stdout.readline()   # it holds the lock
-        with pytest.raises(ConfigError, match='result.json: another command is writing it now: wait for it to end'):
-            with claimed('--out', str(tmp_path / 'result.json')):
-                pass
-        assert not stale.exists() and live.read_text() == live.name
-    finally:
-        holder.communicate('')
-    with claimed('--out', str(tmp_path / 'result.json')) as write:
-        write(str(tmp_path / 'result.json'), lambda f: f.write(b'{}'))
-    assert sorted(os.listdir(tmp_path)) == ['result.json', 'result.json.tmp']
+    write_json(str(tmp_path / 'result.json'), {'a': 1})
+    assert sorted(os.listdir(tmp_path)) == ['.notes.json.0123abcd.tmp', 'result.json', 'result.json.tmp']
+    with replacing(str(tmp_path / 'x.bin')) as f:                           # the name it writes through
+        assert re.fullmatch(r'\.x\.bin\.[a-z0-9_]{8}\.tmp', os.path.basename(f.name))
+        f.write(b'1')

@@ -117,9 +117,14 @@ def test_the_kernel_named_is_asked_for_the_steps_inputs(backward, monkeypatch):
     assert asked == [backward] and not parts['layer 0'][1][0].requires_grad
 
 
-def settle_on(rank, port, choice, wrong_on, out):
-    """One of two gloo processes: the start-up check of a small ViT's first layer, sdpa `wrong_on` this rank (5% off);
-    writes what this rank ends with (its implementation, or the refusal it raised) to out/<rank>."""
+# (--attn-implementation, the rank whose fused kernel is 5% off, what both ranks end with); the refusal last
+VERDICTS = [('auto', 1, 'sdpa'), ('auto', 0, 'eager'), ('sdpa', 0, 'refused: start-up check: ')]
+
+
+def settle_on(rank, port, out):
+    """One of two gloo processes: for each case of VERDICTS, the start-up check of a small ViT's first layer, sdpa
+    wrong on the case's rank; writes what this rank ends with (its implementation, or the refusal it raised) to
+    out/<case>-<rank>."""
     import datetime
     import json
     import os
@@ -130,29 +135,28 @@ def settle_on(rank, port, choice, wrong_on, out):
     from vit import VisionTransformer
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    if rank == wrong_on:
-        real = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = lambda *a, **kw: real(*a, **kw) * 1.05
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
-    x = torch.randn(4, 3, 32, 32)
-    cfg = SimpleNamespace(attn_implementation=choice, compile=False)
-    p = Plan(cfg, rank, 2, torch.device('cpu'), None, 'sdpa', SimpleNamespace(log=lambda line: None),
-             None, None)
-    try:
-        settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),
-                                      {'layer 0': model.blocks[0].attn})
-        said = settled.attn if model.blocks[0].attn.implementation == settled.attn else 'models elsewhere'
-    except ConfigError as e:
-        said = f'refused: {e}'
-    with open(os.path.join(out, str(rank)), 'w') as f:
-        json.dump(said, f)
+    real = F.scaled_dot_product_attention
+    for case, (choice, wrong_on, _) in enumerate(VERDICTS):
+        F.scaled_dot_product_attention = (lambda *a, **kw: real(*a, **kw) * 1.05) if rank == wrong_on else real
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+        x = torch.randn(4, 3, 32, 32)
+        cfg = SimpleNamespace(attn_implementation=choice, compile=False)
+        p = Plan(cfg, rank, 2, torch.device('cpu'), None, 'sdpa', SimpleNamespace(log=lambda line: None),
+                 None, None)
+        try:
+            settled, _ = settle_attention(p, 'test', [model], lambda: model.forward_tokens(x, depth=1),
+                                          {'layer 0': model.blocks[0].attn})
+            said = settled if model.blocks[0].attn.implementation == settled else 'models elsewhere'
+        except ConfigError as e:
+            said = f'refused: {e}'
+        with open(os.path.join(out, f'{case}-{rank}'), 'w') as f:
+            json.dump(said, f)
+    F.scaled_dot_product_attention = real
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('choice, wrong_on, expected', [('auto', 1, 'sdpa'), ('auto', 0, 'eager'),
-                                                        ('sdpa', 0, 'refused: start-up check: ')])
-def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path, choice, wrong_on, expected):
+def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path):
     """Two processes (gloo) whose kernels differ: both train on rank 0's verdict, and a refusal there stops both at once
     with its line (the other is not left waiting for a peer that stopped)."""
     import json
@@ -161,9 +165,10 @@ def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path, choice, wrong_on,
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(settle_on, (port, choice, wrong_on, str(tmp_path)), nprocs=2, join=True)
-    said = [json.loads((tmp_path / str(rank)).read_text()) for rank in (0, 1)]
-    assert said[0] == said[1] and said[0].startswith(expected), said
+    mp.spawn(settle_on, (port, str(tmp_path)), nprocs=2, join=True)
+    for case, (choice, wrong_on, expected) in enumerate(VERDICTS):
+        said = [json.loads((tmp_path / f'{case}-{rank}').read_text()) for rank in (0, 1)]
+        assert said[0] == said[1] and said[0].startswith(expected), (choice, wrong_on, said)
 
 
 def test_the_map_free_loss_s_entry_point_suits_the_dtype_and_is_remembered(monkeypatch):

@@ -79,6 +79,17 @@ def test_results_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
     assert says_where_its_axes_start(fig)
 
 
+def test_the_followup_figure_draws_each_method_in_its_colour(odd_palette, tmp_path):
+    from test_followup import made_up
+    from tools import followup
+    runs = {arm: {str(k): v for k, v in r.items()} for arm, r in made_up(True).items()}
+    fig = followup.plot({'runs': runs, 'components': 'a component'}, tmp_path / 'followup.png')
+    (ax,) = fig.axes
+    drawn = set().union(*(colours_of(c) for c in ax.collections))   # hollow and filled dots, the means' bars
+    assert drawn == {odd_palette[m] for m in followup.METHODS}
+    assert says_where_its_axes_start(fig)
+
+
 def fake_run(folder, top1):
     os.makedirs(folder)
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:

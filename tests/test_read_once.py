@@ -20,6 +20,7 @@ import finetune as finetune_script
 import vit
 from attention_copy import load_copy_model
 from conftest import TINY, finetune, run_in_process, run_script
+from util import checkpoints
 
 TEACHER = ['--img-size', '28']
 
@@ -51,13 +52,23 @@ def reads(monkeypatch):
 
 
 def test_finetune_init_reads_its_file_once(runs, tmp_path, monkeypatch):
-    """--init was read and loaded in the resolve step, then read again where the model is built."""
+    """--init was read and loaded in the resolve step, then read again where the model is built; then read once and
+    loaded twice, into a model on the meta device and again into a new ViT. Now the resolve step's model, holding
+    its weights, is the model the run trains."""
     init = runs / 'ft' / 'checkpoint.pt'
     counted = reads(monkeypatch)
+    loaded = []
+    load = checkpoints.load_weights
+
+    def counting(model, *args, **kwargs):
+        loaded.append(model)
+        return load(model, *args, **kwargs)
+    monkeypatch.setattr(checkpoints, 'load_weights', counting)
     msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1',
                          '--out-dir', tmp_path / 'r')
     assert msg is None, msg
     assert counted[os.path.realpath(init)] == 1, counted
+    assert len(loaded) == 1, loaded
 
 
 def test_ensemble_reads_each_checkpoint_once(runs, tmp_path, monkeypatch):
@@ -218,7 +229,7 @@ def told(monkeypatch, module, *args):
 def test_the_attention_implementation_is_told_once_where_it_is_settled(runs, tmp_path, monkeypatch, implementation):
     """A copy run: the teacher was set to eager where it was built, the start-up check set every model to eager and
     then to its verdict, and settle_attention set them all again; what the teacher hands over was read off its first
-    layer. Now the plan holds it, and settle_attention tells the teacher and the student once each."""
+    layer. Now settle_attention decides it and tells the teacher and the student once each."""
     calls = told(monkeypatch, attention_copy, *TINY, '--teacher', runs / 'ft' / 'checkpoint.pt',
                  '--max-steps', '1', '--attn-implementation', implementation, '--out-dir', tmp_path / 'copy')
     assert calls == [('attention_check.py', 'settle_attention')] * 2, calls

@@ -28,7 +28,7 @@ from vit import create_model
 
 # settings of a run, not of a recipe: everything else must be in the table below
 RUN_FIELDS = {'data', 'data_dir', 'val_size', 'out_dir', 'resume', 'amp', 'attn_implementation', 'compile', 'seed',
-              'eval_batch_size',
+              'cuda_graph', 'eval_batch_size',
               'fake_size', 'log_every', 'save_every', 'max_steps', 'new_teacher', 'export', 'overwrite', 'dist_timeout',
               'teacher_num_heads', 'init_num_heads'}   # what the user's files are, not what a recipe trains
 # timm's augmentation as main_finetune.py sets it up: --aa default, --reprob 0.25 (mode 'pixel', count 1),
@@ -40,7 +40,7 @@ STUDENT = dict(teacher='mae_vit_large', model='teacher', img_size=224, patch_siz
                num_heads=None, heads='all', transfer='attn',       # dual_vit_large_patch16, mae_pretrain_vit_large.pth
                average_maps='none',                                # the map of each image and query, as it is
                layer_map='auto',                                   # the teacher's depth: the identity
-               student_arch='plain')
+               student_arch='auto')                                # MAE's plain ViT: auto's student is plain
 PLAIN_VIT = dict(layer_scale=0.0, norm_pre=False, act='gelu')   # MAE's ViT-L: none of other families' parts
 RECIPES = {
     'finetune': dict(   # MAE FINETUNE.md, ViT-Large: 4 nodes x 8 GPUs x 32 = 1024
@@ -63,7 +63,8 @@ RECIPES = {
         **VIT_L, global_pool=False, drop_path=0.0, hflip=0.5, min_scale=0.2, crop_pad=2, randaug='', reprob=0.0,
         mixup=0.0, cutmix=0.0, smoothing=0.0, epochs=800, warmup_epochs=40, batch_size=64, accum_steps=1, blr=1.5e-4,
         min_lr=0.0, min_lr_ratio=0.0, weight_decay=0.05, layer_decay=1.0, layer_decay_offset=1, beta2=0.95, clip_grad=0.0, ema=0.0,
-        num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True),
+        num_workers=10, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True,
+        **PLAIN_VIT),
 }
 GLOBAL_BATCH = {'finetune': (32, 1024), 'scratch': (64, 4096), 'copy': (64, 2048), 'distill': (64, 2048),
                 'mae_pretrain': (64, 4096)}     # GPUs, the batch the recipe's blr is scaled by

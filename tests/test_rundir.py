@@ -136,8 +136,8 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
 
 
 def test_a_live_run_s_files_are_refused_as_an_output_whatever_overwrite_says(monkeypatch, tmp_path):
-    """ensemble.py --out <a run>/config.json --overwrite true replaced the file while the run trained (exit 0): the
-    lock that refuses a second training process into a live run refuses an output onto its files too."""
+    """ensemble.py --out <a run>/config.json --overwrite true replaced the file while the run trained (exit 0): a run
+    folder's files are its own, never another command's output, whatever --overwrite says (no lock probed)."""
     import ensemble
     out = tmp_path / 'run'
     p = start(out)
@@ -147,11 +147,31 @@ def test_a_live_run_s_files_are_refused_as_an_output_whatever_overwrite_says(mon
         config = (out / 'config.json').read_bytes()
         msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, '--out', out / 'config.json',
                              '--overwrite', 'true')
-        assert msg and f'--out {out / "config.json"}' in msg and f'process {p.pid}' in msg, msg
+        assert msg and f'--out {out / "config.json"} is a file of the run in {out}' in msg, msg
         assert p.poll() is None and (out / 'config.json').read_bytes() == config
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_refused_command_leaves_another_programs_lock_as_it_was(monkeypatch, tmp_path):
+    """finetune.py pointed at another program's folder holding its own .lock was refused ("not empty and holds no
+    run") and on its way out deleted that .lock: it took the lock before it refused, and removed .lock when it let
+    go. A lone .lock of another program's is its file too, never written over; a run's own .lock still goes."""
+    theirs = tmp_path / 'theirs'
+    theirs.mkdir()
+    (theirs / '.lock').write_text('pid 4242 of my sync tool\n')
+    (theirs / 'data.bin').write_text('mine\n')
+    for files in (['.lock', 'data.bin'], ['.lock']):
+        for name in set(os.listdir(theirs)) - set(files):
+            os.remove(theirs / name)
+        before = digest(theirs)
+        msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', theirs, '--max-steps', '1')
+        assert msg and f'--out-dir {theirs} is not empty and holds no run of these scripts' in msg, msg
+        assert digest(theirs) == before
+    ours = tmp_path / 'ours'
+    train(monkeypatch, finetune, ours, '--max-steps', '1')
+    assert sorted(os.listdir(ours)) == ['checkpoint.pt', 'config.json', 'log.txt', 'metrics.jsonl']
 
 
 def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypatch, tmp_path):

@@ -8,12 +8,13 @@ import torch
 from torchvision.transforms import v2
 
 from conftest import run_in_process
-from data import INFO, SHIFTS, build_eval_set
+from data import SHIFTS, build_eval_set
+from util.datafiles import DATASETS
 import evaluate
 from vit import VisionTransformer
 
 
-MEAN, STD = (torch.tensor(s)[:, None, None] for s in INFO['fake'][2])
+MEAN, STD = (torch.tensor(s)[:, None, None] for s in DATASETS['fake'].stats)
 
 
 def shifted_set(shift, val_size=0):

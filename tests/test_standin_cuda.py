@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import data
 from data import build_eval_set
 from ensemble import predict_all, summarise
 from evaluate import top1_row
 from standin_cuda import on_device, standin_cuda
+from util import datafiles
 from util.datafiles import build_loader
 from util.engine import evaluate
 from vit import VisionTransformer
@@ -25,7 +25,7 @@ def fake_set(held, shift='none'):
                           num_workers=0, seed=0)
     if not held:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(data, 'FAKE_HELD', 0)
+            mp.setattr(datafiles, 'FAKE_HELD', 0)
             return cfg, build_eval_set(cfg, shift)[0]
     return cfg, build_eval_set(cfg, shift)[0]
 

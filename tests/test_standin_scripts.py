@@ -18,14 +18,13 @@ import torch
 
 import attention_copy
 import attention_distill
-import data
 import ensemble
 import evaluate
 import finetune
 import mae_pretrain
 from conftest import TINY, finetune as finetune_run, run_in_process
 from standin_cuda import standin_cuda
-from util import engine, run
+from util import datafiles, engine, run
 from util.datafiles import unwrap
 
 # every option that changes a training step; a batch of 16 accumulated twice keeps 4 steps an epoch
@@ -63,7 +62,7 @@ def on_standin(held, script=None):
     the stand-in's, undone with it."""
     with standin_cuda() as cuda:
         if held == 'folder':
-            cuda.patch(data, 'FAKE_HELD', 0)
+            cuda.patch(datafiles, 'FAKE_HELD', 0)
         cuda.patch(torch.cuda, 'is_available', lambda: True)
         for owner, name in ((engine, 'log_progress'), (run.Run, 'save'), (run.Run, 'evaluate')):
             cuda.patch(owner, name, lenient(cuda, getattr(owner, name)))

@@ -19,6 +19,8 @@ PAGE = os.path.join(ROOT, 'results', 'fashion-mnist', 'variants')
 
 def write_run(folder, top1s, wall=None):
     os.makedirs(folder)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:   # what made it: a run of tools/variants.sh
+        json.dump({'argv': ['attention_distill.py']}, f)
     with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
         f.writelines(json.dumps({'epoch': e, 'step': 10 * e, 'top1': t}) + '\n' for e, t in enumerate(top1s, 1))
     if wall is not None:

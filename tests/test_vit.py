@@ -191,3 +191,12 @@ def test_factories_and_drop_path():
     x = torch.randn(8, 3, 32, 32)
     assert not torch.equal(m.train()(x), m(x))                   # stochastic in training
     assert torch.equal(m.eval()(x), m(x))                        # deterministic in eval
+
+
+@pytest.mark.parametrize('change', [dict(act='relu'), dict(num_heads=-4), dict(num_heads=0), dict(num_heads=5),
+                                    dict(img_size=30)])
+def test_the_constructor_refuses_what_it_cannot_build(change):
+    """As timm's Attention asserts its heads divide the width: an activation it does not know (it ran as GELU) and
+    heads that are not a positive divisor of the width (-4 divides 64) are refused where the ViT is built."""
+    with pytest.raises((AssertionError, ValueError, ZeroDivisionError)):
+        VisionTransformer(**{**SMALL, **change})

@@ -28,7 +28,7 @@ from tools.palette import PALETTE, SHORT
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
 from util.checkpoints import build_from_checkpoint
 from util.errors import CheckpointError, ConfigError, DamagedFile, DataError
-from util.files import read_bytes, read_json, save_figure
+from util.files import check_outputs, read_bytes, read_json
 from util.launch import run_main
 
 # a progress line of util/engine.py: 'epoch   0.21 step 100/1404 | ce 1.9627 attn 19.0639 | lr 1.41e-03 | ...'
@@ -274,15 +274,36 @@ def parser():
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
                    help="a run directory a script wrote (its metrics.jsonl, log.txt, config.json)")
     p.add_argument('--out', default=os.path.join('runs', 'curves.png'),
-                   help='the PNG to write (default: runs/curves.png under the folder the command runs in)')
+                   help=f"the figure to write, {', '.join(FORMATS)} by its name (default: runs/curves.png under the "
+                        f"folder the command runs in); one there is replaced only if this command drew it")
     return p
+
+
+# the formats a figure is written in, each with its metadata's Creator, which marks a figure this command drew
+FORMATS = ('png', 'pdf', 'svg')
+CREATOR = 'tools.curves of the attention transfer course'
+
+
+def drawn_here(path):
+    """Whether the file at `path` is a figure this command drew (its metadata's Creator, kept as plain text near the
+    start of a PNG or an SVG, near the end of a PDF)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16)))
+            return CREATOR.encode() in head + f.read()
+    except OSError:   # unreadable: no figure of ours
+        return False
 
 
 def main():
     args = parser().parse_args()
+    # refused before any run is read: a format no writer here knows, a file there this command did not draw
+    write = check_outputs('--out', args.out, may_replace=drawn_here, formats=FORMATS)
     fig = draw(args.run_dirs)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_figure(fig, args.out, dpi=150, bbox_inches='tight')
+    kind = os.path.splitext(args.out)[1][1:].lower()
+    write(args.out, lambda f: fig.savefig(f, format=kind, metadata={'Creator': CREATOR}, dpi=150,
+                                          bbox_inches='tight'))
     print(f'written: {args.out}')
 
 

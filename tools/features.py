@@ -33,13 +33,13 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from data import build_eval_set, check_classes, class_names
-from ensemble import load_models
+from data import build_eval_set, class_names
+from ensemble import check_classes, load_models
 from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.engine import accuracy
 from util.errors import say, show
-from util.files import claimed, cpu_name, git_commit
+from util.files import check_outputs, cpu_name, git_commit
 from util.launch import parse_config, run_main
 
 KINDS = {'tokens': 'every token of every image a sample, block i against block i',
@@ -244,22 +244,22 @@ def main():
     outputs = []
     if cfg.out_dir:
         outputs = [os.path.join(cfg.out_dir, f) for f in ('features.json', 'TABLE.md')]
-    # claimed before any work: nothing is written over, a second command into them is refused
-    with claimed('--out-dir', *outputs) as write:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
-        start = time.time()
-        result = analyse(cfg, device)
-        table = tables(result)
-        say(table)
-        if outputs:
-            machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
-            record = {'command': shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]]),
-                      'git_commit': git_commit(), 'machine': machine,
-                      'threads': torch.get_num_threads(), 'torch': torch.__version__,
-                      'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
-            write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))
-            write(outputs[1], lambda f: f.write(table.encode()))
+    # refused before any work where they could not be written: nothing is written over
+    write = check_outputs('--out-dir', *outputs)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
+    start = time.time()
+    result = analyse(cfg, device)
+    table = tables(result)
+    say(table)
+    if outputs:
+        machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
+        record = {'command': shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]]),
+                  'git_commit': git_commit(), 'machine': machine,
+                  'threads': torch.get_num_threads(), 'torch': torch.__version__,
+                  'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
+        write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))
+        write(outputs[1], lambda f: f.write(table.encode()))
 
 
 if __name__ == '__main__':

@@ -4,7 +4,8 @@
 # start-up checks at ViT-B/16 and at ViT-L/16 448 px, their printed errors compared line by line with round six's
 # (results/benchmark-h100/round6/checks.txt); the paths only a GPU takes, each script on the `fake` set (held on the
 # device and, memory said short, on the host; fp16 with its GradScaler, a mid-epoch resume against an unbroken run,
-# bit for bit; fp32 with TF32 on; compiled against eager gradients; ensemble.py, and evaluate.py under every shift;
+# bit for bit, and so for the graphed step, and it against eager in fp32; fp32 with TF32 on; compiled against eager
+# gradients; ensemble.py, and evaluate.py under every shift;
 # torchrun); and each training script's steps with every per-step option on under
 # torch.cuda.set_sync_debug_mode('error'): a host sync inside a step stops its run with a traceback.
 #   bash tools/gpu_check.sh OUT_DIR        # results/benchmark-<gpu>/README.md says what came of it
@@ -12,9 +13,10 @@
 #                                          # then its steps compiled as --compile true trains (at most 300 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
 #   bash tools/gpu_check.sh OUT_DIR notebook    # tutorial.ipynb in full mode, timed (at most 580 s)
-#   bash tools/gpu_check.sh OUT_DIR small  # the Fashion-MNIST preset end to end, each method eager and compiled
-#                                          # (the compilation counted: --compile auto's measurement) with its img/s
-#                                          # per interval; its step alone under torch.profiler; then the reproduction
+#   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the Fashion-MNIST preset one epoch eager, graphed
+#                                          # (--cuda-graph) and compiled, each with its img/s per interval and wall
+#                                          # time from the command's start; the graphed step under torch.profiler;
+#                                          # then the reproduction timed whole (--jobs 0: auto), the GPU sampled beside
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
 set -uo pipefail
@@ -37,46 +39,60 @@ within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what
   timeout "$limit" "${@:2}"
 }
 
-if [ "$part" = small ]; then   # the Fashion-MNIST preset end to end, eager and compiled; its step alone; the reproduction
-  cut='' dev=cuda rounds='--rounds 3 --steps 30' eager=45 compiled=110
-  [ -n "$dry" ] && cut='--max-steps 20' dev=cpu rounds='--rounds 1 --steps 2' eager=300 compiled=600
-  # one epoch of each method, eager then compiled (what --compile auto's rule is measured by): img/s end to end
-  # counts from the model built, the compilation included (the log's last line), and the wall time from the command's
-  # start; with fashion-mnist's teacher (shipped) for copy and distillation
-  teacher=(--teacher teachers/fashion-mnist-mae.pt)
-  for run in 'finetune.py' "attention_distill.py ${teacher[*]}" "attention_copy.py ${teacher[*]}"; do
-    for compile in false true; do
-      name=fm-$(basename ${run%% *} .py)-compile-$compile
-      t0=$SECONDS
-      limit=$eager
-      [ $compile = true ] && limit=$compiled
-      within $limit $py $run --data fashion-mnist --epochs 1 --log-every 50 --compile $compile $cut \
-        --out-dir "$out/$name" > "$out/$name.log" 2>&1
-      echo "$name (1 epoch, end to end): exit $? after $((SECONDS - t0)) s, $(grep -h 'img/s' "$out/$name.log" | \
-        tail -1 | grep -oE '[0-9]+ img/s') with the compilation counted"
-      # each interval's speed between two progress lines, from their running means (images / img/s = seconds)
-      $py - "$out/$name.log" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-batch = re.search(r'effective batch (\d+)', text)
-points = [(int(s) * int(batch.group(1)), int(r)) for s, r in re.findall(r' step (\d+)/\d+ \|.*\| (\d+) img/s', text)]
-times = [(n, n / r) for n, r in points]
-per = [f'{(n2 - n1) / (t2 - t1):,.0f}' for (n1, t1), (n2, t2) in zip(times, times[1:])]
-if times:
-    print(f'   its first {times[0][0]} images in {times[0][1]:.1f} s from the model built; then img/s per interval:',
-          ' '.join(per) or '-')
-EOF
-    done
+if [ "$part" = small ]; then   # Fashion-MNIST's preset one epoch eager, graphed, compiled; a profile; the reproduction
+  # under 5 minutes on one H100 / H200 (issue 101's first part): each run's wall time from this command's start, its
+  # img/s per interval (the progress line's speed since the line before) and its last line's mean
+  cut='' graph=true limit=90
+  # on a CPU: 12 steps of 32 images in fp32, evaluated on 256 held-out images; no graph (auto says why: eager)
+  [ -n "$dry" ] && cut='--max-steps 12 --batch-size 32 --amp off --val-size 256' graph=auto limit=300
+  for mode in "eager --compile false --cuda-graph false" "graphed --compile false --cuda-graph $graph" \
+              "compiled --compile true --cuda-graph false"; do
+    name=fm-finetune-${mode%% *}
+    within $limit $py finetune.py --data fashion-mnist --epochs 1 --log-every 50 ${mode#* } $cut \
+      --out-dir "$out/$name" > "$out/$name.log" 2>&1
+    echo "$name (1 epoch): exit $?, done $SECONDS s after the command's start; $(grep -h '^step: ' \
+      "$out/$name.log" | head -1 | cut -c1-160)"
+    echo "   img/s per interval: $(grep -oE '\| [0-9]+ img/s \(' "$out/$name.log" | grep -oE '[0-9]+' | tr '\n' ' ')"
+    echo "   mean since the model was ready: $(grep -oE '[0-9]+ since the start' "$out/$name.log" | tail -1)"
   done
-  # the step alone, eager and compiled, fine-tuning's and distillation's, each broken down by torch.profiler: the
-  # host's time against the GPU's
-  within 150 $py -m tools.benchmark --device $dev --models vit_tiny --img-size 28 --patch-size 4 --embed-dim 64 \
-    --depth 6 --num-heads 8 --num-classes 10 --batch-size 128 --methods train distill --paths sdpa --compile true \
-    $rounds --memory-batch-size 0 --saved-bytes false --profile train distill --out-dir "$out/fm-step" \
-    > "$out/fm-step.log" 2>&1
-  echo "the step alone (tools.benchmark at the preset's shape, batch 128): exit $?"
-  grep -E '^\| vit' "$out/fm-step/BENCHMARK.md"
-  grep -HsE 'Self CPU time total|Self CUDA time total' "$out"/fm-step/profile-*.txt
+  # one profile of the graphed step: 20 replays under torch.profiler, their kernels' own time against the wall's
+  profiled=graph window='' limit=60
+  [ -n "$dry" ] && profiled=eager window='--max-steps 40 --batch-size 32 --amp off --val-size 256' limit=600
+  within $limit $py - "$profiled" $window --out-dir "$out/fm-profile" > "$out/fm-profile.txt" 2>&1 <<'EOF'
+import runpy, sys, time, torch
+from torch.profiler import ProfilerActivity, profile
+from util import engine
+cuda = torch.cuda.is_available()
+prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+graphed, window = sys.argv[1] == 'graph', {'steps': 0}
+step = engine.GraphedStep.__call__ if graphed else engine.train_step
+
+
+def profiled(*args, **kwargs):   # the epoch's steps 20 to 39 (the capture before them)
+    n = window['steps'] = window['steps'] + 1
+    if n == 20:
+        torch.cuda.synchronize() if cuda else None
+        window['start'] = time.perf_counter()
+        prof.start()
+    step(*args, **kwargs)
+    if n == 39:
+        torch.cuda.synchronize() if cuda else None
+        window['wall'] = time.perf_counter() - window['start']
+        prof.stop()
+if graphed:
+    engine.GraphedStep.__call__ = profiled
+else:
+    engine.train_step = profiled
+sys.argv = ['finetune.py', '--data', 'fashion-mnist', '--epochs', '1', '--log-every', '100', '--compile', 'false',
+            '--cuda-graph', 'true' if graphed else 'false', *sys.argv[2:]]
+runpy.run_path('finetune.py', run_name='__main__')
+table = prof.key_averages()
+kernels = sum(e.self_device_time_total for e in table) / 1e3 / 20
+print(table.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=12))
+print(f"the {'graphed' if graphed else 'eager'} step, 20 steps: {1e3 * window['wall'] / 20:.2f} ms a step on the "
+      f"wall, {kernels:.2f} ms of kernels a step (the profiler's self device time)")
+EOF
+  echo "the profile: exit $?; $(tail -1 "$out/fm-profile.txt")"
   [ "$(left)" -lt 150 ] && { echo "the reproduction not run: $(left) s left to the deadline"; exit 0; }
   part=reproduce
 fi
@@ -84,10 +100,18 @@ if [ "$part" = reproduce ]; then   # Fashion-MNIST's 3 seeds, every stage, from 
   quick=''
   [ -n "$dry" ] && quick='--quick true'
   nvidia-smi -L 2>/dev/null
+  # the GPU's utilisation and memory sampled every half second beside it
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 \
+    > "$out/reproduce-gpu.csv" 2>/dev/null &
+  sampler=$!
   t0=$SECONDS
-  within 420 $py -m tools.reproduce --data fashion-mnist --out-dir "$out/reproduce" $quick \
+  within 420 $py -m tools.reproduce --data fashion-mnist --jobs 0 --out-dir "$out/reproduce" $quick \
     > "$out/reproduce.log" 2>&1
-  echo "tools.reproduce exit $? after $((SECONDS - t0)) s"
+  echo "tools.reproduce --jobs 0 (auto) exit $? after $((SECONDS - t0)) s, whole"
+  kill $sampler 2>/dev/null
+  awk -F', ' 'NF == 2 { n++; u += $1; if ($1 > top) top = $1; if ($2 > mem) mem = $2 }
+    END { if (n) printf "GPU utilisation over %d samples: mean %.0f%%, max %d%%; memory up to %d MiB\n", n, u / n,
+          top, mem }' "$out/reproduce-gpu.csv"
   tail -9 "$out/reproduce.log"
   exit 0
 fi
@@ -215,6 +239,24 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
+  # the graphed step (--cuda-graph, bf16, drop-path): 12 steps unbroken, and 5 then resumed mid-epoch to the same 12
+  # (each process captures after its first 3 eager steps), bit for bit; then fp32, eager against graphed, 12 steps
+  graphed=true
+  [ "$device" = cpu ] && graphed=auto   # a CPU captures nothing: auto runs eager
+  graph=("${tiny[@]}" --epochs 2 --drop-path 0.1 --cuda-graph $graphed)
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-whole"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 5 --out-dir "$p/graph-resumed"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-resumed" --resume true
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --out-dir "$p/graph-fp32"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --cuda-graph false --out-dir "$p/eager-fp32"
+  t 10 $py -c "import sys, torch
+a, b, c, d = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
+print('graphed, mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
+      else 'DIFFERS')
+far = max(((c[k] - d[k]).norm() / d[k].norm().clamp_min(1e-12)).item() for k in d)
+print(f'graphed against eager, fp32, 12 steps: the farthest weight {far:.1e} apart (relative)')" \
+    "$p/graph-whole" "$p/graph-resumed" "$p/graph-fp32" "$p/eager-fp32"
+  grep -h 'captured' "$p"/graph-*/log.txt
   # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
   t 25 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # ensemble.py, and evaluate.py under every shift, on the held set, on the device
@@ -306,6 +348,6 @@ for key in sorted(set(then) | set(now)):
     a, b = then.get(key, ('-',) * 5), now.get(key, ('-',) * 5)
     print(f'| {key} | {b[0] if b[0] != "-" else a[0]} | {a[1]} | {b[1]} | {a[2]}, {b[2]} | {b[3]} | {b[4]} |')
 EOF
-grep -hE 'held on cuda|held in the host|bit for bit|DIFFERS|compiled against|\((nccl|gloo)\)|FAILED|error|Error' \
-  "$out/paths.log" "$out/steps.log" "$out/runs.log" | cut -c1-220
+said='held on cuda|held in the host|bit for bit|DIFFERS|against eager|captured|\((nccl|gloo)\)|FAILED|error|Error'
+grep -hE "$said" "$out/paths.log" "$out/steps.log" "$out/runs.log" | cut -c1-220
 echo "took $SECONDS s"

@@ -1,6 +1,7 @@
 """One colour and one short name per method, for every figure: the notebook's (tools/tutorial.py),
-results.png (tools/reproduce_report.py), variants.png (tools/variants.py). A method keeps its colour from one
-figure to the next; tests/test_palette.py checks that the notebook's figures and results.png draw with these.
+results.png (tools/reproduce_report.py), variants.png (tools/variants.py), followup.png (tools/followup.py). A method
+keeps its colour from one figure to the next; tests/test_palette.py checks that the notebook's figures, results.png and
+followup.png draw with these.
 And a figure stored in few colours: png()."""
 import io
 

@@ -9,12 +9,14 @@ The paper's Table 1 in miniature: every method, several seeds, one command.
 
 Each stage is its script's command line, its `--data` preset plus a budget: `mae` (the teacher, once; `--teacher`
 skips it), then per seed `scratch`, `finetune` (--init <teacher>), `copy`, `distill` (--teacher <teacher>) and
-`ensemble`, into runs/reproduce/<data>/<stage>/seed<k>. `plan` writes every command line, and `preflight` checks every
-stage's inputs, before any stage runs; then the teacher, the training stages `--jobs` at a time, the ensembles.
-A stage's done.json (its command, wall time, metrics, teacher's SHA-256) means finished and skipped; a checkpoint
-alone, resumed: a reproduction stopped by Ctrl-C or SIGTERM (which stop its running stages too) continues with the
-same command. A failed stage starts no other. The report (reproduce_report.py): results.json, results.png, TABLE.md
-and the logs, in --results-dir (results/<data>: the committed ones). A run's number is its final epoch's top-1.
+`ensemble`, into runs/reproduce/<data>/<stage>/seed<k>. A teacher with components beyond a plain ViT (layer scale, a
+pre-norm, QuickGELU) gives them to scratch and finetune as to the students of copy and distill (teacher_components).
+`plan` writes every command line, and `preflight` checks every stage's inputs, before any stage runs; then the
+teacher, the training stages `--jobs` at a time, the ensembles. A stage's done.json (its command, wall time, metrics,
+teacher's SHA-256) means finished and skipped; a checkpoint alone, resumed: a reproduction stopped by Ctrl-C or
+SIGTERM (which stop its running stages too) continues with the same command. A failed stage starts no other. The
+report (reproduce_report.py): results.json, results.png, TABLE.md and the logs, in --results-dir (results/<data>: the
+committed ones). A run's number is its final epoch's top-1.
 """
 import importlib
 import os
@@ -31,8 +33,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from tools.reproduce_report import check_results_dir, records, summarise, table, write
-from util.checkpoints import CheckpointError
-from util.config import AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, option
+from teacher import components
+from util.checkpoints import CheckpointError, arch_of, read_checkpoint
+from util.config import (AMP, BATCH, EPOCHS, STEPS, WORKERS, ConfigError, at_least, component_flags,
+                         option)
 from util.errors import DataError
 from util.files import cpu_name, git_commit, read_json, sha256_of, write_json
 from util.launch import parse_config, run_main
@@ -131,8 +135,9 @@ def run_dir(root, stage, seed):
     return os.path.join(root, stage, f'seed{seed}')
 
 
-def command(cfg, stage, seed, root, teacher):
-    """[python, script, flags]: the script's own --data preset, then this reproduction's budget."""
+def command(cfg, stage, seed, root, teacher, parts=None):
+    """[python, script, flags]: the script's own --data preset, then this reproduction's budget. parts: the
+    teacher's components beyond a plain ViT (teacher_components), which scratch and finetune are built with too."""
     args = ['--data', cfg.data, '--data-dir', cfg.data_dir, '--seed', seed]
     if cfg.data == 'fake':
         args += ['--fake-size', cfg.fake_size]
@@ -159,6 +164,8 @@ def command(cfg, stage, seed, root, teacher):
                 args += ['--blr', cfg.blr]
             if cfg.batch_size:
                 args += ['--batch-size', cfg.batch_size]
+            if stage in ('scratch', 'finetune'):
+                args += component_flags(parts or {})
             if stage == 'finetune':
                 args += ['--init', teacher]
             elif stage in ('copy', 'distill'):
@@ -166,7 +173,7 @@ def command(cfg, stage, seed, root, teacher):
     return [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), *map(str, args)]
 
 
-def plan(cfg, root, teacher):
+def plan(cfg, root, teacher, parts=None):
     """[((stage, seed), command line)] in the order they start:
     the teacher, every seed's training stages, ensembles."""
     stages = []
@@ -174,7 +181,18 @@ def plan(cfg, root, teacher):
         stages.append(('mae', 0))
     stages += [(s, k) for s in ORDER for k in cfg.seeds]
     stages += [('ensemble', k) for k in cfg.seeds]
-    return [((s, k), command(cfg, s, k, root, teacher)) for s, k in stages]
+    return [((s, k), command(cfg, s, k, root, teacher, parts)) for s, k in stages]
+
+
+def teacher_components(cfg):
+    """The components beyond a plain ViT (layer scale, a pre-norm, an activation: teacher.components) of the teacher
+    --teacher names. Copy and distillation give them to their students (--student-arch auto); scratch and fine-tune
+    are built with them too, so that the table compares students of one architecture, which the teacher's attention
+    alone sets apart (and fine-tuning loads the teacher's weights into its own). {} for the teacher that stage mae
+    pre-trains, a plain ViT: then every command is the one a plain teacher has."""
+    if not cfg.teacher:
+        return {}
+    return components(arch_of(read_checkpoint(cfg.teacher), cfg.teacher, 0, '--teacher-num-heads'))
 
 
 CONFIGS = {'mae_pretrain.py': 'MAEConfig', 'finetune.py': 'FinetuneConfig',
@@ -336,7 +354,7 @@ def main():
     root = cfg.out_dir or os.path.join('runs', 'reproduce', name)
     results_dir = cfg.results_dir or os.path.join(root, 'results')
     teacher = cfg.teacher or os.path.join(run_dir(root, 'mae', 0), 'checkpoint.pt')
-    steps = plan(cfg, root, teacher)
+    steps = plan(cfg, root, teacher, teacher_components(cfg))
     # what can be refused, before any stage runs: the finished stages' records, where the results go, the teacher
     digest = sha256_of(teacher)
     done = {key: read_done(run_dir(root, *key), key[0]) for key, _ in steps

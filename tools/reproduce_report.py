@@ -33,12 +33,22 @@ def records(d):
     (a resumed run may have written a step twice: the last counts)."""
     path = os.path.join(d, 'metrics.jsonl')
     rs = read_jsonl(path, 'delete that line and run the same command again')
-    if not rs:   # a run stopped before its first evaluation
-        raise DamagedFile(f'{path} is missing or holds no evaluation: name a run evaluated at least '
-                          f'once, or (reproduce.py, tools/variants.sh) delete {d} and run the same '
-                          f'command again to run it afresh')
+    if not rs:   # a run stopped before its first evaluation; advice to delete only for a folder a run made
+        again = ''
+        if is_run(d):
+            again = (f', or (reproduce.py, tools/variants.sh) delete {d} and run the same command again to run '
+                     f'it afresh')
+        raise DamagedFile(f'{path} is missing or holds no evaluation: name a run evaluated at least once{again}')
     by_step = {r['step']: r for r in rs}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def is_run(d):
+    """Whether folder d holds a run a script of this repository made (its config.json says what made it)."""
+    try:
+        return 'argv' in read_json(os.path.join(d, 'config.json'), '')
+    except DamagedFile:   # missing, not JSON: a folder of anyone's
+        return False
 
 
 def per_epoch(run_dirs):

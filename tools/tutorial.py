@@ -19,14 +19,13 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
-import data
 from attention_copy import copied
 from tools import reproduce
 from tools.palette import PALETTE, SHORT, colour, png
 # a run's evaluations, one dict per epoch: {'epoch', 'step', 'top1', ...}
 from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
-from util.datafiles import read_image
+from util.datafiles import DATASETS, fashion_mnist, read_image
 from util.errors import flag
 from util.files import cpu_name, read_json
 from util.launch import amp_dtype
@@ -36,14 +35,14 @@ from util.launch import amp_dtype
 
 CLASSES = 'T-shirt trouser pullover dress coat sandal shirt sneaker bag boot'.split()
 # the scripts normalise with these (grey: one value for every channel)
-MEAN = data.INFO['fashion-mnist'][2][0][0]
-STD = data.INFO['fashion-mnist'][2][1][0]
+MEAN = DATASETS['fashion-mnist'].stats[0][0]
+STD = DATASETS['fashion-mnist'].stats[1][0]
 
 
 def fashion_mnist(n, split='t10k'):
     """The first n images of a split as the models see them, (n, 3, 28, 28) normalised,
     and labels (n,)."""
-    ds = data.fashion_mnist('data', split == 'train', transform=None)
+    ds = fashion_mnist('data', split == 'train', transform=None)
     x = (ds.images[:n].float() / 255 - MEAN) / STD                    # (n, 1, 28, 28)
     x = x.expand(-1, 3, -1, -1).contiguous()                          # grey repeated, as data.py
     return x, ds.labels[:n].long()
@@ -56,7 +55,7 @@ def write_slice(n_train, n_test, runs):
     folder = os.path.join(runs, f'fashion-mnist-{n_train}-{n_test}')
     os.makedirs(folder, exist_ok=True)
     for split, n in (('train', n_train), ('t10k', n_test)):
-        ds = data.fashion_mnist('data', split == 'train', transform=None)
+        ds = fashion_mnist('data', split == 'train', transform=None)
         for name, a in (('images-idx3', ds.images[:n, 0]), ('labels-idx1', ds.labels[:n])):
             a = a.numpy().astype(np.uint8)
             with open(os.path.join(folder, f'{split}-{name}-ubyte'), 'wb') as f:
@@ -66,7 +65,7 @@ def write_slice(n_train, n_test, runs):
 def test_image(i, size=112):
     """Test image i as an RGB picture of size x size pixels (Fashion-MNIST's 28, enlarged): an image file's stand-in,
     for the cell that reads one you bring."""
-    ds = data.fashion_mnist('data', False, transform=None)
+    ds = fashion_mnist('data', False, transform=None)
     return Image.fromarray(ds.images[i, 0].numpy()).convert('RGB').resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -204,7 +203,7 @@ def budgets(quick_flags, n_train, n_test, loop):
     util/config.py), the committed reproduction and the quick command (what tools/reproduce.py gives
     attention_distill.py)."""
     preset = SMALL_PRESETS['fashion-mnist']
-    images = len(data.fashion_mnist('data', True, transform=None))
+    images = len(fashion_mnist('data', True, transform=None))
 
     def tested(test):
         return f'all {test:,}' if test == 10_000 else f'the first {test:,}'

@@ -10,8 +10,8 @@ on sdpa (every model is on eager until the verdict).
     attn, record = start_up_check(plan, 'fine-tuning', [model], lambda: model.forward_tokens(x, depth=1),
                                   {'layer 0': model.blocks[0].attn})
 
-A training script calls it through settle_attention, which settles the run's plan with the verdict (its processes
-on one kernel).
+A training script calls it through settle_attention, which returns the verdict the run then holds (its processes on
+one kernel).
 """
 import contextlib
 import copy
@@ -63,10 +63,10 @@ def start_up_check(plan, what, models, forward, layers, backward=True, losses=No
 
 
 def settle_attention(plan, what, models, *check, **kw):
-    """(plan, record): the plan with resolve's attention implementation settled by the start-up check of the built
-    models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled where --compile is
-    on): the one place it changes after resolve, and where the models are told it, once. Under DDP rank 0 checks and
-    its verdict, a refusal included, is every rank's at once (ranks on one kernel; none left waiting for a peer that
+    """(implementation, record): resolve's attention implementation (plan.attn) settled by the start-up check of the
+    built models (start_up_check(plan, what, models, *check, **kw), the trained one's layers compiled where --compile is
+    on): the run's verdict from then on, decided here once and told to the models here, once. Under DDP rank 0 checks
+    and its verdict, a refusal included, is every rank's at once (ranks on one kernel; none left waiting for a peer that
     stopped). record: rank 0's."""
     verdict = [plan.attn, None, None]                   # implementation, record, refusal
     if plan.main:
@@ -81,7 +81,7 @@ def settle_attention(plan, what, models, *check, **kw):
         raise ConfigError(refusal)
     for m in models:
         set_attn_implementation(m, attn)
-    return plan._replace(attn=attn), record
+    return attn, record
 
 
 def layer_inputs(forward, layers):

@@ -13,12 +13,10 @@ At another image size, position embeddings are resized as the family's official 
 classifier (head, fc_norm) may be missing, only MAE's decoder and the unused final norm may be
 unexpected; anything else is an architecture mismatch and an error.
 """
-import contextlib
 import hashlib
 import io
 import math
 import os
-import resource
 import warnings
 import zipfile
 from collections import Counter
@@ -26,10 +24,11 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
-from util.errors import CheckpointError, ConfigError
+from util.errors import CheckpointError
+from util.memory import too_big, vit_numbers
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
-from vit import ACTS, SIZES, VisionTransformer
+from vit import VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
 PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, its resize)
@@ -98,11 +97,11 @@ def read_whole(path):
         if zipfile.is_zipfile(io.BytesIO(data)):   # torch's archive (else torch.load says what it is)
             with zipfile.ZipFile(io.BytesIO(data)) as z:
                 check_records(z.infolist(), len(data))
-                damaged = z.testzip()   # the first record whose CRC-32 differs
+                bad = z.testzip()   # the first record whose CRC-32 differs
                 # a TorchScript archive (torch.load's own test)
                 script = any(n.rpartition('/')[2] == 'constants.pkl' for n in z.namelist())
-            if damaged:
-                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{damaged}'")
+            if bad:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file '{bad}'")
         if script:
             ckpt = read_archive(io.BytesIO(data))
         else:
@@ -117,26 +116,43 @@ def read_whole(path):
         raise CheckpointError(f'{unreadable}: torch.load refused it unread ({torch_says(e)}): '
                               'copy or download it again; for a file of your own, save the tensors '
                               'alone: torch.save(model.state_dict(), path)') from None
-    # a view beyond its storage torch refuses (set_); one that repeats a value (stride 0) it reads, as a
-    # (2**20, 2**20) tensor of one float whose finiteness check would ask for 4 TB
-    repeated = next(zero_strided(ckpt), None)
-    if repeated:
-        raise CheckpointError(f'{unreadable}: its tensor {repeated} repeats one stored value (a stride '
-                              f'of 0), which torch.save never writes: it was edited or is damaged: '
-                              'take another copy of it')
+    odd = next(strange(ckpt), None)
+    if odd:
+        raise damaged(path, f'holds {odd}')
     return ckpt, hashlib.sha256(data).hexdigest()
 
 
-def zero_strided(value, key=''):
-    """The keys (joined by dots) of the tensors in nested dicts, lists and tuples with a stride of 0 along a
-    dimension of more than one element."""
-    if torch.is_tensor(value):
-        if any(st == 0 and n > 1 for n, st in zip(value.shape, value.stride())):
-            yield key
-    elif isinstance(value, (dict, list, tuple)):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for k, v in items:
-            yield from zero_strided(v, f'{key}.{k}' if key else str(k))
+def strange(value):
+    """What torch.save of a model never writes, found in a checkpoint's nested dicts, lists and tuples (walked here
+    without recursion: Python's own walks of a file nested 100,000 lists deep end in RecursionError): nesting deeper
+    than DEEPEST, or a tensor that is not a plain one on the CPU (a sparse one, one on the meta device), or that
+    repeats one stored value (a stride of 0 along a dimension of more than one element: a (2**20, 2**20) view of one
+    float whose finiteness check would ask for 4 TB; a view beyond its storage torch refuses itself)."""
+    stack = [('', value, 0)]
+    while stack:
+        key, v, depth = stack.pop()
+        if depth > DEEPEST:
+            yield f'containers nested more than {DEEPEST} deep, which no checkpoint is'
+        elif torch.is_tensor(v):
+            if v.layout != torch.strided:
+                yield f'a {str(v.layout).removeprefix("torch.")} tensor {key}, which torch.save of a model never writes'
+            elif v.device.type != 'cpu':
+                yield f'a tensor {key} on the {v.device.type} device, where it holds no values'
+            elif any(st == 0 and n > 1 for n, st in zip(v.shape, v.stride())):
+                yield f'a tensor {key} that repeats one stored value (a stride of 0), which torch.save never writes'
+        elif isinstance(v, (dict, list, tuple)):
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            stack.extend((f'{key}.{k}' if key else str(k), item, depth + 1) for k, item in items)
+
+
+# no checkpoint nests deeper (an optimizer's state: 4)
+DEEPEST = 100
+
+
+def damaged(source, what, fix='take another copy of it'):
+    """The one line for a file a user brings that holds what no ViT is read or built from (the damaged-file class):
+    the file, what is wrong with it, the fix."""
+    return CheckpointError(f"'{source}' {what}: it was edited or is damaged: {fix}")
 
 
 def check_records(infos, size):
@@ -171,22 +187,29 @@ def torch_says(error):
 # What a checkpoint holds: its state dict in timm's names, its architecture
 
 
-def state_dict_of(ckpt):
-    """The ViT state dict inside a checkpoint, converted to timm/MAE names, in a new dict (the file's is
-    kept)."""
-    return _converted(ckpt)[0]
+def state_dict_of(ckpt, source='the checkpoint'):
+    """The ViT state dict inside a checkpoint (read from `source`), converted to timm/MAE names, in a new dict (the
+    file's is kept)."""
+    return _converted(ckpt, source)[0]
 
 
-def _converted(ckpt):
-    """(state dict in timm/MAE names, the VisionTransformer components its family needs)."""
+def _converted(ckpt, source):
+    """(state dict in timm/MAE names, the VisionTransformer components its family needs). Its position embeddings
+    are refused where they are no table a ViT of its patch embedding's width adds (the damaged-file line): every
+    reader sizes its grid from them."""
     sd = unwrap(ckpt)
     if sd is None:
-        raise CheckpointError('checkpoint holds no state dict (expected tensors, or a dict with '
-                              'key "model")')
+        raise CheckpointError(f"'{source}' holds no state dict (expected tensors, or a dict with key "
+                              f'"model")')
     sd, components = convert(sd)   # this project's names are timm's: kept as they are
     if 'patch_embed.proj.weight' not in sd:
-        raise CheckpointError('checkpoint is not a ViT: no patch_embed.proj.weight / '
-                              'conv_proj.weight')
+        raise CheckpointError(f"'{source}' is not a ViT: no patch_embed.proj.weight / conv_proj.weight")
+    conv, pos = sd['patch_embed.proj.weight'], sd.get('pos_embed')       # (D, C, P, P), (1, 1 + g*g, D)
+    if pos is not None and not (conv.ndim == 4 and pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[1] > 1
+                                and pos.shape[2] == conv.shape[0] and math.isqrt(pos.shape[1] - 1) ** 2 ==
+                                pos.shape[1] - 1):
+        raise damaged(source, f'holds a pos_embed of shape {tuple(pos.shape)}, no (1, 1 + a square, '
+                              f'{conv.shape[0]}) table of positions')
     # MAE pre-training keeps its decoder and mask token next to the encoder; a classifier needs neither
     return {k: v for k, v in sd.items() if not k.startswith(('decoder', 'mask_token'))}, components
 
@@ -204,16 +227,19 @@ def arch_of(ckpt, source, num_heads, flag):
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
     if saved:   # a stated head count is compared with it where it is loaded (check_arch)
         return dict(saved)
-    sd, components = _converted(ckpt)
+    sd, components = _converted(ckpt, source)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
     dim = conv.shape[0]
-    grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
-    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    try:   # the shapes a ViT's tensors have, else the damaged-file line
+        grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
+        depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+        mlp_ratio = sd['blocks.0.mlp.fc1.weight'].shape[0] / dim
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise damaged(source, f"holds tensors of no ViT's shapes ({type(e).__name__}: {e})") from None
     num_classes = sd['head.weight'].shape[0] if 'head.weight' in sd else 0
     return dict(img_size=grid * conv.shape[-1], patch_size=conv.shape[-1], in_chans=conv.shape[1],
                 num_classes=num_classes, embed_dim=dim, depth=depth,
-                num_heads=heads_of(ckpt, source, dim, num_heads, flag),
-                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / dim,
+                num_heads=heads_of(ckpt, source, dim, num_heads, flag), mlp_ratio=mlp_ratio,
                 qkv_bias='blocks.0.attn.qkv.bias' in sd, global_pool='fc_norm.weight' in sd,
                 **components)
 
@@ -223,18 +249,12 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     the file's record (this project's checkpoints), its family's at its width (a family known by its name, an official
     file name or keys only its files have: pretrained.FAMILIES), or what its user states (num_heads, with `flag`). A
     stated count that the record or the family contradicts, or that does not divide the width, is refused, and so is
-    a file that says nothing, with the flag that states it; and a record whose heads are not those the run that saved
-    it trained with (its config says: its --num-heads, else its --model's)."""
+    a file that says nothing, with the flag that states it."""
     rule = family(source, ckpt).heads   # the width of every head, or {model width: heads}
     if isinstance(rule, int):
         rule = {dim: dim // rule} if dim % rule == 0 else {}
     saved = recorded(ckpt) or {}
     known = saved.get('num_heads', rule.get(dim))
-    trained = heads_trained(ckpt)
-    if saved and trained and known != trained:
-        raise CheckpointError(f"'{source}' records {known!r} attention heads, but the run that saved it "
-                              f"trained with {trained} (its config): its architecture record was edited "
-                              f"or is damaged: take another copy of it")
     if known is None:
         if not num_heads:
             raise CheckpointError(f"'{source}' holds weights alone, which do not say how many "
@@ -249,21 +269,6 @@ def heads_of(ckpt, source, dim, num_heads, flag):
     if num_heads and num_heads != known:
         raise CheckpointError(f"{flag} {num_heads}: '{source}' has {known} attention heads")
     return known
-
-
-def heads_trained(ckpt):
-    """The heads the run that saved a checkpoint trained with, where its config says (this project's
-    record it: its --num-heads, else its --model's size); None where it does not (a student of its
-    teacher's shape, another program's file)."""
-    config = ckpt.get('config') if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict):
-        return None
-    heads, model = config.get('num_heads'), config.get('model')
-    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
-        return heads
-    if heads is None and isinstance(model, str):
-        return SIZES.get(model, {}).get('num_heads')
-    return None
 
 
 # this project's own files (their layer scale is not DINOv2's) and a file of no known family: resized as DeiT's, their
@@ -287,55 +292,49 @@ def family(source, ckpt):
 ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
-def vit_of(arch, source):
-    """VisionTransformer(**arch), or CheckpointError naming `source` and the field no ViT trains
-    with (out_of_range) or what VisionTransformer refused: the architecture a checkpoint records,
-    with the fields its caller changes (another image size, say). Every ViT built from a record is
-    built here, on the meta device."""
-    try:
-        bad = out_of_range(arch)
-        if not bad:
+def vit_of(arch, source, native=None):
+    """VisionTransformer(**arch) on the current device (the meta device, where a file is looked at: nothing
+    allocated): the architecture a file records or its tensors show, with the fields its caller changes. Refused in
+    the damaged-file line naming `source` where no ViT is built from it (unbuilt): a size this machine's memory
+    clearly cannot hold, counted before anything is built, or what the constructor refuses. native: the file's own
+    img_size where its caller asks for another (--img-size), named instead where the file's own size would do."""
+    why = unbuilt(arch)
+    if not why:
+        try:
             return VisionTransformer(**arch)
-    except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
-        raise CheckpointError(f"'{source}' cannot be built ({e}): {arch}") from None
-    field, must = bad
-    raise CheckpointError(f"'{source}' cannot be built ({field} {arch[field]!r}: {must}): its "
-                          f"architecture record was edited or is damaged: take another copy of it")
+        except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
+            why = f'cannot be built ({first_line(e)})'
+    if native not in (None, arch.get('img_size')):
+        own = {**arch, 'img_size': native}
+        if not unbuilt(own, built=True):
+            raise CheckpointError(f"'{source}' at --img-size {arch['img_size']} {why}: choose another --img-size")
+    raise damaged(source, why)
 
 
-# sizes of one or more, counts of none or more
-POSITIVE = ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth')
-COUNTS = ('num_classes', 'reg_tokens')
+def unbuilt(arch, built=False):
+    """Why no ViT of keywords arch is made on this machine, else None: its size, counted from the keywords
+    (util/memory: instant, whatever they say: a record of 10 million blocks, of 2**60 tokens), more than its memory
+    clearly holds; with built, also what the constructor refuses on the meta device."""
+    try:
+        numbers = vit_numbers(arch)
+        big = too_big(numbers) if isinstance(numbers, int) else None
+    except (TypeError, ValueError, KeyError, ArithmeticError):   # what the constructor refuses
+        big = None
+    if big:
+        return f'is a ViT that needs {big}; a real one runs only on a machine with more memory'
+    if built:
+        try:
+            with torch.device('meta'):
+                VisionTransformer(**arch)
+        except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
+            return f'cannot be built ({first_line(e)})'
+    return None
 
 
-def out_of_range(arch):
-    """(field, what it must be) of the first VisionTransformer keyword in `arch` outside the ranges
-    a ViT trains with, else None: what VisionTransformer builds without a word (a LayerNorm epsilon
-    of 1e6; an activation it does not know, which it would run as GELU; heads of -4) or fails on in
-    torch's words (a negative size, an MLP ratio of inf). What the weights show (width, depth, MLP
-    width) load_state_dict compares; heads no weight shows (heads_of)."""
-    def integer(v, least):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+def first_line(error):
+    """An error's words, their first line (torch's can add the signatures it tried), or its name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
-    def real(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    rules = [(k, integer(arch[k], 1), 'must be a positive integer') for k in POSITIVE if k in arch]
-    rules += [(k, integer(arch[k], 0), 'must be an integer, 0 or more') for k in COUNTS if k in arch]
-    dim, heads = arch.get('embed_dim'), arch.get('num_heads')
-    if integer(dim, 1) and isinstance(heads, int):   # 0 heads: the modulo's own ZeroDivisionError (vit_of)
-        rules.append(('num_heads', dim % heads == 0 and heads > 0,
-                      f'must be a positive divisor of the width, embed_dim {dim}'))
-    if 'mlp_ratio' in arch:
-        rules.append(('mlp_ratio', real(arch['mlp_ratio']) and arch['mlp_ratio'] > 0,
-                      'must be a finite positive number'))
-    if 'norm_eps' in arch:
-        rules.append(('norm_eps', real(arch['norm_eps']) and 0 < arch['norm_eps'] < 1,
-                      'must be a finite number between 0 and 1, as a LayerNorm epsilon is'))
-    if 'act' in arch:
-        rules.append(('act', arch['act'] in ACTS, f"must be one of {', '.join(ACTS)}"))
-    if arch.get('init_values') is not None:
-        rules.append(('init_values', real(arch['init_values']), 'must be none or a finite number'))
-    return next(((k, must) for k, holds, must in rules if not holds), None)
 
 # -----------------------------------------------------------------------------
 # Loading into a ViT, with every difference refused
@@ -360,18 +359,22 @@ def check_arch(model, source, ckpt, sd, num_heads, flag):
                               f"{', '.join(diff)}")
 
 
+# the floating-point types a model's weights are trained and saved in
+REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=False):
     """Load `source` into `model`: resize position embeddings, drop a classifier of the wrong size, and raise
     CheckpointError on any other difference of architecture (check_arch; heads: num_heads as stated with `flag`),
     missing/unexpected key or shape beyond the allowed ones, or a weight that is not finite. assign: the model takes
     the file's tensors themselves (check_weights), not copies. ckpt: source as read_checkpoint read it."""
-    sd = state_dict_of(ckpt)   # a new dict: changing it leaves ckpt as it is
+    sd = state_dict_of(ckpt, source)   # a new dict: changing it leaves ckpt as it is
     check_arch(model, source, ckpt, sd, num_heads, flag)
     own = model.state_dict()
-    # load_state_dict would cast int8 / int64 / complex to float: a quantised file without its scales (or complex
-    # values without their imaginary part) would become a model of garbage maps, without a word
+    # load_state_dict would cast int8 / int64 / complex / float8 to float: a quantised file without its scales (or
+    # complex values without their imaginary part) would become a model of garbage maps, without a word
     typed = next((f'{k} is {v.dtype}' for k, v in sd.items()
-                  if k in own and own[k].is_floating_point() and not v.is_floating_point()), None)
+                  if k in own and own[k].is_floating_point() and v.dtype not in REAL), None)
     if typed:
         raise CheckpointError(f"'{source}' holds weights that are not real floating-point numbers "
                               f"({typed}): dequantise it (or take its float original) and save "
@@ -408,87 +411,12 @@ def check_weights(model, source, ckpt, num_heads, flag):
     the resolve phase looks at a file of weights. The file's own tensors are assigned to it
     (load_state_dict(assign=True)): no random initialisation, nothing copied. What the file does not hold (a
     classifier, the only part that may be missing) is initialised on the CPU; every weight is made fp32, as loading
-    into a built ViT makes it. A model this machine's free memory clearly cannot hold is refused first, nothing
-    allocated (too_big): naming --img-size where the size asked for is not the file's own, else the file."""
-    big = too_big(model)
-    if big:
-        size = model.arch['img_size']
-        if size != arch_of(ckpt, source, num_heads, flag)['img_size']:   # its caller's: --img-size
-            raise CheckpointError(f"'{source}' at --img-size {size} is a ViT that needs {big}: choose "
-                                  f"a smaller --img-size")
-        raise CheckpointError(f"'{source}' is a ViT that needs {big}: an architecture record that asks "
-                              f"for it was edited or is damaged (take another copy of it); a real one "
-                              f"needs a machine with more memory")
+    into a built ViT makes it."""
     load_weights(model, source, ckpt, num_heads, flag, assign=True)
     for m in model.modules():
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device='cpu', recurse=False).reset_parameters()
     return model.float()
-
-
-# -----------------------------------------------------------------------------
-# What a model needs of this machine's memory, counted on the meta device
-
-
-def too_big(model, training=False, activations=0):
-    """Why `model` (built on the meta device: nothing allocated) cannot fit this machine, in words
-    ('51.2 GB (...), more than the 15.3 GB free on this machine'), else None. What it needs is a
-    lower bound: its weights in fp32, with their gradients and AdamW's two moments where it trains,
-    and `activations` bytes, on the device it runs on (the host is asked for its weights too: every
-    model is made there first). Only a size that clearly cannot fit is refused; one that might is
-    left to try."""
-    numbers = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
-    weights = 4 * numbers
-    runs = weights * (4 if training else 1) + activations
-    gpu = torch.cuda.is_available()
-    needs = [('this machine', host_memory(), weights if gpu else runs)]
-    if gpu:
-        needs.append(('the GPU', torch.cuda.mem_get_info()[0], runs))
-    for where, free, need in needs:
-        if need > free:
-            what = f'{numbers:,} parameters'
-            if training:
-                what += " with their gradients and AdamW's two moments"
-            if activations >= 1e8:   # worth a word
-                what += f', and at least {activations / 1e9:,.1f} GB of activations'
-            return f'{need / 1e9:,.1f} GB ({what}), more than the {free / 1e9:,.1f} GB free on {where}'
-    return None
-
-
-def host_memory():
-    """Bytes of memory this process can still have on this machine: /proc/meminfo's MemAvailable
-    (Linux), else all of it (os.sysconf); under a limit on its address space (ulimit -v,
-    resource.RLIMIT_AS), no more than the limit leaves."""
-    free = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    free = proc_kb('/proc/meminfo', 'MemAvailable:', free)
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit != resource.RLIM_INFINITY:
-        free = min(free, limit - proc_kb('/proc/self/status', 'VmSize:', 0))
-    return free
-
-
-def proc_kb(path, key, otherwise):
-    """The bytes a line of a /proc file gives in kB ('MemAvailable: 123 kB'), else `otherwise`."""
-    with contextlib.suppress(OSError, ValueError), open(path) as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return otherwise
-
-
-def check_trainable(model, batch, what='a ViT', tokens=None):
-    """Refuse, in one line naming the flags that size it, `what` (a ViT built from flags on the meta
-    device) where it cannot train on this machine at `batch` images a step (too_big): its weights,
-    their gradients and AdamW's state, and the tokens each block keeps for the backward pass (batch
-    x tokens x width, fp32; tokens: an image's, all of them if None)."""
-    arch = model.arch
-    if tokens is None:
-        tokens = model.patch_embed.num_patches + 1 + arch['reg_tokens']
-    big = too_big(model, True, 4 * batch * tokens * arch['embed_dim'] * arch['depth'])
-    if big:
-        raise ConfigError(f"--embed-dim {arch['embed_dim']}, --depth {arch['depth']}, --img-size "
-                          f"{arch['img_size']}, --patch-size {arch['patch_size']}, --batch-size {batch}: "
-                          f"{what} of these sizes needs {big}: choose smaller ones")
 
 
 def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
@@ -497,9 +425,9 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     checkpoint already read from source; num_heads: the head count its user states with --num-heads (heads_of)."""
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
-    arch = {**arch_of(ckpt, source, num_heads, '--num-heads'), 'no_qk_layers': (), **overrides}
+    own = arch_of(ckpt, source, num_heads, '--num-heads')
     with torch.device('meta'):
-        model = vit_of(arch, source)
+        model = vit_of({**own, 'no_qk_layers': (), **overrides}, source, own['img_size'])
     return check_weights(model, source, ckpt, num_heads, '--num-heads')
 
 

@@ -9,14 +9,17 @@ import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field
 
+from util.datafiles import DATASETS
 from util.errors import ConfigError, flag, show
-from vit import IMPLEMENTATIONS, SIZES
+from vit import ACTS, IMPLEMENTATIONS, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
 COMPILE_REPAID = 4000   # steps: --compile auto's least run on a GPU (util/launch.py says why)
-# each one's size and classes: data.INFO
-DATA = ('cifar10', 'cifar100', 'fashion-mnist', 'imagenet', 'folder', 'fake')
+GRAPHED_COMPILE_REPAID = 40000   # steps: its least run on top of a CUDA graph (an estimate: util/launch.py)
+DATA = tuple(DATASETS)   # each one's size, classes, statistics, training images, where it is held, its reader
+# the data sets --compile auto may compile for: held in memory, their training images known before they are read
+COMPILED_DATA = [name for name, row in DATASETS.items() if row.held and row.train_images]
 
 # -----------------------------------------------------------------------------
 # A field declared once
@@ -87,6 +90,8 @@ class TrainConfig:
     resume: bool = option(False, 'continue from <out_dir>/checkpoint.pt')
     overwrite: bool = option(False, 'start afresh in an --out-dir that holds a run (finished or '
                                     'not): deletes it')
+    new_data: bool = option(False, "--resume on a training split other than the saved run's (its "
+                                   "files, sizes or times changed), on purpose")
     # model (vit.py's sizes; none keeps the size's own value)
     model: str = option('vit_tiny', choices=tuple(SIZES))
     img_size: int = option(28, rule=at_least(1, most=SIZE))
@@ -136,10 +141,15 @@ class TrainConfig:
     attn_implementation: str = option('auto', 'eager (explicit maps) | sdpa (fused, no map '
                                               'stored) | auto: per device',
                                       choices=('auto', *IMPLEMENTATIONS))
-    compile: str = option('auto', 'the training step compiled (torch.compile; on a GPU captured as CUDA graphs): '
-                                  'true | false | auto: true on a GPU for the small data sets held in memory '
-                                  f'(fashion-mnist, cifar10, cifar100) in a run of at least {COMPILE_REPAID:,} '
-                                  'steps, which repays the compilation; false elsewhere', choices=COMPILE)
+    compile: str = option('auto', 'the training step compiled (torch.compile; on one GPU without --cuda-graph, '
+                                  'captured as CUDA graphs by torch): true | false | auto: true on a GPU for the '
+                                  f"small data sets held in memory ({', '.join(COMPILED_DATA)}) in a run of at "
+                                  f'least {COMPILE_REPAID:,} steps ({GRAPHED_COMPILE_REPAID:,} on top of a CUDA '
+                                  'graph), which repays the compilation; false elsewhere', choices=COMPILE)
+    cuda_graph: str = option('auto', 'the whole training step captured once as one CUDA graph (torch.cuda.graph), '
+                                     'then replayed: true | false | auto: true for a data set held in memory, where '
+                                     'a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32); false '
+                                     'elsewhere', choices=COMPILE)
     seed: int = option(0, rule=(lambda v: 0 <= v < 2 ** 63,
                                 'must be in [0, 2**63): torch seeds its generators with 64 bits'))
     num_workers: int = option(2, 'loader processes for folders (ImageNet, ImageFolder); a data set '
@@ -160,8 +170,8 @@ class TrainConfig:
 
     # what --resume true may change: where and how the run goes, never what it computes
     # (REFERENCE.md, "resume")
-    RESUMABLE = ('resume', 'overwrite', 'out_dir', 'data_dir', 'num_workers', 'log_every',
-                 'save_every', 'max_steps', 'compile', 'dist_timeout', 'attn_implementation',
+    RESUMABLE = ('resume', 'overwrite', 'new_data', 'out_dir', 'data_dir', 'num_workers', 'log_every',
+                 'save_every', 'max_steps', 'compile', 'cuda_graph', 'dist_timeout', 'attn_implementation',
                  'eval_batch_size')
     # the script whose runs this config makes: a run directory is continued only by the script that made it
     SCRIPT = ''
@@ -218,6 +228,36 @@ class TrainConfig:
                        f'{old[1]} x {old[2]} process(es)) -> {math.prod(new)} ({new[0]} x '
                        f'{new[1]} x {new[2]}): keep it, e.g. with --accum-steps')
         return out
+
+
+@dataclass
+class ComponentsConfig(TrainConfig):
+    """TrainConfig and vit.py's components of other ViT families, for a model trained here built like one
+    (finetune.py, mae_pretrain.py): a teacher built like DINOv2 or CLIP, or a baseline built like its teacher's
+    student (tools/reproduce.py). A file loaded with --init must have the same."""
+    layer_scale: float = option(0.0, '> 0: layer scale starting at this value (CaiT, DINOv2); '
+                                     '0 = none',
+                                (lambda v: 0 <= v <= 100,
+                                 'must be 0 (no layer scale) or a positive initial value, '
+                                 'at most 100'))
+    norm_pre: bool = option(False, 'a LayerNorm before the blocks (CLIP)')
+    act: str = option('gelu', 'gelu | quick_gelu (CLIP)', choices=ACTS)
+
+    def components(self):
+        """The VisionTransformer keywords these flags set."""
+        return dict(init_values=self.layer_scale or None, norm_pre=self.norm_pre, act=self.act)
+
+
+def component_flags(components):
+    """The ComponentsConfig flags that build components ({keyword: value} beyond a plain ViT, as
+    teacher.components gives them); a component no flag builds (registers, a LayerNorm epsilon) is left to the
+    reader of the model's --init to refuse."""
+    flags = {'init_values': '--layer-scale', 'norm_pre': '--norm-pre', 'act': '--act'}
+    out = []
+    for k, v in components.items():
+        if k in flags:
+            out += [flags[k], str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
 
 
 def decay_floor(cfg, depth):

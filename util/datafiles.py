@@ -14,15 +14,19 @@ Fashion-MNIST and CIFAR are held in memory whole (TensorImages, uint8 on the run
 gathered and augmented there (TensorBatches); a folder's images are read one at a time by loader workers
 (SeededDataset). Each epoch can start part-way (ResumableSampler): a resumed run sees the batches of one that
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
-data.py says which data set is which, and how it is augmented.
+Each data set is declared once, as a row of DATASETS at the end (its size, classes, statistics, training images,
+whether it is held in memory, its reader); data.py says how it is augmented.
 """
+import hashlib
 import os
 import pathlib
 import signal
 import stat
 import sys
 import tempfile
+import unicodedata
 import warnings
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
+from util import stop
 from util.errors import DataError, first_few
 
 # -----------------------------------------------------------------------------
@@ -180,6 +185,29 @@ def unwrap(dataset):
     return dataset
 
 
+def fingerprint(dataset):
+    """A cheap digest of what a training split holds, which a checkpoint records and a resume compares (util/run.py):
+    a folder's images by their paths under the split's folder, labels, sizes and modification times (one stat a
+    file, no image read: a swapped, replaced or added image changes it, a copy that keeps the times does not); a
+    set held in memory (Fashion-MNIST, CIFAR) by the bytes of its images and labels as read from its files; None
+    for a set made at random (fake). dataset: the split, or a loader's (a Subset, SeededDataset)."""
+    while isinstance(dataset, (Subset, SeededDataset)):
+        dataset = dataset.dataset
+    if getattr(dataset, 'source', None) is None:   # FakeData
+        return None
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorImages):
+        for t in (dataset.images, dataset.labels):
+            digest.update(t.cpu().numpy().tobytes())
+        return digest.hexdigest()
+    for path, label in dataset.samples:   # ClassFolder's
+        info = os.stat(path)
+        name = unicodedata.normalize('NFC', os.path.relpath(path, dataset.root))   # a Mac's café is café
+        # the time to the second: a copy to a file system that keeps it more coarsely (a tar archive) is the same
+        digest.update(f'{name}\0{label}\0{info.st_size}\0{int(info.st_mtime)}\n'.encode())
+    return digest.hexdigest()
+
+
 # -----------------------------------------------------------------------------
 # The loader: its batches exactly the same after a resume
 
@@ -235,10 +263,12 @@ def build_loader(cfg, dataset, train, rank=0, world_size=1, device=torch.device(
 
 
 def quiet_on_stop(worker_id):
-    """A worker ends quietly when its run is stopped: SIGTERM (a scheduler's, sent to every process of the job) ends
-    it with exit 0 (torch's own handler dies of the signal, which the main process reports as a worker's failure);
-    its multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    """A worker ends quietly when its run is stopped: SIGUSR1 and SIGTERM (a scheduler's, sent to every process of the
+    job) leave it making batches, as the run finishes its step and saves it (util/stop.py), then the run ends it
+    (torch's own handler dies of the signal, which the main process reports as a worker's failure); its
+    multiprocessing sharing thread, left a closed connection mid-hand-over, reports through sys.excepthook."""
+    for signum in stop.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     sys.excepthook = quiet_hook
 
 
@@ -268,7 +298,7 @@ def read_idx(path, read):
                         f'file') from None
 
 
-def fashion_mnist(data_dir, train, transform):
+def fashion_mnist(data_dir, train, transform, cfg=None):
     """One split of Fashion-MNIST from the first folder with its four files (each gzipped or not): --data-dir, its
     FashionMNIST/raw, Debian's dataset-fashion-mnist; else downloaded by torchvision. A folder holding only some is
     a DataError naming it, never completed from another's (test images from one, training images from another)."""
@@ -298,8 +328,12 @@ def fashion_mnist(data_dir, train, transform):
     if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
-    return TensorImages(x[:, None], y, transform, torchvision.datasets.FashionMNIST.classes,
-                        os.path.abspath(d))
+    classes = torchvision.datasets.FashionMNIST.classes
+    # a label beyond the classes: trained on unnoticed, or the first evaluation's traceback after the training
+    if len(y) and not 0 <= y.min() <= y.max() < len(classes):
+        raise DataError(f'{labels} holds labels outside its {len(classes)} classes (0..{len(classes) - 1}; '
+                        f'{int(y.min())}..{int(y.max())} here): replace it with the original file')
+    return TensorImages(x[:, None], y, transform, classes, os.path.abspath(d))
 
 
 # -----------------------------------------------------------------------------
@@ -309,10 +343,11 @@ def fashion_mnist(data_dir, train, transform):
 CIFAR = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}
 
 
-def cifar(root, name, train, transform):
-    """CIFAR-10 / -100 from <root>/cifar-10-batches-py (cifar-100-python); else the archive in <root> checked (md5)
-    and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten (a download cut
-    short is one: the next run refuses it)."""
+def cifar(root, train, transform, cfg):
+    """CIFAR-10 / -100 (cfg.data) from <root>/cifar-10-batches-py (cifar-100-python); else the archive in <root>
+    checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten (a
+    download cut short is one: the next run refuses it)."""
+    name = cfg.data
     kind = CIFAR[name]
     folder = os.path.join(root, kind.base_folder)
     archive = os.path.join(root, kind.filename)
@@ -338,7 +373,31 @@ def cifar(root, name, train, transform):
 
 
 # -----------------------------------------------------------------------------
-# ImageNet's layout, <split>/<class>/<image>, each split read with the class numbers data.py's image_folder gives
+# ImageNet's layout, <split>/<class>/<image>: the classes are numbered once, from the training split (sorted,
+# as torchvision's ImageFolder does), and every other split is read with those numbers, never its own: a
+# val/ that lacks a class would otherwise shift each later class down by one, and score them all as wrong.
+
+def image_folder(root, train, transform, cfg):
+    """<root>/train or <root>/val as a ClassFolder. --data imagenet: ImageNet-1k's class indices
+    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
+    may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
+    data = cfg.data
+    expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
+    split = os.path.join(root, 'train' if train else 'val')
+    train_dir = os.path.join(root, 'train')
+    for d in [split, train_dir] if data == 'folder' else [split]:
+        if not os.path.isdir(d):
+            raise DataError(f'no folder {d}: {expects}')
+    if data == 'imagenet':
+        names = read_classes('imagenet')
+        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
+                  'folder'
+    else:
+        names = class_folders(train_dir, expects)
+        unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
+                  f'there'
+    index = {c: i for i, c in enumerate(names)}
+    return ClassFolder(split, index, transform, unknown)
 
 
 def read_classes(name):
@@ -446,3 +505,56 @@ def read_image(path):
         raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
                         f'convention fixes: save it with 8 or 16 bits a channel')
     return image.convert('RGB')
+
+
+# -----------------------------------------------------------------------------
+# Random images, for smoke runs: torchvision's FakeData
+
+FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in memory
+
+
+def fake(root, train, transform, cfg):
+    """--fake-size random images of --img-size (an eighth as many, at least 64, to evaluate), 10 classes: made once
+    and held in memory where they take at most FAKE_HELD bytes (held_in_memory), else made image by image."""
+    n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
+    images = torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10,
+                                           random_offset=0 if train else 10 ** 6)
+    if not held_in_memory(cfg):
+        images.transform = transform
+        return images
+    pictures, labels = zip(*(images[i] for i in range(n)))
+    pictures = torch.stack([torchvision.transforms.v2.functional.pil_to_tensor(x) for x in pictures])
+    return TensorImages(pictures, torch.tensor(labels), transform, None, None)
+
+
+# -----------------------------------------------------------------------------
+# Each data set, declared once: util/config.py offers their names to --data, data.py builds and normalises them,
+# util/launch.py's --compile auto counts their training images. A new data set is a row here and its reader.
+
+
+class DataSet(NamedTuple):
+    size: int                      # native image size (px)
+    classes: Optional[int]         # None: a folder's, counted from its class folders
+    stats: tuple                   # (mean, std) of each channel, in [0, 1]
+    train_images: Optional[int]    # the training split's images (None: known once read)
+    held: bool                     # held in memory and batched on the device (fake: where small, held_in_memory)
+    read: Callable                 # read(data_dir, train, transform, cfg) -> the split
+
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DATASETS = {
+    'cifar10': DataSet(32, 10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), 50000, True, cifar),
+    'cifar100': DataSet(32, 100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 50000, True, cifar),
+    'fashion-mnist': DataSet(28, 10, ((0.2860,) * 3, (0.3530,) * 3), 60000, True, fashion_mnist),
+    'imagenet': DataSet(224, 1000, IMAGENET_STATS, 1281167, False, image_folder),
+    'folder': DataSet(224, None, IMAGENET_STATS, None, False, image_folder),
+    'fake': DataSet(32, 10, ((0.5,) * 3, (0.5,) * 3), None, True, fake),
+}
+
+
+def held_in_memory(cfg):
+    """Whether cfg's data set is held in memory and batched on the device (data.py's BatchTransform), rather than
+    read an image at a time by loader workers (its build_transform): its row says, a fake one by its size."""
+    if cfg.data == 'fake':
+        return cfg.fake_size * 3 * cfg.img_size ** 2 <= FAKE_HELD
+    return DATASETS[cfg.data].held

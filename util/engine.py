@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 def train_one_epoch(run, loader, loss_fn, mixer=None):
     """Optimizer steps from run.step to the end of its epoch (or the run's last step); True once there, False if
-    the loader ran out first. Every step: autocast, the method's loss, backward (scaled under fp16), accumulation,
-    the lr of the step, clipping, AdamW, the EMA; a line of progress every --log-every steps, a checkpoint every
+    the loader ran out first. Every step: its batch, the lr of the step, then train_step (replayed as one CUDA graph
+    where the plan says so: GraphedStep, below); a line of progress every --log-every steps, a checkpoint every
     --save-every."""
     cfg = run.cfg
     plan = run.plan
@@ -39,30 +39,18 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
     loader.sampler.set_epoch(epoch)
     loader.sampler.start = skip * cfg.accum_steps * cfg.batch_size    # a resume mid-epoch
     forward = run.forward(loss_fn)                                    # compiled where the step is
+    step = graphed(run, forward) if plan.graphed else train_step      # one GPU, one micro-batch, no GradScaler
     for i, (x, y) in enumerate(loader):
         x = x.to(plan.device, non_blocking=True)                      # (B, 3, H, W)
         y = y.to(plan.device, non_blocking=True)                      # (B,)
         if mixer is not None:
             x, y = mixer(x, y)                                        # MixUp / CutMix: y (B, C)
         last_micro = (i + 1) % cfg.accum_steps == 0                   # gradients all-reduced then
-        no_sync = run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()
-        with no_sync, autocast(plan):
-            loss, parts = forward(run.net, x, y)
-            run.scaler.scale(loss / cfg.accum_steps).backward()
-        for k, v in parts.items():                                    # on the device: no sync
-            run.running[k] = run.running.get(k, 0.0) + v.float() / cfg.accum_steps
-        if not last_micro:
-            continue
         for g in run.opt.param_groups:                                # warm-up + cosine, per step
             g['lr'] = lr_at(cfg, run.lr, run.step / run.steps_per_epoch) * g['lr_scale']
-        if cfg.clip_grad:
-            run.scaler.unscale_(run.opt)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.opt.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
+        step(run, forward, x, y, last_micro)
+        if not last_micro:
+            continue
         run.step += 1
         run.steps_done += 1
         run.since_log += 1
@@ -75,29 +63,162 @@ def train_one_epoch(run, loader, loss_fn, mixer=None):
             return True
         if cfg.save_every and run.step % cfg.save_every == 0:
             run.save()
+        asked = run.stop.agreed()                                     # SIGUSR1, SIGTERM: util/stop.py
+        if asked:
+            run.save_and_stop(asked)
     return False
 
 
+def train_step(run, forward, x, y, last_micro=True):
+    """One micro-batch (x, y) on the device: autocast, the method's loss (forward), backward (scaled under fp16), the
+    losses summed into run.running; on a step's last micro-batch, clipping, AdamW at the lr its groups hold, the
+    EMA."""
+    cfg = run.cfg
+    no_sync = run.ddp.no_sync() if run.ddp and not last_micro else contextlib.nullcontext()
+    with no_sync, autocast(run.plan):
+        loss, parts = forward(run.net, x, y)
+        run.scaler.scale(loss / cfg.accum_steps).backward()
+    for k, v in parts.items():                                        # on the device: no sync
+        if k not in run.running:
+            run.running[k] = torch.zeros((), device=v.device)
+        run.running[k] += v.float() / cfg.accum_steps                 # in place: a CUDA graph adds to it too
+    if not last_micro:
+        return
+    if cfg.clip_grad:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+
+
 def log_progress(run):
-    """The training losses since the last line (averaged over ranks), lr, speed, time left."""
+    """The training losses since the last line (averaged over ranks), lr, speed (since the last line, and since the
+    start), time left."""
     vals = {k: all_mean(v, run.plan).item() / run.since_log for k, v in run.running.items()}
-    run.running = {}
+    for v in run.running.values():   # zeroed where they are: a CUDA graph adds to these tensors
+        v.zero_()
     run.since_log = 0
     for k, v in vals.items():
         if not math.isfinite(v):
             run.diverged(v, f'training loss {k}')
-    elapsed = time.time() - run.t_start
+    now = time.time()
+    elapsed = now - run.t_start
     step = run.step
     if run.steps_done == 1:    # one step, its batch's loading included, makes no estimate of speed
         speed = f'first step {elapsed:.1f} s after the model was ready (its batch loaded)'
     else:
+        # as timm's line: the speed since the previous line (the steps between the two, exactly), then the mean
+        # since the model was ready
+        recent = (run.steps_done - run.done_at_log) * run.eff_batch / (now - run.t_log)
         minutes = (run.total_steps - step) * elapsed / run.steps_done / 60
-        speed = f'{run.steps_done * run.eff_batch / elapsed:.0f} img/s | ETA {minutes:.1f} min'
+        speed = f'{recent:.0f} img/s ({run.steps_done * run.eff_batch / elapsed:.0f} since the start) | ' \
+                f'ETA {minutes:.1f} min'
+    run.t_log, run.done_at_log = now, run.steps_done
     losses = ' '.join(f'{k} {v:.4f}' for k, v in vals.items())
     lr = lr_at(run.cfg, run.lr, (step - 1) / run.steps_per_epoch)
     run.plan.run_dir.log(f'epoch {step / run.steps_per_epoch:6.2f} step {step}/{run.total_steps} | '
                          f'{losses} | lr {lr:.2e} | {speed}')
     run.metrics['train'] = vals
+
+# -----------------------------------------------------------------------------
+# The step captured as one CUDA graph: the same train_step, launched as one graph instead of hundreds of kernels
+
+
+def graphed(run, forward):
+    """run's GraphedStep of forward, kept over its epochs; at the start of each one after the first (an evaluation
+    and a save came in between), captured again if a tensor it reads or writes has moved, which the log says."""
+    step = run.graphs.get(forward)
+    if step is None:
+        step = run.graphs[forward] = GraphedStep()
+    moved = step.moved(run) if step.graph is not None else ''
+    if moved:
+        run.plan.log(f'the step captured again at step {run.step}: {moved} moved since its capture')
+        step.graph = None
+    return step
+
+
+class GraphedStep:
+    """train_step, captured once as a CUDA graph and then replayed: one launch for its hundreds of kernels (forward,
+    backward, the fused AdamW, the EMA, the running losses), where eager launches each from Python and a small
+    model's GPU waits for it (on one H200, Fashion-MNIST's preset step: 2.15 ms of kernels in a 12.7-16.4 ms eager step;
+    results/benchmark-h200/round7). As torch's notes on CUDA graphs do it: WARM_UP eager steps on a side stream (the
+    optimizer's state, the EMA's first copy, cuBLAS's handles made outside the graph), then the capture, which runs
+    nothing, then a replay per step. A replay reads and writes the same memory as the capture did: the batch is
+    copied into the graph's static buffers (x, y); what changes from step to step reaches it as a tensor it reads
+    where it is: each parameter group's lr (a device tensor, filled before each replay from the lr the group holds;
+    the capturable fused AdamW reads it), the EMA's weight and count (util/run.EMA), the running losses (summed in
+    place), drop-path's random numbers (torch's CUDA generator, which a replay advances as an eager step would).
+    Where a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32): util/launch.cuda_graph."""
+    WARM_UP = 3   # eager steps before the capture (torch's example takes 3)
+
+    def __init__(self):
+        self.graph = None
+        self.eager_steps = 0
+        self.x = self.y = None    # the static batch the graph reads
+        self.lrs = []             # each parameter group's lr, where the graph reads it
+        self.held = {}            # what the graph reads and writes: {name: address at the capture}
+
+    def __call__(self, run, forward, x, y, last_micro=True):
+        assert last_micro, 'a step of one micro-batch'
+        if self.graph is None and self.eager_steps < self.WARM_UP:
+            self.eager_steps += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                train_step(run, forward, x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if self.graph is None:
+            self.capture(run, forward, x, y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        for lr, g in zip(self.lrs, run.opt.param_groups):
+            lr.fill_(g['lr'])
+        self.graph.replay()
+
+    def capture(self, run, forward, x, y):
+        """The graph of train_step on static copies of this batch, each group's lr a device tensor while it is
+        captured; nothing runs yet (the replay that follows trains on the batch)."""
+        start = time.time()
+        self.x, self.y = x.clone(), y.clone()
+        groups = run.opt.param_groups
+        self.lrs = [torch.full((), g['lr'], device=x.device) for g in groups]
+        numbers = [g['lr'] for g in groups]
+        for g, lr in zip(groups, self.lrs):
+            g['lr'] = lr
+            g['capturable'] = True   # AdamW refuses a capture without it (its fused step is the same either way)
+        run.opt.zero_grad(set_to_none=True)   # the gradients made in the graph's own memory pool
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                train_step(run, forward, self.x, self.y)
+        finally:
+            for g, lr in zip(groups, numbers):
+                g['lr'] = lr
+        self.held = self.addresses(run)
+        run.plan.log(f'the step captured as one CUDA graph at step {run.step}, after {self.eager_steps} eager steps, '
+                     f'in {time.time() - start:.1f} s')
+
+    def addresses(self, run):
+        """{name: address} of every tensor the graph reads or writes that outlives a step."""
+        tensors = {'x': self.x, 'y': self.y, **{f'lr {i}': t for i, t in enumerate(self.lrs)},
+                   **{f'running {k}': t for k, t in run.running.items()},
+                   **{f'model {k}': t for k, t in run.model.state_dict(keep_vars=True).items()}}
+        for i, state in enumerate(run.opt.state.values()):
+            tensors.update({f'optimizer {i} {k}': t for k, t in state.items() if torch.is_tensor(t)})
+        if run.ema is not None:
+            ema = run.ema
+            tensors.update({'ema weight': ema.weight, 'ema count': ema.count,
+                            **{f'ema {k}': t for k, t in ema.module.state_dict(keep_vars=True).items()}})
+        return {name: t.data_ptr() for name, t in tensors.items()}
+
+    def moved(self, run):
+        """The first tensor the graph reads or writes that is no longer where it was captured ('' if none is)."""
+        now = self.addresses(run)
+        return next((name for name, at in self.held.items() if now.get(name) != at), '')
 
 # -----------------------------------------------------------------------------
 # Optimiser, schedule, loss
@@ -125,13 +246,14 @@ def build_optimizer(cfg, model, lr):
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, cfg.beta2), fused=True)
 
 
-def step_mode(device, world=1, accum_steps=1):
+def step_mode(device, world=1, accum_steps=1, graphed=False):
     """torch.compile's mode for a compiled step's loss function (its forward and backward; the optimizer runs eager,
     build_optimizer): on one GPU with one micro-batch a step, 'reduce-overhead' (CUDA graphs: a graph replayed with
     one launch where eager makes hundreds; its outputs live until the next replay, which one micro-batch a step never
-    reaches while they are in use); elsewhere the default."""
+    reaches while they are in use); elsewhere, and inside a step captured whole as one graph (GraphedStep), the
+    default."""
     one = world == 1 and accum_steps == 1
-    return 'reduce-overhead' if device.type == 'cuda' and one else 'default'
+    return 'reduce-overhead' if device.type == 'cuda' and one and not graphed else 'default'
 
 
 def layer_id(name, depth):

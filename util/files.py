@@ -1,38 +1,37 @@
 """
 The files that runs and reports leave behind and read back (config.json, done.json, results.json, metrics.jsonl, ...);
 checkpoints are read by util/checkpoints.py. A file cut short by a kill or a full disk, edited by hand, or written by
-another program is one error naming the file and the fix, never a traceback; a file is written to a temporary file
-and renamed, never left half written, every file opened for writing by one opener (no_follow: never through a link).
+another program is one error naming the file and the fix, never a traceback.
 
-A temporary file has a name made for it (temporary: .<name>.<8 random hex digits>.tmp beside the file it writes,
-created exclusively), so that no file of anyone's is opened, removed or replaced for it; it is locked while its
-command writes it, and one whose lock is free (its command was killed) is removed by the next command that writes
-the same file.
+A file is written whole, the standard library's way (replacing): into a named temporary file beside it
+(tempfile.NamedTemporaryFile: .<name>.<8 random characters>.tmp, created exclusively, never through a link), then
+given its name: os.replace over the file there where it may be replaced, else os.link, which refuses a name taken
+at that very moment. A command killed mid-write leaves its temporary file, named as its file's; the next command
+that writes the same file removes it first (no lock is probed: a run's own files are written under its lock,
+util/rundir.py).
 
 Where a command writes, refused before any work where it cannot be written, as open() itself says (the folder
 and the errno). A run directory is util/rundir.py's; the other outputs are of two kinds:
 
     check_out_dir(path, '--out-dir')    a folder a tool writes its report into (tools/benchmark.py, ...)
-    claimed('--out', path)              a file written once the work is done (evaluate.py --out, ensemble.py --out,
-                                        mae_pretrain.py --export, never a file of its run: util/rundir.py), claimed
-                                        when the command starts: one that exists or cannot be written is refused
-                                        there, so that two commands given one path never both write it:
+    check_outputs('--out', path)        a file written once the work is done (evaluate.py --out, ensemble.py --out,
+                                        mae_pretrain.py --export, tools.curves --out), one policy for all: a file
+                                        there is refused unless it is the command's own earlier result (or its
+                                        flag says so), when the command starts and again at the moment it writes:
 
-    with claimed('--out', path) as write:      # its temporary file made and locked: a second command is refused
-        ...                                    # the work
-        write(path, lambda f: f.write(data))   # written whole into it, then given the name path, never over a file
+    write = check_outputs('--out', path, may_replace=is_result)   # refused here: nothing is done
+    ...                                                           # the work
+    write(path, lambda f: f.write(data))   # written whole, then given the name path, never over a file put there
 
 Nothing is at the output's name until the output is whole: a command that ends without writing (an error, Ctrl-C,
 a kill -9) leaves no file there, and the same command run again goes on.
 """
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import re
-import secrets
 import subprocess
 import tempfile
 
@@ -92,26 +91,27 @@ def read_jsonl(path, fix, keys=None):
 
 
 @contextlib.contextmanager
-def replacing(path, made=None, replace=True):
-    """Write `path` whole or not at all: yields a file opened on a temporary file beside it (temporary(); made: one
-    made already, a claim's), which takes the name `path` once written: renamed over it, or where no file may be
-    replaced (replace False: a new output) linked to it (move_new), never over a file put there meanwhile. On any
-    failure (a full disk, Ctrl-C, a file put there) the temporary file is removed and `path` is left as it was; a
-    failed write ends in one line (WriteError)."""
+def replacing(path, may_replace=lambda path: True):
+    """Write `path` whole or not at all, the standard library's way: yields a named temporary file beside it
+    (NamedTemporaryFile, created exclusively, never through a link), which takes the name `path` once written:
+    os.replace over the file there where may_replace(path) allows it (a run's own files, its lock held; an output's
+    earlier result), else os.link, which refuses a name taken (File exists) at the moment of writing, never over a
+    file put there meanwhile. What a killed command left (LEFT) goes first. On any failure (a full disk, Ctrl-C) the
+    temporary file is removed and `path` is left as it was; a failed write ends in one line (WriteError)."""
     path = os.fspath(path)   # a str or a pathlib.Path
+    folder, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
-        tmp, f = made or temporary(path)
-        with f:
-            # what a killed command left goes (another command's own stays: the last one renamed wins)
-            if not made:
-                others_writing(path, tmp)
+        remove_left(folder, name)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f'.{name}.', suffix='.tmp', delete=False) as f:
+            tmp = f.name
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)   # mkstemp's 0600: an export its group could not read
             yield f
-            f.flush()
-            if replace:
-                os.replace(tmp, path)
-            else:
-                move_new(tmp, path)
+        # a file it may replace (never a pipe opened to ask), or a folder: os.replace's own refusal (Is a directory)
+        if os.path.isfile(path) and may_replace(path) or os.path.isdir(path) and not os.path.islink(path):
+            os.replace(tmp, path)
+        else:
+            link(tmp, path)
     except BaseException as e:
         if tmp:
             with contextlib.suppress(OSError):
@@ -124,76 +124,30 @@ def replacing(path, made=None, replace=True):
         if isinstance(e, KeyboardInterrupt):   # with its words: Ctrl-C, or the signal it stands for
             raise KeyboardInterrupt(*e.args) from None
         raise
-    finally:
-        HELD.discard(tmp)
 
 
-# the temporary files this process writes now: held to a second command of this process (a test's) as to another
-# process's, and never opened a second time (closing any copy of a file lets go of the process's lock on it)
-HELD = set()
+# a temporary file's name: .<name>.<tempfile's 8 random characters>.tmp
+LEFT = r'\.{name}\.[a-z0-9_]{{8}}\.tmp'
+
+# the permissions open() gives a new file (read once, at import: os.umask can only be read by setting it)
+UMASK = os.umask(0o22)
+os.umask(UMASK)
 
 
-def temporary(path):
-    """A new file to write `path` through: (its name, the file opened 'wb'). Beside `path`, named
-    .<name>.<8 random hex digits>.tmp, created exclusively (O_EXCL, never through a link: where any file has the name,
-    another is drawn), with the permissions open() gives a new file (tempfile.mkstemp's are 0600: an export its
-    group could not read), and locked (lockf, which the kernel lets go when the process dies) while it is
-    written."""
-    folder, name = os.path.split(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.tmp')
-        with contextlib.suppress(FileExistsError):
-            f = open(tmp, 'xb', opener=no_follow)
-            break
-    # a file system without locks (NFS without lockd): held() cannot tell
-    with contextlib.suppress(OSError):
-        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    HELD.add(tmp)
-    return tmp, f
-
-
-def others_writing(path, own):
-    """The temporary files of `path` besides `own` that another command is writing now (held); those left by a
-    killed command (their lock free) are removed."""
-    folder, name = os.path.split(own)
-    ours = re.compile(rf'\.{re.escape(os.path.basename(path))}\.[0-9a-f]{{8}}\.tmp')
-    live = []
+def remove_left(folder, name):
+    """Remove the temporary files of `name` in `folder` that a killed command left (their names say whose they
+    are: LEFT), before the same file is written again."""
+    ours = re.compile(LEFT.format(name=re.escape(name)))
     for entry in os.scandir(folder):
-        if entry.name != name and ours.fullmatch(entry.name):
-            state = held(entry.path)
-            if state:
-                live.append(entry.path)
-            elif state is False:
-                with contextlib.suppress(OSError):
-                    os.remove(entry.path)
-    return live
+        if ours.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):   # gone meanwhile
+                os.remove(entry.path)
 
 
-def held(path):
-    """Whether a command holds the lock of `path` (a temporary file, a run's .lock): True where one does (this
-    process's HELD, or another process, alive), False where none does (its process died), None where the file
-    system cannot tell (no locks)."""
-    if path in HELD:
-        return True
-    try:   # never waiting on a pipe of that name
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:   # gone meanwhile, a link
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):   # EAGAIN, EACCES: held
-        return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return False
-
-
-def move_new(tmp, path):
-    """Give the written temporary file `tmp` the name `path` where no file may be replaced: a hard link, refused where
-    a file was put there meanwhile (File exists); on a file system without hard links (FAT) the name is taken
-    exclusively, then renamed over."""
+def link(tmp, path):
+    """Give the written temporary file `tmp` the name `path` where no file may be replaced: a hard link, refused
+    where a file is (File exists); on a file system without hard links (FAT) the name is taken exclusively, then
+    renamed over."""
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -282,22 +236,30 @@ def cpu_name():
 
 
 def check_out_dir(path, flag, record=None):
-    """Refuse, before any work, a folder to write into that cannot be written, as open() says: an unnamed
-    temporary file made in the nearest folder that exists at or above it, and gone at once (a file, or under a
-    file; no permission). Makes nothing. record: the file (its JSON) a command writes there beside the others: a
-    folder that is not empty and holds none is someone else's (a user's own README.md), which the command would
-    write over, as a run directory without its config.json is (util/rundir.py)."""
+    """Refuse, before any work, a folder to write into that cannot be written, as open() says (cannot_write_into).
+    Makes nothing. record: the file (its JSON) a command writes there beside the others: a folder that is not empty
+    and holds none is someone else's (a user's own README.md), which the command would write over, as a run
+    directory without its config.json is (util/rundir.py)."""
     foreign = record and os.path.isdir(path) and os.listdir(path)
     if foreign and not os.path.lexists(os.path.join(path, record)):
         raise ConfigError(f'{flag} {path} is not empty and holds no {record}: choose an empty or new {flag}')
-    parent = os.path.abspath(path)
+    why = cannot_write_into(path)
+    if why:
+        raise ConfigError(f'{flag} {path} cannot be written into ({why}): choose another {flag}')
+
+
+def cannot_write_into(folder):
+    """'' where a file can be made in `folder` (or in the folders a command would make for it), else why not, as
+    open() says: '<the nearest folder that exists>: <errno's words>' (a file, or under a file; no permission). An
+    unnamed temporary file made there and gone at once: nothing is left."""
+    parent = os.path.abspath(folder)
     while not os.path.lexists(parent):   # / exists: the walk stops there at the latest
         parent = os.path.dirname(parent)
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:   # a file where a folder should be, no permission, a read-only file system
-        raise ConfigError(f'{flag} {path} cannot be written into ({parent}: {e.strerror}): choose '
-                          f'another {flag}') from None
+        return f'{parent}: {e.strerror}'
+    return ''
 
 
 def make_folders(folder, made):
@@ -318,51 +280,46 @@ def remove_empty(folders):
             os.rmdir(folder)
 
 
-@contextlib.contextmanager
-def claimed(flag, *paths, replaces=False):
-    """Claims of the output files `paths` (empty ones skipped), let go of at the end; replaces: an existing file may
-    be replaced (ensemble.py's earlier result). A claim is the temporary file the output is written through
-    (temporary), made when the command starts: a path where a file is (unless replaces), one that cannot be
-    written, a file of a run that is live (its .lock held: whatever --overwrite says), and one another command
-    claimed and is writing now are refused there. Yields write(path, write_to): write_to(file) writes the output into
-    its claim, which then takes the name `path` (replacing), never over a file put there meanwhile. At the end the
-    claims not written are removed, then the folders made for them: nothing is left at an output's name."""
-    claims = {}   # path -> (its temporary file's name, the file, whether it replaces a file there)
-    made = []     # the folders made for them, innermost first
+def check_outputs(flag, *paths, may_replace=None, own='an earlier result of this command', overwrite='', reads=(),
+                  formats=()):
+    """Refuse, before any work, output files (`paths`, empty ones skipped) the command could not write at its end: a
+    file there that may_replace(path) does not allow replacing (None: none may be; `own`, an earlier result of the
+    same command, or what the flag `overwrite` allows), a directory or a pipe, a file it reads (`reads`), a file
+    of a run folder (named as one, beside its config.json or .lock: util/rundir.py's alone), a name whose format
+    (its suffix) is none of `formats` (where the name chooses it), a folder that cannot be written. Makes nothing.
+    Returns write(path, write_to): write_to(file) writes the output whole (replacing), the same rule held at that
+    moment: a file put there meanwhile is kept and the write refused in one line."""
+    for path in filter(None, paths):
+        folder = os.path.dirname(os.path.abspath(path))
+        kind = os.path.splitext(path)[1][1:].lower()
+        run_file = os.path.basename(path) in RUN_FILES and \
+            any(os.path.lexists(os.path.join(folder, f)) for f in ('config.json', '.lock'))
+        if formats and kind not in formats:
+            raise ConfigError(f"{flag} {path}: no format of that name ({', '.join(formats)}): name a file "
+                              f"ending in one of them")
+        if os.path.realpath(path) in {os.path.realpath(r) for r in reads if r}:
+            raise ConfigError(f'{flag} {path} is a file this command reads: name another file')
+        if run_file:
+            raise ConfigError(f'{flag} {path} is a file of the run in {folder}: name a file outside a run folder')
+        if os.path.isdir(path):
+            raise ConfigError(f'{flag} {path} is a directory: name a file')
+        if os.path.exists(path) and not os.path.isfile(path):   # opened, a pipe would block for ever
+            raise ConfigError(f'{flag} {path} is not a regular file (a pipe or a device): name a file')
+        if os.path.lexists(path) and not (may_replace and may_replace(path)):
+            also = f', or pass {overwrite} true' if overwrite else ''
+            raise ConfigError(f'{flag} {path} exists and is not {own}: move it away or choose another '
+                              f'{flag}{also}')
+        why = cannot_write_into(folder)
+        if why:
+            raise ConfigError(f'{flag} {path}: cannot write there ({why}): choose another {flag}')
 
     def write(path, write_to):
-        tmp, f, replace = claims.pop(path)
-        with replacing(path, (tmp, f), replace) as f:
-            write_to(f)
-
-    def refused(path, why, fix='move what is there away or'):
-        return ConfigError(f'{flag} {path}: {why}: {fix} choose another {flag}')
-
-    try:
-        for path in paths:
-            if not path:
-                continue
-            folder = os.path.dirname(os.path.abspath(path))
-            replace = replaces and os.path.isfile(path) and not os.path.islink(path)
-            if os.path.lexists(path) and not replace:   # an earlier result, another program's file
-                raise refused(path, 'cannot write there (File exists)')
-            # a live run's file (never this process's own run's: those are refused as cfg.INPUTS)
-            lock = os.path.join(folder, '.lock')
-            if os.path.basename(path) in RUN_FILES and held(lock):
-                holder = read_bytes(lock, '').decode(errors='replace').strip() or 'another process'
-                raise refused(path, f'a file of the run {holder} is writing now', 'wait for it to end, or')
-            try:
-                make_folders(folder, made)
-                claims[path] = (*temporary(path), replace)
-            except OSError as e:   # a file where a folder goes, no permission
-                raise refused(path, f'cannot write there ({e.strerror})') from None
-            if others_writing(path, claims[path][0]):
-                raise refused(path, 'another command is writing it now', 'wait for it to end, or')
-        yield write
-    finally:
-        for tmp, f, _ in claims.values():
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            f.close()
-            HELD.discard(tmp)
-        remove_empty(made)
+        made = []   # the folders made for it, gone again if the write fails
+        try:
+            make_folders(os.path.dirname(os.path.abspath(path)), made)
+            with replacing(path, may_replace or (lambda path: False)) as f:
+                write_to(f)
+        except BaseException:
+            remove_empty(made)
+            raise
+    return write

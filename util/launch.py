@@ -26,9 +26,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from util import stop
 from util.attention_check import start_up_check
 from util.augment import randaugment
-from util.config import COMPILE_REPAID, check, declared
+from util.config import COMPILE_REPAID, COMPILED_DATA, GRAPHED_COMPILE_REPAID, check, declared
+from util.datafiles import DATASETS, held_in_memory
 from util.engine import final_lr, seed_all
 from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, say, word
 from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed
@@ -42,7 +44,8 @@ class Plan(NamedTuple):
     """What a run is, settled before anything is built: its config, this process (rank of world) and its device,
     the autocast dtype (None: fp32), the attention implementation (why: logged), the run directory (claimed), the
     checkpoint a resume continues (checked, without its tensors), what the config's own resolve step settled
-    (a transfer run: teacher.Transfer), and whether the training step is compiled (why: logged)."""
+    (a transfer run: teacher.Transfer), and whether the training step is compiled and whether it is captured as one
+    CUDA graph (why: logged)."""
     cfg: Any
     rank: int
     world: int
@@ -53,6 +56,7 @@ class Plan(NamedTuple):
     resumed: Any
     method: Any
     compiled: bool = False   # the training step compiled (--compile, resolved: compiled_step)
+    graphed: bool = False    # the training step captured as one CUDA graph (--cuda-graph, resolved: cuda_graph)
 
     @property
     def main(self):
@@ -69,6 +73,9 @@ def resolve(cls, presets):
     check_schedule(cfg, world)                          # the lr schedule at this global batch
     attn, why = attn_implementation(cfg.attn_implementation, device,
                                     getattr(cfg, 'written_out', ''))   # why maps are written out
+    dtype = amp_dtype(cfg.amp, device)
+    graphed, graphed_why = cuda_graph(cfg, device, world, dtype)       # the step as one CUDA graph
+    compiled, compiled_why = compiled_step(cfg, device, world, graphed)
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
@@ -78,12 +85,13 @@ def resolve(cls, presets):
         with run_dir.released_on_error():               # the checkpoint to continue, checked
             resumed = open_resumed(cfg, run_dir, world, method)
     seed_all(cfg.seed, rank, 0)
-    compiled, compiled_why = compiled_step(cfg, device, world)
-    plan = Plan(cfg, rank, world, device, amp_dtype(cfg.amp, device), attn, run_dir,
-                resumed, method, compiled)
+    plan = Plan(cfg, rank, world, device, dtype, attn, run_dir, resumed, method, compiled, graphed)
     plan.log(f'{what_runs(plan)} | loading the data')    # a first line seconds after the start
     plan.log(f'attention: {attn} ({why})')
-    plan.log(f"compile: {'true' if compiled else 'false'} ({compiled_why})")
+    step = 'compiled' if compiled else 'eager'
+    if graphed:
+        step += ', captured as one CUDA graph'
+    plan.log(f'step: {step} ({graphed_why}; {compiled_why})')
     return plan
 
 
@@ -142,15 +150,18 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
 # (the compilation in them, the optimizer's step compiled too then: util/engine.build_optimizer) took 41 s for
 # fine-tuning and 25 s for distillation, then each step ran 3.2x and 4.2x faster than eager
 # (16 -> 5.0 ms, 23 -> 5.6 ms): repaid after about 3,800 and 1,400 steps; a run of one epoch (468 steps) took 62 s
-# compiled, 19 s eager. Each set compiled, with its training split's images (a step count before the data is read);
-# CIFAR's step was not measured.
-COMPILED_DATA = {'fashion-mnist': 60000, 'cifar10': 50000, 'cifar100': 50000}
+# compiled, 19 s eager; CIFAR's step was not measured. On top of a CUDA graph, which launches the eager kernels
+# without the host's wait, a compilation is repaid only by what fusing kernels saves of a step's 2.15 ms of kernels
+# (round7's profile): at most about 1 ms, after about 40,000 steps (GRAPHED_COMPILE_REPAID). That saving is an upper
+# estimate, not measured.
 
 
-def compiled_step(cfg, device, world=1):
-    """(whether the training step is compiled, why) for --compile: true and false as said; auto compiles on a GPU for
-    COMPILED_DATA in a run of at least COMPILE_REPAID steps, and nowhere else: a CPU runs eager (the committed CPU
-    runs' path), ImageNet's step is long enough to keep the GPU busy, and --data fake's runs last seconds."""
+def compiled_step(cfg, device, world=1, graphed=False):
+    """(whether the training step is compiled, why) for --compile: true and false as said; auto compiles on a GPU for a
+    data set held in memory whose training split's size is declared (config.COMPILED_DATA) in a run of at least
+    COMPILE_REPAID steps (GRAPHED_COMPILE_REPAID on top of a CUDA graph), and nowhere else: a CPU runs eager (the
+    committed CPU runs' path), ImageNet's step is long enough to keep the GPU busy, and --data fake's runs last
+    seconds."""
     if cfg.compile != 'auto':
         return cfg.compile == 'true', f'--compile {cfg.compile}'
     auto = f'--compile auto on {device.type}'
@@ -159,12 +170,40 @@ def compiled_step(cfg, device, world=1):
     if cfg.data not in COMPILED_DATA:
         return False, f"{auto} with --data {cfg.data}: compiled only for {', '.join(COMPILED_DATA)}"
     batch = cfg.batch_size * cfg.accum_steps * world
-    steps = cfg.epochs * -(-COMPILED_DATA[cfg.data] // batch)
+    steps = cfg.epochs * -(-DATASETS[cfg.data].train_images // batch)
     steps = min(steps, cfg.max_steps or steps)
-    if steps < COMPILE_REPAID:
-        return False, f'{auto}: eager, {steps} steps do not repay a compilation (at least {COMPILE_REPAID}, ' \
-                      f'measured on an H200)'
-    return True, f'{auto} with --data {cfg.data}: {steps} steps repay the compilation (measured on an H200)'
+    least, after = (GRAPHED_COMPILE_REPAID, ' on top of the CUDA graph') if graphed else (COMPILE_REPAID, '')
+    if steps < least:
+        return False, f'{auto}: {steps} steps do not repay a compilation{after} (at least {least}, ' \
+                      f'{"estimated" if graphed else "measured"} on an H200)'
+    return True, f'{auto} with --data {cfg.data}: {steps} steps repay the compilation{after} ' \
+                 f'({"estimated" if graphed else "measured"} on an H200)'
+
+
+def cuda_graph(cfg, device, world, dtype):
+    """(whether the training step is captured as one CUDA graph, why) for --cuda-graph: where a run allows one (one
+    process on a GPU, one micro-batch a step, no GradScaler: bf16 or fp32), true captures it (else refused) and auto
+    captures it for a data set held in memory (a folder's step is long, its batches made by workers); false never."""
+    allows = [(device.type == 'cuda', f'no GPU here ({device.type})'),
+              (world == 1, f'{world} processes (their all-reduce is not captured here)'),
+              (cfg.accum_steps == 1, f'--accum-steps {cfg.accum_steps} (a graph replays one micro-batch a step)'),
+              # for most optimizers GradScaler.step reads on the host whether the gradients overflowed
+              (dtype != torch.float16, "fp16's GradScaler (torch's notes on CUDA graphs keep its step out of "
+                                       "a capture; bf16 and fp32 are captured: --amp)")]
+    blocked = next((why for holds, why in allows if not holds), '')
+    if cfg.cuda_graph == 'false':
+        return False, '--cuda-graph false'
+    if cfg.cuda_graph == 'true':
+        if blocked:
+            raise ConfigError(f'--cuda-graph true needs one process on a GPU, --accum-steps 1 and bf16 or fp32: '
+                              f'here {blocked}; use --cuda-graph auto or false')
+        return True, '--cuda-graph true'
+    auto = f'--cuda-graph auto on {device.type}'
+    if blocked:
+        return False, f'{auto}: eager, {blocked}'
+    if not held_in_memory(cfg):
+        return False, f'{auto} with --data {cfg.data}: eager, its images read from files by loader workers'
+    return True, f'{auto}: one process, one micro-batch a step, autocast {dtype}, the set held in memory'
 
 
 def attn_implementation(choice, device, written_out=''):
@@ -183,7 +222,9 @@ def on_device(models, cfg, dataset):
     has run each one's first layer forward on dataset's first images, as many as a batch they are scored in (a
     kernel's grid grows with the batch); a `place` for predict_all; the attention, why)."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    attn, why = attn_implementation(cfg.attn_implementation, device)
+    # a model whose maps are written out (a copy student's averaged maps: teacher.written_out) keeps them so
+    written = next((m.written_out for m in models if getattr(m, 'written_out', '')), '')
+    attn, why = attn_implementation(cfg.attn_implementation, device, written)
     # what predict_all reads (device, dtype) and what start_up_check reads of a plan
     place = SimpleNamespace(device=device, dtype=amp_dtype(cfg.amp, device), attn=attn, cfg=cfg, log=say)
     models = [m.to(device) for m in models]
@@ -230,17 +271,26 @@ REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 def run_main(main):
     """Run a script's main(): a refusal ends in its one line and a non-zero exit, Ctrl-C in one line saying how to
-    continue (exit 130, as a shell reports SIGINT); anything else (a bug, a learner's own; a fault no check foresaw)
-    shows its traceback, then one line. An error that left a run directory carries how to continue that run and where
-    its log is (RunDir.__exit__)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly
-    signal.signal(signal.SIGTERM, stopped)                      # till here
+    continue (exit 130, as a shell reports SIGINT); SIGUSR1 or SIGTERM while the run trains in the checkpoint of the
+    step reached and exit stop.SAVED_AND_STOPPED (util/stop.py); anything else (a bug, a learner's own; a fault no
+    check foresaw) shows its traceback, then one line. An error that left a run directory carries how to continue that
+    run and where its log is (RunDir.__exit__)."""
+    stop.start()
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a script's imports exit 130 quietly till here
+    for signum in stop.SIGNALS:                                 # a scheduler's
+        signal.signal(signum, save_and_stop)
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
     try:
         main()
+    except stop.SavedAndStopped:     # its line said (Run.save_and_stop)
+        # saved: the signals torchrun sends a process once another has ended change nothing (an interpreter that
+        # is ending has no handler of its own left: it would die of them)
+        for signum in stop.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        sys.exit(stop.SAVED_AND_STOPPED)
     except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
         then = getattr(e, 'how_to_continue', NOTHING_SAVED)
@@ -252,7 +302,7 @@ def run_main(main):
     except Exception as e:
         # said first: torchrun stops the other processes as soon as one dies
         if 'TORCHELASTIC_RUN_ID' in os.environ:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_IGN)
         sys.exit(f'error: {unexpected(e)}')
     finally:
@@ -293,9 +343,19 @@ def unexpected(e):
 
 
 def stopped(signum, frame):
-    """SIGTERM (a scheduler's, `kill`'s) or SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint
-    kept, its workers ended (their own handler: util/datafiles.quiet_on_stop), one line."""
+    """SIGHUP (a closed terminal) stops the run as Ctrl-C does: its checkpoint kept, its loader workers ended with
+    it, one line."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def save_and_stop(signum, frame):
+    """SIGUSR1 (SLURM's, ahead of a time limit) or SIGTERM (a preemption's, `kill`'s): while the run trains, noted,
+    and every process saves the step they agree on and ends (util/stop.py); a second signal, or one during that save,
+    changes nothing. Before the run trains (and in a script that trains nothing) it stops the run as Ctrl-C does:
+    nothing was trained since its checkpoint."""
+    if not stop.training:
+        stopped(signum, frame)
+    stop.asked.append(signum)
 
 # -----------------------------------------------------------------------------
 # The command line of a config

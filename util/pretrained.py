@@ -274,6 +274,9 @@ def declared(archive, root, qualname):
     lists = {t.id: ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
              for t in n.targets
              if isinstance(t, ast.Name) and t.id in ('__parameters__', '__buffers__')}
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists.values()):
+        raise ArchiveRefused(f'it is a TorchScript archive whose class {qualname} lists its parameters or buffers '
+                             f'as no list of names, as TorchScript writes them', 'copy or download it again')
     is_module = any(isinstance(b, ast.Name) and b.id == 'Module' for b in cls.bases)
     return type(name, (Record,), {'is_module': is_module, **lists})
 

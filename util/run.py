@@ -8,6 +8,8 @@ continued from its checkpoint where --resume true says so, and what it writes in
 """
 import copy
 import math
+import os
+import signal
 import time
 import unicodedata
 from dataclasses import asdict
@@ -16,14 +18,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from util import stop
+from util.datafiles import fingerprint
 from util.engine import build_optimizer, final_lr, step_mode
 from util.errors import CheckpointError, ConfigError
 
 
 def check_data(plan, loader, classes):
-    """What needs the data built: a full batch in the training split; for a resume, the data's classes and epoch
-    length the run had, and a step left to train (or an evaluation of its last one to report). Returns
-    (steps an epoch, the run's last step, the whole schedule's steps)."""
+    """What needs the data built: a full batch in the training split; for a resume, the data's classes, training
+    split (its fingerprint, unless --new-data true) and epoch length the run had, and a step left to train (or an
+    evaluation of its last one to report). Returns (steps an epoch, the run's last step, the whole schedule's
+    steps, the training split's fingerprint)."""
     cfg = plan.cfg
     resumed = plan.resumed
     steps = len(loader) // cfg.accum_steps
@@ -32,12 +37,18 @@ def check_data(plan, loader, classes):
                           f'{cfg.batch_size * cfg.accum_steps * plan.world}')
     full = cfg.epochs * steps
     total = min(full, cfg.max_steps) if cfg.max_steps else full
+    data = fingerprint(loader.dataset)
     if resumed:
         path = plan.run_dir.checkpoint
         other = class_mismatch(resumed.get('classes'), classes)
         if other:
             raise ConfigError(f'--resume: {path} was trained on other classes than the data here '
                               f'has ({other}): resume it on its own data (--data-dir)')
+        # a folder fixed or re-split between two jobs: half a run on one data set, half on another
+        if resumed.get('data_fingerprint', data) != data and not cfg.new_data:
+            raise ConfigError(f'--resume: {path} was trained on another training split than the one here '
+                              f'(its images, labels, sizes or modification times differ): resume it on its '
+                              f'own data (--data-dir), or pass --new-data true to go on with this one')
         if resumed.get('steps_per_epoch', steps) != steps:
             raise ConfigError(f"--resume: an epoch has {steps} steps here and had "
                               f"{resumed['steps_per_epoch']}: the data or the global batch differ "
@@ -48,7 +59,7 @@ def check_data(plan, loader, classes):
             raise ConfigError(f'--resume: {path} is at step {step}, not below --max-steps '
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
-    return steps, total, full
+    return steps, total, full, data
 
 
 def misfit_state(opt, saved):
@@ -98,33 +109,37 @@ class EMA:
     """An exponential moving average of a model's weights (its parameters and buffers), evaluated beside it. The first
     update copies the model; each later one moves every value 1 - decay of the way to the model's:
     w_ema <- decay * w_ema + (1 - decay) * w, torch.optim.swa_utils.get_ema_multi_avg_fn's rule (no warm-up). It is
-    AveragedModel's EMA with its count of updates kept in Python: AveragedModel keeps it in a host tensor that it
-    copies to the device at every update, a wait in each step on a GPU. Its state_dict is AveragedModel's too
+    AveragedModel's EMA with its count of updates and the weight of the next one kept on the model's device: a step
+    that updates it neither copies a number from the host (AveragedModel's count lives there) nor takes one that
+    changes (a CUDA graph replays the step: engine.GraphedStep). Its state_dict is AveragedModel's too
     ('n_averaged', and the model's under 'module.'): a checkpoint from either resumes in the other."""
 
     def __init__(self, model, decay):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
-        self.count = 0   # updates so far
+        device = next(model.parameters()).device
+        self.count = torch.zeros((), dtype=torch.long, device=device)   # updates so far
+        self.weight = torch.ones((), device=device)   # the model's share in the next update: 1 (a copy), then 1 - decay
 
     @torch.no_grad()
     def update_parameters(self, model):
         mine = [*self.module.parameters(), *self.module.buffers()]
         theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        if self.count == 0:
-            torch._foreach_copy_(mine, theirs)
-        else:
-            # w + (1 - decay) * (w_model - w), in place
-            torch._foreach_lerp_(mine, theirs, 1 - self.decay)
+        # w + weight * (w_model - w), in place; a weight of 1 gives w_model exactly (lerp computes it as
+        # w_model - (w_model - w) * (1 - weight) from a weight of 0.5 up)
+        torch._foreach_lerp_(mine, theirs, [self.weight] * len(mine))
+        self.weight.fill_(1 - self.decay)
         self.count += 1
 
     def state_dict(self):
         weights = {f'module.{k}': v for k, v in self.module.state_dict().items()}
-        return {'n_averaged': torch.tensor(self.count), **weights}
+        return {'n_averaged': self.count.clone(), **weights}
 
     def load_state_dict(self, state):
         state = dict(state)
-        self.count = int(state.pop('n_averaged'))
+        count = int(state.pop('n_averaged'))
+        self.count.fill_(count)
+        self.weight.fill_(1 - self.decay if count else 1.0)
         self.module.load_state_dict({k.removeprefix('module.'): v for k, v in state.items()})
 
 # -----------------------------------------------------------------------------
@@ -144,7 +159,7 @@ class Run:
         self.classes = classes
         self.extra = extra or {}
         self.model = model
-        self.steps_per_epoch, self.total_steps, full = check_data(plan, loader, classes)
+        self.steps_per_epoch, self.total_steps, full, self.data = check_data(plan, loader, classes)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
@@ -165,22 +180,27 @@ class Run:
             self.ddp = DDP(model, device_ids=devices)
         self.net = self.ddp or model
         self.compiled = {}        # each loss_fn, compiled where the step is (forward)
+        self.graphs = {}          # each forward's step as one CUDA graph, where the plan says (engine.graphed)
         self.t_start = time.time()
         self.steps_done = 0       # steps this process has trained (the speed in the log)
+        self.t_log = self.t_start   # when the last progress line was written, and steps_done then
+        self.done_at_log = 0
         self.running = {}         # the losses summed since the last progress line, on the device
         self.since_log = 0
+        self.stop = stop.Agreement(plan)   # a scheduler's signal: the step every process saves at
         model.train()
 
     def forward(self, loss_fn):
         """loss_fn as the step runs it: where the step is compiled (plan.compiled), compiled whole, once, on its first
         call: the teacher's forward, the student's and the loss one graph, and its backward another (AOTAutograd's);
-        on one GPU each captured as a CUDA graph (step_mode). Its outputs are used before the next step's replay.
-        The optimizer's step stays eager (build_optimizer)."""
+        on one GPU each captured as a CUDA graph by torch (step_mode), unless the whole step is one
+        (engine.GraphedStep). Its outputs are used before the next step's replay. The optimizer's step stays eager
+        (build_optimizer)."""
         if not self.plan.compiled:
             return loss_fn
         if loss_fn not in self.compiled:
             self.compiled[loss_fn] = torch.compile(
-                loss_fn, mode=step_mode(self.plan.device, self.plan.world, self.cfg.accum_steps))
+                loss_fn, mode=step_mode(self.plan.device, self.plan.world, self.cfg.accum_steps, self.plan.graphed))
         return self.compiled[loss_fn]
 
     def begin(self, full):
@@ -215,7 +235,11 @@ class Run:
         plan.log(f'schedule: {self.steps_per_epoch} steps an epoch x {cfg.epochs} epoch(s) = '
                  f'{full} steps, warm-up {cfg.warmup_epochs:g} epoch(s){cut}')
         if plan.resumed:
-            plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}')
+            job = ''
+            if 'SLURM_JOB_ID' in os.environ:   # the run's history across a batch script's requeues
+                job = f" (SLURM job {os.environ['SLURM_JOB_ID']}, restart " \
+                      f"{os.environ.get('SLURM_RESTART_COUNT', 0)})"
+            plan.log(f'resumed from {plan.run_dir.checkpoint} at step {self.step}{job}')
 
     def restore(self):
         """Load the checkpoint the plan continues (checked in the resolve phase) into the run's objects; returns
@@ -290,13 +314,24 @@ class Run:
             'rng': [cpu for cpu, _ in states],
             'cuda_rng': [gpu for _, gpu in states] if cuda else None,
             'world_size': plan.world, 'steps_per_epoch': self.steps_per_epoch,
-            'time': self.seconds(), 'classes': self.classes, **self.extra})
+            'time': self.seconds(), 'classes': self.classes, 'data_fingerprint': self.data, **self.extra})
         # after its checkpoint, which holds it: a run killed in between gets it back on resume (RunDir.begin),
         # and one that could not write its first checkpoint has no evaluation to be refused as a finished run
         if self.record:
             plan.run_dir.keep_metrics(self.step, self.record)
         self.saved_step = self.step
         self.record = None
+
+    def save_and_stop(self, signum):
+        """Stop at a signal every process agreed on (util/stop.py): the checkpoint of this step (written whole, a
+        second signal changing nothing), one line saying so and how the run goes on, then SavedAndStopped."""
+        if self.saved_step != self.step:
+            self.save()
+        if dist.is_initialized():   # none ends before the checkpoint is whole: torchrun stops the others then
+            dist.barrier()
+        self.plan.log(f'saved at step {self.step} of {self.total_steps} and stopped '
+                      f'({signal.Signals(signum).name}): {self.plan.run_dir.how_to_continue()}')
+        raise stop.SavedAndStopped(self.step)
 
     def seconds(self):
         """Seconds of training, over every resume."""

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -58,6 +59,7 @@ class RunDir:
         self.begun = False
         self.made = []                  # the folders this command made, innermost first
         self.lock = None                # .lock's file descriptor while this process holds it
+        self.lock_ours = False          # .lock made by this command, or signed by it: removed when it lets go
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         try:
@@ -69,6 +71,8 @@ class RunDir:
             if main:
                 self.take_lock()
             self.refuse_overwrite(cfg)
+            if main:   # the folder is a run's: its .lock is the run's, and says who holds it
+                self.sign_lock()
 
     def file(self, name):
         """The path of the run's file `name`."""
@@ -84,7 +88,10 @@ class RunDir:
         damaged = record is None and os.path.lexists(self.file('config.json'))
         a_run = {'out_dir', 'argv'} <= (record or {}).keys() or \
             damaged and os.path.exists(self.checkpoint)
-        if not (cfg.resume or a_run) and set(os.listdir(self.path)) - {'.lock'}:
+        others = set(os.listdir(self.path))
+        if self.a_runs_lock():   # else another program's file of that name
+            others.discard('.lock')
+        if not (cfg.resume or a_run) and others:
             raise ConfigError(f'--out-dir {self.path} is not empty and holds no run of these scripts: '
                               f'choose an empty or new --out-dir')
         ours = {os.path.realpath(self.file(n)) for n in RUN_FILES}
@@ -111,11 +118,20 @@ class RunDir:
 
     def take_lock(self):
         """Lock <out_dir>/.lock while this process runs, or refuse naming the process that holds it. A POSIX lock
-        is this process's alone, so .lock is never opened a second time (closing any copy would let go of it)."""
+        is this process's alone, so .lock is never opened a second time (closing any copy would let go of it).
+        Nothing is written into it until the folder is known to be a run's (sign_lock): a refused command leaves a
+        .lock it did not make as it was."""
         path = self.file('.lock')
         while True:
             try:   # a symbolic link: ELOOP
-                fd = no_follow(path, os.O_RDWR | os.O_CREAT)
+                made = True
+                try:
+                    fd = no_follow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                except FileExistsError:
+                    made = False
+                    fd = no_follow(path, os.O_RDWR)
+            except FileNotFoundError:   # removed between the two opens by the process that let go of it
+                continue
             except OSError as e:
                 raise cannot_write(path, e) from None
             if os.fstat(fd).st_nlink > 1:   # a hard link: its other names would hold the pid
@@ -134,17 +150,40 @@ class RunDir:
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)   # the file was removed by the process that let go of it: lock the new one
-        with contextlib.suppress(OSError):   # who holds it, for the next one (a full disk: the lock
-            os.ftruncate(fd, 0)              # holds anyway)
-            os.pwrite(fd, f'process {os.getpid()}'.encode(), 0)
         self.lock = fd
+        self.lock_ours = made
+
+    def a_runs_lock(self):
+        """Whether .lock is a run's (this command made it, or it holds what sign_lock writes, or nothing: a run
+        killed as it made it), not another program's file of that name. Read through the descriptor held (closing
+        a second one would let go of the lock)."""
+        if self.lock_ours:
+            return True
+        try:
+            if self.lock is not None:
+                text = os.pread(self.lock, 100, 0)
+            else:   # a process of torchrun's other than rank 0 (never waiting on a pipe of that name)
+                with open(self.file('.lock'), 'rb', opener=lambda p, f: no_follow(p, f | os.O_NONBLOCK)) as f:
+                    text = f.read(100)
+        except OSError:   # none there: no file of anyone's
+            return True
+        return re.fullmatch(rb'(process \d+)?', text.strip()) is not None
+
+    def sign_lock(self):
+        """Write who holds .lock into it, for the next command (a full disk: the lock holds anyway)."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.lock, 0)
+            os.pwrite(self.lock, f'process {os.getpid()}'.encode(), 0)
+        self.lock_ours = True
 
     def release(self):
-        """Let go: remove .lock while holding it, then close it (a process that opened it meanwhile finds it gone and
-        locks a new one); remove a folder this command made and left empty: a refused command leaves no trace."""
+        """Let go: remove .lock while holding it, where it is the command's (lock_ours), then close it (a process
+        that opened it meanwhile finds it gone and locks a new one); remove a folder this command made and left
+        empty: a refused command leaves no trace."""
         if self.lock is not None:
-            with contextlib.suppress(OSError):
-                os.remove(self.file('.lock'))
+            if self.lock_ours:   # never another program's file, nor a run's a refused command did not sign
+                with contextlib.suppress(OSError):
+                    os.remove(self.file('.lock'))
             os.close(self.lock)
             self.lock = None
         remove_empty(self.made)   # not empty: the run wrote there, and keeps it
@@ -324,19 +363,11 @@ def open_resumed(cfg, run_dir, world, method=None):
     if bad:
         raise CheckpointError(f"{path} is not a training checkpoint of these scripts "
                               f"({', '.join(bad)}: missing or of another kind): nothing to resume")
-    # the counts no run saves: a step of -4 trains with a negative lr, an AdamW step below 0 a bias correction that
-    # is not finite, no RNG state a global batch of 0 processes. (Another epoch length is refused with the data,
-    # run.check_data; a nan, which Run.save never saves, stops the run at its first step.)
-    state = ck['optimizer'].get('state')
-    steps = [s['step'] for s in state.values() if isinstance(s, dict) and 'step' in s] \
-        if isinstance(state, dict) else []
-    # a step that is not an int is refused by SAVED
+    # the counts no run saves: a step of -4 trains with a negative lr. (Another epoch length is refused with the
+    # data, run.check_data; a nan, which Run.save never saves, stops the run at its first step.) A step that is not
+    # an int is refused by SAVED
     counts = [('step', ck['step']), ('time', ck.get('time', 0))]
-    for v in steps:   # AdamW's, a one-element tensor
-        counts.append(('optimizer step', v.item() if torch.is_tensor(v) and v.numel() == 1 else v))
     bad = [(k, v) for k, v in counts if type(v) not in (int, float) or not 0 <= v <= MOST]
-    if not ck['rng']:   # one state a process
-        bad.append(('rng', ck['rng']))
     if bad:
         k, v = bad[0]
         raise CheckpointError(f'--resume: {path} holds {k} {v!r}, which no run of these scripts '

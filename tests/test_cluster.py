@@ -1,0 +1,371 @@
+"""On a cluster (util/stop.py, tools/slurm.sbatch): SIGUSR1 (SLURM's, ahead of a time limit) and SIGTERM (a
+preemption's) save the step every process agrees on, not the last periodic checkpoint, and end the run with exit 75 and
+one line; the run then goes on to the weights, optimizer state and metrics of an unbroken run, bit for bit. A tiny
+distillation on fake data under python, under a two-process torchrun (gloo), and as a SLURM batch job on a one-node
+cluster this file sets up and stops (root and slurm-wlm needed: skipped without them, saying why)."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, read_metrics, run_script, sub_env
+from test_cli import free_port
+
+# 512 images, 32 steps an epoch, cut at step 20: every stop below is mid-epoch; a progress line every step (the
+# metrics' training losses are then those of the same steps on both sides)
+DISTILL = ['attention_distill.py', *TINY, '--fake-size', '512', '--teacher',
+           os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), '--img-size', '28', '--amp', 'off',
+           '--log-every', '1', '--max-steps', '20']
+ONE = ['--batch-size', '16']    # the global batch of
+TWO = ['--batch-size', '8']     # two processes
+
+# attention_distill.py with a signal sent by the process to itself after the N-th step it trains, on one rank, and
+# SIGTERM again while its checkpoint is written
+SIGNALLED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import attention_distill
+from util import launch, stop
+agreed = stop.Agreement.agreed
+steps = []
+def signalled(self):
+    steps.append(1)
+    if len(steps) == {at} and os.environ.get('RANK', '0') == '{rank}':
+        os.kill(os.getpid(), signal.{name})
+    return agreed(self)
+stop.Agreement.agreed = signalled
+saving = torch.save
+def save(*args, **kwargs):
+    if stop.asked:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return saving(*args, **kwargs)
+torch.save = save
+launch.run_main(attention_distill.main)
+"""
+
+
+def signalled(tmp_path, name, at, rank=0):
+    """A script that runs attention_distill.py and sends itself `name` after its `at`-th step (on process `rank`)."""
+    path = tmp_path / f'{name}-{at}-{rank}.py'
+    path.write_text(SIGNALLED.format(root=ROOT, name=name, at=at, rank=rank))
+    return str(path)
+
+
+def torchrun(*args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2', '--master_addr',
+            '127.0.0.1', '--master_port', str(free_port()), *args]
+
+
+def checked(p, code=0):
+    assert p.returncode == code, f'exit {p.returncode}, not {code}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    return p
+
+
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory):
+    """The unbroken run for one process (python) or two (torchrun), made once."""
+    runs = {}
+
+    def get(processes):
+        if processes not in runs:
+            out = tmp_path_factory.mktemp('unbroken') / str(processes)
+            if processes == 1:
+                checked(run_script(*DISTILL, *ONE, '--out-dir', out))
+            else:
+                checked(subprocess.run(torchrun(*DISTILL, *TWO, '--out-dir', str(out)), cwd=ROOT, env=sub_env(),
+                                       capture_output=True, text=True, timeout=300))
+            runs[processes] = out
+        return runs[processes]
+    return get
+
+
+def step_of(out):
+    return torch.load(out / 'checkpoint.pt', weights_only=True)['step']
+
+
+def saved_line(out):
+    """log.txt's last line, where a run that saved at a signal says so; (its step, the signal)."""
+    last = (out / 'log.txt').read_text().strip().splitlines()[-1]
+    m = re.match(r'saved at step (\d+) of 20 and stopped \((SIG\w+)\): .* holds the last checkpoint; continue with: ',
+                 last)
+    assert m, last
+    return int(m.group(1)), m.group(2)
+
+
+def tensors(state, prefix=''):
+    """{dotted key: tensor} of every tensor in a nested checkpoint value."""
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in tensors(value, f'{prefix}{key}.').items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in tensors(value, f'{prefix}{i}.').items()}
+    return {prefix: state} if torch.is_tensor(state) else {}
+
+
+def assert_same_run(a, b):
+    """The final checkpoints' weights, EMA and optimizer state (its steps too) equal bit for bit, and the last
+    metrics record (training losses, evaluation) but for the seconds it took."""
+    ca, cb = (torch.load(d / 'checkpoint.pt', weights_only=True) for d in (a, b))
+    assert ca['step'] == cb['step'] == 20
+    ta, tb = (tensors({k: ck[k] for k in ('model', 'ema', 'optimizer')}) for ck in (ca, cb))
+    assert ta.keys() == tb.keys() and any(k.startswith('optimizer.state.') for k in ta)
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f'{len(differ)} tensors differ from the unbroken run, e.g. {differ[:3]}'
+    ma, mb = ({k: v for k, v in read_metrics(d)[-1].items() if k != 'time'} for d in (a, b))
+    assert ma == mb and ma['step'] == 20
+
+# -----------------------------------------------------------------------------
+# Without a scheduler
+
+
+def test_a_signal_saves_the_step_reached_and_the_run_goes_on_bit_for_bit(unbroken, tmp_path):
+    """python attention_distill.py: SIGUSR1 after step 3, then, resumed, SIGTERM after step 7 (checkpoints only at
+    an epoch's end: neither step had one), each time SIGTERM again while the checkpoint is written: each saves its
+    step, exits 75 with one line, and the run goes on to the unbroken run's end."""
+    out = tmp_path / 'run'
+    p = checked(run_script(signalled(tmp_path, 'SIGUSR1', 3), *DISTILL[1:], *ONE, '--out-dir', out),
+                75)
+    assert step_of(out) == 3 and saved_line(out) == (3, 'SIGUSR1')
+    assert p.stdout.strip().splitlines()[-1] == (out / 'log.txt').read_text().strip().splitlines()[-1]
+    assert '--resume true' in p.stdout.strip().splitlines()[-1] and not p.stderr.strip(), p.stderr[-2000:]
+    checked(run_script(signalled(tmp_path, 'SIGTERM', 4), *DISTILL[1:], *ONE, '--out-dir', out, '--resume',
+                       'true'), 75)
+    assert step_of(out) == 7 and saved_line(out) == (7, 'SIGTERM')
+    checked(run_script(*DISTILL, *ONE, '--out-dir', out, '--resume', 'true'))
+    assert_same_run(out, unbroken(1))
+
+
+def test_two_processes_stop_at_one_step_and_go_on_bit_for_bit(unbroken, tmp_path):
+    """torchrun, two processes: SIGUSR1 to process 1 alone after its step 3 stops both after step 4 (the processes
+    agree one step later, util/stop.py), each exiting 75; then SIGTERM to torchrun (which passes it to both) once
+    step 8 is logged saves the step they reach; the run then goes on to the unbroken run's end."""
+    out = tmp_path / 'run'
+    p = subprocess.run(torchrun(signalled(tmp_path, 'SIGUSR1', 3, rank=1), *DISTILL[1:], *TWO, '--out-dir',
+                                str(out)), cwd=ROOT, env=sub_env(), capture_output=True, text=True, timeout=300)
+    assert step_of(out) == 4 and saved_line(out) == (4, 'SIGUSR1'), p.stderr[-3000:]
+    ended = dict(re.findall(r'local_rank: (\d)\)\s+exitcode\s*: (-?\d+)', p.stderr))   # torchrun's report
+    assert ended == {'0': '75', '1': '75'}, p.stderr[-3000:]
+
+    p = subprocess.Popen(torchrun(*DISTILL, *TWO, '--out-dir', str(out), '--resume', 'true'), cwd=ROOT,
+                         env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if 'step 8/20' in line:
+                p.send_signal(signal.SIGTERM)
+                break
+        p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    at, name = saved_line(out)
+    assert name == 'SIGTERM' and 8 < at < 20 and step_of(out) == at
+    checked(subprocess.run(torchrun(*DISTILL, *TWO, '--out-dir', str(out), '--resume', 'true'), cwd=ROOT,
+                           env=sub_env(), capture_output=True, text=True, timeout=300))
+    assert_same_run(out, unbroken(2))
+
+# -----------------------------------------------------------------------------
+# The batch script's choice, with SLURM's commands stood in for: requeued on a line this start of the job wrote
+
+
+# srun runs the run: here it adds $WRITES to the run's log.txt and exits $EXIT; scontrol names the job's nodes
+STAND_INS = {
+    'srun': 'echo "srun $*" >> "$CALLS"; mkdir -p "$OUT"; printf %s "$WRITES" >> "$OUT/log.txt"; exit "$EXIT"',
+    'scontrol': 'echo "scontrol $*" >> "$CALLS"; if [ "$1" = show ]; then printf "node1\\nnode2\\n"; fi',
+    'scancel': 'echo "scancel $*" >> "$CALLS"',
+}
+SAVED = 'saved at step 5 of 20 and stopped (SIGTERM): r/checkpoint.pt holds the last checkpoint; continue with: ...\n'
+
+
+@pytest.mark.parametrize('before, writes, exit, restart, requeued, says', [
+    ('', SAVED, 1, '0', True, 'requeued (1 of at most 20)'),
+    ('', SAVED, 1, '20', False, 'not requeued: it was requeued 20 times (MAX_REQUEUES)'),
+    ('', 'Traceback (most recent call last):\n', 1, '0', False, "the run failed (srun's exit 1): not requeued"),
+    (SAVED, '', 1, '1', False, "the run failed (srun's exit 1): not requeued"),   # an earlier start's line
+    (SAVED, 'final | distilled student (no teacher) top-1 10.00\n', 0, '1', False, 'the run finished'),
+], ids=['saved', 'requeued-enough', 'failed', 'an-earlier-start-saved', 'finished'])
+def test_the_batch_script_requeues_only_a_run_this_start_saved(tmp_path, before, writes, exit, restart, requeued,
+                                                               says):
+    bin_dir, out = tmp_path / 'bin', tmp_path / 'run'
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    if before:   # an earlier start of the job
+        out.mkdir()
+        (out / 'log.txt').write_text(before)
+        (out / 'checkpoint.pt').write_bytes(b'')
+    calls = tmp_path / 'calls'
+    env = {**sub_env(), 'PATH': f"{bin_dir}:{os.environ['PATH']}", 'CALLS': str(calls), 'OUT': str(out),
+           'WRITES': writes, 'EXIT': str(exit), 'SLURM_JOB_ID': '7', 'SLURM_JOB_NODELIST': 'node[1-2]',
+           'SLURM_JOB_NUM_NODES': '2', 'SLURM_RESTART_COUNT': restart}
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'slurm.sbatch'), str(out), 'attention_distill.py',
+                        '--data', 'fake'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    ran = calls.read_text().splitlines()
+    srun = next(c for c in ran if c.startswith('srun '))
+    assert '--nnodes 2' in srun and '--rdzv_endpoint node1:29500' in srun and '--rdzv_id 7' in srun, srun
+    assert srun.endswith(f'attention_distill.py --data fake --out-dir {out}' + ' --resume true' * bool(before))
+    assert ('scontrol requeue 7' in ran) == requeued, ran
+    assert 'job 7: ' in p.stdout and says in p.stdout, p.stdout + p.stderr
+    assert p.returncode == (0 if requeued or exit == 0 else 1)
+
+# -----------------------------------------------------------------------------
+# A SLURM cluster of one node: this machine
+
+
+SLURM_CONF = """ClusterName=tests
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+AuthInfo=socket={d}/munge/socket
+CredType=cred/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+SlurmdParameters=config_overrides
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=tests Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def slurm_missing():
+    """Why SLURM cannot be set up here, or ''."""
+    if os.geteuid() != 0:
+        return 'SLURM daemons are started as root: run as root (CI does)'
+    missing = [b for b in ('munged', 'slurmctld', 'slurmd', 'sbatch', 'scontrol', 'scancel', 'squeue')
+               if not shutil.which(b)]
+    if missing:
+        return f"{', '.join(missing)} not found: apt-get install slurm-wlm (.ci/run does)"
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return f'this machine\'s name {socket.gethostname()} does not resolve (the rendezvous is on it)'
+    return ''
+
+
+@pytest.fixture(scope='module')
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd on this machine, configured in a temporary folder; the environment that talks
+    to them (SLURM_CONF), with the test's Python first on PATH. Stopped after the module, by their pids."""
+    why = slurm_missing()
+    if why:
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp('slurm')
+    for sub in ('munge', 'state', 'spool'):
+        (d / sub).mkdir(mode=0o700)
+    key = d / 'munge' / 'munge.key'
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    host = socket.gethostname().split('.')[0]
+    conf = d / 'slurm.conf'
+    conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=free_port(), d_port=free_port(),
+                                      cpus=os.cpu_count()))
+    env = {**sub_env(), 'SLURM_CONF': str(conf), 'PATH': f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    pids = []
+    try:
+        for cmd, pid in [(['munged', '--force', f'--socket={d}/munge/socket', f'--key-file={key}',
+                           f'--pid-file={d}/munge/pid', f'--log-file={d}/munge/log', f'--seed-file={d}/munge/seed'],
+                          d / 'munge' / 'pid'),
+                         (['slurmctld', '-i'], d / 'slurmctld.pid'), (['slurmd', '-N', host], d / 'slurmd.pid')]:
+            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=30)
+            wait_for(pid.exists, 10)
+            pids.append(int(pid.read_text()))
+        up = lambda: 'idle' in output(['sinfo', '-h', '-o', '%t'], env)   # noqa: E731
+        if not wait_for(up, 30):
+            pytest.fail(f"the node never came up:\n{(d / 'slurmd.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        subprocess.run(['scancel', '--user', 'root'], env=env, capture_output=True, timeout=30)
+        for pid in reversed(pids):   # slurmd, slurmctld, munged
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not alive(pid), 30)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(condition, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def output(cmd, env):
+    """What a SLURM command prints, run from the repository's root (a batch job starts where it was sent from)."""
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def job(env, job_id):
+    """{field: value} of `scontrol show job` (JobState, Restarts, ...)."""
+    shown = output(['scontrol', 'show', 'job', job_id], env)
+    return dict(re.findall(r'(\w+)=(\S*)', shown))
+
+
+def state(env, job_id):
+    """(JobState, Restarts) of a job."""
+    shown = job(env, job_id)
+    return shown.get('JobState'), shown.get('Restarts')
+
+
+def sbatch(env, out, *args, **more_env):
+    return output(['sbatch', '--parsable', '-o', f'{out}.out', os.path.join('tools', 'slurm.sbatch'), str(out),
+                        *map(str, args)], {**env, 'NPROC_PER_NODE': '2', 'RDZV_PORT': str(free_port()), **more_env})
+
+
+def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit(slurm, unbroken, tmp_path):
+    """tools/slurm.sbatch on one node, two processes: SIGUSR1 to the batch shell once step 3 is logged (as SLURM's
+    --signal=B:USR1 sends it) saves the step reached; the job requeues itself (SLURM holds a requeued job two
+    minutes before it may start again: the test lets it start at once), resumes and finishes as the unbroken run
+    did, bit for bit, its log telling the restart. A run that fails otherwise is not requeued."""
+    out = tmp_path / 'run'
+    job_id = sbatch(slurm, out, *DISTILL, *TWO)
+    assert job_id.isdigit(), job_id
+    log = out / 'log.txt'
+    assert wait_for(lambda: log.exists() and 'step 3/20' in log.read_text(), 120), \
+        f'the job never trained: {job(slurm, job_id)}'
+    subprocess.run(['scancel', '--signal=USR1', '--batch', job_id], env=slurm, check=True, timeout=30)
+    requeued = lambda: state(slurm, job_id) == ('PENDING', '1')   # noqa: E731
+    assert wait_for(requeued, 120), state(slurm, job_id)
+    at, name = saved_line(out)
+    assert name == 'SIGTERM' and 3 < at < 20 and step_of(out) == at      # the shell passes SIGUSR1 on as SIGTERM
+    subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], env=slurm, check=True, timeout=30)
+    assert wait_for(lambda: state(slurm, job_id) == ('COMPLETED', '1'), 180), state(slurm, job_id)
+    said = (tmp_path / 'run.out').read_text()
+    assert f'job {job_id}: saved at step {at} of 20' in said and 'requeued (1 of at most 20)' in said, said[-3000:]
+    assert f'job {job_id}, restart 1 ' in said and f'job {job_id}: the run finished' in said, said[-3000:]
+    assert f'resumed from {out / "checkpoint.pt"} at step {at} (SLURM job {job_id}, restart 1)' in log.read_text()
+    assert_same_run(out, unbroken(2))
+
+    failed = tmp_path / 'failed'
+    job_id = sbatch(slurm, failed, *DISTILL, *TWO, '--teacher', tmp_path / 'no-such-teacher.pt')
+    assert wait_for(lambda: state(slurm, job_id) == ('FAILED', '0'), 120), state(slurm, job_id)
+    assert f'job {job_id}: the run failed (srun\'s exit 1): not requeued' in (tmp_path / 'failed.out').read_text()

@@ -1,0 +1,103 @@
+"""tools/followup.py: the records of tools/followup.sh collected into followup.json, and the page written from that json
+alone. The page's numbers are recomputed here from the runs the test wrote (statistics, not the tool's code)."""
+import json
+import os
+import random
+import re
+from statistics import mean, stdev
+
+import pytest
+
+from conftest import run_in_process
+from tools import followup
+
+ARMS = [f'{m}-{s}' for m in ('scratch', 'copy', 'distill') for s in ('plain', 'matched')]
+
+
+def write_run(folder, record, config, wall_s=60):
+    """A run's records as tools/followup.sh copies them: metrics.jsonl, config.json, wall_s.txt."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+        f.write(json.dumps({'step': 1, **record}) + '\n')
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'git_commit': 'abc1234', 'max_steps': 0, 'val_size': 0, 'epochs': 3, **config}, f)
+    with open(os.path.join(folder, 'wall_s.txt'), 'w') as f:
+        f.write(f'{wall_s}\n')
+
+
+def layout(out, top1, max_steps=0):
+    """tools/followup.sh's OUT with these runs ({arm: {seed: top-1}}) and a teacher."""
+    for arm, by_seed in top1.items():
+        taught = {} if arm.startswith('scratch') else {'teacher_sha256': 'f0110' * 12}
+        for k, value in by_seed.items():
+            write_run(os.path.join(out, 'logs', arm, f'seed{k}'), {'top1': value}, {'max_steps': max_steps, **taught})
+    write_run(os.path.join(out, 'logs', 'teacher', 'seed0'), {'mse': 0.41234}, {'epochs': 24}, wall_s=1800)
+    with open(os.path.join(out, 'machine.txt'), 'w') as f:
+        f.write('a test machine, 2 cores (one a run), torch 0\n')
+
+
+def made_up(failing, seeds=3):
+    """Runs with the follow-up's failure (the plain students below their scratch, the matched above theirs) or
+    without it; random otherwise."""
+    rng = random.Random(failing)
+    base = {'scratch-plain': 80.0, 'scratch-matched': 80.5, 'copy-plain': 78.0 if failing else 82.0,
+            'copy-matched': 82.5, 'distill-plain': 79.0 if failing else 83.0, 'distill-matched': 83.5}
+    return {arm: {k: round(base[arm] + rng.uniform(-0.4, 0.4), 2) for k in range(seeds)} for arm in ARMS}
+
+
+def diff(a, b):
+    """(mean, std) over the seeds of a[k] - b[k]."""
+    d = [a[k] - b[k] for k in a]
+    return mean(d), stdev(d)
+
+
+@pytest.mark.parametrize('failing', [True, False])
+def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
+    runs = made_up(failing)
+    layout(tmp_path, runs)
+    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--command', 'bash tools/followup.sh') is None
+    saved = json.loads((tmp_path / 'followup.json').read_text())
+    assert saved['runs'] == {arm: {str(k): v for k, v in r.items()} for arm, r in runs.items()}
+    assert not saved['cut_short']
+    assert saved['teacher'] == {'held_out_mse': 0.41234, 'epochs': 24, 'sha256': ['f0110' * 12]}
+    assert saved['wall_s'] == 18 * 60 + 1800
+    text = (tmp_path / 'README.md').read_text()
+    assert (tmp_path / 'followup.png').stat().st_size > 0
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+            for line in text.splitlines() if line.startswith('| ') and '---' not in line}
+    for student in ('plain', 'matched'):
+        values = list(runs[f'scratch-{student}'].values())
+        assert rows[student][0] == f'{mean(values):.2f} ± {stdev(values):.2f}'
+        for col, method in ((1, 'copy'), (2, 'distill')):
+            values = list(runs[f'{method}-{student}'].values())
+            m, s = diff(runs[f'{method}-{student}'], runs[f'scratch-{student}'])
+            assert rows[student][col] == f'{mean(values):.2f} ± {stdev(values):.2f} ({m:+.2f} ± {s:.2f})'
+    for col, method in enumerate(('scratch', 'copy', 'distill')):
+        m, s = diff(runs[f'{method}-matched'], runs[f'{method}-plain'])
+        assert rows['matched − plain'][col] == f'{m:+.2f} ± {s:.2f}'
+    flat = ' '.join(text.split())   # the page's paragraphs are wrapped
+    verdicts = re.findall(r'failure \(.*?\) (shows|does not show) here', flat)
+    assert verdicts == (['shows', 'shows'] if failing else ['does not show', 'does not show'])
+    assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
+    assert 'not a result' not in text
+    # the page alone, again from the json: the same text
+    (tmp_path / 'README.md').unlink()
+    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--page-only', 'true') is None
+    assert (tmp_path / 'README.md').read_text() == text
+
+
+def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teacher_is_one_line(monkeypatch, tmp_path):
+    runs = made_up(True)
+    layout(tmp_path / 'short', runs, max_steps=2)
+    assert run_in_process(monkeypatch, followup, '--out', tmp_path / 'short') is None
+    assert 'not a result' in (tmp_path / 'short' / 'README.md').read_text()
+    del runs['copy-matched']
+    layout(tmp_path / 'missing', runs)
+    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'missing')
+    assert 'copy-matched' in msg and 'tools/followup.sh' in msg
+    # a teacher re-made while the runs went on: its runs and the old one's are not one experiment
+    layout(tmp_path / 'two', made_up(True))
+    config = tmp_path / 'two' / 'logs' / 'distill-plain' / 'seed2' / 'config.json'
+    config.write_text(json.dumps({**json.loads(config.read_text()), 'teacher_sha256': 'e' * 64}))
+    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'two')
+    assert '2 teacher files' in msg and 'eeeeeeeeeeee' in msg

@@ -1,0 +1,228 @@
+"""The runs of tools/followup.sh, collected, and the page written from them: the follow-up's finding in miniature
+("Attention Transfer Is Not Universally Effective for Vision Transformers", arXiv 2605.07191). Each run's test top-1 at
+its end, per seed; each transfer's gain over the scratch baseline of its own student, and the matched student's gain
+over the plain one, as the mean ± std over seeds of the per-seed differences (the same seed pairs the runs). Writes
+followup.json, then followup.png and README.md from that json alone: every number the page states is one of the
+json's (tests/test_followup.py recomputes them).
+    python -m tools.followup --out results/fashion-mnist/followup            # collect, then the page
+    python -m tools.followup --out results/fashion-mnist/followup --page-only true   # the page from followup.json
+"""
+import math
+import os
+import re
+import textwrap
+from dataclasses import dataclass
+from statistics import mean, stdev
+
+from matplotlib.figure import Figure
+
+from tools.palette import PALETTE, SHORT, png
+from tools.reproduce_report import records
+from util.config import option
+from util.files import DamagedFile, read_bytes, read_json, replacing, write_json, write_text
+from util.launch import parse_config, run_main
+
+STUDENTS = ('plain', 'matched')
+METHODS = ('scratch', 'copy', 'distill')
+TRANSFERS = ('copy', 'distill')
+# what tools/followup.sh's FAMILY gives the teacher (and the matched student): its flags, in words
+FAMILIES = {'clip': "CLIP's LayerNorm before the blocks and QuickGELU",
+            'dinov2': "DINOv2's layer scale (from 1e-5)"}
+FIX = 'run that seed again (tools/followup.sh), or move it away'
+WIDTH = 118   # the page's lines, as the hand-written pages wrap theirs
+
+
+@dataclass
+class FollowupConfig:
+    out: str = option('results/fashion-mnist/followup', "tools/followup.sh's OUT: the runs' records; "
+                      'followup.json, followup.png and README.md are written there')
+    family: str = option('clip', "the teacher's components (tools/followup.sh's FAMILY)", choices=tuple(FAMILIES))
+    command: str = option('bash tools/followup.sh', 'the command the page gives to make it again')
+    page_only: bool = option(False, 'only followup.png and README.md, from followup.json as it is')
+
+# -----------------------------------------------------------------------------
+# Collect: the runs' records -> followup.json
+
+
+def finite(value, path, what):
+    """value if it is a finite number, else DamagedFile naming the file it was read from."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise DamagedFile(f'{path}: {what} is {value!r}, not a finite number: {FIX}')
+    return value
+
+
+def seeds(folder):
+    """{seed: run folder} of the seed<k> folders under folder that hold a finished run (metrics.jsonl)."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {int(e[4:]): os.path.join(folder, e) for e in os.listdir(folder) if re.fullmatch(r'seed\d+', e)}
+    return {k: found[k] for k in sorted(found) if os.path.exists(os.path.join(found[k], 'metrics.jsonl'))}
+
+
+def collect(cfg):
+    """Every recorded run's final top-1 ({arm: {seed: top-1}}, arm: method-student), the teacher's record, how long it
+    all took, and what the runs were: their commit, their machine, whether any was cut short (--max-steps)."""
+    logs = os.path.join(cfg.out, 'logs')
+    runs, configs, wall = {}, [], 0.0
+    for method in METHODS:
+        for student in STUDENTS:
+            arm = f'{method}-{student}'
+            found = seeds(os.path.join(logs, arm))
+            if not found:
+                raise DamagedFile(f'{os.path.join(logs, arm)} holds no finished run of tools/followup.sh: {FIX}')
+            runs[arm] = {str(k): finite(records(d)[-1].get('top1'), d, "its last record's top1")
+                         for k, d in found.items()}
+            configs += [os.path.join(d, 'config.json') for d in found.values()]
+    teacher = os.path.join(logs, 'teacher', 'seed0')
+    mse = finite(records(teacher)[-1].get('mse'), teacher, "its last record's mse")
+    configs.append(os.path.join(teacher, 'config.json'))
+    for path in configs:
+        wall += finite(float(read_bytes(os.path.join(os.path.dirname(path), 'wall_s.txt'), FIX)), path, 'its time')
+    made = [read_json(p, FIX) for p in configs]
+    taught = sorted({c['teacher_sha256'] for c in made if c.get('teacher_sha256')})
+    if len(taught) > 1:   # a teacher re-made while the runs went on: their numbers are not one experiment's
+        raise DamagedFile(f'the transfer runs in {logs} trained from {len(taught)} teacher files (sha256 '
+                          f"{', '.join(t[:12] for t in taught)}): move the runs of the old one away and run "
+                          f'tools/followup.sh again')
+    machine = os.path.join(cfg.out, 'machine.txt')
+    return {'family': cfg.family, 'components': FAMILIES[cfg.family], 'command': cfg.command,
+            'machine': read_bytes(machine, FIX).decode().strip() if os.path.exists(machine) else 'not recorded',
+            'git_commit': sorted({c.get('git_commit', 'unknown') for c in made}),
+            'cut_short': any(c.get('max_steps', 0) for c in made),
+            'val_size': made[0].get('val_size', 0),
+            'teacher': {'held_out_mse': mse, 'epochs': made[-1]['epochs'], 'sha256': taught},
+            'wall_s': wall, 'runs': runs}
+
+
+def spread(values):
+    """{mean, std (n - 1; None for one value), n} of a list of numbers."""
+    return {'mean': mean(values), 'std': stdev(values) if len(values) > 1 else None, 'n': len(values)}
+
+
+def paired(a, b):
+    """spread of a[k] - b[k] over the seeds both have ({seed: top-1} each)."""
+    return spread([a[k] - b[k] for k in sorted(set(a) & set(b), key=int)])
+
+
+def summarise(runs):
+    """What the page states, from the runs alone: each arm's top-1; each transfer's gain over its own student's
+    scratch; the matched student against the plain one, per method; and, per transfer, whether the follow-up's
+    failure shows (the plain student's mean below its scratch's, the matched student's above its own)."""
+    arms = {arm: spread(list(top1.values())) for arm, top1 in runs.items()}
+    gains = {f'{m}-{s}': paired(runs[f'{m}-{s}'], runs[f'scratch-{s}']) for m in TRANSFERS for s in STUDENTS}
+    matched = {m: paired(runs[f'{m}-matched'], runs[f'{m}-plain']) for m in METHODS}
+    failure = {m: gains[f'{m}-plain']['mean'] < 0 < gains[f'{m}-matched']['mean'] for m in TRANSFERS}
+    return {'arms': arms, 'gains': gains, 'matched_minus_plain': matched, 'failure_reproduced': failure}
+
+# -----------------------------------------------------------------------------
+# The figure and the page, from followup.json
+
+
+def pm(s):
+    """'85.06 ± 0.17' (one seed: '85.06')."""
+    return f"{s['mean']:.2f}" if s['std'] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+
+def signed(s):
+    """'+1.20 ± 0.30' points: a difference."""
+    return f"{s['mean']:+.2f}" if s['std'] is None else f"{s['mean']:+.2f} ± {s['std']:.2f}"
+
+
+def side(s, above='above', below='below'):
+    """Where a difference lies: above, below or at 0, and whether the seeds' spread covers 0."""
+    where = above if s['mean'] > 0 else below if s['mean'] < 0 else 'level'
+    if s['mean'] == 0:
+        return where
+    if s['std'] is not None and abs(s['mean']) <= s['std']:
+        where += ", within the seeds' spread"
+    return where
+
+
+def plot(result, path):
+    """Each arm's test top-1 per seed (dots) and mean (bar): the plain student hollow, the matched one filled, in the
+    methods' colours."""
+    fig = Figure(figsize=(7, 4.2), layout='constrained')
+    ax = fig.subplots()
+    for i, method in enumerate(METHODS):
+        for j, student in enumerate(STUDENTS):
+            x = i + (j - 0.5) * 0.35
+            top1 = list(result['runs'][f'{method}-{student}'].values())
+            face = PALETTE[method] if student == 'matched' else 'none'
+            ax.scatter([x] * len(top1), top1, s=24, facecolors=face, edgecolors=PALETTE[method])
+            ax.scatter(x, mean(top1), marker='_', s=400, color=PALETTE[method])
+    ticks = [i + (j - 0.5) * 0.35 for i in range(len(METHODS)) for j in range(len(STUDENTS))]
+    ax.set_xticks(ticks, [f'{SHORT[m]}\n{s}' for m in METHODS for s in STUDENTS], fontsize=8)
+    ax.set(ylabel='top-1 (%): each seed a dot, the mean a bar',
+           xlabel="plain: a plain ViT student (hollow); matched: the teacher's components (filled)")
+    ax.set_title(f"students of an MAE teacher with {result['components']}\n"
+                 '(the y axis does not start at 0)', fontsize=10)
+    with replacing(path) as f:
+        f.write(png(fig, dpi=200))
+    return fig
+
+
+def page(result):
+    """README.md's text: every number from result (followup.json), none written by hand."""
+    s = result['summary']
+    arms, gains, matched = s['arms'], s['gains'], s['matched_minus_plain']
+    n = arms['scratch-plain']['n']
+    split = (f"{result['val_size']} training images held out (the validation split)" if result['val_size']
+             else 'the 10,000 test images')
+    lines = [
+        '# When attention transfer fails: the follow-up in miniature', '',
+        'The follow-up "Attention Transfer Is Not Universally Effective for Vision Transformers" (arXiv 2605.07191) '
+        "finds that a student lacking its teacher's architectural components fails to take the teacher's attention, "
+        'and that the same components given at random initialisation make it transfer again. Here: an MAE teacher '
+        f"with {result['components']}, pre-trained by `mae_pretrain.py` as the shipped teacher is "
+        f"({result['teacher']['epochs']} epochs, held-out masked MSE {result['teacher']['held_out_mse']:.4f}, "
+        f"sha256 {', '.join(result['teacher']['sha256']) or 'not recorded'}); "
+        'copy and distillation into a plain student (`--student-arch plain`) and into a matched one '
+        "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
+        "its own student (`finetune.py`, built the same way), on the committed reproduction's budget (3 epochs, "
+        f'blr 4e-3), {n} seeds. Every number is top-1 (%) on {split} after the last epoch; ± is the standard '
+        'deviation over seeds (of the per-seed differences, for a difference).', '']
+    lines[2] = textwrap.fill(lines[2], WIDTH, break_on_hyphens=False)
+    if result['cut_short']:
+        lines += ['**Its runs were cut short (`--max-steps`): this page checks the pipeline and is not a result.**', '']
+    lines += ['Make it again (one core a run; a run already recorded is skipped):', '',
+              f"    {result['command']}",
+              f"    # measured: {result['machine']}; commit {', '.join(result['git_commit'])}; "
+              f"{result['wall_s'] / 3600:.1f} h of runs", '',
+              "![each arm's top-1 per seed and its mean](followup.png)", '',
+              '| student | scratch | copy (gain over scratch) | distillation (gain over scratch) |',
+              '|---|---:|---:|---:|']
+    for student in STUDENTS:
+        cells = [pm(arms[f'scratch-{student}'])]
+        cells += [f"{pm(arms[f'{m}-{student}'])} ({signed(gains[f'{m}-{student}'])})" for m in TRANSFERS]
+        lines.append(f"| {student} | {' | '.join(cells)} |")
+    lines.append(f"| matched − plain | {' | '.join(signed(matched[m]) for m in METHODS)} |")
+    lines += ['', '## What it says', '']
+    for m in TRANSFERS:
+        plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
+        verdict = 'shows here' if s['failure_reproduced'][m] else 'does not show here'
+        lines.append(f"- **{SHORT[m].capitalize()}**: the plain student ends {signed(plain)} points against its "
+                     f"scratch run ({side(plain)}), the matched one {signed(like)} ({side(like)}); the matched student "
+                     f"ends {signed(matched[m])} points against the plain one ({side(matched[m])}). The follow-up's "
+                     f'failure (the plain student below its scratch run, the matched one above its own) {verdict}.')
+    lines.append(f"- **Scratch**: the components alone move training from scratch by {signed(matched['scratch'])} "
+                 f"points ({side(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
+    lines[-3:] = [textwrap.fill(line, WIDTH, subsequent_indent='  ', break_on_hyphens=False) for line in lines[-3:]]
+    lines += ['', 'The numbers: [`followup.json`](followup.json); each run\'s log, metrics, config and wall time: '
+              '[`logs/`](logs/).', '']
+    return '\n'.join(lines)
+
+
+def main():
+    cfg = parse_config(FollowupConfig, {})
+    path = os.path.join(cfg.out, 'followup.json')
+    if not cfg.page_only:
+        result = collect(cfg)   # a damaged file: one line naming it (run_main)
+        write_json(path, {**result, 'summary': summarise(result['runs'])})
+    result = read_json(path, 'run python -m tools.followup without --page-only to collect it')
+    plot(result, os.path.join(cfg.out, 'followup.png'))
+    write_text(os.path.join(cfg.out, 'README.md'), page(result))
+    print(f"written: {path}, followup.png, README.md ({result['wall_s'] / 3600:.2f} h of runs)")
+
+
+if __name__ == '__main__':
+    run_main(main)
