@@ -271,22 +271,26 @@ def evaluate_mse(model, loader, plan):
 def reconstructions(model, imgs, cfg):
     """{title: (B, 3, H, W)} for images imgs (B, 3, H, W), normalised, as MAE's demo shows them: the original; what
     the encoder sees (hidden patches 0, the data's mean); the reconstruction (every patch the decoder paints, the
-    seen ones included, which the loss never scores); the reconstruction with the seen patches pasted back."""
+    seen ones included, which the loss never scores); the reconstruction with the seen patches pasted back.
+    A norm_pix_loss model paints each patch's deviation from its own mean, in units of its own std; to draw it,
+    each hidden patch borrows its true mean and std from the image. So its rows add 'true means only': what that
+    loan draws without any decoder, every hidden patch flat at its true mean, the seen ones pasted back."""
     model.eval()
     p = model.patch_embed.patch_size
     pred, mask = model(imgs, generator=torch.Generator(imgs.device).manual_seed(0))
     target = patchify(imgs, p)                                                   # (B, N, P)
     m = mask[..., None]                                                          # (B, N, 1), 1: hidden
-    # the model predicts normalised patches; shown with each true patch's mean and std
-    if cfg.norm_pix_loss:
-        mean, std = patch_stats(target)
-        pred = pred * std + mean
     masked = unpatchify(target * (1 - m), p)
     n = model.patch_embed.num_patches
-    return {'original': imgs,
-            f'masked: {n - model.num_keep} of {n} patches': masked,
-            'reconstruction': unpatchify(pred, p),
-            'reconstruction + visible': masked + unpatchify(pred * m, p)}
+    rows = {'original': imgs, f'masked: {n - model.num_keep} of {n} patches': masked}
+    if cfg.norm_pix_loss:
+        # the model predicts normalised patches; shown with each true patch's mean and std
+        mean, std = patch_stats(target)                                          # (B, N, 1) each
+        pred = pred * std + mean
+        rows['true means only'] = masked + unpatchify(mean.expand_as(target) * m, p)
+    rows['reconstruction'] = unpatchify(pred, p)
+    rows['reconstruction + visible'] = masked + unpatchify(pred * m, p)
+    return rows
 
 
 def save_reconstructions(model, imgs, cfg):

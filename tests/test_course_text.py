@@ -447,13 +447,46 @@ def test_the_presets_choices_each_have_a_reason():
 
 
 def test_exercise_4_checks_the_fused_copy_against_section_3s():
-    """The learner's fused copy is compared with section 3's copy_attention on block 0 (the map written out), given
-    the teacher's own q and k of that block; the train loop's steps are the loop's again (no exercise steps it)."""
+    """The learner's fused copy is compared with section 3's copy_attention on block 0 (the maps written out and
+    averaged in pairs, for a student of 4 heads), given the teacher's own q and k of that block; the train loop's
+    steps are the loop's again (no exercise steps it)."""
     cell = code('def copy_fused(h, attn, q_t, k_t):\n    # your code')
     assert 'check_fused_copy(copy_fused, PREDICTION_4' in cell and 'teacher.internals(x, [0])[0]' in cell
-    assert 'reference=copy_attention(h0, student.blocks[0].attn, maps[0].softmax(-1))' in cell
+    assert 'reference=copy_attention(h0, attn, pairs)' in cell and 'unflatten(1, (4, 2)).mean(2)' in cell
     assert 'def copy_attention(h, attn, A_teacher):' in code('def copy_attention(')
     assert re.search(r'def train\(method, weight=W\):', code('def train(')) and 'for step in range(STEPS):' in code('def train(')
+
+
+def test_figure_1_draws_real_maps_in_the_transferred_blocks_one_way(monkeypatch):
+    """The paper's Figure 1 redrawn (section 1): its maps are the shipped teacher's on test image 0 (worked out again
+    here), copy's student routes its transferred blocks with those very maps, and each side's arrows run one way,
+    from the frozen teacher, in the transferred blocks only (the preset's 0-4 of 6)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import torch
+    from matplotlib.patches import ArrowStyle
+    from tools import tutorial
+    from util.checkpoints import build_from_checkpoint
+    drawn = []
+    monkeypatch.setattr(tutorial, 'show', drawn.append)
+    tutorial.draw_methods()
+    fig, = drawn
+    maps, transferred, head = tutorial.methods_maps()
+    assert sorted(transferred) == [0, 1, 2, 3, 4]
+    teacher = build_from_checkpoint(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae.pt'), img_size=28).eval()
+    with torch.no_grad():
+        logits = teacher.attention(tutorial.image_as_data(tutorial.test_image(0)), range(6))
+    for side, method in zip(fig.axes, ('copy', 'distill')):
+        images = [im.get_array() for im in side.get_images()]                     # teacher's 6, then the student's
+        assert len(images) == 12
+        for i in range(6):
+            real = logits[i][0, head[i]].double().softmax(-1).numpy()
+            assert abs(images[i] - real).max() < 1e-5, (method, i)
+            if method == 'copy' and i in transferred:
+                assert abs(images[6 + i] - real).max() < 1e-5, i                   # routed by the teacher's map
+        arrows = [t.arrow_patch for t in side.texts if getattr(t, 'arrow_patch', None)]
+        assert len(arrows) == len(transferred)
+        assert all(isinstance(a.get_arrowstyle(), ArrowStyle.CurveB) for a in arrows), 'an arrow back to the teacher'
 
 
 def test_the_sections_come_in_the_order_they_are_read():

@@ -43,6 +43,22 @@ def logged(run, name):
         return [float(m[1]) for m in re.finditer(rf'\| (?:\w+ [\d.]+ )*{name} ([\d.]+)\b[^|]*\| lr', f.read())]
 
 
+def teacher_entropy(run, images=256):
+    """The floor worked out again: the teacher's row entropy (torch.special.entr of its maps, in float64), the mean
+    over its layers, heads, rows and the run's first 256 test images (the tiny fake set's 64)."""
+    import torch
+    from data import build_eval_set
+    from util.checkpoints import build_from_checkpoint
+    with open(run / 'config.json') as f:
+        cfg = json.load(f)
+    teacher = build_from_checkpoint(cfg['teacher'], img_size=cfg['img_size']).eval()
+    dataset, _ = build_eval_set(types.SimpleNamespace(**cfg))
+    x = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))]).float()
+    with torch.no_grad():
+        maps = [l.double().softmax(-1) for l in teacher.attention(x, range(teacher.depth)).values()]
+    return torch.stack([torch.special.entr(p).sum(-1).mean() for p in maps]).mean().item()
+
+
 def test_colours_panels_and_labels(two_runs):
     scratch, distill = two_runs
     fig = curves.draw([str(scratch), str(distill)])
@@ -63,11 +79,16 @@ def test_colours_panels_and_labels(two_runs):
         assert test_loss.get_linestyle() == 'None'
     assert [list(line.get_ydata()) for line in loss.lines if line.get_label().startswith('_')] == \
         [logged(scratch, 'ce'), logged(distill, 'ce')]
-    # the attention loss: distillation's alone, as its log has it, in its colour; the title says what it sums
-    assert [line.get_label() for line in attention.lines] == ['distill']
-    assert list(attention.lines[0].get_ydata()) == logged(distill, 'attn') and len(logged(distill, 'attn')) >= 3
-    assert to_hex(attention.lines[0].get_color()) == to_hex(PALETTE['distill'])
-    assert "summed over layers all" in attention.get_title() and 'ce + 3 ×' in attention.get_title()
+    # the attention loss: distillation's alone, a layer (its log's sum over the teacher's 2 layers, halved), in its
+    # colour, over its floor; the title says what it is
+    curve, bottom = attention.lines
+    assert curve.get_label() == 'distill' and len(logged(distill, 'attn')) >= 3
+    assert list(curve.get_ydata()) == pytest.approx([v / 2 for v in logged(distill, 'attn')])
+    assert to_hex(curve.get_color()) == to_hex(PALETTE['distill'])
+    assert 'a layer, the mean over layers all' in attention.get_title() and 'ce + 3 ×' in attention.get_title()
+    assert bottom.get_label().startswith("floor: the teacher's entropy")
+    assert to_hex(bottom.get_color()) == to_hex(PALETTE['teacher'])
+    assert bottom.get_ydata()[0] == pytest.approx(teacher_entropy(distill), abs=5e-5)   # to 4 decimals
     assert [line.get_label() for line in lr.lines] == ['scratch', 'distill'] and '2 schedules for 2 runs' in lr.get_title()
 
 

@@ -81,6 +81,52 @@ def test_readme_first_screen():
     assert code_lines(first), 'no commands on the first screen'
 
 
+def test_the_readme_opens_the_notebook_before_anything_else():
+    """The front door: before the reading order, one command that installs what the notebook needs, Jupyter
+    included (requirements.txt names none), and opens tutorial.ipynb with it; Colab as it stands. The sources of
+    the timings (a run's minutes of CPU, the shell's clock) are on REFERENCE.md and the results pages, not here."""
+    text = read_page('README.md')
+    door = text.split('## Read in this order')[0]
+    opens = [line for line in code_lines(door) if 'tutorial.ipynb' in line]
+    assert opens, 'no command before the reading order opens tutorial.ipynb'
+    parts = [shlex.split(part) for part in opens[0].split('&&')]
+    install = next((p for p in parts if p[:3] == ['pip', 'install', '-r']), None)
+    assert install and install[3] == 'requirements.txt' and {'jupyterlab', 'notebook'} & set(install[4:]), parts
+    with open(os.path.join(ROOT, 'requirements.txt')) as f:
+        assert 'jupyter' not in f.read(), 'requirements.txt installs Jupyter: the command need not name it'
+    assert parts[-1][:2] in (['jupyter', 'lab'], ['jupyter', 'notebook']) and parts[-1][2] == 'tutorial.ipynb', parts
+    assert 'Colab' in door and 'REPO_URL' in door
+    assert not re.search(r'of CPU|from the shell|taskset', text), 'timing provenance on the front page'
+
+
+# a finding stated as the paper's: its verbs, and the words of a second-hand summary
+AS_THE_PAPERS = re.compile(r"\b(?:the paper(?:'s)?|Li et al\.?)\b[^.]*?"
+                           r"\b(?:finds?|found|reports?|reported|shows?|showed|says|saturates?)\b"
+                           r"|\breportedly\b|summaries of it", re.I)
+# where in arXiv 2411.09702 it is said: a part a reader can turn to
+CITED = re.compile(r'\b(?:Abstract|Section \d|§ ?\d|Table \d|Fig(?:ure|\.) ?\d)')
+COURSE_PAGES = ['README.md', 'results/fashion-mnist/WHY.md', 'results/fashion-mnist/variants/README.md',
+                'results/fashion-mnist/VALIDATION.md', 'results/fashion-mnist/RESULTS.md', 'teachers/README.md',
+                'tutorial.ipynb']
+
+
+def uncited(text):
+    """The sentences of a text that state a finding as the paper's without naming where in it (a section, table,
+    figure, or its abstract)."""
+    flat = ' '.join(CODE.sub('', text).split())
+    return [s for s in re.split(r'(?<=[.:])\s+(?=[A-Z*])', flat) if AS_THE_PAPERS.search(s) and not CITED.search(s)]
+
+
+@pytest.mark.parametrize('page', COURSE_PAGES)
+def test_the_paper_is_cited_where_it_speaks(page):
+    """Every finding a course page states as the paper's names the part of arXiv 2411.09702 that states it; a line
+    that cannot be sourced is not there (no 'reportedly', no summary of summaries)."""
+    assert uncited(read_page(page)) == [], page
+    assert uncited('Queries alone reportedly do best. The paper finds that heads saturate near 12 of 16.') == [
+        'Queries alone reportedly do best.', 'The paper finds that heads saturate near 12 of 16.']
+    assert uncited('The paper finds the ensemble above either (arXiv 2411.09702, Abstract).') == []
+
+
 def script_of(command):
     """(script path or tools.NAME module, its arguments) of a `python ...` / `torchrun ...` line; None if neither."""
     for part in command.split('&&'):
@@ -126,6 +172,24 @@ def first_command():
     script, args = README_COMMANDS[0]
     assert script == 'tools.reproduce', README_COMMANDS[0]
     return args
+
+
+def test_the_folder_section_makes_its_own_teacher_first():
+    """*Train on your data* pre-trains a teacher on the folder before any student takes one: its first command is
+    mae_pretrain.py on the folder the students read, and every --teacher there is a checkpoint one of its commands
+    writes (not the Fashion-MNIST teacher of the three commands above)."""
+    section = re.search(r'^## Train on your data$(.*?)^## ', read_page('README.md'), re.M | re.S)[1]
+    commands = [script_of(line) for line in code_lines(section)]
+    commands = [c for c in commands if c]
+    options = [dict(zip(args[::2], args[1::2])) for _, args in commands]
+    assert commands[0][0] == 'mae_pretrain.py' and options[0]['--data'] == 'folder', commands[0]
+    folders = {o['--data-dir'] for o in options if '--data-dir' in o}
+    assert len(folders) == 1, folders
+    written = {os.path.join(o['--out-dir'], 'checkpoint.pt') for o in options if '--out-dir' in o}
+    teachers = [o['--teacher'] for o in options if '--teacher' in o]
+    assert teachers and all(t in written for t in teachers), (teachers, written)
+    first = [i for i, o in enumerate(options) if '--teacher' in o][0]
+    assert os.path.join(options[0]['--out-dir'], 'checkpoint.pt') in teachers and first > 0
 
 
 def test_readme_first_command_leaves_git_status_clean(tmp_path):

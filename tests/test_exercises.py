@@ -20,20 +20,23 @@ NOTEBOOK = os.path.join(ROOT, 'tutorial.ipynb')
 
 @pytest.fixture(scope='module')
 def pair():
-    """A teacher and a student of one shape (N = 17 tokens, d = 8: no q, k or v looks like a map) and a batch; the
-    student's block-0 input and attention, the teacher's block-0 q and k, and section 3's copy of them by hand."""
+    """A teacher of 4 heads and a student of 2 (N = 17 tokens, d = 8 and 16: no q, k or v looks like a map) and a
+    batch; the student's block-0 input and attention, the teacher's block-0 q and k, and section 3's copy by hand,
+    each student head routed by the mean of its pair of teacher maps (exercise 4's grouped heads)."""
     torch.manual_seed(0)
-    shape = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4)
-    teacher, student = (vit.VisionTransformer(**shape, num_classes=0).eval() for _ in range(2))
+    shape = dict(img_size=16, patch_size=4, embed_dim=32, depth=3)
+    teacher = vit.VisionTransformer(**shape, num_heads=4, num_classes=0).eval()
+    student = vit.VisionTransformer(**shape, num_heads=2, num_classes=0).eval()
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
         tokens = torch.cat([student.cls_token.expand(len(x), -1, -1), student.patch_embed(x)], 1) + student.pos_embed
         h = student.blocks[0].norm1(tokens)
         qk = teacher.internals(x, [0])[0]
-        A = teacher.attention(x, [0])[0].softmax(-1)
+        A = teacher.attention(x, [0])[0].softmax(-1)                          # (B, 4, N, N)
+        pairs = A.unflatten(1, (2, 2)).mean(2)                                # (B, 2, N, N): the groups' means
     attn = student.blocks[0].attn
     return dict(teacher=teacher, x=x, h=h, attn=attn, q=qk['q'], k=qk['k'], A=A,
-                reference=copy_attention(h, attn, A), held=A.numel())
+                reference=copy_attention(h, attn, pairs), held=A.numel())
 
 
 def values(h, attn):
@@ -48,13 +51,25 @@ def copy_attention(h, attn, A_teacher):
 # Exercise 4: copy through the fused call
 
 
-def fused(h, attn, q_t, k_t):   # the asked computation
-    return attn.proj(rearrange(F.scaled_dot_product_attention(q_t, k_t, values(h, attn)), 'b h n d -> b n (h d)'))
+def fused(h, attn, q_t, k_t):   # the asked computation: each map applied to its group's value head, then averaged
+    v = values(h, attn).repeat_interleave(q_t.shape[1] // attn.num_heads, 1)
+    out = F.scaled_dot_product_attention(q_t, k_t, v).unflatten(1, (attn.num_heads, -1)).mean(2)
+    return attn.proj(rearrange(out, 'b h n d -> b n (h d)'))
 
 
-def retyped(h, attn, q_t, k_t):   # section 3's copy_attention, its map made from q_t and k_t as section 2 makes one
+def retyped(h, attn, q_t, k_t):   # section 3's copy_attention, its maps made from q_t and k_t and averaged in pairs
     A = (q_t @ k_t.transpose(-2, -1) / q_t.shape[-1] ** 0.5).softmax(-1)
-    return copy_attention(h, attn, A)
+    return copy_attention(h, attn, A.unflatten(1, (attn.num_heads, -1)).mean(2))
+
+
+def fused_first_of_each_group(h, attn, q_t, k_t):   # a wrong answer: one teacher head of each pair, not their mean
+    out = F.scaled_dot_product_attention(q_t[:, ::2], k_t[:, ::2], values(h, attn))
+    return attn.proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+def fused_mean_of_q_and_k(h, attn, q_t, k_t):   # a wrong answer: the pair's q and k averaged, not their maps
+    q, k = (t.unflatten(1, (attn.num_heads, -1)).mean(2) for t in (q_t, k_t))
+    return attn.proj(rearrange(F.scaled_dot_product_attention(q, k, values(h, attn)), 'b h n d -> b n (h d)'))
 
 
 def fused_own_qk(h, attn, q_t, k_t):   # a wrong answer: the student's own queries and keys, not the teacher's
@@ -63,7 +78,9 @@ def fused_own_qk(h, attn, q_t, k_t):   # a wrong answer: the student's own queri
 
 
 def fused_without_proj(h, attn, q_t, k_t):   # a wrong answer: the heads concatenated, never projected
-    return rearrange(F.scaled_dot_product_attention(q_t, k_t, values(h, attn)), 'b h n d -> b n (h d)')
+    v = values(h, attn).repeat_interleave(q_t.shape[1] // attn.num_heads, 1)
+    out = F.scaled_dot_product_attention(q_t, k_t, v).unflatten(1, (attn.num_heads, -1)).mean(2)
+    return rearrange(out, 'b h n d -> b n (h d)')
 
 
 def check_4(pair, answer, prediction):
@@ -79,20 +96,38 @@ def test_exercise_4_passes_the_fused_copy(pair, capsys):
     assert '(not 1,000)' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('answer, said', [(retyped, 'wrote out an N x N map'),
-                                          (fused_own_qk, 'they differ'), (fused_without_proj, 'they differ')])
+@pytest.mark.parametrize('answer, said', [(retyped, 'wrote out an N x N map'), (fused_own_qk, 'they differ'),
+                                          (fused_without_proj, 'they differ'),
+                                          (fused_first_of_each_group, 'they differ'),
+                                          (fused_mean_of_q_and_k, 'they differ')])
 def test_exercise_4_stops_the_retyped_copy_and_a_wrong_one(pair, answer, said):
     with pytest.raises(AssertionError, match=said):
         check_4(pair, answer, pair['held'])
 
 
+@pytest.mark.parametrize('prediction, verdict', [
+    ('{held}', 'right'), ('{held:,}', 'right'), ('{held:.2e}', 'right'), ('7 thousand', 'right'),
+    ('6.9 Thousand', 'right'),
+    ('8 thousand', "not 8 thousand"), (7000, 'right'), (1000, 'not 1,000'),
+    ('lots', "'lots' is no count this check reads")])
+def test_exercise_4_reads_a_count_as_a_learner_writes_it(pair, capsys, prediction, verdict):
+    """A count in words or digits, to the digits it is written with (B x H x N x N = 6,936 here); what is no count
+    is told, not a crash in int()."""
+    if isinstance(prediction, str):
+        prediction = prediction.format(held=pair['held'])
+    assert pair['held'] == 6936
+    check_4(pair, fused, prediction)
+    assert f'({verdict}' in capsys.readouterr().out
+
+
 def test_exercise_4_stops_a_copy_without_the_fused_call(pair):
     """A copy that writes no map but never calls the fused kernel is not what the exercise asks."""
     def by_rows(h, attn, q_t, k_t):     # one query row at a time: (B, H, 1, N), never (N, N)
-        v = values(h, attn)
+        v = values(h, attn).repeat_interleave(q_t.shape[1] // attn.num_heads, 1)
         rows = [(q_t[:, :, i:i + 1] @ k_t.transpose(-2, -1) / q_t.shape[-1] ** 0.5).softmax(-1) @ v
                 for i in range(q_t.shape[2])]
-        return attn.proj(rearrange(torch.cat(rows, 2), 'b h n d -> b n (h d)'))
+        out = torch.cat(rows, 2).unflatten(1, (attn.num_heads, -1)).mean(2)
+        return attn.proj(rearrange(out, 'b h n d -> b n (h d)'))
     with pytest.raises(AssertionError, match='never calls F.scaled_dot_product_attention'):
         check_4(pair, by_rows, pair['held'])
 
@@ -124,6 +159,12 @@ def test_exercise_5_passes_the_batch_mean(pair, capsys):
     assert 'the same in all 3 layers' in shown and ': more (right)' in shown
     check_5(pair, mean_map, 'less')
     assert "(not 'less')" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('said', ['More', ' more ', 'MORE'])
+def test_exercise_5_reads_a_word_in_any_case(pair, capsys, said):
+    check_5(pair, mean_map, said)
+    assert '(right)' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('answer', [
@@ -164,7 +205,7 @@ def test_the_exercise_cells_ask_for_a_prediction_and_code_not_on_the_page(n, nam
     solution = next(c for kind, s, c in nb if kind == 'code' and s.startswith(f'#@title Solution to exercise {n}'))
     assert solution['metadata'].get('jupyter', {}).get('source_hidden') and solution['metadata'].get('cellView') == 'form'
     # the answer is nowhere on the page before its solution: no other cell defines it or makes its key call
-    key = {4: 'F.scaled_dot_product_attention(q_t, k_t, v)', 5: '.mean(0, keepdim=True)'}[n]
+    key = {4: 'repeat_interleave', 5: '.mean(0, keepdim=True)'}[n]
     shown = [s for kind, s, c in nb if kind == 'code' and c is not solution]
     assert not any(key in s for s in shown), f'exercise {n}: its solution ({key}) is on the page'
 
@@ -197,3 +238,27 @@ def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path):
     (tmp_path / 'notes.png').write_text('not an image')
     with pytest.raises(DataError, match='notes.png'):
         image_as_data(tmp_path / 'notes.png')
+
+
+def test_the_maps_of_your_image_share_one_colour_scale_with_its_bar(monkeypatch):
+    """The own-image panels: one colour scale for every layer (a nearly even layer looks flat beside a peaked one),
+    a colour bar, each panel's range in its title; and the notebook's cell draws them that way."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from tools import tutorial
+    drawn = []
+    monkeypatch.setattr(tutorial, 'show', drawn.append)
+    torch.manual_seed(0)
+    even = torch.full((49,), 1 / 50)
+    reads = {0: even + 0.002 * torch.randn(49), 1: even + 0.02 * torch.rand(49)}   # nearly even; peaked
+    tutorial.plot_reads(torch.rand(28, 28), reads, even=1 / 50)
+    fig, = drawn
+    overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == 'magma']
+    low, high = min(r.min().item() for r in reads.values()), max(r.max().item() for r in reads.values())
+    assert len(overlays) == 2 and all(im.get_clim() == pytest.approx((low, high)) for im in overlays)
+    assert overlays[0].colorbar is not None or overlays[1].colorbar is not None, 'no colour bar'
+    titles = [ax.get_title() for ax in fig.axes if ax.get_images() and ax.get_images()[-1] in overlays]
+    for title, read in zip(titles, reads.values()):
+        assert f'{read.min():.4f} to {read.max():.4f}' in title, title
+    cell = next(s for kind, s, _ in cells() if kind == 'code' and s.startswith('IMAGE, INVERT'))
+    assert 'plot_reads(' in cell and 'imshow' not in cell, 'the cell draws its panels by itself, each its own scale'

@@ -156,7 +156,9 @@ def test_the_figure_pastes_the_seen_patches_back_into_the_reconstruction(norm_pi
     mae = make_mae()
     imgs = torch.randn(3, 3, 32, 32)
     rows = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=norm_pix))
-    assert list(rows) == ['original', 'masked: 48 of 64 patches', 'reconstruction', 'reconstruction + visible']
+    borrowed = ['true means only'] if norm_pix else []
+    assert list(rows) == ['original', 'masked: 48 of 64 patches', *borrowed, 'reconstruction',
+                          'reconstruction + visible']
     _, mask = mae(imgs, generator=torch.Generator().manual_seed(0))                # the figure's mask
     m = mask[..., None].bool()                                                     # (B, N, 1), True: hidden
     pasted, painted, seen = (patchify(rows[k], 4) for k in ('reconstruction + visible', 'reconstruction', 'original'))
@@ -164,6 +166,38 @@ def test_the_figure_pastes_the_seen_patches_back_into_the_reconstruction(norm_pi
     assert torch.allclose(pasted.masked_select(m), painted.masked_select(m))
     assert not torch.allclose(painted.masked_select(~m), seen.masked_select(~m))   # the painting is not the image
     assert torch.equal(patchify(rows['masked: 48 of 64 patches'], 4).masked_select(m), torch.zeros(int(m.sum()) * 48))
+
+
+def test_the_figure_shows_what_a_norm_pix_model_borrows_from_the_image():
+    """A norm_pix_loss model paints a hidden patch in units of that patch's true std around its true mean: the
+    figure's row 'true means only' draws the loan alone. On the hidden patches it is each true patch's mean, flat;
+    on the seen ones the image; and it is made without the decoder: a decoder that paints nothing else draws it."""
+    mae = make_mae()
+    imgs = torch.randn(3, 3, 32, 32)
+    rows = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=True))
+    _, mask = mae(imgs, generator=torch.Generator().manual_seed(0))                # the figure's mask
+    m = mask[..., None].bool().expand(-1, -1, 48)                                  # (B, N, 48), True: hidden
+    means, seen = patchify(rows['true means only'], 4), patchify(imgs, 4)
+    assert torch.equal(means[~m], seen[~m])
+    flat = seen.mean(-1, keepdim=True).expand_as(seen)                             # each patch at its own mean
+    assert torch.allclose(means[m], flat[m], atol=1e-6) and not torch.allclose(means[m], seen[m])
+    with torch.no_grad():                                                          # a decoder painting zeros
+        mae.decoder_pred.weight.zero_()
+        mae.decoder_pred.bias.zero_()
+    silent = reconstructions(mae, imgs, MAEConfig(norm_pix_loss=True))
+    assert torch.equal(silent['true means only'], rows['true means only'])
+    assert torch.allclose(silent['reconstruction + visible'], rows['true means only'], atol=1e-6)
+
+
+def test_the_shipped_figure_has_the_rows_of_a_norm_pix_teacher():
+    """teachers/fashion-mnist-mae-reconstruction.png, drawn by save_reconstructions (1.75 inches a row, 1.6 an image,
+    at 100 dpi) for the shipped teacher's recipe (norm_pix_loss): as many rows as reconstructions gives such a
+    model, 'true means only' among them, for its 6 images."""
+    from PIL import Image
+    rows = reconstructions(make_mae(), torch.randn(2, 3, 32, 32), MAEConfig(norm_pix_loss=True))
+    assert 'true means only' in rows
+    with Image.open(os.path.join(ROOT, 'teachers', 'fashion-mnist-mae-reconstruction.png')) as png:
+        assert png.size == (6 * 160, len(rows) * 175), png.size
 
 
 def test_presets_and_config_errors():

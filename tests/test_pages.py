@@ -103,7 +103,7 @@ def reproduction_checks(name, run, made):
         (r'all stages ([\d.]+) min, (\d+) at a time \((\d+) thread each\): reproduce\.py ran ([\d.]+) min',
          (f"{sum(r['wall_s'] for r in run['stages']) / 60:.1f}", str(run['config']['jobs']), run['stage_threads'],
           f"{run['wall_s'] / 60:.1f}")),
-        (r'Order of the means here: ((?:[a-z-]+ \d+\.\d+ [>=] )+[a-z-]+ \d+\.\d+);', (chain(mean, 2),)),
+        (r"Order of the means here(?:, one seed's draw)?: ((?:[a-z-]+ \d+\.\d+ [>=] )+[a-z-]+ \d+\.\d+);", (chain(mean, 2),)),
         (r"the paper's: ((?:[a-z-]+ \d+\.\d [>=] )+[a-z-]+ \d+\.\d)\.", (chain(PAPER, 1),)),
         (r'- command: `([^`]+)`(?: \(run as `([^`]+)`, where the driver then was\))?',
          (now, typed) if now != typed else (typed, None)),

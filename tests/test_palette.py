@@ -126,7 +126,7 @@ def test_the_notebooks_figure_functions_draw_each_method_in_its_colour(odd_palet
     assert set(arrows) == {odd_palette['copy'], odd_palette['distill']}
     boxes = [{to_hex(p.get_facecolor(), keep_alpha=False) for p in ax.patches} for ax in fig.axes]
     assert boxes == [{odd_palette['teacher'], odd_palette['copy']}, {odd_palette['teacher'], odd_palette['distill']}]
-    assert 'made up' in fig.get_supxlabel()
+    assert 'test image 0' in fig.get_supxlabel()
     with open(os.path.join(ROOT, 'results', 'fashion-mnist', 'features', 'features.json')) as f:
         tutorial.plot_features(json.load(f)['result'])
     fig = plt.gcf()

@@ -189,7 +189,7 @@ def prose_problems(text, data):
                      '≈': abs(ra['mean'] - rb['mean']) <= (ra['std'] or 0) + (rb['std'] or 0)}[op]
             if not holds:
                 out.append(f'{a} {x} {op} {b} {y} does not hold')
-        rest = PAIR.sub('', s)
+        rest = re.sub(r'arXiv \d{4}\.\d{4,5}', '', PAIR.sub('', s))         # a paper's number is no measurement
         for number in re.findall(r'-?\d+\.\d+', rest):
             if not re.search(rf'{re.escape(number)} h\b', rest) or not agrees(data['wall_s'] / 3600, number):
                 out.append(f'{number}: a number this test cannot check, in {s!r}')
@@ -219,6 +219,29 @@ def test_the_checks_catch_a_wrong_number_and_a_wrong_ordering(page):
     assert prose_problems('Queries alone do better than `distill-q`.', data)
     assert table_problems(f"| run | mean |\n|---|---|\n| `distill-q` | {d['mean'] + 0.01:.2f} ± {d['std']:.2f} |",
                           data)
+
+
+def spread_problems(text, data):
+    """The orderings (`<`, `>`) a page states between runs whose ranges of mean ± std overlap, in a sentence that
+    does not say it compares the means: an ordering is stated with its spread."""
+    prose = ' '.join(line for line in text.splitlines()
+                     if line.strip() and not line.startswith(('|', '#', '    ', '![')))
+    out = []
+    for s in re.split(r'(?<=\.)\s+(?=[A-Z(`])', ' '.join(prose.split())):
+        for a, x, op, b, y in CHAIN.findall(s):
+            ra, rb = entry(data, a), entry(data, b)
+            within = abs(ra['mean'] - rb['mean']) <= (ra['std'] or 0) + (rb['std'] or 0)
+            if op in '<>' and within and not re.search(r'\bmeans?\b', s):
+                out.append(f'{a} {op} {b}: within the seeds\' spread, stated as an ordering')
+    return out
+
+
+def test_every_ordering_is_stated_with_its_spread(page):
+    text, data = page
+    assert spread_problems(text, data) == []
+    q, k = data['runs']['copy-q'], data['runs']['copy-k']
+    assert spread_problems(f"Queries help most: `copy-q` {q['mean']:.2f} > `copy-k` {k['mean']:.2f}.", data)
+    assert not spread_problems(f"On the means: `copy-q` {q['mean']:.2f} > `copy-k` {k['mean']:.2f}.", data)
 
 
 def test_the_page_says_later_layers_matter_more_only_where_the_data_does(page):

@@ -16,13 +16,18 @@ images a step takes (config.json). The default output is runs/curves.png under t
 import argparse
 import os
 import re
+import types
 
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.lines import Line2D
 
+from data import build_eval_set
+from teacher import map_layers, parse_index
 from tools.palette import PALETTE, SHORT
 from tools.tutorial import images_a_step, mark_axes, metrics, seen
-from util.errors import DamagedFile
+from util.checkpoints import build_from_checkpoint
+from util.errors import CheckpointError, ConfigError, DamagedFile, DataError
 from util.files import check_outputs, read_bytes, read_json
 from util.launch import run_main
 
@@ -91,7 +96,47 @@ def attention_loss(cfg):
     """What a distillation run logs as attn, in words: two lines for a panel's title."""
     what = "H(teacher's map, student's)" if cfg.get('transfer', 'attn') == 'attn' else \
         f"mse of the teacher's and the student's {cfg['transfer']}"
-    return (f"summed over layers {cfg.get('layers')}\n({what}; trained on ce + {cfg.get('weight', 1):g} × it)")
+    return (f"a layer, the mean over layers {cfg.get('layers')}\n({what}; trained on ce + {cfg.get('weight', 1):g} × "
+            f"their sum)")
+
+
+def distilled(cfg, teacher_depth):
+    """{student layer: teacher layer} of a distillation run, as its resolve step made it (teacher.map_layers): the
+    terms its logged attention loss sums."""
+    layers = parse_index(cfg.get('layers', 'all'), teacher_depth, 'layers')
+    student_depth = cfg.get('depth') or teacher_depth                               # None: the teacher's
+    return map_layers(cfg.get('layer_map', 'auto'), layers, teacher_depth, student_depth, cfg.get('layers', 'all'))
+
+
+def teacher_of(cfg):
+    """The run's teacher, from the file its config names; None where that file is not on this machine."""
+    try:
+        return build_from_checkpoint(cfg['teacher'], img_size=cfg['img_size']).eval()
+    except (OSError, CheckpointError, ConfigError, DataError):
+        return None
+
+
+def floor(cfg, teacher, pairs, images=256):
+    """The attention loss's floor: H(teacher's map, student's) is least, the teacher's own entropy, where the two
+    maps are equal. The teacher's row entropy, the mean over the distilled layers (pairs: {student: teacher layer}),
+    their heads and rows, on the first `images` images of the run's evaluation split as the run saw them. None where
+    there is none (a loss on q, k or v; averaged maps) or where the run's data is not on this machine."""
+    if cfg.get('transfer', 'attn') != 'attn' or cfg.get('average_maps', 'none') != 'none':
+        return None
+    try:
+        dataset, _ = build_eval_set(types.SimpleNamespace(**cfg))
+    except (OSError, CheckpointError, ConfigError, DataError):
+        return None
+    x = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))]).float()   # (B, 3, H, W)
+    heads = parse_index(cfg.get('heads', 'all'), teacher.num_heads, 'heads')
+    with torch.no_grad():
+        logits = teacher.attention(x, sorted(set(pairs.values())))                    # {layer: (B, H, N, N)}
+    entropy = {}
+    for i, l in logits.items():
+        p = l[:, heads].double().log_softmax(-1)
+        entropy[i] = -(p.exp() * p).sum(-1).mean().item()                           # over images, heads, rows
+    return sum(entropy[t] for t in pairs.values()) / len(pairs)
+
 
 # -----------------------------------------------------------------------------
 # The figure
@@ -159,11 +204,24 @@ def draw_top1_and_losses(top1, loss, runs):
 
 
 def draw_attention(ax, attention):
-    """Distillation's own curve: the attention loss of each run that logged one."""
+    """Distillation's own curve: the attention loss of each run that logged one, a layer (the notebook's scale: the
+    logged sum over the distilled layers, divided by their number), over its floor, the teacher's entropy. A run
+    whose teacher is not on this machine is drawn as logged, the sum, and the title says so."""
+    floors, summed = {}, []
     for r in attention:
-        plot(ax, r['at'], [v['attn'] for v in r['losses']], color=r['colour'], ls=r['ls'], label=r['name'])
-    ax.set(title="distillation's attention loss, " + attention_loss(attention[0]['cfg']),
-           ylabel='attention loss (nats)')
+        n = len(r['layers']) if r['layers'] else 1
+        plot(ax, r['at'], [v['attn'] / n for v in r['losses']], color=r['colour'], ls=r['ls'], label=r['name'])
+        if r['layers'] is None:
+            summed.append(r['name'])
+        if r['floor'] is not None:
+            floors.setdefault(round(r['floor'], 4), []).append(r['name'])
+    for value, names in floors.items():
+        which = f" ({', '.join(names)})" if len(floors) > 1 else ''
+        ax.axhline(value, color=PALETTE['teacher'], ls='--', lw=1,
+                   label=f"floor: the teacher's entropy, {value:.3f}{which}")
+    ax.set(title="distillation's attention loss, " + attention_loss(attention[0]['cfg']) +
+           (f"\n{', '.join(summed)}: summed, no floor (its teacher is not here)" if summed else ''),
+           ylabel='attention loss, a layer (nats)')
     ax.legend(fontsize=7)
 
 
@@ -192,6 +250,10 @@ def draw(run_dirs):
     the lr, once for runs that share a schedule."""
     runs = read_runs(run_dirs)
     attention = [r for r in runs if any('attn' in v for v in r['losses'])]
+    for r in attention:   # the layers its loss sums and its floor, where its teacher is here to say
+        teacher = teacher_of(r['cfg'])
+        r['layers'] = distilled(r['cfg'], teacher.depth) if teacher else None
+        r['floor'] = floor(r['cfg'], teacher, r['layers']) if teacher else None
     fig, axes = plt.subplots(1, 3 + bool(attention), figsize=(5 * (3 + bool(attention)), 4.2),
                              layout='constrained')
     draw_top1_and_losses(axes[0], axes[1], runs)
