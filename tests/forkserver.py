@@ -70,7 +70,11 @@ class Server:
     def close(self):
         if self.proc.poll() is None:
             self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:   # a process forked from the tests' own holds the pipe: no end of input
+                self.proc.kill()
+                self.proc.wait()
 
 
 # -----------------------------------------------------------------------------
