@@ -40,7 +40,7 @@ within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what
 }
 
 if [ "$part" = small ]; then   # Fashion-MNIST's preset one epoch eager, graphed, compiled; a profile; the reproduction
-  # under 5 minutes on one H100 / H200 (issue 101's first part): each run's wall time from this command's start, its
+  # under 5 minutes on one H100 / H200: each run's wall time from this command's start, its
   # img/s per interval (the progress line's speed since the line before) and its last line's mean
   cut='' graph=true limit=90
   # on a CPU: 12 steps of 32 images in fp32, evaluated on 256 held-out images; no graph (auto says why: eager)
