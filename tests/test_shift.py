@@ -56,14 +56,15 @@ def test_evaluate_scores_each_shift_of_the_test_split(monkeypatch, tmp_path):
                           '--out', tmp_path / 'r') is None
     r = json.loads((tmp_path / 'r' / 'robustness.json').read_text())
     assert list(r['sets']) == shifts and r['rows'][-1]['members'] == [str(tmp_path / 'm.pt')] * 2   # the ensemble
-    preds = {}
+    preds, seen = {}, {}
     for shift in shifts:                                                     # every test image, by hand
         x, y = pixels(shifted_set(shift), r['sets'][shift]['images'])
+        seen[shift] = x
         with torch.no_grad():
             preds[shift] = model((x - MEAN) / STD).argmax(-1)
         expected = 100 * (preds[shift] == y).float().mean().item()
         assert all(row['top1'][shift] == pytest.approx(expected, abs=1e-4) for row in r['rows']), shift
-    assert (preds['none'] != preds['invert']).any() and (preds['none'] != preds['rotate']).any()
+    assert not seen['none'].equal(seen['invert']) and not seen['none'].equal(seen['rotate'])   # each shift scored
 
 
 def test_a_shift_needs_a_test_split_of_its_own(monkeypatch, tmp_path):
