@@ -4,6 +4,7 @@ shared), forked from one that has imported torch already (tests/forkserver.py)."
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -104,6 +105,18 @@ def torch_settings():
     settings['torch._dynamo.config names deleted'] = [k for k, entry in config._config.items()
                                                       if getattr(entry, 'hide', False)]
     return settings
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_signals_as_found():
+    """A script's main run in this process (run_main) installs its handlers of SIGINT, SIGTERM, SIGUSR1 and SIGHUP,
+    and ignores them once it stops: this process gets its own back after each test, and so do the processes it
+    forks later (a loader's workers)."""
+    names = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+    handlers = {s: signal.getsignal(s) for s in names}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """Every option of every script and tool has a range, checked before anything is built or written: the values a
 user types by mistake give one line and a non-zero exit, or run where they are valid; never a traceback or a hang.
 And what else a run meets at its edges: --help beside a bad value, large ensemble weights, a divergence named by
-what moved it, SIGTERM with loader workers, a kill while the first checkpoint is written, a finished MAE run."""
+what moved it, SIGTERM with loader workers, an interpreter's end with them alive, a kill while the first checkpoint is written, a finished MAE run."""
 import dataclasses
 import os
 import signal
@@ -178,6 +178,20 @@ def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path, to_g
     time.sleep(0.5)
     assert not any(alive(w) for w in workers), 'a loader worker outlived the run'
     assert 'Traceback' not in err
+
+
+def test_an_interpreter_whose_loader_workers_are_still_alive_ends(tmp_path):
+    """The workers ignore SIGTERM (a scheduler's, while the run saves), and SIGTERM is how multiprocessing ends them at
+    the interpreter's exit, before it waits for them: a loader kept in a reference cycle until then (as an error's
+    traceback keeps one) left the interpreter waiting forever, the test process's own included."""
+    code = ('import types, torch\nfrom util.datafiles import build_loader\n'
+            'data = torch.utils.data.TensorDataset(torch.zeros(64, 1), torch.zeros(64, dtype=torch.long))\n'
+            'cfg = types.SimpleNamespace(batch_size=8, num_workers=1, seed=0)\n'
+            'cycle = [iter(build_loader(cfg, data, train=True))]\n'
+            'next(cycle[0])\ncycle.append(cycle)\n')
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=sub_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and not p.stderr, p.stderr[-2000:]
 
 
 def test_a_reproduction_refuses_every_stage_input_before_the_first_stage(tmp_path):

@@ -17,7 +17,9 @@ never stopped. Every data set has `classes` (index = label) and `source` (the fo
 Each data set is declared once, as a row of DATASETS at the end (its size, classes, statistics, training images,
 whether it is held in memory, its reader); data.py says how it is augmented.
 """
+import atexit
 import hashlib
+import multiprocessing.util
 import os
 import pathlib
 import signal
@@ -270,6 +272,21 @@ def quiet_on_stop(worker_id):
     for signum in stop.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     sys.excepthook = quiet_hook
+
+
+def end_workers():
+    """At the interpreter's exit, the loader workers still alive (a loader kept in a reference cycle until then) are
+    killed. multiprocessing ends them with SIGTERM, which they ignore (quiet_on_stop), and then waits for them: an
+    interpreter would never end. Registered after multiprocessing's own exit function, so it runs before it. torch's
+    handler of a child's end, which reports a killed worker as the run's error, is taken down first: nothing runs."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in workers:
+        p.kill()
+
+
+atexit.register(end_workers)
 
 
 def quiet_hook(kind, *rest):
