@@ -6,8 +6,13 @@
 # teacher's components, randomly initialised), each beside its own scratch baseline (finetune.py, built the same
 # way), seeds 0-2, on the committed reproduction's budget (3 epochs, warm-up 0.3 epoch, blr 4e-3, the test split).
 # Every run is one process on one core; seed 0 of every arm before any seed 1. A run whose records are in $OUT is
-# skipped, so the script resumes where it stopped. Run from the repository root: bash tools/followup.sh
-# (hours on one core: the shipped teacher took 30 min, a run of this budget 8 to 30).
+# skipped, so the script resumes where it stopped, and a run another invocation is training is left to it, so two
+# share the work: CORE=0 bash tools/followup.sh & CORE=1 bash tools/followup.sh, once the teacher exists. Run from the
+# repository root: bash tools/followup.sh (hours on one core: the shipped teacher took 30 min, a run 6 to 9).
+#
+# The teacher holds out 5000 training images (--val-size 5000) whatever the runs do: its masked MSE on them, the
+# family's teacher against the other's, is what FAMILY was chosen on, before any transfer ran. STOP=teacher ends the
+# script once the teacher is made (how the other family's teacher is made for that comparison).
 #
 # FAMILY=clip (default): CLIP's LayerNorm before the blocks and QuickGELU, both at every layer of a plain student's
 #   shape; dinov2: DINOv2's layer scale from its 1e-5. Not DINOv2's registers: a plain student cannot take maps that
@@ -46,7 +51,7 @@ teacher() {   # the MAE teacher with the family's components, pre-trained once, 
   [ -f "$OUT/logs/teacher/seed0/metrics.jsonl" ] && [ -f "$TEACHER" ] && return 0
   echo "$(date +%T) teacher (MAE, $FAMILY's components: ${COMP[*]})"
   local t0=$SECONDS
-  one_core mae_pretrain.py --data fashion-mnist "${SPLIT[@]}" --num-workers 0 "${COMP[@]}" "${TRY[@]}" \
+  one_core mae_pretrain.py --data fashion-mnist --val-size 5000 --num-workers 0 "${COMP[@]}" "${TRY[@]}" \
       --out-dir "$R/teacher" --overwrite true --export "$TEACHER" > "$R/teacher.out" 2>&1 \
       || { echo "FAILED: $R/teacher.out"; exit 1; }
   record teacher seed0 "$R/teacher" "$t0"
@@ -56,16 +61,23 @@ run() {   # run NAME SEED SCRIPT FLAGS...: one training run
   local name=$1 seed=$2 script=$3
   shift 3
   [ -f "$OUT/logs/$name/seed$seed/metrics.jsonl" ] && return 0
+  local lock
+  exec {lock}> "$R/$name-seed$seed.lock"               # held while the run trains; gone with the process
+  flock -n "$lock" || { exec {lock}>&-; return 0; }    # another invocation trains it
+  [ -f "$OUT/logs/$name/seed$seed/metrics.jsonl" ] && { exec {lock}>&-; return 0; }   # it finished meanwhile
   echo "$(date +%T) $name seed $seed"
   local t0=$SECONDS
   one_core "$script" "${BUDGET[@]}" --seed "$seed" "$@" "${TRY[@]}" --out-dir "$R/$name/seed$seed" \
-      --overwrite true > "$R/$name-seed$seed.out" 2>&1 || { echo "FAILED: $R/$name-seed$seed.out"; FAILED=1; return 0; }
+      --overwrite true > "$R/$name-seed$seed.out" 2>&1 \
+      || { echo "FAILED: $R/$name-seed$seed.out"; FAILED=1; exec {lock}>&-; return 0; }
   record "$name" "seed$seed" "$R/$name/seed$seed" "$t0"
+  exec {lock}>&-
 }
 
 mkdir -p "$R" "$OUT"
 if [ -z "${REDO_PAGE:-}" ]; then
   teacher
+  [ "${STOP:-}" = teacher ] && exit 0
   for seed in $SEEDS; do
     run scratch-plain "$seed" finetune.py                                           # the baselines
     run scratch-matched "$seed" finetune.py "${COMP[@]}"
