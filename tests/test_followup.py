@@ -25,13 +25,19 @@ def write_run(folder, record, config, wall_s=60):
         f.write(f'{wall_s}\n')
 
 
+def teacher(out, mse, val_size=5000):
+    """A teacher's records, as tools/followup.sh copies them to its OUT."""
+    write_run(os.path.join(out, 'logs', 'teacher', 'seed0'), {'mse': mse}, {'epochs': 24, 'val_size': val_size},
+              wall_s=1800)
+
+
 def layout(out, top1, max_steps=0):
     """tools/followup.sh's OUT with these runs ({arm: {seed: top-1}}) and a teacher."""
     for arm, by_seed in top1.items():
         taught = {} if arm.startswith('scratch') else {'teacher_sha256': 'f0110' * 12}
         for k, value in by_seed.items():
             write_run(os.path.join(out, 'logs', arm, f'seed{k}'), {'top1': value}, {'max_steps': max_steps, **taught})
-    write_run(os.path.join(out, 'logs', 'teacher', 'seed0'), {'mse': 0.41234}, {'epochs': 24}, wall_s=1800)
+    teacher(out, 0.41234)
     with open(os.path.join(out, 'machine.txt'), 'w') as f:
         f.write('a test machine, 2 cores (one a run), torch 0\n')
 
@@ -55,7 +61,9 @@ def diff(a, b):
 def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     runs = made_up(failing)
     layout(tmp_path, runs)
-    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--command', 'bash tools/followup.sh') is None
+    teacher(tmp_path / 'rival', 0.40017 if failing else 0.5)   # the family chosen against
+    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--command', 'bash tools/followup.sh',
+                          '--rival', tmp_path / 'rival') is None
     saved = json.loads((tmp_path / 'followup.json').read_text())
     assert saved['runs'] == {arm: {str(k): v for k, v in r.items()} for arm, r in runs.items()}
     assert not saved['cut_short']
@@ -79,6 +87,10 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     verdicts = re.findall(r'failure \(.*?\) (shows|does not show) here', flat)
     assert verdicts == (['shows', 'shows'] if failing else ['does not show', 'does not show'])
     assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
+    said = re.search(r"this teacher's masked MSE there is ([\d.]+) \((.*?)\); the teacher with DINOv2's .*?, ([\d.]+)\.",
+                     flat)
+    assert said.groups() == (('0.4123', 'not the lower', '0.4002') if failing else ('0.4123', 'the lower, the better '
+                                                                                     'teacher', '0.5000')), flat
     assert 'not a result' not in text
     # the page alone, again from the json: the same text
     (tmp_path / 'README.md').unlink()
@@ -101,3 +113,9 @@ def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teac
     config.write_text(json.dumps({**json.loads(config.read_text()), 'teacher_sha256': 'e' * 64}))
     msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'two')
     assert '2 teacher files' in msg and 'eeeeeeeeeeee' in msg
+    # the family chosen against: its teacher missing, or one that held out other images, is no comparison
+    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'short', '--rival', tmp_path / 'none')
+    assert 'holds no teacher' in msg and 'STOP=teacher FAMILY=dinov2' in msg, msg
+    teacher(tmp_path / 'other', 0.3, val_size=1000)
+    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'short', '--rival', tmp_path / 'other')
+    assert 'held out 1000 training images, this one 5000' in msg, msg

@@ -38,6 +38,8 @@ class FollowupConfig:
                       'followup.json, followup.png and README.md are written there')
     family: str = option('clip', "the teacher's components (tools/followup.sh's FAMILY)", choices=tuple(FAMILIES))
     command: str = option('bash tools/followup.sh', 'the command the page gives to make it again')
+    rival: str = option('', "the other family's OUT, whose teacher --family's was chosen against (their masked MSE "
+                        "on the images both held out); '' = no choice stated")
     page_only: bool = option(False, 'only followup.png and README.md, from followup.json as it is')
 
 # -----------------------------------------------------------------------------
@@ -85,13 +87,30 @@ def collect(cfg):
                           f"{', '.join(t[:12] for t in taught)}): move the runs of the old one away and run "
                           f'tools/followup.sh again')
     machine = os.path.join(cfg.out, 'machine.txt')
-    return {'family': cfg.family, 'components': FAMILIES[cfg.family], 'command': cfg.command,
+    return {'choice': choice(cfg, mse, made[-1]) if cfg.rival else None,
+            'family': cfg.family, 'components': FAMILIES[cfg.family], 'command': cfg.command,
             'machine': read_bytes(machine, FIX).decode().strip() if os.path.exists(machine) else 'not recorded',
             'git_commit': sorted({c.get('git_commit', 'unknown') for c in made}),
             'cut_short': any(c.get('max_steps', 0) for c in made),
             'val_size': made[0].get('val_size', 0),
             'teacher': {'held_out_mse': mse, 'epochs': made[-1]['epochs'], 'sha256': taught},
             'wall_s': wall, 'runs': runs}
+
+
+def choice(cfg, mse, config):
+    """{family: the teacher's masked MSE on the training images it held out} of --family's teacher and the other
+    family's (in --rival), and how many they held out: what FAMILY was chosen on, before any transfer ran."""
+    rival = next(f for f in FAMILIES if f != cfg.family)
+    teacher = os.path.join(cfg.rival, 'logs', 'teacher', 'seed0')
+    again = f'make it (STOP=teacher FAMILY={rival} bash tools/followup.sh), or leave --rival out'
+    if not os.path.exists(os.path.join(teacher, 'metrics.jsonl')):
+        raise DamagedFile(f'{teacher} holds no teacher of tools/followup.sh: {again}')
+    theirs = read_json(os.path.join(teacher, 'config.json'), again)
+    if theirs.get('val_size') != config.get('val_size') or not config.get('val_size'):
+        raise DamagedFile(f"{teacher}: its teacher held out {theirs.get('val_size')} training images, this one "
+                          f"{config.get('val_size')}: no comparison; {again}")
+    return {'val_size': config['val_size'],
+            'mse': {cfg.family: mse, rival: finite(records(teacher)[-1].get('mse'), teacher, "its last record's mse")}}
 
 
 def spread(values):
@@ -174,13 +193,19 @@ def page(result):
         "finds that a student lacking its teacher's architectural components fails to take the teacher's attention, "
         'and that the same components given at random initialisation make it transfer again. Here: an MAE teacher '
         f"with {result['components']}, pre-trained by `mae_pretrain.py` as the shipped teacher is "
-        f"({result['teacher']['epochs']} epochs, held-out masked MSE {result['teacher']['held_out_mse']:.4f}, "
+        f"({result['teacher']['epochs']} epochs, masked MSE on the images it held out {result['teacher']['held_out_mse']:.4f}, "
         f"sha256 {', '.join(result['teacher']['sha256']) or 'not recorded'}); "
         'copy and distillation into a plain student (`--student-arch plain`) and into a matched one '
         "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
         "its own student (`finetune.py`, built the same way), on the committed reproduction's budget (3 epochs, "
         f'blr 4e-3), {n} seeds. Every number is top-1 (%) on {split} after the last epoch; ± is the standard '
         'deviation over seeds (of the per-seed differences, for a difference).', '']
+    if result['choice']:
+        (family, mse), (rival, theirs) = result['choice']['mse'].items()
+        which = 'the lower, the better teacher' if mse < theirs else 'not the lower'
+        lines[2] += (f' These components were chosen before any transfer ran, on the {result["choice"]["val_size"]} '
+                     f"training images every teacher held out: this teacher's masked MSE there is {mse:.4f} ({which}); "
+                     f'the teacher with {FAMILIES[rival]}, made the same way, {theirs:.4f}.')
     lines[2] = textwrap.fill(lines[2], WIDTH, break_on_hyphens=False)
     if result['cut_short']:
         lines += ['**Its runs were cut short (`--max-steps`): this page checks the pipeline and is not a result.**', '']

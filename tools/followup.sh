@@ -19,21 +19,23 @@
 #   cover register tokens (teacher.student_arch refuses it), so the plain arm would not exist.
 # VAL_SIZE=5000: every run, the teacher's included, on 5000 training images held out (the split to choose FAMILY on).
 # OUT= the records (default results/fashion-mnist/followup[-<family>][-val]), R= the run directories (default
-# runs/followup/...), CORE= the core (1), SEEDS= ("0 1 2"), TRY= flags added to every run (a dry run:
-# TRY="--max-steps 2" OUT=/tmp/f R=/tmp/f/runs; not a result). REDO_PAGE=1 only re-collects the page.
+# runs/followup/...), RIVAL_OUT= the other family's OUT ('' = no choice stated), CORE= the core (1), SEEDS= ("0 1 2"),
+# TRY= flags added to every run (a dry run: TRY="--max-steps 2" OUT=/tmp/f R=/tmp/f/runs; not a result). REDO_PAGE=1
+# only re-collects the page.
 set -euo pipefail
 FAMILY=${FAMILY:-clip} CORE=${CORE:-1} SEEDS=${SEEDS:-0 1 2} VAL_SIZE=${VAL_SIZE:-0} FAILED=0
 read -r -a TRY <<< "${TRY:-}"
 case $FAMILY in
-  clip)   COMP=(--norm-pre true --act quick_gelu) ;;
-  dinov2) COMP=(--layer-scale 1e-5) ;;
+  clip)   COMP=(--norm-pre true --act quick_gelu) RIVAL=followup-dinov2 ;;
+  dinov2) COMP=(--layer-scale 1e-5) RIVAL=followup ;;
   *) echo "error: FAMILY=$FAMILY: use clip or dinov2" >&2; exit 2 ;;
 esac
 NAME=followup
 [ "$FAMILY" = clip ] || NAME+=-$FAMILY
 SPLIT=()
-if [ "$VAL_SIZE" != 0 ]; then NAME+=-val; SPLIT=(--val-size "$VAL_SIZE"); fi
+if [ "$VAL_SIZE" != 0 ]; then NAME+=-val RIVAL+=-val; SPLIT=(--val-size "$VAL_SIZE"); fi
 OUT=${OUT:-results/fashion-mnist/$NAME}        # what is committed: each run's log, metrics, config, wall time
+RIVAL=${RIVAL_OUT-results/fashion-mnist/$RIVAL}  # the other family's, whose teacher this one was chosen against
 R=${R:-runs/$NAME}                              # run directories, checkpoints included (ignored by git)
 TEACHER=$R/teacher.pt
 BUDGET=(--data fashion-mnist "${SPLIT[@]}" --epochs 3 --warmup-epochs 0.3 --blr 0.004)
@@ -93,5 +95,5 @@ COMMAND="bash tools/followup.sh"
 [ "$VAL_SIZE" = 0 ] || COMMAND="VAL_SIZE=$VAL_SIZE $COMMAND"
 [ "$FAMILY" = clip ] || COMMAND="FAMILY=$FAMILY $COMMAND"
 [ -z "${TRY:-}" ] || COMMAND="TRY='${TRY[*]}' $COMMAND"
-python -m tools.followup --out "$OUT" --family "$FAMILY" --command "$COMMAND"
+python -m tools.followup --out "$OUT" --family "$FAMILY" --command "$COMMAND" --rival "$RIVAL"
 exit $FAILED                                                                     # a failed run: named above
