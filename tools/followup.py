@@ -180,6 +180,19 @@ def plot(result, path):
     return fig
 
 
+def table(result):
+    """The page's table, in Markdown: each student's scratch, copy and distillation top-1, each transfer's gain over
+    its own student's scratch, and the matched student against the plain one (the notebook shows it too)."""
+    arms, gains, matched = (result['summary'][k] for k in ('arms', 'gains', 'matched_minus_plain'))
+    lines = ['| student | scratch | copy (gain over scratch) | distillation (gain over scratch) |', '|---|---:|---:|---:|']
+    for student in STUDENTS:
+        cells = [pm(arms[f'scratch-{student}'])]
+        cells += [f"{pm(arms[f'{m}-{student}'])} ({signed(gains[f'{m}-{student}'])})" for m in TRANSFERS]
+        lines.append(f"| {student} | {' | '.join(cells)} |")
+    lines.append(f"| matched − plain | {' | '.join(signed(matched[m]) for m in METHODS)} |")
+    return '\n'.join(lines)
+
+
 def page(result):
     """README.md's text: every number from result (followup.json), none written by hand."""
     s = result['summary']
@@ -213,15 +226,8 @@ def page(result):
               f"    {result['command']}",
               f"    # measured: {result['machine']}; commit {', '.join(result['git_commit'])}; "
               f"{result['wall_s'] / 3600:.1f} h of runs", '',
-              "![each arm's top-1 per seed and its mean](followup.png)", '',
-              '| student | scratch | copy (gain over scratch) | distillation (gain over scratch) |',
-              '|---|---:|---:|---:|']
-    for student in STUDENTS:
-        cells = [pm(arms[f'scratch-{student}'])]
-        cells += [f"{pm(arms[f'{m}-{student}'])} ({signed(gains[f'{m}-{student}'])})" for m in TRANSFERS]
-        lines.append(f"| {student} | {' | '.join(cells)} |")
-    lines.append(f"| matched − plain | {' | '.join(signed(matched[m]) for m in METHODS)} |")
-    lines += ['', '## What it says', '']
+              "![each arm's top-1 per seed and its mean](followup.png)", '', table(result),
+              '', '## What it says', '']
     for m in TRANSFERS:
         plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
         verdict = 'shows here' if s['failure_reproduced'][m] else 'does not show here'
