@@ -1,10 +1,15 @@
-"""Every field of every script's config against bad values: the script stops in parse_config, before it
-makes or loads anything, with one line naming the flag and what is allowed (no traceback, exit non-zero).
-A new field needs a row in BAD (or a place in FREE, if every value parses and is checked where it is used)."""
+"""Every field of every script's and tool's config against bad values, in one table of the scripts: each field meets
+the values a user types by mistake (nan, inf, a huge or negative number, text, nothing) and gives one line and a
+non-zero exit, or parses where the value is valid, never a traceback or a hang; a number without an upper bound is
+refused. Each rule of BAD stops the script in parse_config, before it makes or loads anything, with one line naming
+the flag and what is allowed. A new field needs a row in BAD (or a place in FREE, if every value parses and is
+checked where it is used); --help beside a bad value prints the help."""
 import dataclasses
 import os
 import re
+import signal
 import sys
+import typing
 
 import pytest
 
@@ -16,23 +21,31 @@ import evaluate
 import finetune
 import mae_pretrain
 import tools.benchmark as benchmark
+import tools.features as features
 import tools.reproduce as reproduce
-from util.config import declared
-from util.launch import run_main
+from util.config import ConfigError, declared
+from util.launch import parse_config, run_main
 
-# script -> (module, config class, the flags of a run that would otherwise go ahead)
+# script -> (module, config class, its presets as its command line picks them, the flags of a run that would
+# otherwise go ahead)
 SCRIPTS = {
-    'finetune.py': (finetune, finetune.FinetuneConfig, [*TINY, '--out-dir', 'run', '--max-steps', '1']),
-    'attention_copy.py': (attention_copy, attention_copy.CopyConfig,
+    'finetune.py': (finetune, finetune.FinetuneConfig, finetune.presets,
+                    [*TINY, '--out-dir', 'run', '--max-steps', '1']),
+    'attention_copy.py': (attention_copy, attention_copy.CopyConfig, attention_copy.PRESETS,
                           [*TINY, '--out-dir', 'run', '--max-steps', '1', '--teacher', 'missing.pt']),
-    'attention_distill.py': (attention_distill, attention_distill.DistillConfig,
+    'attention_distill.py': (attention_distill, attention_distill.DistillConfig, attention_distill.PRESETS,
                              [*TINY, '--out-dir', 'run', '--max-steps', '1', '--teacher', 'missing.pt']),
-    'mae_pretrain.py': (mae_pretrain, mae_pretrain.MAEConfig, [*TINY, '--out-dir', 'run', '--max-steps', '1']),
-    'ensemble.py': (ensemble, ensemble.EnsembleConfig, [*TINY, '--models', 'missing.pt']),
-    'reproduce.py': (reproduce, reproduce.ReproduceConfig, [*TINY, '--out-dir', 'runs', '--results-dir', 'res',
-                                                           '--teacher', 'missing.pt']),
-    'evaluate.py': (evaluate, evaluate.EvaluateConfig, ['--models', 'missing.pt', '--imagenet', 'val', '--out', 'res']),
-    'benchmark.py': (benchmark, benchmark.BenchConfig, ['--quick', 'true', '--out-dir', 'bench']),
+    'mae_pretrain.py': (mae_pretrain, mae_pretrain.MAEConfig, mae_pretrain.PRESETS,
+                        [*TINY, '--out-dir', 'run', '--max-steps', '1']),
+    'ensemble.py': (ensemble, ensemble.EnsembleConfig, ensemble.PRESETS, [*TINY, '--models', 'missing.pt']),
+    'reproduce.py': (reproduce, reproduce.ReproduceConfig, reproduce.PRESETS,
+                     [*TINY, '--out-dir', 'runs', '--results-dir', 'res', '--teacher', 'missing.pt']),
+    'evaluate.py': (evaluate, evaluate.EvaluateConfig, {},
+                    ['--models', 'missing.pt', '--imagenet', 'val', '--out', 'res']),
+    'benchmark.py': (benchmark, benchmark.BenchConfig, getattr(benchmark, 'PRESETS', {}),
+                     ['--quick', 'true', '--out-dir', 'bench']),
+    'features.py': (features, features.FeaturesConfig, {},
+                    ['--models', 'missing.pt', 'other.pt', '--teacher', 'missing.pt', '--out-dir', 'feat']),
 }
 TRAIN = ['finetune.py', 'attention_copy.py', 'attention_distill.py', 'mae_pretrain.py']
 OWN_SIZE = ['finetune.py', 'mae_pretrain.py']    # the transfer scripts take the teacher's size, patch and heads
@@ -154,6 +167,9 @@ BAD = [
     (['benchmark.py'], 'paths', [['nope']]),
     (['benchmark.py'], 'threads', [['-1']]),
     (['benchmark.py'], 'gemm_size', [['0']]),
+    (['features.py'], 'images', [['-1']]),
+    (['features.py'], 'blocks', [['nope']]),
+    (['features.py'], 'batch_size', [['0']]),
 ]
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
@@ -167,7 +183,7 @@ CASES = [(scripts[k % len(scripts)], field, values) for k, (scripts, field, valu
 
 @pytest.mark.parametrize('script, field, values', CASES, ids=[f'{s}:{f}' for s, f, _ in CASES])
 def test_bad_value_is_one_line_naming_the_flag(monkeypatch, tmp_path, capsys, script, field, values):
-    module, _, base = SCRIPTS[script]
+    module, _, _, base = SCRIPTS[script]
     monkeypatch.chdir(tmp_path)
     flag = '--' + field.replace('_', '-')
     for value in values:
@@ -203,13 +219,68 @@ def test_every_field_is_checked(script):
     assert not fields - tested - FREE, f'{script}: no bad values for {sorted(fields - tested - FREE)}'
 
 
+VALUES = ['nan', 'inf', '-inf', '1e309', '-1', '0', '1e20', '1e308', 'text', '', str(10 ** 20)]
+NUMBERS = (int, float)
+
+
+def kind(cls, field):
+    """The element type of a field: int, float, str, bool (a list's or an Optional's own)."""
+    tp = typing.get_type_hints(cls)[field.name]
+    while typing.get_origin(tp) in (list, typing.Union):
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def outcome(cls, presets, argv):
+    """'ok', or the one line the command ends with; anything else (a traceback, a hang) fails the test."""
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail(f'{argv}: no answer within 10 s'))
+    signal.alarm(10)
+    try:
+        parse_config(cls, presets(argv) if callable(presets) else presets, argv)
+        return 'ok'
+    except SystemExit as e:
+        return str(e.code)
+    except ConfigError as e:
+        return f'error: {e}'
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_every_option_meets_each_bad_value_in_one_line(script, monkeypatch):
+    _, cls, presets, base = SCRIPTS[script]
+    monkeypatch.setattr(sys, 'argv', [script])     # --help is not asked for
+    for field in dataclasses.fields(cls):
+        flag = '--' + field.name.replace('_', '-')
+        for value in VALUES:
+            said = outcome(cls, presets, [*base, flag, value])
+            assert said == 'ok' or ('\n' not in said.strip() and 'Traceback' not in said), (script, flag, value, said)
+            if kind(cls, field) in NUMBERS and value in ('nan', 'inf', '1e309') or \
+                    kind(cls, field) is int and value == str(10 ** 20):   # sizes, counts, seeds: bounded above
+                assert said != 'ok', f'{script} {flag} {value}: accepted, a number without a range'
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_prints_beside_a_bad_value(script, monkeypatch):
+    """`--blr nan --help` printed nothing: the value was refused first."""
+    _, cls, presets, base = SCRIPTS[script]
+    numeric = next(f for f in dataclasses.fields(cls) if kind(cls, f) in NUMBERS)
+    flag = '--' + numeric.name.replace('_', '-')
+    for value in ('nan', 'text'):
+        argv = [*base, flag, value, '--help']
+        monkeypatch.setattr(sys, 'argv', [script, *argv])
+        with pytest.raises(SystemExit) as e:
+            parse_config(cls, presets(argv) if callable(presets) else presets, argv)
+        assert e.value.code in (0, None), (script, value, e.value.code)
+
+
 @pytest.mark.parametrize('script, args, flag', [
     ('finetune.py', ['--batch-size', '0'], '--batch-size'),
     ('benchmark.py', ['--models', 'vit_nope'], '--models'),
 ])
 def test_bad_value_from_the_shell(tmp_path, script, args, flag):
     """The same, as a user sees it: exit status 1, one line on stderr, nothing made."""
-    base = SCRIPTS[script][2]
+    base = SCRIPTS[script][3]
     p = run_script(*(['-m', 'tools.benchmark'] if script == 'benchmark.py' else [script]),
                    *[str(tmp_path / a) if a in ('run', 'bench') else a for a in base], *args)
     assert p.returncode == 1, p.stderr[-2000:]
