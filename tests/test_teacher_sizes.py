@@ -380,43 +380,6 @@ def test_a_pickle_that_carries_code_is_refused_unrun(tmp_path):
     assert marker.exists()
 
 
-def damaged(tmp_path):
-    good = tmp_path / 'good.pt'
-    torch.save({'model': {'pos_embed': torch.randn(1, 17, 32)}}, good)
-    files = {'empty': b'', 'truncated': good.read_bytes()[:good.stat().st_size // 2],
-             'random bytes': bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1)).tolist()),
-             'text': b'model weights\n'}
-    for kind, data in files.items():
-        (tmp_path / f'{kind}.pt').write_bytes(data)
-    return {kind: tmp_path / f'{kind}.pt' for kind in files}
-
-
-REFUSED = 'torch.load refused it unread'
-
-
-@pytest.mark.parametrize('kind, says', [('empty', f'{REFUSED} (EOFError)'),
-                                        ('truncated', f'{REFUSED} (PytorchStreamReader failed reading zip archive'),
-                                        ('random bytes', f'{REFUSED} (Unsupported operand'),
-                                        ('text', f'{REFUSED} (Unsupported operand')])
-def test_a_damaged_file_is_one_line_naming_it_and_the_fix(tmp_path, kind, says):
-    """torch's own words for what it found, in one line naming the file, with the fix and never torch's advice to
-    load it with weights_only=False."""
-    path = damaged(tmp_path)[kind]
-    with pytest.raises(CheckpointError) as e:
-        read_checkpoint(str(path))
-    msg = str(e.value)
-    assert msg.startswith(f"'{path}' is not a readable PyTorch checkpoint: {says}") and '\n' not in msg, msg
-    assert 'weights_only' not in msg and msg.endswith('copy or download it again; for a file of your own, save the '
-                                                      'tensors alone: torch.save(model.state_dict(), path)'), msg
-
-
-def test_scripts_print_one_line_for_a_damaged_teacher(tmp_path, monkeypatch):
-    files = {**damaged(tmp_path), 'code': code_pickles(tmp_path)['torch.save'][0]}
-    for kind, path in files.items():
-        msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / kind, '--teacher', path)
-        assert msg and msg.startswith(f"error: '{path}' is not a readable PyTorch checkpoint"), (kind, msg)
-
-
 def test_a_damaged_download_names_the_cached_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
     monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: pytest.fail('the file is there'))
@@ -426,5 +389,6 @@ def test_a_damaged_download_names_the_cached_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         read_checkpoint('dino_vits16')
     msg = str(e.value)
-    assert msg.startswith(f"'{cached}' is not a readable PyTorch checkpoint: {REFUSED} (EOFError)"), msg
+    assert msg.startswith(f"'{cached}' is not a readable PyTorch checkpoint: torch.load refused it unread "
+                          '(EOFError)'), msg
     assert 'download it again' in msg and '\n' not in msg and cached.read_bytes() == b'', msg
