@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import unicodedata
+import zipfile
 
 import numpy as np
 import pytest
@@ -389,6 +390,15 @@ def reading_scripts(path, out):
             (evaluate, ['--data', 'fake', '--num-workers', '0', '--models', path, '--out', out], '--models')]
 
 
+def flip_a_bit(path):
+    """One bit changed inside the largest tensor's record of a zip archive torch wrote (its CRC-32 unchanged)."""
+    with zipfile.ZipFile(path) as z:
+        record = z.read(max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size))
+    data = bytearray(path.read_bytes())
+    data[data.find(record) + len(record) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(tmp_path, monkeypatch):
     """A flipped bit inside a tensor was read as a weight (torch checks no CRC-32), the damaged teacher's SHA-256
     recorded as the teacher's. Every script refuses it in one line naming it, before anything is written (what else
@@ -396,7 +406,6 @@ def test_a_damaged_file_is_refused_wherever_read_before_its_digest_is_recorded(t
     model = random_vit()
     path = tmp_path / 't.pt'
     torch.save({'model': model.state_dict(), 'arch': model.arch}, path)
-    from test_resume import flip_a_bit
     flip_a_bit(path)
     out = tmp_path / 'out'
     for script, args, _ in reading_scripts(path, out):
@@ -481,7 +490,6 @@ def damaged_file(path, damage):
     elif damage == 'lists nested 100,000 deep':
         saved_deep(path, {'model': sd, 'arch': arch, 'metrics': nested(100_000)})
     elif damage == 'a flipped bit':
-        from test_resume import flip_a_bit
         torch.save({'model': sd, 'arch': arch}, path)
         flip_a_bit(path)
     else:   # a TorchScript archive whose parameters are no list of names

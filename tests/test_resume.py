@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -84,7 +83,6 @@ def test_each_config_names_what_may_change():
 
 
 @pytest.mark.parametrize('damage, says', [
-    ('garbage', 'is not a readable PyTorch checkpoint'),
     ('pickled code', 'is not a readable PyTorch checkpoint'),
     ('state dict only', 'is not a training checkpoint'),
     ('other shapes', 'does not fit the run'),
@@ -99,7 +97,6 @@ def test_each_config_names_what_may_change():
     # set_rng_state's own words, before anything is written
     ('rng of floats', 'does not fit the run built from these settings (RNG state must be a torch.ByteTensor)'),
     ('rng cut short', 'does not fit the run built from these settings ('),
-    ('a flipped bit', "is not a readable PyTorch checkpoint: it is damaged (Bad CRC-32 for file"),
     # the fused AdamW step read and wrote by the parameter's size: glibc's abort (exit 134), or trained on
     ('optimizer state of one column', 'does not fit the run built from these settings (optimizer state 0 '
                                       'exp_avg of (1, 1, 1)'),
@@ -123,10 +120,6 @@ def test_damaged_checkpoint_is_one_line(monkeypatch, saved, tmp_path, damage, sa
               'step out of range': {'step': 2 ** 62}}
     if damage in broken:
         edit_checkpoint(d, **broken[damage])
-    elif damage == 'a flipped bit':
-        flip_a_bit(d / 'checkpoint.pt')
-    elif damage == 'garbage':
-        (d / 'checkpoint.pt').write_bytes(b'\x00not a checkpoint' * 100)
     elif damage == 'pickled code':    # weights_only refuses to unpickle arbitrary objects (no code is run)
         torch.save({**ck, 'config': argparse.Namespace(**ck['config'])}, d / 'checkpoint.pt')
     elif damage == 'state dict only':
@@ -195,14 +188,6 @@ def test_a_resumed_optimizer_takes_its_hyperparameters_from_the_config(monkeypat
     assert [[g[k] for k in keys] for g in groups] == [[tuple(g[k]) if k == 'betas' else g[k] for k in keys]
                                                      for g in own]
 
-
-def flip_a_bit(path):
-    """One bit changed inside the largest tensor's record of a zip archive torch wrote (its CRC-32 unchanged)."""
-    with zipfile.ZipFile(path) as z:
-        record = z.read(max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size))
-    data = bytearray(path.read_bytes())
-    data[data.find(record) + len(record) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
 
 def test_a_saved_config_without_a_field_counts_it_as_its_default(monkeypatch, saved, tmp_path):
     """A checkpoint from before a field existed: the field is its default, no KeyError (batch size included)."""
