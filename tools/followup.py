@@ -193,11 +193,28 @@ def table(result):
     return '\n'.join(lines)
 
 
+def findings(result):
+    """What the runs say, one Markdown bullet a method: each transfer's gain over its own student's scratch run, the
+    matched student against the plain one, and whether the follow-up's failure shows; the components' effect on
+    scratch training."""
+    s = result['summary']
+    gains, matched = s['gains'], s['matched_minus_plain']
+    lines = []
+    for m in TRANSFERS:
+        plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
+        verdict = 'shows here' if s['failure_reproduced'][m] else 'does not show here'
+        lines.append(f"- **{SHORT[m].capitalize()}**: the plain student ends {signed(plain)} points against its "
+                     f"scratch run ({side(plain)}), the matched one {signed(like)} ({side(like)}); the matched student "
+                     f"ends {signed(matched[m])} points against the plain one ({side(matched[m])}). The follow-up's "
+                     f'failure (the plain student below its scratch run, the matched one above its own) {verdict}.')
+    lines.append(f"- **Scratch**: the components alone move training from scratch by {signed(matched['scratch'])} "
+                 f"points ({side(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
+    return lines
+
+
 def page(result):
     """README.md's text: every number from result (followup.json), none written by hand."""
-    s = result['summary']
-    arms, gains, matched = s['arms'], s['gains'], s['matched_minus_plain']
-    n = arms['scratch-plain']['n']
+    n = result['summary']['arms']['scratch-plain']['n']
     split = (f"{result['val_size']} training images held out (the validation split)" if result['val_size']
              else 'the 10,000 test images')
     lines = [
@@ -228,16 +245,7 @@ def page(result):
               f"{result['wall_s'] / 3600:.1f} h of runs", '',
               "![each arm's top-1 per seed and its mean](followup.png)", '', table(result),
               '', '## What it says', '']
-    for m in TRANSFERS:
-        plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
-        verdict = 'shows here' if s['failure_reproduced'][m] else 'does not show here'
-        lines.append(f"- **{SHORT[m].capitalize()}**: the plain student ends {signed(plain)} points against its "
-                     f"scratch run ({side(plain)}), the matched one {signed(like)} ({side(like)}); the matched student "
-                     f"ends {signed(matched[m])} points against the plain one ({side(matched[m])}). The follow-up's "
-                     f'failure (the plain student below its scratch run, the matched one above its own) {verdict}.')
-    lines.append(f"- **Scratch**: the components alone move training from scratch by {signed(matched['scratch'])} "
-                 f"points ({side(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
-    lines[-3:] = [textwrap.fill(line, WIDTH, subsequent_indent='  ', break_on_hyphens=False) for line in lines[-3:]]
+    lines += [textwrap.fill(line, WIDTH, subsequent_indent='  ', break_on_hyphens=False) for line in findings(result)]
     lines += ['', 'The numbers: [`followup.json`](followup.json); each run\'s log, metrics, config and wall time: '
               '[`logs/`](logs/).', '']
     return '\n'.join(lines)
