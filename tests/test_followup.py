@@ -6,9 +6,11 @@ import random
 import re
 from statistics import mean, stdev
 
+import shutil
+
 import pytest
 
-from conftest import run_in_process
+from conftest import ROOT, run_in_process
 from tools import followup
 
 ARMS = [f'{m}-{s}' for m in ('scratch', 'copy', 'distill') for s in ('plain', 'matched')]
@@ -119,3 +121,19 @@ def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teac
     teacher(tmp_path / 'other', 0.3, val_size=1000)
     msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'short', '--rival', tmp_path / 'other')
     assert 'held out 1000 training images, this one 5000' in msg, msg
+
+
+def test_the_committed_page_is_what_its_runs_give(monkeypatch, tmp_path):
+    """results/fashion-mnist/followup: followup.json collected again from the committed runs' records, and README.md
+    written again from it, are the committed ones, to the byte (the command the page gives, as tools/followup.sh
+    passes it)."""
+    committed = os.path.join(ROOT, 'results', 'fashion-mnist')
+    for name in ('followup', 'followup-dinov2'):
+        shutil.copytree(os.path.join(committed, name), tmp_path / name)
+    for name in ('followup.json', 'README.md'):
+        (tmp_path / 'followup' / name).unlink()
+    assert run_in_process(monkeypatch, followup, '--out', tmp_path / 'followup', '--family', 'clip',
+                          '--rival', tmp_path / 'followup-dinov2') is None
+    for name in ('followup.json', 'README.md'):
+        with open(os.path.join(committed, 'followup', name)) as f:
+            assert (tmp_path / 'followup' / name).read_text() == f.read(), name

@@ -8,7 +8,7 @@
 # Every run is one process on one core; seed 0 of every arm before any seed 1. A run whose records are in $OUT is
 # skipped, so the script resumes where it stopped, and a run another invocation is training is left to it, so two
 # share the work: CORE=0 bash tools/followup.sh & CORE=1 bash tools/followup.sh, once the teacher exists. Run from the
-# repository root: bash tools/followup.sh (hours on one core: the shipped teacher took 30 min, a run 6 to 9).
+# repository root: bash tools/followup.sh (hours on one core: a teacher took 25 min here, a run 3.5 to 6).
 #
 # The teacher holds out 5000 training images (--val-size 5000) whatever the runs do: its masked MSE on them, the
 # family's teacher against the other's, is what FAMILY was chosen on, before any transfer ran. STOP=teacher ends the
