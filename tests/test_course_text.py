@@ -360,6 +360,37 @@ def test_the_section_on_the_papers_other_questions_holds_on_variants_json():
     assert 'Four of 8 heads match all 8' in text and abs(heads4['mean'] - whole['mean']) <= max(heads4['std'], whole['std'])
 
 
+def test_the_follow_ups_section_holds_on_followup_json():
+    """What the notebook's section on the follow-up, and the README's paragraph, say of its miniature is what
+    followup.json has: no failure, every transfer above its scratch on the means (beyond the spread but for the
+    matched copy student), the two students level within the spread, the components lifting scratch beyond it and so
+    leaving the matched student the smaller gain; the teacher's size as its record has it."""
+    with open(os.path.join(RESULTS, 'followup', 'followup.json')) as f:
+        result = json.load(f)
+    s, text = result['summary'], markdown('**What a map hands over.**')
+    beyond = lambda d: abs(d['mean']) > d['std']
+    gains, matched = s['gains'], s['matched_minus_plain']
+    assert 'Here the failure does not show.' in text and not any(s['failure_reproduced'].values())
+    assert all(g['mean'] > 0 for g in gains.values())
+    assert {arm for arm, g in gains.items() if not beyond(g)} == {'copy-matched'}
+    assert 'the matched student ends level with the plain one within the seeds\' spread' in text
+    assert not beyond(matched['copy']) and not beyond(matched['distill'])
+    assert 'The components lift training from scratch instead' in text
+    assert matched['scratch']['mean'] > 0 and beyond(matched['scratch'])
+    assert all(gains[f'{m}-matched']['mean'] < gains[f'{m}-plain']['mean'] for m in ('copy', 'distill'))
+    with open(os.path.join(RESULTS, 'followup', 'logs', 'teacher', 'seed0', 'config.json')) as f:
+        teacher = json.load(f)
+    assert f"({teacher['depth']} blocks of {teacher['embed_dim']} dimensions)" in text
+    assert f"pre-trained for {teacher['epochs']} epochs" in text
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:   # the README's paragraph on it too
+        readme = ' '.join(next(p for p in f.read().split('\n\n') if '**When transfer fails' in p).split())
+    for said in ('The failure does not show at this scale.',
+                 f"gains {gains['copy-plain']['mean']:+.2f} (copy) and {gains['distill-plain']['mean']:+.2f} "
+                 '(distillation) points over its scratch run', "ends level with it within the seeds' spread",
+                 f"lift training from scratch by {matched['scratch']['mean']:+.2f} points"):
+        assert said in readme, said
+
+
 def test_distillation_leads_copy_on_the_means_not_on_every_seed():
     """'Distillation's mean leads copy's from the first epoch on ..., though not on seed 1': per seed, from the logs."""
     first = {m: {k: json.loads(open(os.path.join(RESULTS, 'logs', m, f'seed{k}', 'metrics.jsonl')).readline())['top1']
