@@ -33,9 +33,9 @@ esac
 NAME=followup
 [ "$FAMILY" = clip ] || NAME+=-$FAMILY
 SPLIT=()
-if [ "$VAL_SIZE" != 0 ]; then NAME+=-val RIVAL+=-val; SPLIT=(--val-size "$VAL_SIZE"); fi
+if [ "$VAL_SIZE" != 0 ]; then NAME+=-val; SPLIT=(--val-size "$VAL_SIZE"); fi
 OUT=${OUT:-results/fashion-mnist/$NAME}        # what is committed: each run's log, metrics, config, wall time
-RIVAL=${RIVAL_OUT-results/fashion-mnist/$RIVAL}  # the other family's, whose teacher this one was chosen against
+RIVAL=${RIVAL_OUT-results/fashion-mnist/$RIVAL}  # the other family's (its teacher holds out the same images in every mode)
 R=${R:-runs/$NAME}                              # run directories, checkpoints included (ignored by git)
 TEACHER=$R/teacher.pt
 BUDGET=(--data fashion-mnist "${SPLIT[@]}" --epochs 3 --warmup-epochs 0.3 --blr 0.004)
