@@ -89,8 +89,8 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     verdicts = re.findall(r'failure \(.*?\) (shows|does not show) here', flat)
     assert verdicts == (['shows', 'shows'] if failing else ['does not show', 'does not show'])
     assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
-    said = re.search(r"this teacher's masked MSE there is ([\d.]+) \((.*?)\); the teacher with DINOv2's .*?, ([\d.]+)\.",
-                     flat)
+    said = re.search(r"this teacher's masked MSE there is ([\d.]+) \((.*?)\); "
+                     r"the teacher with DINOv2's .*?, ([\d.]+)\.", flat)
     assert said.groups() == (('0.4123', 'not the lower', '0.4002') if failing else ('0.4123', 'the lower, the better '
                                                                                      'teacher', '0.5000')), flat
     assert 'not a result' not in text

@@ -227,7 +227,8 @@ def test_runs_in_quick_mode_and_a_training_cell_runs_again(tmp_path):
     fresh = key_numbers(nb)
     if fresh['torch'] == stored['torch']:
         assert not differences(fresh, stored)
-    else:   # the stored copy's torch: on another, a few hundred steps end elsewhere (2.10: distillation by hand 36 vs 46)
+    else:   # the stored copy's torch: on another, a few hundred steps end elsewhere
+        # (2.10: distillation by hand 36 vs 46)
         assert fresh.keys() == stored.keys() and fresh['mode'] == stored['mode']
 
 def test_a_printed_command_runs_as_typed(tmp_path, capsys, monkeypatch):

@@ -184,7 +184,8 @@ def table(result):
     """The page's table, in Markdown: each student's scratch, copy and distillation top-1, each transfer's gain over
     its own student's scratch, and the matched student against the plain one (the notebook shows it too)."""
     arms, gains, matched = (result['summary'][k] for k in ('arms', 'gains', 'matched_minus_plain'))
-    lines = ['| student | scratch | copy (gain over scratch) | distillation (gain over scratch) |', '|---|---:|---:|---:|']
+    lines = ['| student | scratch | copy (gain over scratch) | distillation (gain over scratch) |',
+             '|---|---:|---:|---:|']
     for student in STUDENTS:
         cells = [pm(arms[f'scratch-{student}'])]
         cells += [f"{pm(arms[f'{m}-{student}'])} ({signed(gains[f'{m}-{student}'])})" for m in TRANSFERS]
@@ -223,7 +224,8 @@ def page(result):
         "finds that a student lacking its teacher's architectural components fails to take the teacher's attention, "
         'and that the same components given at random initialisation make it transfer again. Here: an MAE teacher '
         f"with {result['components']}, pre-trained by `mae_pretrain.py` as the shipped teacher is "
-        f"({result['teacher']['epochs']} epochs, masked MSE on the images it held out {result['teacher']['held_out_mse']:.4f}, "
+        f"({result['teacher']['epochs']} epochs, masked MSE on the images it held out "
+        f"{result['teacher']['held_out_mse']:.4f}, "
         f"sha256 {', '.join(result['teacher']['sha256']) or 'not recorded'}); "
         'copy and distillation into a plain student (`--student-arch plain`) and into a matched one '
         "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
