@@ -13,8 +13,9 @@
 #                                          # then its steps compiled as --compile true trains (at most 300 s)
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
 #   bash tools/gpu_check.sh OUT_DIR notebook    # tutorial.ipynb in full mode, timed (at most 580 s)
-#   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the Fashion-MNIST preset one epoch eager, graphed
-#                                          # (--cuda-graph) and compiled, each with its img/s per interval and wall
+#   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the graphed step against eager and against itself
+#                                          # resumed (as the checks do); the Fashion-MNIST preset one epoch eager,
+#                                          # graphed (--cuda-graph) and compiled, each with its img/s per interval and wall
 #                                          # time from the command's start; the graphed step under torch.profiler;
 #                                          # then the reproduction timed whole (--jobs 0: auto), the GPU sampled beside
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
@@ -39,9 +40,49 @@ within() {   # within LIMIT COMMAND...: the command under LIMIT seconds, or what
   timeout "$limit" "${@:2}"
 }
 
+if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
+  device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
+  stretch=20   # a shared 2-core CPU: ViT-L's one tiny step passed 80 s there; not counted in the 535 s
+else
+  device=cuda; shapes='vit_b-224 vit_l-224 vit_l-448'; runs=''; bench='--models vit_large --batch-size 104'
+  stretch=1
+fi
+t() { timeout $(($1 * stretch)) "${@:2}" || echo "FAILED (exit $?, timeout $(($1 * stretch)) s): ${*:2:4}"; }
+tiny=(--data fake --fake-size 256 --num-workers 0 --epochs 1 --warmup-epochs 0 --log-every 1)
+# deterministic kernels (cuBLAS's workspace fixed): two runs of the same steps are the same bits
+det=(env CUBLAS_WORKSPACE_CONFIG=:4096:8 $py -c 'import runpy, sys, torch
+torch.use_deterministic_algorithms(True)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")')
+p=$out/paths
+mkdir -p "$p"
+graph_checks() {   # the graphed step (--cuda-graph) against itself resumed and against eager, into $p
+  local graphed=true graph
+  # the graphed step (--cuda-graph, bf16, drop-path): 12 steps unbroken, and 5 then resumed mid-epoch to the same 12
+  # (each process captures after its first 3 eager steps), bit for bit; then fp32, eager against graphed, 12 steps
+  [ "$device" = cpu ] && graphed=auto   # a CPU captures nothing: auto runs eager
+  graph=("${tiny[@]}" --epochs 2 --drop-path 0.1 --cuda-graph $graphed)
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-whole"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 5 --out-dir "$p/graph-resumed"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-resumed" --resume true
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --out-dir "$p/graph-fp32"
+  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --cuda-graph false --out-dir "$p/eager-fp32"
+  t 10 $py -c "import sys, torch
+a, b, c, d = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
+print('graphed, mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
+      else 'DIFFERS')
+far = max(((c[k] - d[k]).norm() / d[k].norm().clamp_min(1e-12)).item() for k in d)
+print(f'graphed against eager, fp32, 12 steps: the farthest weight {far:.1e} apart (relative)')" \
+    "$p/graph-whole" "$p/graph-resumed" "$p/graph-fp32" "$p/eager-fp32"
+  grep -h 'captured' "$p"/graph-*/log.txt
+}
+
 if [ "$part" = small ]; then   # Fashion-MNIST's preset one epoch eager, graphed, compiled; a profile; the reproduction
   # under 5 minutes on one H100 / H200: each run's wall time from this command's start, its
-  # img/s per interval (the progress line's speed since the line before) and its last line's mean
+  # img/s per interval (the progress line's speed since the line before) and its last line's mean; first, the
+  # graphed step against eager and against itself resumed (graph_checks, about 40 s)
+  graph_checks > "$out/graph.log" 2>&1
+  grep -hE 'bit for bit|DIFFERS|against eager|captured|FAILED|Error' "$out/graph.log" | cut -c1-220
   cut='' graph=true limit=90
   # on a CPU: 12 steps of 32 images in fp32, evaluated on 256 held-out images; no graph (auto says why: eager)
   [ -n "$dry" ] && cut='--max-steps 12 --batch-size 32 --amp off --val-size 256' graph=auto limit=300
@@ -144,14 +185,6 @@ EOF
   echo "exit $?"
   exit 0
 fi
-if [ -n "$dry" ]; then   # what can run without a GPU: small shapes, one step, the tests that skip without CUDA
-  device=cpu; shapes='tiny'; runs='--max-steps 1 --fake-size 64 --batch-size 8 --img-size 32'; bench='--quick true'
-  stretch=20   # a shared 2-core CPU: ViT-L's one tiny step passed 80 s there; not counted in the 535 s
-else
-  device=cuda; shapes='vit_b-224 vit_l-224 vit_l-448'; runs=''; bench='--models vit_large --batch-size 104'
-  stretch=1
-fi
-
 if [ "$part" = bench ]; then   # the fused attention's measurements and the benchmark (270 s), then compiled (300 s)
 # what the fused attention's gpu tests measured (the log-sum-exp entry point per shape, cuDNN's value gradient in the
 # model's gradient layout and in a second one after it), printed
@@ -199,10 +232,6 @@ workers=$($py -c 'import xdist' 2>/dev/null && echo '-n 6')   # pytest-xdist whe
 timeout 200 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py $workers -rs -q \
   --durations 10 -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
-p=$out/paths
-mkdir -p "$p"
-t() { timeout $(($1 * stretch)) "${@:2}" || echo "FAILED (exit $?, timeout $(($1 * stretch)) s): ${*:2:4}"; }
-tiny=(--data fake --fake-size 256 --num-workers 0 --epochs 1 --warmup-epochs 0 --log-every 1)
 {   # the start-up checks at the shapes round six printed them: a ViT-B/16 teacher (fine-tuning's check) and its
     # distillation, a ViT-L/16 teacher at 448 px and its distillation
   r=$out/logs
@@ -223,11 +252,6 @@ torch.save(ck, sys.argv[2])" "$1" "$2"
     --fake-size 64 --max-steps 2 --log-every 1 --out-dir "$r/distill-l448" $runs
 } > "$out/runs.log" 2>&1 &
 checks=$!
-# deterministic kernels (cuBLAS's workspace fixed): two runs of the same steps are the same bits
-det=(env CUBLAS_WORKSPACE_CONFIG=:4096:8 $py -c 'import runpy, sys, torch
-torch.use_deterministic_algorithms(True)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")')
 {
   # held on the device, batched RandAugment, drop-path (the CUDA generator), fp16 with its GradScaler: 6 steps unbroken,
   # and 3 steps, then resumed mid-epoch to the same 6
@@ -239,24 +263,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")')
 a, b = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
 print('mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
       else 'DIFFERS')" "$p/whole" "$p/resumed"
-  # the graphed step (--cuda-graph, bf16, drop-path): 12 steps unbroken, and 5 then resumed mid-epoch to the same 12
-  # (each process captures after its first 3 eager steps), bit for bit; then fp32, eager against graphed, 12 steps
-  graphed=true
-  [ "$device" = cpu ] && graphed=auto   # a CPU captures nothing: auto runs eager
-  graph=("${tiny[@]}" --epochs 2 --drop-path 0.1 --cuda-graph $graphed)
-  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-whole"
-  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 5 --out-dir "$p/graph-resumed"
-  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp bf16 --max-steps 12 --out-dir "$p/graph-resumed" --resume true
-  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --out-dir "$p/graph-fp32"
-  t 25 "${det[@]}" finetune.py "${graph[@]}" --amp off --max-steps 12 --cuda-graph false --out-dir "$p/eager-fp32"
-  t 10 $py -c "import sys, torch
-a, b, c, d = (torch.load(f + '/checkpoint.pt', weights_only=True)['model'] for f in sys.argv[1:])
-print('graphed, mid-epoch resume against the unbroken run:', 'bit for bit' if all(torch.equal(a[k], b[k]) for k in a)
-      else 'DIFFERS')
-far = max(((c[k] - d[k]).norm() / d[k].norm().clamp_min(1e-12)).item() for k in d)
-print(f'graphed against eager, fp32, 12 steps: the farthest weight {far:.1e} apart (relative)')" \
-    "$p/graph-whole" "$p/graph-resumed" "$p/graph-fp32" "$p/eager-fp32"
-  grep -h 'captured' "$p"/graph-*/log.txt
+  graph_checks
   # fp32 with TF32 on (processes()): the start-up check's verdict against its fp32 definition
   t 25 $py finetune.py "${tiny[@]}" --amp off --max-steps 2 --out-dir "$p/fp32"
   # ensemble.py, and evaluate.py under every shift, on the held set, on the device
