@@ -349,8 +349,8 @@ def checks(paths):
             found.setdefault(m.group(1), m.groups()[1:])
     return found
 then, now = checks(sys.argv[1:2]), checks(sys.argv[2:])
-print('| run (kernel, device, dtype, q) | farthest tensor | round six | now | eager's own (its dtype): then, now | tolerance | '
-      'verdict now |\n|---|---|---:|---:|---|---:|---|')
+print('| run (kernel, device, dtype, q) | farthest tensor | round six | now | eager\'s own (its dtype): then, now | '
+      'tolerance | verdict now |\n|---|---|---:|---:|---|---:|---|')
 for key in sorted(set(then) | set(now)):
     a, b = then.get(key, ('-',) * 5), now.get(key, ('-',) * 5)
     print(f'| {key} | {b[0] if b[0] != "-" else a[0]} | {a[1]} | {b[1]} | {a[2]}, {b[2]} | {b[3]} | {b[4]} |')

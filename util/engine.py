@@ -142,16 +142,16 @@ def graphed(run, forward):
 
 class GraphedStep:
     """train_step, captured once as a CUDA graph and then replayed: one launch for its hundreds of kernels (forward,
-    backward, the fused AdamW, the EMA, the running losses), where eager launches each from Python and a small
-    model's GPU waits for it (on one H200, Fashion-MNIST's preset step: 2.15 ms of kernels in a 12.7-16.4 ms eager step;
-    results/benchmark-h200/round7). As torch's notes on CUDA graphs do it: WARM_UP eager steps on a side stream (the
-    optimizer's state, the EMA's first copy, cuBLAS's handles made outside the graph), then the capture, which runs
-    nothing, then a replay per step. A replay reads and writes the same memory as the capture did: the batch is
-    copied into the graph's static buffers (x, y); what changes from step to step reaches it as a tensor it reads
-    where it is: each parameter group's lr (a device tensor, filled before each replay from the lr the group holds;
-    the capturable fused AdamW reads it), the EMA's weight and count (util/run.EMA), the running losses (summed in
-    place), drop-path's random numbers (torch's CUDA generator, which a replay advances as an eager step would).
-    Where a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32): util/launch.cuda_graph."""
+    backward, the fused AdamW, the EMA, the running losses), where eager launches each from Python and a small model's
+    GPU waits for it (on one H200, Fashion-MNIST's preset step: 2.15 ms of kernels in a 12.7-16.4 ms eager step,
+    results/benchmark-h200/round7; replayed, 2.27 ms: round8). As torch's notes on CUDA graphs do it: WARM_UP eager
+    steps on a side stream (the optimizer's state, the EMA's first copy, cuBLAS's handles made outside the graph), then
+    the capture, which runs nothing, then a replay per step. A replay reads and writes the same memory as the capture
+    did: the batch is copied into the graph's static buffers (x, y); what changes from step to step reaches it as a
+    tensor it reads where it is: each parameter group's lr (a device tensor, filled before each replay from the lr the
+    group holds; the capturable fused AdamW reads it), the EMA's weight and count (util/run.EMA), the running losses
+    (summed in place), drop-path's random numbers (torch's CUDA generator, which a replay advances as an eager step
+    would). Where a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32): util/launch.cuda_graph."""
     WARM_UP = 3   # eager steps before the capture (torch's example takes 3)
 
     def __init__(self):

@@ -152,8 +152,8 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
 # (16 -> 5.0 ms, 23 -> 5.6 ms): repaid after about 3,800 and 1,400 steps; a run of one epoch (468 steps) took 62 s
 # compiled, 19 s eager; CIFAR's step was not measured. On top of a CUDA graph, which launches the eager kernels
 # without the host's wait, a compilation is repaid only by what fusing kernels saves of a step's 2.15 ms of kernels
-# (round7's profile): at most about 1 ms, after about 40,000 steps (GRAPHED_COMPILE_REPAID). That saving is an upper
-# estimate, not measured.
+# (round7's profile; the graphed step replays in 2.27 ms on the wall, 2.07 ms of kernels: round8): at most about
+# 1 ms, after about 40,000 steps (GRAPHED_COMPILE_REPAID). That saving is an upper estimate, not measured.
 
 
 def compiled_step(cfg, device, world=1, graphed=False):
