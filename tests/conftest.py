@@ -30,15 +30,11 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-# the files that run whole programs for a minute or more (the notebook, a reproduction, SLURM jobs, the README's
-# command in a clone): first, so that under pytest-xdist (`-n 2`) no worker starts one when the others are done
-FIRST = ('test_tutorial.py', 'test_reproduce.py', 'test_cluster.py', 'test_docs.py')
-
-
 def pytest_collection_modifyitems(config, items):
-    """The long files first (FIRST), the rest in their order. Without CUDA every `gpu` test is reported as skipped
-    (never deselected: the run still counts them)."""
-    items.sort(key=lambda item: item.path.name not in FIRST)    # a stable sort: each file's order kept
+    """The notebook's file first: its fresh run, two minutes in one process, then does not start when the rest is
+    done (under `-n 2`, pytest-xdist). Without CUDA every `gpu` test is reported as skipped (never deselected: the
+    run still counts them)."""
+    items.sort(key=lambda item: item.path.name != 'test_tutorial.py')    # a stable sort: the rest in their order
     if not torch.cuda.is_available():
         for item in items:
             if 'gpu' in item.keywords:

@@ -53,6 +53,8 @@ def kernel_env(tmp_dir=None):
     env = {k: v for k, v in os.environ.items() if k not in ('TUTORIAL_DATA', 'TUTORIAL_RUNS', 'MPLBACKEND', 'RANK',
                                                              'WORLD_SIZE', 'LOCAL_RANK')}
     env.update(TUTORIAL_MODE='quick')
+    if os.environ.get('PYTEST_XDIST_WORKER'):    # under `-n 2` the other worker holds the second core
+        env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     if tmp_dir:
         env.update(TUTORIAL_RUNS=os.path.join(tmp_dir, 'runs'), TMPDIR=str(tmp_dir))
     return env
