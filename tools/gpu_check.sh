@@ -14,9 +14,10 @@
 #   bash tools/gpu_check.sh OUT_DIR reproduce   # the committed reproduction timed (at most 7 min)
 #   bash tools/gpu_check.sh OUT_DIR notebook    # tutorial.ipynb in full mode, timed (at most 580 s)
 #   bash tools/gpu_check.sh OUT_DIR small  # under 5 minutes: the graphed step against eager and against itself
-#                                          # resumed (as the checks do); the Fashion-MNIST preset one epoch eager,
-#                                          # graphed (--cuda-graph) and compiled, each with its img/s per interval and wall
-#                                          # time from the command's start; the graphed step under torch.profiler;
+#                                          # resumed (as the checks do); the Fashion-MNIST preset one epoch
+#                                          # eager, graphed (--cuda-graph) and compiled, each with its img/s per
+#                                          # interval and wall time from the command's start; the graphed step
+#                                          # under torch.profiler;
 #                                          # then the reproduction timed whole (--jobs 0: auto), the GPU sampled beside
 #   GPU_CHECK_UNTIL=<epoch s> bash tools/gpu_check.sh ...   # each command cut to end by then (parts in one call)
 #   GPU_CHECK_DRY=1 bash tools/gpu_check.sh OUT_DIR   # on a CPU: the script's own steps, each cut to seconds
