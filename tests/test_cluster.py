@@ -289,17 +289,25 @@ def slurm(tmp_path_factory):
                           d / 'munge' / 'pid'),
                          (['slurmctld', '-i'], d / 'slurmctld.pid'), (['slurmd', '-N', host], d / 'slurmd.pid')]:
             subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=30)
-            wait_for(pid.exists, 10)
+            # a daemon writes its pid file once it has started; on a loaded machine (`-n 2`) that takes seconds
+            if not wait_for(lambda: pid.exists() and pid.read_text().strip().isdigit(), 60):
+                pytest.fail(f'{cmd[0]} wrote no pid:\n{logs(d)}')
             pids.append(int(pid.read_text()))
         up = lambda: 'idle' in output(['sinfo', '-h', '-o', '%t'], env)   # noqa: E731
-        if not wait_for(up, 30):
-            pytest.fail(f"the node never came up:\n{(d / 'slurmd.log').read_text()[-2000:]}")
+        if not wait_for(up, 90):
+            pytest.fail(f'the node never came up:\n{logs(d)}')
         yield env
     finally:
         subprocess.run(['scancel', '--user', 'root'], env=env, capture_output=True, timeout=30)
         for pid in reversed(pids):   # slurmd, slurmctld, munged
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not alive(pid), 30)
+
+
+def logs(d):
+    """The end of each daemon's log in d, for a set-up that failed."""
+    paths = [d / 'munge' / 'log', d / 'slurmctld.log', d / 'slurmd.log']
+    return '\n'.join(f'{p.name}: {p.read_text()[-1500:] if p.exists() else "(none)"}' for p in paths)
 
 
 def alive(pid):
