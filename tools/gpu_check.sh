@@ -55,10 +55,10 @@ det=(env CUBLAS_WORKSPACE_CONFIG=:4096:8 $py -c 'import runpy, sys, torch
 torch.use_deterministic_algorithms(True)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")')
-p=$out/paths
-mkdir -p "$p"
+p=$out/paths   # the device paths' runs (graph_checks, the checks)
 graph_checks() {   # the graphed step (--cuda-graph) against itself resumed and against eager, into $p
   local graphed=true graph
+  mkdir -p "$p"
   # the graphed step (--cuda-graph, bf16, drop-path): 12 steps unbroken, and 5 then resumed mid-epoch to the same 12
   # (each process captures after its first 3 eager steps), bit for bit; then fp32, eager against graphed, 12 steps
   [ "$device" = cpu ] && graphed=auto   # a CPU captures nothing: auto runs eager
@@ -233,6 +233,7 @@ workers=$($py -c 'import xdist' 2>/dev/null && echo '-n 6')   # pytest-xdist whe
 timeout 200 $py -m pytest -m gpu tests --ignore tests/test_tutorial.py --ignore tests/test_palette.py $workers -rs -q \
   --durations 10 -p no:cacheprovider > "$out/pytest-gpu.txt" 2>&1 &
 tests=$!
+mkdir -p "$p"
 {   # the start-up checks at the shapes round six printed them: a ViT-B/16 teacher (fine-tuning's check) and its
     # distillation, a ViT-L/16 teacher at 448 px and its distillation
   r=$out/logs
