@@ -169,16 +169,18 @@ def sub_env():
 _server = None
 
 
-def run_script(*args, timeout=240):
+def run_script(*args, timeout=240, limits=()):
     """Run `python <args...>` from the repository root; returns the CompletedProcess (text). The process is
-    forked from one that has imported torch already (tests/forkserver.py); TESTS_FORK=0 starts each afresh."""
+    forked from one that has imported torch already (tests/forkserver.py); TESTS_FORK=0 starts each afresh.
+    limits: [(resource.RLIMIT_..., soft limit)], the process's own (a smaller machine, a full disk)."""
     global _server
     argv, env = [sys.executable, *map(str, args)], sub_env()
     if os.environ.get('TESTS_FORK') == '0':
-        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=(lambda: forkserver.set_limits(limits)) if limits else None)
     if _server is None:
         _server = forkserver.Server(env, cwd=ROOT)
-    return _server.run(argv, cwd=ROOT, env=env, timeout=timeout)
+    return _server.run(argv, cwd=ROOT, env=env, timeout=timeout, limits=limits)
 
 
 def pytest_unconfigure(config):

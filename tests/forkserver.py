@@ -9,7 +9,9 @@ the message and exits 1, a signal gives -signal), and the interpreter's exit (th
 run, open files flushed; only the freeing of memory is skipped). What a fresh interpreter reads while importing
 torch cannot change, so the server serves one environment, the one it was started with (single-threaded, so
 that a fork copies every thread there is); any other call, and any other command line, runs as a real
-subprocess. tests/test_forkserver.py holds the two paths equal.
+subprocess. A request may also set resource limits (ulimit's: an address space, a file size), which the child
+takes before the script starts, as preexec_fn does for a fresh one. tests/test_forkserver.py holds the two paths
+equal.
 
     python tests/forkserver.py    # the server itself: one JSON request a line on stdin, one reply a line
 """
@@ -20,6 +22,7 @@ import importlib
 import io
 import json
 import os
+import resource
 import runpy
 import signal
 import subprocess
@@ -49,16 +52,18 @@ class Server:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = json.loads(self.proc.stdout.readline() or '{"ready": false}')['ready']
 
-    def run(self, argv, cwd, env, timeout=None, capture_output=True, text=True):
-        """subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), forked."""
+    def run(self, argv, cwd, env, timeout=None, capture_output=True, text=True, limits=()):
+        """subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout), forked; limits:
+        [(resource.RLIMIT_..., soft limit)], set in the child before the script starts."""
         assert capture_output and text, 'the server captures both streams, as text'
         how = command(argv)
         if not (self.ready and how and dict(env) == self.env and self.proc.poll() is None):
-            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                                  preexec_fn=(lambda: set_limits(limits)) if limits else None)
         with self.lock, tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, 'stdout'), os.path.join(d, 'stderr')
             self.proc.stdin.write(json.dumps(dict(how=how, cwd=os.path.abspath(cwd), env=dict(env), stdout=out,
-                                                  stderr=err, timeout=timeout)) + '\n')
+                                                  stderr=err, timeout=timeout, limits=list(limits))) + '\n')
             self.proc.stdin.flush()
             reply = json.loads(self.proc.stdout.readline())
             with open(out) as f, open(err) as g:
@@ -120,6 +125,7 @@ def become(req):
         f = os.open(path, flags)
         os.dup2(f, fd)
         os.close(f)
+    set_limits(req['limits'])
     try:
         run_command(*req['how'])
         code = 0
@@ -129,6 +135,12 @@ def become(req):
         sys.excepthook(*sys.exc_info())
         code = -signal.SIGINT if sys.exc_info()[0] is KeyboardInterrupt else 1
     finish(code or 0)
+
+
+def set_limits(limits):
+    """Each (resource.RLIMIT_..., soft limit): this process's own, its hard limit kept."""
+    for which, soft in limits:
+        resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
 
 
 def run_command(kind, target, args):

@@ -22,7 +22,7 @@ import attention_distill
 import ensemble
 import evaluate
 import finetune
-from conftest import TINY, run_in_process
+from conftest import TINY, run_in_process, run_script
 from data import build_dataset, build_splits
 from util.checkpoints import CheckpointError, build_from_checkpoint
 from util.datafiles import DataError, read_image
@@ -556,14 +556,7 @@ def limited(*args):
     """`python <args...>` in a process whose address space is limited to 8 GB, as a machine smaller than what the
     command asks for: a command that allocates what it asks for fails in torch's words."""
     import resource
-    import subprocess
-    import sys
-    from conftest import ROOT, sub_env
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (8 * 2 ** 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=sub_env(), capture_output=True, text=True,
-                          timeout=240, preexec_fn=limit)
+    return run_script(*args, limits=[(resource.RLIMIT_AS, 8 * 2 ** 30)])
 
 
 def test_a_small_file_whose_record_asks_for_more_memory_than_there_is_is_refused_unallocated(tmp_path):

@@ -97,3 +97,28 @@ def test_another_environment_or_command_line_starts_afresh(server, tmp_path):
     assert p.stdout.split() == [str(os.getpid()), '2']
     p = server.run([sys.executable, '-X', 'utf8', 'who.py'], tmp_path, sub_env())
     assert p.stdout.split() == [str(os.getpid()), '1']
+
+
+def test_a_script_runs_under_the_limits_asked_for_and_only_it(server, tmp_path):
+    """A smaller machine (an address space) and a full disk (a file size), as preexec_fn gives a fresh process: the
+    script sees them and a write beyond the size fails (EFBIG); the next script forked has the server's own."""
+    import errno
+    import resource
+    (tmp_path / 'limited.py').write_text("""
+import os, resource
+print(os.getppid(), resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0])
+try:
+    with open('big', 'wb') as f:
+        f.write(bytes(2000))
+except OSError as e:
+    print(e.errno)
+""")
+    argv, limits = [sys.executable, 'limited.py'], [(resource.RLIMIT_AS, 8 * 2 ** 30), (resource.RLIMIT_FSIZE, 1000)]
+    fresh = subprocess.run(argv, cwd=tmp_path, env=sub_env(), capture_output=True, text=True, timeout=60,
+                           preexec_fn=lambda: forkserver.set_limits(limits))
+    forked = server.run(argv, tmp_path, sub_env(), limits=limits)
+    said = f'{8 * 2 ** 30} 1000 {errno.EFBIG}'
+    assert fresh.stdout.split()[1:] == said.split() and fresh.stderr == '', fresh
+    assert forked.stdout.split() == [str(server.proc.pid), *said.split()] and forked.stderr == '', forked
+    own = [resource.getrlimit(r)[0] for r in (resource.RLIMIT_AS, resource.RLIMIT_FSIZE)]
+    assert server.run(argv, tmp_path, sub_env()).stdout.split()[1:3] == [str(n) for n in own]

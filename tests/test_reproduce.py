@@ -23,6 +23,8 @@ from util.launch import parse_config
 from util.config import ConfigError
 from util.files import sha256_of
 
+pytestmark = pytest.mark.xdist_group('reproduce')   # one worker makes the first run, once (--dist loadgroup)
+
 # -----------------------------------------------------------------------------
 # The report's arithmetic
 
@@ -282,25 +284,21 @@ def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path
     assert not os.path.exists(run_dir(str(runs), 'scratch', 0)) and not (tmp_path / 'results').exists()
 
 
-def test_second_run_trains_nothing(first_run):
+def test_run_again_it_trains_nothing_and_resumes_a_stage_stopped_after_its_last_checkpoint(first_run):
+    """The same command again: every finished stage skipped, its checkpoint untouched; a stage without its done.json
+    (stopped after its last checkpoint) resumed from it, with --resume true."""
     d, _ = first_run
     ckpts = sorted((d / 'runs').rglob('checkpoint.pt'))
     assert len(ckpts) == 5                                       # mae, scratch, finetune, copy, distill
     before = [c.stat().st_mtime_ns for c in ckpts]
-    p = reproduce(d)
-    assert p.stdout.count('done, skipped') == 6
-    assert ': running ' not in p.stdout and ': resuming ' not in p.stdout and ' | epoch ' not in p.stdout
-    assert [c.stat().st_mtime_ns for c in ckpts] == before
-    assert '| attention distillation |' in p.stdout
-
-
-def test_interrupted_stage_is_resumed(first_run):
-    d, _ = first_run
     scratch = run_dir(str(d / 'runs'), 'scratch', 0)
-    os.remove(os.path.join(scratch, 'done.json'))               # as if stopped after its last checkpoint
+    os.remove(os.path.join(scratch, 'done.json'))
     p = reproduce(d)
-    assert 'scratch seed 0: resuming' in p.stdout and '--resume true' in p.stdout
-    assert p.stdout.count('done, skipped') == 5
+    assert p.stdout.count('done, skipped') == 5 and p.stdout.count(': resuming ') == 1
+    assert 'scratch seed 0: resuming' in p.stdout and '--resume true' in p.stdout and ': running ' not in p.stdout
+    kept = [c for c in ckpts if not str(c).startswith(scratch)]
+    assert [c.stat().st_mtime_ns for c in kept] == [t for c, t in zip(ckpts, before) if c in kept]
+    assert '| attention distillation |' in p.stdout
     with open(os.path.join(scratch, 'done.json')) as f:
         done = json.load(f)
     assert done['resumed'] and done['metrics']['step'] == 2 and done['command'][-2:] == ['--resume', 'true']

@@ -193,10 +193,7 @@ def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypa
 
 def run_limited(limit, *args):
     """finetune.py with writes beyond `limit` bytes a file failing (EFBIG; SIGXFSZ is ignored by Python)."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return subprocess.run([sys.executable, 'finetune.py', *TINY, *map(str, args)], cwd=ROOT, env=sub_env(),
-                          capture_output=True, text=True, timeout=240, preexec_fn=cap)
+    return run_script('finetune.py', *TINY, *args, limits=[(resource.RLIMIT_FSIZE, limit)])
 
 
 @pytest.mark.parametrize('link', ['symbolic', 'hard'])
