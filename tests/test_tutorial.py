@@ -255,46 +255,59 @@ def test_a_printed_command_runs_as_typed(tmp_path, capsys, monkeypatch):
 # -----------------------------------------------------------------------------
 # A check can fail, and the committed reproduction's curves are the reproduction's
 
-# a project function whose output is moved by 1e-3 (code run in the kernel right after the imports), and the
-# check that must stop the notebook: the first that compares a hand-written piece against that function
+# a project function whose output is moved by 1e-3 (`moved`, put in its place in the kernel, the function itself held
+# as `_was`), and the check that must stop the notebook: the first that compares a hand-written piece against it
 OFF_BY_A_LITTLE = {
     'vit.Attention.forward': (
-        '_forward = vit.Attention.forward\n'
-        'def forward(self, *args, **kwargs):\n'
-        '    out, kept = _forward(self, *args, **kwargs)\n'
-        '    return out + 1e-3, kept\n'
-        'vit.Attention.forward = forward', 'attention output, by hand vs vit.py'),
+        'def moved(self, *args, **kwargs):\n'
+        '    out, kept = _was(self, *args, **kwargs)\n'
+        '    return out + 1e-3, kept', 'attention output, by hand vs vit.py'),
     'attention_distill.layer_loss': (
-        '_loss = attention_distill.layer_loss\n'
-        'attention_distill.layer_loss = lambda *a, **k: _loss(*a, **k) + 1e-3',
-        'distillation loss of layer 0, by hand vs attention_distill.py'),
+        'moved = lambda *a, **k: _was(*a, **k) + 1e-3', 'distillation loss of layer 0, by hand vs attention_distill.py'),
     'attention_distill.map_free_cross_entropy': (
-        '_free = attention_distill.map_free_cross_entropy\n'
-        'attention_distill.map_free_cross_entropy = lambda *qk: _free(*qk) + 1e-3',
-        'the mean of H_i, by hand vs attention_distill.py'),
+        'moved = lambda *qk: _was(*qk) + 1e-3', 'the mean of H_i, by hand vs attention_distill.py'),
 }
 
 
-@pytest.mark.parametrize('function', sorted(OFF_BY_A_LITTLE))
-def test_a_check_stops_the_notebook_where_the_project_computes_otherwise(tmp_path, function):
+def test_a_check_stops_the_notebook_where_the_project_computes_otherwise(tmp_path):
     """With one project function's output off by 1e-3, the notebook stops at the check comparing a hand-written
-    piece against it, with an AssertionError naming the check and the difference. Only the cells up to that
-    check run (no training)."""
-    patch, check = OFF_BY_A_LITTLE[function]
+    piece against it, with an AssertionError naming the check and the difference. One kernel, the cells up to the
+    last check (no training): each function is moved before the cells leading to its check, and put back once the
+    check has failed, which then passes."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code']
     imports = next(i for i in code if re.search(r'^import vit$', nb.cells[i].source, re.M))
-    at = next(i for i in code if f"same('{check}'" in nb.cells[i].source)
-    nb.cells = nb.cells[:imports + 1] + [nbformat.v4.new_code_cell(patch)] + nb.cells[imports + 1:at + 1]
-    for cell in nb.cells:
-        if cell.cell_type == 'code':
-            cell.outputs = []
-    with pytest.raises(CellExecutionError) as failure:
-        execute(nb, kernel_env(tmp_path))
-    failed = [i for i, c in enumerate(nb.cells) if any(o.output_type == 'error' for o in c.get('outputs', []))]
-    assert failed == [len(nb.cells) - 1], f'the notebook stopped in cell {failed}, not at the check {check!r}'
-    assert failure.value.ename == 'AssertionError', failure.value.evalue
-    assert failure.value.evalue.startswith(f'{check}: max |difference| = 1.0e-03'), failure.value.evalue
+    checks = sorted((next(i for i in code if f"same('{check}'" in nb.cells[i].source), function)
+                    for function, (_, check) in OFF_BY_A_LITTLE.items())
+    client = NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
+                            resources={'metadata': {'path': ROOT}})
+
+    def run(i):
+        nb.cells[i].outputs = []
+        client.execute_cell(nb.cells[i], i)
+
+    def run_code(source):   # a cell of its own, at the end
+        nb.cells.append(nbformat.v4.new_code_cell(source))
+        client.execute_cell(nb.cells[-1], len(nb.cells) - 1)
+
+    with client.setup_kernel(env=kernel_env(tmp_path)):
+        for i in code:
+            if i <= imports:
+                run(i)
+        done = imports
+        for at, function in checks:
+            moved, check = OFF_BY_A_LITTLE[function]
+            run_code(f'_was = {function}\n{moved}\n{function} = moved')
+            for i in code:
+                if done < i < at:
+                    run(i)
+            with pytest.raises(CellExecutionError) as failure:
+                run(at)
+            assert failure.value.ename == 'AssertionError', (function, failure.value.evalue)
+            assert failure.value.evalue.startswith(f'{check}: max |difference| = 1.0e-03'), failure.value.evalue
+            run_code(f'{function} = _was')
+            run(at)                       # the function put back: the check holds
+            done = at
 
 
 def test_the_committed_curves_are_the_reproductions_and_its_text_states_them():
