@@ -51,36 +51,6 @@ def reads(monkeypatch):
     return counted
 
 
-def test_finetune_init_reads_its_file_once(runs, tmp_path, monkeypatch):
-    """--init was read and loaded in the resolve step, then read again where the model is built; then read once and
-    loaded twice, into a model on the meta device and again into a new ViT. Now the resolve step's model, holding
-    its weights, is the model the run trains."""
-    init = runs / 'ft' / 'checkpoint.pt'
-    counted = reads(monkeypatch)
-    loaded = []
-    load = checkpoints.load_weights
-
-    def counting(model, *args, **kwargs):
-        loaded.append(model)
-        return load(model, *args, **kwargs)
-    monkeypatch.setattr(checkpoints, 'load_weights', counting)
-    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1',
-                         '--out-dir', tmp_path / 'r')
-    assert msg is None, msg
-    assert counted[os.path.realpath(init)] == 1, counted
-    assert len(loaded) == 1, loaded
-
-
-def test_ensemble_reads_each_checkpoint_once(runs, tmp_path, monkeypatch):
-    """A copy student's checkpoint was read to see what it is, then again to load it; its teacher's file is read
-    once, by the resolve step's inspect_teacher."""
-    models = [runs / 'other' / 'checkpoint.pt', runs / 'copy' / 'checkpoint.pt']
-    counted = reads(monkeypatch)
-    assert run_in_process(monkeypatch, ensemble, *TINY, '--models', *models) is None
-    teacher = runs / 'ft' / 'checkpoint.pt'
-    assert counted == Counter({os.path.realpath(p): 1 for p in [*models, teacher]}), counted
-
-
 def sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -105,6 +75,46 @@ def swapped_after_loading(monkeypatch, path, other):
         return out
     monkeypatch.setattr(torch, 'load', swapping)
     return done
+
+
+def test_finetune_init_is_read_and_loaded_once_and_recorded_as_those_bytes(runs, tmp_path, monkeypatch):
+    """--init was read and loaded in the resolve step, then read again where the model is built; then read once and
+    loaded twice, into a model on the meta device and again into a new ViT. Now the resolve step's model, holding
+    its weights, is the model the run trains; and config.json holds the SHA-256 of the bytes its weights were loaded
+    from (it recorded nothing of the file), even where the file was replaced right after."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    init, out = tmp_path / 'init.pt', tmp_path / 'ft'
+    shutil.copy(a, init)
+    counted = reads(monkeypatch)
+    swapped_after_loading(monkeypatch, init, b)
+    loaded = []
+    load = checkpoints.load_weights
+
+    def counting(model, *args, **kwargs):
+        loaded.append(model)
+        return load(model, *args, **kwargs)
+    monkeypatch.setattr(checkpoints, 'load_weights', counting)
+    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1', '--out-dir', out)
+    assert msg is None, msg
+    assert counted[os.path.realpath(init)] == 1, counted
+    assert len(loaded) == 1, loaded
+    assert sha(init) == sha(b) and json.loads((out / 'config.json').read_text()).get('init_sha256') == sha(a)
+
+
+def test_ensemble_reads_each_checkpoint_once_and_records_the_bytes_it_loaded(runs, tmp_path, monkeypatch):
+    """A copy student's checkpoint was read to see what it is, then again to load it; its teacher's file is read
+    once, by the resolve step's inspect_teacher. The results named the files scored, not what they held; now each
+    file's SHA-256, of the bytes its weights were loaded from, even where the file was replaced right after."""
+    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
+    model, copy = tmp_path / 'model.pt', runs / 'copy' / 'checkpoint.pt'
+    shutil.copy(a, model)
+    counted = reads(monkeypatch)
+    swapped_after_loading(monkeypatch, model, b)
+    msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, copy, '--out', tmp_path / 'r.json')
+    assert msg is None, msg
+    for path in (model, copy, runs / 'ft' / 'checkpoint.pt'):    # the last: the copy student's teacher
+        assert counted[os.path.realpath(path)] == 1, (path, counted)
+    assert sha(model) == sha(b) and json.loads((tmp_path / 'r.json').read_text())['sha256'][str(model)] == sha(a)
 
 
 def test_a_teacher_is_read_once_and_recorded_as_the_bytes_it_was_loaded_from(runs, tmp_path, monkeypatch):
@@ -174,36 +184,18 @@ def test_a_copy_students_teacher_is_the_file_its_digest_was_compared_on(runs, tm
         torch.testing.assert_close(v, weights[k].float(), msg=f'the teacher loaded is not the one compared ({k})')
 
 
-def test_an_init_is_recorded_as_the_bytes_it_was_loaded_from(runs, tmp_path, monkeypatch):
-    """finetune.py --init recorded nothing of the file it started from; now config.json holds the SHA-256 of the
-    bytes its weights were loaded from, even where the file was replaced right after."""
-    a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
-    init, out = tmp_path / 'init.pt', tmp_path / 'ft'
-    shutil.copy(a, init)
-    swapped_after_loading(monkeypatch, init, b)
-    msg = run_in_process(monkeypatch, finetune_script, *TINY, '--init', init, '--max-steps', '1', '--out-dir', out)
-    assert msg is None, msg
-    assert sha(init) == sha(b) and json.loads((out / 'config.json').read_text()).get('init_sha256') == sha(a)
-
-
-@pytest.mark.parametrize('script', ['ensemble', 'evaluate'])
-def test_scored_models_are_recorded_as_the_bytes_they_were_loaded_from(runs, tmp_path, monkeypatch, script):
-    """ensemble.py's and evaluate.py's results named the files scored, not what they held; now each file's SHA-256,
-    of the bytes its weights were loaded from, even where the file was replaced right after."""
+def test_evaluate_records_the_bytes_it_loaded(runs, tmp_path, monkeypatch):
+    """evaluate.py's results named the files scored (as ensemble.py's did), not what they held."""
     import evaluate
     a, b = runs / 'ft' / 'checkpoint.pt', runs / 'other' / 'checkpoint.pt'
     model = tmp_path / 'model.pt'
     shutil.copy(a, model)
     swapped_after_loading(monkeypatch, model, b)
-    if script == 'ensemble':
-        msg = run_in_process(monkeypatch, ensemble, *TINY, '--models', model, '--out', tmp_path / 'r.json')
-        result = tmp_path / 'r.json'
-    else:
-        msg = run_in_process(monkeypatch, evaluate, '--data', 'fake', '--num-workers', '0', '--models', model,
-                             '--out', tmp_path / 'out')
-        result = tmp_path / 'out' / 'robustness.json'
+    msg = run_in_process(monkeypatch, evaluate, '--data', 'fake', '--num-workers', '0', '--models', model,
+                         '--out', tmp_path / 'out')
     assert msg is None, msg
-    assert sha(model) == sha(b) and json.loads(result.read_text()).get('sha256') == {str(model): sha(a)}
+    result = json.loads((tmp_path / 'out' / 'robustness.json').read_text())
+    assert sha(model) == sha(b) and result.get('sha256') == {str(model): sha(a)}
 
 
 def told(monkeypatch, module, *args):
