@@ -1,6 +1,7 @@
 """MAE pre-training: the masking, the encoder and decoder against the plain ViT's maths, the loss on
 hidden patches only, and a tiny run whose checkpoint is a teacher (attention_distill.py) and an
 initialisation (finetune.py)."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -308,29 +309,37 @@ def test_export_onto_a_file_of_its_own_run_is_refused_before_training(mae_run, t
     assert (tmp_path / 'a_file').read_text() == 'mine\n'
 
 
-@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGHUP], ids=['kill -9', 'a closed terminal'])
-def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path, sig):
+def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path):
     """A kill -9 left the --export claim, an empty file at the export's name, and the same command with --resume true
     was refused for it ("cannot write there (File exists)") until the user removed it: now nothing is at that name
     until the export is whole, and the command goes on. SIGHUP had no handler: a closed terminal killed the run
-    without its line."""
+    without its line. One run: a closed terminal after its first checkpoint, continued, kill -9 after its next one,
+    continued to the end."""
     out, export = tmp_path / 'run', tmp_path / 'shipped' / 'teacher.pt'
     command = [sys.executable, 'mae_pretrain.py', '--data', 'fake', '--fake-size', '1024', '--num-workers', '0',
                '--epochs', '20', '--save-every', '1', '--out-dir', str(out), '--export', str(export)]
-    p = subprocess.Popen(command, cwd=ROOT, env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
-    deadline = time.time() + 120
-    while not (out / 'checkpoint.pt').exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(sig)
-    err = p.communicate(timeout=60)[1]
-    if sig == signal.SIGHUP:   # one line, as SIGTERM: the checkpoint kept, nothing at the export's name
-        assert p.returncode == 129 and err.strip().splitlines()[-1].startswith('error: stopped (SIGHUP): '), err
-        assert 'Traceback' not in err and not export.exists()
+    saved = None
+    for sig, args in ((signal.SIGHUP, []), (signal.SIGKILL, ['--resume', 'true'])):
+        p = subprocess.Popen([*command, *args], cwd=ROOT, env=sub_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while p.poll() is None and time.time() < deadline:   # until a checkpoint of this start is written
+            with contextlib.suppress(FileNotFoundError):
+                if (out / 'checkpoint.pt').stat().st_mtime_ns != saved:
+                    break
+            time.sleep(0.05)
+        p.send_signal(sig)
+        err = p.communicate(timeout=60)[1]
+        saved = (out / 'checkpoint.pt').stat().st_mtime_ns
+        if sig == signal.SIGHUP:   # one line, as SIGTERM: the checkpoint kept, nothing at the export's name
+            assert p.returncode == 129 and err.strip().splitlines()[-1].startswith('error: stopped (SIGHUP): '), err
+            assert 'Traceback' not in err
+        else:
+            assert p.returncode == -signal.SIGKILL, err[-2000:]
+        assert not export.exists()
     step = torch.load(out / 'checkpoint.pt', weights_only=True)['step']
-    again = [*command, '--resume', 'true', '--max-steps', str(step + 1)]
-    assert not export.exists()
-    p = subprocess.run(again, cwd=ROOT, env=sub_env(), capture_output=True, text=True)
+    p = subprocess.run([*command, '--resume', 'true', '--max-steps', str(step + 1)], cwd=ROOT, env=sub_env(),
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert set(torch.load(export, weights_only=True)) == {'model', 'arch', 'config', 'made'}
     assert os.listdir(export.parent) == ['teacher.pt']   # the killed run's temporary file gone with it
