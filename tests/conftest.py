@@ -2,8 +2,10 @@
 helper that runs a script of the repo in a process of its own (tiny, single-threaded: the machine is small and
 shared), forked from one that has imported torch already (tests/forkserver.py)."""
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +196,24 @@ def finetune(out_dir, *args, check=True):
     if check:
         assert p.returncode == 0, f'finetune.py failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}'
     return p
+
+
+def made_once(tmp_path_factory, name, make):
+    """The folder `name`, filled by make(folder) once for the whole test run: under `-n 2` (pytest-xdist) the first
+    process to ask makes it while the other waits, then both read it (so no test may change it: a test that would
+    works on a copy). A make that failed is made again by the next to ask, and fails there the same way."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER')
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker else shared    # the workers' folders share this run's parent
+    folder = shared / name
+    with open(shared / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)            # let go when the file is closed
+        if not (shared / f'{name}.made').exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (shared / f'{name}.made').touch()
+    return folder
 
 
 def read_metrics(out_dir):

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
+from conftest import ROOT, TINY, made_once, read_metrics, run_in_process, run_script, sub_env
 from ensemble import EnsembleConfig
 from finetune import FinetuneConfig
 from mae_pretrain import MAEConfig
@@ -22,8 +23,6 @@ from tools.reproduce_report import LABELS, STAGES, budget_table, format_gap, gap
 from util.launch import parse_config
 from util.config import ConfigError
 from util.files import sha256_of
-
-pytestmark = pytest.mark.xdist_group('reproduce')   # one worker makes the first run, once (--dist loadgroup)
 
 # -----------------------------------------------------------------------------
 # The report's arithmetic
@@ -151,8 +150,8 @@ def test_the_plan_is_every_stage_in_the_order_they_start(tmp_path):
 # The whole pipeline, tiny
 
 
-def reproduce(d):   # two stages at a time
-    p = run_script('-m', 'tools.reproduce', *TINY, '--jobs', '2', '--out-dir', d / 'runs', '--results-dir', d / 'results',
+def reproduce(runs, results):   # two stages at a time
+    p = run_script('-m', 'tools.reproduce', *TINY, '--jobs', '2', '--out-dir', runs, '--results-dir', results,
                    timeout=300)
     assert p.returncode == 0, f'reproduce.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
     return p
@@ -160,8 +159,13 @@ def reproduce(d):   # two stages at a time
 
 @pytest.fixture(scope='module')
 def first_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp('reproduce')
-    return d, reproduce(d)
+    """The whole pipeline once for the test run, whichever process asks first: (its folder, holding runs/ and
+    results/; what it printed). Read only: a test that runs it again does so on a copy (copy_of)."""
+    def make(d):
+        p = reproduce(d / 'runs', d / 'results')
+        (d / 'stdout.txt').write_text(p.stdout)
+    d = made_once(tmp_path_factory, 'reproduce', make)
+    return d, SimpleNamespace(stdout=(d / 'stdout.txt').read_text())
 
 
 def test_first_run_makes_every_stage_and_the_report(first_run):
@@ -284,16 +288,16 @@ def test_a_failed_stage_lets_the_running_one_finish_and_starts_no_other(tmp_path
     assert not os.path.exists(run_dir(str(runs), 'scratch', 0)) and not (tmp_path / 'results').exists()
 
 
-def test_run_again_it_trains_nothing_and_resumes_a_stage_stopped_after_its_last_checkpoint(first_run):
+def test_run_again_it_trains_nothing_and_resumes_a_stage_stopped_after_its_last_checkpoint(made_here):
     """The same command again: every finished stage skipped, its checkpoint untouched; a stage without its done.json
     (stopped after its last checkpoint) resumed from it, with --resume true."""
-    d, _ = first_run
-    ckpts = sorted((d / 'runs').rglob('checkpoint.pt'))
+    runs, results = made_here
+    ckpts = sorted(runs.rglob('checkpoint.pt'))
     assert len(ckpts) == 5                                       # mae, scratch, finetune, copy, distill
     before = [c.stat().st_mtime_ns for c in ckpts]
-    scratch = run_dir(str(d / 'runs'), 'scratch', 0)
+    scratch = run_dir(str(runs), 'scratch', 0)
     os.remove(os.path.join(scratch, 'done.json'))
-    p = reproduce(d)
+    p = reproduce(runs, results)
     assert p.stdout.count('done, skipped') == 5 and p.stdout.count(': resuming ') == 1
     assert 'scratch seed 0: resuming' in p.stdout and '--resume true' in p.stdout and ': running ' not in p.stdout
     kept = [c for c in ckpts if not str(c).startswith(scratch)]
