@@ -264,7 +264,8 @@ def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_p
     assert full.startswith(f'error: cannot write {tmp_path}/out.md (No space left on device): free some space'), full
     denied = fails(PermissionError(errno.EACCES, 'Permission denied'))
     assert denied.startswith(f'error: cannot write {tmp_path}/out.md (Permission denied): '), denied
-    assert [m.endswith('; run the command again') and 'resume' not in m for m in (full, denied)] == [True, True]
+    assert [m.endswith('; run the command again') and 'resume' not in m and 'checkpoint' not in m
+            for m in (full, denied)] == [True, True]
 
 
 # -----------------------------------------------------------------------------

@@ -269,6 +269,9 @@ def what_runs(plan):
 REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 
+AGAIN = 'run the command again'   # what ends a line outside a run (a script that trains nothing; set-up)
+
+
 def run_main(main):
     """Run a script's main(): a refusal ends in its one line and a non-zero exit, Ctrl-C in one line saying how to
     continue (exit 130, as a shell reports SIGINT); SIGUSR1 or SIGTERM while the run trains in the checkpoint of the
@@ -293,7 +296,7 @@ def run_main(main):
         for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
-        then = getattr(e, 'how_to_continue', NOTHING_SAVED)
+        then = getattr(e, 'how_to_continue', AGAIN)
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
@@ -311,9 +314,10 @@ def run_main(main):
 
 
 def refusal(e):
-    """A refusal in one line, as it says (a write that failed: with how to continue the run)."""
+    """A refusal in one line, as it says (a write that failed: with how to continue the run, or outside one, to run
+    the command again)."""
     if isinstance(e, WriteError):
-        return f"{e}; {getattr(e, 'how_to_continue', NOTHING_SAVED)}"
+        return f"{e}; {getattr(e, 'how_to_continue', AGAIN)}"
     lines = str(e).strip().splitlines() or ['']
     if 'DataLoader worker' in lines[0]:   # raised in a loader worker: its traceback's last line
         return lines[-1].split(': ', 1)[-1]
