@@ -282,12 +282,12 @@ RANDOM = ('--drop-path', '0.1', '--mixup', '0.8')
 AUGMENTED = ('--crop-pad', '4', '--randaug', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', *RANDOM)
 
 
+# each a run stopped (mid-epoch: step 5; at the epoch's end: 8) and resumed: the loader's workers kept, changed,
+# or none (the training process's RNG drawn from), the augmentation on the device and the EMA
 @pytest.mark.parametrize('stop_at, workers, resume_workers, extra', [
-    (5, 0, 0, ()), (8, 0, 0, ()), (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM),
-    (5, 0, 0, AUGMENTED), (5, 0, 0, ('--ema', '0.9'))],
-    ids=['mid-epoch', 'epoch-boundary', 'epoch-boundary-1-worker', 'mid-epoch-1-worker',
-         'mid-epoch-2-workers-then-none-drop-path-mixup', 'epoch-boundary-none-then-1-worker-drop-path-mixup',
-         'mid-epoch-augmented-on-the-device', 'mid-epoch-ema'])
+    (8, 1, 1, ()), (5, 1, 1, ()), (5, 2, 0, RANDOM), (8, 0, 1, RANDOM), (5, 0, 0, (*AUGMENTED, '--ema', '0.9'))],
+    ids=['epoch-boundary-1-worker', 'mid-epoch-1-worker', 'mid-epoch-2-workers-then-none-drop-path-mixup',
+         'epoch-boundary-none-then-1-worker-drop-path-mixup', 'mid-epoch-augmented-on-the-device-ema'])
 def test_resume_is_exact(uninterrupted, tmp_path, stop_at, workers, resume_workers, extra):
     a_dir, out = uninterrupted(workers, *extra), tmp_path / 'B'
     finetune(out, *RESUME_ARGS, '--num-workers', workers, '--max-steps', stop_at, *extra)
@@ -321,8 +321,8 @@ def test_a_folder_resumes_exactly_whatever_its_loader_workers(tmp_path):
     assert_same_weights(a, b, 'a folder resumed at step 5 with no workers after 2')
 
 
-@pytest.mark.parametrize('workers, resume_workers, extra', [(0, 0, ()), (1, 0, RANDOM)],
-                         ids=['no-workers', '1-worker-then-none-drop-path-mixup'])
+@pytest.mark.parametrize('workers, resume_workers, extra', [(0, 0, RANDOM), (1, 0, RANDOM)],
+                         ids=['no-workers-drop-path-mixup', '1-worker-then-none-drop-path-mixup'])
 def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, workers, resume_workers, extra):
     """SIGKILL a run at some point after its second checkpoint (--save-every 3), resume it (with another number
     of loader workers, drop-path and MixUp on): the result equals the uninterrupted run's, wherever the kill landed."""
