@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -178,8 +177,7 @@ def run_script(*args, timeout=240, limits=()):
     global _server
     argv, env = [sys.executable, *map(str, args)], sub_env()
     if os.environ.get('TESTS_FORK') == '0':
-        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=(lambda: forkserver.set_limits(limits)) if limits else None)
+        return forkserver.fresh(argv, ROOT, env, timeout, limits)
     if _server is None:
         _server = forkserver.Server(env, cwd=ROOT)
     return _server.run(argv, cwd=ROOT, env=env, timeout=timeout, limits=limits)

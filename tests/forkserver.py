@@ -43,6 +43,12 @@ def command(argv):
     return None
 
 
+def fresh(argv, cwd, env, timeout=None, limits=()):
+    """subprocess.run(argv, ...) started afresh, its streams captured as text, under `limits` (set_limits)."""
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=(lambda: set_limits(limits)) if limits else None)
+
+
 class Server:
     """The test process's end: one server per environment it was started with, one request at a time."""
 
@@ -58,8 +64,7 @@ class Server:
         assert capture_output and text, 'the server captures both streams, as text'
         how = command(argv)
         if not (self.ready and how and dict(env) == self.env and self.proc.poll() is None):
-            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                                  preexec_fn=(lambda: set_limits(limits)) if limits else None)
+            return fresh(argv, cwd, env, timeout, limits)
         with self.lock, tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, 'stdout'), os.path.join(d, 'stderr')
             self.proc.stdin.write(json.dumps(dict(how=how, cwd=os.path.abspath(cwd), env=dict(env), stdout=out,

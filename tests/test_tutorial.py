@@ -60,12 +60,17 @@ def kernel_env(tmp_dir=None):
     return env
 
 
+def kernel_client(nb):
+    """nbclient's runner of nb's cells, in the repository."""
+    return NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
+                          resources={'metadata': {'path': ROOT}})
+
+
 def execute(nb, env, rerun=()):
     """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then each of `rerun` once
     more, as a reader re-runs a cell (a cell's index, or code run as a cell of its own); a failing cell raises
     CellExecutionError with its traceback."""
-    client = NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
-                            resources={'metadata': {'path': ROOT}})
+    client = kernel_client(nb)
     with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
@@ -279,8 +284,7 @@ def test_a_check_stops_the_notebook_where_the_project_computes_otherwise(tmp_pat
     imports = next(i for i in code if re.search(r'^import vit$', nb.cells[i].source, re.M))
     checks = sorted((next(i for i in code if f"same('{check}'" in nb.cells[i].source), function)
                     for function, (_, check) in OFF_BY_A_LITTLE.items())
-    client = NotebookClient(nb, timeout=1200, kernel_name='python3', record_timing=False,
-                            resources={'metadata': {'path': ROOT}})
+    client = kernel_client(nb)
 
     def run(i):
         nb.cells[i].outputs = []

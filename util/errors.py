@@ -28,7 +28,10 @@ class DamagedFile(ConfigError):
 
 class WriteError(ConfigError):
     """A file that could not be written whole (a full disk, a file size limit, a read-only disk); run_main adds how
-    to continue the run, or to run the command again."""
+    to continue the run, or to run the command again (AGAIN)."""
+
+
+AGAIN = 'run the command again'   # what ends a line outside a run (a script that trains nothing; set-up)
 
 
 def first_few(items):

@@ -32,7 +32,7 @@ from util.augment import randaugment
 from util.config import COMPILE_REPAID, COMPILED_DATA, GRAPHED_COMPILE_REPAID, check, declared
 from util.datafiles import DATASETS, held_in_memory
 from util.engine import final_lr, seed_all
-from util.errors import CheckpointError, ConfigError, DataError, WriteError, flag, say, word
+from util.errors import AGAIN, CheckpointError, ConfigError, DataError, WriteError, flag, say, word
 from util.rundir import NOTHING_SAVED, RunDir, add_to_log, open_resumed
 from vit import SIZES, set_attn_implementation
 
@@ -267,9 +267,6 @@ def what_runs(plan):
 # what the project raises for input it refuses (a file, a flag, data; a write that failed, a run that diverged): each
 # one line naming the fix
 REFUSALS = (ConfigError, DataError, CheckpointError, FloatingPointError)
-
-
-AGAIN = 'run the command again'   # what ends a line outside a run (a script that trains nothing; set-up)
 
 
 def run_main(main):

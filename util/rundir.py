@@ -37,7 +37,7 @@ import sys
 import torch
 
 from util.checkpoints import read_checkpoint
-from util.errors import CheckpointError, ConfigError, DamagedFile, flag, say
+from util.errors import AGAIN, CheckpointError, ConfigError, DamagedFile, flag, say
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
                         read_json, read_jsonl, remove_empty, replacing, set_aside, write_json,
                         write_text)
@@ -337,7 +337,7 @@ def add_to_log(path, text):
         raise cannot_write(path, e) from None
 
 
-NOTHING_SAVED = 'no checkpoint was saved yet: there is nothing to continue; run the command again'
+NOTHING_SAVED = f'no checkpoint was saved yet: there is nothing to continue; {AGAIN}'
 
 # -----------------------------------------------------------------------------
 # A resume, checked
