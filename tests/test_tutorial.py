@@ -69,7 +69,7 @@ def kernel_client(nb):
 def execute(nb, env, rerun=()):
     """Run every code cell of nb in order in a fresh kernel (cwd: the repository), then each of `rerun` once
     more, as a reader re-runs a cell (a cell's index, or code run as a cell of its own); a failing cell raises
-    CellExecutionError with its traceback."""
+    CellExecutionError with its traceback. Each cell's printed lines are one output (joined_streams)."""
     client = kernel_client(nb)
     with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
@@ -79,7 +79,21 @@ def execute(nb, env, rerun=()):
                 nb.cells.append(nbformat.v4.new_code_cell(i))
                 i = len(nb.cells) - 1
             client.execute_cell(nb.cells[i], i)
+    for cell in nb.cells:   # a print the kernel sent in two messages (its timing) is one output, as it was printed
+        if cell.cell_type == 'code':
+            cell.outputs = joined_streams(cell.outputs)
     return nb
+
+
+def joined_streams(outputs):
+    """outputs with each run of stream outputs of one name (stdout, stderr) made one."""
+    joined = []
+    for o in outputs:
+        if o.output_type == 'stream' and joined and joined[-1].output_type == 'stream' and joined[-1].name == o.name:
+            joined[-1].text += o.text
+        else:
+            joined.append(o)
+    return joined
 
 
 def outputs(nb, kind):
