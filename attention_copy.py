@@ -41,7 +41,7 @@ from data import batch_mixer, build_data
 from teacher import (NAMES, TransferConfig, build_pair, build_teacher, inspect_teacher, student_presets,
                      teacher_outputs, written_out)
 from util.attention_check import settle_attention
-from util.checkpoints import (CheckpointError, check_weights, read_checkpoint, read_hashed,
+from util.checkpoints import (CheckpointError, arch_of, check_weights, read_checkpoint, read_hashed,
                               teacher_mismatch, teacher_record, vit_of)
 from util.config import SMALL_PRESETS
 from util.engine import autocast, evaluate, soft_cross_entropy, train_one_epoch
@@ -261,8 +261,8 @@ def load_copy_model(path, teacher_source=None, new_teacher=False, ckpt=None):
     cfg = TransferConfig(teacher=source, img_size=rec['img_size'],
                          teacher_num_heads=rec.get('teacher_num_heads', 0))
     teacher = build_teacher(inspect_teacher(cfg, read)[0], 'cpu')
-    with torch.device('meta'):   # its record refused before anything is allocated
-        student = vit_of(ckpt['arch'], path)
+    # its record refused before anything is allocated
+    student = vit_of(arch_of(ckpt, path, 0, '--num-heads'), path)
     student = check_weights(student, path, ckpt, 0, '--num-heads')
     # older records: the same layers in student and teacher
     layers = rec.get('layer_map', rec.get('layers'))

@@ -29,13 +29,13 @@ import torch
 
 from data import batch_mixer, build_data
 from util.attention_check import settle_attention
-from util.checkpoints import check_weights, read_hashed, state_dict_of, vit_of
+from util.checkpoints import check_weights, read_hashed, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ComponentsConfig, ConfigError, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
-from util.memory import check_trainable
+from util.memory import check_trainable, materialised
 from util.run import Run
-from vit import create_model, model_arch
+from vit import create_model
 
 
 @dataclass
@@ -53,20 +53,21 @@ class FinetuneConfig(ComponentsConfig):
     INPUTS = ('init',)
 
     def resolve(self):
-        """The resolve step: the model the config names, refused where this machine cannot train it (counted from
-        its keywords: util/memory); then an --init file read, once, and loaded into that model built on the meta
-        device (its architecture, heads and weights checked), the model the run then trains (build_model). Returns
-        an Init (None: from scratch)."""
-        arch = model_arch(self.model, **self.model_kwargs())
-        check_trainable(arch, self.batch_size)
+        """The resolve step: the model the config names, built on the meta device and refused where this machine
+        cannot train it (util/memory); then an --init file read, once, and loaded into it (its architecture, heads
+        and weights checked). Returns a Start: the model the run then trains (build_model)."""
+        with torch.device('meta'):
+            model = create_model(self.model, num_classes=0, **self.model_kwargs())
+        check_trainable(model, self.batch_size)
         if not self.init:
-            return None
+            return Start(model, None)
         ckpt, digest = read_hashed(self.init)   # read once: loaded and hashed from the same bytes
         # with the file's own classifier, if it has one (the data's classes are counted when it is read)
         head = state_dict_of(ckpt, self.init).get('head.weight')
-        with torch.device('meta'):
-            model = vit_of({**arch, 'num_classes': 0 if head is None else head.shape[0]}, self.init)
-        return Init(check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads'), digest)
+        if head is not None:
+            with torch.device('meta'):
+                model.reset_classifier(head.shape[0])
+        return Start(check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads'), digest)
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size
@@ -76,9 +77,10 @@ class FinetuneConfig(ComponentsConfig):
                     drop_path_rate=self.drop_path, **self.components())
 
 
-class Init(NamedTuple):
-    """An --init file as the resolve step read it: the model the config names holding its weights (on the CPU), and
-    the SHA-256 of the bytes they were read from (None for a name), which the run records."""
+class Start(NamedTuple):
+    """The model the config names as the resolve step left it: on the meta device, or holding an --init file's weights
+    (on the CPU); and the SHA-256 of the bytes they were read from (None for a name, or from scratch), which the run
+    records."""
     model: torch.nn.Module
     sha256: str
 
@@ -125,12 +127,13 @@ def presets(argv=None):
     return chosen
 
 
-def build_model(cfg, num_classes, init=None):
-    """The ViT the config names; init: the --init file as the resolve step loaded it (an Init), given a new
-    classifier where its own does not fit the data's classes."""
-    if init is None:
-        return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
-    model = init.model
+def build_model(cfg, num_classes, start):
+    """The ViT the config names, as the resolve step left it (a Start), with a classifier of num_classes: from
+    scratch, made real and randomly initialised; an --init file's, given a new classifier where its own does not fit
+    the data's classes."""
+    model = start.model
+    if not cfg.init:
+        return materialised(model, num_classes)
     if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
         # a new classifier: MAE's main_finetune starts it near zero
@@ -161,7 +164,7 @@ def main():
                                       lambda: model.forward_tokens(x, depth=1),
                                       {'layer 0': model.blocks[0].attn})
         extra = {'attention_check': checked}
-        if plan.method:   # what --init was: its file's SHA-256 recorded in config.json
+        if cfg.init:   # what --init was: its file's SHA-256 recorded in config.json
             extra['init'] = {'source': cfg.init, 'sha256': plan.method.sha256}
         run = Run(plan, model, train_loader, data.classes, extra)   # optimizer, EMA, resumed if asked
         loss_fn = classification_loss(cfg)

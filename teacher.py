@@ -19,8 +19,8 @@ from util.checkpoints import (arch_of, check_weights, describe_teacher, read_che
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
-from util.memory import check_trainable
-from vit import SIZES, attend, model_arch
+from util.memory import check_trainable, materialised
+from vit import SIZES, VisionTransformer, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
 NAMES = {'attn': ('q', 'k'), 'q': ('q',), 'k': ('k',), 'v': ('v',)}
@@ -176,11 +176,18 @@ def student_shape(cfg, t):
     return shape
 
 
-def build_student(transfer, num_classes, cfg):
-    """A randomly initialised ViT of the shape the resolve step settled (transfer.student), with this
-    task's head."""
-    return vit_of({**transfer.student, 'num_classes': num_classes, 'global_pool': cfg.global_pool,
-                   'drop_path_rate': cfg.drop_path}, 'the student')
+def unmade_student(student, cfg):
+    """The student of keywords `student` (the shape the resolve step settles) on the meta device, its head aside: the
+    model a run then trains (build_student)."""
+    with torch.device('meta'):
+        return VisionTransformer(**{**student, 'num_classes': 0, 'global_pool': cfg.global_pool,
+                                    'drop_path_rate': cfg.drop_path})
+
+
+def build_student(transfer, num_classes):
+    """The student the resolve step built on the meta device (transfer.unmade), made real with this task's head and
+    randomly initialised."""
+    return materialised(transfer.unmade, num_classes)
 
 
 def components(arch):
@@ -357,9 +364,9 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
-        # refused where this machine cannot train it, counted from its keywords
-        check_trainable({**student, 'num_classes': 0}, self.batch_size, 'a student')
-        return Transfer(t, description, layers, heads, student, teacher, digest)
+        unmade = unmade_student(student, self)   # refused where this machine cannot train it
+        check_trainable(unmade, self.batch_size, 'a student')
+        return Transfer(t, description, layers, heads, student, teacher, digest, unmade)
 
 
 def inspect_teacher(cfg, ckpt=None):
@@ -374,17 +381,18 @@ def inspect_teacher(cfg, ckpt=None):
     # frozen, a plain ViT; built on no memory, its record refused if it cannot be
     plain = {**native, 'num_classes': 0, 'drop_path_rate': 0.0, 'no_qk_layers': (),
              'img_size': cfg.img_size}
-    with torch.device('meta'):   # at another size than its own: --img-size named where that size is the fault
-        teacher = vit_of(plain, cfg.teacher, native['img_size'])
+    # at another size than its own: --img-size named where that size is the fault
+    teacher = vit_of(plain, cfg.teacher, native['img_size'])
     teacher = check_weights(teacher, cfg.teacher, ckpt, *stated)
     return teacher, describe_teacher(cfg.teacher, ckpt, native, cfg.img_size)
 
 
 class Transfer(NamedTuple):
     """What TransferConfig.resolve settles: the teacher's keywords at the run's image size, its line for the log, the
-    layers {student: teacher}, the transferred heads (None: all), the student's keywords (nothing of it built), and
-    the teacher itself, its file read once and its weights loaded on the CPU (build_teacher places it), and the SHA-256
-    of the bytes they were loaded from (None for a name): what the run records and a resume compares."""
+    layers {student: teacher}, the transferred heads (None: all), the student's keywords, the teacher itself, its file
+    read once and its weights loaded on the CPU (build_teacher places it), the SHA-256 of the bytes they were loaded
+    from (None for a name): what the run records and a resume compares; and the student on the meta device
+    (unmade_student), which the run makes real (build_student)."""
     teacher: dict
     description: str
     layers: dict
@@ -392,6 +400,7 @@ class Transfer(NamedTuple):
     student: dict
     loaded: torch.nn.Module = None
     sha256: str = None
+    unmade: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
 # The pair built: what both transfer scripts do once the data is loaded
@@ -410,7 +419,7 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     plan.log(describe_arch(plan.cfg, transfer.teacher))
     teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
-    student = build_student(transfer, num_classes, plan.cfg).to(plan.device)
+    student = build_student(transfer, num_classes).to(plan.device)
     x = next(iter(eval_loader))[0][:plan.cfg.batch_size].to(plan.device)   # as many as a step's
     # sdpa, both ways, before anything runs on it
     attn, record = check_fused(plan, teacher, student, x)

@@ -108,10 +108,11 @@ class StandInCuda(FakeTensorMode):
     @staticmethod
     def on_device(args, kwargs):
         """Whether an operator is not the host's alone: a fake tensor among its inputs, a tensor or a device not the
-        host's (`cuda`, torch's `meta`)."""
+        host's (`cuda`). torch's `meta` device is the host's: a model built there (a resolve step's) is made real on
+        it."""
         for a in pytree.tree_leaves((args, kwargs)):
             device = a.device if isinstance(a, torch.Tensor) else a
-            if isinstance(a, FakeTensor) or isinstance(device, torch.device) and device.type != 'cpu':
+            if isinstance(a, FakeTensor) or isinstance(device, torch.device) and device.type not in ('cpu', 'meta'):
                 return True
         return False
 

@@ -176,7 +176,8 @@ def test_new_head_starts_near_zero(tmp_path):
     encoder = FinetuneConfig(**small, init=str(tmp_path / 'encoder.pt'), init_num_heads=3)   # weights alone
     head = build_model(encoder, 100, encoder.resolve()).head.weight              # (100, 48); its file as resolved
     assert 1.5e-5 < head.std() < 2.5e-5 and head.abs().max() < 1e-4
-    scratch = build_model(FinetuneConfig(**small), 100).head.weight
+    cfg = FinetuneConfig(**small)
+    scratch = build_model(cfg, 100, cfg.resolve()).head.weight
     assert 0.015 < scratch.std() < 0.025                           # vit.py's 0.02 from scratch
     full = create_model('vit_tiny', **small, num_classes=100)      # a classifier for this very task keeps its head
     torch.save({'model': full.state_dict()}, tmp_path / 'classifier.pt')

@@ -18,7 +18,6 @@ from teacher import PLAIN, components, describe_arch
 from test_pretrained import official_clip, official_dinov2, plain_timm
 from test_transfer_scripts import transfer
 from tools.reproduce import parse, plan, preflight, teacher_components
-from util.checkpoints import vit_of
 from util.config import ConfigError
 from util.launch import parse_config
 from vit import VisionTransformer, model_arch
@@ -95,7 +94,7 @@ def test_finetune_builds_a_teacher_of_another_family_and_the_student_takes_its_c
     from util.checkpoints import CheckpointError, load_weights
     cfg = FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                          layer_scale=0.1, norm_pre=True, act='quick_gelu')
-    teacher = build_model(cfg, 10)
+    teacher = build_model(cfg, 10, cfg.resolve())
     assert {k: teacher.arch[k] for k in ('init_values', 'norm_pre', 'act')} == \
         {'init_values': 0.1, 'norm_pre': True, 'act': 'quick_gelu'}
     assert torch.equal(teacher.blocks[0].ls1.gamma, torch.full((32,), 0.1))
@@ -103,8 +102,8 @@ def test_finetune_builds_a_teacher_of_another_family_and_the_student_takes_its_c
     plain = student_of(DistillConfig(img_size=32, student_arch='plain'), teacher, 10, [0, 1])
     assert {k: like.arch[k] for k in PLAIN} == {k: teacher.arch[k] for k in PLAIN}
     assert {k: plain.arch[k] for k in PLAIN} == PLAIN
-    plain_model = build_model(FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                             num_heads=2), 10)
+    plain_cfg = FinetuneConfig(data='fake', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    plain_model = build_model(plain_cfg, 10, plain_cfg.resolve())
     with pytest.raises(CheckpointError, match='init_values 0.1'):   # an --init of another family is refused
         load_weights(plain_model, 'teacher.pt', {'model': teacher.state_dict(), 'arch': teacher.arch})
 
@@ -141,7 +140,7 @@ def test_auto_gives_the_student_its_teachers_components(tmp_path, family):
     for config in (CopyConfig, DistillConfig):
         transfer, cfg = resolved(config, path, size)
         assert cfg.student_arch == 'auto' and components(transfer.student) == extra
-        student = vit_of({**transfer.student, 'num_classes': 10}, 'the student')
+        student = transfer.unmade   # the student the run trains, on the meta device
         assert ('blocks.0.ls1.gamma' in student.state_dict()) == ('init_values' in extra)
         assert ('reg_token' in student.state_dict()) == ('reg_tokens' in extra)
         line = describe_arch(cfg, transfer.teacher)
@@ -189,8 +188,7 @@ def test_the_committed_reproduction_builds_the_students_it_built():
             chosen = presets(committed[1:]) if config is FinetuneConfig else scripts[stage].PRESETS
             run = parse_config(config, chosen, committed[1:])
             if config is FinetuneConfig:
-                with torch.device('meta'):
-                    arch = build_model(run, 10).arch
+                arch = build_model(run, 10, run.resolve()).arch
             else:
                 transfer = run.resolve()
                 arch = {**transfer.student, 'num_classes': 10, 'global_pool': run.global_pool,

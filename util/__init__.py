@@ -18,8 +18,9 @@ first (the README's reading order), and come here for how a run is resolved, tra
     checkpoints.py  weights from anywhere (this project's files, MAE's, torchvision's, names) into vit.py's ViT, each
                     file read once, without running any of its code (torch.load's weights only, CRC-32s checked),
                     hashed from the bytes read; one line naming a file no ViT is read or built from
-    memory.py       what a ViT needs of this machine's memory, counted from its keywords before anything is built:
-                    the one fault (the host's OOM killer) that would otherwise give no message
+    memory.py       what a model needs of this machine's memory, counted from the run's model built on the meta
+                    device, which the run then makes real: the one fault (the host's OOM killer) that would
+                    otherwise give no message
     pretrained.py   the other teacher families' official files, renamed, and how each resizes its positions;
                     CLIP's TorchScript archive's tensors read without running its code
     datafiles.py    the data: Fashion-MNIST's, CIFAR's and ImageNet's files found, downloaded, read, checked;

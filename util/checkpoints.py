@@ -25,7 +25,7 @@ import torch
 import torchvision.models as tvm
 
 from util.errors import CheckpointError
-from util.memory import too_big, vit_numbers
+from util.memory import parameters, too_big
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
 from vit import VisionTransformer
@@ -225,14 +225,17 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
-    if saved:   # a stated head count is compared with it where it is loaded (check_arch)
-        return dict(saved)
     sd, components = _converted(ckpt, source)
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})   # the blocks it holds
+    if saved:   # a stated head count is compared with it where it is loaded (check_arch); its depth before a block
+        # is built (each is a module, on the meta device too: 10 million of them took hours)
+        if saved.get('depth') != depth:
+            raise damaged(source, f"records a depth of {saved.get('depth')!r} and holds {depth} blocks")
+        return dict(saved)
     conv = sd['patch_embed.proj.weight']                                  # (D, C, P, P)
     dim = conv.shape[0]
     try:   # the shapes a ViT's tensors have, else the damaged-file line
         grid = math.isqrt(sd['pos_embed'].shape[1] - 1)
-        depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
         mlp_ratio = sd['blocks.0.mlp.fc1.weight'].shape[0] / dim
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise damaged(source, f"holds tensors of no ViT's shapes ({type(e).__name__}: {e})") from None
@@ -293,42 +296,32 @@ ADAPTED = ('img_size', 'num_classes', 'global_pool', 'drop_path_rate')
 
 
 def vit_of(arch, source, native=None):
-    """VisionTransformer(**arch) on the current device (the meta device, where a file is looked at: nothing
-    allocated): the architecture a file records or its tensors show, with the fields its caller changes. Refused in
-    the damaged-file line naming `source` where no ViT is built from it (unbuilt): a size this machine's memory
-    clearly cannot hold, counted before anything is built, or what the constructor refuses. native: the file's own
-    img_size where its caller asks for another (--img-size), named instead where the file's own size would do."""
-    why = unbuilt(arch)
-    if not why:
-        try:
-            return VisionTransformer(**arch)
-        except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
-            why = f'cannot be built ({first_line(e)})'
-    if native not in (None, arch.get('img_size')):
-        own = {**arch, 'img_size': native}
-        if not unbuilt(own, built=True):
-            raise CheckpointError(f"'{source}' at --img-size {arch['img_size']} {why}: choose another --img-size")
+    """VisionTransformer(**arch) on the meta device (nothing allocated): the architecture a file records or its tensors
+    show, with the fields its caller changes. Refused in the damaged-file line naming `source` where no ViT is made
+    from it (unbuilt): what the constructor refuses, or a size this machine's memory clearly cannot hold. native: the
+    file's own img_size where its caller asks for another (--img-size), named instead where the file's own size would
+    do."""
+    model, why = unbuilt(arch)
+    if model is not None:
+        return model
+    if native not in (None, arch.get('img_size')) and unbuilt({**arch, 'img_size': native})[0] is not None:
+        raise CheckpointError(f"'{source}' at --img-size {arch['img_size']} {why}: choose another --img-size")
     raise damaged(source, why)
 
 
-def unbuilt(arch, built=False):
-    """Why no ViT of keywords arch is made on this machine, else None: its size, counted from the keywords
-    (util/memory: instant, whatever they say: a record of 10 million blocks, of 2**60 tokens), more than its memory
-    clearly holds; with built, also what the constructor refuses on the meta device."""
+def unbuilt(arch):
+    """(VisionTransformer(**arch) on the meta device, None), or (None, why no ViT of keywords arch is made on this
+    machine): what the constructor refuses, or a size, counted from the model built, more than its memory clearly
+    holds (util/memory)."""
     try:
-        numbers = vit_numbers(arch)
-        big = too_big(numbers) if isinstance(numbers, int) else None
-    except (TypeError, ValueError, KeyError, ArithmeticError):   # what the constructor refuses
-        big = None
+        with torch.device('meta'):
+            model = VisionTransformer(**arch)
+    except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
+        return None, f'cannot be built ({first_line(e)})'
+    big = too_big(parameters(model))
     if big:
-        return f'is a ViT that needs {big}; a real one runs only on a machine with more memory'
-    if built:
-        try:
-            with torch.device('meta'):
-                VisionTransformer(**arch)
-        except (TypeError, ValueError, ArithmeticError, AssertionError, RuntimeError) as e:
-            return f'cannot be built ({first_line(e)})'
-    return None
+        return None, f'is a ViT that needs {big}; a real one runs only on a machine with more memory'
+    return model, None
 
 
 def first_line(error):
@@ -406,12 +399,11 @@ def load_weights(model, source, ckpt, num_heads=0, flag='--num-heads', assign=Fa
 
 
 def check_weights(model, source, ckpt, num_heads, flag):
-    """`model`, a ViT built on the meta device (vit_of under torch.device('meta'): a record VisionTransformer cannot
-    build refused, nothing allocated), holding the checkpoint's weights after every refusal load_weights makes: how
-    the resolve phase looks at a file of weights. The file's own tensors are assigned to it
-    (load_state_dict(assign=True)): no random initialisation, nothing copied. What the file does not hold (a
-    classifier, the only part that may be missing) is initialised on the CPU; every weight is made fp32, as loading
-    into a built ViT makes it."""
+    """`model`, a ViT built on the meta device (vit_of: a record VisionTransformer cannot build refused, nothing
+    allocated), holding the checkpoint's weights after every refusal load_weights makes: how the resolve phase looks
+    at a file of weights. The file's own tensors are assigned to it (load_state_dict(assign=True)): no random
+    initialisation, nothing copied. What the file does not hold (a classifier, the only part that may be missing) is
+    initialised on the CPU; every weight is made fp32, as loading into a built ViT makes it."""
     load_weights(model, source, ckpt, num_heads, flag, assign=True)
     for m in model.modules():
         if any(p.is_meta for p in m.parameters(recurse=False)):
@@ -426,8 +418,7 @@ def build_from_checkpoint(source, ckpt=None, num_heads=0, **overrides):
     ckpt = read_checkpoint(source) if ckpt is None else ckpt
     # always a plain ViT: a copy student (no q/k in some layers) cannot run without its teacher
     own = arch_of(ckpt, source, num_heads, '--num-heads')
-    with torch.device('meta'):
-        model = vit_of({**own, 'no_qk_layers': (), **overrides}, source, own['img_size'])
+    model = vit_of({**own, 'no_qk_layers': (), **overrides}, source, own['img_size'])
     return check_weights(model, source, ckpt, num_heads, '--num-heads')
 
 

@@ -1,53 +1,40 @@
 """
-What a ViT needs of this machine's memory, counted from its VisionTransformer keywords before anything is built. It
-guards the one fault that gives no message: a model larger than the host's free memory is ended by the OOM killer
-without a word (or, on a GPU, fails in an allocator's numbers naming no flag). A resolve step asks here first, so
-that a size from a flag (--img-size 65536) or from a file's record (10 million blocks, 2**60 tokens) is one line
-before a module exists; the count is arithmetic on the keywords, instant whatever they say.
+What a model needs of this machine's memory, counted from the model a run then uses, built on the meta device (its
+shapes, no memory). It guards the one fault that gives no message: a model larger than the host's free memory is ended
+by the OOM killer without a word (or, on a GPU, fails in an allocator's numbers naming no flag). A resolve step builds
+the run's model there and asks here first, so that a size from a flag (--img-size 65536) or from a file's record
+(2**60 tokens) is one line before anything is allocated; the run then makes that same model real (materialised).
 
-    check_trainable(arch, batch_size)        # a ViT made from flags: ConfigError naming them
-    too_big(vit_numbers(arch))               # why it cannot fit (a file's record: its reader says so), else None
+    with torch.device('meta'):
+        model = create_model('vit_base', num_classes=0)
+    check_trainable(model, batch_size)       # from flags: ConfigError naming them
+    too_big(parameters(model))               # why it cannot fit (a file's record: its reader says so), else None
+    model = materialised(model, num_classes)   # on the CPU, its weights those a CPU build draws
 """
 import contextlib
-import inspect
 import os
 import resource
 
 import torch
 
 from util.errors import ConfigError
-from vit import VisionTransformer
-
-# -----------------------------------------------------------------------------
-# What a ViT holds, counted from its keywords (vit.VisionTransformer's parameters, one by one)
 
 
-def block_numbers(dim, mlp_ratio=4.0, qkv_bias=True, no_qk=False, layer_scale=False):
-    """The parameters of one vit.Block of width dim: two LayerNorms, the attention's projections (v alone where it
-    has no q / k), the MLP, the layer scales."""
-    hidden = int(dim * mlp_ratio)
-    width = dim if no_qk else 3 * dim                                   # v, or q, k, v
-    attention = width * dim + width * qkv_bias + dim * dim + dim         # qkv (or v), proj
-    mlp = dim * hidden + hidden + hidden * dim + dim                      # fc1, fc2
-    return 2 * 2 * dim + attention + mlp + 2 * dim * layer_scale
+def parameters(model):
+    """How many numbers `model` holds: its parameters and buffers (on the meta device too, where none is allocated)."""
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
-DEFAULTS = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
-
-
-def vit_numbers(arch):
-    """The parameters (and buffers: it has none) of VisionTransformer(**arch), exactly: its keywords' arithmetic, no
-    module made. A keyword not in arch: its default."""
-    arch = {**DEFAULTS, **arch}
-    dim, patch = arch['embed_dim'], arch['patch_size']
-    tokens = (arch['img_size'] // patch) ** 2 + 1                        # the class token's position too
-    embed = dim * arch['in_chans'] * patch * patch + dim + dim + tokens * dim   # patch_embed, cls_token, pos_embed
-    embed += arch['reg_tokens'] * dim + 2 * dim * arch['norm_pre']
-    layer = dict(mlp_ratio=arch['mlp_ratio'], qkv_bias=arch['qkv_bias'], layer_scale=arch['init_values'] is not None)
-    no_qk = len(set(arch['no_qk_layers']))                             # a copy student's layers without q / k
-    blocks = (arch['depth'] - no_qk) * block_numbers(dim, **layer) + no_qk * block_numbers(dim, no_qk=True, **layer)
-    classes = arch['num_classes']
-    return embed + blocks + 2 * dim + (classes * dim + classes if classes > 0 else 0)   # norm / fc_norm, head
+def materialised(model, num_classes=None):
+    """`model`, built on the meta device, made real on the CPU (in place) and initialised as a build there would be
+    from the same random state (its init_weights, the layers' defaults first); with a new classifier of num_classes
+    outputs where given, made in the place a build makes it. Returns the model."""
+    if num_classes is not None:
+        with torch.device('meta'):
+            model.reset_classifier(num_classes)
+    model.to_empty(device='cpu')
+    model.init_weights()
+    return model
 
 # -----------------------------------------------------------------------------
 # What this machine has free
@@ -100,15 +87,16 @@ def proc_kb(path, key, otherwise):
 # A model made from flags
 
 
-def check_trainable(arch, batch, what='a ViT', tokens=None, numbers=None):
-    """Refuse, in one line naming the flags that size it, `what` (a ViT of keywords arch, from flags) where it cannot
-    train on this machine at `batch` images a step (too_big): its weights, their gradients and AdamW's state, and
-    the tokens each block keeps for the backward pass (batch x tokens x width, fp32; tokens: an image's, all of them
-    if None). numbers: its parameters where it holds more than the ViT (an MAE's decoder), else vit_numbers'."""
+def check_trainable(model, batch, what='a ViT', tokens=None):
+    """Refuse, in one line naming the flags that size it, `what` (a ViT or an MAE from flags, built on the meta
+    device) where it cannot train on this machine at `batch` images a step (too_big): its weights, their gradients and
+    AdamW's state, and the tokens each of its ViT's blocks keeps for the backward pass (batch x tokens x width, fp32;
+    tokens: an image's, all of them if None)."""
+    arch = model.arch
     if tokens is None:
         tokens = (arch['img_size'] // arch['patch_size']) ** 2 + 1 + arch['reg_tokens']
     activations = 4 * batch * tokens * arch['embed_dim'] * arch['depth']
-    big = too_big(vit_numbers(arch) if numbers is None else numbers, True, activations)
+    big = too_big(parameters(model), True, activations)
     if big:
         raise ConfigError(f"--embed-dim {arch['embed_dim']}, --depth {arch['depth']}, --img-size "
                           f"{arch['img_size']}, --patch-size {arch['patch_size']}, --batch-size {batch}: "
