@@ -96,7 +96,6 @@ def feature_checks(record, epochs):
     kl = lambda k: [statistics.fmean(h for m in c['models'][k] for h in r['kl'][m][i]) for i in c['taught']]
     took = f"{record['wall_s'] / 60:.1f} min" if record['wall_s'] >= 120 else f"{record['wall_s']:.0f} s"
     width = max((s['interval'][1] - s['interval'][0]) / 2 for x in r['groups'] for s in x['tokens'])
-    scratch_close = [i for i in c['close'] if at(t, 'distill', [i])[0] > at('scratch', 'scratch', [i])[0]]
     cross = [i for i in range(depth) if at('finetune', 'distill', [i])[0] < min(at('finetune', 'finetune', [i])[0],
                                                                                  at('distill', 'distill', [i])[0])]
     every = range(depth)
