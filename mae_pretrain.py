@@ -41,7 +41,7 @@ from util.files import check_outputs, save_figure
 from util.memory import check_trainable, materialised
 from util.launch import resolve, run_main
 from util.run import Run
-from vit import Block, VisionTransformer, model_arch, reset
+from vit import Block, VisionTransformer, initialise, model_arch
 
 # -----------------------------------------------------------------------------
 # Config
@@ -177,14 +177,7 @@ class MaskedAutoencoder(VisionTransformer):
     def init_decoder(self, drawn):
         """MAE's initialisation of the decoder's linear layers, mask token and positions (drawn: the ViT's)."""
         layers = [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
-        if not drawn:
-            for layer in layers:
-                reset(layer)
-        for layer in layers:
-            for m in layer.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
+        initialise(layers, _init_decoder, drawn)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -221,6 +214,12 @@ class MaskedAutoencoder(VisionTransformer):
         pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_keep)
         mask = torch.ones(B, N, device=imgs.device).scatter(1, ids_keep, 0.0)   # (B, N)
         return pred, mask
+
+
+def _init_decoder(m):   # MAE's, for the decoder's linear layers
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def mae_arch(cfg):

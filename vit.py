@@ -235,11 +235,7 @@ class VisionTransformer(nn.Module):
         weights are those a build on the CPU draws from the same random state."""
         layers = [self.patch_embed, self.norm_pre, self.blocks, self.fc_norm if self.global_pool else self.norm,
                   self.head]   # in the order they are made
-        if not drawn:
-            for layer in layers:
-                reset(layer)
-        for layer in layers:
-            layer.apply(_init_weights)
+        initialise(layers, _init_weights, drawn)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.reg_token is not None:
@@ -329,12 +325,16 @@ def _init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def reset(module):
-    """Each layer of `module` given PyTorch's default initialisation again (its reset_parameters), in the order the
-    layers were made."""
-    for m in module.modules():
-        if hasattr(m, 'reset_parameters'):
-            m.reset_parameters()
+def initialise(layers, init, drawn):
+    """`init` applied to each module of `layers` (Module.apply, in the order they are made). drawn: each layer holds
+    PyTorch's default already; otherwise it is drawn first (each one's reset_parameters), in the order a build draws
+    it."""
+    if not drawn:
+        for m in (m for layer in layers for m in layer.modules()):
+            if hasattr(m, 'reset_parameters'):
+                m.reset_parameters()
+    for layer in layers:
+        layer.apply(init)
 
 
 # =============================================================================
