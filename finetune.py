@@ -33,7 +33,7 @@ from util.checkpoints import check_weights, read_hashed, state_dict_of
 from util.config import DEPTH, SMALL_PRESETS, ComponentsConfig, ConfigError, at_least, option
 from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
-from util.memory import check_trainable, materialised
+from util.memory import check_trainable
 from util.run import Run
 from vit import create_model
 
@@ -53,21 +53,22 @@ class FinetuneConfig(ComponentsConfig):
     INPUTS = ('init',)
 
     def resolve(self):
-        """The resolve step: the model the config names, built on the meta device and refused where this machine
-        cannot train it (util/memory); then an --init file read, once, and loaded into it (its architecture, heads
-        and weights checked). Returns a Start: the model the run then trains (build_model)."""
+        """The resolve step: the model the config names, built on the meta device (no memory) only to be refused where
+        this machine cannot train it (util/memory), then thrown away; an --init file read, once, and its weights
+        checked against that model (architecture, heads, values). Returns a Start: the weights the run loads into the
+        model it builds (build_model)."""
         with torch.device('meta'):
             model = create_model(self.model, num_classes=0, **self.model_kwargs())
         check_trainable(model, self.batch_size)
         if not self.init:
-            return Start(model, None)
+            return Start(None, None)
         ckpt, digest = read_hashed(self.init)   # read once: loaded and hashed from the same bytes
         # with the file's own classifier, if it has one (the data's classes are counted when it is read)
         head = state_dict_of(ckpt, self.init).get('head.weight')
-        if head is not None:
-            with torch.device('meta'):
-                model.reset_classifier(head.shape[0])
-        return Start(check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads'), digest)
+        with torch.device('meta'):
+            model = create_model(self.model, num_classes=0 if head is None else head.shape[0], **self.model_kwargs())
+        checked = check_weights(model, self.init, ckpt, self.init_num_heads, '--init-num-heads')
+        return Start(checked.state_dict(), digest)
 
     def model_kwargs(self):
         """The VisionTransformer keywords the config sets beside its --model size
@@ -78,10 +79,9 @@ class FinetuneConfig(ComponentsConfig):
 
 
 class Start(NamedTuple):
-    """The model the config names as the resolve step left it: on the meta device, or holding an --init file's weights
-    (on the CPU); and the SHA-256 of the bytes they were read from (None for a name, or from scratch), which the run
-    records."""
-    model: torch.nn.Module
+    """What the resolve step leaves the run: an --init file's weights, checked (None: from scratch), and the SHA-256 of
+    the bytes they were read from (None for a name, or from scratch), which the run records."""
+    weights: dict
     sha256: str
 
 
@@ -128,17 +128,19 @@ def presets(argv=None):
 
 
 def build_model(cfg, num_classes, start):
-    """The ViT the config names, as the resolve step left it (a Start), with a classifier of num_classes: from
-    scratch, made real and randomly initialised; an --init file's, given a new classifier where its own does not fit
-    the data's classes."""
-    model = start.model
-    if not cfg.init:
-        return materialised(model, num_classes)
-    if model.num_classes != num_classes:
-        model.reset_classifier(num_classes)
-        # a new classifier: MAE's main_finetune starts it near zero
+    """The ViT the config names with a classifier of num_classes, built on the CPU (randomly initialised from the
+    random state the run seeded), holding the --init file's weights where the resolve step read them (a Start): all
+    of them, its classifier too where it fits the data's classes; a new classifier otherwise."""
+    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
+    if start.weights is None:
+        return model
+    weights = dict(start.weights)
+    if weights.get('head.weight', torch.empty(0)).shape != model.head.weight.shape:
+        weights = {k: v for k, v in weights.items() if not k.startswith('head.')}
+        # a new classifier: MAE's main_finetune starts it near zero (its bias is 0, as every linear layer's)
         torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        torch.nn.init.zeros_(model.head.bias)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {'head.weight', 'head.bias'}, (missing, unexpected)
     return model
 
 

@@ -38,10 +38,10 @@ from util.config import DEPTH, SIZE, SMALL_PRESETS, ComponentsConfig, TrainConfi
 from util.datafiles import DATASETS
 from util.engine import all_mean, autocast, train_one_epoch
 from util.files import check_outputs, save_figure
-from util.memory import check_trainable, materialised
+from util.memory import check_trainable
 from util.launch import resolve, run_main
 from util.run import Run
-from vit import Block, VisionTransformer, initialise, model_arch
+from vit import Block, VisionTransformer, model_arch
 
 # -----------------------------------------------------------------------------
 # Config
@@ -81,15 +81,14 @@ class MAEConfig(ComponentsConfig):
              f'must divide --decoder-dim {self.decoder_dim}, at most {DEPTH}')]
 
     def resolve(self):
-        """The resolve step: the MAE built on the meta device and refused where this machine cannot train it
-        (util/memory); its encoder keeps the tokens of the patches it sees. Returns it: the model the run makes real
-        (materialised) and trains."""
+        """The resolve step: the MAE built on the meta device (no memory) only to be refused where this machine cannot
+        train it (util/memory; its encoder keeps the tokens of the patches it sees), then thrown away: the run builds
+        it on the CPU (build_mae)."""
         with torch.device('meta'):
             model = build_mae(self)
         check_trainable(model, self.batch_size,
                         f'an MAE (--decoder-dim {self.decoder_dim}, --decoder-depth {self.decoder_depth})',
                         tokens=model.num_keep + 1)
-        return model
 
 
 # MAE's optimiser and no augmentation beyond crop and flip (MAE's Table 1: masking does augmentation's work); no
@@ -167,17 +166,9 @@ class MaskedAutoencoder(VisionTransformer):
                                             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch['in_chans'])
-        self.init_decoder(drawn=True)
-
-    def init_weights(self, drawn=False):
-        """The encoder's initialisation (the ViT's), then the decoder's: drawn as VisionTransformer.init_weights."""
-        super().init_weights(drawn)
-        self.init_decoder(drawn)
-
-    def init_decoder(self, drawn):
-        """MAE's initialisation of the decoder's linear layers, mask token and positions (drawn: the ViT's)."""
-        layers = [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
-        initialise(layers, _init_decoder, drawn)
+        # MAE's initialisation of the decoder: its linear layers, mask token and positions
+        for layer in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            layer.apply(_init_decoder)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -347,7 +338,7 @@ def main():
         write = check_outputs('--export', cfg.export if plan.main else '')
         data, train_loader, eval_loader = build_data(plan)
         torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-        model = materialised(plan.method).to(plan.device)
+        model = build_mae(cfg).to(plan.device)
         x = next(iter(eval_loader))[0][:cfg.batch_size].to(plan.device)   # as many as a step's
         masks = torch.Generator(plan.device)
         # sdpa, both ways, before anything runs on it

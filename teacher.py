@@ -19,7 +19,7 @@ from util.checkpoints import (arch_of, check_weights, describe_teacher, read_che
 from util.config import (DEPTH, SIZE, ConfigError, TrainConfig, at_least, decay_floor, option,
                          readable, refuse)
 from util.engine import autocast, cast_matmul_weights
-from util.memory import check_trainable, materialised
+from util.memory import check_trainable
 from vit import SIZES, VisionTransformer, attend, model_arch
 
 # what is transferred (the attention map, or the teacher's q, k or v) -> what the teacher hands over for it
@@ -176,18 +176,12 @@ def student_shape(cfg, t):
     return shape
 
 
-def unmade_student(student, cfg):
-    """The student of keywords `student` (the shape the resolve step settles) on the meta device, its head aside: the
-    model a run then trains (build_student)."""
-    with torch.device('meta'):
-        return VisionTransformer(**{**student, 'num_classes': 0, 'global_pool': cfg.global_pool,
-                                    'drop_path_rate': cfg.drop_path})
-
-
-def build_student(transfer, num_classes):
-    """The student the resolve step built on the meta device (transfer.unmade), made real with this task's head and
+def build_student(student, cfg, num_classes=0):
+    """The student of keywords `student` (the shape the resolve step settles), with the config's pooling and
+    drop-path and num_classes outputs, built on the current device (the meta device: sized, nothing allocated) and
     randomly initialised."""
-    return materialised(transfer.unmade, num_classes)
+    return VisionTransformer(**{**student, 'num_classes': num_classes, 'global_pool': cfg.global_pool,
+                                'drop_path_rate': cfg.drop_path})
 
 
 def components(arch):
@@ -364,9 +358,9 @@ class TransferConfig(TrainConfig):
         student_depth = student_shape(self, t)['depth']
         layers = map_layers(self.layer_map, layers, t['depth'], student_depth, self.layers)
         student = student_arch(self, t, layers, heads)
-        unmade = unmade_student(student, self)   # refused where this machine cannot train it
-        check_trainable(unmade, self.batch_size, 'a student')
-        return Transfer(t, description, layers, heads, student, teacher, digest, unmade)
+        with torch.device('meta'):   # refused where this machine cannot train it; built again by the run
+            check_trainable(build_student(student, self), self.batch_size, 'a student')
+        return Transfer(t, description, layers, heads, student, teacher, digest)
 
 
 def inspect_teacher(cfg, ckpt=None):
@@ -391,8 +385,8 @@ class Transfer(NamedTuple):
     """What TransferConfig.resolve settles: the teacher's keywords at the run's image size, its line for the log, the
     layers {student: teacher}, the transferred heads (None: all), the student's keywords, the teacher itself, its file
     read once and its weights loaded on the CPU (build_teacher places it), the SHA-256 of the bytes they were loaded
-    from (None for a name): what the run records and a resume compares; and the student on the meta device
-    (unmade_student), which the run makes real (build_student)."""
+    from (None for a name): what the run records and a resume compares. The run builds the student from its keywords
+    (build_student)."""
     teacher: dict
     description: str
     layers: dict
@@ -400,7 +394,6 @@ class Transfer(NamedTuple):
     student: dict
     loaded: torch.nn.Module = None
     sha256: str = None
-    unmade: torch.nn.Module = None
 
 # -----------------------------------------------------------------------------
 # The pair built: what both transfer scripts do once the data is loaded
@@ -419,7 +412,7 @@ def build_pair(plan, num_classes, eval_loader, check_fused):
     plan.log(describe_arch(plan.cfg, transfer.teacher))
     teacher = build_teacher(transfer.loaded, plan.device, plan.dtype)   # frozen
     torch.manual_seed(plan.cfg.seed)
-    student = build_student(transfer, num_classes).to(plan.device)
+    student = build_student(transfer.student, plan.cfg, num_classes).to(plan.device)
     x = next(iter(eval_loader))[0][:plan.cfg.batch_size].to(plan.device)   # as many as a step's
     # sdpa, both ways, before anything runs on it
     attn, record = check_fused(plan, teacher, student, x)

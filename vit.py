@@ -225,26 +225,17 @@ class VisionTransformer(nn.Module):
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        # each layer drew PyTorch's default as it was made; then MAE's (the ViT's own: an MAE's decoder is not made yet)
-        VisionTransformer.init_weights(self, drawn=True)
-
-    def init_weights(self, drawn=False):
-        """MAE's initialisation: the linear layers (_init_weights), then the class token, positions and registers.
-        drawn: each layer holds PyTorch's default, drawn as it was made (a build on the CPU). Otherwise (a build on the
-        meta device, made real: util/memory.materialised) those defaults are drawn first, in the same order: the
-        weights are those a build on the CPU draws from the same random state."""
-        layers = [self.patch_embed, self.norm_pre, self.blocks, self.fc_norm if self.global_pool else self.norm,
-                  self.head]   # in the order they are made
-        initialise(layers, _init_weights, drawn)
+        # MAE's initialisation: each layer drew PyTorch's default as it was made; then the linear layers', and the
+        # class token's, positions' and registers'
+        self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.reg_token is not None:
+        if reg_tokens:
             nn.init.normal_(self.reg_token, std=1e-6)                 # as DINOv2
 
     def reset_classifier(self, num_classes):
-        """A new classifier of num_classes outputs (timm's name), on the current device: a new task's head on a
-        model loaded from a file (finetune.py's --init), or on one built on the meta device. Its initialisation is its
-        caller's."""
+        """A new classifier of num_classes outputs (timm's name), on the current device: a model whose classifier is
+        read from a file given the file's own. Its initialisation is its caller's."""
         self.num_classes = self.arch['num_classes'] = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -325,18 +316,6 @@ def _init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def initialise(layers, init, drawn):
-    """`init` applied to each module of `layers` (Module.apply, in the order they are made). drawn: each layer holds
-    PyTorch's default already; otherwise it is drawn first (each one's reset_parameters), in the order a build draws
-    it."""
-    if not drawn:
-        for m in (m for layer in layers for m in layer.modules()):
-            if hasattr(m, 'reset_parameters'):
-                m.reset_parameters()
-    for layer in layers:
-        layer.apply(init)
-
-
 # =============================================================================
 # A first reading can stop here: the ViT above is the course's. What follows serves the other uses of the same
 # model: the fused kernel's padding and a GPU fault (sdpa on CUDA), the named sizes, and the parts other families
@@ -406,11 +385,7 @@ def create_model(name, **overrides):
 class LayerScale(nn.Module):   # a learned per-channel scale of a residual branch (CaiT, DINOv2)
     def __init__(self, dim, init_values):
         super().__init__()
-        self.init_values = float(init_values)
-        self.gamma = nn.Parameter(torch.full((dim,), self.init_values))
-
-    def reset_parameters(self):
-        nn.init.constant_(self.gamma, self.init_values)
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def forward(self, x):
         return x * self.gamma

@@ -278,9 +278,8 @@ def student_of(cfg, teacher, num_classes, layers, no_qk=False):
     """The student teacher.build_student makes for a teacher model in memory: the shape TransferConfig.resolve
     settles from the teacher's keywords (teacher.student_arch), with the layers ({student: teacher} or a list) and,
     no_qk, no query / key projections in them (a copy student's)."""
-    from teacher import Transfer, build_student, layer_pairs, student_arch, unmade_student
+    from teacher import build_student, layer_pairs, student_arch
     cfg.NO_QK = no_qk
     pairs = layer_pairs(layers)
     arch = student_arch(cfg, {**teacher.arch, 'img_size': cfg.img_size}, pairs, None)
-    transfer = Transfer(teacher.arch, '', pairs, None, arch, unmade=unmade_student(arch, cfg))
-    return build_student(transfer, num_classes)
+    return build_student(arch, cfg, num_classes)

@@ -125,7 +125,7 @@ def test_groups_pair_models_of_different_seeds_and_spread_over_their_pairs(subse
 
 def test_a_run_writes_its_record_and_tables(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    argv = ['--teacher', TEACHER, '--images', '8', '--blocks', '0', '--out-dir', tmp_path / 'out',
+    argv = ['--teacher', TEACHER, '--images', '8', '--blocks', '0', '--out-dir', tmp_path / 'out', '--dirty', 'true',
             '--models', os.path.join(MODELS, 'scratch-0.pt'), os.path.join(MODELS, 'scratch-1.pt')]
     assert run_in_process(monkeypatch, features, *argv) is None
     record = json.loads((tmp_path / 'out' / 'features.json').read_text())
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(monkeypatch, tmp_path):
     assert 'features.json exists and is not an earlier result' in said and '--out-dir' in said, said
     assert (tmp_path / 'features.json').read_text() == '{"mine": 1}' and not (tmp_path / 'TABLE.md').exists()
     said = run_in_process(monkeypatch, features, '--teacher', TEACHER, '--models', model, '--blocks', '6',
-                          '--out-dir', tmp_path / 'new')
+                          '--out-dir', tmp_path / 'new', '--dirty', 'true')
     assert said.startswith('error: --blocks 6: the models have blocks 0 to 5'), said
     assert not (tmp_path / 'new').exists()
     said = run_in_process(monkeypatch, features, '--models', model, model)

@@ -156,3 +156,34 @@ def test_a_killed_commands_temporary_file_goes_with_the_next_write_of_its_file(t
     with replacing(str(tmp_path / 'x.bin')) as f:                           # the name it writes through
         assert re.fullmatch(r'\.x\.bin\.[a-z0-9_]{8}\.tmp', os.path.basename(f.name))
         f.write(b'1')
+
+
+def test_a_page_is_made_from_committed_code(tmp_path):
+    """util/files.page_commit in a repository of its own (util/ copied and committed): the commit and a clean tree;
+    a change to its code refused in one line naming --dirty true, and recorded where that is passed; a change to a
+    page's text is no change of code."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copytree(os.path.join(os.path.dirname(__file__), '..', 'util'), tmp_path / 'util',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    (tmp_path / 'RESULTS.md').write_text('a page\n')
+
+    def git(*args):
+        return subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git('init', '-q')
+    git('add', '.')
+    git('commit', '-q', '-m', 'code')
+
+    def made(dirty):
+        code = f'import json; from util.files import page_commit; print(json.dumps(page_commit({dirty})))'
+        return subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True)
+    (tmp_path / 'RESULTS.md').write_text('the page, rewritten\n')
+    assert json.loads(made(False).stdout) == {'git_commit': git('rev-parse', 'HEAD'), 'clean': True}
+    with open(tmp_path / 'util' / 'errors.py', 'a') as f:
+        f.write('# changed\n')
+    refused = made(False)
+    assert refused.returncode != 0 and 'uncommitted changes (util/errors.py, ...)' in refused.stderr
+    assert 'pass --dirty true' in refused.stderr.strip().splitlines()[-1]
+    assert json.loads(made(True).stdout) == {'git_commit': git('rev-parse', 'HEAD'), 'clean': False}

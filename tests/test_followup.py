@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, run_in_process
 from tools import followup
+from tools.intervals import paired, side
 
 ARMS = [f'{m}-{s}' for m in ('scratch', 'copy', 'distill') for s in ('plain', 'matched')]
 
@@ -48,8 +49,8 @@ def made_up(failing, seeds=3):
     """Runs with the follow-up's failure (the plain students below their scratch, the matched above theirs) or
     without it; random otherwise."""
     rng = random.Random(failing)
-    base = {'scratch-plain': 80.0, 'scratch-matched': 80.5, 'copy-plain': 78.0 if failing else 82.0,
-            'copy-matched': 82.5, 'distill-plain': 79.0 if failing else 83.0, 'distill-matched': 83.5}
+    base = {'scratch-plain': 80.0, 'scratch-matched': 80.5, 'copy-plain': 77.0 if failing else 83.0,
+            'copy-matched': 83.5, 'distill-plain': 77.5 if failing else 84.0, 'distill-matched': 84.5}
     return {arm: {k: round(base[arm] + rng.uniform(-0.4, 0.4), 2) for k in range(seeds)} for arm in ARMS}
 
 
@@ -64,8 +65,8 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     runs = made_up(failing)
     layout(tmp_path, runs)
     teacher(tmp_path / 'rival', 0.40017 if failing else 0.5)   # the family chosen against
-    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--command', 'bash tools/followup.sh',
-                          '--rival', tmp_path / 'rival') is None
+    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path, '--command',
+                          'bash tools/followup.sh', '--rival', tmp_path / 'rival') is None
     saved = json.loads((tmp_path / 'followup.json').read_text())
     assert saved['runs'] == {arm: {str(k): v for k, v in r.items()} for arm, r in runs.items()}
     assert not saved['cut_short']
@@ -86,8 +87,14 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
         m, s = diff(runs[f'{method}-matched'], runs[f'{method}-plain'])
         assert rows['matched − plain'][col] == f'{m:+.2f} ± {s:.2f}'
     flat = ' '.join(text.split())   # the page's paragraphs are wrapped
-    verdicts = re.findall(r'failure \(.*?\) (shows|does not show) here', flat)
-    assert verdicts == (['shows', 'shows'] if failing else ['does not show', 'does not show'])
+    verdicts = re.findall(r'failure \(.*?\) (shows here|does not show here|is not decided by these seeds)', flat)
+    expected = []
+    for method in ('copy', 'distill'):   # by the gains' intervals over seeds (tools/intervals.py)
+        plain, like = (side(paired(runs[f'{method}-{s}'], runs[f'scratch-{s}'])) for s in ('plain', 'matched'))
+        expected.append('shows here' if (plain, like) == ('below', 'above') else
+                        'does not show here' if 'above' in (plain,) or like == 'below' else
+                        'is not decided by these seeds')
+    assert verdicts == expected and len(set(expected)) == 1 and (expected[0] == 'shows here') == failing
     assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
     said = re.search(r"this teacher's masked MSE there is ([\d.]+) \((.*?)\); "
                      r"the teacher with DINOv2's .*?, ([\d.]+)\.", flat)
@@ -96,44 +103,48 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     assert 'not a result' not in text
     # the page alone, again from the json: the same text
     (tmp_path / 'README.md').unlink()
-    assert run_in_process(monkeypatch, followup, '--out', tmp_path, '--page-only', 'true') is None
+    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path, '--page-only', 'true') is None
     assert (tmp_path / 'README.md').read_text() == text
 
 
 def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teacher_is_one_line(monkeypatch, tmp_path):
     runs = made_up(True)
     layout(tmp_path / 'short', runs, max_steps=2)
-    assert run_in_process(monkeypatch, followup, '--out', tmp_path / 'short') is None
+    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'short') is None
     assert 'not a result' in (tmp_path / 'short' / 'README.md').read_text()
     del runs['copy-matched']
     layout(tmp_path / 'missing', runs)
-    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'missing')
+    msg = run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'missing')
     assert 'copy-matched' in msg and 'tools/followup.sh' in msg
     # a teacher re-made while the runs went on: its runs and the old one's are not one experiment
     layout(tmp_path / 'two', made_up(True))
     config = tmp_path / 'two' / 'logs' / 'distill-plain' / 'seed2' / 'config.json'
     config.write_text(json.dumps({**json.loads(config.read_text()), 'teacher_sha256': 'e' * 64}))
-    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'two')
+    msg = run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'two')
     assert '2 teacher files' in msg and 'eeeeeeeeeeee' in msg
     # the family chosen against: its teacher missing, or one that held out other images, is no comparison
-    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'short', '--rival', tmp_path / 'none')
+    msg = run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'short', '--rival', tmp_path / 'none')
     assert 'holds no teacher' in msg and 'STOP=teacher FAMILY=dinov2' in msg, msg
     teacher(tmp_path / 'other', 0.3, val_size=1000)
-    msg = run_in_process(monkeypatch, followup, '--out', tmp_path / 'short', '--rival', tmp_path / 'other')
+    msg = run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'short', '--rival', tmp_path / 'other')
     assert 'held out 1000 training images, this one 5000' in msg, msg
 
 
 def test_the_committed_page_is_what_its_runs_give(monkeypatch, tmp_path):
     """results/fashion-mnist/followup: followup.json collected again from the committed runs' records, and README.md
-    written again from it, are the committed ones, to the byte (the command the page gives, as tools/followup.sh
-    passes it)."""
+    written again from it, are the committed ones (README.md to the byte; followup.json but for the commit it was
+    made at), with the command the page gives, as tools/followup.sh passes it."""
     committed = os.path.join(ROOT, 'results', 'fashion-mnist')
     for name in ('followup', 'followup-dinov2'):
         shutil.copytree(os.path.join(committed, name), tmp_path / name)
     for name in ('followup.json', 'README.md'):
         (tmp_path / 'followup' / name).unlink()
-    assert run_in_process(monkeypatch, followup, '--out', tmp_path / 'followup', '--family', 'clip',
-                          '--rival', tmp_path / 'followup-dinov2') is None
-    for name in ('followup.json', 'README.md'):
-        with open(os.path.join(committed, 'followup', name)) as f:
-            assert (tmp_path / 'followup' / name).read_text() == f.read(), name
+    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'followup', '--family',
+                          'clip', '--rival', tmp_path / 'followup-dinov2') is None
+    with open(os.path.join(committed, 'followup', 'README.md')) as f:
+        assert (tmp_path / 'followup' / 'README.md').read_text() == f.read()
+    with open(os.path.join(committed, 'followup', 'followup.json')) as f:
+        record = json.load(f)
+    made = json.loads((tmp_path / 'followup' / 'followup.json').read_text())
+    # all but the commit it was made at (this one's, a later one's): made from committed code
+    assert record.pop('page')['clean'] and {**made, 'page': None} == {**record, 'page': None}

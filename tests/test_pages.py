@@ -81,10 +81,20 @@ def reproduction_checks(name, run, made):
     gap = {k: 100 * (mean[k] - mean['scratch']) / (mean['finetune'] - mean['scratch']) for k in AIMS}
     paper_gap = {k: 100 * (PAPER[k] - PAPER['scratch']) / (PAPER['finetune'] - PAPER['scratch']) for k in AIMS}
 
+    from tools.intervals import side
+    from tools.reproduce_report import difference
+    summary = run['summary']
+    n = len(seeds)
+
+    def verdict(iv, than, missed):   # a sign only where the whole interval carries it
+        return {'above': 'met', 'below': missed}.get(side(iv, than), f'not decided by {n} seeds: the interval '
+                                                                     f'holds it')
+
     def against_aim(k):
-        return lambda g: (f'{gap[k]:.1f}', g[1], 'met' if gap[k] >= int(g[1]) else
-                          f'missed by {int(g[1]) - gap[k]:.1f} points of gap',
-                          None if gap[k] >= int(g[1]) else f'{int(g[1]) - gap[k]:.1f}', f'{paper_gap[k]:.1f}')
+        share = summary['shares'][k]
+        return lambda g: (f'{gap[k]:.1f}', f"{100 * share['low']:.1f}", f"{100 * share['high']:.1f}", g[3],
+                          verdict(share, int(g[3]) / 100, 'missed: the whole interval lies below it'),
+                          f'{paper_gap[k]:.1f}')
     over = mean['ensemble'] - mean['finetune']
     above = {k: mean[k] - mean['scratch'] for k in ('copy', 'distill')}
     typed = run['command']
@@ -114,21 +124,30 @@ def reproduction_checks(name, run, made):
         (r'the run ended (\d{4}-\d\d-\d\d \d\d:\d\d) UTC',
          (time.strftime('%Y-%m-%d %H:%M', time.gmtime(max(r['started'] + r['wall_s'] for r in run['stages']))),)),
     ]
-    aims = [   # a result is read against the aims; a smoke run (--quick) is not, and states none (issue 71)
-        (r"attention copy closes ([\d.]+)% of the gap \(the aim: ≥ (\d+)%, (met|missed by ([\d.]+) points of gap)\); "
-         r"the paper's, ([\d.]+)%", against_aim('copy')),
-        (r"attention distillation closes ([\d.]+)% of the gap \(the aim: ≥ (\d+)%, (met|missed by ([\d.]+) points of "
-         r"gap)\); the paper's, ([\d.]+)%", against_aim('distill')),
-        (r"the ensemble is ([+-][\d.]+) points against fine-tuning alone \(the aim: above it, (met|missed by [\d.]+ "
-         r"points)\); the paper's, ([+-][\d.]+)", (f'{over:+.2f}', 'met' if over > 0 else f'missed by {-over:.2f} points',
-                                                   f"{PAPER['ensemble'] - PAPER['finetune']:+.1f}")),
+    if run['config']['quick']:   # a smoke run states no aim
+        return checks + [(r'here (both|not both) transfer methods beat scratch \(copy ([+-][\d.]+), distillation '
+                          r'([+-][\d.]+) points\)', ('both' if min(above.values()) > 0 else 'not both',
+                                                     f"{above['copy']:+.2f}", f"{above['distill']:+.2f}"))]
+    fine_distill = difference(summary, 'finetune', 'distill')
+    ensemble_over = difference(summary, 'ensemble', 'finetune')
+    share_pattern = (r"closes ([\d.]+)% of the gap \(per seed, 95% interval ([\d.]+) to ([\d.]+)%; the aim: ≥ (\d+)%, "
+                     r"(met|missed: the whole interval lies below it|not decided by \d+ seeds: the interval holds it)\); "
+                     r"the paper's, ([\d.]+)%")
+    aims = [   # a result is read against the aims, each by its interval; a smoke run (--quick) is not, and states none
+        (r'What every seed carries: ((?:[a-z-]+ [<?] )+[a-z-]+);', (summary['every_seed'].replace('finetune', 'fine-tune')
+                                                       .replace('distill', 'distillation'),)),
+        (r'fine-tuning ends ([\d.]+) points above distillation \(95% interval ([\d.]+) to ([\d.]+)\)',
+         (f"{fine_distill['mean']:.2f}", f"{fine_distill['low']:.2f}", f"{fine_distill['high']:.2f}")),
+        (r'attention copy ' + share_pattern, against_aim('copy')),
+        (r'attention distillation ' + share_pattern, against_aim('distill')),
+        (r"the ensemble is ([+-][\d.]+) points against fine-tuning alone \(95% interval ([+-][\d.]+) to ([+-][\d.]+); "
+         r"the aim: above it, (met|missed: the whole interval lies below it|not decided by \d+ seeds: the interval "
+         r"holds it)\); the paper's, ([+-][\d.]+)",
+         (f'{over:+.2f}', f"{ensemble_over['low']:+.2f}", f"{ensemble_over['high']:+.2f}",
+          verdict(ensemble_over, 0, 'missed: the whole interval lies below it'),
+          f"{PAPER['ensemble'] - PAPER['finetune']:+.1f}")),
     ]
-    if not run['config']['quick']:
-        checks += aims
-    if run['config']['quick']:
-        checks.append((r'here (both|not both) transfer methods beat scratch \(copy ([+-][\d.]+), distillation '
-                       r'([+-][\d.]+) points\)', ('both' if min(above.values()) > 0 else 'not both',
-                                                  f"{above['copy']:+.2f}", f"{above['distill']:+.2f}")))
+    checks += aims
     return checks
 
 
@@ -182,7 +201,8 @@ def test_a_reproductions_tables_are_made_from_its_results_json(name, tmp_path):
 
 @pytest.mark.parametrize('old, new, found', [
     ('closes 29.5% of the gap', 'closes 29.6% of the gap', "the data gives ('29.5'"),
-    ('missed by 20.5 points', 'missed by 20.4 points', "'missed by 20.5 points of gap'"),
+    ('95% interval 18.9 to 40.2%', '95% interval 18.9 to 40.3%', "'40.2'"),
+    ('the aim: above it, met', 'the aim: above it, not decided by 3 seeds: the interval holds it', "'met'"),
     ('(per seed: 6.65%,', '(per seed: 6.66%,', '6.65%, 6.92%, 6.90%'),
     ('ensemble 90.08 > fine-tune 89.86', 'fine-tune 89.86 > ensemble 90.08', 'ensemble 90.08 > fine-tune 89.86'),
     ('reproduce.py ran 41.5 min', 'reproduce.py ran 40.5 min', "'41.5'"),

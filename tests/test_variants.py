@@ -105,7 +105,7 @@ def test_a_damaged_file_is_one_line_naming_it(tree, monkeypatch, damage):
         named.write_text({'an empty metrics.jsonl': '',
                           'a nan top-1': '{"epoch": 1, "step": 10, "top1": NaN}\n'}[damage])
     before = sorted(os.listdir(tree))
-    msg = run_in_process(monkeypatch, variants)
+    msg = run_in_process(monkeypatch, variants, '--dirty', 'true')
     fix = 'run the same command again' if damage == 'an empty metrics.jsonl' else 'move it away'
     assert msg and msg.startswith(f'error: {named}') and fix in msg, msg
     assert sorted(os.listdir(tree)) == before   # variants.json and the figure not written

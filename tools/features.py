@@ -39,7 +39,7 @@ from util.checkpoints import build_from_checkpoint
 from util.config import BATCH, DEPTH, STEPS, ConfigError, at_least, option
 from util.engine import accuracy
 from util.errors import say, show
-from util.files import check_outputs, cpu_name, git_commit
+from util.files import check_outputs, cpu_name, page_commit
 from util.launch import parse_config, run_main
 
 KINDS = {'tokens': 'every token of every image a sample, block i against block i',
@@ -59,6 +59,8 @@ class FeaturesConfig:
     data_dir: str = option('./data', "the models' data set's folder (util/datafiles.py: or where)")
     out_dir: str = option('', 'features.json and TABLE.md here (neither may exist yet); '
                           'empty = print the tables')
+    dirty: bool = option(False, 'write them from code with uncommitted changes (they record it); '
+                                'otherwise such a tree is refused')
 
     def checks(self):
         names = [name(p) for p in self.models]
@@ -246,6 +248,7 @@ def main():
         outputs = [os.path.join(cfg.out_dir, f) for f in ('features.json', 'TABLE.md')]
     # refused before any work where they could not be written: nothing is written over
     write = check_outputs('--out-dir', *outputs)
+    made = page_commit(cfg.dirty) if outputs else None   # a page is made from committed code
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cudnn.allow_tf32 = False                           # fp32 on a GPU too
     start = time.time()
@@ -255,7 +258,7 @@ def main():
     if outputs:
         machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
         record = {'command': shlex.join(['python', '-m', 'tools.features', *sys.argv[1:]]),
-                  'git_commit': git_commit(), 'machine': machine,
+                  'git_commit': made['git_commit'], 'clean': made['clean'], 'machine': machine,
                   'threads': torch.get_num_threads(), 'torch': torch.__version__,
                   'wall_s': time.time() - start, 'config': asdict(cfg), 'result': result}
         write(outputs[0], lambda f: f.write(json.dumps(record, indent=2).encode()))

@@ -12,14 +12,15 @@ import os
 import re
 import textwrap
 from dataclasses import dataclass
-from statistics import mean, stdev
+from statistics import mean
 
 from matplotlib.figure import Figure
 
+from tools.intervals import interval, paired, side
 from tools.palette import PALETTE, SHORT, png
 from tools.reproduce_report import records
 from util.config import option
-from util.files import DamagedFile, read_bytes, read_json, replacing, write_json, write_text
+from util.files import DamagedFile, page_commit, read_bytes, read_json, replacing, write_json, write_text
 from util.launch import parse_config, run_main
 
 STUDENTS = ('plain', 'matched')
@@ -41,6 +42,8 @@ class FollowupConfig:
     rival: str = option('', "the other family's OUT, whose teacher --family's was chosen against (their masked MSE "
                         "on the images both held out); '' = no choice stated")
     page_only: bool = option(False, 'only followup.png and README.md, from followup.json as it is')
+    dirty: bool = option(False, 'make the page from code with uncommitted changes (the page records it); '
+                                'otherwise such a tree is refused')
 
 # -----------------------------------------------------------------------------
 # Collect: the runs' records -> followup.json
@@ -113,24 +116,20 @@ def choice(cfg, mse, config):
             'mse': {cfg.family: mse, rival: finite(records(teacher)[-1].get('mse'), teacher, "its last record's mse")}}
 
 
-def spread(values):
-    """{mean, std (n - 1; None for one value), n} of a list of numbers."""
-    return {'mean': mean(values), 'std': stdev(values) if len(values) > 1 else None, 'n': len(values)}
-
-
-def paired(a, b):
-    """spread of a[k] - b[k] over the seeds both have ({seed: top-1} each)."""
-    return spread([a[k] - b[k] for k in sorted(set(a) & set(b), key=int)])
-
-
 def summarise(runs):
-    """What the page states, from the runs alone: each arm's top-1; each transfer's gain over its own student's
-    scratch; the matched student against the plain one, per method; and, per transfer, whether the follow-up's
-    failure shows (the plain student's mean below its scratch's, the matched student's above its own)."""
-    arms = {arm: spread(list(top1.values())) for arm, top1 in runs.items()}
+    """What the page states, from the runs alone, each over seeds with its interval (tools/intervals.py): each arm's
+    top-1; each transfer's gain over its own student's scratch, seed by seed; the matched student against the plain
+    one, per method; and, per transfer, whether the follow-up's failure shows: True where the intervals carry it (the
+    plain student's gain below 0, the matched student's above), False where either carries the other side, else None
+    (the seeds do not decide it)."""
+    arms = {arm: interval(top1.values()) for arm, top1 in runs.items()}
     gains = {f'{m}-{s}': paired(runs[f'{m}-{s}'], runs[f'scratch-{s}']) for m in TRANSFERS for s in STUDENTS}
     matched = {m: paired(runs[f'{m}-matched'], runs[f'{m}-plain']) for m in METHODS}
-    failure = {m: gains[f'{m}-plain']['mean'] < 0 < gains[f'{m}-matched']['mean'] for m in TRANSFERS}
+    failure = {}
+    for m in TRANSFERS:
+        plain, like = side(gains[f'{m}-plain']), side(gains[f'{m}-matched'])
+        failure[m] = True if (plain, like) == ('below', 'above') else \
+            False if 'above' == plain or 'below' == like else None
     return {'arms': arms, 'gains': gains, 'matched_minus_plain': matched, 'failure_reproduced': failure}
 
 # -----------------------------------------------------------------------------
@@ -147,14 +146,11 @@ def signed(s):
     return f"{s['mean']:+.2f}" if s['std'] is None else f"{s['mean']:+.2f} ± {s['std']:.2f}"
 
 
-def side(s, above='above', below='below'):
-    """Where a difference lies: above, below or at 0, and whether the seeds' spread covers 0."""
-    where = above if s['mean'] > 0 else below if s['mean'] < 0 else 'level'
-    if s['mean'] == 0:
-        return where
-    if s['std'] is not None and abs(s['mean']) <= s['std']:
-        where += ", within the seeds' spread"
-    return where
+def where(s, above='above', below='below'):
+    """Where a difference lies against 0 as its 95% interval over seeds says ('above: 95% interval +0.90 to
+    +2.10'): above or below where the whole interval lies there, else not decided by the seeds."""
+    word = {'above': above, 'below': below}.get(side(s), 'not decided by the seeds')
+    return word if s['low'] is None else f"{word}: 95% interval {s['low']:+.2f} to {s['high']:+.2f}"
 
 
 def plot(result, path):
@@ -203,13 +199,15 @@ def findings(result):
     lines = []
     for m in TRANSFERS:
         plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
-        verdict = 'shows here' if s['failure_reproduced'][m] else 'does not show here'
+        verdict = {True: 'shows here', False: 'does not show here',
+                   None: 'is not decided by these seeds'}[s['failure_reproduced'][m]]
         lines.append(f"- **{SHORT[m].capitalize()}**: the plain student ends {signed(plain)} points against its "
-                     f"scratch run ({side(plain)}), the matched one {signed(like)} ({side(like)}); the matched student "
-                     f"ends {signed(matched[m])} points against the plain one ({side(matched[m])}). The follow-up's "
-                     f'failure (the plain student below its scratch run, the matched one above its own) {verdict}.')
+                     f"scratch run ({where(plain)}), the matched one {signed(like)} ({where(like)}); the matched "
+                     f"student ends {signed(matched[m])} points against the plain one ({where(matched[m])}). The "
+                     f"follow-up's failure (the plain student below its scratch run, the matched one above its own) "
+                     f'{verdict}.')
     lines.append(f"- **Scratch**: the components alone move training from scratch by {signed(matched['scratch'])} "
-                 f"points ({side(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
+                 f"points ({where(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
     return lines
 
 
@@ -231,7 +229,8 @@ def page(result):
         "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
         "its own student (`finetune.py`, built the same way), on the committed reproduction's budget (3 epochs, "
         f'blr 4e-3), {n} seeds. Every number is top-1 (%) on {split} after the last epoch; ± is the standard '
-        'deviation over seeds (of the per-seed differences, for a difference).', '']
+        'deviation over seeds (of the per-seed differences, for a difference), and a difference is called above or '
+        'below 0 only where its 95% interval over seeds lies wholly there (tools/intervals.py).', '']
     if result['choice']:
         (family, mse), (rival, theirs) = result['choice']['mse'].items()
         which = 'the lower, the better teacher' if mse < theirs else 'not the lower'
@@ -255,10 +254,11 @@ def page(result):
 
 def main():
     cfg = parse_config(FollowupConfig, {})
+    made = page_commit(cfg.dirty)   # refused first: a page is made from committed code
     path = os.path.join(cfg.out, 'followup.json')
     if not cfg.page_only:
         result = collect(cfg)   # a damaged file: one line naming it (run_main)
-        write_json(path, {**result, 'summary': summarise(result['runs'])})
+        write_json(path, {**result, 'summary': summarise(result['runs']), 'page': made})
     result = read_json(path, 'run python -m tools.followup without --page-only to collect it')
     plot(result, os.path.join(cfg.out, 'followup.png'))
     write_text(os.path.join(cfg.out, 'README.md'), page(result))

@@ -4,6 +4,7 @@ reproduce.py's report: the numbers of its stages over seeds (results.json holds 
 in the page beside them (RESULTS.md); tests/test_pages.py checks each number such a page states.
 
     python -m tools.reproduce_report results/fashion-mnist   # TABLE.md and results.png again, from results.json
+    python -m tools.reproduce_report results/fashion-mnist --dirty true   # from uncommitted code: results.json says so
 """
 import os
 import shutil
@@ -12,11 +13,12 @@ import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
+from tools.intervals import interval
 from tools.palette import SHORT, colour
 from util.config import ConfigError
 from util.engine import lr_at
 from util.errors import flag, word
-from util.files import (DamagedFile, check_out_dir, read_json, read_jsonl, save_figure, write_json,
+from util.files import (DamagedFile, check_out_dir, page_commit, read_json, read_jsonl, save_figure, write_json,
                         write_text)
 from util.launch import run_main
 
@@ -83,7 +85,7 @@ def format_gap(g):
 
 def summarise(runs):
     """Per method: final top-1 per seed, mean, std, wall times,
-    curve (test top-1 per epoch, mean over seeds)."""
+    curve (test top-1 per epoch, mean over seeds); then what the seeds carry (carried)."""
     out = {}
     for m in STAGES:
         rs = [r for r in runs if r['stage'] == m]
@@ -97,7 +99,37 @@ def summarise(runs):
     gaps = {m: gap_closed(out[m]['mean'], out['scratch']['mean'], out['finetune']['mean'])
             for m in ('copy', 'distill')}
     dis = [100 * r['metrics']['disagreement'] for r in runs if r['stage'] == 'ensemble']
-    return {'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis}
+    return carried({'methods': out, 'gap_closed': gaps, 'disagreement_pct': dis})
+
+
+def carried(s):
+    """Summary s with what its seeds carry (tools/intervals.py): each transfer's share of the gap seed by seed and
+    its interval ('shares'; None where a seed's fine-tuning does not beat its scratch run), each difference between
+    two methods seed by seed and its interval ('differences', 'a - b'), and the order of the methods that every seed
+    shows ('every_seed': from the lowest, '<' where every seed has the later one above, else '?')."""
+    m = s['methods']
+    top1 = {k: dict(zip(map(str, v['seeds']), v['top1'])) for k, v in m.items()}
+    shares = {}
+    for k in ('copy', 'distill'):
+        per_seed = [gap_closed(top1[k][i], top1['scratch'][i], top1['finetune'][i]) for i in top1[k]]
+        shares[k] = None if None in per_seed else {**interval(per_seed), 'per_seed': per_seed}
+    differences = {f'{a} - {b}': interval([top1[a][i] - top1[b][i] for i in top1[a]])
+                   for a in STAGES for b in STAGES if a != b and STAGES.index(a) > STAGES.index(b)}
+    order = sorted(STAGES, key=lambda k: m[k]['mean'])
+    chain = order[0]
+    for lo, hi in zip(order, order[1:]):
+        chain += f" {'<' if all(top1[hi][i] > top1[lo][i] for i in top1[hi]) else '?'} {hi}"
+    return {**s, 'shares': shares, 'differences': differences, 'every_seed': chain}
+
+
+def difference(s, a, b):
+    """The interval of a - b (methods) over seeds, whichever order results.json stores it in."""
+    d = s['differences']
+    if f'{a} - {b}' in d:
+        return d[f'{a} - {b}']
+    iv = d[f'{b} - {a}']
+    return {**iv, 'mean': -iv['mean'], 'low': None if iv['high'] is None else -iv['high'],
+            'high': None if iv['low'] is None else -iv['low']}
 
 
 def table(s):
@@ -111,6 +143,8 @@ def table(s):
         paper = PAPER[m]
         if m in s['gap_closed']:
             gap = format_gap(s['gap_closed'][m])
+            if s['shares'][m] is not None and s['shares'][m]['low'] is not None:
+                gap += f" ({100 * s['shares'][m]['low']:.1f} to {100 * s['shares'][m]['high']:.1f})"
             paper_gap = gap_closed(PAPER[m], PAPER['scratch'], PAPER['finetune'])
             paper = f'{PAPER[m]} ({format_gap(paper_gap)})'
         disagreement = ''
@@ -245,24 +279,30 @@ def write(results_dir, cfg, s, runs, root, prov):
                 shutil.copyfile(src, os.path.join(out, f))
 
 
-def rewrite(results_dir):
+def rewrite(results_dir, made=None):
     """TABLE.md and results.png again from results.json, after a change to how they are made: the numbers are
-    the run's own (its run directories need not exist any more)."""
+    the run's own (its run directories need not exist any more); what its seeds carry written into results.json, with
+    `made` (util/files.page_commit: the commit and tree the report was made from) where given."""
     path = os.path.join(results_dir, 'results.json')
     fix = (f'restore it (committed results: git checkout -- {path}), '
            f'or make it again with python -m tools.reproduce')
     d = read_json(path, fix, {'config': dict, 'summary': dict, 'stages': list})
     # everything below reads the file's contents: a missing or mistyped entry is the file's fault
     try:
+        d['summary'] = carried(d['summary'])   # what the seeds carry, from the numbers the file holds
         write_tables(results_dir, SimpleNamespace(**d['config']), d['summary'], d['stages'], d)
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, StopIteration) as e:
         raise DamagedFile(f'{path} does not hold what reproduce.py writes '
                           f'({type(e).__name__}: {e}): {fix}') from None
-    print(f'written: {results_dir}/TABLE.md, results.png (from results.json)')
+    if made is not None:
+        d['report'] = made
+    write_json(path, d)
+    print(f'written: {results_dir}/results.json (what its seeds carry), TABLE.md, results.png (from results.json)')
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR '
+    if len(sys.argv) not in (2, 4) or sys.argv[2:] not in ([], ['--dirty', 'true'], ['--dirty', 'false']):
+        sys.exit('usage: python -m tools.reproduce_report RESULTS_DIR [--dirty true] '
                  '(a directory reproduce.py wrote, with results.json)')
-    run_main(lambda: rewrite(sys.argv[1]))
+    # a report is made from committed code: refused first where it has uncommitted changes, unless --dirty true
+    run_main(lambda: rewrite(sys.argv[1], page_commit(sys.argv[2:] == ['--dirty', 'true'])))

@@ -2,17 +2,20 @@
 closes between the committed reproduction's scratch and fine-tuning (the baselines: results/fashion-mnist/logs), the
 committed models' top-1 on shifted test images, and the runs' wall time. Writes variants.json and variants.png in
 results/fashion-mnist/variants; the page's tables and sentences are written by hand, and tested against the json.
-    python -m tools.variants"""
+    python -m tools.variants                 # from committed code
+    python -m tools.variants --dirty true    # from code with uncommitted changes: variants.json records it"""
 import math
 import os
 import re
+import sys
 from statistics import mean, stdev
 
 from matplotlib.figure import Figure
 
 from tools.palette import PALETTE, SHORT, png
 from tools.reproduce_report import records
-from util.files import DamagedFile, read_bytes, read_json, replacing, write_json
+from util.errors import ConfigError
+from util.files import DamagedFile, page_commit, read_bytes, read_json, replacing, write_json
 from util.launch import run_main
 
 HERE = os.path.join('results', 'fashion-mnist')
@@ -150,8 +153,12 @@ def plot(result, path):
 
 
 def main():
+    args = sys.argv[1:]
+    if args not in ([], ['--dirty', 'true'], ['--dirty', 'false']):
+        raise ConfigError(f"unknown arguments {' '.join(args)}: python -m tools.variants [--dirty true]")
+    made = page_commit(args == ['--dirty', 'true'])   # refused first: a page is made from committed code
     result = collect()   # a damaged file: one line naming it (run_main)
-    write_json(os.path.join(OUT, 'variants.json'), result)
+    write_json(os.path.join(OUT, 'variants.json'), {**result, 'page': made})
     plot(result, os.path.join(OUT, 'variants.png'))
     print(f"{len(result['runs'])} variants; runs and evaluations took "
           f"{result['wall_s'] / 3600:.2f} h")

@@ -208,18 +208,35 @@ def write_json(path, record):
     write_text(path, json.dumps(record, indent=2))
 
 
+def git(*args):
+    """What `git args` prints in this repository's root ('' outside a git checkout: a pathspec is relative to the
+    folder git runs in)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(['git', *args], capture_output=True, text=True, cwd=root).stdout.strip()
+
+
 def git_commit():
     """`git rev-parse HEAD` of this repository ('' outside a git checkout), with ' (with uncommitted changes to
-    *.py)' where the code that ran is not that commit's (run in the repository's root: a pathspec is relative to
-    the folder git runs in)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*a):
-        return subprocess.run(['git', *a], capture_output=True, text=True, cwd=root).stdout.strip()
+    *.py)' where the code that ran is not that commit's."""
     head = git('rev-parse', 'HEAD')
     if head and git('status', '--porcelain', '--', '*.py'):
         return head + ' (with uncommitted changes to *.py)'
     return head
+
+
+def page_commit(dirty=False, flag='--dirty true'):
+    """{'git_commit': the commit a results page is made from, 'clean': whether its code (*.py, *.sh) holds no
+    uncommitted change}: a page is made from committed code, so that its numbers are that commit's. A tree with such
+    changes is refused in one line unless `dirty` (the flag `flag`), and the page then records that it was not clean."""
+    head = git('rev-parse', 'HEAD')
+    if not head:   # no git checkout (an archive): nothing to say either way
+        return {'git_commit': 'unknown', 'clean': None}
+    changed = git('status', '--porcelain', '--', '*.py', '*.sh').splitlines()
+    if changed and not dirty:
+        raise ConfigError(f"{len(changed)} file(s) of code have uncommitted changes ({changed[0].split()[-1]}, ...): a "
+                          f"results page is made from committed code: commit them, or pass {flag} to make a page "
+                          f"that says it was not")
+    return {'git_commit': head, 'clean': not changed}
 
 
 def cpu_name():

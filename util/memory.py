@@ -1,15 +1,15 @@
 """
-What a model needs of this machine's memory, counted from the model a run then uses, built on the meta device (its
-shapes, no memory). It guards the one fault that gives no message: a model larger than the host's free memory is ended
-by the OOM killer without a word (or, on a GPU, fails in an allocator's numbers naming no flag). A resolve step builds
-the run's model there and asks here first, so that a size from a flag (--img-size 65536) or from a file's record
-(2**60 tokens) is one line before anything is allocated; the run then makes that same model real (materialised).
+What a model needs of this machine's memory, counted from the run's model built on the meta device (its shapes, no
+memory). It guards the one fault that gives no message: a model larger than the host's free memory is ended by the OOM
+killer without a word (or, on a GPU, fails in an allocator's numbers naming no flag). A resolve step builds the run's
+model there and asks here first, so that a size from a flag (--img-size 65536) or from a file's record (2**60 tokens)
+is one line before anything is allocated; that build is then thrown away, and the run builds its model on the CPU after
+its seed, as timm and MAE build one.
 
     with torch.device('meta'):
         model = create_model('vit_base', num_classes=0)
     check_trainable(model, batch_size)       # from flags: ConfigError naming them
     too_big(parameters(model))               # why it cannot fit (a file's record: its reader says so), else None
-    model = materialised(model, num_classes)   # on the CPU, its weights those a CPU build draws
 """
 import contextlib
 import os
@@ -24,17 +24,6 @@ def parameters(model):
     """How many numbers `model` holds: its parameters and buffers (on the meta device too, where none is allocated)."""
     return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
-
-def materialised(model, num_classes=None):
-    """`model`, built on the meta device, made real on the CPU (in place) and initialised as a build there would be
-    from the same random state (its init_weights, the layers' defaults first); with a new classifier of num_classes
-    outputs where given, made in the place a build makes it. Returns the model."""
-    if num_classes is not None:
-        with torch.device('meta'):
-            model.reset_classifier(num_classes)
-    model.to_empty(device='cpu')
-    model.init_weights()
-    return model
 
 # -----------------------------------------------------------------------------
 # What this machine has free
