@@ -25,6 +25,7 @@ import finetune
 from conftest import TINY, run_in_process, run_script
 from data import build_dataset, build_splits
 from util.checkpoints import CheckpointError, build_from_checkpoint
+from util.config import ARCH_MOST
 from util.datafiles import DataError, read_image
 from vit import VisionTransformer
 
@@ -577,10 +578,33 @@ def test_a_small_file_whose_record_asks_for_more_memory_than_there_is_is_refused
                       tmp_path / 'out')]:
             p = limited(*args)
             err = p.stderr.strip()
-            assert p.returncode == 1 and err.startswith(f"error: '{path}' is a ViT that needs ") and \
-                'GB' in err and '\n' not in err, (field, args[0], err[-3000:])
+            # beyond a flag's most (img_size here), the same line as a flag's; below it, what it needs
+            why = 'any command line allows' if value > ARCH_MOST[field] else 'GB'
+            assert p.returncode == 1 and err.startswith(f"error: '{path}' ") and why in err and '\n' not in err, \
+                (field, args[0], err[-3000:])
             assert 'edited or is damaged' in err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('blocks', [10_000, 100_000])
+def test_a_record_of_more_blocks_than_a_flag_allows_is_refused_before_any_is_built(tmp_path, monkeypatch, blocks):
+    """A file of many blocks of one tiny tensor each, its record saying so (370 KB for 10,000): each block a module
+    on the meta device, it took a minute and more before a refusal. Refused from its record, as --depth would be
+    (util/config.ARCH_MOST), before any ViT is built, in one line naming the file."""
+    from util import checkpoints
+    model = random_vit()
+    sd = {**model.state_dict(), **{f'blocks.{i}.norm1.weight': torch.ones(1) for i in range(blocks)}}
+    path = tmp_path / 'deep.pt'
+    torch.save({'model': sd, 'arch': {**model.arch, 'depth': blocks}}, path)
+    monkeypatch.setattr(checkpoints, 'VisionTransformer', lambda **kw: pytest.fail('a ViT was built'))
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.build_from_checkpoint(str(path))
+    assert f'records depth {blocks:,}, more than the 4,096 any command line allows' in str(e.value)
+    assert str(path) in str(e.value) and '\n' not in str(e.value)
+    del sd['blocks.0.norm1.weight']   # no record: its blocks counted, the same rule
+    torch.save({'model': sd}, path)
+    with pytest.raises(checkpoints.CheckpointError, match=f'holds {blocks:,} blocks, more than the 4,096'):
+        checkpoints.build_from_checkpoint(str(path), num_heads=2)
 
 
 TEACHER = os.path.join(os.path.dirname(__file__), '..', 'teachers', 'fashion-mnist-mae.pt')

@@ -187,3 +187,25 @@ def test_a_page_is_made_from_committed_code(tmp_path):
     assert refused.returncode != 0 and 'uncommitted changes (util/errors.py, ...)' in refused.stderr
     assert 'pass --dirty true' in refused.stderr.strip().splitlines()[-1]
     assert json.loads(made(True).stdout) == {'git_commit': git('rev-parse', 'HEAD'), 'clean': False}
+
+
+def test_a_pipe_where_a_file_is_expected_is_refused_unread(tmp_path, monkeypatch):
+    """A FIFO named as a run's config.json held the command that read it until something wrote to it. Every reader of a
+    file (util/files.read_regular: JSON, checkpoints) opens it without waiting and refuses what is not a regular
+    file, in one line; a run pointed at a folder whose config.json is a pipe is refused, and leaves it there."""
+    import stat
+    import finetune
+    from conftest import TINY
+    from util.checkpoints import CheckpointError, read_checkpoint
+    fifo = tmp_path / 'config.json'
+    os.mkfifo(fifo)
+    with pytest.raises(DamagedFile, match=r'config.json: cannot read it \(Is a pipe\): move it'):
+        read_json(str(fifo), 'move it')
+    with pytest.raises(CheckpointError, match=r"no checkpoint '.*config.json': give a file path"):
+        read_checkpoint(str(fifo))
+    with pytest.raises(DamagedFile, match=r'cannot read it \(Is a directory\)'):
+        read_json(str(tmp_path), 'move it')
+    from conftest import run_in_process
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path, '--max-steps', '1')
+    assert msg and f'--out-dir {tmp_path} is not empty and holds no run' in msg and '\n' not in msg.strip(), msg
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

@@ -174,6 +174,21 @@ def test_a_refused_command_leaves_another_programs_lock_as_it_was(monkeypatch, t
     assert sorted(os.listdir(ours)) == ['checkpoint.pt', 'config.json', 'log.txt', 'metrics.jsonl']
 
 
+@pytest.mark.skipif(shutil.which('flock') is None, reason='no flock(1) here')
+def test_flocks_empty_lock_file_is_not_taken_for_a_runs(tmp_path):
+    """`flock DIR/.lock python finetune.py --out-dir DIR`: flock(1) makes an empty .lock and holds it (a BSD lock,
+    which a POSIX lock does not see). An empty .lock was taken as a run's: the run wrote its pid into flock's file and
+    deleted it at the end. Only a .lock this project wrote (its content says so) is a run's: refused, flock's file
+    kept as it was."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    p = subprocess.run(['flock', str(out / '.lock'), sys.executable, 'finetune.py', *TINY, '--out-dir', str(out),
+                        '--max-steps', '1'], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 1 and f'--out-dir {out} is not empty and holds no run of these scripts' in p.stderr, \
+        p.stderr[-2000:]
+    assert os.listdir(out) == ['.lock'] and (out / '.lock').read_bytes() == b''
+
+
 def test_a_lock_the_file_system_cannot_take_is_one_line_naming_the_lock(monkeypatch, tmp_path):
     """A lockf that fails for another reason than a holder (NFS without locks: ENOLCK) is the write error's one line,
     naming .lock, not a holder; the folder the command made is left with its .lock alone."""

@@ -24,7 +24,9 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
+from util.config import ARCH_MOST
 from util.errors import CheckpointError
+from util.files import read_regular
 from util.memory import parameters, too_big
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
@@ -91,8 +93,7 @@ def read_whole(path):
     (check_arch)."""
     unreadable = f"'{path}' is not a readable PyTorch checkpoint"
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        data = read_regular(path)   # a pipe, a folder or a device refused unread
         script = False
         if zipfile.is_zipfile(io.BytesIO(data)):   # torch's archive (else torch.load says what it is)
             with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -108,6 +109,8 @@ def read_whole(path):
             # torch's notes on formats: what is wrong is said below, in one line
             with warnings.catch_warnings(action='ignore'):
                 ckpt = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except OSError as e:   # nothing read: a pipe, a folder, no permission
+        raise CheckpointError(f'{unreadable}: cannot read it ({e.strerror}): name a checkpoint file') from None
     except ArchiveRefused as e:   # args: what it holds, the fix
         raise CheckpointError(f'{unreadable}: {e.args[0]}: {e.args[1]}') from None
     except zipfile.BadZipFile as e:   # a record whose CRC-32 or size is not the archive's
@@ -225,8 +228,16 @@ def arch_of(ckpt, source, num_heads, flag):
     """VisionTransformer kwargs that fit a checkpoint: stored ones, else read off the tensors, with the head count
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
+    # a size no flag may ask for, refused before anything is counted or built (a block a module: 10,000 took a minute)
+    beyond = [(k, v, most) for k, most in ARCH_MOST.items()
+              if isinstance(v := (saved or {}).get(k), int) and not isinstance(v, bool) and v > most]
+    if beyond:
+        k, v, most = beyond[0]
+        raise damaged(source, f'records {k} {v:,}, more than the {most:,} any command line allows')
     sd, components = _converted(ckpt, source)
     depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})   # the blocks it holds
+    if depth > ARCH_MOST['depth']:
+        raise damaged(source, f"holds {depth:,} blocks, more than the {ARCH_MOST['depth']:,} any command line allows")
     if saved:   # a stated head count is compared with it where it is loaded (check_arch); its depth before a block
         # is built (each is a module, on the meta device too: 10 million of them took hours)
         if saved.get('depth') != depth:

@@ -27,11 +27,13 @@ Nothing is at the output's name until the output is whole: a command that ends w
 a kill -9) leaves no file there, and the same command run again goes on.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
+import stat
 import subprocess
 import tempfile
 
@@ -42,13 +44,26 @@ RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.j
              'reconstruction.png', '.lock')
 
 
+def read_regular(path):
+    """A file's bytes, read only where it is a regular file; else OSError saying what it is. A pipe named where a file
+    is expected would hold its reader until something writes to it: it is opened without waiting (O_NONBLOCK), looked
+    at, and refused, as a folder or a device is. Every reader of a file a user names or a run left reads through
+    here (read_bytes, util/checkpoints.read_whole)."""
+    with open(path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = 'Is a directory' if stat.S_ISDIR(mode) else 'Is a pipe' if stat.S_ISFIFO(mode) else \
+                'Is not a regular file'
+            raise OSError(errno.EINVAL, kind, path)
+        return f.read()
+
+
 def read_bytes(path, fix):
     """A file's bytes; one it cannot read is DamagedFile: '<path>: cannot read it (<why>):
     <fix>'."""
     try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except OSError as e:   # a directory, no permission
+        return read_regular(path)
+    except OSError as e:   # a directory, a pipe, no permission
         raise DamagedFile(f'{path}: cannot read it ({e.strerror}): {fix}') from None
 
 

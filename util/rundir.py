@@ -119,8 +119,8 @@ class RunDir:
     def take_lock(self):
         """Lock <out_dir>/.lock while this process runs, or refuse naming the process that holds it. A POSIX lock
         is this process's alone, so .lock is never opened a second time (closing any copy would let go of it).
-        Nothing is written into it until the folder is known to be a run's (sign_lock): a refused command leaves a
-        .lock it did not make as it was."""
+        A .lock it makes is signed at once (sign_lock); one it found is written into only once the folder is known to
+        be a run's: a refused command leaves a .lock it did not make as it was."""
         path = self.file('.lock')
         while True:
             try:   # a symbolic link: ELOOP
@@ -152,11 +152,13 @@ class RunDir:
             os.close(fd)   # the file was removed by the process that let go of it: lock the new one
         self.lock = fd
         self.lock_ours = made
+        if made:   # signed at once: an empty .lock is never a run's (another program's lock file, flock(1)'s say)
+            self.sign_lock()
 
     def a_runs_lock(self):
-        """Whether .lock is a run's (this command made it, or it holds what sign_lock writes, or nothing: a run
-        killed as it made it), not another program's file of that name. Read through the descriptor held (closing
-        a second one would let go of the lock)."""
+        """Whether .lock is a run's (this command made it, or it holds what sign_lock writes), not another program's
+        file of that name (an empty one: `flock DIR/.lock python finetune.py --out-dir DIR` makes one). Read through
+        the descriptor held (closing a second one would let go of the lock)."""
         if self.lock_ours:
             return True
         try:
@@ -167,7 +169,7 @@ class RunDir:
                     text = f.read(100)
         except OSError:   # none there: no file of anyone's
             return True
-        return re.fullmatch(rb'(process \d+)?', text.strip()) is not None
+        return re.fullmatch(rb'process \d+', text.strip()) is not None
 
     def sign_lock(self):
         """Write who holds .lock into it, for the next command (a full disk: the lock holds anyway)."""
