@@ -6,9 +6,9 @@ training or evaluation step) a host sync of a device tensor (`.item()`, a bool, 
 tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
 printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
 backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
-host's zeros in the device tensors' shapes), the CUDA generator (a host one), streams (one, the host's order) and CUDA
-graphs (a capture runs its code once and records each device operator in it, (operator, args, kwargs, output), in
-the graph's `ops`; a replay runs nothing).
+host's zeros in the device tensors' shapes), a fake tensor's address (its storage's, where torch gives 0), the CUDA
+generator (a host one), streams (one, the host's order) and CUDA graphs (a capture runs its code once and records each
+device operator in it, (operator, args, kwargs, output), in the graph's `ops`; a replay runs nothing).
 
     with standin_cuda() as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
@@ -33,6 +33,13 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from conftest import tf32
 
 aten = torch.ops.aten
+
+
+def address(t):
+    """A fake tensor's address as the stand-in gives it (its data_ptr inside standin_cuda): its storage's own, plus its
+    offset."""
+    return t.untyped_storage()._cdata + t.storage_offset() * t.element_size()
+
 # the operators that hand the host a number of a tensor's data
 SYNCS = (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default)
 COPIES = (aten._to_copy.default, aten.copy_.default)
@@ -296,6 +303,9 @@ def standin_cuda():
         # gradients are stand-ins, zeros on each leaf's device
         mode.patch(torch.autograd, 'backward', standin_backward)
         mode.patch(torch.autograd, 'grad', standin_grad)
+        # a fake tensor's address: its storage's own (torch's is 0 for every fake tensor), plus its offset; a tensor
+        # moved to new memory gets another, as on a GPU (what util/engine.GraphedStep watches)
+        mode.patch(FakeTensor, 'data_ptr', address)
         # a checkpoint of the device's tensors: the host's zeros in their shapes and dtypes (a fake tensor has no bytes)
         save = torch.save
         mode.patch(torch, 'save',

@@ -16,7 +16,6 @@ from vit import ACTS, IMPLEMENTATIONS, SIZES
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
 COMPILE_REPAID = 4000   # steps: --compile auto's least run on a GPU (util/launch.py says why)
-GRAPHED_COMPILE_REPAID = 40000   # steps: its least run on top of a CUDA graph (an estimate: util/launch.py)
 DATA = tuple(DATASETS)   # each one's size, classes, statistics, training images, where it is held, its reader
 # the data sets --compile auto may compile for: held in memory, their training images known before they are read
 COMPILED_DATA = [name for name, row in DATASETS.items() if row.held and row.train_images]
@@ -148,8 +147,8 @@ class TrainConfig:
     compile: str = option('auto', 'the training step compiled (torch.compile; on one GPU without --cuda-graph, '
                                   'captured as CUDA graphs by torch): true | false | auto: true on a GPU for the '
                                   f"small data sets held in memory ({', '.join(COMPILED_DATA)}) in a run of at "
-                                  f'least {COMPILE_REPAID:,} steps ({GRAPHED_COMPILE_REPAID:,} on top of a CUDA '
-                                  'graph), which repays the compilation; false elsewhere', choices=COMPILE)
+                                  f'least {COMPILE_REPAID:,} steps, which repays the compilation, unless the '
+                                  'step is one CUDA graph; false elsewhere', choices=COMPILE)
     cuda_graph: str = option('auto', 'the whole training step captured once as one CUDA graph (torch.cuda.graph), '
                                      'then replayed: true | false | auto: true for a data set held in memory, where '
                                      'a run allows it (one process on a GPU, --accum-steps 1, bf16 or fp32); false '

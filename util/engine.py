@@ -13,6 +13,7 @@ loss_fn(net, images, targets) -> (loss, {name: detached scalar}) is the method's
 from util/datafiles.py's build_loader, able to start an epoch part-way (loader.sampler.start).
 """
 import contextlib
+import inspect
 import math
 import time
 
@@ -133,7 +134,7 @@ def graphed(run, forward):
     step = run.graphs.get(forward)
     if step is None:
         step = run.graphs[forward] = GraphedStep()
-    moved = step.moved(run) if step.graph is not None else ''
+    moved = step.moved(run, forward) if step.graph is not None else ''
     if moved:
         run.plan.log(f'the step captured again at step {run.step}: {moved} moved since its capture')
         step.graph = None
@@ -198,27 +199,41 @@ class GraphedStep:
         finally:
             for g, lr in zip(groups, numbers):
                 g['lr'] = lr
-        self.held = self.addresses(run)
+        self.held = self.addresses(run, forward)
         run.plan.log(f'the step captured as one CUDA graph at step {run.step}, after {self.eager_steps} eager steps, '
                      f'in {time.time() - start:.1f} s')
 
-    def addresses(self, run):
-        """{name: address} of every tensor the graph reads or writes that outlives a step."""
+    def addresses(self, run, forward):
+        """{name: address} of every tensor the graph reads or writes that outlives a step: its batch and lrs, the
+        running losses, the optimizer's state, and the parameters and buffers of every module the step runs: the run's
+        model (an MAE's decoder in it), the EMA's copy, and each module the loss function holds (a transfer's frozen
+        teacher: step_modules)."""
         tensors = {'x': self.x, 'y': self.y, **{f'lr {i}': t for i, t in enumerate(self.lrs)},
-                   **{f'running {k}': t for k, t in run.running.items()},
-                   **{f'model {k}': t for k, t in run.model.state_dict(keep_vars=True).items()}}
+                   **{f'running {k}': t for k, t in run.running.items()}}
         for i, state in enumerate(run.opt.state.values()):
             tensors.update({f'optimizer {i} {k}': t for k, t in state.items() if torch.is_tensor(t)})
         if run.ema is not None:
-            ema = run.ema
-            tensors.update({'ema weight': ema.weight, 'ema count': ema.count,
-                            **{f'ema {k}': t for k, t in ema.module.state_dict(keep_vars=True).items()}})
+            tensors.update({'ema weight': run.ema.weight, 'ema count': run.ema.count})
+        for owner, module in step_modules(run, forward).items():
+            tensors.update({f'{owner} {k}': t for k, t in (*module.named_parameters(), *module.named_buffers())})
         return {name: t.data_ptr() for name, t in tensors.items()}
 
-    def moved(self, run):
+    def moved(self, run, forward):
         """The first tensor the graph reads or writes that is no longer where it was captured ('' if none is)."""
-        now = self.addresses(run)
+        now = self.addresses(run, forward)
         return next((name for name, at in self.held.items() if now.get(name) != at), '')
+
+
+def step_modules(run, forward):
+    """{name: module} of every module a training step runs: the run's model, the EMA's copy, and each module the loss
+    function holds in its closure (a transfer's teacher: attention_copy.copy_loss, attention_distill.distill_loss_fn)."""
+    modules = {'model': run.model}
+    if run.ema is not None:
+        modules['ema'] = run.ema.module
+    fn = getattr(forward, '_torchdynamo_orig_callable', forward)   # a compiled loss function: the function it compiled
+    held = inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
+    modules.update({name: m for name, m in held.items() if isinstance(m, torch.nn.Module)})
+    return modules
 
 # -----------------------------------------------------------------------------
 # Optimiser, schedule, loss

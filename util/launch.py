@@ -29,7 +29,7 @@ import torch.distributed as dist
 from util import stop
 from util.attention_check import start_up_check
 from util.augment import randaugment
-from util.config import COMPILE_REPAID, COMPILED_DATA, GRAPHED_COMPILE_REPAID, check, declared
+from util.config import COMPILE_REPAID, COMPILED_DATA, check, declared
 from util.datafiles import DATASETS, held_in_memory
 from util.engine import final_lr, seed_all
 from util.errors import AGAIN, CheckpointError, ConfigError, DataError, WriteError, flag, say, word
@@ -150,16 +150,16 @@ AUTO_ATTN = {'cuda': ('sdpa', 'fused kernels, no (N, N) map stored; measured fas
 # (the compilation in them, the optimizer's step compiled too then: util/engine.build_optimizer) took 41 s for
 # fine-tuning and 25 s for distillation, then each step ran 3.2x and 4.2x faster than eager
 # (16 -> 5.0 ms, 23 -> 5.6 ms): repaid after about 3,800 and 1,400 steps; a run of one epoch (468 steps) took 62 s
-# compiled, 19 s eager; CIFAR's step was not measured. On top of a CUDA graph, which launches the eager kernels
-# without the host's wait, a compilation is repaid only by what fusing kernels saves of a step's 2.15 ms of kernels
-# (round7's profile; the graphed step replays in 2.27 ms on the wall, 2.07 ms of kernels: round8): at most about
-# 1 ms, after about 40,000 steps (GRAPHED_COMPILE_REPAID). That saving is an upper estimate, not measured.
+# compiled, 19 s eager; CIFAR's step was not measured. A step captured as one CUDA graph (util/engine.GraphedStep)
+# launches the eager kernels without the host's wait: a compilation on top could repay itself only by what fusing
+# kernels saves of a step's 2.15 ms of kernels (round7's profile; the graphed step replays in 2.27 ms: round8), which
+# was never measured; so auto does not compile a graphed step (--compile true still does).
 
 
 def compiled_step(cfg, device, world=1, graphed=False):
     """(whether the training step is compiled, why) for --compile: true and false as said; auto compiles on a GPU for a
     data set held in memory whose training split's size is declared (config.COMPILED_DATA) in a run of at least
-    COMPILE_REPAID steps (GRAPHED_COMPILE_REPAID on top of a CUDA graph), and nowhere else: a CPU runs eager (the
+    COMPILE_REPAID steps, its step not captured as one CUDA graph, and nowhere else: a CPU runs eager (the
     committed CPU runs' path), ImageNet's step is long enough to keep the GPU busy, and --data fake's runs last
     seconds."""
     if cfg.compile != 'auto':
@@ -167,25 +167,29 @@ def compiled_step(cfg, device, world=1, graphed=False):
     auto = f'--compile auto on {device.type}'
     if device.type != 'cuda':
         return False, f'{auto}: eager, as the committed CPU runs'
+    if graphed:
+        return False, f'{auto}: eager inside the CUDA graph (a compilation on top was never measured to repay itself)'
     if cfg.data not in COMPILED_DATA:
         return False, f"{auto} with --data {cfg.data}: compiled only for {', '.join(COMPILED_DATA)}"
     batch = cfg.batch_size * cfg.accum_steps * world
     steps = cfg.epochs * -(-DATASETS[cfg.data].train_images // batch)
     steps = min(steps, cfg.max_steps or steps)
-    least, after = (GRAPHED_COMPILE_REPAID, ' on top of the CUDA graph') if graphed else (COMPILE_REPAID, '')
-    if steps < least:
-        return False, f'{auto}: {steps} steps do not repay a compilation{after} (at least {least}, ' \
-                      f'{"estimated" if graphed else "measured"} on an H200)'
-    return True, f'{auto} with --data {cfg.data}: {steps} steps repay the compilation{after} ' \
-                 f'({"estimated" if graphed else "measured"} on an H200)'
+    if steps < COMPILE_REPAID:
+        return False, f'{auto}: {steps} steps do not repay a compilation (at least {COMPILE_REPAID}, measured on an ' \
+                      f'H200)'
+    return True, f'{auto} with --data {cfg.data}: {steps} steps repay the compilation (measured on an H200)'
 
 
 def cuda_graph(cfg, device, world, dtype):
     """(whether the training step is captured as one CUDA graph, why) for --cuda-graph: where a run allows one (one
-    process on a GPU, one micro-batch a step, no GradScaler: bf16 or fp32), true captures it (else refused) and auto
-    captures it for a data set held in memory (a folder's step is long, its batches made by workers); false never."""
+    process on a GPU and no process group, one micro-batch a step, no GradScaler: bf16 or fp32), true captures it (else
+    refused) and auto captures it for a data set held in memory (a folder's step is long, its batches made by workers);
+    false never. Under torchrun, even of one process, the model is wrapped in DDP, whose capture torch's notes ask to
+    follow 11 warm-up steps on a side stream and whose all-reduce is not captured here: eager."""
     allows = [(device.type == 'cuda', f'no GPU here ({device.type})'),
               (world == 1, f'{world} processes (their all-reduce is not captured here)'),
+              (not dist.is_initialized(), 'a process group (torchrun, even of one process: its DDP step is not '
+                                          'captured here)'),
               (cfg.accum_steps == 1, f'--accum-steps {cfg.accum_steps} (a graph replays one micro-batch a step)'),
               # for most optimizers GradScaler.step reads on the host whether the gradients overflowed
               (dtype != torch.float16, "fp16's GradScaler (torch's notes on CUDA graphs keep its step out of "
@@ -195,7 +199,8 @@ def cuda_graph(cfg, device, world, dtype):
         return False, '--cuda-graph false'
     if cfg.cuda_graph == 'true':
         if blocked:
-            raise ConfigError(f'--cuda-graph true needs one process on a GPU, --accum-steps 1 and bf16 or fp32: '
+            raise ConfigError(f'--cuda-graph true needs one process on a GPU (no torchrun), --accum-steps 1 and bf16 '
+                              f'or fp32: '
                               f'here {blocked}; use --cuda-graph auto or false')
         return True, '--cuda-graph true'
     auto = f'--cuda-graph auto on {device.type}'
