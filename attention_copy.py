@@ -162,7 +162,7 @@ def main():
         attn, teacher, student, checked = build_pair(plan, data.num_classes, eval_loader,
                                                      check_fused)
 
-        run = Run(plan, student, train_loader, data.classes,
+        run = Run(plan, student, train_loader, data,
                   {'teacher': teacher_record(cfg, transfer), 'attention_check': checked})
         loss_fn = copy_loss(cfg, teacher, layers, heads, attn)
         mixer = batch_mixer(cfg, data.num_classes)

@@ -168,7 +168,7 @@ def main():
         extra = {'attention_check': checked}
         if cfg.init:   # what --init was: its file's SHA-256 recorded in config.json
             extra['init'] = {'source': cfg.init, 'sha256': plan.method.sha256}
-        run = Run(plan, model, train_loader, data.classes, extra)   # optimizer, EMA, resumed if asked
+        run = Run(plan, model, train_loader, data, extra)   # optimizer, EMA, resumed if asked
         loss_fn = classification_loss(cfg)
         mixer = batch_mixer(cfg, data.num_classes)
 

@@ -349,7 +349,7 @@ def main():
         plan.log(f'MAE: the encoder sees {model.num_keep} of {model.patch_embed.num_patches} '
                  f'patches; decoder {cfg.decoder_depth} blocks x {cfg.decoder_dim}, '
                  f'norm_pix_loss {cfg.norm_pix_loss}')
-        run = Run(plan, model, train_loader, data.classes, {'attention_check': checked})
+        run = Run(plan, model, train_loader, data, {'attention_check': checked})
         loss_fn = mae_loss_fn(cfg)   # on single images: the config refuses MixUp and CutMix
 
         while run.step < run.total_steps:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -204,31 +205,49 @@ def test_a_saved_config_without_a_field_counts_it_as_its_default(monkeypatch, sa
 
 
 def test_a_resume_on_other_data_is_refused_unless_said(monkeypatch, tmp_path):
-    """A run on an image folder was cut, two class folders swapped (the same names and counts, every label flipped),
-    and --resume true trained on other data without a word. The checkpoint records its training split's fingerprint
-    (each image's path, label, size and time: no image read; a held set's bytes; nothing for fake data); another
-    split is refused in one line, the run as it was, and --new-data true goes on with it on purpose, recorded."""
+    """The checkpoint records what its data is, by content (util/datafiles.fingerprint): each split's image paths,
+    labels and sizes, and a sample of each class's bytes; no modification time. A `cp -r` copy of the data (new times
+    everywhere: a job staging its data to node-local scratch) resumes, bit for bit as an unbroken run. Two class
+    folders of the same file names and sizes swapped (every label flipped), or one evaluation image replaced by another
+    of its size, is refused in one line naming what changed, the run as it was; --new-data true goes on on purpose,
+    recorded."""
     from test_brought import FOLDER_RUN, save_png
-    root, out = tmp_path / 'images', tmp_path / 'run'
+    root, out, again = tmp_path / 'images', tmp_path / 'run', tmp_path / 'unbroken'
     for split in ('train', 'val'):
-        for c, value in (('cat', None), ('dog', 17)):   # a class of noise, one of flat images: other sizes on disk
+        for c, seed in (('cat', 0), ('dog', 100)):   # the same names and sizes in both classes (BMP: sizes exact)
             for i in range(8):
-                noise = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                save_png(root / split / c / f'{i}.png', noise if value is None else np.full_like(noise, value))
+                noise = np.random.default_rng(seed + i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                save_png(root / split / c / f'{i}.bmp', noise)
     args = [*FOLDER_RUN, '--data-dir', root, '--out-dir', out]
     assert run_in_process(monkeypatch, finetune, *args, '--max-steps', '1') is None
+    time.sleep(1.1)   # a copy a second later: every file's time differs
+    copy = tmp_path / 'scratch' / 'images'
+    copy.parent.mkdir()
+    subprocess.run(['cp', '-r', str(root), str(copy)], check=True)
+    assert run_in_process(monkeypatch, finetune, *[a if a != root else copy for a in args], '--resume', 'true',
+                          '--max-steps', '2') is None
+    assert run_in_process(monkeypatch, finetune, *FOLDER_RUN, '--data-dir', root, '--out-dir', again,
+                          '--max-steps', '2') is None
+    resumed, unbroken = (torch.load(d / 'checkpoint.pt', weights_only=True)['model'] for d in (out, again))
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
     os.rename(root / 'train' / 'cat', root / 'train' / 'was_cat')
     os.rename(root / 'train' / 'dog', root / 'train' / 'cat')
     os.rename(root / 'train' / 'was_cat', root / 'train' / 'dog')
     before = digest(out)
-    msg = run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '2')
-    assert msg and f'--resume: {out / "checkpoint.pt"} was trained on another training split than the one here' in \
-        msg and '--new-data true' in msg, msg
+    msg = run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '3')
+    assert msg and f'--resume: {out / "checkpoint.pt"} was trained on other data than the data here (the training ' \
+        "split (its images' content) differ)" in msg and '--new-data true' in msg, msg
     assert digest(out) == before
-    assert run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '2', '--new-data',
+    os.rename(root / 'train' / 'cat', root / 'train' / 'was_cat')   # back as it was; an evaluation image replaced
+    os.rename(root / 'train' / 'dog', root / 'train' / 'cat')
+    os.rename(root / 'train' / 'was_cat', root / 'train' / 'dog')
+    shutil.copyfile(root / 'val' / 'dog' / '1.bmp', root / 'val' / 'dog' / '0.bmp')
+    msg = run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '3')
+    assert msg and "(the evaluation split (its images' content) differ)" in msg, msg
+    assert run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '3', '--new-data',
                           'true') is None
     assert json.loads((out / 'config.json').read_text())['resumes'][-1]['changed']['new_data'] == [False, True]
-    assert run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '3') is None   # its own
+    assert run_in_process(monkeypatch, finetune, *args, '--resume', 'true', '--max-steps', '4') is None   # its own
     # a set held in memory: by its bytes (one label is another split); one made at random has none
     from util.datafiles import TensorImages, fingerprint
     images, labels = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4)

@@ -187,27 +187,42 @@ def unwrap(dataset):
     return dataset
 
 
+# what a folder's fingerprint reads of its images: this many files of each class, spread over its sorted list, and
+# this many bytes of each from its start (an image's header and first rows: two different photos differ there)
+SAMPLE_FILES = 8
+SAMPLE_BYTES = 4096
+
+
 def fingerprint(dataset):
-    """A cheap digest of what a training split holds, which a checkpoint records and a resume compares (util/run.py):
-    a folder's images by their paths under the split's folder, labels, sizes and modification times (one stat a
-    file, no image read: a swapped, replaced or added image changes it, a copy that keeps the times does not); a
-    set held in memory (Fashion-MNIST, CIFAR) by the bytes of its images and labels as read from its files; None
-    for a set made at random (fake). dataset: the split, or a loader's (a Subset, SeededDataset)."""
+    """What a split holds, identified by its content, not by where it lies or when it was copied; a checkpoint records
+    it and a resume compares it (util/run.py). A folder: {'files': a digest of each image's path under the split's
+    folder, label and size (one stat a file), 'content': a digest of the first SAMPLE_BYTES of SAMPLE_FILES images
+    spread over each class} (a `cp -r` copy, new times and all, is the same; two class folders of the same names and
+    sizes swapped, or an image replaced by another of its size in the sample, are not). A set held in memory
+    (Fashion-MNIST, CIFAR): {'content': a digest of its images' and labels' bytes as read}. None for a set made at
+    random (fake). dataset: the split, or a loader's (a Subset, SeededDataset)."""
     while isinstance(dataset, (Subset, SeededDataset)):
         dataset = dataset.dataset
     if getattr(dataset, 'source', None) is None:   # FakeData
         return None
-    digest = hashlib.sha256()
     if isinstance(dataset, TensorImages):
+        digest = hashlib.sha256()
         for t in (dataset.images, dataset.labels):
             digest.update(t.cpu().numpy().tobytes())
-        return digest.hexdigest()
-    for path, label in dataset.samples:   # ClassFolder's
-        info = os.stat(path)
+        return {'content': digest.hexdigest()}
+    files, content = hashlib.sha256(), hashlib.sha256()
+    by_class = {}
+    for path, label in dataset.samples:   # ClassFolder's, sorted
         name = unicodedata.normalize('NFC', os.path.relpath(path, dataset.root))   # a Mac's café is café
-        # the time to the second: a copy to a file system that keeps it more coarsely (a tar archive) is the same
-        digest.update(f'{name}\0{label}\0{info.st_size}\0{int(info.st_mtime)}\n'.encode())
-    return digest.hexdigest()
+        files.update(f'{name}\0{label}\0{os.stat(path).st_size}\n'.encode())
+        by_class.setdefault(label, []).append((name, path))
+    for label in sorted(by_class):
+        paths = by_class[label]
+        for i in sorted({k * (len(paths) - 1) // max(SAMPLE_FILES - 1, 1) for k in range(SAMPLE_FILES)}):
+            name, path = paths[i]
+            with open(path, 'rb') as f:
+                content.update(f'{name}\0'.encode() + f.read(SAMPLE_BYTES))
+    return {'files': files.hexdigest(), 'content': content.hexdigest()}
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ The step every script shares, its schedule and the evaluation: what runs between
 
 Each script's main() holds its own epoch loop, as MAE's main_finetune.py does:
 
-    run = Run(plan, model, train_loader, data.classes)          # util/run.py: optimizer, EMA, resume
+    run = Run(plan, model, train_loader, data)          # util/run.py: optimizer, EMA, resume
     while run.step < run.total_steps:
         if train_one_epoch(run, train_loader, loss_fn, mixer):   # here: to the epoch's end (or --max-steps)
             run.evaluate(lambda m: evaluate(m, eval_loader, plan))

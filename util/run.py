@@ -24,11 +24,11 @@ from util.engine import build_optimizer, final_lr, step_mode
 from util.errors import CheckpointError, ConfigError
 
 
-def check_data(plan, loader, classes):
-    """What needs the data built: a full batch in the training split; for a resume, the data's classes, training
-    split (its fingerprint, unless --new-data true) and epoch length the run had, and a step left to train (or an
-    evaluation of its last one to report). Returns (steps an epoch, the run's last step, the whole schedule's
-    steps, the training split's fingerprint)."""
+def check_data(plan, loader, splits):
+    """What needs the data built (splits: data.build_data's splits and classes): a full batch in the training split; for
+    a resume, the data's classes, its two splits (their fingerprints, unless --new-data true) and epoch length the run
+    had, and a step left to train (or an evaluation of its last one to report). Returns (steps an epoch, the run's last
+    step, the whole schedule's steps, the splits' fingerprints)."""
     cfg = plan.cfg
     resumed = plan.resumed
     steps = len(loader) // cfg.accum_steps
@@ -37,7 +37,9 @@ def check_data(plan, loader, classes):
                           f'{cfg.batch_size * cfg.accum_steps * plan.world}')
     full = cfg.epochs * steps
     total = min(full, cfg.max_steps) if cfg.max_steps else full
-    data = fingerprint(loader.dataset)
+    classes = splits.classes
+    # read once, by the main process (a folder's images are stat'ed one by one), and given to the others
+    data = shared(plan, lambda: {'train': fingerprint(loader.dataset), 'eval': fingerprint(splits.eval)})
     if resumed:
         path = plan.run_dir.checkpoint
         other = class_mismatch(resumed.get('classes'), classes)
@@ -45,10 +47,11 @@ def check_data(plan, loader, classes):
             raise ConfigError(f'--resume: {path} was trained on other classes than the data here '
                               f'has ({other}): resume it on its own data (--data-dir)')
         # a folder fixed or re-split between two jobs: half a run on one data set, half on another
-        if resumed.get('data_fingerprint', data) != data and not cfg.new_data:
-            raise ConfigError(f'--resume: {path} was trained on another training split than the one here '
-                              f'(its images, labels, sizes or modification times differ): resume it on its '
-                              f'own data (--data-dir), or pass --new-data true to go on with this one')
+        changed = data_changes(resumed.get('data_fingerprint'), data)
+        if changed and not cfg.new_data:
+            raise ConfigError(f'--resume: {path} was trained on other data than the data here ({changed} '
+                              f'differ): resume it on its own data (--data-dir), or pass --new-data true to go on '
+                              f'with this one')
         if resumed.get('steps_per_epoch', steps) != steps:
             raise ConfigError(f"--resume: an epoch has {steps} steps here and had "
                               f"{resumed['steps_per_epoch']}: the data or the global batch differ "
@@ -60,6 +63,34 @@ def check_data(plan, loader, classes):
                               f'{cfg.max_steps}, and was not evaluated there: give --max-steps '
                               f'above {step} (0: the whole schedule)')
     return steps, total, full, data
+
+
+def shared(plan, compute):
+    """compute()'s value, computed by the main process alone and given to every process of a group."""
+    value = [compute() if plan.main else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+SPLITS = {'train': 'the training split', 'eval': 'the evaluation split'}
+PARTS = {'files': "its images' paths, labels or sizes", 'content': "its images' content"}
+
+
+def data_changes(saved, here):
+    """What differs between the data a checkpoint recorded and the data here, in words ('the training split (its
+    images' content)'), or ''. A record of an earlier form (a training split's digest of modification times) is not
+    compared."""
+    if not isinstance(saved, dict):
+        return ''
+    out = []
+    for split, what in SPLITS.items():
+        a, b = saved.get(split), here.get(split)
+        if a is None or b is None or a == b:
+            continue
+        parts = [PARTS[k] for k in PARTS if a.get(k) != b.get(k)] if a.keys() == b.keys() else ['what it is']
+        out.append(f"{what} ({', '.join(parts)})")
+    return '; '.join(out)
 
 
 def misfit_state(opt, saved):
@@ -150,16 +181,17 @@ class Run:
     """A training run: what it trains with (the optimizer, its GradScaler, the EMA, the model as DDP sees it), how
     far it has got (step, metrics, seconds trained), resumed from its checkpoint where the plan says so."""
 
-    def __init__(self, plan, model, loader, classes, extra=None):
-        """model: the raw module (what is saved), on the plan's device; classes: the data's class names (what a
-        checkpoint records); extra: a dict stored in every checkpoint (e.g. which teacher a student needs)."""
+    def __init__(self, plan, model, loader, data, extra=None):
+        """model: the raw module (what is saved), on the plan's device; data: data.build_data's splits, with the
+        class names a checkpoint records; extra: a dict stored in every checkpoint (e.g. which teacher a student
+        needs)."""
         cfg = plan.cfg
         self.plan = plan
         self.cfg = cfg
-        self.classes = classes
+        self.classes = data.classes
         self.extra = extra or {}
         self.model = model
-        self.steps_per_epoch, self.total_steps, full, self.data = check_data(plan, loader, classes)
+        self.steps_per_epoch, self.total_steps, full, self.data = check_data(plan, loader, data)
         self.eff_batch = cfg.batch_size * cfg.accum_steps * plan.world
         self.lr = cfg.blr * self.eff_batch / 256
         self.opt = build_optimizer(cfg, model, self.lr)
