@@ -17,8 +17,8 @@ Each test set is a folder of class folders, as its authors distribute it:
     --imagenet-sketch  <dir>/<wnid>/*       1000 folders
     --imagenet-r       <dir>/<wnid>/*       200 folders; predictions restricted to those 200 classes
     --imagenet-a       <dir>/<wnid>/*       200 folders; likewise
-Classes are ImageNet-1k's indices (classes/imagenet.txt); the 200-class lists are
-classes/imagenet-r.txt and classes/imagenet-a.txt. Writes <out>/robustness.md and
+Classes are ImageNet-1k's indices (util/classes/imagenet.txt); the 200-class lists are
+util/classes/imagenet-r.txt and util/classes/imagenet-a.txt. Writes <out>/robustness.md and
 <out>/robustness.json. One process, on a GPU if there is one. A small data set's test
 split stands in for the folders, its images shifted (data.SHIFTS):
     python evaluate.py --data fashion-mnist --models a.pt b.pt --ensembles 0,1 --shift none invert rotate
@@ -88,7 +88,7 @@ INDEX = {w: i for i, w in enumerate(WNIDS)}
 
 def subset_set(name):
     index = {w: INDEX[w] for w in read_classes(name)}
-    return f'wnids, the {len(index)} of classes/{name}.txt', index, sorted(index.values())
+    return f'wnids, the {len(index)} of util/classes/{name}.txt', index, sorted(index.values())
 
 
 # name -> (how its folders are named, folder name -> class index, classes a prediction may take)

@@ -171,27 +171,40 @@ def test_two_processes_stop_at_one_step_and_go_on_bit_for_bit(unbroken, tmp_path
     assert_same_run(out, unbroken(2))
 
 # -----------------------------------------------------------------------------
-# The batch script's choice, with SLURM's commands stood in for: requeued on a line this start of the job wrote
+# The batch script's choice, with SLURM's commands stood in for: by what the run says as it ends (ended.json)
 
 
-# srun runs the run: here it adds $WRITES to the run's log.txt and exits $EXIT; scontrol names the job's nodes
+# srun runs the run: here it writes $ENDED as the run's ended.json (if set), signals the batch shell first where
+# $SIGNAL says (a signal while the run starts), and exits $EXIT; scontrol names the job's nodes
 STAND_INS = {
-    'srun': 'echo "srun $*" >> "$CALLS"; mkdir -p "$OUT"; printf %s "$WRITES" >> "$OUT/log.txt"; exit "$EXIT"',
+    'srun': 'echo "srun $*" >> "$CALLS"; echo "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" '
+            '>> "$CALLS"; mkdir -p "$OUT"; if [ -n "$SIGNAL" ]; then kill -USR1 "$PPID"; sleep 1; fi; '
+            'if [ -n "$ENDED" ]; then printf %s "$ENDED" > "$OUT/ended.json"; fi; exit "$EXIT"',
     'scontrol': 'echo "scontrol $*" >> "$CALLS"; if [ "$1" = show ]; then printf "node1\\nnode2\\n"; fi',
     'scancel': 'echo "scancel $*" >> "$CALLS"',
 }
-SAVED = 'saved at step 5 of 20 and stopped (SIGTERM): r/checkpoint.pt holds the last checkpoint; continue with: ...\n'
+SAVED = '{"ended": "saved", "step": 5}'
 
 
-@pytest.mark.parametrize('before, writes, exit, restart, requeued, says', [
-    ('', SAVED, 1, '0', True, 'requeued (1 of at most 20)'),
-    ('', SAVED, 1, '20', False, 'not requeued: it was requeued 20 times (MAX_REQUEUES)'),
-    ('', 'Traceback (most recent call last):\n', 1, '0', False, "the run failed (srun's exit 1): not requeued"),
-    (SAVED, '', 1, '1', False, "the run failed (srun's exit 1): not requeued"),   # an earlier start's line
-    (SAVED, 'final | distilled student (no teacher) top-1 10.00\n', 0, '1', False, 'the run finished'),
-], ids=['saved', 'requeued-enough', 'failed', 'an-earlier-start-saved', 'finished'])
-def test_the_batch_script_requeues_only_a_run_this_start_saved(tmp_path, before, writes, exit, restart, requeued,
-                                                               says):
+@pytest.mark.parametrize('before, ended, exit, signal_, restart, requeued, says', [
+    ('', SAVED, 1, '', '0', True, 'saved at step 5; requeued (1 of at most 20)'),
+    ('', SAVED, 1, '', '20', False, 'not requeued: it was requeued 20 times (MAX_REQUEUES)'),
+    ('', '{"ended": "failed", "step": null}', 1, '', '0', False, "the run failed (failed; srun's exit 1)"),
+    (SAVED, '', 1, '', '1', False, "the run failed (it said nothing; srun's exit 1): not requeued"),
+    (SAVED, '{"ended": "finished", "step": 20}', 0, '', '1', False, 'the run finished'),
+    # a signal while the run starts, before it could say anything: exit 143, requeued
+    ('', '', 143, 'yes', '0', True, 'stopped before training; requeued (1 of at most 20)'),
+    ('', '{"ended": "stopped before training", "step": null}', 143, '', '0', True, 'stopped before training; requeued'),
+    # its node marked DOWN: srun exited 0 though the run saved, and is not taken for finished
+    ('', '{"ended": "saved", "step": 36}', 0, '', '0', True, 'saved at step 36; requeued'),
+], ids=['saved', 'requeued-enough', 'failed', 'an-earlier-start-saved', 'finished', 'signalled-while-starting',
+        'stopped-before-training', 'srun-exit-0-but-saved'])
+def test_the_batch_script_decides_by_what_the_run_says_it_did(tmp_path, before, ended, exit, signal_, restart,
+                                                              requeued, says):
+    """tools/slurm.sbatch reads the run's ended.json, which it removes before each start (an earlier start's word is
+    not this one's), whatever srun's exit: requeued where it saved or was stopped before training (or said nothing
+    after this shell passed a signal on), ended where it finished, failed otherwise. torchrun is given the signal's
+    margin, less a minute, to let its processes save."""
     bin_dir, out = tmp_path / 'bin', tmp_path / 'run'
     bin_dir.mkdir()
     for name, body in STAND_INS.items():
@@ -199,11 +212,11 @@ def test_the_batch_script_requeues_only_a_run_this_start_saved(tmp_path, before,
         (bin_dir / name).chmod(0o755)
     if before:   # an earlier start of the job
         out.mkdir()
-        (out / 'log.txt').write_text(before)
+        (out / 'ended.json').write_text(before)
         (out / 'checkpoint.pt').write_bytes(b'')
     calls = tmp_path / 'calls'
     env = {**sub_env(), 'PATH': f"{bin_dir}:{os.environ['PATH']}", 'CALLS': str(calls), 'OUT': str(out),
-           'WRITES': writes, 'EXIT': str(exit), 'SLURM_JOB_ID': '7', 'SLURM_JOB_NODELIST': 'node[1-2]',
+           'ENDED': ended, 'EXIT': str(exit), 'SIGNAL': signal_, 'SLURM_JOB_ID': '7', 'SLURM_JOB_NODELIST': 'node[1-2]',
            'SLURM_JOB_NUM_NODES': '2', 'SLURM_RESTART_COUNT': restart}
     p = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'slurm.sbatch'), str(out), 'attention_distill.py',
                         '--data', 'fake'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -211,9 +224,26 @@ def test_the_batch_script_requeues_only_a_run_this_start_saved(tmp_path, before,
     srun = next(c for c in ran if c.startswith('srun '))
     assert '--nnodes 2' in srun and '--rdzv_endpoint node1:29500' in srun and '--rdzv_id 7' in srun, srun
     assert srun.endswith(f'attention_distill.py --data fake --out-dir {out}' + ' --resume true' * bool(before))
+    assert 'TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240' in ran
     assert ('scontrol requeue 7' in ran) == requeued, ran
+    assert ('scancel --signal=TERM 7' in ran) == bool(signal_), ran
     assert 'job 7: ' in p.stdout and says in p.stdout, p.stdout + p.stderr
-    assert p.returncode == (0 if requeued or exit == 0 else 1)
+    assert p.returncode == (0 if requeued or exit == 0 else exit), p.stdout + p.stderr
+
+
+def test_a_run_says_how_it_ended(unbroken, tmp_path):
+    """ended.json, the main process's word as the run ends: finished at its last step, saved at a signal (its step),
+    failed; none where no run began (a refusal leaves no file)."""
+    import json
+    said = lambda d: json.loads((d / 'ended.json').read_text())   # noqa: E731
+    assert said(unbroken(1)) == {'ended': 'finished', 'step': None}
+    out = tmp_path / 'run'
+    checked(run_script(signalled(tmp_path, 'SIGUSR1', 3), *DISTILL[1:], *ONE, '--out-dir', out), 75)
+    assert said(out) == {'ended': 'saved', 'step': 3}
+    refused = tmp_path / 'refused'
+    p = run_script(*DISTILL, *ONE, '--out-dir', refused, '--teacher', tmp_path / 'no-such-teacher.pt')
+    assert p.returncode == 1 and not refused.exists()
+
 
 # -----------------------------------------------------------------------------
 # A SLURM cluster of one node: this machine

@@ -87,7 +87,7 @@ def test_200_class_sets(tmp_path, name, sub):
     ('imagenet-v2', None, 'no folder'),
     ('imagenet-v2', ['n01440764'], 'folders n01440764: --imagenet-v2 expects .*0 .. 999'),
     ('imagenet-v2', ['1000'], 'folders 1000'),
-    ('imagenet-r', ['n01440764'], 'the 200 of classes/imagenet-r.txt'),      # ImageNet's class 0 is not in R
+    ('imagenet-r', ['n01440764'], 'the 200 of util/classes/imagenet-r.txt'),      # ImageNet's class 0 is not in R
     ('imagenet-a', [], 'no folders'),
     ('imagenet-sketch', ['sketch'], 'wnids'),                              # one level too high
 ])

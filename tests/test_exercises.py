@@ -96,7 +96,17 @@ def test_exercise_4_passes_the_fused_copy(pair, capsys):
     assert '(not 1,000)' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('answer, said', [(retyped, 'wrote out an N x N map'), (fused_own_qk, 'they differ'),
+def by_rows_and_a_fused_call(h, attn, q_t, k_t):   # a map written out a row at a time, a fused call beside it
+    v = values(h, attn).repeat_interleave(q_t.shape[1] // attn.num_heads, 1)
+    F.scaled_dot_product_attention(q_t, k_t, v)
+    rows = [(q_t[:, :, i:i + 1] @ k_t.transpose(-2, -1) / q_t.shape[-1] ** 0.5).softmax(-1) @ v
+            for i in range(q_t.shape[2])]
+    out = torch.cat(rows, 2).unflatten(1, (attn.num_heads, -1)).mean(2)
+    return attn.proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+@pytest.mark.parametrize('answer, said', [(retyped, 'wrote out an N x N map'),
+                                          (by_rows_and_a_fused_call, 'or rows of one'), (fused_own_qk, 'they differ'),
                                           (fused_without_proj, 'they differ'),
                                           (fused_first_of_each_group, 'they differ'),
                                           (fused_mean_of_q_and_k, 'they differ')])
@@ -121,15 +131,12 @@ def test_exercise_4_reads_a_count_as_a_learner_writes_it(pair, capsys, predictio
 
 
 def test_exercise_4_stops_a_copy_without_the_fused_call(pair):
-    """A copy that writes no map but never calls the fused kernel is not what the exercise asks."""
-    def by_rows(h, attn, q_t, k_t):     # one query row at a time: (B, H, 1, N), never (N, N)
-        v = values(h, attn).repeat_interleave(q_t.shape[1] // attn.num_heads, 1)
-        rows = [(q_t[:, :, i:i + 1] @ k_t.transpose(-2, -1) / q_t.shape[-1] ** 0.5).softmax(-1) @ v
-                for i in range(q_t.shape[2])]
-        out = torch.cat(rows, 2).unflatten(1, (attn.num_heads, -1)).mean(2)
-        return attn.proj(rearrange(out, 'b h n d -> b n (h d)'))
+    """A copy that writes no map, not even a row of one, but never calls the fused kernel is not what the exercise
+    asks."""
+    def values_alone(h, attn, q_t, k_t):     # each token its own value: no routing, no map, no fused call
+        return attn.proj(rearrange(values(h, attn), 'b h n d -> b n (h d)'))
     with pytest.raises(AssertionError, match='never calls F.scaled_dot_product_attention'):
-        check_4(pair, by_rows, pair['held'])
+        check_4(pair, values_alone, pair['held'])
 
 
 def test_exercise_4_waits_for_a_prediction_and_for_the_code(pair, capsys):
@@ -153,7 +160,15 @@ def check_5(pair, answer, prediction):
         check_batch_mean(answer, prediction, pair['teacher'], pair['x'])
 
 
+def mean_map_in_place(logits):   # the asked computation, its softmax written over the logits it was given
+    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    logits /= logits.sum(-1, keepdim=True)
+    return logits.mean(0, keepdim=True).expand_as(logits)
+
+
 def test_exercise_5_passes_the_batch_mean(pair, capsys):
+    check_5(pair, mean_map_in_place, 'more')   # in place on what it is given: judged on its own copy
+    assert ': more (right)' in capsys.readouterr().out
     check_5(pair, mean_map, 'more')
     shown = capsys.readouterr().out
     assert 'the same in all 3 layers' in shown and ': more (right)' in shown

@@ -305,14 +305,16 @@ def check_fused_copy(copy_fused, prediction, h, attn, q_t, k_t, reference):
     does), and equal `reference` (section 3's copy_attention) within fp32 rounding. The student may have fewer heads
     than the teacher, each routed by the mean map of a group. prediction: how many numbers the teacher's map of these
     images holds, B x H x N x N, right to the digits it is written with ('5 million' is right for 5,120,000)."""
-    with Calls() as seen:
-        out = None if prediction is None else copy_fused(h, attn, q_t, k_t)
+    n = q_t.shape[-2]
+    assert n not in (q_t.shape[-1], h.shape[-1]), 'the tokens must be told apart from the widths'
+    with Calls() as seen:   # on fresh copies of its inputs: what it changes in place is its own
+        out = None if prediction is None else copy_fused(h.clone(), attn, q_t.clone(), k_t.clone())
     if waiting(4, 'copy_fused', prediction, out):
         return
-    n = q_t.shape[-2]
-    written = [shape for _, shape in seen.calls if shape and len(shape) >= 2 and shape[-2:] == (n, n)]
-    assert not written, (f'your copy wrote out an N x N map {written[0]}: the fused call never does; hand q_t, k_t and '
-                         'the values to F.scaled_dot_product_attention')
+    # any tensor whose last axis runs over the N keys is a map, or rows of one (B, H, 1, N), however it is made
+    written = [shape for _, shape in seen.calls if shape and shape[-1] == n]
+    assert not written, (f'your copy wrote out an N x N map, or rows of one {written[0]}: the fused call never does; '
+                         'hand q_t, k_t and the values to F.scaled_dot_product_attention')
     assert F.scaled_dot_product_attention in [f for f, _ in seen.calls], \
         'your copy never calls F.scaled_dot_product_attention'
     d, bound = differ('the fused copy vs A_T @ V_S', out, reference)
@@ -337,7 +339,8 @@ def check_batch_mean(batch_mean_map, prediction, teacher, x):
     teacher's own maps'."""
     layers = list(range(teacher.depth))
     logits = teacher.attention(x, layers)                                  # {layer: (B, H, N, N)}
-    mine = None if prediction is None else {i: batch_mean_map(l) for i, l in logits.items()}
+    # on fresh copies: a mean computed in place changes its own copy, never the maps it is judged against
+    mine = None if prediction is None else {i: batch_mean_map(l.clone()) for i, l in logits.items()}
     if waiting(5, 'batch_mean_map', prediction, None if mine is None or mine[0] is None else mine):
         return
     project = copied(teacher, x, layers, None, 'attn', 'batch')

@@ -411,7 +411,7 @@ def cifar(root, train, transform, cfg):
 
 def image_folder(root, train, transform, cfg):
     """<root>/train or <root>/val as a ClassFolder. --data imagenet: ImageNet-1k's class indices
-    (classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
+    (util/classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
     may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
     data = cfg.data
     expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
@@ -422,7 +422,7 @@ def image_folder(root, train, transform, cfg):
             raise DataError(f'no folder {d}: {expects}')
     if data == 'imagenet':
         names = read_classes('imagenet')
-        unknown = 'not ImageNet-1k classes (classes/imagenet.txt): for other classes use --data ' \
+        unknown = 'not ImageNet-1k classes (util/classes/imagenet.txt): for other classes use --data ' \
                   'folder'
     else:
         names = class_folders(train_dir, expects)
@@ -433,8 +433,8 @@ def image_folder(root, train, transform, cfg):
 
 
 def read_classes(name):
-    """A class list of classes/<name>.txt, one name a line: position = class index."""
-    return (pathlib.Path(__file__).parents[1] / 'classes' / f'{name}.txt').read_text().split()
+    """A class list of util/classes/<name>.txt, one name a line: position = class index."""
+    return (pathlib.Path(__file__).parent / 'classes' / f'{name}.txt').read_text().split()
 
 
 def class_folders(directory, expects):

@@ -41,7 +41,7 @@ from util.errors import ConfigError, DamagedFile, WriteError
 
 # what the scripts write in a run directory (reproduce.py its done.json, mae_pretrain.py its figure)
 RUN_FILES = ('config.json', 'log.txt', 'metrics.jsonl', 'checkpoint.pt', 'done.json',
-             'reconstruction.png', '.lock')
+             'reconstruction.png', '.lock', 'ended.json')
 
 
 def read_regular(path):

@@ -287,24 +287,30 @@ def run_main(main):
     signal.signal(signal.SIGHUP, stopped)                       # a closed terminal
     try:
         main()
-    except stop.SavedAndStopped:     # its line said (Run.save_and_stop)
+        stop.ended('finished')
+    except stop.SavedAndStopped as e:     # its line said (Run.save_and_stop)
         # saved: the signals torchrun sends a process once another has ended change nothing (an interpreter that
         # is ending has no handler of its own left: it would die of them)
         for signum in stop.SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        stop.ended('saved', e.args[0])
         sys.exit(stop.SAVED_AND_STOPPED)
     except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (stopped): the loader's workers end with it
         # a second Ctrl-C does not cut the clean-up short
         for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         how = e.args[0] if e.args else 'Ctrl-C'
+        scheduler = how in (s.name for s in stop.SIGNALS)   # before the run trained: nothing lost, go on
+        stop.ended('stopped before training' if scheduler else 'stopped')
         then = getattr(e, 'how_to_continue', AGAIN)
         print(f'error: stopped ({how}): {then}', file=sys.stderr, flush=True)
         # as a shell reports the signal: 128 + its number
         sys.exit(128 + (signal.SIGINT if how == 'Ctrl-C' else signal.Signals[how]))
     except REFUSALS as e:
+        stop.ended('failed')
         sys.exit(f'error: {refusal(e)}')
     except Exception as e:
+        stop.ended('failed')
         # said first: torchrun stops the other processes as soon as one dies
         if 'TORCHELASTIC_RUN_ID' in os.environ:
             for signum in (signal.SIGINT, *stop.SIGNALS, signal.SIGHUP):

@@ -36,6 +36,7 @@ import sys
 
 import torch
 
+from util import stop
 from util.checkpoints import read_checkpoint
 from util.errors import AGAIN, CheckpointError, ConfigError, DamagedFile, flag, say
 from util.files import (RUN_FILES, cannot_write, git_commit, make_folders, no_follow, read_bytes,
@@ -261,7 +262,7 @@ class RunDir:
             write_json(config, record)
         else:
             # an earlier attempt's files, or the run --overwrite true deletes
-            for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png'):
+            for name in ('metrics.jsonl', 'checkpoint.pt', 'done.json', 'reconstruction.png', stop.ENDED):
                 try:
                     os.remove(self.file(name))
                 except FileNotFoundError:
@@ -272,6 +273,7 @@ class RunDir:
             write_text(self.file('log.txt'), lines)
         self.pending = []
         self.begun = True
+        stop.ended_file = self.file(stop.ENDED)   # how the run ends is said there (util/launch.run_main)
 
     def config_record(self):
         """config.json's record; None if it is missing or damaged (read only: a run that starts keeps a damaged one

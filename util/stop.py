@@ -14,6 +14,7 @@ processes act on that reduction one step later: on a GPU its value is copied to 
 read once the next step's work is queued, so the host waits at most for the step before the one it has just queued,
 and the GPU always has that one to run (no host sync in the step). One process alone stops after the step it is in.
 """
+import json
 import os
 import signal
 
@@ -30,13 +31,32 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # while a run trains (training, set when its Run is built), the signals this process was asked, in order
 training = False
 asked = []
+# the file in which the main process of a run that has begun (its config.json written) says how it ended: what a
+# batch script decides by (tools/slurm.sbatch), never by the run's log
+ended_file = None
+ENDED = 'ended.json'
 
 
 def start():
-    """A process's first state, at the start of run_main: no run training, nothing asked."""
-    global training
+    """A process's first state, at the start of run_main: no run training, nothing asked, no run begun."""
+    global training, ended_file
     training = False
+    ended_file = None
     asked.clear()
+
+
+def ended(state, step=None):
+    """Write how the run ended into its ENDED file, where this process began one: 'finished', 'saved' (at a signal,
+    its checkpoint of `step`: go on), 'stopped before training' (a scheduler's signal before its first step: nothing
+    to lose, go on), 'stopped' (Ctrl-C, a closed terminal) or 'failed'. A file it cannot write is left unwritten: the
+    batch script then fails the job rather than guess."""
+    if ended_file is None:
+        return
+    try:
+        with open(ended_file, 'w') as f:
+            json.dump({'ended': state, 'step': step}, f)
+    except OSError:
+        pass
 
 
 class SavedAndStopped(Exception):
