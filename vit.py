@@ -366,6 +366,12 @@ SIZES = {
 }
 
 
+# the most each of a ViT's sizes may be, whether a command line gives it or a file's record does
+# (util/checkpoints.arch_of): one rule for both, so that no record builds what no flag could ask for
+MOST = {'img_size': 2 ** 16, 'patch_size': 2 ** 16, 'in_chans': 2 ** 16, 'embed_dim': 2 ** 16, 'num_classes': 2 ** 40,
+        'depth': 2 ** 12, 'num_heads': 2 ** 12, 'reg_tokens': 2 ** 12}
+
+
 def model_arch(name, **overrides):
     """All VisionTransformer keywords of a named size, with overrides (None values ignored)."""
     if name not in SIZES:

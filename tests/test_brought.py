@@ -25,9 +25,8 @@ import finetune
 from conftest import TINY, run_in_process, run_script
 from data import build_dataset, build_splits
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.config import ARCH_MOST
 from util.datafiles import DataError, read_image
-from vit import VisionTransformer
+from vit import MOST, VisionTransformer
 
 # the fake preset's images (32 px, patches of 8); a teacher as people save one: 8 heads of 8, the weights alone
 SHAPE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=8)
@@ -579,7 +578,7 @@ def test_a_small_file_whose_record_asks_for_more_memory_than_there_is_is_refused
             p = limited(*args)
             err = p.stderr.strip()
             # beyond a flag's most (img_size here), the same line as a flag's; below it, what it needs
-            why = 'any command line allows' if value > ARCH_MOST[field] else 'GB'
+            why = 'any command line allows' if value > MOST[field] else 'GB'
             assert p.returncode == 1 and err.startswith(f"error: '{path}' ") and why in err and '\n' not in err, \
                 (field, args[0], err[-3000:])
             assert 'edited or is damaged' in err
@@ -590,7 +589,7 @@ def test_a_small_file_whose_record_asks_for_more_memory_than_there_is_is_refused
 def test_a_record_of_more_blocks_than_a_flag_allows_is_refused_before_any_is_built(tmp_path, monkeypatch, blocks):
     """A file of many blocks of one tiny tensor each, its record saying so (370 KB for 10,000): each block a module
     on the meta device, it took a minute and more before a refusal. Refused from its record, as --depth would be
-    (util/config.ARCH_MOST), before any ViT is built, in one line naming the file."""
+    (util/config.MOST), before any ViT is built, in one line naming the file."""
     from util import checkpoints
     model = random_vit()
     sd = {**model.state_dict(), **{f'blocks.{i}.norm1.weight': torch.ones(1) for i in range(blocks)}}

@@ -82,12 +82,22 @@ def test_readme_first_screen():
 
 
 def test_the_readme_opens_the_notebook_before_anything_else():
-    """The front door: before the reading order, one command that installs what the notebook needs, Jupyter
-    included (requirements.txt names none), and opens tutorial.ipynb with it; Colab as it stands. The sources of
-    the timings (a run's minutes of CPU, the shell's clock) are on REFERENCE.md and the results pages, not here."""
+    """The front door: before the reading order, a virtual environment made and entered first (a Debian Python
+    refuses pip outside one; git ignores it), PyTorch's CPU-only index for a machine without a GPU, then one command
+    that installs what the notebook needs, Jupyter included (requirements.txt names none), and opens tutorial.ipynb
+    with it; Colab as it stands. The sources of the timings (a run's minutes of CPU, the shell's clock) are on
+    REFERENCE.md and the results pages, not here."""
     text = read_page('README.md')
     door = text.split('## Read in this order')[0]
-    opens = [line for line in code_lines(door) if 'tutorial.ipynb' in line]
+    lines = code_lines(door)
+    venv = [shlex.split(part) for part in lines[0].split('&&')]
+    assert venv[0][:3] == ['python3', '-m', 'venv'] and venv[1] == ['.', f'{venv[0][3]}/bin/activate'], lines[0]
+    with open(os.path.join(ROOT, '.gitignore')) as f:
+        assert f'{venv[0][3]}/' in f.read().split(), 'the environment in the clone is not ignored by git'
+    cpu = shlex.split(lines[1])
+    assert cpu[:4] == ['pip', 'install', '-r', 'requirements.txt'] and \
+        cpu[4:] == ['--extra-index-url', 'https://download.pytorch.org/whl/cpu'], lines[1]
+    opens = [line for line in lines if 'tutorial.ipynb' in line]
     assert opens, 'no command before the reading order opens tutorial.ipynb'
     parts = [shlex.split(part) for part in opens[0].split('&&')]
     install = next((p for p in parts if p[:3] == ['pip', 'install', '-r']), None)

@@ -24,13 +24,12 @@ from collections import Counter
 import torch
 import torchvision.models as tvm
 
-from util.config import ARCH_MOST
 from util.errors import CheckpointError
 from util.files import read_regular
 from util.memory import parameters, too_big
 from util.pretrained import (AS_DEIT, FAMILIES, TEACHERS, ArchiveRefused, Family, convert,
                              family_of, read_archive, resize_pos_embed, unwrap)
-from vit import VisionTransformer
+from vit import MOST, VisionTransformer
 
 MAE_URL = 'https://dl.fbaipublicfiles.com/mae/{0}/mae_{1}_vit_{2}.pth'
 PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, its resize)
@@ -229,15 +228,15 @@ def arch_of(ckpt, source, num_heads, flag):
     no tensor shows from heads_of (num_heads: the count its user states with `flag`, 0 if none)."""
     saved = recorded(ckpt)   # None where MoCo v3 stores a name
     # a size no flag may ask for, refused before anything is counted or built (a block a module: 10,000 took a minute)
-    beyond = [(k, v, most) for k, most in ARCH_MOST.items()
+    beyond = [(k, v, most) for k, most in MOST.items()
               if isinstance(v := (saved or {}).get(k), int) and not isinstance(v, bool) and v > most]
     if beyond:
         k, v, most = beyond[0]
         raise damaged(source, f'records {k} {v:,}, more than the {most:,} any command line allows')
     sd, components = _converted(ckpt, source)
     depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})   # the blocks it holds
-    if depth > ARCH_MOST['depth']:
-        raise damaged(source, f"holds {depth:,} blocks, more than the {ARCH_MOST['depth']:,} any command line allows")
+    if depth > MOST['depth']:
+        raise damaged(source, f"holds {depth:,} blocks, more than the {MOST['depth']:,} any command line allows")
     if saved:   # a stated head count is compared with it where it is loaded (check_arch); its depth before a block
         # is built (each is a module, on the meta device too: 10 million of them took hours)
         if saved.get('depth') != depth:

@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 
 from util.datafiles import DATASETS
 from util.errors import ConfigError, flag, show
-from vit import ACTS, IMPLEMENTATIONS, SIZES
+from vit import ACTS, IMPLEMENTATIONS, MOST, SIZES
 
 AMP = ('auto', 'bf16', 'fp16', 'off')
 COMPILE = ('auto', 'true', 'false')
@@ -44,16 +44,12 @@ def at_least(n, note='', most=math.inf):
 
 
 # the most a machine can hold or wait for
-SIZE = 2 ** 16      # pixels or channels
-DEPTH = 2 ** 12     # blocks or heads
+SIZE = MOST['img_size']      # pixels or channels
+DEPTH = MOST['depth']        # blocks or heads
 BATCH = 2 ** 20     # images a batch
 WORKERS = 256       # loader workers
 EPOCHS = 10 ** 6
 STEPS = 2 ** 40     # steps, or images
-# the most each of a ViT's sizes may be, whether a flag gives it or a file's record does (util/checkpoints.arch_of):
-# one rule for both, so that no record builds what no command line could ask for
-ARCH_MOST = {'img_size': SIZE, 'patch_size': SIZE, 'in_chans': SIZE, 'embed_dim': SIZE, 'num_classes': STEPS,
-             'depth': DEPTH, 'num_heads': DEPTH, 'reg_tokens': DEPTH}
 SECONDS = 10 ** 7
 
 
@@ -97,11 +93,11 @@ class TrainConfig:
                                    "files, sizes or times changed), on purpose")
     # model (vit.py's sizes; none keeps the size's own value)
     model: str = option('vit_tiny', choices=tuple(SIZES))
-    img_size: int = option(28, rule=at_least(1, most=ARCH_MOST['img_size']))
-    patch_size: int = option(4, rule=at_least(1, most=ARCH_MOST['patch_size']))
-    embed_dim: typing.Optional[int] = option(None, rule=at_least(1, most=ARCH_MOST['embed_dim']))
-    depth: typing.Optional[int] = option(None, rule=at_least(1, most=ARCH_MOST['depth']))
-    num_heads: typing.Optional[int] = option(None, rule=at_least(1, most=ARCH_MOST['num_heads']))
+    img_size: int = option(28, rule=at_least(1, most=MOST['img_size']))
+    patch_size: int = option(4, rule=at_least(1, most=MOST['patch_size']))
+    embed_dim: typing.Optional[int] = option(None, rule=at_least(1, most=MOST['embed_dim']))
+    depth: typing.Optional[int] = option(None, rule=at_least(1, most=MOST['depth']))
+    num_heads: typing.Optional[int] = option(None, rule=at_least(1, most=MOST['num_heads']))
     global_pool: bool = option(False, 'classify the mean of the patch tokens (false: the class '
                                       'token)')
     drop_path: float = option(0.0, rule=UNIT)
