@@ -175,7 +175,7 @@ BAD = [
 # names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
 FREE = {'data_dir', 'resume', 'saved_bytes', 'timing', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'new_data', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
-        'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results'}
+        'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results', 'dirty'}
 # one case per rule: a row of BAD runs on one of its scripts, taken in turn so that every script is exercised;
 # the others share the rule through their config's base class (test_shared_rules_are_in_every_script)
 CASES = [(scripts[k % len(scripts)], field, values) for k, (scripts, field, values) in enumerate(BAD)]
