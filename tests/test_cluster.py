@@ -401,7 +401,7 @@ def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit
     subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], env=slurm, check=True, timeout=30)
     assert wait_for(lambda: state(slurm, job_id) == ('COMPLETED', '1'), 180), state(slurm, job_id)
     said = (tmp_path / 'run.out').read_text()
-    assert f'job {job_id}: saved at step {at} of 20' in said and 'requeued (1 of at most 20)' in said, said[-3000:]
+    assert f'job {job_id}: saved at step {at}; requeued (1 of at most 20)' in said, said[-3000:]
     assert f'job {job_id}, restart 1 ' in said and f'job {job_id}: the run finished' in said, said[-3000:]
     assert f'resumed from {out / "checkpoint.pt"} at step {at} (SLURM job {job_id}, restart 1)' in log.read_text()
     assert_same_run(out, unbroken(2))
@@ -409,4 +409,5 @@ def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit
     failed = tmp_path / 'failed'
     job_id = sbatch(slurm, failed, *DISTILL, *TWO, '--teacher', tmp_path / 'no-such-teacher.pt')
     assert wait_for(lambda: state(slurm, job_id) == ('FAILED', '0'), 120), state(slurm, job_id)
-    assert f'job {job_id}: the run failed (srun\'s exit 1): not requeued' in (tmp_path / 'failed.out').read_text()
+    said = (tmp_path / 'failed.out').read_text()   # refused before it began: no ended.json
+    assert f"job {job_id}: the run failed (it said nothing; srun's exit 1): not requeued" in said, said

@@ -171,7 +171,7 @@ def test_a_refused_command_leaves_another_programs_lock_as_it_was(monkeypatch, t
         assert digest(theirs) == before
     ours = tmp_path / 'ours'
     train(monkeypatch, finetune, ours, '--max-steps', '1')
-    assert sorted(os.listdir(ours)) == ['checkpoint.pt', 'config.json', 'log.txt', 'metrics.jsonl']
+    assert sorted(os.listdir(ours)) == ['checkpoint.pt', 'config.json', 'ended.json', 'log.txt', 'metrics.jsonl']
 
 
 @pytest.mark.skipif(shutil.which('flock') is None, reason='no flock(1) here')
