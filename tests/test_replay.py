@@ -48,7 +48,7 @@ def test_a_log_is_read_as_its_first_launch_logged_it():
 
 
 def test_a_moved_loss_fails_and_a_rounded_one_does_not():
-    run = replay.Run('x', 'finetune.py', [], '1', {1: {'ce': 2.3025}, 100: {'ce': 1.5592}}, 'None', None)
+    run = replay.Run('x', 'finetune.py', [], '1', {1: {'ce': 2.3025}, 100: {'ce': 1.5592}}, 'None', None, '2.14.1')
     assert replay.report(run, [(1, 'ce', 2.3025, 2.3026), (100, 'ce', 1.5592, 1.55925)])[0]
     same, lines = replay.report(run, [(1, 'ce', 2.3025, 2.3025), (100, 'ce', 1.5592, 1.5597)])
     assert not same and lines[1].endswith('<- moved')
