@@ -8,6 +8,8 @@ pulled toward the teacher's by a loss; afterwards it is an ordinary ViT that nee
     The Q / K / V variants use the mean squared error between teacher's and student's q, k or v.
     --average-maps batch | queries: the target is the teacher's map averaged over a batch's images or an image's
     queries (the paper's test of whether a map's worth is in its image and its query).
+    --maps uniform | local: controls with no teacher in the target: every token attending to all alike, or a fixed
+    locality prior (control_logits). Whether a gain comes from the teacher's maps or from any pull on attention.
 
     python finetune.py --data fashion-mnist --out-dir runs/teacher            # make a teacher
     python attention_distill.py --data fashion-mnist --teacher runs/teacher/checkpoint.pt
@@ -88,10 +90,27 @@ def to_student_heads(logits, num_heads):
     return p.log().to(logits.dtype)
 
 
-def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
+def control_logits(kind, grid, prefix):
+    """The target of a control (--maps), as logits (N, N) for N = prefix + grid**2 tokens (class token and registers
+    first, then the patches row by row): 'uniform', every query attending to every token alike (all logits 0);
+    'local', a fixed locality prior: a patch attends to the patch j at distance d (in patches) by exp(-d**2 / 2), so
+    mostly to itself and its 8 neighbours, and to each prefix token as to itself; a prefix token's query attends to
+    all alike. Neither holds anything an image or a teacher could teach."""
+    n = prefix + grid ** 2
+    logits = torch.zeros(n, n)
+    if kind == 'local':
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+        at = torch.stack([rows.flatten(), cols.flatten()], 1).float()        # (grid**2, 2)
+        logits[prefix:, prefix:] = -torch.cdist(at, at) ** 2 / 2
+    return logits
+
+
+def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager', control=None):
     """loss_fn(net, images, targets) for engine.train_one_epoch: the teacher's logits (eager) or q and k (sdpa) of
-    every distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses."""
+    every distilled layer, then the student's own (kept), then CE + weight x the sum of the layers' losses. control:
+    a control's target logits (H, N, N) (--maps: control_logits), every layer's in place of the teacher's."""
     assert cfg.average_maps == 'none' or implementation == 'eager', 'an average is made of maps (teacher.written_out)'
+    assert control is None or (implementation == 'eager' and cfg.transfer == 'attn'), 'a control is a map'
     if cfg.transfer == 'attn' and implementation == 'eager':
         names = ('logits',)
     else:
@@ -99,7 +118,11 @@ def distill_loss_fn(cfg, teacher, layers, heads, implementation='eager'):
     dim = 0 if cfg.average_maps == 'batch' else 2                     # over images, or over queries
 
     def loss_fn(net, x, y):
-        targets = teacher_outputs(teacher, x, layers, names)   # {student layer: {name: tensor}}
+        if control is not None:   # the same map for every image, layer and head: no teacher asked
+            given = control.expand(len(x), *control.shape)   # (B, H, N, N)
+            targets = {i: {'logits': given} for i in layers}
+        else:
+            targets = teacher_outputs(teacher, x, layers, names)   # {student layer: {name: tensor}}
         # the maps' mean p, as logits log(p): their softmax gives p back (eager)
         if cfg.average_maps != 'none':
             for t in targets.values():                               # (B, H, N, N), fp32
@@ -340,9 +363,25 @@ log_sum_exp.register_autograd(_log_sum_exp_backward, setup_context=_log_sum_exp_
 @dataclass
 class DistillConfig(TransferConfig):
     weight: float = option(3.0, 'w: weight of the attention loss', at_least(0))
+    maps: str = option('teacher', "the target maps: teacher | controls with no teacher in them (control_logits): "
+                                  "uniform (every token attended to alike) | local (each patch attends to its "
+                                  "neighbours)", choices=('teacher', 'uniform', 'local'))
     out_dir: str = 'runs/distill'
 
     SCRIPT = 'attention_distill.py'
+
+    def checks(self):
+        control = self.maps != 'teacher'
+        return super().checks() + [
+            ('maps', not control or self.transfer == 'attn', 'only with --transfer attn'),
+            ('maps', not control or self.average_maps == 'none', 'only with --average-maps none')]
+
+    @property
+    def written_out(self):
+        """Why the run's maps must be written out (an eager run), or '': an average, or a control's map."""
+        if self.maps != 'teacher':
+            return f'--maps {self.maps}: writes the maps out'
+        return super().written_out
 
 
 PRESETS = {**student_presets(SMALL_PRESETS),
@@ -374,7 +413,12 @@ def main():
 
         run = Run(plan, student, train_loader, data,
                   {'distilled_from': teacher_record(cfg, transfer), 'attention_check': checked})
-        loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, attn)
+        control = None
+        if cfg.maps != 'teacher':   # a control: the teacher only gave the student its shape
+            control = control_logits(cfg.maps, student.patch_embed.grid, 1 + student.arch['reg_tokens'])
+            control = control.to(plan.device).expand(student.num_heads, -1, -1)   # (H, N, N)
+            plan.log(f'control: toward {cfg.maps} maps, not the teacher\'s')
+        loss_fn = distill_loss_fn(cfg, teacher, transfer.layers, transfer.heads, attn, control)
         mixer = batch_mixer(cfg, data.num_classes)
 
         while run.step < run.total_steps:

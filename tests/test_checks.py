@@ -111,6 +111,7 @@ BAD = [
     (['attention_copy.py', 'attention_distill.py'], 'teacher_num_heads', [['-1']]),
     (['finetune.py'], 'init_num_heads', [['-1']]),
     (['attention_distill.py'], 'weight', [['-1'], ['nan']]),
+    (['attention_distill.py'], 'maps', [['random'], ['none']]),
     (['finetune.py', 'mae_pretrain.py'], 'layer_scale', [['-1'], ['nan']]),
     (['mae_pretrain.py', 'finetune.py'], 'act', [['relu']]),
     (['mae_pretrain.py'], 'global_pool', [['true']]),

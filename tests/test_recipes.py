@@ -56,7 +56,7 @@ RECIPES = {
         batch_size=32, accum_steps=1, blr=1e-3, min_lr=1e-6, min_lr_ratio=0.25, weight_decay=0.05, layer_decay=0.75,
         layer_decay_offset=0, beta2=0.999, clip_grad=0.0, ema=0.9999, num_workers=10),
     'distill': dict(    # release README, Attention Distillation: --end_layer -6, --atd_weight 3.0
-        **STUDENT, **AUGMENT, layers='0-17', weight=3.0, global_pool=True, drop_path=0.2, epochs=200,
+        **STUDENT, **AUGMENT, layers='0-17', weight=3.0, maps='teacher', global_pool=True, drop_path=0.2, epochs=200,
         warmup_epochs=20, batch_size=32, accum_steps=1, blr=1e-4, min_lr=1e-6, min_lr_ratio=0.0, weight_decay=0.3, layer_decay=1.0,
         layer_decay_offset=0, beta2=0.95, clip_grad=0.0, ema=0.9999, num_workers=10),
     'mae_pretrain': dict(   # MAE PRETRAIN.md: 8 nodes x 8 GPUs x 64 = 4096; main_pretrain.py: crop (0.2, 1), flip

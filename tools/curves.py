@@ -120,8 +120,9 @@ def floor(cfg, teacher, pairs, images=256):
     """The attention loss's floor: H(teacher's map, student's) is least, the teacher's own entropy, where the two
     maps are equal. The teacher's row entropy, the mean over the distilled layers (pairs: {student: teacher layer}),
     their heads and rows, on the first `images` images of the run's evaluation split as the run saw them. None where
-    there is none (a loss on q, k or v; averaged maps) or where the run's data is not on this machine."""
-    if cfg.get('transfer', 'attn') != 'attn' or cfg.get('average_maps', 'none') != 'none':
+    there is none (a loss on q, k or v; averaged maps; a control's) or where the run's data is not on this machine."""
+    if cfg.get('transfer', 'attn') != 'attn' or cfg.get('average_maps', 'none') != 'none' \
+            or cfg.get('maps', 'teacher') != 'teacher':
         return None
     try:
         dataset, _ = build_eval_set(types.SimpleNamespace(**cfg))

@@ -64,6 +64,10 @@ if [ -z "${REDO_PAGE:-}" ]; then
   for seed in 0 1 2; do                                                  # 6. one layer at a time
     for layer in 0 1 2 3 4 5; do run distill-layer$layer "$seed" attention_distill.py --layers $layer; done
   done
+  for seed in 0 1 2; do                                                  # 7. controls: no teacher in the maps
+    run distill-uniform "$seed" attention_distill.py --maps uniform
+    run distill-local "$seed" attention_distill.py --maps local
+  done
 fi
 python -m tools.variants                                                 # variants.json and variants.png
 exit $FAILED                                                             # a failed run: named above, not recorded
