@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms import v2
 
 from util.augment import BatchRandAugment, erase, erasing_boxes, randaugment
 from util.errors import DataError
@@ -41,19 +40,29 @@ from util.datafiles import DATASETS, TensorImages, build_loader, held_in_memory,
 # Shifted test images, labels unchanged (evaluate.py --shift): the paper's ImageNet-V2 (mildly:
 # translate), -R, -Sketch and -A in miniature. Each acts on the image in [0, 1], before its
 # normalisation; pixels that come from outside the image are black, as Fashion-MNIST's background.
-SHIFTS = {'none': [],
-          'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0,
-                                shear=[0.0])],  # 2 px
-          'invert': [v2.RandomInvert(p=1.0)],   # 1 - x: dark clothes on white
-          'rotate': [partial(v2.functional.rotate, angle=20.0)],   # 20 degrees anticlockwise
-          'blur': [v2.GaussianBlur(5, sigma=1.0)],
-          'noise': [v2.GaussianNoise(sigma=0.2)]}   # seeded by the image's index; clipped
+SHIFTS = ('none', 'translate', 'invert', 'rotate', 'blur', 'noise')
+
+
+def shifted(shift):
+    """The transforms of a shift (one of SHIFTS), on images in [0, 1]; none for 'none'."""
+    if shift == 'none':
+        return []
+    from torchvision.transforms import v2
+    return {'translate': [partial(v2.functional.affine, angle=0.0, translate=[2, 2], scale=1.0,
+                                  shear=[0.0])],  # 2 px
+            'invert': [v2.RandomInvert(p=1.0)],   # 1 - x: dark clothes on white
+            'rotate': [partial(v2.functional.rotate, angle=20.0)],   # 20 degrees anticlockwise
+            'blur': [v2.GaussianBlur(5, sigma=1.0)],
+            'noise': [v2.GaussianNoise(sigma=0.2)]}[shift]   # seeded by the image's index; clipped
 
 # -----------------------------------------------------------------------------
 # Transforms (torchvision.transforms.v2). PIL images (ImageFolder, FakeData) stay PIL until ToImage,
 # as in timm's pipeline: its RandAugment ops are Pillow's, which ours then match pixel for pixel.
+# torchvision is imported where it is used: importing it imports torch's compiler (torch._dynamo),
+# a second or more, which a data set held in memory (BatchTransform, plain torch ops) never needs.
 
 def build_transform(cfg, train, shift='none'):
+    from torchvision.transforms import v2
     native, (mean, std) = DATASETS[cfg.data].size, DATASETS[cfg.data].stats
     size = cfg.img_size
     t = []
@@ -73,7 +82,7 @@ def build_transform(cfg, train, shift='none'):
         t += [v2.RandomHorizontalFlip(cfg.hflip)]
     if train and cfg.randaug:   # timm's RandAugment, and its fill
         t += [randaugment(cfg.randaug, fill=mean_colour(mean))]
-    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *SHIFTS[shift],
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *shifted(shift),
           v2.Normalize(mean, std)]
     if train and cfg.reprob > 0:
         from util.augment import random_erasing
@@ -107,7 +116,8 @@ class BatchTransform:
             policy = randaugment(cfg.randaug, fill=mean_colour(mean))
             self.randaug = BatchRandAugment(policy, cfg.img_size)
         self.reprob = cfg.reprob if train else 0.0
-        self.shift = SHIFTS[shift]
+        self.shift = shifted(shift)
+        self.noise = self.shift[0].sigma if shift == 'noise' else 0.0   # drawn by draw(), as v2.GaussianNoise
 
     def to(self, device):
         """This transform with its constants on device (made there once, not at every batch)."""
@@ -136,7 +146,7 @@ class BatchTransform:
                 draws[f'rows {i}'] = rows
         if self.reprob:
             draws['boxes'] = erasing_boxes(n, self.size, self.reprob, generator)
-        if any(isinstance(t, v2.GaussianNoise) for t in self.shift):   # SeededDataset's: its own
+        if self.noise:   # SeededDataset's: its own
             generators = [None] * n
             if seeds is not None:
                 generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -149,9 +159,10 @@ class BatchTransform:
         device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
         x = x.expand(-1, 3, -1, -1)
         if self.resize:
-            x = v2.functional.resize(x, [self.size])
-        if self.pad:
-            padded = v2.functional.pad(x, [self.pad], padding_mode='reflect')
+            from torchvision.transforms.v2.functional import resize
+            x = resize(x, [self.size])
+        if self.pad:   # v2.functional.pad's reflection: in float32, its pixels whole numbers
+            padded = torch.nn.functional.pad(x.float(), [self.pad] * 4, mode='reflect').to(x.dtype)
             x = crop(padded, draws['corners'].long(), self.size)
         if self.hflip:   # evaluation's, and --hflip 0's, flip nothing
             x = torch.where(draws['flip'].bool().view(-1, 1, 1, 1), x.flip(-1), x)
@@ -159,11 +170,11 @@ class BatchTransform:
             slots = [(g, draws[f'order {i}'].long(), draws[f'rows {i}'])
                      for i, g in enumerate(groups)]
             x = self.randaug(x, slots)
-        x = v2.functional.to_dtype(x, torch.float32, scale=True)
-        for t in self.shift:
-            if isinstance(t, v2.GaussianNoise):   # v2.GaussianNoise with the noise drawn
-                x = (x + (t.mean + draws['noise'].float() * t.sigma)).clamp(0, 1)
-            else:
+        x = x.to(torch.float32).mul_(1 / 255)   # v2.functional.to_dtype(x, torch.float32, scale=True)
+        if self.noise:   # v2.GaussianNoise (mean 0) with the noise drawn
+            x = (x + draws['noise'].float() * self.noise).clamp(0, 1)
+        else:
+            for t in self.shift:
                 x = t(x)
         x = x.sub(self.mean).div_(self.std)
         return x if 'boxes' not in draws else erase(x, draws['boxes'], generator)
@@ -186,9 +197,12 @@ def crop(x, corners, size):
 def batch_mixer(cfg, num_classes):
     """MixUp / CutMix on a whole batch (one is picked per batch), or None when both are off.
     Returns soft targets (B, num_classes); label smoothing is applied in the loss."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from torchvision.transforms import v2
     mixers = [m(alpha=a, num_classes=num_classes)
               for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
-    return v2.RandomChoice(mixers) if mixers else None
+    return v2.RandomChoice(mixers)
 
 
 # -----------------------------------------------------------------------------

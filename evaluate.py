@@ -39,7 +39,7 @@ import torch
 from data import SHIFTS, build_eval_set, build_transform, class_names, held_where
 from ensemble import check_classes, ensemble_probs, load_models
 from util.config import DATA, ConfigError, ModelsConfig, option
-from util.datafiles import ClassFolder, DataError, build_loader, read_classes
+from util.datafiles import DataError, build_loader, read_classes
 from util.engine import accuracy, predict_all
 from util.errors import say
 from util.launch import on_device, parse_config, run_main
@@ -118,6 +118,7 @@ def load_set(name, root, transform):
     expected = f"--{name} expects <dir>/<class folder>/<image>, the folders named {layout}"
     if not os.path.isdir(root):
         raise DataError(f'no folder {root}: {expected}')
+    from util.folders import ClassFolder   # torchvision's ImageFolder: imported for folders alone
     return ClassFolder(root, index, transform, expected), allowed
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.transforms import v2
 
 from conftest import run_in_process
@@ -95,7 +94,7 @@ def write_slice(folder, n_train, n_test):
     for split, n in (('train', n_train), ('t10k', n_test)):
         for kind in ('images-idx3', 'labels-idx1'):
             path = os.path.join(FASHION_MNIST_SYSTEM_DIR, f'{split}-{kind}-ubyte.gz')
-            data = read_idx(path, read_sn3_pascalvincent_tensor)[:n].numpy()
+            data = read_idx(path, 3 if kind == 'images-idx3' else 1)[:n].numpy()
             header = bytes([0, 0, 8, data.ndim]) + np.array(data.shape, '>u4').tobytes()
             with gzip.open(folder / f'{split}-{kind}-ubyte.gz', 'wb') as f:
                 f.write(header + data.tobytes())
@@ -183,6 +182,20 @@ def test_crop_offsets_and_flip_rate_are_the_per_image_pipelines():
     old = sum(flip(pair)[0, 0, 0].item() == 1 for _ in range(N)) / N
     close(flips, old, N, 'flip rate')
     assert abs(flips - 0.5) < 0.02
+
+
+def test_the_padded_crop_and_the_scaling_are_torchvisions():
+    """Each image of a CIFAR batch, cropped at its drawn corner, is torchvision's reflect padding (v2.functional.pad)
+    cropped there, scaled to [0, 1] (v2.functional.to_dtype) and normalised, bit for bit."""
+    transform = BatchTransform(cifar(randaug='', reprob=0.0, hflip=0.0), True)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    draws, groups = transform.draw(6, torch.Generator().manual_seed(1))
+    out = transform.apply(x, draws, groups)
+    assert len(set(map(tuple, draws['corners'].tolist()))) > 1                  # more than one corner
+    for i, (top, left) in enumerate(draws['corners'].tolist()):
+        padded = v2.functional.pad(x[i], [4], padding_mode='reflect')[:, top:top + 32, left:left + 32]
+        theirs = v2.functional.to_dtype(padded, torch.float32, scale=True)
+        assert torch.equal(out[i], (theirs - transform.mean[0]) / transform.std[0]), i
 
 
 def batch_arguments(policy, n):

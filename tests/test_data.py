@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.datasets.mnist import read_image_file
+import torchvision
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
 from data import batch_mixer, build_dataset, build_eval_set, build_splits
@@ -26,16 +27,25 @@ def config(**kw):
     return FinetuneConfig(**{**PRESETS['fake'], 'num_workers': 0, **kw})
 
 
-def write_idx(path, array):
+def write_idx(path, array, gz=True):
     header = bytes([0, 0, 8, array.ndim]) + b''.join(int(n).to_bytes(4, 'big') for n in array.shape)
-    with gzip.open(path, 'wb') as f:
+    with (gzip.open if gz else open)(path, 'wb') as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_idx_reader_round_trip(tmp_path):
-    a = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
-    write_idx(tmp_path / 'x.gz', a)
-    assert torch.equal(read_idx(str(tmp_path / 'x.gz'), read_image_file), torch.from_numpy(a.astype(np.uint8)))
+@pytest.mark.parametrize('gz', [True, False])
+def test_idx_reader_reads_what_torchvision_reads(tmp_path, gz):
+    """read_idx against torchvision's own IDX readers (which take an uncompressed file), images and labels."""
+    rng = np.random.default_rng(0)
+    for name, a, ndim, theirs in (('x', rng.integers(0, 256, (5, 28, 28)), 3, read_image_file),
+                                  ('y', rng.integers(0, 10, (5,)), 1, read_label_file)):
+        path = tmp_path / (name + ('.gz' if gz else ''))
+        write_idx(path, a, gz)
+        ours = read_idx(str(path), ndim)
+        assert torch.equal(ours, torch.from_numpy(a.astype(np.uint8)))
+        plain = tmp_path / f'{name}-plain'
+        plain.write_bytes(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
+        assert torch.equal(ours, theirs(str(plain)))
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR) and not os.environ.get('CI'),
@@ -57,7 +67,8 @@ def test_fashion_mnist_from_data_dir(tmp_path):
         write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28)))
         write_idx(tmp_path / f'{split}-labels-idx1-ubyte.gz', rng.integers(0, 10, (n,)))
     ds, _ = build_dataset(config(data='fashion-mnist', img_size=28, data_dir=str(tmp_path)), train=False)
-    assert len(ds) == 7 and ds.source == str(tmp_path) and ds.classes[0] == 'T-shirt/top'
+    assert len(ds) == 7 and ds.source == str(tmp_path)
+    assert list(ds.classes) == torchvision.datasets.FashionMNIST.classes   # torchvision's names, in its order
 
 
 def idx_pair(root, n_images=12, n_labels=12, gz=True, split='t10k'):
@@ -89,12 +100,20 @@ def relabel(path, label):   # a plain IDX labels file whose first label is `labe
     (lambda images, labels: idx_pair(images.parent, 12, 10), True, 'both',   # 2 images silently left out
      r'do not pair up \(12 images, 10 labels\)'),
     (lambda images, labels: cut(images, 20), True, 'images', 'cannot be read .EOFError'),   # a cut download
-    (lambda images, labels: cut(labels, 3), False, 'labels',   # torchvision's reader's words
-     r"cannot be read \(RuntimeError\(\"shape '\[12\]' is invalid for input of size 9\"\)\)"),
+    (lambda images, labels: cut(labels, 3), False, 'labels',
+     r'cannot be read \(its header declares 12 values, it holds 9\)'),
+    (lambda images, labels: labels.write_bytes(labels.read_bytes() + b'x'), False, 'labels',
+     r'cannot be read \(its header declares 12 values, it holds more\)'),
+    (lambda images, labels: labels.write_bytes(bytes([0, 0, 8, 1]) + b'\xff' * 4), False, 'labels',   # 4 billion
+     r'cannot be read \(its header declares 4,294,967,295 values, it holds 0\)'),
+    (lambda images, labels: images.write_bytes(bytes([0, 0, 8, 3]) + b'\xff' * 12), False, 'images',
+     r'cannot be read \(its header declares 79,228,162,[0-9,]+ values\)'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), True, 'labels',
      'cannot be read .BadGzipFile'),
     (lambda images, labels: labels.write_bytes(b'<html>Not Found</html>'), False, 'labels',
-     r'cannot be read \(AssertionError\(\)\)'),   # torchvision's reader asserts its header
+     r'cannot be read \(not an IDX file of 1-dimensional unsigned bytes\)'),
+    (lambda images, labels: images.write_bytes(labels.read_bytes()), False, 'images',   # labels named as images
+     r'cannot be read \(not an IDX file of 3-dimensional unsigned bytes\)'),
     # a test label of 77: IndexError's traceback at the first evaluation, after the whole training
     (lambda images, labels: relabel(labels, 77), False, 'labels', r'holds labels outside its 10 classes'),
 ])
@@ -271,8 +290,7 @@ def write_cifar(root, name, rng, monkeypatch, per_file=2):
     holds it (a protocol-2 pickle of a dict: a row of 3072 bytes an image, its red, green and blue planes
     row by row), a few images a file, and torchvision's md5 table made these files'. Returns
     {file: (images (n, 32, 32, 3) as one sees them, labels (n,))}."""
-    from util.datafiles import CIFAR
-    kind = CIFAR[name]
+    kind = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}[name]
     folder = root / kind.base_folder
     folder.mkdir(parents=True)
     out = {}
@@ -324,7 +342,6 @@ def test_cifar100_fine_labels(tmp_path, monkeypatch):
 
 def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
     import tarfile
-    from util import datafiles
     src = tmp_path / 'src'
     written = write_cifar(src, 'cifar10', np.random.default_rng(2), monkeypatch)
     root = tmp_path / 'root'
@@ -332,8 +349,9 @@ def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
     archive = root / 'cifar-10-python.tar.gz'
     with tarfile.open(archive, 'w:gz') as tar:
         tar.add(src / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
-    monkeypatch.setattr(datafiles.CIFAR['cifar10'], 'tgz_md5', md5(archive))
-    monkeypatch.setattr(datafiles, 'download_url', lambda *a, **k: pytest.fail('nothing to download'))
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, 'tgz_md5', md5(archive))
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url',
+                        lambda *a, **k: pytest.fail('nothing to download'))
     ds, _ = build_dataset(config(data='cifar10', data_dir=str(root), img_size=32), train=False)
     assert ds.labels.tolist() == written['test_batch'][1].tolist()
 
@@ -346,12 +364,11 @@ def test_cifar_archive_is_checked_then_extracted(tmp_path, monkeypatch):
 
 def test_cifar_failed_download_is_one_line(tmp_path, monkeypatch):
     """A download cut short leaves its partial archive, which the next run refuses (its md5), never reads."""
-    from util import datafiles
     def unreachable(url, root, md5=None):                             # torchvision creates root, then fails mid-file
         os.makedirs(root, exist_ok=True)
         (pathlib.Path(root) / os.path.basename(url)).write_bytes(b'partial')
         raise OSError('network unreachable')
-    monkeypatch.setattr(datafiles, 'download_url', unreachable)
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', unreachable)
     with pytest.raises(DataError, match='could not be downloaded.*cifar-100-python.tar.gz'):
         build_dataset(config(data='cifar100', data_dir=str(tmp_path), img_size=32), train=True)
     archive = tmp_path / 'cifar-100-python.tar.gz'

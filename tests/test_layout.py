@@ -5,6 +5,7 @@ each method's main(), and one training step running in its method's own file, tr
 rule moved code into the wrong file to meet it."""
 import ast
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import attention_copy
 import attention_distill
 import finetune
 from conftest import TINY, run_in_process
+from util.datafiles import FASHION_MNIST_SYSTEM_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +132,32 @@ def test_the_step_imports_nothing_of_the_data():
     """util/engine.py is the step, its schedule and evaluation; the data (its files, held sets, the loader, the
     sampler) is util/datafiles.py's, which the step is handed, never imports."""
     assert 'util.datafiles' not in imports(ROOT / 'util' / 'engine.py')
+
+# what every script's start may not import: torchvision imports torch's compiler (torch._dynamo, sympy), a second or
+# more, which the scripts' help, their refusals and a Fashion-MNIST run never use
+UNUSED_AT_START = ('torchvision', 'torch._dynamo', 'sympy')
+
+
+def test_a_script_imports_neither_torchvision_nor_the_compiler():
+    scripts = 'finetune, attention_copy, attention_distill, mae_pretrain, ensemble, evaluate, teacher, data'
+    out = subprocess.run([sys.executable, '-c', f'import sys, {scripts}; '
+                          f'print([m for m in {UNUSED_AT_START!r} if m in sys.modules])'],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == '[]', out
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR) and not os.environ.get('CI'),
+                    reason='apt-get install dataset-fashion-mnist')
+def test_a_fashion_mnist_run_never_imports_torchvision(tmp_path):
+    """Its images are read (util/datafiles.read_idx) and augmented (data.BatchTransform) without it; the compiler is
+    imported by torch's optimizer as it is made (torch/_compile.py: _disable_dynamo), which no script can spare."""
+    run = ('import sys, finetune; from util.launch import run_main; '
+           f'sys.argv = ["finetune.py", "--data", "fashion-mnist", "--data-dir", {str(tmp_path)!r}, "--val-size", '
+           f'"64", "--max-steps", "1", "--out-dir", {str(tmp_path / "run")!r}]; run_main(finetune.main); '
+           'print("torchvision" in sys.modules)')
+    out = subprocess.run([sys.executable, '-c', run], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == 'False', out
+
 
 def test_no_import_cycle():
     files = [p for p in [*ROOT.glob('*.py'), *UTIL, *(ROOT / 'tools').glob('*.py')] if p.stem != '__init__']

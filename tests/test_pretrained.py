@@ -83,6 +83,15 @@ def test_named_teachers_listed():
     assert TEACHERS['dinov2_vitl14_reg'][0].endswith('dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth')
 
 
+def test_torchvision_names_are_its_default_weights():
+    """The URLs written out for torchvision's ViTs are the ones torchvision itself names as each model's DEFAULT."""
+    import torchvision.models as tvm
+    named = {n[len('torchvision_'):]: url for n, (url, family) in PRETRAINED.items() if family == 'torchvision'}
+    assert set(named) == {'vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14'}
+    for n, url in named.items():
+        assert url == tvm.get_model_weights(n).DEFAULT.url, n
+
+
 def test_deit_checkpoint_gives_timm_logits(tmp_path):
     """DeiT's files are {'model': timm's VisionTransformer state dict}, classifier included."""
     t = plain_timm(num_classes=7)

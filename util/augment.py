@@ -12,7 +12,8 @@ runs over 31 bins: 9 rotates by 9 degrees, and both ops are always applied. The 
 here from timm's auto_augment.py (op list, level-to-argument formulas, fill), on
 torchvision.transforms.v2.functional ops. On PIL images every op gives timm's pixels exactly (bicubic
 resampling, fill = the dataset mean); on tensors the geometric ops resample bilinearly, the only kind
-torchvision's tensor kernels have.
+torchvision's tensor kernels have. torchvision is imported by the functions that call it, when a run asks for
+them: importing it imports torch's compiler (torch._dynamo), which a run without these ops never needs.
 """
 import dataclasses
 import math
@@ -20,8 +21,6 @@ import re
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 
 # -----------------------------------------------------------------------------
@@ -71,6 +70,9 @@ def apply(img, op, argument, fill):
     Shears and translations are PIL's affine transform about the top-left corner, as timm calls it: a shear
     factor s moves row y by s * y pixels; a translation of dx, dy pixels moves the content left / up
     (torchvision's translate moves it right / down, hence -dx, -dy)."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as F
+
     def affine(img, shear_x=0.0, shear_y=0.0, dx=0.0, dy=0.0):
         return F.affine(img, angle=0.0, translate=[-dx, -dy], scale=1.0, center=[0, 0],
                         shear=[math.degrees(math.atan(shear_x)), math.degrees(math.atan(shear_y))],
@@ -180,6 +182,7 @@ def randaugment(spec, fill=(128, 128, 128)):
     if spec.startswith('rand-'):
         policy = RandAugment(**parse_policy(spec), fill=fill)
     elif found and int(found[1]) < 31:
+        from torchvision.transforms import v2
         policy = v2.RandAugment(num_ops=int(found[2] or 2), magnitude=int(found[1]))
     if policy and policy.num_ops <= MOST_OPS:
         return policy
@@ -197,6 +200,7 @@ def random_erasing(prob):
     """timm's RandomErasing(mode='pixel', max_count=1), which torchvision's is step for step once given
     timm's ranges: with probability prob one box of 2%-1/3 of the image, aspect ratio log-uniform in
     [0.3, 1/0.3], filled with standard normal noise (the image is normalised by then)."""
+    from torchvision.transforms import v2
     return v2.RandomErasing(p=prob, scale=ERASE_SCALE, ratio=ERASE_RATIO, value='random')
 
 # -----------------------------------------------------------------------------
@@ -336,6 +340,7 @@ def group(ids, rows):
 def batch_op(x, op, rows, fill, mode):
     """Op `op` (of BATCH_OPS) on uint8 images x (n, 3, H, W), each at its row's argument
     (rows (n, 6))."""
+    from torchvision.transforms.v2 import functional as F
     if op == 'Affine':
         return affine(x, rows.float().view(-1, 2, 3), fill, mode)
     if op == 'AutoContrast':

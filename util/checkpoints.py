@@ -22,7 +22,6 @@ import zipfile
 from collections import Counter
 
 import torch
-import torchvision.models as tvm
 
 from util.errors import CheckpointError
 from util.files import read_regular
@@ -37,8 +36,11 @@ PRETRAINED = {   # name -> (url, its family in pretrained.FAMILIES: its heads, i
     **{f'mae_vit_{s}{tag}': (MAE_URL.format(stage, made, s), 'mae')
        for tag, stage, made in (('', 'pretrain', 'pretrain'), ('_ft', 'finetune', 'finetuned'))
        for s in ('base', 'large', 'huge')},
-    **{f'torchvision_{n}': (tvm.get_model_weights(n).DEFAULT.url, 'torchvision')
-       for n in ('vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14')},
+    # torchvision's DEFAULT weights (torchvision.models.get_model_weights(name).DEFAULT.url), written out: reading
+    # them from torchvision would import it, and with it the compiler, into every script's start
+    **{f'torchvision_{n}': (f'https://download.pytorch.org/models/{n}{tag}.pth', 'torchvision')
+       for n, tag in (('vit_b_16', '-c867db91'), ('vit_b_32', '-d86f8d99'), ('vit_l_16', '-852ce7e3'),
+                      ('vit_l_32', '-c7638314'), ('vit_h_14', '_swag-80465313'))},
     **TEACHERS,   # DeiT, DINO, MoCo v3, DINOv2, CLIP: util/pretrained.py
 }
 

@@ -2,8 +2,8 @@
 The data: each data set's files found, downloaded when missing (checksummed), read and checked (a damaged or
 misplaced file is one DataError naming it and the fix), and the loader that batches them.
 
-    Fashion-MNIST   IDX files from --data-dir, else Debian's dataset-fashion-mnist, else downloaded; read by
-                    torchvision's readers
+    Fashion-MNIST   IDX files from --data-dir, else Debian's dataset-fashion-mnist, else downloaded (by
+                    torchvision); read here (read_idx)
     CIFAR-10 / 100  the python version's batches, extracted from its archive (downloaded if absent); read by
                     torchvision's CIFAR10 / CIFAR100, which check each file's md5 before unpickling it
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
@@ -15,31 +15,30 @@ gathered and augmented there (TensorBatches); a folder's images are read one at 
 (SeededDataset). Each epoch can start part-way (ResumableSampler): a resumed run sees the batches of one that
 never stopped. Every data set has `classes` (index = label) and `source` (the folder its files came from).
 Each data set is declared once, as a row of DATASETS at the end (its size, classes, statistics, training images,
-whether it is held in memory, its reader); data.py says how it is augmented.
+whether it is held in memory, its reader); data.py says how it is augmented. torchvision is imported where a
+reader needs it (CIFAR, folders, random images, a download): importing it imports torch's compiler (torch._dynamo),
+which a Fashion-MNIST run never needs.
 """
 import atexit
+import gzip
 import hashlib
+import math
 import multiprocessing.util
 import os
 import pathlib
 import signal
-import stat
 import sys
-import tempfile
 import unicodedata
 import warnings
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from util import stop
-from util.errors import DataError, first_few
+from util.errors import DataError
 
 # -----------------------------------------------------------------------------
 # A small data set held in memory, and its batches made where it is held
@@ -316,18 +315,37 @@ def quiet_hook(kind, *rest):
 FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+# label -> name, as torchvision.datasets.FashionMNIST.classes names them
+FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot']
 
 
-def read_idx(path, read):
-    """The tensor in an IDX file (MNIST's format), read by torchvision's reader `read` (read_image_file: (N, H, W)
-    uint8; read_label_file: (N,)); a gzipped one (Debian's) decompressed by torchvision into a temporary folder, as its
-    reader takes a path to an uncompressed file. One it cannot read is a DataError naming it, in torchvision's words."""
+# the most bytes an IDX file's header may declare (Fashion-MNIST's largest: 47 MB): more is no such file
+IDX_MOST = 2 ** 32
+
+
+def read_idx(path, ndim):
+    """The uint8 tensor of ndim dimensions in an IDX file (MNIST's format: two zero bytes, the type 0x08 (unsigned
+    bytes), the number of dimensions, each one's size as a big-endian 32-bit integer, then the values), gzipped
+    (Debian's) or not: images (N, H, W), labels (N,). One that is not such a file, or holds more or fewer values than
+    its header says, is a DataError naming it."""
+    def refuse(why):
+        return DataError(f'{path} cannot be read ({why}): replace it with the original file')
     try:
-        with tempfile.TemporaryDirectory() as folder:   # a gzipped one decompressed there
-            return read(extract_archive(path, folder) if path.endswith('.gz') else path)
-    except Exception as e:   # a cut .gz, not gzip, not IDX: OSError, EOFError, AssertionError, ...
-        raise DataError(f'{path} cannot be read ({e!r}): replace it with the original '
-                        f'file') from None
+        with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != bytes([0, 0, 8]) or head[3] != ndim:
+                raise refuse(f'not an IDX file of {ndim}-dimensional unsigned bytes')
+            shape = [int.from_bytes(f.read(4), 'big') for _ in range(ndim)]
+            size = math.prod(shape)
+            if size > IDX_MOST:
+                raise refuse(f'its header declares {size:,} values')
+            data = f.read(size + 1)
+    except (OSError, EOFError) as e:   # a cut .gz, or no gzip at all (BadGzipFile is an OSError)
+        raise refuse(repr(e)) from None
+    if len(data) != size:
+        raise refuse(f'its header declares {size:,} values, it holds {len(data) if len(data) <= size else "more"}')
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(shape)
 
 
 def fashion_mnist(data_dir, train, transform, cfg=None):
@@ -346,6 +364,7 @@ def fashion_mnist(data_dir, train, transform, cfg=None):
                             f"({', '.join(FASHION_MNIST_FILES)}, each [.gz]), or remove them")
     else:
         try:   # last resort: torchvision's download (needs the internet)
+            import torchvision
             torchvision.datasets.FashionMNIST(data_dir, train=train, download=True)
         except Exception:
             raise DataError(f"Fashion-MNIST not found in {', '.join(dirs)} and could not be downloaded; "
@@ -355,12 +374,12 @@ def fashion_mnist(data_dir, train, transform, cfg=None):
     stem = 'train' if train else 't10k'
     images = found[f'{stem}-images-idx3-ubyte']
     labels = found[f'{stem}-labels-idx1-ubyte']
-    x = read_idx(images, read_image_file)                              # (N, H, W)
-    y = read_idx(labels, read_label_file)                              # (N,)
+    x = read_idx(images, 3)                              # (N, H, W)
+    y = read_idx(labels, 1)                              # (N,)
     if len(x) != len(y):   # else images beyond the labels are silently left out
         raise DataError(f'{images} and {labels} do not pair up ({len(x)} images, {len(y)} labels): '
                         f'replace them with the original files')
-    classes = torchvision.datasets.FashionMNIST.classes
+    classes = FASHION_MNIST_CLASSES
     # a label beyond the classes: trained on unnoticed, or the first evaluation's traceback after the training
     if len(y) and not 0 <= y.min() <= y.max() < len(classes):
         raise DataError(f'{labels} holds labels outside its {len(classes)} classes (0..{len(classes) - 1}; '
@@ -372,15 +391,14 @@ def fashion_mnist(data_dir, train, transform, cfg=None):
 # CIFAR: read by torchvision's CIFAR10 / CIFAR100 from the python version's pickled batches, each file checked
 # against torchvision's md5 before any is unpickled (a pickle can run code: only the official files are read)
 
-CIFAR = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}
-
-
 def cifar(root, train, transform, cfg):
     """CIFAR-10 / -100 (cfg.data) from <root>/cifar-10-batches-py (cifar-100-python); else the archive in <root>
     checked (md5) and extracted, downloaded first if absent. A corrupt archive is an error, never overwritten (a
     download cut short is one: the next run refuses it)."""
+    import torchvision
+    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
     name = cfg.data
-    kind = CIFAR[name]
+    kind = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}[name]
     folder = os.path.join(root, kind.base_folder)
     archive = os.path.join(root, kind.filename)
     if not os.path.isdir(folder):
@@ -429,6 +447,7 @@ def image_folder(root, train, transform, cfg):
         unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
                   f'there'
     index = {c: i for i, c in enumerate(names)}
+    from util.folders import ClassFolder   # torchvision's ImageFolder: imported for folders alone
     return ClassFolder(split, index, transform, unknown)
 
 
@@ -445,73 +464,6 @@ def class_folders(directory, expects):
     if not names:
         raise DataError(f'{directory} has no folders (one per class): {expects}')
     return names
-
-
-class ClassFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose class folders take the indices `index` gives (name -> class), where ImageFolder
-    numbers the folders it finds by their sorted position. A folder not in `index` is a DataError saying
-    `unknown` (what they are not, and the fix); so is a class folder without a single image."""
-
-    def __init__(self, root, index, transform, unknown):
-        self.index = index
-        self.unknown = unknown
-        super().__init__(root, transform=transform, loader=read_image)
-        self.classes = sorted(index, key=index.get)   # every class of the numbering, index = label
-        self.source = os.path.abspath(root)
-
-    def make_dataset(self, directory, class_to_idx, **torchvision_arguments):
-        """torchvision's samples, in its order (its walk, sorted, links followed: linked folders and images read as
-        copies would), image files by their extension, hidden ones left out (._photo.jpg, .ipynb_checkpoints), each
-        taken once by where it really is: a link loop (a/loop -> .) or a file reached twice: a DataError naming it."""
-        seen = {os.path.realpath(directory): directory}   # real path -> the path it was reached by
-        samples = []
-        empty = []
-        for name in sorted(class_to_idx):
-            found = []   # (folder, image file, the folder's real path)
-            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
-                real = os.path.realpath(root)
-                # top-down: checked before the walk goes into it, so a loop ends here
-                once(root, real, seen)
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-                found += [(root, f, real) for f in files
-                          if not f.startswith('.') and torchvision.datasets.folder.is_image_file(f)]
-            if not found:
-                empty.append(name)
-            for root, f, real in sorted(found):   # torchvision's order: by folder, then by name
-                path = os.path.join(root, f)
-                # one lstat a file: its kind, and its real path from its folder's (not one lstat a part of its path)
-                mode = os.lstat(path).st_mode
-                target = os.path.join(real, f)
-                if stat.S_ISLNK(mode):
-                    target = os.path.realpath(path)
-                    # what it leads to (a broken link is named by read_image)
-                    mode = os.stat(target).st_mode if os.path.exists(target) else stat.S_IFREG
-                if not stat.S_ISREG(mode):
-                    # refused, not skipped, as a damaged image is: opened, a pipe waits for a writer for ever
-                    raise DataError(f'{path} is not a regular file (a pipe, a socket or a device named '
-                                    f'like an image): remove it from the data folder')
-                once(path, target, seen)
-                samples.append((path, class_to_idx[name]))
-        if empty:
-            raise DataError(f"{directory}: no image file (.jpg, .png, ...) in the class folder(s) "
-                            f"{', '.join(empty)}: add their images, or remove those folders")
-        return samples
-
-    def find_classes(self, directory):
-        names = class_folders(directory, self.unknown)
-        strangers = [n for n in names if n not in self.index]
-        if strangers:
-            raise DataError(f'{directory} has folders {first_few(strangers)}: {self.unknown}')
-        return names, {n: self.index[n] for n in names}
-
-
-def once(path, real, seen):
-    """Note that `path` leads to `real` in `seen`; a DataError if another path led there before."""
-    if real in seen:
-        raise DataError(f'{path} is {seen[real]} again ({real}, reached through a symbolic '
-                        f'link): its images would be read twice, or without end in a loop: remove the '
-                        f'link')
-    seen[real] = path
 
 
 def read_image(path):
@@ -548,6 +500,8 @@ FAKE_HELD = 2 ** 26   # bytes: a fake split this small is made once and held in 
 def fake(root, train, transform, cfg):
     """--fake-size random images of --img-size (an eighth as many, at least 64, to evaluate), 10 classes: made once
     and held in memory where they take at most FAKE_HELD bytes (held_in_memory), else made image by image."""
+    import torchvision
+    from torchvision.transforms.v2.functional import pil_to_tensor
     n = cfg.fake_size if train else max(cfg.fake_size // 8, 64)
     images = torchvision.datasets.FakeData(n, (3, cfg.img_size, cfg.img_size), 10,
                                            random_offset=0 if train else 10 ** 6)
@@ -555,7 +509,7 @@ def fake(root, train, transform, cfg):
         images.transform = transform
         return images
     pictures, labels = zip(*(images[i] for i in range(n)))
-    pictures = torch.stack([torchvision.transforms.v2.functional.pil_to_tensor(x) for x in pictures])
+    pictures = torch.stack([pil_to_tensor(x) for x in pictures])
     return TensorImages(pictures, torch.tensor(labels), transform, None, None)
 
 
