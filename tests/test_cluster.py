@@ -193,7 +193,7 @@ SAVED = '{"ended": "saved", "step": 5}'
     (SAVED, '', 1, '', '1', False, "the run failed (it said nothing; srun's exit 1): not requeued"),
     (SAVED, '{"ended": "finished", "step": 20}', 0, '', '1', False, 'the run finished'),
     # a signal while the run starts, before it could say anything: exit 143, requeued
-    ('', '', 143, 'yes', '0', True, 'stopped before training; requeued (1 of at most 20)'),
+    ('', '', 143, 'yes', '0', True, 'signalled, and the run said nothing; requeued (1 of at most 20)'),
     ('', '{"ended": "stopped before training", "step": null}', 143, '', '0', True, 'stopped before training; requeued'),
     # its node marked DOWN: srun exited 0 though the run saved, and is not taken for finished
     ('', '{"ended": "saved", "step": 36}', 0, '', '0', True, 'saved at step 36; requeued'),
@@ -411,3 +411,111 @@ def test_a_slurm_job_saves_at_its_signal_requeues_itself_and_goes_on_bit_for_bit
     assert wait_for(lambda: state(slurm, job_id) == ('FAILED', '0'), 120), state(slurm, job_id)
     said = (tmp_path / 'failed.out').read_text()   # refused before it began: no ended.json
     assert f"job {job_id}: the run failed (it said nothing; srun's exit 1): not requeued" in said, said
+
+
+# attention_distill.py as each start of one SLURM job meets it (SLURM_RESTART_COUNT): 0, signalled while it starts
+# (before torch is imported); 1, killed as it saves at a signal (no checkpoint, no word: a node lost mid-save); 2, a
+# save slower than torchrun's own 30-second wait; 3 and on, as it is
+ATTEMPTS = """
+import os, pathlib, signal, sys, time
+restart = int(os.environ.get('SLURM_RESTART_COUNT', '0'))
+pathlib.Path({marks!r}, f"started-{{restart}}-{{os.environ.get('RANK', '0')}}").touch()
+if restart == 0:
+    time.sleep(600)
+sys.path.insert(0, {root!r})
+import torch
+import attention_distill
+from util import launch, stop
+saving = torch.save
+def save(*args, **kwargs):
+    if stop.asked and restart == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if stop.asked and restart == 2:
+        time.sleep(45)
+    return saving(*args, **kwargs)
+torch.save = save
+launch.run_main(attention_distill.main)
+"""
+
+
+def started(marks, restart):
+    """Whether both processes of start `restart` of the job have begun (ATTEMPTS marks it)."""
+    return all((marks / f'started-{restart}-{rank}').exists() for rank in (0, 1))
+
+
+def let_start(env, job_id):
+    """Start a requeued job at once: SLURM holds one two minutes. slurmd refuses a start within the second the requeue
+    revoked the job's credential ('Job credential revoked'), which SLURM's own hold never meets."""
+    time.sleep(2)
+    subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], env=env, check=True, timeout=30)
+
+
+def test_a_slurm_job_goes_on_whatever_each_start_met(slurm, unbroken, tmp_path):
+    """One job, four starts. Signalled while the run starts (exit 143, no line, no word): requeued, not failed. Killed
+    as it saves: nothing saved, no word after the signal: requeued. Started afresh, so its log.txt is written anew,
+    shorter than the last one, then signalled at step 3 with a save of 45 s: saved (torchrun waits the margin, not
+    30 s), requeued. Then resumed to the end: the unbroken run's weights and metrics, bit for bit."""
+    marks, out = tmp_path / 'marks', tmp_path / 'run'
+    marks.mkdir()
+    attempts = tmp_path / 'attempts.py'
+    attempts.write_text(ATTEMPTS.format(root=ROOT, marks=str(marks)))
+    job_id = sbatch(slurm, out, attempts, *DISTILL[1:], *TWO)
+    assert job_id.isdigit(), job_id
+    log, said = out / 'log.txt', tmp_path / 'run.out'
+
+    def signal_at(restart, condition, what):
+        assert wait_for(condition, 120), f'{what}: {job(slurm, job_id)}'
+        subprocess.run(['scancel', '--signal=USR1', '--batch', job_id], env=slurm, check=True, timeout=30)
+        assert wait_for(lambda: state(slurm, job_id) == ('PENDING', str(restart + 1)), 180), state(slurm, job_id)
+        let_start(slurm, job_id)
+
+    signal_at(0, lambda: started(marks, 0), 'the first start never began')
+    assert not out.exists()                                            # it never claimed its directory
+    signal_at(1, lambda: started(marks, 1) and log.exists() and 'step 8/20' in log.read_text(),
+              'the second start never trained')
+    assert not (out / 'checkpoint.pt').exists()                        # killed as it saved
+    signal_at(2, lambda: started(marks, 2) and 'step 3/20' in log.read_text() and 'step 8/20' not in log.read_text(),
+              'the third start never trained afresh')
+    at, name = saved_line(out)
+    assert name == 'SIGTERM' and 3 <= at < 8, (at, name)
+    assert wait_for(lambda: state(slurm, job_id) == ('COMPLETED', '3'), 180), state(slurm, job_id)
+    text = said.read_text()
+    for line in (f'job {job_id}: signalled, and the run said nothing; requeued (1 of at most 20)',
+                 f'job {job_id}: signalled, and the run said nothing; requeued (2 of at most 20)',
+                 f'job {job_id}: saved at step {at}; requeued (3 of at most 20)',
+                 f'job {job_id}: the run finished'):
+        assert line in text, text[-4000:]
+    assert f'resumed from {out / "checkpoint.pt"} at step {at} (SLURM job {job_id}, restart 3)' in log.read_text()
+    assert_same_run(out, unbroken(2))
+
+
+def test_a_slurm_job_whose_node_goes_down_saves_and_goes_on(slurm, unbroken, tmp_path):
+    """Its node marked DOWN mid-run: SLURM cancels the job (SIGTERM to every process, the batch shell's included) and
+    requeues it by itself; the run saves the step it reached, and nothing takes it for finished. With the node back,
+    the job resumes from that step and ends as the unbroken run, bit for bit."""
+    out, host = tmp_path / 'run', socket.gethostname().split('.')[0]
+    job_id = sbatch(slurm, out, *DISTILL, *TWO)
+    log, ended = out / 'log.txt', out / 'ended.json'
+    assert wait_for(lambda: log.exists() and 'step 3/20' in log.read_text(), 120), job(slurm, job_id)
+    subprocess.run(['scontrol', 'update', f'NodeName={host}', 'State=DOWN', 'Reason=tests'], env=slurm, check=True,
+                   timeout=30)
+    assert wait_for(lambda: ended.exists() and state(slurm, job_id) == ('PENDING', '1'), 180), job(slurm, job_id)
+    at, name = saved_line(out)
+    assert name == 'SIGTERM' and 3 <= at < 20 and step_of(out) == at, (at, name)
+    assert ended.read_text() == f'{{"ended": "saved", "step": {at}}}'
+    if 'down' in output(['sinfo', '-h', '-o', '%t'], slurm):   # SLURM may have taken the node back already
+        subprocess.run(['scontrol', 'update', f'NodeName={host}', 'State=RESUME'], env=slurm, check=True, timeout=30)
+    assert wait_for(lambda: 'idle' in output(['sinfo', '-h', '-o', '%t'], slurm), 90)
+    # the cancelled start's batch shell may still wait for the run's word (SLURM kills it KillWait after its
+    # SIGTERM): a start before it ended would fail to launch (SLURM's own two-minute hold never meets it)
+    gone = lambda: subprocess.run(['pgrep', '-f', str(out)], capture_output=True).returncode == 1   # noqa: E731
+    assert wait_for(gone, 120), output(['pgrep', '-af', str(out)], slurm)
+    let_start(slurm, job_id)
+    assert wait_for(lambda: state(slurm, job_id)[0] == 'COMPLETED', 180), job(slurm, job_id)
+    text = (tmp_path / 'run.out').read_text()
+    first = text[:text.index(f'job {job_id}, restart 1 ')]   # the start the node went down under
+    assert 'the run finished' not in first and 'failed' not in first, first[-3000:]
+    assert text.count(f'job {job_id}: the run finished') == 1 and text.rstrip().endswith('the run finished'), \
+        text[-4000:]
+    assert f'resumed from {out / "checkpoint.pt"} at step {at} (SLURM job {job_id}, restart 1)' in log.read_text()
+    assert_same_run(out, unbroken(2))
