@@ -86,7 +86,8 @@ def test_the_figure_draws_each_method_in_its_colour(tree, monkeypatch, tmp_path)
 @pytest.mark.parametrize('name, shown', [('copy-v', 'copy, values only'), ('distill-heads4', 'distillation, 4 heads of 8'),
                                          ('distill-layers3-5', 'distillation, blocks 3-5'),
                                          ('distill-layer0', 'distillation, block 0 alone'),
-                                         ('copy-mean-queries', 'copy, maps averaged over queries')])
+                                         ('copy-mean-queries', 'copy, maps averaged over queries'),
+                                         ('distill-local', 'distillation, a locality prior, no teacher')])
 def test_the_figure_names_runs_as_the_course_does(name, shown):
     assert variants.label(name) == shown
 

@@ -25,7 +25,7 @@ METHODS = ('scratch', 'finetune', 'copy', 'distill', 'ensemble')
 # the page's order
 ORDER = ('distill-q distill-k distill-v copy-q copy-k copy-v distill-heads2 distill-heads4 '
          'distill-layers0-2 distill-layers3-5 distill-mean-batch copy-mean-batch '
-         'distill-mean-queries copy-mean-queries').split()
+         'distill-mean-queries copy-mean-queries distill-uniform distill-local').split()
 FIX = 'run that seed again (tools/variants.sh), or move it away'
 
 
@@ -100,7 +100,8 @@ def collect():
 # the course's names for what a run's name changes (its name: method-change)
 CHANGE = {'q': 'queries only', 'k': 'keys only', 'v': 'values only', 'heads2': '2 heads of 8',
           'heads4': '4 heads of 8', 'mean-batch': 'maps averaged over a batch',
-          'mean-queries': 'maps averaged over queries'}
+          'mean-queries': 'maps averaged over queries', 'uniform': 'uniform maps, no teacher',
+          'local': 'a locality prior, no teacher'}
 
 
 def label(name):
@@ -130,7 +131,7 @@ def plot(result, path):
     left.set_yticks(range(len(runs)), [label(n) for n in runs], fontsize=8)
     left.invert_yaxis()
     left.set(xlabel='test top-1 (%): each seed a dot, the mean a bar',
-             title='what is transferred, heads, blocks, averaged maps\n'
+             title='what is transferred, heads, blocks, averaged maps, controls\n'
                    '(the x axis does not start at 0)')
     left.legend(fontsize=8, title="dotted: the baselines' means\n(copy, distillation: blocks 0-4)",
                 title_fontsize=8, loc='lower left')
