@@ -1,14 +1,15 @@
 """A stand-in CUDA device on a CPU-only machine: a script's real code runs with every tensor it puts on `cuda:0` a fake
 tensor (torch's FakeTensorMode: shapes, dtypes, devices and autocast go through the real operators, no data); the
-host's own work (a model's initialisation, a file read, a batch made by a loader) runs for real. What CUDA would refuse
-is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it does on a GPU. Inside `strict()` (a
-training or evaluation step) a host sync of a device tensor (`.item()`, a bool, a blocking copy either way) and a host
-tensor read by a device operator fail the test; outside it a number asked of a device tensor (an accuracy, a loss
-printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and syncs, not numbers. Stood in as well:
-backward (zero gradients on each leaf's device: torch's autograd engine needs a real CUDA context), torch.save (the
-host's zeros in the device tensors' shapes), a fake tensor's address (its storage's, where torch gives 0), the CUDA
-generator (a host one), streams (one, the host's order) and CUDA graphs (a capture runs its code once and records each
-device operator in it, (operator, args, kwargs, output), in the graph's `ops`; a replay runs nothing).
+host's own work (a model's initialisation, a file read, a batch made by a loader) runs for real, pinned memory as the
+host's own. What CUDA would refuse is refused here too: an operator mixing `cpu` and `cuda:0` tensors raises as it
+does on a GPU. Inside `strict()` (a training or evaluation step) a host sync of a device tensor (`.item()`, a bool, a
+blocking copy either way) and a host tensor read by a device operator fail the test; outside it a number asked of a
+device tensor (an accuracy, a loss printed) is a stand-in, 1 (True for a bool): the test checks devices, dtypes and
+syncs, not numbers. Stood in as well: backward (zero gradients on each leaf's device: torch's autograd engine needs a
+real CUDA context), torch.save (the host's zeros in the device tensors' shapes), a fake tensor's address (its
+storage's, where torch gives 0), the CUDA generator (a host one), streams and events (one stream, the host's order)
+and CUDA graphs (a capture runs its code once and records each device operator in it, (operator, args, kwargs,
+output), in the graph's `ops`; a replay runs nothing).
 
     with standin_cuda() as cuda:
         ...                       # torch.randn(2, device='cuda') is fake; CUDA's autocast rules apply
@@ -90,6 +91,8 @@ class StandInCuda(FakeTensorMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.on_device(args, kwargs):    # the host's own work runs for real (a model's init, a file read)
+            if kwargs.get('pin_memory'):        # pinned host memory, which only a GPU's driver makes: the host's
+                kwargs = {**kwargs, 'pin_memory': False}
             return func(*args, **kwargs)
         if self.in_step:
             self.check(func, args, kwargs)
@@ -135,7 +138,9 @@ class StandInCuda(FakeTensorMode):
             to = kwargs.get('device') or (args[0].device if func is aten.copy_.default else None)
             source = args[1] if func is aten.copy_.default else args[0]
             across = to is not None and torch.device(to).type != source.device.type
-            if across and not kwargs.get('non_blocking'):
+            # copy_'s non_blocking may come as its third argument (Tensor.copy_(source, True))
+            non_blocking = kwargs.get('non_blocking', func is aten.copy_.default and len(args) > 2 and args[2])
+            if across and not non_blocking:
                 self.syncs.append(f'{func} (a blocking copy between host and device) at '
                                   f'{project_line()}')
             return
@@ -236,6 +241,24 @@ class Stream:
         pass
 
 
+class Event:
+    """torch.cuda.Event: in the host's order, the work before it is done once it is recorded."""
+
+    def __init__(self, *args, **kwargs):
+        self.recorded = False
+        self.waited = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        assert self.recorded, 'an event waited for before it was recorded'
+        self.waited = True
+
+    def query(self):
+        return self.recorded
+
+
 class CUDAGraph:
     """torch.cuda.CUDAGraph: `ops` what its capture recorded (graph, below); a replay runs nothing."""
 
@@ -288,6 +311,7 @@ def standin_cuda():
         mode.patch(torch.cuda, 'current_stream', lambda *a: Stream())
         mode.patch(torch.cuda, 'stream', lambda *a: contextlib.nullcontext())
         mode.patch(torch.cuda, 'CUDAGraph', CUDAGraph)
+        mode.patch(torch.cuda, 'Event', Event)
 
         @contextlib.contextmanager
         def capture(graph, *args, **kwargs):

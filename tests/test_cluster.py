@@ -170,6 +170,35 @@ def test_two_processes_stop_at_one_step_and_go_on_bit_for_bit(unbroken, tmp_path
                            env=sub_env(), capture_output=True, text=True, timeout=300))
     assert_same_run(out, unbroken(2))
 
+def test_on_a_gpu_the_agreement_never_waits_for_the_step_it_follows(monkeypatch):
+    """util/stop.Agreement's CUDA branch, on the stand-in device, as two processes would run it: each step's
+    reduction is queued on the device and copied to pinned host memory without blocking, behind an event; the host
+    reads the step before's, whose event it waits for, and never syncs with the device (a sync fails strict()). The
+    numbers are the gloo runs' to check (above): the stand-in has none."""
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from standin_cuda import Event, on_device, standin_cuda
+    from util import stop
+    reduced = []
+
+    def all_reduce(t, op=None):
+        reduced.append((t, op))
+    monkeypatch.setattr(dist, 'all_reduce', all_reduce)
+    with standin_cuda() as cuda:
+        events = []
+        cuda.patch(torch.cuda, 'Event', lambda: events.append(Event()) or events[-1])
+        agreement = stop.Agreement(SimpleNamespace(world=2, device=torch.device('cuda')))
+        with cuda.strict():
+            said = [agreement.agreed() for _ in range(4)]
+    assert said[0] == 0 and all(type(v) is int for v in said), said   # step 1: nothing to read yet
+    assert len(reduced) == 4 and all(on_device(t) and t.dtype == torch.int32 and op == dist.ReduceOp.MAX
+                                     for t, op in reduced)
+    # each step waits for the step before's copy, never its own: the last one's is still unread
+    assert [e.waited for e in events] == [True, True, True, False] and all(e.recorded for e in events)
+    value, event = agreement.last
+    assert value.device.type == 'cpu' and event is events[-1]
+
+
 # -----------------------------------------------------------------------------
 # The batch script's choice, with SLURM's commands stood in for: by what the run says as it ends (ended.json)
 
