@@ -199,6 +199,28 @@ def test_on_a_gpu_the_agreement_never_waits_for_the_step_it_follows(monkeypatch)
     assert value.device.type == 'cpu' and event is events[-1]
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_each_step_reads_the_reduction_of_the_step_before(monkeypatch):
+    """The same branch on a real GPU (tools/gpu_check.sh runs the gpu tests), the other process stood in for by the
+    reduction (what it asked at each step): step k says what all asked at step k - 1, from pinned memory its event
+    says is there, with no host sync that torch's sync debug mode sees."""
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from util import stop
+    asked = iter([0, 15, 0, 10])
+    monkeypatch.setattr(dist, 'all_reduce', lambda t, op=None: t.fill_(next(asked)))
+    agreement = stop.Agreement(SimpleNamespace(world=2, device=torch.device('cuda')))
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        said = [agreement.agreed() for _ in range(4)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert said == [0, 0, 15, 0], said
+    value, event = agreement.last
+    event.synchronize()
+    assert value.is_pinned() and int(value.item()) == 10
+
+
 # -----------------------------------------------------------------------------
 # The batch script's choice, with SLURM's commands stood in for: by what the run says as it ends (ended.json)
 
