@@ -95,8 +95,14 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
                         'does not show here' if 'above' in (plain,) or like == 'below' else
                         'is not decided by these seeds')
     assert verdicts == expected and len(set(expected)) == 1 and (expected[0] == 'shows here') == failing
+    # the interaction, the follow-up's claim: the matched student's gain less the plain one's, seed by seed
+    interactions = re.findall(r'The interaction is ([+-]\d+\.\d+) ± (\d+\.\d+) points', flat)
+    for (m, sd), method in zip(interactions, ('copy', 'distill'), strict=True):
+        gain = {s: {k: runs[f'{method}-{s}'][k] - runs[f'scratch-{s}'][k] for k in runs[f'scratch-{s}']}
+                for s in ('plain', 'matched')}
+        assert (m, sd) == tuple(f'{v:{f}}' for v, f in zip(diff(gain['matched'], gain['plain']), ('+.2f', '.2f')))
     assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
-    said = re.search(r"this teacher's masked MSE there is ([\d.]+) \((.*?)\); "
+    said = re.search(r"This teacher's masked MSE there is ([\d.]+) \((.*?)\); "
                      r"the teacher with DINOv2's .*?, ([\d.]+)\.", flat)
     assert said.groups() == (('0.4123', 'not the lower', '0.4002') if failing else ('0.4123', 'the lower, the better '
                                                                                      'teacher', '0.5000')), flat

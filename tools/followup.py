@@ -119,18 +119,23 @@ def choice(cfg, mse, config):
 def summarise(runs):
     """What the page states, from the runs alone, each over seeds with its interval (tools/intervals.py): each arm's
     top-1; each transfer's gain over its own student's scratch, seed by seed; the matched student against the plain
-    one, per method; and, per transfer, whether the follow-up's failure shows: True where the intervals carry it (the
-    plain student's gain below 0, the matched student's above), False where either carries the other side, else None
-    (the seeds do not decide it)."""
+    one, per method; per transfer the interaction, the matched student's gain less the plain student's, seed by seed
+    (the follow-up's claim: the components make the transfer); and whether the follow-up's failure shows: True where
+    the intervals carry it (the plain student's gain below 0, the matched student's above), False where either carries
+    the other side, else None (the seeds do not decide it)."""
     arms = {arm: interval(top1.values()) for arm, top1 in runs.items()}
     gains = {f'{m}-{s}': paired(runs[f'{m}-{s}'], runs[f'scratch-{s}']) for m in TRANSFERS for s in STUDENTS}
+    each = {f'{m}-{s}': {k: v - runs[f'scratch-{s}'][k] for k, v in runs[f'{m}-{s}'].items()
+                         if k in runs[f'scratch-{s}']} for m in TRANSFERS for s in STUDENTS}   # per seed
+    interaction = {m: paired(each[f'{m}-matched'], each[f'{m}-plain']) for m in TRANSFERS}
     matched = {m: paired(runs[f'{m}-matched'], runs[f'{m}-plain']) for m in METHODS}
     failure = {}
     for m in TRANSFERS:
         plain, like = side(gains[f'{m}-plain']), side(gains[f'{m}-matched'])
         failure[m] = True if (plain, like) == ('below', 'above') else \
             False if 'above' == plain or 'below' == like else None
-    return {'arms': arms, 'gains': gains, 'matched_minus_plain': matched, 'failure_reproduced': failure}
+    return {'arms': arms, 'gains': gains, 'interaction': interaction, 'matched_minus_plain': matched,
+            'failure_reproduced': failure}
 
 # -----------------------------------------------------------------------------
 # The figure and the page, from followup.json
@@ -191,53 +196,73 @@ def table(result):
 
 
 def findings(result):
-    """What the runs say, one Markdown bullet a method: each transfer's gain over its own student's scratch run, the
-    matched student against the plain one, and whether the follow-up's failure shows; the components' effect on
-    scratch training."""
+    """What the runs say, one fact a sentence, as Markdown bullets: per transfer, the interaction (the follow-up's
+    claim), each student's gain over its own scratch run, the matched student against the plain one, and whether the
+    follow-up's failure shows; the components' effect on scratch training."""
     s = result['summary']
-    gains, matched = s['gains'], s['matched_minus_plain']
+    gains, matched, interaction = s['gains'], s['matched_minus_plain'], s['interaction']
     lines = []
     for m in TRANSFERS:
         plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
         verdict = {True: 'shows here', False: 'does not show here',
                    None: 'is not decided by these seeds'}[s['failure_reproduced'][m]]
-        lines.append(f"- **{SHORT[m].capitalize()}**: the plain student ends {signed(plain)} points against its "
-                     f"scratch run ({where(plain)}), the matched one {signed(like)} ({where(like)}); the matched "
-                     f"student ends {signed(matched[m])} points against the plain one ({where(matched[m])}). The "
-                     f"follow-up's failure (the plain student below its scratch run, the matched one above its own) "
-                     f'{verdict}.')
-    lines.append(f"- **Scratch**: the components alone move training from scratch by {signed(matched['scratch'])} "
-                 f"points ({where(matched['scratch'], 'up', 'down')}); the follow-up finds they do not help it.")
+        lines.append(f"- **{SHORT[m].capitalize()}**. The interaction is {signed(interaction[m])} points "
+                     f"({where(interaction[m])}). The plain student ends {signed(plain)} points against its scratch "
+                     f"run ({where(plain)}). The matched student ends {signed(like)} points against its own "
+                     f"({where(like)}). Their top-1 differs by {signed(matched[m])} points, matched against plain "
+                     f"({where(matched[m])}). The follow-up's failure (the plain student below its scratch run, the "
+                     f"matched one above its own) {verdict}.")
+    lines.append(f"- **Scratch**. The components alone move training from scratch by {signed(matched['scratch'])} "
+                 f"points ({where(matched['scratch'], 'up', 'down')}). The follow-up finds they do not help it.")
     return lines
 
 
+def paragraph(sentences):
+    """Sentences as one paragraph, wrapped as the hand-written pages wrap theirs."""
+    return textwrap.fill(' '.join(sentences), WIDTH, break_on_hyphens=False)
+
+
 def page(result):
-    """README.md's text: every number from result (followup.json), none written by hand."""
+    """README.md's text: every number from result (followup.json), none written by hand; one fact a sentence."""
     n = result['summary']['arms']['scratch-plain']['n']
     split = (f"{result['val_size']} training images held out (the validation split)" if result['val_size']
              else 'the 10,000 test images')
-    lines = [
-        '# When attention transfer fails: the follow-up in miniature', '',
+    teacher = result['teacher']
+    claim = [
         'The follow-up "Attention Transfer Is Not Universally Effective for Vision Transformers" (arXiv 2605.07191) '
-        "finds that a student lacking its teacher's architectural components fails to take the teacher's attention, "
-        'and that the same components given at random initialisation make it transfer again. Here: an MAE teacher '
-        f"with {result['components']}, pre-trained by `mae_pretrain.py` as the shipped teacher is "
-        f"({result['teacher']['epochs']} epochs, masked MSE on the images it held out "
-        f"{result['teacher']['held_out_mse']:.4f}, "
-        f"sha256 {', '.join(result['teacher']['sha256']) or 'not recorded'}); "
-        'copy and distillation into a plain student (`--student-arch plain`) and into a matched one '
-        "(`--student-arch teacher`: the teacher's components, randomly initialised), each beside the scratch run of "
-        "its own student (`finetune.py`, built the same way), on the committed reproduction's budget (3 epochs, "
-        f'blr 4e-3), {n} seeds. Every number is top-1 (%) on {split} after the last epoch; ± is the standard '
-        'deviation over seeds (of the per-seed differences, for a difference), and a difference is called above or '
-        'below 0 only where its 95% interval over seeds lies wholly there (tools/intervals.py).', '']
+        "reports that a student without its teacher's architectural components fails to take the teacher's "
+        'attention.',
+        'It reports that the same components, randomly initialised, make the transfer work again.',
+        'Its claim is an interaction: the matched student gains from the teacher, the plain one does not.',
+        'It publishes no list of the components, and no code.',
+        "Which parts of a family count as its components here is this project's reading of that family's code "
+        '(REFERENCE.md, the teachers by name).']
+    setup = [
+        f"Here the teacher is an MAE ViT with {result['components']}.",
+        f"It was pre-trained by `mae_pretrain.py` as the shipped teacher was, {teacher['epochs']} epochs, with those "
+        'components added.',
+        f"Its masked MSE on the images it held out is {teacher['held_out_mse']:.4f}.",
+        f"Its file's sha256 is {', '.join(teacher['sha256']) or 'not recorded'}."]
     if result['choice']:
         (family, mse), (rival, theirs) = result['choice']['mse'].items()
         which = 'the lower, the better teacher' if mse < theirs else 'not the lower'
-        lines[2] += (f' These components were chosen before any transfer ran, on the {result["choice"]["val_size"]} '
-                     f"training images every teacher held out: this teacher's masked MSE there is {mse:.4f} ({which}); "
-                     f'the teacher with {FAMILIES[rival]}, made the same way, {theirs:.4f}.')
-    lines[2] = textwrap.fill(lines[2], WIDTH, break_on_hyphens=False)
+        setup += [f'These components were chosen before any transfer ran, on the {result["choice"]["val_size"]} '
+                  'training images both teachers held out.',
+                  f"This teacher's masked MSE there is {mse:.4f} ({which}); the teacher with {FAMILIES[rival]}, made "
+                  f'the same way, {theirs:.4f}.']
+    setup += [
+        "The teacher's maps go to two students, by copy and by distillation.",
+        'The plain student is a plain ViT (`--student-arch plain`).',
+        "The matched student has the teacher's components, randomly initialised (`--student-arch teacher`).",
+        'Each student also trains from scratch (`finetune.py`, built the same way): the baseline of its transfers.',
+        f"The budget is the committed reproduction's: 3 epochs, blr 4e-3, {n} seeds.",
+        f'Every number is top-1 (%) on {split} after the last epoch.',
+        '± is the standard deviation over seeds; for a difference, over the per-seed differences.',
+        'The interaction is the matched student\'s gain over its scratch run less the plain student\'s, seed by seed.',
+        'A difference is called above or below 0 only where its 95% interval over seeds lies wholly there '
+        '(tools/intervals.py).']
+    lines = ['# When attention transfer fails: the follow-up in miniature', '', paragraph(claim), '',
+             paragraph(setup), '']
     if result['cut_short']:
         lines += ['**Its runs were cut short (`--max-steps`): this page checks the pipeline and is not a result.**', '']
     lines += ['Make it again (one core a run; a run already recorded is skipped):', '',
