@@ -364,7 +364,8 @@ def test_the_follow_ups_section_holds_on_followup_json():
     """What the notebook's section on the follow-up, and the README's paragraph, say of its miniature is what
     followup.json has: no failure, every transfer above its scratch on the means (beyond the spread but for the
     matched copy student), the two students level within the spread, the components lifting scratch beyond it and so
-    leaving the matched student the smaller gain; the teacher's size as its record has it."""
+    leaving the matched student the smaller gain, the interaction below 0 beyond it; the teacher's size as its record
+    has it."""
     with open(os.path.join(RESULTS, 'followup', 'followup.json')) as f:
         result = json.load(f)
     from tools.intervals import side
@@ -380,6 +381,11 @@ def test_the_follow_ups_section_holds_on_followup_json():
     assert 'The components lift training from scratch instead' in text
     assert side(matched['scratch']) == 'above'
     assert all(gains[f'{m}-matched']['mean'] < gains[f'{m}-plain']['mean'] for m in ('copy', 'distill'))
+    # the interaction: below 0 beyond the spread for both methods, by the points the text says
+    interaction = s['interaction']
+    assert side(interaction['copy']) == side(interaction['distill']) == 'below'
+    assert (f"the matched student gains {-interaction['copy']['mean']:.2f} points less after copy, "
+            f"{-interaction['distill']['mean']:.2f} after distillation") in text
     with open(os.path.join(RESULTS, 'followup', 'logs', 'teacher', 'seed0', 'config.json')) as f:
         teacher = json.load(f)
     assert f"({teacher['depth']} blocks of {teacher['embed_dim']} dimensions)" in text
@@ -388,8 +394,9 @@ def test_the_follow_ups_section_holds_on_followup_json():
         readme = ' '.join(next(p for p in f.read().split('\n\n') if '**When transfer fails' in p).split())
     for said in ('The failure does not show at this scale.',
                  f"gains {gains['copy-plain']['mean']:+.2f} (copy) and {gains['distill-plain']['mean']:+.2f} "
-                 '(distillation) points over its scratch run', 'whether the matched one ends above or below it, 3 '
-                 'seeds do not decide',
+                 '(distillation) points over its scratch run',
+                 f"is {interaction['copy']['mean']:.2f} (copy) and {interaction['distill']['mean']:.2f} (distillation) "
+                 "points, below 0 beyond the seeds' spread",
                  f"lift training from scratch by {matched['scratch']['mean']:+.2f} points"):
         assert said in readme, said
 
