@@ -641,3 +641,35 @@ def test_validations_targets_are_judged_by_their_intervals():
     assert rows['ensemble > fine-tune'][2] == verdict[side(gain, 0)]
     assert (rows['ensemble > fine-tune'][3], rows['ensemble > fine-tune'][4]) == (f"{gain['low']:+.2f}",
                                                                                   f"{gain['high']:+.2f}")
+
+
+def test_copys_schedule_is_chosen_as_its_runs_say():
+    """VALIDATION.md#copys-schedule against tools/copy_schedule.sh's runs: each schedule's mean ± std and seeds, the
+    release's against the presets' seed by seed with its interval, and the choice it leads to (the release's schedule
+    adopted only where its interval lies above 0)."""
+    from tools.intervals import interval, paired, side
+    with open(os.path.join(FULL, 'VALIDATION.md'), encoding='utf-8') as f:
+        page = f.read()
+    text = page[page.index("### Copy's schedule"):page.index('## History')]
+    top1 = {}
+    for name in ('today', 'release'):
+        folder = os.path.join(FULL, 'validation', 'copy-schedule', name)
+        top1[name] = {}
+        for k in range(3):
+            with open(os.path.join(folder, f'seed{k}', 'metrics.jsonl')) as f:
+                top1[name][str(k)] = json.loads(f.read().splitlines()[-1])['top1']
+            with open(os.path.join(folder, f'seed{k}', 'config.json')) as f:
+                config = json.load(f)
+            assert config['val_size'] == 5000 and config['seed'] == k and config['script'] == 'attention_copy.py'
+            assert (config['min_lr_ratio'], config['layer_decay']) == ((0.25, 0.75) if name == 'release' else (0, 1))
+        iv = interval(top1[name].values())
+        row = next(line for line in text.splitlines() if f'`{name}`' in line)
+        assert f"{iv['mean']:.2f} ± {iv['std']:.2f}" in row, row
+        assert ' / '.join(f'{v:.2f}' for v in top1[name].values()) in row, row
+    d = paired(top1['release'], top1['today'])
+    flat = ' '.join(text.split())
+    assert f"{d['mean']:.2f} ± {d['std']:.2f} points, seed by seed" in flat
+    assert f"{d['low']:.2f} to {d['high']:+.2f}" in flat
+    assert all(top1['release'][k] < top1['today'][k] for k in top1['today']) and 'lower on every seed' in flat
+    assert side(d) == 'undecided' and '3 seeds do not decide it' in flat
+    assert 'keeps the presets\' schedule' in flat and side(d) != 'above'   # adopted only above 0

@@ -21,6 +21,7 @@ PAGES = {
     'results/fashion-mnist/features/models/logs': 10,
     'results/fashion-mnist/followup/logs': 10,
     'results/fashion-mnist/followup-dinov2/logs': 10,
+    'results/fashion-mnist/validation/copy-schedule': 10,
 }
 RUNS = [(page, run) for page in PAGES for run in replay.runs_of(os.path.join(ROOT, page))]
 
