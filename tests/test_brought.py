@@ -25,7 +25,8 @@ import finetune
 from conftest import TINY, run_in_process, run_script
 from data import build_dataset, build_splits
 from util.checkpoints import CheckpointError, build_from_checkpoint
-from util.datafiles import DataError, read_image
+from util.datafiles import DataError
+from util.folders import read_image
 from vit import MOST, VisionTransformer
 
 # the fake preset's images (32 px, patches of 8); a teacher as people save one: 8 heads of 8, the weights alone

@@ -10,10 +10,8 @@ import torch
 import attention_distill
 from attention_distill import DistillConfig, attention_cross_entropy, control_logits, distill_loss_fn
 from conftest import TINY, run_in_process, student_of
+from test_average_maps import LAYERS, TEACHER, teacher_file  # noqa: F401 (a fixture)
 from vit import VisionTransformer
-
-TEACHER = dict(img_size=32, patch_size=8, num_classes=0, embed_dim=48, depth=3, num_heads=4)
-LAYERS = [0, 2]
 
 
 def written_out(kind, grid, prefix):
@@ -66,15 +64,6 @@ def test_distillation_pulls_toward_the_control_alone(kind):
     # not the teacher's maps: the teacher's loss is another number
     maps = teacher.attention(x, LAYERS)
     assert (sum(attention_cross_entropy(maps[i], own[i]['logits']) for i in LAYERS) - expected).abs() > 0.01
-
-
-@pytest.fixture(scope='module')
-def teacher_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pt'
-    torch.manual_seed(0)
-    teacher = VisionTransformer(**{**TEACHER, 'num_classes': 10})
-    torch.save({'model': teacher.state_dict(), 'arch': teacher.arch}, path)
-    return path
 
 
 def run(monkeypatch, out, teacher, *args):

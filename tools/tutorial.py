@@ -26,7 +26,8 @@ from tools.palette import PALETTE, SHORT, colour, png
 from tools.reproduce_report import per_epoch, records as metrics
 from util.config import SMALL_PRESETS
 from util import datafiles
-from util.datafiles import DATASETS, read_image
+from util.datafiles import DATASETS
+from util.folders import read_image
 from util.errors import flag
 from util.files import cpu_name, read_json
 from util.launch import amp_dtype

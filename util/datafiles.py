@@ -7,8 +7,8 @@ misplaced file is one DataError naming it and the fix), and the loader that batc
     CIFAR-10 / 100  the python version's batches, extracted from its archive (downloaded if absent); read by
                     torchvision's CIFAR10 / CIFAR100, which check each file's md5 before unpickling it
     ImageNet, any   ImageFolder's layout, <split>/<class>/<image>, each class numbered once for every split;
-    class folders   hidden entries are neither classes nor images; each image read as what it is (read_image); a
-                    pipe, socket or device named like an image refused before any image is opened
+    class folders   hidden entries are neither classes nor images; each image read as what it is; a pipe, socket
+                    or device named like an image refused before any image is opened (util/folders.py)
 
 Fashion-MNIST and CIFAR are held in memory whole (TensorImages, uint8 on the run's device), their batches
 gathered and augmented there (TensorBatches); a folder's images are read one at a time by loader workers
@@ -29,12 +29,10 @@ import pathlib
 import signal
 import sys
 import unicodedata
-import warnings
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from util import stop
@@ -431,6 +429,7 @@ def image_folder(root, train, transform, cfg):
     """<root>/train or <root>/val as a ClassFolder. --data imagenet: ImageNet-1k's class indices
     (util/classes/imagenet.txt), so val/ reads without train/; --data folder: <root>/train's sorted class folders. A split
     may lack classes; a folder that is not a class, or holds no image, is a DataError before any training."""
+    from util.folders import ClassFolder, class_folders   # torchvision's ImageFolder: imported for folders alone
     data = cfg.data
     expects = f'--data {data} expects --data-dir with train/<class>/*.jpg and val/<class>/*.jpg'
     split = os.path.join(root, 'train' if train else 'val')
@@ -447,48 +446,12 @@ def image_folder(root, train, transform, cfg):
         unknown = f'not classes of {train_dir}, which number the classes: remove them, or add them ' \
                   f'there'
     index = {c: i for i, c in enumerate(names)}
-    from util.folders import ClassFolder   # torchvision's ImageFolder: imported for folders alone
     return ClassFolder(split, index, transform, unknown)
 
 
 def read_classes(name):
     """A class list of util/classes/<name>.txt, one name a line: position = class index."""
     return (pathlib.Path(__file__).parent / 'classes' / f'{name}.txt').read_text().split()
-
-
-def class_folders(directory, expects):
-    """The sorted names of the folders in `directory`, hidden ones (no class) left out; a DataError if it
-    has none."""
-    names = sorted(e.name for e in os.scandir(directory)
-                   if e.is_dir() and not e.name.startswith('.'))
-    if not names:
-        raise DataError(f'{directory} has no folders (one per class): {expects}')
-    return names
-
-
-def read_image(path):
-    """An RGB PIL image read as what it is, following PIL's and torchvision's conventions where they are the image's
-    own: the orientation of its EXIF tag applied (PIL's ImageOps.exif_transpose: a phone's photo stands upright);
-    palette, CMYK, greyscale and bilevel images through PIL's conversion to RGB; transparency dropped, the colour
-    kept (PIL's convert('RGB'), and torchvision's decode_image in RGB mode); 16-bit greyscale scaled to 8 bits by
-    its high byte (torchvision's ToDtype(torch.uint8, scale=True)), where PIL's conversion would clip it to white.
-    Pixels of 32-bit integers or floats have no agreed range: refused, as is a file that does not decode (a
-    DataError naming the file)."""
-    try:
-        with open(path, 'rb') as f, warnings.catch_warnings():
-            warnings.simplefilter('ignore')   # PIL's notes on palettes with transparency, on EXIF data
-            image = ImageOps.exif_transpose(Image.open(f))
-            image.load()
-    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
-        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the '
-                        f'file') from None
-    if image.mode.startswith('I;16'):
-        # the high byte of each pixel: (H, W) uint8, mode L
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-    elif image.mode in ('I', 'F'):   # 32-bit integers or floats
-        raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
-                        f'convention fixes: save it with 8 or 16 bits a channel')
-    return image.convert('RGB')
 
 
 # -----------------------------------------------------------------------------

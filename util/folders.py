@@ -1,14 +1,17 @@
 """
 A split of ImageNet's layout, <split>/<class>/<image>, read as torchvision's ImageFolder reads it, but with the
 class numbers of the whole data set (util/datafiles.image_folder): a split that lacks a class keeps every other's
-number. Its own module, imported when a run reads folders: torchvision's import brings torch's compiler with it.
+number; each image read as what it is (read_image). Its own module, imported when a run reads folders: torchvision's
+import brings torch's compiler with it.
 """
 import os
 import stat
+import warnings
 
+import numpy as np
 import torchvision
+from PIL import Image, ImageOps
 
-from util.datafiles import class_folders, read_image
 from util.errors import DataError, first_few
 
 
@@ -77,3 +80,38 @@ def once(path, real, seen):
                         f'link): its images would be read twice, or without end in a loop: remove the '
                         f'link')
     seen[real] = path
+
+
+def class_folders(directory, expects):
+    """The sorted names of the folders in `directory`, hidden ones (no class) left out; a DataError if it
+    has none."""
+    names = sorted(e.name for e in os.scandir(directory)
+                   if e.is_dir() and not e.name.startswith('.'))
+    if not names:
+        raise DataError(f'{directory} has no folders (one per class): {expects}')
+    return names
+
+
+def read_image(path):
+    """An RGB PIL image read as what it is, following PIL's and torchvision's conventions where they are the image's
+    own: the orientation of its EXIF tag applied (PIL's ImageOps.exif_transpose: a phone's photo stands upright);
+    palette, CMYK, greyscale and bilevel images through PIL's conversion to RGB; transparency dropped, the colour
+    kept (PIL's convert('RGB'), and torchvision's decode_image in RGB mode); 16-bit greyscale scaled to 8 bits by
+    its high byte (torchvision's ToDtype(torch.uint8, scale=True)), where PIL's conversion would clip it to white.
+    Pixels of 32-bit integers or floats have no agreed range: refused, as is a file that does not decode (a
+    DataError naming the file)."""
+    try:
+        with open(path, 'rb') as f, warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # PIL's notes on palettes with transparency, on EXIF data
+            image = ImageOps.exif_transpose(Image.open(f))
+            image.load()
+    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... by format
+        raise DataError(f'cannot read image {path} ({type(e).__name__}: {e}): remove or replace the '
+                        f'file') from None
+    if image.mode.startswith('I;16'):
+        # the high byte of each pixel: (H, W) uint8, mode L
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    elif image.mode in ('I', 'F'):   # 32-bit integers or floats
+        raise DataError(f'image {path} has 32-bit pixels (mode {image.mode}), whose range no '
+                        f'convention fixes: save it with 8 or 16 bits a channel')
+    return image.convert('RGB')
