@@ -206,14 +206,17 @@ def findings(result):
         plain, like = gains[f'{m}-plain'], gains[f'{m}-matched']
         verdict = {True: 'shows here', False: 'does not show here',
                    None: 'is not decided by these seeds'}[s['failure_reproduced'][m]]
-        lines.append(f"- **{SHORT[m].capitalize()}**. The interaction is {signed(interaction[m])} points "
-                     f"({where(interaction[m])}). The plain student ends {signed(plain)} points against its scratch "
-                     f"run ({where(plain)}). The matched student ends {signed(like)} points against its own "
-                     f"({where(like)}). Their top-1 differs by {signed(matched[m])} points, matched against plain "
-                     f"({where(matched[m])}). The follow-up's failure (the plain student below its scratch run, the "
-                     f"matched one above its own) {verdict}.")
-    lines.append(f"- **Scratch**. The components alone move training from scratch by {signed(matched['scratch'])} "
-                 f"points ({where(matched['scratch'], 'up', 'down')}). The follow-up finds they do not help it.")
+        said = [f'The interaction is {signed(interaction[m])} points ({where(interaction[m])}).',
+                f'The plain student ends {signed(plain)} points against its scratch run ({where(plain)}).',
+                f'The matched student ends {signed(like)} points against its own ({where(like)}).',
+                f'Their top-1 differs by {signed(matched[m])} points, matched against plain '
+                f'({where(matched[m])}).',
+                "The follow-up's failure (the plain student below its scratch run, the matched one above its "
+                f'own) {verdict}.']
+        lines.append(f'- **{SHORT[m].capitalize()}**. ' + ' '.join(said))
+    scratch = matched['scratch']
+    lines.append(f'- **Scratch**. The components alone move training from scratch by {signed(scratch)} points '
+                 f"({where(scratch, 'up', 'down')}). The follow-up finds they do not help it.")
     return lines
 
 
@@ -253,12 +256,15 @@ def page(result):
     setup += [
         "The teacher's maps go to two students, by copy and by distillation.",
         'The plain student is a plain ViT (`--student-arch plain`).',
-        "The matched student has the teacher's components, randomly initialised (`--student-arch teacher`).",
-        'Each student also trains from scratch (`finetune.py`, built the same way): the baseline of its transfers.',
+        "The matched student has the teacher's components, randomly initialised "
+        '(`--student-arch teacher`).',
+        'Each student also trains from scratch (`finetune.py`, built the same way): '
+        'the baseline of its transfers.',
         f"The budget is the committed reproduction's: 3 epochs, blr 4e-3, {n} seeds.",
         f'Every number is top-1 (%) on {split} after the last epoch.',
         '± is the standard deviation over seeds; for a difference, over the per-seed differences.',
-        'The interaction is the matched student\'s gain over its scratch run less the plain student\'s, seed by seed.',
+        "The interaction is the matched student's gain over its scratch run less the plain student's, "
+        'seed by seed.',
         'A difference is called above or below 0 only where its 95% interval over seeds lies wholly there '
         '(tools/intervals.py).']
     lines = ['# When attention transfer fails: the follow-up in miniature', '', paragraph(claim), '',
