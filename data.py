@@ -106,7 +106,10 @@ class BatchTransform:
     def __init__(self, cfg, train, shift='none'):
         native, (mean, std) = DATASETS[cfg.data].size, DATASETS[cfg.data].stats
         self.size = cfg.img_size
-        self.resize = cfg.img_size != native
+        self.resize = None
+        if cfg.img_size != native:   # torchvision's, imported once, where a size asks for it
+            from torchvision.transforms.v2.functional import resize
+            self.resize = partial(resize, size=[cfg.img_size])
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.pad = cfg.crop_pad if train else 0
@@ -159,8 +162,7 @@ class BatchTransform:
         device): (B, 3, size, size) float32. generator: on x's device, for erasing's noise."""
         x = x.expand(-1, 3, -1, -1)
         if self.resize:
-            from torchvision.transforms.v2.functional import resize
-            x = resize(x, [self.size])
+            x = self.resize(x)
         if self.pad:   # v2.functional.pad's reflection: in float32, its pixels whole numbers
             padded = torch.nn.functional.pad(x.float(), [self.pad] * 4, mode='reflect').to(x.dtype)
             x = crop(padded, draws['corners'].long(), self.size)
