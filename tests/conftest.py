@@ -3,10 +3,13 @@ helper that runs a script of the repo in a process of its own (tiny, single-thre
 shared), forked from one that has imported torch already (tests/forkserver.py)."""
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 
 import pytest
@@ -283,3 +286,65 @@ def student_of(cfg, teacher, num_classes, layers, no_qk=False):
     pairs = layer_pairs(layers)
     arch = student_arch(cfg, {**teacher.arch, 'img_size': cfg.img_size}, pairs, None)
     return build_student(arch, cfg, num_classes)
+
+
+# the fake preset's images (32 px, patches of 8); a teacher as people save one: 8 heads of 8
+SHAPE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=8)
+
+
+def random_vit(**arch):
+    """A ViT of SHAPE (10 classes) with the weights seed 0 draws; arch: keywords changed."""
+    from vit import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(**{**SHAPE, 'num_classes': 10, **arch})
+
+
+def digest(d):
+    """{file name: SHA-256} of the files of folder d (None where there is no folder): what a refusal must leave."""
+    return {p: hashlib.sha256(open(os.path.join(d, p), 'rb').read()).hexdigest()
+            for p in sorted(os.listdir(d))} if os.path.isdir(d) else None
+
+
+def assert_one_line_error(p, *words):
+    """A finished process `p` that failed in one line on stderr naming each of `words`, with no traceback."""
+    assert p.returncode != 0, f'expected a failure, got exit 0:\n{p.stdout[-2000:]}'
+    err = p.stderr
+    assert 'Traceback' not in err, err[-4000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and len(lines) <= 2, f'expected one error line, got {len(lines)}:\n{err[-4000:]}'
+    assert 'error:' in lines[-1], lines[-1]
+    for w in words:
+        assert w in lines[-1], (w, lines[-1])
+    return lines[-1]
+
+
+@pytest.fixture(scope='session')
+def depth2_run(tmp_path_factory):
+    """A finished tiny fine-tuning run (depth 2), made once for the whole test run, and its model as a plain
+    state-dict file. Shared: a test that would change it works on a copy."""
+    def make(folder):
+        finetune(folder / 'depth2', '--max-steps', '2', '--amp', 'off')
+        ck = torch.load(folder / 'depth2' / 'checkpoint.pt', map_location='cpu', weights_only=True)
+        torch.save(ck['model'], folder / 'depth2_state_dict.pt')
+    folder = made_once(tmp_path_factory, 'depth2', make)
+    return folder / 'depth2', folder / 'depth2_state_dict.pt'
+
+# -----------------------------------------------------------------------------
+# Two processes under torchrun == one process with the same global batch (test_transfer_scripts.py, on
+# distillation; test_resume.py)
+
+SAME_MATHS = ['--amp', 'off', '--hflip', '0', '--crop-pad', '0', '--drop-path', '0', '--max-steps', '4',
+              '--log-every', '1', '--blr', '0.01', '--warmup-epochs', '0']
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def ce_by_step(out_dir):
+    """{step: the cross-entropy its log line gives} of a run's log.txt."""
+    with open(os.path.join(str(out_dir), 'log.txt')) as f:
+        return {int(m.group(1)): float(m.group(2))
+                for m in re.finditer(r'step (\d+)/\d+ \| ce ([0-9.]+)', f.read())}

@@ -15,7 +15,8 @@ import pytest
 
 import attention_copy
 import attention_distill
-from conftest import TINY, run_in_process, run_script
+from conftest import TINY, assert_one_line_error, run_in_process, run_script
+from conftest import finetune as finetune_tiny
 import ensemble
 import evaluate
 import finetune
@@ -173,7 +174,7 @@ BAD = [
     (['features.py'], 'batch_size', [['0']]),
 ]
 # fields whose every value parses: booleans (a wrong word is a parse error), and files, directories and
-# names that are checked where they are used (test_cli.py, test_resume.py, test_ensemble.py)
+# names that are checked where they are used (test_rundir.py, test_resume.py, test_ensemble.py)
 FREE = {'data_dir', 'resume', 'saved_bytes', 'timing', 'norm_pre', 'global_pool', 'compile', 'init', 'new_teacher', 'new_data', 'norm_pix_loss', 'out', 'overwrite',
         'teacher', 'quick', 'scratch', 'out_dir', 'results_dir', 'export', 'models', 'ensembles', 'imagenet', 'imagenet_v2',
         'imagenet_sketch', 'imagenet_r', 'imagenet_a', 'replace_results', 'dirty'}
@@ -300,3 +301,20 @@ def test_a_missing_teacher_names_the_shipped_one(monkeypatch, tmp_path, module):
     msg = run_in_process(monkeypatch, module, '--data', 'cifar10', '--out-dir', 'run')
     assert msg.startswith('error: --teacher is required: a name such as mae_vit_large') and 'teachers/' not in msg, msg
     assert os.listdir(tmp_path) == []
+
+
+def test_unknown_config_key(tmp_path):
+    assert_one_line_error(finetune_tiny(tmp_path / 'r', '--no-such-key', '1', check=False), '--no-such-key')
+
+
+def test_a_layer_decay_offset_that_underflows_the_lr_scale(tmp_path, monkeypatch, depth2_run):
+    """0.5 ** 2000 is 0.0: refused with the flag named (it ended in a ZeroDivisionError at the first log line).
+    A teacher-sized student's depth is known only from its teacher: 0.5 ** (2 + 1074) is refused there."""
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path / 'r', '--layer-decay', '0.5',
+                         '--layer-decay-offset', '2000')
+    assert msg and msg.startswith('error: --layer-decay-offset 2000') and 'is 0 in floating point' in msg, msg
+    assert not (tmp_path / 'r').exists()
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'd', '--layer-decay', '0.5',
+                         '--layer-decay-offset', '1074', '--teacher', depth2_run[0] / 'checkpoint.pt')
+    assert msg and msg.startswith('error: --layer-decay-offset 1074') and 'is 0 in floating point' in msg, msg
+    assert not (tmp_path / 'd').exists()        # refused: the folder it made is gone again

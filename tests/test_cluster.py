@@ -2,7 +2,8 @@
 preemption's) save the step every process agrees on, not the last periodic checkpoint, and end the run with exit 75 and
 one line; the run then goes on to the weights, optimizer state and metrics of an unbroken run, bit for bit. A tiny
 distillation on fake data under python, under a two-process torchrun (gloo), and as a SLURM batch job on a one-node
-cluster this file sets up and stops (root and slurm-wlm needed: skipped without them, saying why)."""
+cluster this file sets up and stops (root and slurm-wlm needed: skipped without them, saying why). A SIGTERM ends the
+loader's workers with the run."""
 import os
 import re
 import shutil
@@ -15,8 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_metrics, run_script, sub_env
-from test_cli import free_port
+from conftest import ROOT, TINY, free_port, read_metrics, run_script, sub_env
 
 # 512 images, 32 steps an epoch, cut at step 20: every stop below is mid-epoch; a progress line every step (the
 # metrics' training losses are then those of the same steps on both sides)
@@ -392,11 +392,13 @@ def logs(d):
 
 
 def alive(pid):
+    """Whether process pid runs (a zombie, ended but not yet waited for, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().split()[2] != 'Z'
 
 
 def wait_for(condition, seconds):
@@ -570,3 +572,32 @@ def test_a_slurm_job_whose_node_goes_down_saves_and_goes_on(slurm, unbroken, tmp
         text[-4000:]
     assert f'resumed from {out / "checkpoint.pt"} at step {at} (SLURM job {job_id}, restart 1)' in log.read_text()
     assert_same_run(out, unbroken(2))
+
+
+def children(pid):
+    out = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.parametrize('to_group', [False, True])
+def test_sigterm_ends_the_loader_workers_with_the_run_in_one_line(tmp_path, to_group):
+    """A worker printed a ConnectionResetError traceback and outlived the run by ~5 s; a SIGTERM to every process
+    of the run (a scheduler's) made torch report its workers as failed, in a traceback. The workers go on making
+    batches until the run has saved the step it reached (util/stop.py), then end with it."""
+    # 4096 fake images of 128 px: too many to hold in memory (util.datafiles.FAKE_HELD), so read per image by the workers
+    p = subprocess.Popen([sys.executable, 'finetune.py', *TINY, '--fake-size', '4096', '--img-size', '128',
+                          '--num-workers', '2', '--log-every', '1', '--out-dir', str(tmp_path / 'r')], cwd=ROOT, env=sub_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=to_group)
+    for line in p.stdout:
+        if 'step 2/' in line:
+            break
+    workers = children(p.pid)   # the training loader's two, and the evaluation loader's (the start-up check's batch)
+    assert len(workers) >= 2, workers
+    os.killpg(p.pid, signal.SIGTERM) if to_group else p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    last = out.strip().splitlines()[-1]
+    assert p.returncode == 75 and last.startswith('saved at step ') and '(SIGTERM)' in last, out[-2000:] + err
+    assert 'Traceback' not in err, err
+    time.sleep(0.5)
+    assert not any(alive(w) for w in workers), 'a loader worker outlived the run'
+    assert 'Traceback' not in err

@@ -1,5 +1,6 @@
-"""data.py and util/datafiles.py: the real Fashion-MNIST files, CIFAR's python batches, ImageFolder, FakeData, transforms, MixUp / CutMix,
-samplers."""
+"""data.py and util/datafiles.py: the real Fashion-MNIST files, CIFAR's python batches, ImageFolder, FakeData,
+transforms, MixUp / CutMix, samplers, the loader's workers at the interpreter's end, a data set named wrong or
+missing. (Image folders' entries, images and class names: tests/test_folders.py.)"""
 import gzip
 import hashlib
 import os
@@ -7,16 +8,19 @@ import pathlib
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
+from conftest import ROOT, assert_one_line_error, finetune, sub_env
 from data import batch_mixer, build_dataset, build_eval_set, build_splits
 from finetune import PRESETS, FinetuneConfig
 from util.datafiles import DATASETS, FASHION_MNIST_SYSTEM_DIR, ResumableSampler, read_idx
@@ -134,90 +138,12 @@ def test_damaged_idx_files_are_named_with_the_fix(tmp_path, damage, gz, culprit,
     assert msg.startswith(' and '.join(map(str, named)) + ' ') and 'with the original file' in msg
 
 
-def test_image_folder_and_missing_split(tmp_path):
-    for split in ('train', 'val'):
-        for c in ('cat', 'dog', 'grey'):
-            os.makedirs(tmp_path / split / c)
-            mode = 'L' if c == 'grey' else 'RGB'
-            for i in range(2):
-                Image.new(mode, (40 + 7 * i, 30), color=60 * i).save(tmp_path / split / c / f'{i}.png')
-    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
-    train, n = build_dataset(cfg, train=True)
-    val, _ = build_dataset(cfg, train=False)
-    assert n == 3 and len(train) == 6
-    assert all(train[i][0].shape == (3, 32, 32) and val[i][0].shape == (3, 32, 32) for i in range(6))
-    with pytest.raises(DataError, match='expects --data-dir with train/<class>'):
-        build_dataset(config(data='imagenet', data_dir=str(tmp_path / 'nowhere')), train=True)
-
-
 def test_an_unknown_data_set_is_refused_where_the_command_line_is_read(monkeypatch, tmp_path):
     import finetune
     from conftest import run_in_process
     msg = run_in_process(monkeypatch, finetune, '--data', 'mnist', '--out-dir', tmp_path / 'run')
     assert msg.startswith('error: --data') and "'mnist'" in msg and 'fashion-mnist' in msg, msg
     assert not (tmp_path / 'run').exists()
-
-
-COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'd': (255, 255, 0)}
-
-
-def colour_folders(root, splits):
-    """root/<split>/<class>/<k>.png: 3 images a class, each of the class's colour (separable by their mean)."""
-    for split, classes in splits.items():
-        for c in classes:
-            os.makedirs(root / split / c)
-            for k in range(3):
-                Image.new('RGB', (36 + k, 36), color=COLOURS[c]).save(root / split / c / f'{k}.png')
-
-
-def nearest_mean_top1(train, val):
-    """Top-1 (%) on val of the classifier that picks the training class whose mean image is nearest: every
-    image is its class's colour, so it is 100 when val's labels are the training split's numbers."""
-    xs, ys = zip(*(train[i] for i in range(len(train))))
-    x, y = torch.stack(xs).mean((2, 3)), torch.tensor(ys)                        # (N, 3), (N,)
-    means = torch.stack([x[y == k].mean(0) for k in range(int(y.max()) + 1)])    # (C, 3)
-    vx, vy = zip(*(val[i] for i in range(len(val))))
-    pred = torch.cdist(torch.stack(vx).mean((2, 3)), means).argmin(1)            # (M,)
-    return 100 * (pred == torch.tensor(vy)).float().mean().item()
-
-
-def test_val_classes_take_the_training_splits_numbers(tmp_path):
-    """val/ without class b: c is still class 2, not 1 (read on its own, val/ numbered c as b: 50%)."""
-    colour_folders(tmp_path, {'train': 'abc', 'val': 'ac'})
-    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
-    (train, n), (val, n_val) = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
-    assert nearest_mean_top1(train, val) == 100.0                                 # not 50: c scored as b
-    assert n == n_val == 3 and sorted(set(val.targets)) == [0, 2]
-    complete = tmp_path / 'complete'
-    colour_folders(complete, {'train': 'abc', 'val': 'abc'})
-    cfg = config(data='folder', data_dir=str(complete), img_size=32)
-    assert nearest_mean_top1(build_dataset(cfg, train=True)[0], build_dataset(cfg, train=False)[0]) == 100.0
-
-
-@pytest.mark.parametrize('splits, empty, match', [
-    ({'train': 'abc', 'val': 'abcd'}, None, r'val has folders d: not classes of .*train.*add them there'),
-    ({'train': 'ab', 'val': 'ab'}, 'train/c', r'train: no image file .* class folder\(s\) c: add their images'),
-    ({'train': 'abc', 'val': 'ab'}, 'val/c', r'val: no image file .* folder\(s\) c'),
-    ({'train': '', 'val': 'ab'}, None, r'train has no folders \(one per class\)'),
-])
-def test_folder_that_is_no_class_is_refused_before_training(tmp_path, monkeypatch, splits, empty, match):
-    """An extra val class, an empty class folder, no classes: one line, before the first step (an extra val
-    class used to fail after a whole epoch, at the first evaluation)."""
-    import finetune
-    from conftest import run_in_process
-    colour_folders(tmp_path, splits)
-    os.makedirs(tmp_path / 'train', exist_ok=True)
-    if empty:
-        os.makedirs(tmp_path / empty)
-        (tmp_path / empty / 'notes.txt').write_text('no image')
-    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
-    with pytest.raises(DataError, match=match):
-        build_dataset(cfg, train=True), build_dataset(cfg, train=False)
-    msg = run_in_process(monkeypatch, finetune, '--data', 'folder', '--data-dir', tmp_path, '--img-size', '32',
-                         '--patch-size', '8', '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
-                         '--batch-size', '2', '--num-workers', '0', '--out-dir', tmp_path / 'run')
-    assert msg and re.search(match, msg), msg
-    assert not (tmp_path / 'run' / 'metrics.jsonl').exists() and not (tmp_path / 'run' / 'checkpoint.pt').exists()
 
 
 def test_imagenet_classes_are_imagenet_1k_indices(tmp_path):
@@ -432,64 +358,20 @@ def test_train_transform_carries_the_policy_and_erasing():
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
 
 
-@pytest.mark.parametrize('workers', [0, 1])
-def test_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch, workers):
-    """A file that does not decode stops training with its name, also when a loader worker read it."""
-    import finetune
-    from conftest import run_in_process
-    for split in ('train', 'val'):
-        for c in ('cat', 'dog'):
-            os.makedirs(tmp_path / split / c)
-            for i in range(4):
-                Image.new('RGB', (32, 32), color=(60 * i, 0, 0)).save(tmp_path / split / c / f'{i}.jpg')
-    broken = tmp_path / 'train' / 'dog' / '3.jpg'
-    broken.write_bytes(broken.read_bytes()[:200])            # a truncated JPEG: its header reads, its data not
-    msg = run_in_process(monkeypatch, finetune, '--data', 'folder', '--data-dir', tmp_path, '--img-size', '32',
-                         '--patch-size', '8', '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
-                         '--batch-size', '4', '--num-workers', workers, '--out-dir', tmp_path / 'run')
-    assert msg and msg.startswith('error: cannot read image') and str(broken) in msg, msg
+def test_missing_dataset_directory(tmp_path):
+    p = finetune(tmp_path / 'r', '--data', 'folder', '--data-dir', tmp_path / 'missing', check=False)
+    assert_one_line_error(p, str(tmp_path / 'missing'))
 
 
-def test_linked_folders_read_as_copies_and_loops_are_refused(tmp_path):
-    """A data root, class folders and images that are links read exactly as copies; a link loop (a/loop -> .)
-    read class a's images 41 times, a link to the split (zloop -> ../train) made a class of every image, a
-    file linked twice was read twice: each refused in one line naming the link."""
-    colour_folders(tmp_path / 'store', {'train': 'abc', 'val': 'abc'})
-    copy, linked = tmp_path / 'copy', tmp_path / 'linked'
-    shutil.copytree(tmp_path / 'store', copy)
-    os.makedirs(linked / 'real' / 'train' / 'c')
-    os.symlink(tmp_path / 'store' / 'train' / 'a', linked / 'real' / 'train' / 'a')   # a class folder
-    shutil.copytree(tmp_path / 'store' / 'train' / 'b', linked / 'real' / 'train' / 'b')
-    for k in range(3):                                                                  # image files
-        os.symlink(tmp_path / 'store' / 'train' / 'c' / f'{k}.png', linked / 'real' / 'train' / 'c' / f'{k}.png')
-    os.symlink(tmp_path / 'store' / 'val', linked / 'real' / 'val')
-    os.symlink(linked / 'real', linked / 'root')                                        # the data root
-
-    def samples(root, train=True):
-        ds, _ = build_dataset(config(data='folder', data_dir=str(root), img_size=32), train=train)
-        return [(os.path.relpath(p, ds.root), y) for p, y in ds.samples]
-    assert samples(linked / 'root') == samples(copy) and len(samples(copy)) == 9
-    assert samples(linked / 'root', False) == samples(copy, False)
-    for link, target, match in [('train/a/loop', '.', r'train/a/loop is .*train/a again \('),
-                                ('train/zloop', '../train', r'train/zloop is .*train again \('),
-                                ('train/b/3.png', '0.png', r'train/b/3.png is .*train/b/0.png again \(')]:
-        os.symlink(target, copy / link)
-        with pytest.raises(DataError, match=match + r'.*remove the link$'):
-            samples(copy)
-        os.remove(copy / link)
-
-
-@pytest.mark.parametrize('kind', ['a pipe', 'a link to a device'])
-def test_a_file_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path, kind):
-    """A FIFO named like an image in a class folder: the run opened it to read it, and waited for a writer for ever,
-    printing nothing. Refused where the folder is listed, before any image is opened, naming it."""
-    colour_folders(tmp_path, {'train': 'ab', 'val': 'ab'})
-    stray = tmp_path / 'train' / 'b' / '3.png'
-    if kind == 'a pipe':
-        os.mkfifo(stray)
-    else:
-        os.symlink('/dev/zero', stray)
-    cfg = config(data='folder', data_dir=str(tmp_path), img_size=32)
-    with pytest.raises(DataError, match=rf'^{stray} is not a regular file .*: remove it from the data folder$'):
-        build_dataset(cfg, train=True)
-    assert len(build_dataset(cfg, train=False)[0]) == 6
+def test_an_interpreter_whose_loader_workers_are_still_alive_ends(tmp_path):
+    """The workers ignore SIGTERM (a scheduler's, while the run saves), and SIGTERM is how multiprocessing ends them at
+    the interpreter's exit, before it waits for them: a loader kept in a reference cycle until then (as an error's
+    traceback keeps one) left the interpreter waiting forever, the test process's own included."""
+    code = ('import types, torch\nfrom util.datafiles import build_loader\n'
+            'data = torch.utils.data.TensorDataset(torch.zeros(64, 1), torch.zeros(64, dtype=torch.long))\n'
+            'cfg = types.SimpleNamespace(batch_size=8, num_workers=1, seed=0)\n'
+            'cycle = [iter(build_loader(cfg, data, train=True))]\n'
+            'next(cycle[0])\ncycle.append(cycle)\n')
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=sub_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and not p.stderr, p.stderr[-2000:]

@@ -398,3 +398,15 @@ def test_the_ema_is_averaged_models_and_resumes_from_either():
         ema.update_parameters(model)
     states = [ema.state_dict() for ema in (ours, theirs, again, other)]
     assert all(torch.equal(s[k], states[0][k]) for s in states for k in states[0])
+
+
+def test_blr_0_keeps_the_weights_as_loaded_after_the_warm_up_too(depth2_run, tmp_path):
+    """--blr 0 was exempt from "the lr never rises": with --min-lr 1e-2 the cosine rose from 0 to 1e-2 and trained
+    the weights meant to stay as loaded. A peak of 0 ends at 0, and the start log says so."""
+    out, _ = depth2_run
+    p = finetune(tmp_path / 'r', '--init', out / 'checkpoint.pt', '--blr', '0', '--min-lr', '1e-2', '--warmup-epochs',
+                 '0', '--max-steps', '3', '--amp', 'off')
+    assert 'lr 0 = blr 0 x effective batch 32 / 256 at its peak, 0 at the end |' in p.stdout
+    src = torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+    got = torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['model']
+    assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)

@@ -283,3 +283,10 @@ def test_ensemble_piped_to_head_writes_its_results_and_no_traceback(runs, tmp_pa
     err = p.communicate(timeout=240)[1]
     assert p.returncode == 0 and 'Traceback' not in err, err[-3000:]
     assert len(json.loads((tmp_path / 'r.json').read_text())['models']) == 2
+
+
+def test_ensemble_weights_too_large_to_sum_are_weights_still():
+    assert ensemble.normalise_weights([1e308, 1e308], 2) == [0.5, 0.5]
+    assert ensemble.normalise_weights([3e307, 1e308], 2) == pytest.approx([3 / 13, 10 / 13])
+    with pytest.raises(ConfigError, match=r'--weights 0.0 0.0: must be'):
+        ensemble.normalise_weights([0.0, 0.0], 2)

@@ -3,19 +3,20 @@ and -A, the errors a wrong folder gets, and one run over tiny fake test sets (a 
 student with its teacher, their ensemble) whose table matches a second computation."""
 import hashlib
 import json
+import os
 import sys
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 from data import build_transform
 from ensemble import load_models
-from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
 import evaluate
+from evaluate import SETS, WNIDS, load_set, read_classes, restrict, top1_row
 from util.datafiles import DataError
 from util.launch import run_main
 from vit import VisionTransformer, model_arch
@@ -198,3 +199,15 @@ def error_line(monkeypatch, *args):
         run_main(evaluate.main)
     assert isinstance(e.value.code, str) and '\n' not in e.value.code
     return e.value.code
+
+
+def test_evaluate_out_is_checked_before_any_model_is_loaded(tmp_path, monkeypatch):
+    """evaluate.py writes --out after every model has run on every set: a file, or a folder under a file, is
+    refused first (the models named here do not even exist)."""
+    (tmp_path / 'a_file').write_text('mine\n')
+    for out in (tmp_path / 'a_file', tmp_path / 'a_file' / 'res'):
+        says = f'cannot write there ({tmp_path / "a_file"}: Not a directory): choose another --out'
+        msg = run_in_process(monkeypatch, evaluate, '--models', tmp_path / 'missing.pt', '--imagenet', tmp_path,
+                             '--out', out)
+        assert msg and msg.startswith(f'error: --out {out}') and says in msg, msg
+    assert (tmp_path / 'a_file').read_text() == 'mine\n' and sorted(os.listdir(tmp_path)) == ['a_file']

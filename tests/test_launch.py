@@ -1,6 +1,9 @@
-"""Every script as a user launches it on a GPU (`python -m pytest -m gpu tests`): under torchrun, whose one
+"""util/launch.py: what a script's start and end say (an unexpected error shows its traceback and no advice to
+continue; a fork the machine refuses names --num-workers; Ctrl-C while torch is imported exits 130 quietly), and every
+script as a user launches it on a GPU (`python -m pytest -m gpu tests`): under torchrun, whose one
 process still starts NCCL and wraps the student in DDP (the multi-GPU path, on one GPU), and a checkpoint
 written on CUDA resumed on CUDA and loaded on the CPU. The one-process torchrun on a CPU (gloo) too."""
+import errno
 import os
 import signal
 import subprocess
@@ -11,8 +14,10 @@ import pytest
 import torch
 
 from attention_copy import load_copy_model
-from conftest import ROOT, TINY, read_metrics, relative_distance, run_script, sub_env
-from test_cli import free_port
+from conftest import ROOT, TINY, free_port, read_metrics, relative_distance, run_in_process, run_script, sub_env
+import data
+import finetune
+from util import datafiles
 from util.checkpoints import build_from_checkpoint
 
 gpu = pytest.mark.gpu
@@ -186,3 +191,82 @@ def test_transfer_checkpoints_from_cuda_load_on_cpu(teacher, tmp_path):
     with torch.no_grad():
         assert load_copy_model(str(tmp_path / 'copy' / 'checkpoint.pt'))(x).shape == (2, 10)
         assert build_from_checkpoint(str(tmp_path / 'distill' / 'checkpoint.pt')).eval()(x).isfinite().all()
+
+
+def test_a_loader_that_cannot_start_its_workers_stops_before_anything_is_written(tmp_path, monkeypatch, capfd):
+    """--num-workers 100 under a container's process limit (here fork is made to fail as the kernel makes it: EAGAIN):
+    no check of ours foresees it, so its traceback is shown, with no advice to run the same command again. The
+    start-up check takes the run's first evaluation batch, so the loader's workers start before the run directory
+    is written: nothing written."""
+    def refused():
+        raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')
+    monkeypatch.setattr(os, 'fork', refused)
+    monkeypatch.setattr(datafiles, 'FAKE_HELD', 0)   # read per image by loader workers, as a folder is
+    out = tmp_path / 'r'
+    msg = run_in_process(monkeypatch, finetune, *TINY[:-2], '--num-workers', '100', '--out-dir', out)
+    assert msg == (f'error: BlockingIOError: [Errno {errno.EAGAIN}] Resource temporarily unavailable (its '
+                   f'traceback above); more processes than this machine allows: lower --num-workers'), msg
+    err = capfd.readouterr().err
+    assert 'Traceback (most recent call last)' in err and 'in refused' in err, err[-3000:]
+    assert not out.exists()
+
+
+# an error of no kind the project raises, planted where a learner's own bug would be: in data.py, or in the step
+def planted(*args, **kwargs):
+    raise KeyError('oops')
+
+
+@pytest.mark.parametrize('where', ['data.py', 'the step'])
+def test_an_unexpected_error_shows_its_traceback_and_no_advice_to_continue(tmp_path, monkeypatch, capfd, where):
+    """A KeyError put into data.py printed one line, `error: KeyError: 'oops' (raised at data.py:228); no checkpoint
+    was saved yet: there is nothing to continue; run the command again`: a learner's own bug hidden, with advice that
+    would meet it again. Its traceback is on stderr (and in the run's log once there is one); the line after it says
+    where, and how to continue only where a checkpoint was saved."""
+    out = tmp_path / 'r'
+    if where == 'data.py':
+        monkeypatch.setattr(data, 'build_splits', planted)
+        args = TINY
+    else:   # the third step, after the checkpoint of step 2
+        steps = []
+
+        def loss(cfg):
+            def loss_fn(net, x, y):
+                steps.append(1)
+                if len(steps) == 3:
+                    planted()
+                return real(cfg)(net, x, y)
+            return loss_fn
+        real = finetune.classification_loss
+        monkeypatch.setattr(finetune, 'classification_loss', loss)
+        args = [*TINY, '--max-steps', '4', '--save-every', '2']
+    msg = run_in_process(monkeypatch, finetune, *args, '--out-dir', out)
+    err = capfd.readouterr().err
+    assert msg.startswith("error: KeyError: 'oops' (its traceback above"), msg
+    assert 'Traceback (most recent call last)' in err and 'in planted' in err and "KeyError: 'oops'" in err, err
+    assert 'run the command again' not in msg and 'nothing to continue' not in msg, msg
+    if where == 'data.py':
+        assert 'continue' not in msg and not out.exists(), msg
+    else:
+        log = (out / 'log.txt').read_text()
+        assert f'in {out / "log.txt"} too)' in msg and 'in planted' in log, msg
+        assert msg.endswith(f'{out / "checkpoint.pt"} holds the last checkpoint; continue with: python finetune.py '
+                            f'{" ".join(map(str, args))} --out-dir {out} --resume true'), msg
+
+
+@pytest.mark.parametrize('script', ['finetune.py', 'mae_pretrain.py', 'attention_copy.py', 'attention_distill.py',
+                                    'ensemble.py', 'evaluate.py'])
+def test_ctrl_c_while_torch_is_imported_exits_130_quietly(script, tmp_path):
+    """Ctrl-C in a script's first second, while it imports torch, printed a KeyboardInterrupt traceback. A fresh
+    interpreter (no fork server), the SIGINT sent once -X importtime says a module of torch has been imported."""
+    p = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--out-dir', str(tmp_path / 'r')], cwd=ROOT,
+                         env=sub_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if line.startswith('import time:') and line.split('|')[-1].strip().split('.')[0] == 'torch':
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    said = [line for line in lines + err.splitlines(True) if not line.startswith('import time:')]
+    assert any('torch' in line for line in lines), 'torch was never imported'
+    assert p.returncode == 130 and not ''.join(said).strip(), (p.returncode, ''.join(said)[-2000:])

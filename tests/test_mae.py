@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, finetune, read_metrics, run_script, sub_env
+from conftest import ROOT, TINY, finetune, read_metrics, run_in_process, run_script, sub_env
+import mae_pretrain
 from mae_pretrain import (PRESETS, MAEConfig, MaskedAutoencoder, build_mae, mae_loss, patchify, random_keep,
                           reconstructions, unpatchify)
 from util.checkpoints import build_from_checkpoint
-from util.launch import parse_config
 from util.config import ConfigError
+from util.launch import parse_config
 from vit import VisionTransformer
 
 ARCH = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)   # 64 patches of 4x4
@@ -343,3 +344,12 @@ def test_a_stopped_export_run_goes_on_with_the_same_command(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert set(torch.load(export, weights_only=True)) == {'model', 'arch', 'config', 'made'}
     assert os.listdir(export.parent) == ['teacher.pt']   # the killed run's temporary file gone with it
+
+
+def test_a_finished_mae_run_resumes_and_exports(monkeypatch, tmp_path):
+    """Its evaluations record mse, not top-1: a finished run was refused as 'not evaluated there'."""
+    d = tmp_path / 'mae'
+    assert run_in_process(monkeypatch, mae_pretrain, *TINY, '--out-dir', d) is None
+    assert run_in_process(monkeypatch, mae_pretrain, *TINY, '--out-dir', d, '--resume', 'true', '--export',
+                          tmp_path / 'teacher.pt') is None
+    assert torch.load(tmp_path / 'teacher.pt', weights_only=True)['made']['held_out_mse'] > 0

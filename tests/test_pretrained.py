@@ -1,12 +1,17 @@
 """Named teachers of other families: each official key format, written here with random values,
 loads into vit.py's model (exact key check) and computes what timm computes from the same file."""
+import os
+import urllib.error
 from functools import partial
 
 import pytest
+from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
 
+import attention_distill
+from conftest import TINY, run_in_process
 from util.checkpoints import PRETRAINED, CheckpointError, build_from_checkpoint
 from util.pretrained import TEACHERS
 from vit import VisionTransformer
@@ -179,3 +184,31 @@ def test_components_are_off_by_default():
                           reg_tokens=2, norm_pre=True, act='quick_gelu')
     assert {'blocks.0.ls1.gamma', 'blocks.1.ls2.gamma', 'reg_token', 'norm_pre.weight'} <= set(m.state_dict())
     assert torch.equal(m.blocks[0].ls1.gamma, torch.full((32,), 1e-5))
+
+
+def test_pretrained_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(CheckpointError) as e:
+        build_from_checkpoint('mae_vit_base')
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path / 'hub'), 'checkpoints', 'mae_pretrain_vit_base.pth') in msg and 'by hand' in msg
+    assert '\n' not in msg
+
+
+@pytest.mark.parametrize('name, file', [('deit_small', 'deit_small_patch16_224-cd65a155.pth'),
+                                        ('clip_vitb16', 'ViT-B-16.pt')])
+def test_teacher_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch, name, file):
+    """The other families by name (util/pretrained.py; CLIP's TorchScript its own way) fail offline as MAE's do."""
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(CheckpointError) as e:
+        build_from_checkpoint(name)
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path / 'hub'), 'checkpoints', file) in msg and 'by hand' in msg and '\n' not in msg
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--out-dir', tmp_path / 'r', '--teacher', name)
+    assert msg and msg.startswith(f"error: '{name}' could not be downloaded"), msg

@@ -624,3 +624,18 @@ def test_an_interrupted_reproduction_continues_with_the_same_command_to_the_same
             with open(os.path.join(run_dir(str(root), stage, 0), 'done.json')) as f:
                 got.append({k: v for k, v in json.load(f)['metrics'].items() if k not in ('time', 'models')})
         assert got[1] == got[0], stage
+
+
+TEACHER = ['--teacher', 'teachers/fashion-mnist-mae.pt']
+
+
+def test_a_reproduction_refuses_every_stage_input_before_the_first_stage(tmp_path):
+    """A seed no generator takes, too few images for a batch, a teacher that does not fit a stage: refused
+    before any stage ran (they started the first stage, which refused them and left its folder)."""
+    for args, says in [(['--seeds', str(2 ** 64)], '--seed'), (['--fake-size', '1'], '--fake-size')]:
+        p = run_script('-m', 'tools.reproduce', '--data', 'fake', '--out-dir', tmp_path / 'r', *args)
+        assert p.returncode == 1 and says in p.stderr and '\n' not in p.stderr.strip(), p.stderr[-2000:]
+        assert not (tmp_path / 'r').exists()
+    p = run_script('-m', 'tools.reproduce', '--data', 'fake', '--out-dir', tmp_path / 'r', *TEACHER)
+    assert p.returncode == 1 and 'stage' in p.stderr and '\n' not in p.stderr.strip(), p.stderr[-2000:]
+    assert not (tmp_path / 'r').exists()

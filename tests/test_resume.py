@@ -17,19 +17,15 @@ import pytest
 import torch
 
 import attention_distill
-from conftest import ROOT, TINY, read_metrics, run_in_process, sub_env
+from conftest import (ROOT, SAME_MATHS, TINY, assert_one_line_error, ce_by_step, digest, free_port, read_metrics,
+                      run_in_process, sub_env)
+from conftest import finetune as finetune_tiny
 import finetune
-from test_cli import SAME_MATHS, ce_by_step, free_port
-
 
 
 def train(monkeypatch, module, out, *args):
     msg = run_in_process(monkeypatch, module, *TINY, '--out-dir', out, *args)
     assert msg is None, msg
-
-
-def digest(d):
-    return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in sorted(os.listdir(d))}
 
 
 def edit_checkpoint(d, **changes):
@@ -211,7 +207,7 @@ def test_a_resume_on_other_data_is_refused_unless_said(monkeypatch, tmp_path):
     folders of the same file names and sizes swapped (every label flipped), or one evaluation image replaced by another
     of its size, is refused in one line naming what changed, the run as it was; --new-data true goes on on purpose,
     recorded."""
-    from test_brought import FOLDER_RUN, save_png
+    from test_folders import FOLDER_RUN, save_png
     root, out, again = tmp_path / 'images', tmp_path / 'run', tmp_path / 'unbroken'
     for split in ('train', 'val'):
         for c, seed in (('cat', 0), ('dog', 100)):   # the same names and sizes in both classes (BMP: sizes exact)
@@ -421,3 +417,10 @@ def test_max_steps_at_or_below_a_mid_epoch_checkpoint_is_one_line(monkeypatch, t
                    f'above 3' in msg, msg
     assert digest(d) == before
     train(monkeypatch, finetune, d, '--resume', 'true', '--max-steps', '4')
+
+
+def test_resume_without_checkpoint(tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert_one_line_error(finetune_tiny(empty, '--resume', 'true', check=False), 'checkpoint')
+    assert os.listdir(empty) == []

@@ -22,11 +22,13 @@ import torch
 
 import attention_copy
 import attention_distill
-from conftest import ROOT, TINY, read_metrics, run_in_process, run_script, sub_env
+from conftest import ROOT, TINY, assert_one_line_error, digest, read_metrics, run_in_process, run_script, sub_env
+from conftest import finetune as finetune_tiny
 import finetune
-import util.rundir
+from test_resume import train
 from util.errors import WriteError
-from test_resume import digest, train
+from util.launch import run_main
+import util.rundir
 
 
 
@@ -571,3 +573,68 @@ def test_a_refused_command_leaves_no_folder_it_made(tmp_path, command):
     (tmp_path / 'kept').mkdir()
     assert run_script(*command, *TINY, '--out-dir', tmp_path / 'kept').returncode != 0
     assert (tmp_path / 'kept').is_dir() and not any((tmp_path / 'kept').iterdir())
+
+
+def test_a_newline_in_out_dir_is_refused_in_one_line(tmp_path, monkeypatch):
+    """--out-dir 'run<newline>b' cut every line that names the run in two (the log, the error lines)."""
+    monkeypatch.chdir(tmp_path)
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', 'run\nb', '--max-steps', '1')
+    assert msg and msg.startswith('error: --out-dir ') and os.listdir(tmp_path) == [], msg
+
+
+def test_existing_run_is_not_overwritten(depth2_run, tmp_path):
+    out, _ = depth2_run
+    before = digest(out)
+    assert {'checkpoint.pt', 'metrics.jsonl', 'config.json', 'log.txt'} <= set(before)
+    assert_one_line_error(finetune_tiny(out, '--max-steps', '2', '--amp', 'off', check=False), '--resume')
+    assert digest(out) == before
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'\x00not a checkpoint')
+    assert_one_line_error(finetune_tiny(out, '--init', bad, '--max-steps', '2', check=False))
+    assert digest(out) == before
+
+
+def test_failed_resume_start_leaves_run_untouched(depth2_run, tmp_path):
+    """--resume true with a bad --init fails before training; the run's files (config.json included)
+    must stay as they were."""
+    out, _ = depth2_run
+    before = digest(out)
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'\x00not a checkpoint')
+    assert_one_line_error(finetune_tiny(out, '--init', bad, '--resume', 'true', check=False), str(bad))
+    changed = sorted(k for k in set(before) | set(digest(out)) if before.get(k) != digest(out).get(k))
+    assert not changed, f'a failed --resume start changed {changed} in the run dir'
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
+def test_unusable_out_dir(tmp_path, monkeypatch):
+    (tmp_path / 'a_file').write_text('mine\n')
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', tmp_path / 'a_file', '--max-steps', '1')
+    assert msg and f"{tmp_path / 'a_file'}: cannot make it (File exists)" in msg, msg
+    assert (tmp_path / 'a_file').read_text() == 'mine\n'
+    msg = run_in_process(monkeypatch, finetune, *TINY, '--out-dir', '/proc/no/such/run', '--max-steps', '1')
+    assert msg and '/proc/no/such/run: cannot make it' in msg, msg
+
+
+@pytest.mark.parametrize('how', ['Ctrl-C', 'kill -9'])
+def test_a_run_stopped_while_writing_its_first_checkpoint_goes_on_with_the_same_command(monkeypatch, tmp_path, how):
+    """Its evaluation was in metrics.jsonl and no checkpoint was: the same command was refused as a finished run.
+    Now the evaluation is written after its checkpoint, and a temporary file left by a kill is no one's."""
+    d = tmp_path / 'run'
+    plain = torch.save
+
+    def cut(obj, f, *args, **kw):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        if how == 'kill -9':   # what a kill leaves: the temporary file (nothing ran to remove it)
+            monkeypatch.setattr(os, 'remove', lambda path: None)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', cut)
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', *TINY, '--out-dir', str(d)])
+    with pytest.raises(SystemExit) as e:
+        run_main(finetune.main)
+    assert e.value.code == 130
+    monkeypatch.undo()
+    assert torch.save is plain
+    assert not (d / 'checkpoint.pt').exists() and not (d / 'metrics.jsonl').exists()
+    assert run_in_process(monkeypatch, finetune, *TINY, '--out-dir', d) is None
+    assert len((d / 'metrics.jsonl').read_text().splitlines()) == 1

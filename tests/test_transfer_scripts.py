@@ -9,8 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import TINY, finetune, read_metrics, run_script
-from test_cli import SAME_MATHS, free_port
+from conftest import SAME_MATHS, TINY, finetune, free_port, read_metrics, run_script
 from util.checkpoints import build_from_checkpoint
 
 @pytest.fixture(scope='module')

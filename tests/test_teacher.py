@@ -1,28 +1,28 @@
-"""Teachers off their native size, and checkpoint files as they are shipped or damaged.
+"""teacher.py: teachers off their native size, CLIP's archive as a teacher, and a teacher that cannot teach.
 
 Each family's position embeddings are resized as its official code does (pretrained.FAMILIES): checked here
 against that code, written out from its repository, and through the loading path against timm's network given
-the official resize. CLIP's TorchScript archive loads from a path as by name; a damaged file or a pickle that
-carries code is one line naming the file, and the code never runs."""
+the official resize. CLIP's TorchScript archive loads from a path as by name. A teacher whose weights or maps are
+not finite is refused by name before training (a damaged file: tests/test_checkpoints.py)."""
 import math
 import os
-import pickle
 import shutil
-import zipfile
 from collections import OrderedDict
 from functools import partial
 
 import pytest
+from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
 
-from attention_distill import DistillConfig
+import attention_copy
 import attention_distill
-from conftest import TINY, run_in_process
+from attention_distill import DistillConfig
+from conftest import TINY, random_vit, run_in_process
 from teacher import build_teacher, inspect_teacher
 from test_pretrained import D, DEPTH, HEADS, official_dinov2, randomise, timm_features
-from util.checkpoints import CheckpointError, build_from_checkpoint, read_checkpoint, resize_pos_embed
+from util.checkpoints import build_from_checkpoint, resize_pos_embed
 from util.pretrained import AS_DEIT, FAMILIES
 
 
@@ -339,56 +339,32 @@ def test_distillation_takes_a_clip_archive_by_path(tmp_path, monkeypatch, capsys
 # Damaged files and pickles that carry code: one line naming the file, nothing run
 
 
-class Opens:
-    """Unpickled, it calls open(marker, 'w'): the marker file appears if the pickle's code runs."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, 'w')
-
-
-def code_pickles(tmp_path):
-    """{kind: (file, marker)}: torch.save's format, a plain pickle, and torch.save's with a constants.pkl
-    record added so that it passes for a TorchScript archive."""
-    out = {}
-    for kind in ('torch.save', 'pickle', 'as TorchScript'):
-        marker, path = tmp_path / f'ran-{kind}', tmp_path / f'{kind}.pt'
-        if kind == 'pickle':
-            path.write_bytes(pickle.dumps({'model': Opens(marker)}))
-        else:
-            torch.save({'model': {'w': torch.ones(2)}, 'config': Opens(marker)}, path)
-        if kind == 'as TorchScript':
-            with zipfile.ZipFile(path, 'a') as z:
-                z.writestr(z.namelist()[0].split('/')[0] + '/constants.pkl', pickle.dumps((), protocol=2))
-        out[kind] = path, marker
-    return out
+@pytest.mark.parametrize('broken, says', [
+    (lambda m: m.blocks[1].mlp.fc1.weight.data.__setitem__((0, 0), float('nan')),
+     "holds weights that are not finite (blocks.1.mlp.fc1.weight has nan or inf)"),
+    (lambda m: m.blocks[0].attn.qkv.weight.data.mul_(1e30), 'hands over attention maps that are not finite'),
+])
+def test_a_teacher_that_is_not_finite_is_refused_by_name(tmp_path, monkeypatch, broken, says):
+    """It was reported as a training loss of NaN with advice to lower the learning rate, the teacher unnamed."""
+    model = random_vit()
+    broken(model)
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 't.pt')
+    out = tmp_path / 'run'
+    msg = run_in_process(monkeypatch, attention_distill, *TINY, '--teacher', tmp_path / 't.pt', '--out-dir', out,
+                         '--amp', 'off')
+    assert msg and says in msg and 't.pt' in msg, msg
+    assert not out.exists()                                     # refused: the folder it made is gone again
 
 
-def test_a_pickle_that_carries_code_is_refused_unrun(tmp_path):
-    files = code_pickles(tmp_path)
-    for kind, (path, marker) in files.items():
-        with pytest.raises(CheckpointError) as e:
-            read_checkpoint(str(path))
-        msg = str(e.value)
-        assert msg.startswith(f"'{path}' is not a readable PyTorch checkpoint") and '\n' not in msg, msg
-        assert 'weights_only' not in msg and 'refused' in msg, msg
-        assert not marker.exists(), kind
-    # the marker would show it: unpickled without the guard, the code runs
-    path, marker = files['torch.save']
-    torch.load(path, weights_only=False)
-    assert marker.exists()
-
-
-def test_a_damaged_download_names_the_cached_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: pytest.fail('the file is there'))
-    cached = tmp_path / 'hub' / 'checkpoints' / 'dino_deitsmall16_pretrain.pth'
-    os.makedirs(cached.parent)
-    cached.write_bytes(b'')
-    with pytest.raises(CheckpointError) as e:
-        read_checkpoint('dino_vits16')
-    msg = str(e.value)
-    assert msg.startswith(f"'{cached}' is not a readable PyTorch checkpoint: torch.load refused it unread "
-                          '(EOFError)'), msg
-    assert 'download it again' in msg and '\n' not in msg and cached.read_bytes() == b'', msg
+def test_finite_queries_and_keys_whose_fp16_maps_overflow_are_refused(tmp_path, monkeypatch):
+    """The teacher hands over q and k, finite here, but their products pass fp16's range: explicit maps under fp16
+    autocast are not finite, so eager refuses the teacher; sdpa's kernels keep their sums in fp32 and take it."""
+    model = random_vit()
+    model.blocks[0].attn.qkv.weight.data.mul_(300 / model.blocks[0].attn.qkv.weight.data.abs().max())
+    model.blocks[0].attn.qkv.bias.data.fill_(30.0)
+    torch.save({'model': model.state_dict(), 'arch': model.arch}, tmp_path / 't.pt')
+    args = [*TINY, '--teacher', tmp_path / 't.pt', '--amp', 'fp16', '--max-steps', '1', '--layers', '0']
+    msg = run_in_process(monkeypatch, attention_copy, *args, '--out-dir', tmp_path / 'e', '--attn-implementation', 'eager')
+    assert msg and 'hands over attention maps that are not finite (its layer 0)' in msg and '--amp off' in msg, msg
+    assert run_in_process(monkeypatch, attention_copy, *args, '--out-dir', tmp_path / 's', '--attn-implementation',
+                          'sdpa') is None
