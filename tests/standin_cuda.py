@@ -26,6 +26,7 @@ import os
 import traceback
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from torch._subclasses import fake_tensor
@@ -34,6 +35,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from conftest import tf32
 
 aten = torch.ops.aten
+
+# the oldest torch the stand-in runs on: torch 2.9.1, 2.8.0 and 2.6.0 ask the CUDA runtime for its current stream, in
+# C++, when an operator on a fake `cuda:0` tensor needs a gradient, which aborts a process on a machine without a GPU
+FLOOR = (2, 10)
 
 
 def address(t):
@@ -290,7 +295,13 @@ def replaced(owner, name, value):
 def standin_cuda():
     """Inside: torch.cuda's questions (a device's properties, bf16, memory) answered as an H100 would, CUDA's autocast
     on, and every tensor a fake one on `cuda:0` or on the host. torch.cuda.is_available() stays False (where it is
-    True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs."""
+    True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs.
+    Below FLOOR the test is skipped, saying why (the code's own floor, requirements.txt's, is lower)."""
+    release = tuple(int(n) for n in torch.__version__.split('+')[0].split('.')[:2])
+    if release < FLOOR:
+        pytest.skip(f'the stand-in CUDA device needs torch {".".join(map(str, FLOOR))} or later (here '
+                    f'{torch.__version__}: its C++ asks the CUDA runtime for a stream where a fake tensor needs a '
+                    'gradient, which aborts the process without a GPU)')
     with contextlib.ExitStack() as patches:
         mode = StandInCuda(patches)
         patches.enter_context(tf32())    # a script's set-up turns TF32 on for a GPU (launch.processes)
