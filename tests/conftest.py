@@ -93,9 +93,10 @@ def torch_settings():
         "torch.is_autocast_enabled('cuda')": torch.is_autocast_enabled('cuda'),
         'torch.get_num_threads()': torch.get_num_threads(),
         'torch.cuda.is_available()': torch.cuda.is_available(),
-        'torch.accelerator.is_available()': torch.accelerator.is_available(),
         'dispatch modes entered (FakeTensorMode)': len(_get_current_dispatch_mode_stack()),
     }
+    if hasattr(torch, 'accelerator'):   # from torch 2.6 on
+        settings['torch.accelerator.is_available()'] = torch.accelerator.is_available()
     for kernel in ('flash', 'mem_efficient', 'math', 'cudnn'):
         name = f'torch.backends.cuda.{kernel}_sdp_enabled'
         settings[f'{name}()'] = getattr(backends.cuda, f'{kernel}_sdp_enabled')()
