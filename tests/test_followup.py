@@ -34,13 +34,13 @@ def teacher(out, mse, val_size=5000):
               wall_s=1800)
 
 
-def layout(out, top1, max_steps=0):
-    """tools/followup.sh's OUT with these runs ({arm: {seed: top-1}}) and a teacher."""
+def layout(out, top1, max_steps=0, mse=0.41234):
+    """tools/followup.sh's OUT with these runs ({arm: {seed: top-1}}) and a teacher of this masked MSE."""
     for arm, by_seed in top1.items():
         taught = {} if arm.startswith('scratch') else {'teacher_sha256': 'f0110' * 12}
         for k, value in by_seed.items():
             write_run(os.path.join(out, 'logs', arm, f'seed{k}'), {'top1': value}, {'max_steps': max_steps, **taught})
-    teacher(out, 0.41234)
+    teacher(out, mse)
     with open(os.path.join(out, 'machine.txt'), 'w') as f:
         f.write('a test machine, 2 cores (one a run), torch 0\n')
 
@@ -60,11 +60,25 @@ def diff(a, b):
     return mean(d), stdev(d)
 
 
+def interaction(runs, method):
+    """'+m.mm ± s.ss': the matched student's gain over its scratch run less the plain one's, over the seeds."""
+    gain = {s: {k: runs[f'{method}-{s}'][k] - runs[f'scratch-{s}'][k] for k in runs[f'scratch-{s}']}
+            for s in ('plain', 'matched')}
+    m, sd = diff(gain['matched'], gain['plain'])
+    return f'{m:+.2f} ± {sd:.2f}'
+
+
 @pytest.mark.parametrize('failing', [True, False])
 def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
     runs = made_up(failing)
     layout(tmp_path, runs)
-    teacher(tmp_path / 'rival', 0.40017 if failing else 0.5)   # the family chosen against
+    theirs = made_up(not failing)
+    if failing:   # the family chosen against: its teacher alone
+        teacher(tmp_path / 'rival', 0.40017)
+    else:         # and its runs, collected first: its interaction is stated on this page too
+        layout(tmp_path / 'rival', theirs, mse=0.5)
+        assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'rival', '--family',
+                              'dinov2') is None
     assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path, '--command',
                           'bash tools/followup.sh', '--rival', tmp_path / 'rival') is None
     saved = json.loads((tmp_path / 'followup.json').read_text())
@@ -96,16 +110,22 @@ def test_the_page_states_the_runs_numbers(monkeypatch, tmp_path, failing):
                         'is not decided by these seeds')
     assert verdicts == expected and len(set(expected)) == 1 and (expected[0] == 'shows here') == failing
     # the interaction, the follow-up's claim: the matched student's gain less the plain one's, seed by seed
-    interactions = re.findall(r'The interaction is ([+-]\d+\.\d+) ± (\d+\.\d+) points', flat)
-    for (m, sd), method in zip(interactions, ('copy', 'distill'), strict=True):
-        gain = {s: {k: runs[f'{method}-{s}'][k] - runs[f'scratch-{s}'][k] for k in runs[f'scratch-{s}']}
-                for s in ('plain', 'matched')}
-        assert (m, sd) == tuple(f'{v:{f}}' for v, f in zip(diff(gain['matched'], gain['plain']), ('+.2f', '.2f')))
+    interactions = re.findall(r'The interaction is ([+-]\d+\.\d+ ± \d+\.\d+) points', flat)
+    assert interactions == [interaction(runs, m) for m in ('copy', 'distill')], interactions
+    # the other teacher's, from its own runs, where they were collected
+    other = re.search(r'The other teacher\*\* \(\[its page\]\(rival/README.md\)\)\. With DINOv2\'s layer scale '
+                      r'\(from 1e-5\), the interaction is ([+-]\d+\.\d+ ± \d+\.\d+) points after copy \(.*?\)\. After '
+                      r'distillation it is ([+-]\d+\.\d+ ± \d+\.\d+) points', flat)
+    assert (other is None) == failing, flat
+    if other:
+        assert list(other.groups()) == [interaction(theirs, m) for m in ('copy', 'distill')], other.groups()
     assert '0.4123' in flat and 'f0110' * 12 in flat and 'bash tools/followup.sh' in text and 'a test machine' in text
     said = re.search(r"This teacher's masked MSE there is ([\d.]+) \((.*?)\); "
                      r"the teacher with DINOv2's .*?, ([\d.]+)\.", flat)
     assert said.groups() == (('0.4123', 'not the lower', '0.4002') if failing else ('0.4123', 'the lower, the better '
                                                                                      'teacher', '0.5000')), flat
+    assert ('So the other teacher was the first' in flat) == failing and \
+        ('So this teacher was the first.' in flat) != failing
     assert 'not a result' not in text
     # the page alone, again from the json: the same text
     (tmp_path / 'README.md').unlink()
@@ -136,21 +156,25 @@ def test_runs_cut_short_are_said_not_a_result_and_a_missing_arm_or_a_second_teac
     assert 'held out 1000 training images, this one 5000' in msg, msg
 
 
-def test_the_committed_page_is_what_its_runs_give(monkeypatch, tmp_path):
-    """results/fashion-mnist/followup: followup.json collected again from the committed runs' records, and README.md
-    written again from it, are the committed ones (README.md to the byte; followup.json but for the commit it was
-    made at), with the command the page gives, as tools/followup.sh passes it."""
+@pytest.mark.parametrize('family, name, rival, command', [
+    ('clip', 'followup', 'followup-dinov2', 'bash tools/followup.sh'),
+    ('dinov2', 'followup-dinov2', 'followup', 'FAMILY=dinov2 bash tools/followup.sh')])
+def test_the_committed_page_is_what_its_runs_give(monkeypatch, tmp_path, family, name, rival, command):
+    """results/fashion-mnist/followup and followup-dinov2, one teacher each: followup.json collected again from the
+    committed runs' records, and README.md written again from it, are the committed ones (README.md to the byte;
+    followup.json but for the commit it was made at), with the command the page gives, as tools/followup.sh passes
+    it. Each page states the other teacher's interaction from the other's followup.json."""
     committed = os.path.join(ROOT, 'results', 'fashion-mnist')
-    for name in ('followup', 'followup-dinov2'):
-        shutil.copytree(os.path.join(committed, name), tmp_path / name)
-    for name in ('followup.json', 'README.md'):
-        (tmp_path / 'followup' / name).unlink()
-    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / 'followup', '--family',
-                          'clip', '--rival', tmp_path / 'followup-dinov2') is None
-    with open(os.path.join(committed, 'followup', 'README.md')) as f:
-        assert (tmp_path / 'followup' / 'README.md').read_text() == f.read()
-    with open(os.path.join(committed, 'followup', 'followup.json')) as f:
+    for folder in (name, rival):
+        shutil.copytree(os.path.join(committed, folder), tmp_path / folder)
+    for file in ('followup.json', 'README.md'):
+        (tmp_path / name / file).unlink()
+    assert run_in_process(monkeypatch, followup, '--dirty', 'true', '--out', tmp_path / name, '--family', family,
+                          '--command', command, '--rival', tmp_path / rival) is None
+    with open(os.path.join(committed, name, 'README.md')) as f:
+        assert (tmp_path / name / 'README.md').read_text() == f.read()
+    with open(os.path.join(committed, name, 'followup.json')) as f:
         record = json.load(f)
-    made = json.loads((tmp_path / 'followup' / 'followup.json').read_text())
+    made = json.loads((tmp_path / name / 'followup.json').read_text())
     # all but the commit it was made at (this one's, a later one's): made from committed code
     assert record.pop('page')['clean'] and {**made, 'page': None} == {**record, 'page': None}

@@ -29,6 +29,12 @@ TRANSFERS = ('copy', 'distill')
 # what tools/followup.sh's FAMILY gives the teacher (and the matched student): its flags, in words
 FAMILIES = {'clip': "CLIP's LayerNorm before the blocks and QuickGELU",
             'dinov2': "DINOv2's layer scale (from 1e-5)"}
+# what they do to what the maps route: the LayerNorm and QuickGELU barely change it (QuickGELU is within 0.021 of
+# GELU); layer scale sets how much of each block's attention reaches the tokens
+ROUTING = {'clip': 'The LayerNorm sets each token\'s scale before the first map routes it, and QuickGELU is within 0.021 '
+                   'of GELU everywhere, so the maps\' inputs barely change.',
+           'dinov2': "Layer scale multiplies what each block's attention and MLP add to the tokens by a learned factor "
+                     'per channel, from 1e-5, so it sets how much of each map\'s routing reaches the tokens.'}
 FIX = 'run that seed again (tools/followup.sh), or move it away'
 WIDTH = 118   # the page's lines, as the hand-written pages wrap theirs
 
@@ -90,7 +96,7 @@ def collect(cfg):
                           f"{', '.join(t[:12] for t in taught)}): move the runs of the old one away and run "
                           f'tools/followup.sh again')
     machine = os.path.join(cfg.out, 'machine.txt')
-    return {'choice': choice(cfg, mse, made[-1]) if cfg.rival else None,
+    return {'choice': choice(cfg, mse, made[-1]) if cfg.rival else None, 'other': other(cfg),
             'family': cfg.family, 'components': FAMILIES[cfg.family], 'command': cfg.command,
             'machine': read_bytes(machine, FIX).decode().strip() if os.path.exists(machine) else 'not recorded',
             'git_commit': sorted({c.get('git_commit', 'unknown') for c in made}),
@@ -114,6 +120,21 @@ def choice(cfg, mse, config):
                           f"{config.get('val_size')}: no comparison; {again}")
     return {'val_size': config['val_size'],
             'mse': {cfg.family: mse, rival: finite(records(teacher)[-1].get('mse'), teacher, "its last record's mse")}}
+
+
+def other(cfg):
+    """The other family's interaction per transfer, where its runs were collected (its followup.json), and its page
+    from --out's: each page states both teachers' headline. None without --rival or before its runs are collected."""
+    path = os.path.join(cfg.rival, 'followup.json') if cfg.rival else None
+    if not path or not os.path.exists(path):
+        return None
+    theirs = read_json(path, f'collect it again (python -m tools.followup --out {cfg.rival}), or move it away')
+    try:
+        return {'components': theirs['components'], 'interaction': theirs['summary']['interaction'],
+                'page': os.path.relpath(os.path.join(cfg.rival, 'README.md'), cfg.out)}
+    except (KeyError, TypeError) as e:
+        raise DamagedFile(f'{path} holds no interaction ({type(e).__name__}: {e}): collect it again '
+                          f'(python -m tools.followup --out {cfg.rival})') from None
 
 
 def summarise(runs):
@@ -198,7 +219,8 @@ def table(result):
 def findings(result):
     """What the runs say, one fact a sentence, as Markdown bullets: per transfer, the interaction (the follow-up's
     claim), each student's gain over its own scratch run, the matched student against the plain one, and whether the
-    follow-up's failure shows; the components' effect on scratch training."""
+    follow-up's failure shows; the components' effect on scratch training; the other teacher's interaction, where its
+    runs were collected."""
     s = result['summary']
     gains, matched, interaction = s['gains'], s['matched_minus_plain'], s['interaction']
     lines = []
@@ -217,6 +239,12 @@ def findings(result):
     scratch = matched['scratch']
     lines.append(f'- **Scratch**. The components alone move training from scratch by {signed(scratch)} points '
                  f"({where(scratch, 'up', 'down')}). The follow-up finds they do not help it.")
+    theirs = result.get('other')
+    if theirs:
+        copy, distill = (theirs['interaction'][m] for m in TRANSFERS)
+        lines.append(f"- **The other teacher** ([its page]({theirs['page']})). With {theirs['components']}, the "
+                     f'interaction is {signed(copy)} points after copy ({where(copy)}).'
+                     f' After distillation it is {signed(distill)} points ({where(distill)}).')
     return lines
 
 
@@ -242,6 +270,7 @@ def page(result):
         '(REFERENCE.md, the teachers by name).']
     setup = [
         f"Here the teacher is an MAE ViT with {result['components']}.",
+        ROUTING[result['family']],
         f"It was pre-trained by `mae_pretrain.py` as the shipped teacher was, {teacher['epochs']} epochs, with those "
         'components added.',
         f"Its masked MSE on the images it held out is {teacher['held_out_mse']:.4f}.",
@@ -249,10 +278,13 @@ def page(result):
     if result['choice']:
         (family, mse), (rival, theirs) = result['choice']['mse'].items()
         which = 'the lower, the better teacher' if mse < theirs else 'not the lower'
-        setup += [f'These components were chosen before any transfer ran, on the {result["choice"]["val_size"]} '
-                  'training images both teachers held out.',
+        setup += [f'The first teacher was chosen before any transfer ran, on the {result["choice"]["val_size"]} '
+                  'training images both teachers held out: the lower masked MSE there.',
                   f"This teacher's masked MSE there is {mse:.4f} ({which}); the teacher with {FAMILIES[rival]}, made "
-                  f'the same way, {theirs:.4f}.']
+                  f'the same way, {theirs:.4f}.',
+                  'So this teacher was the first.' if mse < theirs else
+                  'So the other teacher was the first; this one was run second, for what its components do to the '
+                  'routing.']
     setup += [
         "The teacher's maps go to two students, by copy and by distillation.",
         'The plain student is a plain ViT (`--student-arch plain`).',
