@@ -35,7 +35,7 @@ from util.engine import evaluate, soft_cross_entropy, train_one_epoch
 from util.launch import parse_config, resolve, run_main
 from util.memory import check_trainable
 from util.run import Run
-from vit import create_model
+from vit import create_model, trunc_normal_
 
 
 @dataclass
@@ -138,7 +138,7 @@ def build_model(cfg, num_classes, start):
     if weights.get('head.weight', torch.empty(0)).shape != model.head.weight.shape:
         weights = {k: v for k, v in weights.items() if not k.startswith('head.')}
         # a new classifier: MAE's main_finetune starts it near zero (its bias is 0, as every linear layer's)
-        torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        trunc_normal_(model.head.weight, std=2e-5)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {'head.weight', 'head.bias'}, (missing, unexpected)
     start.weights.clear()   # copied into the model: not held twice for the whole run (a ViT-L's are 1.2 GB)

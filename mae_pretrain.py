@@ -41,7 +41,7 @@ from util.files import check_outputs, save_figure
 from util.memory import check_trainable
 from util.launch import resolve, run_main
 from util.run import Run
-from vit import Block, VisionTransformer, model_arch
+from vit import Block, VisionTransformer, model_arch, trunc_normal_
 
 # -----------------------------------------------------------------------------
 # Config
@@ -169,7 +169,7 @@ class MaskedAutoencoder(VisionTransformer):
         # MAE's initialisation of the decoder: its linear layers, mask token and positions
         for layer in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             layer.apply(_init_decoder)
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, imgs, ids_keep):

@@ -228,8 +228,8 @@ class VisionTransformer(nn.Module):
         # MAE's initialisation: each layer drew PyTorch's default as it was made; then the linear layers', and the
         # class token's, positions' and registers'
         self.apply(_init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         if reg_tokens:
             nn.init.normal_(self.reg_token, std=1e-6)                 # as DINOv2
 
@@ -306,10 +306,24 @@ def set_attn_implementation(model, implementation):
     return model
 
 
+def trunc_normal_(tensor, std, bound=2.0):
+    """tensor filled from a normal of mean 0 and `std`, each value beyond ±bound drawn again: MAE's and timm's
+    trunc_normal_ (their bounds are absolute, ±2, so at std 0.02 nothing is drawn again). Written out, as torch 2.14
+    draws it, so that every torch in requirements.txt's range draws the same weights from the same seed: torch 2.5
+    and 2.6 draw them by the inverse of the normal's CDF, other numbers."""
+    if tensor.is_meta:   # a model counted, not made (util/memory.py): no values to draw
+        return tensor
+    with torch.no_grad():
+        tensor.normal_(0, std)
+        while (outside := tensor.abs() > bound).any():
+            tensor.copy_(torch.where(outside, torch.empty_like(tensor).normal_(0, std), tensor))
+    return tensor
+
+
 # MAE's; a LayerNorm keeps PyTorch's own weight 1, bias 0, which MAE sets as well
 def _init_weights(m):
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal_(m.weight, std=0.02)
     elif isinstance(m, nn.Conv2d):   # as a linear layer on the flattened patch (MAE)
         nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
     if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
