@@ -296,7 +296,7 @@ def standin_cuda():
     """Inside: torch.cuda's questions (a device's properties, bf16, memory) answered as an H100 would, CUDA's autocast
     on, and every tensor a fake one on `cuda:0` or on the host. torch.cuda.is_available() stays False (where it is
     True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs.
-    Below FLOOR the test is skipped, saying why (the code's own floor, requirements.txt's, is lower)."""
+    Below FLOOR (a torch outside requirements.txt's range) the test is skipped, saying why."""
     release = tuple(int(n) for n in torch.__version__.split('+')[0].split('.')[:2])
     if release < FLOOR:
         pytest.skip(f'the stand-in CUDA device needs torch {".".join(map(str, FLOOR))} or later (here '
