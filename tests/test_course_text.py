@@ -401,6 +401,37 @@ def test_the_follow_ups_section_holds_on_followup_json():
         assert said in readme, said
 
 
+def test_the_second_teachers_paragraphs_hold_on_its_followup_json():
+    """The teacher with DINOv2's layer scale, in the notebook's section and the README: no failure after distillation,
+    both students above their scratch runs there and the interaction below 0, each beyond the spread; after copy no
+    gain, no interaction and no failure decided; layer scale not lifting scratch beyond the spread."""
+    with open(os.path.join(RESULTS, 'followup-dinov2', 'followup.json')) as f:
+        s = json.load(f)['summary']
+    from tools.intervals import side
+    text = markdown('**What a map hands over.**')
+    gains, interaction, matched = s['gains'], s['interaction'], s['matched_minus_plain']
+    assert s['failure_reproduced'] == {'copy': None, 'distill': False}
+    assert {arm: side(g) for arm, g in gains.items()} == {'copy-plain': 'undecided', 'distill-plain': 'above',
+                                                          'copy-matched': 'undecided', 'distill-matched': 'above'}
+    assert (side(interaction['copy']), side(interaction['distill']), side(matched['scratch'])) == \
+        ('undecided', 'below', 'undecided')
+    for said in ('After distillation the failure does not show with it either.',
+                 f"Both students gain (plain {gains['distill-plain']['mean']:+.2f}, matched "
+                 f"{gains['distill-matched']['mean']:+.2f} points)",
+                 f"the matched student gains {-interaction['distill']['mean']:.2f} points less",
+                 f"After copy the seeds decide neither student's gain (plain {gains['copy-plain']['mean']:+.2f}, "
+                 f"matched {gains['copy-matched']['mean']:+.2f}), nor the interaction "
+                 f"({interaction['copy']['mean']:+.2f}), nor the failure",
+                 f"Layer scale does not lift training from scratch here ({matched['scratch']['mean']:.2f}, not "
+                 'decided)'):
+        assert said in text, said
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = ' '.join(next(p for p in f.read().split('\n\n') if '**When transfer fails' in p).split())
+    assert (f"After distillation the failure does not show with it either, and the interaction is "
+            f"{interaction['distill']['mean']:.2f} points, below 0 beyond the seeds' spread. After copy the seeds "
+            f"decide neither (interaction {interaction['copy']['mean']:+.2f}).") in readme
+
+
 def test_distillation_leads_copy_on_the_means_not_on_every_seed():
     """'Distillation's mean leads copy's from the first epoch on ..., though not on seed 1': per seed, from the logs."""
     first = {m: {k: json.loads(open(os.path.join(RESULTS, 'logs', m, f'seed{k}', 'metrics.jsonl')).readline())['top1']
