@@ -38,7 +38,7 @@ aten = torch.ops.aten
 
 # the oldest torch the stand-in runs on: torch 2.9.1, 2.8.0 and 2.6.0 ask the CUDA runtime for its current stream, in
 # C++, when an operator on a fake `cuda:0` tensor needs a gradient, which aborts a process on a machine without a GPU
-FLOOR = (2, 10)
+FLOOR = '2.10'
 
 
 def address(t):
@@ -297,9 +297,8 @@ def standin_cuda():
     on, and every tensor a fake one on `cuda:0` or on the host. torch.cuda.is_available() stays False (where it is
     True, torch makes a real CUDA context for a fake tensor's move): a test hands the device to the code it runs.
     Below FLOOR (a torch outside requirements.txt's range) the test is skipped, saying why."""
-    release = tuple(int(n) for n in torch.__version__.split('+')[0].split('.')[:2])
-    if release < FLOOR:
-        pytest.skip(f'the stand-in CUDA device needs torch {".".join(map(str, FLOOR))} or later (here '
+    if torch.__version__ < FLOOR:   # torch's TorchVersion compares as a version
+        pytest.skip(f'the stand-in CUDA device needs torch {FLOOR} or later (here '
                     f'{torch.__version__}: its C++ asks the CUDA runtime for a stream where a fake tensor needs a '
                     'gradient, which aborts the process without a GPU)')
     with contextlib.ExitStack() as patches:

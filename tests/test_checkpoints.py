@@ -239,7 +239,6 @@ def saved_deep(path, ckpt):
 def script_archive(path, parameters):
     """A TorchScript archive of a Linear whose class declares its parameters as `parameters` (code, as text)."""
     import re
-    import zipfile
     plain = path.with_suffix('.plain')
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), plain)
     with zipfile.ZipFile(plain) as z, zipfile.ZipFile(path, 'w') as out:
@@ -309,7 +308,6 @@ def read_as(reader, path):
     finetune.py's resolve steps, ensemble.py's and evaluate.py's load_models, a resume's read (open_resumed)."""
     from attention_distill import DistillConfig
     from finetune import FinetuneConfig
-    from util.checkpoints import read_checkpoint
     return {'teacher': lambda: DistillConfig(data='fake', img_size=32, teacher=path).resolve(),
             '--init': lambda: FinetuneConfig(data='fake', **SHAPE, init=path).resolve(),
             '--models': lambda: ensemble.load_models([path]),

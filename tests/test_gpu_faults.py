@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tf32
+from conftest import free_port, tf32
 from standin_cuda import standin_cuda
 from util import attention_check
 from util.config import ConfigError
@@ -160,12 +160,8 @@ def test_under_ddp_every_rank_takes_rank_0_s_verdict(tmp_path):
     """Two processes (gloo) whose kernels differ: both train on rank 0's verdict, and a refusal there stops both at once
     with its line (the other is not left waiting for a peer that stopped)."""
     import json
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(settle_on, (port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(settle_on, (free_port(), str(tmp_path)), nprocs=2, join=True)
     for case, (choice, wrong_on, expected) in enumerate(VERDICTS):
         said = [json.loads((tmp_path / f'{case}-{rank}').read_text()) for rank in (0, 1)]
         assert said[0] == said[1] and said[0].startswith(expected), (choice, wrong_on, said)

@@ -269,7 +269,6 @@ def test_a_write_error_advises_resume_only_where_there_is_one(monkeypatch, tmp_p
     which has no --resume: there, as every error outside a run, it ends in 'run the command again'."""
     import errno
     from util.files import cannot_write
-    from util.launch import run_main
 
     def fails(e):
         def main():
