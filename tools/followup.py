@@ -30,10 +30,12 @@ TRANSFERS = ('copy', 'distill')
 FAMILIES = {'clip': "CLIP's LayerNorm before the blocks and QuickGELU",
             'dinov2': "DINOv2's layer scale (from 1e-5)"}
 # what they do to what the maps route, in words (QuickGELU's largest distance from GELU: 0.0203)
-ROUTING = {'clip': "The LayerNorm sets each token's scale before the first map routes it, and QuickGELU is within "
-                   "0.021 of GELU everywhere, so the maps' inputs barely change.",
-           'dinov2': "Layer scale multiplies what each block's attention and MLP add to the tokens by a learned "
-                     "factor per channel, from 1e-5, so it sets how much of each map's routing reaches the tokens."}
+ROUTING = {
+    'clip': "The LayerNorm sets each token's scale before the first map routes it, and QuickGELU is "
+            "within 0.021 of GELU everywhere, so the maps' inputs barely change.",
+    'dinov2': "Layer scale multiplies what each block's attention and MLP add to the tokens by a "
+              "learned factor per channel, from 1e-5, so it sets how much of each map's routing "
+              'reaches the tokens.'}
 FIX = 'run that seed again (tools/followup.sh), or move it away'
 WIDTH = 118   # the page's lines, as the hand-written pages wrap theirs
 
@@ -127,13 +129,13 @@ def other(cfg):
     path = os.path.join(cfg.rival, 'followup.json') if cfg.rival else None
     if not path or not os.path.exists(path):
         return None
-    theirs = read_json(path, f'collect it again (python -m tools.followup --out {cfg.rival}), or move it away')
+    again = f'collect it again (python -m tools.followup --out {cfg.rival})'
+    theirs = read_json(path, f'{again}, or move it away')
     try:
         return {'components': theirs['components'], 'interaction': theirs['summary']['interaction'],
                 'page': os.path.relpath(os.path.join(cfg.rival, 'README.md'), cfg.out)}
     except (KeyError, TypeError) as e:
-        raise DamagedFile(f'{path} holds no interaction ({type(e).__name__}: {e}): collect it again '
-                          f'(python -m tools.followup --out {cfg.rival})') from None
+        raise DamagedFile(f'{path} holds no interaction ({type(e).__name__}: {e}): {again}') from None
 
 
 def summarise(runs):
@@ -241,9 +243,9 @@ def findings(result):
     theirs = result.get('other')
     if theirs:
         copy, distill = (theirs['interaction'][m] for m in TRANSFERS)
-        lines.append(f"- **The other teacher** ([its page]({theirs['page']})). With {theirs['components']}, the "
-                     f'interaction is {signed(copy)} points after copy ({where(copy)}).'
-                     f' After distillation it is {signed(distill)} points ({where(distill)}).')
+        lines.append(f"- **The other teacher** ([its page]({theirs['page']})). "
+                     f"With {theirs['components']}, the interaction is {signed(copy)} points after copy "
+                     f'({where(copy)}). After distillation it is {signed(distill)} points ({where(distill)}).')
     return lines
 
 
