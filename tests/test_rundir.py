@@ -137,6 +137,51 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(monkeypatch, 
 
 
 
+def claim_under_torchrun(rank, port, folders, said):
+    """One of two gloo processes claiming each of `folders` (util.launch.claimed), as torchrun's processes do at the
+    same moment: rank 0 signs each .lock it makes only 2 s after making it, rank 1 claims 0.5 s after the group is up.
+    Writes what this rank ended with (claimed, or its refusal's line) to said/<folder>-<rank>."""
+    import datetime
+    import torch.distributed as dist
+    from util.errors import ConfigError
+    from util.launch import claimed
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    sign = util.rundir.RunDir.sign_lock
+    if rank == 0:
+        util.rundir.RunDir.sign_lock = lambda self: (time.sleep(2), sign(self))
+    for folder in folders:
+        dist.barrier()
+        if rank == 1:
+            time.sleep(0.5)
+        cfg = SimpleNamespace(out_dir=folder, resume=False, overwrite=False, INPUTS=())
+        try:
+            claimed(cfg, rank).release()
+            ended = 'claimed'
+        except ConfigError as e:
+            ended = str(e)
+        Path(said, f'{Path(folder).name}-{rank}').write_text(ended)
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_the_main_process_claims_the_folder_and_the_others_take_its_verdict(tmp_path):
+    """Under torchrun every process checked the folder by itself: one that looked while rank 0 had made .lock but
+    not yet signed it took the empty .lock for another program's and refused a new run ("not empty and holds no
+    run"), under load now and then. Rank 0 alone claims it; the others end as it does: claimed, or its line."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    new, theirs, said = tmp_path / 'new', tmp_path / 'theirs', tmp_path / 'said'
+    theirs.mkdir()
+    (theirs / 'notes.txt').write_text('mine\n')
+    said.mkdir()
+    mp.spawn(claim_under_torchrun, (free_port(), [str(new), str(theirs)], str(said)), nprocs=2, join=True)
+    assert [(said / f'new-{rank}').read_text() for rank in (0, 1)] == ['claimed', 'claimed']
+    refusal = f'--out-dir {theirs} is not empty and holds no run of these scripts'
+    ended = [(said / f'theirs-{rank}').read_text() for rank in (0, 1)]
+    assert ended[0] == ended[1] and ended[0].startswith(refusal), ended
+    assert os.listdir(theirs) == ['notes.txt'] and not new.exists()
+
+
 def test_a_live_run_s_files_are_refused_as_an_output_whatever_overwrite_says(monkeypatch, tmp_path):
     """ensemble.py --out <a run>/config.json --overwrite true replaced the file while the run trained (exit 0): a run
     folder's files are its own, never another command's output, whatever --overwrite says (no lock probed)."""

@@ -79,7 +79,7 @@ def resolve(cls, presets):
     method = None
     if hasattr(cfg, 'resolve'):                         # the config's own step (a teacher's file)
         method = cfg.resolve()
-    run_dir = RunDir(cfg, main=rank == 0)               # the run directory, claimed and locked
+    run_dir = claimed(cfg, rank)                        # the run directory, claimed and locked
     resumed = None
     if cfg.resume:
         with run_dir.released_on_error():               # the checkpoint to continue, checked
@@ -111,6 +111,24 @@ def processes(cfg):
         dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     return rank, world, device
+
+
+def claimed(cfg, rank):
+    """The run directory (RunDir), claimed by the main process alone. The others are told what it found and raise its
+    refusal too: every process ends with the same line, and none reads the folder while the main process makes it a
+    run's (a .lock made but not yet signed would be another program's to them)."""
+    refusal = run_dir = None
+    try:
+        run_dir = RunDir(cfg, main=rank == 0)
+    except ConfigError as e:
+        refusal = e
+    if dist.is_initialized():
+        told = [refusal]
+        dist.broadcast_object_list(told, src=0)
+        refusal = told[0]
+    if refusal is not None:
+        raise refusal
+    return run_dir
 
 
 def check_schedule(cfg, world):
@@ -288,6 +306,8 @@ def run_main(main):
     try:
         main()
         stop.ended('finished')
+        if dist.is_initialized():   # the group let go by every process at once, none while another still uses it
+            dist.barrier()
     except stop.SavedAndStopped as e:     # its line said (Run.save_and_stop)
         # saved: the signals torchrun sends a process once another has ended change nothing (an interpreter that
         # is ending has no handler of its own left: it would die of them)

@@ -50,9 +50,9 @@ class RunDir:
     files whole; `with` lets it go at the end."""
 
     def __init__(self, cfg, main):
-        """Refuse a directory that cannot be made, one that another process is writing (main: take the lock, held
-        until release: a folder that cannot be written is refused there, by open()), one that holds another
-        program's files, a run this one may not write over, and a run that would replace its own inputs."""
+        """The main process refuses a directory that cannot be made, one that another process is writing (it takes
+        the lock, held until release: a folder that cannot be written is refused there, by open()), one that holds
+        another program's files, a run this one may not write over, and a run that would replace its own inputs."""
         self.main = main                # the process that writes (rank 0)
         self.path = cfg.out_dir
         self.checkpoint = self.file('checkpoint.pt')
@@ -61,6 +61,8 @@ class RunDir:
         self.made = []                  # the folders this command made, innermost first
         self.lock = None                # .lock's file descriptor while this process holds it
         self.lock_ours = False          # .lock made by this command, or signed by it: removed when it lets go
+        if not main:   # the main process claims the folder, the others are told what it found (launch.claimed)
+            return
         if cfg.resume and not os.path.exists(self.checkpoint):
             raise ConfigError(f'--resume: no checkpoint at {self.checkpoint}')
         try:
@@ -69,11 +71,9 @@ class RunDir:
             raise ConfigError(f'--out-dir {self.path}: cannot make it ({e.strerror}); choose '
                               f'another') from None
         with self.released_on_error():
-            if main:
-                self.take_lock()
+            self.take_lock()
             self.refuse_overwrite(cfg)
-            if main:   # the folder is a run's: its .lock is the run's, and says who holds it
-                self.sign_lock()
+            self.sign_lock()   # the folder is a run's: its .lock is the run's, and says who holds it
 
     def file(self, name):
         """The path of the run's file `name`."""
@@ -162,15 +162,7 @@ class RunDir:
         the descriptor held (closing a second one would let go of the lock)."""
         if self.lock_ours:
             return True
-        try:
-            if self.lock is not None:
-                text = os.pread(self.lock, 100, 0)
-            else:   # a process of torchrun's other than rank 0 (never waiting on a pipe of that name)
-                with open(self.file('.lock'), 'rb', opener=lambda p, f: no_follow(p, f | os.O_NONBLOCK)) as f:
-                    text = f.read(100)
-        except OSError:   # none there: no file of anyone's
-            return True
-        return re.fullmatch(rb'process \d+', text.strip()) is not None
+        return re.fullmatch(rb'process \d+', os.pread(self.lock, 100, 0).strip()) is not None
 
     def sign_lock(self):
         """Write who holds .lock into it, for the next command (a full disk: the lock holds anyway)."""
